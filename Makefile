@@ -1,0 +1,35 @@
+# One command sets everything up and runs the demo; one sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.datalora-installed
+
+.PHONY: demo test lint bench wheel clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "no NVIDIA GPU found: installing the CPU build torch==2.13.0"; \
+		$(PY) -m pip install torch==2.13.0; \
+	fi
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m datalora demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.molora
+
+wheel: $(STAMP)
+	$(PY) -m build --wheel --no-isolation
+
+clean:
+	rm -rf build dist *.egg-info datalora/_C*.so

@@ -1,0 +1,113 @@
+"""``MoLoRALinear``: a drop-in mixture-of-LoRA-experts wrapper around a frozen linear layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datalora import ops
+from datalora.routing import Routing, topk_routing
+
+
+class MoLoRALinear(nn.Module):
+    """``y = base(x) + scaling * sum_j gate_j * B[e_j] @ (rank_scale * (A[e_j] @ x))``.
+
+    The base layer is frozen. ``num_experts`` LoRA experts ``A [E, r, d_in]`` (Kaiming
+    uniform) and ``B [E, d_out, r]`` (zeros, so the layer equals its base at init) are
+    trained. Without a shared ``routing`` each token goes to its ``top_k`` experts by a
+    per-layer linear router (softmax, top-k, renormalised gates).
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt (kept as ``self.base_layer``).
+        num_experts: E. rank: r. alpha: LoRA alpha (``scaling = alpha / r``).
+        top_k: routed experts per token for the per-layer router.
+        dropout: dropout on the LoRA input (the base path sees the clean input).
+        router: build the per-layer router (False when a shared routing always drives it).
+        backend: ``datalora.ops`` backend.
+        dtype: dtype of the LoRA parameters (default: the base weight's floating dtype).
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int = 8, rank: int = 16,
+                 alpha: float = 32.0, top_k: int = 2, *, dropout: float = 0.0,
+                 router: bool = True, backend: str = "auto", dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
+        for name, value in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
+        self.alpha, self.scaling = float(alpha), float(alpha) / rank
+        self.backend = backend
+        self.adapter_enabled = True
+        if dtype is None:
+            w = base_layer.weight
+            dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features,
+                                               device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank,
+                                               device=device, dtype=dtype))
+        self.router = (nn.Linear(self.in_features, num_experts, bias=False, device=device,
+                                 dtype=dtype) if router else None)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.last_routing: Routing | None = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A: Kaiming uniform per expert (as PEFT's LoRA); B: zeros; router: small normal."""
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+            self.lora_B.zero_()
+            if self.router is not None:
+                nn.init.normal_(self.router.weight, std=0.02)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Per-layer top-k routing of ``x [..., d_in]`` (tokens flattened)."""
+        if self.router is None:
+            raise ValueError("routing: this MoLoRALinear has no router (router=False); "
+                             "pass routing=Routing(...)")
+        x2 = x.reshape(-1, x.shape[-1])
+        return topk_routing(self.router(x2.to(self.router.weight.dtype)), self.top_k)
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
+        if not self.adapter_enabled:
+            return self.base_layer(x)
+        if routing is None:
+            routing = self.route(x)
+        self.last_routing = routing
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        gates = routing.gates.to(x.dtype)
+        rank_scale = None if routing.rank_scale is None else routing.rank_scale.to(x.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
+                                     routing.expert_ids, gates, rank_scale, self.scaling,
+                                     self.backend)
+        delta = ops.molora_delta(self.lora_dropout(x), A, B, routing.expert_ids, gates,
+                                 rank_scale, self.scaling, self.backend)
+        return F.linear(x, self.base_layer.weight, self.base_layer.bias) + delta
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, rank={self.rank}, top_k={self.top_k}, "
+                f"scaling={self.scaling:g}")

@@ -1,0 +1,114 @@
+"""Backend registry and selection (``backend="auto" | "torch" | "triton" | "cuda"``).
+
+A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
+
+    delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling) -> (delta, h)
+    delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs)
+        -> (dx, dA, dB, dgates, drank_scale)
+    gather_tokens(hidden, keep_idx) -> packed
+    scatter_tokens(hidden, packed, keep_idx, weight) -> out
+
+and optionally ``linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale,
+scaling) -> (y, h)`` for a fused base + LoRA path. Backends load lazily, so importing
+datalora never imports Triton or the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import types
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {
+    "torch": "datalora.ops.torch_backend",
+    "triton": "datalora.ops.triton_backend",
+    "cuda": "datalora.ops.cuda_backend",
+}
+# Preference order of ``auto`` on a CUDA device; the CPU always uses torch.
+_GPU_PREFERENCE = ("triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when an explicitly requested backend cannot run here; says why."""
+
+
+@functools.cache
+def _load(name: str) -> types.ModuleType | Exception:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except Exception as exc:  # keep the reason; report it when the backend is asked for
+        return exc
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; expected one of {('auto', *BACKENDS)}"
+    if name == "torch":
+        return None
+    loaded = _load(name)
+    if isinstance(loaded, Exception):
+        return f"backend {name!r} failed to import: {type(loaded).__name__}: {loaded}"
+    if device.type != "cuda" and not (name == "triton" and _interpreting()):
+        return (f"backend {name!r} needs a CUDA device (or TRITON_INTERPRET=1 for triton), "
+                f"got device {device}")
+    return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps ``backend`` (possibly ``"auto"``) to a concrete backend name for ``device``.
+
+    ``DATALORA_BACKEND`` overrides ``"auto"``. An explicit backend that cannot run
+    raises ``BackendUnavailableError``; ``auto`` falls back to torch on a GPU with a
+    one-time warning saying why.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("DATALORA_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        reasons = []
+        for name in _GPU_PREFERENCE:
+            reason = unavailable_reason(name, device)
+            if reason is None:
+                if reasons:
+                    _warn_once("datalora: falling back to the slower torch backend: "
+                               + "; ".join(reasons))
+                return name
+            reasons.append(reason)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto', *BACKENDS)}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    return backend
+
+
+def get_backend(name: str) -> types.ModuleType:
+    """The loaded module of a concrete, available backend name."""
+    loaded = _load(name)
+    if isinstance(loaded, Exception):
+        raise BackendUnavailableError(f"backend {name!r} failed to import: {loaded}")
+    return loaded
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Concrete backends that can run on ``device``."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]

@@ -1,0 +1,131 @@
+"""``molora_delta`` / ``molora_linear``: validated entry points over registered custom ops.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) kernel and an autograd
+formula, so it traces under ``torch.compile(fullgraph=True)`` and CUDA graphs. The
+concrete backend is resolved before the op is called and passed as a string.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from datalora.ops.backends import get_backend, resolve_backend
+from datalora.ops.validation import check_linear_inputs, check_molora_inputs, check_tensor
+
+_EMPTY = torch.empty(0)
+
+
+@torch.library.custom_op("datalora::molora_delta", mutates_args=())
+def _molora_delta_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     expert_ids: torch.Tensor, gates: torch.Tensor,
+                     rank_scale: torch.Tensor | None, scaling: float,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    delta, h = get_backend(backend).delta_forward(x, A, B, expert_ids, gates, rank_scale,
+                                                  scaling)
+    return delta, h
+
+
+@_molora_delta_op.register_fake
+def _(x, A, B, expert_ids, gates, rank_scale, scaling, backend):
+    T, k = expert_ids.shape
+    return x.new_empty(x.shape[0], B.shape[1]), x.new_empty(T, k, A.shape[1])
+
+
+@torch.library.custom_op("datalora::molora_delta_backward", mutates_args=())
+def _molora_delta_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        expert_ids: torch.Tensor, gates: torch.Tensor, rank_scale: torch.Tensor | None,
+        h: torch.Tensor, scaling: float, backend: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = get_backend(backend).delta_backward(grad, x, A, B, expert_ids, gates, rank_scale,
+                                                h, scaling, tuple(needs))
+    # custom ops cannot return None: an ungraded input gets an empty placeholder
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_molora_delta_backward_op.register_fake
+def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs):
+    like = (x, A, B, gates, rank_scale)
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                 for t, need in zip(like, needs, strict=True))
+
+
+def _delta_setup_context(ctx, inputs, output):
+    x, A, B, expert_ids, gates, rank_scale, scaling, backend = inputs
+    ctx.save_for_backward(x, A, B, expert_ids, gates, rank_scale, output[1])
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _delta_backward(ctx, grad_delta, _grad_h):
+    x, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
+    dx, dA, dB, dg, drs = _molora_delta_backward_op(
+        grad_delta.contiguous(), x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling,
+        ctx.backend, needs)
+    grads = [g if need else None for g, need in zip((dx, dA, dB, dg, drs), needs, strict=True)]
+    return grads[0], grads[1], grads[2], None, grads[3], grads[4], None, None
+
+
+_molora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_context)
+
+
+def _flatten(x, expert_ids, gates, rank_scale):
+    """Flattens leading batch dims: x ``[..., d_in] -> [T, d_in]``, routing to ``[T, *]``."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., d_in], got {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    check_tensor("expert_ids", expert_ids)
+    check_tensor("gates", gates)
+    flat = [t.reshape(-1, t.shape[-1]) if t is not None and t.dim() > 2 else t
+            for t in (expert_ids, gates, rank_scale)]
+    return x2, *flat
+
+
+def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
+                 gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
+                 scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """The MoLoRA update of DESIGN.md section 1.
+
+    Args:
+        x: ``[..., d_in]`` tokens (leading dims are flattened to T).
+        A: ``[E, r, d_in]`` expert down-projections; B: ``[E, d_out, r]`` up-projections.
+        expert_ids: ``[T, k]`` int32/int64 routed experts per token.
+        gates: ``[T, k]`` float gate of each route.
+        rank_scale: optional ``[T, r]`` per-token soft mask over rank dimensions.
+        scaling: ``lora_alpha / r``.
+        backend: ``"auto" | "torch" | "triton" | "cuda"`` (``DATALORA_BACKEND`` overrides auto).
+
+    Returns:
+        ``[..., d_out]`` delta in x's dtype.
+    """
+    x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
+    check_molora_inputs(x2, A, B, ids, g, rs)
+    name = resolve_backend(backend, x.device)
+    delta, _ = _molora_delta_op(x2, A, B, ids, g, rs, float(scaling), name)
+    return delta.view(*x.shape[:-1], B.shape[1])
+
+
+def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
+                  gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
+                  scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """``y = x @ weight.T + bias + molora_delta(x, ...)``; shapes as in :func:`molora_delta`.
+
+    weight is ``[d_out, d_in]`` in x's dtype, bias ``[d_out]`` or None.
+    """
+    x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
+    check_molora_inputs(x2, A, B, ids, g, rs)
+    check_linear_inputs(x2, weight, bias)
+    if weight.shape[0] != B.shape[1]:
+        raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"
+                         f" got {tuple(B.shape)}")
+    name = resolve_backend(backend, x.device)
+    fused = getattr(get_backend(name), "molora_linear_op", None)
+    if fused is not None:
+        y = fused(x2, weight, bias, A, B, ids, g, rs, float(scaling))
+    else:
+        delta, _ = _molora_delta_op(x2, A, B, ids, g, rs, float(scaling), name)
+        y = F.linear(x2, weight, bias) + delta
+    return y.view(*x.shape[:-1], weight.shape[0])

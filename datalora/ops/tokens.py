@@ -1,0 +1,92 @@
+"""``gather_tokens`` / ``scatter_tokens``: pack kept tokens of pruned sequences and write back.
+
+Both are custom ops whose backward is expressed with the same two primitives, so a
+backend only implements the two forward kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from datalora.ops.backends import get_backend, resolve_backend
+from datalora.ops.validation import check_token_inputs
+
+
+@torch.library.custom_op("datalora::gather_tokens", mutates_args=())
+def _gather_op(hidden: torch.Tensor, keep_idx: torch.Tensor, backend: str) -> torch.Tensor:
+    return get_backend(backend).gather_tokens(hidden, keep_idx)
+
+
+@_gather_op.register_fake
+def _(hidden, keep_idx, backend):
+    return hidden.new_empty(hidden.shape[0], keep_idx.shape[1], hidden.shape[2])
+
+
+@torch.library.custom_op("datalora::scatter_tokens", mutates_args=())
+def _scatter_op(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tensor,
+                weight: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return get_backend(backend).scatter_tokens(hidden, packed, keep_idx, weight)
+
+
+@_scatter_op.register_fake
+def _(hidden, packed, keep_idx, weight, backend):
+    return torch.empty_like(hidden)
+
+
+def _gather_setup(ctx, inputs, output):
+    hidden, keep_idx, backend = inputs
+    ctx.save_for_backward(keep_idx)
+    ctx.hidden_shape, ctx.backend = hidden.shape, backend
+
+
+def _gather_backward(ctx, grad_packed):
+    (keep_idx,) = ctx.saved_tensors
+    zeros = grad_packed.new_zeros(ctx.hidden_shape)
+    return _scatter_op(zeros, grad_packed.contiguous(), keep_idx, None, ctx.backend), None, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    hidden, packed, keep_idx, weight, backend = inputs
+    ctx.save_for_backward(hidden, packed, keep_idx, weight)
+    ctx.backend = backend
+
+
+def _scatter_backward(ctx, grad_out):
+    hidden, packed, keep_idx, weight = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    g_kept = _gather_op(grad_out, keep_idx, ctx.backend)  # [B, K, d]
+    w = None if weight is None else weight.to(g_kept.dtype)[..., None]
+    d_hidden = d_packed = d_weight = None
+    if ctx.needs_input_grad[0]:
+        # kept rows: d/dhidden of hidden + w (packed - hidden) = (1 - w) g
+        kept_grad = torch.zeros_like(g_kept) if w is None else g_kept * (1 - w)
+        d_hidden = _scatter_op(grad_out, kept_grad, keep_idx, None, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        d_packed = g_kept if w is None else g_kept * w
+    if weight is not None and ctx.needs_input_grad[3]:
+        diff = packed - _gather_op(hidden, keep_idx, ctx.backend)
+        d_weight = (g_kept * diff).sum(-1).to(weight.dtype)
+    return d_hidden, d_packed, None, d_weight, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+def gather_tokens(hidden: torch.Tensor, keep_idx: torch.Tensor,
+                  backend: str = "auto") -> torch.Tensor:
+    """Packs kept tokens: hidden ``[B, L, d]``, keep_idx ``[B, K]`` -> packed ``[B, K, d]``."""
+    check_token_inputs(hidden, keep_idx)
+    return _gather_op(hidden, keep_idx, resolve_backend(backend, hidden.device))
+
+
+def scatter_tokens(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tensor,
+                   weight: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Writes packed results back: kept rows become ``hidden + weight * (packed - hidden)``.
+
+    hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` distinct per row, weight
+    ``[B, K]`` or None (= 1). Other rows equal ``hidden`` (the residual bypass).
+    Returns ``[B, L, d]``.
+    """
+    check_token_inputs(hidden, keep_idx, packed, weight)
+    return _scatter_op(hidden, packed, keep_idx, weight, resolve_backend(backend, hidden.device))

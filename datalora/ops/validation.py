@@ -1,0 +1,150 @@
+"""Input checks shared by every backend: clear ``ValueError``/``TypeError`` naming the argument.
+
+Metadata checks (shape, dtype, device) are free and always run. Value checks
+(expert ids in range, finite gates) read the tensors back to the host, so they run
+eagerly only: they are skipped while ``torch.compile`` traces or a CUDA graph is
+captured (no host sync there), or when ``DATALORA_CHECK_VALUES=0``. Kernels clamp
+expert ids, so even unchecked input cannot read out of bounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _fail(name: str, expected: str, got: object) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        _fail(name, f"a {ndim}-D tensor", f"shape {tuple(t.shape)}")
+    return t
+
+
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(name, f"a floating dtype {FLOAT_DTYPES}", t.dtype)
+    if dtype is not None and t.dtype != dtype:
+        _fail(name, f"dtype {dtype} (same as x)", t.dtype)
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        _fail(name, f"device {device} (same as x)", t.device)
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        _fail(name, f"shape {tuple(shape)}", f"{tuple(t.shape)}")
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """True when reading values back to the host is allowed (eager, not capturing)."""
+    if os.environ.get("DATALORA_CHECK_VALUES", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_molora_inputs(x, A, B, expert_ids, gates, rank_scale=None) -> None:
+    """Validates the operands of ``molora_delta`` with x already flattened to ``[T, d_in]``."""
+    check_tensor("x", x, 2)
+    check_tensor("A", A, 3)
+    check_tensor("B", B, 3)
+    check_tensor("expert_ids", expert_ids, 2)
+    check_tensor("gates", gates, 2)
+    check_float("x", x)
+    check_float("A", A, x.dtype)
+    check_float("B", B, x.dtype)
+    T, d_in = x.shape
+    E, r, a_in = A.shape
+    if a_in != d_in:
+        _fail("A", f"shape [E, r, d_in={d_in}] (d_in of x)", tuple(A.shape))
+    if B.shape[0] != E or B.shape[2] != r:
+        _fail("B", f"shape [E={E}, d_out, r={r}] (E and r of A)", tuple(B.shape))
+    if expert_ids.dtype not in INDEX_DTYPES:
+        _fail("expert_ids", "dtype int32 or int64", expert_ids.dtype)
+    if expert_ids.shape[0] != T:
+        _fail("expert_ids", f"shape [T={T}, k]", tuple(expert_ids.shape))
+    k = expert_ids.shape[1]
+    if k < 1 or k > E:
+        _fail("expert_ids", f"1 <= k <= num_experts={E} routed experts per token", f"k={k}")
+    check_shape("gates", gates, (T, k))
+    check_float("gates", gates)
+    for name, t in (("A", A), ("B", B), ("expert_ids", expert_ids), ("gates", gates)):
+        check_device(name, t, x.device)
+    if rank_scale is not None:
+        check_tensor("rank_scale", rank_scale, 2)
+        check_shape("rank_scale", rank_scale, (T, r))
+        check_float("rank_scale", rank_scale)
+        check_device("rank_scale", rank_scale, x.device)
+    if T > 0 and value_checks_enabled(x):
+        check_routing_values(expert_ids, gates, rank_scale, E)
+
+
+def check_routing_values(expert_ids, gates, rank_scale, num_experts: int) -> None:
+    """Host-side value checks: ids in ``[0, num_experts)``, finite gates and rank scales."""
+    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    if lo < 0 or hi >= num_experts:
+        _fail("expert_ids", f"values in [0, {num_experts})", f"values in [{lo}, {hi}]")
+    if not bool(torch.isfinite(gates).all()):
+        _fail("gates", "finite values", "NaN or inf")
+    if rank_scale is not None and not bool(torch.isfinite(rank_scale).all()):
+        _fail("rank_scale", "finite values", "NaN or inf")
+
+
+def check_linear_inputs(x, weight, bias) -> None:
+    """Validates the base-linear operands of ``molora_linear`` (x is ``[T, d_in]``)."""
+    check_tensor("weight", weight, 2)
+    check_float("weight", weight, x.dtype)
+    check_device("weight", weight, x.device)
+    if weight.shape[1] != x.shape[1]:
+        _fail("weight", f"shape [d_out, d_in={x.shape[1]}]", tuple(weight.shape))
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        check_float("bias", bias, x.dtype)
+        check_device("bias", bias, x.device)
+        check_shape("bias", bias, (weight.shape[0],))
+
+
+def check_token_inputs(hidden, keep_idx, packed=None, weight=None) -> None:
+    """Validates ``gather_tokens`` / ``scatter_tokens`` operands."""
+    check_tensor("hidden", hidden, 3)
+    check_float("hidden", hidden)
+    check_tensor("keep_idx", keep_idx, 2)
+    if keep_idx.dtype not in INDEX_DTYPES:
+        _fail("keep_idx", "dtype int32 or int64", keep_idx.dtype)
+    Bsz, L, d = hidden.shape
+    if keep_idx.shape[0] != Bsz or keep_idx.shape[1] > L:
+        _fail("keep_idx", f"shape [B={Bsz}, K<={L}]", tuple(keep_idx.shape))
+    check_device("keep_idx", keep_idx, hidden.device)
+    K = keep_idx.shape[1]
+    if packed is not None:
+        check_tensor("packed", packed, 3)
+        check_shape("packed", packed, (Bsz, K, d))
+        check_float("packed", packed, hidden.dtype)
+        check_device("packed", packed, hidden.device)
+    if weight is not None:
+        check_tensor("weight", weight, 2)
+        check_shape("weight", weight, (Bsz, K))
+        check_float("weight", weight)
+        check_device("weight", weight, hidden.device)
+    if keep_idx.numel() and value_checks_enabled(hidden):
+        lo, hi = int(keep_idx.min()), int(keep_idx.max())
+        if lo < 0 or hi >= L:
+            _fail("keep_idx", f"values in [0, {L})", f"values in [{lo}, {hi}]")
+        if packed is not None:
+            s = keep_idx.long().sort(dim=1).values
+            if bool((s[:, 1:] == s[:, :-1]).any()):
+                _fail("keep_idx", "distinct positions within each row", "a repeated position")

@@ -1,0 +1,96 @@
+"""Build script: pure Python by default, plus ``datalora._C`` when nvcc is available.
+
+The CUDA extension is built with nvcc + pybind11 only; it never links libtorch, so
+one wheel serves every torch version (tensors cross the boundary as raw pointers
+and the current CUDA stream, like bitsandbytes' native library).
+
+Environment flags:
+    DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found)
+    DATALORA_CUDA_ARCHS       e.g. "80;90" (default), PTX is added for the last arch
+    NVCC                      path to nvcc (default: found on PATH or in CUDA_HOME)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def _find_nvcc() -> str | None:
+    if os.environ.get("NVCC"):
+        return os.environ["NVCC"]
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return None
+
+
+def _cuda_sources() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu")) + sorted(
+        str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")
+    )
+
+
+class NvccBuildExt(build_ext):
+    """Compiles every source of the extension with nvcc and links with nvcc."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        nvcc = _find_nvcc()
+        archs = os.environ.get("DATALORA_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+        gencode: list[str] = []
+        for arch in archs:
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        includes = [pybind11.get_include(), sysconfig.get_paths()["include"], str(CSRC)]
+        build_temp = Path(self.build_temp)
+        build_temp.mkdir(parents=True, exist_ok=True)
+        objects = []
+        for src in ext.sources:
+            obj = build_temp / (Path(src).name + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "--expt-relaxed-constexpr", *gencode, *[f"-I{i}" for i in includes]]
+            if os.environ.get("DATALORA_PTXAS_VERBOSE") == "1":
+                cmd += ["-Xptxas", "-v"]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd)
+            objects.append(str(obj))
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        link = [nvcc, "-shared", "-o", str(out), *objects, "-lcudart", *gencode]
+        print(" ".join(link))
+        subprocess.check_call(link)
+
+
+def _extensions() -> list[Extension]:
+    flag = os.environ.get("DATALORA_BUILD_CUDA", "auto")
+    if flag == "0":
+        return []
+    sources = _cuda_sources()
+    if not sources:
+        return []
+    if _find_nvcc() is None:
+        if flag == "1":
+            sys.exit("DATALORA_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+        warnings.warn("nvcc not found: building datalora without the CUDA extension "
+                      "(NF4 ops fall back to Triton/torch)", stacklevel=1)
+        return []
+    return [Extension("datalora._C", sources=sources)]
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": NvccBuildExt})
