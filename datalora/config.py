@@ -1,0 +1,124 @@
+"""``DATALORAConfig``: every knob of a DATALORA model, validated, JSON round-trippable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj")
+CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class DATALORAConfig:
+    """Configuration of MoLoRA injection and the DATALORA method (seed model card names)."""
+
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub name or local path of the base model (None: the embedded tiny model)."})
+    num_lora_experts: int = field(default=8, metadata={"help": "E, LoRA experts per layer."})
+    lora_rank: int = field(default=16, metadata={"help": "r, rank of each expert."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; scaling = alpha/r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_retention: float = field(default=0.5, metadata={
+        "help": "Fraction of tokens kept in the pruned layer range after the curriculum."})
+    num_active_experts: int = field(default=2, metadata={"help": "k, experts per token."})
+    temperature_init: float = field(default=5.0, metadata={"help": "Initial Gumbel temperature."})
+    temperature_final: float = field(default=0.5, metadata={"help": "Final Gumbel temperature."})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+                                      metadata={"help": "Names (last path component) of the "
+                                                        "nn.Linear modules to adapt."})
+    routing: str = field(default="per_layer", metadata={
+        "help": "'per_layer': each layer routes with its own router; 'shared': one saliency "
+                "network decision per token drives every layer."})
+    lambda_prune: float = field(default=0.1, metadata={"help": "Weight of L_retention."})
+    alpha_balance: float = field(default=0.01, metadata={"help": "Weight of L_balance."})
+    prune_layers: list[int] | None = field(default=None, metadata={
+        "help": "[start, end) decoder-layer range run on pruned tokens (None: second half)."})
+    curriculum_split: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
+                                          metadata={"help": "Fractions of training spent in "
+                                                            "warmup, sparsification, hardening."})
+    saliency_hidden_size: int = field(default=64, metadata={
+        "help": "Width of the saliency network's shared backbone."})
+    backend: str = field(default="auto", metadata={"help": "datalora.ops backend."})
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+        for name in ("num_lora_experts", "lora_rank", "num_active_experts",
+                     "saliency_hidden_size"):
+            positive_int(name)
+        if self.num_active_experts > self.num_lora_experts:
+            raise ValueError(f"num_active_experts: expected <= num_lora_experts="
+                             f"{self.num_lora_experts}, got {self.num_active_experts}")
+        if not 0.0 < self.target_retention <= 1.0:
+            raise ValueError(f"target_retention: expected a value in (0, 1], "
+                             f"got {self.target_retention}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a value in [0, 1), got {self.lora_dropout}")
+        if not self.temperature_init > 0 or not self.temperature_final > 0:
+            raise ValueError(f"temperature_init/temperature_final: expected > 0, got "
+                             f"{self.temperature_init}/{self.temperature_final}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules: expected at least one module name, got []")
+        if self.routing not in ("per_layer", "shared"):
+            raise ValueError(f"routing: expected 'per_layer' or 'shared', got {self.routing!r}")
+        if self.prune_layers is not None:
+            self.prune_layers = list(self.prune_layers)
+            if len(self.prune_layers) != 2 or not 0 <= self.prune_layers[0] < self.prune_layers[1]:
+                raise ValueError(f"prune_layers: expected [start, end) with 0 <= start < end, "
+                                 f"got {self.prune_layers}")
+        self.curriculum_split = [float(f) for f in self.curriculum_split]
+        if len(self.curriculum_split) != 3 or any(f < 0 for f in self.curriculum_split) \
+                or abs(sum(self.curriculum_split) - 1.0) > 1e-6:
+            raise ValueError(f"curriculum_split: expected 3 non-negative fractions summing to 1, "
+                             f"got {self.curriculum_split}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": "datalora", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DATALORAConfig:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k != "adapter_type"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown DATALORAConfig fields {unknown}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> DATALORAConfig:
+        """Reads ``adapter_config.json`` from a folder (or the file itself)."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"path: no {CONFIG_NAME} found at {path}")
+        return cls.from_dict(json.loads(file.read_text()))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DATALORAConfig:
+        """Loads a JSON or YAML config file (YAML needs the file suffix .yaml/.yml)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        return cls.from_dict(data)

@@ -1,0 +1,162 @@
+"""Inject MoLoRA into a Hugging Face causal LM, and save / load the adapter.
+
+``get_datalora_model(model, config)`` swaps every targeted ``nn.Linear`` for a
+:class:`~datalora.layers.MoLoRALinear`, freezes the base and returns a
+:class:`DATALORAModel` wrapper with PEFT-style ``save_pretrained`` /
+``from_pretrained``. The adapter is written as ``adapter_model.safetensors`` +
+``adapter_config.json``; both writes are atomic and reload is bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from datalora.config import CONFIG_NAME, DATALORAConfig
+from datalora.io import atomic_write_text, load_tensors, save_tensors
+from datalora.layers import MoLoRALinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _is_target(name: str, targets: list[str]) -> bool:
+    return name.rsplit(".", 1)[-1] in targets
+
+
+def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
+    """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _is_target(name, config.target_modules):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, MoLoRALinear(
+                module, num_experts=config.num_lora_experts, rank=config.lora_rank,
+                alpha=config.lora_alpha, top_k=config.num_active_experts,
+                dropout=config.lora_dropout, router=config.routing == "per_layer",
+                backend=config.backend))
+            replaced.append(name)
+    if not replaced:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules: none of {config.target_modules} matched an nn.Linear "
+                         f"of the model; its linear layers are named {linears}")
+    return replaced
+
+
+class DATALORAModel(nn.Module):
+    """A causal LM with MoLoRA layers; forwards every call and attribute to the base model.
+
+    Attributes:
+        base_model: the wrapped model (its targeted linears are now MoLoRALinear).
+        config: the :class:`DATALORAConfig` used to build it.
+    """
+
+    def __init__(self, model: nn.Module, config: DATALORAConfig):
+        super().__init__()
+        self.base_model = model
+        self.config_datalora = config
+        model.requires_grad_(False)
+        self.adapted_modules = inject_molora(model, config)
+
+    @property
+    def datalora_config(self) -> DATALORAConfig:
+        return self.config_datalora
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def molora_layers(self) -> Iterator[tuple[str, MoLoRALinear]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, MoLoRALinear):
+                yield name, module
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        """Turns every MoLoRA layer's update on or off (off: the exact base model)."""
+        for _, layer in self.molora_layers():
+            layer.adapter_enabled = enabled
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable adapter tensor (LoRA experts, routers, saliency network), by name."""
+        return {name: p for name, p in self.base_model.named_parameters()
+                if p.requires_grad or ".lora_" in name or ".router." in name}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.get_nb_trainable_parameters()
+        line = (f"trainable params: {trainable:,} || all params: {total:,} || "
+                f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(line)
+        return line
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` atomically."""
+        save_directory = Path(save_directory)
+        save_tensors(self.adapter_state_dict(), save_directory / WEIGHTS_NAME,
+                     metadata={"format": "pt", "adapter_type": "datalora"})
+        atomic_write_text(save_directory / CONFIG_NAME, self.config_datalora.to_json_string())
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Loads saved adapter tensors into this model (names and shapes must match)."""
+        file = Path(path) / WEIGHTS_NAME
+        if not file.exists():
+            raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
+        saved = load_tensors(file)
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter at {path} does not fit this model: missing {missing[:5]}"
+                             f", unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
+                                     f"saved shape {tuple(tensor.shape)}")
+                own[name].copy_(tensor)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path,
+                        is_trainable: bool = False) -> DATALORAModel:
+        """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights)."""
+        wrapped = cls(model, DATALORAConfig.from_pretrained(path))
+        wrapped.load_adapter(path)
+        if not is_trainable:
+            wrapped.requires_grad_(False)
+            wrapped.eval()
+        return wrapped
+
+
+def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
+                       verbose: bool = True) -> DATALORAModel:
+    """Injects MoLoRA into ``model``'s target modules and freezes the base.
+
+    Args:
+        model: a Hugging Face causal LM (or any module with named ``nn.Linear`` children).
+        config: the DATALORA configuration (defaults: ``DATALORAConfig()``).
+        verbose: print the trainable-parameter report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    config = DATALORAConfig() if config is None else config
+    if not isinstance(config, DATALORAConfig):
+        raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
+    wrapped = DATALORAModel(model, config)
+    if verbose:
+        wrapped.print_trainable_parameters()
+    return wrapped
