@@ -1,0 +1,559 @@
+"""The embedded multi-task instruction dataset, dataset loading, prompt format and collation.
+
+Rows follow OpenOrca's column format plus a ``task`` column::
+
+    {"id": "arithmetic.0.17", "system_prompt": "...", "question": "What is 23 + 58?",
+     "response": "81", "task": "arithmetic"}
+
+The shipped splits (``datalora/data/multitask_{train,eval}.jsonl``) are written by
+``python -m datalora.data`` from :func:`generate_multitask_dataset` with fixed seeds;
+a test checks they equal the generator's output.
+
+Loading a real dataset (a local JSONL / JSON / parquet file, a ``datasets`` folder, or a
+Hub name) goes through :func:`load_instruction_dataset` and returns rows with the same
+columns, so the demo and the trainer treat the embedded data and real data alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "COLUMNS",
+    "IGNORE_INDEX",
+    "REQUIRED_COLUMNS",
+    "SHIPPED_SPLITS",
+    "TASKS",
+    "CausalLMCollator",
+    "format_prompt",
+    "generate_multitask_dataset",
+    "load_instruction_dataset",
+    "shipped_split_path",
+    "shipped_split_rows",
+    "tokenize_example",
+    "write_jsonl",
+]
+
+TASKS: tuple[str, ...] = ("arithmetic", "reverse", "sort", "lookup")
+"""Task names of the embedded dataset, in generation order (a task's id is its index)."""
+
+COLUMNS: tuple[str, ...] = ("id", "system_prompt", "question", "response", "task")
+"""Columns of every row returned by this module (OpenOrca's four plus ``task``)."""
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("system_prompt", "question", "response")
+"""Columns a loaded dataset must have; ``id`` and ``task`` are filled in when missing."""
+
+UNKNOWN_TASK = "unknown"
+IGNORE_INDEX = -100
+"""Label value ignored by the causal-LM loss (prompt and padding positions)."""
+
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    "",
+    "You are a helpful assistant. Answer with the result only.",
+    "You are an AI assistant. Give a short, exact answer.",
+    "Reply with just the answer, nothing else.",
+)
+
+# name -> (seed, rows per task) of the splits shipped under datalora/data/.
+SHIPPED_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 500), "eval": (1, 50)}
+_SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "test": "eval"}
+_DATA_PACKAGE = "datalora"
+_DATA_DIR = "data"
+
+
+# --------------------------------------------------------------------------- generation
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    else:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"What is {a} {op} {b}?", str(result)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+    return f"Reverse the letters: {word}", word[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(3, 6)
+    if rng.random() < 0.5:
+        items = [str(v) for v in rng.sample(range(100), n)]
+        ordered = sorted(items, key=int)
+    else:
+        items = rng.sample(string.ascii_lowercase, n)
+        ordered = sorted(items)
+    return f"Sort in ascending order: {', '.join(items)}", ", ".join(ordered)
+
+
+def _lookup(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+    values = [rng.randint(0, 99) for _ in keys]
+    pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+    target = rng.randrange(len(keys))
+    return f"Given {pairs}, what is {keys[target]}?", str(values[target])
+
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "arithmetic": _arithmetic,
+    "reverse": _reverse,
+    "sort": _sort,
+    "lookup": _lookup,
+}
+
+
+def generate_multitask_dataset(num_per_task: int, seed: int = 0,
+                               tasks: Sequence[str] | None = None, *,
+                               exclude_questions: Iterable[str] = ()) -> list[dict[str, str]]:
+    """Generate a deterministic multi-task instruction dataset.
+
+    Each task draws from its own ``random.Random`` seeded by ``(seed, task)``, so a task's
+    rows do not depend on which other tasks are requested. Questions are unique within the
+    result and never in ``exclude_questions`` (use it to keep an eval split disjoint from
+    train). Rows are interleaved round-robin over tasks, so any prefix is balanced.
+
+    Args:
+        num_per_task: rows per task (>= 0).
+        seed: generation seed.
+        tasks: subset of :data:`TASKS` (default: all, in that order).
+        exclude_questions: questions that must not be generated.
+
+    Returns:
+        ``num_per_task * len(tasks)`` rows with the columns :data:`COLUMNS`.
+    """
+    if isinstance(num_per_task, bool) or not isinstance(num_per_task, int) or num_per_task < 0:
+        raise ValueError(f"num_per_task: expected an int >= 0, got {num_per_task!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if tasks is None:
+        tasks = TASKS
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks: expected a sequence of task names, got the string {tasks!r}")
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in _GENERATORS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks: expected distinct names from {TASKS}, got {tasks}")
+    seen = set(exclude_questions)
+    per_task: list[list[dict[str, str]]] = []
+    for task in tasks:
+        rng = random.Random(f"datalora:{seed}:{task}")
+        rows: list[dict[str, str]] = []
+        attempts = 0
+        while len(rows) < num_per_task:
+            attempts += 1
+            if attempts > 100 * num_per_task + 1000:
+                raise ValueError(f"num_per_task: cannot draw {num_per_task} distinct "
+                                 f"questions for task {task!r}; got {len(rows)}")
+            question, answer = _GENERATORS[task](rng)
+            system_prompt = rng.choice(SYSTEM_PROMPTS)
+            if question in seen:
+                continue
+            seen.add(question)
+            rows.append({"id": f"{task}.{seed}.{len(rows)}", "system_prompt": system_prompt,
+                         "question": question, "response": answer, "task": task})
+        per_task.append(rows)
+    return [rows[i] for i in range(num_per_task) for rows in per_task]
+
+
+def shipped_split_rows(split: str = "train") -> list[dict[str, str]]:
+    """Regenerate a shipped split (``"train"`` or ``"eval"``) from :data:`SHIPPED_SPLITS`.
+
+    The eval split excludes every train question. The shipped JSONL equals this output.
+    """
+    split = _canonical_split(split)
+    seed, n = SHIPPED_SPLITS[split]
+    exclude: set[str] = set()
+    if split != "train":
+        exclude = {r["question"] for r in shipped_split_rows("train")}
+    return generate_multitask_dataset(n, seed=seed, exclude_questions=exclude)
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write rows as JSON lines (UTF-8, one object per line, keys in row order), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _canonical_split(split: str) -> str:
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(f"split: expected one of {sorted(_SPLIT_ALIASES)} for the embedded "
+                         f"dataset, got {split!r}")
+    return _SPLIT_ALIASES[split]
+
+
+def shipped_split_path(split: str = "train") -> Path:
+    """Path of the shipped JSONL of ``split``, found with ``importlib.resources``."""
+    name = f"multitask_{_canonical_split(split)}.jsonl"
+    return Path(str(resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR, name)))
+
+
+# --------------------------------------------------------------------------- loading
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"source: {path} line {lineno} is not valid JSON: {e}") from e
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # a .json file holding JSON lines
+    if isinstance(data, Mapping):
+        if split in data and isinstance(data[split], list):
+            data = data[split]
+        elif "data" in data and isinstance(data["data"], list):
+            data = data["data"]
+        elif all(isinstance(v, list) for v in data.values()) and data:
+            # column-oriented: {"question": [...], "response": [...], ...}
+            n = len(next(iter(data.values())))
+            if any(len(v) != n for v in data.values()):
+                raise ValueError(f"source: columns of {path} have different lengths")
+            data = [{k: v[i] for k, v in data.items()} for i in range(n)]
+        else:
+            raise ValueError(f"source: {path} holds a JSON object without a list of rows "
+                             f"(expected a list, {{{split!r}: [...]}} or {{'data': [...]}})")
+    if not isinstance(data, list):
+        raise ValueError(f"source: {path} must hold a list of row objects, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow comes with `datasets`
+        raise ImportError("reading parquet needs pyarrow: pip install 'datalora[data]'") from e
+    return pq.read_table(path).to_pylist()
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("loading a dataset folder or a Hub dataset needs the `datasets` "
+                          "package: pip install 'datalora[data]'") from e
+    return datasets
+
+
+def _read_dataset_dir(path: Path, split: str) -> Any:
+    datasets = _import_datasets()
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    else:  # a folder of data files (e.g. a downloaded Hub repo snapshot)
+        ds = datasets.load_dataset(str(path), split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split: {split!r} not in the dataset at {path}; "
+                             f"available: {sorted(ds)}")
+        ds = ds[split]
+    return ds
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> Any:
+    datasets = _import_datasets()
+    try:
+        if limit is None:
+            return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split, streaming=True).take(limit)
+    except Exception as e:
+        raise OSError(
+            f"source: {name!r} is not a local file or folder, and loading it from the Hugging "
+            f"Face Hub with datasets.load_dataset(split={split!r}) failed (offline machine or "
+            f"unknown dataset?): {type(e).__name__}: {e}") from e
+
+
+def _column_names(rows: Any) -> list[str] | None:
+    names = getattr(rows, "column_names", None)
+    return list(names) if names is not None else None
+
+
+def _normalize(rows: Iterable[Mapping[str, Any]], source: str,
+               limit: int | None) -> list[dict[str, str]]:
+    columns = _column_names(rows)
+    if columns is not None:
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(f"source: {source} is missing required column(s) {missing}; "
+                             f"expected {list(REQUIRED_COLUMNS)} (plus optional 'id', 'task'), "
+                             f"found {columns}")
+    out: list[dict[str, str]] = []
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            break
+        if not isinstance(row, Mapping):
+            raise ValueError(f"source: row {i} of {source} is a {type(row).__name__}, "
+                             f"expected an object with columns {list(REQUIRED_COLUMNS)}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"source: row {i} of {source} is missing required column(s) "
+                             f"{missing}; expected {list(REQUIRED_COLUMNS)} (plus optional "
+                             f"'id', 'task'), found {sorted(row)}")
+        system_prompt = "" if row["system_prompt"] is None else row["system_prompt"]
+        for col, value in (("system_prompt", system_prompt), ("question", row["question"]),
+                           ("response", row["response"])):
+            if not isinstance(value, str):
+                raise ValueError(f"source: column {col!r} of row {i} of {source} must be a "
+                                 f"string, got {type(value).__name__}")
+        row_id = row.get("id")
+        task = row.get("task")
+        out.append({"id": str(i) if row_id is None else str(row_id),
+                    "system_prompt": system_prompt, "question": row["question"],
+                    "response": row["response"],
+                    "task": UNKNOWN_TASK if task is None else str(task)})
+    return out
+
+
+def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split: str = "train",
+                             limit: int | None = None) -> list[dict[str, str]]:
+    """Load instruction rows with the columns :data:`COLUMNS`.
+
+    Args:
+        source: ``None`` or ``"embedded"``: the shipped multi-task data. A local ``.jsonl``,
+            ``.json`` or ``.parquet`` file; a local folder written by ``save_to_disk`` (or a
+            folder of data files ``datasets.load_dataset`` understands); or else a Hugging
+            Face Hub dataset name (e.g. ``"Open-Orca/OpenOrca"``), loaded with
+            ``datasets.load_dataset`` (streamed when ``limit`` is set).
+        split: ``"train"`` or ``"eval"`` (aliases ``validation``, ``test``) for the embedded
+            data; the split to select for folders and Hub datasets; ignored for single files.
+        limit: keep only the first ``limit`` rows (>= 0); ``None`` keeps all.
+
+    Returns:
+        A list of dicts with string values for ``id, system_prompt, question, response,
+        task``. Rows without ``id`` get their index, without ``task`` get ``"unknown"``,
+        a null ``system_prompt`` becomes ``""``; other columns are dropped.
+
+    Raises:
+        ValueError: a required column (``system_prompt``, ``question``, ``response``) is
+            missing or not a string, or ``split`` / ``limit`` is invalid.
+        FileNotFoundError: ``source`` looks like a local path that does not exist.
+        OSError: a Hub name could not be loaded (e.g. offline).
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit: expected None or an int >= 0, got {limit!r}")
+    if not isinstance(split, str):
+        raise TypeError(f"split: expected a str, got {type(split).__name__}")
+    if source is None or source == "embedded":
+        rows: Any = _read_jsonl(shipped_split_path(split))
+        return _normalize(rows, f"the embedded {_canonical_split(split)} split", limit)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source: expected None, 'embedded', a path or a Hub dataset name, "
+                        f"got {type(source).__name__}")
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        rows = _read_dataset_dir(path, split)
+    elif path.is_file():
+        if suffix == ".jsonl":
+            rows = _read_jsonl(path)
+        elif suffix == ".json":
+            rows = _read_json(path, split)
+        elif suffix == ".parquet":
+            rows = _read_parquet(path)
+        else:
+            raise ValueError(f"source: unsupported file type {suffix!r} for {path}; expected "
+                             f".jsonl, .json or .parquet")
+    elif (suffix in (".jsonl", ".json", ".parquet") or os.path.isabs(source)
+          or str(source).startswith((".", "~"))):
+        raise FileNotFoundError(f"source: no such file or folder: {path}")
+    else:
+        rows = _read_hub(str(source), split, limit)
+    return _normalize(rows, str(source), limit)
+
+
+# --------------------------------------------------------------------------- prompts, tokens
+
+def format_prompt(example: Mapping[str, Any]) -> str:
+    """The model input for a row: optional system prompt, the question, an answer cue.
+
+    ``"{system_prompt}\\n\\n### Question:\\n{question}\\n\\n### Answer:\\n"`` (the first
+    part only when the system prompt is non-empty). The response follows the cue directly.
+    """
+    if "question" not in example:
+        raise ValueError(f"example: missing column 'question', found {sorted(example)}")
+    system_prompt = example.get("system_prompt") or ""
+    head = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{head}### Question:\n{example['question']}\n\n### Answer:\n"
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
+                     max_length: int) -> dict[str, list[int]]:
+    """Tokenize a row for causal-LM fine-tuning with the loss on the response only.
+
+    The prompt (:func:`format_prompt`) is encoded with the tokenizer's special tokens (its
+    BOS, if it adds one), the response without, then ``eos_token_id`` is appended. Labels
+    are ``-100`` on the prompt and equal to ``input_ids`` on response + EOS. When longer
+    than ``max_length``, prompt tokens are dropped from the left first (keeping a leading
+    BOS), then the response is cut on the right.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (all 1), ``labels``: lists of length
+        ``L <= max_length``.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    if "response" not in example:
+        raise ValueError(f"example: missing column 'response', found {sorted(example)}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer: has no eos_token_id; set tokenizer.eos_token")
+    prompt = _encode(tokenizer, format_prompt(example), True)
+    response = _encode(tokenizer, example["response"], False) + [eos]
+    overflow = len(prompt) + len(response) - max_length
+    if overflow > 0:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        keep_first = 1 if prompt and bos is not None and prompt[0] == bos else 0
+        drop = min(overflow, max(len(prompt) - keep_first - 1, 0))
+        prompt = prompt[:keep_first] + prompt[keep_first + drop:]
+        response = response[: max_length - len(prompt)]
+    input_ids = prompt + response
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+@dataclass
+class CausalLMCollator:
+    """Pad a list of tokenized examples (right padding) into a batch.
+
+    Usable as a ``transformers.Trainer`` ``data_collator`` and as a ``DataLoader``
+    ``collate_fn``. Features are dicts with ``input_ids`` (and optional ``attention_mask``,
+    ``labels``); raw rows (with ``question`` / ``response`` but no ``input_ids``) are
+    tokenized with :func:`tokenize_example` when ``tokenizer`` and ``max_length`` are set.
+
+    Args:
+        tokenizer: gives ``pad_token_id`` (and tokenizes raw rows); or pass ``pad_token_id``.
+        pad_token_id: the padding id for ``input_ids`` (default: the tokenizer's).
+        max_length: for tokenizing raw rows.
+        label_pad_token_id: label value at padded positions (-100).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        return_task_ids: also return ``task_ids [B]`` (int64): a feature's ``task_id`` or the
+            index of its ``task`` in ``tasks`` (-1 when not listed). Under ``Trainer`` keep
+            ``remove_unused_columns=False`` so ``task`` reaches the collator, and pop
+            ``task_ids`` before the model's forward.
+        tasks: task names for ``task_ids`` (default :data:`TASKS`).
+
+    Returns (from ``__call__``):
+        ``input_ids [B, L]`` (int64), ``attention_mask [B, L]`` (int64, 0 on padding),
+        ``labels [B, L]`` (int64, -100 on padding), optionally ``task_ids [B]``;
+        ``L`` is the longest feature (rounded up to ``pad_to_multiple_of``).
+    """
+
+    tokenizer: Any = None
+    pad_token_id: int | None = None
+    max_length: int | None = None
+    label_pad_token_id: int = IGNORE_INDEX
+    pad_to_multiple_of: int | None = None
+    return_task_ids: bool = False
+    tasks: tuple[str, ...] = field(default=TASKS)
+
+    def __post_init__(self) -> None:
+        if self.pad_token_id is None:
+            if self.tokenizer is None:
+                raise ValueError("pad_token_id: pass pad_token_id or a tokenizer")
+            self.pad_token_id = self.tokenizer.pad_token_id
+            if self.pad_token_id is None:
+                raise ValueError("tokenizer: has no pad_token_id; set tokenizer.pad_token "
+                                 "(e.g. to its eos_token) or pass pad_token_id")
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise TypeError(f"pad_token_id: expected an int, got {self.pad_token_id!r}")
+        if self.pad_to_multiple_of is not None and (
+                not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of: expected None or an int >= 1, "
+                             f"got {self.pad_to_multiple_of!r}")
+        self.tasks = tuple(self.tasks)
+
+    def _tokenized(self, feature: Mapping[str, Any], i: int) -> Mapping[str, Any]:
+        if "input_ids" in feature:
+            return feature
+        if self.tokenizer is None or self.max_length is None:
+            raise ValueError(f"features: feature {i} has no 'input_ids'; to tokenize raw rows "
+                             f"pass tokenizer and max_length to CausalLMCollator")
+        return tokenize_example(feature, self.tokenizer, self.max_length)
+
+    def _task_id(self, feature: Mapping[str, Any], i: int) -> int:
+        if "task_id" in feature:
+            return int(feature["task_id"])
+        if "task" in feature:
+            task = feature["task"]
+            return self.tasks.index(task) if task in self.tasks else -1
+        raise ValueError(f"features: feature {i} has neither 'task' nor 'task_id' but "
+                         f"return_task_ids=True")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(features) == 0:
+            raise ValueError("features: expected at least one feature, got an empty batch")
+        tokenized = [self._tokenized(f, i) for i, f in enumerate(features)]
+        ids = [torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1) for f in tokenized]
+        length = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = (length + m - 1) // m * m
+        batch = len(ids)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        labels = torch.full((batch, length), self.label_pad_token_id, dtype=torch.long)
+        for b, (f, x) in enumerate(zip(tokenized, ids, strict=True)):
+            n = len(x)
+            input_ids[b, :n] = x
+            for key, target, default in (("attention_mask", attention_mask, 1),
+                                         ("labels", labels, x)):
+                value = f.get(key)
+                if value is None:
+                    target[b, :n] = default
+                    continue
+                value = torch.as_tensor(value, dtype=torch.long).reshape(-1)
+                if len(value) != n:
+                    raise ValueError(f"features: feature {b} has {n} input_ids but "
+                                     f"{len(value)} {key}")
+                target[b, :n] = value
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.return_task_ids:
+            out["task_ids"] = torch.tensor([self._task_id(f, i) for i, f in enumerate(features)],
+                                           dtype=torch.long)
+        return out
+
+
+def _main() -> None:
+    """Rewrite the shipped JSONL files from the generator (``python -m datalora.data``)."""
+    folder = Path(__file__).with_name(_DATA_DIR)
+    folder.mkdir(exist_ok=True)
+    for split in SHIPPED_SPLITS:
+        rows = shipped_split_rows(split)
+        write_jsonl(rows, folder / f"multitask_{split}.jsonl")
+        print(f"wrote {len(rows)} rows to {folder / f'multitask_{split}.jsonl'}")
+
+
+if __name__ == "__main__":
+    _main()
