@@ -1,0 +1,264 @@
+"""The embedded default model and tokenizer: a tiny random Mistral and a locally trained BPE.
+
+No PyPI package ships a small causal LM and no model hub is reachable offline, so demos and
+tests use a tiny Mistral-architecture model (random init, about 1 M parameters) and a
+byte-level BPE tokenizer trained with ``tokenizers`` on the embedded dataset
+(:mod:`datalora.data`). :func:`load_model_and_tokenizer` takes the same code path
+(``AutoModelForCausalLM`` / ``AutoTokenizer``) for a real model given by local path or Hub
+name.
+
+A second, different model + tokenizer pair (for adapter transfer across models) comes from
+the same functions with other settings, e.g.
+``build_tokenizer(vocab_size=512)`` and
+``build_tiny_model(vocab_size=512, hidden_size=96, num_hidden_layers=3)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datalora.data import format_prompt, load_instruction_dataset
+
+__all__ = [
+    "BOS_TOKEN",
+    "DEFAULT_VOCAB_SIZE",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "UNK_TOKEN",
+    "build_tiny_model",
+    "build_tokenizer",
+    "embedded_corpus",
+    "load_model_and_tokenizer",
+    "tiny_mistral_config",
+]
+
+UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS: tuple[str, ...] = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+"""Special tokens of the embedded tokenizer; their ids are their positions (0, 1, 2, 3)."""
+DEFAULT_VOCAB_SIZE = 1024
+"""Vocabulary size of the embedded tokenizer and model."""
+MAX_POSITIONS = 512
+_TOKENIZER_FORMAT = "datalora-bytelevel-bpe-v1"  # bump when the recipe below changes
+EMBEDDED_NAMES = (None, "embedded")
+
+
+def embedded_corpus() -> list[str]:
+    """Texts the embedded tokenizer is trained on: prompt + response of every train row."""
+    return [format_prompt(r) + r["response"] for r in load_instruction_dataset("embedded")]
+
+
+def _default_cache_root() -> Path:
+    root = os.environ.get("DATALORA_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "datalora"
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
+    """Train the byte-level BPE and wrap it as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = SPECIAL_TOKENS.index(BOS_TOKEN)
+    # BOS before every sequence; offsets left untrimmed so they map to exact characters.
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS_TOKEN} $A",
+                                      pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+                                      special_tokens=[(BOS_TOKEN, bos_id)]),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN, padding_side="right", clean_up_tokenization_spaces=False,
+        model_max_length=MAX_POSITIONS)
+
+
+def build_tokenizer(cache_dir: str | os.PathLike[str] | None = None, *,
+                    vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2,
+                    texts: Iterable[str] | None = None) -> Any:
+    """A byte-level BPE tokenizer trained locally with ``tokenizers``; deterministic.
+
+    Trained on ``texts`` (default :func:`embedded_corpus`), with special tokens ``<unk>``
+    (0), ``<s>`` (1, BOS, prepended by ``add_special_tokens=True``), ``</s>`` (2, EOS) and
+    ``<pad>`` (3), right padding, exact round trip ``decode(encode(s),
+    skip_special_tokens=True) == s`` and character offsets (``return_offsets_mapping``).
+
+    It is saved with ``save_pretrained`` to ``cache_dir / "tokenizer-<hash>"`` (default
+    cache root ``$DATALORA_CACHE`` or ``~/.cache/datalora``), the hash covering the texts
+    and every setting, and always returned as reloaded from there by
+    ``AutoTokenizer.from_pretrained`` (the path real tokenizers take). The cache write is
+    atomic (build in a temp folder, then rename), so concurrent processes are safe.
+
+    Args:
+        cache_dir: cache root (default as above).
+        vocab_size: target vocabulary size including the 4 special tokens (>= 260). The
+            result has at most this many tokens (fewer when the texts allow no more merges).
+        min_frequency: minimum pair count for a merge.
+        texts: training texts.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` (``TokenizersBackend`` in transformers 5).
+    """
+    from transformers import AutoTokenizer
+
+    min_vocab = len(SPECIAL_TOKENS) + 256
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab:
+        raise ValueError(f"vocab_size: expected an int >= {min_vocab} (256 bytes + "
+                         f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts: expected an iterable of strings, got a single str")
+    corpus = embedded_corpus() if texts is None else list(texts)
+    if not corpus or not all(isinstance(t, str) for t in corpus):
+        raise TypeError("texts: expected a non-empty iterable of strings")
+    import tokenizers
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": _TOKENIZER_FORMAT, "vocab_size": vocab_size,
+                              "min_frequency": min_frequency, "special": SPECIAL_TOKENS,
+                              "tokenizers": tokenizers.__version__}).encode())
+    for text in corpus:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    target = root / f"tokenizer-{digest.hexdigest()[:16]}"
+    if not (target / "tokenizer.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            _train_tokenizer(corpus, vocab_size, min_frequency).save_pretrained(str(tmp))
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "tokenizer.json").is_file():  # not a lost race: a real error
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(str(target))
+
+
+def tiny_mistral_config(vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) -> Any:
+    """``MistralConfig`` of the embedded model (about 1 M parameters at vocab 1024).
+
+    hidden 128, 4 layers, 4 heads (head_dim 32), 2 KV heads, intermediate 344, 512
+    positions, no sliding window, untied embeddings, and the embedded tokenizer's special
+    ids (bos 1, eos 2, pad 3). ``overrides`` replace any ``MistralConfig`` field.
+    """
+    from transformers import MistralConfig
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+        sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN))
+    settings.update(overrides)
+    return MistralConfig(**settings)
+
+
+def build_tiny_model(seed: int = 0, vocab_size: int | None = None,
+                     dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    """A randomly initialised tiny ``MistralForCausalLM`` (see :func:`tiny_mistral_config`).
+
+    Deterministic in ``seed`` without touching the global RNG state. Returned in eval
+    mode on the CPU, as ``from_pretrained`` returns models.
+
+    Args:
+        seed: init seed.
+        vocab_size: default :data:`DEFAULT_VOCAB_SIZE` (matches :func:`build_tokenizer`).
+        dtype: parameter dtype (initialised in fp32, then cast).
+        overrides: ``MistralConfig`` fields (e.g. ``hidden_size=96, num_hidden_layers=3``).
+
+    Returns:
+        The model; ``model(input_ids [B, L]).logits`` is ``[B, L, vocab_size]``.
+    """
+    from transformers import MistralForCausalLM
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    config = tiny_mistral_config(DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size,
+                                 **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,
+                             dtype: torch.dtype | str | None = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``None`` or ``"embedded"``: the tiny random model + the embedded
+            tokenizer (:func:`build_tiny_model`, :func:`build_tokenizer`). Otherwise a local
+            folder or a Hub model name, loaded with ``AutoModelForCausalLM.from_pretrained``
+            and ``AutoTokenizer.from_pretrained``.
+        dtype: model dtype; ``None``: fp32 for the embedded model, the checkpoint's dtype
+            (``"auto"``) otherwise.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode. A tokenizer without a pad token
+        gets ``pad_token = eos_token`` (also set as the model's ``pad_token_id``).
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` looks like a local path that does not exist.
+        OSError: the model could not be loaded (e.g. a Hub name while offline).
+    """
+    if name_or_path in EMBEDDED_NAMES:
+        if dtype is None or dtype == "auto":
+            dtype = torch.float32
+        elif isinstance(dtype, str):
+            resolved = getattr(torch, dtype, None)
+            if not isinstance(resolved, torch.dtype):
+                raise ValueError(f"dtype: expected a torch dtype or its name, got {dtype!r}")
+            dtype = resolved
+        return build_tiny_model(dtype=dtype), build_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path: expected None, 'embedded', a path or a Hub name, "
+                        f"got {type(name_or_path).__name__}")
+    source = str(name_or_path)
+    path = Path(source).expanduser()
+    if not path.exists() and (os.path.isabs(source) or source.startswith((".", "~"))
+                              or isinstance(name_or_path, os.PathLike)):
+        raise FileNotFoundError(f"name_or_path: no such model folder: {path}")
+    if path.exists():
+        source = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto" if dtype is None else dtype)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"name_or_path: the tokenizer of {source!r} has neither a pad "
+                             f"nor an eos token; set tokenizer.pad_token yourself")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

@@ -1,0 +1,305 @@
+"""The embedded multi-task dataset, dataset loading, tokenization and collation."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from importlib import resources
+
+import pytest
+import torch
+
+from datalora.data import (
+    COLUMNS,
+    IGNORE_INDEX,
+    SHIPPED_SPLITS,
+    TASKS,
+    CausalLMCollator,
+    format_prompt,
+    generate_multitask_dataset,
+    load_instruction_dataset,
+    shipped_split_rows,
+    tokenize_example,
+    write_jsonl,
+)
+from datalora.testing import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def train_rows():
+    return load_instruction_dataset()
+
+
+# --------------------------------------------------------------------------- generator
+
+def _expected_answer(task: str, question: str) -> str:
+    """Recompute the answer of a question independently of the generator."""
+    if task == "arithmetic":
+        m = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", question)
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return str({"+": a + b, "-": a - b, "*": a * b}[op])
+    if task == "reverse":
+        m = re.fullmatch(r"Reverse the letters: ([a-z]+)", question)
+        return m[1][::-1]
+    if task == "sort":
+        m = re.fullmatch(r"Sort in ascending order: (.+)", question)
+        items = m[1].split(", ")
+        key = int if items[0].isdigit() else str
+        return ", ".join(sorted(items, key=key))
+    if task == "lookup":
+        m = re.fullmatch(r"Given (.+), what is ([a-z])\?", question)
+        table = dict(pair.split("=") for pair in m[1].split(", "))
+        assert len(table) == len(m[1].split(", "))  # keys are distinct
+        return table[m[2]]
+    raise AssertionError(f"unknown task {task}")
+
+
+def test_generator_is_deterministic_and_seed_dependent():
+    a = generate_multitask_dataset(20, seed=3)
+    assert a == generate_multitask_dataset(20, seed=3)
+    assert a != generate_multitask_dataset(20, seed=4)
+    assert len(a) == 20 * len(TASKS)
+    assert all(tuple(r) == COLUMNS for r in a)
+
+
+def test_generator_task_rows_do_not_depend_on_other_tasks():
+    full = generate_multitask_dataset(10, seed=5)
+    only_sort = generate_multitask_dataset(10, seed=5, tasks=["sort"])
+    assert only_sort == [r for r in full if r["task"] == "sort"]
+    # interleaved round-robin: every prefix of len(TASKS) rows holds each task once
+    assert [r["task"] for r in full[: 2 * len(TASKS)]] == list(TASKS) * 2
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_answers_are_correct(split):
+    rows = load_instruction_dataset(split=split)
+    assert set(TASKS) == {r["task"] for r in rows}
+    for r in rows:
+        assert r["response"] == _expected_answer(r["task"], r["question"]), r
+
+
+def test_answers_checker_rejects_wrong_answers():
+    # the checker above would notice a wrong answer (it is not vacuous)
+    assert _expected_answer("arithmetic", "What is 7 - 9?") == "-2"
+    assert _expected_answer("sort", "Sort in ascending order: 10, 9, 100") == "9, 10, 100"
+    assert _expected_answer("sort", "Sort in ascending order: q, b, k") == "b, k, q"
+    assert _expected_answer("lookup", "Given a=3, b=7, c=1, what is b?") == "7"
+    assert _expected_answer("reverse", "Reverse the letters: abc") == "cba"
+
+
+def test_splits_are_balanced_unique_and_disjoint():
+    train = load_instruction_dataset(split="train")
+    evals = load_instruction_dataset(split="eval")
+    assert Counter(r["task"] for r in train) == {t: SHIPPED_SPLITS["train"][1] for t in TASKS}
+    assert Counter(r["task"] for r in evals) == {t: SHIPPED_SPLITS["eval"][1] for t in TASKS}
+    train_q = {r["question"] for r in train}
+    assert len(train_q) == len(train)
+    assert len({r["id"] for r in train}) == len(train)
+    assert not train_q & {r["question"] for r in evals}
+    assert load_instruction_dataset(split="validation") == evals
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_shipped_jsonl_equals_generator(split):
+    path = resources.files("datalora").joinpath("data", f"multitask_{split}.jsonl")
+    assert path.is_file()
+    with path.open(encoding="utf-8") as f:
+        shipped = [json.loads(line) for line in f]
+    assert shipped == shipped_split_rows(split)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_per_task=-1), ValueError, "num_per_task"),
+    (dict(num_per_task=2, tasks=["poetry"]), ValueError, "tasks"),
+    (dict(num_per_task=2, tasks=["sort", "sort"]), ValueError, "tasks"),
+    (dict(num_per_task=2, tasks="sort"), TypeError, "tasks"),
+    (dict(num_per_task=2, seed=1.5), TypeError, "seed"),
+])
+def test_generator_validates_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        generate_multitask_dataset(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+@pytest.fixture()
+def sample_rows():
+    return generate_multitask_dataset(3, seed=11)
+
+
+def test_load_local_jsonl_json_parquet(tmp_path, sample_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_jsonl(sample_rows, tmp_path / "d.jsonl")
+    (tmp_path / "d.json").write_text(json.dumps(sample_rows), encoding="utf-8")
+    (tmp_path / "split.json").write_text(json.dumps({"train": sample_rows}), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(sample_rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "split.json", "d.parquet"):
+        assert load_instruction_dataset(tmp_path / name) == sample_rows, name
+        assert load_instruction_dataset(str(tmp_path / name), limit=5) == sample_rows[:5]
+
+
+def test_load_save_to_disk(tmp_path, sample_rows):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(sample_rows)
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert load_instruction_dataset(tmp_path / "single") == sample_rows
+    assert load_instruction_dataset(tmp_path / "dict") == sample_rows
+    assert load_instruction_dataset(tmp_path / "dict", split="test") == sample_rows[:2]
+    with pytest.raises(ValueError, match="split.*'eval'.*available"):
+        load_instruction_dataset(tmp_path / "dict", split="eval")
+
+
+def test_openorca_rows_without_task_or_id(tmp_path):
+    rows = [{"id": "flan.1", "system_prompt": None, "question": "q1", "response": "r1"},
+            {"system_prompt": "s", "question": "q2", "response": "r2", "extra": 5}]
+    write_jsonl(rows, tmp_path / "orca.jsonl")
+    assert load_instruction_dataset(tmp_path / "orca.jsonl") == [
+        {"id": "flan.1", "system_prompt": "", "question": "q1", "response": "r1",
+         "task": "unknown"},
+        {"id": "1", "system_prompt": "s", "question": "q2", "response": "r2",
+         "task": "unknown"},
+    ]
+
+
+def test_missing_columns_are_named(tmp_path, sample_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: v for k, v in r.items() if k not in ("response", "system_prompt")}
+            for r in sample_rows]
+    write_jsonl(rows, tmp_path / "bad.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    for name in ("bad.jsonl", "bad.parquet"):
+        with pytest.raises(ValueError, match=r"missing required column.*'system_prompt', "
+                                             r"'response'"):
+            load_instruction_dataset(tmp_path / name)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "bad_ds"))
+    with pytest.raises(ValueError, match=r"missing required column.*found \["):
+        load_instruction_dataset(tmp_path / "bad_ds")
+    write_jsonl([{"system_prompt": "", "question": "q", "response": 3}], tmp_path / "t.jsonl")
+    with pytest.raises(ValueError, match="'response'.*must be a string"):
+        load_instruction_dataset(tmp_path / "t.jsonl")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_instruction_dataset(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_instruction_dataset(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match="split"):
+        load_instruction_dataset(split="dev")
+    with pytest.raises(ValueError, match="limit"):
+        load_instruction_dataset(limit=-1)
+    assert len(load_instruction_dataset(limit=7)) == 7
+
+
+def test_hub_name_fails_clearly_offline(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # offline mode makes the failure immediate instead of network retries
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"'no-such-org/no-such-dataset'.*Hub.*load_dataset"):
+        load_instruction_dataset("no-such-org/no-such-dataset", limit=2)
+
+
+# --------------------------------------------------------------------------- prompt, tokens
+
+def test_format_prompt():
+    row = {"system_prompt": "Be brief.", "question": "What is 1 + 2?", "response": "3"}
+    assert format_prompt(row) == "Be brief.\n\n### Question:\nWhat is 1 + 2?\n\n### Answer:\n"
+    assert format_prompt({**row, "system_prompt": ""}).startswith("### Question:\n")
+    with pytest.raises(ValueError, match="question"):
+        format_prompt({"response": "3"})
+
+
+def test_tokenize_example_masks_prompt(tokenizer, train_rows):
+    for row in train_rows[:8]:
+        out = tokenize_example(row, tokenizer, max_length=128)
+        ids, labels = out["input_ids"], out["labels"]
+        prompt_len = len(tokenizer(format_prompt(row))["input_ids"])
+        assert len(ids) == len(labels) == len(out["attention_mask"])
+        assert ids[0] == tokenizer.bos_token_id
+        assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+        assert labels[prompt_len:] == ids[prompt_len:]
+        assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+        assert tokenizer.decode(ids[prompt_len:-1]) == row["response"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == (
+            format_prompt(row) + row["response"])
+
+
+def test_tokenize_example_truncates_prompt_first(tokenizer, train_rows):
+    row = train_rows[0]
+    full = tokenize_example(row, tokenizer, max_length=128)
+    n_resp = sum(lab != IGNORE_INDEX for lab in full["labels"])
+    short = tokenize_example(row, tokenizer, max_length=n_resp + 3)
+    assert len(short["input_ids"]) == n_resp + 3
+    assert short["input_ids"][0] == tokenizer.bos_token_id
+    assert short["labels"][-n_resp:] == full["labels"][-n_resp:]
+    assert short["labels"][:3] == [IGNORE_INDEX] * 3
+    tiny = tokenize_example(row, tokenizer, max_length=2)
+    assert len(tiny["input_ids"]) == 2
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_example(row, tokenizer, max_length=1)
+
+
+def test_collator_pads_right(tokenizer, train_rows):
+    feats = [tokenize_example(r, tokenizer, 128) for r in train_rows[:4]]
+    for f, r in zip(feats, train_rows[:4], strict=True):
+        f["task"] = r["task"]
+    lengths = [len(f["input_ids"]) for f in feats]
+    batch = CausalLMCollator(tokenizer, return_task_ids=True)(feats)
+    assert batch["input_ids"].shape == (4, max(lengths))
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["task_ids"].tolist() == [TASKS.index(r["task"]) for r in train_rows[:4]]
+    for b, n in enumerate(lengths):
+        assert batch["input_ids"][b, :n].tolist() == feats[b]["input_ids"]
+        assert batch["labels"][b, :n].tolist() == feats[b]["labels"]
+        assert (batch["input_ids"][b, n:] == tokenizer.pad_token_id).all()
+        assert (batch["labels"][b, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (max(lengths) - n)
+    assert min(lengths) < max(lengths)  # the batch really was padded
+
+
+def test_collator_raw_rows_dataloader_and_options(tokenizer, train_rows):
+    collate = CausalLMCollator(tokenizer, max_length=64, return_task_ids=True,
+                               pad_to_multiple_of=8)
+    loader = torch.utils.data.DataLoader(train_rows[:6], batch_size=3, collate_fn=collate)
+    batches = list(loader)
+    assert len(batches) == 2
+    for i, batch in enumerate(batches):
+        assert batch["input_ids"].shape[1] % 8 == 0
+        rows = train_rows[3 * i: 3 * i + 3]
+        assert batch["task_ids"].tolist() == [TASKS.index(r["task"]) for r in rows]
+        expected = tokenize_example(rows[0], tokenizer, 64)["input_ids"]
+        assert batch["input_ids"][0, : len(expected)].tolist() == expected
+    unknown = CausalLMCollator(pad_token_id=0, return_task_ids=True)(
+        [{"input_ids": [5, 6], "task": "unknown"}, {"input_ids": [7], "task_id": 2}])
+    assert unknown["task_ids"].tolist() == [-1, 2]
+    assert unknown["labels"].tolist() == [[5, 6], [7, IGNORE_INDEX]]
+
+
+def test_collator_errors(tokenizer):
+    with pytest.raises(ValueError, match="pad_token_id"):
+        CausalLMCollator()
+    with pytest.raises(ValueError, match="empty"):
+        CausalLMCollator(tokenizer)([])
+    with pytest.raises(ValueError, match="input_ids.*tokenizer and max_length"):
+        CausalLMCollator(pad_token_id=0)([{"question": "q", "response": "r"}])
+    with pytest.raises(ValueError, match="task"):
+        CausalLMCollator(pad_token_id=0, return_task_ids=True)([{"input_ids": [1]}])
+    with pytest.raises(ValueError, match="2 input_ids but 1 labels"):
+        CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1]}])
