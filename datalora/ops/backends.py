@@ -9,7 +9,8 @@ A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
     scatter_tokens(hidden, packed, keep_idx, weight) -> out
 
 and optionally ``linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale,
-scaling) -> (y, h)`` for a fused base + LoRA path. Backends load lazily, so importing
+scaling) -> (y, h)`` for a fused base + LoRA forward (the backward reuses
+``delta_backward`` plus the base GEMMs). Backends load lazily, so importing
 datalora never imports Triton or the CUDA extension.
 """
 
@@ -55,12 +56,12 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         return f"unknown backend {name!r}; expected one of {('auto', *BACKENDS)}"
     if name == "torch":
         return None
-    loaded = _load(name)
-    if isinstance(loaded, Exception):
-        return f"backend {name!r} failed to import: {type(loaded).__name__}: {loaded}"
     if device.type != "cuda" and not (name == "triton" and _interpreting()):
         return (f"backend {name!r} needs a CUDA device (or TRITON_INTERPRET=1 for triton), "
                 f"got device {device}")
+    loaded = _load(name)
+    if isinstance(loaded, Exception):
+        return f"backend {name!r} failed to import: {type(loaded).__name__}: {loaded}"
     return None
 
 
@@ -74,10 +75,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     ``DATALORA_BACKEND`` overrides ``"auto"``. An explicit backend that cannot run
     raises ``BackendUnavailableError``; ``auto`` falls back to torch on a GPU with a
-    one-time warning saying why.
+    one-time warning saying why. Under ``torch.compile`` the answer is a trace-time
+    constant (changing ``DATALORA_BACKEND`` later needs a recompile).
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    return _resolve(backend, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    device = torch.device(device_type)
     if backend == "auto":
         backend = os.environ.get("DATALORA_BACKEND", "auto") or "auto"
     if backend == "auto":

@@ -8,7 +8,6 @@ concrete backend is resolved before the op is called and passed as a string.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from datalora.ops.backends import get_backend, resolve_backend
 from datalora.ops.validation import check_linear_inputs, check_molora_inputs, check_tensor
@@ -70,6 +69,49 @@ def _delta_backward(ctx, grad_delta, _grad_h):
 _molora_delta_op.register_autograd(_delta_backward, setup_context=_delta_setup_context)
 
 
+@torch.library.custom_op("datalora::molora_linear", mutates_args=())
+def _molora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
+                      gates: torch.Tensor, rank_scale: torch.Tensor | None, scaling: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = get_backend(backend)
+    fused = getattr(impl, "linear_forward", None)
+    if fused is not None:
+        return fused(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling)
+    delta, h = impl.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
+    return torch.addmm(delta, x, weight.T) if bias is None else \
+        torch.addmm(delta.add_(bias), x, weight.T), h
+
+
+@_molora_linear_op.register_fake
+def _(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend):
+    T, k = expert_ids.shape
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(T, k, A.shape[1])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend = inputs
+    ctx.save_for_backward(x, weight, A, B, expert_ids, gates, rank_scale, output[1])
+    ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+
+
+def _linear_backward(ctx, grad_y, _grad_h):
+    x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    lora_needs = [need[i] for i in (0, 3, 4, 6, 7)]
+    dx, dA, dB, dg, drs = _molora_delta_backward_op(
+        grad_y, x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling, ctx.backend, lora_needs)
+    dx = dx.addmm_(grad_y, weight) if need[0] else None
+    dW = grad_y.T @ x if need[1] else None
+    dbias = grad_y.sum(0) if ctx.has_bias and need[2] else None
+    lora = [g if n else None for g, n in zip((dA, dB, dg, drs), lora_needs[1:], strict=True)]
+    return dx, dW, dbias, lora[0], lora[1], None, lora[2], lora[3], None, None
+
+
+_molora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
 def _flatten(x, expert_ids, gates, rank_scale):
     """Flattens leading batch dims: x ``[..., d_in] -> [T, d_in]``, routing to ``[T, *]``."""
     check_tensor("x", x)
@@ -122,10 +164,5 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"
                          f" got {tuple(B.shape)}")
     name = resolve_backend(backend, x.device)
-    fused = getattr(get_backend(name), "molora_linear_op", None)
-    if fused is not None:
-        y = fused(x2, weight, bias, A, B, ids, g, rs, float(scaling))
-    else:
-        delta, _ = _molora_delta_op(x2, A, B, ids, g, rs, float(scaling), name)
-        y = F.linear(x2, weight, bias) + delta
+    y, _ = _molora_linear_op(x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -32,7 +32,7 @@ def _route_index(expert_ids: torch.Tensor, r: int) -> torch.Tensor:
     """Column indices ``[T, k*r]`` of each routed expert's rank slice in ``[T, E*r]``."""
     ids = expert_ids.long()
     offsets = torch.arange(r, device=ids.device)
-    return (ids[..., None] * r + offsets).reshape(ids.shape[0], -1)
+    return (ids[..., None] * r + offsets).reshape(ids.shape[0], ids.shape[1] * r)
 
 
 def _dense(values: torch.Tensor, expert_ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling):
     E, r, _ = A.shape
     k = expert_ids.shape[1]
     H = x @ _flat_A(A).T  # [T, E*r]: every expert at once
-    h = H.gather(1, _route_index(expert_ids, r)).view(-1, k, r)
+    h = H.gather(1, _route_index(expert_ids, r)).view(x.shape[0], k, r)
     z = h * _route_scale(gates, rank_scale, x.dtype)
     delta = _dense(z, expert_ids, E) @ _flat_B(B).T
     return delta.mul_(scaling), h
@@ -77,7 +77,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if need_B:
         z = h * s
         dB_flat = grad.T @ _dense(z, expert_ids, E) * scaling  # [d_out, E*r]
-        dB = dB_flat.view(-1, E, r).permute(1, 0, 2).contiguous()
+        dB = dB_flat.view(B.shape[1], E, r).permute(1, 0, 2).contiguous()
     if need_g:
         hr = h if rank_scale is None else h * rank_scale.to(h.dtype)[:, None, :]
         dgates = (dz * hr).sum(-1).to(gates.dtype)
@@ -88,7 +88,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         if need_x:
             dx = dH @ _flat_A(A)
         if need_A:
-            dA = (dH.T @ x).view(E, r, -1)
+            dA = (dH.T @ x).view(E, r, x.shape[1])
     return dx, dA, dB, dgates, drs
 
 

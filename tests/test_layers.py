@@ -1,0 +1,131 @@
+"""MoLoRALinear: drop-in behaviour, routing, gradients, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from datalora import MoLoRALinear, Routing
+from datalora.reference import molora_linear_reference
+
+
+def make_layer(d_in=16, d_out=12, E=4, r=3, k=2, bias=True, dtype=torch.float32):
+    base = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    return base, MoLoRALinear(base, num_experts=E, rank=r, alpha=6, top_k=k)
+
+
+def test_equals_base_at_init_and_freezes_base():
+    base, layer = make_layer()
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(layer(x), base(x))
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "router.weight"}
+    assert layer.weight is base.weight and layer.in_features == 16 and layer.out_features == 12
+    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
+
+
+def test_forward_matches_reference_with_own_router():
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 16)
+    y = layer(x)
+    routing = layer.last_routing
+    assert routing.expert_ids.shape == (10, 2)
+    torch.testing.assert_close(routing.gates.sum(-1), torch.ones(10))
+    ref = molora_linear_reference(x.reshape(10, 16), layer.weight, layer.bias, layer.lora_A,
+                                  layer.lora_B, routing.expert_ids, routing.gates, None,
+                                  layer.scaling)
+    torch.testing.assert_close(y.reshape(10, -1), ref)
+
+
+def test_shared_routing_with_rank_scale():
+    _, layer = make_layer(bias=False)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2),
+                      rank_scale=torch.rand(7, 3))
+    ref = molora_linear_reference(x, layer.weight, None, layer.lora_A, layer.lora_B,
+                                  routing.expert_ids, routing.gates, routing.rank_scale,
+                                  layer.scaling)
+    torch.testing.assert_close(layer(x, routing=routing), ref)
+
+
+def test_training_updates_experts_and_router():
+    base, layer = make_layer()
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(64, 16)
+    with torch.no_grad():  # reachable target: the base plus a rank-2 update
+        target = base(x) + x @ torch.randn(16, 2) @ torch.randn(2, 12)
+    losses = []
+    for _ in range(60):
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_disabled_adapter_is_exact_base():
+    base, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 16)
+    assert not torch.equal(layer(x), base(x))
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base(x))
+
+
+def test_dropout_path_and_dtype_cast():
+    base = nn.Linear(16, 12, dtype=torch.bfloat16)
+    layer = MoLoRALinear(base, 4, 3, 6, 2, dropout=0.1, dtype=torch.float32)
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(top_k=5), "top_k: expected <= num_experts=4"),
+    (dict(rank=0), "rank: expected a positive int"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_arguments(kwargs, fragment):
+    args = dict(num_experts=4, rank=3, alpha=6, top_k=2) | kwargs
+    with pytest.raises(ValueError, match=fragment):
+        MoLoRALinear(nn.Linear(4, 4), **args)
+    with pytest.raises(TypeError, match="base_layer"):
+        MoLoRALinear(nn.Conv1d(4, 4, 1))
+
+
+def test_router_less_layer_requires_routing():
+    layer = MoLoRALinear(nn.Linear(4, 4), 2, 2, 2, 1, router=False)
+    with pytest.raises(ValueError, match="routing"):
+        layer(torch.randn(3, 4))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def step(layer, x):
+        y = layer(x)
+        y.pow(2).sum().backward()
+        return y
+
+    eager_y = step(layer, x)
+    eager_grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B)] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    compiled = torch.compile(lambda x: layer(x), fullgraph=True)
+    y = compiled(x)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(y, eager_y)
+    for g, e in zip([layer.lora_A.grad, layer.lora_B.grad, x.grad], eager_grads, strict=True):
+        torch.testing.assert_close(g, e)

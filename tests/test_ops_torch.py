@@ -1,0 +1,180 @@
+"""torch backend of ``molora_delta`` / ``molora_linear`` vs the plain reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datalora import ops
+from datalora.reference import molora_delta_reference, molora_linear_reference
+
+
+def make_inputs(T, d_in=24, d_out=20, E=6, r=4, k=2, dtype=torch.float32, rank_scale=True,
+                skew=False, requires_grad=False):
+    x = torch.randn(T, d_in, dtype=dtype)
+    A = torch.randn(E, r, d_in, dtype=dtype) / d_in**0.5
+    B = torch.randn(E, d_out, r, dtype=dtype) / r**0.5
+    if skew:  # every token's first route goes to expert 0; experts > k are empty
+        ids = torch.stack([torch.arange(k) for _ in range(T)]) if T else torch.empty(0, k)
+    else:
+        ids = torch.rand(T, E).argsort(-1)[:, :k]
+    ids = ids.long()
+    gates = torch.rand(T, k, dtype=dtype)
+    rs = torch.rand(T, r, dtype=dtype) if rank_scale else None
+    tensors = [x, A, B, gates] + ([rs] if rank_scale else [])
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return x, A, B, ids, gates, rs
+
+
+TOLERANCES = [  # (dtype, atol, rtol)
+    (torch.float64, 1e-12, 1e-10),
+    (torch.float32, 1e-5, 1e-5),
+    (torch.bfloat16, None, None),  # calibrated against fp32 below
+]
+
+
+@pytest.mark.parametrize("T", [0, 1, 37, 256])  # empty, single token, odd, larger
+@pytest.mark.parametrize("k", [1, 2, 6])  # multi-tenant, top-2, dense k = E
+@pytest.mark.parametrize("rank_scale", [False, True])
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+def test_delta_matches_reference(T, k, rank_scale, dtype, atol, rtol):
+    x, A, B, ids, gates, rs = make_inputs(T, k=k, dtype=dtype, rank_scale=rank_scale)
+    out = ops.molora_delta(x, A, B, ids, gates, rs, scaling=2.0, backend="torch")
+    assert out.shape == (T, B.shape[1]) and out.dtype == dtype
+    if T == 0:
+        return
+    if dtype == torch.bfloat16:
+        # the kernel's error vs fp32 must be at most 2x the reference's own bf16 error (+ eps)
+        exact = molora_delta_reference(*(t.double() if t is not None and t.is_floating_point()
+                                         else t for t in (x, A, B, ids, gates, rs)), 2.0)
+        ref_err = (molora_delta_reference(x, A, B, ids, gates, rs, 2.0).double() - exact).abs()
+        err = (out.double() - exact).abs()
+        assert err.max() <= 2 * ref_err.max() + 1e-2
+    else:
+        ref = molora_delta_reference(x, A, B, ids, gates, rs, 2.0)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def test_hand_computed_case():
+    # one token, two rank-1 experts: delta = s * sum_j g_j * b_j * (a_j.x) * rs
+    x = torch.tensor([[1.0, 2.0]])
+    A = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # a0.x = 1, a1.x = 2
+    B = torch.tensor([[[3.0]], [[5.0]]])
+    ids = torch.tensor([[0, 1]])
+    gates = torch.tensor([[0.25, 0.5]])
+    rs = torch.tensor([[0.5]])
+    expected = 2.0 * (0.25 * 3 * 1 * 0.5 + 0.5 * 5 * 2 * 0.5)
+    for fn in (ops.molora_delta, molora_delta_reference):
+        assert fn(x, A, B, ids, gates, rs, scaling=2.0).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("T,k,skew", [(1, 1, False), (37, 2, False), (37, 3, True), (16, 6, False)])
+def test_gradients_match_reference_autograd(T, k, skew):
+    inputs = make_inputs(T, k=k, dtype=torch.float64, skew=skew, requires_grad=True)
+    x, A, B, ids, gates, rs = inputs
+    grad = torch.randn(T, B.shape[1], dtype=torch.float64)
+    leaves = (x, A, B, gates, rs)
+    out = ops.molora_delta(x, A, B, ids, gates, rs, scaling=0.5, backend="torch")
+    got = torch.autograd.grad(out, leaves, grad)
+    ref = molora_delta_reference(x, A, B, ids, gates, rs, 0.5)
+    want = torch.autograd.grad(ref, leaves, grad)
+    for name, g, w in zip(("x", "A", "B", "gates", "rank_scale"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"grad of {name}")
+
+
+def test_gradcheck_fp64():
+    x, A, B, ids, gates, rs = make_inputs(7, d_in=5, d_out=4, E=3, r=2, k=2,
+                                          dtype=torch.float64, requires_grad=True)
+    fn = lambda x, A, B, g, rs: ops.molora_delta(x, A, B, ids, g, rs, 1.5, backend="torch")
+    assert torch.autograd.gradcheck(fn, (x, A, B, gates, rs))
+    ref = lambda x, A, B, g, rs: molora_delta_reference(x, A, B, ids, g, rs, 1.5)
+    assert torch.autograd.gradcheck(ref, (x, A, B, gates, rs))
+
+
+def test_repeated_expert_in_a_row():
+    # a token routed twice to the same expert adds both contributions
+    x, A, B, _, gates, rs = make_inputs(5, k=2, dtype=torch.float64, requires_grad=True)
+    ids = torch.zeros(5, 2, dtype=torch.long)
+    out = ops.molora_delta(x, A, B, ids, gates, rs)
+    torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs))
+    g_out = torch.autograd.grad(out.sum(), (A, B, gates))
+    g_ref = torch.autograd.grad(molora_delta_reference(x, A, B, ids, gates, rs).sum(),
+                                (A, B, gates))
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_contiguous_and_batched_input():
+    x, A, B, ids, gates, rs = make_inputs(24, dtype=torch.float64)
+    x_nc = torch.randn(24, 2 * x.shape[1], dtype=torch.float64)[:, ::2]  # strided view
+    assert not x_nc.is_contiguous()
+    out = ops.molora_delta(x_nc, A, B, ids, gates, rs)
+    torch.testing.assert_close(out, molora_delta_reference(x_nc.contiguous(), A, B, ids,
+                                                           gates, rs))
+    # leading batch dims: [2, 12, d] with routing [2, 12, k] or [24, k]
+    xb = x.view(2, 12, -1)
+    for ids_, g_, rs_ in ((ids, gates, rs), (ids.view(2, 12, -1), gates.view(2, 12, -1),
+                                             rs.view(2, 12, -1))):
+        outb = ops.molora_delta(xb, A, B, ids_, g_, rs_)
+        assert outb.shape == (2, 12, B.shape[1])
+        torch.testing.assert_close(outb.reshape(24, -1),
+                                   molora_delta_reference(x, A, B, ids, gates, rs))
+
+
+def test_int32_ids():
+    x, A, B, ids, gates, rs = make_inputs(9)
+    torch.testing.assert_close(ops.molora_delta(x, A, B, ids.int(), gates, rs),
+                               molora_delta_reference(x, A, B, ids, gates, rs))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_molora_linear(bias):
+    x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(B.shape[1], x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(B.shape[1], dtype=torch.float64, requires_grad=True) if bias else None
+    y = ops.molora_linear(x, W, b, A, B, ids, gates, rs, 2.0, backend="torch")
+    ref = molora_linear_reference(x, W, b, A, B, ids, gates, rs, 2.0)
+    torch.testing.assert_close(y, ref)
+    leaves = [t for t in (x, W, b, A, B, gates, rs) if t is not None]
+    for g, w in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(ref.sum(), leaves),
+                    strict=True):
+        torch.testing.assert_close(g, w)
+    assert y.shape == F.linear(x, W, b).shape
+
+
+def test_nan_in_one_token_does_not_leak():
+    x, A, B, ids, gates, rs = make_inputs(8, dtype=torch.float32)
+    x[3] = float("nan")
+    out = ops.molora_delta(x, A, B, ids, gates, rs)
+    assert torch.isnan(out[3]).all()
+    assert torch.isfinite(torch.cat([out[:3], out[4:]])).all()
+
+
+def test_opcheck():
+    x, A, B, ids, gates, rs = make_inputs(11, dtype=torch.float64, requires_grad=True)
+    for args in ((x, A, B, ids, gates, rs, 2.0, "torch"), (x, A, B, ids, gates, None, 1.0,
+                                                          "torch")):
+        torch.library.opcheck(torch.ops.datalora.molora_delta.default, args)
+    W, b = torch.randn(B.shape[1], x.shape[1], dtype=x.dtype, requires_grad=True), None
+    for bias in (b, torch.randn(B.shape[1], dtype=x.dtype, requires_grad=True)):
+        torch.library.opcheck(torch.ops.datalora.molora_linear.default,
+                              (x, W, bias, A, B, ids, gates, rs, 2.0, "torch"))
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("DATALORA_BACKEND", "torch")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("DATALORA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.delenv("DATALORA_BACKEND")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert "torch" in ops.available_backends("cpu")
+
+
+def test_triton_without_gpu_or_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="CUDA"):
+        ops.resolve_backend("triton", torch.device("cpu"))
