@@ -1,0 +1,237 @@
+"""The embedded default model and tokenizer (``datalora.testing``)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from datalora.data import (
+    CausalLMCollator,
+    format_prompt,
+    load_instruction_dataset,
+    tokenize_example,
+)
+from datalora.testing import (
+    BOS_TOKEN,
+    DEFAULT_VOCAB_SIZE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    UNK_TOKEN,
+    build_tiny_model,
+    build_tokenizer,
+    embedded_corpus,
+    load_model_and_tokenizer,
+    tiny_mistral_config,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokcache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    return build_tokenizer(cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model(seed=0)
+
+
+def _batch(tokenizer, n=4, max_length=96):
+    rows = load_instruction_dataset(split="eval", limit=n)
+    return CausalLMCollator(tokenizer, max_length=max_length)(rows)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_special_tokens_and_padding_side(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert len(tokenizer) == DEFAULT_VOCAB_SIZE
+    assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token,
+            tokenizer.pad_token) == (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id) == (0, 1, 2, 3)
+    assert tokenizer.padding_side == "right"
+    enc = tokenizer(["ab", "What is 12 + 30?"], padding=True)
+    assert enc["input_ids"][0][0] == tokenizer.bos_token_id
+    assert enc["input_ids"][0][-1] == tokenizer.pad_token_id  # right padding
+    assert enc["attention_mask"][0][-1] == 0
+
+
+def test_tokenizer_round_trip(tokenizer):
+    texts = embedded_corpus()[:200] + [
+        "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n", "ünïcödé 漢字 🙂", ""]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert tokenizer.unk_token_id not in ids
+    # BPE compresses the training text well below one token per byte
+    text = embedded_corpus()[0]
+    assert len(tokenizer(text)["input_ids"]) < len(text.encode()) / 2.5
+
+
+def test_tokenizer_offsets_map_to_characters(tokenizer):
+    text = "Reverse the letters: hello"
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    pieces = [text[a:b] for a, b in enc["offset_mapping"]]
+    assert "".join(pieces) == text
+
+
+def test_tokenizer_is_cached_deterministic_and_race_safe(tmp_path, cache, tokenizer):
+    # one cache entry, reused: a second build does not add a folder
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 1 and entries[0].startswith("tokenizer-")
+    again = build_tokenizer(cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert again.get_vocab() == tokenizer.get_vocab()
+    # two builds racing on an empty cache: same result, one folder, no temp leftovers
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: build_tokenizer(cache_dir=tmp_path / "race"), range(2))
+    assert [p.name for p in (tmp_path / "race").iterdir()] == entries
+    # a fresh training gives a byte-identical tokenizer.json
+    saved = [json.loads((d / entries[0] / "tokenizer.json").read_text())
+             for d in (cache, tmp_path / "race")]
+    assert saved[0]["model"] == saved[1]["model"]
+    assert a.get_vocab() == b.get_vocab() == tokenizer.get_vocab()
+
+
+def test_second_tokenizer_differs(tmp_path, tokenizer):
+    small = build_tokenizer(cache_dir=tmp_path, vocab_size=512)
+    assert len(small) == 512
+    assert small.eos_token_id == tokenizer.eos_token_id == 2
+    text = format_prompt(load_instruction_dataset(limit=1)[0])
+    assert small(text)["input_ids"] != tokenizer(text)["input_ids"]
+    assert small.decode(small(text)["input_ids"], skip_special_tokens=True) == text
+    other = build_tokenizer(cache_dir=tmp_path, vocab_size=300, texts=["abc abd " * 50])
+    assert len(other) < 300  # tiny corpus: fewer merges than asked for
+    assert other.decode(other("abc zz")["input_ids"], skip_special_tokens=True) == "abc zz"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(vocab_size=100), ValueError, "vocab_size"),
+    (dict(min_frequency=0), ValueError, "min_frequency"),
+    (dict(texts="one string"), TypeError, "texts"),
+    (dict(texts=[]), TypeError, "texts"),
+])
+def test_build_tokenizer_validates(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build_tokenizer(cache_dir=tmp_path, **kwargs)
+
+
+# --------------------------------------------------------------------------- model
+
+def test_config_is_tiny_mistral():
+    cfg = tiny_mistral_config(DEFAULT_VOCAB_SIZE)
+    assert cfg.model_type == "mistral"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.intermediate_size) == (128, 4, 4, 2, 344)
+    assert cfg.tie_word_embeddings is False and cfg.max_position_embeddings == 512
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 3)
+    assert tiny_mistral_config(512, num_hidden_layers=2).num_hidden_layers == 2
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny_mistral_config(0)
+
+
+def test_model_forward_shapes_and_loss(model, tokenizer):
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 0.5e6 < n_params < 3e6
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (*batch["input_ids"].shape, DEFAULT_VOCAB_SIZE)
+    # random init: loss near log(vocab) over the response tokens
+    assert abs(out.loss.item() - torch.log(torch.tensor(DEFAULT_VOCAB_SIZE)).item()) < 1.0
+
+
+def test_model_is_deterministic_by_seed(model):
+    state = torch.random.get_rng_state()
+    same = build_tiny_model(seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    other = build_tiny_model(seed=1)
+    for (name, p), q, r in zip(model.named_parameters(), same.parameters(),
+                               other.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        if p.dim() == 2:
+            assert not torch.equal(p, r), name
+
+
+def test_second_model_and_dtype():
+    small = build_tiny_model(seed=0, vocab_size=512, hidden_size=96, num_hidden_layers=3,
+                             intermediate_size=256, dtype=torch.bfloat16)
+    assert small.config.vocab_size == 512 and len(small.model.layers) == 3
+    assert all(p.dtype == torch.bfloat16 for p in small.parameters())
+    logits = small(torch.tensor([[1, 5, 9]])).logits
+    assert logits.shape == (1, 3, 512) and logits.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype"):
+        build_tiny_model(dtype=torch.int8)
+    with pytest.raises(TypeError, match="seed"):
+        build_tiny_model(seed="0")
+
+
+def test_save_and_load_round_trip(tmp_path, model, tokenizer):
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_model_and_tokenizer(tmp_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded.dtype == torch.float32
+    text = embedded_corpus()[3]
+    assert loaded_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    batch = _batch(loaded_tok)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    half, _ = load_model_and_tokenizer(str(tmp_path), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+def test_load_sets_missing_pad_token(tmp_path, model, tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    model.config.pad_token_id = None
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.config.pad_token_id = 3
+    loaded, loaded_tok = load_model_and_tokenizer(tmp_path)
+    assert loaded_tok.pad_token == EOS_TOKEN and loaded_tok.pad_token_id == 2
+    assert loaded.config.pad_token_id == 2
+
+
+def test_load_embedded_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATALORA_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model_and_tokenizer("embedded", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and tok.pad_token_id == 3
+    assert tok.name_or_path.startswith(str(tmp_path / "cache" / "tokenizer-"))
+    with pytest.raises(FileNotFoundError, match="name_or_path"):
+        load_model_and_tokenizer(tmp_path / "missing")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model_and_tokenizer(None, dtype="float99")
+    with pytest.raises(TypeError, match="name_or_path"):
+        load_model_and_tokenizer(3)
+
+
+def test_trainer_runs_with_collator(tmp_path, tokenizer):
+    from transformers import Trainer, TrainingArguments
+
+    model = build_tiny_model(seed=0)
+    rows = load_instruction_dataset(limit=16)
+    features = [tokenize_example(r, tokenizer, 96) for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8,
+                             max_steps=3, learning_rate=3e-3, use_cpu=True, report_to=[],
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    before = model.lm_head.weight.detach().clone()
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=CausalLMCollator(tokenizer))
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.lm_head.weight)
