@@ -1,0 +1,184 @@
+"""``CurriculumScheduler``: warmup -> sparsification -> hardening (the seed model card).
+
+* **warmup**: dense (retention 1), soft routing at ``tau = temperature_init``;
+* **sparsification**: retention annealed linearly 1 -> ``target_retention`` and ``tau``
+  geometrically ``temperature_init -> temperature_final``; routing still soft;
+* **hardening**: ``tau = temperature_final``, retention = target, straight-through hard
+  routing.
+
+Progress is the fraction of training done, measured in optimizer steps
+(``mode="steps"``: ``step / total_steps``) or in epochs (``mode="epochs"``:
+``epoch / num_epochs``, with the Trainer's fractional epoch). The phases take the
+fractions ``split`` of it (3 equal thirds: one epoch each over 3 epochs, as in the card).
+The schedule is a pure function of progress, so ``state_dict`` (the position and the
+settings) restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PHASES = ("warmup", "sparsification", "hardening")
+
+
+@dataclass(frozen=True)
+class CurriculumState:
+    """The schedule's values at one point of training.
+
+    Attributes:
+        phase: one of :data:`PHASES`. phase_index: 0, 1 or 2.
+        tau: Gumbel temperature. retention: fraction of tokens kept in the pruned range.
+        hard: straight-through hard routing decisions.
+        progress: fraction of training done, in [0, 1].
+    """
+
+    phase: str
+    phase_index: int
+    tau: float
+    retention: float
+    hard: bool
+    progress: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CurriculumScheduler:
+    """Maps training progress to ``(phase, tau, retention, hard)``.
+
+    Args:
+        temperature_init / temperature_final: tau at the start / end (both > 0).
+        target_retention: retention reached at the end of sparsification, in (0, 1].
+        split: fractions of training in warmup, sparsification, hardening (sum 1).
+        total_steps: optimizer steps of the run (for ``mode="steps"``).
+        num_epochs: epochs of the run (for ``mode="epochs"``).
+        mode: ``"steps"`` or ``"epochs"``.
+    """
+
+    def __init__(self, temperature_init: float = 5.0, temperature_final: float = 0.5,
+                 target_retention: float = 0.5,
+                 split: tuple[float, float, float] | list[float] = (1 / 3, 1 / 3, 1 / 3),
+                 total_steps: int | None = None, num_epochs: float | None = None,
+                 mode: str = "steps"):
+        if not float(temperature_init) > 0 or not float(temperature_final) > 0:
+            raise ValueError(f"temperature_init/temperature_final: expected > 0, got "
+                             f"{temperature_init}/{temperature_final}")
+        if not 0.0 < float(target_retention) <= 1.0:
+            raise ValueError(f"target_retention: expected a value in (0, 1], "
+                             f"got {target_retention}")
+        split = [float(f) for f in split]
+        if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"split: expected 3 non-negative fractions summing to 1, "
+                             f"got {split}")
+        if mode not in ("steps", "epochs"):
+            raise ValueError(f"mode: expected 'steps' or 'epochs', got {mode!r}")
+        if total_steps is not None and (isinstance(total_steps, bool)
+                                        or not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps: expected a positive int or None, got {total_steps!r}")
+        if num_epochs is not None and not float(num_epochs) > 0:
+            raise ValueError(f"num_epochs: expected > 0 or None, got {num_epochs!r}")
+        self.temperature_init = float(temperature_init)
+        self.temperature_final = float(temperature_final)
+        self.target_retention = float(target_retention)
+        self.split = split
+        self.total_steps = total_steps
+        self.num_epochs = None if num_epochs is None else float(num_epochs)
+        self.mode = mode
+        self.step_count = 0
+        self.epoch = 0.0
+
+    @classmethod
+    def from_config(cls, config: Any, total_steps: int | None = None,
+                    num_epochs: float | None = None, mode: str = "steps") -> CurriculumScheduler:
+        """Builds the schedule from a :class:`~datalora.config.DATALORAConfig`."""
+        return cls(config.temperature_init, config.temperature_final, config.target_retention,
+                   config.curriculum_split, total_steps=total_steps, num_epochs=num_epochs,
+                   mode=mode)
+
+    # ------------------------------------------------------------------ schedule
+
+    def progress(self, step: int | None = None, epoch: float | None = None) -> float:
+        """Fraction of training done at ``step`` (steps mode) or ``epoch`` (epochs mode)."""
+        if self.mode == "steps":
+            if self.total_steps is None:
+                raise ValueError("total_steps: required for mode='steps' (set it or use "
+                                 "mode='epochs' with num_epochs)")
+            step = self.step_count if step is None else step
+            return min(max(step / self.total_steps, 0.0), 1.0)
+        if self.num_epochs is None:
+            raise ValueError("num_epochs: required for mode='epochs'")
+        epoch = self.epoch if epoch is None else float(epoch)
+        return min(max(epoch / self.num_epochs, 0.0), 1.0)
+
+    def state_at_progress(self, progress: float) -> CurriculumState:
+        """The schedule at a training fraction ``progress`` in [0, 1]."""
+        warm, sparse, _ = self.split
+        if progress < warm:
+            return CurriculumState("warmup", 0, self.temperature_init, 1.0, False, progress)
+        if progress < warm + sparse:
+            t = (progress - warm) / sparse
+            tau = self.temperature_init * (self.temperature_final / self.temperature_init) ** t
+            retention = 1.0 + (self.target_retention - 1.0) * t
+            return CurriculumState("sparsification", 1, tau, retention, False, progress)
+        return CurriculumState("hardening", 2, self.temperature_final, self.target_retention,
+                               True, progress)
+
+    def state_at(self, step: int | None = None, epoch: float | None = None) -> CurriculumState:
+        """The schedule at ``step`` / ``epoch`` (default: the current position)."""
+        return self.state_at_progress(self.progress(step, epoch))
+
+    @property
+    def state(self) -> CurriculumState:
+        return self.state_at()
+
+    def step(self, step: int | None = None, epoch: float | None = None) -> CurriculumState:
+        """Moves to ``step`` (default: the next step) and ``epoch``; returns the new state."""
+        self.step_count = self.step_count + 1 if step is None else int(step)
+        if epoch is not None:
+            self.epoch = float(epoch)
+        return self.state
+
+    def phase_boundaries(self) -> list[int]:
+        """First step of sparsification and of hardening (steps mode)."""
+        if self.total_steps is None:
+            raise ValueError("total_steps: required for phase_boundaries")
+        warm, sparse, _ = self.split
+        return [math.ceil(round(warm * self.total_steps, 9)),
+                math.ceil(round((warm + sparse) * self.total_steps, 9))]
+
+    def apply(self, model: Any) -> CurriculumState:
+        """Sets the current state on ``model`` (anything with ``set_curriculum_state``)."""
+        state = self.state
+        model.set_curriculum_state(tau=state.tau, retention=state.retention, hard=state.hard)
+        return state
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature_init": self.temperature_init,
+                "temperature_final": self.temperature_final,
+                "target_retention": self.target_retention, "split": list(self.split),
+                "total_steps": self.total_steps, "num_epochs": self.num_epochs,
+                "mode": self.mode, "step_count": self.step_count, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (all settings and the position)."""
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"state: missing keys {missing}")
+        restored = CurriculumScheduler(
+            state["temperature_init"], state["temperature_final"], state["target_retention"],
+            state["split"], total_steps=state["total_steps"], num_epochs=state["num_epochs"],
+            mode=state["mode"])
+        restored.step_count, restored.epoch = int(state["step_count"]), float(state["epoch"])
+        self.__dict__.update(restored.__dict__)
+
+    def __repr__(self) -> str:
+        return (f"CurriculumScheduler(mode={self.mode!r}, total_steps={self.total_steps}, "
+                f"num_epochs={self.num_epochs}, split={self.split}, tau={self.temperature_init:g}"
+                f"->{self.temperature_final:g}, retention=1->{self.target_retention:g})")
+
+
+__all__ = ["PHASES", "CurriculumScheduler", "CurriculumState"]

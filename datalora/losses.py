@@ -1,0 +1,63 @@
+"""DATALORA auxiliary losses: ``L = L_LM + lambda_prune*L_retention + alpha_balance*L_balance``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
+    if valid.shape != reference.shape:
+        raise ValueError(f"valid: expected shape {tuple(reference.shape)}, "
+                         f"got {tuple(valid.shape)}")
+    return valid.to(device=reference.device, dtype=torch.bool)
+
+
+def retention_loss(keep_prob: torch.Tensor, target: float,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(mean keep probability over valid tokens - target)^2`` (a 0-dim fp32 tensor).
+
+    Args:
+        keep_prob: ``[B, L]`` (or any shape) keep probabilities in [0, 1].
+        target: the scheduled retention in (0, 1].
+        valid: bool mask of ``keep_prob``'s shape (False: padding); None = all valid.
+    """
+    if not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"target: expected a retention in (0, 1], got {target!r}")
+    mask = _valid_mask(keep_prob, valid)
+    p = keep_prob.float()
+    mean = (p * mask).sum() / mask.sum().clamp_min(1)
+    return (mean - float(target)) ** 2
+
+
+def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load balance ``E * sum_e f_e * P_e`` (1.0 when perfectly uniform).
+
+    Args:
+        router_probs: ``[T, E]`` router distribution per token (gradient flows here).
+        expert_ids: ``[T, k]`` routed experts; ``f_e`` is the fraction of the ``T*k`` routes
+            (of valid tokens) that go to expert ``e`` (no gradient).
+        valid: ``[T]`` bool (False: padding, excluded from both ``f`` and ``P``).
+
+    Returns:
+        A 0-dim fp32 tensor; ``P_e`` is the mean router probability of expert ``e``.
+    """
+    if router_probs.dim() != 2:
+        raise ValueError(f"router_probs: expected shape [T, E], got {tuple(router_probs.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != router_probs.shape[0]:
+        raise ValueError(f"expert_ids: expected shape [T={router_probs.shape[0]}, k], "
+                         f"got {tuple(expert_ids.shape)}")
+    num_experts = router_probs.shape[1]
+    mask = _valid_mask(router_probs[:, 0], valid)
+    w = mask.float()
+    counts = torch.zeros(num_experts, device=router_probs.device).scatter_add_(
+        0, expert_ids.reshape(-1).long(),
+        w[:, None].expand_as(expert_ids).reshape(-1).contiguous())
+    f = counts / (w.sum() * expert_ids.shape[1]).clamp_min(1)
+    p = (router_probs.float() * w[:, None]).sum(0) / w.sum().clamp_min(1)
+    return num_experts * (f.detach() * p).sum()
+
+
+__all__ = ["balance_loss", "retention_loss"]

@@ -1,0 +1,199 @@
+"""The Unified Saliency Network (USN) and Gumbel-softmax top-k routing.
+
+One small network looks at every token's hidden state once per forward (before the
+first adapted / pruned decoder layer) and emits three signals:
+
+* ``token_scores [B, L]``: keep (high) / prune (low) logits for token pruning;
+* ``router_logits [B, L, E]``: expert logits, turned into a :class:`~datalora.routing.Routing`
+  by :func:`gumbel_topk` (top-k of Gumbel-softmax(logits / tau));
+* ``rank_scale [B, L, r]`` in (0, 1): a soft per-token mask over the LoRA rank dims.
+
+The routing is shared by every :class:`~datalora.layers.MoLoRALinear`, so the expert
+sort / permutation is computed once per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from datalora.routing import Routing
+
+_EPS = 1e-10
+
+
+def sample_gumbel(shape: torch.Size | tuple[int, ...], device: torch.device | str,
+                  dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise ``-log(-log U)`` of ``shape`` (finite: U is clamped)."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    return -torch.log(-torch.log(u.clamp(_EPS, 1.0 - 1e-7)))
+
+
+def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
+                noise: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of Gumbel-softmax: ``y = softmax((logits + g) / tau)``, keep the k largest.
+
+    Args:
+        logits: ``[T, E]`` router logits (any float dtype; computed in fp32).
+        k: routes per token, ``1 <= k <= E``.
+        tau: temperature ``> 0``; high = soft / exploratory, low = near-discrete.
+        hard: straight-through: the forward weights are exactly ``1/k`` on the top-k
+            experts (one-hot for k = 1), the backward uses the soft ``y``.
+        noise: add Gumbel noise ``g`` (training); off: deterministic top-k of
+            ``softmax(logits / tau)``.
+        generator: RNG for the noise.
+
+    Returns:
+        ``(weights [T, E], expert_ids [T, k])``: weights are zero outside the top-k and sum
+        to 1 per token (soft: the top-k of ``y`` renormalised); ``expert_ids`` int64.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
+    num_experts = logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k: expected an int in [1, num_experts={num_experts}], got {k!r}")
+    if not float(tau) > 0:
+        raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
+    z = logits.float()
+    if noise:
+        z = z + sample_gumbel(z.shape, z.device, generator=generator)
+    y = torch.softmax(z / float(tau), dim=-1)
+    top, expert_ids = y.topk(k, dim=-1)
+    if hard:
+        mask = torch.zeros_like(y).scatter_(-1, expert_ids, 1.0 / k)
+        weights = mask + (y - y.detach())  # forward == mask exactly, backward = dy
+    else:
+        gates = top / top.sum(-1, keepdim=True).clamp_min(_EPS)
+        weights = torch.zeros_like(y).scatter(-1, expert_ids, gates)
+    return weights, expert_ids
+
+
+@dataclass
+class SaliencyOutput:
+    """Everything the USN decides in one forward.
+
+    Attributes:
+        token_scores: ``[B, L]`` fp32 keep logits.
+        router_logits: ``[B, L, E]`` fp32.
+        rank_scale: ``[B, L, r]`` fp32 in (0, 1).
+        routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
+            ``gates [T, k]``, ``rank_scale [T, r]``, ``router_probs [T, E]`` noise-free).
+    """
+
+    token_scores: torch.Tensor
+    router_logits: torch.Tensor
+    rank_scale: torch.Tensor
+    routing: Routing
+
+
+class UnifiedSaliencyNetwork(nn.Module):
+    """Shared backbone + three heads (token score, router logits, rank scale).
+
+    ``hidden [B, L, d] -> LayerNorm -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU`` then
+    ``score: Linear(h, 1)``, ``router: Linear(h, E)``, ``rank: sigmoid(Linear(h, r))``.
+    Parameters are fp32 whatever the base dtype (the input is cast). The rank head starts
+    near 0.88 (bias 2) so a new adapter uses most of its rank; the router starts near
+    uniform, and the score head at 0.
+
+    Args:
+        hidden_size: d, the base model's hidden size.
+        num_experts: E. rank: r. top_k: experts per token.
+        saliency_hidden_size: h, the backbone width.
+        temperature: initial Gumbel temperature ``tau`` (the curriculum changes it).
+
+    Attributes set by the curriculum: ``tau`` (float), ``hard`` (bool: straight-through
+    one-hot routing). Gumbel noise is added in training mode only.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, rank: int, top_k: int,
+                 saliency_hidden_size: int = 64, temperature: float = 1.0):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
+                            ("rank", rank), ("top_k", top_k),
+                            ("saliency_hidden_size", saliency_hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        h = saliency_hidden_size
+        self.hidden_size, self.num_experts, self.rank, self.top_k = (
+            hidden_size, num_experts, rank, top_k)
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.backbone = nn.Sequential(nn.Linear(hidden_size, h), nn.GELU(),
+                                      nn.Linear(h, h), nn.GELU())
+        self.score_head = nn.Linear(h, 1)
+        self.router_head = nn.Linear(h, num_experts)
+        self.rank_head = nn.Linear(h, rank)
+        self.tau = float(temperature)
+        self.hard = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for layer in self.backbone:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    layer.bias.zero_()
+            for head, std, bias in ((self.score_head, 0.02, 0.0), (self.router_head, 0.02, 0.0),
+                                    (self.rank_head, 0.02, 2.0)):
+                nn.init.normal_(head.weight, std=std)
+                head.bias.fill_(bias)
+
+    def forward(self, hidden: torch.Tensor,
+                generator: torch.Generator | None = None) -> SaliencyOutput:
+        """hidden ``[B, L, d]`` -> :class:`SaliencyOutput` (routing over ``B*L`` tokens)."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden: expected shape [B, L, {self.hidden_size}], "
+                             f"got {tuple(hidden.shape)}")
+        weight = self.score_head.weight
+        feats = self.backbone(self.norm(hidden.to(weight.dtype)))
+        scores = self.score_head(feats).squeeze(-1).float()
+        logits = self.router_head(feats).float()
+        rank_scale = torch.sigmoid(self.rank_head(feats).float())
+        flat_logits = logits.reshape(-1, self.num_experts)
+        weights, expert_ids = gumbel_topk(flat_logits, self.top_k, self.tau, hard=self.hard,
+                                          noise=self.training, generator=generator)
+        routing = Routing(expert_ids=expert_ids, gates=weights.gather(-1, expert_ids),
+                          rank_scale=rank_scale.reshape(-1, self.rank),
+                          router_probs=torch.softmax(flat_logits, dim=-1))
+        return SaliencyOutput(token_scores=scores, router_logits=logits,
+                              rank_scale=rank_scale, routing=routing)
+
+    def keep_probability(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(token_scores / tau)``: the soft keep decision, same shape."""
+        return torch.sigmoid(token_scores / self.tau)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"rank={self.rank}, top_k={self.top_k}, tau={self.tau:g}, hard={self.hard}")
+
+
+def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Routing:
+    """The routing of the packed tokens: rows ``keep_idx [B, K]`` of a ``[B*L]`` routing.
+
+    Gradients flow from the packed ``gates`` / ``rank_scale`` back to the full ones.
+    """
+    bsz, kept = keep_idx.shape
+    if routing.num_tokens != bsz * seq_len:
+        raise ValueError(f"routing: expected {bsz}*{seq_len} tokens, got {routing.num_tokens}")
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t3 = t.reshape(bsz, seq_len, -1)
+        idx = keep_idx[..., None].expand(-1, -1, t3.shape[-1])
+        return t3.gather(1, idx).reshape(bsz * kept, -1)
+
+    return Routing(expert_ids=take(routing.expert_ids), gates=take(routing.gates),
+                   rank_scale=take(routing.rank_scale),
+                   router_probs=take(routing.router_probs))
+
+
+__all__ = ["SaliencyOutput", "UnifiedSaliencyNetwork", "gather_routing", "gumbel_topk",
+           "sample_gumbel"]

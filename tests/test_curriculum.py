@@ -1,0 +1,101 @@
+"""CurriculumScheduler: phases, tau and retention at given steps, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from datalora.config import DATALORAConfig
+from datalora.curriculum import CurriculumScheduler
+
+
+def make(total=90, **kw):
+    return CurriculumScheduler(5.0, 0.5, 0.5, total_steps=total, **kw)
+
+
+@pytest.mark.parametrize("step,phase,tau,retention,hard", [
+    (0, "warmup", 5.0, 1.0, False),
+    (29, "warmup", 5.0, 1.0, False),          # last warmup step
+    (30, "sparsification", 5.0, 1.0, False),   # boundary: annealing starts from init
+    (45, "sparsification", 5.0 * 0.1 ** 0.5, 0.75, False),  # halfway, geometric tau
+    (59, "sparsification", 5.0 * 0.1 ** (29 / 30), 1 - 0.5 * 29 / 30, False),
+    (60, "hardening", 0.5, 0.5, True),
+    (90, "hardening", 0.5, 0.5, True),
+    (500, "hardening", 0.5, 0.5, True),         # past the end is clamped
+])
+def test_schedule_by_steps(step, phase, tau, retention, hard):
+    s = make().state_at(step)
+    assert s.phase == phase and s.hard is hard
+    assert math.isclose(s.tau, tau, rel_tol=1e-12)
+    assert math.isclose(s.retention, retention, rel_tol=1e-12)
+
+
+def test_schedule_by_epochs_matches_the_card():
+    s = CurriculumScheduler.from_config(DATALORAConfig(), num_epochs=3, mode="epochs")
+    assert s.state_at(epoch=0.99).phase == "warmup"
+    assert s.state_at(epoch=0.99).retention == 1.0
+    assert s.state_at(epoch=1.0).phase == "sparsification"
+    mid = s.state_at(epoch=1.5)
+    assert math.isclose(mid.retention, 0.75) and 0.5 < mid.tau < 5.0
+    last = s.state_at(epoch=2.0)
+    assert (last.phase, last.tau, last.retention, last.hard) == ("hardening", 0.5, 0.5, True)
+
+
+def test_monotone_annealing():
+    s = make(total=100)
+    states = [s.state_at(i) for i in range(101)]
+    taus = [x.tau for x in states]
+    rets = [x.retention for x in states]
+    assert all(a >= b for a, b in zip(taus, taus[1:], strict=False))
+    assert all(a >= b for a, b in zip(rets, rets[1:], strict=False))
+    assert [x.phase_index for x in states] == sorted(x.phase_index for x in states)
+
+
+def test_custom_split_and_boundaries():
+    s = make(total=10, split=(0.2, 0.5, 0.3))
+    assert s.phase_boundaries() == [2, 7]
+    assert [s.state_at(i).phase_index for i in range(10)] == [0, 0, 1, 1, 1, 1, 1, 2, 2, 2]
+    s0 = make(total=10, split=(0.0, 0.0, 1.0))
+    assert s0.state_at(0).phase == "hardening"
+
+
+def test_step_and_resume_exact():
+    a = make(total=40)
+    for _ in range(17):
+        a.step()
+    saved = a.state_dict()
+    b = make(total=999, split=(0.5, 0.25, 0.25))  # different settings are overwritten
+    b.load_state_dict(saved)
+    assert b.state == a.state and b.state_dict() == saved
+    for _ in range(5):
+        assert a.step() == b.step()
+    with pytest.raises(ValueError, match="missing"):
+        b.load_state_dict({"step_count": 3})
+
+
+def test_apply_sets_model_state():
+    calls = {}
+
+    class M:
+        def set_curriculum_state(self, **kw):
+            calls.update(kw)
+
+    s = make(total=10)
+    s.step(9)
+    s.apply(M())
+    assert calls == {"tau": 0.5, "retention": 0.5, "hard": True}
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(temperature_init=0.0), "temperature"),
+    (dict(target_retention=1.5), "target_retention"),
+    (dict(split=(0.5, 0.5, 0.5)), "split"),
+    (dict(mode="minutes"), "mode"),
+    (dict(total_steps=0), "total_steps"),
+])
+def test_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CurriculumScheduler(**kwargs)
+    with pytest.raises(ValueError, match="total_steps"):
+        CurriculumScheduler().state_at(3)

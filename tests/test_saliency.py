@@ -1,0 +1,161 @@
+"""UnifiedSaliencyNetwork shapes/ranges/gradients, Gumbel top-k, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datalora.losses import balance_loss, retention_loss
+from datalora.routing import Routing
+from datalora.saliency import UnifiedSaliencyNetwork, gather_routing, gumbel_topk
+
+
+@pytest.mark.parametrize("B,L,E,r,k", [
+    (2, 7, 8, 16, 2),   # card defaults, odd L
+    (1, 1, 3, 1, 3),    # single token, k = E, rank 1 (SMoRA-like)
+    (3, 5, 5, 4, 1),    # top-1, prime E
+])
+def test_usn_shapes_ranges_and_gradients(B, L, E, r, k):
+    usn = UnifiedSaliencyNetwork(24, E, r, k, saliency_hidden_size=16, temperature=2.0).train()
+    hidden = torch.randn(B, L, 24, dtype=torch.float64).to(torch.bfloat16).requires_grad_()
+    out = usn(hidden)
+    T = B * L
+    assert out.token_scores.shape == (B, L) and out.token_scores.dtype == torch.float32
+    assert out.router_logits.shape == (B, L, E)
+    assert out.rank_scale.shape == (B, L, r)
+    assert ((out.rank_scale > 0) & (out.rank_scale <= 1)).all()
+    rt = out.routing
+    assert rt.expert_ids.shape == (T, k) and rt.expert_ids.dtype == torch.int64
+    assert rt.gates.shape == (T, k) and rt.rank_scale.shape == (T, r)
+    assert rt.router_probs.shape == (T, E)
+    torch.testing.assert_close(rt.gates.sum(-1), torch.ones(T))
+    assert (rt.expert_ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts
+    loss = (out.token_scores.sum() + (rt.gates * torch.arange(k)).sum()
+            + rt.rank_scale.sum() + balance_loss(rt.router_probs, rt.expert_ids))
+    loss.backward()
+    assert hidden.grad is not None and hidden.grad.float().abs().sum() > 0
+    for name, p in usn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if k < E:  # with k = E the renormalised gates sum to 1 whatever the logits
+        assert usn.router_head.weight.grad.abs().sum() > 0
+
+
+def test_usn_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        UnifiedSaliencyNetwork(8, 2, 4, 3)
+    with pytest.raises(ValueError, match="saliency_hidden_size"):
+        UnifiedSaliencyNetwork(8, 2, 4, 1, saliency_hidden_size=0)
+    usn = UnifiedSaliencyNetwork(8, 2, 4, 1)
+    with pytest.raises(ValueError, match="hidden"):
+        usn(torch.randn(2, 3, 9))
+
+
+def test_usn_eval_is_deterministic_train_is_stochastic():
+    usn = UnifiedSaliencyNetwork(16, 8, 4, 2, temperature=5.0)
+    x = torch.randn(2, 9, 16)
+    usn.eval()
+    a, b = usn(x).routing, usn(x).routing
+    assert torch.equal(a.expert_ids, b.expert_ids) and torch.equal(a.gates, b.gates)
+    usn.train()
+    c, d = usn(x).routing, usn(x).routing
+    assert not torch.equal(c.expert_ids, d.expert_ids)
+
+
+def test_gumbel_topk_hard_straight_through():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w, ids = gumbel_topk(logits, 1, tau=0.7, hard=True)
+    one_hot = torch.zeros(6, 5, dtype=torch.float32).scatter_(1, ids, 1.0)
+    assert torch.equal(w, one_hot)  # exactly one-hot in the forward
+    coeff = torch.randn(6, 5, dtype=torch.float32)
+    (w * coeff).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0  # soft gradients
+    # the gradient is that of the soft sample: check with the same noise reproduced
+    gen = torch.Generator().manual_seed(3)
+    logits2 = logits.detach().clone().requires_grad_()
+    w2, ids2 = gumbel_topk(logits2, 1, tau=0.7, hard=True, generator=gen)
+    gen = torch.Generator().manual_seed(3)
+    logits3 = logits.detach().clone().requires_grad_()
+    from datalora.saliency import sample_gumbel
+    g = sample_gumbel(logits3.shape, "cpu", generator=gen)
+    soft = torch.softmax((logits3.float() + g) / 0.7, -1)
+    (w2 * coeff).sum().backward()
+    (soft * coeff).sum().backward()
+    torch.testing.assert_close(logits2.grad, logits3.grad)
+    assert torch.equal(ids2.squeeze(1), soft.argmax(-1))
+
+
+def test_gumbel_topk_hard_k2_and_soft():
+    logits = torch.randn(4, 6, requires_grad=True)
+    w, ids = gumbel_topk(logits, 2, tau=1.0, hard=True)
+    assert torch.equal((w > 0).sum(-1), torch.full((4,), 2))
+    assert torch.equal(w.gather(1, ids), torch.full((4, 2), 0.5))
+    ws, ids_s = gumbel_topk(logits, 2, tau=1.0, hard=False, noise=False)
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(2, -1)
+    assert torch.equal(ids_s, top.indices)
+    torch.testing.assert_close(ws.gather(1, ids_s), top.values / top.values.sum(-1, True))
+    with pytest.raises(ValueError, match="k"):
+        gumbel_topk(logits, 7, 1.0)
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_topk(logits, 1, 0.0)
+
+
+def test_gumbel_topk_low_temperature_follows_logits():
+    logits = torch.tensor([[0.0, 3.0, 0.0, -1.0]]).repeat(2000, 1)
+    _, ids = gumbel_topk(logits, 1, tau=1.0)
+    freq = torch.bincount(ids.flatten(), minlength=4).float() / 2000
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
+
+
+def test_gather_routing_rows_and_gradient():
+    B, L, k, r = 2, 5, 2, 3
+    gates = torch.rand(B * L, k, requires_grad=True)
+    rt = Routing(expert_ids=torch.arange(B * L * k).reshape(B * L, k) % 4, gates=gates,
+                 rank_scale=torch.rand(B * L, r), router_probs=torch.rand(B * L, 4))
+    keep = torch.tensor([[0, 3], [1, 4]])
+    packed = gather_routing(rt, keep, L)
+    rows = torch.tensor([0, 3, 6, 9])
+    assert torch.equal(packed.expert_ids, rt.expert_ids[rows])
+    assert torch.equal(packed.rank_scale, rt.rank_scale[rows])
+    packed.gates.sum().backward()
+    assert torch.equal(gates.grad.sum(-1) > 0, torch.isin(torch.arange(10), rows))
+    with pytest.raises(ValueError, match="routing"):
+        gather_routing(rt, keep, 6)
+
+
+def test_retention_loss_hand_computed():
+    p = torch.tensor([[0.2, 0.4, 0.9], [1.0, 0.0, 0.5]], requires_grad=True)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    loss = retention_loss(p, 0.5, valid)  # mean of valid = 2.1/5 = 0.42
+    torch.testing.assert_close(loss, torch.tensor((0.42 - 0.5) ** 2))
+    loss.backward()
+    expected = 2 * (0.42 - 0.5) / 5 * valid.float()
+    torch.testing.assert_close(p.grad, expected)
+    torch.testing.assert_close(retention_loss(p, 1.0), torch.tensor((3.0 / 6 - 1.0) ** 2))
+    with pytest.raises(ValueError, match="target"):
+        retention_loss(p, 0.0)
+    with pytest.raises(ValueError, match="valid"):
+        retention_loss(p, 0.5, valid[:, :2])
+
+
+def test_balance_loss_hand_computed():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1],
+                          [0.2, 0.2, 0.6]], requires_grad=True)
+    ids = torch.tensor([[0], [1], [0], [2]])
+    valid = torch.tensor([True, True, True, False])
+    # f over the 3 valid routes = [2/3, 1/3, 0]; P = mean of 3 valid rows = [1.4, 1.3, 0.3]/3
+    loss = balance_loss(probs, ids, valid)
+    expected = 3 * (2 / 3 * 1.4 / 3 + 1 / 3 * 1.3 / 3)
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    loss.backward()
+    assert torch.equal(probs.grad[3], torch.zeros(3))
+    # uniform routing and probabilities give exactly 1
+    E = 4
+    u = torch.full((8, E), 1 / E)
+    torch.testing.assert_close(balance_loss(u, torch.arange(8)[:, None] % E), torch.tensor(1.0))
+    # all tokens to one expert with probability 1 gives E
+    one = torch.zeros(8, E)
+    one[:, 2] = 1
+    torch.testing.assert_close(balance_loss(one, torch.full((8, 1), 2)), torch.tensor(4.0))
+    with pytest.raises(ValueError, match="expert_ids"):
+        balance_loss(u, torch.zeros(7, 1, dtype=torch.long))
