@@ -1,0 +1,1 @@
+"""Benchmarks of datalora's MoLoRA ops against the real alternatives (see molora.py)."""

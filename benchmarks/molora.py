@@ -1,0 +1,448 @@
+"""MoLoRA benchmark: datalora vs base linear, the per-expert loop and PEFT, side by side.
+
+    python -m benchmarks.molora                      # preset picked by device (gpu | cpu)
+    python -m benchmarks.molora --preset smoke --out /tmp/bench
+
+Every case (shape x routing) times all methods in the same run:
+
+* ``linear``               base ``F.linear`` alone (the floor; ratios are against it)
+* ``molora_linear[B]``     datalora whole layer, for each backend B available here
+* ``molora_delta[B]``      datalora LoRA part alone
+* ``loop_linear`` / ``loop_delta``  the per-expert loop (``benchmarks.baselines``)
+* ``peft_mixed``           PEFT LoRA with E adapters and ``adapter_names=`` (k = 1 only)
+
+in two modes: ``fwd`` (inference, under ``torch.no_grad``) and ``fwd_bwd`` (forward +
+backward, gradients to x and the LoRA parameters, base weight frozen; PEFT mixed
+batches are eval-only, so PEFT has no ``fwd_bwd`` row).
+
+Timers: on CUDA ``triton.testing.do_bench`` (median and 20/80 % quantiles, L2 flushed)
+plus peak memory; on the CPU a ``perf_counter`` median of N calls where the methods of
+a case run round-robin (rep 1 of every method, then rep 2, ...), so load from other
+processes hits all of them alike and the ratios stay meaningful. The Triton
+interpreter is never timed. Results go to ``<out>/molora_<preset>.json`` and a plot
+drawn from that file by ``benchmarks.plot``; the issue's targets are checked at the
+end and written to the JSON as PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
+from datalora import ops
+
+SCHEMA = "datalora.benchmarks.molora/1"
+RESULTS_DIR = Path(__file__).parent / "results"
+MODES = ("fwd", "fwd_bwd")
+SKEWS = ("uniform", "one", "distinct")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape and routing. ``group``: ``T_sweep`` (ratio vs T), ``sweep`` or ``tenant``.
+
+    skew: ``uniform`` (k distinct random experts per token), ``one`` (every token to
+    experts 0..k-1: one expert takes every token's first route), ``distinct`` (token t
+    to experts ``t*k .. t*k+k-1 mod E``: neighbouring tokens never share an adapter).
+    """
+
+    group: str
+    T: int
+    d_in: int
+    d_out: int
+    E: int = 8
+    r: int = 16
+    k: int = 2
+    skew: str = "uniform"
+
+    @property
+    def id(self) -> str:
+        return (f"{self.group}/T{self.T}_d{self.d_in}x{self.d_out}_E{self.E}_r{self.r}"
+                f"_k{self.k}_{self.skew}")
+
+
+def _sweep(T: int, d: int, Es, rs, ks) -> list[Case]:
+    base = dict(group="sweep", T=T, d_in=d, d_out=d)
+    cases = [Case(**base, E=E) for E in Es] + [Case(**base, r=r) for r in rs]
+    cases += [Case(**base, k=k) for k in ks]
+    cases += [Case(**base, skew="one")]
+    return cases
+
+
+def _tenant(Ts, d: int, E: int = 8) -> list[Case]:
+    """k = 1 multi-tenant: random adapters, all on one adapter, every token a different one."""
+    return [Case("tenant", T, d, d, E=E, k=1, skew=s) for T in Ts for s in SKEWS]
+
+
+def _7b_sweep(Ts) -> list[Case]:
+    return [Case("T_sweep", T, 4096, 4096) for T in Ts]
+
+
+PRESETS = {
+    # 7B shapes in bf16: d = 4096 (attention projections), d_ff = 14336 (MLP up / down)
+    "gpu": dict(
+        dtype=torch.bfloat16,
+        cases=_7b_sweep([1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384])
+        + [Case("T_sweep", T, 4096, 14336) for T in (1, 4096, 16384)]
+        + [Case("T_sweep", T, 14336, 4096) for T in (1, 4096, 16384)]
+        + _sweep(4096, 4096, Es=(2, 4, 16, 32, 64), rs=(4, 8, 32, 64, 128), ks=(1, 4, 8))
+        + _tenant((64, 4096), 4096) + [Case("tenant", 64, 4096, 4096, E=64, k=1,
+                                            skew="distinct")],
+        target_T=4096, target_d=4096),
+    # reduced CPU set, fp32; includes the issue's CPU target shape T = d = 2048
+    "cpu": dict(
+        dtype=torch.float32,
+        cases=[Case("T_sweep", T, 2048, 2048) for T in (1, 16, 128, 512, 2048)]
+        + _sweep(1024, 1024, Es=(2, 4, 16, 32), rs=(4, 8, 32, 64), ks=(1, 4, 8))
+        + _tenant((1024,), 1024),
+        target_T=2048, target_d=2048, budget_s=5.0, min_reps=7, max_reps=200),
+    # seconds: the harness end to end (CI)
+    "smoke": dict(
+        dtype=torch.float32,
+        cases=[Case("T_sweep", T, 64, 64, E=4, r=4) for T in (1, 8, 32)]
+        + [Case("sweep", 32, 64, 64, E=4, r=4, k=4), Case("sweep", 32, 64, 64, E=4, r=4,
+                                                          skew="one")]
+        + [Case("tenant", 32, 64, 64, E=4, r=4, k=1, skew=s) for s in SKEWS],
+        target_T=None, target_d=None, budget_s=0.05, min_reps=3, max_reps=20),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_routing(case: Case, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expert_ids [T, k]`` (int64) and ``gates [T, k]`` (fp32, rows sum to 1) for a skew."""
+    T, E, k = case.T, case.E, case.k
+    if k > E:
+        raise ValueError(f"k: expected <= E={E}, got {k}")
+    if case.skew == "uniform":
+        ids = torch.rand(T, E, device=device).argsort(-1)[:, :k]
+    elif case.skew == "one":
+        ids = torch.arange(k, device=device).expand(T, k)
+    elif case.skew == "distinct":
+        ids = (torch.arange(T * k, device=device).view(T, k)) % E
+    else:
+        raise ValueError(f"skew: expected one of {SKEWS}, got {case.skew!r}")
+    gates = torch.rand(T, k, device=device) + 0.1
+    return ids.contiguous().long(), gates / gates.sum(-1, keepdim=True)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device) -> dict:
+    """Inputs of one case, scaled like a trained layer (unit-variance x, nonzero B)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    ids, gates = make_routing(case, device)
+    return dict(x=randn(case.T, case.d_in), weight=randn(case.d_out, case.d_in,
+                                                         std=case.d_in ** -0.5),
+                bias=None, A=randn(case.E, case.r, case.d_in, std=case.d_in ** -0.5),
+                B=randn(case.E, case.d_out, case.r, std=case.r ** -0.5),
+                expert_ids=ids, gates=gates.to(dtype), scaling=2.0)
+
+
+def timed_backends(device: torch.device) -> list[str]:
+    """Backends to time: every backend available on ``device``; the Triton interpreter
+    (``TRITON_INTERPRET=1`` on a CPU) is never timed."""
+    return [b for b in ops.available_backends(device) if device.type == "cuda" or b == "torch"]
+
+
+def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Callable]:
+    """``name -> fn()`` computing the layer output (or the LoRA delta) of one case."""
+    x, W, b, A, B = inp["x"], inp["weight"], inp["bias"], inp["A"], inp["B"]
+    ids, gates, s = inp["expert_ids"], inp["gates"], inp["scaling"]
+    methods = {"linear": lambda: F.linear(x, W, b)}
+    for be in backends:
+        methods[f"molora_linear[{be}]"] = (
+            lambda be=be: ops.molora_linear(x, W, b, A, B, ids, gates, None, s, backend=be))
+        methods[f"molora_delta[{be}]"] = (
+            lambda be=be: ops.molora_delta(x, A, B, ids, gates, None, s, backend=be))
+    methods["loop_linear"] = lambda: loop_linear(x, W, b, A, B, ids, gates, None, s)
+    methods["loop_delta"] = lambda: loop_delta(x, A, B, ids, gates, None, s)
+    if case.k == 1:
+        peft = PeftMixedBatch(W, b, A, B, s)
+        names = PeftMixedBatch.names(ids)
+        methods["peft_mixed"] = lambda: peft(x, names)
+    return methods
+
+
+def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Callable:
+    """``fwd``: fn under no_grad. ``fwd_bwd``: fn then backward of ``grad_out``."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn()
+        return step
+    leaves = [inp["x"], inp["A"], inp["B"]]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(grad_out)
+    return step
+
+
+# ----------------------------------------------------------------------------- timers
+def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
+    t = sorted(times_ms)
+
+    def q(p):  # linear interpolation, like numpy's default
+        i = p * (len(t) - 1)
+        lo, hi = math.floor(i), math.ceil(i)
+        return t[lo] + (t[hi] - t[lo]) * (i - lo)
+    return statistics.median(t), q(0.2), q(0.8)
+
+
+def time_cpu(steps: dict[str, Callable], budget_s: float, min_reps: int, max_reps: int):
+    """Round-robin perf_counter timing: ``name -> (median, q20, q80, reps)`` in ms."""
+    for fn in steps.values():  # warm-up (allocator, first-call setup)
+        fn()
+    t0 = time.perf_counter()
+    for fn in steps.values():
+        fn()
+    round_s = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
+    times = {n: [] for n in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {n: (*_quantiles(v), reps) for n, v in times.items()}
+
+
+def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
+    """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, fn in steps.items():
+        med, q20, q80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[name] = (med, q20, q80, peak)
+    return out
+
+
+# ----------------------------------------------------------------------------- run
+def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]) -> list[dict]:
+    dtype = preset["dtype"]
+    inp = make_inputs(case, dtype, device)
+    methods = build_methods(case, inp, backends)
+    rows = []
+    for mode in MODES:
+        if mode == "fwd_bwd":
+            for name in ("x", "A", "B"):
+                inp[name].requires_grad_(True)
+        grad_out = torch.randn(case.T, case.d_out, device=device, dtype=dtype)
+        steps = {n: as_step(fn, mode, inp, grad_out) for n, fn in methods.items()
+                 if not (mode == "fwd_bwd" and n == "peft_mixed")}
+        if device.type == "cuda":
+            timed = time_cuda(steps, [inp["x"], inp["A"], inp["B"]])
+            extra = {n: dict(peak_mem_mb=v[3]) for n, v in timed.items()}
+        else:
+            timed = time_cpu(steps, preset["budget_s"], preset["min_reps"], preset["max_reps"])
+            extra = {n: dict(reps=v[3]) for n, v in timed.items()}
+        for name, (med, q20, q80, *_) in timed.items():
+            lora_part = name.startswith("molora_delta") or name == "loop_delta"
+            loop = "loop_delta" if lora_part else "loop_linear"
+            rows.append(dict(
+                case=case.id, **dataclasses.asdict(case), dtype=str(dtype).removeprefix("torch."),
+                method=name, mode=mode, median_ms=med, q20_ms=q20, q80_ms=q80,
+                ratio_vs_linear=med / timed["linear"][0],
+                speedup_vs_loop=timed[loop][0] / med if loop in timed else None,
+                **extra[name]))
+        for name in ("x", "A", "B"):
+            inp[name].requires_grad_(False)
+    return rows
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "datalora", "kernels",
+                                     "csrc"], cwd=root, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def metadata(preset_name: str, device: torch.device, backends: list[str]) -> dict:
+    sha, dirty = _git_commit()
+    cuda = device.type == "cuda"
+    return dict(
+        preset=preset_name, device=device.type,
+        device_name=torch.cuda.get_device_name(device) if cuda else _cpu_model(),
+        cpu_model=_cpu_model(), cpu_threads=torch.get_num_threads(),
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        dtype=str(PRESETS[preset_name]["dtype"]).removeprefix("torch."), backends=backends,
+        timer=("triton.testing.do_bench (median, 20/80% quantiles)" if cuda else
+               "perf_counter, round-robin over methods, median of reps (20/80% quantiles)"),
+        torch=torch.__version__, triton=_version("triton"),
+        transformers=_version("transformers"), peft=_version("peft"),
+        datalora=_version("datalora"), python=platform.python_version(),
+        cuda=torch.version.cuda if cuda else None,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=sha, git_dirty=dirty, argv=sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------- targets
+def _find(rows, method, mode, **shape):
+    for row in rows:
+        if row["method"] == method and row["mode"] == mode and all(
+                row[k] == v for k, v in shape.items()):
+            return row
+    return None
+
+
+def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> list[dict]:
+    """The issue's targets, each ``PASS``/``FAIL`` (``NOT_RUN`` when its case is absent)."""
+    preset = PRESETS[preset_name]
+    T, d = preset["target_T"], preset["target_d"]
+    main = dict(group="T_sweep", T=T, d_in=d, d_out=d, E=8, r=16, k=2, skew="uniform")
+    out = []
+
+    def target(name, desc, num, den, mode, op, threshold, shape_num=main, shape_den=main):
+        a, b = _find(rows, num, mode, **shape_num), _find(rows, den, mode, **shape_den)
+        value = a["median_ms"] / b["median_ms"] if a and b else None
+        status = ("NOT_RUN" if value is None else
+                  "PASS" if (value <= threshold if op == "<=" else value >= threshold)
+                  else "FAIL")
+        out.append(dict(name=name, description=desc, value=value, op=op, threshold=threshold,
+                        status=status, numerator=f"{num} {mode}", denominator=f"{den} {mode}",
+                        shape=shape_num))
+
+    if preset_name == "gpu":
+        for be in backends:
+            ml, md = f"molora_linear[{be}]", f"molora_delta[{be}]"
+            target(f"gpu_{be}_layer_fwd_vs_linear", "molora_linear fwd <= 1.10x base linear",
+                   ml, "linear", "fwd", "<=", 1.10)
+            target(f"gpu_{be}_layer_fwd_bwd_vs_linear",
+                   "molora_linear fwd+bwd <= 1.15x base linear", ml, "linear", "fwd_bwd",
+                   "<=", 1.15)
+            for mode in MODES:
+                target(f"gpu_{be}_delta_{mode}_speedup_vs_loop",
+                       f"loop_delta / molora_delta ({mode}) >= 4", "loop_delta", md, mode,
+                       ">=", 4.0)
+            tenant = dict(group="tenant", T=T, d_in=d, d_out=d, E=8, k=1)
+            target(f"gpu_{be}_tenant_distinct_vs_one",
+                   "k=1 fwd: every token a different adapter <= 1.2x all on one adapter",
+                   ml, ml, "fwd", "<=", 1.2, shape_num={**tenant, "skew": "distinct"},
+                   shape_den={**tenant, "skew": "one"})
+    elif preset_name == "cpu":
+        ml, md = "molora_linear[torch]", "molora_delta[torch]"
+        target("cpu_layer_fwd_bwd_speedup_vs_loop",
+               "loop_linear / molora_linear fwd+bwd >= 1.35", "loop_linear", ml, "fwd_bwd",
+               ">=", 1.35)
+        target("cpu_layer_fwd_bwd_vs_linear", "molora_linear fwd+bwd <= 1.25x base linear",
+               ml, "linear", "fwd_bwd", "<=", 1.25)
+        for mode in MODES:
+            target(f"cpu_delta_{mode}_speedup_vs_loop",
+                   f"loop_delta / molora_delta ({mode}) >= 2", "loop_delta", md, mode, ">=", 2.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
+        plot: bool = True, log=print) -> dict:
+    """Runs a preset, writes ``molora_<preset>.json`` (+ ``.png``) to out_dir, returns it."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[preset_name]
+    backends = timed_backends(device)
+    meta = metadata(preset_name, device, backends)
+    log(f"# {preset_name} on {meta['device_name']} ({meta['dtype']}), backends {backends}")
+    rows = []
+    for case in preset["cases"]:
+        t0 = time.perf_counter()
+        case_rows = run_case(case, preset, device, backends)
+        rows += case_rows
+        log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
+    targets = check_targets(rows, preset_name, backends)
+    result = dict(schema=SCHEMA, meta=meta, results=rows, targets=targets)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"molora_{preset_name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(format_targets(targets))
+    log(f"wrote {path}")
+    if plot:
+        from benchmarks.plot import plot_file
+
+        log(f"wrote {plot_file(path)}")
+    return result
+
+
+def format_case(case: Case, rows: list[dict]) -> str:
+    lines = [case.id]
+    for row in rows:
+        loop = None if row["method"].startswith("loop") else row["speedup_vs_loop"]
+        lines.append(f"  {row['mode']:8s} {row['method']:22s} {row['median_ms']:10.3f} ms "
+                     f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
+                     " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else ""))
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[dict]) -> str:
+    lines = ["targets:"] if targets else ["targets: none for this preset"]
+    for t in targets:
+        v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"  {t['status']:7s} {t['name']}: {v} {t['op']} {t['threshold']}"
+                     f"  ({t['description']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.molora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs a CUDA device")
+    run(preset, args.out, plot=not args.no_plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Plot a ``benchmarks.molora`` JSON: time ratio vs base linear against T, one line per method.
+
+    python -m benchmarks.plot benchmarks/results/molora_cpu.json   # writes molora_cpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+STYLE = {  # method prefix -> (color, linestyle)
+    "linear": ("black", "-"),
+    "molora_linear": ("tab:blue", "-"),
+    "molora_delta": ("tab:blue", "--"),
+    "loop_linear": ("tab:red", "-"),
+    "loop_delta": ("tab:red", "--"),
+    "peft_mixed": ("tab:green", "-"),
+}
+BACKEND_SHADES = {"torch": "tab:blue", "triton": "tab:purple", "cuda": "tab:cyan"}
+
+
+def _style(method: str) -> tuple[str, str]:
+    base, _, backend = method.partition("[")
+    color, ls = STYLE.get(base, ("gray", ":"))
+    if backend:
+        color = BACKEND_SHADES.get(backend.rstrip("]"), color)
+    return color, ls
+
+
+def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
+    """Draws the T sweep of the JSON at ``path`` into ``out`` (default: same name, .png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    rows = [r for r in data["results"] if r["group"] == "T_sweep"]
+    if not rows:
+        raise ValueError(f"{path}: no T_sweep rows to plot")
+    first = rows[0]
+    shape = {k: first[k] for k in ("d_in", "d_out", "E", "r", "k", "skew")}
+    rows = [r for r in rows if all(r[k] == v for k, v in shape.items())]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "fwd_bwd"), strict=True):
+        methods = dict.fromkeys(r["method"] for r in rows if r["mode"] == mode)
+        for method in methods:
+            pts = sorted((r["T"], r["ratio_vs_linear"]) for r in rows
+                         if r["mode"] == mode and r["method"] == method)
+            color, ls = _style(method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color,
+                    ls=ls, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xlabel("tokens T")
+        ax.set_title("forward" if mode == "fwd" else "forward + backward")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time / base F.linear (log)")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"MoLoRA d_in={shape['d_in']} d_out={shape['d_out']} E={shape['E']} "
+                 f"r={shape['r']} k={shape['k']} ({shape['skew']}), {meta['dtype']}, "
+                 f"{meta['device_name']}, torch {meta['torch']}", fontsize=9)
+    fig.tight_layout()
+    out = Path(out) if out else path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot")
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    print(plot_file(args.json, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The benchmark harness works end to end and its baselines compute datalora's math.
+
+No timing is asserted here: this checks that ``python -m benchmarks.molora`` runs its
+smallest preset, writes a JSON with the documented schema and a plot, and that every
+alternative it times (per-expert loop, PEFT mixed batch) matches the reference, so
+the comparison is apples to apples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import molora
+from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
+from datalora.reference import molora_delta_reference, molora_linear_reference
+
+ROW_KEYS = {"case", "group", "T", "d_in", "d_out", "E", "r", "k", "skew", "dtype", "method",
+            "mode", "median_ms", "q20_ms", "q80_ms", "ratio_vs_linear", "speedup_vs_loop"}
+META_KEYS = {"preset", "device", "device_name", "cpu_model", "dtype", "backends", "timer",
+             "torch", "triton", "transformers", "peft", "date", "git_commit"}
+
+
+def test_smoke_preset_writes_json_and_plot(tmp_path):
+    result = molora.run("smoke", tmp_path, device=torch.device("cpu"), log=lambda *_: None)
+    data = json.loads((tmp_path / "molora_smoke.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["schema"] == molora.SCHEMA
+    assert META_KEYS <= set(data["meta"])
+    assert data["meta"]["backends"] == ["torch"]  # the interpreter is never timed
+    rows = data["results"]
+    cases = molora.PRESETS["smoke"]["cases"]
+    assert {r["case"] for r in rows} == {c.id for c in cases}
+    for row in rows:
+        assert ROW_KEYS <= set(row), row
+        assert row["mode"] in molora.MODES
+        assert 0 < row["q20_ms"] <= row["median_ms"] <= row["q80_ms"]
+        assert math.isfinite(row["ratio_vs_linear"]) and row["ratio_vs_linear"] > 0
+    for case in cases:  # every method, both modes, side by side; PEFT only for k = 1, fwd
+        for mode in molora.MODES:
+            methods = {r["method"] for r in rows if r["case"] == case.id and r["mode"] == mode}
+            expected = {"linear", "molora_linear[torch]", "molora_delta[torch]",
+                        "loop_linear", "loop_delta"}
+            if case.k == 1 and mode == "fwd":
+                expected.add("peft_mixed")
+            assert methods == expected, (case.id, mode)
+    linear = [r for r in rows if r["method"] == "linear"]
+    assert all(r["ratio_vs_linear"] == 1.0 for r in linear)
+    assert data["targets"] == []  # the smoke shapes carry no target
+    png = tmp_path / "molora_smoke.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_targets_marks_pass_fail_and_not_run():
+    case = dict(group="T_sweep", T=2048, d_in=2048, d_out=2048, E=8, r=16, k=2,
+                skew="uniform")
+    times = {("linear", "fwd_bwd"): 10.0, ("molora_linear[torch]", "fwd_bwd"): 12.0,
+             ("loop_linear", "fwd_bwd"): 15.0, ("molora_delta[torch]", "fwd_bwd"): 4.0,
+             ("loop_delta", "fwd_bwd"): 6.0}
+    rows = [dict(case, method=m, mode=mode, median_ms=t) for (m, mode), t in times.items()]
+    targets = {t["name"]: t for t in molora.check_targets(rows, "cpu", ["torch"])}
+    assert targets["cpu_layer_fwd_bwd_vs_linear"]["status"] == "PASS"  # 1.2 <= 1.25
+    assert targets["cpu_layer_fwd_bwd_speedup_vs_loop"]["status"] == "FAIL"  # 1.25 < 1.35
+    assert targets["cpu_delta_fwd_bwd_speedup_vs_loop"]["status"] == "FAIL"  # 1.5 < 2
+    assert targets["cpu_delta_fwd_speedup_vs_loop"]["status"] == "NOT_RUN"
+
+
+def test_cpu_preset_contains_issue_target_shape():
+    cases = molora.PRESETS["cpu"]["cases"]
+    assert molora.Case("T_sweep", 2048, 2048, 2048, E=8, r=16, k=2) in cases
+
+
+@pytest.mark.parametrize("skew", molora.SKEWS)
+@pytest.mark.parametrize("k", [1, 2, 4])  # multi-tenant, top-2, k = E
+def test_routing_skews(skew, k):
+    case = molora.Case("sweep", T=13, d_in=8, d_out=8, E=4, r=2, k=k, skew=skew)
+    ids, gates = molora.make_routing(case, "cpu")
+    assert ids.shape == gates.shape == (13, k) and ids.dtype == torch.int64
+    assert torch.allclose(gates.sum(-1), torch.ones(13))
+    assert ((ids >= 0) & (ids < 4)).all()
+    assert (ids.sort(-1).values.diff(dim=-1) != 0).all()  # k distinct experts per token
+    if skew == "one":
+        assert (ids[:, 0] == 0).all()
+    if skew == "distinct" and k == 1:
+        assert (ids[1:, 0] != ids[:-1, 0]).all()
+
+
+@pytest.mark.parametrize("rank_scale", [False, True])
+@pytest.mark.parametrize("skew", ["uniform", "one"])  # "one": experts >= k stay empty
+@pytest.mark.parametrize("k", [1, 2, 5])  # k = E: every expert weighted
+def test_loop_baseline_matches_reference(k, skew, rank_scale):
+    case = molora.Case("sweep", T=37, d_in=24, d_out=20, E=5, r=4, k=k, skew=skew)
+    inp = molora.make_inputs(case, torch.float64, "cpu")
+    rs = torch.rand(37, 4, dtype=torch.float64) if rank_scale else None
+    args = (inp["A"], inp["B"], inp["expert_ids"], inp["gates"], rs, inp["scaling"])
+    x, W = inp["x"], inp["weight"]
+    bias = torch.randn(20, dtype=torch.float64)
+    torch.testing.assert_close(loop_delta(x, *args), molora_delta_reference(x, *args),
+                               atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(loop_linear(x, W, bias, *args),
+                               molora_linear_reference(x, W, bias, *args),
+                               atol=1e-12, rtol=1e-10)
+    # and its gradients (the fwd_bwd rows time these)
+    leaves = [t.requires_grad_(True) for t in (x, inp["A"], inp["B"])]
+    dy = torch.randn(37, 20, dtype=torch.float64)
+    got = torch.autograd.grad(loop_linear(x, W, bias, *args), leaves, dy)
+    want = torch.autograd.grad(molora_linear_reference(x, W, bias, *args), leaves, dy)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("skew", molora.SKEWS)
+def test_peft_mixed_batch_matches_reference(skew):
+    pytest.importorskip("peft")
+    case = molora.Case("tenant", T=29, d_in=24, d_out=20, E=5, r=4, k=1, skew=skew)
+    inp = molora.make_inputs(case, torch.float64, "cpu")
+    bias = torch.randn(20, dtype=torch.float64)
+    peft = PeftMixedBatch(inp["weight"], bias, inp["A"], inp["B"], inp["scaling"])
+    with torch.no_grad():
+        got = peft(inp["x"], PeftMixedBatch.names(inp["expert_ids"]))
+    want = molora_linear_reference(inp["x"], inp["weight"], bias, inp["A"], inp["B"],
+                                   inp["expert_ids"], torch.ones(29, 1, dtype=torch.float64),
+                                   scaling=inp["scaling"])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_benchmarked_methods_agree():
+    """Every method the harness times returns the same layer output (or delta)."""
+    case = molora.Case("tenant", T=16, d_in=32, d_out=24, E=4, r=4, k=1, skew="distinct")
+    inp = molora.make_inputs(case, torch.float64, "cpu")
+    methods = molora.build_methods(case, inp, ["torch"])
+    base = methods["linear"]()
+    want = molora_linear_reference(inp["x"], inp["weight"], None, inp["A"], inp["B"],
+                                   inp["expert_ids"], inp["gates"], scaling=inp["scaling"])
+    with torch.no_grad():
+        for name, fn in methods.items():
+            out = fn()
+            if "delta" in name:
+                out = out + base
+            if name != "linear":
+                torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8, msg=name)
