@@ -1,0 +1,292 @@
+"""The ``triton`` backend: MoLoRA forward/backward and token gather/scatter as Triton kernels.
+
+Implements the protocol of ``datalora.ops.torch_backend`` (see ``datalora.ops.backends``)
+with the kernels of ``datalora.kernels``:
+
+forward   ``h = shrink(x, A)`` per route, then ``delta = expand(z, B) * scaling``
+backward  ``dz = shrink(dy, B^T)`` (+ ``dH`` for ``dx = expand(dH, A^T)``),
+          ``dA``/``dB`` per expert over the expert-sorted routes (deterministic),
+          ``dgates``/``drank_scale`` in one per-token pass.
+
+Two strategies, picked per call by :func:`choose_strategy` from shapes only (no host
+sync, so CUDA graphs and ``torch.compile`` work): ``dense`` and ``grouped``.
+fp64 inputs are delegated to the torch backend (Triton has no fast fp64 path).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from datalora.kernels import backward as _bw
+from datalora.kernels import expand as _ex
+from datalora.kernels import shrink as _sh
+from datalora.kernels import tokens as _tok
+from datalora.kernels._common import as_f32, as_index
+from datalora.ops import torch_backend
+from datalora.routing import ExpertPermutation, sort_routes
+
+STRATEGIES = ("dense", "grouped")
+# Dense computes every expert: worth it while E*r is this small or the waste E/k <= 2.
+DENSE_MAX_COLUMNS = 256
+
+
+def choose_strategy(E: int, r: int, k: int) -> str:
+    """Shrink/expand strategy for E experts of rank r with k routes per token.
+
+    ``dense`` runs one GEMM over all ``E*r`` columns (x is read once, no sort, two
+    launches) and wastes ``E/k`` of its FLOPs on unrouted experts; ``grouped`` sorts
+    routes by expert and runs segment GEMMs over the routed experts only (a sort and
+    per-expert tile padding, but ``k*r`` instead of ``E*r`` FLOPs per token, and only
+    the routed experts' weights are read, which matters for small T). The dense
+    GEMM's extra columns are nearly free while ``E*r <= 256`` (it stays bound by
+    reading x, d >> E*r) or while at most half its work is wasted (``E <= 2k``,
+    dense mixtures included); beyond that grouped wins. ``DATALORA_SHRINK_STRATEGY``
+    (``dense`` / ``grouped``) overrides the choice.
+    """
+    forced = os.environ.get("DATALORA_SHRINK_STRATEGY", "")
+    if forced:
+        if forced not in STRATEGIES:
+            raise ValueError(f"DATALORA_SHRINK_STRATEGY: expected one of {STRATEGIES}, "
+                             f"got {forced!r}")
+        return forced
+    return "dense" if E * r <= DENSE_MAX_COLUMNS or E <= 2 * k else "grouped"
+
+
+_perm_cache: tuple | None = None
+
+
+def permutation(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
+    """``sort_routes`` of ``expert_ids``, reused while the same unmodified tensor comes back.
+
+    Layers sharing one ``Routing`` pass the same ``expert_ids`` tensor, so the sort runs
+    once per forward (and once more at most for the backward).
+    """
+    global _perm_cache
+    try:
+        version = expert_ids._version
+    except RuntimeError:  # inference tensors have no version counter
+        return sort_routes(expert_ids, num_experts)
+    cached = _perm_cache
+    if (cached is not None and cached[0]() is expert_ids and cached[1] == version
+            and cached[2] == num_experts):
+        return cached[3]
+    perm = sort_routes(expert_ids, num_experts)
+    _perm_cache = (weakref.ref(expert_ids), version, num_experts, perm)
+    return perm
+
+
+def _rank_scale(rank_scale, r, device):
+    """fp32 rank scale and its row stride; ones with stride 0 when there is none."""
+    if rank_scale is None:
+        return torch.ones(r, dtype=torch.float32, device=device), 0
+    rs = as_f32(rank_scale)
+    return rs, rs.stride(0)
+
+
+def _as_eor(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
+    """Strides ``(expert, dim1, dim2)`` of a 3-D weight, with the last two swapped on request."""
+    s0, s1, s2 = w.stride()
+    return (s0, s2, s1) if transpose else (s0, s1, s2)
+
+
+def _expand_routes(z, w, w_strides, perm, y, E, R, alpha, accumulate, k):
+    """``y [T, O] (+)= alpha * sum_j z[t*k+j] @ W[e]^T`` with the grouped expand."""
+    if k == 1:
+        _ex.expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate)
+        return
+    T, O = y.shape
+    partial = torch.empty(T * k, O, dtype=torch.float32, device=y.device)
+    _ex.expand_grouped(z, w, w_strides, perm, partial, E, R, alpha, False)
+    total = partial.view(T, k, O).sum(1)
+    if accumulate:
+        y.add_(total.to(y.dtype))
+    else:
+        y.copy_(total)
+
+
+def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate, strategy):
+    """``y (+)= delta`` for T > 0; fills ``h [T, k, r]`` with the per-route ``A[e] @ x``."""
+    T = x.shape[0]
+    E, r, _ = A.shape
+    k = expert_ids.shape[1]
+    strategy = strategy or choose_strategy(E, r, k)
+    g = as_f32(gates)
+    rs, rs_stride = _rank_scale(rank_scale, r, x.device)
+    if strategy == "dense":
+        zd = x.new_empty(T, E * r)
+        _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids), g, rs, rs_stride, h, zd,
+                         E, r, 1.0)
+        _ex.expand_dense(zd, B, B.stride(), y, E, r, scaling, accumulate)
+    else:
+        perm = permutation(expert_ids, E)
+        z = x.new_empty(T * k, r)
+        _sh.shrink_grouped(x, A, A.stride(), perm, k, g, rs, rs_stride, h, z, E, r, 1.0)
+        _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
+
+
+def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, strategy=None):
+    """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route.
+
+    x ``[T, d_in]`` (any strides), A ``[E, r, d_in]``, B ``[E, d_out, r]``, expert_ids and
+    gates ``[T, k]``, rank_scale ``[T, r]`` or None. ``strategy`` forces ``"dense"`` or
+    ``"grouped"`` (default: :func:`choose_strategy`).
+    """
+    if x.dtype == torch.float64:
+        return torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
+    T = x.shape[0]
+    h = x.new_empty(T, expert_ids.shape[1], A.shape[1])
+    delta = x.new_empty(T, B.shape[1])
+    if T > 0:
+        _lora_into(delta, x, A, B, expert_ids, gates, rank_scale, scaling, h, False, strategy)
+    return delta, h
+
+
+def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
+                   strategy=None):
+    """Gradients ``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None.
+
+    ``needs`` is a 5-tuple of bools in that order; shapes as in :func:`delta_forward`,
+    grad ``[T, d_out]``, h ``[T, k, r]`` from the forward.
+    """
+    if x.dtype == torch.float64:
+        return torch_backend.delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h,
+                                            scaling, needs)
+    need_x, need_A, need_B, need_g, need_rs = needs
+    T, d_in = x.shape
+    E, r, _ = A.shape
+    d_out, k = B.shape[1], expert_ids.shape[1]
+    dx = dA = dB = dgates = drs = None
+    if T == 0:
+        zeros = torch.zeros_like
+        return (x.new_empty(0, d_in) if need_x else None, zeros(A) if need_A else None,
+                zeros(B) if need_B else None, torch.empty_like(gates) if need_g else None,
+                torch.empty_like(rank_scale) if need_rs else None)
+    strategy = strategy or choose_strategy(E, r, k)
+    dy = grad.to(x.dtype)
+    g = as_f32(gates)
+    rs, rs_stride = _rank_scale(rank_scale, r, x.device)
+    h2 = h.reshape(T * k, r).contiguous()
+    dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
+    if need_x or need_A or need_g or need_rs:
+        wB = _as_eor(B, transpose=True)
+        wA = _as_eor(A, transpose=True)
+        if need_x:
+            dx = x.new_empty(T, d_in)
+        if strategy == "dense":
+            dhd = x.new_empty(T, E * r)
+            _sh.shrink_dense(dy, B, wB, as_index(expert_ids), g, rs, rs_stride, dz, dhd, E, r,
+                             scaling)
+            if need_x:
+                _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, False)
+        else:
+            perm = permutation(expert_ids, E)
+            dh = x.new_empty(T * k, r)
+            _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
+            if need_x:
+                _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, False, k)
+    if need_A or need_B:
+        perm = permutation(expert_ids, E)
+        if need_A:
+            dA = torch.empty(E, r, d_in, dtype=A.dtype, device=A.device)
+            _bw.segment_outer(x, dz, perm, k, g, rs, rs_stride, dA, _as_eor(dA, True), r,
+                              scaling)
+        if need_B:
+            dB = torch.empty(E, d_out, r, dtype=B.dtype, device=B.device)
+            _bw.segment_outer(dy, h2, perm, k, g, rs, rs_stride, dB, dB.stride(), r, scaling)
+    if need_g or need_rs:
+        dg = torch.empty(T, k, dtype=torch.float32, device=x.device)
+        drs32 = torch.empty(T, r, dtype=torch.float32, device=x.device)
+        _bw.route_grads(dz, h2, g, rs, rs_stride, dg, drs32, T, r, k, scaling)
+        dgates = dg.to(gates.dtype) if need_g else None
+        drs = drs32.to(rank_scale.dtype) if need_rs else None
+    return dx, dA, dB, dgates, drs
+
+
+def gather_tokens(hidden, keep_idx):
+    """hidden ``[B, L, d]``, keep_idx ``[B, K]`` -> packed ``[B, K, d]``."""
+    return _tok.gather(hidden, keep_idx)
+
+
+def scatter_tokens(hidden, packed, keep_idx, weight):
+    """Kept rows ``hidden + weight * (packed - hidden)``, others ``hidden``: ``[B, L, d]``."""
+    return _tok.scatter(hidden, packed, keep_idx, weight)
+
+
+# ---- fused base + LoRA linear: y = F.linear(x, W, b), then the expand adds into y ----
+
+@torch.library.custom_op("datalora_triton::molora_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
+               gates: torch.Tensor, rank_scale: torch.Tensor | None,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y = F.linear(x, weight, bias).contiguous()
+    h = x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1])
+    if x.dtype == torch.float64:
+        delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
+        return y + delta, h
+    if x.shape[0] > 0:  # the expand reads and writes y once, adding the LoRA update
+        _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, True, None)
+    return y, h
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1]))
+
+
+@torch.library.custom_op("datalora_triton::molora_linear_lora_backward", mutates_args=())
+def _lora_backward_op(
+        grad: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        expert_ids: torch.Tensor, gates: torch.Tensor, rank_scale: torch.Tensor | None,
+        h: torch.Tensor, scaling: float, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling,
+                           tuple(needs))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_lora_backward_op.register_fake
+def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs):
+    like = (x, A, B, gates, rank_scale)
+    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                 for t, need in zip(like, needs, strict=True))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling = inputs
+    ctx.save_for_backward(x, weight, A, B, expert_ids, gates, rank_scale, output[1])
+    ctx.scaling = scaling
+
+
+def _linear_backward(ctx, grad_y, _grad_h):
+    x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[3], n[4], n[6], n[7]]
+    grad_y = grad_y.contiguous()
+    lora = [None] * 5
+    if any(needs):
+        out = _lora_backward_op(grad_y, x, A, B, expert_ids, gates, rank_scale, h,
+                                ctx.scaling, needs)
+        lora = [g if need else None for g, need in zip(out, needs, strict=True)]
+    dx = grad_y @ weight + lora[0] if n[0] else None
+    dW = grad_y.T @ x if n[1] else None
+    db = grad_y.sum(0) if n[2] else None
+    return dx, dW, db, lora[1], lora[2], None, lora[3], lora[4], None
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def molora_linear_op(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+    """Fused ``y = x @ weight.T + bias + delta``: x ``[T, d_in]`` -> y ``[T, d_out]``.
+
+    The base GEMM is cuBLAS; the LoRA expand then adds into y in place (y is read and
+    written once more). Differentiable through the ``datalora_triton::molora_linear``
+    custom op (fake kernel + autograd registered).
+    """
+    return _linear_op(x, weight, bias, A, B, expert_ids, gates, rank_scale, float(scaling))[0]
