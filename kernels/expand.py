@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from datalora.kernels._common import block_expert, col_block, e_pad, grouped_grid_blocks, row_block
+
+from ._common import block_expert, col_block, e_pad, grouped_grid_blocks, row_block
 
 BLOCK_O = 64
 NUM_WARPS = 4
