@@ -72,7 +72,8 @@ class NvccBuildExt(build_ext):
             objects.append(str(obj))
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        link = [nvcc, "-shared", "-o", str(out), *objects, "-lcudart", *gencode]
+        # static cudart: no libcudart.so needed at import, and no driver until a kernel runs
+        link = [nvcc, "-shared", "-o", str(out), *objects, "--cudart", "static", *gencode]
         print(" ".join(link))
         subprocess.check_call(link)
 
