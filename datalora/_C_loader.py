@@ -1,0 +1,192 @@
+"""Loads the optional ``datalora._C`` CUDA extension without ever breaking ``import datalora``.
+
+The extension is imported on first use. A failure is kept (not raised): :func:`available`
+returns False, a one-time warning says why when a caller falls back, and only calling a
+CUDA-only entry point raises :class:`ExtensionUnavailableError` with the reason.
+
+The wrappers below turn tensors into the raw pointers, shapes and current CUDA stream the
+pybind11 boundary takes (the extension never links libtorch).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+import warnings
+
+import torch
+
+__all__ = [
+    "ExtensionUnavailableError",
+    "available",
+    "dequantize_nf4_cuda",
+    "dequantize_nf4_host",
+    "load",
+    "load_error",
+    "nf4_molora_decode_cuda",
+    "nf4_molora_decode_host",
+    "warn_fallback",
+]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_DECODE_TOKENS = 16
+_HINT = ("build it with nvcc on PATH: `pip install -e . --no-build-isolation` "
+         "(DATALORA_BUILD_CUDA=1 to force)")
+
+
+class ExtensionUnavailableError(RuntimeError):
+    """A CUDA-only function was called but ``datalora._C`` could not be loaded."""
+
+
+@functools.cache
+def _load() -> types.ModuleType | Exception:
+    try:
+        return importlib.import_module("datalora._C")
+    except Exception as exc:  # ImportError, or OSError from a broken shared library
+        if not isinstance(exc, ModuleNotFoundError):
+            warnings.warn(f"datalora: the CUDA extension datalora._C failed to load "
+                          f"({type(exc).__name__}: {exc}); NF4 ops use the torch fallback",
+                          RuntimeWarning, stacklevel=3)
+        return exc
+
+
+def available() -> bool:
+    """True when ``datalora._C`` imported (it imports without a GPU)."""
+    return not isinstance(_load(), Exception)
+
+
+def load_error() -> Exception | None:
+    """The exception that stopped ``datalora._C`` from loading, or None."""
+    loaded = _load()
+    return loaded if isinstance(loaded, Exception) else None
+
+
+def load() -> types.ModuleType:
+    """The extension module; raises :class:`ExtensionUnavailableError` saying why not."""
+    loaded = _load()
+    if isinstance(loaded, Exception):
+        raise ExtensionUnavailableError(
+            f"datalora._C is not available ({type(loaded).__name__}: {loaded}); {_HINT}")
+    return loaded
+
+
+@functools.cache
+def warn_fallback(what: str) -> None:
+    """Warns once per message that a CUDA-extension path fell back, and why."""
+    err = load_error()
+    reason = f"datalora._C is not available ({type(err).__name__}: {err})" if err else ""
+    warnings.warn(f"datalora: {what}: {reason}; {_HINT}", RuntimeWarning, stacklevel=3)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _scales(t) -> dict[str, int]:
+    return dict(absmax=_ptr(t.absmax), nested_absmax=_ptr(t.nested_absmax),
+                nested_code=_ptr(t.nested_code), offset=_ptr(t.offset))
+
+
+def _contig(t) -> object:
+    """NF4Tensor with contiguous fields (the kernels index them flat)."""
+    from dataclasses import replace
+
+    return replace(t, **{k: v.contiguous() for k, v in t.tensors().items()})
+
+
+def _dequantize(t, dtype: torch.dtype, device_call: bool) -> torch.Tensor:
+    if dtype not in _DTYPE_CODE:
+        raise ValueError(f"dtype: expected one of {tuple(_DTYPE_CODE)}, got {dtype}")
+    t = _contig(t)
+    if t.offset is not None and t.offset.dtype != torch.float32:
+        raise ValueError(f"offset: expected float32, got {t.offset.dtype}")
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    args = dict(data=_ptr(t.data), out=_ptr(out), n=t.numel, blocksize=t.blocksize,
+                dtype=_DTYPE_CODE[dtype], **_scales(t))
+    if device_call:
+        with torch.cuda.device(t.device):
+            load().dequantize_nf4(stream=torch.cuda.current_stream(t.device).cuda_stream, **args)
+    else:
+        load().dequantize_nf4_host(**args)
+    return out
+
+
+def dequantize_nf4_cuda(t, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantizes a CUDA :class:`~datalora.nf4.NF4Tensor` with the extension's kernel."""
+    if t.device.type != "cuda":
+        raise ValueError(f"t: expected an NF4Tensor on a CUDA device, got {t.device}")
+    return _dequantize(t, dtype, True)
+
+
+def dequantize_nf4_host(t, dtype: torch.dtype) -> torch.Tensor:
+    """The extension's CPU twin of the dequant kernel (same ``nf4.cuh`` math)."""
+    if t.device.type != "cpu":
+        raise ValueError(f"t: expected an NF4Tensor on the CPU, got {t.device}")
+    return _dequantize(t, dtype, False)
+
+
+def decode_supported(x2: torch.Tensor, t) -> str | None:
+    """None when the fused decode kernel handles ``x2 [T, K]`` with weight ``t``, else why not."""
+    T, K = x2.shape
+    if not 1 <= T <= MAX_DECODE_TOKENS:
+        return f"T={T} tokens (fused decode takes 1..{MAX_DECODE_TOKENS})"
+    if K % 32:
+        return f"d_in={K} is not a multiple of 32"
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        return f"x dtype {x2.dtype} (fused decode takes float16/bfloat16)"
+    return None
+
+
+def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_call):
+    T, K = x2.shape
+    N = t.shape[0]
+    if len(t.shape) != 2 or t.shape[1] != K:
+        raise ValueError(f"weight: expected NF4 shape [d_out, d_in={K}], got {tuple(t.shape)}")
+    reason = decode_supported(x2, t)
+    if reason is not None:
+        raise ValueError(f"x: unsupported by the fused NF4 decode kernel: {reason}")
+    dt = x2.dtype
+    for name, v, shape in (("bias", bias, (N,)), ("A", A, None), ("B", B, None)):
+        if v is not None and v.dtype != dt:
+            raise ValueError(f"{name}: expected dtype {dt} (x's), got {v.dtype}")
+        if v is not None and shape is not None and tuple(v.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(v.shape)}")
+    E, r, _ = A.shape
+    k = expert_ids.shape[1]
+    if tuple(A.shape) != (E, r, K) or tuple(B.shape) != (E, N, r):
+        raise ValueError(f"A, B: expected [E, r, {K}] and [E, {N}, r], got {tuple(A.shape)} "
+                         f"and {tuple(B.shape)}")
+    t = _contig(t)
+    x2, A, B = x2.contiguous(), A.contiguous(), B.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    ids = expert_ids.to(torch.int32).contiguous()
+    g = gates.to(torch.float32).contiguous()
+    rs = None if rank_scale is None else rank_scale.to(torch.float32).contiguous()
+    z = torch.empty(T * k * r, dtype=torch.float32, device=x2.device)
+    y = torch.empty(T, N, dtype=dt, device=x2.device)
+    args = dict(x=_ptr(x2), w=_ptr(t.data), blocksize=t.blocksize, bias=_ptr(bias), A=_ptr(A),
+                B=_ptr(B), ids=_ptr(ids), gates=_ptr(g), rank_scale=_ptr(rs), z=_ptr(z),
+                y=_ptr(y), T=T, K=K, N=N, E=E, r=r, k=k, scaling=float(scaling),
+                dtype=_DTYPE_CODE[dt], **_scales(t))
+    if device_call:
+        with torch.cuda.device(x2.device):
+            load().nf4_molora_decode(stream=torch.cuda.current_stream(x2.device).cuda_stream,
+                                     **args)
+    else:
+        load().nf4_molora_decode_host(**args)
+    return y
+
+
+def nf4_molora_decode_cuda(x2, t, bias, A, B, expert_ids, gates, rank_scale=None, scaling=1.0):
+    """Fused ``x2 @ dequant(t)^T + bias + molora_delta`` for 1..16 tokens on a CUDA device."""
+    if x2.device.type != "cuda":
+        raise ValueError(f"x: expected a CUDA tensor, got {x2.device}")
+    return _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, True)
+
+
+def nf4_molora_decode_host(x2, t, bias, A, B, expert_ids, gates, rank_scale=None, scaling=1.0):
+    """CPU twin of :func:`nf4_molora_decode_cuda` (same math, for CPU-only tests)."""
+    if x2.device.type != "cpu":
+        raise ValueError(f"x: expected a CPU tensor, got {x2.device}")
+    return _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, False)

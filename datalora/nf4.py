@@ -1,0 +1,306 @@
+"""4-bit NormalFloat (NF4) weights in exactly the bitsandbytes layout.
+
+An :class:`NF4Tensor` holds what ``bitsandbytes.functional.quantize_4bit(w,
+quant_type="nf4")`` returns, field for field, so a ``bnb.nn.Params4bit`` can be wrapped
+without re-quantizing (:meth:`NF4Tensor.from_bnb`) and handed back (:meth:`NF4Tensor.to_bnb`):
+
+- ``data``: ``[ceil(n/2), 1]`` uint8; byte ``i`` holds value ``2i`` in its high nibble and
+  ``2i+1`` in its low nibble (row-major order of ``shape``); an odd tail is padded with
+  the code of 0.0 (nibble 7).
+- ``absmax``: one scale per block of ``blocksize`` consecutive values (the last block may be
+  short): fp32 ``[nblocks]``, or with double quantization uint8 codes of
+  ``absmax - offset`` in the 8-bit dynamic map, with an fp32 ``nested_absmax`` per 256 codes.
+- value ``v = NF4_CODE[nibble] * absmax[block]`` in fp32, cast to the output dtype (RNE).
+
+:func:`quantize` and :func:`dequantize` are vectorized torch, so they run on any device
+without bitsandbytes; they are bit-identical to bitsandbytes' CPU path (checked in
+``tests/test_nf4.py``). On a CUDA tensor :func:`dequantize` uses the ``datalora._C``
+kernel when the extension is built, else the same torch code (with one warning).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from math import prod
+
+import torch
+
+__all__ = ["BLOCKSIZES", "NF4_CODE", "NF4Tensor", "dequantize", "dynamic_map", "quantize"]
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1].
+# Kept as the literals bitsandbytes and csrc/nf4.cuh use; they round to the same fp32 values.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+# Decision boundaries: a scaled value goes to the highest level whose lower midpoint it exceeds.
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+_LUT_SIZE = 65536  # bins of [-1, 1] used by bitsandbytes' CPU 8-bit blockwise quantizer
+
+
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map (bitsandbytes ``create_dynamic_map()``): 256 sorted fp32.
+
+    For exponent i = 0..6, 2**i fraction midpoints of ``linspace(0.1, 1)`` are scaled by
+    ``10**(i-6)`` and mirrored; 0 and 1 complete the 256 values.
+    """
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        mids = (10 ** (i - 6)) * ((edges[:-1] + edges[1:]) / 2.0)
+        values += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _dynamic_lut() -> torch.Tensor:
+    """Code index of each of 65536 even bins of [-1, 1] (nearest level by fp32 midpoints)."""
+    code = dynamic_map()
+    mids = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    return torch.bucketize(grid, mids).to(torch.uint8)
+
+
+def _check_blocksize(name: str, blocksize: int) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name}: expected one of {BLOCKSIZES}, got {blocksize!r}")
+    return blocksize
+
+
+@dataclass
+class NF4Tensor:
+    """An NF4-quantized tensor in bitsandbytes' layout (see the module docstring).
+
+    Attributes:
+        data: ``[ceil(numel/2), 1]`` uint8 packed nibbles.
+        absmax: ``[nblocks]`` fp32 scales, or uint8 codes when double-quantized.
+        shape: shape of the original tensor. dtype: its dtype (fp32/fp16/bf16).
+        blocksize: values per absmax block (32..4096, a power of two).
+        nested_absmax: ``[ceil(nblocks/256)]`` fp32 (double quant only).
+        nested_code: ``[256]`` fp32 dynamic map of the uint8 absmax (double quant only).
+        offset: 0-dim fp32 mean subtracted from absmax before its quantization (double quant).
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        _check_blocksize("blocksize", self.blocksize)
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {self.dtype}")
+        n = self.numel
+        if self.data.dtype != torch.uint8 or self.data.numel() != (n + 1) // 2:
+            raise ValueError(f"data: expected {(n + 1) // 2} uint8 bytes for shape "
+                             f"{tuple(self.shape)}, got {self.data.numel()} {self.data.dtype}")
+        nblocks = -(-n // self.blocksize)
+        if self.absmax.numel() != nblocks:
+            raise ValueError(f"absmax: expected {nblocks} blocks of {self.blocksize} for "
+                             f"{n} values, got {self.absmax.numel()}")
+        nested = (self.nested_absmax, self.nested_code, self.offset)
+        if any(t is None for t in nested) != all(t is None for t in nested):
+            raise ValueError("nested_absmax, nested_code, offset: expected all three (double "
+                             "quant) or none")
+        if self.double_quant:
+            if self.absmax.dtype != torch.uint8:
+                raise ValueError("absmax: expected uint8 with double quant, got "
+                                 f"{self.absmax.dtype}")
+            if self.nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
+                raise ValueError(f"nested_absmax: expected {-(-nblocks // NESTED_BLOCKSIZE)} "
+                                 f"values, got {self.nested_absmax.numel()}")
+            if self.nested_code.numel() != 256:
+                raise ValueError("nested_code: expected 256 values, got "
+                                 f"{self.nested_code.numel()}")
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"absmax: expected float32, got {self.absmax.dtype}")
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        extra = (self.nested_absmax, self.nested_code, self.offset)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.absmax, *extra)
+                   if t is not None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (None fields left out)."""
+        names = ("data", "absmax", "nested_absmax", "nested_code", "offset")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
+    def absmax_float(self) -> torch.Tensor:
+        """fp32 ``[nblocks]`` scales (decodes the double-quantized absmax like bitsandbytes)."""
+        if not self.double_quant:
+            return self.absmax
+        codes = self.nested_code[self.absmax.long()]
+        n = codes.numel()
+        pad = -n % NESTED_BLOCKSIZE
+        scaled = torch.nn.functional.pad(codes, (0, pad)).view(-1, NESTED_BLOCKSIZE)
+        scaled = (scaled * self.nested_absmax.view(-1, 1)).reshape(-1)[:n]
+        return scaled + self.offset
+
+    def dequantize(self, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+    # ---------------------------------------------------------------- bitsandbytes interop
+    @classmethod
+    def from_bnb(cls, param) -> NF4Tensor:
+        """Wraps ``bnb.nn.Params4bit`` or ``(data, QuantState)`` (nf4) without copying.
+
+        The returned tensor shares storage with the bitsandbytes one.
+        """
+        if isinstance(param, tuple | list):
+            if len(param) != 2:
+                raise TypeError("param: expected Params4bit or a (data, QuantState) pair, got "
+                                f"a sequence of length {len(param)}")
+            data, state = param
+        else:
+            data, state = param, getattr(param, "quant_state", None)
+        if not isinstance(data, torch.Tensor) or state is None:
+            raise TypeError("param: expected a quantized bnb.nn.Params4bit (with quant_state) or "
+                            f"a (data, QuantState) pair, got {type(param).__name__}")
+        if state.quant_type != "nf4":
+            raise ValueError(f"param: expected quant_type 'nf4', got {state.quant_type!r}")
+        if data.dtype != torch.uint8:
+            raise ValueError(f"param: expected uint8 quant_storage, got {data.dtype}")
+        kwargs = {}
+        if state.nested:
+            s2 = state.state2
+            if s2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"param: expected nested blocksize {NESTED_BLOCKSIZE}, got "
+                                 f"{s2.blocksize}")
+            kwargs = dict(nested_absmax=s2.absmax, nested_code=s2.code,
+                          offset=torch.as_tensor(state.offset, dtype=torch.float32))
+        return cls(data=torch.Tensor(data) if type(data) is not torch.Tensor else data,
+                   absmax=state.absmax, shape=state.shape, dtype=state.dtype,
+                   blocksize=state.blocksize, **kwargs)
+
+    def quant_state(self):
+        """A ``bitsandbytes.functional.QuantState`` over the same tensors."""
+        from bitsandbytes.functional import QuantState
+
+        code = NF4_CODE.to(self.device)
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code,
+                                blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=code,
+                          blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                          offset=self.offset, state2=state2)
+
+    def to_bnb(self):
+        """A ``bnb.nn.Params4bit`` sharing this tensor's storage (no re-quantizing)."""
+        import bitsandbytes as bnb
+
+        return bnb.nn.Params4bit(self.data, requires_grad=False, quant_state=self.quant_state(),
+                                 blocksize=self.blocksize, compress_statistics=self.double_quant,
+                                 quant_type="nf4", bnb_quantized=True)
+
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads fp32 ``flat`` with zeros to whole blocks: ``(blocks [nb, bs], absmax [nb])``."""
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % blocksize)).view(-1, blocksize)
+    return blocks, blocks.abs().amax(dim=1)
+
+
+def _quantize_absmax(absmax: torch.Tensor):
+    """bitsandbytes' double quant: 8-bit dynamic codes of ``absmax - mean`` per 256."""
+    offset = absmax.mean()
+    centered = absmax - offset
+    blocks, nested = _blockwise_absmax(centered, NESTED_BLOCKSIZE)
+    inv = torch.where(nested > 0, 1.0 / nested, torch.zeros_like(nested))
+    normed = (blocks * inv[:, None]).clamp(-1.0, 1.0)
+    # bin of [-1, 1] (round half up), then the nearest code of that bin
+    bins = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
+    codes = _dynamic_lut().to(absmax.device)[bins.long()]
+    codes = torch.where(nested[:, None] > 0, codes, torch.zeros_like(codes))
+    codes = codes.reshape(-1)[: absmax.numel()]
+    return codes, nested, dynamic_map().to(absmax.device), offset
+
+
+def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """NF4-quantizes ``w`` (fp32/fp16/bf16, any shape) like ``bnb.functional.quantize_4bit``.
+
+    Args:
+        w: tensor to quantize (any device).
+        blocksize: values per absmax block, one of :data:`BLOCKSIZES`.
+        double_quant: also quantize the absmax (bitsandbytes ``compress_statistics=True``).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"w: expected dtype in {FLOAT_DTYPES}, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"w: expected a non-empty tensor, got shape {tuple(w.shape)}")
+    _check_blocksize("blocksize", blocksize)
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks, absmax = _blockwise_absmax(flat, blocksize)
+    if n % blocksize:  # bitsandbytes stores a short last block's absmax clamped to 1e-38
+        absmax[-1:] = absmax[-1:].clamp(min=1e-38)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    scaled = scaled[: n + (n % 2)]  # odd n: one zero pad value (nibble 7) fills the last byte
+    q = torch.bucketize(scaled, _NF4_BOUNDS.to(w.device), out_int32=True).to(torch.uint8)
+    data = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    t = NF4Tensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    if double_quant:
+        codes, nested, code, offset = _quantize_absmax(absmax)
+        t = replace(t, absmax=codes, nested_absmax=nested, nested_code=code, offset=offset)
+    return t
+
+
+def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The vectorized torch reference of :func:`dequantize` (any device)."""
+    dtype = t.dtype if dtype is None else dtype
+    packed = t.data.reshape(-1)
+    nib = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: t.numel].long()
+    vals = NF4_CODE.to(t.device)[nib]
+    n, bs = t.numel, t.blocksize
+    vals = torch.nn.functional.pad(vals, (0, -n % bs)).view(-1, bs)
+    out = (vals * t.absmax_float()[:, None]).reshape(-1)[:n]
+    return out.to(dtype).view(t.shape)
+
+
+def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """``[*t.shape]`` tensor of ``dtype`` (None: ``t.dtype``, which equals bitsandbytes'
+    ``dequantize_4bit`` bit for bit). Values are fp32 ``code * absmax`` rounded to ``dtype``.
+    """
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t: expected an NF4Tensor, got {type(t).__name__}")
+    dtype = t.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    if t.device.type == "cuda":
+        from datalora import _C_loader
+
+        if _C_loader.available():
+            return _C_loader.dequantize_nf4_cuda(t, dtype)
+        _C_loader.warn_fallback("nf4.dequantize on CUDA uses the torch fallback")
+    return dequantize_torch(t, dtype)
