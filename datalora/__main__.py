@@ -1,0 +1,5 @@
+import sys
+
+from datalora.cli import main
+
+sys.exit(main())

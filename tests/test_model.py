@@ -1,0 +1,136 @@
+"""get_datalora_model: injection into a HF causal LM, freezing, save -> reload bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from datalora import DATALORAConfig, DATALORAModel, MoLoRALinear, get_datalora_model
+from datalora.testing import build_tiny_model
+
+CFG = dict(num_lora_experts=4, lora_rank=4, lora_alpha=8, num_active_experts=2)
+
+
+def model_and_ids():
+    return build_tiny_model(seed=0), torch.randint(4, 1000, (2, 11))
+
+
+def perturb(wrapped):
+    with torch.no_grad():
+        for _, layer in wrapped.molora_layers():
+            layer.lora_B.normal_(std=0.05)
+
+
+def test_injects_default_targets_and_freezes_base(capsys):
+    model, ids = model_and_ids()
+    reference = model(input_ids=ids).logits
+    n_layers = model.config.num_hidden_layers
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG))
+    assert "trainable params" in capsys.readouterr().out
+    names = [n for n, _ in wrapped.molora_layers()]
+    assert len(names) == 7 * n_layers
+    assert {n.rsplit(".", 1)[-1] for n in names} == set(DATALORAConfig().target_modules)
+    assert torch.equal(wrapped(input_ids=ids).logits, reference)  # B = 0: identity at init
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all((".lora_" in n or ".router." in n) for n in trainable)
+    t, total = wrapped.get_nb_trainable_parameters()
+    assert 0 < t < total
+    assert not isinstance(model.lm_head, MoLoRALinear)  # lm_head is not a target
+
+
+def test_save_and_reload_is_bit_exact(tmp_path):
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    perturb(wrapped)
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_rank"] == 4
+    reloaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    saved, loaded = wrapped.adapter_state_dict(), reloaded.adapter_state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    perturb(wrapped)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("datalora.io.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        wrapped.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before  # old file intact
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_disable_adapter_restores_base():
+    model, ids = model_and_ids()
+    base_logits = model(input_ids=ids).logits
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    perturb(wrapped)
+    assert not torch.equal(wrapped(input_ids=ids).logits, base_logits)
+    wrapped.set_adapter_enabled(False)
+    assert torch.equal(wrapped(input_ids=ids).logits, base_logits)
+
+
+def test_load_mismatch_and_bad_targets(tmp_path):
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    other = get_datalora_model(build_tiny_model(seed=0),
+                               DATALORAConfig(**(CFG | {"lora_rank": 2})), verbose=False)
+    with pytest.raises(ValueError, match="expected shape"):
+        other.load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="target_modules: none of"):
+        get_datalora_model(nn.Sequential(nn.Linear(3, 3)), DATALORAConfig(target_modules=["q"]))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        DATALORAModel.from_pretrained(build_tiny_model(), tmp_path / "missing")
+
+
+def test_training_step_reduces_loss():
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    wrapped.train()
+    losses = []
+    for _ in range(8):
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(num_active_experts=9), "num_active_experts: expected <= num_lora_experts=8"),
+    (dict(target_retention=0.0), "target_retention"),
+    (dict(lora_rank=0), "lora_rank: expected a positive int"),
+    (dict(routing="global"), "routing: expected"),
+    (dict(curriculum_split=[0.5, 0.5, 0.5]), "curriculum_split"),
+    (dict(prune_layers=[3, 1]), "prune_layers"),
+])
+def test_config_validation(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        DATALORAConfig(**kwargs)
+
+
+def test_config_json_and_yaml_round_trip(tmp_path):
+    cfg = DATALORAConfig(lora_rank=8, target_modules=["q_proj"], prune_layers=[1, 3])
+    assert DATALORAConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
+    (tmp_path / "c.yaml").write_text("lora_rank: 8\ntarget_modules: [q_proj]\n")
+    assert DATALORAConfig.from_file(tmp_path / "c.yaml").lora_rank == 8
+    with pytest.raises(ValueError, match="unknown DATALORAConfig fields"):
+        DATALORAConfig.from_dict({"lora_rnak": 8})
