@@ -132,6 +132,8 @@ class UnifiedSaliencyNetwork(nn.Module):
         self.rank_head = nn.Linear(h, rank)
         self.tau = float(temperature)
         self.hard = False
+        # score above which a token is kept at generation time (NaN: not calibrated)
+        self.register_buffer("keep_threshold", torch.tensor(float("nan")))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

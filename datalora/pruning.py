@@ -1,0 +1,502 @@
+"""Token pruning over a decoder-layer range, steered by the saliency network.
+
+:class:`DATALORARuntime` hooks a Hugging Face decoder (Mistral / Llama / Qwen style:
+``model.model.layers[i](hidden, attention_mask=, position_ids=, past_key_values=,
+use_cache=, position_embeddings=)``) without changing its modules or parameter names:
+
+1. before decoder layer 0 the :class:`~datalora.saliency.UnifiedSaliencyNetwork` runs once
+   on the hidden states -> token scores, and one :class:`~datalora.routing.Routing` that
+   every :class:`~datalora.layers.MoLoRALinear` receives through a forward pre-hook;
+2. at the first pruned layer each sequence keeps ``ceil(retention * n)`` of its ``n`` real
+   tokens (highest score, Gumbel noise in training; the last real token is always kept,
+   padding never) -- :func:`select_tokens`; kept tokens are packed with
+   :func:`datalora.ops.gather_tokens` and run through the range with their original
+   position ids, the gathered RoPE cos/sin and a causal mask over kept positions
+   (:func:`packed_attention_mask`); the MoLoRA layers get the routing rows of the kept
+   tokens (gathered once);
+3. after the range :func:`datalora.ops.scatter_tokens` writes kept rows back with the keep
+   weight ``w = 1 + p - stopgrad(p)`` (``p = sigmoid(score / tau)``): exactly 1 in the
+   forward, the Mixture-of-Depths gradient ``dL/dp = g . (f(h) - h)`` in the backward;
+   pruned tokens bypass the range on the residual stream.
+
+With a KV cache (``generate``) per-sequence top-k is not causal, so a token is kept when
+its score exceeds the calibrated ``keep_threshold`` (:meth:`DATALORARuntime.calibrate`);
+the pruned layers then run on all new tokens with a mask that hides pruned tokens as keys
+and their outputs are replaced by the bypass, so every cached K/V of a kept token is what
+the packed computation produces and the cache stays exact (the keep flags of cached tokens
+live on the cache object). This is numerically the same function as the uncached
+threshold forward; it saves no compute at decode time. Beam search (cache reordering)
+is not supported with pruning on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from datalora import ops
+from datalora.layers import MoLoRALinear
+from datalora.routing import Routing
+from datalora.saliency import SaliencyOutput, UnifiedSaliencyNetwork, gather_routing
+
+_CACHE_KEEP_ATTR = "_datalora_keep"
+
+
+def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor | int:
+    """``ceil(retention * n)`` without float round-up (0.3 * 10 keeps 3, not 4)."""
+    if isinstance(num_tokens, torch.Tensor):
+        return torch.ceil(num_tokens.double() * retention - 1e-9).clamp_min(0).long()
+    return max(math.ceil(num_tokens * retention - 1e-9), 0)
+
+
+@dataclass
+class TokenSelection:
+    """Which tokens of each sequence run through the pruned layers.
+
+    Attributes:
+        keep_idx: ``[B, K]`` int64 positions, ascending per row, distinct.
+        valid: ``[B, K]`` bool; False marks filler slots (padding or surplus tokens of
+            shorter rows), which are masked out and written back unchanged.
+        counts: ``[B]`` int64 kept real tokens per sequence.
+    """
+
+    keep_idx: torch.Tensor
+    valid: torch.Tensor
+    counts: torch.Tensor
+
+    def keep_mask(self, seq_len: int) -> torch.Tensor:
+        """``[B, L]`` bool: True at kept real tokens."""
+        mask = torch.zeros(self.keep_idx.shape[0], seq_len, dtype=torch.bool,
+                           device=self.keep_idx.device)
+        return mask.scatter_(1, self.keep_idx, self.valid)
+
+
+def select_tokens(scores: torch.Tensor, retention: float,
+                  attention_mask: torch.Tensor | None = None, *, tau: float = 1.0,
+                  noise: bool = False, keep_last: bool = True,
+                  generator: torch.Generator | None = None) -> TokenSelection:
+    """Per-sequence top-k of token scores.
+
+    Args:
+        scores: ``[B, L]`` keep logits.
+        retention: fraction in (0, 1]; sequence b keeps ``ceil(retention * n_b)`` of its
+            ``n_b`` real tokens; the packed width is ``K = ceil(retention * L)`` (no host
+            sync).
+        attention_mask: ``[B, L]`` 1 = real token, 0 = padding (never kept); None = all real.
+        tau: Gumbel-top-k temperature: noisy keys are ``scores / tau + Gumbel``.
+        noise: add the Gumbel noise (sampling without replacement, training).
+        keep_last: always keep each sequence's last real token.
+
+    Returns:
+        :class:`TokenSelection`.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected shape [B, L], got {tuple(scores.shape)}")
+    if not 0.0 < float(retention) <= 1.0:
+        raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
+    bsz, seq_len = scores.shape
+    if attention_mask is None:
+        real = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        if attention_mask.shape != scores.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(scores.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        real = attention_mask.to(device=scores.device).bool()
+    key = scores.detach().float() / float(tau)
+    if noise:
+        u = torch.rand(key.shape, device=key.device, generator=generator)
+        key = key - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+    if keep_last:
+        pos = torch.arange(seq_len, device=scores.device).expand(bsz, -1)
+        last = torch.where(real, pos, -1).amax(1, keepdim=True)
+        key = torch.where(pos == last, torch.inf, key)
+    key = torch.where(real, key, -torch.inf)
+    width = max(keep_count(seq_len, float(retention)), 1)
+    counts = keep_count(real.sum(1), float(retention))
+    order = key.topk(width, dim=1).indices  # best first
+    slot_valid = torch.arange(width, device=scores.device)[None] < counts[:, None]
+    keep_idx, perm = order.sort(dim=1)
+    return TokenSelection(keep_idx=keep_idx, valid=slot_valid.gather(1, perm), counts=counts)
+
+
+def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
+                          key_index: torch.Tensor, dtype: torch.dtype, *,
+                          as_bool: bool, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention mask over an arbitrary subset of positions.
+
+    Query ``i`` may attend key ``j`` when ``key_ok[b, j]`` and ``key_index[b, j] <=
+    query_index[b, i]`` (and within ``sliding_window`` of it); a query always sees its own
+    position, so no row is empty (rows of filler slots stay finite).
+
+    Args:
+        key_ok: ``[B, S]`` bool. query_index: ``[B, Q]``, key_index: ``[B, S]`` int64
+            indices in the original (cache) order.
+        dtype: dtype of an additive mask. as_bool: return a bool mask (True = attend).
+
+    Returns:
+        ``[B, 1, Q, S]``: bool, or additive (0 / dtype min).
+    """
+    qi, kj = query_index[:, :, None], key_index[:, None, :]
+    allowed = key_ok[:, None, :] & (kj <= qi)
+    if sliding_window is not None:
+        allowed = allowed & (kj > qi - sliding_window)
+    allowed = (allowed | (kj == qi))[:, None]
+    if as_bool:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """``t [1 or B, L, ...]`` -> ``[B, K, ...]`` rows ``keep_idx``."""
+    t = t.expand(keep_idx.shape[0], *t.shape[1:])
+    idx = keep_idx.reshape(*keep_idx.shape, *([1] * (t.dim() - 2))).expand(
+        *keep_idx.shape, *t.shape[2:])
+    return t.gather(1, idx)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a HF causal LM (``model.model.layers`` and similar)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and \
+                type(module[0]).__name__.endswith("DecoderLayer"):
+            return module
+    raise ValueError(f"model: found no decoder-layer ModuleList in {type(model).__name__}")
+
+
+def resolve_prune_range(prune_layers: list[int] | None, num_layers: int) -> tuple[int, int]:
+    """``[start, end)`` of the pruned layers; None = the second half."""
+    if prune_layers is None:
+        return num_layers // 2, num_layers
+    start, end = prune_layers
+    if not 0 <= start < end <= num_layers:
+        raise ValueError(f"prune_layers: expected [start, end) with 0 <= start < end <= "
+                         f"{num_layers} (decoder layers), got {list(prune_layers)}")
+    return start, end
+
+
+@dataclass
+class ForwardRecord:
+    """What one forward decided (read by the trainer for losses and logs).
+
+    Attributes:
+        saliency: the USN output (``token_scores [B, L]``, routing over ``B*L``).
+        valid: ``[B, L]`` bool real tokens of this forward.
+        keep_prob: ``[B, L]`` ``sigmoid(score / tau)`` (differentiable).
+        kept: ``[B, L]`` bool tokens that ran through the pruned range.
+        mode: ``"dense"``, ``"packed"`` or ``"masked"`` (cached generation).
+    """
+
+    saliency: SaliencyOutput
+    valid: torch.Tensor
+    keep_prob: torch.Tensor
+    kept: torch.Tensor
+    mode: str
+
+    @property
+    def routing(self) -> Routing:
+        return self.saliency.routing
+
+    def actual_retention(self) -> float:
+        return float(self.kept[self.valid].float().mean()) if self.valid.any() else 1.0
+
+
+@dataclass
+class _Context:
+    attention_mask: torch.Tensor | None
+    cache: Any
+    mode: str = "dense"
+    routing: Routing | None = None
+    record: ForwardRecord | None = None
+    hidden_in: torch.Tensor | None = None
+    selection: TokenSelection | None = None
+    keep_q: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class DATALORARuntime:
+    """Installs the shared-routing + pruning hooks on a HF causal LM.
+
+    Args:
+        model: the (MoLoRA-injected) causal LM.
+        saliency: the :class:`UnifiedSaliencyNetwork`.
+        prune_layers: ``[start, end)`` (None: second half of the decoder layers).
+        retention: initial retention (the curriculum sets it); 1.0 disables pruning.
+        keep_last: always keep each sequence's last real token in top-k selection.
+
+    Attributes:
+        retention, last (the :class:`ForwardRecord` of the latest forward), start, end.
+    """
+
+    def __init__(self, model: nn.Module, saliency: UnifiedSaliencyNetwork,
+                 prune_layers: list[int] | None = None, retention: float = 1.0,
+                 keep_last: bool = True):
+        self.model, self.saliency = model, saliency
+        self.layers = find_decoder_layers(model)
+        self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
+        self.retention = 1.0
+        self.set_retention(retention)
+        self.keep_last = keep_last
+        self.last: ForwardRecord | None = None
+        self._ctx: _Context | None = None
+        self._warned = False
+        config = getattr(model, "config", None)
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+        self._handles = self._install()
+
+    # ------------------------------------------------------------------ state
+
+    def set_retention(self, retention: float) -> None:
+        if not 0.0 < float(retention) <= 1.0:
+            raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
+        self.retention = float(retention)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.saliency.keep_threshold)
+
+    @contextmanager
+    def routing_scope(self, routing: Routing) -> Iterator[None]:
+        """Runs MoLoRA layers called by hand (outside a model forward) with ``routing``."""
+        previous, self._ctx = self._ctx, _Context(attention_mask=None, cache=None,
+                                                  routing=routing)
+        try:
+            yield
+        finally:
+            self._ctx = previous
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _install(self) -> list[Any]:
+        handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                   self.model.register_forward_hook(self._finish, always_call=True),
+                   self.layers[0].register_forward_pre_hook(self._run_saliency,
+                                                            with_kwargs=True)]
+        for i in range(self.start, self.end):
+            handles.append(self.layers[i].register_forward_pre_hook(self._enter_layer,
+                                                                    with_kwargs=True))
+        handles.append(self.layers[self.end - 1].register_forward_hook(self._leave_range))
+        for module in self.model.modules():
+            if isinstance(module, MoLoRALinear):
+                handles.append(module.register_forward_pre_hook(self._give_routing,
+                                                                with_kwargs=True))
+        return handles
+
+    # ------------------------------------------------------------------ hooks
+
+    def _begin(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        cache = kwargs.get("past_key_values")
+        if cache is None and kwargs.get("use_cache") is not True:
+            kwargs = {**kwargs, "use_cache": False}  # no cache: the packed path
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"attention_mask: expected a [B, L] padding mask, got shape "
+                             f"{tuple(mask.shape)}")
+        self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
+            "new" if kwargs.get("use_cache") else None))
+        return args, kwargs
+
+    def _finish(self, module, args, output):
+        if self._ctx is not None:
+            self.last = self._ctx.record
+        self._ctx = None
+
+    def _run_saliency(self, layer, args, kwargs):
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("the DATALORA decoder was called outside the causal LM's "
+                               "forward; call the whole model")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = self.saliency(hidden)
+        bsz, seq_len = out.token_scores.shape
+        mask = ctx.attention_mask
+        valid = (torch.ones(bsz, seq_len, dtype=torch.bool, device=hidden.device)
+                 if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
+        keep_prob = self.saliency.keep_probability(out.token_scores)
+        ctx.routing = out.routing
+        ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,
+                                   kept=valid.clone(), mode="dense")
+        return None
+
+    def _give_routing(self, module, args, kwargs):
+        if len(args) > 1 or kwargs.get("routing") is not None:
+            return None
+        ctx = self._ctx
+        if ctx is None or ctx.routing is None:
+            raise RuntimeError("MoLoRALinear with shared routing was called outside a "
+                               "DATALORA model forward (no routing available)")
+        x = args[0] if args else kwargs["x"]
+        tokens = x[..., 0].numel()
+        if tokens != ctx.routing.num_tokens:
+            raise ValueError(f"routing: the shared routing covers {ctx.routing.num_tokens} "
+                             f"tokens but this layer got {tokens}; shared routing supports "
+                             f"adapted layers inside the decoder only")
+        return args, {**kwargs, "routing": ctx.routing}
+
+    def _enter_layer(self, layer, args, kwargs):
+        ctx = self._ctx
+        if ctx is None or ctx.record is None:
+            return None
+        if layer is self.layers[self.start]:
+            self._start_range(ctx, args, kwargs)
+            if ctx.mode == "packed":
+                hidden = ops.gather_tokens(ctx.hidden_in, ctx.selection.keep_idx)
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": hidden}
+        if ctx.mode == "dense":
+            return None
+        return args, {**kwargs, **ctx.layer_kwargs}
+
+    def _start_range(self, ctx: _Context, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        record = ctx.record
+        bsz, seq_len, _ = hidden.shape
+        ctx.hidden_in = hidden
+        if ctx.cache is None:
+            if self.retention >= 1.0:
+                return
+            self._start_packed(ctx, hidden, kwargs, record)
+        else:
+            self._start_masked(ctx, hidden, kwargs, record)
+
+    def _mask_as_bool(self, kwargs) -> bool:
+        original = kwargs.get("attention_mask")
+        if isinstance(original, torch.Tensor):
+            return original.dtype == torch.bool
+        if self.attn_implementation.startswith("flash"):
+            raise ValueError("attn_implementation: token pruning needs an explicit 4-D mask; "
+                             "use 'sdpa' or 'eager', not flash attention")
+        return self.attn_implementation != "eager"
+
+    def _start_packed(self, ctx, hidden, kwargs, record) -> None:
+        bsz, seq_len, _ = hidden.shape
+        scores = record.saliency.token_scores
+        sel = select_tokens(scores, self.retention, record.valid, tau=self.saliency.tau,
+                            noise=self.saliency.training, keep_last=self.keep_last)
+        if not self.saliency.training and self.threshold == self.threshold:  # calibrated
+            sel = self._threshold_selection(scores, record.valid)
+        idx = sel.keep_idx
+        p = record.keep_prob.gather(1, idx)
+        weight = torch.where(sel.valid, 1.0 + (p - p.detach()), torch.zeros_like(p))
+        ctx.weight = weight.to(hidden.dtype)
+        ctx.selection = sel
+        position_ids = kwargs.get("position_ids")
+        new_kwargs: dict[str, Any] = {}
+        if position_ids is not None:
+            new_kwargs["position_ids"] = _gather_rows(position_ids, idx)
+        emb = kwargs.get("position_embeddings")
+        if emb is not None:
+            new_kwargs["position_embeddings"] = tuple(_gather_rows(t, idx) for t in emb)
+        new_kwargs["attention_mask"] = packed_attention_mask(
+            sel.valid, idx, idx, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
+            sliding_window=self.sliding_window)
+        ctx.layer_kwargs = new_kwargs
+        ctx.routing = gather_routing(record.routing, idx, seq_len)
+        record.kept = sel.keep_mask(seq_len) & record.valid
+        record.mode = ctx.mode = "packed"
+
+    def _threshold_selection(self, scores, valid) -> TokenSelection:
+        keep = (scores > self.threshold) & valid
+        counts = keep.sum(1)
+        width = max(int(counts.max()), 1)  # eval only: one host sync
+        key = torch.where(keep, 1.0, 0.0) - torch.arange(
+            scores.shape[1], device=scores.device) * 1e-6
+        idx = key.topk(width, dim=1).indices
+        slot_valid = keep.gather(1, idx)
+        keep_idx, perm = idx.sort(dim=1)
+        return TokenSelection(keep_idx=keep_idx, valid=slot_valid.gather(1, perm),
+                              counts=counts)
+
+    def _start_masked(self, ctx, hidden, kwargs, record) -> None:
+        bsz, seq_len, _ = hidden.shape
+        cache = kwargs.get("past_key_values")
+        if self.retention >= 1.0 or self.threshold != self.threshold:
+            if self.retention < 1.0 and not self._warned:
+                warnings.warn("keep_threshold is not calibrated: generation with a KV cache "
+                              "runs the pruned layers dense (call calibrate())", stacklevel=2)
+                self._warned = True
+            keep_new = record.valid.clone()
+        else:
+            keep_new = (record.saliency.token_scores > self.threshold) & record.valid
+        past = getattr(cache, _CACHE_KEEP_ATTR, None) if cache is not None else None
+        past_len = 0 if past is None else past.shape[1]
+        if cache is not None:
+            cached = cache.get_seq_length(self.start) if hasattr(cache, "get_seq_length") else 0
+            if cached != past_len:
+                raise ValueError(f"past_key_values: the cache holds {cached} tokens in layer "
+                                 f"{self.start} but DATALORA recorded {past_len} keep flags; "
+                                 f"pruning with a cache needs the cache built by this model "
+                                 f"(no beam search)")
+        keep_all = keep_new if past is None else torch.cat([past, keep_new], 1)
+        if cache is not None:
+            setattr(cache, _CACHE_KEEP_ATTR, keep_all)
+        total = keep_all.shape[1]
+        if ctx.attention_mask is not None:
+            keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
+        key_index = torch.arange(total, device=hidden.device).expand(bsz, -1)
+        query_index = key_index[:, total - seq_len:]
+        ctx.layer_kwargs = {"attention_mask": packed_attention_mask(
+            keep_all, query_index, key_index, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
+            sliding_window=self.sliding_window)}
+        ctx.keep_q = keep_new
+        record.kept = keep_new
+        record.mode = ctx.mode = "masked"
+
+    def _leave_range(self, layer, args, output):
+        ctx = self._ctx
+        if ctx is None or ctx.mode == "dense":
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        if ctx.mode == "packed":
+            full = ops.scatter_tokens(ctx.hidden_in, out, ctx.selection.keep_idx, ctx.weight)
+            ctx.routing = ctx.record.routing
+        else:
+            full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)
+        ctx.mode = "dense"
+        ctx.layer_kwargs = {}
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # ------------------------------------------------------------------ threshold
+
+    @torch.no_grad()
+    def calibrate(self, scores: torch.Tensor, valid: torch.Tensor | None = None,
+                  retention: float | None = None) -> float:
+        """Sets ``keep_threshold`` to the score quantile that keeps ``retention`` of tokens.
+
+        Args:
+            scores: ``[N]`` or ``[B, L]`` token scores collected on representative data.
+            valid: same shape, bool (False: padding, ignored).
+            retention: default: the current retention.
+        """
+        retention = self.retention if retention is None else float(retention)
+        flat = scores.float().reshape(-1)
+        if valid is not None:
+            flat = flat[valid.reshape(-1).bool()]
+        if flat.numel() == 0:
+            raise ValueError("scores: no valid token scores to calibrate on")
+        value = float(torch.quantile(flat, 1.0 - retention)) if retention < 1.0 else -math.inf
+        self.saliency.keep_threshold.fill_(value)
+        return value

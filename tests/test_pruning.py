@@ -1,0 +1,279 @@
+"""Token pruning: selection, packed layer range == layers on the kept subsequence, bypass,
+scorer gradients, retention 1.0, and cached generation with pruning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from datalora import DATALORAConfig, get_datalora_model
+from datalora.pruning import keep_count, packed_attention_mask, select_tokens
+from datalora.saliency import gather_routing
+
+
+def tiny_model(attn="sdpa", layers=4, seed=0, sliding_window=None):
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, sliding_window=sliding_window,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return MistralForCausalLM(cfg).eval()
+
+
+def datalora_model(attn="sdpa", prune_layers=(1, 3), randomize=True, **kw):
+    config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,
+                            routing="shared", prune_layers=list(prune_layers), **kw)
+    model = get_datalora_model(tiny_model(attn), config, verbose=False)
+    if randomize:  # non-zero adapters and scores, so routing and selection matter
+        with torch.no_grad():
+            for _, layer in model.molora_layers():
+                layer.lora_B.normal_(std=0.05)
+            model.saliency.score_head.weight.normal_(std=1.0)
+            model.saliency.router_head.weight.normal_(std=1.0)
+    return model.eval()
+
+
+def batch(B=3, L=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 8:] = 0   # right padding (training collator)
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("retention", [0.5, 0.3, 0.25, 1 / 3, 0.9, 1.0])
+@pytest.mark.parametrize("noise", [False, True])
+def test_select_tokens_counts_padding_last(retention, noise):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 10, generator=g)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 7:] = 0     # right padding
+    mask[2, :4] = 0     # left padding
+    mask[3, 1:] = 0     # a single real token
+    sel = select_tokens(scores, retention, mask, noise=noise, tau=2.0, generator=g)
+    n = mask.sum(1)
+    assert sel.keep_idx.shape == (4, math.ceil(round(retention * 10, 9)))
+    assert torch.equal(sel.counts, torch.tensor([math.ceil(round(retention * int(x), 9))
+                                                 for x in n]))
+    kept = sel.keep_mask(10)
+    assert torch.equal(kept.sum(1), sel.counts)            # exactly ceil(r * n_b)
+    assert not (kept & (mask == 0)).any()                  # padding never kept
+    last = torch.tensor([9, 6, 9, 0])
+    assert kept[torch.arange(4), last].all()               # last real token kept
+    assert (sel.keep_idx.diff(dim=1) > 0).all()            # ascending, distinct
+    if not noise:  # the other kept tokens are the best scores
+        for b in range(4):
+            others = [i for i in range(10) if mask[b, i] and i != last[b]]
+            want = sorted(sorted(others, key=lambda i: -scores[b, i])[:int(sel.counts[b]) - 1])
+            got = sorted(i for i in kept[b].nonzero().flatten().tolist() if i != last[b])
+            assert got == want
+
+
+def test_keep_count_no_float_roundup():
+    assert keep_count(10, 0.3) == 3 and keep_count(10, 0.7) == 7 and keep_count(7, 0.5) == 4
+    assert torch.equal(keep_count(torch.tensor([10, 3, 0]), 0.3), torch.tensor([3, 1, 0]))
+
+
+def test_select_tokens_validation():
+    with pytest.raises(ValueError, match="retention"):
+        select_tokens(torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        select_tokens(torch.zeros(2, 3), 0.5, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="scores"):
+        select_tokens(torch.zeros(3), 0.5)
+
+
+def test_packed_mask_is_causal_over_original_positions():
+    idx = torch.tensor([[0, 2, 5, 6]])
+    ok = torch.tensor([[True, True, False, True]])
+    m = packed_attention_mask(ok, idx, idx, torch.float32, as_bool=True)[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]).bool()
+    assert torch.equal(m, expected)  # never a later key; a filler key hidden; own row kept
+    w = packed_attention_mask(ok, idx, idx, torch.float32, as_bool=True, sliding_window=3)
+    assert not w[0, 0, 3, 1] and w[0, 0, 3, 3]  # 6 - 2 >= 3: outside the window
+    add = packed_attention_mask(ok, idx, idx, torch.float16, as_bool=False)
+    assert add.dtype == torch.float16 and add[0, 0, 0, 1] == torch.finfo(torch.float16).min
+
+
+def capture_range(model):
+    """Hooks recording the hidden entering the pruned range and the one leaving it."""
+    rt = model.runtime
+    seen = {}
+    h1 = rt.layers[rt.start].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("in", (a[0] if a else k["hidden_states"]).clone()),
+        with_kwargs=True, prepend=True)
+    h2 = rt.layers[rt.end - 1].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("out", out.clone()))
+    h3 = rt.layers[rt.start].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("kw", k), with_kwargs=True)
+    return seen, (h1, h2, h3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("retention", [0.5, 0.3])
+def test_pruned_range_equals_layers_on_kept_subsequence(attn, retention):
+    model = datalora_model(attn)
+    rt = model.runtime
+    model.set_curriculum_state(retention=retention)
+    ids, mask = batch()
+    seen, handles = capture_range(model)
+    model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    record = rt.last
+    hidden_in, hidden_out = seen["in"], seen["out"]
+    n = mask.sum(1)
+    assert record.mode == "packed"
+    assert torch.equal(record.kept.sum(1), keep_count(n, retention))
+    pruned = ~record.kept
+    assert torch.equal(hidden_out[pruned], hidden_in[pruned])  # bypass is exact
+    assert not torch.equal(hidden_out[record.kept], hidden_in[record.kept])
+    # reference: each sequence's kept tokens alone through the layers, plain causal mask
+    ref_model = datalora_model("sdpa")  # same seed and weights, sdpa: mask None = causal
+    ref_model.load_state_dict(model.state_dict())
+    inner = ref_model.base_model.model
+    L = ids.shape[1]
+    for b in range(ids.shape[0]):
+        pos = record.kept[b].nonzero().flatten()
+        h = hidden_in[b:b + 1, pos]
+        position_ids = pos[None]
+        emb = inner.rotary_emb(h, position_ids)
+        full_idx = pos[None].expand(ids.shape[0], -1)
+        rows = gather_routing(record.routing, full_idx, L)
+        k = pos.numel()
+        sub = type(rows)(expert_ids=rows.expert_ids[b * k:(b + 1) * k],
+                         gates=rows.gates[b * k:(b + 1) * k],
+                         rank_scale=rows.rank_scale[b * k:(b + 1) * k])
+        with ref_model.runtime.routing_scope(sub), torch.no_grad():
+            for layer in inner.layers[rt.start:rt.end]:
+                h = layer(h, attention_mask=None, position_ids=position_ids,
+                          position_embeddings=emb)
+        torch.testing.assert_close(hidden_out[b, pos], h[0], atol=2e-5, rtol=1e-5)
+    # the packed layers got the original position ids of the kept tokens
+    packed_pos = seen["kw"]["position_ids"]
+    for b in range(ids.shape[0]):
+        kept_pos = record.kept[b].nonzero().flatten()
+        assert torch.equal(packed_pos[b][torch.isin(packed_pos[b], kept_pos)], kept_pos)
+
+
+def test_scorer_and_router_get_gradient_through_pruned_range():
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.5, tau=1.0, hard=False)
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert model.runtime.last.mode == "packed"
+    out.loss.backward()  # the LM loss alone, no retention loss
+    sal = model.saliency
+    assert sal.score_head.weight.grad.abs().sum() > 0
+    assert sal.router_head.weight.grad.abs().sum() > 0
+    assert sal.rank_head.weight.grad.abs().sum() > 0
+    for _, layer in model.molora_layers():
+        assert layer.lora_A.grad is not None
+
+
+def test_retention_one_is_the_unpruned_model():
+    model = datalora_model()
+    ids, mask = batch()
+    model.set_curriculum_state(retention=1.0)
+    dense = model(input_ids=ids, attention_mask=mask).logits
+    assert model.runtime.last.mode == "dense"
+    # every real token kept through the packed path gives the same function
+    model.set_curriculum_state(retention=0.9999)
+    packed = model(input_ids=ids, attention_mask=mask).logits
+    assert model.runtime.last.mode == "packed"
+    assert torch.equal(model.runtime.last.kept, mask.bool())
+    valid = mask.bool()
+    torch.testing.assert_close(packed[valid], dense[valid], atol=2e-5, rtol=1e-5)
+    # a fresh adapter at retention 1.0 is exactly the base model
+    fresh = datalora_model(randomize=False)
+    fresh.set_curriculum_state(retention=1.0)
+    base = tiny_model()
+    torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits,
+                               base(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_pruning_changes_the_output_and_pruned_tokens_cost_nothing_in_range():
+    model = datalora_model()
+    ids, mask = batch()
+    model.set_curriculum_state(retention=1.0)
+    dense = model(input_ids=ids, attention_mask=mask).logits
+    model.set_curriculum_state(retention=0.5)
+    seen, handles = capture_range(model)
+    pruned = model(input_ids=ids, attention_mask=mask).logits
+    for h in handles:
+        h.remove()
+    assert not torch.allclose(dense, pruned, atol=1e-3)
+    assert seen["kw"]["attention_mask"].shape[-1] == math.ceil(0.5 * ids.shape[1])
+
+
+def calibrated_model(retention=0.5):
+    model = datalora_model(attn="sdpa", prune_layers=(1, 4))
+    model.set_curriculum_state(retention=retention)
+    ids, mask = batch(B=4, L=16, seed=5)
+    model(input_ids=ids, attention_mask=mask)
+    rec = model.runtime.last
+    model.runtime.calibrate(rec.saliency.token_scores, rec.valid)
+    return model
+
+
+def test_threshold_mode_is_causal_and_calibrated():
+    model = calibrated_model(0.5)
+    ids, mask = batch(B=4, L=16, seed=5)
+    model(input_ids=ids, attention_mask=mask)
+    assert abs(model.runtime.last.actual_retention() - 0.5) < 0.1
+    a = model(input_ids=ids[:1]).logits
+    changed = ids[:1].clone()
+    changed[0, 10:] = (changed[0, 10:] + 7) % 90 + 3
+    b = model(input_ids=changed).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=1e-6, rtol=0)  # no peeking ahead
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_generation_with_pruning_and_kv_cache_equals_no_cache(left_pad):
+    model = calibrated_model(0.5)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    if left_pad:
+        mask[1, :3] = 0
+        ids[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+              eos_token_id=None)
+    with_cache = model.generate(ids, use_cache=True, **kw)
+    assert model.runtime.last.mode == "masked"
+    no_cache = model.generate(ids, use_cache=False, **kw)
+    assert model.runtime.last.mode == "packed"
+    assert torch.equal(with_cache, no_cache)
+    # logits of the whole sequence: prefill + one-token steps vs one uncached forward
+    full = with_cache
+    fmask = torch.cat([mask, torch.ones(2, full.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    ref = model(input_ids=full, attention_mask=fmask).logits
+    assert (~model.runtime.last.kept & fmask.bool()).any()  # tokens really pruned
+    out = model(input_ids=full[:, :9], attention_mask=fmask[:, :9], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(9, full.shape[1]):
+        out = model(input_ids=full[:, t:t + 1], attention_mask=fmask[:, :t + 1],
+                    past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    cached = torch.cat(steps, 1)
+    valid = fmask.bool()
+    torch.testing.assert_close(cached[valid], ref[valid], atol=2e-5, rtol=1e-5)
+
+
+def test_generation_rejects_beam_search_with_pruning():
+    model = calibrated_model(0.5)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(torch.tensor([[5, 6, 7]]), num_beams=2, max_new_tokens=2)
+
+
+def test_bad_prune_range():
+    with pytest.raises(ValueError, match="prune_layers"):
+        datalora_model(prune_layers=(2, 9))
