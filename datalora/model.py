@@ -18,6 +18,8 @@ import torch.nn as nn
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear
+from datalora.pruning import DATALORARuntime
+from datalora.saliency import UnifiedSaliencyNetwork
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -50,9 +52,17 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
 class DATALORAModel(nn.Module):
     """A causal LM with MoLoRA layers; forwards every call and attribute to the base model.
 
+    With ``config.routing == "shared"`` a :class:`UnifiedSaliencyNetwork` (``self.saliency``)
+    runs once per forward before the first decoder layer; its routing drives every MoLoRA
+    layer and its token scores prune tokens over ``config.prune_layers``
+    (:class:`~datalora.pruning.DATALORARuntime`, ``self.runtime``). A new model starts in
+    the inference state of the curriculum (``tau = temperature_final``, hard routing,
+    ``retention = target_retention``); the trainer's curriculum overrides it.
+
     Attributes:
         base_model: the wrapped model (its targeted linears are now MoLoRALinear).
         config: the :class:`DATALORAConfig` used to build it.
+        saliency / runtime: the USN and the pruning hooks (None for per-layer routing).
     """
 
     def __init__(self, model: nn.Module, config: DATALORAConfig):
@@ -61,6 +71,19 @@ class DATALORAModel(nn.Module):
         self.config_datalora = config
         model.requires_grad_(False)
         self.adapted_modules = inject_molora(model, config)
+        self.saliency: UnifiedSaliencyNetwork | None = None
+        self.runtime: DATALORARuntime | None = None
+        if config.routing == "shared":
+            hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+            if not isinstance(hidden_size, int):
+                raise ValueError("model: routing='shared' needs model.config.hidden_size")
+            device = next(model.parameters()).device
+            self.saliency = UnifiedSaliencyNetwork(
+                hidden_size, config.num_lora_experts, config.lora_rank,
+                config.num_active_experts, config.saliency_hidden_size,
+                config.temperature_final).to(device)
+            self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
+            self.set_curriculum_state(config.temperature_final, config.target_retention, True)
 
     @property
     def datalora_config(self) -> DATALORAConfig:
@@ -76,7 +99,37 @@ class DATALORAModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if self.runtime is not None and self.runtime.retention < 1.0:
+            beams = kwargs.get("num_beams") or getattr(
+                kwargs.get("generation_config") or getattr(self.base_model, "generation_config",
+                                                           None), "num_beams", 1) or 1
+            if beams > 1:
+                raise ValueError(f"num_beams: token pruning with a KV cache supports greedy "
+                                 f"and sampling only, got num_beams={beams}; call "
+                                 f"set_curriculum_state(retention=1.0) to turn pruning off")
         return self.base_model.generate(*args, **kwargs)
+
+    def set_curriculum_state(self, tau: float | None = None, retention: float | None = None,
+                             hard: bool | None = None) -> None:
+        """Sets the saliency temperature, the pruning retention and hard routing."""
+        if self.saliency is None:
+            raise ValueError("routing: set_curriculum_state needs routing='shared' (a saliency "
+                             "network), this model routes per layer")
+        if tau is not None:
+            if not float(tau) > 0:
+                raise ValueError(f"tau: expected > 0, got {tau!r}")
+            self.saliency.tau = float(tau)
+        if retention is not None:
+            self.runtime.set_retention(retention)
+        if hard is not None:
+            self.saliency.hard = bool(hard)
+
+    def curriculum_state(self) -> dict[str, float | bool]:
+        """``{"tau", "retention", "hard"}`` currently in effect."""
+        if self.saliency is None:
+            return {}
+        return {"tau": self.saliency.tau, "retention": self.runtime.retention,
+                "hard": self.saliency.hard}
 
     def molora_layers(self) -> Iterator[tuple[str, MoLoRALinear]]:
         for name, module in self.base_model.named_modules():
@@ -90,8 +143,12 @@ class DATALORAModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable adapter tensor (LoRA experts, routers, saliency network), by name."""
-        return {name: p for name, p in self.base_model.named_parameters()
-                if p.requires_grad or ".lora_" in name or ".router." in name}
+        tensors = {name: p for name, p in self.base_model.named_parameters()
+                   if p.requires_grad or ".lora_" in name or ".router." in name}
+        if self.saliency is not None:
+            tensors.update({f"saliency.{k}": v for k, v in
+                            self.saliency.state_dict(keep_vars=True).items()})
+        return tensors
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
