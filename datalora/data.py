@@ -201,7 +201,7 @@ def _canonical_split(split: str) -> str:
 def shipped_split_path(split: str = "train") -> Path:
     """Path of the shipped JSONL of ``split``, found with ``importlib.resources``."""
     name = f"multitask_{_canonical_split(split)}.jsonl"
-    return Path(str(resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR, name)))
+    return Path(str(resources.files(_DATA_PACKAGE) / _DATA_DIR / name))
 
 
 # --------------------------------------------------------------------------- loading

@@ -28,7 +28,9 @@ from datalora.testing import build_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(cache_dir=tmp_path_factory.mktemp("tok"))
+    # the parent of the base temp dir is shared by pytest-xdist workers: one training,
+    # the others reuse it (or race on it, which build_tokenizer must survive)
+    return build_tokenizer(cache_dir=tmp_path_factory.getbasetemp().parent / "datalora-cache")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_splits_are_balanced_unique_and_disjoint():
 
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_shipped_jsonl_equals_generator(split):
-    path = resources.files("datalora").joinpath("data", f"multitask_{split}.jsonl")
+    path = resources.files("datalora") / "data" / f"multitask_{split}.jsonl"
     assert path.is_file()
     with path.open(encoding="utf-8") as f:
         shipped = [json.loads(line) for line in f]
