@@ -136,8 +136,8 @@ def sample_rows():
 
 
 def test_load_local_jsonl_json_parquet(tmp_path, sample_rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
 
     write_jsonl(sample_rows, tmp_path / "d.jsonl")
     (tmp_path / "d.json").write_text(json.dumps(sample_rows), encoding="utf-8")
@@ -174,8 +174,8 @@ def test_openorca_rows_without_task_or_id(tmp_path):
 
 
 def test_missing_columns_are_named(tmp_path, sample_rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
 
     rows = [{k: v for k, v in r.items() if k not in ("response", "system_prompt")}
             for r in sample_rows]
