@@ -198,18 +198,19 @@ def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Calla
 
 
 # ----------------------------------------------------------------------------- timers
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
+def _quantiles(times_ms: list[float]) -> tuple[float, float, float, float]:
+    """``(median, q20, q80, min)``."""
     t = sorted(times_ms)
 
     def q(p):  # linear interpolation, like numpy's default
         i = p * (len(t) - 1)
         lo, hi = math.floor(i), math.ceil(i)
         return t[lo] + (t[hi] - t[lo]) * (i - lo)
-    return statistics.median(t), q(0.2), q(0.8)
+    return statistics.median(t), q(0.2), q(0.8), t[0]
 
 
 def time_cpu(steps: dict[str, Callable], budget_s: float, min_reps: int, max_reps: int):
-    """Round-robin perf_counter timing: ``name -> (median, q20, q80, reps)`` in ms."""
+    """Round-robin perf_counter timing: ``name -> (median, q20, q80, min, reps)`` in ms."""
     for fn in steps.values():  # warm-up (allocator, first-call setup)
         fn()
     t0 = time.perf_counter()
@@ -261,7 +262,7 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
             extra = {n: dict(peak_mem_mb=v[3]) for n, v in timed.items()}
         else:
             timed = time_cpu(steps, preset["budget_s"], preset["min_reps"], preset["max_reps"])
-            extra = {n: dict(reps=v[3]) for n, v in timed.items()}
+            extra = {n: dict(min_ms=v[3], reps=v[4]) for n, v in timed.items()}
         for name, (med, q20, q80, *_) in timed.items():
             lora_part = name.startswith("molora_delta") or name == "loop_delta"
             loop = "loop_delta" if lora_part else "loop_linear"
@@ -383,20 +384,28 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
 
 # ----------------------------------------------------------------------------- main
 def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
-        plot: bool = True, log=print) -> dict:
-    """Runs a preset, writes ``molora_<preset>.json`` (+ ``.png``) to out_dir, returns it."""
+        plot: bool = True, log=print, only: str | None = None) -> dict:
+    """Runs a preset, writes ``molora_<preset>.json`` (+ ``.png``) to out_dir, returns it.
+
+    ``only``: run just the cases whose id contains this substring.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = PRESETS[preset_name]
     backends = timed_backends(device)
     meta = metadata(preset_name, device, backends)
     log(f"# {preset_name} on {meta['device_name']} ({meta['dtype']}), backends {backends}")
     rows = []
-    for case in preset["cases"]:
+    cases = [c for c in preset["cases"] if only is None or only in c.id]
+    if not cases:
+        raise ValueError(f"only: no case id of preset {preset_name!r} contains {only!r}")
+    for case in cases:
         t0 = time.perf_counter()
         case_rows = run_case(case, preset, device, backends)
         rows += case_rows
         log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
     targets = check_targets(rows, preset_name, backends)
+    if hasattr(os, "getloadavg"):
+        meta["load_average_end"] = list(os.getloadavg())
     result = dict(schema=SCHEMA, meta=meta, results=rows, targets=targets)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"molora_{preset_name}.json"
@@ -436,11 +445,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--only", default=None, metavar="SUBSTR",
+                        help="run only the cases whose id contains SUBSTR (e.g. T_sweep/T2048)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset == "gpu" and not torch.cuda.is_available():
         parser.error("--preset gpu needs a CUDA device")
-    run(preset, args.out, plot=not args.no_plot)
+    run(preset, args.out, plot=not args.no_plot and args.only is None, only=args.only)
     return 0
 
 
