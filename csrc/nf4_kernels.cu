@@ -1,0 +1,282 @@
+// NF4 CUDA kernels and their host (CPU) twins, both built on nf4.cuh.
+//
+// dequant: one thread decodes a 32-value chunk (16 packed bytes, one uint4 load; a chunk
+//   never straddles an absmax block because blocksize >= 32 is a multiple of 32) and writes
+//   it with 16-byte stores; the n % 32 tail is decoded value by value.
+// decode (small T): launch 1 (shrink) computes z[t, j, :] = scaling * g[t,j] * rs[t] *
+//   (A[e_tj] x[t]) with one warp per (t, j, rank); launch 2 streams each NF4 row of W once
+//   (one warp per output row, uint4 loads), dots it with the T tokens and adds bias and the
+//   routed experts' expand sum_{j,i} z[t,j,i] B[e_tj, o, i] before the single store of y.
+//   The kernel is bound by reading W (K*N/2 bytes): x, A and B are small and stay in L2.
+#include <algorithm>
+
+#include "nf4_ops.h"
+
+namespace datalora {
+namespace {
+
+constexpr int kChunk = 32;          // values per uint4 of packed data
+constexpr int kDequantThreads = 256;
+constexpr int kDecodeWarps = 8;     // output rows per CTA of the decode kernel
+
+template <typename T> struct Vec16 {  // T elements per 16 bytes
+  static constexpr int n = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDequantThreads)
+dequant_nf4_kernel(const uint8_t* __restrict__ data, NF4Scales sc, T* __restrict__ out,
+                   int64_t n, bool vec) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nchunks = n / kChunk;
+  for (int64_t c = tid; c < nchunks; c += stride) {
+    alignas(16) uint8_t bytes[16];
+    if (vec) {
+      *reinterpret_cast<uint4*>(bytes) = __ldg(reinterpret_cast<const uint4*>(data) + c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) bytes[j] = data[c * 16 + j];
+    }
+    const float s = sc.block(c * kChunk / sc.blocksize);
+    alignas(16) T vals[kChunk];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      vals[2 * j] = from_float<T>(nf4_decode(bytes[j] >> 4, s));
+      vals[2 * j + 1] = from_float<T>(nf4_decode(bytes[j] & 0xF, s));
+    }
+    T* dst = out + c * kChunk;
+    if (vec) {
+#pragma unroll
+      for (int j = 0; j < kChunk / Vec16<T>::n; ++j)
+        reinterpret_cast<uint4*>(dst)[j] = reinterpret_cast<const uint4*>(vals)[j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) dst[j] = vals[j];
+    }
+  }
+  const int64_t i = nchunks * kChunk + tid;
+  if (i < n) out[i] = from_float<T>(nf4_at(data, sc, i));
+}
+
+template <typename T>
+__global__ void molora_shrink_kernel(const T* __restrict__ x, MoLoRAArgs lora, int T_, int K) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int total = T_ * lora.k * lora.r;
+  if (warp >= total) return;
+  const int i = warp % lora.r, route = warp / lora.r, t = route / lora.k;
+  const int e = lora.ids[route];
+  const T* a = static_cast<const T*>(lora.A) + (static_cast<int64_t>(e) * lora.r + i) * K;
+  const T* xt = x + static_cast<int64_t>(t) * K;
+  constexpr int V = Vec16<T>::n;
+  float acc = 0.f;
+  for (int c = lane; c < K / V; c += 32) {
+    const uint4 av = __ldg(reinterpret_cast<const uint4*>(a) + c);
+    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(xt) + c);
+    const T* ae = reinterpret_cast<const T*>(&av);
+    const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc += to_float(ae[j]) * to_float(xe[j]);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    float s = lora.scaling * lora.gates[route];
+    if (lora.rank_scale != nullptr) s *= lora.rank_scale[t * lora.r + i];
+    lora.z[warp] = acc * s;
+  }
+}
+
+template <typename T, int TT>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+nf4_gemv_molora_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Scales sc,
+                       const T* __restrict__ bias, MoLoRAArgs lora, T* __restrict__ y, int T_,
+                       int K, int N) {
+  const int o = blockIdx.x * kDecodeWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (o >= N) return;
+  float acc[TT];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) acc[t] = 0.f;
+  const int64_t row = static_cast<int64_t>(o) * K;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + row / 2);
+  constexpr int V = Vec16<T>::n;
+  for (int c = lane; c < K / kChunk; c += 32) {
+    const uint4 packed = __ldg(wrow + c);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
+    const float s = sc.block((row + static_cast<int64_t>(c) * kChunk) / sc.blocksize);
+    float wv[kChunk];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      // round to T first: the same weights dequantize() + matmul would use
+      wv[2 * j] = to_float(from_float<T>(nf4_decode(bytes[j] >> 4, s)));
+      wv[2 * j + 1] = to_float(from_float<T>(nf4_decode(bytes[j] & 0xF, s)));
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      if (t < T_) {
+        const uint4* xv = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * K) +
+                          c * (kChunk / V);
+#pragma unroll
+        for (int q = 0; q < kChunk / V; ++q) {
+          const uint4 xq = __ldg(xv + q);
+          const T* xe = reinterpret_cast<const T*>(&xq);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[t] += wv[q * V + j] * to_float(xe[j]);
+        }
+      }
+    }
+  }
+  // expand of the routed experts: lanes split the k*r terms of each token
+  const int kr = lora.k * lora.r;
+  const T* Bm = static_cast<const T*>(lora.B);
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    if (t < T_) {
+      for (int idx = lane; idx < kr; idx += 32) {
+        const int j = idx / lora.r, i = idx % lora.r;
+        const int e = lora.ids[t * lora.k + j];
+        const float b = to_float(Bm[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
+        acc[t] += lora.z[t * kr + idx] * b;
+      }
+      const float v = warp_sum(acc[t]);
+      if (lane == 0) {
+        const float bv = bias != nullptr ? to_float(bias[o]) : 0.f;
+        y[static_cast<int64_t>(t) * N + o] = from_float<T>(v + bv);
+      }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_dequant(const uint8_t* data, const NF4Scales& sc, T* out, int64_t n,
+                           cudaStream_t stream) {
+  const bool vec = reinterpret_cast<uintptr_t>(data) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t work = std::max<int64_t>(n / kChunk, n % kChunk);
+  const int64_t blocks = std::max<int64_t>(1, (work + kDequantThreads - 1) / kDequantThreads);
+  dequant_nf4_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 30)),
+                          kDequantThreads, 0, stream>>>(data, sc, out, n, vec);
+  return cudaGetLastError();
+}
+
+template <typename T, int TT>
+void launch_gemv(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
+                 const MoLoRAArgs& lora, T* y, int T_, int K, int N, cudaStream_t stream) {
+  const unsigned blocks = (N + kDecodeWarps - 1) / kDecodeWarps;
+  nf4_gemv_molora_kernel<T, TT><<<blocks, kDecodeWarps * 32, 0, stream>>>(
+      x, w, sc, bias, lora, y, T_, K, N);
+}
+
+template <typename T>
+cudaError_t launch_decode(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
+                          const MoLoRAArgs& lora, T* y, int T_, int K, int N,
+                          cudaStream_t stream) {
+  const int warps = T_ * lora.k * lora.r;
+  if (warps > 0) {
+    molora_shrink_kernel<T><<<(warps + 7) / 8, 256, 0, stream>>>(x, lora, T_, K);
+  }
+  if (T_ <= 1) launch_gemv<T, 1>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  else if (T_ <= 2) launch_gemv<T, 2>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  else if (T_ <= 4) launch_gemv<T, 4>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  else if (T_ <= 8) launch_gemv<T, 8>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  else launch_gemv<T, 16>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  return cudaGetLastError();
+}
+
+template <typename T>
+void dequant_host(const uint8_t* data, const NF4Scales& sc, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(nf4_at(data, sc, i));
+}
+
+template <typename T>
+void decode_host(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
+                 const MoLoRAArgs& lora, T* y, int T_, int K, int N) {
+  const T* A = static_cast<const T*>(lora.A);
+  const T* B = static_cast<const T*>(lora.B);
+  for (int t = 0; t < T_; ++t) {  // shrink, same epilogue as the kernel
+    for (int j = 0; j < lora.k; ++j) {
+      const int route = t * lora.k + j, e = lora.ids[route];
+      for (int i = 0; i < lora.r; ++i) {
+        float acc = 0.f;
+        for (int c = 0; c < K; ++c)
+          acc += to_float(A[(static_cast<int64_t>(e) * lora.r + i) * K + c]) *
+                 to_float(x[static_cast<int64_t>(t) * K + c]);
+        float s = lora.scaling * lora.gates[route];
+        if (lora.rank_scale != nullptr) s *= lora.rank_scale[t * lora.r + i];
+        lora.z[route * lora.r + i] = acc * s;
+      }
+    }
+  }
+  for (int o = 0; o < N; ++o) {
+    for (int t = 0; t < T_; ++t) {
+      float acc = 0.f;
+      for (int c = 0; c < K; ++c) {
+        const float wv = to_float(from_float<T>(nf4_at(w, sc, static_cast<int64_t>(o) * K + c)));
+        acc += wv * to_float(x[static_cast<int64_t>(t) * K + c]);
+      }
+      for (int idx = 0; idx < lora.k * lora.r; ++idx) {
+        const int j = idx / lora.r, i = idx % lora.r, e = lora.ids[t * lora.k + j];
+        acc += lora.z[t * lora.k * lora.r + idx] *
+               to_float(B[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
+      }
+      const float bv = bias != nullptr ? to_float(bias[o]) : 0.f;
+      y[static_cast<int64_t>(t) * N + o] = from_float<T>(acc + bv);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t dequantize_nf4_cuda(const uint8_t* data, const NF4Scales& sc, void* out, DType dt,
+                                int64_t n, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kFloat32: return launch_dequant(data, sc, static_cast<float*>(out), n, stream);
+    case DType::kFloat16: return launch_dequant(data, sc, static_cast<__half*>(out), n, stream);
+    case DType::kBFloat16:
+      return launch_dequant(data, sc, static_cast<__nv_bfloat16*>(out), n, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+void dequantize_nf4_host(const uint8_t* data, const NF4Scales& sc, void* out, DType dt,
+                         int64_t n) {
+  switch (dt) {
+    case DType::kFloat32: dequant_host(data, sc, static_cast<float*>(out), n); break;
+    case DType::kFloat16: dequant_host(data, sc, static_cast<__half*>(out), n); break;
+    case DType::kBFloat16: dequant_host(data, sc, static_cast<__nv_bfloat16*>(out), n); break;
+  }
+}
+
+cudaError_t nf4_molora_decode_cuda(const void* x, const uint8_t* w, const NF4Scales& sc,
+                                   const void* bias, const MoLoRAArgs& lora, void* y, DType dt,
+                                   int T, int K, int N, cudaStream_t stream) {
+  if (dt == DType::kFloat16)
+    return launch_decode(static_cast<const __half*>(x), w, sc, static_cast<const __half*>(bias),
+                         lora, static_cast<__half*>(y), T, K, N, stream);
+  if (dt == DType::kBFloat16)
+    return launch_decode(static_cast<const __nv_bfloat16*>(x), w, sc,
+                         static_cast<const __nv_bfloat16*>(bias), lora,
+                         static_cast<__nv_bfloat16*>(y), T, K, N, stream);
+  return cudaErrorInvalidValue;
+}
+
+void nf4_molora_decode_host(const void* x, const uint8_t* w, const NF4Scales& sc,
+                            const void* bias, const MoLoRAArgs& lora, void* y, DType dt, int T,
+                            int K, int N) {
+  if (dt == DType::kFloat16)
+    decode_host(static_cast<const __half*>(x), w, sc, static_cast<const __half*>(bias), lora,
+                static_cast<__half*>(y), T, K, N);
+  else if (dt == DType::kBFloat16)
+    decode_host(static_cast<const __nv_bfloat16*>(x), w, sc,
+                static_cast<const __nv_bfloat16*>(bias), lora, static_cast<__nv_bfloat16*>(y),
+                T, K, N);
+}
+
+}  // namespace datalora

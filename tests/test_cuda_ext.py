@@ -1,0 +1,252 @@
+"""The ``datalora._C`` extension: host (CPU) twins of the kernels vs bitsandbytes and the
+torch reference, argument checks at the pybind11 boundary, import without a GPU, the
+``gpu``-marked kernel tests, and the wheel build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from datalora import _C_loader, nf4
+from datalora.reference import molora_delta_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = _C_loader.available()
+needs_ext = pytest.mark.skipif(
+    not BUILT, reason=f"datalora._C is not built here ({_C_loader.load_error()}); build with "
+                      "`pip install -e . --no-build-isolation` with nvcc on PATH")
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).to(dtype)
+    w.view(-1)[:64] = 0  # an all-zero block
+    return w
+
+
+def _lora(T, K, N, E, r, k, dtype, seed=0, rank_scale=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    A = (torch.randn(E, r, K, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(E, N, r, generator=g) / r**0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    gates = torch.rand(T, k, generator=g)
+    rs = torch.rand(T, r, generator=g) if rank_scale else None
+    bias = torch.randn(N, generator=g).to(dtype)
+    return x, A, B, ids, gates, rs, bias
+
+
+def _decode_reference(x, t, bias, A, B, ids, gates, rs, scaling):
+    """fp32 math on the dtype-rounded weights: what the kernels compute."""
+    w = nf4.dequantize(t, x.dtype).float()
+    base = x.float() @ w.T + bias.float()
+    rs32 = None if rs is None else rs.float()
+    return base + molora_delta_reference(x.float(), A.float(), B.float(), ids, gates.float(),
+                                         rs32, scaling)
+
+
+# ----------------------------------------------------------------------------- import
+def test_loader_never_breaks_import_and_reports_reason(monkeypatch):
+    loaded = _C_loader._load()
+    if BUILT:
+        assert _C_loader.load_error() is None
+        assert _C_loader.load().cuda_runtime_version() >= 12000
+    else:
+        assert isinstance(loaded, Exception)
+        with pytest.raises(_C_loader.ExtensionUnavailableError, match="datalora._C"):
+            _C_loader.load()
+
+
+@needs_ext
+def test_extension_imports_without_gpu_driver():
+    # a fresh interpreter that hides every GPU: import and a CUDA runtime query must not fail
+    code = ("import datalora._C as C; print(C.device_count(), C.cuda_runtime_version())")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, version = map(int, out.stdout.split())
+    assert count == 0 and version >= 12000
+    so = next((ROOT / "datalora").glob("_C*.so"), None)
+    if so is not None and shutil.which("ldd"):
+        deps = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
+        assert "libcudart" not in deps, "cudart must be linked statically"
+
+
+# ----------------------------------------------------------------------------- dequant host
+@needs_ext
+@pytest.mark.parametrize("shape", [
+    (64, 128),    # whole 32-value chunks
+    (7,),         # one short block
+    (33, 65),     # odd numel: tail chunk and half-filled last byte
+    (300, 257),   # > 256 absmax blocks (several nested blocks)
+])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_host_equals_bitsandbytes(shape, blocksize, double_quant, dtype):
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = _weight(shape, dtype, seed=blocksize)
+    data, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                  quant_type="nf4")
+    t = nf4.NF4Tensor.from_bnb((data, state))
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):
+        ref = F.dequantize_4bit(data, state, quant_type="nf4")
+    assert torch.equal(_C_loader.dequantize_nf4_host(t, dtype), ref)
+    # other output dtypes: the same fp32 value, rounded once
+    for other in (torch.float16, torch.bfloat16):
+        assert torch.equal(_C_loader.dequantize_nf4_host(t, other), nf4.dequantize(t, other))
+
+
+# ----------------------------------------------------------------------------- decode host
+@needs_ext
+@pytest.mark.parametrize("T, K, N, E, r, k", [
+    (1, 64, 40, 4, 8, 2),     # T = 1 decode step
+    (5, 96, 33, 3, 4, 3),     # odd N, k = E (dense mixture)
+    (16, 32, 8, 5, 1, 1),     # max T, r = 1 (SMoRA), prime E
+])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 2e-2, 2e-2),
+                                               (torch.float16, 2e-3, 2e-3)])
+def test_decode_host_matches_reference(T, K, N, E, r, k, double_quant, dtype, atol, rtol):
+    x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, dtype)
+    t = nf4.quantize(_weight((N, K), dtype), 64, double_quant)
+    y = _C_loader.nf4_molora_decode_host(x, t, bias, A, B, ids, gates, rs, 2.0)
+    ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
+    assert y.dtype == dtype and y.shape == (T, N)
+    # one rounding of the fp32 result to dtype
+    torch.testing.assert_close(y.float(), ref, atol=atol, rtol=rtol)
+    # the LoRA term is really in there: zero B changes the output
+    y0 = _C_loader.nf4_molora_decode_host(x, t, bias, A, torch.zeros_like(B), ids, gates, rs, 2.0)
+    assert not torch.equal(y0, y)
+
+
+@needs_ext
+def test_decode_host_without_rank_scale_or_bias():
+    x, A, B, ids, gates, _, _ = _lora(3, 64, 24, 4, 4, 2, torch.float16)
+    t = nf4.quantize(_weight((24, 64), torch.float16))
+    y = _C_loader.nf4_molora_decode_host(x, t, None, A, B, ids, gates, None, 0.5)
+    ref = _decode_reference(x, t, torch.zeros(24, dtype=torch.float16), A, B, ids, gates, None,
+                            0.5)
+    torch.testing.assert_close(y.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------- checks
+@needs_ext
+def test_boundary_rejects_bad_arguments():
+    C = _C_loader.load()
+    t = nf4.quantize(torch.randn(8, 64))
+    base = dict(data=t.data.data_ptr(), absmax=t.absmax.data_ptr(), nested_absmax=0,
+                nested_code=0, offset=0, out=torch.empty(512).data_ptr(), n=512, blocksize=64,
+                dtype=0)
+    with pytest.raises(ValueError, match="blocksize: expected a power of two"):
+        C.dequantize_nf4_host(**{**base, "blocksize": 48})
+    with pytest.raises(ValueError, match="data: expected a non-null"):
+        C.dequantize_nf4_host(**{**base, "data": 0})
+    with pytest.raises(ValueError, match="dtype: expected"):
+        C.dequantize_nf4_host(**{**base, "dtype": 7})
+    with pytest.raises(ValueError, match="nested_absmax, nested_code, offset"):
+        C.dequantize_nf4_host(**{**base, "nested_absmax": t.absmax.data_ptr()})
+    with pytest.raises(ValueError, match="n: expected >= 1"):
+        C.dequantize_nf4_host(**{**base, "n": 0})
+    x, A, B, ids, gates, rs, bias = _lora(2, 64, 8, 3, 4, 2, torch.bfloat16)
+    tw = nf4.quantize(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="T=17"):
+        _C_loader.nf4_molora_decode_host(torch.zeros(17, 64, dtype=torch.bfloat16), tw, bias, A,
+                                         B, torch.zeros(17, 2, dtype=torch.long),
+                                         torch.ones(17, 2))
+    with pytest.raises(ValueError, match="d_in=48"):
+        _C_loader.nf4_molora_decode_host(torch.zeros(2, 48, dtype=torch.bfloat16),
+                                         nf4.quantize(torch.randn(8, 48)), bias, A, B, ids, gates)
+    with pytest.raises(ValueError, match="bias: expected dtype"):
+        _C_loader.nf4_molora_decode_host(x, tw, bias.float(), A, B, ids, gates)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        _C_loader.nf4_molora_decode_cuda(x, tw, bias, A, B, ids, gates)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("shape", [(4096, 4096), (33, 65), (7,), (1000, 4096)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_cuda_equals_host(shape, double_quant, dtype):
+    t = nf4.quantize(_weight(shape, dtype), 64, double_quant)
+    host = _C_loader.dequantize_nf4_host(t, dtype)
+    dev = nf4.dequantize(t.to("cuda"), dtype)
+    assert torch.equal(dev.cpu(), host)
+    # a misaligned (non-16-byte) output/data view takes the scalar path, same values
+    t_off = nf4.NF4Tensor(torch.cat([t.data.new_zeros(1, 1), t.data]).cuda()[1:], t.absmax.cuda(),
+                          t.shape, t.dtype, t.blocksize,
+                          *(None if v is None else v.cuda()
+                            for v in (t.nested_absmax, t.nested_code, t.offset)))
+    assert torch.equal(nf4.dequantize(t_off, dtype).cpu(), host)
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("T, K, N, E, r, k", [
+    (1, 4096, 4096, 8, 16, 2),   # decode step at model size
+    (3, 96, 33, 3, 4, 3),        # tiny, odd N, k = E
+    (16, 512, 1000, 8, 8, 2),    # max T
+])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 3e-2, 2e-2),
+                                               (torch.float16, 5e-3, 5e-3)])
+def test_decode_cuda_matches_reference(T, K, N, E, r, k, dtype, atol, rtol):
+    x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, dtype)
+    t = nf4.quantize(_weight((N, K), dtype), 64, True)
+    ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
+    cuda = [v.cuda() for v in (x, bias, A, B, ids, gates, rs)]
+    xd, bd, Ad, Bd, idd, gd, rsd = cuda
+    y = _C_loader.nf4_molora_decode_cuda(xd, t.to("cuda"), bd, Ad, Bd, idd, gd, rsd, 2.0)
+    torch.testing.assert_close(y.float().cpu(), ref, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------- wheel
+@pytest.mark.slow
+@needs_ext
+def test_wheel_contains_extension_and_installs(tmp_path):
+    pytest.importorskip("build")
+    dist = tmp_path / "dist"
+    env = dict(os.environ, DATALORA_BUILD_CUDA="1")
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
+                    "--skip-dependency-check", "--outdir",
+                    str(dist), str(ROOT)], check=True, env=env, capture_output=True,
+                   timeout=900)
+    wheel = next(dist.glob("datalora-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True, timeout=300)
+    py = venv / "bin" / "python"
+    # torch & co. come from this interpreter's site-packages (a plain path entry, so its
+    # editable-install hook for the source tree is not activated there)
+    import sysconfig
+
+    new_site = subprocess.run([str(py), "-c", "import sysconfig; "
+                               "print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    Path(new_site, "_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # run outside the repo so the installed copy (not the source tree) is imported
+    code = ("import datalora, datalora._C as C, datalora.nf4 as n, torch; "
+            f"assert C.__file__.startswith({str(venv)!r}), C.__file__; "
+            "t = n.quantize(torch.randn(8, 64)); "
+            "from datalora import _C_loader as L; "
+            "assert torch.equal(L.dequantize_nf4_host(t, torch.float32), n.dequantize(t, None)); "
+            "print(C.__file__)")
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
