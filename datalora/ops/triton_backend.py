@@ -216,77 +216,18 @@ def scatter_tokens(hidden, packed, keep_idx, weight):
     return _tok.scatter(hidden, packed, keep_idx, weight)
 
 
-# ---- fused base + LoRA linear: y = F.linear(x, W, b), then the expand adds into y ----
+def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+    """Fused ``y = x @ weight.T + bias + delta``: returns ``(y [T, d_out], h [T, k, r])``.
 
-@torch.library.custom_op("datalora_triton::molora_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
-               gates: torch.Tensor, rank_scale: torch.Tensor | None,
-               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    y = F.linear(x, weight, bias).contiguous()
-    h = x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1])
+    The base GEMM is cuBLAS (``F.linear``); the LoRA expand then adds into that fresh y
+    in place, so y is read and written once more instead of materialising delta and
+    adding it. Autograd is the ``datalora::molora_linear`` op's (``datalora.ops.molora``).
+    """
     if x.dtype == torch.float64:
         delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
-        return y + delta, h
-    if x.shape[0] > 0:  # the expand reads and writes y once, adding the LoRA update
+        return F.linear(x, weight, bias) + delta, h
+    y = F.linear(x, weight, bias).contiguous()
+    h = x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1])
+    if x.shape[0] > 0:
         _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, True, None)
     return y, h
-
-
-@_linear_op.register_fake
-def _(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
-    return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1]))
-
-
-@torch.library.custom_op("datalora_triton::molora_linear_lora_backward", mutates_args=())
-def _lora_backward_op(
-        grad: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-        expert_ids: torch.Tensor, gates: torch.Tensor, rank_scale: torch.Tensor | None,
-        h: torch.Tensor, scaling: float, needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling,
-                           tuple(needs))
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
-
-
-@_lora_backward_op.register_fake
-def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs):
-    like = (x, A, B, gates, rank_scale)
-    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
-                 for t, need in zip(like, needs, strict=True))
-
-
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling = inputs
-    ctx.save_for_backward(x, weight, A, B, expert_ids, gates, rank_scale, output[1])
-    ctx.scaling = scaling
-
-
-def _linear_backward(ctx, grad_y, _grad_h):
-    x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[3], n[4], n[6], n[7]]
-    grad_y = grad_y.contiguous()
-    lora = [None] * 5
-    if any(needs):
-        out = _lora_backward_op(grad_y, x, A, B, expert_ids, gates, rank_scale, h,
-                                ctx.scaling, needs)
-        lora = [g if need else None for g, need in zip(out, needs, strict=True)]
-    dx = grad_y @ weight + lora[0] if n[0] else None
-    dW = grad_y.T @ x if n[1] else None
-    db = grad_y.sum(0) if n[2] else None
-    return dx, dW, db, lora[1], lora[2], None, lora[3], lora[4], None
-
-
-_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-def molora_linear_op(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
-    """Fused ``y = x @ weight.T + bias + delta``: x ``[T, d_in]`` -> y ``[T, d_out]``.
-
-    The base GEMM is cuBLAS; the LoRA expand then adds into y in place (y is read and
-    written once more). Differentiable through the ``datalora_triton::molora_linear``
-    custom op (fake kernel + autograd registered).
-    """
-    return _linear_op(x, weight, bias, A, B, expert_ids, gates, rank_scale, float(scaling))[0]

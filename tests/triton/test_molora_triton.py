@@ -1,0 +1,246 @@
+"""Triton MoLoRA kernels vs the fp64 reference and the torch backend: forward, every
+gradient, both strategies, skewed routing, edge shapes (interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import DTYPES, assert_close_calibrated, make_inputs, max_err
+from conftest import requires_gpu
+
+from datalora import ops
+from datalora.ops import torch_backend
+from datalora.ops import triton_backend as tb
+from datalora.reference import molora_delta_reference, molora_linear_reference
+
+STRATEGIES = ["dense", "grouped"]
+
+# (T, d_in, d_out, E, r, k)
+SHAPES = [
+    (1, 16, 24, 4, 8, 2),       # T = 1 (decode)
+    (37, 45, 29, 5, 3, 2),      # odd T, d_in, d_out, r; T not a multiple of the block
+    (70, 37, 50, 6, 16, 6),     # k = E: dense mixture, every expert weighted
+    (20, 64, 40, 1, 1, 1),      # one expert of rank 1 (SMoRA-like column)
+    (33, 40, 24, 7, 5, 3),      # prime E, odd k
+    (9, 24, 20, 2, 128, 1),     # largest rank, k = 1 (multi-tenant)
+    (24, 32, 16, 64, 2, 2),     # E = 64: most experts empty
+]
+
+
+def _grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+              for t in inputs]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(out.shape, generator=gen).to(out)
+    out.backward(gy)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _run_public(x, A, B, ids, g, rs, scaling, backend):
+    fn = lambda x, A, B, g, rs: ops.molora_delta(x, A, B, ids, g, rs, scaling, backend=backend)
+    return _grads(fn, (x, A, B, g, rs))
+
+
+def _run_reference(x, A, B, ids, g, rs, scaling):
+    up = lambda t: None if t is None else t.double()
+    fn = lambda x, A, B, g, rs: molora_delta_reference(x, A, B, ids, g, rs, scaling)
+    return _grads(fn, tuple(up(t) for t in (x, A, B, g, rs)))
+
+
+def _check_all(x, A, B, ids, g, rs, eps, scaling=0.5):
+    out, grads = _run_public(x, A, B, ids, g, rs, scaling, "triton")
+    base_out, base_grads = _run_public(x, A, B, ids, g, rs, scaling, "torch")
+    ref_out, ref_grads = _run_reference(x, A, B, ids, g, rs, scaling)
+    assert_close_calibrated("delta", out, base_out, ref_out, eps)
+    for name, got, base, ref in zip(("dx", "dA", "dB", "dgates", "drank_scale"), grads,
+                                    base_grads, ref_grads, strict=True):
+        if ref is None:
+            assert got is None
+            continue
+        assert_close_calibrated(name, got, base, ref, eps)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+def test_delta_forward_backward(shape, strategy, dtype, eps, device, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    T, d_in, d_out, E, r, k = shape
+    _check_all(*make_inputs(T, d_in, d_out, E, r, k, dtype, device), eps)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("routing", ["one_expert", "dup"])
+@pytest.mark.parametrize("rank_scale", [True, False])
+def test_skewed_routing(strategy, routing, rank_scale, device, monkeypatch):
+    """All tokens on one expert (others empty), or one expert twice in a token."""
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    inputs = make_inputs(67, 40, 36, 6, 8, 2, torch.float32, device, routing=routing,
+                         rank_scale=rank_scale)
+    _check_all(*inputs, eps=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_backend_functions_match_torch_backend(strategy, device):
+    """The protocol functions directly, including h and partial ``needs``."""
+    x, A, B, ids, g, rs = make_inputs(40, 24, 20, 8, 4, 2, torch.float32, device)
+    delta, h = tb.delta_forward(x, A, B, ids, g, rs, 2.0, strategy=strategy)
+    delta_t, h_t = torch_backend.delta_forward(x, A, B, ids, g, rs, 2.0)
+    torch.testing.assert_close(delta, delta_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_t, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(delta)
+    for needs in [(True, False, False, False, False), (False, True, True, False, False),
+                  (False, False, False, True, True)]:
+        got = tb.delta_backward(gy, x, A, B, ids, g, rs, h, 2.0, needs, strategy=strategy)
+        want = torch_backend.delta_backward(gy, x, A, B, ids, g, rs, h_t, 2.0, needs)
+        for a, b, need in zip(got, want, needs, strict=True):
+            assert (a is None) == (not need)
+            if need:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_inputs(strategy, device, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    x, A, B, ids, g, rs = make_inputs(30, 26, 22, 4, 6, 2, torch.float32, device)
+    x_nc = torch.cat([x, x], 1)[:, ::2]                       # column stride 2
+    A_nc = A.transpose(1, 2).contiguous().transpose(1, 2)    # d_in-major experts
+    B_nc = B.permute(1, 0, 2).contiguous().permute(1, 0, 2)   # [d_out, E, r] storage
+    ids_nc = torch.cat([ids, ids], 1)[:, ::2]
+    assert not (x_nc.is_contiguous() or A_nc.is_contiguous() or B_nc.is_contiguous())
+    _check_all(x_nc, A_nc, B_nc, ids_nc, g.t().contiguous().t(), rs, eps=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_batch(strategy, device, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    x, A, B, ids, g, rs = make_inputs(0, 16, 12, 4, 4, 2, torch.float32, device)
+    out, grads = _run_public(x, A, B, ids, g, rs, 1.0, "triton")
+    assert out.shape == (0, 12)
+    assert grads[0].shape == (0, 16)
+    assert torch.equal(grads[1], torch.zeros_like(A))
+    assert torch.equal(grads[2], torch.zeros_like(B))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_range_ids_are_clamped(strategy, device):
+    """Unchecked bad ids never read out of bounds: they act as the clamped expert."""
+    x, A, B, ids, g, rs = make_inputs(19, 24, 16, 5, 4, 2, torch.float32, device)
+    bad = ids.clone()
+    bad[0, 0], bad[3, 1], bad[7, 0] = -3, 5, 1000
+    if bad[0, 1] == 0:
+        bad[0, 1] = 1
+    got, h = tb.delta_forward(x, A, B, bad, g, rs, 1.0, strategy=strategy)
+    want, h_want = torch_backend.delta_forward(x, A, B, bad.clamp(0, 4), g, rs, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_token_does_not_leak(strategy, device):
+    x, A, B, ids, g, rs = make_inputs(40, 24, 16, 4, 4, 2, torch.float32, device)
+    x[5, 3] = float("nan")
+    out, _ = tb.delta_forward(x, A, B, ids, g, rs, 1.0, strategy=strategy)
+    assert torch.isnan(out[5]).all()
+    others = torch.cat([out[:5], out[6:]])
+    assert torch.isfinite(others).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_weight_grads_are_deterministic(strategy, device):
+    x, A, B, ids, g, rs = make_inputs(90, 32, 24, 4, 8, 2, torch.float32, device,
+                                      routing="one_expert")
+    delta, h = tb.delta_forward(x, A, B, ids, g, rs, 1.0, strategy=strategy)
+    gy = torch.randn_like(delta)
+    runs = [tb.delta_backward(gy, x, A, B, ids, g, rs, h, 1.0, (True,) * 5, strategy=strategy)
+            for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_strategy_heuristic():
+    assert tb.choose_strategy(8, 16, 2) == "dense"      # E*r = 128
+    assert tb.choose_strategy(64, 16, 64) == "dense"    # dense mixture k = E
+    assert tb.choose_strategy(64, 16, 2) == "grouped"   # 32x wasted work
+    assert tb.choose_strategy(32, 128, 2) == "grouped"
+
+
+def test_permutation_is_shared_until_ids_change(device):
+    ids = torch.randint(0, 6, (50, 2), device=device)
+    p1, p2 = tb.permutation(ids, 6), tb.permutation(ids, 6)
+    assert p1 is p2
+    assert torch.equal(p1.expert_offsets[-1].cpu(), torch.tensor(100))
+    ids[0, 0] = (ids[0, 0] + 1) % 6
+    assert tb.permutation(ids, 6) is not p1
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+def test_molora_linear(bias, strategy, dtype, eps, device, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    k = 3 if bias else 1  # k = 1: the grouped expand adds into y in-kernel
+    x, A, B, ids, g, rs = make_inputs(45, 40, 36, 6, 8, k, dtype, device)
+    gen = torch.Generator().manual_seed(3)
+    W = (torch.randn(36, 40, generator=gen) / 40 ** 0.5).to(device, dtype)
+    b = torch.randn(36, generator=gen).to(device, dtype) if bias else None
+
+    def run(backend, dt=None):
+        cast = (lambda t: t) if dt is None else (lambda t: None if t is None else t.to(dt))
+        fn = (lambda x, W, b, A, B, g, rs: ops.molora_linear(x, W, b, A, B, ids, g, rs, 0.5,
+                                                             backend=backend))
+        if backend == "reference":
+            fn = (lambda x, W, b, A, B, g, rs: molora_linear_reference(x, W, b, A, B, ids, g,
+                                                                       rs, 0.5))
+        return _grads(fn, tuple(cast(t) for t in (x, W, b, A, B, g, rs)))
+
+    out, grads = run("triton")
+    base_out, base_grads = run("torch")
+    ref_out, ref_grads = run("reference", torch.float64)
+    assert_close_calibrated("y", out, base_out, ref_out, eps)
+    for name, got, base, ref in zip(("dx", "dW", "db", "dA", "dB", "dgates", "drank_scale"),
+                                    grads, base_grads, ref_grads, strict=True):
+        if ref is None:
+            assert got is None
+        else:
+            assert_close_calibrated(name, got, base, ref, eps)
+
+
+def test_molora_linear_opcheck(device):
+    x, A, B, ids, g, rs = make_inputs(12, 16, 20, 4, 4, 2, torch.float32, device)
+    W = torch.randn(20, 16, device=device)
+    for t in (x, A, B, g, rs, W):
+        t.requires_grad_(True)
+    op = torch.ops.datalora.molora_linear.default
+    torch.library.opcheck(op, (x, W, None, A, B, ids, g, rs, 0.5, "triton"))
+    op = torch.ops.datalora.molora_delta.default
+    torch.library.opcheck(op, (x, A, B, ids, g, rs, 0.5, "triton"))
+
+
+# ---------------------------------------------------------------- GPU only (bf16, large)
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [
+    (4096, 4096, 4096, 8, 16, 2),     # 7B attention projection, top-2 of 8
+    (3001, 3424, 1000, 64, 128, 2),   # odd d (3424), many experts, large rank
+    (1, 4096, 14336, 8, 16, 8),       # decode, dense mixture
+])
+def test_large_shapes_gpu(shape, strategy, dtype, eps, device, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    T, d_in, d_out, E, r, k = shape
+    _check_all(*make_inputs(T, d_in, d_out, E, r, k, dtype, device), eps)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_bf16_forward_matches_fp32_gpu(device):
+    x, A, B, ids, g, rs = make_inputs(257, 512, 384, 8, 16, 2, torch.bfloat16, device)
+    out, _ = tb.delta_forward(x, A, B, ids, g, rs, 2.0)
+    ref = molora_delta_reference(x.float(), A.float(), B.float(), ids, g.float(), rs.float(),
+                                 2.0)
+    base, _ = torch_backend.delta_forward(x, A, B, ids, g, rs, 2.0)
+    assert max_err(out, ref) <= 2 * max_err(base, ref) + 1e-2 * ref.abs().max().item()
