@@ -1,0 +1,1 @@
+"""Scripts that produce the evidence numbers under ``benchmarks/results/`` (LoRA-TLE, TITOK)."""

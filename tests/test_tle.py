@@ -1,0 +1,313 @@
+"""LoRA-TLE: routing math, modes, equivalence with merged weights, padding, save/load."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from datalora.testing import build_tiny_model
+from datalora.tle import (
+    AdapterMixLinear,
+    HiddenStateEmbedder,
+    TokenLevelAdapterMixer,
+    anchor_positions,
+    load_peft_adapter,
+    pack_adapters,
+    recompute_positions,
+    routing_weights,
+)
+
+peft = pytest.importorskip("peft")
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+# name -> (rank, alpha, targets, rslora): different ranks, alphas, targets on purpose
+SPECS = {"a": (2, 4.0, ["q_proj", "v_proj"], False),
+         "b": (4, 2.0, ["q_proj", "o_proj"], False),
+         "c": (3, 6.0, ["v_proj", "up_proj"], True)}
+
+
+def small_model():
+    return build_tiny_model(seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = []
+    for i, (name, (r, alpha, targets, rslora)) in enumerate(SPECS.items()):
+        torch.manual_seed(100 + i)
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                              use_rslora=rslora, init_lora_weights=False)
+        model = peft.get_peft_model(small_model(), cfg)
+        with torch.no_grad():  # a visible update, as after training
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.5)
+        model.save_pretrained(str(root / name))
+        dirs.append(root / name)
+    return dirs
+
+
+def ids(B=2, L=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 300, (B, L), generator=g)
+
+
+def merged_model(adapters, weights):
+    """The base model with ``sum_i w_i dW_i`` merged into every adapted weight."""
+    model = small_model()
+    with torch.no_grad():
+        for adapter, w in zip(adapters, weights, strict=True):
+            for module in adapter.modules:
+                model.get_submodule(module).weight += w * adapter.delta_weight(module)
+    return model
+
+
+# ----------------------------------------------------------------------------- routing
+
+def test_routing_weights_hand_case():
+    emb = torch.tensor([[3.0, 0.0], [0.0, -2.0]])
+    cents = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    tau = 0.5
+    got = routing_weights(emb, cents, tau)
+    for row, cos in zip(got, ([1.0, 0.0, 1 / math.sqrt(2)], [0.0, -1.0, -1 / math.sqrt(2)]),
+                        strict=True):
+        exps = [math.exp(c / tau) for c in cos]
+        want = torch.tensor([e / sum(exps) for e in exps])
+        torch.testing.assert_close(row, want, atol=1e-6, rtol=1e-6)
+    # scale invariance of the cosine, sharper with a smaller tau
+    torch.testing.assert_close(routing_weights(emb * 7, cents, tau), got)
+    assert routing_weights(emb, cents, 0.05)[0, 0] > got[0, 0]
+    with pytest.raises(ValueError, match="tau"):
+        routing_weights(emb, cents, 0.0)
+    with pytest.raises(ValueError, match="centroids"):
+        routing_weights(emb, cents[:, :1], 1.0)
+
+
+@pytest.mark.parametrize("mode,n,want", [
+    ("token", 2, [2, 2, 2, 3, 4, 5, 6, 7]),
+    ("every_n", 2, [2, 2, 2, 2, 4, 4, 6, 6]),
+    ("every_n", 3, [2, 2, 2, 2, 2, 5, 5, 5]),
+    ("every_n", 1, [2, 2, 2, 3, 4, 5, 6, 7]),   # n = 1 is every token
+    ("prompt", 2, [2] * 8),
+])
+def test_anchor_positions(mode, n, want):
+    got = anchor_positions(torch.tensor([3, 8]), 8, mode, n)
+    assert got[0].tolist() == want
+    assert got[1].tolist() == [7] * 8            # all prompt: one routing
+    assert recompute_positions(3, 8, mode, n) == sorted(set(want))
+
+
+def test_anchor_positions_validation():
+    with pytest.raises(ValueError, match="mode"):
+        anchor_positions(torch.tensor([2]), 4, "sentence")
+    with pytest.raises(ValueError, match="every_n"):
+        anchor_positions(torch.tensor([2]), 4, "every_n", 0)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        anchor_positions(torch.tensor([5]), 4, "token")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def test_padding_of_ranks_alphas_and_missing_modules(adapter_dirs):
+    adapters = [load_peft_adapter(d) for d in adapter_dirs]
+    packed = pack_adapters(adapters)
+    assert sorted(packed) == sorted({f"model.layers.{i}.{kind}.{m}" for i in range(2)
+                                     for m, kind in (("q_proj", "self_attn"),
+                                                     ("v_proj", "self_attn"),
+                                                     ("o_proj", "self_attn"),
+                                                     ("up_proj", "mlp"))})
+    q = "model.layers.0.self_attn.q_proj"
+    A, B = packed[q]
+    assert A.shape == (3, 4, 64) and B.shape == (3, 64, 4)        # padded to max rank 4
+    raw = peft.utils.load_peft_weights if hasattr(peft.utils, "load_peft_weights") else None
+    assert raw is not None
+    t = raw(str(adapter_dirs[0]))
+    a0 = t[f"base_model.model.{q}.lora_A.weight"]
+    b0 = t[f"base_model.model.{q}.lora_B.weight"]
+    torch.testing.assert_close(A[0, :2], a0)
+    torch.testing.assert_close(B[0, :, :2], b0 * (4.0 / 2))       # alpha / r folded into B
+    assert not A[0, 2:].any() and not B[0, :, 2:].any()            # padded rank dims are 0
+    tc = raw(str(adapter_dirs[2]))
+    v = "model.layers.1.self_attn.v_proj"
+    torch.testing.assert_close(packed[v][1][2, :, :3],
+                               tc[f"base_model.model.{v}.lora_B.weight"] * (6.0 / math.sqrt(3)))
+    assert not packed[q][0][2].any() and not packed[q][1][2].any()  # c has no q_proj: zero
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_one_hot_mixer_equals_the_peft_adapter(adapter_dirs, which):
+    x = ids()
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs)
+    onehot = [1.0 if i == which else 0.0 for i in range(3)]
+    got = mixer(x, weights=torch.tensor(onehot)).logits
+    ref = peft.PeftModel.from_pretrained(small_model(), str(adapter_dirs[which])).eval()
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        base = small_model()(input_ids=x).logits
+    assert (want - base).abs().max() > 1e-2                        # the adapter does something
+
+
+def test_dense_mix_equals_merged_delta_w(adapter_dirs):
+    adapters = [load_peft_adapter(d) for d in adapter_dirs]
+    w = [0.5, 0.2, 0.3]
+    x = ids()
+    mixer = TokenLevelAdapterMixer(small_model(), adapters)
+    got = mixer(x, weights=torch.tensor(w)).logits
+    with torch.no_grad():
+        want = merged_model(adapters, w)(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_per_token_weights_equal_per_token_merged_weights(adapter_dirs):
+    """At the layer level: token t's output is (W + sum_i w_ti dW_i) x_t."""
+    adapters = [load_peft_adapter(d) for d in adapter_dirs]
+    mixer = TokenLevelAdapterMixer(small_model(), adapters)
+    name = "model.layers.1.self_attn.v_proj"
+    layer = mixer.model.get_submodule(name)
+    assert isinstance(layer, AdapterMixLinear)
+    T = 5
+    x = torch.randn(T, 64)
+    w = torch.softmax(torch.randn(T, 3), -1)
+    mixer._slot.set(w)
+    with torch.no_grad():
+        got = layer(x)
+    mixer._slot.set(None)
+    W = layer.base_layer.weight
+    for t in range(T):
+        merged = W + sum(w[t, i] * a.delta_weight(name) for i, a in enumerate(adapters)
+                         if name in a.modules)
+        torch.testing.assert_close(got[t], merged @ x[t], atol=1e-5, rtol=1e-5)
+
+
+def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, top_k=1)
+    x = ids(B=1)
+    got = mixer(x, weights=torch.tensor([0.2, 0.5, 0.3])).logits
+    full = TokenLevelAdapterMixer(small_model(), adapter_dirs)
+    want = full(x, weights=torch.tensor([0.0, 1.0, 0.0])).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_peft_add_weighted_adapter_cat(adapter_dirs):
+    """The original method: merge per step with PEFT's add_weighted_adapter('cat')."""
+    w = [0.6, 0.1, 0.3]
+    x = ids(B=1)
+    ref = peft.PeftModel.from_pretrained(small_model(), str(adapter_dirs[0]), adapter_name="a")
+    for name, d in zip("bc", adapter_dirs[1:], strict=True):
+        ref.load_adapter(str(d), adapter_name=name)
+    ref.add_weighted_adapter(["a", "b", "c"], w, "mix", combination_type="cat")
+    ref.set_adapter("mix")
+    ref.eval()
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    got = TokenLevelAdapterMixer(small_model(), adapter_dirs)(x, weights=torch.tensor(w)).logits
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- routing modes
+
+def _fitted_mixer(adapter_dirs, mode, every_n=2, layer=-1, model=None):
+    mixer = TokenLevelAdapterMixer(model or small_model(), adapter_dirs, mode=mode,
+                                   every_n=every_n, tau=0.02,
+                                   embedder=HiddenStateEmbedder(layer))
+    g = torch.Generator().manual_seed(3)
+    mixer.centroids = torch.randn(3, 64, generator=g)
+    return mixer
+
+
+@pytest.mark.parametrize("mode,n", [("token", 2), ("every_n", 2), ("every_n", 3), ("prompt", 2)])
+def test_generation_matches_teacher_forcing_and_recomputes_per_mode(adapter_dirs, mode, n):
+    """KV-cached generation with routing updates == a teacher-forced forward of its output."""
+    mixer = _fitted_mixer(adapter_dirs, mode, n)
+    prompt = ids(B=1, L=5, seed=1)
+    P, new = prompt.shape[1], 7
+    res = mixer.generate(prompt, new, return_details=True)
+    seq = res["sequences"]
+    assert seq.shape == (1, P + new)
+    expected = [p for p in recompute_positions(P, P + new - 1, mode, n)]
+    assert res["recomputes"] == len(expected)
+    w = res["weights"]                     # [new, N] weights used to predict each new token
+    changed = [P - 1 + i for i in range(1, new) if not torch.equal(w[i], w[i - 1])]
+    assert changed == [p for p in expected if p > P - 1]
+    with torch.no_grad():
+        tf = mixer(seq[:, :-1], prompt_lengths=torch.tensor([P]))
+    torch.testing.assert_close(res["logits"], tf.logits[0, P - 1:].float(), atol=1e-4,
+                               rtol=1e-4)
+    torch.testing.assert_close(mixer.last_weights[0, P - 1:], w, atol=1e-6, rtol=1e-6)
+
+
+def test_routing_depends_on_the_context(adapter_dirs):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    x = ids(B=2, L=6, seed=4)
+    w = mixer.routing_for(x, prompt_lengths=torch.tensor([2, 2]))
+    assert w.shape == (2, 6, 3)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 6))
+    assert not torch.allclose(w[0, 2], w[0, 5])          # token level: changes with context
+    assert torch.equal(w[0, 0], w[0, 1])                  # prompt positions share routing
+    prompt_mixer = _fitted_mixer(adapter_dirs, "prompt")
+    wp = prompt_mixer.routing_for(x, prompt_lengths=torch.tensor([2, 2]))
+    assert torch.equal(wp[0, 5], wp[0, 1])
+
+
+def test_save_load_round_trip(adapter_dirs, tmp_path):
+    mixer = _fitted_mixer(adapter_dirs, "every_n", 2)
+    x = ids()
+    want = mixer(x, prompt_lengths=torch.tensor([3, 4])).logits
+    mixer.save_pretrained(tmp_path / "mixer")
+    loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+    assert (loaded.names, loaded.mode, loaded.every_n, loaded.tau, loaded.top_k) == \
+        (mixer.names, "every_n", 2, 0.02, 3)
+    assert torch.equal(loaded.centroids, mixer.centroids)
+    got = loaded(x, prompt_lengths=torch.tensor([3, 4])).logits
+    assert torch.equal(got, want)
+    with pytest.raises(FileNotFoundError):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "nothing")
+
+
+def test_fit_centroids_and_routing_prefers_own_prompts(adapter_dirs):
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.01,
+                                   embedder=HiddenStateEmbedder(0))
+    groups = [["What is 3 + 4?", "What is 12 * 9?"],
+              ["Reverse the letters: abcde", "Reverse the letters: qwer"],
+              ["Sort in ascending order: 5, 2, 9", "Sort in ascending order: b, a, c"]]
+    cents = mixer.fit_centroids(groups, tok)
+    assert cents.shape == (3, 64)
+    emb = mixer.embed_texts([g[0] for g in groups], tok)
+    assert mixer.weights_for(emb).argmax(-1).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="prompts"):
+        mixer.fit_centroids(groups[:2], tok)
+
+
+def test_validation(adapter_dirs):
+    with pytest.raises(ValueError, match="top_k"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, top_k=4)
+    with pytest.raises(ValueError, match="mode"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, mode="sometimes")
+    with pytest.raises(ValueError, match="tau"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=-1.0)
+    with pytest.raises(FileNotFoundError):
+        load_peft_adapter(adapter_dirs[0].parent / "missing")
+    with pytest.raises(ValueError, match="module"):  # adapters for another base model
+        TokenLevelAdapterMixer(build_tiny_model(vocab_size=300, hidden_size=32,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2), adapter_dirs)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs)
+    with pytest.raises(ValueError, match="centroids"):
+        mixer.routing_for(ids())
+    with pytest.raises(ValueError, match="routing"):   # called without mixer weights
+        mixer.model(input_ids=ids())
+    with pytest.raises(ValueError, match="weights"):
+        mixer(ids(), weights=torch.ones(2))
+    with pytest.raises(ValueError, match="input_ids"):
+        mixer.generate(ids(B=2), 3)
+    copy.deepcopy(mixer)  # deep-copyable (slot holds no tensors between forwards)
