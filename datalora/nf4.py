@@ -301,6 +301,24 @@ def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torc
         from datalora import _C_loader
 
         if _C_loader.available():
-            return _C_loader.dequantize_nf4_cuda(t, dtype)
+            return _dequantize_cuda_op(t.data, t.absmax, t.nested_absmax, t.nested_code,
+                                       t.offset, list(t.shape), t.blocksize, dtype)
         _C_loader.warn_fallback("nf4.dequantize on CUDA uses the torch fallback")
     return dequantize_torch(t, dtype)
+
+
+@torch.library.custom_op("datalora::nf4_dequantize_cuda", mutates_args=())
+def _dequantize_cuda_op(data: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                        offset: torch.Tensor | None, shape: list[int], blocksize: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    from datalora import _C_loader
+
+    t = NF4Tensor(data, absmax, torch.Size(shape), dtype, blocksize, nested_absmax,
+                  nested_code, offset)
+    return _C_loader.dequantize_nf4_cuda(t, dtype)
+
+
+@_dequantize_cuda_op.register_fake
+def _(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):
+    return data.new_empty(shape, dtype=dtype)

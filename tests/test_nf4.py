@@ -156,3 +156,124 @@ def test_nf4tensor_validates_fields():
         nf4.dequantize(t, torch.int8)
     with pytest.raises(TypeError, match="t: expected an NF4Tensor"):
         nf4.dequantize(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- NF4 base layers
+from datalora import MoLoRALinear  # noqa: E402
+from datalora.nf4_linear import NF4Linear  # noqa: E402
+from datalora.reference import molora_delta_reference  # noqa: E402
+from datalora.routing import Routing  # noqa: E402
+
+
+def _linear(d_in, d_out, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(d_in, d_out, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nf4linear_forward_backward(double_quant, bias):
+    lin = _linear(72, 40, bias)
+    q = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant)
+    w = nf4.dequantize(nf4.quantize(lin.weight.detach(), 64, double_quant), torch.float32)
+    assert torch.equal(q.dequantize(), w)
+    x = torch.randn(2, 3, 72, requires_grad=True)
+    y = q(x)
+    ref = torch.nn.functional.linear(x, w, lin.bias)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(dx, g @ w, atol=1e-5, rtol=1e-5)
+    # the quantized weight is frozen state, not a parameter
+    assert [n for n, p in q.named_parameters() if p.requires_grad] == []
+
+
+def test_nf4linear_state_dict_round_trip_and_device_move():
+    q = NF4Linear.from_linear(_linear(64, 24, dtype=torch.bfloat16), double_quant=True)
+    sd = q.state_dict()
+    assert {"weight_data", "weight_absmax", "weight_nested_absmax", "weight_offset"} <= set(sd)
+    q2 = NF4Linear.from_linear(_linear(64, 24, dtype=torch.bfloat16, seed=1))
+    q2 = NF4Linear(nf4.quantize(torch.zeros(24, 64), 64, True), torch.zeros(24))
+    q2.load_state_dict(sd)
+    assert q2.weight.dtype == torch.bfloat16
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    moved = q.to("cpu")
+    assert moved.weight.device.type == "cpu"
+
+
+def _routing(T, E, k, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    gates = torch.rand(T, k, generator=g)
+    rs = torch.rand(T, r, generator=g)
+    return Routing(expert_ids=ids, gates=gates, rank_scale=rs)
+
+
+def _molora_reference(layer, w, x, routing):
+    return (torch.nn.functional.linear(x, w, layer.bias)
+            + molora_delta_reference(x, layer.lora_A, layer.lora_B, routing.expert_ids,
+                                     routing.gates, routing.rank_scale, layer.scaling))
+
+
+@pytest.mark.parametrize("T, E, r, k", [
+    (1, 4, 8, 2),    # T = 1 (decode)
+    (7, 3, 4, 3),    # k = E (dense mixture), odd T
+    (12, 5, 1, 1),   # r = 1 (SMoRA), prime E
+])
+def test_molora_nf4_forward_backward_matches_reference(T, E, r, k):
+    layer = MoLoRALinear(_linear(96, 48), num_experts=E, rank=r, top_k=k, quantize="nf4")
+    assert isinstance(layer.base_layer, NF4Linear)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # non-zero so the delta counts
+    w = layer.base_layer.dequantize(torch.float32)
+    x = torch.randn(T, 96, requires_grad=True)
+    routing = _routing(T, E, k, r)
+    y = layer(x, routing=routing)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = _molora_reference(layer, w, x_ref, routing)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)
+    grads_ref = torch.autograd.grad(ref, (x_ref, layer.lora_A, layer.lora_B), g)
+    for got, want in zip(grads, grads_ref, strict=True):
+        # fp32 sums in another order: error relative to the gradient's scale
+        torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5)
+    # disabling the adapter leaves the NF4 base
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x.detach()), torch.nn.functional.linear(x.detach(), w,
+                                                                     layer.bias))
+
+
+def test_molora_on_bnb_linear4bit_base():
+    lin = _linear(128, 64)
+    q = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32,
+                          compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(lin.state_dict())
+    q = q.to("cpu")  # quantizes
+    layer = MoLoRALinear(q, num_experts=4, rank=4, top_k=2)
+    assert layer.base_layer is q and layer.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(q.weight), torch.float32)
+    x = torch.randn(5, 128, requires_grad=True)
+    routing = _routing(5, 4, 2, 4)
+    y = layer(x, routing=routing)
+    torch.testing.assert_close(y, _molora_reference(layer, w, x, routing), atol=1e-5, rtol=1e-5)
+    dx, dA = torch.autograd.grad(y.sum(), (x, layer.lora_A))
+    x2 = x.detach().requires_grad_(True)
+    dx_ref, dA_ref = torch.autograd.grad(_molora_reference(layer, w, x2, routing).sum(),
+                                         (x2, layer.lora_A))
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dA, dA_ref, atol=1e-5, rtol=1e-5)
+    # the wrapped NF4Linear view of the same bnb layer computes the same base output
+    assert torch.allclose(NF4Linear.from_bnb(q)(x.detach()), q(x.detach()), atol=1e-5)
+
+
+def test_molora_rejects_bad_nf4_bases():
+    with pytest.raises(ValueError, match="quantize: expected 'nf4'"):
+        MoLoRALinear(_linear(64, 8), quantize="int8")
+    fp4 = bnb.nn.Linear4bit(64, 8, quant_type="fp4").to("cpu")
+    with pytest.raises(TypeError, match="quant_type 'nf4'"):
+        MoLoRALinear(fp4)
+    with pytest.raises(TypeError, match="base_layer: expected nn.Linear, NF4Linear"):
+        MoLoRALinear(torch.nn.Conv1d(4, 4, 1))
