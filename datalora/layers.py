@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datalora import ops
+from datalora.nf4_linear import is_nf4_base, nf4_compute_dtype, nf4_molora_linear, quantize_linear
 from datalora.routing import Routing, topk_routing
 
 
@@ -28,14 +29,21 @@ class MoLoRALinear(nn.Module):
         router: build the per-layer router (False when a shared routing always drives it).
         backend: ``datalora.ops`` backend.
         dtype: dtype of the LoRA parameters (default: the base weight's floating dtype).
+        quantize: ``"nf4"`` quantizes an ``nn.Linear`` base to an ``NF4Linear`` first. An
+            ``NF4Linear`` or nf4 ``bnb.nn.Linear4bit`` base is used as is (QLoRA).
     """
 
     def __init__(self, base_layer: nn.Linear, num_experts: int = 8, rank: int = 16,
                  alpha: float = 32.0, top_k: int = 2, *, dropout: float = 0.0,
-                 router: bool = True, backend: str = "auto", dtype: torch.dtype | None = None):
+                 router: bool = True, backend: str = "auto", dtype: torch.dtype | None = None,
+                 quantize: str | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
+        if quantize is not None:
+            base_layer = quantize_linear(base_layer, quantize)
+        self._nf4_base = is_nf4_base(base_layer)
+        if not (self._nf4_base or isinstance(base_layer, nn.Linear)):
+            raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "
+                            f"got {type(base_layer).__name__}")
         for name, value in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -50,6 +58,8 @@ class MoLoRALinear(nn.Module):
         self.alpha, self.scaling = float(alpha), float(alpha) / rank
         self.backend = backend
         self.adapter_enabled = True
+        if dtype is None and self._nf4_base:
+            dtype = nf4_compute_dtype(base_layer)
         if dtype is None:
             w = base_layer.weight
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
@@ -99,6 +109,10 @@ class MoLoRALinear(nn.Module):
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         gates = routing.gates.to(x.dtype)
         rank_scale = None if routing.rank_scale is None else routing.rank_scale.to(x.dtype)
+        if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
+            lora_x = self.lora_dropout(x) if self.training else x
+            return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,
+                                     rank_scale, self.scaling, self.backend)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
                                      routing.expert_ids, gates, rank_scale, self.scaling,
