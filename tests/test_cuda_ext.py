@@ -211,6 +211,47 @@ def test_decode_cuda_matches_reference(T, K, N, E, r, k, dtype, atol, rtol):
     torch.testing.assert_close(y.float().cpu(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("T", [1, 4, 16, 40])  # 40: beyond the fused kernel, dequant + GEMM
+def test_molora_nf4_layer_fused_path_on_gpu(T):
+    from datalora import MoLoRALinear
+    from datalora.routing import Routing
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192).to(torch.bfloat16)
+    layer = MoLoRALinear(lin, num_experts=4, rank=8, top_k=2, quantize="nf4").cuda().eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(T)]).cuda()
+    routing = Routing(ids, torch.rand(T, 2, device="cuda"), torch.rand(T, 8, device="cuda"))
+    with torch.no_grad():
+        y = layer(x, routing=routing)
+    w = layer.base_layer.dequantize(torch.bfloat16).float()
+    ref = (x.float() @ w.T + layer.bias.float()
+           + molora_delta_reference(x.float(), layer.lora_A.float(), layer.lora_B.float(),
+                                    ids, routing.gates, routing.rank_scale, layer.scaling))
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_custom_ops_opcheck_on_gpu():
+    from datalora.nf4 import _dequantize_cuda_op
+    from datalora.nf4_linear import _nf4_molora_decode_op
+
+    t = nf4.quantize(_weight((64, 96), torch.bfloat16), 64, True).to("cuda")
+    torch.library.opcheck(_dequantize_cuda_op, (t.data, t.absmax, t.nested_absmax,
+                                                 t.nested_code, t.offset, [64, 96], 64,
+                                                 torch.bfloat16))
+    x, A, B, ids, gates, rs, bias = (v.cuda() for v in _lora(2, 96, 64, 4, 4, 2,
+                                                             torch.bfloat16))
+    torch.library.opcheck(_nf4_molora_decode_op, (x, t.data, t.absmax, t.nested_absmax,
+                                                  t.nested_code, t.offset, [64, 96], 64, bias,
+                                                  A, B, ids, gates, rs, 2.0))
+
+
 # ----------------------------------------------------------------------------- wheel
 @pytest.mark.slow
 @needs_ext
