@@ -277,3 +277,16 @@ def test_molora_rejects_bad_nf4_bases():
         MoLoRALinear(fp4)
     with pytest.raises(TypeError, match="base_layer: expected nn.Linear, NF4Linear"):
         MoLoRALinear(torch.nn.Conv1d(4, 4, 1))
+
+
+def test_bench_nf4_smoke_writes_all_groups(tmp_path):
+    from benchmarks import bench_nf4
+
+    path = bench_nf4.run("smoke", tmp_path, torch.device("cpu"))
+    import json
+
+    data = json.loads(path.read_text())
+    assert {r["group"] for r in data["rows"]} == {"dequant", "decode", "large_t"}
+    assert {r["method"] for r in data["rows"] if r["group"] == "decode"} == {
+        "datalora_fused", "bnb_matmul_4bit+peft_loop"}
+    assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["torch"] == torch.__version__

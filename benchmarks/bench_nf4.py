@@ -1,0 +1,248 @@
+"""NF4 benchmark: datalora's NF4 dequant / fused decode vs bitsandbytes, JSON + plot.
+
+    python -m benchmarks.bench_nf4                    # preset by device (gpu | cpu)
+    python -m benchmarks.bench_nf4 --preset smoke --out /tmp/bench
+
+Groups (all inference, under ``torch.no_grad``; bf16 on GPU, fp32 on CPU):
+
+* ``dequant``: ``nf4.dequantize`` (``datalora._C`` kernel on GPU, torch elsewhere) vs
+  ``bnb.functional.dequantize_4bit``, double-quantized weight; GB/s counts packed bytes +
+  absmax read and output written.
+* ``decode`` (T = 1..16): the fused ``nf4_molora_linear`` (one pass over W + LoRA expand)
+  vs ``bnb.matmul_4bit`` + a PEFT-style per-expert LoRA add (``benchmarks.baselines``);
+  ``hbm_frac`` = 4-bit weight bytes / time / peak bandwidth (target >= 0.70 on H100 at
+  4096 x 14336, T = 1).
+* ``large_t``: NF4 MoLoRA layer (dequant + GEMM + delta) vs the bf16 ``molora_linear``
+  (target <= 1.10x at T >= 2048).
+
+Timers as ``benchmarks.molora`` (``do_bench`` medians + 20/80 % quantiles on GPU,
+round-robin ``perf_counter`` on CPU). Output: ``<out>/nf4_<preset>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.baselines import loop_delta
+from benchmarks.molora import metadata as _metadata
+from benchmarks.molora import time_cpu, time_cuda
+from datalora import _C_loader, nf4, ops
+from datalora.nf4_linear import NF4Linear, nf4_molora_linear
+
+RESULTS_DIR = Path(__file__).parent / "results"
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM HBM peaks
+
+PRESETS = {
+    "gpu": dict(dtype=torch.bfloat16, dequant=[(4096, 4096), (4096, 14336), (14336, 4096)],
+                decode=[(T, 4096, 14336) for T in (1, 2, 4, 8, 16)] + [(1, 4096, 4096)],
+                large_t=[(T, 4096, 4096) for T in (2048, 4096)], E=8, r=16, k=2),
+    "cpu": dict(dtype=torch.float32, dequant=[(512, 512), (1024, 2048)],
+                decode=[(1, 512, 1024), (8, 512, 1024)], large_t=[(256, 512, 512)],
+                E=4, r=8, k=2, budget_s=1.0),
+    "smoke": dict(dtype=torch.float32, dequant=[(64, 128)], decode=[(1, 64, 96)],
+                  large_t=[(16, 64, 64)], E=2, r=4, k=1, budget_s=0.05),
+}
+
+
+def _timer(device):
+    if device.type == "cuda":
+        return lambda steps: {k: dict(ms=v[0], q20=v[1], q80=v[2], peak_mb=v[3])
+                              for k, v in time_cuda(steps, []).items()}
+    return lambda steps, b=0.5: {k: dict(ms=v[0], q20=v[1], q80=v[2], reps=v[4])
+                                 for k, v in time_cpu(steps, b, 3, 200).items()}
+
+
+def _peak_gbs(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_GBS.items() if k in name), None)
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception:
+        return None, None
+    return bnb, bnbf
+
+
+def bench_dequant(shapes, dtype, device, timer):
+    bnb, bnbf = _bnb()
+    rows = []
+    for shape in shapes:
+        w = torch.randn(shape, device=device, dtype=dtype)
+        t = nf4.quantize(w, 64, double_quant=True)
+        steps = {"datalora": lambda t=t: nf4.dequantize(t, dtype)}
+        if bnbf is not None:
+            data, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True,
+                                             quant_type="nf4")
+            steps["bitsandbytes"] = lambda d=data, s=state: bnbf.dequantize_4bit(
+                d, s, quant_type="nf4")
+        moved = t.nbytes + w.numel() * w.element_size()
+        for method, res in timer(steps).items():
+            rows.append(dict(group="dequant", method=method, shape=list(shape),
+                             gbs=moved / res["ms"] / 1e6, **res))
+    return rows
+
+
+def _lora(T, K, N, E, r, k, dtype, device):
+    x = torch.randn(T, K, device=device, dtype=dtype)
+    A = torch.randn(E, r, K, device=device, dtype=dtype) / K**0.5
+    B = torch.randn(E, N, r, device=device, dtype=dtype) / r**0.5
+    ids = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(T)])
+    gates = torch.rand(T, k, device=device, dtype=dtype)
+    return x, A, B, ids, gates
+
+
+def bench_decode(cases, p, device, timer, peak):
+    bnb, bnbf = _bnb()
+    dtype, rows = p["dtype"], []
+    for T, K, N in cases:
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        base = NF4Linear.from_linear(lin, 64, double_quant=True)
+        x, A, B, ids, gates = _lora(T, K, N, p["E"], p["r"], p["k"], dtype, device)
+        steps = {"datalora_fused": functools.partial(nf4_molora_linear, base, x, x, A, B, ids,
+                                                     gates)}
+        if bnb is not None:
+            q = base.weight.to_bnb()
+
+            def bnb_peft(q=q, x=x, A=A, B=B, ids=ids, gates=gates):
+                return bnb.matmul_4bit(x, q.t(), quant_state=q.quant_state) + loop_delta(
+                    x, A, B, ids, gates)
+            steps["bnb_matmul_4bit+peft_loop"] = bnb_peft
+        wbytes = base.weight.nbytes
+        for method, res in timer(steps).items():
+            rows.append(dict(group="decode", method=method, T=T, d_in=K, d_out=N,
+                             weight_gbs=wbytes / res["ms"] / 1e6,
+                             hbm_frac=None if peak is None else wbytes / res["ms"] / 1e6 / peak,
+                             **res))
+    return rows
+
+
+def bench_large_t(cases, p, device, timer):
+    dtype, rows = p["dtype"], []
+    for T, K, N in cases:
+        lin = torch.nn.Linear(K, N, device=device, dtype=dtype)
+        base = NF4Linear.from_linear(lin, 64, double_quant=True)
+        x, A, B, ids, gates = _lora(T, K, N, p["E"], p["r"], p["k"], dtype, device)
+        w = base.dequantize(dtype)
+        steps = {
+            "nf4_molora": functools.partial(nf4_molora_linear, base, x, x, A, B, ids, gates),
+            "bf16_molora_linear": functools.partial(ops.molora_linear, x, w, lin.bias, A, B, ids,
+                                                    gates),
+        }
+        res = timer(steps)
+        ratio = res["nf4_molora"]["ms"] / res["bf16_molora_linear"]["ms"]
+        for method, r in res.items():
+            rows.append(dict(group="large_t", method=method, T=T, d_in=K, d_out=N,
+                             ratio_vs_bf16=ratio if method == "nf4_molora" else 1.0, **r))
+    return rows
+
+
+def check_targets(rows, preset):
+    if preset != "gpu":
+        return []
+    out = []
+    for r in rows:
+        if (r["group"] == "decode" and r["method"] == "datalora_fused" and r["T"] == 1
+                and (r["d_in"], r["d_out"]) == (4096, 14336) and r["hbm_frac"] is not None):
+            out.append(dict(target="decode T=1 4096x14336 >= 70% HBM", value=r["hbm_frac"],
+                            status="PASS" if r["hbm_frac"] >= 0.70 else "FAIL"))
+        if r["group"] == "large_t" and r["method"] == "nf4_molora":
+            out.append(dict(target=f"large T={r['T']} <= 1.10x bf16 molora_linear",
+                            value=r["ratio_vs_bf16"],
+                            status="PASS" if r["ratio_vs_bf16"] <= 1.10 else "FAIL"))
+    return out
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    groups = ("dequant", "decode", "large_t")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, group in zip(axes, groups, strict=True):
+        rows = [r for r in data["rows"] if r["group"] == group]
+        labels = sorted({r["method"] for r in rows})
+        keys = sorted({json.dumps(r.get("shape") or [r["T"], r["d_in"], r["d_out"]])
+                       for r in rows})
+        width = 0.8 / max(len(labels), 1)
+        for i, m in enumerate(labels):
+            vals = []
+            for key in keys:
+                hit = [r for r in rows if r["method"] == m and json.dumps(
+                    r.get("shape") or [r["T"], r["d_in"], r["d_out"]]) == key]
+                metric = "gbs" if group == "dequant" else "ms"
+                vals.append(hit[0][metric] if hit else 0.0)
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+        ax.set_xticklabels(keys, rotation=30, fontsize=7)
+        ax.set_title(group)
+        ax.set_ylabel("GB/s" if group == "dequant" else "ms (median)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"NF4 on {data['meta']['device_name']} ({data['meta']['date']})")
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def run(preset: str, out_dir: Path, device: torch.device | None = None) -> Path:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    p = PRESETS[preset]
+    timer = _timer(device)
+    if device.type == "cpu":
+        base_timer = timer
+        timer = lambda steps: base_timer(steps, p.get("budget_s", 0.5))  # noqa: E731
+    with torch.no_grad():
+        rows = (bench_dequant(p["dequant"], p["dtype"], device, timer)
+                + bench_decode(p["decode"], p, device, timer, _peak_gbs(device))
+                + bench_large_t(p["large_t"], p, device, timer))
+    meta = _metadata("gpu" if device.type == "cuda" else "cpu", device, [])
+    meta.update(preset=preset, dtype=str(p["dtype"]).removeprefix("torch."),
+                extension=_C_loader.available(), peak_gbs=_peak_gbs(device),
+                bitsandbytes=getattr(_bnb()[0], "__version__", None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"nf4_{preset}.json"
+    path.write_text(json.dumps(dict(meta=meta, rows=rows, targets=check_targets(rows, preset)),
+                               indent=1))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    path = run(preset, args.out)
+    data = json.loads(path.read_text())
+    for r in data["rows"]:
+        shape = r.get("shape") or f"T{r['T']} {r['d_in']}x{r['d_out']}"
+        extra = f"{r['gbs']:.1f} GB/s" if "gbs" in r else (
+            f"hbm {r['hbm_frac']:.2f}" if r.get("hbm_frac") else "")
+        print(f"{r['group']:8s} {str(shape):22s} {r['method']:28s} {r['ms']:9.4f} ms  {extra}")
+    for t in data["targets"]:
+        print(f"target {t['target']}: {t['value']:.3f} {t['status']}")
+    if not args.no_plot:
+        try:
+            print("plot:", plot(path))
+        except ImportError as exc:
+            print(f"no plot ({exc})")
+    print("results:", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
