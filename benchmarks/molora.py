@@ -383,11 +383,30 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
 
 
 # ----------------------------------------------------------------------------- main
+def wait_quiet(max_load: float | None, max_wait_s: float, log=print) -> float | None:
+    """Sleeps until the 1-minute load average is below ``max_load`` (at most max_wait_s).
+
+    The CPU is shared on a dev machine; the load seen by each case goes into its rows.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    waited = 0.0
+    while max_load is not None and os.getloadavg()[0] > max_load and waited < max_wait_s:
+        if waited == 0:
+            log(f"  (load {os.getloadavg()[0]:.1f} > {max_load}: waiting up to {max_wait_s}s)")
+        time.sleep(5.0)
+        waited += 5.0
+    return os.getloadavg()[0]
+
+
 def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
-        plot: bool = True, log=print, only: str | None = None) -> dict:
+        plot: bool = True, log=print, only: str | None = None, max_load: float | None = None,
+        max_wait_s: float = 120.0) -> dict:
     """Runs a preset, writes ``molora_<preset>.json`` (+ ``.png``) to out_dir, returns it.
 
-    ``only``: run just the cases whose id contains this substring.
+    ``only``: run just the cases whose id contains this substring. ``max_load`` (CPU):
+    before each case wait (up to ``max_wait_s``) for the 1-minute load average to drop
+    below it.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = PRESETS[preset_name]
@@ -399,8 +418,11 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     if not cases:
         raise ValueError(f"only: no case id of preset {preset_name!r} contains {only!r}")
     for case in cases:
+        load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
         t0 = time.perf_counter()
         case_rows = run_case(case, preset, device, backends)
+        for row in case_rows:
+            row["load_1m"] = load
         rows += case_rows
         log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
     targets = check_targets(rows, preset_name, backends)
@@ -449,13 +471,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only the cases whose id contains SUBSTR (e.g. T_sweep/T2048)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="CPU: before each case wait for the 1-min load average to drop "
+                             "below this (at most --max-wait seconds)")
+    parser.add_argument("--max-wait", type=float, default=120.0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset == "gpu" and not torch.cuda.is_available():
         parser.error("--preset gpu needs a CUDA device")
-    run(preset, args.out, plot=not args.no_plot and args.only is None, only=args.only)
+    run(preset, args.out, plot=not args.no_plot and args.only is None, only=args.only,
+        max_load=args.max_load, max_wait_s=args.max_wait)
     return 0
 
 
