@@ -157,6 +157,9 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
     if tuple(A.shape) != (E, r, K) or tuple(B.shape) != (E, N, r):
         raise ValueError(f"A, B: expected [E, r, {K}] and [E, {N}, r], got {tuple(A.shape)} "
                          f"and {tuple(B.shape)}")
+    from datalora.ops.validation import check_molora_inputs
+
+    check_molora_inputs(x2, A, B, expert_ids, gates, rank_scale)  # ids in range, finite gates
     t = _contig(t)
     x2, A, B = x2.contiguous(), A.contiguous(), B.contiguous()
     bias = None if bias is None else bias.contiguous()
