@@ -15,7 +15,7 @@ use_cache=, position_embeddings=)``) without changing its modules or parameter n
    (:func:`packed_attention_mask`); the MoLoRA layers get the routing rows of the kept
    tokens (gathered once);
 3. after the range :func:`datalora.ops.scatter_tokens` writes kept rows back with the keep
-   weight ``w = 1 + p - stopgrad(p)`` (``p = sigmoid(score / tau)``): exactly 1 in the
+   weight ``w = 1 + p - stopgrad(p)`` (``p = sigmoid(score)``): exactly 1 in the
    forward, the Mixture-of-Depths gradient ``dL/dp = g . (f(h) - h)`` in the backward;
    pruned tokens bypass the range on the residual stream.
 
@@ -196,7 +196,7 @@ class ForwardRecord:
     Attributes:
         saliency: the USN output (``token_scores [B, L]``, routing over ``B*L``).
         valid: ``[B, L]`` bool real tokens of this forward.
-        keep_prob: ``[B, L]`` ``sigmoid(score / tau)`` (differentiable).
+        keep_prob: ``[B, L]`` ``sigmoid(score)`` (differentiable).
         kept: ``[B, L]`` bool tokens that ran through the pruned range.
         mode: ``"dense"``, ``"packed"`` or ``"masked"`` (cached generation).
     """

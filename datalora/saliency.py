@@ -168,8 +168,8 @@ class UnifiedSaliencyNetwork(nn.Module):
                               rank_scale=rank_scale, routing=routing)
 
     def keep_probability(self, token_scores: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(token_scores / tau)``: the soft keep decision, same shape."""
-        return torch.sigmoid(token_scores / self.tau)
+        """``sigmoid(token_scores)``: the soft keep decision (tau scales selection noise only)."""
+        return torch.sigmoid(token_scores)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "

@@ -1,0 +1,276 @@
+"""``DATALORATrainer``: a ``transformers.Trainer`` that trains DATALORA.
+
+On top of the Trainer it
+
+* adds ``lambda_prune * L_retention + alpha_balance * L_balance`` to the LM loss (training
+  only; evaluation reports the LM loss);
+* drives the :class:`~datalora.curriculum.CurriculumScheduler` from a callback (the phase,
+  tau, retention and hard routing are set on the model before every optimizer step);
+* logs ``phase`` (0/1/2), ``tau``, ``retention_target``, ``retention`` (actual kept
+  fraction), ``lm_loss``, ``retention_loss``, ``balance_loss``, ``rank_scale_mean`` and
+  ``expert_load_e{i}`` to the Trainer's loggers and progress bar, and keeps a richer record
+  (per-task expert load when batches carry ``task_ids``) in ``datalora_history``;
+* saves the adapter + saliency network + config (``adapter_model.safetensors``,
+  ``adapter_config.json``) and the curriculum (``curriculum_state.json``) in every
+  checkpoint and resumes from them exactly (weights bit-exact, same schedule);
+* calibrates the generation keep threshold at the end of training.
+
+Works with the Trainer's accelerate integration (DDP under ``torchrun``, bf16).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from datalora.curriculum import PHASES, CurriculumScheduler
+from datalora.losses import balance_loss, retention_loss
+from datalora.model import DATALORAModel
+
+CURRICULUM_STATE_NAME = "curriculum_state.json"
+
+
+class CurriculumCallback(TrainerCallback):
+    """Sets the curriculum state on the model at the start of every optimizer step."""
+
+    def __init__(self, trainer: DATALORATrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._setup_curriculum(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._advance_curriculum(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # position = optimizer steps done, so a checkpoint at step n stores n
+        if self.trainer.curriculum is not None:
+            self.trainer.curriculum.step(int(state.global_step), epoch=float(state.epoch or 0))
+
+
+class DATALORATrainer(Trainer):
+    """``transformers.Trainer`` for a :class:`~datalora.model.DATALORAModel` with shared routing.
+
+    Args:
+        *args, **kwargs: as ``transformers.Trainer`` (``model`` must be a DATALORAModel
+            built with ``routing="shared"``).
+        datalora_config: the method's config (default: the model's).
+        curriculum: a ready :class:`CurriculumScheduler`; default: built at train begin
+            from the config over the run's optimizer steps (``curriculum_mode="steps"``)
+            or epochs (``"epochs"``: one third per epoch over 3 epochs, as the card).
+        curriculum_mode: ``"steps"`` or ``"epochs"``.
+        task_names: names of the ``task_ids`` values in batches (per-task expert load).
+        calibrate_batches: training batches used to calibrate the keep threshold at the
+            end of training (0: skip).
+    """
+
+    def __init__(self, *args: Any, datalora_config: Any = None,
+                 curriculum: CurriculumScheduler | None = None, curriculum_mode: str = "steps",
+                 task_names: list[str] | tuple[str, ...] | None = None,
+                 calibrate_batches: int = 4, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, DATALORAModel):
+            raise TypeError(f"model: expected a DATALORAModel (get_datalora_model), "
+                            f"got {type(model).__name__}")
+        if model.runtime is None:
+            raise ValueError("model: DATALORATrainer needs routing='shared' (the saliency "
+                             "network); this model routes per layer")
+        if curriculum_mode not in ("steps", "epochs"):
+            raise ValueError(f"curriculum_mode: expected 'steps' or 'epochs', "
+                             f"got {curriculum_mode!r}")
+        if curriculum is not None and not isinstance(curriculum, CurriculumScheduler):
+            raise TypeError(f"curriculum: expected a CurriculumScheduler, "
+                            f"got {type(curriculum).__name__}")
+        self.datalora_config = datalora_config or model.datalora_config
+        self.curriculum = curriculum
+        self.curriculum_mode = curriculum_mode
+        self.task_names = list(task_names) if task_names is not None else None
+        self.calibrate_batches = int(calibrate_batches)
+        self.datalora_history: list[dict[str, Any]] = []
+        self._resume_curriculum: dict[str, Any] | None = None
+        self._applied = None
+        self._reset_metrics()
+        self.add_callback(CurriculumCallback(self))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def datalora_model(self) -> DATALORAModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _reset_metrics(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._load = None
+        self._task_load: dict[int, torch.Tensor] = {}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            base = self.datalora_model.base_model
+            self._signature_columns = list(inspect.signature(base.forward).parameters) + [
+                "label", "label_ids", "labels", "task_ids", "task", "task_id"]
+
+    def _setup_curriculum(self, state) -> None:
+        if self.curriculum is None:
+            self.curriculum = CurriculumScheduler.from_config(
+                self.datalora_config, total_steps=max(int(state.max_steps), 1),
+                num_epochs=float(self.args.num_train_epochs), mode=self.curriculum_mode)
+        elif self.curriculum.total_steps is None and self.curriculum.mode == "steps":
+            self.curriculum.total_steps = max(int(state.max_steps), 1)
+        if self._resume_curriculum is not None:
+            self.curriculum.load_state_dict(self._resume_curriculum)
+            self._resume_curriculum = None
+        self._advance_curriculum(state)
+
+    def _advance_curriculum(self, state) -> None:
+        if self.curriculum is None:
+            return
+        self.curriculum.step(int(state.global_step), epoch=float(state.epoch or 0.0))
+        self._applied = self.curriculum.apply(self.datalora_model)
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """LM loss (+ the weighted aux losses in training); logs the DATALORA metrics."""
+        inputs = dict(inputs)
+        task_ids = inputs.pop("task_ids", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        dl = self.datalora_model
+        record = dl.runtime.last
+        if record is None or not model.training:
+            return (loss, outputs) if return_outputs else loss
+        cfg = self.datalora_config
+        l_ret = retention_loss(record.keep_prob, dl.runtime.retention, record.valid)
+        routing = record.routing
+        l_bal = balance_loss(routing.router_probs, routing.expert_ids, record.valid.reshape(-1))
+        aux = cfg.lambda_prune * l_ret + cfg.alpha_balance * l_bal
+        lm_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                     else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        total = loss + (aux / ga if lm_scaled else aux).to(loss.dtype)
+        self._accumulate(loss.detach() * (ga if lm_scaled else 1), l_ret, l_bal, record,
+                         task_ids)
+        return (total, outputs) if return_outputs else total
+
+    @torch.no_grad()
+    def _accumulate(self, lm_loss, l_ret, l_bal, record, task_ids) -> None:
+        num_experts = self.datalora_config.num_lora_experts
+        valid = record.valid.reshape(-1)
+        routing = record.routing
+        ids = routing.expert_ids[valid]
+        counts = torch.bincount(ids.reshape(-1), minlength=num_experts).float().cpu()
+        values = {"lm_loss": float(lm_loss), "retention_loss": float(l_ret),
+                  "balance_loss": float(l_bal), "retention": record.actual_retention(),
+                  "keep_prob_mean": float(record.keep_prob[record.valid].mean()),
+                  "rank_scale_mean": float(routing.rank_scale[valid].mean())}
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+        self._load = counts if self._load is None else self._load + counts
+        if task_ids is not None:
+            bsz, seq_len = record.valid.shape
+            token_task = task_ids.to(valid.device)[:, None].expand(bsz, seq_len).reshape(-1)
+            for t in token_task[valid].unique().tolist():
+                sel = routing.expert_ids[valid][token_task[valid] == t]
+                c = torch.bincount(sel.reshape(-1), minlength=num_experts).float().cpu()
+                self._task_load[t] = self._task_load.get(t, torch.zeros(num_experts)) + c
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._count and self._applied is not None:
+            cur = self._applied  # the schedule of the last step run
+            means = {k: v / self._count for k, v in self._sums.items()}
+            load = (self._load / self._load.sum().clamp_min(1)).tolist()
+            logs.update({"phase": cur.phase_index, "tau": round(cur.tau, 6),
+                         "retention_target": round(cur.retention, 6),
+                         **{k: round(v, 6) for k, v in means.items()},
+                         **{f"expert_load_e{i}": round(x, 6) for i, x in enumerate(load)}})
+            task_load = {}
+            for t, c in sorted(self._task_load.items()):
+                name = (self.task_names[t] if self.task_names is not None
+                        and 0 <= t < len(self.task_names) else str(t))
+                task_load[name] = (c / c.sum().clamp_min(1)).tolist()
+            self.datalora_history.append({
+                "step": self.state.global_step, "epoch": self.state.epoch,
+                "phase": PHASES[cur.phase_index], "loss": logs["loss"], **means,
+                "tau": cur.tau, "retention_target": cur.retention, "expert_load": load,
+                "task_expert_load": task_load})
+            self._reset_metrics()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ save / resume
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Writes the adapter, saliency network, config and curriculum (main process)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.datalora_model.save_pretrained(output_dir)
+        if self.curriculum is not None:
+            with open(os.path.join(output_dir, CURRICULUM_STATE_NAME), "w") as f:
+                json.dump(self.curriculum.state_dict(), f, indent=2, sort_keys=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.datalora_model.load_adapter(resume_from_checkpoint)
+        path = os.path.join(resume_from_checkpoint, CURRICULUM_STATE_NAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self._resume_curriculum = json.load(f)
+
+    def _load_best_model(self) -> None:
+        self.datalora_model.load_adapter(self.state.best_model_checkpoint)
+
+    # ------------------------------------------------------------------ threshold
+
+    @torch.no_grad()
+    def calibrate_keep_threshold(self, max_batches: int | None = None) -> float:
+        """Sets the generation keep threshold from training batches (averaged over ranks)."""
+        dl = self.datalora_model
+        max_batches = self.calibrate_batches if max_batches is None else max_batches
+        was_training = dl.training
+        dl.eval()
+        scores, valid = [], []
+        try:
+            for i, batch in enumerate(self.get_train_dataloader()):
+                if i >= max_batches:
+                    break
+                batch = self._prepare_inputs(batch)
+                batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                dl(**batch)
+                rec = dl.runtime.last
+                scores.append(rec.saliency.token_scores.reshape(-1))
+                valid.append(rec.valid.reshape(-1))
+        finally:
+            dl.train(was_training)
+        if not scores:
+            raise ValueError("train_dataset: no batches to calibrate the keep threshold on")
+        value = dl.runtime.calibrate(torch.cat(scores), torch.cat(valid),
+                                     retention=self.datalora_config.target_retention)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = dl.saliency.keep_threshold.detach().clone()
+            torch.distributed.all_reduce(t)
+            dl.saliency.keep_threshold.copy_(t / torch.distributed.get_world_size())
+            value = float(dl.saliency.keep_threshold)
+        return value
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``, then calibrates the keep threshold and saves the final state."""
+        output = super().train(*args, **kwargs)
+        if self.calibrate_batches > 0:
+            self.calibrate_keep_threshold()
+        return output
+
+
+__all__ = ["CURRICULUM_STATE_NAME", "CurriculumCallback", "DATALORATrainer"]
