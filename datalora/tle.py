@@ -803,7 +803,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="PEFT adapter folders (default: train one per embedded task)")
     p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
                    help="where the default task adapters are trained / cached")
-    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--train-steps", type=int, default=80)
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
     p.add_argument("--tau", type=float, default=0.05)
     p.add_argument("--mode", choices=MODES, default="every_n")

@@ -1,0 +1,460 @@
+"""TITOK: transplant a LoRA adapter to another base model through token-level signals.
+
+Pipeline (seeds/titok_summary.txt):
+
+1. :func:`generate_synthetic` -- the source model *with* its LoRA answers seed prompts
+   (sampling), giving synthetic (prompt, response) rows without the original data.
+2. :func:`contrastive_excess` -- per response token ``y_t`` (EOS included)
+   ``excess_t = log p_source+LoRA(y_t | y_<t) - log p_source(y_t | y_<t)``: how much the
+   adapter contributes to that token.
+3. :func:`select_samples` keeps the samples with the largest mean excess (a fraction);
+   :func:`select_tokens` keeps the top fraction of tokens of each kept sample; the kept
+   tokens form the loss mask.
+4. :func:`align_token_scores` -- when the target's tokenizer differs, each target token
+   takes the scores of the source tokens whose character spans overlap it.
+5. :func:`train_masked` trains a fresh LoRA (PEFT) or MoLoRA on the target with that mask.
+
+:func:`titok_transfer` runs all five steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
+
+__all__ = [
+    "ScoredSample",
+    "align_token_scores",
+    "build_masked_examples",
+    "contrastive_excess",
+    "generate_synthetic",
+    "response_log_probs",
+    "response_offsets",
+    "select_samples",
+    "select_tokens",
+    "titok_transfer",
+    "train_masked",
+]
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}: expected a fraction in (0, 1], got {value!r}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- 1. synthetic data
+
+@torch.no_grad()
+def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dict[str, str]],
+                       *, samples_per_prompt: int = 1, max_new_tokens: int = 24,
+                       do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.95,
+                       batch_size: int = 16, seed: int = 0,
+                       progress: bool = True) -> list[dict[str, str]]:
+    """Synthetic rows: the source model + LoRA answers each seed prompt.
+
+    Args:
+        model: the source model with its adapter active (e.g. a ``PeftModel``).
+        seed_rows: rows with ``question`` (and optional ``system_prompt``, ``task``); their
+            ``response`` is never read.
+        samples_per_prompt: responses sampled per seed prompt.
+
+    Returns:
+        Rows ``{id, system_prompt, question, response, task}``; ``response`` is the
+        generated text (up to EOS), with ``samples_per_prompt * len(seed_rows)`` rows.
+    """
+    if not seed_rows:
+        raise ValueError("seed_rows: expected at least one seed prompt, got none")
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
+            or samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt: expected an int >= 1, got {samples_per_prompt!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    device = _device(model)
+    jobs = [row for row in seed_rows for _ in range(samples_per_prompt)]
+    out: list[dict[str, str]] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
+    torch.manual_seed(seed)
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(jobs), batch_size), desc="synthetic data",
+                      disable=not progress, dynamic_ncols=True):
+            chunk = jobs[i:i + batch_size]
+            enc = tokenizer([format_prompt(r) for r in chunk], return_tensors="pt",
+                            padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature if do_sample else None,
+                                 top_p=top_p if do_sample else None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for j, row in enumerate(chunk):
+                text = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True)
+                out.append({"id": f"synthetic.{len(out)}",
+                            "system_prompt": row.get("system_prompt", "") or "",
+                            "question": row["question"], "response": text.strip(),
+                            "task": row.get("task", "unknown")})
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+# --------------------------------------------------------------------------- 2. excess
+
+@dataclass
+class ScoredSample:
+    """One synthetic row scored by the source.
+
+    Attributes:
+        row: the synthetic row.
+        offsets: ``[n]`` character spans ``(start, end)`` of the response tokens in
+            ``row["response"]`` (source tokenizer); the final EOS is ``(len, len)``.
+        logp_lora / logp_base: ``[n]`` log-probabilities of each response token.
+        excess: ``[n]`` ``logp_lora - logp_base``.
+    """
+
+    row: dict[str, str]
+    offsets: list[tuple[int, int]]
+    logp_lora: torch.Tensor
+    logp_base: torch.Tensor
+
+    @property
+    def excess(self) -> torch.Tensor:
+        return self.logp_lora - self.logp_base
+
+    @property
+    def mean_excess(self) -> float:
+        return float(self.excess.mean()) if self.excess.numel() else float("-inf")
+
+
+def response_offsets(tokenizer: Any, response: str) -> list[tuple[int, int]]:
+    """Character spans of the response tokens as :func:`tokenize_example` encodes them
+    (``tokenizer(response, add_special_tokens=False)``), plus ``(len, len)`` for EOS."""
+    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    return spans + [(len(response), len(response))]
+
+
+@torch.no_grad()
+def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
+                       rows: Sequence[dict[str, str]], *, batch_size: int = 16,
+                       max_length: int = 256, device: torch.device | None = None
+                       ) -> list[torch.Tensor]:
+    """``log p(y_t | prompt, y_<t)`` of every response token (EOS included) of each row.
+
+    Rows are encoded with :func:`~datalora.data.tokenize_example`; ``model(input_ids,
+    attention_mask)`` must return an object with ``logits [B, L, V]``.
+
+    Returns:
+        One float32 tensor ``[n_i]`` per row (``n_i`` = response tokens + EOS).
+    """
+    collate = CausalLMCollator(tokenizer=tokenizer)
+    if device is None:
+        device = _device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+    out: list[torch.Tensor] = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate([tokenize_example(r, tokenizer, max_length)
+                         for r in rows[i:i + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        target = batch["labels"][:, 1:]
+        picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
+        for b in range(target.shape[0]):
+            out.append(picked[b][target[b] != IGNORE_INDEX].cpu())
+    return out
+
+
+def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
+                       rows: Sequence[dict[str, str]], *, base_model: nn.Module | None = None,
+                       batch_size: int = 16, max_length: int = 256) -> list[ScoredSample]:
+    """Scores every response token of ``rows`` by ``log p_lora - log p_base``.
+
+    Args:
+        lora_model: source model with its LoRA. Without ``base_model`` it must be a PEFT
+            model: the base pass runs inside ``lora_model.disable_adapter()``.
+        base_model: the source model without the LoRA (optional).
+
+    Returns:
+        One :class:`ScoredSample` per row.
+    """
+    if base_model is None and not hasattr(lora_model, "disable_adapter"):
+        raise TypeError("base_model: required when lora_model is not a PEFT model "
+                        "(no disable_adapter())")
+    lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,
+                                 max_length=max_length)
+    ctx = lora_model.disable_adapter() if base_model is None else nullcontext()
+    with ctx:
+        base_lp = response_log_probs(base_model or lora_model, tokenizer, rows,
+                                     batch_size=batch_size, max_length=max_length)
+    scored = []
+    for row, lp, bp in zip(rows, lora_lp, base_lp, strict=True):
+        offsets = response_offsets(tokenizer, row["response"])
+        n = min(len(offsets), lp.numel())  # truncation by max_length cuts the tail
+        scored.append(ScoredSample(row=dict(row), offsets=offsets[:n], logp_lora=lp[:n],
+                                   logp_base=bp[:n]))
+    return scored
+
+
+# --------------------------------------------------------------------------- 3. selection
+
+def select_samples(scores: Sequence[float] | torch.Tensor, keep_fraction: float) -> list[int]:
+    """Indices of the ``ceil(keep_fraction * n)`` samples with the largest mean excess,
+    best first (ties: lower index first)."""
+    _check_fraction("keep_fraction", keep_fraction)
+    values = torch.as_tensor(list(scores) if not isinstance(scores, torch.Tensor) else scores,
+                             dtype=torch.float64)
+    if values.numel() == 0:
+        return []
+    k = math.ceil(keep_fraction * values.numel())
+    order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
+    return order[:k]
+
+
+def select_tokens(excess: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """``[n]`` bool mask of the ``ceil(keep_fraction * n_valid)`` tokens with the largest
+    excess (NaN scores -- tokens no source token covers -- are never selected)."""
+    _check_fraction("keep_fraction", keep_fraction)
+    if excess.dim() != 1:
+        raise ValueError(f"excess: expected shape [n], got {tuple(excess.shape)}")
+    valid = ~torch.isnan(excess)
+    mask = torch.zeros_like(valid)
+    n = int(valid.sum())
+    if n == 0:
+        return mask
+    k = math.ceil(keep_fraction * n)
+    scores = torch.where(valid, excess.double(), torch.tensor(-math.inf, dtype=torch.float64))
+    # stable: among equal scores the earlier token wins
+    order = sorted(range(excess.numel()), key=lambda i: (-float(scores[i]), i))
+    mask[torch.tensor(order[:k])] = True
+    return mask
+
+
+# --------------------------------------------------------------------------- 4. alignment
+
+def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch.Tensor,
+                       tgt_offsets: Sequence[tuple[int, int]], reduce: str = "max"
+                       ) -> torch.Tensor:
+    """Maps per-token scores from one tokenization of a text to another by characters.
+
+    A target token ``[s, e)`` takes the scores of the source tokens whose spans overlap it:
+    their max (``reduce="max"``) or their mean weighted by overlapping characters
+    (``"mean"``). Zero-width spans (EOS at the end) match zero-width source spans at the
+    same position. A target token no source token covers gets NaN.
+
+    Args:
+        src_offsets: ``[n]`` source spans; src_scores: ``[n]``.
+        tgt_offsets: ``[m]`` target spans.
+
+    Returns:
+        ``[m]`` float32 target scores.
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
+    if len(src_offsets) != src_scores.numel():
+        raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
+                         f"span), got {src_scores.numel()}")
+    out = torch.full((len(tgt_offsets),), float("nan"))
+    scores = src_scores.float().tolist()
+    for j, (ts, te) in enumerate(tgt_offsets):
+        hits: list[tuple[float, int]] = []
+        for (ss, se), score in zip(src_offsets, scores, strict=True):
+            if te == ts:  # zero-width target token (EOS)
+                if se == ss == ts:
+                    hits.append((score, 1))
+                continue
+            overlap = min(te, se) - max(ts, ss)
+            if overlap > 0:
+                hits.append((score, overlap))
+        if hits:
+            if reduce == "max":
+                out[j] = max(s for s, _ in hits)
+            else:
+                out[j] = sum(s * w for s, w in hits) / sum(w for _, w in hits)
+    return out
+
+
+def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
+                          sample_keep: float = 0.5, token_keep: float = 0.5,
+                          max_length: int = 128, reduce: str = "max"
+                          ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """Target-tokenizer training examples whose labels keep only the selected tokens.
+
+    Samples are filtered by mean excess (source tokens); each kept sample's scores are
+    aligned to ``tokenizer`` by character offsets and its top ``token_keep`` tokens keep
+    their label (others ``-100``). With ``sample_keep = token_keep = 1`` every synthetic
+    token is a label (the "all tokens" baseline).
+
+    Returns:
+        ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
+        with the kept sample indices and the fraction of response tokens kept.
+    """
+    _check_fraction("sample_keep", sample_keep)
+    _check_fraction("token_keep", token_keep)
+    kept = select_samples([s.mean_excess for s in scored], sample_keep)
+    examples, labelled, total = [], 0, 0
+    for i in kept:
+        sample = scored[i]
+        ex = tokenize_example(sample.row, tokenizer, max_length)
+        tgt_offsets = response_offsets(tokenizer, sample.row["response"])
+        scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets, reduce)
+        mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(
+            len(tgt_offsets), dtype=torch.bool)
+        labels = list(ex["labels"])
+        resp = [p for p, v in enumerate(labels) if v != IGNORE_INDEX]
+        for pos, keep in zip(resp, mask.tolist(), strict=False):
+            if not keep:
+                labels[pos] = IGNORE_INDEX
+        labelled += sum(v != IGNORE_INDEX for v in labels)
+        total += len(resp)
+        examples.append({**ex, "labels": labels})
+    stats = {"kept_samples": kept, "num_samples": len(scored),
+             "token_fraction": labelled / max(total, 1)}
+    return examples, stats
+
+
+# --------------------------------------------------------------------------- 5. training
+
+def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], *,
+                 steps: int, batch_size: int = 8, lr: float = 2e-2, seed: int = 0,
+                 progress: bool = True) -> list[float]:
+    """AdamW on the trainable parameters of ``model`` with the examples' label masks.
+
+    Returns:
+        The loss of every step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    if not examples:
+        raise ValueError("examples: expected at least one training example, got none")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters (attach a LoRA first)")
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    collate = CausalLMCollator(tokenizer=tokenizer)
+    rng = random.Random(seed)
+    order, cursor = list(range(len(examples))), len(examples)
+    device = _device(model)
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc="TITOK training", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        if cursor + batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch = collate([examples[i] for i in order[cursor:cursor + batch_size]])
+        cursor += batch_size
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def _attach_adapter(model: nn.Module, adapter: str, rank: int, alpha: float,
+                    targets: Sequence[str]) -> nn.Module:
+    if adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha,
+                                                target_modules=list(targets),
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if adapter == "molora":
+        from datalora.config import DATALORAConfig
+        from datalora.model import get_datalora_model
+
+        return get_datalora_model(model, DATALORAConfig(
+            num_lora_experts=4, lora_rank=rank, lora_alpha=alpha, num_active_experts=2,
+            target_modules=list(targets)), verbose=False)
+    raise ValueError(f"adapter: expected 'lora' or 'molora', got {adapter!r}")
+
+
+def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model: nn.Module,
+                   target_tokenizer: Any, seed_rows: Sequence[dict[str, str]], *,
+                   sample_keep: float = 0.5, token_keep: float = 0.5,
+                   samples_per_prompt: int = 1, max_new_tokens: int = 24,
+                   adapter: str = "lora", rank: int = 8, alpha: float = 16.0,
+                   target_modules: Sequence[str] = ("q_proj", "v_proj", "o_proj", "up_proj",
+                                                    "down_proj"),
+                   steps: int = 60, batch_size: int = 8, lr: float = 2e-2, seed: int = 0,
+                   synthetic: Sequence[dict[str, str]] | None = None,
+                   scored: Sequence[ScoredSample] | None = None,
+                   progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Transfers ``source_model``'s LoRA (a PEFT model) to ``target_model``.
+
+    Returns:
+        ``(target with the new adapter, report)``; ``report`` holds the synthetic rows,
+        the selection stats and the training losses. Pass ``synthetic`` / ``scored`` to
+        reuse earlier steps (e.g. to compare selections on the same data).
+    """
+    if synthetic is None:
+        synthetic = generate_synthetic(source_model, source_tokenizer, seed_rows,
+                                       samples_per_prompt=samples_per_prompt,
+                                       max_new_tokens=max_new_tokens, seed=seed,
+                                       progress=progress)
+    if scored is None:
+        scored = contrastive_excess(source_model, source_tokenizer, synthetic)
+    examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
+                                            token_keep=token_keep)
+    target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)
+    torch.manual_seed(seed)
+    losses = train_masked(target, target_tokenizer, examples, steps=steps,
+                          batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    return target, {"synthetic": list(synthetic), "scored": list(scored), "selection": stats,
+                    "losses": losses}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from datalora.data import TASKS
+
+    p = subparsers.add_parser("titok", help="TITOK: transfer a task LoRA from the embedded "
+                                            "tiny model to a different tiny model")
+    p.add_argument("--task", choices=TASKS, default="reverse")
+    p.add_argument("--source-adapter", default=None,
+                   help="PEFT adapter folder of the source (default: train one)")
+    p.add_argument("--adapter-dir", default="outputs/titok/source_adapters")
+    p.add_argument("--seed-prompts", type=int, default=96)
+    p.add_argument("--sample-keep", type=float, default=0.5)
+    p.add_argument("--token-keep", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
+    p.add_argument("--eval-rows", type=int, default=32)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    from datalora.experiments.titok_evidence import run
+
+    report = run(task=args.task, source_adapter=args.source_adapter,
+                 adapter_dir=args.adapter_dir, seed_prompts=args.seed_prompts,
+                 sample_keep=args.sample_keep, token_keep=args.token_keep, steps=args.steps,
+                 adapter=args.adapter, eval_rows=args.eval_rows, out=args.out,
+                 progress=not args.no_progress)
+    for name, value in report["eval_loss"].items():
+        print(f"{name:>24}: eval loss {value:.3f}")
+    return report

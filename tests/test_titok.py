@@ -1,0 +1,214 @@
+"""TITOK: excess scoring (hand-checked), selection fractions, offset alignment, training."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from datalora.data import IGNORE_INDEX, format_prompt, tokenize_example
+from datalora.testing import build_tiny_model, build_tokenizer
+from datalora.titok import (
+    ScoredSample,
+    align_token_scores,
+    build_masked_examples,
+    contrastive_excess,
+    generate_synthetic,
+    response_log_probs,
+    response_offsets,
+    select_samples,
+    select_tokens,
+    train_masked,
+)
+
+V = 300
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(vocab_size=V)
+
+
+@pytest.fixture(scope="module")
+def tok_other():
+    # a different tokenizer: other vocabulary size, trained on other texts
+    texts = ["abc ab a b c reverse sort", "the quick brown fox", "12 + 34 = 46"] * 20
+    return build_tokenizer(vocab_size=270, texts=texts)
+
+
+class Bigram(nn.Module):
+    """p(y_t | y_<t) = softmax(table[y_{t-1}]): log-probs computable by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+ROW = {"system_prompt": "", "question": "Reverse the letters: abc", "response": "cba cb"}
+
+
+def test_excess_hand_checked(tok):
+    resp_ids = tok(ROW["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    star, c = resp_ids[0], 2.0
+    base = Bigram(torch.zeros(V, V))
+    table = torch.zeros(V, V)
+    table[:, star] = c                          # the "LoRA" raises one token everywhere
+    lora = Bigram(table)
+    [s] = contrastive_excess(lora, tok, [ROW], base_model=base)
+    z = math.log(math.exp(c) + V - 1)
+    want_lora = torch.tensor([(c if y == star else 0.0) - z for y in resp_ids])
+    want_base = torch.full((len(resp_ids),), -math.log(V))
+    torch.testing.assert_close(s.logp_lora, want_lora, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.logp_base, want_base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.excess, want_lora - want_base, atol=1e-5, rtol=0)
+    assert s.excess[0] > 0 and (s.excess[1:][torch.tensor(resp_ids[1:]) != star] < 0).all()
+    assert s.offsets == response_offsets(tok, ROW["response"])
+    assert len(s.offsets) == len(resp_ids)
+
+
+def test_response_log_probs_batched_equals_direct(tok):
+    model = build_tiny_model(seed=1, vocab_size=V, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    rows = [ROW, {"system_prompt": "Be short.", "question": "What is 2 + 2?",
+                  "response": "4"}]
+    got = response_log_probs(model, tok, rows, batch_size=2)  # padded batch
+    for row, lp in zip(rows, got, strict=True):
+        ex = tokenize_example(row, tok, 256)
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        pos = [t for t, y in enumerate(ex["labels"]) if y != IGNORE_INDEX]
+        want = torch.stack([logp[t - 1, ex["input_ids"][t]] for t in pos])
+        torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_excess_is_zero_for_an_identity_lora(tok):
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model(seed=1, vocab_size=V, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    [s] = contrastive_excess(model, tok, [ROW])          # B = 0: adapter is the identity
+    assert s.excess.abs().max() < 1e-6
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    [s] = contrastive_excess(model, tok, [ROW])
+    assert s.excess.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("keep,want", [(0.25, [1]), (0.3, [1, 3]), (0.5, [1, 3]),
+                                       (1.0, [1, 3, 0, 2])])
+def test_select_samples_fractions(keep, want):
+    assert select_samples([0.1, 0.5, -0.2, 0.3], keep) == want
+
+
+def test_select_tokens_fractions():
+    excess = torch.tensor([1.0, 5.0, 3.0, float("nan"), 2.0])
+    assert select_tokens(excess, 0.5).tolist() == [False, True, True, False, False]
+    assert select_tokens(excess, 0.01).tolist() == [False, True, False, False, False]
+    assert select_tokens(excess, 1.0).tolist() == [True, True, True, False, True]
+    assert select_tokens(torch.tensor([2.0, 2.0, 1.0]), 0.5).tolist() == [True, True, False]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="keep_fraction"):
+            select_tokens(excess, bad)
+        with pytest.raises(ValueError, match="keep_fraction"):
+            select_samples([1.0], bad)
+
+
+def test_align_hand_case():
+    src = [(0, 2), (2, 5), (5, 6), (6, 6)]
+    scores = torch.tensor([1.0, 3.0, 2.0, -4.0])
+    tgt = [(0, 1), (1, 3), (3, 6), (6, 6)]
+    assert align_token_scores(src, scores, tgt, "max").tolist() == [1.0, 3.0, 3.0, -4.0]
+    mean = align_token_scores(src, scores, tgt, "mean")
+    torch.testing.assert_close(mean, torch.tensor([1.0, 2.0, 8 / 3, -4.0]))
+    assert torch.isnan(align_token_scores(src[:2], scores[:2], [(5, 7)]))[0]
+    with pytest.raises(ValueError, match="reduce"):
+        align_token_scores(src, scores, tgt, "sum")
+    with pytest.raises(ValueError, match="src_scores"):
+        align_token_scores(src, scores[:2], tgt)
+
+
+def test_align_across_two_real_tokenizers(tok, tok_other):
+    text = "Reverse the letters: quickbrown, 12 + 34 = 46"
+    src, tgt = response_offsets(tok, text), response_offsets(tok_other, text)
+    assert src != tgt                                    # really different tokenizations
+    for spans in (src, tgt):                             # spans tile the text, EOS last
+        assert spans[0][0] == 0 and spans[-1] == (len(text), len(text))
+        assert all(a[1] == b[0] for a, b in zip(spans[:-1], spans[1:], strict=True))
+    scores = torch.arange(len(src), dtype=torch.float32) * 0.7 - 3.0
+    got = align_token_scores(src, scores, tgt, "max")
+    char = [None] * len(text)                            # independent oracle: per character
+    for (s, e), v in zip(src, scores.tolist(), strict=True):
+        for c in range(s, e):
+            char[c] = v
+    want = [max(char[s:e]) if e > s else scores[-1].item() for s, e in tgt]
+    torch.testing.assert_close(got, torch.tensor(want))
+    torch.testing.assert_close(align_token_scores(src, scores, src), scores)  # identity
+
+
+def test_build_masked_examples_fractions(tok, tok_other):
+    rows = [dict(ROW, response=r) for r in ("cba", "cb a cb", "abc abc abc", "a")]
+    scored = []
+    for i, row in enumerate(rows):
+        offsets = response_offsets(tok, row["response"])
+        lp = torch.linspace(-1, 1, len(offsets)) + i  # sample i has mean excess ~ i
+        scored.append(ScoredSample(row=row, offsets=offsets, logp_lora=lp,
+                                   logp_base=torch.zeros(len(offsets))))
+    ex, stats = build_masked_examples(scored, tok_other, sample_keep=0.5, token_keep=0.5)
+    assert stats["kept_samples"] == [3, 2]
+    for e, i in zip(ex, stats["kept_samples"], strict=True):
+        full = tokenize_example(rows[i], tok_other, 128)
+        n = sum(v != IGNORE_INDEX for v in full["labels"])
+        kept = [v for v in e["labels"] if v != IGNORE_INDEX]
+        assert e["input_ids"] == full["input_ids"] and len(kept) == math.ceil(n / 2)
+        assert set(kept) <= set(full["input_ids"])
+    ex_all, stats_all = build_masked_examples(scored, tok_other, sample_keep=1, token_keep=1)
+    assert len(ex_all) == 4 and stats_all["token_fraction"] == 1.0
+    assert ex_all[-1]["labels"] == tokenize_example(rows[0], tok_other, 128)["labels"]
+
+
+def test_generate_synthetic_and_train_masked(tok):
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model(seed=2, vocab_size=V, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    seeds = [ROW, {"system_prompt": "Be short.", "question": "What is 2 + 2?", "task": "x"}]
+    rows = generate_synthetic(model, tok, seeds, max_new_tokens=5, progress=False, seed=3)
+    again = generate_synthetic(model, tok, seeds, max_new_tokens=5, progress=False, seed=3)
+    assert rows == again and [r["question"] for r in rows] == [s["question"] for s in seeds]
+    assert tok.padding_side == "right"                    # restored
+    # left-padded batched generation continues each prompt like an unbatched greedy run
+    greedy = generate_synthetic(model, tok, seeds, max_new_tokens=5, do_sample=False,
+                                progress=False)
+    for row, seed in zip(greedy, seeds, strict=True):
+        ids = tok(format_prompt(seed), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert row["response"] == text.strip()
+    scored = contrastive_excess(model, tok, [r for r in rows if r["response"]] or [ROW])
+    examples, _ = build_masked_examples(scored, tok, sample_keep=1.0, token_keep=0.5)
+    target = peft.get_peft_model(build_tiny_model(seed=4, vocab_size=V, hidden_size=32,
+                                                  intermediate_size=48, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=1),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = [p.clone() for p in target.parameters() if p.requires_grad]
+    losses = train_masked(target, tok, examples, steps=2, batch_size=2, progress=False)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    after = [p for p in target.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="examples"):
+        train_masked(target, tok, [], steps=1)
+    with pytest.raises(ValueError, match="seed_rows"):
+        generate_synthetic(model, tok, [])
+    with pytest.raises(TypeError, match="base_model"):
+        contrastive_excess(base, tok, [ROW])
