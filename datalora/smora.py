@@ -1,0 +1,77 @@
+"""SMoRA-style rank-wise experts: every rank of a LoRA is an expert (E = total rank, r = 1).
+
+A LoRA of rank R is ``dW = (alpha / R) * sum_i b_i a_i^T``: a sum of R rank-1 terms. SMoRA
+("each rank could be an expert") routes each token to ``k`` of those R terms. That is a
+:class:`~datalora.layers.MoLoRALinear` with ``num_experts = R``, ``rank = 1`` and the LoRA's
+scaling ``alpha / R``; with all R ranks active and gate 1 it *is* the rank-R LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from datalora.layers import MoLoRALinear
+from datalora.routing import Routing
+
+__all__ = ["GATES", "SMoRALinear", "smora_linear"]
+
+GATES: tuple[str, ...] = ("one", "softmax")
+
+
+class SMoRALinear(MoLoRALinear):
+    """Rank-wise mixture: ``y = W x + (alpha / R) * sum_{i in topk(x)} g_i b_i (a_i . x)``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear``.
+        total_rank: R, the number of rank-1 experts.
+        active_ranks: k, ranks used per token (router top-k).
+        alpha: LoRA alpha of the equivalent rank-R LoRA (scaling ``alpha / R``).
+        gate: ``"one"``: selected ranks get gate exactly 1 (straight-through: the router
+            still gets the softmax gradient), so all-active equals the LoRA;
+            ``"softmax"``: renormalised top-k softmax gates (Mixtral style).
+        kwargs: ``dropout``, ``backend``, ``dtype`` as for :class:`MoLoRALinear`.
+    """
+
+    def __init__(self, base_layer: nn.Linear, total_rank: int = 16, active_ranks: int = 8,
+                 alpha: float = 32.0, gate: str = "one", **kwargs):
+        if isinstance(total_rank, bool) or not isinstance(total_rank, int) or total_rank < 1:
+            raise ValueError(f"total_rank: expected a positive int, got {total_rank!r}")
+        if isinstance(active_ranks, bool) or not isinstance(active_ranks, int) \
+                or not 1 <= active_ranks <= total_rank:
+            raise ValueError(f"active_ranks: expected an int in [1, total_rank={total_rank}], "
+                             f"got {active_ranks!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+        super().__init__(base_layer, num_experts=total_rank, rank=1,
+                         alpha=float(alpha) / total_rank, top_k=active_ranks, router=True,
+                         **kwargs)
+        self.total_rank, self.active_ranks, self.gate = total_rank, active_ranks, gate
+        self.lora_alpha = float(alpha)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates."""
+        x2 = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.router(x2.to(self.router.weight.dtype)).float(), dim=-1)
+        top, ids = probs.topk(self.active_ranks, dim=-1)
+        if self.gate == "one":
+            gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
+        else:
+            gates = top / top.sum(-1, keepdim=True)
+        return Routing(expert_ids=ids, gates=gates, router_probs=probs)
+
+    def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The equivalent rank-R LoRA: ``A [R, d_in]``, ``B [d_out, R]`` (scaling ``alpha/R``)."""
+        return self.lora_A[:, 0, :], self.lora_B[:, :, 0].T
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"total_rank={self.total_rank}, active_ranks={self.active_ranks}, "
+                f"gate={self.gate}, scaling={self.scaling:g}")
+
+
+def smora_linear(base: nn.Linear, total_rank: int, active_ranks: int, alpha: float,
+                 gate: str = "one", **kwargs) -> SMoRALinear:
+    """Wraps ``base`` as an SMoRA layer (see :class:`SMoRALinear`)."""
+    return SMoRALinear(base, total_rank=total_rank, active_ranks=active_ranks, alpha=alpha,
+                       gate=gate, **kwargs)

@@ -1,0 +1,77 @@
+"""SMoRA: rank-wise experts equal a single LoRA of the total rank when all are active."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from datalora.layers import MoLoRALinear
+from datalora.routing import Routing
+from datalora.smora import SMoRALinear, smora_linear
+
+
+def make(R=6, k=6, gate="one", d_in=11, d_out=7, bias=True):
+    torch.manual_seed(0)
+    layer = smora_linear(nn.Linear(d_in, d_out, bias=bias), R, k, alpha=12.0, gate=gate)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(5, 11), (2, 3, 11), (1, 11)])  # batch dims, T = 1
+def test_all_ranks_active_equals_single_lora(shape):
+    layer = make()
+    x = torch.randn(*shape)
+    A, B = layer.lora_weights()
+    assert A.shape == (6, 11) and B.shape == (7, 6)
+    want = layer.base_layer(x) + (12.0 / 6) * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    # the same as a one-expert MoLoRA of rank R holding that LoRA
+    lora = MoLoRALinear(layer.base_layer, num_experts=1, rank=6, alpha=12.0, router=False,
+                        top_k=1)
+    with torch.no_grad():
+        lora.lora_A.copy_(A[None])
+        lora.lora_B.copy_(B[None])
+    T = x[..., 0].numel()
+    one = Routing(torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1))
+    torch.testing.assert_close(layer(x), lora(x, one), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_uses_only_selected_ranks():
+    layer = make(R=6, k=2)
+    x = torch.randn(4, 11)
+    y = layer(x)
+    ids = layer.last_routing.expert_ids
+    assert ids.shape == (4, 2)
+    assert torch.equal(layer.last_routing.gates, torch.ones(4, 2))
+    A, B = layer.lora_weights()
+    for t in range(4):
+        m = torch.zeros(6)
+        m[ids[t]] = 1.0
+        want = layer.base_layer(x[t]) + 2.0 * B @ (m * (A @ x[t]))
+        torch.testing.assert_close(y[t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_gates_and_gradients():
+    layer = make(R=5, k=3, gate="softmax")
+    x = torch.randn(4, 11)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.last_routing.gates.sum(-1), torch.ones(4))
+    layer_one = make(R=5, k=3, gate="one")
+    layer_one(x).pow(2).sum().backward()
+    assert layer_one.router.weight.grad is not None  # straight-through reaches the router
+    assert layer_one.router.weight.grad.abs().sum() > 0
+    assert layer_one.lora_A.grad.abs().sum() > 0
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="active_ranks"):
+        SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=5)
+    with pytest.raises(ValueError, match="total_rank"):
+        SMoRALinear(nn.Linear(4, 4), total_rank=0, active_ranks=1)
+    with pytest.raises(ValueError, match="gate"):
+        SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, gate="sigmoid")
+    with pytest.raises(TypeError, match="base_layer"):
+        SMoRALinear(nn.Conv1d(4, 4, 1), total_rank=4, active_ranks=2)
