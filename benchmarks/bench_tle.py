@@ -1,0 +1,184 @@
+"""LoRA-TLE generation throughput: fused mixer vs per-token PEFT merging vs one adapter.
+
+Greedy decoding with a KV cache, the same fixed number of new tokens for every method:
+
+- ``base``: the base model (no adapter);
+- ``single_adapter``: one PEFT LoRA (``PeftModel``, unmerged);
+- ``mixer_every_token`` / ``mixer_every_other``: :class:`~datalora.tle.TokenLevelAdapterMixer`
+  (routing *included*: one base-model pass per recompute for the context embedding);
+- ``mixer_fixed_weights``: the mixer with the routing replaced by the same per-step weights
+  (only the fused mixing; comparable with the PEFT merge below);
+- ``peft_merge_per_token``: the original method, rebuilding the mixed adapter with PEFT's
+  ``add_weighted_adapter(..., combination_type="cat")`` at every step with the weights the
+  mixer used (routing cost *excluded*, which favours this baseline). Its tokens must equal
+  the mixer's (checked; a mismatch is reported).
+
+Writes ``benchmarks/results/tle_cpu.json`` (``tle_cuda.json`` on a GPU)::
+
+    python -m benchmarks.bench_tle --adapters /tmp/datalora_work/task_adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
+    from transformers import DynamicCache
+
+    cache, tokens = DynamicCache(), []
+    if before_step is not None:
+        before_step(0)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    for i in range(new):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        if i == new - 1:
+            break
+        if before_step is not None:
+            before_step(i + 1)
+        out = model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=cache,
+                    use_cache=True)
+    return tokens
+
+
+def _time(fn, repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+@torch.no_grad()
+def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts: int = 2,
+        out: str | None = None) -> dict[str, Any]:
+    import peft
+
+    from datalora.data import TASKS, format_prompt, load_instruction_dataset
+    from datalora.experiments.task_adapters import train_task_adapters
+    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.tle import TokenLevelAdapterMixer
+
+    folders = train_task_adapters(adapter_dir)
+    tok = build_tokenizer()
+    train = load_instruction_dataset("embedded", "train")
+    cents_prompts = {t: [format_prompt(r) for r in train if r["task"] == t][-16:] for t in TASKS}
+    rows = load_instruction_dataset("embedded", "eval")
+    prompts = [tok(format_prompt(r), return_tensors="pt")["input_ids"]
+               for r in rows[:num_prompts]]
+
+    base = build_tiny_model()
+    single = peft.PeftModel.from_pretrained(build_tiny_model(), str(folders[TASKS[0]])).eval()
+    merged = peft.PeftModel.from_pretrained(build_tiny_model(), str(folders[TASKS[0]]),
+                                            adapter_name=TASKS[0]).eval()
+    for t in TASKS[1:]:
+        merged.load_adapter(str(folders[t]), adapter_name=t)
+    mixer = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()), names=list(TASKS),
+                                   tau=0.05)
+    mixer.fit_centroids(cents_prompts, tok)
+
+    rows_out: dict[str, dict[str, float]] = {}
+    checks: dict[str, Any] = {}
+
+    def record(name: str, seconds: float) -> None:
+        total = seconds
+        rows_out[name] = {"seconds": total, "tokens_per_s": new_tokens * len(prompts) / total}
+
+    record("base", _time(lambda: [_greedy(base, p, new_tokens) for p in prompts], repeats)[0])
+    record("single_adapter",
+           _time(lambda: [_greedy(single, p, new_tokens) for p in prompts], repeats)[0])
+    details: dict[str, list[dict[str, Any]]] = {}
+    for name, mode in (("mixer_every_token", "token"), ("mixer_every_other", "every_n")):
+        mixer.mode, mixer.every_n = mode, 2
+
+        def gen():
+            return [mixer.generate(p, new_tokens, return_details=True) for p in prompts]
+
+        seconds, details[mode] = _time(gen, repeats)
+        record(name, seconds)
+    step_weights = [d["weights"] for d in details["token"]]
+    mixer_tokens = [d["sequences"][0, p.shape[1]:].tolist()
+                    for d, p in zip(details["token"], prompts, strict=True)]
+
+    def fixed(p, w):
+        def before(i):
+            mixer._slot.set(w[i])
+        try:
+            return _greedy(mixer.model, p, new_tokens, before)
+        finally:
+            mixer._slot.set(None)
+
+    seconds, fixed_tokens = _time(
+        lambda: [fixed(p, w) for p, w in zip(prompts, step_weights, strict=True)], repeats)
+    record("mixer_fixed_weights", seconds)
+
+    def peft_merge(p, w):
+        def before(i):
+            if "mix" in merged.peft_config:
+                merged.delete_adapter("mix")
+            merged.add_weighted_adapter(list(TASKS), w[i].tolist(), "mix",
+                                        combination_type="cat")
+            merged.set_adapter("mix")
+        return _greedy(merged, p, new_tokens, before)
+
+    seconds, peft_tokens = _time(
+        lambda: [peft_merge(p, w) for p, w in zip(prompts, step_weights, strict=True)],
+        max(1, repeats - 1))
+    record("peft_merge_per_token", seconds)
+    checks["fixed_weights_tokens_equal_mixer"] = fixed_tokens == mixer_tokens
+    checks["peft_merge_tokens_equal_mixer"] = peft_tokens == mixer_tokens
+    checks["recomputes_every_token"] = [d["recomputes"] for d in details["token"]]
+    checks["recomputes_every_other"] = [d["recomputes"] for d in details["every_n"]]
+    result = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "peft": peft.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {"model": "embedded tiny Mistral (~1M params)", "adapters": list(TASKS),
+                   "new_tokens": new_tokens, "prompts": len(prompts), "repeats": repeats,
+                   "timing": "median wall time over repeats, batch size 1, greedy, KV cache",
+                   "note": "CPU shared with other jobs: compare ratios, not absolutes"},
+        "results": rows_out,
+        "speedup_mixer_fixed_vs_peft_merge": rows_out["mixer_fixed_weights"]["tokens_per_s"]
+        / rows_out["peft_merge_per_token"]["tokens_per_s"],
+        "speedup_mixer_every_token_vs_peft_merge": rows_out["mixer_every_token"]["tokens_per_s"]
+        / rows_out["peft_merge_per_token"]["tokens_per_s"],
+        "checks": checks,
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = args.out or ("benchmarks/results/tle_cuda.json" if torch.cuda.is_available()
+                       else "benchmarks/results/tle_cpu.json")
+    result = run(args.adapters, new_tokens=args.new_tokens, repeats=args.repeats,
+                 num_prompts=args.prompts, out=out)
+    for name, r in result["results"].items():
+        print(f"{name:>22}: {r['tokens_per_s']:8.1f} tokens/s")
+    print(json.dumps(result["checks"]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
