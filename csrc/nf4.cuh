@@ -86,6 +86,21 @@ DL_HD float to_float(float v) { return v; }
 DL_HD float to_float(__half v) { return __half2float(v); }
 DL_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Values per 16-byte chunk of packed data. blocksize >= 32 is a multiple of 32, so a chunk
+// that starts at a multiple of 32 values lies inside one absmax block: one scale.
+constexpr int kChunk = 32;
+
+// Decodes one chunk (16 packed bytes, scale s) to 32 values of T; kernels and host twins
+// both go through this.
+template <typename T>
+DL_HD void nf4_decode_chunk(const uint8_t* bytes, float s, T* out) {
+#pragma unroll
+  for (int j = 0; j < kChunk / 2; ++j) {
+    out[2 * j] = from_float<T>(nf4_decode(bytes[j] >> 4, s));
+    out[2 * j + 1] = from_float<T>(nf4_decode(bytes[j] & 0xF, s));
+  }
+}
+
 // dtype tags used at the Python boundary.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

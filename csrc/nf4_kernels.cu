@@ -9,19 +9,26 @@
 //   routed experts' expand sum_{j,i} z[t,j,i] B[e_tj, o, i] before the single store of y.
 //   The kernel is bound by reading W (K*N/2 bytes): x, A and B are small and stay in L2.
 #include <algorithm>
+#include <vector>
 
 #include "nf4_ops.h"
 
 namespace datalora {
 namespace {
 
-constexpr int kChunk = 32;          // values per uint4 of packed data
 constexpr int kDequantThreads = 256;
 constexpr int kDecodeWarps = 8;     // output rows per CTA of the decode kernel
 
 template <typename T> struct Vec16 {  // T elements per 16 bytes
   static constexpr int n = 16 / sizeof(T);
 };
+
+// Epilogue of the shrink: scaling * gate * rank_scale of route (t, j) at rank i.
+DL_HD float route_scale(const MoLoRAArgs& lora, int route, int t, int i) {
+  float s = lora.scaling * lora.gates[route];
+  if (lora.rank_scale != nullptr) s *= lora.rank_scale[t * lora.r + i];
+  return s;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -44,13 +51,8 @@ dequant_nf4_kernel(const uint8_t* __restrict__ data, NF4Scales sc, T* __restrict
 #pragma unroll
       for (int j = 0; j < 16; ++j) bytes[j] = data[c * 16 + j];
     }
-    const float s = sc.block(c * kChunk / sc.blocksize);
     alignas(16) T vals[kChunk];
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      vals[2 * j] = from_float<T>(nf4_decode(bytes[j] >> 4, s));
-      vals[2 * j + 1] = from_float<T>(nf4_decode(bytes[j] & 0xF, s));
-    }
+    nf4_decode_chunk(bytes, sc.block(c * kChunk / sc.blocksize), vals);
     T* dst = out + c * kChunk;
     if (vec) {
 #pragma unroll
@@ -87,9 +89,7 @@ __global__ void molora_shrink_kernel(const T* __restrict__ x, MoLoRAArgs lora, i
   }
   acc = warp_sum(acc);
   if (lane == 0) {
-    float s = lora.scaling * lora.gates[route];
-    if (lora.rank_scale != nullptr) s *= lora.rank_scale[t * lora.r + i];
-    lora.z[warp] = acc * s;
+    lora.z[warp] = acc * route_scale(lora, route, t, i);
   }
 }
 
@@ -110,14 +110,13 @@ nf4_gemv_molora_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, N
   for (int c = lane; c < K / kChunk; c += 32) {
     const uint4 packed = __ldg(wrow + c);
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
-    const float s = sc.block((row + static_cast<int64_t>(c) * kChunk) / sc.blocksize);
+    // rounded to T: the same weights dequantize() + matmul would use
+    T wq[kChunk];
+    nf4_decode_chunk(bytes, sc.block((row + static_cast<int64_t>(c) * kChunk) / sc.blocksize),
+                     wq);
     float wv[kChunk];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      // round to T first: the same weights dequantize() + matmul would use
-      wv[2 * j] = to_float(from_float<T>(nf4_decode(bytes[j] >> 4, s)));
-      wv[2 * j + 1] = to_float(from_float<T>(nf4_decode(bytes[j] & 0xF, s)));
-    }
+    for (int j = 0; j < kChunk; ++j) wv[j] = to_float(wq[j]);
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       if (t < T_) {
@@ -192,7 +191,10 @@ cudaError_t launch_decode(const T* x, const uint8_t* w, const NF4Scales& sc, con
 
 template <typename T>
 void dequant_host(const uint8_t* data, const NF4Scales& sc, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(nf4_at(data, sc, i));
+  const int64_t nchunks = n / kChunk;
+  for (int64_t c = 0; c < nchunks; ++c)
+    nf4_decode_chunk(data + c * 16, sc.block(c * kChunk / sc.blocksize), out + c * kChunk);
+  for (int64_t i = nchunks * kChunk; i < n; ++i) out[i] = from_float<T>(nf4_at(data, sc, i));
 }
 
 template <typename T>
@@ -208,19 +210,20 @@ void decode_host(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bia
         for (int c = 0; c < K; ++c)
           acc += to_float(A[(static_cast<int64_t>(e) * lora.r + i) * K + c]) *
                  to_float(x[static_cast<int64_t>(t) * K + c]);
-        float s = lora.scaling * lora.gates[route];
-        if (lora.rank_scale != nullptr) s *= lora.rank_scale[t * lora.r + i];
-        lora.z[route * lora.r + i] = acc * s;
+        lora.z[route * lora.r + i] = acc * route_scale(lora, route, t, i);
       }
     }
   }
+  std::vector<T> wrow(K);
   for (int o = 0; o < N; ++o) {
+    const int64_t row = static_cast<int64_t>(o) * K;  // K % 32 == 0: whole chunks
+    for (int c = 0; c < K / kChunk; ++c)
+      nf4_decode_chunk(w + (row + c * kChunk) / 2, sc.block((row + c * kChunk) / sc.blocksize),
+                       wrow.data() + c * kChunk);
     for (int t = 0; t < T_; ++t) {
       float acc = 0.f;
-      for (int c = 0; c < K; ++c) {
-        const float wv = to_float(from_float<T>(nf4_at(w, sc, static_cast<int64_t>(o) * K + c)));
-        acc += wv * to_float(x[static_cast<int64_t>(t) * K + c]);
-      }
+      for (int c = 0; c < K; ++c)
+        acc += to_float(wrow[c]) * to_float(x[static_cast<int64_t>(t) * K + c]);
       for (int idx = 0; idx < lora.k * lora.r; ++idx) {
         const int j = idx / lora.r, i = idx % lora.r, e = lora.ids[t * lora.k + j];
         acc += lora.z[t * lora.k * lora.r + idx] *
