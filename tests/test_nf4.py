@@ -290,3 +290,30 @@ def test_bench_nf4_smoke_writes_all_groups(tmp_path):
     assert {r["method"] for r in data["rows"] if r["group"] == "decode"} == {
         "datalora_fused", "bnb_matmul_4bit+peft_loop"}
     assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["torch"] == torch.__version__
+
+
+def test_get_datalora_model_on_bnb_nf4_quantized_model():
+    pytest.importorskip("transformers")
+    from datalora.config import DATALORAConfig
+    from datalora.model import get_datalora_model
+    from datalora.testing import build_tiny_model
+
+    model = build_tiny_model()
+    for name, mod in list(model.named_modules()):  # what BitsAndBytesConfig(load_in_4bit) does
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and ".layers." in f".{name}.":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=torch.float32,
+                                      quant_type="nf4")
+                q.load_state_dict(child.state_dict())
+                setattr(mod, child_name, q.to("cpu"))
+    ids = torch.randint(0, 100, (2, 12))
+    wrapped = get_datalora_model(model, DATALORAConfig(), verbose=False)
+    layers = [m for m in wrapped.modules() if isinstance(m, MoLoRALinear)]
+    assert layers and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers)
+    wrapped.train()
+    out = wrapped(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0 for m in layers)
+    assert all(not p.requires_grad for m in layers for p in m.base_layer.parameters())
