@@ -64,6 +64,31 @@ def test_loader_never_breaks_import_and_reports_reason(monkeypatch):
             _C_loader.load()
 
 
+def test_broken_extension_warns_once_and_raises_only_when_called(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "datalora._C":
+            raise OSError("libcudart.so.99: cannot open shared object file")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    _C_loader._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed to load.*libcudart.so.99"):
+            assert not _C_loader.available()
+        assert isinstance(_C_loader.load_error(), OSError)
+        with pytest.raises(_C_loader.ExtensionUnavailableError, match="libcudart.so.99"):
+            _C_loader.load()
+        t = nf4.quantize(torch.randn(4, 64))  # the torch path keeps working
+        assert nf4.dequantize(t, None).shape == (4, 64)
+    finally:
+        monkeypatch.undo()
+        _C_loader._load.cache_clear()
+
+
 @needs_ext
 def test_extension_imports_without_gpu_driver():
     # a fresh interpreter that hides every GPU: import and a CUDA runtime query must not fail
