@@ -293,14 +293,16 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
 
 def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
                           sample_keep: float = 0.5, token_keep: float = 0.5,
-                          max_length: int = 128, reduce: str = "max"
+                          max_length: int = 128, reduce: str = "max", drop_empty: bool = True
                           ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
     """Target-tokenizer training examples whose labels keep only the selected tokens.
 
     Samples are filtered by mean excess (source tokens); each kept sample's scores are
     aligned to ``tokenizer`` by character offsets and its top ``token_keep`` tokens keep
     their label (others ``-100``). With ``sample_keep = token_keep = 1`` every synthetic
-    token is a label (the "all tokens" baseline).
+    token is a label (the "all tokens" baseline). With ``drop_empty`` samples whose
+    response is empty (EOS only) are dropped first: their mean excess is the EOS token's
+    alone, which tends to be large, so they would crowd out real answers.
 
     Returns:
         ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
@@ -308,7 +310,9 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     """
     _check_fraction("sample_keep", sample_keep)
     _check_fraction("token_keep", token_keep)
-    kept = select_samples([s.mean_excess for s in scored], sample_keep)
+    usable = [i for i, s in enumerate(scored) if s.row["response"].strip() or not drop_empty]
+    ranked = select_samples([scored[i].mean_excess for i in usable], sample_keep)
+    kept = [usable[j] for j in ranked]
     examples, labelled, total = [], 0, 0
     for i in kept:
         sample = scored[i]
@@ -325,7 +329,7 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
         labelled += sum(v != IGNORE_INDEX for v in labels)
         total += len(resp)
         examples.append({**ex, "labels": labels})
-    stats = {"kept_samples": kept, "num_samples": len(scored),
+    stats = {"kept_samples": kept, "num_samples": len(scored), "num_usable": len(usable),
              "token_fraction": labelled / max(total, 1)}
     return examples, stats
 

@@ -170,6 +170,13 @@ def test_build_masked_examples_fractions(tok, tok_other):
         kept = [v for v in e["labels"] if v != IGNORE_INDEX]
         assert e["input_ids"] == full["input_ids"] and len(kept) == math.ceil(n / 2)
         assert set(kept) <= set(full["input_ids"])
+    empty = ScoredSample(row=dict(ROW, response=""), offsets=[(0, 0)],
+                         logp_lora=torch.tensor([9.0]), logp_base=torch.zeros(1))
+    _, stats_e = build_masked_examples([*scored, empty], tok_other, sample_keep=0.5)
+    assert stats_e["kept_samples"] == [3, 2]              # the empty response is dropped
+    _, stats_e = build_masked_examples([*scored, empty], tok_other, sample_keep=0.4,
+                                       drop_empty=False)
+    assert stats_e["kept_samples"] == [4, 3]
     ex_all, stats_all = build_masked_examples(scored, tok_other, sample_keep=1, token_keep=1)
     assert len(ex_all) == 4 and stats_all["token_fraction"] == 1.0
     assert ex_all[-1]["labels"] == tokenize_example(rows[0], tok_other, 128)["labels"]
