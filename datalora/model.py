@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
@@ -22,6 +24,14 @@ from datalora.pruning import DATALORARuntime
 from datalora.saliency import UnifiedSaliencyNetwork
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class DATALORACausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` + the unweighted DATALORA aux losses (0-dim tensors)."""
+
+    retention_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
 
 
 def _is_target(name: str, targets: list[str]) -> bool:
@@ -96,7 +106,29 @@ class DATALORAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        """The base model's forward; with shared routing in training mode the output also
+        carries ``retention_loss`` and ``balance_loss`` (0-dim tensors, see
+        :meth:`aux_losses`), so DDP sees the saliency network used in the graph."""
+        outputs = self.base_model(*args, **kwargs)
+        if self.runtime is not None and self.training and torch.is_grad_enabled() \
+                and isinstance(outputs, CausalLMOutputWithPast) \
+                and self.runtime.last is not None:
+            return DATALORACausalLMOutput(**outputs, **self.aux_losses())
+        return outputs
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """``retention_loss`` (mean keep probability vs the current retention) and
+        ``balance_loss`` (Switch ``E * sum f_e P_e``) of the latest forward, unweighted."""
+        from datalora.losses import balance_loss, retention_loss
+
+        record = self.runtime.last if self.runtime is not None else None
+        if record is None:
+            raise ValueError("aux_losses: needs routing='shared' and a forward first")
+        routing = record.routing
+        return {"retention_loss": retention_loss(record.keep_prob, self.runtime.retention,
+                                                 record.valid),
+                "balance_loss": balance_loss(routing.router_probs, routing.expert_ids,
+                                             record.valid.reshape(-1))}
 
     def generate(self, *args, **kwargs):
         if self.runtime is not None and self.runtime.retention < 1.0:
