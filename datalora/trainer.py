@@ -29,7 +29,6 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from datalora.curriculum import PHASES, CurriculumScheduler
-from datalora.losses import balance_loss, retention_loss
 from datalora.model import DATALORAModel
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
@@ -147,9 +146,11 @@ class DATALORATrainer(Trainer):
         if record is None or not model.training:
             return (loss, outputs) if return_outputs else loss
         cfg = self.datalora_config
-        l_ret = retention_loss(record.keep_prob, dl.runtime.retention, record.valid)
-        routing = record.routing
-        l_bal = balance_loss(routing.router_probs, routing.expert_ids, record.valid.reshape(-1))
+        if isinstance(outputs, dict) and "retention_loss" in outputs:
+            l_ret, l_bal = outputs["retention_loss"], outputs["balance_loss"]
+        else:
+            aux_losses = dl.aux_losses()
+            l_ret, l_bal = aux_losses["retention_loss"], aux_losses["balance_loss"]
         aux = cfg.lambda_prune * l_ret + cfg.alpha_balance * l_bal
         lm_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
                      else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
