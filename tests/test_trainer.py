@@ -187,3 +187,43 @@ def test_ddp_two_cpu_processes(tmp_path):
         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("DDP-OK") == 2
+
+
+def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
+    from datalora.cli import main
+    from datalora.model import DATALORAModel
+    from datalora.testing import build_tiny_model
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "num_lora_experts: 4\nlora_rank: 4\nnum_active_experts: 2\nprune_layers: [1, 4]\n"
+        "target_modules: [q_proj, v_proj]\n"
+        "training:\n  max_steps: 6\n  limit: 24\n  batch_size: 4\n  max_length: 48\n"
+        "  curriculum_mode: steps\n  logging_steps: 1\n  bf16: true\n")
+    out = tmp_path / "adapter"
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for phase in ("warmup", "sparsification", "hardening"):
+        assert phase in printed
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["routing"] == "shared" and config["num_lora_experts"] == 4
+    assert (out / "curriculum_state.json").exists()
+    model = DATALORAModel.from_pretrained(build_tiny_model(), out)
+    assert float(model.saliency.keep_threshold) == float(model.saliency.keep_threshold)
+    ids = torch.randint(4, 500, (2, 12))
+    a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    assert torch.equal(a, b) and model.runtime.last.mode == "packed"
+
+
+def test_train_config_validation(tmp_path):
+    from datalora.train import load_train_config, train_datalora
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"training": {"epochz": 3}}))
+    with pytest.raises(ValueError, match="epochz"):
+        load_train_config(bad)
+    with pytest.raises(ValueError, match="routing"):
+        train_datalora(DATALORAConfig(routing="per_layer"), max_steps=1)
+    with pytest.raises(ValueError, match="max_steps"):
+        train_datalora(None, max_steps=0)
