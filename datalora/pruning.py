@@ -304,6 +304,12 @@ class DATALORARuntime:
     # ------------------------------------------------------------------ hooks
 
     def _begin(self, module, args, kwargs):
+        checkpointing = getattr(module, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(module, "is_gradient_checkpointing", False)
+        if module.training and checkpointing:
+            raise ValueError("gradient_checkpointing: not supported with the DATALORA saliency "
+                             "/ pruning hooks (recomputation would re-run them); disable it")
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]

@@ -276,3 +276,11 @@ def test_generation_rejects_beam_search_with_pruning():
 def test_bad_prune_range():
     with pytest.raises(ValueError, match="prune_layers"):
         datalora_model(prune_layers=(2, 9))
+
+
+def test_gradient_checkpointing_is_rejected():
+    model = datalora_model().train()
+    model.base_model.activation_checkpointing_enable()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        model(input_ids=ids, attention_mask=mask)
