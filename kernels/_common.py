@@ -38,6 +38,11 @@ def col_block(n: int) -> int:
     return 16 if n <= 16 else 64
 
 
+def warps_for(rows: int, cols: int) -> int:
+    """Warps of a ``rows x cols`` GEMM tile: 8 for 64x64 (keeps it in registers), else 4."""
+    return 8 if rows * cols >= 64 * 64 else 4
+
+
 def as_index(t: torch.Tensor) -> torch.Tensor:
     """Contiguous int32 copy of an index tensor (kernels clamp the values)."""
     return t.to(torch.int32).contiguous()

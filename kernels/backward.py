@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 BLOCK_P = 64
-BLOCK_M = 64
-ROUTE_BLOCK_T = 32
+BLOCK_M = 32
+ROUTE_TILE = 1024  # elements of one [BLOCK_T, R_PAD] tile of the routing-gradient pass
 NUM_WARPS = 4
 
 
@@ -83,7 +83,9 @@ def _route_grads_kernel(
 
 
 def segment_config(R: int) -> dict:
-    return dict(BLOCK_P=BLOCK_P, BLOCK_R=16 if R <= 16 else 64, BLOCK_M=BLOCK_M)
+    block_r = 16 if R <= 16 else 64
+    return dict(BLOCK_P=BLOCK_P, BLOCK_R=block_r, BLOCK_M=BLOCK_M,
+                num_warps=8 if block_r == 64 else NUM_WARPS)
 
 
 def segment_outer(m, raw, perm, k, gates, rs, rs_stride, out, out_strides, R, mult):
@@ -95,11 +97,12 @@ def segment_outer(m, raw, perm, k, gates, rs, rs_stride, out, out_strides, R, mu
     _segment_outer_kernel[grid](
         m, raw, perm.order, perm.expert_offsets, gates, rs, out, P, R, k,
         m.stride(0), m.stride(1), rs_stride, *out_strides, float(mult),
-        num_warps=NUM_WARPS, **cfg)
+        **cfg)
 
 
 def route_config(R: int) -> dict:
-    return dict(BLOCK_T=ROUTE_BLOCK_T, R_PAD=max(16, triton.next_power_of_2(R)))
+    r_pad = max(16, triton.next_power_of_2(R))
+    return dict(BLOCK_T=max(1, ROUTE_TILE // r_pad), R_PAD=r_pad, num_warps=NUM_WARPS)
 
 
 def route_grads(dz, h, gates, rs, rs_stride, dg, drs, T, R, k, mult):
@@ -107,7 +110,7 @@ def route_grads(dz, h, gates, rs, rs_stride, dg, drs, T, R, k, mult):
     cfg = route_config(R)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
     _route_grads_kernel[grid](dz, h, gates, rs, dg, drs, T, R, k, rs_stride, float(mult),
-                              num_warps=NUM_WARPS, **cfg)
+                              **cfg)
 
 
 def launch_configs() -> dict[str, list[dict]]:

@@ -13,13 +13,20 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import block_expert, col_block, e_pad, grouped_grid_blocks, row_block
+from ._common import (
+    block_expert,
+    col_block,
+    e_pad,
+    grouped_grid_blocks,
+    row_block,
+    warps_for,
+)
 
 BLOCK_O = 64
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -92,44 +99,50 @@ def _expand_grouped_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def dense_config(T: int, N: int) -> dict:
-    """Tile of ``_expand_dense_kernel`` for T tokens and K = N = E*R."""
-    return dict(BLOCK_T=row_block(T), BLOCK_O=BLOCK_O, BLOCK_N=col_block(N))
+def dense_config(T: int, N: int, fp32: bool = False) -> dict:
+    """Tile of ``_expand_dense_kernel`` for T tokens and K = N = E*R (fp32: K-step 16)."""
+    return dict(BLOCK_T=row_block(T), BLOCK_O=BLOCK_O, BLOCK_N=16 if fp32 else col_block(N),
+                num_warps=warps_for(row_block(T), BLOCK_O))
 
 
-def grouped_config(num_routes: int, R: int) -> dict:
+def grouped_config(num_routes: int, R: int, fp32: bool = False) -> dict:
     """Tile of ``_expand_grouped_kernel`` for ``num_routes = T*k`` routes of rank R."""
-    return dict(BLOCK_M=row_block(num_routes), BLOCK_O=BLOCK_O, BLOCK_R=col_block(R))
+    return dict(BLOCK_M=row_block(num_routes), BLOCK_O=BLOCK_O,
+                BLOCK_R=16 if fp32 else col_block(R),
+                num_warps=warps_for(row_block(num_routes), BLOCK_O))
 
 
 def expand_dense(z, w, w_strides, y, E, R, alpha, accumulate):
     """``y [T, O] (+)= alpha * z [T, E*R] @ W_all^T``; ``w_strides = (e, o, r)``."""
     T, O = y.shape
-    cfg = dense_config(T, E * R)
+    cfg = dense_config(T, E * R, z.dtype == torch.float32)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(O, cfg["BLOCK_O"]))
     _expand_dense_kernel[grid](
         z, w, y, T, O, E, R, *w_strides, y.stride(0), y.stride(1), float(alpha),
-        ACCUMULATE=accumulate, num_warps=NUM_WARPS, **cfg)
+        ACCUMULATE=accumulate, **cfg)
 
 
 def expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate):
     """``y[route] (+)= alpha * z[route] @ W[e]^T``; z ``[T*k, R]``, y ``[T*k, O]``."""
     num_routes, O = y.shape
-    cfg = grouped_config(num_routes, R)
+    cfg = grouped_config(num_routes, R, z.dtype == torch.float32)
     grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]), triton.cdiv(O, cfg["BLOCK_O"]))
     _expand_grouped_kernel[grid](
         z, w, perm.order, perm.expert_offsets, y, O, E, R, *w_strides,
         y.stride(0), y.stride(1), float(alpha), ACCUMULATE=accumulate, E_PAD=e_pad(E),
-        num_warps=NUM_WARPS, **cfg)
+        **cfg)
 
 
 def launch_configs() -> dict[str, list[dict]]:
     """Every constexpr set the launchers above can pick (for the compile check)."""
     rows, cols = (16, 64), (16, 64)
+    split = ((False, ("fp16", "bf16")), (True, ("fp32",)))
     return {
-        "_expand_dense_kernel": [dict(BLOCK_T=t, BLOCK_O=BLOCK_O, BLOCK_N=n, ACCUMULATE=a)
-                                 for t in rows for n in cols for a in (False, True)],
-        "_expand_grouped_kernel": [dict(BLOCK_M=m, BLOCK_O=BLOCK_O, BLOCK_R=r, ACCUMULATE=a,
-                                        E_PAD=e_pad(1))
-                                   for m in rows for r in cols for a in (False, True)],
+        "_expand_dense_kernel": [dict(dense_config(t, n, fp32), ACCUMULATE=a, dtypes=dts)
+                                 for t in rows for n in cols for a in (False, True)
+                                 for fp32, dts in split],
+        "_expand_grouped_kernel": [dict(grouped_config(m, r, fp32), ACCUMULATE=a,
+                                        E_PAD=e_pad(1), dtypes=dts)
+                                   for m in rows for r in cols for a in (False, True)
+                                   for fp32, dts in split],
     }

@@ -17,13 +17,22 @@ stride 0 when there is none. Expert ids are clamped to ``[0, E)``.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import block_expert, col_block, e_pad, grouped_grid_blocks, row_block
+from ._common import (
+    block_expert,
+    col_block,
+    e_pad,
+    grouped_grid_blocks,
+    row_block,
+    warps_for,
+)
 
-BLOCK_K = 64
-NUM_WARPS = 4
+BLOCK_K = 32
+# launch_configs: 16-bit configs and fp32 configs (fp32 FMA dots need a K-step of 16)
+SPLIT = ((False, ("fp16", "bf16")), (True, ("fp32",)))
 
 
 @triton.jit
@@ -110,14 +119,18 @@ def _shrink_grouped_kernel(
              mask=mask)
 
 
-def dense_config(T: int, N: int) -> dict:
-    """Tile of ``_shrink_dense_kernel`` for T tokens and N = E*R columns."""
-    return dict(BLOCK_T=row_block(T), BLOCK_N=col_block(N), BLOCK_K=BLOCK_K)
+def dense_config(T: int, N: int, fp32: bool = False) -> dict:
+    """Tile of ``_shrink_dense_kernel`` for T tokens and N = E*R columns (fp32: K-step 16,
+    its FMA dot and gate-selection epilogue do not fit registers with 32)."""
+    return dict(BLOCK_T=row_block(T), BLOCK_N=col_block(N), BLOCK_K=16 if fp32 else BLOCK_K,
+                num_warps=warps_for(row_block(T), col_block(N)))
 
 
-def grouped_config(num_routes: int, R: int) -> dict:
+def grouped_config(num_routes: int, R: int, fp32: bool = False) -> dict:
     """Tile of ``_shrink_grouped_kernel`` for ``num_routes = T*k`` routes of rank R."""
-    return dict(BLOCK_M=row_block(num_routes), BLOCK_R=col_block(R), BLOCK_K=BLOCK_K)
+    return dict(BLOCK_M=row_block(num_routes), BLOCK_R=col_block(R),
+                BLOCK_K=16 if fp32 else BLOCK_K,
+                num_warps=warps_for(row_block(num_routes), col_block(R)))
 
 
 def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
@@ -125,32 +138,34 @@ def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, m
     ids int32 / gates fp32 ``[T, k]`` contiguous; rs fp32 ``[T or 1, R]`` with row stride
     ``rs_stride``; writes raw ``[T*k, R]`` and dense ``[T, E*R]`` (both contiguous)."""
     T, K = x.shape
-    cfg = dense_config(T, E * R)
+    cfg = dense_config(T, E * R, x.dtype == torch.float32)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
     _shrink_dense_kernel[grid](
         x, w, ids, gates, rs, dense, raw, T, K, E, R, ids.shape[1],
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
-        num_warps=NUM_WARPS, **cfg)
+        **cfg)
 
 
 def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, E, R, mult):
     """Grouped shrink over ``perm`` (``ExpertPermutation``); raw/scaled ``[T*k, R]``."""
     num_routes = perm.order.numel()
-    cfg = grouped_config(num_routes, R)
+    cfg = grouped_config(num_routes, R, x.dtype == torch.float32)
     grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _shrink_grouped_kernel[grid](
         x, w, perm.order, perm.expert_offsets, gates, rs, raw, scaled, x.shape[1], E, R, k,
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
-        E_PAD=e_pad(E), num_warps=NUM_WARPS, **cfg)
+        E_PAD=e_pad(E), **cfg)
 
 
 def launch_configs() -> dict[str, list[dict]]:
-    """Every constexpr set the launchers above can pick (for the compile check)."""
+    """Every constexpr set the launchers above can pick (for the compile check);
+    ``dtypes`` limits a config to the x dtypes that launch it."""
     rows, cols = (16, 64), (16, 64)
     return {
-        "_shrink_dense_kernel": [dict(BLOCK_T=t, BLOCK_N=n, BLOCK_K=BLOCK_K)
-                                 for t in rows for n in cols],
-        "_shrink_grouped_kernel": [dict(BLOCK_M=m, BLOCK_R=r, BLOCK_K=BLOCK_K,
-                                        E_PAD=e_pad(1)) for m in rows for r in cols],
+        "_shrink_dense_kernel": [dict(dense_config(t, n, fp32), dtypes=dts)
+                                 for t in rows for n in cols
+                                 for fp32, dts in SPLIT],
+        "_shrink_grouped_kernel": [dict(grouped_config(m, r, fp32), E_PAD=e_pad(1), dtypes=dts)
+                                   for m in rows for r in cols for fp32, dts in SPLIT],
     }
 

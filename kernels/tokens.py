@@ -111,5 +111,5 @@ def scatter(hidden, packed, keep_idx, weight=None):
 
 def launch_configs() -> dict[str, list[dict]]:
     """The one constexpr set of each kernel (for the compile check)."""
-    cfg = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D)
+    cfg = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return {"_gather_kernel": [cfg], "_scatter_kernel": [cfg]}
