@@ -3,7 +3,8 @@
 On top of the Trainer it
 
 * adds ``lambda_prune * L_retention + alpha_balance * L_balance`` to the LM loss (training
-  only; evaluation reports the LM loss);
+  only; evaluation reports the LM loss; ``L_retention`` is weighted 0 while the schedule
+  is dense, i.e. in warmup);
 * drives the :class:`~datalora.curriculum.CurriculumScheduler` from a callback (the phase,
   tau, retention and hard routing are set on the model before every optimizer step);
 * logs ``phase`` (0/1/2), ``tau``, ``retention_target``, ``retention`` (actual kept
@@ -151,7 +152,10 @@ class DATALORATrainer(Trainer):
         else:
             aux_losses = dl.aux_losses()
             l_ret, l_bal = aux_losses["retention_loss"], aux_losses["balance_loss"]
-        aux = cfg.lambda_prune * l_ret + cfg.alpha_balance * l_bal
+        # no retention pressure while dense (warmup): a target of 1 would saturate the
+        # keep sigmoid before pruning starts; the term stays in the graph (DDP) at weight 0
+        lam = cfg.lambda_prune if dl.runtime.retention < 1.0 else 0.0
+        aux = lam * l_ret + cfg.alpha_balance * l_bal
         lm_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
                      else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
         ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
