@@ -10,7 +10,7 @@ memory within the chip's per-block limit (A100 164 KB, H100 228 KB).
 The compile runs in a subprocess with ``TRITON_INTERPRET`` removed, so it is independent
 of the interpreter the other Triton tests use. Results are cached under
 ``~/.cache/datalora/triton-compile`` (or ``$DATALORA_CACHE_DIR``) keyed by the hash of the
-kernel sources, this file and the Triton version; a cold run compiles ~300 variants
+kernel sources, this file and the Triton version; a cold run compiles 216 variants
 (about 4 minutes on 2 cores, ``DATALORA_COMPILE_JOBS`` sets the worker count).
 """
 
