@@ -310,6 +310,8 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     wheel = next(dist.glob("datalora-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
+    assert "datalora/kernels/shrink.py" in names and "datalora/data/multitask_train.jsonl" in names
+    assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
                    check=True, timeout=300)
@@ -330,6 +332,7 @@ def test_wheel_contains_extension_and_installs(tmp_path):
             "t = n.quantize(torch.randn(8, 64)); "
             "from datalora import _C_loader as L; "
             "assert torch.equal(L.dequantize_nf4_host(t, torch.float32), n.dequantize(t, None)); "
+            "import datalora.kernels.shrink, datalora.ops.triton_backend; "
             "print(C.__file__)")
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
