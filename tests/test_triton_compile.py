@@ -17,7 +17,6 @@ kernel sources, this file and the Triton version; a cold run compiles 216 varian
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -46,15 +45,6 @@ VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}]}
 
 
 def _import_kernels():
-    try:
-        importlib.import_module("datalora.kernels")
-    except ModuleNotFoundError:  # install does not map the package: load it from the repo
-        root = REPO / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "datalora.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["datalora.kernels"] = module
-        spec.loader.exec_module(module)
     return {m: importlib.import_module(f"datalora.kernels.{m}") for m in MODULES}
 
 

@@ -11,11 +11,8 @@ run natively on it instead.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import pathlib
 import sys
-import warnings
 
 import pytest
 import torch
@@ -24,28 +21,11 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 KERNEL_MODULES = ("_common", "shrink", "expand", "backward", "tokens")
 
 
-def _ensure_kernels_package() -> None:
-    """Imports ``datalora.kernels``; if the install does not map it (a packaging bug),
-    loads it from ``<repo>/kernels`` under that name with a warning."""
-    try:
-        importlib.import_module("datalora.kernels")
-        return
-    except ModuleNotFoundError:
-        pass
-    root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-    warnings.warn(f"datalora.kernels is not installed; loading it from {root}", stacklevel=1)
-    spec = importlib.util.spec_from_file_location(
-        "datalora.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["datalora.kernels"] = module
-    spec.loader.exec_module(module)
-
-
 def _import_interpreted() -> None:
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        _ensure_kernels_package()
+        importlib.import_module("datalora.kernels")
         for name in KERNEL_MODULES:
             full = f"datalora.kernels.{name}"
             if full in sys.modules:  # imported earlier without the interpreter
@@ -60,9 +40,7 @@ def _import_interpreted() -> None:
             os.environ["TRITON_INTERPRET"] = previous
 
 
-if ON_GPU:
-    _ensure_kernels_package()
-else:
+if not ON_GPU:
     _import_interpreted()
 
 
