@@ -43,6 +43,9 @@ class DATALORAConfig:
     saliency_hidden_size: int = field(default=64, metadata={
         "help": "Width of the saliency network's shared backbone."})
     backend: str = field(default="auto", metadata={"help": "datalora.ops backend."})
+    quantize: str | None = field(default=None, metadata={
+        "help": "'nf4': store the targeted base weights in 4-bit NF4 (bitsandbytes layout); "
+                "None keeps them as they are (bnb Linear4bit bases are used as loaded)."})
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -71,6 +74,8 @@ class DATALORAConfig:
             raise ValueError("target_modules: expected at least one module name, got []")
         if self.routing not in ("per_layer", "shared"):
             raise ValueError(f"routing: expected 'per_layer' or 'shared', got {self.routing!r}")
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize: expected None or 'nf4', got {self.quantize!r}")
         if self.prune_layers is not None:
             self.prune_layers = list(self.prune_layers)
             if len(self.prune_layers) != 2 or not 0 <= self.prune_layers[0] < self.prune_layers[1]:

@@ -49,7 +49,7 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
                 module, num_experts=config.num_lora_experts, rank=config.lora_rank,
                 alpha=config.lora_alpha, top_k=config.num_active_experts,
                 dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=config.backend))
+                backend=config.backend, quantize=config.quantize))
             replaced.append(name)
     if not replaced:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()

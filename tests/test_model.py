@@ -134,3 +134,27 @@ def test_config_json_and_yaml_round_trip(tmp_path):
     assert DATALORAConfig.from_file(tmp_path / "c.yaml").lora_rank == 8
     with pytest.raises(ValueError, match="unknown DATALORAConfig fields"):
         DATALORAConfig.from_dict({"lora_rnak": 8})
+
+
+def test_nf4_base_trains_and_reloads_bit_exact(tmp_path):
+    model, ids = model_and_ids()
+    base_logits = model(input_ids=ids).logits
+    cfg = DATALORAConfig(**CFG, quantize="nf4")
+    wrapped = get_datalora_model(model, cfg, verbose=False)
+    layer = next(layer for _, layer in wrapped.molora_layers())
+    assert type(layer.base_layer).__name__ == "NF4Linear"
+    logits = wrapped(input_ids=ids).logits
+    # 4-bit weights change the output, but only by quantization error
+    assert 0 < (logits - base_logits).abs().max() < 0.5 * base_logits.abs().max()
+    wrapped.train()
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert layer.lora_A.grad is not None
+    perturb(wrapped)
+    wrapped.eval()
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path)
+    reloaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match="quantize"):
+        DATALORAConfig(quantize="int8")
