@@ -7,6 +7,7 @@ from datalora.layers import MoLoRALinear
 from datalora.model import DATALORAModel, get_datalora_model, inject_molora
 from datalora.routing import ExpertPermutation, Routing, sort_routes, topk_routing
 from datalora.saliency import UnifiedSaliencyNetwork
+from datalora.smora import SMoRALinear, smora_linear
 
 __version__ = "0.1.0"
 
@@ -30,12 +31,14 @@ __all__ = [
     "ExpertPermutation",
     "MoLoRALinear",
     "Routing",
+    "SMoRALinear",
     "TokenLevelAdapterMixer",
     "UnifiedSaliencyNetwork",
     "get_datalora_model",
     "inject_molora",
     "nf4",
     "ops",
+    "smora_linear",
     "sort_routes",
     "topk_routing",
 ]
