@@ -47,6 +47,7 @@ from datalora.routing import Routing
 from datalora.saliency import SaliencyOutput, UnifiedSaliencyNetwork, gather_routing
 
 _CACHE_KEEP_ATTR = "_datalora_keep"
+_CACHE_USN_ATTR = "_datalora_usn_context"
 
 
 def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor | int:
@@ -334,11 +335,17 @@ class DATALORARuntime:
             raise RuntimeError("the DATALORA decoder was called outside the causal LM's "
                                "forward; call the whole model")
         hidden = args[0] if args else kwargs["hidden_states"]
-        out = self.saliency(hidden)
-        bsz, seq_len = out.token_scores.shape
+        bsz, seq_len = hidden.shape[:2]
         mask = ctx.attention_mask
         valid = (torch.ones(bsz, seq_len, dtype=torch.bool, device=hidden.device)
                  if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
+        cache = kwargs.get("past_key_values")
+        state = getattr(cache, _CACHE_USN_ATTR, None) if cache is not None else None
+        if state is not None and cache.get_seq_length(0) == 0:
+            state = None  # a reused cache object that was reset
+        out = self.saliency(hidden, valid, state)
+        if cache is not None:
+            setattr(cache, _CACHE_USN_ATTR, out.state)
         keep_prob = self.saliency.keep_probability(out.token_scores)
         ctx.routing = out.routing
         ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,

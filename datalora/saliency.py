@@ -82,19 +82,22 @@ class SaliencyOutput:
         rank_scale: ``[B, L, r]`` fp32 in (0, 1).
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
             ``gates [T, k]``, ``rank_scale [T, r]``, ``router_probs [T, E]`` noise-free).
+        state: ``(feature_sum [B, h], count [B])`` of the causal context after this chunk.
     """
 
     token_scores: torch.Tensor
     router_logits: torch.Tensor
     rank_scale: torch.Tensor
     routing: Routing
+    state: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class UnifiedSaliencyNetwork(nn.Module):
     """Shared backbone + three heads (token score, router logits, rank scale).
 
-    ``hidden [B, L, d] -> LayerNorm -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU`` then
-    ``score: Linear(h, 1)``, ``router: Linear(h, E)``, ``rank: sigmoid(Linear(h, r))``.
+    ``hidden [B, L, d] -> LayerNorm -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU = f``,
+    ``z = [f_t, mean_{s <= t} f_s]`` (causal context over real tokens), then
+    ``score: Linear(2h, 1)``, ``router: Linear(2h, E)``, ``rank: sigmoid(Linear(2h, r))``.
     Parameters are fp32 whatever the base dtype (the input is cast). The rank head starts
     near 0.88 (bias 2) so a new adapter uses most of its rank; the router starts near
     uniform, and the score head at 0.
@@ -127,9 +130,10 @@ class UnifiedSaliencyNetwork(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.backbone = nn.Sequential(nn.Linear(hidden_size, h), nn.GELU(),
                                       nn.Linear(h, h), nn.GELU())
-        self.score_head = nn.Linear(h, 1)
-        self.router_head = nn.Linear(h, num_experts)
-        self.rank_head = nn.Linear(h, rank)
+        # heads see [token features, causal mean of the sequence's features so far]
+        self.score_head = nn.Linear(2 * h, 1)
+        self.router_head = nn.Linear(2 * h, num_experts)
+        self.rank_head = nn.Linear(2 * h, rank)
         self.tau = float(temperature)
         self.hard = False
         # score above which a token is kept at generation time (NaN: not calibrated)
@@ -147,17 +151,42 @@ class UnifiedSaliencyNetwork(nn.Module):
                 nn.init.normal_(head.weight, std=std)
                 head.bias.fill_(bias)
 
-    def forward(self, hidden: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
+                state: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> SaliencyOutput:
-        """hidden ``[B, L, d]`` -> :class:`SaliencyOutput` (routing over ``B*L`` tokens)."""
+        """hidden ``[B, L, d]`` -> :class:`SaliencyOutput` (routing over ``B*L`` tokens).
+
+        Every head sees the token's backbone features and the causal mean of the features
+        of the sequence's real tokens up to it (the task / context signal), so decisions
+        never depend on later tokens.
+
+        Args:
+            hidden: ``[B, L, d]``.
+            valid: ``[B, L]`` bool real tokens (padding is left out of the context mean).
+            state: ``(feature_sum [B, h], count [B])`` of earlier chunks (KV-cached
+                generation), as returned in ``SaliencyOutput.state``.
+            generator: RNG for the Gumbel noise.
+        """
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden: expected shape [B, L, {self.hidden_size}], "
                              f"got {tuple(hidden.shape)}")
+        bsz, seq_len, _ = hidden.shape
+        if valid is not None and tuple(valid.shape) != (bsz, seq_len):
+            raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
         weight = self.score_head.weight
         feats = self.backbone(self.norm(hidden.to(weight.dtype)))
-        scores = self.score_head(feats).squeeze(-1).float()
-        logits = self.router_head(feats).float()
-        rank_scale = torch.sigmoid(self.rank_head(feats).float())
+        w = (torch.ones(bsz, seq_len, device=hidden.device, dtype=feats.dtype) if valid is None
+             else valid.to(device=hidden.device, dtype=feats.dtype))
+        total = (feats * w[..., None]).cumsum(1)
+        count = w.cumsum(1)
+        if state is not None:
+            total = total + state[0][:, None]
+            count = count + state[1][:, None]
+        context = total / count.clamp_min(1.0)[..., None]
+        z = torch.cat([feats, context], dim=-1)
+        scores = self.score_head(z).squeeze(-1).float()
+        logits = self.router_head(z).float()
+        rank_scale = torch.sigmoid(self.rank_head(z).float())
         flat_logits = logits.reshape(-1, self.num_experts)
         weights, expert_ids = gumbel_topk(flat_logits, self.top_k, self.tau, hard=self.hard,
                                           noise=self.training, generator=generator)
@@ -165,7 +194,8 @@ class UnifiedSaliencyNetwork(nn.Module):
                           rank_scale=rank_scale.reshape(-1, self.rank),
                           router_probs=torch.softmax(flat_logits, dim=-1))
         return SaliencyOutput(token_scores=scores, router_logits=logits,
-                              rank_scale=rank_scale, routing=routing)
+                              rank_scale=rank_scale, routing=routing,
+                              state=(total[:, -1].detach(), count[:, -1].detach()))
 
     def keep_probability(self, token_scores: torch.Tensor) -> torch.Tensor:
         """``sigmoid(token_scores)``: the soft keep decision (tau scales selection noise only)."""

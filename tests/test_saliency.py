@@ -159,3 +159,37 @@ def test_balance_loss_hand_computed():
     torch.testing.assert_close(balance_loss(one, torch.full((8, 1), 2)), torch.tensor(4.0))
     with pytest.raises(ValueError, match="expert_ids"):
         balance_loss(u, torch.zeros(7, 1, dtype=torch.long))
+
+
+def test_usn_context_is_causal_ignores_padding_and_resumes_from_state():
+    usn = UnifiedSaliencyNetwork(16, 6, 4, 2, saliency_hidden_size=8).eval()
+    with torch.no_grad():
+        usn.router_head.weight.normal_()
+    x = torch.randn(2, 9, 16)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    full = usn(x, valid)
+    later = x.clone()
+    later[:, 6:] = torch.randn(2, 3, 16)
+    changed = usn(later, valid)
+    torch.testing.assert_close(changed.router_logits[:, :6], full.router_logits[:, :6])
+    assert not torch.allclose(changed.router_logits[:, 6:], full.router_logits[:, 6:])
+    # the context changes the decision: same token, different prefix -> different logits
+    x2 = x.clone()
+    x2[0, 8] = x2[0, 0]
+    out2 = usn(x2, valid)
+    assert not torch.allclose(out2.router_logits[0, 8], out2.router_logits[0, 0])
+    # padding values do not matter
+    padded = x.clone()
+    padded[1, :3] = 100.0
+    torch.testing.assert_close(usn(padded, valid).router_logits[1, 3:],
+                               full.router_logits[1, 3:])
+    # chunked (KV-cache style) == one pass
+    head = usn(x[:, :5], valid[:, :5])
+    tail = usn(x[:, 5:], valid[:, 5:], head.state)
+    torch.testing.assert_close(torch.cat([head.router_logits, tail.router_logits], 1),
+                               full.router_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat([head.token_scores, tail.token_scores], 1),
+                               full.token_scores, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="valid"):
+        usn(x, valid[:, :4])
