@@ -90,6 +90,49 @@ def summarize_phases(history: list[dict[str, Any]]) -> dict[str, dict[str, float
     return summary
 
 
+@torch.no_grad()
+def evaluate_loss(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_length: int = 96,
+                  batch_size: int = 16, retention: float | None = None) -> float:
+    """Token-averaged LM loss (response tokens) of a DATALORA model on instruction rows.
+
+    Args:
+        model: a :class:`~datalora.model.DATALORAModel` (eval mode is set and restored).
+        rows: rows with OpenOrca columns. retention: temporarily set this retention (1.0 =
+            dense); default: the model's current setting (calibrated threshold if set).
+    """
+    from datalora.data import CausalLMCollator
+
+    if not rows:
+        raise ValueError("rows: expected at least one row to evaluate on")
+    collator = CausalLMCollator(tokenizer=tokenizer)
+    items = _tokenized_rows(rows, tokenizer, max_length)
+    was_training = model.training
+    previous = model.curriculum_state().get("retention")
+    model.eval()
+    if retention is not None:
+        model.set_curriculum_state(retention=retention)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = collator([{k: v for k, v in x.items() if k != "task"}
+                              for x in items[i:i + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+    finally:
+        if retention is not None and previous is not None:
+            model.set_curriculum_state(retention=previous)
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    model_name_or_path: str | None = None,
                    dataset: str | list[dict[str, Any]] | None = None,
@@ -101,7 +144,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    curriculum_mode: str = "epochs", bf16: bool = False,
                    gradient_accumulation_steps: int = 1, progress: bool = True,
                    model: Any = None, tokenizer: Any = None,
-                   report_to: list[str] | None = None) -> TrainResult:
+                   report_to: list[str] | None = None,
+                   eval_dataset: str | list[dict[str, Any]] | None = None,
+                   eval_limit: int | None = 200) -> TrainResult:
     """Trains DATALORA and returns the logs (for printing / plotting per phase).
 
     Args:
@@ -121,6 +166,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         bf16: bf16 frozen base weights with fp32 adapter / saliency weights (where the
             device supports bf16); the MoLoRA layers compute in the activations' dtype.
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
+        eval_dataset: rows or a source (``"embedded"``: the embedded eval split) on which
+            the final eval loss is measured with pruning (``metrics["eval_loss_pruned"]``,
+            calibrated threshold) and dense (``metrics["eval_loss_dense"]``).
 
     Returns:
         :class:`TrainResult`.
@@ -185,11 +233,18 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     history = trainer.datalora_history
+    metrics = dict(output.metrics)
+    if eval_dataset is not None:
+        eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
+                     load_instruction_dataset(eval_dataset, "eval", limit=eval_limit))
+        metrics["eval_loss_pruned"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length)
+        metrics["eval_loss_dense"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length,
+                                                   retention=1.0)
     return TrainResult(log_history=list(trainer.state.log_history), datalora_history=history,
                        phase_summary=summarize_phases(history), output_dir=str(output_dir),
                        model=dl_model, tokenizer=tokenizer,
                        keep_threshold=float(dl_model.saliency.keep_threshold),
-                       metrics=dict(output.metrics))
+                       metrics=metrics)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -216,6 +271,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--curriculum-mode", choices=("epochs", "steps"), default=None)
     p.add_argument("--bf16", action="store_true", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-dataset", default=None,
+                   help="'embedded' or a file: report eval loss pruned vs dense at the end")
     p.add_argument("--json", action="store_true", help="print the phase summary as JSON")
     p.set_defaults(func=run_train)
     return p
@@ -223,7 +280,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 _CLI_KEYS = ("model_name_or_path", "dataset", "output_dir", "epochs", "max_steps",
              "batch_size", "learning_rate", "max_length", "limit", "save_steps",
-             "resume_from_checkpoint", "curriculum_mode", "bf16", "seed")
+             "resume_from_checkpoint", "curriculum_mode", "bf16", "seed", "eval_dataset")
 
 
 def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]:
@@ -244,8 +301,8 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
         raise ValueError(f"config: expected a mapping at the top of {path}, "
                          f"got {type(data).__name__}")
     training = data.pop("training", {}) or {}
-    unknown = sorted(set(training) - set(_CLI_KEYS) - {"logging_steps",
-                                                       "gradient_accumulation_steps"})
+    unknown = sorted(set(training) - set(_CLI_KEYS) - {
+        "logging_steps", "gradient_accumulation_steps", "eval_limit", "learning_rate"})
     if unknown:
         raise ValueError(f"config: unknown training keys {unknown}")
     merged = {**DEFAULT_TINY_CONFIG, **data}
@@ -262,6 +319,9 @@ def format_summary(result: TrainResult) -> str:
     thr = result.keep_threshold
     lines.append(f"keep threshold: {thr:.4f}" if not math.isnan(thr) else
                  "keep threshold: not calibrated")
+    for key in ("eval_loss_pruned", "eval_loss_dense"):
+        if key in result.metrics:
+            lines.append(f"{key}: {result.metrics[key]:.4f}")
     lines.append(f"adapter saved to {result.output_dir}")
     return "\n".join(lines)
 
@@ -286,5 +346,6 @@ def run_train(args: argparse.Namespace) -> TrainResult:
 
 add_parser = add_train_parser
 
-__all__ = ["DEFAULT_TINY_CONFIG", "TrainResult", "add_train_parser", "format_summary",
+__all__ = ["DEFAULT_TINY_CONFIG", "TrainResult", "add_train_parser", "evaluate_loss",
+           "format_summary",
            "load_train_config", "run_train", "summarize_phases", "train_datalora"]

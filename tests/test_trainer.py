@@ -199,11 +199,13 @@ def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys)
         "num_lora_experts: 4\nlora_rank: 4\nnum_active_experts: 2\nprune_layers: [1, 4]\n"
         "target_modules: [q_proj, v_proj]\n"
         "training:\n  max_steps: 3\n  limit: 12\n  batch_size: 4\n  max_length: 48\n"
-        "  curriculum_mode: steps\n  logging_steps: 1\n  bf16: true\n")
+        "  curriculum_mode: steps\n  logging_steps: 1\n  bf16: true\n"
+        "  eval_dataset: embedded\n  eval_limit: 8\n")
     out = tmp_path / "adapter"
     assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    for phase in ("warmup", "sparsification", "hardening"):
+    for phase in ("warmup", "sparsification", "hardening", "eval_loss_pruned",
+                  "eval_loss_dense"):
         assert phase in printed
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["routing"] == "shared" and config["num_lora_experts"] == 4
