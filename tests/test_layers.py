@@ -129,3 +129,19 @@ def test_torch_compile_fullgraph_forward_backward():
     torch.testing.assert_close(y, eager_y)
     for g, e in zip([layer.lora_A.grad, layer.lora_B.grad, x.grad], eager_grads, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_autocast_bf16_forward_backward_with_fp32_weights():
+    base, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == torch.bfloat16  # like F.linear under autocast
+        loss = y.float().pow(2).sum()
+    loss.backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    ref = molora_linear_reference(x.detach(), layer.weight, layer.bias, layer.lora_A.detach(),
+                                  layer.lora_B.detach(), layer.last_routing.expert_ids,
+                                  layer.last_routing.gates.detach(), None, layer.scaling)
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)

@@ -60,7 +60,7 @@ def _delta_backward(ctx, grad_delta, _grad_h):
     x, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
     dx, dA, dB, dg, drs = _molora_delta_backward_op(
-        grad_delta.contiguous(), x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling,
+        grad_delta.to(x.dtype).contiguous(), x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling,
         ctx.backend, needs)
     grads = [g if need else None for g, need in zip((dx, dA, dB, dg, drs), needs, strict=True)]
     return grads[0], grads[1], grads[2], None, grads[3], grads[4], None, None
@@ -98,7 +98,7 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_y, _grad_h):
     x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_y = grad_y.contiguous()
+    grad_y = grad_y.to(x.dtype).contiguous()
     lora_needs = [need[i] for i in (0, 3, 4, 6, 7)]
     dx, dA, dB, dg, drs = _molora_delta_backward_op(
         grad_y, x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling, ctx.backend, lora_needs)
@@ -125,6 +125,15 @@ def _flatten(x, expert_ids, gates, rank_scale):
     return x2, *flat
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under autocast, casts the GEMM operands to the autocast dtype (as F.linear would)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                  gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
                  scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
@@ -143,6 +152,7 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
         ``[..., d_out]`` delta in x's dtype.
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
+    x2, A, B = _autocast(x2, A, B)
     check_molora_inputs(x2, A, B, ids, g, rs)
     name = resolve_backend(backend, x.device)
     delta, _ = _molora_delta_op(x2, A, B, ids, g, rs, float(scaling), name)
@@ -155,9 +165,11 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """``y = x @ weight.T + bias + molora_delta(x, ...)``; shapes as in :func:`molora_delta`.
 
-    weight is ``[d_out, d_in]`` in x's dtype, bias ``[d_out]`` or None.
+    weight is ``[d_out, d_in]`` in x's dtype, bias ``[d_out]`` or None. Under
+    ``torch.autocast`` x, weight, bias, A and B are cast to the autocast dtype.
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
+    x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
     check_molora_inputs(x2, A, B, ids, g, rs)
     check_linear_inputs(x2, weight, bias)
     if weight.shape[0] != B.shape[1]:
