@@ -18,6 +18,8 @@ STYLE = {  # method prefix -> (color, linestyle)
     "peft_mixed": ("tab:green", "-"),
 }
 BACKEND_SHADES = {"torch": "tab:blue", "triton": "tab:purple", "cuda": "tab:cyan"}
+# issue 4's whole-layer targets (molora_linear / base linear), drawn as dotted lines
+TARGET_LINES = {"gpu": {"fwd": 1.10, "fwd_bwd": 1.15}, "cpu": {"fwd_bwd": 1.25}}
 
 
 def _style(method: str) -> tuple[str, str]:
@@ -56,11 +58,16 @@ def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.axhline(1.0, color="gray", lw=0.8)
+        target = TARGET_LINES.get(meta.get("preset"), {}).get(mode)
+        if target:
+            ax.axhline(target, color="tab:blue", lw=0.8, ls=":",
+                       label=f"target molora_linear <= {target}x")
         ax.set_xlabel("tokens T")
         ax.set_title("forward" if mode == "fwd" else "forward + backward")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("time / base F.linear (log)")
-    axes[1].legend(fontsize=8, loc="best")
+    for ax in axes:
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"MoLoRA d_in={shape['d_in']} d_out={shape['d_out']} E={shape['E']} "
                  f"r={shape['r']} k={shape['k']} ({shape['skew']}), {meta['dtype']}, "
                  f"{meta['device_name']}, torch {meta['torch']}", fontsize=9)

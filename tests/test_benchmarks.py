@@ -19,7 +19,8 @@ from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 ROW_KEYS = {"case", "group", "T", "d_in", "d_out", "E", "r", "k", "skew", "dtype", "method",
-            "mode", "median_ms", "q20_ms", "q80_ms", "ratio_vs_linear", "speedup_vs_loop"}
+            "mode", "median_ms", "q20_ms", "q80_ms", "min_ms", "reps", "ratio_vs_linear",
+            "speedup_vs_loop", "load_1m"}
 META_KEYS = {"preset", "device", "device_name", "cpu_model", "dtype", "backends", "timer",
              "torch", "triton", "transformers", "peft", "date", "git_commit"}
 
