@@ -3,14 +3,14 @@
 A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
 
     delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling) -> (delta, h)
+    linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling) -> (y, h)
     delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs)
         -> (dx, dA, dB, dgates, drank_scale)
     gather_tokens(hidden, keep_idx) -> packed
     scatter_tokens(hidden, packed, keep_idx, weight) -> out
 
-and optionally ``linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale,
-scaling) -> (y, h)`` for a fused base + LoRA forward (the backward reuses
-``delta_backward`` plus the base GEMMs). Backends load lazily, so importing
+``linear_forward`` computes base + LoRA into one output (the backward of
+``molora_linear`` reuses ``delta_backward`` plus the base GEMMs). Backends load lazily, so importing
 datalora never imports Triton or the CUDA extension.
 """
 

@@ -54,9 +54,12 @@ def _delta_setup_context(ctx, inputs, output):
     x, A, B, expert_ids, gates, rank_scale, scaling, backend = inputs
     ctx.save_for_backward(x, A, B, expert_ids, gates, rank_scale, output[1])
     ctx.scaling, ctx.backend = scaling, backend
+    ctx.set_materialize_grads(False)  # h is internal: never fill its gradient with zeros
 
 
 def _delta_backward(ctx, grad_delta, _grad_h):
+    if grad_delta is None:  # undefined gradient: nothing flows back
+        return (None,) * 8
     x, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
     dx, dA, dB, dg, drs = _molora_delta_backward_op(
@@ -74,13 +77,8 @@ def _molora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                       gates: torch.Tensor, rank_scale: torch.Tensor | None, scaling: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = get_backend(backend)
-    fused = getattr(impl, "linear_forward", None)
-    if fused is not None:
-        return fused(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling)
-    delta, h = impl.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
-    return torch.addmm(delta, x, weight.T) if bias is None else \
-        torch.addmm(delta.add_(bias), x, weight.T), h
+    return get_backend(backend).linear_forward(x, weight, bias, A, B, expert_ids, gates,
+                                               rank_scale, scaling)
 
 
 @_molora_linear_op.register_fake
@@ -93,9 +91,12 @@ def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend = inputs
     ctx.save_for_backward(x, weight, A, B, expert_ids, gates, rank_scale, output[1])
     ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+    ctx.set_materialize_grads(False)
 
 
 def _linear_backward(ctx, grad_y, _grad_h):
+    if grad_y is None:
+        return (None,) * 10
     x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_y = grad_y.to(x.dtype).contiguous()

@@ -50,15 +50,26 @@ def _route_scale(gates, rank_scale, dtype):
     return s
 
 
+def _routed(x, A, expert_ids, gates, rank_scale, scaling):
+    """``(h, z)``, both ``[T, k, r]``: routed projections ``A[e] @ x`` and ``h`` times gate,
+    rank scale and ``scaling`` (applied here, on k*r values per token, not on d_out)."""
+    r, k = A.shape[1], expert_ids.shape[1]
+    H = x @ _flat_A(A).T  # [T, E*r]: every expert at once, reading x once
+    h = H.gather(1, _route_index(expert_ids, r)).view(x.shape[0], k, r)
+    return h, h * (_route_scale(gates, rank_scale, x.dtype) * scaling)
+
+
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route."""
-    E, r, _ = A.shape
-    k = expert_ids.shape[1]
-    H = x @ _flat_A(A).T  # [T, E*r]: every expert at once
-    h = H.gather(1, _route_index(expert_ids, r)).view(x.shape[0], k, r)
-    z = h * _route_scale(gates, rank_scale, x.dtype)
-    delta = _dense(z, expert_ids, E) @ _flat_B(B).T
-    return delta.mul_(scaling), h
+    h, z = _routed(x, A, expert_ids, gates, rank_scale, scaling)
+    return _dense(z, expert_ids, A.shape[0]) @ _flat_B(B).T, h
+
+
+def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+    """``(y, h)``: ``y = x W^T + b + delta`` accumulated in one ``[T, d_out]`` buffer."""
+    h, z = _routed(x, A, expert_ids, gates, rank_scale, scaling)
+    y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+    return y.addmm_(_dense(z, expert_ids, A.shape[0]), _flat_B(B).T), h
 
 
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs):
