@@ -26,10 +26,11 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from datalora.io import atomic_write_text
 
 
 def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
@@ -157,8 +158,7 @@ def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts
         "checks": checks,
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        atomic_write_text(out, json.dumps(result, indent=1))
     return result
 
 

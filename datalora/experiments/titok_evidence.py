@@ -19,12 +19,12 @@ import json
 import platform
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from datalora.data import TASKS, load_instruction_dataset
+from datalora.io import atomic_write_text
 
 TARGET_KWARGS = dict(vocab_size=512, hidden_size=96, num_hidden_layers=3,
                      intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
@@ -129,8 +129,7 @@ def run(task: str = "reverse", *, source_adapter: str | None = None,
         "seconds": time.perf_counter() - start,
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        atomic_write_text(out, json.dumps(result, indent=1))
     return result
 
 

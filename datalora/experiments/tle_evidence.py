@@ -21,7 +21,6 @@ import platform
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from datalora.data import TASKS, CausalLMCollator, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
+from datalora.io import atomic_write_text
 
 
 @torch.no_grad()
@@ -145,8 +145,7 @@ def run(adapter_dir: str, *, steps: int = 80, tau: float = 0.02, embed_layer: in
         "seconds": time.perf_counter() - start,
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(summary, indent=1))
+        atomic_write_text(out, json.dumps(summary, indent=1))
     return summary
 
 
