@@ -15,6 +15,9 @@ Groups (all inference, under ``torch.no_grad``; bf16 on GPU, fp32 on CPU):
 * ``large_t``: NF4 MoLoRA layer (dequant + GEMM + delta) vs the bf16 ``molora_linear``
   (target <= 1.10x at T >= 2048).
 
+On a modelled GPU every row also has ``floor_ms`` (``benchmarks.roofline``) and
+``fraction_of_floor = floor_ms / ms``.
+
 Timers as ``benchmarks.molora`` (``do_bench`` medians + 20/80 % quantiles on GPU,
 round-robin ``perf_counter`` on CPU). Output: ``<out>/nf4_<preset>.json`` and ``.png``.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import roofline
 from benchmarks.baselines import loop_delta
 from benchmarks.molora import metadata as _metadata
 from benchmarks.molora import time_cpu, time_cuda
@@ -146,6 +150,16 @@ def bench_large_t(cases, p, device, timer):
     return rows
 
 
+def add_floors(rows: list[dict], device_name: str, p: dict) -> None:
+    """Adds ``floor_ms`` (``benchmarks.roofline``) and ``fraction_of_floor = floor / ms``
+    to every row (None on a device the model does not know)."""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[p["dtype"]]
+    for row in rows:
+        floor = roofline.nf4_floor_ms(device_name, row, short, p["E"], p["r"], p["k"])
+        row["floor_ms"] = floor
+        row["fraction_of_floor"] = None if floor is None else floor / row["ms"]
+
+
 def check_targets(rows, preset):
     if preset != "gpu":
         return []
@@ -208,9 +222,13 @@ def run(preset: str, out_dir: Path, device: torch.device | None = None) -> Path:
         rows = (bench_dequant(p["dequant"], p["dtype"], device, timer)
                 + bench_decode(p["decode"], p, device, timer, _peak_gbs(device))
                 + bench_large_t(p["large_t"], p, device, timer))
+    if device.type == "cuda":
+        add_floors(rows, torch.cuda.get_device_name(device), p)
     meta = _metadata("gpu" if device.type == "cuda" else "cpu", device, [])
     meta.update(preset=preset, dtype=str(p["dtype"]).removeprefix("torch."),
                 extension=_C_loader.available(), peak_gbs=_peak_gbs(device),
+                roofline_device=(roofline.device_key(meta["device_name"])
+                                 if device.type == "cuda" else None),
                 bitsandbytes=getattr(_bnb()[0], "__version__", None))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"nf4_{preset}.json"
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = r.get("shape") or f"T{r['T']} {r['d_in']}x{r['d_out']}"
         extra = f"{r['gbs']:.1f} GB/s" if "gbs" in r else (
             f"hbm {r['hbm_frac']:.2f}" if r.get("hbm_frac") else "")
+        if r.get("fraction_of_floor") is not None:
+            extra += f"  {r['fraction_of_floor']:.0%} of roofline"
         print(f"{r['group']:8s} {str(shape):22s} {r['method']:28s} {r['ms']:9.4f} ms  {extra}")
     for t in data["targets"]:
         print(f"target {t['target']}: {t['value']:.3f} {t['status']}")

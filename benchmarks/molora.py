@@ -18,7 +18,9 @@ batches are eval-only, so PEFT has no ``fwd_bwd`` row).
 Timers: on CUDA ``triton.testing.do_bench`` (median and 20/80 % quantiles, L2 flushed)
 plus peak memory; on the CPU a ``perf_counter`` median of N calls where the methods of
 a case run round-robin (rep 1 of every method, then rep 2, ...), so load from other
-processes hits all of them alike and the ratios stay meaningful. The Triton
+processes hits all of them alike and the ratios stay meaningful. On a modelled GPU
+(H100 / A100 / H200) each row also has ``floor_ms`` (the ``benchmarks.roofline`` lower
+bound of its op) and ``fraction_of_floor = floor_ms / median_ms``. The Triton
 interpreter is never timed. Results go to ``<out>/molora_<preset>.json`` and a plot
 drawn from that file by ``benchmarks.plot``; the issue's targets are checked at the
 end and written to the JSON as PASS/FAIL.
@@ -43,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
 from datalora import ops
 
@@ -260,9 +263,11 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
         if device.type == "cuda":
             timed = time_cuda(steps, [inp["x"], inp["A"], inp["B"]])
             extra = {n: dict(peak_mem_mb=v[3]) for n, v in timed.items()}
+            gpu_name = torch.cuda.get_device_name(device)
         else:
             timed = time_cpu(steps, preset["budget_s"], preset["min_reps"], preset["max_reps"])
             extra = {n: dict(min_ms=v[3], reps=v[4]) for n, v in timed.items()}
+            gpu_name = None
         for name, (med, q20, q80, *_) in timed.items():
             lora_part = name.startswith("molora_delta") or name == "loop_delta"
             loop = "loop_delta" if lora_part else "loop_linear"
@@ -271,10 +276,20 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
                 method=name, mode=mode, median_ms=med, q20_ms=q20, q80_ms=q80,
                 ratio_vs_linear=med / timed["linear"][0],
                 speedup_vs_loop=timed[loop][0] / med if loop in timed else None,
-                **extra[name]))
+                **_floor(gpu_name, case, name, mode, dtype, med), **extra[name]))
         for name in ("x", "A", "B"):
             inp[name].requires_grad_(False)
     return rows
+
+
+def _floor(gpu_name: str | None, case: Case, method: str, mode: str, dtype: torch.dtype,
+           median_ms: float) -> dict:
+    """``floor_ms`` (``benchmarks.roofline``) and ``fraction_of_floor = floor / median``
+    on a modelled GPU (H100 / A100 / H200); None on the CPU or another device."""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+    floor = (None if gpu_name is None or short is None else roofline.molora_floor_ms(
+        gpu_name, method, mode, short, **dataclasses.asdict(case)))
+    return dict(floor_ms=floor, fraction_of_floor=None if floor is None else floor / median_ms)
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
@@ -412,6 +427,8 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     preset = PRESETS[preset_name]
     backends = timed_backends(device)
     meta = metadata(preset_name, device, backends)
+    meta["roofline_device"] = (roofline.device_key(meta["device_name"])
+                               if device.type == "cuda" else None)
     log(f"# {preset_name} on {meta['device_name']} ({meta['dtype']}), backends {backends}")
     rows = []
     cases = [c for c in preset["cases"] if only is None or only in c.id]
@@ -445,9 +462,11 @@ def format_case(case: Case, rows: list[dict]) -> str:
     lines = [case.id]
     for row in rows:
         loop = None if row["method"].startswith("loop") else row["speedup_vs_loop"]
+        frac = row.get("fraction_of_floor")
         lines.append(f"  {row['mode']:8s} {row['method']:22s} {row['median_ms']:10.3f} ms "
                      f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
-                     " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else ""))
+                     " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else "")
+                     + (f"  {frac:.0%} of roofline" if frac is not None else ""))
     return "\n".join(lines)
 
 

@@ -210,3 +210,25 @@ def test_committed_roofline_is_current():
     p = bench_nf4.PRESETS["gpu"]
     assert sum(r["bench"] == "nf4" for r in data["rows"]) == (
         len(p["dequant"]) + len(p["decode"]) + len(p["large_t"]))
+
+
+def test_benchmark_rows_get_fraction_of_floor():
+    import torch
+
+    from benchmarks import bench_nf4, molora
+
+    case = molora.Case("T_sweep", 1, 4096, 4096)
+    floor = roofline.molora_linear_cost(1, 4096, 4096).floor_s(H100, "bf16") * 1e3
+    got = molora._floor("NVIDIA H100 80GB HBM3", case, "molora_linear[triton]", "fwd",
+                        torch.bfloat16, 2 * floor)
+    assert got["floor_ms"] == pytest.approx(floor) and got["fraction_of_floor"] == 0.5
+    assert molora._floor(None, case, "linear", "fwd", torch.float32, 1.0) == dict(
+        floor_ms=None, fraction_of_floor=None)
+    rows = [dict(group="dequant", method="bitsandbytes", shape=[4096, 14336], ms=1.0),
+            dict(group="large_t", method="bf16_molora_linear", T=2048, d_in=4096, d_out=4096,
+                 ms=1.0)]
+    bench_nf4.add_floors(rows, "NVIDIA A100-SXM4-80GB", bench_nf4.PRESETS["gpu"])
+    assert rows[0]["floor_ms"] == pytest.approx(
+        roofline.nf4_dequant_cost(4096, 14336).floor_s(A100, "bf16") * 1e3)
+    assert rows[1]["fraction_of_floor"] == pytest.approx(
+        roofline.molora_linear_cost(2048, 4096, 4096).floor_s(A100, "bf16") * 1e3)
