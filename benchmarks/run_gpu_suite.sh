@@ -1,33 +1,118 @@
 #!/usr/bin/env bash
-# GPU part of the test + benchmark suite; everything lands in one folder.
+# Every GPU part of the test + benchmark suite, in one command; everything lands in one folder.
 #   benchmarks/run_gpu_suite.sh [OUT_DIR]     (default: benchmarks/results/gpu_<date>)
-# Runs: the gpu-marked tests, the full gpu preset of benchmarks.molora (JSON + PNG,
-# targets checked) and the pytest-benchmark tests (JSON). Needs a CUDA GPU.
+# Steps (each logged to OUT_DIR/<step>.log; a failed step does not stop the others):
+#   env          nvidia-smi, torch / triton / CUDA versions, device, git commit
+#   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension)
+#   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
+#   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor)
+#   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
+#   pruning      benchmarks.bench_pruning (when benchmarks/bench_pruning.py exists)
+#   tle          benchmarks.bench_tle (trains the 4 tiny task adapters first, cached in OUT)
+#   pytest_bench pytest-benchmark view of the MoLoRA comparison (JSON)
+# then summary.txt: per-step status, the issues' targets and the roofline fractions.
+# Exit status: nonzero when any step failed (a target marked FAIL is a result, not a
+# failure: see summary.txt). Needs a CUDA GPU; SKIP_STEPS="tle pruning" skips steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 OUT=${1:-benchmarks/results/gpu_$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
-status=0
-{
+OUT=$(cd "$OUT" && pwd)
+unset TRITON_INTERPRET
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+failed=()
+
+step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time
+  local name=$1
+  shift
+  if [[ " ${SKIP_STEPS:-} " == *" $name "* ]]; then
+    echo "== $name: skipped (SKIP_STEPS)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  echo "== $name: $*" | tee -a "$SUMMARY"
+  local t0=$SECONDS rc=0
+  "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  echo "   exit $rc after $((SECONDS - t0)) s (log: $name.log)" | tee -a "$SUMMARY"
+  if [ "$rc" -ne 0 ]; then
+    failed+=("$name")
+    tail -n 5 "$OUT/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
+  fi
+}
+
+env_info() {
   nvidia-smi || true
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"
   git rev-parse HEAD 2>/dev/null || true
-} > "$OUT/env.txt" 2>&1
+  git status --short -- datalora kernels csrc benchmarks 2>/dev/null || true
+}
 
-echo "== gpu tests" | tee -a "$OUT/summary.txt"
-"$PY" -m pytest tests -m gpu -q -ra -p no:xdist --junitxml="$OUT/gpu_tests.xml" \
-  > "$OUT/gpu_tests.log" 2>&1 || status=1
-tail -n 3 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device visible to $PY: this suite needs a GPU" | tee -a "$SUMMARY"
+  exit 2
+fi
 
-echo "== benchmarks.molora --preset gpu" | tee -a "$OUT/summary.txt"
-"$PY" -m benchmarks.molora --preset gpu --out "$OUT" > "$OUT/molora_gpu.log" 2>&1 || status=1
-sed -n '/^targets/,$p' "$OUT/molora_gpu.log" | tee -a "$OUT/summary.txt"
+step env env_info
+step gpu_tests "$PY" -m pytest tests -m gpu -q -ra -p no:xdist -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests.xml"
+step roofline "$PY" -m benchmarks.roofline --out "$OUT"
+step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
+step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT"
+if [ -f benchmarks/bench_pruning.py ]; then
+  if "$PY" -m benchmarks.bench_pruning --help 2>/dev/null | grep -q -- "--out"; then
+    step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT"
+  else
+    step pruning "$PY" -m benchmarks.bench_pruning
+  fi
+else
+  echo "== pruning: benchmarks/bench_pruning.py not present, not run" | tee -a "$SUMMARY"
+fi
+tle() {
+  "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
+    "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"
+}
+step tle tle
+step pytest_bench "$PY" -m pytest benchmarks -q -p no:xdist -p no:cacheprovider \
+  --benchmark-only --benchmark-json="$OUT/pytest_benchmark.json"
 
-echo "== pytest-benchmark" | tee -a "$OUT/summary.txt"
-"$PY" -m pytest benchmarks -q -p no:xdist --benchmark-only \
-  --benchmark-json="$OUT/pytest_benchmark.json" > "$OUT/pytest_benchmark.log" 2>&1 || status=1
-tail -n 3 "$OUT/pytest_benchmark.log" | tee -a "$OUT/summary.txt"
-echo "results in $OUT (exit $status)"
-exit $status
+# targets and roofline fractions of the main shapes, from the JSON files
+"$PY" - "$OUT" >> "$SUMMARY" 2>&1 <<'EOF' || true
+import json, pathlib, sys
+
+out = pathlib.Path(sys.argv[1])
+print("== targets and fraction of roofline floor")
+mol = out / "molora_gpu.json"
+if mol.exists():
+    data = json.loads(mol.read_text())
+    for t in data["targets"]:
+        v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"  {t['status']:7s} {t['name']}: {v} {t['op']} {t['threshold']}")
+    for r in data["results"]:
+        if (r["group"] == "T_sweep" and r["T"] in (1, 4096) and (r["d_in"], r["d_out"])
+                == (4096, 4096) and (r["method"] == "linear"
+                                     or r["method"].startswith("molora_linear"))):
+            frac = r.get("fraction_of_floor")
+            print(f"  T={r['T']:<5} {r['mode']:8s} {r['method']:22s} {r['median_ms']:.4f} ms"
+                  f"  x{r['ratio_vs_linear']:.3f} vs linear"
+                  + (f"  {frac:.0%} of floor" if frac is not None else ""))
+nf4 = out / "nf4_gpu.json"
+if nf4.exists():
+    data = json.loads(nf4.read_text())
+    for t in data["targets"]:
+        print(f"  {t['status']:7s} {t['target']}: {t['value']:.3f}")
+    for r in data["rows"]:
+        if r.get("fraction_of_floor") is not None:
+            shape = r.get("shape") or f"T{r['T']} {r['d_in']}x{r['d_out']}"
+            print(f"  nf4 {r['group']:8s} {str(shape):20s} {r['method']:28s} {r['ms']:.4f} ms"
+                  f"  {r['fraction_of_floor']:.0%} of floor")
+EOF
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED steps: ${failed[*]}" | tee -a "$SUMMARY"
+  echo "results in $OUT (exit 1)"
+  exit 1
+fi
+echo "all steps passed; results in $OUT" | tee -a "$SUMMARY"
+exit 0
