@@ -1,72 +1,376 @@
-"""``python -m datalora demo``: MoLoRA fine-tuning on the embedded default, end to end.
+"""``python -m datalora demo``: DATALORA on the embedded default, end to end, on the CPU.
 
-Builds the tiny Mistral + tokenizer + multi-task dataset (or loads a real model / dataset
-given by path or name), injects MoLoRA, fine-tunes on the CPU with a progress bar, prints
-the falling loss and the expert load per task, saves the adapter, reloads it on a fresh
-copy of the base model (checking the logits are bit-identical) and generates answers.
+``--method datalora`` (default): trains the full method -- the Unified Saliency Network
+routing every MoLoRA layer (shared routing), token pruning over decoder layers 1..3 and
+the 3-phase curriculum (warmup -> sparsification -> hardening) -- with the
+:class:`~datalora.trainer.DATALORATrainer` on the embedded tiny Mistral and multi-task
+data (or a model / dataset given by path or name), with progress bars; then prints and
+plots (``<output-dir>/datalora_demo.png``) the loss, the kept fraction and tau, and the
+expert load per task over the three phases; saves the adapter, reloads it on a fresh copy
+of the base model (the logits must be bit-identical, pruning on and off, or the demo
+fails) and generates one answer per task with pruning on (calibrated keep threshold, KV
+cache). About 2-3 minutes on 2 CPU cores.
+
+``--method molora``: the quick plain MoLoRA fine-tune (per-layer routers, no pruning,
+:func:`datalora.finetune.finetune`), same save / reload / generate checks and a plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import copy
+import io
+import math
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from datalora.config import DATALORAConfig
+from datalora.curriculum import PHASES
 from datalora.data import load_instruction_dataset
 from datalora.finetune import finetune, generate_answer
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
 
+PLOT_NAME = "datalora_demo.png"
+DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
+            "molora": dict(steps=120, batch_size=16, lr=5e-3)}
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="fine-tune MoLoRA on the embedded default and "
-                                           "generate (about a minute on 2 CPU cores)")
+    p = subparsers.add_parser("demo", help="train DATALORA (USN + MoLoRA + token pruning + "
+                                           "curriculum) on the embedded default and generate "
+                                           "(2-3 minutes on 2 CPU cores)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("datalora", "molora"), default="datalora",
+                   help="datalora: the full method (default); molora: plain per-layer "
+                        "MoLoRA fine-tuning")
     p.add_argument("--model", default=None, help="model name or path (default: embedded tiny)")
     p.add_argument("--dataset", default=None, help="dataset file/folder/name (default: "
                                                    "embedded multi-task data)")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: 300 datalora, 120 molora)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="datalora: train this many epochs instead of --steps, one curriculum "
+                        "phase per third")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 datalora, 16 molora")
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-2 datalora, 5e-3 molora")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--retention", type=float, default=0.5,
+                   help="datalora: target retention of the pruned layers")
+    p.add_argument("--limit", type=int, default=None, help="use the first N training rows")
+    p.add_argument("--eval-limit", type=int, default=200,
+                   help="datalora: eval rows for the final pruned / dense eval loss")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.set_defaults(func=run)
+
+
+def _setting(args: argparse.Namespace, name: str) -> Any:
+    value = getattr(args, name, None)
+    return DEFAULTS[args.method][name] if value is None else value
 
 
 def _format_load(load: list[float]) -> str:
     return " ".join(f"{100 * v:4.1f}" for v in load)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _phases(history: list[dict[str, Any]]) -> list[str]:
+    """The curriculum phases in order, then any other phase names in order of appearance."""
+    seen = list(dict.fromkeys(h["phase"] for h in history))
+    return [p for p in PHASES if p in seen] + [p for p in seen if p not in PHASES]
+
+
+def phase_task_load(history: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{phase: {task: mean load [E]}}`` over the logs of each curriculum phase."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for phase in _phases(history):
+        sums: dict[str, list[float]] = {}
+        counts: dict[str, int] = {}
+        for h in history:
+            if h["phase"] != phase:
+                continue
+            for task, load in h.get("task_expert_load", {}).items():
+                acc = sums.setdefault(task, [0.0] * len(load))
+                sums[task] = [a + v for a, v in zip(acc, load, strict=True)]
+                counts[task] = counts.get(task, 0) + 1
+        if sums:
+            out[phase] = {t: [v / counts[t] for v in s] for t, s in sorted(sums.items())}
+    return out
+
+
+def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draws loss, kept fraction / tau and per-phase task x expert load to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from datalora.experiments.datalora_eval import specialisation
+
+    if not history:
+        raise ValueError("history: nothing to plot (no logged steps)")
+    per_phase = phase_task_load(history)
+    steps = [h["step"] for h in history]
+    fig = plt.figure(figsize=(13, 7.5))
+    grid = fig.add_gridspec(2, max(3, len(per_phase)))
+    ax_loss, ax_ret, ax_spec = (fig.add_subplot(grid[0, i]) for i in range(3))
+    colors = {"warmup": "#dde8f5", "sparsification": "#f7e6d0", "hardening": "#e0f0dd"}
+    for ax in (ax_loss, ax_ret, ax_spec):
+        for phase in _phases(history):
+            xs = [s for s, h in zip(steps, history, strict=True) if h["phase"] == phase]
+            if xs:
+                ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, color=colors.get(phase, "#eeeeee"),
+                           lw=0,
+                           label=phase if ax is ax_loss else None)
+        ax.set_xlabel("step")
+    ax_loss.plot(steps, [h["lm_loss"] for h in history], "k.-", label="LM loss")
+    ax_loss.set_title("LM loss (response tokens)")
+    ax_loss.legend(fontsize=8)
+    if "retention" in history[0]:
+        ax_ret.plot(steps, [h["retention"] for h in history], "b.-", label="kept (actual)")
+        ax_ret.plot(steps, [h["retention_target"] for h in history], "b--", label="target")
+        ax_ret.set_ylim(0, 1.05)
+        tau = ax_ret.twinx()
+        tau.plot(steps, [h["tau"] for h in history], "r-", lw=1, label="tau")
+        tau.set_ylabel("tau", color="r")
+        ax_ret.set_title("kept fraction in the pruned layers, tau")
+        ax_ret.legend(fontsize=8, loc="lower left")
+    else:
+        ax_ret.set_title("no pruning (plain MoLoRA)")
+    jsd = [specialisation(h["task_expert_load"])["jsd_mean"] if h.get("task_expert_load")
+           else float("nan") for h in history]
+    ax_spec.plot(steps, jsd, "g.-")
+    ax_spec.set_title("task specialisation: mean pairwise JSD of\nexpert load (bits)",
+                      fontsize=10)
+    for i, (phase, loads) in enumerate(per_phase.items()):
+        ax = fig.add_subplot(grid[1, i])
+        tasks = list(loads)
+        im = ax.imshow([loads[t] for t in tasks], aspect="auto", cmap="viridis", vmin=0)
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("expert")
+        ax.set_title(f"{phase}: share of routes per task", fontsize=10)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class _CompactLogs(io.TextIOBase):
+    """A stdout wrapper: the Trainer's per-log dict lines become one short line each."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.pending = stream, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.stream.write(self._compact(line) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self._compact(self.pending))
+            self.pending = ""
+        self.stream.flush()
+
+    @staticmethod
+    def _compact(line: str) -> str:
+        if not line.startswith("{'"):
+            return line
+        try:
+            logs = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            return line
+        if "phase" in logs:
+            return (f"  step-log epoch {float(logs.get('epoch', 0)):5.2f} | "
+                    f"{PHASES[int(logs['phase'])]:<14} | LM loss {float(logs['lm_loss']):.3f}"
+                    f" | kept {float(logs['retention']):.2f} (target "
+                    f"{float(logs['retention_target']):.2f}) | tau {float(logs['tau']):.2f}")
+        if "train_runtime" in logs:
+            return f"  trained in {float(logs['train_runtime']):.0f} s"
+        return line
+
+
+def _one_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    shown: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        shown.setdefault(row.get("task", "unknown"), row)
+    return list(shown.values())
+
+
+@torch.no_grad()
+def _check_reload(trained: DATALORAModel, reloaded: DATALORAModel, probe: dict[str, Any],
+                  pruning: bool) -> bool:
+    """Same logits (bit for bit) from the trained and the reloaded model."""
+    trained.eval()
+    reloaded.eval()
+    same = torch.equal(trained(**probe).logits, reloaded(**probe).logits)
+    if pruning:  # and with the pruning off
+        state = trained.curriculum_state()["retention"]
+        for m in (trained, reloaded):
+            m.set_curriculum_state(retention=1.0)
+        try:
+            same = same and torch.equal(trained(**probe).logits, reloaded(**probe).logits)
+        finally:
+            for m in (trained, reloaded):
+                m.set_curriculum_state(retention=state)
+    return same
+
+
+def _generate(model: DATALORAModel, tokenizer: Any, rows: list[dict[str, Any]],
+              pruning: bool) -> tuple[list[str], list[float]]:
+    """Greedy answers (KV cache; with pruning at the calibrated threshold) and, per prompt,
+    the fraction of its tokens kept in the pruned layers."""
+    from datalora.data import format_prompt
+
+    answers, kept = [], []
+    for row in rows:
+        answer = generate_answer(model, tokenizer, row)
+        answers.append(answer)
+        if pruning:
+            with torch.no_grad():
+                model(**tokenizer(format_prompt(row), return_tensors="pt"))
+            kept.append(model.runtime.last.actual_retention())
+        shown = f"   (prompt tokens kept: {100 * kept[-1]:.0f}%)" if pruning else ""
+        print(f"  [{row.get('task', '?')}] Q: {row['question']}\n     model: "
+              f"{answer.strip()!r}   expected: {row['response']!r}{shown}")
+    return answers, kept
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
-    torch.manual_seed(args.seed)
+    if getattr(args, "method", "datalora") == "molora":
+        return _run_molora(args)
+    return _run_datalora(args)
+
+
+def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
+    from datalora.train import DEFAULT_TINY_CONFIG, format_summary, train_datalora
+
     start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    steps, batch_size, lr = (_setting(args, k) for k in ("steps", "batch_size", "lr"))
     model, tokenizer = load_model_and_tokenizer(args.model)
     pristine = copy.deepcopy(model)
-    train_rows = load_instruction_dataset(args.dataset, split="train")
+    train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
+    eval_rows = load_instruction_dataset(args.dataset, split="eval")
+    num_layers = getattr(model.config, "num_hidden_layers", 4)
+    tiny = dict(DEFAULT_TINY_CONFIG)
+    if args.model is not None:  # a real model: prune its second half (the config default)
+        tiny["prune_layers"] = None
+    else:
+        tiny["prune_layers"] = [min(1, num_layers - 1), num_layers]
+    config = DATALORAConfig(**{**tiny, "base_model": args.model,
+                               "num_lora_experts": args.experts, "lora_rank": args.rank,
+                               "lora_alpha": 2.0 * args.rank, "num_active_experts": args.top_k,
+                               "target_retention": args.retention})
+    by_epochs = args.epochs is not None
+    run_len = f"{args.epochs:g} epochs" if by_epochs else f"{steps} steps"
+    print(f"DATALORA demo | model: {args.model or 'embedded tiny Mistral'} | dataset: "
+          f"{len(train_rows)} rows | {args.experts} experts x rank {args.rank}, top-"
+          f"{args.top_k}, routed by the saliency network | pruned layers "
+          f"{config.prune_layers or 'second half'} at target retention {args.retention} | "
+          f"{run_len}, batch {batch_size}, lr {lr:g}")
+    with contextlib.redirect_stdout(_CompactLogs(sys.stdout)) as compact:
+        result = train_datalora(
+            config, dataset=train_rows, output_dir=args.output_dir,
+            epochs=args.epochs if by_epochs else 3, max_steps=None if by_epochs else steps,
+            batch_size=batch_size, learning_rate=lr, seed=args.seed,
+            logging_steps=max(1, (steps if not by_epochs else
+                                  int(args.epochs * len(train_rows) / batch_size)) // 30),
+            curriculum_mode="epochs" if by_epochs else "steps", progress=not args.no_progress,
+            model=model, tokenizer=tokenizer, eval_dataset=eval_rows,
+            eval_limit=getattr(args, "eval_limit", 200))
+        compact.flush()
+    history = result.datalora_history
+    trained = result.model
+    print("\nper phase:")
+    print(format_summary(result))
+    print("\nexpert load per task, mean over each phase (% of routes per expert):")
+    per_phase = phase_task_load(history)
+    for phase, loads in per_phase.items():
+        print(f"  {phase}")
+        for task, load in loads.items():
+            print(f"    {task:>10}: [{_format_load(load)}]")
+
+    out = Path(args.output_dir)
+    trained.save_pretrained(out)
+    reloaded = DATALORAModel.from_pretrained(pristine, out)
+    probe = tokenizer([r["question"] for r in eval_rows[:4]], return_tensors="pt",
+                      padding=True)
+    same = _check_reload(trained, reloaded, probe, pruning=True)
+    print(f"\nsaved adapter to {out}/ and reloaded it on a fresh base model: logits "
+          f"bit-identical (pruning on and off) = {same}")
+    if not same:
+        raise RuntimeError("reloaded adapter does not reproduce the trained model's logits")
+    thr = reloaded.saliency.keep_threshold.item()
+    print(f"generation with pruning on (keep threshold {thr:.3f}, KV cache), one eval "
+          f"question per task:")
+    shown = _one_per_task(eval_rows)
+    answers, kept = _generate(reloaded, tokenizer, shown, pruning=True)
+    plot = None
+    if not args.no_plot:
+        plot = plot_history(history, out / PLOT_NAME,
+                            title=f"DATALORA demo: {run_len}, target retention "
+                                  f"{args.retention}, eval loss pruned "
+                                  f"{result.metrics.get('eval_loss_pruned', math.nan):.3f} / "
+                                  f"dense {result.metrics.get('eval_loss_dense', math.nan):.3f}")
+        print(f"plot: {plot}")
+    elapsed = time.perf_counter() - start
+    print(f"demo finished in {elapsed:.0f} s")
+    return {"method": "datalora", "history": history, "phase_summary": result.phase_summary,
+            "phases": [h["phase"] for h in history],
+            "losses": [h["lm_loss"] for h in history],
+            "retention": [h["retention"] for h in history],
+            "task_load_by_phase": per_phase, "reload_identical": same, "answers": answers,
+            "questions": shown, "prompt_kept_fraction": kept, "keep_threshold": thr,
+            "eval_loss_pruned": result.metrics.get("eval_loss_pruned"),
+            "eval_loss_dense": result.metrics.get("eval_loss_dense"),
+            "output_dir": str(out), "plot": str(plot) if plot else None, "seconds": elapsed}
+
+
+def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    steps, batch_size, lr = (_setting(args, k) for k in ("steps", "batch_size", "lr"))
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    pristine = copy.deepcopy(model)
+    train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
     eval_rows = load_instruction_dataset(args.dataset, split="eval")
     config = DATALORAConfig(base_model=args.model, num_lora_experts=args.experts,
                             lora_rank=args.rank, lora_alpha=2.0 * args.rank,
                             num_active_experts=args.top_k)
-    print(f"model: {args.model or 'embedded tiny Mistral'} | dataset: {len(train_rows)} rows | "
-          f"MoLoRA: {args.experts} experts x rank {args.rank}, top-{args.top_k}")
+    print(f"MoLoRA demo | model: {args.model or 'embedded tiny Mistral'} | dataset: "
+          f"{len(train_rows)} rows | {args.experts} experts x rank {args.rank}, "
+          f"top-{args.top_k}, per-layer routers")
     wrapped = get_datalora_model(model, config)
 
     def report(record):
-        if record.step == 1 or record.step % max(1, args.steps // 6) == 0:
+        if record.step == 1 or record.step % max(1, steps // 6) == 0:
             print(f"  step {record.step:4d}  loss {record.loss:.3f}  expert load % "
                   f"[{_format_load(record.expert_load)}]")
 
-    records = finetune(wrapped, tokenizer, train_rows, steps=args.steps,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       progress=not args.no_progress, on_step=report)
+    records = finetune(wrapped, tokenizer, train_rows, steps=steps, batch_size=batch_size,
+                       lr=lr, seed=args.seed, progress=not args.no_progress, on_step=report)
     first = sum(r.loss for r in records[:5]) / min(5, len(records))
     last = sum(r.loss for r in records[-5:]) / min(5, len(records))
     print(f"loss: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)")
@@ -78,21 +382,21 @@ def run(args: argparse.Namespace) -> dict:
     wrapped.save_pretrained(out)
     reloaded = DATALORAModel.from_pretrained(pristine, out)
     probe = tokenizer([r["question"] for r in eval_rows[:4]], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        same = torch.equal(wrapped(**probe).logits, reloaded(**probe).logits)
+    same = _check_reload(wrapped, reloaded, probe, pruning=False)
     print(f"saved adapter to {out}/ and reloaded it: logits bit-identical = {same}")
     if not same:
         raise RuntimeError("reloaded adapter does not reproduce the trained model's logits")
-    shown = {}
-    for row in eval_rows:  # one question per task
-        shown.setdefault(row["task"], row)
-    answers = []
-    for row in shown.values():
-        answer = generate_answer(reloaded, tokenizer, row)
-        answers.append(answer)
-        print(f"  Q: {row['question']}\n     model: {answer.strip()!r}   expected: "
-              f"{row['response']!r}")
+    shown = _one_per_task(eval_rows)
+    answers, _ = _generate(reloaded, tokenizer, shown, pruning=False)
+    history = [{"step": r.step, "phase": "MoLoRA (no curriculum)", "lm_loss": r.loss,
+                "task_expert_load": r.task_expert_load} for r in records]
+    plot = None
+    if not args.no_plot:
+        plot = plot_history(history, out / PLOT_NAME, title=f"plain MoLoRA demo: {steps} "
+                                                            f"steps (no curriculum)")
+        print(f"plot: {plot}")
     elapsed = time.perf_counter() - start
     print(f"demo finished in {elapsed:.0f} s")
-    return {"losses": [r.loss for r in records], "reload_identical": same, "answers": answers,
-            "output_dir": str(out), "seconds": elapsed}
+    return {"method": "molora", "losses": [r.loss for r in records], "reload_identical": same,
+            "answers": answers, "questions": shown, "output_dir": str(out),
+            "plot": str(plot) if plot else None, "seconds": elapsed}

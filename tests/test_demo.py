@@ -1,4 +1,4 @@
-"""The README's demo runs end to end (few steps) and the CLI wires it up."""
+"""The README's demo runs end to end (few steps, both methods) and the CLI wires it up."""
 
 from __future__ import annotations
 
@@ -6,18 +6,68 @@ import subprocess
 import sys
 
 from datalora.cli import build_parser
+from datalora.curriculum import PHASES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_datalora_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "adapter"
     args = build_parser().parse_args(["demo", "--steps", "6", "--batch-size", "4",
-                                      "--output-dir", str(tmp_path / "adapter"),
-                                      "--no-progress"])
+                                      "--limit", "64", "--eval-limit", "16",
+                                      "--output-dir", str(out_dir), "--no-progress"])
+    assert args.method == "datalora"
     summary = args.func(args)
     out = capsys.readouterr().out
     assert summary["reload_identical"]
-    assert len(summary["losses"]) == 6 and len(summary["answers"]) == 4
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # one log per step: loss and retention records cover the three curriculum phases
+    assert summary["phases"] == ["warmup"] * 2 + ["sparsification"] * 2 + ["hardening"] * 2
+    assert set(summary["phase_summary"]) == set(PHASES)
+    assert len(summary["losses"]) == len(summary["retention"]) == 6
+    assert summary["retention"][:2] == [1.0, 1.0]  # warmup is dense
+    assert all(abs(r - 0.5) < 0.1 for r in summary["retention"][-2:])  # hardening prunes
+    assert set(summary["task_load_by_phase"]) == set(PHASES)
+    for loads in summary["task_load_by_phase"].values():
+        assert all(abs(sum(v) - 1.0) < 1e-4 for v in loads.values())
+    assert len(summary["answers"]) == 4 == len(summary["prompt_kept_fraction"])
+    assert all(0 < f <= 1 for f in summary["prompt_kept_fraction"])
+    assert summary["eval_loss_pruned"] > 0 and summary["eval_loss_dense"] > 0
+    assert (out_dir / "adapter_model.safetensors").exists()
+    assert (out_dir / "datalora_demo.png").read_bytes()[:8] == PNG_MAGIC
+    assert "bit-identical (pruning on and off) = True" in out
+    assert "expert load per task" in out and "expected:" in out
+    assert "step-log" in out and "{'loss'" not in out  # the compact per-log lines
+
+
+def test_demo_molora_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "adapter"
+    args = build_parser().parse_args(["demo", "--method", "molora", "--steps", "4",
+                                      "--batch-size", "4", "--output-dir", str(out_dir),
+                                      "--no-progress"])
+    summary = args.func(args)
+    out = capsys.readouterr().out
+    assert summary["method"] == "molora" and summary["reload_identical"]
+    assert len(summary["losses"]) == 4 and len(summary["answers"]) == 4
+    assert (out_dir / "adapter_model.safetensors").exists()
+    assert (out_dir / "datalora_demo.png").read_bytes()[:8] == PNG_MAGIC
     assert "expert load per task" in out and "bit-identical = True" in out
+
+
+def test_compact_logs_rewrites_trainer_dicts_only():
+    import io
+
+    from datalora.demo import _CompactLogs
+
+    sink = io.StringIO()
+    stream = _CompactLogs(sink)
+    stream.write("plain line\n{'loss': '6.8', 'phase': 1, 'lm_loss': '6.7', 'retention': "
+                 "'0.9', 'retention_target': '0.875', 'tau': '3.1', 'epoch': '0.04'}\n{'x")
+    stream.write("': 1}\n{not a dict\n")
+    stream.flush()
+    lines = sink.getvalue().splitlines()
+    assert lines[0] == "plain line"
+    assert "sparsification" in lines[1] and "LM loss 6.700" in lines[1] and "kept 0.90" in lines[1]
+    assert lines[2:] == ["{'x': 1}", "{not a dict"]
 
 
 def test_cli_help_lists_demo():
