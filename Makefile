@@ -6,10 +6,16 @@ STAMP := $(VENV)/.datalora-installed
 
 .PHONY: demo test lint bench wheel clean
 
+# With an NVIDIA GPU the venv sees the system site-packages, so the CUDA torch the user
+# already has is reused; without one, the CPU build torch==2.13.0 is installed first
+# (an open range would download a multi-GB CUDA build).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+VENV_FLAGS := $(if $(HAS_GPU),--system-site-packages,)
+
 $(STAMP): pyproject.toml setup.py
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
-	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+	@if [ -z "$(HAS_GPU)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		echo "no NVIDIA GPU found: installing the CPU build torch==2.13.0"; \
 		$(PY) -m pip install torch==2.13.0; \
 	fi
