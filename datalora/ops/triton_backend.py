@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from datalora.kernels import backward as _bw
 from datalora.kernels import expand as _ex
+from datalora.kernels import fused_linear as _fl
 from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32, as_index
@@ -216,18 +217,49 @@ def scatter_tokens(hidden, packed, keep_idx, weight):
     return _tok.scatter(hidden, packed, keep_idx, weight)
 
 
+FUSED_LINEAR_ENV = "DATALORA_FUSED_LINEAR"
+
+
+def fused_linear_enabled() -> bool:
+    """Whether ``DATALORA_FUSED_LINEAR`` asks for the one-kernel linear (``1``; ``0`` or
+    unset: cuBLAS + expand)."""
+    value = os.environ.get(FUSED_LINEAR_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{FUSED_LINEAR_ENV}: expected '0' or '1', got {value!r}")
+    return value == "1"
+
+
 def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
     """Fused ``y = x @ weight.T + bias + delta``: returns ``(y [T, d_out], h [T, k, r])``.
 
-    The base GEMM is cuBLAS (``F.linear``); the LoRA expand then adds into that fresh y
-    in place, so y is read and written once more instead of materialising delta and
-    adding it. Autograd is the ``datalora::molora_linear`` op's (``datalora.ops.molora``).
+    Default: the base GEMM is cuBLAS (``F.linear``); the LoRA expand then adds into that
+    fresh y in place, so y is read and written once more instead of materialising delta
+    and adding it. With ``DATALORA_FUSED_LINEAR=1`` and the dense strategy
+    (:func:`choose_strategy`), the dense shrink writes ``scaling``-multiplied ``Zd [T,
+    E*r]`` and one Triton GEMM (``kernels/fused_linear.py``) computes ``x @ weight.T +
+    Zd @ B_all^T + bias`` with y written once; with the grouped strategy (large ``E*r``,
+    where ``Zd`` would cost ``E/k`` times the routed work) it keeps cuBLAS + expand. The
+    fused path is opt-in until ``benchmarks.molora`` (``molora_linear[triton-fused]``)
+    shows it beating cuBLAS on a GPU. Autograd is the ``datalora::molora_linear`` op's
+    (``datalora.ops.molora``): the backward is the same for both paths.
     """
     if x.dtype == torch.float64:
         delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
         return F.linear(x, weight, bias) + delta, h
+    T = x.shape[0]
+    E, r, _ = A.shape
+    k = expert_ids.shape[1]
+    h = x.new_empty(T, k, r)
+    if fused_linear_enabled() and choose_strategy(E, r, k) == "dense":
+        y = x.new_empty(T, weight.shape[0])
+        if T > 0:
+            rs, rs_stride = _rank_scale(rank_scale, r, x.device)
+            zd = x.new_empty(T, E * r)
+            _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,
+                             rs_stride, h, zd, E, r, scaling)
+            _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
+        return y, h
     y = F.linear(x, weight, bias).contiguous()
-    h = x.new_empty(x.shape[0], expert_ids.shape[1], A.shape[1])
-    if x.shape[0] > 0:
+    if T > 0:
         _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, True, None)
     return y, h
