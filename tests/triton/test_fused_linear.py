@@ -9,9 +9,9 @@ import pytest
 import torch
 from _cases import DTYPES, assert_close_calibrated, make_inputs, max_err
 from conftest import requires_gpu
+from datalora.kernels import fused_linear as fl
 
 from datalora import ops
-from datalora.kernels import fused_linear as fl
 from datalora.ops import torch_backend
 from datalora.ops import triton_backend as tb
 from datalora.reference import molora_linear_reference
