@@ -8,11 +8,12 @@ DESIGN.md section 5. Two halves, one table:
 * **Triton** (``kernels/``): each ``@triton.jit`` kernel is built with
   ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``
   for every constexpr set its launcher can pick (``launch_configs()`` of each kernel
-  module: tiles, num_warps, ACCUMULATE, E_PAD) x the x dtypes that launch it (fp16 / bf16 /
-  fp32) x the pointer-type variants of :data:`VARIANTS`, and the cubin's resources are
-  read with the ``cuobjdump --dump-resource-usage`` bundled with Triton. The compile runs
-  in a subprocess without ``TRITON_INTERPRET`` (which would turn the kernels into
-  interpreted functions), on ``DATALORA_COMPILE_JOBS`` workers (default: 2).
+  module: tiles, num_warps, num_stages where the launcher sets it, ACCUMULATE, E_PAD) x
+  the x dtypes that launch it (fp16 / bf16 / fp32) x the pointer-type variants of
+  :data:`VARIANTS`, and the cubin's resources are read with the ``cuobjdump
+  --dump-resource-usage`` bundled with Triton. The compile runs in a subprocess without
+  ``TRITON_INTERPRET`` (which would turn the kernels into interpreted functions), on
+  ``DATALORA_COMPILE_JOBS`` workers (default: 2).
 * **CUDA** (``csrc/``): ``nvcc -Xptxas -v`` per arch, as ``setup.py`` builds it (the two
   archs compile in parallel); ptxas reports registers, stack frame, spill stores/loads and
   static shared memory per entry function.
@@ -43,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 TABLE = RESULTS_DIR / "resource_usage.md"
-MODULES = ("shrink", "expand", "backward", "tokens")
+MODULES = ("shrink", "expand", "backward", "tokens", "fused_linear")
 ARCHS = {80: 164 * 1024, 90: 228 * 1024}  # compute capability -> max shared bytes / block
 ARCH_GPU = {80: "A100", 90: "H100"}
 MAX_REGISTERS = 255
@@ -143,10 +144,13 @@ def compile_triton(row: dict) -> dict:
 
     fn = getattr(importlib.import_module(f"datalora.kernels.{row['module']}"), row["kernel"])
     cfg = dict(row["config"])
+    opts = {"num_warps": row["num_warps"]}
+    if "num_stages" in cfg:  # a launch option (fused_linear), not a constexpr
+        opts["num_stages"] = cfg.pop("num_stages")
     src = triton.compiler.ASTSource(fn, _signature(fn, cfg, row["dtype"], row["overrides"]),
                                     cfg)
     target = GPUTarget("cuda", row["cc"], 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": row["num_warps"]})
+    options = triton.compiler.make_backend(target).parse_options(opts)
     try:
         compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as exc:  # report every failure, not only the first

@@ -25,12 +25,17 @@ import triton.language as tl
 
 GROUP_M = 8
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
-# Shared memory (A + B tiles x stages): 16x64x64: 40 KB, 64x128x64: 96 KB,
-# 128x128x64: 96 KB -- within A100's 164 KB and H100's 228 KB per block.
+# Sized for the worst build: Triton specialises pointers/strides on 16-byte alignment, and
+# without it (odd d_in such as 37, unaligned views) every load is a per-element gather
+# through registers, unpipelined: 64x128x32 / 128x64x32 (4 warps) and any BLOCK_K = 64
+# beyond 16 rows hit the 255-register cap and spill there, these do not
+# (benchmarks/results/resource_usage.md). Aligned builds pipeline with cp.async; their
+# A + B tiles x stages: 16x64x64 x4: 40 KB, 64x64x32 x4: 32 KB, 128x128x32 x4: 64 KB --
+# within A100's 164 KB and H100's 228 KB per block.
 TILES_16BIT = (
-    (16, 16, 64, 64, 5, 4),      # decode: bound by reading W, many column tiles
-    (128, 64, 128, 64, 3, 4),    # small batches
-    (None, 128, 128, 64, 3, 8),  # prefill / training
+    (16, 16, 64, 64, 4, 4),      # decode: bound by reading W, many column tiles
+    (128, 64, 64, 32, 4, 4),     # small batches
+    (None, 128, 128, 32, 4, 8),  # prefill / training
 )
 # fp32 (ieee FMA dot): short K-steps keep operands and accumulator in registers.
 TILES_FP32 = (
