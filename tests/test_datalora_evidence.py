@@ -1,0 +1,115 @@
+"""The DATALORA evidence harnesses run end to end on their smallest settings.
+
+No timing or quality is asserted here (those are the committed results' job): the
+pruning benchmark's smoke preset and the eval experiment with a few steps write JSON with
+the documented schema and a PNG, and the pure functions they report with are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_pruning
+from datalora.experiments import datalora_eval
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_ideal_speedup_matches_the_issue():
+    assert bench_pruning.ideal_speedup(8, (2, 8), 0.5) == pytest.approx(1.6)
+    assert bench_pruning.ideal_speedup(8, (4, 8), 0.5) == pytest.approx(4 / 3)
+    assert bench_pruning.ideal_speedup(4, (1, 4), 0.5) == pytest.approx(1.6)
+    assert bench_pruning.ideal_speedup(4, (0, 4), 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="prune_range"):
+        bench_pruning.ideal_speedup(4, (2, 6), 0.5)
+
+
+def test_pruning_benchmark_smoke_writes_json_and_plot(tmp_path):
+    result = bench_pruning.run("smoke", tmp_path, device=torch.device("cpu"),
+                               log=lambda *_: None, profile=True)
+    data = json.loads((tmp_path / "pruning_smoke.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["schema"] == bench_pruning.SCHEMA
+    assert {"device", "device_name", "torch", "date", "git_commit", "load_average",
+            "timer", "step"} <= set(data["meta"])
+    cases = bench_pruning.PRESETS["smoke"]["cases"]
+    expected = {(c.name, tuple(r)) for c in cases for r in c.prune_ranges}
+    assert {(r["case"], tuple(r["prune_range"])) for r in data["results"]} == expected
+    for row in data["results"]:
+        for key in ("ms_r1.0", "ms_r0.5"):
+            t = row[key]
+            assert 0 < t["min"] <= t["q20"] <= t["median"] <= t["q80"]
+        assert row["speedup"] == pytest.approx(row["ms_r1.0"]["median"]
+                                               / row["ms_r0.5"]["median"])
+        assert row["ideal_speedup"] == pytest.approx(bench_pruning.ideal_speedup(
+            row["layers"], tuple(row["prune_range"]), 0.5))
+        assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+        # the timed pruned step really pruned: about half the tokens kept
+        assert abs(row["kept_fraction_last_step"] - 0.5) < 0.1
+    names = {t["name"] for t in data["targets"]}
+    assert len(names) == len(data["results"])  # one vs-ideal target per row (no CPU 1.4x)
+    for t in data["targets"]:
+        assert t["status"] == ("PASS" if t["value"] >= t["threshold"] else "FAIL")
+        row = next(r for r in data["results"] if t["name"].startswith(
+            f"{r['case']}_layers{r['prune_range'][0]}-"))
+        if t["status"] == "FAIL":  # a miss comes with a profile of the pruned step
+            assert row["profile_r0.5"] and {"op", "self_ms", "calls", "share"} <= set(
+                row["profile_r0.5"][0])
+    assert (tmp_path / "pruning_smoke.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cpu_targets_include_the_default_range_check():
+    row = {"case": "tiny", "prune_range": [1, 4], "default_range": (1, 4), "speedup": 1.5,
+           "fraction_of_ideal": 1.5 / 1.6, "ideal_speedup": 1.6}
+    other = {**row, "prune_range": [2, 4], "speedup": 1.0, "fraction_of_ideal": 0.5}
+    targets = {t["name"]: t for t in bench_pruning.check_targets([row, other], "cpu")}
+    assert targets["tiny_layers1-4_vs_ideal"]["status"] == "PASS"
+    assert targets["tiny_layers1-4_cpu_default_range"]["status"] == "PASS"
+    assert targets["tiny_layers2-4_vs_ideal"]["status"] == "FAIL"
+    assert "tiny_layers2-4_cpu_default_range" not in targets
+
+
+def test_specialisation_scores():
+    same = datalora_eval.specialisation({"a": [0.5, 0.5, 0, 0], "b": [0.5, 0.5, 0, 0]})
+    assert same["jsd_mean"] == pytest.approx(0.0)
+    assert same["max_share_mean"] == pytest.approx(0.5) and same["uniform_share"] == 0.25
+    apart = datalora_eval.specialisation({"a": [1, 0, 0, 0], "b": [0, 0, 3, 0]})
+    assert apart["jsd_mean"] == pytest.approx(1.0)  # disjoint: 1 bit
+    assert apart["top_expert"] == {"a": 0, "b": 2}
+    half = datalora_eval.jensen_shannon([1, 0], [0.5, 0.5])
+    assert 0 < half < 1 and half == pytest.approx(datalora_eval.jensen_shannon([0.5, 0.5],
+                                                                               [1, 0]))
+    with pytest.raises(ValueError, match="load"):
+        datalora_eval.specialisation({"a": [0, 0]})
+
+
+def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
+    result = datalora_eval.run(steps=3, batch_size=4, limit=24, eval_limit=12, out_dir=tmp_path,
+                               tag="smoke", work_dir=tmp_path / "work", progress=False,
+                               log=lambda *_: None)
+    data = json.loads((tmp_path / "datalora_eval_smoke.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["schema"] == datalora_eval.SCHEMA
+    assert {"git_commit", "date", "steps", "dense_arm", "load_average"} <= set(data["meta"])
+    dense, pruned = data["arms"]
+    assert (dense["target_retention"], pruned["target_retention"]) == (1.0, 0.5)
+    assert dense["eval_retention_threshold"] == 1.0  # dense: nothing pruned
+    assert 0 < pruned["eval_retention_threshold"] < 1
+    for arm in data["arms"]:
+        assert len(arm["history"]) == 3
+        assert [h["phase"] for h in arm["history"]] == ["warmup", "sparsification",
+                                                        "hardening"]
+        for key in ("eval_loss", "eval_loss_topk", "eval_loss_dense"):
+            assert math.isfinite(arm[key]) and arm[key] > 0
+        assert set(arm["task_expert_load"]) == {"arithmetic", "lookup", "reverse", "sort"}
+        assert all(abs(sum(v) - 1) < 1e-5 for v in arm["task_expert_load"].values())
+    # dense eval of the dense arm is the same function as its eval loss
+    assert dense["eval_loss_dense"] == pytest.approx(dense["eval_loss"])
+    assert data["eval_loss_ratio"] == pytest.approx(pruned["eval_loss"] / dense["eval_loss"])
+    ratio = next(t for t in data["targets"] if t["name"] == "eval_loss_ratio")
+    assert ratio["status"] == ("PASS" if ratio["value"] <= 1.05 else "FAIL")
+    assert (tmp_path / "datalora_eval_smoke.png").read_bytes()[:8] == PNG_MAGIC
