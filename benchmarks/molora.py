@@ -7,6 +7,8 @@ Every case (shape x routing) times all methods in the same run:
 
 * ``linear``               base ``F.linear`` alone (the floor; ratios are against it)
 * ``molora_linear[B]``     datalora whole layer, for each backend B available here
+* ``molora_linear[triton-fused]``  (CUDA) the triton backend with ``DATALORA_FUSED_LINEAR=1``:
+  base GEMM and LoRA expand in one Triton kernel, vs cuBLAS + expand of ``[triton]``
 * ``molora_delta[B]``      datalora LoRA part alone
 * ``loop_linear`` / ``loop_delta``  the per-expert loop (``benchmarks.baselines``)
 * ``peft_mixed``           PEFT LoRA with E adapters and ``adapter_names=`` (k = 1 only)
@@ -53,6 +55,10 @@ SCHEMA = "datalora.benchmarks.molora/1"
 RESULTS_DIR = Path(__file__).parent / "results"
 MODES = ("fwd", "fwd_bwd")
 SKEWS = ("uniform", "one", "distinct")
+# the one-kernel Triton linear (kernels/fused_linear.py), opt-in until these rows show it
+# beating cuBLAS + expand (molora_linear[triton]); timed on CUDA only
+FUSED_METHOD = "molora_linear[triton-fused]"
+FUSED_ENV = {"DATALORA_FUSED_LINEAR": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +180,10 @@ def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Calla
             lambda be=be: ops.molora_linear(x, W, b, A, B, ids, gates, None, s, backend=be))
         methods[f"molora_delta[{be}]"] = (
             lambda be=be: ops.molora_delta(x, A, B, ids, gates, None, s, backend=be))
+    if x.device.type == "cuda" and "triton" in backends:
+        methods[FUSED_METHOD] = with_env(
+            FUSED_ENV, lambda: ops.molora_linear(x, W, b, A, B, ids, gates, None, s,
+                                                 backend="triton"))
     methods["loop_linear"] = lambda: loop_linear(x, W, b, A, B, ids, gates, None, s)
     methods["loop_delta"] = lambda: loop_delta(x, A, B, ids, gates, None, s)
     if case.k == 1:
@@ -181,6 +191,22 @@ def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Calla
         names = PeftMixedBatch.names(ids)
         methods["peft_mixed"] = lambda: peft(x, names)
     return methods
+
+
+def with_env(env: dict[str, str], fn: Callable) -> Callable:
+    """``fn`` with the variables of ``env`` set for the call (restored after it)."""
+    def call():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return call
 
 
 def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Callable:
@@ -379,6 +405,13 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
                 target(f"gpu_{be}_delta_{mode}_speedup_vs_loop",
                        f"loop_delta / molora_delta ({mode}) >= 4", "loop_delta", md, mode,
                        ">=", 4.0)
+            if be == "triton" and any(r["method"] == FUSED_METHOD for r in rows):
+                target("gpu_triton-fused_layer_fwd_vs_linear",
+                       "molora_linear (fused kernel) fwd <= 1.10x base linear", FUSED_METHOD,
+                       "linear", "fwd", "<=", 1.10)
+                target("gpu_triton-fused_layer_fwd_bwd_vs_linear",
+                       "molora_linear (fused kernel) fwd+bwd <= 1.15x base linear",
+                       FUSED_METHOD, "linear", "fwd_bwd", "<=", 1.15)
             tenant = dict(group="tenant", T=T, d_in=d, d_out=d, E=8, k=1)
             target(f"gpu_{be}_tenant_distinct_vs_one",
                    "k=1 fwd: every token a different adapter <= 1.2x all on one adapter",
