@@ -1,0 +1,378 @@
+"""Token-pruning benchmark: a DATALORA training step at retention 1.0 vs 0.5.
+
+    python -m benchmarks.bench_pruning                    # preset by device (gpu | cpu)
+    python -m benchmarks.bench_pruning --preset smoke --out /tmp/bench
+
+One training step = forward (saliency network, shared routing, MoLoRA in every
+projection, token pruning over the pruned layer range) + LM loss + the aux losses +
+backward + AdamW step, in training mode (Gumbel noise on). For every model config and
+pruned layer range the two retentions run interleaved in one process (rep 1 at 1.0,
+rep 1 at 0.5, rep 2 at 1.0, ...), so load from other processes hits both alike; medians
+with 20/80 % quantiles. The ideal speedup counts the decoder layers only::
+
+    ideal = 1 / (unpruned_frac + pruned_frac * retention)
+
+(pruning layers 2..8 of 8 at 0.5: 1.6x; the second half: 1.33x). Targets, written as
+PASS/FAIL to the JSON: measured >= 85 % of ideal for every row; on the CPU >= 1.4x with
+the tiny model's default range (``DEFAULT_TINY_CONFIG``: layers 1..3 of 4, ideal 1.6x).
+When a target fails, a ``torch.profiler`` table of the pruned step (top ops by self CPU
+time) goes into the JSON so the overhead can be located.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.molora import _quantiles, metadata, wait_quiet
+
+SCHEMA = "datalora.benchmarks.pruning/1"
+RESULTS_DIR = Path(__file__).parent / "results"
+RETENTIONS = (1.0, 0.5)
+IDEAL_FRACTION = 0.85
+CPU_MIN_SPEEDUP = 1.4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A Mistral-shaped model, a batch shape and the pruned ranges to time on it."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    batch: int
+    seq: int
+    prune_ranges: tuple[tuple[int, int], ...]
+    default_range: tuple[int, int] | None = None  # the range the 1.4x CPU target uses
+    vocab: int = 1024
+
+
+def _tiny(batch, seq, **kw) -> ModelCase:
+    return ModelCase(hidden=128, intermediate=344, heads=4, kv_heads=2, batch=batch, seq=seq,
+                     **kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(dtype=torch.float32, budget_s=20.0, min_reps=5, max_reps=40, cases=[
+        # the embedded tiny model (hidden 128): per-op overheads weigh most
+        _tiny(8, 96, name="tiny", layers=4, prune_ranges=((1, 4),), default_range=(1, 4)),
+        _tiny(8, 96, name="tiny_8layers", layers=8, prune_ranges=((2, 8), (4, 8))),
+        # compute dominates: hidden 512, seq 256, batch 8
+        ModelCase("cpu_large", hidden=512, layers=8, intermediate=1376, heads=8, kv_heads=4,
+                  batch=8, seq=256, prune_ranges=((2, 8), (4, 8)))]),
+    "gpu": dict(dtype=torch.bfloat16, budget_s=5.0, min_reps=20, max_reps=200, cases=[
+        _tiny(8, 96, name="tiny", layers=4, prune_ranges=((1, 4),), default_range=(1, 4)),
+        ModelCase("mistral_8l_h1024", hidden=1024, layers=8, intermediate=3584, heads=8,
+                  kv_heads=4, batch=8, seq=1024, prune_ranges=((2, 8), (4, 8)), vocab=32000),
+        ModelCase("mistral_8l_h2048", hidden=2048, layers=8, intermediate=7168, heads=16,
+                  kv_heads=8, batch=8, seq=2048, prune_ranges=((2, 8), (4, 8)),
+                  vocab=32000)]),
+    "smoke": dict(dtype=torch.float32, budget_s=0.05, min_reps=2, max_reps=3, cases=[
+        _tiny(2, 16, name="tiny", layers=4, prune_ranges=((1, 4),), default_range=(1, 4)),
+        ModelCase("small_8layers", hidden=32, layers=8, intermediate=64, heads=2, kv_heads=1,
+                  batch=2, seq=16, prune_ranges=((2, 8),), vocab=300)]),
+}
+
+
+def ideal_speedup(num_layers: int, prune_range: tuple[int, int], retention: float) -> float:
+    """``1 / (unpruned_frac + pruned_frac * retention)`` over the decoder layers."""
+    start, end = prune_range
+    if not 0 <= start < end <= num_layers:
+        raise ValueError(f"prune_range: expected [start, end) within {num_layers} layers, "
+                         f"got {prune_range}")
+    frac = (end - start) / num_layers
+    return 1.0 / ((1.0 - frac) + frac * retention)
+
+
+def build(case: ModelCase, prune_range: tuple[int, int], dtype: torch.dtype,
+          device: torch.device):
+    """The DATALORA model (shared routing, 8 experts x rank 8, top-2), its optimizer and a
+    random batch (all tokens real)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from datalora.config import DATALORAConfig
+    from datalora.model import get_datalora_model
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=case.vocab, hidden_size=case.hidden,
+                        intermediate_size=case.intermediate, num_hidden_layers=case.layers,
+                        num_attention_heads=case.heads, num_key_value_heads=case.kv_heads,
+                        max_position_embeddings=max(512, case.seq), tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    base = MistralForCausalLM(cfg).to(device=device, dtype=dtype)
+    config = DATALORAConfig(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
+                            num_active_experts=2, routing="shared",
+                            prune_layers=list(prune_range), lambda_prune=1.0,
+                            alpha_balance=0.1)
+    model = get_datalora_model(base, config, verbose=False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, case.vocab, (case.batch, case.seq), generator=g).to(device)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    return model, opt, batch
+
+
+def make_step(model, opt, batch, retention: float):
+    """One optimizer step at ``retention`` (soft routing, tau 1, Gumbel noise on)."""
+    cfg = model.datalora_config
+
+    def step():
+        model.set_curriculum_state(tau=1.0, retention=retention, hard=False)
+        out = model(**batch)
+        aux = cfg.lambda_prune * out.retention_loss + cfg.alpha_balance * out.balance_loss
+        (out.loss + aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: dict[float, Any], device: torch.device, budget_s: float,
+                     min_reps: int, max_reps: int) -> dict[float, tuple]:
+    """Round-robin over retentions: ``r -> (median, q20, q80, min, reps)`` in ms."""
+    for fn in steps.values():  # warm-up (allocator, first-call setup, autotune)
+        fn()
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for fn in steps.values():
+        fn()
+    _sync(device)
+    round_s = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
+    times: dict[float, list[float]] = {r: [] for r in steps}
+    for _ in range(reps):
+        for r, fn in steps.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[r].append((time.perf_counter() - t) * 1e3)
+    return {r: (*_quantiles(v), reps) for r, v in times.items()}
+
+
+def profile_step(step, device: torch.device, rows: int = 15) -> list[dict[str, Any]]:
+    """Top ops of one step by self CPU (or CUDA) time, from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    return [{"op": e.key, "self_ms": getattr(e, key, 0) / 1e3, "calls": e.count,
+             "share": getattr(e, key, 0) / total} for e in events[:rows]]
+
+
+def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
+             device: torch.device) -> dict[str, Any]:
+    model, opt, batch = build(case, prune_range, preset["dtype"], device)
+    steps = {r: make_step(model, opt, batch, r) for r in RETENTIONS}
+    timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
+                             preset["max_reps"])
+    model.set_curriculum_state(retention=0.5)
+    kept = model.runtime.last.actual_retention() if model.runtime.last is not None else None
+    dense, pruned = timed[1.0], timed[0.5]
+    ideal = ideal_speedup(case.layers, prune_range, 0.5)
+    speedup = dense[0] / pruned[0]
+    row = {"case": case.name, **dataclasses.asdict(case), "prune_range": list(prune_range),
+           "pruned_layers": prune_range[1] - prune_range[0],
+           "dtype": str(preset["dtype"]).removeprefix("torch."),
+           "tokens": case.batch * case.seq, "kept_fraction_last_step": kept,
+           "ms_r1.0": {"median": dense[0], "q20": dense[1], "q80": dense[2], "min": dense[3]},
+           "ms_r0.5": {"median": pruned[0], "q20": pruned[1], "q80": pruned[2],
+                       "min": pruned[3]},
+           "reps": dense[4], "speedup": speedup,
+           # spread: slowest plausible vs fastest plausible ratio from the quantiles
+           "speedup_q_range": [dense[1] / pruned[2], dense[2] / pruned[1]],
+           "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal}
+    row["_step"] = steps[0.5]
+    return row
+
+
+def check_targets(rows: list[dict], preset_name: str) -> list[dict]:
+    out = []
+    for row in rows:
+        name = f"{row['case']}_layers{row['prune_range'][0]}-{row['prune_range'][1]}"
+        out.append({"name": f"{name}_vs_ideal", "description": f"measured speedup >= "
+                    f"{IDEAL_FRACTION:.0%} of ideal {row['ideal_speedup']:.3f}x",
+                    "value": row["fraction_of_ideal"], "op": ">=",
+                    "threshold": IDEAL_FRACTION,
+                    "status": "PASS" if row["fraction_of_ideal"] >= IDEAL_FRACTION else "FAIL"})
+        default = row.get("default_range")
+        if preset_name == "cpu" and default is not None and \
+                list(default) == row["prune_range"]:
+            out.append({"name": f"{name}_cpu_default_range", "description":
+                        f"CPU step speedup at retention 0.5 >= {CPU_MIN_SPEEDUP}x with the "
+                        f"default pruned range", "value": row["speedup"], "op": ">=",
+                        "threshold": CPU_MIN_SPEEDUP,
+                        "status": "PASS" if row["speedup"] >= CPU_MIN_SPEEDUP else "FAIL"})
+    return out
+
+
+def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
+        plot: bool = True, log=print, max_load: float | None = None,
+        max_wait_s: float = 300.0, profile: bool = True,
+        only: str | None = None) -> dict[str, Any]:
+    """Runs a preset; writes ``pruning_<preset>.json`` (+ ``.png``); returns the dict.
+
+    ``only``: run just the cases whose name contains this substring and replace their
+    rows in an existing ``pruning_<preset>.json`` (other rows kept; targets re-checked).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[preset_name]
+    meta = metadata("cpu" if preset_name != "gpu" else "gpu", device, [])
+    meta.update(preset=preset_name, dtype=str(preset["dtype"]).removeprefix("torch."),
+                timer="perf_counter (+cuda synchronize), retentions interleaved, median of "
+                      "reps with 20/80% quantiles",
+                step="forward (USN + shared routing + MoLoRA + pruning) + LM loss + aux "
+                     "losses + backward + AdamW step; 8 experts x rank 8, top-2, all 7 "
+                     "projections; random tokens, no padding")
+    meta.pop("backends", None)
+    rows = []
+    cases = [c for c in preset["cases"] if only is None or only in c.name]
+    if not cases:
+        raise ValueError(f"only: no case of preset {preset_name!r} contains {only!r}")
+    for case in cases:
+        for prune_range in case.prune_ranges:
+            load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
+            t0 = time.perf_counter()
+            row = run_case(case, prune_range, preset, device)
+            row["load_1m"] = load
+            rows.append(row)
+            log(format_row(row) + f"   [{time.perf_counter() - t0:.0f}s, load {load}]")
+    path = out_dir / f"pruning_{preset_name}.json"
+    if only is not None and path.exists():  # keep the other rows of the existing file
+        fresh = {(r["case"], tuple(r["prune_range"])) for r in rows}
+        kept = [r for r in json.loads(path.read_text())["results"]
+                if (r["case"], tuple(r["prune_range"])) not in fresh]
+        order = [c.name for c in preset["cases"]]
+        rows = sorted(kept + rows, key=lambda r: (order.index(r["case"]), r["prune_range"]))
+        meta["merged_only"] = only
+    targets = check_targets(rows, preset_name)
+    if profile:  # where the time goes, for every row that misses a target
+        failing = {t["name"].rsplit("_vs_ideal", 1)[0].rsplit("_cpu_default", 1)[0]
+                   for t in targets if t["status"] == "FAIL"}
+        for row in rows:
+            name = f"{row['case']}_layers{row['prune_range'][0]}-{row['prune_range'][1]}"
+            if name in failing and "_step" in row:
+                row["profile_r0.5"] = profile_step(row["_step"], device)
+    for row in rows:
+        row.pop("_step", None)
+    if hasattr(os, "getloadavg"):
+        meta["load_average_end"] = list(os.getloadavg())
+    result = {"schema": SCHEMA, "meta": meta, "results": rows, "targets": targets}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(format_targets(targets))
+    log(f"wrote {path}")
+    if plot:
+        log(f"wrote {plot_file(path)}")
+    return result
+
+
+def format_row(row: dict) -> str:
+    a, b = row["ms_r1.0"], row["ms_r0.5"]
+    return (f"{row['case']:18s} layers {row['prune_range'][0]}..{row['prune_range'][1] - 1} "
+            f"of {row['layers']}: r=1.0 {a['median']:9.2f} ms [{a['q20']:.2f}, {a['q80']:.2f}]"
+            f" | r=0.5 {b['median']:9.2f} ms [{b['q20']:.2f}, {b['q80']:.2f}] | speedup "
+            f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x "
+            f"({100 * row['fraction_of_ideal']:.0f}%)")
+
+
+def format_targets(targets: list[dict]) -> str:
+    lines = ["targets:"]
+    for t in targets:
+        lines.append(f"  {t['status']:5s} {t['name']}: {t['value']:.3f} {t['op']} "
+                     f"{t['threshold']}  ({t['description']})")
+    return "\n".join(lines)
+
+
+def plot_file(path: Path) -> Path:
+    """Bar chart (measured vs ideal speedup per row) drawn from the JSON file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    rows = data["results"]
+    labels = [f"{r['case']}\nlayers {r['prune_range'][0]}-{r['prune_range'][1] - 1}/"
+              f"{r['layers']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["ideal_speedup"] for r in rows], 0.4, label="ideal",
+           color="#bbbbbb")
+    ax.bar([i + 0.2 for i in x], [r["speedup"] for r in rows], 0.4, label="measured",
+           color="#3070b0",
+           yerr=[[r["speedup"] - r["speedup_q_range"][0] for r in rows],
+                 [r["speedup_q_range"][1] - r["speedup"] for r in rows]], capsize=3)
+    for i, r in enumerate(rows):
+        ax.text(i + 0.2, r["speedup"] + 0.03, f"{r['speedup']:.2f}x\n"
+                f"{100 * r['fraction_of_ideal']:.0f}%", ha="center", fontsize=8)
+        ax.hlines(IDEAL_FRACTION * r["ideal_speedup"], i - 0.4, i + 0.4, colors="r",
+                  linestyles="--", lw=1, label="85% of ideal" if i == 0 else None)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("training-step speedup, retention 1.0 -> 0.5")
+    meta = data["meta"]
+    ax.set_title(f"DATALORA token pruning, {meta['device_name']} ({meta['cpu_threads']} "
+                 f"threads), {meta['dtype']}, {meta['date']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pruning",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="CPU: wait for the 1-min load average to drop below this")
+    parser.add_argument("--max-wait", type=float, default=300.0)
+    parser.add_argument("--only", default=None, metavar="SUBSTR",
+                        help="rerun the cases whose name contains SUBSTR and merge them into "
+                             "the existing JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs a CUDA device")
+    run(preset, args.out, plot=not args.no_plot, max_load=args.max_load,
+        max_wait_s=args.max_wait, profile=not args.no_profile, only=args.only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
