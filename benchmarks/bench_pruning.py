@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import _quantiles, metadata, wait_quiet
+from benchmarks.molora import _quantiles, metadata, wait_quiet, write_result
 
 SCHEMA = "datalora.benchmarks.pruning/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -280,11 +279,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
                 row["profile_r0.5"] = profile_step(row["_step"], device)
     for row in rows:
         row.pop("_step", None)
-    if hasattr(os, "getloadavg"):
-        meta["load_average_end"] = list(os.getloadavg())
-    result = {"schema": SCHEMA, "meta": meta, "results": rows, "targets": targets}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    result = write_result(path, SCHEMA, meta, rows, targets)
     log(format_targets(targets))
     log(f"wrote {path}")
     if plot:

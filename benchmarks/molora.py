@@ -476,18 +476,26 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
         rows += case_rows
         log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
     targets = check_targets(rows, preset_name, backends)
-    if hasattr(os, "getloadavg"):
-        meta["load_average_end"] = list(os.getloadavg())
-    result = dict(schema=SCHEMA, meta=meta, results=rows, targets=targets)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"molora_{preset_name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    result = write_result(path, SCHEMA, meta, rows, targets)
     log(format_targets(targets))
     log(f"wrote {path}")
     if plot:
         from benchmarks.plot import plot_file
 
         log(f"wrote {plot_file(path)}")
+    return result
+
+
+def write_result(path: Path, schema: str, meta: dict, rows: list[dict],
+                 targets: list[dict]) -> dict:
+    """Writes one benchmark result file atomically (load average at the end added to meta)."""
+    from datalora.io import atomic_write_text
+
+    if hasattr(os, "getloadavg"):
+        meta["load_average_end"] = list(os.getloadavg())
+    result = {"schema": schema, "meta": meta, "results": rows, "targets": targets}
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return result
 
 
