@@ -35,11 +35,12 @@ def _route_index(expert_ids: torch.Tensor, r: int) -> torch.Tensor:
     return (ids[..., None] * r + offsets).reshape(ids.shape[0], ids.shape[1] * r)
 
 
-def _dense(values: torch.Tensor, expert_ids: torch.Tensor, E: int) -> torch.Tensor:
-    """Scatter-adds per-route ``values [T, k, r]`` into a dense ``[T, E*r]`` buffer."""
+def _dense(values: torch.Tensor, index: torch.Tensor, E: int) -> torch.Tensor:
+    """Scatter-adds per-route ``values [T, k, r]`` into a dense ``[T, E*r]`` buffer at the
+    columns ``index [T, k*r]`` of :func:`_route_index`."""
     T, k, r = values.shape
     out = values.new_zeros(T, E * r)
-    return out.scatter_add_(1, _route_index(expert_ids, r), values.reshape(T, k * r))
+    return out.scatter_add_(1, index, values.reshape(T, k * r))
 
 
 def _route_scale(gates, rank_scale, dtype):
@@ -51,25 +52,28 @@ def _route_scale(gates, rank_scale, dtype):
 
 
 def _routed(x, A, expert_ids, gates, rank_scale, scaling):
-    """``(h, z)``, both ``[T, k, r]``: routed projections ``A[e] @ x`` and ``h`` times gate,
-    rank scale and ``scaling`` (applied here, on k*r values per token, not on d_out)."""
-    r, k = A.shape[1], expert_ids.shape[1]
+    """``(h, zdense)``: routed projections ``h = A[e] @ x`` ``[T, k, r]`` and, scattered to
+    ``[T, E*r]``, ``h`` times gate, rank scale and ``scaling`` (applied on the k*r routed
+    values per token, not on d_out)."""
+    E, r, _ = A.shape
+    index = _route_index(expert_ids, r)
     H = x @ _flat_A(A).T  # [T, E*r]: every expert at once, reading x once
-    h = H.gather(1, _route_index(expert_ids, r)).view(x.shape[0], k, r)
-    return h, h * (_route_scale(gates, rank_scale, x.dtype) * scaling)
+    h = H.gather(1, index).view(x.shape[0], expert_ids.shape[1], r)
+    z = h * (_route_scale(gates, rank_scale, x.dtype) * scaling)
+    return h, _dense(z, index, E)
 
 
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route."""
-    h, z = _routed(x, A, expert_ids, gates, rank_scale, scaling)
-    return _dense(z, expert_ids, A.shape[0]) @ _flat_B(B).T, h
+    h, zdense = _routed(x, A, expert_ids, gates, rank_scale, scaling)
+    return zdense @ _flat_B(B).T, h
 
 
 def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
     """``(y, h)``: ``y = x W^T + b + delta`` accumulated in one ``[T, d_out]`` buffer."""
-    h, z = _routed(x, A, expert_ids, gates, rank_scale, scaling)
+    h, zdense = _routed(x, A, expert_ids, gates, rank_scale, scaling)
     y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
-    return y.addmm_(_dense(z, expert_ids, A.shape[0]), _flat_B(B).T), h
+    return y.addmm_(zdense, _flat_B(B).T), h
 
 
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs):
@@ -82,12 +86,12 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     need_x, need_A, need_B, need_g, need_rs = needs
     grad = grad.to(x.dtype)
     s = _route_scale(gates, rank_scale, x.dtype)
+    index = _route_index(expert_ids, r)
     dx = dA = dB = dgates = drs = None
     # dZ[t, j] = scaling * B[e_tj]^T dy[t]
-    dz = (grad @ _flat_B(B)).gather(1, _route_index(expert_ids, r)).view(T, k, r) * scaling
+    dz = (grad @ _flat_B(B)).gather(1, index).view(T, k, r) * scaling
     if need_B:
-        z = h * s
-        dB_flat = grad.T @ _dense(z, expert_ids, E) * scaling  # [d_out, E*r]
+        dB_flat = grad.T @ _dense(h * (s * scaling), index, E)  # [d_out, E*r]
         dB = dB_flat.view(B.shape[1], E, r).permute(1, 0, 2).contiguous()
     if need_g:
         hr = h if rank_scale is None else h * rank_scale.to(h.dtype)[:, None, :]
@@ -95,7 +99,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if need_rs:
         drs = (dz * h * gates.to(h.dtype)[..., None]).sum(1).to(rank_scale.dtype)
     if need_x or need_A:
-        dH = _dense(dz * s, expert_ids, E)  # [T, E*r]
+        dH = _dense(dz * s, index, E)  # [T, E*r]
         if need_x:
             dx = dH @ _flat_A(A)
         if need_A:
