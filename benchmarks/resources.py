@@ -20,7 +20,7 @@ DESIGN.md section 5. Two halves, one table:
 
 A row fails on a compile error, any spill (Triton ``STACK``/``LOCAL`` > 0, ptxas stack frame
 or spill stores > 0) or shared memory over the chip's per-block limit (:data:`ARCHS`).
-Results are cached under ``$DATALORA_CACHE_DIR`` (default ``~/.cache/datalora``) keyed by
+Results are cached under ``$DATALORA_CACHE`` (default ``~/.cache/datalora``) keyed by
 the hash of the sources (kernels + this file, or csrc/) and the compiler versions, so a
 warm run costs nothing and any kernel edit recompiles.
 """
@@ -65,7 +65,7 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 
 
 def cache_root() -> pathlib.Path:
-    root = os.environ.get("DATALORA_CACHE_DIR") or pathlib.Path.home() / ".cache" / "datalora"
+    root = os.environ.get("DATALORA_CACHE") or pathlib.Path.home() / ".cache" / "datalora"
     return pathlib.Path(root)
 
 

@@ -11,7 +11,7 @@ the checks live in ``benchmarks.resources`` (which also writes
 current and runs the nvcc half).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET``; results are cached under
-``~/.cache/datalora`` (or ``$DATALORA_CACHE_DIR``) keyed by the kernel sources, the compile
+``~/.cache/datalora`` (or ``$DATALORA_CACHE``) keyed by the kernel sources, the compile
 code and the Triton version. Cold (measured at 208 Triton compiles, now 240 with the fused
 linear kernel, + nvcc for both archs, this file and ``test_gpu_readiness.py``, Triton's own
 cache empty): 2m23s of CPU, 3m54s wall on a shared 2-core machine at load ~8;
