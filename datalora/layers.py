@@ -109,16 +109,18 @@ class MoLoRALinear(nn.Module):
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         gates = routing.gates.to(x.dtype)
         rank_scale = None if routing.rank_scale is None else routing.rank_scale.to(x.dtype)
+        # a Routing shared by many layers is validated once (under compile: never, no sync)
+        check = torch.compiler.is_compiling() or routing.take_value_check(self.num_experts)
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
             lora_x = self.lora_dropout(x) if self.training else x
             return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,
-                                     rank_scale, self.scaling, self.backend)
+                                     rank_scale, self.scaling, self.backend, check_values=check)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
                                      routing.expert_ids, gates, rank_scale, self.scaling,
-                                     self.backend)
+                                     self.backend, check_values=check)
         delta = ops.molora_delta(self.lora_dropout(x), A, B, routing.expert_ids, gates,
-                                 rank_scale, self.scaling, self.backend)
+                                 rank_scale, self.scaling, self.backend, check_values=check)
         return F.linear(x, self.base_layer.weight, self.base_layer.bias) + delta
 
     def extra_repr(self) -> str:

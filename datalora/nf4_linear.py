@@ -213,7 +213,8 @@ def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
 def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                       A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                       gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
-                      scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                      scaling: float = 1.0, backend: str = "auto", *,
+                      check_values: bool = True) -> torch.Tensor:
     """``base(x) + molora_delta(lora_x, A, B, ...)`` for an NF4 base layer.
 
     ``lora_x`` is the LoRA input (x after dropout; x itself in eval). Shapes as
@@ -230,5 +231,6 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
                                   float(scaling))
         return y.view(*x.shape[:-1], t.shape[0])
-    delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend)
+    delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend,
+                             check_values=check_values)
     return base(x).to(delta.dtype) + delta

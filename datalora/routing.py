@@ -52,6 +52,7 @@ class Routing:
     rank_scale: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
     _permutations: dict[int, ExpertPermutation] = field(default_factory=dict, repr=False)
+    _values_checked: set[int] = field(default_factory=set, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +67,14 @@ class Routing:
         if num_experts not in self._permutations:
             self._permutations[num_experts] = sort_routes(self.expert_ids, num_experts)
         return self._permutations[num_experts]
+
+    def take_value_check(self, num_experts: int) -> bool:
+        """True the first time a layer with ``num_experts`` experts uses this routing: that
+        layer validates the ids and gates on the host (a sync), the others skip it."""
+        if num_experts in self._values_checked:
+            return False
+        self._values_checked.add(num_experts)
+        return True
 
     def expert_load(self, num_experts: int) -> torch.Tensor:
         """``[E]`` fraction of routes sent to each expert."""

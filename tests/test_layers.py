@@ -145,3 +145,24 @@ def test_autocast_bf16_forward_backward_with_fp32_weights():
                                   layer.lora_B.detach(), layer.last_routing.expert_ids,
                                   layer.last_routing.gates.detach(), None, layer.scaling)
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_shared_routing_is_value_checked_once(monkeypatch):
+    import datalora.ops.validation as validation
+
+    calls = []
+    real = validation.check_routing_values
+    monkeypatch.setattr(validation, "check_routing_values",
+                        lambda *a: calls.append(1) or real(*a))
+    layers = [make_layer()[1] for _ in range(3)]
+    x = torch.randn(7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2))
+    for layer in layers:
+        layer(x, routing=routing)
+    assert len(calls) == 1  # one host sync per routing decision, not one per layer
+    for layer in layers:  # a fresh decision is checked again
+        layer(x)
+    assert len(calls) == 4
+    bad = Routing(expert_ids=torch.full((7, 2), 9), gates=torch.rand(7, 2))
+    with pytest.raises(ValueError, match="expert_ids: expected values in"):
+        layers[0](x, routing=bad)

@@ -99,3 +99,14 @@ def test_token_op_validation():
     with pytest.raises(ValueError, match="weight: expected shape"):
         ops.scatter_tokens(hidden, torch.randn(2, 2, 4), torch.tensor([[0, 1], [1, 2]]),
                            weight=torch.rand(2, 3))
+
+
+def test_check_values_false_skips_only_the_host_checks():
+    inputs = good()
+    inputs["gates"] = torch.tensor([[float("nan"), 1.0]] * 6)
+    assert torch.isnan(ops.molora_delta(**inputs, check_values=False)).any()
+    with pytest.raises(ValueError, match="gates: expected finite"):
+        ops.molora_delta(**inputs)
+    inputs["gates"] = torch.rand(6, 3)  # shape checks still run
+    with pytest.raises(ValueError, match="gates: expected shape"):
+        ops.molora_delta(**inputs, check_values=False)

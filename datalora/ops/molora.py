@@ -137,7 +137,8 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                  gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
-                 scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                 scaling: float = 1.0, backend: str = "auto", *,
+                 check_values: bool = True) -> torch.Tensor:
     """The MoLoRA update of DESIGN.md section 1.
 
     Args:
@@ -148,13 +149,15 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
         rank_scale: optional ``[T, r]`` per-token soft mask over rank dimensions.
         scaling: ``lora_alpha / r``.
         backend: ``"auto" | "torch" | "triton" | "cuda"`` (``DATALORA_BACKEND`` overrides auto).
+        check_values: validate expert ids and gates on the host (eager only; a sync). Layers
+            sharing one :class:`~datalora.routing.Routing` check it once and pass False.
 
     Returns:
         ``[..., d_out]`` delta in x's dtype.
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
-    check_molora_inputs(x2, A, B, ids, g, rs)
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
     name = resolve_backend(backend, x.device)
     delta, _ = _molora_delta_op(x2, A, B, ids, g, rs, float(scaling), name)
     return delta.view(*x.shape[:-1], B.shape[1])
@@ -163,7 +166,8 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
 def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                   gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
-                  scaling: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                  scaling: float = 1.0, backend: str = "auto", *,
+                  check_values: bool = True) -> torch.Tensor:
     """``y = x @ weight.T + bias + molora_delta(x, ...)``; shapes as in :func:`molora_delta`.
 
     weight is ``[d_out, d_in]`` in x's dtype, bias ``[d_out]`` or None. Under
@@ -171,7 +175,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
-    check_molora_inputs(x2, A, B, ids, g, rs)
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
     check_linear_inputs(x2, weight, bias)
     if weight.shape[0] != B.shape[1]:
         raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"
