@@ -51,3 +51,16 @@ def assert_close_calibrated(name, got, base, ref, eps):
     err, base_err = max_err(got, ref), max_err(base, ref)
     bound = 2 * base_err + eps * max(scale, 1e-3)
     assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (torch backend {base_err:.3g})"
+
+
+LINEAR_GRAD_NAMES = ("dx", "dW", "db", "dA", "dB", "dgates", "drank_scale")
+
+
+def assert_linear_grads_close(grads, base_grads, ref_grads, eps):
+    """Every ``molora_linear`` gradient (None where the reference has none) calibrated."""
+    for name, got, base, ref in zip(LINEAR_GRAD_NAMES, grads, base_grads, ref_grads,
+                                    strict=True):
+        if ref is None:
+            assert got is None, f"{name}: expected no gradient"
+        else:
+            assert_close_calibrated(name, got, base, ref, eps)
