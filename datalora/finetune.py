@@ -7,7 +7,7 @@ this loop is for short CPU runs where a progress bar and per-step records are al
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,54 @@ def routed_expert_load(model: nn.Module, token_task: torch.Tensor | None = None,
     return load, task_load
 
 
+def optimisation_steps(model: nn.Module, collate: Callable[[list], dict[str, torch.Tensor]],
+                       features: Sequence[Any], *, steps: int, batch_size: int, lr: float,
+                       seed: int = 0, weight_decay: float = 0.0, warmup: bool = False,
+                       progress: bool = True, desc: str = "fine-tuning",
+                       aux_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+    """AdamW over the trainable parameters of ``model``, one batch per step.
+
+    Batches of ``batch_size`` features cycle through a shuffled order (seeded); each batch
+    goes through ``collate``, its tensors (all but ``task_ids``) move to the model's device.
+    ``warmup`` ramps the learning rate linearly over the first tenth of the steps. Yields
+    ``(step, batch, loss)`` after every optimizer step (``batch`` keeps ``task_ids`` on the
+    CPU when the collator returns them); the model is in eval mode when it is exhausted.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters (attach adapters first)")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = (torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10))) if warmup else None)
+    order = list(range(len(features)))
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    cursor = len(order)
+    for step in bar:
+        if cursor + batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch = collate([features[i] for i in order[cursor:cursor + batch_size]])
+        cursor += batch_size
+        batch = {k: v if k == "task_ids" else v.to(device) for k, v in batch.items()}
+        loss = model(**{k: v for k, v in batch.items() if k != "task_ids"}).loss
+        if aux_loss is not None:
+            loss = loss + aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        yield step + 1, batch, loss
+    model.eval()
+
+
 def finetune(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *, steps: int,
              batch_size: int = 16, lr: float = 3e-3, max_length: int = 128, seed: int = 0,
              weight_decay: float = 0.0, progress: bool = True,
@@ -85,51 +133,23 @@ def finetune(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *
     Returns:
         One :class:`StepRecord` per step.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
     if not rows:
         raise ValueError("rows: expected at least one training row, got none")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no trainable parameters (did you inject adapters?)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
     collate = CausalLMCollator(tokenizer=tokenizer, return_task_ids=True)
     encoded = [dict(tokenize_example(r, tokenizer, max_length), task=r.get("task", ""))
                for r in rows]
-    order = list(range(len(encoded)))
-    rng = random.Random(seed)
-    device = next(model.parameters()).device
-    model.train()
     records: list[StepRecord] = []
-    bar = tqdm(range(steps), desc="fine-tuning", disable=not progress, dynamic_ncols=True)
-    cursor = len(order)
-    for step in bar:
-        if cursor + batch_size > len(order):
-            rng.shuffle(order)
-            cursor = 0
-        batch = collate([encoded[i] for i in order[cursor:cursor + batch_size]])
-        cursor += batch_size
-        task_ids = batch.pop("task_ids")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        if aux_loss is not None:
-            loss = loss + aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    for step, batch, loss in optimisation_steps(
+            model, collate, encoded, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            weight_decay=weight_decay, warmup=True, progress=progress, aux_loss=aux_loss):
         mask = batch["attention_mask"].reshape(-1).bool().cpu()
-        token_task = task_ids[:, None].expand_as(batch["input_ids"]).reshape(-1)
+        token_task = batch["task_ids"][:, None].expand_as(batch["input_ids"]).reshape(-1)
         load, task_load = routed_expert_load(model, token_task, mask)
-        record = StepRecord(step=step + 1, loss=loss.item(), expert_load=load,
+        record = StepRecord(step=step, loss=loss.item(), expert_load=load,
                             task_expert_load=task_load)
         records.append(record)
-        bar.set_postfix(loss=f"{record.loss:.3f}")
         if on_step is not None:
             on_step(record)
-    model.eval()
     return records
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
+from datalora.finetune import optimisation_steps
 
 __all__ = [
     "ScoredSample",
@@ -344,36 +344,11 @@ def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, 
     Returns:
         The loss of every step.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
     if not examples:
         raise ValueError("examples: expected at least one training example, got none")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no trainable parameters (attach a LoRA first)")
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    collate = CausalLMCollator(tokenizer=tokenizer)
-    rng = random.Random(seed)
-    order, cursor = list(range(len(examples))), len(examples)
-    device = _device(model)
-    losses = []
-    model.train()
-    bar = tqdm(range(steps), desc="TITOK training", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        if cursor + batch_size > len(order):
-            rng.shuffle(order)
-            cursor = 0
-        batch = collate([examples[i] for i in order[cursor:cursor + batch_size]])
-        cursor += batch_size
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
+    return [loss.item() for _, _, loss in optimisation_steps(
+        model, CausalLMCollator(tokenizer=tokenizer), examples, steps=steps,
+        batch_size=batch_size, lr=lr, seed=seed, progress=progress, desc="TITOK training")]
 
 
 def _attach_adapter(model: nn.Module, adapter: str, rank: int, alpha: float,
