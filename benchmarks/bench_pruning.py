@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import _quantiles, metadata, wait_quiet, write_result
+from benchmarks.molora import _quantiles, format_targets, metadata, wait_quiet, write_result
 
 SCHEMA = "datalora.benchmarks.pruning/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -294,14 +294,6 @@ def format_row(row: dict) -> str:
             f" | r=0.5 {b['median']:9.2f} ms [{b['q20']:.2f}, {b['q80']:.2f}] | speedup "
             f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x "
             f"({100 * row['fraction_of_ideal']:.0f}%)")
-
-
-def format_targets(targets: list[dict]) -> str:
-    lines = ["targets:"]
-    for t in targets:
-        lines.append(f"  {t['status']:5s} {t['name']}: {t['value']:.3f} {t['op']} "
-                     f"{t['threshold']}  ({t['description']})")
-    return "\n".join(lines)
 
 
 def plot_file(path: Path) -> Path:
