@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 TABLE = RESULTS_DIR / "resource_usage.md"
-MODULES = ("shrink", "expand", "backward", "tokens", "fused_linear")
+MODULES = ("shrink", "expand", "backward", "tokens", "fused_linear", "nf4_fused_linear")
 ARCHS = {80: 164 * 1024, 90: 228 * 1024}  # compute capability -> max shared bytes / block
 ARCH_GPU = {80: "A100", 90: "H100"}
 MAX_REGISTERS = 255
@@ -55,6 +55,9 @@ FIXED_POINTERS = {
     "order_ptr": "*i64", "offsets_ptr": "*i64",
     "gates_ptr": "*fp32", "rs_ptr": "*fp32", "dg_ptr": "*fp32", "drs_ptr": "*fp32",
     "weight_ptr": "*fp32",
+    # NF4 weight (nf4_fused_linear): packed nibbles, fp32 or uint8 (double quant) absmax
+    "data_ptr": "*u8", "qabsmax_ptr": "*u8", "absmax_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+    "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32",
 }
 FLOAT_SCALARS = {"mult", "alpha"}
 # extra pointer-type variants a launcher uses (grouped expand into fp32 per-route partials

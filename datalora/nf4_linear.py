@@ -9,10 +9,23 @@
   an nf4 ``bnb.nn.Linear4bit``); on a GPU with ``datalora._C``, 1..16 tokens and no gradient
   needed it runs the fused decode kernel (one pass over the 4-bit weight, LoRA expand in the
   same kernel).
+
+  Every other call (large T, training) defaults to ``nf4.dequantize`` + cuBLAS + a separate
+  ``molora_delta``. With ``DATALORA_NF4_FUSED=1`` and the triton backend (and the dense shrink
+  strategy, ``datalora.ops.triton_backend.choose_strategy``) it instead runs the dense shrink
+  and one Triton GEMM that decodes the NF4 tiles in registers and adds the LoRA expand as
+  extra K-iterations (``kernels/nf4_fused_linear.py``): W is never materialised in 16 bits
+  and y is written once. The backward is ``grad @ dequant(W)`` for x (W is frozen) plus the
+  ``datalora::molora_delta_backward`` op. The flag is opt-in because no GPU has timed it yet
+  against dequantize + cuBLAS (``benchmarks.bench_nf4``, method ``triton_nf4_fused``; the
+  target is <= 1.10x the bf16 ``molora_linear`` at T >= 2048), as ``DATALORA_FUSED_LINEAR``
+  is for the bf16 fused linear.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 
 import torch
@@ -21,9 +34,12 @@ import torch.nn.functional as F
 
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
+from datalora.ops.backends import resolve_backend
+from datalora.ops.molora import _autocast, _flatten, _molora_delta_backward_op
+from datalora.ops.validation import check_molora_inputs
 
-__all__ = ["NF4Linear", "is_nf4_base", "nf4_compute_dtype", "nf4_molora_linear",
-           "nf4_weight", "quantize_linear"]
+__all__ = ["NF4Linear", "is_nf4_base", "nf4_compute_dtype", "nf4_fused_enabled",
+           "nf4_molora_linear", "nf4_weight", "quantize_linear"]
 
 _FIELDS = ("data", "absmax", "nested_absmax", "nested_code", "offset")
 
@@ -210,6 +226,151 @@ def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
     return _C_loader.decode_supported(x2, t) is None
 
 
+NF4_FUSED_ENV = "DATALORA_NF4_FUSED"
+
+
+def nf4_fused_enabled() -> bool:
+    """Whether ``DATALORA_NF4_FUSED`` asks for the one-kernel Triton NF4 linear (``1``; ``0``
+    or unset: dequantize + cuBLAS + ``molora_delta``)."""
+    value = os.environ.get(NF4_FUSED_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{NF4_FUSED_ENV}: expected '0' or '1', got {value!r}")
+    return value == "1"
+
+
+@functools.cache
+def _code_table(device: torch.device) -> torch.Tensor:
+    """``nf4.NF4_CODE`` on ``device`` (copied once per device)."""
+    return nf4.NF4_CODE.to(device)
+
+
+def _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):
+    return NF4Tensor(data, absmax, torch.Size(shape), dtype, blocksize, nested_absmax,
+                     nested_code, offset)
+
+
+@torch.library.custom_op("datalora::nf4_molora_linear", mutates_args=())
+def _nf4_molora_linear_op(
+        x: torch.Tensor, lora_x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+        offset: torch.Tensor | None, shape: list[int], blocksize: int,
+        bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
+        gates: torch.Tensor, rank_scale: torch.Tensor | None,
+        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [T, d_out], h [T, k, r])``: the dense shrink of ``lora_x`` writes ``Zd`` (and h),
+    then one Triton GEMM computes ``x @ dequant(W)^T + bias + Zd @ B_all^T``."""
+    from datalora.kernels import nf4_fused_linear as _nfl
+    from datalora.kernels import shrink as _sh
+    from datalora.kernels._common import as_f32, as_index
+    from datalora.ops.triton_backend import _rank_scale
+
+    T = x.shape[0]
+    E, r, _ = A.shape
+    h = x.new_empty(T, expert_ids.shape[1], r)
+    y = x.new_empty(T, shape[0])
+    if T > 0:
+        rs, rs_stride = _rank_scale(rank_scale, r, x.device)
+        zd = x.new_empty(T, E * r)
+        _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,
+                         rs_stride, h, zd, E, r, scaling)
+        t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)
+        _nfl.nf4_fused_linear(x, t, _code_table(x.device), bias, zd, B, E, r, y)
+    return y, h
+
+
+@_nf4_molora_linear_op.register_fake
+def _(x, lora_x, data, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias, A, B,
+      expert_ids, gates, rank_scale, scaling):
+    T, k = expert_ids.shape
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(T, k, A.shape[1])
+
+
+@torch.library.custom_op("datalora::nf4_grad_x", mutates_args=())
+def _nf4_grad_x_op(grad: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+                   nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                   offset: torch.Tensor | None, shape: list[int],
+                   blocksize: int) -> torch.Tensor:
+    """``grad [T, d_out] @ dequant(W) -> [T, d_in]`` (an op, so the backward traces under
+    ``torch.compile`` although the torch dequantize indexes a constant code table)."""
+    t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, grad.dtype)
+    return grad @ nf4.dequantize(t, grad.dtype)
+
+
+@_nf4_grad_x_op.register_fake
+def _(grad, data, absmax, nested_absmax, nested_code, offset, shape, blocksize):
+    return grad.new_empty(grad.shape[0], shape[1])
+
+
+def _nf4_linear_setup_context(ctx, inputs, output):
+    (x, lora_x, data, absmax, nested_absmax, nested_code, offset, shape, blocksize, _bias, A, B,
+     expert_ids, gates, rank_scale, scaling) = inputs
+    ctx.save_for_backward(lora_x, A, B, expert_ids, gates, rank_scale, output[1], data, absmax,
+                          nested_absmax, nested_code, offset)
+    ctx.shape, ctx.blocksize, ctx.dtype, ctx.scaling = shape, blocksize, x.dtype, scaling
+    ctx.set_materialize_grads(False)  # h is internal: never fill its gradient with zeros
+
+
+def _nf4_linear_backward(ctx, grad_y, _grad_h):
+    """dx = grad @ dequant(W) (W frozen, re-dequantized), dbias = column sums, and the LoRA
+    gradients (d lora_x, dA, dB, dgates, drank_scale) from ``molora_delta_backward``."""
+    if grad_y is None:
+        return (None,) * 16
+    lora_x, A, B, expert_ids, gates, rank_scale, h, *weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad = grad_y.to(ctx.dtype).contiguous()
+    lora_needs = [need[i] for i in (1, 10, 11, 13, 14)]
+    lora = _molora_delta_backward_op(grad, lora_x, A, B, expert_ids, gates, rank_scale, h,
+                                     ctx.scaling, "triton", lora_needs)
+    dlx, dA, dB, dg, drs = (g if n else None for g, n in zip(lora, lora_needs, strict=True))
+    dx = _nf4_grad_x_op(grad, *weight, ctx.shape, ctx.blocksize) if need[0] else None
+    dbias = grad.sum(0) if need[9] else None
+    return (dx, dlx, None, None, None, None, None, None, None, dbias, dA, dB, None, dg, drs,
+            None)
+
+
+_nf4_molora_linear_op.register_autograd(_nf4_linear_backward,
+                                        setup_context=_nf4_linear_setup_context)
+
+
+def _triton_fused_ok(x: torch.Tensor, t: NF4Tensor, A: torch.Tensor, expert_ids: torch.Tensor,
+                     backend: str) -> bool:
+    """``DATALORA_NF4_FUSED=1``, the triton backend, x a float tensor on the weight's device
+    and the dense shrink strategy (for the grouped one ``Zd`` would cost ``E/k`` times the
+    routed work, as in ``triton_backend.linear_forward``)."""
+    if not nf4_fused_enabled() or x.dtype not in nf4.FLOAT_DTYPES or x.device != t.device:
+        return False
+    if resolve_backend(backend, x.device) != "triton" or A.dim() != 3 or expert_ids.dim() < 1:
+        return False
+    from datalora.ops.triton_backend import choose_strategy
+
+    return choose_strategy(A.shape[0], A.shape[1], expert_ids.shape[-1]) == "dense"
+
+
+def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,
+                  check_values):
+    """Validated call of ``datalora::nf4_molora_linear``; x/lora_x ``[..., d_in]`` ->
+    ``[..., d_out]``."""
+    if lora_x.shape != x.shape:
+        raise ValueError(f"lora_x: expected shape {tuple(x.shape)} (x's), got "
+                         f"{tuple(lora_x.shape)}")
+    x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
+    lx2 = x2 if lora_x is x else lora_x.reshape(x2.shape)
+    x2, lx2, A, B, bias = _autocast(x2, lx2, A, B, base.bias)
+    check_molora_inputs(lx2, A, B, ids, g, rs, check_values)
+    d_out, d_in = t.shape
+    if x2.shape[1] != d_in or x2.dtype != lx2.dtype:
+        raise ValueError(f"x: expected shape [..., {d_in}] and lora_x's dtype {lx2.dtype} for "
+                         f"weight {tuple(t.shape)}, got {tuple(x.shape)} {x2.dtype}")
+    if B.shape[1] != d_out:
+        raise ValueError(f"B: expected shape [E, d_out={d_out}, r] (d_out of the NF4 weight), "
+                         f"got {tuple(B.shape)}")
+    bias = None if bias is None else bias.to(x2.dtype)
+    y, _ = _nf4_molora_linear_op(x2, lx2, t.data, t.absmax, t.nested_absmax, t.nested_code,
+                                 t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
+                                 float(scaling))
+    return y.view(*x.shape[:-1], d_out)
+
+
 def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                       A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                       gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
@@ -218,7 +379,9 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     """``base(x) + molora_delta(lora_x, A, B, ...)`` for an NF4 base layer.
 
     ``lora_x`` is the LoRA input (x after dropout; x itself in eval). Shapes as
-    :func:`datalora.ops.molora_delta`.
+    :func:`datalora.ops.molora_delta`. Paths: the CUDA decode kernel (1..16 tokens, no
+    gradient), the Triton NF4 GEMM (``DATALORA_NF4_FUSED=1``, triton backend, dense
+    strategy), else ``base(x)`` + ``molora_delta`` (module docstring).
     """
     t = nf4_weight(base)
     x2 = x.reshape(-1, x.shape[-1])
@@ -231,6 +394,9 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
                                   float(scaling))
         return y.view(*x.shape[:-1], t.shape[0])
+    if _triton_fused_ok(x, t, A, expert_ids, backend):
+        return _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,
+                             check_values)
     delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend,
                              check_values=check_values)
     return base(x).to(delta.dtype) + delta

@@ -8,6 +8,10 @@ Modules, each a set of ``@triton.jit`` kernels plus thin host launchers:
 - ``backward``: per-expert ``dA`` / ``dB`` over sorted segments (deterministic, no
   atomics) and the per-route ``dgates`` / ``drank_scale`` reduction.
 - ``tokens``: gather kept tokens; scatter them back with the weighted residual bypass.
+- ``fused_linear``: ``Y = X @ W^T + bias + Zd @ B_all^T`` in one GEMM (LoRA expand as
+  extra K-iterations over the dense shrink's buffer).
+- ``nf4_fused_linear``: the same with W in NF4 (bitsandbytes layout), its 4-bit tiles
+  decoded in registers.
 
 Importing this package imports Triton; ``datalora`` itself never does so eagerly.
 """

@@ -1,0 +1,189 @@
+"""Fused NF4 MoLoRA linear: ``Y = X @ dequant(W)^T + bias + Zd @ B_all^T`` in one GEMM kernel.
+
+The large-T NF4 path of DESIGN.md section 1. ``kernels/fused_linear.py`` with the base
+weight read as 4-bit NF4 in the bitsandbytes layout (``datalora.nf4``): every
+``[BLOCK_K, BLOCK_N]`` tile of ``W^T`` is loaded as packed bytes (value ``i`` of the
+row-major flat weight in the high nibble of byte ``i // 2`` when ``i`` is even, the low
+nibble when odd), decoded in registers through the 16-level code table and multiplied by
+its block's absmax (double quant: ``nested_code[q] * nested_absmax[block // 256] +
+offset``), then fed to ``tl.dot``. So W is never written out in 16 bits, unlike
+``nf4.dequantize`` + cuBLAS. The LoRA expand is ``E*R`` extra K-iterations over the dense
+shrink's ``Zd [T, E*R]`` (``shrink.shrink_dense``, already ``scaling * gate-sum *
+rank_scale * A[e] x``) exactly as in ``fused_linear``; bias is added in the epilogue and Y
+is written once, in X's dtype.
+
+Absmax blocks run over the flat weight, so with ``d_in`` not a multiple of the blocksize a
+block spans two rows and a row starts mid-block. Every tile column covers ``BLOCK_K <=
+32 <= blocksize`` consecutive flat values, hence touches at most two blocks: the kernel
+decodes those two scales per column and K-step (not per element) and picks one per value.
+Any blocksize of ``datalora.nf4.BLOCKSIZES``, any ``d_in`` and odd sizes work.
+
+Values are ``code * absmax`` in fp32 rounded to X's dtype, as ``nf4.dequantize(W,
+x.dtype)`` produces them. Whether this beats dequantize + cuBLAS has not been measured on a
+GPU (``benchmarks.bench_nf4``, method ``triton_nf4_fused``), so ``datalora.nf4_linear``
+runs it only with ``DATALORA_NF4_FUSED=1``. Tiles come from buckets of T (:func:`config`),
+programs are grouped by ``GROUP_M`` row tiles as in ``fused_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_linear import GROUP_M
+
+# (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
+# fused_linear's buckets with BLOCK_K <= 32, the smallest NF4 blocksize. The per-value byte
+# and code-table gathers hold 64-bit addresses in registers, so in the unaligned build
+# 64x64x32 needs 8 warps (4 spill on sm_80 with double quant) and fp32 a K-step of 16
+# (16x64x32 and 64x64x16 with 4 warps spill on sm_90; benchmarks/results/resource_usage.md).
+TILES_16BIT = (
+    (16, 16, 64, 32, 4, 4),
+    (128, 64, 64, 32, 4, 8),
+    (None, 128, 128, 32, 4, 8),
+)
+TILES_FP32 = (
+    (16, 16, 64, 16, 3, 4),
+    (None, 64, 64, 16, 3, 8),
+)
+
+
+@triton.jit
+def _block_scale(blk, valid, absmax_ptr, qabsmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                 offset, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of blocks ``blk`` (0 where not ``valid``)."""
+    if DOUBLE_QUANT:
+        q = tl.load(qabsmax_ptr + blk, mask=valid, other=0).to(tl.int32)
+        # one nested absmax per 256 codes (datalora.nf4.NESTED_BLOCKSIZE)
+        nested = tl.load(nested_absmax_ptr + blk // 256, mask=valid, other=0.0)
+        scale = tl.where(valid, tl.load(nested_code_ptr + q) * nested + offset, 0.0)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=valid, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_fused_linear_kernel(
+    x_ptr, data_ptr, absmax_ptr, qabsmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+    code_ptr, z_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, E, R, BS, NBLOCKS,
+    stride_xm, stride_xk, stride_be, stride_bo, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row tiles sweep the column tiles together
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offset = 0.0
+    if DOUBLE_QUANT:
+        offset = tl.load(offset_ptr)
+
+    # base GEMM: X [M, K] @ dequant(W)^T; column n of the W^T tile at k0 starts at flat
+    # value n*K + k0, inside block n*K + k0 // BS at position `lo`
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    flat = cols * K
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        blk = flat // BS
+        lo = (flat - blk * BS).to(tl.int32)
+        s_lo = _block_scale(blk, mask_n, absmax_ptr, qabsmax_ptr, nested_absmax_ptr,
+                            nested_code_ptr, offset, DOUBLE_QUANT)
+        s_hi = _block_scale(blk + 1, mask_n & (blk + 1 < NBLOCKS), absmax_ptr, qabsmax_ptr,
+                            nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT)
+        # value flat + k sits in byte flat // 2 + (flat % 2 + k) // 2, high nibble if even
+        rel = (flat % 2).to(tl.int32)[None, :] + offs_k[:, None]
+        packed = tl.load(data_ptr + (flat // 2)[None, :] + rel // 2,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.int32)
+        nibble = (packed >> (4 - 4 * (rel % 2))) & 0xF
+        scale = tl.where(lo[None, :] + offs_k[:, None] >= BS, s_hi[None, :], s_lo[None, :])
+        wt = tl.load(code_ptr + nibble) * scale
+        acc = tl.dot(xt, wt.to(x_ptr.dtype.element_ty), acc, input_precision="ieee")
+        x_ptrs += BLOCK_K * stride_xk
+        flat += BLOCK_K
+
+    # LoRA expand: K2 = E*R more iterations, Zd [M, K2] contiguous @ B_all^T
+    K2 = E * R
+    z_ptrs = z_ptr + rows[:, None] * K2 + offs_k[None, :]
+    b_cols = b_ptr + cols[None, :] * stride_bo
+    for k0 in range(0, K2, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K2
+        zt = tl.load(z_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        e_k = (kk // R).to(tl.int64)
+        i_k = kk % R
+        bt = tl.load(b_cols + e_k[:, None] * stride_be + i_k[:, None] * stride_br,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(zt, bt, acc, input_precision="ieee")
+        z_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def config(T: int, fp32: bool = False) -> dict:
+    """Tile, stages and warps for T tokens: the first bucket of :data:`TILES_16BIT` /
+    :data:`TILES_FP32` whose bound holds (buckets of T, not the exact T)."""
+    for bound, bm, bn, bk, stages, warps in TILES_FP32 if fp32 else TILES_16BIT:
+        if bound is None or T <= bound:
+            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                        num_stages=stages, num_warps=warps)
+    raise AssertionError("the last bucket has no bound")
+
+
+def nf4_fused_linear(x, t, code, bias, z, b, E, R, y, cfg=None):
+    """``y = x @ dequant(t)^T + bias + z @ B_all^T`` with ``B_all[o, e*R + i] = b[e, o, i]``.
+
+    x ``[T, K]`` (any strides); t a ``datalora.nf4.NF4Tensor`` of shape ``[N, K]`` with
+    contiguous fields on x's device; code ``[16]`` fp32 NF4 levels (``nf4.NF4_CODE``) on
+    x's device; bias ``[N]`` or None; z ``[T, E*R]`` contiguous; b ``[E, N, R]`` (any
+    strides); y ``[T, N]`` (written, any strides). ``cfg`` overrides :func:`config` (tests
+    use it for the program grouping); its ``BLOCK_K`` may not exceed ``t.blocksize``.
+    """
+    T, K = x.shape
+    N = t.shape[0]
+    if T == 0 or N == 0:
+        return
+    cfg = cfg or config(T, x.dtype == torch.float32)
+    if cfg["BLOCK_K"] > t.blocksize:
+        raise ValueError(f"cfg: expected BLOCK_K <= blocksize {t.blocksize}, got "
+                         f"{cfg['BLOCK_K']}")
+    dq = t.double_quant
+    # unused pointers get stand-ins of the same element type (one compiled signature)
+    absmax, qabsmax = (code, t.absmax) if dq else (t.absmax, t.data)
+    nested_absmax, nested_code, offset = (t.nested_absmax, t.nested_code, t.offset) if dq \
+        else (code, code, code)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    has_bias = bias is not None
+    _nf4_fused_linear_kernel[grid](
+        x, t.data, absmax, qabsmax, nested_absmax, nested_code, offset, code, z, b,
+        bias if has_bias else y, y, T, N, K, E, R, t.blocksize, t.absmax.numel(),
+        x.stride(0), x.stride(1), *b.stride(), y.stride(0), y.stride(1),
+        HAS_BIAS=has_bias, DOUBLE_QUANT=dq, **cfg)
+
+
+def launch_configs() -> dict[str, list[dict]]:
+    """Every constexpr set :func:`nf4_fused_linear` can pick (for the compile check)."""
+    picks = [(dict(config(t[0] or 4096, False)), ("fp16", "bf16")) for t in TILES_16BIT]
+    picks += [(dict(config(t[0] or 4096, True)), ("fp32",)) for t in TILES_FP32]
+    return {"_nf4_fused_linear_kernel": [dict(cfg, HAS_BIAS=hb, DOUBLE_QUANT=dq, dtypes=dts)
+                                         for cfg, dts in picks for hb in (False, True)
+                                         for dq in (False, True)]}
