@@ -364,7 +364,7 @@ def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scali
     if B.shape[1] != d_out:
         raise ValueError(f"B: expected shape [E, d_out={d_out}, r] (d_out of the NF4 weight), "
                          f"got {tuple(B.shape)}")
-    bias = None if bias is None else bias.to(x2.dtype)
+    bias = None if bias is None else bias.to(x2.dtype).contiguous()
     y, _ = _nf4_molora_linear_op(x2, lx2, t.data, t.absmax, t.nested_absmax, t.nested_code,
                                  t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
                                  float(scaling))
