@@ -412,6 +412,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("titok", help="TITOK: transfer a task LoRA from the embedded "
                                             "tiny model to a different tiny model")
     p.add_argument("--task", choices=TASKS, default="reverse")
+    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+                   help="tiny base models: pretrained on the embedded corpus, or random")
     p.add_argument("--source-adapter", default=None,
                    help="PEFT adapter folder of the source (default: train one)")
     p.add_argument("--adapter-dir", default="outputs/titok/source_adapters")
@@ -419,6 +421,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-keep", type=float, default=0.5)
     p.add_argument("--token-keep", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=None,
+                   help="target LoRA learning rate (default: 3e-3 pretrained, 2e-2 random)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
     p.add_argument("--eval-rows", type=int, default=32)
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -429,10 +433,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from datalora.experiments.titok_evidence import run
 
-    report = run(task=args.task, source_adapter=args.source_adapter,
+    report = run(task=args.task, base=args.base, source_adapter=args.source_adapter,
                  adapter_dir=args.adapter_dir, seed_prompts=args.seed_prompts,
                  sample_keep=args.sample_keep, token_keep=args.token_keep, steps=args.steps,
-                 adapter=args.adapter, eval_rows=args.eval_rows, out=args.out,
+                 lr=args.lr, adapter=args.adapter, eval_rows=args.eval_rows, out=args.out,
                  progress=not args.no_progress)
     for name, value in report["eval_loss"].items():
         print(f"{name:>24}: eval loss {value:.3f}")

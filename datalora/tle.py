@@ -807,6 +807,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="where the default task adapters are trained / cached")
     p.add_argument("--train-steps", type=int, default=80)
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
+    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+                   help="embedded tiny base (without --model): pretrained or random init")
     p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--mode", choices=MODES, default="every_n")
     p.add_argument("--every-n", type=int, default=2)
@@ -828,10 +830,13 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from datalora.data import TASKS, format_prompt, load_instruction_dataset
+    from datalora.experiments.task_adapters import build_base_model
     from datalora.experiments.tle_evidence import eval_loss_by_task
     from datalora.testing import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.model is None:
+        model = build_base_model(args.base, progress=not args.no_progress)
     if args.adapters:
         folders = [Path(a) for a in args.adapters]
         names = [f.name for f in folders]
@@ -841,8 +846,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         if args.model is not None:
             raise ValueError("--adapters: required with --model (default adapters are "
                              "trained on the embedded model)")
-        trained = train_task_adapters(args.adapter_dir, steps=args.train_steps,
-                                      progress=not args.no_progress)
+        trained = train_task_adapters(args.adapter_dir, base=args.base,
+                                      steps=args.train_steps, progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
     embedder = (SentenceEmbedder(tokenizer) if args.sentence_embedder
                 else HiddenStateEmbedder(args.embed_layer))

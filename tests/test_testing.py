@@ -20,11 +20,13 @@ from datalora.testing import (
     EOS_TOKEN,
     PAD_TOKEN,
     UNK_TOKEN,
+    build_pretrained_tiny_model,
     build_tiny_model,
     build_tokenizer,
     embedded_corpus,
     load_model_and_tokenizer,
     tiny_mistral_config,
+    train_validation_split,
 )
 
 
@@ -235,3 +237,87 @@ def test_trainer_runs_with_collator(tmp_path, tokenizer):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(before, model.lm_head.weight)
+
+
+# --------------------------------------------------------------------------- pretrained base
+
+PRE_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)
+PRE_STEPS = dict(steps=25, batch_size=8, lr=1e-2, max_length=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("pretrained")
+    model = build_pretrained_tiny_model(seed=0, tokenizer=tokenizer, cache_dir=root,
+                                        **PRE_STEPS, **PRE_SMALL)
+    return root, model
+
+
+def test_train_validation_split():
+    train, val = train_validation_split()
+    assert len(val) == 50 * 4 and len(train) == 450 * 4
+    assert not {r["id"] for r in train} & {r["id"] for r in val}
+    rows = load_instruction_dataset("embedded", "train")
+    for task in ("arithmetic", "lookup"):
+        task_rows = [r for r in rows if r["task"] == task]
+        assert [r for r in val if r["task"] == task] == task_rows[-50:]
+    train2, val2 = train_validation_split(rows[:8], per_task=1)
+    assert [r["id"] for r in val2] == [r["id"] for r in rows[4:8]] and train2 == rows[:4]
+    with pytest.raises(ValueError, match="per_task"):
+        train_validation_split(per_task=-1)
+
+
+def test_pretrained_model_is_cached_and_deterministic(pretrained, tokenizer, tmp_path,
+                                                      monkeypatch):
+    root, model = pretrained
+    (entry,) = [p for p in root.iterdir() if p.name.startswith("pretrained-")]
+    info = json.loads((entry / "pretrain.json").read_text())
+    assert info["settings"]["steps"] == 25 and info["last_loss"] < info["first_loss"]
+    fresh = build_tiny_model(seed=0, **PRE_SMALL)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     fresh.state_dict().values(), strict=True))
+    # a second call loads the cached weights without training
+    import datalora.finetune
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again instead of loading the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(datalora.finetune, "optimisation_steps", no_training)
+        again = build_pretrained_tiny_model(seed=0, tokenizer=tokenizer, cache_dir=root,
+                                            **PRE_STEPS, **PRE_SMALL)
+    assert not again.training and [p.name for p in root.iterdir()] == [entry.name]
+    # a fresh training in another cache gives the same weights; other settings another entry
+    other = build_pretrained_tiny_model(seed=0, tokenizer=tokenizer, cache_dir=tmp_path,
+                                        **PRE_STEPS, **PRE_SMALL)
+    for a, b, c in zip(model.state_dict().values(), again.state_dict().values(),
+                       other.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    build_pretrained_tiny_model(seed=1, tokenizer=tokenizer, cache_dir=tmp_path,
+                                **{**PRE_STEPS, "steps": 2}, **PRE_SMALL)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@torch.no_grad()
+def test_pretrained_model_beats_the_random_one_on_held_out_rows(pretrained, tokenizer):
+    _, model = pretrained
+    rows = train_validation_split()[1][::10]  # never seen in pretraining
+    batch = tokenizer([format_prompt(r) for r in rows], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    random_loss = build_tiny_model(seed=0, **PRE_SMALL)(**batch, labels=labels).loss
+    assert model(**batch, labels=labels).loss < random_loss - 1.0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=0), ValueError, "steps"),
+    (dict(batch_size=1.5), ValueError, "batch_size"),
+    (dict(lr=0), ValueError, "lr"),
+    (dict(dtype=torch.int8), TypeError, "dtype"),
+    (dict(vocab_size=300), ValueError, "tokenizer"),
+])
+def test_build_pretrained_validates(tmp_path, tokenizer, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build_pretrained_tiny_model(tokenizer=tokenizer, cache_dir=tmp_path, progress=False,
+                                    **kwargs)
+    assert not any(tmp_path.iterdir())

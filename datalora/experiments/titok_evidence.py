@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from datalora.data import TASKS, load_instruction_dataset
+from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
 
 TARGET_KWARGS = dict(vocab_size=512, hidden_size=96, num_hidden_layers=3,
@@ -38,15 +39,37 @@ def response_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> flo
     return float(-torch.cat(lps).mean())
 
 
-def run(task: str = "reverse", *, source_adapter: str | None = None,
+def _evaluate(model: Any, tokenizer: Any, splits: dict[str, list[dict[str, str]]],
+              name: str, losses: dict[str, dict[str, float]]) -> None:
+    """Records ``losses[split][name]`` = response loss of ``model`` on each split's rows."""
+    with torch.no_grad():
+        for split, rows in splits.items():
+            losses[split][name] = response_loss(model, tokenizer, rows)
+
+
+def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str | None = None,
         adapter_dir: str = "/tmp/datalora_work/task_adapters", seed_prompts: int = 96,
         sample_keep: float = 0.5, token_keep: float = 0.5, steps: int = 60,
+        lr: float | None = None,
         adapter: str = "lora", eval_rows: int = 32, out: str | None = None,
         real_data_baseline: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs the transfer and every baseline; losses on the eval rows and validation rows.
+
+    Seed prompts are the last ``seed_prompts`` train rows of ``task`` outside the validation
+    split; ``eval_rows`` rows of the task's eval split (reported) and of its validation split
+    (:func:`~datalora.testing.train_validation_split`, for tuning) are scored. ``lr``
+    (target LoRA) defaults to the base's adapter rate
+    (:data:`~datalora.experiments.task_adapters.ADAPTER_LR`).
+    """
     import peft
 
-    from datalora.experiments.task_adapters import train_task_adapter
-    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.experiments.task_adapters import (
+        ADAPTER_LR,
+        build_base_model,
+        task_rows,
+        train_task_adapter,
+    )
+    from datalora.testing import build_tokenizer, train_validation_split
     from datalora.titok import (
         build_masked_examples,
         contrastive_excess,
@@ -57,14 +80,22 @@ def run(task: str = "reverse", *, source_adapter: str | None = None,
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     start = time.perf_counter()
+    lr = ADAPTER_LR[base] if lr is None else lr
     src_tok = build_tokenizer()
-    tgt_tok = build_tokenizer(vocab_size=512)
-    folder = source_adapter or str(train_task_adapter(task, adapter_dir, tokenizer=src_tok,
-                                                      progress=progress))
-    source = peft.PeftModel.from_pretrained(build_tiny_model(), folder).eval()
-    train = [r for r in load_instruction_dataset("embedded", "train") if r["task"] == task]
-    evals = [r for r in load_instruction_dataset("embedded", "eval")
-             if r["task"] == task][:eval_rows]
+    tgt_tok = build_tokenizer(vocab_size=TARGET_KWARGS["vocab_size"])
+    folder = source_adapter or str(train_task_adapter(task, adapter_dir, base=base,
+                                                      tokenizer=src_tok, progress=progress))
+    source = peft.PeftModel.from_pretrained(build_base_model(base, progress=progress),
+                                            folder).eval()
+
+    def fresh_target() -> Any:
+        return build_base_model(base, 1, progress=progress, **TARGET_KWARGS)
+
+    train = task_rows(task)
+    splits = {"eval": [r for r in load_instruction_dataset("embedded", "eval")
+                       if r["task"] == task][:eval_rows],
+              "validation": [r for r in train_validation_split()[1]
+                             if r["task"] == task][:eval_rows]}
     seeds = [{k: v for k, v in r.items() if k != "response"} for r in train[-seed_prompts:]]
     truth = [r["response"] for r in train[-seed_prompts:]]
 
@@ -75,46 +106,47 @@ def run(task: str = "reverse", *, source_adapter: str | None = None,
                                    token_keep=token_keep)
     kept = sel["kept_samples"]
 
-    losses: dict[str, float] = {}
-    with torch.no_grad():
-        losses["source_with_lora"] = response_loss(source, src_tok, evals)
-        with source.disable_adapter():
-            losses["source_without_lora"] = response_loss(source, src_tok, evals)
-        losses["target_untuned"] = response_loss(build_tiny_model(seed=1, **TARGET_KWARGS),
-                                                 tgt_tok, evals)
+    losses: dict[str, dict[str, float]] = {split: {} for split in splits}
+    _evaluate(source, src_tok, splits, "source_with_lora", losses)
+    with source.disable_adapter():
+        _evaluate(source, src_tok, splits, "source_without_lora", losses)
+    _evaluate(fresh_target(), tgt_tok, splits, "target_untuned", losses)
     train_losses: dict[str, list[float]] = {}
     settings = {"target_all_synthetic_tokens": (1.0, 1.0),
                 "target_titok_selected": (sample_keep, token_keep),
                 "target_titok_samples_only": (sample_keep, 1.0),
                 "target_titok_tokens_only": (1.0, token_keep)}
     for name, (sk, tk) in settings.items():
-        target, report = titok_transfer(source, src_tok, build_tiny_model(seed=1, **TARGET_KWARGS),
-                                        tgt_tok, seeds, sample_keep=sk, token_keep=tk,
-                                        adapter=adapter, steps=steps, synthetic=synthetic,
+        target, report = titok_transfer(source, src_tok, fresh_target(), tgt_tok, seeds,
+                                        sample_keep=sk, token_keep=tk, adapter=adapter,
+                                        steps=steps, lr=lr, synthetic=synthetic,
                                         scored=scored, progress=progress)
-        with torch.no_grad():
-            losses[name] = response_loss(target, tgt_tok, evals)
+        _evaluate(target, tgt_tok, splits, name, losses)
         train_losses[name] = report["losses"]
     if real_data_baseline:
         from datalora.data import tokenize_example as _tok_ex
         from datalora.titok import _attach_adapter, train_masked
 
-        target = _attach_adapter(build_tiny_model(seed=1, **TARGET_KWARGS), adapter, 8, 16.0,
+        target = _attach_adapter(fresh_target(), adapter, 8, 16.0,
                                  ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
         examples = [_tok_ex(r, tgt_tok, 128) for r in train[:seed_prompts]]
-        train_masked(target, tgt_tok, examples, steps=steps, progress=progress)
-        with torch.no_grad():
-            losses["target_real_labels_upper_bound"] = response_loss(target, tgt_tok, evals)
+        train_masked(target, tgt_tok, examples, steps=steps, lr=lr, progress=progress)
+        _evaluate(target, tgt_tok, splits, "target_real_labels_upper_bound", losses)
+    ev = losses["eval"]
     result = {
         "device": "cpu", "torch": torch.__version__, "peft": peft.__version__,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {"task": task, "source": "embedded tiny Mistral (vocab 1024, h128, 4 layers)",
+        "config": {"task": task, "base": base,
+                   "source": "embedded tiny Mistral (vocab 1024, h128, 4 layers)",
                    "target": TARGET_KWARGS, "target_tokenizer_vocab": len(tgt_tok),
                    "source_adapter": folder, "seed_prompts": seed_prompts,
                    "sample_keep": sample_keep, "token_keep": token_keep,
-                   "target_adapter": adapter, "train_steps": steps, "eval_rows": len(evals)},
-        "eval_loss": losses,
+                   "target_adapter": adapter, "train_steps": steps, "lr": lr,
+                   "eval_rows": len(splits["eval"]),
+                   "validation_rows": len(splits["validation"])},
+        "eval_loss": ev,
+        "validation_loss": losses["validation"],
         "synthetic": {
             "exact_match_all": sum(correct) / len(correct),
             "exact_match_kept_samples": sum(correct[i] for i in kept) / max(len(kept), 1),
@@ -123,9 +155,9 @@ def run(task: str = "reverse", *, source_adapter: str | None = None,
             "examples": [{"question": s["question"], "response": s["response"], "truth": t}
                          for s, t in list(zip(synthetic, truth, strict=True))[:5]]},
         "final_train_loss": {k: sum(v[-5:]) / len(v[-5:]) for k, v in train_losses.items()},
-        "titok_beats_all_tokens": losses["target_titok_selected"]
-        < losses["target_all_synthetic_tokens"],
-        "titok_beats_untuned": losses["target_titok_selected"] < losses["target_untuned"],
+        "titok_beats_all_tokens": ev["target_titok_selected"]
+        < ev["target_all_synthetic_tokens"],
+        "titok_beats_untuned": ev["target_titok_selected"] < ev["target_untuned"],
         "seconds": time.perf_counter() - start,
     }
     if out:
@@ -136,20 +168,24 @@ def run(task: str = "reverse", *, source_adapter: str | None = None,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, default="reverse")
+    p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--adapter-dir", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--seed-prompts", type=int, default=96)
     p.add_argument("--sample-keep", type=float, default=0.5)
     p.add_argument("--token-keep", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=None, help="default: by base (ADAPTER_LR)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
     p.add_argument("--real-data-baseline", action="store_true")
     p.add_argument("--out", default="benchmarks/results/titok_cpu.json")
     args = p.parse_args(argv)
-    result = run(args.task, adapter_dir=args.adapter_dir, seed_prompts=args.seed_prompts,
-                 sample_keep=args.sample_keep, token_keep=args.token_keep, steps=args.steps,
+    result = run(args.task, base=args.base, adapter_dir=args.adapter_dir,
+                 seed_prompts=args.seed_prompts, sample_keep=args.sample_keep,
+                 token_keep=args.token_keep, steps=args.steps, lr=args.lr,
                  adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline)
     for name, value in result["eval_loss"].items():
-        print(f"{name:>32}: eval loss {value:.3f}")
+        print(f"{name:>32}: eval loss {value:.3f}  validation "
+              f"{result['validation_loss'][name]:.3f}")
     print(json.dumps(result["synthetic"], indent=1)[:1500])
 
 
