@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
 
 
@@ -39,7 +40,7 @@ def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
     cache, tokens = DynamicCache(), []
     if before_step is not None:
         before_step(0)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
     for i in range(new):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
@@ -47,8 +48,8 @@ def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
             break
         if before_step is not None:
             before_step(i + 1)
-        out = model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True,
+                    **cache_kwargs(model, cache))
     return tokens
 
 

@@ -1,8 +1,9 @@
 """Token pruning over a decoder-layer range, steered by the saliency network.
 
 :class:`DATALORARuntime` hooks a Hugging Face decoder (Mistral / Llama / Qwen style:
-``model.model.layers[i](hidden, attention_mask=, position_ids=, past_key_values=,
-use_cache=, position_embeddings=)``) without changing its modules or parameter names:
+``model.model.layers[i](hidden, attention_mask=, position_ids=, cache=, use_cache=,
+position_embeddings=)``; ``past_key_values=`` before transformers 5.24) without changing its
+modules or parameter names:
 
 1. before decoder layer 0 the :class:`~datalora.saliency.UnifiedSaliencyNetwork` runs once
    on the hidden states -> token scores, and one :class:`~datalora.routing.Routing` that
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from datalora import ops
+from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
 from datalora.routing import Routing
 from datalora.saliency import SaliencyOutput, UnifiedSaliencyNetwork, gather_routing
@@ -314,7 +316,7 @@ class DATALORARuntime:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is None and kwargs.get("use_cache") is not True:
             kwargs = {**kwargs, "use_cache": False}  # no cache: the packed path
         if mask is not None and mask.dim() != 2:
@@ -339,7 +341,7 @@ class DATALORARuntime:
         mask = ctx.attention_mask
         valid = (torch.ones(bsz, seq_len, dtype=torch.bool, device=hidden.device)
                  if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         state = getattr(cache, _CACHE_USN_ATTR, None) if cache is not None else None
         if state is not None and cache.get_seq_length(0) == 0:
             state = None  # a reused cache object that was reset
@@ -445,7 +447,7 @@ class DATALORARuntime:
 
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if self.retention >= 1.0 or self.threshold != self.threshold:
             if self.retention < 1.0 and not self._warned:
                 warnings.warn("keep_threshold is not calibrated: generation with a KV cache "
@@ -459,7 +461,7 @@ class DATALORARuntime:
         if cache is not None:
             cached = cache.get_seq_length(self.start) if hasattr(cache, "get_seq_length") else 0
             if cached != past_len:
-                raise ValueError(f"past_key_values: the cache holds {cached} tokens in layer "
+                raise ValueError(f"cache: the KV cache holds {cached} tokens in layer "
                                  f"{self.start} but DATALORA recorded {past_len} keep flags; "
                                  f"pruning with a cache needs the cache built by this model "
                                  f"(no beam search)")

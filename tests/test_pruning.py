@@ -10,6 +10,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from datalora import DATALORAConfig, get_datalora_model
+from datalora.hf_compat import cache_kwargs, output_cache
 from datalora.pruning import keep_count, packed_attention_mask, select_tokens
 from datalora.saliency import gather_routing
 
@@ -257,10 +258,10 @@ def test_generation_with_pruning_and_kv_cache_equals_no_cache():
     assert (~model.runtime.last.kept & fmask.bool()).any()  # tokens really pruned
     out = model(input_ids=full[:, :9], attention_mask=fmask[:, :9], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = output_cache(out)
     for t in range(9, full.shape[1]):
         out = model(input_ids=full[:, t:t + 1], attention_mask=fmask[:, :t + 1],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, cache))
         steps.append(out.logits)
     cached = torch.cat(steps, 1)
     valid = fmask.bool()
