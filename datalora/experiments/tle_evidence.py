@@ -1,16 +1,19 @@
 """LoRA-TLE evidence on the embedded default: token-level mix vs single adapters vs prompt mix.
 
-Trains (or reuses) one PEFT LoRA per embedded task, builds a
+Trains (or reuses) one PEFT LoRA per embedded task on the pretrained tiny base (or the
+random one, ``--base random``), builds a
 :class:`~datalora.tle.TokenLevelAdapterMixer`, and reports the eval loss per task of
 
 - each single adapter (one-hot weights: exactly that PEFT adapter),
 - the uniform mix, the prompt-level mix (routing once per prompt),
 - the token-level mix (every token) and every-other-token,
 
-plus how often the routing's top adapter is the row's task. Writes
+plus the mean routing weights per task, on the eval split and on the validation rows
+carved from the train split (which alone choose tau and the embedding layer). Writes
 ``benchmarks/results/tle_eval_cpu.json``::
 
-    python -m datalora.experiments.tle_evidence --adapters /tmp/task_adapters
+    python -m datalora.experiments.tle_evidence --tune-taus 0.01 0.02 0.05 0.1 0.2 \
+        --tune-embed-layers 0 2 4
 """
 
 from __future__ import annotations
