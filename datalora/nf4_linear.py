@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
 from datalora.ops.backends import resolve_backend
-from datalora.ops.molora import _autocast, _flatten, _molora_delta_backward_op
+from datalora.ops.molora import _autocast, _flatten, _lora_backward
 from datalora.ops.validation import check_molora_inputs
 
 __all__ = ["NF4Linear", "is_nf4_base", "nf4_compute_dtype", "nf4_fused_enabled",
@@ -319,8 +319,8 @@ def _nf4_linear_backward(ctx, grad_y, _grad_h):
     need = ctx.needs_input_grad
     grad = grad_y.to(ctx.dtype).contiguous()
     lora_needs = [need[i] for i in (1, 10, 11, 13, 14)]
-    lora = _molora_delta_backward_op(grad, lora_x, A, B, expert_ids, gates, rank_scale, h,
-                                     ctx.scaling, "triton", lora_needs)
+    lora = _lora_backward(grad, lora_x, A, B, expert_ids, gates, rank_scale, h,
+                          ctx.scaling, "triton", lora_needs)
     dlx, dA, dB, dg, drs = (g if n else None for g, n in zip(lora, lora_needs, strict=True))
     dx = _nf4_grad_x_op(grad, *weight, ctx.shape, ctx.blocksize) if need[0] else None
     dbias = grad.sum(0) if need[9] else None

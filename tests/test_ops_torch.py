@@ -163,6 +163,60 @@ def test_opcheck():
                               (x, W, bias, A, B, ids, gates, rs, 2.0, "torch"))
 
 
+def _values_and_grads(fn, inputs):
+    out = fn(*inputs)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    grads = [t.grad.clone() for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("op", ["delta", "linear"])
+def test_eager_function_equals_custom_op_bitwise(op, monkeypatch):
+    """Eager mode skips the custom-op dispatcher (an autograd.Function runs the same backend
+    code); forced through the registered ops, values and every gradient are bit-identical."""
+    x, A, B, ids, gates, rs = make_inputs(37, requires_grad=True)
+    if op == "delta":
+        inputs = (x, A, B, ids, gates, rs, 2.0, "torch")
+        fn = ops.molora_delta
+    else:
+        W = torch.randn(B.shape[1], x.shape[1], requires_grad=True)
+        bias = torch.randn(B.shape[1], requires_grad=True)
+        inputs = (x, W, bias, A, B, ids, gates, rs, 2.0, "torch")
+        fn = ops.molora_linear
+    from datalora.ops import molora
+
+    called = []
+    for name in ("_molora_delta_op", "_molora_linear_op", "_molora_delta_backward_op"):
+        real = getattr(molora, name)
+        monkeypatch.setattr(molora, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    eager = _values_and_grads(fn, inputs)
+    assert called == []  # plain eager tensors: no custom-op dispatch, forward or backward
+    monkeypatch.setattr(molora, "_tracing", lambda *tensors: True)
+    dispatched = _values_and_grads(fn, inputs)
+    assert len(called) == 2  # forward op and backward op
+    assert len(eager) == len(dispatched) == (6 if op == "delta" else 8)
+    for a, b in zip(eager, dispatched, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_custom_op_used_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from datalora.ops import molora
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(5, 24))
+        assert molora._tracing(x)
+        out = ops.molora_delta(x, *[mode.from_tensor(t) for t in make_inputs(5)[1:3]],
+                               torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2),
+                               check_values=False)
+    assert out.shape == (5, 20)
+    assert not molora._tracing(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
+
+
 def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("DATALORA_BACKEND", "torch")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
