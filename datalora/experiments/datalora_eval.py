@@ -127,19 +127,38 @@ def task_expert_load(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
 
 # ---------------------------------------------------------------------------- runs
 
+BASES = ("random", "pretrained")
+
+
+def base_model(base: str, progress: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the embedded tiny Mistral, random (``"random"``) or after the
+    cached prompt pretraining of :func:`datalora.testing.build_pretrained_tiny_model`."""
+    from datalora.testing import build_pretrained_tiny_model, build_tiny_model, build_tokenizer
+
+    if base not in BASES:
+        raise ValueError(f"base: expected one of {BASES}, got {base!r}")
+    tokenizer = build_tokenizer()
+    if base == "random":
+        return build_tiny_model(), tokenizer
+    return build_pretrained_tiny_model(tokenizer=tokenizer, progress=progress), tokenizer
+
+
 def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_size: int,
                        learning_rate: float, seed: int, limit: int | None, eval_rows: list,
-                       out_dir: Path, progress: bool) -> dict[str, Any]:
-    """Trains one arm with ``train_datalora`` and evaluates it; returns its record."""
+                       out_dir: Path, progress: bool, base: str = "random") -> dict[str, Any]:
+    """Trains one arm with ``train_datalora`` on a fresh ``base`` model (see
+    :func:`base_model`) and evaluates it; returns its record."""
     from datalora.config import DATALORAConfig
     from datalora.train import DEFAULT_TINY_CONFIG, evaluate_loss, train_datalora
 
     config = DATALORAConfig(**{**DEFAULT_TINY_CONFIG, "target_retention": target_retention})
+    model, tokenizer = base_model(base, progress)
     t0 = time.perf_counter()
     result = train_datalora(config, output_dir=out_dir / name, max_steps=steps,
                             batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                             limit=limit, curriculum_mode="steps", progress=progress,
-                            logging_steps=max(1, steps // 30))
+                            logging_steps=max(1, steps // 30), model=model,
+                            tokenizer=tokenizer)
     train_s = time.perf_counter() - t0
     model, tok = result.model, result.tokenizer
     record: dict[str, Any] = {
@@ -189,7 +208,8 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
 def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed: int = 0,
         limit: int | None = None, eval_limit: int | None = 200,
         out_dir: Path = RESULTS_DIR, tag: str = "cpu", work_dir: Path | None = None,
-        plot: bool = True, progress: bool = True, log=print) -> dict[str, Any]:
+        plot: bool = True, progress: bool = True, log=print,
+        base: str = "random") -> dict[str, Any]:
     """Trains both arms, writes ``datalora_eval_<tag>.json`` (+ ``.png``), returns the dict."""
     import tempfile
 
@@ -204,7 +224,7 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
             "datalora": _version("datalora"),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": sha, "git_dirty": dirty,
             "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "limit": limit, "eval_rows": len(eval_rows),
+            "seed": seed, "limit": limit, "eval_rows": len(eval_rows), "base": base,
             "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
                          "throughout, same curriculum of tau / hard routing",
             "load_average": list(__import__("os").getloadavg())}
@@ -216,7 +236,7 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
             arms.append(train_and_evaluate(
                 name, retention, steps=steps, batch_size=batch_size,
                 learning_rate=learning_rate, seed=seed, limit=limit, eval_rows=eval_rows,
-                out_dir=work, progress=progress))
+                out_dir=work, progress=progress, base=base))
     dense, pruned = arms
     ratio = pruned["eval_loss"] / dense["eval_loss"]
     targets = [{"name": "eval_loss_ratio", "description": "DATALORA (50% retention, pruning "
@@ -327,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--base", choices=BASES, default="random",
+                   help="the embedded tiny model as initialised, or after the cached prompt "
+                        "pretraining (datalora.testing.build_pretrained_tiny_model)")
     a = p.parse_args(argv)
     run(a.steps, a.batch_size, a.lr, a.seed, a.limit, a.eval_limit, a.out, a.tag,
-        plot=not a.no_plot, progress=not a.no_progress)
+        plot=not a.no_plot, progress=not a.no_progress, base=a.base)
     return 0
 
 
