@@ -372,3 +372,117 @@ def test_base_model_kinds_and_weights_digest():
     a = build_base_model("random", 0, **SMALL)
     assert weights_digest(a) == weights_digest(small_model())
     assert weights_digest(a) != weights_digest(build_base_model("random", 1, **SMALL))
+
+
+# ----------------------------------------------------------------------------- mixed tasks
+
+def test_build_mixed_sequences_format_spans_and_eval_rows():
+    from datalora.data import TASKS, format_prompt, load_instruction_dataset, tokenize_example
+    from datalora.experiments.tle_evidence import build_mixed_sequences
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    eval_rows = {r["id"]: r for r in load_instruction_dataset("embedded", "eval")}
+    train_ids = {r["id"] for r in load_instruction_dataset("embedded", "train")}
+    seqs = build_mixed_sequences(tok, per_pair=2)
+    pairs = [(a, b) for a in TASKS for b in TASKS if a != b]
+    assert len(seqs) == 2 * len(pairs)
+    assert sorted({s["tasks"] for s in seqs}) == sorted(pairs)
+    for s in seqs:
+        ra, rb = (eval_rows[i] for i in s["ids"])             # eval rows only
+        assert not set(s["ids"]) & train_ids
+        assert (ra["task"], rb["task"]) == s["tasks"] and ra["task"] != rb["task"]
+        ids, labels, spans = s["input_ids"], s["labels"], s["spans"]
+        assert len(ids) == len(labels) == len(spans)
+        P, b2, a2 = s["prompt_length"], s["block2_start"], s["answer2_start"]
+        assert 0 < P < b2 < a2 < len(ids)
+        assert ids[:b2] == tokenize_example(ra, tok, 10_000)["input_ids"]  # block A as eval
+        assert tok.decode(ids[:P], skip_special_tokens=True) == format_prompt(ra)
+        assert tok.decode(ids[b2:a2]) == format_prompt({"question": rb["question"]})
+        assert spans == [0] * P + [1] * (b2 - P) + [0] * (a2 - b2) + [2] * (len(ids) - a2)
+        assert [lab != -100 for lab in labels] == [sp > 0 for sp in spans]
+        assert all(lab == i for lab, i, sp in zip(labels, ids, spans, strict=True) if sp)
+        assert ids[b2 - 1] == ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[P:b2 - 1]) == ra["response"]
+        assert tok.decode(ids[a2:-1]) == rb["response"]
+    again = build_mixed_sequences(tok, per_pair=2)
+    assert [s["ids"] for s in again] == [s["ids"] for s in seqs]      # fixed seed
+    assert [s["ids"] for s in build_mixed_sequences(tok, per_pair=2, seed=1)] != \
+        [s["ids"] for s in seqs]
+
+
+def test_span_loss_sums_hand_case():
+    from datalora.experiments.tle_evidence import span_loss_sums
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=g)
+    labels = torch.tensor([[-100, 1, 2, -100, 3, 4], [-100, -100, 0, -100, 2, -100]])
+    spans = torch.tensor([[0, 1, 1, 0, 2, 2], [0, 0, 1, 0, 2, 0]])
+    sums, counts = span_loss_sums(logits, labels, spans)
+    nll = -torch.log_softmax(logits, -1)
+    want = torch.tensor([[nll[0, 0, 1] + nll[0, 1, 2], nll[0, 3, 3] + nll[0, 4, 4]],
+                         [nll[1, 1, 0], nll[1, 3, 2]]], dtype=torch.float64)
+    torch.testing.assert_close(sums, want)
+    assert counts.tolist() == [[2, 2], [1, 1]]
+
+
+def test_mixed_span_losses_modes_and_oracle(adapter_dirs):
+    from datalora.experiments.tle_evidence import build_mixed_sequences, mixed_span_losses
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    rows = [{"id": f"{t}.{i}", "task": t, "question": q, "response": r}
+            for t, qs in (("a", ("What is 3 + 4?", "What is 2 * 5?")),
+                          ("b", ("Reverse: abc", "Reverse: qwer")))
+            for i, (q, r) in enumerate(zip(qs, ("7", "cba") if t == "b" else ("7", "10"),
+                                           strict=True))]
+    seqs = build_mixed_sequences(tok, rows, per_pair=2, tasks=("a", "b"))
+    assert len(seqs) == 4
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
+    mixer.names = ["a", "b", "c"]
+
+    def manual(weights_of):  # token-weighted per pair, then mean over pairs
+        per_pair = {}
+        for s in seqs:
+            x = torch.tensor([s["input_ids"]])
+            with torch.no_grad():
+                logits = mixer(x, prompt_lengths=torch.tensor([s["prompt_length"]]),
+                               weights=weights_of(s)).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")
+            spans = torch.tensor(s["spans"][1:])
+            acc = per_pair.setdefault(s["tasks"], [0.0, 0, 0.0, 0])
+            for k in (1, 2):
+                acc[2 * k - 2] += float(nll[spans == k].sum())
+                acc[2 * k - 1] += int((spans == k).sum())
+        span1 = sum(v[0] / v[1] for v in per_pair.values()) / len(per_pair)
+        span2 = sum(v[2] / v[3] for v in per_pair.values()) / len(per_pair)
+        return span1, span2
+
+    token = mixed_span_losses(mixer, tok, seqs, batch_size=3)    # padding in a batch
+    want = manual(lambda s: None)
+    assert token["span1"] == pytest.approx(want[0], rel=1e-4)
+    assert token["span2"] == pytest.approx(want[1], rel=1e-4)
+    assert token["mean"] == pytest.approx(sum(want) / 2, rel=1e-4)
+    assert set(token["by_pair"]) == {"a->b", "b->a"}
+
+    def onehot_switch(s):
+        w = torch.zeros(1, len(s["input_ids"]), 3)
+        w[0, :s["block2_start"], "ab".index(s["tasks"][0])] = 1
+        w[0, s["block2_start"]:, "ab".index(s["tasks"][1])] = 1
+        return w
+
+    oracle = mixed_span_losses(mixer, tok, seqs, weights="oracle", batch_size=3)
+    want = manual(onehot_switch)
+    assert (oracle["span1"], oracle["span2"]) == (pytest.approx(want[0], rel=1e-4),
+                                                  pytest.approx(want[1], rel=1e-4))
+    assert oracle["weight_on_task_adapter"] == {"span1": 1.0, "span2": 1.0,
+                                                "span2_on_first_adapter": 0.0}
+    mixer.mode = "prompt"  # prompt-level: block B keeps block A's prompt routing
+    prompt = mixed_span_losses(mixer, tok, seqs)
+    want = manual(lambda s: None)
+    assert (prompt["span1"], prompt["span2"]) == (pytest.approx(want[0], rel=1e-4),
+                                                  pytest.approx(want[1], rel=1e-4))
+    s = seqs[0]
+    w = mixer.routing_for(torch.tensor([s["input_ids"]]),
+                          prompt_lengths=torch.tensor([s["prompt_length"]]))[0]
+    assert torch.equal(w, w[s["prompt_length"] - 1].expand_as(w))

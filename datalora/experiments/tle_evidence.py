@@ -9,8 +9,23 @@ random one, ``--base random``), builds a
 - the token-level mix (every token) and every-other-token,
 
 plus the mean routing weights per task, on the eval split and on the validation rows
-carved from the train split (which alone choose tau and the embedding layer). Writes
-``benchmarks/results/tle_eval_cpu.json``::
+carved from the train split (which alone choose tau and the embedding layer).
+
+Mixed-task evaluation (``"mixed_task"``, on by default; ``--no-mixed`` skips it): every
+eval prompt above is single-task, so prompt-level routing already sits at the own-adapter
+optimum. :func:`build_mixed_sequences` chains two eval rows of different tasks A != B in
+one sequence (all 12 ordered pairs, a fixed seed)::
+
+    format_prompt(row_A) + response_A + EOS + format_prompt({question_B}) + response_B + EOS
+
+i.e. row A exactly as in the single-task eval, then a second ``### Question: / ### Answer:``
+block (no system prompt) -- the dataset's template twice. The loss is taken on both
+answer spans (response + EOS), per span and averaged, for each single adapter, the uniform
+mix, the three routing modes with the prompt ending at the first answer cue (so
+prompt-level routing is computed once from block A's prompt; every-token routing from the
+context so far, causally) and an oracle with task A's adapter on block A's positions and
+task B's adapter from block B's first token on. tau and the embedding layer are the ones
+chosen on validation. Writes ``benchmarks/results/tle_eval_cpu.json``::
 
     python -m datalora.experiments.tle_evidence --tune-taus 0.01 0.02 0.05 0.1 0.2 \
         --tune-embed-layers 0 2 4
@@ -21,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -179,6 +195,7 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
 def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: float = 0.02,
         embed_layer: int = 0, per_task: int = 24, centroid_prompts: int = 32,
         taus: Sequence[float] = (), embed_layers: Sequence[int] = (), out: str | None = None,
+        mixed: bool = True, mixed_per_pair: int = 12,
         progress: bool = True) -> dict[str, Any]:
     """Evaluates every setting on the eval split (and the validation split).
 
@@ -209,6 +226,12 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     results, routing = evaluate_settings(mixer, tokenizer,
                                          load_instruction_dataset("embedded", "eval"),
                                          per_task=per_task, progress=progress)
+    mixed_result = None
+    if mixed:
+        mixed_start = time.perf_counter()
+        mixed_result = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair,
+                                      progress=progress)
+        mixed_result["seconds"] = time.perf_counter() - mixed_start
     best_single = min((k for k in results if k.startswith("single:")),
                       key=lambda k: results[k]["mean"])
     summary = {
@@ -230,9 +253,246 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         < results["prompt_level"]["mean"],
         "seconds": time.perf_counter() - start,
     }
+    if mixed_result is not None:
+        summary["mixed_task"] = mixed_result
     if out:
         atomic_write_text(out, json.dumps(summary, indent=1))
     return summary
+
+
+# --------------------------------------------------------------------------- mixed tasks
+
+MIXED_SEED = 0
+"""Seed of the row sampling of :func:`build_mixed_sequences`."""
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_mixed_sequences(tokenizer: Any, rows: Sequence[dict[str, str]] | None = None, *,
+                          per_pair: int = 12, seed: int = MIXED_SEED,
+                          tasks: Sequence[str] = TASKS) -> list[dict[str, Any]]:
+    """Two-task sequences: row A (prompt + answer), then row B's question and answer.
+
+    For every ordered pair ``(A, B)`` of ``tasks`` with ``A != B``, ``per_pair`` rows of A
+    and of B are drawn without replacement from ``rows`` (default: the embedded *eval*
+    split) with ``random.Random(seed)``, and paired. Tokens::
+
+        block A: tokenize_example(row_A)   # format_prompt(row_A) (+BOS), response_A, EOS
+        block B: format_prompt({"question": question_B}) (no system prompt), response_B, EOS
+
+    Returns:
+        One dict per sequence: ``tasks (A, B)``, ``ids (id_A, id_B)``, ``input_ids``,
+        ``labels`` (-100 except on both answer spans), ``spans`` (0 elsewhere, 1 on answer
+        A + EOS, 2 on answer B + EOS), ``prompt_length`` (block A's prompt: the first
+        answer starts there), ``block2_start`` (first token of block B) and
+        ``answer2_start`` (first token of answer B).
+    """
+    if rows is None:
+        rows = load_instruction_dataset("embedded", "eval")
+    eos = tokenizer.eos_token_id
+    by_task: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    rng = random.Random(seed)
+    out = []
+    for a in tasks:
+        for b in tasks:
+            if a == b:
+                continue
+            n = min(per_pair, len(by_task.get(a, ())), len(by_task.get(b, ())))
+            if n < 1:
+                raise ValueError(f"rows: no rows of task {a!r} or {b!r}")
+            for ra, rb in zip(rng.sample(by_task[a], n), rng.sample(by_task[b], n),
+                              strict=True):
+                first = _tokenize(ra, tokenizer, 10_000)
+                prompt_length = next(i for i, x in enumerate(first["labels"]) if x != -100)
+                prompt2 = _encode(tokenizer, format_prompt({"question": rb["question"]}))
+                answer2 = _encode(tokenizer, rb["response"]) + [eos]
+                n1 = len(first["input_ids"])
+                out.append({
+                    "tasks": (a, b), "ids": (ra["id"], rb["id"]),
+                    "input_ids": first["input_ids"] + prompt2 + answer2,
+                    "labels": first["labels"] + [-100] * len(prompt2) + answer2,
+                    "spans": [0] * prompt_length + [1] * (n1 - prompt_length)
+                    + [0] * len(prompt2) + [2] * len(answer2),
+                    "prompt_length": prompt_length, "block2_start": n1,
+                    "answer2_start": n1 + len(prompt2)})
+    return out
+
+
+def _collate_mixed(seqs: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    L = max(len(s["input_ids"]) for s in seqs)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([s[key] + [value] * (L - len(s[key])) for s in seqs])
+
+    return {"input_ids": pad("input_ids", pad_id),
+            "attention_mask": torch.tensor([[1] * len(s["input_ids"])
+                                            + [0] * (L - len(s["input_ids"])) for s in seqs]),
+            "labels": pad("labels", -100), "spans": pad("spans", 0),
+            "prompt_lengths": torch.tensor([s["prompt_length"] for s in seqs]),
+            "block2_start": torch.tensor([s["block2_start"] for s in seqs]),
+            "answer2_start": torch.tensor([s["answer2_start"] for s in seqs])}
+
+
+def span_loss_sums(logits: torch.Tensor, labels: torch.Tensor, spans: torch.Tensor,
+                   num_spans: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and token count per row and answer span.
+
+    Position ``t`` predicts token ``t + 1``; a target counts for span ``k`` when
+    ``spans[t + 1] == k`` and its label is not -100.
+
+    Returns:
+        ``(sums [B, num_spans], counts [B, num_spans])`` (float64, int64).
+    """
+    target, span = labels[:, 1:], spans[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                            target.clamp_min(0), reduction="none")
+    valid = target != -100
+    sums = torch.stack([(nll * (valid & (span == k))).sum(1) for k in
+                        range(1, num_spans + 1)], 1).double()
+    counts = torch.stack([(valid & (span == k)).sum(1) for k in range(1, num_spans + 1)], 1)
+    return sums, counts
+
+
+def oracle_weights(batch: dict[str, torch.Tensor], tasks: Sequence[tuple[str, str]],
+                   names: Sequence[str]) -> torch.Tensor:
+    """``[B, L, N]`` one-hot: task A's adapter before ``block2_start``, task B's from it on."""
+    B, L = batch["input_ids"].shape
+    t = torch.arange(L).reshape(1, -1)
+    in_b = t >= batch["block2_start"].reshape(-1, 1)
+    ia = torch.tensor([names.index(a) for a, _ in tasks])
+    ib = torch.tensor([names.index(b) for _, b in tasks])
+    idx = torch.where(in_b, ib.reshape(-1, 1), ia.reshape(-1, 1))
+    return torch.nn.functional.one_hot(idx, len(names)).float()
+
+
+def per_block_prompt_weights(mixer: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, L, N]`` prompt-level routing recomputed per block: block A's positions use
+    block A's prompt, block B's positions the context up to answer B's cue (a router told
+    where each new question starts, as a chat system re-routing per user turn)."""
+    L = batch["input_ids"].shape[1]
+    t = torch.arange(L).reshape(1, -1)
+    anchors = torch.where(t < batch["block2_start"].reshape(-1, 1),
+                          batch["prompt_lengths"].reshape(-1, 1) - 1,
+                          batch["answer2_start"].reshape(-1, 1) - 1)
+    emb = mixer.embedder.prefix_embeddings(mixer, batch["input_ids"].to(mixer.device),
+                                           batch["attention_mask"].to(mixer.device),
+                                           anchors.to(mixer.device))
+    return mixer.weights_for(emb)
+
+
+@torch.no_grad()
+def mixed_span_losses(mixer: Any, tokenizer: Any, sequences: Sequence[dict[str, Any]], *,
+                      weights: Any = None, batch_size: int = 16) -> dict[str, Any]:
+    """Loss on both answer spans of the :func:`build_mixed_sequences` sequences.
+
+    Args:
+        weights: None (the mixer's routing, the prompt ending at the first answer cue),
+            fixed ``[N]`` weights, ``"oracle"`` (:func:`oracle_weights`) or
+            ``"prompt_per_block"`` (:func:`per_block_prompt_weights`).
+
+    Returns:
+        ``span1`` / ``span2``: token-weighted loss within each ordered pair, averaged over
+        the pairs; ``mean``: their mean; ``by_pair {"A->B": {span1, span2}}``;
+        ``weight_on_task_adapter``: mean routing weight on task A's adapter at the
+        positions predicting span 1 and on task B's adapter at those predicting span 2
+        (``{"span1", "span2"}``), plus ``span2_on_first_adapter`` (task A's adapter at
+        span 2).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums: dict[tuple[str, str], torch.Tensor] = {}
+    counts: dict[tuple[str, str], torch.Tensor] = {}
+    wsum = torch.zeros(3, dtype=torch.float64)
+    wcount = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i:i + batch_size]
+        batch = _collate_mixed(chunk, pad)
+        tasks = [s["tasks"] for s in chunk]
+        w = weights
+        if isinstance(weights, str):
+            w = (oracle_weights(batch, tasks, mixer.names) if weights == "oracle"
+                 else per_block_prompt_weights(mixer, batch))
+        dev = {k: v.to(mixer.device) for k, v in batch.items()}
+        out = mixer(dev["input_ids"], dev["attention_mask"],
+                    prompt_lengths=dev["prompt_lengths"], weights=w)
+        s, c = span_loss_sums(out.logits, dev["labels"], dev["spans"])
+        used = mixer.last_weights[:, :-1].cpu()  # weights at the predicting positions
+        span = batch["spans"][:, 1:]
+        valid = batch["labels"][:, 1:] != -100
+        for j, pair in enumerate(tasks):
+            sums[pair] = sums.get(pair, 0) + s[j].cpu()
+            counts[pair] = counts.get(pair, 0) + c[j].cpu()
+            ia, ib = mixer.names.index(pair[0]), mixer.names.index(pair[1])
+            for k, (mask, col) in enumerate((((span[j] == 1) & valid[j], ia),
+                                             ((span[j] == 2) & valid[j], ib),
+                                             ((span[j] == 2) & valid[j], ia))):
+                wsum[k] += float(used[j, mask, col].sum())
+                wcount[k] += int(mask.sum())
+    by_pair = {f"{a}->{b}": {"span1": float(sums[(a, b)][0] / counts[(a, b)][0]),
+                             "span2": float(sums[(a, b)][1] / counts[(a, b)][1])}
+               for a, b in sums}
+    span1 = sum(v["span1"] for v in by_pair.values()) / len(by_pair)
+    span2 = sum(v["span2"] for v in by_pair.values()) / len(by_pair)
+    share = (wsum / wcount.clamp_min(1)).tolist()
+    return {"span1": span1, "span2": span2, "mean": (span1 + span2) / 2, "by_pair": by_pair,
+            "weight_on_task_adapter": {"span1": share[0], "span2": share[1],
+                                       "span2_on_first_adapter": share[2]}}
+
+
+def evaluate_mixed(mixer: Any, tokenizer: Any, *, per_pair: int = 12, seed: int = MIXED_SEED,
+                   progress: bool = False) -> dict[str, Any]:
+    """Every setting on the mixed-task eval sequences (see :func:`build_mixed_sequences`).
+
+    Settings: ``single:<task>``, ``uniform``, ``prompt_level``, ``every_token``,
+    ``every_other_token``, ``oracle_switch`` (:func:`oracle_weights`),
+    ``prompt_level_per_block`` (extra: re-routed at block B's prompt,
+    :func:`per_block_prompt_weights`) and ``best_single_per_span`` (derived: for each pair,
+    the single-adapter run of task A on span 1 and of task B on span 2).
+    """
+    sequences = build_mixed_sequences(tokenizer, per_pair=per_pair, seed=seed)
+    N = mixer.num_adapters
+    settings: list[tuple[str, str | None, Any]] = [
+        (f"single:{name}", None, [1.0 if j == i else 0.0 for j in range(N)])
+        for i, name in enumerate(mixer.names)]
+    settings += [("uniform", None, [1.0 / N] * N), ("prompt_level", "prompt", None),
+                 ("every_token", "token", None), ("every_other_token", "every_n", None),
+                 ("oracle_switch", None, "oracle"),
+                 ("prompt_level_per_block", None, "prompt_per_block")]
+    results: dict[str, Any] = {}
+    mode_before = mixer.mode
+    for label, mode, weights in tqdm(settings, desc="mixed-task eval", disable=not progress):
+        if mode is not None:
+            mixer.mode, mixer.every_n = mode, 2
+        results[label] = mixed_span_losses(mixer, tokenizer, sequences, weights=weights)
+    mixer.mode = mode_before
+    by_pair = {}
+    for pair in results["uniform"]["by_pair"]:
+        a, b = pair.split("->")
+        by_pair[pair] = {"span1": results[f"single:{a}"]["by_pair"][pair]["span1"],
+                         "span2": results[f"single:{b}"]["by_pair"][pair]["span2"]}
+    span1 = sum(v["span1"] for v in by_pair.values()) / len(by_pair)
+    span2 = sum(v["span2"] for v in by_pair.values()) / len(by_pair)
+    results["best_single_per_span"] = {"span1": span1, "span2": span2,
+                                       "mean": (span1 + span2) / 2, "by_pair": by_pair}
+    lengths = [len(s["input_ids"]) for s in sequences]
+    pt, pp = results["every_token"], results["prompt_level"]
+    return {
+        "format": "format_prompt(row_A) + response_A + EOS + format_prompt({question_B}) + "
+                  "response_B + EOS (block A tokenized as in the single-task eval, block B "
+                  "without system prompt); loss on response + EOS of both rows; prompt "
+                  "length for routing = block A's prompt",
+        "rows": "embedded eval split", "seed": seed, "per_pair": per_pair,
+        "pairs": len(results["uniform"]["by_pair"]), "sequences": len(sequences),
+        "tokens_per_sequence": {"min": min(lengths), "max": max(lengths),
+                                "mean": sum(lengths) / len(lengths)},
+        "loss": results,
+        "every_token_beats_prompt_level": {k: pt[k] < pp[k] for k in ("span1", "span2", "mean")},
+        "every_other_token_beats_prompt_level": {
+            k: results["every_other_token"][k] < pp[k] for k in ("span1", "span2", "mean")},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,16 +508,29 @@ def main(argv: list[str] | None = None) -> None:
                    help="choose the embed layer among these by the validation loss")
     p.add_argument("--per-task", type=int, default=24)
     p.add_argument("--out", default="benchmarks/results/tle_eval_cpu.json")
+    p.add_argument("--no-mixed", action="store_true",
+                   help="skip the mixed-task (two tasks per sequence) evaluation")
+    p.add_argument("--mixed-per-pair", type=int, default=12,
+                   help="mixed-task sequences per ordered task pair")
     args = p.parse_args(argv)
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
-                  taus=args.tune_taus, embed_layers=args.tune_embed_layers, out=args.out)
+                  taus=args.tune_taus, embed_layers=args.tune_embed_layers, out=args.out,
+                  mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair)
     print(f"{'setting':>22} " + " ".join(f"{t:>10}" for t in (*TASKS, "mean")))
     for label, losses in summary["eval_loss"].items():
         print(f"{label:>22} " + " ".join(f"{losses[t]:10.3f}" for t in (*TASKS, "mean")))
     for label, stats in summary["mean_routing_weights_on_response"].items():
         print(f"routing {label}: " + "; ".join(
             f"{t}->[{', '.join(f'{w:.2f}' for w in ws)}]" for t, ws in stats.items()))
+    if "mixed_task" in summary:
+        m = summary["mixed_task"]
+        print(f"mixed-task ({m['sequences']} sequences, {m['pairs']} ordered pairs):")
+        print(f"{'setting':>24} {'span1':>8} {'span2':>8} {'mean':>8} {'w1':>6} {'w2':>6}")
+        for label, r in m["loss"].items():
+            w = r.get("weight_on_task_adapter", {})
+            print(f"{label:>24} {r['span1']:8.4f} {r['span2']:8.4f} {r['mean']:8.4f} "
+                  f"{w.get('span1', float('nan')):6.2f} {w.get('span2', float('nan')):6.2f}")
 
 
 if __name__ == "__main__":
