@@ -113,3 +113,29 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
     ratio = next(t for t in data["targets"] if t["name"] == "eval_loss_ratio")
     assert ratio["status"] == ("PASS" if ratio["value"] <= 1.05 else "FAIL")
     assert (tmp_path / "datalora_eval_smoke.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_eval_experiment_tunes_alpha_balance_on_validation_rows(tmp_path, monkeypatch):
+    from datalora import testing
+
+    seen = {}
+    real_split = testing.train_validation_split
+
+    def split(*args, **kwargs):
+        train, val = real_split(*args, **kwargs)
+        seen["val"] = {r["id"] for r in val}
+        return train, val[::25]  # 8 validation rows keep the test fast
+
+    monkeypatch.setattr(testing, "train_validation_split", split)
+    result = datalora_eval.run(steps=2, batch_size=4, limit=16, eval_limit=8, out_dir=tmp_path,
+                               tag="tune", work_dir=tmp_path / "work", progress=False,
+                               plot=False, log=lambda *_: None, tune_alpha_balance=(0.05, 2.0))
+    tuning = result["meta"]["tuning"]
+    assert [t["alpha_balance"] for t in tuning] == [0.05, 2.0]
+    best = min(tuning, key=lambda t: t["validation_loss"])["alpha_balance"]
+    assert result["meta"]["alpha_balance"] == best
+    assert all(arm["alpha_balance"] == best for arm in result["arms"])
+    from datalora.data import load_instruction_dataset
+
+    eval_ids = {r["id"] for r in load_instruction_dataset("embedded", "eval")}
+    assert seen["val"] and not (seen["val"] & eval_ids)  # tuned on held-out train rows

@@ -145,24 +145,35 @@ def base_model(base: str, progress: bool = True) -> tuple[Any, Any]:
 
 def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_size: int,
                        learning_rate: float, seed: int, limit: int | None, eval_rows: list,
-                       out_dir: Path, progress: bool, base: str = "random") -> dict[str, Any]:
+                       out_dir: Path, progress: bool, base: str = "random",
+                       alpha_balance: float | None = None,
+                       train_rows: list | None = None) -> dict[str, Any]:
     """Trains one arm with ``train_datalora`` on a fresh ``base`` model (see
-    :func:`base_model`) and evaluates it; returns its record."""
+    :func:`base_model`) and evaluates it on ``eval_rows``; returns its record.
+
+    ``alpha_balance`` overrides the load-balance weight of ``DEFAULT_TINY_CONFIG``;
+    ``train_rows`` replaces the embedded train split (validation tuning holds rows out).
+    """
     from datalora.config import DATALORAConfig
     from datalora.train import DEFAULT_TINY_CONFIG, evaluate_loss, train_datalora
 
-    config = DATALORAConfig(**{**DEFAULT_TINY_CONFIG, "target_retention": target_retention})
+    fields = {**DEFAULT_TINY_CONFIG, "target_retention": target_retention}
+    if alpha_balance is not None:
+        fields["alpha_balance"] = alpha_balance
+    config = DATALORAConfig(**fields)
     model, tokenizer = base_model(base, progress)
     t0 = time.perf_counter()
-    result = train_datalora(config, output_dir=out_dir / name, max_steps=steps,
-                            batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                            limit=limit, curriculum_mode="steps", progress=progress,
+    result = train_datalora(config, dataset=train_rows, output_dir=out_dir / name,
+                            max_steps=steps, batch_size=batch_size,
+                            learning_rate=learning_rate, seed=seed, limit=limit,
+                            curriculum_mode="steps", progress=progress,
                             logging_steps=max(1, steps // 30), model=model,
                             tokenizer=tokenizer)
     train_s = time.perf_counter() - t0
     model, tok = result.model, result.tokenizer
     record: dict[str, Any] = {
         "name": name, "target_retention": target_retention, "train_seconds": train_s,
+        "alpha_balance": config.alpha_balance,
         "keep_threshold": result.keep_threshold if math.isfinite(result.keep_threshold)
         else None,
         "final_train_lm_loss": result.datalora_history[-1]["lm_loss"]
@@ -209,8 +220,15 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
         limit: int | None = None, eval_limit: int | None = 200,
         out_dir: Path = RESULTS_DIR, tag: str = "cpu", work_dir: Path | None = None,
         plot: bool = True, progress: bool = True, log=print,
-        base: str = "random") -> dict[str, Any]:
-    """Trains both arms, writes ``datalora_eval_<tag>.json`` (+ ``.png``), returns the dict."""
+        base: str = "random", alpha_balance: float | None = None,
+        tune_alpha_balance: Sequence[float] = ()) -> dict[str, Any]:
+    """Trains both arms, writes ``datalora_eval_<tag>.json`` (+ ``.png``), returns the dict.
+
+    ``tune_alpha_balance``: candidate load-balance weights; each trains the DATALORA arm on
+    the train split minus its validation rows (``datalora.testing.train_validation_split``)
+    and is scored by the validation eval loss; the best one then trains both arms. The eval
+    split is never used for the choice. Every candidate is recorded under ``"tuning"``.
+    """
     import tempfile
 
     from benchmarks.molora import _cpu_model, _git_commit, _version
@@ -228,15 +246,35 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
             "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
                          "throughout, same curriculum of tau / hard routing",
             "load_average": list(__import__("os").getloadavg())}
-    arms = []
+    arms, tuning = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
+        if tune_alpha_balance:
+            from datalora.testing import train_validation_split
+
+            train_rows, val_rows = train_validation_split()
+            for alpha in tune_alpha_balance:
+                log(f"== tuning: alpha_balance {alpha} on {len(val_rows)} validation rows")
+                rec = train_and_evaluate(
+                    f"tune_{alpha}", 0.5, steps=steps, batch_size=batch_size,
+                    learning_rate=learning_rate, seed=seed, limit=limit, eval_rows=val_rows,
+                    out_dir=work, progress=progress, base=base, alpha_balance=alpha,
+                    train_rows=train_rows)
+                tuning.append({"alpha_balance": alpha, "validation_loss": rec["eval_loss"],
+                               "specialisation": rec["specialisation"]})
+            alpha_balance = min(tuning, key=lambda t: t["validation_loss"])["alpha_balance"]
+            meta["tuning"] = tuning
+            log(f"   chose alpha_balance {alpha_balance}")
+        from datalora.train import DEFAULT_TINY_CONFIG
+
+        meta["alpha_balance"] = (DEFAULT_TINY_CONFIG["alpha_balance"] if alpha_balance is None
+                                 else alpha_balance)
         for name, retention in (("dense_molora", 1.0), ("datalora_r0.5", 0.5)):
             log(f"== {name}: target retention {retention}, {steps} steps")
             arms.append(train_and_evaluate(
                 name, retention, steps=steps, batch_size=batch_size,
                 learning_rate=learning_rate, seed=seed, limit=limit, eval_rows=eval_rows,
-                out_dir=work, progress=progress, base=base))
+                out_dir=work, progress=progress, base=base, alpha_balance=alpha_balance))
     dense, pruned = arms
     ratio = pruned["eval_loss"] / dense["eval_loss"]
     targets = [{"name": "eval_loss_ratio", "description": "DATALORA (50% retention, pruning "
@@ -350,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", choices=BASES, default="random",
                    help="the embedded tiny model as initialised, or after the cached prompt "
                         "pretraining (datalora.testing.build_pretrained_tiny_model)")
+    p.add_argument("--alpha-balance", type=float, default=None,
+                   help="load-balance loss weight (default: datalora.train.DEFAULT_TINY_CONFIG)")
+    p.add_argument("--tune-alpha-balance", type=float, nargs="+", default=(), metavar="A",
+                   help="choose alpha_balance among these on validation rows held out of the "
+                        "train split (overrides --alpha-balance)")
     a = p.parse_args(argv)
     run(a.steps, a.batch_size, a.lr, a.seed, a.limit, a.eval_limit, a.out, a.tag,
-        plot=not a.no_plot, progress=not a.no_progress, base=a.base)
+        plot=not a.no_plot, progress=not a.no_progress, base=a.base,
+        alpha_balance=a.alpha_balance, tune_alpha_balance=a.tune_alpha_balance)
     return 0
 
 
