@@ -97,8 +97,8 @@ def ideal_speedup(num_layers: int, prune_range: tuple[int, int], retention: floa
 
 def build(case: ModelCase, prune_range: tuple[int, int], dtype: torch.dtype,
           device: torch.device):
-    """The DATALORA model (shared routing, 8 experts x rank 8, top-2), its optimizer and a
-    random batch (all tokens real)."""
+    """The DATALORA model (shared routing, 8 experts x rank 8, top-2), its optimizer (fused
+    AdamW, ``adamw_torch_fused`` as the Trainer uses) and a random batch (all tokens real)."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from datalora.config import DATALORAConfig
@@ -118,7 +118,7 @@ def build(case: ModelCase, prune_range: tuple[int, int], dtype: torch.dtype,
     model = get_datalora_model(base, config, verbose=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)  # DATALORATrainer's default optim
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, case.vocab, (case.batch, case.seq), generator=g).to(device)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
@@ -246,7 +246,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
                 timer="perf_counter (+cuda synchronize), retentions interleaved, median of "
                       "reps with 20/80% quantiles",
                 step="forward (USN + shared routing + MoLoRA + pruning) + LM loss + aux "
-                     "losses + backward + AdamW step; 8 experts x rank 8, top-2, all 7 "
+                     "losses + backward + fused AdamW step; 8 experts x rank 8, top-2, all 7 "
                      "projections; random tokens, no padding")
     meta.pop("backends", None)
     rows = []
