@@ -232,3 +232,127 @@ def test_triton_without_gpu_or_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ops.BackendUnavailableError, match="CUDA"):
         ops.resolve_backend("triton", torch.device("cpu"))
+
+
+def _count_gate_matrix_builds(monkeypatch):
+    """Counts calls of the torch backend's dense gate matrix builder."""
+    from datalora.ops import torch_backend
+
+    calls = []
+    real = torch_backend._gate_matrix
+    monkeypatch.setattr(torch_backend, "_gate_matrix",
+                        lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_backend, "_tables_cache", None)
+    return calls
+
+
+def _routed_inputs(T=19, k=2, dtype=torch.float64):
+    """Inputs whose routing is computed (not leaves), as a router's output would be."""
+    x, A, B, ids, gates, rs = make_inputs(T, k=k, dtype=dtype, requires_grad=True)
+    return x, A, B, ids, gates * 1, rs * 1
+
+
+def _delta_and_grads(x, A, B, ids, gates, rs, leaves):
+    out = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+    return [out.detach(), *torch.autograd.grad(out.square().sum(), leaves)]
+
+
+def test_routing_tables_cached_for_the_same_tensors(monkeypatch):
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, gates, rs = _routed_inputs()
+    first = _delta_and_grads(x, A, B, ids, gates, rs, (x, A, B, gates, rs))
+    again = _delta_and_grads(x, A, B, ids, gates, rs, (x, A, B, gates, rs))
+    assert len(calls) == 1  # two forwards and two backwards, one build
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change", ["gates_in_place", "rank_scale_in_place", "ids_in_place",
+                                    "new_gates", "scaling"])
+def test_routing_tables_rebuilt_after_a_change(change, monkeypatch):
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, gates, rs = _routed_inputs()
+    scaling = 2.0
+    ops.molora_delta(x, A, B, ids, gates, rs, scaling, backend="torch")
+    with torch.no_grad():
+        if change == "gates_in_place":
+            gates.mul_(0.5)
+        elif change == "rank_scale_in_place":
+            rs[0].zero_()
+        elif change == "ids_in_place":
+            ids.copy_(ids.flip(1))
+        elif change == "new_gates":
+            gates = gates.flip(1).clone()
+        else:
+            scaling = 0.5
+    out = ops.molora_delta(x, A, B, ids, gates, rs, scaling, backend="torch")
+    assert len(calls) == 2
+    torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs, scaling))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_routing_tables_keyed_by_dtype(dtype, monkeypatch):
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, gates, rs = _routed_inputs()
+    ops.molora_delta(x.to(dtype), A.to(dtype), B.to(dtype), ids, gates, rs, backend="torch")
+    ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    assert len(calls) == (1 if dtype == torch.float64 else 2)
+
+
+def test_routing_tables_not_cached_for_leaves_or_inference_tensors(monkeypatch):
+    """Leaves that require grad may change through ``.data`` (as gradcheck does), which
+    bumps no version; inference tensors have no version counter."""
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64, requires_grad=True)
+    ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    gates.data.mul_(0.5)
+    out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs))
+    assert len(calls) == 2
+    with torch.inference_mode():
+        x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64)
+        for _ in range(2):
+            out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+        torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs))
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("rank_scale", [False, True])
+def test_shared_routing_equals_separate_copies(rank_scale, monkeypatch):
+    """Two layers on one Routing (tables built once, reused by the second layer and both
+    backwards) give the values and gradients of two layers on separate copies."""
+    from datalora.layers import MoLoRALinear
+    from datalora.routing import Routing
+
+    calls = _count_gate_matrix_builds(monkeypatch)
+    torch.manual_seed(0)
+    layers = [MoLoRALinear(torch.nn.Linear(24, 24, dtype=torch.float64), num_experts=6, rank=4,
+                           top_k=2, router=False, backend="torch") for _ in range(2)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    logits = torch.randn(18, 6, dtype=torch.float64, requires_grad=True)
+    rs_logits = torch.randn(18, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.rand(18, 6).argsort(-1)[:, :2]
+    ids[0] = 3  # one token routed twice to the same expert
+
+    def run(copies):
+        gates = logits.softmax(-1).gather(1, ids)
+        rs = rs_logits.sigmoid() if rank_scale else None
+        shared = Routing(ids, gates, rs)
+        out = x
+        for layer in layers:
+            routing = (Routing(ids.clone(), gates.clone(), None if rs is None else rs.clone())
+                       if copies else shared)
+            out = layer(out, routing)
+        leaves = [logits, *(p for layer in layers for p in (layer.lora_A, layer.lora_B))]
+        leaves += [rs_logits] if rank_scale else []
+        return [out.detach(), *torch.autograd.grad(out.square().sum(), leaves)]
+
+    shared = run(copies=False)
+    assert len(calls) == 1
+    separate = run(copies=True)
+    # one entry: both forwards build, the second layer's backward hits, the first misses
+    assert len(calls) == 1 + 3
+    for a, b in zip(shared, separate, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

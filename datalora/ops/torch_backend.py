@@ -1,10 +1,23 @@
 """The ``torch`` backend: vectorized MoLoRA forward/backward with no loop over experts.
 
-Strategy ("shrink all, then select"): one GEMM ``x @ A_all^T`` with N = E*r computes
-every expert's projection while reading x once; the routed slices are gathered,
-scaled by gate and rank scale, scattered into a dense ``[T, E*r]`` buffer (zeros for
-unrouted experts) and expanded with one GEMM against ``B_all [E*r, d_out]``.
-E*r is small next to d, so both GEMMs together cost a few percent of the base linear.
+Strategy ("shrink all, then mask"): one GEMM ``H = x @ A_all^T`` with N = E*r computes
+every expert's projection while reading x once; multiplying by a dense gate matrix
+``G [T, E*r]`` (``G[t, e*r+i] = scaling * sum_j [e_tj == e] gates[t,j] * rank_scale[t,i]``,
+zero for unrouted experts, so a token routed twice to one expert adds both gates) gives
+the gated buffer ``Zd = H * G``, expanded with one GEMM against ``B_all [E*r, d_out]``
+(into the base GEMM's output for ``molora_linear``). The backward is dense too:
+``dH = (dy @ B_all^T) * G`` feeds ``dx`` and ``dA``; ``dB = dy^T @ Zd``; only the gate and
+rank-scale gradients gather the ``k*r`` routed columns.
+Scaling is folded into ``G``. At d = 4096 the six LoRA GEMMs (two forward, four backward)
+cost a few percent of the base linear; on small layers (E*r close to d) they cost about as
+much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs and 3 other
+ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs and 11.
+
+``G`` and the route column index depend only on the routing (``expert_ids``, ``gates``,
+``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
+objects: :func:`routing_tables` builds them once and reuses them while those tensors are
+unmodified (identity + version counters, as ``triton_backend.permutation`` caches its sort;
+one entry, not used for leaves that require grad, inference tensors or CUDA graph capture).
 
 This module doubles as the reference implementation of the backend protocol
 (see ``datalora.ops.backends``): ``delta_forward`` returns the un-scaled per-route
@@ -13,67 +26,154 @@ projections ``h [T, k, r]`` that ``delta_backward`` needs.
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 
+def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
+    """Column indices ``[T, k*r]`` of each routed expert's rank slice in ``[T, E*r]``
+    (``ids [T, k]`` int64)."""
+    T, k = ids.shape
+    offsets = torch.arange(r, device=ids.device)
+    return (ids[..., None] * r + offsets).view(T, k * r)
+
+
+def _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype):
+    """Dense ``G [T, E*r]`` in ``dtype`` (``ids [T, k]`` int64), accumulated in at least
+    fp32: repeated experts of one token add their gates."""
+    acc = torch.promote_types(dtype, torch.float32)
+    T = ids.shape[0]
+    per_expert = torch.zeros(T, E, dtype=acc, device=gates.device)
+    per_expert.scatter_add_(1, ids, gates.to(acc) * scaling)
+    if rank_scale is None:
+        G = per_expert[:, :, None].expand(T, E, r)
+    else:
+        G = per_expert[:, :, None] * rank_scale.to(acc)[:, None, :]
+    return G.reshape(T, E * r).to(dtype)
+
+
+class RoutingTables:
+    """Per-routing tensors shared by every layer, in the dtype of the layers' x.
+
+    Built eagerly (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of route
+    j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of the
+    module docstring (``scaling`` included). ``routed_gates``, used by the backward only,
+    is built on first use.
+    """
+
+    def __init__(self, expert_ids, gates, rank_scale, E, r, scaling, dtype):
+        ids = expert_ids.long()
+        self.index = _route_index(ids, r)
+        self.gate_matrix = _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype)
+
+    @functools.cached_property
+    def routed_gates(self) -> torch.Tensor:
+        """``[T, k*r]`` the routed columns of ``G`` (``G`` gathered at ``index``)."""
+        return self.gate_matrix.gather(1, self.index)
+
+
+_tables_cache: tuple | None = None
+
+
+def _cacheable(*tensors: torch.Tensor | None) -> tuple[int, ...] | None:
+    """Version counters of ``tensors`` (0 for None), or None when a result built from them
+    must not be cached: inference tensors (no version counter), leaves that require grad
+    (parameter-like inputs, which gradcheck and optimizers may change through ``.data``
+    without a version bump; routings computed by a network are not leaves), CUDA graph
+    capture (the graph must record the build)."""
+    if any(t is not None and t.is_leaf and t.requires_grad for t in tensors):
+        return None
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        return tuple(0 if t is None else t._version for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> RoutingTables:
+    """:class:`RoutingTables` of a routing, reused while the same unmodified tensors come back.
+
+    One entry: layers sharing a ``Routing`` hit it in the forward and again in the backward.
+    The key is the identity (weak references) and ``_version`` of the three tensors plus
+    ``(E, r, scaling, dtype)``; an in-place change of any of them bumps its version.
+    """
+    global _tables_cache
+    routing = (expert_ids, gates, rank_scale)
+    versions = _cacheable(*routing)
+    if versions is None:
+        return RoutingTables(*routing, E, r, scaling, dtype)
+    key = (versions, E, r, scaling, dtype)
+    cached = _tables_cache
+    if (cached is not None and cached[1] == key
+            and all(ref() is t for ref, t in zip(cached[0], routing, strict=True))):
+        return cached[2]
+    tables = RoutingTables(*routing, E, r, scaling, dtype)
+    refs = tuple((lambda: None) if t is None else weakref.ref(t) for t in routing)
+    _tables_cache = (refs, key, tables)
+    return tables
+
+
 def _flat_A(A: torch.Tensor) -> torch.Tensor:
-    """``[E, r, d_in] -> [E*r, d_in]``."""
+    """``[E, r, d_in] -> [E*r, d_in]`` (a view for contiguous A)."""
     return A.reshape(-1, A.shape[-1])
 
 
 def _flat_B(B: torch.Tensor) -> torch.Tensor:
-    """``[E, d_out, r] -> [d_out, E*r]`` (column ``e*r + i`` is ``B[e, :, i]``)."""
+    """``[E, d_out, r] -> [d_out, E*r]`` (column ``e*r + i`` is ``B[e, :, i]``; a copy)."""
     return B.permute(1, 0, 2).reshape(B.shape[1], -1)
 
 
-def _route_index(expert_ids: torch.Tensor, r: int) -> torch.Tensor:
-    """Column indices ``[T, k*r]`` of each routed expert's rank slice in ``[T, E*r]``."""
-    ids = expert_ids.long()
-    offsets = torch.arange(r, device=ids.device)
-    return (ids[..., None] * r + offsets).reshape(ids.shape[0], ids.shape[1] * r)
-
-
-def _dense(values: torch.Tensor, index: torch.Tensor, E: int) -> torch.Tensor:
-    """Scatter-adds per-route ``values [T, k, r]`` into a dense ``[T, E*r]`` buffer at the
-    columns ``index [T, k*r]`` of :func:`_route_index`."""
-    T, k, r = values.shape
-    out = values.new_zeros(T, E * r)
-    return out.scatter_add_(1, index, values.reshape(T, k * r))
-
-
-def _route_scale(gates, rank_scale, dtype):
-    """Per-route multiplier ``gates[t,j] * rank_scale[t, i]`` as ``[T, k, r]`` (broadcastable)."""
-    s = gates.to(dtype)[..., None]
-    if rank_scale is not None:
-        s = s * rank_scale.to(dtype)[:, None, :]
-    return s
-
-
-def _routed(x, A, expert_ids, gates, rank_scale, scaling):
-    """``(h, zdense)``: routed projections ``h = A[e] @ x`` ``[T, k, r]`` and, scattered to
-    ``[T, E*r]``, ``h`` times gate, rank scale and ``scaling`` (applied on the k*r routed
-    values per token, not on d_out)."""
-    E, r, _ = A.shape
-    index = _route_index(expert_ids, r)
-    H = x @ _flat_A(A).T  # [T, E*r]: every expert at once, reading x once
-    h = H.gather(1, index).view(x.shape[0], expert_ids.shape[1], r)
-    z = h * (_route_scale(gates, rank_scale, x.dtype) * scaling)
-    return h, _dense(z, index, E)
+def _shrink(x, A, expert_ids, tables):
+    """``(h, Zd)``: per-route ``h = A[e] @ x`` ``[T, k, r]`` and the gated ``Zd = H * G``
+    ``[T, E*r]``."""
+    H = torch.mm(x, _flat_A(A).T)  # [T, E*r]: every expert at once, reading x once
+    h = H.gather(1, tables.index).view(expert_ids.shape[0], expert_ids.shape[1], A.shape[1])
+    return h, H.mul_(tables.gate_matrix)
 
 
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route."""
-    h, zdense = _routed(x, A, expert_ids, gates, rank_scale, scaling)
-    return zdense @ _flat_B(B).T, h
+    E, r, _ = A.shape
+    tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
+    h, Zd = _shrink(x, A, expert_ids, tables)
+    return torch.mm(Zd, _flat_B(B).T), h
 
 
 def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
     """``(y, h)``: ``y = x W^T + b + delta`` accumulated in one ``[T, d_out]`` buffer."""
-    h, zdense = _routed(x, A, expert_ids, gates, rank_scale, scaling)
+    E, r, _ = A.shape
+    tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
+    h, Zd = _shrink(x, A, expert_ids, tables)
     y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
-    return y.addmm_(zdense, _flat_B(B).T), h
+    return y.addmm_(Zd, _flat_B(B).T), h
+
+
+def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
+    """``(dgates [T, k], drank_scale [T, r])`` (None where not needed) from the un-gated
+    ``dZ = dy @ B_all^T`` ``[T, E*r]`` and ``h [T, k, r]``."""
+    T, k, r = h.shape
+    q = dZ.gather(1, tables.index).view(T, k, r).mul_(h).mul_(scaling)  # dz * h per route
+    dgates = drs = None
+    if need_g:
+        dgates = (q.sum(-1) if rank_scale is None
+                  else torch.bmm(q, rank_scale.to(q.dtype)[:, :, None]).view(T, k))
+        dgates = dgates.to(gates.dtype)
+    if need_rs:
+        drs = torch.bmm(gates.to(q.dtype)[:, None, :], q).view(T, r).to(rank_scale.dtype)
+    return dgates, drs
+
+
+def _dense_h(h, tables, E):
+    """``Zd = H * G`` ``[T, E*r]`` rebuilt from the routed ``h [T, k, r]`` (unrouted columns
+    are zero; a repeated expert writes the same value twice)."""
+    T, k, r = h.shape
+    z = h.view(T, k * r) * tables.routed_gates
+    return h.new_zeros(T, E * r).scatter_(1, tables.index, z)
 
 
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs):
@@ -81,29 +181,25 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
 
     ``needs`` is a 5-tuple of bools in that order.
     """
-    E, r, _ = A.shape
-    T, k = expert_ids.shape
+    E, r, d_in = A.shape
     need_x, need_A, need_B, need_g, need_rs = needs
+    tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
     grad = grad.to(x.dtype)
-    s = _route_scale(gates, rank_scale, x.dtype)
-    index = _route_index(expert_ids, r)
     dx = dA = dB = dgates = drs = None
-    # dZ[t, j] = scaling * B[e_tj]^T dy[t]
-    dz = (grad @ _flat_B(B)).gather(1, index).view(T, k, r) * scaling
     if need_B:
-        dB_flat = grad.T @ _dense(h * (s * scaling), index, E)  # [d_out, E*r]
-        dB = dB_flat.view(B.shape[1], E, r).permute(1, 0, 2).contiguous()
-    if need_g:
-        hr = h if rank_scale is None else h * rank_scale.to(h.dtype)[:, None, :]
-        dgates = (dz * hr).sum(-1).to(gates.dtype)
-    if need_rs:
-        drs = (dz * h * gates.to(h.dtype)[..., None]).sum(1).to(rank_scale.dtype)
+        dB = torch.mm(grad.T, _dense_h(h, tables, E)).view(B.shape[1], E, r)
+        dB = dB.permute(1, 0, 2).contiguous()
+    if not (need_x or need_A or need_g or need_rs):
+        return dx, dA, dB, dgates, drs
+    dZ = torch.mm(grad, _flat_B(B))  # [T, E*r], un-gated
+    if need_g or need_rs:
+        dgates, drs = _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs)
     if need_x or need_A:
-        dH = _dense(dz * s, index, E)  # [T, E*r]
+        dH = dZ.mul_(tables.gate_matrix)
         if need_x:
-            dx = dH @ _flat_A(A)
+            dx = torch.mm(dH, _flat_A(A))
         if need_A:
-            dA = (dH.T @ x).view(E, r, x.shape[1])
+            dA = torch.mm(dH.T, x).view(E, r, d_in)
     return dx, dA, dB, dgates, drs
 
 
