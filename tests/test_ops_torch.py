@@ -300,8 +300,9 @@ def test_routing_tables_keyed_by_dtype(dtype, monkeypatch):
 
 
 def test_routing_tables_not_cached_for_leaves_or_inference_tensors(monkeypatch):
-    """Leaves that require grad may change through ``.data`` (as gradcheck does), which
-    bumps no version; inference tensors have no version counter."""
+    """Only gates with autograd history are cached. Leaves that require grad may change
+    through ``.data`` (as gradcheck does), which bumps no version; no-grad tensors may be
+    buffers a compiled graph reuses; inference tensors have no version counter."""
     calls = _count_gate_matrix_builds(monkeypatch)
     x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64, requires_grad=True)
     ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
@@ -315,6 +316,12 @@ def test_routing_tables_not_cached_for_leaves_or_inference_tensors(monkeypatch):
             out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
         torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs))
     assert len(calls) == 4
+    x, A, B, ids, gates, rs = _routed_inputs()
+    with torch.no_grad():
+        gates, rs = gates * 1, rs * 1  # computed without autograd history
+        for _ in range(2):
+            ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize("rank_scale", [False, True])

@@ -80,12 +80,18 @@ _tables_cache: tuple | None = None
 
 
 def _cacheable(*tensors: torch.Tensor | None) -> tuple[int, ...] | None:
-    """Version counters of ``tensors`` (0 for None), or None when a result built from them
-    must not be cached: inference tensors (no version counter), leaves that require grad
-    (parameter-like inputs, which gradcheck and optimizers may change through ``.data``
-    without a version bump; routings computed by a network are not leaves), CUDA graph
-    capture (the graph must record the build)."""
-    if any(t is not None and t.is_leaf and t.requires_grad for t in tensors):
+    """Version counters of ``(expert_ids, gates, rank_scale)`` (0 for None), or None when a
+    result built from them must not be cached.
+
+    Cached only while the gates carry autograd history (eager training, where a router or
+    the saliency network produced them): there the tensors are fresh objects each forward
+    and every in-place change bumps a version. Not cached: leaves (parameter-like inputs
+    that gradcheck and optimizers change through ``.data`` without a version bump),
+    ``no_grad`` / inference tensors, and tensors inside compiled graphs (no autograd
+    history; Inductor may reuse a buffer object for new values without a version bump),
+    nor during CUDA graph capture (the graph must record the build).
+    """
+    if tensors[1] is None or tensors[1].grad_fn is None:
         return None
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return None

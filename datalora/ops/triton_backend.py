@@ -60,13 +60,18 @@ def choose_strategy(E: int, r: int, k: int) -> str:
 _perm_cache: tuple | None = None
 
 
-def permutation(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
+def permutation(expert_ids: torch.Tensor, num_experts: int, *,
+                cache: bool = True) -> ExpertPermutation:
     """``sort_routes`` of ``expert_ids``, reused while the same unmodified tensor comes back.
 
     Layers sharing one ``Routing`` pass the same ``expert_ids`` tensor, so the sort runs
-    once per forward (and once more at most for the backward).
+    once per forward (and once more at most for the backward). The backend caches only
+    routings whose gates carry autograd history (eager training): tensors inside a compiled
+    graph may be buffers Inductor reuses for new values without bumping their version.
     """
     global _perm_cache
+    if not cache:
+        return sort_routes(expert_ids, num_experts)
     try:
         version = expert_ids._version
     except RuntimeError:  # inference tensors have no version counter
@@ -123,7 +128,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
                          E, r, 1.0)
         _ex.expand_dense(zd, B, B.stride(), y, E, r, scaling, accumulate)
     else:
-        perm = permutation(expert_ids, E)
+        perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
         z = x.new_empty(T * k, r)
         _sh.shrink_grouped(x, A, A.stride(), perm, k, g, rs, rs_stride, h, z, E, r, 1.0)
         _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
@@ -184,13 +189,13 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             if need_x:
                 _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, False)
         else:
-            perm = permutation(expert_ids, E)
+            perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
             dh = x.new_empty(T * k, r)
             _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
             if need_x:
                 _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, False, k)
     if need_A or need_B:
-        perm = permutation(expert_ids, E)
+        perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
         if need_A:
             dA = torch.empty(E, r, d_in, dtype=A.dtype, device=A.device)
             _bw.segment_outer(x, dz, perm, k, g, rs, rs_stride, dA, _as_eor(dA, True), r,

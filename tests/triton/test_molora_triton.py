@@ -177,6 +177,7 @@ def test_permutation_is_shared_until_ids_change(device):
     p1, p2 = tb.permutation(ids, 6), tb.permutation(ids, 6)
     assert p1 is p2
     assert torch.equal(p1.expert_offsets[-1].cpu(), torch.tensor(100))
+    assert tb.permutation(ids, 6, cache=False) is not p1  # no-history gates: never cached
     ids[0, 0] = (ids[0, 0] + 1) % 6
     assert tb.permutation(ids, 6) is not p1
 
