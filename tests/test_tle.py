@@ -543,6 +543,23 @@ def test_build_mixed_sequences_format_spans_and_eval_rows():
         [s["ids"] for s in seqs]
 
 
+def test_validation_mixed_sequences_use_validation_rows_only():
+    from datalora.data import load_instruction_dataset
+    from datalora.experiments.tle_evidence import recency_label, validation_mixed_sequences
+    from datalora.testing import build_tokenizer, train_validation_split
+
+    tok = build_tokenizer()
+    train, validation = train_validation_split()
+    seqs = validation_mixed_sequences(tok, validation, per_pair=3)
+    val_ids = {r["id"] for r in validation}
+    held_out = {r["id"] for r in train} | {r["id"] for r in
+                                           load_instruction_dataset("embedded", "eval")}
+    assert len(seqs) == 3 * 12
+    assert all(set(s["ids"]) <= val_ids and not set(s["ids"]) & held_out for s in seqs)
+    assert [recency_label(r) for r in ({}, {"window": 8, "decay": None}, {"decay": 0.9})] == \
+        ["whole", "window=8", "decay=0.9"]
+
+
 def test_span_loss_sums_hand_case():
     from datalora.experiments.tle_evidence import span_loss_sums
 

@@ -25,10 +25,20 @@ mix, the three routing modes with the prompt ending at the first answer cue (so
 prompt-level routing is computed once from block A's prompt; every-token routing from the
 context so far, causally) and an oracle with task A's adapter on block A's positions and
 task B's adapter from block B's first token on. tau and the embedding layer are the ones
-chosen on validation. Writes ``benchmarks/results/tle_eval_cpu.json``::
+chosen on validation.
+
+Recency (``--tune-windows`` / ``--tune-decays``): the context embedding may pool only the
+last ``window`` tokens or an exponentially decayed mean (:func:`datalora.tle.pool_prefixes`),
+so that every-token routing can follow the switch to block B. With a tuning grid, every
+``(embed layer, recency, centroid pooling, tau)`` point is scored on the validation rows
+only: the single-task validation rows and mixed-task sequences built the same way from
+*validation* rows (:func:`validation_mixed_sequences`); the point with the lowest
+``selection_score`` = mean of the two every-token mean losses is used on the eval rows.
+The best whole-context point (no recency) under the same score is also reported on the
+eval rows (``"whole_context_baseline"``). Writes ``benchmarks/results/tle_eval_cpu.json``::
 
     python -m datalora.experiments.tle_evidence --tune-taus 0.01 0.02 0.05 0.1 0.2 \
-        --tune-embed-layers 0 2 4
+        --tune-embed-layers 0 2 4 --tune-windows 4 8 16 32 --tune-decays 0.7 0.85 0.9 0.95
 """
 
 from __future__ import annotations
@@ -112,6 +122,8 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
 
 def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
+                window: int | None = None, decay: float | None = None,
+                centroid_pooling: str = "whole",
                 progress: bool = True) -> tuple[Any, Any, dict[str, list[str]]]:
     """Trains (or reuses) the task adapters on ``base`` and mixes them.
 
@@ -129,9 +141,11 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
     tokenizer = build_tokenizer()
     mixer = TokenLevelAdapterMixer(build_base_model(base, progress=progress),
                                    list(folders.values()), names=list(folders), tau=tau,
-                                   mode="token", embedder=HiddenStateEmbedder(embed_layer))
+                                   mode="token",
+                                   embedder=HiddenStateEmbedder(embed_layer, window=window,
+                                                                decay=decay))
     prompts = {t: [format_prompt(r) for r in task_rows(t)][-centroid_prompts:] for t in TASKS}
-    mixer.fit_centroids(prompts, tokenizer)
+    mixer.fit_centroids(prompts, tokenizer, pooling=centroid_pooling)
     return mixer, tokenizer, prompts
 
 
@@ -166,83 +180,150 @@ def evaluate_settings(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
     return results, routing
 
 
+def recency_label(recency: dict[str, Any]) -> str:
+    """``"whole"``, ``"window=8"`` or ``"decay=0.9"``."""
+    return ", ".join(f"{k}={v}" for k, v in recency.items() if v is not None) or "whole"
+
+
+def validation_mixed_sequences(tokenizer: Any, validation: Sequence[dict[str, str]], *,
+                               per_pair: int = 12) -> list[dict[str, Any]]:
+    """Mixed-task sequences built from *validation* rows only (for tuning)."""
+    return build_mixed_sequences(tokenizer, validation, per_pair=per_pair, seed=MIXED_SEED)
+
+
 def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
          prompts: dict[str, list[str]], *, taus: Sequence[float], embed_layers: Sequence[int],
-         per_task: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Token-level (every token) mean loss on ``rows`` for every ``(tau, embed_layer)``.
+         per_task: int, recencies: Sequence[dict[str, Any]] = ({},),
+         centroid_poolings: Sequence[str] = ("whole",),
+         mixed_sequences: Sequence[dict[str, Any]] | None = None,
+         progress: bool = True) -> list[dict[str, Any]]:
+    """Validation losses for every ``(embed_layer, recency, centroid pooling, tau)``.
 
-    Meant for validation rows. Centroids are refitted from ``prompts`` per embed layer.
-    Returns one ``{tau, embed_layer, every_token, prompt_level}`` record per pair (mean
-    losses).
+    Meant for validation rows (and ``mixed_sequences`` built from validation rows).
+    Centroids are refitted from ``prompts`` per point. ``recencies``: ``{}`` (whole
+    context), ``{"window": w}`` or ``{"decay": d}``. ``"context"`` centroid pooling is
+    skipped for the whole context (it equals ``"whole"`` there).
+
+    Returns:
+        One record per point: ``tau, embed_layer, window, decay, centroid_pooling``, the
+        single-task mean losses ``every_token`` and ``prompt_level``, with
+        ``mixed_sequences`` also ``mixed_every_token {span1, span2, mean}`` and
+        ``selection_score`` = mean of ``every_token`` and ``mixed_every_token["mean"]``
+        (without: ``every_token``).
     """
     from datalora.tle import HiddenStateEmbedder
 
+    points = [(layer, rec, pool) for layer in embed_layers for rec in recencies
+              for pool in centroid_poolings if pool == "whole" or any(rec.values())]
     records = []
-    for layer in embed_layers:
-        mixer.embedder = HiddenStateEmbedder(layer)
-        mixer.fit_centroids(prompts, tokenizer)
-        for tau in tqdm(taus, desc=f"tuning (layer {layer})", disable=not progress):
+    for layer, rec, pool in tqdm(points, desc="tuning", disable=not progress):
+        mixer.embedder = HiddenStateEmbedder(layer, window=rec.get("window"),
+                                             decay=rec.get("decay"))
+        mixer.fit_centroids(prompts, tokenizer, pooling=pool)
+        for tau in taus:
             mixer.tau = tau
-            record: dict[str, Any] = {"tau": tau, "embed_layer": layer}
+            record: dict[str, Any] = {"tau": tau, "embed_layer": layer,
+                                      "window": rec.get("window"), "decay": rec.get("decay"),
+                                      "centroid_pooling": pool}
             for label, mode in (("every_token", "token"), ("prompt_level", "prompt")):
                 mixer.mode = mode
                 record[label] = eval_loss_by_task(mixer, tokenizer, rows,
                                                   per_task=per_task)["mean"]
+            record["selection_score"] = record["every_token"]
+            if mixed_sequences is not None:
+                mixer.mode = "token"
+                m = mixed_span_losses(mixer, tokenizer, mixed_sequences)
+                record["mixed_every_token"] = {k: m[k] for k in ("span1", "span2", "mean")}
+                record["mixed_weight_on_b_adapter"] = m["weight_on_task_adapter"]["span2"]
+                record["selection_score"] = (record["every_token"] + m["mean"]) / 2
             records.append(record)
     return records
 
 
+def _apply_point(mixer: Any, tokenizer: Any, prompts: dict[str, list[str]],
+                 point: dict[str, Any]) -> None:
+    """Sets the mixer to a grid point (embedder, centroids, tau)."""
+    from datalora.tle import HiddenStateEmbedder
+
+    mixer.embedder = HiddenStateEmbedder(point["embed_layer"], window=point["window"],
+                                         decay=point["decay"])
+    mixer.fit_centroids(prompts, tokenizer, pooling=point["centroid_pooling"])
+    mixer.tau = point["tau"]
+
+
 def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: float = 0.02,
         embed_layer: int = 0, per_task: int = 24, centroid_prompts: int = 32,
-        taus: Sequence[float] = (), embed_layers: Sequence[int] = (), out: str | None = None,
-        mixed: bool = True, mixed_per_pair: int = 12,
+        taus: Sequence[float] = (), embed_layers: Sequence[int] = (),
+        window: int | None = None, decay: float | None = None,
+        centroid_pooling: str = "whole", windows: Sequence[int] = (),
+        decays: Sequence[float] = (), centroid_poolings: Sequence[str] = (),
+        out: str | None = None, mixed: bool = True, mixed_per_pair: int = 12,
         progress: bool = True) -> dict[str, Any]:
     """Evaluates every setting on the eval split (and the validation split).
 
-    With ``taus`` / ``embed_layers``, ``tau`` and ``embed_layer`` are first chosen by the
-    lowest every-token mean loss on the validation rows
-    (:func:`~datalora.testing.train_validation_split`); the eval rows are only reported.
+    With any tuning grid (``taus``, ``embed_layers``, ``windows`` / ``decays`` -- each
+    adds the whole context too --, ``centroid_poolings``), the point with the lowest
+    validation ``selection_score`` (see :func:`tune`; with ``mixed`` it includes the
+    mixed-task sequences built from validation rows) sets tau, the embed layer, the
+    recency and the centroid pooling; the eval rows are only reported.
     """
     from datalora.experiments.task_adapters import ADAPTER_SPECS
     from datalora.testing import train_validation_split
-    from datalora.tle import HiddenStateEmbedder
 
     start = time.perf_counter()
     mixer, tokenizer, prompts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
-                                      embed_layer=embed_layer,
-                                      centroid_prompts=centroid_prompts, progress=progress)
+                                            embed_layer=embed_layer, window=window,
+                                            decay=decay, centroid_pooling=centroid_pooling,
+                                            centroid_prompts=centroid_prompts,
+                                            progress=progress)
     validation = train_validation_split()[1]
+    chosen = {"tau": tau, "embed_layer": embed_layer, "window": window, "decay": decay,
+              "centroid_pooling": centroid_pooling}
     grid: list[dict[str, Any]] = []
-    if taus or embed_layers:
+    tuning_seconds = 0.0
+    if taus or embed_layers or windows or decays or centroid_poolings:
+        tune_start = time.perf_counter()
+        recencies = ([{}] + [{"window": w} for w in windows] + [{"decay": d} for d in decays]
+                     if windows or decays else [{"window": window, "decay": decay}])
+        val_mixed = (validation_mixed_sequences(tokenizer, validation, per_pair=mixed_per_pair)
+                     if mixed else None)
         grid = tune(mixer, tokenizer, validation, prompts, taus=list(taus) or [tau],
                     embed_layers=list(embed_layers) or [embed_layer], per_task=per_task,
-                    progress=progress)
-        best = min(grid, key=lambda r: r["every_token"])
-        tau, embed_layer = best["tau"], best["embed_layer"]
-        mixer.embedder = HiddenStateEmbedder(embed_layer)
-        mixer.fit_centroids(prompts, tokenizer)
-    mixer.tau = tau
+                    recencies=recencies,
+                    centroid_poolings=list(centroid_poolings) or [centroid_pooling],
+                    mixed_sequences=val_mixed, progress=progress)
+        best = min(grid, key=lambda r: r["selection_score"])
+        chosen = {k: best[k] for k in chosen}
+        tuning_seconds = time.perf_counter() - tune_start
+    _apply_point(mixer, tokenizer, prompts, chosen)
+    eval_rows = load_instruction_dataset("embedded", "eval")
     val_results, _ = evaluate_settings(mixer, tokenizer, validation, per_task=per_task)
-    results, routing = evaluate_settings(mixer, tokenizer,
-                                         load_instruction_dataset("embedded", "eval"),
-                                         per_task=per_task, progress=progress)
-    mixed_result = None
+    results, routing = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task,
+                                         progress=progress)
+    mixed_result = val_mixed_result = None
     if mixed:
         mixed_start = time.perf_counter()
         mixed_result = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair,
                                       progress=progress)
         mixed_result["seconds"] = time.perf_counter() - mixed_start
+        val_mixed_result = evaluate_mixed(mixer, tokenizer, rows=validation,
+                                          per_pair=mixed_per_pair)
     best_single = min((k for k in results if k.startswith("single:")),
                       key=lambda k: results[k]["mean"])
     summary = {
         "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"base": base, "adapter_dir": str(adapter_dir), "train_steps": steps,
-                   "tau": tau, "embed_layer": embed_layer, "eval_rows_per_task": per_task,
+                   **chosen, "eval_rows_per_task": per_task,
                    "centroid_prompts_per_task": centroid_prompts,
+                   "selection": "lowest validation selection_score = mean of the every-token "
+                                "mean loss on the single-task validation rows and on the "
+                                "mixed-task sequences built from validation rows"
+                   if mixed else "lowest every-token mean loss on the validation rows",
                    "adapters": {t: {"rank": s[0], "alpha": s[1], "targets": list(s[2])}
                                 for t, s in ADAPTER_SPECS.items()}},
         "validation_tuning": grid,
+        "tuning_seconds": tuning_seconds,
         "validation_loss": val_results,
         "eval_loss": results,
         "mean_routing_weights_on_response": routing,
@@ -251,10 +332,23 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         < results[best_single]["mean"],
         "token_mix_beats_prompt_mix": results["every_token"]["mean"]
         < results["prompt_level"]["mean"],
-        "seconds": time.perf_counter() - start,
     }
     if mixed_result is not None:
         summary["mixed_task"] = mixed_result
+        summary["validation_mixed_task"] = val_mixed_result
+    whole = [r for r in grid if r["window"] is None and r["decay"] is None]
+    if whole and (chosen["window"] is not None or chosen["decay"] is not None):
+        point = min(whole, key=lambda r: r["selection_score"])
+        _apply_point(mixer, tokenizer, prompts, point)
+        baseline: dict[str, Any] = {
+            "config": {k: point[k] for k in chosen},
+            "validation_selection_score": point["selection_score"],
+            "eval_loss": evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task)[0]}
+        if mixed:
+            baseline["mixed_task"] = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair)
+        summary["whole_context_baseline"] = baseline
+        _apply_point(mixer, tokenizer, prompts, chosen)
+    summary["seconds"] = time.perf_counter() - start
     if out:
         atomic_write_text(out, json.dumps(summary, indent=1))
     return summary
@@ -442,9 +536,11 @@ def mixed_span_losses(mixer: Any, tokenizer: Any, sequences: Sequence[dict[str, 
                                        "span2_on_first_adapter": share[2]}}
 
 
-def evaluate_mixed(mixer: Any, tokenizer: Any, *, per_pair: int = 12, seed: int = MIXED_SEED,
+def evaluate_mixed(mixer: Any, tokenizer: Any, *, rows: Sequence[dict[str, str]] | None = None,
+                   per_pair: int = 12, seed: int = MIXED_SEED,
                    progress: bool = False) -> dict[str, Any]:
-    """Every setting on the mixed-task eval sequences (see :func:`build_mixed_sequences`).
+    """Every setting on the mixed-task sequences of ``rows`` (default: the eval split; see
+    :func:`build_mixed_sequences`).
 
     Settings: ``single:<task>``, ``uniform``, ``prompt_level``, ``every_token``,
     ``every_other_token``, ``oracle_switch`` (:func:`oracle_weights`),
@@ -452,7 +548,7 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, per_pair: int = 12, seed: int 
     :func:`per_block_prompt_weights`) and ``best_single_per_span`` (derived: for each pair,
     the single-adapter run of task A on span 1 and of task B on span 2).
     """
-    sequences = build_mixed_sequences(tokenizer, per_pair=per_pair, seed=seed)
+    sequences = build_mixed_sequences(tokenizer, rows, per_pair=per_pair, seed=seed)
     N = mixer.num_adapters
     settings: list[tuple[str, str | None, Any]] = [
         (f"single:{name}", None, [1.0 if j == i else 0.0 for j in range(N)])
@@ -484,7 +580,8 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, per_pair: int = 12, seed: int 
                   "response_B + EOS (block A tokenized as in the single-task eval, block B "
                   "without system prompt); loss on response + EOS of both rows; prompt "
                   "length for routing = block A's prompt",
-        "rows": "embedded eval split", "seed": seed, "per_pair": per_pair,
+        "rows": "embedded eval split" if rows is None else f"{len(rows)} given rows",
+        "seed": seed, "per_pair": per_pair,
         "pairs": len(results["uniform"]["by_pair"]), "sequences": len(sequences),
         "tokens_per_sequence": {"min": min(lengths), "max": max(lengths),
                                 "mean": sum(lengths) / len(lengths)},
@@ -492,6 +589,12 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, per_pair: int = 12, seed: int 
         "every_token_beats_prompt_level": {k: pt[k] < pp[k] for k in ("span1", "span2", "mean")},
         "every_other_token_beats_prompt_level": {
             k: results["every_other_token"][k] < pp[k] for k in ("span1", "span2", "mean")},
+        "every_token_beats_uniform": {k: pt[k] < results["uniform"][k]
+                                      for k in ("span1", "span2", "mean")},
+        "pairs_where_every_token_beats": {
+            other: {k: sum(pt["by_pair"][p][k] < results[other]["by_pair"][p][k]
+                           for p in pt["by_pair"]) for k in ("span1", "span2")}
+            for other in ("uniform", "prompt_level", "prompt_level_per_block")},
     }
 
 
@@ -506,6 +609,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="choose tau among these by the validation loss")
     p.add_argument("--tune-embed-layers", type=int, nargs="*", default=[],
                    help="choose the embed layer among these by the validation loss")
+    p.add_argument("--window", type=int, default=None,
+                   help="context embedding over the last N tokens (untuned default: all)")
+    p.add_argument("--decay", type=float, default=None,
+                   help="exponentially decayed context embedding (untuned default: none)")
+    p.add_argument("--centroid-pooling", choices=("whole", "context"), default="whole")
+    p.add_argument("--tune-windows", type=int, nargs="*", default=[],
+                   help="add these windows (and the whole context) to the tuning grid")
+    p.add_argument("--tune-decays", type=float, nargs="*", default=[],
+                   help="add these decays (and the whole context) to the tuning grid")
+    p.add_argument("--tune-centroid-pooling", nargs="*", default=[],
+                   choices=("whole", "context"),
+                   help="centroids pooled over whole prompts and/or like the routing")
     p.add_argument("--per-task", type=int, default=24)
     p.add_argument("--out", default="benchmarks/results/tle_eval_cpu.json")
     p.add_argument("--no-mixed", action="store_true",
@@ -515,8 +630,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
-                  taus=args.tune_taus, embed_layers=args.tune_embed_layers, out=args.out,
+                  taus=args.tune_taus, embed_layers=args.tune_embed_layers,
+                  window=args.window, decay=args.decay,
+                  centroid_pooling=args.centroid_pooling, windows=args.tune_windows,
+                  decays=args.tune_decays, centroid_poolings=args.tune_centroid_pooling,
+                  out=args.out,
                   mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair)
+    c = summary["config"]
+    print("config: " + ", ".join(f"{k}={c[k]}" for k in ("tau", "embed_layer", "window",
+                                                          "decay", "centroid_pooling")))
     print(f"{'setting':>22} " + " ".join(f"{t:>10}" for t in (*TASKS, "mean")))
     for label, losses in summary["eval_loss"].items():
         print(f"{label:>22} " + " ".join(f"{losses[t]:10.3f}" for t in (*TASKS, "mean")))
