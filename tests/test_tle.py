@@ -338,7 +338,7 @@ def test_recency_save_load_round_trip_and_validation(adapter_dirs, tmp_path):
         mixer.fit_centroids([["a"], ["b"], ["c"]], None, pooling="recent")
 
 
-def test_centroids_pool_whole_prompts_by_default(adapter_dirs):
+def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
     from datalora.testing import build_tokenizer
 
     tok = build_tokenizer(vocab_size=300)
@@ -347,8 +347,9 @@ def test_centroids_pool_whole_prompts_by_default(adapter_dirs):
     recent = TokenLevelAdapterMixer(small_model(), adapter_dirs,
                                     embedder=HiddenStateEmbedder(0, window=2))
     want = whole.fit_centroids(groups, tok)
-    torch.testing.assert_close(recent.fit_centroids(groups, tok), want)
-    last2 = recent.fit_centroids(groups, tok, pooling="context")
+    torch.testing.assert_close(whole.fit_centroids(groups, tok, pooling="whole"), want)
+    torch.testing.assert_close(recent.fit_centroids(groups, tok, pooling="whole"), want)
+    last2 = recent.fit_centroids(groups, tok)
     assert not torch.allclose(last2, want)
     emb = recent.embed_texts([g[0] for g in groups], tok)    # the embedder's own pooling
     torch.testing.assert_close(last2, torch.nn.functional.normalize(emb, dim=-1))

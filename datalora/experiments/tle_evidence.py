@@ -123,7 +123,7 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
 def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
                 window: int | None = None, decay: float | None = None,
-                centroid_pooling: str = "whole",
+                centroid_pooling: str = "context",
                 progress: bool = True) -> tuple[Any, Any, dict[str, list[str]]]:
     """Trains (or reuses) the task adapters on ``base`` and mixes them.
 
@@ -255,7 +255,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         embed_layer: int = 0, per_task: int = 24, centroid_prompts: int = 32,
         taus: Sequence[float] = (), embed_layers: Sequence[int] = (),
         window: int | None = None, decay: float | None = None,
-        centroid_pooling: str = "whole", windows: Sequence[int] = (),
+        centroid_pooling: str = "context", windows: Sequence[int] = (),
         decays: Sequence[float] = (), centroid_poolings: Sequence[str] = (),
         out: str | None = None, mixed: bool = True, mixed_per_pair: int = 12,
         progress: bool = True) -> dict[str, Any]:
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="context embedding over the last N tokens (untuned default: all)")
     p.add_argument("--decay", type=float, default=None,
                    help="exponentially decayed context embedding (untuned default: none)")
-    p.add_argument("--centroid-pooling", choices=("whole", "context"), default="whole")
+    p.add_argument("--centroid-pooling", choices=("whole", "context"), default="context")
     p.add_argument("--tune-windows", type=int, nargs="*", default=[],
                    help="add these windows (and the whole context) to the tuning grid")
     p.add_argument("--tune-decays", type=float, nargs="*", default=[],
