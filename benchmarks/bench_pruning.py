@@ -65,8 +65,11 @@ def _tiny(batch, seq, **kw) -> ModelCase:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(dtype=torch.float32, budget_s=20.0, min_reps=5, max_reps=40, cases=[
-        # the embedded tiny model (hidden 128): per-op overheads weigh most
+        # the embedded tiny model (hidden 128) at the demo's batch (8 x 96 tokens): per-op
+        # overheads weigh most; and at 4 x 512 tokens, the long sequences pruning is for
         _tiny(8, 96, name="tiny", layers=4, prune_ranges=((1, 4),), default_range=(1, 4)),
+        _tiny(4, 512, name="tiny_seq512", layers=4, prune_ranges=((1, 4),),
+              default_range=(1, 4)),
         _tiny(8, 96, name="tiny_8layers", layers=8, prune_ranges=((2, 8), (4, 8))),
         # compute dominates: hidden 512, seq 256, batch 8
         ModelCase("cpu_large", hidden=512, layers=8, intermediate=1376, heads=8, kv_heads=4,
