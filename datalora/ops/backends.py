@@ -4,8 +4,10 @@ A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
 
     delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling) -> (delta, h)
     linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling) -> (y, h)
-    delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs)
-        -> (dx, dA, dB, dgates, drank_scale)
+    delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
+                   dx_out=None) -> (dx, dA, dB, dgates, drank_scale)
+        (with ``dx_out`` [T, d_in] given, the LoRA dx is added into it in place and it is
+        returned as dx: ``molora_linear``'s backward passes the base ``grad @ W`` there)
     gather_tokens(hidden, keep_idx) -> packed
     scatter_tokens(hidden, packed, keep_idx, weight) -> out
 

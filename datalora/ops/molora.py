@@ -65,13 +65,20 @@ def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs):
                  for t, need in zip(like, needs, strict=True))
 
 
-def _lora_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs):
-    """``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None or empty."""
+def _lora_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs,
+                   dx_out=None):
+    """``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None or empty.
+
+    ``dx_out`` ``[T, d_in]`` (optional): dx is added into it, in place in eager mode.
+    """
     if _tracing(grad, x):
-        return _molora_delta_backward_op(grad, x, A, B, expert_ids, gates, rank_scale, h,
-                                         scaling, backend, needs)
+        grads = _molora_delta_backward_op(grad, x, A, B, expert_ids, gates, rank_scale, h,
+                                          scaling, backend, needs)
+        if dx_out is None or not needs[0]:
+            return grads
+        return (dx_out + grads[0], *grads[1:])
     return get_backend(backend).delta_backward(grad, x, A, B, expert_ids, gates, rank_scale,
-                                               h, scaling, tuple(needs))
+                                               h, scaling, tuple(needs), dx_out)
 
 
 def _delta_setup_context(ctx, inputs, output):
@@ -125,9 +132,11 @@ def _linear_backward(ctx, grad_y, _grad_h):
     need = ctx.needs_input_grad
     grad_y = grad_y.to(x.dtype).contiguous()
     lora_needs = [need[i] for i in (0, 3, 4, 6, 7)]
+    base_dx = grad_y @ weight if need[0] else None  # the LoRA part of dx is added into it
     dx, dA, dB, dg, drs = _lora_backward(
-        grad_y, x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling, ctx.backend, lora_needs)
-    dx = dx.addmm_(grad_y, weight) if need[0] else None
+        grad_y, x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling, ctx.backend, lora_needs,
+        base_dx)
+    dx = dx if need[0] else None
     dW = grad_y.T @ x if need[1] else None
     dbias = grad_y.sum(0) if ctx.has_bias and need[2] else None
     lora = [g if n else None for g, n in zip((dA, dB, dg, drs), lora_needs[1:], strict=True)]

@@ -152,15 +152,16 @@ def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, strategy=None
 
 
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
-                   strategy=None):
+                   dx_out=None, strategy=None):
     """Gradients ``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None.
 
     ``needs`` is a 5-tuple of bools in that order; shapes as in :func:`delta_forward`,
-    grad ``[T, d_out]``, h ``[T, k, r]`` from the forward.
+    grad ``[T, d_out]``, h ``[T, k, r]`` from the forward. ``dx_out`` ``[T, d_in]``: the
+    expand accumulates dx into it instead of a new buffer.
     """
     if x.dtype == torch.float64:
         return torch_backend.delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h,
-                                            scaling, needs)
+                                            scaling, needs, dx_out)
     need_x, need_A, need_B, need_g, need_rs = needs
     T, d_in = x.shape
     E, r, _ = A.shape
@@ -168,7 +169,8 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     dx = dA = dB = dgates = drs = None
     if T == 0:
         zeros = torch.zeros_like
-        return (x.new_empty(0, d_in) if need_x else None, zeros(A) if need_A else None,
+        empty_dx = x.new_empty(0, d_in) if dx_out is None else dx_out
+        return (empty_dx if need_x else None, zeros(A) if need_A else None,
                 zeros(B) if need_B else None, torch.empty_like(gates) if need_g else None,
                 torch.empty_like(rank_scale) if need_rs else None)
     strategy = strategy or choose_strategy(E, r, k)
@@ -181,19 +183,20 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         wB = _as_eor(B, transpose=True)
         wA = _as_eor(A, transpose=True)
         if need_x:
-            dx = x.new_empty(T, d_in)
+            dx = x.new_empty(T, d_in) if dx_out is None else dx_out
+        accumulate = dx_out is not None
         if strategy == "dense":
             dhd = x.new_empty(T, E * r)
             _sh.shrink_dense(dy, B, wB, as_index(expert_ids), g, rs, rs_stride, dz, dhd, E, r,
                              scaling)
             if need_x:
-                _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, False)
+                _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, accumulate)
         else:
             perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
             dh = x.new_empty(T * k, r)
             _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
             if need_x:
-                _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, False, k)
+                _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, accumulate, k)
     if need_A or need_B:
         perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
         if need_A:
