@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear import GROUP_M
+from .fused_linear import GROUP_M, grouped_tile, lora_expand, store_tile
 
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
 # fused_linear's buckets with BLOCK_K <= 32, the smallest NF4 blocksize. The per-value byte
@@ -72,16 +72,7 @@ def _nf4_fused_linear_kernel(
     HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped ordering: GROUP_M row tiles sweep the column tiles together
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -118,25 +109,10 @@ def _nf4_fused_linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         flat += BLOCK_K
 
-    # LoRA expand: K2 = E*R more iterations, Zd [M, K2] contiguous @ B_all^T
-    K2 = E * R
-    z_ptrs = z_ptr + rows[:, None] * K2 + offs_k[None, :]
-    b_cols = b_ptr + cols[None, :] * stride_bo
-    for k0 in range(0, K2, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K2
-        zt = tl.load(z_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        e_k = (kk // R).to(tl.int64)
-        i_k = kk % R
-        bt = tl.load(b_cols + e_k[:, None] * stride_be + i_k[:, None] * stride_br,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(zt, bt, acc, input_precision="ieee")
-        z_ptrs += BLOCK_K
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    acc = lora_expand(acc, z_ptr, b_ptr, rows, cols, mask_m, mask_n, E, R, stride_be,
+                      stride_bo, stride_br, BLOCK_K)
+    store_tile(acc, bias_ptr, y_ptr, rows, cols, mask_m, mask_n, stride_ym, stride_yn,
+               HAS_BIAS)
 
 
 def config(T: int, fp32: bool = False) -> dict:

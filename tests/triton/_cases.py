@@ -64,3 +64,16 @@ def assert_linear_grads_close(grads, base_grads, ref_grads, eps):
             assert got is None, f"{name}: expected no gradient"
         else:
             assert_close_calibrated(name, got, base, ref, eps)
+
+
+def spy_launches(monkeypatch, module, name):
+    """Wraps launcher ``module.name`` so each call's first argument's shape is recorded (the
+    real launcher still runs); returns the list of recorded shapes."""
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+    return calls

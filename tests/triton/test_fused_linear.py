@@ -13,6 +13,7 @@ from _cases import (
     assert_linear_grads_close,
     make_inputs,
     max_err,
+    spy_launches,
 )
 from conftest import requires_gpu
 from datalora.kernels import fused_linear as fl
@@ -41,14 +42,7 @@ def _fused_env(monkeypatch):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts launches of the fused kernel's launcher (the real one runs)."""
-    calls = []
-    real = fl.fused_linear
-
-    def wrapped(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(tb._fl, "fused_linear", wrapped)
-    return calls
+    return spy_launches(monkeypatch, tb._fl, "fused_linear")
 
 
 def _weights(d_in, d_out, dtype, device, bias, seed=3):

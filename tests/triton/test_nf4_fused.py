@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cases import DTYPES, assert_close_calibrated, make_inputs, make_routing, max_err
+from _cases import DTYPES, assert_close_calibrated, make_inputs, make_routing, max_err, spy_launches
 from conftest import requires_gpu
 from datalora.kernels import nf4_fused_linear as nfl
 
@@ -25,14 +25,7 @@ def _no_env(monkeypatch):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts launches of the NF4 kernel's launcher (the real one runs)."""
-    calls = []
-    real = nfl.nf4_fused_linear
-
-    def wrapped(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(nfl, "nf4_fused_linear", wrapped)
-    return calls
+    return spy_launches(monkeypatch, nfl, "nf4_fused_linear")
 
 
 def _nf4(d_out, d_in, blocksize, double_quant, device, seed=3):
