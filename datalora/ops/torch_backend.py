@@ -17,7 +17,7 @@ ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs a
 ``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
 objects: :func:`routing_tables` builds them once and reuses them while those tensors are
 unmodified (identity + version counters, as ``triton_backend.permutation`` caches its sort;
-one entry, not used for leaves that require grad, inference tensors or CUDA graph capture).
+one entry, only for gates with autograd history, i.e. eager training: see :func:`_cacheable`).
 
 This module doubles as the reference implementation of the backend protocol
 (see ``datalora.ops.backends``): ``delta_forward`` returns the un-scaled per-route
