@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear
 from datalora.routing import Routing
@@ -418,8 +419,8 @@ class HiddenStateEmbedder:
             return mixer.model.get_input_embeddings()(input_ids)
         with mixer.adapters_disabled():
             out = mixer.model(input_ids=input_ids, attention_mask=attention_mask,
-                              past_key_values=cache, use_cache=cache is not None,
-                              output_hidden_states=True)
+                              use_cache=cache is not None, output_hidden_states=True,
+                              **cache_kwargs(mixer.model, cache))
         return out.hidden_states[self.layer]
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
@@ -841,7 +842,7 @@ class TokenLevelAdapterMixer(nn.Module):
         steps_logits, steps_weights, recomputes = [], [], 1
         tokens = ids[0].tolist()
         try:
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
             for i in range(max_new_tokens):
                 logits = out.logits[0, -1].float()
                 steps_logits.append(logits)
@@ -861,7 +862,7 @@ class TokenLevelAdapterMixer(nn.Module):
                     recomputes += 1
                     self._slot.set(w)
                 out = self.model(input_ids=torch.tensor([[nxt]], device=self.device),
-                                 past_key_values=cache, use_cache=True)
+                                 use_cache=True, **cache_kwargs(self.model, cache))
         finally:
             self._slot.set(None)
         sequences = torch.tensor([tokens], device=self.device)
