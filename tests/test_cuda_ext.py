@@ -293,6 +293,7 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
     assert "datalora/kernels/shrink.py" in names and "datalora/data/multitask_train.jsonl" in names
+    assert "datalora/tle/mixer.py" in names  # a subpackage listed in pyproject.toml
     assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],

