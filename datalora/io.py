@@ -11,14 +11,28 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``path`` keeps if it exists, else those an ``open()`` would give a new
+    file (``0o666`` minus the umask); ``mkstemp``'s own ``0o600`` would make saved
+    checkpoints unreadable to other users."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)  # read the umask (no API reads it without setting it)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` on a temp file beside ``path``, fsyncs it, then renames."""
+    """Calls ``write(tmp_path)`` on a temp file beside ``path``, fsyncs it, then renames
+    (keeping ``path``'s permissions, or the umask's for a new file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
