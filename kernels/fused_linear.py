@@ -126,14 +126,20 @@ def _fused_linear_kernel(
                HAS_BIAS)
 
 
-def config(T: int, fp32: bool = False) -> dict:
-    """Tile, stages and warps for T tokens: the first bucket of :data:`TILES_16BIT` /
-    :data:`TILES_FP32` whose bound holds (buckets of T, not the exact T)."""
-    for bound, bm, bn, bk, stages, warps in TILES_FP32 if fp32 else TILES_16BIT:
+def bucket_config(T: int, tiles) -> dict:
+    """Launch config of the first ``(max T, BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
+    num_warps)`` row of ``tiles`` whose bound holds (buckets of T, not the exact T; the last
+    row's bound is None)."""
+    for bound, bm, bn, bk, stages, warps in tiles:
         if bound is None or T <= bound:
             return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                         num_stages=stages, num_warps=warps)
     raise AssertionError("the last bucket has no bound")
+
+
+def config(T: int, fp32: bool = False) -> dict:
+    """Tile, stages and warps for T tokens from :data:`TILES_16BIT` / :data:`TILES_FP32`."""
+    return bucket_config(T, TILES_FP32 if fp32 else TILES_16BIT)
 
 
 def fused_linear(x, w, bias, z, b, E, R, y, cfg=None):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear import GROUP_M, grouped_tile, lora_expand, store_tile
+from .fused_linear import bucket_config, grouped_tile, lora_expand, store_tile
 
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
 # fused_linear's buckets with BLOCK_K <= 32, the smallest NF4 blocksize. The per-value byte
@@ -116,13 +116,8 @@ def _nf4_fused_linear_kernel(
 
 
 def config(T: int, fp32: bool = False) -> dict:
-    """Tile, stages and warps for T tokens: the first bucket of :data:`TILES_16BIT` /
-    :data:`TILES_FP32` whose bound holds (buckets of T, not the exact T)."""
-    for bound, bm, bn, bk, stages, warps in TILES_FP32 if fp32 else TILES_16BIT:
-        if bound is None or T <= bound:
-            return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                        num_stages=stages, num_warps=warps)
-    raise AssertionError("the last bucket has no bound")
+    """Tile, stages and warps for T tokens from :data:`TILES_16BIT` / :data:`TILES_FP32`."""
+    return bucket_config(T, TILES_FP32 if fp32 else TILES_16BIT)
 
 
 def nf4_fused_linear(x, t, code, bias, z, b, E, R, y, cfg=None):
