@@ -371,6 +371,14 @@ def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scali
     return y.view(*x.shape[:-1], d_out)
 
 
+def _inference_ok(base: nn.Module, x: torch.Tensor, tensors) -> bool:
+    """No gradient needed and the base computes in x's dtype (an ``NF4Linear`` always; a
+    bnb ``Linear4bit`` when x has its ``compute_dtype``)."""
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
+        return False
+    return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base)
+
+
 def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                       A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
                       gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
@@ -381,7 +389,9 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     ``lora_x`` is the LoRA input (x after dropout; x itself in eval). Shapes as
     :func:`datalora.ops.molora_delta`. Paths: the CUDA decode kernel (1..16 tokens, no
     gradient), the Triton NF4 GEMM (``DATALORA_NF4_FUSED=1``, triton backend, dense
-    strategy), else ``base(x)`` + ``molora_delta`` (module docstring).
+    strategy), without a gradient ``molora_linear`` over the dequantized weight (the expand
+    accumulates into the base GEMM's output), else ``base(x)`` + ``molora_delta`` (module
+    docstring).
     """
     t = nf4_weight(base)
     x2 = x.reshape(-1, x.shape[-1])
@@ -397,6 +407,12 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     if _triton_fused_ok(x, t, A, expert_ids, backend):
         return _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,
                              check_values)
+    if lora_x is x and _inference_ok(base, x, (x, A, B, gates, rank_scale, base.bias)):
+        # no backward, so the dequantized W need not be kept: molora_linear writes y once,
+        # the expand accumulating into the base GEMM's output (no separate delta + add)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        return ops.molora_linear(x, nf4.dequantize(t, x.dtype), bias, A, B, expert_ids, gates,
+                                 rank_scale, scaling, backend, check_values=check_values)
     delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend,
                              check_values=check_values)
     return base(x).to(delta.dtype) + delta

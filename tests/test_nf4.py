@@ -179,7 +179,7 @@ def test_nf4tensor_validates_fields():
 
 # --------------------------------------------------------------------------- NF4 base layers
 from datalora import MoLoRALinear  # noqa: E402
-from datalora.nf4_linear import NF4Linear  # noqa: E402
+from datalora.nf4_linear import NF4Linear, nf4_weight  # noqa: E402
 from datalora.reference import molora_delta_reference  # noqa: E402
 from datalora.routing import Routing  # noqa: E402
 
@@ -286,6 +286,37 @@ def test_molora_on_bnb_linear4bit_base():
     torch.testing.assert_close(dA, dA_ref, atol=1e-5, rtol=1e-5)
     # the wrapped NF4Linear view of the same bnb layer computes the same base output
     assert torch.allclose(NF4Linear.from_bnb(q)(x.detach()), q(x.detach()), atol=1e-5)
+
+
+def test_nf4_inference_runs_molora_linear_over_the_dequantized_weight(monkeypatch):
+    """Without a gradient the NF4 layer is one molora_linear (expand into the base GEMM's
+    output); with one it stays base + delta, which re-dequantizes W in the backward."""
+    from datalora import ops
+
+    calls = []
+    real = ops.molora_linear
+    monkeypatch.setattr(ops, "molora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin = _linear(128, 48)  # rows of whole blocks: bnb's AVX-512 CPU dequantize is right there
+    q = bnb.nn.Linear4bit(128, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(lin.state_dict())
+    q = q.to("cpu")
+    for base in (NF4Linear.from_linear(lin), q):
+        layer = MoLoRALinear(base, num_experts=4, rank=4, top_k=2)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        w = nf4.dequantize(nf4_weight(base), torch.float32)
+        x = torch.randn(2, 9, 128)
+        routing = _routing(18, 4, 2, 4)
+        with_grad = layer(x, routing=routing)
+        assert calls == []
+        with torch.no_grad():
+            y = layer(x, routing=routing)
+        assert calls == [1] and y.shape == (2, 9, 48)
+        calls.clear()
+        torch.testing.assert_close(y, with_grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y.view(18, 48), _molora_reference(layer, w, x.view(18, 128),
+                                                                     routing),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_molora_rejects_bad_nf4_bases():
