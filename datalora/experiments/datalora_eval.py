@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from datalora.io import atomic_write_text
 
 SCHEMA = "datalora.experiments.datalora_eval/1"
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -245,7 +249,7 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
             "seed": seed, "limit": limit, "eval_rows": len(eval_rows), "base": base,
             "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
                          "throughout, same curriculum of tau / hard routing",
-            "load_average": list(__import__("os").getloadavg())}
+            "load_average": list(os.getloadavg())}
     arms, tuning = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -288,16 +292,14 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
                                      pruned["specialisation"]["max_share_mean"]
                                      > pruned["specialisation"]["uniform_share"])
                 else "FAIL"}]
-    meta["load_average_end"] = list(__import__("os").getloadavg())
+    meta["load_average_end"] = list(os.getloadavg())
     result = {"schema": SCHEMA, "meta": meta, "arms": arms,
               "eval_loss_ratio": ratio, "targets": targets}
     log(format_report(result))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"datalora_eval_{tag}.json"
-    import json
-
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     log(f"wrote {path}")
     if plot:
         log(f"wrote {plot_result(result, path.with_suffix('.png'))}")
