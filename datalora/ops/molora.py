@@ -147,26 +147,30 @@ _molora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setu
 
 
 class _EagerMoLoRADelta(torch.autograd.Function):
-    """``datalora::molora_delta`` without the dispatcher (same setup_context and backward)."""
+    """``datalora::molora_delta`` without the dispatcher (same setup and backward).
+
+    Old-style ``forward(ctx, ...)``: a ``setup_context`` staticmethod would make every
+    ``apply`` bind its arguments with ``inspect.signature`` (tens of microseconds per call).
+    """
 
     @staticmethod
-    def forward(x, A, B, expert_ids, gates, rank_scale, scaling, backend):
-        return get_backend(backend).delta_forward(x, A, B, expert_ids, gates, rank_scale,
-                                                  scaling)
+    def forward(ctx, *inputs):
+        output = get_backend(inputs[-1]).delta_forward(*inputs[:-1])
+        _delta_setup_context(ctx, inputs, output)
+        return output
 
-    setup_context = staticmethod(_delta_setup_context)
     backward = staticmethod(_delta_backward)
 
 
 class _EagerMoLoRALinear(torch.autograd.Function):
-    """``datalora::molora_linear`` without the dispatcher (same setup_context and backward)."""
+    """``datalora::molora_linear`` without the dispatcher (same setup and backward)."""
 
     @staticmethod
-    def forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend):
-        return get_backend(backend).linear_forward(x, weight, bias, A, B, expert_ids, gates,
-                                                   rank_scale, scaling)
+    def forward(ctx, *inputs):
+        output = get_backend(inputs[-1]).linear_forward(*inputs[:-1])
+        _linear_setup_context(ctx, inputs, output)
+        return output
 
-    setup_context = staticmethod(_linear_setup_context)
     backward = staticmethod(_linear_backward)
 
 
