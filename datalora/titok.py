@@ -396,8 +396,8 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
         scored = contrastive_excess(source_model, source_tokenizer, synthetic)
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
                                             token_keep=token_keep)
+    torch.manual_seed(seed)  # before the adapter: its initialisation is part of the seed
     target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)
-    torch.manual_seed(seed)
     losses = train_masked(target, target_tokenizer, examples, steps=steps,
                           batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     return target, {"synthetic": list(synthetic), "scored": list(scored), "selection": stats,
@@ -424,7 +424,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="target LoRA learning rate (default: 3e-3 pretrained, 2e-2 random)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
-    p.add_argument("--eval-rows", type=int, default=32)
+    p.add_argument("--eval-rows", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one transfer per seed; losses averaged over the seeds")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)
@@ -436,7 +438,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     report = run(task=args.task, base=args.base, source_adapter=args.source_adapter,
                  adapter_dir=args.adapter_dir, seed_prompts=args.seed_prompts,
                  sample_keep=args.sample_keep, token_keep=args.token_keep, steps=args.steps,
-                 lr=args.lr, adapter=args.adapter, eval_rows=args.eval_rows, out=args.out,
+                 lr=args.lr, adapter=args.adapter, eval_rows=args.eval_rows, seeds=args.seeds,
+                 out=args.out,
                  progress=not args.no_progress)
     for name, value in report["eval_loss"].items():
         print(f"{name:>24}: eval loss {value:.3f}")

@@ -219,3 +219,30 @@ def test_generate_synthetic_and_train_masked(tok):
         generate_synthetic(model, tok, [])
     with pytest.raises(TypeError, match="base_model"):
         contrastive_excess(base, tok, [ROW])
+
+
+def test_titok_transfer_is_reproducible_from_its_seed(tok, tok_other):
+    """Same seed, same data: the same target adapter, whatever ran before (the adapter's
+    initialisation is seeded too, so compared arms differ only by their selection)."""
+    peft = pytest.importorskip("peft")
+    from datalora.titok import titok_transfer
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)
+    source = peft.get_peft_model(build_tiny_model(seed=2, vocab_size=V, **small),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    rows = [ROW, {"system_prompt": "", "question": "Sort: 3, 1, 2", "response": "1, 2, 3"}]
+
+    def transfer():
+        target, report = titok_transfer(
+            source, tok, build_tiny_model(seed=4, vocab_size=270, **small), tok_other, rows,
+            sample_keep=1.0, token_keep=1.0, target_modules=("q_proj",), steps=2,
+            batch_size=2, seed=5, synthetic=rows, progress=False)
+        return [p.detach().clone() for p in target.parameters() if p.requires_grad], report
+
+    first, report = transfer()
+    torch.rand(7)  # moves the global generator
+    second, again = transfer()
+    assert report["losses"] == again["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

@@ -12,7 +12,8 @@ with the untuned target as reference. Writes
 ``benchmarks/results/titok_cpu.json``::
 
     python -m datalora.experiments.titok_evidence --task sort --seed-prompts 192 \
-        --real-data-baseline --tune-keeps 0.5:0.5 0.75:0.75 0.9:0.9 1:0.8 0.8:1 0.9:0.6
+        --seeds 0 1 2 --real-data-baseline \
+        --tune-keeps 0.5:0.5 0.75:0.75 0.9:0.9 1:0.8 0.8:1 0.9:0.6
 """
 
 from __future__ import annotations
@@ -51,23 +52,37 @@ def _evaluate(model: Any, tokenizer: Any, splits: dict[str, list[dict[str, str]]
             losses[split][name] = response_loss(model, tokenizer, rows)
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str | None = None,
         adapter_dir: str = "/tmp/datalora_work/task_adapters", seed_prompts: int = 96,
         sample_keep: float = 0.5, token_keep: float = 0.5, steps: int = 60,
         lr: float | None = None,
-        adapter: str = "lora", eval_rows: int = 32, out: str | None = None,
-        tune_keeps: Sequence[tuple[float, float]] = (), seed: int = 0,
+        adapter: str = "lora", eval_rows: int = 50, out: str | None = None,
+        tune_keeps: Sequence[tuple[float, float]] = (), seeds: Sequence[int] = (0,),
         real_data_baseline: bool = False, progress: bool = True) -> dict[str, Any]:
     """Runs the transfer and every baseline; losses on the eval rows and validation rows.
 
     Seed prompts are the last ``seed_prompts`` train rows of ``task`` outside the validation
     split; ``eval_rows`` rows of the task's eval split (reported) and of its validation split
-    (:func:`~datalora.testing.train_validation_split`, for tuning) are scored. ``lr``
-    (target LoRA) defaults to the base's adapter rate
-    (:data:`~datalora.experiments.task_adapters.ADAPTER_LR`). With ``tune_keeps`` (pairs
-    ``(sample_keep, token_keep)``) the pair whose TITOK target has the lowest validation
-    loss replaces ``sample_keep`` / ``token_keep``; every pair's loss is reported.
-    ``seed`` seeds the synthetic sampling and the target training.
+    (:func:`~datalora.testing.train_validation_split`, for tuning) are scored (50 = all).
+    ``lr`` (target LoRA) defaults to the base's adapter rate
+    (:data:`~datalora.experiments.task_adapters.ADAPTER_LR`). Each of ``seeds`` seeds its
+    own synthetic sampling and target training; every target loss is reported per seed and
+    as the mean over seeds, and the TITOK-minus-all-tokens difference as mean, standard
+    deviation and wins. With ``tune_keeps`` (pairs ``(sample_keep, token_keep)``) the pair
+    whose TITOK targets have the lowest validation loss averaged over the seeds replaces
+    ``sample_keep`` / ``token_keep`` (one choice for all seeds); every pair is reported.
     """
     import peft
 
@@ -87,6 +102,9 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct seeds, at least one, got {seeds}")
     start = time.perf_counter()
     lr = ADAPTER_LR[base] if lr is None else lr
     src_tok = build_tokenizer()
@@ -104,57 +122,83 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
                        if r["task"] == task][:eval_rows],
               "validation": [r for r in train_validation_split()[1]
                              if r["task"] == task][:eval_rows]}
-    seeds = [{k: v for k, v in r.items() if k != "response"} for r in train[-seed_prompts:]]
+    prompts = [{k: v for k, v in r.items() if k != "response"} for r in train[-seed_prompts:]]
     truth = [r["response"] for r in train[-seed_prompts:]]
 
-    synthetic = generate_synthetic(source, src_tok, seeds, seed=seed, progress=progress)
-    scored = contrastive_excess(source, src_tok, synthetic)
-    correct = [s["response"] == t for s, t in zip(synthetic, truth, strict=True)]
+    synthetic, scored = {}, {}
+    for seed in seeds:
+        synthetic[seed] = generate_synthetic(source, src_tok, prompts, seed=seed,
+                                             progress=progress)
+        scored[seed] = contrastive_excess(source, src_tok, synthetic[seed])
+
+    def transfer(seed: int, sk: float, tk: float, show: bool) -> tuple[Any, dict]:
+        return titok_transfer(source, src_tok, fresh_target(), tgt_tok, prompts,
+                              sample_keep=sk, token_keep=tk, adapter=adapter, steps=steps,
+                              lr=lr, seed=seed, synthetic=synthetic[seed],
+                              scored=scored[seed], progress=show)
+
     tuning = []
     for sk, tk in tune_keeps:
-        target, _ = titok_transfer(source, src_tok, fresh_target(), tgt_tok, seeds,
-                                   sample_keep=sk, token_keep=tk, adapter=adapter,
-                                   steps=steps, lr=lr, seed=seed, synthetic=synthetic,
-                                   scored=scored, progress=False)
-        with torch.no_grad():
-            loss = response_loss(target, tgt_tok, splits["validation"])
-        tuning.append({"sample_keep": sk, "token_keep": tk, "validation_loss": loss})
+        per_seed = []
+        for seed in seeds:
+            target, _ = transfer(seed, sk, tk, False)
+            with torch.no_grad():
+                per_seed.append(response_loss(target, tgt_tok, splits["validation"]))
+        tuning.append({"sample_keep": sk, "token_keep": tk,
+                       "validation_loss": _mean(per_seed), "validation_loss_per_seed": per_seed})
     if tuning:
         best = min(tuning, key=lambda r: r["validation_loss"])
         sample_keep, token_keep = best["sample_keep"], best["token_keep"]
-    _, sel = build_masked_examples(scored, tgt_tok, sample_keep=sample_keep,
-                                   token_keep=token_keep)
-    kept = sel["kept_samples"]
 
-    losses: dict[str, dict[str, float]] = {split: {} for split in splits}
-    _evaluate(source, src_tok, splits, "source_with_lora", losses)
+    fixed: dict[str, dict[str, float]] = {split: {} for split in splits}
+    _evaluate(source, src_tok, splits, "source_with_lora", fixed)
     with source.disable_adapter():
-        _evaluate(source, src_tok, splits, "source_without_lora", losses)
-    _evaluate(fresh_target(), tgt_tok, splits, "target_untuned", losses)
-    train_losses: dict[str, list[float]] = {}
+        _evaluate(source, src_tok, splits, "source_without_lora", fixed)
+    _evaluate(fresh_target(), tgt_tok, splits, "target_untuned", fixed)
     settings = {"target_all_synthetic_tokens": (1.0, 1.0),
                 "target_titok_selected": (sample_keep, token_keep),
                 "target_titok_samples_only": (sample_keep, 1.0),
                 "target_titok_tokens_only": (1.0, token_keep)}
-    for name, (sk, tk) in settings.items():
-        target, report = titok_transfer(source, src_tok, fresh_target(), tgt_tok, seeds,
-                                        sample_keep=sk, token_keep=tk, adapter=adapter,
-                                        steps=steps, lr=lr, seed=seed, synthetic=synthetic,
-                                        scored=scored, progress=progress)
-        _evaluate(target, tgt_tok, splits, name, losses)
-        train_losses[name] = report["losses"]
+    per_seed_losses: dict[int, dict[str, dict[str, float]]] = {}
+    train_losses: dict[str, list[float]] = {name: [] for name in settings}
+    synthetic_stats = []
+    for seed in seeds:
+        losses: dict[str, dict[str, float]] = {split: {} for split in splits}
+        for name, (sk, tk) in settings.items():
+            target, report = transfer(seed, sk, tk, progress)
+            _evaluate(target, tgt_tok, splits, name, losses)
+            train_losses[name].append(_mean(report["losses"][-5:]))
+        per_seed_losses[seed] = losses
+        _, sel = build_masked_examples(scored[seed], tgt_tok, sample_keep=sample_keep,
+                                       token_keep=token_keep)
+        kept = sel["kept_samples"]
+        correct = [s["response"] == t for s, t in zip(synthetic[seed], truth, strict=True)]
+        synthetic_stats.append({
+            "exact_match_all": sum(correct) / len(correct),
+            "exact_match_kept_samples": sum(correct[i] for i in kept) / max(len(kept), 1),
+            "mean_excess_all": _mean([s.mean_excess for s in scored[seed]]),
+            "token_fraction_labelled_titok": sel["token_fraction"]})
     if real_data_baseline:
         from datalora.data import tokenize_example as _tok_ex
         from datalora.titok import _attach_adapter, train_masked
 
-        target = _attach_adapter(fresh_target(), adapter, 8, 16.0,
+        fresh = fresh_target()
+        torch.manual_seed(seeds[0])
+        target = _attach_adapter(fresh, adapter, 8, 16.0,
                                  ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
         examples = [_tok_ex(r, tgt_tok, 128) for r in train[:seed_prompts]]
-        torch.manual_seed(seed)
-        train_masked(target, tgt_tok, examples, steps=steps, lr=lr, seed=seed,
+        train_masked(target, tgt_tok, examples, steps=steps, lr=lr, seed=seeds[0],
                      progress=progress)
-        _evaluate(target, tgt_tok, splits, "target_real_labels_upper_bound", losses)
-    ev = losses["eval"]
+        _evaluate(target, tgt_tok, splits, "target_real_labels_upper_bound", fixed)
+
+    def averaged(split: str) -> dict[str, float]:
+        """Seed-independent losses plus each trained target's mean over the seeds."""
+        return {**fixed[split], **{name: _mean([per_seed_losses[s][split][name] for s in seeds])
+                                   for name in settings}}
+
+    ev = averaged("eval")
+    diffs = [per_seed_losses[s]["eval"]["target_titok_selected"]
+             - per_seed_losses[s]["eval"]["target_all_synthetic_tokens"] for s in seeds]
     result = {
         "device": "cpu", "torch": torch.__version__, "peft": peft.__version__,
         "python": platform.python_version(),
@@ -164,20 +208,22 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
                    "target": TARGET_KWARGS, "target_tokenizer_vocab": len(tgt_tok),
                    "source_adapter": folder, "seed_prompts": seed_prompts,
                    "sample_keep": sample_keep, "token_keep": token_keep,
-                   "target_adapter": adapter, "train_steps": steps, "lr": lr, "seed": seed,
+                   "target_adapter": adapter, "train_steps": steps, "lr": lr, "seeds": seeds,
                    "eval_rows": len(splits["eval"]),
                    "validation_rows": len(splits["validation"])},
         "validation_tuning": tuning,
         "eval_loss": ev,
-        "validation_loss": losses["validation"],
+        "validation_loss": averaged("validation"),
+        "eval_loss_per_seed": {str(s): per_seed_losses[s]["eval"] for s in seeds},
+        "titok_minus_all_tokens": {"eval_per_seed": diffs, "mean": _mean(diffs),
+                                   "std": _std(diffs),
+                                   "titok_wins": sum(d < 0 for d in diffs),
+                                   "seeds": len(diffs)},
         "synthetic": {
-            "exact_match_all": sum(correct) / len(correct),
-            "exact_match_kept_samples": sum(correct[i] for i in kept) / max(len(kept), 1),
-            "mean_excess_all": sum(s.mean_excess for s in scored) / len(scored),
-            "token_fraction_labelled_titok": sel["token_fraction"],
+            **{k: _mean([st[k] for st in synthetic_stats]) for k in synthetic_stats[0]},
             "examples": [{"question": s["question"], "response": s["response"], "truth": t}
-                         for s, t in list(zip(synthetic, truth, strict=True))[:5]]},
-        "final_train_loss": {k: sum(v[-5:]) / len(v[-5:]) for k, v in train_losses.items()},
+                         for s, t in list(zip(synthetic[seeds[0]], truth, strict=True))[:5]]},
+        "final_train_loss": {k: _mean(v) for k, v in train_losses.items()},
         "titok_beats_all_tokens": ev["target_titok_selected"]
         < ev["target_all_synthetic_tokens"],
         "titok_beats_untuned": ev["target_titok_selected"] < ev["target_untuned"],
@@ -199,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=None, help="default: by base (ADAPTER_LR)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed (synthetic sampling + target training); losses "
+                        "are averaged and the TITOK - all-tokens difference reported per seed")
+    p.add_argument("--eval-rows", type=int, default=50,
+                   help="rows of the task's eval and validation splits scored (50 = all)")
     p.add_argument("--tune-keeps", nargs="*", default=[], metavar="SAMPLE:TOKEN",
                    help="choose (sample_keep, token_keep) among these by the validation loss")
     p.add_argument("--real-data-baseline", action="store_true")
@@ -209,11 +259,14 @@ def main(argv: list[str] | None = None) -> None:
                  seed_prompts=args.seed_prompts, sample_keep=args.sample_keep,
                  token_keep=args.token_keep, steps=args.steps, lr=args.lr,
                  adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline,
-                 seed=args.seed,
+                 seeds=args.seeds, eval_rows=args.eval_rows,
                  tune_keeps=[tuple(float(v) for v in pair.split(":")) for pair in args.tune_keeps])
     for name, value in result["eval_loss"].items():
         print(f"{name:>32}: eval loss {value:.3f}  validation "
               f"{result['validation_loss'][name]:.3f}")
+    diff = result["titok_minus_all_tokens"]
+    print(f"TITOK - all tokens (eval): {diff['mean']:+.3f} +- {diff['std']:.3f} over "
+          f"{diff['seeds']} seeds, TITOK wins {diff['titok_wins']}")
     print(json.dumps(result["synthetic"], indent=1)[:1500])
 
 
