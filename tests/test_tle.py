@@ -355,6 +355,28 @@ def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
     torch.testing.assert_close(last2, torch.nn.functional.normalize(emb, dim=-1))
 
 
+def test_positions_centroids_average_every_position(adapter_dirs):
+    """pooling="positions": the mean of the normalised window embeddings at every token of
+    every text (texts of different lengths: padding is dropped, not averaged in)."""
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    groups = [["What is 3 + 4?\n7", "What is 10 + 1?\n11"], ["Reverse: abcde\nedcba"],
+              ["Sort: 5, 2, 9\n2, 5, 9"]]
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs,
+                                   embedder=HiddenStateEmbedder(0, window=2))
+    got = mixer.fit_centroids(groups, tok, pooling="positions")
+    embed = mixer.model.get_input_embeddings()
+    for centroid, texts in zip(got, groups, strict=True):
+        rows = []
+        for text in texts:  # one text at a time: no padding
+            h = embed(tok(text, return_tensors="pt")["input_ids"])[0].float()
+            rows += [h[max(0, t - 1):t + 1].mean(0) for t in range(h.shape[0])]
+        want = torch.nn.functional.normalize(torch.stack(rows), dim=-1).mean(0)
+        torch.testing.assert_close(centroid, want)
+    assert not torch.allclose(got, mixer.fit_centroids(groups, tok))
+
+
 def test_sentence_embedder_window(adapter_dirs):
     from datalora.testing import build_tokenizer
     from datalora.tle import SentenceEmbedder

@@ -60,6 +60,9 @@ from datalora.data import tokenize_example as _tokenize
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
 
+POOLINGS = ("whole", "context", "positions")
+"""Centroid poolings (``TokenLevelAdapterMixer.fit_centroids``)."""
+
 
 @torch.no_grad()
 def eval_loss_by_task(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]], *,
@@ -127,11 +130,13 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 progress: bool = True) -> tuple[Any, Any, dict[str, list[str]]]:
     """Trains (or reuses) the task adapters on ``base`` and mixes them.
 
-    Centroids come from the last ``centroid_prompts`` training prompts of each task (never
-    validation or eval rows).
+    Centroids come from the last ``centroid_prompts`` training rows of each task (never
+    validation or eval rows): their prompts, or for ``"positions"`` pooling the whole
+    examples (prompt + response).
 
     Returns:
-        ``(mixer, tokenizer, centroid prompts {task: [prompt]})``.
+        ``(mixer, tokenizer, centroid texts)``: ``{"prompts": {task: [prompt]},
+        "examples": {task: [prompt + response]}}`` (see :func:`fit_centroids`).
     """
     from datalora.experiments.task_adapters import build_base_model, task_rows, train_task_adapters
     from datalora.testing import build_tokenizer
@@ -144,9 +149,20 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                                    mode="token",
                                    embedder=HiddenStateEmbedder(embed_layer, window=window,
                                                                 decay=decay))
-    prompts = {t: [format_prompt(r) for r in task_rows(t)][-centroid_prompts:] for t in TASKS}
-    mixer.fit_centroids(prompts, tokenizer, pooling=centroid_pooling)
-    return mixer, tokenizer, prompts
+    rows = {t: task_rows(t)[-centroid_prompts:] for t in TASKS}
+    texts = {"prompts": {t: [format_prompt(r) for r in rows[t]] for t in TASKS},
+             "examples": {t: [format_prompt(r) + r["response"] for r in rows[t]]
+                          for t in TASKS}}
+    fit_centroids(mixer, tokenizer, texts, centroid_pooling)
+    return mixer, tokenizer, texts
+
+
+def fit_centroids(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str]]],
+                  pooling: str) -> None:
+    """Fits the mixer's centroids with ``pooling``: from the prompts for ``"whole"`` /
+    ``"context"``, from the whole examples for ``"positions"``."""
+    group = texts["examples" if pooling == "positions" else "prompts"]
+    mixer.fit_centroids(group, tokenizer, pooling=pooling)
 
 
 def evaluate_settings(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]], *,
@@ -192,7 +208,8 @@ def validation_mixed_sequences(tokenizer: Any, validation: Sequence[dict[str, st
 
 
 def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
-         prompts: dict[str, list[str]], *, taus: Sequence[float], embed_layers: Sequence[int],
+         texts: dict[str, dict[str, list[str]]], *, taus: Sequence[float],
+         embed_layers: Sequence[int],
          per_task: int, recencies: Sequence[dict[str, Any]] = ({},),
          centroid_poolings: Sequence[str] = ("whole",),
          mixed_sequences: Sequence[dict[str, Any]] | None = None,
@@ -200,9 +217,10 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
     """Validation losses for every ``(embed_layer, recency, centroid pooling, tau)``.
 
     Meant for validation rows (and ``mixed_sequences`` built from validation rows).
-    Centroids are refitted from ``prompts`` per point. ``recencies``: ``{}`` (whole
-    context), ``{"window": w}`` or ``{"decay": d}``. ``"context"`` centroid pooling is
-    skipped for the whole context (it equals ``"whole"`` there).
+    Centroids are refitted from ``texts`` (see :func:`build_mixer`) per point.
+    ``recencies``: ``{}`` (whole context), ``{"window": w}`` or ``{"decay": d}``.
+    ``"context"`` centroid pooling is skipped for the whole context (it equals ``"whole"``
+    there).
 
     Returns:
         One record per point: ``tau, embed_layer, window, decay, centroid_pooling``, the
@@ -214,12 +232,12 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
     from datalora.tle import HiddenStateEmbedder
 
     points = [(layer, rec, pool) for layer in embed_layers for rec in recencies
-              for pool in centroid_poolings if pool == "whole" or any(rec.values())]
+              for pool in centroid_poolings if pool != "context" or any(rec.values())]
     records = []
     for layer, rec, pool in tqdm(points, desc="tuning", disable=not progress):
         mixer.embedder = HiddenStateEmbedder(layer, window=rec.get("window"),
                                              decay=rec.get("decay"))
-        mixer.fit_centroids(prompts, tokenizer, pooling=pool)
+        fit_centroids(mixer, tokenizer, texts, pool)
         for tau in taus:
             mixer.tau = tau
             record: dict[str, Any] = {"tau": tau, "embed_layer": layer,
@@ -240,14 +258,14 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
     return records
 
 
-def _apply_point(mixer: Any, tokenizer: Any, prompts: dict[str, list[str]],
+def _apply_point(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str]]],
                  point: dict[str, Any]) -> None:
     """Sets the mixer to a grid point (embedder, centroids, tau)."""
     from datalora.tle import HiddenStateEmbedder
 
     mixer.embedder = HiddenStateEmbedder(point["embed_layer"], window=point["window"],
                                          decay=point["decay"])
-    mixer.fit_centroids(prompts, tokenizer, pooling=point["centroid_pooling"])
+    fit_centroids(mixer, tokenizer, texts, point["centroid_pooling"])
     mixer.tau = point["tau"]
 
 
@@ -271,11 +289,11 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     from datalora.testing import train_validation_split
 
     start = time.perf_counter()
-    mixer, tokenizer, prompts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
-                                            embed_layer=embed_layer, window=window,
-                                            decay=decay, centroid_pooling=centroid_pooling,
-                                            centroid_prompts=centroid_prompts,
-                                            progress=progress)
+    mixer, tokenizer, texts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
+                                          embed_layer=embed_layer, window=window,
+                                          decay=decay, centroid_pooling=centroid_pooling,
+                                          centroid_prompts=centroid_prompts,
+                                          progress=progress)
     validation = train_validation_split()[1]
     chosen = {"tau": tau, "embed_layer": embed_layer, "window": window, "decay": decay,
               "centroid_pooling": centroid_pooling}
@@ -287,7 +305,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
                      if windows or decays else [{"window": window, "decay": decay}])
         val_mixed = (validation_mixed_sequences(tokenizer, validation, per_pair=mixed_per_pair)
                      if mixed else None)
-        grid = tune(mixer, tokenizer, validation, prompts, taus=list(taus) or [tau],
+        grid = tune(mixer, tokenizer, validation, texts, taus=list(taus) or [tau],
                     embed_layers=list(embed_layers) or [embed_layer], per_task=per_task,
                     recencies=recencies,
                     centroid_poolings=list(centroid_poolings) or [centroid_pooling],
@@ -295,7 +313,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         best = min(grid, key=lambda r: r["selection_score"])
         chosen = {k: best[k] for k in chosen}
         tuning_seconds = time.perf_counter() - tune_start
-    _apply_point(mixer, tokenizer, prompts, chosen)
+    _apply_point(mixer, tokenizer, texts, chosen)
     eval_rows = load_instruction_dataset("embedded", "eval")
     val_results, _ = evaluate_settings(mixer, tokenizer, validation, per_task=per_task)
     results, routing = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task,
@@ -339,7 +357,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     whole = [r for r in grid if r["window"] is None and r["decay"] is None]
     if whole and (chosen["window"] is not None or chosen["decay"] is not None):
         point = min(whole, key=lambda r: r["selection_score"])
-        _apply_point(mixer, tokenizer, prompts, point)
+        _apply_point(mixer, tokenizer, texts, point)
         baseline: dict[str, Any] = {
             "config": {k: point[k] for k in chosen},
             "validation_selection_score": point["selection_score"],
@@ -347,7 +365,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         if mixed:
             baseline["mixed_task"] = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair)
         summary["whole_context_baseline"] = baseline
-        _apply_point(mixer, tokenizer, prompts, chosen)
+        _apply_point(mixer, tokenizer, texts, chosen)
     summary["seconds"] = time.perf_counter() - start
     if out:
         atomic_write_text(out, json.dumps(summary, indent=1))
@@ -613,14 +631,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="context embedding over the last N tokens (untuned default: all)")
     p.add_argument("--decay", type=float, default=None,
                    help="exponentially decayed context embedding (untuned default: none)")
-    p.add_argument("--centroid-pooling", choices=("whole", "context"), default="context")
+    p.add_argument("--centroid-pooling", choices=POOLINGS, default="context")
     p.add_argument("--tune-windows", type=int, nargs="*", default=[],
                    help="add these windows (and the whole context) to the tuning grid")
     p.add_argument("--tune-decays", type=float, nargs="*", default=[],
                    help="add these decays (and the whole context) to the tuning grid")
     p.add_argument("--tune-centroid-pooling", nargs="*", default=[],
-                   choices=("whole", "context"),
-                   help="centroids pooled over whole prompts and/or like the routing")
+                   choices=POOLINGS,
+                   help="centroids pooled over whole prompts, like the routing at the "
+                        "prompt's end, and/or at every position of whole examples")
     p.add_argument("--per-task", type=int, default=24)
     p.add_argument("--out", default="benchmarks/results/tle_eval_cpu.json")
     p.add_argument("--no-mixed", action="store_true",

@@ -151,22 +151,27 @@ class TokenLevelAdapterMixer(nn.Module):
     def fit_centroids(self, prompts: Sequence[Sequence[str]] | Mapping[str, Sequence[str]],
                       tokenizer: Any, batch_size: int = 16, *,
                       pooling: str = "context") -> torch.Tensor:
-        """Sets ``centroids [N, D]``: per adapter, the mean of its example prompts'
+        """Sets ``centroids [N, D]``: per adapter, the mean of its example texts'
         L2-normalised embeddings.
 
         Args:
-            pooling: ``"context"`` (default) pools each example prompt exactly as the
-                routing pools the context (the embedder's ``window`` / ``decay`` applied
-                at the prompt's last token), so centroid and query come from the same
-                distribution; ``"whole"`` pools over all the prompt's tokens, ignoring the
-                recency. Without recency both are the same. On the embedded tasks
-                ``"context"`` scored better on validation in 17 of 21 recency settings
-                (much better for short windows, which mostly see the shared
-                ``### Answer:`` cue), at most 0.02 nats worse in the others
+            prompts: per adapter, example texts (prompts, or whole examples with their
+                responses for ``"positions"``), as a list in adapter order or by name.
+            pooling: ``"context"`` (default) pools each example exactly as the routing
+                pools the context (the embedder's ``window`` / ``decay`` applied at the
+                text's last token), so centroid and query come from the same distribution;
+                ``"whole"`` pools over all the text's tokens, ignoring the recency (without
+                recency both are the same); ``"positions"`` averages the context embedding
+                at *every* position of each text, the distribution every-token routing
+                queries while it reads a prompt and writes an answer. On the embedded
+                tasks ``"context"`` scored better than ``"whole"`` on validation in 17 of
+                21 recency settings (much better for short windows, which mostly see the
+                shared ``### Answer:`` cue), at most 0.02 nats worse in the others
                 (``benchmarks/results/tle_eval_cpu.json``).
         """
-        if pooling not in ("whole", "context"):
-            raise ValueError(f"pooling: expected 'whole' or 'context', got {pooling!r}")
+        if pooling not in ("whole", "context", "positions"):
+            raise ValueError(f"pooling: expected 'whole', 'context' or 'positions', got "
+                             f"{pooling!r}")
         if isinstance(prompts, Mapping):
             missing = [n for n in self.names if n not in prompts]
             if missing:
@@ -180,22 +185,28 @@ class TokenLevelAdapterMixer(nn.Module):
             embedder = embedder.whole_context()
         centroids = []
         for group in prompts:
-            embs = [self.embed_texts(list(group[i:i + batch_size]), tokenizer, embedder)
+            embs = [self.embed_texts(list(group[i:i + batch_size]), tokenizer, embedder,
+                                     every_position=pooling == "positions")
                     for i in range(0, len(group), batch_size)]
             centroids.append(F.normalize(torch.cat(embs), dim=-1).mean(0))
         self.centroids = torch.stack(centroids)
         return self.centroids
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], tokenizer: Any,
-                    embedder: Any = None) -> torch.Tensor:
-        """``[n, D]`` context embeddings of whole texts (at their last token; ``embedder``
-        default: the mixer's, with its recency)."""
+    def embed_texts(self, texts: list[str], tokenizer: Any, embedder: Any = None, *,
+                    every_position: bool = False) -> torch.Tensor:
+        """Context embeddings of ``texts`` (``embedder`` default: the mixer's, with its
+        recency): ``[n, D]`` at each text's last token, or with ``every_position``
+        ``[n_tokens, D]`` at every token of every text (padding dropped)."""
         embedder = self.embedder if embedder is None else embedder
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         mask = batch["attention_mask"]
-        last = (mask.sum(1) - 1).reshape(-1, 1)
-        return embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
+        if not every_position:
+            last = (mask.sum(1) - 1).reshape(-1, 1)
+            return embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        embs = embedder.prefix_embeddings(self, batch["input_ids"], mask, positions)
+        return embs[mask.bool()]
 
     # ---- forward (teacher forcing)
     def routing_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
