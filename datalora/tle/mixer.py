@@ -164,10 +164,11 @@ class TokenLevelAdapterMixer(nn.Module):
                 recency both are the same); ``"positions"`` averages the context embedding
                 at *every* position of each text, the distribution every-token routing
                 queries while it reads a prompt and writes an answer. On the embedded
-                tasks ``"context"`` scored better than ``"whole"`` on validation in 17 of
+                tasks ``"context"`` scored better than ``"whole"`` on validation in 16 of
                 21 recency settings (much better for short windows, which mostly see the
-                shared ``### Answer:`` cue), at most 0.02 nats worse in the others
-                (``benchmarks/results/tle_eval_cpu.json``).
+                shared ``### Answer:`` cue), at most 0.025 nats worse in the others, and
+                ``"positions"`` trailed it (best selection score 3.188 vs 3.163;
+                ``benchmarks/results/tle_eval_cpu.json``).
         """
         if pooling not in ("whole", "context", "positions"):
             raise ValueError(f"pooling: expected 'whole', 'context' or 'positions', got "
