@@ -246,3 +246,36 @@ def test_titok_transfer_is_reproducible_from_its_seed(tok, tok_other):
     second, again = transfer()
     assert report["losses"] == again["losses"]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_titok_evidence_multi_seed_smoke(tmp_path):
+    """The evidence script end to end on the random base (seconds): per-seed losses, their
+    means, the paired TITOK - all-tokens difference, keeps chosen on the seed mean."""
+    pytest.importorskip("peft")
+    import json
+
+    from datalora.experiments.titok_evidence import main
+
+    out = tmp_path / "titok.json"
+    main(["--task", "lookup", "--base", "random", "--adapter-dir", str(tmp_path / "adapters"),
+          "--seed-prompts", "4", "--steps", "2", "--eval-rows", "2", "--seeds", "0", "1",
+          "--tune-keeps", "1:0.5", "0.5:1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    per_seed = report["eval_loss_per_seed"]
+    assert sorted(per_seed) == ["0", "1"]
+    for name in ("target_all_synthetic_tokens", "target_titok_selected"):
+        want = (per_seed["0"][name] + per_seed["1"][name]) / 2
+        assert report["eval_loss"][name] == pytest.approx(want)
+    diffs = [per_seed[s]["target_titok_selected"] - per_seed[s]["target_all_synthetic_tokens"]
+             for s in ("0", "1")]
+    diff = report["titok_minus_all_tokens"]
+    assert diff["eval_per_seed"] == pytest.approx(diffs)
+    assert diff["titok_wins"] == sum(d < 0 for d in diffs) and diff["seeds"] == 2
+    best = min(report["validation_tuning"], key=lambda r: r["validation_loss"])
+    assert (report["config"]["sample_keep"], report["config"]["token_keep"]) == (
+        best["sample_keep"], best["token_keep"])
+    assert all(r["validation_loss"] == pytest.approx(sum(r["validation_loss_per_seed"]) / 2)
+               for r in report["validation_tuning"])
+    with pytest.raises(ValueError, match="seeds"):
+        from datalora.experiments.titok_evidence import run
+        run("lookup", base="random", adapter_dir=str(tmp_path / "adapters"), seeds=(0, 0))
