@@ -156,13 +156,24 @@ class DATALORATrainer(Trainer):
         # keep sigmoid before pruning starts; the term stays in the graph (DDP) at weight 0
         lam = cfg.lambda_prune if dl.runtime.retention < 1.0 else 0.0
         aux = lam * l_ret + cfg.alpha_balance * l_bal
-        lm_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
-                     else self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        lm_scaled = self._loss_scaled_for_ga(num_items_in_batch)
         ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         total = loss + (aux / ga if lm_scaled else aux).to(loss.dtype)
         self._accumulate(loss.detach() * (ga if lm_scaled else 1), l_ret, l_bal, record,
                          task_ids)
         return (total, outputs) if return_outputs else total
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """True when the Trainer takes ``compute_loss``'s loss as already divided for
+        gradient accumulation (it then skips its own division), decided as
+        ``Trainer.training_step`` decides it: the ``loss_is_scaled_for_ga`` override
+        (transformers >= 5.2x; older releases lack it) or a loss normalised by
+        ``num_items_in_batch`` in the model or in ``compute_loss_func``."""
+        override = getattr(self, "loss_is_scaled_for_ga", None)
+        if override is not None:
+            return bool(override)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
 
     @torch.no_grad()
     def _accumulate(self, lm_loss, l_ret, l_bal, record, task_ids) -> None:

@@ -149,6 +149,20 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     assert resumed_model.curriculum_state() == full.datalora_model.curriculum_state()
 
 
+def test_aux_loss_follows_the_trainers_gradient_accumulation_scaling(tmp_path):
+    """The aux losses are divided by the accumulation steps exactly when the Trainer will
+    not divide the returned loss itself (its rule; ``loss_is_scaled_for_ga`` only exists
+    in newer transformers releases, so it must not be required)."""
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=1)
+    cases = [(True, 8, None, True), (True, None, None, False), (False, 8, None, False),
+             (False, None, lambda *a, **k: 0.0, True)]
+    for accepts, items, loss_func, want in cases:
+        trainer.model_accepts_loss_kwargs, trainer.compute_loss_func = accepts, loss_func
+        assert trainer._loss_scaled_for_ga(items) is want
+    trainer.loss_is_scaled_for_ga = False  # the explicit override wins where it exists
+    assert trainer._loss_scaled_for_ga(8) is False
+
+
 def test_trainer_rejects_per_layer_routing(tmp_path):
     cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
