@@ -34,17 +34,19 @@ import triton.language as tl
 from .fused_linear import bucket_config, grouped_tile, lora_expand, store_tile
 
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
-# fused_linear's buckets with BLOCK_K <= 32, the smallest NF4 blocksize. The per-value byte
-# and code-table gathers hold 64-bit addresses in registers, so in the unaligned build
-# 64x64x32 needs 8 warps (4 spill on sm_80 with double quant) and fp32 a K-step of 16
-# (16x64x32 and 64x64x16 with 4 warps spill on sm_90; benchmarks/results/resource_usage.md).
+# BLOCK_K <= 32, the smallest NF4 blocksize. The per-value byte and code-table gathers hold
+# 64-bit addresses in registers, so every tile takes 8 warps and fp32 a K-step of 16:
+# with 4 warps 16x64x32 spills (and 64x64x32 on sm_80 with double quant), and under
+# Triton 3.6 (the GPU machine's release, which allocates more registers here than 3.9)
+# so do 16x64 with 4 warps in every dtype and 128x128x32 at any stage count; 128x64x32
+# with 3 stages does not (benchmarks/results/resource_usage.md is the 3.9 build).
 TILES_16BIT = (
-    (16, 16, 64, 32, 4, 4),
+    (16, 16, 64, 32, 4, 8),
     (128, 64, 64, 32, 4, 8),
-    (None, 128, 128, 32, 4, 8),
+    (None, 128, 64, 32, 3, 8),
 )
 TILES_FP32 = (
-    (16, 16, 64, 16, 3, 4),
+    (16, 16, 64, 16, 3, 8),
     (None, 64, 64, 16, 3, 8),
 )
 

@@ -120,10 +120,19 @@ def _shrink_grouped_kernel(
 
 
 def dense_config(T: int, N: int, fp32: bool = False) -> dict:
-    """Tile of ``_shrink_dense_kernel`` for T tokens and N = E*R columns (fp32: K-step 16,
-    its FMA dot and gate-selection epilogue do not fit registers with 32)."""
-    return dict(BLOCK_T=row_block(T), BLOCK_N=col_block(N), BLOCK_K=16 if fp32 else BLOCK_K,
-                num_warps=warps_for(row_block(T), col_block(N)))
+    """Tile of ``_shrink_dense_kernel`` for T tokens and N = E*R columns.
+
+    fp32 takes a K-step of 16 (its FMA dot and gate-selection epilogue do not fit registers
+    with 32). The 64x64 tile takes a K-step of 16 in 16-bit too and is 64x32 with 8 warps
+    in fp32: under Triton 3.6 (the GPU machine's release) 64x64x32 in 16-bit and 64x64x16
+    in fp32 spill on sm_80 (8 and 40 bytes of stack), these do not.
+    """
+    rows, cols = row_block(T), col_block(N)
+    big = rows * cols >= 64 * 64
+    if fp32 and big:
+        cols = 32
+    return dict(BLOCK_T=rows, BLOCK_N=cols, BLOCK_K=16 if fp32 or big else BLOCK_K,
+                num_warps=8 if big else warps_for(rows, cols))
 
 
 def grouped_config(num_routes: int, R: int, fp32: bool = False) -> dict:
