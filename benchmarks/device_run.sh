@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole GPU check as one call of the device tool (a bare H100/H200 machine with
+# Python 3.12, torch, Triton, transformers, peft and nvcc but no bitsandbytes and no
+# network; at most 10 minutes a call, 8 files back from $OUT):
+#   1. installs the wheels carried in .whl/ (bitsandbytes for the NF4 baselines),
+#   2. builds datalora in place (`pip install -e .`, the CUDA extension for
+#      DATALORA_CUDA_ARCHS, default 90),
+#   3. runs benchmarks/run_gpu_suite.sh under SUITE_TIMEOUT seconds (default 480), so a
+#      slow step still leaves the finished ones to collect,
+#   4. packs every result into $OUT/gpu_results.tgz and copies summary.txt beside it.
+#
+# Prepare once on the CPU machine, in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+# then call the device tool's run with command "bash benchmarks/device_run.sh",
+# carry [".whl"] and timeout_s 590; unpack with
+#   mkdir -p benchmarks/results/gpu_<device> && tar xzf gpu_results.tgz -C benchmarks/results/gpu_<device>
+# SKIP_STEPS (run_gpu_suite.sh) skips steps, e.g. SKIP_STEPS="tle pytest_bench".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/datalora_device_out}
+RESULTS=${RESULTS:-/tmp/datalora_gpu_results}
+mkdir -p "$OUT" "$RESULTS"
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export DATALORA_CUDA_ARCHS=${DATALORA_CUDA_ARCHS:-90}
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+  tail -n 40 "$OUT/install.log"
+  exit 1
+fi
+
+export PYTHON=$PY PYTHONUNBUFFERED=1 SKIP_STEPS=${SKIP_STEPS:-pytest_bench}
+timeout --kill-after=10 "${SUITE_TIMEOUT:-480}" benchmarks/run_gpu_suite.sh "$RESULTS"
+rc=$?
+[ "$rc" -eq 124 ] && echo "run_gpu_suite.sh stopped after ${SUITE_TIMEOUT:-480} s" \
+  | tee -a "$RESULTS/summary.txt"
+tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .
+cp "$RESULTS/summary.txt" "$OUT/" 2>/dev/null
+cat "$RESULTS/summary.txt" 2>/dev/null
+exit "$rc"
