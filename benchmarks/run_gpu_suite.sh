@@ -3,7 +3,8 @@
 #   benchmarks/run_gpu_suite.sh [OUT_DIR]     (default: benchmarks/results/gpu_<date>)
 # Steps (each logged to OUT_DIR/<step>.log; a failed step does not stop the others):
 #   env          nvidia-smi, torch / triton / CUDA versions, device, git commit
-#   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension)
+#   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
+#                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial)
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
 #   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor)
 #   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
@@ -55,7 +56,14 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 step env env_info
-step gpu_tests "$PY" -m pytest tests -m gpu -q -ra -p no:xdist -p no:cacheprovider \
+# correctness only, so in parallel: each worker JIT-compiles its own kernels (a cold Triton
+# cache compiles hundreds of specialisations, seconds each); GPU_TEST_WORKERS=0 runs serially
+if "$PY" -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; then
+  XDIST=(-n "${GPU_TEST_WORKERS:-8}" --dist loadgroup)
+else
+  XDIST=(-p no:xdist)
+fi
+step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml"
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
