@@ -239,7 +239,8 @@ def _quantiles(times_ms: list[float]) -> tuple[float, float, float, float]:
 
 
 def time_cpu(steps: dict[str, Callable], budget_s: float, min_reps: int, max_reps: int):
-    """Round-robin perf_counter timing: ``name -> (median, q20, q80, min, reps)`` in ms."""
+    """Round-robin perf_counter timing: ``name -> (median, q20, q80, min, reps, times)`` in
+    ms; ``times[i]`` is round i's time (every method runs once per round)."""
     for fn in steps.values():  # warm-up (allocator, first-call setup)
         fn()
     t0 = time.perf_counter()
@@ -253,7 +254,13 @@ def time_cpu(steps: dict[str, Callable], budget_s: float, min_reps: int, max_rep
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) * 1e3)
-    return {n: (*_quantiles(v), reps) for n, v in times.items()}
+    return {n: (*_quantiles(v), reps, v) for n, v in times.items()}
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times[i] / base[i]``: the two ran back to back in each round,
+    so load that drifts between rounds cancels (the ratio of medians does not pair them)."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
@@ -292,7 +299,9 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
             gpu_name = torch.cuda.get_device_name(device)
         else:
             timed = time_cpu(steps, preset["budget_s"], preset["min_reps"], preset["max_reps"])
-            extra = {n: dict(min_ms=v[3], reps=v[4]) for n, v in timed.items()}
+            extra = {n: dict(min_ms=v[3], reps=v[4],
+                             paired_ratio_vs_linear=paired_ratio(v[5], timed["linear"][5]))
+                     for n, v in timed.items()}
             gpu_name = None
         for name, (med, q20, q80, *_) in timed.items():
             lora_part = name.startswith("molora_delta") or name == "loop_delta"
@@ -389,9 +398,13 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
         status = ("NOT_RUN" if value is None else
                   "PASS" if (value <= threshold if op == "<=" else value >= threshold)
                   else "FAIL")
+        # CPU, against the base linear of the same case: the per-round paired ratio too
+        # (reported beside the ratio of medians, which decides the status)
+        paired = (a.get("paired_ratio_vs_linear") if a and den == "linear"
+                  and shape_num == shape_den else None)
         out.append(dict(name=name, description=desc, value=value, op=op, threshold=threshold,
                         status=status, numerator=f"{num} {mode}", denominator=f"{den} {mode}",
-                        shape=shape_num))
+                        shape=shape_num, paired_value=paired))
 
     if preset_name == "gpu":
         for be in backends:
@@ -515,8 +528,10 @@ def format_targets(targets: list[dict]) -> str:
     lines = ["targets:"] if targets else ["targets: none for this preset"]
     for t in targets:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        paired = ("" if t.get("paired_value") is None
+                  else f", paired per round {t['paired_value']:.3f}")
         lines.append(f"  {t['status']:7s} {t['name']}: {v} {t['op']} {t['threshold']}"
-                     f"  ({t['description']})")
+                     f"  ({t['description']}{paired})")
     return "\n".join(lines)
 
 
