@@ -20,7 +20,7 @@ from datalora.reference import molora_delta_reference, molora_linear_reference
 
 ROW_KEYS = {"case", "group", "T", "d_in", "d_out", "E", "r", "k", "skew", "dtype", "method",
             "mode", "median_ms", "q20_ms", "q80_ms", "min_ms", "reps", "ratio_vs_linear",
-            "speedup_vs_loop", "load_1m"}
+            "speedup_vs_loop", "load_1m", "paired_ratio_vs_linear"}
 META_KEYS = {"preset", "device", "device_name", "cpu_model", "dtype", "backends", "timer",
              "torch", "triton", "transformers", "peft", "date", "git_commit"}
 
@@ -49,10 +49,17 @@ def test_smoke_preset_writes_json_and_plot(tmp_path):
                 expected.add("peft_mixed")
             assert methods == expected, (case.id, mode)
     linear = [r for r in rows if r["method"] == "linear"]
-    assert all(r["ratio_vs_linear"] == 1.0 for r in linear)
+    assert all(r["ratio_vs_linear"] == 1.0 and r["paired_ratio_vs_linear"] == 1.0
+               for r in linear)
     assert data["targets"] == []  # the smoke shapes carry no target
     png = tmp_path / "molora_smoke.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_ratio_pairs_rounds():
+    # round 2 ran under load for both methods: the paired ratio is 2.0 in every round
+    assert molora.paired_ratio([2.0, 20.0, 4.0], [1.0, 10.0, 2.0]) == 2.0
+    assert molora.paired_ratio([3.0, 2.0, 4.0], [1.0, 2.0, 1.0]) == 3.0  # median of 3, 1, 4
 
 
 def test_check_targets_marks_pass_fail_and_not_run():
