@@ -24,6 +24,7 @@ import platform
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from statistics import fmean, stdev
 from typing import Any
 
 import torch
@@ -50,18 +51,6 @@ def _evaluate(model: Any, tokenizer: Any, splits: dict[str, list[dict[str, str]]
     with torch.no_grad():
         for split, rows in splits.items():
             losses[split][name] = response_loss(model, tokenizer, rows)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _std(values: Sequence[float]) -> float:
-    """Sample standard deviation (0 for one value)."""
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str | None = None,
@@ -145,7 +134,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
             with torch.no_grad():
                 per_seed.append(response_loss(target, tgt_tok, splits["validation"]))
         tuning.append({"sample_keep": sk, "token_keep": tk,
-                       "validation_loss": _mean(per_seed), "validation_loss_per_seed": per_seed})
+                       "validation_loss": fmean(per_seed), "validation_loss_per_seed": per_seed})
     if tuning:
         best = min(tuning, key=lambda r: r["validation_loss"])
         sample_keep, token_keep = best["sample_keep"], best["token_keep"]
@@ -167,7 +156,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         for name, (sk, tk) in settings.items():
             target, report = transfer(seed, sk, tk, progress)
             _evaluate(target, tgt_tok, splits, name, losses)
-            train_losses[name].append(_mean(report["losses"][-5:]))
+            train_losses[name].append(fmean(report["losses"][-5:]))
         per_seed_losses[seed] = losses
         _, sel = build_masked_examples(scored[seed], tgt_tok, sample_keep=sample_keep,
                                        token_keep=token_keep)
@@ -176,7 +165,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         synthetic_stats.append({
             "exact_match_all": sum(correct) / len(correct),
             "exact_match_kept_samples": sum(correct[i] for i in kept) / max(len(kept), 1),
-            "mean_excess_all": _mean([s.mean_excess for s in scored[seed]]),
+            "mean_excess_all": fmean([s.mean_excess for s in scored[seed]]),
             "token_fraction_labelled_titok": sel["token_fraction"]})
     if real_data_baseline:
         from datalora.data import tokenize_example as _tok_ex
@@ -193,7 +182,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     def averaged(split: str) -> dict[str, float]:
         """Seed-independent losses plus each trained target's mean over the seeds."""
-        return {**fixed[split], **{name: _mean([per_seed_losses[s][split][name] for s in seeds])
+        return {**fixed[split], **{name: fmean([per_seed_losses[s][split][name] for s in seeds])
                                    for name in settings}}
 
     ev = averaged("eval")
@@ -215,15 +204,15 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         "eval_loss": ev,
         "validation_loss": averaged("validation"),
         "eval_loss_per_seed": {str(s): per_seed_losses[s]["eval"] for s in seeds},
-        "titok_minus_all_tokens": {"eval_per_seed": diffs, "mean": _mean(diffs),
-                                   "std": _std(diffs),
+        "titok_minus_all_tokens": {"eval_per_seed": diffs, "mean": fmean(diffs),
+                                   "std": stdev(diffs) if len(diffs) > 1 else 0.0,
                                    "titok_wins": sum(d < 0 for d in diffs),
                                    "seeds": len(diffs)},
         "synthetic": {
-            **{k: _mean([st[k] for st in synthetic_stats]) for k in synthetic_stats[0]},
+            **{k: fmean([st[k] for st in synthetic_stats]) for k in synthetic_stats[0]},
             "examples": [{"question": s["question"], "response": s["response"], "truth": t}
                          for s, t in list(zip(synthetic[seeds[0]], truth, strict=True))[:5]]},
-        "final_train_loss": {k: _mean(v) for k, v in train_losses.items()},
+        "final_train_loss": {k: fmean(v) for k, v in train_losses.items()},
         "titok_beats_all_tokens": ev["target_titok_selected"]
         < ev["target_all_synthetic_tokens"],
         "titok_beats_untuned": ev["target_titok_selected"] < ev["target_untuned"],

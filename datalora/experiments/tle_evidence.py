@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from datalora.data import TASKS, CausalLMCollator, format_prompt, load_instruction_dataset
+from datalora.data import TASKS, CausalLMCollator, _encode, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
@@ -378,10 +378,6 @@ MIXED_SEED = 0
 """Seed of the row sampling of :func:`build_mixed_sequences`."""
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def build_mixed_sequences(tokenizer: Any, rows: Sequence[dict[str, str]] | None = None, *,
                           per_pair: int = 12, seed: int = MIXED_SEED,
                           tasks: Sequence[str] = TASKS) -> list[dict[str, Any]]:
@@ -420,8 +416,8 @@ def build_mixed_sequences(tokenizer: Any, rows: Sequence[dict[str, str]] | None 
                               strict=True):
                 first = _tokenize(ra, tokenizer, 10_000)
                 prompt_length = next(i for i, x in enumerate(first["labels"]) if x != -100)
-                prompt2 = _encode(tokenizer, format_prompt({"question": rb["question"]}))
-                answer2 = _encode(tokenizer, rb["response"]) + [eos]
+                prompt2 = _encode(tokenizer, format_prompt({"question": rb["question"]}), False)
+                answer2 = _encode(tokenizer, rb["response"], False) + [eos]
                 n1 = len(first["input_ids"])
                 out.append({
                     "tasks": (a, b), "ids": (ra["id"], rb["id"]),
