@@ -77,3 +77,25 @@ def spy_launches(monkeypatch, module, name):
         return real(*args, **kwargs)
     monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def bucket_picks(config, matrix, launch_keys=("HAS_BIAS", "DOUBLE_QUANT", "dtypes")):
+    """For both dtype classes, the launch configs ``config(T, fp32)`` picks over a spread of
+    T, checked to depend on buckets of T only (1 and 16 alike, 4096 and 70000 alike) and to
+    be listed in the compile ``matrix`` (``launch_configs()`` rows; ``launch_keys`` are the
+    per-launch keys beside the tile) for the dtypes that launch them.
+
+    Returns:
+        ``{fp32: {T: pick}}`` for further per-kernel checks.
+    """
+    listed = [(frozenset((k, v) for k, v in c.items() if k not in launch_keys), c["dtypes"])
+              for c in matrix]
+    out = {}
+    for fp32 in (False, True):
+        picks = {T: config(T, fp32) for T in (1, 16, 17, 100, 128, 129, 4096, 70000)}
+        assert picks[1] == picks[16] and picks[4096] == picks[70000]
+        for p in picks.values():
+            dts = [d for c, d in listed if c == frozenset(p.items())]
+            assert dts and all(("fp32" in d) == fp32 for d in dts)
+        out[fp32] = picks
+    return out

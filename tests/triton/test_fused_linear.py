@@ -11,6 +11,7 @@ from _cases import (
     DTYPES,
     assert_close_calibrated,
     assert_linear_grads_close,
+    bucket_picks,
     make_inputs,
     max_err,
     spy_launches,
@@ -201,16 +202,9 @@ def test_env_flag_is_validated(monkeypatch):
 def test_configs_are_buckets_in_the_compile_matrix():
     """Tiles depend on buckets of T, and every pick is in ``launch_configs`` (compiled
     for sm_80 / sm_90 by tests/test_triton_compile.py)."""
-    matrix = fl.launch_configs()["_fused_linear_kernel"]
-    listed = [(frozenset((k, v) for k, v in c.items() if k not in ("HAS_BIAS", "dtypes")),
-               c["dtypes"]) for c in matrix]
-    for fp32 in (False, True):
-        picks = {T: fl.config(T, fp32) for T in (1, 16, 17, 100, 128, 129, 4096, 70000)}
-        assert picks[1] == picks[16] and picks[4096] == picks[70000]
-        assert len({frozenset(p.items()) for p in picks.values()}) == (2 if fp32 else 3)
-        for p in picks.values():
-            dts = [d for c, d in listed if c == frozenset(p.items())]
-            assert dts and all(("fp32" in d) == fp32 for d in dts)
+    picks = bucket_picks(fl.config, fl.launch_configs()["_fused_linear_kernel"])
+    for fp32, by_T in picks.items():
+        assert len({frozenset(p.items()) for p in by_T.values()}) == (2 if fp32 else 3)
 
 
 # ---------------------------------------------------------------- GPU only (bf16, large)
