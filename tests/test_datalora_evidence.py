@@ -48,6 +48,18 @@ def test_pruning_benchmark_smoke_writes_json_and_plot(tmp_path):
         assert row["ideal_speedup"] == pytest.approx(bench_pruning.ideal_speedup(
             row["layers"], tuple(row["prune_range"]), 0.5))
         assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+        # attainable: four dense steps, the L-layer and the outside-the-range model at
+        # full and half sequence length, combined as the module docstring says
+        t = row["ms_dense"]
+        outside = row["layers"] - row["pruned_layers"]
+        full, half = row["seq"], row["seq"] // 2
+        assert set(t) == {f"L{n}_seq{s}" for n in (row["layers"], outside) for s in (full, half)}
+        total = t[f"L{row['layers']}_seq{full}"]
+        saved = (total - t[f"L{outside}_seq{full}"]) - (t[f"L{row['layers']}_seq{half}"]
+                                                         - t[f"L{outside}_seq{half}"])
+        assert row["attainable_speedup"] == pytest.approx(total / (total - saved))
+        assert row["fraction_of_attainable"] == pytest.approx(
+            row["speedup"] / row["attainable_speedup"])
         # the timed pruned step really pruned: about half the tokens kept
         assert abs(row["kept_fraction_last_step"] - 0.5) < 0.1
     names = {t["name"] for t in data["targets"]}
@@ -60,6 +72,24 @@ def test_pruning_benchmark_smoke_writes_json_and_plot(tmp_path):
             assert row["profile_r0.5"] and {"op", "self_ms", "calls", "share"} <= set(
                 row["profile_r0.5"][0])
     assert (tmp_path / "pruning_smoke.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_attainable_speedup_needs_a_layer_outside_the_range():
+    case = bench_pruning.PRESETS["smoke"]["cases"][0]
+    with pytest.raises(ValueError, match="prune_range"):
+        bench_pruning.dense_steps(case, (0, case.layers), torch.float32, torch.device("cpu"))
+
+
+def test_attainable_speedup_from_hand_computed_times():
+    # 4 layers, layers 1..3 pruned: whole model 100 ms at seq 96, 60 at 48; layer 0 alone
+    # (with embedding, head, optimizer) 30 / 20 ms. Pruned layers: 70 ms at full length,
+    # 40 at half, so the step would take 100 - 70 + 40 = 70 ms: 100 / 70 = 1.4286x.
+    case = bench_pruning.PRESETS["cpu"]["cases"][0]
+    ms = {(4, 96): 100.0, (4, 48): 60.0, (1, 96): 30.0, (1, 48): 20.0}
+    out = bench_pruning.attainable_speedup(ms, case, (1, 4))
+    assert out["attainable_speedup"] == pytest.approx(100 / 70)
+    assert out["ms_dense"] == {"L4_seq96": 100.0, "L4_seq48": 60.0, "L1_seq96": 30.0,
+                               "L1_seq48": 20.0}
 
 
 def test_cpu_targets_include_the_default_range_check():
