@@ -22,6 +22,7 @@ from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear
 from datalora.pruning import DATALORARuntime
 from datalora.saliency import UnifiedSaliencyNetwork
+from datalora.sharding import copy_full_into, full_tensors, sharding_kind
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -173,14 +174,19 @@ class DATALORAModel(nn.Module):
         for _, layer in self.molora_layers():
             layer.adapter_enabled = enabled
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable adapter tensor (LoRA experts, routers, saliency network), by name."""
-        tensors = {name: p for name, p in self.base_model.named_parameters()
-                   if p.requires_grad or ".lora_" in name or ".router." in name}
+    def _adapter_keys(self) -> dict[str, str]:
+        """Adapter tensor name (as saved) -> its name in ``self.state_dict()``."""
+        keys = {name: f"base_model.{name}" for name, p in self.base_model.named_parameters()
+                if p.requires_grad or ".lora_" in name or ".router." in name}
         if self.saliency is not None:
-            tensors.update({f"saliency.{k}": v for k, v in
-                            self.saliency.state_dict(keep_vars=True).items()})
-        return tensors
+            keys.update({f"saliency.{k}": f"saliency.{k}" for k in self.saliency.state_dict()})
+        return keys
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (LoRA experts, routers, saliency network), by name: the live
+        parameters and buffers (DTensor shards under FSDP2)."""
+        own = self.state_dict(keep_vars=True)
+        return {name: own[key] for name, key in self._adapter_keys().items()}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
@@ -194,15 +200,50 @@ class DATALORAModel(nn.Module):
         print(line)
         return line
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` atomically."""
+    def save_pretrained(self, save_directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` atomically.
+
+        Args:
+            save_directory: the folder to write (created if needed).
+            state_dict: a full ``state_dict()`` of this model (names as in
+                ``self.state_dict()``), e.g. the one ``transformers.Trainer`` gathers under
+                FSDP (``FULL_STATE_DICT``) or DeepSpeed ZeRO-3; the adapter parameters are
+                taken from it, buffers it lacks from the model.
+
+        Under FSDP2 without ``state_dict`` the shards are gathered here: call it on every
+        rank; rank 0 writes. Under FSDP1 pass the full ``state_dict``.
+        """
+        kind = sharding_kind(self)
+        own = self.adapter_state_dict()
+        if state_dict is not None:
+            keys = self._adapter_keys()
+            tensors = {name: state_dict[keys[name]] for name in own if keys[name] in state_dict}
+            missing = [name for name in own  # buffers (never sharded) may come from `own`
+                       if name not in tensors and isinstance(own[name], nn.Parameter)]
+            if missing:
+                raise ValueError(f"state_dict: lacks adapter tensors {missing[:5]} "
+                                 f"({len(missing)} in all); expected this model's full state "
+                                 f"dict (names like {keys[missing[0]]!r})")
+            tensors = {name: tensors.get(name, own[name]) for name in own}
+        elif kind == "fsdp1":
+            raise ValueError("state_dict: this model is sharded by FSDP1; pass its full state "
+                             "dict (FSDP.state_dict_type(model, FULL_STATE_DICT)), as "
+                             "DATALORATrainer does")
+        else:
+            tensors = full_tensors(own) if kind == "fsdp2" else own
+            if kind == "fsdp2" and torch.distributed.get_rank() != 0:
+                return
         save_directory = Path(save_directory)
-        save_tensors(self.adapter_state_dict(), save_directory / WEIGHTS_NAME,
+        save_tensors(tensors, save_directory / WEIGHTS_NAME,
                      metadata={"format": "pt", "adapter_type": "datalora"})
         atomic_write_text(save_directory / CONFIG_NAME, self.config_datalora.to_json_string())
 
     def load_adapter(self, path: str | Path) -> None:
-        """Loads saved adapter tensors into this model (names and shapes must match)."""
+        """Loads saved adapter tensors into this model (names and shapes must match).
+
+        Under FSDP2 call it on every rank: each rank keeps its shard of the saved tensors.
+        """
         file = Path(path) / WEIGHTS_NAME
         if not file.exists():
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
@@ -212,12 +253,15 @@ class DATALORAModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"adapter at {path} does not fit this model: missing {missing[:5]}"
                              f", unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
-                                     f"saved shape {tuple(tensor.shape)}")
-                own[name].copy_(tensor)
+        for name, tensor in saved.items():
+            if own[name].shape != tensor.shape:  # a DTensor's shape is the full shape
+                raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
+                                 f"saved shape {tuple(tensor.shape)}")
+        if sharding_kind(self) == "fsdp1":
+            raise ValueError("path: loading into an FSDP1-sharded model is not supported; "
+                             "load the adapter before wrapping, or resume through "
+                             "DATALORATrainer (FSDP checkpoint)")
+        copy_full_into(own, {name: saved[name] for name in own})
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,

@@ -225,12 +225,16 @@ class DATALORATrainer(Trainer):
     # ------------------------------------------------------------------ save / resume
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Writes the adapter, saliency network, config and curriculum (main process)."""
+        """Writes the adapter, saliency network, config and curriculum (main process).
+
+        ``state_dict``: the full model state dict the Trainer gathers under FSDP
+        (``FULL_STATE_DICT``) or DeepSpeed ZeRO-3, where the live parameters are shards.
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.datalora_model.save_pretrained(output_dir)
+        self.datalora_model.save_pretrained(output_dir, state_dict=state_dict)
         if self.curriculum is not None:
             with open(os.path.join(output_dir, CURRICULUM_STATE_NAME), "w") as f:
                 json.dump(self.curriculum.state_dict(), f, indent=2, sort_keys=True)
@@ -239,14 +243,20 @@ class DATALORATrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.datalora_model.load_adapter(resume_from_checkpoint)
+        if self.is_fsdp_enabled:  # the Trainer's FSDP checkpoint holds the sharded model
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            self.datalora_model.load_adapter(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, CURRICULUM_STATE_NAME)
         if os.path.isfile(path):
             with open(path) as f:
                 self._resume_curriculum = json.load(f)
 
     def _load_best_model(self) -> None:
-        self.datalora_model.load_adapter(self.state.best_model_checkpoint)
+        if self.is_fsdp_enabled:
+            super()._load_best_model()
+        else:
+            self.datalora_model.load_adapter(self.state.best_model_checkpoint)
 
     # ------------------------------------------------------------------ threshold
 

@@ -1,5 +1,5 @@
 """DATALORATrainer: loss falls, metrics logged over the 3 phases, checkpoint/resume exact,
-DDP on 2 CPU processes (slow)."""
+DDP and FSDP2 on 2 CPU processes (slow)."""
 
 from __future__ import annotations
 
@@ -201,6 +201,102 @@ def test_ddp_two_cpu_processes(tmp_path):
         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("DDP-OK") == 2
+
+
+def test_save_takes_the_adapter_from_the_gathered_state_dict(tmp_path):
+    """Under FSDP / DeepSpeed ZeRO-3 the Trainer passes the full state dict it gathered to
+    ``_save`` (the live parameters are shards): the adapter must come from it."""
+    from datalora.io import load_tensors
+
+    model = tiny_datalora()
+    trainer = make_trainer(tmp_path, model, steps=1)
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k in gathered:
+        if ".lora_" in k or (k.startswith("saliency.") and gathered[k].is_floating_point()):
+            gathered[k] += 1.0
+    threshold = "saliency.keep_threshold"
+    del gathered[threshold]  # a buffer the gathered dict lacks comes from the model
+    trainer._save(str(tmp_path / "out"), state_dict=gathered)
+    saved = load_tensors(tmp_path / "out" / "adapter_model.safetensors")
+    live = adapter(model)
+    assert set(saved) == set(live)
+    for name, tensor in saved.items():
+        if name == threshold:
+            assert same(tensor, live[name])
+        else:
+            key = name if name.startswith("saliency.") else f"base_model.{name}"
+            assert same(tensor, gathered[key]) and not same(tensor, live[name]), name
+    lora = next(k for k in gathered if ".lora_A" in k)
+    del gathered[lora]
+    with pytest.raises(ValueError, match="state_dict: lacks adapter tensors"):
+        model.save_pretrained(tmp_path / "bad", state_dict=gathered)
+
+
+FSDP_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from test_trainer import tiny_datalora, adapter, same, PatternData, collate
+from datalora.io import load_tensors
+from datalora.sharding import full_tensors, sharding_kind
+
+dist.init_process_group("gloo")
+rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
+out = Path(sys.argv[1])
+
+def shard(model):
+    for layer in model.base_model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+def train(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = collate([PatternData()[i] for i in range(8)])  # the same batch on every rank
+    model.train()
+    model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # same Gumbel noise in both runs
+        out_ = model(**batch)
+        (out_.loss + out_.retention_loss + 0.01 * out_.balance_loss).backward()
+        opt.step()
+        opt.zero_grad()
+
+reference = tiny_datalora()  # unsharded, trained on the same batch
+train(reference)
+model = shard(tiny_datalora())
+assert sharding_kind(model) == "fsdp2" and sharding_kind(reference) is None
+train(model)
+model.save_pretrained(out)  # every rank gathers; rank 0 writes
+dist.barrier()
+saved = load_tensors(out / "adapter_model.safetensors")
+want = adapter(reference)
+assert set(saved) == set(want)
+for name in want:  # FSDP2 training == single-process training on the same batch
+    assert same(saved[name], want[name]), name  # bit-exact
+
+fresh = shard(tiny_datalora(seed=1))
+fresh.load_adapter(out)  # every rank keeps its shard of the saved tensors
+loaded = full_tensors(fresh.adapter_state_dict())
+for name in saved:
+    assert same(loaded[name], saved[name]), name
+print("FSDP-OK", rank)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_fsdp2_two_cpu_processes_train_save_and_load(tmp_path):
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29534", str(script), str(tmp_path / "out"), str(REPO / "tests")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("FSDP-OK") == 2
 
 
 def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
