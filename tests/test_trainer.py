@@ -190,17 +190,23 @@ print("DDP-OK", dist.get_rank(), float(model.saliency.keep_threshold))
 '''
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+def run_two_processes(tmp_path, source: str, port: int) -> str:
+    """Runs ``source`` on 2 CPU processes with ``torchrun`` (argv: out dir, tests dir);
+    returns stdout, failing the test on a non-zero exit."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29533", str(script), str(tmp_path / "out"), str(REPO / "tests")],
+         "--master_port", str(port), str(script), str(tmp_path / "out"), str(REPO / "tests")],
         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("DDP-OK") == 2
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    assert run_two_processes(tmp_path, DDP_SCRIPT, 29533).count("DDP-OK") == 2
 
 
 def test_save_takes_the_adapter_from_the_gathered_state_dict(tmp_path):
@@ -288,15 +294,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes_train_save_and_load(tmp_path):
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29534", str(script), str(tmp_path / "out"), str(REPO / "tests")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("FSDP-OK") == 2
+    assert run_two_processes(tmp_path, FSDP_SCRIPT, 29534).count("FSDP-OK") == 2
 
 
 def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
