@@ -190,14 +190,14 @@ print("DDP-OK", dist.get_rank(), float(model.saliency.keep_threshold))
 '''
 
 
-def run_two_processes(tmp_path, source: str, port: int) -> str:
-    """Runs ``source`` on 2 CPU processes with ``torchrun`` (argv: out dir, tests dir);
-    returns stdout, failing the test on a non-zero exit."""
+def run_torchrun(tmp_path, source: str, port: int, processes: int = 2) -> str:
+    """Runs ``source`` in ``processes`` processes with ``torchrun`` (argv: out dir, tests
+    dir); returns stdout, failing the test on a non-zero exit."""
     script = tmp_path / "script.py"
     script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
          "--master_port", str(port), str(script), str(tmp_path / "out"), str(REPO / "tests")],
         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -206,7 +206,7 @@ def run_two_processes(tmp_path, source: str, port: int) -> str:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    assert run_two_processes(tmp_path, DDP_SCRIPT, 29533).count("DDP-OK") == 2
+    assert run_torchrun(tmp_path, DDP_SCRIPT, 29533).count("DDP-OK") == 2
 
 
 def test_save_takes_the_adapter_from_the_gathered_state_dict(tmp_path):
@@ -294,7 +294,57 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_fsdp2_two_cpu_processes_train_save_and_load(tmp_path):
-    assert run_two_processes(tmp_path, FSDP_SCRIPT, 29534).count("FSDP-OK") == 2
+    assert run_torchrun(tmp_path, FSDP_SCRIPT, 29534).count("FSDP-OK") == 2
+
+
+TRAINER_FSDP_SCRIPT = r'''
+import sys, torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from transformers import TrainingArguments
+from test_trainer import tiny_datalora, same, PatternData, collate
+from datalora import DATALORATrainer
+from datalora.io import load_tensors
+from datalora.sharding import full_tensors, sharding_kind
+
+out = Path(sys.argv[1])
+
+def trainer(folder, model):
+    args = TrainingArguments(
+        output_dir=str(folder), max_steps=4, per_device_train_batch_size=8,
+        learning_rate=3e-2, logging_steps=1, save_strategy="steps", save_steps=2,
+        report_to=[], seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False,
+        lr_scheduler_type="constant", dataloader_num_workers=0, fsdp="full_shard",
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["MistralDecoderLayer"]})
+    return DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                           data_collator=collate, task_names=["a", "b", "c", "d"],
+                           calibrate_batches=0)
+
+full = trainer(out / "full", tiny_datalora())
+full.train()
+assert full.is_fsdp_enabled and sharding_kind(full.datalora_model) == "fsdp2"
+final = full_tensors(full.datalora_model.adapter_state_dict())
+full.save_model(str(out / "final"))  # the Trainer gathers the state dict, _save selects
+saved = load_tensors(out / "final" / "adapter_model.safetensors")
+assert set(saved) == set(final)
+for name in final:
+    assert same(saved[name], final[name].cpu()), name
+ckpt = out / "full" / "checkpoint-2"
+assert (ckpt / "adapter_model.safetensors").exists()
+resumed = trainer(out / "resumed", tiny_datalora(seed=1))
+resumed.train(resume_from_checkpoint=str(ckpt))  # the Trainer's FSDP checkpoint
+assert resumed.curriculum.state_dict() == full.curriculum.state_dict()
+again = full_tensors(resumed.datalora_model.adapter_state_dict())
+for name in final:
+    assert torch.allclose(again[name], final[name], rtol=1e-4, atol=1e-5, equal_nan=True), name
+print("TRAINER-FSDP-OK")
+'''
+
+
+@pytest.mark.gpu
+def test_trainer_under_fsdp2_saves_the_gathered_adapter_and_resumes(tmp_path):
+    """accelerate turns FSDP on for GPUs only: one GPU process under torchrun."""
+    assert "TRAINER-FSDP-OK" in run_torchrun(tmp_path, TRAINER_FSDP_SCRIPT, 29535, processes=1)
 
 
 def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
