@@ -8,7 +8,7 @@
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
 #   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor)
 #   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
-#   pruning      benchmarks.bench_pruning (when benchmarks/bench_pruning.py exists)
+#   pruning      benchmarks.bench_pruning --no-bound (when benchmarks/bench_pruning.py exists)
 #   tle          benchmarks.bench_tle (trains the 4 tiny task adapters first, cached in OUT)
 #   pytest_bench pytest-benchmark view of the MoLoRA comparison (JSON)
 # then summary.txt: per-step status, the issues' targets and the roofline fractions.
@@ -70,7 +70,9 @@ step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
 step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT"
 if [ -f benchmarks/bench_pruning.py ]; then
   if "$PY" -m benchmarks.bench_pruning --help 2>/dev/null | grep -q -- "--out"; then
-    step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT"
+    # --no-bound: the attainable-speedup rows build four more models per row (minutes at
+    # hidden 2048), too long for a 15-minute device lease
+    step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
   else
     step pruning "$PY" -m benchmarks.bench_pruning
   fi

@@ -9,7 +9,7 @@ plots (``<output-dir>/datalora_demo.png``) the loss, the kept fraction and tau, 
 expert load per task over the three phases; saves the adapter, reloads it on a fresh copy
 of the base model (the logits must be bit-identical, pruning on and off, or the demo
 fails) and generates one answer per task with pruning on (calibrated keep threshold, KV
-cache). About 2-3 minutes on 2 CPU cores.
+cache). About a minute on 2 CPU cores (40 s measured).
 
 ``--method molora``: the quick plain MoLoRA fine-tune (per-layer routers, no pruning,
 :func:`datalora.finetune.finetune`), same save / reload / generate checks and a plot.
@@ -45,7 +45,7 @@ DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train DATALORA (USN + MoLoRA + token pruning + "
                                            "curriculum) on the embedded default and generate "
-                                           "(2-3 minutes on 2 CPU cores)",
+                                           "(about a minute on 2 CPU cores)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("datalora", "molora"), default="datalora",
