@@ -174,10 +174,14 @@ class DATALORAModel(nn.Module):
         for _, layer in self.molora_layers():
             layer.adapter_enabled = enabled
 
+    def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.base_model.named_parameters():
+            if p.requires_grad or ".lora_" in name or ".router." in name:
+                yield name, p
+
     def _adapter_keys(self) -> dict[str, str]:
         """Adapter tensor name (as saved) -> its name in ``self.state_dict()``."""
-        keys = {name: f"base_model.{name}" for name, p in self.base_model.named_parameters()
-                if p.requires_grad or ".lora_" in name or ".router." in name}
+        keys = {name: f"base_model.{name}" for name, _ in self._base_adapter_parameters()}
         if self.saliency is not None:
             keys.update({f"saliency.{k}": f"saliency.{k}" for k in self.saliency.state_dict()})
         return keys
@@ -185,8 +189,11 @@ class DATALORAModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor (LoRA experts, routers, saliency network), by name: the live
         parameters and buffers (DTensor shards under FSDP2)."""
-        own = self.state_dict(keep_vars=True)
-        return {name: own[key] for name, key in self._adapter_keys().items()}
+        tensors = dict(self._base_adapter_parameters())
+        if self.saliency is not None:
+            tensors.update({f"saliency.{k}": v for k, v in
+                            self.saliency.state_dict(keep_vars=True).items()})
+        return tensors
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
