@@ -190,15 +190,17 @@ print("DDP-OK", dist.get_rank(), float(model.saliency.keep_threshold))
 '''
 
 
-def run_torchrun(tmp_path, source: str, port: int, processes: int = 2) -> str:
+def run_torchrun(tmp_path, source: str, port: int, processes: int = 2,
+                 extra_args: list[str] = ()) -> str:
     """Runs ``source`` in ``processes`` processes with ``torchrun`` (argv: out dir, tests
-    dir); returns stdout, failing the test on a non-zero exit."""
+    dir, ``extra_args``); returns stdout, failing the test on a non-zero exit."""
     script = tmp_path / "script.py"
     script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-         "--master_port", str(port), str(script), str(tmp_path / "out"), str(REPO / "tests")],
+         "--master_port", str(port), str(script), str(tmp_path / "out"), str(REPO / "tests"),
+         *extra_args],
         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -305,9 +307,9 @@ from transformers import TrainingArguments
 from test_trainer import tiny_datalora, same, PatternData, collate
 from datalora import DATALORATrainer
 from datalora.io import load_tensors
-from datalora.sharding import full_tensors, sharding_kind
+from datalora.sharding import sharding_kind
 
-out = Path(sys.argv[1])
+out, version = Path(sys.argv[1]), int(sys.argv[3])
 
 def trainer(folder, model):
     args = TrainingArguments(
@@ -315,26 +317,35 @@ def trainer(folder, model):
         learning_rate=3e-2, logging_steps=1, save_strategy="steps", save_steps=2,
         report_to=[], seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False,
         lr_scheduler_type="constant", dataloader_num_workers=0, fsdp="full_shard",
-        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["MistralDecoderLayer"]})
+        fsdp_config={"version": version,
+                     "transformer_layer_cls_to_wrap": ["MistralDecoderLayer"]})
     return DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
                            data_collator=collate, task_names=["a", "b", "c", "d"],
                            calibrate_batches=0)
 
+def gathered_adapter(tr):  # the full adapter, gathered by FSDP itself
+    full_sd = tr.accelerator.get_state_dict(tr.model)
+    return {name: full_sd[key].cpu() for name, key in tr.datalora_model._adapter_keys().items()}
+
 full = trainer(out / "full", tiny_datalora())
 full.train()
-assert full.is_fsdp_enabled and sharding_kind(full.datalora_model) == "fsdp2"
-final = full_tensors(full.datalora_model.adapter_state_dict())
+assert full.is_fsdp_enabled and sharding_kind(full.datalora_model) == f"fsdp{version}"
+final = gathered_adapter(full)
 full.save_model(str(out / "final"))  # the Trainer gathers the state dict, _save selects
 saved = load_tensors(out / "final" / "adapter_model.safetensors")
 assert set(saved) == set(final)
 for name in final:
-    assert same(saved[name], final[name].cpu()), name
+    assert same(saved[name], final[name]), name
 ckpt = out / "full" / "checkpoint-2"
 assert (ckpt / "adapter_model.safetensors").exists()
-resumed = trainer(out / "resumed", tiny_datalora(seed=1))
+fresh = tiny_datalora()  # same frozen base; every adapter tensor must come from the checkpoint
+with torch.no_grad():
+    for v in fresh.adapter_state_dict().values():
+        v.normal_()
+resumed = trainer(out / "resumed", fresh)
 resumed.train(resume_from_checkpoint=str(ckpt))  # the Trainer's FSDP checkpoint
 assert resumed.curriculum.state_dict() == full.curriculum.state_dict()
-again = full_tensors(resumed.datalora_model.adapter_state_dict())
+again = gathered_adapter(resumed)
 for name in final:
     assert torch.allclose(again[name], final[name], rtol=1e-4, atol=1e-5, equal_nan=True), name
 print("TRAINER-FSDP-OK")
@@ -342,9 +353,12 @@ print("TRAINER-FSDP-OK")
 
 
 @pytest.mark.gpu
-def test_trainer_under_fsdp2_saves_the_gathered_adapter_and_resumes(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_trainer_under_fsdp_saves_the_gathered_adapter_and_resumes(tmp_path, version):
     """accelerate turns FSDP on for GPUs only: one GPU process under torchrun."""
-    assert "TRAINER-FSDP-OK" in run_torchrun(tmp_path, TRAINER_FSDP_SCRIPT, 29535, processes=1)
+    stdout = run_torchrun(tmp_path, TRAINER_FSDP_SCRIPT, 29535 + version, processes=1,
+                          extra_args=[str(version)])
+    assert "TRAINER-FSDP-OK" in stdout
 
 
 def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
