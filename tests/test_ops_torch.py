@@ -299,10 +299,11 @@ def test_routing_tables_keyed_by_dtype(dtype, monkeypatch):
     assert len(calls) == (1 if dtype == torch.float64 else 2)
 
 
-def test_routing_tables_not_cached_for_leaves_or_inference_tensors(monkeypatch):
-    """Only gates with autograd history are cached. Leaves that require grad may change
-    through ``.data`` (as gradcheck does), which bumps no version; no-grad tensors may be
-    buffers a compiled graph reuses; inference tensors have no version counter."""
+def test_routing_tables_not_cached_for_leaves_inference_tensors_or_compiled_calls(monkeypatch):
+    """Only calls from eager Python cache. Leaves that require grad may change through
+    ``.data`` (as gradcheck does), which bumps no version; inference tensors have no version
+    counter; the registered custom op (what a compiled graph runs) may be handed buffers
+    Inductor reuses for new values without a version bump."""
     calls = _count_gate_matrix_builds(monkeypatch)
     x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64, requires_grad=True)
     ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
@@ -316,12 +317,40 @@ def test_routing_tables_not_cached_for_leaves_or_inference_tensors(monkeypatch):
             out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
         torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs))
     assert len(calls) == 4
-    x, A, B, ids, gates, rs = _routed_inputs()
+    x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64)
     with torch.no_grad():
-        gates, rs = gates * 1, rs * 1  # computed without autograd history
         for _ in range(2):
-            ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+            torch.ops.datalora.molora_delta(x, A, B, ids, gates, rs, 1.0, "torch")
     assert len(calls) == 6
+
+
+def test_routing_tables_cached_for_inference_calls(monkeypatch):
+    """Without autograd (generation) the eager path skips the autograd node and still builds
+    a shared routing's tables once; an in-place change of the routing is still seen."""
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64)
+    with torch.no_grad():
+        first = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+        again = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+        assert len(calls) == 1 and torch.equal(first, again) and first.grad_fn is None
+        gates.mul_(0.5)
+        changed = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+    assert len(calls) == 2
+    torch.testing.assert_close(changed, molora_delta_reference(x, A, B, ids, gates, rs, 2.0))
+
+
+def test_inference_path_equals_the_autograd_path():
+    """The no-autograd call gives the same bits as the autograd Function's forward."""
+    x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float32, requires_grad=True)
+    W = torch.randn(B.shape[1], x.shape[1])
+    with_grad = ops.molora_linear(x, W, None, A, B, ids, gates, rs, 2.0, backend="torch")
+    with torch.no_grad():
+        without = ops.molora_linear(x, W, None, A, B, ids, gates, rs, 2.0, backend="torch")
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_grad.detach(), without)
+    frozen = [t.detach() for t in (x, A, B)]  # grad mode on, nothing requires grad
+    plain = ops.molora_delta(*frozen, ids, gates.detach(), rs.detach(), 2.0, backend="torch")
+    assert plain.grad_fn is None
 
 
 @pytest.mark.parametrize("rank_scale", [False, True])

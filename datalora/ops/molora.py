@@ -8,7 +8,8 @@ In plain eager mode the same forward, ``setup_context`` and backward run through
 ``torch.autograd.Function`` instead (:func:`_tracing` decides): the custom-op dispatcher
 costs about 0.2-0.3 ms of host time per layer forward + backward, which dominates small
 models (28 MoLoRA layers of the embedded tiny model). Both paths call the same backend
-functions, so they give bit-identical results (tested).
+functions, so they give bit-identical results (tested). Without autograd (no input
+requires grad, or grad mode off) the eager path calls the backend directly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from datalora.ops.backends import get_backend, resolve_backend
+from datalora.ops.eager import eager_call
 from datalora.ops.validation import check_linear_inputs, check_molora_inputs, check_tensor
 
 _EMPTY = torch.empty(0)
@@ -151,15 +153,20 @@ class _EagerMoLoRADelta(torch.autograd.Function):
 
     Old-style ``forward(ctx, ...)``: a ``setup_context`` staticmethod would make every
     ``apply`` bind its arguments with ``inspect.signature`` (tens of microseconds per call).
+    Forward and backward run inside :func:`~datalora.ops.eager.eager_call` (routing caches).
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = get_backend(inputs[-1]).delta_forward(*inputs[:-1])
+        with eager_call():
+            output = get_backend(inputs[-1]).delta_forward(*inputs[:-1])
         _delta_setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_delta_backward)
+    @staticmethod
+    def backward(ctx, *grads):
+        with eager_call():
+            return _delta_backward(ctx, *grads)
 
 
 class _EagerMoLoRALinear(torch.autograd.Function):
@@ -167,11 +174,30 @@ class _EagerMoLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = get_backend(inputs[-1]).linear_forward(*inputs[:-1])
+        with eager_call():
+            output = get_backend(inputs[-1]).linear_forward(*inputs[:-1])
         _linear_setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_linear_backward)
+    @staticmethod
+    def backward(ctx, *grads):
+        with eager_call():
+            return _linear_backward(ctx, *grads)
+
+
+def _needs_autograd(*inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def _run_eager(function: type[torch.autograd.Function], forward: str, *inputs):
+    """Eager call: through ``function`` when a gradient is needed, else the backend's
+    ``forward`` directly (no autograd node: inference pays only the backend's host time).
+    Returns the op's first output."""
+    if _needs_autograd(*inputs[:-1]):
+        return function.apply(*inputs)[0]
+    with eager_call():
+        return getattr(get_backend(inputs[-1]), forward)(*inputs[:-1])[0]
 
 
 def _flatten(x, expert_ids, gates, rank_scale):
@@ -220,8 +246,9 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     x2, A, B = _autocast(x2, A, B)
     check_molora_inputs(x2, A, B, ids, g, rs, check_values)
     name = resolve_backend(backend, x.device)
-    op = _molora_delta_op if _tracing(x2, A, B, g, rs) else _EagerMoLoRADelta.apply
-    delta, _ = op(x2, A, B, ids, g, rs, float(scaling), name)
+    inputs = (x2, A, B, ids, g, rs, float(scaling), name)
+    delta = (_molora_delta_op(*inputs)[0] if _tracing(x2, A, B, g, rs)
+             else _run_eager(_EagerMoLoRADelta, "delta_forward", *inputs))
     return delta.view(*x.shape[:-1], B.shape[1])
 
 
@@ -243,6 +270,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"
                          f" got {tuple(B.shape)}")
     name = resolve_backend(backend, x.device)
-    op = _molora_linear_op if _tracing(x2, weight, bias, A, B, g, rs) else _EagerMoLoRALinear.apply
-    y, _ = op(x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
+    inputs = (x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
+    y = (_molora_linear_op(*inputs)[0] if _tracing(x2, weight, bias, A, B, g, rs)
+         else _run_eager(_EagerMoLoRALinear, "linear_forward", *inputs))
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -17,7 +17,7 @@ ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs a
 ``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
 objects: :func:`routing_tables` builds them once and reuses them while those tensors are
 unmodified (identity + version counters, as ``triton_backend.permutation`` caches its sort;
-one entry, only for gates with autograd history, i.e. eager training: see :func:`_cacheable`).
+one entry, only for calls from eager Python: see :mod:`datalora.ops.eager`).
 
 This module doubles as the reference implementation of the backend protocol
 (see ``datalora.ops.backends``): ``delta_forward`` returns the un-scaled per-route
@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from datalora.ops.eager import may_cache_routing
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 
@@ -81,19 +82,9 @@ _tables_cache: tuple | None = None
 
 def _cacheable(*tensors: torch.Tensor | None) -> tuple[int, ...] | None:
     """Version counters of ``(expert_ids, gates, rank_scale)`` (0 for None), or None when a
-    result built from them must not be cached.
-
-    Cached only while the gates carry autograd history (eager training, where a router or
-    the saliency network produced them): there the tensors are fresh objects each forward
-    and every in-place change bumps a version. Not cached: leaves (parameter-like inputs
-    that gradcheck and optimizers change through ``.data`` without a version bump),
-    ``no_grad`` / inference tensors, and tensors inside compiled graphs (no autograd
-    history; Inductor may reuse a buffer object for new values without a version bump),
-    nor during CUDA graph capture (the graph must record the build).
-    """
-    if tensors[1] is None or tensors[1].grad_fn is None:
-        return None
-    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+    result built from them must not be cached (:func:`datalora.ops.eager.may_cache_routing`:
+    only calls from eager Python; not leaves that require grad, not inference tensors)."""
+    if not may_cache_routing(*tensors):
         return None
     try:
         return tuple(0 if t is None else t._version for t in tensors)

@@ -28,6 +28,7 @@ from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32, as_index
 from datalora.ops import torch_backend
+from datalora.ops.eager import may_cache_routing
 from datalora.routing import ExpertPermutation, sort_routes
 
 STRATEGIES = ("dense", "grouped")
@@ -66,8 +67,9 @@ def permutation(expert_ids: torch.Tensor, num_experts: int, *,
 
     Layers sharing one ``Routing`` pass the same ``expert_ids`` tensor, so the sort runs
     once per forward (and once more at most for the backward). The backend caches only
-    routings whose gates carry autograd history (eager training): tensors inside a compiled
-    graph may be buffers Inductor reuses for new values without bumping their version.
+    where :func:`datalora.ops.eager.may_cache_routing` allows (calls from eager Python):
+    tensors inside a compiled graph may be buffers Inductor reuses for new values without
+    bumping their version.
     """
     global _perm_cache
     if not cache:
@@ -83,6 +85,11 @@ def permutation(expert_ids: torch.Tensor, num_experts: int, *,
     perm = sort_routes(expert_ids, num_experts)
     _perm_cache = (weakref.ref(expert_ids), version, num_experts, perm)
     return perm
+
+
+def _sorted_routes(expert_ids, gates, rank_scale, E) -> ExpertPermutation:
+    """:func:`permutation`, cached where the routing allows it."""
+    return permutation(expert_ids, E, cache=may_cache_routing(expert_ids, gates, rank_scale))
 
 
 def _rank_scale(rank_scale, r, device):
@@ -128,7 +135,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
                          E, r, 1.0)
         _ex.expand_dense(zd, B, B.stride(), y, E, r, scaling, accumulate)
     else:
-        perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
+        perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         z = x.new_empty(T * k, r)
         _sh.shrink_grouped(x, A, A.stride(), perm, k, g, rs, rs_stride, h, z, E, r, 1.0)
         _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
@@ -192,13 +199,13 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             if need_x:
                 _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, accumulate)
         else:
-            perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
+            perm = _sorted_routes(expert_ids, gates, rank_scale, E)
             dh = x.new_empty(T * k, r)
             _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
             if need_x:
                 _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, accumulate, k)
     if need_A or need_B:
-        perm = permutation(expert_ids, E, cache=gates.grad_fn is not None)
+        perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         if need_A:
             dA = torch.empty(E, r, d_in, dtype=A.dtype, device=A.device)
             _bw.segment_outer(x, dz, perm, k, g, rs, rs_stride, dA, _as_eor(dA, True), r,

@@ -1,0 +1,53 @@
+"""When a backend may cache per-routing tables: calls made straight from eager Python.
+
+Layers sharing one :class:`~datalora.routing.Routing` pass the same ``expert_ids`` /
+``gates`` / ``rank_scale`` tensor objects, so a backend can build its per-routing tables
+(the torch backend's gate matrix, the triton backend's expert sort) once and reuse them
+while those objects come back with unchanged version counters. That is safe only where
+the tensors are real eager tensors:
+
+* not inside a compiled graph, whose runtime may hand the op a buffer Inductor reused for
+  new values without bumping its version: compiled graphs call the registered custom ops,
+  which never enter :func:`eager_call`;
+* not for leaves that require grad: gradcheck and optimizers change those through
+  ``.data``, which bumps no version;
+* not for inference-mode tensors, which have no version counter (the caches check).
+
+The eager entry points (``molora_delta`` / ``molora_linear`` outside tracing, with or
+without autograd, and their eager backward) run the backend inside :func:`eager_call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def eager_call() -> Iterator[None]:
+    """Marks the backend calls inside as made from eager Python (see the module doc)."""
+    previous = getattr(_state, "active", False)
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = previous
+
+
+def may_cache_routing(*routing: torch.Tensor | None) -> bool:
+    """True inside :func:`eager_call` when none of ``routing`` is a leaf requiring grad and
+    no CUDA graph is being captured (the capture must record every build)."""
+    if not getattr(_state, "active", False):
+        return False
+    tensors = [t for t in routing if t is not None]
+    if any(t.requires_grad and t.grad_fn is None for t in tensors):
+        return False
+    return not (tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+__all__ = ["eager_call", "may_cache_routing"]
