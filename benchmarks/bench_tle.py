@@ -53,65 +53,71 @@ def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
     return tokens
 
 
-def _time(fn, repeats: int) -> tuple[float, Any]:
-    times, result = [], None
+def _time_interleaved(methods: dict[str, Any], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Round-robin over ``methods`` (rep 1 of each, rep 2 of each, ...), so drifting load
+    on a shared machine hits all alike: ``name -> (median seconds, last result)``."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    results: dict[str, Any] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), results[name]) for name, t in times.items()}
 
 
 @torch.no_grad()
-def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts: int = 2,
-        out: str | None = None) -> dict[str, Any]:
+def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
+        new_tokens: int = 32, repeats: int = 3, num_prompts: int = 2,
+        out: str | None = None, device: str | None = None) -> dict[str, Any]:
+    """Times every method on ``num_prompts`` eval prompts; the task adapters are trained
+    (``adapter_steps`` steps) on, or reused for, the ``base`` tiny model, and every method
+    runs on that same base (on ``device``: CUDA when available, else CPU): PEFT
+    restores the copy of ``lm_head``'s base weight it saves with an lm_head adapter, so a
+    different base would make PEFT and the mixer disagree."""
     import peft
 
     from datalora.data import TASKS, format_prompt, load_instruction_dataset
-    from datalora.experiments.task_adapters import train_task_adapters
-    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.experiments.task_adapters import build_base_model, train_task_adapters
+    from datalora.testing import build_tokenizer
     from datalora.tle import TokenLevelAdapterMixer
 
-    folders = train_task_adapters(adapter_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def build_tiny_model():
+        return build_base_model(base, progress=False).to(device)
+
+    with torch.enable_grad():  # a cold cache trains the adapters first
+        folders = train_task_adapters(adapter_dir, base=base, steps=adapter_steps)
     tok = build_tokenizer()
     train = load_instruction_dataset("embedded", "train")
     cents_prompts = {t: [format_prompt(r) for r in train if r["task"] == t][-16:] for t in TASKS}
     rows = load_instruction_dataset("embedded", "eval")
-    prompts = [tok(format_prompt(r), return_tensors="pt")["input_ids"]
+    prompts = [tok(format_prompt(r), return_tensors="pt")["input_ids"].to(device)
                for r in rows[:num_prompts]]
 
-    base = build_tiny_model()
+    plain = build_tiny_model()
     single = peft.PeftModel.from_pretrained(build_tiny_model(), str(folders[TASKS[0]])).eval()
     merged = peft.PeftModel.from_pretrained(build_tiny_model(), str(folders[TASKS[0]]),
                                             adapter_name=TASKS[0]).eval()
     for t in TASKS[1:]:
         merged.load_adapter(str(folders[t]), adapter_name=t)
+    merged.to(device)
     mixer = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()), names=list(TASKS),
                                    tau=0.05)
     mixer.fit_centroids(cents_prompts, tok)
 
-    rows_out: dict[str, dict[str, float]] = {}
-    checks: dict[str, Any] = {}
-
-    def record(name: str, seconds: float) -> None:
-        total = seconds
-        rows_out[name] = {"seconds": total, "tokens_per_s": new_tokens * len(prompts) / total}
-
-    record("base", _time(lambda: [_greedy(base, p, new_tokens) for p in prompts], repeats)[0])
-    record("single_adapter",
-           _time(lambda: [_greedy(single, p, new_tokens) for p in prompts], repeats)[0])
-    details: dict[str, list[dict[str, Any]]] = {}
-    for name, mode in (("mixer_every_token", "token"), ("mixer_every_other", "every_n")):
-        mixer.mode, mixer.every_n = mode, 2
-
+    def mixer_run(mode: str):
         def gen():
+            mixer.mode, mixer.every_n = mode, 2
             return [mixer.generate(p, new_tokens, return_details=True) for p in prompts]
+        return gen
 
-        seconds, details[mode] = _time(gen, repeats)
-        record(name, seconds)
-    step_weights = [d["weights"] for d in details["token"]]
+    # the per-step weights the fixed-weight mixer and the PEFT merge replay
+    first = mixer_run("token")()
+    step_weights = [d["weights"] for d in first]
     mixer_tokens = [d["sequences"][0, p.shape[1]:].tolist()
-                    for d, p in zip(details["token"], prompts, strict=True)]
+                    for d, p in zip(first, prompts, strict=True)]
 
     def fixed(p, w):
         def before(i):
@@ -120,10 +126,6 @@ def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts
             return _greedy(mixer.model, p, new_tokens, before)
         finally:
             mixer._slot.set(None)
-
-    seconds, fixed_tokens = _time(
-        lambda: [fixed(p, w) for p, w in zip(prompts, step_weights, strict=True)], repeats)
-    record("mixer_fixed_weights", seconds)
 
     def peft_merge(p, w):
         def before(i):
@@ -134,28 +136,49 @@ def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts
             merged.set_adapter("mix")
         return _greedy(merged, p, new_tokens, before)
 
-    seconds, peft_tokens = _time(
-        lambda: [peft_merge(p, w) for p, w in zip(prompts, step_weights, strict=True)],
-        max(1, repeats - 1))
-    record("peft_merge_per_token", seconds)
+    timed = _time_interleaved({
+        "base": lambda: [_greedy(plain, p, new_tokens) for p in prompts],
+        "single_adapter": lambda: [_greedy(single, p, new_tokens) for p in prompts],
+        "mixer_every_token": mixer_run("token"),
+        "mixer_every_other": mixer_run("every_n"),
+        "mixer_fixed_weights": lambda: [fixed(p, w) for p, w in
+                                        zip(prompts, step_weights, strict=True)],
+        "peft_merge_per_token": lambda: [peft_merge(p, w) for p, w in
+                                         zip(prompts, step_weights, strict=True)],
+    }, repeats)
+    rows_out = {name: {"seconds": seconds, "tokens_per_s": new_tokens * len(prompts) / seconds}
+                for name, (seconds, _) in timed.items()}
+    details = {"token": timed["mixer_every_token"][1], "every_n": timed["mixer_every_other"][1]}
+    fixed_tokens, peft_tokens = timed["mixer_fixed_weights"][1], timed["peft_merge_per_token"][1]
+    checks: dict[str, Any] = {}
     checks["fixed_weights_tokens_equal_mixer"] = fixed_tokens == mixer_tokens
     checks["peft_merge_tokens_equal_mixer"] = peft_tokens == mixer_tokens
     checks["recomputes_every_token"] = [d["recomputes"] for d in details["token"]]
     checks["recomputes_every_other"] = [d["recomputes"] for d in details["every_n"]]
     result = {
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": device.type,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "peft": peft.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {"model": "embedded tiny Mistral (~1M params)", "adapters": list(TASKS),
+        "config": {"model": f"embedded tiny Mistral (~1M params), {base} base",
+                   "adapters": list(TASKS),
                    "new_tokens": new_tokens, "prompts": len(prompts), "repeats": repeats,
-                   "timing": "median wall time over repeats, batch size 1, greedy, KV cache",
+                   "timing": "median wall time over repeats, methods interleaved per repeat, "
+                             "batch size 1, greedy, KV cache",
                    "note": "CPU shared with other jobs: compare ratios, not absolutes"},
         "results": rows_out,
         "speedup_mixer_fixed_vs_peft_merge": rows_out["mixer_fixed_weights"]["tokens_per_s"]
         / rows_out["peft_merge_per_token"]["tokens_per_s"],
         "speedup_mixer_every_token_vs_peft_merge": rows_out["mixer_every_token"]["tokens_per_s"]
         / rows_out["peft_merge_per_token"]["tokens_per_s"],
+        # tokens/s of the mixer (4 adapters, routing included) over one PEFT LoRA's
+        "mixer_every_token_vs_single_adapter": rows_out["mixer_every_token"]["tokens_per_s"]
+        / rows_out["single_adapter"]["tokens_per_s"],
+        "mixer_fixed_weights_vs_single_adapter":
+            rows_out["mixer_fixed_weights"]["tokens_per_s"]
+            / rows_out["single_adapter"]["tokens_per_s"],
         "checks": checks,
     }
     if out:
@@ -166,6 +189,8 @@ def run(adapter_dir: str, *, new_tokens: int = 32, repeats: int = 3, num_prompts
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
+    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+                   help="the tiny base the adapters are trained on and every method runs on")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompts", type=int, default=2)
@@ -173,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = args.out or ("benchmarks/results/tle_cuda.json" if torch.cuda.is_available()
                        else "benchmarks/results/tle_cpu.json")
-    result = run(args.adapters, new_tokens=args.new_tokens, repeats=args.repeats,
+    result = run(args.adapters, base=args.base, new_tokens=args.new_tokens,
+                 repeats=args.repeats,
                  num_prompts=args.prompts, out=out)
     for name, r in result["results"].items():
         print(f"{name:>22}: {r['tokens_per_s']:8.1f} tokens/s")

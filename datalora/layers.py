@@ -105,7 +105,7 @@ class MoLoRALinear(nn.Module):
             return self.base_layer(x)
         if routing is None:
             routing = self.route(x)
-        self.last_routing = routing
+        self.__dict__["last_routing"] = routing  # a plain attribute: skips Module.__setattr__
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         gates = routing.gates.to(x.dtype)
         rank_scale = None if routing.rank_scale is None else routing.rank_scale.to(x.dtype)

@@ -150,3 +150,23 @@ def test_benchmarked_methods_agree():
                 out = out + base
             if name != "linear":
                 torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_tle_benchmark_smoke_every_method_generates_the_same_tokens(tmp_path):
+    """bench_tle end to end on the random tiny base (adapters trained 3 steps): the fixed-
+    weight mixer and PEFT's per-token ``add_weighted_adapter`` merge must generate exactly
+    the mixer's tokens (same base model for every method)."""
+    from benchmarks import bench_tle
+
+    out = tmp_path / "tle.json"
+    result = bench_tle.run(str(tmp_path / "adapters"), base="random", adapter_steps=3,
+                           new_tokens=4, repeats=1, num_prompts=1, out=str(out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["checks"]["fixed_weights_tokens_equal_mixer"]
+    assert result["checks"]["peft_merge_tokens_equal_mixer"]
+    assert result["checks"]["recomputes_every_token"] == [4]
+    assert result["checks"]["recomputes_every_other"] == [2]
+    assert set(result["results"]) == {"base", "single_adapter", "mixer_every_token",
+                                      "mixer_every_other", "mixer_fixed_weights",
+                                      "peft_merge_per_token"}
+    assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
