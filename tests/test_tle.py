@@ -658,3 +658,23 @@ def test_mixed_span_losses_modes_and_oracle(adapter_dirs):
     w = mixer.routing_for(torch.tensor([s["input_ids"]]),
                           prompt_lengths=torch.tensor([s["prompt_length"]]))[0]
     assert torch.equal(w, w[s["prompt_length"] - 1].expand_as(w))
+
+
+def test_mixer_warns_when_an_adapter_was_trained_on_another_base(tmp_path):
+    """PEFT saves lm_head's base weight with an lm_head adapter and restores it on load; the
+    mixer keeps the model's own. A copy that differs means another base model: warned."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"],
+                          init_lora_weights=False)
+    peft.get_peft_model(small_model(), cfg).save_pretrained(str(tmp_path / "head"))
+    adapter = load_peft_adapter(tmp_path / "head")
+    assert set(adapter.base_weights) == {"lm_head"}
+    assert not any(".base_layer" in m for m in adapter.modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the base it was trained on: silent
+        TokenLevelAdapterMixer(small_model(), [tmp_path / "head"])
+    other = build_tiny_model(seed=1, **SMALL)
+    with pytest.warns(UserWarning, match=r"'head' holds copies of base weights .*lm_head"):
+        TokenLevelAdapterMixer(other, [tmp_path / "head"])

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from datalora.routing import Routing
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
                   r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\."
+                        r"(?P<kind>weight|bias)$")
 
 
 @dataclass
@@ -31,12 +33,16 @@ class LoRAAdapter:
         modules: ``{module name: (A [r, d_in], B_scaled [d_out, r])}`` with
             ``B_scaled = scaling * B``, so ``dW = B_scaled @ A``.
         config: the adapter's ``adapter_config.json``.
+        base_weights: ``{module name: weight}`` copies of frozen base weights the file also
+            holds (PEFT saves ``lm_head``'s with an lm_head adapter); not part of the update,
+            kept to check that the adapter was trained on the model it is mixed into.
     """
 
     name: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config: dict[str, Any]
     path: str | None = None
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
@@ -76,9 +82,13 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
     for key, tensor in load_tensors(weights).items():
-        if re.search(r"\.base_layer\.(weight|bias)$", key):
-            continue  # a copy of a frozen base weight (PEFT saves lm_head's): not an update
+        base_copy = _BASE_COPY.match(key)
+        if base_copy is not None:  # a frozen base weight (PEFT saves lm_head's): no update
+            if base_copy["kind"] == "weight":
+                base_weights[base_copy["module"]] = tensor
+            continue
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"path: unsupported tensor {key!r} in {weights} (only "
@@ -99,7 +109,24 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     if not modules:
         raise ValueError(f"path: {folder} holds no LoRA tensors")
     return LoRAAdapter(name=name or folder.name, modules=modules, config=config,
-                       path=str(folder))
+                       path=str(folder), base_weights=base_weights)
+
+
+def foreign_base_weights(model: nn.Module, adapter: LoRAAdapter) -> dict[str, float]:
+    """``{module: max |difference|}`` for the base-weight copies in ``adapter`` that differ
+    from ``model``'s own weights beyond dtype rounding (``inf`` for another shape): the
+    sign of an adapter trained on another base model."""
+    foreign = {}
+    for module, saved in adapter.base_weights.items():
+        try:
+            own = model.get_submodule(module).weight.detach().float().cpu()
+        except AttributeError:
+            continue
+        if own.shape != saved.shape:
+            foreign[module] = math.inf
+        elif not torch.allclose(own, saved.float(), rtol=1e-2, atol=1e-3):
+            foreign[module] = float((own - saved.float()).abs().max())
+    return foreign
 
 
 def pack_adapters(adapters: Sequence[LoRAAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

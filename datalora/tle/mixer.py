@@ -4,6 +4,7 @@ model as MoLoRA experts, routes them per token, generates, and saves / loads its
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from datalora.tle.adapters import (
     AdapterMixLinear,
     LoRAAdapter,
     _RoutingSlot,
+    foreign_base_weights,
     load_peft_adapter,
     pack_adapters,
 )
@@ -68,6 +70,15 @@ class TokenLevelAdapterMixer(nn.Module):
                 raise ValueError("adapters: expected a non-empty sequence of adapter folders")
             loaded = [a if isinstance(a, LoRAAdapter) else load_peft_adapter(a)
                       for a in adapters]
+            for adapter in loaded:
+                foreign = foreign_base_weights(model, adapter)
+                if foreign:
+                    diffs = ", ".join(f"{m}: max |diff| {d:.3g}" for m, d in foreign.items())
+                    warnings.warn(
+                        f"adapters: {adapter.name!r} holds copies of base weights that differ "
+                        f"from this model's ({diffs}): it was trained on another base model. "
+                        f"The mixer keeps this model's weights; PEFT would load the copies, "
+                        f"so the two would disagree.", UserWarning, stacklevel=2)
             names = names or [a.name for a in loaded]
             packed = pack_adapters(loaded)
             self.adapter_paths = [a.path for a in loaded]
