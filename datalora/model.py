@@ -219,7 +219,8 @@ class DATALORAModel(nn.Module):
                 taken from it, buffers it lacks from the model.
 
         Under FSDP2 without ``state_dict`` the shards are gathered here: call it on every
-        rank; rank 0 writes. Under FSDP1 pass the full ``state_dict``.
+        rank; rank 0 writes, and every rank returns once the files exist. Under FSDP1 pass
+        the full ``state_dict``.
         """
         kind = sharding_kind(self)
         own = self.adapter_state_dict()
@@ -239,12 +240,15 @@ class DATALORAModel(nn.Module):
                              "DATALORATrainer does")
         else:
             tensors = full_tensors(own) if kind == "fsdp2" else own
-            if kind == "fsdp2" and torch.distributed.get_rank() != 0:
-                return
-        save_directory = Path(save_directory)
-        save_tensors(tensors, save_directory / WEIGHTS_NAME,
-                     metadata={"format": "pt", "adapter_type": "datalora"})
-        atomic_write_text(save_directory / CONFIG_NAME, self.config_datalora.to_json_string())
+        gathered_here = state_dict is None and kind == "fsdp2"
+        if not gathered_here or torch.distributed.get_rank() == 0:
+            save_directory = Path(save_directory)
+            save_tensors(tensors, save_directory / WEIGHTS_NAME,
+                         metadata={"format": "pt", "adapter_type": "datalora"})
+            atomic_write_text(save_directory / CONFIG_NAME,
+                              self.config_datalora.to_json_string())
+        if gathered_here:
+            torch.distributed.barrier()  # no rank returns before the files exist
 
     def load_adapter(self, path: str | Path) -> None:
         """Loads saved adapter tensors into this model (names and shapes must match).
