@@ -149,7 +149,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    model: Any = None, tokenizer: Any = None,
                    report_to: list[str] | None = None,
                    eval_dataset: str | list[dict[str, Any]] | None = None,
-                   eval_limit: int | None = 200) -> TrainResult:
+                   eval_limit: int | None = 200,
+                   trainer_args: dict[str, Any] | None = None) -> TrainResult:
     """Trains DATALORA and returns the logs (for printing / plotting per phase).
 
     Args:
@@ -174,6 +175,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         eval_dataset: rows or a source (``"embedded"``: the embedded eval split) on which
             the final eval loss is measured with pruning (``metrics["eval_loss_pruned"]``,
             calibrated threshold) and dense (``metrics["eval_loss_dense"]``).
+        trainer_args: more ``transformers.TrainingArguments`` fields (e.g. ``fsdp``,
+            ``fsdp_config``, ``deepspeed``, ``weight_decay``, ``warmup_steps``,
+            ``optim``); they override the values derived from the arguments above.
 
     Returns:
         :class:`TrainResult`.
@@ -198,6 +202,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         raise ValueError(f"max_steps: expected a positive int or None, got {max_steps!r}")
     if not float(epochs) > 0:
         raise ValueError(f"epochs: expected > 0, got {epochs!r}")
+    trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:
         from datalora.testing import load_model_and_tokenizer
@@ -222,7 +227,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length))
     tasks = tuple(sorted({r.get("task", "unknown") for r in rows} | set(TASKS)))
     collator = CausalLMCollator(tokenizer=tokenizer, return_task_ids=True, tasks=tasks)
-    args = TrainingArguments(
+    args = TrainingArguments(**{**dict(
         output_dir=str(output_dir), num_train_epochs=float(epochs),
         max_steps=max_steps if max_steps is not None else -1,
         per_device_train_batch_size=batch_size, learning_rate=learning_rate,
@@ -231,7 +236,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         save_steps=save_steps or 500, report_to=report_to or [], seed=seed, data_seed=seed,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress,
         remove_unused_columns=False, lr_scheduler_type="cosine", warmup_steps=0,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0), **trainer_args})
     trainer = DATALORATrainer(model=dl_model, args=args, train_dataset=train_rows,
                               data_collator=collator, processing_class=tokenizer,
                               curriculum_mode=curriculum_mode, task_names=list(tasks))
@@ -283,6 +288,26 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _check_trainer_args(cls: type, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra`` validated (a mapping of real ``TrainingArguments`` fields, with
+    ``remove_unused_columns`` kept False: the collator passes task ids), before any model
+    is loaded."""
+    import dataclasses
+
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"trainer_args: expected a mapping of TrainingArguments fields, got "
+                        f"{type(extra).__name__}")
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"trainer_args: {unknown} are not TrainingArguments fields")
+    if extra.get("remove_unused_columns"):
+        raise ValueError("trainer_args: remove_unused_columns must stay False (the DATALORA "
+                         "collator passes task ids the model does not take)")
+    return dict(extra)
+
+
 _CLI_KEYS = ("model_name_or_path", "dataset", "output_dir", "epochs", "max_steps",
              "batch_size", "learning_rate", "max_length", "limit", "save_steps",
              "resume_from_checkpoint", "curriculum_mode", "bf16", "seed", "eval_dataset")
@@ -307,7 +332,8 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
                          f"got {type(data).__name__}")
     training = data.pop("training", {}) or {}
     unknown = sorted(set(training) - set(_CLI_KEYS) - {
-        "logging_steps", "gradient_accumulation_steps", "eval_limit", "learning_rate"})
+        "logging_steps", "gradient_accumulation_steps", "eval_limit", "learning_rate",
+        "trainer_args"})
     if unknown:
         raise ValueError(f"config: unknown training keys {unknown}")
     merged = {**DEFAULT_TINY_CONFIG, **data}

@@ -371,7 +371,8 @@ def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys)
         "target_modules: [q_proj, v_proj]\n"
         "training:\n  max_steps: 3\n  limit: 12\n  batch_size: 4\n  max_length: 48\n"
         "  curriculum_mode: steps\n  logging_steps: 1\n  bf16: true\n"
-        "  eval_dataset: embedded\n  eval_limit: 8\n")
+        "  eval_dataset: embedded\n  eval_limit: 8\n"
+        "  trainer_args: {weight_decay: 0.05, max_grad_norm: 0.5}\n")
     out = tmp_path / "adapter"
     assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -381,6 +382,8 @@ def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["routing"] == "shared" and config["num_lora_experts"] == 4
     assert (out / "curriculum_state.json").exists()
+    args = torch.load(out / "training_args.bin", weights_only=False)  # trainer_args reached
+    assert (args.weight_decay, args.max_grad_norm, args.max_steps) == (0.05, 0.5, 3)
     model = DATALORAModel.from_pretrained(build_tiny_model(), out)
     assert float(model.saliency.keep_threshold) == float(model.saliency.keep_threshold)
     ids = torch.randint(4, 500, (2, 12))
@@ -400,3 +403,8 @@ def test_train_config_validation(tmp_path):
         train_datalora(DATALORAConfig(routing="per_layer"), max_steps=1)
     with pytest.raises(ValueError, match="max_steps"):
         train_datalora(None, max_steps=0)
+    for extra, match in (({"weight_decy": 0.1}, r"\['weight_decy'\] are not TrainingArguments"),
+                         ({"remove_unused_columns": True}, "remove_unused_columns")):
+        with pytest.raises(ValueError, match=match):
+            train_datalora(None, max_steps=1, limit=8, trainer_args=extra, progress=False,
+                           output_dir=str(tmp_path / "bad_args"))
