@@ -254,6 +254,13 @@ dist.init_process_group("gloo")
 rank, mesh = dist.get_rank(), init_device_mesh("cpu", (dist.get_world_size(),))
 out = Path(sys.argv[1])
 
+def mixed(model):  # as train_datalora(bf16=True): bf16 frozen base, fp32 adapter and USN
+    model.base_model.to(torch.bfloat16)
+    for _, layer in model.molora_layers():
+        layer.float()
+        layer.base_layer.to(torch.bfloat16)
+    return model
+
 def shard(model):
     for layer in model.base_model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -271,9 +278,9 @@ def train(model, steps=3):
         opt.step()
         opt.zero_grad()
 
-reference = tiny_datalora()  # unsharded, trained on the same batch
+reference = mixed(tiny_datalora())  # unsharded, trained on the same batch
 train(reference)
-model = shard(tiny_datalora())
+model = shard(mixed(tiny_datalora()))  # FSDP2 groups mixing bf16 and fp32 parameters
 assert sharding_kind(model) == "fsdp2" and sharding_kind(reference) is None
 train(model)
 model.save_pretrained(out)  # every rank gathers; rank 0 writes; all return after the write
@@ -283,7 +290,7 @@ assert set(saved) == set(want)
 for name in want:  # FSDP2 training == single-process training on the same batch
     assert same(saved[name], want[name]), name  # bit-exact
 
-fresh = shard(tiny_datalora(seed=1))
+fresh = shard(mixed(tiny_datalora(seed=1)))
 fresh.load_adapter(out)  # every rank keeps its shard of the saved tensors
 loaded = full_tensors(fresh.adapter_state_dict())
 for name in saved:
