@@ -4,7 +4,9 @@
 multi-task instruction data (OpenOrca columns) with the 3-phase curriculum, prints the
 per-phase summary and writes the adapter (+ saliency network + config) to
 ``--output-dir``. ``--config file.yaml|json`` gives the :class:`DATALORAConfig` fields and,
-under a ``training:`` key, any :func:`train_datalora` argument.
+under a ``training:`` key, :func:`train_datalora` arguments: the flags' names,
+``logging_steps``, ``gradient_accumulation_steps``, ``eval_limit``, and ``trainer_args``
+(any other ``TrainingArguments`` field, e.g. ``fsdp`` / ``fsdp_config``).
 """
 
 from __future__ import annotations
