@@ -247,10 +247,23 @@ class DATALORATrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:
             self.datalora_model.load_adapter(resume_from_checkpoint)
-        path = os.path.join(resume_from_checkpoint, CURRICULUM_STATE_NAME)
-        if os.path.isfile(path):
-            with open(path) as f:
-                self._resume_curriculum = json.load(f)
+
+    def _curriculum_state_at(self, checkpoint: str | bool | None) -> dict[str, Any] | None:
+        """The curriculum state saved in ``checkpoint`` (``True``: the last checkpoint in
+        ``output_dir``, as ``Trainer.train`` resolves it), or None."""
+        if checkpoint is None or checkpoint is False:
+            return None
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                return None  # Trainer.train raises its own error
+        path = os.path.join(checkpoint, CURRICULUM_STATE_NAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled:
@@ -291,9 +304,15 @@ class DATALORATrainer(Trainer):
             value = float(dl.saliency.keep_threshold)
         return value
 
-    def train(self, *args: Any, **kwargs: Any):
-        """``Trainer.train``, then calibrates the keep threshold and saves the final state."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any):
+        """``Trainer.train``, then calibrates the keep threshold.
+
+        The curriculum state is read from ``resume_from_checkpoint`` here, not where the
+        weights are loaded: DeepSpeed resumes without ``_load_from_checkpoint``.
+        """
+        self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.calibrate_batches > 0:
             self.calibrate_keep_threshold()
         return output

@@ -149,6 +149,24 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     assert resumed_model.curriculum_state() == full.datalora_model.curriculum_state()
 
 
+def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
+    """``resume_from_checkpoint=True`` (the last checkpoint in output_dir): the curriculum
+    state is read by ``train`` itself, whatever path loads the weights."""
+    import shutil
+
+    run = make_trainer(tmp_path, tiny_datalora(), steps=6, save_steps=3, calibrate_batches=0)
+    run.train()
+    shutil.rmtree(tmp_path / "checkpoint-6")  # the last one left: checkpoint-3
+    # another mode: only the saved state can make the resumed schedule equal the run's
+    resumed = make_trainer(tmp_path, tiny_datalora(), steps=6, calibrate_batches=0,
+                           curriculum_mode="epochs")
+    resumed._load_from_checkpoint = lambda path, model=None: None  # weights: not this test
+    assert resumed._curriculum_state_at(True)["step_count"] == 3
+    assert resumed._curriculum_state_at(False) is None
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.curriculum.state_dict() == run.curriculum.state_dict()
+
+
 def test_aux_loss_follows_the_trainers_gradient_accumulation_scaling(tmp_path):
     """The aux losses are divided by the accumulation steps exactly when the Trainer will
     not divide the returned loss itself (its rule; ``loss_is_scaled_for_ga`` only exists
