@@ -6,6 +6,8 @@ Greedy decoding with a KV cache, the same fixed number of new tokens for every m
 - ``single_adapter``: one PEFT LoRA (``PeftModel``, unmerged);
 - ``mixer_every_token`` / ``mixer_every_other``: :class:`~datalora.tle.TokenLevelAdapterMixer`
   (routing *included*: one base-model pass per recompute for the context embedding);
+- ``mixer_every_token_embed0_window16``: the mixer with the embedder ``tle_evidence``
+  selects (input embeddings of the last 16 tokens: no extra pass), every token;
 - ``mixer_fixed_weights``: the mixer with the routing replaced by the same per-step weights
   (only the fused mixing; comparable with the PEFT merge below);
 - ``peft_merge_per_token``: the original method, rebuilding the mixed adapter with PEFT's
@@ -80,7 +82,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     from datalora.data import TASKS, format_prompt, load_instruction_dataset
     from datalora.experiments.task_adapters import build_base_model, train_task_adapters
     from datalora.testing import build_tokenizer
-    from datalora.tle import TokenLevelAdapterMixer
+    from datalora.tle import HiddenStateEmbedder, TokenLevelAdapterMixer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -106,6 +108,12 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     mixer = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()), names=list(TASKS),
                                    tau=0.05)
     mixer.fit_centroids(cents_prompts, tok)
+    # the configuration tle_evidence selects: input embeddings of the last 16 tokens (no
+    # extra base-model pass per recompute), tau 0.02
+    light = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()),
+                                   names=list(TASKS), tau=0.02,
+                                   embedder=HiddenStateEmbedder(0, window=16))
+    light.fit_centroids(cents_prompts, tok)
 
     def mixer_run(mode: str):
         def gen():
@@ -141,6 +149,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         "single_adapter": lambda: [_greedy(single, p, new_tokens) for p in prompts],
         "mixer_every_token": mixer_run("token"),
         "mixer_every_other": mixer_run("every_n"),
+        "mixer_every_token_embed0_window16": lambda: [
+            light.generate(p, new_tokens) for p in prompts],
         "mixer_fixed_weights": lambda: [fixed(p, w) for p, w in
                                         zip(prompts, step_weights, strict=True)],
         "peft_merge_per_token": lambda: [peft_merge(p, w) for p, w in
@@ -178,6 +188,9 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         / rows_out["single_adapter"]["tokens_per_s"],
         "mixer_fixed_weights_vs_single_adapter":
             rows_out["mixer_fixed_weights"]["tokens_per_s"]
+            / rows_out["single_adapter"]["tokens_per_s"],
+        "mixer_every_token_embed0_window16_vs_single_adapter":
+            rows_out["mixer_every_token_embed0_window16"]["tokens_per_s"]
             / rows_out["single_adapter"]["tokens_per_s"],
         "checks": checks,
     }

@@ -167,6 +167,6 @@ def test_tle_benchmark_smoke_every_method_generates_the_same_tokens(tmp_path):
     assert result["checks"]["recomputes_every_token"] == [4]
     assert result["checks"]["recomputes_every_other"] == [2]
     assert set(result["results"]) == {"base", "single_adapter", "mixer_every_token",
-                                      "mixer_every_other", "mixer_fixed_weights",
-                                      "peft_merge_per_token"}
+                                      "mixer_every_other", "mixer_every_token_embed0_window16",
+                                      "mixer_fixed_weights", "peft_merge_per_token"}
     assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
