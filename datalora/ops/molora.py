@@ -148,41 +148,35 @@ def _linear_backward(ctx, grad_y, _grad_h):
 _molora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-class _EagerMoLoRADelta(torch.autograd.Function):
-    """``datalora::molora_delta`` without the dispatcher (same setup and backward).
+def _eager_function(name: str, backend_forward: str, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` running a custom op without the dispatcher: the
+    backend's ``backend_forward``, then the op's own ``setup_context`` and ``backward``,
+    the backend calls inside :func:`~datalora.ops.eager.eager_call` (routing caches).
 
     Old-style ``forward(ctx, ...)``: a ``setup_context`` staticmethod would make every
     ``apply`` bind its arguments with ``inspect.signature`` (tens of microseconds per call).
-    Forward and backward run inside :func:`~datalora.ops.eager.eager_call` (routing caches).
     """
 
-    @staticmethod
     def forward(ctx, *inputs):
         with eager_call():
-            output = get_backend(inputs[-1]).delta_forward(*inputs[:-1])
-        _delta_setup_context(ctx, inputs, output)
+            output = getattr(get_backend(inputs[-1]), backend_forward)(*inputs[:-1])
+        setup_context(ctx, inputs, output)
         return output
 
-    @staticmethod
-    def backward(ctx, *grads):
+    def eager_backward(ctx, *grads):
         with eager_call():
-            return _delta_backward(ctx, *grads)
+            return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"``datalora::{backend_forward.removesuffix('_forward')}`` in eager mode.",
+        "backend_forward": backend_forward, "forward": staticmethod(forward),
+        "backward": staticmethod(eager_backward)})
 
 
-class _EagerMoLoRALinear(torch.autograd.Function):
-    """``datalora::molora_linear`` without the dispatcher (same setup and backward)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        with eager_call():
-            output = get_backend(inputs[-1]).linear_forward(*inputs[:-1])
-        _linear_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        with eager_call():
-            return _linear_backward(ctx, *grads)
+_EagerMoLoRADelta = _eager_function("_EagerMoLoRADelta", "delta_forward",
+                                    _delta_setup_context, _delta_backward)
+_EagerMoLoRALinear = _eager_function("_EagerMoLoRALinear", "linear_forward",
+                                     _linear_setup_context, _linear_backward)
 
 
 def _needs_autograd(*inputs) -> bool:
@@ -190,14 +184,14 @@ def _needs_autograd(*inputs) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
-def _run_eager(function: type[torch.autograd.Function], forward: str, *inputs):
-    """Eager call: through ``function`` when a gradient is needed, else the backend's
-    ``forward`` directly (no autograd node: inference pays only the backend's host time).
-    Returns the op's first output."""
+def _run_eager(function: type[torch.autograd.Function], *inputs):
+    """Eager call: through ``function`` (from :func:`_eager_function`) when a gradient is
+    needed, else its backend forward directly (no autograd node: inference pays only the
+    backend's host time). Returns the op's first output."""
     if _needs_autograd(*inputs[:-1]):
         return function.apply(*inputs)[0]
     with eager_call():
-        return getattr(get_backend(inputs[-1]), forward)(*inputs[:-1])[0]
+        return getattr(get_backend(inputs[-1]), function.backend_forward)(*inputs[:-1])[0]
 
 
 def _flatten(x, expert_ids, gates, rank_scale):
@@ -248,7 +242,7 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     name = resolve_backend(backend, x.device)
     inputs = (x2, A, B, ids, g, rs, float(scaling), name)
     delta = (_molora_delta_op(*inputs)[0] if _tracing(x2, A, B, g, rs)
-             else _run_eager(_EagerMoLoRADelta, "delta_forward", *inputs))
+             else _run_eager(_EagerMoLoRADelta, *inputs))
     return delta.view(*x.shape[:-1], B.shape[1])
 
 
@@ -272,5 +266,5 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     name = resolve_backend(backend, x.device)
     inputs = (x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
     y = (_molora_linear_op(*inputs)[0] if _tracing(x2, weight, bias, A, B, g, rs)
-         else _run_eager(_EagerMoLoRALinear, "linear_forward", *inputs))
+         else _run_eager(_EagerMoLoRALinear, *inputs))
     return y.view(*x.shape[:-1], weight.shape[0])
