@@ -163,8 +163,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[float, Any], device: torch.device, budget_s: float,
-                     min_reps: int, max_reps: int) -> dict[float, tuple]:
+def time_interleaved(steps: dict[Any, Any], device: torch.device, budget_s: float,
+                     min_reps: int, max_reps: int) -> dict[Any, tuple]:
     """Round-robin over the steps: ``key -> (median, q20, q80, min, reps)`` in ms."""
     for fn in steps.values():  # warm-up (allocator, first-call setup, autotune)
         fn()

@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
+from benchmarks.bench_pruning import time_interleaved
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
 
@@ -53,19 +52,6 @@ def _greedy(model, ids: torch.Tensor, new: int, before_step=None) -> list[int]:
         out = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True,
                     **cache_kwargs(model, cache))
     return tokens
-
-
-def _time_interleaved(methods: dict[str, Any], repeats: int) -> dict[str, tuple[float, Any]]:
-    """Round-robin over ``methods`` (rep 1 of each, rep 2 of each, ...), so drifting load
-    on a shared machine hits all alike: ``name -> (median seconds, last result)``."""
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    results: dict[str, Any] = {}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), results[name]) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -144,7 +130,14 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
             merged.set_adapter("mix")
         return _greedy(merged, p, new_tokens, before)
 
-    timed = _time_interleaved({
+    last: dict[str, Any] = {}  # each method's output in the last timed round
+
+    def keeping(name: str, fn):
+        def call():
+            last[name] = fn()
+        return call
+
+    methods = {
         "base": lambda: [_greedy(plain, p, new_tokens) for p in prompts],
         "single_adapter": lambda: [_greedy(single, p, new_tokens) for p in prompts],
         "mixer_every_token": mixer_run("token"),
@@ -155,11 +148,13 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
                                         zip(prompts, step_weights, strict=True)],
         "peft_merge_per_token": lambda: [peft_merge(p, w) for p, w in
                                          zip(prompts, step_weights, strict=True)],
-    }, repeats)
-    rows_out = {name: {"seconds": seconds, "tokens_per_s": new_tokens * len(prompts) / seconds}
-                for name, (seconds, _) in timed.items()}
-    details = {"token": timed["mixer_every_token"][1], "every_n": timed["mixer_every_other"][1]}
-    fixed_tokens, peft_tokens = timed["mixer_fixed_weights"][1], timed["peft_merge_per_token"][1]
+    }
+    timed = time_interleaved({name: keeping(name, fn) for name, fn in methods.items()},
+                             device, budget_s=0.0, min_reps=repeats, max_reps=repeats)
+    rows_out = {name: {"seconds": ms / 1e3, "tokens_per_s": new_tokens * len(prompts) * 1e3 / ms}
+                for name, (ms, *_) in timed.items()}
+    details = {"token": last["mixer_every_token"], "every_n": last["mixer_every_other"]}
+    fixed_tokens, peft_tokens = last["mixer_fixed_weights"], last["peft_merge_per_token"]
     checks: dict[str, Any] = {}
     checks["fixed_weights_tokens_equal_mixer"] = fixed_tokens == mixer_tokens
     checks["peft_merge_tokens_equal_mixer"] = peft_tokens == mixer_tokens
@@ -175,8 +170,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         "config": {"model": f"embedded tiny Mistral (~1M params), {base} base",
                    "adapters": list(TASKS),
                    "new_tokens": new_tokens, "prompts": len(prompts), "repeats": repeats,
-                   "timing": "median wall time over repeats, methods interleaved per repeat, "
-                             "batch size 1, greedy, KV cache",
+                   "timing": "median wall time over repeats (after 2 warm-up calls), methods "
+                             "interleaved per repeat, batch size 1, greedy, KV cache",
                    "note": "CPU shared with other jobs: compare ratios, not absolutes"},
         "results": rows_out,
         "speedup_mixer_fixed_vs_peft_merge": rows_out["mixer_fixed_weights"]["tokens_per_s"]
