@@ -30,6 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from datalora.curriculum import PHASES, CurriculumScheduler
+from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
@@ -236,8 +237,8 @@ class DATALORATrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         self.datalora_model.save_pretrained(output_dir, state_dict=state_dict)
         if self.curriculum is not None:
-            with open(os.path.join(output_dir, CURRICULUM_STATE_NAME), "w") as f:
-                json.dump(self.curriculum.state_dict(), f, indent=2, sort_keys=True)
+            atomic_write_text(os.path.join(output_dir, CURRICULUM_STATE_NAME),
+                              json.dumps(self.curriculum.state_dict(), indent=2, sort_keys=True))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
