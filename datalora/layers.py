@@ -13,6 +13,12 @@ from datalora.nf4_linear import is_nf4_base, nf4_compute_dtype, nf4_molora_linea
 from datalora.routing import Routing, topk_routing
 
 
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it already is (a no-op ``to`` still costs host
+    time, four per layer call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class MoLoRALinear(nn.Module):
     """``y = base(x) + scaling * sum_j gate_j * B[e_j] @ (rank_scale * (A[e_j] @ x))``.
 
@@ -106,9 +112,10 @@ class MoLoRALinear(nn.Module):
         if routing is None:
             routing = self.route(x)
         self.__dict__["last_routing"] = routing  # a plain attribute: skips Module.__setattr__
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        gates = routing.gates.to(x.dtype)
-        rank_scale = None if routing.rank_scale is None else routing.rank_scale.to(x.dtype)
+        dtype = x.dtype
+        A, B = _in_dtype(self.lora_A, dtype), _in_dtype(self.lora_B, dtype)
+        gates = _in_dtype(routing.gates, dtype)
+        rank_scale = None if routing.rank_scale is None else _in_dtype(routing.rank_scale, dtype)
         # a Routing shared by many layers is validated once (under compile: never, no sync)
         check = torch.compiler.is_compiling() or routing.take_value_check(self.num_experts)
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from datalora import ops
+from datalora.ops import torch_backend
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
@@ -236,7 +237,6 @@ def test_triton_without_gpu_or_interpreter_says_why(monkeypatch):
 
 def _count_gate_matrix_builds(monkeypatch):
     """Counts calls of the torch backend's dense gate matrix builder."""
-    from datalora.ops import torch_backend
 
     calls = []
     real = torch_backend._gate_matrix
@@ -351,6 +351,20 @@ def test_inference_path_equals_the_autograd_path():
     frozen = [t.detach() for t in (x, A, B)]  # grad mode on, nothing requires grad
     plain = ops.molora_delta(*frozen, ids, gates.detach(), rs.detach(), 2.0, backend="torch")
     assert plain.grad_fn is None
+
+
+def test_forward_without_h_skips_it_and_gives_the_same_output():
+    """``need_h=False`` (the no-autograd call) skips gathering the per-route ``h`` the
+    backward needs; the output bits do not change."""
+    x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float32)
+    W = torch.randn(B.shape[1], x.shape[1])
+    y, h = torch_backend.linear_forward(x, W, None, A, B, ids, gates, rs, 2.0)
+    y_fast, h_fast = torch_backend.linear_forward(x, W, None, A, B, ids, gates, rs, 2.0,
+                                                  need_h=False)
+    d, _ = torch_backend.delta_forward(x, A, B, ids, gates, rs, 2.0)
+    d_fast, hd_fast = torch_backend.delta_forward(x, A, B, ids, gates, rs, 2.0, need_h=False)
+    assert h.shape == (13, ids.shape[1], A.shape[1]) and h_fast is None and hd_fast is None
+    assert torch.equal(y, y_fast) and torch.equal(d, d_fast)
 
 
 @pytest.mark.parametrize("rank_scale", [False, True])

@@ -2,8 +2,11 @@
 
 A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
 
-    delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling) -> (delta, h)
-    linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling) -> (y, h)
+    delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True) -> (delta, h)
+    linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling,
+                   need_h=True) -> (y, h)
+        (``h [T, k, r]`` is what the backward needs; with ``need_h=False``, a forward
+        without autograd, a backend may return None for it)
     delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
                    dx_out=None) -> (dx, dA, dB, dgates, drank_scale)
         (with ``dx_out`` [T, d_in] given, the LoRA dx is added into it in place and it is

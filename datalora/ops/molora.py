@@ -191,7 +191,8 @@ def _run_eager(function: type[torch.autograd.Function], *inputs):
     if _needs_autograd(*inputs[:-1]):
         return function.apply(*inputs)[0]
     with eager_call():
-        return getattr(get_backend(inputs[-1]), function.backend_forward)(*inputs[:-1])[0]
+        forward = getattr(get_backend(inputs[-1]), function.backend_forward)
+        return forward(*inputs[:-1], need_h=False)[0]
 
 
 def _flatten(x, expert_ids, gates, rank_scale):

@@ -125,27 +125,29 @@ def _flat_B(B: torch.Tensor) -> torch.Tensor:
     return B.permute(1, 0, 2).reshape(B.shape[1], -1)
 
 
-def _shrink(x, A, expert_ids, tables):
-    """``(h, Zd)``: per-route ``h = A[e] @ x`` ``[T, k, r]`` and the gated ``Zd = H * G``
-    ``[T, E*r]``."""
+def _shrink(x, A, expert_ids, tables, need_h):
+    """``(h, Zd)``: per-route ``h = A[e] @ x`` ``[T, k, r]`` (None unless ``need_h``) and the
+    gated ``Zd = H * G`` ``[T, E*r]``."""
     H = torch.mm(x, _flat_A(A).T)  # [T, E*r]: every expert at once, reading x once
-    h = H.gather(1, tables.index).view(expert_ids.shape[0], expert_ids.shape[1], A.shape[1])
+    h = (H.gather(1, tables.index).view(expert_ids.shape[0], expert_ids.shape[1], A.shape[1])
+         if need_h else None)
     return h, H.mul_(tables.gate_matrix)
 
 
-def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling):
-    """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route."""
+def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
+    """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route
+    (``h`` is None when not ``need_h``: a forward without autograd)."""
     E, r, _ = A.shape
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
-    h, Zd = _shrink(x, A, expert_ids, tables)
+    h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     return torch.mm(Zd, _flat_B(B).T), h
 
 
-def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
     """``(y, h)``: ``y = x W^T + b + delta`` accumulated in one ``[T, d_out]`` buffer."""
     E, r, _ = A.shape
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
-    h, Zd = _shrink(x, A, expert_ids, tables)
+    h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
     return y.addmm_(Zd, _flat_B(B).T), h
 

@@ -141,15 +141,17 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
 
 
-def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, strategy=None):
+def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True, strategy=None):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route.
 
     x ``[T, d_in]`` (any strides), A ``[E, r, d_in]``, B ``[E, d_out, r]``, expert_ids and
     gates ``[T, k]``, rank_scale ``[T, r]`` or None. ``strategy`` forces ``"dense"`` or
-    ``"grouped"`` (default: :func:`choose_strategy`).
+    ``"grouped"`` (default: :func:`choose_strategy`). The kernels write ``h`` as they go,
+    so ``need_h`` (the protocol's "h may be skipped") changes nothing here.
     """
     if x.dtype == torch.float64:
-        return torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
+        return torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling,
+                                           need_h)
     T = x.shape[0]
     h = x.new_empty(T, expert_ids.shape[1], A.shape[1])
     delta = x.new_empty(T, B.shape[1])
@@ -244,7 +246,7 @@ def fused_linear_enabled() -> bool:
     return value == "1"
 
 
-def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling):
+def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
     """Fused ``y = x @ weight.T + bias + delta``: returns ``(y [T, d_out], h [T, k, r])``.
 
     Default: the base GEMM is cuBLAS (``F.linear``); the LoRA expand then adds into that
@@ -259,7 +261,8 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
     (``datalora.ops.molora``): the backward is the same for both paths.
     """
     if x.dtype == torch.float64:
-        delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling)
+        delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling,
+                                               need_h)
         return F.linear(x, weight, bias) + delta, h
     T = x.shape[0]
     E, r, _ = A.shape
