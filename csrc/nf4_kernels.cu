@@ -30,6 +30,14 @@ DL_HD float route_scale(const MoLoRAArgs& lora, int route, int t, int i) {
   return s;
 }
 
+// Expert of a route, clamped to [0, E) as the Triton kernels do: ids that skipped the host-side
+// value check (DATALORA_CHECK_VALUES=0, check_values=False, CUDA-graph capture) never read
+// outside A / B.
+DL_HD int expert_of(const MoLoRAArgs& lora, int route) {
+  const int e = lora.ids[route];
+  return e < 0 ? 0 : (e >= lora.E ? lora.E - 1 : e);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -74,7 +82,7 @@ __global__ void molora_shrink_kernel(const T* __restrict__ x, MoLoRAArgs lora, i
   const int total = T_ * lora.k * lora.r;
   if (warp >= total) return;
   const int i = warp % lora.r, route = warp / lora.r, t = route / lora.k;
-  const int e = lora.ids[route];
+  const int e = expert_of(lora, route);
   const T* a = static_cast<const T*>(lora.A) + (static_cast<int64_t>(e) * lora.r + i) * K;
   const T* xt = x + static_cast<int64_t>(t) * K;
   constexpr int V = Vec16<T>::n;
@@ -140,7 +148,7 @@ nf4_gemv_molora_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, N
     if (t < T_) {
       for (int idx = lane; idx < kr; idx += 32) {
         const int j = idx / lora.r, i = idx % lora.r;
-        const int e = lora.ids[t * lora.k + j];
+        const int e = expert_of(lora, t * lora.k + j);
         const float b = to_float(Bm[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
         acc[t] += lora.z[t * kr + idx] * b;
       }
@@ -204,7 +212,7 @@ void decode_host(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bia
   const T* B = static_cast<const T*>(lora.B);
   for (int t = 0; t < T_; ++t) {  // shrink, same epilogue as the kernel
     for (int j = 0; j < lora.k; ++j) {
-      const int route = t * lora.k + j, e = lora.ids[route];
+      const int route = t * lora.k + j, e = expert_of(lora, route);
       for (int i = 0; i < lora.r; ++i) {
         float acc = 0.f;
         for (int c = 0; c < K; ++c)
@@ -225,7 +233,7 @@ void decode_host(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bia
       for (int c = 0; c < K; ++c)
         acc += to_float(wrow[c]) * to_float(x[static_cast<int64_t>(t) * K + c]);
       for (int idx = 0; idx < lora.k * lora.r; ++idx) {
-        const int j = idx / lora.r, i = idx % lora.r, e = lora.ids[t * lora.k + j];
+        const int j = idx / lora.r, i = idx % lora.r, e = expert_of(lora, t * lora.k + j);
         acc += lora.z[t * lora.k * lora.r + idx] *
                to_float(B[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
       }

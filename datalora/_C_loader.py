@@ -95,12 +95,27 @@ def _contig(t) -> object:
     return replace(t, **{k: v.contiguous() for k, v in t.tensors().items()})
 
 
+def _check_fields(t, device: torch.device) -> None:
+    """The kernels read every NF4 field as a raw pointer on ``device``: fp32 scales
+    (``nested_absmax``, ``nested_code``, ``offset``; ``absmax`` is checked by NF4Tensor) and
+    one device for all, else a bf16 buffer is read as fp32 (past its end) or a host / other-GPU
+    address is dereferenced."""
+    for name, v in t.tensors().items():
+        if v.device != device:
+            raise ValueError(f"{name}: expected device {device}, got {v.device}")
+    for name in ("nested_absmax", "nested_code", "offset"):
+        v = getattr(t, name)
+        if v is not None and v.dtype != torch.float32:
+            raise ValueError(f"{name}: expected float32, got {v.dtype}")
+
+
 def _dequantize(t, dtype: torch.dtype, device_call: bool) -> torch.Tensor:
     if dtype not in _DTYPE_CODE:
         raise ValueError(f"dtype: expected one of {tuple(_DTYPE_CODE)}, got {dtype}")
     t = _contig(t)
-    if t.offset is not None and t.offset.dtype != torch.float32:
-        raise ValueError(f"offset: expected float32, got {t.offset.dtype}")
+    _check_fields(t, t.device)
+    if t.numel == 0:
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     args = dict(data=_ptr(t.data), out=_ptr(out), n=t.numel, blocksize=t.blocksize,
                 dtype=_DTYPE_CODE[dtype], **_scales(t))
@@ -135,10 +150,24 @@ def decode_supported(x2: torch.Tensor, t) -> str | None:
         return f"d_in={K} is not a multiple of 32"
     if x2.dtype not in (torch.float16, torch.bfloat16):
         return f"x dtype {x2.dtype} (fused decode takes float16/bfloat16)"
+    if len(t.shape) != 2 or t.shape[0] < 1:
+        return f"weight shape {tuple(t.shape)}"
+    if t.device != x2.device:
+        return f"weight on {t.device}, x on {x2.device}"
+    if x2.is_cuda and t.data.data_ptr() % 16:
+        return "weight data not 16-byte aligned (the dequant path handles it)"
     return None
 
 
-def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_call):
+def _aligned16(v: torch.Tensor) -> torch.Tensor:
+    """``v`` contiguous at a 16-byte aligned address (the kernel's uint4 loads); a fresh copy
+    when a storage offset misaligns it."""
+    v = v.contiguous()
+    return v.clone() if v.data_ptr() % 16 else v
+
+
+def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_call,
+            check_values=True):
     T, K = x2.shape
     N = t.shape[0]
     if len(t.shape) != 2 or t.shape[1] != K:
@@ -159,9 +188,12 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
                          f"and {tuple(B.shape)}")
     from datalora.ops.validation import check_molora_inputs
 
-    check_molora_inputs(x2, A, B, expert_ids, gates, rank_scale)  # ids in range, finite gates
+    check_molora_inputs(x2, A, B, expert_ids, gates, rank_scale, check_values)
+    if bias is not None and bias.device != x2.device:
+        raise ValueError(f"bias: expected device {x2.device} (x's), got {bias.device}")
     t = _contig(t)
-    x2, A, B = x2.contiguous(), A.contiguous(), B.contiguous()
+    _check_fields(t, x2.device)
+    x2, A, B = _aligned16(x2), _aligned16(A), B.contiguous()
     bias = None if bias is None else bias.contiguous()
     ids = expert_ids.to(torch.int32).contiguous()
     g = gates.to(torch.float32).contiguous()
@@ -181,11 +213,13 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
     return y
 
 
-def nf4_molora_decode_cuda(x2, t, bias, A, B, expert_ids, gates, rank_scale=None, scaling=1.0):
+def nf4_molora_decode_cuda(x2, t, bias, A, B, expert_ids, gates, rank_scale=None, scaling=1.0,
+                           check_values=True):
     """Fused ``x2 @ dequant(t)^T + bias + molora_delta`` for 1..16 tokens on a CUDA device."""
     if x2.device.type != "cuda":
         raise ValueError(f"x: expected a CUDA tensor, got {x2.device}")
-    return _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, True)
+    return _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, True,
+                   check_values)
 
 
 def nf4_molora_decode_host(x2, t, bias, A, B, expert_ids, gates, rank_scale=None, scaling=1.0):

@@ -42,6 +42,7 @@ __all__ = ["NF4Linear", "is_nf4_base", "nf4_compute_dtype", "nf4_fused_enabled",
            "nf4_molora_linear", "nf4_weight", "quantize_linear"]
 
 _FIELDS = ("data", "absmax", "nested_absmax", "nested_code", "offset")
+_SCALE_BUFFERS = tuple(f"weight_{name}" for name in _FIELDS[1:])
 
 
 class _NF4LinearFn(torch.autograd.Function):
@@ -127,6 +128,25 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        """Moves with the module (``.to(device)``, ``.cuda()``), but a dtype cast
+        (``.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``model.to(dtype)``) keeps the NF4
+        scales fp32, bitsandbytes' format, which the CUDA kernels read as ``float*``; the
+        cast sets the compute dtype (what :meth:`dequantize` returns) instead."""
+        device = self.weight_data.device
+        probes = {fn(torch.empty(0, dtype=d, device=device)).dtype
+                  for d in (torch.float32, torch.bfloat16)}
+        scales = {k: v for k in _SCALE_BUFFERS if (v := self._buffers.get(k)) is not None}
+        super()._apply(fn, recurse)
+        for name, scale in scales.items():
+            moved = self._buffers[name]
+            if moved.dtype != scale.dtype:
+                self._buffers[name] = scale.to(moved.device)
+        if len(probes) == 1:  # both probes came back in one dtype: fn casts floats to it
+            shape, _, blocksize = self._meta
+            self._meta = (shape, probes.pop(), blocksize)
+        return self
+
     def get_extra_state(self):
         shape, dtype, blocksize = self._meta
         return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
@@ -205,21 +225,24 @@ def _nf4_molora_decode_op(
         nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
         offset: torch.Tensor | None, shape: list[int], blocksize: int,
         bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
-        gates: torch.Tensor, rank_scale: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        gates: torch.Tensor, rank_scale: torch.Tensor | None, scaling: float,
+        check_values: bool = True) -> torch.Tensor:
     t = NF4Tensor(data, absmax, torch.Size(shape), x.dtype, blocksize, nested_absmax,
                   nested_code, offset)
     return _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, expert_ids, gates, rank_scale,
-                                            scaling)
+                                            scaling, check_values)
 
 
 @_nf4_molora_decode_op.register_fake
 def _(x, data, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias, A, B,
-      expert_ids, gates, rank_scale, scaling):
+      expert_ids, gates, rank_scale, scaling, check_values=True):
     return x.new_empty(x.shape[0], shape[0])
 
 
 def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
     if x2.device.type != "cuda" or not _C_loader.available():
+        return False
+    if any(v is not None and v.device != x2.device for v in tensors):
         return False
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
         return False  # the fused kernel is inference-only
@@ -402,7 +425,7 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
         bias = None if base.bias is None else base.bias.to(x.dtype)
         y = _nf4_molora_decode_op(x2, t.data, t.absmax, t.nested_absmax, t.nested_code,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
-                                  float(scaling))
+                                  float(scaling), check_values)
         return y.view(*x.shape[:-1], t.shape[0])
     if _triton_fused_ok(x, t, A, expert_ids, backend):
         return _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,

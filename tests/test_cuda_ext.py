@@ -5,6 +5,7 @@ sm_80/sm_90 (registers, spills, shared memory) is in ``tests/test_gpu_readiness.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -164,6 +165,46 @@ def test_decode_host_without_rank_scale_or_bias():
     ref = _decode_reference(x, t, torch.zeros(24, dtype=torch.float16), A, B, ids, gates, None,
                             0.5)
     torch.testing.assert_close(y.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@needs_ext
+def test_decode_host_clamps_expert_ids_like_the_triton_kernels(monkeypatch):
+    """Unchecked ids (``DATALORA_CHECK_VALUES=0``, CUDA-graph capture) never read outside A
+    and B: the kernels clamp them to ``[0, E)``. A and B are views into bigger buffers here,
+    so an unclamped id would silently read a neighbouring expert."""
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", "0")
+    g = torch.Generator().manual_seed(0)
+    A_all = torch.randn(8, 4, 64, generator=g).to(torch.bfloat16)
+    B_all = torch.randn(8, 16, 4, generator=g).to(torch.bfloat16)
+    A, B = A_all[:2], B_all[:2]  # E = 2
+    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    t = nf4.quantize(_weight((16, 64), torch.bfloat16))
+    gates = torch.ones(2, 1)
+    y = _C_loader.nf4_molora_decode_host(x, t, None, A, B, torch.tensor([[5], [-3]]), gates)
+    want = _C_loader.nf4_molora_decode_host(x, t, None, A, B, torch.tensor([[1], [0]]), gates)
+    assert torch.equal(y, want)
+
+
+def test_nf4_fields_on_one_device_in_float32_before_any_kernel():
+    """The kernels read every NF4 field through a raw pointer: a cast scale buffer or a
+    field on another device is a clear ValueError, not a misread."""
+    t = nf4.quantize(torch.randn(8, 64), 64, double_quant=True)
+    bad = dataclasses.replace(t, nested_absmax=t.nested_absmax.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="nested_absmax: expected float32"):
+        _C_loader._check_fields(bad, t.device)
+    with pytest.raises(ValueError, match="expected device meta"):
+        _C_loader._check_fields(t, torch.device("meta"))
+    _C_loader._check_fields(t, t.device)
+
+
+@needs_ext
+def test_dequantize_host_of_an_empty_tensor():
+    """An empty NF4Tensor (quantize rejects empty input, a hand-built one is valid) gives
+    an empty result, as the torch path does, instead of a launch of zero blocks."""
+    t = nf4.NF4Tensor(torch.empty(0, dtype=torch.uint8), torch.empty(0), torch.Size([0, 64]),
+                      torch.float32, 64)
+    out = _C_loader.dequantize_nf4_host(t, torch.bfloat16)
+    assert out.shape == (0, 64) and out.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- checks

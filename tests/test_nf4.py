@@ -220,6 +220,37 @@ def test_nf4linear_state_dict_round_trip_and_device_move():
     assert moved.weight.device.type == "cpu"
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4linear_dtype_casts_keep_fp32_scales_and_set_the_compute_dtype(double_quant):
+    """``.to(bf16)`` / ``.half()`` / ``.float()`` cast the bias and set the compute dtype but
+    leave the scales fp32 (bitsandbytes' format; the CUDA kernels read them as float*)."""
+    q = NF4Linear.from_linear(_linear(64, 24), double_quant=double_quant)
+    scales = {n: b.clone() for n, b in q.named_buffers()}
+    want = q.dequantize(torch.float32)
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                        (lambda m: m.half(), torch.float16), (lambda m: m.float(), torch.float32)):
+        cast(q)
+        assert q.compute_dtype == dtype and q.bias.dtype == dtype
+        assert all(torch.equal(b, scales[n]) and b.dtype == scales[n].dtype
+                   for n, b in q.named_buffers())
+        assert torch.equal(q.dequantize(torch.float32), want)
+        assert q(torch.randn(3, 64, dtype=dtype)).dtype == dtype
+    q.to("cpu")  # a move alone keeps the compute dtype
+    assert q.compute_dtype == torch.float32
+
+
+def test_molora_nf4_layer_with_bf16_base_and_fp32_adapter():
+    """What ``datalora.train`` does with ``bf16=True``: the layer in fp32, then its NF4 base
+    in bf16; the forward used to fail (bf16 absmax) and the CUDA decode read bf16 scales."""
+    layer = MoLoRALinear(_linear(64, 32), num_experts=2, rank=4, top_k=1, quantize="nf4")
+    layer.float()
+    layer.base_layer.to(torch.bfloat16)
+    assert layer.base_layer.weight.absmax.dtype == torch.float32
+    y = layer(torch.randn(3, 64))
+    y.sum().backward()
+    assert y.dtype == torch.float32 and layer.lora_B.grad is not None
+
+
 def _routing(T, E, k, r, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
