@@ -36,7 +36,8 @@ import torch
 from benchmarks import roofline
 from benchmarks.baselines import loop_delta
 from benchmarks.molora import metadata as _metadata
-from benchmarks.molora import time_cpu, time_cuda, with_env
+from benchmarks.molora import time_cuda, with_env
+from benchmarks.timing import time_interleaved
 from datalora import _C_loader, nf4, ops
 from datalora.nf4_linear import NF4Linear, nf4_molora_linear
 
@@ -62,7 +63,7 @@ def _timer(device):
         return lambda steps: {k: dict(ms=v[0], q20=v[1], q80=v[2], peak_mb=v[3])
                               for k, v in time_cuda(steps, []).items()}
     return lambda steps, b=0.5: {k: dict(ms=v[0], q20=v[1], q80=v[2], reps=v[4])
-                                 for k, v in time_cpu(steps, b, 3, 200).items()}
+                                 for k, v in time_interleaved(steps, device, b, 3, 200).items()}
 
 
 def _peak_gbs(device) -> float | None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import _quantiles, format_targets, metadata, wait_quiet, write_result
+from benchmarks.molora import format_targets, metadata, wait_quiet, write_result
+from benchmarks.timing import sync, time_interleaved
 
 SCHEMA = "datalora.benchmarks.pruning/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -158,35 +158,6 @@ def make_step(model, opt, batch, retention: float):
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(steps: dict[Any, Any], device: torch.device, budget_s: float,
-                     min_reps: int, max_reps: int) -> dict[Any, tuple]:
-    """Round-robin over the steps: ``key -> (median, q20, q80, min, reps)`` in ms."""
-    for fn in steps.values():  # warm-up (allocator, first-call setup, autotune)
-        fn()
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for fn in steps.values():
-        fn()
-    _sync(device)
-    round_s = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
-    times: dict[float, list[float]] = {r: [] for r in steps}
-    for _ in range(reps):
-        for r, fn in steps.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[r].append((time.perf_counter() - t) * 1e3)
-    return {r: (*_quantiles(v), reps) for r, v in times.items()}
-
-
 def profile_step(step, device: torch.device, rows: int = 15) -> list[dict[str, Any]]:
     """Top ops of one step by self CPU (or CUDA) time, from ``torch.profiler``."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,7 +166,7 @@ def profile_step(step, device: torch.device, rows: int = 15) -> list[dict[str, A
     step()
     with profile(activities=acts) as prof:
         step()
-        _sync(device)
+        sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in events) or 1

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_pruning import time_interleaved
+from benchmarks.timing import time_interleaved
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
 

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
+from benchmarks.timing import time_interleaved
 from datalora import ops
 
 SCHEMA = "datalora.benchmarks.molora/1"
@@ -227,36 +227,6 @@ def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Calla
 
 
 # ----------------------------------------------------------------------------- timers
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float, float]:
-    """``(median, q20, q80, min)``."""
-    t = sorted(times_ms)
-
-    def q(p):  # linear interpolation, like numpy's default
-        i = p * (len(t) - 1)
-        lo, hi = math.floor(i), math.ceil(i)
-        return t[lo] + (t[hi] - t[lo]) * (i - lo)
-    return statistics.median(t), q(0.2), q(0.8), t[0]
-
-
-def time_cpu(steps: dict[str, Callable], budget_s: float, min_reps: int, max_reps: int):
-    """Round-robin perf_counter timing: ``name -> (median, q20, q80, min, reps, times)`` in
-    ms; ``times[i]`` is round i's time (every method runs once per round)."""
-    for fn in steps.values():  # warm-up (allocator, first-call setup)
-        fn()
-    t0 = time.perf_counter()
-    for fn in steps.values():
-        fn()
-    round_s = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
-    times = {n: [] for n in steps}
-    for _ in range(reps):
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {n: (*_quantiles(v), reps, v) for n, v in times.items()}
-
-
 def paired_ratio(times: list[float], base: list[float]) -> float:
     """Median over rounds of ``times[i] / base[i]``: the two ran back to back in each round,
     so load that drifts between rounds cancels (the ratio of medians does not pair them)."""
@@ -298,7 +268,8 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
             extra = {n: dict(peak_mem_mb=v[3]) for n, v in timed.items()}
             gpu_name = torch.cuda.get_device_name(device)
         else:
-            timed = time_cpu(steps, preset["budget_s"], preset["min_reps"], preset["max_reps"])
+            timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
+                                     preset["max_reps"])
             extra = {n: dict(min_ms=v[3], reps=v[4],
                              paired_ratio_vs_linear=paired_ratio(v[5], timed["linear"][5]))
                      for n, v in timed.items()}

@@ -68,17 +68,9 @@ step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" -p no:cacheprov
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
 step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT"
-if [ -f benchmarks/bench_pruning.py ]; then
-  if "$PY" -m benchmarks.bench_pruning --help 2>/dev/null | grep -q -- "--out"; then
-    # --no-bound: the attainable-speedup rows build four more models per row (minutes at
-    # hidden 2048), too long for a 15-minute device lease
-    step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
-  else
-    step pruning "$PY" -m benchmarks.bench_pruning
-  fi
-else
-  echo "== pruning: benchmarks/bench_pruning.py not present, not run" | tee -a "$SUMMARY"
-fi
+# --no-bound: the attainable-speedup rows build four more models per row (minutes at
+# hidden 2048), too long for a 15-minute device lease
+step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
 tle() {
   "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
     "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"

@@ -1,0 +1,59 @@
+"""Round-robin wall-clock timing shared by the benchmarks.
+
+Every method runs once per round, rounds repeat until the time budget is spent, so load
+that drifts on a shared machine hits all methods alike; ratios are taken within one run.
+On a CUDA device each call is bracketed by synchronizations.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Waits for ``device``'s queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantiles(times_ms: list[float]) -> tuple[float, float, float, float]:
+    """``(median, q20, q80, min)``; quantiles interpolate linearly, like numpy's default."""
+    t = sorted(times_ms)
+
+    def q(p):
+        i = p * (len(t) - 1)
+        lo, hi = math.floor(i), math.ceil(i)
+        return t[lo] + (t[hi] - t[lo]) * (i - lo)
+    return statistics.median(t), q(0.2), q(0.8), t[0]
+
+
+def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.device,
+                     budget_s: float, min_reps: int, max_reps: int) -> dict[Hashable, tuple]:
+    """Times ``steps`` round-robin: ``key -> (median, q20, q80, min, reps, times)`` in ms,
+    ``times[i]`` being round i's time. Two warm-up calls each first (allocator, first-call
+    setup, autotuning); the number of rounds fits ``budget_s`` within
+    ``[min_reps, max_reps]``."""
+    for fn in steps.values():
+        fn()
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for fn in steps.values():
+        fn()
+    sync(device)
+    round_s = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
+    times: dict[Hashable, list[float]] = {key: [] for key in steps}
+    for _ in range(reps):
+        for key, fn in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append((time.perf_counter() - t) * 1e3)
+    return {key: (*quantiles(v), reps, v) for key, v in times.items()}
