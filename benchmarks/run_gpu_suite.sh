@@ -3,6 +3,7 @@
 #   benchmarks/run_gpu_suite.sh [OUT_DIR]     (default: benchmarks/results/gpu_<date>)
 # Steps (each logged to OUT_DIR/<step>.log; a failed step does not stop the others):
 #   env          nvidia-smi, torch / triton / CUDA versions, device, git commit
+#   extension    datalora._C (the CUDA extension) loads and sees the device
 #   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
 #                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial)
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
@@ -56,6 +57,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 step env env_info
+# without the CUDA extension the extension's gpu tests would skip, not fail: say so up front
+step extension "$PY" -c "from datalora import _C_loader as L; assert L.available(), repr(L.load_error()); print('datalora._C loaded,', L.load().device_count(), 'device(s)')"
 # correctness only, so in parallel: each worker JIT-compiles its own kernels (a cold Triton
 # cache compiles hundreds of specialisations, seconds each); GPU_TEST_WORKERS=0 runs serially
 if "$PY" -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; then
