@@ -285,13 +285,15 @@ def _nf4_molora_linear_op(
     from datalora.kernels import nf4_fused_linear as _nfl
     from datalora.kernels import shrink as _sh
     from datalora.kernels._common import as_f32, as_index
-    from datalora.ops.triton_backend import _rank_scale
+    from datalora.ops.triton_backend import _rank_scale, launch_device
 
     T = x.shape[0]
     E, r, _ = A.shape
     h = x.new_empty(T, expert_ids.shape[1], r)
     y = x.new_empty(T, shape[0])
-    if T > 0:
+    if T == 0:
+        return y, h
+    with launch_device(x):
         rs, rs_stride = _rank_scale(rank_scale, r, x.device)
         zd = x.new_empty(T, E * r)
         _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,

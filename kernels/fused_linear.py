@@ -156,6 +156,8 @@ def fused_linear(x, w, bias, z, b, E, R, y, cfg=None):
     cfg = cfg or config(T, x.dtype == torch.float32)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     has_bias = bias is not None
+    if has_bias and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the epilogue reads bias[cols] at unit stride
     _fused_linear_kernel[grid](
         x, w, z, b, bias if has_bias else y, y, T, N, K, E, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), *b.stride(),

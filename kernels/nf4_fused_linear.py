@@ -140,6 +140,8 @@ def nf4_fused_linear(x, t, code, bias, z, b, E, R, y, cfg=None):
         else (code, code, code)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     has_bias = bias is not None
+    if has_bias and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the epilogue reads bias[cols] at unit stride
     _nf4_fused_linear_kernel[grid](
         x, t.data, absmax, qabsmax, nested_absmax, nested_code, offset, code, z, b,
         bias if has_bias else y, y, T, N, K, E, R, t.blocksize, t.absmax.numel(),

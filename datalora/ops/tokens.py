@@ -36,13 +36,18 @@ def _(hidden, packed, keep_idx, weight, backend):
 def _gather_setup(ctx, inputs, output):
     hidden, keep_idx, backend = inputs
     ctx.save_for_backward(keep_idx)
-    ctx.hidden_shape, ctx.backend = hidden.shape, backend
+    ctx.hidden_shape = hidden.shape
 
 
 def _gather_backward(ctx, grad_packed):
+    """Scatter-add: a position gathered twice gets both rows' gradients (gather accepts
+    repeated positions; a scatter kernel would keep one of them, on a GPU any one). Ids are
+    clamped like the kernels clamp them (unchecked input never indexes out of bounds)."""
     (keep_idx,) = ctx.saved_tensors
-    zeros = grad_packed.new_zeros(ctx.hidden_shape)
-    return _scatter_op(zeros, grad_packed.contiguous(), keep_idx, None, ctx.backend), None, None
+    index = keep_idx.long().clamp(0, ctx.hidden_shape[1] - 1)
+    index = index[..., None].expand(-1, -1, grad_packed.shape[-1])
+    grad = grad_packed.new_zeros(ctx.hidden_shape).scatter_add_(1, index, grad_packed)
+    return grad, None, None
 
 
 def _scatter_setup(ctx, inputs, output):

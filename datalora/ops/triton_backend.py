@@ -15,6 +15,8 @@ fp64 inputs are delegated to the torch backend (Triton has no fast fp64 path).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import weakref
 
@@ -34,6 +36,24 @@ from datalora.routing import ExpertPermutation, sort_routes
 STRATEGIES = ("dense", "grouped")
 # Dense computes every expert: worth it while E*r is this small or the waste E/k <= 2.
 DENSE_MAX_COLUMNS = 256
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s CUDA device current for the block: Triton launches on the current
+    device and its stream, whatever the tensors' device (layers on ``cuda:1`` under
+    ``device_map="auto"`` would otherwise launch on ``cuda:0``)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _on_tensor_device(fn):
+    """Runs a backend entry point on the device of its first tensor argument."""
+    @functools.wraps(fn)
+    def on_device(first, *args, **kwargs):
+        with launch_device(first):
+            return fn(first, *args, **kwargs)
+    return on_device
 
 
 def choose_strategy(E: int, r: int, k: int) -> str:
@@ -141,6 +161,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
 
 
+@_on_tensor_device
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True, strategy=None):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route.
 
@@ -160,6 +181,7 @@ def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True, 
     return delta, h
 
 
+@_on_tensor_device
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
                    dx_out=None, strategy=None):
     """Gradients ``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None.
@@ -224,11 +246,13 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     return dx, dA, dB, dgates, drs
 
 
+@_on_tensor_device
 def gather_tokens(hidden, keep_idx):
     """hidden ``[B, L, d]``, keep_idx ``[B, K]`` -> packed ``[B, K, d]``."""
     return _tok.gather(hidden, keep_idx)
 
 
+@_on_tensor_device
 def scatter_tokens(hidden, packed, keep_idx, weight):
     """Kept rows ``hidden + weight * (packed - hidden)``, others ``hidden``: ``[B, L, d]``."""
     return _tok.scatter(hidden, packed, keep_idx, weight)
@@ -246,6 +270,7 @@ def fused_linear_enabled() -> bool:
     return value == "1"
 
 
+@_on_tensor_device
 def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
     """Fused ``y = x @ weight.T + bias + delta``: returns ``(y [T, d_out], h [T, k, r])``.
 

@@ -83,6 +83,22 @@ def test_forward_matches_reference(shape, bias, rank_scale, dtype, eps, device, 
     torch.testing.assert_close(h, h_base, rtol=eps, atol=eps)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_of_any_layout(layout, device, monkeypatch):
+    """The fused epilogue reads bias[cols] at unit stride: a strided view (every other
+    element) or an expanded scalar (stride 0, one stored element) is made contiguous first
+    instead of read wrong or past its storage."""
+    T, d_in, d_out, E, r, k = 9, 16, 24, 4, 4, 2
+    x, A, B, ids, g, rs = make_inputs(T, d_in, d_out, E, r, k, torch.float32, device)
+    W, _ = _weights(d_in, d_out, torch.float32, device, False)
+    bias = (torch.randn(2 * d_out, device=device)[::2] if layout == "strided"
+            else torch.tensor(0.3, device=device).expand(d_out))
+    monkeypatch.setenv("DATALORA_FUSED_LINEAR", "1")
+    y = ops.molora_linear(x, W, bias, A, B, ids, g, rs, 0.5, backend="triton")
+    want = ops.molora_linear(x, W, bias.contiguous(), A, B, ids, g, rs, 0.5, backend="torch")
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def _direct_reference(x, W, bias, z, B):
     """fp64 ``x @ W^T + bias + z @ B_all^T`` with ``B_all[o, e*r + i] = B[e, o, i]``."""
     E, d_out, r = B.shape

@@ -246,3 +246,35 @@ def test_bf16_forward_matches_fp32_gpu(device):
                                  2.0)
     base, _ = torch_backend.delta_forward(x, A, B, ids, g, rs, 2.0)
     assert max_err(out, ref) <= 2 * max_err(base, ref) + 1e-2 * ref.abs().max().item()
+
+
+def test_entry_points_launch_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each backend entry point makes its first
+    tensor's device current (a layer on cuda:1 while cuda:0 is current, as under
+    ``device_map="auto"``), and leaves the current device alone when they agree."""
+    entered = []
+
+    class RecordingGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc_info):
+            entered.append("exit")
+
+    class OnCuda1:  # stands in for a tensor on cuda:1 (no GPU here)
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", RecordingGuard)
+    seen = tb._on_tensor_device(lambda first, extra: (list(entered), extra))(OnCuda1(), 7)
+    assert seen == ([torch.device("cuda", 1)], 7) and entered[-1] == "exit"
+    entered.clear()
+    OnCuda1.device = torch.device("cuda", 0)
+    tb._on_tensor_device(lambda first: None)(OnCuda1())
+    assert entered == []
+    names = ("delta_forward", "delta_backward", "linear_forward", "gather_tokens",
+             "scatter_tokens")
+    assert all(getattr(tb, n).__wrapped__.__name__ == n for n in names)

@@ -83,3 +83,14 @@ def test_out_of_range_keep_idx_is_clamped(device):
     keep = torch.tensor([[-4, 99]], device=device)
     got = tb.gather_tokens(hidden, keep)
     torch.testing.assert_close(got, hidden[:, [0, 5]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gather_backward_sums_a_repeated_position(backend, device):
+    """A position gathered twice gets both rows' gradients (a scatter would keep one)."""
+    hidden = torch.randn(1, 5, 8, device=device, requires_grad=True)
+    keep = torch.tensor([[1, 1, 3]], device=device)
+    ops.gather_tokens(hidden, keep, backend=backend).sum().backward()
+    want = torch.zeros(1, 5, 8, device=device)
+    want[0, 1], want[0, 3] = 2.0, 1.0
+    assert torch.equal(hidden.grad, want)
