@@ -48,6 +48,13 @@ def as_index(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
+def int32_columns(m: torch.Tensor) -> torch.Tensor:
+    """``m [rows, cols]`` as is, or contiguous when its column offsets overflow int32: the
+    kernels index columns with int32 ``offs * stride`` (only a transposed ``m`` with about
+    150k rows or more at 14336 columns gets there; rows are indexed in int64)."""
+    return m.contiguous() if (m.shape[1] - 1) * m.stride(1) >= 2**31 else m
+
+
 def as_f32(t: torch.Tensor) -> torch.Tensor:
     """Contiguous fp32 view or copy of a small routing tensor (gates, rank scales)."""
     return t.to(torch.float32).contiguous()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import int32_columns
+
 BLOCK_P = 64
 BLOCK_M = 32
 ROUTE_TILE = 1024  # elements of one [BLOCK_T, R_PAD] tile of the routing-gradient pass
@@ -90,6 +92,7 @@ def segment_config(R: int) -> dict:
 
 def segment_outer(m, raw, perm, k, gates, rs, rs_stride, out, out_strides, R, mult):
     """``out[e, p, i]`` (strides ``(e, p, i)``) from M ``[T, P]`` and raw ``[T*k, R]``."""
+    m = int32_columns(m)
     E = perm.expert_offsets.numel() - 1
     P = m.shape[1]
     cfg = segment_config(R)

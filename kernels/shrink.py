@@ -26,6 +26,7 @@ from ._common import (
     col_block,
     e_pad,
     grouped_grid_blocks,
+    int32_columns,
     row_block,
     warps_for,
 )
@@ -146,6 +147,7 @@ def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, m
     """Dense shrink. x ``[T, K]`` (any strides); w reached by ``(stride_e, stride_r, stride_k)``;
     ids int32 / gates fp32 ``[T, k]`` contiguous; rs fp32 ``[T or 1, R]`` with row stride
     ``rs_stride``; writes raw ``[T*k, R]`` and dense ``[T, E*R]`` (both contiguous)."""
+    x = int32_columns(x)
     T, K = x.shape
     cfg = dense_config(T, E * R, x.dtype == torch.float32)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
@@ -157,6 +159,7 @@ def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, m
 
 def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, E, R, mult):
     """Grouped shrink over ``perm`` (``ExpertPermutation``); raw/scaled ``[T*k, R]``."""
+    x = int32_columns(x)
     num_routes = perm.order.numel()
     cfg = grouped_config(num_routes, R, x.dtype == torch.float32)
     grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))

@@ -136,7 +136,7 @@ def _expand_routes(z, w, w_strides, perm, y, E, R, alpha, accumulate, k):
     _ex.expand_grouped(z, w, w_strides, perm, partial, E, R, alpha, False)
     total = partial.view(T, k, O).sum(1)
     if accumulate:
-        y.add_(total.to(y.dtype))
+        y.add_(total)  # fp32 sum added with one rounding to y.dtype
     else:
         y.copy_(total)
 

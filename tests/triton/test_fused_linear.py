@@ -226,6 +226,7 @@ def test_configs_are_buckets_in_the_compile_matrix():
 # ---------------------------------------------------------------- GPU only (bf16, large)
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_large")  # fp64 references up to ~40 GiB: one at a time
 @requires_gpu
 @pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("shape", [

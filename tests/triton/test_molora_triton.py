@@ -223,6 +223,7 @@ def test_molora_linear_opcheck(device):
 # ---------------------------------------------------------------- GPU only (bf16, large)
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("gpu_large")  # fp64 references up to ~40 GiB: one at a time
 @requires_gpu
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
@@ -278,3 +279,15 @@ def test_entry_points_launch_on_the_tensors_device(monkeypatch):
     names = ("delta_forward", "delta_backward", "linear_forward", "gather_tokens",
              "scatter_tokens")
     assert all(getattr(tb, n).__wrapped__.__name__ == n for n in names)
+
+
+def test_int32_column_offsets_guard():
+    """A transposed x whose last column offset passes int32 is copied to row-major before a
+    launch (the kernels index columns with int32 offsets); any other layout is kept."""
+    from datalora.kernels._common import int32_columns
+
+    wide = torch.empty(14_336, 160_000, device="meta").t()  # [T=160k, d=14336], column-major
+    assert (wide.shape[1] - 1) * wide.stride(1) >= 2**31
+    assert int32_columns(wide).is_contiguous()
+    small = torch.randn(64, 48).t()
+    assert int32_columns(small) is small
