@@ -126,19 +126,31 @@ def _as_eor(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
     return (s0, s2, s1) if transpose else (s0, s1, s2)
 
 
-def _expand_routes(z, w, w_strides, perm, y, E, R, alpha, accumulate, k):
-    """``y [T, O] (+)= alpha * sum_j z[t*k+j] @ W[e]^T`` with the grouped expand."""
+# bytes of the fp32 per-route buffer the grouped expand sums over k; wider outputs are
+# expanded in column chunks (T = 16384, k = 2, d_out = 14336 would need 1.9 GB at once)
+PARTIAL_BUDGET_BYTES = 256 * 2**20
+
+
+def _expand_routes(z, w, w_strides, out_dim, perm, y, E, R, alpha, accumulate, k):
+    """``y [T, O] (+)= alpha * sum_j z[t*k+j] @ W[e]^T`` with the grouped expand; W's output
+    dimension is ``w``'s dimension ``out_dim``. For k > 1 each route's product goes to an
+    fp32 buffer summed over k, at most :data:`PARTIAL_BUDGET_BYTES` at a time."""
     if k == 1:
         _ex.expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate)
         return
     T, O = y.shape
-    partial = torch.empty(T * k, O, dtype=torch.float32, device=y.device)
-    _ex.expand_grouped(z, w, w_strides, perm, partial, E, R, alpha, False)
-    total = partial.view(T, k, O).sum(1)
-    if accumulate:
-        y.add_(total)  # fp32 sum added with one rounding to y.dtype
-    else:
-        y.copy_(total)
+    cols = max(128, PARTIAL_BUDGET_BYTES // (4 * T * k) // 128 * 128)
+    for start in range(0, O, cols):
+        n = min(cols, O - start)
+        partial = torch.empty(T * k, n, dtype=torch.float32, device=y.device)
+        _ex.expand_grouped(z, w.narrow(out_dim, start, n), w_strides, perm, partial, E, R,
+                           alpha, False)
+        total = partial.view(T, k, n).sum(1)
+        chunk = y[:, start:start + n]
+        if accumulate:
+            chunk.add_(total)  # fp32 sum added with one rounding to y.dtype
+        else:
+            chunk.copy_(total)
 
 
 def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate, strategy):
@@ -158,7 +170,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         z = x.new_empty(T * k, r)
         _sh.shrink_grouped(x, A, A.stride(), perm, k, g, rs, rs_stride, h, z, E, r, 1.0)
-        _expand_routes(z, B, B.stride(), perm, y, E, r, scaling, accumulate, k)
+        _expand_routes(z, B, B.stride(), 1, perm, y, E, r, scaling, accumulate, k)
 
 
 @_on_tensor_device
@@ -227,7 +239,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             dh = x.new_empty(T * k, r)
             _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
             if need_x:
-                _expand_routes(dh, A, wA, perm, dx, E, r, 1.0, accumulate, k)
+                _expand_routes(dh, A, wA, 2, perm, dx, E, r, 1.0, accumulate, k)
     if need_A or need_B:
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         if need_A:

@@ -106,6 +106,21 @@ def test_backend_functions_match_torch_backend(strategy, device):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_expand_in_column_chunks(device, monkeypatch):
+    """With k > 1 the grouped expand sums per-route products in an fp32 buffer; past the
+    memory budget it goes in column chunks (of d_out forward, d_in for dx), same result."""
+    monkeypatch.setattr(tb, "PARTIAL_BUDGET_BYTES", 1)  # 128-column chunks
+    x, A, B, ids, g, rs = make_inputs(9, 300, 260, 4, 4, 3, torch.float32, device)
+    delta, h = tb.delta_forward(x, A, B, ids, g, rs, 2.0, strategy="grouped")
+    delta_t, h_t = torch_backend.delta_forward(x, A, B, ids, g, rs, 2.0)
+    torch.testing.assert_close(delta, delta_t, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(delta)
+    needs = (True, False, False, False, False)
+    dx = tb.delta_backward(gy, x, A, B, ids, g, rs, h, 2.0, needs, strategy="grouped")[0]
+    want = torch_backend.delta_backward(gy, x, A, B, ids, g, rs, h_t, 2.0, needs)[0]
+    torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_contiguous_inputs(strategy, device, monkeypatch):
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
