@@ -115,10 +115,13 @@ class CurriculumScheduler:
     def state_at_progress(self, progress: float) -> CurriculumState:
         """The schedule at a training fraction ``progress`` in [0, 1]."""
         warm, sparse, _ = self.split
-        if progress < warm:
+        # compare as phase_boundaries() does: 0.1 + 0.2 is 0.30000000000000004, which would
+        # keep step 90 of 300 in sparsification although the boundary is 90
+        progress_key = round(progress, 12)
+        if progress_key < round(warm, 12):
             return CurriculumState("warmup", 0, self.temperature_init, 1.0, False, progress)
-        if progress < warm + sparse:
-            t = (progress - warm) / sparse
+        if progress_key < round(warm + sparse, 12):
+            t = min(max((progress - warm) / sparse, 0.0), 1.0)  # rounding above
             tau = self.temperature_init * (self.temperature_final / self.temperature_init) ** t
             retention = 1.0 + (self.target_retention - 1.0) * t
             return CurriculumState("sparsification", 1, tau, retention, False, progress)

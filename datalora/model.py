@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,14 +133,32 @@ class DATALORAModel(nn.Module):
                                              record.valid.reshape(-1))}
 
     def generate(self, *args, **kwargs):
-        if self.runtime is not None and self.runtime.retention < 1.0:
-            beams = kwargs.get("num_beams") or getattr(
-                kwargs.get("generation_config") or getattr(self.base_model, "generation_config",
-                                                           None), "num_beams", 1) or 1
-            if beams > 1:
-                raise ValueError(f"num_beams: token pruning with a KV cache supports greedy "
-                                 f"and sampling only, got num_beams={beams}; call "
-                                 f"set_curriculum_state(retention=1.0) to turn pruning off")
+        """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search).
+
+        Assisted and prompt-lookup decoding are rejected under shared routing: they crop the
+        KV cache, and the saliency network's running context cannot be cropped with it. An
+        uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
+        without the cache alike.
+        """
+        runtime = self.runtime
+        if runtime is None:
+            return self.base_model.generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or getattr(self.base_model,
+                                                            "generation_config", None)
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+                raise ValueError(f"{name}: assisted / prompt-lookup decoding crops the KV "
+                                 f"cache, which the shared saliency state cannot follow; "
+                                 f"use greedy, sampling or beam search")
+        if runtime.retention < 1.0 and runtime.threshold != runtime.threshold:
+            warnings.warn("keep_threshold is not calibrated: generate() runs the pruned "
+                          "layers dense (call runtime.calibrate())", stacklevel=2)
+            retention = runtime.retention
+            runtime.retention = 1.0
+            try:
+                return self.base_model.generate(*args, **kwargs)
+            finally:
+                runtime.retention = retention
         return self.base_model.generate(*args, **kwargs)
 
     def set_curriculum_state(self, tau: float | None = None, retention: float | None = None,

@@ -26,8 +26,8 @@ the pruned layers then run on all new tokens with a mask that hides pruned token
 and their outputs are replaced by the bypass, so every cached K/V of a kept token is what
 the packed computation produces and the cache stays exact (the keep flags of cached tokens
 live on the cache object). This is numerically the same function as the uncached
-threshold forward; it saves no compute at decode time. Beam search (cache reordering)
-is not supported with pruning on.
+threshold forward; it saves no compute at decode time. Beam search works: the keep flags
+and the saliency network's running context follow the cache's ``reorder_cache``.
 """
 
 from __future__ import annotations
@@ -157,6 +157,46 @@ def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def _reorder_rows(value: Any, beam_idx: torch.Tensor) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_reorder_rows(v, beam_idx) for v in value)
+    return value.index_select(0, beam_idx.to(value.device))
+
+
+def _follow_cache_reorder(cache: Any) -> None:
+    """Makes ``cache.reorder_cache`` (beam search) reorder the DATALORA per-row state stored
+    on the cache (keep flags, USN context) together with the K/V."""
+    if getattr(cache, "_datalora_follows_reorder", False) or not hasattr(cache, "reorder_cache"):
+        return
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx, *args, **kwargs):
+        out = original(beam_idx, *args, **kwargs)
+        for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
+            value = getattr(cache, attr, None)
+            if value is not None:
+                setattr(cache, attr, _reorder_rows(value, beam_idx))
+        return out
+
+    cache.reorder_cache = reorder_cache
+    cache._datalora_follows_reorder = True
+
+
+def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
+                device: torch.device) -> tuple[int, int]:
+    """``(kv_length, kv_offset)`` of the keys layer ``layer_idx`` attends to this step
+    (sliding-window caches keep the last window only; static caches have fixed length)."""
+    fn = getattr(cache, "get_mask_sizes", None)
+    if fn is None:
+        return total, 0
+    import inspect
+    first = next(iter(inspect.signature(fn).parameters))
+    if first == "cache_position":  # transformers < 5.2x
+        start = total - query_length
+        return fn(torch.arange(start, total, device=device), layer_idx)
+    return fn(query_length, layer_idx)
+
+
 def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """``t [1 or B, L, ...]`` -> ``[B, K, ...]`` rows ``keep_idx``."""
     t = t.expand(keep_idx.shape[0], *t.shape[1:])
@@ -258,6 +298,9 @@ class DATALORARuntime:
         self.last: ForwardRecord | None = None
         self._ctx: _Context | None = None
         self._warned = False
+        # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
+        self.calibrated_retention: float | None = None
+        self._warned_stale = False
         config = getattr(model, "config", None)
         self.sliding_window = getattr(config, "sliding_window", None)
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
@@ -273,6 +316,20 @@ class DATALORARuntime:
     @property
     def threshold(self) -> float:
         return float(self.saliency.keep_threshold)
+
+    def _threshold_in_use(self) -> float:
+        """The calibrated threshold, about to select tokens at eval / generation time; warns
+        once when it was calibrated for another retention than the current one (the
+        threshold, not the retention, decides what is kept there)."""
+        calibrated = self.calibrated_retention
+        if (calibrated is not None and abs(calibrated - self.retention) > 1e-6
+                and not self._warned_stale):
+            warnings.warn(f"keep_threshold was calibrated for retention {calibrated:g}; eval "
+                          f"and generation keep the tokens above it (about {calibrated:g} of "
+                          f"them), not retention {self.retention:g}: call calibrate() again",
+                          stacklevel=3)
+            self._warned_stale = True
+        return self.threshold
 
     @contextmanager
     def routing_scope(self, routing: Routing) -> Iterator[None]:
@@ -317,6 +374,10 @@ class DATALORARuntime:
         if mask is None and len(args) > 1:
             mask = args[1]
         cache = cache_of(kwargs)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(f"cache: {type(cache).__name__} (a static / compileable cache) is "
+                             f"not supported by the DATALORA hooks; use the default dynamic "
+                             f"cache (no cache_implementation='static')")
         if cache is None and kwargs.get("use_cache") is not True:
             kwargs = {**kwargs, "use_cache": False}  # no cache: the packed path
         if mask is not None and mask.dim() != 2:
@@ -327,8 +388,17 @@ class DATALORARuntime:
         return args, kwargs
 
     def _finish(self, module, args, output):
-        if self._ctx is not None:
-            self.last = self._ctx.record
+        ctx = self._ctx
+        if ctx is not None:
+            self.last = ctx.record
+            hidden_states = getattr(output, "hidden_states", None)
+            if hidden_states is not None and ctx.selection is not None:
+                # outputs of layers start..end-2 were recorded packed [B, K, d]: put them back
+                # at their positions (pruned tokens: the bypass value, as the model sees it)
+                seq_len = ctx.hidden_in.shape[1]
+                output.hidden_states = tuple(
+                    ops.scatter_tokens(ctx.hidden_in, h, ctx.selection.keep_idx)
+                    if h.dim() == 3 and h.shape[1] != seq_len else h for h in hidden_states)
         self._ctx = None
 
     def _run_saliency(self, layer, args, kwargs):
@@ -348,6 +418,7 @@ class DATALORARuntime:
         out = self.saliency(hidden, valid, state)
         if cache is not None:
             setattr(cache, _CACHE_USN_ATTR, out.state)
+            _follow_cache_reorder(cache)
         keep_prob = self.saliency.keep_probability(out.token_scores)
         ctx.routing = out.routing
         ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,
@@ -434,7 +505,7 @@ class DATALORARuntime:
         record.mode = ctx.mode = "packed"
 
     def _threshold_selection(self, scores, valid) -> TokenSelection:
-        keep = (scores > self.threshold) & valid
+        keep = (scores > self._threshold_in_use()) & valid
         counts = keep.sum(1)
         width = max(int(counts.max()), 1)  # eval only: one host sync
         key = torch.where(keep, 1.0, 0.0) - torch.arange(
@@ -455,11 +526,14 @@ class DATALORARuntime:
                 self._warned = True
             keep_new = record.valid.clone()
         else:
-            keep_new = (record.saliency.token_scores > self.threshold) & record.valid
+            keep_new = (record.saliency.token_scores > self._threshold_in_use()) & record.valid
         past = getattr(cache, _CACHE_KEEP_ATTR, None) if cache is not None else None
-        past_len = 0 if past is None else past.shape[1]
         if cache is not None:
             cached = cache.get_seq_length(self.start) if hasattr(cache, "get_seq_length") else 0
+            if cached == 0:
+                past = None  # a reused cache object that was reset (as for the USN state)
+        past_len = 0 if past is None else past.shape[1]
+        if cache is not None:
             if cached != past_len:
                 raise ValueError(f"cache: the KV cache holds {cached} tokens in layer "
                                  f"{self.start} but DATALORA recorded {past_len} keep flags; "
@@ -471,10 +545,18 @@ class DATALORARuntime:
         total = keep_all.shape[1]
         if ctx.attention_mask is not None:
             keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
-        key_index = torch.arange(total, device=hidden.device).expand(bsz, -1)
-        query_index = key_index[:, total - seq_len:]
+        kv_length, kv_offset = (total, 0) if cache is None else _mask_sizes(
+            cache, seq_len, self.start, total, hidden.device)
+        key_index = torch.arange(kv_offset, kv_offset + kv_length,
+                                 device=hidden.device).expand(bsz, -1)
+        # keys the cache holds: the last window (sliding) or fixed slots (static, unused ones
+        # hidden: index >= total fails kj <= qi and is not kept)
+        filled = max(min(total, kv_offset + kv_length) - kv_offset, 0)
+        key_ok = torch.zeros(bsz, kv_length, dtype=torch.bool, device=hidden.device)
+        key_ok[:, :filled] = keep_all[:, kv_offset:kv_offset + filled]
+        query_index = torch.arange(total - seq_len, total, device=hidden.device).expand(bsz, -1)
         ctx.layer_kwargs = {"attention_mask": packed_attention_mask(
-            keep_all, query_index, key_index, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
+            key_ok, query_index, key_index, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
             sliding_window=self.sliding_window)}
         ctx.keep_q = keep_new
         record.kept = keep_new
@@ -514,4 +596,5 @@ class DATALORARuntime:
             raise ValueError("scores: no valid token scores to calibrate on")
         value = float(torch.quantile(flat, 1.0 - retention)) if retention < 1.0 else -math.inf
         self.saliency.keep_threshold.fill_(value)
+        self.calibrated_retention, self._warned_stale = retention, False
         return value

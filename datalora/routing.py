@@ -95,5 +95,8 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True) -> Rout
     probs = torch.softmax(logits.float(), dim=-1)
     gates, expert_ids = probs.topk(k, dim=-1)
     if renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
+        # k = 1: gates / gates.sum() is the constant 1 (no router gradient): keep the forward
+        # value 1 exactly, backward d log p
+        denom = gates.detach() if k == 1 else gates.sum(-1, keepdim=True)
+        gates = gates / denom
     return Routing(expert_ids=expert_ids, gates=gates.to(logits.dtype), router_probs=probs)

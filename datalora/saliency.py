@@ -67,7 +67,10 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
         mask = torch.zeros_like(y).scatter_(-1, expert_ids, 1.0 / k)
         weights = mask + (y - y.detach())  # forward == mask exactly, backward = dy
     else:
-        gates = top / top.sum(-1, keepdim=True).clamp_min(_EPS)
+        if k == 1:  # top / top.sum() is the constant 1: keep the forward, pass d log y
+            gates = top / top.detach().clamp_min(_EPS)
+        else:
+            gates = top / top.sum(-1, keepdim=True).clamp_min(_EPS)
         weights = torch.zeros_like(y).scatter(-1, expert_ids, gates)
     return weights, expert_ids
 

@@ -119,9 +119,19 @@ class DATALORATrainer(Trainer):
 
     def _setup_curriculum(self, state) -> None:
         if self.curriculum is None:
+            num_epochs = float(self.args.num_train_epochs)
+            if self.curriculum_mode == "epochs" and self.args.max_steps > 0:
+                # the Trainer stops at max_steps, not at args.num_train_epochs
+                gas = max(int(self.args.gradient_accumulation_steps), 1)
+                try:
+                    n = len(self.get_train_dataloader())
+                except TypeError:  # an iterable dataset: epochs are undefined
+                    raise ValueError("curriculum_mode='epochs' with max_steps needs a sized "
+                                     "train dataset; use curriculum_mode='steps'") from None
+                num_epochs = int(state.max_steps) / max(n // gas + int(n % gas > 0), 1)
             self.curriculum = CurriculumScheduler.from_config(
                 self.datalora_config, total_steps=max(int(state.max_steps), 1),
-                num_epochs=float(self.args.num_train_epochs), mode=self.curriculum_mode)
+                num_epochs=num_epochs, mode=self.curriculum_mode)
         elif self.curriculum.total_steps is None and self.curriculum.mode == "steps":
             self.curriculum.total_steps = max(int(state.max_steps), 1)
         if self._resume_curriculum is not None:

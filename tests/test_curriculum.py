@@ -99,3 +99,15 @@ def test_validation(kwargs, name):
         CurriculumScheduler(**kwargs)
     with pytest.raises(ValueError, match="total_steps"):
         CurriculumScheduler().state_at(3)
+
+
+@pytest.mark.parametrize("total", [10, 30, 300])
+def test_schedule_agrees_with_phase_boundaries(total):
+    """0.1 + 0.2 is 0.30000000000000004: the phase switches at phase_boundaries() exactly,
+    and retention never rounds above 1."""
+    c = CurriculumScheduler(split=[0.1, 0.2, 0.7], total_steps=total)
+    b1, b2 = c.phase_boundaries()
+    for step in range(total + 1):
+        expected = 0 if step < b1 else 1 if step < b2 else 2
+        assert c.state_at(step).phase_index == expected, step
+        assert 0 < c.state_at(step).retention <= 1.0

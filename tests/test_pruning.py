@@ -268,12 +268,6 @@ def test_generation_with_pruning_and_kv_cache_equals_no_cache():
     torch.testing.assert_close(cached[valid], ref[valid], atol=2e-5, rtol=1e-5)
 
 
-def test_generation_rejects_beam_search_with_pruning():
-    model = calibrated_model(0.5)
-    with pytest.raises(ValueError, match="num_beams"):
-        model.generate(torch.tensor([[5, 6, 7]]), num_beams=2, max_new_tokens=2)
-
-
 def test_bad_prune_range():
     with pytest.raises(ValueError, match="prune_layers"):
         datalora_model(prune_layers=(2, 9))

@@ -193,3 +193,20 @@ def test_usn_context_is_causal_ignores_padding_and_resumes_from_state():
                                full.token_scores, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="valid"):
         usn(x, valid[:, :4])
+
+
+def test_top1_soft_gates_pass_the_router_gradient():
+    """k = 1: the renormalised gate top / top.sum() is the constant 1, which gave the router
+    no gradient from the LM loss; the gate stays exactly 1 forward and passes d log y."""
+    from datalora.routing import topk_routing
+
+    logits = torch.randn(6, 4, requires_grad=True)
+    weights, ids = gumbel_topk(logits, 1, tau=2.0, noise=False)
+    assert torch.equal(weights.gather(-1, ids), torch.ones(6, 1))
+    (weights * torch.randn(6, 4)).sum().backward()
+    assert logits.grad.abs().sum() > 1e-3
+    logits.grad = None
+    routing = topk_routing(logits, 1)
+    assert torch.equal(routing.gates, torch.ones(6, 1))
+    (routing.gates * torch.randn(6, 1)).sum().backward()
+    assert logits.grad.abs().sum() > 1e-3

@@ -433,3 +433,20 @@ def test_train_config_validation(tmp_path):
         with pytest.raises(ValueError, match=match):
             train_datalora(None, max_steps=1, limit=8, trainer_args=extra, progress=False,
                            output_dir=str(tmp_path / "bad_args"))
+
+
+def test_epochs_mode_with_max_steps_reaches_hardening(tmp_path):
+    """With max_steps the Trainer ignores num_train_epochs (3 by default): the epochs
+    schedule takes its epochs from max_steps (16 steps of 8 per epoch = 2 epochs)."""
+    from transformers import TrainerCallback
+
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=16, curriculum_mode="epochs",
+                           calibrate_batches=0)
+    phases = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            phases.append(trainer._applied.phase)
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert phases[-1] == "hardening" and phases[0] == "warmup"

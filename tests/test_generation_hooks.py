@@ -1,0 +1,129 @@
+"""The DATALORA hooks under Hugging Face ``generate`` and other model-forward options:
+beam search, sliding-window and static caches, reused caches, hidden states, an
+uncalibrated or stale keep threshold, decoding strategies that crop the cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+from datalora import DATALORAConfig, get_datalora_model
+
+GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def _model(prune_layers=(1, 3), sliding_window=None):
+    """A 4-layer hidden-64 Mistral with shared routing and non-trivial adapter / saliency
+    weights (B, score and router heads random), in eval mode."""
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, sliding_window=sliding_window,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,
+                            routing="shared", prune_layers=list(prune_layers))
+    model = get_datalora_model(MistralForCausalLM(cfg).eval(), config, verbose=False)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for _, layer in model.molora_layers():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+        for head in (model.saliency.score_head, model.saliency.router_head):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+    return model.eval()
+
+
+def _calibrated(model, retention=0.5):
+    model.set_curriculum_state(retention=retention)
+    ids = torch.randint(3, 97, (4, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids)
+    record = model.runtime.last
+    model.runtime.calibrate(record.saliency.token_scores, record.valid)
+    return model
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.5])
+def test_beam_search_with_cache_equals_without(retention):
+    """The keep flags and the saliency context on the cache follow its reorder_cache."""
+    model = _calibrated(_model(prune_layers=(1, 4)), retention)
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, **GREEDY)
+    with torch.no_grad():
+        assert torch.equal(model.generate(_ids(2, 7), use_cache=True, **kw),
+                           model.generate(_ids(2, 7), use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.5])
+def test_sliding_window_generation_with_cache(retention):
+    """Past the window the cache returns the last window's keys only; the mask follows."""
+    model = _calibrated(_model(sliding_window=4), retention)
+    with torch.no_grad():
+        a = model.generate(_ids(2, 10), use_cache=True, max_new_tokens=6, **GREEDY)
+        b = model.generate(_ids(2, 10), use_cache=False, max_new_tokens=6, **GREEDY)
+    assert torch.equal(a, b)
+
+
+def test_static_cache_is_rejected_clearly():
+    model = _calibrated(_model())
+    with pytest.raises(ValueError, match="static"):
+        model.generate(_ids(2, 10), cache_implementation="static", max_new_tokens=3, **GREEDY)
+
+
+@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=2)])
+def test_decoding_that_crops_the_cache_is_rejected(option):
+    model = _calibrated(_model())
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        model.generate(_ids(1, 10), max_new_tokens=3, **option, **GREEDY)
+
+
+def test_reset_cache_can_be_reused():
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=_ids(1, 6), past_key_values=cache, use_cache=True).logits
+        cache.reset()
+        again = model(input_ids=_ids(1, 6), past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(again, first)
+
+
+def test_output_hidden_states_have_full_length_with_pruning():
+    """Pruned layers' outputs come back at every position (pruned tokens: the bypass)."""
+    model = _model(prune_layers=(1, 4))
+    model.set_curriculum_state(retention=0.5)
+    with torch.no_grad():
+        out = model(input_ids=_ids(2, 10), output_hidden_states=True)
+    assert model.runtime.last.mode == "packed"
+    assert all(h.shape == (2, 10, 64) for h in out.hidden_states)
+
+
+def test_uncalibrated_generate_is_the_same_with_and_without_cache():
+    """A fresh model (retention 0.5, no threshold) generates dense either way, with a
+    warning, instead of top-k without the cache and dense with it."""
+    model = _model(prune_layers=(1, 4))
+    model.set_curriculum_state(retention=0.5)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = model.generate(_ids(2, 8), use_cache=True, max_new_tokens=8, **GREEDY)
+        b = model.generate(_ids(2, 8), use_cache=False, max_new_tokens=8, **GREEDY)
+    assert torch.equal(a, b)
+    assert any("not calibrated" in str(w.message) for w in caught)
+    assert model.runtime.retention == 0.5
+
+
+def test_threshold_calibrated_for_another_retention_warns():
+    model = _calibrated(_model(prune_layers=(1, 4)), 0.5)
+    model.set_curriculum_state(retention=0.2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="calibrated for retention 0.5"):
+        model(input_ids=_ids(2, 10))
+    _calibrated(model, 0.2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=_ids(2, 10))
+    assert abs(model.runtime.last.actual_retention() - 0.2) < 0.15
