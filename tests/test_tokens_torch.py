@@ -67,3 +67,14 @@ def test_pruned_rows_pass_through_exactly():
     mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
     mask.scatter_(1, keep, False)
     assert torch.equal(out[mask], hidden[mask])
+
+
+def test_scatter_with_unit_weight_writes_packed_rows_exactly_in_bf16():
+    """``hidden + 1 * (packed - hidden)`` is computed in fp32 and rounded once: the kept rows
+    are the packed rows bit for bit (in bf16 arithmetic they were up to an ulp off)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 16, 64, generator=g) * 30).to(torch.bfloat16)
+    packed = torch.randn(2, 8, 64, generator=g).to(torch.bfloat16)
+    keep = torch.stack([torch.randperm(16, generator=g)[:8] for _ in range(2)])
+    out = ops.scatter_tokens(hidden, packed, keep, torch.ones(2, 8), backend="torch")
+    assert torch.equal(ops.gather_tokens(out, keep, backend="torch"), packed)

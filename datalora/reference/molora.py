@@ -51,9 +51,10 @@ def scatter_tokens_reference(hidden, packed, keep_idx, weight=None):
     hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` (distinct per row),
     weight ``[B, K]`` or None. Rows not in keep_idx pass ``hidden`` through.
     """
-    kept = gather_tokens_reference(hidden, keep_idx)
-    update = packed - kept
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # as the Triton kernel: one rounding
+    kept = gather_tokens_reference(hidden, keep_idx).to(acc)
+    update = packed.to(acc) - kept
     if weight is not None:
-        update = update * weight[..., None]
+        update = update * weight[..., None].to(acc)
     index = keep_idx.long()[..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.scatter_add(1, index, update.to(hidden.dtype))
+    return hidden.to(acc).scatter_add(1, index, update).to(hidden.dtype)
