@@ -69,8 +69,9 @@ def _scatter_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         d_packed = g_kept if w is None else g_kept * w
     if weight is not None and ctx.needs_input_grad[3]:
-        diff = packed - _gather_op(hidden, keep_idx, ctx.backend)
-        d_weight = (g_kept * diff).sum(-1).to(weight.dtype)
+        acc = torch.promote_types(g_kept.dtype, torch.float32)  # the forward's precision
+        diff = packed.to(acc) - _gather_op(hidden, keep_idx, ctx.backend).to(acc)
+        d_weight = (g_kept.to(acc) * diff).sum(-1).to(weight.dtype)
     return d_hidden, d_packed, None, d_weight, None
 
 
