@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,20 @@ class DATALORAConfig:
         for name in ("num_lora_experts", "lora_rank", "num_active_experts",
                      "saliency_hidden_size"):
             positive_int(name)
+        for name in ("lora_alpha", "lora_dropout", "target_retention", "temperature_init",
+                     "temperature_final", "lambda_prune", "alpha_balance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}"
+                                 + (" (YAML 1.1 reads 1e-4 as a string: write 1.0e-4)"
+                                    if isinstance(value, str) else ""))
+            setattr(self, name, float(value))
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha: expected > 0, got {self.lora_alpha}")
+        for name in ("lambda_prune", "alpha_balance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.num_active_experts > self.num_lora_experts:
             raise ValueError(f"num_active_experts: expected <= num_lora_experts="
                              f"{self.num_lora_experts}, got {self.num_active_experts}")
@@ -121,9 +137,27 @@ class DATALORAConfig:
         path = Path(path)
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         else:
             data = json.loads(text)
         return cls.from_dict(data)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` (no dot) as
+    the string ``'1e-4'``."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=_Loader)

@@ -147,6 +147,10 @@ def response_offsets(tokenizer: Any, response: str) -> list[tuple[int, int]]:
     """Character spans of the response tokens as :func:`tokenize_example` encodes them
     (``tokenizer(response, add_special_tokens=False)``), plus ``(len, len)`` for EOS."""
     enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    if "offset_mapping" not in enc:
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} returns no character offsets "
+                         f"(return_offsets_mapping); TITOK aligns tokens by offsets and needs "
+                         f"a fast (tokenizers-backed) tokenizer")
     spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
     return spans + [(len(response), len(response))]
 
@@ -198,6 +202,8 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
     if base_model is None and not hasattr(lora_model, "disable_adapter"):
         raise TypeError("base_model: required when lora_model is not a PEFT model "
                         "(no disable_adapter())")
+    if rows:
+        response_offsets(tokenizer, rows[0]["response"])  # fail before the forward passes
     lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,
                                  max_length=max_length)
     ctx = lora_model.disable_adapter() if base_model is None else nullcontext()
@@ -271,6 +277,8 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     if len(src_offsets) != src_scores.numel():
         raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
                          f"span), got {src_scores.numel()}")
+    if [tuple(s) for s in src_offsets] == [tuple(t) for t in tgt_offsets]:
+        return src_scores.float().clone()  # same tokenization: token i is token i
     out = torch.full((len(tgt_offsets),), float("nan"))
     scores = src_scores.float().tolist()
     for j, (ts, te) in enumerate(tgt_offsets):

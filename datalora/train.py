@@ -204,6 +204,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         raise ValueError(f"max_steps: expected a positive int or None, got {max_steps!r}")
     if not float(epochs) > 0:
         raise ValueError(f"epochs: expected > 0, got {epochs!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
+            or not learning_rate > 0:
+        raise ValueError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:
@@ -322,9 +325,9 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
         raise FileNotFoundError(f"config: no such file {path}")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
+        from datalora.config import load_yaml
 
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     elif path.suffix == ".json":
         data = json.loads(text)
     else:
@@ -338,7 +341,11 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
         "trainer_args"})
     if unknown:
         raise ValueError(f"config: unknown training keys {unknown}")
-    merged = {**DEFAULT_TINY_CONFIG, **data}
+    if data.get("base_model") in (None, "embedded"):
+        merged = {**DEFAULT_TINY_CONFIG, **data}  # tuned for the embedded tiny model
+    else:  # a real model: DATALORAConfig's defaults (prune_layers None = second half)
+        merged = {"routing": "shared", **data}
+        training.setdefault("learning_rate", 2e-4)  # train_datalora's 3e-2 is for the tiny one
     return DATALORAConfig.from_dict(merged), training
 
 

@@ -97,6 +97,16 @@ class DATALORATrainer(Trainer):
         self._resume_curriculum: dict[str, Any] | None = None
         self._applied = None
         self._reset_metrics()
+        if self.args.label_names is None:
+            # the Trainer reads label names off forward's signature, and DATALORAModel's
+            # forward(*args, **kwargs) names none: without this no eval loss is computed
+            # (no eval_loss; load_best_model_at_end fails)
+            self.label_names = ["labels"]
+        if self.label_smoother is not None:
+            # the Trainer shifts labels only for class names it knows as causal LMs
+            smoother = self.label_smoother
+            self.label_smoother = lambda outputs, labels, shift_labels=True, **kw: smoother(
+                outputs, labels, shift_labels=True, **kw)
         self.add_callback(CurriculumCallback(self))
 
     # ------------------------------------------------------------------ helpers

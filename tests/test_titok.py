@@ -279,3 +279,18 @@ def test_titok_evidence_multi_seed_smoke(tmp_path):
     with pytest.raises(ValueError, match="seeds"):
         from datalora.experiments.titok_evidence import run
         run("lookup", base="random", adapter_dir=str(tmp_path / "adapters"), seeds=(0, 0))
+
+
+def test_tokenizer_without_offsets_gets_a_clear_error():
+    from transformers import ByT5Tokenizer
+
+    with pytest.raises(ValueError, match="offset"):
+        response_offsets(ByT5Tokenizer(), "abc")
+
+
+def test_align_is_the_identity_for_the_same_tokenization():
+    """Tokens splitting one multi-byte character share its span: with one tokenizer on both
+    sides token i's score must stay token i's (it took a neighbour's max)."""
+    offsets = response_offsets(build_tokenizer(), "héllo wörld 😀 ok")
+    scores = torch.arange(len(offsets), dtype=torch.float32)
+    assert torch.equal(align_token_scores(offsets, scores, offsets), scores)

@@ -678,3 +678,45 @@ def test_mixer_warns_when_an_adapter_was_trained_on_another_base(tmp_path):
     other = build_tiny_model(seed=1, **SMALL)
     with pytest.warns(UserWarning, match=r"'head' holds copies of base weights .*lm_head"):
         TokenLevelAdapterMixer(other, [tmp_path / "head"])
+
+
+def _qwen():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
+
+
+def test_adapter_with_trained_biases_is_refused(tmp_path):
+    """A PEFT adapter saved with bias='all' carries trained biases, which mixing lora_A /
+    lora_B would drop silently: the mixer refuses it, naming the reason."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_qwen(), peft.LoraConfig(
+        r=2, lora_alpha=4, bias="all", target_modules=["q_proj", "k_proj", "v_proj"],
+        init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                p.add_(0.3)
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="trained biases"):
+        TokenLevelAdapterMixer(_qwen(), [tmp_path], names=["a"])
+
+
+def test_centroid_embeddings_do_not_depend_on_padding_side():
+    """Llama / Gemma tokenizers pad on the left: the embedding at each text's last token
+    must not change (it read a padding position)."""
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    mixer = TokenLevelAdapterMixer(
+        build_tiny_model(), {"model.layers.0.self_attn.q_proj": (torch.zeros(1, 1, 128),
+                                                                torch.zeros(1, 128, 1))},
+        names=["x"], embedder=HiddenStateEmbedder(-1))
+    texts = ["short question", "a much longer question about sorting words " * 3]
+    tok.padding_side = "right"
+    want = mixer.embed_texts(texts, tok)
+    tok.padding_side = "left"
+    torch.testing.assert_close(mixer.embed_texts(texts, tok), want, atol=1e-5, rtol=1e-5)

@@ -450,3 +450,39 @@ def test_epochs_mode_with_max_steps_reaches_hardening(tmp_path):
     trainer.add_callback(Spy())
     trainer.train()
     assert phases[-1] == "hardening" and phases[0] == "warmup"
+
+
+def _eval_trainer(tmp_path, model, steps, **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+        learning_rate=3e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, remove_unused_columns=False, lr_scheduler_type="constant",
+        dataloader_num_workers=0, **{"save_strategy": "no", **kw})
+    return DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                           eval_dataset=PatternData(n=16, seed=1), data_collator=collate,
+                           calibrate_batches=0)
+
+
+def test_evaluate_reports_eval_loss_and_load_best_model_works(tmp_path):
+    """DATALORAModel.forward(*args, **kwargs) names no `labels`, so the Trainer found no
+    label names and computed no eval loss (load_best_model_at_end raised a KeyError)."""
+    trainer = _eval_trainer(tmp_path, tiny_datalora(), 4, eval_strategy="steps",
+                            eval_steps=2, save_strategy="steps", save_steps=2,
+                            load_best_model_at_end=True, save_total_limit=1)
+    assert "eval_loss" in trainer.evaluate()
+    trainer.train()
+    assert trainer.state.best_model_checkpoint is not None
+
+
+def test_label_smoothing_uses_next_token_labels(tmp_path):
+    """The Trainer shifts labels for label smoothing only for causal-LM class names it knows;
+    a tiny smoothing factor must give the model's own (shifted) loss."""
+    model = tiny_datalora()
+    batch = collate([PatternData()[i] for i in range(8)])
+    batch.pop("task_ids")
+    trainer = _eval_trainer(tmp_path, model, 1, label_smoothing_factor=1e-6)
+    model.eval()
+    with torch.no_grad():
+        smoothed = trainer.compute_loss(model, dict(batch))
+        plain = model(**batch).loss
+    assert abs(float(smoothed) - float(plain)) < 1e-3

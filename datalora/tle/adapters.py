@@ -43,6 +43,7 @@ class LoRAAdapter:
     config: dict[str, Any]
     path: str | None = None
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:
@@ -83,11 +84,13 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     rslora = bool(config.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
+    base_biases: dict[str, torch.Tensor] = {}
     for key, tensor in load_tensors(weights).items():
         base_copy = _BASE_COPY.match(key)
-        if base_copy is not None:  # a frozen base weight (PEFT saves lm_head's): no update
-            if base_copy["kind"] == "weight":
-                base_weights[base_copy["module"]] = tensor
+        if base_copy is not None:  # a base weight copy (PEFT saves lm_head's): no update;
+            # a bias (bias='all' / 'lora_only') may have been trained: checked by the mixer
+            (base_weights if base_copy["kind"] == "weight" else base_biases)[
+                base_copy["module"]] = tensor
             continue
         match = _KEY.match(key)
         if match is None:
@@ -109,7 +112,22 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     if not modules:
         raise ValueError(f"path: {folder} holds no LoRA tensors")
     return LoRAAdapter(name=name or folder.name, modules=modules, config=config,
-                       path=str(folder), base_weights=base_weights)
+                       path=str(folder), base_weights=base_weights, base_biases=base_biases)
+
+
+def trained_biases(model: nn.Module, adapter: LoRAAdapter) -> list[str]:
+    """Modules whose bias saved in ``adapter`` (PEFT ``bias='all'`` / ``'lora_only'``)
+    differs from ``model``'s: trained biases, which mixing lora_A / lora_B would drop."""
+    changed = []
+    for module, saved in adapter.base_biases.items():
+        try:
+            own = model.get_submodule(module).bias
+        except AttributeError:
+            own = None
+        if own is None or own.shape != saved.shape or not torch.equal(
+                own.detach().float().cpu(), saved.float()):
+            changed.append(module)
+    return sorted(changed)
 
 
 def foreign_base_weights(model: nn.Module, adapter: LoRAAdapter) -> dict[str, float]:

@@ -24,6 +24,7 @@ from datalora.tle.adapters import (
     foreign_base_weights,
     load_peft_adapter,
     pack_adapters,
+    trained_biases,
 )
 from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder
 from datalora.tle.routing import _check_mode, anchor_positions, routing_weights
@@ -71,6 +72,13 @@ class TokenLevelAdapterMixer(nn.Module):
             loaded = [a if isinstance(a, LoRAAdapter) else load_peft_adapter(a)
                       for a in adapters]
             for adapter in loaded:
+                biased = trained_biases(model, adapter)
+                if biased:
+                    raise ValueError(
+                        f"adapters: {adapter.name!r} was saved with trained biases "
+                        f"(bias={adapter.config.get('bias')!r}) in {len(biased)} modules, e.g. "
+                        f"{biased[0]!r}; the mixer mixes lora_A / lora_B only and would drop "
+                        f"them. Train the adapter with bias='none'.")
                 foreign = foreign_base_weights(model, adapter)
                 if foreign:
                     diffs = ", ".join(f"{m}: max |diff| {d:.3g}" for m, d in foreign.items())
@@ -211,7 +219,10 @@ class TokenLevelAdapterMixer(nn.Module):
         recency): ``[n, D]`` at each text's last token, or with ``every_position``
         ``[n_tokens, D]`` at every token of every text (padding dropped)."""
         embedder = self.embedder if embedder is None else embedder
-        batch = tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        # right padding: the last token of text i is at mask.sum(1) - 1 (and positions
+        # start at 0), whatever the tokenizer's padding_side
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
+                          padding_side="right").to(self.device)
         mask = batch["attention_mask"]
         if not every_position:
             last = (mask.sum(1) - 1).reshape(-1, 1)
