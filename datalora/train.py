@@ -207,6 +207,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
             or not learning_rate > 0:
         raise ValueError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
+    for name, value in (("batch_size", batch_size),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:

@@ -428,6 +428,10 @@ def test_train_config_validation(tmp_path):
         train_datalora(DATALORAConfig(routing="per_layer"), max_steps=1)
     with pytest.raises(ValueError, match="max_steps"):
         train_datalora(None, max_steps=0)
+    for kwargs in ({"learning_rate": "1e-4"}, {"gradient_accumulation_steps": 0},
+                   {"batch_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            train_datalora(None, max_steps=1, **kwargs)
     for extra, match in (({"weight_decy": 0.1}, r"\['weight_decy'\] are not TrainingArguments"),
                          ({"remove_unused_columns": True}, "remove_unused_columns")):
         with pytest.raises(ValueError, match=match):
