@@ -89,6 +89,21 @@ class MoLoRALinear(nn.Module):
             if self.router is not None:
                 nn.init.normal_(self.router.weight, std=0.02)
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``weight`` / ``bias`` belong to the base layer (read-only properties here): Hugging
+        # Face ``tie_weights()`` assigns ``lm_head.weight = embed_tokens.weight``
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        # last_routing may hold non-leaf tensors (gates with a grad_fn), which copy.deepcopy
+        # refuses; it is a per-forward record, not state
+        state = super().__getstate__()
+        state["last_routing"] = None
+        return state
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -109,15 +124,18 @@ class MoLoRALinear(nn.Module):
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:
             return self.base_layer(x)
-        if routing is None:
+        own = routing is None
+        if own:
             routing = self.route(x)
         self.__dict__["last_routing"] = routing  # a plain attribute: skips Module.__setattr__
         dtype = x.dtype
         A, B = _in_dtype(self.lora_A, dtype), _in_dtype(self.lora_B, dtype)
         gates = _in_dtype(routing.gates, dtype)
         rank_scale = None if routing.rank_scale is None else _in_dtype(routing.rank_scale, dtype)
-        # a Routing shared by many layers is validated once (under compile: never, no sync)
-        check = torch.compiler.is_compiling() or routing.take_value_check(self.num_experts)
+        # a Routing shared by many layers is validated once (under compile: never, no sync);
+        # the layer's own top-k router yields valid ids by construction: no host sync
+        check = not own and (torch.compiler.is_compiling()
+                             or routing.take_value_check(self.num_experts))
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
             lora_x = self.lora_dropout(x) if self.training else x
             return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,

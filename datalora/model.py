@@ -43,6 +43,8 @@ def _is_target(name: str, targets: list[str]) -> bool:
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
     replaced = []
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear)}
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and _is_target(name, config.target_modules):
             parent_name, _, child = name.rpartition(".")
@@ -54,11 +56,34 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
                 backend=config.backend, quantize=config.quantize))
             replaced.append(name)
     if not replaced:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                          if isinstance(m, nn.Linear)})
+        linears = sorted(linear_names)
+        others = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})"
+                         for n, m in model.named_modules() if _is_target(n, config.target_modules)})
+        hint = f"; matching names that are not nn.Linear: {others}" if others else ""
         raise ValueError(f"target_modules: none of {config.target_modules} matched an nn.Linear "
-                         f"of the model; its linear layers are named {linears}")
+                         f"of the model; its linear layers are named {linears}{hint}")
+    matched = {n.rsplit(".", 1)[-1] for n in replaced}
+    unmatched = [t for t in config.target_modules if t not in matched]
+    if unmatched:
+        warnings.warn(f"target_modules: {unmatched} matched no nn.Linear of the model (adapted: "
+                      f"{sorted(matched)}; its other linear layers are named "
+                      f"{sorted(linear_names - matched)})", stacklevel=4)
     return replaced
+
+
+def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
+    """Shared routing covers the tokens of the decoder layers: a target outside them (the LM
+    head) would train, then fail in generate() (``logits_to_keep`` gives it fewer tokens)."""
+    from datalora.pruning import find_decoder_layers
+
+    inside = {id(m) for m in find_decoder_layers(model).modules()}
+    outside = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and _is_target(n, targets) and id(m) not in inside]
+    if outside:
+        raise ValueError(f"target_modules: routing='shared' drives adapted layers inside the "
+                         f"decoder layers only, but {outside[:3]} are outside them; drop "
+                         f"{sorted({n.rsplit('.', 1)[-1] for n in outside})} from "
+                         f"target_modules or use routing='per_layer'")
 
 
 class DATALORAModel(nn.Module):
@@ -81,7 +106,11 @@ class DATALORAModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.config_datalora = config
+        # base parameters a loaded adapter carried (trained with it): saved again with it
+        self._saved_base_names: set[str] = set()
         model.requires_grad_(False)
+        if config.routing == "shared":
+            _check_shared_targets(model, config.target_modules)
         self.adapted_modules = inject_molora(model, config)
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None
@@ -96,6 +125,9 @@ class DATALORAModel(nn.Module):
                 config.temperature_final).to(device)
             self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
             self.set_curriculum_state(config.temperature_final, config.target_retention, True)
+        # the new MoLoRA layers and saliency network (and this wrapper) start in the base
+        # model's mode: an eval-mode base (as from_pretrained returns it) stays deterministic
+        self.train(model.training)
 
     @property
     def datalora_config(self) -> DATALORAConfig:
@@ -195,7 +227,8 @@ class DATALORAModel(nn.Module):
 
     def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.base_model.named_parameters():
-            if p.requires_grad or ".lora_" in name or ".router." in name:
+            if p.requires_grad or ".lora_" in name or ".router." in name \
+                    or name in self._saved_base_names:
                 yield name, p
 
     def _adapter_keys(self) -> dict[str, str]:
@@ -227,7 +260,9 @@ class DATALORAModel(nn.Module):
         return line
 
     def save_pretrained(self, save_directory: str | Path,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, *,
+                        is_main_process: bool = True, safe_serialization: bool = True,
+                        **kwargs) -> None:
         """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` atomically.
 
         Args:
@@ -239,8 +274,14 @@ class DATALORAModel(nn.Module):
 
         Under FSDP2 without ``state_dict`` the shards are gathered here: call it on every
         rank; rank 0 writes, and every rank returns once the files exist. Under FSDP1 pass
-        the full ``state_dict``.
+        the full ``state_dict``. ``is_main_process=False`` (as accelerate scripts pass on
+        the other ranks) writes nothing; other Hugging Face keywords are ignored (a warning).
         """
+        if not safe_serialization:
+            raise ValueError("safe_serialization: datalora adapters are saved as safetensors "
+                             "only")
+        if kwargs:
+            warnings.warn(f"save_pretrained: ignoring {sorted(kwargs)}", stacklevel=2)
         kind = sharding_kind(self)
         own = self.adapter_state_dict()
         if state_dict is not None:
@@ -260,7 +301,7 @@ class DATALORAModel(nn.Module):
         else:
             tensors = full_tensors(own) if kind == "fsdp2" else own
         gathered_here = state_dict is None and kind == "fsdp2"
-        if not gathered_here or torch.distributed.get_rank() == 0:
+        if is_main_process and (not gathered_here or torch.distributed.get_rank() == 0):
             save_directory = Path(save_directory)
             save_tensors(tensors, save_directory / WEIGHTS_NAME,
                          metadata={"format": "pt", "adapter_type": "datalora"})
@@ -279,6 +320,10 @@ class DATALORAModel(nn.Module):
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
         saved = load_tensors(file)
         own = self.adapter_state_dict()
+        base = dict(self.base_model.named_parameters())
+        # base parameters trained with the adapter (saved because they required grad)
+        extra = {name for name in saved if name not in own and name in base}
+        own.update({name: base[name] for name in extra})
         missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
         if missing or unexpected:
             raise ValueError(f"adapter at {path} does not fit this model: missing {missing[:5]}"
@@ -292,6 +337,7 @@ class DATALORAModel(nn.Module):
                              "load the adapter before wrapping, or resume through "
                              "DATALORATrainer (FSDP checkpoint)")
         copy_full_into(own, {name: saved[name] for name in own})
+        self._saved_base_names |= extra
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,
@@ -299,7 +345,10 @@ class DATALORAModel(nn.Module):
         """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights)."""
         wrapped = cls(model, DATALORAConfig.from_pretrained(path))
         wrapped.load_adapter(path)
-        if not is_trainable:
+        if is_trainable:
+            for name in wrapped._saved_base_names:
+                wrapped.base_model.get_parameter(name).requires_grad_(True)
+        else:
             wrapped.requires_grad_(False)
             wrapped.eval()
         return wrapped

@@ -308,6 +308,13 @@ class DATALORARuntime:
 
     # ------------------------------------------------------------------ state
 
+    def __getstate__(self):
+        # ``last`` / ``_ctx`` hold non-leaf tensors of the latest forward, which
+        # copy.deepcopy (of the DATALORAModel holding this runtime) refuses
+        state = self.__dict__.copy()
+        state["last"] = state["_ctx"] = None
+        return state
+
     def set_retention(self, retention: float) -> None:
         if not 0.0 < float(retention) <= 1.0:
             raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")

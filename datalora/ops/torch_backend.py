@@ -40,7 +40,8 @@ def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
     (``ids [T, k]`` int64)."""
     T, k = ids.shape
     offsets = torch.arange(r, device=ids.device)
-    return (ids[..., None] * r + offsets).view(T, k * r)
+    # reshape, not view: elementwise ops keep the strides of a transposed ``ids``
+    return (ids[..., None] * r + offsets).reshape(T, k * r)
 
 
 def _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype):

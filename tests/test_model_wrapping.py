@@ -1,0 +1,164 @@
+"""Wrapping Hugging Face models and the layer API: transposed routing ids, deepcopy after
+a forward, train/eval mode, shared-routing targets, base parameters trained with the
+adapter, target-name typos, tied weights, Hugging Face save keywords, autocast of fp64,
+non-Linear targets."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+from transformers import AutoModelForCausalLM
+
+from datalora import DATALORAConfig, DATALORAModel, MoLoRALinear, get_datalora_model, ops
+
+
+def _llama(tie=False):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _cfg(**kw):
+    return DATALORAConfig(num_lora_experts=4, lora_rank=2, **kw)
+
+
+# F1 -------------------------------------------------------------------------------------
+def test_transposed_expert_ids():
+    torch.manual_seed(0)
+    E, r, d, d_out, T, k = 4, 3, 8, 6, 5, 2
+    x, A, B = torch.randn(T, d), torch.randn(E, r, d), torch.randn(E, d_out, r)
+    ids_t = torch.randint(0, E, (k, T)).T          # [T, k], not contiguous
+    gates = torch.rand(T, k)
+    expected = ops.molora_delta(x, A, B, ids_t.contiguous(), gates)
+    assert torch.equal(ops.molora_delta(x, A, B, ids_t, gates), expected)
+    W = torch.randn(d_out, d)
+    assert torch.allclose(ops.molora_linear(x, W, None, A, B, ids_t, gates), x @ W.T + expected,
+                          atol=1e-5)
+
+
+# F2 -------------------------------------------------------------------------------------
+def test_deepcopy_after_training_forward():
+    layer = MoLoRALinear(nn.Linear(16, 16), num_experts=4, rank=2)
+    layer(torch.randn(3, 16)).sum().backward()
+    copy.deepcopy(layer)
+    for routing in ("per_layer", "shared"):
+        w = get_datalora_model(_llama(), _cfg(routing=routing), verbose=False)
+        w.train()
+        ids = torch.randint(2, 128, (2, 7))
+        w(ids, labels=ids).loss.backward()
+        w2 = copy.deepcopy(w)
+        w2.eval()
+        w.eval()
+        with torch.no_grad():
+            assert torch.equal(w2(ids).logits, w(ids).logits)
+
+
+# F3 -------------------------------------------------------------------------------------
+def test_wrapper_follows_base_mode(tmp_path):
+    ids = torch.randint(2, 128, (2, 7))
+    for routing, extra in (("shared", {"target_retention": 1.0}),
+                           ("per_layer", {"lora_dropout": 0.5})):
+        trained = get_datalora_model(_llama(), _cfg(routing=routing, **extra), verbose=False)
+        with torch.no_grad():
+            for n, p in trained.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        trained.save_pretrained(tmp_path / routing)
+        # load the adapter into a freshly wrapped eval-mode base and run inference
+        w = get_datalora_model(_llama(), _cfg(routing=routing, **extra), verbose=False)
+        w.load_adapter(tmp_path / routing)
+        assert not any(m.training for m in w.modules())
+        with torch.no_grad():
+            assert torch.equal(w(ids).logits, w(ids).logits)
+
+
+# F4 -------------------------------------------------------------------------------------
+def test_shared_routing_rejects_targets_outside_decoder():
+    with pytest.raises(ValueError, match="outside"):
+        get_datalora_model(_llama(), _cfg(routing="shared", target_retention=1.0,
+                                          target_modules=["q_proj", "lm_head"]), verbose=False)
+
+
+# F5 -------------------------------------------------------------------------------------
+def test_unfrozen_base_parameter_round_trips(tmp_path):
+    base = _llama()
+    fresh = copy.deepcopy(base)
+    w = get_datalora_model(base, _cfg(), verbose=False)
+    norm = w.base_model.model.norm.weight
+    norm.requires_grad_(True)
+    with torch.no_grad():
+        norm.mul_(1.5)
+    w.save_pretrained(tmp_path)
+    w2 = DATALORAModel.from_pretrained(fresh, tmp_path)
+    assert torch.equal(w2.base_model.model.norm.weight, norm)
+    ids = torch.randint(2, 128, (2, 7))
+    w.eval()
+    with torch.no_grad():
+        assert torch.equal(w(ids).logits, w2(ids).logits)
+    w2.save_pretrained(tmp_path / "again")  # re-saving keeps it
+    DATALORAModel.from_pretrained(_llama(), tmp_path / "again")
+
+
+# F6 -------------------------------------------------------------------------------------
+def test_unmatched_target_name_warns():
+    with pytest.warns(UserWarning, match="v_prj"):
+        get_datalora_model(_llama(), _cfg(target_modules=["q_proj", "v_prj"]), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_datalora_model(_llama(), _cfg(), verbose=False)  # all default names exist
+
+
+# F7 -------------------------------------------------------------------------------------
+def test_tie_weights_with_lm_head_target():
+    w = get_datalora_model(_llama(tie=True), _cfg(target_modules=["q_proj", "lm_head"]),
+                           verbose=False)
+    w.tie_weights()
+    assert w.base_model.lm_head.weight is w.base_model.model.embed_tokens.weight
+    assert isinstance(w.base_model.lm_head, MoLoRALinear)
+
+
+# F8 -------------------------------------------------------------------------------------
+def test_save_pretrained_accepts_hf_keywords(tmp_path):
+    w = get_datalora_model(_llama(), _cfg(), verbose=False)
+    w.save_pretrained(tmp_path / "a", is_main_process=False)
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    w.save_pretrained(tmp_path / "b", is_main_process=True, safe_serialization=True)
+    assert (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+# F9 -------------------------------------------------------------------------------------
+def test_own_router_does_no_host_value_check(monkeypatch):
+    import datalora.ops.validation as validation
+
+    calls = []
+    real = validation.check_routing_values
+    monkeypatch.setattr(validation, "check_routing_values",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = get_datalora_model(_llama(), _cfg(), verbose=False)
+    with torch.no_grad():
+        w(torch.randint(2, 128, (2, 7)))
+    assert calls == []
+
+
+# F10 ------------------------------------------------------------------------------------
+def test_autocast_keeps_float64_like_f_linear():
+    x, W = torch.randn(3, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    A, B = torch.randn(2, 2, 8, dtype=torch.float64), torch.randn(2, 6, 2, dtype=torch.float64)
+    ids, g = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x, W).dtype == torch.float64
+        assert ops.molora_linear(x, W, None, A, B, ids, g).dtype == torch.float64
+
+
+# F11 ------------------------------------------------------------------------------------
+def test_conv1d_target_error_names_the_module_type():
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+    with pytest.raises(ValueError, match="Conv1D"):
+        get_datalora_model(gpt2, _cfg(target_modules=["c_attn"]), verbose=False)
