@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
@@ -28,8 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Runs a subcommand. Bad input (a missing file, an invalid value: ``OSError`` /
+    ``ValueError``) prints ``datalora <command>: error: ...`` and exits with status 2, like
+    a bad flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (OSError, ValueError) as exc:
+        if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+            raise
+        parser.exit(2, f"datalora {args.command}: error: {exc}\n"
+                       f"(DATALORA_DEBUG=1 shows the traceback)\n")
     return 0
 
 

@@ -36,7 +36,9 @@ __all__ = [
     "TASKS",
     "CausalLMCollator",
     "format_prompt",
+    "SplitNotFoundError",
     "generate_multitask_dataset",
+    "load_eval_rows",
     "load_instruction_dataset",
     "shipped_split_path",
     "shipped_split_rows",
@@ -67,6 +69,8 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 # name -> (seed, rows per task) of the splits shipped under datalora/data/.
 SHIPPED_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 500), "eval": (1, 50)}
 _SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "test": "eval"}
+EVAL_SPLITS: tuple[str, ...] = ("eval", "validation", "test")
+"""Split names :func:`load_eval_rows` tries, in order, on folders and split-keyed files."""
 _DATA_PACKAGE = "datalora"
 _DATA_DIR = "data"
 
@@ -185,10 +189,14 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str])
     """Write rows as JSON lines (UTF-8, one object per line, keys in row order), atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _canonical_split(split: str) -> str:
@@ -206,9 +214,13 @@ def shipped_split_path(split: str = "train") -> Path:
 
 # --------------------------------------------------------------------------- loading
 
+class SplitNotFoundError(ValueError):
+    """The requested split is not in a folder / split-keyed file (see :data:`EVAL_SPLITS`)."""
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a UTF-8 byte-order mark
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -221,17 +233,23 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return _read_jsonl(path)  # a .json file holding JSON lines
     if isinstance(data, Mapping):
+        row_lists = [k for k, v in data.items() if isinstance(v, list) and v
+                     and all(isinstance(x, Mapping) for x in v)]
         if split in data and isinstance(data[split], list):
             data = data[split]
         elif "data" in data and isinstance(data["data"], list):
             data = data["data"]
+        elif row_lists and len(row_lists) == len(data):
+            # split-keyed ({"train": [rows], "validation": [rows]}) without `split`
+            raise SplitNotFoundError(f"split: {split!r} not in {path}; available: "
+                                     f"{sorted(row_lists)}")
         elif all(isinstance(v, list) for v in data.values()) and data:
             # column-oriented: {"question": [...], "response": [...], ...}
             n = len(next(iter(data.values())))
@@ -269,11 +287,11 @@ def _read_dataset_dir(path: Path, split: str) -> Any:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
     else:  # a folder of data files (e.g. a downloaded Hub repo snapshot)
-        ds = datasets.load_dataset(str(path), split=split)
+        ds = datasets.load_dataset(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"split: {split!r} not in the dataset at {path}; "
-                             f"available: {sorted(ds)}")
+            raise SplitNotFoundError(f"split: {split!r} not in the dataset at {path}; "
+                                     f"available: {sorted(ds)}")
         ds = ds[split]
     return ds
 
@@ -389,6 +407,24 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
     return _normalize(rows, str(source), limit)
 
 
+def load_eval_rows(source: str | os.PathLike[str] | None = None,
+                   limit: int | None = None) -> list[dict[str, str]]:
+    """The evaluation rows of ``source``: the embedded eval split, or the first of
+    :data:`EVAL_SPLITS` (``eval``, ``validation``, ``test``) that a folder or a split-keyed
+    ``.json`` file has. A single ``.jsonl`` / ``.parquet`` file has no splits: all its rows.
+
+    Raises:
+        SplitNotFoundError: a folder / split-keyed file has none of :data:`EVAL_SPLITS`.
+    """
+    error: SplitNotFoundError | None = None
+    for split in EVAL_SPLITS:
+        try:
+            return load_instruction_dataset(source, split=split, limit=limit)
+        except SplitNotFoundError as e:
+            error = e
+    raise SplitNotFoundError(f"split: none of {list(EVAL_SPLITS)} in {source} ({error})")
+
+
 # --------------------------------------------------------------------------- prompts, tokens
 
 def format_prompt(example: Mapping[str, Any]) -> str:
@@ -415,8 +451,9 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
     The prompt (:func:`format_prompt`) is encoded with the tokenizer's special tokens (its
     BOS, if it adds one), the response without, then ``eos_token_id`` is appended. Labels
     are ``-100`` on the prompt and equal to ``input_ids`` on response + EOS. When longer
-    than ``max_length``, prompt tokens are dropped from the left first (keeping a leading
-    BOS), then the response is cut on the right.
+    than ``max_length``, prompt tokens are dropped from the left (keeping a leading BOS)
+    down to half of ``max_length`` (so the answer cue and the end of the question stay),
+    then the response is cut on the right. At least one response token always remains.
 
     Returns:
         ``input_ids``, ``attention_mask`` (all 1), ``labels``: lists of length
@@ -435,8 +472,12 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
     if overflow > 0:
         bos = getattr(tokenizer, "bos_token_id", None)
         keep_first = 1 if prompt and bos is not None and prompt[0] == bos else 0
-        drop = min(overflow, max(len(prompt) - keep_first - 1, 0))
+        # the prompt keeps half of max_length (a long response must not erase the question)
+        keep = max(min(len(prompt), max_length // 2), keep_first + 1)
+        drop = min(overflow, max(len(prompt) - keep, 0))
         prompt = prompt[:keep_first] + prompt[keep_first + drop:]
+        if len(prompt) >= max_length:  # max_length 2 with a BOS: keep one response token
+            prompt = prompt[:max_length - 1]
         response = response[: max_length - len(prompt)]
     input_ids = prompt + response
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),

@@ -32,7 +32,7 @@ import torch
 
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
-from datalora.data import load_instruction_dataset
+from datalora.data import load_eval_rows, load_instruction_dataset
 from datalora.finetune import finetune, generate_answer
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
@@ -40,6 +40,33 @@ from datalora.testing import load_model_and_tokenizer
 PLOT_NAME = "datalora_demo.png"
 DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
             "molora": dict(steps=120, batch_size=16, lr=5e-3)}
+
+
+def _int_at_least(low: int) -> Any:
+    """An argparse ``type``: an int >= ``low`` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train rows and eval rows (the ``eval`` / ``validation`` / ``test`` split); warns when
+    the eval rows are training rows (a single file has no splits)."""
+    train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
+    eval_rows = load_eval_rows(args.dataset)
+    seen = {(r["system_prompt"], r["question"]) for r in train_rows}
+    overlap = sum((r["system_prompt"], r["question"]) in seen for r in eval_rows)
+    if overlap:
+        print(f"note: {overlap} of the {len(eval_rows)} eval rows are training rows ("
+              f"{args.dataset} has no eval / validation / test split), so the eval loss and "
+              f"the answers below are on training data")
+    return train_rows, eval_rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,20 +81,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name or path (default: embedded tiny)")
     p.add_argument("--dataset", default=None, help="dataset file/folder/name (default: "
                                                    "embedded multi-task data)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="optimizer steps (default: 300 datalora, 120 molora)")
     p.add_argument("--epochs", type=float, default=None,
                    help="datalora: train this many epochs instead of --steps, one curriculum "
                         "phase per third")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 8 datalora, 16 molora")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help="default: 8 datalora, 16 molora")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-2 datalora, 5e-3 molora")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--experts", type=_int_at_least(1), default=8)
+    p.add_argument("--rank", type=_int_at_least(1), default=8)
+    p.add_argument("--top-k", type=_int_at_least(1), default=2)
     p.add_argument("--retention", type=float, default=0.5,
                    help="datalora: target retention of the pruned layers")
-    p.add_argument("--limit", type=int, default=None, help="use the first N training rows")
-    p.add_argument("--eval-limit", type=int, default=200,
+    p.add_argument("--limit", type=_int_at_least(1), default=None,
+                   help="use the first N training rows")
+    p.add_argument("--eval-limit", type=_int_at_least(1), default=200,
                    help="datalora: eval rows for the final pruned / dense eval loss")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--seed", type=int, default=0)
@@ -269,10 +298,9 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     steps, batch_size, lr = (_setting(args, k) for k in ("steps", "batch_size", "lr"))
+    train_rows, eval_rows = _load_rows(args)  # before the model: a bad --dataset fails fast
     model, tokenizer = load_model_and_tokenizer(args.model)
     pristine = copy.deepcopy(model)
-    train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
-    eval_rows = load_instruction_dataset(args.dataset, split="eval")
     num_layers = getattr(model.config, "num_hidden_layers", 4)
     tiny = dict(DEFAULT_TINY_CONFIG)
     if args.model is not None:  # a real model: prune its second half (the config default)
@@ -352,10 +380,9 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     steps, batch_size, lr = (_setting(args, k) for k in ("steps", "batch_size", "lr"))
+    train_rows, eval_rows = _load_rows(args)  # before the model: a bad --dataset fails fast
     model, tokenizer = load_model_and_tokenizer(args.model)
     pristine = copy.deepcopy(model)
-    train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
-    eval_rows = load_instruction_dataset(args.dataset, split="eval")
     config = DATALORAConfig(base_model=args.model, num_lora_experts=args.experts,
                             lora_rank=args.rank, lora_alpha=2.0 * args.rank,
                             num_active_experts=args.top_k)

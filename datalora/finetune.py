@@ -83,6 +83,8 @@ def optimisation_steps(model: nn.Module, collate: Callable[[list], dict[str, tor
     """
     if steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters (attach adapters first)")

@@ -174,7 +174,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         bf16: bf16 frozen base weights with fp32 adapter / saliency weights (where the
             device supports bf16); the MoLoRA layers compute in the activations' dtype.
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
-        eval_dataset: rows or a source (``"embedded"``: the embedded eval split) on which
+        eval_dataset: rows or a source (``"embedded"``: the embedded eval split; a folder or
+            split-keyed file: its ``eval`` / ``validation`` / ``test`` split, see
+            :func:`~datalora.data.load_eval_rows`), read before training, on which
             the final eval loss is measured with pruning (``metrics["eval_loss_pruned"]``,
             calibrated threshold) and dense (``metrics["eval_loss_dense"]``).
         trainer_args: more ``transformers.TrainingArguments`` fields (e.g. ``fsdp``,
@@ -186,7 +188,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     """
     from transformers import TrainingArguments
 
-    from datalora.data import TASKS, CausalLMCollator, load_instruction_dataset
+    from datalora.data import TASKS, CausalLMCollator, load_eval_rows, load_instruction_dataset
     from datalora.model import get_datalora_model
     from datalora.trainer import DATALORATrainer
 
@@ -212,6 +214,12 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
+    eval_rows = None
+    if eval_dataset is not None:  # read before training: a bad path fails now, not hours later
+        eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
+                     load_eval_rows(eval_dataset, limit=eval_limit))
+        if not eval_rows:
+            raise ValueError(f"eval_dataset: no rows (eval_limit={eval_limit!r})")
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:
         from datalora.testing import load_model_and_tokenizer
@@ -253,9 +261,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     trainer.save_model(str(output_dir))
     history = trainer.datalora_history
     metrics = dict(output.metrics)
-    if eval_dataset is not None:
-        eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
-                     load_instruction_dataset(eval_dataset, "eval", limit=eval_limit))
+    if eval_rows is not None:
         metrics["eval_loss_pruned"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length)
         metrics["eval_loss_dense"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length,
                                                    retention=1.0)

@@ -327,13 +327,21 @@ class DATALORATrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any):
-        """``Trainer.train``, then calibrates the keep threshold.
+        """``Trainer.train``, then sets the final curriculum state (``temperature_final``,
+        ``target_retention``, hard routing) and calibrates the keep threshold.
 
         The curriculum state is read from ``resume_from_checkpoint`` here, not where the
         weights are loaded: DeepSpeed resumes without ``_load_from_checkpoint``.
         """
         self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # the callback applies a step's state when the step begins, so the model would be
+        # left in the state of the last step's start (sparsification for runs of 1-2 steps
+        # or a split without hardening); leave it in the final inference state instead,
+        # the one a reloaded adapter gets (DATALORAModel.__init__)
+        cfg = self.datalora_model.datalora_config
+        self.datalora_model.set_curriculum_state(cfg.temperature_final, cfg.target_retention,
+                                                 True)
         if self.calibrate_batches > 0:
             self.calibrate_keep_threshold()
         return output

@@ -1,0 +1,191 @@
+"""User flows outside the kernels: the final curriculum state after a short run, eval
+splits of dataset folders and split-keyed files, reading eval data before training,
+truncation that keeps the question, CLI errors, flag checks, JSONL edge cases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datalora.data import IGNORE_INDEX, load_instruction_dataset, tokenize_example, write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _row(i):
+    return {"system_prompt": "", "question": f"What is {i} + 1?", "response": str(i + 1)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from datalora.testing import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def datasetdict_dir(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "dd"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([_row(i) for i in range(16)]),
+        "validation": datasets.Dataset.from_list([_row(i) for i in range(50, 54)]),
+    }).save_to_disk(str(path))
+    return path
+
+
+# F1 --------------------------------------------------------------------------------------
+
+def test_trainer_leaves_the_final_curriculum_state_so_reload_is_identical(tmp_path):
+    """A 2-step run ends mid-sparsification: the returned model must be in the state a
+    reloaded adapter gets (tau_final, target retention, hard), or their logits differ."""
+    from datalora.model import DATALORAModel
+    from datalora.testing import load_model_and_tokenizer
+    from datalora.train import train_datalora
+
+    rows = load_instruction_dataset(limit=16)
+    res = train_datalora(None, dataset=rows, output_dir=tmp_path, max_steps=2, batch_size=4,
+                         curriculum_mode="steps", progress=False, logging_steps=1)
+    assert res.model.curriculum_state() == {"tau": 0.5, "retention": 0.5, "hard": True}
+    base, tok = load_model_and_tokenizer()
+    reloaded = DATALORAModel.from_pretrained(base, tmp_path)
+    probe = tok([r["question"] for r in rows[:4]], return_tensors="pt", padding=True)
+    res.model.eval()
+    with torch.no_grad():
+        assert torch.equal(res.model(**probe).logits, reloaded(**probe).logits)
+
+
+def test_demo_with_two_steps_passes_its_reload_check(tmp_path):
+    from datalora.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--steps", "2", "--batch-size", "4", "--limit",
+                                      "16", "--eval-limit", "8", "--no-progress", "--no-plot",
+                                      "--output-dir", str(tmp_path)])
+    assert args.func(args)["reload_identical"]  # raised RuntimeError before
+
+
+# F2 --------------------------------------------------------------------------------------
+
+def test_demo_reads_the_validation_split_of_a_datasets_folder(tmp_path, datasetdict_dir):
+    from datalora.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--method", "molora", "--dataset",
+                                      str(datasetdict_dir), "--steps", "2", "--batch-size",
+                                      "4", "--no-progress", "--no-plot", "--output-dir",
+                                      str(tmp_path / "out")])
+    summary = args.func(args)  # ValueError: split 'eval' not in the dataset, before
+    assert [q["question"] for q in summary["questions"]] == ["What is 50 + 1?"]
+
+
+def test_eval_rows_of_a_split_keyed_json(tmp_path):
+    from datalora.data import load_eval_rows
+
+    for n_val in (2, 4):  # different / equal lengths: both were misread as columns
+        path = tmp_path / f"s{n_val}.json"
+        path.write_text(json.dumps({"train": [_row(i) for i in range(4)],
+                                    "validation": [_row(i) for i in range(10, 10 + n_val)]}))
+        assert [r["question"] for r in load_eval_rows(path)] == [
+            _row(i)["question"] for i in range(10, 10 + n_val)]
+        assert len(load_instruction_dataset(path)) == 4
+
+
+def test_a_split_keyed_json_without_the_split_names_the_split(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"train": [_row(i) for i in range(4)],
+                                "validation": [_row(i) for i in range(10, 14)]}))
+    with pytest.raises(ValueError, match=r"split: 'eval' not in .*\['train', 'validation'\]"):
+        load_instruction_dataset(path, split="eval")
+
+
+# F3 --------------------------------------------------------------------------------------
+
+def test_train_reads_eval_dataset_before_training(tmp_path, monkeypatch):
+    from datalora import train as train_mod
+    from datalora.trainer import DATALORATrainer
+
+    def no_training(self, *a, **k):
+        raise AssertionError("trained before checking --eval-dataset")
+
+    monkeypatch.setattr(DATALORATrainer, "train", no_training)
+    with pytest.raises(FileNotFoundError, match="typo.jsonl"):
+        train_mod.train_datalora(None, dataset=load_instruction_dataset(limit=8),
+                                 eval_dataset=str(tmp_path / "typo.jsonl"),
+                                 output_dir=tmp_path / "o", max_steps=2, progress=False)
+
+
+# F4 --------------------------------------------------------------------------------------
+
+def test_demo_says_when_eval_rows_are_training_rows(tmp_path, capsys):
+    from datalora import demo
+
+    write_jsonl([_row(i) for i in range(6)], tmp_path / "d.jsonl")
+    args = argparse.Namespace(dataset=str(tmp_path / "d.jsonl"), limit=4)
+    train_rows, eval_rows = demo._load_rows(args)
+    assert len(train_rows) == 4 and len(eval_rows) == 6
+    assert "4 of the 6 eval rows are training rows" in capsys.readouterr().out
+
+
+# F5 --------------------------------------------------------------------------------------
+
+def test_long_response_does_not_erase_the_question(tokenizer):
+    row = {"system_prompt": "", "question": "Sort in ascending order: 5, 3, 9",
+           "response": "The numbers sorted in ascending order are 3, 5 and 9. " * 6}
+    out = tokenize_example(row, tokenizer, 96)
+    assert len(out["input_ids"]) == 96
+    prompt = [i for i, lab in zip(out["input_ids"], out["labels"], strict=True)
+              if lab == IGNORE_INDEX]
+    text = tokenizer.decode(prompt, skip_special_tokens=True)
+    assert "5, 3, 9" in text and text.endswith("### Answer:\n")
+
+
+def test_max_length_2_keeps_a_supervised_token(tokenizer):
+    row = {"system_prompt": "", "question": "What is 2 + 2?", "response": "4"}
+    out = tokenize_example(row, tokenizer, 2)  # accepted by the validator (>= 2)
+    assert len(out["input_ids"]) == 2
+    assert sum(lab != IGNORE_INDEX for lab in out["labels"]) == 1  # was 0: loss NaN
+
+
+# F6 --------------------------------------------------------------------------------------
+
+def test_cli_user_errors_exit_2_without_traceback():
+    p = subprocess.run([sys.executable, "-m", "datalora", "demo", "--dataset", "nope.jsonl"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 2, p.stderr[-500:]
+    assert "Traceback" not in p.stderr and "no such file or folder: nope.jsonl" in p.stderr
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--eval-limit", "--limit"])
+def test_demo_count_flags_are_checked_by_argparse(flag, capsys):
+    from datalora.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["demo", flag, "0"])
+    assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_finetune_rejects_batch_size_0(tokenizer):
+    from datalora.finetune import finetune
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        finetune(model, tokenizer, load_instruction_dataset(limit=4), steps=1, batch_size=0,
+                 progress=False)
+
+
+# F7 --------------------------------------------------------------------------------------
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.jsonl").write_text(json.dumps(_row(1)) + "\n", encoding="utf-8-sig")
+    assert load_instruction_dataset(tmp_path / "bom.jsonl")[0]["question"] == "What is 1 + 1?"
+
+
+def test_write_jsonl_removes_its_temp_file_on_failure(tmp_path):
+    with pytest.raises(TypeError):
+        write_jsonl([_row(1), {"x": object()}], tmp_path / "out.jsonl")
+    assert list(tmp_path.iterdir()) == []
