@@ -190,6 +190,11 @@ class NF4Tensor:
             raise ValueError(f"param: expected quant_type 'nf4', got {state.quant_type!r}")
         if data.dtype != torch.uint8:
             raise ValueError(f"param: expected uint8 quant_storage, got {data.dtype}")
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes >= 0.49 repacks a Linear4bit's weight in place on its first CPU
+            # inference forward (AVX512-BF16): nibbles tiled 32 rows at a time, absmax
+            # bf16 [K / blocksize, N], double quant dropped. Undo the tiling (a copy).
+            return cls._from_cpu_packed(data, state)
         kwargs = {}
         if state.nested:
             s2 = state.state2
@@ -201,6 +206,20 @@ class NF4Tensor:
         return cls(data=torch.Tensor(data) if type(data) is not torch.Tensor else data,
                    absmax=state.absmax, shape=state.shape, dtype=state.dtype,
                    blocksize=state.blocksize, **kwargs)
+
+    @classmethod
+    def _from_cpu_packed(cls, data: torch.Tensor, state) -> NF4Tensor:
+        """The bitsandbytes layout of a weight in bnb's CPU packed format
+        (``bitsandbytes.functional._convert_weight_packed_for_cpu``)."""
+        n, k_half = data.shape
+        packed = data.reshape(-1, 32)
+        q = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # 32 low nibbles, then 32 high
+        q = q.reshape(n // 32, k_half, 32, 2).transpose(1, 2).reshape(-1)  # row-major codes
+        flat = ((q[0::2] << 4) | q[1::2]).to(torch.uint8).unsqueeze(1)
+        absmax = state.absmax.T.reshape(-1).float()
+        dtype = getattr(state, "original_dtype", state.dtype)
+        return cls(data=flat, absmax=absmax, shape=state.shape, dtype=dtype,
+                   blocksize=state.blocksize)
 
     def quant_state(self):
         """A ``bitsandbytes.functional.QuantState`` over the same tensors."""

@@ -142,6 +142,8 @@ class NF4Linear(nn.Module):
             moved = self._buffers[name]
             if moved.dtype != scale.dtype:
                 self._buffers[name] = scale.to(moved.device)
+        if len(probes) == 1 and (dtype := next(iter(probes))) not in nf4.FLOAT_DTYPES:
+            probes = set()  # e.g. model.double(): NF4 computes in fp32/fp16/bf16 only; keep it
         if len(probes) == 1:  # both probes came back in one dtype: fn casts floats to it
             shape, _, blocksize = self._meta
             self._meta = (shape, probes.pop(), blocksize)

@@ -398,3 +398,61 @@ def test_get_datalora_model_on_bnb_nf4_quantized_model():
     out.loss.backward()
     assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0 for m in layers)
     assert all(not p.requires_grad for m in layers for p in m.base_layer.parameters())
+
+
+def _has_avx512bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+needs_bnb_cpu_repack = pytest.mark.skipif(
+    not _has_avx512bf16(), reason="bnb repacks CPU 4-bit weights only with AVX512-BF16")
+
+
+def _bnb_cpu_layer(dq, bias=True):
+    torch.manual_seed(0)
+    return bnb.nn.Linear4bit(64, 96, bias=bias, compute_dtype=torch.float32,
+                             compress_statistics=dq, quant_type="nf4").to("cpu").eval()
+
+
+@needs_bnb_cpu_repack
+@pytest.mark.parametrize("dq", [False, True])
+def test_from_bnb_after_cpu_inference_forward(dq):
+    """bitsandbytes >= 0.49 repacks a Linear4bit weight in place on its first CPU inference
+    forward (AVX512-BF16): from_bnb undoes the tiling instead of misreading it."""
+    lin = _bnb_cpu_layer(dq)
+    before = nf4_weight(lin)
+    ref = before.dequantize(torch.float32).clone()
+    with torch.no_grad():
+        lin(torch.randn(2, 64))  # bnb repacks the weight in place here
+    assert getattr(lin.weight.quant_state, "packing_format_for_cpu", False)
+    t = nf4_weight(lin)
+    assert t.shape == before.shape and t.dtype == before.dtype
+    # the nibbles survive; bnb rounded absmax to bf16 (and dropped double quant)
+    if not dq:  # the nibbles survive (bnb re-tiles them, we undo it)
+        assert torch.equal(t.data, before.data.reshape(-1, 1))
+    torch.testing.assert_close(t.dequantize(torch.float32), ref, rtol=1e-2, atol=1e-2)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(NF4Linear.from_bnb(lin)(x), lin(x), rtol=1e-2, atol=1e-2)
+
+
+@needs_bnb_cpu_repack
+@pytest.mark.parametrize("dq", [False, True])
+def test_molora_over_bnb_base_eval_second_call(dq):
+    m = MoLoRALinear(_bnb_cpu_layer(dq), num_experts=4, rank=4).eval()
+    x = torch.randn(2, 64)
+    y1 = m(x)  # LoRA params require grad -> base(x) path -> bnb repacks
+    y2 = m(x)  # used to raise "absmax: expected float32, got torch.bfloat16"
+    torch.testing.assert_close(y2, y1, rtol=1e-2, atol=1e-2)
+
+
+def test_double_cast_keeps_nf4linear_usable():
+    m = NF4Linear.from_linear(torch.nn.Linear(64, 32), 64)
+    m.double()
+    assert m.compute_dtype in nf4.FLOAT_DTYPES
+    assert m.weight.dtype == torch.float32  # raised: dtype ... got torch.float64
+    assert m.dequantize().dtype == torch.float32
