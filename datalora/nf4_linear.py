@@ -142,11 +142,12 @@ class NF4Linear(nn.Module):
             moved = self._buffers[name]
             if moved.dtype != scale.dtype:
                 self._buffers[name] = scale.to(moved.device)
-        if len(probes) == 1 and (dtype := next(iter(probes))) not in nf4.FLOAT_DTYPES:
-            probes = set()  # e.g. model.double(): NF4 computes in fp32/fp16/bf16 only; keep it
-        if len(probes) == 1:  # both probes came back in one dtype: fn casts floats to it
+        # both probes came back in one dtype: fn casts floats to it; NF4 computes in
+        # fp32 / fp16 / bf16 only, so a cast to another (model.double()) keeps the dtype
+        cast_to = probes.pop() if len(probes) == 1 else None
+        if cast_to in nf4.FLOAT_DTYPES:
             shape, _, blocksize = self._meta
-            self._meta = (shape, probes.pop(), blocksize)
+            self._meta = (shape, cast_to, blocksize)
         return self
 
     def get_extra_state(self):
