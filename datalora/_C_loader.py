@@ -114,9 +114,9 @@ def _dequantize(t, dtype: torch.dtype, device_call: bool) -> torch.Tensor:
         raise ValueError(f"dtype: expected one of {tuple(_DTYPE_CODE)}, got {dtype}")
     t = _contig(t)
     _check_fields(t, t.device)
-    if t.numel == 0:
-        return torch.empty(t.shape, dtype=dtype, device=t.device)
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    if t.numel == 0:  # nothing to launch
+        return out
     args = dict(data=_ptr(t.data), out=_ptr(out), n=t.numel, blocksize=t.blocksize,
                 dtype=_DTYPE_CODE[dtype], **_scales(t))
     if device_call:
