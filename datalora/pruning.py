@@ -32,6 +32,7 @@ and the saliency network's running context follow the cache's ``reorder_cache``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterator
@@ -182,6 +183,11 @@ def _follow_cache_reorder(cache: Any) -> None:
     cache._datalora_follows_reorder = True
 
 
+_TAKES_POSITIONS: dict[type, bool] = {}
+"""Per cache class: whether its ``get_mask_sizes`` takes ``cache_position`` (transformers
+< 5.2x) rather than ``query_length`` (read from the signature once, not every decode step)."""
+
+
 def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
                 device: torch.device) -> tuple[int, int]:
     """``(kv_length, kv_offset)`` of the keys layer ``layer_idx`` attends to this step
@@ -189,9 +195,11 @@ def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
     fn = getattr(cache, "get_mask_sizes", None)
     if fn is None:
         return total, 0
-    import inspect
-    first = next(iter(inspect.signature(fn).parameters))
-    if first == "cache_position":  # transformers < 5.2x
+    takes_positions = _TAKES_POSITIONS.get(type(cache))
+    if takes_positions is None:
+        first = next(iter(inspect.signature(fn).parameters))
+        takes_positions = _TAKES_POSITIONS[type(cache)] = first == "cache_position"
+    if takes_positions:
         start = total - query_length
         return fn(torch.arange(start, total, device=device), layer_idx)
     return fn(query_length, layer_idx)

@@ -127,3 +127,31 @@ def test_threshold_calibrated_for_another_retention_warns():
         warnings.simplefilter("error")
         model(input_ids=_ids(2, 10))
     assert abs(model.runtime.last.actual_retention() - 0.2) < 0.15
+
+
+def test_mask_sizes_reads_each_cache_class_signature_once(monkeypatch):
+    """``get_mask_sizes(cache_position, layer_idx)`` (older transformers) gets the positions
+    of this step, ``get_mask_sizes(query_length, layer_idx)`` the length; the signature is
+    inspected once per cache class, not on every decode step."""
+    import inspect
+
+    from datalora import pruning
+
+    class PositionsCache:
+        def get_mask_sizes(self, cache_position, layer_idx):
+            return int(cache_position[-1]) + 1, int(cache_position[0])
+
+    class LengthCache:
+        def get_mask_sizes(self, query_length, layer_idx):
+            return 100 + query_length, layer_idx
+
+    calls = []
+    real_signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda fn: calls.append(fn) or real_signature(fn))
+    monkeypatch.setattr(pruning, "_TAKES_POSITIONS", {})
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        assert pruning._mask_sizes(PositionsCache(), 2, 0, 7, cpu) == (7, 5)
+        assert pruning._mask_sizes(LengthCache(), 2, 3, 7, cpu) == (102, 3)
+    assert pruning._mask_sizes(object(), 2, 0, 7, cpu) == (7, 0)
+    assert len(calls) == 2
