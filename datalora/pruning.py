@@ -266,6 +266,32 @@ class ForwardRecord:
         return float(self.kept[self.valid].float().mean()) if self.valid.any() else 1.0
 
 
+_WINDOWED = ("sliding_attention",)
+
+
+def layer_window(config: Any, layer_idx: int) -> int | None:
+    """The sliding window of decoder layer ``layer_idx`` (None: full causal attention).
+
+    ``config.layer_types`` (Qwen2, Gemma 2/3, gpt-oss, ...) names each layer's attention:
+    ``"sliding_attention"`` layers see the last ``config.sliding_window`` keys,
+    ``"full_attention"`` layers all of them. Without ``layer_types`` (Mistral) every layer
+    uses ``config.sliding_window`` when it is set. Other kinds (chunked, linear attention)
+    are refused: the pruning masks cannot reproduce them.
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return window
+    kind = types[layer_idx]
+    if kind == "full_attention":
+        return None
+    if kind in _WINDOWED:
+        return window
+    raise ValueError(f"prune_layers: decoder layer {layer_idx} uses {kind!r} attention; token "
+                     f"pruning supports 'full_attention' and 'sliding_attention' layers only "
+                     f"(choose a prune range without it)")
+
+
 @dataclass
 class _Context:
     attention_mask: torch.Tensor | None
@@ -278,6 +304,8 @@ class _Context:
     keep_q: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # attention mask per window of the pruned layers (None: full attention)
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
 
 class DATALORARuntime:
@@ -310,8 +338,10 @@ class DATALORARuntime:
         self.calibrated_retention: float | None = None
         self._warned_stale = False
         config = getattr(model, "config", None)
-        self.sliding_window = getattr(config, "sliding_window", None)
+        # sliding window of each pruned layer (None: full attention); its mask is built per window
+        self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+        self._layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._handles = self._install()
 
     # ------------------------------------------------------------------ state
@@ -469,7 +499,8 @@ class DATALORARuntime:
                     kwargs = {**kwargs, "hidden_states": hidden}
         if ctx.mode == "dense":
             return None
-        return args, {**kwargs, **ctx.layer_kwargs}
+        window = self.windows[self._layer_index[id(layer)]]
+        return args, {**kwargs, **ctx.layer_kwargs, "attention_mask": ctx.masks[window]}
 
     def _start_range(self, ctx: _Context, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -482,6 +513,13 @@ class DATALORARuntime:
             self._start_packed(ctx, hidden, kwargs, record)
         else:
             self._start_masked(ctx, hidden, kwargs, record)
+
+    def _range_windows(self) -> dict[int | None, int]:
+        """``{window: first pruned layer with it}`` over the pruned layers (None: full)."""
+        first: dict[int | None, int] = {}
+        for i in range(self.start, self.end):
+            first.setdefault(self.windows[i], i)
+        return first
 
     def _mask_as_bool(self, kwargs) -> bool:
         original = kwargs.get("attention_mask")
@@ -511,9 +549,10 @@ class DATALORARuntime:
         emb = kwargs.get("position_embeddings")
         if emb is not None:
             new_kwargs["position_embeddings"] = tuple(_gather_rows(t, idx) for t in emb)
-        new_kwargs["attention_mask"] = packed_attention_mask(
-            sel.valid, idx, idx, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
-            sliding_window=self.sliding_window)
+        as_bool = self._mask_as_bool(kwargs)
+        ctx.masks = {window: packed_attention_mask(sel.valid, idx, idx, hidden.dtype,
+                                                   as_bool=as_bool, sliding_window=window)
+                     for window in self._range_windows()}
         ctx.layer_kwargs = new_kwargs
         ctx.routing = gather_routing(record.routing, idx, seq_len)
         record.kept = sel.keep_mask(seq_len) & record.valid
@@ -560,19 +599,23 @@ class DATALORARuntime:
         total = keep_all.shape[1]
         if ctx.attention_mask is not None:
             keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
-        kv_length, kv_offset = (total, 0) if cache is None else _mask_sizes(
-            cache, seq_len, self.start, total, hidden.device)
-        key_index = torch.arange(kv_offset, kv_offset + kv_length,
-                                 device=hidden.device).expand(bsz, -1)
-        # keys the cache holds: the last window (sliding) or fixed slots (static, unused ones
-        # hidden: index >= total fails kj <= qi and is not kept)
-        filled = max(min(total, kv_offset + kv_length) - kv_offset, 0)
-        key_ok = torch.zeros(bsz, kv_length, dtype=torch.bool, device=hidden.device)
-        key_ok[:, :filled] = keep_all[:, kv_offset:kv_offset + filled]
         query_index = torch.arange(total - seq_len, total, device=hidden.device).expand(bsz, -1)
-        ctx.layer_kwargs = {"attention_mask": packed_attention_mask(
-            key_ok, query_index, key_index, hidden.dtype, as_bool=self._mask_as_bool(kwargs),
-            sliding_window=self.sliding_window)}
+        as_bool = self._mask_as_bool(kwargs)
+        ctx.masks = {}
+        for window, layer_idx in self._range_windows().items():
+            kv_length, kv_offset = (total, 0) if cache is None else _mask_sizes(
+                cache, seq_len, layer_idx, total, hidden.device)
+            key_index = torch.arange(kv_offset, kv_offset + kv_length,
+                                     device=hidden.device).expand(bsz, -1)
+            # keys the cache layer holds: the last window (sliding) or fixed slots (static,
+            # unused ones hidden: index >= total fails kj <= qi and is not kept)
+            filled = max(min(total, kv_offset + kv_length) - kv_offset, 0)
+            key_ok = torch.zeros(bsz, kv_length, dtype=torch.bool, device=hidden.device)
+            key_ok[:, :filled] = keep_all[:, kv_offset:kv_offset + filled]
+            ctx.masks[window] = packed_attention_mask(key_ok, query_index, key_index,
+                                                      hidden.dtype, as_bool=as_bool,
+                                                      sliding_window=window)
+        ctx.layer_kwargs = {}
         ctx.keep_q = keep_new
         record.kept = keep_new
         record.mode = ctx.mode = "masked"
@@ -588,7 +631,7 @@ class DATALORARuntime:
         else:
             full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)
         ctx.mode = "dense"
-        ctx.layer_kwargs = {}
+        ctx.layer_kwargs, ctx.masks = {}, {}
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ threshold

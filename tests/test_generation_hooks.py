@@ -155,3 +155,64 @@ def test_mask_sizes_reads_each_cache_class_signature_once(monkeypatch):
         assert pruning._mask_sizes(LengthCache(), 2, 3, 7, cpu) == (102, 3)
     assert pruning._mask_sizes(object(), 2, 0, 7, cpu) == (7, 0)
     assert len(calls) == 2
+
+
+def _mixed_attention_model(types, window=4, prune_layers=(1, 4)):
+    """A Qwen2 model whose layers mix full and sliding-window attention (``layer_types``)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=len(types), num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128,
+                      use_sliding_window=True, sliding_window=window, layer_types=list(types),
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,
+                            routing="shared", prune_layers=list(prune_layers))
+    model = get_datalora_model(Qwen2ForCausalLM(cfg).eval(), config, verbose=False)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for _, layer in model.molora_layers():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+        for head in (model.saliency.score_head, model.saliency.router_head):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+    return model.eval()
+
+
+def test_pruned_range_mixing_full_and_sliding_layers_gets_a_mask_per_layer_type():
+    """Past the window, full-attention layers see every key and sliding ones the last
+    window: with every token kept, the packed path (no cache) and the cached path (step by
+    step) both equal the unpruned model, whose masks HF builds per layer type."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _mixed_attention_model(("full_attention", "sliding_attention", "full_attention",
+                                    "sliding_attention"))
+    ids = _ids(2, 13, seed=5)
+    with torch.no_grad():
+        model.set_curriculum_state(retention=1.0)
+        dense = model(input_ids=ids).logits
+        model.set_curriculum_state(retention=0.9999)  # ceil(0.9999 * 13) = 13: all kept
+        packed = model(input_ids=ids).logits
+        assert model.runtime.last.mode == "packed"
+        torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
+        model.set_curriculum_state(retention=1.0)
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, :9], use_cache=True, **cache_kwargs(model, cache)).logits]
+        for t in range(9, 13):
+            steps.append(model(input_ids=ids[:, t:t + 1], use_cache=True,
+                               **cache_kwargs(model, cache)).logits)
+        assert model.runtime.last.mode == "masked"
+    torch.testing.assert_close(torch.cat(steps, 1), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_prune_range_over_an_unsupported_attention_kind_is_refused():
+    from datalora.pruning import layer_window
+
+    class Config:
+        sliding_window = 8
+        layer_types = ["chunked_attention", "full_attention", "sliding_attention"]
+
+    assert layer_window(Config, 1) is None and layer_window(Config, 2) == 8
+    with pytest.raises(ValueError, match="prune_layers: decoder layer 0 uses 'chunked_attention'"):
+        layer_window(Config, 0)
