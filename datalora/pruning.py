@@ -32,6 +32,7 @@ and the saliency network's running context follow the cache's ``reorder_cache``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -341,7 +342,6 @@ class DATALORARuntime:
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
-        self._layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
         self._handles = self._install()
 
     # ------------------------------------------------------------------ state
@@ -397,8 +397,8 @@ class DATALORARuntime:
                    self.layers[0].register_forward_pre_hook(self._run_saliency,
                                                             with_kwargs=True)]
         for i in range(self.start, self.end):
-            handles.append(self.layers[i].register_forward_pre_hook(self._enter_layer,
-                                                                    with_kwargs=True))
+            handles.append(self.layers[i].register_forward_pre_hook(
+                functools.partial(self._enter_layer, i), with_kwargs=True))
         handles.append(self.layers[self.end - 1].register_forward_hook(self._leave_range))
         for module in self.model.modules():
             if isinstance(module, MoLoRALinear):
@@ -485,11 +485,11 @@ class DATALORARuntime:
                              f"adapted layers inside the decoder only")
         return args, {**kwargs, "routing": ctx.routing}
 
-    def _enter_layer(self, layer, args, kwargs):
+    def _enter_layer(self, layer_idx, layer, args, kwargs):
         ctx = self._ctx
         if ctx is None or ctx.record is None:
             return None
-        if layer is self.layers[self.start]:
+        if layer_idx == self.start:
             self._start_range(ctx, args, kwargs)
             if ctx.mode == "packed":
                 hidden = ops.gather_tokens(ctx.hidden_in, ctx.selection.keep_idx)
@@ -499,7 +499,7 @@ class DATALORARuntime:
                     kwargs = {**kwargs, "hidden_states": hidden}
         if ctx.mode == "dense":
             return None
-        window = self.windows[self._layer_index[id(layer)]]
+        window = self.windows[layer_idx]
         return args, {**kwargs, **ctx.layer_kwargs, "attention_mask": ctx.masks[window]}
 
     def _start_range(self, ctx: _Context, args, kwargs) -> None:

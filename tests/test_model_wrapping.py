@@ -58,6 +58,26 @@ def test_deepcopy_after_training_forward():
             assert torch.equal(w2(ids).logits, w(ids).logits)
 
 
+def test_pickled_model_prunes_like_the_original():
+    """``torch.save`` of the whole model: the copy's hooks address its own layers."""
+    import io
+
+    w = get_datalora_model(_llama(), _cfg(routing="shared", prune_layers=[1, 2]), verbose=False)
+    w.set_curriculum_state(retention=0.5)
+    ids = torch.randint(2, 128, (2, 7))
+    buffer = io.BytesIO()
+    torch.save(w, buffer)
+    buffer.seek(0)
+    w2 = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = w(ids).logits
+        torch.manual_seed(0)
+        got = w2(ids).logits
+    assert w2.runtime.last.mode == "packed"
+    assert torch.equal(got, expected)
+
+
 # F3 -------------------------------------------------------------------------------------
 def test_wrapper_follows_base_mode(tmp_path):
     ids = torch.randint(2, 128, (2, 7))
