@@ -180,7 +180,7 @@ def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Calla
             lambda be=be: ops.molora_linear(x, W, b, A, B, ids, gates, None, s, backend=be))
         methods[f"molora_delta[{be}]"] = (
             lambda be=be: ops.molora_delta(x, A, B, ids, gates, None, s, backend=be))
-    if x.device.type == "cuda" and "triton" in backends:
+    if x.device.type == "cuda" and "triton" in backends and fused_applies(case):
         methods[FUSED_METHOD] = with_env(
             FUSED_ENV, lambda: ops.molora_linear(x, W, b, A, B, ids, gates, None, s,
                                                  backend="triton"))
@@ -191,6 +191,14 @@ def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Calla
         names = PeftMixedBatch.names(ids)
         methods["peft_mixed"] = lambda: peft(x, names)
     return methods
+
+
+def fused_applies(case: Case) -> bool:
+    """Whether ``DATALORA_FUSED_LINEAR=1`` runs the fused kernel for this case: it fuses the
+    dense strategy only (grouped shapes keep cuBLAS + expand, which ``[triton]`` times)."""
+    from datalora.ops.triton_backend import choose_strategy
+
+    return choose_strategy(case.E, case.r, case.k) == "dense"
 
 
 def with_env(env: dict[str, str], fn: Callable) -> Callable:
@@ -233,14 +241,23 @@ def paired_ratio(times: list[float], base: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
+# do_bench's warm-up and timed windows (its defaults, 25 / 100 ms, give the ~600 timings of
+# the gpu preset a 75 s floor; a device lease is 15 minutes)
+DO_BENCH_WARMUP_MS = 10
+DO_BENCH_REP_MS = 50
+
+
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
     """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``."""
     from triton.testing import do_bench
 
     out = {}
     for name, fn in steps.items():
-        med, q20, q80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
+        med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS,
+                                 quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
         torch.cuda.synchronize()
+        for t in grad_leaves:  # the last timed call's gradients are not part of the baseline
+            t.grad = None
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
@@ -451,7 +468,9 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     cases = [c for c in preset["cases"] if only is None or only in c.id]
     if not cases:
         raise ValueError(f"only: no case id of preset {preset_name!r} contains {only!r}")
-    for case in cases:
+    path = out_dir / f"molora_{preset_name}.json"
+    meta["complete"] = False
+    for i, case in enumerate(cases):
         load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
         t0 = time.perf_counter()
         case_rows = run_case(case, preset, device, backends)
@@ -459,8 +478,10 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
             row["load_1m"] = load
         rows += case_rows
         log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
+        if i + 1 < len(cases):  # partial results survive a run that is cut short
+            write_result(path, SCHEMA, meta, rows, check_targets(rows, preset_name, backends))
     targets = check_targets(rows, preset_name, backends)
-    path = out_dir / f"molora_{preset_name}.json"
+    meta["complete"] = True
     result = write_result(path, SCHEMA, meta, rows, targets)
     log(format_targets(targets))
     log(f"wrote {path}")

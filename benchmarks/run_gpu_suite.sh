@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Every GPU part of the test + benchmark suite, in one command; everything lands in one folder.
 #   benchmarks/run_gpu_suite.sh [OUT_DIR]     (default: benchmarks/results/gpu_<date>)
-# Steps (each logged to OUT_DIR/<step>.log; a failed step does not stop the others):
+# Steps, in this order (each logged to OUT_DIR/<step>.log and stopped after its own time
+# limit, LIMIT_<step> seconds; a failed or stopped step does not stop the others):
 #   env          nvidia-smi, torch / triton / CUDA versions, device, git commit
 #   extension    datalora._C (the CUDA extension) loads and sees the device
+#   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
+#   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor;
+#                the JSON is rewritten after every case, so a stopped run keeps its rows)
+#   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
 #   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
 #                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial)
-#   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
-#   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor)
-#   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
-#   pruning      benchmarks.bench_pruning --no-bound (when benchmarks/bench_pruning.py exists)
-#   tle          benchmarks.bench_tle (trains the 4 tiny task adapters first, cached in OUT)
+#   pruning      benchmarks.bench_pruning --no-bound
+#   tle          benchmarks.bench_tle (pretrains the tiny base and trains the 4 task
+#                adapters first: minutes of CPU on a fresh machine)
 #   pytest_bench pytest-benchmark view of the MoLoRA comparison (JSON)
-# then summary.txt: per-step status, the issues' targets and the roofline fractions.
+# summary.txt: per-step status, then the issues' targets and the roofline fractions
+# (targets.txt: rewritten after molora, after nf4 and at the end, also when the suite itself
+# gets SIGTERM, e.g. from an outer `timeout`).
 # Exit status: nonzero when any step failed (a target marked FAIL is a result, not a
 # failure: see summary.txt). Needs a CUDA GPU; SKIP_STEPS="tle pruning" skips steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python
+command -v "$PY" > /dev/null 2>&1 || PY=python3
 OUT=${1:-benchmarks/results/gpu_$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -26,6 +31,9 @@ unset TRITON_INTERPRET
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 failed=()
+# seconds per step (LIMIT_<step> overrides): the benchmarks first, as a lease is short
+declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [roofline]=30 [molora]=150 [nf4]=75
+                           [gpu_tests]=150 [pruning]=90 [tle]=300 [pytest_bench]=120)
 
 step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time
   local name=$1
@@ -34,9 +42,17 @@ step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records stat
     echo "== $name: skipped (SKIP_STEPS)" | tee -a "$SUMMARY"
     return 0
   fi
-  echo "== $name: $*" | tee -a "$SUMMARY"
+  local limit_var="LIMIT_$name"
+  local limit=${!limit_var:-${DEFAULT_LIMITS[$name]:-300}}
+  echo "== $name (limit ${limit} s): $*" | tee -a "$SUMMARY"
   local t0=$SECONDS rc=0
-  "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  # in the background + wait: a SIGTERM to the suite runs its trap at once (a foreground
+  # step would delay it); timeout leads its own process group, which the trap stops
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" > "$OUT/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID" || rc=$?
+  STEP_PID=
+  [ "$rc" -eq 124 ] && echo "   stopped after its ${limit} s limit" | tee -a "$SUMMARY"
   echo "   exit $rc after $((SECONDS - t0)) s (log: $name.log)" | tee -a "$SUMMARY"
   if [ "$rc" -ne 0 ]; then
     failed+=("$name")
@@ -56,6 +72,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
+export PY OUT
+export -f env_info
 step env env_info
 # without the CUDA extension the extension's gpu tests would skip, not fail: say so up front
 step extension "$PY" -c "from datalora import _C_loader as L; assert L.available(), repr(L.load_error()); print('datalora._C loaded,', L.load().device_count(), 'device(s)')"
@@ -66,24 +84,8 @@ if "$PY" -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; the
 else
   XDIST=(-p no:xdist)
 fi
-step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" -p no:cacheprovider \
-  --junitxml="$OUT/gpu_tests.xml"
-step roofline "$PY" -m benchmarks.roofline --out "$OUT"
-step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
-step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT"
-# --no-bound: the attainable-speedup rows build four more models per row (minutes at
-# hidden 2048), too long for a 15-minute device lease
-step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
-tle() {
-  "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
-    "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"
-}
-step tle tle
-step pytest_bench "$PY" -m pytest benchmarks -q -p no:xdist -p no:cacheprovider \
-  --benchmark-only --benchmark-json="$OUT/pytest_benchmark.json"
-
-# targets and roofline fractions of the main shapes, from the JSON files
-"$PY" - "$OUT" >> "$SUMMARY" 2>&1 <<'EOF' || true
+report() {  # targets and roofline fractions of the JSON files so far -> targets.txt
+  "$PY" - "$OUT" > "$OUT/targets.txt" 2>&1 <<'EOF' || true
 import json, pathlib, sys
 
 out = pathlib.Path(sys.argv[1])
@@ -113,6 +115,39 @@ if nf4.exists():
             print(f"  nf4 {r['group']:8s} {str(shape):20s} {r['method']:28s} {r['ms']:.4f} ms"
                   f"  {r['fraction_of_floor']:.0%} of floor")
 EOF
+}
+finish() {  # summary.txt = the step statuses, then targets.txt
+  report
+  cat "$OUT/targets.txt" >> "$SUMMARY"
+}
+on_term() {
+  [ -n "${STEP_PID:-}" ] && kill -TERM -- "-$STEP_PID" 2> /dev/null
+  echo "suite stopped (SIGTERM)" | tee -a "$SUMMARY"
+  finish
+  exit 143
+}
+STEP_PID=
+trap on_term TERM
+
+step roofline "$PY" -m benchmarks.roofline --out "$OUT"
+step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
+report
+step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT"
+report
+step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests.xml"
+# --no-bound: the attainable-speedup rows build four more models per row (minutes at
+# hidden 2048), too long for a 15-minute device lease
+step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
+tle() {
+  "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
+    "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"
+}
+export -f tle
+step tle tle
+step pytest_bench "$PY" -m pytest benchmarks -q -p no:xdist -p no:cacheprovider \
+  --benchmark-only --benchmark-json="$OUT/pytest_benchmark.json"
+finish
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED steps: ${failed[*]}" | tee -a "$SUMMARY"

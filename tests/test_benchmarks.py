@@ -52,8 +52,39 @@ def test_smoke_preset_writes_json_and_plot(tmp_path):
     assert all(r["ratio_vs_linear"] == 1.0 and r["paired_ratio_vs_linear"] == 1.0
                for r in linear)
     assert data["targets"] == []  # the smoke shapes carry no target
+    assert data["meta"]["complete"] is True
     png = tmp_path / "molora_smoke.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_cut_short_keeps_the_finished_cases(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case (``complete`` False until the last), so a run
+    stopped by a time limit still leaves its rows."""
+    real = molora.run_case
+    done = []
+
+    def run_case(case, *args):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # as a time limit would stop the process
+        done.append(case.id)
+        return real(case, *args)
+
+    monkeypatch.setattr(molora, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        molora.run("smoke", tmp_path, device=torch.device("cpu"), plot=False,
+                   log=lambda *_: None)
+    data = json.loads((tmp_path / "molora_smoke.json").read_text())
+    assert data["meta"]["complete"] is False
+    assert {r["case"] for r in data["results"]} == set(done)
+
+
+def test_fused_rows_only_where_the_fused_kernel_runs():
+    """``DATALORA_FUSED_LINEAR=1`` fuses the dense strategy only: grouped shapes would time
+    the unfused path under the fused label."""
+    assert molora.fused_applies(molora.Case("T_sweep", 4096, 4096, 4096))
+    assert not molora.fused_applies(molora.Case("sweep", 4096, 4096, 4096, E=64))
+    gpu_cases = molora.PRESETS["gpu"]["cases"]
+    assert 0 < sum(map(molora.fused_applies, gpu_cases)) < len(gpu_cases)
 
 
 def test_paired_ratio_pairs_rounds():
