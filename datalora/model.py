@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear
-from datalora.pruning import DATALORARuntime
+from datalora.pruning import DATALORARuntime, find_decoder_layers, resolve_prune_range
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.sharding import copy_full_into, full_tensors, sharding_kind
 
@@ -303,21 +304,28 @@ class DATALORAModel(nn.Module):
         gathered_here = state_dict is None and kind == "fsdp2"
         if is_main_process and (not gathered_here or torch.distributed.get_rank() == 0):
             save_directory = Path(save_directory)
+            config_json = self.config_datalora.to_json_string()
+            # the config rides in the weights file too: a save interrupted between the two
+            # writes leaves a pair load_adapter recognises as mismatched
             save_tensors(tensors, save_directory / WEIGHTS_NAME,
-                         metadata={"format": "pt", "adapter_type": "datalora"})
-            atomic_write_text(save_directory / CONFIG_NAME,
-                              self.config_datalora.to_json_string())
+                         metadata={"format": "pt", "adapter_type": "datalora",
+                                   "datalora_config": config_json})
+            atomic_write_text(save_directory / CONFIG_NAME, config_json)
         if gathered_here:
             torch.distributed.barrier()  # no rank returns before the files exist
 
     def load_adapter(self, path: str | Path) -> None:
-        """Loads saved adapter tensors into this model (names and shapes must match).
+        """Loads saved adapter tensors into this model (names and shapes must match, and the
+        saved config's :data:`FUNCTION_FIELDS` must equal this model's: a different
+        ``lora_alpha``, top-k or pruned range would compute another function with the same
+        tensors).
 
         Under FSDP2 call it on every rank: each rank keeps its shard of the saved tensors.
         """
         file = Path(path) / WEIGHTS_NAME
         if not file.exists():
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
+        self._check_saved_config(Path(path), file)
         saved = load_tensors(file)
         own = self.adapter_state_dict()
         base = dict(self.base_model.named_parameters())
@@ -339,6 +347,33 @@ class DATALORAModel(nn.Module):
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
 
+    def _check_saved_config(self, folder: Path, weights: Path) -> None:
+        """Raises ValueError when the config saved at ``folder`` (the weights file's copy, or
+        ``adapter_config.json`` for adapters saved before it carried one) differs from this
+        model's in a :data:`FUNCTION_FIELDS` field, or when the two saved copies disagree."""
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("datalora_config")
+        config_file = folder / CONFIG_NAME
+        on_disk = config_file.read_text() if config_file.exists() else None
+        if embedded is not None and on_disk is not None and \
+                json.loads(embedded) != json.loads(on_disk):
+            raise ValueError(f"path: {config_file} does not match the config stored in "
+                             f"{weights.name} (a save interrupted between the two files?); "
+                             f"save the adapter again")
+        text = embedded if embedded is not None else on_disk
+        if text is None:
+            return
+        saved = DATALORAConfig.from_dict(json.loads(text))
+        differs = [f"{name}: saved {a!r}, this model {b!r}"
+                   for name, a, b in _function_fields(saved, self.config_datalora,
+                                                      self.base_model) if a != b]
+        if differs:
+            raise ValueError(f"path: the adapter at {folder} was trained with another config "
+                             f"than this model's ({'; '.join(differs)}); build the model from "
+                             f"the saved config (DATALORAModel.from_pretrained)")
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,
                         is_trainable: bool = False) -> DATALORAModel:
@@ -352,6 +387,30 @@ class DATALORAModel(nn.Module):
             wrapped.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
+
+FUNCTION_FIELDS: tuple[str, ...] = (
+    "num_lora_experts", "lora_rank", "lora_alpha", "num_active_experts", "target_modules",
+    "routing", "prune_layers", "saliency_hidden_size")
+"""Config fields that, with the adapter tensors, define the function a DATALORA model
+computes. Training-only settings (losses' weights, curriculum, temperatures, dropout, target
+retention), the backend and the base's quantization may differ between save and load."""
+
+
+def _function_fields(saved: DATALORAConfig, current: DATALORAConfig, base_model: nn.Module):
+    """``(name, saved value, current value)`` for :data:`FUNCTION_FIELDS`, normalised:
+    target modules as a set; the pruned range resolved (None = the second half), and only
+    with shared routing (per-layer routing never prunes)."""
+    for name in FUNCTION_FIELDS:
+        a, b = getattr(saved, name), getattr(current, name)
+        if name == "target_modules":
+            a, b = sorted(set(a)), sorted(set(b))
+        elif name == "prune_layers":
+            if saved.routing != "shared" or current.routing != "shared":
+                continue
+            num_layers = len(find_decoder_layers(base_model))
+            a, b = (resolve_prune_range(v, num_layers) for v in (a, b))
+        yield name, a, b
 
 
 def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,

@@ -107,12 +107,43 @@ def test_load_mismatch_and_bad_targets(tmp_path):
     wrapped.save_pretrained(tmp_path)
     other = get_datalora_model(build_tiny_model(seed=0),
                                DATALORAConfig(**(CFG | {"lora_rank": 2})), verbose=False)
-    with pytest.raises(ValueError, match="expected shape"):
+    with pytest.raises(ValueError, match="lora_rank: saved 4, this model 2"):
         other.load_adapter(tmp_path)
     with pytest.raises(ValueError, match="target_modules: none of"):
         get_datalora_model(nn.Sequential(nn.Linear(3, 3)), DATALORAConfig(target_modules=["q"]))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         DATALORAModel.from_pretrained(build_tiny_model(), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("change", [{"lora_alpha": 16.0}, {"num_active_experts": 1},
+                                    {"routing": "shared", "prune_layers": [1, 4]}])
+def test_load_refuses_a_config_that_computes_another_function(tmp_path, change):
+    """Same tensor names and shapes, another function: refused, naming the field."""
+    base = CFG | ({"routing": "shared", "prune_layers": [2, 4]} if "routing" in change else {})
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**base),
+                                 verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    other = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**(base | change)),
+                               verbose=False)
+    field = [k for k in change if k != "routing"][0]
+    with pytest.raises(ValueError, match=f"another config .*{field}: saved"):
+        other.load_adapter(tmp_path)
+    training_only = DATALORAConfig(**(base | {"lambda_prune": 0.7, "lora_dropout": 0.1}))
+    get_datalora_model(build_tiny_model(seed=0), training_only, verbose=False).load_adapter(
+        tmp_path)
+
+
+def test_load_refuses_a_config_file_that_does_not_match_the_weights(tmp_path):
+    """A save interrupted between its two files leaves new weights beside an old config."""
+    old = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    old.save_pretrained(tmp_path)
+    stale = (tmp_path / "adapter_config.json").read_text()
+    new = get_datalora_model(build_tiny_model(seed=0),
+                             DATALORAConfig(**(CFG | {"lora_alpha": 2.0})), verbose=False)
+    new.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(stale)
+    with pytest.raises(ValueError, match="does not match the config stored in"):
+        DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
 
 
 def test_training_step_reduces_loss():
