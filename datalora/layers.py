@@ -19,6 +19,19 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def check_finite(name: str, value: object) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+def check_alpha(alpha: object) -> None:
+    """LoRA ``alpha`` (scaling = alpha / r): a finite number > 0."""
+    check_finite("alpha", alpha)
+    if not alpha > 0:
+        raise ValueError(f"alpha: expected > 0, got {alpha}")
+
+
 class MoLoRALinear(nn.Module):
     """``y = base(x) + scaling * sum_j gate_j * B[e_j] @ (rank_scale * (A[e_j] @ x))``.
 
@@ -51,10 +64,12 @@ class MoLoRALinear(nn.Module):
             raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "
                             f"got {type(base_layer).__name__}")
         for name, value in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
+        check_alpha(alpha)
+        check_finite("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.base_layer = base_layer

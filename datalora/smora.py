@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from datalora.layers import MoLoRALinear
+from datalora.layers import MoLoRALinear, check_alpha
 from datalora.routing import Routing
 
 __all__ = ["GATES", "SMoRALinear", "smora_linear"]
@@ -43,6 +43,7 @@ class SMoRALinear(MoLoRALinear):
                              f"got {active_ranks!r}")
         if gate not in GATES:
             raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+        check_alpha(alpha)
         super().__init__(base_layer, num_experts=total_rank, rank=1,
                          alpha=float(alpha) / total_rank, top_k=active_ranks, router=True,
                          **kwargs)

@@ -93,6 +93,11 @@ def test_dropout_path_and_dtype_cast():
     (dict(top_k=5), "top_k: expected <= num_experts=4"),
     (dict(rank=0), "rank: expected a positive int"),
     (dict(dropout=1.0), "dropout"),
+    (dict(rank=True), "rank: expected a positive int, got True"),
+    (dict(alpha=float("nan")), "alpha: expected a finite number"),
+    (dict(alpha=float("inf")), "alpha: expected a finite number"),
+    (dict(alpha="32"), "alpha: expected a finite number, got '32'"),
+    (dict(alpha=0.0), "alpha: expected > 0"),
 ])
 def test_bad_arguments(kwargs, fragment):
     args = dict(num_experts=4, rank=3, alpha=6, top_k=2) | kwargs

@@ -75,3 +75,7 @@ def test_validation():
         SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, gate="sigmoid")
     with pytest.raises(TypeError, match="base_layer"):
         SMoRALinear(nn.Conv1d(4, 4, 1), total_rank=4, active_ranks=2)
+    for alpha, fragment in ((-1.0, "alpha: expected > 0, got -1.0"),
+                            (float("nan"), "alpha: expected a finite number")):
+        with pytest.raises(ValueError, match=fragment):
+            SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, alpha=alpha)
