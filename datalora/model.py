@@ -340,6 +340,13 @@ class DATALORAModel(nn.Module):
             if own[name].shape != tensor.shape:  # a DTensor's shape is the full shape
                 raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
                                  f"saved shape {tuple(tensor.shape)}")
+        cast = sorted({(str(saved[n].dtype), str(own[n].dtype)) for n in saved
+                       if saved[n].dtype != own[n].dtype})
+        if cast:
+            pairs = ", ".join(f"{a} -> {b}" for a, b in cast)
+            warnings.warn(f"path: adapter tensors are cast to this model's dtypes ({pairs}); "
+                          f"a narrower dtype rounds them (the load is not bit-exact)",
+                          stacklevel=2)
         if sharding_kind(self) == "fsdp1":
             raise ValueError("path: loading into an FSDP1-sharded model is not supported; "
                              "load the adapter before wrapping, or resume through "

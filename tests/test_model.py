@@ -133,6 +133,21 @@ def test_load_refuses_a_config_that_computes_another_function(tmp_path, change):
         tmp_path)
 
 
+def test_load_into_another_dtype_warns_that_it_casts(tmp_path):
+    import warnings
+
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(tmp_path)
+    same = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_adapter(tmp_path)
+    narrow = get_datalora_model(build_tiny_model(seed=0).to(torch.bfloat16),
+                                DATALORAConfig(**CFG), verbose=False)
+    with pytest.warns(UserWarning, match=r"cast .*torch.float32 -> torch.bfloat16.*not bit-exact"):
+        narrow.load_adapter(tmp_path)
+
+
 def test_load_refuses_a_config_file_that_does_not_match_the_weights(tmp_path):
     """A save interrupted between its two files leaves new weights beside an old config."""
     old = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
