@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -52,6 +53,17 @@ class CurriculumCallback(TrainerCallback):
         # position = optimizer steps done, so a checkpoint at step n stores n
         if self.trainer.curriculum is not None:
             self.trainer.curriculum.step(int(state.global_step), epoch=float(state.epoch or 0))
+
+
+def _warn_schedule_change(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Warns when a resumed run's own schedule (e.g. another ``max_steps``) differs from the
+    checkpoint's, which is kept: the run then continues the checkpoint's curriculum."""
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
+               if k not in ("step_count", "epoch") and saved.get(k) != v]
+    if changed:
+        warnings.warn(f"resume_from_checkpoint: continuing the checkpoint's curriculum, not "
+                      f"this run's ({'; '.join(changed)}); its phase boundaries stay where "
+                      f"the checkpoint put them", stacklevel=3)
 
 
 class DATALORATrainer(Trainer):
@@ -145,6 +157,7 @@ class DATALORATrainer(Trainer):
         elif self.curriculum.total_steps is None and self.curriculum.mode == "steps":
             self.curriculum.total_steps = max(int(state.max_steps), 1)
         if self._resume_curriculum is not None:
+            _warn_schedule_change(self.curriculum.state_dict(), self._resume_curriculum)
             self.curriculum.load_state_dict(self._resume_curriculum)
             self._resume_curriculum = None
         self._advance_curriculum(state)

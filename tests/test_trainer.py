@@ -163,7 +163,9 @@ def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     resumed._load_from_checkpoint = lambda path, model=None: None  # weights: not this test
     assert resumed._curriculum_state_at(True)["step_count"] == 3
     assert resumed._curriculum_state_at(False) is None
-    resumed.train(resume_from_checkpoint=True)
+    with pytest.warns(UserWarning, match="continuing the checkpoint's curriculum, not this "
+                                         "run's .*mode: checkpoint 'steps', this run 'epochs'"):
+        resumed.train(resume_from_checkpoint=True)
     assert resumed.curriculum.state_dict() == run.curriculum.state_dict()
 
 
