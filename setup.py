@@ -8,11 +8,15 @@ Environment flags:
     DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found)
     DATALORA_CUDA_ARCHS       e.g. "80;90" (default), PTX is added for the last arch
     NVCC                      path to nvcc (default: found on PATH or in CUDA_HOME)
+    DATALORA_LOCAL_VERSION    a PEP 440 local version label, e.g. "cu128": the wheel is
+                              datalora-<version>+cu128 (one build per CUDA major can then
+                              share an index without clashing file names)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,4 +98,15 @@ def _extensions() -> list[Extension]:
     return [Extension("datalora._C", sources=sources)]
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": NvccBuildExt})
+def _version() -> str:
+    """``datalora.__version__`` (+ ``DATALORA_LOCAL_VERSION`` as the local label)."""
+    text = (ROOT / "datalora" / "__init__.py").read_text()
+    version = re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+    local = os.environ.get("DATALORA_LOCAL_VERSION", "")
+    if local and not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
+        sys.exit(f"DATALORA_LOCAL_VERSION: expected a local version label such as 'cu128', "
+                 f"got {local!r}")
+    return f"{version}+{local}" if local else version
+
+
+setup(version=_version(), ext_modules=_extensions(), cmdclass={"build_ext": NvccBuildExt})

@@ -320,14 +320,42 @@ def test_custom_ops_opcheck_on_gpu():
 
 
 # ----------------------------------------------------------------------------- wheel
+def test_sdist_holds_what_the_extension_build_needs(tmp_path):
+    """The sdist carries every CUDA source and header setup.py compiles (MANIFEST.in)."""
+    pytest.importorskip("build")
+    import shutil
+    import tarfile
+
+    # from a copy of the source files alone: an in-tree *.egg-info (from `pip install -e`)
+    # would list files MANIFEST.in must provide
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    src = tmp_path / "src"
+    for name in listed.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir",
+                    str(dist), str(src)], check=True, capture_output=True, timeout=300)
+    with tarfile.open(next(dist.glob("datalora-*.tar.gz"))) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    csrc = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    assert csrc and csrc <= names, csrc - names
+    assert {"LICENSE", "setup.py", "pyproject.toml", "kernels/shrink.py",
+            "datalora/py.typed", "datalora/data/multitask_train.jsonl"} <= names
+
+
 @pytest.mark.slow
 @needs_ext
 def test_wheel_contains_extension_and_installs(tmp_path):
     pytest.importorskip("build")
     dist = tmp_path / "dist"
     env = dict(os.environ, DATALORA_BUILD_CUDA="1")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
-                    "--skip-dependency-check", "--outdir",
+    # build checks pyproject's build requirements against this environment (make wheel)
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
                     str(dist), str(ROOT)], check=True, env=env, capture_output=True,
                    timeout=900)
     wheel = next(dist.glob("datalora-*.whl"))
@@ -335,6 +363,8 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
     assert "datalora/kernels/shrink.py" in names and "datalora/data/multitask_train.jsonl" in names
     assert "datalora/tle/mixer.py" in names  # a subpackage listed in pyproject.toml
+    assert "datalora/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
@@ -348,8 +378,10 @@ def test_wheel_contains_extension_and_installs(tmp_path):
                                "print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
     Path(new_site, "_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # without PYTHONPATH: a source tree on it (with its *.egg-info) reads as installed
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300, env=clean_env)
     # run outside the repo so the installed copy (not the source tree) is imported
     code = ("import datalora, datalora._C as C, datalora.nf4 as n, torch; "
             f"assert C.__file__.startswith({str(venv)!r}), C.__file__; "
@@ -359,6 +391,5 @@ def test_wheel_contains_extension_and_installs(tmp_path):
             "import datalora.kernels.shrink, datalora.ops.triton_backend; "
             "print(C.__file__)")
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-                         timeout=300)
+                         env=clean_env, timeout=300)
     assert out.returncode == 0, out.stderr
