@@ -25,6 +25,7 @@ import io
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -285,8 +286,23 @@ def _generate(model: DATALORAModel, tokenizer: Any, rows: list[dict[str, Any]],
     return answers, kept
 
 
+def _check_plotting(args: argparse.Namespace) -> None:
+    """Before training: without matplotlib the plot is skipped (``args.no_plot`` set), with
+    a warning now rather than an ImportError after minutes of training."""
+    if args.no_plot:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("matplotlib is not installed: the demo runs without its plot "
+                      "(pip install matplotlib, or datalora[plot]; --no-plot silences this)",
+                      stacklevel=2)
+        args.no_plot = True
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
+    _check_plotting(args)
     if getattr(args, "method", "datalora") == "molora":
         return _run_molora(args)
     return _run_datalora(args)

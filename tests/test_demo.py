@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from datalora.cli import build_parser
 from datalora.curriculum import PHASES
 
@@ -74,3 +76,20 @@ def test_cli_help_lists_demo():
     out = subprocess.run([sys.executable, "-m", "datalora", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "demo" in out
+
+
+def test_demo_without_matplotlib_skips_the_plot_up_front(monkeypatch):
+    """Checked before training (an ImportError at the end would lose the run's output)."""
+    import argparse
+
+    from datalora import demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    args = argparse.Namespace(no_plot=False)
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        demo._check_plotting(args)
+    assert args.no_plot is True
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    args = argparse.Namespace(no_plot=False)
+    demo._check_plotting(args)
+    assert args.no_plot is False
