@@ -335,17 +335,28 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
         raise FileNotFoundError(f"config: no such file {path}")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
+        import yaml
+
         from datalora.config import load_yaml
 
-        data = load_yaml(text) or {}
+        try:
+            data = load_yaml(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: {path} is not valid JSON: {exc}") from None
     else:
         raise ValueError(f"config: expected a .yaml, .yml or .json file, got {path.name}")
     if not isinstance(data, dict):
         raise ValueError(f"config: expected a mapping at the top of {path}, "
                          f"got {type(data).__name__}")
     training = data.pop("training", {}) or {}
+    if not isinstance(training, dict):
+        raise ValueError(f"config: expected 'training' to be a mapping of training settings, "
+                         f"got {type(training).__name__}")
     unknown = sorted(set(training) - set(_CLI_KEYS) - {
         "logging_steps", "gradient_accumulation_steps", "eval_limit", "learning_rate",
         "trainer_args"})

@@ -36,3 +36,16 @@ def test_config_file_for_a_real_model_keeps_datalora_defaults(tmp_path):
     assert config.prune_layers == DATALORAConfig().prune_layers
     assert config.lambda_prune == DATALORAConfig().lambda_prune
     assert training["learning_rate"] < 1e-3
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("c.yaml", "a: [1\n", "is not valid YAML"),
+    ("c.json", "{bad", "is not valid JSON"),
+    ("c.yaml", "training: 5\n", "expected 'training' to be a mapping"),
+])
+def test_malformed_config_files_raise_value_errors(tmp_path, name, text, fragment):
+    """ValueError (the CLI's exit 2 with a message), not a parser's own exception."""
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=f"config: .*{fragment}"):
+        load_train_config(cfg)
