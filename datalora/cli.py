@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
@@ -12,8 +13,45 @@ import sys
 COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
 
 
+def plain_text(doc: str | None) -> str:
+    """A docstring as ``--help`` text: Sphinx roles and double backquotes removed
+    (``:class:`~a.b.C``` -> ``C``, ````x```` -> ``x``)."""
+    def role(match: re.Match) -> str:
+        target = match.group(1)
+        return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
+
+    text = re.sub(r":[a-z]+:`([^`]+)`", role, doc or "")
+    return text.replace("``", "")
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an int >= ``low`` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datalora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="datalora", description="datalora: mixture-of-LoRA-experts adapters and the "
+        "DATALORA training method. `datalora <command> --help` describes each command.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
 from datalora.data import load_eval_rows, load_instruction_dataset
@@ -41,19 +42,6 @@ from datalora.testing import load_model_and_tokenizer
 PLOT_NAME = "datalora_demo.png"
 DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
             "molora": dict(steps=120, batch_size=16, lr=5e-3)}
-
-
-def _int_at_least(low: int) -> Any:
-    """An argparse ``type``: an int >= ``low`` (argparse names the flag in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
-        return value
-    return parse
 
 
 def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -74,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train DATALORA (USN + MoLoRA + token pruning + "
                                            "curriculum) on the embedded default and generate "
                                            "(about a minute on 2 CPU cores)",
-                              description=__doc__,
+                              description=plain_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("datalora", "molora"), default="datalora",
                    help="datalora: the full method (default); molora: plain per-layer "
@@ -82,22 +70,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name or path (default: embedded tiny)")
     p.add_argument("--dataset", default=None, help="dataset file/folder/name (default: "
                                                    "embedded multi-task data)")
-    p.add_argument("--steps", type=_int_at_least(1), default=None,
+    p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="optimizer steps (default: 300 datalora, 120 molora)")
     p.add_argument("--epochs", type=float, default=None,
                    help="datalora: train this many epochs instead of --steps, one curriculum "
                         "phase per third")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="default: 8 datalora, 16 molora")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-2 datalora, 5e-3 molora")
-    p.add_argument("--experts", type=_int_at_least(1), default=8)
-    p.add_argument("--rank", type=_int_at_least(1), default=8)
-    p.add_argument("--top-k", type=_int_at_least(1), default=2)
+    p.add_argument("--experts", type=int_at_least(1), default=8)
+    p.add_argument("--rank", type=int_at_least(1), default=8)
+    p.add_argument("--top-k", type=int_at_least(1), default=2)
     p.add_argument("--retention", type=float, default=0.5,
                    help="datalora: target retention of the pruned layers")
-    p.add_argument("--limit", type=_int_at_least(1), default=None,
+    p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="use the first N training rows")
-    p.add_argument("--eval-limit", type=_int_at_least(1), default=200,
+    p.add_argument("--eval-limit", type=int_at_least(1), default=200,
                    help="datalora: eval rows for the final pruned / dense eval loss")
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from datalora.cli import int_at_least, positive_float
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
 from datalora.finetune import optimisation_steps
 
@@ -417,22 +418,32 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from datalora.data import TASKS
 
-    p = subparsers.add_parser("titok", help="TITOK: transfer a task LoRA from the embedded "
-                                            "tiny model to a different tiny model")
+    p = subparsers.add_parser(
+        "titok", help="TITOK: transfer a task LoRA from the embedded tiny model to a "
+                      "different tiny model",
+        description="Transfer a task LoRA with TITOK: the source model + its LoRA answers "
+                    "seed prompts, tokens are scored by the LoRA's contrastive excess, the "
+                    "best samples and tokens train a fresh LoRA on the target model (another "
+                    "size and tokenizer). Prints the eval loss of every variant.")
     p.add_argument("--task", choices=TASKS, default="reverse")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="tiny base models: pretrained on the embedded corpus, or random")
     p.add_argument("--source-adapter", default=None,
                    help="PEFT adapter folder of the source (default: train one)")
     p.add_argument("--adapter-dir", default="outputs/titok/source_adapters")
-    p.add_argument("--seed-prompts", type=int, default=96)
-    p.add_argument("--sample-keep", type=float, default=0.5)
-    p.add_argument("--token-keep", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--seed-prompts", type=int_at_least(1), default=96,
+                   help="task prompts the source answers (synthetic data)")
+    p.add_argument("--sample-keep", type=float, default=0.5,
+                   help="fraction of synthetic samples kept, by mean contrastive excess")
+    p.add_argument("--token-keep", type=float, default=0.5,
+                   help="fraction of tokens of a kept sample in the loss, by excess")
+    p.add_argument("--steps", type=int_at_least(1), default=60,
+                   help="training steps of the target LoRA")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="target LoRA learning rate (default: 3e-3 pretrained, 2e-2 random)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
-    p.add_argument("--eval-rows", type=int, default=50)
+    p.add_argument("--eval-rows", type=int_at_least(1), default=50,
+                   help="rows of the task's eval (and validation) split scored")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one transfer per seed; losses averaged over the seeds")
     p.add_argument("--out", default=None, help="write the JSON report here")

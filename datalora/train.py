@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from datalora.cli import plain_text
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
 
@@ -278,7 +279,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Registers ``train`` on an ``argparse`` subparsers object (``func`` = :func:`run_train`)."""
     p = subparsers.add_parser("train", help="train DATALORA (default: embedded tiny model "
                                             "and multi-task data)",
-                              description=__doc__,
+                              description=plain_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="DATALORAConfig as .yaml/.yml/.json (optional "
                                     "'training:' section with train_datalora arguments)")

@@ -169,6 +169,60 @@ def test_demo_count_flags_are_checked_by_argparse(flag, capsys):
     assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["tle", "--eval-per-task", "0"], ["tle", "--tau", "0"], ["tle", "--every-n", "0"],
+    ["titok", "--seed-prompts", "0"], ["titok", "--eval-rows", "0"], ["titok", "--lr", "-1"],
+    ["titok", "--steps", "0"]])
+def test_tle_and_titok_flags_are_checked_by_argparse(argv, capsys):
+    from datalora.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and f"argument {argv[1]}" in capsys.readouterr().err
+
+
+def test_titok_run_rejects_zero_seed_prompts():
+    """``train[-0:]`` would have been every row."""
+    from datalora.experiments.titok_evidence import run
+
+    with pytest.raises(ValueError, match="seed_prompts: expected an int >= 1, got 0"):
+        run(seed_prompts=0, progress=False)
+
+
+def test_help_texts_have_no_sphinx_markup():
+    from datalora.cli import build_parser, plain_text
+
+    assert plain_text(":class:`~datalora.trainer.DATALORATrainer` and ``x``") == \
+        "DATALORATrainer and x"
+    parser = build_parser()
+    texts = [parser.format_help()] + [
+        sub.format_help() for action in parser._subparsers._group_actions
+        for sub in action.choices.values()]
+    for text in texts:
+        assert "``" not in text and ":class:" not in text and ":func:" not in text
+
+
+def test_tle_embed_layer_out_of_range_is_a_value_error():
+    from datalora.tle.embedders import HiddenStateEmbedder
+
+    class Model(torch.nn.Module):  # the embeddings + 2 decoder layers' hidden states
+        def forward(self, input_ids, attention_mask=None, use_cache=False,
+                    output_hidden_states=True, past_key_values=None):
+            return type("Out", (), {"hidden_states": (torch.zeros(1, 2, 4),) * 3})()
+
+    class Mixer:
+        model = Model()
+
+        def adapters_disabled(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    assert HiddenStateEmbedder(-3)._hidden(Mixer(), ids, None).shape == (1, 2, 4)
+    with pytest.raises(ValueError, match=r"layer: expected a hidden-state index in \[-3, 2\]"):
+        HiddenStateEmbedder(99)._hidden(Mixer(), ids, None)
+
+
 def test_finetune_rejects_batch_size_0(tokenizer):
     from datalora.finetune import finetune
 

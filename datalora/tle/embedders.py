@@ -115,6 +115,10 @@ class HiddenStateEmbedder:
             out = mixer.model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=cache is not None, output_hidden_states=True,
                               **cache_kwargs(mixer.model, cache))
+        n = len(out.hidden_states)  # the embeddings + one per decoder layer
+        if not -n <= self.layer < n:
+            raise ValueError(f"layer: expected a hidden-state index in [{-n}, {n - 1}] (the "
+                             f"embeddings and {n - 1} decoder layers), got {self.layer}")
         return out.hidden_states[self.layer]
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
