@@ -478,6 +478,12 @@ class DATALORARuntime:
             raise RuntimeError("MoLoRALinear with shared routing was called outside a "
                                "DATALORA model forward (no routing available)")
         x = args[0] if args else kwargs["x"]
+        if ctx.routing.expert_ids.device != x.device:
+            raise ValueError(f"routing: the shared routing is on {ctx.routing.expert_ids.device} "
+                             f"but this layer's input is on {x.device}; shared routing and "
+                             f"token pruning need every decoder layer on one device (for a "
+                             f"model split over GPUs with device_map, use routing='per_layer' "
+                             f"or shard with FSDP / DDP instead)")
         tokens = x[..., 0].numel()
         if tokens != ctx.routing.num_tokens:
             raise ValueError(f"routing: the shared routing covers {ctx.routing.num_tokens} "

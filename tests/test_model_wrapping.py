@@ -182,3 +182,16 @@ def test_conv1d_target_error_names_the_module_type():
         vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=32))
     with pytest.raises(ValueError, match="Conv1D"):
         get_datalora_model(gpt2, _cfg(target_modules=["c_attn"]), verbose=False)
+
+
+def test_shared_routing_on_another_device_than_a_layer_is_refused_clearly():
+    """device_map splitting the decoder over GPUs: one clear error, not a kernel's."""
+    from datalora.routing import Routing
+
+    w = get_datalora_model(_llama(), _cfg(routing="shared"), verbose=False)
+    runtime = w.runtime
+    routing = Routing(expert_ids=torch.zeros(3, 2, dtype=torch.long, device="meta"),
+                      gates=torch.zeros(3, 2, device="meta"))
+    layer = next(m for _, m in w.molora_layers())
+    with runtime.routing_scope(routing), pytest.raises(ValueError, match="one device"):
+        runtime._give_routing(layer, (torch.zeros(3, layer.in_features),), {})
