@@ -22,11 +22,18 @@ def _model(prune_layers=(1, 3), sliding_window=None):
                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=128, sliding_window=sliding_window,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _datalora(MistralForCausalLM, cfg, prune_layers)
+
+
+def _datalora(model_cls, cfg, prune_layers):
+    """``model_cls(cfg)`` (sdpa) with shared routing, 4 experts of rank 4, top-2, pruning
+    ``prune_layers``, random B and score / router heads (so routing and selection matter),
+    in eval mode."""
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,
                             routing="shared", prune_layers=list(prune_layers))
-    model = get_datalora_model(MistralForCausalLM(cfg).eval(), config, verbose=False)
+    model = get_datalora_model(model_cls(cfg).eval(), config, verbose=False)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for _, layer in model.molora_layers():
@@ -166,18 +173,7 @@ def _mixed_attention_model(types, window=4, prune_layers=(1, 4)):
                       num_key_value_heads=2, max_position_embeddings=128,
                       use_sliding_window=True, sliding_window=window, layer_types=list(types),
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,
-                            routing="shared", prune_layers=list(prune_layers))
-    model = get_datalora_model(Qwen2ForCausalLM(cfg).eval(), config, verbose=False)
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for _, layer in model.molora_layers():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-        for head in (model.saliency.score_head, model.saliency.router_head):
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g))
-    return model.eval()
+    return _datalora(Qwen2ForCausalLM, cfg, prune_layers)
 
 
 def test_pruned_range_mixing_full_and_sliding_layers_gets_a_mask_per_layer_type():
