@@ -40,6 +40,15 @@ NF4_CODE = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], dtype=torch.float32)
+
+
+@functools.cache
+def code_table(device: torch.device) -> torch.Tensor:
+    """:data:`NF4_CODE` on ``device``, copied once per device (a host-to-device copy on every
+    dequantize would synchronise the stream once per layer call). Read-only."""
+    return NF4_CODE.to(device)
+
+
 # Decision boundaries: a scaled value goes to the highest level whose lower midpoint it exceeds.
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
@@ -300,7 +309,7 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = t.dtype if dtype is None else dtype
     packed = t.data.reshape(-1)
     nib = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: t.numel].long()
-    vals = NF4_CODE.to(t.device)[nib]
+    vals = code_table(t.device)[nib]
     n, bs = t.numel, t.blocksize
     vals = torch.nn.functional.pad(vals, (0, -n % bs)).view(-1, bs)
     out = (vals * t.absmax_float()[:, None]).reshape(-1)[:n]

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -264,12 +263,6 @@ def nf4_fused_enabled() -> bool:
     return value == "1"
 
 
-@functools.cache
-def _code_table(device: torch.device) -> torch.Tensor:
-    """``nf4.NF4_CODE`` on ``device`` (copied once per device)."""
-    return nf4.NF4_CODE.to(device)
-
-
 def _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):
     return NF4Tensor(data, absmax, torch.Size(shape), dtype, blocksize, nested_absmax,
                      nested_code, offset)
@@ -302,7 +295,7 @@ def _nf4_molora_linear_op(
         _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,
                          rs_stride, h, zd, E, r, scaling)
         t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)
-        _nfl.nf4_fused_linear(x, t, _code_table(x.device), bias, zd, B, E, r, y)
+        _nfl.nf4_fused_linear(x, t, nf4.code_table(x.device), bias, zd, B, E, r, y)
     return y, h
 
 

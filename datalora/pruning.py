@@ -338,6 +338,7 @@ class DATALORARuntime:
         # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
         self.calibrated_retention: float | None = None
         self._warned_stale = False
+        self._threshold_cache: tuple | None = None
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
@@ -360,7 +361,17 @@ class DATALORARuntime:
 
     @property
     def threshold(self) -> float:
-        return float(self.saliency.keep_threshold)
+        """``saliency.keep_threshold`` as a float (NaN: not calibrated). Read from the device
+        only when the buffer changed (its storage or version counter): eval forwards and
+        every generated token consult it, and each read would be a host sync."""
+        buffer = self.saliency.keep_threshold
+        try:
+            key = (buffer.data_ptr(), buffer.device, buffer._version)
+        except RuntimeError:  # an inference tensor has no version counter: always read
+            return float(buffer)
+        if self._threshold_cache is None or self._threshold_cache[0] != key:
+            self._threshold_cache = (key, float(buffer))
+        return self._threshold_cache[1]
 
     def _threshold_in_use(self) -> float:
         """The calibrated threshold, about to select tokens at eval / generation time; warns
@@ -442,7 +453,8 @@ class DATALORARuntime:
                 # at their positions (pruned tokens: the bypass value, as the model sees it)
                 seq_len = ctx.hidden_in.shape[1]
                 output.hidden_states = tuple(
-                    ops.scatter_tokens(ctx.hidden_in, h, ctx.selection.keep_idx)
+                    ops.scatter_tokens(ctx.hidden_in, h, ctx.selection.keep_idx,
+                                       check_values=False)
                     if h.dim() == 3 and h.shape[1] != seq_len else h for h in hidden_states)
         self._ctx = None
 
@@ -498,7 +510,9 @@ class DATALORARuntime:
         if layer_idx == self.start:
             self._start_range(ctx, args, kwargs)
             if ctx.mode == "packed":
-                hidden = ops.gather_tokens(ctx.hidden_in, ctx.selection.keep_idx)
+                # the selection's indices are in range and distinct by construction
+                hidden = ops.gather_tokens(ctx.hidden_in, ctx.selection.keep_idx,
+                                           check_values=False)
                 if args:
                     args = (hidden, *args[1:])
                 else:
@@ -632,7 +646,8 @@ class DATALORARuntime:
             return None
         out = output[0] if isinstance(output, tuple) else output
         if ctx.mode == "packed":
-            full = ops.scatter_tokens(ctx.hidden_in, out, ctx.selection.keep_idx, ctx.weight)
+            full = ops.scatter_tokens(ctx.hidden_in, out, ctx.selection.keep_idx, ctx.weight,
+                                      check_values=False)
             ctx.routing = ctx.record.routing
         else:
             full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)

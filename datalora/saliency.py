@@ -225,9 +225,11 @@ def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Ro
         idx = keep_idx[..., None].expand(-1, -1, t3.shape[-1])
         return t3.gather(1, idx).reshape(bsz * kept, -1)
 
-    return Routing(expert_ids=take(routing.expert_ids), gates=take(routing.gates),
-                   rank_scale=take(routing.rank_scale),
-                   router_probs=take(routing.router_probs))
+    packed = Routing(expert_ids=take(routing.expert_ids), gates=take(routing.gates),
+                     rank_scale=take(routing.rank_scale),
+                     router_probs=take(routing.router_probs))
+    packed._values_checked.update(routing._values_checked)  # rows of checked values
+    return packed
 
 
 __all__ = ["SaliencyOutput", "UnifiedSaliencyNetwork", "gather_routing", "gumbel_topk",

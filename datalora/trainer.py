@@ -66,6 +66,11 @@ def _warn_schedule_change(current: dict[str, Any], saved: dict[str, Any]) -> Non
                       f"the checkpoint put them", stacklevel=3)
 
 
+METRICS: tuple[str, ...] = ("lm_loss", "retention_loss", "balance_loss", "retention",
+                            "keep_prob_mean", "rank_scale_mean")
+"""Per-step metrics the trainer averages between logs (in this order on the device)."""
+
+
 class DATALORATrainer(Trainer):
     """``transformers.Trainer`` for a :class:`~datalora.model.DATALORAModel` with shared routing.
 
@@ -128,10 +133,11 @@ class DATALORATrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _reset_metrics(self) -> None:
-        self._sums: dict[str, float] = {}
+        self._sums: torch.Tensor | None = None  # [len(METRICS)] on the device
         self._count = 0
-        self._load = None
-        self._task_load: dict[int, torch.Tensor] = {}
+        self._load: torch.Tensor | None = None  # [E] routes per expert, on the device
+        # per micro-batch: (task id, expert id, valid) of every route, on the device
+        self._task_routes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -211,40 +217,63 @@ class DATALORATrainer(Trainer):
 
     @torch.no_grad()
     def _accumulate(self, lm_loss, l_ret, l_bal, record, task_ids) -> None:
-        num_experts = self.datalora_config.num_lora_experts
+        """Adds this micro-batch's metrics to running sums kept on the device: no host
+        sync here (it runs every micro-batch); :meth:`log` reads them once per log."""
         valid = record.valid.reshape(-1)
         routing = record.routing
-        ids = routing.expert_ids[valid]
-        counts = torch.bincount(ids.reshape(-1), minlength=num_experts).float().cpu()
-        values = {"lm_loss": float(lm_loss), "retention_loss": float(l_ret),
-                  "balance_loss": float(l_bal), "retention": record.actual_retention(),
-                  "keep_prob_mean": float(record.keep_prob[record.valid].mean()),
-                  "rank_scale_mean": float(routing.rank_scale[valid].mean())}
-        for k, v in values.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
+        device = valid.device
+        n_valid = valid.sum()
+        denom = n_valid.clamp_min(1).float()
+        kept = (record.kept.reshape(-1) & valid).sum().float()
+        rank_scale = routing.rank_scale.float()
+        values = torch.stack([
+            torch.as_tensor(lm_loss, device=device).float(),
+            torch.as_tensor(l_ret, device=device).float(),
+            torch.as_tensor(l_bal, device=device).float(),
+            torch.where(n_valid > 0, kept / denom, torch.ones((), device=device)),
+            (record.keep_prob.reshape(-1).float() * valid).sum() / denom,
+            (rank_scale * valid[:, None]).sum() / (denom * rank_scale.shape[-1])])
+        self._sums = values if self._sums is None else self._sums + values
         self._count += 1
+        num_experts = self.datalora_config.num_lora_experts
+        ids = routing.expert_ids.long()
+        route_valid = valid[:, None].expand_as(ids)
+        counts = torch.zeros(num_experts, device=device).scatter_add_(
+            0, ids.reshape(-1).clamp(0, num_experts - 1), route_valid.reshape(-1).float())
         self._load = counts if self._load is None else self._load + counts
         if task_ids is not None:
             bsz, seq_len = record.valid.shape
-            token_task = task_ids.to(valid.device)[:, None].expand(bsz, seq_len).reshape(-1)
-            for t in token_task[valid].unique().tolist():
-                sel = routing.expert_ids[valid][token_task[valid] == t]
-                c = torch.bincount(sel.reshape(-1), minlength=num_experts).float().cpu()
-                self._task_load[t] = self._task_load.get(t, torch.zeros(num_experts)) + c
+            token_task = task_ids.to(device)[:, None].expand(bsz, seq_len).reshape(-1)
+            self._task_routes.append((token_task[:, None].expand_as(ids).reshape(-1),
+                                      ids.reshape(-1), route_valid.reshape(-1)))
+
+    def _task_expert_load(self) -> dict[int, torch.Tensor]:
+        """``{task id: [E] routes per expert}`` over the micro-batches since the last log
+        (host tensors; reads the device once)."""
+        if not self._task_routes:
+            return {}
+        tasks, ids, valid = (torch.cat(parts) for parts in zip(*self._task_routes,
+                                                               strict=True))
+        tasks, ids = tasks[valid].cpu(), ids[valid].cpu()
+        num_experts = self.datalora_config.num_lora_experts
+        return {int(t): torch.bincount(ids[tasks == t], minlength=num_experts).float()
+                for t in tasks.unique().tolist()}
 
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._count and self._applied is not None:
             cur = self._applied  # the schedule of the last step run
-            means = {k: v / self._count for k, v in self._sums.items()}
-            load = (self._load / self._load.sum().clamp_min(1)).tolist()
+            sums = torch.cat([self._sums, self._load]).tolist()  # one read of the device
+            means = {k: v / self._count for k, v in zip(METRICS, sums, strict=False)}
+            counts = torch.tensor(sums[len(METRICS):])
+            load = (counts / counts.sum().clamp_min(1)).tolist()
             logs.update({"phase": cur.phase_index, "tau": round(cur.tau, 6),
                          "retention_target": round(cur.retention, 6),
                          **{k: round(v, 6) for k, v in means.items()},
                          **{f"expert_load_e{i}": round(x, 6) for i, x in enumerate(load)}})
             task_load = {}
-            for t, c in sorted(self._task_load.items()):
+            for t, c in sorted(self._task_expert_load().items()):
                 name = (self.task_names[t] if self.task_names is not None
                         and 0 <= t < len(self.task_names) else str(t))
                 task_load[name] = (c / c.sum().clamp_min(1)).tolist()

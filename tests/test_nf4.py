@@ -456,3 +456,23 @@ def test_double_cast_keeps_nf4linear_usable():
     assert m.compute_dtype in nf4.FLOAT_DTYPES
     assert m.weight.dtype == torch.float32  # raised: dtype ... got torch.float64
     assert m.dequantize().dtype == torch.float32
+
+
+def test_dequantize_reuses_one_code_table_per_device(monkeypatch):
+    """A host-to-device copy of the code table per call would sync the stream once per NF4
+    layer per forward on a GPU."""
+    cpu = torch.device("cpu")
+    assert nf4.code_table(cpu) is nf4.code_table(cpu)
+    assert torch.equal(nf4.code_table(cpu), nf4.NF4_CODE)
+    t = nf4.quantize(torch.randn(8, 64), 64)
+    moved = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if self is nf4.NF4_CODE:
+            moved.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    nf4.dequantize_torch(t, torch.float32)
+    assert moved == []

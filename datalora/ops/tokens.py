@@ -80,19 +80,23 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
 def gather_tokens(hidden: torch.Tensor, keep_idx: torch.Tensor,
-                  backend: str = "auto") -> torch.Tensor:
-    """Packs kept tokens: hidden ``[B, L, d]``, keep_idx ``[B, K]`` -> packed ``[B, K, d]``."""
-    check_token_inputs(hidden, keep_idx)
+                  backend: str = "auto", *, check_values: bool = True) -> torch.Tensor:
+    """Packs kept tokens: hidden ``[B, L, d]``, keep_idx ``[B, K]`` -> packed ``[B, K, d]``.
+
+    ``check_values``: validate keep_idx's values on the host (a sync; callers that built
+    the indices themselves pass False)."""
+    check_token_inputs(hidden, keep_idx, check_values=check_values)
     return _gather_op(hidden, keep_idx, resolve_backend(backend, hidden.device))
 
 
 def scatter_tokens(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tensor,
-                   weight: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                   weight: torch.Tensor | None = None, backend: str = "auto", *,
+                   check_values: bool = True) -> torch.Tensor:
     """Writes packed results back: kept rows become ``hidden + weight * (packed - hidden)``.
 
     hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` distinct per row, weight
     ``[B, K]`` or None (= 1). Other rows equal ``hidden`` (the residual bypass).
-    Returns ``[B, L, d]``.
+    ``check_values`` as for :func:`gather_tokens`. Returns ``[B, L, d]``.
     """
-    check_token_inputs(hidden, keep_idx, packed, weight)
+    check_token_inputs(hidden, keep_idx, packed, weight, check_values=check_values)
     return _scatter_op(hidden, packed, keep_idx, weight, resolve_backend(backend, hidden.device))

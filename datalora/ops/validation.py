@@ -98,13 +98,19 @@ def check_molora_inputs(x, A, B, expert_ids, gates, rank_scale=None,
 
 
 def check_routing_values(expert_ids, gates, rank_scale, num_experts: int) -> None:
-    """Host-side value checks: ids in ``[0, num_experts)``, finite gates and rank scales."""
-    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    """Host-side value checks: ids in ``[0, num_experts)``, finite gates and rank scales
+    (the four facts computed on the device and read back in one transfer: one sync)."""
+    finite = [torch.isfinite(gates).all()]
+    if rank_scale is not None:
+        finite.append(torch.isfinite(rank_scale).all())
+    facts = torch.stack([expert_ids.min().double(), expert_ids.max().double(),
+                         *(f.double() for f in finite)]).tolist()
+    lo, hi = int(facts[0]), int(facts[1])
     if lo < 0 or hi >= num_experts:
         _fail("expert_ids", f"values in [0, {num_experts})", f"values in [{lo}, {hi}]")
-    if not bool(torch.isfinite(gates).all()):
+    if not facts[2]:
         _fail("gates", "finite values", "NaN or inf")
-    if rank_scale is not None and not bool(torch.isfinite(rank_scale).all()):
+    if rank_scale is not None and not facts[3]:
         _fail("rank_scale", "finite values", "NaN or inf")
 
 
@@ -122,8 +128,10 @@ def check_linear_inputs(x, weight, bias) -> None:
         check_shape("bias", bias, (weight.shape[0],))
 
 
-def check_token_inputs(hidden, keep_idx, packed=None, weight=None) -> None:
-    """Validates ``gather_tokens`` / ``scatter_tokens`` operands."""
+def check_token_inputs(hidden, keep_idx, packed=None, weight=None,
+                       check_values: bool = True) -> None:
+    """Validates ``gather_tokens`` / ``scatter_tokens`` operands (``check_values=False``
+    skips the host-side checks of keep_idx's values)."""
     check_tensor("hidden", hidden, 3)
     check_float("hidden", hidden)
     check_tensor("keep_idx", keep_idx, 2)
@@ -144,7 +152,7 @@ def check_token_inputs(hidden, keep_idx, packed=None, weight=None) -> None:
         check_shape("weight", weight, (Bsz, K))
         check_float("weight", weight)
         check_device("weight", weight, hidden.device)
-    if keep_idx.numel() and value_checks_enabled(hidden):
+    if check_values and keep_idx.numel() and value_checks_enabled(hidden):
         lo, hi = int(keep_idx.min()), int(keep_idx.max())
         if lo < 0 or hi >= L:
             _fail("keep_idx", f"values in [0, {L})", f"values in [{lo}, {hi}]")
