@@ -24,6 +24,14 @@ def plain_text(doc: str | None) -> str:
     return text.replace("``", "")
 
 
+def name_the_flag(message: str, flag_names: dict[str, str]) -> str:
+    """``"source: no such file"`` -> ``"--dataset (source): no such file"``: library errors
+    name their parameter; a command maps the ones its flags feed (``flag_names``)."""
+    param, sep, rest = message.partition(":")
+    flag = flag_names.get(param.strip()) if sep else None
+    return f"{flag} ({param.strip()}):{rest}" if flag else message
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an int >= ``low`` (argparse names the flag in its error)."""
     def parse(text: str) -> int:
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
             raise
-        parser.exit(2, f"datalora {args.command}: error: {exc}\n"
+        parser.exit(2, f"datalora {args.command}: error: "
+                       f"{name_the_flag(str(exc), getattr(args, 'flag_names', {}))}\n"
                        f"(DATALORA_DEBUG=1 shows the traceback)\n")
     return 0
 

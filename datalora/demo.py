@@ -91,7 +91,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_names={
+        "name_or_path": "--model", "source": "--dataset", "target_retention": "--retention",
+        "num_active_experts": "--top-k", "num_lora_experts": "--experts",
+        "lora_rank": "--rank"})
 
 
 def _setting(args: argparse.Namespace, name: str) -> Any:

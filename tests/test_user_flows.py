@@ -243,3 +243,16 @@ def test_write_jsonl_removes_its_temp_file_on_failure(tmp_path):
     with pytest.raises(TypeError):
         write_jsonl([_row(1), {"x": object()}], tmp_path / "out.jsonl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_errors_name_the_flag_the_user_typed():
+    from datalora.cli import name_the_flag
+
+    flags = {"source": "--dataset"}
+    assert name_the_flag("source: no such file or folder: x", flags) == \
+        "--dataset (source): no such file or folder: x"
+    assert name_the_flag("other: bad", flags) == "other: bad"
+    assert name_the_flag("no colon here", flags) == "no colon here"
+    p = subprocess.run([sys.executable, "-m", "datalora", "demo", "--retention", "1.5"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert p.returncode == 2 and "error: --retention (target_retention): expected" in p.stderr

@@ -59,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
     p.add_argument("--save", default=None, help="save the mixer here")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=run_cli, flag_names={
+        "name_or_path": "--model", "layer": "--embed-layer", "window": "--window",
+        "decay": "--decay", "top_k": "--top-k", "tau": "--tau", "every_n": "--every-n"})
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
