@@ -720,3 +720,114 @@ def test_centroid_embeddings_do_not_depend_on_padding_side():
     want = mixer.embed_texts(texts, tok)
     tok.padding_side = "left"
     torch.testing.assert_close(mixer.embed_texts(texts, tok), want, atol=1e-5, rtol=1e-5)
+
+
+# ---- adapters that are not plain LoRA, padding, validation -------------------------------
+def _with_config(src, dst, **changes):
+    """A copy of the adapter folder ``src`` with ``changes`` in its adapter_config.json."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+    ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+    ({"use_dora": True}, "DoRA"),
+])
+def test_lora_variants_that_are_not_b_times_a_on_the_base_are_refused(adapter_dirs, tmp_path,
+                                                                       changes, fragment):
+    folder = _with_config(adapter_dirs[0], tmp_path / "variant", **changes)
+    with pytest.raises(ValueError, match=fragment):
+        load_peft_adapter(folder)
+    converted = _with_config(adapter_dirs[0], tmp_path / "converted", init_lora_weights=True)
+    assert load_peft_adapter(converted).modules  # PEFT's converted save: plain LoRA
+
+
+def test_alpha_pattern_keys_are_regexes_as_in_peft(adapter_dirs, tmp_path):
+    """``{"q_proj|v_proj": a}`` applies to both modules (the key is one group)."""
+    plain = load_peft_adapter(adapter_dirs[0])  # rank 2, alpha 4, q_proj + v_proj
+    folder = _with_config(adapter_dirs[0], tmp_path / "pattern",
+                          alpha_pattern={"q_proj|v_proj": 8.0})
+    patterned = load_peft_adapter(folder)
+    for module, (_, b) in plain.modules.items():
+        torch.testing.assert_close(patterned.modules[module][1], 2.0 * b)
+
+
+def test_a_row_without_labels_routes_as_it_does_alone(adapter_dirs):
+    """Right padding: a row whose labels are all -100 anchors its routing at its last real
+    token, not at the padded length."""
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, mode="prompt", tau=0.02,
+                                   embedder=HiddenStateEmbedder(-1, window=2),
+                                   centroids=torch.randn(3, 64, generator=torch.Generator()
+                                                         .manual_seed(3)))
+    x = ids(B=2, L=8, seed=5)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    labels = torch.full((2, 8), -100)
+    labels[0, 4:] = x[0, 4:]
+    batched = mixer(x, attention_mask=mask, labels=labels).logits
+    alone = mixer(x[1:, :5], attention_mask=mask[1:, :5], labels=labels[1:, :5]).logits
+    torch.testing.assert_close(batched[1, :5], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_and_bad_prompt_lengths_are_refused(adapter_dirs):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match="expected right padding"):
+        mixer(ids(), attention_mask=mask)
+    with pytest.raises(ValueError, match=r"prompt_lengths: expected shape \[2\]"):
+        mixer(ids(), prompt_lengths=torch.tensor([3, 4, 5]))
+
+
+def test_failed_construction_leaves_the_model_untouched(adapter_dirs):
+    model = small_model()
+    q = "model.layers.0.self_attn.q_proj"
+    A, B = pack_adapters([load_peft_adapter(d) for d in adapter_dirs])[q]
+    packed = {q: (A, B), "model.layers.9.self_attn.q_proj": (A, B)}
+    with pytest.raises(ValueError, match="not in the model"):
+        TokenLevelAdapterMixer(model, packed, names=["a", "b", "c"])
+    assert type(model.get_submodule(q)) is torch.nn.Linear
+    TokenLevelAdapterMixer(model, adapter_dirs)  # a retry with good adapters works
+
+
+def test_centroid_and_tau_validation(adapter_dirs):
+    with pytest.raises(ValueError, match=r"centroids: expected a \[3, D\] tensor"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, centroids=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="centroids: expected finite values"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs,
+                               centroids=torch.full((3, 64), float("nan")))
+    with pytest.raises(ValueError, match="tau: expected a finite number > 0"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=float("inf"))
+
+
+def test_a_custom_sentence_encoder_is_saved_as_custom(adapter_dirs, tmp_path):
+    """A callable cannot be saved: reloading asks for ``embedder=`` instead of silently
+    rebuilding the default sentence encoder."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    embedder = SentenceEmbedder(build_tokenizer(), encode=_char_encoder)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=embedder,
+                                   centroids=torch.rand(3, 3))
+    mixer.save_pretrained(tmp_path / "mixer")
+    with pytest.raises(ValueError, match="custom embedder; pass embedder="):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               lm_tokenizer=build_tokenizer())
+    again = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                                   embedder=embedder)
+    assert torch.equal(again.centroids, mixer.centroids)
+
+
+def test_cli_adapters_flag_needs_a_folder(capsys):
+    from datalora.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["tle", "--adapters"])
+    assert exc.value.code == 2 and "--adapters" in capsys.readouterr().err

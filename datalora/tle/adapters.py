@@ -56,17 +56,44 @@ class LoRAAdapter:
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    for key, value in patterns.items():  # PEFT's rule: key matches a dotted suffix
-        if re.match(rf"(^|.*\.){key}$", module):
+    for key, value in patterns.items():  # PEFT's rule: the key (a regex) ends the name
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+# init_lora_weights methods that also rewrite the base weights (the saved A / B only make
+# sense on that modified base, unless PEFT converted them on save)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _check_plain_lora(config: Mapping[str, Any], folder: Path) -> None:
+    """ValueError for LoRA variants whose update is not ``B @ A`` on the frozen base."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"path: {folder} holds a {config.get('peft_type')} adapter, "
+                         f"expected LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"path: {folder} is a DoRA adapter; only plain LoRA can be mixed")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"path: {folder} was initialised with init_lora_weights={init!r}, "
+                         f"which also changes the base weights; re-save it with PEFT's "
+                         f"path_initial_model_for_weight_conversion (a plain LoRA) to mix it")
+    if config.get("alora_invocation_tokens"):
+        raise ValueError(f"path: {folder} is an activated LoRA (alora_invocation_tokens): it "
+                         f"applies only after its invocation tokens; only plain LoRA can be "
+                         f"mixed")
+    if config.get("layer_replication"):
+        raise ValueError(f"path: {folder} replicates decoder layers (layer_replication); "
+                         f"only plain LoRA can be mixed")
 
 
 def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     """Loads a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    Handles per-module ranks (from the tensors), ``alpha_pattern`` and rsLoRA. DoRA and
-    LoRA on embeddings are not supported (``ValueError``).
+    Handles per-module ranks (from the tensors), ``alpha_pattern`` and rsLoRA. DoRA,
+    activated LoRA, LoRA on embeddings and initialisations that rewrite the base (PiSSA,
+    OLoRA, CorDA, LoftQ, LoRA-GA) are not supported (``ValueError``).
     """
     folder = Path(path)
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -74,11 +101,7 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
         raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
                                 f"adapter_model.safetensors")
     config = json.loads(cfg_file.read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise ValueError(f"path: {folder} holds a {config.get('peft_type')} adapter, "
-                         f"expected LORA")
-    if config.get("use_dora"):
-        raise ValueError(f"path: {folder} is a DoRA adapter; only plain LoRA can be mixed")
+    _check_plain_lora(config, folder)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))

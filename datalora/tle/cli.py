@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "each adapter's centroid. Without --adapters, one adapter per embedded "
                     "task is trained first; prints the eval loss per task, and answers for "
                     "--prompt.")
-    p.add_argument("--adapters", nargs="*", default=None,
+    p.add_argument("--adapters", nargs="+", default=None,
                    help="PEFT adapter folders (default: train one per embedded task)")
     p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
                    help="where the default task adapters are trained / cached")

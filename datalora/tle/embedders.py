@@ -220,6 +220,7 @@ class SentenceEmbedder:
                  window: int | None = None):
         self.window = check_recency(window, None)[0]
         self.lm_tokenizer, self.model_path = lm_tokenizer, model
+        self._custom = encode is not None  # a saved mixer cannot rebuild a callable
         if encode is None:
             from transformers import AutoModel, AutoTokenizer
 
@@ -236,7 +237,8 @@ class SentenceEmbedder:
         self.encode = encode
 
     def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "model": self.model_path, "window": self.window}
+        return {"type": "custom" if self._custom else self.kind, "model": self.model_path,
+                "window": self.window}
 
     def whole_context(self) -> SentenceEmbedder:
         """The same encoder on the whole context."""

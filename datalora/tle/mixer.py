@@ -33,6 +33,15 @@ MIXER_CONFIG = "tle_config.json"
 MIXER_WEIGHTS = "tle_mixer.safetensors"
 
 
+def _check_right_padding(attention_mask: torch.Tensor) -> None:
+    """ValueError for a left-padded batch (a padding position before a real token): the
+    routing anchors count positions from the start of each row."""
+    mask = attention_mask.bool()
+    if bool((~mask[:, :-1] & mask[:, 1:]).any()):
+        raise ValueError("attention_mask: expected right padding (real tokens first); this "
+                         "batch has padding before real tokens")
+
+
 class TokenLevelAdapterMixer(nn.Module):
     """N pretrained LoRA adapters mixed per token by gradient-free routing.
 
@@ -98,18 +107,24 @@ class TokenLevelAdapterMixer(nn.Module):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
             raise ValueError(f"top_k: expected an int in [1, {N}], got {top_k!r}")
         _check_mode(mode, every_n)
-        if not tau > 0:
-            raise ValueError(f"tau: expected > 0, got {tau!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
+                or not 0 < tau < float("inf"):
+            raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
+        if centroids is not None:
+            if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
+                    or centroids.shape[0] != N:
+                raise ValueError(f"centroids: expected a [{N}, D] tensor (one row per adapter), "
+                                 f"got {getattr(centroids, 'shape', type(centroids).__name__)}")
+            if not bool(torch.isfinite(centroids).all()):
+                raise ValueError("centroids: expected finite values, got NaN or inf")
         self.model, self.names, self.tau, self.mode, self.every_n = model, names, tau, mode, every_n
         self.top_k, self.num_adapters = top_k, N
         self.embedder = embedder if embedder is not None else HiddenStateEmbedder()
         self._slot = _RoutingSlot(top_k)
         self.register_buffer("centroids", None if centroids is None else centroids.float())
         self.last_weights: torch.Tensor | None = None
-        model.requires_grad_(False)
-        dtype = next(model.parameters()).dtype
-        self.modules_mixed = []
-        for module, (A, B) in packed.items():
+        bases = {}  # every module checked before any is replaced: a failure leaves the
+        for module, (A, B) in packed.items():  # caller's model untouched
             try:
                 base = model.get_submodule(module)
             except AttributeError as exc:
@@ -121,6 +136,12 @@ class TokenLevelAdapterMixer(nn.Module):
                 raise ValueError(f"adapters: module {module!r} is [{base.out_features}, "
                                  f"{base.in_features}] in the model but [{B.shape[1]}, "
                                  f"{A.shape[2]}] in the adapters")
+            bases[module] = base
+        model.requires_grad_(False)
+        dtype = next(model.parameters()).dtype
+        self.modules_mixed = []
+        for module, (A, B) in packed.items():
+            base = bases[module]
             parent, _, child = module.rpartition(".")
             layer = AdapterMixLinear(base, A.to(dtype), B.to(dtype), top_k, self._slot, backend)
             setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -234,13 +255,21 @@ class TokenLevelAdapterMixer(nn.Module):
     # ---- forward (teacher forcing)
     def routing_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L, N]`` weights of every position under the current mode."""
+        """``[B, L, N]`` weights of every position under the current mode (right padding:
+        a row's prompt ends at its last real token at the latest)."""
         B, L = input_ids.shape
+        if attention_mask is not None:
+            _check_right_padding(attention_mask)
+        lengths = (torch.full((B,), L, device=input_ids.device) if attention_mask is None
+                   else attention_mask.sum(1).to(input_ids.device))
         if prompt_lengths is None:
-            prompt_lengths = (torch.full((B,), L) if attention_mask is None
-                              else attention_mask.sum(1))
-        anchors = anchor_positions(torch.as_tensor(prompt_lengths).to(input_ids.device), L,
-                                   self.mode, self.every_n)
+            prompt_lengths = lengths
+        prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
+        if prompt_lengths.shape != (B,):
+            raise ValueError(f"prompt_lengths: expected shape [{B}] (one per row), got "
+                             f"{tuple(prompt_lengths.shape)}")
+        prompt_lengths = torch.minimum(prompt_lengths, lengths).clamp_min(1)
+        anchors = anchor_positions(prompt_lengths, L, self.mode, self.every_n)
         with torch.no_grad():
             emb = self.embedder.prefix_embeddings(self, input_ids, attention_mask, anchors)
         return self.weights_for(emb)
