@@ -147,10 +147,11 @@ class MoLoRALinear(nn.Module):
         A, B = _in_dtype(self.lora_A, dtype), _in_dtype(self.lora_B, dtype)
         gates = _in_dtype(routing.gates, dtype)
         rank_scale = None if routing.rank_scale is None else _in_dtype(routing.rank_scale, dtype)
-        # a Routing shared by many layers is validated once (under compile: never, no sync);
-        # the layer's own top-k router yields valid ids by construction: no host sync
-        check = not own and (torch.compiler.is_compiling()
-                             or routing.take_value_check(self.num_experts))
+        # a Routing shared by many layers is validated once (under compile: never, as a
+        # flag baked into a graph would check on every call); the layer's own top-k router
+        # yields valid ids by construction: no host sync
+        check = not own and not torch.compiler.is_compiling() \
+            and routing.take_value_check(self.num_experts)
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
             lora_x = self.lora_dropout(x) if self.training else x
             return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,

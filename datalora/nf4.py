@@ -42,11 +42,17 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
-@functools.cache
+_CODE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def code_table(device: torch.device) -> torch.Tensor:
     """:data:`NF4_CODE` on ``device``, copied once per device (a host-to-device copy on every
     dequantize would synchronise the stream once per layer call). Read-only."""
-    return NF4_CODE.to(device)
+    device = torch.device(device)
+    table = _CODE_TABLES.get(device)
+    if table is None:
+        table = _CODE_TABLES[device] = NF4_CODE.to(device)
+    return table
 
 
 # Decision boundaries: a scaled value goes to the highest level whose lower midpoint it exceeds.

@@ -48,7 +48,12 @@ from datalora import ops
 from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
 from datalora.routing import Routing
-from datalora.saliency import SaliencyOutput, UnifiedSaliencyNetwork, gather_routing
+from datalora.saliency import (
+    SaliencyOutput,
+    UnifiedSaliencyNetwork,
+    gather_routing,
+    uniform_noise,
+)
 
 _CACHE_KEEP_ATTR = "_datalora_keep"
 _CACHE_USN_ATTR = "_datalora_usn_context"
@@ -116,7 +121,7 @@ def select_tokens(scores: torch.Tensor, retention: float,
         real = attention_mask.to(device=scores.device).bool()
     key = scores.detach().float() / float(tau)
     if noise:
-        u = torch.rand(key.shape, device=key.device, generator=generator)
+        u = uniform_noise(key.shape, key.device, generator=generator)
         key = key - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
     if keep_last:
         pos = torch.arange(seq_len, device=scores.device).expand(bsz, -1)
@@ -182,6 +187,15 @@ def _follow_cache_reorder(cache: Any) -> None:
 
     cache.reorder_cache = reorder_cache
     cache._datalora_follows_reorder = True
+
+
+def _refuse_capture(tensor: torch.Tensor, what: str) -> None:
+    """ValueError instead of a CUDA error when ``what`` (a host read) would run inside a
+    CUDA graph capture."""
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"CUDA graph capture: {what} reads the device on the host, which a "
+                         f"capture cannot do; capture a training-mode forward or generation "
+                         f"with a KV cache, or read the threshold once before capturing")
 
 
 _TAKES_POSITIONS: dict[type, bool] = {}
@@ -370,6 +384,7 @@ class DATALORARuntime:
         except RuntimeError:  # an inference tensor has no version counter: always read
             return float(buffer)
         if self._threshold_cache is None or self._threshold_cache[0] != key:
+            _refuse_capture(buffer, "reading a new keep_threshold")
             self._threshold_cache = (key, float(buffer))
         return self._threshold_cache[1]
 
@@ -581,6 +596,8 @@ class DATALORARuntime:
     def _threshold_selection(self, scores, valid) -> TokenSelection:
         keep = (scores > self._threshold_in_use()) & valid
         counts = keep.sum(1)
+        _refuse_capture(scores, "the calibrated-threshold eval forward (it sizes the packed "
+                                "batch from the kept count)")
         width = max(int(counts.max()), 1)  # eval only: one host sync
         key = torch.where(keep, 1.0, 0.0) - torch.arange(
             scores.shape[1], device=scores.device) * 1e-6

@@ -24,11 +24,20 @@ from datalora.routing import Routing
 _EPS = 1e-10
 
 
+def uniform_noise(shape: torch.Size | tuple[int, ...], device: torch.device | str,
+                  dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.rand`` that passes ``generator`` only when given: ``torch.rand(...,
+    generator=None)`` fails on symbolic sizes (``torch.compile`` with dynamic shapes)."""
+    extra = {} if generator is None else {"generator": generator}
+    return torch.rand(shape, device=device, dtype=dtype, **extra)
+
+
 def sample_gumbel(shape: torch.Size | tuple[int, ...], device: torch.device | str,
                   dtype: torch.dtype = torch.float32,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel(0, 1) noise ``-log(-log U)`` of ``shape`` (finite: U is clamped)."""
-    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    u = uniform_noise(shape, device, dtype, generator)
     return -torch.log(-torch.log(u.clamp(_EPS, 1.0 - 1e-7)))
 
 

@@ -210,3 +210,52 @@ def test_top1_soft_gates_pass_the_router_gradient():
     assert torch.equal(routing.gates, torch.ones(6, 1))
     (routing.gates * torch.randn(6, 1)).sum().backward()
     assert logits.grad.abs().sum() > 1e-3
+
+
+def test_noise_compiles_with_dynamic_shapes():
+    """``torch.rand(..., generator=None)`` fails on symbolic sizes: a compiled DATALORA
+    model crashed once the sequence length changed."""
+    from datalora.pruning import select_tokens
+
+    def route(logits):
+        return gumbel_topk(logits, 2, 1.0)[1]
+
+    def select(scores):
+        return select_tokens(scores, 0.5, None, tau=1.0, noise=True).keep_idx
+
+    torch._dynamo.reset()
+    compiled_route = torch.compile(route, backend="aot_eager", dynamic=True, fullgraph=True)
+    compiled_select = torch.compile(select, backend="aot_eager", dynamic=True)
+    for T in (6, 9):
+        assert compiled_route(torch.randn(T, 4)).shape == (T, 2)
+        assert compiled_select(torch.randn(2, T)).shape == (2, -(-T // 2))
+
+
+def test_compiled_layers_do_not_bake_a_routing_value_check(monkeypatch):
+    """Under compile the value-check flag must be False: an NF4 op would otherwise check
+    (a host sync) at every call of every layer."""
+    import torch.nn as nn
+
+    import datalora.layers as layers
+    from datalora import MoLoRALinear
+
+    seen = []
+    original = layers.nf4_molora_linear
+
+    def spy(*args, check_values, **kwargs):
+        seen.append(check_values)
+        return original(*args, check_values=check_values, **kwargs)
+
+    monkeypatch.setattr(layers, "nf4_molora_linear", spy)
+    layer = MoLoRALinear(nn.Linear(64, 64), 4, 2, 4.0, 2, quantize="nf4", router=False).eval()
+    ids, gates = torch.randint(0, 4, (3, 2)), torch.rand(3, 2)
+
+    def forward(x, ids, gates):
+        return layer(x, routing=Routing(ids, gates))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        forward(torch.randn(3, 64), ids, gates)
+        torch.compile(forward, backend="aot_eager", fullgraph=True)(torch.randn(3, 64), ids,
+                                                                   gates)
+    assert seen == [True, False]
