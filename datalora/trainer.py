@@ -136,8 +136,8 @@ class DATALORATrainer(Trainer):
         self._sums: torch.Tensor | None = None  # [len(METRICS)] on the device
         self._count = 0
         self._load: torch.Tensor | None = None  # [E] routes per expert, on the device
-        # per micro-batch: (task id, expert id, valid) of every route, on the device
-        self._task_routes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # per micro-batch: task ids [B] and routes per expert [B, E] of its sequences
+        self._task_routes: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -241,23 +241,21 @@ class DATALORATrainer(Trainer):
         counts = torch.zeros(num_experts, device=device).scatter_add_(
             0, ids.reshape(-1).clamp(0, num_experts - 1), route_valid.reshape(-1).float())
         self._load = counts if self._load is None else self._load + counts
-        if task_ids is not None:
-            bsz, seq_len = record.valid.shape
-            token_task = task_ids.to(device)[:, None].expand(bsz, seq_len).reshape(-1)
-            self._task_routes.append((token_task[:, None].expand_as(ids).reshape(-1),
-                                      ids.reshape(-1), route_valid.reshape(-1)))
+        if task_ids is not None:  # per sequence: its task and its routes per expert
+            bsz = record.valid.shape[0]
+            per_sequence = torch.zeros(bsz, num_experts, device=device).scatter_add_(
+                1, ids.reshape(bsz, -1).clamp(0, num_experts - 1),
+                route_valid.reshape(bsz, -1).float())
+            self._task_routes.append((task_ids.to(device).reshape(-1), per_sequence))
 
     def _task_expert_load(self) -> dict[int, torch.Tensor]:
         """``{task id: [E] routes per expert}`` over the micro-batches since the last log
         (host tensors; reads the device once)."""
         if not self._task_routes:
             return {}
-        tasks, ids, valid = (torch.cat(parts) for parts in zip(*self._task_routes,
-                                                               strict=True))
-        tasks, ids = tasks[valid].cpu(), ids[valid].cpu()
-        num_experts = self.datalora_config.num_lora_experts
-        return {int(t): torch.bincount(ids[tasks == t], minlength=num_experts).float()
-                for t in tasks.unique().tolist()}
+        tasks = torch.cat([t for t, _ in self._task_routes]).cpu()
+        counts = torch.cat([c for _, c in self._task_routes]).cpu()
+        return {int(t): counts[tasks == t].sum(0) for t in tasks.unique().tolist()}
 
     # ------------------------------------------------------------------ logging
 

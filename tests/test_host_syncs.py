@@ -171,6 +171,14 @@ def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):
                                 model.runtime.last, torch.tensor([0, 1]))
     assert not counter.sites, counter.sites
     assert trainer._count == 3
+    # the per-task loads equal a direct count of the valid routes of each sequence's task
+    record = model.runtime.last
+    ids_per_seq = record.routing.expert_ids.reshape(2, -1)
+    valid = record.valid[:, :, None].expand(2, -1, 2).reshape(2, -1)
+    loads = trainer._task_expert_load()
+    for task in (0, 1):
+        want = torch.bincount(ids_per_seq[task][valid[task]], minlength=4).float() * 3
+        assert torch.equal(loads[task], want)
 
 
 if __name__ == "__main__":
