@@ -121,13 +121,16 @@ finish() {  # summary.txt = the step statuses, then targets.txt
   cat "$OUT/targets.txt" >> "$SUMMARY"
 }
 on_term() {
-  [ -n "${STEP_PID:-}" ] && kill -TERM -- "-$STEP_PID" 2> /dev/null
-  echo "suite stopped (SIGTERM)" | tee -a "$SUMMARY"
+  if [ -n "${STEP_PID:-}" ]; then
+    kill -TERM -- "-$STEP_PID" 2> /dev/null
+    wait "$STEP_PID" 2> /dev/null  # its files complete before they are read
+  fi
+  echo "suite stopped (signal)" | tee -a "$SUMMARY"
   finish
   exit 143
 }
 STEP_PID=
-trap on_term TERM
+trap on_term TERM INT HUP  # INT too: a background step does not get the terminal's Ctrl-C
 
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,8 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def check_finite(name: str, value: object) -> None:
     """ValueError naming ``name`` unless ``value`` is a finite int or float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,7 +184,7 @@ class DATALORAModel(nn.Module):
                 raise ValueError(f"{name}: assisted / prompt-lookup decoding crops the KV "
                                  f"cache, which the shared saliency state cannot follow; "
                                  f"use greedy, sampling or beam search")
-        if runtime.retention < 1.0 and runtime.threshold != runtime.threshold:
+        if runtime.retention < 1.0 and math.isnan(runtime.threshold):
             warnings.warn("keep_threshold is not calibrated: generate() runs the pruned "
                           "layers dense (call runtime.calibrate())", stacklevel=2)
             retention = runtime.retention
@@ -364,17 +365,17 @@ class DATALORAModel(nn.Module):
             embedded = (f.metadata() or {}).get("datalora_config")
         config_file = folder / CONFIG_NAME
         on_disk = config_file.read_text() if config_file.exists() else None
-        if embedded is not None and on_disk is not None and \
-                json.loads(embedded) != json.loads(on_disk):
+        if embedded is not None and on_disk is not None and any(
+                a != b for _, a, b in _function_fields(_config_of(embedded),
+                                                        _config_of(on_disk), self.base_model)):
             raise ValueError(f"path: {config_file} does not match the config stored in "
                              f"{weights.name} (a save interrupted between the two files?); "
                              f"save the adapter again")
         text = embedded if embedded is not None else on_disk
         if text is None:
             return
-        saved = DATALORAConfig.from_dict(json.loads(text))
         differs = [f"{name}: saved {a!r}, this model {b!r}"
-                   for name, a, b in _function_fields(saved, self.config_datalora,
+                   for name, a, b in _function_fields(_config_of(text), self.config_datalora,
                                                       self.base_model) if a != b]
         if differs:
             raise ValueError(f"path: the adapter at {folder} was trained with another config "
@@ -404,16 +405,24 @@ computes. Training-only settings (losses' weights, curriculum, temperatures, dro
 retention), the backend and the base's quantization may differ between save and load."""
 
 
+def _config_of(text: str) -> DATALORAConfig:
+    return DATALORAConfig.from_dict(json.loads(text))
+
+
 def _function_fields(saved: DATALORAConfig, current: DATALORAConfig, base_model: nn.Module):
     """``(name, saved value, current value)`` for :data:`FUNCTION_FIELDS`, normalised:
-    target modules as a set; the pruned range resolved (None = the second half), and only
-    with shared routing (per-layer routing never prunes)."""
+    target modules as a set; the pruned range resolved (None = the second half) and the
+    saliency width compared only with shared routing on both sides (per-layer routing has
+    neither)."""
+    shared = saved.routing == "shared" and current.routing == "shared"
     for name in FUNCTION_FIELDS:
         a, b = getattr(saved, name), getattr(current, name)
         if name == "target_modules":
             a, b = sorted(set(a)), sorted(set(b))
+        elif name == "saliency_hidden_size" and not shared:
+            continue
         elif name == "prune_layers":
-            if saved.routing != "shared" or current.routing != "shared":
+            if not shared:
                 continue
             num_layers = len(find_decoder_layers(base_model))
             a, b = (resolve_prune_range(v, num_layers) for v in (a, b))

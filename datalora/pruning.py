@@ -321,6 +321,7 @@ class _Context:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     # attention mask per window of the pruned layers (None: full attention)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    threshold: float | None = None  # keep_threshold, read once per forward
 
 
 class DATALORARuntime:
@@ -352,7 +353,6 @@ class DATALORARuntime:
         # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
         self.calibrated_retention: float | None = None
         self._warned_stale = False
-        self._threshold_cache: tuple | None = None
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
@@ -375,20 +375,19 @@ class DATALORARuntime:
 
     @property
     def threshold(self) -> float:
-        """``saliency.keep_threshold`` as a float (NaN: not calibrated). Read from the device
-        only when the buffer changed (its storage or version counter): eval forwards and
-        every generated token consult it, and each read would be a host sync."""
+        """``saliency.keep_threshold`` as a float (NaN: not calibrated); a host read."""
         buffer = self.saliency.keep_threshold
-        try:
-            key = (buffer.data_ptr(), buffer.device, buffer._version)
-        except RuntimeError:  # an inference tensor has no version counter: always read
-            return float(buffer)
-        if self._threshold_cache is None or self._threshold_cache[0] != key:
-            _refuse_capture(buffer, "reading a new keep_threshold")
-            self._threshold_cache = (key, float(buffer))
-        return self._threshold_cache[1]
+        _refuse_capture(buffer, "reading keep_threshold")
+        return float(buffer)
 
-    def _threshold_in_use(self) -> float:
+    def _forward_threshold(self, ctx: _Context) -> float:
+        """:attr:`threshold`, read once per forward (each read is a host sync; eval forwards
+        and every generated token consult it)."""
+        if ctx.threshold is None:
+            ctx.threshold = self.threshold
+        return ctx.threshold
+
+    def _threshold_in_use(self, threshold: float) -> float:
         """The calibrated threshold, about to select tokens at eval / generation time; warns
         once when it was calibrated for another retention than the current one (the
         threshold, not the retention, decides what is kept there)."""
@@ -400,7 +399,7 @@ class DATALORARuntime:
                           f"them), not retention {self.retention:g}: call calibrate() again",
                           stacklevel=3)
             self._warned_stale = True
-        return self.threshold
+        return threshold
 
     @contextmanager
     def routing_scope(self, routing: Routing) -> Iterator[None]:
@@ -570,8 +569,10 @@ class DATALORARuntime:
         scores = record.saliency.token_scores
         sel = select_tokens(scores, self.retention, record.valid, tau=self.saliency.tau,
                             noise=self.saliency.training, keep_last=self.keep_last)
-        if not self.saliency.training and self.threshold == self.threshold:  # calibrated
-            sel = self._threshold_selection(scores, record.valid)
+        if not self.saliency.training:
+            threshold = self._forward_threshold(ctx)
+            if threshold == threshold:  # calibrated (not NaN)
+                sel = self._threshold_selection(scores, record.valid, threshold)
         idx = sel.keep_idx
         p = record.keep_prob.gather(1, idx)
         weight = torch.where(sel.valid, 1.0 + (p - p.detach()), torch.zeros_like(p))
@@ -593,8 +594,8 @@ class DATALORARuntime:
         record.kept = sel.keep_mask(seq_len) & record.valid
         record.mode = ctx.mode = "packed"
 
-    def _threshold_selection(self, scores, valid) -> TokenSelection:
-        keep = (scores > self._threshold_in_use()) & valid
+    def _threshold_selection(self, scores, valid, threshold: float) -> TokenSelection:
+        keep = (scores > self._threshold_in_use(threshold)) & valid
         counts = keep.sum(1)
         _refuse_capture(scores, "the calibrated-threshold eval forward (it sizes the packed "
                                 "batch from the kept count)")
@@ -610,14 +611,16 @@ class DATALORARuntime:
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         cache = cache_of(kwargs)
-        if self.retention >= 1.0 or self.threshold != self.threshold:
+        threshold = math.nan if self.retention >= 1.0 else self._forward_threshold(ctx)
+        if threshold != threshold:  # retention 1 or not calibrated: dense
             if self.retention < 1.0 and not self._warned:
                 warnings.warn("keep_threshold is not calibrated: generation with a KV cache "
                               "runs the pruned layers dense (call calibrate())", stacklevel=2)
                 self._warned = True
             keep_new = record.valid.clone()
         else:
-            keep_new = (record.saliency.token_scores > self._threshold_in_use()) & record.valid
+            keep_new = ((record.saliency.token_scores > self._threshold_in_use(threshold))
+                        & record.valid)
         past = getattr(cache, _CACHE_KEEP_ATTR, None) if cache is not None else None
         if cache is not None:
             cached = cache.get_seq_length(self.start) if hasattr(cache, "get_seq_length") else 0

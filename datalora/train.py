@@ -217,8 +217,11 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
     eval_rows = None
     if eval_dataset is not None:  # read before training: a bad path fails now, not hours later
-        eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
-                     load_eval_rows(eval_dataset, limit=eval_limit))
+        try:
+            eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
+                         load_eval_rows(eval_dataset, limit=eval_limit))
+        except (OSError, ValueError) as exc:  # name the argument, not the loader's "source"
+            raise type(exc)(f"eval_dataset: {exc}") from exc
         if not eval_rows:
             raise ValueError(f"eval_dataset: no rows (eval_limit={eval_limit!r})")
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
@@ -310,8 +313,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the phase summary as JSON")
     p.set_defaults(func=run_train, flag_names={
         "name_or_path": "--model", "source": "--dataset", "path": "--resume-from-checkpoint",
-        "max_steps": "--max-steps", "batch_size": "--batch-size", "epochs": "--epochs",
-        "learning_rate": "--learning-rate", "max_length": "--max-length"})
+        "eval_dataset": "--eval-dataset", "max_steps": "--max-steps",
+        "batch_size": "--batch-size", "epochs": "--epochs", "learning_rate": "--learning-rate",
+        "max_length": "--max-length"})
     return p
 
 

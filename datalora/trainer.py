@@ -255,7 +255,8 @@ class DATALORATrainer(Trainer):
             return {}
         tasks = torch.cat([t for t, _ in self._task_routes]).cpu()
         counts = torch.cat([c for _, c in self._task_routes]).cpu()
-        return {int(t): counts[tasks == t].sum(0) for t in tasks.unique().tolist()}
+        loads = {int(t): counts[tasks == t].sum(0) for t in tasks.unique().tolist()}
+        return {t: c for t, c in loads.items() if c.sum() > 0}  # tasks seen only as padding
 
     # ------------------------------------------------------------------ logging
 

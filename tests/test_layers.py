@@ -174,3 +174,11 @@ def test_shared_routing_is_value_checked_once(monkeypatch):
     bad = Routing(expert_ids=torch.full((7, 2), 9), gates=torch.rand(7, 2))
     with pytest.raises(ValueError, match="expert_ids: expected values in"):
         layers[0](x, routing=bad)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    layer = MoLoRALinear(nn.Linear(4, 4), num_experts=4, rank=3, alpha=np.float32(6.0), top_k=2,
+                         dropout=np.float64(0.0))
+    assert layer.scaling == 2.0

@@ -133,6 +133,23 @@ def test_load_refuses_a_config_that_computes_another_function(tmp_path, change):
         tmp_path)
 
 
+def test_load_accepts_changes_that_compute_the_same_function(tmp_path):
+    """Per-layer routing has no saliency network (its width is irrelevant); an edited
+    adapter_config.json that changes only settings such as the backend still loads."""
+    import json
+
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(tmp_path)
+    get_datalora_model(build_tiny_model(seed=0),
+                       DATALORAConfig(**(CFG | {"saliency_hidden_size": 32})),
+                       verbose=False).load_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(backend="torch", lora_dropout=0.1)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    assert loaded.config_datalora.backend == "torch"
+
+
 def test_load_into_another_dtype_warns_that_it_casts(tmp_path):
     import warnings
 

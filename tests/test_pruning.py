@@ -282,3 +282,19 @@ def test_gradient_checkpointing_is_rejected():
     ids, mask = batch()
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_eval_uses_the_threshold_however_it_was_written():
+    """The threshold is read once per forward, so writes that bypass the version counter
+    (``.data.fill_``) are seen too."""
+    model = datalora_model()
+    model.set_curriculum_state(retention=0.5)
+    ids, mask = batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model.runtime.calibrate(model.runtime.last.saliency.token_scores, mask.bool())
+        model(input_ids=ids, attention_mask=mask)
+        kept_calibrated = model.runtime.last.kept.sum()
+        model.saliency.keep_threshold.data.fill_(1e9)  # keeps nothing above it
+        model(input_ids=ids, attention_mask=mask)
+    assert model.runtime.last.kept.sum() == 0 < kept_calibrated

@@ -253,6 +253,17 @@ def test_cli_errors_name_the_flag_the_user_typed():
         "--dataset (source): no such file or folder: x"
     assert name_the_flag("other: bad", flags) == "other: bad"
     assert name_the_flag("no colon here", flags) == "no colon here"
+    from datalora.cli import build_parser
+
+    train_flags = build_parser().parse_args(["train"]).flag_names
+    assert train_flags["eval_dataset"] == "--eval-dataset"
     p = subprocess.run([sys.executable, "-m", "datalora", "demo", "--retention", "1.5"],
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert p.returncode == 2 and "error: --retention (target_retention): expected" in p.stderr
+
+
+def test_train_names_a_bad_eval_dataset():
+    from datalora.train import train_datalora
+
+    with pytest.raises(FileNotFoundError, match="eval_dataset: "):
+        train_datalora(eval_dataset="/nonexistent/eval.jsonl", max_steps=1)

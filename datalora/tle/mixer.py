@@ -4,6 +4,7 @@ model as MoLoRA experts, routes them per token, generates, and saves / loads its
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -107,7 +108,7 @@ class TokenLevelAdapterMixer(nn.Module):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
             raise ValueError(f"top_k: expected an int in [1, {N}], got {top_k!r}")
         _check_mode(mode, every_n)
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) \
                 or not 0 < tau < float("inf"):
             raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
         if centroids is not None:
