@@ -45,9 +45,9 @@ def _is_target(name: str, targets: list[str]) -> bool:
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
     replaced = []
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear)}
-    for name, module in list(model.named_modules()):
+    modules = list(model.named_modules())  # before replacing: one walk serves both uses
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)}
+    for name, module in modules:
         if isinstance(module, nn.Linear) and _is_target(name, config.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -76,8 +76,6 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
 def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
     """Shared routing covers the tokens of the decoder layers: a target outside them (the LM
     head) would train, then fail in generate() (``logits_to_keep`` gives it fewer tokens)."""
-    from datalora.pruning import find_decoder_layers
-
     inside = {id(m) for m in find_decoder_layers(model).modules()}
     outside = [n for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and _is_target(n, targets) and id(m) not in inside]
@@ -364,18 +362,18 @@ class DATALORAModel(nn.Module):
         with safe_open(str(weights), framework="pt") as f:
             embedded = (f.metadata() or {}).get("datalora_config")
         config_file = folder / CONFIG_NAME
-        on_disk = config_file.read_text() if config_file.exists() else None
-        if embedded is not None and on_disk is not None and any(
-                a != b for _, a, b in _function_fields(_config_of(embedded),
-                                                        _config_of(on_disk), self.base_model)):
+        in_weights = None if embedded is None else _config_of(embedded)
+        on_disk = _config_of(config_file.read_text()) if config_file.exists() else None
+        if in_weights is not None and on_disk is not None and any(
+                a != b for _, a, b in _function_fields(in_weights, on_disk, self.base_model)):
             raise ValueError(f"path: {config_file} does not match the config stored in "
                              f"{weights.name} (a save interrupted between the two files?); "
                              f"save the adapter again")
-        text = embedded if embedded is not None else on_disk
-        if text is None:
+        saved = in_weights if in_weights is not None else on_disk
+        if saved is None:
             return
         differs = [f"{name}: saved {a!r}, this model {b!r}"
-                   for name, a, b in _function_fields(_config_of(text), self.config_datalora,
+                   for name, a, b in _function_fields(saved, self.config_datalora,
                                                       self.base_model) if a != b]
         if differs:
             raise ValueError(f"path: the adapter at {folder} was trained with another config "

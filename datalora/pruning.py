@@ -194,8 +194,7 @@ def _refuse_capture(tensor: torch.Tensor, what: str) -> None:
     CUDA graph capture."""
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(f"CUDA graph capture: {what} reads the device on the host, which a "
-                         f"capture cannot do; capture a training-mode forward or generation "
-                         f"with a KV cache, or read the threshold once before capturing")
+                         f"capture cannot do; capture a training-mode forward instead")
 
 
 _TAKES_POSITIONS: dict[type, bool] = {}

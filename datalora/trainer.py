@@ -235,17 +235,17 @@ class DATALORATrainer(Trainer):
             (rank_scale * valid[:, None]).sum() / (denom * rank_scale.shape[-1])])
         self._sums = values if self._sums is None else self._sums + values
         self._count += 1
+        # routes per expert of each sequence [B, E]; their sum is the expert load
         num_experts = self.datalora_config.num_lora_experts
+        bsz = record.valid.shape[0]
         ids = routing.expert_ids.long()
         route_valid = valid[:, None].expand_as(ids)
-        counts = torch.zeros(num_experts, device=device).scatter_add_(
-            0, ids.reshape(-1).clamp(0, num_experts - 1), route_valid.reshape(-1).float())
+        per_sequence = torch.zeros(bsz, num_experts, device=device).scatter_add_(
+            1, ids.reshape(bsz, -1).clamp(0, num_experts - 1),
+            route_valid.reshape(bsz, -1).float())
+        counts = per_sequence.sum(0)
         self._load = counts if self._load is None else self._load + counts
-        if task_ids is not None:  # per sequence: its task and its routes per expert
-            bsz = record.valid.shape[0]
-            per_sequence = torch.zeros(bsz, num_experts, device=device).scatter_add_(
-                1, ids.reshape(bsz, -1).clamp(0, num_experts - 1),
-                route_valid.reshape(bsz, -1).float())
+        if task_ids is not None:
             self._task_routes.append((task_ids.to(device).reshape(-1), per_sequence))
 
     def _task_expert_load(self) -> dict[int, torch.Tensor]:
