@@ -8,7 +8,8 @@ Groups (all inference, under ``torch.no_grad``; bf16 on GPU, fp32 on CPU):
 * ``dequant``: ``nf4.dequantize`` (``datalora._C`` kernel on GPU, torch elsewhere) vs
   ``bnb.functional.dequantize_4bit``, double-quantized weight; GB/s counts packed bytes +
   absmax read and output written.
-* ``decode`` (T = 1..16): the fused ``nf4_molora_linear`` (one pass over W + LoRA expand)
+* ``decode`` (T = 1..16): the fused ``nf4_molora_linear`` (one launch: one pass over W, LoRA
+  shrink and expand in the same kernel)
   vs ``bnb.matmul_4bit`` + a PEFT-style per-expert LoRA add (``benchmarks.baselines``);
   ``hbm_frac`` = 4-bit weight bytes / time / peak bandwidth (target >= 0.70 on H100 at
   4096 x 14336, T = 1).

@@ -155,13 +155,21 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t nested_code, uintptr_t offset, int blocksize, uintptr_t bias, uintptr_t A,
            uintptr_t B, uintptr_t ids, uintptr_t gates, uintptr_t rank_scale, uintptr_t z,
            uintptr_t y, int T, int K, int N, int E, int r, int k, float scaling, int dtype,
-           uintptr_t stream) {
+           uintptr_t workspace, int workspace_ints, uintptr_t stream) {
           const DecodeCall c = check_decode(x, w, absmax, nested_absmax, nested_code, offset,
                                             blocksize, A, B, ids, gates, rank_scale, z, y, T, K,
                                             N, E, r, k, scaling, dtype, true);
+          if (k > 0) {
+            need("workspace", workspace);
+            if (workspace % alignof(int) != 0)
+              fail("workspace: expected a 4-byte aligned data_ptr, got address ", workspace);
+            if (workspace_ints < datalora::kDecodeWorkspaceInts)
+              fail("workspace_ints: expected >= ", datalora::kDecodeWorkspaceInts, ", got ",
+                   workspace_ints);
+          }
           check_cuda(datalora::nf4_molora_decode_cuda(
                          ptr<const void>(x), ptr<const uint8_t>(w), c.sc, ptr<const void>(bias),
-                         c.lora, ptr<void>(y), c.dt, T, K, N,
+                         c.lora, ptr<void>(y), c.dt, T, K, N, ptr<int>(workspace),
                          reinterpret_cast<cudaStream_t>(stream)),
                      "nf4_molora_decode launch");
         },
@@ -169,8 +177,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nested_code"), py::arg("offset"), py::arg("blocksize"), py::arg("bias"),
         py::arg("A"), py::arg("B"), py::arg("ids"), py::arg("gates"), py::arg("rank_scale"),
         py::arg("z"), py::arg("y"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("E"),
-        py::arg("r"), py::arg("k"), py::arg("scaling"), py::arg("dtype"), py::arg("stream"),
-        "y = x @ dequant(W)^T + bias + MoLoRA delta for 1..16 tokens (device pointers).");
+        py::arg("r"), py::arg("k"), py::arg("scaling"), py::arg("dtype"), py::arg("workspace"),
+        py::arg("workspace_ints"), py::arg("stream"),
+        "y = x @ dequant(W)^T + bias + MoLoRA delta for 1..16 tokens in one launch (device "
+        "pointers; workspace: decode_workspace_ints() int32, zero, one stream at a time).");
+
+  m.def("decode_workspace_ints", []() { return datalora::kDecodeWorkspaceInts; },
+        "int32 words of the workspace nf4_molora_decode needs (zero-filled once; the kernel "
+        "leaves it zero).");
 
   m.def("nf4_molora_decode_host",
         [](uintptr_t x, uintptr_t w, uintptr_t absmax, uintptr_t nested_absmax,

@@ -3,10 +3,16 @@
 // dequant: one thread decodes a 32-value chunk (16 packed bytes, one uint4 load; a chunk
 //   never straddles an absmax block because blocksize >= 32 is a multiple of 32) and writes
 //   it with 16-byte stores; the n % 32 tail is decoded value by value.
-// decode (small T): launch 1 (shrink) computes z[t, j, :] = scaling * g[t,j] * rs[t] *
-//   (A[e_tj] x[t]) with one warp per (t, j, rank); launch 2 streams each NF4 row of W once
-//   (one warp per output row, uint4 loads), dots it with the T tokens and adds bias and the
-//   routed experts' expand sum_{j,i} z[t,j,i] B[e_tj, o, i] before the single store of y.
+// decode (small T), one launch: y[t] = W x[t] + bias + sum_{j,i} z[t,j,i] B[e_tj, o, i] with
+//   z[t, j, :] = scaling * g[t,j] * rs[t] * (A[e_tj] x[t]). One warp per output row streams
+//   its NF4 row of W once (uint4 loads) and dots it with the T tokens; the k*r shrink dot
+//   products ("tasks", one warp each) are cut into chunks of kDecodeWarps tasks that the
+//   first CTAs compute before their own rows, so the shrink overlaps the weight stream and
+//   only the expand, at the very end, waits for z. The wait is a cross-CTA handshake on a
+//   three-int workspace (DecodeSync below): a CTA that finds z unfinished first claims and
+//   computes any chunk nobody has started, so it only ever waits on CTAs that are running
+//   (no deadlock whatever order the hardware starts CTAs in), and the last CTA to exit
+//   zeroes the workspace for the next launch on the stream.
 //   The kernel is bound by reading W (K*N/2 bytes): x, A and B are small and stay in L2.
 #include <algorithm>
 #include <vector>
@@ -75,13 +81,20 @@ dequant_nf4_kernel(const uint8_t* __restrict__ data, NF4Scales sc, T* __restrict
   if (i < n) out[i] = from_float<T>(nf4_at(data, sc, i));
 }
 
+// Words of the decode workspace (int32, zero between launches).
+enum DecodeSync : int { kNextChunk = 0, kChunksDone = 1, kCtasExited = 2 };
+
+__device__ __forceinline__ int load_volatile(const int* p) {
+  return *reinterpret_cast<const volatile int*>(p);
+}
+
+// Shrink task `task` (route t*k + j, rank i) by one warp: z[task] = dot(A[e, i], x[t]) times
+// the route's scale. Lane 0 stores it and fences, so the store is visible device-wide before
+// the CTA reports the chunk done.
 template <typename T>
-__global__ void molora_shrink_kernel(const T* __restrict__ x, MoLoRAArgs lora, int T_, int K) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  const int total = T_ * lora.k * lora.r;
-  if (warp >= total) return;
-  const int i = warp % lora.r, route = warp / lora.r, t = route / lora.k;
+__device__ void shrink_task(const T* __restrict__ x, const MoLoRAArgs& lora, int task, int K,
+                            int lane) {
+  const int i = task % lora.r, route = task / lora.r, t = route / lora.k;
   const int e = expert_of(lora, route);
   const T* a = static_cast<const T*>(lora.A) + (static_cast<int64_t>(e) * lora.r + i) * K;
   const T* xt = x + static_cast<int64_t>(t) * K;
@@ -97,67 +110,127 @@ __global__ void molora_shrink_kernel(const T* __restrict__ x, MoLoRAArgs lora, i
   }
   acc = warp_sum(acc);
   if (lane == 0) {
-    lora.z[warp] = acc * route_scale(lora, route, t, i);
+    lora.z[task] = acc * route_scale(lora, route, t, i);
+    __threadfence();
   }
 }
 
+// The CTA claims the next unstarted shrink chunk and computes it (warp w: task
+// chunk * kDecodeWarps + w); false when every chunk is already claimed. CTA-uniform.
+template <typename T>
+__device__ bool run_next_chunk(const T* __restrict__ x, const MoLoRAArgs& lora, int tasks,
+                               int chunks, int K, int* ws) {
+  __shared__ int chunk;
+  if (threadIdx.x == 0) {
+    chunk = load_volatile(ws + kNextChunk) < chunks ? atomicAdd(ws + kNextChunk, 1) : chunks;
+  }
+  __syncthreads();
+  const int c = chunk;
+  __syncthreads();  // `chunk` is rewritten by the next call
+  if (c >= chunks) return false;
+  const int task = c * kDecodeWarps + threadIdx.x / 32;
+  if (task < tasks) shrink_task(x, lora, task, K, threadIdx.x % 32);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(ws + kChunksDone, 1);
+  return true;
+}
+
+// Occupancy floor per token tile: 4 CTAs / SM (<= 64 registers) for 1-2 tokens; 3 for more,
+// where ptxas otherwise settles on 64 registers with a spill.
 template <typename T, int TT>
-__global__ void __launch_bounds__(kDecodeWarps * 32)
-nf4_gemv_molora_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Scales sc,
-                       const T* __restrict__ bias, MoLoRAArgs lora, T* __restrict__ y, int T_,
-                       int K, int N) {
+__global__ void __launch_bounds__(kDecodeWarps * 32, TT <= 2 ? 4 : 3)
+nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Scales sc,
+                  const T* __restrict__ bias, MoLoRAArgs lora, T* __restrict__ y, int T_, int K,
+                  int N, int* ws) {
+  const int tasks = T_ * lora.k * lora.r;
+  const int chunks = (tasks + kDecodeWarps - 1) / kDecodeWarps;
+  // 1. the first `chunks` CTAs each compute a shrink chunk before their rows
+  if (static_cast<int>(blockIdx.x) < chunks) run_next_chunk(x, lora, tasks, chunks, K, ws);
+
+  // 2. base GEMV: this warp's output row against the T tokens
   const int o = blockIdx.x * kDecodeWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (o >= N) return;
   float acc[TT];
 #pragma unroll
   for (int t = 0; t < TT; ++t) acc[t] = 0.f;
-  const int64_t row = static_cast<int64_t>(o) * K;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + row / 2);
-  constexpr int V = Vec16<T>::n;
-  for (int c = lane; c < K / kChunk; c += 32) {
-    const uint4 packed = __ldg(wrow + c);
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
-    // rounded to T: the same weights dequantize() + matmul would use
-    T wq[kChunk];
-    nf4_decode_chunk(bytes, sc.block((row + static_cast<int64_t>(c) * kChunk) / sc.blocksize),
-                     wq);
-    float wv[kChunk];
+  if (o < N) {
+    const int64_t row = static_cast<int64_t>(o) * K;
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + row / 2);
+    constexpr int V = Vec16<T>::n;
+    for (int c = lane; c < K / kChunk; c += 32) {
+      const uint4 packed = __ldg(wrow + c);
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
+      // rounded to T: the same weights dequantize() + matmul would use
+      T wq[kChunk];
+      nf4_decode_chunk(bytes, sc.block((row + static_cast<int64_t>(c) * kChunk) / sc.blocksize),
+                       wq);
+      float wv[kChunk];
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) wv[j] = to_float(wq[j]);
+      for (int j = 0; j < kChunk; ++j) wv[j] = to_float(wq[j]);
 #pragma unroll
-    for (int t = 0; t < TT; ++t) {
-      if (t < T_) {
-        const uint4* xv = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * K) +
-                          c * (kChunk / V);
+      for (int t = 0; t < TT; ++t) {
+        if (t < T_) {
+          const uint4* xv = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * K) +
+                            c * (kChunk / V);
 #pragma unroll
-        for (int q = 0; q < kChunk / V; ++q) {
-          const uint4 xq = __ldg(xv + q);
-          const T* xe = reinterpret_cast<const T*>(&xq);
+          for (int q = 0; q < kChunk / V; ++q) {
+            const uint4 xq = __ldg(xv + q);
+            const T* xe = reinterpret_cast<const T*>(&xq);
 #pragma unroll
-          for (int j = 0; j < V; ++j) acc[t] += wv[q * V + j] * to_float(xe[j]);
+            for (int j = 0; j < V; ++j) acc[t] += wv[q * V + j] * to_float(xe[j]);
+          }
         }
       }
     }
   }
-  // expand of the routed experts: lanes split the k*r terms of each token
-  const int kr = lora.k * lora.r;
-  const T* Bm = static_cast<const T*>(lora.B);
+
+  // 3. row sums, parked in shared memory while the CTA helps with shrink chunks nobody has
+  //    started (rare: those chunks' own CTAs run first), then wait until every chunk is done
+  __shared__ float parked[kDecodeWarps][TT];
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
-    if (t < T_) {
-      for (int idx = lane; idx < kr; idx += 32) {
-        const int j = idx / lora.r, i = idx % lora.r;
-        const int e = expert_of(lora, t * lora.k + j);
-        const float b = to_float(Bm[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
-        acc[t] += lora.z[t * kr + idx] * b;
-      }
-      const float v = warp_sum(acc[t]);
-      if (lane == 0) {
-        const float bv = bias != nullptr ? to_float(bias[o]) : 0.f;
-        y[static_cast<int64_t>(t) * N + o] = from_float<T>(v + bv);
+    const float row_sum = warp_sum(acc[t]);
+    if (lane == 0) parked[threadIdx.x / 32][t] = row_sum;
+  }
+  if (chunks > 0) {
+    while (run_next_chunk(x, lora, tasks, chunks, K, ws)) {
+    }
+    if (threadIdx.x == 0) {
+      while (load_volatile(ws + kChunksDone) < chunks) __nanosleep(64);
+      __threadfence();
+    }
+  }
+  __syncthreads();
+
+  // 4. expand of the routed experts (lanes split the k*r terms of a token), bias, one store
+  if (o < N) {
+    const int kr = lora.k * lora.r;
+    const T* Bm = static_cast<const T*>(lora.B);
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      if (t < T_) {
+        float lora_sum = 0.f;
+        for (int idx = lane; idx < kr; idx += 32) {
+          const int j = idx / lora.r, i = idx % lora.r;
+          const int e = expert_of(lora, t * lora.k + j);
+          const float b = to_float(Bm[(static_cast<int64_t>(e) * N + o) * lora.r + i]);
+          lora_sum += __ldcg(lora.z + t * kr + idx) * b;  // L2: written by other CTAs
+        }
+        const float v = parked[threadIdx.x / 32][t] + warp_sum(lora_sum);
+        if (lane == 0) {
+          const float bv = bias != nullptr ? to_float(bias[o]) : 0.f;
+          y[static_cast<int64_t>(t) * N + o] = from_float<T>(v + bv);
+        }
       }
     }
+  }
+
+  // 5. the last CTA out (every other one is past its last workspace access) zeroes it
+  if (chunks > 0 && threadIdx.x == 0 &&
+      atomicAdd(ws + kCtasExited, 1) == static_cast<int>(gridDim.x) - 1) {
+    ws[kNextChunk] = 0;
+    ws[kChunksDone] = 0;
+    ws[kCtasExited] = 0;
   }
 }
 
@@ -174,26 +247,26 @@ cudaError_t launch_dequant(const uint8_t* data, const NF4Scales& sc, T* out, int
 }
 
 template <typename T, int TT>
-void launch_gemv(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
-                 const MoLoRAArgs& lora, T* y, int T_, int K, int N, cudaStream_t stream) {
-  const unsigned blocks = (N + kDecodeWarps - 1) / kDecodeWarps;
-  nf4_gemv_molora_kernel<T, TT><<<blocks, kDecodeWarps * 32, 0, stream>>>(
-      x, w, sc, bias, lora, y, T_, K, N);
+void launch_decode_tt(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
+                      const MoLoRAArgs& lora, T* y, int T_, int K, int N, int* ws,
+                      cudaStream_t stream) {
+  // one CTA per kDecodeWarps rows, and at least one per shrink chunk
+  const int64_t chunks = (static_cast<int64_t>(T_) * lora.k * lora.r + kDecodeWarps - 1) /
+                         kDecodeWarps;
+  const int64_t blocks = std::max<int64_t>((N + kDecodeWarps - 1) / kDecodeWarps, chunks);
+  nf4_decode_kernel<T, TT><<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(
+      x, w, sc, bias, lora, y, T_, K, N, ws);
 }
 
 template <typename T>
 cudaError_t launch_decode(const T* x, const uint8_t* w, const NF4Scales& sc, const T* bias,
-                          const MoLoRAArgs& lora, T* y, int T_, int K, int N,
+                          const MoLoRAArgs& lora, T* y, int T_, int K, int N, int* ws,
                           cudaStream_t stream) {
-  const int warps = T_ * lora.k * lora.r;
-  if (warps > 0) {
-    molora_shrink_kernel<T><<<(warps + 7) / 8, 256, 0, stream>>>(x, lora, T_, K);
-  }
-  if (T_ <= 1) launch_gemv<T, 1>(x, w, sc, bias, lora, y, T_, K, N, stream);
-  else if (T_ <= 2) launch_gemv<T, 2>(x, w, sc, bias, lora, y, T_, K, N, stream);
-  else if (T_ <= 4) launch_gemv<T, 4>(x, w, sc, bias, lora, y, T_, K, N, stream);
-  else if (T_ <= 8) launch_gemv<T, 8>(x, w, sc, bias, lora, y, T_, K, N, stream);
-  else launch_gemv<T, 16>(x, w, sc, bias, lora, y, T_, K, N, stream);
+  if (T_ <= 1) launch_decode_tt<T, 1>(x, w, sc, bias, lora, y, T_, K, N, ws, stream);
+  else if (T_ <= 2) launch_decode_tt<T, 2>(x, w, sc, bias, lora, y, T_, K, N, ws, stream);
+  else if (T_ <= 4) launch_decode_tt<T, 4>(x, w, sc, bias, lora, y, T_, K, N, ws, stream);
+  else if (T_ <= 8) launch_decode_tt<T, 8>(x, w, sc, bias, lora, y, T_, K, N, ws, stream);
+  else launch_decode_tt<T, 16>(x, w, sc, bias, lora, y, T_, K, N, ws, stream);
   return cudaGetLastError();
 }
 
@@ -267,14 +340,14 @@ void dequantize_nf4_host(const uint8_t* data, const NF4Scales& sc, void* out, DT
 
 cudaError_t nf4_molora_decode_cuda(const void* x, const uint8_t* w, const NF4Scales& sc,
                                    const void* bias, const MoLoRAArgs& lora, void* y, DType dt,
-                                   int T, int K, int N, cudaStream_t stream) {
+                                   int T, int K, int N, int* workspace, cudaStream_t stream) {
   if (dt == DType::kFloat16)
     return launch_decode(static_cast<const __half*>(x), w, sc, static_cast<const __half*>(bias),
-                         lora, static_cast<__half*>(y), T, K, N, stream);
+                         lora, static_cast<__half*>(y), T, K, N, workspace, stream);
   if (dt == DType::kBFloat16)
     return launch_decode(static_cast<const __nv_bfloat16*>(x), w, sc,
                          static_cast<const __nv_bfloat16*>(bias), lora,
-                         static_cast<__nv_bfloat16*>(y), T, K, N, stream);
+                         static_cast<__nv_bfloat16*>(y), T, K, N, workspace, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -31,14 +31,20 @@ struct MoLoRAArgs {
   float scaling;
 };
 
+// One launch. `workspace`: kDecodeWorkspaceInts int32 on the device, zero before the launch
+// and zero again after it (the kernel resets it), used by one stream at a time; unused (may
+// be null) when k == 0.
 cudaError_t nf4_molora_decode_cuda(const void* x, const uint8_t* w, const NF4Scales& sc,
                                    const void* bias, const MoLoRAArgs& lora, void* y, DType dt,
-                                   int T, int K, int N, cudaStream_t stream);
+                                   int T, int K, int N, int* workspace, cudaStream_t stream);
 void nf4_molora_decode_host(const void* x, const uint8_t* w, const NF4Scales& sc,
                             const void* bias, const MoLoRAArgs& lora, void* y, DType dt, int T,
                             int K, int N);
 
 // Largest T the fused decode kernel is compiled for.
 constexpr int kMaxDecodeTokens = 16;
+
+// Size of the decode kernel's cross-CTA workspace, in int32.
+constexpr int kDecodeWorkspaceInts = 3;
 
 }  // namespace datalora

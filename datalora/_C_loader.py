@@ -166,6 +166,27 @@ def _aligned16(v: torch.Tensor) -> torch.Tensor:
     return v.clone() if v.data_ptr() % 16 else v
 
 
+# Zeroed int32 workspaces of the one-launch decode kernel, one per (device, stream): the
+# kernel leaves its workspace zero, so a stream reuses it with no memset per call; two
+# streams never share one (their launches could overlap).
+_DECODE_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _decode_workspace(device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
+    """The zeroed workspace for a decode launch on ``stream``. Under CUDA-graph capture a
+    fresh one, zeroed inside the graph: a cached workspace would be filled at replay only,
+    and outside the graph it would never be zeroed."""
+    ints = load().decode_workspace_ints()
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(ints, dtype=torch.int32, device=device)
+    key = (device.index, stream.cuda_stream)
+    workspace = _DECODE_WORKSPACES.get(key)
+    if workspace is None:  # zeroed on `stream` itself: ordered before the launch
+        workspace = _DECODE_WORKSPACES[key] = torch.zeros(ints, dtype=torch.int32,
+                                                           device=device)
+    return workspace
+
+
 def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_call,
             check_values=True):
     T, K = x2.shape
@@ -206,8 +227,10 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
                 dtype=_DTYPE_CODE[dt], **_scales(t))
     if device_call:
         with torch.cuda.device(x2.device):
-            load().nf4_molora_decode(stream=torch.cuda.current_stream(x2.device).cuda_stream,
-                                     **args)
+            stream = torch.cuda.current_stream(x2.device)
+            workspace = _decode_workspace(x2.device, stream)
+            load().nf4_molora_decode(workspace=_ptr(workspace), workspace_ints=workspace.numel(),
+                                     stream=stream.cuda_stream, **args)
     else:
         load().nf4_molora_decode_host(**args)
     return y

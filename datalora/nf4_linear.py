@@ -7,8 +7,9 @@
   re-dequantizes W instead of keeping a full-precision copy alive.
 - :func:`nf4_molora_linear`: ``base(x) + molora_delta(...)`` for an NF4 base (``NF4Linear`` or
   an nf4 ``bnb.nn.Linear4bit``); on a GPU with ``datalora._C``, 1..16 tokens and no gradient
-  needed it runs the fused decode kernel (one pass over the 4-bit weight, LoRA expand in the
-  same kernel).
+  needed it runs the fused decode kernel: one launch that streams the 4-bit weight once, with
+  the LoRA shrink computed by the first CTAs alongside and the expand added before the single
+  store of y.
 
   Every other call (large T, training) defaults to ``nf4.dequantize`` + cuBLAS + a separate
   ``molora_delta``. With ``DATALORA_NF4_FUSED=1`` and the triton backend (and the dense shrink

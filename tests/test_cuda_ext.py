@@ -240,6 +240,31 @@ def test_boundary_rejects_bad_arguments():
         _C_loader.nf4_molora_decode_cuda(x, tw, bias, A, B, ids, gates)
 
 
+@needs_ext
+def test_decode_boundary_checks_the_workspace_before_launching():
+    """The one-launch decode's cross-CTA workspace is checked at the boundary (on the CPU
+    the checks run before any CUDA call, so they are testable here)."""
+    C = _C_loader.load()
+    assert C.decode_workspace_ints() == 3
+    x, A, B, ids, gates, rs, bias = _lora(2, 64, 8, 3, 4, 2, torch.bfloat16)
+    tw = nf4.quantize(torch.randn(8, 64))
+    z, y = torch.empty(2 * 2 * 4), torch.empty(2, 8, dtype=torch.bfloat16)
+    ids32 = ids.to(torch.int32)
+    workspace = torch.zeros(4, dtype=torch.int32)
+    args = dict(x=x.data_ptr(), w=tw.data.data_ptr(), absmax=tw.absmax.data_ptr(),
+                nested_absmax=0, nested_code=0, offset=0, blocksize=64, bias=bias.data_ptr(),
+                A=A.data_ptr(), B=B.data_ptr(), ids=ids32.data_ptr(), gates=gates.data_ptr(),
+                rank_scale=rs.data_ptr(), z=z.data_ptr(), y=y.data_ptr(), T=2, K=64, N=8, E=3,
+                r=4, k=2, scaling=1.0, dtype=2, workspace=workspace.data_ptr(),
+                workspace_ints=3, stream=0)
+    with pytest.raises(ValueError, match="workspace: expected a non-null"):
+        C.nf4_molora_decode(**{**args, "workspace": 0})
+    with pytest.raises(ValueError, match="workspace: expected a 4-byte aligned"):
+        C.nf4_molora_decode(**{**args, "workspace": workspace.data_ptr() + 2})
+    with pytest.raises(ValueError, match="workspace_ints: expected >= 3, got 2"):
+        C.nf4_molora_decode(**{**args, "workspace_ints": 2})
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @needs_ext
@@ -276,6 +301,66 @@ def test_decode_cuda_matches_reference(T, K, N, E, r, k, dtype, atol, rtol):
     xd, bd, Ad, Bd, idd, gd, rsd = cuda
     y = _C_loader.nf4_molora_decode_cuda(xd, t.to("cuda"), bd, Ad, Bd, idd, gd, rsd, 2.0)
     torch.testing.assert_close(y.float().cpu(), ref, atol=atol, rtol=rtol)
+
+
+def _decode_case(T, K, N, E, r, k, seed):
+    """Inputs on the GPU and the fp32 reference of one bf16 decode call."""
+    x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, torch.bfloat16, seed)
+    t = nf4.quantize(_weight((N, K), torch.bfloat16, seed), 64, True)
+    ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
+    return [v.cuda() for v in (x, bias, A, B, ids, gates, rs)], t.to("cuda"), ref
+
+
+def _workspace_of_current_stream():
+    stream = torch.cuda.current_stream()
+    return _C_loader._DECODE_WORKSPACES[(stream.device.index, stream.cuda_stream)]
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("T, K, N, E, r, k", [
+    (16, 64, 8, 8, 16, 8),     # 256 shrink chunks, one CTA of rows: most CTAs only shrink
+    (1, 4096, 14336, 8, 16, 2),  # 4 chunks, 1792 CTAs of rows
+])
+def test_decode_cuda_workspace_is_left_zero_for_the_next_launch(T, K, N, E, r, k):
+    """Back-to-back launches on one stream share a workspace: each must find it zero (the
+    last CTA of the previous launch resets it), or z would be read before it is written."""
+    for seed in range(3):
+        (x, bias, A, B, ids, gates, rs), t, ref = _decode_case(T, K, N, E, r, k, seed)
+        y = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
+        torch.testing.assert_close(y.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+        torch.cuda.synchronize()
+        assert _workspace_of_current_stream().count_nonzero().item() == 0
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_decode_cuda_on_two_streams_and_in_a_cuda_graph():
+    """Each stream gets its own workspace; a captured decode zeroes a workspace inside the
+    graph and replays correctly with new inputs."""
+    (x, bias, A, B, ids, gates, rs), t, ref = _decode_case(4, 256, 96, 4, 8, 2, 0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_side = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
+        side_workspace = _workspace_of_current_stream()
+    y_main = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
+    torch.cuda.synchronize()
+    assert side_workspace.data_ptr() != _workspace_of_current_stream().data_ptr()
+    torch.testing.assert_close(y_side.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y_main.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0,
+                                                   check_values=False)
+    for seed in (1, 2):
+        (x2, _, A2, _, ids2, gates2, rs2), _, _ = _decode_case(4, 256, 96, 4, 8, 2, seed)
+        for static, new in ((x, x2), (A, A2), (ids, ids2), (gates, gates2), (rs, rs2)):
+            static.copy_(new)
+        graph.replay()
+        want = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
+        torch.testing.assert_close(y_graph, want, atol=0, rtol=0)
 
 
 @pytest.mark.gpu
