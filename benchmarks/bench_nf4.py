@@ -47,6 +47,7 @@ NF4_FUSED_ENV = {"DATALORA_NF4_FUSED": "1"}
 NF4_METHODS = ("nf4_molora", "triton_nf4_fused")  # large_t methods with a target
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM HBM peaks
 
+GROUPS = ("dequant", "decode", "large_t")
 PRESETS = {
     "gpu": dict(dtype=torch.bfloat16, dequant=[(4096, 4096), (4096, 14336), (14336, 4096)],
                 decode=[(T, 4096, 14336) for T in (1, 2, 4, 8, 16)] + [(1, 4096, 4096)],
@@ -192,9 +193,8 @@ def plot(path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    groups = ("dequant", "decode", "large_t")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, group in zip(axes, groups, strict=True):
+    for ax, group in zip(axes, GROUPS, strict=True):
         rows = [r for r in data["rows"] if r["group"] == group]
         labels = sorted({r["method"] for r in rows})
         keys = sorted({json.dumps(r.get("shape") or [r["T"], r["d_in"], r["d_out"]])
@@ -220,21 +220,30 @@ def plot(path: Path) -> Path:
     return out
 
 
-def run(preset: str, out_dir: Path, device: torch.device | None = None) -> Path:
+def run(preset: str, out_dir: Path, device: torch.device | None = None,
+        groups: tuple[str, ...] = GROUPS) -> Path:
+    """Times the preset's cases of ``groups`` and writes ``nf4_<preset>.json``."""
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"groups: expected a subset of {GROUPS}, got {unknown}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = PRESETS[preset]
     timer = _timer(device)
     if device.type == "cpu":
         base_timer = timer
         timer = lambda steps: base_timer(steps, p.get("budget_s", 0.5))  # noqa: E731
+    rows = []
     with torch.no_grad():
-        rows = (bench_dequant(p["dequant"], p["dtype"], device, timer)
-                + bench_decode(p["decode"], p, device, timer, _peak_gbs(device))
-                + bench_large_t(p["large_t"], p, device, timer))
+        if "dequant" in groups:
+            rows += bench_dequant(p["dequant"], p["dtype"], device, timer)
+        if "decode" in groups:
+            rows += bench_decode(p["decode"], p, device, timer, _peak_gbs(device))
+        if "large_t" in groups:
+            rows += bench_large_t(p["large_t"], p, device, timer)
     if device.type == "cuda":
         add_floors(rows, torch.cuda.get_device_name(device), p)
     meta = _metadata("gpu" if device.type == "cuda" else "cpu", device, [])
-    meta.update(preset=preset, dtype=str(p["dtype"]).removeprefix("torch."),
+    meta.update(preset=preset, groups=list(groups), dtype=str(p["dtype"]).removeprefix("torch."),
                 extension=_C_loader.available(), peak_gbs=_peak_gbs(device),
                 roofline_device=(roofline.device_key(meta["device_name"])
                                  if device.type == "cuda" else None),
@@ -250,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                    help="which benchmarks to run (default: all)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    path = run(preset, args.out)
+    path = run(preset, args.out, groups=tuple(args.groups))
     data = json.loads(path.read_text())
     for r in data["rows"]:
         shape = r.get("shape") or f"T{r['T']} {r['d_in']}x{r['d_out']}"

@@ -373,6 +373,20 @@ def test_bench_nf4_smoke_writes_all_groups(tmp_path):
     assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["torch"] == torch.__version__
 
 
+def test_bench_nf4_runs_only_the_groups_asked_for(tmp_path):
+    """The GPU suite leaves the decode group out when the decode kernel failed its check."""
+    import json
+
+    from benchmarks import bench_nf4
+
+    path = bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=("dequant", "large_t"))
+    data = json.loads(path.read_text())
+    assert {r["group"] for r in data["rows"]} == {"dequant", "large_t"}
+    assert data["meta"]["groups"] == ["dequant", "large_t"]
+    with pytest.raises(ValueError, match="groups: expected a subset"):
+        bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=("gemv",))
+
+
 def test_get_datalora_model_on_bnb_nf4_quantized_model():
     pytest.importorskip("transformers")
     from datalora.config import DATALORAConfig
