@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from datalora.checks import check_finite, check_int
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")
@@ -50,23 +51,16 @@ class DATALORAConfig:
                 "None keeps them as they are (bnb Linear4bit bases are used as loaded)."})
 
     def __post_init__(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
         for name in ("num_lora_experts", "lora_rank", "num_active_experts",
                      "saliency_hidden_size"):
-            positive_int(name)
+            setattr(self, name, check_int(name, getattr(self, name), low=1))
         for name in ("lora_alpha", "lora_dropout", "target_retention", "temperature_init",
                      "temperature_final", "lambda_prune", "alpha_balance"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}"
-                                 + (" (YAML 1.1 reads 1e-4 as a string: write 1.0e-4)"
-                                    if isinstance(value, str) else ""))
-            setattr(self, name, float(value))
+            if isinstance(value, str):
+                raise ValueError(f"{name}: expected a finite number, got {value!r} "
+                                 "(YAML 1.1 reads 1e-4 as a string: write 1.0e-4)")
+            setattr(self, name, check_finite(name, value))
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha: expected > 0, got {self.lora_alpha}")
         for name in ("lambda_prune", "alpha_balance"):

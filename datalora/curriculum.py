@@ -20,6 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from datalora.checks import check_int
+
 PHASES = ("warmup", "sparsification", "hardening")
 
 
@@ -74,9 +76,8 @@ class CurriculumScheduler:
                              f"got {split}")
         if mode not in ("steps", "epochs"):
             raise ValueError(f"mode: expected 'steps' or 'epochs', got {mode!r}")
-        if total_steps is not None and (isinstance(total_steps, bool)
-                                        or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps: expected a positive int or None, got {total_steps!r}")
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps, low=1)
         if num_epochs is not None and not float(num_epochs) > 0:
             raise ValueError(f"num_epochs: expected > 0 or None, got {num_epochs!r}")
         self.temperature_init = float(temperature_init)

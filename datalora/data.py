@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from datalora.checks import check_int
+
 __all__ = [
     "COLUMNS",
     "IGNORE_INDEX",
@@ -138,10 +140,8 @@ def generate_multitask_dataset(num_per_task: int, seed: int = 0,
     Returns:
         ``num_per_task * len(tasks)`` rows with the columns :data:`COLUMNS`.
     """
-    if isinstance(num_per_task, bool) or not isinstance(num_per_task, int) or num_per_task < 0:
-        raise ValueError(f"num_per_task: expected an int >= 0, got {num_per_task!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    num_per_task = check_int("num_per_task", num_per_task, low=0)
+    seed = check_int("seed", seed, error=TypeError)
     if tasks is None:
         tasks = TASKS
     if isinstance(tasks, str):
@@ -375,8 +375,8 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         FileNotFoundError: ``source`` looks like a local path that does not exist.
         OSError: a Hub name could not be loaded (e.g. offline).
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit: expected None or an int >= 0, got {limit!r}")
+    if limit is not None:
+        limit = check_int("limit", limit, low=0)
     if not isinstance(split, str):
         raise TypeError(f"split: expected a str, got {type(split).__name__}")
     if source is None or source == "embedded":
@@ -459,8 +459,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
         ``input_ids``, ``attention_mask`` (all 1), ``labels``: lists of length
         ``L <= max_length``.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    max_length = check_int("max_length", max_length, low=2)
     if "response" not in example:
         raise ValueError(f"example: missing column 'response', found {sorted(example)}")
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -527,12 +526,10 @@ class CausalLMCollator:
             if self.pad_token_id is None:
                 raise ValueError("tokenizer: has no pad_token_id; set tokenizer.pad_token "
                                  "(e.g. to its eos_token) or pass pad_token_id")
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise TypeError(f"pad_token_id: expected an int, got {self.pad_token_id!r}")
-        if self.pad_to_multiple_of is not None and (
-                not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of: expected None or an int >= 1, "
-                             f"got {self.pad_to_multiple_of!r}")
+        self.pad_token_id = check_int("pad_token_id", self.pad_token_id, error=TypeError)
+        if self.pad_to_multiple_of is not None:
+            self.pad_to_multiple_of = check_int("pad_to_multiple_of", self.pad_to_multiple_of,
+                                                low=1)
         self.tasks = tuple(self.tasks)
 
     def _tokenized(self, feature: Mapping[str, Any], i: int) -> Mapping[str, Any]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from datalora.checks import check_int
 from datalora.data import TASKS, CausalLMCollator, tokenize_example
 from datalora.layers import MoLoRALinear
 
@@ -81,10 +82,8 @@ def optimisation_steps(model: nn.Module, collate: Callable[[list], dict[str, tor
     ``(step, batch, loss)`` after every optimizer step (``batch`` keeps ``task_ids`` on the
     CPU when the collator returns them); the model is in eval mode when it is exhausted.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    steps = check_int("steps", steps, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters (attach adapters first)")

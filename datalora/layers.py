@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from datalora import ops
+from datalora.checks import check_finite, check_int
 from datalora.nf4_linear import is_nf4_base, nf4_compute_dtype, nf4_molora_linear, quantize_linear
 from datalora.routing import Routing, topk_routing
 
@@ -18,13 +18,6 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it already is (a no-op ``to`` still costs host
     time, four per layer call)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def check_finite(name: str, value: object) -> None:
-    """ValueError naming ``name`` unless ``value`` is a finite int or float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def check_alpha(alpha: object) -> None:
@@ -65,9 +58,9 @@ class MoLoRALinear(nn.Module):
         if not (self._nf4_base or isinstance(base_layer, nn.Linear)):
             raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "
                             f"got {type(base_layer).__name__}")
-        for name, value in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        num_experts = check_int("num_experts", num_experts, low=1)
+        rank = check_int("rank", rank, low=1)
+        top_k = check_int("top_k", top_k, low=1)
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
         check_alpha(alpha)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from datalora.checks import check_int
 from datalora.routing import Routing
 
 _EPS = 1e-10
@@ -63,8 +64,7 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
     if logits.dim() != 2:
         raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ValueError(f"k: expected an int in [1, num_experts={num_experts}], got {k!r}")
+    k = check_int("k", k, low=1, high=num_experts)
     if not float(tau) > 0:
         raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
     z = logits.float()
@@ -127,16 +127,15 @@ class UnifiedSaliencyNetwork(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, rank: int, top_k: int,
                  saliency_hidden_size: int = 64, temperature: float = 1.0):
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts),
-                            ("rank", rank), ("top_k", top_k),
-                            ("saliency_hidden_size", saliency_hidden_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        hidden_size = check_int("hidden_size", hidden_size, low=1)
+        num_experts = check_int("num_experts", num_experts, low=1)
+        rank = check_int("rank", rank, low=1)
+        top_k = check_int("top_k", top_k, low=1)
+        h = check_int("saliency_hidden_size", saliency_hidden_size, low=1)
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
         if not float(temperature) > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-        h = saliency_hidden_size
         self.hidden_size, self.num_experts, self.rank, self.top_k = (
             hidden_size, num_experts, rank, top_k)
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from datalora.checks import check_int
 from datalora.layers import MoLoRALinear, check_alpha
 from datalora.routing import Routing
 
@@ -35,12 +36,8 @@ class SMoRALinear(MoLoRALinear):
 
     def __init__(self, base_layer: nn.Linear, total_rank: int = 16, active_ranks: int = 8,
                  alpha: float = 32.0, gate: str = "one", **kwargs):
-        if isinstance(total_rank, bool) or not isinstance(total_rank, int) or total_rank < 1:
-            raise ValueError(f"total_rank: expected a positive int, got {total_rank!r}")
-        if isinstance(active_ranks, bool) or not isinstance(active_ranks, int) \
-                or not 1 <= active_ranks <= total_rank:
-            raise ValueError(f"active_ranks: expected an int in [1, total_rank={total_rank}], "
-                             f"got {active_ranks!r}")
+        total_rank = check_int("total_rank", total_rank, low=1)
+        active_ranks = check_int("active_ranks", active_ranks, low=1, high=total_rank)
         if gate not in GATES:
             raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
         check_alpha(alpha)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from datalora.checks import check_int, check_number
 from datalora.data import format_prompt, load_instruction_dataset, tokenize_example
 
 __all__ = [
@@ -133,8 +134,7 @@ def build_tokenizer(cache_dir: str | os.PathLike[str] | None = None, *,
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab:
         raise ValueError(f"vocab_size: expected an int >= {min_vocab} (256 bytes + "
                          f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
+    min_frequency = check_int("min_frequency", min_frequency, low=1)
     if isinstance(texts, str):
         raise TypeError("texts: expected an iterable of strings, got a single str")
     corpus = embedded_corpus() if texts is None else list(texts)
@@ -184,8 +184,7 @@ def tiny_mistral_config(vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) 
     """
     from transformers import MistralConfig
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+    vocab_size = check_int("vocab_size", vocab_size, low=1)
     settings: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
@@ -215,8 +214,7 @@ def build_tiny_model(seed: int = 0, vocab_size: int | None = None,
     """
     from transformers import MistralForCausalLM
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = check_int("seed", seed, error=TypeError)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     config = tiny_mistral_config(DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size,
@@ -243,8 +241,7 @@ def train_validation_split(rows: list[dict[str, str]] | None = None, *,
     Returns:
         ``(train_rows, validation_rows)``, each in the input order.
     """
-    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 0:
-        raise ValueError(f"per_task: expected an int >= 0, got {per_task!r}")
+    per_task = check_int("per_task", per_task, low=0)
     rows = load_instruction_dataset("embedded", "train") if rows is None else list(rows)
     by_task: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
@@ -331,12 +328,10 @@ def build_pretrained_tiny_model(seed: int = 0, vocab_size: int | None = None, *,
 
     from datalora.finetune import optimisation_steps
 
-    for name, value in (("steps", steps), ("batch_size", batch_size),
-                        ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    steps = check_int("steps", steps, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    max_length = check_int("max_length", max_length, low=1)
+    check_number("lr", lr, low=0, low_inclusive=False)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     vocab = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, positive_float
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
 from datalora.finetune import optimisation_steps
@@ -51,8 +52,7 @@ __all__ = [
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name}: expected a fraction in (0, 1], got {value!r}")
+    check_number(name, value, low=0, low_inclusive=False, high=1)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -81,9 +81,7 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
     """
     if not seed_rows:
         raise ValueError("seed_rows: expected at least one seed prompt, got none")
-    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
-            or samples_per_prompt < 1:
-        raise ValueError(f"samples_per_prompt: expected an int >= 1, got {samples_per_prompt!r}")
+    samples_per_prompt = check_int("samples_per_prompt", samples_per_prompt, low=1)
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     device = _device(model)

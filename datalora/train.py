@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
@@ -203,17 +204,14 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if config.routing != "shared":
         raise ValueError(f"config.routing: DATALORA training needs 'shared', "
                          f"got {config.routing!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps: expected a positive int or None, got {max_steps!r}")
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, low=1)
     if not float(epochs) > 0:
         raise ValueError(f"epochs: expected > 0, got {epochs!r}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
-            or not learning_rate > 0:
-        raise ValueError(f"learning_rate: expected a number > 0, got {learning_rate!r}")
-    for name, value in (("batch_size", batch_size),
-                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    learning_rate = check_number("learning_rate", learning_rate, low=0, low_inclusive=False)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    gradient_accumulation_steps = check_int("gradient_accumulation_steps",
+                                            gradient_accumulation_steps, low=1)
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
     eval_rows = None
     if eval_dataset is not None:  # read before training: a bad path fails now, not hours later

@@ -91,9 +91,9 @@ def test_dropout_path_and_dtype_cast():
 
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(top_k=5), "top_k: expected <= num_experts=4"),
-    (dict(rank=0), "rank: expected a positive int"),
+    (dict(rank=0), "rank: expected an int >= 1, got 0"),
     (dict(dropout=1.0), "dropout"),
-    (dict(rank=True), "rank: expected a positive int, got True"),
+    (dict(rank=True), "rank: expected an int >= 1, got True"),
     (dict(alpha=float("nan")), "alpha: expected a finite number"),
     (dict(alpha=float("inf")), "alpha: expected a finite number"),
     (dict(alpha="32"), "alpha: expected a finite number, got '32'"),

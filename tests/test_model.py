@@ -196,7 +196,7 @@ def test_training_step_reduces_loss():
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(num_active_experts=9), "num_active_experts: expected <= num_lora_experts=8"),
     (dict(target_retention=0.0), "target_retention"),
-    (dict(lora_rank=0), "lora_rank: expected a positive int"),
+    (dict(lora_rank=0), "lora_rank: expected an int >= 1, got 0"),
     (dict(routing="global"), "routing: expected"),
     (dict(curriculum_split=[0.5, 0.5, 0.5]), "curriculum_split"),
     (dict(prune_layers=[3, 1]), "prune_layers"),

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from datalora.checks import check_int
 from datalora.data import TASKS, load_instruction_dataset
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
@@ -91,10 +92,9 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
-    for name, value in (("seed_prompts", seed_prompts), ("eval_rows", eval_rows),
-                        ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    seed_prompts = check_int("seed_prompts", seed_prompts, low=1)
+    eval_rows = check_int("eval_rows", eval_rows, low=1)
+    steps = check_int("steps", steps, low=1)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct seeds, at least one, got {seeds}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from datalora.checks import check_int, check_number
 from datalora.hf_compat import cache_kwargs
 
 if TYPE_CHECKING:
@@ -21,14 +22,11 @@ if TYPE_CHECKING:
 
 def check_recency(window: int | None, decay: float | None) -> tuple[int | None, float | None]:
     """Validates the recency options of a context embedding (at most one may be set)."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
-        raise ValueError(f"window: expected None or an int >= 1, got {window!r}")
+    if window is not None:
+        window = check_int("window", window, low=1)
     if decay is not None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) \
-                or not 0.0 < float(decay) < 1.0:
-            raise ValueError(f"decay: expected None or a float in (0, 1), got {decay!r}")
-        decay = float(decay)
+        decay = check_number("decay", decay, low=0, low_inclusive=False, high=1,
+                             high_inclusive=False)
     if window is not None and decay is not None:
         raise ValueError(f"window: set at most one of window ({window}) and decay ({decay})")
     return window, decay
@@ -94,9 +92,7 @@ class HiddenStateEmbedder:
 
     def __init__(self, layer: int = -1, *, window: int | None = None,
                  decay: float | None = None):
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
-        self.layer = layer
+        self.layer = check_int("layer", layer, error=TypeError)
         self.window, self.decay = check_recency(window, decay)
 
     def spec(self) -> dict[str, Any]:

@@ -4,7 +4,6 @@ model as MoLoRA experts, routes them per token, generates, and saves / loads its
 from __future__ import annotations
 
 import json
-import numbers
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datalora.checks import check_int, check_number
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear
@@ -104,13 +104,9 @@ class TokenLevelAdapterMixer(nn.Module):
         N = next(iter(packed.values()))[0].shape[0]
         if len(names) != N or len(set(names)) != N:
             raise ValueError(f"names: expected {N} distinct names, got {names}")
-        top_k = N if top_k is None else top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
-            raise ValueError(f"top_k: expected an int in [1, {N}], got {top_k!r}")
-        _check_mode(mode, every_n)
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) \
-                or not 0 < tau < float("inf"):
-            raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
+        top_k = check_int("top_k", N if top_k is None else top_k, low=1, high=N)
+        every_n = _check_mode(mode, every_n)
+        tau = check_number("tau", tau, low=0, low_inclusive=False)
         if centroids is not None:
             if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
                     or centroids.shape[0] != N:
@@ -337,9 +333,7 @@ class TokenLevelAdapterMixer(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape [1, P >= 1], got "
                              f"{tuple(input_ids.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature!r}")
         ids = input_ids.to(self.device)

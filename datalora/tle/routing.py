@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from datalora.checks import check_int
+
 MODES: tuple[str, ...] = ("token", "every_n", "prompt")
 
 
@@ -30,11 +32,11 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
     return torch.softmax(sim / tau, dim=-1)
 
 
-def _check_mode(mode: str, every_n: int) -> None:
+def _check_mode(mode: str, every_n: int) -> int:
+    """Validates a routing mode; returns ``every_n`` as an int."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1:
-        raise ValueError(f"every_n: expected an int >= 1, got {every_n!r}")
+    return check_int("every_n", every_n, low=1)
 
 
 def anchor_positions(prompt_lengths: torch.Tensor, seq_len: int, mode: str,
@@ -53,7 +55,7 @@ def anchor_positions(prompt_lengths: torch.Tensor, seq_len: int, mode: str,
     Returns:
         ``[B, L]`` int64 anchors, ``anchor <= max(t, P - 1)``.
     """
-    _check_mode(mode, every_n)
+    every_n = _check_mode(mode, every_n)
     P = prompt_lengths.long().reshape(-1, 1)
     if P.numel() and (int(P.min()) < 1 or int(P.max()) > seq_len):
         raise ValueError(f"prompt_lengths: expected values in [1, {seq_len}], got "

@@ -1,0 +1,57 @@
+"""Shared argument validators.
+
+Each check raises an error whose message starts with the argument's name and says what
+was expected, e.g. ``top_k: expected an int in [1, 8], got 9``, and returns the value as a
+plain ``int`` / ``float`` (so numpy scalars that pass can be stored or serialised as is).
+``bool`` is never accepted as a number.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def _bounds(low: float | None, low_inclusive: bool, high: float | None,
+            high_inclusive: bool) -> str:
+    """`` in [low, high)``, `` >= low``, `` <= high``, ... or ``""`` without bounds."""
+    if low is not None and high is not None:
+        return (f" in {'[' if low_inclusive else '('}{low}, {high}"
+                f"{']' if high_inclusive else ')'}")
+    if low is not None:
+        return f" {'>=' if low_inclusive else '>'} {low}"
+    if high is not None:
+        return f" {'<=' if high_inclusive else '<'} {high}"
+    return ""
+
+
+def check_int(name: str, value: object, low: int | None = None, high: int | None = None, *,
+              error: type[Exception] = ValueError) -> int:
+    """``int(value)`` if ``value`` is an integer (``numbers.Integral``, not a bool) in
+    ``[low, high]`` (either bound may be None); otherwise raises ``error`` (ValueError by
+    default) with ``"{name}: expected an int ..., got {value!r}"``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or (low is not None and value < low) or (high is not None and value > high):
+        raise error(f"{name}: expected an int{_bounds(low, True, high, True)}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value: object, *, low: float | None = None,
+                 low_inclusive: bool = True, high: float | None = None,
+                 high_inclusive: bool = True) -> float:
+    """``float(value)`` if ``value`` is a finite real number (``numbers.Real``, not a bool)
+    within the bounds (each optional, inclusive unless told otherwise); otherwise raises
+    ValueError with ``"{name}: expected a finite number ..., got {value!r}"``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value) \
+            or (low is not None and not (value >= low if low_inclusive else value > low)) \
+            or (high is not None and not (value <= high if high_inclusive else value < high)):
+        raise ValueError(f"{name}: expected a finite number"
+                         f"{_bounds(low, low_inclusive, high, high_inclusive)}, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: object) -> float:
+    """``float(value)`` if ``value`` is a finite real number (not a bool); otherwise
+    ValueError ``"{name}: expected a finite number, got {value!r}"``."""
+    return check_number(name, value)
