@@ -9,11 +9,14 @@
 //   products ("tasks", one warp each) are cut into chunks of kDecodeWarps tasks that the
 //   first CTAs compute before their own rows, so the shrink overlaps the weight stream and
 //   only the expand, at the very end, waits for z. The wait is a cross-CTA handshake on a
-//   three-int workspace (DecodeSync below): a CTA that finds z unfinished first claims and
-//   computes any chunk nobody has started, so it only ever waits on CTAs that are running
-//   (no deadlock whatever order the hardware starts CTAs in), and the last CTA to exit
-//   zeroes the workspace for the next launch on the stream.
+//   three-int workspace (DecodeSync below; the release / acquire pattern of CUTLASS's
+//   barriers): a CTA that finds z unfinished first claims and computes any chunk nobody has
+//   started, so it only ever waits on CTAs that are running (no deadlock whatever order the
+//   hardware starts CTAs in), and the last CTA past the wait zeroes the workspace for the
+//   next launch on the stream. Almost every CTA finds z done: one acquire load.
 //   The kernel is bound by reading W (K*N/2 bytes): x, A and B are small and stay in L2.
+#include <cuda/atomic>
+
 #include <algorithm>
 #include <vector>
 
@@ -82,15 +85,17 @@ dequant_nf4_kernel(const uint8_t* __restrict__ data, NF4Scales sc, T* __restrict
 }
 
 // Words of the decode workspace (int32, zero between launches).
-enum DecodeSync : int { kNextChunk = 0, kChunksDone = 1, kCtasExited = 2 };
+enum DecodeSync : int { kNextChunk = 0, kChunksDone = 1, kCtasPast = 2 };
 
-__device__ __forceinline__ int load_volatile(const int* p) {
-  return *reinterpret_cast<const volatile int*>(p);
-}
+// A spinning CTA gives up (a launch error instead of a hang) after this many polls of at
+// least 64 ns each while the CTAs it waits on run (microseconds of work): only a workspace
+// that was not zero at launch can get here.
+constexpr unsigned kMaxSpins = 1u << 22;
 
-// Shrink task `task` (route t*k + j, rank i) by one warp: z[task] = dot(A[e, i], x[t]) times
-// the route's scale. Lane 0 stores it and fences, so the store is visible device-wide before
-// the CTA reports the chunk done.
+using DeviceInt = cuda::atomic_ref<int, cuda::thread_scope_device>;
+
+// Shrink task `task` (route t*k + j, rank i) by one warp: lane 0 stores z[task] =
+// dot(A[e, i], x[t]) times the route's scale.
 template <typename T>
 __device__ void shrink_task(const T* __restrict__ x, const MoLoRAArgs& lora, int task, int K,
                             int lane) {
@@ -109,20 +114,20 @@ __device__ void shrink_task(const T* __restrict__ x, const MoLoRAArgs& lora, int
     for (int j = 0; j < V; ++j) acc += to_float(ae[j]) * to_float(xe[j]);
   }
   acc = warp_sum(acc);
-  if (lane == 0) {
-    lora.z[task] = acc * route_scale(lora, route, t, i);
-    __threadfence();
-  }
+  if (lane == 0) lora.z[task] = acc * route_scale(lora, route, t, i);
 }
 
 // The CTA claims the next unstarted shrink chunk and computes it (warp w: task
-// chunk * kDecodeWarps + w); false when every chunk is already claimed. CTA-uniform.
+// chunk * kDecodeWarps + w); false when every chunk is already claimed. CTA-uniform. The
+// CTA's z stores are released to the device by thread 0's increment of the done count.
 template <typename T>
 __device__ bool run_next_chunk(const T* __restrict__ x, const MoLoRAArgs& lora, int tasks,
                                int chunks, int K, int* ws) {
   __shared__ int chunk;
   if (threadIdx.x == 0) {
-    chunk = load_volatile(ws + kNextChunk) < chunks ? atomicAdd(ws + kNextChunk, 1) : chunks;
+    DeviceInt next(ws[kNextChunk]);
+    chunk = next.load(cuda::memory_order_relaxed) < chunks
+                ? next.fetch_add(1, cuda::memory_order_relaxed) : chunks;
   }
   __syncthreads();
   const int c = chunk;
@@ -131,14 +136,44 @@ __device__ bool run_next_chunk(const T* __restrict__ x, const MoLoRAArgs& lora, 
   const int task = c * kDecodeWarps + threadIdx.x / 32;
   if (task < tasks) shrink_task(x, lora, task, K, threadIdx.x % 32);
   __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(ws + kChunksDone, 1);
+  if (threadIdx.x == 0) DeviceInt(ws[kChunksDone]).fetch_add(1, cuda::memory_order_release);
   return true;
 }
 
-// Occupancy floor per token tile: 4 CTAs / SM (<= 64 registers) for 1-2 tokens; 3 for more,
-// where ptxas otherwise settles on 64 registers with a spill.
+// Returns once every shrink chunk is done (z readable by the whole CTA), then counts the CTA
+// past its last workspace access; the last one zeroes the workspace. CTA-uniform.
+template <typename T>
+__device__ void wait_for_shrink(const T* __restrict__ x, const MoLoRAArgs& lora, int tasks,
+                                int chunks, int K, int* ws) {
+  __shared__ int pending;
+  if (threadIdx.x == 0) {
+    pending = DeviceInt(ws[kChunksDone]).load(cuda::memory_order_acquire) < chunks;
+  }
+  __syncthreads();
+  if (pending) {  // rare: help with chunks nobody has started, then wait for the rest
+    while (run_next_chunk(x, lora, tasks, chunks, K, ws)) {
+    }
+    if (threadIdx.x == 0) {
+      DeviceInt done(ws[kChunksDone]);
+      for (unsigned spins = 0; done.load(cuda::memory_order_acquire) < chunks; ++spins) {
+        if (spins == kMaxSpins) __trap();
+        __nanosleep(64);
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0 && DeviceInt(ws[kCtasPast]).fetch_add(1, cuda::memory_order_acq_rel) ==
+                              static_cast<int>(gridDim.x) - 1) {
+    ws[kNextChunk] = 0;  // every other CTA is past its last workspace access
+    ws[kChunksDone] = 0;
+    ws[kCtasPast] = 0;
+  }
+}
+
+// Occupancy floor per token tile: 4 CTAs / SM (<= 64 registers) up to 4 tokens; 3 for more,
+// where 64 registers spill.
 template <typename T, int TT>
-__global__ void __launch_bounds__(kDecodeWarps * 32, TT <= 2 ? 4 : 3)
+__global__ void __launch_bounds__(kDecodeWarps * 32, TT <= 4 ? 4 : 3)
 nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Scales sc,
                   const T* __restrict__ bias, MoLoRAArgs lora, T* __restrict__ y, int T_, int K,
                   int N, int* ws) {
@@ -184,22 +219,17 @@ nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Sca
     }
   }
 
-  // 3. row sums, parked in shared memory while the CTA helps with shrink chunks nobody has
-  //    started (rare: those chunks' own CTAs run first), then wait until every chunk is done
+  // 3. row sums, parked in shared memory while the CTA waits for z (and, rarely, helps
+  //    with shrink chunks nobody has started)
   __shared__ float parked[kDecodeWarps][TT];
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
     const float row_sum = warp_sum(acc[t]);
     if (lane == 0) parked[threadIdx.x / 32][t] = row_sum;
   }
-  if (chunks > 0) {
-    while (run_next_chunk(x, lora, tasks, chunks, K, ws)) {
-    }
-    if (threadIdx.x == 0) {
-      while (load_volatile(ws + kChunksDone) < chunks) __nanosleep(64);
-      __threadfence();
-    }
-  }
+  // no early return anywhere above: every CTA must count itself past the wait, or the
+  // workspace is not zeroed for the next launch
+  if (chunks > 0) wait_for_shrink(x, lora, tasks, chunks, K, ws);
   __syncthreads();
 
   // 4. expand of the routed experts (lanes split the k*r terms of a token), bias, one store
@@ -223,14 +253,6 @@ nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Sca
         }
       }
     }
-  }
-
-  // 5. the last CTA out (every other one is past its last workspace access) zeroes it
-  if (chunks > 0 && threadIdx.x == 0 &&
-      atomicAdd(ws + kCtasExited, 1) == static_cast<int>(gridDim.x) - 1) {
-    ws[kNextChunk] = 0;
-    ws[kChunksDone] = 0;
-    ws[kCtasExited] = 0;
   }
 }
 

@@ -166,24 +166,37 @@ def _aligned16(v: torch.Tensor) -> torch.Tensor:
     return v.clone() if v.data_ptr() % 16 else v
 
 
-# Zeroed int32 workspaces of the one-launch decode kernel, one per (device, stream): the
-# kernel leaves its workspace zero, so a stream reuses it with no memset per call; two
-# streams never share one (their launches could overlap).
+# Zeroed int32 workspaces of the one-launch decode kernel (it leaves its workspace zero, so
+# none is ever cleared again):
+# - eager calls: one per (device, stream), reused by every call on that stream; two streams
+#   never share one (their launches could overlap);
+# - calls captured into a CUDA graph: a slot of a per-device slab zeroed (and synchronized)
+#   outside any graph, each slot owned by one captured call for good, so a graph replays one
+#   kernel per decode and no fill; once the slab is used up (or when the first decode call
+#   of a device is itself captured), a fresh workspace zeroed by a fill node in the graph.
 _DECODE_WORKSPACES: dict[tuple[int, int], torch.Tensor] = {}
+CAPTURE_SLOTS = 4096
+_capture_slabs: dict[int, list] = {}  # device index -> [slab, next free slot]
 
 
 def _decode_workspace(device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
-    """The zeroed workspace for a decode launch on ``stream``. Under CUDA-graph capture a
-    fresh one, zeroed inside the graph: a cached workspace would be filled at replay only,
-    and outside the graph it would never be zeroed."""
+    """The zeroed workspace for one decode launch on ``stream`` (see above)."""
     ints = load().decode_workspace_ints()
     if torch.cuda.is_current_stream_capturing():
-        return torch.zeros(ints, dtype=torch.int32, device=device)
+        slab = _capture_slabs.get(device.index)
+        if slab is None or slab[1] == CAPTURE_SLOTS:
+            return torch.zeros(ints, dtype=torch.int32, device=device)
+        slot, slab[1] = slab[1], slab[1] + 1
+        return slab[0][slot * ints:(slot + 1) * ints]
     key = (device.index, stream.cuda_stream)
     workspace = _DECODE_WORKSPACES.get(key)
     if workspace is None:  # zeroed on `stream` itself: ordered before the launch
         workspace = _DECODE_WORKSPACES[key] = torch.zeros(ints, dtype=torch.int32,
                                                            device=device)
+        if device.index not in _capture_slabs:
+            slab = torch.zeros(CAPTURE_SLOTS * ints, dtype=torch.int32, device=device)
+            stream.synchronize()  # zero before any graph, on any stream, can use a slot
+            _capture_slabs[device.index] = [slab, 0]
     return workspace
 
 

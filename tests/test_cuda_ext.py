@@ -48,7 +48,7 @@ def _lora(T, K, N, E, r, k, dtype, seed=0, rank_scale=True):
 def _decode_reference(x, t, bias, A, B, ids, gates, rs, scaling):
     """fp32 math on the dtype-rounded weights: what the kernels compute."""
     w = nf4.dequantize(t, x.dtype).float()
-    base = x.float() @ w.T + bias.float()
+    base = x.float() @ w.T + (0 if bias is None else bias.float())
     rs32 = None if rs is None else rs.float()
     return base + molora_delta_reference(x.float(), A.float(), B.float(), ids, gates.float(),
                                          rs32, scaling)
@@ -303,12 +303,14 @@ def test_decode_cuda_matches_reference(T, K, N, E, r, k, dtype, atol, rtol):
     torch.testing.assert_close(y.float().cpu(), ref, atol=atol, rtol=rtol)
 
 
-def _decode_case(T, K, N, E, r, k, seed):
-    """Inputs on the GPU and the fp32 reference of one bf16 decode call."""
-    x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, torch.bfloat16, seed)
-    t = nf4.quantize(_weight((N, K), torch.bfloat16, seed), 64, True)
-    ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
-    return [v.cuda() for v in (x, bias, A, B, ids, gates, rs)], t.to("cuda"), ref
+def _decode_case(T, K, N, E, r, k, seed, bias=True, rank_scale=True):
+    """Inputs of one bf16 decode call on the GPU (weight quantized there) and its fp32
+    reference."""
+    x, A, B, ids, gates, rs, b = (None if v is None else v.cuda() for v in _lora(
+        T, K, N, E, r, k, torch.bfloat16, seed, rank_scale))
+    b = b if bias else None
+    t = nf4.quantize(_weight((N, K), torch.bfloat16, seed).cuda(), 64, True)
+    return (x, b, A, B, ids, gates, rs), t, _decode_reference(x, t, b, A, B, ids, gates, rs, 2.0)
 
 
 def _workspace_of_current_stream():
@@ -316,28 +318,59 @@ def _workspace_of_current_stream():
     return _C_loader._DECODE_WORKSPACES[(stream.device.index, stream.cuda_stream)]
 
 
+# shrink chunks (8 dot products each) vs CTAs of 8 output rows:
+DECODE_GRIDS = [
+    (16, 64, 8, 8, 16, 8),       # 256 chunks, 1 row CTA: most CTAs only shrink
+    (16, 64, 8, 8, 64, 8),       # 1024 chunks, more than fit at once: CTAs help in the wait
+    (1, 4096, 14336, 8, 16, 2),  # 4 chunks, 1792 row CTAs: the decode step at model size
+]
+
+
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("T, K, N, E, r, k", [
-    (16, 64, 8, 8, 16, 8),     # 256 shrink chunks, one CTA of rows: most CTAs only shrink
-    (1, 4096, 14336, 8, 16, 2),  # 4 chunks, 1792 CTAs of rows
-])
+@pytest.mark.parametrize("T, K, N, E, r, k", DECODE_GRIDS)
 def test_decode_cuda_workspace_is_left_zero_for_the_next_launch(T, K, N, E, r, k):
     """Back-to-back launches on one stream share a workspace: each must find it zero (the
     last CTA of the previous launch resets it), or z would be read before it is written."""
-    for seed in range(3):
+    for seed in range(2):
         (x, bias, A, B, ids, gates, rs), t, ref = _decode_case(T, K, N, E, r, k, seed)
         y = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
-        torch.testing.assert_close(y.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+        torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
         torch.cuda.synchronize()
         assert _workspace_of_current_stream().count_nonzero().item() == 0
 
 
 @pytest.mark.gpu
 @needs_ext
-def test_decode_cuda_on_two_streams_and_in_a_cuda_graph():
-    """Each stream gets its own workspace; a captured decode zeroes a workspace inside the
-    graph and replays correctly with new inputs."""
+@pytest.mark.parametrize("T, K, N, E, r, k", DECODE_GRIDS[:2] + [(2, 512, 4096, 8, 16, 2)])
+def test_decode_cuda_back_to_back_without_sync(T, K, N, E, r, k):
+    """Launches queued with no host sync in between, alternating two inputs (a z left from
+    the previous launch would show as the other input's delta)."""
+    def launch(case):
+        (x, bias, A, B, ids, gates, rs), t, _ = case
+        return _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
+
+    cases = [_decode_case(T, K, N, E, r, k, seed) for seed in (0, 1)]
+    outs = [launch(case) for _ in range(25) for case in cases]
+    for i, y in enumerate(outs):
+        torch.testing.assert_close(y.float(), cases[i % 2][2], atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_decode_cuda_without_bias_or_rank_scale():
+    (x, bias, A, B, ids, gates, rs), t, ref = _decode_case(3, 256, 40, 4, 8, 2, 0, bias=False,
+                                                           rank_scale=False)
+    y = _C_loader.nf4_molora_decode_cuda(x, t, None, A, B, ids, gates, None, 2.0)
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_decode_cuda_on_two_streams_and_in_a_cuda_graph(monkeypatch):
+    """Each stream gets its own workspace; a captured decode takes a slot of the zeroed slab
+    (not the capture stream's eager workspace, no fill in the graph) and replays correctly
+    with new inputs."""
     (x, bias, A, B, ids, gates, rs), t, ref = _decode_case(4, 256, 96, 4, 8, 2, 0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -347,13 +380,20 @@ def test_decode_cuda_on_two_streams_and_in_a_cuda_graph():
     y_main = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
     torch.cuda.synchronize()
     assert side_workspace.data_ptr() != _workspace_of_current_stream().data_ptr()
-    torch.testing.assert_close(y_side.float().cpu(), ref, atol=3e-2, rtol=2e-2)
-    torch.testing.assert_close(y_main.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y_side.float(), ref, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y_main.float(), ref, atol=3e-2, rtol=2e-2)
 
+    used = []
+    real = _C_loader._decode_workspace
+    monkeypatch.setattr(_C_loader, "_decode_workspace",
+                        lambda *a: used.append(real(*a)) or used[-1])
+    slab, first_free = _C_loader._capture_slabs[torch.cuda.current_device()]
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):  # side has an eager workspace: not for graphs
         y_graph = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0,
                                                    check_values=False)
+    assert used[0].data_ptr() == slab.data_ptr() + first_free * used[0].numel() * 4
+    assert _C_loader._capture_slabs[torch.cuda.current_device()][1] == first_free + 1
     for seed in (1, 2):
         (x2, _, A2, _, ids2, gates2, rs2), _, _ = _decode_case(4, 256, 96, 4, 8, 2, seed)
         for static, new in ((x, x2), (A, A2), (ids, ids2), (gates, gates2), (rs, rs2)):
@@ -361,6 +401,8 @@ def test_decode_cuda_on_two_streams_and_in_a_cuda_graph():
         graph.replay()
         want = _C_loader.nf4_molora_decode_cuda(x, t, bias, A, B, ids, gates, rs, 2.0)
         torch.testing.assert_close(y_graph, want, atol=0, rtol=0)
+    torch.cuda.synchronize()
+    assert used[0].count_nonzero().item() == 0
 
 
 @pytest.mark.gpu
