@@ -231,8 +231,8 @@ def nf4_dequant_cost(N, K, dtype="bf16") -> Cost:
 
 def nf4_decode_cost(T, K, N, E=8, r=16, k=2, dtype="bf16", fused=True) -> Cost:
     """``y = x @ dequant(W)^T + delta`` (uniform routing): fused = one pass over W with
-    the shrink and expand inside; otherwise the shrink is its own pass writing fp32
-    ``z [T, k, r]``, which the GEMV + expand pass reads (what ``csrc/`` launches)."""
+    the shrink and expand inside (what ``csrc/`` launches); otherwise the shrink is its own
+    pass writing fp32 ``z [T, k, r]``, which the GEMV + expand pass reads."""
     s = ELEMENT_BYTES[dtype]
     touched = experts_touched(T, E, k, "uniform")
     routing = T * k * (ID_BYTES + s)
@@ -403,9 +403,9 @@ def render_markdown(data: dict) -> str:
         out += [f"## {title}", ""] + _table(rows, two_pass=True) + [""]
     out += ["## NF4 (`benchmarks.bench_nf4`, double-quantized, blocksize 64, E=8 r=16 k=2)",
             "", "dequant: ratio n/a; decode: ratio vs the bf16 linear of the same shape "
-            "(2-pass = the shrink as its own launch, as `csrc/` does); large_t: ratio vs "
-            "the bf16 fused `molora_linear` (2-pass = dequantize to a workspace, then the "
-            "bf16 layer).", ""]
+            "(2-pass = the shrink as its own launch; `csrc/` runs the fused one); large_t: "
+            "ratio vs the bf16 fused `molora_linear` (2-pass = dequantize to a workspace, then "
+            "the bf16 layer).", ""]
     out += _table([r for r in data["rows"] if r["bench"] == "nf4"], two_pass=True) + [""]
     return "\n".join(out)
 
