@@ -5,10 +5,10 @@
 //   it with 16-byte stores; the n % 32 tail is decoded value by value.
 // decode (small T), one launch: y[t] = W x[t] + bias + sum_{j,i} z[t,j,i] B[e_tj, o, i] with
 //   z[t, j, :] = scaling * g[t,j] * rs[t] * (A[e_tj] x[t]). One warp per output row streams
-//   its NF4 row of W once (uint4 loads) and dots it with the T tokens; the k*r shrink dot
-//   products ("tasks", one warp each) are cut into chunks of kDecodeWarps tasks that the
-//   first CTAs compute before their own rows, so the shrink overlaps the weight stream and
-//   only the expand, at the very end, waits for z. The wait is a cross-CTA handshake on a
+//   its NF4 row of W once (uint4 loads, two in flight per lane) and dots it with the T
+//   tokens; the k*r shrink dot products ("tasks", one warp each) are cut into chunks of
+//   kDecodeWarps tasks that the first CTAs compute before their own rows, so the shrink
+//   overlaps the weight stream and only the expand, at the very end, waits for z. The wait is a cross-CTA handshake on a
 //   three-int workspace (DecodeSync below; the release / acquire pattern of CUTLASS's
 //   barriers): a CTA that finds z unfinished first claims and computes any chunk nobody has
 //   started, so it only ever waits on CTAs that are running (no deadlock whatever order the
@@ -170,10 +170,10 @@ __device__ void wait_for_shrink(const T* __restrict__ x, const MoLoRAArgs& lora,
   }
 }
 
-// Occupancy floor per token tile: 4 CTAs / SM (<= 64 registers) up to 4 tokens; 3 for more,
+// Occupancy floor per token tile: 4 CTAs / SM (<= 64 registers) up to 2 tokens; 3 for more,
 // where 64 registers spill.
 template <typename T, int TT>
-__global__ void __launch_bounds__(kDecodeWarps * 32, TT <= 4 ? 4 : 3)
+__global__ void __launch_bounds__(kDecodeWarps * 32, TT <= 2 ? 4 : 3)
 nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Scales sc,
                   const T* __restrict__ bias, MoLoRAArgs lora, T* __restrict__ y, int T_, int K,
                   int N, int* ws) {
@@ -192,8 +192,12 @@ nf4_decode_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, NF4Sca
     const int64_t row = static_cast<int64_t>(o) * K;
     const uint4* wrow = reinterpret_cast<const uint4*>(w + row / 2);
     constexpr int V = Vec16<T>::n;
-    for (int c = lane; c < K / kChunk; c += 32) {
-      const uint4 packed = __ldg(wrow + c);
+    const int row_chunks = K / kChunk;
+    // two 16-byte loads in flight per lane: the next chunk streams in during this one's math
+    uint4 next = lane < row_chunks ? __ldg(wrow + lane) : make_uint4(0, 0, 0, 0);
+    for (int c = lane; c < row_chunks; c += 32) {
+      const uint4 packed = next;
+      if (c + 32 < row_chunks) next = __ldg(wrow + c + 32);
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
       // rounded to T: the same weights dequantize() + matmul would use
       T wq[kChunk];
