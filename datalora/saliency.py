@@ -94,7 +94,7 @@ class SaliencyOutput:
         rank_scale: ``[B, L, r]`` fp32 in (0, 1).
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
             ``gates [T, k]``, ``rank_scale [T, r]``, ``router_probs [T, E]`` noise-free).
-        state: ``(feature_sum [B, h], count [B])`` of the causal context after this chunk.
+        state: ``(feature_sum [B, h], count [B])`` fp32, the causal context after this chunk.
     """
 
     token_scores: torch.Tensor
@@ -110,9 +110,10 @@ class UnifiedSaliencyNetwork(nn.Module):
     ``hidden [B, L, d] -> LayerNorm -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU = f``,
     ``z = [f_t, mean_{s <= t} f_s]`` (causal context over real tokens), then
     ``score: Linear(2h, 1)``, ``router: Linear(2h, E)``, ``rank: sigmoid(Linear(2h, r))``.
-    Parameters are fp32 whatever the base dtype (the input is cast). The rank head starts
-    near 0.88 (bias 2) so a new adapter uses most of its rank; the router starts near
-    uniform, and the score head at 0.
+    Parameters and ``keep_threshold`` are fp32 whatever the base dtype (the input is cast;
+    a module-wide ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` moves them and leaves them
+    fp32). The rank head starts near 0.88 (bias 2) so a new adapter uses most of its rank;
+    the router starts near uniform, and the score head at 0.
 
     Args:
         hidden_size: d, the base model's hidden size.
@@ -151,6 +152,18 @@ class UnifiedSaliencyNetwork(nn.Module):
         self.register_buffer("keep_threshold", torch.tensor(float("nan")))
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts (``model.to(torch.bfloat16)``, ``.half()``) move the network and
+        leave its floating tensors fp32: a rounded ``keep_threshold`` keeps other tokens, and
+        bf16 scores flip keep decisions between cached and uncached generation."""
+        def fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(out.device, torch.float32)  # from t: not through the rounding
+            return out
+
+        return super()._apply(fp32, recurse)
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             for layer in self.backbone:
@@ -174,7 +187,7 @@ class UnifiedSaliencyNetwork(nn.Module):
         Args:
             hidden: ``[B, L, d]``.
             valid: ``[B, L]`` bool real tokens (padding is left out of the context mean).
-            state: ``(feature_sum [B, h], count [B])`` of earlier chunks (KV-cached
+            state: ``(feature_sum [B, h], count [B])`` fp32 of earlier chunks (KV-cached
                 generation), as returned in ``SaliencyOutput.state``.
             generator: RNG for the Gumbel noise.
         """
@@ -186,15 +199,17 @@ class UnifiedSaliencyNetwork(nn.Module):
             raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
         weight = self.score_head.weight
         feats = self.backbone(self.norm(hidden.to(weight.dtype)))
-        w = (torch.ones(bsz, seq_len, device=hidden.device, dtype=feats.dtype) if valid is None
-             else valid.to(device=hidden.device, dtype=feats.dtype))
-        total = (feats * w[..., None]).cumsum(1)
+        # the running context is summed in fp32 whatever the compute dtype (autocast): in
+        # bf16, 256 + 1 == 256, and the cached count would stop growing
+        w = (torch.ones(bsz, seq_len, device=hidden.device) if valid is None
+             else valid.to(device=hidden.device, dtype=torch.float32))
+        total = (feats.float() * w[..., None]).cumsum(1)
         count = w.cumsum(1)
         if state is not None:
             total = total + state[0][:, None]
             count = count + state[1][:, None]
         context = total / count.clamp_min(1.0)[..., None]
-        z = torch.cat([feats, context], dim=-1)
+        z = torch.cat([feats, context.to(feats.dtype)], dim=-1)
         scores = self.score_head(z).squeeze(-1).float()
         logits = self.router_head(z).float()
         rank_scale = torch.sigmoid(self.rank_head(z).float())

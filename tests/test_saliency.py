@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from datalora.losses import balance_loss, retention_loss
 from datalora.routing import Routing
@@ -193,6 +194,42 @@ def test_usn_context_is_causal_ignores_padding_and_resumes_from_state():
                                full.token_scores, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="valid"):
         usn(x, valid[:, :4])
+
+
+def _chunked_scores(usn, x, prefill):
+    """Token scores ``[1, L]`` of ``x [1, L, d]`` as cached generation computes them: the
+    first ``prefill`` tokens at once, then one token per step on the returned state."""
+    out = usn(x[:, :prefill])
+    scores, state = [out.token_scores], out.state
+    for t in range(prefill, x.shape[1]):
+        out = usn(x[:, t:t + 1], None, state)
+        scores.append(out.token_scores)
+        state = out.state
+    return torch.cat(scores, 1), state
+
+
+def test_usn_stays_fp32_in_a_bf16_model_and_counts_context_past_256_tokens():
+    """``model.to(torch.bfloat16)`` moves the USN and keeps it fp32 (the threshold is not
+    rounded), and the running context is summed in fp32 also under bf16 autocast: in bf16
+    256 + 1 == 256, so a cached count stopped at 256 and cached scores drifted."""
+    usn = UnifiedSaliencyNetwork(16, 4, 4, 2, saliency_hidden_size=8).eval()
+    with torch.no_grad():
+        usn.score_head.weight.normal_()
+    usn.keep_threshold.fill_(-1.382)
+    model = nn.ModuleDict({"saliency": usn}).to(torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in (*usn.parameters(), *usn.buffers()))
+    assert float(usn.keep_threshold) == float(torch.tensor(-1.382))
+    assert model.to("meta").saliency.score_head.weight.device.type == "meta"
+    usn.to_empty(device="cpu").reset_parameters()
+    with torch.no_grad():
+        usn.score_head.weight.normal_()
+    x = torch.randn(1, 300, 16).to(torch.bfloat16)  # the hidden states of a bf16 model
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = usn(x)
+        chunked, state = _chunked_scores(usn, x, 250)
+    assert state[0].dtype == state[1].dtype == torch.float32
+    assert full.state[1].item() == state[1].item() == 300
+    torch.testing.assert_close(chunked, full.token_scores, atol=1e-2, rtol=0)
 
 
 def test_top1_soft_gates_pass_the_router_gradient():
