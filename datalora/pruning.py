@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,23 +171,25 @@ def _reorder_rows(value: Any, beam_idx: torch.Tensor) -> Any:
     return value.index_select(0, beam_idx.to(value.device))
 
 
+def _reorder_with_state(cache: Any, beam_idx: torch.Tensor, *args, **kwargs) -> Any:
+    """``cache.reorder_cache`` that also reorders the DATALORA per-row state stored on the
+    cache (keep flags, USN context) with the K/V."""
+    out = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
+    for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
+        value = getattr(cache, attr, None)
+        if value is not None:
+            setattr(cache, attr, _reorder_rows(value, beam_idx))
+    return out
+
+
 def _follow_cache_reorder(cache: Any) -> None:
-    """Makes ``cache.reorder_cache`` (beam search) reorder the DATALORA per-row state stored
-    on the cache (keep flags, USN context) together with the K/V."""
-    if getattr(cache, "_datalora_follows_reorder", False) or not hasattr(cache, "reorder_cache"):
+    """Makes ``cache.reorder_cache`` (beam search) follow with the DATALORA state: a method
+    bound to this cache, which ``copy.deepcopy`` rebinds to the copy (the prefix-caching
+    recipe copies a prefilled cache), where a closure would keep reordering the original."""
+    current = getattr(cache, "reorder_cache", None)
+    if current is None or getattr(current, "__func__", None) is _reorder_with_state:
         return
-    original = cache.reorder_cache
-
-    def reorder_cache(beam_idx, *args, **kwargs):
-        out = original(beam_idx, *args, **kwargs)
-        for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
-            value = getattr(cache, attr, None)
-            if value is not None:
-                setattr(cache, attr, _reorder_rows(value, beam_idx))
-        return out
-
-    cache.reorder_cache = reorder_cache
-    cache._datalora_follows_reorder = True
+    cache.reorder_cache = types.MethodType(_reorder_with_state, cache)
 
 
 def _refuse_capture(tensor: torch.Tensor, what: str) -> None:

@@ -67,6 +67,26 @@ def test_beam_search_with_cache_equals_without(retention):
                            model.generate(_ids(2, 7), use_cache=False, **kw))
 
 
+def test_beam_search_on_a_deep_copied_prefix_cache():
+    """The transformers prefix-caching recipe: prefill a prefix once, then generate on
+    ``copy.deepcopy`` of that cache; beam search reorders the copy (and its keep flags /
+    saliency context), not the original, and equals generating without a prefix cache."""
+    import copy
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    beams, prefix = 3, _ids(1, 6, seed=1)
+    full = torch.cat([prefix, _ids(1, 4, seed=2)], 1)
+    kw = dict(max_new_tokens=6, num_beams=beams, num_return_sequences=beams, **GREEDY)
+    with torch.no_grad():
+        cache = model(input_ids=prefix.repeat_interleave(beams, 0),
+                      past_key_values=DynamicCache(config=model.config),
+                      use_cache=True).past_key_values
+        keys = cache.layers[0].keys.clone()
+        copied = model.generate(full, past_key_values=copy.deepcopy(cache), **kw)
+        assert torch.equal(copied, model.generate(full, **kw))
+    assert torch.equal(cache.layers[0].keys, keys)
+
+
 @pytest.mark.parametrize("retention", [1.0, 0.5])
 def test_sliding_window_generation_with_cache(retention):
     """Past the window the cache returns the last window's keys only; the mask follows."""
