@@ -426,7 +426,10 @@ class DATALORARuntime:
         for i in range(self.start, self.end):
             handles.append(self.layers[i].register_forward_pre_hook(
                 functools.partial(self._enter_layer, i), with_kwargs=True))
-        handles.append(self.layers[self.end - 1].register_forward_hook(self._leave_range))
+        # first among the layer's forward hooks: the output_hidden_states recorder (installed
+        # lazily by transformers, maybe before these hooks) records the merged output
+        handles.append(self.layers[self.end - 1].register_forward_hook(self._leave_range,
+                                                                       prepend=True))
         for module in self.model.modules():
             if isinstance(module, MoLoRALinear):
                 handles.append(module.register_forward_pre_hook(self._give_routing,
@@ -464,15 +467,32 @@ class DATALORARuntime:
         if ctx is not None:
             self.last = ctx.record
             hidden_states = getattr(output, "hidden_states", None)
-            if hidden_states is not None and ctx.selection is not None:
-                # outputs of layers start..end-2 were recorded packed [B, K, d]: put them back
-                # at their positions (pruned tokens: the bypass value, as the model sees it)
-                seq_len = ctx.hidden_in.shape[1]
-                output.hidden_states = tuple(
-                    ops.scatter_tokens(ctx.hidden_in, h, ctx.selection.keep_idx,
-                                       check_values=False)
-                    if h.dim() == 3 and h.shape[1] != seq_len else h for h in hidden_states)
+            if hidden_states is not None and ctx.record is not None \
+                    and ctx.record.mode != "dense":
+                output.hidden_states = self._carried_hidden_states(ctx, hidden_states)
         self._ctx = None
+
+    def _carried_hidden_states(self, ctx: _Context, hidden_states: tuple) -> tuple:
+        """``output_hidden_states`` as the model carries them through the pruned range.
+
+        HF records the output of decoder layer ``i`` as ``hidden_states[i + 1]`` (entry 0:
+        the embeddings). Those of layers ``start .. end-2`` are what the layer computed:
+        packed ``[B, K, d]`` (no cache; filler slots included) or ``[B, L, d]`` with values
+        at pruned tokens (cached, masked). Each becomes ``[B, L, d]`` with the layer output
+        at kept tokens and the bypass (the range's input) at the others; layer ``end-1``'s
+        entry is recorded after :meth:`_leave_range` merged it.
+        """
+        kept = ctx.record.kept[..., None]
+        fixed = list(hidden_states)
+        for i in range(self.start + 1, self.end):
+            h = fixed[i]
+            if h is None:  # output_hidden_states selected other entries
+                continue
+            if ctx.record.mode == "packed":
+                h = ops.scatter_tokens(ctx.hidden_in, h, ctx.selection.keep_idx,
+                                       check_values=False)
+            fixed[i] = torch.where(kept, h, ctx.hidden_in)
+        return tuple(fixed)
 
     def _run_saliency(self, layer, args, kwargs):
         ctx = self._ctx

@@ -130,6 +130,28 @@ def test_output_hidden_states_have_full_length_with_pruning():
     assert all(h.shape == (2, 10, 64) for h in out.hidden_states)
 
 
+def test_output_hidden_states_hold_the_bypass_at_pruned_tokens():
+    """Inside the pruned range the hidden states hold each layer's output at kept tokens and
+    the bypass (the range's input) at pruned ones: the same with the cache (masked) and
+    without (packed), and for a row alone or beside a row that keeps every token."""
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    ids = _ids(2, 10, seed=4)
+    with torch.no_grad():
+        scores = model.saliency(model.base_model.model.embed_tokens(ids)).token_scores
+        model.saliency.keep_threshold.fill_(float(scores[0].min()) - 1e-3)  # row 0 keeps all
+        packed = model(input_ids=ids, output_hidden_states=True).hidden_states
+        kept = model.runtime.last.kept
+        assert model.runtime.last.mode == "packed" and kept[0].all() and not kept[1].all()
+        masked = model(input_ids=ids, use_cache=True, output_hidden_states=True).hidden_states
+        assert model.runtime.last.mode == "masked"
+        alone = model(input_ids=ids[1:], output_hidden_states=True).hidden_states
+    for i in (2, 3):  # outputs of layers 1, 2 (layer 3's is the final norm's)
+        assert torch.equal(packed[i][~kept], packed[1][~kept])
+    for a, b, c in zip(packed, masked, alone, strict=True):
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(c[0], a[1])
+
+
 def test_uncalibrated_generate_is_the_same_with_and_without_cache():
     """A fresh model (retention 0.5, no threshold) generates dense either way, with a
     warning, instead of top-k without the cache and dense with it."""
