@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,7 +169,7 @@ class DATALORAModel(nn.Module):
         Assisted and prompt-lookup decoding are rejected under shared routing: they crop the
         KV cache, and the saliency network's running context cannot be cropped with it. An
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
-        without the cache alike.
+        without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
         """
         runtime = self.runtime
         if runtime is None:
@@ -182,15 +181,6 @@ class DATALORAModel(nn.Module):
                 raise ValueError(f"{name}: assisted / prompt-lookup decoding crops the KV "
                                  f"cache, which the shared saliency state cannot follow; "
                                  f"use greedy, sampling or beam search")
-        if runtime.retention < 1.0 and math.isnan(runtime.threshold):
-            warnings.warn("keep_threshold is not calibrated: generate() runs the pruned "
-                          "layers dense (call runtime.calibrate())", stacklevel=2)
-            retention = runtime.retention
-            runtime.retention = 1.0
-            try:
-                return self.base_model.generate(*args, **kwargs)
-            finally:
-                runtime.retention = retention
         return self.base_model.generate(*args, **kwargs)
 
     def set_curriculum_state(self, tau: float | None = None, retention: float | None = None,

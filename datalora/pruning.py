@@ -27,7 +27,9 @@ and their outputs are replaced by the bypass, so every cached K/V of a kept toke
 the packed computation produces and the cache stays exact (the keep flags of cached tokens
 live on the cache object). This is numerically the same function as the uncached
 threshold forward; it saves no compute at decode time. Beam search works: the keep flags
-and the saliency network's running context follow the cache's ``reorder_cache``.
+and the saliency network's running context follow the cache's ``reorder_cache``. An
+uncalibrated threshold runs the range dense in eval forwards that decide token by token
+(``generate`` passes ``use_cache``, with or without a cache), on both paths.
 """
 
 from __future__ import annotations
@@ -324,6 +326,8 @@ class _Context:
     # attention mask per window of the pruned layers (None: full attention)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     threshold: float | None = None  # keep_threshold, read once per forward
+    # decides token by token (generate() or a cache): no per-sequence top-k in eval
+    stepwise: bool = False
 
 
 class DATALORARuntime:
@@ -389,6 +393,19 @@ class DATALORARuntime:
             ctx.threshold = self.threshold
         return ctx.threshold
 
+    def _uncalibrated(self, ctx: _Context) -> bool:
+        """Whether ``keep_threshold`` is not calibrated (NaN), where a forward deciding token
+        by token needs it (generate() with or without the cache, a cache): the pruned layers
+        then run dense, with a warning (once), since a per-sequence top-k is not causal."""
+        if not math.isnan(self._forward_threshold(ctx)):
+            return False
+        if not self._warned:
+            warnings.warn("keep_threshold is not calibrated: generation (with or without the "
+                          "KV cache) runs the pruned layers dense (call runtime.calibrate())",
+                          stacklevel=2)
+            self._warned = True
+        return True
+
     def _threshold_in_use(self, threshold: float) -> float:
         """The calibrated threshold, about to select tokens at eval / generation time; warns
         once when it was calibrated for another retention than the current one (the
@@ -453,13 +470,15 @@ class DATALORARuntime:
             raise ValueError(f"cache: {type(cache).__name__} (a static / compileable cache) is "
                              f"not supported by the DATALORA hooks; use the default dynamic "
                              f"cache (no cache_implementation='static')")
+        # generate() always passes use_cache, True or False; a plain forward does not
+        stepwise = cache is not None or "use_cache" in kwargs
         if cache is None and kwargs.get("use_cache") is not True:
             kwargs = {**kwargs, "use_cache": False}  # no cache: the packed path
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"attention_mask: expected a [B, L] padding mask, got shape "
                              f"{tuple(mask.shape)}")
         self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
-            "new" if kwargs.get("use_cache") else None))
+            "new" if kwargs.get("use_cache") else None), stepwise=stepwise)
         return args, kwargs
 
     def _finish(self, module, args, output):
@@ -564,7 +583,8 @@ class DATALORARuntime:
         bsz, seq_len, _ = hidden.shape
         ctx.hidden_in = hidden
         if ctx.cache is None:
-            if self.retention >= 1.0:
+            if self.retention >= 1.0 or (ctx.stepwise and not self.saliency.training
+                                         and self._uncalibrated(ctx)):
                 return
             self._start_packed(ctx, hidden, kwargs, record)
         else:
@@ -633,16 +653,11 @@ class DATALORARuntime:
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         cache = cache_of(kwargs)
-        threshold = math.nan if self.retention >= 1.0 else self._forward_threshold(ctx)
-        if threshold != threshold:  # retention 1 or not calibrated: dense
-            if self.retention < 1.0 and not self._warned:
-                warnings.warn("keep_threshold is not calibrated: generation with a KV cache "
-                              "runs the pruned layers dense (call calibrate())", stacklevel=2)
-                self._warned = True
+        if self.retention >= 1.0 or self._uncalibrated(ctx):
             keep_new = record.valid.clone()
         else:
-            keep_new = ((record.saliency.token_scores > self._threshold_in_use(threshold))
-                        & record.valid)
+            threshold = self._threshold_in_use(self._forward_threshold(ctx))
+            keep_new = (record.saliency.token_scores > threshold) & record.valid
         past = getattr(cache, _CACHE_KEEP_ATTR, None) if cache is not None else None
         if cache is not None:
             cached = cache.get_seq_length(self.start) if hasattr(cache, "get_seq_length") else 0

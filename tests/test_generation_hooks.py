@@ -166,6 +166,21 @@ def test_uncalibrated_generate_is_the_same_with_and_without_cache():
     assert model.runtime.retention == 0.5
 
 
+def test_uncalibrated_base_model_generate_is_the_same_with_and_without_cache():
+    """The hooks, not only DATALORAModel.generate, run an uncalibrated model dense when
+    generating: ``base_model.generate`` (any tool holding the HF model) does not fall back
+    to a per-sequence top-k without the cache. A plain eval forward still prunes (top-k)."""
+    model = _model(prune_layers=(1, 4))
+    model.set_curriculum_state(retention=0.5)
+    with torch.no_grad(), pytest.warns(UserWarning, match="not calibrated"):
+        a = model.base_model.generate(_ids(2, 8), use_cache=True, max_new_tokens=8, **GREEDY)
+        b = model.base_model.generate(_ids(2, 8), use_cache=False, max_new_tokens=8, **GREEDY)
+        assert model.runtime.last.mode == "dense"
+        model(input_ids=_ids(2, 8))
+    assert torch.equal(a, b)
+    assert model.runtime.last.mode == "packed"
+
+
 def test_threshold_calibrated_for_another_retention_warns():
     model = _calibrated(_model(prune_layers=(1, 4)), 0.5)
     model.set_curriculum_state(retention=0.2)
