@@ -667,9 +667,11 @@ class DATALORARuntime:
         if cache is not None:
             if cached != past_len:
                 raise ValueError(f"cache: the KV cache holds {cached} tokens in layer "
-                                 f"{self.start} but DATALORA recorded {past_len} keep flags; "
-                                 f"pruning with a cache needs the cache built by this model "
-                                 f"(no beam search)")
+                                 f"{self.start} but DATALORA recorded {past_len} keep flags: "
+                                 f"the cache was cropped (crop(), assisted decoding) or filled "
+                                 f"outside this DATALORA model, and the keep flags and saliency "
+                                 f"state cannot follow that; start from an empty cache or "
+                                 f"prefill it again with this model")
         keep_all = keep_new if past is None else torch.cat([past, keep_new], 1)
         if cache is not None:
             setattr(cache, _CACHE_KEEP_ATTR, keep_all)

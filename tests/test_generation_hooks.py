@@ -110,6 +110,20 @@ def test_decoding_that_crops_the_cache_is_rejected(option):
         model.generate(_ids(1, 10), max_new_tokens=3, **option, **GREEDY)
 
 
+def test_cropped_or_foreign_cache_is_refused_with_cause_and_remedy():
+    """Rolling a cache back with crop() or passing one the plain base model filled is refused:
+    the keep flags and the saliency state cannot follow; the error names both causes."""
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    with torch.no_grad():
+        out = model.generate(_ids(1, 6), max_new_tokens=3, return_dict_in_generate=True,
+                             **GREEDY)
+        out.past_key_values.crop(-2)
+        with pytest.raises(ValueError, match=r"cropped \(crop\(\), assisted decoding\) or "
+                                             r"filled outside .* empty cache or prefill"):
+            model.generate(out.sequences[:, :7], past_key_values=out.past_key_values,
+                           max_new_tokens=2, **GREEDY)
+
+
 def test_reset_cache_can_be_reused():
     model = _calibrated(_model(prune_layers=(1, 4)))
     cache = DynamicCache(config=model.config)
