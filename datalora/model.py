@@ -170,7 +170,14 @@ class DATALORAModel(nn.Module):
         KV cache, and the saliency network's running context cannot be cropped with it. An
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
         without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
+        In training mode (Gumbel-noised routing, noisy token selection, LoRA dropout) the
+        output is random: a warning says to call ``model.eval()`` first.
         """
+        if self.training:
+            warnings.warn("generate(): the model is in training mode, so routing and token "
+                          "selection are noisy (Gumbel noise) and the output is random, and "
+                          "cached output differs from uncached; call model.eval() before "
+                          "generate()", stacklevel=2)
         runtime = self.runtime
         if runtime is None:
             return self.base_model.generate(*args, **kwargs)

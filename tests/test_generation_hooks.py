@@ -195,6 +195,19 @@ def test_uncalibrated_base_model_generate_is_the_same_with_and_without_cache():
     assert model.runtime.last.mode == "packed"
 
 
+def test_generate_in_training_mode_warns_to_call_eval():
+    """A model left in train() (say, generating from a Trainer callback) routes and selects
+    with noise: generate() warns instead of returning random tokens silently."""
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(_ids(1, 5), max_new_tokens=2, **GREEDY)
+    assert not [w for w in caught if "training mode" in str(w.message)]
+    model.train()
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"training mode.*model\.eval\(\)"):
+        model.generate(_ids(1, 5), max_new_tokens=2, **GREEDY)
+
+
 def test_threshold_calibrated_for_another_retention_warns():
     model = _calibrated(_model(prune_layers=(1, 4)), 0.5)
     model.set_curriculum_state(retention=0.2)
