@@ -73,16 +73,17 @@ def test_beam_search_on_a_deep_copied_prefix_cache():
     saliency context), not the original, and equals generating without a prefix cache."""
     import copy
 
+    from datalora.hf_compat import cache_kwargs, output_cache
+
     model = _calibrated(_model(prune_layers=(1, 4)))
     beams, prefix = 3, _ids(1, 6, seed=1)
     full = torch.cat([prefix, _ids(1, 4, seed=2)], 1)
     kw = dict(max_new_tokens=6, num_beams=beams, num_return_sequences=beams, **GREEDY)
     with torch.no_grad():
-        cache = model(input_ids=prefix.repeat_interleave(beams, 0),
-                      past_key_values=DynamicCache(config=model.config),
-                      use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=prefix.repeat_interleave(beams, 0), use_cache=True,
+                                   **cache_kwargs(model, DynamicCache(config=model.config))))
         keys = cache.layers[0].keys.clone()
-        copied = model.generate(full, past_key_values=copy.deepcopy(cache), **kw)
+        copied = model.generate(full, **cache_kwargs(model, copy.deepcopy(cache)), **kw)
         assert torch.equal(copied, model.generate(full, **kw))
     assert torch.equal(cache.layers[0].keys, keys)
 
@@ -113,15 +114,18 @@ def test_decoding_that_crops_the_cache_is_rejected(option):
 def test_cropped_or_foreign_cache_is_refused_with_cause_and_remedy():
     """Rolling a cache back with crop() or passing one the plain base model filled is refused:
     the keep flags and the saliency state cannot follow; the error names both causes."""
+    from datalora.hf_compat import cache_kwargs, output_cache
+
     model = _calibrated(_model(prune_layers=(1, 4)))
     with torch.no_grad():
         out = model.generate(_ids(1, 6), max_new_tokens=3, return_dict_in_generate=True,
                              **GREEDY)
-        out.past_key_values.crop(-2)
+        cache = output_cache(out)
+        cache.crop(-2)
         with pytest.raises(ValueError, match=r"cropped \(crop\(\), assisted decoding\) or "
                                              r"filled outside .* empty cache or prefill"):
-            model.generate(out.sequences[:, :7], past_key_values=out.past_key_values,
-                           max_new_tokens=2, **GREEDY)
+            model.generate(out.sequences[:, :7], **cache_kwargs(model, cache), max_new_tokens=2,
+                           **GREEDY)
 
 
 def test_reset_cache_can_be_reused():
