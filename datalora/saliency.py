@@ -111,9 +111,10 @@ class UnifiedSaliencyNetwork(nn.Module):
     ``z = [f_t, mean_{s <= t} f_s]`` (causal context over real tokens), then
     ``score: Linear(2h, 1)``, ``router: Linear(2h, E)``, ``rank: sigmoid(Linear(2h, r))``.
     Parameters and ``keep_threshold`` are fp32 whatever the base dtype (the input is cast;
-    a module-wide ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` moves them and leaves them
-    fp32). The rank head starts near 0.88 (bias 2) so a new adapter uses most of its rank;
-    the router starts near uniform, and the score head at 0.
+    a module-wide ``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` to a 16-bit dtype moves
+    them and leaves them fp32; ``.double()`` still gives fp64). The rank head starts near
+    0.88 (bias 2) so a new adapter uses most of its rank; the router starts near uniform,
+    and the score head at 0.
 
     Args:
         hidden_size: d, the base model's hidden size.
@@ -158,7 +159,7 @@ class UnifiedSaliencyNetwork(nn.Module):
         bf16 scores flip keep decisions between cached and uncached generation."""
         def fp32(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
-            if out.is_floating_point() and out.dtype != torch.float32:
+            if out.is_floating_point() and out.dtype in (torch.float16, torch.bfloat16):
                 return t.to(out.device, torch.float32)  # from t: not through the rounding
             return out
 

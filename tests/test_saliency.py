@@ -220,6 +220,7 @@ def test_usn_stays_fp32_in_a_bf16_model_and_counts_context_past_256_tokens():
     assert all(t.dtype == torch.float32 for t in (*usn.parameters(), *usn.buffers()))
     assert float(usn.keep_threshold) == float(torch.tensor(-1.382))
     assert model.to("meta").saliency.score_head.weight.device.type == "meta"
+    assert UnifiedSaliencyNetwork(16, 4, 4, 2).double().score_head.weight.dtype == torch.float64
     usn.to_empty(device="cpu").reset_parameters()
     with torch.no_grad():
         usn.score_head.weight.normal_()
