@@ -11,7 +11,9 @@ a test checks they equal the generator's output.
 
 Loading a real dataset (a local JSONL / JSON / parquet file, a ``datasets`` folder, or a
 Hub name) goes through :func:`load_instruction_dataset` and returns rows with the same
-columns, so the demo and the trainer treat the embedded data and real data alike.
+columns, so the demo and the trainer treat the embedded data and real data alike. Alpaca
+rows (``instruction`` / ``input`` / ``output``) and single-turn chat rows (``messages``:
+optional system, user, assistant) are mapped to these columns.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,12 +42,15 @@ __all__ = [
     "CausalLMCollator",
     "format_prompt",
     "SplitNotFoundError",
+    "TokenizeStats",
     "generate_multitask_dataset",
     "load_eval_rows",
     "load_instruction_dataset",
+    "looks_like_local_path",
     "shipped_split_path",
     "shipped_split_rows",
     "tokenize_example",
+    "tokenize_rows",
     "write_jsonl",
 ]
 
@@ -54,8 +60,13 @@ TASKS: tuple[str, ...] = ("arithmetic", "reverse", "sort", "lookup")
 COLUMNS: tuple[str, ...] = ("id", "system_prompt", "question", "response", "task")
 """Columns of every row returned by this module (OpenOrca's four plus ``task``)."""
 
-REQUIRED_COLUMNS: tuple[str, ...] = ("system_prompt", "question", "response")
-"""Columns a loaded dataset must have; ``id`` and ``task`` are filled in when missing."""
+REQUIRED_COLUMNS: tuple[str, ...] = ("question", "response")
+"""Columns a loaded dataset must have (or the Alpaca / chat columns they are mapped from);
+``id`` and ``task`` are filled in when missing, a missing ``system_prompt`` is ``""``."""
+
+_FORMAT_HINT = ("Alpaca rows (instruction, input, output) and single-turn chat rows "
+                "(messages: optional system, user, assistant) are mapped to these columns; "
+                "convert other formats to one of them")
 
 UNKNOWN_TASK = "unknown"
 IGNORE_INDEX = -100
@@ -218,8 +229,10 @@ class SplitNotFoundError(ValueError):
     """The requested split is not in a folder / split-keyed file (see :data:`EVAL_SPLITS`)."""
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a JSON-lines file and the 1-based line number of each (blank lines
+    skipped), so errors can name the line."""
+    rows, lines = [], []
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a UTF-8 byte-order mark
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -229,7 +242,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"source: {path} line {lineno} is not valid JSON: {e}") from e
             rows.append(row)
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
@@ -238,7 +252,7 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path)  # a .json file holding JSON lines
+        return _read_jsonl(path)[0]  # a .json file holding JSON lines
     if isinstance(data, Mapping):
         row_lists = [k for k, v in data.items() if isinstance(v, list) and v
                      and all(isinstance(x, Mapping) for x in v)]
@@ -314,40 +328,94 @@ def _column_names(rows: Any) -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def _normalize(rows: Iterable[Mapping[str, Any]], source: str,
-               limit: int | None) -> list[dict[str, str]]:
-    columns = _column_names(rows)
-    if columns is not None:
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ValueError(f"source: {source} is missing required column(s) {missing}; "
-                             f"expected {list(REQUIRED_COLUMNS)} (plus optional 'id', 'task'), "
-                             f"found {columns}")
+def _check_columns(columns: list[str] | None, source: str) -> None:
+    """A table's columns (``datasets`` / parquet) hold OpenOrca, Alpaca or chat rows."""
+    if columns is None or "messages" in columns or {"instruction", "output"} <= set(columns):
+        return
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"source: {source} is missing required column(s) {missing}; "
+                         f"expected {list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', "
+                         f"'id', 'task'), found {columns}. {_FORMAT_HINT}")
+
+
+def _from_alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Alpaca columns: ``question = instruction`` (+ ``"\\n\\n" + input`` when non-empty),
+    ``response = output``."""
+    question, extra = row["instruction"], row.get("input")
+    if extra and isinstance(question, str) and isinstance(extra, str):
+        question = f"{question}\n\n{extra}"
+    return {"system_prompt": row.get("system_prompt"), "question": question,
+            "response": row["output"]}
+
+
+def _from_messages(messages: Any, where: str) -> dict[str, Any]:
+    """A single-turn chat (optional system, user, assistant) as OpenOrca columns."""
+    roles = ([m.get("role") for m in messages] if isinstance(messages, list)
+             and all(isinstance(m, Mapping) for m in messages) else None)
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise ValueError(f"source: {where}: 'messages' must be one single-turn conversation "
+                         f"[system (optional), user, assistant] of {{'role', 'content'}} "
+                         f"objects, got roles {roles}; multi-turn chats are not supported")
+    content = {m["role"]: m.get("content") for m in messages}
+    return {"system_prompt": content.get("system"), "question": content["user"],
+            "response": content["assistant"]}
+
+
+def _openorca_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``system_prompt`` / ``question`` / ``response`` of an OpenOrca, Alpaca or chat row."""
+    if all(c in row for c in REQUIRED_COLUMNS):
+        return {"system_prompt": row.get("system_prompt"), "question": row["question"],
+                "response": row["response"]}
+    if "instruction" in row and "output" in row:
+        return _from_alpaca(row)
+    if "messages" in row:
+        return _from_messages(row["messages"], where)
+    missing = [c for c in REQUIRED_COLUMNS if c not in row]
+    raise ValueError(f"source: {where} is missing required column(s) {missing}; expected "
+                     f"{list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', 'id', "
+                     f"'task'), found {sorted(row)}. {_FORMAT_HINT}")
+
+
+def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None,
+               lines: list[int] | None = None) -> list[dict[str, str]]:
+    """Rows as :data:`COLUMNS`; errors name the 1-based line of a JSON-lines file
+    (``lines``) or the 0-based row index."""
+    _check_columns(_column_names(rows), source)
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
         if limit is not None and i >= limit:
             break
+        where = f"line {lines[i]} of {source}" if lines is not None else f"row {i} of {source}"
         if not isinstance(row, Mapping):
-            raise ValueError(f"source: row {i} of {source} is a {type(row).__name__}, "
-                             f"expected an object with columns {list(REQUIRED_COLUMNS)}")
-        missing = [c for c in REQUIRED_COLUMNS if c not in row]
-        if missing:
-            raise ValueError(f"source: row {i} of {source} is missing required column(s) "
-                             f"{missing}; expected {list(REQUIRED_COLUMNS)} (plus optional "
-                             f"'id', 'task'), found {sorted(row)}")
-        system_prompt = "" if row["system_prompt"] is None else row["system_prompt"]
-        for col, value in (("system_prompt", system_prompt), ("question", row["question"]),
-                           ("response", row["response"])):
+            raise ValueError(f"source: {where} is a {type(row).__name__}, expected an object "
+                             f"with columns {list(REQUIRED_COLUMNS)}")
+        fields = _openorca_fields(row, where)
+        if fields["system_prompt"] is None:
+            fields["system_prompt"] = ""
+        for col, value in fields.items():
             if not isinstance(value, str):
-                raise ValueError(f"source: column {col!r} of row {i} of {source} must be a "
-                                 f"string, got {type(value).__name__}")
+                raise ValueError(f"source: column {col!r} of {where} must be a string, got "
+                                 f"{type(value).__name__}")
         row_id = row.get("id")
         task = row.get("task")
-        out.append({"id": str(i) if row_id is None else str(row_id),
-                    "system_prompt": system_prompt, "question": row["question"],
-                    "response": row["response"],
+        out.append({"id": str(i) if row_id is None else str(row_id), **fields,
                     "task": UNKNOWN_TASK if task is None else str(task)})
     return out
+
+
+def looks_like_local_path(name: str | os.PathLike[str]) -> bool:
+    """Whether a model / dataset name that does not exist locally was meant as a local
+    path rather than a Hub name (``org/name``), so it fails at once instead of after the
+    Hub's retries: a path object, an absolute path, one starting with ``.`` or ``~``, more
+    than one ``/``, a backslash, a file suffix (``.txt``, ``.jsonl``; not a version such
+    as ``-v1.2``), or a name whose parent folder exists here (``models/typo``)."""
+    if isinstance(name, os.PathLike):
+        return True
+    path = Path(name)
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or "\\" in name or bool(re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]*", path.suffix))
+            or (path.parent != Path(".") and path.parent.is_dir()))
 
 
 def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split: str = "train",
@@ -367,12 +435,19 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
     Returns:
         A list of dicts with string values for ``id, system_prompt, question, response,
         task``. Rows without ``id`` get their index, without ``task`` get ``"unknown"``,
-        a null ``system_prompt`` becomes ``""``; other columns are dropped.
+        a null or missing ``system_prompt`` becomes ``""``; other columns are dropped.
+        Alpaca rows become ``question = instruction`` (plus ``"\\n\\n" + input`` when
+        ``input`` is non-empty), ``response = output``; chat rows with ``messages``
+        ``[system (optional), user, assistant]`` become ``system_prompt`` / ``question`` /
+        ``response`` (the tokenizer's chat template is not applied: every row is trained
+        in the :func:`format_prompt` format).
 
     Raises:
-        ValueError: a required column (``system_prompt``, ``question``, ``response``) is
-            missing or not a string, or ``split`` / ``limit`` is invalid.
-        FileNotFoundError: ``source`` looks like a local path that does not exist.
+        ValueError: a required column (``question``, ``response``) is missing or not a
+            string (the error names the 1-based line of a ``.jsonl`` file), a ``messages``
+            row is not single-turn, or ``split`` / ``limit`` is invalid.
+        FileNotFoundError: ``source`` looks like a local path (see
+            :func:`looks_like_local_path`) that does not exist.
         OSError: a Hub name could not be loaded (e.g. offline).
     """
     if limit is not None:
@@ -380,18 +455,19 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
     if not isinstance(split, str):
         raise TypeError(f"split: expected a str, got {type(split).__name__}")
     if source is None or source == "embedded":
-        rows: Any = _read_jsonl(shipped_split_path(split))
-        return _normalize(rows, f"the embedded {_canonical_split(split)} split", limit)
+        rows, lines = _read_jsonl(shipped_split_path(split))
+        return _normalize(rows, f"the embedded {_canonical_split(split)} split", limit, lines)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source: expected None, 'embedded', a path or a Hub dataset name, "
                         f"got {type(source).__name__}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
+    lines = None
     if path.is_dir():
         rows = _read_dataset_dir(path, split)
     elif path.is_file():
         if suffix == ".jsonl":
-            rows = _read_jsonl(path)
+            rows, lines = _read_jsonl(path)
         elif suffix == ".json":
             rows = _read_json(path, split)
         elif suffix == ".parquet":
@@ -399,12 +475,11 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         else:
             raise ValueError(f"source: unsupported file type {suffix!r} for {path}; expected "
                              f".jsonl, .json or .parquet")
-    elif (suffix in (".jsonl", ".json", ".parquet") or os.path.isabs(source)
-          or str(source).startswith((".", "~"))):
+    elif looks_like_local_path(source):
         raise FileNotFoundError(f"source: no such file or folder: {path}")
     else:
         rows = _read_hub(str(source), split, limit)
-    return _normalize(rows, str(source), limit)
+    return _normalize(rows, str(source), limit, lines)
 
 
 def load_eval_rows(source: str | os.PathLike[str] | None = None,
@@ -460,13 +535,24 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
         ``L <= max_length``.
     """
     max_length = check_int("max_length", max_length, low=2)
+    prompt, response = _encode_example(example, tokenizer)
+    return _example(*_truncate(prompt, response, max_length, tokenizer))
+
+
+def _encode_example(example: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Prompt ids (with special tokens) and response ids + EOS, untruncated."""
     if "response" not in example:
         raise ValueError(f"example: missing column 'response', found {sorted(example)}")
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError("tokenizer: has no eos_token_id; set tokenizer.eos_token")
-    prompt = _encode(tokenizer, format_prompt(example), True)
-    response = _encode(tokenizer, example["response"], False) + [eos]
+    return (_encode(tokenizer, format_prompt(example), True),
+            _encode(tokenizer, example["response"], False) + [eos])
+
+
+def _truncate(prompt: list[int], response: list[int], max_length: int,
+              tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Prompt and response cut to ``max_length`` in all (see :func:`tokenize_example`)."""
     overflow = len(prompt) + len(response) - max_length
     if overflow > 0:
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -478,9 +564,72 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
         if len(prompt) >= max_length:  # max_length 2 with a BOS: keep one response token
             prompt = prompt[:max_length - 1]
         response = response[: max_length - len(prompt)]
+    return prompt, response
+
+
+def _example(prompt: list[int], response: list[int]) -> dict[str, list[int]]:
     input_ids = prompt + response
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
             "labels": [IGNORE_INDEX] * len(prompt) + response}
+
+
+@dataclass
+class TokenizeStats:
+    """What :func:`tokenize_rows` did to the rows.
+
+    Attributes:
+        rows: rows tokenized. truncated: rows longer than ``max_length``.
+        response_cut: truncated rows that lost response tokens (and so their EOS: the
+            model does not learn to stop on them). empty_response: rows whose response is
+            empty (trained on the EOS token alone).
+    """
+
+    rows: int = 0
+    truncated: int = 0
+    response_cut: int = 0
+    empty_response: int = 0
+
+    def warnings(self, what: str, max_length: int) -> list[str]:
+        """One line per kind of loss, e.g. ``"training rows: truncated 3 of 8 to
+        max_length=64 (1 lost response tokens and its EOS)"``; empty when none."""
+        out = []
+        if self.truncated:
+            out.append(f"{what}: truncated {self.truncated} of {self.rows} to max_length="
+                       f"{max_length} ({self.response_cut} lost response tokens and their EOS, "
+                       f"{self.truncated - self.response_cut} only prompt tokens); raise "
+                       f"--max-length to keep them whole")
+        if self.empty_response:
+            out.append(f"{what}: {self.empty_response} of {self.rows} have an empty response "
+                       f"(trained on the EOS token alone)")
+        return out
+
+
+def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int,
+                  progress: bool = False) -> tuple[list[dict[str, list[int]]], TokenizeStats]:
+    """:func:`tokenize_example` over ``rows``, counting truncated rows and empty responses.
+
+    Args:
+        progress: show a progress bar (only when it takes more than a second or two).
+
+    Returns:
+        The tokenized rows (each with the row's ``task``, default ``"unknown"``) and a
+        :class:`TokenizeStats`.
+    """
+    from tqdm.auto import tqdm
+
+    max_length = check_int("max_length", max_length, low=2)
+    stats = TokenizeStats(rows=len(rows))
+    out = []
+    for row in tqdm(rows, desc="tokenizing", unit="row", disable=not progress, delay=2):
+        prompt, response = _encode_example(row, tokenizer)
+        cut_prompt, cut_response = _truncate(prompt, response, max_length, tokenizer)
+        stats.truncated += len(prompt) + len(response) > max_length
+        stats.response_cut += len(cut_response) < len(response)
+        stats.empty_response += not row["response"]
+        item: dict[str, Any] = _example(cut_prompt, cut_response)
+        item["task"] = row.get("task", UNKNOWN_TASK)
+        out.append(item)
+    return out, stats
 
 
 @dataclass

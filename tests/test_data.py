@@ -182,8 +182,7 @@ def test_missing_columns_are_named(tmp_path, sample_rows):
     write_jsonl(rows, tmp_path / "bad.jsonl")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
     for name in ("bad.jsonl", "bad.parquet"):
-        with pytest.raises(ValueError, match=r"missing required column.*'system_prompt', "
-                                             r"'response'"):
+        with pytest.raises(ValueError, match=r"missing required column.*\['response'\]"):
             load_instruction_dataset(tmp_path / name)
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "bad_ds"))
@@ -192,6 +191,74 @@ def test_missing_columns_are_named(tmp_path, sample_rows):
     write_jsonl([{"system_prompt": "", "question": "q", "response": 3}], tmp_path / "t.jsonl")
     with pytest.raises(ValueError, match="'response'.*must be a string"):
         load_instruction_dataset(tmp_path / "t.jsonl")
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    """The 1-based line of the file (blank lines counted), not the index of the record."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "response": "r"}) + "\n\n\n"
+                    + json.dumps({"question": "q", "answer": "r"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 4 of .*d\.jsonl is missing required "
+                                         r"column\(s\) \['response'\].*Alpaca"):
+        load_instruction_dataset(path)
+    path.write_text(json.dumps({"question": "q", "response": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"'response' of line 1 of .* must be a string"):
+        load_instruction_dataset(path)
+
+
+def test_missing_system_prompt_is_empty(tmp_path):
+    write_jsonl([{"question": "q", "response": "r"},
+                 {"system_prompt": None, "question": "q2", "response": "r2"}],
+                tmp_path / "d.jsonl")
+    assert [r["system_prompt"] for r in load_instruction_dataset(tmp_path / "d.jsonl")] == \
+        ["", ""]
+
+
+def test_alpaca_and_chat_rows_are_mapped(tmp_path):
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+              {"instruction": "Say hi.", "input": "", "output": "hi", "id": "a1"}]
+    write_jsonl(alpaca, tmp_path / "alpaca.jsonl")
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    expected = [{"id": "0", "system_prompt": "", "question": "Add the numbers.\n\n2 and 3",
+                 "response": "5", "task": "unknown"},
+                {"id": "a1", "system_prompt": "", "question": "Say hi.", "response": "hi",
+                 "task": "unknown"}]
+    for name in ("alpaca.jsonl", "alpaca.json"):
+        assert load_instruction_dataset(tmp_path / name) == expected
+    chat = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "2 + 2?"},
+                          {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}], "task": "greet"}]
+    write_jsonl(chat, tmp_path / "chat.jsonl")
+    assert load_instruction_dataset(tmp_path / "chat.jsonl") == [
+        {"id": "0", "system_prompt": "Be brief.", "question": "2 + 2?", "response": "4",
+         "task": "unknown"},
+        {"id": "1", "system_prompt": "", "question": "Hi", "response": "Hello",
+         "task": "greet"}]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(alpaca).save_to_disk(str(tmp_path / "alpaca_ds"))
+    assert load_instruction_dataset(tmp_path / "alpaca_ds")[0]["question"] == \
+        expected[0]["question"]
+    turns = chat[0]["messages"][1:] * 2
+    write_jsonl([{"messages": turns}], tmp_path / "multi.jsonl")
+    with pytest.raises(ValueError, match=r"line 1 of .*single-turn.*\['user', 'assistant', "
+                                         r"'user', 'assistant'\]"):
+        load_instruction_dataset(tmp_path / "multi.jsonl")
+
+
+def test_looks_like_local_path(tmp_path, monkeypatch):
+    from datalora.data import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("data/orca.txt", "a/b/c", "./x", "~/x", "/abs/x", "models/typo"):
+        assert looks_like_local_path(name), name
+    for name in ("Open-Orca/OpenOrca", "gpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                 "Qwen/Qwen2.5-0.5B"):
+        assert not looks_like_local_path(name), name
+    with pytest.raises(FileNotFoundError, match="no such file or folder: data/orca.txt"):
+        load_instruction_dataset("data/orca.txt")  # was: Hub retries, then an OSError
 
 
 def test_load_errors(tmp_path):
@@ -256,6 +323,24 @@ def test_tokenize_example_truncates_prompt_first(tokenizer, train_rows):
     assert len(tiny["input_ids"]) == 2
     with pytest.raises(ValueError, match="max_length"):
         tokenize_example(row, tokenizer, max_length=1)
+
+
+def test_tokenize_rows_counts_truncation_and_empty_responses(tokenizer):
+    from datalora.data import tokenize_rows
+
+    rows = [{"system_prompt": "", "question": "What is 2 + 2?", "response": "4"},
+            {"system_prompt": "", "question": "Sort: " + "9, " * 40, "response": "1"},
+            {"system_prompt": "", "question": "Tell a story.", "response": "once " * 60},
+            {"system_prompt": "", "question": "Say nothing.", "response": ""}]
+    items, stats = tokenize_rows(rows, tokenizer, 48)
+    assert items == [{**tokenize_example(r, tokenizer, 48), "task": "unknown"} for r in rows]
+    assert (stats.rows, stats.truncated, stats.response_cut, stats.empty_response) == \
+        (4, 2, 1, 1)
+    assert stats.warnings("training rows", 48) == [
+        "training rows: truncated 2 of 4 to max_length=48 (1 lost response tokens and their "
+        "EOS, 1 only prompt tokens); raise --max-length to keep them whole",
+        "training rows: 1 of 4 have an empty response (trained on the EOS token alone)"]
+    assert tokenize_rows(rows[:1], tokenizer, 48)[1].warnings("x", 48) == []
 
 
 def test_collator_pads_right(tokenizer, train_rows):
