@@ -32,7 +32,12 @@ from typing import Any
 import torch
 
 from datalora.checks import check_int, check_number
-from datalora.data import format_prompt, load_instruction_dataset, tokenize_example
+from datalora.data import (
+    format_prompt,
+    load_instruction_dataset,
+    looks_like_local_path,
+    tokenize_example,
+)
 
 __all__ = [
     "BOS_TOKEN",
@@ -384,8 +389,11 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,
         gets ``pad_token = eos_token`` (also set as the model's ``pad_token_id``).
 
     Raises:
-        FileNotFoundError: ``name_or_path`` looks like a local path that does not exist.
-        OSError: the model could not be loaded (e.g. a Hub name while offline).
+        FileNotFoundError: ``name_or_path`` looks like a local path that does not exist
+            (:func:`~datalora.data.looks_like_local_path`).
+        ValueError: ``name_or_path`` is a local folder without ``config.json``.
+        OSError: the model could not be loaded (e.g. a Hub name while offline; the message
+            says when no local folder of that name exists).
     """
     if name_or_path in EMBEDDED_NAMES:
         if dtype is None or dtype == "auto":
@@ -403,13 +411,23 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,
                         f"got {type(name_or_path).__name__}")
     source = str(name_or_path)
     path = Path(source).expanduser()
-    if not path.exists() and (os.path.isabs(source) or source.startswith((".", "~"))
-                              or isinstance(name_or_path, os.PathLike)):
-        raise FileNotFoundError(f"name_or_path: no such model folder: {path}")
     if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"name_or_path: {path} is not a model folder (no config.json; "
+                             f"expected a folder written by save_pretrained)")
         source = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto" if dtype is None else dtype)
+    elif looks_like_local_path(name_or_path):
+        raise FileNotFoundError(f"name_or_path: no such model folder: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype="auto" if dtype is None else dtype)
+    except OSError as exc:
+        if path.exists():
+            raise
+        raise OSError(f"name_or_path: {source!r} is not a local folder (no such path: "
+                      f"{path.absolute()}) and loading it from the Hugging Face Hub failed: "
+                      f"{exc}") from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"name_or_path: the tokenizer of {source!r} has neither a pad "
