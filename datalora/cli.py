@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
@@ -74,10 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_import_noise() -> None:
+    """Silences bitsandbytes' CPU backend, which warns at import (transformers' Trainer
+    imports it through peft) that it could not fetch an optional 4-bit CPU kernel from the
+    Hub; datalora does not use that kernel (NF4 runs its own), so every command started
+    with a misleading warning."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs a subcommand. Bad input (a missing file, an invalid value: ``OSError`` /
     ``ValueError``) prints ``datalora <command>: error: ...`` and exits with status 2, like
     a bad flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
+    quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

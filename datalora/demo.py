@@ -46,15 +46,19 @@ DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
 
 def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train rows and eval rows (the ``eval`` / ``validation`` / ``test`` split); warns when
-    the eval rows are training rows (a single file has no splits)."""
+    eval rows are training rows: all of them when the source has no eval split (a single
+    file: its eval rows begin with the training rows), else those the splits share."""
     train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
     eval_rows = load_eval_rows(args.dataset)
     seen = {(r["system_prompt"], r["question"]) for r in train_rows}
     overlap = sum((r["system_prompt"], r["question"]) in seen for r in eval_rows)
     if overlap:
-        print(f"note: {overlap} of the {len(eval_rows)} eval rows are training rows ("
-              f"{args.dataset} has no eval / validation / test split), so the eval loss and "
-              f"the answers below are on training data")
+        why = (f"{args.dataset} has no eval / validation / test split"
+               if eval_rows[:len(train_rows)] == train_rows else
+               f"the eval split of {args.dataset} shares them with its train split")
+        print(f"note: {overlap} of the {len(eval_rows)} eval rows are training rows ({why}), "
+              f"so the eval loss and the answers below are "
+              f"{'' if overlap == len(eval_rows) else 'partly '}on training data")
     return train_rows, eval_rows
 
 

@@ -4,16 +4,31 @@
 multi-task instruction data (OpenOrca columns) with the 3-phase curriculum, prints the
 per-phase summary and writes the adapter (+ saliency network + config) to
 ``--output-dir``. ``--config file.yaml|json`` gives the :class:`DATALORAConfig` fields and,
-under a ``training:`` key, :func:`train_datalora` arguments: the flags' names,
-``logging_steps``, ``gradient_accumulation_steps``, ``eval_limit``, and ``trainer_args``
-(any other ``TrainingArguments`` field, e.g. ``fsdp`` / ``fsdp_config``).
+under a ``training:`` key, :func:`train_datalora` arguments: the flags' names with
+underscores (``model_name_or_path``, or ``model``; ``output_dir``, ``max_length``, ...),
+``logging_steps``, ``gradient_accumulation_steps`` and ``trainer_args`` (any other
+``TrainingArguments`` field, e.g. ``fsdp`` / ``fsdp_config``).
+
+A base model given by ``--model``, ``model_name_or_path`` or ``base_model`` gets
+DATALORAConfig's defaults (``prune_layers``: the second half of its layers), learning rate
+2e-4 and max length 1024, and is recorded as ``base_model`` in the adapter's config; the
+embedded tiny model gets its tuned settings (learning rate 3e-2, max length 96).
+Rows are trained as
+``{system_prompt}\\n\\n### Question:\\n{question}\\n\\n### Answer:\\n{response}<eos>``
+(a tokenizer's chat template is not applied); rows longer than the max length are
+truncated, with a warning that counts them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
+import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +46,11 @@ DEFAULT_TINY_CONFIG = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
 """DATALORA settings of the embedded tiny model (4 layers: layers 1-3 pruned). The aux
 weights are stronger than DATALORAConfig's defaults: with 0.1 / 0.01 the tiny run's
 experts collapsed onto two and the mean keep probability drifted to ~1."""
+
+TINY_MODEL_DEFAULTS = {"learning_rate": 3e-2, "max_length": 96}
+"""Run settings for the embedded tiny model."""
+REAL_MODEL_DEFAULTS = {"learning_rate": 2e-4, "max_length": 1024}
+"""Run settings for a base model given by path or Hub name."""
 
 
 @dataclass
@@ -67,16 +87,78 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _tokenized_rows(rows: list[dict[str, Any]], tokenizer: Any,
-                    max_length: int) -> list[dict[str, Any]]:
-    from datalora.data import tokenize_example
+def _is_embedded(name: Any) -> bool:
+    return name in (None, "embedded")
 
-    out = []
-    for row in rows:
-        item = tokenize_example(row, tokenizer, max_length)
-        item["task"] = row.get("task", "unknown")
-        out.append(item)
-    return out
+
+def _tokenized_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
+                    what: str = "rows", progress: bool = False) -> list[dict[str, Any]]:
+    """Tokenized rows; warns (one line each) how many were truncated or have no response."""
+    from datalora.data import tokenize_rows
+
+    items, stats = tokenize_rows(rows, tokenizer, max_length, progress=progress)
+    for line in stats.warnings(what, max_length):
+        warnings.warn(line, stacklevel=3)
+    return items
+
+
+def _check_checkpoint(path: Any) -> None:
+    """``resume_from_checkpoint``, before the model loads: a folder holding
+    ``trainer_state.json`` (``True`` / None pass through to the Trainer); a run folder's
+    error names its latest ``checkpoint-N``."""
+    if path is None or isinstance(path, bool):
+        return
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
+    if (folder / "trainer_state.json").is_file():
+        return
+    steps = sorted((int(m[1]), child) for child in folder.iterdir()
+                   if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
+    hint = (f"; it holds {len(steps)} checkpoint folder(s), the latest is {steps[-1][1]}"
+            if steps else "")
+    raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
+                     f"trainer_state.json){hint}")
+
+
+def _train_config(config: DATALORAConfig | dict[str, Any] | None,
+                  model_name_or_path: Any) -> DATALORAConfig:
+    """The config to train with: defaults for the model (tiny settings for the embedded
+    one), ``base_model`` set to ``model_name_or_path`` when given (it is saved with the
+    adapter), shared routing checked."""
+    if config is None:
+        config = (DATALORAConfig(**DEFAULT_TINY_CONFIG) if _is_embedded(model_name_or_path)
+                  else DATALORAConfig(routing="shared"))
+    elif isinstance(config, dict):
+        config = DATALORAConfig.from_dict(config)
+    if not isinstance(config, DATALORAConfig):
+        raise TypeError(f"config: expected DATALORAConfig, dict or None, "
+                        f"got {type(config).__name__}")
+    if config.routing != "shared":
+        raise ValueError(f"config.routing: DATALORA training needs 'shared', "
+                         f"got {config.routing!r}")
+    if model_name_or_path is not None:
+        base = None if _is_embedded(model_name_or_path) else str(model_name_or_path)
+        config = dataclasses.replace(config, base_model=base)
+    return config
+
+
+def _eval_rows(eval_dataset: Any, eval_limit: int | None) -> list[dict[str, Any]] | None:
+    """The eval rows (first ``eval_limit``), errors naming ``eval_dataset``."""
+    from datalora.data import load_eval_rows
+
+    if eval_dataset is None:
+        return None
+    if eval_limit is not None:
+        eval_limit = check_int("eval_limit", eval_limit, low=1)
+    try:
+        rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
+                load_eval_rows(eval_dataset, limit=eval_limit))
+    except (OSError, ValueError) as exc:  # name the argument, not the loader's "source"
+        raise type(exc)(f"eval_dataset: {exc}") from exc
+    if not rows:
+        raise ValueError("eval_dataset: no rows")
+    return rows
 
 
 def summarize_phases(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -97,7 +179,6 @@ def summarize_phases(history: list[dict[str, Any]]) -> dict[str, dict[str, float
     return summary
 
 
-@torch.no_grad()
 def evaluate_loss(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_length: int = 96,
                   batch_size: int = 16, retention: float | None = None) -> float:
     """Token-averaged LM loss (response tokens) of a DATALORA model on instruction rows.
@@ -107,12 +188,19 @@ def evaluate_loss(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_le
         rows: rows with OpenOrca columns. retention: temporarily set this retention (1.0 =
             dense); default: the model's current setting (calibrated threshold if set).
     """
-    from datalora.data import CausalLMCollator
-
     if not rows:
         raise ValueError("rows: expected at least one row to evaluate on")
+    items = _tokenized_rows(rows, tokenizer, max_length, "eval rows")
+    return _evaluate_items(model, items, tokenizer, batch_size, retention)
+
+
+@torch.no_grad()
+def _evaluate_items(model: Any, items: list[dict[str, Any]], tokenizer: Any, batch_size: int,
+                    retention: float | None) -> float:
+    """:func:`evaluate_loss` on rows tokenized already."""
+    from datalora.data import CausalLMCollator
+
     collator = CausalLMCollator(tokenizer=tokenizer)
-    items = _tokenized_rows(rows, tokenizer, max_length)
     was_training = model.training
     previous = model.curriculum_state().get("retention")
     model.eval()
@@ -145,34 +233,42 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    dataset: str | list[dict[str, Any]] | None = None,
                    output_dir: str | Path = "datalora-output", epochs: float = 3,
                    max_steps: int | None = None, batch_size: int = 8,
-                   learning_rate: float = 3e-2, max_length: int = 96, limit: int | None = None,
-                   seed: int = 0, logging_steps: int = 5, save_steps: int | None = None,
+                   learning_rate: float | None = None, max_length: int | None = None,
+                   limit: int | None = None, seed: int = 0, logging_steps: int | None = None,
+                   save_steps: int | None = None,
                    resume_from_checkpoint: str | None = None,
                    curriculum_mode: str = "epochs", bf16: bool = False,
                    gradient_accumulation_steps: int = 1, progress: bool = True,
                    model: Any = None, tokenizer: Any = None,
                    report_to: list[str] | None = None,
                    eval_dataset: str | list[dict[str, Any]] | None = None,
-                   eval_limit: int | None = 200,
+                   eval_limit: int | None = None,
                    trainer_args: dict[str, Any] | None = None) -> TrainResult:
     """Trains DATALORA and returns the logs (for printing / plotting per phase).
 
     Args:
         config: a :class:`DATALORAConfig` or its fields (default: the tiny-model settings
-            :data:`DEFAULT_TINY_CONFIG`, ``routing="shared"`` is required).
+            :data:`DEFAULT_TINY_CONFIG` for the embedded model, DATALORAConfig's defaults
+            for another; ``routing="shared"`` is required). Its ``base_model`` is loaded
+            when ``model_name_or_path`` is None; the saved adapter records the model
+            actually trained.
         model_name_or_path: None / ``"embedded"``: the tiny random Mistral; else a local
             path or Hub name (``datalora.testing.load_model_and_tokenizer``).
         dataset: None / ``"embedded"``: the multi-task data; a ``.jsonl/.json/.parquet``
-            file, a folder, a Hub name, or a list of rows with OpenOrca columns.
+            file, a folder, a Hub name, or a list of rows (columns: see
+            :func:`~datalora.data.load_instruction_dataset`), read before the model loads.
         output_dir: checkpoints and the final adapter.
         epochs / max_steps: run length (``max_steps`` wins when set).
-        learning_rate: the default suits the embedded tiny model; use ~1e-4..2e-4 for
-            a 7B model.
+        learning_rate / max_length: default :data:`TINY_MODEL_DEFAULTS` on the embedded
+            model, :data:`REAL_MODEL_DEFAULTS` on another. Longer rows are truncated (a
+            warning counts them).
         curriculum_mode: ``"epochs"`` (one phase per third of the epochs, the card) or
             ``"steps"`` (by fraction of optimizer steps).
         limit: use only the first ``limit`` rows.
+        logging_steps: log every n steps (default 5, at most ``max_steps``).
         save_steps: checkpoint every n steps (None: no intermediate checkpoints).
-        resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact).
+        resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact; checked
+            before the model loads), or True: the latest in ``output_dir``.
         bf16: bf16 frozen base weights with fp32 adapter / saliency weights (where the
             device supports bf16); the MoLoRA layers compute in the activations' dtype.
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
@@ -180,7 +276,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
             split-keyed file: its ``eval`` / ``validation`` / ``test`` split, see
             :func:`~datalora.data.load_eval_rows`), read before training, on which
             the final eval loss is measured with pruning (``metrics["eval_loss_pruned"]``,
-            calibrated threshold) and dense (``metrics["eval_loss_dense"]``).
+            calibrated threshold) and dense (``metrics["eval_loss_dense"]``), on
+            ``metrics["eval_rows"]`` rows. Also the Trainer's ``eval_dataset``, so
+            ``trainer_args={"eval_strategy": "steps", ...}`` evaluates during training.
+        eval_limit: evaluate on the first ``eval_limit`` eval rows only (default: all).
         trainer_args: more ``transformers.TrainingArguments`` fields (e.g. ``fsdp``,
             ``fsdp_config``, ``deepspeed``, ``weight_decay``, ``warmup_steps``,
             ``optim``); they override the values derived from the arguments above.
@@ -190,52 +289,44 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     """
     from transformers import TrainingArguments
 
-    from datalora.data import TASKS, CausalLMCollator, load_eval_rows, load_instruction_dataset
+    from datalora.data import TASKS, CausalLMCollator, load_instruction_dataset
     from datalora.model import get_datalora_model
     from datalora.trainer import DATALORATrainer
 
-    if config is None:
-        config = DATALORAConfig(**DEFAULT_TINY_CONFIG)
-    elif isinstance(config, dict):
-        config = DATALORAConfig.from_dict(config)
-    if not isinstance(config, DATALORAConfig):
-        raise TypeError(f"config: expected DATALORAConfig, dict or None, "
-                        f"got {type(config).__name__}")
-    if config.routing != "shared":
-        raise ValueError(f"config.routing: DATALORA training needs 'shared', "
-                         f"got {config.routing!r}")
+    config = _train_config(config, model_name_or_path)
+    defaults = TINY_MODEL_DEFAULTS if _is_embedded(config.base_model) else REAL_MODEL_DEFAULTS
     if max_steps is not None:
         max_steps = check_int("max_steps", max_steps, low=1)
     if not float(epochs) > 0:
         raise ValueError(f"epochs: expected > 0, got {epochs!r}")
-    learning_rate = check_number("learning_rate", learning_rate, low=0, low_inclusive=False)
+    learning_rate = check_number(
+        "learning_rate", defaults["learning_rate"] if learning_rate is None else learning_rate,
+        low=0, low_inclusive=False)
+    max_length = check_int("max_length", defaults["max_length"] if max_length is None
+                           else max_length, low=2)
     batch_size = check_int("batch_size", batch_size, low=1)
     gradient_accumulation_steps = check_int("gradient_accumulation_steps",
                                             gradient_accumulation_steps, low=1)
-    trainer_args = _check_trainer_args(TrainingArguments, trainer_args)
-    eval_rows = None
-    if eval_dataset is not None:  # read before training: a bad path fails now, not hours later
-        try:
-            eval_rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
-                         load_eval_rows(eval_dataset, limit=eval_limit))
-        except (OSError, ValueError) as exc:  # name the argument, not the loader's "source"
-            raise type(exc)(f"eval_dataset: {exc}") from exc
-        if not eval_rows:
-            raise ValueError(f"eval_dataset: no rows (eval_limit={eval_limit!r})")
-    use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
-    if model is None or tokenizer is None:
-        from datalora.testing import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(model_name_or_path or config.base_model,
-                                                    dtype=torch.bfloat16 if use_bf16 else None)
-    if use_bf16:
-        model.to(torch.bfloat16)
+    if logging_steps is None:
+        logging_steps = min(5, max_steps or 5)
+    trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
+    # read the data before the model: a bad path or row fails now, not after minutes of loading
+    eval_rows = _eval_rows(eval_dataset, eval_limit)
     if isinstance(dataset, list):
         rows = dataset[:limit] if limit is not None else dataset
     else:
         rows = load_instruction_dataset(dataset, "train", limit=limit)
     if not rows:
-        raise ValueError("dataset: no training rows")
+        raise ValueError(f"dataset: no training rows (limit={limit!r})")
+    _check_checkpoint(resume_from_checkpoint)
+    use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    if model is None or tokenizer is None:
+        from datalora.testing import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(config.base_model,
+                                                    dtype=torch.bfloat16 if use_bf16 else None)
+    if use_bf16:
+        model.to(torch.bfloat16)
     torch.manual_seed(seed)
     dl_model = get_datalora_model(model, config, verbose=progress)
     if use_bf16:  # bf16 frozen base, fp32 master weights for the adapter and the USN
@@ -243,7 +334,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
             layer.float()
             layer.base_layer.to(torch.bfloat16)
     dl_model.train()
-    train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length))
+    train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length, "training rows", progress))
+    eval_items = (_tokenized_rows(eval_rows, tokenizer, max_length, "eval rows", progress)
+                  if eval_rows is not None else None)
     tasks = tuple(sorted({r.get("task", "unknown") for r in rows} | set(TASKS)))
     collator = CausalLMCollator(tokenizer=tokenizer, return_task_ids=True, tasks=tasks)
     args = TrainingArguments(**{**dict(
@@ -257,16 +350,17 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         remove_unused_columns=False, lr_scheduler_type="cosine", warmup_steps=0,
         dataloader_num_workers=0), **trainer_args})
     trainer = DATALORATrainer(model=dl_model, args=args, train_dataset=train_rows,
+                              eval_dataset=_Rows(eval_items) if eval_items else None,
                               data_collator=collator, processing_class=tokenizer,
                               curriculum_mode=curriculum_mode, task_names=list(tasks))
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     history = trainer.datalora_history
     metrics = dict(output.metrics)
-    if eval_rows is not None:
-        metrics["eval_loss_pruned"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length)
-        metrics["eval_loss_dense"] = evaluate_loss(dl_model, eval_rows, tokenizer, max_length,
-                                                   retention=1.0)
+    if eval_items is not None:
+        metrics["eval_rows"] = len(eval_items)
+        metrics["eval_loss_pruned"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, None)
+        metrics["eval_loss_dense"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, 1.0)
     return TrainResult(log_history=list(trainer.state.log_history), datalora_history=history,
                        phase_summary=summarize_phases(history), output_dir=str(output_dir),
                        model=dl_model, tokenizer=tokenizer,
@@ -284,45 +378,62 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="DATALORAConfig as .yaml/.yml/.json (optional "
                                     "'training:' section with train_datalora arguments)")
-    p.add_argument("--model", dest="model_name_or_path", help="base model path / Hub name")
-    p.add_argument("--dataset", help="dataset file, folder or Hub name (default: embedded)")
+    tiny, real = TINY_MODEL_DEFAULTS, REAL_MODEL_DEFAULTS
+    p.add_argument("--model", dest="model_name_or_path",
+                   help="base model: a local folder or a Hub name (default: embedded tiny)")
+    p.add_argument("--dataset", help="a .jsonl / .json / .parquet file, a datasets folder or "
+                                     "a Hub name with OpenOrca columns (system_prompt, "
+                                     "question, response), Alpaca columns (instruction, "
+                                     "input, output) or single-turn chat 'messages' "
+                                     "(default: embedded)")
     p.add_argument("--output-dir", default=None, help="default: datalora-output")
     p.add_argument("--epochs", type=float, default=None,
-                   help="training epochs (the curriculum's 3 phases span them)")
+                   help="training epochs (the curriculum's 3 phases span them; default: 3)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per device and step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per device and step (default: 8)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="AdamW peak rate (default: 3e-2 on the embedded tiny model, "
-                        "2e-4 on a named one)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per row at most")
-    p.add_argument("--limit", type=int, default=None, help="use the first N rows")
+                   help=f"AdamW peak rate (default: {tiny['learning_rate']:g} on the "
+                        f"embedded tiny model, {real['learning_rate']:g} on a named one)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"tokens per row at most; longer rows are truncated, with a warning "
+                        f"(default: {tiny['max_length']} on the embedded tiny model, "
+                        f"{real['max_length']} on a named one)")
+    p.add_argument("--limit", type=int_at_least(1), default=None,
+                   help="use the first N training rows")
     p.add_argument("--save-steps", type=int_at_least(1), default=None,
                    help="also checkpoint every N steps (default: only the final adapter)")
     p.add_argument("--resume-from-checkpoint", default=None,
-                   help="a checkpoint folder of an earlier run (weights + curriculum)")
+                   help="a checkpoint-N folder of an earlier run (weights + curriculum)")
     p.add_argument("--curriculum-mode", choices=("epochs", "steps"), default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 autocast (frozen base in bf16, adapter fp32)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-dataset", default=None,
-                   help="'embedded' or a file: report eval loss pruned vs dense at the end")
-    p.add_argument("--json", action="store_true", help="print the phase summary as JSON")
+                   help="'embedded' or a file / folder (its eval, validation or test split): "
+                        "report eval loss pruned vs dense at the end (and at each "
+                        "evaluation of trainer_args' eval_strategy)")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=None,
+                   help="evaluate on the first N eval rows only (default: all)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (phases, metrics, keep threshold, output dir) as "
+                        "JSON on stdout; other output goes to stderr")
     p.set_defaults(func=run_train, flag_names={
         "name_or_path": "--model", "source": "--dataset", "path": "--resume-from-checkpoint",
-        "eval_dataset": "--eval-dataset", "max_steps": "--max-steps",
-        "batch_size": "--batch-size", "epochs": "--epochs", "learning_rate": "--learning-rate",
-        "max_length": "--max-length"})
+        "resume_from_checkpoint": "--resume-from-checkpoint", "dataset": "--dataset",
+        "eval_dataset": "--eval-dataset", "eval_limit": "--eval-limit",
+        "max_steps": "--max-steps", "batch_size": "--batch-size", "epochs": "--epochs",
+        "learning_rate": "--learning-rate", "max_length": "--max-length", "limit": "--limit"})
     return p
 
 
-def _check_trainer_args(cls: type, extra: dict[str, Any] | None) -> dict[str, Any]:
+def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
+                        eval_dataset: Any = None) -> dict[str, Any]:
     """``extra`` validated (a mapping of real ``TrainingArguments`` fields, with
-    ``remove_unused_columns`` kept False: the collator passes task ids), before any model
-    is loaded."""
-    import dataclasses
-
+    ``remove_unused_columns`` kept False: the collator passes task ids, and an
+    ``eval_strategy`` only with an ``eval_dataset``), before any model is loaded."""
     if extra is None:
         return {}
     if not isinstance(extra, dict):
@@ -334,16 +445,55 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None) -> dict[str, An
     if extra.get("remove_unused_columns"):
         raise ValueError("trainer_args: remove_unused_columns must stay False (the DATALORA "
                          "collator passes task ids the model does not take)")
+    strategy = extra.get("eval_strategy", "no")
+    if str(getattr(strategy, "value", strategy)) != "no" and eval_dataset is None:
+        raise ValueError(f"trainer_args: eval_strategy={strategy!r} needs eval rows: set "
+                         f"eval_dataset (--eval-dataset)")
     return dict(extra)
 
 
 _CLI_KEYS = ("model_name_or_path", "dataset", "output_dir", "epochs", "max_steps",
              "batch_size", "learning_rate", "max_length", "limit", "save_steps",
-             "resume_from_checkpoint", "curriculum_mode", "bf16", "seed", "eval_dataset")
+             "resume_from_checkpoint", "curriculum_mode", "bf16", "seed", "eval_dataset",
+             "eval_limit")
+_TRAINING_KEYS = (*_CLI_KEYS, "logging_steps", "gradient_accumulation_steps", "trainer_args")
+"""Keys of a config file's ``training:`` section (``model`` and dashes are accepted too)."""
+_KEY_ALIASES = {"model": "model_name_or_path"}
 
 
-def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]:
-    """Reads ``--config``: DATALORAConfig fields + an optional ``training`` section."""
+def _training_keys(training: dict[str, Any]) -> dict[str, Any]:
+    """``training`` with the flag spellings (``model``, ``output-dir``) mapped to the
+    argument names; unknown keys are an error listing the valid ones."""
+    out = {}
+    for key, value in training.items():
+        name = str(key).replace("-", "_")
+        out[_KEY_ALIASES.get(name, name)] = value
+    unknown = sorted(set(out) - set(_TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"config: unknown training keys {unknown}; valid keys: "
+                         f"{sorted(_TRAINING_KEYS)} (and 'model' for model_name_or_path)")
+    return out
+
+
+def train_settings(data: dict[str, Any], training: dict[str, Any]
+                   ) -> tuple[DATALORAConfig, dict[str, Any]]:
+    """The :class:`DATALORAConfig` and :func:`train_datalora` arguments for config fields
+    ``data`` and run settings ``training``: the defaults follow the model that will be
+    trained (``training["model_name_or_path"]``, else ``data["base_model"]``), which the
+    config records as ``base_model``."""
+    model = training.get("model_name_or_path") or data.get("base_model")
+    if _is_embedded(model):
+        merged = {**DEFAULT_TINY_CONFIG, **data}  # tuned for the embedded tiny model
+    else:  # a real model: DATALORAConfig's defaults (prune_layers None = second half)
+        merged = {"routing": "shared", **data, "base_model": str(model)}
+        training = {**REAL_MODEL_DEFAULTS, **training}
+    return DATALORAConfig.from_dict(merged), training
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None
+                      ) -> tuple[DATALORAConfig, dict[str, Any]]:
+    """Reads ``--config``: DATALORAConfig fields + an optional ``training`` section, which
+    ``overrides`` (the command line's settings) update; see :func:`train_settings`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {path}")
@@ -371,17 +521,7 @@ def load_train_config(path: str | Path) -> tuple[DATALORAConfig, dict[str, Any]]
     if not isinstance(training, dict):
         raise ValueError(f"config: expected 'training' to be a mapping of training settings, "
                          f"got {type(training).__name__}")
-    unknown = sorted(set(training) - set(_CLI_KEYS) - {
-        "logging_steps", "gradient_accumulation_steps", "eval_limit", "learning_rate",
-        "trainer_args"})
-    if unknown:
-        raise ValueError(f"config: unknown training keys {unknown}")
-    if data.get("base_model") in (None, "embedded"):
-        merged = {**DEFAULT_TINY_CONFIG, **data}  # tuned for the embedded tiny model
-    else:  # a real model: DATALORAConfig's defaults (prune_layers None = second half)
-        merged = {"routing": "shared", **data}
-        training.setdefault("learning_rate", 2e-4)  # train_datalora's 3e-2 is for the tiny one
-    return DATALORAConfig.from_dict(merged), training
+    return train_settings(data, {**_training_keys(training), **(overrides or {})})
 
 
 def format_summary(result: TrainResult) -> str:
@@ -394,33 +534,50 @@ def format_summary(result: TrainResult) -> str:
     thr = result.keep_threshold
     lines.append(f"keep threshold: {thr:.4f}" if not math.isnan(thr) else
                  "keep threshold: not calibrated")
+    if not result.phase_summary:
+        lines.insert(1, "(no log entries: the run had fewer optimizer steps than "
+                        "logging_steps)")
     for key in ("eval_loss_pruned", "eval_loss_dense"):
         if key in result.metrics:
-            lines.append(f"{key}: {result.metrics[key]:.4f}")
+            rows = result.metrics.get("eval_rows")
+            lines.append(f"{key}: {result.metrics[key]:.4f}"
+                         + (f" ({rows} eval rows)" if rows else ""))
     lines.append(f"adapter saved to {result.output_dir}")
     return "\n".join(lines)
 
 
+def summary_dict(result: TrainResult) -> dict[str, Any]:
+    """What ``train --json`` prints: ``phases``, ``metrics`` (train metrics, ``eval_rows``,
+    ``eval_loss_pruned`` / ``eval_loss_dense``), ``keep_threshold``, ``output_dir``; a
+    non-finite number (an uncalibrated threshold) is null, so the output is strict JSON."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return finite({"phases": result.phase_summary, "metrics": result.metrics,
+                   "keep_threshold": result.keep_threshold, "output_dir": result.output_dir})
+
+
 def run_train(args: argparse.Namespace) -> TrainResult:
-    """Runs the ``train`` subcommand: CLI flags override the config file's ``training``."""
+    """Runs the ``train`` subcommand: CLI flags override the config file's ``training``.
+    With ``--json`` only the JSON summary goes to stdout (logs and bars to stderr)."""
+    overrides = {key: getattr(args, key) for key in _CLI_KEYS
+                 if getattr(args, key, None) is not None}
     if args.config:
-        config, training = load_train_config(args.config)
+        config, training = load_train_config(args.config, overrides)
     else:
-        config, training = DATALORAConfig(**DEFAULT_TINY_CONFIG), {}
-    for key in _CLI_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            training[key] = value
-    result = train_datalora(config, **training)
-    if getattr(args, "json", False):
-        print(json.dumps(result.phase_summary, indent=2))
-    else:
-        print(format_summary(result))
+        config, training = train_settings({}, overrides)
+    as_json = getattr(args, "json", False)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = train_datalora(config, **training)
+    print(json.dumps(summary_dict(result), indent=2) if as_json else format_summary(result))
     return result
 
 
 add_parser = add_train_parser
 
-__all__ = ["DEFAULT_TINY_CONFIG", "TrainResult", "add_train_parser", "evaluate_loss",
-           "format_summary",
-           "load_train_config", "run_train", "summarize_phases", "train_datalora"]
+__all__ = ["DEFAULT_TINY_CONFIG", "REAL_MODEL_DEFAULTS", "TINY_MODEL_DEFAULTS", "TrainResult",
+           "add_train_parser", "evaluate_loss", "format_summary", "load_train_config",
+           "run_train", "summarize_phases", "summary_dict", "train_datalora",
+           "train_settings"]

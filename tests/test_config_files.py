@@ -49,3 +49,73 @@ def test_malformed_config_files_raise_value_errors(tmp_path, name, text, fragmen
     cfg.write_text(text)
     with pytest.raises(ValueError, match=f"config: .*{fragment}"):
         load_train_config(cfg)
+
+
+def _captured_run(monkeypatch, argv):
+    """What ``datalora train ARGV`` passes to train_datalora (which is replaced)."""
+    from datalora import train
+    from datalora.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(train, "train_datalora",
+                        lambda config, **kw: seen.update(kw, config=config) or None)
+    monkeypatch.setattr(train, "format_summary", lambda result: "")
+    args = build_parser().parse_args(["train", *argv])
+    args.func(args)
+    return seen.pop("config"), seen
+
+
+def test_a_model_given_by_flag_or_training_key_gets_real_model_defaults(tmp_path, monkeypatch):
+    """Not the embedded tiny model's (prune layers [1, 4], learning rate 3e-2, max length
+    96), and the adapter config records the model."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  model_name_or_path: org/model\n")
+    for argv in (["--model", "org/model"], ["--config", str(cfg)]):
+        config, training = _captured_run(monkeypatch, argv)
+        assert config.base_model == "org/model", argv
+        assert config.prune_layers is None and config.lambda_prune == \
+            DATALORAConfig().lambda_prune
+        assert (training["learning_rate"], training["max_length"]) == (2e-4, 1024)
+    config, training = _captured_run(monkeypatch, [])  # the embedded model: tiny settings
+    assert config.base_model is None and config.prune_layers == [1, 4]
+    assert "learning_rate" not in training
+
+
+def test_model_flag_overrides_the_recorded_base_model(tmp_path, monkeypatch):
+    from datalora.train import _train_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base_model: org/small\nnum_lora_experts: 4\ntraining:\n"
+                   "  learning_rate: 1e-3\n")
+    config, training = _captured_run(monkeypatch, ["--config", str(cfg), "--model", "org/big"])
+    assert config.base_model == "org/big" and training["learning_rate"] == 1e-3
+    # the library call records what it loads, too (the CLI is not the only caller)
+    assert _train_config(DATALORAConfig(base_model="org/small", routing="shared"),
+                         "org/big").base_model == \
+        "org/big"
+    assert _train_config(None, "org/big").prune_layers is None
+    assert _train_config(None, None).prune_layers == [1, 4]
+
+
+def test_training_keys_take_the_flag_spellings(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  model: org/model\n  output-dir: out\n  max-steps: 2\n")
+    config, training = load_train_config(cfg)
+    assert training["model_name_or_path"] == "org/model" and training["output_dir"] == "out"
+    assert training["max_steps"] == 2 and config.base_model == "org/model"
+    cfg.write_text("training:\n  epochz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown training keys \['epochz'\]; valid keys: "
+                                         r".*'model_name_or_path'.*'output_dir'"):
+        load_train_config(cfg)
+
+
+def test_train_help_states_the_defaults():
+    from datalora.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions).choices["train"]
+    text = " ".join(train.format_help().split())
+    for fragment in ("default: 3)", "(default: 8)", "default: 96 on the embedded tiny model, "
+                     "1024 on a named one", "0.03 on the embedded tiny model, 0.0002",
+                     "Alpaca columns", "chat template is not applied"):
+        assert fragment in text, fragment

@@ -267,3 +267,125 @@ def test_train_names_a_bad_eval_dataset():
 
     with pytest.raises(FileNotFoundError, match="eval_dataset: "):
         train_datalora(eval_dataset="/nonexistent/eval.jsonl", max_steps=1)
+
+
+# train CLI with a user's own model and data -------------------------------------------
+
+def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypatch):
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model before checking the arguments")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl([{"prompt": "q", "completion": "r"}], bad)
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-10").mkdir()
+    good = load_instruction_dataset(limit=4)
+    for kwargs, error, match in (
+            ({"dataset": str(bad)}, ValueError, r"line 1 of .*bad\.jsonl is missing"),
+            ({"dataset": good, "max_length": 1}, ValueError, "max_length: expected an int >= 2"),
+            ({"dataset": good, "resume_from_checkpoint": str(tmp_path / "nope")},
+             FileNotFoundError, "resume_from_checkpoint: no such folder"),
+            ({"dataset": good, "resume_from_checkpoint": str(run)}, ValueError,
+             r"no trainer_state\.json\); it holds 2 checkpoint folder\(s\), the latest is "
+             r".*checkpoint-10$"),
+            ({"dataset": good, "trainer_args": {"eval_strategy": "steps"}}, ValueError,
+             r"eval_strategy='steps' needs eval rows: set eval_dataset \(--eval-dataset\)"),
+            ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)")):
+        with pytest.raises(error, match=match):
+            train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
+                           **kwargs)
+
+
+def test_train_limit_is_checked_by_argparse(capsys):
+    from datalora.cli import build_parser
+
+    for value in ("0", "-3"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["train", "--limit", value])
+        assert exc.value.code == 2 and "argument --limit" in capsys.readouterr().err
+
+
+def test_train_json_is_json_with_eval_metrics_on_every_eval_row(tmp_path, capsys):
+    """``--json``: stdout holds only the JSON summary (with the eval losses over all 210
+    eval rows, not the first 200); ``trainer_args: {eval_strategy: steps}`` evaluates the
+    eval rows during training; a 1-step run logs its step."""
+    from datalora.cli import build_parser
+
+    write_jsonl([_row(i) for i in range(100, 310)], tmp_path / "eval.jsonl")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("num_lora_experts: 2\nlora_rank: 2\ntraining:\n"
+                   "  trainer_args: {eval_strategy: steps, eval_steps: 1}\n")
+    out = tmp_path / "out"
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfg), "--limit", "4", "--batch-size", "4", "--max-steps",
+         "1", "--eval-dataset", str(tmp_path / "eval.jsonl"), "--output-dir", str(out),
+         "--json"])
+    result = args.func(args)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "trainable params" in captured.err
+    assert summary["output_dir"] == str(out) and set(summary["phases"]) == {"warmup"}
+    assert summary["metrics"]["eval_rows"] == 210
+    assert summary["metrics"]["eval_loss_pruned"] > 0 and summary["metrics"]["eval_loss_dense"] > 0
+    assert summary["keep_threshold"] == result.keep_threshold
+    assert any("eval_loss" in entry for entry in result.log_history)
+
+
+def test_train_warns_how_many_rows_were_truncated(tokenizer):
+    from datalora.train import _tokenized_rows
+
+    rows = [_row(1), {**_row(2), "response": "many words " * 40}]
+    with pytest.warns(UserWarning, match=r"training rows: truncated 1 of 2 to max_length=32 "
+                                         r"\(1 lost response tokens and their EOS"):
+        items = _tokenized_rows(rows, tokenizer, 32, "training rows")
+    assert [len(i["input_ids"]) <= 32 for i in items] == [True, True]
+
+
+def test_summary_says_why_the_phase_table_is_empty():
+    from datalora.train import TrainResult, format_summary
+
+    text = format_summary(TrainResult([], [], {}, "out"))
+    assert "no log entries: the run had fewer optimizer steps than logging_steps" in text
+
+
+def test_model_path_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    from datalora.testing import load_model_and_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ValueError, match="models is not a model folder .no config.json"):
+        load_model_and_tokenizer("models")  # was a tokenizer-conversion error
+    with pytest.raises(FileNotFoundError, match="no such model folder: models/typo"):
+        load_model_and_tokenizer("models/typo")  # was a minute of Hub retries
+
+
+def test_demo_note_when_the_eval_split_shares_training_rows(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from datalora import demo
+
+    path = tmp_path / "dd"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([_row(i) for i in range(6)]),
+        "validation": datasets.Dataset.from_list([_row(i) for i in (4, 5, 50, 51)]),
+    }).save_to_disk(str(path))
+    demo._load_rows(argparse.Namespace(dataset=str(path), limit=None))
+    out = capsys.readouterr().out
+    assert "2 of the 4 eval rows are training rows (the eval split of" in out
+    assert "shares them with its train split" in out and "has no eval" not in out
+    assert "partly on training data" in out
+
+
+def test_cli_silences_the_bitsandbytes_kernel_warning(monkeypatch):
+    import logging
+
+    from datalora.cli import quiet_import_noise
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    quiet_import_noise()
+    assert logger.getEffectiveLevel() == logging.ERROR
