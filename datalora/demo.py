@@ -42,6 +42,7 @@ from datalora.testing import load_model_and_tokenizer
 PLOT_NAME = "datalora_demo.png"
 DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
             "molora": dict(steps=120, batch_size=16, lr=5e-3)}
+REAL_MODEL_LR = 2e-4  # the embedded tiny model's rates would wreck a pretrained model
 
 
 def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -81,7 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "phase per third")
     p.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="default: 8 datalora, 16 molora")
-    p.add_argument("--lr", type=float, default=None, help="default: 3e-2 datalora, 5e-3 molora")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: 3e-2 datalora, 5e-3 molora on the embedded model; "
+                        f"{REAL_MODEL_LR:g} with --model")
     p.add_argument("--experts", type=int_at_least(1), default=8)
     p.add_argument("--rank", type=int_at_least(1), default=8)
     p.add_argument("--top-k", type=int_at_least(1), default=2)
@@ -103,7 +106,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _setting(args: argparse.Namespace, name: str) -> Any:
     value = getattr(args, name, None)
-    return DEFAULTS[args.method][name] if value is None else value
+    if value is not None:
+        return value
+    if name == "lr" and args.model is not None:
+        return REAL_MODEL_LR
+    return DEFAULTS[args.method][name]
 
 
 def _format_load(load: list[float]) -> str:

@@ -93,3 +93,18 @@ def test_demo_without_matplotlib_skips_the_plot_up_front(monkeypatch):
     args = argparse.Namespace(no_plot=False)
     demo._check_plotting(args)
     assert args.no_plot is False
+
+
+def test_demo_learning_rate_defaults_to_a_real_model_rate_with_model():
+    """The embedded tiny model's rates (3e-2 / 5e-3) would wreck a pretrained model."""
+    import argparse
+
+    from datalora import demo
+
+    for method in ("datalora", "molora"):
+        args = argparse.Namespace(method=method, model=None, lr=None)
+        assert demo._setting(args, "lr") == demo.DEFAULTS[method]["lr"]
+        args.model = "some/model"
+        assert demo._setting(args, "lr") == demo.REAL_MODEL_LR
+        args.lr = 1e-3
+        assert demo._setting(args, "lr") == 1e-3
