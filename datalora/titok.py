@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,17 +36,21 @@ from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, positive_float
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
 from datalora.finetune import optimisation_steps
+from datalora.pruning import keep_count
 
 __all__ = [
     "ScoredSample",
+    "adapter_disabled",
     "align_token_scores",
     "build_masked_examples",
+    "check_target_modules",
     "contrastive_excess",
     "generate_synthetic",
     "response_log_probs",
     "response_offsets",
     "select_samples",
     "select_tokens",
+    "tile_spans",
     "titok_transfer",
     "train_masked",
 ]
@@ -139,7 +144,11 @@ class ScoredSample:
 
     @property
     def mean_excess(self) -> float:
-        return float(self.excess.mean()) if self.excess.numel() else float("-inf")
+        """Mean of the finite token excesses (a token both models rule out gives
+        ``-inf - -inf = NaN``); ``-inf`` when there is none, so the sample ranks last."""
+        excess = self.excess
+        finite = excess[torch.isfinite(excess)]
+        return float(finite.mean()) if finite.numel() else float("-inf")
 
 
 def response_offsets(tokenizer: Any, response: str) -> list[tuple[int, int]]:
@@ -185,28 +194,80 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
     return out
 
 
+def _molora_layers(model: nn.Module) -> list[Any]:
+    from datalora.layers import MoLoRALinear
+
+    return [m for m in model.modules() if isinstance(m, MoLoRALinear)]
+
+
+def _check_can_disable(model: nn.Module) -> None:
+    if not (hasattr(model, "disable_adapter") or _molora_layers(model)):
+        raise TypeError(f"base_model: required when lora_model is neither a PEFT model (no "
+                        f"disable_adapter()) nor a DATALORA / MoLoRA model (no MoLoRA layer); "
+                        f"got {type(model).__name__}")
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Runs ``model`` without its adapter: a PEFT model inside ``disable_adapter()``; a
+    :class:`~datalora.model.DATALORAModel` or a model with injected MoLoRA layers with every
+    MoLoRA layer's ``adapter_enabled`` off (``set_adapter_enabled(False)``), restored after."""
+    _check_can_disable(model)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+        return
+    layers = _molora_layers(model)
+    enabled = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, enabled, strict=True):
+            layer.adapter_enabled = flag
+
+
+def _check_separate_base(lora_model: nn.Module, base_model: nn.Module) -> None:
+    """Refuses a ``base_model`` sharing parameters with ``lora_model``: PEFT and DATALORA
+    inject the adapter in place, so the wrapped model runs the adapter too."""
+    own = {id(p) for p in lora_model.parameters()}
+    if base_model is lora_model or any(id(p) in own for p in base_model.parameters()):
+        raise ValueError("base_model: shares parameters with lora_model (e.g. the model the "
+                         "adapter was injected into in place, such as a DATALORA model's "
+                         ".base_model or a PEFT model's get_base_model()), so both passes "
+                         "would run the adapter and every excess would be 0; pass "
+                         "base_model=None to run the base pass with the adapter disabled, or "
+                         "a separate copy of the source model")
+
+
 def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
                        rows: Sequence[dict[str, str]], *, base_model: nn.Module | None = None,
                        batch_size: int = 16, max_length: int = 256) -> list[ScoredSample]:
     """Scores every response token of ``rows`` by ``log p_lora - log p_base``.
 
     Args:
-        lora_model: source model with its LoRA. Without ``base_model`` it must be a PEFT
-            model: the base pass runs inside ``lora_model.disable_adapter()``.
-        base_model: the source model without the LoRA (optional).
+        lora_model: source model with its adapter: a PEFT model, a
+            :class:`~datalora.model.DATALORAModel` or a model with injected MoLoRA layers;
+            without ``base_model`` the base pass runs with the adapter disabled
+            (:func:`adapter_disabled`).
+        base_model: the source model without the adapter (optional): a separate model,
+            sharing no parameter with ``lora_model``.
+        max_length: the prompt + response length scored (longer rows are cut as by
+            :func:`~datalora.data.tokenize_example`; their tail tokens get no score).
 
     Returns:
         One :class:`ScoredSample` per row.
     """
-    if base_model is None and not hasattr(lora_model, "disable_adapter"):
-        raise TypeError("base_model: required when lora_model is not a PEFT model "
-                        "(no disable_adapter())")
+    if base_model is None:
+        _check_can_disable(lora_model)
+    else:
+        _check_separate_base(lora_model, base_model)
     if rows:
         response_offsets(tokenizer, rows[0]["response"])  # fail before the forward passes
     lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,
                                  max_length=max_length)
-    ctx = lora_model.disable_adapter() if base_model is None else nullcontext()
-    with ctx:
+    with adapter_disabled(lora_model) if base_model is None else nullcontext():
         base_lp = response_log_probs(base_model or lora_model, tokenizer, rows,
                                      batch_size=batch_size, max_length=max_length)
     scored = []
@@ -222,13 +283,14 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
 
 def select_samples(scores: Sequence[float] | torch.Tensor, keep_fraction: float) -> list[int]:
     """Indices of the ``ceil(keep_fraction * n)`` samples with the largest mean excess,
-    best first (ties: lower index first)."""
+    best first (ties: lower index first; a NaN score ranks last, like ``-inf``)."""
     _check_fraction("keep_fraction", keep_fraction)
     values = torch.as_tensor(list(scores) if not isinstance(scores, torch.Tensor) else scores,
                              dtype=torch.float64)
     if values.numel() == 0:
         return []
-    k = math.ceil(keep_fraction * values.numel())
+    k = keep_count(values.numel(), keep_fraction)
+    values = values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
     return order[:k]
 
@@ -244,7 +306,7 @@ def select_tokens(excess: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     n = int(valid.sum())
     if n == 0:
         return mask
-    k = math.ceil(keep_fraction * n)
+    k = keep_count(n, keep_fraction)
     scores = torch.where(valid, excess.double(), torch.tensor(-math.inf, dtype=torch.float64))
     # stable: among equal scores the earlier token wins
     order = sorted(range(excess.numel()), key=lambda i: (-float(scores[i]), i))
@@ -254,6 +316,35 @@ def select_tokens(excess: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- 4. alignment
 
+def tile_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[n]`` spans widened to cover every character of the text.
+
+    Tokenizers that trim offsets (GPT-2 / RoBERTa byte-level BPE, ``trim_offsets=True``)
+    leave the space of ``Ġword`` outside its span and give a whitespace-only ``Ġ`` a
+    zero-width span. Here a gap before a token belongs to that token (a leading space is
+    part of the word, as ``Ġ`` / ``▁`` mean), trailing gap characters to the last token, and
+    a zero-width token before a wider one takes that token's span. Spans that already tile
+    the text are returned unchanged; zero-width spans at the end (EOS) stay as they are.
+    """
+    spans = [(int(s), int(e)) for s, e in offsets]
+    out, end = list(spans), 0
+    for i, (s, e) in enumerate(spans):
+        if e > s:
+            out[i] = (min(s, end), e)
+            end = max(end, e)
+    text_end = max((e for _, e in spans), default=0)
+    wide = [i for i, (s, e) in enumerate(spans) if e > s]
+    if wide and out[wide[-1]][1] < text_end:
+        out[wide[-1]] = (out[wide[-1]][0], text_end)
+    following = None
+    for i in reversed(range(len(spans))):
+        if spans[i][1] > spans[i][0]:
+            following = out[i]
+        elif following is not None:
+            out[i] = following
+    return out
+
+
 def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch.Tensor,
                        tgt_offsets: Sequence[tuple[int, int]], reduce: str = "max"
                        ) -> torch.Tensor:
@@ -261,8 +352,10 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
 
     A target token ``[s, e)`` takes the scores of the source tokens whose spans overlap it:
     their max (``reduce="max"``) or their mean weighted by overlapping characters
-    (``"mean"``). Zero-width spans (EOS at the end) match zero-width source spans at the
-    same position. A target token no source token covers gets NaN.
+    (``"mean"``). Both sides' spans first go through :func:`tile_spans`, so whitespace a
+    tokenizer leaves outside its spans (``trim_offsets``) still scores the target's
+    whitespace tokens. Zero-width spans (EOS at the end) match zero-width source spans at
+    the same position. A target token no source token covers gets NaN.
 
     Args:
         src_offsets: ``[n]`` source spans; src_scores: ``[n]``.
@@ -278,6 +371,7 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
                          f"span), got {src_scores.numel()}")
     if [tuple(s) for s in src_offsets] == [tuple(t) for t in tgt_offsets]:
         return src_scores.float().clone()  # same tokenization: token i is token i
+    src_offsets, tgt_offsets = tile_spans(src_offsets), tile_spans(tgt_offsets)
     out = torch.full((len(tgt_offsets),), float("nan"))
     scores = src_scores.float().tolist()
     for j, (ts, te) in enumerate(tgt_offsets):
@@ -311,32 +405,48 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     response is empty (EOS only) are dropped first: their mean excess is the EOS token's
     alone, which tends to be large, so they would crowd out real answers.
 
+    Tokens are selected among the response tokens that survive the ``max_length`` cut of
+    :func:`~datalora.data.tokenize_example`; a kept sample left without any label (its
+    response cut away, or no token scored) is dropped, with a warning giving the count.
+
     Returns:
         ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
-        with the kept sample indices and the fraction of response tokens kept.
+        with the kept sample indices (those with an example), the count dropped for
+        having no label, and the fraction of response tokens kept.
     """
     _check_fraction("sample_keep", sample_keep)
     _check_fraction("token_keep", token_keep)
     usable = [i for i, s in enumerate(scored) if s.row["response"].strip() or not drop_empty]
     ranked = select_samples([scored[i].mean_excess for i in usable], sample_keep)
     kept = [usable[j] for j in ranked]
-    examples, labelled, total = [], 0, 0
+    examples, with_labels, labelled, total = [], [], 0, 0
     for i in kept:
         sample = scored[i]
         ex = tokenize_example(sample.row, tokenizer, max_length)
-        tgt_offsets = response_offsets(tokenizer, sample.row["response"])
-        scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets, reduce)
-        mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(
-            len(tgt_offsets), dtype=torch.bool)
         labels = list(ex["labels"])
-        resp = [p for p, v in enumerate(labels) if v != IGNORE_INDEX]
-        for pos, keep in zip(resp, mask.tolist(), strict=False):
+        resp = [p for p, v in enumerate(labels) if v != IGNORE_INDEX]  # after truncation
+        tgt_offsets = response_offsets(tokenizer, sample.row["response"])
+        scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets,
+                                    reduce)[:len(resp)]
+        mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(
+            len(resp), dtype=torch.bool)
+        for pos, keep in zip(resp, mask.tolist(), strict=True):
             if not keep:
                 labels[pos] = IGNORE_INDEX
-        labelled += sum(v != IGNORE_INDEX for v in labels)
+        n_labels = sum(v != IGNORE_INDEX for v in labels)
+        if n_labels == 0:
+            continue
+        labelled += n_labels
         total += len(resp)
         examples.append({**ex, "labels": labels})
-    stats = {"kept_samples": kept, "num_samples": len(scored), "num_usable": len(usable),
+        with_labels.append(i)
+    dropped = len(kept) - len(with_labels)
+    if dropped:
+        warnings.warn(f"build_masked_examples: dropped {dropped} of the {len(kept)} kept "
+                      f"samples: no label left (response cut by max_length={max_length}, "
+                      f"or no scored token)", stacklevel=2)
+    stats = {"kept_samples": with_labels, "dropped_no_labels": dropped,
+             "num_samples": len(scored), "num_usable": len(usable),
              "token_fraction": labelled / max(total, 1)}
     return examples, stats
 
@@ -353,13 +463,48 @@ def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, 
     """
     if not examples:
         raise ValueError("examples: expected at least one training example, got none")
+    unlabelled = [i for i, ex in enumerate(examples)
+                  if all(v == IGNORE_INDEX for v in ex["labels"])]
+    if unlabelled:
+        raise ValueError(f"examples: {len(unlabelled)} examples have no label (every label "
+                         f"{IGNORE_INDEX}; first: index {unlabelled[0]}); a batch of them has "
+                         f"a NaN loss (build_masked_examples drops them)")
     return [loss.item() for _, _, loss in optimisation_steps(
         model, CausalLMCollator(tokenizer=tokenizer), examples, steps=steps,
         batch_size=batch_size, lr=lr, seed=seed, progress=progress, desc="TITOK training")]
 
 
+ADAPTERS = ("lora", "molora")
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def check_target_modules(model: nn.Module, adapter: str, targets: Sequence[str]) -> None:
+    """Checks, before any work, that ``targets`` name modules of ``model`` the adapter can
+    wrap: for ``"lora"`` (PEFT) a module whose name is a target or ends with ``.target``;
+    for ``"molora"`` an ``nn.Linear`` whose last name part is a target (GPT-2's ``Conv1D``
+    ``c_attn`` / ``c_proj`` cannot take MoLoRA)."""
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter: expected one of {ADAPTERS}, got {adapter!r}")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("target_modules: expected at least one module name, got none")
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    if adapter == "molora":
+        found = [n for n, m in modules if isinstance(m, nn.Linear)
+                 and n.rsplit(".", 1)[-1] in targets]
+    else:
+        found = [n for n, _ in modules if any(n == t or n.endswith(f".{t}") for t in targets)]
+    if not found:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules
+                          if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        need = "nn.Linear " if adapter == "molora" else ""
+        raise ValueError(f"target_modules: none of {targets} names a {need}module of the "
+                         f"target model; its linear layers are named {linears}")
+
+
 def _attach_adapter(model: nn.Module, adapter: str, rank: int, alpha: float,
                     targets: Sequence[str]) -> nn.Module:
+    """A fresh trainable adapter on ``model``: a PEFT LoRA, or MoLoRA (4 experts, top-2)."""
     if adapter == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -373,36 +518,63 @@ def _attach_adapter(model: nn.Module, adapter: str, rank: int, alpha: float,
         return get_datalora_model(model, DATALORAConfig(
             num_lora_experts=4, lora_rank=rank, lora_alpha=alpha, num_active_experts=2,
             target_modules=list(targets)), verbose=False)
-    raise ValueError(f"adapter: expected 'lora' or 'molora', got {adapter!r}")
+    raise ValueError(f"adapter: expected one of {ADAPTERS}, got {adapter!r}")
 
 
 def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model: nn.Module,
                    target_tokenizer: Any, seed_rows: Sequence[dict[str, str]], *,
                    sample_keep: float = 0.5, token_keep: float = 0.5,
                    samples_per_prompt: int = 1, max_new_tokens: int = 24,
+                   do_sample: bool = True, temperature: float = 0.7, top_p: float = 0.95,
+                   score_max_length: int = 256, max_length: int = 128, reduce: str = "max",
+                   drop_empty: bool = True,
                    adapter: str = "lora", rank: int = 8, alpha: float = 16.0,
-                   target_modules: Sequence[str] = ("q_proj", "v_proj", "o_proj", "up_proj",
-                                                    "down_proj"),
+                   target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
                    steps: int = 60, batch_size: int = 8, lr: float = 2e-2, seed: int = 0,
                    synthetic: Sequence[dict[str, str]] | None = None,
                    scored: Sequence[ScoredSample] | None = None,
                    progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Transfers ``source_model``'s LoRA (a PEFT model) to ``target_model``.
+    """Transfers ``source_model``'s adapter to ``target_model``.
+
+    Args:
+        source_model: the source with its adapter (a PEFT model, a DATALORA model or a
+            model with injected MoLoRA layers, see :func:`contrastive_excess`).
+        seed_rows: prompts (``question``, optional ``system_prompt``) the source answers.
+        samples_per_prompt, max_new_tokens, do_sample, temperature, top_p: generation of
+            the synthetic responses (:func:`generate_synthetic`).
+        score_max_length: prompt + response tokens scored by the source
+            (:func:`contrastive_excess`); max_length: the target's training length (tokens
+            are selected among the response tokens it keeps).
+        reduce, drop_empty, sample_keep, token_keep: see :func:`build_masked_examples`.
+        adapter: ``"lora"`` (PEFT ``LoraConfig(r=rank, lora_alpha=alpha)``) or ``"molora"``
+            (datalora MoLoRA, 4 experts, top-2, per-layer routing); ``target_modules``
+            must name modules of ``target_model`` (MoLoRA: ``nn.Linear`` only, so GPT-2's
+            ``Conv1D`` ``c_attn`` is not supported).
+
+    Arguments are checked (keep fractions, adapter, target modules) before any generation
+    or scoring.
 
     Returns:
         ``(target with the new adapter, report)``; ``report`` holds the synthetic rows,
         the selection stats and the training losses. Pass ``synthetic`` / ``scored`` to
-        reuse earlier steps (e.g. to compare selections on the same data).
+        reuse earlier steps (e.g. to compare selections on the same data). Save the
+        adapter with ``target.save_pretrained(folder)`` (PEFT or datalora format).
     """
+    _check_fraction("sample_keep", sample_keep)
+    _check_fraction("token_keep", token_keep)
+    check_target_modules(target_model, adapter, target_modules)
     if synthetic is None:
         synthetic = generate_synthetic(source_model, source_tokenizer, seed_rows,
                                        samples_per_prompt=samples_per_prompt,
-                                       max_new_tokens=max_new_tokens, seed=seed,
+                                       max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                       temperature=temperature, top_p=top_p, seed=seed,
                                        progress=progress)
     if scored is None:
-        scored = contrastive_excess(source_model, source_tokenizer, synthetic)
+        scored = contrastive_excess(source_model, source_tokenizer, synthetic,
+                                    max_length=score_max_length)
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
-                                            token_keep=token_keep)
+                                            token_keep=token_keep, max_length=max_length,
+                                            reduce=reduce, drop_empty=drop_empty)
     torch.manual_seed(seed)  # before the adapter: its initialisation is part of the seed
     target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)
     losses = train_masked(target, target_tokenizer, examples, steps=steps,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +22,7 @@ from datalora.titok import (
     response_offsets,
     select_samples,
     select_tokens,
+    tile_spans,
     train_masked,
 )
 
@@ -129,7 +131,7 @@ def test_align_hand_case():
     assert align_token_scores(src, scores, tgt, "max").tolist() == [1.0, 3.0, 3.0, -4.0]
     mean = align_token_scores(src, scores, tgt, "mean")
     torch.testing.assert_close(mean, torch.tensor([1.0, 2.0, 8 / 3, -4.0]))
-    assert torch.isnan(align_token_scores(src[:2], scores[:2], [(5, 7)]))[0]
+    assert torch.isnan(align_token_scores(src[:2], scores[:2], [(0, 5), (5, 7)]))[1]
     with pytest.raises(ValueError, match="reduce"):
         align_token_scores(src, scores, tgt, "sum")
     with pytest.raises(ValueError, match="src_scores"):
@@ -294,3 +296,157 @@ def test_align_is_the_identity_for_the_same_tokenization():
     offsets = response_offsets(build_tokenizer(), "héllo wörld 😀 ok")
     scores = torch.arange(len(offsets), dtype=torch.float32)
     assert torch.equal(align_token_scores(offsets, scores, offsets), scores)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+def test_nan_excess_ranks_last_and_is_ignored_in_means():
+    nan = float("nan")
+    assert select_samples([1.0, nan, 2.0, 3.0], 0.5) == [3, 2]
+    assert select_samples([1.0, 2.0, 3.0, nan], 0.5) == [2, 1]
+    assert select_samples([nan, 0.0, float("-inf")], 1.0) == [1, 0, 2]
+    s = ScoredSample(row=ROW, offsets=[(0, 1), (1, 2), (2, 3)],
+                     logp_lora=torch.tensor([1.0, -math.inf, 3.0]),
+                     logp_base=torch.tensor([0.0, -math.inf, 0.0]))  # -inf - -inf = NaN
+    assert s.mean_excess == pytest.approx(2.0)
+    s.logp_lora = torch.full((3,), -math.inf)
+    assert s.mean_excess == -math.inf
+    assert not select_tokens(torch.tensor([nan, 1.0, nan]), 1.0)[[0, 2]].any()
+
+
+@pytest.mark.parametrize("f,n,want", [(0.28, 25, 7), (0.56, 25, 14), (0.14, 50, 7),
+                                      (0.07, 100, 7)])
+def test_keep_counts_survive_float_rounding(f, n, want):
+    assert math.ceil(f * n) == want + 1                  # the float product rounds up
+    assert len(select_samples([0.0] * n, f)) == want
+    assert int(select_tokens(torch.zeros(n), f).sum()) == want
+
+
+def _trained(tokenizer_model, pre, trainer, texts, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_model.pre_tokenizer = pre
+    tokenizer_model.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer_model, **special)
+
+
+TEXTS = ["1, 2, 3 😀 ok  x", "the quick brown fox", "emoji 😀 ok"] * 20
+
+
+def _byte_level_bpe():
+    """GPT-2 / RoBERTa-style: byte-level BPE whose offsets trim whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    t = Tokenizer(models.BPE())
+    t.post_processor = processors.ByteLevel(trim_offsets=True)
+    return _trained(t, pre_tokenizers.ByteLevel(add_prefix_space=False), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()), TEXTS,
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _metaspace_unigram():
+    """sentencepiece-style: Unigram over ``▁``-marked words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "<unk>", "</s>"],
+                                      unk_token="<unk>", show_progress=False)
+    return _trained(Tokenizer(models.Unigram()), pre_tokenizers.Metaspace(), trainer, TEXTS,
+                    eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_trimmed_source_offsets_still_score_target_whitespace_tokens():
+    """GPT-2-style offsets leave spaces out (``Ġ2`` is (3, 4), a lone ``Ġ`` zero-width);
+    the Metaspace target's standalone ``▁`` tokens must still get a score."""
+    text = TEXTS[0]
+    bpe, spm = _byte_level_bpe(), _metaspace_unigram()
+    src = response_offsets(bpe, text)
+    assert any(e == s < len(text) for s, e in src)       # really trimmed: zero-width mid-text
+    tgt = response_offsets(spm, text)
+    tokens = spm.convert_ids_to_tokens(spm(text, add_special_tokens=False)["input_ids"])
+    spaces = [j for j, t in enumerate(tokens) if t == "▁"]
+    assert len(spaces) >= 2                              # standalone ▁ tokens exist
+    scores = align_token_scores(src, torch.arange(len(src), dtype=torch.float32), tgt)
+    assert not torch.isnan(scores).any()
+    assert select_tokens(scores, 0.99)[spaces].all()
+    assert tile_spans([(0, 1), (3, 4), (6, 6), (7, 8), (8, 8)]) == [
+        (0, 1), (1, 4), (4, 8), (4, 8), (8, 8)]
+    assert tile_spans(tgt) == tgt                        # spans that tile stay unchanged
+
+
+def test_truncated_responses_select_among_kept_tokens_and_drop_unlabelled(tok):
+    long = dict(ROW, response=" ".join(str(i) for i in range(150)))
+    offsets = response_offsets(tok, long["response"])
+    n = len(offsets)
+    late = torch.cat([torch.zeros(n - 40), torch.ones(40)])   # best tokens in the cut tail
+    sample = ScoredSample(row=long, offsets=offsets, logp_lora=late, logp_base=torch.zeros(n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # nothing dropped: no warning
+        examples, stats = build_masked_examples([sample], tok, sample_keep=1.0,
+                                                token_keep=0.3, max_length=64)
+    resp = [v for v in tokenize_example(long, tok, 64)["labels"] if v != IGNORE_INDEX]
+    kept = [v for v in examples[0]["labels"] if v != IGNORE_INDEX]
+    assert len(kept) == math.ceil(0.3 * len(resp) - 1e-9) > 0
+    empty = ScoredSample(row=long, offsets=offsets, logp_lora=torch.full((n,), math.nan),
+                         logp_base=torch.zeros(n))          # no token scored: no label
+    with pytest.warns(UserWarning, match="dropped 1 of the 2"):
+        examples, stats = build_masked_examples([sample, empty], tok, sample_keep=1.0,
+                                                token_keep=0.3, max_length=64)
+    assert len(examples) == 1 and stats["dropped_no_labels"] == 1
+    assert stats["kept_samples"] == [0]
+    with pytest.raises(ValueError, match="examples: 1 examples have no label"):
+        train_masked(nn.Linear(1, 1), tok, [{**examples[0],
+                                             "labels": [IGNORE_INDEX] * len(resp)}], steps=1)
+
+
+def _small(vocab=V, seed=1):
+    return build_tiny_model(seed=seed, vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+
+
+def test_datalora_source_runs_the_base_pass_with_the_adapter_off(tok):
+    from datalora.config import DATALORAConfig
+    from datalora.model import get_datalora_model
+
+    base = _small()
+    with torch.no_grad():
+        want_base = response_log_probs(base, tok, [ROW])[0]
+    dl = get_datalora_model(base, DATALORAConfig(num_lora_experts=2, lora_rank=2,
+                                                 num_active_experts=1,
+                                                 target_modules=["q_proj", "v_proj"]),
+                            verbose=False)
+    with torch.no_grad():
+        for name, p in dl.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    [s] = contrastive_excess(dl, tok, [ROW])
+    torch.testing.assert_close(s.logp_base, want_base)
+    torch.testing.assert_close(s.logp_lora, response_log_probs(dl, tok, [ROW])[0])
+    assert s.excess.abs().max() > 1e-3
+    assert all(layer.adapter_enabled for _, layer in dl.molora_layers())   # re-enabled
+    [s2] = contrastive_excess(dl.base_model, tok, [ROW])  # injected MoLoRA, no wrapper
+    torch.testing.assert_close(s2.excess, s.excess)
+    for shared in (dl.base_model, dl):
+        with pytest.raises(ValueError, match="base_model: shares parameters.*excess would be 0"):
+            contrastive_excess(dl, tok, [ROW], base_model=shared)
+
+
+def test_titok_transfer_checks_arguments_before_any_work(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from datalora.titok import titok_transfer
+
+    class NoWork(nn.Module):
+        def generate(self, *a, **k):
+            raise AssertionError("generated before the arguments were checked")
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=16, n_layer=1,
+                                      n_head=2))
+    cases = [(dict(sample_keep=0), "sample_keep"), (dict(token_keep=1.5), "token_keep"),
+             (dict(token_keep=math.nan), "token_keep"),
+             ({}, r"target_modules: none of \['q_proj'.*c_attn"),   # GPT-2 names
+             (dict(adapter="molora", target_modules=("c_attn",)), "nn.Linear"),
+             (dict(adapter="dora"), "adapter")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            titok_transfer(NoWork(), tok, gpt2, tok, [ROW], progress=False, **kwargs)
