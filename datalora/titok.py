@@ -20,11 +20,14 @@ Pipeline (seeds/titok_summary.txt):
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datalora.checks import check_int, check_number
-from datalora.cli import int_at_least, positive_float
+from datalora.cli import fraction, int_at_least, positive_float
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
 from datalora.finetune import optimisation_steps
 from datalora.pruning import keep_count
@@ -585,45 +588,176 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
 
 # --------------------------------------------------------------------------- CLI
 
+def check_adapter_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a path, if it holds a saved adapter (``adapter_config.json``)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"source_adapter: no such folder: {folder}")
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"source_adapter: {folder} has no adapter_config.json (expected a "
+                         f"folder written by save_pretrained: a PEFT or datalora adapter)")
+    return path
+
+
+def load_seed_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Seed prompts from a ``.txt`` file (one prompt per non-empty line) or a ``.jsonl``
+    file (rows with a string ``question``, optional ``system_prompt``)."""
+    from datalora.data import _read_jsonl
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"seed_file: no such file: {path}")
+    if file.suffix.lower() == ".txt":
+        rows = [{"question": line.strip()}
+                for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    elif file.suffix.lower() == ".jsonl":
+        found, lines = _read_jsonl(file)
+        rows = []
+        for row, line in zip(found, lines, strict=True):
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+                raise ValueError(f"seed_file: {path} line {line} has no string 'question'")
+            rows.append({"question": row["question"],
+                         "system_prompt": row.get("system_prompt") or ""})
+    else:
+        raise ValueError(f"seed_file: expected a .jsonl or .txt file, got {path}")
+    if not rows:
+        raise ValueError(f"seed_file: {path} holds no prompt")
+    return rows
+
+
+def _load_source(name: str, folder: Path) -> tuple[nn.Module, Any]:
+    """The source model with its saved adapter (PEFT or datalora format) and tokenizer."""
+    from datalora.testing import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(name)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if "peft_type" in config:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer
+    from datalora.model import DATALORAModel
+
+    return DATALORAModel.from_pretrained(model, folder), tokenizer
+
+
+def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """``titok --source-model ...``: transfers the adapter at ``--source-adapter`` to
+    ``--target-model`` and saves it (``save_pretrained``) and the JSON report in
+    ``--output-dir``. Every argument is checked before a model loads."""
+    from datalora.demo import REAL_MODEL_LR
+    from datalora.io import atomic_write_text
+    from datalora.testing import load_model_and_tokenizer
+
+    for flag in ("source_model", "target_model", "source_adapter", "seed_file"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"{flag}: required with --source-model / --target-model")
+    if len(args.seeds) != 1:
+        raise ValueError(f"seeds: one seed with --source-model, got {args.seeds}")
+    folder = check_adapter_folder(args.source_adapter)
+    prompts = load_seed_prompts(args.seed_file)
+    target, target_tok = load_model_and_tokenizer(args.target_model)
+    check_target_modules(target, args.adapter, args.target_modules)
+    source, source_tok = _load_source(args.source_model, folder)
+    lr = REAL_MODEL_LR if args.lr is None else args.lr
+    adapted, report = titok_transfer(
+        source, source_tok, target, target_tok, prompts, sample_keep=args.sample_keep,
+        token_keep=args.token_keep, max_new_tokens=args.max_new_tokens,
+        adapter=args.adapter, target_modules=args.target_modules, steps=args.steps, lr=lr,
+        seed=args.seeds[0], progress=not args.no_progress)
+    out = Path(args.output_dir)
+    adapted.save_pretrained(str(out))
+    result = {"source_model": args.source_model, "source_adapter": str(folder),
+              "target_model": args.target_model, "seed_file": args.seed_file,
+              "seed_prompts": len(prompts), "adapter": args.adapter,
+              "target_modules": list(args.target_modules), "sample_keep": args.sample_keep,
+              "token_keep": args.token_keep, "steps": args.steps, "lr": lr,
+              "seed": args.seeds[0], "selection": report["selection"],
+              "losses": report["losses"], "synthetic": report["synthetic"],
+              "output_dir": str(out)}
+    atomic_write_text(args.out or out / "titok_report.json", json.dumps(result, indent=1))
+    return result
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from datalora.data import TASKS
 
     p = subparsers.add_parser(
-        "titok", help="TITOK: transfer a task LoRA from the embedded tiny model to a "
-                      "different tiny model",
-        description="Transfer a task LoRA with TITOK: the source model + its LoRA answers "
-                    "seed prompts, tokens are scored by the LoRA's contrastive excess, the "
-                    "best samples and tokens train a fresh LoRA on the target model (another "
-                    "size and tokenizer). Prints the eval loss of every variant.")
+        "titok", help="TITOK: transfer a LoRA / DATALORA adapter to another base model "
+                      "(--source-model ...), or the embedded tiny-model experiment",
+        description="Transfer an adapter with TITOK: the source model + its adapter answers "
+                    "seed prompts, tokens are scored by the adapter's contrastive excess, the "
+                    "best samples and tokens train a fresh adapter on the target model "
+                    "(another size and tokenizer).\n\n"
+                    "Your models: --source-model, --source-adapter (a PEFT or datalora "
+                    "save_pretrained folder), --target-model, --seed-file (.jsonl with a "
+                    "'question' column, or .txt with one prompt per line); the target "
+                    "adapter (PEFT format for --adapter lora, datalora's for molora) and "
+                    "titok_report.json are saved in --output-dir.\n\n"
+                    "Without --source-model / --target-model: the experiment on the embedded "
+                    "tiny models (--task, --base, --seed-prompts, --eval-rows); it prints the "
+                    "eval loss of every variant and writes the report to --out only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source-model", default=None,
+                   help="source model name or path (with --source-adapter, --target-model, "
+                        "--seed-file)")
+    p.add_argument("--target-model", default=None, help="target model name or path")
+    p.add_argument("--seed-file", default=None,
+                   help="seed prompts: .jsonl with a 'question' column (optional "
+                        "'system_prompt') or .txt, one prompt per line")
+    p.add_argument("--output-dir", default="titok_output",
+                   help="with --source-model: where the target adapter and "
+                        "titok_report.json are saved")
+    p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES),
+                   help="target model modules the new adapter wraps (MoLoRA: nn.Linear only; "
+                        "GPT-2's Conv1D c_attn is not supported)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24,
+                   help="tokens generated per synthetic response")
     p.add_argument("--task", choices=TASKS, default="reverse")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
-                   help="tiny base models: pretrained on the embedded corpus, or random")
+                   help="embedded experiment: tiny base models pretrained on the embedded "
+                        "corpus, or random")
     p.add_argument("--source-adapter", default=None,
-                   help="PEFT adapter folder of the source (default: train one)")
+                   help="adapter folder of the source (PEFT, or datalora with "
+                        "--source-model; embedded experiment default: train one)")
     p.add_argument("--adapter-dir", default="outputs/titok/source_adapters")
     p.add_argument("--seed-prompts", type=int_at_least(1), default=96,
-                   help="task prompts the source answers (synthetic data)")
-    p.add_argument("--sample-keep", type=float, default=0.5,
+                   help="embedded experiment: task prompts the source answers")
+    p.add_argument("--sample-keep", type=fraction, default=0.5,
                    help="fraction of synthetic samples kept, by mean contrastive excess")
-    p.add_argument("--token-keep", type=float, default=0.5,
+    p.add_argument("--token-keep", type=fraction, default=0.5,
                    help="fraction of tokens of a kept sample in the loss, by excess")
     p.add_argument("--steps", type=int_at_least(1), default=60,
-                   help="training steps of the target LoRA")
+                   help="training steps of the target adapter")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="target LoRA learning rate (default: 3e-3 pretrained, 2e-2 random)")
-    p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
+                   help="target adapter learning rate (default: 2e-4 with --source-model; "
+                        "embedded: 3e-3 pretrained, 2e-2 random)")
+    p.add_argument("--adapter", choices=ADAPTERS, default="lora")
     p.add_argument("--eval-rows", type=int_at_least(1), default=50,
-                   help="rows of the task's eval (and validation) split scored")
+                   help="embedded experiment: rows of the task's eval (and validation) split")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one transfer per seed; losses averaged over the seeds")
-    p.add_argument("--out", default=None, help="write the JSON report here")
+                   help="one transfer per seed; losses averaged over the seeds (one seed "
+                        "with --source-model)")
+    p.add_argument("--out", default=None, help="write the JSON report here (default with "
+                                               "--source-model: OUTPUT_DIR/titok_report.json)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=run_cli, flag_names={
+        "sample_keep": "--sample-keep", "token_keep": "--token-keep", "seeds": "--seeds",
+        "source_adapter": "--source-adapter", "source_model": "--source-model",
+        "target_model": "--target-model", "seed_file": "--seed-file",
+        "target_modules": "--target-modules", "adapter": "--adapter", "steps": "--steps",
+        "seed_prompts": "--seed-prompts", "eval_rows": "--eval-rows"})
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
+    if args.source_model is not None or args.target_model is not None:
+        report = transfer_cli(args)
+        print(f"target adapter saved in {report['output_dir']}; final training loss "
+              f"{report['losses'][-1]:.3f}")
+        return report
     from datalora.experiments.titok_evidence import run
 
+    if args.source_adapter is not None:
+        check_adapter_folder(args.source_adapter)
     report = run(task=args.task, base=args.base, source_adapter=args.source_adapter,
                  adapter_dir=args.adapter_dir, seed_prompts=args.seed_prompts,
                  sample_keep=args.sample_keep, token_keep=args.token_keep, steps=args.steps,

@@ -450,3 +450,41 @@ def test_titok_transfer_checks_arguments_before_any_work(tok):
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             titok_transfer(NoWork(), tok, gpt2, tok, [ROW], progress=False, **kwargs)
+
+
+def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, tok_other,
+                                                                capsys):
+    """``titok --source-model ...`` on tiny local folders: the target adapter and the report
+    are saved; bad flags are named, before any model loads."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from datalora.cli import main
+
+    source = _small(seed=2)
+    source.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    lora = peft.get_peft_model(source, peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                       init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    _small(vocab=270, seed=4).save_pretrained(tmp_path / "tgt")
+    tok_other.save_pretrained(tmp_path / "tgt")
+    (tmp_path / "seeds.txt").write_text("Reverse the letters: abc\n\nSort: 3, 1, 2\n")
+    out = tmp_path / "out"
+    flags = ["titok", "--source-model", str(tmp_path / "src"), "--source-adapter",
+             str(tmp_path / "adapter"), "--target-model", str(tmp_path / "tgt"),
+             "--seed-file", str(tmp_path / "seeds.txt"), "--target-modules", "q_proj",
+             "--steps", "1", "--max-new-tokens", "4", "--sample-keep", "1",
+             "--output-dir", str(out), "--no-progress"]
+    assert main(flags) == 0
+    report = json.loads((out / "titok_report.json").read_text())
+    assert report["seed_prompts"] == 2 and len(report["losses"]) == 1
+    loaded = peft.PeftModel.from_pretrained(_small(vocab=270, seed=4), str(out))
+    assert any("lora_B" in n for n, _ in loaded.named_parameters())
+    for bad, flag in ((["--sample-keep", "0"], "--sample-keep"),
+                      (["--source-adapter", str(tmp_path / "missing")], "--source-adapter"),
+                      (["--target-modules", "c_attn"], "--target-modules"),
+                      (["--seed-file", str(tmp_path / "seeds.csv")], "--seed-file")):
+        with pytest.raises(SystemExit) as exc:
+            main(flags + bad)
+        assert exc.value.code == 2 and flag in capsys.readouterr().err

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from datalora.checks import check_int
+from datalora.checks import check_int, check_number
 from datalora.data import TASKS, load_instruction_dataset
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
@@ -92,6 +92,9 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    for name, value in (("sample_keep", sample_keep), ("token_keep", token_keep),
+                        *(("tune_keeps", v) for pair in tune_keeps for v in pair)):
+        check_number(name, value, low=0, low_inclusive=False, high=1)
     seed_prompts = check_int("seed_prompts", seed_prompts, low=1)
     eval_rows = check_int("eval_rows", eval_rows, low=1)
     steps = check_int("steps", steps, low=1)
