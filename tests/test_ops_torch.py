@@ -145,6 +145,34 @@ def test_molora_linear(bias):
     assert y.shape == F.linear(x, W, b).shape
 
 
+@pytest.mark.parametrize("env", [False, True])  # check_values=False, DATALORA_CHECK_VALUES=0
+@pytest.mark.parametrize("op", ["delta", "linear"])
+def test_unchecked_out_of_range_ids_are_clamped(env, op, monkeypatch):
+    # as the triton / CUDA kernels (and the README) promise: ids E and -1 act as E-1 and 0
+    x, A, B, ids, gates, rs = make_inputs(7, dtype=torch.float64, requires_grad=True)
+    E = A.shape[0]
+    bad = ids.clone()
+    bad[0, 0], bad[1, 1], bad[2, 0] = E, -1, E + 5
+    W = torch.randn(B.shape[1], x.shape[1], dtype=torch.float64)
+
+    def run(expert_ids, check_values):
+        if op == "delta":
+            return ops.molora_delta(x, A, B, expert_ids, gates, rs, 2.0, backend="torch",
+                                    check_values=check_values)
+        return ops.molora_linear(x, W, None, A, B, expert_ids, gates, rs, 2.0, backend="torch",
+                                 check_values=check_values)
+
+    if env:
+        monkeypatch.setenv("DATALORA_CHECK_VALUES", "0")
+    y = run(bad, check_values=env)
+    want = run(bad.clamp(0, E - 1), check_values=True)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    leaves = (x, A, B, gates, rs)
+    for g, w in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(want.sum(), leaves),
+                    strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_nan_in_one_token_does_not_leak():
     x, A, B, ids, gates, rs = make_inputs(8, dtype=torch.float32)
     x[3] = float("nan")

@@ -64,11 +64,12 @@ class RoutingTables:
     Built eagerly (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of route
     j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of the
     module docstring (``scaling`` included). ``routed_gates``, used by the backward only,
-    is built on first use.
+    is built on first use. Expert ids are clamped to ``[0, E)`` as the kernels do, so
+    unchecked ids (``check_values=False``) never index out of bounds.
     """
 
     def __init__(self, expert_ids, gates, rank_scale, E, r, scaling, dtype):
-        ids = expert_ids.long()
+        ids = expert_ids.long().clamp(0, E - 1)
         self.index = _route_index(ids, r)
         self.gate_matrix = _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype)
 
