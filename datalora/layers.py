@@ -36,7 +36,9 @@ class MoLoRALinear(nn.Module):
     per-layer linear router (softmax, top-k, renormalised gates).
 
     Args:
-        base_layer: the ``nn.Linear`` to adapt (kept as ``self.base_layer``).
+        base_layer: the ``nn.Linear`` to adapt (kept as ``self.base_layer``). A subclass
+            with its own ``forward``, or a base with module hooks, is called as
+            ``base_layer(x)`` (plus the delta); a plain ``nn.Linear`` fuses the two GEMMs.
         num_experts: E. rank: r. alpha: LoRA alpha (``scaling = alpha / r``).
         top_k: routed experts per token for the per-layer router.
         dropout: dropout on the LoRA input (the base path sees the clean input).
@@ -151,13 +153,29 @@ class MoLoRALinear(nn.Module):
             lora_x = self.lora_dropout(x) if self.training else x
             return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,
                                      rank_scale, self.scaling, self.backend, check_values=check)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        plain = self._plain_base()
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        if plain and no_dropout:  # fused: the expand accumulates into the base GEMM's output
             return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
                                      routing.expert_ids, gates, rank_scale, self.scaling,
                                      self.backend, check_values=check)
-        delta = ops.molora_delta(self.lora_dropout(x), A, B, routing.expert_ids, gates,
-                                 rank_scale, self.scaling, self.backend, check_values=check)
-        return F.linear(x, self.base_layer.weight, self.base_layer.bias) + delta
+        delta = ops.molora_delta(x if no_dropout else self.lora_dropout(x), A, B,
+                                 routing.expert_ids, gates, rank_scale, self.scaling,
+                                 self.backend, check_values=check)
+        base = (F.linear(x, self.base_layer.weight, self.base_layer.bias) if plain
+                else self.base_layer(x))
+        return base + delta
+
+    def _plain_base(self) -> bool:
+        """True when ``base_layer(x)`` is exactly ``F.linear(x, weight, bias)``: an
+        ``nn.Linear`` whose ``forward`` is not overridden (by a subclass or on the instance,
+        as accelerate's hooks do) and that has no module hooks. Else the layer calls
+        ``base_layer(x)`` (a custom forward, hooks, old-style ``weight_norm``'s pre-hook run
+        as with the adapter disabled) and adds the delta."""
+        base = self.base_layer
+        return type(base).forward is nn.Linear.forward and "forward" not in base.__dict__ and not (
+            base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+            or base._backward_pre_hooks)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

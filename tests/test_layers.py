@@ -78,6 +78,58 @@ def test_disabled_adapter_is_exact_base():
     assert torch.equal(layer(x), base(x))
 
 
+class _Doubled(nn.Linear):
+    """An ``nn.Linear`` subclass with its own forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _hooked(kind):
+    base = nn.Linear(16, 12)
+    if kind == "forward_hook":
+        base.register_forward_hook(lambda m, i, o: o * 3)
+    elif kind == "pre_hook":
+        base.register_forward_pre_hook(lambda m, i: (i[0] + 1,))
+    else:  # accelerate-style: forward replaced on the instance
+        base.forward = lambda x: nn.Linear.forward(base, x) - 1
+    return base
+
+
+@pytest.mark.parametrize("make_base", [lambda: _Doubled(16, 12), lambda: _hooked("forward_hook"),
+                                       lambda: _hooked("pre_hook"),
+                                       lambda: _hooked("instance_forward")],
+                         ids=["subclass_forward", "forward_hook", "pre_hook", "instance_forward"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_base_forward_and_hooks_run_with_the_adapter_on(make_base, dropout):
+    base = make_base()
+    layer = MoLoRALinear(base, 4, 3, 6, 2, dropout=dropout)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))  # B = 0: identity at init, as with the adapter off
+    nn.init.normal_(layer.lora_B)
+    layer.eval()
+    routing = layer.route(x)
+    delta = layer(x, routing) - base(x)
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base(x))
+    plain = nn.Linear(16, 12)
+    plain.load_state_dict(base.state_dict())
+    ref = MoLoRALinear(plain, 4, 3, 6, 2)
+    ref.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(delta, ref(x, routing) - plain(x))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_old_style_weight_norm_base_uses_its_recomputed_weight():
+    base = torch.nn.utils.weight_norm(nn.Linear(16, 12))
+    layer = MoLoRALinear(base, 4, 3, 6, 2)
+    state = layer.state_dict()
+    state["base_layer.weight_g"] = state["base_layer.weight_g"] * 3  # a loaded checkpoint
+    layer.load_state_dict(state)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))
+
+
 def test_dropout_path_and_dtype_cast():
     base = nn.Linear(16, 12, dtype=torch.bfloat16)
     layer = MoLoRALinear(base, 4, 3, 6, 2, dropout=0.1, dtype=torch.float32)
