@@ -130,6 +130,22 @@ def test_old_style_weight_norm_base_uses_its_recomputed_weight():
     assert torch.equal(layer(x), base(x))
 
 
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(16, 12), lambda: _Doubled(16, 12)],
+                         ids=["linear", "subclass"])
+@pytest.mark.parametrize("routing", [False, True])
+def test_forward_backward_on_meta(make_base, routing):
+    # shape inference without memory, as nn.Linear allows (meta has no autocast)
+    with torch.device("meta"):
+        layer = MoLoRALinear(make_base(), 4, 3, 6, 2, dropout=0.1)
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        shared = Routing(expert_ids=torch.zeros(10, 2, dtype=torch.long),
+                         gates=torch.rand(10, 2)) if routing else None
+    y = layer(x, shared)
+    assert y.shape == (2, 5, 12) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.lora_A.grad.is_meta
+
+
 def test_dropout_path_and_dtype_cast():
     base = nn.Linear(16, 12, dtype=torch.bfloat16)
     layer = MoLoRALinear(base, 4, 3, 6, 2, dropout=0.1, dtype=torch.float32)

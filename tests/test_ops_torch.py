@@ -173,6 +173,19 @@ def test_unchecked_out_of_range_ids_are_clamped(env, op, monkeypatch):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", ["delta", "linear"])
+def test_ops_on_meta(op):
+    # shape inference: no autocast on meta, no value check (no values to read)
+    with torch.device("meta"):
+        x, A, B, ids, gates, rs = make_inputs(7, requires_grad=True)
+        W = torch.randn(B.shape[1], x.shape[1])
+    y = (ops.molora_delta(x, A, B, ids, gates, rs) if op == "delta"
+         else ops.molora_linear(x, W, None, A, B, ids, gates, rs))
+    assert y.is_meta and y.shape == (7, B.shape[1])
+    y.sum().backward()
+    assert A.grad.is_meta and A.grad.shape == A.shape
+
+
 def test_nan_in_one_token_does_not_leak():
     x, A, B, ids, gates, rs = make_inputs(8, dtype=torch.float32)
     x[3] = float("nan")

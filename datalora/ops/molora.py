@@ -209,9 +209,11 @@ def _flatten(x, expert_ids, gates, rank_scale):
 
 
 def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Under autocast, casts the GEMM operands to the autocast dtype (as F.linear would)."""
+    """Under autocast, casts the GEMM operands to the autocast dtype (as F.linear would).
+    A device type without autocast (``meta``) is left as is."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     # float64 is not autocast-eligible: F.linear keeps it in float64

@@ -3,8 +3,8 @@
 Metadata checks (shape, dtype, device) are free and always run. Value checks
 (expert ids in range, finite gates) read the tensors back to the host, so they run
 eagerly only: they are skipped while ``torch.compile`` traces or a CUDA graph is
-captured (no host sync there), or when ``DATALORA_CHECK_VALUES=0``. Kernels clamp
-expert ids, so even unchecked input cannot read out of bounds.
+captured (no host sync there), on ``meta`` tensors, or when ``DATALORA_CHECK_VALUES=0``.
+Every backend clamps expert ids, so even unchecked input cannot read out of bounds.
 """
 
 from __future__ import annotations
@@ -47,8 +47,11 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:
-    """True when reading values back to the host is allowed (eager, not capturing)."""
+    """True when reading values back to the host is allowed (eager, not capturing, not
+    ``meta`` tensors, which have no values)."""
     if os.environ.get("DATALORA_CHECK_VALUES", "1") == "0":
+        return False
+    if any(t.is_meta for t in tensors):
         return False
     if torch.compiler.is_compiling():
         return False
