@@ -36,8 +36,8 @@ import torch
 
 from benchmarks import roofline
 from benchmarks.baselines import loop_delta
+from benchmarks.molora import check_cli_out, cli_preset, time_cuda, with_env, write_plot
 from benchmarks.molora import metadata as _metadata
-from benchmarks.molora import time_cuda, with_env
 from benchmarks.timing import time_interleaved
 from datalora import _C_loader, nf4, ops
 from datalora.nf4_linear import NF4Linear, nf4_molora_linear
@@ -256,14 +256,22 @@ def run(preset: str, out_dir: Path, device: torch.device | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_nf4", description=__doc__.split("\n")[0],
+        epilog="Presets differ in shapes and dtype: gpu (bf16, 4096 x 14336 layers, needs "
+               "CUDA), cpu (fp32, layers up to 1024 x 2048), smoke (fp32, tiny shapes, "
+               "seconds).")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help="output folder for nf4_<preset>.json / .png (default: "
+                         "benchmarks/results in the repository)")
     ap.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
                     help="which benchmarks to run (default: all)")
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = ap.parse_args(argv)
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    preset = cli_preset(ap, args.preset)
+    check_cli_out(ap, args.out)
     path = run(preset, args.out, groups=tuple(args.groups))
     data = json.loads(path.read_text())
     for r in data["rows"]:
@@ -276,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in data["targets"]:
         print(f"target {t['target']}: {t['value']:.3f} {t['status']}")
     if not args.no_plot:
-        try:
-            print("plot:", plot(path))
-        except ImportError as exc:
-            print(f"no plot ({exc})")
+        write_plot(plot, path)
     print("results:", path)
     return 0
 

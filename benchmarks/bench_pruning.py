@@ -45,7 +45,17 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import format_targets, metadata, wait_quiet, write_result
+from benchmarks.molora import (
+    check_cli_only,
+    check_cli_out,
+    cli_preset,
+    format_targets,
+    metadata,
+    positive_int,
+    wait_quiet,
+    write_plot,
+    write_result,
+)
 from benchmarks.timing import sync, time_interleaved
 
 SCHEMA = "datalora.benchmarks.pruning/1"
@@ -311,7 +321,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     log(format_targets(targets))
     log(f"wrote {path}")
     if plot:
-        log(f"wrote {plot_file(path)}")
+        write_plot(plot_file, path, log)
     return result
 
 
@@ -377,25 +387,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="output folder (default: benchmarks/results in the repository)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the profile of the rows that miss a target")
     parser.add_argument("--no-bound", action="store_true",
                         help="skip the attainable-speedup measurement (four dense models "
                              "per row)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads, >= 1 (default: torch's default)")
     parser.add_argument("--max-load", type=float, default=None,
                         help="CPU: wait for the 1-min load average to drop below this")
-    parser.add_argument("--max-wait", type=float, default=300.0)
+    parser.add_argument("--max-wait", type=float, default=300.0,
+                        help="seconds --max-load waits at most before each row (default: 300)")
     parser.add_argument("--only", default=None, metavar="SUBSTR",
                         help="rerun the cases whose name contains SUBSTR and merge them into "
-                             "the existing JSON")
+                             "the existing JSON (the plot shows the merged file)")
     args = parser.parse_args(argv)
-    if args.threads:
+    preset = cli_preset(parser, args.preset)
+    check_cli_out(parser, args.out)
+    check_cli_only(parser, args.only, preset, [c.name for c in PRESETS[preset]["cases"]])
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    if preset == "gpu" and not torch.cuda.is_available():
-        parser.error("--preset gpu needs a CUDA device")
     run(preset, args.out, plot=not args.no_plot, max_load=args.max_load,
         max_wait_s=args.max_wait, profile=not args.no_profile, only=args.only,
         bound=not args.no_bound)

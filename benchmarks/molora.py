@@ -53,6 +53,7 @@ from datalora import ops
 
 SCHEMA = "datalora.benchmarks.molora/1"
 RESULTS_DIR = Path(__file__).parent / "results"
+NO_PLOT_HINT = "matplotlib not installed: pip install datalora[plot], or pass --no-plot"
 MODES = ("fwd", "fwd_bwd")
 SKEWS = ("uniform", "one", "distinct")
 # the one-kernel Triton linear (kernels/fused_linear.py), opt-in until these rows show it
@@ -488,8 +489,17 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     if plot:
         from benchmarks.plot import plot_file
 
-        log(f"wrote {plot_file(path)}")
+        write_plot(plot_file, path, log)
     return result
+
+
+def write_plot(plot_file: Callable[[Path], Path], path: Path, log=print) -> None:
+    """Draws ``path``'s plot with ``plot_file``; without matplotlib logs a warning instead
+    (the JSON is already written)."""
+    try:
+        log(f"wrote {plot_file(path)}")
+    except ImportError as exc:
+        log(f"warning: no plot ({exc}; {NO_PLOT_HINT})")
 
 
 def write_result(path: Path, schema: str, meta: dict, rows: list[dict],
@@ -527,27 +537,64 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type``: an int >= 1 (``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def cli_preset(parser: argparse.ArgumentParser, preset: str | None) -> str:
+    """The preset to run: ``preset``, else gpu with CUDA and cpu without; gpu without CUDA
+    is a parser error."""
+    preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs a CUDA device")
+    return preset
+
+
+def check_cli_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` must be a folder (or not exist yet): checked before any case runs."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: expected a folder, got the file {out}")
+
+
+def check_cli_only(parser: argparse.ArgumentParser, only: str | None, preset: str,
+                   names: list[str]) -> None:
+    """``--only SUBSTR`` must match one of the preset's case ``names``."""
+    if only is not None and not any(only in name for name in names):
+        parser.error(f"--only: no case of preset {preset!r} contains {only!r}; its cases: "
+                     + ", ".join(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.molora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu | cpu | smoke (default: gpu with CUDA, else cpu)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="output folder (default: benchmarks/results in the repository)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--only", default=None, metavar="SUBSTR",
-                        help="run only the cases whose id contains SUBSTR (e.g. T_sweep/T2048)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's default)")
+                        help="run only the cases whose id contains SUBSTR (e.g. T_sweep/T2048);"
+                             " a partial run draws no plot")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads, >= 1 (default: torch's default)")
     parser.add_argument("--max-load", type=float, default=None,
                         help="CPU: before each case wait for the 1-min load average to drop "
                              "below this (at most --max-wait seconds)")
-    parser.add_argument("--max-wait", type=float, default=120.0)
+    parser.add_argument("--max-wait", type=float, default=120.0,
+                        help="seconds --max-load waits at most before each case (default: 120)")
     args = parser.parse_args(argv)
-    if args.threads:
+    preset = cli_preset(parser, args.preset)
+    check_cli_out(parser, args.out)
+    check_cli_only(parser, args.only, preset, [c.id for c in PRESETS[preset]["cases"]])
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    if preset == "gpu" and not torch.cuda.is_available():
-        parser.error("--preset gpu needs a CUDA device")
     run(preset, args.out, plot=not args.no_plot and args.only is None, only=args.only,
         max_load=args.max_load, max_wait_s=args.max_wait)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -201,3 +202,49 @@ def test_tle_benchmark_smoke_every_method_generates_the_same_tokens(tmp_path):
                                       "mixer_every_other", "mixer_every_token_embed0_window16",
                                       "mixer_fixed_weights", "peft_merge_per_token"}
     assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
+
+
+def _cli(name):
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.mark.parametrize("name,argv,fragment", [
+    ("molora", ["--threads", "0"], "--threads: expected an int >= 1, got '0'"),
+    ("molora", ["--threads", "-1"], "--threads: expected an int >= 1, got '-1'"),
+    ("bench_pruning", ["--threads", "0"], "--threads: expected an int >= 1, got '0'"),
+    ("molora", ["--preset", "smoke", "--only", "ZZZ"],
+     "--only: no case of preset 'smoke' contains 'ZZZ'; its cases: T_sweep"),
+    ("bench_pruning", ["--preset", "smoke", "--only", "ZZZ"],
+     "--only: no case of preset 'smoke' contains 'ZZZ'; its cases: "),
+    ("molora", ["--preset", "smoke", "--out", "FILE"], "--out: expected a folder, got the file"),
+    ("bench_pruning", ["--preset", "smoke", "--out", "FILE"], "--out: expected a folder"),
+    ("bench_nf4", ["--preset", "smoke", "--out", "FILE"], "--out: expected a folder"),
+    ("bench_nf4", ["--preset", "gpu"], "--preset gpu needs a CUDA device"),
+])
+def test_cli_rejects_bad_arguments_before_running(name, argv, fragment, tmp_path, monkeypatch,
+                                                  capsys):
+    if "gpu" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available: --preset gpu is valid")
+    module = _cli(name)
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("a case ran"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(afile) if a == "FILE" else a for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert f"usage: python -m benchmarks.{name}" in err
+
+
+def test_molora_cli_without_matplotlib_writes_the_json_and_warns(tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setattr(molora, "run_case", lambda *a, **k: [])  # no timing: the plot step only
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert molora.main(["--preset", "smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: no plot (" in out and "pip install datalora[plot]" in out, out
+    assert (tmp_path / "molora_smoke.json").exists()
+    assert not (tmp_path / "molora_smoke.png").exists()
