@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from datalora import ops
 from datalora.checks import check_finite, check_int
 from datalora.nf4_linear import is_nf4_base, nf4_compute_dtype, nf4_molora_linear, quantize_linear
+from datalora.ops.validation import check_tensor
 from datalora.routing import Routing, topk_routing
 
 
@@ -69,6 +70,9 @@ class MoLoRALinear(nn.Module):
         check_finite("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        if isinstance(getattr(base_layer, "weight", None), nn.parameter.UninitializedParameter):
+            raise ValueError("base_layer: an uninitialized nn.LazyLinear; run one forward "
+                             "through it first (that materializes its weight)")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -136,6 +140,7 @@ class MoLoRALinear(nn.Module):
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:
             return self.base_layer(x)
+        self._check_inputs(x, routing)
         own = routing is None
         if own:
             routing = self.route(x)
@@ -165,6 +170,17 @@ class MoLoRALinear(nn.Module):
         base = (F.linear(x, self.base_layer.weight, self.base_layer.bias) if plain
                 else self.base_layer(x))
         return base + delta
+
+    def _check_inputs(self, x: object, routing: object) -> None:
+        """``x [..., in_features]`` and ``routing`` (None or a ``Routing``), named before the
+        router or the op would fail on them."""
+        check_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected shape [..., in_features={self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        if routing is not None and not isinstance(routing, Routing):
+            raise TypeError(f"routing: expected a datalora.Routing or None, "
+                            f"got {type(routing).__name__}")
 
     def _plain_base(self) -> bool:
         """True when ``base_layer(x)`` is exactly ``F.linear(x, weight, bias)``: an

@@ -18,6 +18,7 @@ from datalora.routing import Routing
 __all__ = ["GATES", "SMoRALinear", "smora_linear"]
 
 GATES: tuple[str, ...] = ("one", "softmax")
+_FIXED_KWARGS = frozenset({"num_experts", "rank", "top_k", "router"})  # MoLoRALinear's, set here
 
 
 class SMoRALinear(MoLoRALinear):
@@ -31,11 +32,17 @@ class SMoRALinear(MoLoRALinear):
         gate: ``"one"``: selected ranks get gate exactly 1 (straight-through: the router
             still gets the softmax gradient), so all-active equals the LoRA;
             ``"softmax"``: renormalised top-k softmax gates (Mixtral style).
-        kwargs: ``dropout``, ``backend``, ``dtype`` as for :class:`MoLoRALinear`.
+        kwargs: ``dropout``, ``backend``, ``dtype`` as for :class:`MoLoRALinear`
+            (``num_experts``, ``rank``, ``top_k`` and ``router`` are set from ``total_rank``
+            and ``active_ranks``, so they are rejected).
     """
 
     def __init__(self, base_layer: nn.Linear, total_rank: int = 16, active_ranks: int = 8,
                  alpha: float = 32.0, gate: str = "one", **kwargs):
+        fixed = sorted(_FIXED_KWARGS & kwargs.keys())
+        if fixed:
+            raise TypeError(f"SMoRALinear: unexpected keyword argument {fixed[0]}= (set by the "
+                            "rank-wise layer: use total_rank= and active_ranks=)")
         total_rank = check_int("total_rank", total_rank, low=1)
         active_ranks = check_int("active_ranks", active_ranks, low=1, high=total_rank)
         if gate not in GATES:

@@ -175,6 +175,34 @@ def test_bad_arguments(kwargs, fragment):
         MoLoRALinear(nn.Conv1d(4, 4, 1))
 
 
+@pytest.mark.parametrize("router", [True, False])
+@pytest.mark.parametrize("x,fragment", [
+    (torch.randn(3, 7), r"x: expected shape \[..., in_features=8\], got \(3, 7\)"),
+    (torch.randn(2, 5, 9), r"x: expected shape \[..., in_features=8\], got \(2, 5, 9\)"),
+    (torch.tensor(1.0), r"x: expected shape \[..., in_features=8\], got \(\)"),
+])
+def test_wrong_input_shape_names_x_and_in_features(x, fragment, router):
+    layer = MoLoRALinear(nn.Linear(8, 6), 4, 2, 4, 2, router=router)
+    routing = None if router else Routing(expert_ids=torch.zeros(3, 2, dtype=torch.long),
+                                          gates=torch.ones(3, 2))
+    with pytest.raises(ValueError, match=fragment):
+        layer(x, routing)
+
+
+@pytest.mark.parametrize("routing", [(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
+                                     {"expert_ids": torch.zeros(3, 2, dtype=torch.long)}])
+def test_routing_of_the_wrong_type_names_routing(routing):
+    layer = MoLoRALinear(nn.Linear(8, 6), 4, 2, 4, 2)
+    with pytest.raises(TypeError, match="routing: expected a datalora.Routing or None, got "
+                                        + type(routing).__name__):
+        layer(torch.randn(3, 8), routing)
+
+
+def test_uninitialized_lazy_linear_base_is_refused():
+    with pytest.raises(ValueError, match="base_layer: an uninitialized nn.LazyLinear"):
+        MoLoRALinear(nn.LazyLinear(6), 4, 2, 4, 2)
+
+
 def test_router_less_layer_requires_routing():
     layer = MoLoRALinear(nn.Linear(4, 4), 2, 2, 2, 1, router=False)
     with pytest.raises(ValueError, match="routing"):

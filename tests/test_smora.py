@@ -79,3 +79,11 @@ def test_validation():
                             (float("nan"), "alpha: expected a finite number")):
         with pytest.raises(ValueError, match=fragment):
             SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, alpha=alpha)
+
+
+@pytest.mark.parametrize("kwarg", ["router", "top_k", "num_experts", "rank"])
+def test_rejects_molora_kwargs_it_sets_itself(kwarg):
+    with pytest.raises(TypeError, match=rf"SMoRALinear: unexpected keyword argument {kwarg}= "
+                                        r"\(set by the rank-wise layer: use total_rank= and "
+                                        r"active_ranks=\)"):
+        SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, **{kwarg: 3})
