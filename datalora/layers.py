@@ -46,6 +46,8 @@ class MoLoRALinear(nn.Module):
         router: build the per-layer router (False when a shared routing always drives it).
         backend: ``datalora.ops`` backend.
         dtype: dtype of the LoRA parameters (default: the base weight's floating dtype).
+            They, the gates and ``rank_scale`` are cast to ``x.dtype`` on every forward;
+            ``x`` must have the base weight's dtype (``torch.autocast`` mixes dtypes).
         quantize: ``"nf4"`` quantizes an ``nn.Linear`` base to an ``NF4Linear`` first. An
             ``NF4Linear`` or nf4 ``bnb.nn.Linear4bit`` base is used as is (QLoRA).
     """

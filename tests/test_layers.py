@@ -203,6 +203,24 @@ def test_uninitialized_lazy_linear_base_is_refused():
         MoLoRALinear(nn.LazyLinear(6), 4, 2, 4, 2)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+def test_torch_func_transforms_are_refused_clearly(transform):
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    _, layer = make_layer()
+    x = torch.randn(3, 16)
+    params = dict(layer.named_parameters())
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).pow(2).sum()
+
+    loss(params, x).backward()  # functional_call alone (no transform) works
+    run = {"grad": lambda: grad(loss)(params, x), "vmap": lambda: vmap(layer)(x),
+           "jacrev": lambda: jacrev(layer)(x[0])}[transform]
+    with pytest.raises(RuntimeError, match="datalora ops do not support torch.func transforms"):
+        run()
+
+
 def test_router_less_layer_requires_routing():
     layer = MoLoRALinear(nn.Linear(4, 4), 2, 2, 2, 1, router=False)
     with pytest.raises(ValueError, match="routing"):

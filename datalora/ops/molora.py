@@ -184,10 +184,20 @@ def _needs_autograd(*inputs) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
+def _check_no_functorch() -> None:
+    """torch.func transforms (grad, vmap, jacrev, ...) need a ``setup_context``-style
+    Function and out-of-place kernels: refused with a clear error, not functorch's own."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError("datalora ops do not support torch.func transforms (grad, vmap, "
+                           "jacrev, jacfwd, ...); use torch.autograd (loss.backward() or "
+                           "torch.autograd.grad) and a Python loop instead of vmap")
+
+
 def _run_eager(function: type[torch.autograd.Function], *inputs):
     """Eager call: through ``function`` (from :func:`_eager_function`) when a gradient is
     needed, else its backend forward directly (no autograd node: inference pays only the
     backend's host time). Returns the op's first output."""
+    _check_no_functorch()
     if _needs_autograd(*inputs[:-1]):
         return function.apply(*inputs)[0]
     with eager_call():
