@@ -218,9 +218,12 @@ class DATALORAModel(nn.Module):
                 yield name, module
 
     def set_adapter_enabled(self, enabled: bool) -> None:
-        """Turns every MoLoRA layer's update on or off (off: the exact base model)."""
+        """Turns every MoLoRA layer's update and the token pruning on or off (off: the exact
+        base model)."""
         for _, layer in self.molora_layers():
             layer.adapter_enabled = enabled
+        if self.runtime is not None:
+            self.runtime.pruning_enabled = bool(enabled)
 
     def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.base_model.named_parameters():

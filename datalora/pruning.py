@@ -352,6 +352,8 @@ class DATALORARuntime:
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
         self.retention = 1.0
         self.set_retention(retention)
+        # False while the model's adapters are off: the pruned layers run dense (the base)
+        self.pruning_enabled = True
         self.keep_last = keep_last
         self.last: ForwardRecord | None = None
         self._ctx: _Context | None = None
@@ -583,8 +585,8 @@ class DATALORARuntime:
         bsz, seq_len, _ = hidden.shape
         ctx.hidden_in = hidden
         if ctx.cache is None:
-            if self.retention >= 1.0 or (ctx.stepwise and not self.saliency.training
-                                         and self._uncalibrated(ctx)):
+            if not self.pruning_enabled or self.retention >= 1.0 or (
+                    ctx.stepwise and not self.saliency.training and self._uncalibrated(ctx)):
                 return
             self._start_packed(ctx, hidden, kwargs, record)
         else:
@@ -653,7 +655,7 @@ class DATALORARuntime:
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         cache = cache_of(kwargs)
-        if self.retention >= 1.0 or self._uncalibrated(ctx):
+        if not self.pruning_enabled or self.retention >= 1.0 or self._uncalibrated(ctx):
             keep_new = record.valid.clone()
         else:
             threshold = self._threshold_in_use(self._forward_threshold(ctx))

@@ -214,7 +214,8 @@ def _check_can_disable(model: nn.Module) -> None:
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """Runs ``model`` without its adapter: a PEFT model inside ``disable_adapter()``; a
     :class:`~datalora.model.DATALORAModel` or a model with injected MoLoRA layers with every
-    MoLoRA layer's ``adapter_enabled`` off (``set_adapter_enabled(False)``), restored after."""
+    MoLoRA layer's ``adapter_enabled`` off and a DATALORA model's token pruning off (as
+    ``set_adapter_enabled(False)`` does), restored after."""
     _check_can_disable(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
@@ -222,13 +223,19 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
         return
     layers = _molora_layers(model)
     enabled = [layer.adapter_enabled for layer in layers]
+    runtime = getattr(model, "runtime", None)
+    pruning = None if runtime is None else runtime.pruning_enabled
     for layer in layers:
         layer.adapter_enabled = False
+    if runtime is not None:
+        runtime.pruning_enabled = False
     try:
         yield
     finally:
         for layer, flag in zip(layers, enabled, strict=True):
             layer.adapter_enabled = flag
+        if runtime is not None:
+            runtime.pruning_enabled = pruning
 
 
 def _check_separate_base(lora_model: nn.Module, base_model: nn.Module) -> None:

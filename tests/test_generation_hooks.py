@@ -300,3 +300,33 @@ def test_prune_range_over_an_unsupported_attention_kind_is_refused():
     assert layer_window(Config, 1) is None and layer_window(Config, 2) == 8
     with pytest.raises(ValueError, match="prune_layers: decoder layer 0 uses 'chunked_attention'"):
         layer_window(Config, 0)
+
+
+def test_disabled_adapter_is_the_exact_base_model_also_with_pruning():
+    """``set_adapter_enabled(False)`` promises the exact base model: with pruning on (a
+    calibrated threshold, retention 0.5) the pruned layers must run dense too, on the
+    packed (no cache) and the cached path, and in training mode."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    plain = MistralForCausalLM(cfg).eval()  # the same weights _model wrapped
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+        pruned = model(input_ids=ids).logits
+        model.set_adapter_enabled(False)
+        for use_cache in (False, True):
+            got = model(input_ids=ids, use_cache=use_cache).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        model.train()
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        model.eval()
+        model.set_adapter_enabled(True)
+        torch.testing.assert_close(model(input_ids=ids).logits, pruned, atol=0, rtol=0)
+    assert not torch.allclose(pruned, want, atol=1e-3)

@@ -488,3 +488,25 @@ def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, t
         with pytest.raises(SystemExit) as exc:
             main(flags + bad)
         assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_datalora_source_with_pruning_runs_the_plain_base_pass(tok):
+    """With shared routing and token pruning the base pass must also run unpruned: the
+    adapter off and the pruned layers dense, i.e. the plain base model."""
+    from datalora.config import DATALORAConfig
+    from datalora.model import get_datalora_model
+
+    base = _small()
+    with torch.no_grad():
+        want_base = response_log_probs(base, tok, [ROW])[0]
+    dl = get_datalora_model(base, DATALORAConfig(num_lora_experts=2, lora_rank=2,
+                                                 num_active_experts=1, routing="shared",
+                                                 target_modules=["q_proj", "v_proj"]),
+                            verbose=False)
+    dl.set_curriculum_state(retention=0.5)
+    with torch.no_grad():
+        dl.saliency.score_head.weight.normal_()
+    [s] = contrastive_excess(dl, tok, [ROW])
+    torch.testing.assert_close(s.logp_base, want_base)
+    assert dl.runtime.pruning_enabled and all(
+        layer.adapter_enabled for _, layer in dl.molora_layers())
