@@ -102,19 +102,31 @@ def _tokenized_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
     return items
 
 
-def _check_checkpoint(path: Any) -> None:
-    """``resume_from_checkpoint``, before the model loads: a folder holding
-    ``trainer_state.json`` (``True`` / None pass through to the Trainer); a run folder's
-    error names its latest ``checkpoint-N``."""
-    if path is None or isinstance(path, bool):
-        return
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(N, path)`` of the ``checkpoint-N`` folders in ``folder``, by N."""
+    return sorted((int(m[1]), child) for child in folder.iterdir()
+                  if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
+
+
+def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
+    """``resume_from_checkpoint`` resolved before the model loads: None, a folder holding
+    ``trainer_state.json``, or ``"last"`` / True: the latest ``checkpoint-N`` in
+    ``output_dir``; a run folder's error names its latest ``checkpoint-N``."""
+    if path is None or path is False:
+        return None
+    if path is True or path == "last":
+        run = Path(output_dir).expanduser()
+        found = _checkpoints(run) if run.is_dir() else []
+        if not found:
+            raise ValueError(f"resume_from_checkpoint: 'last' found no checkpoint-N folder "
+                             f"in the output folder {run}")
+        return found[-1][1]
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
     if (folder / "trainer_state.json").is_file():
-        return
-    steps = sorted((int(m[1]), child) for child in folder.iterdir()
-                   if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
+        return folder
+    steps = _checkpoints(folder)
     hint = (f"; it holds {len(steps)} checkpoint folder(s), the latest is {steps[-1][1]}"
             if steps else "")
     raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
@@ -236,7 +248,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    learning_rate: float | None = None, max_length: int | None = None,
                    limit: int | None = None, seed: int = 0, logging_steps: int | None = None,
                    save_steps: int | None = None,
-                   resume_from_checkpoint: str | None = None,
+                   resume_from_checkpoint: str | bool | None = None,
                    curriculum_mode: str = "epochs", bf16: bool = False,
                    gradient_accumulation_steps: int = 1, progress: bool = True,
                    model: Any = None, tokenizer: Any = None,
@@ -268,7 +280,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         logging_steps: log every n steps (default 5, at most ``max_steps``).
         save_steps: checkpoint every n steps (None: no intermediate checkpoints).
         resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact; checked
-            before the model loads), or True: the latest in ``output_dir``.
+            before the model loads), or ``"last"`` / True: the latest in ``output_dir``.
         bf16: bf16 frozen base weights with fp32 adapter / saliency weights (where the
             device supports bf16); the MoLoRA layers compute in the activations' dtype.
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
@@ -318,7 +330,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         rows = load_instruction_dataset(dataset, "train", limit=limit)
     if not rows:
         raise ValueError(f"dataset: no training rows (limit={limit!r})")
-    _check_checkpoint(resume_from_checkpoint)
+    resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:
         from datalora.testing import load_model_and_tokenizer
@@ -353,7 +365,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                               eval_dataset=_Rows(eval_items) if eval_items else None,
                               data_collator=collator, processing_class=tokenizer,
                               curriculum_mode=curriculum_mode, task_names=list(tasks))
-    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    output = trainer.train(resume_from_checkpoint=None if resume_from_checkpoint is None
+                           else str(resume_from_checkpoint))
     trainer.save_model(str(output_dir))
     history = trainer.datalora_history
     metrics = dict(output.metrics)
@@ -405,7 +418,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int_at_least(1), default=None,
                    help="also checkpoint every N steps (default: only the final adapter)")
     p.add_argument("--resume-from-checkpoint", default=None,
-                   help="a checkpoint-N folder of an earlier run (weights + curriculum)")
+                   help="a checkpoint-N folder of an earlier run (weights + curriculum), "
+                        "or 'last': the latest checkpoint-N in --output-dir")
     p.add_argument("--curriculum-mode", choices=("epochs", "steps"), default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,

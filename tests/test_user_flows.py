@@ -295,10 +295,23 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
              r".*checkpoint-10$"),
             ({"dataset": good, "trainer_args": {"eval_strategy": "steps"}}, ValueError,
              r"eval_strategy='steps' needs eval rows: set eval_dataset \(--eval-dataset\)"),
-            ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)")):
+            ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)"),
+            ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
+             r"'last' found no checkpoint-N folder in the output folder .*o$")):
         with pytest.raises(error, match=match):
             train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
                            **kwargs)
+
+
+def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
+    from datalora.train import _check_checkpoint
+
+    for n in (2, 10, 9):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    for last in ("last", True):
+        assert _check_checkpoint(last, tmp_path) == tmp_path / "checkpoint-10"
+    assert _check_checkpoint(None, tmp_path) is None
 
 
 def test_train_limit_is_checked_by_argparse(capsys):
