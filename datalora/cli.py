@@ -46,12 +46,16 @@ def int_at_least(low: int):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite float > 0."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0."""
+    value = _float(text)
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
@@ -59,10 +63,7 @@ def positive_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     """An argparse ``type``: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value

@@ -332,11 +332,16 @@ def _check_columns(columns: list[str] | None, source: str) -> None:
     """A table's columns (``datasets`` / parquet) hold OpenOrca, Alpaca or chat rows."""
     if columns is None or "messages" in columns or {"instruction", "output"} <= set(columns):
         return
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"source: {source} is missing required column(s) {missing}; "
-                         f"expected {list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', "
-                         f"'id', 'task'), found {columns}. {_FORMAT_HINT}")
+    if any(c not in columns for c in REQUIRED_COLUMNS):
+        raise _missing_columns(source, columns)
+
+
+def _missing_columns(where: str, found: list[str]) -> ValueError:
+    """The error for a table or row (``where``) without the required columns."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in found]
+    return ValueError(f"source: {where} is missing required column(s) {missing}; expected "
+                      f"{list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', 'id', "
+                      f"'task'), found {found}. {_FORMAT_HINT}")
 
 
 def _from_alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -371,10 +376,7 @@ def _openorca_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         return _from_alpaca(row)
     if "messages" in row:
         return _from_messages(row["messages"], where)
-    missing = [c for c in REQUIRED_COLUMNS if c not in row]
-    raise ValueError(f"source: {where} is missing required column(s) {missing}; expected "
-                     f"{list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', 'id', "
-                     f"'task'), found {sorted(row)}. {_FORMAT_HINT}")
+    raise _missing_columns(where, sorted(row))
 
 
 def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None,
