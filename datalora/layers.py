@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,20 @@ def check_alpha(alpha: object) -> None:
     check_finite("alpha", alpha)
     if not alpha > 0:
         raise ValueError(f"alpha: expected > 0, got {alpha}")
+
+
+@contextmanager
+def adapters_off(layers: Sequence[MoLoRALinear]) -> Iterator[None]:
+    """``layers`` compute their base only inside the block (``adapter_enabled`` off); each
+    layer's own setting comes back after."""
+    enabled = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, enabled, strict=True):
+            layer.adapter_enabled = flag
 
 
 class MoLoRALinear(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
-from datalora.layers import MoLoRALinear
+from datalora.layers import MoLoRALinear, adapters_off
 from datalora.pruning import DATALORARuntime, find_decoder_layers, resolve_prune_range
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.sharding import copy_full_into, full_tensors, sharding_kind
@@ -224,6 +225,20 @@ class DATALORAModel(nn.Module):
             layer.adapter_enabled = enabled
         if self.runtime is not None:
             self.runtime.pruning_enabled = bool(enabled)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """The exact base model inside the block, as PEFT's ``disable_adapter()``: MoLoRA
+        updates and token pruning off; their previous settings come back after."""
+        pruning = None if self.runtime is None else self.runtime.pruning_enabled
+        with adapters_off([layer for _, layer in self.molora_layers()]):
+            if self.runtime is not None:
+                self.runtime.pruning_enabled = False
+            try:
+                yield
+            finally:
+                if self.runtime is not None:
+                    self.runtime.pruning_enabled = pruning
 
     def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.base_model.named_parameters():

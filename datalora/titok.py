@@ -39,6 +39,7 @@ from datalora.checks import check_int, check_number
 from datalora.cli import fraction, int_at_least, positive_float
 from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
 from datalora.finetune import optimisation_steps
+from datalora.layers import MoLoRALinear, adapters_off
 from datalora.pruning import keep_count
 
 __all__ = [
@@ -197,9 +198,7 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
     return out
 
 
-def _molora_layers(model: nn.Module) -> list[Any]:
-    from datalora.layers import MoLoRALinear
-
+def _molora_layers(model: nn.Module) -> list[MoLoRALinear]:
     return [m for m in model.modules() if isinstance(m, MoLoRALinear)]
 
 
@@ -212,30 +211,16 @@ def _check_can_disable(model: nn.Module) -> None:
 
 @contextmanager
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
-    """Runs ``model`` without its adapter: a PEFT model inside ``disable_adapter()``; a
-    :class:`~datalora.model.DATALORAModel` or a model with injected MoLoRA layers with every
-    MoLoRA layer's ``adapter_enabled`` off and a DATALORA model's token pruning off (as
-    ``set_adapter_enabled(False)`` does), restored after."""
+    """Runs ``model`` without its adapter: a PEFT or :class:`~datalora.model.DATALORAModel`
+    inside its ``disable_adapter()`` (DATALORA: token pruning off too); a model with
+    injected MoLoRA layers with their ``adapter_enabled`` off; restored after."""
     _check_can_disable(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield
         return
-    layers = _molora_layers(model)
-    enabled = [layer.adapter_enabled for layer in layers]
-    runtime = getattr(model, "runtime", None)
-    pruning = None if runtime is None else runtime.pruning_enabled
-    for layer in layers:
-        layer.adapter_enabled = False
-    if runtime is not None:
-        runtime.pruning_enabled = False
-    try:
+    with adapters_off(_molora_layers(model)):
         yield
-    finally:
-        for layer, flag in zip(layers, enabled, strict=True):
-            layer.adapter_enabled = flag
-        if runtime is not None:
-            runtime.pruning_enabled = pruning
 
 
 def _check_separate_base(lora_model: nn.Module, base_model: nn.Module) -> None:

@@ -97,6 +97,15 @@ def test_disable_adapter_restores_base():
     wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
     perturb(wrapped)
     assert not torch.equal(wrapped(input_ids=ids).logits, base_logits)
+    adapted = wrapped(input_ids=ids).logits
+    (_, first), *_ = wrapped.molora_layers()
+    first.adapter_enabled = False  # a caller's own setting, kept by disable_adapter()
+    partly = wrapped(input_ids=ids).logits
+    with wrapped.disable_adapter():  # as PEFT's
+        assert torch.equal(wrapped(input_ids=ids).logits, base_logits)
+    assert torch.equal(wrapped(input_ids=ids).logits, partly) and not first.adapter_enabled
+    first.adapter_enabled = True
+    assert torch.equal(wrapped(input_ids=ids).logits, adapted)
     wrapped.set_adapter_enabled(False)
     assert torch.equal(wrapped(input_ids=ids).logits, base_logits)
 
