@@ -12,8 +12,10 @@ On top of the Trainer it
   ``expert_load_e{i}`` to the Trainer's loggers and progress bar, and keeps a richer record
   (per-task expert load when batches carry ``task_ids``) in ``datalora_history``;
 * saves the adapter + saliency network + config (``adapter_model.safetensors``,
-  ``adapter_config.json``) and the curriculum (``curriculum_state.json``) in every
-  checkpoint and resumes from them exactly (weights bit-exact, same schedule);
+  ``adapter_config.json``), the curriculum (``curriculum_state.json``) and
+  ``datalora_history`` (``datalora_history.json``) in every checkpoint and resumes from
+  them exactly (weights bit-exact, same schedule, the history of the steps before the
+  checkpoint kept);
 * calibrates the generation keep threshold at the end of training.
 
 Works with the Trainer's accelerate integration (DDP under ``torchrun``, bf16).
@@ -35,6 +37,7 @@ from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
+HISTORY_NAME = "datalora_history.json"
 
 
 class CurriculumCallback(TrainerCallback):
@@ -300,6 +303,8 @@ class DATALORATrainer(Trainer):
         if self.curriculum is not None:
             atomic_write_text(os.path.join(output_dir, CURRICULUM_STATE_NAME),
                               json.dumps(self.curriculum.state_dict(), indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(output_dir, HISTORY_NAME),
+                          json.dumps(self.datalora_history, indent=1))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -310,9 +315,9 @@ class DATALORATrainer(Trainer):
         else:
             self.datalora_model.load_adapter(resume_from_checkpoint)
 
-    def _curriculum_state_at(self, checkpoint: str | bool | None) -> dict[str, Any] | None:
-        """The curriculum state saved in ``checkpoint`` (``True``: the last checkpoint in
-        ``output_dir``, as ``Trainer.train`` resolves it), or None."""
+    def _saved_json(self, checkpoint: str | bool | None, name: str) -> Any:
+        """The JSON file ``name`` saved in ``checkpoint`` (``True``: the last checkpoint in
+        ``output_dir``, as ``Trainer.train`` resolves it), or None when there is none."""
         if checkpoint is None or checkpoint is False:
             return None
         if checkpoint is True:
@@ -321,11 +326,15 @@ class DATALORATrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
             if checkpoint is None:
                 return None  # Trainer.train raises its own error
-        path = os.path.join(checkpoint, CURRICULUM_STATE_NAME)
+        path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
             return None
         with open(path) as f:
             return json.load(f)
+
+    def _curriculum_state_at(self, checkpoint: str | bool | None) -> dict[str, Any] | None:
+        """The curriculum state saved in ``checkpoint`` (see :meth:`_saved_json`), or None."""
+        return self._saved_json(checkpoint, CURRICULUM_STATE_NAME)
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled:
@@ -372,9 +381,14 @@ class DATALORATrainer(Trainer):
         ``target_retention``, hard routing) and calibrates the keep threshold.
 
         The curriculum state is read from ``resume_from_checkpoint`` here, not where the
-        weights are loaded: DeepSpeed resumes without ``_load_from_checkpoint``.
+        weights are loaded: DeepSpeed resumes without ``_load_from_checkpoint``. So is the
+        ``datalora_history`` of the steps before the checkpoint, which the new records
+        extend (a checkpoint written before the history was saved resumes with none).
         """
         self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
+        if resume_from_checkpoint not in (None, False):
+            self.datalora_history = list(
+                self._saved_json(resume_from_checkpoint, HISTORY_NAME) or [])
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         # the callback applies a step's state when the step begins, so the model would be
         # left in the state of the last step's start (sparsification for runs of 1-2 steps
@@ -388,4 +402,4 @@ class DATALORATrainer(Trainer):
         return output
 
 
-__all__ = ["CURRICULUM_STATE_NAME", "CurriculumCallback", "DATALORATrainer"]
+__all__ = ["CURRICULUM_STATE_NAME", "HISTORY_NAME", "CurriculumCallback", "DATALORATrainer"]

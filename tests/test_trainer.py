@@ -14,7 +14,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, TrainingArguments
 
 from datalora import DATALORAConfig, get_datalora_model
-from datalora.trainer import CURRICULUM_STATE_NAME, DATALORATrainer
+from datalora.trainer import CURRICULUM_STATE_NAME, HISTORY_NAME, DATALORATrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,15 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
         assert same(a_full[k], a_res[k]), k
     assert resumed.curriculum.state_dict() == full.curriculum.state_dict()
     assert resumed_model.curriculum_state() == full.datalora_model.curriculum_state()
+    # the history of the steps before the checkpoint comes back with it (logging_steps=2,
+    # checkpoint at 3: the record of step 2 is saved, the steps after it are logged anew)
+    saved_history = json.loads((ckpt / HISTORY_NAME).read_text())
+    assert [h["step"] for h in saved_history] == [2]
+    assert saved_history == json.loads(json.dumps(full.datalora_history[:1]))
+    assert ([(h["step"], h["phase"]) for h in resumed.datalora_history]
+            == [(h["step"], h["phase"]) for h in full.datalora_history] == [
+                (2, "warmup"), (4, "sparsification"), (6, "hardening")])
+    assert resumed.datalora_history[-1]["lm_loss"] == full.datalora_history[-1]["lm_loss"]
 
 
 def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
