@@ -382,13 +382,14 @@ def _openorca_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
 def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None,
                lines: list[int] | None = None) -> list[dict[str, str]]:
     """Rows as :data:`COLUMNS`; errors name the 1-based line of a JSON-lines file
-    (``lines``) or the 0-based row index."""
+    (``lines``) or the 0-based row index (``dataset[i]``), said as such."""
     _check_columns(_column_names(rows), source)
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
         if limit is not None and i >= limit:
             break
-        where = f"line {lines[i]} of {source}" if lines is not None else f"row {i} of {source}"
+        where = (f"line {lines[i]} of {source}" if lines is not None
+                 else f"row index {i} (0-based) of {source}")
         if not isinstance(row, Mapping):
             raise ValueError(f"source: {where} is a {type(row).__name__}, expected an object "
                              f"with columns {list(REQUIRED_COLUMNS)}")

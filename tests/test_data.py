@@ -390,3 +390,15 @@ def test_collator_errors(tokenizer):
         CausalLMCollator(pad_token_id=0, return_task_ids=True)([{"input_ids": [1]}])
     with pytest.raises(ValueError, match="2 input_ids but 1 labels"):
         CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_table_errors_name_the_row_index(tmp_path):
+    """A table (parquet / ``datasets``) has no lines: the error says which 0-based index."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "response": "r"},
+                                         {"question": "q", "response": None}]),
+                   tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"'response' of row index 1 \(0-based\) of "
+                                         r".*t\.parquet must be a string, got NoneType"):
+        load_instruction_dataset(tmp_path / "t.parquet")
