@@ -696,24 +696,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-file", default=None,
                    help="seed prompts: .jsonl with a 'question' column (optional "
                         "'system_prompt') or .txt, one prompt per line")
-    p.add_argument("--output-dir", default="titok_output",
+    p.add_argument("--output-dir", default=None,
                    help="with --source-model: where the target adapter and "
-                        "titok_report.json are saved")
-    p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES),
-                   help="target model modules the new adapter wraps (MoLoRA: nn.Linear only; "
-                        "GPT-2's Conv1D c_attn is not supported)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24,
-                   help="tokens generated per synthetic response")
-    p.add_argument("--task", choices=TASKS, default="reverse")
-    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+                        "titok_report.json are saved (default: titok_output)")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="with --source-model: target model modules the new adapter wraps "
+                        "(MoLoRA: nn.Linear only; GPT-2's Conv1D c_attn is not supported; "
+                        f"default: {' '.join(DEFAULT_TARGET_MODULES)})")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
+                   help="with --source-model: tokens generated per synthetic response "
+                        "(default: 24)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="embedded experiment: the task transferred (default: reverse)")
+    p.add_argument("--base", choices=("pretrained", "random"), default=None,
                    help="embedded experiment: tiny base models pretrained on the embedded "
-                        "corpus, or random")
+                        "corpus (default), or random")
     p.add_argument("--source-adapter", default=None,
                    help="adapter folder of the source (PEFT, or datalora with "
                         "--source-model; embedded experiment default: train one)")
-    p.add_argument("--adapter-dir", default="outputs/titok/source_adapters")
-    p.add_argument("--seed-prompts", type=int_at_least(1), default=96,
-                   help="embedded experiment: task prompts the source answers")
+    p.add_argument("--adapter-dir", default=None,
+                   help="embedded experiment: where source adapters are trained / reused "
+                        "(default: outputs/titok/source_adapters)")
+    p.add_argument("--seed-prompts", type=int_at_least(1), default=None,
+                   help="embedded experiment: task prompts the source answers (default: 96)")
     p.add_argument("--sample-keep", type=fraction, default=0.5,
                    help="fraction of synthetic samples kept, by mean contrastive excess")
     p.add_argument("--token-keep", type=fraction, default=0.5,
@@ -724,8 +729,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="target adapter learning rate (default: 2e-4 with --source-model; "
                         "embedded: 3e-3 pretrained, 2e-2 random)")
     p.add_argument("--adapter", choices=ADAPTERS, default="lora")
-    p.add_argument("--eval-rows", type=int_at_least(1), default=50,
-                   help="embedded experiment: rows of the task's eval (and validation) split")
+    p.add_argument("--eval-rows", type=int_at_least(1), default=None,
+                   help="embedded experiment: rows of the task's eval (and validation) split "
+                        "(default: 50)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one transfer per seed; losses averaged over the seeds (one seed "
                         "with --source-model)")
@@ -740,8 +746,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "seed_prompts": "--seed-prompts", "eval_rows": "--eval-rows"})
 
 
+TRANSFER_DEFAULTS = {"output_dir": "titok_output", "max_new_tokens": 24,
+                     "target_modules": list(DEFAULT_TARGET_MODULES), "seed_file": None}
+"""Flags of ``titok --source-model ...`` only, with their defaults."""
+EXPERIMENT_DEFAULTS = {"task": "reverse", "base": "pretrained", "seed_prompts": 96,
+                       "eval_rows": 50, "adapter_dir": "outputs/titok/source_adapters"}
+"""Flags of the embedded experiment only, with their defaults."""
+
+
+def _mode_flags(args: argparse.Namespace, transfer: bool) -> None:
+    """Refuses a flag the chosen mode would ignore and fills in the mode's defaults."""
+    own, other = ((TRANSFER_DEFAULTS, EXPERIMENT_DEFAULTS) if transfer
+                  else (EXPERIMENT_DEFAULTS, TRANSFER_DEFAULTS))
+    given = [name for name in other if getattr(args, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        mode = ("a transfer of your models (--source-model / --target-model)" if transfer
+                else "the embedded experiment (no --source-model / --target-model)")
+        raise ValueError(f"{flags}: not used by {mode}")
+    for name, default in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
-    if args.source_model is not None or args.target_model is not None:
+    transfer = args.source_model is not None or args.target_model is not None
+    _mode_flags(args, transfer)
+    if transfer:
         report = transfer_cli(args)
         print(f"target adapter saved in {report['output_dir']}; final training loss "
               f"{report['losses'][-1]:.3f}")

@@ -488,6 +488,15 @@ def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, t
         with pytest.raises(SystemExit) as exc:
             main(flags + bad)
         assert exc.value.code == 2 and flag in capsys.readouterr().err
+    # a flag of the other mode is refused, not ignored (both ways)
+    for argv, flag in ((flags + ["--task", "sort"], "--task"),
+                       (flags + ["--eval-rows", "5", "--base", "random"], "--base, --eval-rows"),
+                       (["titok", "--output-dir", str(out), "--no-progress"], "--output-dir"),
+                       (["titok", "--max-new-tokens", "4"], "--max-new-tokens")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert f"{flag}: not used by" in capsys.readouterr().err
 
 
 def test_datalora_source_with_pruning_runs_the_plain_base_pass(tok):
