@@ -402,3 +402,23 @@ def test_table_errors_name_the_row_index(tmp_path):
     with pytest.raises(ValueError, match=r"'response' of row index 1 \(0-based\) of "
                                          r".*t\.parquet must be a string, got NoneType"):
         load_instruction_dataset(tmp_path / "t.parquet")
+
+
+def test_tokenize_rows_batches_equal_one_text_at_a_time(tokenizer, monkeypatch):
+    """Batched encoding in chunks (a chunk boundary inside the rows) gives the ids of
+    encoding each text alone."""
+    import datalora.data as data
+
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 3)
+    rows = load_instruction_dataset("embedded", "eval", limit=7)
+    rows[2] = {**rows[2], "response": ""}
+    rows[5] = {**rows[5], "question": "Sort: " + "9, " * 40}
+    items, stats = data.tokenize_rows(rows, tokenizer, 40)
+    assert len(items) == 7 and stats.rows == 7 and stats.empty_response == 1
+    for row, item in zip(rows, items, strict=True):
+        prompt = tokenizer(format_prompt(row))["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        want = data._example(*data._truncate(prompt, response + [tokenizer.eos_token_id], 40,
+                                              tokenizer))
+        assert item == {**want, "task": row["task"]}
+    assert data.tokenize_rows([], tokenizer, 40) == ([], data.TokenizeStats())
