@@ -104,7 +104,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     def mixer_run(mode: str):
         def gen():
             mixer.mode, mixer.every_n = mode, 2
-            return [mixer.generate(p, new_tokens, return_details=True) for p in prompts]
+            return [mixer.generate(p, new_tokens, eos_token_id=[], return_details=True)
+                    for p in prompts]  # every method generates new_tokens tokens
         return gen
 
     # the per-step weights the fixed-weight mixer and the PEFT merge replay
@@ -143,7 +144,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         "mixer_every_token": mixer_run("token"),
         "mixer_every_other": mixer_run("every_n"),
         "mixer_every_token_embed0_window16": lambda: [
-            light.generate(p, new_tokens) for p in prompts],
+            light.generate(p, new_tokens, eos_token_id=[]) for p in prompts],
         "mixer_fixed_weights": lambda: [fixed(p, w) for p, w in
                                         zip(prompts, step_weights, strict=True)],
         "peft_merge_per_token": lambda: [peft_merge(p, w) for p, w in

@@ -831,3 +831,142 @@ def test_cli_adapters_flag_needs_a_folder(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["tle", "--adapters"])
     assert exc.value.code == 2 and "--adapters" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ user-review fixes
+
+def test_adapters_disabled_holds_through_the_embedders_own_block(adapter_dirs):
+    """The last-layer embedder runs the base model in its own ``adapters_disabled`` block;
+    leaving it must not switch the adapters back on inside the user's block."""
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=-1)
+    x = ids()
+    want = small_model()(x).logits
+    with mixer.adapters_disabled():
+        got = mixer(x).logits
+        assert not any(layer.adapter_enabled for layer in mixer.mix_layers())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert all(layer.adapter_enabled for layer in mixer.mix_layers())
+
+
+def test_fit_centroids_refuses_strings_and_bad_batch_size(adapter_dirs):
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    groups = [["What is 3 plus 4?"], ["Reverse: abc"], ["Sort: 3, 1"]]
+    with pytest.raises(TypeError, match="prompts: .*single string"):
+        mixer.fit_centroids("What is 3 plus 4?", tok)
+    with pytest.raises(TypeError, match=r"prompts: the examples of adapter 'b' .*wrap it"):
+        mixer.fit_centroids([groups[0], "Reverse: abc", groups[2]], tok)
+    with pytest.raises(TypeError, match="adapter 'a'"):
+        mixer.fit_centroids({"a": "x", "b": ["y"], "c": ["z"]}, tok)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            mixer.fit_centroids(groups, tok, batch_size=bad)
+    assert mixer.fit_centroids(groups, tok, batch_size=1).shape == (3, 64)
+
+
+def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    prompt = ids(B=1, L=4)
+    free = mixer.generate(prompt, 6, eos_token_id=[])
+    assert free.shape == (1, 10)
+    first = int(free[0, 4])
+    for eos in (first, [first], (999, first), torch.tensor(first), torch.tensor([first])):
+        assert mixer.generate(prompt, 6, eos_token_id=eos).shape == (1, 5), eos
+    mixer.model.generation_config.eos_token_id = [first]  # the default: the model's eos
+    assert mixer.generate(prompt, 6).shape == (1, 5)
+    mixer.model.generation_config.eos_token_id = None
+    assert mixer.generate(prompt, 6).shape == (1, 10)
+    for bad in (1.0, [first, "x"], True, torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="eos_token_id"):
+            mixer.generate(prompt, 6, eos_token_id=bad)
+    with pytest.raises(TypeError, match="input_ids: expected an integer tensor"):
+        mixer.generate(prompt.float(), 3)
+    # inside fixed_weights every step mixes with those weights, and they stay set after
+    w = torch.tensor([0.0, 1.0, 0.0])
+    with mixer.fixed_weights(w):
+        res = mixer.generate(prompt, 4, eos_token_id=[], return_details=True)
+        assert res["recomputes"] == 0
+        assert torch.equal(res["weights"], w.expand(4, 3))
+        mixer(ids())  # still mixing with w: no "no mixing weights are set"
+        want = mixer(prompt, weights=w).logits[0, -1]
+    torch.testing.assert_close(res["logits"][0], want)
+
+
+def test_prompt_lengths_below_one_are_refused(adapter_dirs):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):
+        mixer(ids(), prompt_lengths=torch.tensor([0, 3]))
+
+
+def test_centroid_width_is_checked_when_the_mixer_is_built(adapter_dirs):
+    with pytest.raises(ValueError, match=r"centroids: expected \[3, 64\] .*got \(3, 32\)"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, centroids=torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="tau: expected a finite number > 0"):
+        routing_weights(torch.ones(2, 4), torch.ones(3, 4), float("inf"))
+
+
+def test_centroids_stay_fp32_under_16_bit_casts(adapter_dirs, tmp_path):
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    want = mixer.centroids.clone()
+    mixer.to(torch.bfloat16)
+    assert mixer.centroids.dtype == torch.float32 and torch.equal(mixer.centroids, want)
+    assert next(mixer.model.parameters()).dtype == torch.bfloat16
+    mixer.save_pretrained(tmp_path / "m")
+    from datalora.io import load_tensors
+
+    assert torch.equal(load_tensors(tmp_path / "m" / "tle_mixer.safetensors")["centroids"],
+                       want)
+
+
+def test_adapters_of_different_bases_and_a_mixer_on_another_base_warn(adapter_dirs,
+                                                                      tmp_path):
+    import warnings
+
+    other = [_with_config(adapter_dirs[0], tmp_path / "a", base_model_name_or_path="org/x"),
+             _with_config(adapter_dirs[1], tmp_path / "b", base_model_name_or_path="org/y")]
+    with pytest.warns(UserWarning, match="different base models.*'org/x'.*'org/y'"):
+        TokenLevelAdapterMixer(small_model(), other)
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    mixer.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same base, also in bf16: no warning
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "m")
+        TokenLevelAdapterMixer.from_pretrained(small_model().to(torch.bfloat16),
+                                               tmp_path / "m")
+    with pytest.warns(UserWarning, match="differ from those of the base model"):
+        TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=1, **SMALL),
+                                               tmp_path / "m")
+
+
+def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_path, capsys):
+    import json
+
+    from datalora.cli import main
+    from datalora.testing import build_tokenizer
+
+    small_model().save_pretrained(tmp_path / "base")
+    build_tokenizer(vocab_size=300).save_pretrained(tmp_path / "base")
+    flags = ["tle", "--model", str(tmp_path / "base"), "--adapters",
+             *map(str, adapter_dirs), "--prompt", "What is 2 + 2?", "--max-new-tokens", "2",
+             "--no-progress"]
+    with pytest.raises(SystemExit) as exc:  # names a, b, c: no embedded task's prompts
+        main(flags)
+    assert exc.value.code == 2
+    assert "--centroid-file: needed for adapters not named after an embedded task (a, b, " \
+        "c)" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps({"a": ["What is 1 + 1?"], "b": ["Reverse: x"]}))
+    with pytest.raises(SystemExit) as exc:
+        main(flags + ["--centroid-file", str(tmp_path / "c.json")])
+    assert exc.value.code == 2 and "no example prompts for adapters ['c']" in \
+        capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps({"a": ["What is 1 + 1?"], "b": ["Reverse: x"],
+                                                 "c": ["Sort: 2, 1", "Sort: 5, 3"]}))
+    assert main(flags + ["--centroid-file", str(tmp_path / "c.json"),
+                         "--save", str(tmp_path / "mixer")]) == 0
+    out = capsys.readouterr().out
+    assert "Q: What is 2 + 2?" in out and "mean weights a=" in out
+    loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+    assert loaded.centroids.shape == (3, 64) and loaded.embedder.window == 16
+    assert (loaded.tau, loaded.mode) == (0.02, "every_n")

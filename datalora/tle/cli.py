@@ -4,10 +4,12 @@ loss per embedded task and generate."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from datalora.cli import int_at_least, positive_float
+from datalora.data import TASKS
 from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_recency
 from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
@@ -21,16 +23,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "weights come from the cosine similarity of the context embedding with "
                     "each adapter's centroid. Without --adapters, one adapter per embedded "
                     "task is trained first; prints the eval loss per task, and answers for "
-                    "--prompt.")
+                    "--prompt. Your own --adapters need --centroid-file (example prompts per "
+                    "adapter) unless they are named after the embedded tasks. The defaults "
+                    "of --tau, --embed-layer, --window and --mode are the settings tuned on "
+                    "the embedded tasks (the Python API's defaults are generic: tau 0.1, "
+                    "the last layer, whole context, every token).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--adapters", nargs="+", default=None,
-                   help="PEFT adapter folders (default: train one per embedded task)")
+                   help="PEFT adapter folders, named by their folder names (default: train "
+                        "one per embedded task)")
+    p.add_argument("--centroid-file", default=None,
+                   help="JSON object {adapter name: [example prompt, ...]}: each adapter's "
+                        "centroid (needed for --adapters not named after embedded tasks)")
     p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
                    help="where the default task adapters are trained / cached")
     p.add_argument("--train-steps", type=int_at_least(1), default=80,
                    help="optimisation steps of each default task adapter")
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
-                   help="embedded tiny base (without --model): pretrained or random init")
+                   help="embedded tiny base without --model: pretrained "
+                        "(build_pretrained_tiny_model) or random init "
+                        "(load_model_and_tokenizer()); --adapters must have been trained on "
+                        "it")
     p.add_argument("--tau", type=positive_float, default=0.02,
                    help="softmax temperature of the routing weights over the adapters")
     p.add_argument("--mode", choices=MODES, default="every_n",
@@ -44,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="hidden-state layer embedding the context (0: token embeddings, "
                         "-1: the last layer)")
     p.add_argument("--window", type=int, default=None,
-                   help="context embedding = mean over the last N tokens (default: all)")
+                   help="context embedding = mean over the last N tokens (default: 16 unless "
+                        "--decay; 0: the whole context)")
     p.add_argument("--decay", type=float, default=None,
                    help="context embedding = exponentially decayed mean with this decay "
                         "in (0, 1) (default: plain mean; at most one of --window / --decay)")
@@ -61,18 +76,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_cli, flag_names={
         "name_or_path": "--model", "layer": "--embed-layer", "window": "--window",
-        "decay": "--decay", "top_k": "--top-k", "tau": "--tau", "every_n": "--every-n"})
+        "decay": "--decay", "top_k": "--top-k", "tau": "--tau", "every_n": "--every-n",
+        "prompts": "--centroid-file"})
+
+
+def _centroid_file(path: str | None) -> dict[str, list[str]] | None:
+    """``--centroid-file``: ``{adapter name: [example prompt, ...]}`` (None: no file)."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--centroid-file: no such file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--centroid-file: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(t, str) for t in v)
+            for v in data.values()):
+        raise ValueError(f"--centroid-file: expected a JSON object {{adapter name: [example "
+                         f"prompt, ...]}} with non-empty lists of strings in {path}")
+    return data
 
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from datalora.data import TASKS, format_prompt, load_instruction_dataset
+    from datalora.data import format_prompt, load_instruction_dataset
     from datalora.experiments.task_adapters import build_base_model
     from datalora.experiments.tle_evidence import eval_loss_by_task
     from datalora.testing import load_model_and_tokenizer
 
-    check_recency(args.window, args.decay)  # fail before loading / training anything
+    window = (16 if args.decay is None else None) if args.window is None \
+        else (args.window or None)
+    check_recency(window, args.decay)  # fail before loading / training anything
+    centroid_prompts = _centroid_file(args.centroid_file)
+    if args.adapters and centroid_prompts is None:
+        foreign = [Path(a).name for a in args.adapters if Path(a).name not in TASKS]
+        if foreign:
+            raise ValueError(f"--centroid-file: needed for adapters not named after an "
+                             f"embedded task ({', '.join(foreign)}): example prompts per "
+                             f"adapter give their centroids")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.model is None:
         model = build_base_model(args.base, progress=not args.no_progress)
@@ -91,26 +134,29 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.sentence_embedder:
         if args.decay is not None:
             raise ValueError("decay: not available with --sentence-embedder (use --window)")
-        embedder: Any = SentenceEmbedder(tokenizer, window=args.window)
+        embedder: Any = SentenceEmbedder(tokenizer, window=window)
     else:
-        embedder = HiddenStateEmbedder(args.embed_layer, window=args.window, decay=args.decay)
+        embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay)
     mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
                                    every_n=args.every_n, top_k=args.top_k, embedder=embedder)
-    train = load_instruction_dataset("embedded", "train")
-    by_task = {n: [format_prompt(r) for r in train if r["task"] == n][:args.centroid_prompts]
-               for n in names if n in TASKS}
-    if len(by_task) == len(names):
-        mixer.fit_centroids(by_task, tokenizer)
+    if centroid_prompts is not None:
+        missing = [n for n in names if n not in centroid_prompts]
+        if missing:
+            raise ValueError(f"--centroid-file: no example prompts for adapters {missing} "
+                             f"(its keys: {sorted(centroid_prompts)})")
+        mixer.fit_centroids({n: centroid_prompts[n] for n in names}, tokenizer)
+    else:
+        train = load_instruction_dataset("embedded", "train")
+        mixer.fit_centroids({n: [format_prompt(r) for r in train if r["task"] == n]
+                             [:args.centroid_prompts] for n in names}, tokenizer)
+    losses = {}
+    if all(n in TASKS for n in names):
         eval_rows = load_instruction_dataset("embedded", "eval")
         losses = eval_loss_by_task(mixer, tokenizer, eval_rows, per_task=args.eval_per_task,
                                    progress=not args.no_progress)
         print("eval loss per task (token-level mix):")
         for task, value in losses.items():
             print(f"  {task:>10}: {value:.3f}")
-    else:
-        print("adapter names are not embedded task names: centroids not fitted; pass "
-              "--save only after fitting them in Python")
-        losses = {}
     outputs = []
     for question in tqdm(args.prompt, desc="generating", disable=args.no_progress):
         ids = tokenizer(format_prompt({"question": question}), return_tensors="pt")["input_ids"]

@@ -4,6 +4,7 @@ model as MoLoRA experts, routes them per token, generates, and saves / loads its
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,6 +42,39 @@ def _check_right_padding(attention_mask: torch.Tensor) -> None:
     if bool((~mask[:, :-1] & mask[:, 1:]).any()):
         raise ValueError("attention_mask: expected right padding (real tokens first); this "
                          "batch has padding before real tokens")
+
+
+def _embedding_width(model: nn.Module, embedder: Any) -> int | None:
+    """Width of the hidden-state embedder's context embeddings (None: not known here)."""
+    if embedder is not None and not isinstance(embedder, HiddenStateEmbedder):
+        return None
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return hidden if isinstance(hidden, int) else None
+
+
+def _warn_mixed_bases(adapters: Sequence[LoRAAdapter]) -> None:
+    """Warns when the adapters' configs name different base models (``base_model_name_or_
+    path``; adapters that name none are not compared)."""
+    named = {a.name: a.config.get("base_model_name_or_path") for a in adapters}
+    bases = {b for b in named.values() if b}
+    if len(bases) > 1:
+        listing = ", ".join(f"{n!r}: {b!r}" for n, b in named.items() if b)
+        warnings.warn(f"adapters: trained on different base models ({listing}); mixing "
+                      f"needs adapters of one base model", UserWarning, stacklevel=3)
+
+
+BASE_SAMPLES = 64
+"""Weights per mixed module saved with a mixer to recognise its base model on reload."""
+
+
+def _base_samples(layers: Sequence[nn.Module]) -> torch.Tensor:
+    """``[len(layers), BASE_SAMPLES]`` fp32: evenly spaced entries of each base weight."""
+    rows = []
+    for layer in layers:
+        w = layer.base_layer.weight.detach().reshape(-1)
+        idx = torch.linspace(0, w.numel() - 1, BASE_SAMPLES, device=w.device).long()
+        rows.append(w[idx].float().cpu())
+    return torch.stack(rows)
 
 
 class TokenLevelAdapterMixer(nn.Module):
@@ -97,6 +131,7 @@ class TokenLevelAdapterMixer(nn.Module):
                         f"from this model's ({diffs}): it was trained on another base model. "
                         f"The mixer keeps this model's weights; PEFT would load the copies, "
                         f"so the two would disagree.", UserWarning, stacklevel=2)
+            _warn_mixed_bases(loaded)
             names = names or [a.name for a in loaded]
             packed = pack_adapters(loaded)
             self.adapter_paths = [a.path for a in loaded]
@@ -114,6 +149,10 @@ class TokenLevelAdapterMixer(nn.Module):
                                  f"got {getattr(centroids, 'shape', type(centroids).__name__)}")
             if not bool(torch.isfinite(centroids).all()):
                 raise ValueError("centroids: expected finite values, got NaN or inf")
+            width = _embedding_width(model, embedder)
+            if width is not None and centroids.shape[1] != width:
+                raise ValueError(f"centroids: expected [{N}, {width}] (the context "
+                                 f"embedding's width), got {tuple(centroids.shape)}")
         self.model, self.names, self.tau, self.mode, self.every_n = model, names, tau, mode, every_n
         self.top_k, self.num_adapters = top_k, N
         self.embedder = embedder if embedder is not None else HiddenStateEmbedder()
@@ -144,6 +183,15 @@ class TokenLevelAdapterMixer(nn.Module):
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             self.modules_mixed.append(module)
 
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts (``.to(torch.bfloat16)``) leave the centroids fp32: routing
+        compares them in fp32, and a rounded copy would be saved and never recovered."""
+        centroids = self.centroids
+        out = super()._apply(fn, recurse)
+        if centroids is not None and self.centroids.dtype in (torch.float16, torch.bfloat16):
+            self.centroids = centroids.to(self.centroids.device, torch.float32)
+        return out
+
     # ---- helpers
     @property
     def device(self) -> torch.device:
@@ -156,13 +204,14 @@ class TokenLevelAdapterMixer(nn.Module):
     def adapters_disabled(self) -> Iterator[None]:
         """Runs the exact base model inside the block."""
         layers = list(self.mix_layers())
+        previous = [layer.adapter_enabled for layer in layers]
         for layer in layers:
             layer.adapter_enabled = False
         try:
             yield
-        finally:
-            for layer in layers:
-                layer.adapter_enabled = True
+        finally:  # restored as they were: these blocks nest (the embedder opens one)
+            for layer, enabled in zip(layers, previous, strict=True):
+                layer.adapter_enabled = enabled
 
     @contextmanager
     def fixed_weights(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
@@ -210,6 +259,10 @@ class TokenLevelAdapterMixer(nn.Module):
         if pooling not in ("whole", "context", "positions"):
             raise ValueError(f"pooling: expected 'whole', 'context' or 'positions', got "
                              f"{pooling!r}")
+        batch_size = check_int("batch_size", batch_size, low=1)
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts: expected one list of example texts per adapter, got a "
+                            "single string")
         if isinstance(prompts, Mapping):
             missing = [n for n in self.names if n not in prompts]
             if missing:
@@ -218,6 +271,12 @@ class TokenLevelAdapterMixer(nn.Module):
         if len(prompts) != self.num_adapters or any(not p for p in prompts):
             raise ValueError(f"prompts: expected {self.num_adapters} non-empty lists of "
                              f"example prompts (one per adapter)")
+        for name, group in zip(self.names, prompts, strict=True):
+            if isinstance(group, (str, bytes)) or not all(isinstance(t, str) for t in group):
+                raise TypeError(f"prompts: the examples of adapter {name!r} must be a list of "
+                                f"strings, got {type(group).__name__}"
+                                + (" (one string: wrap it in a list)"
+                                   if isinstance(group, str) else ""))
         embedder = self.embedder
         if pooling == "whole" and hasattr(embedder, "whole_context"):
             embedder = embedder.whole_context()
@@ -265,7 +324,10 @@ class TokenLevelAdapterMixer(nn.Module):
         if prompt_lengths.shape != (B,):
             raise ValueError(f"prompt_lengths: expected shape [{B}] (one per row), got "
                              f"{tuple(prompt_lengths.shape)}")
-        prompt_lengths = torch.minimum(prompt_lengths, lengths).clamp_min(1)
+        if prompt_lengths.is_floating_point() or bool((prompt_lengths < 1).any()):
+            raise ValueError(f"prompt_lengths: expected integers >= 1 (a prompt has a token), "
+                             f"got {prompt_lengths.tolist()}")
+        prompt_lengths = torch.minimum(prompt_lengths, lengths)
         anchors = anchor_positions(prompt_lengths, L, self.mode, self.every_n)
         with torch.no_grad():
             emb = self.embedder.prefix_embeddings(self, input_ids, attention_mask, anchors)
@@ -313,14 +375,21 @@ class TokenLevelAdapterMixer(nn.Module):
     # ---- generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
-                 eos_token_id: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0,
+                 generator: torch.Generator | None = None,
                  return_details: bool = False) -> torch.Tensor | dict[str, Any]:
         """Greedy / sampled generation with the routing updated per the mode (KV cache).
 
+        One sequence at a time (no batch, beams or top-p: the routing follows one
+        context). Inside :meth:`fixed_weights` every step mixes with those weights.
+
         Args:
-            input_ids: ``[1, P]`` prompt (one sequence, no padding).
-            max_new_tokens: tokens to generate at most; stops at ``eos_token_id``.
+            input_ids: ``[1, P]`` integer prompt (one sequence, no padding).
+            max_new_tokens: tokens to generate at most.
+            eos_token_id: stop after generating this token (an id, or several ids: any of
+                them); default the model's ``generation_config.eos_token_id``, as
+                ``transformers``' ``generate``; ``[]`` never stops early.
             return_details: also return the step logits ``[n, V]``, the weights used at
                 each step ``[n, N]`` and the recompute count.
 
@@ -330,20 +399,31 @@ class TokenLevelAdapterMixer(nn.Module):
         """
         from transformers import DynamicCache
 
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() \
+                or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected an integer tensor, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape [1, P >= 1], got "
                              f"{tuple(input_ids.shape)}")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        stop = self._stop_ids(eos_token_id)
         ids = input_ids.to(self.device)
         P = ids.shape[1]
-        stream = self.embedder.stream(self)
-        stream.extend(ids[0].tolist())
-        w = self.weights_for(stream.embedding())
+        fixed = self._slot.weights  # set by fixed_weights(): no routing
+        previous = fixed
+        if fixed is None:
+            stream = self.embedder.stream(self)
+            stream.extend(ids[0].tolist())
+            w = self.weights_for(stream.embedding())
+            recomputes = 1
+        else:
+            w, recomputes = fixed, 0
         cache = DynamicCache()
         self._slot.set(w)
-        steps_logits, steps_weights, recomputes = [], [], 1
+        steps_logits, steps_weights = [], []
         tokens = ids[0].tolist()
         try:
             out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
@@ -357,23 +437,46 @@ class TokenLevelAdapterMixer(nn.Module):
                 else:
                     nxt = int(logits.argmax())
                 tokens.append(nxt)
-                if (eos_token_id is not None and nxt == eos_token_id) or i == max_new_tokens - 1:
+                if nxt in stop or i == max_new_tokens - 1:
                     break
-                stream.extend([nxt])
+                if fixed is None:
+                    stream.extend([nxt])
                 t = P + i  # position of the token just generated
-                if self._recompute_at(t, P):
+                if fixed is None and self._recompute_at(t, P):
                     w = self.weights_for(stream.embedding())
                     recomputes += 1
                     self._slot.set(w)
                 out = self.model(input_ids=torch.tensor([[nxt]], device=self.device),
                                  use_cache=True, **cache_kwargs(self.model, cache))
         finally:
-            self._slot.set(None)
+            self._slot.set(previous)
         sequences = torch.tensor([tokens], device=self.device)
         if not return_details:
             return sequences
         return {"sequences": sequences, "logits": torch.stack(steps_logits),
                 "weights": torch.stack(steps_weights), "recomputes": recomputes}
+
+    def _stop_ids(self, eos_token_id: Any) -> frozenset[int]:
+        """The ids that end generation: ``eos_token_id`` as an int, a sequence of ints or
+        an integer tensor; None: the model's ``generation_config.eos_token_id``."""
+        if eos_token_id is None:
+            config = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(config, "eos_token_id", None)
+            if eos_token_id is None:
+                return frozenset()
+        if isinstance(eos_token_id, torch.Tensor):
+            if eos_token_id.is_floating_point() or eos_token_id.dim() > 1:
+                raise TypeError(f"eos_token_id: expected integer ids, got a "
+                                f"{eos_token_id.dtype} tensor of shape "
+                                f"{tuple(eos_token_id.shape)}")
+            eos_token_id = eos_token_id.reshape(-1).tolist()
+        ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set, frozenset)) \
+            else list(eos_token_id)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"eos_token_id: expected an int or a sequence of ints, got "
+                                f"{eos_token_id!r}")
+        return frozenset(int(i) for i in ids)
 
     def _recompute_at(self, t: int, prompt_length: int) -> bool:
         if self.mode == "token":
@@ -392,6 +495,7 @@ class TokenLevelAdapterMixer(nn.Module):
             tensors[f"{module}.lora_B"] = layer.lora_B
         if self.centroids is not None:
             tensors["centroids"] = self.centroids
+        tensors["base_samples"] = _base_samples(self._layers_by_name())
         save_tensors(tensors, directory / MIXER_WEIGHTS, metadata={"format": "pt",
                                                                    "adapter_type": "lora-tle"})
         config = {"names": self.names, "tau": self.tau, "mode": self.mode,
@@ -444,4 +548,13 @@ class TokenLevelAdapterMixer(nn.Module):
         mixer = cls(model, packed, names=config["names"], centroids=tensors.get("centroids"),
                     embedder=embedder, **settings)
         mixer.adapter_paths = config.get("adapter_paths")
+        saved = tensors.get("base_samples")
+        if saved is not None:
+            now = _base_samples(mixer._layers_by_name())
+            # rtol: the same base loaded in another dtype (bf16 rounds to 2^-8)
+            if saved.shape != now.shape or not torch.allclose(saved, now, rtol=1e-2,
+                                                              atol=1e-6):
+                warnings.warn(f"model: its weights differ from those of the base model the "
+                              f"mixer in {directory} was saved with; the adapters were "
+                              f"trained on another base", UserWarning, stacklevel=2)
         return mixer.to(mixer.device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datalora.checks import check_int
+from datalora.checks import check_int, check_number
 
 MODES: tuple[str, ...] = ("token", "every_n", "prompt")
 
@@ -23,8 +23,7 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
     Returns:
         ``[..., N]`` float32 weights summing to 1 over the last dim.
     """
-    if not tau > 0:
-        raise ValueError(f"tau: expected > 0, got {tau!r}")
+    tau = check_number("tau", tau, low=0, low_inclusive=False)
     if centroids.dim() != 2 or embeddings.shape[-1] != centroids.shape[-1]:
         raise ValueError(f"centroids: expected shape [N, D={embeddings.shape[-1]}], got "
                          f"{tuple(centroids.shape)}")
