@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from datalora.checks import check_int, check_number
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text, load_tensors, save_tensors
-from datalora.layers import MoLoRALinear
+from datalora.layers import MoLoRALinear, adapters_off
 from datalora.tle.adapters import (
     AdapterMixLinear,
     LoRAAdapter,
@@ -203,15 +203,9 @@ class TokenLevelAdapterMixer(nn.Module):
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """Runs the exact base model inside the block."""
-        layers = list(self.mix_layers())
-        previous = [layer.adapter_enabled for layer in layers]
-        for layer in layers:
-            layer.adapter_enabled = False
-        try:
+        # each layer's flag comes back as it was: these blocks nest (the embedder opens one)
+        with adapters_off(list(self.mix_layers())):
             yield
-        finally:  # restored as they were: these blocks nest (the embedder opens one)
-            for layer, enabled in zip(layers, previous, strict=True):
-                layer.adapter_enabled = enabled
 
     @contextmanager
     def fixed_weights(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
