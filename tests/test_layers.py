@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from datalora import MoLoRALinear, Routing
-from datalora.reference import molora_linear_reference
+from datalora import MoLoRALinear, Routing, ops
+from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
 def make_layer(d_in=16, d_out=12, E=4, r=3, k=2, bias=True, dtype=torch.float32):
@@ -203,22 +203,62 @@ def test_uninitialized_lazy_linear_base_is_refused():
         MoLoRALinear(nn.LazyLinear(6), 4, 2, 4, 2)
 
 
-@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
-def test_torch_func_transforms_are_refused_clearly(transform):
+def _random_layer(k=2, E=4, rank_scale=False):
+    torch.manual_seed(0)
+    _, layer = make_layer(E=E, k=k)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 at init: every gradient but dB would be zero
+    return layer
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_torch_func_grad_vmap_jacrev_match_autograd(k):
+    """torch.func transforms run the ops as plain torch code: per-sample gradients
+    (vmap of grad), Jacobians and vmap equal torch.autograd's / a loop's results."""
     from torch.func import functional_call, grad, jacrev, vmap
 
-    _, layer = make_layer()
-    x = torch.randn(3, 16)
-    params = dict(layer.named_parameters())
+    layer = _random_layer(k=k)
+    x = torch.randn(5, 16)
+    params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
 
     def loss(p, x):
         return functional_call(layer, p, (x,)).pow(2).sum()
 
-    loss(params, x).backward()  # functional_call alone (no transform) works
-    run = {"grad": lambda: grad(loss)(params, x), "vmap": lambda: vmap(layer)(x),
-           "jacrev": lambda: jacrev(layer)(x[0])}[transform]
-    with pytest.raises(RuntimeError, match="datalora ops do not support torch.func transforms"):
-        run()
+    want = torch.autograd.grad(layer(x).pow(2).sum(), [layer.lora_A, layer.lora_B])
+    got = grad(loss)(params, x)
+    torch.testing.assert_close(got["lora_A"], want[0])
+    torch.testing.assert_close(got["lora_B"], want[1])
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])
+    for i in range(5):
+        one = torch.autograd.grad(layer(x[i:i + 1]).pow(2).sum(), [layer.lora_A])[0]
+        torch.testing.assert_close(per_sample["lora_A"][i], one)
+    torch.testing.assert_close(vmap(layer)(x), layer(x))
+    jac = jacrev(layer)(x[0])
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(layer, x[0]))
+
+
+def test_torch_func_on_the_ops_with_rank_scale_and_repeated_experts():
+    from torch.func import grad, jvp
+
+    torch.manual_seed(0)
+    T, E, r, d_in, d_out = 6, 3, 2, 8, 5
+    x, A, B = torch.randn(T, d_in), torch.randn(E, r, d_in), torch.randn(E, d_out, r)
+    ids = torch.tensor([[0, 0], [1, 2], [2, 1], [0, 2], [1, 1], [2, 2]])
+    gates, rs = torch.rand(T, 2), torch.rand(T, r)
+    W, b = torch.randn(d_out, d_in), torch.randn(d_out)
+
+    def f(A, gates, rs):
+        return ops.molora_linear(x, W, b, A, B, ids, gates, rs, 0.5).pow(2).sum()
+
+    def ref(A, gates, rs):
+        return molora_linear_reference(x, W, b, A, B, ids, gates, rs, 0.5).pow(2).sum()
+
+    for argnum in range(3):
+        torch.testing.assert_close(grad(f, argnums=argnum)(A, gates, rs),
+                                   grad(ref, argnums=argnum)(A, gates, rs))
+    tangent = torch.randn_like(x)
+    _, got = jvp(lambda x: ops.molora_delta(x, A, B, ids, gates, rs, 0.5), (x,), (tangent,))
+    torch.testing.assert_close(got, molora_delta_reference(tangent, A, B, ids, gates, rs, 0.5))
 
 
 def test_router_less_layer_requires_routing():
@@ -296,3 +336,23 @@ def test_numpy_scalars_are_numbers():
     layer = MoLoRALinear(nn.Linear(4, 4), num_experts=4, rank=3, alpha=np.float32(6.0), top_k=2,
                          dropout=np.float64(0.0))
     assert layer.scaling == 2.0
+
+
+def test_torch_func_warns_once_when_it_replaces_gpu_kernels(monkeypatch):
+    import warnings
+
+    from torch.func import vmap
+
+    import datalora.ops.molora as molora_ops
+
+    monkeypatch.setattr(molora_ops, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(molora_ops, "_warned_composite", set())
+    layer = _random_layer()
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="plain torch ops, not the 'triton' kernels"):
+        got = vmap(layer)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vmap(layer)(x)  # once
+    monkeypatch.undo()
+    torch.testing.assert_close(got, layer(x))

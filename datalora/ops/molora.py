@@ -10,13 +10,22 @@ costs about 0.2-0.3 ms of host time per layer forward + backward, which dominate
 models (28 MoLoRA layers of the embedded tiny model). Both paths call the same backend
 functions, so they give bit-identical results (tested). Without autograd (no input
 requires grad, or grad mode off) the eager path calls the backend directly.
+
+Inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``: per-sample
+gradients, Jacobians) neither composes (their autograd is a custom one), so the ops run
+the torch backend's math as plain torch ops there, which the transforms handle like any
+torch code (a one-time warning when that replaces GPU kernels).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
 from datalora.ops.eager import eager_call
 from datalora.ops.validation import check_linear_inputs, check_molora_inputs, check_tensor
@@ -184,20 +193,30 @@ def _needs_autograd(*inputs) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
-def _check_no_functorch() -> None:
-    """torch.func transforms (grad, vmap, jacrev, ...) need a ``setup_context``-style
-    Function and out-of-place kernels: refused with a clear error, not functorch's own."""
-    if torch._C._functorch.maybe_current_level() is not None:
-        raise RuntimeError("datalora ops do not support torch.func transforms (grad, vmap, "
-                           "jacrev, jacfwd, ...); use torch.autograd (loss.backward() or "
-                           "torch.autograd.grad) and a Python loop instead of vmap")
+def _under_torch_func() -> bool:
+    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+_warned_composite: set[str] = set()
+
+
+def _composite_delta(x, A, B, ids, gates, rank_scale, scaling, backend: str):
+    """Under a torch.func transform: the torch backend's math as plain torch ops
+    (:func:`~datalora.ops.torch_backend.delta_composite`); the kernels' custom autograd
+    does not compose with the transforms. Warns once when that replaces GPU kernels."""
+    if backend != "torch" and backend not in _warned_composite:
+        _warned_composite.add(backend)
+        warnings.warn(f"datalora ops under a torch.func transform run as plain torch ops, "
+                      f"not the {backend!r} kernels (their custom autograd does not compose "
+                      f"with grad / vmap / jacrev)", UserWarning, stacklevel=4)
+    return torch_backend.delta_composite(x, A, B, ids, gates, rank_scale, scaling)
 
 
 def _run_eager(function: type[torch.autograd.Function], *inputs):
     """Eager call: through ``function`` (from :func:`_eager_function`) when a gradient is
     needed, else its backend forward directly (no autograd node: inference pays only the
     backend's host time). Returns the op's first output."""
-    _check_no_functorch()
     if _needs_autograd(*inputs[:-1]):
         return function.apply(*inputs)[0]
     with eager_call():
@@ -253,11 +272,15 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
-    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
+    functional = _under_torch_func()  # values unseen there: no host checks (ids clamped)
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
     name = resolve_backend(backend, x.device)
     inputs = (x2, A, B, ids, g, rs, float(scaling), name)
-    delta = (_molora_delta_op(*inputs)[0] if _tracing(x2, A, B, g, rs)
-             else _run_eager(_EagerMoLoRADelta, *inputs))
+    if functional:
+        delta = _composite_delta(*inputs)
+    else:
+        delta = (_molora_delta_op(*inputs)[0] if _tracing(x2, A, B, g, rs)
+                 else _run_eager(_EagerMoLoRADelta, *inputs))
     return delta.view(*x.shape[:-1], B.shape[1])
 
 
@@ -273,12 +296,17 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
-    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
+    functional = _under_torch_func()
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
     check_linear_inputs(x2, weight, bias)
     if weight.shape[0] != B.shape[1]:
         raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"
                          f" got {tuple(B.shape)}")
     name = resolve_backend(backend, x.device)
+    if functional:
+        y = F.linear(x2, weight, bias) + _composite_delta(x2, A, B, ids, g, rs, float(scaling),
+                                                          name)
+        return y.view(*x.shape[:-1], weight.shape[0])
     inputs = (x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
     y = (_molora_linear_op(*inputs)[0] if _tracing(x2, weight, bias, A, B, g, rs)
          else _run_eager(_EagerMoLoRALinear, *inputs))

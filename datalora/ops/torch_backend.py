@@ -136,6 +136,22 @@ def _shrink(x, A, expert_ids, tables, need_h):
     return h, H.mul_(tables.gate_matrix)
 
 
+def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
+    """``delta [T, d_out]`` with the forward's math in out-of-place torch ops and no
+    custom autograd: torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``) and
+    forward-mode AD differentiate it like any torch code. ``G`` as :func:`_gate_matrix`
+    (a one-hot comparison instead of an in-place scatter), no routing cache."""
+    E, r, _ = A.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    ids = expert_ids.long().clamp(0, E - 1)
+    onehot = (ids[..., None] == torch.arange(E, device=ids.device)).to(acc)  # [T, k, E]
+    per_expert = (onehot * gates.to(acc)[..., None]).sum(-2) * scaling      # [T, E]
+    G = (per_expert[..., None].expand(*per_expert.shape, r) if rank_scale is None
+         else per_expert[..., None] * rank_scale.to(acc)[..., None, :])
+    H = x @ _flat_A(A).T                                                    # [T, E*r]
+    return (H * G.reshape(*G.shape[:-2], E * r).to(x.dtype)) @ _flat_B(B).T
+
+
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route
     (``h`` is None when not ``need_h``: a forward without autograd)."""
