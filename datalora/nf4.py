@@ -181,7 +181,7 @@ class NF4Tensor:
         scaled = (scaled * self.nested_absmax.view(-1, 1)).reshape(-1)[:n]
         return scaled + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self, dtype)
 
     # ---------------------------------------------------------------- bitsandbytes interop
@@ -322,9 +322,10 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     return out.to(dtype).view(t.shape)
 
 
-def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
-    """``[*t.shape]`` tensor of ``dtype`` (None: ``t.dtype``, which equals bitsandbytes'
-    ``dequantize_4bit`` bit for bit). Values are fp32 ``code * absmax`` rounded to ``dtype``.
+def dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[*t.shape]`` tensor of ``dtype`` (default None: ``t.dtype``, the dtype of the
+    quantized weight, which equals bitsandbytes' ``dequantize_4bit`` bit for bit). Values
+    are fp32 ``code * absmax`` rounded to ``dtype``.
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t: expected an NF4Tensor, got {type(t).__name__}")

@@ -90,6 +90,7 @@ def test_quantize_dequantize_bit_exact(shape, blocksize, double_quant, dtype):
     out = nf4.dequantize(t, dtype=None)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, ref)
+    assert torch.equal(nf4.dequantize(t), ref) and torch.equal(t.dequantize(), ref)  # default
 
 
 @pytest.mark.parametrize("blocksize", [32, 256, 512, 1024, 2048, 4096])
