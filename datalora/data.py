@@ -5,7 +5,7 @@ Rows follow OpenOrca's column format plus a ``task`` column::
     {"id": "arithmetic.0.17", "system_prompt": "...", "question": "What is 23 + 58?",
      "response": "81", "task": "arithmetic"}
 
-The shipped splits (``datalora/data/multitask_{train,eval}.jsonl``) are written by
+The shipped splits (``datalora/shipped-data/multitask_{train,eval}.jsonl``) are written by
 ``python -m datalora.data`` from :func:`generate_multitask_dataset` with fixed seeds;
 a test checks they equal the generator's output.
 
@@ -79,13 +79,13 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
     "Reply with just the answer, nothing else.",
 )
 
-# name -> (seed, rows per task) of the splits shipped under datalora/data/.
+# name -> (seed, rows per task) of the splits shipped under datalora/shipped-data/.
 SHIPPED_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 500), "eval": (1, 50)}
 _SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "test": "eval"}
 EVAL_SPLITS: tuple[str, ...] = ("eval", "validation", "test")
 """Split names :func:`load_eval_rows` tries, in order, on folders and split-keyed files."""
 _DATA_PACKAGE = "datalora"
-_DATA_DIR = "data"
+_DATA_DIR = "shipped-data"  # not a package name: setuptools treats it as data
 
 
 # --------------------------------------------------------------------------- generation

@@ -472,7 +472,7 @@ def test_sdist_holds_what_the_extension_build_needs(tmp_path):
     csrc = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.is_file()}
     assert csrc and csrc <= names, csrc - names
     assert {"LICENSE", "setup.py", "pyproject.toml", "kernels/shrink.py",
-            "datalora/py.typed", "datalora/data/multitask_train.jsonl"} <= names
+            "datalora/py.typed", "datalora/shipped-data/multitask_train.jsonl"} <= names
 
 
 @pytest.mark.slow
@@ -488,7 +488,7 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     wheel = next(dist.glob("datalora-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
-    assert "datalora/kernels/shrink.py" in names and "datalora/data/multitask_train.jsonl" in names
+    assert "datalora/kernels/shrink.py" in names and "datalora/shipped-data/multitask_train.jsonl" in names
     assert "datalora/tle/mixer.py" in names  # a subpackage listed in pyproject.toml
     assert "datalora/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names

@@ -109,7 +109,7 @@ def test_splits_are_balanced_unique_and_disjoint():
 
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_shipped_jsonl_equals_generator(split):
-    path = resources.files("datalora") / "data" / f"multitask_{split}.jsonl"
+    path = resources.files("datalora") / "shipped-data" / f"multitask_{split}.jsonl"
     assert path.is_file()
     with path.open(encoding="utf-8") as f:
         shipped = [json.loads(line) for line in f]
