@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
@@ -93,6 +94,9 @@ def quiet_import_noise() -> None:
     Hub; datalora does not use that kernel (NF4 runs its own), so every command started
     with a misleading warning."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft calls a transformers method transformers 5 deprecated; nothing a user can change
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

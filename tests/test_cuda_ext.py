@@ -488,7 +488,8 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     wheel = next(dist.glob("datalora-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("datalora/_C") and n.endswith(".so") for n in names), names
-    assert "datalora/kernels/shrink.py" in names and "datalora/shipped-data/multitask_train.jsonl" in names
+    assert "datalora/kernels/shrink.py" in names
+    assert "datalora/shipped-data/multitask_train.jsonl" in names
     assert "datalora/tle/mixer.py" in names  # a subpackage listed in pyproject.toml
     assert "datalora/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,9 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
     start = time.perf_counter()
     records = finetune(peft_model, tokenizer, rows, steps=steps, batch_size=batch_size, lr=lr,
                        seed=seed, progress=progress)
-    peft_model.save_pretrained(str(folder))
+    with warnings.catch_warnings():  # lm_head is tied to the embeddings: PEFT says it
+        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # saves them
+        peft_model.save_pretrained(str(folder))
     stamp_file.write_text(json.dumps({
         "settings": stamp, "seconds": time.perf_counter() - start,
         "first_loss": records[0].loss, "last_loss": sum(r.loss for r in records[-5:]) / 5},

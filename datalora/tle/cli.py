@@ -154,18 +154,21 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         eval_rows = load_instruction_dataset("embedded", "eval")
         losses = eval_loss_by_task(mixer, tokenizer, eval_rows, per_task=args.eval_per_task,
                                    progress=not args.no_progress)
-        print("eval loss per task (token-level mix):")
+        how = {"token": "every token", "every_n": f"every {args.every_n} tokens",
+               "prompt": "once per prompt"}[args.mode]
+        print(f"eval loss per task (weights recomputed {how}):")
         for task, value in losses.items():
             print(f"  {task:>10}: {value:.3f}")
     outputs = []
-    for question in tqdm(args.prompt, desc="generating", disable=args.no_progress):
+    for question in tqdm(args.prompt, desc="generating", disable=args.no_progress,
+                         leave=False):
         ids = tokenizer(format_prompt({"question": question}), return_tensors="pt")["input_ids"]
         res = mixer.generate(ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              return_details=True)
         text = tokenizer.decode(res["sequences"][0, ids.shape[1]:], skip_special_tokens=True)
         mean_w = res["weights"].mean(0).tolist()
         outputs.append({"question": question, "answer": text, "weights": mean_w})
-        print(f"Q: {question}\nA: {text!r}\n   mean weights "
+        tqdm.write(f"Q: {question}\nA: {text!r}\n   mean weights "
               + " ".join(f"{n}={w:.2f}" for n, w in zip(names, mean_w, strict=True)))
     if args.save:
         mixer.save_pretrained(args.save)

@@ -165,6 +165,10 @@ class TokenLevelAdapterMixer(nn.Module):
                 base = model.get_submodule(module)
             except AttributeError as exc:
                 raise ValueError(f"adapters: module {module!r} is not in the model") from exc
+            if isinstance(base, AdapterMixLinear):
+                raise ValueError(f"model: module {module!r} is already mixed by a "
+                                 f"TokenLevelAdapterMixer (it replaces the model's layers in "
+                                 f"place); build each mixer on a fresh copy of the base model")
             if not isinstance(base, nn.Linear) or isinstance(base, MoLoRALinear):
                 raise ValueError(f"adapters: module {module!r} is a {type(base).__name__}, "
                                  f"expected a plain nn.Linear")
