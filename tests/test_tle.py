@@ -970,3 +970,11 @@ def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_pat
     loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
     assert loaded.centroids.shape == (3, 64) and loaded.embedder.window == 16
     assert (loaded.tau, loaded.mode) == (0.02, "every_n")
+
+
+def test_a_second_mixer_on_a_mixed_model_asks_for_a_fresh_base(adapter_dirs):
+    model = small_model()
+    TokenLevelAdapterMixer(model, adapter_dirs)
+    with pytest.raises(ValueError, match="already mixed by a TokenLevelAdapterMixer.*fresh "
+                                         "copy of the base model"):
+        TokenLevelAdapterMixer(model, adapter_dirs)
