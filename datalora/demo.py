@@ -9,7 +9,7 @@ plots (``<output-dir>/datalora_demo.png``) the loss, the kept fraction and tau, 
 expert load per task over the three phases; saves the adapter, reloads it on a fresh copy
 of the base model (the logits must be bit-identical, pruning on and off, or the demo
 fails) and generates one answer per task with pruning on (calibrated keep threshold, KV
-cache). About a minute on 2 CPU cores (40 s measured).
+cache). One to two minutes on 2 CPU cores (40 s on an idle machine, 85 s on a busy one).
 
 ``--method molora``: the quick plain MoLoRA fine-tune (per-layer routers, no pruning,
 :func:`datalora.finetune.finetune`), same save / reload / generate checks and a plot.
@@ -45,6 +45,15 @@ DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
 REAL_MODEL_LR = 2e-4  # the embedded tiny model's rates would wreck a pretrained model
 
 
+def _layer_range(prune_layers: list[int] | None) -> str:
+    """``[start, end)`` decoder layers as ``"1-3"`` (one layer: ``"2"``; None: the second
+    half, the config's default)."""
+    if not prune_layers:
+        return "second half"
+    start, end = prune_layers
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
+
+
 def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train rows and eval rows (the ``eval`` / ``validation`` / ``test`` split); warns when
     eval rows are training rows: all of them when the source has no eval split (a single
@@ -52,21 +61,24 @@ def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
     train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
     eval_rows = load_eval_rows(args.dataset)
     seen = {(r["system_prompt"], r["question"]) for r in train_rows}
-    overlap = sum((r["system_prompt"], r["question"]) in seen for r in eval_rows)
+    limit = (getattr(args, "eval_limit", None)
+             if getattr(args, "method", "datalora") == "datalora" else None)
+    used = eval_rows[:limit] if limit else eval_rows  # the rows evaluated / answered
+    overlap = sum((r["system_prompt"], r["question"]) in seen for r in used)
     if overlap:
         why = (f"{args.dataset} has no eval / validation / test split"
                if eval_rows[:len(train_rows)] == train_rows else
                f"the eval split of {args.dataset} shares them with its train split")
-        print(f"note: {overlap} of the {len(eval_rows)} eval rows are training rows ({why}), "
+        print(f"note: {overlap} of the {len(used)} eval rows used are training rows ({why}), "
               f"so the eval loss and the answers below are "
-              f"{'' if overlap == len(eval_rows) else 'partly '}on training data")
+              f"{'' if overlap == len(used) else 'partly '}on training data")
     return train_rows, eval_rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train DATALORA (USN + MoLoRA + token pruning + "
                                            "curriculum) on the embedded default and generate "
-                                           "(about a minute on 2 CPU cores)",
+                                           "(1-2 minutes on 2 CPU cores)",
                               description=plain_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("datalora", "molora"), default="datalora",
@@ -85,18 +97,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help=f"default: 3e-2 datalora, 5e-3 molora on the embedded model; "
                         f"{REAL_MODEL_LR:g} with --model")
-    p.add_argument("--experts", type=int_at_least(1), default=8)
-    p.add_argument("--rank", type=int_at_least(1), default=8)
-    p.add_argument("--top-k", type=int_at_least(1), default=2)
+    p.add_argument("--experts", type=int_at_least(1), default=8,
+                   help="LoRA experts per adapted layer (default: 8)")
+    p.add_argument("--rank", type=int_at_least(1), default=8,
+                   help="rank of each expert; alpha is twice the rank (default: 8)")
+    p.add_argument("--top-k", type=int_at_least(1), default=2,
+                   help="experts each token is routed to (default: 2)")
     p.add_argument("--retention", type=float, default=0.5,
                    help="datalora: target retention of the pruned layers")
     p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="use the first N training rows")
     p.add_argument("--eval-limit", type=int_at_least(1), default=200,
                    help="datalora: eval rows for the final pruned / dense eval loss")
-    p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output-dir", default="demo_output",
+                   help="where the adapter, checkpoints and the plot go (default: demo_output)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.set_defaults(func=run, flag_names={
         "name_or_path": "--model", "source": "--dataset", "target_retention": "--retention",
@@ -334,7 +350,7 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
     print(f"DATALORA demo | model: {args.model or 'embedded tiny Mistral'} | dataset: "
           f"{len(train_rows)} rows | {args.experts} experts x rank {args.rank}, top-"
           f"{args.top_k}, routed by the saliency network | pruned layers "
-          f"{config.prune_layers or 'second half'} at target retention {args.retention} | "
+          f"{_layer_range(config.prune_layers)} at target retention {args.retention} | "
           f"{run_len}, batch {batch_size}, lr {lr:g}")
     with contextlib.redirect_stdout(_CompactLogs(sys.stdout)) as compact:
         result = train_datalora(

@@ -108,3 +108,9 @@ def test_demo_learning_rate_defaults_to_a_real_model_rate_with_model():
         assert demo._setting(args, "lr") == demo.REAL_MODEL_LR
         args.lr = 1e-3
         assert demo._setting(args, "lr") == 1e-3
+
+
+def test_layer_range_reads_as_the_layers_pruned():
+    from datalora.demo import _layer_range
+
+    assert [_layer_range(r) for r in ([1, 4], [2, 3], None)] == ["1-3", "2", "second half"]

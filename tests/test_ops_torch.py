@@ -263,8 +263,14 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("DATALORA_BACKEND", "torch")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("DATALORA_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"DATALORA_BACKEND \(environment\): expected one"):
         ops.resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.setenv("DATALORA_BACKEND", "cuda")  # cannot run on the CPU: says who chose it
+    with pytest.raises(ops.BackendUnavailableError, match=r"chosen by DATALORA_BACKEND"):
+        ops.resolve_backend("auto", torch.device("cpu"))
+    with pytest.raises(ops.BackendUnavailableError) as exc:  # an explicit backend: no mention
+        ops.resolve_backend("cuda", torch.device("cpu"))
+    assert "DATALORA_BACKEND" not in str(exc.value)
     monkeypatch.delenv("DATALORA_BACKEND")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert "torch" in ops.available_backends("cpu")

@@ -128,7 +128,11 @@ def test_demo_says_when_eval_rows_are_training_rows(tmp_path, capsys):
     args = argparse.Namespace(dataset=str(tmp_path / "d.jsonl"), limit=4)
     train_rows, eval_rows = demo._load_rows(args)
     assert len(train_rows) == 4 and len(eval_rows) == 6
-    assert "4 of the 6 eval rows are training rows" in capsys.readouterr().out
+    assert "4 of the 6 eval rows used are training rows" in capsys.readouterr().out
+    # --eval-limit: the note counts the rows the demo evaluates, not the whole split
+    demo._load_rows(argparse.Namespace(dataset=str(tmp_path / "d.jsonl"), limit=4,
+                                       eval_limit=2, method="datalora"))
+    assert "2 of the 2 eval rows used are training rows" in capsys.readouterr().out
 
 
 # F5 --------------------------------------------------------------------------------------
@@ -388,7 +392,7 @@ def test_demo_note_when_the_eval_split_shares_training_rows(tmp_path, capsys):
     }).save_to_disk(str(path))
     demo._load_rows(argparse.Namespace(dataset=str(path), limit=None))
     out = capsys.readouterr().out
-    assert "2 of the 4 eval rows are training rows (the eval split of" in out
+    assert "2 of the 4 eval rows used are training rows (the eval split of" in out
     assert "shares them with its train split" in out and "has no eval" not in out
     assert "partly on training data" in out
 

@@ -96,8 +96,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     device = torch.device(device_type)
+    source = "backend"
     if backend == "auto":
         backend = os.environ.get("DATALORA_BACKEND", "auto") or "auto"
+        source = "DATALORA_BACKEND (environment)" if backend != "auto" else source
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -111,10 +113,11 @@ def _resolve(backend: str, device_type: str) -> str:
                 return name
             reasons.append(reason)
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto', *BACKENDS)}, got {backend!r}")
+        raise ValueError(f"{source}: expected one of {('auto', *BACKENDS)}, got {backend!r}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
-        raise BackendUnavailableError(reason)
+        raise BackendUnavailableError(reason if source == "backend"
+                                      else f"{reason} (chosen by {source})")
     return backend
 
 
