@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from datalora import ops
 from datalora.checks import check_finite, check_int
-from datalora.nf4_linear import is_nf4_base, nf4_compute_dtype, nf4_molora_linear, quantize_linear
+from datalora.nf4_linear import (
+    is_nf4_base,
+    nf4_base_forward,
+    nf4_compute_dtype,
+    nf4_molora_linear,
+    quantize_linear,
+)
 from datalora.ops.validation import check_tensor
 from datalora.routing import Routing, topk_routing
 
@@ -156,8 +162,8 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
-        if not self.adapter_enabled:
-            return self.base_layer(x)
+        if not self.adapter_enabled:  # an NF4 base as in the adapted path (no bnb repack)
+            return nf4_base_forward(self.base_layer, x) if self._nf4_base else self.base_layer(x)
         self._check_inputs(x, routing)
         own = routing is None
         if own:

@@ -38,8 +38,8 @@ from datalora.ops.backends import resolve_backend
 from datalora.ops.molora import _autocast, _flatten, _lora_backward
 from datalora.ops.validation import check_molora_inputs
 
-__all__ = ["NF4Linear", "is_nf4_base", "nf4_compute_dtype", "nf4_fused_enabled",
-           "nf4_molora_linear", "nf4_weight", "quantize_linear"]
+__all__ = ["NF4Linear", "is_nf4_base", "nf4_base_forward", "nf4_compute_dtype",
+           "nf4_fused_enabled", "nf4_molora_linear", "nf4_weight", "quantize_linear"]
 
 _FIELDS = ("data", "absmax", "nested_absmax", "nested_code", "offset")
 _SCALE_BUFFERS = tuple(f"weight_{name}" for name in _FIELDS[1:])
@@ -210,6 +210,21 @@ def nf4_compute_dtype(layer: nn.Module) -> torch.dtype:
         state = getattr(layer.weight, "quant_state", None)
         dtype = state.dtype if state is not None else torch.float32
     return dtype
+
+
+def nf4_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x)`` of an NF4 base layer computed by datalora, in x's dtype.
+
+    An :class:`NF4Linear` is called as is. A bnb ``Linear4bit`` is not: bitsandbytes (0.49+)
+    repacks the weight in place on its first CPU inference forward, and its packed path has
+    no autograd (the base's share of ``x.grad`` would be lost) and rounds absmax to bf16;
+    datalora decodes either layout itself (:func:`nf4_weight`) and computes in the layer's
+    ``compute_dtype`` as bitsandbytes does (x cast in, the result cast back to x's dtype).
+    """
+    if isinstance(base, NF4Linear):
+        return base(x)
+    out = nf4_linear(x.to(nf4_compute_dtype(base)), nf4_weight(base), base.bias)
+    return out.to(x.dtype)
 
 
 def quantize_linear(layer: nn.Module, quantize: str, blocksize: int = 64,
@@ -412,8 +427,8 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     :func:`datalora.ops.molora_delta`. Paths: the CUDA decode kernel (1..16 tokens, no
     gradient), the Triton NF4 GEMM (``DATALORA_NF4_FUSED=1``, triton backend, dense
     strategy), without a gradient ``molora_linear`` over the dequantized weight (the expand
-    accumulates into the base GEMM's output), else ``base(x)`` + ``molora_delta`` (module
-    docstring).
+    accumulates into the base GEMM's output), else the base (:func:`nf4_base_forward`) +
+    ``molora_delta`` (module docstring).
     """
     t = nf4_weight(base)
     x2 = x.reshape(-1, x.shape[-1])
@@ -437,4 +452,4 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                                  rank_scale, scaling, backend, check_values=check_values)
     delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend,
                              check_values=check_values)
-    return base(x).to(delta.dtype) + delta
+    return nf4_base_forward(base, x).to(delta.dtype) + delta

@@ -491,3 +491,40 @@ def test_dequantize_reuses_one_code_table_per_device(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", to)
     nf4.dequantize_torch(t, torch.float32)
     assert moved == []
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bnb_base_after_an_inference_forward_trains_correctly(bias):
+    """bitsandbytes repacks a Linear4bit in place on its first CPU inference forward (0.49+,
+    AVX512-BF16 CPUs), and its packed path has no autograd: MoLoRALinear computes the base
+    itself, so gradients equal those over the same weight in an NF4Linear (and a bias
+    does not crash); a disabled adapter does not trigger the repack either."""
+    def bnb_layer():
+        torch.manual_seed(0)
+        return bnb.nn.Linear4bit(64, 96, bias=bias, compute_dtype=torch.float32,
+                                 quant_type="nf4").to("cpu")
+
+    def grads(base):
+        torch.manual_seed(0)
+        layer = MoLoRALinear(base, num_experts=4, rank=4).train()
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), x.grad, layer.lora_A.grad
+
+    base = bnb_layer()
+    with torch.no_grad():
+        base.eval()(torch.randn(2, 64))  # may repack (CPU features; absmax rounded to bf16)
+    want = grads(NF4Linear.from_bnb(base))  # the same 4-bit weight, as datalora decodes it
+    for got, ref in zip(grads(base), want, strict=True):
+        torch.testing.assert_close(got, ref)
+
+    fresh = bnb_layer()
+    layer = MoLoRALinear(fresh, num_experts=4, rank=4).eval()
+    layer.adapter_enabled = False
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), NF4Linear.from_bnb(bnb_layer())(x))
+    assert not getattr(fresh.weight.quant_state, "packing_format_for_cpu", False)
