@@ -270,7 +270,10 @@ def _quantize_absmax(absmax: torch.Tensor):
     centered = absmax - offset
     blocks, nested = _blockwise_absmax(centered, NESTED_BLOCKSIZE)
     inv = torch.where(nested > 0, 1.0 / nested, torch.zeros_like(nested))
-    normed = (blocks * inv[:, None]).clamp(-1.0, 1.0)
+    # bitsandbytes multiplies by the reciprocal; a subnormal spread overflows it to inf
+    # (0 * inf = NaN), where dividing stays exact
+    normed = torch.where(torch.isinf(inv)[:, None], blocks / nested[:, None],
+                         blocks * inv[:, None]).clamp(-1.0, 1.0)
     # bin of [-1, 1] (round half up), then the nearest code of that bin
     bins = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
     codes = _dynamic_lut().to(absmax.device)[bins.long()]
@@ -305,6 +308,10 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -
     data = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     t = NF4Tensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError("w: has NaN or inf values, which double quantization "
+                             "(double_quant=True) cannot encode: every block's scale of "
+                             "the 256 sharing a code would be NaN")
         codes, nested, code, offset = _quantize_absmax(absmax)
         t = replace(t, absmax=codes, nested_absmax=nested, nested_code=code, offset=offset)
     return t

@@ -528,3 +528,18 @@ def test_bnb_base_after_an_inference_forward_trains_correctly(bias):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), NF4Linear.from_bnb(bnb_layer())(x))
     assert not getattr(fresh.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_double_quant_of_tiny_and_non_finite_weights():
+    """A subnormal absmax spread (1/spread overflows fp32) still encodes; NaN / inf weights
+    are refused with an error naming w (double quant cannot encode them)."""
+    w = _weight((8, 256), torch.float32)
+    tiny = nf4.dequantize(nf4.quantize(w * 1e-40, 64, double_quant=True))
+    assert torch.isfinite(tiny).all()
+    ref = nf4.dequantize(nf4.quantize(w * 1e-40, 64))  # single quant: no nested scales
+    assert (tiny - ref).abs().max() <= 0.02 * ref.abs().max()
+    for bad in (float("nan"), float("inf")):
+        w2 = w.clone()
+        w2[1, 3] = bad
+        with pytest.raises(ValueError, match="w: has NaN or inf values"):
+            nf4.quantize(w2, 64, double_quant=True)
