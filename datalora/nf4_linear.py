@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
-from datalora.ops.backends import resolve_backend
+from datalora.ops.backends import BackendUnavailableError, resolve_backend
 from datalora.ops.molora import _autocast, _flatten, _lora_backward
 from datalora.ops.validation import check_molora_inputs
 
@@ -408,6 +408,20 @@ def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scali
     return y.view(*x.shape[:-1], d_out)
 
 
+def _lora_backend(backend: str, x: torch.Tensor) -> str:
+    """The ``datalora.ops`` backend of the LoRA part: ``"cuda"`` names the NF4 extension
+    (the decode kernel and the dequantize), so it must be able to run, and the MoLoRA ops
+    around it run ``"auto"``."""
+    if backend != "cuda":
+        return backend
+    if x.device.type != "cuda" or not _C_loader.available():
+        why = (f"device {x.device}" if x.device.type != "cuda"
+               else f"the extension did not load: {_C_loader.load_error()}")
+        raise BackendUnavailableError(f"backend 'cuda' (the datalora._C NF4 kernels) needs a "
+                                      f"CUDA device and the built extension; {why}")
+    return "auto"
+
+
 def _inference_ok(base: nn.Module, x: torch.Tensor, tensors) -> bool:
     """No gradient needed and the base computes in x's dtype (an ``NF4Linear`` always; a
     bnb ``Linear4bit`` when x has its ``compute_dtype``)."""
@@ -431,6 +445,7 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     ``molora_delta`` (module docstring).
     """
     t = nf4_weight(base)
+    backend = _lora_backend(backend, x)
     x2 = x.reshape(-1, x.shape[-1])
     if lora_x is x and _fused_decode_ok(x2, t, (x, A, B, gates, rank_scale, base.bias)):
         ids = expert_ids.reshape(x2.shape[0], -1)

@@ -521,3 +521,36 @@ def test_wheel_contains_extension_and_installs(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env=clean_env, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_cuda_backend_on_an_nf4_layer_needs_a_gpu_and_the_extension():
+    from datalora import MoLoRALinear
+    from datalora.ops import BackendUnavailableError
+
+    layer = MoLoRALinear(torch.nn.Linear(64, 32), 4, 4, quantize="nf4", backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA device and the built "
+                                                      "extension; device cpu"):
+        layer(torch.randn(3, 64))
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_cuda_backend_on_an_nf4_layer_trains_and_decodes():
+    """``backend="cuda"`` names the NF4 kernels: the MoLoRA ops around them run ``auto``
+    (training and prefill), the decode kernel serves 1..16 tokens."""
+    from datalora import MoLoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 128, dtype=torch.bfloat16)
+    layer = MoLoRALinear(base, 4, 8, quantize="nf4", backend="cuda").cuda()
+    ref = MoLoRALinear(torch.nn.Linear(256, 128, dtype=torch.bfloat16), 4, 8,
+                       quantize="nf4").cuda()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.1)
+    ref.load_state_dict(layer.state_dict())  # the same 4-bit weight and experts
+    x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    assert layer.lora_A.grad is not None and x.grad is not None
+    with torch.no_grad():
+        for T in (1, 40):
+            torch.testing.assert_close(layer(x[:T]), ref(x[:T]), atol=3e-2, rtol=2e-2)
