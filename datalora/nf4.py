@@ -332,13 +332,17 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
 def dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[*t.shape]`` tensor of ``dtype`` (default None: ``t.dtype``, the dtype of the
     quantized weight, which equals bitsandbytes' ``dequantize_4bit`` bit for bit). Values
-    are fp32 ``code * absmax`` rounded to ``dtype``.
+    are fp32 ``code * absmax`` rounded to ``dtype`` (float64 holds them exactly: a
+    ``.double()`` model computes with the same weights).
     """
     if not isinstance(t, NF4Tensor):
         raise TypeError(f"t: expected an NF4Tensor, got {type(t).__name__}")
     dtype = t.dtype if dtype is None else dtype
+    if dtype == torch.float64:
+        return dequantize(t, torch.float32).to(torch.float64)
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+        raise ValueError(f"dtype: expected one of {(*FLOAT_DTYPES, torch.float64)}, got "
+                         f"{dtype}")
     if t.device.type == "cuda":
         from datalora import _C_loader
 

@@ -471,6 +471,11 @@ def test_double_cast_keeps_nf4linear_usable():
     assert m.compute_dtype in nf4.FLOAT_DTYPES
     assert m.weight.dtype == torch.float32  # raised: dtype ... got torch.float64
     assert m.dequantize().dtype == torch.float32
+    x = torch.randn(3, 64, dtype=torch.float64)  # fp64 input: the same weights, in fp64
+    want = x @ nf4.dequantize(m.weight, torch.float32).double().T + m.bias
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    layer = MoLoRALinear(torch.nn.Linear(64, 32), 4, 4, quantize="nf4").double()
+    assert layer(x).dtype == torch.float64
 
 
 def test_dequantize_reuses_one_code_table_per_device(monkeypatch):
