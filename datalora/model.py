@@ -394,6 +394,15 @@ class DATALORAModel(nn.Module):
             raise ValueError(f"path: the adapter at {folder} was trained with another config "
                              f"than this model's ({'; '.join(differs)}); build the model from "
                              f"the saved config (DATALORAModel.from_pretrained)")
+        four_bit = any(layer._nf4_base for _, layer in self.molora_layers())
+        if (saved.quantize == "nf4" and not four_bit) or (
+                saved.quantize is None and self.config_datalora.quantize == "nf4"):
+            trained, here = (("a 4-bit NF4", "a 16-bit") if saved.quantize == "nf4"
+                             else ("a 16-bit", "a 4-bit NF4"))
+            warnings.warn(f"path: the adapter at {folder} was trained on {trained} base and "
+                          f"this model has {here} one: its outputs differ from the trained "
+                          f"model's by the quantization error (fine when intended)",
+                          UserWarning, stacklevel=3)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,
