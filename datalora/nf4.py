@@ -203,8 +203,10 @@ class NF4Tensor:
                             f"a (data, QuantState) pair, got {type(param).__name__}")
         if state.quant_type != "nf4":
             raise ValueError(f"param: expected quant_type 'nf4', got {state.quant_type!r}")
-        if data.dtype != torch.uint8:
-            raise ValueError(f"param: expected uint8 quant_storage, got {data.dtype}")
+        if data.dtype != torch.uint8:  # quant_storage=bf16 etc. (FSDP-QLoRA): the same bytes
+            if not data.is_contiguous():
+                raise ValueError(f"param: a {data.dtype} quant_storage must be contiguous")
+            data = data.detach().view(torch.uint8).reshape(-1, 1)
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes >= 0.49 repacks a Linear4bit's weight in place on its first CPU
             # inference forward (AVX512-BF16): nibbles tiled 32 rows at a time, absmax

@@ -548,3 +548,18 @@ def test_double_quant_of_tiny_and_non_finite_weights():
         w2[1, 3] = bad
         with pytest.raises(ValueError, match="w: has NaN or inf values"):
             nf4.quantize(w2, 64, double_quant=True)
+
+
+def test_bnb_linear4bit_with_bf16_quant_storage():
+    """``quant_storage=torch.bfloat16`` (FSDP-QLoRA) holds the same bytes: read as uint8."""
+    def layer(storage):
+        torch.manual_seed(0)
+        return bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4",
+                                 quant_storage=storage).to("cpu")
+
+    ref, odd = layer(torch.uint8), layer(torch.bfloat16)
+    assert odd.weight.dtype == torch.bfloat16
+    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(odd.weight))
+    assert torch.equal(w, nf4.dequantize(nf4.NF4Tensor.from_bnb(ref.weight)))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(MoLoRALinear(odd, 4, 4)(x), x @ w.T + odd.bias)
