@@ -21,6 +21,7 @@ kernel when the extension is built, else the same torch code (with one warning).
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass, replace
 from math import prod
 
@@ -86,9 +87,11 @@ def _dynamic_lut() -> torch.Tensor:
 
 
 def _check_blocksize(name: str, blocksize: int) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+    """``blocksize`` as a plain int (numpy integers pass), one of :data:`BLOCKSIZES`."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) \
+            or int(blocksize) not in BLOCKSIZES:
         raise ValueError(f"{name}: expected one of {BLOCKSIZES}, got {blocksize!r}")
-    return blocksize
+    return int(blocksize)
 
 
 @dataclass
@@ -168,6 +171,11 @@ class NF4Tensor:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def to(self, device: torch.device | str) -> NF4Tensor:
+        """A copy on ``device`` (the 4-bit data keeps its format: for another float dtype
+        use :meth:`dequantize`)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"device: NF4Tensor.to takes a device, got dtype {device}; "
+                            f"dequantize(dtype) gives a float tensor")
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
     def absmax_float(self) -> torch.Tensor:
@@ -298,7 +306,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -
         raise ValueError(f"w: expected dtype in {FLOAT_DTYPES}, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty tensor, got shape {tuple(w.shape)}")
-    _check_blocksize("blocksize", blocksize)
+    blocksize = _check_blocksize("blocksize", blocksize)
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)

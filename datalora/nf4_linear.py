@@ -231,7 +231,7 @@ def quantize_linear(layer: nn.Module, quantize: str, blocksize: int = 64,
                     double_quant: bool = False) -> nn.Module:
     """``quantize="nf4"``: an ``nn.Linear`` becomes an :class:`NF4Linear`; NF4 bases pass."""
     if quantize != "nf4":
-        raise ValueError(f"quantize: expected 'nf4' or None, got {quantize!r}")
+        raise ValueError(f"quantize: expected 'nf4', got {quantize!r}")
     if is_nf4_base(layer):
         return layer
     return NF4Linear.from_linear(layer, blocksize, double_quant)

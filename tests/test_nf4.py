@@ -563,3 +563,18 @@ def test_bnb_linear4bit_with_bf16_quant_storage():
     assert torch.equal(w, nf4.dequantize(nf4.NF4Tensor.from_bnb(ref.weight)))
     x = torch.randn(3, 64)
     torch.testing.assert_close(MoLoRALinear(odd, 4, 4)(x), x @ w.T + odd.bias)
+
+
+def test_nf4_api_errors_name_what_the_user_passed():
+    import numpy as np
+
+    from datalora.nf4_linear import quantize_linear
+
+    t = nf4.quantize(torch.randn(8, 64), np.int64(64))  # a numpy blocksize is a blocksize
+    assert t.blocksize == 64 and type(t.blocksize) is int
+    with pytest.raises(TypeError, match="NF4Tensor.to takes a device, got dtype"):
+        t.to(torch.float16)
+    with pytest.raises(ValueError, match="quantize: expected 'nf4', got None"):
+        quantize_linear(torch.nn.Linear(64, 8), None)
+    with pytest.raises(ValueError, match="base_layer: cannot be quantized to NF4"):
+        MoLoRALinear(torch.nn.Linear(64, 8).double(), 4, 4, quantize="nf4")
