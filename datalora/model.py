@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
+from datalora.nf4_linear import NF4Linear
 from datalora.pruning import DATALORARuntime, find_decoder_layers, resolve_prune_range
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.sharding import copy_full_into, full_tensors, sharding_kind
@@ -42,13 +43,19 @@ def _is_target(name: str, targets: list[str]) -> bool:
     return name.rsplit(".", 1)[-1] in targets
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """A layer MoLoRA can wrap: an ``nn.Linear`` (bnb's ``Linear4bit`` is one) or a
+    datalora :class:`~datalora.nf4_linear.NF4Linear`."""
+    return isinstance(module, (nn.Linear, NF4Linear))
+
+
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
     replaced = []
     modules = list(model.named_modules())  # before replacing: one walk serves both uses
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)}
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)}
     for name, module in modules:
-        if isinstance(module, nn.Linear) and _is_target(name, config.target_modules):
+        if _adaptable(module) and _is_target(name, config.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MoLoRALinear(
@@ -78,7 +85,7 @@ def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
     head) would train, then fail in generate() (``logits_to_keep`` gives it fewer tokens)."""
     inside = {id(m) for m in find_decoder_layers(model).modules()}
     outside = [n for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and _is_target(n, targets) and id(m) not in inside]
+               if _adaptable(m) and _is_target(n, targets) and id(m) not in inside]
     if outside:
         raise ValueError(f"target_modules: routing='shared' drives adapted layers inside the "
                          f"decoder layers only, but {outside[:3]} are outside them; drop "

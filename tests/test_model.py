@@ -251,3 +251,29 @@ def test_nf4_base_trains_and_reloads_bit_exact(tmp_path):
         plain.load_adapter(tmp_path)
     with pytest.raises(ValueError, match="quantize"):
         DATALORAConfig(quantize="int8")
+
+
+def test_nf4linear_targets_are_adapted(tmp_path):
+    """Another blocksize / double quant: NF4Linear modules swapped in by the user are
+    targets like nn.Linear ones, and the adapter reloads onto the same swapped base."""
+    from datalora.nf4_linear import NF4Linear
+
+    def swapped():
+        model, ids = model_and_ids()
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and name != "lm_head":
+                    setattr(module, name, NF4Linear.from_linear(child, 128, True))
+        return model, ids
+
+    model, ids = swapped()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    layers = dict(wrapped.molora_layers())
+    assert len(layers) == 28 and all(type(m.base_layer) is NF4Linear for m in layers.values())
+    assert next(iter(layers.values())).base_layer.weight.blocksize == 128
+    perturb(wrapped)
+    wrapped.eval()
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path)
+    reloaded = DATALORAModel.from_pretrained(swapped()[0], tmp_path)
+    assert torch.equal(reloaded(input_ids=ids).logits, logits)
