@@ -43,6 +43,14 @@ def _is_target(name: str, targets: list[str]) -> bool:
     return name.rsplit(".", 1)[-1] in targets
 
 
+def _elements(param: torch.Tensor) -> int:
+    """Weights a parameter holds: a bnb ``Params4bit`` its unpacked element count."""
+    state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and state is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()
+
+
 def _adaptable(module: nn.Module) -> bool:
     """A layer MoLoRA can wrap: an ``nn.Linear`` (bnb's ``Linear4bit`` is one) or a
     datalora :class:`~datalora.nf4_linear.NF4Linear`."""
@@ -270,9 +278,13 @@ class DATALORAModel(nn.Module):
         return tensors
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts."""
+        """``(trainable, total)`` parameter counts; a 4-bit weight counts its elements (an
+        :class:`NF4Linear`'s are buffers, a bnb ``Params4bit`` packs two per byte), as
+        PEFT counts them."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        total = sum(_elements(p) for p in self.parameters())
+        total += sum(m.weight.numel for m in self.modules() if isinstance(m, NF4Linear))
+        return trainable, total
 
     def print_trainable_parameters(self) -> str:
         trainable, total = self.get_nb_trainable_parameters()

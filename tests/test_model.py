@@ -246,6 +246,7 @@ def test_nf4_base_trains_and_reloads_bit_exact(tmp_path):
     assert torch.equal(reloaded(input_ids=ids).logits, logits)
     # the 4-bit adapter on a 16-bit model loads, with a warning saying it was trained 4-bit
     plain = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    assert plain.get_nb_trainable_parameters() == wrapped.get_nb_trainable_parameters()
     with pytest.warns(UserWarning, match="trained on a 4-bit NF4 base and this model has a "
                                          "16-bit one"):
         plain.load_adapter(tmp_path)
