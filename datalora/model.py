@@ -51,6 +51,14 @@ def _elements(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def _tied_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters registered under more than one name (tied weights)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {i for i, n in counts.items() if n > 1}
+
+
 def _adaptable(module: nn.Module) -> bool:
     """A layer MoLoRA can wrap: an ``nn.Linear`` (bnb's ``Linear4bit`` is one) or a
     datalora :class:`~datalora.nf4_linear.NF4Linear`."""
@@ -59,19 +67,28 @@ def _adaptable(module: nn.Module) -> bool:
 
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
-    replaced = []
+    replaced, kept_16bit = [], []
     modules = list(model.named_modules())  # before replacing: one walk serves both uses
     linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)}
+    tied = _tied_parameters(model) if config.quantize else set()
     for name, module in modules:
         if _adaptable(module) and _is_target(name, config.target_modules):
+            quantize = config.quantize
+            if quantize and id(getattr(module, "weight", None)) in tied:
+                quantize = None  # a 4-bit copy would untie it (tie_weights would then fail)
+                kept_16bit.append(name)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MoLoRALinear(
                 module, num_experts=config.num_lora_experts, rank=config.lora_rank,
                 alpha=config.lora_alpha, top_k=config.num_active_experts,
                 dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=config.backend, quantize=config.quantize))
+                backend=config.backend, quantize=quantize))
             replaced.append(name)
+    if kept_16bit:
+        warnings.warn(f"quantize: {kept_16bit} share their weight with another module (tied "
+                      f"embeddings) and stay 16-bit: quantizing would untie them",
+                      stacklevel=4)
     if not replaced:
         linears = sorted(linear_names)
         others = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})"

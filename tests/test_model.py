@@ -278,3 +278,18 @@ def test_nf4linear_targets_are_adapted(tmp_path):
     wrapped.save_pretrained(tmp_path)
     reloaded = DATALORAModel.from_pretrained(swapped()[0], tmp_path)
     assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+
+def test_quantize_keeps_a_tied_target_16_bit():
+    """A targeted lm_head tied to the embeddings stays 16-bit (a 4-bit copy would untie it
+    and break tie_weights / resize_token_embeddings)."""
+    model = build_tiny_model(seed=0, tie_word_embeddings=True)
+    cfg = DATALORAConfig(**CFG, quantize="nf4", target_modules=["q_proj", "lm_head"])
+    with pytest.warns(UserWarning, match=r"quantize: \['lm_head'\] share their weight"):
+        wrapped = get_datalora_model(model, cfg, verbose=False)
+    layers = dict(wrapped.molora_layers())
+    assert type(layers["lm_head"].base_layer) is nn.Linear
+    assert type(layers["model.layers.0.self_attn.q_proj"].base_layer).__name__ == "NF4Linear"
+    assert layers["lm_head"].weight is model.get_input_embeddings().weight
+    model.tie_weights()
+    model.resize_token_embeddings(1040)
