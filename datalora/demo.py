@@ -374,13 +374,12 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
         for task, load in loads.items():
             print(f"    {task:>10}: [{_format_load(load)}]")
 
-    out = Path(args.output_dir)
-    trained.save_pretrained(out)
+    out = Path(result.output_dir)  # train_datalora saved the adapter there
     reloaded = DATALORAModel.from_pretrained(pristine, out)
     probe = tokenizer([r["question"] for r in eval_rows[:4]], return_tensors="pt",
                       padding=True)
     same = _check_reload(trained, reloaded, probe, pruning=True)
-    print(f"\nsaved adapter to {out}/ and reloaded it on a fresh base model: logits "
+    print(f"\nreloaded the adapter from {out}/ on a fresh base model: logits "
           f"bit-identical (pruning on and off) = {same}")
     if not same:
         raise RuntimeError("reloaded adapter does not reproduce the trained model's logits")

@@ -787,6 +787,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                  lr=args.lr, adapter=args.adapter, eval_rows=args.eval_rows, seeds=args.seeds,
                  out=args.out,
                  progress=not args.no_progress)
+    width = max(map(len, report["eval_loss"]), default=0)
     for name, value in report["eval_loss"].items():
-        print(f"{name:>24}: eval loss {value:.3f}")
+        print(f"{name:>{width}}: eval loss {value:.3f}")
     return report
