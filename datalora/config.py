@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from datalora.checks import check_finite, check_int
+from datalora.ops.backends import BACKEND_NAMES
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")
@@ -84,6 +85,8 @@ class DATALORAConfig:
             raise ValueError("target_modules: expected at least one module name, got []")
         if self.routing not in ("per_layer", "shared"):
             raise ValueError(f"routing: expected 'per_layer' or 'shared', got {self.routing!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize: expected None or 'nf4', got {self.quantize!r}")
         if self.prune_layers is not None:

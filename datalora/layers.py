@@ -19,6 +19,7 @@ from datalora.nf4_linear import (
     nf4_molora_linear,
     quantize_linear,
 )
+from datalora.ops.backends import BACKEND_NAMES
 from datalora.ops.validation import check_tensor
 from datalora.routing import Routing, topk_routing
 
@@ -90,6 +91,8 @@ class MoLoRALinear(nn.Module):
         if not (self._nf4_base or isinstance(base_layer, nn.Linear)):
             raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "
                             f"got {type(base_layer).__name__}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
         num_experts = check_int("num_experts", num_experts, low=1)
         rank = check_int("rank", rank, low=1)
         top_k = check_int("top_k", top_k, low=1)

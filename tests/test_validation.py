@@ -110,3 +110,24 @@ def test_check_values_false_skips_only_the_host_checks():
     inputs["gates"] = torch.rand(6, 3)  # shape checks still run
     with pytest.raises(ValueError, match="gates: expected shape"):
         ops.molora_delta(**inputs, check_values=False)
+
+
+def test_backend_names_are_checked_where_they_are_given():
+    import torch.nn as nn
+
+    from datalora import DATALORAConfig, MoLoRALinear
+
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', "
+                                         r"'triton', 'cuda'\), got 'trition'"):
+        DATALORAConfig(backend="trition")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        MoLoRALinear(nn.Linear(4, 4), 2, 2, backend="bogus")
+
+
+def test_token_op_errors_name_hidden_as_the_reference():
+    from datalora import ops
+
+    with pytest.raises(ValueError, match=r"packed: expected dtype torch.float32 \(same as "
+                                         r"hidden\)"):
+        ops.scatter_tokens(torch.randn(2, 6, 4), torch.randn(2, 1, 4, dtype=torch.bfloat16),
+                           torch.zeros(2, 1, dtype=torch.long))

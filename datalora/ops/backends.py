@@ -30,6 +30,8 @@ import warnings
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+BACKEND_NAMES = ("auto", *BACKENDS)
+"""What a ``backend=`` argument accepts."""
 _MODULES = {
     "torch": "datalora.ops.torch_backend",
     "triton": "datalora.ops.triton_backend",

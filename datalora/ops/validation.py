@@ -29,16 +29,18 @@ def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
     return t
 
 
-def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None,
+                like: str = "x") -> None:
+    """A floating tensor, of ``dtype`` (that of the argument ``like``) when given."""
     if t.dtype not in FLOAT_DTYPES:
         _fail(name, f"a floating dtype {FLOAT_DTYPES}", t.dtype)
     if dtype is not None and t.dtype != dtype:
-        _fail(name, f"dtype {dtype} (same as x)", t.dtype)
+        _fail(name, f"dtype {dtype} (same as {like})", t.dtype)
 
 
-def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+def check_device(name: str, t: torch.Tensor, device: torch.device, like: str = "x") -> None:
     if t.device != device:
-        _fail(name, f"device {device} (same as x)", t.device)
+        _fail(name, f"device {device} (same as {like})", t.device)
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -143,18 +145,18 @@ def check_token_inputs(hidden, keep_idx, packed=None, weight=None,
     Bsz, L, d = hidden.shape
     if keep_idx.shape[0] != Bsz or keep_idx.shape[1] > L:
         _fail("keep_idx", f"shape [B={Bsz}, K<={L}]", tuple(keep_idx.shape))
-    check_device("keep_idx", keep_idx, hidden.device)
+    check_device("keep_idx", keep_idx, hidden.device, "hidden")
     K = keep_idx.shape[1]
     if packed is not None:
         check_tensor("packed", packed, 3)
         check_shape("packed", packed, (Bsz, K, d))
-        check_float("packed", packed, hidden.dtype)
-        check_device("packed", packed, hidden.device)
+        check_float("packed", packed, hidden.dtype, "hidden")
+        check_device("packed", packed, hidden.device, "hidden")
     if weight is not None:
         check_tensor("weight", weight, 2)
         check_shape("weight", weight, (Bsz, K))
         check_float("weight", weight)
-        check_device("weight", weight, hidden.device)
+        check_device("weight", weight, hidden.device, "hidden")
     if check_values and keep_idx.numel() and value_checks_enabled(hidden):
         lo, hi = int(keep_idx.min()), int(keep_idx.max())
         if lo < 0 or hi >= L:
