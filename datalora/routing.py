@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datalora.ops.eager import trust_routing
+
 
 @dataclass(frozen=True)
 class ExpertPermutation:
@@ -36,51 +38,106 @@ def sort_routes(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation
     return ExpertPermutation(order=order, expert_offsets=offsets)
 
 
-@dataclass
+@dataclass(eq=False)
 class Routing:
     """One routing decision per token.
 
     Attributes:
-        expert_ids: ``[T, k]`` int64 routed experts.
+        expert_ids: ``[T, k]`` (or ``[..., k]``) integer routed experts.
         gates: ``[T, k]`` float gate of each route.
         rank_scale: ``[T, r]`` float in (0, 1] or None.
         router_probs: ``[T, E]`` full router distribution (for load-balance losses), or None.
+
+    The expert sort and the host-side value check are done once per routing and reused by
+    every layer while its tensors stay the same objects with unchanged version counters (a
+    field reassigned, or changed in place by a torch op, is sorted / checked again).
+    ``_trusted`` (datalora's own routers) also lets backends cache per-routing tables; a
+    routing you build yourself may be changed without a version bump (through a numpy view
+    or ``.data``), so its tables are rebuilt on every call.
     """
 
     expert_ids: torch.Tensor
     gates: torch.Tensor
     rank_scale: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
-    _permutations: dict[int, ExpertPermutation] = field(default_factory=dict, repr=False)
-    _values_checked: set[int] = field(default_factory=set, repr=False)
+    _trusted: bool = field(default=False, repr=False)
+    _permutations: dict[tuple, ExpertPermutation] = field(default_factory=dict, repr=False)
+    _values_checked: set[tuple] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("expert_ids", "gates", "rank_scale", "router_probs"):
+            value = getattr(self, name)
+            if not (isinstance(value, torch.Tensor) or (value is None and name in (
+                    "rank_scale", "router_probs"))):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if self.expert_ids.dim() < 1:
+            raise ValueError(f"expert_ids: expected shape [T, k], got "
+                             f"{tuple(self.expert_ids.shape)}")
+        if self._trusted and not torch.compiler.is_compiling():  # compiled graphs: no caches
+            trust_routing(self.expert_ids, self.gates, self.rank_scale)
 
     @property
     def num_tokens(self) -> int:
-        return self.expert_ids.shape[0]
+        """T: routed tokens (leading dims of ``expert_ids`` flattened)."""
+        return self.expert_ids[..., 0].numel()
 
     @property
     def top_k(self) -> int:
-        return self.expert_ids.shape[1]
+        return self.expert_ids.shape[-1]
+
+    def _state(self, *tensors: torch.Tensor | None) -> tuple | None:
+        """Identity and version counter of ``tensors`` (None for inference tensors, which
+        have none: nothing cached)."""
+        try:
+            return tuple((id(t), t._version) for t in tensors if t is not None)
+        except RuntimeError:
+            return None
 
     def permutation(self, num_experts: int) -> ExpertPermutation:
-        """Routes sorted by expert, computed on first use and shared by every layer."""
-        if num_experts not in self._permutations:
-            self._permutations[num_experts] = sort_routes(self.expert_ids, num_experts)
-        return self._permutations[num_experts]
+        """Routes sorted by expert, computed on first use and shared by every layer (again
+        after ``expert_ids`` changes; every call for a routing you built yourself)."""
+        state = self._state(self.expert_ids) if self._trusted else None
+        if state is None:
+            return sort_routes(self.expert_ids, num_experts)
+        key = (num_experts, state)
+        if key not in self._permutations:
+            self._permutations.clear()  # older states never come back
+            self._permutations[key] = sort_routes(self.expert_ids, num_experts)
+        return self._permutations[key]
 
     def take_value_check(self, num_experts: int) -> bool:
-        """True the first time a layer with ``num_experts`` experts uses this routing: that
-        layer validates the ids and gates on the host (a sync), the others skip it."""
-        if num_experts in self._values_checked:
+        """True the first time a layer with ``num_experts`` experts uses this routing in its
+        current state: that layer validates the ids and gates on the host (a sync), the
+        others skip it."""
+        state = self._state(self.expert_ids, self.gates, self.rank_scale)
+        if state is None:
+            return True
+        key = (num_experts, state)
+        if key in self._values_checked:
             return False
-        self._values_checked.add(num_experts)
+        self._values_checked.add(key)
         return True
 
+    def inherit_value_checks(self, source: Routing) -> None:
+        """Counts the checks ``source`` passed in its current state as done here: this
+        routing holds a subset of ``source``'s rows (e.g. the kept tokens)."""
+        state = self._state(self.expert_ids, self.gates, self.rank_scale)
+        current = source._state(source.expert_ids, source.gates, source.rank_scale)
+        if state is None or current is None:
+            return
+        self._values_checked.update((num_experts, state)
+                                    for num_experts, checked in source._values_checked
+                                    if checked == current)
+
     def expert_load(self, num_experts: int) -> torch.Tensor:
-        """``[E]`` fraction of routes sent to each expert."""
+        """``[E]`` fraction of routes sent to each expert (ids outside ``[0, E)`` fail an
+        assertion, on the device: no host sync)."""
         flat = self.expert_ids.reshape(-1).long()
+        if flat.numel():
+            torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),
+                                f"expert_load: expert ids outside [0, {num_experts})")
         counts = torch.zeros(num_experts, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.float))
+            0, flat.clamp(0, num_experts - 1), torch.ones_like(flat, dtype=torch.float))
         return counts / max(flat.numel(), 1)
 
 
@@ -99,4 +156,5 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True) -> Rout
         # value 1 exactly, backward d log p
         denom = gates.detach() if k == 1 else gates.sum(-1, keepdim=True)
         gates = gates / denom
-    return Routing(expert_ids=expert_ids, gates=gates.to(logits.dtype), router_probs=probs)
+    return Routing(expert_ids=expert_ids, gates=gates.to(logits.dtype), router_probs=probs,
+                   _trusted=True)

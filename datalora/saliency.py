@@ -219,7 +219,7 @@ class UnifiedSaliencyNetwork(nn.Module):
                                           noise=self.training, generator=generator)
         routing = Routing(expert_ids=expert_ids, gates=weights.gather(-1, expert_ids),
                           rank_scale=rank_scale.reshape(-1, self.rank),
-                          router_probs=torch.softmax(flat_logits, dim=-1))
+                          router_probs=torch.softmax(flat_logits, dim=-1), _trusted=True)
         return SaliencyOutput(token_scores=scores, router_logits=logits,
                               rank_scale=rank_scale, routing=routing,
                               state=(total[:, -1].detach(), count[:, -1].detach()))
@@ -251,8 +251,8 @@ def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Ro
 
     packed = Routing(expert_ids=take(routing.expert_ids), gates=take(routing.gates),
                      rank_scale=take(routing.rank_scale),
-                     router_probs=take(routing.router_probs))
-    packed._values_checked.update(routing._values_checked)  # rows of checked values
+                     router_probs=take(routing.router_probs), _trusted=routing._trusted)
+    packed.inherit_value_checks(routing)  # rows of checked values
     return packed
 
 

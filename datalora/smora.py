@@ -63,7 +63,7 @@ class SMoRALinear(MoLoRALinear):
             gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
         else:
             gates = top / top.sum(-1, keepdim=True)
-        return Routing(expert_ids=ids, gates=gates, router_probs=probs)
+        return Routing(expert_ids=ids, gates=gates, router_probs=probs, _trusted=True)
 
     def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent rank-R LoRA: ``A [R, d_in]``, ``B [d_out, R]`` (scaling ``alpha/R``)."""

@@ -356,3 +356,46 @@ def test_torch_func_warns_once_when_it_replaces_gpu_kernels(monkeypatch):
         vmap(layer)(x)  # once
     monkeypatch.undo()
     torch.testing.assert_close(got, layer(x))
+
+
+# ------------------------------------------------------------------ Routing objects
+
+def test_a_changed_routing_is_checked_and_sorted_again():
+    """Value checks and the expert sort are reused while a Routing's tensors stay the same
+    objects at the same version: a reassigned field is checked / sorted anew."""
+    torch.manual_seed(0)
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    x = torch.randn(5, 8)
+    routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
+    layer(x, routing=routing)
+    routing.expert_ids = torch.full((5, 2), 7)
+    with pytest.raises(ValueError, match=r"expert_ids: expected values in \[0, 4\)"):
+        layer(x, routing=routing)
+    routing.expert_ids = torch.zeros(5, 2, dtype=torch.long)
+    routing.gates = torch.full((5, 2), float("nan"))
+    with pytest.raises(ValueError, match="gates: expected finite values"):
+        layer(x, routing=routing)
+    for trusted in (False, True):
+        r = Routing(torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 2), _trusted=trusted)
+        assert r.permutation(4).expert_offsets.tolist() == [0, 10, 10, 10, 10]
+        assert (r.permutation(4) is r.permutation(4)) == trusted  # cached: ours only
+        r.expert_ids = torch.full((5, 2), 3)
+        assert r.permutation(4).expert_offsets.tolist() == [0, 0, 0, 0, 10]
+        r.expert_ids.fill_(1)  # in place: a version bump
+        assert r.permutation(4).expert_offsets.tolist() == [0, 0, 10, 10, 10]
+
+
+def test_routing_fields_shapes_and_identity():
+    with pytest.raises(TypeError, match="expert_ids: expected a torch.Tensor, got list"):
+        Routing([[0], [1]], torch.ones(2, 1))
+    with pytest.raises(TypeError, match="gates: expected a torch.Tensor, got NoneType"):
+        Routing(torch.zeros(2, 1, dtype=torch.long), None)
+    r3 = Routing(torch.zeros(2, 3, 1, dtype=torch.long), torch.ones(2, 3, 1))  # [B, L, k]
+    assert (r3.num_tokens, r3.top_k) == (6, 1)
+    a = Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    b = Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    assert a != b and a == a  # compared by identity (tensors have no truth value)
+    assert a.expert_load(2).tolist() == [1.0, 0.0]
+    bad = Routing(torch.tensor([[5]]), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match=r"expert_load: expert ids outside \[0, 2\)"):
+        bad.expert_load(2)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from datalora import ops
 from datalora.ops import torch_backend
+from datalora.ops.eager import trust_routing
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
@@ -294,9 +295,12 @@ def _count_gate_matrix_builds(monkeypatch):
 
 
 def _routed_inputs(T=19, k=2, dtype=torch.float64):
-    """Inputs whose routing is computed (not leaves), as a router's output would be."""
+    """Inputs whose routing is computed (not leaves) and marked as datalora's own, as its
+    routers' outputs are."""
     x, A, B, ids, gates, rs = make_inputs(T, k=k, dtype=dtype, requires_grad=True)
-    return x, A, B, ids, gates * 1, rs * 1
+    gates, rs = gates * 1, rs * 1
+    trust_routing(ids, gates, rs)
+    return x, A, B, ids, gates, rs
 
 
 def _delta_and_grads(x, A, B, ids, gates, rs, leaves):
@@ -330,6 +334,7 @@ def test_routing_tables_rebuilt_after_a_change(change, monkeypatch):
             ids.copy_(ids.flip(1))
         elif change == "new_gates":
             gates = gates.flip(1).clone()
+            trust_routing(gates)
         else:
             scaling = 0.5
     out = ops.molora_delta(x, A, B, ids, gates, rs, scaling, backend="torch")
@@ -376,6 +381,7 @@ def test_routing_tables_cached_for_inference_calls(monkeypatch):
     a shared routing's tables once; an in-place change of the routing is still seen."""
     calls = _count_gate_matrix_builds(monkeypatch)
     x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64)
+    trust_routing(ids, gates, rs)
     with torch.no_grad():
         first = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
         again = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
@@ -436,11 +442,11 @@ def test_shared_routing_equals_separate_copies(rank_scale, monkeypatch):
     def run(copies):
         gates = logits.softmax(-1).gather(1, ids)
         rs = rs_logits.sigmoid() if rank_scale else None
-        shared = Routing(ids, gates, rs)
+        shared = Routing(ids, gates, rs, _trusted=True)  # as the saliency network's
         out = x
         for layer in layers:
-            routing = (Routing(ids.clone(), gates.clone(), None if rs is None else rs.clone())
-                       if copies else shared)
+            routing = (Routing(ids.clone(), gates.clone(), None if rs is None else rs.clone(),
+                               _trusted=True) if copies else shared)
             out = layer(out, routing)
         leaves = [logits, *(p for layer in layers for p in (layer.lora_A, layer.lora_B))]
         leaves += [rs_logits] if rank_scale else []
@@ -453,3 +459,20 @@ def test_shared_routing_equals_separate_copies(rank_scale, monkeypatch):
     assert len(calls) == 1 + 3
     for a, b in zip(shared, separate, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_tables_of_a_callers_routing_are_rebuilt_every_call(monkeypatch):
+    """Routing tensors the caller built may change without a version bump (a numpy view
+    written, a ``.data`` write): their tables are never cached, so every call sees the
+    current values."""
+    np = pytest.importorskip("numpy")
+    calls = _count_gate_matrix_builds(monkeypatch)
+    x, A, B, ids, _, rs = make_inputs(9, dtype=torch.float64)
+    g_np = np.random.default_rng(0).random((9, ids.shape[1]))
+    gates = torch.from_numpy(g_np)
+    with torch.no_grad():
+        ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+        g_np[:] = 0.25  # no version bump
+        out = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
+    assert len(calls) == 2
+    torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs, 2.0))

@@ -11,7 +11,11 @@ the tensors are real eager tensors:
   which never enter :func:`eager_call`;
 * not for leaves that require grad: gradcheck and optimizers change those through
   ``.data``, which bumps no version;
-* not for inference-mode tensors, which have no version counter (the caches check).
+* not for inference-mode tensors, which have no version counter (the caches check);
+* only for routing tensors datalora built itself (:func:`trust_routing`: the saliency
+  network's and the layers' routers): a caller's tensors may change without a version bump
+  (a ``torch.from_numpy`` view whose array is written, a ``.data`` write), so their tables
+  are built on every call.
 
 The eager entry points (``molora_delta`` / ``molora_linear`` outside tracing, with or
 without autograd, and their eager backward) run the backend inside :func:`eager_call`.
@@ -19,11 +23,32 @@ without autograd, and their eager backward) run the backend inside :func:`eager_
 
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 
 import torch
 
 _state = threading.local()
+_trusted: dict[int, weakref.ref] = {}  # id -> weak reference of routing tensors we built
+
+
+def trust_routing(*tensors: torch.Tensor | None) -> None:
+    """Marks routing tensors datalora built itself (fresh outputs of its routers, never
+    exposed for writing before use) as safe to cache tables of."""
+    for t in tensors:
+        if t is not None:
+            key = id(t)
+            _trusted[key] = weakref.ref(t, functools.partial(_forget, key))
+
+
+def _forget(key: int, _ref: weakref.ref) -> None:
+    _trusted.pop(key, None)
+
+
+def _is_trusted(t: torch.Tensor) -> bool:
+    ref = _trusted.get(id(t))
+    return ref is not None and ref() is t
 
 
 class eager_call:  # noqa: N801 -- used like a function: ``with eager_call(): ...``
@@ -44,14 +69,17 @@ class eager_call:  # noqa: N801 -- used like a function: ``with eager_call(): ..
 
 
 def may_cache_routing(*routing: torch.Tensor | None) -> bool:
-    """True inside :func:`eager_call` when none of ``routing`` is a leaf requiring grad and
-    no CUDA graph is being captured (the capture must record every build)."""
+    """True inside :func:`eager_call` when every one of ``routing`` was built by datalora
+    (:func:`trust_routing`), none is a leaf requiring grad and no CUDA graph is being
+    captured (the capture must record every build)."""
     if not getattr(_state, "active", False):
         return False
     tensors = [t for t in routing if t is not None]
+    if not all(_is_trusted(t) for t in tensors):
+        return False
     if any(t.requires_grad and t.grad_fn is None for t in tensors):
         return False
     return not (tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-__all__ = ["eager_call", "may_cache_routing"]
+__all__ = ["eager_call", "may_cache_routing", "trust_routing"]

@@ -234,11 +234,11 @@ class _RoutingSlot:
         N = w.shape[-1]
         if self.top_k >= N:
             ids = torch.arange(N, device=w.device).expand(num_tokens, N)
-            gates = w
+            gates = w.clone()  # the caller's weights: a copy datalora owns
         else:
             gates, ids = w.topk(self.top_k, dim=-1)
             gates = gates / gates.sum(-1, keepdim=True)
-        routing = Routing(expert_ids=ids.contiguous(), gates=gates.contiguous())
+        routing = Routing(expert_ids=ids.contiguous(), gates=gates.contiguous(), _trusted=True)
         self._cache = (num_tokens, routing)
         return routing
 
