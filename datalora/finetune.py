@@ -37,15 +37,19 @@ def routed_expert_load(model: nn.Module, token_task: torch.Tensor | None = None,
     """Expert load of the last forward, averaged over every MoLoRA layer.
 
     Args:
-        model: contains :class:`MoLoRALinear` layers that have run a forward.
+        model: contains :class:`MoLoRALinear` layers that have run a forward (layers
+            whose routing covers fewer tokens, inside a pruned range, are not counted).
         token_task: ``[T]`` task id per token (same flattening as the layers' input).
         token_mask: ``[T]`` bool, tokens to count (e.g. not padding).
 
     Returns:
         ``(load [E], {task: load [E]})`` as fractions of routes, or ``(None, {})``.
     """
+    expected = next((t.numel() for t in (token_mask, token_task) if t is not None), None)
+    # layers inside a pruned range routed only the kept tokens: they are left out
     layers = [m for m in model.modules() if isinstance(m, MoLoRALinear)
-              and m.last_routing is not None]
+              and m.last_routing is not None
+              and (expected is None or m.last_routing.num_tokens == expected)]
     if not layers:
         return None, {}
     E = layers[0].num_experts

@@ -293,3 +293,20 @@ def test_quantize_keeps_a_tied_target_16_bit():
     assert layers["lm_head"].weight is model.get_input_embeddings().weight
     model.tie_weights()
     model.resize_token_embeddings(1040)
+
+
+def test_routed_expert_load_skips_layers_of_the_pruned_range():
+    """finetune logs the expert load with a mask over every token; the pruned layers
+    routed only the kept tokens and are left out instead of failing on the mask."""
+    from datalora.finetune import routed_expert_load
+
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG, routing="shared",
+                                                       target_retention=0.5), verbose=False)
+    wrapped.train()
+    wrapped(input_ids=ids)
+    mask = torch.ones(ids.numel(), dtype=torch.bool)
+    load, _ = routed_expert_load(wrapped, token_mask=mask)
+    assert load is not None and abs(sum(load) - 1) < 1e-5
+    pruned = [m for _, m in wrapped.molora_layers() if m.last_routing.num_tokens < ids.numel()]
+    assert pruned  # the case this covers
