@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from datalora.cli import int_at_least, plain_text
+from datalora.cli import fraction, int_at_least, plain_text, positive_float
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
 from datalora.data import load_eval_rows, load_instruction_dataset
@@ -89,12 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                    "embedded multi-task data)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="optimizer steps (default: 300 datalora, 120 molora)")
-    p.add_argument("--epochs", type=float, default=None,
+    p.add_argument("--epochs", type=positive_float, default=None,
                    help="datalora: train this many epochs instead of --steps, one curriculum "
                         "phase per third")
     p.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="default: 8 datalora, 16 molora")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help=f"default: 3e-2 datalora, 5e-3 molora on the embedded model; "
                         f"{REAL_MODEL_LR:g} with --model")
     p.add_argument("--experts", type=int_at_least(1), default=8,
@@ -103,12 +103,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="rank of each expert; alpha is twice the rank (default: 8)")
     p.add_argument("--top-k", type=int_at_least(1), default=2,
                    help="experts each token is routed to (default: 2)")
-    p.add_argument("--retention", type=float, default=0.5,
-                   help="datalora: target retention of the pruned layers")
+    p.add_argument("--retention", type=fraction, default=None,
+                   help="datalora: target retention of the pruned layers (default: 0.5)")
     p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="use the first N training rows")
-    p.add_argument("--eval-limit", type=int_at_least(1), default=200,
-                   help="datalora: eval rows for the final pruned / dense eval loss")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=None,
+                   help="datalora: eval rows for the final pruned / dense eval loss "
+                        "(default: 200)")
     p.add_argument("--output-dir", default="demo_output",
                    help="where the adapter, checkpoints and the plot go (default: demo_output)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
@@ -322,7 +323,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
     _check_plotting(args)
     if getattr(args, "method", "datalora") == "molora":
+        unused = [flag for flag, name in (("--epochs", "epochs"), ("--retention", "retention"),
+                                          ("--eval-limit", "eval_limit"))
+                  if getattr(args, name, None) is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: only for --method datalora (the MoLoRA "
+                             f"demo trains --steps without pruning)")
         return _run_molora(args)
+    for name, default in (("retention", 0.5), ("eval_limit", 200)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     return _run_datalora(args)
 
 

@@ -7,6 +7,7 @@ this loop is for short CPU runs where a progress bar and per-step records are al
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from datalora.checks import check_int
+from datalora.checks import check_int, check_number
 from datalora.data import TASKS, CausalLMCollator, tokenize_example
 from datalora.layers import MoLoRALinear
 
@@ -88,6 +89,12 @@ def optimisation_steps(model: nn.Module, collate: Callable[[list], dict[str, tor
     """
     steps = check_int("steps", steps, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
+    lr = check_number("lr", lr, low=0, low_inclusive=False)
+    if not features:
+        raise ValueError("features: no training examples")
+    if batch_size > len(features):
+        warnings.warn(f"batch_size: {batch_size} is more than the {len(features)} training "
+                      f"examples; each batch holds all {len(features)}", stacklevel=2)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters (attach adapters first)")

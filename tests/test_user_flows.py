@@ -173,6 +173,44 @@ def test_demo_count_flags_are_checked_by_argparse(flag, capsys):
     assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
+def test_demo_value_flags_and_method_only_flags(capsys):
+    """--lr / --epochs / --retention are checked by argparse; datalora-only flags are
+    refused with --method molora instead of being ignored."""
+    from datalora import demo
+    from datalora.cli import build_parser
+
+    for argv in (["--lr", "-1"], ["--lr", "nan"], ["--epochs", "0"], ["--retention", "1.5"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["demo", *argv])
+        assert exc.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+    args = build_parser().parse_args(["demo", "--method", "molora", "--epochs", "2",
+                                      "--retention", "0.3"])
+    with pytest.raises(ValueError, match=r"--epochs, --retention: only for --method datalora"):
+        demo.run(args)
+
+
+def test_finetune_checks_lr_and_warns_on_a_batch_larger_than_the_data():
+    import types
+
+    from datalora.finetune import optimisation_steps
+
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return types.SimpleNamespace(loss=(x * self.w).sum())
+
+    run = dict(collate=lambda rows: {"x": torch.stack(rows)},
+               features=[torch.randn(2) for _ in range(3)], steps=1, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        list(optimisation_steps(Scalar(), batch_size=2, lr=-1.0, **run))
+    with pytest.warns(UserWarning, match="batch_size: 16 is more than the 3 training examples"):
+        steps = list(optimisation_steps(Scalar(), batch_size=16, lr=1e-3, **run))
+    assert len(steps) == 1 and steps[0][1]["x"].shape == (3, 2)
+
+
 @pytest.mark.parametrize("argv", [
     ["tle", "--eval-per-task", "0"], ["tle", "--tau", "0"], ["tle", "--every-n", "0"],
     ["titok", "--seed-prompts", "0"], ["titok", "--eval-rows", "0"], ["titok", "--lr", "-1"],
@@ -261,9 +299,9 @@ def test_cli_errors_name_the_flag_the_user_typed():
 
     train_flags = build_parser().parse_args(["train"]).flag_names
     assert train_flags["eval_dataset"] == "--eval-dataset"
-    p = subprocess.run([sys.executable, "-m", "datalora", "demo", "--retention", "1.5"],
+    p = subprocess.run([sys.executable, "-m", "datalora", "demo", "--top-k", "9"],
                        capture_output=True, text=True, env=ENV, timeout=300)
-    assert p.returncode == 2 and "error: --retention (target_retention): expected" in p.stderr
+    assert p.returncode == 2 and "error: --top-k (num_active_experts): expected" in p.stderr
 
 
 def test_train_names_a_bad_eval_dataset():
