@@ -19,6 +19,7 @@ __all__ = ["GATES", "SMoRALinear", "smora_linear"]
 
 GATES: tuple[str, ...] = ("one", "softmax")
 _FIXED_KWARGS = frozenset({"num_experts", "rank", "top_k", "router"})  # MoLoRALinear's, set here
+_PASSED_KWARGS = frozenset({"dropout", "backend", "dtype", "quantize"})  # passed to MoLoRALinear
 
 
 class SMoRALinear(MoLoRALinear):
@@ -35,6 +36,10 @@ class SMoRALinear(MoLoRALinear):
         kwargs: ``dropout``, ``backend``, ``dtype`` as for :class:`MoLoRALinear`
             (``num_experts``, ``rank``, ``top_k`` and ``router`` are set from ``total_rank``
             and ``active_ranks``, so they are rejected).
+
+    Attributes: ``lora_alpha`` is the ``alpha`` given (the rank-R LoRA's); ``total_rank``
+    / ``active_ranks`` are R / k. The inherited MoLoRALinear view is per rank-1 expert:
+    ``rank`` 1, ``alpha`` ``alpha / R``, so ``scaling`` (``alpha / R``) is the same in both.
     """
 
     def __init__(self, base_layer: nn.Linear, total_rank: int = 16, active_ranks: int = 8,
@@ -43,6 +48,11 @@ class SMoRALinear(MoLoRALinear):
         if fixed:
             raise TypeError(f"SMoRALinear: unexpected keyword argument {fixed[0]}= (set by the "
                             "rank-wise layer: use total_rank= and active_ranks=)")
+        unknown = sorted(kwargs.keys() - _PASSED_KWARGS)
+        if unknown:
+            raise TypeError(f"SMoRALinear: unexpected keyword argument {unknown[0]}= (accepted: "
+                            f"total_rank, active_ranks, alpha, gate, "
+                            f"{', '.join(sorted(_PASSED_KWARGS))})")
         total_rank = check_int("total_rank", total_rank, low=1)
         active_ranks = check_int("active_ranks", active_ranks, low=1, high=total_rank)
         if gate not in GATES:
@@ -59,6 +69,8 @@ class SMoRALinear(MoLoRALinear):
         x2 = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(self.router(x2.to(self.router.weight.dtype)).float(), dim=-1)
         top, ids = probs.topk(self.active_ranks, dim=-1)
+        if self.gate not in GATES:  # an attribute set after construction
+            raise ValueError(f"gate: expected one of {GATES}, got {self.gate!r}")
         if self.gate == "one":
             gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
         else:

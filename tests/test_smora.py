@@ -87,3 +87,18 @@ def test_rejects_molora_kwargs_it_sets_itself(kwarg):
                                         r"\(set by the rank-wise layer: use total_rank= and "
                                         r"active_ranks=\)"):
         SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=2, **{kwarg: 3})
+
+
+def test_smora_attribute_names_gate_and_unknown_keywords():
+    import torch.nn as nn
+
+    from datalora import SMoRALinear
+
+    s = SMoRALinear(nn.Linear(8, 8), total_rank=16, active_ranks=4, alpha=32)
+    assert (s.lora_alpha, s.total_rank, s.active_ranks) == (32.0, 16, 4)
+    assert s.scaling == 32 / 16 == s.alpha / s.rank  # the per-rank-1-expert view agrees
+    with pytest.raises(TypeError, match="SMoRALinear: unexpected keyword argument bogus="):
+        SMoRALinear(nn.Linear(8, 8), bogus=1)
+    s.gate = "bogus"
+    with pytest.raises(ValueError, match="gate: expected one of"):
+        s(torch.randn(2, 8))
