@@ -81,13 +81,21 @@ class DATALORATrainer(Trainer):
         *args, **kwargs: as ``transformers.Trainer`` (``model`` must be a DATALORAModel
             built with ``routing="shared"``).
         datalora_config: the method's config (default: the model's).
-        curriculum: a ready :class:`CurriculumScheduler`; default: built at train begin
-            from the config over the run's optimizer steps (``curriculum_mode="steps"``)
-            or epochs (``"epochs"``: one third per epoch over 3 epochs, as the card).
+        curriculum: a ready :class:`CurriculumScheduler` (its missing ``total_steps`` /
+            ``num_epochs`` are filled in from the run); default: built at every
+            ``train()`` from the config over the run's optimizer steps
+            (``curriculum_mode="steps"``) or epochs (``"epochs"``: each phase a third of the
+            run's epochs, one epoch each with ``num_train_epochs=3`` as the card).
         curriculum_mode: ``"steps"`` or ``"epochs"``.
-        task_names: names of the ``task_ids`` values in batches (per-task expert load).
+        task_names: names of the ``task_ids`` values in batches (per-task expert load);
+            default: the data collator's ``tasks`` when it has them.
         calibrate_batches: training batches used to calibrate the keep threshold at the
             end of training (0: skip).
+
+    Evaluations during training run before the keep threshold is calibrated, so their
+    pruned layers keep each sequence's top ``ceil(retention * L)`` tokens; after training
+    the calibrated threshold decides (as in generation), so ``evaluate()`` then can differ
+    from the last in-training ``eval_loss`` by the change of token selection.
     """
 
     def __init__(self, *args: Any, datalora_config: Any = None,
@@ -110,7 +118,10 @@ class DATALORATrainer(Trainer):
                             f"got {type(curriculum).__name__}")
         self.datalora_config = datalora_config or model.datalora_config
         self.curriculum = curriculum
+        self._own_curriculum = curriculum is None  # rebuilt at every fresh train()
         self.curriculum_mode = curriculum_mode
+        if task_names is None:
+            task_names = getattr(self.data_collator, "tasks", None)
         self.task_names = list(task_names) if task_names is not None else None
         self.calibrate_batches = int(calibrate_batches)
         self.datalora_history: list[dict[str, Any]] = []
@@ -148,23 +159,29 @@ class DATALORATrainer(Trainer):
             self._signature_columns = list(inspect.signature(base.forward).parameters) + [
                 "label", "label_ids", "labels", "task_ids", "task", "task_id"]
 
+    def _run_epochs(self, state, mode: str) -> float:
+        """The epochs this run trains: ``num_train_epochs``, or in epochs mode with
+        ``max_steps`` the epochs those steps reach (the Trainer stops there)."""
+        if mode != "epochs" or self.args.max_steps <= 0:
+            return float(self.args.num_train_epochs)
+        gas = max(int(self.args.gradient_accumulation_steps), 1)
+        try:
+            n = len(self.get_train_dataloader())
+        except TypeError:  # an iterable dataset: epochs are undefined
+            raise ValueError("curriculum_mode='epochs' with max_steps needs a sized "
+                             "train dataset; use curriculum_mode='steps'") from None
+        return int(state.max_steps) / max(n // gas + int(n % gas > 0), 1)
+
     def _setup_curriculum(self, state) -> None:
         if self.curriculum is None:
-            num_epochs = float(self.args.num_train_epochs)
-            if self.curriculum_mode == "epochs" and self.args.max_steps > 0:
-                # the Trainer stops at max_steps, not at args.num_train_epochs
-                gas = max(int(self.args.gradient_accumulation_steps), 1)
-                try:
-                    n = len(self.get_train_dataloader())
-                except TypeError:  # an iterable dataset: epochs are undefined
-                    raise ValueError("curriculum_mode='epochs' with max_steps needs a sized "
-                                     "train dataset; use curriculum_mode='steps'") from None
-                num_epochs = int(state.max_steps) / max(n // gas + int(n % gas > 0), 1)
             self.curriculum = CurriculumScheduler.from_config(
                 self.datalora_config, total_steps=max(int(state.max_steps), 1),
-                num_epochs=num_epochs, mode=self.curriculum_mode)
+                num_epochs=self._run_epochs(state, self.curriculum_mode),
+                mode=self.curriculum_mode)
         elif self.curriculum.total_steps is None and self.curriculum.mode == "steps":
             self.curriculum.total_steps = max(int(state.max_steps), 1)
+        elif self.curriculum.num_epochs is None and self.curriculum.mode == "epochs":
+            self.curriculum.num_epochs = self._run_epochs(state, "epochs")
         if self._resume_curriculum is not None:
             _warn_schedule_change(self.curriculum.state_dict(), self._resume_curriculum)
             self.curriculum.load_state_dict(self._resume_curriculum)
@@ -183,6 +200,10 @@ class DATALORATrainer(Trainer):
         """LM loss (+ the weighted aux losses in training); logs the DATALORA metrics."""
         inputs = dict(inputs)
         task_ids = inputs.pop("task_ids", None)
+        if model.training and inputs.get("labels") is None and self.compute_loss_func is None:
+            raise ValueError("inputs: DATALORATrainer needs 'labels' in every training batch "
+                             "(datalora.data.CausalLMCollator adds them; with the Trainer's "
+                             "default collator pass a 'labels' column)")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         dl = self.datalora_model
@@ -265,27 +286,33 @@ class DATALORATrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._count and self._applied is not None:
-            cur = self._applied  # the schedule of the last step run
-            sums = torch.cat([self._sums, self._load]).tolist()  # one read of the device
-            means = {k: v / self._count for k, v in zip(METRICS, sums, strict=False)}
-            counts = torch.tensor(sums[len(METRICS):])
-            load = (counts / counts.sum().clamp_min(1)).tolist()
-            logs.update({"phase": cur.phase_index, "tau": round(cur.tau, 6),
-                         "retention_target": round(cur.retention, 6),
-                         **{k: round(v, 6) for k, v in means.items()},
-                         **{f"expert_load_e{i}": round(x, 6) for i, x in enumerate(load)}})
-            task_load = {}
-            for t, c in sorted(self._task_expert_load().items()):
-                name = (self.task_names[t] if self.task_names is not None
-                        and 0 <= t < len(self.task_names) else str(t))
-                task_load[name] = (c / c.sum().clamp_min(1)).tolist()
-            self.datalora_history.append({
-                "step": self.state.global_step, "epoch": self.state.epoch,
-                "phase": PHASES[cur.phase_index], "loss": logs["loss"], **means,
-                "tau": cur.tau, "retention_target": cur.retention, "expert_load": load,
-                "task_expert_load": task_load})
-            self._reset_metrics()
+            logs.update(self._record_history(logs["loss"]))
         super().log(logs, start_time)
+
+    def _record_history(self, loss: float | None) -> dict[str, float]:
+        """Appends the steps since the last record to ``datalora_history`` (``loss``: the
+        Trainer's logged loss, None for the steps after the last log) and returns the flat
+        metrics for the Trainer's loggers; resets the sums."""
+        cur = self._applied  # the schedule of the last step run
+        sums = torch.cat([self._sums, self._load]).tolist()  # one read of the device
+        means = {k: v / self._count for k, v in zip(METRICS, sums, strict=False)}
+        counts = torch.tensor(sums[len(METRICS):])
+        load = (counts / counts.sum().clamp_min(1)).tolist()
+        task_load = {}
+        for t, c in sorted(self._task_expert_load().items()):
+            name = (self.task_names[t] if self.task_names is not None
+                    and 0 <= t < len(self.task_names) else str(t))
+            task_load[name] = (c / c.sum().clamp_min(1)).tolist()
+        self.datalora_history.append({
+            "step": self.state.global_step, "epoch": self.state.epoch,
+            "phase": PHASES[cur.phase_index], "loss": loss, **means,
+            "tau": cur.tau, "retention_target": cur.retention, "expert_load": load,
+            "task_expert_load": task_load})
+        self._reset_metrics()
+        return {"phase": cur.phase_index, "tau": round(cur.tau, 6),
+                "retention_target": round(cur.retention, 6),
+                **{k: round(v, 6) for k, v in means.items()},
+                **{f"expert_load_e{i}": round(x, 6) for i, x in enumerate(load)}}
 
     # ------------------------------------------------------------------ save / resume
 
@@ -348,7 +375,8 @@ class DATALORATrainer(Trainer):
     def calibrate_keep_threshold(self, max_batches: int | None = None) -> float:
         """Sets the generation keep threshold from training batches (averaged over ranks)."""
         dl = self.datalora_model
-        max_batches = self.calibrate_batches if max_batches is None else max_batches
+        if max_batches is None:  # calibrate_batches=0 skips the end-of-training call only
+            max_batches = self.calibrate_batches or 4
         was_training = dl.training
         dl.eval()
         scores, valid = [], []
@@ -386,10 +414,16 @@ class DATALORATrainer(Trainer):
         extend (a checkpoint written before the history was saved resumes with none).
         """
         self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
-        if resume_from_checkpoint not in (None, False):
-            self.datalora_history = list(
-                self._saved_json(resume_from_checkpoint, HISTORY_NAME) or [])
+        # every train() is a run of its own: its curriculum, metric sums and history
+        if self._own_curriculum:
+            self.curriculum = None
+        self._reset_metrics()
+        self.datalora_history = (list(self._saved_json(resume_from_checkpoint, HISTORY_NAME)
+                                      or []) if resume_from_checkpoint not in (None, False)
+                                 else [])
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._count and self._applied is not None:  # steps after the last log
+            self._record_history(None)
         # the callback applies a step's state when the step begins, so the model would be
         # left in the state of the last step's start (sparsification for runs of 1-2 steps
         # or a split without hardening); leave it in the final inference state instead,

@@ -501,3 +501,60 @@ def test_label_smoothing_uses_next_token_labels(tmp_path):
         smoothed = trainer.compute_loss(model, dict(batch))
         plain = model(**batch).loss
     assert abs(float(smoothed) - float(plain)) < 1e-3
+
+
+def test_each_train_call_is_a_run_of_its_own_and_the_last_steps_are_recorded(tmp_path):
+    """A second train() builds its own curriculum (not the first run's), starts a fresh
+    history and metric sums; steps after the last log are recorded at the end."""
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=5, calibrate_batches=0)
+    trainer.train()
+    hist = trainer.datalora_history
+    assert [h["step"] for h in hist] == [2, 4, 5] and hist[-1]["loss"] is None
+    assert hist[-1]["phase"] == "hardening" and hist[0]["loss"] is not None
+    trainer.args.max_steps, trainer.args.logging_steps = 12, 1
+    trainer.train()
+    assert trainer.curriculum.total_steps == 12
+    assert [h["step"] for h in trainer.datalora_history] == list(range(1, 13))
+    want = [trainer.curriculum.state_at(s - 1).phase for s in range(1, 13)]
+    assert [h["phase"] for h in trainer.datalora_history] == want
+    assert want.count("warmup") == want.count("hardening") == 4
+
+
+def test_trainer_helpful_defaults_and_errors(tmp_path):
+    from datalora.curriculum import CurriculumScheduler
+
+    # calibrate_batches=0 skips the end-of-training calibration, not an explicit call
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=2, calibrate_batches=0)
+    trainer.train()
+    assert trainer.calibrate_keep_threshold() == trainer.calibrate_keep_threshold()
+    assert float(trainer.datalora_model.saliency.keep_threshold) == \
+        float(trainer.datalora_model.saliency.keep_threshold)  # not NaN
+    # a user's epochs curriculum gets num_epochs from the run
+    cfg = trainer.datalora_config
+    curriculum = CurriculumScheduler(cfg.temperature_init, cfg.temperature_final,
+                                     cfg.target_retention, cfg.curriculum_split, mode="epochs")
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=2, calibrate_batches=0,
+                           curriculum=curriculum)
+    trainer.train()
+    assert curriculum.num_epochs == 2 / 8  # the epochs max_steps=2 reaches (8 batches each)
+    assert trainer.datalora_history[-1]["phase"] == "sparsification"  # not still warmup
+    # batches without labels: an error that says what is missing
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=2, calibrate_batches=0)
+    trainer.data_collator = lambda rows: {k: v for k, v in collate(rows).items()
+                                          if k != "labels"}
+    with pytest.raises(ValueError, match="needs 'labels' in every training batch"):
+        trainer.train()
+
+
+def test_task_names_default_to_the_collators_tasks(tmp_path):
+    class Collator:
+        tasks = ("a", "b", "c", "d")
+
+        def __call__(self, rows):
+            return collate(rows)
+
+    model = tiny_datalora()
+    args = make_trainer(tmp_path, model, steps=1).args
+    trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                              data_collator=Collator(), calibrate_batches=0)
+    assert trainer.task_names == ["a", "b", "c", "d"]
