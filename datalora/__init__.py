@@ -1,5 +1,7 @@
 """datalora: kernel-accelerated mixture-of-LoRA-experts adapters for PyTorch."""
 
+import logging as _logging
+
 from datalora import nf4, ops
 from datalora.config import DATALORAConfig
 from datalora.curriculum import CurriculumScheduler
@@ -10,6 +12,13 @@ from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.smora import SMoRALinear, smora_linear
 
 __version__ = "0.1.0"
+
+# bitsandbytes' CPU backend (imported through transformers' Trainer / PEFT) logs at import
+# that it could not fetch an optional 4-bit kernel from the Hub; datalora's NF4 does not use
+# that kernel, so the message only misleads. A level the user set on that logger wins.
+_bnb_cpu_log = _logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_cpu_log.level == _logging.NOTSET:
+    _bnb_cpu_log.setLevel(_logging.ERROR)
 
 # imported on first use: they pull in transformers.Trainer / PEFT, which are slow to import
 _LAZY = {"DATALORATrainer": "datalora.trainer", "TokenLevelAdapterMixer": "datalora.tle"}

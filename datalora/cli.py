@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import sys
@@ -89,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_import_noise() -> None:
-    """Silences bitsandbytes' CPU backend, which warns at import (transformers' Trainer
-    imports it through peft) that it could not fetch an optional 4-bit CPU kernel from the
-    Hub; datalora does not use that kernel (NF4 runs its own), so every command started
-    with a misleading warning."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # peft calls a transformers method transformers 5 deprecated; nothing a user can change
+    """Silences, for the commands, a deprecation warning peft triggers in transformers 5
+    (``is_gradient_checkpointing``) that no user can act on. (bitsandbytes' misleading
+    "optional CPU kernel" import message is silenced by ``import datalora`` itself.)"""
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
 
