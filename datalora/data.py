@@ -538,7 +538,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
         ``L <= max_length``.
     """
     max_length = check_int("max_length", max_length, low=2)
-    prompt, response = _encode_example(example, tokenizer)
+    [(prompt, response)] = _encode_examples([example], tokenizer)
     return _example(*_truncate(prompt, response, max_length, tokenizer))
 
 
@@ -549,16 +549,11 @@ def _eos_id(tokenizer: Any) -> int:
     return eos
 
 
-def _encode_example(example: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Prompt ids (with special tokens) and response ids + EOS, untruncated."""
-    [pair] = _encode_examples([example], tokenizer)
-    return pair
-
-
 def _encode_examples(examples: Sequence[Mapping[str, Any]],
                      tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """:func:`_encode_example` of each example, with two batched tokenizer calls (a fast
-    tokenizer encodes a batch in parallel, many times faster than one call per text)."""
+    """Prompt ids (with special tokens) and response ids + EOS, untruncated, of each
+    example, with two batched tokenizer calls (a fast tokenizer encodes a batch in
+    parallel, many times faster than one call per text)."""
     eos = _eos_id(tokenizer)
     for example in examples:
         if "response" not in example:

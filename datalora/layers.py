@@ -81,12 +81,7 @@ class MoLoRALinear(nn.Module):
                  quantize: str | None = None):
         super().__init__()
         if quantize is not None:
-            try:
-                base_layer = quantize_linear(base_layer, quantize)
-            except ValueError as exc:  # e.g. an fp64 weight: name the layer, not nf4's w
-                if str(exc).startswith("quantize:"):
-                    raise
-                raise ValueError(f"base_layer: cannot be quantized to NF4 ({exc})") from None
+            base_layer = quantize_linear(base_layer, quantize, name="base_layer")
         self._nf4_base = is_nf4_base(base_layer)
         if not (self._nf4_base or isinstance(base_layer, nn.Linear)):
             raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "

@@ -212,8 +212,10 @@ def nf4_compute_dtype(layer: nn.Module) -> torch.dtype:
     return dtype
 
 
-def nf4_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``base(x)`` of an NF4 base layer computed by datalora, in x's dtype.
+def nf4_base_forward(base: nn.Module, x: torch.Tensor,
+                     weight: NF4Tensor | None = None) -> torch.Tensor:
+    """``base(x)`` of an NF4 base layer computed by datalora, in x's dtype (``weight``: its
+    :func:`nf4_weight` when the caller has it already).
 
     An :class:`NF4Linear` is called as is. A bnb ``Linear4bit`` is not: bitsandbytes (0.49+)
     repacks the weight in place on its first CPU inference forward, and its packed path has
@@ -223,18 +225,23 @@ def nf4_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(base, NF4Linear):
         return base(x)
-    out = nf4_linear(x.to(nf4_compute_dtype(base)), nf4_weight(base), base.bias)
+    weight = nf4_weight(base) if weight is None else weight
+    out = nf4_linear(x.to(nf4_compute_dtype(base)), weight, base.bias)
     return out.to(x.dtype)
 
 
 def quantize_linear(layer: nn.Module, quantize: str, blocksize: int = 64,
-                    double_quant: bool = False) -> nn.Module:
-    """``quantize="nf4"``: an ``nn.Linear`` becomes an :class:`NF4Linear`; NF4 bases pass."""
+                    double_quant: bool = False, *, name: str = "layer") -> nn.Module:
+    """``quantize="nf4"``: an ``nn.Linear`` becomes an :class:`NF4Linear`; NF4 bases pass.
+    An error quantizing the weight names the layer as ``name`` (the caller's argument)."""
     if quantize != "nf4":
         raise ValueError(f"quantize: expected 'nf4', got {quantize!r}")
     if is_nf4_base(layer):
         return layer
-    return NF4Linear.from_linear(layer, blocksize, double_quant)
+    try:
+        return NF4Linear.from_linear(layer, blocksize, double_quant)
+    except ValueError as exc:  # e.g. an fp64 weight: nf4.quantize names its own ``w``
+        raise ValueError(f"{name}: cannot be quantized to NF4 ({exc})") from None
 
 
 @torch.library.custom_op("datalora::nf4_molora_decode", mutates_args=())
@@ -467,4 +474,4 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
                                  rank_scale, scaling, backend, check_values=check_values)
     delta = ops.molora_delta(lora_x, A, B, expert_ids, gates, rank_scale, scaling, backend,
                              check_values=check_values)
-    return nf4_base_forward(base, x).to(delta.dtype) + delta
+    return nf4_base_forward(base, x, t).to(delta.dtype) + delta

@@ -418,9 +418,8 @@ class DATALORATrainer(Trainer):
         if self._own_curriculum:
             self.curriculum = None
         self._reset_metrics()
-        self.datalora_history = (list(self._saved_json(resume_from_checkpoint, HISTORY_NAME)
-                                      or []) if resume_from_checkpoint not in (None, False)
-                                 else [])
+        self.datalora_history = list(self._saved_json(resume_from_checkpoint, HISTORY_NAME)
+                                     or [])
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._count and self._applied is not None:  # steps after the last log
             self._record_history(None)

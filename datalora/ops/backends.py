@@ -115,7 +115,7 @@ def _resolve(backend: str, device_type: str) -> str:
                 return name
             reasons.append(reason)
     if backend not in BACKENDS:
-        raise ValueError(f"{source}: expected one of {('auto', *BACKENDS)}, got {backend!r}")
+        raise ValueError(f"{source}: expected one of {BACKEND_NAMES}, got {backend!r}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(reason if source == "backend"
