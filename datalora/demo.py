@@ -38,11 +38,15 @@ from datalora.data import load_eval_rows, load_instruction_dataset
 from datalora.finetune import finetune, generate_answer
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
+from datalora.train import REAL_MODEL_DEFAULTS
 
 PLOT_NAME = "datalora_demo.png"
-DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2),
+DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2, retention=0.5, eval_limit=200),
             "molora": dict(steps=120, batch_size=16, lr=5e-3)}
-REAL_MODEL_LR = 2e-4  # the embedded tiny model's rates would wreck a pretrained model
+# the embedded tiny model's rates would wreck a pretrained model: train's rate for one
+REAL_MODEL_LR = REAL_MODEL_DEFAULTS["learning_rate"]
+_DATALORA_ONLY = (("--epochs", "epochs"), ("--retention", "retention"),
+                  ("--eval-limit", "eval_limit"))
 
 
 def _layer_range(prune_layers: list[int] | None) -> str:
@@ -104,12 +108,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int_at_least(1), default=2,
                    help="experts each token is routed to (default: 2)")
     p.add_argument("--retention", type=fraction, default=None,
-                   help="datalora: target retention of the pruned layers (default: 0.5)")
+                   help=f"datalora: target retention of the pruned layers (default: "
+                        f"{DEFAULTS['datalora']['retention']})")
     p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="use the first N training rows")
     p.add_argument("--eval-limit", type=int_at_least(1), default=None,
-                   help="datalora: eval rows for the final pruned / dense eval loss "
-                        "(default: 200)")
+                   help=f"datalora: eval rows for the final pruned / dense eval loss "
+                        f"(default: {DEFAULTS['datalora']['eval_limit']})")
     p.add_argument("--output-dir", default="demo_output",
                    help="where the adapter, checkpoints and the plot go (default: demo_output)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
@@ -323,16 +328,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
     _check_plotting(args)
     if getattr(args, "method", "datalora") == "molora":
-        unused = [flag for flag, name in (("--epochs", "epochs"), ("--retention", "retention"),
-                                          ("--eval-limit", "eval_limit"))
-                  if getattr(args, name, None) is not None]
+        unused = [flag for flag, name in _DATALORA_ONLY if getattr(args, name, None) is not None]
         if unused:
             raise ValueError(f"{', '.join(unused)}: only for --method datalora (the MoLoRA "
                              f"demo trains --steps without pruning)")
         return _run_molora(args)
-    for name, default in (("retention", 0.5), ("eval_limit", 200)):
-        if getattr(args, name, None) is None:
-            setattr(args, name, default)
+    for name in ("retention", "eval_limit"):
+        setattr(args, name, _setting(args, name))
     return _run_datalora(args)
 
 
@@ -371,7 +373,7 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
                                   int(args.epochs * len(train_rows) / batch_size)) // 30),
             curriculum_mode="epochs" if by_epochs else "steps", progress=not args.no_progress,
             model=model, tokenizer=tokenizer, eval_dataset=eval_rows,
-            eval_limit=getattr(args, "eval_limit", 200))
+            eval_limit=args.eval_limit)
         compact.flush()
     history = result.datalora_history
     trained = result.model

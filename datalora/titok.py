@@ -636,9 +636,9 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     """``titok --source-model ...``: transfers the adapter at ``--source-adapter`` to
     ``--target-model`` and saves it (``save_pretrained``) and the JSON report in
     ``--output-dir``. Every argument is checked before a model loads."""
-    from datalora.demo import REAL_MODEL_LR
     from datalora.io import atomic_write_text
     from datalora.testing import load_model_and_tokenizer
+    from datalora.train import REAL_MODEL_DEFAULTS
 
     for flag in ("source_model", "target_model", "source_adapter", "seed_file"):
         if getattr(args, flag) is None:
@@ -650,7 +650,7 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     target, target_tok = load_model_and_tokenizer(args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)
     source, source_tok = _load_source(args.source_model, folder)
-    lr = REAL_MODEL_LR if args.lr is None else args.lr
+    lr = REAL_MODEL_DEFAULTS["learning_rate"] if args.lr is None else args.lr
     adapted, report = titok_transfer(
         source, source_tok, target, target_tok, prompts, sample_keep=args.sample_keep,
         token_keep=args.token_keep, max_new_tokens=args.max_new_tokens,
@@ -672,6 +672,7 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from datalora.data import TASKS
+    from datalora.train import REAL_MODEL_DEFAULTS
 
     p = subparsers.add_parser(
         "titok", help="TITOK: transfer a LoRA / DATALORA adapter to another base model "
@@ -698,27 +699,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "'system_prompt') or .txt, one prompt per line")
     p.add_argument("--output-dir", default=None,
                    help="with --source-model: where the target adapter and "
-                        "titok_report.json are saved (default: titok_output)")
+                        f"titok_report.json are saved (default: "
+                        f"{TRANSFER_DEFAULTS['output_dir']})")
     p.add_argument("--target-modules", nargs="+", default=None,
                    help="with --source-model: target model modules the new adapter wraps "
                         "(MoLoRA: nn.Linear only; GPT-2's Conv1D c_attn is not supported; "
-                        f"default: {' '.join(DEFAULT_TARGET_MODULES)})")
+                        f"default: {' '.join(TRANSFER_DEFAULTS['target_modules'])})")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
-                   help="with --source-model: tokens generated per synthetic response "
-                        "(default: 24)")
+                   help=f"with --source-model: tokens generated per synthetic response "
+                        f"(default: {TRANSFER_DEFAULTS['max_new_tokens']})")
     p.add_argument("--task", choices=TASKS, default=None,
-                   help="embedded experiment: the task transferred (default: reverse)")
+                   help=f"embedded experiment: the task transferred (default: "
+                        f"{EXPERIMENT_DEFAULTS['task']})")
     p.add_argument("--base", choices=("pretrained", "random"), default=None,
-                   help="embedded experiment: tiny base models pretrained on the embedded "
-                        "corpus (default), or random")
+                   help=f"embedded experiment: tiny base models pretrained on the embedded "
+                        f"corpus or random (default: {EXPERIMENT_DEFAULTS['base']})")
     p.add_argument("--source-adapter", default=None,
                    help="adapter folder of the source (PEFT, or datalora with "
                         "--source-model; embedded experiment default: train one)")
     p.add_argument("--adapter-dir", default=None,
                    help="embedded experiment: where source adapters are trained / reused "
-                        "(default: outputs/titok/source_adapters)")
+                        f"(default: {EXPERIMENT_DEFAULTS['adapter_dir']})")
     p.add_argument("--seed-prompts", type=int_at_least(1), default=None,
-                   help="embedded experiment: task prompts the source answers (default: 96)")
+                   help=f"embedded experiment: task prompts the source answers (default: "
+                        f"{EXPERIMENT_DEFAULTS['seed_prompts']})")
     p.add_argument("--sample-keep", type=fraction, default=0.5,
                    help="fraction of synthetic samples kept, by mean contrastive excess")
     p.add_argument("--token-keep", type=fraction, default=0.5,
@@ -726,12 +730,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int_at_least(1), default=60,
                    help="training steps of the target adapter")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="target adapter learning rate (default: 2e-4 with --source-model; "
-                        "embedded: 3e-3 pretrained, 2e-2 random)")
+                   help=f"target adapter learning rate (default: "
+                        f"{REAL_MODEL_DEFAULTS['learning_rate']:g} with --source-model; "
+                        f"embedded: 3e-3 pretrained, 2e-2 random)")
     p.add_argument("--adapter", choices=ADAPTERS, default="lora")
     p.add_argument("--eval-rows", type=int_at_least(1), default=None,
-                   help="embedded experiment: rows of the task's eval (and validation) split "
-                        "(default: 50)")
+                   help=f"embedded experiment: rows of the task's eval (and validation) split "
+                        f"(default: {EXPERIMENT_DEFAULTS['eval_rows']})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one transfer per seed; losses averaged over the seeds (one seed "
                         "with --source-model)")
