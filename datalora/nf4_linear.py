@@ -35,7 +35,16 @@ import torch.nn.functional as F
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
 from datalora.ops.backends import BackendUnavailableError, resolve_backend
-from datalora.ops.molora import _autocast, _flatten, _lora_backward
+from datalora.ops.molora import (
+    _DOUBLE_BACKWARD,
+    _autocast,
+    _create_graph,
+    _delta_of,
+    _differentiable_grads,
+    _flatten,
+    _lora_backward,
+    _warn_plain_torch,
+)
 from datalora.ops.validation import check_molora_inputs
 
 __all__ = ["NF4Linear", "is_nf4_base", "nf4_base_forward", "nf4_compute_dtype",
@@ -363,11 +372,20 @@ def _nf4_linear_backward(ctx, grad_y, _grad_h):
     need = ctx.needs_input_grad
     grad = grad_y.to(ctx.dtype).contiguous()
     lora_needs = [need[i] for i in (1, 10, 11, 13, 14)]
+    dbias = grad.sum(0) if need[9] else None
+    if _create_graph(grad, lora_x):  # differentiable gradients, in plain torch ops
+        _warn_plain_torch("triton", *_DOUBLE_BACKWARD)
+        dlx, dA, dB, dg, drs = _differentiable_grads(
+            _delta_of(expert_ids, ctx.scaling), (lora_x, A, B, gates, rank_scale), lora_needs,
+            grad)
+        w = nf4.dequantize(_nf4_of(*weight, ctx.shape, ctx.blocksize, grad.dtype), grad.dtype)
+        dx = grad @ w if need[0] else None
+        return (dx, dlx, None, None, None, None, None, None, None, dbias, dA, dB, None, dg, drs,
+                None)
     lora = _lora_backward(grad, lora_x, A, B, expert_ids, gates, rank_scale, h,
                           ctx.scaling, "triton", lora_needs)
     dlx, dA, dB, dg, drs = (g if n else None for g, n in zip(lora, lora_needs, strict=True))
     dx = _nf4_grad_x_op(grad, *weight, ctx.shape, ctx.blocksize) if need[0] else None
-    dbias = grad.sum(0) if need[9] else None
     return (dx, dlx, None, None, None, None, None, None, None, dbias, dA, dB, None, dg, drs,
             None)
 

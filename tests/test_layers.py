@@ -231,7 +231,8 @@ def test_torch_func_grad_vmap_jacrev_match_autograd(k):
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])
     for i in range(5):
         one = torch.autograd.grad(layer(x[i:i + 1]).pow(2).sum(), [layer.lora_A])[0]
-        torch.testing.assert_close(per_sample["lora_A"][i], one)
+        # other GEMM shapes than the batched call: fp32 rounding differs (thread count)
+        torch.testing.assert_close(per_sample["lora_A"][i], one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vmap(layer)(x), layer(x))
     jac = jacrev(layer)(x[0])
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(layer, x[0]))
@@ -346,7 +347,7 @@ def test_torch_func_warns_once_when_it_replaces_gpu_kernels(monkeypatch):
     import datalora.ops.molora as molora_ops
 
     monkeypatch.setattr(molora_ops, "resolve_backend", lambda backend, device: "triton")
-    monkeypatch.setattr(molora_ops, "_warned_composite", set())
+    monkeypatch.setattr(molora_ops, "_warned_plain_torch", set())
     layer = _random_layer()
     x = torch.randn(4, 16)
     with pytest.warns(UserWarning, match="plain torch ops, not the 'triton' kernels"):

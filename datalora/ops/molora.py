@@ -14,7 +14,10 @@ requires grad, or grad mode off) the eager path calls the backend directly.
 Inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``: per-sample
 gradients, Jacobians) neither composes (their autograd is a custom one), so the ops run
 the torch backend's math as plain torch ops there, which the transforms handle like any
-torch code (a one-time warning when that replaces GPU kernels).
+torch code (a one-time warning when that replaces GPU kernels). Likewise a backward run
+with ``create_graph=True`` (gradient penalties, Hessian-vector products) recomputes its
+gradients through that math, so autograd can differentiate them again; the kernels'
+backward is not itself differentiable.
 """
 
 from __future__ import annotations
@@ -76,6 +79,48 @@ def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs):
                  for t, need in zip(like, needs, strict=True))
 
 
+_warned_plain_torch: set[tuple[str, str]] = set()
+
+
+def _warn_plain_torch(backend: str, where: str, why: str) -> None:
+    """Warns once per (backend, situation) that the ops run as plain torch ops ``where``
+    instead of ``backend``'s kernels; nothing to say for the torch backend."""
+    if backend != "torch" and (backend, where) not in _warned_plain_torch:
+        _warned_plain_torch.add((backend, where))
+        warnings.warn(f"datalora ops {where} run as plain torch ops, not the {backend!r} "
+                      f"kernels ({why})", UserWarning, stacklevel=5)
+
+
+def _create_graph(grad: torch.Tensor, x: torch.Tensor) -> bool:
+    """True when this backward runs with ``create_graph=True`` (autograd keeps grad mode on
+    for it) in eager mode: its gradients will be differentiated again."""
+    return torch.is_grad_enabled() and not _tracing(grad, x)
+
+
+def _differentiable_grads(fn, inputs, needs, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """Gradients of ``fn(*inputs)`` weighted by ``grad`` for the inputs flagged in ``needs``
+    (None for the others), recorded by autograd so they can be differentiated again: the
+    backward of a double backward. The inputs are the tensors the forward saved, which
+    keep their autograd history."""
+    wrt = [t for t, need in zip(inputs, needs, strict=True) if need]
+    if not wrt:
+        return [None] * len(needs)
+    grads = iter(torch.autograd.grad(fn(*inputs), wrt, grad, create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if need else None for need in needs]
+
+
+def _delta_of(expert_ids: torch.Tensor, scaling: float):
+    """``(x, A, B, gates, rank_scale) -> delta`` in plain torch ops for one routing."""
+    def delta(x, A, B, gates, rank_scale):
+        return torch_backend.delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling)
+    return delta
+
+
+_DOUBLE_BACKWARD = ("in a double backward (create_graph=True)",
+                    "the kernels' backward is not itself differentiable")
+
+
 def _lora_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs,
                    dx_out=None):
     """``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None or empty.
@@ -104,6 +149,12 @@ def _delta_backward(ctx, grad_delta, _grad_h):
         return (None,) * 8
     x, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
+    if _create_graph(grad_delta, x):
+        _warn_plain_torch(ctx.backend, *_DOUBLE_BACKWARD)
+        dx, dA, dB, dg, drs = _differentiable_grads(
+            _delta_of(expert_ids, ctx.scaling), (x, A, B, gates, rank_scale), needs,
+            grad_delta.to(x.dtype))
+        return dx, dA, dB, None, dg, drs, None, None
     dx, dA, dB, dg, drs = _lora_backward(
         grad_delta.to(x.dtype).contiguous(), x, A, B, expert_ids, gates, rank_scale, h, ctx.scaling,
         ctx.backend, needs)
@@ -142,6 +193,15 @@ def _linear_backward(ctx, grad_y, _grad_h):
     x, weight, A, B, expert_ids, gates, rank_scale, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_y = grad_y.to(x.dtype).contiguous()
+    dbias = grad_y.sum(0) if ctx.has_bias and need[2] else None
+    if _create_graph(grad_y, x):
+        _warn_plain_torch(ctx.backend, *_DOUBLE_BACKWARD)
+        delta = _delta_of(expert_ids, ctx.scaling)
+        dx, dW, dA, dB, dg, drs = _differentiable_grads(
+            lambda x, W, A, B, g, rs: F.linear(x, W) + delta(x, A, B, g, rs),
+            (x, weight, A, B, gates, rank_scale), [need[i] for i in (0, 1, 3, 4, 6, 7)],
+            grad_y)
+        return dx, dW, dbias, dA, dB, None, dg, drs, None, None
     lora_needs = [need[i] for i in (0, 3, 4, 6, 7)]
     base_dx = grad_y @ weight if need[0] else None  # the LoRA part of dx is added into it
     dx, dA, dB, dg, drs = _lora_backward(
@@ -149,7 +209,6 @@ def _linear_backward(ctx, grad_y, _grad_h):
         base_dx)
     dx = dx if need[0] else None
     dW = grad_y.T @ x if need[1] else None
-    dbias = grad_y.sum(0) if ctx.has_bias and need[2] else None
     lora = [g if n else None for g, n in zip((dA, dB, dg, drs), lora_needs[1:], strict=True)]
     return dx, dW, dbias, lora[0], lora[1], None, lora[2], lora[3], None, None
 
@@ -198,18 +257,12 @@ def _under_torch_func() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
-_warned_composite: set[str] = set()
-
-
 def _composite_delta(x, A, B, ids, gates, rank_scale, scaling, backend: str):
     """Under a torch.func transform: the torch backend's math as plain torch ops
     (:func:`~datalora.ops.torch_backend.delta_composite`); the kernels' custom autograd
     does not compose with the transforms. Warns once when that replaces GPU kernels."""
-    if backend != "torch" and backend not in _warned_composite:
-        _warned_composite.add(backend)
-        warnings.warn(f"datalora ops under a torch.func transform run as plain torch ops, "
-                      f"not the {backend!r} kernels (their custom autograd does not compose "
-                      f"with grad / vmap / jacrev)", UserWarning, stacklevel=4)
+    _warn_plain_torch(backend, "under a torch.func transform",
+                      "their custom autograd does not compose with grad / vmap / jacrev")
     return torch_backend.delta_composite(x, A, B, ids, gates, rank_scale, scaling)
 
 

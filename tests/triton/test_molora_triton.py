@@ -235,6 +235,41 @@ def test_molora_linear_opcheck(device):
     torch.library.opcheck(op, (x, A, B, ids, g, rs, 0.5, "triton"))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_double_backward_matches_reference_and_warns_once(fused, device, monkeypatch):
+    """``create_graph=True`` through the triton ops: the gradients are recomputed in plain
+    torch ops (differentiable), with a one-time warning naming the backend."""
+    import warnings
+
+    import datalora.ops.molora as molora_ops
+
+    monkeypatch.setattr(molora_ops, "_warned_plain_torch", set())
+    x, A, B, ids, g, rs = make_inputs(9, 16, 12, 4, 4, 2, torch.float32, device)
+    W = torch.randn(12, 16, device=device)
+    inputs = (x, W, A, B, g, rs)
+    vectors = tuple(torch.randn_like(t) for t in inputs)
+
+    def model(backend):
+        def fn(x, W, A, B, g, rs):
+            if backend == "reference":
+                y = molora_linear_reference(x, W, None, A, B, ids, g, rs, 0.5)
+            elif fused:
+                y = ops.molora_linear(x, W, None, A, B, ids, g, rs, 0.5, backend=backend)
+            else:
+                y = x @ W.T + ops.molora_delta(x, A, B, ids, g, rs, 0.5, backend=backend)
+            return y.tanh().sum()
+        return fn
+
+    with pytest.warns(UserWarning, match="double backward.*not the 'triton' kernels"):
+        _, got = torch.autograd.functional.hvp(model("triton"), inputs, vectors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.autograd.functional.hvp(model("triton"), inputs, vectors)  # warned once
+    _, want = torch.autograd.functional.hvp(model("reference"), inputs, vectors)
+    for name, a, b in zip(["x", "W", "A", "B", "gates", "rank_scale"], got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------------- GPU only (bf16, large)
 
 @pytest.mark.gpu
