@@ -180,19 +180,26 @@ class MoLoRALinear(nn.Module):
         # flag baked into a graph would check on every call); the layer's own top-k router
         # yields valid ids by construction: no host sync
         check = not own and not torch.compiler.is_compiling() \
-            and routing.take_value_check(self.num_experts)
+            and routing.needs_value_check(self.num_experts)
+        y = self._adapted(x, routing.expert_ids, A, B, gates, rank_scale, check)
+        if check:  # the op validated the values (else it raised)
+            routing.mark_values_checked(self.num_experts)
+        return y
+
+    def _adapted(self, x, expert_ids, A, B, gates, rank_scale, check: bool) -> torch.Tensor:
+        """Base output + MoLoRA delta (inputs cast to x's dtype) on the fastest path."""
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
             lora_x = self.lora_dropout(x) if self.training else x
-            return nf4_molora_linear(self.base_layer, x, lora_x, A, B, routing.expert_ids, gates,
+            return nf4_molora_linear(self.base_layer, x, lora_x, A, B, expert_ids, gates,
                                      rank_scale, self.scaling, self.backend, check_values=check)
         plain = self._plain_base()
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
         if plain and no_dropout:  # fused: the expand accumulates into the base GEMM's output
             return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
-                                     routing.expert_ids, gates, rank_scale, self.scaling,
+                                     expert_ids, gates, rank_scale, self.scaling,
                                      self.backend, check_values=check)
         delta = ops.molora_delta(x if no_dropout else self.lora_dropout(x), A, B,
-                                 routing.expert_ids, gates, rank_scale, self.scaling,
+                                 expert_ids, gates, rank_scale, self.scaling,
                                  self.backend, check_values=check)
         base = (F.linear(x, self.base_layer.weight, self.base_layer.bias) if plain
                 else self.base_layer(x))

@@ -8,6 +8,7 @@ layer reuses it, including the expert-sorted permutation that grouped kernels ne
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,36 @@ class ExpertPermutation:
 
     order: torch.Tensor
     expert_offsets: torch.Tensor
+
+
+class _TensorsState:
+    """The identity (weak references) and version counters of a few tensors (None allowed):
+    :meth:`same` is True while exactly those tensor objects come back unmodified. Object
+    identity, not ``id()``: a tensor allocated after another was freed may reuse its
+    ``id``, and a fresh tensor's version is 0 like any unmodified one's."""
+
+    __slots__ = ("refs", "versions")
+
+    def __init__(self, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self.versions = tuple(None if t is None else t._version for t in tensors)
+
+    @classmethod
+    def of(cls, *tensors: torch.Tensor | None) -> _TensorsState | None:
+        """The state of ``tensors``, or None for inference tensors (no version counter)."""
+        try:
+            return cls(tensors)
+        except RuntimeError:
+            return None
+
+    def same(self, *tensors: torch.Tensor | None) -> bool:
+        try:
+            return len(tensors) == len(self.refs) and all(
+                (t is None and ref is None) or (ref is not None and ref() is t
+                                                and t._version == version)
+                for t, ref, version in zip(tensors, self.refs, self.versions, strict=True))
+        except RuntimeError:
+            return False
 
 
 def sort_routes(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
@@ -61,8 +92,11 @@ class Routing:
     rank_scale: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
     _trusted: bool = field(default=False, repr=False)
-    _permutations: dict[tuple, ExpertPermutation] = field(default_factory=dict, repr=False)
-    _values_checked: set[tuple] = field(default_factory=set, repr=False)
+    # num_experts -> (state of expert_ids, its sort): the latest state only
+    _permutations: dict[int, tuple[_TensorsState, ExpertPermutation]] = field(
+        default_factory=dict, repr=False)
+    # num_experts -> state of (expert_ids, gates, rank_scale) whose values passed the check
+    _values_checked: dict[int, _TensorsState] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("expert_ids", "gates", "rank_scale", "router_probs"):
@@ -85,49 +119,48 @@ class Routing:
     def top_k(self) -> int:
         return self.expert_ids.shape[-1]
 
-    def _state(self, *tensors: torch.Tensor | None) -> tuple | None:
-        """Identity and version counter of ``tensors`` (None for inference tensors, which
-        have none: nothing cached)."""
-        try:
-            return tuple((id(t), t._version) for t in tensors if t is not None)
-        except RuntimeError:
-            return None
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the sort / value-check caches behind (they hold weak
+        references to this object's tensors, not the copy's)."""
+        return {**self.__dict__, "_permutations": {}, "_values_checked": {}}
+
+    def _decision(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.expert_ids, self.gates, self.rank_scale
 
     def permutation(self, num_experts: int) -> ExpertPermutation:
         """Routes sorted by expert, computed on first use and shared by every layer (again
         after ``expert_ids`` changes; every call for a routing you built yourself)."""
-        state = self._state(self.expert_ids) if self._trusted else None
-        if state is None:
+        if not self._trusted:
             return sort_routes(self.expert_ids, num_experts)
-        key = (num_experts, state)
-        if key not in self._permutations:
-            self._permutations.clear()  # older states never come back
-            self._permutations[key] = sort_routes(self.expert_ids, num_experts)
-        return self._permutations[key]
+        cached = self._permutations.get(num_experts)
+        if cached is not None and cached[0].same(self.expert_ids):
+            return cached[1]
+        perm = sort_routes(self.expert_ids, num_experts)
+        state = _TensorsState.of(self.expert_ids)
+        if state is not None:
+            self._permutations[num_experts] = (state, perm)
+        return perm
 
-    def take_value_check(self, num_experts: int) -> bool:
-        """True the first time a layer with ``num_experts`` experts uses this routing in its
-        current state: that layer validates the ids and gates on the host (a sync), the
-        others skip it."""
-        state = self._state(self.expert_ids, self.gates, self.rank_scale)
-        if state is None:
-            return True
-        key = (num_experts, state)
-        if key in self._values_checked:
-            return False
-        self._values_checked.add(key)
-        return True
+    def needs_value_check(self, num_experts: int) -> bool:
+        """True until a layer with ``num_experts`` experts validated the ids and gates of
+        this routing in its current state (:meth:`mark_values_checked`): that layer checks
+        them on the host (a sync), the others skip it."""
+        checked = self._values_checked.get(num_experts)
+        return checked is None or not checked.same(*self._decision())
+
+    def mark_values_checked(self, num_experts: int) -> None:
+        """Records that the current ids and gates passed the value check for
+        ``num_experts`` experts (call it after the check succeeded)."""
+        state = _TensorsState.of(*self._decision())
+        if state is not None:
+            self._values_checked[num_experts] = state
 
     def inherit_value_checks(self, source: Routing) -> None:
         """Counts the checks ``source`` passed in its current state as done here: this
         routing holds a subset of ``source``'s rows (e.g. the kept tokens)."""
-        state = self._state(self.expert_ids, self.gates, self.rank_scale)
-        current = source._state(source.expert_ids, source.gates, source.rank_scale)
-        if state is None or current is None:
-            return
-        self._values_checked.update((num_experts, state)
-                                    for num_experts, checked in source._values_checked
-                                    if checked == current)
+        for num_experts, checked in source._values_checked.items():
+            if checked.same(*source._decision()):
+                self.mark_values_checked(num_experts)
 
     def expert_load(self, num_experts: int) -> torch.Tensor:
         """``[E]`` fraction of routes sent to each expert (ids outside ``[0, E)`` fail an

@@ -386,6 +386,38 @@ def test_a_changed_routing_is_checked_and_sorted_again():
         assert r.permutation(4).expert_offsets.tolist() == [0, 0, 10, 10, 10]
 
 
+def test_a_reassigned_field_is_checked_even_when_its_id_is_reused():
+    """A new tensor may take the ``id`` of the one it replaced (just freed) and starts at
+    version 0: the value check keys on the object itself, so every bad reassignment fails."""
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    x = torch.randn(5, 8)
+    for _ in range(50):
+        routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2), _trusted=True)
+        layer(x, routing=routing)
+        routing.permutation(4)
+        routing.expert_ids = torch.full((5, 2), 99)
+        with pytest.raises(ValueError, match="expert_ids: expected values in"):
+            layer(x, routing=routing)
+        with pytest.raises(ValueError, match="expert_ids: expected values in"):
+            layer(x, routing=routing)  # a failed check is not recorded as passed
+        assert routing.permutation(4).expert_offsets.tolist() == [0, 0, 0, 0, 10]
+
+
+def test_routing_copies_leave_their_caches_behind():
+    import copy
+    import pickle
+
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    x = torch.randn(5, 8)
+    routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2), _trusted=True)
+    routing.permutation(4)
+    y = layer(x, routing=routing)
+    for clone in (copy.deepcopy(routing), pickle.loads(pickle.dumps(routing))):
+        assert not clone._values_checked and not clone._permutations
+        assert clone.needs_value_check(4) and not routing.needs_value_check(4)
+        torch.testing.assert_close(layer(x, routing=clone), y)
+
+
 def test_routing_fields_shapes_and_identity():
     with pytest.raises(TypeError, match="expert_ids: expected a torch.Tensor, got list"):
         Routing([[0], [1]], torch.ones(2, 1))
