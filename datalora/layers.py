@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from datalora import ops
 from datalora.checks import check_finite, check_int
+from datalora.init_linear import NormalInitLinear
 from datalora.nf4_linear import (
     is_nf4_base,
     nf4_base_forward,
@@ -117,8 +118,8 @@ class MoLoRALinear(nn.Module):
                                                device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank,
                                                device=device, dtype=dtype))
-        self.router = (nn.Linear(self.in_features, num_experts, bias=False, device=device,
-                                 dtype=dtype) if router else None)
+        self.router = (NormalInitLinear(self.in_features, num_experts, bias=False, std=0.02,
+                                        device=device, dtype=dtype) if router else None)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_routing: Routing | None = None
         self.reset_lora_parameters()
@@ -130,7 +131,13 @@ class MoLoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
             self.lora_B.zero_()
             if self.router is not None:
-                nn.init.normal_(self.router.weight, std=0.02)
+                self.router.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The adapter's initialisation (:meth:`reset_lora_parameters`), under the name
+        torch's meta-device recipe calls on every module after ``to_empty()``; the base
+        layer is a module of its own (its weights come from a checkpoint)."""
+        self.reset_lora_parameters()
 
     def __setattr__(self, name: str, value) -> None:
         # ``weight`` / ``bias`` belong to the base layer (read-only properties here): Hugging

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from datalora.checks import check_int
+from datalora.init_linear import NormalInitLinear, XavierInitLinear
 from datalora.routing import Routing
 
 _EPS = 1e-10
@@ -141,17 +142,17 @@ class UnifiedSaliencyNetwork(nn.Module):
         self.hidden_size, self.num_experts, self.rank, self.top_k = (
             hidden_size, num_experts, rank, top_k)
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
-        self.backbone = nn.Sequential(nn.Linear(hidden_size, h), nn.GELU(),
-                                      nn.Linear(h, h), nn.GELU())
-        # heads see [token features, causal mean of the sequence's features so far]
-        self.score_head = nn.Linear(2 * h, 1)
-        self.router_head = nn.Linear(2 * h, num_experts)
-        self.rank_head = nn.Linear(2 * h, rank)
+        self.backbone = nn.Sequential(XavierInitLinear(hidden_size, h), nn.GELU(),
+                                      XavierInitLinear(h, h), nn.GELU())
+        # heads see [token features, causal mean of the sequence's features so far]; a rank
+        # bias of 2 starts rank_scale = sigmoid(2) ~ 0.88: every rank dimension in use
+        self.score_head = NormalInitLinear(2 * h, 1, std=0.02)
+        self.router_head = NormalInitLinear(2 * h, num_experts, std=0.02)
+        self.rank_head = NormalInitLinear(2 * h, rank, std=0.02, bias_value=2.0)
         self.tau = float(temperature)
         self.hard = False
         # score above which a token is kept at generation time (NaN: not calibrated)
         self.register_buffer("keep_threshold", torch.tensor(float("nan")))
-        self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
         """Module-wide casts (``model.to(torch.bfloat16)``, ``.half()``) move the network and
@@ -166,15 +167,11 @@ class UnifiedSaliencyNetwork(nn.Module):
         return super()._apply(fp32, recurse)
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            for layer in self.backbone:
-                if isinstance(layer, nn.Linear):
-                    nn.init.xavier_uniform_(layer.weight)
-                    layer.bias.zero_()
-            for head, std, bias in ((self.score_head, 0.02, 0.0), (self.router_head, 0.02, 0.0),
-                                    (self.rank_head, 0.02, 2.0)):
-                nn.init.normal_(head.weight, std=std)
-                head.bias.fill_(bias)
+        """Re-initialises every linear layer (each also does on its own under a module walk:
+        Xavier backbone, N(0, 0.02) heads, rank-head bias 2)."""
+        for layer in (*self.backbone, self.score_head, self.router_head, self.rank_head):
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
     def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -432,3 +432,26 @@ def test_routing_fields_shapes_and_identity():
     bad = Routing(torch.tensor([[5]]), torch.ones(1, 1))
     with pytest.raises(RuntimeError, match=r"expert_load: expert ids outside \[0, 2\)"):
         bad.expert_load(2)
+
+
+def test_meta_device_materialisation_gives_the_documented_init():
+    """torch's recipe: build on ``meta``, ``to_empty()``, then ``reset_parameters()`` on
+    every module that has one (FSDP, torchtitan): B zeros (the layer equals its base),
+    router N(0, 0.02); the saliency network's heads keep their own init too."""
+    from datalora.saliency import UnifiedSaliencyNetwork
+
+    with torch.device("meta"):
+        layer = MoLoRALinear(nn.Linear(256, 64), num_experts=8, rank=4, alpha=8)
+        usn = UnifiedSaliencyNetwork(hidden_size=32, num_experts=4, rank=4, top_k=2)
+    for module in (layer, usn):
+        module.to_empty(device="cpu")
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    assert not layer.lora_B.any() and layer.lora_A.abs().max() <= 1 / 256 ** 0.5 * 1.01
+    assert 0.015 < layer.router.weight.std() < 0.025
+    assert torch.equal(usn.rank_head.bias, torch.full((4,), 2.0))
+    assert 0.015 < usn.router_head.weight.std() < 0.025 and not usn.router_head.bias.any()
+    assert not usn.backbone[0].bias.any()
