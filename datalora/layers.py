@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _torch_module
 
 from datalora import ops
 from datalora.checks import check_finite, check_int
@@ -21,7 +22,7 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES
-from datalora.ops.validation import check_tensor
+from datalora.ops.validation import check_float, check_tensor
 from datalora.routing import Routing, topk_routing
 
 
@@ -50,6 +51,11 @@ def adapters_off(layers: Sequence[MoLoRALinear]) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, enabled, strict=True):
             layer.adapter_enabled = flag
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
 
 
 class MoLoRALinear(nn.Module):
@@ -213,26 +219,43 @@ class MoLoRALinear(nn.Module):
         return base + delta
 
     def _check_inputs(self, x: object, routing: object) -> None:
-        """``x [..., in_features]`` and ``routing`` (None or a ``Routing``), named before the
-        router or the op would fail on them."""
+        """``x [..., in_features]`` and ``routing`` (None or a ``Routing`` with float gates
+        and rank_scale), named before the router, dropout, base or op would fail on them.
+        Outside autocast, x must have the dtype of an ``nn.Linear`` base's weight (unless
+        the base's own forward or a pre-hook may convert it)."""
         check_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [..., in_features={self.in_features}], "
                              f"got {tuple(x.shape)}")
-        if routing is not None and not isinstance(routing, Routing):
-            raise TypeError(f"routing: expected a datalora.Routing or None, "
-                            f"got {type(routing).__name__}")
+        check_float("x", x)
+        base = self.base_layer
+        if (not self._nf4_base and x.dtype != base.weight.dtype
+                and not _autocast_enabled(x.device.type)
+                and type(base).forward is nn.Linear.forward and "forward" not in base.__dict__
+                and not base._forward_pre_hooks):
+            raise ValueError(f"x: expected dtype {base.weight.dtype} (that of base_layer.weight;"
+                             f" torch.autocast mixes dtypes), got {x.dtype}")
+        if routing is not None:
+            if not isinstance(routing, Routing):
+                raise TypeError(f"routing: expected a datalora.Routing or None, "
+                                f"got {type(routing).__name__}")
+            check_float("gates", routing.gates)
+            if routing.rank_scale is not None:
+                check_float("rank_scale", routing.rank_scale)
 
     def _plain_base(self) -> bool:
         """True when ``base_layer(x)`` is exactly ``F.linear(x, weight, bias)``: an
         ``nn.Linear`` whose ``forward`` is not overridden (by a subclass or on the instance,
-        as accelerate's hooks do) and that has no module hooks. Else the layer calls
+        as accelerate's hooks do) and that has no module hooks (its own or global ones:
+        ``register_module_forward_hook`` and friends). Else the layer calls
         ``base_layer(x)`` (a custom forward, hooks, old-style ``weight_norm``'s pre-hook run
         as with the adapter disabled) and adds the delta."""
-        base = self.base_layer
+        base, hooks = self.base_layer, _torch_module  # global hooks see every module's call
         return type(base).forward is nn.Linear.forward and "forward" not in base.__dict__ and not (
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-            or base._backward_pre_hooks)
+            or base._backward_pre_hooks or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -31,6 +31,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
@@ -44,6 +45,7 @@ from datalora.ops.molora import (
     _flatten,
     _lora_backward,
     _warn_plain_torch,
+    lora_flops,
 )
 from datalora.ops.validation import check_molora_inputs
 
@@ -388,6 +390,21 @@ def _nf4_linear_backward(ctx, grad_y, _grad_h):
     dx = _nf4_grad_x_op(grad, *weight, ctx.shape, ctx.blocksize) if need[0] else None
     return (dx, dlx, None, None, None, None, None, None, None, dbias, dA, dB, None, dg, drs,
             None)
+
+
+@register_flop_formula(torch.ops.datalora.nf4_molora_linear)
+def _nf4_linear_flops(x_shape, lora_x_shape, data, absmax, nested_absmax, nested_code, offset,
+                      shape, blocksize, bias, A_shape, B_shape, ids_shape, *args,
+                      out_shape=None, **kwargs) -> int:
+    d_out, d_in = shape
+    return (2 * x_shape[0] * d_in * d_out
+            + lora_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out))
+
+
+@register_flop_formula(torch.ops.datalora.nf4_grad_x)
+def _nf4_grad_x_flops(grad_shape, data, absmax, nested_absmax, nested_code, offset, shape,
+                      blocksize, out_shape=None, **kwargs) -> int:
+    return 2 * grad_shape[0] * shape[0] * shape[1]
 
 
 _nf4_molora_linear_op.register_autograd(_nf4_linear_backward,

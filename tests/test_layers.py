@@ -455,3 +455,52 @@ def test_meta_device_materialisation_gives_the_documented_init():
     assert torch.equal(usn.rank_head.bias, torch.full((4,), 2.0))
     assert 0.015 < usn.router_head.weight.std() < 0.025 and not usn.router_head.bias.any()
     assert not usn.backbone[0].bias.any()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_x_of_the_wrong_dtype_is_named_on_every_path(dropout, hooked):
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, dropout=dropout)
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda m, i, o: None)
+    for x, fragment in ((torch.randn(2, 8, dtype=torch.float64), "x: expected dtype"),
+                        (torch.ones(2, 8, dtype=torch.long), "x: expected a floating dtype")):
+        with pytest.raises(ValueError, match=fragment):
+            layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes
+        assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field", ["gates", "rank_scale"])
+def test_integer_gates_or_rank_scale_are_refused_as_by_the_op(field):
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    values = dict(gates=torch.rand(2, 2), rank_scale=torch.rand(2, 3))
+    values[field] = torch.ones_like(values[field], dtype=torch.long)
+    routing = Routing(torch.randint(0, 4, (2, 2)), **values)
+    with pytest.raises(ValueError, match=f"{field}: expected a floating dtype"):
+        layer(torch.randn(2, 8), routing=routing)
+
+
+def test_flop_counter_and_global_hooks_see_the_base_gemm():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = MoLoRALinear(nn.Linear(64, 32), num_experts=4, rank=4, alpha=8, top_k=2)
+    x = torch.randn(16, 64, requires_grad=True)
+    T, d_in, d_out, k, r, E = 16, 64, 32, 2, 4, 4
+    base, lora, router = 2 * T * d_in * d_out, 2 * T * k * r * (d_in + d_out), 2 * T * d_in * E
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    assert counter.get_total_flops() == base + lora + router
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    # backward: base dx (frozen weight), router dW and dx, LoRA dB + dz (expand-sized) and
+    # dx + dA (shrink-sized)
+    assert counter.get_total_flops() == (base + lora + router) + (base + 2 * router + 2 * lora)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(m))
+    try:
+        layer(x)
+    finally:
+        handle.remove()
+    assert layer.base_layer in seen

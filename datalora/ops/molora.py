@@ -27,6 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
 from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
@@ -214,6 +215,40 @@ def _linear_backward(ctx, grad_y, _grad_h):
 
 
 _molora_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode; under it the custom ops run):
+# the routed work, 2 T k r per d of shrink and expand, whatever the strategy (the torch
+# backend's dense shrink / expand does E / k times that); plus the base GEMM.
+
+def lora_flops(T: int, k: int, r: int, d_in: int, d_out: int) -> int:
+    """FLOPs of one MoLoRA forward's routed work: shrink ``2 T k r d_in`` + expand
+    ``2 T k r d_out``."""
+    return 2 * T * k * r * (d_in + d_out)
+
+
+@register_flop_formula(torch.ops.datalora.molora_delta)
+def _delta_flops(x_shape, A_shape, B_shape, ids_shape, *args, out_shape=None, **kwargs) -> int:
+    return lora_flops(x_shape[0], ids_shape[1], A_shape[1], A_shape[2], B_shape[1])
+
+
+@register_flop_formula(torch.ops.datalora.molora_linear)
+def _linear_flops(x_shape, w_shape, bias_shape, A_shape, B_shape, ids_shape, *args,
+                  out_shape=None, **kwargs) -> int:
+    T, (d_out, d_in) = x_shape[0], w_shape
+    return 2 * T * d_in * d_out + lora_flops(T, ids_shape[1], A_shape[1], d_in, d_out)
+
+
+@register_flop_formula(torch.ops.datalora.molora_delta_backward)
+def _delta_backward_flops(grad_shape, x_shape, A_shape, B_shape, ids_shape, gates_shape,
+                          rank_scale_shape, h_shape, scaling, backend, needs, out_shape=None,
+                          **kwargs) -> int:
+    """dB and ``dz = dy B`` (each the expand's FLOPs), dx and dA (each the shrink's)."""
+    need_x, need_A, need_B, need_g, need_rs = needs
+    T, k, r = h_shape
+    expand, shrink = 2 * T * k * r * B_shape[1], 2 * T * k * r * A_shape[2]
+    dz = need_x or need_A or need_g or need_rs
+    return expand * (need_B + dz) + shrink * (need_x + need_A)
 
 
 def _eager_function(name: str, backend_forward: str, setup_context, backward) -> type:

@@ -205,6 +205,23 @@ def test_double_backward_through_the_fused_path(device, monkeypatch, spy):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_flop_counter_counts_the_fused_ops(device, monkeypatch, spy):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("DATALORA_NF4_FUSED", "1")
+    T, d_in, d_out, E, r, k = 6, 64, 24, 4, 4, 2
+    base = _base(d_in, d_out, 32, False, False, device)
+    x, A, B, ids, g, rs = make_inputs(T, d_in, d_out, E, r, k, torch.float32, device)
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    gemm, lora = 2 * T * d_in * d_out, 2 * T * k * r * (d_in + d_out)
+    with FlopCounterMode(display=False) as counter:
+        nf4_molora_linear(base, x, x, A, B, ids, g, rs, 0.5, "triton").sum().backward()
+    assert spy
+    # forward: base + LoRA; backward: dx of the base (nf4_grad_x), dB + dz, dx + dA
+    assert counter.get_total_flops() == (gemm + lora) + (gemm + 2 * lora)
+
+
 @pytest.mark.parametrize("dtype,eps", DTYPES)
 def test_lora_input_differs_and_batch_dims(dtype, eps, device, monkeypatch, spy):
     """lora_x != x (LoRA dropout): the base GEMM reads x, the shrink lora_x, each gets its
