@@ -15,9 +15,13 @@ import torch.nn as nn
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:
-    """The KV cache among a forward's kwargs (``cache`` or ``past_key_values``), or None."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
+    """The KV cache among a forward's kwargs (``cache``, ``past_key_values``, or the
+    ``layer_past`` Falcon / GPT-NeoX / Bloom decoder layers take), or None."""
+    for name in ("cache", "past_key_values", "layer_past"):
+        cache = kwargs.get(name)
+        if cache is not None and (name != "layer_past" or hasattr(cache, "get_seq_length")):
+            return cache
+    return None
 
 
 @functools.cache

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
@@ -37,6 +40,22 @@ class DATALORACausalLMOutput(CausalLMOutputWithPast):
 
     retention_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
+
+
+@functools.cache
+def output_with_aux_losses(output_class: type) -> type:
+    """``output_class`` (a ``ModelOutput`` dataclass: ``CausalLMOutputWithPast``,
+    ``MoeCausalLMOutputWithPast``, ...) with ``retention_loss`` and ``balance_loss`` fields;
+    :class:`DATALORACausalLMOutput` for ``CausalLMOutputWithPast``."""
+    if output_class is CausalLMOutputWithPast:
+        return DATALORACausalLMOutput
+    namespace = {
+        "__module__": __name__, "__qualname__": f"DATALORA{output_class.__name__}",
+        "__doc__": f"``{output_class.__name__}`` + the unweighted DATALORA aux losses.",
+        "__annotations__": {"retention_loss": torch.Tensor | None,
+                            "balance_loss": torch.Tensor | None},
+        "retention_loss": None, "balance_loss": None}
+    return dataclass(type(f"DATALORA{output_class.__name__}", (output_class,), namespace))
 
 
 def _is_target(name: str, targets: list[str]) -> bool:
@@ -65,6 +84,13 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear))
 
 
+def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -> str:
+    """``"; matching names that are not nn.Linear: [c_attn (Conv1D), ...]"`` or ``""``."""
+    others = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})" for n, m in modules
+                     if _is_target(n, targets) and not _adaptable(m)})
+    return f"; matching names that are not nn.Linear: {others}" if others else ""
+
+
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
     replaced, kept_16bit = [], []
@@ -91,17 +117,16 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
                       stacklevel=4)
     if not replaced:
         linears = sorted(linear_names)
-        others = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})"
-                         for n, m in model.named_modules() if _is_target(n, config.target_modules)})
-        hint = f"; matching names that are not nn.Linear: {others}" if others else ""
         raise ValueError(f"target_modules: none of {config.target_modules} matched an nn.Linear "
-                         f"of the model; its linear layers are named {linears}{hint}")
+                         f"of the model; its linear layers are named {linears}"
+                         f"{_not_linear_hint(modules, config.target_modules)}")
     matched = {n.rsplit(".", 1)[-1] for n in replaced}
     unmatched = [t for t in config.target_modules if t not in matched]
     if unmatched:
         warnings.warn(f"target_modules: {unmatched} matched no nn.Linear of the model (adapted: "
                       f"{sorted(matched)}; its other linear layers are named "
-                      f"{sorted(linear_names - matched)})", stacklevel=4)
+                      f"{sorted(linear_names - matched)}"
+                      f"{_not_linear_hint(modules, unmatched)})", stacklevel=4)
     return replaced
 
 
@@ -177,9 +202,9 @@ class DATALORAModel(nn.Module):
         :meth:`aux_losses`), so DDP sees the saliency network used in the graph."""
         outputs = self.base_model(*args, **kwargs)
         if self.runtime is not None and self.training and torch.is_grad_enabled() \
-                and isinstance(outputs, CausalLMOutputWithPast) \
+                and isinstance(outputs, ModelOutput) and dataclasses.is_dataclass(outputs) \
                 and self.runtime.last is not None:
-            return DATALORACausalLMOutput(**outputs, **self.aux_losses())
+            return output_with_aux_losses(type(outputs))(**outputs, **self.aux_losses())
         return outputs
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
@@ -359,7 +384,7 @@ class DATALORAModel(nn.Module):
             # writes leaves a pair load_adapter recognises as mismatched
             save_tensors(tensors, save_directory / WEIGHTS_NAME,
                          metadata={"format": "pt", "adapter_type": "datalora",
-                                   "datalora_config": config_json})
+                                   "datalora_config": config_json, **self._base_identity()})
             atomic_write_text(save_directory / CONFIG_NAME, config_json)
         if gathered_here:
             torch.distributed.barrier()  # no rank returns before the files exist
@@ -404,6 +429,14 @@ class DATALORAModel(nn.Module):
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
 
+    def _base_identity(self) -> dict[str, str]:
+        """``base_model_type`` / ``base_model_name_or_path`` of the base's HF config (those
+        it has), saved with the adapter: a load onto another architecture warns."""
+        config = getattr(self.base_model, "config", None)
+        identity = {"base_model_type": getattr(config, "model_type", None),
+                    "base_model_name_or_path": getattr(config, "_name_or_path", None)}
+        return {key: value for key, value in identity.items() if isinstance(value, str) and value}
+
     def _check_saved_config(self, folder: Path, weights: Path) -> None:
         """Raises ValueError when the config saved at ``folder`` (the weights file's copy, or
         ``adapter_config.json`` for adapters saved before it carried one) differs from this
@@ -411,7 +444,15 @@ class DATALORAModel(nn.Module):
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
-            embedded = (f.metadata() or {}).get("datalora_config")
+            metadata = f.metadata() or {}
+        embedded = metadata.get("datalora_config")
+        saved_type, here = metadata.get("base_model_type"), self._base_identity()
+        if saved_type and here.get("base_model_type") not in (None, saved_type):
+            trained_on = metadata.get("base_model_name_or_path") or saved_type
+            warnings.warn(f"path: the adapter at {folder} was trained on a {saved_type!r} model "
+                          f"({trained_on}) and this base is a {here['base_model_type']!r} one: "
+                          f"its tensors fit by name and shape, but the function differs",
+                          UserWarning, stacklevel=3)
         config_file = folder / CONFIG_NAME
         in_weights = None if embedded is None else _config_of(embedded)
         on_disk = _config_of(config_file.read_text()) if config_file.exists() else None

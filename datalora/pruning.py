@@ -232,20 +232,56 @@ def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "layers")
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a HF causal LM (``model.model.layers`` and similar)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "layers"):
+    """The decoder-layer list of a HF causal LM: ``model.model.layers`` and similar paths,
+    ``<base_model_prefix>.layers`` (GPT-NeoX's ``gpt_neox.layers``), else the ``ModuleList``
+    of the model's ``_no_split_modules`` blocks or of ``*DecoderLayer`` modules."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    paths = (*_LAYER_PATHS, *(f"{prefix}.{p}" for p in ("layers", "h", "decoder.layers")
+                              if prefix))
+    for path in paths:
         try:
             layers = model.get_submodule(path)
         except AttributeError:
             continue
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and \
-                type(module[0]).__name__.endswith("DecoderLayer"):
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (
+                type(module[0]).__name__ in blocks
+                or type(module[0]).__name__.endswith("DecoderLayer")):
             return module
-    raise ValueError(f"model: found no decoder-layer ModuleList in {type(model).__name__}")
+    raise ValueError(f"model: found no decoder-layer ModuleList in {type(model).__name__} "
+                     f"(tried {list(paths)} and lists of *DecoderLayer / _no_split_modules "
+                     f"blocks); shared routing and token pruning need one: use "
+                     f"routing='per_layer'")
+
+
+def _check_prunable(model: nn.Module) -> None:
+    """Refuses what token pruning cannot run: ALiBi attention (Bloom, MPT, Falcon with
+    ``alibi=True``: the position bias rides in the attention mask, which the pruned layers
+    replace) and MoE router logits (``output_router_logits``: the pruned layers' logits
+    cover the kept tokens only, the base's load-balancing loss needs all of them)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
+        raise ValueError(f"model: token pruning does not support ALiBi attention "
+                         f"({model_type or type(model).__name__}: the position bias is part "
+                         f"of the attention mask the pruned layers rebuild); use "
+                         f"routing='per_layer'")
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(_ROUTER_LOGITS_ERROR)
+
+
+_ROUTER_LOGITS_ERROR = (
+    "output_router_logits: not supported with token pruning (the pruned layers' router "
+    "logits cover the kept tokens only, and the base's load-balancing loss needs every "
+    "layer's over all tokens); set model.config.output_router_logits = False (DATALORA's "
+    "balance loss balances the LoRA experts)")
 
 
 def resolve_prune_range(prune_layers: list[int] | None, num_layers: int) -> tuple[int, int]:
@@ -349,6 +385,7 @@ class DATALORARuntime:
                  keep_last: bool = True):
         self.model, self.saliency = model, saliency
         self.layers = find_decoder_layers(model)
+        _check_prunable(model)
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
         self.retention = 1.0
         self.set_retention(retention)
@@ -464,6 +501,11 @@ class DATALORARuntime:
         if module.training and checkpointing:
             raise ValueError("gradient_checkpointing: not supported with the DATALORA saliency "
                              "/ pruning hooks (recomputation would re-run them); disable it")
+        router_logits = kwargs.get("output_router_logits")
+        if router_logits is None:
+            router_logits = getattr(getattr(module, "config", None), "output_router_logits", False)
+        if router_logits:
+            raise ValueError(_ROUTER_LOGITS_ERROR)
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]

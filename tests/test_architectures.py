@@ -1,0 +1,149 @@
+"""Decoder architectures other than Mistral (tiny random models from configs): what
+shared routing + pruning supports runs right, what it cannot support is refused up front."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from datalora import DATALORAConfig, get_datalora_model
+from datalora.hf_compat import cache_of
+
+VOCAB = 128
+
+
+def _build(config):
+    torch.manual_seed(0)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _falcon(alibi=False):
+    return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=4, new_decoder_architecture=False,
+                                     alibi=alibi)
+
+
+def _neox():
+    return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      max_position_embeddings=64)
+
+
+def _mixtral(router_logits=False):
+    return transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, output_router_logits=router_logits)
+
+
+def _shared(targets, **kwargs):
+    return DATALORAConfig(num_lora_experts=4, lora_rank=4, routing="shared", prune_layers=[1, 3],
+                          target_retention=0.5, target_modules=targets, **kwargs)
+
+
+def _randomise_adapter(model):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.saliency.score_head.weight.normal_(0, 1.0, generator=gen)
+
+
+def test_cache_of_reads_layer_past():
+    cache = transformers.DynamicCache()
+    assert cache_of({"layer_past": cache}) is cache
+    assert cache_of({"past_key_values": cache, "layer_past": None}) is cache
+    assert cache_of({"layer_past": (torch.zeros(1), torch.zeros(1))}) is None  # legacy tuples
+
+
+@pytest.mark.parametrize("make, targets", [
+    (_falcon, ["query_key_value", "dense"]),            # layers take the cache as layer_past
+    (_neox, ["query_key_value", "dense"]),              # gpt_neox.layers, layer_past
+])
+def test_cached_generation_with_pruning_equals_uncached(make, targets):
+    model = get_datalora_model(_build(make()), _shared(targets), verbose=False)
+    _randomise_adapter(model)
+    model.eval()
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids)
+        model.runtime.calibrate(model.runtime.last.saliency.token_scores, retention=0.5)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        prompt, mask = ids[:, :8].clone(), torch.ones(2, 8, dtype=torch.long)
+        prompt[0, :3], mask[0, :3] = 0, 0
+        cached = model.generate(prompt, attention_mask=mask, use_cache=True, **kw)
+        uncached = model.generate(prompt, attention_mask=mask, use_cache=False, **kw)
+        assert torch.equal(cached, uncached)
+        full = model(ids).logits
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+        chunk = model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(chunk, full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    (lambda: _falcon(alibi=True), "ALiBi attention"),
+    (lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4),
+     "ALiBi attention"),
+    (lambda: _mixtral(router_logits=True), "output_router_logits"),
+])
+def test_unsupported_pruning_is_refused_at_construction(config, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        get_datalora_model(_build(config()), _shared(["query_key_value", "dense", "q_proj"]),
+                           verbose=False)
+
+
+def test_router_logits_requested_per_call_are_refused():
+    model = get_datalora_model(_build(_mixtral()), _shared(["q_proj", "v_proj"]),
+                               verbose=False)
+    with pytest.raises(ValueError, match="output_router_logits"):
+        model(torch.randint(4, VOCAB, (1, 6)), output_router_logits=True)
+
+
+def test_moe_outputs_carry_the_aux_losses():
+    model = get_datalora_model(_build(_mixtral()), _shared(["q_proj", "v_proj"]),
+                               verbose=False)
+    model.train()
+    out = model(torch.randint(4, VOCAB, (2, 8)), labels=torch.randint(4, VOCAB, (2, 8)))
+    assert type(out).__name__ == "DATALORAMoeCausalLMOutputWithPast"
+    assert isinstance(out, transformers.modeling_outputs.MoeCausalLMOutputWithPast)
+    (out.loss + out.retention_loss + out.balance_loss).backward()
+    assert model.saliency.score_head.weight.grad is not None
+
+
+def test_no_decoder_layers_error_points_to_per_layer_routing():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.config = transformers.PretrainedConfig(hidden_size=8)
+
+    with pytest.raises(ValueError, match="routing='per_layer'"):
+        get_datalora_model(Tiny(), _shared(["proj"]), verbose=False)
+
+
+def test_an_adapter_loaded_onto_another_architecture_warns(tmp_path):
+    llama = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2)
+    qwen = transformers.Qwen2Config(**{k: getattr(llama, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads")})
+    config = DATALORAConfig(num_lora_experts=2, lora_rank=2, target_modules=["o_proj"])
+    get_datalora_model(_build(llama), config, verbose=False).save_pretrained(tmp_path)
+    from datalora import DATALORAModel
+
+    with pytest.warns(UserWarning, match="trained on a 'llama' model"):
+        DATALORAModel.from_pretrained(_build(qwen), tmp_path)
+
+
+def test_partial_match_warning_names_conv1d_targets():
+    gpt2 = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                   n_positions=64)
+    with pytest.warns(UserWarning, match=r"not nn.Linear: \['c_attn \(Conv1D\)'\]"):
+        get_datalora_model(_build(gpt2), DATALORAConfig(
+            num_lora_experts=2, lora_rank=2, target_modules=["c_attn", "lm_head"]),
+            verbose=False)
