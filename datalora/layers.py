@@ -22,6 +22,7 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES
+from datalora.ops.molora import _autocast
 from datalora.ops.validation import check_float, check_tensor
 from datalora.routing import Routing, topk_routing
 
@@ -174,17 +175,24 @@ class MoLoRALinear(nn.Module):
             raise ValueError("routing: this MoLoRALinear has no router (router=False); "
                              "pass routing=Routing(...)")
         x2 = x.reshape(-1, x.shape[-1])
-        return topk_routing(self.router(x2.to(self.router.weight.dtype)), self.top_k)
+        # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save an
+        # fp32 copy of x for its weight gradient, twice the size of x itself
+        return topk_routing(F.linear(x2, self.router.weight.to(x2.dtype)), self.top_k)
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:  # an NF4 base as in the adapted path (no bnb repack)
             return nf4_base_forward(self.base_layer, x) if self._nf4_base else self.base_layer(x)
         self._check_inputs(x, routing)
+        (x,) = _autocast(x)  # once: the router and the op then save the same cast of x
         own = routing is None
         if own:
             routing = self.route(x)
-        self.__dict__["last_routing"] = routing  # a plain attribute: skips Module.__setattr__
+        # a plain attribute (skips Module.__setattr__); detached: the record must not keep
+        # this forward's graph alive (an eval forward without no_grad, a skipped step)
+        self.__dict__["last_routing"] = Routing(
+            routing.expert_ids, routing.gates.detach(),
+            None if routing.rank_scale is None else routing.rank_scale.detach())
         dtype = x.dtype
         A, B = _in_dtype(self.lora_A, dtype), _in_dtype(self.lora_B, dtype)
         gates = _in_dtype(routing.gates, dtype)

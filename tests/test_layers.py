@@ -504,3 +504,68 @@ def test_flop_counter_and_global_hooks_see_the_base_gemm():
     finally:
         handle.remove()
     assert layer.base_layer in seen
+
+
+def _saved_tensors(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_fp32_adapter_on_bf16_base_saves_x_once_in_bf16():
+    """The router computes in x's dtype: no fp32 copy of bf16 x is kept for backward."""
+    layer = MoLoRALinear(nn.Linear(32, 16).bfloat16(), num_experts=4, rank=4, alpha=8,
+                         dtype=torch.float32)
+    nn.init.normal_(layer.lora_B)  # B = 0 at init: no gradient would reach the router
+    x = torch.randn(8, 32, dtype=torch.bfloat16, requires_grad=True)
+    y, saved = _saved_tensors(lambda: layer(x))
+    assert not [t for t in saved if t.shape == x.shape and t.dtype == torch.float32]
+    y.float().sum().backward()
+    assert layer.router.weight.grad.dtype == torch.float32 and layer.router.weight.grad.any()
+
+
+def test_autocast_saves_one_cast_of_x_and_no_weight_copy_without_dx():
+    layer = MoLoRALinear(nn.Linear(32, 16), num_experts=4, rank=4, alpha=8)
+    x = torch.randn(8, 32)  # needs no gradient (e.g. after a frozen embedding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, saved = _saved_tensors(lambda: layer(x))
+    casts = {t.untyped_storage().data_ptr() for t in saved
+             if t.shape == x.shape and t.dtype == torch.bfloat16}
+    assert len(casts) == 1  # router and op share one bf16 x
+    assert not [t for t in saved if t.shape == layer.weight.shape]
+    y.float().sum().backward()
+    assert layer.lora_A.grad is not None
+
+
+def test_last_routing_keeps_no_graph_alive():
+    import gc
+    import weakref
+
+    layer = MoLoRALinear(nn.Linear(16, 8), num_experts=4, rank=2, alpha=4)
+    x = torch.randn(6, 16, requires_grad=True)
+    hidden = x * 2
+    y = layer(hidden)  # a forward without backward (an eval loop without no_grad)
+    probe = weakref.ref(hidden)  # saved by the forward's graph while that graph lives
+    del y, hidden
+    gc.collect()
+    assert probe() is None
+    record = layer.last_routing
+    assert record.gates.grad_fn is None and record.router_probs is None
+    assert record.expert_ids.shape == (6, 2)
+
+
+def test_fp16_overflow_in_an_unrouted_expert_does_not_poison_routed_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, dtype=torch.float16)
+    A = torch.randn(4, 2, 8, dtype=torch.float16)
+    A[3] = 3e4  # expert 3: H overflows fp16, but no token routes to it
+    B = torch.randn(4, 6, 2, dtype=torch.float16, requires_grad=True)
+    ids, gates = torch.randint(0, 3, (16, 2)), torch.rand(16, 2, dtype=torch.float16)
+    A.requires_grad_(True)
+    out = ops.molora_delta(x, A, B, ids, gates, backend="torch")
+    assert torch.isfinite(out).all()
+    want = molora_delta_reference(x.double(), A.double(), B.double(), ids, gates.double())
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert torch.isfinite(B.grad).all() and torch.isfinite(A.grad[:3]).all()

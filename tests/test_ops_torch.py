@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from datalora import ops
 from datalora.ops import torch_backend
-from datalora.ops.eager import trust_routing
+from datalora.ops.eager import RoutingCache, eager_call, trust_routing
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
@@ -290,7 +290,7 @@ def _count_gate_matrix_builds(monkeypatch):
     real = torch_backend._gate_matrix
     monkeypatch.setattr(torch_backend, "_gate_matrix",
                         lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(torch_backend, "_tables_cache", None)
+    monkeypatch.setattr(torch_backend, "_tables_cache", RoutingCache())
     return calls
 
 
@@ -476,3 +476,24 @@ def test_tables_of_a_callers_routing_are_rebuilt_every_call(monkeypatch):
         out = ops.molora_delta(x, A, B, ids, gates, rs, 2.0, backend="torch")
     assert len(calls) == 2
     torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs, 2.0))
+
+
+def test_cached_tables_die_with_their_routing(monkeypatch):
+    """The one-entry caches hold tables only while the routing tensors live: a deleted
+    model's tables are not kept until the next call (torch tables, triton expert sort)."""
+    import gc
+
+    from datalora.ops import triton_backend
+
+    _count_gate_matrix_builds(monkeypatch)
+    monkeypatch.setattr(triton_backend, "_perm_cache", RoutingCache())
+    x, A, B, ids, gates, rs = _routed_inputs()
+    with eager_call():
+        torch_backend.routing_tables(ids, gates, rs, 6, 4, 1.0, x.dtype)
+        triton_backend.permutation(ids, 6)
+    assert torch_backend._tables_cache._entry is not None
+    assert triton_backend._perm_cache._entry is not None
+    del ids, gates, rs
+    gc.collect()
+    assert torch_backend._tables_cache._entry is None
+    assert triton_backend._perm_cache._entry is None

@@ -260,9 +260,13 @@ def test_titok_evidence_multi_seed_smoke(tmp_path):
 
     out = tmp_path / "titok.json"
     main(["--task", "lookup", "--base", "random", "--adapter-dir", str(tmp_path / "adapters"),
-          "--seed-prompts", "4", "--steps", "2", "--eval-rows", "2", "--seeds", "0", "1",
-          "--tune-keeps", "1:0.5", "0.5:1", "--out", str(out)])
+          "--seed-prompts", "4", "--steps", "2", "--source-steps", "3", "--eval-rows", "2",
+          "--seeds", "0", "1", "--tune-keeps", "1:0.5", "0.5:1", "--out", str(out)])
     report = json.loads(out.read_text())
+    assert report["config"]["source_steps"] == 3  # its own folder, not the 80-step adapters'
+    trained = json.loads((tmp_path / "adapters" / "steps-3" / "random" / "lookup"
+                          / "datalora_train.json").read_text())
+    assert trained["settings"]["steps"] == 3
     per_seed = report["eval_loss_per_seed"]
     assert sorted(per_seed) == ["0", "1"]
     for name in ("target_all_synthetic_tokens", "target_titok_selected"):

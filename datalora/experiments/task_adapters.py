@@ -32,6 +32,8 @@ from datalora.testing import (
 
 BASES: tuple[str, ...] = ("pretrained", "random")
 """Base model kinds: pretrained (:func:`build_pretrained_tiny_model`) or random init."""
+ADAPTER_STEPS = 80
+"""Default training steps of a task adapter (batch 8)."""
 ADAPTER_LR: dict[str, float] = {"pretrained": 3e-3, "random": 2e-2}
 """Default adapter learning rate per base kind. 2e-2 suits the random base; on the
 pretrained base it undoes the pretraining (validation loss above the base's), 3e-3 was the
@@ -79,7 +81,7 @@ def task_rows(task: str) -> list[dict[str, str]]:
 
 
 def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretrained",
-                       steps: int = 80, lr: float | None = None,
+                       steps: int = ADAPTER_STEPS, lr: float | None = None,
                        batch_size: int = 8, seed: int = 0, model_seed: int = 0,
                        model_kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
                        rows: list[dict[str, str]] | None = None,
@@ -135,7 +137,8 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
     return folder
 
 
-def train_task_adapters(out_dir: str | Path, *, base: str = "pretrained", steps: int = 80,
+def train_task_adapters(out_dir: str | Path, *, base: str = "pretrained",
+                        steps: int = ADAPTER_STEPS,
                         lr: float | None = None, progress: bool = True) -> dict[str, Path]:
     """One adapter per task of :data:`~datalora.data.TASKS`; returns ``{task: folder}``."""
     tokenizer = build_tokenizer()
@@ -146,7 +149,7 @@ def train_task_adapters(out_dir: str | Path, *, base: str = "pretrained", steps:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="tmp/task_adapters")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=ADAPTER_STEPS)
     p.add_argument("--lr", type=float, default=None, help="default: by base (ADAPTER_LR)")
     p.add_argument("--base", choices=BASES, default="pretrained")
     args = p.parse_args(argv)

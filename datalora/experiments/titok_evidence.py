@@ -14,6 +14,11 @@ with the untuned target as reference. Writes
     python -m datalora.experiments.titok_evidence --task sort --seed-prompts 192 \
         --seeds 0 1 2 --real-data-baseline \
         --tune-keeps 0.5:0.5 0.75:0.75 0.9:0.9 1:0.8 0.8:1 0.9:0.6
+
+The source adapter trains ``--source-steps`` steps (80 by default, as the LoRA-TLE task
+adapters) on the task's train rows, the seed prompts among them. Excess-based filtering
+needs a source that answers some seed prompts right and others wrong: at 80 steps the
+tiny source answers almost none; on lookup 1200 steps give about a third.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def _evaluate(model: Any, tokenizer: Any, splits: dict[str, list[dict[str, str]]
 def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str | None = None,
         adapter_dir: str = "/tmp/datalora_work/task_adapters", seed_prompts: int = 96,
         sample_keep: float = 0.5, token_keep: float = 0.5, steps: int = 60,
+        source_steps: int | None = None,
         lr: float | None = None,
         adapter: str = "lora", eval_rows: int = 50, out: str | None = None,
         tune_keeps: Sequence[tuple[float, float]] = (), seeds: Sequence[int] = (0,),
@@ -78,6 +84,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     from datalora.experiments.task_adapters import (
         ADAPTER_LR,
+        ADAPTER_STEPS,
         build_base_model,
         task_rows,
         train_task_adapter,
@@ -98,6 +105,8 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     seed_prompts = check_int("seed_prompts", seed_prompts, low=1)
     eval_rows = check_int("eval_rows", eval_rows, low=1)
     steps = check_int("steps", steps, low=1)
+    source_steps = check_int("source_steps", ADAPTER_STEPS if source_steps is None
+                             else source_steps, low=1)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct seeds, at least one, got {seeds}")
@@ -105,8 +114,11 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     lr = ADAPTER_LR[base] if lr is None else lr
     src_tok = build_tokenizer()
     tgt_tok = build_tokenizer(vocab_size=TARGET_KWARGS["vocab_size"])
+    if source_steps != ADAPTER_STEPS:  # not the LoRA-TLE evidence's cached task adapters
+        adapter_dir = f"{adapter_dir}/steps-{source_steps}"
     folder = source_adapter or str(train_task_adapter(task, adapter_dir, base=base,
-                                                      tokenizer=src_tok, progress=progress))
+                                                      steps=source_steps, tokenizer=src_tok,
+                                                      progress=progress))
     source = peft.PeftModel.from_pretrained(build_base_model(base, progress=progress),
                                             folder).eval()
 
@@ -202,7 +214,9 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         "config": {"task": task, "base": base,
                    "source": "embedded tiny Mistral (vocab 1024, h128, 4 layers)",
                    "target": TARGET_KWARGS, "target_tokenizer_vocab": len(tgt_tok),
-                   "source_adapter": folder, "seed_prompts": seed_prompts,
+                   "source_adapter": folder,
+                   "source_steps": None if source_adapter else source_steps,
+                   "seed_prompts": seed_prompts,
                    "sample_keep": sample_keep, "token_keep": token_keep,
                    "target_adapter": adapter, "train_steps": steps, "lr": lr, "seeds": seeds,
                    "eval_rows": len(splits["eval"]),
@@ -238,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed-prompts", type=int, default=96)
     p.add_argument("--sample-keep", type=float, default=0.5)
     p.add_argument("--token-keep", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=60, help="target LoRA training steps")
+    p.add_argument("--source-steps", type=int, default=None,
+                   help="training steps of the source task adapter, batch 8 (default: "
+                        "ADAPTER_STEPS of datalora.experiments.task_adapters, 80)")
     p.add_argument("--lr", type=float, default=None, help="default: by base (ADAPTER_LR)")
     p.add_argument("--adapter", choices=("lora", "molora"), default="lora")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -253,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     result = run(args.task, base=args.base, adapter_dir=args.adapter_dir,
                  seed_prompts=args.seed_prompts, sample_keep=args.sample_keep,
-                 token_keep=args.token_keep, steps=args.steps, lr=args.lr,
+                 token_keep=args.token_keep, steps=args.steps,
+                 source_steps=args.source_steps, lr=args.lr,
                  adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline,
                  seeds=args.seeds, eval_rows=args.eval_rows,
                  tune_keeps=[tuple(float(v) for v in pair.split(":")) for pair in args.tune_keeps])

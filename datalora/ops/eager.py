@@ -51,6 +51,48 @@ def _is_trusted(t: torch.Tensor) -> bool:
     return ref is not None and ref() is t
 
 
+class RoutingCache:
+    """One cached value keyed by routing tensors (weak references compared by identity,
+    with their version counters) and extra hashable fields. The entry is dropped as soon
+    as one of its tensors is freed: it never outlives the routing (a deleted model's tables
+    do not stay in memory until the next call)."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None  # (refs, versions, key, value, token)
+
+    def get(self, tensors: tuple[torch.Tensor | None, ...], key: tuple):
+        """The value stored for these unmodified tensor objects and ``key``, or None."""
+        entry = self._entry
+        if entry is None or entry[2] != key:
+            return None
+        refs, versions, _, value, _ = entry
+        try:
+            same = all((t is None and ref is None) or (
+                ref is not None and ref() is t and t._version == version)
+                for t, ref, version in zip(tensors, refs, versions, strict=True))
+        except RuntimeError:  # an inference tensor: no version counter
+            return None
+        return value if same else None
+
+    def put(self, tensors: tuple[torch.Tensor | None, ...], key: tuple, value) -> None:
+        """Stores ``value`` for ``tensors`` and ``key`` (not for inference tensors)."""
+        try:
+            versions = tuple(None if t is None else t._version for t in tensors)
+        except RuntimeError:
+            return
+        token = object()
+        drop = functools.partial(self._drop, token)
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
+        self._entry = (refs, versions, key, value, token)
+
+    def _drop(self, token: object, _ref: weakref.ref) -> None:
+        entry = self._entry
+        if entry is not None and entry[4] is token:
+            self._entry = None
+
+
 class eager_call:  # noqa: N801 -- used like a function: ``with eager_call(): ...``
     """Marks the backend calls inside as made from eager Python (see the module doc).
 
@@ -82,4 +124,4 @@ def may_cache_routing(*routing: torch.Tensor | None) -> bool:
     return not (tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-__all__ = ["eager_call", "may_cache_routing", "trust_routing"]
+__all__ = ["RoutingCache", "eager_call", "may_cache_routing", "trust_routing"]

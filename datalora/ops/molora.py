@@ -183,6 +183,11 @@ def _(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend):
 
 def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, backend = inputs
+    # the weight serves dx only (and its own gradient's double backward): under autocast it
+    # is a fresh low-precision copy, not worth keeping when x needs no gradient
+    need = getattr(ctx, "needs_input_grad", None)
+    if need is not None and not (need[0] or need[1]):
+        weight = None
     ctx.save_for_backward(x, weight, A, B, expert_ids, gates, rank_scale, output[1])
     ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
     ctx.set_materialize_grads(False)
@@ -199,7 +204,8 @@ def _linear_backward(ctx, grad_y, _grad_h):
         _warn_plain_torch(ctx.backend, *_DOUBLE_BACKWARD)
         delta = _delta_of(expert_ids, ctx.scaling)
         dx, dW, dA, dB, dg, drs = _differentiable_grads(
-            lambda x, W, A, B, g, rs: F.linear(x, W) + delta(x, A, B, g, rs),
+            lambda x, W, A, B, g, rs: delta(x, A, B, g, rs) if W is None
+            else F.linear(x, W) + delta(x, A, B, g, rs),
             (x, weight, A, B, gates, rank_scale), [need[i] for i in (0, 1, 3, 4, 6, 7)],
             grad_y)
         return dx, dW, dbias, dA, dB, None, dg, drs, None, None

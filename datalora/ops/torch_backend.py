@@ -13,6 +13,11 @@ cost a few percent of the base linear; on small layers (E*r close to d) they cos
 much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs and 3 other
 ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs and 11.
 
+Being dense, the ``dA`` GEMM sums over every token for every expert: a token whose x holds
+NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), where the Triton backend
+and a per-expert loop spoil only its routed experts' (outputs, dx and the other tokens'
+gradients stay clean on every backend).
+
 ``G`` and the route column index depend only on the routing (``expert_ids``, ``gates``,
 ``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
 objects: :func:`routing_tables` builds them once and reuses them while those tensors are
@@ -27,11 +32,10 @@ projections ``h [T, k, r]`` that ``delta_backward`` needs.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
-from datalora.ops.eager import may_cache_routing
+from datalora.ops.eager import RoutingCache, may_cache_routing
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 
@@ -74,46 +78,35 @@ class RoutingTables:
         self.gate_matrix = _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype)
 
     @functools.cached_property
+    def unrouted(self) -> torch.Tensor:
+        """``[T, E*r]`` bool, the columns ``G`` zeroes (fp16 only: see :func:`_gate`)."""
+        return self.gate_matrix == 0
+
+    @functools.cached_property
     def routed_gates(self) -> torch.Tensor:
         """``[T, k*r]`` the routed columns of ``G`` (``G`` gathered at ``index``)."""
         return self.gate_matrix.gather(1, self.index)
 
 
-_tables_cache: tuple | None = None
-
-
-def _cacheable(*tensors: torch.Tensor | None) -> tuple[int, ...] | None:
-    """Version counters of ``(expert_ids, gates, rank_scale)`` (0 for None), or None when a
-    result built from them must not be cached (:func:`datalora.ops.eager.may_cache_routing`:
-    only calls from eager Python; not leaves that require grad, not inference tensors)."""
-    if not may_cache_routing(*tensors):
-        return None
-    try:
-        return tuple(0 if t is None else t._version for t in tensors)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
+_tables_cache = RoutingCache()
 
 
 def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> RoutingTables:
     """:class:`RoutingTables` of a routing, reused while the same unmodified tensors come back.
 
-    One entry: layers sharing a ``Routing`` hit it in the forward and again in the backward.
-    The key is the identity (weak references) and ``_version`` of the three tensors plus
-    ``(E, r, scaling, dtype)``; an in-place change of any of them bumps its version.
+    One entry (:class:`~datalora.ops.eager.RoutingCache`: identity and version of the three
+    tensors plus ``(E, r, scaling, dtype)``), only where
+    :func:`~datalora.ops.eager.may_cache_routing` allows: layers sharing a ``Routing`` hit
+    it in the forward and again in the backward.
     """
-    global _tables_cache
     routing = (expert_ids, gates, rank_scale)
-    versions = _cacheable(*routing)
-    if versions is None:
+    if not may_cache_routing(*routing):
         return RoutingTables(*routing, E, r, scaling, dtype)
-    key = (versions, E, r, scaling, dtype)
-    cached = _tables_cache
-    if (cached is not None and cached[1] == key
-            and all(ref() is t for ref, t in zip(cached[0], routing, strict=True))):
-        return cached[2]
-    tables = RoutingTables(*routing, E, r, scaling, dtype)
-    refs = tuple((lambda: None) if t is None else weakref.ref(t) for t in routing)
-    _tables_cache = (refs, key, tables)
+    key = (E, r, scaling, dtype)
+    tables = _tables_cache.get(routing, key)
+    if tables is None:
+        tables = RoutingTables(*routing, E, r, scaling, dtype)
+        _tables_cache.put(routing, key, tables)
     return tables
 
 
@@ -127,13 +120,21 @@ def _flat_B(B: torch.Tensor) -> torch.Tensor:
     return B.permute(1, 0, 2).reshape(B.shape[1], -1)
 
 
+def _gate(H: torch.Tensor, tables: RoutingTables) -> torch.Tensor:
+    """``H * G`` in place. In fp16 an unrouted expert's column may overflow to inf (its
+    weights are never trained down on those tokens) and ``inf * 0`` is NaN, which the
+    expand would spread to every output column: those columns are zeroed by mask."""
+    H.mul_(tables.gate_matrix)
+    return H.masked_fill_(tables.unrouted, 0) if H.dtype == torch.float16 else H
+
+
 def _shrink(x, A, expert_ids, tables, need_h):
     """``(h, Zd)``: per-route ``h = A[e] @ x`` ``[T, k, r]`` (None unless ``need_h``) and the
     gated ``Zd = H * G`` ``[T, E*r]``."""
     H = torch.mm(x, _flat_A(A).T)  # [T, E*r]: every expert at once, reading x once
     h = (H.gather(1, tables.index).view(expert_ids.shape[0], expert_ids.shape[1], A.shape[1])
          if need_h else None)
-    return h, H.mul_(tables.gate_matrix)
+    return h, _gate(H, tables)
 
 
 def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
@@ -149,7 +150,9 @@ def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
     G = (per_expert[..., None].expand(*per_expert.shape, r) if rank_scale is None
          else per_expert[..., None] * rank_scale.to(acc)[..., None, :])
     H = x @ _flat_A(A).T                                                    # [T, E*r]
-    return (H * G.reshape(*G.shape[:-2], E * r).to(x.dtype)) @ _flat_B(B).T
+    G = G.reshape(*G.shape[:-2], E * r).to(x.dtype)
+    Zd = H * G if x.dtype != torch.float16 else torch.where(G == 0, 0, H * G)  # see _gate
+    return Zd @ _flat_B(B).T
 
 
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
@@ -214,7 +217,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if need_g or need_rs:
         dgates, drs = _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs)
     if need_x or need_A:
-        dH = dZ.mul_(tables.gate_matrix)
+        dH = _gate(dZ, tables)
         if need_x:
             dx = (torch.mm(dH, _flat_A(A)) if dx_out is None
                   else dx_out.addmm_(dH, _flat_A(A)))

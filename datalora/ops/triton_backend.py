@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32, as_index
 from datalora.ops import torch_backend
-from datalora.ops.eager import may_cache_routing
+from datalora.ops.eager import RoutingCache, may_cache_routing
 from datalora.routing import ExpertPermutation, sort_routes
 
 STRATEGIES = ("dense", "grouped")
@@ -78,7 +77,7 @@ def choose_strategy(E: int, r: int, k: int) -> str:
     return "dense" if E * r <= DENSE_MAX_COLUMNS or E <= 2 * k else "grouped"
 
 
-_perm_cache: tuple | None = None
+_perm_cache = RoutingCache()
 
 
 def permutation(expert_ids: torch.Tensor, num_experts: int, *,
@@ -91,19 +90,12 @@ def permutation(expert_ids: torch.Tensor, num_experts: int, *,
     tensors inside a compiled graph may be buffers Inductor reuses for new values without
     bumping their version.
     """
-    global _perm_cache
     if not cache:
         return sort_routes(expert_ids, num_experts)
-    try:
-        version = expert_ids._version
-    except RuntimeError:  # inference tensors have no version counter
-        return sort_routes(expert_ids, num_experts)
-    cached = _perm_cache
-    if (cached is not None and cached[0]() is expert_ids and cached[1] == version
-            and cached[2] == num_experts):
-        return cached[3]
-    perm = sort_routes(expert_ids, num_experts)
-    _perm_cache = (weakref.ref(expert_ids), version, num_experts, perm)
+    perm = _perm_cache.get((expert_ids,), (num_experts,))
+    if perm is None:
+        perm = sort_routes(expert_ids, num_experts)
+        _perm_cache.put((expert_ids,), (num_experts,), perm)
     return perm
 
 
