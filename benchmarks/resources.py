@@ -149,11 +149,12 @@ def _cuobjdump_usage(cubin: bytes) -> dict[str, int]:
 def compile_triton(row: dict) -> dict:
     """Compiles one matrix row; returns it with REG / STACK / SHARED / LOCAL or ``error``."""
     import triton
+    from datalora.kernels._common import LAUNCH_OPTIONS
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(importlib.import_module(f"datalora.kernels.{row['module']}"), row["kernel"])
     cfg = dict(row["config"])
-    opts = {"num_warps": row["num_warps"]}
+    opts = {"num_warps": row["num_warps"], **LAUNCH_OPTIONS}  # as the launchers pass them
     if "num_stages" in cfg:  # a launch option (fused_linear), not a constexpr
         opts["num_stages"] = cfg.pop("num_stages")
     src = triton.compiler.ASTSource(fn, _signature(fn, cfg, row["dtype"], row["overrides"]),

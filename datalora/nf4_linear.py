@@ -326,7 +326,7 @@ def _nf4_molora_linear_op(
     with launch_device(x):
         rs, rs_stride = _rank_scale(rank_scale, r, x.device)
         zd = x.new_empty(T, E * r)
-        _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,
+        _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids, E), as_f32(gates), rs,
                          rs_stride, h, zd, E, r, scaling)
         t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)
         _nfl.nf4_fused_linear(x, t, nf4.code_table(x.device), bias, zd, B, E, r, y)

@@ -33,6 +33,13 @@ def row_block(n: int) -> int:
     return 16 if n <= 16 else 64
 
 
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+"""Compile options of every launch. No FMA contraction of separate multiplies and adds
+(``tl.dot`` is unaffected): the kernels round as the torch reference does (the NF4
+double-quant scale as ``nf4.dequantize``), the same under every Triton release (3.9 warns
+when the option is unset, 3.10 changes its default)."""
+
+
 def col_block(n: int) -> int:
     """Tile width bucket for a small dimension (E*r or r): 16 when it fits, else 64."""
     return 16 if n <= 16 else 64
@@ -43,16 +50,18 @@ def warps_for(rows: int, cols: int) -> int:
     return 8 if rows * cols >= 64 * 64 else 4
 
 
-def as_index(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous int32 copy of an index tensor (kernels clamp the values)."""
-    return t.to(torch.int32).contiguous()
+def as_index(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Contiguous int32 copy of an index tensor, clamped to ``[0, size)`` first: a value
+    of 2**31 or more would wrap in the cast and pick another row than the clamped one (as
+    the torch backend and the grouped strategy clamp in int64)."""
+    return t.clamp(0, size - 1).to(torch.int32).contiguous()
 
 
 def int32_columns(m: torch.Tensor) -> torch.Tensor:
-    """``m [rows, cols]`` as is, or contiguous when its column offsets overflow int32: the
+    """``m [..., cols]`` as is, or contiguous when its column offsets overflow int32: the
     kernels index columns with int32 ``offs * stride`` (only a transposed ``m`` with about
     150k rows or more at 14336 columns gets there; rows are indexed in int64)."""
-    return m.contiguous() if (m.shape[1] - 1) * m.stride(1) >= 2**31 else m
+    return m.contiguous() if (m.shape[-1] - 1) * m.stride(-1) >= 2**31 else m
 
 
 def as_f32(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import int32_columns
+from ._common import LAUNCH_OPTIONS, int32_columns
 
 BLOCK_P = 64
 BLOCK_M = 32
@@ -100,7 +100,7 @@ def segment_outer(m, raw, perm, k, gates, rs, rs_stride, out, out_strides, R, mu
     _segment_outer_kernel[grid](
         m, raw, perm.order, perm.expert_offsets, gates, rs, out, P, R, k,
         m.stride(0), m.stride(1), rs_stride, *out_strides, float(mult),
-        **cfg)
+        **cfg, **LAUNCH_OPTIONS)
 
 
 def route_config(R: int) -> dict:
@@ -113,7 +113,7 @@ def route_grads(dz, h, gates, rs, rs_stride, dg, drs, T, R, k, mult):
     cfg = route_config(R)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
     _route_grads_kernel[grid](dz, h, gates, rs, dg, drs, T, R, k, rs_stride, float(mult),
-                              **cfg)
+                              **cfg, **LAUNCH_OPTIONS)
 
 
 def launch_configs() -> dict[str, list[dict]]:

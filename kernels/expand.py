@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    LAUNCH_OPTIONS,
     block_expert,
     col_block,
     e_pad,
@@ -119,7 +120,7 @@ def expand_dense(z, w, w_strides, y, E, R, alpha, accumulate):
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(O, cfg["BLOCK_O"]))
     _expand_dense_kernel[grid](
         z, w, y, T, O, E, R, *w_strides, y.stride(0), y.stride(1), float(alpha),
-        ACCUMULATE=accumulate, **cfg)
+        ACCUMULATE=accumulate, **cfg, **LAUNCH_OPTIONS)
 
 
 def expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate):
@@ -130,7 +131,7 @@ def expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate):
     _expand_grouped_kernel[grid](
         z, w, perm.order, perm.expert_offsets, y, O, E, R, *w_strides,
         y.stride(0), y.stride(1), float(alpha), ACCUMULATE=accumulate, E_PAD=e_pad(E),
-        **cfg)
+        **cfg, **LAUNCH_OPTIONS)
 
 
 def launch_configs() -> dict[str, list[dict]]:

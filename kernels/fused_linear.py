@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import LAUNCH_OPTIONS
+
 GROUP_M = 8
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
 # Sized for the worst build: Triton specialises pointers/strides on 16-byte alignment, and
@@ -161,7 +163,7 @@ def fused_linear(x, w, bias, z, b, E, R, y, cfg=None):
     _fused_linear_kernel[grid](
         x, w, z, b, bias if has_bias else y, y, T, N, K, E, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), *b.stride(),
-        y.stride(0), y.stride(1), HAS_BIAS=has_bias, **cfg)
+        y.stride(0), y.stride(1), HAS_BIAS=has_bias, **cfg, **LAUNCH_OPTIONS)
 
 
 def launch_configs() -> dict[str, list[dict]]:

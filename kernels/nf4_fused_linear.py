@@ -19,10 +19,12 @@ decodes those two scales per column and K-step (not per element) and picks one p
 Any blocksize of ``datalora.nf4.BLOCKSIZES``, any ``d_in`` and odd sizes work.
 
 Values are ``code * absmax`` in fp32 rounded to X's dtype, as ``nf4.dequantize(W,
-x.dtype)`` produces them. Whether this beats dequantize + cuBLAS has not been measured on a
-GPU (``benchmarks.bench_nf4``, method ``triton_nf4_fused``), so ``datalora.nf4_linear``
-runs it only with ``DATALORA_NF4_FUSED=1``. Tiles come from buckets of T (:func:`config`),
-programs are grouped by ``GROUP_M`` row tiles as in ``fused_linear``.
+x.dtype)`` produces them (bit for bit: launched without FMA contraction,
+``_common.LAUNCH_OPTIONS``, the double-quant scale rounds its multiply and add apart).
+Whether this beats dequantize + cuBLAS has not been measured on a GPU
+(``benchmarks.bench_nf4``, method ``triton_nf4_fused``), so ``datalora.nf4_linear`` runs it
+only with ``DATALORA_NF4_FUSED=1``. Tiles come from buckets of T (:func:`config`), programs
+are grouped by ``GROUP_M`` row tiles as in ``fused_linear``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import LAUNCH_OPTIONS
 from .fused_linear import bucket_config, grouped_tile, lora_expand, store_tile
 
 # (max T of the bucket, BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), 16-bit inputs.
@@ -146,7 +149,7 @@ def nf4_fused_linear(x, t, code, bias, z, b, E, R, y, cfg=None):
         x, t.data, absmax, qabsmax, nested_absmax, nested_code, offset, code, z, b,
         bias if has_bias else y, y, T, N, K, E, R, t.blocksize, t.absmax.numel(),
         x.stride(0), x.stride(1), *b.stride(), y.stride(0), y.stride(1),
-        HAS_BIAS=has_bias, DOUBLE_QUANT=dq, **cfg)
+        HAS_BIAS=has_bias, DOUBLE_QUANT=dq, **cfg, **LAUNCH_OPTIONS)
 
 
 def launch_configs() -> dict[str, list[dict]]:

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    LAUNCH_OPTIONS,
     block_expert,
     col_block,
     e_pad,
@@ -154,7 +155,7 @@ def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, m
     _shrink_dense_kernel[grid](
         x, w, ids, gates, rs, dense, raw, T, K, E, R, ids.shape[1],
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
-        **cfg)
+        **cfg, **LAUNCH_OPTIONS)
 
 
 def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, E, R, mult):
@@ -166,7 +167,7 @@ def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, 
     _shrink_grouped_kernel[grid](
         x, w, perm.order, perm.expert_offsets, gates, rs, raw, scaled, x.shape[1], E, R, k,
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
-        E_PAD=e_pad(E), **cfg)
+        E_PAD=e_pad(E), **cfg, **LAUNCH_OPTIONS)
 
 
 def launch_configs() -> dict[str, list[dict]]:

@@ -6,7 +6,8 @@
   residual bypass), so each input row is read once and each output row written once.
   The slot of each position comes from an inverse map ``inv [B, L]`` (-1 = pruned).
 
-Indices are clamped to their valid range in-kernel; inputs may have any strides.
+Indices are clamped to their valid range; inputs may have any strides (a layout whose
+column offsets overflow int32 is copied contiguous first).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._common import LAUNCH_OPTIONS, as_index, int32_columns
 
 BLOCK_ROWS = 16
 BLOCK_D = 128
@@ -79,10 +82,11 @@ def gather(hidden: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     packed = hidden.new_empty(Bsz, K, D)
     if packed.numel() == 0:
         return packed
-    keep = keep_idx.to(torch.int32).contiguous()
+    keep = as_index(keep_idx, L)
+    hidden = int32_columns(hidden)
     _gather_kernel[_grid(Bsz * K, D)](
         hidden, keep, packed, Bsz * K, K, L, D, *hidden.stride(),
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS, **LAUNCH_OPTIONS)
     return packed
 
 
@@ -93,6 +97,7 @@ def scatter(hidden, packed, keep_idx, weight=None):
     out = torch.empty(Bsz, L, D, dtype=hidden.dtype, device=hidden.device)
     if out.numel() == 0:
         return out
+    hidden, packed = int32_columns(hidden), int32_columns(packed)
     inv = torch.full((Bsz, L), -1, dtype=torch.int32, device=hidden.device)
     if K > 0:
         slots = torch.arange(K, dtype=torch.int32, device=hidden.device).expand(Bsz, K)
@@ -105,7 +110,8 @@ def scatter(hidden, packed, keep_idx, weight=None):
     p = packed if K > 0 else hidden  # any valid pointer; never read when nothing is kept
     _scatter_kernel[_grid(Bsz * L, D)](
         hidden, p, inv, w, out, Bsz * L, max(K, 1), L, D, *hidden.stride(), *p.stride(),
-        *w_strides, BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+        *w_strides, BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        **LAUNCH_OPTIONS)
     return out
 
 

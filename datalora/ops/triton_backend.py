@@ -155,7 +155,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
         zd = x.new_empty(T, E * r)
-        _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids), g, rs, rs_stride, h, zd,
+        _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids, E), g, rs, rs_stride, h, zd,
                          E, r, 1.0)
         _ex.expand_dense(zd, B, B.stride(), y, E, r, scaling, accumulate)
     else:
@@ -222,7 +222,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         accumulate = dx_out is not None
         if strategy == "dense":
             dhd = x.new_empty(T, E * r)
-            _sh.shrink_dense(dy, B, wB, as_index(expert_ids), g, rs, rs_stride, dz, dhd, E, r,
+            _sh.shrink_dense(dy, B, wB, as_index(expert_ids, E), g, rs, rs_stride, dz, dhd, E, r,
                              scaling)
             if need_x:
                 _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, accumulate)
@@ -302,7 +302,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
             zd = x.new_empty(T, E * r)
-            _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids), as_f32(gates), rs,
+            _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids, E), as_f32(gates), rs,
                              rs_stride, h, zd, E, r, scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
         return y, h

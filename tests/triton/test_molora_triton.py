@@ -149,7 +149,7 @@ def test_out_of_range_ids_are_clamped(strategy, device):
     """Unchecked bad ids never read out of bounds: they act as the clamped expert."""
     x, A, B, ids, g, rs = make_inputs(19, 24, 16, 5, 4, 2, torch.float32, device)
     bad = ids.clone()
-    bad[0, 0], bad[3, 1], bad[7, 0] = -3, 5, 1000
+    bad[0, 0], bad[3, 1], bad[7, 0], bad[9, 0] = -3, 5, 1000, 2**32 + 1  # wraps in int32
     if bad[0, 1] == 0:
         bad[0, 1] = 1
     got, h = tb.delta_forward(x, A, B, bad, g, rs, 1.0, strategy=strategy)

@@ -80,9 +80,9 @@ def test_non_contiguous_and_bypass_rows(device):
 
 def test_out_of_range_keep_idx_is_clamped(device):
     hidden = torch.randn(1, 6, 8, device=device)
-    keep = torch.tensor([[-4, 99]], device=device)
+    keep = torch.tensor([[-4, 99, 2**32 + 1]], device=device)  # the last wraps in int32
     got = tb.gather_tokens(hidden, keep)
-    torch.testing.assert_close(got, hidden[:, [0, 5]])
+    torch.testing.assert_close(got, hidden[:, [0, 5, 5]])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -94,3 +94,14 @@ def test_gather_backward_sums_a_repeated_position(backend, device):
     want = torch.zeros(1, 5, 8, device=device)
     want[0, 1], want[0, 3] = 2.0, 1.0
     assert torch.equal(hidden.grad, want)
+
+
+def test_layouts_whose_column_offsets_overflow_int32_are_copied():
+    """A d-major hidden (column stride B*L) past 2**31 offsets goes contiguous before the
+    kernels' int32 ``offs_d * stride``; ordinary layouts pass through as views."""
+    from datalora.kernels._common import int32_columns
+
+    wide = torch.empty_strided((2, 3, 8), (3, 1, 2**29), device="meta")  # 7 * 2**29 >= 2**31
+    assert int32_columns(wide).stride(-1) == 1
+    normal = torch.empty(2, 3, 8)
+    assert int32_columns(normal) is normal
