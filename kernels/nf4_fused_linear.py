@@ -50,7 +50,7 @@ TILES_16BIT = (
 )
 TILES_FP32 = (
     (16, 16, 64, 16, 3, 8),
-    (None, 64, 64, 16, 3, 8),
+    (None, 64, 64, 16, 2, 8),  # 3 stages spill 8 bytes on sm_90 in the aligned build
 )
 
 
