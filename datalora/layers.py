@@ -22,7 +22,7 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES
-from datalora.ops.molora import _autocast
+from datalora.ops.molora import _autocast, _under_torch_func
 from datalora.ops.validation import check_float, check_tensor
 from datalora.routing import Routing, topk_routing
 
@@ -52,6 +52,20 @@ def adapters_off(layers: Sequence[MoLoRALinear]) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, enabled, strict=True):
             layer.adapter_enabled = flag
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """True when ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: an
+    ``nn.Linear`` whose ``forward`` is not overridden (by a subclass or on the instance)
+    and no module hook applies (its own or global ones: ``register_module_forward_hook``
+    and friends, which profilers use). A parametrized weight is read through
+    ``module.weight`` either way."""
+    hooks = _torch_module
+    return type(module).forward is nn.Linear.forward and "forward" not in module.__dict__ \
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                 or module._backward_pre_hooks or hooks._global_forward_hooks
+                 or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                 or hooks._global_backward_pre_hooks)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -175,16 +189,23 @@ class MoLoRALinear(nn.Module):
             raise ValueError("routing: this MoLoRALinear has no router (router=False); "
                              "pass routing=Routing(...)")
         x2 = x.reshape(-1, x.shape[-1])
-        # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save an
-        # fp32 copy of x for its weight gradient, twice the size of x itself
-        return topk_routing(F.linear(x2, self.router.weight.to(x2.dtype)), self.top_k)
+        router = self.router
+        if x2.dtype != router.weight.dtype and _plain_linear(router):
+            # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save
+            # an fp32 copy of x for its weight gradient, twice the size of x itself
+            logits = F.linear(x2, router.weight.to(x2.dtype))
+        else:  # as a module: its hooks / parametrizations apply
+            logits = router(x2.to(router.weight.dtype))
+        return topk_routing(logits, self.top_k)
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:  # an NF4 base as in the adapted path (no bnb repack)
             return nf4_base_forward(self.base_layer, x) if self._nf4_base else self.base_layer(x)
         self._check_inputs(x, routing)
-        (x,) = _autocast(x)  # once: the router and the op then save the same cast of x
+        plain = not self._nf4_base and self._plain_base()
+        if plain:  # cast once under autocast: the router and the op save the same copy of x
+            (x,) = _autocast(x)
         own = routing is None
         if own:
             routing = self.route(x)
@@ -200,20 +221,21 @@ class MoLoRALinear(nn.Module):
         # a Routing shared by many layers is validated once (under compile: never, as a
         # flag baked into a graph would check on every call); the layer's own top-k router
         # yields valid ids by construction: no host sync
-        check = not own and not torch.compiler.is_compiling() \
+        check = not own and not torch.compiler.is_compiling() and not _under_torch_func() \
             and routing.needs_value_check(self.num_experts)
-        y = self._adapted(x, routing.expert_ids, A, B, gates, rank_scale, check)
+        y = self._adapted(x, plain, routing.expert_ids, A, B, gates, rank_scale, check)
         if check:  # the op validated the values (else it raised)
             routing.mark_values_checked(self.num_experts)
         return y
 
-    def _adapted(self, x, expert_ids, A, B, gates, rank_scale, check: bool) -> torch.Tensor:
-        """Base output + MoLoRA delta (inputs cast to x's dtype) on the fastest path."""
+    def _adapted(self, x, plain: bool, expert_ids, A, B, gates, rank_scale,
+                 check: bool) -> torch.Tensor:
+        """Base output + MoLoRA delta (inputs cast to x's dtype) on the fastest path;
+        ``plain``: :meth:`_plain_base` (the base is a bare ``F.linear``)."""
         if self._nf4_base:  # 4-bit base: fused NF4 decode kernel on GPU, else base(x) + delta
             lora_x = self.lora_dropout(x) if self.training else x
             return nf4_molora_linear(self.base_layer, x, lora_x, A, B, expert_ids, gates,
                                      rank_scale, self.scaling, self.backend, check_values=check)
-        plain = self._plain_base()
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
         if plain and no_dropout:  # fused: the expand accumulates into the base GEMM's output
             return ops.molora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B,
@@ -252,18 +274,11 @@ class MoLoRALinear(nn.Module):
                 check_float("rank_scale", routing.rank_scale)
 
     def _plain_base(self) -> bool:
-        """True when ``base_layer(x)`` is exactly ``F.linear(x, weight, bias)``: an
-        ``nn.Linear`` whose ``forward`` is not overridden (by a subclass or on the instance,
-        as accelerate's hooks do) and that has no module hooks (its own or global ones:
-        ``register_module_forward_hook`` and friends). Else the layer calls
-        ``base_layer(x)`` (a custom forward, hooks, old-style ``weight_norm``'s pre-hook run
-        as with the adapter disabled) and adds the delta."""
-        base, hooks = self.base_layer, _torch_module  # global hooks see every module's call
-        return type(base).forward is nn.Linear.forward and "forward" not in base.__dict__ and not (
-            base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-            or base._backward_pre_hooks or hooks._global_forward_hooks
-            or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-            or hooks._global_backward_pre_hooks)
+        """:func:`_plain_linear` of the base (accelerate's hooks replace ``forward`` on the
+        instance). Else the layer calls ``base_layer(x)`` with x as given (a custom forward,
+        hooks, old-style ``weight_norm``'s pre-hook run as with the adapter disabled) and
+        adds the delta."""
+        return _plain_linear(self.base_layer)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -55,7 +55,9 @@ def output_with_aux_losses(output_class: type) -> type:
         "__annotations__": {"retention_loss": torch.Tensor | None,
                             "balance_loss": torch.Tensor | None},
         "retention_loss": None, "balance_loss": None}
-    return dataclass(type(f"DATALORA{output_class.__name__}", (output_class,), namespace))
+    cls = dataclass(type(f"DATALORA{output_class.__name__}", (output_class,), namespace))
+    globals().setdefault(cls.__name__, cls)  # picklable by name (this module's attribute)
+    return cls
 
 
 def _is_target(name: str, targets: list[str]) -> bool:

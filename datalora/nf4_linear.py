@@ -275,6 +275,15 @@ def _(x, data, absmax, nested_absmax, nested_code, offset, shape, blocksize, bia
     return x.new_empty(x.shape[0], shape[0])
 
 
+@register_flop_formula(torch.ops.datalora.nf4_molora_decode)
+def _nf4_decode_flops(x_shape, data, absmax, nested_absmax, nested_code, offset, shape,
+                      blocksize, bias, A_shape, B_shape, ids_shape, *args, out_shape=None,
+                      **kwargs) -> int:
+    d_out, d_in = shape
+    return (2 * x_shape[0] * d_in * d_out
+            + lora_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out))
+
+
 def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
     if x2.device.type != "cuda" or not _C_loader.available():
         return False

@@ -232,13 +232,15 @@ def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "layers")
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
+                "transformer.h", "layers")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder-layer list of a HF causal LM: ``model.model.layers`` and similar paths,
-    ``<base_model_prefix>.layers`` (GPT-NeoX's ``gpt_neox.layers``), else the ``ModuleList``
-    of the model's ``_no_split_modules`` blocks or of ``*DecoderLayer`` modules."""
+    ``<base_model_prefix>.layers`` (GPT-NeoX's ``gpt_neox.layers``), else the first
+    ``ModuleList`` of ``*DecoderLayer`` modules, else of the model's ``_no_split_modules``
+    blocks."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     paths = (*_LAYER_PATHS, *(f"{prefix}.{p}" for p in ("layers", "h", "decoder.layers")
                               if prefix))
@@ -249,12 +251,13 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             continue
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (
-                type(module[0]).__name__ in blocks
-                or type(module[0]).__name__.endswith("DecoderLayer")):
-            return module
+    # *DecoderLayer first: a vision-language model's vision blocks are no-split too
+    for matches in (lambda name: name.endswith("DecoderLayer"), lambda name: name in blocks):
+        found = next((m for m in lists if matches(type(m[0]).__name__)), None)
+        if found is not None:
+            return found
     raise ValueError(f"model: found no decoder-layer ModuleList in {type(model).__name__} "
                      f"(tried {list(paths)} and lists of *DecoderLayer / _no_split_modules "
                      f"blocks); shared routing and token pruning need one: use "
@@ -268,7 +271,11 @@ def _check_prunable(model: nn.Module) -> None:
     cover the kept tokens only, the base's load-balancing loss needs all of them)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", "")
-    if getattr(config, "alibi", False) or model_type in ("bloom", "mpt"):
+    attn_config = getattr(config, "attn_config", None)  # MPT
+    mpt_alibi = (attn_config.get("alibi", True) if isinstance(attn_config, dict)
+                 else getattr(attn_config, "alibi", model_type == "mpt"))
+    if (getattr(config, "alibi", False) or model_type == "bloom" or mpt_alibi
+            or getattr(config, "position_embedding_type", None) == "alibi"):
         raise ValueError(f"model: token pruning does not support ALiBi attention "
                          f"({model_type or type(model).__name__}: the position bias is part "
                          f"of the attention mask the pruned layers rebuild); use "

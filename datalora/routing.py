@@ -52,8 +52,8 @@ class _TensorsState:
     def same(self, *tensors: torch.Tensor | None) -> bool:
         try:
             return len(tensors) == len(self.refs) and all(
-                (t is None and ref is None) or (ref is not None and ref() is t
-                                                and t._version == version)
+                (t is None and ref is None) or (t is not None and ref is not None
+                                                and ref() is t and t._version == version)
                 for t, ref, version in zip(tensors, self.refs, self.versions, strict=True))
         except RuntimeError:
             return False

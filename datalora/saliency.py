@@ -168,10 +168,13 @@ class UnifiedSaliencyNetwork(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialises every linear layer (each also does on its own under a module walk:
-        Xavier backbone, N(0, 0.02) heads, rank-head bias 2)."""
+        Xavier backbone, N(0, 0.02) heads, rank-head bias 2) and marks the keep threshold
+        uncalibrated (NaN)."""
         for layer in (*self.backbone, self.score_head, self.router_head, self.rank_head):
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
+        with torch.no_grad():  # not calibrated (after to_empty() it holds leftover memory)
+            self.keep_threshold.fill_(float("nan"))
 
     def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None,

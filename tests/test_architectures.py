@@ -147,3 +147,45 @@ def test_partial_match_warning_names_conv1d_targets():
         get_datalora_model(_build(gpt2), DATALORAConfig(
             num_lora_experts=2, lora_rank=2, target_modules=["c_attn", "lm_head"]),
             verbose=False)
+
+
+def test_a_vision_language_model_gets_its_decoder_layers_not_its_vision_blocks():
+    from datalora.pruning import find_decoder_layers
+
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}),
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           in_chans=3, patch_size=2, spatial_merge_size=1,
+                           temporal_patch_size=1))
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    layers = find_decoder_layers(model)
+    assert type(layers[0]).__name__ == "Qwen2VLDecoderLayer" and len(layers) == 2
+
+
+def test_moe_outputs_with_aux_losses_pickle():
+    import pickle
+
+    from datalora.model import output_with_aux_losses
+
+    cls = output_with_aux_losses(transformers.modeling_outputs.MoeCausalLMOutputWithPast)
+    out = cls(logits=torch.ones(1, 2), retention_loss=torch.tensor(0.5))
+    back = pickle.loads(pickle.dumps(out))
+    assert type(back) is cls and torch.equal(back.retention_loss, out.retention_loss)
+
+
+def test_alibi_detection_covers_mpt_and_position_embedding_type():
+    from datalora.pruning import _check_prunable
+
+    class Fake(torch.nn.Module):
+        def __init__(self, **config):
+            super().__init__()
+            self.config = transformers.PretrainedConfig(**config)
+
+    for config in (dict(model_type_="x", position_embedding_type="alibi"),
+                   dict(attn_config={"alibi": True})):
+        with pytest.raises(ValueError, match="ALiBi"):
+            _check_prunable(Fake(**config))
+    _check_prunable(Fake(attn_config={"alibi": False}))  # MPT without ALiBi: fine
+    _check_prunable(Fake(position_embedding_type="rotary"))

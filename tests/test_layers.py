@@ -455,6 +455,7 @@ def test_meta_device_materialisation_gives_the_documented_init():
     assert torch.equal(usn.rank_head.bias, torch.full((4,), 2.0))
     assert 0.015 < usn.router_head.weight.std() < 0.025 and not usn.router_head.bias.any()
     assert not usn.backbone[0].bias.any()
+    assert torch.isnan(usn.keep_threshold)  # not calibrated (was leftover memory)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -569,3 +570,69 @@ def test_fp16_overflow_in_an_unrouted_expert_does_not_poison_routed_tokens():
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     out.float().sum().backward()
     assert torch.isfinite(B.grad).all() and torch.isfinite(A.grad[:3]).all()
+
+
+def test_router_hooks_and_parametrizations_apply():
+    """The per-layer router runs as a module when it is not a bare linear: its hooks fire,
+    an old-style weight_norm's recomputed weight is used."""
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=2, rank=2, alpha=4, top_k=1)
+    calls = []
+    layer.router.register_forward_hook(lambda m, i, o: calls.append(o.dtype))
+    layer(torch.randn(3, 8))
+    assert calls == [torch.float32]
+    weighted = MoLoRALinear(nn.Linear(8, 6), num_experts=2, rank=2, alpha=4, top_k=2)
+    torch.nn.utils.weight_norm(weighted.router)
+    with torch.no_grad():
+        weighted.router.weight_g.zero_()  # a zero weight: uniform router probabilities
+    weighted(torch.randn(3, 8))
+    torch.testing.assert_close(weighted.last_routing.gates, torch.full((3, 2), 0.5))
+
+
+def test_custom_base_under_autocast_sees_x_as_given():
+    """A base with its own forward gets the same x with the adapter on and off (no
+    pre-cast to the autocast dtype), so with B = 0 the outputs match exactly."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.0 if x.dtype == torch.float32 else x.new_zeros(1)
+
+    layer = MoLoRALinear(Scaled(8, 6), num_experts=4, rank=2, alpha=4)
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        on = layer(x)
+        layer.adapter_enabled = False
+        off = layer(x)
+    assert on.shape == off.shape == (5, 6)
+    torch.testing.assert_close(on.float(), off.float(), rtol=0, atol=0)
+
+
+def test_setting_a_routing_field_to_none_is_checked_again():
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    x = torch.randn(5, 8)
+    routing = Routing(torch.randint(0, 4, (5, 2)), torch.rand(5, 2), torch.rand(5, 3))
+    layer(x, routing=routing)
+    routing.rank_scale = None
+    assert layer(x, routing=routing).shape == (5, 6)
+
+
+def test_a_torch_func_forward_does_not_count_as_a_value_check():
+    from torch.func import functional_call, grad
+
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    x = torch.randn(5, 8)
+    routing = Routing(torch.full((5, 2), 99), torch.rand(5, 2))  # out of range: unchecked
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    grad(lambda p: functional_call(layer, p, (x,), {"routing": routing}).sum())(params)
+    with pytest.raises(ValueError, match="expert_ids: expected values in"):
+        layer(x, routing=routing)
+
+
+def test_flop_formula_of_the_fused_op():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, d_in, d_out, E, r, k = 7, 16, 12, 4, 3, 2
+    x, W = torch.randn(T, d_in), torch.randn(d_out, d_in)
+    A, B = torch.randn(E, r, d_in), torch.randn(E, d_out, r)
+    ids, gates = torch.randint(0, E, (T, k)), torch.rand(T, k)
+    with FlopCounterMode(display=False) as counter:
+        ops.molora_linear(x, W, None, A, B, ids, gates)
+    assert counter.get_total_flops() == 2 * T * d_in * d_out + 2 * T * k * r * (d_in + d_out)

@@ -70,7 +70,7 @@ class RoutingCache:
         refs, versions, _, value, _ = entry
         try:
             same = all((t is None and ref is None) or (
-                ref is not None and ref() is t and t._version == version)
+                t is not None and ref is not None and ref() is t and t._version == version)
                 for t, ref, version in zip(tensors, refs, versions, strict=True))
         except RuntimeError:  # an inference tensor: no version counter
             return None
