@@ -70,15 +70,6 @@ def as_f32(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def column_fastest(pid, num_column_tiles):
-    """``(row_tile, column_tile)`` of program ``pid`` in a 1-D grid whose column tiles vary
-    fastest: the few column tiles of one row tile run together and share its input rows
-    (x, z) in L2, instead of each column tile streaming every row from memory again (a 2-D
-    grid runs axis 0 fastest). One axis also avoids the 65535 limit of axes 1 and 2."""
-    return pid // num_column_tiles, pid % num_column_tiles
-
-
-@triton.jit
 def block_expert(offsets_ptr, pid, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     """Maps grouped block ``pid`` to ``(expert, first_row, segment_end)``.
 

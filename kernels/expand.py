@@ -21,7 +21,6 @@ from ._common import (
     LAUNCH_OPTIONS,
     block_expert,
     col_block,
-    column_fastest,
     e_pad,
     grouped_grid_blocks,
     row_block,
@@ -40,9 +39,8 @@ def _expand_dense_kernel(
     ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_t, pid_o = column_fastest(tl.program_id(0), tl.cdiv(O, BLOCK_O))
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_t = offs_t < T
     mask_o = offs_o < O
     rows = offs_t.to(tl.int64)
@@ -76,14 +74,13 @@ def _expand_grouped_kernel(
     ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_R: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    pid_m, pid_o = column_fastest(tl.program_id(0), tl.cdiv(O, BLOCK_O))
-    expert, row0, seg_hi = block_expert(offsets_ptr, pid_m, E, BLOCK_M, E_PAD)
+    expert, row0, seg_hi = block_expert(offsets_ptr, tl.program_id(0), E, BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     mask_m = rows < seg_hi
     route = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = offs_o < O
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
@@ -120,7 +117,7 @@ def expand_dense(z, w, w_strides, y, E, R, alpha, accumulate):
     """``y [T, O] (+)= alpha * z [T, E*R] @ W_all^T``; ``w_strides = (e, o, r)``."""
     T, O = y.shape
     cfg = dense_config(T, E * R, z.dtype == torch.float32)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(O, cfg["BLOCK_O"]),)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(O, cfg["BLOCK_O"]))
     _expand_dense_kernel[grid](
         z, w, y, T, O, E, R, *w_strides, y.stride(0), y.stride(1), float(alpha),
         ACCUMULATE=accumulate, **cfg, **LAUNCH_OPTIONS)
@@ -130,7 +127,7 @@ def expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate):
     """``y[route] (+)= alpha * z[route] @ W[e]^T``; z ``[T*k, R]``, y ``[T*k, O]``."""
     num_routes, O = y.shape
     cfg = grouped_config(num_routes, R, z.dtype == torch.float32)
-    grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_O"]),)
+    grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]), triton.cdiv(O, cfg["BLOCK_O"]))
     _expand_grouped_kernel[grid](
         z, w, perm.order, perm.expert_offsets, y, O, E, R, *w_strides,
         y.stride(0), y.stride(1), float(alpha), ACCUMULATE=accumulate, E_PAD=e_pad(E),

@@ -25,7 +25,6 @@ from ._common import (
     LAUNCH_OPTIONS,
     block_expert,
     col_block,
-    column_fastest,
     e_pad,
     grouped_grid_blocks,
     int32_columns,
@@ -46,7 +45,8 @@ def _shrink_dense_kernel(
     mult,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_t, pid_n = column_fastest(tl.program_id(0), tl.cdiv(E * R, BLOCK_N))
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_t = offs_t < T
@@ -92,15 +92,14 @@ def _shrink_grouped_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
-    pid_m, pid_r = column_fastest(tl.program_id(0), tl.cdiv(R, BLOCK_R))
-    expert, row0, seg_hi = block_expert(offsets_ptr, pid_m, E, BLOCK_M, E_PAD)
+    expert, row0, seg_hi = block_expert(offsets_ptr, tl.program_id(0), E, BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     mask_m = rows < seg_hi
     route = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     tok = route // k
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     x_rows = x_ptr + tok[:, None] * stride_xt
     w_cols = w_ptr + expert.to(tl.int64) * stride_we + offs_r[None, :] * stride_wr
@@ -152,7 +151,7 @@ def shrink_dense(x, w, w_strides, ids, gates, rs, rs_stride, raw, dense, E, R, m
     x = int32_columns(x)
     T, K = x.shape
     cfg = dense_config(T, E * R, x.dtype == torch.float32)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(E * R, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
     _shrink_dense_kernel[grid](
         x, w, ids, gates, rs, dense, raw, T, K, E, R, ids.shape[1],
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
@@ -164,7 +163,7 @@ def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, 
     x = int32_columns(x)
     num_routes = perm.order.numel()
     cfg = grouped_config(num_routes, R, x.dtype == torch.float32)
-    grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]) * triton.cdiv(R, cfg["BLOCK_R"]),)
+    grid = (grouped_grid_blocks(num_routes, E, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _shrink_grouped_kernel[grid](
         x, w, perm.order, perm.expert_offsets, gates, rs, raw, scaled, x.shape[1], E, R, k,
         x.stride(0), x.stride(1), *w_strides, rs_stride, float(mult),
