@@ -119,19 +119,32 @@ def _as_eor(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
 
 
 # bytes of the fp32 per-route buffer the grouped expand sums over k; wider outputs are
-# expanded in column chunks (T = 16384, k = 2, d_out = 14336 would need 1.9 GB at once)
+# expanded in column chunks (T = 16384, k = 2, d_out = 14336 would need 1.9 GB at once),
+# and more routes than 128 columns fit in token chunks (T = 65536, k = 16: 512 MB)
 PARTIAL_BUDGET_BYTES = 256 * 2**20
+MIN_PARTIAL_COLUMNS = 128
 
 
-def _expand_routes(z, w, w_strides, out_dim, perm, y, E, R, alpha, accumulate, k):
+def _expand_routes(z, w, w_strides, out_dim, perm, y, E, R, alpha, accumulate, k, expert_ids):
     """``y [T, O] (+)= alpha * sum_j z[t*k+j] @ W[e]^T`` with the grouped expand; W's output
-    dimension is ``w``'s dimension ``out_dim``. For k > 1 each route's product goes to an
-    fp32 buffer summed over k, at most :data:`PARTIAL_BUDGET_BYTES` at a time."""
+    dimension is ``w``'s dimension ``out_dim``; ``perm`` sorts ``expert_ids [T, k]``. For
+    k > 1 each route's product goes to an fp32 buffer summed over k, at most
+    :data:`PARTIAL_BUDGET_BYTES` at a time (column chunks, and token chunks with their own
+    expert sort when even :data:`MIN_PARTIAL_COLUMNS` columns of every route exceed it)."""
     if k == 1:
         _ex.expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate)
         return
     T, O = y.shape
-    cols = max(128, PARTIAL_BUDGET_BYTES // (4 * T * k) // 128 * 128)
+    tokens = max(1, PARTIAL_BUDGET_BYTES // (4 * k * MIN_PARTIAL_COLUMNS))
+    if T > tokens:
+        for t0 in range(0, T, tokens):
+            n = min(tokens, T - t0)
+            ids = expert_ids[t0:t0 + n]
+            _expand_routes(z[t0 * k:(t0 + n) * k], w, w_strides, out_dim, sort_routes(ids, E),
+                           y[t0:t0 + n], E, R, alpha, accumulate, k, ids)
+        return
+    cols = max(MIN_PARTIAL_COLUMNS,
+               PARTIAL_BUDGET_BYTES // (4 * T * k) // MIN_PARTIAL_COLUMNS * MIN_PARTIAL_COLUMNS)
     for start in range(0, O, cols):
         n = min(cols, O - start)
         partial = torch.empty(T * k, n, dtype=torch.float32, device=y.device)
@@ -162,7 +175,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         z = x.new_empty(T * k, r)
         _sh.shrink_grouped(x, A, A.stride(), perm, k, g, rs, rs_stride, h, z, E, r, 1.0)
-        _expand_routes(z, B, B.stride(), 1, perm, y, E, r, scaling, accumulate, k)
+        _expand_routes(z, B, B.stride(), 1, perm, y, E, r, scaling, accumulate, k, expert_ids)
 
 
 @_on_tensor_device
@@ -231,7 +244,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             dh = x.new_empty(T * k, r)
             _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
             if need_x:
-                _expand_routes(dh, A, wA, 2, perm, dx, E, r, 1.0, accumulate, k)
+                _expand_routes(dh, A, wA, 2, perm, dx, E, r, 1.0, accumulate, k, expert_ids)
     if need_A or need_B:
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         if need_A:

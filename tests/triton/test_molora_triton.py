@@ -106,12 +106,20 @@ def test_backend_functions_match_torch_backend(strategy, device):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_expand_in_column_chunks(device, monkeypatch):
+@pytest.mark.parametrize("budget", [1, 4 * 3 * 128 * 4])
+def test_grouped_expand_in_column_and_token_chunks(budget, device, monkeypatch):
     """With k > 1 the grouped expand sums per-route products in an fp32 buffer; past the
-    memory budget it goes in column chunks (of d_out forward, d_in for dx), same result."""
-    monkeypatch.setattr(tb, "PARTIAL_BUDGET_BYTES", 1)  # 128-column chunks
+    memory budget it goes in column chunks (of d_out forward, d_in for dx) and, when even
+    128 columns of every route do not fit, in token chunks with their own expert sort
+    (budget 1: one token at a time; then 4 tokens), same result."""
+    monkeypatch.setattr(tb, "PARTIAL_BUDGET_BYTES", budget)  # 128-column chunks
+    partial_rows = []
+    real = tb._ex.expand_grouped
+    monkeypatch.setattr(tb._ex, "expand_grouped", lambda z, w, ws, perm, out, *a: (
+        partial_rows.append(out.shape[0]), real(z, w, ws, perm, out, *a))[1])
     x, A, B, ids, g, rs = make_inputs(9, 300, 260, 4, 4, 3, torch.float32, device)
     delta, h = tb.delta_forward(x, A, B, ids, g, rs, 2.0, strategy="grouped")
+    assert max(partial_rows) == 3 * max(1, budget // (4 * 3 * 128))  # routes per chunk
     delta_t, h_t = torch_backend.delta_forward(x, A, B, ids, g, rs, 2.0)
     torch.testing.assert_close(delta, delta_t, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(delta)
