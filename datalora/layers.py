@@ -22,7 +22,7 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES
-from datalora.ops.molora import _autocast, _under_torch_func
+from datalora.ops.molora import _autocast, _under_torch_func, autocast_enabled
 from datalora.ops.validation import check_float, check_tensor
 from datalora.routing import Routing, topk_routing
 
@@ -66,11 +66,6 @@ def _plain_linear(module: nn.Module) -> bool:
                  or module._backward_pre_hooks or hooks._global_forward_hooks
                  or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
                  or hooks._global_backward_pre_hooks)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    return (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type))
 
 
 class MoLoRALinear(nn.Module):
@@ -260,7 +255,7 @@ class MoLoRALinear(nn.Module):
         check_float("x", x)
         base = self.base_layer
         if (not self._nf4_base and x.dtype != base.weight.dtype
-                and not _autocast_enabled(x.device.type)
+                and not autocast_enabled(x.device.type)
                 and type(base).forward is nn.Linear.forward and "forward" not in base.__dict__
                 and not base._forward_pre_hooks):
             raise ValueError(f"x: expected dtype {base.weight.dtype} (that of base_layer.weight;"

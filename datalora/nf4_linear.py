@@ -45,7 +45,7 @@ from datalora.ops.molora import (
     _flatten,
     _lora_backward,
     _warn_plain_torch,
-    lora_flops,
+    linear_flops,
 )
 from datalora.ops.validation import check_molora_inputs
 
@@ -280,8 +280,7 @@ def _nf4_decode_flops(x_shape, data, absmax, nested_absmax, nested_code, offset,
                       blocksize, bias, A_shape, B_shape, ids_shape, *args, out_shape=None,
                       **kwargs) -> int:
     d_out, d_in = shape
-    return (2 * x_shape[0] * d_in * d_out
-            + lora_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out))
+    return linear_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out)
 
 
 def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
@@ -406,8 +405,7 @@ def _nf4_linear_flops(x_shape, lora_x_shape, data, absmax, nested_absmax, nested
                       shape, blocksize, bias, A_shape, B_shape, ids_shape, *args,
                       out_shape=None, **kwargs) -> int:
     d_out, d_in = shape
-    return (2 * x_shape[0] * d_in * d_out
-            + lora_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out))
+    return linear_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out)
 
 
 @register_flop_formula(torch.ops.datalora.nf4_grad_x)

@@ -8,12 +8,11 @@ layer reuses it, including the expert-sorted permutation that grouped kernels ne
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from datalora.ops.eager import trust_routing
+from datalora.ops.eager import TensorsState, trust_routing
 
 
 @dataclass(frozen=True)
@@ -27,36 +26,6 @@ class ExpertPermutation:
 
     order: torch.Tensor
     expert_offsets: torch.Tensor
-
-
-class _TensorsState:
-    """The identity (weak references) and version counters of a few tensors (None allowed):
-    :meth:`same` is True while exactly those tensor objects come back unmodified. Object
-    identity, not ``id()``: a tensor allocated after another was freed may reuse its
-    ``id``, and a fresh tensor's version is 0 like any unmodified one's."""
-
-    __slots__ = ("refs", "versions")
-
-    def __init__(self, tensors: tuple[torch.Tensor | None, ...]) -> None:
-        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        self.versions = tuple(None if t is None else t._version for t in tensors)
-
-    @classmethod
-    def of(cls, *tensors: torch.Tensor | None) -> _TensorsState | None:
-        """The state of ``tensors``, or None for inference tensors (no version counter)."""
-        try:
-            return cls(tensors)
-        except RuntimeError:
-            return None
-
-    def same(self, *tensors: torch.Tensor | None) -> bool:
-        try:
-            return len(tensors) == len(self.refs) and all(
-                (t is None and ref is None) or (t is not None and ref is not None
-                                                and ref() is t and t._version == version)
-                for t, ref, version in zip(tensors, self.refs, self.versions, strict=True))
-        except RuntimeError:
-            return False
 
 
 def sort_routes(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
@@ -93,10 +62,10 @@ class Routing:
     router_probs: torch.Tensor | None = None
     _trusted: bool = field(default=False, repr=False)
     # num_experts -> (state of expert_ids, its sort): the latest state only
-    _permutations: dict[int, tuple[_TensorsState, ExpertPermutation]] = field(
+    _permutations: dict[int, tuple[TensorsState, ExpertPermutation]] = field(
         default_factory=dict, repr=False)
     # num_experts -> state of (expert_ids, gates, rank_scale) whose values passed the check
-    _values_checked: dict[int, _TensorsState] = field(default_factory=dict, repr=False)
+    _values_checked: dict[int, TensorsState] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("expert_ids", "gates", "rank_scale", "router_probs"):
@@ -136,7 +105,7 @@ class Routing:
         if cached is not None and cached[0].same(self.expert_ids):
             return cached[1]
         perm = sort_routes(self.expert_ids, num_experts)
-        state = _TensorsState.of(self.expert_ids)
+        state = TensorsState.of(self.expert_ids)
         if state is not None:
             self._permutations[num_experts] = (state, perm)
         return perm
@@ -151,7 +120,7 @@ class Routing:
     def mark_values_checked(self, num_experts: int) -> None:
         """Records that the current ids and gates passed the value check for
         ``num_experts`` experts (call it after the check succeeded)."""
-        state = _TensorsState.of(*self._decision())
+        state = TensorsState.of(*self._decision())
         if state is not None:
             self._values_checked[num_experts] = state
 

@@ -51,45 +51,65 @@ def _is_trusted(t: torch.Tensor) -> bool:
     return ref is not None and ref() is t
 
 
+class TensorsState:
+    """The identity (weak references) and version counters of a few tensors (None allowed):
+    :meth:`same` is True while exactly those tensor objects come back unmodified. Object
+    identity, not ``id()``: a tensor allocated after another was freed may reuse its
+    ``id``, and a fresh tensor's version is 0 like any unmodified one's. ``on_free`` is
+    called (with the dead reference) when one of the tensors is freed."""
+
+    __slots__ = ("refs", "versions")
+
+    def __init__(self, tensors: tuple[torch.Tensor | None, ...], on_free=None) -> None:
+        self.versions = tuple(None if t is None else t._version for t in tensors)
+        self.refs = tuple(None if t is None else weakref.ref(t, on_free) for t in tensors)
+
+    @classmethod
+    def of(cls, *tensors: torch.Tensor | None, on_free=None) -> TensorsState | None:
+        """The state of ``tensors``, or None for inference tensors (no version counter)."""
+        try:
+            return cls(tensors, on_free)
+        except RuntimeError:
+            return None
+
+    def same(self, *tensors: torch.Tensor | None) -> bool:
+        try:
+            return len(tensors) == len(self.refs) and all(
+                (t is None and ref is None) or (t is not None and ref is not None
+                                                and ref() is t and t._version == version)
+                for t, ref, version in zip(tensors, self.refs, self.versions, strict=True))
+        except RuntimeError:  # an inference tensor: no version counter
+            return False
+
+
 class RoutingCache:
-    """One cached value keyed by routing tensors (weak references compared by identity,
-    with their version counters) and extra hashable fields. The entry is dropped as soon
-    as one of its tensors is freed: it never outlives the routing (a deleted model's tables
-    do not stay in memory until the next call)."""
+    """One cached value keyed by routing tensors (a :class:`TensorsState`) and extra
+    hashable fields. The entry is dropped as soon as one of its tensors is freed: it never
+    outlives the routing (a deleted model's tables do not stay in memory until the next
+    call)."""
 
     __slots__ = ("_entry",)
 
     def __init__(self) -> None:
-        self._entry: tuple | None = None  # (refs, versions, key, value, token)
+        self._entry: tuple | None = None  # (state, key, value, token)
 
     def get(self, tensors: tuple[torch.Tensor | None, ...], key: tuple):
         """The value stored for these unmodified tensor objects and ``key``, or None."""
         entry = self._entry
-        if entry is None or entry[2] != key:
+        if entry is None or entry[1] != key or not entry[0].same(*tensors):
             return None
-        refs, versions, _, value, _ = entry
-        try:
-            same = all((t is None and ref is None) or (
-                t is not None and ref is not None and ref() is t and t._version == version)
-                for t, ref, version in zip(tensors, refs, versions, strict=True))
-        except RuntimeError:  # an inference tensor: no version counter
-            return None
-        return value if same else None
+        return entry[2]
 
     def put(self, tensors: tuple[torch.Tensor | None, ...], key: tuple, value) -> None:
         """Stores ``value`` for ``tensors`` and ``key`` (not for inference tensors)."""
-        try:
-            versions = tuple(None if t is None else t._version for t in tensors)
-        except RuntimeError:
-            return
         token = object()
-        drop = functools.partial(self._drop, token)
-        refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
-        self._entry = (refs, versions, key, value, token)
+        state = TensorsState.of(*tensors, on_free=functools.partial(self._drop, token))
+        if state is not None:
+            self._entry = (state, key, value, token)
 
     def _drop(self, token: object, _ref: weakref.ref) -> None:
         entry = self._entry
-        if entry is not None and entry[4] is token:
+        if entry is not None and entry[3] is token:
             self._entry = None
 
 
@@ -124,4 +144,5 @@ def may_cache_routing(*routing: torch.Tensor | None) -> bool:
     return not (tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-__all__ = ["RoutingCache", "eager_call", "may_cache_routing", "trust_routing"]
+__all__ = ["RoutingCache", "TensorsState", "eager_call", "may_cache_routing",
+           "trust_routing"]

@@ -238,11 +238,17 @@ def _delta_flops(x_shape, A_shape, B_shape, ids_shape, *args, out_shape=None, **
     return lora_flops(x_shape[0], ids_shape[1], A_shape[1], A_shape[2], B_shape[1])
 
 
+def linear_flops(T: int, k: int, r: int, d_in: int, d_out: int) -> int:
+    """FLOPs of one MoLoRA linear forward: the base GEMM ``2 T d_in d_out`` +
+    :func:`lora_flops`."""
+    return 2 * T * d_in * d_out + lora_flops(T, k, r, d_in, d_out)
+
+
 @register_flop_formula(torch.ops.datalora.molora_linear)
 def _linear_flops(x_shape, w_shape, bias_shape, A_shape, B_shape, ids_shape, *args,
                   out_shape=None, **kwargs) -> int:
-    T, (d_out, d_in) = x_shape[0], w_shape
-    return 2 * T * d_in * d_out + lora_flops(T, ids_shape[1], A_shape[1], d_in, d_out)
+    d_out, d_in = w_shape
+    return linear_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out)
 
 
 @register_flop_formula(torch.ops.datalora.molora_delta_backward)
@@ -331,12 +337,17 @@ def _flatten(x, expert_ids, gates, rank_scale):
     return x2, *flat
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for one without autocast: meta)."""
+    return (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
+
+
 def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under autocast, casts the GEMM operands to the autocast dtype (as F.linear would).
     A device type without autocast (``meta``) is left as is."""
     device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    if not autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     # float64 is not autocast-eligible: F.linear keeps it in float64
