@@ -41,6 +41,7 @@ from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokeniz
 from datalora.finetune import optimisation_steps
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.pruning import keep_count
+from datalora.tle.adapters import BASE_CHANGING_INITS
 
 __all__ = [
     "ScoredSample",
@@ -202,11 +203,36 @@ def _molora_layers(model: nn.Module) -> list[MoLoRALinear]:
     return [m for m in model.modules() if isinstance(m, MoLoRALinear)]
 
 
+def disabled_is_not_base(model: nn.Module) -> str | None:
+    """Why ``model``'s ``disable_adapter()`` would not run its base model, or None: a PEFT
+    adapter with trained biases (``bias='all'`` / ``'lora_only'``: they stay on) or one
+    whose initialisation rewrote the base weights (PiSSA, OLoRA, ...: the residual stays)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", None)]
+    for name in active:
+        config = configs.get(name)
+        bias = getattr(config, "bias", "none")
+        if bias not in (None, "none"):
+            return f"adapter {name!r} has bias={bias!r}, whose biases stay on when disabled"
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+            return (f"adapter {name!r} was initialised with init_lora_weights={init!r}, "
+                    f"which rewrote the base weights")
+    return None
+
+
 def _check_can_disable(model: nn.Module) -> None:
     if not (hasattr(model, "disable_adapter") or _molora_layers(model)):
         raise TypeError(f"base_model: required when lora_model is neither a PEFT model (no "
                         f"disable_adapter()) nor a DATALORA / MoLoRA model (no MoLoRA layer); "
                         f"got {type(model).__name__}")
+    reason = disabled_is_not_base(model)
+    if reason is not None:
+        raise ValueError(f"base_model: required: {reason}, so the model with its adapter "
+                         f"disabled is not the base model; pass base_model=, the source model "
+                         f"loaded again without the adapter")
 
 
 @contextmanager
@@ -528,6 +554,7 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
                    steps: int = 60, batch_size: int = 8, lr: float = 2e-2, seed: int = 0,
                    synthetic: Sequence[dict[str, str]] | None = None,
                    scored: Sequence[ScoredSample] | None = None,
+                   source_base_model: nn.Module | None = None,
                    progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Transfers ``source_model``'s adapter to ``target_model``.
 
@@ -541,6 +568,9 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
             (:func:`contrastive_excess`); max_length: the target's training length (tokens
             are selected among the response tokens it keeps).
         reduce, drop_empty, sample_keep, token_keep: see :func:`build_masked_examples`.
+        source_base_model: the source model without its adapter, for the base pass of
+            the scoring (``base_model`` of :func:`contrastive_excess`; required where
+            :func:`disabled_is_not_base` gives a reason).
         adapter: ``"lora"`` (PEFT ``LoraConfig(r=rank, lora_alpha=alpha)``) or ``"molora"``
             (datalora MoLoRA, 4 experts, top-2, per-layer routing); ``target_modules``
             must name modules of ``target_model`` (MoLoRA: ``nn.Linear`` only, so GPT-2's
@@ -558,6 +588,11 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     _check_fraction("sample_keep", sample_keep)
     _check_fraction("token_keep", token_keep)
     check_target_modules(target_model, adapter, target_modules)
+    if scored is None:  # before generating: the scoring's base pass must be possible
+        if source_base_model is None:
+            _check_can_disable(source_model)
+        else:
+            _check_separate_base(source_model, source_base_model)
     if synthetic is None:
         synthetic = generate_synthetic(source_model, source_tokenizer, seed_rows,
                                        samples_per_prompt=samples_per_prompt,
@@ -566,7 +601,7 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
                                        progress=progress)
     if scored is None:
         scored = contrastive_excess(source_model, source_tokenizer, synthetic,
-                                    max_length=score_max_length)
+                                    base_model=source_base_model, max_length=score_max_length)
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
                                             token_keep=token_keep, max_length=max_length,
                                             reduce=reduce, drop_empty=drop_empty)
@@ -650,12 +685,15 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     target, target_tok = load_model_and_tokenizer(args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)
     source, source_tok = _load_source(args.source_model, folder)
+    source_base = None
+    if disabled_is_not_base(source) is not None:  # score against a clean copy of the base
+        source_base, _ = load_model_and_tokenizer(args.source_model)
     lr = REAL_MODEL_DEFAULTS["learning_rate"] if args.lr is None else args.lr
     adapted, report = titok_transfer(
         source, source_tok, target, target_tok, prompts, sample_keep=args.sample_keep,
         token_keep=args.token_keep, max_new_tokens=args.max_new_tokens,
         adapter=args.adapter, target_modules=args.target_modules, steps=args.steps, lr=lr,
-        seed=args.seeds[0], progress=not args.no_progress)
+        seed=args.seeds[0], source_base_model=source_base, progress=not args.no_progress)
     out = Path(args.output_dir)
     adapted.save_pretrained(str(out))
     result = {"source_model": args.source_model, "source_adapter": str(folder),

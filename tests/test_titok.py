@@ -523,3 +523,68 @@ def test_datalora_source_with_pruning_runs_the_plain_base_pass(tok):
     torch.testing.assert_close(s.logp_base, want_base)
     assert dl.runtime.pruning_enabled and all(
         layer.adapter_enabled for _, layer in dl.molora_layers())
+
+
+def _qwen_with_biases(seed=2):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).eval()
+
+
+def _with_trained_biases(model):
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                      bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                p.add_(0.3)
+    return lora
+
+
+def test_peft_source_whose_disabled_model_is_not_the_base_needs_base_model(tok, monkeypatch):
+    """A PEFT adapter with trained biases (bias='all') keeps them on with the adapter
+    disabled, and PiSSA / OLoRA inits rewrote the base: scoring against that "base" gave
+    wrong excesses silently. Refused without base_model (before any generation in
+    titok_transfer); with it, the base pass is the real base model."""
+    from datalora.titok import disabled_is_not_base, response_log_probs, titok_transfer
+
+    peft = pytest.importorskip("peft")
+    lora = _with_trained_biases(_qwen_with_biases())
+    assert "bias='all'" in disabled_is_not_base(lora)
+    with pytest.raises(ValueError, match="base_model: required: .*bias='all'"):
+        contrastive_excess(lora, tok, [ROW])
+    base = _qwen_with_biases()
+    [s] = contrastive_excess(lora, tok, [ROW], base_model=base)
+    [want] = response_log_probs(base, tok, [ROW])
+    torch.testing.assert_close(s.logp_base, want)
+    monkeypatch.setattr(lora, "generate", lambda *a, **k: pytest.fail("generated first"))
+    with pytest.raises(ValueError, match="base_model: required"):
+        titok_transfer(lora, tok, _small(seed=4), tok, [ROW], progress=False)
+    pissa = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                          init_lora_weights="pissa"))
+    assert "init_lora_weights='pissa'" in disabled_is_not_base(pissa)
+    plain = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert disabled_is_not_base(plain) is None
+
+
+def test_titok_cli_scores_a_bias_adapter_against_a_fresh_base(tmp_path, tok, tok_other):
+    """The CLI loads the source model a second time for the base pass when the adapter's
+    disabled model is not the base (here: trained biases)."""
+    from datalora.cli import main
+
+    source = _qwen_with_biases()
+    source.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    _with_trained_biases(source).save_pretrained(tmp_path / "adapter")
+    _small(vocab=270, seed=4).save_pretrained(tmp_path / "tgt")
+    tok_other.save_pretrained(tmp_path / "tgt")
+    (tmp_path / "seeds.txt").write_text("Reverse the letters: abc\n")
+    assert main(["titok", "--source-model", str(tmp_path / "src"), "--source-adapter",
+                 str(tmp_path / "adapter"), "--target-model", str(tmp_path / "tgt"),
+                 "--seed-file", str(tmp_path / "seeds.txt"), "--target-modules", "q_proj",
+                 "--steps", "1", "--max-new-tokens", "4", "--sample-keep", "1",
+                 "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0

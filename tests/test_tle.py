@@ -978,3 +978,102 @@ def test_a_second_mixer_on_a_mixed_model_asks_for_a_fresh_base(adapter_dirs):
     with pytest.raises(ValueError, match="already mixed by a TokenLevelAdapterMixer.*fresh "
                                          "copy of the base model"):
         TokenLevelAdapterMixer(model, adapter_dirs)
+
+
+# ---- PEFT config options (user review) ------------------------------------------------------
+def _peft_logits(model_fn, folder, x):
+    ref = peft.PeftModel.from_pretrained(model_fn(), str(folder)).eval()
+    with torch.no_grad():
+        return ref(input_ids=x).logits
+
+
+def test_missing_lora_alpha_is_peft_default_8_and_a_rank_mismatch_is_refused(adapter_dirs,
+                                                                             tmp_path):
+    """PEFT reads a config without ``lora_alpha`` as alpha 8 (scaling 8 / r, not 1); a config
+    whose r disagrees with the tensors is refused, as PEFT refuses to load it."""
+    import json
+
+    folder = _with_config(adapter_dirs[0], tmp_path / "no_alpha")  # rank 2, alpha 4
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    plain, loaded = load_peft_adapter(adapter_dirs[0]), load_peft_adapter(folder)
+    for module, (_, b) in plain.modules.items():
+        torch.testing.assert_close(loaded.modules[module][1], 2.0 * b)  # 8/2 vs 4/2
+    x = ids()
+    mixer = TokenLevelAdapterMixer(small_model(), [folder])
+    torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits,
+                               _peft_logits(small_model, folder, x), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rank 2 in its tensors but r=4"):
+        load_peft_adapter(_with_config(adapter_dirs[0], tmp_path / "bad_r", r=4))
+    patterned = _with_config(adapter_dirs[0], tmp_path / "pattern", r=4,
+                             rank_pattern={"q_proj|v_proj": 2})
+    assert load_peft_adapter(patterned).modules  # rank_pattern gives the tensors' rank
+
+
+def test_block_diagonal_lora_is_refused_by_name(adapter_dirs, tmp_path):
+    with pytest.raises(ValueError, match="use_bdlora"):
+        load_peft_adapter(_with_config(adapter_dirs[0], tmp_path / "bd", use_bdlora=True))
+
+
+def test_bias_all_with_untouched_biases_and_bf16_rounded_biases_mix(tmp_path):
+    """bias='all' saves every bias (``X.bias`` for modules without LoRA too): unchanged ones
+    are accepted (they were refused as unsupported tensors), and a bias saved from a bf16
+    copy of the model counts as unchanged on the fp32 model (dtype rounding only)."""
+    model = peft.get_peft_model(_qwen(), peft.LoraConfig(
+        r=2, lora_alpha=4, bias="all", target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "all"))
+    x = torch.randint(4, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    mixer = TokenLevelAdapterMixer(_qwen(), [tmp_path / "all"], names=["a"])
+    torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits,
+                               _peft_logits(_qwen, tmp_path / "all", x), atol=2e-5, rtol=1e-5)
+    half = peft.get_peft_model(_qwen().to(torch.bfloat16), peft.LoraConfig(
+        r=2, lora_alpha=4, bias="lora_only", target_modules=["q_proj"]))
+    half.save_pretrained(str(tmp_path / "bf16"))
+    TokenLevelAdapterMixer(_qwen(), [tmp_path / "bf16"], names=["a"])  # not "trained biases"
+
+
+def test_embedding_copies_bin_files_and_modules_to_save(adapter_dirs, tmp_path):
+    """Unchanged embedding copies (``save_embedding_layers``) and ``adapter_model.bin``
+    (``safe_serialization=False``) load as PEFT loads them; a module trained whole
+    (``modules_to_save``) is refused naming that option."""
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(small_model(), cfg)
+    model.save_pretrained(str(tmp_path / "emb"), save_embedding_layers=True)
+    model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    x = ids()
+    want = _peft_logits(small_model, tmp_path / "emb", x)
+    assert load_peft_adapter(tmp_path / "emb").base_weights  # the copies are kept, checked
+    for folder in ("emb", "bin"):
+        mixer = TokenLevelAdapterMixer(small_model(), [tmp_path / folder])
+        torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits, want,
+                                   atol=2e-5, rtol=1e-5)
+    saved = peft.get_peft_model(small_model(), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    saved.save_pretrained(str(tmp_path / "mts"))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        load_peft_adapter(tmp_path / "mts")
+
+
+def test_gpt2_conv1d_adapter_equals_peft(tmp_path):
+    """GPT-2's Conv1D layers (``fan_in_fan_out``) are mixed as the equal nn.Linear."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32,
+                                          n_layer=2, n_head=2)).eval()
+
+    model = peft.get_peft_model(gpt2(), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+        init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "gpt2"))
+    x = ids()
+    want = _peft_logits(gpt2, tmp_path / "gpt2", x)
+    mixer = TokenLevelAdapterMixer(gpt2(), [tmp_path / "gpt2"], names=["a"])
+    torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits, want,
+                               atol=2e-5, rtol=1e-5)
+    with torch.no_grad(), mixer.adapters_disabled():
+        torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits,
+                                   gpt2()(input_ids=x).logits, atol=2e-5, rtol=1e-5)

@@ -22,6 +22,11 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
                   r"(?:\.(?P<adapter>[^.]+))?\.weight$")
 _BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\."
                         r"(?P<kind>weight|bias)$")
+# a whole module's tensor: a bias (bias='all' saves those of modules without LoRA too), or
+# a weight PEFT saves as a copy (save_embedding_layers) or as trained (modules_to_save)
+_MODULE_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>weight|bias)$")
+# PEFT's LoraConfig default when adapter_config.json has no lora_alpha
+_PEFT_DEFAULT_ALPHA = 8.0
 
 
 @dataclass
@@ -64,7 +69,7 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 # init_lora_weights methods that also rewrite the base weights (the saved A / B only make
 # sense on that modified base, unless PEFT converted them on save)
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _check_plain_lora(config: Mapping[str, Any], folder: Path) -> None:
@@ -75,7 +80,7 @@ def _check_plain_lora(config: Mapping[str, Any], folder: Path) -> None:
     if config.get("use_dora"):
         raise ValueError(f"path: {folder} is a DoRA adapter; only plain LoRA can be mixed")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise ValueError(f"path: {folder} was initialised with init_lora_weights={init!r}, "
                          f"which also changes the base weights; re-save it with PEFT's "
                          f"path_initial_model_for_weight_conversion (a plain LoRA) to mix it")
@@ -83,43 +88,79 @@ def _check_plain_lora(config: Mapping[str, Any], folder: Path) -> None:
         raise ValueError(f"path: {folder} is an activated LoRA (alora_invocation_tokens): it "
                          f"applies only after its invocation tokens; only plain LoRA can be "
                          f"mixed")
+    if config.get("use_bdlora"):
+        raise ValueError(f"path: {folder} is a block-diagonal LoRA (use_bdlora): its saved "
+                         f"lora_A / lora_B are compact blocks, not [r, d_in] / [d_out, r]; "
+                         f"only plain LoRA can be mixed")
     if config.get("layer_replication"):
         raise ValueError(f"path: {folder} replicates decoder layers (layer_replication); "
                          f"only plain LoRA can be mixed")
 
 
-def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
-    """Loads a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+def _weights_file(folder: Path) -> Path:
+    """``adapter_model.safetensors``, else ``adapter_model.bin`` (``safe_serialization=False``)."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
+                            f"adapter_model.safetensors (or adapter_model.bin)")
 
-    Handles per-module ranks (from the tensors), ``alpha_pattern`` and rsLoRA. DoRA,
-    activated LoRA, LoRA on embeddings and initialisations that rewrite the base (PiSSA,
-    OLoRA, CorDA, LoftQ, LoRA-GA) are not supported (``ValueError``).
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".bin":  # tensors only: no code runs from the pickle
+        return torch.load(file, map_location="cpu", weights_only=True)
+    return load_tensors(file)
+
+
+def _modules_to_save(config: Mapping[str, Any], module: str) -> bool:
+    """True when ``module`` is one of the config's ``modules_to_save`` (a name suffix)."""
+    return any(module == name or module.endswith("." + name)
+               for name in config.get("modules_to_save") or ())
+
+
+def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
+    """Loads a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors`` or
+    ``adapter_model.bin``).
+
+    Handles per-module ranks (``rank_pattern``; the tensors must have the rank the config
+    gives), ``alpha_pattern`` and rsLoRA; ``lora_alpha`` defaults to PEFT's 8. Saved copies
+    of base modules (``save_embedding_layers``, biases of ``bias='all'`` / ``'lora_only'``)
+    are kept to be checked against the model by the mixer. DoRA, block-diagonal and
+    activated LoRA, LoRA on embeddings, ``modules_to_save`` and initialisations that rewrite
+    the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) are not supported (``ValueError``).
     """
     folder = Path(path)
-    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not cfg_file.is_file() or not weights.is_file():
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
         raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
-                                f"adapter_model.safetensors")
+                                f"adapter_model.safetensors (or adapter_model.bin)")
+    weights = _weights_file(folder)
     config = json.loads(cfg_file.read_text())
     _check_plain_lora(config, folder)
-    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    alpha = float(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     alpha_pattern = config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     base_biases: dict[str, torch.Tensor] = {}
-    for key, tensor in load_tensors(weights).items():
-        base_copy = _BASE_COPY.match(key)
-        if base_copy is not None:  # a base weight copy (PEFT saves lm_head's): no update;
-            # a bias (bias='all' / 'lora_only') may have been trained: checked by the mixer
-            (base_weights if base_copy["kind"] == "weight" else base_biases)[
-                base_copy["module"]] = tensor
-            continue
+    for key, tensor in _read_weights(weights).items():
         match = _KEY.match(key)
-        if match is None:
+        if match is not None:
+            parts.setdefault(match["module"], {})[match["ab"]] = tensor
+            continue
+        copy = _BASE_COPY.match(key) or _MODULE_TENSOR.match(key)
+        if copy is None or "lora_" in key:
             raise ValueError(f"path: unsupported tensor {key!r} in {weights} (only "
                              f"lora_A / lora_B weights of linear layers can be mixed)")
-        parts.setdefault(match["module"], {})[match["ab"]] = tensor
+        module = copy["module"]
+        if _modules_to_save(config, module):
+            raise ValueError(f"path: {folder} trains module {module!r} as a whole "
+                             f"(modules_to_save={config.get('modules_to_save')}); the mixer "
+                             f"mixes lora_A / lora_B only and would drop it")
+        # a copy of a base tensor (PEFT saves lm_head's, embedding layers, biases): no
+        # update, checked against the model by the mixer (a trained bias is refused there)
+        (base_weights if copy["kind"] == "weight" else base_biases)[module] = tensor
     modules = {}
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
@@ -129,6 +170,10 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
             raise ValueError(f"path: {module!r} has lora_A {tuple(a.shape)} and lora_B "
                              f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r]")
         r = a.shape[0]
+        expected = _pattern_value(rank_pattern, module, config.get("r"))
+        if expected is not None and int(expected) != r:
+            raise ValueError(f"path: module {module!r} of {folder} has rank {r} in its "
+                             f"tensors but r={expected} in adapter_config.json")
         a_mod = float(_pattern_value(alpha_pattern, module, alpha))
         scaling = a_mod / math.sqrt(r) if rslora else a_mod / r
         modules[module] = (a.float(), b.float() * scaling)
@@ -147,10 +192,19 @@ def trained_biases(model: nn.Module, adapter: LoRAAdapter) -> list[str]:
             own = model.get_submodule(module).bias
         except AttributeError:
             own = None
-        if own is None or own.shape != saved.shape or not torch.equal(
-                own.detach().float().cpu(), saved.float()):
+        if own is None or own.shape != saved.shape or not _same_up_to_rounding(
+                own.detach().cpu(), saved):
             changed.append(module)
     return sorted(changed)
+
+
+def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a == b`` once both are rounded to the less precise of their dtypes (a bias saved
+    from a bf16 model equals the fp32 model's own rounded to bf16)."""
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return torch.equal(a, b)
+    low = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
+    return torch.equal(a.to(low), b.to(low))
 
 
 def foreign_base_weights(model: nn.Module, adapter: LoRAAdapter) -> dict[str, float]:

@@ -67,6 +67,23 @@ BASE_SAMPLES = 64
 """Weights per mixed module saved with a mixer to recognise its base model on reload."""
 
 
+def _as_linear(module: nn.Module) -> nn.Module:
+    """GPT-2's ``transformers`` ``Conv1D`` (``y = x @ W + b``, W ``[d_in, d_out]``) as the
+    equal ``nn.Linear`` (its weight transposed into a new ``[d_out, d_in]`` tensor; the
+    Conv1D is dropped when the mixer replaces it). PEFT stores such a module's LoRA as
+    ``lora_A [r, d_in]`` / ``lora_B [d_out, r]`` like a Linear's (``fan_in_fan_out``
+    only transposes the merged update). Any other module is returned as is."""
+    if type(module).__name__ != "Conv1D" or getattr(module, "weight", None) is None \
+            or module.weight.dim() != 2:
+        return module
+    d_in, d_out = module.weight.shape
+    linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
 def _base_samples(layers: Sequence[nn.Module]) -> torch.Tensor:
     """``[len(layers), BASE_SAMPLES]`` fp32: evenly spaced entries of each base weight."""
     rows = []
@@ -169,9 +186,10 @@ class TokenLevelAdapterMixer(nn.Module):
                 raise ValueError(f"model: module {module!r} is already mixed by a "
                                  f"TokenLevelAdapterMixer (it replaces the model's layers in "
                                  f"place); build each mixer on a fresh copy of the base model")
+            base = _as_linear(base)
             if not isinstance(base, nn.Linear) or isinstance(base, MoLoRALinear):
                 raise ValueError(f"adapters: module {module!r} is a {type(base).__name__}, "
-                                 f"expected a plain nn.Linear")
+                                 f"expected a plain nn.Linear (or GPT-2's Conv1D)")
             if (B.shape[1], A.shape[2]) != (base.out_features, base.in_features):
                 raise ValueError(f"adapters: module {module!r} is [{base.out_features}, "
                                  f"{base.in_features}] in the model but [{B.shape[1]}, "
