@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import types
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,31 +167,48 @@ def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def _reorder_rows(value: Any, beam_idx: torch.Tensor) -> Any:
+def _select_rows(value: Any, index: Any) -> Any:
     if isinstance(value, tuple):
-        return tuple(_reorder_rows(v, beam_idx) for v in value)
-    return value.index_select(0, beam_idx.to(value.device))
+        return tuple(_select_rows(v, index) for v in value)
+    return value.index_select(0, torch.as_tensor(index, device=value.device).long())
 
 
-def _reorder_with_state(cache: Any, beam_idx: torch.Tensor, *args, **kwargs) -> Any:
-    """``cache.reorder_cache`` that also reorders the DATALORA per-row state stored on the
-    cache (keep flags, USN context) with the K/V."""
-    out = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
-    for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
-        value = getattr(cache, attr, None)
-        if value is not None:
-            setattr(cache, attr, _reorder_rows(value, beam_idx))
-    return out
+def _repeat_rows(value: Any, repeats: int) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, repeats) for v in value)
+    return value.repeat_interleave(repeats, dim=0)
 
 
-def _follow_cache_reorder(cache: Any) -> None:
-    """Makes ``cache.reorder_cache`` (beam search) follow with the DATALORA state: a method
-    bound to this cache, which ``copy.deepcopy`` rebinds to the copy (the prefix-caching
-    recipe copies a prefilled cache), where a closure would keep reordering the original."""
-    current = getattr(cache, "reorder_cache", None)
-    if current is None or getattr(current, "__func__", None) is _reorder_with_state:
-        return
-    cache.reorder_cache = types.MethodType(_reorder_with_state, cache)
+# the cache's batch-row operations (transformers' Cache API) and the same operation on the
+# DATALORA per-row state, from the operation's first argument
+_ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _select_rows,
+                   "batch_repeat_interleave": _repeat_rows}
+
+
+class _RowsFollow:
+    """``cache.<method>`` (a batch-row operation: beam search's reorder, dropping or
+    repeating rows) that applies the same operation to the DATALORA per-row state stored on
+    the cache (keep flags, USN context). A picklable object holding the cache, so
+    ``copy.deepcopy`` / ``pickle`` / ``torch.save`` of the cache carry it over pointing at
+    the copy (the prefix-caching recipe copies a prefilled cache)."""
+
+    def __init__(self, cache: Any, method: str):
+        self.cache, self.method = cache, method
+
+    def __call__(self, rows: Any, *args, **kwargs) -> Any:
+        out = getattr(type(self.cache), self.method)(self.cache, rows, *args, **kwargs)
+        for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
+            value = getattr(self.cache, attr, None)
+            if value is not None:
+                setattr(self.cache, attr, _ROW_OPERATIONS[self.method](value, rows))
+        return out
+
+
+def _follow_cache_rows(cache: Any) -> None:
+    """Makes the cache's batch-row operations follow with the DATALORA state."""
+    for method in _ROW_OPERATIONS:
+        if hasattr(type(cache), method) and not isinstance(getattr(cache, method), _RowsFollow):
+            setattr(cache, method, _RowsFollow(cache, method))
 
 
 def _refuse_capture(tensor: torch.Tensor, what: str) -> None:
@@ -400,7 +417,7 @@ class DATALORARuntime:
         self.pruning_enabled = True
         self.keep_last = keep_last
         self.last: ForwardRecord | None = None
-        self._ctx: _Context | None = None
+        self._local = threading.local()  # the forward in progress, one per thread
         self._warned = False
         # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
         self.calibrated_retention: float | None = None
@@ -414,11 +431,25 @@ class DATALORARuntime:
     # ------------------------------------------------------------------ state
 
     def __getstate__(self):
-        # ``last`` / ``_ctx`` hold non-leaf tensors of the latest forward, which
+        # ``last`` / the forward context hold non-leaf tensors of the latest forward, which
         # copy.deepcopy (of the DATALORAModel holding this runtime) refuses
         state = self.__dict__.copy()
-        state["last"] = state["_ctx"] = None
+        state["last"] = state["_local"] = None
         return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def _ctx(self) -> _Context | None:
+        """The context of this thread's forward in progress (threads serving one model each
+        have their own: ``generate`` from a thread pool)."""
+        return getattr(self._local, "ctx", None)
+
+    @_ctx.setter
+    def _ctx(self, ctx: _Context | None) -> None:
+        self._local.ctx = ctx
 
     def set_retention(self, retention: float) -> None:
         if not 0.0 < float(retention) <= 1.0:
@@ -465,6 +496,20 @@ class DATALORARuntime:
                           stacklevel=3)
             self._warned_stale = True
         return threshold
+
+    def _retention_disables(self, ctx: _Context) -> bool:
+        """Retention 1.0 turns pruning off, also where a threshold calibrated for a lower
+        retention would otherwise decide (eval / generation): warned once there."""
+        if self.retention < 1.0:
+            return False
+        calibrated = self.calibrated_retention
+        if ctx.stepwise and calibrated is not None and calibrated < 1.0 \
+                and not self._warned_stale:
+            warnings.warn(f"keep_threshold was calibrated for retention {calibrated:g}, but "
+                          f"the runtime's retention is 1.0, which turns pruning off: "
+                          f"set_retention({calibrated:g}) to prune", stacklevel=3)
+            self._warned_stale = True
+        return True
 
     @contextmanager
     def routing_scope(self, routing: Routing) -> Iterator[None]:
@@ -527,7 +572,10 @@ class DATALORARuntime:
             kwargs = {**kwargs, "use_cache": False}  # no cache: the packed path
         if mask is not None and mask.dim() != 2:
             raise ValueError(f"attention_mask: expected a [B, L] padding mask, got shape "
-                             f"{tuple(mask.shape)}")
+                             f"{tuple(mask.shape)} (continuous batching / paged attention, "
+                             f"as generate_batch and transformers serve use, packs requests "
+                             f"into one row, which the DATALORA hooks do not support: use "
+                             f"generate)")
         self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
             "new" if kwargs.get("use_cache") else None), stepwise=stepwise)
         return args, kwargs
@@ -581,7 +629,7 @@ class DATALORARuntime:
         out = self.saliency(hidden, valid, state)
         if cache is not None:
             setattr(cache, _CACHE_USN_ATTR, out.state)
-            _follow_cache_reorder(cache)
+            _follow_cache_rows(cache)
         keep_prob = self.saliency.keep_probability(out.token_scores)
         ctx.routing = out.routing
         ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,
@@ -634,7 +682,7 @@ class DATALORARuntime:
         bsz, seq_len, _ = hidden.shape
         ctx.hidden_in = hidden
         if ctx.cache is None:
-            if not self.pruning_enabled or self.retention >= 1.0 or (
+            if not self.pruning_enabled or self._retention_disables(ctx) or (
                     ctx.stepwise and not self.saliency.training and self._uncalibrated(ctx)):
                 return
             self._start_packed(ctx, hidden, kwargs, record)
@@ -649,12 +697,14 @@ class DATALORARuntime:
         return first
 
     def _mask_as_bool(self, kwargs) -> bool:
+        if "flash" in self.attn_implementation or "flex" in self.attn_implementation:
+            # flash attention takes no 4-D mask; flex attention adds a tensor mask to the
+            # scores (a bool one would mask nothing)
+            raise ValueError(f"attn_implementation: token pruning needs an explicit 4-D mask;"
+                             f" use 'sdpa' or 'eager', not {self.attn_implementation!r}")
         original = kwargs.get("attention_mask")
         if isinstance(original, torch.Tensor):
             return original.dtype == torch.bool
-        if self.attn_implementation.startswith("flash"):
-            raise ValueError("attn_implementation: token pruning needs an explicit 4-D mask; "
-                             "use 'sdpa' or 'eager', not flash attention")
         return self.attn_implementation != "eager"
 
     def _start_packed(self, ctx, hidden, kwargs, record) -> None:
@@ -704,7 +754,7 @@ class DATALORARuntime:
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         cache = cache_of(kwargs)
-        if not self.pruning_enabled or self.retention >= 1.0 or self._uncalibrated(ctx):
+        if not self.pruning_enabled or self._retention_disables(ctx) or self._uncalibrated(ctx):
             keep_new = record.valid.clone()
         else:
             threshold = self._threshold_in_use(self._forward_threshold(ctx))

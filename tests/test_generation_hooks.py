@@ -330,3 +330,94 @@ def test_disabled_adapter_is_the_exact_base_model_also_with_pruning():
         model.set_adapter_enabled(True)
         torch.testing.assert_close(model(input_ids=ids).logits, pruned, atol=0, rtol=0)
     assert not torch.allclose(pruned, want, atol=1e-3)
+
+
+# ---- serving: cache row operations, pickling, threads (user review) -------------------------
+def _next_logits(model, ids, cache):
+    from datalora.hf_compat import cache_kwargs
+
+    return model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
+
+
+@pytest.mark.parametrize("operation, rows", [
+    (lambda c: c.batch_select_indices(torch.tensor([1, 0])), [1, 0]),   # reorder
+    (lambda c: c.batch_select_indices(torch.tensor([1])), [1]),          # drop a finished row
+    (lambda c: c.batch_repeat_interleave(2), [0, 0, 1, 1]),              # share a prefix
+])
+def test_cache_row_operations_carry_the_pruning_state(operation, rows):
+    """The cache's public batch-row operations move the keep flags and the saliency context
+    with the K/V (only reorder_cache did: rows got each other's state silently)."""
+    from datalora.hf_compat import cache_kwargs, output_cache
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    prompt, step = _ids(2, 9), _ids(2, 1, seed=3)
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=prompt, use_cache=True,
+                                   **cache_kwargs(model, DynamicCache(config=model.config))))
+        operation(cache)
+        got = _next_logits(model, step[rows], cache)
+        fresh = DynamicCache(config=model.config)
+        _next_logits(model, prompt[rows], fresh)
+        want = _next_logits(model, step[rows], fresh)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_filled_cache_pickles_with_its_pruning_state():
+    import io
+    import pickle
+
+    from datalora.hf_compat import cache_kwargs, output_cache
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    prompt, step = _ids(2, 9), _ids(2, 1, seed=3)
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=prompt, use_cache=True,
+                                   **cache_kwargs(model, DynamicCache(config=model.config))))
+        buffer = io.BytesIO()
+        pickle.dump(cache, buffer)
+        restored = pickle.loads(buffer.getvalue())
+        torch.testing.assert_close(_next_logits(model, step, restored),
+                                   _next_logits(model, step, cache))
+        restored.reorder_cache(torch.tensor([1, 0]))  # follows the restored cache, not cache
+        assert torch.equal(restored._datalora_keep, cache._datalora_keep[[1, 0]])
+
+
+def test_generate_from_threads_equals_sequential():
+    """Each thread's forward has its own context (one per model was overwritten by the
+    other threads: misleading errors, or one request using another's routing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    prompts = [_ids(1, 5 + i, seed=i) for i in range(6)]
+    with torch.no_grad():
+        want = [model.generate(p, max_new_tokens=5, **GREEDY) for p in prompts]
+
+        def run(p):
+            with torch.no_grad():
+                return model.generate(p, max_new_tokens=5, **GREEDY)
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(run, prompts))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_flex_attention_and_packed_masks_are_refused_by_name():
+    """Flex attention adds a tensor mask to the scores, so the pruned layers' bool mask
+    masked nothing: refused like flash attention. A 4-D mask (continuous batching) is
+    refused naming the cause."""
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    model.runtime.attn_implementation = "flex_attention"
+    with torch.no_grad(), pytest.raises(ValueError, match="not 'flex_attention'"):
+        model(input_ids=_ids(2, 8))
+    model.runtime.attn_implementation = "sdpa"
+    with torch.no_grad(), pytest.raises(ValueError, match="continuous batching"):
+        model(input_ids=_ids(1, 4), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+def test_retention_one_with_a_lower_calibration_warns_that_pruning_is_off():
+    model = _calibrated(_model(prune_layers=(1, 4)), 0.5)
+    model.set_curriculum_state(retention=1.0)
+    with torch.no_grad(), pytest.warns(UserWarning, match="turns pruning off"):
+        model.generate(_ids(1, 6), max_new_tokens=2, **GREEDY)
+    assert model.runtime.last.actual_retention() == 1.0
