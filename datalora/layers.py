@@ -191,7 +191,7 @@ class MoLoRALinear(nn.Module):
             logits = F.linear(x2, router.weight.to(x2.dtype))
         else:  # as a module: its hooks / parametrizations apply
             logits = router(x2.to(router.weight.dtype))
-        return topk_routing(logits, self.top_k)
+        return topk_routing(logits, self.top_k, _trusted=True)
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""

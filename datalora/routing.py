@@ -143,11 +143,14 @@ class Routing:
         return counts / max(flat.numel(), 1)
 
 
-def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True) -> Routing:
+def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
+                 _trusted: bool = False) -> Routing:
     """Softmax top-k routing: logits ``[T, E]`` -> :class:`Routing` with ``k`` routes per token.
 
     Gates are the top-k softmax probabilities, renormalised to sum to 1 when
-    ``renormalize`` (Mixtral style); gradients reach the router through them.
+    ``renormalize`` (Mixtral style); gradients reach the router through them. ``_trusted``
+    (datalora's own layers, which never hand the tensors out for writing before use) lets
+    backends cache per-routing tables; the routing you get is checked like one you built.
     """
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected 1 <= k <= num_experts={logits.shape[-1]}, got {k}")
@@ -159,4 +162,4 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True) -> Rout
         denom = gates.detach() if k == 1 else gates.sum(-1, keepdim=True)
         gates = gates / denom
     return Routing(expert_ids=expert_ids, gates=gates.to(logits.dtype), router_probs=probs,
-                   _trusted=True)
+                   _trusted=_trusted)

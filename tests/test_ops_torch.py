@@ -497,3 +497,81 @@ def test_cached_tables_die_with_their_routing(monkeypatch):
     gc.collect()
     assert torch_backend._tables_cache._entry is None
     assert triton_backend._perm_cache._entry is None
+
+
+# ---- randomized review findings ------------------------------------------------------------
+def test_fp16_large_gates_and_gate_gradients_stay_finite():
+    """In fp16 a gate times scaling beyond 65504 overflowed the gate matrix (NaN / inf
+    output), and dz * h per route overflowed before the fp32 gate gradient's sum."""
+    torch.manual_seed(0)
+    x, A, B, ids, _, _ = make_inputs(8, dtype=torch.float16, rank_scale=False)
+    x = x * 1e-3  # h ~ 1e-3: G = 2e5 overflows fp16, H * G ~ 200 does not
+    gates = torch.full((8, 2), 1e5, requires_grad=True)  # fp32 gates, fp16 weights
+    delta = ops.molora_delta(x, A, B, ids, gates, None, 2.0, backend="torch")
+    want = molora_delta_reference(x.double(), A.double(), B.double(), ids, gates.double(),
+                                  None, 2.0)
+    assert torch.isfinite(delta).all()
+    torch.testing.assert_close(delta.detach().double(), want.detach(), rtol=2e-3,
+                               atol=2e-3 * want.abs().max().item())
+    xs, As, Bs, ids, g, _ = make_inputs(8, dtype=torch.float16, rank_scale=False)
+    As, Bs = (As * 60).requires_grad_(), Bs * 60  # dz * h ~ 1e5 per route
+    g = torch.rand(8, 2).requires_grad_()
+    grad_out = torch.full((8, 20), 30.0, dtype=torch.float16)
+    (dg,) = torch.autograd.grad(ops.molora_delta(xs, As, Bs, ids, g, None, 2.0,
+                                                 backend="torch"), g, grad_out)
+    gd = g.detach().double().requires_grad_()
+    (want_dg,) = torch.autograd.grad(molora_delta_reference(
+        xs.double(), As.detach().double(), Bs.double(), ids, gd, None, 2.0), gd,
+        grad_out.double())
+    assert want_dg.abs().max() > 65504 and torch.isfinite(dg).all()
+    torch.testing.assert_close(dg.double(), want_dg, rtol=1e-2,
+                               atol=1e-2 * want_dg.abs().max().item())
+
+
+@pytest.mark.parametrize("scaling, match", [
+    (float("nan"), "scaling"), ("abc", "scaling"), (None, "scaling"),
+    (torch.tensor(2.0, requires_grad=True), "scaling")])
+def test_scaling_is_validated(scaling, match):
+    x, A, B, ids, gates, rs = make_inputs(4)
+    with pytest.raises(ValueError, match=match):
+        ops.molora_delta(x, A, B, ids, gates, rs, scaling)
+    with pytest.raises(ValueError, match=match):
+        ops.molora_linear(x, torch.randn(20, 24), None, A, B, ids, gates, rs, scaling)
+
+
+def test_routing_with_other_leading_dims_than_x_and_list_rank_scale_are_refused():
+    x, A, B, ids, gates, rs = make_inputs(6)
+    with pytest.raises(ValueError, match=r"expert_ids: expected leading dims \(2, 3\)"):
+        ops.molora_delta(x.view(2, 3, 24), A, B, ids.view(3, 2, 2), gates.view(3, 2, 2))
+    with pytest.raises(TypeError, match="rank_scale"):
+        ops.molora_delta(x, A, B, ids, gates, rs.tolist())
+    got = ops.molora_delta(x.view(2, 3, 24), A, B, ids.view(2, 3, 2), gates.view(2, 3, 2))
+    torch.testing.assert_close(got.view(6, 20), ops.molora_delta(x, A, B, ids, gates))
+
+
+@pytest.mark.parametrize("d_in, d_out", [(0, 5), (6, 0)])
+def test_zero_width_features(d_in, d_out):
+    x, A, B, ids, gates, rs = make_inputs(3, d_in=d_in, d_out=d_out, requires_grad=True)
+    delta = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    assert delta.shape == (3, d_out) and not delta.any()
+    W = torch.randn(d_out, d_in)
+    y = ops.molora_linear(x, W, None, A, B, ids, gates, rs, backend="torch")
+    assert y.shape == (3, d_out)
+    y.sum().backward()
+    assert x.grad.shape == (3, d_in)
+
+
+def test_topk_routing_handed_to_the_caller_is_not_cached_past_a_data_write():
+    """The public topk_routing's tensors may be written through ``.data`` (no version
+    bump): their tables are rebuilt per call, so the write is seen."""
+    from datalora.routing import topk_routing
+
+    x, A, B, _, _, _ = make_inputs(8, rank_scale=False)
+    routing = topk_routing(torch.randn(8, 6), 2)
+    first = ops.molora_delta(x, A, B, routing.expert_ids, routing.gates)
+    routing.gates.data.mul_(3.0)
+    routing.expert_ids.data.copy_(routing.expert_ids.flip(1))
+    got = ops.molora_delta(x, A, B, routing.expert_ids, routing.gates)
+    want = molora_delta_reference(x, A, B, routing.expert_ids, routing.gates, None, 1.0)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, first)

@@ -22,6 +22,7 @@ backward is not itself differentiable.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
+from datalora.checks import check_number
 from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
 from datalora.ops.eager import eager_call
@@ -300,8 +302,11 @@ def _needs_autograd(*inputs) -> bool:
 
 
 def _under_torch_func() -> bool:
-    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...)."""
-    return torch._C._functorch.maybe_current_level() is not None
+    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
+    a ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the kernels write into
+    new buffers, which would carry no tangent)."""
+    return (torch._C._functorch.maybe_current_level() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _composite_delta(x, A, B, ids, gates, rank_scale, scaling, backend: str):
@@ -324,16 +329,32 @@ def _run_eager(function: type[torch.autograd.Function], *inputs):
         return forward(*inputs[:-1], need_h=False)[0]
 
 
+def _check_scaling(scaling: object) -> float:
+    """``scaling`` as a float: a finite real number (a tensor is refused, its gradient would
+    be dropped); a symbolic float of a ``torch.compile`` trace passes."""
+    if isinstance(scaling, torch.SymFloat):
+        return scaling
+    return check_number("scaling", scaling)
+
+
 def _flatten(x, expert_ids, gates, rank_scale):
     """Flattens leading batch dims: x ``[..., d_in] -> [T, d_in]``, routing to ``[T, *]``."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x: expected shape [..., d_in], got {tuple(x.shape)}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: d_in may be 0
     check_tensor("expert_ids", expert_ids)
     check_tensor("gates", gates)
-    flat = [t.reshape(-1, t.shape[-1]) if t is not None and t.dim() > 2 else t
-            for t in (expert_ids, gates, rank_scale)]
+    if rank_scale is not None:
+        check_tensor("rank_scale", rank_scale)
+    flat = []
+    for name, t in (("expert_ids", expert_ids), ("gates", gates), ("rank_scale", rank_scale)):
+        if t is not None and t.dim() > 2:
+            if t.shape[:-1] != x.shape[:-1]:  # same T in another layout would mix tokens
+                raise ValueError(f"{name}: expected leading dims {tuple(x.shape[:-1])} (those "
+                                 f"of x) or [T, *], got shape {tuple(t.shape)}")
+            t = t.reshape(-1, t.shape[-1])
+        flat.append(t)
     return x2, *flat
 
 
@@ -375,6 +396,7 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     Returns:
         ``[..., d_out]`` delta in x's dtype.
     """
+    scaling = _check_scaling(scaling)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
     functional = _under_torch_func()  # values unseen there: no host checks (ids clamped)
@@ -399,6 +421,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     weight is ``[d_out, d_in]`` in x's dtype, bias ``[d_out]`` or None. Under
     ``torch.autocast`` x, weight, bias, A and B are cast to the autocast dtype.
     """
+    scaling = _check_scaling(scaling)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
     functional = _under_torch_func()

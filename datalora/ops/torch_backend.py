@@ -17,6 +17,9 @@ Being dense, the ``dA`` GEMM sums over every token for every expert: a token who
 NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), where the Triton backend
 and a per-expert loop spoil only its routed experts' (outputs, dx and the other tokens'
 gradients stay clean on every backend).
+Likewise an expert whose A or B holds NaN / inf (a diverged expert) makes every token's
+output non-finite here and on the Triton backend's dense strategy, not only its routed
+tokens' as in the grouped strategy and a per-expert loop.
 
 ``G`` and the route column index depend only on the routing (``expert_ids``, ``gates``,
 ``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
@@ -49,8 +52,10 @@ def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype):
-    """Dense ``G [T, E*r]`` in ``dtype`` (``ids [T, k]`` int64), accumulated in at least
-    fp32: repeated experts of one token add their gates."""
+    """Dense ``G [T, E*r]`` (``ids [T, k]`` int64) in ``dtype``, fp32 for fp16 (a gate times
+    ``scaling`` may pass 65504 where ``H * G`` does not; the in-place ``H *= G`` computes in
+    fp32 and rounds once), accumulated in at least fp32: repeated experts of one token add
+    their gates."""
     acc = torch.promote_types(dtype, torch.float32)
     T = ids.shape[0]
     per_expert = torch.zeros(T, E, dtype=acc, device=gates.device)
@@ -59,11 +64,12 @@ def _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype):
         G = per_expert[:, :, None].expand(T, E, r)
     else:
         G = per_expert[:, :, None] * rank_scale.to(acc)[:, None, :]
-    return G.reshape(T, E * r).to(dtype)
+    return G.reshape(T, E * r).to(acc if dtype == torch.float16 else dtype)
 
 
 class RoutingTables:
-    """Per-routing tensors shared by every layer, in the dtype of the layers' x.
+    """Per-routing tensors shared by every layer, in the dtype of the layers' x (fp32 for
+    fp16 x: see :func:`_gate_matrix`).
 
     Built eagerly (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of route
     j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of the
@@ -112,12 +118,12 @@ def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> Routi
 
 def _flat_A(A: torch.Tensor) -> torch.Tensor:
     """``[E, r, d_in] -> [E*r, d_in]`` (a view for contiguous A)."""
-    return A.reshape(-1, A.shape[-1])
+    return A.reshape(A.shape[0] * A.shape[1], A.shape[2])  # not -1: d_in may be 0
 
 
 def _flat_B(B: torch.Tensor) -> torch.Tensor:
     """``[E, d_out, r] -> [d_out, E*r]`` (column ``e*r + i`` is ``B[e, :, i]``; a copy)."""
-    return B.permute(1, 0, 2).reshape(B.shape[1], -1)
+    return B.permute(1, 0, 2).reshape(B.shape[1], B.shape[0] * B.shape[2])
 
 
 def _gate(H: torch.Tensor, tables: RoutingTables) -> torch.Tensor:
@@ -150,8 +156,11 @@ def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
     G = (per_expert[..., None].expand(*per_expert.shape, r) if rank_scale is None
          else per_expert[..., None] * rank_scale.to(acc)[..., None, :])
     H = x @ _flat_A(A).T                                                    # [T, E*r]
-    G = G.reshape(*G.shape[:-2], E * r).to(x.dtype)
-    Zd = H * G if x.dtype != torch.float16 else torch.where(G == 0, 0, H * G)  # see _gate
+    if x.dtype != torch.float16:
+        Zd = H * G.reshape(*G.shape[:-2], E * r).to(x.dtype)
+    else:  # G in fp32 (see _gate_matrix), unrouted columns masked (see _gate)
+        G = G.reshape(*G.shape[:-2], E * r)
+        Zd = torch.where(G == 0, 0, H * G).to(x.dtype)
     return Zd @ _flat_B(B).T
 
 
@@ -177,7 +186,10 @@ def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
     """``(dgates [T, k], drank_scale [T, r])`` (None where not needed) from the un-gated
     ``dZ = dy @ B_all^T`` ``[T, E*r]`` and ``h [T, k, r]``."""
     T, k, r = h.shape
-    q = dZ.gather(1, tables.index).view(T, k, r).mul_(h).mul_(scaling)  # dz * h per route
+    # dz * h per route, in at least fp32: each product may overflow fp16 where the sum
+    # into the (fp32) gate gradient does not
+    acc = torch.promote_types(h.dtype, torch.float32)
+    q = dZ.gather(1, tables.index).view(T, k, r).to(acc).mul_(h).mul_(scaling)
     dgates = drs = None
     if need_g:
         dgates = (q.sum(-1) if rank_scale is None
@@ -192,7 +204,7 @@ def _dense_h(h, tables, E):
     """``Zd = H * G`` ``[T, E*r]`` rebuilt from the routed ``h [T, k, r]`` (unrouted columns
     are zero; a repeated expert writes the same value twice)."""
     T, k, r = h.shape
-    z = h.view(T, k * r) * tables.routed_gates
+    z = (h.view(T, k * r) * tables.routed_gates).to(h.dtype)
     return h.new_zeros(T, E * r).scatter_(1, tables.index, z)
 
 

@@ -271,7 +271,10 @@ def gather_tokens(hidden, keep_idx):
 
 @_on_tensor_device
 def scatter_tokens(hidden, packed, keep_idx, weight):
-    """Kept rows ``hidden + weight * (packed - hidden)``, others ``hidden``: ``[B, L, d]``."""
+    """Kept rows ``hidden + weight * (packed - hidden)``, others ``hidden``: ``[B, L, d]``
+    (fp64 on the torch backend: the kernel computes in fp32)."""
+    if torch.float64 in (hidden.dtype, packed.dtype):
+        return torch_backend.scatter_tokens(hidden, packed, keep_idx, weight)
     return _tok.scatter(hidden, packed, keep_idx, weight)
 
 

@@ -349,3 +349,27 @@ def test_int32_column_offsets_guard():
     assert int32_columns(wide).is_contiguous()
     small = torch.randn(64, 48).t()
     assert int32_columns(small) is small
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_forward_mode_ad_gives_the_reference_tangent(x_requires_grad, device):
+    """Inside ``forward_ad.dual_level()`` the ops run as plain torch ops (the kernels'
+    outputs carried no tangent: the delta's was None, the linear's missed the LoRA part)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    T, E, r, d_in, d_out = 6, 3, 2, 8, 5
+    x = torch.randn(T, d_in, device=device, requires_grad=x_requires_grad)
+    A, B = torch.randn(E, r, d_in, device=device), torch.randn(E, d_out, r, device=device)
+    ids = torch.tensor([[0, 0], [1, 2], [2, 1], [0, 2], [1, 1], [2, 2]], device=device)
+    gates = torch.rand(T, 2, device=device)
+    W = torch.randn(d_out, d_in, device=device)
+    tangent = torch.randn_like(x)
+    want = molora_delta_reference(tangent, A, B, ids, gates, None, 0.5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        delta = ops.molora_delta(dual, A, B, ids, gates, None, 0.5, backend="triton")
+        linear = ops.molora_linear(dual, W, None, A, B, ids, gates, None, 0.5,
+                                   backend="triton")
+        torch.testing.assert_close(fwAD.unpack_dual(delta).tangent, want)
+        torch.testing.assert_close(fwAD.unpack_dual(linear).tangent, tangent @ W.T + want)

@@ -105,3 +105,19 @@ def test_layouts_whose_column_offsets_overflow_int32_are_copied():
     assert int32_columns(wide).stride(-1) == 1
     normal = torch.empty(2, 3, 8)
     assert int32_columns(normal) is normal
+
+
+def test_scatter_in_fp64_is_exact(device):
+    """fp64 runs on the torch backend (the kernel computes in fp32, and rounded even the
+    rows it should pass through)."""
+    hidden = torch.randn(2, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    packed = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.rand(2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    keep = _keep(2, 6, 3, device)
+    got = ops.scatter_tokens(hidden, packed, keep, weight, backend="triton")
+    want = scatter_tokens_reference(hidden, packed, keep, weight)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (hidden, packed, weight), grad),
+                    torch.autograd.grad(want, (hidden, packed, weight), grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)  # fp32 rounding: ~1e-8
