@@ -478,8 +478,9 @@ class DATALORARuntime:
             return False
         if not self._warned:
             warnings.warn("keep_threshold is not calibrated: generation (with or without the "
-                          "KV cache) runs the pruned layers dense (call runtime.calibrate())",
-                          stacklevel=2)
+                          "KV cache) and any forward given use_cache or a cache decide token "
+                          "by token, so they run the pruned layers dense (call "
+                          "runtime.calibrate())", stacklevel=2)
             self._warned = True
         return True
 
