@@ -52,6 +52,7 @@ from benchmarks.molora import (
     format_targets,
     metadata,
     positive_int,
+    result_path,
     wait_quiet,
     write_plot,
     write_result,
@@ -177,11 +178,13 @@ def profile_step(step, device: torch.device, rows: int = 15) -> list[dict[str, A
     with profile(activities=acts) as prof:
         step()
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    total = sum(getattr(e, key, 0) for e in events) or 1
-    return [{"op": e.key, "self_ms": getattr(e, key, 0) / 1e3, "calls": e.count,
-             "share": getattr(e, key, 0) / total} for e in events[:rows]]
+    # no getattr default: a renamed attribute (self_cuda_time_total is gone from the
+    # averages) must fail, not give a table of zeros
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    return [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count,
+             "share": getattr(e, key) / total} for e in events[:rows]]
 
 
 def dense_steps(case: ModelCase, prune_range: tuple[int, int], dtype: torch.dtype,
@@ -274,8 +277,9 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     """Runs a preset; writes ``pruning_<preset>.json`` (+ ``.png``); returns the dict.
 
     ``bound``: also measure each row's attainable speedup (four more dense models).
-    ``only``: run just the cases whose name contains this substring and replace their
-    rows in an existing ``pruning_<preset>.json`` (other rows kept; targets re-checked).
+    ``only``: run just the cases whose name contains this substring, written to
+    ``pruning_<preset>_only-<SUBSTR>.json`` (a full run's file is never replaced by a
+    partial one). The JSON is rewritten after every row, so a run cut short keeps its rows.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = PRESETS[preset_name]
@@ -291,6 +295,8 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     cases = [c for c in preset["cases"] if only is None or only in c.name]
     if not cases:
         raise ValueError(f"only: no case of preset {preset_name!r} contains {only!r}")
+    path = result_path(out_dir, f"pruning_{preset_name}", only)
+    meta["complete"], meta["only"] = False, only
     for case in cases:
         for prune_range in case.prune_ranges:
             load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
@@ -299,14 +305,10 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
             row["load_1m"] = load
             rows.append(row)
             log(format_row(row) + f"   [{time.perf_counter() - t0:.0f}s, load {load}]")
-    path = out_dir / f"pruning_{preset_name}.json"
-    if only is not None and path.exists():  # keep the other rows of the existing file
-        fresh = {(r["case"], tuple(r["prune_range"])) for r in rows}
-        kept = [r for r in json.loads(path.read_text())["results"]
-                if (r["case"], tuple(r["prune_range"])) not in fresh]
-        order = [c.name for c in preset["cases"]]
-        rows = sorted(kept + rows, key=lambda r: (order.index(r["case"]), r["prune_range"]))
-        meta["merged_only"] = only
+            # partial results survive a run that is cut short (the GPU suite's step limit)
+            write_result(path, SCHEMA, meta, [_public(r) for r in rows],
+                         check_targets(rows, preset_name))
+    meta["complete"] = only is None
     targets = check_targets(rows, preset_name)
     if profile:  # where the time goes, for every row that misses a target
         failing = {t["name"].rsplit("_vs_ideal", 1)[0].rsplit("_cpu_default", 1)[0]
@@ -323,6 +325,11 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     if plot:
         write_plot(plot_file, path, log)
     return result
+
+
+def _public(row: dict) -> dict:
+    """A row without its private entries (the timed step, kept for profiling)."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def format_row(row: dict) -> str:

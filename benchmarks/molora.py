@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -313,7 +314,8 @@ def _floor(gpu_name: str | None, case: Case, method: str, mode: str, dtype: torc
     short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
     floor = (None if gpu_name is None or short is None else roofline.molora_floor_ms(
         gpu_name, method, mode, short, **dataclasses.asdict(case)))
-    return dict(floor_ms=floor, fraction_of_floor=None if floor is None else floor / median_ms)
+    return dict(floor_ms=floor, fraction_of_floor=None if floor is None else floor / median_ms,
+                floor_passes=None if floor is None else 1 if roofline.one_pass(method) else 2)
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
@@ -449,12 +451,22 @@ def wait_quiet(max_load: float | None, max_wait_s: float, log=print) -> float | 
     return os.getloadavg()[0]
 
 
+def result_path(out_dir: Path, stem: str, only: str | None) -> Path:
+    """``<stem>.json``, or for a run filtered by ``--only`` ``<stem>_only-<SUBSTR>.json``:
+    a partial run never replaces a full run's file (nor is merged into it: its rows would
+    take the other run's provenance)."""
+    if only is None:
+        return out_dir / f"{stem}.json"
+    return out_dir / f"{stem}_only-{re.sub(r'[^A-Za-z0-9._-]+', '_', only)}.json"
+
+
 def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
         plot: bool = True, log=print, only: str | None = None, max_load: float | None = None,
         max_wait_s: float = 120.0) -> dict:
     """Runs a preset, writes ``molora_<preset>.json`` (+ ``.png``) to out_dir, returns it.
 
-    ``only``: run just the cases whose id contains this substring. ``max_load`` (CPU):
+    ``only``: run just the cases whose id contains this substring, written to
+    ``molora_<preset>_only-<SUBSTR>.json`` (:func:`result_path`). ``max_load`` (CPU):
     before each case wait (up to ``max_wait_s``) for the 1-minute load average to drop
     below it.
     """
@@ -469,8 +481,8 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     cases = [c for c in preset["cases"] if only is None or only in c.id]
     if not cases:
         raise ValueError(f"only: no case id of preset {preset_name!r} contains {only!r}")
-    path = out_dir / f"molora_{preset_name}.json"
-    meta["complete"] = False
+    path = result_path(out_dir, f"molora_{preset_name}", only)
+    meta["complete"], meta["only"] = False, only
     for i, case in enumerate(cases):
         load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
         t0 = time.perf_counter()
@@ -482,7 +494,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
         if i + 1 < len(cases):  # partial results survive a run that is cut short
             write_result(path, SCHEMA, meta, rows, check_targets(rows, preset_name, backends))
     targets = check_targets(rows, preset_name, backends)
-    meta["complete"] = True
+    meta["complete"] = only is None
     result = write_result(path, SCHEMA, meta, rows, targets)
     log(format_targets(targets))
     log(f"wrote {path}")

@@ -204,14 +204,23 @@ def molora_cost(op, T, d_in, d_out, E, r, k, skew, dtype, mode, fused=True) -> C
     raise ValueError(f"op: expected linear | molora_delta | molora_linear, got {op!r}")
 
 
+def one_pass(method: str) -> bool:
+    """Whether a ``benchmarks.molora`` method can reach the one-pass floor: only the fused
+    kernel adds the LoRA work inside the base GEMM; the default ``molora_linear`` (cuBLAS,
+    then the expand), the torch backend, the loop and PEFT run it as a second pass."""
+    return molora_op(method) != "molora_linear" or method == "molora_linear[triton-fused]"
+
+
 def molora_floor_ms(device_name, method, mode, dtype, T, d_in, d_out, E, r, k, skew,
                     **_) -> float | None:
-    """Floor (ms) of one ``benchmarks.molora`` row on the named CUDA device; None if the
-    device is not modelled. Extra keyword arguments (the rest of a row) are ignored."""
+    """Floor (ms) of one ``benchmarks.molora`` row on the named CUDA device (one- or
+    two-pass as the method runs: :func:`one_pass`); None if the device is not modelled.
+    Extra keyword arguments (the rest of a row) are ignored."""
     key = device_key(device_name)
     if key is None or dtype not in ELEMENT_BYTES:
         return None
-    cost = molora_cost(molora_op(method), T, d_in, d_out, E, r, k, skew, dtype, mode)
+    cost = molora_cost(molora_op(method), T, d_in, d_out, E, r, k, skew, dtype, mode,
+                       fused=one_pass(method))
     return cost.floor_s(_device(key), dtype) * 1e3
 
 
@@ -271,7 +280,8 @@ def nf4_op_cost(group, T, K, N, E, r, k, dtype, fused=True) -> Cost:
 def nf4_floor_ms(device_name, row: dict, dtype: str, E: int, r: int, k: int) -> float | None:
     """Floor (ms) of one ``bench_nf4`` row: dequant rows have ``shape [N, K]``; the others
     ``T, d_in, d_out``. Every method of a group computes the same op, so shares its floor;
-    ``bf16_molora_linear`` of ``large_t`` gets the bf16 layer's floor."""
+    ``bf16_molora_linear`` of ``large_t`` gets the bf16 layer's two-pass floor (cuBLAS,
+    then the expand)."""
     key = device_key(device_name)
     if key is None:
         return None
@@ -281,7 +291,7 @@ def nf4_floor_ms(device_name, row: dict, dtype: str, E: int, r: int, k: int) -> 
         return nf4_dequant_cost(N, K, dtype).floor_s(dev, dtype) * 1e3
     T, K, N = row["T"], row["d_in"], row["d_out"]
     if row["group"] == "large_t" and row["method"] == "bf16_molora_linear":
-        cost = molora_linear_cost(T, K, N, E, r, k, "uniform", dtype)
+        cost = molora_linear_cost(T, K, N, E, r, k, "uniform", dtype, fused=False)
     else:
         cost = nf4_op_cost(row["group"], T, K, N, E, r, k, dtype)
     return cost.floor_s(dev, dtype) * 1e3
@@ -352,15 +362,19 @@ def _fmt(v, spec):
 
 
 def _table(rows, two_pass: bool) -> list[str]:
-    head = ("| shape | op | mode | MB | GFLOP | bound H100 | floor H100 µs | ratio H100 |"
-            " floor A100 µs | ratio A100 |")
-    sep = "|---|---|---|--:|--:|---|--:|--:|--:|--:|"
-    if two_pass:
-        head += " 2-pass H100 | 2-pass A100 |"
+    """Markdown rows: each modelled device's floor and ratio to the base (the one-pass
+    floor; ``two_pass`` adds the two-pass ratio), H100's bound kind."""
+    devices = [d for d in ("H100", "H200", "A100") if d in rows[0]["devices"]] if rows else []
+    head = "| shape | op | mode | MB | GFLOP | bound H100 |"
+    sep = "|---|---|---|--:|--:|---|"
+    for d in devices:
+        head += f" floor {d} µs | ratio {d} |"
         sep += "--:|--:|"
+    if two_pass:
+        head += "".join(f" 2-pass {d} |" for d in devices)
+        sep += "--:|" * len(devices)
     lines = [head, sep]
     for row in rows:
-        h, a = row["devices"]["H100"], row["devices"]["A100"]
         if row["bench"] == "molora":
             shape = (f"T={row['T']} {row['d_in']}x{row['d_out']} E={row['E']} r={row['r']} "
                      f"k={row['k']} {row['skew']}")
@@ -368,12 +382,13 @@ def _table(rows, two_pass: bool) -> list[str]:
             shape = (f"{row['d_out']}x{row['d_in']}" if row["T"] is None
                      else f"T={row['T']} {row['d_in']}x{row['d_out']}")
         line = (f"| {shape} | {row['op']} | {row.get('mode', 'fwd')} | {row['bytes'] / 1e6:.2f} |"
-                f" {row['flops'] / 1e9:.3f} | {h['bound']} | {h['floor_us']:.2f} |"
-                f" {_fmt(h['ratio_to_base'], '.3f')} | {a['floor_us']:.2f} |"
-                f" {_fmt(a['ratio_to_base'], '.3f')} |")
+                f" {row['flops'] / 1e9:.3f} | {row['devices']['H100']['bound']} |")
+        for d in devices:
+            cost = row["devices"][d]
+            line += f" {cost['floor_us']:.2f} | {_fmt(cost['ratio_to_base'], '.3f')} |"
         if two_pass:
-            line += (f" {_fmt(h['two_pass_ratio_to_base'], '.3f')} |"
-                     f" {_fmt(a['two_pass_ratio_to_base'], '.3f')} |")
+            line += "".join(f" {_fmt(row['devices'][d]['two_pass_ratio_to_base'], '.3f')} |"
+                            for d in devices)
         lines.append(line)
     return lines
 

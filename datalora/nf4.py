@@ -332,7 +332,7 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = t.dtype if dtype is None else dtype
     packed = t.data.reshape(-1)
     nib = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: t.numel].long()
-    vals = code_table(t.device)[nib]
+    vals = code_table(t.device).index_select(0, nib)  # advanced indexing: a thread-pool stall
     n, bs = t.numel, t.blocksize
     vals = torch.nn.functional.pad(vals, (0, -n % bs)).view(-1, bs)
     out = (vals * t.absmax_float()[:, None]).reshape(-1)[:n]

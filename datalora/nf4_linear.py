@@ -283,6 +283,15 @@ def _nf4_decode_flops(x_shape, data, absmax, nested_absmax, nested_code, offset,
     return linear_flops(x_shape[0], ids_shape[1], A_shape[1], d_in, d_out)
 
 
+def fused_decode_applies(base: NF4Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         gates: torch.Tensor, rank_scale: torch.Tensor | None = None) -> bool:
+    """Whether :func:`nf4_molora_linear` (with ``lora_x is x``) runs the one-launch CUDA
+    decode kernel for these inputs, rather than dequantize + GEMM + delta (for benchmarks
+    and logs that must name the path that ran)."""
+    return _fused_decode_ok(x.reshape(-1, x.shape[-1]), base.weight,
+                            (x, A, B, gates, rank_scale, base.bias))
+
+
 def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
     if x2.device.type != "cuda" or not _C_loader.available():
         return False

@@ -185,8 +185,13 @@ def test_floor_lookup_for_benchmark_rows():
     row = dict(method="molora_linear[triton]", mode="fwd", dtype="bf16", T=1, d_in=4096,
                d_out=4096, E=8, r=16, k=2, skew="uniform", median_ms=1.0, case="x")
     ms = roofline.molora_floor_ms("NVIDIA H100 80GB HBM3", **row)
-    assert ms == pytest.approx(roofline.molora_linear_cost(1, 4096, 4096).floor_s(H100, "bf16")
-                               * 1e3)
+    # cuBLAS, then the expand: the two-pass floor (the one-pass floor is out of its reach)
+    assert ms == pytest.approx(roofline.molora_linear_cost(1, 4096, 4096, fused=False).floor_s(
+        H100, "bf16") * 1e3)
+    fused = roofline.molora_floor_ms("NVIDIA H100 80GB HBM3",
+                                     **{**row, "method": "molora_linear[triton-fused]"})
+    assert fused == pytest.approx(roofline.molora_linear_cost(1, 4096, 4096).floor_s(
+        H100, "bf16") * 1e3) and fused < ms
     assert roofline.molora_floor_ms("NVIDIA A100-SXM4-80GB", **{**row, "method": "loop_linear"}
                                     ) > ms
     assert roofline.molora_floor_ms("AMD EPYC", **row) is None  # not modelled: no fraction
@@ -218,17 +223,18 @@ def test_benchmark_rows_get_fraction_of_floor():
     from benchmarks import bench_nf4, molora
 
     case = molora.Case("T_sweep", 1, 4096, 4096)
-    floor = roofline.molora_linear_cost(1, 4096, 4096).floor_s(H100, "bf16") * 1e3
+    floor = roofline.molora_linear_cost(1, 4096, 4096, fused=False).floor_s(H100, "bf16") * 1e3
     got = molora._floor("NVIDIA H100 80GB HBM3", case, "molora_linear[triton]", "fwd",
                         torch.bfloat16, 2 * floor)
     assert got["floor_ms"] == pytest.approx(floor) and got["fraction_of_floor"] == 0.5
+    assert got["floor_passes"] == 2
     assert molora._floor(None, case, "linear", "fwd", torch.float32, 1.0) == dict(
-        floor_ms=None, fraction_of_floor=None)
+        floor_ms=None, fraction_of_floor=None, floor_passes=None)
     rows = [dict(group="dequant", method="bitsandbytes", shape=[4096, 14336], ms=1.0),
             dict(group="large_t", method="bf16_molora_linear", T=2048, d_in=4096, d_out=4096,
                  ms=1.0)]
     bench_nf4.add_floors(rows, "NVIDIA A100-SXM4-80GB", bench_nf4.PRESETS["gpu"])
     assert rows[0]["floor_ms"] == pytest.approx(
         roofline.nf4_dequant_cost(4096, 14336).floor_s(A100, "bf16") * 1e3)
-    assert rows[1]["fraction_of_floor"] == pytest.approx(
-        roofline.molora_linear_cost(2048, 4096, 4096).floor_s(A100, "bf16") * 1e3)
+    assert rows[1]["fraction_of_floor"] == pytest.approx(roofline.molora_linear_cost(
+        2048, 4096, 4096, fused=False).floor_s(A100, "bf16") * 1e3)
