@@ -26,10 +26,12 @@ import argparse
 import json
 import platform
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.molora import positive_int
 from benchmarks.timing import time_interleaved
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
@@ -200,13 +202,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="the tiny base the adapters are trained on and every method runs on")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--out", default=None)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--prompts", type=positive_int, default=2)
+    p.add_argument("--out", default=None,
+                   help="JSON file (default: benchmarks/results/tle_cpu.json, tle_cuda.json on "
+                        "a GPU, in the repository whatever the current directory)")
     args = p.parse_args(argv)
-    out = args.out or ("benchmarks/results/tle_cuda.json" if torch.cuda.is_available()
-                       else "benchmarks/results/tle_cpu.json")
+    results = Path(__file__).parent / "results"
+    out = args.out or str(results / ("tle_cuda.json" if torch.cuda.is_available()
+                                     else "tle_cpu.json"))
+    if Path(out).is_dir():  # checked before the models and adapters are built
+        p.error(f"--out: expected a JSON file path, got the folder {out}")
     result = run(args.adapters, base=args.base, new_tokens=args.new_tokens,
                  repeats=args.repeats,
                  num_prompts=args.prompts, out=out)

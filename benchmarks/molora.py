@@ -529,7 +529,9 @@ def write_result(path: Path, schema: str, meta: dict, rows: list[dict],
 def format_case(case: Case, rows: list[dict]) -> str:
     lines = [case.id]
     for row in rows:
-        loop = None if row["method"].startswith("loop") else row["speedup_vs_loop"]
+        # the base linear does less work than the loop: no "faster than loop" for it
+        loop = (None if row["method"].startswith("loop") or row["method"] == "linear"
+                else row["speedup_vs_loop"])
         frac = row.get("fraction_of_floor")
         lines.append(f"  {row['mode']:8s} {row['method']:22s} {row['median_ms']:10.3f} ms "
                      f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
