@@ -715,7 +715,9 @@ class DATALORARuntime:
                             noise=self.saliency.training, keep_last=self.keep_last)
         if not self.saliency.training:
             threshold = self._forward_threshold(ctx)
-            if threshold == threshold:  # calibrated (not NaN)
+            # calibrated (not NaN); not ``t == t``: a traced symbolic float (compile with
+            # capture_scalar_outputs) folds that to True and prunes every token
+            if not math.isnan(threshold):
                 sel = self._threshold_selection(scores, record.valid, threshold)
         idx = sel.keep_idx
         p = record.keep_prob.gather(1, idx)

@@ -636,3 +636,17 @@ def test_flop_formula_of_the_fused_op():
     with FlopCounterMode(display=False) as counter:
         ops.molora_linear(x, W, None, A, B, ids, gates)
     assert counter.get_total_flops() == 2 * T * d_in * d_out + 2 * T * k * r * (d_in + d_out)
+
+
+def test_torch_compile_dynamic_fullgraph():
+    """Under dynamic=True the layer's scaling is a symbolic float: validated when eager,
+    passed through while tracing (checking it broke the graph / failed fullgraph)."""
+    torch._dynamo.reset()
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=True,
+                             backend="aot_eager")
+    for T in (3, 5):
+        x = torch.randn(T, 16)
+        torch.testing.assert_close(compiled(x), layer(x))
+    torch._dynamo.reset()

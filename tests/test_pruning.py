@@ -298,3 +298,25 @@ def test_eval_uses_the_threshold_however_it_was_written():
         model.saliency.keep_threshold.data.fill_(1e9)  # keeps nothing above it
         model(input_ids=ids, attention_mask=mask)
     assert model.runtime.last.kept.sum() == 0 < kept_calibrated
+
+
+def test_compiled_uncalibrated_eval_with_captured_scalars_keeps_like_eager(monkeypatch):
+    """With capture_scalar_outputs the keep threshold is a traced symbolic float, whose NaN
+    test ``t == t`` folded to True: an uncalibrated eval forward pruned every token."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "capture_scalar_outputs", True)
+    torch._dynamo.reset()
+    model = datalora_model(prune_layers=(1, 3)).eval()
+    ids, mask = batch()
+
+    def forward(ids, mask):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    with torch.no_grad():
+        want = forward(ids, mask)
+        kept = model.runtime.last.kept.sum(1)
+        got = torch.compile(forward, backend="aot_eager")(ids, mask)
+    assert torch.equal(model.runtime.last.kept.sum(1), kept)
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()

@@ -78,3 +78,13 @@ def test_scatter_with_unit_weight_writes_packed_rows_exactly_in_bf16():
     keep = torch.stack([torch.randperm(16, generator=g)[:8] for _ in range(2)])
     out = ops.scatter_tokens(hidden, packed, keep, torch.ones(2, 8), backend="torch")
     assert torch.equal(ops.gather_tokens(out, keep, backend="torch"), packed)
+
+
+def test_scatter_fake_kernel_matches_a_non_contiguous_hidden():
+    """The real op returns a contiguous tensor; the fake one kept a transposed hidden's
+    strides (inductor then asserted on the strides)."""
+    hidden = torch.randn(2, 4, 6).transpose(1, 2)
+    packed, weight = torch.randn(2, 3, 4), torch.rand(2, 3)
+    keep = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    torch.library.opcheck(torch.ops.datalora.scatter_tokens.default,
+                          (hidden, packed, keep, weight, "torch"))

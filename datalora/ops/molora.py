@@ -332,8 +332,8 @@ def _run_eager(function: type[torch.autograd.Function], *inputs):
 def _check_scaling(scaling: object) -> float:
     """``scaling`` as a float: a finite real number (a tensor is refused, its gradient would
     be dropped); a symbolic float of a ``torch.compile`` trace passes."""
-    if isinstance(scaling, torch.SymFloat):
-        return scaling
+    if isinstance(scaling, torch.SymFloat) or torch.compiler.is_compiling():
+        return scaling  # traced: a symbolic float under dynamic=True (checked when eager)
     return check_number("scaling", scaling)
 
 

@@ -30,7 +30,7 @@ def _scatter_op(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tens
 
 @_scatter_op.register_fake
 def _(hidden, packed, keep_idx, weight, backend):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)  # contiguous, as every backend returns it
 
 
 def _gather_setup(ctx, inputs, output):

@@ -243,4 +243,5 @@ def gather_tokens(hidden, keep_idx):
 
 
 def scatter_tokens(hidden, packed, keep_idx, weight):
-    return scatter_tokens_reference(hidden, packed, keep_idx, weight)
+    # contiguous like the fake kernel's output (the reference's clone keeps hidden's strides)
+    return scatter_tokens_reference(hidden, packed, keep_idx, weight).contiguous()
