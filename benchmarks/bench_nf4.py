@@ -45,7 +45,6 @@ from datalora.nf4_linear import NF4Linear, fused_decode_applies, nf4_molora_line
 RESULTS_DIR = Path(__file__).parent / "results"
 NF4_FUSED_ENV = {"DATALORA_NF4_FUSED": "1"}
 NF4_METHODS = ("nf4_molora", "triton_nf4_fused")  # large_t methods with a target
-PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM HBM peaks
 
 GROUPS = ("dequant", "decode", "large_t")
 PRESETS = {
@@ -71,8 +70,9 @@ def _timer(device):
 def _peak_gbs(device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_GBS.items() if k in name), None)
+    # the roofline's HBM peaks (SXM parts), so hbm_frac and fraction_of_floor agree
+    key = roofline.device_key(torch.cuda.get_device_name(device))
+    return None if key is None else roofline.DEVICES[key].hbm_bytes_s / 1e9
 
 
 def _bnb():

@@ -17,7 +17,8 @@ STYLE = {  # method prefix -> (color, linestyle)
     "loop_delta": ("tab:red", "--"),
     "peft_mixed": ("tab:green", "-"),
 }
-BACKEND_SHADES = {"torch": "tab:blue", "triton": "tab:purple", "cuda": "tab:cyan"}
+BACKEND_SHADES = {"torch": "tab:blue", "triton": "tab:purple", "cuda": "tab:cyan",
+                  "triton-fused": "tab:orange"}
 # issue 4's whole-layer targets (molora_linear / base linear), drawn as dotted lines
 TARGET_LINES = {"gpu": {"fwd": 1.10, "fwd_bwd": 1.15}, "cpu": {"fwd_bwd": 1.25}}
 
