@@ -38,6 +38,7 @@ from benchmarks import roofline
 from benchmarks.baselines import loop_delta
 from benchmarks.molora import check_cli_out, cli_preset, time_cuda, with_env, write_plot
 from benchmarks.molora import metadata as _metadata
+from benchmarks.plot import save_figure
 from benchmarks.timing import time_interleaved
 from datalora import _C_loader, nf4, ops
 from datalora.nf4_linear import NF4Linear, fused_decode_applies, nf4_molora_linear
@@ -224,7 +225,7 @@ def plot(path: Path) -> Path:
     fig.suptitle(f"NF4 on {data['meta']['device_name']} ({data['meta']['date']})")
     fig.tight_layout()
     out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out, 120)
     return out
 
 

@@ -57,6 +57,7 @@ from benchmarks.molora import (
     write_plot,
     write_result,
 )
+from benchmarks.plot import save_figure
 from benchmarks.timing import sync, time_interleaved
 
 SCHEMA = "datalora.benchmarks.pruning/1"
@@ -383,7 +384,7 @@ def plot_file(path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path).with_suffix(".png")
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, 100)
     plt.close(fig)
     return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 STYLE = {  # method prefix -> (color, linestyle)
@@ -31,6 +32,16 @@ def _style(method: str) -> tuple[str, str]:
     return color, ls
 
 
+def save_figure(fig, out: Path, dpi: int) -> Path:
+    """``fig`` as a PNG at ``out`` (a folder: ``<folder>/<name>.png`` is not guessed here),
+    written atomically: a temporary file in the same folder, then renamed."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, out)
+    return out
+
+
 def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
     """Draws the T sweep of the JSON at ``path`` into ``out`` (default: same name, .png)."""
     import matplotlib
@@ -40,6 +51,9 @@ def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
 
     path = Path(path)
     data = json.loads(path.read_text())
+    if not str(data.get("schema", "")).startswith("datalora.benchmarks.molora/"):
+        raise ValueError(f"json: {path} is not a benchmarks.molora result (schema "
+                         f"{data.get('schema')!r}); bench_pruning / bench_nf4 draw their own")
     meta = data["meta"]
     rows = [r for r in data["results"] if r["group"] == "T_sweep"]
     if not rows:
@@ -74,7 +88,9 @@ def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
                  f"{meta['device_name']}, torch {meta['torch']}", fontsize=9)
     fig.tight_layout()
     out = Path(out) if out else path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
+    if out.is_dir():
+        out = out / path.with_suffix(".png").name
+    save_figure(fig, out, 110)
     plt.close(fig)
     return out
 
@@ -84,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    print(plot_file(args.json, args.out))
+    if not args.json.is_file():
+        parser.error(f"json: no such file: {args.json}")
+    try:
+        print(plot_file(args.json, args.out))
+    except ValueError as exc:
+        parser.error(str(exc))
     return 0
 
 
