@@ -207,7 +207,7 @@ def plot(path: Path) -> Path:
         rows = [r for r in data["rows"] if r["group"] == group]
         labels = sorted({r["method"] for r in rows})
         keys = sorted({json.dumps(r.get("shape") or [r["T"], r["d_in"], r["d_out"]])
-                       for r in rows})
+                       for r in rows}, key=json.loads)  # numerically: T = 1, 2, 4, .., 16
         width = 0.8 / max(len(labels), 1)
         for i, m in enumerate(labels):
             vals = []
@@ -226,6 +226,7 @@ def plot(path: Path) -> Path:
     fig.tight_layout()
     out = path.with_suffix(".png")
     save_figure(fig, out, 120)
+    plt.close(fig)
     return out
 
 
