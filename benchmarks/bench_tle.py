@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.molora import positive_int
+from benchmarks.molora import _cpu_model, _git_commit, positive_int
 from benchmarks.timing import time_interleaved
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
@@ -163,18 +163,22 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     checks["peft_merge_tokens_equal_mixer"] = peft_tokens == mixer_tokens
     checks["recomputes_every_token"] = [d["recomputes"] for d in details["token"]]
     checks["recomputes_every_other"] = [d["recomputes"] for d in details["every_n"]]
+    sha, dirty = _git_commit()
     result = {
         "device": device.type,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "cpu": platform.processor() or platform.machine(),
+                        else _cpu_model()),
+        "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "peft": peft.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": sha, "git_dirty": dirty, "argv": sys.argv[1:],
         "config": {"model": f"embedded tiny Mistral (~1M params), {base} base",
                    "adapters": list(TASKS),
                    "new_tokens": new_tokens, "prompts": len(prompts), "repeats": repeats,
-                   "timing": "median wall time over repeats (after 2 warm-up calls), methods "
-                             "interleaved per repeat, batch size 1, greedy, KV cache",
+                   "timing": "seconds: median wall time of one call that generates "
+                             "new_tokens for every prompt, over `repeats` timed calls after "
+                             "untimed warm-up calls; methods interleaved per repeat, batch "
+                             "size 1, greedy, KV cache",
                    "note": "CPU shared with other jobs: compare ratios, not absolutes"},
         "results": rows_out,
         "speedup_mixer_fixed_vs_peft_merge": rows_out["mixer_fixed_weights"]["tokens_per_s"]
