@@ -369,8 +369,9 @@ def test_bench_nf4_smoke_writes_all_groups(tmp_path):
 
     data = json.loads(path.read_text())
     assert {r["group"] for r in data["rows"]} == {"dequant", "decode", "large_t"}
+    # the fused decode kernel needs CUDA: on the CPU the row names the fallback that ran
     assert {r["method"] for r in data["rows"] if r["group"] == "decode"} == {
-        "datalora_fused", "bnb_matmul_4bit+peft_loop"}
+        "datalora_dequant_fallback", "bnb_matmul_4bit+peft_loop"}
     assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["torch"] == torch.__version__
 
 

@@ -300,12 +300,9 @@ def test_eval_uses_the_threshold_however_it_was_written():
     assert model.runtime.last.kept.sum() == 0 < kept_calibrated
 
 
-def test_compiled_uncalibrated_eval_with_captured_scalars_keeps_like_eager(monkeypatch):
+def test_compiled_uncalibrated_eval_with_captured_scalars_keeps_like_eager():
     """With capture_scalar_outputs the keep threshold is a traced symbolic float, whose NaN
     test ``t == t`` folded to True: an uncalibrated eval forward pruned every token."""
-    import torch._dynamo.config as dynamo_config
-
-    monkeypatch.setattr(dynamo_config, "capture_scalar_outputs", True)
     torch._dynamo.reset()
     model = datalora_model(prune_layers=(1, 3)).eval()
     ids, mask = batch()
@@ -313,7 +310,7 @@ def test_compiled_uncalibrated_eval_with_captured_scalars_keeps_like_eager(monke
     def forward(ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         want = forward(ids, mask)
         kept = model.runtime.last.kept.sum(1)
         got = torch.compile(forward, backend="aot_eager")(ids, mask)
