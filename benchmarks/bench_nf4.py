@@ -172,6 +172,8 @@ def add_floors(rows: list[dict], device_name: str, p: dict) -> None:
         floor = roofline.nf4_floor_ms(device_name, row, short, p["E"], p["r"], p["k"])
         row["floor_ms"] = floor
         row["fraction_of_floor"] = None if floor is None else floor / row["ms"]
+        row["floor_passes"] = (None if floor is None or row["group"] == "dequant"
+                               else 1 if roofline.nf4_one_pass(row["method"]) else 2)
 
 
 def check_targets(rows, preset):

@@ -279,9 +279,10 @@ def nf4_op_cost(group, T, K, N, E, r, k, dtype, fused=True) -> Cost:
 
 def nf4_floor_ms(device_name, row: dict, dtype: str, E: int, r: int, k: int) -> float | None:
     """Floor (ms) of one ``bench_nf4`` row: dequant rows have ``shape [N, K]``; the others
-    ``T, d_in, d_out``. Every method of a group computes the same op, so shares its floor;
-    ``bf16_molora_linear`` of ``large_t`` gets the bf16 layer's two-pass floor (cuBLAS,
-    then the expand)."""
+    ``T, d_in, d_out``. Every method of a group computes the same op; the fused kernels
+    (:func:`nf4_one_pass`) get its one-pass floor, the others (dequantize + GEMM + delta,
+    the bitsandbytes baseline) the two-pass one, and ``bf16_molora_linear`` of ``large_t``
+    the bf16 layer's two-pass floor (cuBLAS, then the expand)."""
     key = device_key(device_name)
     if key is None:
         return None
@@ -293,8 +294,14 @@ def nf4_floor_ms(device_name, row: dict, dtype: str, E: int, r: int, k: int) -> 
     if row["group"] == "large_t" and row["method"] == "bf16_molora_linear":
         cost = molora_linear_cost(T, K, N, E, r, k, "uniform", dtype, fused=False)
     else:
-        cost = nf4_op_cost(row["group"], T, K, N, E, r, k, dtype)
+        cost = nf4_op_cost(row["group"], T, K, N, E, r, k, dtype,
+                           fused=nf4_one_pass(row["method"]))
     return cost.floor_s(dev, dtype) * 1e3
+
+
+def nf4_one_pass(method: str) -> bool:
+    """Whether a ``bench_nf4`` method runs as one fused pass over the weight."""
+    return method in ("datalora_fused", "triton_nf4_fused")
 
 
 # ----------------------------------------------------------------------------- tables

@@ -144,17 +144,19 @@ step decode_check "$PY" -m pytest tests/test_cuda_ext.py -m gpu -k "$DECODE_TEST
   -p no:cacheprovider
 NF4_GROUPS=(dequant decode large_t)
 GPU_TESTS_FILTER=()
-# pytest exit 1: a test failed; 124 / 137: stopped (a hang). Any other status (usage
-# error, nothing collected, no pytest) says nothing about the kernel: it stays in.
+# pytest exit 2-5 (interrupted, internal or usage error, nothing collected) and 127 (no
+# such command) say nothing about the kernel: it stays in. Any other failure (1: a test
+# failed; 124 / 137: stopped, a hang; 134 / 139: the process crashed) leaves it out.
 case "${STEP_RC[decode_check]:-0}" in
-  1|124|137)
+  0) ;;
+  2|3|4|5|127)
+    echo "   decode_check could not run its tests (exit ${STEP_RC[decode_check]}): the" \
+      "decode kernel stays in nf4 and gpu_tests" | tee -a "$SUMMARY" ;;
+  *)
     NF4_GROUPS=(dequant large_t)
     GPU_TESTS_FILTER=(-k "not ($DECODE_TESTS)")
-    echo "   the decode kernel failed or hung in its check: left out of nf4 and gpu_tests" \
-      | tee -a "$SUMMARY" ;;
-  0) ;;
-  *) echo "   decode_check could not run its tests (exit ${STEP_RC[decode_check]}): the" \
-       "decode kernel stays in nf4 and gpu_tests" | tee -a "$SUMMARY" ;;
+    echo "   the decode kernel failed, hung or crashed in its check: left out of nf4 and" \
+      "gpu_tests" | tee -a "$SUMMARY" ;;
 esac
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"

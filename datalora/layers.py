@@ -179,7 +179,13 @@ class MoLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def route(self, x: torch.Tensor) -> Routing:
-        """Per-layer top-k routing of ``x [..., d_in]`` (tokens flattened)."""
+        """Per-layer top-k routing of ``x [..., d_in]`` (tokens flattened), yours to change:
+        not marked trusted for the backends' table caches (see :func:`_route`)."""
+        return self._route(x, trusted=False)
+
+    def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
+        """:meth:`route`; ``trusted`` for the forward's own routing, which nobody can
+        write to before the layer uses it (its tables are then cached for the backward)."""
         if self.router is None:
             raise ValueError("routing: this MoLoRALinear has no router (router=False); "
                              "pass routing=Routing(...)")
@@ -191,7 +197,7 @@ class MoLoRALinear(nn.Module):
             logits = F.linear(x2, router.weight.to(x2.dtype))
         else:  # as a module: its hooks / parametrizations apply
             logits = router(x2.to(router.weight.dtype))
-        return topk_routing(logits, self.top_k, _trusted=True)
+        return topk_routing(logits, self.top_k, _trusted=trusted)
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
@@ -203,7 +209,7 @@ class MoLoRALinear(nn.Module):
             (x,) = _autocast(x)
         own = routing is None
         if own:
-            routing = self.route(x)
+            routing = self._route(x, trusted=True)
         # a plain attribute (skips Module.__setattr__); detached: the record must not keep
         # this forward's graph alive (an eval forward without no_grad, a skipped step)
         self.__dict__["last_routing"] = Routing(

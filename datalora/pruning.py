@@ -168,9 +168,16 @@ def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
 
 
 def _select_rows(value: Any, index: Any) -> Any:
+    """``value``'s rows picked as the cache picks its keys / values: by integer indices, a
+    bool mask or a slice."""
     if isinstance(value, tuple):
         return tuple(_select_rows(v, index) for v in value)
-    return value.index_select(0, torch.as_tensor(index, device=value.device).long())
+    if isinstance(index, slice):
+        return value[index]
+    index = torch.as_tensor(index, device=value.device)
+    if index.dtype == torch.bool:
+        index = index.nonzero().flatten()
+    return value.index_select(0, index.long())
 
 
 def _repeat_rows(value: Any, repeats: int) -> Any:
@@ -421,7 +428,7 @@ class DATALORARuntime:
         self._warned = False
         # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
         self.calibrated_retention: float | None = None
-        self._warned_stale = False
+        self._warned_stale = self._warned_off = False
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
@@ -505,11 +512,11 @@ class DATALORARuntime:
             return False
         calibrated = self.calibrated_retention
         if ctx.stepwise and calibrated is not None and calibrated < 1.0 \
-                and not self._warned_stale:
+                and not self._warned_off:
             warnings.warn(f"keep_threshold was calibrated for retention {calibrated:g}, but "
                           f"the runtime's retention is 1.0, which turns pruning off: "
                           f"set_retention({calibrated:g}) to prune", stacklevel=3)
-            self._warned_stale = True
+            self._warned_off = True
         return True
 
     @contextmanager
@@ -839,4 +846,5 @@ class DATALORARuntime:
         value = float(torch.quantile(flat, 1.0 - retention)) if retention < 1.0 else -math.inf
         self.saliency.keep_threshold.fill_(value)
         self.calibrated_retention, self._warned_stale = retention, False
+        self._warned_off = False
         return value

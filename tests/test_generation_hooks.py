@@ -421,3 +421,14 @@ def test_retention_one_with_a_lower_calibration_warns_that_pruning_is_off():
     with torch.no_grad(), pytest.warns(UserWarning, match="turns pruning off"):
         model.generate(_ids(1, 6), max_new_tokens=2, **GREEDY)
     assert model.runtime.last.actual_retention() == 1.0
+
+
+def test_cache_row_selection_by_bool_mask_and_slice():
+    from datalora.pruning import _select_rows
+
+    value = (torch.arange(6).view(3, 2), torch.arange(3))
+    mask = torch.tensor([False, True, True])
+    picked = _select_rows(value, mask)
+    assert torch.equal(picked[0], value[0][1:]) and torch.equal(picked[1], value[1][1:])
+    assert torch.equal(_select_rows(value, slice(0, 2))[1], value[1][:2])
+    assert torch.equal(_select_rows(value, [2, 0])[1], torch.tensor([2, 0]))

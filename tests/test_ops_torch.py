@@ -575,3 +575,25 @@ def test_topk_routing_handed_to_the_caller_is_not_cached_past_a_data_write():
     want = molora_delta_reference(x, A, B, routing.expert_ids, routing.gates, None, 1.0)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, first)
+
+
+def test_a_layers_public_route_is_not_cached_past_a_data_write():
+    """``MoLoRALinear.route`` hands its routing to the caller: not trusted for caching."""
+    import torch.nn as nn
+
+    from datalora.layers import MoLoRALinear
+
+    torch.manual_seed(0)
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=2, top_k=2, backend="torch")
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        routing = layer.route(x)
+        first = layer(x, routing)
+        routing.gates.data.mul_(3.0)
+        got = layer(x, routing)
+        want = layer.base_layer(x) + molora_delta_reference(
+            x, layer.lora_A, layer.lora_B, routing.expert_ids, routing.gates, None,
+            layer.scaling)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, first)
