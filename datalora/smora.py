@@ -64,8 +64,9 @@ class SMoRALinear(MoLoRALinear):
         self.total_rank, self.active_ranks, self.gate = total_rank, active_ranks, gate
         self.lora_alpha = float(alpha)
 
-    def route(self, x: torch.Tensor) -> Routing:
-        """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates."""
+    def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
+        """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
+        (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
         x2 = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(self.router(x2.to(self.router.weight.dtype)).float(), dim=-1)
         top, ids = probs.topk(self.active_ranks, dim=-1)
@@ -75,7 +76,7 @@ class SMoRALinear(MoLoRALinear):
             gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
         else:
             gates = top / top.sum(-1, keepdim=True)
-        return Routing(expert_ids=ids, gates=gates, router_probs=probs, _trusted=True)
+        return Routing(expert_ids=ids, gates=gates, router_probs=probs, _trusted=trusted)
 
     def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent rank-R LoRA: ``A [R, d_in]``, ``B [d_out, R]`` (scaling ``alpha/R``)."""
