@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 STYLE = {  # method prefix -> (color, linestyle)
@@ -33,13 +32,12 @@ def _style(method: str) -> tuple[str, str]:
 
 
 def save_figure(fig, out: Path, dpi: int) -> Path:
-    """``fig`` as a PNG at ``out`` (a folder: ``<folder>/<name>.png`` is not guessed here),
-    written atomically: a temporary file in the same folder, then renamed."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, out)
-    return out
+    """``fig`` as a PNG at the file path ``out``, written atomically
+    (:func:`datalora.io.atomic_write`)."""
+    from datalora.io import atomic_write
+
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    return Path(out)
 
 
 def plot_file(path: Path | str, out: Path | str | None = None) -> Path:

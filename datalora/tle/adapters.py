@@ -20,11 +20,11 @@ from datalora.routing import Routing
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
                   r"(?:\.(?P<adapter>[^.]+))?\.weight$")
-_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\."
-                        r"(?P<kind>weight|bias)$")
-# a whole module's tensor: a bias (bias='all' saves those of modules without LoRA too), or
-# a weight PEFT saves as a copy (save_embedding_layers) or as trained (modules_to_save)
-_MODULE_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>weight|bias)$")
+# a module's own weight / bias: the base layer's under a LoRA (``X.base_layer.weight``,
+# PEFT saves lm_head's), a bias (bias='all' saves those of modules without LoRA as
+# ``X.bias``), a weight saved as a copy (save_embedding_layers) or trained (modules_to_save)
+_MODULE_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\."
+                            r"(?P<kind>weight|bias)$")
 # PEFT's LoraConfig default when adapter_config.json has no lora_alpha
 _PEFT_DEFAULT_ALPHA = 8.0
 
@@ -149,7 +149,7 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
         if match is not None:
             parts.setdefault(match["module"], {})[match["ab"]] = tensor
             continue
-        copy = _BASE_COPY.match(key) or _MODULE_TENSOR.match(key)
+        copy = _MODULE_TENSOR.match(key)
         if copy is None or "lora_" in key:
             raise ValueError(f"path: unsupported tensor {key!r} in {weights} (only "
                              f"lora_A / lora_B weights of linear layers can be mixed)")
