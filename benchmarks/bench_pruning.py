@@ -12,7 +12,7 @@ with 20/80 % quantiles. The ideal speedup counts the decoder layers only::
 
     ideal = 1 / (unpruned_frac + pruned_frac * retention)
 
-(pruning layers 2..8 of 8 at 0.5: 1.6x; the second half: 1.33x). Targets, written as
+(pruning layers 2..7 of 0..7 at 0.5: 1.6x; the second half, 4..7: 1.33x). Targets, written as
 PASS/FAIL to the JSON: measured >= 85 % of ideal for every row; on the CPU >= 1.4x with
 the tiny model's default range (``DEFAULT_TINY_CONFIG``: layers 1..3 of 4, ideal 1.6x).
 When a target fails, a ``torch.profiler`` table of the pruned step (top ops by self CPU
@@ -251,10 +251,17 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
     return row
 
 
+def row_label(row: dict) -> str:
+    """``"<case>_layers<first>-<last>"`` with the pruned range's layers counted inclusively
+    (``prune_range [2, 8)`` -> ``layers2-7``), as the console and the plot show them."""
+    start, end = row["prune_range"]
+    return f"{row['case']}_layers{start}-{end - 1}"
+
+
 def check_targets(rows: list[dict], preset_name: str) -> list[dict]:
     out = []
     for row in rows:
-        name = f"{row['case']}_layers{row['prune_range'][0]}-{row['prune_range'][1]}"
+        name = row_label(row)
         out.append({"name": f"{name}_vs_ideal", "description": f"measured speedup >= "
                     f"{IDEAL_FRACTION:.0%} of ideal {row['ideal_speedup']:.3f}x",
                     "value": row["fraction_of_ideal"], "op": ">=",
@@ -315,7 +322,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
         failing = {t["name"].rsplit("_vs_ideal", 1)[0].rsplit("_cpu_default", 1)[0]
                    for t in targets if t["status"] == "FAIL"}
         for row in rows:
-            name = f"{row['case']}_layers{row['prune_range'][0]}-{row['prune_range'][1]}"
+            name = row_label(row)
             if name in failing and "_step" in row:
                 row["profile_r0.5"] = profile_step(row["_step"], device)
     for row in rows:

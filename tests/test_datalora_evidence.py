@@ -97,10 +97,10 @@ def test_cpu_targets_include_the_default_range_check():
            "fraction_of_ideal": 1.5 / 1.6, "ideal_speedup": 1.6}
     other = {**row, "prune_range": [2, 4], "speedup": 1.0, "fraction_of_ideal": 0.5}
     targets = {t["name"]: t for t in bench_pruning.check_targets([row, other], "cpu")}
-    assert targets["tiny_layers1-4_vs_ideal"]["status"] == "PASS"
-    assert targets["tiny_layers1-4_cpu_default_range"]["status"] == "PASS"
-    assert targets["tiny_layers2-4_vs_ideal"]["status"] == "FAIL"
-    assert "tiny_layers2-4_cpu_default_range" not in targets
+    assert targets["tiny_layers1-3_vs_ideal"]["status"] == "PASS"
+    assert targets["tiny_layers1-3_cpu_default_range"]["status"] == "PASS"
+    assert targets["tiny_layers2-3_vs_ideal"]["status"] == "FAIL"
+    assert "tiny_layers2-3_cpu_default_range" not in targets
 
 
 def test_specialisation_scores():
