@@ -167,11 +167,9 @@ def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def _select_rows(value: Any, index: Any) -> Any:
+def _select_rows(value: torch.Tensor, index: Any) -> torch.Tensor:
     """``value``'s rows picked as the cache picks its keys / values: by integer indices, a
     bool mask or a slice."""
-    if isinstance(value, tuple):
-        return tuple(_select_rows(v, index) for v in value)
     if isinstance(index, slice):
         return value[index]
     index = torch.as_tensor(index, device=value.device)
@@ -180,10 +178,15 @@ def _select_rows(value: Any, index: Any) -> Any:
     return value.index_select(0, index.long())
 
 
-def _repeat_rows(value: Any, repeats: int) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_repeat_rows(v, repeats) for v in value)
+def _repeat_rows(value: torch.Tensor, repeats: int) -> torch.Tensor:
     return value.repeat_interleave(repeats, dim=0)
+
+
+def _each_tensor(value: Any, fn: Any, arg: Any) -> Any:
+    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple."""
+    if isinstance(value, tuple):
+        return tuple(_each_tensor(v, fn, arg) for v in value)
+    return fn(value, arg)
 
 
 # the cache's batch-row operations (transformers' Cache API) and the same operation on the
@@ -207,7 +210,8 @@ class _RowsFollow:
         for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
             value = getattr(self.cache, attr, None)
             if value is not None:
-                setattr(self.cache, attr, _ROW_OPERATIONS[self.method](value, rows))
+                setattr(self.cache, attr,
+                        _each_tensor(value, _ROW_OPERATIONS[self.method], rows))
         return out
 
 

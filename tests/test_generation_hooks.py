@@ -424,11 +424,11 @@ def test_retention_one_with_a_lower_calibration_warns_that_pruning_is_off():
 
 
 def test_cache_row_selection_by_bool_mask_and_slice():
-    from datalora.pruning import _select_rows
+    from datalora.pruning import _each_tensor, _select_rows
 
     value = (torch.arange(6).view(3, 2), torch.arange(3))
     mask = torch.tensor([False, True, True])
-    picked = _select_rows(value, mask)
+    picked = _each_tensor(value, _select_rows, mask)
     assert torch.equal(picked[0], value[0][1:]) and torch.equal(picked[1], value[1][1:])
-    assert torch.equal(_select_rows(value, slice(0, 2))[1], value[1][:2])
-    assert torch.equal(_select_rows(value, [2, 0])[1], torch.tensor([2, 0]))
+    assert torch.equal(_each_tensor(value, _select_rows, slice(0, 2))[1], value[1][:2])
+    assert torch.equal(_each_tensor(value, _select_rows, [2, 0])[1], torch.tensor([2, 0]))
