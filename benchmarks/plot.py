@@ -40,8 +40,34 @@ def save_figure(fig, out: Path, dpi: int) -> Path:
     return Path(out)
 
 
+def _shape(row: dict) -> tuple:
+    """``(d_in, d_out, E, r, k, skew)`` of a result row."""
+    return tuple(row[k] for k in ("d_in", "d_out", "E", "r", "k", "skew"))
+
+
+def _draw_mode(ax, rows: list[dict], mode: str, target: float | None) -> None:
+    """One panel: ratio vs base linear against T, a line per method, for one shape."""
+    methods = dict.fromkeys(r["method"] for r in rows if r["mode"] == mode)
+    for method in methods:
+        pts = sorted((r["T"], r["ratio_vs_linear"]) for r in rows
+                     if r["mode"] == mode and r["method"] == method)
+        color, ls = _style(method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color,
+                ls=ls, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    if target:
+        ax.axhline(target, color="tab:blue", lw=0.8, ls=":",
+                   label=f"target molora_linear <= {target}x")
+    ax.set_xlabel("tokens T")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
-    """Draws the T sweep of the JSON at ``path`` into ``out`` (default: same name, .png)."""
+    """Draws the T sweep of the JSON at ``path`` into ``out`` (default: same name, .png):
+    a row of panels (forward, forward + backward) per layer shape of the sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,34 +82,19 @@ def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
     rows = [r for r in data["results"] if r["group"] == "T_sweep"]
     if not rows:
         raise ValueError(f"{path}: no T_sweep rows to plot")
-    first = rows[0]
-    shape = {k: first[k] for k in ("d_in", "d_out", "E", "r", "k", "skew")}
-    rows = [r for r in rows if all(r[k] == v for k, v in shape.items())]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, mode in zip(axes, ("fwd", "fwd_bwd"), strict=True):
-        methods = dict.fromkeys(r["method"] for r in rows if r["mode"] == mode)
-        for method in methods:
-            pts = sorted((r["T"], r["ratio_vs_linear"]) for r in rows
-                         if r["mode"] == mode and r["method"] == method)
-            color, ls = _style(method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color,
-                    ls=ls, label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        target = TARGET_LINES.get(meta.get("preset"), {}).get(mode)
-        if target:
-            ax.axhline(target, color="tab:blue", lw=0.8, ls=":",
-                       label=f"target molora_linear <= {target}x")
-        ax.set_xlabel("tokens T")
-        ax.set_title("forward" if mode == "fwd" else "forward + backward")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("time / base F.linear (log)")
-    for ax in axes:
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"MoLoRA d_in={shape['d_in']} d_out={shape['d_out']} E={shape['E']} "
-                 f"r={shape['r']} k={shape['k']} ({shape['skew']}), {meta['dtype']}, "
-                 f"{meta['device_name']}, torch {meta['torch']}", fontsize=9)
+    shapes = list(dict.fromkeys(_shape(r) for r in rows))  # in run order: 7B attn, MLP, ...
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4.4 * len(shapes)), sharey="row",
+                             squeeze=False)
+    for shape, row_axes in zip(shapes, axes, strict=True):
+        shape_rows = [r for r in rows if _shape(r) == shape]
+        for ax, mode in zip(row_axes, ("fwd", "fwd_bwd"), strict=True):
+            _draw_mode(ax, shape_rows, mode, TARGET_LINES.get(meta.get("preset"), {}).get(mode))
+            d_in, d_out, E, r, k, skew = shape
+            ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}: "
+                         f"d_in={d_in} d_out={d_out} E={E} r={r} k={k} ({skew})", fontsize=9)
+        row_axes[0].set_ylabel("time / base F.linear (log)")
+    fig.suptitle(f"MoLoRA, {meta['dtype']}, {meta['device_name']}, torch {meta['torch']}",
+                 fontsize=10)
     fig.tight_layout()
     out = Path(out) if out else path.with_suffix(".png")
     if out.is_dir():

@@ -248,3 +248,27 @@ def test_molora_cli_without_matplotlib_writes_the_json_and_warns(tmp_path, monke
     assert "warning: no plot (" in out and "pip install datalora[plot]" in out, out
     assert (tmp_path / "molora_smoke.json").exists()
     assert not (tmp_path / "molora_smoke.png").exists()
+
+
+def test_plot_draws_a_row_of_panels_per_layer_shape(tmp_path):
+    from benchmarks import plot
+
+    def row(T, d_out, mode, method, ratio):
+        return {"group": "T_sweep", "T": T, "d_in": 64, "d_out": d_out, "E": 4, "r": 4,
+                "k": 2, "skew": "uniform", "mode": mode, "method": method,
+                "ratio_vs_linear": ratio}
+
+    results = [row(T, d_out, mode, method, ratio) for d_out in (64, 256)
+               for T in (1, 8) for mode in molora.MODES
+               for method, ratio in (("linear", 1.0), ("molora_linear[torch]", 1.2))]
+    meta = {"preset": "smoke", "dtype": "float32", "device_name": "cpu", "torch": "x"}
+    path = tmp_path / "two_shapes.json"
+    path.write_text(json.dumps({"schema": molora.SCHEMA, "meta": meta, "results": results}))
+    one = tmp_path / "one_shape.json"
+    one.write_text(json.dumps({"schema": molora.SCHEMA, "meta": meta,
+                               "results": [r for r in results if r["d_out"] == 64]}))
+
+    def png_height(p):
+        return int.from_bytes(plot.plot_file(p).read_bytes()[20:24], "big")
+
+    assert png_height(path) == 2 * png_height(one)
