@@ -244,9 +244,18 @@ def paired_ratio(times: list[float], base: list[float]) -> float:
 
 
 # do_bench's warm-up and timed windows (its defaults, 25 / 100 ms, give the ~600 timings of
-# the gpu preset a 75 s floor; a device lease is 15 minutes)
+# the gpu preset a 75 s floor; a device lease is 15 minutes), widened for slow calls so
+# the median and quantiles come from at least MIN_TIMED_CALLS calls (do_bench times
+# rep / estimate of them: 1-2 for a 30 ms fwd + bwd of the loop at T = 16384)
 DO_BENCH_WARMUP_MS = 10
 DO_BENCH_REP_MS = 50
+MIN_TIMED_CALLS = 7
+
+
+def timed_window_ms(call_ms: float) -> float:
+    """do_bench's ``rep`` for a call of about ``call_ms``: at least ``DO_BENCH_REP_MS`` and
+    long enough for ``MIN_TIMED_CALLS`` calls."""
+    return max(DO_BENCH_REP_MS, MIN_TIMED_CALLS * call_ms)
 
 
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
@@ -255,7 +264,13 @@ def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
 
     out = {}
     for name, fn in steps.items():
-        med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS,
+        fn()  # first call (allocator, autotuning) outside the estimate
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rep = timed_window_ms((time.perf_counter() - start) * 1e3)
+        med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=rep,
                                  quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
         torch.cuda.synchronize()
         for t in grad_leaves:  # the last timed call's gradients are not part of the baseline

@@ -272,3 +272,31 @@ def test_plot_draws_a_row_of_panels_per_layer_shape(tmp_path):
         return int.from_bytes(plot.plot_file(p).read_bytes()[20:24], "big")
 
     assert png_height(path) == 2 * png_height(one)
+
+
+def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
+    import time
+
+    import triton.testing
+
+    windows = {}
+
+    def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
+        windows[fn.__name__] = rep
+        return 1.0, 0.9, 1.1
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+
+    def fast():
+        pass
+
+    def slow():
+        time.sleep(0.02)
+
+    molora.time_cuda({"fast": fast, "slow": slow}, [])
+    assert windows["fast"] == molora.DO_BENCH_REP_MS
+    assert windows["slow"] >= molora.MIN_TIMED_CALLS * 20
