@@ -55,3 +55,16 @@ def check_finite(name: str, value: object) -> float:
     """``float(value)`` if ``value`` is a finite real number (not a bool); otherwise
     ValueError ``"{name}: expected a finite number, got {value!r}"``."""
     return check_number(name, value)
+
+
+def check_fractions(name: str, values: object, count: int = 3) -> list[float]:
+    """``values`` as a list of ``count`` finite non-negative floats summing to 1 (within
+    1e-6); otherwise ValueError ``"{name}: expected {count} non-negative fractions summing
+    to 1, got ..."`` (NaN, inf, strings, a bare number and None included)."""
+    ok = isinstance(values, (list, tuple)) and len(values) == count and all(
+        not isinstance(f, bool) and isinstance(f, numbers.Real) and math.isfinite(f) and f >= 0
+        for f in values) and abs(sum(values) - 1.0) <= 1e-6
+    if not ok:
+        raise ValueError(f"{name}: expected {count} non-negative fractions summing to 1, "
+                         f"got {values!r}")
+    return [float(f) for f in values]

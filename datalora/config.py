@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from datalora.checks import check_finite, check_int
+from datalora.checks import check_finite, check_fractions, check_int
 from datalora.ops.backends import BACKEND_NAMES
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -90,15 +90,15 @@ class DATALORAConfig:
         if self.quantize not in (None, "nf4"):
             raise ValueError(f"quantize: expected None or 'nf4', got {self.quantize!r}")
         if self.prune_layers is not None:
-            self.prune_layers = list(self.prune_layers)
-            if len(self.prune_layers) != 2 or not 0 <= self.prune_layers[0] < self.prune_layers[1]:
+            if not isinstance(self.prune_layers, (list, tuple)) or len(self.prune_layers) != 2:
+                raise ValueError(f"prune_layers: expected [start, end), got "
+                                 f"{self.prune_layers!r}")
+            self.prune_layers = [check_int("prune_layers[0]", self.prune_layers[0], low=0),
+                                 check_int("prune_layers[1]", self.prune_layers[1], low=1)]
+            if not self.prune_layers[0] < self.prune_layers[1]:
                 raise ValueError(f"prune_layers: expected [start, end) with 0 <= start < end, "
                                  f"got {self.prune_layers}")
-        self.curriculum_split = [float(f) for f in self.curriculum_split]
-        if len(self.curriculum_split) != 3 or any(f < 0 for f in self.curriculum_split) \
-                or abs(sum(self.curriculum_split) - 1.0) > 1e-6:
-            raise ValueError(f"curriculum_split: expected 3 non-negative fractions summing to 1, "
-                             f"got {self.curriculum_split}")
+        self.curriculum_split = check_fractions("curriculum_split", self.curriculum_split)
 
     @property
     def scaling(self) -> float:

@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from datalora.checks import check_int
+from datalora.checks import check_fractions, check_int, check_number
 
 PHASES = ("warmup", "sparsification", "hardening")
 
@@ -64,16 +64,13 @@ class CurriculumScheduler:
                  split: tuple[float, float, float] | list[float] = (1 / 3, 1 / 3, 1 / 3),
                  total_steps: int | None = None, num_epochs: float | None = None,
                  mode: str = "steps"):
-        if not float(temperature_init) > 0 or not float(temperature_final) > 0:
-            raise ValueError(f"temperature_init/temperature_final: expected > 0, got "
-                             f"{temperature_init}/{temperature_final}")
-        if not 0.0 < float(target_retention) <= 1.0:
-            raise ValueError(f"target_retention: expected a value in (0, 1], "
-                             f"got {target_retention}")
-        split = [float(f) for f in split]
-        if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
-            raise ValueError(f"split: expected 3 non-negative fractions summing to 1, "
-                             f"got {split}")
+        temperature_init = check_number("temperature_init", temperature_init, low=0,
+                                        low_inclusive=False)
+        temperature_final = check_number("temperature_final", temperature_final, low=0,
+                                         low_inclusive=False)
+        target_retention = check_number("target_retention", target_retention, low=0,
+                                        low_inclusive=False, high=1)
+        split = check_fractions("split", list(split) if isinstance(split, tuple) else split)
         if mode not in ("steps", "epochs"):
             raise ValueError(f"mode: expected 'steps' or 'epochs', got {mode!r}")
         if total_steps is not None:

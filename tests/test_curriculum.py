@@ -111,3 +111,25 @@ def test_schedule_agrees_with_phase_boundaries(total):
         expected = 0 if step < b1 else 1 if step < b2 else 2
         assert c.state_at(step).phase_index == expected, step
         assert 0 < c.state_at(step).retention <= 1.0
+
+
+@pytest.mark.parametrize("split", [[float("nan"), 0.5, 0.5], [0.5, 0.5, float("inf")],
+                                   ["a", 0.5, 0.5], None, 1.0, [0.5, 0.5]])
+def test_non_finite_or_malformed_split_is_refused(split):
+    with pytest.raises(ValueError, match="split: expected 3 non-negative fractions"):
+        CurriculumScheduler(split=split, total_steps=10)
+    with pytest.raises(ValueError, match="curriculum_split: expected 3 non-negative"):
+        DATALORAConfig(curriculum_split=split)
+
+
+@pytest.mark.parametrize("name", ["temperature_init", "temperature_final"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), None, "5", True, 0.0])
+def test_scheduler_temperatures_must_be_finite_positive_numbers(name, value):
+    with pytest.raises(ValueError, match=f"{name}: expected a finite number"):
+        CurriculumScheduler(**{name: value}, total_steps=10)
+
+
+@pytest.mark.parametrize("layers", [[0, 1.5], [0.5, 2], ["0", 2], [1], 3])
+def test_config_prune_layers_must_be_two_ints(layers):
+    with pytest.raises(ValueError, match=r"prune_layers(\[[01]\])?: expected"):
+        DATALORAConfig(prune_layers=layers)
