@@ -167,6 +167,9 @@ class DATALORAModel(nn.Module):
         self.config_datalora = config
         # base parameters a loaded adapter carried (trained with it): saved again with it
         self._saved_base_names: set[str] = set()
+        # the trainable adapters transformers' Trainer looks for on a quantized base (it
+        # refuses an is_quantized model "without adapters" unless this is set, as PEFT does)
+        self._hf_peft_config_loaded = True
         model.requires_grad_(False)
         if config.routing == "shared":
             _check_shared_targets(model, config.target_modules)

@@ -558,3 +558,26 @@ def test_task_names_default_to_the_collators_tasks(tmp_path):
     trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
                               data_collator=Collator(), calibrate_batches=0)
     assert trainer.task_names == ["a", "b", "c", "d"]
+
+
+def test_trainer_trains_a_bitsandbytes_4bit_base(tmp_path):
+    """A QLoRA-style load (from_pretrained with BitsAndBytesConfig): transformers' Trainer
+    refused the quantized model as one "without adapters"."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base = tiny_datalora().base_model
+    folder = tmp_path / "base"
+    MistralForCausalLM(base.config).save_pretrained(folder)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_compute_dtype=torch.float32)
+    quantized = MistralForCausalLM.from_pretrained(folder, quantization_config=q,
+                                                   device_map="cpu")
+    assert quantized.is_quantized
+    model = get_datalora_model(quantized, DATALORAConfig(
+        num_lora_experts=4, lora_rank=4, num_active_experts=2, routing="shared",
+        prune_layers=[1, 3], target_modules=["q_proj", "v_proj"]), verbose=False)
+    before = adapter(model)
+    make_trainer(tmp_path / "out", model, steps=2).train()
+    after = adapter(model)
+    assert not all(same(before[k], after[k]) for k in before)
