@@ -281,8 +281,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         save_steps: checkpoint every n steps (None: no intermediate checkpoints).
         resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact; checked
             before the model loads), or ``"last"`` / True: the latest in ``output_dir``.
-        bf16: bf16 frozen base weights with fp32 adapter / saliency weights (where the
-            device supports bf16); the MoLoRA layers compute in the activations' dtype.
+        bf16: bf16 frozen base weights (where the device supports bf16). Adapter and
+            saliency weights are fp32 in every case (also on a bf16 / fp16 checkpoint
+            trained without ``bf16``); the MoLoRA layers compute in the activations' dtype.
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
         eval_dataset: rows or a source (``"embedded"``: the embedded eval split; a folder or
             split-keyed file: its ``eval`` / ``validation`` / ``test`` split, see
@@ -341,10 +342,13 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         model.to(torch.bfloat16)
     torch.manual_seed(seed)
     dl_model = get_datalora_model(model, config, verbose=progress)
-    if use_bf16:  # bf16 frozen base, fp32 master weights for the adapter and the USN
-        for _, layer in dl_model.molora_layers():
-            layer.float()
-            layer.base_layer.to(torch.bfloat16)
+    # fp32 master weights for the adapters whatever the frozen base's dtype (--bf16, or a
+    # checkpoint stored in bf16 / fp16 as most are): AdamW steps on 16-bit weights round
+    # most small updates away. The layers compute in the activations' dtype.
+    for _, layer in dl_model.molora_layers():
+        for param in layer.parameters():
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
     dl_model.train()
     train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length, "training rows", progress))
     eval_items = (_tokenized_rows(eval_rows, tokenizer, max_length, "eval rows", progress)
@@ -423,7 +427,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--curriculum-mode", choices=("epochs", "steps"), default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,
-                   help="bf16 autocast (frozen base in bf16, adapter fp32)")
+                   help="frozen base in bf16 (adapters are fp32 with or without it)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-dataset", default=None,
                    help="'embedded' or a file / folder (its eval, validation or test split): "

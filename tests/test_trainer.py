@@ -581,3 +581,19 @@ def test_trainer_trains_a_bitsandbytes_4bit_base(tmp_path):
     make_trainer(tmp_path / "out", model, steps=2).train()
     after = adapter(model)
     assert not all(same(before[k], after[k]) for k in before)
+
+
+def test_train_keeps_fp32_adapters_on_a_bf16_checkpoint(tmp_path):
+    """A model stored in bf16 (as most checkpoints are), trained without bf16=True: the
+    adapters' AdamW master weights are fp32 (in bf16, most small updates rounded away)."""
+    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.train import train_datalora
+
+    model = build_tiny_model().to(torch.bfloat16)
+    result = train_datalora(None, model=model, tokenizer=build_tokenizer(), max_steps=2,
+                            limit=8, batch_size=4, max_length=48, progress=False,
+                            output_dir=str(tmp_path / "out"))
+    layers = [layer for _, layer in result.model.molora_layers()]
+    assert layers and all(p.dtype == torch.float32 for layer in layers
+                          for p in layer.parameters() if p.requires_grad)
+    assert all(layer.base_layer.weight.dtype == torch.bfloat16 for layer in layers)
