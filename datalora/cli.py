@@ -12,6 +12,9 @@ import warnings
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
 COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
+# optional packages a command may import on its way, and the extra that installs each
+EXTRAS = {"peft": "peft", "bitsandbytes": "bnb", "datasets": "data", "matplotlib": "plot",
+          "triton": "triton", "sentence_transformers": "tle"}
 
 
 def plain_text(doc: str | None) -> str:
@@ -97,13 +100,20 @@ def quiet_import_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a subcommand. Bad input (a missing file, an invalid value: ``OSError`` /
-    ``ValueError``) prints ``datalora <command>: error: ...`` and exits with status 2, like
-    a bad flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
+    ``ValueError``) and a missing optional package (naming the extra that installs it)
+    print ``datalora <command>: error: ...`` and exit with status 2, like a bad flag;
+    ``DATALORA_DEBUG=1`` shows the traceback instead."""
     quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package not in EXTRAS or os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+            raise
+        parser.exit(2, f"datalora {args.command}: error: this command needs the optional "
+                       f"package {package!r}: pip install 'datalora[{EXTRAS[package]}]'\n")
     except (OSError, ValueError) as exc:
         if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
             raise

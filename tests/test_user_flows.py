@@ -450,3 +450,29 @@ def test_importing_datalora_silences_the_bitsandbytes_kernel_message():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
                        timeout=300)
     assert p.stdout.strip() == "10"
+
+
+def test_cli_names_the_extra_of_a_missing_optional_package(monkeypatch, capsys):
+    from datalora import cli
+
+    def needs_peft(args):
+        import peft_not_installed_here  # noqa: F401
+
+    parser = cli.build_parser()
+    real_parse = parser.parse_args
+
+    def parse(argv):
+        args = real_parse(argv)
+        args.func = needs_peft
+        return args
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setitem(cli.EXTRAS, "peft_not_installed_here", "peft")
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["titok"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs the optional package 'peft_not_installed_here'" in err
+    assert "pip install 'datalora[peft]'" in err
