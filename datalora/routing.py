@@ -50,7 +50,9 @@ class Routing:
 
     The expert sort and the host-side value check are done once per routing and reused by
     every layer while its tensors stay the same objects with unchanged version counters (a
-    field reassigned, or changed in place by a torch op, is sorted / checked again).
+    field reassigned, or changed in place by a torch op, is sorted / checked again; a
+    write through ``.data`` or a numpy view keeps the version and is not checked again:
+    build a new Routing or write with torch ops instead).
     ``_trusted`` (datalora's own routers) also lets backends cache per-routing tables; a
     routing you build yourself may be changed without a version bump (through a numpy view
     or ``.data``), so its tables are rebuilt on every call.
