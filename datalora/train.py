@@ -110,17 +110,25 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     """``resume_from_checkpoint`` resolved before the model loads: None, a folder holding
-    ``trainer_state.json``, or ``"last"`` / True: the latest ``checkpoint-N`` in
-    ``output_dir``; a run folder's error names its latest ``checkpoint-N``."""
+    ``trainer_state.json``, or ``"last"`` / True: the latest complete ``checkpoint-N`` in
+    ``output_dir`` (one without ``trainer_state.json``, a save cut short, is skipped with a
+    warning); a run folder's error names its latest ``checkpoint-N``."""
     if path is None or path is False:
         return None
     if path is True or path == "last":
         run = Path(output_dir).expanduser()
         found = _checkpoints(run) if run.is_dir() else []
-        if not found:
-            raise ValueError(f"resume_from_checkpoint: 'last' found no checkpoint-N folder "
-                             f"in the output folder {run}")
-        return found[-1][1]
+        complete = [(n, folder) for n, folder in found
+                    if (folder / "trainer_state.json").is_file()]
+        if not complete:
+            raise ValueError(f"resume_from_checkpoint: 'last' found no complete checkpoint-N "
+                             f"folder (with trainer_state.json) in the output folder {run}")
+        skipped = [folder.name for n, folder in found if n > complete[-1][0]]
+        if skipped:
+            warnings.warn(f"resume_from_checkpoint: skipping {', '.join(skipped)} in {run}: no "
+                          f"trainer_state.json (a save cut short); resuming "
+                          f"{complete[-1][1].name}", stacklevel=3)
+        return complete[-1][1]
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")

@@ -339,7 +339,8 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
              r"eval_strategy='steps' needs eval rows: set eval_dataset \(--eval-dataset\)"),
             ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
-             r"'last' found no checkpoint-N folder in the output folder .*o$")):
+             r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
+             r"the output folder .*o$")):
         with pytest.raises(error, match=match):
             train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
                            **kwargs)
@@ -350,10 +351,14 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
 
     for n in (2, 10, 9):
         (tmp_path / f"checkpoint-{n}").mkdir()
+        (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
     for last in ("last", True):
         assert _check_checkpoint(last, tmp_path) == tmp_path / "checkpoint-10"
     assert _check_checkpoint(None, tmp_path) is None
+    (tmp_path / "checkpoint-12").mkdir()  # a save cut short: no trainer_state.json
+    with pytest.warns(UserWarning, match="skipping checkpoint-12 .*resuming checkpoint-10"):
+        assert _check_checkpoint("last", tmp_path) == tmp_path / "checkpoint-10"
 
 
 def test_train_limit_is_checked_by_argparse(capsys):
