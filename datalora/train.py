@@ -330,6 +330,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                                             gradient_accumulation_steps, low=1)
     if logging_steps is None:
         logging_steps = min(5, max_steps or 5)
+    logging_steps = check_int("logging_steps", logging_steps, low=1)
+    seed = check_int("seed", seed)
+    if bf16 is not None and not isinstance(bf16, bool):  # bool("false") is True
+        raise ValueError(f"bf16: expected true or false, got {bf16!r}")
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
     # read the data before the model: a bad path or row fails now, not after minutes of loading
     eval_rows = _eval_rows(eval_dataset, eval_limit)

@@ -338,6 +338,10 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "trainer_args": {"eval_strategy": "steps"}}, ValueError,
              r"eval_strategy='steps' needs eval rows: set eval_dataset \(--eval-dataset\)"),
             ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)"),
+            ({"dataset": good, "bf16": "false"}, ValueError,
+             r"bf16: expected true or false, got 'false'"),
+            ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
+            ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
              r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
              r"the output folder .*o$")):
