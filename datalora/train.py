@@ -334,6 +334,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     seed = check_int("seed", seed)
     if bf16 is not None and not isinstance(bf16, bool):  # bool("false") is True
         raise ValueError(f"bf16: expected true or false, got {bf16!r}")
+    if curriculum_mode not in ("steps", "epochs"):
+        raise ValueError(f"curriculum_mode: expected 'steps' or 'epochs', got {curriculum_mode!r}")
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
     # read the data before the model: a bad path or row fails now, not after minutes of loading
     eval_rows = _eval_rows(eval_dataset, eval_limit)

@@ -342,6 +342,8 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
              r"bf16: expected true or false, got 'false'"),
             ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
             ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
+            ({"dataset": good, "curriculum_mode": "linear"}, ValueError,
+             r"curriculum_mode: expected 'steps' or 'epochs', got 'linear'"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
              r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
              r"the output folder .*o$")):
