@@ -23,6 +23,14 @@ from typing import Any
 from datalora.checks import check_fractions, check_int, check_number
 
 PHASES = ("warmup", "sparsification", "hardening")
+MODES = ("steps", "epochs")
+
+
+def check_mode(name: str, mode: object) -> str:
+    """``mode`` if it is one of :data:`MODES`; otherwise ValueError naming ``name``."""
+    if mode not in MODES:
+        raise ValueError(f"{name}: expected 'steps' or 'epochs', got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -70,9 +78,8 @@ class CurriculumScheduler:
                                          low_inclusive=False)
         target_retention = check_number("target_retention", target_retention, low=0,
                                         low_inclusive=False, high=1)
-        split = check_fractions("split", list(split) if isinstance(split, tuple) else split)
-        if mode not in ("steps", "epochs"):
-            raise ValueError(f"mode: expected 'steps' or 'epochs', got {mode!r}")
+        split = check_fractions("split", split)
+        check_mode("mode", mode)
         if total_steps is not None:
             total_steps = check_int("total_steps", total_steps, low=1)
         if num_epochs is not None and not float(num_epochs) > 0:

@@ -38,7 +38,7 @@ import torch
 from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig
-from datalora.curriculum import PHASES
+from datalora.curriculum import MODES, PHASES, check_mode
 
 DEFAULT_TINY_CONFIG = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
                            num_active_experts=2, routing="shared", prune_layers=[1, 4],
@@ -334,8 +334,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     seed = check_int("seed", seed)
     if bf16 is not None and not isinstance(bf16, bool):  # bool("false") is True
         raise ValueError(f"bf16: expected true or false, got {bf16!r}")
-    if curriculum_mode not in ("steps", "epochs"):
-        raise ValueError(f"curriculum_mode: expected 'steps' or 'epochs', got {curriculum_mode!r}")
+    check_mode("curriculum_mode", curriculum_mode)
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
     # read the data before the model: a bad path or row fails now, not after minutes of loading
     eval_rows = _eval_rows(eval_dataset, eval_limit)
@@ -438,7 +437,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume-from-checkpoint", default=None,
                    help="a checkpoint-N folder of an earlier run (weights + curriculum), "
                         "or 'last': the latest checkpoint-N in --output-dir")
-    p.add_argument("--curriculum-mode", choices=("epochs", "steps"), default=None,
+    p.add_argument("--curriculum-mode", choices=MODES, default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,
                    help="frozen base in bf16 (adapters are fp32 with or without it)")

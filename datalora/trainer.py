@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from datalora.curriculum import PHASES, CurriculumScheduler
+from datalora.curriculum import PHASES, CurriculumScheduler, check_mode
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 
@@ -110,9 +110,7 @@ class DATALORATrainer(Trainer):
         if model.runtime is None:
             raise ValueError("model: DATALORATrainer needs routing='shared' (the saliency "
                              "network); this model routes per layer")
-        if curriculum_mode not in ("steps", "epochs"):
-            raise ValueError(f"curriculum_mode: expected 'steps' or 'epochs', "
-                             f"got {curriculum_mode!r}")
+        check_mode("curriculum_mode", curriculum_mode)
         if curriculum is not None and not isinstance(curriculum, CurriculumScheduler):
             raise TypeError(f"curriculum: expected a CurriculumScheduler, "
                             f"got {type(curriculum).__name__}")
