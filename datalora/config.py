@@ -14,6 +14,7 @@ from datalora.ops.backends import BACKEND_NAMES
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")
 CONFIG_NAME = "adapter_config.json"
+ROUTINGS = ("auto", "shared", "per_layer")
 
 
 @dataclass
@@ -34,9 +35,12 @@ class DATALORAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES),
                                       metadata={"help": "Names (last path component) of the "
                                                         "nn.Linear modules to adapt."})
-    routing: str = field(default="per_layer", metadata={
-        "help": "'per_layer': each layer routes with its own router; 'shared': one saliency "
-                "network decision per token drives every layer."})
+    routing: str = field(default="auto", metadata={
+        "help": "'shared': the DATALORA method, one saliency network decision per token "
+                "drives every layer and prunes tokens; 'per_layer': MoLoRA with a router per "
+                "layer (any module, no pruning); 'auto': 'shared' where the model supports it "
+                "(a decoder LM whose targets lie inside its decoder layers), else "
+                "'per_layer'."})
     lambda_prune: float = field(default=0.1, metadata={"help": "Weight of L_retention."})
     alpha_balance: float = field(default=0.01, metadata={"help": "Weight of L_balance."})
     prune_layers: list[int] | None = field(default=None, metadata={
@@ -83,8 +87,8 @@ class DATALORAConfig:
         self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules: expected at least one module name, got []")
-        if self.routing not in ("per_layer", "shared"):
-            raise ValueError(f"routing: expected 'per_layer' or 'shared', got {self.routing!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.quantize not in (None, "nf4"):

@@ -430,7 +430,7 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
     pristine = copy.deepcopy(model)
     config = DATALORAConfig(base_model=args.model, num_lora_experts=args.experts,
                             lora_rank=args.rank, lora_alpha=2.0 * args.rank,
-                            num_active_experts=args.top_k)
+                            num_active_experts=args.top_k, routing="per_layer")
     print(f"MoLoRA demo | model: {args.model or 'embedded tiny Mistral'} | dataset: "
           f"{len(train_rows)} rows | {args.experts} experts x rank {args.rank}, "
           f"top-{args.top_k}, per-layer routers")

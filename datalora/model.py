@@ -27,7 +27,13 @@ from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.nf4_linear import NF4Linear
-from datalora.pruning import DATALORARuntime, find_decoder_layers, resolve_prune_range
+from datalora.pruning import (
+    DATALORARuntime,
+    check_prunable,
+    find_decoder_layers,
+    layer_window,
+    resolve_prune_range,
+)
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.sharding import copy_full_into, full_tensors, sharding_kind
 
@@ -145,15 +151,50 @@ def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
                          f"target_modules or use routing='per_layer'")
 
 
+def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
+    """``routing='auto'`` resolved: ``'shared'`` (the DATALORA method) where the model can run
+    it (decoder layers on one device, ``config.hidden_size``, no ALiBi / MoE router logits,
+    attention kinds the pruning masks reproduce, every target inside the decoder layers),
+    else ``'per_layer'``, warned for a model with a ``config`` (a Hugging Face model, which
+    may have been meant for the method). An invalid ``prune_layers`` is left to the
+    shared-routing build to report."""
+    try:
+        layers = find_decoder_layers(model)
+        model_config = getattr(model, "config", None)
+        if not isinstance(getattr(model_config, "hidden_size", None), int):
+            raise ValueError("model: shared routing needs model.config.hidden_size")
+        check_prunable(model)
+        _check_shared_targets(model, config.target_modules)
+        try:
+            start, end = resolve_prune_range(config.prune_layers, len(layers))
+        except ValueError:
+            start = end = 0
+        for index in range(start, end):
+            layer_window(model_config, index)
+        devices = sorted({str(p.device) for p in layers.parameters()})
+        if len(devices) > 1:
+            raise ValueError(f"model: the decoder layers are on {devices}; shared routing "
+                             f"needs them on one device")
+    except ValueError as err:
+        if hasattr(model, "config"):
+            warnings.warn(f"routing='auto' chose 'per_layer' (a router per layer, no saliency "
+                          f"network or token pruning): {err}", stacklevel=4)
+        return "per_layer"
+    return "shared"
+
+
 class DATALORAModel(nn.Module):
     """A causal LM with MoLoRA layers; forwards every call and attribute to the base model.
 
     With ``config.routing == "shared"`` a :class:`UnifiedSaliencyNetwork` (``self.saliency``)
     runs once per forward before the first decoder layer; its routing drives every MoLoRA
     layer and its token scores prune tokens over ``config.prune_layers``
-    (:class:`~datalora.pruning.DATALORARuntime`, ``self.runtime``). A new model starts in
-    the inference state of the curriculum (``tau = temperature_final``, hard routing,
-    ``retention = target_retention``); the trainer's curriculum overrides it.
+    (:class:`~datalora.pruning.DATALORARuntime`, ``self.runtime``); ``routing='auto'`` (the
+    default) is resolved here (see :func:`_auto_routing`) and ``config`` holds the result.
+    A new model routes hard at ``tau = temperature_final`` and keeps every token (an
+    untrained saliency network's scores mean nothing, and with B = 0 the model then equals
+    its base); the trainer's curriculum takes over, and training or :meth:`load_adapter`
+    leaves the inference state (``retention = target_retention``).
 
     Attributes:
         base_model: the wrapped model (its targeted linears are now MoLoRALinear).
@@ -171,6 +212,10 @@ class DATALORAModel(nn.Module):
         # refuses an is_quantized model "without adapters" unless this is set, as PEFT does)
         self._hf_peft_config_loaded = True
         model.requires_grad_(False)
+        if config.routing == "auto":
+            config = dataclasses.replace(
+                config, routing=_auto_routing(model, config))
+            self.config_datalora = config
         if config.routing == "shared":
             _check_shared_targets(model, config.target_modules)
         self.adapted_modules = inject_molora(model, config)
@@ -186,7 +231,7 @@ class DATALORAModel(nn.Module):
                 config.num_active_experts, config.saliency_hidden_size,
                 config.temperature_final).to(device)
             self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
-            self.set_curriculum_state(config.temperature_final, config.target_retention, True)
+            self.set_curriculum_state(config.temperature_final, 1.0, True)
         # the new MoLoRA layers and saliency network (and this wrapper) start in the base
         # model's mode: an eval-mode base (as from_pretrained returns it) stays deterministic
         self.train(model.training)
@@ -389,7 +434,8 @@ class DATALORAModel(nn.Module):
             # writes leaves a pair load_adapter recognises as mismatched
             save_tensors(tensors, save_directory / WEIGHTS_NAME,
                          metadata={"format": "pt", "adapter_type": "datalora",
-                                   "datalora_config": config_json, **self._base_identity()})
+                                   "datalora_config": config_json, **self._base_identity(),
+                                   **self._curriculum_metadata()})
             atomic_write_text(save_directory / CONFIG_NAME, config_json)
         if gathered_here:
             torch.distributed.barrier()  # no rank returns before the files exist
@@ -433,6 +479,28 @@ class DATALORAModel(nn.Module):
                              "DATALORATrainer (FSDP checkpoint)")
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
+        self._restore_curriculum(file)
+
+    def _curriculum_metadata(self) -> dict[str, str]:
+        """The curriculum state (tau, retention, hard) for the weights file's metadata: with
+        the tensors it decides what a shared-routing model computes."""
+        state = self.curriculum_state()
+        return {"curriculum_state": json.dumps(state)} if state else {}
+
+    def _restore_curriculum(self, weights: Path) -> None:
+        """Sets the curriculum state saved with the weights (the inference state of the
+        curriculum for adapters saved before the state was: ``temperature_final``,
+        ``target_retention``, hard routing)."""
+        if self.saliency is None:
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            saved = (f.metadata() or {}).get("curriculum_state")
+        cfg = self.config_datalora
+        state = (json.loads(saved) if saved else
+                 {"tau": cfg.temperature_final, "retention": cfg.target_retention, "hard": True})
+        self.set_curriculum_state(state["tau"], state["retention"], state["hard"])
 
     def _base_identity(self) -> dict[str, str]:
         """``base_model_type`` / ``base_model_name_or_path`` of the base's HF config (those
@@ -535,7 +603,10 @@ def _function_fields(saved: DATALORAConfig, current: DATALORAConfig, base_model:
 
 def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
                        verbose: bool = True) -> DATALORAModel:
-    """Injects MoLoRA into ``model``'s target modules and freezes the base.
+    """Injects MoLoRA into ``model``'s target modules and freezes the base. With the default
+    ``routing='auto'`` a decoder LM gets the DATALORA method (a saliency network's shared
+    routing and token pruning), any other module per-layer routers (see
+    :class:`DATALORAModel`).
 
     Args:
         model: a Hugging Face causal LM (or any module with named ``nn.Linear`` children).

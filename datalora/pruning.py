@@ -292,7 +292,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
                      f"routing='per_layer'")
 
 
-def _check_prunable(model: nn.Module) -> None:
+def check_prunable(model: nn.Module) -> None:
     """Refuses what token pruning cannot run: ALiBi attention (Bloom, MPT, Falcon with
     ``alibi=True``: the position bias rides in the attention mask, which the pruned layers
     replace) and MoE router logits (``output_router_logits``: the pruned layers' logits
@@ -420,7 +420,7 @@ class DATALORARuntime:
                  keep_last: bool = True):
         self.model, self.saliency = model, saliency
         self.layers = find_decoder_layers(model)
-        _check_prunable(model)
+        check_prunable(model)
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
         self.retention = 1.0
         self.set_retention(retention)

@@ -538,7 +538,7 @@ def _attach_adapter(model: nn.Module, adapter: str, rank: int, alpha: float,
 
         return get_datalora_model(model, DATALORAConfig(
             num_lora_experts=4, lora_rank=rank, lora_alpha=alpha, num_active_experts=2,
-            target_modules=list(targets)), verbose=False)
+            target_modules=list(targets), routing="per_layer"), verbose=False)
     raise ValueError(f"adapter: expected one of {ADAPTERS}, got {adapter!r}")
 
 

@@ -148,14 +148,16 @@ def _train_config(config: DATALORAConfig | dict[str, Any] | None,
     adapter), shared routing checked."""
     if config is None:
         config = (DATALORAConfig(**DEFAULT_TINY_CONFIG) if _is_embedded(model_name_or_path)
-                  else DATALORAConfig(routing="shared"))
+                  else DATALORAConfig())
     elif isinstance(config, dict):
         config = DATALORAConfig.from_dict(config)
     if not isinstance(config, DATALORAConfig):
         raise TypeError(f"config: expected DATALORAConfig, dict or None, "
                         f"got {type(config).__name__}")
+    if config.routing == "auto":  # the method, or its clear error where the model can't
+        config = dataclasses.replace(config, routing="shared")
     if config.routing != "shared":
-        raise ValueError(f"config.routing: DATALORA training needs 'shared', "
+        raise ValueError(f"config.routing: DATALORA training needs 'shared' (or 'auto'), "
                          f"got {config.routing!r}")
     if model_name_or_path is not None:
         base = None if _is_embedded(model_name_or_path) else str(model_name_or_path)
@@ -516,7 +518,7 @@ def train_settings(data: dict[str, Any], training: dict[str, Any]
     if _is_embedded(model):
         merged = {**DEFAULT_TINY_CONFIG, **data}  # tuned for the embedded tiny model
     else:  # a real model: DATALORAConfig's defaults (prune_layers None = second half)
-        merged = {"routing": "shared", **data, "base_model": str(model)}
+        merged = {**data, "base_model": str(model)}
         training = {**REAL_MODEL_DEFAULTS, **training}
     return DATALORAConfig.from_dict(merged), training
 

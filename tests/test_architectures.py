@@ -176,7 +176,7 @@ def test_moe_outputs_with_aux_losses_pickle():
 
 
 def test_alibi_detection_covers_mpt_and_position_embedding_type():
-    from datalora.pruning import _check_prunable
+    from datalora.pruning import check_prunable
 
     class Fake(torch.nn.Module):
         def __init__(self, **config):
@@ -186,6 +186,6 @@ def test_alibi_detection_covers_mpt_and_position_embedding_type():
     for config in (dict(model_type_="x", position_embedding_type="alibi"),
                    dict(attn_config={"alibi": True})):
         with pytest.raises(ValueError, match="ALiBi"):
-            _check_prunable(Fake(**config))
-    _check_prunable(Fake(attn_config={"alibi": False}))  # MPT without ALiBi: fine
-    _check_prunable(Fake(position_embedding_type="rotary"))
+            check_prunable(Fake(**config))
+    check_prunable(Fake(attn_config={"alibi": False}))  # MPT without ALiBi: fine
+    check_prunable(Fake(position_embedding_type="rotary"))

@@ -36,7 +36,9 @@ def test_injects_default_targets_and_freezes_base(capsys):
     assert {n.rsplit(".", 1)[-1] for n in names} == set(DATALORAConfig().target_modules)
     assert torch.equal(wrapped(input_ids=ids).logits, reference)  # B = 0: identity at init
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
-    assert trainable and all((".lora_" in n or ".router." in n) for n in trainable)
+    # routing='auto' on a decoder LM: the DATALORA method (MoLoRA + the saliency network)
+    assert wrapped.config_datalora.routing == "shared"
+    assert trainable and all((".lora_" in n or n.startswith("saliency.")) for n in trainable)
     t, total = wrapped.get_nb_trainable_parameters()
     assert 0 < t < total
     assert not isinstance(model.lm_head, MoLoRALinear)  # lm_head is not a target
@@ -54,7 +56,9 @@ def test_save_and_reload_is_bit_exact(tmp_path):
     assert torch.equal(reloaded(input_ids=ids).logits, logits)
     saved, loaded = wrapped.adapter_state_dict(), reloaded.adapter_state_dict()
     assert saved.keys() == loaded.keys()
-    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    for k in saved:  # bit-exact; keep_threshold is NaN (not calibrated) on both sides
+        torch.testing.assert_close(saved[k], loaded[k], rtol=0, atol=0, equal_nan=True)
+    assert reloaded.curriculum_state() == wrapped.curriculum_state()
     assert not any(p.requires_grad for p in reloaded.parameters())
 
 
@@ -147,10 +151,11 @@ def test_load_accepts_changes_that_compute_the_same_function(tmp_path):
     adapter_config.json that changes only settings such as the backend still loads."""
     import json
 
-    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG, routing="per_layer"),
                        verbose=False).save_pretrained(tmp_path)
     get_datalora_model(build_tiny_model(seed=0),
-                       DATALORAConfig(**(CFG | {"saliency_hidden_size": 32})),
+                       DATALORAConfig(**(CFG | {"saliency_hidden_size": 32,
+                                                "routing": "per_layer"})),
                        verbose=False).load_adapter(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config.update(backend="torch", lora_dropout=0.1)
@@ -303,6 +308,7 @@ def test_routed_expert_load_skips_layers_of_the_pruned_range():
     model, ids = model_and_ids()
     wrapped = get_datalora_model(model, DATALORAConfig(**CFG, routing="shared",
                                                        target_retention=0.5), verbose=False)
+    wrapped.set_curriculum_state(retention=0.5)  # a new model keeps every token
     wrapped.train()
     wrapped(input_ids=ids)
     mask = torch.ones(ids.numel(), dtype=torch.bool)
@@ -310,3 +316,51 @@ def test_routed_expert_load_skips_layers_of_the_pruned_range():
     assert load is not None and abs(sum(load) - 1) < 1e-5
     pruned = [m for _, m in wrapped.molora_layers() if m.last_routing.num_tokens < ids.numel()]
     assert pruned  # the case this covers
+
+
+def test_auto_routing_falls_back_to_per_layer_where_shared_cannot_run(tmp_path):
+    """routing='auto' (the default) builds per-layer routers for a plain module (silently)
+    and for a decoder LM whose targets leave the decoder layers (with a warning naming
+    why); the saved config records what was built."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = get_datalora_model(nn.Sequential(nn.Linear(8, 8)),
+                                   DATALORAConfig(**CFG, target_modules=["0"]), verbose=False)
+    assert plain.config_datalora.routing == "per_layer" and plain.saliency is None
+    with pytest.warns(UserWarning, match=r"routing='auto' chose 'per_layer'.*lm_head"):
+        head = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(
+            **CFG, target_modules=["q_proj", "lm_head"]), verbose=False)
+    assert head.saliency is None
+    head.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["routing"] == "per_layer"
+    user_config = DATALORAConfig(**CFG)
+    get_datalora_model(build_tiny_model(seed=0), user_config, verbose=False)
+    assert user_config.routing == "auto"  # the caller's config is not modified
+
+
+def test_a_new_model_keeps_every_token_and_a_loaded_one_its_saved_state(tmp_path):
+    """A new shared-routing model runs unpruned (equal to its base at init); a reload
+    restores the curriculum state saved with the weights, and an adapter saved without one
+    (before it was recorded) loads in the inference state."""
+    from safetensors.torch import load_file, save_file
+
+    model, ids = model_and_ids()
+    reference = model(input_ids=ids).logits
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG, routing="shared",
+                                                       target_retention=0.5), verbose=False)
+    assert wrapped.curriculum_state() == {"tau": 0.5, "retention": 1.0, "hard": True}
+    assert torch.equal(wrapped(input_ids=ids).logits, reference)
+    wrapped.set_curriculum_state(tau=2.0, retention=0.75, hard=False)
+    wrapped.save_pretrained(tmp_path)
+    again = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    assert again.curriculum_state() == {"tau": 2.0, "retention": 0.75, "hard": False}
+    weights = tmp_path / "adapter_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "curriculum_state"}
+    save_file(load_file(weights), weights, metadata=metadata)
+    old = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    assert old.curriculum_state() == {"tau": 0.5, "retention": 0.5, "hard": True}

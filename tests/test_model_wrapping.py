@@ -159,7 +159,7 @@ def test_own_router_does_no_host_value_check(monkeypatch):
     real = validation.check_routing_values
     monkeypatch.setattr(validation, "check_routing_values",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    w = get_datalora_model(_llama(), _cfg(), verbose=False)
+    w = get_datalora_model(_llama(), _cfg(routing="per_layer"), verbose=False)
     with torch.no_grad():
         w(torch.randint(2, 128, (2, 7)))
     assert calls == []

@@ -196,7 +196,8 @@ def test_trainer_rejects_per_layer_routing(tmp_path):
     cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     model = get_datalora_model(MistralForCausalLM(cfg), DATALORAConfig(
-        num_lora_experts=2, lora_rank=2, num_active_experts=1), verbose=False)
+        num_lora_experts=2, lora_rank=2, num_active_experts=1, routing="per_layer"),
+        verbose=False)
     with pytest.raises(ValueError, match="routing"):
         make_trainer(tmp_path, model)
 
@@ -597,3 +598,22 @@ def test_train_keeps_fp32_adapters_on_a_bf16_checkpoint(tmp_path):
     assert layers and all(p.dtype == torch.float32 for layer in layers
                           for p in layer.parameters() if p.requires_grad)
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for layer in layers)
+
+
+def test_the_seed_config_trains_the_datalora_method(tmp_path):
+    """Issue 6's snippet as written: the seed model card's DATALORAConfig (no ``routing``)
+    builds the DATALORA method on a decoder LM (routing='auto' -> 'shared') and
+    DATALORATrainer trains it through the curriculum to the inference state."""
+    cfg = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, sliding_window=None, pad_token_id=0)
+    torch.manual_seed(0)
+    config = DATALORAConfig(base_model=None, num_lora_experts=8, lora_rank=16, lora_alpha=32,
+                            target_retention=0.5, num_active_experts=2, temperature_init=5.0,
+                            temperature_final=0.5)
+    model = get_datalora_model(MistralForCausalLM(cfg), config, verbose=False)
+    assert model.datalora_config.routing == "shared" and model.saliency is not None
+    trainer = make_trainer(tmp_path, model, steps=6, datalora_config=config)
+    trainer.train()
+    assert [h["phase"] for h in trainer.datalora_history][-1] == "hardening"
+    assert model.curriculum_state() == {"tau": 0.5, "retention": 0.5, "hard": True}
