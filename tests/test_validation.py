@@ -131,3 +131,61 @@ def test_token_op_errors_name_hidden_as_the_reference():
                                          r"hidden\)"):
         ops.scatter_tokens(torch.randn(2, 6, 4), torch.randn(2, 1, 4, dtype=torch.bfloat16),
                            torch.zeros(2, 1, dtype=torch.long))
+
+
+def _all_ops(x, W, A, B, ids, gates, hidden, keep_idx, weight):
+    """Every op with the default ``check_values=True``."""
+    y = ops.molora_linear(x, W, None, A, B, ids, gates) + ops.molora_delta(x, A, B, ids, gates)
+    packed = ops.gather_tokens(hidden, keep_idx)
+    return y, ops.scatter_tokens(hidden, 2 * packed, keep_idx, weight)
+
+
+def _all_ops_inputs():
+    inputs = good()
+    hidden = torch.randn(2, 6, 4)
+    return (inputs["x"], torch.randn(5, 8), inputs["A"], inputs["B"], inputs["expert_ids"],
+            inputs["gates"], hidden, torch.tensor([[0, 3], [5, 1]]), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_make_fx_traces_with_value_checks_on(mode):
+    # fake / symbolic tensors have no values: the host checks are skipped, not crashed on,
+    # and the graph holds no host read-back
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = _all_ops_inputs()
+    graph = make_fx(_all_ops, tracing_mode=mode)(*inputs)
+    targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    for op in ("molora_delta", "molora_linear", "gather_tokens", "scatter_tokens"):
+        assert getattr(torch.ops.datalora, op).default in targets
+    assert torch.ops.aten._local_scalar_dense.default not in targets
+    for got, want in zip(graph(*inputs), _all_ops(*inputs), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fake_tensor_mode_with_value_checks_on():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        y, out = _all_ops(*(mode.from_tensor(t) for t in _all_ops_inputs()))
+    assert y.shape == (6, 5) and out.shape == (2, 6, 4)
+
+
+@pytest.mark.parametrize("arg,value,fragment", [
+    (4, torch.full((6, 2), 4), "expert_ids: expected values in"),
+    (5, torch.tensor([[float("nan"), 1.0]] * 6), "gates: expected finite"),
+    (7, torch.tensor([[0, 6], [5, 1]]), "keep_idx: expected values in"),
+])
+def test_real_tensors_are_checked_after_tracing_and_under_other_modes(arg, value, fragment):
+    # the skip is for tracing only: eager calls and non-tracing modes (FlopCounterMode)
+    # still read the values back
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = list(_all_ops_inputs())
+    make_fx(_all_ops, tracing_mode="fake")(*inputs)
+    inputs[arg] = value
+    with pytest.raises(ValueError, match=fragment):
+        _all_ops(*inputs)
+    with FlopCounterMode(display=False), pytest.raises(ValueError, match=fragment):
+        _all_ops(*inputs)

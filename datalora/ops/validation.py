@@ -2,7 +2,8 @@
 
 Metadata checks (shape, dtype, device) are free and always run. Value checks
 (expert ids in range, finite gates) read the tensors back to the host, so they run
-eagerly only: they are skipped while ``torch.compile`` traces or a CUDA graph is
+eagerly only: they are skipped while ``torch.compile``, ``make_fx`` or ``torch.export``
+traces, under ``FakeTensorMode`` (fake tensors have no values), while a CUDA graph is
 captured (no host sync there), on ``meta`` tensors, or when ``DATALORA_CHECK_VALUES=0``.
 Every backend clamps expert ids, so even unchecked input cannot read out of bounds.
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# make_fx / torch.export trace under a proxy mode; FakeTensorMode's tensors have no values
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 
 
 def _fail(name: str, expected: str, got: object) -> None:
@@ -48,16 +53,26 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         _fail(name, f"shape {tuple(shape)}", f"{tuple(t.shape)}")
 
 
-def value_checks_enabled(*tensors: torch.Tensor) -> bool:
-    """True when reading values back to the host is allowed (eager, not capturing, not
-    ``meta`` tensors, which have no values)."""
+def _traced(tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """True under ``make_fx`` / ``torch.export`` / ``FakeTensorMode`` (a proxy or fake
+    dispatch mode is active) or for fake tensors, possibly wrapped (functional tensors):
+    there values are unknown, or a check would read the example inputs only, once."""
+    if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES):
+        return True
+    return any(t is not None and type(t) not in _PLAIN_TENSORS and is_fake(t)
+               for t in tensors)
+
+
+def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
+    """True when reading the values of ``tensors`` back to the host is allowed (eager, not
+    tracing, not capturing, not ``meta`` tensors, which have no values)."""
     if os.environ.get("DATALORA_CHECK_VALUES", "1") == "0":
         return False
-    if any(t.is_meta for t in tensors):
+    if any(t is not None and t.is_meta for t in tensors):
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _traced(tensors):
         return False
-    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return True
 
@@ -98,7 +113,7 @@ def check_molora_inputs(x, A, B, expert_ids, gates, rank_scale=None,
         check_shape("rank_scale", rank_scale, (T, r))
         check_float("rank_scale", rank_scale)
         check_device("rank_scale", rank_scale, x.device)
-    if check_values and T > 0 and value_checks_enabled(x):
+    if check_values and value_checks_enabled(x, expert_ids, gates, rank_scale) and T > 0:
         check_routing_values(expert_ids, gates, rank_scale, E)
 
 
@@ -157,7 +172,8 @@ def check_token_inputs(hidden, keep_idx, packed=None, weight=None,
         check_shape("weight", weight, (Bsz, K))
         check_float("weight", weight)
         check_device("weight", weight, hidden.device, "hidden")
-    if check_values and keep_idx.numel() and value_checks_enabled(hidden):
+    if check_values and value_checks_enabled(hidden, keep_idx, packed, weight) \
+            and keep_idx.numel():
         lo, hi = int(keep_idx.min()), int(keep_idx.max())
         if lo < 0 or hi >= L:
             _fail("keep_idx", f"values in [0, {L})", f"values in [{lo}, {hi}]")
