@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from datalora.checks import check_int
+from datalora.checks import check_int, check_number
 from datalora.init_linear import NormalInitLinear, XavierInitLinear
+from datalora.ops.validation import check_tensor
 from datalora.routing import Routing
 
 _EPS = 1e-10
@@ -137,10 +138,10 @@ class UnifiedSaliencyNetwork(nn.Module):
         h = check_int("saliency_hidden_size", saliency_hidden_size, low=1)
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        temperature = check_number("temperature", temperature, low=0, low_inclusive=False)
         self.hidden_size, self.num_experts, self.rank, self.top_k = (
             hidden_size, num_experts, rank, top_k)
+        self.saliency_hidden_size = h
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.backbone = nn.Sequential(XavierInitLinear(hidden_size, h), nn.GELU(),
                                       XavierInitLinear(h, h), nn.GELU())
@@ -149,7 +150,7 @@ class UnifiedSaliencyNetwork(nn.Module):
         self.score_head = NormalInitLinear(2 * h, 1, std=0.02)
         self.router_head = NormalInitLinear(2 * h, num_experts, std=0.02)
         self.rank_head = NormalInitLinear(2 * h, rank, std=0.02, bias_value=2.0)
-        self.tau = float(temperature)
+        self.tau = temperature
         self.hard = False
         # score above which a token is kept at generation time (NaN: not calibrated)
         self.register_buffer("keep_threshold", torch.tensor(float("nan")))
@@ -186,18 +187,21 @@ class UnifiedSaliencyNetwork(nn.Module):
         never depend on later tokens.
 
         Args:
-            hidden: ``[B, L, d]``.
+            hidden: ``[B, L, d]``; L = 0 gives empty outputs and passes ``state`` through.
             valid: ``[B, L]`` bool real tokens (padding is left out of the context mean).
             state: ``(feature_sum [B, h], count [B])`` fp32 of earlier chunks (KV-cached
                 generation), as returned in ``SaliencyOutput.state``.
             generator: RNG for the Gumbel noise.
         """
+        check_tensor("hidden", hidden)
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden: expected shape [B, L, {self.hidden_size}], "
                              f"got {tuple(hidden.shape)}")
         bsz, seq_len, _ = hidden.shape
-        if valid is not None and tuple(valid.shape) != (bsz, seq_len):
+        if valid is not None and tuple(check_tensor("valid", valid).shape) != (bsz, seq_len):
             raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
+        if state is not None:
+            self._check_state(state, bsz)
         weight = self.score_head.weight
         feats = self.backbone(self.norm(hidden.to(weight.dtype)))
         # the running context is summed in fp32 whatever the compute dtype (autocast): in
@@ -222,7 +226,20 @@ class UnifiedSaliencyNetwork(nn.Module):
                           router_probs=torch.softmax(flat_logits, dim=-1), _trusted=True)
         return SaliencyOutput(token_scores=scores, router_logits=logits,
                               rank_scale=rank_scale, routing=routing,
-                              state=(total[:, -1].detach(), count[:, -1].detach()))
+                              state=_end_state(total, count, state))
+
+    def _check_state(self, state: object, bsz: int) -> None:
+        """``state`` is ``(feature_sum [B, h], count [B])`` for a batch of ``bsz``."""
+        h = self.saliency_hidden_size
+        if not isinstance(state, (tuple, list)) or len(state) != 2 \
+                or not all(isinstance(t, torch.Tensor) for t in state):
+            got = (f"({', '.join(type(t).__name__ for t in state)})"
+                   if isinstance(state, (tuple, list)) else type(state).__name__)
+            raise TypeError("state: expected a (feature_sum [B, h], count [B]) pair of "
+                            f"tensors, got {got}")
+        if tuple(state[0].shape) != (bsz, h) or tuple(state[1].shape) != (bsz,):
+            raise ValueError(f"state: expected shapes ({(bsz, h)}, {(bsz,)}) (feature_sum, "
+                             f"count), got ({tuple(state[0].shape)}, {tuple(state[1].shape)})")
 
     def keep_probability(self, token_scores: torch.Tensor) -> torch.Tensor:
         """``sigmoid(token_scores)``: the soft keep decision (tau scales selection noise only)."""
@@ -231,6 +248,18 @@ class UnifiedSaliencyNetwork(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
                 f"rank={self.rank}, top_k={self.top_k}, tau={self.tau:g}, hard={self.hard}")
+
+
+def _end_state(total: torch.Tensor, count: torch.Tensor,
+               state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """The causal context after a chunk, ``(feature_sum [B, h], count [B])`` fp32 and
+    detached: that at its last position (``total [B, L, h]``, ``count [B, L]``), or for an
+    empty chunk (L = 0) the incoming ``state`` (zeros without one)."""
+    if total.shape[1] > 0:
+        return total[:, -1].detach(), count[:, -1].detach()
+    if state is not None:
+        return state[0].detach(), state[1].detach()
+    return total.new_zeros(total.shape[0], total.shape[2]), count.new_zeros(count.shape[0])
 
 
 def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Routing:

@@ -46,9 +46,41 @@ def test_usn_rejects_bad_arguments():
         UnifiedSaliencyNetwork(8, 2, 4, 3)
     with pytest.raises(ValueError, match="saliency_hidden_size"):
         UnifiedSaliencyNetwork(8, 2, 4, 1, saliency_hidden_size=0)
-    usn = UnifiedSaliencyNetwork(8, 2, 4, 1)
+    for temperature in (None, True, "2", float("inf"), 0.0):
+        with pytest.raises(ValueError, match="temperature: expected a finite number > 0"):
+            UnifiedSaliencyNetwork(8, 2, 4, 1, temperature=temperature)
+    usn = UnifiedSaliencyNetwork(8, 2, 4, 1, saliency_hidden_size=6)
     with pytest.raises(ValueError, match="hidden"):
         usn(torch.randn(2, 3, 9))
+    with pytest.raises(TypeError, match="hidden: expected a torch.Tensor, got list"):
+        usn([[0.0] * 8])
+    with pytest.raises(TypeError, match="valid: expected a torch.Tensor, got list"):
+        usn(torch.randn(1, 2, 8), [[True, True]])
+    state = usn(torch.randn(2, 3, 8)).state
+    with pytest.raises(ValueError, match=r"state: expected shapes \(\(1, 6\), \(1,\)\)"):
+        usn(torch.randn(1, 3, 8), state=state)  # another batch's state
+    with pytest.raises(TypeError, match=r"state: expected a \(feature_sum \[B, h\], count "
+                                        r"\[B\]\) pair of tensors, got \(Tensor\)"):
+        usn(torch.randn(2, 3, 8), state=state[:1])
+
+
+def test_usn_empty_sequence_gives_empty_outputs_and_keeps_the_state():
+    # L = 0 (an empty chunk): correctly shaped empty heads and routing, state passed on
+    usn = UnifiedSaliencyNetwork(8, 5, 4, 2, saliency_hidden_size=6).train()
+    hidden = torch.randn(3, 0, 8, requires_grad=True)
+    out = usn(hidden)
+    assert out.token_scores.shape == (3, 0) and out.router_logits.shape == (3, 0, 5)
+    assert out.rank_scale.shape == (3, 0, 4)
+    rt = out.routing
+    assert rt.expert_ids.shape == rt.gates.shape == (0, 2) and rt.rank_scale.shape == (0, 4)
+    assert rt.router_probs.shape == (0, 5)
+    assert [tuple(t.shape) for t in out.state] == [(3, 6), (3,)]
+    assert not any(t.any() for t in out.state)  # no context yet
+    (out.token_scores.sum() + rt.gates.sum()).backward()
+    assert hidden.grad.shape == hidden.shape
+    before = usn(torch.randn(3, 4, 8)).state
+    after = usn(torch.randn(3, 0, 8), torch.ones(3, 0, dtype=torch.bool), before).state
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
 def test_usn_eval_is_deterministic_train_is_stochastic():
