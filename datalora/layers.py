@@ -23,7 +23,7 @@ from datalora.nf4_linear import (
 )
 from datalora.ops.backends import BACKEND_NAMES
 from datalora.ops.molora import _autocast, _under_torch_func, autocast_enabled
-from datalora.ops.validation import check_float, check_tensor
+from datalora.ops.validation import FLOAT_DTYPES, check_float, check_tensor
 from datalora.routing import Routing, topk_routing
 
 
@@ -38,6 +38,13 @@ def check_alpha(alpha: object) -> None:
     check_finite("alpha", alpha)
     if not alpha > 0:
         raise ValueError(f"alpha: expected > 0, got {alpha}")
+
+
+def check_lora_dtype(dtype: object) -> None:
+    """The LoRA parameters' ``dtype``: None or a floating ``torch.dtype`` (TypeError)."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected None or a floating torch.dtype {FLOAT_DTYPES}, "
+                        f"got {dtype!r}")
 
 
 @contextmanager
@@ -85,7 +92,8 @@ class MoLoRALinear(nn.Module):
         dropout: dropout on the LoRA input (the base path sees the clean input).
         router: build the per-layer router (False when a shared routing always drives it).
         backend: ``datalora.ops`` backend.
-        dtype: dtype of the LoRA parameters (default: the base weight's floating dtype).
+        dtype: dtype of the LoRA parameters: float16, bfloat16, float32 or float64 (default:
+            the base weight's floating dtype).
             They, the gates and ``rank_scale`` are cast to ``x.dtype`` on every forward;
             ``x`` must have the base weight's dtype (``torch.autocast`` mixes dtypes).
         quantize: ``"nf4"`` quantizes an ``nn.Linear`` base to an ``NF4Linear`` first. An
@@ -97,6 +105,9 @@ class MoLoRALinear(nn.Module):
                  router: bool = True, backend: str = "auto", dtype: torch.dtype | None = None,
                  quantize: str | None = None):
         super().__init__()
+        check_lora_dtype(dtype)
+        if not isinstance(router, bool):
+            raise TypeError(f"router: expected a bool, got {router!r}")
         if quantize is not None:
             base_layer = quantize_linear(base_layer, quantize, name="base_layer")
         self._nf4_base = is_nf4_base(base_layer)

@@ -175,6 +175,19 @@ def test_bad_arguments(kwargs, fragment):
         MoLoRALinear(nn.Conv1d(4, 4, 1))
 
 
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(dtype=torch.int32), r"dtype: expected None or a floating torch.dtype \(torch.float16"),
+    (dict(dtype="float32"), r"dtype: expected None or a floating torch.dtype .*got 'float32'"),
+    (dict(dtype=torch.complex64), "dtype: expected None or a floating torch.dtype"),
+    (dict(router="no"), "router: expected a bool, got 'no'"),
+    (dict(router=None), "router: expected a bool, got None"),
+])
+def test_bad_argument_types(kwargs, fragment):
+    # checked before the base is quantized or any parameter allocated
+    with pytest.raises(TypeError, match=fragment):
+        MoLoRALinear(nn.Linear(4, 4), 4, 3, 6, 2, **kwargs)
+
+
 @pytest.mark.parametrize("router", [True, False])
 @pytest.mark.parametrize("x,fragment", [
     (torch.randn(3, 7), r"x: expected shape \[..., in_features=8\], got \(3, 7\)"),
