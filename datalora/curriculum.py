@@ -82,14 +82,14 @@ class CurriculumScheduler:
         check_mode("mode", mode)
         if total_steps is not None:
             total_steps = check_int("total_steps", total_steps, low=1)
-        if num_epochs is not None and not float(num_epochs) > 0:
-            raise ValueError(f"num_epochs: expected > 0 or None, got {num_epochs!r}")
+        if num_epochs is not None:
+            num_epochs = check_number("num_epochs", num_epochs, low=0, low_inclusive=False)
         self.temperature_init = float(temperature_init)
         self.temperature_final = float(temperature_final)
         self.target_retention = float(target_retention)
         self.split = split
         self.total_steps = total_steps
-        self.num_epochs = None if num_epochs is None else float(num_epochs)
+        self.num_epochs = num_epochs
         self.mode = mode
         self.step_count = 0
         self.epoch = 0.0

@@ -129,6 +129,12 @@ def test_scheduler_temperatures_must_be_finite_positive_numbers(name, value):
         CurriculumScheduler(**{name: value}, total_steps=10)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "3", True, 0.0, -1])
+def test_num_epochs_must_be_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match="num_epochs: expected a finite number > 0"):
+        CurriculumScheduler(num_epochs=value, mode="epochs")
+
+
 @pytest.mark.parametrize("layers", [[0, 1.5], [0.5, 2], ["0", 2], [1], 3])
 def test_config_prune_layers_must_be_two_ints(layers):
     with pytest.raises(ValueError, match=r"prune_layers(\[[01]\])?: expected"):
