@@ -99,6 +99,18 @@ def count_syncs(monkeypatch):
     return Scope
 
 
+def test_token_op_value_checks_read_the_device_once(count_syncs):
+    # keep_idx's range, its distinct rows and a finite weight: one transfer
+    from datalora import ops
+
+    hidden, packed = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
+    keep, weight = torch.tensor([[0, 2, 5], [1, 3, 4]]), torch.rand(2, 3)
+    with count_syncs() as counter:
+        ops.scatter_tokens(hidden, packed, keep, weight)
+        ops.gather_tokens(hidden, keep)
+    assert sum(counter.sites.values()) == 2, counter.sites
+
+
 def _model():
     torch.manual_seed(0)
     config = DATALORAConfig(num_lora_experts=4, lora_rank=4, num_active_experts=2,

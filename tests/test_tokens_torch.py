@@ -61,6 +61,18 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.datalora.gather_tokens.default, (hidden, keep, "torch"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unchecked_out_of_range_positions_are_clamped(dtype):
+    # as the triton kernels (fp64 runs this backend under backend="triton" too): positions
+    # L and -1 act as L-1 and 0, never an out-of-bounds read
+    hidden, packed = torch.randn(2, 6, 4, dtype=dtype), torch.randn(2, 2, 4, dtype=dtype)
+    bad, clamped = torch.tensor([[9, -1], [1, 2**32 + 1]]), torch.tensor([[5, 0], [1, 5]])
+    torch.testing.assert_close(ops.gather_tokens(hidden, bad, check_values=False),
+                               gather_tokens_reference(hidden, clamped), rtol=0, atol=0)
+    torch.testing.assert_close(ops.scatter_tokens(hidden, packed, bad, check_values=False),
+                               scatter_tokens_reference(hidden, packed, clamped), rtol=0, atol=0)
+
+
 def test_pruned_rows_pass_through_exactly():
     hidden, keep, packed, weight = make(dtype=torch.float32)
     out = ops.scatter_tokens(hidden, packed, keep, weight)

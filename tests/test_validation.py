@@ -101,6 +101,20 @@ def test_token_op_validation():
                            weight=torch.rand(2, 3))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_scatter_refuses_a_non_finite_weight(bad, monkeypatch):
+    # as gates and rank_scale: checked on the host unless the value checks are off
+    hidden, packed = torch.randn(2, 6, 4), torch.randn(2, 2, 4)
+    keep, weight = torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2)
+    weight[1, 0] = bad
+    with pytest.raises(ValueError, match="weight: expected finite values, got NaN or inf"):
+        ops.scatter_tokens(hidden, packed, keep, weight)
+    assert not ops.scatter_tokens(hidden, packed, keep, weight,
+                                  check_values=False).isfinite().all()
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", "0")
+    assert not ops.scatter_tokens(hidden, packed, keep, weight).isfinite().all()
+
+
 def test_check_values_false_skips_only_the_host_checks():
     inputs = good()
     inputs["gates"] = torch.tensor([[float("nan"), 1.0]] * 6)

@@ -96,7 +96,8 @@ def scatter_tokens(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.T
 
     hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` distinct per row, weight
     ``[B, K]`` or None (= 1). Other rows equal ``hidden`` (the residual bypass).
-    ``check_values`` as for :func:`gather_tokens`. Returns ``[B, L, d]``.
+    ``check_values``: validate keep_idx's values (in ``[0, L)``, distinct per row) and a
+    finite weight on the host (one sync). Returns ``[B, L, d]``.
     """
     check_token_inputs(hidden, keep_idx, packed, weight, check_values=check_values)
     return _scatter_op(hidden, packed, keep_idx, weight, resolve_backend(backend, hidden.device))

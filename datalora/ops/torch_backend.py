@@ -240,10 +240,17 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     return dx, dA, dB, dgates, drs
 
 
+def _clamped(keep_idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """keep_idx ``[B, K]`` clamped to ``[0, seq_len)`` as the Triton kernels clamp it:
+    unchecked positions (``check_values=False``) never index out of bounds."""
+    return keep_idx.clamp(0, seq_len - 1)
+
+
 def gather_tokens(hidden, keep_idx):
-    return gather_tokens_reference(hidden, keep_idx)
+    return gather_tokens_reference(hidden, _clamped(keep_idx, hidden.shape[1]))
 
 
 def scatter_tokens(hidden, packed, keep_idx, weight):
     # contiguous like the fake kernel's output (the reference's clone keeps hidden's strides)
-    return scatter_tokens_reference(hidden, packed, keep_idx, weight).contiguous()
+    return scatter_tokens_reference(hidden, packed, _clamped(keep_idx, hidden.shape[1]),
+                                    weight).contiguous()

@@ -1,11 +1,13 @@
 """Input checks shared by every backend: clear ``ValueError``/``TypeError`` naming the argument.
 
-Metadata checks (shape, dtype, device) are free and always run. Value checks
-(expert ids in range, finite gates) read the tensors back to the host, so they run
-eagerly only: they are skipped while ``torch.compile``, ``make_fx`` or ``torch.export``
-traces, under ``FakeTensorMode`` (fake tensors have no values), while a CUDA graph is
-captured (no host sync there), on ``meta`` tensors, or when ``DATALORA_CHECK_VALUES=0``.
-Every backend clamps expert ids, so even unchecked input cannot read out of bounds.
+Metadata checks (shape, dtype, device) are free and always run. Value checks (expert ids
+and token positions in range, finite gates and weights) read the tensors back to the host,
+so they run eagerly only: they are skipped while ``torch.compile``, ``make_fx`` or
+``torch.export`` traces, under ``FakeTensorMode`` (fake tensors have no values), while a
+CUDA graph is captured (no host sync there), on ``meta`` tensors, or when
+``DATALORA_CHECK_VALUES=0``.
+Every backend clamps expert ids and token positions, so even unchecked input cannot read
+out of bounds.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def check_linear_inputs(x, weight, bias) -> None:
 def check_token_inputs(hidden, keep_idx, packed=None, weight=None,
                        check_values: bool = True) -> None:
     """Validates ``gather_tokens`` / ``scatter_tokens`` operands (``check_values=False``
-    skips the host-side checks of keep_idx's values)."""
+    skips the host-side checks of keep_idx's and weight's values)."""
     check_tensor("hidden", hidden, 3)
     check_float("hidden", hidden)
     check_tensor("keep_idx", keep_idx, 2)
@@ -174,10 +176,24 @@ def check_token_inputs(hidden, keep_idx, packed=None, weight=None,
         check_device("weight", weight, hidden.device, "hidden")
     if check_values and value_checks_enabled(hidden, keep_idx, packed, weight) \
             and keep_idx.numel():
-        lo, hi = int(keep_idx.min()), int(keep_idx.max())
-        if lo < 0 or hi >= L:
-            _fail("keep_idx", f"values in [0, {L})", f"values in [{lo}, {hi}]")
-        if packed is not None:
-            s = keep_idx.long().sort(dim=1).values
-            if bool((s[:, 1:] == s[:, :-1]).any()):
-                _fail("keep_idx", "distinct positions within each row", "a repeated position")
+        check_token_values(keep_idx, L, packed is not None, weight)
+
+
+def check_token_values(keep_idx, seq_len: int, distinct: bool, weight=None) -> None:
+    """Host-side value checks of the token ops: keep_idx ``[B, K]`` (K > 0) in
+    ``[0, seq_len)``, distinct within each row when ``distinct`` (scatter), a finite weight
+    (the facts computed on the device and read back in one transfer: one sync)."""
+    facts = [keep_idx.min().double(), keep_idx.max().double()]
+    if distinct:
+        s = keep_idx.sort(dim=1).values
+        facts.append((s[:, 1:] == s[:, :-1]).any().double())
+    if weight is not None:
+        facts.append(torch.isfinite(weight).all().double())
+    values = torch.stack(facts).tolist()
+    lo, hi = int(values[0]), int(values[1])
+    if lo < 0 or hi >= seq_len:
+        _fail("keep_idx", f"values in [0, {seq_len})", f"values in [{lo}, {hi}]")
+    if distinct and values[2]:
+        _fail("keep_idx", "distinct positions within each row", "a repeated position")
+    if weight is not None and not values[-1]:
+        _fail("weight", "finite values", "NaN or inf")
