@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 
 def _bounds(low: float | None, low_inclusive: bool, high: float | None,
@@ -68,3 +69,21 @@ def check_fractions(name: str, values: object, count: int = 3) -> list[float]:
         raise ValueError(f"{name}: expected {count} non-negative fractions summing to 1, "
                          f"got {values!r}")
     return [float(f) for f in values]
+
+
+_ENV_TRUE = ("1", "true", "yes", "on")
+_ENV_FALSE = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name``: ``default`` when unset or empty, else
+    1 / true / yes / on or 0 / false / no / off (any case, surrounding spaces ignored);
+    anything else raises ValueError ``"{name}: expected ..., got '...'"``."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _ENV_TRUE or value in _ENV_FALSE:
+        return value in _ENV_TRUE
+    raise ValueError(f"{name}: expected one of {'/'.join(_ENV_TRUE)} or "
+                     f"{'/'.join(_ENV_FALSE)} (any case), got {raw!r}")

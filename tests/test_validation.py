@@ -77,6 +77,29 @@ def test_value_checks_can_be_disabled(monkeypatch):
     assert torch.isnan(out).any()
 
 
+@pytest.mark.parametrize("value,enabled", [
+    ("0", False), ("false", False), ("No", False), (" OFF ", False),
+    ("1", True), ("TRUE", True), ("yes", True), ("on", True), ("", True),
+])
+def test_check_values_switch_spellings(value, enabled, monkeypatch):
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", value)
+    inputs = good()
+    inputs["gates"] = torch.tensor([[float("nan"), 1.0]] * 6)
+    if enabled:
+        with pytest.raises(ValueError, match="gates: expected finite"):
+            ops.molora_delta(**inputs)
+    else:
+        assert torch.isnan(ops.molora_delta(**inputs)).any()
+
+
+@pytest.mark.parametrize("value", ["2", "disable", "nope"])
+def test_check_values_switch_refuses_other_values(value, monkeypatch):
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", value)
+    with pytest.raises(ValueError, match=f"DATALORA_CHECK_VALUES: expected one of "
+                                         f"1/true/yes/on or 0/false/no/off .*got '{value}'"):
+        ops.molora_delta(**good())
+
+
 @pytest.mark.parametrize("T", [0])
 def test_empty_tokens_give_empty_result(T):
     inputs = good(T=T)

@@ -5,18 +5,19 @@ and token positions in range, finite gates and weights) read the tensors back to
 so they run eagerly only: they are skipped while ``torch.compile``, ``make_fx`` or
 ``torch.export`` traces, under ``FakeTensorMode`` (fake tensors have no values), while a
 CUDA graph is captured (no host sync there), on ``meta`` tensors, or when
-``DATALORA_CHECK_VALUES=0``.
+``DATALORA_CHECK_VALUES`` is ``0`` / ``false`` / ``no`` / ``off``.
 Every backend clamps expert ids and token positions, so even unchecked input cannot read
 out of bounds.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from datalora.checks import env_flag
+
+CHECK_VALUES_ENV = "DATALORA_CHECK_VALUES"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -68,7 +69,7 @@ def _traced(tensors: tuple[torch.Tensor | None, ...]) -> bool:
 def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
     """True when reading the values of ``tensors`` back to the host is allowed (eager, not
     tracing, not capturing, not ``meta`` tensors, which have no values)."""
-    if os.environ.get("DATALORA_CHECK_VALUES", "1") == "0":
+    if not env_flag(CHECK_VALUES_ENV, True):
         return False
     if any(t is not None and t.is_meta for t in tensors):
         return False
