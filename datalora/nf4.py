@@ -190,6 +190,7 @@ class NF4Tensor:
         return scaled + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:func:`dequantize`: ``[*self.shape]`` in ``dtype`` (default: ``self.dtype``)."""
         return dequantize(self, dtype)
 
     # ---------------------------------------------------------------- bitsandbytes interop
@@ -341,7 +342,8 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
 
 def dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[*t.shape]`` tensor of ``dtype`` (default None: ``t.dtype``, the dtype of the
-    quantized weight, which equals bitsandbytes' ``dequantize_4bit`` bit for bit). Values
+    quantized weight, as bitsandbytes' ``dequantize_4bit`` returns it, bit for bit; not
+    always bf16: pass ``dtype=torch.bfloat16`` for that). Values
     are fp32 ``code * absmax`` rounded to ``dtype`` (float64 holds them exactly: a
     ``.double()`` model computes with the same weights).
     """
