@@ -308,6 +308,8 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -
     if w.numel() == 0:
         raise ValueError(f"w: expected a non-empty tensor, got shape {tuple(w.shape)}")
     blocksize = _check_blocksize("blocksize", blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)

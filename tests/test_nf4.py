@@ -164,6 +164,11 @@ def test_quantize_rejects_bad_input(kwargs, match):
         nf4.quantize(**kwargs)
 
 
+def test_quantize_double_quant_must_be_a_bool():
+    with pytest.raises(TypeError, match="double_quant: expected a bool, got 'yes'"):
+        nf4.quantize(torch.zeros(64), double_quant="yes")  # any truthy value counted
+
+
 def test_nf4tensor_validates_fields():
     t = nf4.quantize(torch.randn(10, 64))
     with pytest.raises(ValueError, match="absmax: expected 10 blocks"):
