@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,28 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                           "down_proj")
 CONFIG_NAME = "adapter_config.json"
 ROUTINGS = ("auto", "shared", "per_layer")
+
+
+def _check_base_model(base_model: object) -> str | None:
+    """None, or a Hub name / local path as a ``str`` (an ``os.PathLike`` is converted, so the
+    config stays JSON-serialisable)."""
+    if base_model is None or isinstance(base_model, str):
+        return base_model
+    if isinstance(base_model, os.PathLike) and isinstance(os.fspath(base_model), str):
+        return os.fspath(base_model)
+    raise ValueError(f"base_model: expected None, a Hub name or a local path, got "
+                     f"{base_model!r}")
+
+
+def _check_target_modules(target_modules: object) -> list[str]:
+    """A non-empty list of non-empty module names (one name alone becomes a list)."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    if not isinstance(target_modules, (list, tuple)) or not target_modules \
+            or not all(isinstance(name, str) and name for name in target_modules):
+        raise ValueError(f"target_modules: expected a non-empty list of module names, got "
+                         f"{target_modules!r}")
+    return list(target_modules)
 
 
 @dataclass
@@ -82,11 +105,8 @@ class DATALORAConfig:
         if not self.temperature_init > 0 or not self.temperature_final > 0:
             raise ValueError(f"temperature_init/temperature_final: expected > 0, got "
                              f"{self.temperature_init}/{self.temperature_final}")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        self.target_modules = list(self.target_modules)
-        if not self.target_modules:
-            raise ValueError("target_modules: expected at least one module name, got []")
+        self.base_model = _check_base_model(self.base_model)
+        self.target_modules = _check_target_modules(self.target_modules)
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
         if self.backend not in BACKEND_NAMES:

@@ -27,6 +27,26 @@ def test_float_fields_are_validated(field, value):
         DATALORAConfig(**{field: value})
 
 
+@pytest.mark.parametrize("value", [None, [], [1, 2], ["q_proj", ""], 5])
+def test_target_modules_must_be_module_names(value):
+    with pytest.raises(ValueError, match="target_modules: expected a non-empty list of module "
+                                         "names"):
+        DATALORAConfig(target_modules=value)
+
+
+def test_target_modules_and_base_model_forms():
+    from pathlib import Path
+
+    config = DATALORAConfig(base_model=Path("models") / "m", target_modules=("q_proj",))
+    assert config.base_model == str(Path("models") / "m")  # JSON-serialisable
+    assert config.target_modules == ["q_proj"]
+    assert DATALORAConfig.from_dict(config.to_dict()) == config
+    assert DATALORAConfig(target_modules="v_proj").target_modules == ["v_proj"]
+    with pytest.raises(ValueError, match="base_model: expected None, a Hub name or a local "
+                                         "path, got 123"):
+        DATALORAConfig(base_model=123)
+
+
 def test_config_file_for_a_real_model_keeps_datalora_defaults(tmp_path):
     """The embedded tiny model's settings (prune layers 1-3, learning rate 3e-2) apply to
     the embedded model only, not to a named base model."""
