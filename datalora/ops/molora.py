@@ -34,17 +34,21 @@ from datalora.checks import check_number
 from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
 from datalora.ops.eager import eager_call
-from datalora.ops.validation import check_linear_inputs, check_molora_inputs, check_tensor
+from datalora.ops.validation import (
+    PLAIN_TENSORS,
+    check_linear_inputs,
+    check_molora_inputs,
+    check_tensor,
+)
 
 _EMPTY = torch.empty(0)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tracing(*tensors: torch.Tensor | None) -> bool:
     """True under torch.compile / export / make_fx or with tensor subclasses (fake or
     functional tensors): there the registered custom ops must be used."""
     return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors))
+            or any(t is not None and type(t) not in PLAIN_TENSORS for t in tensors))
 
 
 @torch.library.custom_op("datalora::molora_delta", mutates_args=())

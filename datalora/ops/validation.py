@@ -20,7 +20,7 @@ from datalora.checks import env_flag
 CHECK_VALUES_ENV = "DATALORA_CHECK_VALUES"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake / functional subclasses
 # make_fx / torch.export trace under a proxy mode; FakeTensorMode's tensors have no values
 _TRACING_MODES = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
 
@@ -62,7 +62,7 @@ def _traced(tensors: tuple[torch.Tensor | None, ...]) -> bool:
     there values are unknown, or a check would read the example inputs only, once."""
     if any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES):
         return True
-    return any(t is not None and type(t) not in _PLAIN_TENSORS and is_fake(t)
+    return any(t is not None and type(t) not in PLAIN_TENSORS and is_fake(t)
                for t in tensors)
 
 
