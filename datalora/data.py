@@ -19,6 +19,7 @@ optional system, user, assistant) are mapped to these columns.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -229,12 +230,15 @@ class SplitNotFoundError(ValueError):
     """The requested split is not in a folder / split-keyed file (see :data:`EVAL_SPLITS`)."""
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The rows of a JSON-lines file and the 1-based line number of each (blank lines
-    skipped), so errors can name the line."""
-    rows, lines = [], []
+def _read_jsonl(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a JSON-lines file (the first ``limit``: reading stops there) and the
+    1-based line number of each (blank lines skipped), so errors can name the line."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a UTF-8 byte-order mark
         for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -246,6 +250,17 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return rows, lines
 
 
+def _is_row(data: Mapping[str, Any]) -> bool:
+    """Whether a JSON object is one row (a chat ``messages`` list of role objects, or a
+    row column holding a single value) rather than splits or columns of rows."""
+    messages = data.get("messages")
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, Mapping) and "role" in m for m in messages):
+        return True
+    return any(key in data and not isinstance(data[key], list)
+               for key in (*REQUIRED_COLUMNS, "instruction", "output"))
+
+
 def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
@@ -253,6 +268,9 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError:
         return _read_jsonl(path)[0]  # a .json file holding JSON lines
+    if isinstance(data, Mapping) and _is_row(data):
+        raise ValueError(f"source: {path} holds a single row object, not a list of rows: "
+                         f"wrap it in a list ([{{...}}])")
     if isinstance(data, Mapping):
         row_lists = [k for k, v in data.items() if isinstance(v, list) and v
                      and all(isinstance(x, Mapping) for x in v)]
@@ -336,30 +354,37 @@ def _check_columns(columns: list[str] | None, source: str) -> None:
         raise _missing_columns(source, columns)
 
 
-def _missing_columns(where: str, found: list[str]) -> ValueError:
-    """The error for a table or row (``where``) without the required columns."""
+def _missing_columns(where: str, found: list[str], arg: str = "source") -> ValueError:
+    """The error for a table or row (``where``) of argument ``arg`` without the required
+    columns."""
     missing = [c for c in REQUIRED_COLUMNS if c not in found]
-    return ValueError(f"source: {where} is missing required column(s) {missing}; expected "
+    return ValueError(f"{arg}: {where} is missing required column(s) {missing}; expected "
                       f"{list(REQUIRED_COLUMNS)} (plus optional 'system_prompt', 'id', "
                       f"'task'), found {found}. {_FORMAT_HINT}")
 
 
-def _from_alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Alpaca columns: ``question = instruction`` (+ ``"\\n\\n" + input`` when non-empty),
-    ``response = output``."""
+def _from_alpaca(row: Mapping[str, Any], where: str, arg: str) -> dict[str, Any]:
+    """Alpaca columns: ``question = instruction`` (+ ``"\\n\\n" + input`` when non-empty; a
+    number is written as text), ``response = output``; another ``input`` type is an error."""
     question, extra = row["instruction"], row.get("input")
-    if extra and isinstance(question, str) and isinstance(extra, str):
+    if (isinstance(extra, int) and not isinstance(extra, bool)
+            or isinstance(extra, float) and math.isfinite(extra)):
+        extra = str(extra)
+    elif extra is not None and not isinstance(extra, str):
+        raise ValueError(f"{arg}: column 'input' of {where} must be a string or a finite "
+                         f"number, got {extra!r:.40}")
+    if extra and isinstance(question, str):
         question = f"{question}\n\n{extra}"
     return {"system_prompt": row.get("system_prompt"), "question": question,
             "response": row["output"]}
 
 
-def _from_messages(messages: Any, where: str) -> dict[str, Any]:
+def _from_messages(messages: Any, where: str, arg: str) -> dict[str, Any]:
     """A single-turn chat (optional system, user, assistant) as OpenOrca columns."""
     roles = ([m.get("role") for m in messages] if isinstance(messages, list)
              and all(isinstance(m, Mapping) for m in messages) else None)
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-        raise ValueError(f"source: {where}: 'messages' must be one single-turn conversation "
+        raise ValueError(f"{arg}: {where}: 'messages' must be one single-turn conversation "
                          f"[system (optional), user, assistant] of {{'role', 'content'}} "
                          f"objects, got roles {roles}; multi-turn chats are not supported")
     content = {m["role"]: m.get("content") for m in messages}
@@ -367,22 +392,22 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
             "response": content["assistant"]}
 
 
-def _openorca_fields(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _openorca_fields(row: Mapping[str, Any], where: str, arg: str) -> dict[str, Any]:
     """``system_prompt`` / ``question`` / ``response`` of an OpenOrca, Alpaca or chat row."""
     if all(c in row for c in REQUIRED_COLUMNS):
         return {"system_prompt": row.get("system_prompt"), "question": row["question"],
                 "response": row["response"]}
     if "instruction" in row and "output" in row:
-        return _from_alpaca(row)
+        return _from_alpaca(row, where, arg)
     if "messages" in row:
-        return _from_messages(row["messages"], where)
-    raise _missing_columns(where, sorted(row))
+        return _from_messages(row["messages"], where, arg)
+    raise _missing_columns(where, sorted(row), arg)
 
 
 def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None,
-               lines: list[int] | None = None) -> list[dict[str, str]]:
-    """Rows as :data:`COLUMNS`; errors name the 1-based line of a JSON-lines file
-    (``lines``) or the 0-based row index (``dataset[i]``), said as such."""
+               lines: list[int] | None = None, arg: str = "source") -> list[dict[str, str]]:
+    """Rows as :data:`COLUMNS`; errors start with ``arg`` and name the 1-based line of a
+    JSON-lines file (``lines``) or the 0-based row index (``dataset[i]``), said as such."""
     _check_columns(_column_names(rows), source)
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
@@ -391,14 +416,14 @@ def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None
         where = (f"line {lines[i]} of {source}" if lines is not None
                  else f"row index {i} (0-based) of {source}")
         if not isinstance(row, Mapping):
-            raise ValueError(f"source: {where} is a {type(row).__name__}, expected an object "
+            raise ValueError(f"{arg}: {where} is a {type(row).__name__}, expected an object "
                              f"with columns {list(REQUIRED_COLUMNS)}")
-        fields = _openorca_fields(row, where)
+        fields = _openorca_fields(row, where, arg)
         if fields["system_prompt"] is None:
             fields["system_prompt"] = ""
         for col, value in fields.items():
             if not isinstance(value, str):
-                raise ValueError(f"source: column {col!r} of {where} must be a string, got "
+                raise ValueError(f"{arg}: column {col!r} of {where} must be a string, got "
                                  f"{type(value).__name__}")
         row_id = row.get("id")
         task = row.get("task")
@@ -440,15 +465,16 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         task``. Rows without ``id`` get their index, without ``task`` get ``"unknown"``,
         a null or missing ``system_prompt`` becomes ``""``; other columns are dropped.
         Alpaca rows become ``question = instruction`` (plus ``"\\n\\n" + input`` when
-        ``input`` is non-empty), ``response = output``; chat rows with ``messages``
-        ``[system (optional), user, assistant]`` become ``system_prompt`` / ``question`` /
-        ``response`` (the tokenizer's chat template is not applied: every row is trained
-        in the :func:`format_prompt` format).
+        ``input`` is non-empty; a number is written as text), ``response = output``;
+        chat rows with ``messages`` ``[system (optional), user, assistant]`` become
+        ``system_prompt`` / ``question`` / ``response`` (the tokenizer's chat template is
+        not applied: every row is trained in the :func:`format_prompt` format).
 
     Raises:
         ValueError: a required column (``question``, ``response``) is missing or not a
-            string (the error names the 1-based line of a ``.jsonl`` file), a ``messages``
-            row is not single-turn, or ``split`` / ``limit`` is invalid.
+            string (the error names the 1-based line of a ``.jsonl`` file), an Alpaca
+            ``input`` is neither a string nor a number, a ``messages`` row is not
+            single-turn, or ``split`` / ``limit`` is invalid.
         FileNotFoundError: ``source`` looks like a local path (see
             :func:`looks_like_local_path`) that does not exist.
         OSError: a Hub name could not be loaded (e.g. offline).
@@ -458,7 +484,7 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
     if not isinstance(split, str):
         raise TypeError(f"split: expected a str, got {type(split).__name__}")
     if source is None or source == "embedded":
-        rows, lines = _read_jsonl(shipped_split_path(split))
+        rows, lines = _read_jsonl(shipped_split_path(split), limit)
         return _normalize(rows, f"the embedded {_canonical_split(split)} split", limit, lines)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source: expected None, 'embedded', a path or a Hub dataset name, "
@@ -470,7 +496,7 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         rows = _read_dataset_dir(path, split)
     elif path.is_file():
         if suffix == ".jsonl":
-            rows, lines = _read_jsonl(path)
+            rows, lines = _read_jsonl(path, limit)
         elif suffix == ".json":
             rows = _read_json(path, split)
         elif suffix == ".parquet":

@@ -247,6 +247,49 @@ def test_alpaca_and_chat_rows_are_mapped(tmp_path):
         load_instruction_dataset(tmp_path / "multi.jsonl")
 
 
+def test_alpaca_number_input_is_text_and_other_types_are_refused(tmp_path):
+    write_jsonl([{"instruction": "Add 5 to", "input": 7, "output": "12"},
+                 {"instruction": "Halve", "input": 2.5, "output": "1.25"},
+                 {"instruction": "Say hi.", "input": None, "output": "hi"}],
+                tmp_path / "a.jsonl")
+    assert [r["question"] for r in load_instruction_dataset(tmp_path / "a.jsonl")] == \
+        ["Add 5 to\n\n7", "Halve\n\n2.5", "Say hi."]
+    for bad, shown in (([1, 2], "[1, 2]"), ({"a": 1}, "{'a': 1}"), (True, "True")):
+        write_jsonl([{"instruction": "Add", "input": "", "output": "1"},
+                     {"instruction": "Add", "input": bad, "output": "3"}], tmp_path / "b.jsonl")
+        with pytest.raises(ValueError, match=r"source: column 'input' of line 2 of .*b\.jsonl "
+                                             r"must be a string or a finite number, got "
+                                             + re.escape(shown)):
+            load_instruction_dataset(tmp_path / "b.jsonl")
+
+
+def test_jsonl_limit_stops_reading_at_the_limit(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "response": "r"}) + "\n\n"
+                    + json.dumps({"question": "q2", "response": "r2"}) + "\n{not json\n")
+    assert [r["question"] for r in load_instruction_dataset(path, limit=2)] == ["q", "q2"]
+    assert load_instruction_dataset(path, limit=0) == []
+    with pytest.raises(ValueError, match=r"line 4 is not valid JSON"):
+        load_instruction_dataset(path, limit=3)
+
+
+def test_a_json_file_holding_one_row_says_to_wrap_it_in_a_list(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello"}]}
+    for i, row in enumerate((chat, {"question": "q", "response": "r"},
+                             {"instruction": "Say hi.", "output": "hi"})):
+        path = tmp_path / f"one{i}.json"
+        path.write_text(json.dumps(row))
+        with pytest.raises(ValueError, match=r"one\d\.json holds a single row object, not a "
+                                             r"list of rows: wrap it in a list"):
+            load_instruction_dataset(path)
+        path.write_text(json.dumps([row]))
+        assert len(load_instruction_dataset(path)) == 1
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps({"question": ["q1", "q2"], "response": ["r1", "r2"]}))
+    assert [r["response"] for r in load_instruction_dataset(path)] == ["r1", "r2"]
+
+
 def test_looks_like_local_path(tmp_path, monkeypatch):
     from datalora.data import looks_like_local_path
 
