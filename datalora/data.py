@@ -48,6 +48,7 @@ __all__ = [
     "load_eval_rows",
     "load_instruction_dataset",
     "looks_like_local_path",
+    "normalize_rows",
     "shipped_split_path",
     "shipped_split_rows",
     "tokenize_example",
@@ -430,6 +431,24 @@ def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None
         out.append({"id": str(i) if row_id is None else str(row_id), **fields,
                     "task": UNKNOWN_TASK if task is None else str(task)})
     return out
+
+
+def normalize_rows(rows: Sequence[Mapping[str, Any]], arg: str = "rows",
+                   limit: int | None = None) -> list[dict[str, str]]:
+    """In-memory rows (OpenOrca, Alpaca or single-turn chat columns) mapped and checked as
+    :func:`load_instruction_dataset` does with a file's rows; errors name ``arg`` (the
+    argument that passed the rows) and the row's 0-based index.
+
+    Raises:
+        TypeError: ``rows`` is not a list or tuple.
+        ValueError: a row is not an object, lacks the required columns or has a non-string
+            value in one.
+    """
+    if not isinstance(rows, (list, tuple)):
+        raise TypeError(f"{arg}: expected a list of row objects, got {type(rows).__name__}")
+    if limit is not None:
+        limit = check_int("limit", limit, low=0)
+    return _normalize(rows, f"the {arg} list", limit, arg=arg)
 
 
 def looks_like_local_path(name: str | os.PathLike[str]) -> bool:

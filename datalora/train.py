@@ -167,17 +167,19 @@ def _train_config(config: DATALORAConfig | dict[str, Any] | None,
 
 def _eval_rows(eval_dataset: Any, eval_limit: int | None) -> list[dict[str, Any]] | None:
     """The eval rows (first ``eval_limit``), errors naming ``eval_dataset``."""
-    from datalora.data import load_eval_rows
+    from datalora.data import load_eval_rows, normalize_rows
 
     if eval_dataset is None:
         return None
     if eval_limit is not None:
         eval_limit = check_int("eval_limit", eval_limit, low=1)
-    try:
-        rows = (eval_dataset[:eval_limit] if isinstance(eval_dataset, list) else
-                load_eval_rows(eval_dataset, limit=eval_limit))
-    except (OSError, ValueError) as exc:  # name the argument, not the loader's "source"
-        raise type(exc)(f"eval_dataset: {exc}") from exc
+    if isinstance(eval_dataset, list):
+        rows = normalize_rows(eval_dataset, "eval_dataset", eval_limit)
+    else:
+        try:
+            rows = load_eval_rows(eval_dataset, limit=eval_limit)
+        except (OSError, ValueError) as exc:  # name the argument, not the loader's "source"
+            raise type(exc)(f"eval_dataset: {exc}") from exc
     if not rows:
         raise ValueError("eval_dataset: no rows")
     return rows
@@ -277,8 +279,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         model_name_or_path: None / ``"embedded"``: the tiny random Mistral; else a local
             path or Hub name (``datalora.testing.load_model_and_tokenizer``).
         dataset: None / ``"embedded"``: the multi-task data; a ``.jsonl/.json/.parquet``
-            file, a folder, a Hub name, or a list of rows (columns: see
-            :func:`~datalora.data.load_instruction_dataset`), read before the model loads.
+            file, a folder, a Hub name, or a list of rows (OpenOrca, Alpaca or chat columns,
+            mapped and checked as :func:`~datalora.data.load_instruction_dataset` does with
+            a file's rows), read before the model loads.
         output_dir: checkpoints and the final adapter.
         epochs / max_steps: run length (``max_steps`` wins when set).
         learning_rate / max_length: default :data:`TINY_MODEL_DEFAULTS` on the embedded
@@ -297,7 +300,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         model / tokenizer: an already loaded base model and tokenizer (skips loading).
         eval_dataset: rows or a source (``"embedded"``: the embedded eval split; a folder or
             split-keyed file: its ``eval`` / ``validation`` / ``test`` split, see
-            :func:`~datalora.data.load_eval_rows`), read before training, on which
+            :func:`~datalora.data.load_eval_rows`; rows are checked like ``dataset``'s),
+            read before the model loads, on which
             the final eval loss is measured with pruning (``metrics["eval_loss_pruned"]``,
             calibrated threshold) and dense (``metrics["eval_loss_dense"]``), on
             ``metrics["eval_rows"]`` rows. Also the Trainer's ``eval_dataset``, so
@@ -312,7 +316,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     """
     from transformers import TrainingArguments
 
-    from datalora.data import TASKS, CausalLMCollator, load_instruction_dataset
+    from datalora.data import TASKS, CausalLMCollator, load_instruction_dataset, normalize_rows
     from datalora.model import get_datalora_model
     from datalora.trainer import DATALORATrainer
 
@@ -341,7 +345,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     # read the data before the model: a bad path or row fails now, not after minutes of loading
     eval_rows = _eval_rows(eval_dataset, eval_limit)
     if isinstance(dataset, list):
-        rows = dataset[:limit] if limit is not None else dataset
+        rows = normalize_rows(dataset, "dataset", limit)
     else:
         rows = load_instruction_dataset(dataset, "train", limit=limit)
     if not rows:

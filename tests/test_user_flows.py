@@ -344,12 +344,28 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
             ({"dataset": good, "curriculum_mode": "linear"}, ValueError,
              r"curriculum_mode: expected 'steps' or 'epochs', got 'linear'"),
+            ({"dataset": [{"instruction": "Add", "output": 3}]}, ValueError,
+             r"^dataset: column 'response' of row index 0 \(0-based\) of the dataset list "
+             r"must be a string, got int"),
+            ({"dataset": good, "eval_dataset": [*good, {"prompt": "q"}]}, ValueError,
+             r"^eval_dataset: row index 4 \(0-based\) of the eval_dataset list is missing"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
              r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
              r"the output folder .*o$")):
         with pytest.raises(error, match=match):
             train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
                            **kwargs)
+
+
+def test_train_maps_alpaca_and_chat_rows_given_as_lists(tmp_path):
+    from datalora.train import train_datalora
+
+    alpaca = [{"instruction": f"Add 1 to {i}", "output": str(i + 1)} for i in range(4)]
+    chat = [{"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}] * 2
+    result = train_datalora(None, dataset=alpaca, eval_dataset=chat, max_steps=1,
+                            batch_size=4, output_dir=tmp_path / "o", progress=False)
+    assert result.metrics["eval_rows"] == 2
 
 
 def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
