@@ -11,8 +11,10 @@ underscores (``model_name_or_path``, or ``model``; ``output_dir``, ``max_length`
 
 A base model given by ``--model``, ``model_name_or_path`` or ``base_model`` gets
 DATALORAConfig's defaults (``prune_layers``: the second half of its layers), learning rate
-2e-4 and max length 1024, and is recorded as ``base_model`` in the adapter's config; the
-embedded tiny model gets its tuned settings (learning rate 3e-2, max length 96).
+2e-4 and max length 1024 (at most its positions when it has learned position embeddings,
+as GPT-2 and OPT do; a larger ``--max-length`` is an error), and is recorded as
+``base_model`` in the adapter's config; the embedded tiny model gets its tuned settings
+(learning rate 3e-2, max length 96).
 Rows are trained as
 ``{system_prompt}\\n\\n### Question:\\n{question}\\n\\n### Answer:\\n{response}<eos>``
 (a tokenizer's chat template is not applied); rows longer than the max length are
@@ -139,6 +141,46 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
             if steps else "")
     raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
                      f"trainer_state.json){hint}")
+
+
+def _position_limit(model: Any) -> int | None:
+    """How many positions a model with a learned position table takes (GPT-2's ``wpe``,
+    OPT's ``embed_positions``; a longer row fails with an IndexError): its config's
+    ``max_position_embeddings``. None for a model without one (rotary, ALiBi)."""
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if (isinstance(module, torch.nn.Embedding) and module is not inputs
+                and (leaf == "wpe" or "position" in leaf)):
+            return getattr(model.config, "max_position_embeddings", None) or \
+                module.num_embeddings
+    return None
+
+
+def _folder_position_limit(name_or_path: Any) -> int | None:
+    """:func:`_position_limit` of a local model folder from its ``config.json`` alone (the
+    model is built on the meta device: no weights are read); None for another name."""
+    if _is_embedded(name_or_path):
+        return None
+    folder = Path(str(name_or_path)).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return _position_limit(skeleton)
+
+
+def _fit_max_length(max_length: int, given: bool, limit: int | None) -> int:
+    """``max_length`` within the model's position ``limit``: the default is capped at it, a
+    larger value that was ``given`` is an error."""
+    if limit is None or max_length <= limit:
+        return max_length
+    if given:
+        raise ValueError(f"max_length: the model takes at most {limit} positions (learned "
+                         f"position embeddings, max_position_embeddings), got {max_length}")
+    return limit
 
 
 def _train_config(config: DATALORAConfig | dict[str, Any] | None,
@@ -286,7 +328,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         epochs / max_steps: run length (``max_steps`` wins when set).
         learning_rate / max_length: default :data:`TINY_MODEL_DEFAULTS` on the embedded
             model, :data:`REAL_MODEL_DEFAULTS` on another. Longer rows are truncated (a
-            warning counts them).
+            warning counts them). On a model with learned position embeddings (GPT-2,
+            OPT) the default max length is capped at its ``max_position_embeddings`` and a
+            larger value is an error (checked before a local folder's weights load).
         curriculum_mode: ``"epochs"`` (one phase per third of the epochs, the card) or
             ``"steps"`` (by fraction of optimizer steps).
         limit: use only the first ``limit`` rows.
@@ -329,6 +373,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     learning_rate = check_number(
         "learning_rate", defaults["learning_rate"] if learning_rate is None else learning_rate,
         low=0, low_inclusive=False)
+    max_length_given = max_length is not None
     max_length = check_int("max_length", defaults["max_length"] if max_length is None
                            else max_length, low=2)
     batch_size = check_int("batch_size", batch_size, low=1)
@@ -351,12 +396,16 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if not rows:
         raise ValueError(f"dataset: no training rows (limit={limit!r})")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
+    if model is None:  # a local folder's config tells; a Hub model is checked once loaded
+        max_length = _fit_max_length(max_length, max_length_given,
+                                     _folder_position_limit(config.base_model))
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if model is None or tokenizer is None:
         from datalora.testing import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(config.base_model,
                                                     dtype=torch.bfloat16 if use_bf16 else None)
+    max_length = _fit_max_length(max_length, max_length_given, _position_limit(model))
     if use_bf16:
         model.to(torch.bfloat16)
     torch.manual_seed(seed)
@@ -435,7 +484,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per row at most; longer rows are truncated, with a warning "
                         f"(default: {tiny['max_length']} on the embedded tiny model, "
-                        f"{real['max_length']} on a named one)")
+                        f"{real['max_length']} on a named one, at most its positions when "
+                        f"they are learned, as in GPT-2 and OPT)")
     p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="use the first N training rows")
     p.add_argument("--save-steps", type=int_at_least(1), default=None,
@@ -523,7 +573,9 @@ def train_settings(data: dict[str, Any], training: dict[str, Any]
         merged = {**DEFAULT_TINY_CONFIG, **data}  # tuned for the embedded tiny model
     else:  # a real model: DATALORAConfig's defaults (prune_layers None = second half)
         merged = {**data, "base_model": str(model)}
-        training = {**REAL_MODEL_DEFAULTS, **training}
+        # max_length is left to train_datalora, which caps its default at the model's
+        # positions
+        training = {"learning_rate": REAL_MODEL_DEFAULTS["learning_rate"], **training}
     return DATALORAConfig.from_dict(merged), training
 
 

@@ -95,7 +95,9 @@ def test_a_model_given_by_flag_or_training_key_gets_real_model_defaults(tmp_path
         assert config.base_model == "org/model", argv
         assert config.prune_layers is None and config.lambda_prune == \
             DATALORAConfig().lambda_prune
-        assert (training["learning_rate"], training["max_length"]) == (2e-4, 1024)
+        # max_length is left to train_datalora (its default is capped at the positions of
+        # a model with learned position embeddings; an explicit value is checked)
+        assert training["learning_rate"] == 2e-4 and "max_length" not in training
     config, training = _captured_run(monkeypatch, [])  # the embedded model: tiny settings
     assert config.base_model is None and config.prune_layers == [1, 4]
     assert "learning_rate" not in training

@@ -368,6 +368,47 @@ def test_train_maps_alpaca_and_chat_rows_given_as_lists(tmp_path):
     assert result.metrics["eval_rows"] == 2
 
 
+@pytest.fixture()
+def opt_folder(tmp_path, tokenizer):
+    """A tiny OPT (learned position embeddings, 64 positions) saved with a tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                       num_attention_heads=4, max_position_embeddings=64,
+                       word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    return tmp_path / "opt"
+
+
+def test_max_length_is_checked_against_learned_positions(tmp_path, opt_folder, monkeypatch):
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    long_rows = [{"question": "Summarize: " + "alpha beta gamma " * 30, "response": "ok " * 5}
+                 for _ in range(4)]
+    common = dict(config={"num_lora_experts": 2, "lora_rank": 2, "routing": "shared",
+                          "target_modules": ["q_proj", "v_proj"]},
+                  dataset=long_rows, max_steps=1, batch_size=4, progress=False,
+                  output_dir=tmp_path / "o")
+    load = testing.load_model_and_tokenizer
+    # the default (1024) is capped at the 64 positions: no IndexError mid-training
+    with pytest.warns(UserWarning, match="truncated 4 of 4 to max_length=64"):
+        train_datalora(model_name_or_path=str(opt_folder), **common)
+    model, tok = load(str(opt_folder))
+    with pytest.raises(ValueError, match=r"^max_length: the model takes at most 64 positions "
+                                         r".*got 65$"):
+        train_datalora(model=model, tokenizer=tok, max_length=65, **common)
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model before checking max_length")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    with pytest.raises(ValueError, match=r"^max_length: the model takes at most 64 positions"):
+        train_datalora(model_name_or_path=str(opt_folder), max_length=128, **common)
+
+
 def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     from datalora.train import _check_checkpoint
 
