@@ -29,7 +29,9 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,41 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
             if steps else "")
     raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
                      f"trainer_state.json){hint}")
+
+
+def _writable_output_dir(output_dir: Any) -> Path:
+    """``output_dir``, created when missing and checked writable (a probe file is written
+    and removed) before the model loads; the error names the output folder."""
+    folder = Path(output_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise type(exc)(f"output_dir: cannot write to the output folder {folder}: "
+                        f"{exc.strerror or exc}") from exc
+    return folder
+
+
+def _check_earlier_checkpoints(folder: Path, resume: Path | None, overwrite: bool) -> None:
+    """A run that does not resume from a checkpoint of ``folder`` must not add its
+    ``checkpoint-N`` folders to an earlier run's there (``'last'`` would later pick the
+    highest N, maybe the earlier run's): refused, or with ``overwrite`` the earlier ones
+    are deleted (with a warning)."""
+    found = [path for _, path in _checkpoints(folder)]
+    if not found or (resume is not None and resume.parent.resolve() == folder.resolve()):
+        return
+    names = ", ".join(path.name for path in found)
+    if not overwrite:
+        raise ValueError(f"output_dir: the output folder {folder} holds checkpoints of an "
+                         f"earlier run ({names}); resume it (resume_from_checkpoint='last', "
+                         f"--resume-from-checkpoint last), choose another output folder, or "
+                         f"set overwrite_output_dir (--overwrite-output-dir) to delete them")
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):  # another torchrun rank deleted it
+            shutil.rmtree(path)
+    warnings.warn(f"overwrite_output_dir: deleted the earlier run's {names} in {folder}",
+                  stacklevel=3)
 
 
 def _position_limit(model: Any) -> int | None:
@@ -309,7 +346,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                    report_to: list[str] | None = None,
                    eval_dataset: str | list[dict[str, Any]] | None = None,
                    eval_limit: int | None = None,
-                   trainer_args: dict[str, Any] | None = None) -> TrainResult:
+                   trainer_args: dict[str, Any] | None = None,
+                   overwrite_output_dir: bool = False) -> TrainResult:
     """Trains DATALORA and returns the logs (for printing / plotting per phase).
 
     Args:
@@ -337,7 +375,12 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         logging_steps: log every n steps (default 5, at most ``max_steps``).
         save_steps: checkpoint every n steps (None: no intermediate checkpoints).
         resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact; checked
-            before the model loads), or ``"last"`` / True: the latest in ``output_dir``.
+            before the model loads), or ``"last"`` / True: the latest complete one in
+            ``output_dir``.
+        overwrite_output_dir: delete the ``checkpoint-N`` folders an earlier run left in
+            ``output_dir``. Without it a run that does not resume from one of them is
+            refused (``"last"`` would later pick the highest N, maybe the earlier run's).
+            The final adapter files of an earlier run are replaced in every case.
         bf16: bf16 frozen base weights (where the device supports bf16). Adapter and
             saliency weights are fp32 in every case (also on a bf16 / fp16 checkpoint
             trained without ``bf16``); the MoLoRA layers compute in the activations' dtype.
@@ -383,8 +426,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         logging_steps = min(5, max_steps or 5)
     logging_steps = check_int("logging_steps", logging_steps, low=1)
     seed = check_int("seed", seed)
-    if bf16 is not None and not isinstance(bf16, bool):  # bool("false") is True
-        raise ValueError(f"bf16: expected true or false, got {bf16!r}")
+    for name, flag in (("bf16", bf16), ("overwrite_output_dir", overwrite_output_dir)):
+        if flag is not None and not isinstance(flag, bool):  # bool("false") is True
+            raise ValueError(f"{name}: expected true or false, got {flag!r}")
     check_mode("curriculum_mode", curriculum_mode)
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
     # read the data before the model: a bad path or row fails now, not after minutes of loading
@@ -396,6 +440,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if not rows:
         raise ValueError(f"dataset: no training rows (limit={limit!r})")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
+    output_folder = _writable_output_dir(output_dir)
+    _check_earlier_checkpoints(output_folder, resume_from_checkpoint,
+                               bool(overwrite_output_dir))
     if model is None:  # a local folder's config tells; a Hub model is checked once loaded
         max_length = _fit_max_length(max_length, max_length_given,
                                      _folder_position_limit(config.base_model))
@@ -493,6 +540,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume-from-checkpoint", default=None,
                    help="a checkpoint-N folder of an earlier run (weights + curriculum), "
                         "or 'last': the latest checkpoint-N in --output-dir")
+    p.add_argument("--overwrite-output-dir", action="store_true", default=None,
+                   help="delete the checkpoint-N folders an earlier run left in --output-dir "
+                        "(without it, a run that does not resume from one of them is "
+                        "refused)")
     p.add_argument("--curriculum-mode", choices=MODES, default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,
@@ -510,6 +561,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.set_defaults(func=run_train, flag_names={
         "name_or_path": "--model", "source": "--dataset", "path": "--resume-from-checkpoint",
         "resume_from_checkpoint": "--resume-from-checkpoint", "dataset": "--dataset",
+        "output_dir": "--output-dir", "overwrite_output_dir": "--overwrite-output-dir",
         "eval_dataset": "--eval-dataset", "eval_limit": "--eval-limit",
         "max_steps": "--max-steps", "batch_size": "--batch-size", "epochs": "--epochs",
         "learning_rate": "--learning-rate", "max_length": "--max-length", "limit": "--limit"})
@@ -541,8 +593,8 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
 
 _CLI_KEYS = ("model_name_or_path", "dataset", "output_dir", "epochs", "max_steps",
              "batch_size", "learning_rate", "max_length", "limit", "save_steps",
-             "resume_from_checkpoint", "curriculum_mode", "bf16", "seed", "eval_dataset",
-             "eval_limit")
+             "resume_from_checkpoint", "overwrite_output_dir", "curriculum_mode", "bf16", "seed",
+             "eval_dataset", "eval_limit")
 _TRAINING_KEYS = (*_CLI_KEYS, "logging_steps", "gradient_accumulation_steps", "trainer_args")
 """Keys of a config file's ``training:`` section (``model`` and dashes are accepted too)."""
 _KEY_ALIASES = {"model": "model_name_or_path"}

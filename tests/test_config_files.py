@@ -101,6 +101,8 @@ def test_a_model_given_by_flag_or_training_key_gets_real_model_defaults(tmp_path
     config, training = _captured_run(monkeypatch, [])  # the embedded model: tiny settings
     assert config.base_model is None and config.prune_layers == [1, 4]
     assert "learning_rate" not in training
+    assert _captured_run(monkeypatch, ["--overwrite-output-dir"])[1] == \
+        {"overwrite_output_dir": True}
 
 
 def test_model_flag_overrides_the_recorded_base_model(tmp_path, monkeypatch):

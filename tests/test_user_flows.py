@@ -409,6 +409,61 @@ def test_max_length_is_checked_against_learned_positions(tmp_path, opt_folder, m
         train_datalora(model_name_or_path=str(opt_folder), max_length=128, **common)
 
 
+def test_output_folder_is_checked_writable_before_loading(tmp_path, monkeypatch):
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"^output_dir: cannot write to the output "
+                                                 r"folder .*file\.txt/sub"):
+        train_datalora(None, dataset=load_instruction_dataset(limit=4), max_steps=1,
+                       output_dir=tmp_path / "file.txt" / "sub", progress=False)
+    with pytest.raises(AssertionError, match="loaded the model"):  # created, then loading
+        train_datalora(None, dataset=load_instruction_dataset(limit=4), max_steps=1,
+                       output_dir=tmp_path / "new" / "run", progress=False)
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
+    """'last' would otherwise resume the earlier run's highest checkpoint-N."""
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    run = tmp_path / "run"
+    for n in (5, 9):
+        (run / f"checkpoint-{n}").mkdir(parents=True)
+        (run / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    other = tmp_path / "other" / "checkpoint-3"
+    other.mkdir(parents=True)
+    (other / "trainer_state.json").write_text("{}")
+    common = dict(dataset=load_instruction_dataset(limit=4), max_steps=1, output_dir=run,
+                  progress=False)
+    for resume in (None, str(other)):
+        with pytest.raises(ValueError, match=r"^output_dir: the output folder .*run holds "
+                                             r"checkpoints of an earlier run \(checkpoint-5, "
+                                             r"checkpoint-9\); resume it .*overwrite_output_dir"):
+            train_datalora(None, resume_from_checkpoint=resume, **common)
+    for resume in ("last", str(run / "checkpoint-5")):  # resuming this folder's run is fine
+        with pytest.raises(AssertionError, match="loaded the model"):
+            train_datalora(None, resume_from_checkpoint=resume, **common)
+    with pytest.raises(ValueError, match=r"overwrite_output_dir: expected true or false"):
+        train_datalora(None, overwrite_output_dir="yes", **common)
+    (run / "adapter_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"deleted the earlier run's checkpoint-5, "
+                                         r"checkpoint-9"), \
+            pytest.raises(AssertionError, match="loaded the model"):
+        train_datalora(None, overwrite_output_dir=True, **common)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json"]
+
+
 def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     from datalora.train import _check_checkpoint
 
