@@ -45,11 +45,13 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
+    "TOKENIZER_FILES",
     "UNK_TOKEN",
     "build_pretrained_tiny_model",
     "build_tiny_model",
     "build_tokenizer",
     "embedded_corpus",
+    "check_tokenizer_source",
     "load_model_and_tokenizer",
     "tiny_mistral_config",
     "train_validation_split",
@@ -372,8 +374,114 @@ def build_pretrained_tiny_model(seed: int = 0, vocab_size: int | None = None, *,
     return model.to(dtype).eval()
 
 
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json",
+                                    "tokenizer.model", "vocab.json", "spiece.model")
+"""Files a saved tokenizer has at least one of (``save_pretrained`` writes the first two)."""
+
+
+def _local_folder(name_or_path: str | os.PathLike[str], arg: str) -> Path | None:
+    """The local path ``name_or_path`` names; None for a Hub name. A name that looks like a
+    local path (:func:`~datalora.data.looks_like_local_path`) and does not exist is a
+    FileNotFoundError naming ``arg`` (``name_or_path``: the model's, else the tokenizer's)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{arg}: expected None, 'embedded', a path or a Hub name, "
+                        f"got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if looks_like_local_path(name_or_path):
+        what = "model" if arg == "name_or_path" else "tokenizer"
+        raise FileNotFoundError(f"{arg}: no such {what} folder: {path}")
+    return None
+
+
+def check_tokenizer_source(name_or_path: str | os.PathLike[str] | None,
+                           tokenizer: Any = None) -> None:
+    """Fails before anything loads when the tokenizer :func:`load_model_and_tokenizer`
+    would read is missing: a ``tokenizer`` name that looks like a local path and does not
+    exist, or a local folder (``tokenizer``, else the model's) without
+    :data:`TOKENIZER_FILES`. A loaded tokenizer object passes."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return  # a loaded tokenizer
+    arg, source = (("name_or_path", name_or_path) if tokenizer is None
+                   else ("tokenizer", tokenizer))
+    if source in EMBEDDED_NAMES:
+        return
+    folder = _local_folder(source, arg)
+    if folder is not None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        hint = ("save the tokenizer with the model (tokenizer.save_pretrained) or pass "
+                "tokenizer (--tokenizer) with a folder or Hub name that has one"
+                if tokenizer is None else "expected a folder written by save_pretrained")
+        raise ValueError(f"{arg}: {folder} has no tokenizer (none of {list(TOKENIZER_FILES)}); "
+                         f"{hint}")
+
+
+def _hub_error(arg: str, source: str, exc: OSError) -> OSError:
+    """The error for a name that is not a local folder and failed to load from the Hub."""
+    return OSError(f"{arg}: {source!r} is not a local folder (no such path: "
+                   f"{Path(source).absolute()}) and loading it from the Hugging Face Hub "
+                   f"failed: {exc}")
+
+
+def _load_tokenizer(source: Any, arg: str) -> Any:
+    """The tokenizer of ``source`` (argument ``arg``): the embedded one, a loaded tokenizer
+    as is, or ``AutoTokenizer.from_pretrained`` of a folder or Hub name."""
+    if source in EMBEDDED_NAMES:
+        return build_tokenizer()
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    from transformers import AutoTokenizer
+
+    path = _local_folder(source, arg)
+    try:
+        return AutoTokenizer.from_pretrained(str(source if path is None else path))
+    except OSError as exc:
+        if path is not None:
+            raise
+        raise _hub_error(arg, str(source), exc) from exc
+
+
+def _model_source(name_or_path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """The name to load a model from and whether it is a local folder (which must hold
+    ``config.json``); checked before anything loads."""
+    path = _local_folder(name_or_path, "name_or_path")
+    if path is None:
+        return str(name_or_path), False
+    if not (path / "config.json").is_file():
+        raise ValueError(f"name_or_path: {path} is not a model folder (no config.json; "
+                         f"expected a folder written by save_pretrained)")
+    return str(path), True
+
+
+def _load_model(source: str, local: bool, dtype: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` of a :func:`_model_source`; dtype None:
+    the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype="auto" if dtype is None else dtype)
+    except OSError as exc:
+        if local:
+            raise
+        raise _hub_error("name_or_path", source, exc) from exc
+
+
+def _embedded_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The embedded model's dtype: fp32 by default, a torch dtype or its name."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype: expected a torch dtype or its name, got {dtype!r}")
+        return resolved
+    return dtype
+
+
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,
-                             dtype: torch.dtype | str | None = None) -> tuple[Any, Any]:
+                             dtype: torch.dtype | str | None = None,
+                             tokenizer: Any = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -383,54 +491,31 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,
             and ``AutoTokenizer.from_pretrained``.
         dtype: model dtype; ``None``: fp32 for the embedded model, the checkpoint's dtype
             (``"auto"``) otherwise.
+        tokenizer: where the tokenizer comes from instead (for a model folder saved
+            without one): a local folder or Hub name, or a loaded tokenizer.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode. A tokenizer without a pad token
         gets ``pad_token = eos_token`` (also set as the model's ``pad_token_id``).
 
     Raises:
-        FileNotFoundError: ``name_or_path`` looks like a local path that does not exist
-            (:func:`~datalora.data.looks_like_local_path`).
-        ValueError: ``name_or_path`` is a local folder without ``config.json``.
+        FileNotFoundError: ``name_or_path`` or ``tokenizer`` looks like a local path that
+            does not exist (:func:`~datalora.data.looks_like_local_path`).
+        ValueError: ``name_or_path`` is a local folder without ``config.json``, or the
+            tokenizer's folder (``tokenizer``, else the model's) has none of
+            :data:`TOKENIZER_FILES`.
         OSError: the model could not be loaded (e.g. a Hub name while offline; the message
             says when no local folder of that name exists).
     """
-    if name_or_path in EMBEDDED_NAMES:
-        if dtype is None or dtype == "auto":
-            dtype = torch.float32
-        elif isinstance(dtype, str):
-            resolved = getattr(torch, dtype, None)
-            if not isinstance(resolved, torch.dtype):
-                raise ValueError(f"dtype: expected a torch dtype or its name, got {dtype!r}")
-            dtype = resolved
-        return build_tiny_model(dtype=dtype), build_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"name_or_path: expected None, 'embedded', a path or a Hub name, "
-                        f"got {type(name_or_path).__name__}")
-    source = str(name_or_path)
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"name_or_path: {path} is not a model folder (no config.json; "
-                             f"expected a folder written by save_pretrained)")
-        source = str(path)
-    elif looks_like_local_path(name_or_path):
-        raise FileNotFoundError(f"name_or_path: no such model folder: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype="auto" if dtype is None else dtype)
-    except OSError as exc:
-        if path.exists():
-            raise
-        raise OSError(f"name_or_path: {source!r} is not a local folder (no such path: "
-                      f"{path.absolute()}) and loading it from the Hugging Face Hub failed: "
-                      f"{exc}") from exc
+    source = None if name_or_path in EMBEDDED_NAMES else _model_source(name_or_path)
+    check_tokenizer_source(name_or_path, tokenizer)
+    tokenizer = (_load_tokenizer(name_or_path, "name_or_path") if tokenizer is None
+                 else _load_tokenizer(tokenizer, "tokenizer"))
+    model = (build_tiny_model(dtype=_embedded_dtype(dtype)) if source is None
+             else _load_model(*source, dtype))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"name_or_path: the tokenizer of {source!r} has neither a pad "
+            raise ValueError(f"tokenizer: the tokenizer of {name_or_path!r} has neither a pad "
                              f"nor an eos token; set tokenizer.pad_token yourself")
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

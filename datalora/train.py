@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -143,6 +144,19 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
             if steps else "")
     raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
                      f"trainer_state.json){hint}")
+
+
+def _check_tokenizer(base_model: str | None, model: Any, tokenizer: Any) -> None:
+    """The tokenizer is there before the model loads: a loaded one with a given ``model``;
+    else ``tokenizer`` (a name or path) or the model folder's (see
+    :func:`~datalora.testing.check_tokenizer_source`)."""
+    from datalora.testing import check_tokenizer_source
+
+    if model is None:
+        check_tokenizer_source(base_model, tokenizer)
+    elif tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer: with a loaded model, pass its loaded tokenizer, got "
+                        f"{tokenizer!r}")
 
 
 def _writable_output_dir(output_dir: Any) -> Path:
@@ -384,7 +398,11 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         bf16: bf16 frozen base weights (where the device supports bf16). Adapter and
             saliency weights are fp32 in every case (also on a bf16 / fp16 checkpoint
             trained without ``bf16``); the MoLoRA layers compute in the activations' dtype.
-        model / tokenizer: an already loaded base model and tokenizer (skips loading).
+        model: an already loaded base model (skips loading; pass its loaded
+            ``tokenizer`` with it).
+        tokenizer: a loaded tokenizer, or a local folder or Hub name to load it from
+            instead of the model's (a model folder saved without its tokenizer: a local
+            folder without tokenizer files is an error before the model loads).
         eval_dataset: rows or a source (``"embedded"``: the embedded eval split; a folder or
             split-keyed file: its ``eval`` / ``validation`` / ``test`` split, see
             :func:`~datalora.data.load_eval_rows`; rows are checked like ``dataset``'s),
@@ -440,6 +458,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if not rows:
         raise ValueError(f"dataset: no training rows (limit={limit!r})")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
+    _check_tokenizer(config.base_model, model, tokenizer)
     output_folder = _writable_output_dir(output_dir)
     _check_earlier_checkpoints(output_folder, resume_from_checkpoint,
                                bool(overwrite_output_dir))
@@ -447,10 +466,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         max_length = _fit_max_length(max_length, max_length_given,
                                      _folder_position_limit(config.base_model))
     use_bf16 = bool(bf16) and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
-    if model is None or tokenizer is None:
+    if model is None:
         from datalora.testing import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(config.base_model,
+        model, tokenizer = load_model_and_tokenizer(config.base_model, tokenizer=tokenizer,
                                                     dtype=torch.bfloat16 if use_bf16 else None)
     max_length = _fit_max_length(max_length, max_length_given, _position_limit(model))
     if use_bf16:
@@ -513,6 +532,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     tiny, real = TINY_MODEL_DEFAULTS, REAL_MODEL_DEFAULTS
     p.add_argument("--model", dest="model_name_or_path",
                    help="base model: a local folder or a Hub name (default: embedded tiny)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a local folder or Hub name to load the tokenizer from (default: "
+                        "the --model folder's; for a model saved without its tokenizer)")
     p.add_argument("--dataset", help="a .jsonl / .json / .parquet file, a datasets folder or "
                                      "a Hub name with OpenOrca columns (system_prompt, "
                                      "question, response), Alpaca columns (instruction, "
@@ -562,6 +584,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "name_or_path": "--model", "source": "--dataset", "path": "--resume-from-checkpoint",
         "resume_from_checkpoint": "--resume-from-checkpoint", "dataset": "--dataset",
         "output_dir": "--output-dir", "overwrite_output_dir": "--overwrite-output-dir",
+        "tokenizer": "--tokenizer",
         "eval_dataset": "--eval-dataset", "eval_limit": "--eval-limit",
         "max_steps": "--max-steps", "batch_size": "--batch-size", "epochs": "--epochs",
         "learning_rate": "--learning-rate", "max_length": "--max-length", "limit": "--limit"})
@@ -591,10 +614,10 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
     return dict(extra)
 
 
-_CLI_KEYS = ("model_name_or_path", "dataset", "output_dir", "epochs", "max_steps",
-             "batch_size", "learning_rate", "max_length", "limit", "save_steps",
-             "resume_from_checkpoint", "overwrite_output_dir", "curriculum_mode", "bf16", "seed",
-             "eval_dataset", "eval_limit")
+_CLI_KEYS = ("model_name_or_path", "tokenizer", "dataset", "output_dir", "epochs",
+             "max_steps", "batch_size", "learning_rate", "max_length", "limit", "save_steps",
+             "resume_from_checkpoint", "overwrite_output_dir", "curriculum_mode", "bf16",
+             "seed", "eval_dataset", "eval_limit")
 _TRAINING_KEYS = (*_CLI_KEYS, "logging_steps", "gradient_accumulation_steps", "trainer_args")
 """Keys of a config file's ``training:`` section (``model`` and dashes are accepted too)."""
 _KEY_ALIASES = {"model": "model_name_or_path"}

@@ -222,6 +222,24 @@ def test_load_embedded_and_errors(tmp_path, monkeypatch):
         load_model_and_tokenizer(3)
 
 
+def test_a_model_folder_without_tokenizer_needs_the_tokenizer_argument(tmp_path, model,
+                                                                        tokenizer):
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"^name_or_path: .*m has no tokenizer \(none of "
+                                         r"\['tokenizer.json'.*pass tokenizer \(--tokenizer\)"):
+        load_model_and_tokenizer(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer: no such tokenizer folder: "):
+        load_model_and_tokenizer(tmp_path / "m", tokenizer=tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"^tokenizer: .*m has no tokenizer"):
+        load_model_and_tokenizer(tmp_path / "m", tokenizer=tmp_path / "m")
+    text = embedded_corpus()[3]
+    for source in (tmp_path / "tok", str(tmp_path / "tok"), tokenizer):
+        loaded, loaded_tok = load_model_and_tokenizer(tmp_path / "m", tokenizer=source)
+        assert loaded_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert type(loaded) is type(model)
+
+
 def test_trainer_runs_with_collator(tmp_path, tokenizer):
     from transformers import Trainer, TrainingArguments
 

@@ -464,6 +464,35 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json"]
 
 
+def test_train_tokenizer_option_for_a_model_folder_without_one(tmp_path, tokenizer,
+                                                               monkeypatch, capsys):
+    from datalora import testing
+    from datalora.cli import build_parser
+    from datalora.train import train_datalora
+
+    testing.build_tiny_model().save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = tmp_path / "d.jsonl"
+    write_jsonl(load_instruction_dataset(limit=4), data)
+    argv = ["train", "--model", str(tmp_path / "m"), "--dataset", str(data), "--max-steps",
+            "1", "--batch-size", "4", "--output-dir", str(tmp_path / "o")]
+    args = build_parser().parse_args([*argv, "--tokenizer", str(tmp_path / "tok")])
+    assert args.func(args).tokenizer("a b")["input_ids"] == tokenizer("a b")["input_ids"]
+    assert "adapter saved to" in capsys.readouterr().out
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    with pytest.raises(ValueError, match=r"^name_or_path: .*m has no tokenizer .*--tokenizer"):
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    with pytest.raises(TypeError, match=r"^tokenizer: with a loaded model, pass its loaded "
+                                        r"tokenizer, got None"):
+        train_datalora(model=testing.build_tiny_model(), dataset=str(data), progress=False,
+                       output_dir=tmp_path / "o2")
+
+
 def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     from datalora.train import _check_checkpoint
 
