@@ -571,9 +571,11 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
                      max_length: int) -> dict[str, list[int]]:
     """Tokenize a row for causal-LM fine-tuning with the loss on the response only.
 
-    The prompt (:func:`format_prompt`) is encoded with the tokenizer's special tokens (its
-    BOS, if it adds one), the response without, then ``eos_token_id`` is appended. Labels
-    are ``-100`` on the prompt and equal to ``input_ids`` on response + EOS. When longer
+    Prompt (:func:`format_prompt`) + response are encoded as one text, with the
+    tokenizer's special tokens (its BOS, if it adds one), then ``eos_token_id`` is
+    appended; the ids are the documented text's tokens. Labels are ``-100`` on the
+    prompt's tokens and equal to ``input_ids`` on response + EOS (a token spanning the end
+    of the prompt and the start of the response is labelled). When longer
     than ``max_length``, prompt tokens are dropped from the left (keeping a leading BOS)
     down to half of ``max_length`` (so the answer cue and the end of the question stay),
     then the response is cut on the right. At least one response token always remains.
@@ -597,18 +599,36 @@ def _eos_id(tokenizer: Any) -> int:
 def _encode_examples(examples: Sequence[Mapping[str, Any]],
                      tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     """Prompt ids (with special tokens) and response ids + EOS, untruncated, of each
-    example, with two batched tokenizer calls (a fast tokenizer encodes a batch in
-    parallel, many times faster than one call per text)."""
+    example: the encoding of prompt + response as one text (so the trained ids are that
+    text's tokens: a SentencePiece-style tokenizer would give a response encoded on its
+    own a leading "▁"), split where it stops matching the prompt's own encoding (a token
+    spanning the end of the prompt and the start of the response goes to the response).
+    Two batched tokenizer calls (a fast tokenizer encodes a batch in parallel, many times
+    faster than one call per text)."""
     eos = _eos_id(tokenizer)
     for example in examples:
         if "response" not in example:
             raise ValueError(f"example: missing column 'response', found {sorted(example)}")
+        if not isinstance(example["response"], str):
+            raise ValueError(f"example: column 'response' must be a string, got "
+                             f"{type(example['response']).__name__}")
     if not examples:
         return []
-    prompts = tokenizer([format_prompt(e) for e in examples], add_special_tokens=True)
-    responses = tokenizer([e["response"] for e in examples], add_special_tokens=False)
-    return [(list(p), list(r) + [eos])
-            for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True)]
+    texts = [format_prompt(e) for e in examples]
+    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    joint = tokenizer([t + e["response"] for t, e in zip(texts, examples, strict=True)],
+                      add_special_tokens=True)["input_ids"]
+    out = []
+    for prompt, ids in zip(prompts, joint, strict=True):
+        split = _shared_prefix(prompt, ids)
+        out.append((list(ids[:split]), list(ids[split:]) + [eos]))
+    return out
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _truncate(prompt: list[int], response: list[int], max_length: int,

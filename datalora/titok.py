@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 
 from datalora.checks import check_int, check_number
 from datalora.cli import fraction, int_at_least, positive_float
-from datalora.data import IGNORE_INDEX, CausalLMCollator, format_prompt, tokenize_example
+from datalora.data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    _shared_prefix,
+    format_prompt,
+    tokenize_example,
+)
 from datalora.finetune import optimisation_steps
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.pruning import keep_count
@@ -156,15 +162,27 @@ class ScoredSample:
         return float(finite.mean()) if finite.numel() else float("-inf")
 
 
-def response_offsets(tokenizer: Any, response: str) -> list[tuple[int, int]]:
-    """Character spans of the response tokens as :func:`tokenize_example` encodes them
-    (``tokenizer(response, add_special_tokens=False)``), plus ``(len, len)`` for EOS."""
-    enc = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+def response_offsets(tokenizer: Any, response: str,
+                     prompt: str | None = None) -> list[tuple[int, int]]:
+    """Character spans (in ``response``) of the response tokens as
+    :func:`~datalora.data.tokenize_example` encodes them: with ``prompt`` (the row's
+    :func:`~datalora.data.format_prompt`), the tokens of prompt + response encoded as one
+    text after those matching the prompt's own encoding (a token starting in the prompt
+    spans from 0); without, ``tokenizer(response, add_special_tokens=False)`` (the same
+    tokens for a byte-level BPE). Plus ``(len, len)`` for EOS."""
+    text = response if prompt is None else prompt + response
+    enc = tokenizer(text, add_special_tokens=prompt is not None, return_offsets_mapping=True)
     if "offset_mapping" not in enc:
         raise ValueError(f"tokenizer: {type(tokenizer).__name__} returns no character offsets "
                          f"(return_offsets_mapping); TITOK aligns tokens by offsets and needs "
                          f"a fast (tokenizers-backed) tokenizer")
-    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    start, shift = 0, 0
+    if prompt is not None:
+        start = _shared_prefix(tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                               enc["input_ids"])
+        shift = len(prompt)
+    spans = [(max(int(s) - shift, 0), max(int(e) - shift, 0))
+             for s, e in enc["offset_mapping"][start:]]
     return spans + [(len(response), len(response))]
 
 
@@ -293,7 +311,7 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
                                      batch_size=batch_size, max_length=max_length)
     scored = []
     for row, lp, bp in zip(rows, lora_lp, base_lp, strict=True):
-        offsets = response_offsets(tokenizer, row["response"])
+        offsets = response_offsets(tokenizer, row["response"], format_prompt(row))
         n = min(len(offsets), lp.numel())  # truncation by max_length cuts the tail
         scored.append(ScoredSample(row=dict(row), offsets=offsets[:n], logp_lora=lp[:n],
                                    logp_base=bp[:n]))
@@ -446,7 +464,8 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
         ex = tokenize_example(sample.row, tokenizer, max_length)
         labels = list(ex["labels"])
         resp = [p for p, v in enumerate(labels) if v != IGNORE_INDEX]  # after truncation
-        tgt_offsets = response_offsets(tokenizer, sample.row["response"])
+        tgt_offsets = response_offsets(tokenizer, sample.row["response"],
+                                       format_prompt(sample.row))
         scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets,
                                     reduce)[:len(resp)]
         mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(

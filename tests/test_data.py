@@ -21,6 +21,7 @@ from datalora.data import (
     load_instruction_dataset,
     shipped_split_rows,
     tokenize_example,
+    tokenize_rows,
     write_jsonl,
 )
 from datalora.testing import build_tokenizer
@@ -288,6 +289,24 @@ def test_a_json_file_holding_one_row_says_to_wrap_it_in_a_list(tmp_path):
     path = tmp_path / "columns.json"
     path.write_text(json.dumps({"question": ["q1", "q2"], "response": ["r1", "r2"]}))
     assert [r["response"] for r in load_instruction_dataset(path)] == ["r1", "r2"]
+
+
+def test_trained_ids_are_the_documented_texts_tokens_with_a_metaspace_tokenizer(
+        metaspace_tokenizer):
+    """Encoded apart, the response would start with a spurious "▁" token."""
+    tok = metaspace_tokenizer
+    assert tok.convert_ids_to_tokens(tok("5", add_special_tokens=False)["input_ids"]) == \
+        ["▁5"]
+    rows = load_instruction_dataset(limit=16)
+    items, _ = tokenize_rows(rows, tok, 512)
+    for row, item in zip(rows, items, strict=True):
+        text = format_prompt(row) + row["response"]
+        assert item["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
+        response = [i for i, label in zip(item["input_ids"], item["labels"], strict=True)
+                    if label != IGNORE_INDEX]
+        assert response == item["labels"][-len(response):]
+        assert tok.decode(response) == row["response"] + "</s>"
+        assert not tok.convert_ids_to_tokens(response)[0].startswith("▁")
 
 
 def test_looks_like_local_path(tmp_path, monkeypatch):

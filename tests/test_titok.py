@@ -156,6 +156,26 @@ def test_align_across_two_real_tokenizers(tok, tok_other):
     torch.testing.assert_close(align_token_scores(src, scores, src), scores)  # identity
 
 
+def test_response_offsets_follow_tokenize_example_with_a_metaspace_tokenizer(
+        metaspace_tokenizer):
+    """One span per labelled token (EOS included), covering the response text; encoded
+    alone, the response's first token would be a spurious "▁5"-style token."""
+    from datalora.data import load_instruction_dataset
+
+    tok = metaspace_tokenizer
+    rows = load_instruction_dataset(limit=8)
+    n = len(tok)
+    scored = contrastive_excess(Bigram(torch.randn(n, n)), tok, rows,
+                                base_model=Bigram(torch.zeros(n, n)))
+    for row, sample in zip(rows, scored, strict=True):
+        prompt, response = format_prompt(row), row["response"]
+        labels = [v for v in tokenize_example(row, tok, 512)["labels"] if v != IGNORE_INDEX]
+        spans = response_offsets(tok, response, prompt)
+        assert len(spans) == len(labels) and spans[-1] == (len(response), len(response))
+        assert "".join(response[s:e] for s, e in spans) == response
+        assert sample.offsets == spans and len(sample.excess) == len(labels)
+
+
 def test_build_masked_examples_fractions(tok, tok_other):
     rows = [dict(ROW, response=r) for r in ("cba", "cb a cb", "abc abc abc", "a")]
     scored = []
