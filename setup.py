@@ -6,7 +6,8 @@ and the current CUDA stream, like bitsandbytes' native library).
 
 Environment flags:
     DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found)
-    DATALORA_CUDA_ARCHS       e.g. "80;90" (default), PTX is added for the last arch
+    DATALORA_CUDA_ARCHS       e.g. "75;80;90" (default) or "8.0;9.0+PTX": a cubin per arch,
+                              PTX for the entries marked +PTX (default: the last one)
     NVCC                      path to nvcc (default: found on PATH or in CUDA_HOME)
     DATALORA_LOCAL_VERSION    a PEP 440 local version label, e.g. "cu128": the wheel is
                               datalora-<version>+cu128 (one build per CUDA major can then
@@ -15,6 +16,7 @@ Environment flags:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -29,6 +31,24 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
+
+
+def _cuda_archs():
+    """``datalora/_cuda_archs.py`` loaded by path (importing ``datalora`` needs torch)."""
+    spec = importlib.util.spec_from_file_location("_datalora_cuda_archs",
+                                                  ROOT / "datalora" / "_cuda_archs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arch_list() -> tuple[list[str], list[str]]:
+    """``(sass, ptx)`` of ``DATALORA_CUDA_ARCHS``; exits with the parser's message."""
+    archs = _cuda_archs()
+    try:
+        return archs.parse_archs(os.environ.get("DATALORA_CUDA_ARCHS", archs.DEFAULT_ARCHS))
+    except ValueError as exc:
+        sys.exit(str(exc))
 
 
 def _find_nvcc() -> str | None:
@@ -49,6 +69,15 @@ def _cuda_sources() -> list[str]:
     )
 
 
+def _build_info_header(directory: Path, sass: list[str], ptx: list[str]) -> None:
+    """``datalora_build_info.h``: the archs compiled in, which ``_C.compiled_archs()``
+    reports so the loader can tell a GPU the build has no kernel image for."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "datalora_build_info.h").write_text(
+        f'#define DATALORA_SASS_ARCHS "{";".join(sass)}"\n'
+        f'#define DATALORA_PTX_ARCHS "{";".join(ptx)}"\n')
+
+
 class NvccBuildExt(build_ext):
     """Compiles every source of the extension with nvcc and links with nvcc."""
 
@@ -56,14 +85,12 @@ class NvccBuildExt(build_ext):
         import pybind11
 
         nvcc = _find_nvcc()
-        archs = os.environ.get("DATALORA_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        gencode: list[str] = []
-        for arch in archs:
-            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        includes = [pybind11.get_include(), sysconfig.get_paths()["include"], str(CSRC)]
+        sass, ptx = _arch_list()
+        gencode = _cuda_archs().gencode_flags(sass, ptx)
         build_temp = Path(self.build_temp)
-        build_temp.mkdir(parents=True, exist_ok=True)
+        _build_info_header(build_temp, sass, ptx)
+        includes = [pybind11.get_include(), sysconfig.get_paths()["include"], str(CSRC),
+                    str(build_temp)]
         objects = []
         for src in ext.sources:
             obj = build_temp / (Path(src).name + ".o")
@@ -89,6 +116,7 @@ def _extensions() -> list[Extension]:
     sources = _cuda_sources()
     if not sources:
         return []
+    _arch_list()  # a bad arch list stops the build here, before any compile
     if _find_nvcc() is None:
         if flag == "1":
             sys.exit("DATALORA_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")

@@ -10,6 +10,16 @@
 
 #include "nf4_ops.h"
 
+// The archs setup.py compiled for (it writes this header into the build directory); a build
+// without it reports none, and the loader then cannot check a device against them.
+#if __has_include("datalora_build_info.h")
+#include "datalora_build_info.h"
+#endif
+#ifndef DATALORA_SASS_ARCHS
+#define DATALORA_SASS_ARCHS ""
+#define DATALORA_PTX_ARCHS ""
+#endif
+
 namespace py = pybind11;
 using datalora::DType;
 using datalora::MoLoRAArgs;
@@ -116,6 +126,13 @@ PYBIND11_MODULE(_C, m) {
         }
         return n;
       }, "Visible CUDA devices; 0 without a driver or GPU (never raises).");
+  m.def("compiled_archs", []() {
+        py::dict archs;
+        archs["sass"] = DATALORA_SASS_ARCHS;
+        archs["ptx"] = DATALORA_PTX_ARCHS;
+        return archs;
+      }, "The archs compiled in: {'sass': '75;80;90', 'ptx': '90'} (cubins; PTX JIT-compiles "
+         "for newer GPUs). Empty strings when the build did not record them.");
 
   m.def("dequantize_nf4",
         [](uintptr_t data, uintptr_t absmax, uintptr_t nested_absmax, uintptr_t nested_code,

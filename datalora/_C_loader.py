@@ -4,6 +4,10 @@ The extension is imported on first use. A failure is kept (not raised): :func:`a
 returns False, a one-time warning says why when a caller falls back, and only calling a
 CUDA-only entry point raises :class:`ExtensionUnavailableError` with the reason.
 
+A build records the GPU archs it compiled (``compiled_archs``): :func:`unsupported_reason`
+says when a device has no kernel image in it (a T4 against an sm_80/sm_90 build), and the
+NF4 dispatch then takes the torch path with the one-time warning instead of a failed launch.
+
 The wrappers below turn tensors into the raw pointers, shapes and current CUDA stream the
 pybind11 boundary takes (the extension never links libtorch).
 """
@@ -17,15 +21,19 @@ import warnings
 
 import torch
 
+from datalora import _cuda_archs
+
 __all__ = [
     "ExtensionUnavailableError",
     "available",
+    "compiled_archs",
     "dequantize_nf4_cuda",
     "dequantize_nf4_host",
     "load",
     "load_error",
     "nf4_molora_decode_cuda",
     "nf4_molora_decode_host",
+    "unsupported_reason",
     "warn_fallback",
 ]
 
@@ -71,12 +79,55 @@ def load() -> types.ModuleType:
     return loaded
 
 
+def compiled_archs() -> tuple[list[str], list[str]] | None:
+    """``(sass, ptx)`` arch names the loaded extension was compiled for (``["75", "80",
+    "90"], ["90"]``), or None when it is not loaded or did not record them (an older build)."""
+    loaded = _load()
+    if isinstance(loaded, Exception) or not hasattr(loaded, "compiled_archs"):
+        return None
+    archs = loaded.compiled_archs()
+    sass, ptx = ([a for a in archs[key].split(";") if a] for key in ("sass", "ptx"))
+    return (sass, ptx) if sass or ptx else None
+
+
 @functools.cache
-def warn_fallback(what: str) -> None:
-    """Warns once per message that a CUDA-extension path fell back, and why."""
+def _device_reason(index: int) -> str | None:
+    archs = compiled_archs()
+    if archs is None:  # nothing recorded: the launch itself is the check, as before
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    if _cuda_archs.image_for(*archs, (major, minor)) is not None:
+        return None
+    sass, ptx = archs
+    built = ", ".join([f"sm_{a}" for a in sass] + [f"compute_{a} (PTX)" for a in ptx])
+    return (f"datalora._C has no kernel image for cuda:{index} "
+            f"({torch.cuda.get_device_name(index)}, sm_{major}{minor}): it was built for "
+            f"{built}; rebuild it with {major}{minor} in DATALORA_CUDA_ARCHS, e.g. "
+            f"`DATALORA_CUDA_ARCHS='{major}{minor};{';'.join(sass)}' pip install --no-binary "
+            f"datalora --force-reinstall datalora`")
+
+
+def unsupported_reason(device: torch.device) -> str | None:
+    """None when the extension's CUDA kernels can run on ``device`` (it loaded and holds a
+    kernel image for the device's compute capability), else a sentence saying why not."""
+    if device.type != "cuda":
+        return f"the datalora._C kernels need a CUDA device, got {device}"
     err = load_error()
-    reason = f"datalora._C is not available ({type(err).__name__}: {err})" if err else ""
-    warnings.warn(f"datalora: {what}: {reason}; {_HINT}", RuntimeWarning, stacklevel=3)
+    if err is not None:
+        return f"datalora._C is not available ({type(err).__name__}: {err}); {_HINT}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_reason(index)
+
+
+@functools.cache
+def warn_fallback(what: str, reason: str | None = None) -> None:
+    """Warns once per message that a CUDA-extension path fell back, and why (``reason``;
+    default: why the extension did not load)."""
+    if reason is None:
+        err = load_error()
+        reason = (f"datalora._C is not available ({type(err).__name__}: {err}); {_HINT}"
+                  if err else "")
+    warnings.warn(f"datalora: {what}: {reason}", RuntimeWarning, stacklevel=3)
 
 
 def _ptr(t: torch.Tensor | None) -> int:

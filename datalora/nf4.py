@@ -360,10 +360,11 @@ def dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if t.device.type == "cuda":
         from datalora import _C_loader
 
-        if _C_loader.available():
+        reason = _C_loader.unsupported_reason(t.device)
+        if reason is None:
             return _dequantize_cuda_op(t.data, t.absmax, t.nested_absmax, t.nested_code,
                                        t.offset, list(t.shape), t.blocksize, dtype)
-        _C_loader.warn_fallback("nf4.dequantize on CUDA uses the torch fallback")
+        _C_loader.warn_fallback("nf4.dequantize on CUDA uses the torch fallback", reason)
     return dequantize_torch(t, dtype)
 
 

@@ -293,8 +293,8 @@ def fused_decode_applies(base: NF4Linear, x: torch.Tensor, A: torch.Tensor, B: t
 
 
 def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
-    if x2.device.type != "cuda" or not _C_loader.available():
-        return False
+    if x2.device.type != "cuda" or _C_loader.unsupported_reason(x2.device) is not None:
+        return False  # the dequantize path runs (and warns once why)
     if any(v is not None and v.device != x2.device for v in tensors):
         return False
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
@@ -472,9 +472,9 @@ def _lora_backend(backend: str, x: torch.Tensor) -> str:
     around it run ``"auto"``."""
     if backend != "cuda":
         return backend
-    if x.device.type != "cuda" or not _C_loader.available():
+    if x.device.type != "cuda" or _C_loader.unsupported_reason(x.device) is not None:
         why = (f"device {x.device}" if x.device.type != "cuda"
-               else f"the extension did not load: {_C_loader.load_error()}")
+               else _C_loader.unsupported_reason(x.device))
         raise BackendUnavailableError(f"backend 'cuda' (the datalora._C NF4 kernels) needs a "
                                       f"CUDA device and the built extension; {why}")
     return "auto"

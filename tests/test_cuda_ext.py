@@ -10,13 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from datalora import _C_loader, nf4
+from datalora import _C_loader, _cuda_archs, nf4
 from datalora.reference import molora_delta_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +107,127 @@ def test_extension_imports_without_gpu_driver():
     if so is not None and shutil.which("ldd"):
         deps = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
         assert "libcudart" not in deps, "cudart must be linked statically"
+
+
+# ----------------------------------------------------------------------------- GPU archs
+@pytest.mark.parametrize("text, sass, ptx", [
+    ("80;90", ["80", "90"], ["90"]),            # the documented form: PTX of the last
+    ("75,80,90", ["75", "80", "90"], ["90"]),   # commas
+    (" 80; 90 ", ["80", "90"], ["90"]),         # spaces around entries
+    ("8.0 9.0+PTX", ["80", "90"], ["90"]),      # TORCH_CUDA_ARCH_LIST style
+    ("8.0+PTX;9.0a", ["80", "90a"], ["80"]),    # PTX where marked, not of the last
+    ("10.0;12.0", ["100", "120"], ["120"]),     # two-digit majors
+])
+def test_arch_list_forms(text, sass, ptx):
+    assert _cuda_archs.parse_archs(text) == (sass, ptx)
+
+
+@pytest.mark.parametrize("text", ["", " ; ", "compute_80", "sm80", "8", "80;9.0.1", "80 PTX"])
+def test_arch_list_rejects_other_forms_naming_the_variable(text):
+    with pytest.raises(ValueError, match="DATALORA_CUDA_ARCHS: expected"):
+        _cuda_archs.parse_archs(text)
+
+
+@pytest.mark.parametrize("capability, image", [
+    ((7, 5), None),            # T4: older than every cubin and the PTX
+    ((8, 0), "sm_80"),         # A100
+    ((8, 9), "sm_80"),         # L4 / RTX 4090: the sm_80 cubin runs on 8.x
+    ((9, 0), "sm_90"),         # H100
+    ((10, 0), "compute_90"),   # B200: only the PTX (JIT)
+    ((12, 0), "compute_90"),
+])
+def test_kernel_image_for_a_capability(capability, image):
+    assert _cuda_archs.image_for(["80", "90"], ["90"], capability) == image
+
+
+def test_arch_specific_cubins_run_only_on_their_capability():
+    assert _cuda_archs.image_for(["90a"], [], (9, 0)) == "sm_90a"
+    assert _cuda_archs.image_for(["90a"], ["90a"], (10, 0)) is None
+    assert _cuda_archs.image_for(["75"], [], (8, 0)) is None  # cubins never cross a major
+
+
+def test_default_archs_cover_t4_a100_h100():
+    sass, ptx = _cuda_archs.parse_archs(_cuda_archs.DEFAULT_ARCHS)
+    for capability in ((7, 5), (8, 0), (8, 6), (9, 0)):
+        assert _cuda_archs.image_for(sass, ptx, capability), capability
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A loaded extension built for sm_80/sm_90 and a GPU whose capability the test sets
+    (``fake_gpu["capability"]``); the loader's caches are cleared around it."""
+    state = {"capability": (7, 5), "archs": {"sass": "80;90", "ptx": "90"}}
+    ext = types.SimpleNamespace(compiled_archs=lambda: dict(state["archs"]))
+    monkeypatch.setattr(_C_loader, "_load", lambda: ext)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4")
+    caches = (_C_loader._device_reason, _C_loader.warn_fallback)
+    for cache in caches:
+        cache.cache_clear()
+    yield state
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_device_without_a_kernel_image_is_unsupported_with_the_reason(fake_gpu):
+    cuda0 = torch.device("cuda", 0)
+    reason = _C_loader.unsupported_reason(cuda0)
+    assert "no kernel image for cuda:0 (Tesla T4, sm_75)" in reason
+    assert "sm_80, sm_90, compute_90 (PTX)" in reason and "DATALORA_CUDA_ARCHS='75;80;90'" in reason
+    _C_loader._device_reason.cache_clear()
+    fake_gpu["capability"] = (8, 6)
+    assert _C_loader.unsupported_reason(cuda0) is None
+    assert "need a CUDA device" in _C_loader.unsupported_reason(torch.device("cpu"))
+
+
+def test_build_without_recorded_archs_is_not_second_guessed(fake_gpu):
+    fake_gpu["archs"] = {"sass": "", "ptx": ""}
+    assert _C_loader.compiled_archs() is None
+    assert _C_loader.unsupported_reason(torch.device("cuda", 0)) is None
+
+
+@needs_ext
+def test_extension_reports_the_archs_it_was_built_for():
+    """setup.py writes the arch list into the build; the loader reads it back (as names
+    ``parse_archs`` accepts), so a GPU outside it is caught before any launch."""
+    sass, ptx = _C_loader.compiled_archs()
+    assert sass and ptx
+    assert _cuda_archs.parse_archs(";".join(sass))[0] == sass
+
+
+class _OnCuda(nf4.NF4Tensor):
+    """CPU tensors that report a CUDA device: what the NF4 dispatch sees for a GPU weight."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+
+def test_nf4_on_a_gpu_the_build_lacks_falls_back_with_one_warning(fake_gpu, monkeypatch):
+    t = nf4.quantize(torch.randn(8, 64))
+    on_gpu = _OnCuda(**{f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
+    real = nf4.dequantize_torch  # the torch path, run on the CPU tensors underneath
+    monkeypatch.setattr(nf4, "dequantize_torch", lambda w, dtype: real(t, dtype))
+    with pytest.warns(RuntimeWarning, match=r"torch fallback: datalora._C has no kernel image "
+                                            r"for cuda:0 \(Tesla T4, sm_75\)"):
+        out = nf4.dequantize(on_gpu, torch.float32)
+    assert torch.equal(out, nf4.dequantize_torch(t, torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        nf4.dequantize(on_gpu, torch.float32)
+
+
+def test_nf4_layer_paths_on_a_gpu_the_build_lacks(fake_gpu):
+    from datalora.nf4_linear import _fused_decode_ok, _lora_backend
+    from datalora.ops import BackendUnavailableError
+
+    x = types.SimpleNamespace(device=torch.device("cuda", 0))
+    assert not _fused_decode_ok(x, None, ())  # dequantize + GEMM instead of a failed launch
+    with pytest.raises(BackendUnavailableError, match=r"no kernel image for cuda:0.*sm_75"):
+        _lora_backend("cuda", x)
+    fake_gpu["capability"] = (9, 0)
+    _C_loader._device_reason.cache_clear()
+    assert _lora_backend("cuda", x) == "auto"
 
 
 # ----------------------------------------------------------------------------- dequant host

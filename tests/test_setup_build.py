@@ -1,0 +1,63 @@
+"""``setup.py``'s build flags, run as ``python setup.py build_ext`` into a temporary
+directory with a fake nvcc that logs its arguments and fails (nothing compiles, each run
+takes about a second): bad flag values stop the build before any compile with a message
+naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC_ERROR = "nvcc fatal : Host compiler version unsupported"
+
+
+@pytest.fixture
+def fake_nvcc(tmp_path) -> Path:
+    """An nvcc that appends its arguments to ``nvcc.log`` beside it and fails like a
+    toolkit whose host compiler is too new."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "nvcc.log"}\necho "{NVCC_ERROR}" >&2\n'
+                    f"exit 1\n")
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+def _build_ext(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """``setup.py build_ext`` with only the given build variables set."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("DATALORA_") and k not in ("NVCC", "CUDA_HOME", "CUDA_PATH")}
+    cmd = [sys.executable, "setup.py", "build_ext", "-b", str(tmp_path / "lib"), "-t",
+           str(tmp_path / "tmp")]
+    return subprocess.run(cmd, cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _nvcc_ran(tmp_path: Path) -> bool:
+    return (tmp_path / "nvcc.log").exists()
+
+
+# ----------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("value", ["compute_80", "80;sm_90", ""])
+def test_bad_arch_list_stops_the_build_before_nvcc(tmp_path, fake_nvcc, value):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_CUDA_ARCHS=value)
+    assert out.returncode != 0
+    assert "DATALORA_CUDA_ARCHS: expected" in out.stderr and "Traceback" not in out.stderr
+    assert not _nvcc_ran(tmp_path)
+
+
+def test_arch_list_reaches_nvcc_and_the_build_info(tmp_path, fake_nvcc):
+    """``8.0 9.0+PTX`` (torch's spelling) gives the same nvcc flags as ``80;90``, and the
+    archs land in the header ``_C.compiled_archs()`` reports."""
+    _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_CUDA_ARCHS="8.0 9.0+PTX")
+    args = (tmp_path / "nvcc.log").read_text()
+    assert ("-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 "
+            "-gencode arch=compute_90,code=compute_90 ") in args
+    header = (tmp_path / "tmp" / "datalora_build_info.h").read_text()
+    assert '#define DATALORA_SASS_ARCHS "80;90"' in header
+    assert '#define DATALORA_PTX_ARCHS "90"' in header
