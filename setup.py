@@ -5,7 +5,9 @@ one wheel serves every torch version (tensors cross the boundary as raw pointers
 and the current CUDA stream, like bitsandbytes' native library).
 
 Environment flags:
-    DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found)
+    DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found;
+                              a failed build then warns and installs without it, the
+                              runtime falls back; with 1 a failed build is an error)
     DATALORA_CUDA_ARCHS       e.g. "75;80;90" (default) or "8.0;9.0+PTX": a cubin per arch,
                               PTX for the entries marked +PTX (default: the last one)
     NVCC                      path to nvcc (default: found on PATH or in CUDA_HOME)
@@ -28,9 +30,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
+SKIP_HINT = "set DATALORA_BUILD_CUDA=0 to install datalora without its CUDA extension"
 
 
 def _cuda_archs():
@@ -78,12 +82,44 @@ def _build_info_header(directory: Path, sass: list[str], ptx: list[str]) -> None
         f'#define DATALORA_PTX_ARCHS "{";".join(ptx)}"\n')
 
 
+def _run(cmd: list[str]) -> None:
+    """Runs one nvcc command; a failure raises CompileError with nvcc's own output."""
+    print(" ".join(cmd))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:  # a bad NVCC= path, nvcc not executable
+        raise CompileError(f"could not run {cmd[0]}: {exc}") from None
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr)
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-20:])
+        raise CompileError(f"{' '.join(cmd[:3])} ... failed (exit {out.returncode}):\n{tail}")
+
+
 class NvccBuildExt(build_ext):
-    """Compiles every source of the extension with nvcc and links with nvcc."""
+    """Compiles every source of the extension with nvcc and links with nvcc. A failure is a
+    CompileError saying how to install without the extension; with ``DATALORA_BUILD_CUDA``
+    unset the extension is optional, so setuptools warns and installs the rest."""
 
     def build_extension(self, ext: Extension) -> None:
-        import pybind11
+        try:
+            self._build(ext)
+        except CompileError as exc:
+            if ext.optional:
+                message = (f"datalora: building the CUDA extension failed, installing without "
+                           f"it (NF4 ops use the torch fallback; DATALORA_BUILD_CUDA=1 makes "
+                           f"this an error): {exc}")
+            else:
+                message = f"datalora: building the CUDA extension failed; {SKIP_HINT}: {exc}"
+            raise CompileError(message) from None
 
+    def _build(self, ext: Extension) -> None:
+        try:
+            import pybind11
+        except ImportError:
+            raise CompileError("pybind11 is not installed (a build with --no-build-isolation "
+                               "uses this environment's packages): pip install "
+                               "'pybind11>=2.12'") from None
         nvcc = _find_nvcc()
         sass, ptx = _arch_list()
         gencode = _cuda_archs().gencode_flags(sass, ptx)
@@ -98,15 +134,12 @@ class NvccBuildExt(build_ext):
                    "--expt-relaxed-constexpr", *gencode, *[f"-I{i}" for i in includes]]
             if os.environ.get("DATALORA_PTXAS_VERBOSE") == "1":
                 cmd += ["-Xptxas", "-v"]
-            print(" ".join(cmd))
-            subprocess.check_call(cmd)
+            _run(cmd)
             objects.append(str(obj))
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         # static cudart: no libcudart.so needed at import, and no driver until a kernel runs
-        link = [nvcc, "-shared", "-o", str(out), *objects, "--cudart", "static", *gencode]
-        print(" ".join(link))
-        subprocess.check_call(link)
+        _run([nvcc, "-shared", "-o", str(out), *objects, "--cudart", "static", *gencode])
 
 
 def _extensions() -> list[Extension]:
@@ -123,7 +156,7 @@ def _extensions() -> list[Extension]:
         warnings.warn("nvcc not found: building datalora without the CUDA extension "
                       "(NF4 ops fall back to Triton/torch)", stacklevel=1)
         return []
-    return [Extension("datalora._C", sources=sources)]
+    return [Extension("datalora._C", sources=sources, optional=flag != "1")]
 
 
 def _version() -> str:

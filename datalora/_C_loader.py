@@ -39,8 +39,10 @@ __all__ = [
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_DECODE_TOKENS = 16
-_HINT = ("build it with nvcc on PATH: `pip install -e . --no-build-isolation` "
-         "(DATALORA_BUILD_CUDA=1 to force)")
+_HINT = ("install a datalora wheel built with CUDA (e.g. the `+cu128` / `+cu130` builds), or "
+         "build it from source with nvcc on PATH: `pip install --no-binary datalora "
+         "--force-reinstall datalora` (`pip install .` in a checkout; DATALORA_BUILD_CUDA=1 "
+         "makes a build that cannot compile it fail and say why)")
 
 
 class ExtensionUnavailableError(RuntimeError):

@@ -93,6 +93,19 @@ def test_broken_extension_warns_once_and_raises_only_when_called(monkeypatch):
         _C_loader._load.cache_clear()
 
 
+def test_unavailable_hint_works_for_a_wheel_install(monkeypatch):
+    """Someone who installed a wheel has no source tree: the hint names a pip command that
+    rebuilds from the sdist (build isolation brings pybind11), not ``pip install -e .``."""
+    monkeypatch.setattr(_C_loader, "_load",
+                        lambda: ModuleNotFoundError("No module named 'datalora._C'"))
+    with pytest.raises(_C_loader.ExtensionUnavailableError) as info:
+        _C_loader.load()
+    assert "pip install --no-binary datalora --force-reinstall datalora" in str(info.value)
+    assert "-e ." not in str(info.value)
+    assert "pip install --no-binary datalora" in _C_loader.unsupported_reason(
+        torch.device("cuda", 0))
+
+
 @needs_ext
 def test_extension_imports_without_gpu_driver():
     # a fresh interpreter that hides every GPU: import and a CUDA runtime query must not fail

@@ -1,7 +1,8 @@
-"""``setup.py``'s build flags, run as ``python setup.py build_ext`` into a temporary
-directory with a fake nvcc that logs its arguments and fails (nothing compiles, each run
-takes about a second): bad flag values stop the build before any compile with a message
-naming the variable."""
+"""``setup.py``'s build flags and build failures, run as ``python setup.py build_ext`` into a
+temporary directory with a fake nvcc that logs its arguments and fails (nothing compiles,
+each run takes about a second): a failed build says how to install without the extension,
+an unset ``DATALORA_BUILD_CUDA`` installs without it, a bad arch list stops the build
+before any compile with a message naming the variable."""
 
 from __future__ import annotations
 
@@ -38,8 +39,49 @@ def _build_ext(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def _built(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "lib").rglob("_C*"))
+
+
 def _nvcc_ran(tmp_path: Path) -> bool:
     return (tmp_path / "nvcc.log").exists()
+
+
+# ----------------------------------------------------------------------------- failures
+def test_forced_build_that_fails_names_the_switch_to_skip_it(tmp_path, fake_nvcc):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_BUILD_CUDA="1")
+    assert out.returncode != 0
+    assert "set DATALORA_BUILD_CUDA=0 to install datalora without its CUDA extension" in out.stderr
+    assert NVCC_ERROR in out.stderr  # nvcc's own reason
+    assert "Traceback" not in out.stderr
+
+
+def test_failed_build_in_auto_mode_installs_without_the_extension(tmp_path, fake_nvcc):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc))
+    assert out.returncode == 0, out.stderr
+    assert _nvcc_ran(tmp_path) and not _built(tmp_path)
+    assert "installing without it" in out.stderr and NVCC_ERROR in out.stderr
+    assert "DATALORA_BUILD_CUDA=1 makes this an error" in out.stderr
+
+
+def test_nvcc_path_that_does_not_run_is_a_build_failure(tmp_path):
+    out = _build_ext(tmp_path, NVCC=str(tmp_path / "missing" / "nvcc"), DATALORA_BUILD_CUDA="1")
+    assert out.returncode != 0
+    assert f"could not run {tmp_path / 'missing' / 'nvcc'}" in out.stderr
+    assert "DATALORA_BUILD_CUDA=0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_build_without_pybind11_says_to_install_it(tmp_path, fake_nvcc):
+    """``pip install --no-build-isolation`` builds with this environment's packages."""
+    shadow = tmp_path / "shadow" / "pybind11"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named "
+                                        "'pybind11'\", name='pybind11')\n")
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_BUILD_CUDA="1",
+                     PYTHONPATH=str(shadow.parent))
+    assert out.returncode != 0
+    assert "pip install 'pybind11>=2.12'" in out.stderr and "--no-build-isolation" in out.stderr
+    assert not _nvcc_ran(tmp_path)
 
 
 # ----------------------------------------------------------------------------- flags
