@@ -5,12 +5,14 @@ one wheel serves every torch version (tensors cross the boundary as raw pointers
 and the current CUDA stream, like bitsandbytes' native library).
 
 Environment flags:
-    DATALORA_BUILD_CUDA=0|1   skip / force the extension (default: build when nvcc is found;
-                              a failed build then warns and installs without it, the
-                              runtime falls back; with 1 a failed build is an error)
+    DATALORA_BUILD_CUDA       0 (or false/off/no) skips the extension; 1 (true/on/yes)
+                              requires it: a missing nvcc or a failed compile is an error.
+                              Unset (or auto): built when nvcc is found, and a failed
+                              build warns and installs without it (the runtime falls back)
     DATALORA_CUDA_ARCHS       e.g. "75;80;90" (default) or "8.0;9.0+PTX": a cubin per arch,
                               PTX for the entries marked +PTX (default: the last one)
-    NVCC                      path to nvcc (default: found on PATH or in CUDA_HOME)
+    NVCC                      path to nvcc (default: found on PATH, in CUDA_HOME or
+                              /usr/local/cuda/bin)
     DATALORA_LOCAL_VERSION    a PEP 440 local version label, e.g. "cu128": the wheel is
                               datalora-<version>+cu128 (one build per CUDA major can then
                               share an index without clashing file names)
@@ -35,6 +37,8 @@ from setuptools.errors import CompileError
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 SKIP_HINT = "set DATALORA_BUILD_CUDA=0 to install datalora without its CUDA extension"
+_FLAGS = {"0": "0", "false": "0", "off": "0", "no": "0",
+          "1": "1", "true": "1", "on": "1", "yes": "1", "": "auto", "auto": "auto"}
 
 
 def _cuda_archs():
@@ -44,6 +48,16 @@ def _cuda_archs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _build_flag() -> str:
+    """``DATALORA_BUILD_CUDA`` as "0", "1" or "auto"; exits naming it on anything else."""
+    raw = os.environ.get("DATALORA_BUILD_CUDA", "auto")
+    flag = _FLAGS.get(raw.strip().lower())
+    if flag is None:
+        sys.exit(f"DATALORA_BUILD_CUDA: expected 0/1 (or false/true, off/on, no/yes, auto), "
+                 f"got {raw!r}")
+    return flag
 
 
 def _arch_list() -> tuple[list[str], list[str]]:
@@ -61,9 +75,9 @@ def _find_nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
-        return str(Path(cuda_home) / "bin" / "nvcc")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
     return None
 
 
@@ -143,7 +157,7 @@ class NvccBuildExt(build_ext):
 
 
 def _extensions() -> list[Extension]:
-    flag = os.environ.get("DATALORA_BUILD_CUDA", "auto")
+    flag = _build_flag()
     if flag == "0":
         return []
     sources = _cuda_sources()
@@ -156,7 +170,7 @@ def _extensions() -> list[Extension]:
         warnings.warn("nvcc not found: building datalora without the CUDA extension "
                       "(NF4 ops fall back to Triton/torch)", stacklevel=1)
         return []
-    return [Extension("datalora._C", sources=sources, optional=flag != "1")]
+    return [Extension("datalora._C", sources=sources, optional=flag == "auto")]
 
 
 def _version() -> str:

@@ -1,8 +1,8 @@
 """``setup.py``'s build flags and build failures, run as ``python setup.py build_ext`` into a
 temporary directory with a fake nvcc that logs its arguments and fails (nothing compiles,
 each run takes about a second): a failed build says how to install without the extension,
-an unset ``DATALORA_BUILD_CUDA`` installs without it, a bad arch list stops the build
-before any compile with a message naming the variable."""
+an unset ``DATALORA_BUILD_CUDA`` installs without it, bad flag values stop the build before
+any compile with a message naming the variable."""
 
 from __future__ import annotations
 
@@ -84,7 +84,43 @@ def test_build_without_pybind11_says_to_install_it(tmp_path, fake_nvcc):
     assert not _nvcc_ran(tmp_path)
 
 
+@pytest.mark.skipif(not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="no CUDA toolkit in /usr/local/cuda")
+def test_nvcc_found_in_the_stock_toolkit_directory(tmp_path):
+    """Off PATH and without CUDA_HOME, ``/usr/local/cuda/bin/nvcc`` is used (the stub
+    pybind11 stops the build before anything compiles)."""
+    shadow = tmp_path / "shadow" / "pybind11"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('stub')\n")
+    out = _build_ext(tmp_path, PATH="/usr/bin:/bin", DATALORA_BUILD_CUDA="1",
+                     PYTHONPATH=str(shadow.parent))
+    assert "nvcc was not found" not in out.stderr
+    assert "pybind11 is not installed" in out.stderr
+
+
 # ----------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("value", ["true", "ON", "yes", "1"])
+def test_build_flag_spellings_that_force_the_build(tmp_path, fake_nvcc, value):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_BUILD_CUDA=value)
+    assert out.returncode != 0 and "DATALORA_BUILD_CUDA=0" in out.stderr  # forced: fails
+
+
+@pytest.mark.parametrize("value", ["false", "Off", "no", "0"])
+def test_build_flag_spellings_that_skip_the_build(tmp_path, fake_nvcc, value):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_BUILD_CUDA=value)
+    assert out.returncode == 0, out.stderr
+    assert not _nvcc_ran(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "force"])
+def test_unknown_build_flag_is_an_error(tmp_path, fake_nvcc, value):
+    out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_BUILD_CUDA=value)
+    assert out.returncode != 0
+    assert f"DATALORA_BUILD_CUDA: expected 0/1 (or false/true, off/on, no/yes, auto), got " \
+           f"{value!r}" in out.stderr
+    assert not _nvcc_ran(tmp_path)
+
+
 @pytest.mark.parametrize("value", ["compute_80", "80;sm_90", ""])
 def test_bad_arch_list_stops_the_build_before_nvcc(tmp_path, fake_nvcc, value):
     out = _build_ext(tmp_path, NVCC=str(fake_nvcc), DATALORA_CUDA_ARCHS=value)
