@@ -7,8 +7,12 @@ STAMP := $(VENV)/.datalora-installed
 .PHONY: demo test lint bench wheel clean compile-check-alt
 
 # With an NVIDIA GPU the venv sees the system site-packages, so the CUDA torch the user
-# already has is reused; without one, the CPU build torch==2.13.0 is installed first
-# (an open range would download a multi-GB CUDA build).
+# already has is reused; without one, torch==2.13.0 is installed first. Plain PyPI serves
+# the multi-GB CUDA build on Linux x86_64 (this workplace's pip finds the CPU wheel in its
+# find-links); elsewhere `make TORCH_INDEX=https://download.pytorch.org/whl/cpu` gets the
+# CPU build from PyTorch's index.
+TORCH_INDEX ?=
+TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 VENV_FLAGS := $(if $(HAS_GPU),--system-site-packages,)
 
@@ -16,8 +20,8 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
 	@if [ -z "$(HAS_GPU)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
-		echo "no NVIDIA GPU found: installing the CPU build torch==2.13.0"; \
-		$(PY) -m pip install torch==2.13.0; \
+		echo "no NVIDIA GPU found: installing torch==2.13.0 $(TORCH_INDEX_FLAG)"; \
+		$(PY) -m pip install torch==2.13.0 $(TORCH_INDEX_FLAG); \
 	fi
 	$(PY) -m pip install -e ".[dev]"
 	@touch $(STAMP)

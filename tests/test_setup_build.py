@@ -7,6 +7,7 @@ any compile with a message naming the variable."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,36 @@ def test_arch_list_reaches_nvcc_and_the_build_info(tmp_path, fake_nvcc):
     header = (tmp_path / "tmp" / "datalora_build_info.h").read_text()
     assert '#define DATALORA_SASS_ARCHS "80;90"' in header
     assert '#define DATALORA_PTX_ARCHS "90"' in header
+
+
+# ----------------------------------------------------------------------------- install docs
+def test_readme_install_table_lists_every_extra_with_its_packages():
+    """The README's extras table names each extra of pyproject.toml with what it installs."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install"):readme.index("## Quick start")]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2]
+            for line in install.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(extras)
+    for extra, packages in extras.items():
+        if extra != "dev":
+            assert all(f"`{p}`" in rows[extra] for p in packages), (extra, rows[extra])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_installs_torch_from_the_index_given():
+    """``make TORCH_INDEX=...`` takes the CPU torch from PyTorch's index (plain PyPI serves
+    the CUDA build on Linux x86_64); without it pip's own configuration decides."""
+    url = "https://download.pytorch.org/whl/cpu"
+
+    def recipe(*args):
+        out = subprocess.run(["make", "-n", "-B", ".venv/.datalora-installed", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if "pip install torch" in line)
+
+    assert recipe(f"TORCH_INDEX={url}").split("pip install ")[1].split(";")[0].split() == [
+        "torch==2.13.0", "--index-url", url]
+    assert "--index-url" not in recipe()
