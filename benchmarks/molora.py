@@ -38,7 +38,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
 from benchmarks.timing import time_interleaved
 from datalora import ops
+from datalora.experiments.run_info import cpu_model, git_commit, package_version
 
 SCHEMA = "datalora.benchmarks.molora/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -334,33 +334,11 @@ def _floor(gpu_name: str | None, case: Case, method: str, mode: str, dtype: torc
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "datalora", "kernels",
-                                     "csrc"], cwd=root, capture_output=True, text=True,
-                                    check=True).stdout.strip())
-        return sha, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
+    return git_commit(Path(__file__).resolve().parents[1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
+_cpu_model = cpu_model
+_version = package_version
 
 
 def metadata(preset_name: str, device: torch.device, backends: list[str]) -> dict:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +172,38 @@ def test_eval_experiment_tunes_alpha_balance_on_validation_rows(tmp_path, monkey
 
     eval_ids = {r["id"] for r in load_instruction_dataset("embedded", "eval")}
     assert seen["val"] and not (seen["val"] & eval_ids)  # tuned on held-out train rows
+
+
+def test_eval_experiment_writes_under_the_current_directory_by_default(tmp_path, monkeypatch):
+    """An installed datalora must not write into site-packages: the default ``--out`` is
+    ``benchmarks/results`` under the current directory, as the TLE / TITOK scripts'."""
+    seen = []
+    monkeypatch.setattr(datalora_eval, "run", lambda *args, **kwargs: seen.append(args[6]))
+    monkeypatch.chdir(tmp_path)
+    assert datalora_eval.main([]) == 0
+    assert seen == [Path("benchmarks") / "results"]
+    assert seen[0].resolve() == tmp_path / "benchmarks" / "results"
+
+
+def test_eval_metadata_needs_no_checkout(monkeypatch):
+    """An installed datalora has no ``benchmarks`` package beside it."""
+    for name in ("benchmarks", "benchmarks.molora"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+    meta = datalora_eval.run_metadata(steps=3, base="random")
+    assert meta["steps"] == 3 and meta["base"] == "random"
+    assert meta["torch"] == torch.__version__ and meta["cpu_model"]
+    assert {"git_commit", "git_dirty", "date", "load_average", "dense_arm"} <= set(meta)
+
+
+def test_git_commit_only_of_a_checkout_root(tmp_path):
+    """A package installed inside some other repository (a venv in a project) reports no
+    commit rather than that repository's."""
+    from datalora.experiments.run_info import git_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    (tmp_path / "site-packages").mkdir()
+    sha, dirty = git_commit(tmp_path)
+    assert len(sha) == 40 and dirty is False
+    assert git_commit(tmp_path / "site-packages") == (None, None)

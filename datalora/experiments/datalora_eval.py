@@ -13,7 +13,8 @@ threshold, and also at per-sequence top-k with retention 0.5, and dense), the ra
 DATALORA / dense (target <= 1.05), and the expert load per task on the eval rows with two
 specialisation scores: the mean over tasks of the largest expert share (uniform = 1/E)
 and the mean pairwise Jensen-Shannon divergence between the tasks' load distributions
-(bits, 0 = identical, 1 = disjoint). Writes ``datalora_eval_<tag>.json`` + ``.png``::
+(bits, 0 = identical, 1 = disjoint). Writes ``datalora_eval_<tag>.json`` + ``.png`` into
+``benchmarks/results/`` under the current directory (``--out`` picks another)::
 
     python -m datalora.experiments.datalora_eval            # ~5 min on 2 CPU cores
     python -m datalora.experiments.datalora_eval --steps 6 --out /tmp/x --tag smoke
@@ -34,10 +35,13 @@ from typing import Any
 
 import torch
 
+from datalora.experiments.run_info import cpu_model, git_commit, package_version
 from datalora.io import atomic_write_text
 
 SCHEMA = "datalora.experiments.datalora_eval/1"
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS_DIR = Path("benchmarks") / "results"
+"""Default output folder, relative to the current directory (as the TLE and TITOK evidence
+scripts'), so an installed datalora never writes into site-packages."""
 TARGET_RATIO = 1.05
 
 
@@ -220,6 +224,21 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
     return record
 
 
+def run_metadata(**config: Any) -> dict[str, Any]:
+    """The result's ``meta``: device, CPU, versions, date, git commit (None outside a
+    checkout), load average, and ``config``."""
+    sha, dirty = git_commit()
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu",
+            "cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": package_version("transformers"),
+            "datalora": package_version("datalora"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": sha, "git_dirty": dirty,
+            **config,
+            "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
+                         "throughout, same curriculum of tau / hard routing",
+            "load_average": list(os.getloadavg())}
+
+
 def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed: int = 0,
         limit: int | None = None, eval_limit: int | None = 200,
         out_dir: Path = RESULTS_DIR, tag: str = "cpu", work_dir: Path | None = None,
@@ -235,21 +254,11 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
     """
     import tempfile
 
-    from benchmarks.molora import _cpu_model, _git_commit, _version
     from datalora.data import load_instruction_dataset
 
     eval_rows = load_instruction_dataset("embedded", "eval", limit=eval_limit)
-    sha, dirty = _git_commit()
-    meta = {"device": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": _version("transformers"),
-            "datalora": _version("datalora"),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": sha, "git_dirty": dirty,
-            "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "limit": limit, "eval_rows": len(eval_rows), "base": base,
-            "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
-                         "throughout, same curriculum of tau / hard routing",
-            "load_average": list(os.getloadavg())}
+    meta = run_metadata(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                        seed=seed, limit=limit, eval_rows=len(eval_rows), base=base)
     arms, tuning = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -383,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use the first N training rows")
     p.add_argument("--eval-limit", type=int, default=200)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help="output folder (default: benchmarks/results under the current "
+                        "directory)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")

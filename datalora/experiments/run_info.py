@@ -1,0 +1,50 @@
+"""What a result was produced on and with (the ``meta`` of the evidence JSON files): the CPU
+model, package versions and the git commit of the datalora checkout. Needs no checkout: an
+installed datalora reports None for the commit."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+__all__ = ["cpu_model", "git_commit", "package_version"]
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+"""The source tree's root when datalora runs from a checkout (site-packages when installed)."""
+
+
+def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
+    """``(HEAD sha, whether datalora/ kernels/ csrc/ have uncommitted changes)`` of the git
+    checkout at ``root``; ``(None, None)`` when ``root`` is not one (an installed package:
+    never the commit of some repository that happens to enclose site-packages)."""
+    if not (Path(root) / ".git").exists():
+        return None, None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "datalora", "kernels",
+                                     "csrc"], cwd=root, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(module: str) -> str | None:
+    """``module.__version__``, or None when it does not import."""
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
