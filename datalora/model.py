@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
@@ -40,29 +38,34 @@ from datalora.sharding import copy_full_into, full_tensors, sharding_kind
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-@dataclass
-class DATALORACausalLMOutput(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` + the unweighted DATALORA aux losses (0-dim tensors)."""
+def __getattr__(name: str):
+    # DATALORACausalLMOutput subclasses a transformers class: built on first use, so that
+    # `import datalora` does not import transformers (about 1 s)
+    if name == "DATALORACausalLMOutput":
+        from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    retention_loss: torch.Tensor | None = None
-    balance_loss: torch.Tensor | None = None
+        return output_with_aux_losses(CausalLMOutputWithPast)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.cache
 def output_with_aux_losses(output_class: type) -> type:
     """``output_class`` (a ``ModelOutput`` dataclass: ``CausalLMOutputWithPast``,
-    ``MoeCausalLMOutputWithPast``, ...) with ``retention_loss`` and ``balance_loss`` fields;
-    :class:`DATALORACausalLMOutput` for ``CausalLMOutputWithPast``."""
-    if output_class is CausalLMOutputWithPast:
-        return DATALORACausalLMOutput
+    ``MoeCausalLMOutputWithPast``, ...) with ``retention_loss`` and ``balance_loss`` fields
+    (0-dim tensors); ``DATALORACausalLMOutput`` for ``CausalLMOutputWithPast``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    name = ("DATALORACausalLMOutput" if output_class is CausalLMOutputWithPast
+            else f"DATALORA{output_class.__name__}")
     namespace = {
-        "__module__": __name__, "__qualname__": f"DATALORA{output_class.__name__}",
-        "__doc__": f"``{output_class.__name__}`` + the unweighted DATALORA aux losses.",
+        "__module__": __name__, "__qualname__": name,
+        "__doc__": f"``{output_class.__name__}`` + the unweighted DATALORA aux losses "
+                   f"(0-dim tensors).",
         "__annotations__": {"retention_loss": torch.Tensor | None,
                             "balance_loss": torch.Tensor | None},
         "retention_loss": None, "balance_loss": None}
-    cls = dataclass(type(f"DATALORA{output_class.__name__}", (output_class,), namespace))
-    globals().setdefault(cls.__name__, cls)  # picklable by name (this module's attribute)
+    cls = dataclass(type(name, (output_class,), namespace))
+    globals().setdefault(name, cls)  # picklable by name (this module's attribute)
     return cls
 
 
@@ -250,6 +253,8 @@ class DATALORAModel(nn.Module):
         """The base model's forward; with shared routing in training mode the output also
         carries ``retention_loss`` and ``balance_loss`` (0-dim tensors, see
         :meth:`aux_losses`), so DDP sees the saliency network used in the graph."""
+        from transformers.utils import ModelOutput
+
         outputs = self.base_model(*args, **kwargs)
         if self.runtime is not None and self.training and torch.is_grad_enabled() \
                 and isinstance(outputs, ModelOutput) and dataclasses.is_dataclass(outputs) \

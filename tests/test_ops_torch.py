@@ -597,3 +597,37 @@ def test_a_layers_public_route_is_not_cached_past_a_data_write():
             layer.scaling)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, first)
+
+
+def test_backend_choice_is_marked_constant_as_torch_compiler_marks_it():
+    """``_resolve`` carries the mark ``torch.compiler.assume_constant_result`` sets (set
+    directly, so ``import datalora`` does not import torch._dynamo): a torch release that
+    changes the mechanism fails here rather than recompiling per call."""
+    from datalora.ops import backends
+
+    def probe():
+        return "torch"
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe)
+    assert all(getattr(backends._resolve, k, None) == v for k, v in vars(probe).items())
+
+
+def test_import_datalora_leaves_dynamo_and_transformers_unimported():
+    """``import datalora`` costs about what ``import torch`` does: torch._dynamo (1.5 s) and
+    transformers (1 s) load on first use, and the public names still import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, datalora; "
+            "print(sorted(m for m in ('torch._dynamo', 'transformers') if m in sys.modules)); "
+            "from datalora import (DATALORAConfig, MoLoRALinear, UnifiedSaliencyNetwork, "
+            "CurriculumScheduler, DATALORATrainer, get_datalora_model, ops, nf4); "
+            "from datalora.model import DATALORACausalLMOutput as O; "
+            "from transformers.modeling_outputs import CausalLMOutputWithPast as C; "
+            "assert issubclass(O, C) and O(retention_loss=1).retention_loss == 1; "
+            "import datalora.model as m; assert m.output_with_aux_losses(C) is O")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -95,7 +95,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return _resolve(backend, device.type)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo`` (about
+    1.5 s at ``import datalora``): the decorator only sets this mark, which dynamo reads when
+    it traces a call (tests/test_ops_torch.py checks that the two agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     device = torch.device(device_type)
     source = "backend"
