@@ -121,6 +121,14 @@ def unsupported_reason(device: torch.device) -> str | None:
     return _device_reason(index)
 
 
+def _check_device(device: torch.device) -> None:
+    """Raises :class:`ExtensionUnavailableError` when the kernels cannot run on ``device``
+    (no kernel image for its GPU): a clear error before the launch instead of CUDA's."""
+    reason = unsupported_reason(device)
+    if reason is not None:
+        raise ExtensionUnavailableError(reason)
+
+
 @functools.cache
 def warn_fallback(what: str, reason: str | None = None) -> None:
     """Warns once per message that a CUDA-extension path fell back, and why (``reason``;
@@ -184,6 +192,7 @@ def dequantize_nf4_cuda(t, dtype: torch.dtype) -> torch.Tensor:
     """Dequantizes a CUDA :class:`~datalora.nf4.NF4Tensor` with the extension's kernel."""
     if t.device.type != "cuda":
         raise ValueError(f"t: expected an NF4Tensor on a CUDA device, got {t.device}")
+    _check_device(t.device)
     return _dequantize(t, dtype, True)
 
 
@@ -307,6 +316,7 @@ def nf4_molora_decode_cuda(x2, t, bias, A, B, expert_ids, gates, rank_scale=None
     """Fused ``x2 @ dequant(t)^T + bias + molora_delta`` for 1..16 tokens on a CUDA device."""
     if x2.device.type != "cuda":
         raise ValueError(f"x: expected a CUDA tensor, got {x2.device}")
+    _check_device(x2.device)
     return _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, True,
                    check_values)
 

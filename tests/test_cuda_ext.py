@@ -230,6 +230,16 @@ def test_nf4_on_a_gpu_the_build_lacks_falls_back_with_one_warning(fake_gpu, monk
         nf4.dequantize(on_gpu, torch.float32)
 
 
+def test_cuda_entry_points_raise_before_launching_on_a_gpu_the_build_lacks(fake_gpu):
+    t = nf4.quantize(torch.randn(8, 64))
+    on_gpu = _OnCuda(**{f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
+    with pytest.raises(_C_loader.ExtensionUnavailableError, match=r"no kernel image.*sm_75"):
+        _C_loader.dequantize_nf4_cuda(on_gpu, torch.bfloat16)
+    x = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(_C_loader.ExtensionUnavailableError, match=r"no kernel image.*sm_75"):
+        _C_loader.nf4_molora_decode_cuda(x, on_gpu, None, None, None, None, None)
+
+
 def test_nf4_layer_paths_on_a_gpu_the_build_lacks(fake_gpu):
     from datalora.nf4_linear import _fused_decode_ok, _lora_backend
     from datalora.ops import BackendUnavailableError
