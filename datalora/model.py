@@ -196,8 +196,9 @@ class DATALORAModel(nn.Module):
     default) is resolved here (see :func:`_auto_routing`) and ``config`` holds the result.
     A new model routes hard at ``tau = temperature_final`` and keeps every token (an
     untrained saliency network's scores mean nothing, and with B = 0 the model then equals
-    its base); the trainer's curriculum takes over, and training or :meth:`load_adapter`
-    leaves the inference state (``retention = target_retention``).
+    its base); the trainer's curriculum takes over and training ends in the inference state
+    (``retention = target_retention``); :meth:`load_adapter` restores the state saved with
+    the adapter.
 
     Attributes:
         base_model: the wrapped model (its targeted linears are now MoLoRALinear).
