@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import _cpu_model, _git_commit, positive_int
+from benchmarks.molora import _git_commit, positive_int
 from benchmarks.timing import time_interleaved
+from datalora.experiments.run_info import cpu_model
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
 
@@ -167,8 +168,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     result = {
         "device": device.type,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else _cpu_model()),
-        "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(),
+                        else cpu_model()),
+        "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "peft": peft.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": sha, "git_dirty": dirty, "argv": sys.argv[1:],

@@ -337,24 +337,20 @@ def _git_commit() -> tuple[str | None, bool | None]:
     return git_commit(Path(__file__).resolve().parents[1])
 
 
-_cpu_model = cpu_model
-_version = package_version
-
-
 def metadata(preset_name: str, device: torch.device, backends: list[str]) -> dict:
     sha, dirty = _git_commit()
     cuda = device.type == "cuda"
     return dict(
         preset=preset_name, device=device.type,
-        device_name=torch.cuda.get_device_name(device) if cuda else _cpu_model(),
-        cpu_model=_cpu_model(), cpu_threads=torch.get_num_threads(),
+        device_name=torch.cuda.get_device_name(device) if cuda else cpu_model(),
+        cpu_model=cpu_model(), cpu_threads=torch.get_num_threads(),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         dtype=str(PRESETS[preset_name]["dtype"]).removeprefix("torch."), backends=backends,
         timer=("triton.testing.do_bench (median, 20/80% quantiles)" if cuda else
                "perf_counter, round-robin over methods, median of reps (20/80% quantiles)"),
-        torch=torch.__version__, triton=_version("triton"),
-        transformers=_version("transformers"), peft=_version("peft"),
-        datalora=_version("datalora"), python=platform.python_version(),
+        torch=torch.__version__, triton=package_version("triton"),
+        transformers=package_version("transformers"), peft=package_version("peft"),
+        datalora=package_version("datalora"), python=platform.python_version(),
         cuda=torch.version.cuda if cuda else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=sha, git_dirty=dirty, argv=sys.argv[1:])

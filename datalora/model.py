@@ -154,6 +154,14 @@ def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
                          f"target_modules or use routing='per_layer'")
 
 
+def _hidden_size(model: nn.Module) -> int:
+    """``model.config.hidden_size``, which the saliency network of shared routing needs."""
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden_size, int):
+        raise ValueError("model: routing='shared' needs model.config.hidden_size")
+    return hidden_size
+
+
 def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     """``routing='auto'`` resolved: ``'shared'`` (the DATALORA method) where the model can run
     it (decoder layers on one device, ``config.hidden_size``, no ALiBi / MoE router logits,
@@ -163,9 +171,7 @@ def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     shared-routing build to report."""
     try:
         layers = find_decoder_layers(model)
-        model_config = getattr(model, "config", None)
-        if not isinstance(getattr(model_config, "hidden_size", None), int):
-            raise ValueError("model: shared routing needs model.config.hidden_size")
+        _hidden_size(model)
         check_prunable(model)
         _check_shared_targets(model, config.target_modules)
         try:
@@ -173,7 +179,7 @@ def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
         except ValueError:
             start = end = 0
         for index in range(start, end):
-            layer_window(model_config, index)
+            layer_window(model.config, index)
         devices = sorted({str(p.device) for p in layers.parameters()})
         if len(devices) > 1:
             raise ValueError(f"model: the decoder layers are on {devices}; shared routing "
@@ -226,12 +232,9 @@ class DATALORAModel(nn.Module):
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None
         if config.routing == "shared":
-            hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
-            if not isinstance(hidden_size, int):
-                raise ValueError("model: routing='shared' needs model.config.hidden_size")
             device = next(model.parameters()).device
             self.saliency = UnifiedSaliencyNetwork(
-                hidden_size, config.num_lora_experts, config.lora_rank,
+                _hidden_size(model), config.num_lora_experts, config.lora_rank,
                 config.num_active_experts, config.saliency_hidden_size,
                 config.temperature_final).to(device)
             self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
@@ -457,7 +460,8 @@ class DATALORAModel(nn.Module):
         file = Path(path) / WEIGHTS_NAME
         if not file.exists():
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
-        self._check_saved_config(Path(path), file)
+        metadata = _weights_metadata(file)
+        self._check_saved_config(Path(path), file, metadata)
         saved = load_tensors(file)
         own = self.adapter_state_dict()
         base = dict(self.base_model.named_parameters())
@@ -485,7 +489,7 @@ class DATALORAModel(nn.Module):
                              "DATALORATrainer (FSDP checkpoint)")
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
-        self._restore_curriculum(file)
+        self._restore_curriculum(metadata)
 
     def _curriculum_metadata(self) -> dict[str, str]:
         """The curriculum state (tau, retention, hard) for the weights file's metadata: with
@@ -493,16 +497,13 @@ class DATALORAModel(nn.Module):
         state = self.curriculum_state()
         return {"curriculum_state": json.dumps(state)} if state else {}
 
-    def _restore_curriculum(self, weights: Path) -> None:
-        """Sets the curriculum state saved with the weights (the inference state of the
-        curriculum for adapters saved before the state was: ``temperature_final``,
-        ``target_retention``, hard routing)."""
+    def _restore_curriculum(self, metadata: dict[str, str]) -> None:
+        """Sets the curriculum state saved in the weights file's ``metadata`` (the inference
+        state of the curriculum for adapters saved before the state was:
+        ``temperature_final``, ``target_retention``, hard routing)."""
         if self.saliency is None:
             return
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            saved = (f.metadata() or {}).get("curriculum_state")
+        saved = metadata.get("curriculum_state")
         cfg = self.config_datalora
         state = (json.loads(saved) if saved else
                  {"tau": cfg.temperature_final, "retention": cfg.target_retention, "hard": True})
@@ -516,14 +517,12 @@ class DATALORAModel(nn.Module):
                     "base_model_name_or_path": getattr(config, "_name_or_path", None)}
         return {key: value for key, value in identity.items() if isinstance(value, str) and value}
 
-    def _check_saved_config(self, folder: Path, weights: Path) -> None:
-        """Raises ValueError when the config saved at ``folder`` (the weights file's copy, or
-        ``adapter_config.json`` for adapters saved before it carried one) differs from this
-        model's in a :data:`FUNCTION_FIELDS` field, or when the two saved copies disagree."""
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
+    def _check_saved_config(self, folder: Path, weights: Path,
+                            metadata: dict[str, str]) -> None:
+        """Raises ValueError when the config saved at ``folder`` (the copy in the ``weights``
+        file's ``metadata``, or ``adapter_config.json`` for adapters saved before it carried
+        one) differs from this model's in a :data:`FUNCTION_FIELDS` field, or when the two
+        saved copies disagree."""
         embedded = metadata.get("datalora_config")
         saved_type, here = metadata.get("base_model_type"), self._base_identity()
         if saved_type and here.get("base_model_type") not in (None, saved_type):
@@ -581,6 +580,15 @@ FUNCTION_FIELDS: tuple[str, ...] = (
 """Config fields that, with the adapter tensors, define the function a DATALORA model
 computes. Training-only settings (losses' weights, curriculum, temperatures, dropout, target
 retention), the backend and the base's quantization may differ between save and load."""
+
+
+def _weights_metadata(weights: Path) -> dict[str, str]:
+    """The safetensors header metadata of a weights file (config, base identity, curriculum
+    state)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _config_of(text: str) -> DATALORAConfig:

@@ -472,9 +472,9 @@ def _lora_backend(backend: str, x: torch.Tensor) -> str:
     around it run ``"auto"``."""
     if backend != "cuda":
         return backend
-    if x.device.type != "cuda" or _C_loader.unsupported_reason(x.device) is not None:
-        why = (f"device {x.device}" if x.device.type != "cuda"
-               else _C_loader.unsupported_reason(x.device))
+    why = (f"device {x.device}" if x.device.type != "cuda"
+           else _C_loader.unsupported_reason(x.device))
+    if why is not None:
         raise BackendUnavailableError(f"backend 'cuda' (the datalora._C NF4 kernels) needs a "
                                       f"CUDA device and the built extension; {why}")
     return "auto"
