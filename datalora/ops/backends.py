@@ -42,6 +42,9 @@ _CUDA_SCOPE = ("backend 'cuda' (the datalora._C extension) runs the NF4 base-wei
                "and molora_linear on bf16/fp16/fp32 weights use 'triton' or 'torch'")
 # Preference order of ``auto`` on a CUDA device; the CPU always uses torch.
 _GPU_PREFERENCE = ("triton", "torch")
+MIN_TRITON_CAPABILITY = (8, 0)
+"""Oldest NVIDIA compute capability the Triton kernels run on (A100 / RTX 30xx); on older
+GPUs (T4, V100) ``auto`` picks the torch backend with a one-time warning."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -74,7 +77,22 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     loaded = _load(name)
     if isinstance(loaded, Exception):
         return f"backend {name!r} failed to import: {type(loaded).__name__}: {loaded}"
-    return None
+    return None if device.type != "cuda" else _triton_gpu_reason(device)
+
+
+def _triton_gpu_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on the CUDA ``device``, else why not: they
+    need compute capability >= 8.0 (bf16 ``tl.dot`` and the tuned tile configurations
+    need Ampere or newer; Triton itself supports 8.0+ since 3.3). ROCm devices pass."""
+    if torch.version.hip is not None:
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= MIN_TRITON_CAPABILITY:
+        return None
+    major, minor = capability
+    return (f"backend 'triton' needs an NVIDIA GPU of compute capability >= "
+            f"{MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]} (Ampere or newer); "
+            f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
 @functools.cache
