@@ -674,15 +674,21 @@ class TokenizeStats:
     response_cut: int = 0
     empty_response: int = 0
 
-    def warnings(self, what: str, max_length: int) -> list[str]:
+    def warnings(self, what: str, max_length: int,
+                 position_limit: int | None = None) -> list[str]:
         """One line per kind of loss, e.g. ``"training rows: truncated 3 of 8 to
-        max_length=64 (1 lost response tokens and its EOS)"``; empty when none."""
+        max_length=64 (1 lost response tokens and its EOS)"``; empty when none.
+        ``position_limit``: the model's maximum positions (learned position tables); when
+        ``max_length`` is already at it the advice is to shorten the rows, not to raise it."""
         out = []
         if self.truncated:
+            advice = ("the model's position limit (max_position_embeddings): shorten those "
+                      "rows to keep them whole"
+                      if position_limit is not None and max_length >= position_limit
+                      else "raise max_length (--max-length) to keep them whole")
             out.append(f"{what}: truncated {self.truncated} of {self.rows} to max_length="
                        f"{max_length} ({self.response_cut} lost response tokens and their EOS, "
-                       f"{self.truncated - self.response_cut} only prompt tokens); raise "
-                       f"--max-length to keep them whole")
+                       f"{self.truncated - self.response_cut} only prompt tokens); {advice}")
         if self.empty_response:
             out.append(f"{what}: {self.empty_response} of {self.rows} have an empty response "
                        f"(trained on the EOS token alone)")

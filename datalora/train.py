@@ -97,12 +97,14 @@ def _is_embedded(name: Any) -> bool:
 
 
 def _tokenized_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
-                    what: str = "rows", progress: bool = False) -> list[dict[str, Any]]:
-    """Tokenized rows; warns (one line each) how many were truncated or have no response."""
+                    what: str = "rows", progress: bool = False,
+                    position_limit: int | None = None) -> list[dict[str, Any]]:
+    """Tokenized rows; warns (one line each) how many were truncated or have no response
+    (``position_limit``: the model's, for the advice: see ``TokenizeStats.warnings``)."""
     from datalora.data import tokenize_rows
 
     items, stats = tokenize_rows(rows, tokenizer, max_length, progress=progress)
-    for line in stats.warnings(what, max_length):
+    for line in stats.warnings(what, max_length, position_limit):
         warnings.warn(line, stacklevel=3)
     return items
 
@@ -471,7 +473,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
 
         model, tokenizer = load_model_and_tokenizer(config.base_model, tokenizer=tokenizer,
                                                     dtype=torch.bfloat16 if use_bf16 else None)
-    max_length = _fit_max_length(max_length, max_length_given, _position_limit(model))
+    position_limit = _position_limit(model)
+    max_length = _fit_max_length(max_length, max_length_given, position_limit)
     if use_bf16:
         model.to(torch.bfloat16)
     torch.manual_seed(seed)
@@ -484,8 +487,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
             if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
     dl_model.train()
-    train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length, "training rows", progress))
-    eval_items = (_tokenized_rows(eval_rows, tokenizer, max_length, "eval rows", progress)
+    train_rows = _Rows(_tokenized_rows(rows, tokenizer, max_length, "training rows", progress,
+                                       position_limit))
+    eval_items = (_tokenized_rows(eval_rows, tokenizer, max_length, "eval rows", progress,
+                                  position_limit)
                   if eval_rows is not None else None)
     tasks = tuple(sorted({r.get("task", "unknown") for r in rows} | set(TASKS)))
     collator = CausalLMCollator(tokenizer=tokenizer, return_task_ids=True, tasks=tasks)

@@ -400,8 +400,13 @@ def test_tokenize_rows_counts_truncation_and_empty_responses(tokenizer):
         (4, 2, 1, 1)
     assert stats.warnings("training rows", 48) == [
         "training rows: truncated 2 of 4 to max_length=48 (1 lost response tokens and their "
-        "EOS, 1 only prompt tokens); raise --max-length to keep them whole",
+        "EOS, 1 only prompt tokens); raise max_length (--max-length) to keep them whole",
         "training rows: 1 of 4 have an empty response (trained on the EOS token alone)"]
+    # at the model's position limit raising max_length is impossible: the advice changes
+    at_limit = stats.warnings("training rows", 48, position_limit=48)[0]
+    assert at_limit.endswith("the model's position limit (max_position_embeddings): "
+                             "shorten those rows to keep them whole")
+    assert "raise" in stats.warnings("training rows", 48, position_limit=1024)[0]
     assert tokenize_rows(rows[:1], tokenizer, 48)[1].warnings("x", 48) == []
 
 
