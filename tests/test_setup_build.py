@@ -173,3 +173,28 @@ def test_make_installs_torch_from_the_index_given():
     assert recipe(f"TORCH_INDEX={url}").split("pip install ")[1].split(";")[0].split() == [
         "torch==2.13.0", "--index-url", url]
     assert "--index-url" not in recipe()
+
+
+def test_sdist_carries_the_whole_test_suite_and_what_it_imports(tmp_path):
+    """An unpacked sdist can run the tests: conftest files, the Triton cases, and the
+    ``benchmarks`` package the benchmark tests import are all in it."""
+    import tarfile
+
+    # a copy without build products: setuptools adds the files an earlier egg-info's
+    # SOURCES.txt lists, which would hide a MANIFEST.in that misses them
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.so"))
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                         cwd=src, env={**os.environ, "DATALORA_BUILD_CUDA": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (archive,) = tmp_path.glob("datalora-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {p.relative_to(ROOT).as_posix()
+              for folder in ("tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")
+              if "__pycache__" not in p.parts}
+    assert {"tests/conftest.py", "tests/triton/conftest.py", "benchmarks/__init__.py"} <= wanted
+    assert sorted(wanted - names) == []
+    assert {"Makefile", ".ci/run", "LICENSE", "csrc/nf4_kernels.cu"} <= names
