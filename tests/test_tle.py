@@ -894,6 +894,22 @@ def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     torch.testing.assert_close(res["logits"][0], want)
 
 
+def test_teacher_forcing_inside_fixed_weights_mixes_with_them(adapter_dirs):
+    """The mixer's own forward inside fixed_weights uses those weights, as generate does,
+    so a teacher-forced forward reproduces a generation made inside the block."""
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    prompt, w = ids(B=1, L=4), torch.tensor([0.0, 1.0, 0.0])
+    with torch.no_grad():
+        want = mixer(ids(), weights=w).logits
+        with mixer.fixed_weights(w):
+            got = mixer(ids()).logits
+            assert torch.equal(mixer.last_weights, w.expand(2, 7, 3))
+            res = mixer.generate(prompt, 3, eos_token_id=[], return_details=True)
+            tf = mixer(res["sequences"][:, :-1]).logits[0, 3:]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(res["logits"], tf.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

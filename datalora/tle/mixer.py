@@ -360,12 +360,15 @@ class TokenLevelAdapterMixer(nn.Module):
                 index of its first label that is not -100 (unless ``prompt_lengths``).
             prompt_lengths: ``[B]`` positions ``0..P-1`` form the prompt (default: from
                 ``labels``, else the whole valid sequence).
-            weights: ``[N]`` or ``[B, L, N]`` mixing weights that replace the routing.
+            weights: ``[N]`` or ``[B, L, N]`` mixing weights that replace the routing
+                (default inside :meth:`fixed_weights`: those weights).
 
         Returns:
             The model's output (``logits [B, L, V]``, ``loss``).
         """
         B, L = input_ids.shape
+        if weights is None and self._slot.weights is not None:
+            weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
         if weights is None:
             if prompt_lengths is None and labels is not None:
                 valid = labels != -100
