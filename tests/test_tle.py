@@ -910,6 +910,16 @@ def test_teacher_forcing_inside_fixed_weights_mixes_with_them(adapter_dirs):
     torch.testing.assert_close(res["logits"], tf.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_top_k_weights_that_cannot_be_renormalised_are_refused(adapter_dirs):
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, top_k=2)
+    for bad in ([0.0, 0.0, 0.0], [-1.0, -2.0, -3.0], [1.0, -1.0, -2.0]):
+        with pytest.raises(ValueError, match="weights: expected the 2 largest"):
+            mixer(ids(), weights=torch.tensor(bad))
+        with mixer.fixed_weights(bad), pytest.raises(ValueError, match="weights: expected"):
+            mixer.generate(ids(B=1), 2, eos_token_id=[])
+    mixer(ids(), weights=torch.tensor([0.0, 1.0, 0.0]))  # one weight of the top 2 is enough
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

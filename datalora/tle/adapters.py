@@ -291,7 +291,12 @@ class _RoutingSlot:
             gates = w.clone()  # the caller's weights: a copy datalora owns
         else:
             gates, ids = w.topk(self.top_k, dim=-1)
-            gates = gates / gates.sum(-1, keepdim=True)
+            total = gates.sum(-1, keepdim=True)
+            if not bool((total > 0).all()):  # renormalising would give NaN / flipped gates
+                raise ValueError(f"weights: expected the {self.top_k} largest weights of "
+                                 f"each token to sum to > 0 (top_k={self.top_k} renormalises "
+                                 f"them), got sums {total.flatten().tolist()[:8]}")
+            gates = gates / total
         routing = Routing(expert_ids=ids.contiguous(), gates=gates.contiguous(), _trusted=True)
         self._cache = (num_tokens, routing)
         return routing
