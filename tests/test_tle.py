@@ -920,6 +920,26 @@ def test_top_k_weights_that_cannot_be_renormalised_are_refused(adapter_dirs):
     mixer(ids(), weights=torch.tensor([0.0, 1.0, 0.0]))  # one weight of the top 2 is enough
 
 
+def test_an_example_text_without_tokens_is_refused_by_name(adapter_dirs):
+    """A tokenizer that adds no BOS encodes "" to no token: no context embedding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["abc x y z hello"] * 5, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<e>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<e>", pad_token="<e>")
+    assert tok("")["input_ids"] == []
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs)
+    for pooling in ("context", "whole", "positions"):
+        for groups in ([["", "abc"], ["x y z"], ["hello"]], [["abc"], [""], ["hello"]]):
+            with pytest.raises(ValueError, match="texts: '' encodes to no token"):
+                mixer.fit_centroids(groups, tok, pooling=pooling, batch_size=1)
+    assert mixer.fit_centroids([["abc"], ["x y z"], ["hello"]], tok).shape == (3, 64)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

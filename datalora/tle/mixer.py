@@ -317,6 +317,10 @@ class TokenLevelAdapterMixer(nn.Module):
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           padding_side="right").to(self.device)
         mask = batch["attention_mask"]
+        empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+        if empty:  # no BOS added: an empty text has no token, so no context embedding
+            raise ValueError(f"texts: {texts[empty[0]]!r} encodes to no token (the tokenizer "
+                             f"adds no BOS); every example text needs at least one token")
         if not every_position:
             last = (mask.sum(1) - 1).reshape(-1, 1)
             return embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
