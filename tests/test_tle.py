@@ -833,6 +833,34 @@ def test_cli_adapters_flag_needs_a_folder(capsys):
     assert exc.value.code == 2 and "--adapters" in capsys.readouterr().err
 
 
+def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, capsys):
+    """Bad --top-k / --embed-layer / --model without --adapters fail before any default
+    adapter is trained (minutes) and, where they can, before a model loads."""
+    import datalora.experiments.task_adapters as task_adapters
+    import datalora.testing as testing
+    from datalora.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained adapters before checking the arguments")
+
+    loaded = []
+    real_load = testing.load_model_and_tokenizer
+    monkeypatch.setattr(task_adapters, "train_task_adapters", never)
+    monkeypatch.setattr(task_adapters, "build_base_model", lambda *a, **k: small_model())
+    monkeypatch.setattr(testing, "load_model_and_tokenizer",
+                        lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    for argv, flag, loads in ((["--top-k", "9"], "--top-k", False),
+                              (["--model", "/no/such/model"], "--adapters", False),
+                              (["--embed-layer", "40"], "--embed-layer", True),
+                              (["--embed-layer", "-4"], "--embed-layer", True)):
+        loaded.clear()
+        with pytest.raises(SystemExit) as exc:
+            main(["tle", "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and flag in err, (argv, err)
+        assert bool(loaded) == loads, argv
+
+
 # ------------------------------------------------------------------ user-review fixes
 
 def test_adapters_disabled_holds_through_the_embedders_own_block(adapter_dirs):

@@ -116,18 +116,28 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--centroid-file: needed for adapters not named after an "
                              f"embedded task ({', '.join(foreign)}): example prompts per "
                              f"adapter give their centroids")
+    if args.model is not None and not args.adapters:
+        raise ValueError("--adapters: required with --model (default adapters are "
+                         "trained on the embedded model)")
+    num_adapters = len(args.adapters) if args.adapters else len(TASKS)
+    if args.top_k is not None and args.top_k > num_adapters:
+        raise ValueError(f"top_k: expected an int in [1, {num_adapters}] (the number of "
+                         f"adapters), got {args.top_k}")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.model is None:
         model = build_base_model(args.base, progress=not args.no_progress)
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not args.sentence_embedder and isinstance(layers, int) \
+            and not -(layers + 1) <= args.embed_layer <= layers:
+        raise ValueError(f"layer: expected a hidden-state index in [{-(layers + 1)}, "
+                         f"{layers}] (the embeddings and {layers} decoder layers), got "
+                         f"{args.embed_layer}")  # before any adapter is trained
     if args.adapters:
         folders = [Path(a) for a in args.adapters]
         names = [f.name for f in folders]
     else:
         from datalora.experiments.task_adapters import train_task_adapters
 
-        if args.model is not None:
-            raise ValueError("--adapters: required with --model (default adapters are "
-                             "trained on the embedded model)")
         trained = train_task_adapters(args.adapter_dir, base=args.base,
                                       steps=args.train_steps, progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
