@@ -75,6 +75,22 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) in eval mode inside the block: no dropout, no training-time
+    noise (DATALORA's Gumbel pruning); every submodule's own mode comes back after."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 # --------------------------------------------------------------------------- 1. synthetic data
 
 @torch.no_grad()
@@ -106,25 +122,25 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
     torch.manual_seed(seed)
-    model.eval()
     try:
-        for i in tqdm(range(0, len(jobs), batch_size), desc="synthetic data",
-                      disable=not progress, dynamic_ncols=True):
-            chunk = jobs[i:i + batch_size]
-            enc = tokenizer([format_prompt(r) for r in chunk], return_tensors="pt",
-                            padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 temperature=temperature if do_sample else None,
-                                 top_p=top_p if do_sample else None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for j, row in enumerate(chunk):
-                text = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:],
-                                        skip_special_tokens=True)
-                out.append({"id": f"synthetic.{len(out)}",
-                            "system_prompt": row.get("system_prompt", "") or "",
-                            "question": row["question"], "response": text.strip(),
-                            "task": row.get("task", "unknown")})
+        with _eval_mode(model):  # no dropout / training noise; modes restored after
+            for i in tqdm(range(0, len(jobs), batch_size), desc="synthetic data",
+                          disable=not progress, dynamic_ncols=True):
+                chunk = jobs[i:i + batch_size]
+                enc = tokenizer([format_prompt(r) for r in chunk], return_tensors="pt",
+                                padding=True).to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None,
+                                     top_p=top_p if do_sample else None, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+                for j, row in enumerate(chunk):
+                    text = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:],
+                                            skip_special_tokens=True)
+                    out.append({"id": f"synthetic.{len(out)}",
+                                "system_prompt": row.get("system_prompt", "") or "",
+                                "question": row["question"], "response": text.strip(),
+                                "task": row.get("task", "unknown")})
     finally:
         tokenizer.padding_side = side
     return out
@@ -194,7 +210,8 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
     """``log p(y_t | prompt, y_<t)`` of every response token (EOS included) of each row.
 
     Rows are encoded with :func:`~datalora.data.tokenize_example`; ``model(input_ids,
-    attention_mask)`` must return an object with ``logits [B, L, V]``.
+    attention_mask)`` must return an object with ``logits [B, L, V]``. An ``nn.Module``
+    runs in eval mode (no dropout), its own mode restored after.
 
     Returns:
         One float32 tensor ``[n_i]`` per row (``n_i`` = response tokens + EOS).
@@ -203,17 +220,18 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
     if device is None:
         device = _device(model) if isinstance(model, nn.Module) else torch.device("cpu")
     out: list[torch.Tensor] = []
-    for i in range(0, len(rows), batch_size):
-        batch = collate([tokenize_example(r, tokenizer, max_length)
-                         for r in rows[i:i + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        target = batch["labels"][:, 1:]
-        picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
-        for b in range(target.shape[0]):
-            out.append(picked[b][target[b] != IGNORE_INDEX].cpu())
+    with _eval_mode(model):  # no dropout / training noise in a score; modes restored after
+        for i in range(0, len(rows), batch_size):
+            batch = collate([tokenize_example(r, tokenizer, max_length)
+                             for r in rows[i:i + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits.float()
+            logp = F.log_softmax(logits[:, :-1], dim=-1)
+            target = batch["labels"][:, 1:]
+            picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
+            for b in range(target.shape[0]):
+                out.append(picked[b][target[b] != IGNORE_INDEX].cpu())
     return out
 
 

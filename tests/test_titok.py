@@ -204,6 +204,27 @@ def test_build_masked_examples_fractions(tok, tok_other):
     assert ex_all[-1]["labels"] == tokenize_example(rows[0], tok_other, 128)["labels"]
 
 
+def test_scoring_runs_in_eval_mode_and_restores_the_modes(tok):
+    """A source left in training mode (lora_dropout) scores deterministically: the dropout
+    would hit the LoRA pass only and turn the excess into noise."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_small(), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False))
+    model.train()
+    frozen = model.get_submodule("base_model.model.model.embed_tokens").eval()
+    [a] = contrastive_excess(model, tok, [ROW])
+    [b] = contrastive_excess(model, tok, [ROW])
+    model.eval()
+    [c] = contrastive_excess(model, tok, [ROW])
+    torch.testing.assert_close(a.excess, c.excess)
+    torch.testing.assert_close(b.excess, c.excess)
+    model.train()
+    frozen.eval()
+    generate_synthetic(model, tok, [ROW], max_new_tokens=2, progress=False)
+    assert model.training and not frozen.training      # each module's own mode is back
+
+
 def test_generate_synthetic_and_train_masked(tok):
     peft = pytest.importorskip("peft")
     base = build_tiny_model(seed=2, vocab_size=V, hidden_size=32, intermediate_size=48,
