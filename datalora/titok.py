@@ -114,6 +114,7 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
     if not seed_rows:
         raise ValueError("seed_rows: expected at least one seed prompt, got none")
     samples_per_prompt = check_int("samples_per_prompt", samples_per_prompt, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     device = _device(model)
@@ -216,6 +217,7 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
     Returns:
         One float32 tensor ``[n_i]`` per row (``n_i`` = response tokens + EOS).
     """
+    batch_size = check_int("batch_size", batch_size, low=1)
     collate = CausalLMCollator(tokenizer=tokenizer)
     if device is None:
         device = _device(model) if isinstance(model, nn.Module) else torch.device("cpu")

@@ -225,6 +225,15 @@ def test_scoring_runs_in_eval_mode_and_restores_the_modes(tok):
     assert model.training and not frozen.training      # each module's own mode is back
 
 
+def test_batch_sizes_below_one_are_refused_by_name(tok):
+    model = _small()
+    for bad in (0, -1):  # -1 made generate_synthetic return no row at all
+        with pytest.raises(ValueError, match="batch_size"):
+            generate_synthetic(model, tok, [ROW], batch_size=bad, progress=False)
+        with pytest.raises(ValueError, match="batch_size"):
+            response_log_probs(model, tok, [ROW], batch_size=bad)
+
+
 def test_generate_synthetic_and_train_masked(tok):
     peft = pytest.importorskip("peft")
     base = build_tiny_model(seed=2, vocab_size=V, hidden_size=32, intermediate_size=48,
