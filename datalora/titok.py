@@ -206,8 +206,8 @@ def response_offsets(tokenizer: Any, response: str,
 @torch.no_grad()
 def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
                        rows: Sequence[dict[str, str]], *, batch_size: int = 16,
-                       max_length: int = 256, device: torch.device | None = None
-                       ) -> list[torch.Tensor]:
+                       max_length: int = 256, device: torch.device | None = None,
+                       progress: bool = False, desc: str = "scoring") -> list[torch.Tensor]:
     """``log p(y_t | prompt, y_<t)`` of every response token (EOS included) of each row.
 
     Rows are encoded with :func:`~datalora.data.tokenize_example`; ``model(input_ids,
@@ -223,7 +223,8 @@ def response_log_probs(model: nn.Module | Callable[..., Any], tokenizer: Any,
         device = _device(model) if isinstance(model, nn.Module) else torch.device("cpu")
     out: list[torch.Tensor] = []
     with _eval_mode(model):  # no dropout / training noise in a score; modes restored after
-        for i in range(0, len(rows), batch_size):
+        for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress,
+                      dynamic_ncols=True):
             batch = collate([tokenize_example(r, tokenizer, max_length)
                              for r in rows[i:i + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -302,7 +303,8 @@ def _check_separate_base(lora_model: nn.Module, base_model: nn.Module) -> None:
 
 def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
                        rows: Sequence[dict[str, str]], *, base_model: nn.Module | None = None,
-                       batch_size: int = 16, max_length: int = 256) -> list[ScoredSample]:
+                       batch_size: int = 16, max_length: int = 256,
+                       progress: bool = True) -> list[ScoredSample]:
     """Scores every response token of ``rows`` by ``log p_lora - log p_base``.
 
     Args:
@@ -314,6 +316,7 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
             sharing no parameter with ``lora_model``.
         max_length: the prompt + response length scored (longer rows are cut as by
             :func:`~datalora.data.tokenize_example`; their tail tokens get no score).
+        progress: a progress bar per pass (with the adapter, base).
 
     Returns:
         One :class:`ScoredSample` per row.
@@ -325,10 +328,12 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
     if rows:
         response_offsets(tokenizer, rows[0]["response"])  # fail before the forward passes
     lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,
-                                 max_length=max_length)
+                                 max_length=max_length, progress=progress,
+                                 desc="scoring (with adapter)")
     with adapter_disabled(lora_model) if base_model is None else nullcontext():
         base_lp = response_log_probs(base_model or lora_model, tokenizer, rows,
-                                     batch_size=batch_size, max_length=max_length)
+                                     batch_size=batch_size, max_length=max_length,
+                                     progress=progress, desc="scoring (base)")
     scored = []
     for row, lp, bp in zip(rows, lora_lp, base_lp, strict=True):
         offsets = response_offsets(tokenizer, row["response"], format_prompt(row))
@@ -640,7 +645,8 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
                                        progress=progress)
     if scored is None:
         scored = contrastive_excess(source_model, source_tokenizer, synthetic,
-                                    base_model=source_base_model, max_length=score_max_length)
+                                    base_model=source_base_model, max_length=score_max_length,
+                                    progress=progress)
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
                                             token_keep=token_keep, max_length=max_length,
                                             reduce=reduce, drop_empty=drop_empty)

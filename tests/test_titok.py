@@ -234,6 +234,16 @@ def test_batch_sizes_below_one_are_refused_by_name(tok):
             response_log_probs(model, tok, [ROW], batch_size=bad)
 
 
+def test_scoring_shows_progress_unless_told_not_to(tok, capsys):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    contrastive_excess(model, tok, [ROW] * 3, batch_size=1)
+    err = capsys.readouterr().err
+    assert "scoring (with adapter)" in err and "scoring (base)" in err
+    contrastive_excess(model, tok, [ROW], progress=False)
+    assert "scoring" not in capsys.readouterr().err
+
+
 def test_generate_synthetic_and_train_masked(tok):
     peft = pytest.importorskip("peft")
     base = build_tiny_model(seed=2, vocab_size=V, hidden_size=32, intermediate_size=48,

@@ -137,7 +137,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     for seed in seeds:
         synthetic[seed] = generate_synthetic(source, src_tok, prompts, seed=seed,
                                              progress=progress)
-        scored[seed] = contrastive_excess(source, src_tok, synthetic[seed])
+        scored[seed] = contrastive_excess(source, src_tok, synthetic[seed], progress=progress)
 
     def transfer(seed: int, sk: float, tk: float, show: bool) -> tuple[Any, dict]:
         return titok_transfer(source, src_tok, fresh_target(), tgt_tok, prompts,
