@@ -620,8 +620,9 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
             must name modules of ``target_model`` (MoLoRA: ``nn.Linear`` only, so GPT-2's
             ``Conv1D`` ``c_attn`` is not supported).
 
-    Arguments are checked (keep fractions, adapter, target modules) before any generation
-    or scoring.
+    Arguments are checked (keep fractions, adapter, target modules, ``reduce``, lengths,
+    training settings, the tokenizers' character offsets) before any generation or
+    scoring.
 
     Returns:
         ``(target with the new adapter, report)``; ``report`` holds the synthetic rows,
@@ -632,6 +633,23 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     _check_fraction("sample_keep", sample_keep)
     _check_fraction("token_keep", token_keep)
     check_target_modules(target_model, adapter, target_modules)
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
+    for name, value in (("max_length", max_length), ("score_max_length", score_max_length)):
+        check_int(name, value, low=2)
+    check_int("steps", steps, low=1)
+    check_int("batch_size", batch_size, low=1)
+    check_number("lr", lr, low=0, low_inclusive=False)
+    check_int("rank", rank, low=1)
+    check_number("alpha", alpha, low=0, low_inclusive=False)
+    tokenizers = [("target_tokenizer", target_tokenizer)]
+    if scored is None:
+        tokenizers.append(("source_tokenizer", source_tokenizer))
+    for name, tokenizer in tokenizers:  # both align by character offsets
+        try:
+            response_offsets(tokenizer, "a")
+        except ValueError as exc:
+            raise ValueError(f"{name}: {str(exc).partition(': ')[2]}") from None
     if scored is None:  # before generating: the scoring's base pass must be possible
         if source_base_model is None:
             _check_can_disable(source_model)

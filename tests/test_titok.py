@@ -516,6 +516,33 @@ def test_titok_transfer_checks_arguments_before_any_work(tok):
             titok_transfer(NoWork(), tok, gpt2, tok, [ROW], progress=False, **kwargs)
 
 
+def test_titok_transfer_checks_reduce_lengths_training_and_offsets_before_any_work(tok):
+    from transformers import ByT5Tokenizer
+
+    from datalora.titok import titok_transfer
+
+    class NoWork(nn.Module):
+        def disable_adapter(self):
+            raise AssertionError("scored before the arguments were checked")
+
+        def generate(self, *a, **k):
+            raise AssertionError("generated before the arguments were checked")
+
+    target = _small()
+    cases = [(dict(reduce="sum"), "reduce"), (dict(max_length=1), "max_length"),
+             (dict(score_max_length=0), "score_max_length"), (dict(steps=0), "steps"),
+             (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
+             (dict(rank=0), "rank"), (dict(alpha=0.0), "alpha"),
+             (dict(target_tokenizer=ByT5Tokenizer()), "target_tokenizer: .*offsets"),
+             (dict(source_tokenizer=ByT5Tokenizer()), "source_tokenizer: .*offsets")]
+    for kwargs, match in cases:
+        args = dict(source_tokenizer=tok, target_tokenizer=tok) | kwargs
+        with pytest.raises(ValueError, match=match):
+            titok_transfer(NoWork(), args.pop("source_tokenizer"), target,
+                           args.pop("target_tokenizer"), [ROW], progress=False,
+                           target_modules=["q_proj"], **args)
+
+
 def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, tok_other,
                                                                 capsys):
     """``titok --source-model ...`` on tiny local folders: the target adapter and the report
