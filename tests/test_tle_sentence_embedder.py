@@ -29,3 +29,12 @@ def test_real_embedder_routes_eval_questions_to_their_task():
     accuracy = sum(p == r["task"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
     assert accuracy >= 0.9, (accuracy, predicted)
     torch.testing.assert_close(weights.sum(-1), torch.ones(len(rows)))
+
+
+def test_a_context_longer_than_the_encoder_limit_keeps_its_latest_tokens():
+    """Beyond the encoder's 512 word pieces the context is cut on the left: the tokens
+    generated last still move the routing."""
+    embedder = SentenceEmbedder(build_tokenizer())
+    long = "the quick brown fox jumps over the lazy dog " * 80
+    a, b = embedder.encode([long + "What is 12 + 3?", long + "Reverse the letters: abcde"])
+    assert not torch.allclose(a, b, atol=1e-3)

@@ -222,6 +222,9 @@ class SentenceEmbedder:
 
             self.model_path = model or _find_sentence_model()
             tok = AutoTokenizer.from_pretrained(self.model_path)
+            # a context longer than the encoder's limit keeps its latest tokens (cut on the
+            # right, the tokens generated last would never change the routing)
+            tok.truncation_side = "left"
             enc = AutoModel.from_pretrained(self.model_path).eval()
 
             @torch.no_grad()
