@@ -968,6 +968,29 @@ def test_an_example_text_without_tokens_is_refused_by_name(adapter_dirs):
     assert mixer.fit_centroids([["abc"], ["x y z"], ["hello"]], tok).shape == (3, 64)
 
 
+def test_forward_names_bad_input_ids_masks_and_weights(adapter_dirs):
+    """Each used to fail as an unpack / embedding error or blamed prompt_lengths (never
+    passed) or the op's gates."""
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
+    x = ids()
+    empty_row = torch.ones_like(x)
+    empty_row[1] = 0
+    cases = [(dict(input_ids=x[0]), ValueError, r"input_ids: expected shape \[B, L >= 1\]"),
+             (dict(input_ids=x[:, :0]), ValueError, "input_ids: expected shape"),
+             (dict(input_ids=x.float()), TypeError, "input_ids: expected an integer"),
+             (dict(input_ids=x, attention_mask=empty_row), ValueError,
+              r"attention_mask: rows \[1\] have no token"),
+             (dict(input_ids=x, attention_mask=empty_row[:, :3]), ValueError,
+              r"attention_mask: expected shape \(2, 7\)"),
+             (dict(input_ids=x, weights=torch.tensor([math.nan, 1.0, 0.0])), ValueError,
+              "weights: expected finite values")]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            mixer(**kwargs)
+    with pytest.raises(ValueError, match="attention_mask: rows"):
+        mixer.routing_for(x, empty_row)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

@@ -35,6 +35,26 @@ MIXER_CONFIG = "tle_config.json"
 MIXER_WEIGHTS = "tle_mixer.safetensors"
 
 
+def _check_batch(input_ids: Any, attention_mask: Any) -> None:
+    """``input_ids [B, L >= 1]`` integer, ``attention_mask`` None or ``[B, L]`` with a real
+    token in every row; a ValueError / TypeError naming the argument otherwise."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() \
+            or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids: expected an integer tensor, got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids: expected shape [B, L >= 1], got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) \
+            or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
+                         f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask: rows {empty} have no token (all padding)")
+
+
 def _check_right_padding(attention_mask: torch.Tensor) -> None:
     """ValueError for a left-padded batch (a padding position before a real token): the
     routing anchors count positions from the start of each row."""
@@ -333,6 +353,7 @@ class TokenLevelAdapterMixer(nn.Module):
                     prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, N]`` weights of every position under the current mode (right padding:
         a row's prompt ends at its last real token at the latest)."""
+        _check_batch(input_ids, attention_mask)
         B, L = input_ids.shape
         if attention_mask is not None:
             _check_right_padding(attention_mask)
@@ -370,6 +391,7 @@ class TokenLevelAdapterMixer(nn.Module):
         Returns:
             The model's output (``logits [B, L, V]``, ``loss``).
         """
+        _check_batch(input_ids, attention_mask)
         B, L = input_ids.shape
         if weights is None and self._slot.weights is not None:
             weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
@@ -386,6 +408,8 @@ class TokenLevelAdapterMixer(nn.Module):
         if weights.shape != (B, L, self.num_adapters):
             raise ValueError(f"weights: expected [{self.num_adapters}] or [{B}, {L}, "
                              f"{self.num_adapters}], got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError("weights: expected finite values, got NaN or inf")
         self.last_weights = weights
         previous = self._slot.weights
         self._slot.set(weights.reshape(B * L, -1))
