@@ -109,6 +109,13 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     window = (16 if args.decay is None else None) if args.window is None \
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
+    if args.adapters:
+        folder_names = [Path(a).name for a in args.adapters]
+        twice = sorted({n for n in folder_names if folder_names.count(n) > 1})
+        if twice:
+            raise ValueError(f"--adapters: the folder names name the adapters, so they must "
+                             f"differ; {twice} appear more than once (rename or link a "
+                             f"folder)")
     centroid_prompts = _centroid_file(args.centroid_file)
     if args.adapters and centroid_prompts is None:
         foreign = [Path(a).name for a in args.adapters if Path(a).name not in TASKS]
