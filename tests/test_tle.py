@@ -1022,6 +1022,17 @@ def test_forward_names_bad_input_ids_masks_and_weights(adapter_dirs):
         mixer.routing_for(x, empty_row)
 
 
+def test_an_unreadable_adapter_config_names_its_file(adapter_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(adapter_dirs[0], folder)
+    for text, match in (("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list")):
+        (folder / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"path: .*adapter_config.json {match}"):
+            load_peft_adapter(folder)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

@@ -135,7 +135,13 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
         raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
                                 f"adapter_model.safetensors (or adapter_model.bin)")
     weights = _weights_file(folder)
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"path: {cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"path: {cfg_file} holds a JSON {type(config).__name__}, expected an "
+                         f"object (a PEFT adapter_config.json)")
     _check_plain_lora(config, folder)
     alpha = float(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     alpha_pattern = config.get("alpha_pattern") or {}
