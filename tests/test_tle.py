@@ -429,6 +429,26 @@ def test_save_load_round_trip(adapter_dirs, tmp_path):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "nothing")
 
 
+def test_a_save_interrupted_between_the_two_files_is_recognised(adapter_dirs, tmp_path,
+                                                                 monkeypatch):
+    """Re-saving over a saved mixer and crashing after the weights, before the config: the
+    old config must not load silently with the new tensors (or fail as a KeyError)."""
+    import datalora.tle.mixer as mixer_module
+
+    _fitted_mixer(adapter_dirs, "every_n", 2).save_pretrained(tmp_path / "mixer")
+    other = TokenLevelAdapterMixer(small_model(), adapter_dirs[:2], tau=0.5, mode="token",
+                                   embedder=HiddenStateEmbedder(-1))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mixer_module, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        other.save_pretrained(tmp_path / "mixer")
+    with pytest.raises(ValueError, match="tle_config.json does not match tle_mixer"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+
+
 def test_fit_centroids_and_routing_prefers_own_prompts(adapter_dirs):
     from datalora.testing import build_tokenizer
 

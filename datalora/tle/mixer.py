@@ -543,14 +543,17 @@ class TokenLevelAdapterMixer(nn.Module):
         if self.centroids is not None:
             tensors["centroids"] = self.centroids
         tensors["base_samples"] = _base_samples(self._layers_by_name())
-        save_tensors(tensors, directory / MIXER_WEIGHTS, metadata={"format": "pt",
-                                                                   "adapter_type": "lora-tle"})
         config = {"names": self.names, "tau": self.tau, "mode": self.mode,
                   "every_n": self.every_n, "top_k": self.top_k, "modules": self.modules_mixed,
                   "embedder": self.embedder.spec() if hasattr(self.embedder, "spec")
                   else {"type": "custom"},
                   "adapter_paths": getattr(self, "adapter_paths", None)}
-        atomic_write_text(directory / MIXER_CONFIG, json.dumps(config, indent=1))
+        text = json.dumps(config, indent=1)
+        # the config rides in the weights file too: a save interrupted between the two
+        # writes leaves a pair from_pretrained recognises as mismatched
+        save_tensors(tensors, directory / MIXER_WEIGHTS, metadata={
+            "format": "pt", "adapter_type": "lora-tle", "tle_config": text})
+        atomic_write_text(directory / MIXER_CONFIG, text)
 
     def _layers_by_name(self) -> list[AdapterMixLinear]:
         return [self.model.get_submodule(m) for m in self.modules_mixed]
@@ -568,8 +571,22 @@ class TokenLevelAdapterMixer(nn.Module):
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_CONFIG} in {directory}")
-        config = json.loads((directory / MIXER_CONFIG).read_text())
+        from safetensors import safe_open
+
+        text = (directory / MIXER_CONFIG).read_text()
+        config = json.loads(text)
+        if not (directory / MIXER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"directory: no {MIXER_WEIGHTS} in {directory}")
+        with safe_open(str(directory / MIXER_WEIGHTS), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("tle_config")
         tensors = load_tensors(directory / MIXER_WEIGHTS)
+        missing = [f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")
+                   if f"{m}.{ab}" not in tensors]
+        if (embedded is not None and json.loads(embedded) != config) or missing:
+            raise ValueError(f"directory: {MIXER_CONFIG} does not match {MIXER_WEIGHTS} in "
+                             f"{directory}" + (f" (no tensor {missing[0]})" if missing else "")
+                             + " (a save interrupted between the two files?); save the "
+                               "mixer again")
         packed = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
                   for m in config["modules"]}
         recency = {k: overrides.pop(k) for k in ("window", "decay") if k in overrides}
