@@ -1053,6 +1053,29 @@ def test_an_unreadable_adapter_config_names_its_file(adapter_dirs, tmp_path):
             load_peft_adapter(folder)
 
 
+def test_a_routed_forward_after_a_filled_cache_is_refused(adapter_dirs):
+    """Routing from the tokens after a KV cache alone would embed only them (silently
+    other weights than a full forward); generate() or weights= handle a cache."""
+    from transformers import DynamicCache
+
+    from datalora.hf_compat import cache_kwargs
+
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    x = ids(B=1, L=8)
+    w = torch.tensor([0.2, 0.3, 0.5])
+    with torch.no_grad():
+        cache = DynamicCache()
+        mixer(x[:, :7], use_cache=True, **cache_kwargs(mixer.model, cache))  # empty: fine
+        with pytest.raises(ValueError, match="past_key_values: a forward's routing"):
+            mixer(x[:, 7:], use_cache=True, **cache_kwargs(mixer.model, cache))
+        cache = DynamicCache()
+        mixer(x[:, :7], weights=w, use_cache=True, **cache_kwargs(mixer.model, cache))
+        step = mixer(x[:, 7:], weights=w, use_cache=True,
+                     **cache_kwargs(mixer.model, cache)).logits[0, -1]
+        torch.testing.assert_close(step, mixer(x, weights=w).logits[0, -1], atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

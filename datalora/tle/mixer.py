@@ -386,7 +386,8 @@ class TokenLevelAdapterMixer(nn.Module):
             prompt_lengths: ``[B]`` positions ``0..P-1`` form the prompt (default: from
                 ``labels``, else the whole valid sequence).
             weights: ``[N]`` or ``[B, L, N]`` mixing weights that replace the routing
-                (default inside :meth:`fixed_weights`: those weights).
+                (default inside :meth:`fixed_weights`: those weights). Needed after a
+                filled KV cache (``past_key_values``): routing needs the whole context.
 
         Returns:
             The model's output (``logits [B, L, V]``, ``loss``).
@@ -395,6 +396,12 @@ class TokenLevelAdapterMixer(nn.Module):
         B, L = input_ids.shape
         if weights is None and self._slot.weights is not None:
             weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        if weights is None and past is not None and (
+                past.get_seq_length() > 0 if hasattr(past, "get_seq_length") else len(past)):
+            raise ValueError("past_key_values: a forward's routing needs the whole context "
+                             "(input_ids from position 0), not the tokens after a filled "
+                             "cache; continue a sequence with generate(), or pass weights=")
         if weights is None:
             if prompt_lengths is None and labels is not None:
                 valid = labels != -100
