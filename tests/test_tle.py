@@ -1076,6 +1076,19 @@ def test_a_routed_forward_after_a_filled_cache_is_refused(adapter_dirs):
                                    rtol=1e-5)
 
 
+def test_fit_centroids_shows_progress_when_asked(adapter_dirs, capsys):
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=HiddenStateEmbedder(0))
+    groups = [["a b", "c"], ["d"], ["e f", "g", "h"]]
+    quiet = mixer.fit_centroids(groups, tok, batch_size=2).clone()
+    assert "centroids" not in capsys.readouterr().err
+    loud = mixer.fit_centroids(groups, tok, batch_size=2, progress=True)
+    assert "centroids" in capsys.readouterr().err
+    assert torch.equal(quiet, loud)
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

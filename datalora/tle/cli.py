@@ -161,11 +161,13 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise ValueError(f"--centroid-file: no example prompts for adapters {missing} "
                              f"(its keys: {sorted(centroid_prompts)})")
-        mixer.fit_centroids({n: centroid_prompts[n] for n in names}, tokenizer)
+        mixer.fit_centroids({n: centroid_prompts[n] for n in names}, tokenizer,
+                            progress=not args.no_progress)
     else:
         train = load_instruction_dataset("embedded", "train")
         mixer.fit_centroids({n: [format_prompt(r) for r in train if r["task"] == n]
-                             [:args.centroid_prompts] for n in names}, tokenizer)
+                             [:args.centroid_prompts] for n in names}, tokenizer,
+                            progress=not args.no_progress)
     losses = {}
     if all(n in TASKS for n in names):
         eval_rows = load_instruction_dataset("embedded", "eval")

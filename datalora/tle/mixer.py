@@ -272,7 +272,7 @@ class TokenLevelAdapterMixer(nn.Module):
     @torch.no_grad()
     def fit_centroids(self, prompts: Sequence[Sequence[str]] | Mapping[str, Sequence[str]],
                       tokenizer: Any, batch_size: int = 16, *,
-                      pooling: str = "context") -> torch.Tensor:
+                      pooling: str = "context", progress: bool = False) -> torch.Tensor:
         """Sets ``centroids [N, D]``: per adapter, the mean of its example texts'
         L2-normalised embeddings.
 
@@ -291,6 +291,7 @@ class TokenLevelAdapterMixer(nn.Module):
                 shared ``### Answer:`` cue), at most 0.025 nats worse in the others, and
                 ``"positions"`` trailed it (best selection score 3.188 vs 3.163;
                 ``benchmarks/results/tle_eval_cpu.json``).
+            progress: a progress bar over the batches of all adapters' examples.
         """
         if pooling not in ("whole", "context", "positions"):
             raise ValueError(f"pooling: expected 'whole', 'context' or 'positions', got "
@@ -316,12 +317,19 @@ class TokenLevelAdapterMixer(nn.Module):
         embedder = self.embedder
         if pooling == "whole" and hasattr(embedder, "whole_context"):
             embedder = embedder.whole_context()
+        from tqdm.auto import tqdm
+
         centroids = []
-        for group in prompts:
-            embs = [self.embed_texts(list(group[i:i + batch_size]), tokenizer, embedder,
-                                     every_position=pooling == "positions")
-                    for i in range(0, len(group), batch_size)]
-            centroids.append(F.normalize(torch.cat(embs), dim=-1).mean(0))
+        bar = tqdm(total=sum(-(-len(g) // batch_size) for g in prompts), desc="centroids",
+                   disable=not progress, leave=False)
+        with bar:
+            for group in prompts:
+                embs = []
+                for i in range(0, len(group), batch_size):
+                    embs.append(self.embed_texts(list(group[i:i + batch_size]), tokenizer,
+                                                 embedder, every_position=pooling == "positions"))
+                    bar.update()
+                centroids.append(F.normalize(torch.cat(embs), dim=-1).mean(0))
         self.centroids = torch.stack(centroids)
         return self.centroids
 
