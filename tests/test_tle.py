@@ -1089,6 +1089,20 @@ def test_fit_centroids_shows_progress_when_asked(adapter_dirs, capsys):
     assert torch.equal(quiet, loud)
 
 
+def test_a_malformed_packed_mapping_is_refused_by_module(adapter_dirs):
+    packed = pack_adapters([load_peft_adapter(d) for d in adapter_dirs])
+    first, second = list(packed)[:2]
+    A, B = packed[second]
+    for bad, match in (({second: (A[:2], B[:2])}, "the same number of adapters N, got \\[2, 3\\]"),
+                       ({second: (A, B[:, :, :2])}, rf"module '{second}' expected \(A \[N, R"),
+                       ({first: (A[0], B[0])}, rf"module '{first}' expected"),
+                       ({first: A}, rf"module '{first}' expected")):
+        with pytest.raises(ValueError, match=match):
+            TokenLevelAdapterMixer(small_model(), packed | bad, names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        TokenLevelAdapterMixer(small_model(), {}, names=[])
+
+
 def test_prompt_lengths_below_one_are_refused(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     with pytest.raises(ValueError, match=r"prompt_lengths: expected integers >= 1"):

@@ -64,6 +64,28 @@ def _check_right_padding(attention_mask: torch.Tensor) -> None:
                          "batch has padding before real tokens")
 
 
+def _check_packed(packed: Mapping[str, Any]) -> int:
+    """The adapter count N of a packed mapping ``{module: (A [N, R, d_in], B [N, d_out, R])}``
+    (one N for all modules); ValueError naming the module otherwise."""
+    if not packed:
+        raise ValueError("adapters: expected a non-empty mapping {module: (A, B)}, got none")
+    counts = set()
+    for module, pair in packed.items():
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+            isinstance(t, torch.Tensor) and t.dim() == 3 for t in pair)
+        if not ok or pair[0].shape[0] != pair[1].shape[0] \
+                or pair[0].shape[1] != pair[1].shape[2]:
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                   for t in (pair if isinstance(pair, (tuple, list)) else [pair])]
+            raise ValueError(f"adapters: module {module!r} expected (A [N, R, d_in], B [N, "
+                             f"d_out, R]), got {got}")
+        counts.add(pair[0].shape[0])
+    if len(counts) > 1:
+        raise ValueError(f"adapters: every module must hold the same number of adapters N, "
+                         f"got {sorted(counts)}")
+    return counts.pop()
+
+
 def _embedding_width(model: nn.Module, embedder: Any) -> int | None:
     """Width of the hidden-state embedder's context embeddings (None: not known here)."""
     if embedder is not None and not isinstance(embedder, HiddenStateEmbedder):
@@ -173,7 +195,7 @@ class TokenLevelAdapterMixer(nn.Module):
             packed = pack_adapters(loaded)
             self.adapter_paths = [a.path for a in loaded]
         names = list(names)
-        N = next(iter(packed.values()))[0].shape[0]
+        N = _check_packed(packed)
         if len(names) != N or len(set(names)) != N:
             raise ValueError(f"names: expected {N} distinct names, got {names}")
         top_k = check_int("top_k", N if top_k is None else top_k, low=1, high=N)
