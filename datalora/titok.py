@@ -632,6 +632,9 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     """
     _check_fraction("sample_keep", sample_keep)
     _check_fraction("token_keep", token_keep)
+    # one name as a str (list("q_proj") would target the modules "q", "_", "p", ...)
+    target_modules = [target_modules] if isinstance(target_modules, str) \
+        else list(target_modules)
     check_target_modules(target_model, adapter, target_modules)
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")

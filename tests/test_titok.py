@@ -310,6 +310,24 @@ def test_titok_transfer_is_reproducible_from_its_seed(tok, tok_other):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+@pytest.mark.parametrize("adapter", ["lora", "molora"])
+def test_titok_transfer_takes_one_target_module_as_a_string(tok, adapter):
+    """target_modules="q_proj" passed the up-front check, then the adapter was attached to
+    list("q_proj"), the modules "q", "_", "p", ... (after generation and scoring)."""
+    peft = pytest.importorskip("peft")
+    from datalora.layers import MoLoRALinear
+    from datalora.titok import titok_transfer
+
+    source = peft.get_peft_model(_small(seed=2), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], init_lora_weights=False))
+    target, _ = titok_transfer(source, tok, _small(seed=4), tok, [ROW], sample_keep=1.0,
+                               token_keep=1.0, adapter=adapter, target_modules="q_proj",
+                               steps=1, synthetic=[ROW], progress=False)
+    wrapped = [n for n, m in target.named_modules()
+               if isinstance(m, MoLoRALinear) or hasattr(m, "lora_A")]
+    assert wrapped and all(n.endswith("q_proj") for n in wrapped)
+
+
 def test_titok_evidence_multi_seed_smoke(tmp_path):
     """The evidence script end to end on the random base (seconds): per-seed losses, their
     means, the paired TITOK - all-tokens difference, keeps chosen on the seed mean."""
