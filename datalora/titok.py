@@ -554,14 +554,22 @@ def check_target_modules(model: nn.Module, adapter: str, targets: Sequence[str])
     if not targets:
         raise ValueError("target_modules: expected at least one module name, got none")
     modules = [(n, m) for n, m in model.named_modules() if n]
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules
+                      if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
     if adapter == "molora":
         found = [n for n, m in modules if isinstance(m, nn.Linear)
                  and n.rsplit(".", 1)[-1] in targets]
     else:
-        found = [n for n, _ in modules if any(n == t or n.endswith(f".{t}") for t in targets)]
+        named = [(n, m) for n, m in modules if any(n == t or n.endswith(f".{t}")
+                                                    for t in targets)]
+        # PEFT refuses a container (a decoder layer's MLP): its layers must be named
+        for n, m in named:
+            if not hasattr(m, "weight") and next(m.children(), None) is not None:
+                raise ValueError(f"target_modules: {n!r} is a {type(m).__name__}, a "
+                                 f"container a LoRA cannot wrap; name its layers (the "
+                                 f"model's linear layers are named {linears})")
+        found = [n for n, _ in named]
     if not found:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules
-                          if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
         need = "nn.Linear " if adapter == "molora" else ""
         raise ValueError(f"target_modules: none of {targets} names a {need}module of the "
                          f"target model; its linear layers are named {linears}")

@@ -551,14 +551,15 @@ def test_titok_transfer_checks_reduce_lengths_training_and_offsets_before_any_wo
              (dict(score_max_length=0), "score_max_length"), (dict(steps=0), "steps"),
              (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
              (dict(rank=0), "rank"), (dict(alpha=0.0), "alpha"),
+             (dict(target_modules=["q_proj", "mlp"]), "'model.layers.0.mlp' is a MistralMLP"),
              (dict(target_tokenizer=ByT5Tokenizer()), "target_tokenizer: .*offsets"),
              (dict(source_tokenizer=ByT5Tokenizer()), "source_tokenizer: .*offsets")]
     for kwargs, match in cases:
-        args = dict(source_tokenizer=tok, target_tokenizer=tok) | kwargs
+        args = dict(source_tokenizer=tok, target_tokenizer=tok, target_modules=["q_proj"])
+        args |= kwargs
         with pytest.raises(ValueError, match=match):
             titok_transfer(NoWork(), args.pop("source_tokenizer"), target,
-                           args.pop("target_tokenizer"), [ROW], progress=False,
-                           target_modules=["q_proj"], **args)
+                           args.pop("target_tokenizer"), [ROW], progress=False, **args)
 
 
 def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, tok_other,
