@@ -656,11 +656,15 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     tokenizers = [("target_tokenizer", target_tokenizer)]
     if scored is None:
         tokenizers.append(("source_tokenizer", source_tokenizer))
-    for name, tokenizer in tokenizers:  # both align by character offsets
+    for name, tokenizer in tokenizers:  # both align by character offsets, pad and end rows
         try:
             response_offsets(tokenizer, "a")
         except ValueError as exc:
             raise ValueError(f"{name}: {str(exc).partition(': ')[2]}") from None
+        for token in ("eos", "pad"):
+            if getattr(tokenizer, f"{token}_token_id", None) is None:
+                raise ValueError(f"{name}: has no {token}_token_id; set {name}.{token}_token"
+                                 + (" (e.g. to its eos_token)" if token == "pad" else ""))
     if scored is None:  # before generating: the scoring's base pass must be possible
         if source_base_model is None:
             _check_can_disable(source_model)

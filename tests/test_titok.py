@@ -547,7 +547,11 @@ def test_titok_transfer_checks_reduce_lengths_training_and_offsets_before_any_wo
             raise AssertionError("generated before the arguments were checked")
 
     target = _small()
-    cases = [(dict(reduce="sum"), "reduce"), (dict(max_length=1), "max_length"),
+    no_pad = _byte_level_bpe()
+    no_pad.pad_token = None
+    cases = [(dict(target_tokenizer=no_pad), "target_tokenizer: has no pad_token_id"),
+             (dict(source_tokenizer=no_pad), "source_tokenizer: has no pad_token_id"),
+             (dict(reduce="sum"), "reduce"), (dict(max_length=1), "max_length"),
              (dict(score_max_length=0), "score_max_length"), (dict(steps=0), "steps"),
              (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
              (dict(rank=0), "rank"), (dict(alpha=0.0), "alpha"),
