@@ -103,6 +103,16 @@ def test_anchor_positions(mode, n, want):
     assert recompute_positions(3, 8, mode, n) == sorted(set(want))
 
 
+def test_routing_weights_stay_finite_for_a_tiny_tau():
+    """A tau small enough that sim / tau overflows to inf gave NaN weights."""
+    e = torch.tensor([[1.0, 0.2, 0.0]])
+    c = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.3, 0.0], [0.0, 0.0, 1.0]])
+    for tau in (1e-39, 1e-45):
+        torch.testing.assert_close(routing_weights(e, c, tau), torch.tensor([[0.0, 1.0, 0.0]]))
+    sim = torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T
+    torch.testing.assert_close(routing_weights(e, c, 0.1), torch.softmax(sim / 0.1, -1))
+
+
 def test_anchor_positions_validation():
     with pytest.raises(ValueError, match="mode"):
         anchor_positions(torch.tensor([2]), 4, "sentence")

@@ -28,7 +28,9 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
         raise ValueError(f"centroids: expected shape [N, D={embeddings.shape[-1]}], got "
                          f"{tuple(centroids.shape)}")
     sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
-    return torch.softmax(sim / tau, dim=-1)
+    # shifted by the row max first: the same softmax, but a tiny tau cannot overflow
+    # sim / tau to inf (inf - inf = NaN weights)
+    return torch.softmax((sim - sim.amax(-1, keepdim=True)) / tau, dim=-1)
 
 
 def _check_mode(mode: str, every_n: int) -> int:
