@@ -760,6 +760,9 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"seeds: one seed with --source-model, got {args.seeds}")
     folder = check_adapter_folder(args.source_adapter)
     prompts = load_seed_prompts(args.seed_file)
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"output_dir: {args.output_dir} is a file, expected a folder (new or "
+                         f"existing)")
     target, target_tok = load_model_and_tokenizer(args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)
     source, source_tok = _load_source(args.source_model, folder)
@@ -864,6 +867,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "source_adapter": "--source-adapter", "source_model": "--source-model",
         "target_model": "--target-model", "seed_file": "--seed-file",
         "target_modules": "--target-modules", "adapter": "--adapter", "steps": "--steps",
+        "output_dir": "--output-dir",
         "seed_prompts": "--seed-prompts", "eval_rows": "--eval-rows"})
 
 

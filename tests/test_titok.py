@@ -598,7 +598,8 @@ def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, t
     for bad, flag in ((["--sample-keep", "0"], "--sample-keep"),
                       (["--source-adapter", str(tmp_path / "missing")], "--source-adapter"),
                       (["--target-modules", "c_attn"], "--target-modules"),
-                      (["--seed-file", str(tmp_path / "seeds.csv")], "--seed-file")):
+                      (["--seed-file", str(tmp_path / "seeds.csv")], "--seed-file"),
+                      (["--output-dir", str(tmp_path / "seeds.txt")], "--output-dir")):
         with pytest.raises(SystemExit) as exc:
             main(flags + bad)
         assert exc.value.code == 2 and flag in capsys.readouterr().err

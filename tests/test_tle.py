@@ -880,6 +880,7 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
     monkeypatch.setattr(testing, "load_model_and_tokenizer",
                         lambda *a, **k: loaded.append(a) or real_load(*a, **k))
     for argv, flag, loads in ((["--top-k", "9"], "--top-k", False),
+                              (["--save", __file__], "--save: ", False),
                               (["--adapters", "x/math", "y/math", "--centroid-file", "c.json"],
                                "--adapters: the folder names name the adapters", False),
                               (["--model", "/no/such/model"], "--adapters", False),

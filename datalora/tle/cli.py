@@ -109,6 +109,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     window = (16 if args.decay is None else None) if args.window is None \
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        raise ValueError(f"--save: {args.save} is a file, expected a folder (new or existing)")
     if args.adapters:
         folder_names = [Path(a).name for a in args.adapters]
         twice = sorted({n for n in folder_names if folder_names.count(n) > 1})
