@@ -433,8 +433,13 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     if len(src_offsets) != src_scores.numel():
         raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
                          f"span), got {src_scores.numel()}")
-    if [tuple(s) for s in src_offsets] == [tuple(t) for t in tgt_offsets]:
+    src_spans = [tuple(s) for s in src_offsets]
+    n = len(src_spans)
+    if src_spans == [tuple(t) for t in tgt_offsets]:
         return src_scores.float().clone()  # same tokenization: token i is token i
+    # the same tokenization with the source cut shorter (score_max_length): token i is
+    # token i on the shared prefix (tokens splitting one character share its span)
+    prefix = n > 0 and src_spans == [tuple(t) for t in tgt_offsets[:n]]
     src_offsets, tgt_offsets = tile_spans(src_offsets), tile_spans(tgt_offsets)
     out = torch.full((len(tgt_offsets),), float("nan"))
     scores = src_scores.float().tolist()
@@ -453,6 +458,8 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
                 out[j] = max(s for s, _ in hits)
             else:
                 out[j] = sum(s * w for s, w in hits) / sum(w for _, w in hits)
+    if prefix:
+        out[:n] = src_scores.float()
     return out
 
 

@@ -378,6 +378,10 @@ def test_align_is_the_identity_for_the_same_tokenization():
     offsets = response_offsets(build_tokenizer(), "héllo wörld 😀 ok")
     scores = torch.arange(len(offsets), dtype=torch.float32)
     assert torch.equal(align_token_scores(offsets, scores, offsets), scores)
+    # the source scored fewer tokens (cut by score_max_length): still token i on the prefix
+    cut = len(offsets) - 3
+    got = align_token_scores(offsets[:cut], scores[:cut], offsets)
+    assert torch.equal(got[:cut], scores[:cut])
 
 
 # --------------------------------------------------------------------------- review fixes
