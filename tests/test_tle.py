@@ -884,6 +884,8 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
                               (["--adapters", "x/math", "y/math", "--centroid-file", "c.json"],
                                "--adapters: the folder names name the adapters", False),
                               (["--model", "/no/such/model"], "--adapters", False),
+                              (["--model", "m", "--adapters", "x/sort", "--base", "random"],
+                               "--base: picks the embedded tiny base", False),
                               (["--embed-layer", "40"], "--embed-layer", True),
                               (["--embed-layer", "-4"], "--embed-layer", True)):
         loaded.clear()

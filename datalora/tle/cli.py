@@ -40,9 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int_at_least(1), default=80,
                    help="optimisation steps of each default task adapter")
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
-    p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
+    p.add_argument("--base", choices=("pretrained", "random"), default=None,
                    help="embedded tiny base without --model: pretrained "
-                        "(build_pretrained_tiny_model) or random init "
+                        "(build_pretrained_tiny_model, the default) or random init "
                         "(load_model_and_tokenizer()); --adapters must have been trained on "
                         "it")
     p.add_argument("--tau", type=positive_float, default=0.02,
@@ -127,6 +127,9 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                              f"adapter give their centroids")
     if args.sentence_embedder and args.decay is not None:
         raise ValueError("decay: not available with --sentence-embedder (use --window)")
+    if args.model is not None and args.base is not None:
+        raise ValueError("--base: picks the embedded tiny base; not used with --model")
+    base = args.base or "pretrained"
     if args.model is not None and not args.adapters:
         raise ValueError("--adapters: required with --model (default adapters are "
                          "trained on the embedded model)")
@@ -136,7 +139,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                          f"adapters), got {args.top_k}")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.model is None:
-        model = build_base_model(args.base, progress=not args.no_progress)
+        model = build_base_model(base, progress=not args.no_progress)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if not args.sentence_embedder and isinstance(layers, int) \
             and not -(layers + 1) <= args.embed_layer <= layers:
@@ -153,7 +156,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from datalora.experiments.task_adapters import train_task_adapters
 
-        trained = train_task_adapters(args.adapter_dir, base=args.base,
+        trained = train_task_adapters(args.adapter_dir, base=base,
                                       steps=args.train_steps, progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
     mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
