@@ -1102,6 +1102,11 @@ def test_fit_centroids_shows_progress_when_asked(adapter_dirs, capsys):
     assert torch.equal(quiet, loud)
 
 
+def test_names_as_one_string_is_refused(adapter_dirs):
+    with pytest.raises(TypeError, match="names: expected a sequence of adapter names"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, names="abc")
+
+
 def test_a_malformed_packed_mapping_is_refused_by_module(adapter_dirs):
     packed = pack_adapters([load_peft_adapter(d) for d in adapter_dirs])
     first, second = list(packed)[:2]

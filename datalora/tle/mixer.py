@@ -165,6 +165,9 @@ class TokenLevelAdapterMixer(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if isinstance(names, (str, bytes)):  # list("abc") would name three adapters
+            raise TypeError(f"names: expected a sequence of adapter names, got the string "
+                            f"{names!r}")
         if isinstance(adapters, Mapping):
             packed = dict(adapters)
             if names is None:
