@@ -38,3 +38,25 @@ def test_a_context_longer_than_the_encoder_limit_keeps_its_latest_tokens():
     long = "the quick brown fox jumps over the lazy dog " * 80
     a, b = embedder.encode([long + "What is 12 + 3?", long + "Reverse the letters: abcde"])
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_a_mixer_with_the_default_encoder_is_saved_without_this_install_path(tmp_path):
+    """The package's weights folder is an absolute path of this environment: saved, it made
+    the mixer unloadable after a move to another environment."""
+    from datalora.testing import build_tiny_model
+    from datalora.tle import TokenLevelAdapterMixer
+
+    lm_tok = build_tokenizer()
+    embedder = SentenceEmbedder(lm_tok)
+    assert embedder.spec()["model"] is None
+    model = build_tiny_model(seed=0)
+    D = model.config.hidden_size
+    A, B = torch.zeros(2, 2, D), torch.zeros(2, D, 2)
+    mixer = TokenLevelAdapterMixer(model, {"model.layers.0.self_attn.q_proj": (A, B)},
+                                   names=["x", "y"], embedder=embedder,
+                                   centroids=torch.randn(2, 384))
+    mixer.save_pretrained(tmp_path)
+    again = TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=0), tmp_path,
+                                                   lm_tokenizer=lm_tok)
+    assert isinstance(again.embedder, SentenceEmbedder)
+    assert again.embedder.model_path == embedder.model_path

@@ -218,6 +218,9 @@ class SentenceEmbedder:
         self.window = check_recency(window, None)[0]
         self.lm_tokenizer, self.model_path = lm_tokenizer, model
         self._custom = encode is not None  # a saved mixer cannot rebuild a callable
+        # the optional package's weights: saved as None (found again wherever it is
+        # installed), not as this environment's absolute path
+        self._default_model = model is None
         if encode is None:
             from transformers import AutoModel, AutoTokenizer
 
@@ -237,7 +240,8 @@ class SentenceEmbedder:
         self.encode = encode
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "custom" if self._custom else self.kind, "model": self.model_path,
+        model = None if self._default_model else self.model_path
+        return {"type": "custom" if self._custom else self.kind, "model": model,
                 "window": self.window}
 
     def whole_context(self) -> SentenceEmbedder:
