@@ -619,8 +619,12 @@ def _encode_examples(examples: Sequence[Mapping[str, Any]],
     joint = tokenizer([t + e["response"] for t, e in zip(texts, examples, strict=True)],
                       add_special_tokens=True)["input_ids"]
     out = []
-    for prompt, ids in zip(prompts, joint, strict=True):
+    for prompt, ids, example in zip(prompts, joint, examples, strict=True):
         split = _shared_prefix(prompt, ids)
+        if split == len(ids) and split > 0 and example["response"]:
+            # the response merged into the prompt's last token (same id: e.g. a run of
+            # whitespace or unknown characters): that token spans both, so it is trained
+            split -= 1
         out.append((list(ids[:split]), list(ids[split:]) + [eos]))
     return out
 
