@@ -102,9 +102,14 @@ class DATALORAConfig:
                              f"got {self.target_retention}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: expected a value in [0, 1), got {self.lora_dropout}")
-        if not self.temperature_init > 0 or not self.temperature_final > 0:
-            raise ValueError(f"temperature_init/temperature_final: expected > 0, got "
-                             f"{self.temperature_init}/{self.temperature_final}")
+        for name in ("temperature_init", "temperature_final"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.temperature_final > self.temperature_init:
+            raise ValueError(f"temperature_final: expected <= temperature_init="
+                             f"{self.temperature_init} (the curriculum anneals tau down from "
+                             f"temperature_init to temperature_final), got "
+                             f"{self.temperature_final}")
         self.base_model = _check_base_model(self.base_model)
         self.target_modules = _check_target_modules(self.target_modules)
         if self.routing not in ROUTINGS:

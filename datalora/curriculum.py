@@ -76,6 +76,10 @@ class CurriculumScheduler:
                                         low_inclusive=False)
         temperature_final = check_number("temperature_final", temperature_final, low=0,
                                          low_inclusive=False)
+        if temperature_final > temperature_init:
+            raise ValueError(f"temperature_final: expected <= temperature_init="
+                             f"{temperature_init} (tau is annealed down from temperature_init "
+                             f"to temperature_final), got {temperature_final}")
         target_retention = check_number("target_retention", target_retention, low=0,
                                         low_inclusive=False, high=1)
         split = check_fractions("split", split)

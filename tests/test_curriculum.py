@@ -93,6 +93,8 @@ def test_apply_sets_model_state():
     (dict(split=(0.5, 0.5, 0.5)), "split"),
     (dict(mode="minutes"), "mode"),
     (dict(total_steps=0), "total_steps"),
+    (dict(temperature_init=0.5, temperature_final=5.0),
+     r"temperature_final: expected <= temperature_init=0.5"),
 ])
 def test_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):

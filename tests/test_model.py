@@ -214,6 +214,10 @@ def test_training_step_reduces_loss():
     (dict(routing="global"), "routing: expected"),
     (dict(curriculum_split=[0.5, 0.5, 0.5]), "curriculum_split"),
     (dict(prune_layers=[3, 1]), "prune_layers"),
+    (dict(temperature_init=0.5, temperature_final=5.0),
+     r"temperature_final: expected <= temperature_init=0.5"),
+    (dict(temperature_final=-1.0), r"^temperature_final: expected > 0, got -1.0"),
+    (dict(temperature_init=-1.0), r"^temperature_init: expected > 0, got -1.0"),
 ])
 def test_config_validation(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
