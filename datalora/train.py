@@ -431,8 +431,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     defaults = TINY_MODEL_DEFAULTS if _is_embedded(config.base_model) else REAL_MODEL_DEFAULTS
     if max_steps is not None:
         max_steps = check_int("max_steps", max_steps, low=1)
-    if not float(epochs) > 0:
-        raise ValueError(f"epochs: expected > 0, got {epochs!r}")
+    epochs = check_number("epochs", epochs, low=0, low_inclusive=False)
+    if save_steps is not None:  # 0 would silently save nothing, -1 at the end only
+        save_steps = check_int("save_steps", save_steps, low=1)
     learning_rate = check_number(
         "learning_rate", defaults["learning_rate"] if learning_rate is None else learning_rate,
         low=0, low_inclusive=False)

@@ -441,7 +441,8 @@ def test_train_config_validation(tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         train_datalora(None, max_steps=0)
     for kwargs in ({"learning_rate": "1e-4"}, {"gradient_accumulation_steps": 0},
-                   {"batch_size": 0}):
+                   {"batch_size": 0}, {"save_steps": 0}, {"save_steps": -1},
+                   {"save_steps": "2"}, {"epochs": "x"}, {"epochs": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             train_datalora(None, max_steps=1, **kwargs)
     for extra, match in (({"weight_decy": 0.1}, r"\['weight_decy'\] are not TrainingArguments"),
