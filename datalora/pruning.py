@@ -63,10 +63,14 @@ _CACHE_USN_ATTR = "_datalora_usn_context"
 
 
 def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor | int:
-    """``ceil(retention * n)`` without float round-up (0.3 * 10 keeps 3, not 4)."""
+    """``ceil(retention * n)`` without float round-up (0.3 * 10 keeps 3, not 4); a retention
+    > 0 keeps at least 1 of ``n >= 1`` tokens (the round-up guard would keep none below
+    1e-9 / n)."""
+    low = 1 if retention > 0 else 0
     if isinstance(num_tokens, torch.Tensor):
-        return torch.ceil(num_tokens.double() * retention - 1e-9).clamp_min(0).long()
-    return max(math.ceil(num_tokens * retention - 1e-9), 0)
+        count = torch.ceil(num_tokens.double() * retention - 1e-9).clamp_min(low).long()
+        return torch.minimum(count, num_tokens.long().clamp_min(0))
+    return min(max(math.ceil(num_tokens * retention - 1e-9), low), max(num_tokens, 0))
 
 
 @dataclass

@@ -81,6 +81,18 @@ def test_keep_count_no_float_roundup():
     assert torch.equal(keep_count(torch.tensor([10, 3, 0]), 0.3), torch.tensor([3, 1, 0]))
 
 
+def test_a_tiny_retention_still_keeps_the_last_real_token():
+    """ceil(retention * n) >= 1 for any retention > 0: the 1e-9 guard against float
+    round-up must not round a tiny retention down to 0 kept tokens."""
+    assert keep_count(6, 1e-12) == 1 and keep_count(0, 1e-12) == 0
+    assert torch.equal(keep_count(torch.tensor([6, 1, 0]), 1e-12), torch.tensor([1, 1, 0]))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    sel = select_tokens(torch.randn(2, 6), 1e-12, mask)
+    assert sel.counts.tolist() == [1, 1]
+    assert sel.keep_mask(6).int().tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0]]
+
+
 def test_select_tokens_validation():
     with pytest.raises(ValueError, match="retention"):
         select_tokens(torch.zeros(2, 3), 0.0)
