@@ -316,6 +316,22 @@ def check_prunable(model: nn.Module) -> None:
         raise ValueError(_ROUTER_LOGITS_ERROR)
 
 
+_QUANTILE_MAX = 1 << 24
+"""Elements ``torch.quantile`` takes at most ("input tensor is too large" above)."""
+
+
+def _quantile(flat: torch.Tensor, q: float) -> float:
+    """``torch.quantile(flat, q)`` (linear interpolation) for a 1-D tensor of any length:
+    above :data:`_QUANTILE_MAX` elements, which ``torch.quantile`` refuses, from a sort."""
+    if flat.numel() <= _QUANTILE_MAX:
+        return float(torch.quantile(flat, q))
+    ordered = flat.sort().values
+    rank = q * (ordered.numel() - 1)
+    lower = math.floor(rank)
+    upper = min(lower + 1, ordered.numel() - 1)
+    return float(torch.lerp(ordered[lower], ordered[upper], rank - lower))
+
+
 _ROUTER_LOGITS_ERROR = (
     "output_router_logits: not supported with token pruning (the pruned layers' router "
     "logits cover the kept tokens only, and the base's load-balancing loss needs every "
@@ -851,7 +867,7 @@ class DATALORARuntime:
             flat = flat[valid.reshape(-1).bool()]
         if flat.numel() == 0:
             raise ValueError("scores: no valid token scores to calibrate on")
-        value = float(torch.quantile(flat, 1.0 - retention)) if retention < 1.0 else -math.inf
+        value = _quantile(flat, 1.0 - retention) if retention < 1.0 else -math.inf
         self.saliency.keep_threshold.fill_(value)
         self.calibrated_retention, self._warned_stale = retention, False
         self._warned_off = False

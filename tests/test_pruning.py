@@ -250,6 +250,22 @@ def test_threshold_mode_is_causal_and_calibrated():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def test_calibrate_takes_more_scores_than_torch_quantile_does(monkeypatch):
+    """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
+    of long sequences); calibrate() then takes the quantile from a sort, the same value."""
+    import datalora.pruning as pruning
+
+    model = datalora_model()
+    scores = torch.randn(4001, generator=torch.Generator().manual_seed(0))
+    want = model.runtime.calibrate(scores, retention=0.3)
+    monkeypatch.setattr(pruning, "_QUANTILE_MAX", 1000)  # the sort path on a small input
+    assert model.runtime.calibrate(scores, retention=0.3) == pytest.approx(want, abs=1e-6)
+    monkeypatch.undo()
+    big = torch.randn((1 << 24) + 1, generator=torch.Generator().manual_seed(1))
+    value = model.runtime.calibrate(big, retention=0.5)
+    assert abs(value) < 1e-3 and float(model.saliency.keep_threshold) == value
+
+
 def test_generation_with_pruning_and_kv_cache_equals_no_cache():
     model = calibrated_model(0.5)
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(11))
