@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from datalora import ops
+from datalora.checks import check_number
 from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
 from datalora.routing import Routing
@@ -861,7 +862,8 @@ class DATALORARuntime:
             valid: same shape, bool (False: padding, ignored).
             retention: default: the current retention.
         """
-        retention = self.retention if retention is None else float(retention)
+        retention = self.retention if retention is None else check_number(
+            "retention", retention, low=0, low_inclusive=False, high=1)
         flat = scores.float().reshape(-1)
         if valid is not None:
             flat = flat[valid.reshape(-1).bool()]

@@ -266,6 +266,16 @@ def test_calibrate_takes_more_scores_than_torch_quantile_does(monkeypatch):
     assert abs(value) < 1e-3 and float(model.saliency.keep_threshold) == value
 
 
+@pytest.mark.parametrize("retention", [1.5, 0.0, -0.2, float("nan"), "0.5"])
+def test_calibrate_refuses_a_retention_outside_0_1(retention):
+    """A retention above 1 or NaN calibrated to -inf (every token kept) and 0 to the maximum
+    score (none kept), silently; -0.2 failed inside torch.quantile."""
+    model = datalora_model()
+    with pytest.raises(ValueError, match=r"retention: expected a finite number in \(0, 1\]"):
+        model.runtime.calibrate(torch.randn(50), retention=retention)
+    assert math.isnan(float(model.saliency.keep_threshold))
+
+
 def test_generation_with_pruning_and_kv_cache_equals_no_cache():
     model = calibrated_model(0.5)
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(11))
