@@ -401,7 +401,9 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
             saliency weights are fp32 in every case (also on a bf16 / fp16 checkpoint
             trained without ``bf16``); the MoLoRA layers compute in the activations' dtype.
         model: an already loaded base model (skips loading; pass its loaded
-            ``tokenizer`` with it).
+            ``tokenizer`` with it). Without ``model_name_or_path`` the name it was loaded
+            from (``model.config._name_or_path``) stands for it: its defaults and the
+            ``base_model`` recorded.
         tokenizer: a loaded tokenizer, or a local folder or Hub name to load it from
             instead of the model's (a model folder saved without its tokenizer: a local
             folder without tokenizer files is an error before the model loads).
@@ -427,6 +429,12 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     from datalora.model import get_datalora_model
     from datalora.trainer import DATALORATrainer
 
+    if model is not None and model_name_or_path is None:
+        # a loaded model is the one it was loaded from (a Mistral-7B given as model= must not
+        # get the embedded tiny model's settings, lr 3e-2, nor be recorded as it); one built
+        # in code (no name) keeps the config's base_model
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        model_name_or_path = name if isinstance(name, str) and name else None
     config = _train_config(config, model_name_or_path)
     defaults = TINY_MODEL_DEFAULTS if _is_embedded(config.base_model) else REAL_MODEL_DEFAULTS
     if max_steps is not None:

@@ -601,6 +601,24 @@ def test_train_keeps_fp32_adapters_on_a_bf16_checkpoint(tmp_path):
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for layer in layers)
 
 
+def test_a_loaded_model_gets_the_settings_of_the_name_it_was_loaded_from(tmp_path):
+    """train_datalora(model=<loaded from a folder or the Hub>) trains as
+    train_datalora(model_name_or_path=<that name>): not with the embedded tiny model's
+    config and learning rate 3e-2, and the adapter records the real base model."""
+    from datalora.testing import build_tiny_model, build_tokenizer, load_model_and_tokenizer
+    from datalora.train import train_datalora
+
+    build_tiny_model().save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "m"))
+    result = train_datalora(model=model, tokenizer=tokenizer, max_steps=1, limit=4,
+                            batch_size=4, progress=False, output_dir=str(tmp_path / "out"))
+    assert result.log_history[0]["learning_rate"] == 2e-4
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["base_model"] == str(tmp_path / "m")
+    assert saved["prune_layers"] is None and saved["lambda_prune"] == 0.1  # not the tiny ones
+
+
 def test_the_seed_config_trains_the_datalora_method(tmp_path):
     """Issue 6's snippet as written: the seed model card's DATALORAConfig (no ``routing``)
     builds the DATALORA method on a decoder LM (routing='auto' -> 'shared') and
