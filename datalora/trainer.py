@@ -10,7 +10,9 @@ On top of the Trainer it
 * logs ``phase`` (0/1/2), ``tau``, ``retention_target``, ``retention`` (actual kept
   fraction), ``lm_loss``, ``retention_loss``, ``balance_loss``, ``rank_scale_mean`` and
   ``expert_load_e{i}`` to the Trainer's loggers and progress bar, and keeps a richer record
-  (per-task expert load when batches carry ``task_ids``) in ``datalora_history``;
+  (per-task expert load when batches carry ``task_ids``) in ``datalora_history``; each
+  record covers steps of one phase (a phase change between logs closes a record with
+  ``loss`` None, and the next log's metrics cover the new phase's steps);
 * saves the adapter + saliency network + config (``adapter_model.safetensors``,
   ``adapter_config.json``), the curriculum (``curriculum_state.json``) and
   ``datalora_history`` (``datalora_history.json``) in every checkpoint and resumes from
@@ -190,6 +192,12 @@ class DATALORATrainer(Trainer):
         if self.curriculum is None:
             return
         self.curriculum.step(int(state.global_step), epoch=float(state.epoch or 0.0))
+        previous = self._applied
+        if previous is not None and self._count \
+                and self.curriculum.state.phase_index != previous.phase_index:
+            # the steps since the last log belong to the phase that just ended: record them
+            # under it, not averaged into the next log under the new phase's name
+            self._record_history(None)
         self._applied = self.curriculum.apply(self.datalora_model)
 
     # ------------------------------------------------------------------ loss

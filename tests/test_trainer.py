@@ -158,6 +158,26 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     assert resumed.datalora_history[-1]["lm_loss"] == full.datalora_history[-1]["lm_loss"]
 
 
+def test_history_records_never_mix_steps_of_two_phases(tmp_path):
+    """logging_steps=3 over 6 steps (phases: steps 1-2, 3-4, 5-6): the steps of a phase that
+    ends between two logs are recorded under that phase, not averaged into the next log
+    under the new phase's name (the per-phase summary of train_datalora reads them)."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+        learning_rate=3e-2, logging_steps=3, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0)
+    trainer = DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=PatternData(),
+                              data_collator=collate, calibrate_batches=0)
+    trainer.train()
+    hist = trainer.datalora_history
+    assert [(h["step"], h["phase"]) for h in hist] == [
+        (2, "warmup"), (3, "sparsification"), (4, "sparsification"), (6, "hardening")]
+    assert [h["loss"] is None for h in hist] == [True, False, True, False]
+    assert hist[0]["retention"] == 1.0 and hist[-1]["retention_target"] == 0.5
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["phase"] for h in logs] == [1, 2]
+
+
 def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     """``resume_from_checkpoint=True`` (the last checkpoint in output_dir): the curriculum
     state is read by ``train`` itself, whatever path loads the weights."""
