@@ -138,6 +138,9 @@ class DATALORAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DATALORAConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping of DATALORAConfig fields, got "
+                             f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k != "adapter_type"}
         unknown = sorted(set(data) - known)

@@ -231,6 +231,12 @@ def test_config_json_and_yaml_round_trip(tmp_path):
     assert DATALORAConfig.from_file(tmp_path / "c.yaml").lora_rank == 8
     with pytest.raises(ValueError, match="unknown DATALORAConfig fields"):
         DATALORAConfig.from_dict({"lora_rnak": 8})
+    # a file whose top level is not a mapping: a ValueError, not AttributeError 'items'
+    for name, text in (("l.yaml", "- 1\n"), ("l.json", "[1]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="config: expected a mapping of DATALORAConfig "
+                                             "fields, got list"):
+            DATALORAConfig.from_file(tmp_path / name)
 
 
 def test_nf4_base_trains_and_reloads_bit_exact(tmp_path):
