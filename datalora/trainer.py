@@ -377,6 +377,14 @@ class DATALORATrainer(Trainer):
 
     # ------------------------------------------------------------------ threshold
 
+    def _final_state(self) -> tuple[float, float]:
+        """``(tau, retention)`` training ends in: the curriculum's end (its own temperatures
+        and target when one was passed), else this trainer's config's."""
+        if self.curriculum is not None:
+            end = self.curriculum.state_at_progress(1.0)
+            return end.tau, end.retention
+        return self.datalora_config.temperature_final, self.datalora_config.target_retention
+
     @torch.no_grad()
     def calibrate_keep_threshold(self, max_batches: int | None = None) -> float:
         """Sets the generation keep threshold from training batches (averaged over ranks)."""
@@ -401,7 +409,7 @@ class DATALORATrainer(Trainer):
         if not scores:
             raise ValueError("train_dataset: no batches to calibrate the keep threshold on")
         value = dl.runtime.calibrate(torch.cat(scores), torch.cat(valid),
-                                     retention=self.datalora_config.target_retention)
+                                     retention=self._final_state()[1])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = dl.saliency.keep_threshold.detach().clone()
             torch.distributed.all_reduce(t)
@@ -433,9 +441,9 @@ class DATALORATrainer(Trainer):
         # left in the state of the last step's start (sparsification for runs of 1-2 steps
         # or a split without hardening); leave it in the final inference state instead,
         # the one a reloaded adapter gets (DATALORAModel.__init__)
-        cfg = self.datalora_model.datalora_config
-        self.datalora_model.set_curriculum_state(cfg.temperature_final, cfg.target_retention,
-                                                 True)
+        # (the trainer's curriculum / config, which may differ from the model's config)
+        tau, retention = self._final_state()
+        self.datalora_model.set_curriculum_state(tau, retention, True)
         if self.calibrate_batches > 0:
             self.calibrate_keep_threshold()
         return output

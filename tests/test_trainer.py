@@ -178,6 +178,27 @@ def test_history_records_never_mix_steps_of_two_phases(tmp_path):
     assert [h["phase"] for h in logs] == [1, 2]
 
 
+def test_training_ends_in_the_trainers_curriculum_end_state(tmp_path):
+    """A trainer given its own datalora_config or curriculum anneals to their target: the
+    model is left there (tau, retention) and the keep threshold calibrated for it, not at
+    the model config's target_retention / temperature_final."""
+    import dataclasses
+
+    from datalora.curriculum import CurriculumScheduler
+
+    model = tiny_datalora()
+    cfg = dataclasses.replace(model.datalora_config, target_retention=0.25,
+                              temperature_final=0.2)
+    make_trainer(tmp_path / "a", model, steps=3, datalora_config=cfg).train()
+    assert model.curriculum_state() == {"tau": 0.2, "retention": 0.25, "hard": True}
+    assert model.runtime.calibrated_retention == 0.25
+    model = tiny_datalora()
+    make_trainer(tmp_path / "b", model, steps=3,
+                 curriculum=CurriculumScheduler(5.0, 1.0, 0.3)).train()
+    assert model.curriculum_state() == {"tau": 1.0, "retention": 0.3, "hard": True}
+    assert model.runtime.calibrated_retention == 0.3
+
+
 def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     """``resume_from_checkpoint=True`` (the last checkpoint in output_dir): the curriculum
     state is read by ``train`` itself, whatever path loads the weights."""
