@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from datalora.checks import check_int
 from datalora.curriculum import PHASES, CurriculumScheduler, check_mode
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
@@ -123,7 +124,8 @@ class DATALORATrainer(Trainer):
         if task_names is None:
             task_names = getattr(self.data_collator, "tasks", None)
         self.task_names = list(task_names) if task_names is not None else None
-        self.calibrate_batches = int(calibrate_batches)
+        # a negative count silently skipped the calibration
+        self.calibrate_batches = check_int("calibrate_batches", calibrate_batches, low=0)
         self.datalora_history: list[dict[str, Any]] = []
         self._resume_curriculum: dict[str, Any] | None = None
         self._applied = None

@@ -587,6 +587,9 @@ def test_trainer_helpful_defaults_and_errors(tmp_path):
                                           if k != "labels"}
     with pytest.raises(ValueError, match="needs 'labels' in every training batch"):
         trainer.train()
+    for bad in (-1, 1.5, "4"):  # -1 skipped the calibration without a word
+        with pytest.raises(ValueError, match=r"^calibrate_batches: expected an int >= 0"):
+            make_trainer(tmp_path, tiny_datalora(), steps=2, calibrate_batches=bad)
 
 
 def test_task_names_default_to_the_collators_tasks(tmp_path):
