@@ -309,6 +309,7 @@ def evaluate_loss(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_le
     """
     if not rows:
         raise ValueError("rows: expected at least one row to evaluate on")
+    batch_size = check_int("batch_size", batch_size, low=1)  # -2 evaluated nothing: 0.0
     items = _tokenized_rows(rows, tokenizer, max_length, "eval rows")
     return _evaluate_items(model, items, tokenizer, batch_size, retention)
 

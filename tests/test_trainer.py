@@ -493,6 +493,16 @@ def test_train_config_validation(tmp_path):
                            output_dir=str(tmp_path / "bad_args"))
 
 
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5])
+def test_evaluate_loss_refuses_a_bad_batch_size(batch_size):
+    """batch_size=-2 evaluated no row and returned a loss of 0.0; 0 failed inside range()."""
+    from datalora.train import evaluate_loss
+
+    with pytest.raises(ValueError, match=r"^batch_size: expected an int >= 1"):
+        evaluate_loss(tiny_datalora(), [{"question": "q", "response": "r"}], None,
+                      batch_size=batch_size)
+
+
 def test_epochs_mode_with_max_steps_reaches_hardening(tmp_path):
     """With max_steps the Trainer ignores num_train_epochs (3 by default): the epochs
     schedule takes its epochs from max_steps (16 steps of 8 per epoch = 2 epochs)."""
