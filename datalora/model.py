@@ -489,6 +489,9 @@ class DATALORAModel(nn.Module):
                              "DATALORATrainer (FSDP checkpoint)")
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
+        if self.runtime is not None:  # the loaded keep_threshold's retention is not known
+            self.runtime.calibrated_retention = None
+            self.runtime._warned_stale = self.runtime._warned_off = False
         self._restore_curriculum(metadata)
 
     def _curriculum_metadata(self) -> dict[str, str]:

@@ -350,6 +350,29 @@ def test_auto_routing_falls_back_to_per_layer_where_shared_cannot_run(tmp_path):
     assert user_config.routing == "auto"  # the caller's config is not modified
 
 
+def test_load_adapter_forgets_the_retention_the_replaced_threshold_was_calibrated_for(
+        tmp_path):
+    """The loaded keep_threshold replaces the calibrated one: generation must not warn that
+    it was calibrated for the retention of the threshold it replaced."""
+    import warnings
+
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG, routing="shared"),
+                                 verbose=False).eval()
+    wrapped.set_curriculum_state(retention=0.5)
+    wrapped(input_ids=ids)
+    wrapped.runtime.calibrate(wrapped.runtime.last.saliency.token_scores)
+    wrapped.save_pretrained(tmp_path)
+    wrapped.set_curriculum_state(retention=0.3)
+    wrapped.runtime.calibrate(wrapped.runtime.last.saliency.token_scores)
+    wrapped.load_adapter(tmp_path)
+    assert wrapped.curriculum_state()["retention"] == 0.5
+    assert wrapped.runtime.calibrated_retention is None  # unknown, as after from_pretrained
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="keep_threshold was calibrated")
+        wrapped.generate(ids, max_new_tokens=2, do_sample=False)
+
+
 def test_a_new_model_keeps_every_token_and_a_loaded_one_its_saved_state(tmp_path):
     """A new shared-routing model runs unpruned (equal to its base at init); a reload
     restores the curriculum state saved with the weights, and an adapter saved without one
