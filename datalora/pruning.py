@@ -453,7 +453,7 @@ class DATALORARuntime:
         self._warned = False
         # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
         self.calibrated_retention: float | None = None
-        self._warned_stale = self._warned_off = False
+        self._warned_stale = self._warned_off = self._warned_train_cache = False
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
@@ -599,6 +599,16 @@ class DATALORARuntime:
             raise ValueError(f"cache: {type(cache).__name__} (a static / compileable cache) is "
                              f"not supported by the DATALORA hooks; use the default dynamic "
                              f"cache (no cache_implementation='static')")
+        if cache is None and kwargs.get("use_cache") is True and module.training \
+                and torch.is_grad_enabled():
+            # a training forward keeps each sequence's top-k tokens, which the cache path
+            # (a threshold, token by token) cannot: it ran the pruned layers dense
+            if not self._warned_train_cache:
+                warnings.warn("use_cache=True in a training forward: token pruning keeps "
+                              "each sequence's top-k, which the KV-cache path cannot, so "
+                              "the forward runs with use_cache=False", stacklevel=2)
+                self._warned_train_cache = True
+            kwargs = {**kwargs, "use_cache": False}
         # generate() always passes use_cache, True or False; a plain forward does not
         stepwise = cache is not None or "use_cache" in kwargs
         if cache is None and kwargs.get("use_cache") is not True:

@@ -306,6 +306,23 @@ def test_generation_with_pruning_and_kv_cache_equals_no_cache():
     torch.testing.assert_close(cached[valid], ref[valid], atol=2e-5, rtol=1e-5)
 
 
+def test_a_training_forward_with_use_cache_still_prunes():
+    """use_cache=True in a training forward took the cache path, which decides by the
+    (uncalibrated) threshold: every token ran through the pruned layers, silently dense."""
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.5)
+    ids, mask = batch()
+    with pytest.warns(UserWarning, match="use_cache=True in a training forward"):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=True).loss
+    assert model.runtime.last.mode == "packed"
+    assert (~model.runtime.last.kept & mask.bool()).any()  # tokens really pruned
+    loss.backward()
+    assert model.saliency.score_head.weight.grad is not None
+    with torch.no_grad():  # a no-grad prefill (manual decoding) keeps its cache
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert output_cache(out) is not None and model.runtime.last.mode == "masked"
+
+
 def test_bad_prune_range():
     with pytest.raises(ValueError, match="prune_layers"):
         datalora_model(prune_layers=(2, 9))
