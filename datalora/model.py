@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from datalora.checks import check_number
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
@@ -313,14 +314,16 @@ class DATALORAModel(nn.Module):
         if self.saliency is None:
             raise ValueError("routing: set_curriculum_state needs routing='shared' (a saliency "
                              "network), this model routes per layer")
-        if tau is not None:
-            if not float(tau) > 0:
-                raise ValueError(f"tau: expected > 0, got {tau!r}")
-            self.saliency.tau = float(tau)
+        if tau is not None:  # finite: tau = inf made the routing uniform noise
+            tau = check_number("tau", tau, low=0, low_inclusive=False)
+        if hard is not None and not isinstance(hard, bool):  # bool("no") is True
+            raise ValueError(f"hard: expected True or False, got {hard!r}")
         if retention is not None:
             self.runtime.set_retention(retention)
+        if tau is not None:
+            self.saliency.tau = tau
         if hard is not None:
-            self.saliency.hard = bool(hard)
+            self.saliency.hard = hard
 
     def curriculum_state(self) -> dict[str, float | bool]:
         """``{"tau", "retention", "hard"}`` currently in effect."""

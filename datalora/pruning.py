@@ -484,9 +484,9 @@ class DATALORARuntime:
         self._local.ctx = ctx
 
     def set_retention(self, retention: float) -> None:
-        if not 0.0 < float(retention) <= 1.0:
-            raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
-        self.retention = float(retention)
+        # a number in (0, 1]: float() took the strings "0.5" / "nan" and True
+        self.retention = check_number("retention", retention, low=0, low_inclusive=False,
+                                      high=1)
 
     @property
     def threshold(self) -> float:

@@ -373,6 +373,27 @@ def test_load_adapter_forgets_the_retention_the_replaced_threshold_was_calibrate
         wrapped.generate(ids, max_new_tokens=2, do_sample=False)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tau=float("inf")), r"^tau: expected a finite number > 0, got inf"),
+    (dict(tau=0.0), r"^tau: expected a finite number > 0"),
+    (dict(retention="0.5"), r"^retention: expected a finite number in \(0, 1\]"),
+    (dict(retention=True), r"^retention: expected a finite number in \(0, 1\]"),
+    (dict(retention=float("nan")), r"^retention: expected a finite number in \(0, 1\]"),
+    (dict(hard="no"), r"^hard: expected True or False, got 'no'"),
+])
+def test_set_curriculum_state_refuses_bad_values_and_changes_nothing(kwargs, match):
+    """tau = inf (uniform routing), the string "0.5" and hard="no" (bool("no") is True)
+    were accepted; a refused call leaves the state as it was."""
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG, routing="shared"),
+                                 verbose=False)
+    before = wrapped.curriculum_state()
+    with pytest.raises(ValueError, match=match):
+        wrapped.set_curriculum_state(**{"tau": 1.0, "retention": 0.5, "hard": False,
+                                        **kwargs})
+    assert wrapped.curriculum_state() == before
+
+
 def test_a_new_model_keeps_every_token_and_a_loaded_one_its_saved_state(tmp_path):
     """A new shared-routing model runs unpruned (equal to its base at init); a reload
     restores the curriculum state saved with the weights, and an adapter saved without one
