@@ -1304,3 +1304,29 @@ def test_gpt2_conv1d_adapter_equals_peft(tmp_path):
     with torch.no_grad(), mixer.adapters_disabled():
         torch.testing.assert_close(mixer(x, weights=torch.tensor([1.0])).logits,
                                    gpt2()(input_ids=x).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_cli_help_states_each_default_once():
+    """``tle --help``: no "(default: ...) (default: None)" pairs, and every option has a
+    help line."""
+    from datalora.cli import build_parser
+
+    parser = build_parser()
+    tle = next(a for a in parser._subparsers._group_actions).choices["tle"]
+    text = " ".join(tle.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: [])" not in text
+    assert "(default: train one per embedded task)" in text
+    assert "(default: outputs/tle/task_adapters)" in text and "(default: 0.02)" in text
+    assert all(action.help for action in tle._actions)
+
+
+def test_cli_window_rejects_negative_values_as_an_argument_error(capsys):
+    """``--window 0`` means the whole context, so the flag's error must say ``>= 0``."""
+    from datalora.cli import build_parser
+
+    assert build_parser().parse_args(["tle", "--window", "0"]).window == 0
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["tle", "--window", "-1"])
+    assert exc.value.code == 2
+    assert "argument --window: expected an int >= 0, got -1" in capsys.readouterr().err

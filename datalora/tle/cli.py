@@ -15,6 +15,18 @@ from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` only to help texts that do not state their default
+    already and whose default is a value (not None, a store_true flag's False or the
+    empty list of a repeatable flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if ("(default" in (action.help or "") or action.default is None
+                or action.default is False or action.default == []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tle", help="LoRA-TLE: mix pretrained PEFT LoRA adapters per token (evaluate or "
@@ -28,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "of --tau, --embed-layer, --window and --mode are the settings tuned on "
                     "the embedded tasks (the Python API's defaults are generic: tau 0.1, "
                     "the last layer, whole context, every token).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     p.add_argument("--adapters", nargs="+", default=None,
                    help="PEFT adapter folders, named by their folder names (default: train "
                         "one per embedded task)")
@@ -57,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-layer", type=int, default=0,
                    help="hidden-state layer embedding the context (0: token embeddings, "
                         "-1: the last layer)")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=int_at_least(0), default=None,
                    help="context embedding = mean over the last N tokens (default: 16 unless "
                         "--decay; 0: the whole context)")
     p.add_argument("--decay", type=float, default=None,
@@ -71,9 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="embedded eval rows scored per task")
     p.add_argument("--prompt", action="append", default=[],
                    help="generate for this question (repeatable)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=16,
+                   help="tokens generated per --prompt")
     p.add_argument("--save", default=None, help="save the mixer here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli, flag_names={
         "name_or_path": "--model", "layer": "--embed-layer", "window": "--window",
         "decay": "--decay", "top_k": "--top-k", "tau": "--tau", "every_n": "--every-n",
