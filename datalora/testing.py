@@ -409,8 +409,11 @@ def check_tokenizer_source(name_or_path: str | os.PathLike[str] | None,
         return
     folder = _local_folder(source, arg)
     if folder is not None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # only `datalora train` has a --tokenizer flag: demo / tle / titok users need the
+        # tokenizer files in the model folder
         hint = ("save the tokenizer with the model (tokenizer.save_pretrained) or pass "
-                "tokenizer (--tokenizer) with a folder or Hub name that has one"
+                "tokenizer= (datalora train: --tokenizer) with a folder or Hub name that "
+                "has one"
                 if tokenizer is None else "expected a folder written by save_pretrained")
         raise ValueError(f"{arg}: {folder} has no tokenizer (none of {list(TOKENIZER_FILES)}); "
                          f"{hint}")

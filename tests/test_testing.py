@@ -227,7 +227,8 @@ def test_a_model_folder_without_tokenizer_needs_the_tokenizer_argument(tmp_path,
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"^name_or_path: .*m has no tokenizer \(none of "
-                                         r"\['tokenizer.json'.*pass tokenizer \(--tokenizer\)"):
+                                         r"\['tokenizer.json'.*pass tokenizer= \(datalora train: "
+                                         r"--tokenizer\)"):
         load_model_and_tokenizer(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match=r"^tokenizer: no such tokenizer folder: "):
         load_model_and_tokenizer(tmp_path / "m", tokenizer=tmp_path / "nope")

@@ -628,3 +628,18 @@ def test_cli_names_the_extra_of_a_missing_optional_package(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "needs the optional package 'peft_not_installed_here'" in err
     assert "pip install 'datalora[peft]'" in err
+
+
+def test_demo_model_folder_without_tokenizer_names_no_missing_flag(tmp_path, capsys):
+    """``demo`` has no ``--tokenizer``: its error for a model folder saved without its
+    tokenizer must not tell the user to pass one to it (only ``datalora train`` has it)."""
+    from datalora import testing
+    from datalora.cli import main
+
+    testing.build_tiny_model().save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--model", str(tmp_path / "m"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "has no tokenizer" in err
+    assert "pass tokenizer (--tokenizer)" not in err
+    assert "datalora train: --tokenizer" in err
