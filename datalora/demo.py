@@ -34,7 +34,7 @@ import torch
 from datalora.cli import fraction, int_at_least, plain_text, positive_float
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
-from datalora.data import load_eval_rows, load_instruction_dataset
+from datalora.data import UNKNOWN_TASK, load_eval_rows, load_instruction_dataset
 from datalora.finetune import finetune, generate_answer
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
@@ -443,11 +443,17 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
 
     records = finetune(wrapped, tokenizer, train_rows, steps=steps, batch_size=batch_size,
                        lr=lr, seed=args.seed, progress=not args.no_progress, on_step=report)
-    first = sum(r.loss for r in records[:5]) / min(5, len(records))
-    last = sum(r.loss for r in records[-5:]) / min(5, len(records))
-    print(f"loss: {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps)")
+    n = min(5, len(records))
+    first = sum(r.loss for r in records[:n]) / n
+    last = sum(r.loss for r in records[-n:]) / n
+    print(f"loss: {first:.3f} (first {n} steps) -> {last:.3f} (last {n} steps)")
     print("expert load per task, last step (% of routes per expert):")
-    for task, load in records[-1].task_expert_load.items():
+    task_load = records[-1].task_expert_load
+    if not task_load and records[-1].expert_load is not None:
+        # rows of no embedded task (a --dataset without a known 'task' column) are counted
+        # by no task: show their load as the datalora demo does, under "unknown"
+        task_load = {UNKNOWN_TASK: records[-1].expert_load}
+    for task, load in task_load.items():
         print(f"  {task:>10}: [{_format_load(load)}]")
 
     out = Path(args.output_dir)

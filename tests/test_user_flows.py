@@ -643,3 +643,22 @@ def test_demo_model_folder_without_tokenizer_names_no_missing_flag(tmp_path, cap
     assert exc.value.code == 2 and "has no tokenizer" in err
     assert "pass tokenizer (--tokenizer)" not in err
     assert "datalora train: --tokenizer" in err
+
+
+def test_molora_demo_shows_the_expert_load_of_rows_without_a_task(tmp_path, capsys):
+    """A --dataset without a 'task' column: the MoLoRA demo printed an empty "expert load
+    per task" section (the datalora demo lists such rows as "unknown"), and "first 5
+    steps" after 2 steps."""
+    from datalora.cli import build_parser
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?",
+                                        "response": str(2 * i)}) + "\n" for i in range(8)))
+    args = build_parser().parse_args(["demo", "--method", "molora", "--dataset", str(data),
+                                      "--steps", "2", "--batch-size", "4", "--no-progress",
+                                      "--no-plot", "--output-dir", str(tmp_path / "out")])
+    args.func(args)
+    out = capsys.readouterr().out
+    section = out.split("expert load per task, last step (% of routes per expert):\n")[1]
+    assert section.lstrip().startswith("unknown: [")
+    assert "(first 2 steps)" in out and "(last 2 steps)" in out
