@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,17 @@ class DATALORAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DATALORAConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"config: expected a mapping of DATALORAConfig fields, got "
-                             f"{type(data).__name__}")
+        if not isinstance(data, Mapping):
+            raise TypeError(f"config: expected a mapping of DATALORAConfig fields, got "
+                            f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k != "adapter_type"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"config: unknown DATALORAConfig fields {unknown}")
+            hint = ("; a 'training' section belongs to datalora train's config files "
+                    "(datalora.train.load_train_config reads both parts)"
+                    if "training" in unknown else "")
+            raise ValueError(f"config: unknown DATALORAConfig fields {unknown}{hint}")
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -158,18 +162,34 @@ class DATALORAConfig:
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"path: no {CONFIG_NAME} found at {path}")
-        return cls.from_dict(json.loads(file.read_text()))
+        return cls.from_dict(_parse_config(file, json.loads, "JSON"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> DATALORAConfig:
         """Loads a JSON or YAML config file (YAML needs the file suffix .yaml/.yml)."""
         path = Path(path)
-        text = path.read_text()
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no such config file {path}")
         if path.suffix in (".yaml", ".yml"):
-            data = load_yaml(text) or {}
+            data = _parse_config(path, lambda text: load_yaml(text) or {}, "YAML")
         else:
-            data = json.loads(text)
+            data = _parse_config(path, json.loads, "JSON")
         return cls.from_dict(data)
+
+
+def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:
+    """``parse`` of the file's text: a ValueError naming the file when it is not valid
+    ``kind`` or holds no mapping at its top."""
+    import yaml
+
+    try:
+        data = parse(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"config: {path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config: expected a mapping at the top of {path}, "
+                         f"got {type(data).__name__}")
+    return data
 
 
 def load_yaml(text: str):

@@ -143,3 +143,29 @@ def test_train_help_states_the_defaults():
                      "1024 on a named one", "0.03 on the embedded tiny model, 0.0002",
                      "Alpaca columns", "chat template is not applied"):
         assert fragment in text, fragment
+
+
+def test_config_from_file_refuses_bad_files_naming_them(tmp_path):
+    """DATALORAConfig.from_file / from_pretrained / from_dict on a file that is not a
+    mapping, or not valid YAML / JSON, raised AttributeError or a bare parser error."""
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.yaml").write_text("num_lora_experts: [4\n")
+    (tmp_path / "broken.json").write_text("{\"num_lora_experts\": ")
+    (tmp_path / "train.json").write_text('{"num_lora_experts": 4, "training": {"epochs": 1}}')
+    for name in ("list.yaml", "list.json"):
+        with pytest.raises(ValueError, match=r"^config: expected a mapping at the top of "
+                                             r".*list\.(yaml|json), got list"):
+            DATALORAConfig.from_file(tmp_path / name)
+    with pytest.raises(ValueError, match=r"^config: expected a mapping at the top"):
+        DATALORAConfig.from_pretrained(tmp_path / "list.json")
+    for name, kind in (("broken.yaml", "YAML"), ("broken.json", "JSON")):
+        with pytest.raises(ValueError, match=rf"^config: .*{name} is not valid {kind}"):
+            DATALORAConfig.from_file(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=r"^path: no such config file"):
+        DATALORAConfig.from_file(tmp_path / "none.yaml")
+    with pytest.raises(ValueError, match=r"'training' section belongs to datalora train"):
+        DATALORAConfig.from_file(tmp_path / "train.json")
+    with pytest.raises(TypeError, match=r"^config: expected a mapping of DATALORAConfig "
+                                        r"fields, got list"):
+        DATALORAConfig.from_dict([("num_lora_experts", 4)])
