@@ -638,6 +638,10 @@ def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
     config = DATALORAConfig() if config is None else config
     if not isinstance(config, DATALORAConfig):
         raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
+    if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
+                                               for m in model.modules()):
+        raise ValueError("model: already holds MoLoRA layers (get_datalora_model adapts its "
+                         "model in place); pass a freshly loaded base model")
     wrapped = DATALORAModel(model, config)
     if verbose:
         wrapped.print_trainable_parameters()

@@ -195,3 +195,14 @@ def test_shared_routing_on_another_device_than_a_layer_is_refused_clearly():
     layer = next(m for _, m in w.molora_layers())
     with runtime.routing_scope(routing), pytest.raises(ValueError, match="one device"):
         runtime._give_routing(layer, (torch.zeros(3, layer.in_features),), {})
+
+
+def test_wrapping_a_model_twice_says_it_already_holds_molora():
+    """get_datalora_model adapts its model in place: passing the same base (or the wrapper)
+    again failed with "target_modules: none of [...] matched an nn.Linear"."""
+    base = _llama()
+    wrapped = get_datalora_model(base, _cfg(), verbose=False)
+    for model in (base, wrapped):
+        with pytest.raises(ValueError, match=r"^model: already holds MoLoRA layers .*freshly "
+                                             r"loaded base model"):
+            get_datalora_model(model, _cfg(), verbose=False)
