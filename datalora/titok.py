@@ -737,11 +737,44 @@ def load_seed_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     return rows
 
 
-def _load_source(name: str, folder: Path) -> tuple[nn.Module, Any]:
-    """The source model with its saved adapter (PEFT or datalora format) and tokenizer."""
+@contextmanager
+def _model_argument(param: str) -> Iterator[None]:
+    """Errors about a model name (``name_or_path: ...``) renamed to ``param``
+    (``source_model`` / ``target_model``), so the CLI names the flag that gave it."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        name, sep, rest = str(exc).partition(":")
+        if not sep or name.strip() != "name_or_path":
+            raise
+        kind = type(exc) if type(exc) in (OSError, FileNotFoundError, ValueError) else OSError
+        raise kind(f"{param}:{rest}") from exc
+
+
+def _check_model_names(args: argparse.Namespace) -> None:
+    """Both model names checked (a local path that does not exist, a folder without
+    config.json or tokenizer files) before either model loads."""
+    from datalora.testing import EMBEDDED_NAMES, _model_source, check_tokenizer_source
+
+    for param in ("source_model", "target_model"):
+        name = getattr(args, param)
+        if name in EMBEDDED_NAMES:
+            continue
+        with _model_argument(param):
+            _model_source(name)
+            check_tokenizer_source(name)
+
+
+def _load_model(param: str, name: str) -> tuple[nn.Module, Any]:
     from datalora.testing import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(name)
+    with _model_argument(param):
+        return load_model_and_tokenizer(name)
+
+
+def _load_source(name: str, folder: Path) -> tuple[nn.Module, Any]:
+    """The source model with its saved adapter (PEFT or datalora format) and tokenizer."""
+    model, tokenizer = _load_model("source_model", name)
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     if "peft_type" in config:
         from peft import PeftModel
@@ -757,7 +790,6 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     ``--target-model`` and saves it (``save_pretrained``) and the JSON report in
     ``--output-dir``. Every argument is checked before a model loads."""
     from datalora.io import atomic_write_text
-    from datalora.testing import load_model_and_tokenizer
     from datalora.train import REAL_MODEL_DEFAULTS
 
     for flag in ("source_model", "target_model", "source_adapter", "seed_file"):
@@ -770,12 +802,13 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"output_dir: {args.output_dir} is a file, expected a folder (new or "
                          f"existing)")
-    target, target_tok = load_model_and_tokenizer(args.target_model)
+    _check_model_names(args)
+    target, target_tok = _load_model("target_model", args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)
     source, source_tok = _load_source(args.source_model, folder)
     source_base = None
     if disabled_is_not_base(source) is not None:  # score against a clean copy of the base
-        source_base, _ = load_model_and_tokenizer(args.source_model)
+        source_base, _ = _load_model("source_model", args.source_model)
     lr = REAL_MODEL_DEFAULTS["learning_rate"] if args.lr is None else args.lr
     adapted, report = titok_transfer(
         source, source_tok, target, target_tok, prompts, sample_keep=args.sample_keep,

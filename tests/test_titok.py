@@ -703,3 +703,34 @@ def test_titok_cli_scores_a_bias_adapter_against_a_fresh_base(tmp_path, tok, tok
                  "--seed-file", str(tmp_path / "seeds.txt"), "--target-modules", "q_proj",
                  "--steps", "1", "--max-new-tokens", "4", "--sample-keep", "1",
                  "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+
+
+def test_titok_cli_names_the_model_flag_and_checks_both_before_loading(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A bad --source-model / --target-model said "name_or_path: ..." (which of the two?),
+    and a bad source model was found only after the target model had loaded."""
+    from datalora import testing
+    from datalora.cli import main
+
+    _small(seed=2).save_pretrained(tmp_path / "notok")  # a model folder without tokenizer
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "seeds.txt").write_text("Reverse the letters: abc\n")
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    for source, target, flag in (
+            ("./missing-src", str(tmp_path / "notok"), "--source-model (source_model): no "
+                                                       "such model folder"),
+            ("embedded", "./missing-tgt", "--target-model (target_model): no such model "
+                                          "folder"),
+            (str(tmp_path / "notok"), "embedded", "--source-model (source_model): "),
+            ("embedded", str(tmp_path / "notok"), "--target-model (target_model): ")):
+        with pytest.raises(SystemExit) as exc:
+            main(["titok", "--source-model", source, "--target-model", target,
+                  "--source-adapter", str(tmp_path / "adapter"), "--seed-file",
+                  str(tmp_path / "seeds.txt"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and flag in err, err
