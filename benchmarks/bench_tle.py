@@ -203,7 +203,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_tle",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="the tiny base the adapters are trained on and every method runs on")

@@ -662,3 +662,15 @@ def test_molora_demo_shows_the_expert_load_of_rows_without_a_task(tmp_path, caps
     section = out.split("expert load per task, last step (% of routes per expert):\n")[1]
     assert section.lstrip().startswith("unknown: [")
     assert "(first 2 steps)" in out and "(last 2 steps)" in out
+
+
+@pytest.mark.parametrize("module", ["benchmarks.bench_tle", "datalora.experiments.tle_evidence",
+                                    "datalora.experiments.titok_evidence"])
+def test_readme_commands_usage_names_the_module(module, capsys):
+    """Run as the README says (python -m ...), the usage line said "bench_tle.py" etc."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")

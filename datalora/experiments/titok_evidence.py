@@ -245,7 +245,8 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m datalora.experiments.titok_evidence",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, default="reverse")
     p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--adapter-dir", default="/tmp/datalora_work/task_adapters")

@@ -614,7 +614,8 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, rows: Sequence[dict[str, str]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m datalora.experiments.tle_evidence",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--steps", type=int, default=80)
