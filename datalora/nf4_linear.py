@@ -77,11 +77,21 @@ class _NF4LinearFn(torch.autograd.Function):
 
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None):
     """``x [..., d_in] @ dequant(weight)^T + bias`` in x's dtype; weight is ``[d_out, d_in]``."""
-    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"weight: expected an NF4Tensor, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight: expected shape [d_out, d_in], got {tuple(weight.shape)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected shape [..., {weight.shape[-1]}] for weight "
                          f"{tuple(weight.shape)}, got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {got}")
     return _NF4LinearFn.apply(x, bias, weight)
 
 

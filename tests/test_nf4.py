@@ -584,3 +584,23 @@ def test_nf4_api_errors_name_what_the_user_passed():
         quantize_linear(torch.nn.Linear(64, 8), None)
     with pytest.raises(ValueError, match="base_layer: cannot be quantized to NF4"):
         MoLoRALinear(torch.nn.Linear(64, 8).double(), 4, 4, quantize="nf4")
+
+
+def test_nf4_linear_errors_name_the_bad_argument():
+    """A plain tensor or 1-D weight, a 0-d / non-tensor x and a wrong-shaped bias were
+    reported as ``t:`` / ``x:`` or surfaced as IndexError / AttributeError / RuntimeError."""
+    from datalora.nf4_linear import nf4_linear
+
+    t = nf4.quantize(torch.randn(8, 64))
+    x = torch.randn(2, 64)
+    with pytest.raises(TypeError, match="weight: expected an NF4Tensor, got Tensor"):
+        nf4_linear(x, torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"weight: expected shape \[d_out, d_in\], got \(64,\)"):
+        nf4_linear(x, nf4.quantize(torch.randn(64)))
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 64\]"):
+        nf4_linear(torch.tensor(1.0), t)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        nf4_linear([1.0] * 64, t)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(9,\)"):
+        nf4_linear(x, t, torch.zeros(9))
+    assert nf4_linear(x, t, torch.zeros(8)).shape == (2, 8)
