@@ -135,7 +135,13 @@ class NF4Linear(nn.Module):
         """Quantizes ``linear.weight`` to NF4 (same bytes as bitsandbytes would produce)."""
         if not isinstance(linear, nn.Linear) or _is_bnb_linear4bit(linear):
             raise TypeError(f"linear: expected a float nn.Linear, got {type(linear).__name__}")
-        t = nf4.quantize(linear.weight.detach(), blocksize, double_quant)
+        try:
+            t = nf4.quantize(linear.weight.detach(), blocksize, double_quant)
+        except ValueError as exc:  # nf4.quantize names its own ``w``: that is linear.weight
+            msg = str(exc)
+            if not msg.startswith("w: "):
+                raise
+            raise ValueError(f"linear.weight: {msg.removeprefix('w: ')}") from None
         return cls(t, None if linear.bias is None else linear.bias.detach())
 
     @classmethod
@@ -259,10 +265,14 @@ def quantize_linear(layer: nn.Module, quantize: str, blocksize: int = 64,
         raise ValueError(f"quantize: expected 'nf4', got {quantize!r}")
     if is_nf4_base(layer):
         return layer
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{name}: expected an nn.Linear to quantize (or an NF4Linear / nf4 "
+                        f"bnb.nn.Linear4bit), got {type(layer).__name__}")
     try:
         return NF4Linear.from_linear(layer, blocksize, double_quant)
-    except ValueError as exc:  # e.g. an fp64 weight: nf4.quantize names its own ``w``
-        raise ValueError(f"{name}: cannot be quantized to NF4 ({exc})") from None
+    except ValueError as exc:  # e.g. an fp64 weight: from_linear names ``linear.weight``
+        msg = str(exc).replace("linear.weight: ", f"{name}.weight: ", 1)
+        raise ValueError(f"{name}: cannot be quantized to NF4 ({msg})") from None
 
 
 @torch.library.custom_op("datalora::nf4_molora_decode", mutates_args=())

@@ -604,3 +604,15 @@ def test_nf4_linear_errors_name_the_bad_argument():
     with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(9,\)"):
         nf4_linear(x, t, torch.zeros(9))
     assert nf4_linear(x, t, torch.zeros(8)).shape == (2, 8)
+
+
+def test_quantizing_a_bad_layer_names_the_callers_argument():
+    """``NF4Linear.from_linear`` on an fp64 linear said ``w:`` (nf4.quantize's name) and
+    ``MoLoRALinear(conv, quantize="nf4")`` said ``linear:`` (from_linear's name)."""
+    with pytest.raises(ValueError, match="linear.weight: expected dtype in"):
+        NF4Linear.from_linear(torch.nn.Linear(64, 8).double())
+    with pytest.raises(TypeError, match="base_layer: expected an nn.Linear to quantize"):
+        MoLoRALinear(torch.nn.Conv1d(3, 3, 1), 2, 2, top_k=1, quantize="nf4")
+    with pytest.raises(ValueError, match=r"base_layer: cannot be quantized to NF4 "
+                                         r"\(base_layer.weight: expected dtype"):
+        MoLoRALinear(torch.nn.Linear(64, 8).double(), 2, 2, top_k=1, quantize="nf4")
