@@ -210,6 +210,9 @@ class NF4Tensor:
         if not isinstance(data, torch.Tensor) or state is None:
             raise TypeError("param: expected a quantized bnb.nn.Params4bit (with quant_state) or "
                             f"a (data, QuantState) pair, got {type(param).__name__}")
+        if not hasattr(state, "quant_type"):
+            raise TypeError("param: expected a (data, QuantState) pair, got a quant_state of "
+                            f"type {type(state).__name__}")
         if state.quant_type != "nf4":
             raise ValueError(f"param: expected quant_type 'nf4', got {state.quant_type!r}")
         if data.dtype != torch.uint8:  # quant_storage=bf16 etc. (FSDP-QLoRA): the same bytes

@@ -616,3 +616,11 @@ def test_quantizing_a_bad_layer_names_the_callers_argument():
     with pytest.raises(ValueError, match=r"base_layer: cannot be quantized to NF4 "
                                          r"\(base_layer.weight: expected dtype"):
         MoLoRALinear(torch.nn.Linear(64, 8).double(), 2, 2, top_k=1, quantize="nf4")
+
+
+def test_from_bnb_rejects_a_pair_without_a_quant_state():
+    data, _ = F.quantize_4bit(torch.randn(8, 64), quant_type="nf4")
+    for state in ("nf4", {"quant_type": "nf4"}):  # was AttributeError: no .quant_type
+        with pytest.raises(TypeError, match="param: expected a .data, QuantState. pair, got "
+                                            "a quant_state of type"):
+            nf4.NF4Tensor.from_bnb((data, state))
