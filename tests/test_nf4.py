@@ -624,3 +624,16 @@ def test_from_bnb_rejects_a_pair_without_a_quant_state():
         with pytest.raises(TypeError, match="param: expected a .data, QuantState. pair, got "
                                             "a quant_state of type"):
             nf4.NF4Tensor.from_bnb((data, state))
+
+
+def test_double_quant_of_a_meta_weight():
+    """A model skeleton on the meta device quantizes (double quant tried ``.item()`` on the
+    meta absmax: RuntimeError); its weights are loaded into it afterwards."""
+    with torch.device("meta"):
+        lin = torch.nn.Linear(64, 32)
+    q = NF4Linear.from_linear(lin, 64, double_quant=True)
+    assert q.weight.device.type == "meta" and q.weight.double_quant
+    ref = NF4Linear.from_linear(_linear(64, 32), 64, double_quant=True)
+    q.to_empty(device="cpu")
+    q.load_state_dict(ref.state_dict())
+    assert torch.equal(q.dequantize(), ref.dequantize())
