@@ -111,6 +111,10 @@ class NF4Linear(nn.Module):
         if len(weight.shape) != 2:
             raise ValueError(f"weight: expected shape [d_out, d_in], got {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias is not None and not bias.dtype.is_floating_point:
+            raise ValueError(f"bias: expected a floating dtype, got {bias.dtype}")
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected shape ({self.out_features},), got "
                              f"{tuple(bias.shape)}")

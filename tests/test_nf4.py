@@ -637,3 +637,11 @@ def test_double_quant_of_a_meta_weight():
     q.to_empty(device="cpu")
     q.load_state_dict(ref.state_dict())
     assert torch.equal(q.dequantize(), ref.dequantize())
+
+
+def test_nf4linear_rejects_a_bias_that_is_not_a_float_tensor():
+    t = nf4.quantize(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="bias: expected a torch.Tensor or None, got list"):
+        NF4Linear(t, [0.0] * 8)  # was AttributeError: 'list' object has no attribute 'shape'
+    with pytest.raises(ValueError, match="bias: expected a floating dtype, got torch.int64"):
+        NF4Linear(t, torch.zeros(8, dtype=torch.long))  # was accepted, cast on every forward
