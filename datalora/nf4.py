@@ -119,6 +119,11 @@ class NF4Tensor:
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
+        for name in ("data", "absmax", "nested_absmax", "nested_code", "offset"):
+            value = getattr(self, name)
+            if not (isinstance(value, torch.Tensor)
+                    or (value is None and name not in ("data", "absmax"))):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
         _check_blocksize("blocksize", self.blocksize)
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {self.dtype}")
@@ -141,6 +146,8 @@ class NF4Tensor:
             if self.nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
                 raise ValueError(f"nested_absmax: expected {-(-nblocks // NESTED_BLOCKSIZE)} "
                                  f"values, got {self.nested_absmax.numel()}")
+            if self.offset.numel() != 1:
+                raise ValueError(f"offset: expected one value, got {self.offset.numel()}")
             if self.nested_code.numel() != 256:
                 raise ValueError("nested_code: expected 256 values, got "
                                  f"{self.nested_code.numel()}")

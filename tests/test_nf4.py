@@ -645,3 +645,14 @@ def test_nf4linear_rejects_a_bias_that_is_not_a_float_tensor():
         NF4Linear(t, [0.0] * 8)  # was AttributeError: 'list' object has no attribute 'shape'
     with pytest.raises(ValueError, match="bias: expected a floating dtype, got torch.int64"):
         NF4Linear(t, torch.zeros(8, dtype=torch.long))  # was accepted, cast on every forward
+
+
+def test_nf4tensor_names_a_field_of_the_wrong_type():
+    t = nf4.quantize(torch.randn(10, 64), 64, double_quant=True)
+    with pytest.raises(TypeError, match="data: expected a torch.Tensor, got list"):
+        nf4.NF4Tensor([1], t.absmax, t.shape, t.dtype, 64)  # was AttributeError
+    with pytest.raises(TypeError, match="absmax: expected a torch.Tensor, got NoneType"):
+        nf4.NF4Tensor(t.data, None, t.shape, t.dtype, 64)
+    with pytest.raises(ValueError, match="offset: expected one value, got 2"):
+        nf4.NF4Tensor(t.data, t.absmax, t.shape, t.dtype, 64, t.nested_absmax, t.nested_code,
+                      t.offset.repeat(2))  # was accepted, broadcast in absmax_float
