@@ -181,14 +181,20 @@ class NF4Linear(nn.Module):
             self._meta = (shape, cast_to, blocksize)
         return self
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> torch.Tensor:
+        """``[d_out, d_in, blocksize, dtype code]`` int64: a tensor, so a ``state_dict``
+        holding this layer saves as safetensors (``save_pretrained``, ``save_model``)."""
         shape, dtype, blocksize = self._meta
-        return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-                "blocksize": blocksize}
+        return torch.tensor([*shape, blocksize, nf4.FLOAT_DTYPES.index(dtype)],
+                            dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        self._meta = (torch.Size(state["shape"]), getattr(torch, state["dtype"]),
-                      int(state["blocksize"]))
+        if isinstance(state, dict):  # saved before the extra state was a tensor
+            self._meta = (torch.Size(state["shape"]), getattr(torch, state["dtype"]),
+                          int(state["blocksize"]))
+            return
+        d_out, d_in, blocksize, code = (int(v) for v in state.tolist())
+        self._meta = (torch.Size((d_out, d_in)), nf4.FLOAT_DTYPES[code], blocksize)
 
     def extra_repr(self) -> str:
         shape, dtype, blocksize = self._meta

@@ -656,3 +656,21 @@ def test_nf4tensor_names_a_field_of_the_wrong_type():
     with pytest.raises(ValueError, match="offset: expected one value, got 2"):
         nf4.NF4Tensor(t.data, t.absmax, t.shape, t.dtype, 64, t.nested_absmax, t.nested_code,
                       t.offset.repeat(2))  # was accepted, broadcast in absmax_float
+
+
+def test_nf4linear_state_dict_saves_as_safetensors(tmp_path):
+    """The extra state (shape, dtype, blocksize) was a dict, which safetensors refuses: a
+    model holding an NF4Linear could not be saved by ``save_pretrained`` / ``save_file``."""
+    from safetensors.torch import load_file, save_file
+
+    q = NF4Linear.from_linear(_linear(64, 24, dtype=torch.bfloat16), blocksize=32)
+    save_file(q.state_dict(), tmp_path / "q.safetensors")
+    q2 = NF4Linear(nf4.quantize(torch.zeros(24, 64), 32), torch.zeros(24))
+    q2.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    assert q2.compute_dtype == torch.bfloat16 and q2.weight.blocksize == 32
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    # a state dict saved with the former dict extra state still loads
+    old = dict(q.state_dict(), _extra_state={"shape": [24, 64], "dtype": "float16",
+                                             "blocksize": 32})
+    q2.load_state_dict(old)
+    assert q2.compute_dtype == torch.float16 and q2.weight.blocksize == 32
