@@ -261,7 +261,7 @@ class NF4Tensor:
         """A ``bitsandbytes.functional.QuantState`` over the same tensors."""
         from bitsandbytes.functional import QuantState
 
-        code = NF4_CODE.to(self.device)
+        code = NF4_CODE.to(self.device, copy=True)  # never the module's constant itself
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code,
@@ -299,8 +299,10 @@ def _quantize_absmax(absmax: torch.Tensor):
     bins = ((normed + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
     codes = _dynamic_lut().to(absmax.device)[bins.long()]
     codes = torch.where(nested[:, None] > 0, codes, torch.zeros_like(codes))
-    codes = codes.reshape(-1)[: absmax.numel()]
-    return codes, nested, dynamic_map().to(absmax.device), offset
+    # own storage for both: a view of the 256-padded codes would carry (and save) the pad, and
+    # the cached map must not be shared with layers whose buffers may be written in place
+    codes = codes.reshape(-1)[: absmax.numel()].clone()
+    return codes, nested, dynamic_map().to(absmax.device, copy=True), offset
 
 
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:

@@ -674,3 +674,24 @@ def test_nf4linear_state_dict_saves_as_safetensors(tmp_path):
                                              "blocksize": 32})
     q2.load_state_dict(old)
     assert q2.compute_dtype == torch.float16 and q2.weight.blocksize == 32
+
+
+def test_double_quant_tensors_own_their_storage(tmp_path):
+    """The uint8 absmax was a view of the 256-padded codes (safetensors' save_model refused
+    it) and nested_code was the cached dynamic map itself: writing one layer's buffer in
+    place (load_state_dict, an init) changed every later quantization."""
+    from safetensors.torch import load_model, save_model
+
+    t = nf4.quantize(torch.randn(8, 64), 64, double_quant=True)
+    assert t.absmax.untyped_storage().nbytes() == t.absmax.numel()
+    q = NF4Linear(t)
+    save_model(q, str(tmp_path / "q.safetensors"))
+    q2 = NF4Linear(nf4.quantize(torch.zeros(8, 64), 64, double_quant=True))
+    load_model(q2, str(tmp_path / "q.safetensors"))
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    q2.weight_nested_code.zero_()
+    assert torch.equal(nf4.dynamic_map(), F.create_dynamic_map())
+    assert torch.equal(nf4.quantize(torch.randn(8, 64), 64, True).nested_code,
+                       F.create_dynamic_map())
+    t.quant_state().code.zero_()
+    assert nf4.NF4_CODE[0] == -1.0
