@@ -193,6 +193,21 @@ def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     return "shared"
 
 
+def _check_base(model: object, config: object) -> None:
+    """``model`` a module without MoLoRA layers, ``config`` a :class:`DATALORAConfig`: the
+    checks of every way a base is adapted (get_datalora_model, the constructor,
+    from_pretrained)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, DATALORAConfig):
+        raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
+    if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
+                                               for m in model.modules()):
+        raise ValueError("model: already holds MoLoRA layers (get_datalora_model and "
+                         "DATALORAModel.from_pretrained adapt their model in place); pass a "
+                         "freshly loaded base model")
+
+
 class DATALORAModel(nn.Module):
     """A causal LM with MoLoRA layers; forwards every call and attribute to the base model.
 
@@ -214,6 +229,7 @@ class DATALORAModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: DATALORAConfig):
+        _check_base(model, config)
         super().__init__()
         self.base_model = model
         self.config_datalora = config
@@ -460,6 +476,7 @@ class DATALORAModel(nn.Module):
 
         Under FSDP2 call it on every rank: each rank keeps its shard of the saved tensors.
         """
+        _check_path(path)
         file = Path(path) / WEIGHTS_NAME
         if not file.exists():
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
@@ -569,6 +586,8 @@ class DATALORAModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | Path,
                         is_trainable: bool = False) -> DATALORAModel:
         """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights)."""
+        _check_path(path)
+        _check_base(model, DATALORAConfig())  # before reading the folder
         wrapped = cls(model, DATALORAConfig.from_pretrained(path))
         wrapped.load_adapter(path)
         if is_trainable:
@@ -586,6 +605,11 @@ FUNCTION_FIELDS: tuple[str, ...] = (
 """Config fields that, with the adapter tensors, define the function a DATALORA model
 computes. Training-only settings (losses' weights, curriculum, temperatures, dropout, target
 retention), the backend and the base's quantization may differ between save and load."""
+
+
+def _check_path(path: object) -> None:
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path: expected a folder path (str or Path), got {type(path).__name__}")
 
 
 def _weights_metadata(weights: Path) -> dict[str, str]:
@@ -633,16 +657,7 @@ def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
         config: the DATALORA configuration (defaults: ``DATALORAConfig()``).
         verbose: print the trainable-parameter report.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    config = DATALORAConfig() if config is None else config
-    if not isinstance(config, DATALORAConfig):
-        raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
-    if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
-                                               for m in model.modules()):
-        raise ValueError("model: already holds MoLoRA layers (get_datalora_model adapts its "
-                         "model in place); pass a freshly loaded base model")
-    wrapped = DATALORAModel(model, config)
+    wrapped = DATALORAModel(model, DATALORAConfig() if config is None else config)
     if verbose:
         wrapped.print_trainable_parameters()
     return wrapped

@@ -206,3 +206,25 @@ def test_wrapping_a_model_twice_says_it_already_holds_molora():
         with pytest.raises(ValueError, match=r"^model: already holds MoLoRA layers .*freshly "
                                              r"loaded base model"):
             get_datalora_model(model, _cfg(), verbose=False)
+
+
+def test_from_pretrained_checks_its_base_and_path(tmp_path):
+    """DATALORAModel.from_pretrained (and the constructor) skipped get_datalora_model's
+    checks: loading twice onto the same base failed with "target_modules: none of [...]
+    matched an nn.Linear", a str model with AttributeError, path=None with a bare TypeError."""
+    from datalora import DATALORAModel
+
+    get_datalora_model(_llama(), _cfg(), verbose=False).save_pretrained(tmp_path)
+    base = _llama()
+    wrapped = DATALORAModel.from_pretrained(base, tmp_path)
+    for model in (base, wrapped):
+        with pytest.raises(ValueError, match=r"^model: already holds MoLoRA layers"):
+            DATALORAModel.from_pretrained(model, tmp_path)
+    with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got str"):
+        DATALORAModel.from_pretrained("llama", tmp_path)
+    with pytest.raises(TypeError, match=r"^config: expected DATALORAConfig, got str"):
+        DATALORAModel(_llama(), "config")
+    with pytest.raises(TypeError, match=r"^path: expected a folder path"):
+        DATALORAModel.from_pretrained(_llama(), None)
+    with pytest.raises(TypeError, match=r"^path: expected a folder path"):
+        wrapped.load_adapter(None)
