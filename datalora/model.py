@@ -376,9 +376,12 @@ class DATALORAModel(nn.Module):
                     self.runtime.pruning_enabled = pruning
 
     def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        # the MoLoRA layers' own parameters (LoRA experts, per-layer routers), not base
+        # parameters that merely share their names (a MoE base's ``...moe.router.weight``)
+        own = {id(p) for _, layer in self.molora_layers()
+               for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
         for name, p in self.base_model.named_parameters():
-            if p.requires_grad or ".lora_" in name or ".router." in name \
-                    or name in self._saved_base_names:
+            if p.requires_grad or id(p) in own or name in self._saved_base_names:
                 yield name, p
 
     def _adapter_keys(self) -> dict[str, str]:

@@ -189,3 +189,33 @@ def test_alibi_detection_covers_mpt_and_position_embedding_type():
             check_prunable(Fake(**config))
     check_prunable(Fake(attn_config={"alibi": False}))  # MPT without ALiBi: fine
     check_prunable(Fake(position_embedding_type="rotary"))
+
+
+def test_a_moe_base_router_is_not_saved_as_an_adapter_tensor(tmp_path):
+    """Adapter tensors were picked by name ('.router.' in it): a MoE base's own frozen
+    router (GraniteMoe's block_sparse_moe.router.weight) was saved with the adapter and a load
+    overwrote the base's router with it."""
+    from safetensors.torch import load_file
+
+    from datalora import DATALORAModel
+
+    def granite():
+        return _build(transformers.GraniteMoeConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2))
+
+    config = DATALORAConfig(num_lora_experts=2, lora_rank=2, routing="per_layer",
+                            target_modules=["q_proj", "v_proj"])
+    model = get_datalora_model(granite(), config, verbose=False)
+    assert not [k for k in model.adapter_state_dict() if "block_sparse_moe" in k]
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(".q_proj." in k or ".v_proj." in k for k in saved)
+    other = granite()
+    router = other.model.layers[0].block_sparse_moe.router.weight
+    with torch.no_grad():
+        router.add_(1.0)  # another fine-tune of the base: its router stays its own
+    expected = router.detach().clone()
+    DATALORAModel.from_pretrained(other, tmp_path)
+    assert torch.equal(other.model.layers[0].block_sparse_moe.router.weight, expected)
