@@ -163,6 +163,25 @@ def _hidden_size(model: nn.Module) -> int:
     return hidden_size
 
 
+def _check_shared(model: nn.Module, config: DATALORAConfig, strict: bool = True) -> nn.Module:
+    """Raises the ValueError shared routing's build would raise (decoder layers,
+    ``hidden_size``, ALiBi / router logits, targets, ``prune_layers`` unless not ``strict``,
+    attention kinds), before anything is injected; returns the decoder layers."""
+    layers = find_decoder_layers(model)
+    _hidden_size(model)
+    check_prunable(model)
+    _check_shared_targets(model, config.target_modules)
+    try:
+        start, end = resolve_prune_range(config.prune_layers, len(layers))
+    except ValueError:
+        if strict:
+            raise
+        start = end = 0
+    for index in range(start, end):
+        layer_window(model.config, index)
+    return layers
+
+
 def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     """``routing='auto'`` resolved: ``'shared'`` (the DATALORA method) where the model can run
     it (decoder layers on one device, ``config.hidden_size``, no ALiBi / MoE router logits,
@@ -171,16 +190,7 @@ def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     may have been meant for the method). An invalid ``prune_layers`` is left to the
     shared-routing build to report."""
     try:
-        layers = find_decoder_layers(model)
-        _hidden_size(model)
-        check_prunable(model)
-        _check_shared_targets(model, config.target_modules)
-        try:
-            start, end = resolve_prune_range(config.prune_layers, len(layers))
-        except ValueError:
-            start = end = 0
-        for index in range(start, end):
-            layer_window(model.config, index)
+        layers = _check_shared(model, config, strict=False)
         devices = sorted({str(p.device) for p in layers.parameters()})
         if len(devices) > 1:
             raise ValueError(f"model: the decoder layers are on {devices}; shared routing "
@@ -238,13 +248,13 @@ class DATALORAModel(nn.Module):
         # the trainable adapters transformers' Trainer looks for on a quantized base (it
         # refuses an is_quantized model "without adapters" unless this is set, as PEFT does)
         self._hf_peft_config_loaded = True
-        model.requires_grad_(False)
         if config.routing == "auto":
             config = dataclasses.replace(
                 config, routing=_auto_routing(model, config))
             self.config_datalora = config
-        if config.routing == "shared":
-            _check_shared_targets(model, config.target_modules)
+        if config.routing == "shared":  # refused before the model is changed
+            _check_shared(model, config)
+        model.requires_grad_(False)
         self.adapted_modules = inject_molora(model, config)
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None

@@ -219,3 +219,26 @@ def test_a_moe_base_router_is_not_saved_as_an_adapter_tensor(tmp_path):
     expected = router.detach().clone()
     DATALORAModel.from_pretrained(other, tmp_path)
     assert torch.equal(other.model.layers[0].block_sparse_moe.router.weight, expected)
+
+
+def test_a_refused_shared_build_leaves_the_base_unchanged():
+    """Shared routing's refusals (ALiBi, a bad prune_layers) came after the MoLoRA layers were
+    injected: retrying with a fixed config then failed with "already holds MoLoRA layers"."""
+    from datalora.layers import MoLoRALinear
+
+    bloom = _build(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=4,
+                                            n_head=4))
+    with pytest.raises(ValueError, match="ALiBi"):
+        get_datalora_model(bloom, _shared(["query_key_value"]), verbose=False)
+    assert not any(isinstance(m, MoLoRALinear) for m in bloom.modules())
+    assert all(p.requires_grad for p in bloom.parameters())
+    get_datalora_model(bloom, DATALORAConfig(num_lora_experts=2, lora_rank=2,
+                                             routing="per_layer",
+                                             target_modules=["query_key_value"]),
+                       verbose=False)
+    neox = _build(_neox())
+    with pytest.raises(ValueError, match="prune_layers"):
+        get_datalora_model(neox, DATALORAConfig(num_lora_experts=2, lora_rank=2,
+                                                routing="shared", prune_layers=[3, 9],
+                                                target_modules=["dense"]), verbose=False)
+    assert not any(isinstance(m, MoLoRALinear) for m in neox.modules())
