@@ -129,9 +129,13 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
                       stacklevel=4)
     if not replaced:
         linears = sorted(linear_names)
+        hint = _not_linear_hint(modules, config.target_modules)
+        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in modules
+                         if type(m).__name__ == "Conv1D"})
+        if not hint and conv1d:  # GPT-2 style: its projections are not nn.Linear
+            hint = f"; its Conv1D layers {conv1d} are not nn.Linear and cannot be adapted"
         raise ValueError(f"target_modules: none of {config.target_modules} matched an nn.Linear "
-                         f"of the model; its linear layers are named {linears}"
-                         f"{_not_linear_hint(modules, config.target_modules)}")
+                         f"of the model; its linear layers are named {linears}{hint}")
     matched = {n.rsplit(".", 1)[-1] for n in replaced}
     unmatched = [t for t in config.target_modules if t not in matched]
     if unmatched:

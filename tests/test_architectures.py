@@ -242,3 +242,14 @@ def test_a_refused_shared_build_leaves_the_base_unchanged():
                                                 routing="shared", prune_layers=[3, 9],
                                                 target_modules=["dense"]), verbose=False)
     assert not any(isinstance(m, MoLoRALinear) for m in neox.modules())
+
+
+def test_no_match_error_on_gpt2_names_its_conv1d_layers():
+    """GPT-2 with the default targets said only "its linear layers are named ['lm_head']",
+    as if the model had no projections: its Conv1D ones are named too."""
+    gpt2 = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                   n_positions=64)
+    with pytest.raises(ValueError, match=r"named \['lm_head'\]; its Conv1D layers \['c_attn', "
+                                         r"'c_fc', 'c_proj'\] are not nn.Linear"):
+        get_datalora_model(_build(gpt2), DATALORAConfig(num_lora_experts=2, lora_rank=2),
+                           verbose=False)
