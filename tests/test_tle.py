@@ -886,6 +886,10 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
                               (["--model", "/no/such/model"], "--adapters", False),
                               (["--model", "m", "--adapters", "x/sort", "--base", "random"],
                                "--base: picks the embedded tiny base", False),
+                              (["--adapters", "x/sort", "--adapter-dir", "d"],
+                               "--adapter-dir: sets up the default task adapters", False),
+                              (["--adapters", "x/sort", "--train-steps", "5"],
+                               "--train-steps: sets up the default task adapters", False),
                               (["--embed-layer", "40"], "--embed-layer", True),
                               (["--embed-layer", "-4"], "--embed-layer", True)):
         loaded.clear()
@@ -1317,7 +1321,8 @@ def test_cli_help_states_each_default_once():
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: [])" not in text
     assert "(default: train one per embedded task)" in text
-    assert "(default: outputs/tle/task_adapters)" in text and "(default: 0.02)" in text
+    assert "(default: outputs/tle/task_adapters; not with --adapters)" in text
+    assert "(default: 0.02)" in text
     assert all(action.help for action in tle._actions)
 
 

@@ -14,6 +14,9 @@ from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_
 from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
 
+DEFAULT_ADAPTER_DIR = "outputs/tle/task_adapters"
+DEFAULT_TRAIN_STEPS = 80
+
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: ...)`` only to help texts that do not state their default
@@ -47,10 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--centroid-file", default=None,
                    help="JSON object {adapter name: [example prompt, ...]}: each adapter's "
                         "centroid (needed for --adapters not named after embedded tasks)")
-    p.add_argument("--adapter-dir", default="outputs/tle/task_adapters",
-                   help="where the default task adapters are trained / cached")
-    p.add_argument("--train-steps", type=int_at_least(1), default=80,
-                   help="optimisation steps of each default task adapter")
+    p.add_argument("--adapter-dir", default=None,
+                   help="where the default task adapters are trained / cached (default: "
+                        f"{DEFAULT_ADAPTER_DIR}; not with --adapters)")
+    p.add_argument("--train-steps", type=int_at_least(1), default=None,
+                   help="optimisation steps of each default task adapter (default: "
+                        f"{DEFAULT_TRAIN_STEPS}; not with --adapters)")
     p.add_argument("--model", default=None, help="base model path (default: embedded tiny)")
     p.add_argument("--base", choices=("pretrained", "random"), default=None,
                    help="embedded tiny base without --model: pretrained "
@@ -125,6 +130,12 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise ValueError(f"--save: {args.save} is a file, expected a folder (new or existing)")
     if args.adapters:
+        given = [flag for flag, value in (("--adapter-dir", args.adapter_dir),
+                                          ("--train-steps", args.train_steps))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: sets up the default task adapters; not used with "
+                             f"--adapters")
         folder_names = [Path(a).name for a in args.adapters]
         twice = sorted({n for n in folder_names if folder_names.count(n) > 1})
         if twice:
@@ -169,8 +180,9 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from datalora.experiments.task_adapters import train_task_adapters
 
-        trained = train_task_adapters(args.adapter_dir, base=base,
-                                      steps=args.train_steps, progress=not args.no_progress)
+        trained = train_task_adapters(args.adapter_dir or DEFAULT_ADAPTER_DIR, base=base,
+                                      steps=args.train_steps or DEFAULT_TRAIN_STEPS,
+                                      progress=not args.no_progress)
         names, folders = list(trained), list(trained.values())
     mixer = TokenLevelAdapterMixer(model, folders, names=names, tau=args.tau, mode=args.mode,
                                    every_n=args.every_n, top_k=args.top_k, embedder=embedder)
