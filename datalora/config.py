@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from datalora.checks import check_finite, check_fractions, check_int
+from datalora.curriculum import check_temperature_order
 from datalora.ops.backends import BACKEND_NAMES
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -106,11 +107,7 @@ class DATALORAConfig:
         for name in ("temperature_init", "temperature_final"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.temperature_final > self.temperature_init:
-            raise ValueError(f"temperature_final: expected <= temperature_init="
-                             f"{self.temperature_init} (the curriculum anneals tau down from "
-                             f"temperature_init to temperature_final), got "
-                             f"{self.temperature_final}")
+        check_temperature_order(self.temperature_init, self.temperature_final)
         self.base_model = _check_base_model(self.base_model)
         self.target_modules = _check_target_modules(self.target_modules)
         if self.routing not in ROUTINGS:

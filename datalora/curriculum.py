@@ -55,6 +55,15 @@ class CurriculumState:
         return asdict(self)
 
 
+def check_temperature_order(temperature_init: float, temperature_final: float) -> None:
+    """ValueError naming ``temperature_final`` when it is above ``temperature_init``: the
+    curriculum anneals tau down from the one to the other."""
+    if temperature_final > temperature_init:
+        raise ValueError(f"temperature_final: expected <= temperature_init={temperature_init} "
+                         f"(the curriculum anneals tau down from temperature_init to "
+                         f"temperature_final), got {temperature_final}")
+
+
 class CurriculumScheduler:
     """Maps training progress to ``(phase, tau, retention, hard)``.
 
@@ -76,10 +85,7 @@ class CurriculumScheduler:
                                         low_inclusive=False)
         temperature_final = check_number("temperature_final", temperature_final, low=0,
                                          low_inclusive=False)
-        if temperature_final > temperature_init:
-            raise ValueError(f"temperature_final: expected <= temperature_init="
-                             f"{temperature_init} (tau is annealed down from temperature_init "
-                             f"to temperature_final), got {temperature_final}")
+        check_temperature_order(temperature_init, temperature_final)
         target_retention = check_number("target_retention", target_retention, low=0,
                                         low_inclusive=False, high=1)
         split = check_fractions("split", split)
