@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
@@ -70,6 +71,13 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
     return value
+
+
+def check_output_folder(name: str, path: str | os.PathLike | None) -> None:
+    """ValueError naming ``name`` when ``path`` is an existing file: the output folder
+    (new or existing) is checked before any work, not at the save after it."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{name}: {path} is a file, expected a folder (new or existing)")
 
 
 def build_parser() -> argparse.ArgumentParser:

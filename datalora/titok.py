@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datalora.checks import check_int, check_number
-from datalora.cli import fraction, int_at_least, positive_float
+from datalora.cli import check_output_folder, fraction, int_at_least, positive_float
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -799,9 +799,7 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"seeds: one seed with --source-model, got {args.seeds}")
     folder = check_adapter_folder(args.source_adapter)
     prompts = load_seed_prompts(args.seed_file)
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise ValueError(f"output_dir: {args.output_dir} is a file, expected a folder (new or "
-                         f"existing)")
+    check_output_folder("output_dir", args.output_dir)
     _check_model_names(args)
     target, target_tok = _load_model("target_model", args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datalora.cli import int_at_least, positive_float
+from datalora.cli import check_output_folder, int_at_least, positive_float
 from datalora.data import TASKS
 from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_recency
 from datalora.tle.mixer import TokenLevelAdapterMixer
@@ -127,8 +127,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     window = (16 if args.decay is None else None) if args.window is None \
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
-    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
-        raise ValueError(f"--save: {args.save} is a file, expected a folder (new or existing)")
+    check_output_folder("--save", args.save or None)
     if args.adapters:
         given = [flag for flag, value in (("--adapter-dir", args.adapter_dir),
                                           ("--train-steps", args.train_steps))
