@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -55,3 +56,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
+
+
+def load_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from datalora.checks import check_number
 from datalora.config import CONFIG_NAME, DATALORAConfig
-from datalora.io import atomic_write_text, load_tensors, save_tensors
+from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.nf4_linear import NF4Linear
 from datalora.pruning import (
@@ -497,7 +497,7 @@ class DATALORAModel(nn.Module):
         file = Path(path) / WEIGHTS_NAME
         if not file.exists():
             raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
-        metadata = _weights_metadata(file)
+        metadata = load_metadata(file)
         self._check_saved_config(Path(path), file, metadata)
         saved = load_tensors(file)
         own = self.adapter_state_dict()
@@ -527,8 +527,7 @@ class DATALORAModel(nn.Module):
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
         if self.runtime is not None:  # the loaded keep_threshold's retention is not known
-            self.runtime.calibrated_retention = None
-            self.runtime._warned_stale = self.runtime._warned_off = False
+            self.runtime.threshold_calibrated_for(None)
         self._restore_curriculum(metadata)
 
     def _curriculum_metadata(self) -> dict[str, str]:
@@ -627,15 +626,6 @@ retention), the backend and the base's quantization may differ between save and 
 def _check_path(path: object) -> None:
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path: expected a folder path (str or Path), got {type(path).__name__}")
-
-
-def _weights_metadata(weights: Path) -> dict[str, str]:
-    """The safetensors header metadata of a weights file (config, base identity, curriculum
-    state)."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        return f.metadata() or {}
 
 
 def _config_of(text: str) -> DATALORAConfig:

@@ -451,9 +451,8 @@ class DATALORARuntime:
         self.last: ForwardRecord | None = None
         self._local = threading.local()  # the forward in progress, one per thread
         self._warned = False
-        # the retention calibrate() set the threshold for (None: unknown, e.g. loaded)
-        self.calibrated_retention: float | None = None
-        self._warned_stale = self._warned_off = self._warned_train_cache = False
+        self._warned_train_cache = False
+        self.threshold_calibrated_for(None)
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
@@ -881,6 +880,11 @@ class DATALORARuntime:
             raise ValueError("scores: no valid token scores to calibrate on")
         value = _quantile(flat, 1.0 - retention) if retention < 1.0 else -math.inf
         self.saliency.keep_threshold.fill_(value)
-        self.calibrated_retention, self._warned_stale = retention, False
-        self._warned_off = False
+        self.threshold_calibrated_for(retention)
         return value
+
+    def threshold_calibrated_for(self, retention: float | None) -> None:
+        """Records the retention the keep threshold now holds the calibration of (None:
+        unknown, e.g. a loaded threshold) and re-arms the warnings about it."""
+        self.calibrated_retention = retention
+        self._warned_stale = self._warned_off = False

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from datalora.checks import check_int, check_number
 from datalora.hf_compat import cache_kwargs
-from datalora.io import atomic_write_text, load_tensors, save_tensors
+from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.tle.adapters import (
     AdapterMixLinear,
@@ -611,14 +611,11 @@ class TokenLevelAdapterMixer(nn.Module):
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_CONFIG} in {directory}")
-        from safetensors import safe_open
-
         text = (directory / MIXER_CONFIG).read_text()
         config = json.loads(text)
         if not (directory / MIXER_WEIGHTS).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_WEIGHTS} in {directory}")
-        with safe_open(str(directory / MIXER_WEIGHTS), framework="pt") as f:
-            embedded = (f.metadata() or {}).get("tle_config")
+        embedded = load_metadata(directory / MIXER_WEIGHTS).get("tle_config")
         tensors = load_tensors(directory / MIXER_WEIGHTS)
         missing = [f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")
                    if f"{m}.{ab}" not in tensors]
