@@ -313,12 +313,19 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -
         blocksize: values per absmax block, one of :data:`BLOCKSIZES`.
         double_quant: also quantize the absmax (bitsandbytes ``compress_statistics=True``).
     """
+    return quantize_named(w, blocksize, double_quant, "w")
+
+
+def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
+                   name: str) -> NF4Tensor:
+    """:func:`quantize`, its errors about ``w`` naming it ``name`` (the caller's argument,
+    e.g. ``"linear.weight"``)."""
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"w: expected dtype in {FLOAT_DTYPES}, got {w.dtype}")
+        raise ValueError(f"{name}: expected dtype in {FLOAT_DTYPES}, got {w.dtype}")
     if w.numel() == 0:
-        raise ValueError(f"w: expected a non-empty tensor, got shape {tuple(w.shape)}")
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(w.shape)}")
     blocksize = _check_blocksize("blocksize", blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
@@ -335,7 +342,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -
     if double_quant:
         # (a meta tensor has no values to check: model skeletons built on the meta device)
         if absmax.device.type != "meta" and not bool(torch.isfinite(absmax).all()):
-            raise ValueError("w: has NaN or inf values, which double quantization "
+            raise ValueError(f"{name}: has NaN or inf values, which double quantization "
                              "(double_quant=True) cannot encode: every block's scale of "
                              "the 256 sharing a code would be NaN")
         codes, nested, code, offset = _quantize_absmax(absmax)

@@ -134,18 +134,13 @@ class NF4Linear(nn.Module):
         return self._meta[1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64,
-                    double_quant: bool = False) -> NF4Linear:
-        """Quantizes ``linear.weight`` to NF4 (same bytes as bitsandbytes would produce)."""
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False,
+                    *, _weight_name: str = "linear.weight") -> NF4Linear:
+        """Quantizes ``linear.weight`` to NF4 (same bytes as bitsandbytes would produce).
+        ``_weight_name``: what an error about the weight calls it (the caller's argument)."""
         if not isinstance(linear, nn.Linear) or _is_bnb_linear4bit(linear):
             raise TypeError(f"linear: expected a float nn.Linear, got {type(linear).__name__}")
-        try:
-            t = nf4.quantize(linear.weight.detach(), blocksize, double_quant)
-        except ValueError as exc:  # nf4.quantize names its own ``w``: that is linear.weight
-            msg = str(exc)
-            if not msg.startswith("w: "):
-                raise
-            raise ValueError(f"linear.weight: {msg.removeprefix('w: ')}") from None
+        t = nf4.quantize_named(linear.weight.detach(), blocksize, double_quant, _weight_name)
         return cls(t, None if linear.bias is None else linear.bias.detach())
 
     @classmethod
@@ -279,10 +274,10 @@ def quantize_linear(layer: nn.Module, quantize: str, blocksize: int = 64,
         raise TypeError(f"{name}: expected an nn.Linear to quantize (or an NF4Linear / nf4 "
                         f"bnb.nn.Linear4bit), got {type(layer).__name__}")
     try:
-        return NF4Linear.from_linear(layer, blocksize, double_quant)
-    except ValueError as exc:  # e.g. an fp64 weight: from_linear names ``linear.weight``
-        msg = str(exc).replace("linear.weight: ", f"{name}.weight: ", 1)
-        raise ValueError(f"{name}: cannot be quantized to NF4 ({msg})") from None
+        return NF4Linear.from_linear(layer, blocksize, double_quant,
+                                     _weight_name=f"{name}.weight")
+    except ValueError as exc:  # e.g. an fp64 weight
+        raise ValueError(f"{name}: cannot be quantized to NF4 ({exc})") from None
 
 
 @torch.library.custom_op("datalora::nf4_molora_decode", mutates_args=())
