@@ -10,7 +10,12 @@ from typing import Any
 
 from datalora.cli import check_output_folder, int_at_least, positive_float
 from datalora.data import TASKS
-from datalora.tle.embedders import HiddenStateEmbedder, SentenceEmbedder, check_recency
+from datalora.tle.embedders import (
+    HiddenStateEmbedder,
+    SentenceEmbedder,
+    check_hidden_layer,
+    check_recency,
+)
 from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
 
@@ -164,11 +169,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         model = build_base_model(base, progress=not args.no_progress)
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not args.sentence_embedder and isinstance(layers, int) \
-            and not -(layers + 1) <= args.embed_layer <= layers:
-        raise ValueError(f"layer: expected a hidden-state index in [{-(layers + 1)}, "
-                         f"{layers}] (the embeddings and {layers} decoder layers), got "
-                         f"{args.embed_layer}")  # before any adapter is trained
+    if not args.sentence_embedder and isinstance(layers, int):  # before any adapter trains
+        check_hidden_layer(args.embed_layer, layers)
     if args.sentence_embedder:  # loads the encoder (or names the missing extra) first
         embedder: Any = SentenceEmbedder(tokenizer, window=window)
     else:

@@ -73,6 +73,15 @@ def pool_prefixes(h: torch.Tensor, mask: torch.Tensor | None = None, *,
     return torch.stack(out, 1).float()
 
 
+def check_hidden_layer(layer: int, num_layers: int) -> None:
+    """ValueError unless ``layer`` indexes the hidden states of a model with ``num_layers``
+    decoder layers (the embeddings and one per layer, negative from the end)."""
+    n = num_layers + 1
+    if not -n <= layer < n:
+        raise ValueError(f"layer: expected a hidden-state index in [{-n}, {n - 1}] (the "
+                         f"embeddings and {n - 1} decoder layers), got {layer}")
+
+
 class HiddenStateEmbedder:
     """Context embedding = pooled *base* model hidden states at ``layer`` (adapters off)
     over the context's tokens. ``layer=0`` uses the input embeddings (no extra forward);
@@ -111,10 +120,8 @@ class HiddenStateEmbedder:
             out = mixer.model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=cache is not None, output_hidden_states=True,
                               **cache_kwargs(mixer.model, cache))
-        n = len(out.hidden_states)  # the embeddings + one per decoder layer
-        if not -n <= self.layer < n:
-            raise ValueError(f"layer: expected a hidden-state index in [{-n}, {n - 1}] (the "
-                             f"embeddings and {n - 1} decoder layers), got {self.layer}")
+        # the embeddings + one per decoder layer
+        check_hidden_layer(self.layer, len(out.hidden_states) - 1)
         return out.hidden_states[self.layer]
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
