@@ -227,6 +227,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     h2 = h.reshape(T * k, r).contiguous()
     dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
+    perm = None  # the expert sort, once per backward (a routing that cannot be cached)
     if need_x or need_A or need_g or need_rs:
         wB = _as_eor(B, transpose=True)
         wA = _as_eor(A, transpose=True)
@@ -246,7 +247,8 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             if need_x:
                 _expand_routes(dh, A, wA, 2, perm, dx, E, r, 1.0, accumulate, k, expert_ids)
     if need_A or need_B:
-        perm = _sorted_routes(expert_ids, gates, rank_scale, E)
+        if perm is None:
+            perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         if need_A:
             dA = torch.empty(E, r, d_in, dtype=A.dtype, device=A.device)
             _bw.segment_outer(x, dz, perm, k, g, rs, rs_stride, dA, _as_eor(dA, True), r,

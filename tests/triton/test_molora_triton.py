@@ -18,6 +18,7 @@ from datalora import ops
 from datalora.ops import torch_backend
 from datalora.ops import triton_backend as tb
 from datalora.reference import molora_delta_reference, molora_linear_reference
+from datalora.routing import sort_routes
 
 STRATEGIES = ["dense", "grouped"]
 
@@ -203,6 +204,23 @@ def test_permutation_is_shared_until_ids_change(device):
     assert tb.permutation(ids, 6, cache=False) is not p1  # no-history gates: never cached
     ids[0, 0] = (ids[0, 0] + 1) % 6
     assert tb.permutation(ids, 6) is not p1
+
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_backward_sorts_an_uncached_routing_once(strategy, device, monkeypatch):
+    """A routing the backend may not cache (plain user tensors) is sorted by expert at most
+    once per backward, whichever gradients it computes (the grouped dx and dA / dB share
+    the sort)."""
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+    sorts = []
+    monkeypatch.setattr(tb, "sort_routes", lambda *a: (sorts.append(1), sort_routes(*a))[1])
+    x, A, B, ids, g, rs = make_inputs(20, 16, 12, 8, 4, 2, torch.float32, device)
+    leaves = [t.requires_grad_(True) for t in (x, A, B, g, rs)]
+    delta = ops.molora_delta(*leaves[:3], ids, *leaves[3:], 1.0, backend="triton")
+    sorts.clear()
+    delta.sum().backward()
+    assert len(sorts) == 1
 
 
 @pytest.mark.parametrize("bias", [True, False])
