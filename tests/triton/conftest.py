@@ -18,8 +18,11 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") !
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    monkeypatch.delenv("DATALORA_SHRINK_STRATEGY", raising=False)
-    monkeypatch.delenv("DATALORA_BACKEND", raising=False)
+    # every knob that picks a kernel path: a value left in the shell must not change which
+    # path a test checks
+    for name in ("DATALORA_SHRINK_STRATEGY", "DATALORA_BACKEND", "DATALORA_FUSED_LINEAR",
+                 "DATALORA_NF4_FUSED", "DATALORA_CHECK_VALUES"):
+        monkeypatch.delenv(name, raising=False)
     yield
 
 
