@@ -208,7 +208,9 @@ class UnifiedSaliencyNetwork(nn.Module):
         # bf16, 256 + 1 == 256, and the cached count would stop growing
         w = (torch.ones(bsz, seq_len, device=hidden.device) if valid is None
              else valid.to(device=hidden.device, dtype=torch.float32))
-        total = (feats.float() * w[..., None]).cumsum(1)
+        # where, not a multiply: a NaN / inf in a padded row (hidden states of fully masked
+        # rows can be NaN) must not reach the context of the real tokens after it
+        total = torch.where(w[..., None] > 0, feats.float() * w[..., None], 0.0).cumsum(1)
         count = w.cumsum(1)
         if state is not None:
             total = total + state[0][:, None]

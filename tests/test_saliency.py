@@ -329,3 +329,18 @@ def test_compiled_layers_do_not_bake_a_routing_value_check(monkeypatch):
         torch.compile(forward, backend="aot_eager", fullgraph=True)(torch.randn(3, 64), ids,
                                                                    gates)
     assert seen == [True, False]
+
+
+def test_usn_nan_in_a_padded_token_does_not_reach_the_real_tokens():
+    usn = UnifiedSaliencyNetwork(8, 4, 3, 2, saliency_hidden_size=8).eval()
+    x = torch.randn(2, 5, 8)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, :2] = False  # left padding holding NaN / inf (fully masked attention rows)
+    clean = usn(x, valid)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    bad[1, 1] = float("inf")
+    out = usn(bad, valid)
+    torch.testing.assert_close(out.token_scores[:, 2:], clean.token_scores[:, 2:])
+    torch.testing.assert_close(out.router_logits[:, 2:], clean.router_logits[:, 2:])
+    assert torch.isfinite(out.state[0]).all()
