@@ -26,8 +26,8 @@ def retention_loss(keep_prob: torch.Tensor, target: float,
     if not 0.0 < float(target) <= 1.0:
         raise ValueError(f"target: expected a retention in (0, 1], got {target!r}")
     mask = _valid_mask(keep_prob, valid)
-    p = keep_prob.float()
-    mean = (p * mask).sum() / mask.sum().clamp_min(1)
+    p = torch.where(mask, keep_prob.float(), 0.0)  # not a multiply: NaN * 0 is NaN
+    mean = p.sum() / mask.sum().clamp_min(1)
     return (mean - float(target)) ** 2
 
 
@@ -39,7 +39,8 @@ def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
         router_probs: ``[T, E]`` router distribution per token (gradient flows here).
         expert_ids: ``[T, k]`` routed experts; ``f_e`` is the fraction of the ``T*k`` routes
             (of valid tokens) that go to expert ``e`` (no gradient).
-        valid: ``[T]`` bool (False: padding, excluded from both ``f`` and ``P``).
+        valid: ``[T]`` bool (False: padding, excluded from both ``f`` and ``P``; its
+            probabilities and expert ids are ignored, NaN or out of range included).
 
     Returns:
         A 0-dim fp32 tensor; ``P_e`` is the mean router probability of expert ``e``.
@@ -52,11 +53,11 @@ def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
     num_experts = router_probs.shape[1]
     mask = _valid_mask(router_probs[:, 0], valid)
     w = mask.float()
+    ids = torch.where(mask[:, None], expert_ids.long(), 0)  # padding: weight 0, any id
     counts = torch.zeros(num_experts, device=router_probs.device).scatter_add_(
-        0, expert_ids.reshape(-1).long(),
-        w[:, None].expand_as(expert_ids).reshape(-1).contiguous())
+        0, ids.reshape(-1), w[:, None].expand_as(ids).reshape(-1).contiguous())
     f = counts / (w.sum() * expert_ids.shape[1]).clamp_min(1)
-    p = (router_probs.float() * w[:, None]).sum(0) / w.sum().clamp_min(1)
+    p = torch.where(mask[:, None], router_probs.float(), 0.0).sum(0) / w.sum().clamp_min(1)
     return num_experts * (f.detach() * p).sum()
 
 

@@ -344,3 +344,14 @@ def test_usn_nan_in_a_padded_token_does_not_reach_the_real_tokens():
     torch.testing.assert_close(out.token_scores[:, 2:], clean.token_scores[:, 2:])
     torch.testing.assert_close(out.router_logits[:, 2:], clean.router_logits[:, 2:])
     assert torch.isfinite(out.state[0]).all()
+
+
+def test_losses_ignore_the_values_of_padded_tokens():
+    keep = torch.tensor([[0.25, float("nan"), 0.75]])
+    valid = torch.tensor([[True, False, True]])
+    torch.testing.assert_close(retention_loss(keep, 0.25, valid), torch.tensor(0.0625))
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), float("inf")], [1.0, 0.0]])
+    ids = torch.tensor([[0], [-1], [0]])  # padding row: garbage probabilities and id
+    pad = torch.tensor([True, False, True])
+    # f = (1, 0), P = (0.75, 0.25): E * sum f P = 2 * 0.75
+    torch.testing.assert_close(balance_loss(probs, ids, pad), torch.tensor(1.5))
