@@ -203,14 +203,15 @@ class UnifiedSaliencyNetwork(nn.Module):
         if state is not None:
             self._check_state(state, bsz)
         weight = self.score_head.weight
-        feats = self.backbone(self.norm(hidden.to(weight.dtype)))
         # the running context is summed in fp32 whatever the compute dtype (autocast): in
         # bf16, 256 + 1 == 256, and the cached count would stop growing
         w = (torch.ones(bsz, seq_len, device=hidden.device) if valid is None
              else valid.to(device=hidden.device, dtype=torch.float32))
-        # where, not a multiply: a NaN / inf in a padded row (hidden states of fully masked
-        # rows can be NaN) must not reach the context of the real tokens after it
-        total = torch.where(w[..., None] > 0, feats.float() * w[..., None], 0.0).cumsum(1)
+        if valid is not None:  # padded rows read as zeros: a NaN / inf there (fully masked
+            # attention rows) would reach the real tokens' context, and every weight gradient
+            hidden = torch.where(w[..., None] > 0, hidden, 0.0)
+        feats = self.backbone(self.norm(hidden.to(weight.dtype)))
+        total = (feats.float() * w[..., None]).cumsum(1)
         count = w.cumsum(1)
         if state is not None:
             total = total + state[0][:, None]

@@ -344,6 +344,10 @@ def test_usn_nan_in_a_padded_token_does_not_reach_the_real_tokens():
     torch.testing.assert_close(out.token_scores[:, 2:], clean.token_scores[:, 2:])
     torch.testing.assert_close(out.router_logits[:, 2:], clean.router_logits[:, 2:])
     assert torch.isfinite(out.state[0]).all()
+    usn.train()
+    out = usn(bad, valid)
+    (out.token_scores[valid].sum() + out.router_logits[valid].square().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in usn.parameters() if p.grad is not None)
 
 
 def test_losses_ignore_the_values_of_padded_tokens():
