@@ -72,7 +72,10 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
     z = logits.float()
     if noise:
         z = z + sample_gumbel(z.shape, z.device, generator=generator)
-    y = torch.softmax(z / float(tau), dim=-1)
+    # shifted by the row max before the division: a tiny tau sends every other entry to
+    # -inf (softmax one-hot) instead of the max to +inf (softmax NaN)
+    z = z - z.amax(-1, keepdim=True).detach()
+    y = torch.softmax(z / max(float(tau), torch.finfo(torch.float32).tiny), dim=-1)
     top, expert_ids = y.topk(k, dim=-1)
     if hard:
         mask = torch.zeros_like(y).scatter_(-1, expert_ids, 1.0 / k)

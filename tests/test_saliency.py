@@ -359,3 +359,17 @@ def test_losses_ignore_the_values_of_padded_tokens():
     pad = torch.tensor([True, False, True])
     # f = (1, 0), P = (0.75, 0.25): E * sum f P = 2 * 0.75
     torch.testing.assert_close(balance_loss(probs, ids, pad), torch.tensor(1.5))
+
+
+@pytest.mark.parametrize("tau", [1e-38, 1e-45, 1e-30, 1e30])  # far below / above fp32 scale
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_topk_extreme_temperatures_stay_finite(tau, hard):
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [3.0, 3.5, -2.0, 0.0]], requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    weights, ids = gumbel_topk(logits, 2, tau, hard=hard, generator=g)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    (weights * torch.randn(2, 4)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    if tau < 1 and not hard:  # near-discrete: the top-1 of the noisy logits takes it all
+        assert (weights.max(-1).values == 1).all()
