@@ -14,6 +14,7 @@ sort / permutation is computed once per forward.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,15 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
         ``(weights [T, E], expert_ids [T, k])``: weights are zero outside the top-k and sum
         to 1 per token (soft: the top-k of ``y`` renormalised); ``expert_ids`` int64.
     """
-    if logits.dim() != 2:
+    if check_tensor("logits", logits).dim() != 2:
         raise ValueError(f"logits: expected shape [T, E], got {tuple(logits.shape)}")
     num_experts = logits.shape[-1]
     k = check_int("k", k, low=1, high=num_experts)
-    if not float(tau) > 0:
+    try:
+        ok = isinstance(tau, numbers.Real | torch.Tensor) and float(tau) > 0
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several values
+        ok = False
+    if not ok:
         raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
     z = logits.float()
     if noise:

@@ -373,3 +373,15 @@ def test_gumbel_topk_extreme_temperatures_stay_finite(tau, hard):
     assert torch.isfinite(logits.grad).all()
     if tau < 1 and not hard:  # near-discrete: the top-1 of the noisy logits takes it all
         assert (weights.max(-1).values == 1).all()
+
+
+@pytest.mark.parametrize("tau", [None, "0.5", 0.0, -1.0, float("nan"), [0.5],
+                                 torch.tensor([0.5, 1.0])])
+def test_gumbel_topk_names_a_bad_temperature(tau):
+    with pytest.raises(ValueError, match="tau: expected a temperature > 0"):
+        gumbel_topk(torch.zeros(2, 3), 1, tau)
+
+
+def test_gumbel_topk_rejects_non_tensor_logits():
+    with pytest.raises(TypeError, match="logits: expected a torch.Tensor"):
+        gumbel_topk([[0.0, 1.0]], 1, 1.0)
