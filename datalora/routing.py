@@ -8,6 +8,7 @@ layer reuses it, including the expert-sorted permutation that grouped kernels ne
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -154,8 +155,14 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
     (datalora's own layers, which never hand the tensors out for writing before use) lets
     backends cache per-routing tables; the routing you get is checked like one you built.
     """
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"k: expected 1 <= k <= num_experts={logits.shape[-1]}, got {k}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise TypeError(f"logits: expected a [T, E] torch.Tensor, got {type(logits).__name__}"
+                        + (f" of shape {tuple(logits.shape)}"
+                           if isinstance(logits, torch.Tensor) else ""))
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+            or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
+                         f"got {k!r}")
     probs = torch.softmax(logits.float(), dim=-1)
     gates, expert_ids = probs.topk(k, dim=-1)
     if renormalize:

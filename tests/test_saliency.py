@@ -385,3 +385,11 @@ def test_gumbel_topk_names_a_bad_temperature(tau):
 def test_gumbel_topk_rejects_non_tensor_logits():
     with pytest.raises(TypeError, match="logits: expected a torch.Tensor"):
         gumbel_topk([[0.0, 1.0]], 1, 1.0)
+
+
+@pytest.mark.parametrize("k", [0, 5, 2.0, True, "2"])
+def test_topk_routing_names_a_bad_k(k):
+    from datalora.routing import topk_routing
+
+    with pytest.raises(ValueError, match=r"k: expected an int 1 <= k <= num_experts=4"):
+        topk_routing(torch.randn(3, 4), k)
