@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from datalora.ops.validation import INDEX_DTYPES, check_tensor
+
 
 def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
@@ -23,9 +25,13 @@ def retention_loss(keep_prob: torch.Tensor, target: float,
         target: the scheduled retention in (0, 1].
         valid: bool mask of ``keep_prob``'s shape (False: padding); None = all valid.
     """
-    if not 0.0 < float(target) <= 1.0:
+    try:
+        ok = 0.0 < float(target) <= 1.0
+    except (TypeError, ValueError, RuntimeError):  # None, "abc", a multi-value tensor
+        ok = False
+    if not ok:
         raise ValueError(f"target: expected a retention in (0, 1], got {target!r}")
-    mask = _valid_mask(keep_prob, valid)
+    mask = _valid_mask(check_tensor("keep_prob", keep_prob), valid)
     p = torch.where(mask, keep_prob.float(), 0.0)  # not a multiply: NaN * 0 is NaN
     mean = p.sum() / mask.sum().clamp_min(1)
     return (mean - float(target)) ** 2
@@ -45,15 +51,21 @@ def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
     Returns:
         A 0-dim fp32 tensor; ``P_e`` is the mean router probability of expert ``e``.
     """
-    if router_probs.dim() != 2:
+    if check_tensor("router_probs", router_probs).dim() != 2:
         raise ValueError(f"router_probs: expected shape [T, E], got {tuple(router_probs.shape)}")
-    if expert_ids.dim() != 2 or expert_ids.shape[0] != router_probs.shape[0]:
+    if check_tensor("expert_ids", expert_ids).dim() != 2 \
+            or expert_ids.shape[0] != router_probs.shape[0]:
         raise ValueError(f"expert_ids: expected shape [T={router_probs.shape[0]}, k], "
                          f"got {tuple(expert_ids.shape)}")
+    if expert_ids.dtype not in INDEX_DTYPES:
+        raise ValueError(f"expert_ids: expected dtype int32 or int64, got {expert_ids.dtype}")
     num_experts = router_probs.shape[1]
     mask = _valid_mask(router_probs[:, 0], valid)
     w = mask.float()
     ids = torch.where(mask[:, None], expert_ids.long(), 0)  # padding: weight 0, any id
+    if ids.numel():  # on the device: no host sync
+        torch._assert_async(((ids >= 0) & (ids < num_experts)).all(),
+                            f"expert_ids: expected values in [0, {num_experts})")
     counts = torch.zeros(num_experts, device=router_probs.device).scatter_add_(
         0, ids.reshape(-1), w[:, None].expand_as(ids).reshape(-1).contiguous())
     f = counts / (w.sum() * expert_ids.shape[1]).clamp_min(1)

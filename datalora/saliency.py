@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from datalora.checks import check_int, check_number
 from datalora.init_linear import NormalInitLinear, XavierInitLinear
-from datalora.ops.validation import check_tensor
+from datalora.ops.validation import INDEX_DTYPES, check_tensor
 from datalora.routing import Routing
 
 _EPS = 1e-10
@@ -278,6 +278,9 @@ def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Ro
 
     Gradients flow from the packed ``gates`` / ``rank_scale`` back to the full ones.
     """
+    check_tensor("keep_idx", keep_idx, 2)
+    if keep_idx.dtype not in INDEX_DTYPES:
+        raise ValueError(f"keep_idx: expected dtype int32 or int64, got {keep_idx.dtype}")
     bsz, kept = keep_idx.shape
     if routing.num_tokens != bsz * seq_len:
         raise ValueError(f"routing: expected {bsz}*{seq_len} tokens, got {routing.num_tokens}")

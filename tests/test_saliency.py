@@ -393,3 +393,22 @@ def test_topk_routing_names_a_bad_k(k):
 
     with pytest.raises(ValueError, match=r"k: expected an int 1 <= k <= num_experts=4"):
         topk_routing(torch.randn(3, 4), k)
+
+
+def test_losses_and_gather_routing_name_bad_arguments():
+    probs = torch.full((3, 4), 0.25)
+    with pytest.raises(ValueError, match="target: expected a retention"):
+        retention_loss(torch.rand(2, 3), None)
+    with pytest.raises(TypeError, match="keep_prob: expected a torch.Tensor"):
+        retention_loss([0.5], 0.5)
+    with pytest.raises(ValueError, match="expert_ids: expected dtype int32 or int64"):
+        balance_loss(probs, torch.zeros(3, 1))  # float ids were truncated silently
+    with pytest.raises(RuntimeError, match=r"expert_ids: expected values in \[0, 4\)"):
+        balance_loss(probs, torch.tensor([[0], [1], [4]]))
+    routing = Routing(torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1))
+    with pytest.raises(ValueError, match="keep_idx: expected a 2-D tensor"):
+        gather_routing(routing, torch.tensor([0, 1]), 3)
+    with pytest.raises(TypeError, match="keep_idx: expected a torch.Tensor"):
+        gather_routing(routing, [[0, 1]], 3)
+    with pytest.raises(ValueError, match="keep_idx: expected dtype"):
+        gather_routing(routing, torch.tensor([[0.0], [1.0]]), 3)
