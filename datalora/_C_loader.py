@@ -170,6 +170,14 @@ def _check_fields(t, device: torch.device) -> None:
             raise ValueError(f"{name}: expected float32, got {v.dtype}")
 
 
+def _check_nf4(t) -> None:
+    """``t`` is an :class:`~datalora.nf4.NF4Tensor` (its fields become raw pointers)."""
+    from datalora.nf4 import NF4Tensor
+
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t: expected a datalora.nf4.NF4Tensor, got {type(t).__name__}")
+
+
 def _dequantize(t, dtype: torch.dtype, device_call: bool) -> torch.Tensor:
     if dtype not in _DTYPE_CODE:
         raise ValueError(f"dtype: expected one of {tuple(_DTYPE_CODE)}, got {dtype}")
@@ -190,6 +198,7 @@ def _dequantize(t, dtype: torch.dtype, device_call: bool) -> torch.Tensor:
 
 def dequantize_nf4_cuda(t, dtype: torch.dtype) -> torch.Tensor:
     """Dequantizes a CUDA :class:`~datalora.nf4.NF4Tensor` with the extension's kernel."""
+    _check_nf4(t)
     if t.device.type != "cuda":
         raise ValueError(f"t: expected an NF4Tensor on a CUDA device, got {t.device}")
     _check_device(t.device)
@@ -198,6 +207,7 @@ def dequantize_nf4_cuda(t, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize_nf4_host(t, dtype: torch.dtype) -> torch.Tensor:
     """The extension's CPU twin of the dequant kernel (same ``nf4.cuh`` math)."""
+    _check_nf4(t)
     if t.device.type != "cpu":
         raise ValueError(f"t: expected an NF4Tensor on the CPU, got {t.device}")
     return _dequantize(t, dtype, False)
@@ -264,6 +274,13 @@ def _decode_workspace(device: torch.device, stream: torch.cuda.Stream) -> torch.
 
 def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_call,
             check_values=True):
+    from datalora.ops.validation import check_molora_inputs, check_tensor
+
+    _check_nf4(t)
+    # ranks, dtypes, devices and routing first: the shapes below are unpacked from them
+    check_molora_inputs(x2, A, B, expert_ids, gates, rank_scale, check_values)
+    if bias is not None:
+        check_tensor("bias", bias)
     T, K = x2.shape
     N = t.shape[0]
     if len(t.shape) != 2 or t.shape[1] != K:
@@ -282,9 +299,6 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
     if tuple(A.shape) != (E, r, K) or tuple(B.shape) != (E, N, r):
         raise ValueError(f"A, B: expected [E, r, {K}] and [E, {N}, r], got {tuple(A.shape)} "
                          f"and {tuple(B.shape)}")
-    from datalora.ops.validation import check_molora_inputs
-
-    check_molora_inputs(x2, A, B, expert_ids, gates, rank_scale, check_values)
     if bias is not None and bias.device != x2.device:
         raise ValueError(f"bias: expected device {x2.device} (x's), got {bias.device}")
     t = _contig(t)

@@ -314,6 +314,26 @@ def test_decode_host_without_rank_scale_or_bias():
 
 
 @needs_ext
+def test_python_entry_points_name_malformed_arguments():
+    """Wrong ranks or types reach the shape unpacking / raw-pointer code only after the
+    argument checks: errors name the argument (not "not enough values to unpack")."""
+    x, A, B, ids, gates, _, _ = _lora(2, 64, 16, 3, 4, 2, torch.float16)
+    t = nf4.quantize(_weight((16, 64), torch.float16))
+    good = dict(x2=x, t=t, bias=None, A=A, B=B, expert_ids=ids, gates=gates)
+    for over, error, match in [
+            (dict(A=A[0]), ValueError, "A: expected a 3-D tensor"),
+            (dict(expert_ids=ids[:, 0]), ValueError, "expert_ids: expected a 2-D tensor"),
+            (dict(x2=x[0]), ValueError, "x: expected a 2-D tensor"),
+            (dict(bias=[0.0] * 16), TypeError, "bias: expected a torch.Tensor"),
+            (dict(t=t.dequantize(torch.float16)), TypeError, "t: expected a datalora.nf4"),
+    ]:
+        with pytest.raises(error, match=match):
+            _C_loader.nf4_molora_decode_host(**{**good, **over})
+    with pytest.raises(TypeError, match="t: expected a datalora.nf4.NF4Tensor, got Tensor"):
+        _C_loader.dequantize_nf4_host(torch.zeros(4, dtype=torch.uint8), torch.float16)
+
+
+@needs_ext
 def test_decode_host_clamps_expert_ids_like_the_triton_kernels(monkeypatch):
     """Unchecked ids (``DATALORA_CHECK_VALUES=0``, CUDA-graph capture) never read outside A
     and B: the kernels clamp them to ``[0, E)``. A and B are views into bigger buffers here,
