@@ -42,7 +42,10 @@ def sample_gumbel(shape: torch.Size | tuple[int, ...], device: torch.device | st
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel(0, 1) noise ``-log(-log U)`` of ``shape`` (finite: U is clamped)."""
     u = uniform_noise(shape, device, dtype, generator)
-    return -torch.log(-torch.log(u.clamp(_EPS, 1.0 - 1e-7)))
+    # bounds representable in ``dtype`` (in fp16, 1e-10 rounds to 0: -inf noise)
+    info = torch.finfo(dtype)
+    u = u.clamp(max(_EPS, info.tiny), min(1.0 - 1e-7, 1.0 - info.eps / 2))
+    return -torch.log(-torch.log(u))
 
 
 def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,

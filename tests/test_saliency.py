@@ -412,3 +412,12 @@ def test_losses_and_gather_routing_name_bad_arguments():
         gather_routing(routing, [[0, 1]], 3)
     with pytest.raises(ValueError, match="keep_idx: expected dtype"):
         gather_routing(routing, torch.tensor([[0.0], [1.0]]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sample_gumbel_is_finite_in_every_float_dtype(dtype):
+    from datalora.saliency import sample_gumbel
+
+    g = torch.Generator().manual_seed(0)
+    noise = sample_gumbel((200_000,), "cpu", dtype=dtype, generator=g)  # fp16: ~100 zeros
+    assert noise.dtype == dtype and torch.isfinite(noise).all()
