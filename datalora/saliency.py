@@ -84,7 +84,10 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
     # -inf (softmax one-hot) instead of the max to +inf (softmax NaN)
     z = z - z.amax(-1, keepdim=True).detach()
     y = torch.softmax(z / max(float(tau), torch.finfo(torch.float32).tiny), dim=-1)
-    top, expert_ids = y.topk(k, dim=-1)
+    # selected on z, the same order as y's: at a low tau y underflows to ties at 0, among
+    # which y.topk would pick the lowest expert ids, not the next-best experts
+    expert_ids = z.topk(k, dim=-1).indices
+    top = y.gather(-1, expert_ids)
     if hard:
         mask = torch.zeros_like(y).scatter_(-1, expert_ids, 1.0 / k)
         weights = mask + (y - y.detach())  # forward == mask exactly, backward = dy

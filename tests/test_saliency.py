@@ -421,3 +421,13 @@ def test_sample_gumbel_is_finite_in_every_float_dtype(dtype):
     g = torch.Generator().manual_seed(0)
     noise = sample_gumbel((200_000,), "cpu", dtype=dtype, generator=g)  # fp16: ~100 zeros
     assert noise.dtype == dtype and torch.isfinite(noise).all()
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_topk_low_temperature_still_picks_the_next_best_experts(hard):
+    # at tau = 0.05 every softmax entry but the max underflows to 0 in fp32
+    logits = torch.tensor([[0.0, 1.0, 0.0, 10.0], [9.0, -3.0, 2.0, 0.0]])
+    weights, ids = gumbel_topk(logits, 2, 0.05, hard=hard, noise=False)
+    assert ids.tolist() == [[3, 1], [0, 2]]
+    if hard:
+        assert torch.equal(weights.gather(1, ids), torch.full((2, 2), 0.5))
