@@ -163,8 +163,11 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
             or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
                          f"got {k!r}")
-    probs = torch.softmax(logits.float(), dim=-1)
-    gates, expert_ids = probs.topk(k, dim=-1)
+    z = logits.float()
+    probs = torch.softmax(z, dim=-1)
+    # selected on the logits (the same order): underflowed probabilities tie at 0
+    expert_ids = z.topk(k, dim=-1).indices
+    gates = probs.gather(-1, expert_ids)
     if renormalize:
         # k = 1: gates / gates.sum() is the constant 1 (no router gradient): keep the forward
         # value 1 exactly, backward d log p

@@ -68,8 +68,12 @@ class SMoRALinear(MoLoRALinear):
         """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
         (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
         x2 = x.reshape(-1, x.shape[-1])
-        probs = torch.softmax(self.router(x2.to(self.router.weight.dtype)).float(), dim=-1)
-        top, ids = probs.topk(self.active_ranks, dim=-1)
+        logits = self.router(x2.to(self.router.weight.dtype)).float()
+        probs = torch.softmax(logits, dim=-1)
+        # selected on the logits (the same order): underflowed probabilities tie at 0, and
+        # gate "one" would give the lowest-index ranks among them gate 1
+        ids = logits.topk(self.active_ranks, dim=-1).indices
+        top = probs.gather(-1, ids)
         if self.gate not in GATES:  # an attribute set after construction
             raise ValueError(f"gate: expected one of {GATES}, got {self.gate!r}")
         if self.gate == "one":

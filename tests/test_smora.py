@@ -102,3 +102,18 @@ def test_smora_attribute_names_gate_and_unknown_keywords():
     s.gate = "bogus"
     with pytest.raises(ValueError, match="gate: expected one of"):
         s(torch.randn(2, 8))
+
+
+def test_far_apart_router_logits_still_select_the_best_ranks():
+    """Logit gaps over ~104 underflow the fp32 softmax to ties at 0: the ranks are chosen
+    on the logits (gate "one" would otherwise give an arbitrary rank gate 1)."""
+    from datalora.routing import topk_routing
+
+    logits = torch.tensor([[0.0, 5.0, -300.0, 200.0, 1.0]])
+    assert topk_routing(logits, 3).expert_ids.tolist() == [[3, 1, 4]]
+    layer = SMoRALinear(nn.Linear(5, 3), total_rank=5, active_ranks=2)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.diag(logits[0]))
+    routing = layer.route(torch.ones(1, 5))
+    assert routing.expert_ids.tolist() == [[3, 1]]
+    assert torch.equal(routing.gates, torch.ones(1, 2))
