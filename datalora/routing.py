@@ -150,8 +150,9 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
                  _trusted: bool = False) -> Routing:
     """Softmax top-k routing: logits ``[T, E]`` -> :class:`Routing` with ``k`` routes per token.
 
-    Gates are the top-k softmax probabilities, renormalised to sum to 1 when
-    ``renormalize`` (Mixtral style); gradients reach the router through them. ``_trusted``
+    Gates are the top-k softmax probabilities (computed in fp32, or fp64 for fp64 logits),
+    renormalised to sum to 1 when ``renormalize`` (Mixtral style); gradients reach the
+    router through them. ``_trusted``
     (datalora's own layers, which never hand the tensors out for writing before use) lets
     backends cache per-routing tables; the routing you get is checked like one you built.
     """
@@ -163,7 +164,7 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
             or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
                          f"got {k!r}")
-    z = logits.float()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
     probs = torch.softmax(z, dim=-1)
     # selected on the logits (the same order): underflowed probabilities tie at 0
     expert_ids = z.topk(k, dim=-1).indices

@@ -68,7 +68,8 @@ class SMoRALinear(MoLoRALinear):
         """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
         (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
         x2 = x.reshape(-1, x.shape[-1])
-        logits = self.router(x2.to(self.router.weight.dtype)).float()
+        logits = self.router(x2.to(self.router.weight.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays
         probs = torch.softmax(logits, dim=-1)
         # selected on the logits (the same order): underflowed probabilities tie at 0, and
         # gate "one" would give the lowest-index ranks among them gate 1

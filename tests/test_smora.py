@@ -117,3 +117,18 @@ def test_far_apart_router_logits_still_select_the_best_ranks():
     routing = layer.route(torch.ones(1, 5))
     assert routing.expert_ids.tolist() == [[3, 1]]
     assert torch.equal(routing.gates, torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("smora", [False, True])
+def test_float64_layer_with_its_own_router_passes_gradcheck(smora):
+    """A float64 layer routes in float64 (its softmax was fp32: finite differences of the
+    router's gates then disagreed with autograd by a few percent)."""
+    torch.manual_seed(0)
+    base = nn.Linear(5, 4).double()
+    layer = (SMoRALinear(base, total_rank=4, active_ranks=2, gate="softmax") if smora
+             else MoLoRALinear(base, num_experts=3, rank=2, top_k=2, backend="torch"))
+    nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        layer.router.weight.mul_(50)  # gates far from uniform: the router gradient matters
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
