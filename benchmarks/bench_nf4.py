@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += f"  {r['fraction_of_floor']:.0%} of roofline"
         print(f"{r['group']:8s} {str(shape):22s} {r['method']:28s} {r['ms']:9.4f} ms  {extra}")
     for t in data["targets"]:
-        print(f"target {t['target']}: {t['value']:.3f} {t['status']}")
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"target {t['target']}: {value} {t['status']}")
     if not args.no_plot:
         write_plot(plot, path)
     print("results:", path)

@@ -300,3 +300,19 @@ def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
     molora.time_cuda({"fast": fast, "slow": slow}, [])
     assert windows["fast"] == molora.DO_BENCH_REP_MS
     assert windows["slow"] >= molora.MIN_TIMED_CALLS * 20
+
+
+def test_nf4_cli_prints_a_target_that_did_not_run(tmp_path, monkeypatch, capsys):
+    """On a GPU without the CUDA extension the decode target is NOT_RUN with value None:
+    the CLI prints it rather than failing to format None."""
+    from benchmarks import bench_nf4
+
+    def run(preset, out_dir, groups):
+        path = out_dir / f"nf4_{preset}.json"
+        path.write_text(json.dumps(dict(meta={}, rows=[], targets=[dict(
+            target="decode T=1 4096x14336 >= 70% HBM", value=None, status="NOT_RUN")])))
+        return path
+
+    monkeypatch.setattr(bench_nf4, "run", run)
+    assert bench_nf4.main(["--preset", "smoke", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert "target decode T=1 4096x14336 >= 70% HBM: n/a NOT_RUN" in capsys.readouterr().out
