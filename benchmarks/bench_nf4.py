@@ -41,6 +41,7 @@ from benchmarks.molora import metadata as _metadata
 from benchmarks.plot import save_figure
 from benchmarks.timing import time_interleaved
 from datalora import _C_loader, nf4, ops
+from datalora.io import atomic_write_text
 from datalora.nf4_linear import NF4Linear, fused_decode_applies, nf4_molora_linear
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -260,10 +261,9 @@ def run(preset: str, out_dir: Path, device: torch.device | None = None,
                 roofline_device=(roofline.device_key(meta["device_name"])
                                  if device.type == "cuda" else None),
                 bitsandbytes=getattr(_bnb()[0], "__version__", None))
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"nf4_{preset}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows, targets=check_targets(rows, preset)),
-                               indent=1))
+    atomic_write_text(path, json.dumps(dict(meta=meta, rows=rows,
+                                            targets=check_targets(rows, preset)), indent=1))
     return path
 
 

@@ -316,3 +316,28 @@ def test_nf4_cli_prints_a_target_that_did_not_run(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(bench_nf4, "run", run)
     assert bench_nf4.main(["--preset", "smoke", "--out", str(tmp_path), "--no-plot"]) == 0
     assert "target decode T=1 4096x14336 >= 70% HBM: n/a NOT_RUN" in capsys.readouterr().out
+
+
+def test_nf4_json_is_written_atomically(tmp_path, monkeypatch):
+    """A write that fails part way (a time limit, a full disk) leaves the previous
+    ``nf4_<preset>.json`` whole, as the other benchmarks' files."""
+    import pathlib
+
+    from benchmarks import bench_nf4
+
+    old = tmp_path / "nf4_smoke.json"
+    old.write_text('{"previous": "run"}')
+    real = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)  # part of the file, then the failure
+        raise OSError("No space left on device")
+
+    for name, value in (("bench_dequant", lambda *a: []), ("_metadata", lambda *a: {}),
+                        ("_bnb", lambda: (None, None))):  # the file write only
+        monkeypatch.setattr(bench_nf4, name, value)
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(OSError):
+        bench_nf4.run("smoke", tmp_path, device=torch.device("cpu"), groups=("dequant",))
+    assert old.read_text() == '{"previous": "run"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["nf4_smoke.json"]
