@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -78,10 +79,14 @@ def _peak_gbs(device) -> float | None:
 
 
 def _bnb():
+    """``(bitsandbytes, bitsandbytes.functional)``, or ``(None, None)`` with a warning naming
+    why: the benchmark then runs without its bitsandbytes rows."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
-    except Exception:
+    except Exception as exc:
+        warnings.warn(f"bitsandbytes not importable ({type(exc).__name__}: {exc}): no "
+                      "bitsandbytes baselines (pip install datalora[bnb])", stacklevel=2)
         return None, None
     return bnb, bnbf
 

@@ -341,3 +341,12 @@ def test_nf4_json_is_written_atomically(tmp_path, monkeypatch):
         bench_nf4.run("smoke", tmp_path, device=torch.device("cpu"), groups=("dequant",))
     assert old.read_text() == '{"previous": "run"}'
     assert [p.name for p in tmp_path.iterdir()] == ["nf4_smoke.json"]
+
+
+def test_nf4_without_bitsandbytes_warns_that_its_baselines_are_missing(monkeypatch):
+    from benchmarks import bench_nf4
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    with pytest.warns(UserWarning, match="bitsandbytes not importable .*no bitsandbytes "
+                                         "baselines"):
+        assert bench_nf4._bnb() == (None, None)
