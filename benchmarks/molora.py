@@ -61,6 +61,9 @@ SKEWS = ("uniform", "one", "distinct")
 # beating cuBLAS + expand (molora_linear[triton]); timed on CUDA only
 FUSED_METHOD = "molora_linear[triton-fused]"
 FUSED_ENV = {"DATALORA_FUSED_LINEAR": "1"}
+# max |output - per-expert loop in fp32| / max |loop in fp32| a timed method may reach (its
+# dtype's rounding); above it the method computes another layer and its time means nothing
+AGREE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +222,27 @@ def with_env(env: dict[str, str], fn: Callable) -> Callable:
     return call
 
 
+def output_errors(methods: dict[str, Callable], inp: dict) -> dict[str, float | None]:
+    """Each method's forward output against the per-expert loop run in fp32 (whole layer or
+    LoRA part, as the method computes): ``max |out - ref| / max |ref|`` (None for the base
+    linear), so every timed method is checked to compute the same layer in the run."""
+    f32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+           for k, v in inp.items()}
+    args = (f32["A"], f32["B"], f32["expert_ids"], f32["gates"], None, f32["scaling"])
+    errors: dict[str, float | None] = {}
+    with torch.no_grad():
+        refs = {"delta": loop_delta(f32["x"], *args),
+                "linear": loop_linear(f32["x"], f32["weight"], f32["bias"], *args)}
+        for name, fn in methods.items():
+            if name == "linear":
+                errors[name] = None
+                continue
+            ref = refs["delta" if "delta" in name else "linear"]
+            err = (fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+            errors[name] = err.item()
+    return errors
+
+
 def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Callable:
     """``fwd``: fn under no_grad. ``fwd_bwd``: fn then backward of ``grad_out``."""
     if mode == "fwd":
@@ -289,6 +313,7 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
     dtype = preset["dtype"]
     inp = make_inputs(case, dtype, device)
     methods = build_methods(case, inp, backends)
+    errors = output_errors(methods, inp)
     rows = []
     for mode in MODES:
         if mode == "fwd_bwd":
@@ -316,6 +341,7 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
                 method=name, mode=mode, median_ms=med, q20_ms=q20, q80_ms=q80,
                 ratio_vs_linear=med / timed["linear"][0],
                 speedup_vs_loop=timed[loop][0] / med if loop in timed else None,
+                rel_err_vs_fp32_loop=errors[name],
                 **_floor(gpu_name, case, name, mode, dtype, med), **extra[name]))
         for name in ("x", "A", "B"):
             inp[name].requires_grad_(False)
@@ -386,6 +412,15 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
                         status=status, numerator=f"{num} {mode}", denominator=f"{den} {mode}",
                         shape=shape_num, paired_value=paired))
 
+    errors = [r["rel_err_vs_fp32_loop"] for r in rows
+              if r.get("rel_err_vs_fp32_loop") is not None]
+    tol = AGREE_TOL[preset["dtype"]]
+    worst = max(errors) if errors else None
+    out.append(dict(name="outputs_match_fp32_loop", description=f"every method's output within "
+                    f"{tol} of the per-expert loop in fp32 (max abs error / max abs value)",
+                    value=worst, op="<=", threshold=tol, status="NOT_RUN" if worst is None
+                    else "PASS" if worst <= tol else "FAIL", numerator="rel_err_vs_fp32_loop",
+                    denominator=None, shape=None, paired_value=None))
     if preset_name == "gpu":
         for be in backends:
             ml, md = f"molora_linear[{be}]", f"molora_delta[{be}]"
@@ -521,11 +556,13 @@ def format_case(case: Case, rows: list[dict]) -> str:
         # the base linear does less work than the loop: no "faster than loop" for it
         loop = (None if row["method"].startswith("loop") or row["method"] == "linear"
                 else row["speedup_vs_loop"])
-        frac = row.get("fraction_of_floor")
+        frac, err = row.get("fraction_of_floor"), row.get("rel_err_vs_fp32_loop")
+        wrong = err is not None and err > AGREE_TOL.get(getattr(torch, row["dtype"]), 1e-4)
         lines.append(f"  {row['mode']:8s} {row['method']:22s} {row['median_ms']:10.3f} ms "
                      f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
                      " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else "")
-                     + (f"  {frac:.0%} of roofline" if frac is not None else ""))
+                     + (f"  {frac:.0%} of roofline" if frac is not None else "")
+                     + (f"  WRONG OUTPUT (rel err {err:.2g} vs the fp32 loop)" if wrong else ""))
     return "\n".join(lines)
 
 

@@ -52,10 +52,32 @@ def test_smoke_preset_writes_json_and_plot(tmp_path):
     linear = [r for r in rows if r["method"] == "linear"]
     assert all(r["ratio_vs_linear"] == 1.0 and r["paired_ratio_vs_linear"] == 1.0
                for r in linear)
-    assert data["targets"] == []  # the smoke shapes carry no target
+    # the smoke shapes carry no speed target; every timed method computed the loop's layer
+    assert [(t["name"], t["status"]) for t in data["targets"]] == [
+        ("outputs_match_fp32_loop", "PASS")]
+    assert all((r["rel_err_vs_fp32_loop"] is None) == (r["method"] == "linear") for r in rows)
     assert data["meta"]["complete"] is True
     png = tmp_path / "molora_smoke.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_flags_a_method_that_computes_another_layer(tmp_path, monkeypatch):
+    """The run checks every timed method's output against the per-expert loop in fp32: a
+    kernel that drops the LoRA part is fast, and its row must say it is wrong."""
+    def no_delta(x, A, B, *args, **kwargs):  # zeros, still in the autograd graph
+        return x.new_zeros(x.shape[0], B.shape[1]) + 0.0 * (x.sum() + A.sum() + B.sum())
+
+    monkeypatch.setattr(molora.ops, "molora_delta", no_delta)
+    lines = []
+    result = molora.run("smoke", tmp_path, device=torch.device("cpu"), plot=False,
+                        log=lines.append, only="T_sweep/T8_")
+    target = {t["name"]: t for t in result["targets"]}["outputs_match_fp32_loop"]
+    assert target["status"] == "FAIL" and target["value"] > 0.1
+    errors = {r["method"]: r["rel_err_vs_fp32_loop"] for r in result["results"]}
+    assert errors["molora_delta[torch]"] == 1.0  # all of the delta missing
+    assert errors["molora_linear[torch]"] < 1e-4 and errors["loop_delta"] < 1e-4
+    assert "molora_delta[torch]" in "".join(l for l in "\n".join(lines).splitlines()
+                                            if "WRONG OUTPUT" in l)
 
 
 def test_run_cut_short_keeps_the_finished_cases(tmp_path, monkeypatch):
