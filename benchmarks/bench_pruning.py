@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait", type=float, default=300.0,
                         help="seconds --max-load waits at most before each row (default: 300)")
     parser.add_argument("--only", default=None, metavar="SUBSTR",
-                        help="rerun the cases whose name contains SUBSTR and merge them into "
-                             "the existing JSON (the plot shows the merged file)")
+                        help="run only the cases whose name contains SUBSTR, written to "
+                             "pruning_<preset>_only-SUBSTR.json (a full run's file is never "
+                             "replaced)")
     args = parser.parse_args(argv)
     preset = cli_preset(parser, args.preset)
     check_cli_out(parser, args.out)

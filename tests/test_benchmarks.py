@@ -372,3 +372,14 @@ def test_nf4_without_bitsandbytes_warns_that_its_baselines_are_missing(monkeypat
     with pytest.warns(UserWarning, match="bitsandbytes not importable .*no bitsandbytes "
                                          "baselines"):
         assert bench_nf4._bnb() == (None, None)
+
+
+def test_pruning_help_says_where_an_only_run_goes(capsys):
+    """``--only`` writes ``pruning_<preset>_only-SUBSTR.json`` (``molora.result_path``); it
+    merges into no existing file."""
+    from benchmarks import bench_pruning
+
+    with pytest.raises(SystemExit):
+        bench_pruning.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "written to pruning_<preset>_only-SUBSTR.json" in text and "merge" not in text
