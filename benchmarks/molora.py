@@ -31,6 +31,7 @@ end and written to the JSON as PASS/FAIL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -207,19 +208,30 @@ def fused_applies(case: Case) -> bool:
 
 
 def with_env(env: dict[str, str], fn: Callable) -> Callable:
-    """``fn`` with the variables of ``env`` set for the call (restored after it)."""
+    """``fn`` with the variables of ``env`` set for the call (restored after it). The result
+    keeps ``env`` and ``inner = fn``: :func:`time_cuda` sets ``env`` once around all of its
+    timed calls of ``inner``, so setting it is not timed (microseconds: a launch-bound
+    small-T layer's time would carry them)."""
     def call():
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with env_set(env):
             return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    call.env, call.inner = env, fn
     return call
+
+
+@contextlib.contextmanager
+def env_set(env: dict[str, str]):
+    """The variables of ``env`` set in ``os.environ`` within the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def output_errors(methods: dict[str, Callable], inp: dict) -> dict[str, float | None]:
@@ -244,7 +256,10 @@ def output_errors(methods: dict[str, Callable], inp: dict) -> dict[str, float | 
 
 
 def as_step(fn: Callable, mode: str, inp: dict, grad_out: torch.Tensor) -> Callable:
-    """``fwd``: fn under no_grad. ``fwd_bwd``: fn then backward of ``grad_out``."""
+    """``fwd``: fn under no_grad. ``fwd_bwd``: fn then backward of ``grad_out``. A
+    :func:`with_env` fn gives a :func:`with_env` step (its env set around the whole step)."""
+    if hasattr(fn, "env"):
+        return with_env(fn.env, as_step(fn.inner, mode, inp, grad_out))
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -283,29 +298,35 @@ def timed_window_ms(call_ms: float) -> float:
 
 
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
-    """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``."""
+    """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``.
+    A :func:`with_env` step is timed as its ``inner`` with its ``env`` set once around."""
+    out = {}
+    for name, call in steps.items():
+        with env_set(getattr(call, "env", {})):
+            out[name] = _time_cuda_one(getattr(call, "inner", call), grad_leaves)
+    return out
+
+
+def _time_cuda_one(fn: Callable, grad_leaves: list[torch.Tensor]) -> tuple:
     from triton.testing import do_bench
 
-    out = {}
-    for name, fn in steps.items():
-        fn()  # first call (allocator, autotuning) outside the estimate
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        rep = timed_window_ms((time.perf_counter() - start) * 1e3)
-        med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=rep,
-                                 quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
-        torch.cuda.synchronize()
-        for t in grad_leaves:  # the last timed call's gradients are not part of the baseline
-            t.grad = None
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out[name] = (med, q20, q80, peak)
-    return out
+    fn()  # first call (allocator, autotuning) outside the estimate
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    rep = timed_window_ms((time.perf_counter() - start) * 1e3)
+    med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=rep,
+                             quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
+    torch.cuda.synchronize()
+    for t in grad_leaves:  # the last timed call's gradients are not part of the baseline
+        t.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return med, q20, q80, peak
 
 
 # ----------------------------------------------------------------------------- run

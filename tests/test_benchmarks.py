@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -383,3 +384,36 @@ def test_pruning_help_says_where_an_only_run_goes(capsys):
         bench_pruning.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "written to pruning_<preset>_only-SUBSTR.json" in text and "merge" not in text
+
+
+def test_cuda_timer_sets_a_method_env_once_around_its_timed_calls(monkeypatch):
+    """``molora_linear[triton-fused]`` needs ``DATALORA_FUSED_LINEAR=1``: the timer sets it
+    once around the method's calls; setting and restoring it in every call (microseconds)
+    would be timed against the fused kernel only."""
+    import triton.testing
+
+    def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
+        for _ in range(5):
+            fn()
+        return 1.0, 0.9, 1.1
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+    monkeypatch.delenv("DATALORA_BENCH_TEST_ENV", raising=False)
+    seen = []
+    fused = molora.with_env({"DATALORA_BENCH_TEST_ENV": "1"},
+                            lambda: seen.append(os.environ.get("DATALORA_BENCH_TEST_ENV")))
+    step = molora.as_step(fused, "fwd", {}, None)
+    writes = []
+    real_putenv, real_unsetenv = os.putenv, os.unsetenv
+    monkeypatch.setattr(os, "putenv", lambda k, v: (writes.append(k), real_putenv(k, v)))
+    monkeypatch.setattr(os, "unsetenv", lambda k: (writes.append(k), real_unsetenv(k)))
+    molora.time_cuda({"fused": step}, [])
+    assert seen == ["1"] * 8  # 2 before do_bench, 5 timed, 1 for the peak memory
+    assert len(writes) == 2  # set once, restored once
+    assert "DATALORA_BENCH_TEST_ENV" not in os.environ
+    step()  # called on its own, the step still runs with its env
+    assert seen[-1] == "1" and "DATALORA_BENCH_TEST_ENV" not in os.environ
