@@ -449,8 +449,12 @@ def write(out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.roofline",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help="output folder (default: benchmarks/results in the repository)")
     args = ap.parse_args(argv)
+    from benchmarks.molora import check_cli_out
+
+    check_cli_out(ap, args.out)
     for path in write(args.out):
         print("wrote", path)
     return 0

@@ -417,3 +417,14 @@ def test_cuda_timer_sets_a_method_env_once_around_its_timed_calls(monkeypatch):
     assert "DATALORA_BENCH_TEST_ENV" not in os.environ
     step()  # called on its own, the step still runs with its env
     assert seen[-1] == "1" and "DATALORA_BENCH_TEST_ENV" not in os.environ
+
+
+def test_roofline_cli_rejects_a_file_as_out(tmp_path, capsys):
+    from benchmarks import roofline
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        roofline.main(["--out", str(afile)])
+    assert exc.value.code == 2
+    assert "--out: expected a folder, got the file" in capsys.readouterr().err
