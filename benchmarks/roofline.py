@@ -438,11 +438,13 @@ def build(preset: str = "gpu") -> dict:
 
 
 def write(out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Writes ``roofline.json`` and ``roofline.md`` to ``out_dir``, each atomically."""
+    from datalora.io import atomic_write_text
+
     data = build()
-    out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "roofline.json", out_dir / "roofline.md"
-    js.write_text(json.dumps(data, indent=1) + "\n")
-    md.write_text(render_markdown(data))
+    atomic_write_text(js, json.dumps(data, indent=1) + "\n")
+    atomic_write_text(md, render_markdown(data))
     return md, js
 
 

@@ -428,3 +428,25 @@ def test_roofline_cli_rejects_a_file_as_out(tmp_path, capsys):
         roofline.main(["--out", str(afile)])
     assert exc.value.code == 2
     assert "--out: expected a folder, got the file" in capsys.readouterr().err
+
+
+def test_roofline_files_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails part way leaves the previous roofline.json whole (the GPU suite
+    writes it beside the measurements that read their floors from it)."""
+    import pathlib
+
+    from benchmarks import roofline
+
+    old = tmp_path / "roofline.json"
+    old.write_text('{"previous": "run"}')
+    real = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)  # part of the file, then the failure
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(OSError):
+        roofline.write(tmp_path)
+    assert old.read_text() == '{"previous": "run"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["roofline.json"]
