@@ -240,35 +240,40 @@ def plot(path: Path) -> Path:
 
 def run(preset: str, out_dir: Path, device: torch.device | None = None,
         groups: tuple[str, ...] = GROUPS) -> Path:
-    """Times the preset's cases of ``groups`` and writes ``nf4_<preset>.json``."""
+    """Times the preset's cases of ``groups`` and writes ``nf4_<preset>.json``, rewritten
+    after every group (``meta.complete`` False until the last)."""
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"groups: expected a subset of {GROUPS}, got {unknown}")
+    if not groups:
+        raise ValueError(f"groups: expected at least one of {GROUPS}, got none")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     p = PRESETS[preset]
     timer = _timer(device)
     if device.type == "cpu":
         base_timer = timer
         timer = lambda steps: base_timer(steps, p.get("budget_s", 0.5))  # noqa: E731
-    rows = []
-    with torch.no_grad():
-        if "dequant" in groups:
-            rows += bench_dequant(p["dequant"], p["dtype"], device, timer)
-        if "decode" in groups:
-            rows += bench_decode(p["decode"], p, device, timer, _peak_gbs(device))
-        if "large_t" in groups:
-            rows += bench_large_t(p["large_t"], p, device, timer)
-    if device.type == "cuda":
-        add_floors(rows, torch.cuda.get_device_name(device), p)
     meta = _metadata("gpu" if device.type == "cuda" else "cpu", device, [])
     meta.update(preset=preset, groups=list(groups), dtype=str(p["dtype"]).removeprefix("torch."),
                 extension=_C_loader.available(), peak_gbs=_peak_gbs(device),
                 roofline_device=(roofline.device_key(meta["device_name"])
                                  if device.type == "cuda" else None),
-                bitsandbytes=getattr(_bnb()[0], "__version__", None))
+                bitsandbytes=getattr(_bnb()[0], "__version__", None), complete=False)
     path = out_dir / f"nf4_{preset}.json"
-    atomic_write_text(path, json.dumps(dict(meta=meta, rows=rows,
-                                            targets=check_targets(rows, preset)), indent=1))
+    benches = {"dequant": lambda: bench_dequant(p["dequant"], p["dtype"], device, timer),
+               "decode": lambda: bench_decode(p["decode"], p, device, timer, _peak_gbs(device)),
+               "large_t": lambda: bench_large_t(p["large_t"], p, device, timer)}
+    rows = []
+    for i, group in enumerate(g for g in GROUPS if g in groups):
+        with torch.no_grad():
+            new = benches[group]()
+        if device.type == "cuda":
+            add_floors(new, torch.cuda.get_device_name(device), p)
+        rows += new
+        # rewritten after every group: a run stopped by a time limit keeps the finished ones
+        meta["complete"] = i + 1 == len(set(groups))
+        atomic_write_text(path, json.dumps(dict(meta=meta, rows=rows,
+                                                targets=check_targets(rows, preset)), indent=1))
     return path
 
 

@@ -11,7 +11,8 @@
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
 #   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every case, so a stopped run keeps its rows)
-#   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor)
+#   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor;
+#                the JSON is rewritten after every group)
 #   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
 #                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial)
 #   pruning      benchmarks.bench_pruning --no-bound

@@ -450,3 +450,21 @@ def test_roofline_files_are_written_atomically(tmp_path, monkeypatch):
         roofline.write(tmp_path)
     assert old.read_text() == '{"previous": "run"}'
     assert [p.name for p in tmp_path.iterdir()] == ["roofline.json"]
+
+
+def test_nf4_run_cut_short_keeps_the_finished_groups(tmp_path, monkeypatch):
+    """The GPU suite stops the NF4 benchmark at its step limit: the JSON is rewritten after
+    every group (``complete`` False until the last), so the finished groups' rows stay."""
+    from benchmarks import bench_nf4
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # as a time limit would stop the process
+
+    monkeypatch.setattr(bench_nf4, "bench_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=("dequant", "decode"))
+    data = json.loads((tmp_path / "nf4_smoke.json").read_text())
+    assert data["meta"]["complete"] is False
+    assert {r["group"] for r in data["rows"]} == {"dequant"}
+    with pytest.raises(ValueError, match="groups: expected at least one of"):
+        bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=())

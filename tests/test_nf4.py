@@ -378,6 +378,7 @@ def test_bench_nf4_smoke_writes_all_groups(tmp_path):
     assert {r["method"] for r in data["rows"] if r["group"] == "decode"} == {
         "datalora_dequant_fallback", "bnb_matmul_4bit+peft_loop"}
     assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["torch"] == torch.__version__
+    assert data["meta"]["complete"] is True
 
 
 def test_bench_nf4_runs_only_the_groups_asked_for(tmp_path):
