@@ -37,7 +37,14 @@ import torch
 
 from benchmarks import roofline
 from benchmarks.baselines import loop_delta
-from benchmarks.molora import check_cli_out, cli_preset, time_cuda, with_env, write_plot
+from benchmarks.molora import (
+    AGREE_TOL,
+    check_cli_out,
+    cli_preset,
+    time_cuda,
+    with_env,
+    write_plot,
+)
 from benchmarks.molora import metadata as _metadata
 from benchmarks.plot import save_figure
 from benchmarks.timing import time_interleaved
@@ -91,6 +98,23 @@ def _bnb():
     return bnb, bnbf
 
 
+def _errors(steps: dict, ref: torch.Tensor) -> dict[str, float]:
+    """Each step's output against the fp32 ``ref``, ``max |out - ref| / max |ref|``: every
+    timed method is checked in the run to compute the same thing (target
+    ``outputs_match_fp32``)."""
+    return {name: ((fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            for name, fn in steps.items()}
+
+
+def _layer_ref(x, t, bias, A, B, ids, gates) -> torch.Tensor:
+    """The NF4 MoLoRA layer in fp32: the weight by ``nf4.dequantize_torch`` (the torch
+    reference, not the kernel a method times), the LoRA part by the per-expert loop."""
+    def f(v):
+        return None if v is None else v.float()
+    return (torch.nn.functional.linear(f(x), nf4.dequantize_torch(t, torch.float32), f(bias))
+            + loop_delta(f(x), f(A), f(B), ids, f(gates)))
+
+
 def bench_dequant(shapes, dtype, device, timer):
     bnb, bnbf = _bnb()
     rows = []
@@ -104,9 +128,10 @@ def bench_dequant(shapes, dtype, device, timer):
             steps["bitsandbytes"] = lambda d=data, s=state: bnbf.dequantize_4bit(
                 d, s, quant_type="nf4")
         moved = t.nbytes + w.numel() * w.element_size()
+        errors = _errors(steps, nf4.dequantize_torch(t, torch.float32))
         for method, res in timer(steps).items():
             rows.append(dict(group="dequant", method=method, shape=list(shape),
-                             gbs=moved / res["ms"] / 1e6, **res))
+                             gbs=moved / res["ms"] / 1e6, rel_err_vs_fp32=errors[method], **res))
     return rows
 
 
@@ -139,11 +164,12 @@ def bench_decode(cases, p, device, timer, peak):
                     x, A, B, ids, gates)
             steps["bnb_matmul_4bit+peft_loop"] = bnb_peft
         wbytes = base.weight.nbytes
+        errors = _errors(steps, _layer_ref(x, base.weight, None, A, B, ids, gates))
         for method, res in timer(steps).items():
             rows.append(dict(group="decode", method=method, T=T, d_in=K, d_out=N,
                              weight_gbs=wbytes / res["ms"] / 1e6,
                              hbm_frac=None if peak is None else wbytes / res["ms"] / 1e6 / peak,
-                             **res))
+                             rel_err_vs_fp32=errors[method], **res))
     return rows
 
 
@@ -162,11 +188,13 @@ def bench_large_t(cases, p, device, timer):
         }
         if device.type == "cuda":
             steps["triton_nf4_fused"] = with_env(NF4_FUSED_ENV, layer)
+        errors = _errors(steps, _layer_ref(x, base.weight, lin.bias, A, B, ids, gates))
         res = timer(steps)
         bf16_ms = res["bf16_molora_linear"]["ms"]
         for method, r in res.items():
             rows.append(dict(group="large_t", method=method, T=T, d_in=K, d_out=N,
-                             ratio_vs_bf16=r["ms"] / bf16_ms, **r))
+                             ratio_vs_bf16=r["ms"] / bf16_ms, rel_err_vs_fp32=errors[method],
+                             **r))
     return rows
 
 
@@ -183,9 +211,14 @@ def add_floors(rows: list[dict], device_name: str, p: dict) -> None:
 
 
 def check_targets(rows, preset):
+    errors = [r["rel_err_vs_fp32"] for r in rows if r.get("rel_err_vs_fp32") is not None]
+    tol = AGREE_TOL[PRESETS[preset]["dtype"]]
+    worst = max(errors) if errors else None
+    out = [dict(target=f"outputs_match_fp32: every method within {tol} of the fp32 reference "
+                       f"(max abs error / max abs value)", value=worst,
+                status="NOT_RUN" if worst is None else "PASS" if worst <= tol else "FAIL")]
     if preset != "gpu":
-        return []
-    out = []
+        return out
     for r in rows:
         decode_7b = (r["group"] == "decode" and r["T"] == 1
                      and (r["d_in"], r["d_out"]) == (4096, 14336))

@@ -468,3 +468,20 @@ def test_nf4_run_cut_short_keeps_the_finished_groups(tmp_path, monkeypatch):
     assert {r["group"] for r in data["rows"]} == {"dequant"}
     with pytest.raises(ValueError, match="groups: expected at least one of"):
         bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=())
+
+
+def test_nf4_run_flags_a_method_that_computes_another_layer(tmp_path, monkeypatch):
+    """Every timed NF4 method is checked in the run against the layer in fp32 (torch
+    dequantize + per-expert loop): a kernel that drops the LoRA part is flagged."""
+    from benchmarks import bench_nf4
+
+    real = bench_nf4.nf4_molora_linear
+    monkeypatch.setattr(bench_nf4, "nf4_molora_linear",
+                        lambda base, x, lora_x, A, B, *a, **k: real(base, x, lora_x, A, 0 * B,
+                                                                     *a, **k))
+    path = bench_nf4.run("smoke", tmp_path, torch.device("cpu"), groups=("large_t",))
+    data = json.loads(path.read_text())
+    errors = {r["method"]: r["rel_err_vs_fp32"] for r in data["rows"]}
+    assert errors["nf4_molora"] > 0.05 and errors["bf16_molora_linear"] < 1e-4
+    [target] = data["targets"]
+    assert target["target"].startswith("outputs_match_fp32") and target["status"] == "FAIL"
