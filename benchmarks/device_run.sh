@@ -17,8 +17,10 @@
 #       --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl setuptools==84.2.1
 # (setuptools >= 77 reads pyproject's SPDX license; the machine's own may be older)
-# then call the device tool's run with command "bash benchmarks/device_run.sh",
-# carry [".whl"] and timeout_s 590; unpack with
+# then call the device tool's run with command
+#   "DATALORA_GIT_COMMIT=<git rev-parse HEAD> bash benchmarks/device_run.sh"
+# (the machine's copy has no .git: the JSON files record this commit), carry [".whl"] and
+# timeout_s 590; unpack with
 #   mkdir -p benchmarks/results/gpu_<device> && tar xzf gpu_results.tgz -C benchmarks/results/gpu_<device>
 # SKIP_STEPS (run_gpu_suite.sh) skips steps; default "tle pytest_bench" (tle pretrains the
 # tiny base on the CPU first: minutes of a 15-minute lease).

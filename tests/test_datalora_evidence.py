@@ -195,7 +195,7 @@ def test_eval_metadata_needs_no_checkout(monkeypatch):
     assert {"git_commit", "git_dirty", "date", "load_average", "dense_arm"} <= set(meta)
 
 
-def test_git_commit_only_of_a_checkout_root(tmp_path):
+def test_git_commit_only_of_a_checkout_root(tmp_path, monkeypatch):
     """A package installed inside some other repository (a venv in a project) reports no
     commit rather than that repository's."""
     from datalora.experiments.run_info import git_commit
@@ -206,4 +206,15 @@ def test_git_commit_only_of_a_checkout_root(tmp_path):
     (tmp_path / "site-packages").mkdir()
     sha, dirty = git_commit(tmp_path)
     assert len(sha) == 40 and dirty is False
+    monkeypatch.delenv("DATALORA_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path / "site-packages") == (None, None)
+
+
+def test_git_commit_of_a_copied_tree_from_the_environment(tmp_path, monkeypatch):
+    """The GPU machine runs a copy of the tree without .git: the caller names the commit."""
+    from datalora.experiments.run_info import git_commit
+
+    monkeypatch.setenv("DATALORA_GIT_COMMIT", "a" * 40)
+    assert git_commit(tmp_path) == ("a" * 40, None)
+    monkeypatch.setenv("DATALORA_GIT_COMMIT", "")
+    assert git_commit(tmp_path) == (None, None)

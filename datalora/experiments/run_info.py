@@ -4,12 +4,14 @@ installed datalora reports None for the commit."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 __all__ = ["cpu_model", "git_commit", "package_version"]
 
+GIT_COMMIT_ENV = "DATALORA_GIT_COMMIT"
 CHECKOUT = Path(__file__).resolve().parents[2]
 """The source tree's root when datalora runs from a checkout (site-packages when installed)."""
 
@@ -17,9 +19,12 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
     """``(HEAD sha, whether datalora/ kernels/ csrc/ have uncommitted changes)`` of the git
     checkout at ``root``; ``(None, None)`` when ``root`` is not one (an installed package:
-    never the commit of some repository that happens to enclose site-packages)."""
+    never the commit of some repository that happens to enclose site-packages).
+
+    A copy of the tree without ``.git`` (the GPU machine's working copy) reports the commit
+    named by ``DATALORA_GIT_COMMIT``, if set, with dirtiness unknown (None)."""
     if not (Path(root) / ".git").exists():
-        return None, None
+        return os.environ.get(GIT_COMMIT_ENV) or None, None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
