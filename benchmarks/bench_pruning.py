@@ -51,6 +51,8 @@ from benchmarks.molora import (
     cli_preset,
     format_targets,
     metadata,
+    non_negative_float,
+    positive_float,
     positive_int,
     result_path,
     wait_quiet,
@@ -412,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                              "per row)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads, >= 1 (default: torch's default)")
-    parser.add_argument("--max-load", type=float, default=None,
+    parser.add_argument("--max-load", type=positive_float, default=None,
                         help="CPU: wait for the 1-min load average to drop below this")
-    parser.add_argument("--max-wait", type=float, default=300.0,
+    parser.add_argument("--max-wait", type=non_negative_float, default=300.0,
                         help="seconds --max-load waits at most before each row (default: 300)")
     parser.add_argument("--only", default=None, metavar="SUBSTR",
                         help="run only the cases whose name contains SUBSTR, written to "

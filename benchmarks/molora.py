@@ -609,6 +609,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite float > 0 (``--max-load``: a load average no machine
+    goes below 0 would make every case wait out ``--max-wait``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type``: a finite float >= 0 (``--max-wait`` seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def cli_preset(parser: argparse.ArgumentParser, preset: str | None) -> str:
     """The preset to run: ``preset``, else gpu with CUDA and cpu without; gpu without CUDA
     is a parser error."""
@@ -645,10 +668,10 @@ def main(argv: list[str] | None = None) -> int:
                              " a partial run draws no plot")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads, >= 1 (default: torch's default)")
-    parser.add_argument("--max-load", type=float, default=None,
+    parser.add_argument("--max-load", type=positive_float, default=None,
                         help="CPU: before each case wait for the 1-min load average to drop "
                              "below this (at most --max-wait seconds)")
-    parser.add_argument("--max-wait", type=float, default=120.0,
+    parser.add_argument("--max-wait", type=non_negative_float, default=120.0,
                         help="seconds --max-load waits at most before each case (default: 120)")
     args = parser.parse_args(argv)
     preset = cli_preset(parser, args.preset)
