@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="the tiny base the adapters are trained on and every method runs on")
+    p.add_argument("--adapter-steps", type=positive_int, default=80,
+                   help="training steps of each task adapter when --adapters holds none "
+                        "trained for these settings yet (default: 80)")
     p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--prompts", type=positive_int, default=2)
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                                      else "tle_cpu.json"))
     if Path(out).is_dir():  # checked before the models and adapters are built
         p.error(f"--out: expected a JSON file path, got the folder {out}")
-    result = run(args.adapters, base=args.base, new_tokens=args.new_tokens,
+    result = run(args.adapters, base=args.base, adapter_steps=args.adapter_steps,
+                 new_tokens=args.new_tokens,
                  repeats=args.repeats,
                  num_prompts=args.prompts, out=out)
     for name, r in result["results"].items():

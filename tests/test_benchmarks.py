@@ -227,6 +227,23 @@ def test_tle_benchmark_smoke_every_method_generates_the_same_tokens(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
 
 
+def test_tle_cli_passes_the_adapter_training_steps(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_tle
+
+    seen = {}
+
+    def fake_run(adapter_dir, **kw):
+        seen.update(kw)
+        return {"results": {}, "checks": {}}
+
+    monkeypatch.setattr(bench_tle, "run", fake_run)
+    bench_tle.main(["--adapter-steps", "3", "--out", str(tmp_path / "t.json")])
+    assert seen["adapter_steps"] == 3
+    with pytest.raises(SystemExit):
+        bench_tle.main(["--adapter-steps", "0"])
+    assert "--adapter-steps: expected an int >= 1" in capsys.readouterr().err
+
+
 def _cli(name):
     import importlib
 
