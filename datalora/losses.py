@@ -18,7 +18,8 @@ def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
 
 def retention_loss(keep_prob: torch.Tensor, target: float,
                    valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``(mean keep probability over valid tokens - target)^2`` (a 0-dim fp32 tensor).
+    """``(mean keep probability over valid tokens - target)^2`` (a 0-dim fp32 tensor; 0 when
+    no token is valid, as :func:`balance_loss`: nothing was kept or dropped).
 
     Args:
         keep_prob: ``[B, L]`` (or any shape) keep probabilities in [0, 1].
@@ -33,8 +34,9 @@ def retention_loss(keep_prob: torch.Tensor, target: float,
         raise ValueError(f"target: expected a retention in (0, 1], got {target!r}")
     mask = _valid_mask(check_tensor("keep_prob", keep_prob), valid)
     p = torch.where(mask, keep_prob.float(), 0.0)  # not a multiply: NaN * 0 is NaN
-    mean = p.sum() / mask.sum().clamp_min(1)
-    return (mean - float(target)) ** 2
+    count = mask.sum()
+    mean = p.sum() / count.clamp_min(1)
+    return torch.where(count > 0, (mean - float(target)) ** 2, 0.0)  # no host sync
 
 
 def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,

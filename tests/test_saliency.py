@@ -165,6 +165,9 @@ def test_retention_loss_hand_computed():
     expected = 2 * (0.42 - 0.5) / 5 * valid.float()
     torch.testing.assert_close(p.grad, expected)
     torch.testing.assert_close(retention_loss(p, 1.0), torch.tensor((3.0 / 6 - 1.0) ** 2))
+    none = torch.zeros_like(valid)  # an all-padding batch: no retention to penalise
+    assert retention_loss(p, 0.5, none).item() == 0.0 == balance_loss(
+        torch.full((6, 3), 1 / 3), torch.zeros(6, 1, dtype=torch.long), none.reshape(-1)).item()
     with pytest.raises(ValueError, match="target"):
         retention_loss(p, 0.0)
     with pytest.raises(ValueError, match="valid"):
