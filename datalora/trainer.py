@@ -72,6 +72,34 @@ def _warn_schedule_change(current: dict[str, Any], saved: dict[str, Any]) -> Non
                       f"the checkpoint put them", stacklevel=3)
 
 
+def _check_trainer_config(config: Any, model: DATALORAModel) -> Any:
+    """``config`` (default: the model's), checked against the model: its training settings
+    (loss weights, temperatures, retention, curriculum split) may differ, but the fields
+    that define the model (:data:`~datalora.model.FUNCTION_FIELDS`) cannot be changed by
+    the trainer (a different ``num_lora_experts`` silently misreported the expert load)."""
+    import dataclasses
+
+    from datalora.config import DATALORAConfig
+    from datalora.model import _function_fields
+
+    if config is None:
+        return model.datalora_config
+    if not isinstance(config, DATALORAConfig):
+        raise TypeError(f"datalora_config: expected a DATALORAConfig, got "
+                        f"{type(config).__name__}")
+    own = model.datalora_config
+    resolved = (dataclasses.replace(config, routing=own.routing)
+                if config.routing == "auto" else config)  # as the model resolved 'auto'
+    differs = [f"{name}: datalora_config {a!r}, model {b!r}"
+               for name, a, b in _function_fields(resolved, own, model.base_model) if a != b]
+    if differs:
+        raise ValueError(f"datalora_config: differs from the model's config in fields that "
+                         f"define the model ({'; '.join(differs)}); build the model with "
+                         f"this config, or pass only training settings (loss weights, "
+                         f"temperatures, target_retention, curriculum_split) that differ")
+    return config
+
+
 METRICS: tuple[str, ...] = ("lm_loss", "retention_loss", "balance_loss", "retention",
                             "keep_prob_mean", "rank_scale_mean")
 """Per-step metrics the trainer averages between logs (in this order on the device)."""
@@ -83,7 +111,9 @@ class DATALORATrainer(Trainer):
     Args:
         *args, **kwargs: as ``transformers.Trainer`` (``model`` must be a DATALORAModel
             built with ``routing="shared"``).
-        datalora_config: the method's config (default: the model's).
+        datalora_config: the method's config (default: the model's): its training
+            settings may differ from the model's, the fields that define the model
+            (:data:`~datalora.model.FUNCTION_FIELDS`) must not (ValueError).
         curriculum: a ready :class:`CurriculumScheduler` (its missing ``total_steps`` /
             ``num_epochs`` are filled in from the run); default: built at every
             ``train()`` from the config over the run's optimizer steps
@@ -117,7 +147,7 @@ class DATALORATrainer(Trainer):
         if curriculum is not None and not isinstance(curriculum, CurriculumScheduler):
             raise TypeError(f"curriculum: expected a CurriculumScheduler, "
                             f"got {type(curriculum).__name__}")
-        self.datalora_config = datalora_config or model.datalora_config
+        self.datalora_config = _check_trainer_config(datalora_config, model)
         self.curriculum = curriculum
         self._own_curriculum = curriculum is None  # rebuilt at every fresh train()
         self.curriculum_mode = curriculum_mode

@@ -690,3 +690,20 @@ def test_the_seed_config_trains_the_datalora_method(tmp_path):
     trainer.train()
     assert [h["phase"] for h in trainer.datalora_history][-1] == "hardening"
     assert model.curriculum_state() == {"tau": 0.5, "retention": 0.5, "hard": True}
+
+
+def test_a_datalora_config_that_does_not_define_the_model_is_refused(tmp_path):
+    """The trainer's datalora_config may change training settings only: another expert
+    count silently clamped expert ids into the wrong load statistics."""
+    import dataclasses
+
+    model = tiny_datalora()
+    other = dataclasses.replace(model.datalora_config, num_lora_experts=2,
+                                num_active_experts=1)
+    with pytest.raises(ValueError, match="datalora_config: .*num_lora_experts"):
+        make_trainer(tmp_path, model, datalora_config=other)
+    with pytest.raises(TypeError, match="datalora_config: expected a DATALORAConfig"):
+        make_trainer(tmp_path, model, datalora_config={"lambda_prune": 0.5})
+    # 'auto' routing (as the model was built from) and training settings are accepted
+    ok = dataclasses.replace(model.datalora_config, routing="auto", lambda_prune=0.5)
+    assert make_trainer(tmp_path, model, datalora_config=ok).datalora_config is ok
