@@ -46,6 +46,7 @@ from datalora.data import (
 )
 from datalora.finetune import optimisation_steps
 from datalora.layers import MoLoRALinear, adapters_off
+from datalora.ops.validation import check_tensor
 from datalora.pruning import keep_count
 from datalora.tle.adapters import BASE_CHANGING_INITS
 
@@ -363,6 +364,7 @@ def select_tokens(excess: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     """``[n]`` bool mask of the ``ceil(keep_fraction * n_valid)`` tokens with the largest
     excess (NaN scores -- tokens no source token covers -- are never selected)."""
     _check_fraction("keep_fraction", keep_fraction)
+    check_tensor("excess", excess)
     if excess.dim() != 1:
         raise ValueError(f"excess: expected shape [n], got {tuple(excess.shape)}")
     valid = ~torch.isnan(excess)
@@ -430,6 +432,7 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     """
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
+    check_tensor("src_scores", src_scores)
     if len(src_offsets) != src_scores.numel():
         raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
                          f"span), got {src_scores.numel()}")

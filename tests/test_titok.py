@@ -124,6 +124,15 @@ def test_select_tokens_fractions():
             select_samples([1.0], bad)
 
 
+def test_scores_that_are_not_tensors_are_refused_by_name():
+    """A list of scores named its argument in a TypeError, not an AttributeError from
+    deep inside (``'list' object has no attribute 'dim'``)."""
+    with pytest.raises(TypeError, match="excess: expected a torch.Tensor, got list"):
+        select_tokens([1.0, 2.0], 0.5)
+    with pytest.raises(TypeError, match="src_scores: expected a torch.Tensor, got list"):
+        align_token_scores([(0, 1), (1, 2)], [1.0, 2.0], [(0, 2)])
+
+
 def test_align_hand_case():
     src = [(0, 2), (2, 5), (5, 6), (6, 6)]
     scores = torch.tensor([1.0, 3.0, 2.0, -4.0])
