@@ -122,6 +122,21 @@ def test_anchor_positions_validation():
         anchor_positions(torch.tensor([5]), 4, "token")
 
 
+def test_routing_helpers_name_non_tensor_and_float_arguments():
+    """Lists raised AttributeError from inside; a float prompt length was truncated
+    (3.5 routed as a prompt of 3) without a word."""
+    with pytest.raises(TypeError, match="prompt_lengths: expected a torch.Tensor, got list"):
+        anchor_positions([3], 5, "token")
+    with pytest.raises(TypeError, match="prompt_lengths: expected an integer tensor"):
+        anchor_positions(torch.tensor([3.5]), 5, "token")
+    with pytest.raises(TypeError, match="prompt_length: expected an int"):
+        recompute_positions(3.5, 5, "token")
+    with pytest.raises(TypeError, match="embeddings: expected a torch.Tensor, got list"):
+        routing_weights([1.0, 0.0], torch.eye(2), 0.1)
+    with pytest.raises(TypeError, match="centroids: expected a torch.Tensor, got list"):
+        routing_weights(torch.ones(2), [[1.0, 0.0]], 0.1)
+
+
 # ----------------------------------------------------------------------------- adapters
 
 def test_padding_of_ranks_alphas_and_missing_modules(adapter_dirs):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from datalora.checks import check_int, check_number
+from datalora.ops.validation import check_tensor
 
 MODES: tuple[str, ...] = ("token", "every_n", "prompt")
 
@@ -24,6 +25,8 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
         ``[..., N]`` float32 weights summing to 1 over the last dim.
     """
     tau = check_number("tau", tau, low=0, low_inclusive=False)
+    check_tensor("embeddings", embeddings)
+    check_tensor("centroids", centroids)
     if centroids.dim() != 2 or embeddings.shape[-1] != centroids.shape[-1]:
         raise ValueError(f"centroids: expected shape [N, D={embeddings.shape[-1]}], got "
                          f"{tuple(centroids.shape)}")
@@ -57,6 +60,11 @@ def anchor_positions(prompt_lengths: torch.Tensor, seq_len: int, mode: str,
         ``[B, L]`` int64 anchors, ``anchor <= max(t, P - 1)``.
     """
     every_n = _check_mode(mode, every_n)
+    check_tensor("prompt_lengths", prompt_lengths)
+    if prompt_lengths.is_floating_point() or prompt_lengths.is_complex() \
+            or prompt_lengths.dtype == torch.bool:  # .long() would truncate 3.5 to 3
+        raise TypeError(f"prompt_lengths: expected an integer tensor, got "
+                        f"{prompt_lengths.dtype}")
     P = prompt_lengths.long().reshape(-1, 1)
     if P.numel() and (int(P.min()) < 1 or int(P.max()) > seq_len):
         raise ValueError(f"prompt_lengths: expected values in [1, {seq_len}], got "
@@ -75,5 +83,6 @@ def anchor_positions(prompt_lengths: torch.Tensor, seq_len: int, mode: str,
 def recompute_positions(prompt_length: int, seq_len: int, mode: str,
                         every_n: int = 2) -> list[int]:
     """Positions at which the routing is (re)computed for one sequence (sorted)."""
+    prompt_length = check_int("prompt_length", prompt_length, error=TypeError)
     anchors = anchor_positions(torch.tensor([prompt_length]), seq_len, mode, every_n)[0]
     return sorted(set(anchors.tolist()))
