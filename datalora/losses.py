@@ -10,7 +10,7 @@ from datalora.ops.validation import INDEX_DTYPES, check_tensor
 def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
         return torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
-    if valid.shape != reference.shape:
+    if check_tensor("valid", valid).shape != reference.shape:
         raise ValueError(f"valid: expected shape {tuple(reference.shape)}, "
                          f"got {tuple(valid.shape)}")
     return valid.to(device=reference.device, dtype=torch.bool)

@@ -51,6 +51,7 @@ from datalora import ops
 from datalora.checks import check_number
 from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
+from datalora.ops.validation import check_tensor
 from datalora.routing import Routing
 from datalora.saliency import (
     SaliencyOutput,
@@ -115,7 +116,7 @@ def select_tokens(scores: torch.Tensor, retention: float,
     Returns:
         :class:`TokenSelection`.
     """
-    if scores.dim() != 2:
+    if check_tensor("scores", scores).dim() != 2:
         raise ValueError(f"scores: expected shape [B, L], got {tuple(scores.shape)}")
     if not 0.0 < float(retention) <= 1.0:
         raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
@@ -123,7 +124,7 @@ def select_tokens(scores: torch.Tensor, retention: float,
     if attention_mask is None:
         real = torch.ones_like(scores, dtype=torch.bool)
     else:
-        if attention_mask.shape != scores.shape:
+        if check_tensor("attention_mask", attention_mask).shape != scores.shape:
             raise ValueError(f"attention_mask: expected shape {tuple(scores.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         real = attention_mask.to(device=scores.device).bool()

@@ -434,3 +434,21 @@ def test_gumbel_topk_low_temperature_still_picks_the_next_best_experts(hard):
     assert ids.tolist() == [[3, 1], [0, 2]]
     if hard:
         assert torch.equal(weights.gather(1, ids), torch.full((2, 2), 0.5))
+
+
+def test_method_functions_name_non_tensor_arguments():
+    """Lists raised AttributeError ('list' object has no attribute 'dim' / 'shape') from
+    inside gumbel_topk, the losses and select_tokens; each names its argument now."""
+    from datalora.pruning import select_tokens
+
+    probs, ids = torch.full((1, 2), 0.5), torch.zeros(1, 1, dtype=torch.long)
+    cases = [("logits", lambda: gumbel_topk([[1.0, 2.0]], 1, 1.0)),
+             ("keep_prob", lambda: retention_loss([0.5], 0.5)),
+             ("valid", lambda: retention_loss(torch.ones(2), 0.5, [True, False])),
+             ("router_probs", lambda: balance_loss([[0.5, 0.5]], ids)),
+             ("expert_ids", lambda: balance_loss(probs, [[0]])),
+             ("scores", lambda: select_tokens([[1.0]], 0.5)),
+             ("attention_mask", lambda: select_tokens(torch.ones(1, 1), 0.5, [[1]]))]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
+            call()
