@@ -620,19 +620,22 @@ def _encode_examples(examples: Sequence[Mapping[str, Any]],
                       add_special_tokens=True)["input_ids"]
     out = []
     for prompt, ids, example in zip(prompts, joint, examples, strict=True):
-        split = _shared_prefix(prompt, ids)
-        if split == len(ids) and split > 0 and example["response"]:
-            # the response merged into the prompt's last token (same id: e.g. a run of
-            # whitespace or unknown characters): that token spans both, so it is trained
-            split -= 1
+        split = response_start(prompt, ids, example["response"])
         out.append((list(ids[:split]), list(ids[split:]) + [eos]))
     return out
 
 
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+def response_start(prompt_ids: Sequence[int], joint_ids: Sequence[int], response: str) -> int:
+    """Index of the first response token in ``joint_ids`` (the encoding of prompt + response
+    as one text): where it stops matching ``prompt_ids`` (the prompt's own encoding), so a
+    token spanning the end of the prompt and the start of the response is a response token;
+    when the response merged into the prompt's last token (same id: e.g. a run of whitespace
+    or unknown characters), that token, since it spans both."""
+    n = min(len(prompt_ids), len(joint_ids))
+    split = next((i for i in range(n) if prompt_ids[i] != joint_ids[i]), n)
+    if split == len(joint_ids) and split > 0 and response:
+        split -= 1
+    return split
 
 
 def _truncate(prompt: list[int], response: list[int], max_length: int,

@@ -40,8 +40,8 @@ from datalora.cli import check_output_folder, fraction, int_at_least, positive_f
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
-    _shared_prefix,
     format_prompt,
+    response_start,
     tokenize_example,
 )
 from datalora.finetune import optimisation_steps
@@ -196,8 +196,8 @@ def response_offsets(tokenizer: Any, response: str,
                          f"a fast (tokenizers-backed) tokenizer")
     start, shift = 0, 0
     if prompt is not None:
-        start = _shared_prefix(tokenizer(prompt, add_special_tokens=True)["input_ids"],
-                               enc["input_ids"])
+        start = response_start(tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                               enc["input_ids"], response)
         shift = len(prompt)
     spans = [(max(int(s) - shift, 0), max(int(e) - shift, 0))
              for s, e in enc["offset_mapping"][start:]]
