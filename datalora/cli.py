@@ -107,10 +107,10 @@ def quiet_import_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs a subcommand. Bad input (a missing file, an invalid value: ``OSError`` /
-    ``ValueError``) and a missing optional package (naming the extra that installs it)
-    print ``datalora <command>: error: ...`` and exit with status 2, like a bad flag;
-    ``DATALORA_DEBUG=1`` shows the traceback instead."""
+    """Runs a subcommand. Bad input (a missing file, an invalid value or type: ``OSError``
+    / ``ValueError`` / ``TypeError``) and a missing optional package (naming the extra that
+    installs it) print ``datalora <command>: error: ...`` and exit with status 2, like a bad
+    flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
     quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(2, f"datalora {args.command}: error: this command needs the optional "
                        f"package {package!r}: pip install 'datalora[{EXTRAS[package]}]'\n")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
             raise
         parser.exit(2, f"datalora {args.command}: error: "

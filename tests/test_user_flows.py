@@ -674,3 +674,19 @@ def test_readme_commands_usage_names_the_module(module, capsys):
         importlib.import_module(module).main(["--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_train_config_value_of_a_wrong_type_is_a_clean_cli_error(tmp_path, capsys,
+                                                                 monkeypatch):
+    """A config file value of the wrong type (the library raises TypeError naming it) ended
+    the command with a traceback and status 1, unlike a wrong value (status 2, one line)."""
+    from datalora.cli import main
+
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"training": {"trainer_args": [1]}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "datalora train: error: trainer_args: expected a mapping" in err
