@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from datalora.cli import fraction, int_at_least, plain_text, positive_float
+from datalora.cli import check_output_folder, fraction, int_at_least, plain_text, positive_float
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
 from datalora.data import UNKNOWN_TASK, load_eval_rows, load_instruction_dataset
@@ -326,6 +326,7 @@ def _check_plotting(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
+    check_output_folder("--output-dir", args.output_dir)  # not after the training
     _check_plotting(args)
     if getattr(args, "method", "datalora") == "molora":
         unused = [flag for flag, name in _DATALORA_ONLY if getattr(args, name, None) is not None]

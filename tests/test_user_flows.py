@@ -690,3 +690,23 @@ def test_train_config_value_of_a_wrong_type_is_a_clean_cli_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "datalora train: error: trainer_args: expected a mapping" in err
+
+
+@pytest.mark.parametrize("method", ["molora", "datalora"])
+def test_demo_output_dir_that_is_a_file_fails_before_training(tmp_path, monkeypatch, method):
+    """The MoLoRA demo trained first and then failed at the save with a bare
+    FileExistsError that named no flag."""
+    from datalora import demo
+    from datalora.cli import build_parser
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the output folder was checked")
+
+    monkeypatch.setattr(demo, "load_model_and_tokenizer", no_model)
+    args = build_parser().parse_args(["demo", "--method", method, "--steps", "1", "--no-plot",
+                                      "--no-progress", "--output-dir", str(afile)])
+    with pytest.raises(ValueError, match=r"--output-dir: .*afile is a file, expected a folder"):
+        args.func(args)
