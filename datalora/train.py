@@ -136,6 +136,9 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
                           f"trainer_state.json (a save cut short); resuming "
                           f"{complete[-1][1].name}", stacklevel=3)
         return complete[-1][1]
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"resume_from_checkpoint: expected a checkpoint folder, 'last', True "
+                        f"or None, got {path!r}")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
@@ -155,6 +158,10 @@ def _check_tokenizer(base_model: str | None, model: Any, tokenizer: Any) -> None
     from datalora.testing import check_tokenizer_source
 
     if model is None:
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) \
+                and not callable(tokenizer):
+            raise TypeError(f"tokenizer: expected None, a folder, a Hub name or a loaded "
+                            f"tokenizer, got {tokenizer!r}")
         check_tokenizer_source(base_model, tokenizer)
     elif tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         raise TypeError(f"tokenizer: with a loaded model, pass its loaded tokenizer, got "
@@ -164,6 +171,8 @@ def _check_tokenizer(base_model: str | None, model: Any, tokenizer: Any) -> None
 def _writable_output_dir(output_dir: Any) -> Path:
     """``output_dir``, created when missing and checked writable (a probe file is written
     and removed) before the model loads; the error names the output folder."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir: expected a folder path, got {output_dir!r}")
     folder = Path(output_dir).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -351,10 +351,19 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
              r"^eval_dataset: row index 4 \(0-based\) of the eval_dataset list is missing"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
              r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
-             r"the output folder .*o$")):
+             r"the output folder .*o$"),
+            # wrong types (a config file's value): TypeErrors naming the key, not a bare
+            # "expected str, bytes or os.PathLike object" or an AttributeError
+            ({"dataset": good, "resume_from_checkpoint": 3}, TypeError,
+             r"^resume_from_checkpoint: expected a checkpoint folder, 'last', True or None, "
+             r"got 3$"),
+            ({"dataset": good, "tokenizer": 5}, TypeError,
+             r"^tokenizer: expected None, a folder, a Hub name or a loaded tokenizer, got 5$")):
         with pytest.raises(error, match=match):
             train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
                            **kwargs)
+    with pytest.raises(TypeError, match=r"^output_dir: expected a folder path, got 5$"):
+        train_datalora(None, output_dir=5, dataset=good, max_steps=1, progress=False)
 
 
 def test_train_maps_alpaca_and_chat_rows_given_as_lists(tmp_path):
