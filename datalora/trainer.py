@@ -15,9 +15,10 @@ On top of the Trainer it
   ``loss`` None, and the next log's metrics cover the new phase's steps);
 * saves the adapter + saliency network + config (``adapter_model.safetensors``,
   ``adapter_config.json``), the curriculum (``curriculum_state.json``) and
-  ``datalora_history`` (``datalora_history.json``) in every checkpoint and resumes from
-  them exactly (weights bit-exact, same schedule, the history of the steps before the
-  checkpoint kept);
+  ``datalora_history`` (``datalora_history.json``, plus the metric sums of the steps since
+  the last log in ``datalora_pending_metrics.json``) in every checkpoint and resumes from
+  them exactly (weights bit-exact, same schedule, the same history records but for the
+  Trainer's own ``loss``, which restarts at a resume);
 * calibrates the generation keep threshold at the end of training.
 
 Works with the Trainer's accelerate integration (DDP under ``torchrun``, bf16).
@@ -25,6 +26,7 @@ Works with the Trainer's accelerate integration (DDP under ``torchrun``, bf16).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -35,12 +37,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from datalora.checks import check_int
-from datalora.curriculum import PHASES, CurriculumScheduler, check_mode
+from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
 HISTORY_NAME = "datalora_history.json"
+PENDING_NAME = "datalora_pending_metrics.json"
 
 
 class CurriculumCallback(TrainerCallback):
@@ -370,9 +373,33 @@ class DATALORATrainer(Trainer):
                               json.dumps(self.curriculum.state_dict(), indent=2, sort_keys=True))
         atomic_write_text(os.path.join(output_dir, HISTORY_NAME),
                           json.dumps(self.datalora_history, indent=1))
+        pending = os.path.join(output_dir, PENDING_NAME)
+        if self._count and self._applied is not None:  # steps since the last log
+            atomic_write_text(pending, json.dumps(self._pending_metrics()))
+        elif os.path.exists(pending):  # an earlier save's, in a folder saved again
+            os.remove(pending)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _pending_metrics(self) -> dict[str, Any]:
+        """The metric sums of the steps since the last log and the schedule they ran with
+        (what :meth:`_record_history` reads), for a checkpoint."""
+        return {"count": self._count, "sums": self._sums.tolist(), "load": self._load.tolist(),
+                "task_load": {str(t): c.tolist() for t, c in self._task_expert_load().items()},
+                "applied": dataclasses.asdict(self._applied)}
+
+    def _restore_pending_metrics(self, pending: dict[str, Any]) -> None:
+        """Continues the sums :meth:`_pending_metrics` saved: the resumed run's next record
+        covers the same steps as the uninterrupted run's."""
+        device = self.args.device
+        self._count = int(pending["count"])
+        self._sums = torch.tensor(pending["sums"], dtype=torch.float32, device=device)
+        self._load = torch.tensor(pending["load"], dtype=torch.float32, device=device)
+        tasks = pending["task_load"]
+        self._task_routes = [(torch.tensor([int(t) for t in tasks], device=device),
+                              torch.tensor(list(tasks.values()), device=device))] if tasks else []
+        self._applied = CurriculumState(**pending["applied"])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:  # the Trainer's FSDP checkpoint holds the sharded model
@@ -466,6 +493,9 @@ class DATALORATrainer(Trainer):
         self._reset_metrics()
         self.datalora_history = list(self._saved_json(resume_from_checkpoint, HISTORY_NAME)
                                      or [])
+        pending = self._saved_json(resume_from_checkpoint, PENDING_NAME)
+        if pending:
+            self._restore_pending_metrics(pending)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._count and self._applied is not None:  # steps after the last log
             self._record_history(None)
@@ -481,4 +511,5 @@ class DATALORATrainer(Trainer):
         return output
 
 
-__all__ = ["CURRICULUM_STATE_NAME", "HISTORY_NAME", "CurriculumCallback", "DATALORATrainer"]
+__all__ = ["CURRICULUM_STATE_NAME", "HISTORY_NAME", "PENDING_NAME", "CurriculumCallback",
+           "DATALORATrainer"]

@@ -156,6 +156,11 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
             == [(h["step"], h["phase"]) for h in full.datalora_history] == [
                 (2, "warmup"), (4, "sparsification"), (6, "hardening")])
     assert resumed.datalora_history[-1]["lm_loss"] == full.datalora_history[-1]["lm_loss"]
+    # and so do the metrics of the steps between the last log and the checkpoint (step 3):
+    # every record but the Trainer's own "loss" (which restarts at a resume) is the same
+    def records(trainer):
+        return [{k: v for k, v in h.items() if k != "loss"} for h in trainer.datalora_history]
+    assert records(resumed) == records(full)
 
 
 def test_history_records_never_mix_steps_of_two_phases(tmp_path):
