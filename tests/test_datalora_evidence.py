@@ -218,3 +218,25 @@ def test_git_commit_of_a_copied_tree_from_the_environment(tmp_path, monkeypatch)
     assert git_commit(tmp_path) == ("a" * 40, None)
     monkeypatch.setenv("DATALORA_GIT_COMMIT", "")
     assert git_commit(tmp_path) == (None, None)
+
+
+@pytest.mark.parametrize("argv", [["--eval-limit", "0"], ["--steps", "0"], ["--limit", "0"],
+                                  ["--batch-size", "-1"], ["--lr", "0"]])
+def test_eval_experiment_flags_are_checked_by_argparse(argv, capsys):
+    """--eval-limit 0 trained both arms, then failed on no eval rows; the others failed with
+    a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        datalora_eval.main(argv)
+    assert exc.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_eval_experiment_refuses_an_output_file_before_training(tmp_path, monkeypatch):
+    """The JSON went to ``--out`` only after both arms had trained (minutes)."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the output folder was checked")
+
+    monkeypatch.setattr(datalora_eval, "train_and_evaluate", no_training)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir: .*afile is a file, expected a folder"):
+        datalora_eval.run(steps=1, out_dir=afile, plot=False)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from datalora.cli import check_output_folder, int_at_least, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
 from datalora.io import atomic_write_text
 
@@ -256,6 +257,7 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
 
     from datalora.data import load_instruction_dataset
 
+    check_output_folder("out_dir", out_dir)  # before the training, not at the write after it
     eval_rows = load_instruction_dataset("embedded", "eval", limit=eval_limit)
     meta = run_metadata(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                         seed=seed, limit=limit, eval_rows=len(eval_rows), base=base)
@@ -386,12 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m datalora.experiments.datalora_eval",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-2)
+    p.add_argument("--steps", type=int_at_least(1), default=300)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--lr", type=positive_float, default=3e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use the first N training rows")
-    p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--limit", type=int_at_least(1), default=None,
+                   help="use the first N training rows")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=200)
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="output folder (default: benchmarks/results under the current "
                         "directory)")
