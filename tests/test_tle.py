@@ -1350,3 +1350,33 @@ def test_cli_window_rejects_negative_values_as_an_argument_error(capsys):
         build_parser().parse_args(["tle", "--window", "-1"])
     assert exc.value.code == 2
     assert "argument --window: expected an int >= 0, got -1" in capsys.readouterr().err
+
+
+def test_task_adapter_cache_survives_an_interrupted_retraining(tmp_path, monkeypatch):
+    """The cache stamp of the earlier settings stayed while the adapter was retrained with
+    other settings: a run cut short mid-save left the new (partial) adapter files under the
+    old stamp, reused as the old settings' adapter next time; an unreadable stamp (a write
+    cut short) was a JSONDecodeError instead of a retraining."""
+    import json
+
+    import datalora.experiments.task_adapters as task_adapters
+    from datalora.data import load_instruction_dataset
+
+    rows = [r for r in load_instruction_dataset("embedded", "train")
+            if r["task"] == "sort"][:4]
+    kwargs = dict(base="random", batch_size=2, rows=rows, progress=False)
+    folder = task_adapters.train_task_adapter("sort", tmp_path, steps=1, **kwargs)
+    stamp = folder / "datalora_train.json"
+    assert json.loads(stamp.read_text())["settings"]["steps"] == 1
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(task_adapters, "finetune", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            task_adapters.train_task_adapter("sort", tmp_path, steps=2, **kwargs)
+    assert not stamp.exists()  # so steps=1 trains again rather than reusing these files
+    stamp.write_text('{"settings": {"ta')  # a stamp write cut short
+    task_adapters.train_task_adapter("sort", tmp_path, steps=1, **kwargs)
+    assert json.loads(stamp.read_text())["settings"]["steps"] == 1

@@ -23,6 +23,7 @@ import torch
 
 from datalora.data import TASKS
 from datalora.finetune import finetune
+from datalora.io import atomic_write_text
 from datalora.testing import (
     build_pretrained_tiny_model,
     build_tiny_model,
@@ -116,9 +117,15 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
              "model_seed": model_seed, "model_kwargs": model_kwargs or {}, "rank": rank,
              "alpha": alpha, "targets": list(targets)}
     stamp_file = folder / "datalora_train.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()).get("settings") == stamp \
-            and (folder / "adapter_model.safetensors").is_file():
+    try:
+        cached = json.loads(stamp_file.read_text()).get("settings") == stamp
+    except (OSError, ValueError):  # none yet, or unreadable: train anew
+        cached = False
+    if cached and (folder / "adapter_model.safetensors").is_file():
         return folder
+    # the stamp goes first: a run cut short while it saves must not leave the new adapter
+    # files under the stamp of the earlier settings (reused for them next time)
+    stamp_file.unlink(missing_ok=True)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                         lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -130,7 +137,7 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
     with warnings.catch_warnings():  # lm_head is tied to the embeddings: PEFT says it
         warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")  # saves them
         peft_model.save_pretrained(str(folder))
-    stamp_file.write_text(json.dumps({
+    atomic_write_text(stamp_file, json.dumps({
         "settings": stamp, "seconds": time.perf_counter() - start,
         "first_loss": records[0].loss, "last_loss": sum(r.loss for r in records[-5:]) / 5},
         indent=1))
