@@ -80,6 +80,21 @@ def check_output_folder(name: str, path: str | os.PathLike | None) -> None:
         raise ValueError(f"{name}: {path} is a file, expected a folder (new or existing)")
 
 
+def check_output_file(name: str, path: str | os.PathLike | None) -> None:
+    """ValueError naming ``name`` when ``path`` cannot be written as a file (an existing
+    folder, or below an existing file), checked before any work, not at the write after
+    it."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {path} is a folder, expected a file path")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"{name}: {folder} is a file, expected a folder to write "
+                         f"{path.name} in")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datalora", description="datalora: mixture-of-LoRA-experts adapters and the "

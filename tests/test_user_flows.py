@@ -719,3 +719,31 @@ def test_demo_output_dir_that_is_a_file_fails_before_training(tmp_path, monkeypa
                                       "--no-progress", "--output-dir", str(afile)])
     with pytest.raises(ValueError, match=r"--output-dir: .*afile is a file, expected a folder"):
         args.func(args)
+
+
+def test_evidence_scripts_check_out_and_tune_keeps_before_the_runs(tmp_path, monkeypatch,
+                                                                   capsys):
+    """An --out below a file or naming a folder failed at the write after minutes of runs;
+    a --tune-keeps without its colon was "not enough values to unpack"."""
+    import datalora.experiments.task_adapters as task_adapters
+    from datalora.experiments import titok_evidence, tle_evidence
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before --out was checked")
+
+    monkeypatch.setattr(task_adapters, "train_task_adapter", no_work)
+    monkeypatch.setattr(tle_evidence, "build_mixer", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, match in ((afile / "r.json", r"^out: .*afile is a file, expected a folder to "
+                                          r"write r\.json in$"),
+                       (tmp_path, r"^out: .* is a folder, expected a file path$")):
+        with pytest.raises(ValueError, match=match):
+            titok_evidence.run("sort", base="random", out=str(out))
+        with pytest.raises(ValueError, match=match):
+            tle_evidence.run(str(tmp_path / "adapters"), base="random", out=str(out))
+    with pytest.raises(SystemExit) as exc:
+        titok_evidence.main(["--tune-keeps", "0.5"])
+    assert exc.value.code == 2
+    assert "argument --tune-keeps: expected SAMPLE:TOKEN keep fractions such as 0.5:0.75, " \
+           "got '0.5'" in capsys.readouterr().err

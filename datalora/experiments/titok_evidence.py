@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from datalora.checks import check_int, check_number
+from datalora.cli import check_output_file
 from datalora.data import TASKS, load_instruction_dataset
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
@@ -99,6 +100,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    check_output_file("out", out or None)  # before the runs, not at the write after them
     for name, value in (("sample_keep", sample_keep), ("token_keep", token_keep),
                         *(("tune_keeps", v) for pair in tune_keeps for v in pair)):
         check_number(name, value, low=0, low_inclusive=False, high=1)
@@ -244,6 +246,16 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     return result
 
 
+def _keep_pair(text: str) -> tuple[float, float]:
+    """An argparse ``type``: ``SAMPLE:TOKEN`` keep fractions."""
+    try:
+        sample, token = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SAMPLE:TOKEN keep fractions such as "
+                                         f"0.5:0.75, got {text!r}") from None
+    return sample, token
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m datalora.experiments.titok_evidence",
                                 description=__doc__.splitlines()[0])
@@ -264,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                         "are averaged and the TITOK - all-tokens difference reported per seed")
     p.add_argument("--eval-rows", type=int, default=50,
                    help="rows of the task's eval and validation splits scored (50 = all)")
-    p.add_argument("--tune-keeps", nargs="*", default=[], metavar="SAMPLE:TOKEN",
+    p.add_argument("--tune-keeps", type=_keep_pair, nargs="*", default=[],
+                   metavar="SAMPLE:TOKEN",
                    help="choose (sample_keep, token_keep) among these by the validation loss")
     p.add_argument("--real-data-baseline", action="store_true")
     p.add_argument("--out", default="benchmarks/results/titok_cpu.json")
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                  source_steps=args.source_steps, lr=args.lr,
                  adapter=args.adapter, out=args.out, real_data_baseline=args.real_data_baseline,
                  seeds=args.seeds, eval_rows=args.eval_rows,
-                 tune_keeps=[tuple(float(v) for v in pair.split(":")) for pair in args.tune_keeps])
+                 tune_keeps=args.tune_keeps)
     for name, value in result["eval_loss"].items():
         print(f"{name:>32}: eval loss {value:.3f}  validation "
               f"{result['validation_loss'][name]:.3f}")

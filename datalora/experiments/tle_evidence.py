@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from datalora.cli import check_output_file
 from datalora.data import TASKS, CausalLMCollator, _encode, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
 from datalora.experiments.task_adapters import BASES
@@ -288,6 +289,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     from datalora.experiments.task_adapters import ADAPTER_SPECS
     from datalora.testing import train_validation_split
 
+    check_output_file("out", out or None)  # before the runs, not at the write after them
     start = time.perf_counter()
     mixer, tokenizer, texts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
                                           embed_layer=embed_layer, window=window,
