@@ -115,25 +115,34 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
                   if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
 
 
+def _saved_state(folder: Path) -> bool:
+    """Whether ``folder`` holds a readable ``trainer_state.json``, the file the Trainer
+    writes last (not atomically) into a checkpoint: without it the save was cut short."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     """``resume_from_checkpoint`` resolved before the model loads: None, a folder holding
     ``trainer_state.json``, or ``"last"`` / True: the latest complete ``checkpoint-N`` in
-    ``output_dir`` (one without ``trainer_state.json``, a save cut short, is skipped with a
-    warning); a run folder's error names its latest ``checkpoint-N``."""
+    ``output_dir`` (one without a readable ``trainer_state.json``, a save cut short, is
+    skipped with a warning); a run folder's error names its latest ``checkpoint-N``."""
     if path is None or path is False:
         return None
     if path is True or path == "last":
         run = Path(output_dir).expanduser()
         found = _checkpoints(run) if run.is_dir() else []
-        complete = [(n, folder) for n, folder in found
-                    if (folder / "trainer_state.json").is_file()]
+        complete = [(n, folder) for n, folder in found if _saved_state(folder)]
         if not complete:
             raise ValueError(f"resume_from_checkpoint: 'last' found no complete checkpoint-N "
                              f"folder (with trainer_state.json) in the output folder {run}")
         skipped = [folder.name for n, folder in found if n > complete[-1][0]]
         if skipped:
             warnings.warn(f"resume_from_checkpoint: skipping {', '.join(skipped)} in {run}: no "
-                          f"trainer_state.json (a save cut short); resuming "
+                          f"readable trainer_state.json (a save cut short); resuming "
                           f"{complete[-1][1].name}", stacklevel=3)
         return complete[-1][1]
     if not isinstance(path, (str, os.PathLike)):
@@ -143,6 +152,10 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
     if (folder / "trainer_state.json").is_file():
+        if not _saved_state(folder):
+            raise ValueError(f"resume_from_checkpoint: {folder / 'trainer_state.json'} is "
+                             f"not valid JSON (a save cut short): resume an earlier "
+                             f"checkpoint")
         return folder
     steps = _checkpoints(folder)
     hint = (f"; it holds {len(steps)} checkpoint folder(s), the latest is {steps[-1][1]}"

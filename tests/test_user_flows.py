@@ -515,6 +515,13 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     (tmp_path / "checkpoint-12").mkdir()  # a save cut short: no trainer_state.json
     with pytest.warns(UserWarning, match="skipping checkpoint-12 .*resuming checkpoint-10"):
         assert _check_checkpoint("last", tmp_path) == tmp_path / "checkpoint-10"
+    # killed while the Trainer wrote trainer_state.json (its last file, not written
+    # atomically): 'last' resumed it and the Trainer failed on the JSON after the model loaded
+    (tmp_path / "checkpoint-12" / "trainer_state.json").write_text('{"best_global_st')
+    with pytest.warns(UserWarning, match="skipping checkpoint-12 .*resuming checkpoint-10"):
+        assert _check_checkpoint("last", tmp_path) == tmp_path / "checkpoint-10"
+    with pytest.raises(ValueError, match=r"checkpoint-12/trainer_state\.json is not valid JSON"):
+        _check_checkpoint(tmp_path / "checkpoint-12", tmp_path)
 
 
 def test_train_limit_is_checked_by_argparse(capsys):
