@@ -415,7 +415,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         save_steps: checkpoint every n steps (None: no intermediate checkpoints).
         resume_from_checkpoint: a ``checkpoint-N`` folder to resume from (exact; checked
             before the model loads), or ``"last"`` / True: the latest complete one in
-            ``output_dir``.
+            ``output_dir``. One at or past ``max_steps`` is an error (nothing is left to
+            train; the Trainer would train a step more).
         overwrite_output_dir: delete the ``checkpoint-N`` folders an earlier run left in
             ``output_dir``. Without it a run that does not resume from one of them is
             refused (``"last"`` would later pick the highest N, maybe the earlier run's).
@@ -492,6 +493,14 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if not rows:
         raise ValueError(f"dataset: no training rows (limit={limit!r})")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
+    if resume_from_checkpoint is not None and max_steps is not None:
+        done = json.loads((resume_from_checkpoint / "trainer_state.json").read_text()).get(
+            "global_step", 0)
+        if done >= max_steps:  # the Trainer would train one step past max_steps
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is at step "
+                             f"{done} and this run stops at max_steps={max_steps}: nothing "
+                             f"is left to train (the finished run's adapter is in its output "
+                             f"folder; raise max_steps to train on)")
     _check_tokenizer(config.base_model, model, tokenizer)
     output_folder = _writable_output_dir(output_dir)
     _check_earlier_checkpoints(output_folder, resume_from_checkpoint,

@@ -524,6 +524,27 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
         _check_checkpoint(tmp_path / "checkpoint-12", tmp_path)
 
 
+def test_resuming_a_finished_run_trains_no_step_past_max_steps(tmp_path, monkeypatch):
+    """transformers' Trainer resumed from the checkpoint at max_steps trains one more step
+    (a 5th of 4, changing the adapter a finished run saved); train_datalora refuses it."""
+    from datalora import testing
+    from datalora.data import load_instruction_dataset
+    from datalora.train import train_datalora
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 4}))
+    for resume in ("last", str(ckpt)):
+        with pytest.raises(ValueError, match=r"checkpoint-4 is at step 4 and this run stops at "
+                                             r"max_steps=4: nothing is left to train"):
+            train_datalora(None, dataset=load_instruction_dataset(limit=4), max_steps=4,
+                           output_dir=tmp_path, resume_from_checkpoint=resume, progress=False)
+
+
 def test_train_limit_is_checked_by_argparse(capsys):
     from datalora.cli import build_parser
 
