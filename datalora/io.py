@@ -12,6 +12,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
+def _umask() -> int:
+    """The process umask: from ``/proc/self/status`` where Linux has it, as setting it to
+    read it back would, for that moment, give files that other threads create (a data
+    loader's, a checkpoint upload's) the umask 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)  # no other API reads it without setting it
+    os.umask(umask)
+    return umask
+
+
 def _new_file_mode(path: Path) -> int:
     """The permissions ``path`` keeps if it exists, else those an ``open()`` would give a new
     file (``0o666`` minus the umask); ``mkstemp``'s own ``0o600`` would make saved
@@ -19,9 +34,7 @@ def _new_file_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o777
     except FileNotFoundError:
-        umask = os.umask(0)  # read the umask (no API reads it without setting it)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

@@ -95,6 +95,25 @@ def test_saved_files_get_umask_permissions_and_keep_existing_ones(tmp_path):
         os.umask(old)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_saving_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """Setting the umask to 0 to read it gave, for that moment, world-writable files to
+    whatever other threads of the process created."""
+    from datalora.io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        def no_set(mask):
+            raise AssertionError(f"os.umask({mask:#o}) called")
+
+        monkeypatch.setattr(os, "umask", no_set)
+        atomic_write_text(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 def test_disable_adapter_restores_base():
     model, ids = model_and_ids()
     base_logits = model(input_ids=ids).logits
