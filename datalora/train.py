@@ -338,8 +338,12 @@ def evaluate_loss(model: Any, rows: list[dict[str, Any]], tokenizer: Any, max_le
 
 @torch.no_grad()
 def _evaluate_items(model: Any, items: list[dict[str, Any]], tokenizer: Any, batch_size: int,
-                    retention: float | None) -> float:
-    """:func:`evaluate_loss` on rows tokenized already."""
+                    retention: float | None, progress: bool = False,
+                    desc: str = "eval") -> float:
+    """:func:`evaluate_loss` on rows tokenized already (``progress``: a bar named
+    ``desc``)."""
+    from tqdm.auto import tqdm
+
     from datalora.data import CausalLMCollator
 
     collator = CausalLMCollator(tokenizer=tokenizer)
@@ -351,7 +355,8 @@ def _evaluate_items(model: Any, items: list[dict[str, Any]], tokenizer: Any, bat
     total, count = 0.0, 0
     device = next(model.parameters()).device
     try:
-        for i in range(0, len(items), batch_size):
+        for i in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress,
+                      dynamic_ncols=True):
             batch = collator([{k: v for k, v in x.items() if k != "task"}
                               for x in items[i:i + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -556,8 +561,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     metrics = dict(output.metrics)
     if eval_items is not None:
         metrics["eval_rows"] = len(eval_items)
-        metrics["eval_loss_pruned"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, None)
-        metrics["eval_loss_dense"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, 1.0)
+        metrics["eval_loss_pruned"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, None,
+                                                      progress, "eval loss (pruned)")
+        metrics["eval_loss_dense"] = _evaluate_items(dl_model, eval_items, tokenizer, 16, 1.0,
+                                                     progress, "eval loss (dense)")
     return TrainResult(log_history=list(trainer.state.log_history), datalora_history=history,
                        phase_summary=summarize_phases(history), output_dir=str(output_dir),
                        model=dl_model, tokenizer=tokenizer,

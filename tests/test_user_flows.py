@@ -573,6 +573,8 @@ def test_train_json_is_json_with_eval_metrics_on_every_eval_row(tmp_path, capsys
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert "trainable params" in captured.err
+    # the final evaluations (minutes on a large eval set) show progress bars, on stderr
+    assert "eval loss (pruned)" in captured.err and "eval loss (dense)" in captured.err
     assert summary["output_dir"] == str(out) and set(summary["phases"]) == {"warmup"}
     assert summary["metrics"]["eval_rows"] == 210
     assert summary["metrics"]["eval_loss_pruned"] > 0 and summary["metrics"]["eval_loss_dense"] > 0
