@@ -324,6 +324,13 @@ def _check_plotting(args: argparse.Namespace) -> None:
         args.no_plot = True
 
 
+def _check_adapter_flags(args: argparse.Namespace, **fields: Any) -> None:
+    """The adapter flags as a config, checked before the model loads (``--top-k`` above
+    ``--experts`` failed only after loading it, minutes for a large ``--model``)."""
+    DATALORAConfig(num_lora_experts=args.experts, lora_rank=args.rank,
+                   lora_alpha=2.0 * args.rank, num_active_experts=args.top_k, **fields)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns a summary dict (also used by the end-to-end test)."""
     check_output_folder("--output-dir", args.output_dir)  # not after the training
@@ -333,9 +340,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if unused:
             raise ValueError(f"{', '.join(unused)}: only for --method datalora (the MoLoRA "
                              f"demo trains --steps without pruning)")
+        _check_adapter_flags(args)
         return _run_molora(args)
     for name in ("retention", "eval_limit"):
         setattr(args, name, _setting(args, name))
+    _check_adapter_flags(args, target_retention=args.retention)
     return _run_datalora(args)
 
 

@@ -749,6 +749,12 @@ def test_demo_output_dir_that_is_a_file_fails_before_training(tmp_path, monkeypa
                                       "--no-progress", "--output-dir", str(afile)])
     with pytest.raises(ValueError, match=r"--output-dir: .*afile is a file, expected a folder"):
         args.func(args)
+    # and the adapter flags: --top-k above --experts failed after the model had loaded
+    args = build_parser().parse_args(["demo", "--method", method, "--experts", "2", "--top-k",
+                                      "3", "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"^num_active_experts: expected <= "
+                                         r"num_lora_experts=2, got 3"):
+        args.func(args)
 
 
 def test_evidence_scripts_check_out_and_tune_keeps_before_the_runs(tmp_path, monkeypatch,
