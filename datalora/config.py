@@ -167,11 +167,19 @@ class DATALORAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no such config file {path}")
-        if path.suffix in (".yaml", ".yml"):
-            data = _parse_config(path, lambda text: load_yaml(text) or {}, "YAML")
-        else:
-            data = _parse_config(path, json.loads, "JSON")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: Path, *, json_only_by_suffix: bool = False) -> dict[str, Any]:
+    """The mapping in a YAML (suffix .yaml / .yml, any case) or JSON config file: a
+    ValueError naming the file when it is not valid YAML / JSON or holds no mapping at its
+    top. Other suffixes are read as JSON, or refused with ``json_only_by_suffix``."""
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return _parse_config(path, lambda text: load_yaml(text) or {}, "YAML")
+    if json_only_by_suffix and suffix != ".json":
+        raise ValueError(f"config: expected a .yaml, .yml or .json file, got {path.name}")
+    return _parse_config(path, json.loads, "JSON")
 
 
 def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 
 from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
-from datalora.config import DATALORAConfig
+from datalora.config import DATALORAConfig, read_config_file
 from datalora.curriculum import MODES, PHASES, check_mode
 
 DEFAULT_TINY_CONFIG = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
@@ -714,26 +714,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        from datalora.config import load_yaml
-
-        try:
-            data = load_yaml(text) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config: {path} is not valid YAML: {exc}") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config: {path} is not valid JSON: {exc}") from None
-    else:
-        raise ValueError(f"config: expected a .yaml, .yml or .json file, got {path.name}")
-    if not isinstance(data, dict):
-        raise ValueError(f"config: expected a mapping at the top of {path}, "
-                         f"got {type(data).__name__}")
+    data = read_config_file(path, json_only_by_suffix=True)
     training = data.pop("training", {}) or {}
     if not isinstance(training, dict):
         raise ValueError(f"config: expected 'training' to be a mapping of training settings, "

@@ -18,6 +18,17 @@ def test_yaml_scientific_notation_reads_as_numbers(tmp_path):
     assert config.lambda_prune == 0.1 and training["learning_rate"] == 1e-4
 
 
+@pytest.mark.parametrize("name", ["c.YAML", "c.Yml"])
+def test_config_suffixes_are_case_insensitive(tmp_path, name):
+    """A .YAML file was read as JSON ('not valid JSON')."""
+    cfg = tmp_path / name
+    cfg.write_text("lambda_prune: 0.5\n")
+    assert load_train_config(cfg)[0].lambda_prune == 0.5
+    assert DATALORAConfig.from_file(cfg).lambda_prune == 0.5
+    with pytest.raises(ValueError, match=r"config: expected a \.yaml, \.yml or \.json file"):
+        load_train_config(cfg.rename(tmp_path / "c.txt"))
+
+
 @pytest.mark.parametrize("field, value", [("lambda_prune", "1e-1"),
                                           ("lora_alpha", float("nan")), ("lora_alpha", -16),
                                           ("target_retention", "5e-1"),
