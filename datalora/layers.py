@@ -15,6 +15,7 @@ from datalora import ops
 from datalora.checks import check_finite, check_int
 from datalora.init_linear import NormalInitLinear
 from datalora.nf4_linear import (
+    NF4Linear,
     is_nf4_base,
     nf4_base_forward,
     nf4_compute_dtype,
@@ -100,7 +101,7 @@ class MoLoRALinear(nn.Module):
             ``NF4Linear`` or nf4 ``bnb.nn.Linear4bit`` base is used as is (QLoRA).
     """
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int = 8, rank: int = 16,
+    def __init__(self, base_layer: nn.Linear | NF4Linear, num_experts: int = 8, rank: int = 16,
                  alpha: float = 32.0, top_k: int = 2, *, dropout: float = 0.0,
                  router: bool = True, backend: str = "auto", dtype: torch.dtype | None = None,
                  quantize: str | None = None):

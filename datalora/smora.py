@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from datalora.checks import check_int
 from datalora.layers import MoLoRALinear, check_alpha
+from datalora.nf4_linear import NF4Linear
 from datalora.routing import Routing
 
 __all__ = ["GATES", "SMoRALinear", "smora_linear"]
@@ -42,8 +43,8 @@ class SMoRALinear(MoLoRALinear):
     ``rank`` 1, ``alpha`` ``alpha / R``, so ``scaling`` (``alpha / R``) is the same in both.
     """
 
-    def __init__(self, base_layer: nn.Linear, total_rank: int = 16, active_ranks: int = 8,
-                 alpha: float = 32.0, gate: str = "one", **kwargs):
+    def __init__(self, base_layer: nn.Linear | NF4Linear, total_rank: int = 16,
+                 active_ranks: int = 8, alpha: float = 32.0, gate: str = "one", **kwargs):
         fixed = sorted(_FIXED_KWARGS & kwargs.keys())
         if fixed:
             raise TypeError(f"SMoRALinear: unexpected keyword argument {fixed[0]}= (set by the "
@@ -93,7 +94,7 @@ class SMoRALinear(MoLoRALinear):
                 f"gate={self.gate}, scaling={self.scaling:g}")
 
 
-def smora_linear(base: nn.Linear, total_rank: int, active_ranks: int, alpha: float,
+def smora_linear(base: nn.Linear | NF4Linear, total_rank: int, active_ranks: int, alpha: float,
                  gate: str = "one", **kwargs) -> SMoRALinear:
     """Wraps ``base`` as an SMoRA layer (see :class:`SMoRALinear`)."""
     return SMoRALinear(base, total_rank=total_rank, active_ranks=active_ranks, alpha=alpha,

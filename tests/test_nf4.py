@@ -366,6 +366,21 @@ def test_molora_rejects_bad_nf4_bases():
         MoLoRALinear(torch.nn.Conv1d(4, 4, 1))
 
 
+
+def test_nf4_base_is_in_the_public_base_annotations():
+    """``py.typed``: the annotated base of MoLoRALinear / SMoRALinear / smora_linear admits
+    the NF4Linear they take (it was ``nn.Linear``, so a type checker rejected valid use)."""
+    import typing
+
+    from datalora.smora import SMoRALinear, smora_linear
+
+    base = NF4Linear.from_linear(_linear(64, 8))
+    for fn, param in ((MoLoRALinear.__init__, "base_layer"),
+                      (SMoRALinear.__init__, "base_layer"), (smora_linear, "base")):
+        hint = typing.get_type_hints(fn)[param]
+        assert isinstance(base, hint) and isinstance(_linear(64, 8), hint), (fn, hint)
+    assert smora_linear(base, 4, 2, 8.0).base_layer is base
+
 def test_bench_nf4_smoke_writes_all_groups(tmp_path):
     from benchmarks import bench_nf4
 
