@@ -275,6 +275,10 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.delenv("DATALORA_BACKEND")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     assert "torch" in ops.available_backends("cpu")
+    # a device name, as available_backends takes (was AttributeError: 'str' ... 'type')
+    assert ops.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ops.BackendUnavailableError, match="NF4"):
+        ops.resolve_backend("cuda", "cpu")
 
 
 def test_triton_without_gpu_or_interpreter_says_why(monkeypatch):

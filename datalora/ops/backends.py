@@ -100,8 +100,9 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Maps ``backend`` (possibly ``"auto"``) to a concrete backend name for ``device``.
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Maps ``backend`` (possibly ``"auto"``) to a concrete backend name for ``device``
+    (a ``torch.device`` or its name, as :func:`available_backends` takes).
 
     ``DATALORA_BACKEND`` overrides ``"auto"``. An explicit backend that cannot run
     raises ``BackendUnavailableError``; ``auto`` falls back to torch on a GPU with a
@@ -110,6 +111,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if not isinstance(device, torch.device):  # "cuda" read .type off a str
+        device = torch.device(device)
     return _resolve(backend, device.type)
 
 
