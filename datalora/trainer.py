@@ -37,6 +37,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from datalora.checks import check_int
+from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
@@ -75,14 +76,13 @@ def _warn_schedule_change(current: dict[str, Any], saved: dict[str, Any]) -> Non
                       f"the checkpoint put them", stacklevel=3)
 
 
-def _check_trainer_config(config: Any, model: DATALORAModel) -> Any:
+def _check_trainer_config(config: Any, model: DATALORAModel) -> DATALORAConfig:
     """``config`` (default: the model's), checked against the model: its training settings
     (loss weights, temperatures, retention, curriculum split) may differ, but the fields
     that define the model (:data:`~datalora.model.FUNCTION_FIELDS`) cannot be changed by
     the trainer (a different ``num_lora_experts`` silently misreported the expert load)."""
     import dataclasses
 
-    from datalora.config import DATALORAConfig
     from datalora.model import _function_fields
 
     if config is None:
@@ -134,7 +134,7 @@ class DATALORATrainer(Trainer):
     from the last in-training ``eval_loss`` by the change of token selection.
     """
 
-    def __init__(self, *args: Any, datalora_config: Any = None,
+    def __init__(self, *args: Any, datalora_config: DATALORAConfig | None = None,
                  curriculum: CurriculumScheduler | None = None, curriculum_mode: str = "steps",
                  task_names: list[str] | tuple[str, ...] | None = None,
                  calibrate_batches: int = 4, **kwargs: Any):

@@ -605,6 +605,10 @@ def test_trainer_helpful_defaults_and_errors(tmp_path):
     for bad in (-1, 1.5, "4"):  # -1 skipped the calibration without a word
         with pytest.raises(ValueError, match=r"^calibrate_batches: expected an int >= 0"):
             make_trainer(tmp_path, tiny_datalora(), steps=2, calibrate_batches=bad)
+    # a dict was taken and failed at train() with AttributeError inside the curriculum
+    with pytest.raises(TypeError, match=r"^datalora_config: expected a DATALORAConfig"):
+        make_trainer(tmp_path, tiny_datalora(), steps=2,
+                     datalora_config={"temperature_final": 0.1})
 
 
 def test_task_names_default_to_the_collators_tasks(tmp_path):
