@@ -1,6 +1,7 @@
 """datalora: kernel-accelerated mixture-of-LoRA-experts adapters for PyTorch."""
 
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from datalora import nf4, ops
 from datalora.config import DATALORAConfig
@@ -22,14 +23,22 @@ if _bnb_cpu_log.level == _logging.NOTSET:
 
 # imported on first use: they pull in transformers.Trainer / PEFT, which are slow to import
 _LAZY = {"DATALORATrainer": "datalora.trainer", "TokenLevelAdapterMixer": "datalora.tle"}
+if _TYPE_CHECKING:  # type checkers see the classes (through __getattr__ they were Any)
+    from datalora.tle import TokenLevelAdapterMixer
+    from datalora.trainer import DATALORATrainer
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'datalora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazy ones, so ``dir()`` and ``help(datalora)`` list them."""
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

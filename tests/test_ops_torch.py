@@ -659,3 +659,24 @@ def test_import_datalora_leaves_dynamo_and_transformers_unimported():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_is_listed_and_visible_to_type_checkers():
+    """``dir(datalora)`` (what ``help()`` and completion list) and a static reading of
+    ``datalora/__init__.py`` both hold every name of ``__all__``: the lazily imported
+    DATALORATrainer / TokenLevelAdapterMixer were missing from both (``Any`` to a type
+    checker of this ``py.typed`` package)."""
+    import ast
+    import inspect
+
+    import datalora
+
+    assert set(datalora.__all__) <= set(dir(datalora))
+    tree = ast.parse(inspect.getsource(datalora))
+    bound = set()
+    for node in tree.body:
+        for stmt in (node.body if isinstance(node, ast.If) else [node]):
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                bound |= {alias.asname or alias.name for alias in stmt.names}
+    assert set(datalora.__all__) - bound == set()
+    assert all(getattr(datalora, name) is not None for name in datalora.__all__)
