@@ -105,6 +105,7 @@ def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -
 
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
+    _check_types(model, config)  # a dict config failed with AttributeError: no 'quantize'
     replaced, kept_16bit = [], []
     modules = list(model.named_modules())  # before replacing: one walk serves both uses
     linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)}
@@ -207,14 +208,21 @@ def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
     return "shared"
 
 
-def _check_base(model: object, config: object) -> None:
-    """``model`` a module without MoLoRA layers, ``config`` a :class:`DATALORAConfig`: the
-    checks of every way a base is adapted (get_datalora_model, the constructor,
-    from_pretrained)."""
+def _check_types(model: object, config: object) -> nn.Module:
+    """``model`` (returned) a module and ``config`` a :class:`DATALORAConfig` (TypeError
+    naming them)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, DATALORAConfig):
         raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
+    return model
+
+
+def _check_base(model: object, config: object) -> None:
+    """``model`` a module without MoLoRA layers, ``config`` a :class:`DATALORAConfig`: the
+    checks of every way a base is adapted (get_datalora_model, the constructor,
+    from_pretrained)."""
+    model = _check_types(model, config)
     if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
                                                for m in model.modules()):
         raise ValueError("model: already holds MoLoRA layers (get_datalora_model and "

@@ -228,3 +228,20 @@ def test_from_pretrained_checks_its_base_and_path(tmp_path):
         DATALORAModel.from_pretrained(_llama(), None)
     with pytest.raises(TypeError, match=r"^path: expected a folder path"):
         wrapped.load_adapter(None)
+
+
+
+def test_inject_molora_names_a_bad_model_or_config():
+    """The public inject_molora failed on a dict / None config with AttributeError ('dict'
+    object has no attribute 'quantize') and on a str model likewise."""
+    from datalora import inject_molora
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    for config in ({"target_modules": ["0"]}, None):
+        with pytest.raises(TypeError, match=r"^config: expected DATALORAConfig"):
+            inject_molora(model, config)
+    with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module, got str"):
+        inject_molora("model", DATALORAConfig(target_modules=["0"]))
+    assert inject_molora(model, DATALORAConfig(target_modules=["0"], num_lora_experts=2,
+                                               lora_rank=2, num_active_experts=1,
+                                               routing="per_layer")) == ["0"]
