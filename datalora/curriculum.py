@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datalora.checks import check_fractions, check_int, check_number
+
+if TYPE_CHECKING:  # datalora.config imports this module
+    from datalora.config import DATALORAConfig
 
 PHASES = ("warmup", "sparsification", "hardening")
 MODES = ("steps", "epochs")
@@ -105,9 +108,13 @@ class CurriculumScheduler:
         self.epoch = 0.0
 
     @classmethod
-    def from_config(cls, config: Any, total_steps: int | None = None,
+    def from_config(cls, config: DATALORAConfig, total_steps: int | None = None,
                     num_epochs: float | None = None, mode: str = "steps") -> CurriculumScheduler:
         """Builds the schedule from a :class:`~datalora.config.DATALORAConfig`."""
+        from datalora.config import DATALORAConfig
+
+        if not isinstance(config, DATALORAConfig):  # a dict: AttributeError 'temperature_init'
+            raise TypeError(f"config: expected a DATALORAConfig, got {type(config).__name__}")
         return cls(config.temperature_init, config.temperature_final, config.target_retention,
                    config.curriculum_split, total_steps=total_steps, num_epochs=num_epochs,
                    mode=mode)

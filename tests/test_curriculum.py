@@ -40,6 +40,9 @@ def test_schedule_by_epochs_matches_the_card():
     assert math.isclose(mid.retention, 0.75) and 0.5 < mid.tau < 5.0
     last = s.state_at(epoch=2.0)
     assert (last.phase, last.tau, last.retention, last.hard) == ("hardening", 0.5, 0.5, True)
+    # a dict of its fields failed with AttributeError: no attribute 'temperature_init'
+    with pytest.raises(TypeError, match=r"^config: expected a DATALORAConfig, got dict"):
+        CurriculumScheduler.from_config({"temperature_init": 5.0}, total_steps=10)
 
 
 def test_monotone_annealing():
