@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datalora.checks import check_int
 from datalora.ops.eager import TensorsState, trust_routing
 
 
@@ -31,6 +32,8 @@ class ExpertPermutation:
 
 def sort_routes(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
     """Groups the ``T*k`` routes of ``expert_ids [T, k]`` by expert (no host sync)."""
+    # 0 failed with "index -1 is out of bounds", 2.0 / None inside torch.zeros
+    num_experts = check_int("num_experts", num_experts, low=1)
     flat = expert_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
@@ -137,6 +140,7 @@ class Routing:
     def expert_load(self, num_experts: int) -> torch.Tensor:
         """``[E]`` fraction of routes sent to each expert (ids outside ``[0, E)`` fail an
         assertion, on the device: no host sync)."""
+        num_experts = check_int("num_experts", num_experts, low=1)
         flat = self.expert_ids.reshape(-1).long()
         if flat.numel():
             torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from datalora import MoLoRALinear, Routing, ops
+from datalora import MoLoRALinear, Routing, ops, sort_routes
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
@@ -445,6 +445,12 @@ def test_routing_fields_shapes_and_identity():
     bad = Routing(torch.tensor([[5]]), torch.ones(1, 1))
     with pytest.raises(RuntimeError, match=r"expert_load: expert ids outside \[0, 2\)"):
         bad.expert_load(2)
+    # num_experts 0 failed with "index -1 is out of bounds", 2.0 / None inside torch.zeros
+    for num_experts in (0, 2.0, None):
+        for call in (a.expert_load, a.permutation,
+                     lambda e: sort_routes(a.expert_ids, e)):
+            with pytest.raises(ValueError, match=r"^num_experts: expected an int >= 1"):
+                call(num_experts)
 
 
 def test_meta_device_materialisation_gives_the_documented_init():
