@@ -1380,3 +1380,19 @@ def test_task_adapter_cache_survives_an_interrupted_retraining(tmp_path, monkeyp
     stamp.write_text('{"settings": {"ta')  # a stamp write cut short
     task_adapters.train_task_adapter("sort", tmp_path, steps=1, **kwargs)
     assert json.loads(stamp.read_text())["settings"]["steps"] == 1
+
+
+def test_generate_result_type_follows_return_details():
+    """``py.typed``: generate() was annotated ``Tensor | dict``, so a type checker rejected
+    ``mixer.generate(ids)[0, P:]`` (datalora's own tle CLI tripped on it); overloads give
+    the tensor for ``return_details=False`` and the dict for ``True``."""
+    import typing
+
+    from datalora.tle import TokenLevelAdapterMixer
+
+    returns = {}
+    for fn in typing.get_overloads(TokenLevelAdapterMixer.generate):
+        hints = typing.get_type_hints(fn)
+        returns[hints["return_details"]] = hints["return"]
+    assert returns[typing.Literal[False]] is torch.Tensor
+    assert typing.get_origin(returns[typing.Literal[True]]) is dict

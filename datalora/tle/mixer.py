@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn as nn
@@ -460,6 +460,28 @@ class TokenLevelAdapterMixer(nn.Module):
             self._slot.set(previous)
 
     # ---- generation
+    # the result's type follows return_details (one union made every caller narrow it)
+    @overload
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = ..., *,
+                 eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
+                 do_sample: bool = ..., temperature: float = ...,
+                 generator: torch.Generator | None = ...,
+                 return_details: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = ..., *,
+                 eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
+                 do_sample: bool = ..., temperature: float = ...,
+                 generator: torch.Generator | None = ...,
+                 return_details: Literal[True]) -> dict[str, Any]: ...
+
+    @overload
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = ..., *,
+                 eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
+                 do_sample: bool = ..., temperature: float = ...,
+                 generator: torch.Generator | None = ...,
+                 return_details: bool) -> torch.Tensor | dict[str, Any]: ...
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
