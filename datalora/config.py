@@ -135,7 +135,7 @@ class DATALORAConfig:
         return {"adapter_type": "datalora", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DATALORAConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> DATALORAConfig:
         if not isinstance(data, Mapping):
             raise TypeError(f"config: expected a mapping of DATALORAConfig fields, got "
                             f"{type(data).__name__}")

@@ -180,3 +180,16 @@ def test_config_from_file_refuses_bad_files_naming_them(tmp_path):
     with pytest.raises(TypeError, match=r"^config: expected a mapping of DATALORAConfig "
                                         r"fields, got list"):
         DATALORAConfig.from_dict([("num_lora_experts", 4)])
+
+
+
+def test_from_dict_is_annotated_to_take_any_mapping():
+    """``py.typed``: from_dict takes any mapping (it checks ``isinstance(data, Mapping)``)
+    but was annotated ``dict``, so a type checker rejected e.g. a MappingProxyType."""
+    import typing
+    from collections.abc import Mapping
+    from types import MappingProxyType
+
+    hint = typing.get_type_hints(DATALORAConfig.from_dict)["data"]
+    assert typing.get_origin(hint) is Mapping
+    assert DATALORAConfig.from_dict(MappingProxyType({"lora_rank": 4})).lora_rank == 4
