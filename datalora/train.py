@@ -376,19 +376,19 @@ def _evaluate_items(model: Any, items: list[dict[str, Any]], tokenizer: Any, bat
 
 
 def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
-                   model_name_or_path: str | None = None,
-                   dataset: str | list[dict[str, Any]] | None = None,
+                   model_name_or_path: str | os.PathLike[str] | None = None,
+                   dataset: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
                    output_dir: str | Path = "datalora-output", epochs: float = 3,
                    max_steps: int | None = None, batch_size: int = 8,
                    learning_rate: float | None = None, max_length: int | None = None,
                    limit: int | None = None, seed: int = 0, logging_steps: int | None = None,
                    save_steps: int | None = None,
-                   resume_from_checkpoint: str | bool | None = None,
+                   resume_from_checkpoint: str | os.PathLike[str] | bool | None = None,
                    curriculum_mode: str = "epochs", bf16: bool = False,
                    gradient_accumulation_steps: int = 1, progress: bool = True,
                    model: Any = None, tokenizer: Any = None,
                    report_to: list[str] | None = None,
-                   eval_dataset: str | list[dict[str, Any]] | None = None,
+                   eval_dataset: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
                    eval_limit: int | None = None,
                    trainer_args: dict[str, Any] | None = None,
                    overwrite_output_dir: bool = False) -> TrainResult:

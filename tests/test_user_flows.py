@@ -366,6 +366,35 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
         train_datalora(None, output_dir=5, dataset=good, max_steps=1, progress=False)
 
 
+def test_train_path_arguments_take_a_path(tmp_path, monkeypatch):
+    """``py.typed``: model_name_or_path, dataset, eval_dataset and resume_from_checkpoint
+    take a ``Path`` (each is read through ``Path()`` / ``str()``) but were annotated
+    without one, so a type checker rejected ``train_datalora(dataset=Path(...))``."""
+    import typing
+
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    hints = typing.get_type_hints(train_datalora)
+    for name in ("model_name_or_path", "dataset", "eval_dataset", "resume_from_checkpoint"):
+        accepted = {typing.get_origin(a) or a for a in typing.get_args(hints[name])}
+        assert os.PathLike in accepted, (name, hints[name])
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model before checking the arguments")
+
+    monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
+    good = load_instruction_dataset(limit=4)
+    for kwargs, error, match in (
+            ({"dataset": tmp_path / "none.jsonl"}, FileNotFoundError, "none.jsonl"),
+            ({"dataset": good, "eval_dataset": tmp_path / "none.jsonl"}, FileNotFoundError,
+             r"^eval_dataset: .*none\.jsonl"),
+            ({"dataset": good, "resume_from_checkpoint": tmp_path / "nope"},
+             FileNotFoundError, "resume_from_checkpoint: no such folder")):
+        with pytest.raises(error, match=match):
+            train_datalora(None, output_dir=tmp_path / "o", max_steps=1, progress=False,
+                           **kwargs)
+
 def test_train_maps_alpaca_and_chat_rows_given_as_lists(tmp_path):
     from datalora.train import train_datalora
 
