@@ -669,3 +669,29 @@ def test_torch_compile_dynamic_fullgraph():
         x = torch.randn(T, 16)
         torch.testing.assert_close(compiled(x), layer(x))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_with_a_shared_routing_matches_plain_backward(reentrant):
+    """The first (value-checked) forward and the recomputation save the same tensors:
+    the check records no autograd graph on gates that require grad."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    gates = torch.rand(6, 2, requires_grad=True)
+    rank_scale = torch.rand(6, 3, requires_grad=True)
+    ids = torch.randint(0, 4, (6, 2))
+    leaves = (x, layer.lora_A, layer.lora_B, gates, rank_scale)
+    grads = []
+    for ckpt in (True, False):
+        routing = Routing(ids, gates, rank_scale)  # a new decision: not yet value-checked
+        y = (checkpoint(layer, x, routing, use_reentrant=reentrant) if ckpt
+             else layer(x, routing))
+        y.pow(2).sum().backward()  # reentrant checkpointing refuses torch.autograd.grad
+        grads.append([t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -120,9 +120,13 @@ def check_molora_inputs(x, A, B, expert_ids, gates, rank_scale=None,
         check_routing_values(expert_ids, gates, rank_scale, E)
 
 
+@torch.no_grad()
 def check_routing_values(expert_ids, gates, rank_scale, num_experts: int) -> None:
     """Host-side value checks: ids in ``[0, num_experts)``, finite gates and rank scales
-    (the four facts computed on the device and read back in one transfer: one sync)."""
+    (the four facts computed on the device and read back in one transfer: one sync).
+    Recorded by no autograd graph: ``isfinite`` of gates that require grad would save
+    them, so a first (checked) forward saved one tensor more than a later one, which
+    ``torch.utils.checkpoint``'s recomputation refuses."""
     finite = [torch.isfinite(gates).all()]
     if rank_scale is not None:
         finite.append(torch.isfinite(rank_scale).all())
