@@ -201,7 +201,7 @@ class MoLoRALinear(nn.Module):
         if self.router is None:
             raise ValueError("routing: this MoLoRALinear has no router (router=False); "
                              "pass routing=Routing(...)")
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: d_in may be 0
         router = self.router
         if x2.dtype != router.weight.dtype and _plain_linear(router):
             # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save

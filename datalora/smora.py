@@ -8,6 +8,8 @@ scaling ``alpha / R``; with all R ranks active and gate 1 it *is* the rank-R LoR
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -68,7 +70,7 @@ class SMoRALinear(MoLoRALinear):
     def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
         """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
         (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: d_in may be 0
         logits = self.router(x2.to(self.router.weight.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays
         probs = torch.softmax(logits, dim=-1)

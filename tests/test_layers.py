@@ -695,3 +695,18 @@ def test_activation_checkpointing_with_a_shared_routing_matches_plain_backward(r
             t.grad = None
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("smora", [False, True])
+def test_zero_in_features_base_runs_with_its_own_router(smora):
+    """d_in = 0 (as nn.Linear allows, and the ops): the router flattens x without -1."""
+    from datalora.smora import SMoRALinear
+
+    base = nn.Linear(0, 5)
+    layer = (SMoRALinear(base, total_rank=4, active_ranks=2) if smora
+             else MoLoRALinear(base, num_experts=4, rank=2, top_k=2))
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, base(x))
+    y.sum().backward()
