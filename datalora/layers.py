@@ -193,6 +193,7 @@ class MoLoRALinear(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """Per-layer top-k routing of ``x [..., d_in]`` (tokens flattened), yours to change:
         not marked trusted for the backends' table caches (see :func:`_route`)."""
+        self._check_x(x)
         return self._route(x, trusted=False)
 
     def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
@@ -261,16 +262,20 @@ class MoLoRALinear(nn.Module):
                 else self.base_layer(x))
         return base + delta
 
-    def _check_inputs(self, x: object, routing: object) -> None:
-        """``x [..., in_features]`` and ``routing`` (None or a ``Routing`` with float gates
-        and rank_scale), named before the router, dropout, base or op would fail on them.
-        Outside autocast, x must have the dtype of an ``nn.Linear`` base's weight (unless
-        the base's own forward or a pre-hook may convert it)."""
+    def _check_x(self, x: object) -> None:
+        """``x``: a floating tensor ``[..., in_features]``."""
         check_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape [..., in_features={self.in_features}], "
                              f"got {tuple(x.shape)}")
         check_float("x", x)
+
+    def _check_inputs(self, x: object, routing: object) -> None:
+        """``x [..., in_features]`` and ``routing`` (None or a ``Routing`` with float gates
+        and rank_scale), named before the router, dropout, base or op would fail on them.
+        Outside autocast, x must have the dtype of an ``nn.Linear`` base's weight (unless
+        the base's own forward or a pre-hook may convert it)."""
+        self._check_x(x)
         base = self.base_layer
         if (not self._nf4_base and x.dtype != base.weight.dtype
                 and not autocast_enabled(x.device.type)

@@ -710,3 +710,22 @@ def test_zero_in_features_base_runs_with_its_own_router(smora):
     y = layer(x)
     torch.testing.assert_close(y, base(x))
     y.sum().backward()
+
+
+@pytest.mark.parametrize("smora", [False, True])
+@pytest.mark.parametrize(("x", "error", "fragment"), [
+    (torch.randn(3, 7), ValueError, "in_features=16"),      # wrong d_in
+    (torch.tensor(1.0), ValueError, "in_features=16"),      # 0-d
+    (torch.ones(3, 16, dtype=torch.long), ValueError, "floating dtype"),
+    ([1.0] * 16, TypeError, "torch.Tensor"),
+])
+def test_route_names_a_bad_x(smora, x, error, fragment):
+    """The public ``route`` checks x as the forward does (it raised a matmul RuntimeError,
+    an IndexError, or routed integer x)."""
+    from datalora.smora import SMoRALinear
+
+    base = nn.Linear(16, 12)
+    layer = (SMoRALinear(base, total_rank=4, active_ranks=2) if smora
+             else MoLoRALinear(base, num_experts=4, rank=3, top_k=2))
+    with pytest.raises(error, match=f"x: .*{fragment}"):
+        layer.route(x)
