@@ -207,7 +207,8 @@ class MoLoRALinear(nn.Module):
         if x2.dtype != router.weight.dtype and _plain_linear(router):
             # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save
             # an fp32 copy of x for its weight gradient, twice the size of x itself
-            logits = F.linear(x2, router.weight.to(x2.dtype))
+            bias = None if router.bias is None else router.bias.to(x2.dtype)
+            logits = F.linear(x2, router.weight.to(x2.dtype), bias)
         else:  # as a module: its hooks / parametrizations apply
             logits = router(x2.to(router.weight.dtype))
         return topk_routing(logits, self.top_k, _trusted=trusted)

@@ -729,3 +729,19 @@ def test_route_names_a_bad_x(smora, x, error, fragment):
              else MoLoRALinear(base, num_experts=4, rank=3, top_k=2))
     with pytest.raises(error, match=f"x: .*{fragment}"):
         layer.route(x)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_replaced_router_keeps_its_bias_when_x_has_another_dtype(autocast):
+    """A router swapped for an ``nn.Linear`` with a bias: the logits in x's dtype (fp32
+    LoRA parameters on a bf16 base, or autocast) still add the bias (it was dropped)."""
+    dtype = torch.float32 if autocast else torch.bfloat16
+    base = nn.Linear(16, 12, dtype=dtype)
+    layer = MoLoRALinear(base, num_experts=4, rank=3, top_k=1, dtype=torch.float32)
+    layer.router = nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))  # expert 2 always
+    x = torch.randn(6, 16, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x)
+    assert (layer.last_routing.expert_ids == 2).all()
