@@ -22,7 +22,7 @@ from datalora.nf4_linear import (
     nf4_molora_linear,
     quantize_linear,
 )
-from datalora.ops.backends import BACKEND_NAMES
+from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
 from datalora.ops.molora import _autocast, _under_torch_func, autocast_enabled
 from datalora.ops.validation import FLOAT_DTYPES, check_float, check_tensor
 from datalora.routing import Routing, topk_routing
@@ -117,6 +117,10 @@ class MoLoRALinear(nn.Module):
                             f"got {type(base_layer).__name__}")
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+        if backend == "cuda" and not self._nf4_base:  # refused here, not at the first forward
+            raise ValueError(f"backend: 'cuda' needs an NF4 base (quantize='nf4', NF4Linear or "
+                             f"nf4 bnb Linear4bit), got {type(base_layer).__name__}; "
+                             f"{CUDA_BACKEND_SCOPE}")
         num_experts = check_int("num_experts", num_experts, low=1)
         rank = check_int("rank", rank, low=1)
         top_k = check_int("top_k", top_k, low=1)

@@ -36,7 +36,7 @@ class SMoRALinear(MoLoRALinear):
         gate: ``"one"``: selected ranks get gate exactly 1 (straight-through: the router
             still gets the softmax gradient), so all-active equals the LoRA;
             ``"softmax"``: renormalised top-k softmax gates (Mixtral style).
-        kwargs: ``dropout``, ``backend``, ``dtype`` as for :class:`MoLoRALinear`
+        kwargs: ``dropout``, ``backend``, ``dtype``, ``quantize`` as for :class:`MoLoRALinear`
             (``num_experts``, ``rank``, ``top_k`` and ``router`` are set from ``total_rank``
             and ``active_ranks``, so they are rejected).
 

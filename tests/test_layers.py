@@ -166,6 +166,8 @@ def test_dropout_path_and_dtype_cast():
     (dict(alpha=float("inf")), "alpha: expected a finite number"),
     (dict(alpha="32"), "alpha: expected a finite number, got '32'"),
     (dict(alpha=0.0), "alpha: expected > 0"),
+    # failed only at the first forward (BackendUnavailableError)
+    (dict(backend="cuda"), "backend: 'cuda' needs an NF4 base .* got Linear"),
 ])
 def test_bad_arguments(kwargs, fragment):
     args = dict(num_experts=4, rank=3, alpha=6, top_k=2) | kwargs

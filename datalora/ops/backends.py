@@ -36,10 +36,11 @@ _MODULES = {
     "torch": "datalora.ops.torch_backend",
     "triton": "datalora.ops.triton_backend",
 }
-# The CUDA extension (datalora._C) accelerates 4-bit NF4 bases, not the bf16/fp16 op.
-_CUDA_SCOPE = ("backend 'cuda' (the datalora._C extension) runs the NF4 base-weight kernels "
-               "used by MoLoRALinear over NF4Linear / bnb Linear4bit bases; for molora_delta "
-               "and molora_linear on bf16/fp16/fp32 weights use 'triton' or 'torch'")
+CUDA_BACKEND_SCOPE = ("backend 'cuda' (the datalora._C extension) runs the NF4 base-weight "
+                      "kernels used by MoLoRALinear over NF4Linear / bnb Linear4bit bases; for "
+                      "molora_delta and molora_linear on bf16/fp16/fp32 weights use 'triton' "
+                      "or 'torch'")
+"""What the CUDA extension accelerates: 4-bit NF4 bases, not the bf16/fp16 ops."""
 # Preference order of ``auto`` on a CUDA device; the CPU always uses torch.
 _GPU_PREFERENCE = ("triton", "torch")
 MIN_TRITON_CAPABILITY = (8, 0)
@@ -70,7 +71,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "torch":
         return None
     if name == "cuda":
-        return _CUDA_SCOPE
+        return CUDA_BACKEND_SCOPE
     if device.type != "cuda" and not (name == "triton" and _interpreting()):
         return (f"backend {name!r} needs a CUDA device (or TRITON_INTERPRET=1 for triton), "
                 f"got device {device}")
