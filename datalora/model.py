@@ -25,7 +25,8 @@ from datalora.checks import check_number
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
-from datalora.nf4_linear import NF4Linear
+from datalora.nf4_linear import NF4Linear, is_nf4_base
+from datalora.ops.backends import CUDA_BACKEND_SCOPE
 from datalora.pruning import (
     DATALORARuntime,
     check_prunable,
@@ -110,23 +111,35 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     modules = list(model.named_modules())  # before replacing: one walk serves both uses
     linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)}
     tied = _tied_parameters(model) if config.quantize else set()
+    plan = []  # (name, module, quantize, backend): checked before the model is modified
     for name, module in modules:
         if _adaptable(module) and _is_target(name, config.target_modules):
-            quantize = config.quantize
+            quantize, backend = config.quantize, config.backend
             if quantize and id(getattr(module, "weight", None)) in tied:
                 quantize = None  # a 4-bit copy would untie it (tie_weights would then fail)
                 kept_16bit.append(name)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, MoLoRALinear(
-                module, num_experts=config.num_lora_experts, rank=config.lora_rank,
-                alpha=config.lora_alpha, top_k=config.num_active_experts,
-                dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=config.backend, quantize=quantize))
-            replaced.append(name)
+                if backend == "cuda":  # the NF4 kernels: not for a layer left 16-bit
+                    backend = "auto"
+            plan.append((name, module, quantize, backend))
+    if config.backend == "cuda":
+        not_nf4 = [name for name, module, quantize, backend in plan
+                   if backend == "cuda" and not (quantize or is_nf4_base(module))]
+        if not_nf4:
+            raise ValueError(f"backend: 'cuda' runs NF4 bases only (quantize='nf4' or a 4-bit "
+                             f"model); {not_nf4} are 16-bit layers; {CUDA_BACKEND_SCOPE}")
+    for name, module, quantize, backend in plan:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MoLoRALinear(
+            module, num_experts=config.num_lora_experts, rank=config.lora_rank,
+            alpha=config.lora_alpha, top_k=config.num_active_experts,
+            dropout=config.lora_dropout, router=config.routing == "per_layer",
+            backend=backend, quantize=quantize))
+        replaced.append(name)
     if kept_16bit:
+        note = "; they use backend 'auto', not 'cuda'" if config.backend == "cuda" else ""
         warnings.warn(f"quantize: {kept_16bit} share their weight with another module (tied "
-                      f"embeddings) and stay 16-bit: quantizing would untie them",
+                      f"embeddings) and stay 16-bit: quantizing would untie them{note}",
                       stacklevel=4)
     if not replaced:
         linears = sorted(linear_names)

@@ -329,6 +329,22 @@ def test_quantize_keeps_a_tied_target_16_bit():
     model.resize_token_embeddings(1040)
 
 
+def test_cuda_backend_is_checked_before_the_model_changes():
+    """backend 'cuda' (the NF4 kernels) on 16-bit layers is refused before any layer is
+    replaced (it failed at the first forward); a tied target left 16-bit uses 'auto'."""
+    model = build_tiny_model(seed=0, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"backend: 'cuda' runs NF4 bases only .*q_proj"):
+        get_datalora_model(model, DATALORAConfig(**CFG, backend="cuda"), verbose=False)
+    assert not any(isinstance(m, MoLoRALinear) for m in model.modules())
+    cfg = DATALORAConfig(**CFG, quantize="nf4", backend="cuda",
+                         target_modules=["q_proj", "lm_head"])
+    with pytest.warns(UserWarning, match=r"stay 16-bit.*use backend 'auto', not 'cuda'"):
+        wrapped = get_datalora_model(model, cfg, verbose=False)
+    layers = dict(wrapped.molora_layers())
+    assert layers["lm_head"].backend == "auto"
+    assert layers["model.layers.0.self_attn.q_proj"].backend == "cuda"
+
+
 def test_routed_expert_load_skips_layers_of_the_pruned_range():
     """finetune logs the expert load with a mask over every token; the pruned layers
     routed only the kept tokens and are left out instead of failing on the mask."""
