@@ -1,4 +1,4 @@
-"""Functional MoLoRA ops with backend dispatch (DESIGN.md section 2)."""
+"""Functional MoLoRA ops with backend dispatch (the README's API section)."""
 
 from datalora.ops.backends import (
     BackendUnavailableError,

@@ -384,7 +384,8 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
                  gates: torch.Tensor, rank_scale: torch.Tensor | None = None,
                  scaling: float = 1.0, backend: str = "auto", *,
                  check_values: bool = True) -> torch.Tensor:
-    """The MoLoRA update of DESIGN.md section 1.
+    """The MoLoRA update of token t: ``scaling * sum_j gates[t, j] * B[e] @ (rank_scale[t] *
+    (A[e] @ x[t]))`` with ``e = expert_ids[t, j]`` (the README's formula).
 
     Args:
         x: ``[..., d_in]`` tokens (leading dims are flattened to T).
