@@ -240,3 +240,15 @@ def test_eval_experiment_refuses_an_output_file_before_training(tmp_path, monkey
     afile.write_text("x")
     with pytest.raises(ValueError, match=r"out_dir: .*afile is a file, expected a folder"):
         datalora_eval.run(steps=1, out_dir=afile, plot=False)
+
+
+def test_eval_experiment_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    """Without matplotlib the plot raised ImportError after both arms had trained (~10 min),
+    though --no-plot would have run; plot=False still runs without it."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before matplotlib was checked")
+
+    monkeypatch.setattr(datalora_eval, "train_and_evaluate", no_training)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(ModuleNotFoundError, match=r"plot: matplotlib .*--no-plot"):
+        datalora_eval.run(steps=1, out_dir=tmp_path)

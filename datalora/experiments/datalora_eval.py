@@ -258,6 +258,13 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
     from datalora.data import load_instruction_dataset
 
     check_output_folder("out_dir", out_dir)  # before the training, not at the write after it
+    if plot:  # likewise: without matplotlib plot_result failed after both arms had trained
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise ModuleNotFoundError("plot: matplotlib is not installed (pip install "
+                                      "matplotlib, or datalora[plot]); pass plot=False "
+                                      "(--no-plot) to run without the PNG") from exc
     eval_rows = load_instruction_dataset("embedded", "eval", limit=eval_limit)
     meta = run_metadata(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                         seed=seed, limit=limit, eval_rows=len(eval_rows), base=base)
