@@ -33,6 +33,7 @@ CASES = [  # (argument to break, replacement, error type, message fragment)
     ("rank_scale", torch.full((6, 3), float("nan")), ValueError, "rank_scale: expected finite"),
     ("x", [[1.0]], TypeError, "x: expected a torch.Tensor"),
     ("gates", None, TypeError, "gates: expected a torch.Tensor"),
+    ("check_values", "no", TypeError, "check_values: expected a bool, got 'no'"),
 ]
 
 
@@ -54,6 +55,8 @@ def test_device_mismatch_is_named():
 
 def test_linear_arguments():
     inputs = good()
+    with pytest.raises(TypeError, match="check_values: expected a bool, got None"):
+        ops.molora_linear(weight=torch.randn(5, 8), bias=None, check_values=None, **inputs)
     with pytest.raises(ValueError, match=r"weight: expected shape \[d_out, d_in=8\]"):
         ops.molora_linear(weight=torch.randn(5, 9), bias=None, **inputs)
     with pytest.raises(ValueError, match=r"B: expected shape \[E, d_out=7, r\]"):

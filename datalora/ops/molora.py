@@ -341,6 +341,12 @@ def _check_scaling(scaling: object) -> float:
     return check_number("scaling", scaling)
 
 
+def _check_flag(check_values: object) -> None:
+    """``check_values`` must be a bool: a string such as ``"no"`` read as True."""
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {check_values!r}")
+
+
 def _flatten(x, expert_ids, gates, rank_scale):
     """Flattens leading batch dims: x ``[..., d_in] -> [T, d_in]``, routing to ``[T, *]``."""
     check_tensor("x", x)
@@ -402,6 +408,7 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
         ``[..., d_out]`` delta in x's dtype.
     """
     scaling = _check_scaling(scaling)
+    _check_flag(check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
     functional = _under_torch_func()  # values unseen there: no host checks (ids clamped)
@@ -427,6 +434,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``torch.autocast`` x, weight, bias, A and B are cast to the autocast dtype.
     """
     scaling = _check_scaling(scaling)
+    _check_flag(check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
     functional = _under_torch_func()
