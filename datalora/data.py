@@ -236,10 +236,15 @@ def _read_jsonl(path: Path, limit: int | None = None) -> tuple[list[dict[str, An
     1-based line number of each (blank lines skipped), so errors can name the line."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a UTF-8 byte-order mark
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded per line, so a non-UTF-8 byte names its line
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(rows) >= limit:
                 break
+            try:  # -sig on the first line: tolerate a UTF-8 byte-order mark
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"source: {path} line {lineno} is not valid UTF-8 text "
+                                 f"({e}); re-save the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -263,8 +268,12 @@ def _is_row(data: Mapping[str, Any]) -> bool:
 
 
 def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"source: {path} is not valid UTF-8 text ({e}); re-save the file "
+                         f"as UTF-8") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -207,6 +207,21 @@ def test_jsonl_errors_name_the_line(tmp_path):
         load_instruction_dataset(path)
 
 
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    """A non-UTF-8 byte is a ValueError naming the file (and the line of a .jsonl), not a
+    bare UnicodeDecodeError; a BOM and CRLF line endings are still read."""
+    row = json.dumps({"question": "q", "response": "r"}).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + row + b"\r\n\r\n" + row.replace(b"q", b"q\xff") + b"\r\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl line 3 is not valid UTF-8"):
+        load_instruction_dataset(path)
+    assert len(load_instruction_dataset(path, limit=1)) == 1
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[" + row.replace(b"q", b"q\xff") + b"]")
+    with pytest.raises(ValueError, match=r"d\.json is not valid UTF-8"):
+        load_instruction_dataset(path)
+
+
 def test_missing_system_prompt_is_empty(tmp_path):
     write_jsonl([{"question": "q", "response": "r"},
                  {"system_prompt": None, "question": "q2", "response": "r2"}],
