@@ -276,8 +276,11 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
                          f"as UTF-8") from e
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return _read_jsonl(path)[0]  # a .json file holding JSON lines
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" or not text.strip():  # a .json file holding JSON lines
+            return _read_jsonl(path)[0]
+        raise ValueError(f"source: {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from e
     if isinstance(data, Mapping) and _is_row(data):
         raise ValueError(f"source: {path} holds a single row object, not a list of rows: "
                          f"wrap it in a list ([{{...}}])")

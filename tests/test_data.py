@@ -222,6 +222,24 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
         load_instruction_dataset(path)
 
 
+def test_malformed_json_names_the_line_of_the_error(tmp_path):
+    """A pretty-printed .json with a syntax error names where it is (not "line 1" of a
+    JSON-lines reading); a .json of JSON lines still names its bad line."""
+    path = tmp_path / "d.json"
+    path.write_text('[\n {"question": "q",\n  "response": "r"},\n {"question": "q2" '
+                    '"response": "r2"}\n]\n')
+    with pytest.raises(ValueError, match=r"d\.json is not valid JSON: .* at line 4 column"):
+        load_instruction_dataset(path)
+    row = json.dumps({"question": "q", "response": "r"})
+    path.write_text(f"{row}\n\n{row[:-3]}\n")
+    with pytest.raises(ValueError, match=r"d\.json line 3 is not valid JSON"):
+        load_instruction_dataset(path)
+    path.write_text(f"{row}\n{row}\n")
+    assert len(load_instruction_dataset(path)) == 2
+    path.write_text("\n")
+    assert load_instruction_dataset(path) == []
+
+
 def test_missing_system_prompt_is_empty(tmp_path):
     write_jsonl([{"question": "q", "response": "r"},
                  {"system_prompt": None, "question": "q2", "response": "r2"}],
