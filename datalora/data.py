@@ -771,7 +771,8 @@ class CausalLMCollator:
 
     Returns (from ``__call__``):
         ``input_ids [B, L]`` (int64), ``attention_mask [B, L]`` (int64, 0 on padding),
-        ``labels [B, L]`` (int64, -100 on padding), optionally ``task_ids [B]``;
+        ``labels [B, L]`` (int64, -100 on padding; a feature without ``labels`` gets its
+        ``input_ids`` with -100 where its ``attention_mask`` is 0), optionally ``task_ids [B]``;
         ``L`` is the longest feature (rounded up to ``pad_to_multiple_of``).
     """
 
@@ -835,6 +836,8 @@ class CausalLMCollator:
                 value = f.get(key)
                 if value is None:
                     target[b, :n] = default
+                    if key == "labels":  # a pre-padded feature: its masked positions too
+                        target[b, :n][attention_mask[b, :n] == 0] = self.label_pad_token_id
                     continue
                 value = torch.as_tensor(value, dtype=torch.long).reshape(-1)
                 if len(value) != n:

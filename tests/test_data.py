@@ -494,6 +494,24 @@ def test_collator_pads_right(tokenizer, train_rows):
     assert min(lengths) < max(lengths)  # the batch really was padded
 
 
+def test_collator_default_labels_ignore_a_features_own_padding(tokenizer):
+    """Features pre-padded by a left-padding tokenizer (no labels): the pad positions
+    (attention_mask 0) are -100, not trained as pad tokens."""
+    import copy
+
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = "left"
+    enc = left(["What is 1 + 1?", "Sort in ascending order: b, a, c"], padding=True)
+    feats = [{k: enc[k][i] for k in ("input_ids", "attention_mask")} for i in range(2)]
+    assert 0 in feats[0]["attention_mask"]  # really left-padded
+    batch = CausalLMCollator(left)(feats)
+    for b, f in enumerate(feats):
+        expected = [x if m else IGNORE_INDEX for x, m in zip(f["input_ids"],
+                                                             f["attention_mask"], strict=True)]
+        assert batch["labels"][b].tolist() == expected
+        assert batch["attention_mask"][b].tolist() == f["attention_mask"]
+
+
 def test_collator_raw_rows_dataloader_and_options(tokenizer, train_rows):
     collate = CausalLMCollator(tokenizer, max_length=64, return_task_ids=True,
                                pad_to_multiple_of=8)
