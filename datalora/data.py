@@ -570,6 +570,11 @@ def format_prompt(example: Mapping[str, Any]) -> str:
     """
     if "question" not in example:
         raise ValueError(f"example: missing column 'question', found {sorted(example)}")
+    for col in ("question", "system_prompt"):  # None (a null column) would be the text "None"
+        value = example.get(col)
+        if not isinstance(value, str) and (col == "question" or value is not None):
+            raise ValueError(f"example: column {col!r} must be a string, got "
+                             f"{type(value).__name__}")
     system_prompt = example.get("system_prompt") or ""
     head = f"{system_prompt}\n\n" if system_prompt else ""
     return f"{head}### Question:\n{example['question']}\n\n### Answer:\n"

@@ -388,6 +388,11 @@ def test_format_prompt():
     assert format_prompt({**row, "system_prompt": ""}).startswith("### Question:\n")
     with pytest.raises(ValueError, match="question"):
         format_prompt({"response": "3"})
+    for bad in ({"question": None}, {"question": 5}, {"system_prompt": float("nan")}):
+        col = next(iter(bad))
+        with pytest.raises(ValueError, match=f"column '{col}' must be a string"):
+            format_prompt({**row, **bad})  # not the text "None" / "5" / "nan" trained
+    assert format_prompt({**row, "system_prompt": None}).startswith("### Question:\n")
 
 
 def test_tokenize_example_masks_prompt(tokenizer, train_rows):
