@@ -496,7 +496,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     else:
         rows = load_instruction_dataset(dataset, "train", limit=limit)
     if not rows:
-        raise ValueError(f"dataset: no training rows (limit={limit!r})")
+        where = f" in {dataset}" if isinstance(dataset, (str, os.PathLike)) else ""
+        raise ValueError(f"dataset: no training rows (limit={limit!r}){where}")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
     if resume_from_checkpoint is not None and max_steps is not None:
         done = json.loads((resume_from_checkpoint / "trainer_state.json").read_text()).get(

@@ -323,6 +323,8 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
     monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
     bad = tmp_path / "bad.jsonl"
     write_jsonl([{"prompt": "q", "completion": "r"}], bad)
+    empty = str(tmp_path / "empty.jsonl")
+    write_jsonl([], empty)
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "checkpoint-10").mkdir()
@@ -338,6 +340,8 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "trainer_args": {"eval_strategy": "steps"}}, ValueError,
              r"eval_strategy='steps' needs eval rows: set eval_dataset \(--eval-dataset\)"),
             ({"dataset": good, "limit": 0}, ValueError, r"no training rows \(limit=0\)"),
+            ({"dataset": empty}, ValueError,
+             r"no training rows \(limit=None\) in .*empty\.jsonl"),
             ({"dataset": good, "bf16": "false"}, ValueError,
              r"bf16: expected true or false, got 'false'"),
             ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
