@@ -315,7 +315,13 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow comes with `datasets`
         raise ImportError("reading parquet needs pyarrow: pip install 'datalora[data]'") from e
-    return pq.read_table(path).to_pylist()
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as e:  # an empty, truncated or non-parquet file
+        raise ValueError(f"source: {path} is not a readable parquet file: {e}") from e
+    return table.to_pylist()
 
 
 def _import_datasets() -> Any:

@@ -240,6 +240,16 @@ def test_malformed_json_names_the_line_of_the_error(tmp_path):
     assert load_instruction_dataset(path) == []
 
 
+def test_unreadable_parquet_names_the_argument(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "d.parquet"
+    for content in (b"", b"not parquet"):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=r"^source: .*d\.parquet is not a readable "
+                                             r"parquet file"):
+            load_instruction_dataset(path)
+
+
 def test_missing_system_prompt_is_empty(tmp_path):
     write_jsonl([{"question": "q", "response": "r"},
                  {"system_prompt": None, "question": "q2", "response": "r2"}],
