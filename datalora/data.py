@@ -354,6 +354,10 @@ def _read_hub(name: str, split: str, limit: int | None) -> Any:
             return datasets.load_dataset(name, split=split)
         return datasets.load_dataset(name, split=split, streaming=True).take(limit)
     except Exception as e:
+        if isinstance(e, ValueError) and str(e).startswith(("Unknown split", "Bad split")):
+            # so load_eval_rows goes on to the next of EVAL_SPLITS
+            raise SplitNotFoundError(f"split: {split!r} not in the Hub dataset {name!r}: "
+                                     f"{e}") from e
         raise OSError(
             f"source: {name!r} is not a local file or folder, and loading it from the Hugging "
             f"Face Hub with datasets.load_dataset(split={split!r}) failed (offline machine or "

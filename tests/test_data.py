@@ -16,8 +16,10 @@ from datalora.data import (
     SHIPPED_SPLITS,
     TASKS,
     CausalLMCollator,
+    SplitNotFoundError,
     format_prompt,
     generate_multitask_dataset,
+    load_eval_rows,
     load_instruction_dataset,
     shipped_split_rows,
     tokenize_example,
@@ -388,6 +390,23 @@ def test_hub_name_fails_clearly_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match=r"'no-such-org/no-such-dataset'.*Hub.*load_dataset"):
         load_instruction_dataset("no-such-org/no-such-dataset", limit=2)
+
+
+def test_eval_rows_of_a_hub_dataset_try_validation_and_test(monkeypatch):
+    """A Hub dataset without an 'eval' split: load_eval_rows goes on to 'validation' /
+    'test' (datasets' unknown-split ValueError is a SplitNotFoundError)."""
+    datasets = pytest.importorskip("datasets")
+    row = {"question": "q", "response": "r"}
+
+    def load_dataset(name, split, streaming=False):
+        if split != "test":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'test\'].')
+        return datasets.Dataset.from_list([row])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_eval_rows("some-org/some-data")[0]["question"] == "q"
+    with pytest.raises(SplitNotFoundError, match=r"'train' not in the Hub dataset"):
+        load_instruction_dataset("some-org/some-data", split="train")
 
 
 # --------------------------------------------------------------------------- prompt, tokens
