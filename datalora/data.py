@@ -530,6 +530,9 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source: expected None, 'embedded', a path or a Hub dataset name, "
                         f"got {type(source).__name__}")
+    if not os.fspath(source).strip():  # Path("") is the current folder
+        raise ValueError(f"source: expected a file, folder or Hub dataset name, got "
+                         f"{os.fspath(source)!r}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     lines = None

@@ -252,6 +252,14 @@ def test_unreadable_parquet_names_the_argument(tmp_path):
             load_instruction_dataset(path)
 
 
+def test_an_empty_source_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl([{"question": "q", "response": "r"}], tmp_path / "train.jsonl")
+    for source in ("", " "):
+        with pytest.raises(ValueError, match=r"^source: expected a file, folder or Hub "):
+            load_instruction_dataset(source)
+
+
 def test_missing_system_prompt_is_empty(tmp_path):
     write_jsonl([{"question": "q", "response": "r"},
                  {"system_prompt": None, "question": "q2", "response": "r2"}],
