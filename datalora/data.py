@@ -766,6 +766,15 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_length:
     return out, stats
 
 
+def _long(value: Any, i: int, key: str) -> torch.Tensor:
+    """A feature's ids / mask / labels as a flat int64 tensor; fractional values (a float
+    array) are an error, not truncated to other ids."""
+    t = torch.as_tensor(value)
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"features: feature {i} has non-integer {key}: {value!r:.60}")
+    return t.to(torch.long).reshape(-1)
+
+
 @dataclass
 class CausalLMCollator:
     """Pad a list of tokenized examples (right padding) into a batch.
@@ -837,7 +846,7 @@ class CausalLMCollator:
         if len(features) == 0:
             raise ValueError("features: expected at least one feature, got an empty batch")
         tokenized = [self._tokenized(f, i) for i, f in enumerate(features)]
-        ids = [torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1) for f in tokenized]
+        ids = [_long(f["input_ids"], i, "input_ids") for i, f in enumerate(tokenized)]
         length = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -857,7 +866,7 @@ class CausalLMCollator:
                     if key == "labels":  # a pre-padded feature: its masked positions too
                         target[b, :n][attention_mask[b, :n] == 0] = self.label_pad_token_id
                     continue
-                value = torch.as_tensor(value, dtype=torch.long).reshape(-1)
+                value = _long(value, b, key)
                 if len(value) != n:
                     raise ValueError(f"features: feature {b} has {n} input_ids but "
                                      f"{len(value)} {key}")

@@ -554,6 +554,16 @@ def test_collator_default_labels_ignore_a_features_own_padding(tokenizer):
         assert batch["attention_mask"][b].tolist() == f["attention_mask"]
 
 
+def test_collator_refuses_fractional_ids_instead_of_truncating(tokenizer):
+    collate = CausalLMCollator(tokenizer)
+    batch = collate([{"input_ids": [5.0, 6.0], "labels": [IGNORE_INDEX, 6]}])
+    assert batch["input_ids"].tolist() == [[5, 6]]  # whole floats (a numpy float array) pass
+    for feature, key in (({"input_ids": [5.5, 6]}, "input_ids"),
+                         ({"input_ids": [5, 6], "labels": [float("nan"), 6]}, "labels")):
+        with pytest.raises(ValueError, match=f"feature 0 has non-integer {key}"):
+            collate([feature])
+
+
 def test_collator_raw_rows_dataloader_and_options(tokenizer, train_rows):
     collate = CausalLMCollator(tokenizer, max_length=64, return_task_ids=True,
                                pad_to_multiple_of=8)
