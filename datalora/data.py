@@ -603,7 +603,8 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
 
     Prompt (:func:`format_prompt`) + response are encoded as one text, with the
     tokenizer's special tokens (its BOS, if it adds one), then ``eos_token_id`` is
-    appended; the ids are the documented text's tokens. Labels are ``-100`` on the
+    appended (unless the tokenizer ended the text with it); the ids are the documented
+    text's tokens. Labels are ``-100`` on the
     prompt's tokens and equal to ``input_ids`` on response + EOS (a token spanning the end
     of the prompt and the start of the response is labelled). When longer
     than ``max_length``, prompt tokens are dropped from the left (keeping a leading BOS)
@@ -651,7 +652,10 @@ def _encode_examples(examples: Sequence[Mapping[str, Any]],
     out = []
     for prompt, ids, example in zip(prompts, joint, examples, strict=True):
         split = response_start(prompt, ids, example["response"])
-        out.append((list(ids[:split]), list(ids[split:]) + [eos]))
+        response = list(ids[split:])
+        if not response or response[-1] != eos:  # a tokenizer may add EOS itself
+            response.append(eos)
+        out.append((list(ids[:split]), response))
     return out
 
 

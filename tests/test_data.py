@@ -465,6 +465,28 @@ class _RunMergingTokenizer:
         return {"input_ids": [self._encode(t) for t in texts]}
 
 
+class _EosAddingTokenizer:
+    """The embedded tokenizer with add_eos_token-style behaviour: EOS after every text."""
+
+    def __init__(self, tok):
+        self.tok, self.eos_token_id, self.bos_token_id = tok, tok.eos_token_id, tok.bos_token_id
+
+    def __call__(self, text, add_special_tokens=True):
+        enc = self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        if not add_special_tokens:
+            return {"input_ids": enc}
+        add = (lambda ids: list(ids) + [self.eos_token_id])
+        return {"input_ids": add(enc) if isinstance(text, str) else [add(x) for x in enc]}
+
+
+def test_a_tokenizer_adding_eos_itself_gets_one_eos(tokenizer):
+    row = {"question": "What is 2 + 3?", "response": "5"}
+    plain = tokenize_example(row, tokenizer, 64)
+    item = tokenize_example(row, _EosAddingTokenizer(tokenizer), 64)
+    assert item == plain  # not response + EOS + EOS (the model taught EOS -> EOS)
+    assert item["input_ids"].count(tokenizer.eos_token_id) == 1
+
+
 def test_response_merged_into_the_prompts_last_token_is_still_trained():
     from datalora.data import format_prompt
 
