@@ -448,6 +448,11 @@ def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None
             if not isinstance(value, str):
                 raise ValueError(f"{arg}: column {col!r} of {where} must be a string, got "
                                  f"{type(value).__name__}")
+            try:  # a JSON escape such as "\ud800" gives a lone surrogate: no tokenizer takes it
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{arg}: column {col!r} of {where} is not valid Unicode "
+                                 f"({e.reason} at character {e.start})") from e
         row_id = row.get("id")
         task = row.get("task")
         out.append({"id": str(i) if row_id is None else str(row_id), **fields,

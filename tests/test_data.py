@@ -260,6 +260,17 @@ def test_an_empty_source_is_refused_not_the_current_folder(tmp_path, monkeypatch
             load_instruction_dataset(source)
 
 
+def test_a_lone_surrogate_names_the_column_and_line(tmp_path):
+    """JSON's "\\ud800" escape decodes to a string no tokenizer encodes (a bare TypeError
+    from the tokenizer, naming no row): refused at load time."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "q", "response": "r"}\n{"question": "q\\ud800", '
+                    '"response": "r"}\n')
+    with pytest.raises(ValueError, match=r"column 'question' of line 2 of .*d\.jsonl is not "
+                                         r"valid Unicode"):
+        load_instruction_dataset(path)
+
+
 def test_missing_system_prompt_is_empty(tmp_path):
     write_jsonl([{"question": "q", "response": "r"},
                  {"system_prompt": None, "question": "q2", "response": "r2"}],
