@@ -236,23 +236,28 @@ def _read_jsonl(path: Path, limit: int | None = None) -> tuple[list[dict[str, An
     1-based line number of each (blank lines skipped), so errors can name the line."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
+    lineno = 0
     with open(path, "rb") as f:  # decoded per line, so a non-UTF-8 byte names its line
-        for lineno, raw in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            try:  # -sig on the first line: tolerate a UTF-8 byte-order mark
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"source: {path} line {lineno} is not valid UTF-8 text "
-                                 f"({e}); re-save the file as UTF-8") from e
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"source: {path} line {lineno} is not valid JSON: {e}") from e
-            rows.append(row)
-            lines.append(lineno)
+        for chunk in f:
+            # a lone "\r" ends a line too (as in text mode; JSON strings cannot hold one)
+            for raw in chunk.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
+                lineno += 1
+                if limit is not None and len(rows) >= limit:
+                    return rows, lines
+                try:  # -sig on the first line: tolerate a UTF-8 byte-order mark
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"source: {path} line {lineno} is not valid UTF-8 text "
+                                     f"({e}); re-save the file as UTF-8") from e
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"source: {path} line {lineno} is not valid JSON: "
+                                     f"{e}") from e
+                rows.append(row)
+                lines.append(lineno)
     return rows, lines
 
 

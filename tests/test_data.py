@@ -218,6 +218,10 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl line 3 is not valid UTF-8"):
         load_instruction_dataset(path)
     assert len(load_instruction_dataset(path, limit=1)) == 1
+    path.write_bytes(row + b"\r" + row + b"\r\r" + row[:-1] + b"\r")  # old Mac line ends
+    with pytest.raises(ValueError, match=r"d\.jsonl line 4 is not valid JSON"):
+        load_instruction_dataset(path)
+    assert len(load_instruction_dataset(path, limit=2)) == 2
     path = tmp_path / "d.json"
     path.write_bytes(b"[" + row.replace(b"q", b"q\xff") + b"]")
     with pytest.raises(ValueError, match=r"d\.json is not valid UTF-8"):
