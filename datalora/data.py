@@ -343,7 +343,11 @@ def _read_dataset_dir(path: Path, split: str) -> Any:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
     else:  # a folder of data files (e.g. a downloaded Hub repo snapshot)
-        ds = datasets.load_dataset(str(path))
+        try:
+            ds = datasets.load_dataset(str(path))
+        except datasets.data_files.EmptyDatasetError as e:
+            raise ValueError(f"source: the folder {path} holds no data files (JSONL, JSON, "
+                             f"parquet, CSV, ...) and no saved dataset") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SplitNotFoundError(f"split: {split!r} not in the dataset at {path}; "

@@ -264,6 +264,15 @@ def test_an_empty_source_is_refused_not_the_current_folder(tmp_path, monkeypatch
             load_instruction_dataset(source)
 
 
+def test_an_empty_folder_names_the_source(tmp_path):
+    """datasets' own EmptyDatasetError did not start with 'source:' (the CLI names the flag
+    of the argument an error starts with)."""
+    pytest.importorskip("datasets")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^source: the folder .*empty holds no data files"):
+        load_instruction_dataset(tmp_path / "empty")
+
+
 def test_a_lone_surrogate_names_the_column_and_line(tmp_path):
     """JSON's "\\ud800" escape decodes to a string no tokenizer encodes (a bare TypeError
     from the tokenizer, naming no row): refused at load time."""
