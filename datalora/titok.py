@@ -201,6 +201,10 @@ def response_offsets(tokenizer: Any, response: str,
         shift = len(prompt)
     spans = [(max(int(s) - shift, 0), max(int(e) - shift, 0))
              for s, e in enc["offset_mapping"][start:]]
+    ids = enc["input_ids"]
+    if prompt is not None and len(ids) > start and ids[-1] == getattr(tokenizer, "eos_token_id",
+                                                                       None):
+        spans.pop()  # the tokenizer's own EOS: tokenize_example appends no second one
     return spans + [(len(response), len(response))]
 
 

@@ -224,6 +224,28 @@ def test_response_offsets_of_a_response_merged_into_the_prompts_last_token():
         assert spans[-1] == (len(response), len(response))
 
 
+class _EosAddingOffsetsTokenizer(_RunMergingOffsetsTokenizer):
+    """As above, but with special tokens it ends every text with EOS itself."""
+
+    def __call__(self, texts, add_special_tokens=True, return_offsets_mapping=False):
+        out = super().__call__(texts, add_special_tokens, return_offsets_mapping)
+        if add_special_tokens:
+            for key, extra in (("input_ids", self.eos_token_id), ("offset_mapping", (0, 0))):
+                if key in out:
+                    rows = [out[key]] if isinstance(texts, str) else out[key]
+                    for row in rows:
+                        row.append(extra)
+        return out
+
+
+def test_response_offsets_with_a_tokenizer_that_adds_eos_itself():
+    tok = _EosAddingOffsetsTokenizer()
+    row = dict(ROW, response="ok")
+    labels = [v for v in tokenize_example(row, tok, 64)["labels"] if v != IGNORE_INDEX]
+    assert labels == [ord("o") + 10, ord("k") + 10, 2]  # one EOS
+    assert response_offsets(tok, "ok", format_prompt(row)) == [(0, 1), (1, 2), (2, 2)]
+
+
 def test_build_masked_examples_fractions(tok, tok_other):
     rows = [dict(ROW, response=r) for r in ("cba", "cb a cb", "abc abc abc", "a")]
     scored = []
