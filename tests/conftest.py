@@ -32,6 +32,48 @@ def _seed():
     torch.manual_seed(0)
 
 
+class RunMergingTokenizer:
+    """Characters as ids (``ord + 10``), except that a run of whitespace is one token (id
+    1), so a response of spaces merges into the prompt's closing newline; character offsets
+    on request; ``adds_eos``: with special tokens, every text ends with EOS (id 2), as an
+    ``add_eos_token`` tokenizer's."""
+
+    eos_token_id = 2
+    bos_token_id = None
+
+    def __init__(self, adds_eos: bool = False) -> None:
+        self.adds_eos = adds_eos
+
+    @staticmethod
+    def spans(text):
+        import re
+
+        return [(m.start(), m.end()) for m in re.finditer(r"\s+|\S", text)]
+
+    def ids(self, text):
+        """The ids of ``text`` without special tokens."""
+        return [1 if text[a:b].isspace() else ord(text[a]) + 10 for a, b in self.spans(text)]
+
+    def __call__(self, texts, add_special_tokens=True, return_offsets_mapping=False):
+        eos = self.adds_eos and add_special_tokens
+
+        def encode(text):
+            out = {"input_ids": self.ids(text) + [self.eos_token_id] * eos}
+            if return_offsets_mapping:
+                out["offset_mapping"] = self.spans(text) + [(0, 0)] * eos
+            return out
+        if isinstance(texts, str):
+            return encode(texts)
+        encs = [encode(t) for t in texts]
+        return {key: [e[key] for e in encs] for key in encs[0]}
+
+
+@pytest.fixture
+def run_merging_tokenizer():
+    """:class:`RunMergingTokenizer` (call it: ``run_merging_tokenizer(adds_eos=True)``)."""
+    return RunMergingTokenizer
+
+
 @pytest.fixture(scope="session")
 def metaspace_tokenizer():
     """A BPE with Llama / Mistral's Metaspace pre-tokenizer (``prepend_scheme="first"``: a

@@ -294,6 +294,18 @@ def test_molora_cli_without_matplotlib_writes_the_json_and_warns(tmp_path, monke
     assert not (tmp_path / "molora_smoke.png").exists()
 
 
+def _fake_cuda_timer(monkeypatch, do_bench) -> None:
+    """``time_cuda`` without a GPU: ``triton.testing.do_bench`` replaced by ``do_bench``, the
+    CUDA synchronize / memory calls by no-ops."""
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+
+
 def test_plot_draws_a_row_of_panels_per_layer_shape(tmp_path):
     from benchmarks import plot
 
@@ -321,19 +333,13 @@ def test_plot_draws_a_row_of_panels_per_layer_shape(tmp_path):
 def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
     import time
 
-    import triton.testing
-
     windows = {}
 
     def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
         windows[fn.__name__] = rep
         return 1.0, 0.9, 1.1
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    for name in ("synchronize", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda: None)
-    for name in ("memory_allocated", "max_memory_allocated"):
-        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+    _fake_cuda_timer(monkeypatch, fake_do_bench)
 
     def fast():
         pass
@@ -362,25 +368,30 @@ def test_nf4_cli_prints_a_target_that_did_not_run(tmp_path, monkeypatch, capsys)
     assert "target decode T=1 4096x14336 >= 70% HBM: n/a NOT_RUN" in capsys.readouterr().out
 
 
+def _fail_writes_part_way(monkeypatch) -> None:
+    """Every ``Path.write_text`` writes 10 characters, then fails (a full disk)."""
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+
+
 def test_nf4_json_is_written_atomically(tmp_path, monkeypatch):
     """A write that fails part way (a time limit, a full disk) leaves the previous
     ``nf4_<preset>.json`` whole, as the other benchmarks' files."""
-    import pathlib
-
     from benchmarks import bench_nf4
 
     old = tmp_path / "nf4_smoke.json"
     old.write_text('{"previous": "run"}')
-    real = pathlib.Path.write_text
-
-    def write_text(self, text, *args, **kwargs):
-        real(self, text[:10], *args, **kwargs)  # part of the file, then the failure
-        raise OSError("No space left on device")
-
     for name, value in (("bench_dequant", lambda *a: []), ("_metadata", lambda *a: {}),
                         ("_bnb", lambda: (None, None))):  # the file write only
         monkeypatch.setattr(bench_nf4, name, value)
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _fail_writes_part_way(monkeypatch)
     with pytest.raises(OSError):
         bench_nf4.run("smoke", tmp_path, device=torch.device("cpu"), groups=("dequant",))
     assert old.read_text() == '{"previous": "run"}'
@@ -411,18 +422,13 @@ def test_cuda_timer_sets_a_method_env_once_around_its_timed_calls(monkeypatch):
     """``molora_linear[triton-fused]`` needs ``DATALORA_FUSED_LINEAR=1``: the timer sets it
     once around the method's calls; setting and restoring it in every call (microseconds)
     would be timed against the fused kernel only."""
-    import triton.testing
 
     def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
         for _ in range(5):
             fn()
         return 1.0, 0.9, 1.1
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    for name in ("synchronize", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda: None)
-    for name in ("memory_allocated", "max_memory_allocated"):
-        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+    _fake_cuda_timer(monkeypatch, fake_do_bench)
     monkeypatch.delenv("DATALORA_BENCH_TEST_ENV", raising=False)
     seen = []
     fused = molora.with_env({"DATALORA_BENCH_TEST_ENV": "1"},
@@ -454,19 +460,11 @@ def test_roofline_cli_rejects_a_file_as_out(tmp_path, capsys):
 def test_roofline_files_are_written_atomically(tmp_path, monkeypatch):
     """A write that fails part way leaves the previous roofline.json whole (the GPU suite
     writes it beside the measurements that read their floors from it)."""
-    import pathlib
-
     from benchmarks import roofline
 
     old = tmp_path / "roofline.json"
     old.write_text('{"previous": "run"}')
-    real = pathlib.Path.write_text
-
-    def write_text(self, text, *args, **kwargs):
-        real(self, text[:10], *args, **kwargs)  # part of the file, then the failure
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _fail_writes_part_way(monkeypatch)
     with pytest.raises(OSError):
         roofline.write(tmp_path)
     assert old.read_text() == '{"previous": "run"}'

@@ -471,24 +471,6 @@ def test_tokenize_example_masks_prompt(tokenizer, train_rows):
             format_prompt(row) + row["response"])
 
 
-class _RunMergingTokenizer:
-    """Characters as ids, except that a run of whitespace is one token (id 1), so a
-    response of spaces merges into the prompt's closing newline."""
-
-    eos_token_id = 2
-    bos_token_id = None
-
-    @staticmethod
-    def _encode(text):
-        import re
-
-        return [1 if piece.isspace() else ord(piece) + 10
-                for piece in re.findall(r"\s+|\S", text)]
-
-    def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [self._encode(t) for t in texts]}
-
-
 class _EosAddingTokenizer:
     """The embedded tokenizer with add_eos_token-style behaviour: EOS after every text."""
 
@@ -511,13 +493,13 @@ def test_a_tokenizer_adding_eos_itself_gets_one_eos(tokenizer):
     assert item["input_ids"].count(tokenizer.eos_token_id) == 1
 
 
-def test_response_merged_into_the_prompts_last_token_is_still_trained():
+def test_response_merged_into_the_prompts_last_token_is_still_trained(run_merging_tokenizer):
     from datalora.data import format_prompt
 
     row = {"system_prompt": "", "question": "Indent?", "response": "   "}
-    tok = _RunMergingTokenizer()
+    tok = run_merging_tokenizer()
     item = tokenize_example(row, tok, 64)
-    prompt_ids = tok._encode(format_prompt(row))
+    prompt_ids = tok.ids(format_prompt(row))
     assert item["input_ids"] == prompt_ids + [2]  # the joint text ends in one whitespace run
     # the spanning last token and EOS are labelled, not the EOS alone
     assert item["labels"] == [-100] * (len(prompt_ids) - 1) + [1, 2]

@@ -185,37 +185,11 @@ def test_response_offsets_follow_tokenize_example_with_a_metaspace_tokenizer(
         assert sample.offsets == spans and len(sample.excess) == len(labels)
 
 
-class _RunMergingOffsetsTokenizer:
-    """Characters as ids, a run of whitespace one token (id 1), with character offsets: a
-    response of spaces merges into the prompt's closing newline."""
-
-    eos_token_id = 2
-    bos_token_id = None
-
-    @staticmethod
-    def _pieces(text):
-        import re
-
-        return [(m.start(), m.end()) for m in re.finditer(r"\s+|\S", text)]
-
-    def __call__(self, texts, add_special_tokens=True, return_offsets_mapping=False):
-        def encode(text):
-            spans = self._pieces(text)
-            out = {"input_ids": [1 if text[a:b].isspace() else ord(text[a]) + 10
-                                 for a, b in spans]}
-            if return_offsets_mapping:
-                out["offset_mapping"] = spans
-            return out
-        if isinstance(texts, str):
-            return encode(texts)
-        encs = [encode(t) for t in texts]
-        return {key: [e[key] for e in encs] for key in encs[0]}
-
-
-def test_response_offsets_of_a_response_merged_into_the_prompts_last_token():
+def test_response_offsets_of_a_response_merged_into_the_prompts_last_token(
+        run_merging_tokenizer):
     """The spanning last token is a labelled response token (tokenize_example), so it has
     a span: one span per label, as for any other row."""
-    tok = _RunMergingOffsetsTokenizer()
+    tok = run_merging_tokenizer()
     for response in ("   ", "ok"):
         row = dict(ROW, response=response)
         labels = [v for v in tokenize_example(row, tok, 64)["labels"] if v != IGNORE_INDEX]
@@ -224,22 +198,8 @@ def test_response_offsets_of_a_response_merged_into_the_prompts_last_token():
         assert spans[-1] == (len(response), len(response))
 
 
-class _EosAddingOffsetsTokenizer(_RunMergingOffsetsTokenizer):
-    """As above, but with special tokens it ends every text with EOS itself."""
-
-    def __call__(self, texts, add_special_tokens=True, return_offsets_mapping=False):
-        out = super().__call__(texts, add_special_tokens, return_offsets_mapping)
-        if add_special_tokens:
-            for key, extra in (("input_ids", self.eos_token_id), ("offset_mapping", (0, 0))):
-                if key in out:
-                    rows = [out[key]] if isinstance(texts, str) else out[key]
-                    for row in rows:
-                        row.append(extra)
-        return out
-
-
-def test_response_offsets_with_a_tokenizer_that_adds_eos_itself():
-    tok = _EosAddingOffsetsTokenizer()
+def test_response_offsets_with_a_tokenizer_that_adds_eos_itself(run_merging_tokenizer):
+    tok = run_merging_tokenizer(adds_eos=True)
     row = dict(ROW, response="ok")
     labels = [v for v in tokenize_example(row, tok, 64)["labels"] if v != IGNORE_INDEX]
     assert labels == [ord("o") + 10, ord("k") + 10, 2]  # one EOS
