@@ -150,6 +150,18 @@ class Routing:
         return counts / max(flat.numel(), 1)
 
 
+def softmax_topk(logits: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs [T, E], top [T, k], ids [T, k])``: the softmax of ``logits [T, E]`` (fp32,
+    or fp64 for fp64 logits), and the ``k`` largest probabilities with their indices,
+    selected on the logits (the same order): probabilities that underflow tie at 0, among
+    which ``probs.topk`` would take the lowest indices, not the next-best."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = torch.softmax(z, dim=-1)
+    ids = z.topk(k, dim=-1).indices
+    return probs, probs.gather(-1, ids), ids
+
+
 def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
                  _trusted: bool = False) -> Routing:
     """Softmax top-k routing: logits ``[T, E]`` -> :class:`Routing` with ``k`` routes per token.
@@ -168,11 +180,7 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
             or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
                          f"got {k!r}")
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64
-    probs = torch.softmax(z, dim=-1)
-    # selected on the logits (the same order): underflowed probabilities tie at 0
-    expert_ids = z.topk(k, dim=-1).indices
-    gates = probs.gather(-1, expert_ids)
+    probs, gates, expert_ids = softmax_topk(logits, k)
     if renormalize:
         # k = 1: gates / gates.sum() is the constant 1 (no router gradient): keep the forward
         # value 1 exactly, backward d log p

@@ -16,7 +16,7 @@ import torch.nn as nn
 from datalora.checks import check_int
 from datalora.layers import MoLoRALinear, check_alpha
 from datalora.nf4_linear import NF4Linear
-from datalora.routing import Routing
+from datalora.routing import Routing, softmax_topk
 
 __all__ = ["GATES", "SMoRALinear", "smora_linear"]
 
@@ -71,13 +71,8 @@ class SMoRALinear(MoLoRALinear):
         """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
         (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: d_in may be 0
-        logits = self.router(x2.to(self.router.weight.dtype))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays
-        probs = torch.softmax(logits, dim=-1)
-        # selected on the logits (the same order): underflowed probabilities tie at 0, and
-        # gate "one" would give the lowest-index ranks among them gate 1
-        ids = logits.topk(self.active_ranks, dim=-1).indices
-        top = probs.gather(-1, ids)
+        probs, top, ids = softmax_topk(self.router(x2.to(self.router.weight.dtype)),
+                                       self.active_ranks)
         if self.gate not in GATES:  # an attribute set after construction
             raise ValueError(f"gate: expected one of {GATES}, got {self.gate!r}")
         if self.gate == "one":
