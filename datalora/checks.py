@@ -37,6 +37,14 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
     return int(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a ``bool``; otherwise TypeError ``"{name}: expected a bool, got
+    {value!r}"`` (a string such as ``"no"`` would read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
 def check_number(name: str, value: object, *, low: float | None = None,
                  low_inclusive: bool = True, high: float | None = None,
                  high_inclusive: bool = True) -> float:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from datalora import ops
-from datalora.checks import check_finite, check_int
+from datalora.checks import check_bool, check_finite, check_int
 from datalora.init_linear import NormalInitLinear
 from datalora.nf4_linear import (
     NF4Linear,
@@ -107,8 +107,7 @@ class MoLoRALinear(nn.Module):
                  quantize: str | None = None):
         super().__init__()
         check_lora_dtype(dtype)
-        if not isinstance(router, bool):
-            raise TypeError(f"router: expected a bool, got {router!r}")
+        check_bool("router", router)
         if quantize is not None:
             base_layer = quantize_linear(base_layer, quantize, name="base_layer")
         self._nf4_base = is_nf4_base(base_layer)

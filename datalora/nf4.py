@@ -27,6 +27,8 @@ from math import prod
 
 import torch
 
+from datalora.checks import check_bool
+
 __all__ = ["BLOCKSIZES", "NF4_CODE", "NF4Tensor", "dequantize", "dynamic_map", "quantize"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -327,8 +329,7 @@ def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
     if w.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(w.shape)}")
     blocksize = _check_blocksize("blocksize", blocksize)
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant: expected a bool, got {double_quant!r}")
+    check_bool("double_quant", double_quant)
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)

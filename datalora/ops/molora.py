@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from datalora.checks import check_number
+from datalora.checks import check_bool, check_number
 from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
 from datalora.ops.eager import eager_call
@@ -341,12 +341,6 @@ def _check_scaling(scaling: object) -> float:
     return check_number("scaling", scaling)
 
 
-def _check_flag(check_values: object) -> None:
-    """``check_values`` must be a bool: a string such as ``"no"`` read as True."""
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values: expected a bool, got {check_values!r}")
-
-
 def _flatten(x, expert_ids, gates, rank_scale):
     """Flattens leading batch dims: x ``[..., d_in] -> [T, d_in]``, routing to ``[T, *]``."""
     check_tensor("x", x)
@@ -408,7 +402,7 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
         ``[..., d_out]`` delta in x's dtype.
     """
     scaling = _check_scaling(scaling)
-    _check_flag(check_values)
+    check_bool("check_values", check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
     functional = _under_torch_func()  # values unseen there: no host checks (ids clamped)
@@ -434,7 +428,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``torch.autocast`` x, weight, bias, A and B are cast to the autocast dtype.
     """
     scaling = _check_scaling(scaling)
-    _check_flag(check_values)
+    check_bool("check_values", check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
     functional = _under_torch_func()
