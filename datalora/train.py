@@ -115,14 +115,14 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
                   if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
 
 
-def _saved_state(folder: Path) -> bool:
-    """Whether ``folder`` holds a readable ``trainer_state.json``, the file the Trainer
-    writes last (not atomically) into a checkpoint: without it the save was cut short."""
+def _saved_state(folder: Path) -> dict[str, Any] | None:
+    """The ``trainer_state.json`` of checkpoint ``folder``, None when missing or unreadable:
+    the Trainer writes it last (not atomically), so without it the save was cut short."""
     try:
-        json.loads((folder / "trainer_state.json").read_text())
+        state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
@@ -135,7 +135,7 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if path is True or path == "last":
         run = Path(output_dir).expanduser()
         found = _checkpoints(run) if run.is_dir() else []
-        complete = [(n, folder) for n, folder in found if _saved_state(folder)]
+        complete = [(n, folder) for n, folder in found if _saved_state(folder) is not None]
         if not complete:
             raise ValueError(f"resume_from_checkpoint: 'last' found no complete checkpoint-N "
                              f"folder (with trainer_state.json) in the output folder {run}")
@@ -152,7 +152,7 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
     if (folder / "trainer_state.json").is_file():
-        if not _saved_state(folder):
+        if _saved_state(folder) is None:
             raise ValueError(f"resume_from_checkpoint: {folder / 'trainer_state.json'} is "
                              f"not valid JSON (a save cut short): resume an earlier "
                              f"checkpoint")
@@ -500,8 +500,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         raise ValueError(f"dataset: no training rows (limit={limit!r}){where}")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
     if resume_from_checkpoint is not None and max_steps is not None:
-        done = json.loads((resume_from_checkpoint / "trainer_state.json").read_text()).get(
-            "global_step", 0)
+        done = _saved_state(resume_from_checkpoint).get("global_step", 0)  # checked above
         if done >= max_steps:  # the Trainer would train one step past max_steps
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is at step "
                              f"{done} and this run stops at max_steps={max_steps}: nothing "

@@ -81,8 +81,6 @@ def _check_trainer_config(config: Any, model: DATALORAModel) -> DATALORAConfig:
     (loss weights, temperatures, retention, curriculum split) may differ, but the fields
     that define the model (:data:`~datalora.model.FUNCTION_FIELDS`) cannot be changed by
     the trainer (a different ``num_lora_experts`` silently misreported the expert load)."""
-    import dataclasses
-
     from datalora.model import _function_fields
 
     if config is None:
