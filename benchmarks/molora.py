@@ -234,6 +234,18 @@ def env_set(env: dict[str, str]):
                 os.environ[k] = v
 
 
+def rel_max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` (out compared in fp32 with the fp32 ``ref``)."""
+    return ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def worst_error(errors: list[float], tol: float) -> tuple[float | None, str]:
+    """``(max of errors, PASS / FAIL against tol)``, ``(None, NOT_RUN)`` without errors:
+    the verdict of the outputs-match targets."""
+    worst = max(errors) if errors else None
+    return worst, "NOT_RUN" if worst is None else "PASS" if worst <= tol else "FAIL"
+
+
 def output_errors(methods: dict[str, Callable], inp: dict) -> dict[str, float | None]:
     """Each method's forward output against the per-expert loop run in fp32 (whole layer or
     LoRA part, as the method computes): ``max |out - ref| / max |ref|`` (None for the base
@@ -249,9 +261,7 @@ def output_errors(methods: dict[str, Callable], inp: dict) -> dict[str, float | 
             if name == "linear":
                 errors[name] = None
                 continue
-            ref = refs["delta" if "delta" in name else "linear"]
-            err = (fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
-            errors[name] = err.item()
+            errors[name] = rel_max_error(fn(), refs["delta" if "delta" in name else "linear"])
     return errors
 
 
@@ -436,12 +446,12 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
     errors = [r["rel_err_vs_fp32_loop"] for r in rows
               if r.get("rel_err_vs_fp32_loop") is not None]
     tol = AGREE_TOL[preset["dtype"]]
-    worst = max(errors) if errors else None
+    worst, status = worst_error(errors, tol)
     out.append(dict(name="outputs_match_fp32_loop", description=f"every method's output within "
                     f"{tol} of the per-expert loop in fp32 (max abs error / max abs value)",
-                    value=worst, op="<=", threshold=tol, status="NOT_RUN" if worst is None
-                    else "PASS" if worst <= tol else "FAIL", numerator="rel_err_vs_fp32_loop",
-                    denominator=None, shape=None, paired_value=None))
+                    value=worst, op="<=", threshold=tol, status=status,
+                    numerator="rel_err_vs_fp32_loop", denominator=None, shape=None,
+                    paired_value=None))
     if preset_name == "gpu":
         for be in backends:
             ml, md = f"molora_linear[{be}]", f"molora_delta[{be}]"
