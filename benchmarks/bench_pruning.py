@@ -51,9 +51,6 @@ from benchmarks.molora import (
     cli_preset,
     format_targets,
     metadata,
-    non_negative_float,
-    positive_float,
-    positive_int,
     result_path,
     wait_quiet,
     write_plot,
@@ -61,6 +58,7 @@ from benchmarks.molora import (
 )
 from benchmarks.plot import save_figure
 from benchmarks.timing import sync, time_interleaved
+from datalora.cli import int_at_least, non_negative_float, positive_float
 
 SCHEMA = "datalora.benchmarks.pruning/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -412,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bound", action="store_true",
                         help="skip the attainable-speedup measurement (four dense models "
                              "per row)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads, >= 1 (default: torch's default)")
     parser.add_argument("--max-load", type=positive_float, default=None,
                         help="CPU: wait for the 1-min load average to drop below this")

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.molora import _git_commit, positive_int
+from benchmarks.molora import _git_commit
 from benchmarks.timing import time_interleaved
+from datalora.cli import int_at_least
 from datalora.experiments.run_info import cpu_model
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text
@@ -208,12 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
     p.add_argument("--base", choices=("pretrained", "random"), default="pretrained",
                    help="the tiny base the adapters are trained on and every method runs on")
-    p.add_argument("--adapter-steps", type=positive_int, default=80,
+    p.add_argument("--adapter-steps", type=int_at_least(1), default=80,
                    help="training steps of each task adapter when --adapters holds none "
                         "trained for these settings yet (default: 80)")
-    p.add_argument("--new-tokens", type=positive_int, default=32)
-    p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--prompts", type=positive_int, default=2)
+    p.add_argument("--new-tokens", type=int_at_least(1), default=32)
+    p.add_argument("--repeats", type=int_at_least(1), default=3)
+    p.add_argument("--prompts", type=int_at_least(1), default=2)
     p.add_argument("--out", default=None,
                    help="JSON file (default: benchmarks/results/tle_cpu.json, tle_cuda.json on "
                         "a GPU, in the repository whatever the current directory)")

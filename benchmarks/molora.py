@@ -51,6 +51,7 @@ from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
 from benchmarks.timing import time_interleaved
 from datalora import ops
+from datalora.cli import int_at_least, non_negative_float, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
 
 SCHEMA = "datalora.benchmarks.molora/1"
@@ -608,40 +609,6 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type``: an int >= 1 (``--threads``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type``: a finite float > 0 (``--max-load``: a load average no machine
-    goes below 0 would make every case wait out ``--max-wait``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse ``type``: a finite float >= 0 (``--max-wait`` seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def cli_preset(parser: argparse.ArgumentParser, preset: str | None) -> str:
     """The preset to run: ``preset``, else gpu with CUDA and cpu without; gpu without CUDA
     is a parser error."""
@@ -676,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, metavar="SUBSTR",
                         help="run only the cases whose id contains SUBSTR (e.g. T_sweep/T2048);"
                              " a partial run draws no plot")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads, >= 1 (default: torch's default)")
     parser.add_argument("--max-load", type=positive_float, default=None,
                         help="CPU: before each case wait for the 1-min load average to drop "

@@ -65,6 +65,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse ``type``: a finite float >= 0."""
+    value = _float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An argparse ``type``: a float in (0, 1]."""
     value = _float(text)
