@@ -14,6 +14,7 @@ from torch.nn.modules import module as _torch_module
 from datalora import ops
 from datalora.checks import check_bool, check_finite, check_int
 from datalora.init_linear import NormalInitLinear
+from datalora.nf4 import NF4Tensor
 from datalora.nf4_linear import (
     NF4Linear,
     is_nf4_base,
@@ -186,7 +187,9 @@ class MoLoRALinear(nn.Module):
         return state
 
     @property
-    def weight(self) -> torch.Tensor:
+    def weight(self) -> torch.Tensor | NF4Tensor:
+        """The base layer's weight: ``[d_out, d_in]``, or an :class:`~datalora.nf4.NF4Tensor`
+        on an :class:`NF4Linear` base (a bnb ``Params4bit`` on a ``Linear4bit`` base)."""
         return self.base_layer.weight
 
     @property
