@@ -282,9 +282,9 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
     if bias is not None:
         check_tensor("bias", bias)
     T, K = x2.shape
-    N = t.shape[0]
     if len(t.shape) != 2 or t.shape[1] != K:
         raise ValueError(f"weight: expected NF4 shape [d_out, d_in={K}], got {tuple(t.shape)}")
+    N = t.shape[0]
     reason = decode_supported(x2, t)
     if reason is not None:
         raise ValueError(f"x: unsupported by the fused NF4 decode kernel: {reason}")

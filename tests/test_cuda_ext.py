@@ -326,6 +326,9 @@ def test_python_entry_points_name_malformed_arguments():
             (dict(x2=x[0]), ValueError, "x: expected a 2-D tensor"),
             (dict(bias=[0.0] * 16), TypeError, "bias: expected a torch.Tensor"),
             (dict(t=t.dequantize(torch.float16)), TypeError, "t: expected a datalora.nf4"),
+            # a 0-d weight: the shape check runs before d_out is read off it (IndexError)
+            (dict(t=nf4.quantize(torch.tensor(1.0, dtype=torch.float16))), ValueError,
+             r"weight: expected NF4 shape \[d_out, d_in=64\], got \(\)"),
     ]:
         with pytest.raises(error, match=match):
             _C_loader.nf4_molora_decode_host(**{**good, **over})
