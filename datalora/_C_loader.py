@@ -218,8 +218,8 @@ def decode_supported(x2: torch.Tensor, t) -> str | None:
     T, K = x2.shape
     if not 1 <= T <= MAX_DECODE_TOKENS:
         return f"T={T} tokens (fused decode takes 1..{MAX_DECODE_TOKENS})"
-    if K % 32:
-        return f"d_in={K} is not a multiple of 32"
+    if K == 0 or K % 32:  # the kernel takes whole 32-value chunks, at least one per row
+        return f"d_in={K} is not a positive multiple of 32"
     if x2.dtype not in (torch.float16, torch.bfloat16):
         return f"x dtype {x2.dtype} (fused decode takes float16/bfloat16)"
     if len(t.shape) != 2 or t.shape[0] < 1:

@@ -336,6 +336,20 @@ def test_python_entry_points_name_malformed_arguments():
         _C_loader.dequantize_nf4_host(torch.zeros(4, dtype=torch.uint8), torch.float16)
 
 
+def test_decode_supported_agrees_with_the_kernel_boundary_on_d_in():
+    """What ``decode_supported`` accepts the boundary must take: a d_in = 0 weight (a valid
+    NF4Tensor, and ops take d_in = 0) goes to dequantize + GEMM, not to a launch refused with
+    'K: expected a positive multiple of 32'."""
+    empty = nf4.NF4Tensor(torch.empty(0, dtype=torch.uint8), torch.empty(0), torch.Size([8, 0]),
+                          torch.bfloat16, 64)
+    reason = _C_loader.decode_supported(torch.zeros(1, 0, dtype=torch.bfloat16), empty)
+    assert reason == "d_in=0 is not a positive multiple of 32"
+    assert "d_in=48" in _C_loader.decode_supported(torch.zeros(1, 48, dtype=torch.bfloat16),
+                                                   nf4.quantize(torch.randn(8, 48)))
+    assert _C_loader.decode_supported(torch.zeros(1, 32, dtype=torch.bfloat16),
+                                      nf4.quantize(torch.randn(8, 32))) is None
+
+
 @needs_ext
 def test_decode_host_clamps_expert_ids_like_the_triton_kernels(monkeypatch):
     """Unchecked ids (``DATALORA_CHECK_VALUES=0``, CUDA-graph capture) never read outside A
