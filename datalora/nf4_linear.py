@@ -324,7 +324,13 @@ def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
         return False
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
         return False  # the fused kernel is inference-only
-    return _C_loader.decode_supported(x2, t) is None
+    reason = _C_loader.decode_supported(x2, t)
+    if reason is not None and 1 <= x2.shape[0] <= _C_loader.MAX_DECODE_TOKENS:
+        # a decode step the kernel was made for, but these inputs (fp32 x, d_in % 32,
+        # a misaligned weight) take the slower path: say so once, and why
+        _C_loader.warn_fallback("the fused NF4 decode kernel does not take these inputs; "
+                                "dequantize + GEMM runs instead", reason)
+    return reason is None
 
 
 NF4_FUSED_ENV = "DATALORA_NF4_FUSED"

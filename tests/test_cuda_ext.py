@@ -336,6 +336,30 @@ def test_python_entry_points_name_malformed_arguments():
         _C_loader.dequantize_nf4_host(torch.zeros(4, dtype=torch.uint8), torch.float16)
 
 
+def test_small_t_inference_the_fused_decode_skips_warns_once_why(fake_gpu):
+    """On a GPU the extension serves, a 1..16-token inference call the decode kernel does
+    not take (fp32 x, d_in not a multiple of 32) runs dequantize + GEMM with a one-time
+    warning naming the reason; T > 16 (not a decode step) stays silent."""
+    from datalora.nf4_linear import _fused_decode_ok
+
+    fake_gpu["capability"] = (9, 0)
+    t = nf4.quantize(torch.randn(8, 64))
+    on_gpu = _OnCuda(**{f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
+
+    def x_on_gpu(T, dtype):
+        return types.SimpleNamespace(shape=torch.Size([T, 64]), dtype=dtype, is_cuda=True,
+                                     device=torch.device("cuda", 0))
+
+    with pytest.warns(RuntimeWarning, match=r"fused NF4 decode kernel does not take these "
+                                            r"inputs.*x dtype torch.float32"):
+        assert not _fused_decode_ok(x_on_gpu(4, torch.float32), on_gpu, ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _fused_decode_ok(x_on_gpu(4, torch.float32), on_gpu, ())  # once only
+        assert not _fused_decode_ok(x_on_gpu(40, torch.bfloat16), on_gpu, ())  # T > 16
+        assert _fused_decode_ok(x_on_gpu(4, torch.bfloat16), on_gpu, ())
+
+
 def test_decode_supported_agrees_with_the_kernel_boundary_on_d_in():
     """What ``decode_supported`` accepts the boundary must take: a d_in = 0 weight (a valid
     NF4Tensor, and ops take d_in = 0) goes to dequantize + GEMM, not to a launch refused with
