@@ -535,11 +535,10 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     """
     t = nf4_weight(base)
     backend = _lora_backend(backend, x)
-    x2 = x.reshape(-1, x.shape[-1])
+    # routing flattened (and its layout checked) as the ops do: a reshape to [T, -1] would
+    # take routing of another layout, e.g. [L, B, k] for x [B, L, d], mixing tokens
+    x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     if lora_x is x and _fused_decode_ok(x2, t, (x, A, B, gates, rank_scale, base.bias)):
-        ids = expert_ids.reshape(x2.shape[0], -1)
-        g = gates.reshape(x2.shape[0], -1)
-        rs = None if rank_scale is None else rank_scale.reshape(x2.shape[0], -1)
         bias = None if base.bias is None else base.bias.to(x.dtype)
         y = _nf4_molora_decode_op(x2, t.data, t.absmax, t.nested_absmax, t.nested_code,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,

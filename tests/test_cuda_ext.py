@@ -336,6 +336,35 @@ def test_python_entry_points_name_malformed_arguments():
         _C_loader.dequantize_nf4_host(torch.zeros(4, dtype=torch.uint8), torch.float16)
 
 
+@needs_ext
+def test_fused_decode_path_checks_the_routing_layout_as_the_ops_do(monkeypatch):
+    """The fused decode path of nf4_molora_linear flattens the routing as the ops do: routing
+    of another layout than x's leading dims (same numel: [L, B, k] for x [B, L, d]) is a
+    ValueError naming it, not reshaped to [T, k] with tokens mixed. The kernel's host twin
+    stands in for the GPU launch."""
+    from datalora import nf4_linear
+
+    def host_op(x, data, absmax, nested_absmax, nested_code, offset, shape, blocksize, bias,
+                A, B, ids, gates, rank_scale, scaling, check_values=True):
+        t = nf4.NF4Tensor(data, absmax, torch.Size(shape), x.dtype, blocksize, nested_absmax,
+                          nested_code, offset)
+        return _C_loader.nf4_molora_decode_host(x, t, bias, A, B, ids, gates, rank_scale,
+                                                scaling)
+
+    monkeypatch.setattr(nf4_linear, "_fused_decode_ok", lambda *args: True)
+    monkeypatch.setattr(nf4_linear, "_nf4_molora_decode_op", host_op)
+    x, A, B, ids, gates, _, _ = _lora(6, 64, 16, 3, 4, 2, torch.bfloat16)
+    base = nf4_linear.NF4Linear(nf4.quantize(_weight((16, 64), torch.bfloat16)))
+    x3 = x.view(2, 3, 64)
+    y = nf4_linear.nf4_molora_linear(base, x3, x3, A, B, ids.view(2, 3, 2), gates.view(2, 3, 2))
+    assert y.shape == (2, 3, 16)
+    assert torch.equal(y, nf4_linear.nf4_molora_linear(base, x3, x3, A, B, ids, gates))
+    with pytest.raises(ValueError, match=r"expert_ids: expected leading dims \(2, 3\)"):
+        nf4_linear.nf4_molora_linear(base, x3, x3, A, B, ids.view(3, 2, 2), gates.view(3, 2, 2))
+    with pytest.raises(ValueError, match="expert_ids: expected a 2-D tensor"):
+        nf4_linear.nf4_molora_linear(base, x3, x3, A, B, ids.reshape(-1), gates)
+
+
 def test_small_t_inference_the_fused_decode_skips_warns_once_why(fake_gpu):
     """On a GPU the extension serves, a 1..16-token inference call the decode kernel does
     not take (fp32 x, d_in not a multiple of 32) runs dequantize + GEMM with a one-time
