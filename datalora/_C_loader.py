@@ -94,6 +94,16 @@ def compiled_archs() -> tuple[list[str], list[str]] | None:
 
 @functools.cache
 def _device_reason(index: int) -> str | None:
+    loaded = _load()
+    if getattr(loaded, "device_count", lambda: 1)() == 0:
+        # torch sees the GPU, the extension's own (static) CUDA runtime does not: a driver
+        # older than that runtime, or torch on ROCm; every launch would fail
+        version = loaded.cuda_runtime_version()
+        return (f"datalora._C (CUDA runtime {version // 1000}.{version % 1000 // 10}) sees no "
+                f"CUDA device, while torch sees cuda:{index} (torch CUDA {torch.version.cuda}, "
+                f"HIP {torch.version.hip}): the driver is older than that runtime (a +cu130 "
+                f"wheel needs a CUDA 13 driver) or torch runs on ROCm; install the datalora "
+                f"build for your driver (e.g. +cu128) or build it from source")
     archs = compiled_archs()
     if archs is None:  # nothing recorded: the launch itself is the check, as before
         return None

@@ -169,8 +169,10 @@ def test_default_archs_cover_t4_a100_h100():
 def fake_gpu(monkeypatch):
     """A loaded extension built for sm_80/sm_90 and a GPU whose capability the test sets
     (``fake_gpu["capability"]``); the loader's caches are cleared around it."""
-    state = {"capability": (7, 5), "archs": {"sass": "80;90", "ptx": "90"}}
-    ext = types.SimpleNamespace(compiled_archs=lambda: dict(state["archs"]))
+    state = {"capability": (7, 5), "archs": {"sass": "80;90", "ptx": "90"}, "devices": 1}
+    ext = types.SimpleNamespace(compiled_archs=lambda: dict(state["archs"]),
+                                device_count=lambda: state["devices"],
+                                cuda_runtime_version=lambda: 13000)
     monkeypatch.setattr(_C_loader, "_load", lambda: ext)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: state["capability"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4")
@@ -191,6 +193,20 @@ def test_device_without_a_kernel_image_is_unsupported_with_the_reason(fake_gpu):
     fake_gpu["capability"] = (8, 6)
     assert _C_loader.unsupported_reason(cuda0) is None
     assert "need a CUDA device" in _C_loader.unsupported_reason(torch.device("cpu"))
+
+
+def test_gpu_the_extensions_cuda_runtime_cannot_see_is_unsupported_with_the_reason(fake_gpu):
+    """A +cu130 build under a CUDA 12 driver (or torch on ROCm): torch sees the GPU, the
+    extension's static CUDA runtime sees none, so every launch would fail ('CUDA driver
+    version is insufficient'); the NF4 ops take the torch path and say why instead."""
+    fake_gpu["capability"] = (9, 0)
+    fake_gpu["devices"] = 0
+    reason = _C_loader.unsupported_reason(torch.device("cuda", 0))
+    assert "datalora._C (CUDA runtime 13.0) sees no CUDA device, while torch sees cuda:0" in reason
+    assert "driver is older than that runtime" in reason
+    _C_loader._device_reason.cache_clear()
+    fake_gpu["devices"] = 1
+    assert _C_loader.unsupported_reason(torch.device("cuda", 0)) is None
 
 
 def test_build_without_recorded_archs_is_not_second_guessed(fake_gpu):
