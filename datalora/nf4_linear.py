@@ -35,7 +35,12 @@ from torch.utils.flop_counter import register_flop_formula
 
 from datalora import _C_loader, nf4, ops
 from datalora.nf4 import NF4Tensor
-from datalora.ops.backends import BackendUnavailableError, resolve_backend
+from datalora.ops.backends import (
+    BackendUnavailableError,
+    auto_backend,
+    environment_backend,
+    resolve_backend,
+)
 from datalora.ops.molora import (
     _DOUBLE_BACKWARD,
     _autocast,
@@ -498,17 +503,23 @@ def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scali
 
 
 def _lora_backend(backend: str, x: torch.Tensor) -> str:
-    """The ``datalora.ops`` backend of the LoRA part: ``"cuda"`` names the NF4 extension
-    (the decode kernel and the dequantize), so it must be able to run, and the MoLoRA ops
-    around it run ``"auto"``."""
+    """The ``datalora.ops`` backend of the LoRA part: ``"cuda"`` (or ``"auto"`` with
+    ``DATALORA_BACKEND=cuda``) names the NF4 extension (the decode kernel and the
+    dequantize), so it must be able to run, and the MoLoRA ops around it run the backend
+    ``"auto"`` picks on x's device (not ``DATALORA_BACKEND``'s ``cuda``, which has no
+    MoLoRA ops)."""
+    chosen_by = ""
+    if backend == "auto" and environment_backend() == "cuda":
+        backend, chosen_by = "cuda", " (chosen by DATALORA_BACKEND (environment))"
     if backend != "cuda":
         return backend
     why = (f"device {x.device}" if x.device.type != "cuda"
            else _C_loader.unsupported_reason(x.device))
     if why is not None:
         raise BackendUnavailableError(f"backend 'cuda' (the datalora._C NF4 kernels) needs a "
-                                      f"CUDA device and the built extension; {why}")
-    return "auto"
+                                      f"CUDA device and the built extension; {why}"
+                                      f"{chosen_by}")
+    return auto_backend(x.device.type)
 
 
 def _inference_ok(base: nn.Module, x: torch.Tensor, tensors) -> bool:

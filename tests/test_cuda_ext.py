@@ -266,7 +266,30 @@ def test_nf4_layer_paths_on_a_gpu_the_build_lacks(fake_gpu):
         _lora_backend("cuda", x)
     fake_gpu["capability"] = (9, 0)
     _C_loader._device_reason.cache_clear()
-    assert _lora_backend("cuda", x) == "auto"
+    assert _lora_backend("cuda", x) == "triton"  # what auto picks there
+
+
+def test_nf4_layer_backend_under_datalora_backend_cuda(fake_gpu, monkeypatch):
+    """``DATALORA_BACKEND=cuda`` names the NF4 extension: an NF4 layer's LoRA ops run the
+    backend auto picks (they read the variable too and have no 'cuda' MoLoRA ops, so
+    ``backend="cuda"`` raised there); with ``backend="auto"`` the extension is required as
+    with ``backend="cuda"``, and an error says the variable chose it."""
+    from datalora.nf4_linear import _lora_backend
+    from datalora.ops import BackendUnavailableError, resolve_backend
+
+    monkeypatch.setenv("DATALORA_BACKEND", "cuda")
+    x = types.SimpleNamespace(device=torch.device("cuda", 0))
+    fake_gpu["capability"] = (9, 0)
+    for backend in ("cuda", "auto"):
+        lora = _lora_backend(backend, x)
+        assert lora == "triton" and resolve_backend(lora, x.device) == "triton"
+    assert _lora_backend("torch", x) == "torch"
+    fake_gpu["capability"] = (7, 5)
+    _C_loader._device_reason.cache_clear()
+    with pytest.raises(BackendUnavailableError, match=r"sm_75.*chosen by DATALORA_BACKEND"):
+        _lora_backend("auto", x)
+    with pytest.raises(BackendUnavailableError, match=r"device cpu.*chosen by DATALORA_BACKEND"):
+        _lora_backend("auto", torch.zeros(2, 4))
 
 
 # ----------------------------------------------------------------------------- dequant host

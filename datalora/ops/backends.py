@@ -126,24 +126,40 @@ def _assume_constant_result(fn):
 
 
 @_assume_constant_result
+def environment_backend() -> str:
+    """What ``DATALORA_BACKEND`` names: ``"auto"`` when it is unset or empty."""
+    return os.environ.get("DATALORA_BACKEND", "auto") or "auto"
+
+
+@_assume_constant_result
+def auto_backend(device_type: str) -> str:
+    """The backend ``"auto"`` picks on a device type, ``DATALORA_BACKEND`` aside: torch on
+    the CPU; on a GPU the first of :data:`_GPU_PREFERENCE` that can run there (a fallback
+    warns once, saying why)."""
+    device = torch.device(device_type)
+    if device.type != "cuda":
+        return "torch"
+    reasons = []
+    for name in _GPU_PREFERENCE:
+        reason = unavailable_reason(name, device)
+        if reason is None:
+            if reasons:
+                _warn_once("datalora: falling back to the slower torch backend: "
+                           + "; ".join(reasons))
+            return name
+        reasons.append(reason)
+    raise AssertionError("the torch backend runs everywhere")
+
+
+@_assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     device = torch.device(device_type)
     source = "backend"
     if backend == "auto":
-        backend = os.environ.get("DATALORA_BACKEND", "auto") or "auto"
+        backend = environment_backend()
         source = "DATALORA_BACKEND (environment)" if backend != "auto" else source
     if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        reasons = []
-        for name in _GPU_PREFERENCE:
-            reason = unavailable_reason(name, device)
-            if reason is None:
-                if reasons:
-                    _warn_once("datalora: falling back to the slower torch backend: "
-                               + "; ".join(reasons))
-                return name
-            reasons.append(reason)
+        return auto_backend(device_type)
     if backend not in BACKENDS:
         raise ValueError(f"{source}: expected one of {BACKEND_NAMES}, got {backend!r}")
     reason = unavailable_reason(backend, device)
