@@ -305,10 +305,11 @@ def _decode(x2, t, bias, A, B, expert_ids, gates, rank_scale, scaling, device_ca
         if v is not None and shape is not None and tuple(v.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(v.shape)}")
     E, r, _ = A.shape
-    k = expert_ids.shape[1]
     if tuple(A.shape) != (E, r, K) or tuple(B.shape) != (E, N, r):
         raise ValueError(f"A, B: expected [E, r, {K}] and [E, {N}, r], got {tuple(A.shape)} "
                          f"and {tuple(B.shape)}")
+    # rank 0 adds nothing: the kernel runs the base alone (it takes no rank-0 experts)
+    k = expert_ids.shape[1] if r > 0 else 0
     if bias is not None and bias.device != x2.device:
         raise ValueError(f"bias: expected device {x2.device} (x's), got {bias.device}")
     t = _contig(t)

@@ -353,6 +353,18 @@ def test_decode_host_without_rank_scale_or_bias():
 
 
 @needs_ext
+def test_decode_host_rank_zero_is_the_base_alone():
+    """r = 0 (accepted by ops.molora_delta) adds nothing; the kernel boundary takes no
+    rank-0 experts, so the call runs the base alone instead of raising."""
+    x, _, _, ids, gates, _, bias = _lora(4, 64, 24, 4, 4, 2, torch.float16)
+    A, B = torch.zeros(4, 0, 64, dtype=torch.float16), torch.zeros(4, 24, 0, dtype=torch.float16)
+    t = nf4.quantize(_weight((24, 64), torch.float16))
+    y = _C_loader.nf4_molora_decode_host(x, t, bias, A, B, ids, gates, torch.ones(4, 0), 2.0)
+    ref = _decode_reference(x, t, bias, A, B, ids, gates, None, 2.0)
+    torch.testing.assert_close(y.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@needs_ext
 def test_python_entry_points_name_malformed_arguments():
     """Wrong ranks or types reach the shape unpacking / raw-pointer code only after the
     argument checks: errors name the argument (not "not enough values to unpack")."""
