@@ -321,17 +321,20 @@ def test_dequantize_host_equals_bitsandbytes(shape, blocksize, double_quant, dty
 
 # ----------------------------------------------------------------------------- decode host
 @needs_ext
-@pytest.mark.parametrize("T, K, N, E, r, k", [
-    (1, 64, 40, 4, 8, 2),     # T = 1 decode step
-    (5, 96, 33, 3, 4, 3),     # odd N, k = E (dense mixture)
-    (16, 32, 8, 5, 1, 1),     # max T, r = 1 (SMoRA), prime E
+@pytest.mark.parametrize("T, K, N, E, r, k, blocksize", [
+    (1, 64, 40, 4, 8, 2, 64),     # T = 1 decode step
+    (5, 96, 33, 3, 4, 3, 64),     # odd N, k = E (dense mixture)
+    (16, 32, 8, 5, 1, 1, 64),     # max T, r = 1 (SMoRA), prime E
+    (7, 96, 24, 4, 4, 2, 32),     # blocksize 32
+    (12, 96, 20, 4, 4, 2, 128),   # blocks span rows (K = 96 < 128)
 ])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 2e-2, 2e-2),
                                                (torch.float16, 2e-3, 2e-3)])
-def test_decode_host_matches_reference(T, K, N, E, r, k, double_quant, dtype, atol, rtol):
+def test_decode_host_matches_reference(T, K, N, E, r, k, blocksize, double_quant, dtype, atol,
+                                       rtol):
     x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, dtype)
-    t = nf4.quantize(_weight((N, K), dtype), 64, double_quant)
+    t = nf4.quantize(_weight((N, K), dtype), blocksize, double_quant)
     y = _C_loader.nf4_molora_decode_host(x, t, bias, A, B, ids, gates, rs, 2.0)
     ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
     assert y.dtype == dtype and y.shape == (T, N)
@@ -573,16 +576,19 @@ def test_dequantize_cuda_equals_host(shape, double_quant, dtype):
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("T, K, N, E, r, k", [
-    (1, 4096, 4096, 8, 16, 2),   # decode step at model size
-    (3, 96, 33, 3, 4, 3),        # tiny, odd N, k = E
-    (16, 512, 1000, 8, 8, 2),    # max T
+@pytest.mark.parametrize("T, K, N, E, r, k, blocksize", [
+    (1, 4096, 4096, 8, 16, 2, 64),   # decode step at model size
+    (3, 96, 33, 3, 4, 3, 64),        # tiny, odd N, k = E
+    (16, 512, 1000, 8, 8, 2, 64),    # max T
+    (7, 256, 72, 4, 8, 2, 32),       # the 8-token tile partly filled; blocksize 32
+    (12, 384, 40, 6, 4, 2, 128),     # the 16-token tile partly filled; blocks span rows
+    (9, 4096, 64, 8, 16, 2, 4096),   # one absmax block per row
 ])
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.bfloat16, 3e-2, 2e-2),
                                                (torch.float16, 5e-3, 5e-3)])
-def test_decode_cuda_matches_reference(T, K, N, E, r, k, dtype, atol, rtol):
+def test_decode_cuda_matches_reference(T, K, N, E, r, k, blocksize, dtype, atol, rtol):
     x, A, B, ids, gates, rs, bias = _lora(T, K, N, E, r, k, dtype)
-    t = nf4.quantize(_weight((N, K), dtype), 64, True)
+    t = nf4.quantize(_weight((N, K), dtype), blocksize, True)
     ref = _decode_reference(x, t, bias, A, B, ids, gates, rs, 2.0)
     cuda = [v.cuda() for v in (x, bias, A, B, ids, gates, rs)]
     xd, bd, Ad, Bd, idd, gd, rsd = cuda
