@@ -101,6 +101,26 @@ def test_kernel_strides_and_program_groups(double_quant, dtype, tol, device):
     assert max_err(y, ref) <= 2 * max_err(low, ref) + tol * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype,eps", DTYPES)
+def test_kernel_double_quant_past_one_nested_block(dtype, eps, device):
+    """A 24 x 352 weight of blocksize 32 has 264 absmax blocks: the last 8 take the second
+    nested absmax (one per 256 blocks), which the shapes above (at most 210 blocks) never
+    reach."""
+    T, d_in, d_out, E, r = 3, 352, 24, 2, 4
+    t = _nf4(d_out, d_in, 32, True, device)
+    assert t.nested_absmax.numel() == 2
+    assert not torch.isclose(t.nested_absmax[0], t.nested_absmax[1])
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)  # noqa: E731
+    x, z, B = rnd(T, d_in), rnd(T, E * r), rnd(E, d_out, r)
+    y = torch.full((T, d_out), float("nan"), device=device, dtype=dtype)
+    nfl.nf4_fused_linear(x, t, nf4.NF4_CODE.to(device), None, z, B, E, r, y)
+    W = nf4.dequantize(t, torch.float32)
+    ref = x.double() @ W.double().T + z.double() @ _b_all(B).double().T
+    low = x @ W.to(dtype).T + z @ _b_all(B).T
+    assert_close_calibrated("y", y, low, ref, eps)
+
+
 def test_block_k_over_blocksize_is_rejected(device):
     t = _nf4(8, 64, 32, False, device)
     x, z, B = (torch.zeros(2, 64, device=device), torch.zeros(2, 4, device=device),
