@@ -206,6 +206,16 @@ def test_permutation_is_shared_until_ids_change(device):
     assert tb.permutation(ids, 6) is not p1
 
 
+def test_permutation_cache_is_keyed_by_the_expert_count(device):
+    """The same ids tensor sorted for another number of experts gets that count's
+    segments, not the cached sort's (whose bounds would end at the old count)."""
+    ids = torch.randint(0, 4, (20, 2), device=device)
+    p4 = tb.permutation(ids, 4)
+    p6 = tb.permutation(ids, 6)
+    assert p4.expert_offsets.numel() == 5
+    assert torch.equal(p6.expert_offsets, sort_routes(ids, 6).expert_offsets)
+
+
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_backward_sorts_an_uncached_routing_once(strategy, device, monkeypatch):
@@ -367,6 +377,11 @@ def test_int32_column_offsets_guard():
     assert int32_columns(wide).is_contiguous()
     small = torch.randn(64, 48).t()
     assert int32_columns(small) is small
+    # the last column offset at exactly 2**31 no longer fits int32; 2**31 - 1 still does
+    edge = torch.empty_strided((2, 3), (1, 2**30), device="meta")
+    assert int32_columns(edge).is_contiguous()
+    fits = torch.empty_strided((2, 2), (1, 2**31 - 1), device="meta")
+    assert int32_columns(fits) is fits
 
 
 @pytest.mark.parametrize("x_requires_grad", [False, True])
