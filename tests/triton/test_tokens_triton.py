@@ -78,6 +78,22 @@ def test_non_contiguous_and_bypass_rows(device):
     assert torch.equal(out[pruned], hidden[pruned])  # bypass rows pass through bit-exact
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+def test_non_finite_pruned_rows_pass_through(weighted, device):
+    """A pruned row holding inf / NaN comes out as it went in (0 * inf would turn it into
+    NaN), and does not touch the kept rows."""
+    hidden = torch.randn(2, 6, 8, device=device)
+    hidden[0, 1, 2], hidden[1, 4, :] = float("inf"), float("nan")
+    keep = torch.tensor([[0, 3], [5, 2]], device=device)
+    packed = torch.randn(2, 2, 8, device=device)
+    weight = torch.rand(2, 2, device=device) + 0.5 if weighted else None
+    out = tb.scatter_tokens(hidden, packed, keep, weight)
+    want = scatter_tokens_reference(hidden, packed, keep, weight)
+    torch.testing.assert_close(out, want, equal_nan=True)
+    assert out[0, 1, 2] == float("inf") and torch.isnan(out[1, 4]).all()
+    assert torch.isfinite(out[0, [0, 3]]).all() and torch.isfinite(out[1, [5, 2]]).all()
+
+
 def test_out_of_range_keep_idx_is_clamped(device):
     hidden = torch.randn(1, 6, 8, device=device)
     keep = torch.tensor([[-4, 99, 2**32 + 1]], device=device)  # the last wraps in int32
