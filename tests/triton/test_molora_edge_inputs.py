@@ -82,3 +82,25 @@ def test_forward_and_grads(case, strategy, device, monkeypatch):
             continue
         assert got.dtype == base.dtype, name
         assert_close_calibrated(name, got, base, ref, eps)
+
+
+def test_experts_past_the_default_pad_are_computed(device):
+    """E = 70 > the block map's default pad of 64, every route on an expert >= 64 (the
+    random routing of the E = 65 case above can miss expert 64 altogether): the grouped
+    kernels must reach those experts, forward and backward."""
+    from datalora.ops import torch_backend
+    from datalora.ops import triton_backend as tb
+
+    T, d_in, d_out, E, r, k = 6, 8, 5, 70, 2, 2
+    x, A, B, _, g, rs = make_inputs(T, d_in, d_out, E, r, k, torch.float32, device)
+    ids = torch.tensor([[64, 69], [65, 66], [69, 67], [68, 64], [66, 65], [67, 68]],
+                       device=device)
+    got, h = tb.delta_forward(x, A, B, ids, g, rs, 0.5, strategy="grouped")
+    want, h_want = torch_backend.delta_forward(x, A, B, ids, g, rs, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(got)
+    grads = tb.delta_backward(gy, x, A, B, ids, g, rs, h, 0.5, ALL, strategy="grouped")
+    wants = torch_backend.delta_backward(gy, x, A, B, ids, g, rs, h_want, 0.5, ALL)
+    for name, a, b in zip(NAMES, grads, wants, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
