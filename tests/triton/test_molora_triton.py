@@ -130,6 +130,26 @@ def test_grouped_expand_in_column_and_token_chunks(budget, device, monkeypatch):
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_expand_token_chunks_add_into_the_output(device, monkeypatch):
+    """In token chunks the grouped expand still adds into an existing output: the base
+    GEMM's y of ``linear_forward`` and the ``dx_out`` of ``delta_backward`` (a budget of
+    4 tokens per chunk: chunks of 4, 4 and 1 of the 9 tokens)."""
+    monkeypatch.setattr(tb, "PARTIAL_BUDGET_BYTES", 4 * 3 * 128 * 4)
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")
+    x, A, B, ids, g, rs = make_inputs(9, 40, 36, 4, 4, 3, torch.float32, device)
+    W = torch.randn(36, 40, generator=torch.Generator().manual_seed(3)).to(device) / 40 ** 0.5
+    y, h = tb.linear_forward(x, W, None, A, B, ids, g, rs, 2.0)
+    y_t, h_t = torch_backend.linear_forward(x, W, None, A, B, ids, g, rs, 2.0)
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    needs = (True, False, False, False, False)
+    dx = tb.delta_backward(gy, x, A, B, ids, g, rs, h, 2.0, needs, dx_out=gy @ W,
+                           strategy="grouped")[0]
+    want = torch_backend.delta_backward(gy, x, A, B, ids, g, rs, h_t, 2.0, needs,
+                                        dx_out=gy @ W)[0]
+    torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_contiguous_inputs(strategy, device, monkeypatch):
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
