@@ -101,6 +101,18 @@ def test_out_of_range_keep_idx_is_clamped(device):
     torch.testing.assert_close(got, hidden[:, [0, 5, 5]])
 
 
+def test_out_of_range_keep_idx_is_clamped_in_scatter(device):
+    """Unchecked out-of-range positions act as the clamped ones in scatter too (the inverse
+    map is built with the clamped ids), never an index error or a write out of bounds."""
+    hidden = torch.randn(1, 6, 8, device=device)
+    packed = torch.randn(1, 3, 8, device=device)
+    weight = torch.rand(1, 3, device=device) + 0.5
+    keep = torch.tensor([[-4, 2, 99]], device=device)
+    got = tb.scatter_tokens(hidden, packed, keep, weight)
+    want = scatter_tokens_reference(hidden, packed, keep.clamp(0, 5), weight)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gather_backward_sums_a_repeated_position(backend, device):
     """A position gathered twice gets both rows' gradients (a scatter would keep one)."""
