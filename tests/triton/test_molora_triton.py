@@ -150,6 +150,17 @@ def test_grouped_expand_token_chunks_add_into_the_output(device, monkeypatch):
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_expand_over_a_partial_second_column_tile(k, device):
+    """d_out = 100: the grouped expand's 64-wide output tiles end in a partial one (every
+    shape above has d_out < 64 on the grouped path); k = 1 writes y in-kernel, k = 2 goes
+    through the per-route buffer."""
+    x, A, B, ids, g, rs = make_inputs(10, 16, 100, 6, 4, k, torch.float32, device)
+    got, _ = tb.delta_forward(x, A, B, ids, g, rs, 0.5, strategy="grouped")
+    want, _ = torch_backend.delta_forward(x, A, B, ids, g, rs, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_contiguous_inputs(strategy, device, monkeypatch):
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
