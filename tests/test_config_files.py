@@ -16,6 +16,26 @@ def test_yaml_scientific_notation_reads_as_numbers(tmp_path):
     cfg.write_text("lambda_prune: 1e-1\ntraining:\n  learning_rate: 1e-4\n")
     config, training = load_train_config(cfg)
     assert config.lambda_prune == 0.1 and training["learning_rate"] == 1e-4
+    cfg.write_text("lora_alpha: 1e2\nlambda_prune: 5E+1\n")  # an unsigned exponent too
+    config = DATALORAConfig.from_file(cfg)
+    assert (config.lora_alpha, config.lambda_prune) == (100.0, 50.0)
+    # a JSON string (or a quoted YAML one): the error says how to write the number
+    with pytest.raises(ValueError, match=r"^lambda_prune: expected a finite number, got "
+                                         r"'1e-4' \(YAML 1\.1 reads 1e-4 as a string: write "
+                                         r"1\.0e-4\)"):
+        DATALORAConfig(lambda_prune="1e-4")
+
+
+def test_an_empty_yaml_config_file_gives_the_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# nothing set yet\n")
+    assert DATALORAConfig.from_file(cfg) == DATALORAConfig()
+    assert load_train_config(cfg)[0].num_lora_experts == 8
+
+
+def test_scaling_is_alpha_over_rank():
+    assert DATALORAConfig(lora_alpha=32, lora_rank=16).scaling == 2.0
+    assert DATALORAConfig(lora_alpha=8, lora_rank=16).scaling == 0.5
 
 
 @pytest.mark.parametrize("name", ["c.YAML", "c.Yml"])
@@ -193,3 +213,31 @@ def test_from_dict_is_annotated_to_take_any_mapping():
     hint = typing.get_type_hints(DATALORAConfig.from_dict)["data"]
     assert typing.get_origin(hint) is Mapping
     assert DATALORAConfig.from_dict(MappingProxyType({"lora_rank": 4})).lora_rank == 4
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(lora_alpha=0), r"^lora_alpha: expected > 0, got 0"),  # scaling 0: a no-op adapter
+    (dict(target_retention=1.5), r"^target_retention: expected a value in \(0, 1\]"),
+    (dict(lora_dropout=1.0), r"^lora_dropout: expected a value in \[0, 1\), got 1.0"),
+    (dict(temperature_init=0.0), r"^temperature_init: expected > 0, got 0.0"),
+    (dict(temperature_final=0.0), r"^temperature_final: expected > 0, got 0.0"),
+    (dict(prune_layers=[2, 2]), r"^prune_layers: expected \[start, end\) with 0 <= start < "
+                                r"end, got \[2, 2\]"),  # an empty range
+    (dict(prune_layers=[-1, 2]), r"^prune_layers\[0\]: expected an int >= 0"),
+    (dict(num_lora_experts=2, num_active_experts=3), r"^num_active_experts: expected <= "
+                                                     r"num_lora_experts=2, got 3"),
+])
+def test_config_edges_that_are_refused(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        DATALORAConfig(**kwargs)
+
+
+def test_config_edges_that_are_valid_settings():
+    """The closed ends of each range are accepted: weight 0 turns an aux loss off, k = E
+    routes every token to every expert, retention 1 prunes nothing, equal temperatures
+    keep tau constant, a one-layer prune range starts at layer 0."""
+    cfg = DATALORAConfig(lambda_prune=0.0, alpha_balance=0.0, num_lora_experts=2,
+                         num_active_experts=2, target_retention=1.0, lora_dropout=0.0,
+                         temperature_init=0.5, temperature_final=0.5, prune_layers=[0, 1])
+    assert (cfg.lambda_prune, cfg.alpha_balance, cfg.num_active_experts,
+            cfg.target_retention, cfg.prune_layers) == (0.0, 0.0, 2, 1.0, [0, 1])
