@@ -716,3 +716,92 @@ def test_a_datalora_config_that_does_not_define_the_model_is_refused(tmp_path):
     # 'auto' routing (as the model was built from) and training settings are accepted
     ok = dataclasses.replace(model.datalora_config, routing="auto", lambda_prune=0.5)
     assert make_trainer(tmp_path, model, datalora_config=ok).datalora_config is ok
+
+
+def test_logged_metrics_are_means_over_the_real_tokens_of_the_step(tmp_path):
+    """A 1-step run (hardening, retention 0.5): the logged retention, keep_prob_mean,
+    rank_scale_mean, expert load and per-task expert load are those of the step's forward
+    over its real tokens only (PatternData pads up to 3 of 16 positions); a task id
+    outside ``task_names`` is named by its id, not wrapped around to the last name."""
+    from transformers import TrainerCallback
+
+    from datalora.curriculum import CurriculumScheduler
+
+    model = tiny_datalora()
+    data = PatternData(n=8, seed=3)
+    for row in data.rows[:2]:
+        row["task_ids"] = torch.tensor(-1)  # a task the collator did not know
+    trainer = make_trainer(tmp_path, model, steps=1, calibrate_batches=0,
+                           curriculum=CurriculumScheduler(5.0, 0.5, 0.5, [0.0, 0.0, 1.0]))
+    trainer.train_dataset = data
+    trainer.args.logging_steps = 1
+    batches, records = [], []
+    trainer.data_collator = lambda rows: batches.append(collate(rows)) or batches[-1]
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            records.append(model.runtime.last)
+    trainer.add_callback(Spy())
+    trainer.train()
+    [rec] = records
+    [log] = [h for h in trainer.state.log_history if "loss" in h]
+    valid = rec.valid.reshape(-1)
+    assert not bool(valid.all())  # the batch holds padding
+    rank_scale = rec.routing.rank_scale.float()[valid]
+    want = {"retention": float(rec.kept.reshape(-1)[valid].float().mean()),
+            "keep_prob_mean": float(rec.keep_prob.detach().reshape(-1)[valid].float().mean()),
+            "rank_scale_mean": float(rank_scale.mean())}
+    assert want["retention"] < 0.9 and want["rank_scale_mean"] < 1.0  # pruned, scaled
+    for key, value in want.items():
+        assert log[key] == pytest.approx(value, abs=2e-6), key
+    ids = rec.routing.expert_ids.long().reshape(valid.shape[0], -1)[valid]  # [real, k]
+    counts = torch.bincount(ids.reshape(-1), minlength=4).float()
+    load = [log[f"expert_load_e{i}"] for i in range(4)]
+    assert load == pytest.approx((counts / counts.sum()).tolist(), abs=2e-6)
+    # per task: the routes of its sequences' real tokens, as fractions
+    seq_valid = rec.valid  # [B, L]
+    per_seq = rec.routing.expert_ids.long().reshape(*seq_valid.shape, -1)
+    tasks = batches[0]["task_ids"]  # the sampler shuffles the rows
+    assert (tasks == -1).sum() == 2
+    task_load = trainer.datalora_history[-1]["task_expert_load"]
+    names = {-1: "-1", 0: "a", 1: "b", 2: "c", 3: "d"}
+    assert set(task_load) == {names[int(t)] for t in tasks.unique()}
+    for t in tasks.unique().tolist():
+        routes = per_seq[tasks == t][seq_valid[tasks == t]].reshape(-1)
+        c = torch.bincount(routes, minlength=4).float()
+        assert task_load[names[t]] == pytest.approx((c / c.sum()).tolist(), abs=1e-6), t
+
+
+def test_training_loss_adds_the_weighted_aux_losses(tmp_path):
+    """compute_loss in training: LM loss + lambda_prune * L_retention (0 while dense) +
+    alpha_balance * L_balance, the aux part divided by the accumulation steps exactly when
+    the Trainer takes the loss as already divided; evaluation returns the LM loss alone."""
+    import dataclasses
+
+    model = tiny_datalora()
+    cfg = dataclasses.replace(model.datalora_config, lambda_prune=0.7, alpha_balance=0.3)
+    trainer = make_trainer(tmp_path, model, steps=1, calibrate_batches=0, datalora_config=cfg)
+    batch = collate([PatternData()[i] for i in range(8)])
+    model.train()
+    trainer.model_accepts_loss_kwargs, trainer.compute_loss_func = False, None
+    for retention, lam in ((1.0, 0.0), (0.5, 0.7)):  # dense (warmup): no retention term
+        model.set_curriculum_state(tau=1.0, retention=retention, hard=True)
+        torch.manual_seed(0)
+        total, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        aux = model.aux_losses()
+        assert aux["retention_loss"] > 0 and aux["balance_loss"] > 0
+        want = out.loss + lam * aux["retention_loss"] + 0.3 * aux["balance_loss"]
+        assert torch.allclose(total, want, rtol=1e-6, atol=1e-7), retention
+        # a loss the Trainer takes as divided for 4 accumulation steps: aux / 4 too
+        trainer.current_gradient_accumulation_steps = 4
+        trainer.loss_is_scaled_for_ga = True
+        torch.manual_seed(0)
+        total, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        want = out.loss + (lam * aux["retention_loss"] + 0.3 * aux["balance_loss"]) / 4
+        assert torch.allclose(total, want, rtol=1e-6, atol=1e-7), retention
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.loss_is_scaled_for_ga = None
+    model.eval()
+    with torch.no_grad():
+        batch.pop("task_ids")
+        assert torch.equal(trainer.compute_loss(model, dict(batch)), model(**batch).loss)
