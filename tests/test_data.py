@@ -653,3 +653,12 @@ def test_tokenize_rows_batches_equal_one_text_at_a_time(tokenizer, monkeypatch):
                                               tokenizer))
         assert item == {**want, "task": row["task"]}
     assert data.tokenize_rows([], tokenizer, 40) == ([], data.TokenizeStats())
+
+
+def test_pad_to_multiple_of_rounds_up_only_when_needed():
+    collate = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=4)
+    batch = collate([{"input_ids": [1, 2, 3, 4]}, {"input_ids": [5]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]  # 4: no extra block
+    assert batch["labels"].tolist() == [[1, 2, 3, 4], [5] + [IGNORE_INDEX] * 3]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert collate([{"input_ids": [1] * 5}])["input_ids"].shape == (1, 8)
