@@ -241,3 +241,12 @@ def test_config_edges_that_are_valid_settings():
                          temperature_init=0.5, temperature_final=0.5, prune_layers=[0, 1])
     assert (cfg.lambda_prune, cfg.alpha_balance, cfg.num_active_experts,
             cfg.target_retention, cfg.prune_layers) == (0.0, 0.0, 2, 1.0, [0, 1])
+
+
+def test_command_line_values_override_the_config_file_even_when_zero(tmp_path, monkeypatch):
+    """``--seed 0`` is a value like any other: it overrides the config file's seed."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  seed: 3\n  max_steps: 7\n")
+    assert _captured_run(monkeypatch, ["--config", str(cfg)])[1]["seed"] == 3
+    training = _captured_run(monkeypatch, ["--config", str(cfg), "--seed", "0"])[1]
+    assert (training["seed"], training["max_steps"]) == (0, 7)

@@ -345,6 +345,7 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "bf16": "false"}, ValueError,
              r"bf16: expected true or false, got 'false'"),
             ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
+            ({"dataset": good, "epochs": 0}, ValueError, r"^epochs: expected"),
             ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
             ({"dataset": good, "curriculum_mode": "linear"}, ValueError,
              r"curriculum_mode: expected 'steps' or 'epochs', got 'linear'"),
@@ -816,3 +817,72 @@ def test_evidence_scripts_check_out_and_tune_keeps_before_the_runs(tmp_path, mon
     assert exc.value.code == 2
     assert "argument --tune-keeps: expected SAMPLE:TOKEN keep fractions such as 0.5:0.75, " \
            "got '0.5'" in capsys.readouterr().err
+
+
+def test_evaluate_loss_is_the_token_mean_of_the_models_own_loss(tokenizer):
+    """evaluate_loss: next-token cross-entropy over the response tokens of all rows (a
+    partial last batch included), the model's own shifted loss per row, weighted by each
+    row's label count; the model's curriculum state and mode come back afterwards."""
+    from datalora import DATALORAConfig, get_datalora_model
+    from datalora.data import CausalLMCollator
+    from datalora.testing import build_tiny_model
+    from datalora.train import DEFAULT_TINY_CONFIG, evaluate_loss
+
+    torch.manual_seed(0)
+    model = get_datalora_model(build_tiny_model(), DATALORAConfig(**DEFAULT_TINY_CONFIG),
+                               verbose=False)
+    with torch.no_grad():  # a non-zero adapter: B starts at zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    model.set_curriculum_state(tau=2.0, retention=0.5, hard=True)
+    model.train()
+    rows = [_row(i) for i in (3, 17, 250)] + [{**_row(9), "response": "many words " * 3}]
+    got = evaluate_loss(model, rows, tokenizer, max_length=48, batch_size=3, retention=1.0)
+    assert model.curriculum_state() == {"tau": 2.0, "retention": 0.5, "hard": True}
+    assert model.training
+    model.eval()
+    model.set_curriculum_state(retention=1.0)
+    total = count = 0
+    with torch.no_grad():
+        for row in rows:
+            batch = CausalLMCollator(tokenizer=tokenizer)([tokenize_example(row, tokenizer, 48)])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_summarize_phases_per_phase_means_and_ranges():
+    from datalora.train import summarize_phases
+
+    def rec(phase, lm, ret, tau, target=0.5, rank=1.0):
+        return {"phase": phase, "lm_loss": lm, "retention": ret, "tau": tau,
+                "retention_target": target, "rank_scale_mean": rank}
+
+    history = [rec("warmup", 4.0, 1.0, 5.0, 1.0), rec("warmup", 3.0, 1.0, 5.0, 1.0),
+               rec("sparsification", 2.5, 0.8, 4.0, 0.75, 0.9),
+               rec("sparsification", 2.0, 0.6, 2.0, 0.5, 0.7),
+               rec("sparsification", 1.5, 0.55, 1.0, 0.5, 0.5)]
+    summary = summarize_phases(history)
+    assert list(summary) == ["warmup", "sparsification"]  # no hardening logged
+    assert summary["warmup"] == {"logs": 2, "loss_first": 4.0, "loss_last": 3.0,
+                                 "loss_mean": 3.5, "retention_mean": 1.0,
+                                 "retention_target_last": 1.0, "tau_first": 5.0,
+                                 "tau_last": 5.0, "rank_scale_mean": 1.0}
+    s = summary["sparsification"]
+    assert (s["logs"], s["loss_first"], s["loss_last"], s["tau_first"], s["tau_last"],
+            s["retention_target_last"]) == (3, 2.5, 1.5, 4.0, 1.0, 0.5)
+    assert s["loss_mean"] == pytest.approx(2.0) and s["retention_mean"] == pytest.approx(0.65)
+    assert s["rank_scale_mean"] == pytest.approx(0.7)
+
+
+def test_train_json_summary_is_strict_json_without_a_calibrated_threshold():
+    from datalora.train import TrainResult, summary_dict
+
+    result = TrainResult([], [], {"warmup": {"loss_first": float("nan"), "logs": 1}}, "out",
+                         keep_threshold=float("nan"), metrics={"eval_loss_dense": float("inf")})
+    text = json.dumps(summary_dict(result), allow_nan=False)  # NaN is not JSON
+    assert json.loads(text) == {"phases": {"warmup": {"loss_first": None, "logs": 1}},
+                                "metrics": {"eval_loss_dense": None},
+                                "keep_threshold": None, "output_dir": "out"}
