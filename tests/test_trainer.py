@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,9 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
         orig_load(path, model)
         loaded.update(adapter(resumed.datalora_model))
     resumed._load_from_checkpoint = spy
-    resumed.train(resume_from_checkpoint=str(ckpt))
+    with warnings.catch_warnings():  # the same schedule: no "continuing the checkpoint's"
+        warnings.filterwarnings("error", message="resume_from_checkpoint: continuing")
+        resumed.train(resume_from_checkpoint=str(ckpt))
     from datalora.io import load_tensors
     on_disk = load_tensors(ckpt / "adapter_model.safetensors")
     for k, v in on_disk.items():
@@ -805,3 +808,55 @@ def test_training_loss_adds_the_weighted_aux_losses(tmp_path):
     with torch.no_grad():
         batch.pop("task_ids")
         assert torch.equal(trainer.compute_loss(model, dict(batch)), model(**batch).loss)
+
+
+def test_epochs_curriculum_counts_a_partial_accumulation_as_a_step(tmp_path):
+    """8 batches an epoch with gradient_accumulation_steps=3 are 3 optimizer steps (the
+    last accumulates 2 batches), as the Trainer counts them: max_steps=2 is 2/3 epoch."""
+    from datalora.curriculum import CurriculumScheduler
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+        gradient_accumulation_steps=3, learning_rate=3e-2, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0)
+    curriculum = CurriculumScheduler(mode="epochs")
+    trainer = DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=PatternData(),
+                              data_collator=collate, calibrate_batches=0,
+                              curriculum=curriculum)
+    trainer.train()
+    assert curriculum.num_epochs == pytest.approx(2 / 3)
+
+
+def test_calibration_reads_max_batches_batches(tmp_path):
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=1, calibrate_batches=0)
+    calls = []
+    trainer.datalora_model.register_forward_hook(lambda *a: calls.append(1))
+    trainer.calibrate_keep_threshold(max_batches=2)
+    assert len(calls) == 2
+    calls.clear()
+    trainer.calibrate_keep_threshold()  # calibrate_batches=0 skips the end of training only
+    assert len(calls) == 4
+
+
+def test_a_folder_saved_again_keeps_no_stale_pending_metrics(tmp_path):
+    """A save with steps since the last log writes their metric sums; saving the same
+    folder again after a log must remove them, or a resume from it restores stale sums."""
+    from transformers import TrainerCallback
+
+    from datalora.trainer import PENDING_NAME
+
+    out = tmp_path / "saved"
+    trainer = make_trainer(tmp_path / "run", tiny_datalora(), steps=4, calibrate_batches=0)
+    seen = []
+
+    class SaveAtStep3(TrainerCallback):  # logging_steps=2: step 3 is not logged yet
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                trainer.save_model(str(out))
+                seen.append(json.loads((out / PENDING_NAME).read_text())["count"])
+    trainer.add_callback(SaveAtStep3())
+    trainer.train()
+    assert seen == [1]
+    trainer.save_model(str(out))  # after the log of step 4: nothing pending
+    assert not (out / PENDING_NAME).exists()
