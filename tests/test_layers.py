@@ -593,6 +593,24 @@ def test_fp16_overflow_in_an_unrouted_expert_does_not_poison_routed_tokens():
     assert torch.isfinite(B.grad).all() and torch.isfinite(A.grad[:3]).all()
 
 
+def test_fp16_overflow_in_an_unrouted_expert_stays_out_under_torch_func():
+    """The plain-torch math that torch.func transforms run masks the unrouted expert's
+    overflowing columns like the backend does (inf * 0 would be NaN in every output)."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, dtype=torch.float16)
+    A = torch.randn(4, 2, 8, dtype=torch.float16)
+    A[3] = 3e4  # expert 3: H overflows fp16, but no token routes to it
+    B = torch.randn(4, 6, 2, dtype=torch.float16)
+    ids, gates = torch.randint(0, 3, (16, 2)), torch.rand(16, 2, dtype=torch.float16)
+    out = vmap(lambda x, i, g: ops.molora_delta(x, A, B, i, g, backend="torch"))(
+        x[:, None], ids[:, None], gates[:, None])[:, 0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ops.molora_delta(x, A, B, ids, gates, backend="torch"),
+                               atol=2e-2, rtol=2e-2)
+
+
 def test_router_hooks_and_parametrizations_apply():
     """The per-layer router runs as a module when it is not a bare linear: its hooks fire,
     an old-style weight_norm's recomputed weight is used."""
