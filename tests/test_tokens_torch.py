@@ -23,6 +23,15 @@ def test_gather_hand_case():
     assert packed.tolist() == [[[9.0, 10.0, 11.0], [3.0, 4.0, 5.0]]]
 
 
+def test_gather_of_a_repeated_position_sums_both_gradients():
+    """gather accepts a position twice (only scatter needs distinct ones): the backward
+    adds both packed rows' gradients into that hidden row."""
+    hidden = torch.zeros(1, 4, 2, requires_grad=True)
+    packed = ops.gather_tokens(hidden, torch.tensor([[2, 0, 2]]))
+    packed.backward(torch.tensor([[[1.0, 2.0], [3.0, 4.0], [10.0, 20.0]]]))
+    assert hidden.grad.tolist() == [[[3.0, 4.0], [0.0, 0.0], [11.0, 22.0], [0.0, 0.0]]]
+
+
 def test_scatter_hand_case():
     hidden = torch.zeros(1, 3, 2)
     packed = torch.ones(1, 1, 2) * 4
