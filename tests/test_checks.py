@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datalora import layers
-from datalora.checks import check_finite, check_int, check_number
+from datalora.checks import check_finite, check_fractions, check_int, check_number
 
 
 @pytest.mark.parametrize("value", [0, 7, -3, 10**20, np.int64(5), np.int32(-1), np.uint8(3)])
@@ -93,6 +93,13 @@ def test_check_number_bounds():
         check_number("p", 1, high=1, high_inclusive=False)
     with pytest.raises(ValueError, match=r"^p: expected a finite number <= 1, got 1\.5$"):
         check_number("p", 1.5, high=1)
+
+
+def test_check_fractions_allows_rounding_only():
+    assert check_fractions("split", (0.1, 0.2, 0.7)) == [0.1, 0.2, 0.7]  # sums to 1 - 1e-16
+    for off in ([0.3, 0.3, 0.41], [0.25, 0.25, 0.499]):  # sums 1.01, 0.999
+        with pytest.raises(ValueError, match="split: expected 3 non-negative fractions"):
+            check_fractions("split", off)
 
 
 def test_layers_reexports_check_finite():
