@@ -82,6 +82,16 @@ def test_unchecked_out_of_range_positions_are_clamped(dtype):
                                scatter_tokens_reference(hidden, packed, clamped), rtol=0, atol=0)
 
 
+def test_unchecked_out_of_range_positions_are_clamped_in_the_backward():
+    # the gather's backward (a scatter-add) clamps the positions as the forward does
+    hidden = torch.randn(2, 6, 4, requires_grad=True)
+    bad, clamped = torch.tensor([[9, -1], [1, 2**32 + 1]]), torch.tensor([[5, 0], [1, 5]])
+    grad = torch.randn(2, 2, 4)
+    ops.gather_tokens(hidden, bad, check_values=False).backward(grad)
+    want = torch.zeros(2, 6, 4).scatter_add_(1, clamped[..., None].expand(-1, -1, 4), grad)
+    torch.testing.assert_close(hidden.grad, want, rtol=0, atol=0)
+
+
 def test_pruned_rows_pass_through_exactly():
     hidden, keep, packed, weight = make(dtype=torch.float32)
     out = ops.scatter_tokens(hidden, packed, keep, weight)
