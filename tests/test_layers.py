@@ -455,6 +455,12 @@ def test_routing_fields_shapes_and_identity():
                 call(num_experts)
 
 
+def test_expert_load_is_the_fraction_of_routes():
+    # 6 routes (T = 3, k = 2) over 4 experts: counts 3, 1, 2, 0
+    routing = Routing(torch.tensor([[0, 1], [2, 0], [0, 2]]), torch.ones(3, 2))
+    torch.testing.assert_close(routing.expert_load(4), torch.tensor([3, 1, 2, 0]) / 6)
+
+
 def test_meta_device_materialisation_gives_the_documented_init():
     """torch's recipe: build on ``meta``, ``to_empty()``, then ``reset_parameters()`` on
     every module that has one (FSDP, torchtitan): B zeros (the layer equals its base),
