@@ -118,6 +118,8 @@ def test_token_op_validation():
         ops.gather_tokens(hidden, torch.tensor([[0, 6], [1, 2]]))
     with pytest.raises(ValueError, match="keep_idx: expected shape"):
         ops.gather_tokens(hidden, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keep_idx: expected shape \[B=2, K<=6\], got \(2, 7\)"):
+        ops.gather_tokens(hidden, torch.zeros(2, 7, dtype=torch.long))  # more kept than L
     with pytest.raises(ValueError, match="packed: expected shape"):
         ops.scatter_tokens(hidden, torch.randn(2, 3, 4), torch.tensor([[0, 1], [1, 2]]))
     with pytest.raises(ValueError, match="keep_idx: expected distinct positions"):
