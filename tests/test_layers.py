@@ -157,6 +157,36 @@ def test_dropout_path_and_dtype_cast():
     assert layer.lora_A.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("base", ["plain", "hooked", "nf4"])
+def test_dropout_reaches_the_lora_input_in_training_only(base):
+    """In training the delta sees dropout(x) (same RNG draw as F.dropout), the base the
+    clean x; in eval no dropout at all: on the fused, the module-base and the NF4 paths."""
+    torch.manual_seed(0)
+    kwargs = dict(quantize="nf4") if base == "nf4" else {}
+    layer = MoLoRALinear(_hooked("forward_hook") if base == "hooked" else nn.Linear(16, 12),
+                         4, 3, 6, 2, dropout=0.5, **kwargs)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 16)
+    routing = Routing(torch.randint(0, 4, (7, 2)), torch.rand(7, 2))
+    with torch.no_grad():
+        layer.adapter_enabled = False
+        base_y = layer(x)
+        layer.adapter_enabled = True
+
+        def delta(lora_x):
+            return ops.molora_delta(lora_x, layer.lora_A, layer.lora_B, routing.expert_ids,
+                                    routing.gates, scaling=layer.scaling, backend="torch")
+
+        layer.train()
+        torch.manual_seed(1)
+        y = layer(x, routing)
+        torch.manual_seed(1)
+        want = delta(torch.nn.functional.dropout(x, 0.5, training=True))
+        torch.testing.assert_close(y - base_y, want, atol=1e-4, rtol=1e-4)
+        layer.eval()
+        torch.testing.assert_close(layer(x, routing) - base_y, delta(x), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(top_k=5), "top_k: expected <= num_experts=4"),
     (dict(rank=0), "rank: expected an int >= 1, got 0"),
