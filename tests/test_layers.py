@@ -336,6 +336,22 @@ def test_torch_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_autocast_leaves_float64_ops_in_float64(fused):
+    # as F.linear: float64 is not autocast-eligible, so the result stays exact float64
+    torch.manual_seed(0)
+    x, W, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), None
+    A, B = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+    ids, gates = torch.randint(0, 3, (5, 2)), torch.rand(5, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = (ops.molora_linear(x, W, b, A, B, ids, gates, scaling=0.5) if fused
+             else ops.molora_delta(x, A, B, ids, gates, scaling=0.5))
+    want = molora_delta_reference(x, A, B, ids, gates, None, 0.5)
+    want = x @ W.T + want if fused else want
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
+
+
 def test_autocast_bf16_forward_backward_with_fp32_weights():
     base, layer = make_layer()
     nn.init.normal_(layer.lora_B)
