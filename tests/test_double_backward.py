@@ -91,3 +91,20 @@ def test_first_order_backward_is_unchanged_by_grad_mode_outside():
     for t, r in zip((x, A, B), ref, strict=True):
         torch.testing.assert_close(t.grad, r.grad)
         assert t.grad.grad_fn is None
+
+
+def test_gradient_penalty_on_the_weight_when_x_needs_no_gradient():
+    """A weight that requires grad with an x that does not (the weight is still needed to
+    differentiate its own gradient again)."""
+    torch.manual_seed(3)
+    x, ids, gates = torch.randn(5, 6), torch.randint(0, 3, (5, 2)), torch.rand(5, 2)
+    W, A = torch.randn(4, 6, requires_grad=True), torch.randn(3, 2, 6, requires_grad=True)
+    B = torch.randn(3, 4, 2)
+
+    def penalty(linear):
+        (dW,) = torch.autograd.grad(linear(x, W, None, A, B, ids, gates).sin().sum(), W,
+                                    create_graph=True)
+        return torch.autograd.grad(dW.pow(2).sum(), [W, A])
+
+    for g, w in zip(penalty(ops.molora_linear), penalty(molora_linear_reference), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
