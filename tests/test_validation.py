@@ -20,6 +20,7 @@ CASES = [  # (argument to break, replacement, error type, message fragment)
     ("B", torch.randn(4, 5, 2), ValueError, "B: expected shape [E=4, d_out, r=3]"),
     ("B", torch.randn(3, 5, 3), ValueError, "B: expected shape [E=4, d_out, r=3]"),
     ("A", torch.randn(4, 3, 8, dtype=torch.float64), ValueError, "A: expected dtype"),
+    ("B", torch.randn(4, 5, 3, dtype=torch.float64), ValueError, "B: expected dtype"),
     ("x", torch.randint(0, 3, (6, 8)), ValueError, "x: expected a floating dtype"),
     ("expert_ids", torch.rand(6, 2), ValueError, "expert_ids: expected dtype int32 or int64"),
     ("expert_ids", torch.randint(0, 4, (5, 2)), ValueError, "expert_ids: expected shape [T=6"),
