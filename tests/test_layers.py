@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from datalora import MoLoRALinear, Routing, ops, sort_routes
+from datalora import MoLoRALinear, Routing, ops, sort_routes, topk_routing
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
 
@@ -499,6 +499,25 @@ def test_routing_fields_shapes_and_identity():
                      lambda e: sort_routes(a.expert_ids, e)):
             with pytest.raises(ValueError, match=r"^num_experts: expected an int >= 1"):
                 call(num_experts)
+
+
+def test_topk_routing_gates_and_their_router_gradient():
+    """Gates are the top-k softmax probabilities renormalised to sum 1 (raw with
+    renormalize=False); at k = 1 the gate is exactly 1 and passes d log p to the router."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0], [0.0, 3.0, 1.0, -2.0]], dtype=torch.float64,
+                          requires_grad=True)
+    p = torch.softmax(logits.detach(), -1)
+    two = topk_routing(logits, 2)
+    assert two.expert_ids.tolist() == [[0, 3], [1, 2]]
+    top = p.gather(1, two.expert_ids)
+    torch.testing.assert_close(two.gates, top / top.sum(-1, keepdim=True))
+    torch.testing.assert_close(topk_routing(logits, 2, renormalize=False).gates, top)
+    one = topk_routing(logits, 1)
+    assert one.gates.tolist() == [[1.0], [1.0]]
+    (got,) = torch.autograd.grad(one.gates.sum(), logits)
+    (want,) = torch.autograd.grad(torch.log_softmax(logits, -1).gather(1, one.expert_ids).sum(),
+                                  logits)
+    torch.testing.assert_close(got, want)
 
 
 def test_expert_load_is_the_fraction_of_routes():
