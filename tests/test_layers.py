@@ -501,6 +501,19 @@ def test_routing_fields_shapes_and_identity():
                 call(num_experts)
 
 
+def test_delta_is_scaled_by_alpha_over_rank():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = MoLoRALinear(base, num_experts=3, rank=4, alpha=2.0, top_k=2)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    routing = Routing(torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0]]), torch.rand(5, 2))
+    with torch.no_grad():
+        want = molora_linear_reference(x, base.weight, base.bias, layer.lora_A, layer.lora_B,
+                                       routing.expert_ids, routing.gates, None, 2.0 / 4)
+        torch.testing.assert_close(layer(x, routing), want)
+
+
 def test_topk_routing_gates_and_their_router_gradient():
     """Gates are the top-k softmax probabilities renormalised to sum 1 (raw with
     renormalize=False); at k = 1 the gate is exactly 1 and passes d log p to the router."""
