@@ -453,3 +453,17 @@ def test_a_new_model_keeps_every_token_and_a_loaded_one_its_saved_state(tmp_path
     save_file(load_file(weights), weights, metadata=metadata)
     old = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
     assert old.curriculum_state() == {"tau": 0.5, "retention": 0.5, "hard": True}
+
+
+def test_load_compares_the_resolved_pruned_range(tmp_path):
+    """``prune_layers=None`` is the second half of the decoder layers: an adapter saved with
+    it loads into a model that names the same range, and not into one with another range."""
+    wrapped = get_datalora_model(build_tiny_model(seed=0),
+                                 DATALORAConfig(**CFG, routing="shared", prune_layers=None),
+                                 verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    same = DATALORAConfig(**CFG, routing="shared", prune_layers=[2, 4])  # 4 layers: [2, 4)
+    get_datalora_model(build_tiny_model(seed=0), same, verbose=False).load_adapter(tmp_path)
+    other = DATALORAConfig(**CFG, routing="shared", prune_layers=[1, 4])
+    with pytest.raises(ValueError, match="prune_layers: saved"):
+        get_datalora_model(build_tiny_model(seed=0), other, verbose=False).load_adapter(tmp_path)
