@@ -144,3 +144,35 @@ def test_num_epochs_must_be_a_finite_positive_number(value):
 def test_config_prune_layers_must_be_two_ints(layers):
     with pytest.raises(ValueError, match=r"prune_layers(\[[01]\])?: expected"):
         DATALORAConfig(prune_layers=layers)
+
+
+def test_from_config_takes_every_schedule_setting():
+    config = DATALORAConfig(temperature_init=4.0, temperature_final=1.0, target_retention=0.25,
+                            curriculum_split=[0.1, 0.3, 0.6])
+    s = CurriculumScheduler.from_config(config, total_steps=10)
+    assert s.phase_boundaries() == [1, 4]
+    assert s.state_at(0).tau == 4.0
+    mid = s.state_at(2.5)  # halfway through sparsification
+    assert math.isclose(mid.tau, 2.0) and math.isclose(mid.retention, 0.625)
+    end = s.state_at(10)
+    assert (end.phase, end.tau, end.retention, end.hard) == ("hardening", 1.0, 0.25, True)
+
+
+def test_progress_is_clamped_and_an_epoch_position_resumes():
+    s = make(total=90)
+    assert s.state_at(500).progress == 1.0 and s.state_at(-3).progress == 0.0
+    a = CurriculumScheduler(5.0, 0.5, 0.5, num_epochs=3, mode="epochs")
+    a.step(epoch=1.5)
+    b = CurriculumScheduler(5.0, 0.5, 0.5, num_epochs=3, mode="epochs")
+    b.load_state_dict(a.state_dict())
+    assert b.state == a.state and math.isclose(b.state.retention, 0.75)
+
+
+def test_step_advances_by_one_and_boundaries_round_up():
+    """step() without an argument moves to the next step; a boundary that falls between
+    steps is the first step past it (thirds of 10 steps: 3.33 -> 4, 6.67 -> 7)."""
+    s = make(total=10)
+    assert [s.step().progress for _ in range(3)] == [0.1, 0.2, 0.3]
+    assert s.step_count == 3 and s.state == s.state_at(3)
+    assert s.phase_boundaries() == [4, 7]
+    assert [s.state_at(i).phase_index for i in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
