@@ -176,3 +176,9 @@ def test_step_advances_by_one_and_boundaries_round_up():
     assert s.step_count == 3 and s.state == s.state_at(3)
     assert s.phase_boundaries() == [4, 7]
     assert [s.state_at(i).phase_index for i in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_temperature_final_may_equal_but_not_exceed_temperature_init():
+    assert CurriculumScheduler(1.0, 1.0, total_steps=4).state_at(2).tau == 1.0  # constant tau
+    with pytest.raises(ValueError, match="temperature_final: expected <= temperature_init"):
+        CurriculumScheduler(1.0, 1.01, total_steps=4)
