@@ -452,3 +452,38 @@ def test_method_functions_name_non_tensor_arguments():
     for name, call in cases:
         with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
             call()
+
+
+def test_usn_heads_equal_a_hand_written_reference():
+    """The documented forward, written out: ``f = GELU(W2 GELU(W1 LN(x)))``, ``z = [f_t, mean
+    of f_s over real s <= t]``, score / router / sigmoid(rank) heads on z; ``router_probs`` the
+    noise-free ``softmax(logits)``; in eval the gates are the renormalised top-k of
+    ``softmax(logits / tau)``; the keep probability is ``sigmoid(score)``."""
+    torch.manual_seed(0)
+    usn = UnifiedSaliencyNetwork(12, 5, 3, 2, saliency_hidden_size=6, temperature=3.0).eval()
+    with torch.no_grad():
+        for head in (usn.score_head, usn.router_head, usn.rank_head):
+            head.weight.normal_()
+        for layer in usn.backbone[::2]:  # trained biases: padding's features are not 0
+            layer.bias.normal_()
+    x = torch.randn(2, 5, 12)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])  # left padding
+    out = usn(x, valid)
+    lin1, lin2 = usn.backbone[0], usn.backbone[2]
+    ln = torch.nn.functional.layer_norm(x, (12,))
+    f = torch.nn.functional.gelu(lin2(torch.nn.functional.gelu(lin1(ln))))
+    w = valid.float()[..., None]
+    context = (f * w).cumsum(1) / w.cumsum(1).clamp_min(1)
+    z = torch.cat([f, context], -1)
+    for b, t in ((0, slice(None)), (1, slice(2, None))):  # the real tokens
+        torch.testing.assert_close(out.token_scores[b, t], usn.score_head(z)[b, t, 0])
+        torch.testing.assert_close(out.router_logits[b, t], usn.router_head(z)[b, t])
+        torch.testing.assert_close(out.rank_scale[b, t], torch.sigmoid(usn.rank_head(z)[b, t]))
+    logits = out.router_logits.reshape(-1, 5)
+    torch.testing.assert_close(out.routing.router_probs, torch.softmax(logits, -1))
+    y = torch.softmax(logits / 3.0, -1)
+    top = y.topk(2, -1)
+    assert torch.equal(out.routing.expert_ids, top.indices)
+    torch.testing.assert_close(out.routing.gates, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(usn.keep_probability(out.token_scores),
+                               torch.sigmoid(out.token_scores))
