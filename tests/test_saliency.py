@@ -487,3 +487,15 @@ def test_usn_heads_equal_a_hand_written_reference():
     torch.testing.assert_close(out.routing.gates, top.values / top.values.sum(-1, keepdim=True))
     torch.testing.assert_close(usn.keep_probability(out.token_scores),
                                torch.sigmoid(out.token_scores))
+
+
+def test_balance_loss_counts_the_fraction_of_all_k_routes():
+    """With k routes per token f_e is the share of the T*k routes: top-2 routing spread
+    evenly over 4 experts with uniform probabilities gives exactly 1, all routes on experts
+    0 and 1 (probability 1/2 each) gives E * (1/2 * 1/2) * 2 = 2."""
+    u = torch.full((8, 4), 0.25)
+    even = torch.tensor([[0, 1], [2, 3]]).repeat(4, 1)
+    torch.testing.assert_close(balance_loss(u, even), torch.tensor(1.0))
+    half = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).repeat(8, 1)
+    torch.testing.assert_close(balance_loss(half, torch.tensor([[0, 1]]).repeat(8, 1)),
+                               torch.tensor(2.0))
