@@ -372,3 +372,101 @@ def test_compiled_uncalibrated_eval_with_captured_scalars_keeps_like_eager():
     assert torch.equal(model.runtime.last.kept.sum(1), kept)
     torch.testing.assert_close(got, want)
     torch._dynamo.reset()
+
+
+def test_keep_score_gets_the_mixture_of_depths_gradient():
+    """The keep weight ``1 + p - stopgrad(p)`` gives each kept token's keep probability the
+    gradient ``dL/dp = g . (f(h) - h)`` (g: the gradient at the range's output, h: the
+    range's input, f(h) - h: the update the range's output carries, exactly as w = 1 in the
+    forward) and the pruned tokens none."""
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.5, tau=1.0, hard=False)
+    rt = model.runtime
+    seen = {}
+    h1 = rt.layers[rt.start].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("h", (a[0] if a else k["hidden_states"]).detach()),
+        with_kwargs=True, prepend=True)
+
+    def after(m, a, out):  # after the runtime's merge: the range's [B, L, d] output
+        full = out[0] if isinstance(out, tuple) else out
+        full.retain_grad()
+        seen["full"] = full
+
+    h2 = rt.layers[rt.end - 1].register_forward_hook(after)
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    h1.remove()
+    h2.remove()
+    record = rt.last
+    assert record.mode == "packed"
+    record.keep_prob.retain_grad()
+    out.loss.backward()  # the LM loss alone
+    full, h = seen["full"], seen["h"]
+    kept = record.kept
+    want = torch.where(kept, (full.grad * (full.detach() - h)).sum(-1), 0.0)
+    assert (want != 0).sum() >= kept.sum() - ids.shape[0]  # all but the last tokens (no label)
+    torch.testing.assert_close(record.keep_prob.grad, want, atol=1e-7, rtol=1e-4)
+
+
+def test_noisy_selection_samples_tokens_by_softmax_of_scores_over_tau():
+    """Gumbel top-k: keeping one of three tokens (no forced last token), token i is kept with
+    probability ``softmax(scores / tau)_i``."""
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    sel = select_tokens(logits.expand(20000, 3), 1 / 3, tau=2.0, noise=True, keep_last=False,
+                        generator=g)
+    freq = sel.keep_mask(3).float().mean(0)
+    torch.testing.assert_close(freq, torch.softmax(logits / 2.0, 0), atol=0.015, rtol=0)
+
+
+def test_calibrate_keeps_the_retention_of_the_valid_scores():
+    """The threshold is the (1 - retention) quantile of the valid scores: retention of
+    them lie above it; padded scores (here huge) take no part."""
+    model = datalora_model()
+    scores = torch.arange(20.0).reshape(2, 10)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 5:] = False
+    scores[1, 5:] = 1e6
+    value = model.runtime.calibrate(scores, valid, retention=0.2)  # valid: 0 .. 14
+    assert value == pytest.approx(11.2)  # 0.8 quantile of 0 .. 14
+    assert (scores[valid] > value).sum() == 3 == 0.2 * 15
+    assert float(model.saliency.keep_threshold) == pytest.approx(11.2)
+
+
+def test_training_output_carries_the_aux_losses_of_the_real_tokens():
+    """``retention_loss`` is (mean keep probability over the real tokens - the runtime's
+    current retention)^2 and ``balance_loss`` Switch's ``E * sum_e f_e P_e`` over the real
+    tokens' routes, written out here; padding takes no part."""
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.7, tau=1.0, hard=False)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask)
+    record = model.runtime.last
+    valid = mask.bool()
+    assert torch.equal(record.valid, valid)
+    p = torch.sigmoid(record.saliency.token_scores)
+    torch.testing.assert_close(out.retention_loss, (p[valid].mean() - 0.7) ** 2)
+    routing = record.routing
+    real = valid.reshape(-1)
+    probs, expert_ids = routing.router_probs[real], routing.expert_ids[real]
+    f = torch.zeros(4).index_add_(0, expert_ids.reshape(-1), torch.ones(expert_ids.numel()))
+    f = f / expert_ids.numel()
+    torch.testing.assert_close(out.balance_loss, 4 * (f * probs.mean(0)).sum())
+    model.eval()  # only training outputs carry them
+    assert getattr(model(input_ids=ids, attention_mask=mask), "retention_loss", None) is None
+
+
+def test_disable_adapter_restores_a_switched_off_pruning():
+    """disable_adapter() gives back the previous settings: pruning switched off with the
+    adapters stays off after the block."""
+    model = datalora_model()
+    model.set_adapter_enabled(False)
+    assert not model.runtime.pruning_enabled
+    with model.disable_adapter():
+        pass
+    assert not model.runtime.pruning_enabled
+    model.set_adapter_enabled(True)
+    with model.disable_adapter():
+        assert not model.runtime.pruning_enabled
+    assert model.runtime.pruning_enabled
