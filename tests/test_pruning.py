@@ -470,3 +470,20 @@ def test_disable_adapter_restores_a_switched_off_pruning():
     with model.disable_adapter():
         assert not model.runtime.pruning_enabled
     assert model.runtime.pruning_enabled
+
+
+def test_an_eval_forward_selects_without_noise():
+    """Uncalibrated eval forwards (no generate) keep each sequence's top-k scores, with no
+    Gumbel noise: the same input keeps the same tokens and gives the same logits."""
+    model = datalora_model()
+    model.set_curriculum_state(retention=0.5)
+    ids, mask = batch()
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        kept = model.runtime.last.kept
+        want = select_tokens(model.runtime.last.saliency.token_scores, 0.5, mask).keep_mask(
+            ids.shape[1])
+        for _ in range(3):
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, first)
+            assert torch.equal(model.runtime.last.kept, kept)
+    assert torch.equal(kept, want)
