@@ -113,6 +113,14 @@ def test_routing_weights_stay_finite_for_a_tiny_tau():
     torch.testing.assert_close(routing_weights(e, c, 0.1), torch.softmax(sim / 0.1, -1))
 
 
+def test_each_row_of_routing_weights_is_shifted_by_its_own_max():
+    """With a tiny tau a row whose best similarity is below another row's best must still
+    give finite weights (a shift by the batch-wide max underflowed it to 0 / 0 = NaN)."""
+    e = torch.tensor([[1.0, 0.0], [1.0, 1.0]])           # row 1: cos 1; row 2: cos 0.707 both
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(routing_weights(e, c, 1e-45),
+                               torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+
 def test_anchor_positions_validation():
     with pytest.raises(ValueError, match="mode"):
         anchor_positions(torch.tensor([2]), 4, "sentence")
@@ -300,6 +308,19 @@ def test_window_and_decay_pooling_hand_case():
     with pytest.raises(ValueError, match="window"):
         pool_prefixes(x, window=2, decay=0.5)
 
+
+def test_pooling_skips_padding_anywhere_in_the_row():
+    """Masked positions count for nothing wherever they sit (left padding, a gap), and a
+    decayed mean does not decay over them (hand-checked)."""
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [2.0, 2.0]]])
+    mask = torch.tensor([[0, 1, 0, 1]])
+    x1, x3 = x[0, 1], x[0, 3]
+    torch.testing.assert_close(pool_prefixes(x, mask)[0, 1:],
+                               torch.stack([x1, x1, (x1 + x3) / 2]))
+    torch.testing.assert_close(pool_prefixes(x, mask, window=2)[0, 1:],
+                               torch.stack([x1, x1, x3]))
+    torch.testing.assert_close(pool_prefixes(x, mask, decay=0.5)[0, 1:],
+                               torch.stack([x1, x1, (0.5 * x1 + x3) / 1.5]))
 
 def test_recency_embedder_prefix_embeddings(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
@@ -803,6 +824,33 @@ def test_alpha_pattern_keys_are_regexes_as_in_peft(adapter_dirs, tmp_path):
     for module, (_, b) in plain.modules.items():
         torch.testing.assert_close(patterned.modules[module][1], 2.0 * b)
 
+
+def test_an_alpha_pattern_key_matches_whole_name_parts_as_in_peft(adapter_dirs, tmp_path):
+    """PEFT matches a key at the end of the module name after a dot (``(.*\\.)?(key)$``):
+    ``"proj"`` is not ``q_proj`` / ``v_proj``, so their alpha stays (not a substring search)."""
+    plain = load_peft_adapter(adapter_dirs[0])  # rank 2, alpha 4, q_proj + v_proj
+    folder = _with_config(adapter_dirs[0], tmp_path / "part", alpha_pattern={"proj": 8.0})
+    patterned = load_peft_adapter(folder)
+    for module, (_, b) in plain.modules.items():
+        torch.testing.assert_close(patterned.modules[module][1], b)
+
+
+def test_a_bias_saved_from_a_bf16_copy_is_not_a_trained_bias():
+    """A saved bias equal to the model's own up to bf16 rounding is unchanged; one that
+    differs by more is trained (non-zero biases: zeros round to themselves)."""
+    from datalora.tle.adapters import LoRAAdapter, trained_biases
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    own = model[0].bias.detach().clone()
+    assert not torch.equal(own.to(torch.bfloat16).float(), own)  # really rounded
+
+    def saved(bias):
+        return LoRAAdapter("a", modules={}, config={}, base_biases={"0": bias})
+
+    assert trained_biases(model, saved(own.to(torch.bfloat16))) == []
+    assert trained_biases(model, saved(own.clone())) == []
+    assert trained_biases(model, saved((own + 0.1).to(torch.bfloat16))) == ["0"]
 
 def test_a_row_without_labels_routes_as_it_does_alone(adapter_dirs):
     """Right padding: a row whose labels are all -100 anchors its routing at its last real
