@@ -1053,6 +1053,25 @@ def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     torch.testing.assert_close(res["logits"][0], want)
 
 
+def test_sampling_follows_the_temperature(adapter_dirs):
+    """A near-zero temperature samples the greedy tokens (this random model's own
+    distribution, temperature 1, would not give them six times)."""
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    prompt = ids(B=1, L=4)
+    greedy = mixer.generate(prompt, 6, eos_token_id=[])
+    cold = mixer.generate(prompt, 6, eos_token_id=[], do_sample=True, temperature=1e-4,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold, greedy)
+
+
+def test_labels_without_a_prompt_route_from_the_first_token(adapter_dirs):
+    """labels = input_ids (no -100, the usual causal-LM labels) give a one-token prompt,
+    not an error."""
+    mixer = _fitted_mixer(adapter_dirs, "every_n", 2)
+    x = ids(B=2, L=6)
+    torch.testing.assert_close(mixer(x, labels=x).logits,
+                               mixer(x, prompt_lengths=torch.tensor([1, 1])).logits)
+
 def test_teacher_forcing_inside_fixed_weights_mixes_with_them(adapter_dirs):
     """The mixer's own forward inside fixed_weights uses those weights, as generate does,
     so a teacher-forced forward reproduces a generation made inside the block."""
