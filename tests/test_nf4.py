@@ -183,6 +183,25 @@ def test_nf4tensor_validates_fields():
         nf4.dequantize(torch.zeros(3))
 
 
+def test_nf4tensor_validates_double_quant_fields():
+    t = nf4.quantize(torch.randn(10, 64), 64, True)   # 10 blocks: one nested block
+    kw = dict(nested_absmax=t.nested_absmax, nested_code=t.nested_code, offset=t.offset)
+
+    def build(**changes):
+        return nf4.NF4Tensor(t.data, changes.pop("absmax", t.absmax), t.shape, t.dtype, 64,
+                             **{**kw, **changes})
+
+    build()  # the fields as quantize gives them
+    with pytest.raises(ValueError, match="nested_absmax: expected 1 values, got 2"):
+        build(nested_absmax=torch.ones(2))
+    with pytest.raises(ValueError, match="offset: expected one value"):
+        build(offset=torch.zeros(2))
+    with pytest.raises(ValueError, match="nested_code: expected 256 values"):
+        build(nested_code=t.nested_code[:255])
+    with pytest.raises(ValueError, match="absmax: expected uint8"):
+        build(absmax=t.absmax.float())
+
+
 # --------------------------------------------------------------------------- NF4 base layers
 from datalora import MoLoRALinear  # noqa: E402
 from datalora.nf4_linear import NF4Linear, nf4_weight  # noqa: E402
@@ -621,6 +640,53 @@ def test_nf4_linear_errors_name_the_bad_argument():
         nf4_linear(x, t, torch.zeros(9))
     assert nf4_linear(x, t, torch.zeros(8)).shape == (2, 8)
 
+
+def test_nf4_linear_gradients_match_the_dense_linear():
+    """x's and a trainable bias's gradients (a bnb Linear4bit base's bias trains unless
+    frozen) equal those of F.linear over the dequantized weight, for x [B, T, d_in]; an x
+    of another width is refused by name."""
+    from datalora.nf4_linear import nf4_linear
+
+    torch.manual_seed(0)
+    t = nf4.quantize(torch.randn(8, 64))
+    w = nf4.dequantize(t, torch.float32)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    g = torch.randn(2, 3, 8)
+    got = torch.autograd.grad(nf4_linear(x, t, bias), (x, bias), g)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, w, bias), (x, bias), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 64\]"):
+        nf4_linear(torch.randn(2, 63), t)
+
+def test_nf4_molora_linear_reads_lora_x_and_the_bnb_compute_dtype():
+    """Without a gradient (the molora_linear path) the LoRA part reads lora_x (x after
+    dropout), not x; a bnb Linear4bit base computes in its compute_dtype (x cast in, the
+    result cast back, as bitsandbytes does), with or without the LoRA part."""
+    from datalora.nf4_linear import nf4_base_forward, nf4_molora_linear
+
+    torch.manual_seed(1)
+    E, r, k, T = 3, 4, 2, 5
+    x, lx = torch.randn(T, 64), torch.randn(T, 64)
+    A, B = torch.randn(E, r, 64) * 0.1, torch.randn(E, 16, r) * 0.1
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]])
+    gates = torch.rand(T, k)
+    base = NF4Linear.from_linear(_linear(64, 16))
+    with torch.no_grad():
+        got = nf4_molora_linear(base, x, lx, A, B, ids, gates, scaling=2.0)
+    want = base(x) + molora_delta_reference(lx, A, B, ids, gates, None, 2.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    q = bnb.nn.Linear4bit(64, 16, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    q.load_state_dict(_linear(64, 16).state_dict())
+    q = q.to("cpu")  # quantizes
+    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(q.weight), torch.bfloat16)
+    base_out = torch.nn.functional.linear(x.bfloat16(), w, q.bias.bfloat16()).float()
+    assert torch.equal(nf4_base_forward(q, x), base_out)
+    with torch.no_grad():
+        got = nf4_molora_linear(q, x, x, A, B, ids, gates, scaling=2.0)
+    want = base_out + molora_delta_reference(x, A, B, ids, gates, None, 2.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 def test_quantizing_a_bad_layer_names_the_callers_argument():
     """``NF4Linear.from_linear`` on an fp64 linear said ``w:`` (nf4.quantize's name) and
