@@ -1193,6 +1193,12 @@ def test_names_as_one_string_is_refused(adapter_dirs):
         TokenLevelAdapterMixer(small_model(), adapter_dirs, names="abc")
 
 
+def test_duplicate_adapter_names_are_refused(adapter_dirs):
+    """Names pick adapters (fit_centroids by name, save / load): two adapters cannot share
+    one."""
+    with pytest.raises(ValueError, match="names: expected 3 distinct names"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, names=["a", "a", "b"])
+
 def test_a_malformed_packed_mapping_is_refused_by_module(adapter_dirs):
     packed = pack_adapters([load_peft_adapter(d) for d in adapter_dirs])
     first, second = list(packed)[:2]
