@@ -124,6 +124,13 @@ def test_select_tokens_fractions():
             select_samples([1.0], bad)
 
 
+def test_select_tokens_breaks_ties_by_position_and_counts_minus_inf_as_a_score():
+    """Among equal scores the earlier token wins; only NaN is "no score": a -inf excess
+    is a (lowest) score, kept when every token is."""
+    assert select_tokens(torch.tensor([1.0, 2.0, 2.0, 2.0]), 0.5).tolist() == [
+        False, True, True, False]
+    assert select_tokens(torch.tensor([-math.inf, 1.0]), 1.0).tolist() == [True, True]
+
 def test_scores_that_are_not_tensors_are_refused_by_name():
     """A list of scores named its argument in a TypeError, not an AttributeError from
     deep inside (``'list' object has no attribute 'dim'``)."""
