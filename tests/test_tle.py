@@ -1469,3 +1469,40 @@ def test_generate_result_type_follows_return_details():
         returns[hints["return_details"]] = hints["return"]
     assert returns[typing.Literal[False]] is torch.Tensor
     assert typing.get_origin(returns[typing.Literal[True]]) is dict
+
+
+def test_sentence_embedder_window_encodes_exactly_the_last_window_tokens():
+    """``window=n`` decodes the n tokens ending at each position (not n + 1), in the batch
+    path and in the generation stream alike."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    tok = build_tokenizer()
+    seen: list[str] = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return torch.ones(len(texts), 4)
+
+    embedder = SentenceEmbedder(tok, encode=encode, window=3)
+    ids = tok("sort these words please now", add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 5
+    embedder.prefix_embeddings(None, torch.tensor([ids]), None, torch.tensor([[1, 4]]))
+    assert seen == [tok.decode(ids[0:2], skip_special_tokens=True),
+                    tok.decode(ids[2:5], skip_special_tokens=True)]
+    seen.clear()
+    stream = embedder.stream(None)
+    stream.extend(ids[:5])
+    stream.embedding()
+    assert seen == [tok.decode(ids[2:5], skip_special_tokens=True)]
+
+
+def test_check_hidden_layer_bounds():
+    """A model with n decoder layers has n + 1 hidden states: indexes -(n+1) .. n."""
+    from datalora.tle.embedders import check_hidden_layer
+
+    for layer in (-5, -1, 0, 4):
+        check_hidden_layer(layer, 4)
+    for layer in (5, -6):
+        with pytest.raises(ValueError, match=r"layer: expected a hidden-state index in \[-5, 4\]"):
+            check_hidden_layer(layer, 4)
