@@ -241,6 +241,29 @@ def test_build_masked_examples_fractions(tok, tok_other):
     assert ex_all[-1]["labels"] == tokenize_example(rows[0], tok_other, 128)["labels"]
 
 
+def test_all_tokens_baseline_and_whitespace_responses(tok):
+    """token_keep = 1 is the all-tokens baseline: every response token keeps its label, even
+    one no source token scored (NaN excess); drop_empty also drops a whitespace-only
+    response (EOS only after the strip of tokenize_example)."""
+    row = dict(ROW, response="cb a")
+    n = len(response_offsets(tok, row["response"]))
+    unscored = ScoredSample(row=row, offsets=response_offsets(tok, row["response"]),
+                            logp_lora=torch.full((n,), math.nan), logp_base=torch.zeros(n))
+    examples, stats = build_masked_examples([unscored], tok, sample_keep=1, token_keep=1)
+    assert examples[0]["labels"] == tokenize_example(row, tok, 128)["labels"]
+    assert stats["token_fraction"] == 1.0
+    scored = ScoredSample(row=row, offsets=unscored.offsets, logp_lora=torch.zeros(n),
+                          logp_base=torch.zeros(n))
+    blank = dict(ROW, response="   ")
+    spans = response_offsets(tok, blank["response"])
+    spaces = ScoredSample(row=blank, offsets=spans, logp_lora=torch.full((len(spans),), 9.0),
+                          logp_base=torch.zeros(len(spans)))
+    _, stats = build_masked_examples([scored, spaces], tok, sample_keep=0.5)
+    assert stats["num_usable"] == 1 and stats["kept_samples"] == [0]
+    _, stats = build_masked_examples([scored, spaces], tok, sample_keep=0.5, drop_empty=False)
+    assert stats["num_usable"] == 2 and stats["kept_samples"] == [1]
+
+
 def test_scoring_runs_in_eval_mode_and_restores_the_modes(tok):
     """A source left in training mode (lora_dropout) scores deterministically: the dropout
     would hit the LoRA pass only and turn the excess into noise."""
