@@ -810,6 +810,28 @@ def test_training_loss_adds_the_weighted_aux_losses(tmp_path):
         assert torch.equal(trainer.compute_loss(model, dict(batch)), model(**batch).loss)
 
 
+def test_logged_lm_loss_under_gradient_accumulation_is_the_trainers_loss(tmp_path):
+    """With gradient accumulation the Trainer's loss is divided per micro-batch (the tiny
+    Mistral takes num_items_in_batch); the logged lm_loss undoes that as the Trainer does
+    for its logged loss, which equals it here (aux weights 0: the loss is the LM loss)."""
+    import dataclasses
+
+    model = tiny_datalora()
+    cfg = dataclasses.replace(model.datalora_config, lambda_prune=0.0, alpha_balance=0.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        remove_unused_columns=False, lr_scheduler_type="constant", dataloader_num_workers=0)
+    trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                              data_collator=collate, datalora_config=cfg, calibrate_batches=0)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h["lm_loss"] == pytest.approx(h["loss"], rel=1e-3), h
+
+
 def test_epochs_curriculum_counts_a_partial_accumulation_as_a_step(tmp_path):
     """8 batches an epoch with gradient_accumulation_steps=3 are 3 optimizer steps (the
     last accumulates 2 batches), as the Trainer counts them: max_steps=2 is 2/3 epoch."""
