@@ -518,6 +518,13 @@ def test_trimmed_source_offsets_still_score_target_whitespace_tokens():
     assert tile_spans([(0, 1), (3, 4), (6, 6), (7, 8), (8, 8)]) == [
         (0, 1), (1, 4), (4, 8), (4, 8), (8, 8)]
     assert tile_spans(tgt) == tgt                        # spans that tile stay unchanged
+    # trailing gap characters belong to the last token; a zero-width span there stays
+    assert tile_spans([(0, 3), (5, 5)]) == [(0, 5), (5, 5)]
+    # a zero-width target token (EOS) takes only a zero-width source span at its position:
+    # a source cut shorter ends in a zero-width span elsewhere, which scores nothing here
+    scores = align_token_scores([(0, 3), (4, 4)], torch.tensor([1.0, 7.0]),
+                                [(0, 3), (3, 6), (6, 6)])
+    assert scores[:2].tolist() == [1.0, 1.0] and math.isnan(scores[2])
 
 
 def test_truncated_responses_select_among_kept_tokens_and_drop_unlabelled(tok):
