@@ -886,3 +886,50 @@ def test_train_json_summary_is_strict_json_without_a_calibrated_threshold():
     assert json.loads(text) == {"phases": {"warmup": {"loss_first": None, "logs": 1}},
                                 "metrics": {"eval_loss_dense": None},
                                 "keep_threshold": None, "output_dir": "out"}
+
+
+def test_cli_flag_types_refuse_out_of_range_values():
+    """The argparse types every command uses: inf / NaN / 0 / non-numbers refused where the
+    bound says so, as argparse errors (which name the flag)."""
+    from datalora.cli import fraction, int_at_least, non_negative_float, positive_float
+
+    cases = [(positive_float, "0.5", 0.5, ("0", "-1", "inf", "nan", "x")),
+             (non_negative_float, "0", 0.0, ("-1", "inf", "nan", "x")),
+             (fraction, "1", 1.0, ("0", "1.5", "nan", "x")),
+             (int_at_least(2), "2", 2, ("1", "2.5", "x"))]
+    for parse, good, value, bad in cases:
+        assert parse(good) == value
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+
+
+def test_cli_missing_package_names_the_extra_only_for_optional_packages(monkeypatch, capsys):
+    """A missing optional package exits 2 naming the extra; DATALORA_DEBUG=1 shows the
+    traceback instead, and a missing module that is no optional package is raised."""
+    from datalora import cli
+
+    def parser_raising(name):
+        def build():
+            parser = argparse.ArgumentParser(prog="datalora")
+            sub = parser.add_subparsers(dest="command")
+
+            def run(args):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            sub.add_parser("x").set_defaults(func=run)
+            return parser
+        return build
+
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "build_parser", parser_raising("peft"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["x"])
+    assert exit_info.value.code == 2
+    assert "pip install 'datalora[peft]'" in capsys.readouterr().err
+    monkeypatch.setenv("DATALORA_DEBUG", "1")
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["x"])
+    monkeypatch.delenv("DATALORA_DEBUG")
+    monkeypatch.setattr(cli, "build_parser", parser_raising("not_an_optional_package"))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["x"])
