@@ -546,6 +546,24 @@ def test_tokenize_rows_counts_truncation_and_empty_responses(tokenizer):
     assert tokenize_rows(rows[:1], tokenizer, 48)[1].warnings("x", 48) == []
 
 
+def test_truncation_keeps_half_of_max_length_for_the_prompt_and_counts_only_longer_rows(
+        tokenizer):
+    """A long prompt and a long response: the prompt keeps max_length // 2 tokens (its BOS
+    and its end), the response the rest; a row of exactly max_length tokens is whole."""
+    import types
+
+    from datalora.data import _truncate, tokenize_rows
+
+    prompt, response = [1, *range(100, 139)], list(range(200, 240))
+    cut_prompt, cut_response = _truncate(prompt, response, 20, types.SimpleNamespace(
+        bos_token_id=1))
+    assert cut_prompt == [1, *range(130, 139)] and cut_response == list(range(200, 210))
+    row = {"system_prompt": "", "question": "What is 2 + 2?", "response": "4"}
+    n = len(tokenize_example(row, tokenizer, 10_000)["input_ids"])
+    assert tokenize_rows([row], tokenizer, n)[1].truncated == 0
+    assert tokenize_rows([row], tokenizer, n - 1)[1].truncated == 1
+
+
 def test_collator_pads_right(tokenizer, train_rows):
     feats = [tokenize_example(r, tokenizer, 128) for r in train_rows[:4]]
     for f, r in zip(feats, train_rows[:4], strict=True):
