@@ -366,6 +366,10 @@ def test_a_json_file_holding_one_row_says_to_wrap_it_in_a_list(tmp_path):
     path = tmp_path / "columns.json"
     path.write_text(json.dumps({"question": ["q1", "q2"], "response": ["r1", "r2"]}))
     assert [r["response"] for r in load_instruction_dataset(path)] == ["r1", "r2"]
+    path.write_text(json.dumps({"question": ["q1"], "response": ["r1", "r2"]}))
+    with pytest.raises(ValueError, match=r"source: columns of .*columns\.json have different "
+                                         r"lengths"):
+        load_instruction_dataset(path)  # not one row with the second response dropped
 
 
 def test_trained_ids_are_the_documented_texts_tokens_with_a_metaspace_tokenizer(
