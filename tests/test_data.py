@@ -566,6 +566,9 @@ def test_truncation_keeps_half_of_max_length_for_the_prompt_and_counts_only_long
     n = len(tokenize_example(row, tokenizer, 10_000)["input_ids"])
     assert tokenize_rows([row], tokenizer, n)[1].truncated == 0
     assert tokenize_rows([row], tokenizer, n - 1)[1].truncated == 1
+    # a whitespace-only response trains its spaces and EOS: not counted as empty
+    blank = dict(row, response="  ")
+    assert tokenize_rows([blank], tokenizer, n)[1].empty_response == 0
 
 
 def test_collator_pads_right(tokenizer, train_rows):

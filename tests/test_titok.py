@@ -244,7 +244,7 @@ def test_build_masked_examples_fractions(tok, tok_other):
 def test_all_tokens_baseline_and_whitespace_responses(tok):
     """token_keep = 1 is the all-tokens baseline: every response token keeps its label, even
     one no source token scored (NaN excess); drop_empty also drops a whitespace-only
-    response (EOS only after the strip of tokenize_example)."""
+    response (no answer text, as an empty one)."""
     row = dict(ROW, response="cb a")
     n = len(response_offsets(tok, row["response"]))
     unscored = ScoredSample(row=row, offsets=response_offsets(tok, row["response"]),

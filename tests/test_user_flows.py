@@ -93,6 +93,13 @@ def test_eval_rows_of_a_split_keyed_json(tmp_path):
         assert [r["question"] for r in load_eval_rows(path)] == [
             _row(i)["question"] for i in range(10, 10 + n_val)]
         assert len(load_instruction_dataset(path)) == 4
+    path = tmp_path / "both.json"  # eval before validation before test
+    path.write_text(json.dumps({"train": [_row(0)], "test": [_row(1)],
+                                "validation": [_row(2)], "eval": [_row(3)]}))
+    assert [r["question"] for r in load_eval_rows(path)] == [_row(3)["question"]]
+    path.write_text(json.dumps({"train": [_row(0)], "test": [_row(1)],
+                                "validation": [_row(2)]}))
+    assert [r["question"] for r in load_eval_rows(path)] == [_row(2)["question"]]
 
 
 def test_a_split_keyed_json_without_the_split_names_the_split(tmp_path):
