@@ -15,3 +15,22 @@ Modules, each a set of ``@triton.jit`` kernels plus thin host launchers:
 
 Importing this package imports Triton; ``datalora`` itself never does so eagerly.
 """
+
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: Python runs from a checkout's root, where this
+    # folder shadows PyPI's ``kernels`` (Hugging Face hub kernels, which transformers >= 5.25
+    # depends on and imports with its activations). Hand the name to the installed package,
+    # or fail as if this folder were not there.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what is here
+    _spec.loader.exec_module(_module)

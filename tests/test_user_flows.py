@@ -940,3 +940,31 @@ def test_cli_missing_package_names_the_extra_only_for_optional_packages(monkeypa
     monkeypatch.setattr(cli, "build_parser", parser_raising("not_an_optional_package"))
     with pytest.raises(ModuleNotFoundError):
         cli.main(["x"])
+
+
+def test_the_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
+    """Run from the checkout's root, ``import kernels`` gets PyPI's package (transformers
+    >= 5.25 imports it with its activations), or ModuleNotFoundError without one; never
+    the repo's ``kernels/`` folder (that is ``datalora.kernels``)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    code = ("import kernels, datalora.kernels as ours\n"
+            "from kernels import CUDAProperties\n"
+            "print(CUDAProperties, ours.__name__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(site)])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["hub", "datalora.kernels"]
+    env["PYTHONPATH"] = str(root)
+    code = ("import importlib.util\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
+            "else:\n    print(kernels.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert str(root / "kernels") not in run.stdout, run.stdout
