@@ -20,7 +20,7 @@ if __name__ == "kernels":
     # Imported as a top-level ``kernels``: Python runs from a checkout's root, where this
     # folder shadows PyPI's ``kernels`` (Hugging Face hub kernels, which transformers >= 5.25
     # depends on and imports with its activations). Hand the name to the installed package,
-    # or fail as if this folder were not there.
+    # or look like a folder that is not one.
     import importlib.machinery
     import importlib.util
     import os
@@ -30,7 +30,19 @@ if __name__ == "kernels":
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement returns what is here
-    _spec.loader.exec_module(_module)
+        # No installed ``kernels``. Raising would break transformers, which finds this folder
+        # (``find_spec``), finds no distribution of it and imports it to read a version:
+        # look like the bare namespace folder it then counts as not installed (no
+        # ``__file__``, no ``__version__``), every name an AttributeError (so
+        # ``from kernels import get_kernel`` is the ImportError its callers expect).
+        __file__ = None
+
+        def __getattr__(name: str):
+            raise AttributeError(f"module 'kernels' has no attribute {name!r}: the Hugging "
+                                 f"Face 'kernels' package is not installed (this is "
+                                 f"datalora's kernels folder; import it as datalora.kernels)")
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # the import statement returns what is here
+        _spec.loader.exec_module(_module)
+    del _root, _path, _spec

@@ -944,27 +944,33 @@ def test_cli_missing_package_names_the_extra_only_for_optional_packages(monkeypa
 
 def test_the_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
     """Run from the checkout's root, ``import kernels`` gets PyPI's package (transformers
-    >= 5.25 imports it with its activations), or ModuleNotFoundError without one; never
-    the repo's ``kernels/`` folder (that is ``datalora.kernels``)."""
+    >= 5.25 imports it with its activations), never the repo's ``kernels/`` folder (that is
+    ``datalora.kernels``). Without PyPI's package, transformers' probe (``find_spec``, then,
+    finding no distribution, an import for the version) must neither raise nor take the
+    folder for an install: it counts a module with no ``__version__`` and no ``__file__`` as
+    a namespace folder, not installed (raising there broke every model import on 5.24)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'hub'\n")
-    code = ("import kernels, datalora.kernels as ours\n"
-            "from kernels import CUDAProperties\n"
-            "print(CUDAProperties, ours.__name__)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(site)])}
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["hub", "datalora.kernels"]
-    env["PYTHONPATH"] = str(root)
-    code = ("import importlib.util\n"
-            "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
-            "else:\n    print(kernels.__file__)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert str(root / "kernels") not in run.stdout, run.stdout
+
+    def run(code, *paths, isolated=True):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
+        # -S: no site-packages, so whether PyPI's kernels is installed here does not matter
+        args = [sys.executable, *(["-S"] if isolated else []), "-c", code]
+        done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert run("from kernels import CUDAProperties\nprint(CUDAProperties)", root, site) == ["hub"]
+    probe = ("import importlib\n"
+             "m = importlib.import_module('kernels')\n"
+             "print(getattr(m, '__version__', 'N/A'), getattr(m, '__file__', None))\n"
+             "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('no')")
+    assert run(probe, root) == ["N/A", "None", "no"]
+    code = ("from transformers import MistralForCausalLM\nimport datalora.kernels as ours\n"
+            "print(MistralForCausalLM.__name__, ours.__name__)")
+    assert run(code, root, isolated=False) == ["MistralForCausalLM", "datalora.kernels"]
