@@ -160,8 +160,10 @@ def test_load_save_to_disk(tmp_path, sample_rows):
     assert load_instruction_dataset(tmp_path / "single") == sample_rows
     assert load_instruction_dataset(tmp_path / "dict") == sample_rows
     assert load_instruction_dataset(tmp_path / "dict", split="test") == sample_rows[:2]
-    with pytest.raises(ValueError, match="split.*'eval'.*available"):
+    with pytest.raises(SplitNotFoundError, match="split.*'eval'.*available"):
         load_instruction_dataset(tmp_path / "dict", split="eval")
+    # no 'eval' / 'validation' split: load_eval_rows goes on to 'test'
+    assert load_eval_rows(tmp_path / "dict") == sample_rows[:2]
 
 
 def test_openorca_rows_without_task_or_id(tmp_path):
@@ -428,15 +430,18 @@ def test_hub_name_fails_clearly_offline(monkeypatch):
         load_instruction_dataset("no-such-org/no-such-dataset", limit=2)
 
 
-def test_eval_rows_of_a_hub_dataset_try_validation_and_test(monkeypatch):
+@pytest.mark.parametrize("message", ['Unknown split "{}". Should be one of [\'train\', \'test\'].',
+                                     "Bad split: {}. Available splits: ['train', 'test']"])
+def test_eval_rows_of_a_hub_dataset_try_validation_and_test(monkeypatch, message):
     """A Hub dataset without an 'eval' split: load_eval_rows goes on to 'validation' /
-    'test' (datasets' unknown-split ValueError is a SplitNotFoundError)."""
+    'test' (datasets' unknown-split ValueError, in either wording datasets has used, is a
+    SplitNotFoundError)."""
     datasets = pytest.importorskip("datasets")
     row = {"question": "q", "response": "r"}
 
     def load_dataset(name, split, streaming=False):
         if split != "test":
-            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'test\'].')
+            raise ValueError(message.format(split))
         return datasets.Dataset.from_list([row])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -458,6 +463,8 @@ def test_format_prompt():
         with pytest.raises(ValueError, match=f"column '{col}' must be a string"):
             format_prompt({**row, **bad})  # not the text "None" / "5" / "nan" trained
     assert format_prompt({**row, "system_prompt": None}).startswith("### Question:\n")
+    # the system prompt is the data's text as it is (it is trained on): not stripped
+    assert format_prompt({**row, "system_prompt": " Be brief. "}).startswith(" Be brief. \n\n")
 
 
 def test_tokenize_example_masks_prompt(tokenizer, train_rows):
