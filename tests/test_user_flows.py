@@ -361,6 +361,9 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
              r"must be a string, got int"),
             ({"dataset": good, "eval_dataset": [*good, {"prompt": "q"}]}, ValueError,
              r"^eval_dataset: row index 4 \(0-based\) of the eval_dataset list is missing"),
+            ({"dataset": good, "eval_dataset": []}, ValueError, r"^eval_dataset: no rows$"),
+            ({"dataset": good, "eval_dataset": good, "eval_limit": 0}, ValueError,
+             r"^eval_limit: expected an int >= 1"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
              r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
              r"the output folder .*o$"),
@@ -450,6 +453,8 @@ def test_max_length_is_checked_against_learned_positions(tmp_path, opt_folder, m
     with pytest.raises(ValueError, match=r"^max_length: the model takes at most 64 positions "
                                          r".*got 65$"):
         train_datalora(model=model, tokenizer=tok, max_length=65, **common)
+    with pytest.warns(UserWarning, match="truncated 4 of 4 to max_length=64"):  # the limit
+        train_datalora(model=model, tokenizer=tok, max_length=64, **common)
 
     def no_loading(*a, **k):
         raise AssertionError("loaded the model before checking max_length")
@@ -457,6 +462,33 @@ def test_max_length_is_checked_against_learned_positions(tmp_path, opt_folder, m
     monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
     with pytest.raises(ValueError, match=r"^max_length: the model takes at most 64 positions"):
         train_datalora(model_name_or_path=str(opt_folder), max_length=128, **common)
+
+
+def test_short_runs_log_their_loss_and_save_steps_writes_checkpoints(tmp_path):
+    """A run shorter than the default 5 logging steps still logs its loss (the default is
+    min(5, max_steps)); ``save_steps`` saves a checkpoint-N folder every N steps."""
+    from datalora.train import train_datalora
+
+    result = train_datalora(None, dataset=load_instruction_dataset(limit=8), max_steps=2,
+                            batch_size=4, save_steps=1, progress=False,
+                            output_dir=tmp_path / "o")
+    assert [e["step"] for e in result.log_history if "loss" in e] == [2]
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2"]
+
+
+def test_a_loaded_model_needs_its_loaded_tokenizer(tmp_path):
+    """With ``model=`` a loaded model, a tokenizer folder / name is refused (it could be
+    another model's vocabulary), as is none."""
+    from datalora import testing
+    from datalora.train import train_datalora
+
+    model, _ = testing.load_model_and_tokenizer(None)
+    for tokenizer in (None, "some-org/some-tokenizer", tmp_path):
+        with pytest.raises(TypeError, match=r"^tokenizer: with a loaded model, pass its "
+                                            r"loaded tokenizer"):
+            train_datalora(None, model=model, tokenizer=tokenizer, max_steps=1,
+                           progress=False, output_dir=tmp_path / "o")
 
 
 def test_output_folder_is_checked_writable_before_loading(tmp_path, monkeypatch):
