@@ -477,6 +477,23 @@ def test_short_runs_log_their_loss_and_save_steps_writes_checkpoints(tmp_path):
         "checkpoint-1", "checkpoint-2"]
 
 
+def test_final_eval_losses_are_pruned_and_dense(tmp_path):
+    """``eval_loss_pruned`` is the eval loss at the calibrated keep threshold and
+    ``eval_loss_dense`` at retention 1.0 (``evaluate_loss`` of the trained model)."""
+    from datalora.train import evaluate_loss, train_datalora
+
+    rows = load_instruction_dataset(limit=8)
+    eval_rows = load_instruction_dataset(split="eval", limit=6)
+    result = train_datalora(None, dataset=rows, eval_dataset=eval_rows, max_steps=2,
+                            batch_size=4, progress=False, output_dir=tmp_path / "o")
+    model, tok = result.model, result.tokenizer
+    dense = evaluate_loss(model, eval_rows, tok, retention=1.0)
+    pruned = evaluate_loss(model, eval_rows, tok)
+    assert result.metrics["eval_loss_dense"] == pytest.approx(dense, rel=1e-6)
+    assert result.metrics["eval_loss_pruned"] == pytest.approx(pruned, rel=1e-6)
+    assert dense != pytest.approx(pruned, rel=1e-6)  # pruning on: another loss
+
+
 def test_a_loaded_model_needs_its_loaded_tokenizer(tmp_path):
     """With ``model=`` a loaded model, a tokenizer folder / name is refused (it could be
     another model's vocabulary), as is none."""
