@@ -832,6 +832,37 @@ def test_logged_lm_loss_under_gradient_accumulation_is_the_trainers_loss(tmp_pat
         assert h["lm_loss"] == pytest.approx(h["loss"], rel=1e-3), h
 
 
+def test_a_train_after_an_interrupted_one_logs_only_its_own_steps(tmp_path):
+    """A run interrupted between two logs (a KeyboardInterrupt in a notebook) leaves its
+    metric sums behind; the next train() starts from zero: its logged lm_loss is the mean
+    over its own steps, the Trainer's logged loss (aux weights 0: the loss is the LM loss)."""
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    model = tiny_datalora()
+    cfg = dataclasses.replace(model.datalora_config, lambda_prune=0.0, alpha_balance=0.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+        learning_rate=3e-2, logging_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False,
+        lr_scheduler_type="constant", dataloader_num_workers=0)
+    trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                              data_collator=collate, datalora_config=cfg, calibrate_batches=0)
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            raise KeyboardInterrupt
+
+    trainer.add_callback(Interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.remove_callback(Interrupt)
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)  # steps 1-2: warmup
+    assert log["step"] == 2 and log["lm_loss"] == pytest.approx(log["loss"], rel=1e-5), log
+
+
 def test_epochs_curriculum_counts_a_partial_accumulation_as_a_step(tmp_path):
     """8 batches an epoch with gradient_accumulation_steps=3 are 3 optimizer steps (the
     last accumulates 2 batches), as the Trainer counts them: max_steps=2 is 2/3 epoch."""
