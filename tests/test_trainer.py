@@ -166,6 +166,28 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     assert records(resumed) == records(full)
 
 
+def test_resume_at_a_phase_boundary_records_the_pending_steps_under_their_phase(tmp_path):
+    """A checkpoint at the last warmup step, its steps not logged yet (logging_steps=3): the
+    resumed run records them under warmup as the uninterrupted run does, not averaged into
+    the first sparsification log."""
+    def trainer(folder, model, **kw):
+        t = make_trainer(folder, model, steps=6, calibrate_batches=0, **kw)
+        t.args.logging_steps = 3
+        return t
+
+    full = trainer(tmp_path / "full", tiny_datalora())
+    full.train()
+    assert [(h["step"], h["phase"], h["loss"] is None) for h in full.datalora_history][:2] \
+        == [(2, "warmup", True), (3, "sparsification", False)]
+    trainer(tmp_path / "run", tiny_datalora(), save_steps=2).train()
+    resumed = trainer(tmp_path / "run", tiny_datalora())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+    def records(t):
+        return [{k: v for k, v in h.items() if k != "loss"} for h in t.datalora_history]
+    assert records(resumed) == records(full)
+
+
 def test_history_records_never_mix_steps_of_two_phases(tmp_path):
     """logging_steps=3 over 6 steps (phases: steps 1-2, 3-4, 5-6): the steps of a phase that
     ends between two logs are recorded under that phase, not averaged into the next log
