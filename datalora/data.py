@@ -49,6 +49,7 @@ __all__ = [
     "load_instruction_dataset",
     "looks_like_local_path",
     "normalize_rows",
+    "prompt_inputs",
     "shipped_split_path",
     "shipped_split_rows",
     "tokenize_example",
@@ -609,6 +610,18 @@ def format_prompt(example: Mapping[str, Any]) -> str:
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """``input_ids`` / ``attention_mask`` tensors of ``prompts`` for a causal LM's forward
+    or ``generate`` (``tokenizer(..., return_tensors="pt", **kwargs)``, on ``device``).
+
+    Only those two: a tokenizer that also returns ``token_type_ids`` (the embedded one on
+    transformers 4.x, BERT-style ones) would have ``generate`` refuse them as unused."""
+    enc = tokenizer(prompts, return_tensors="pt", **kwargs)
+    return {k: enc[k] if device is None else enc[k].to(device)
+            for k in ("input_ids", "attention_mask") if k in enc}
 
 
 def tokenize_example(example: Mapping[str, Any], tokenizer: Any,

@@ -294,7 +294,7 @@ def _generate(model: DATALORAModel, tokenizer: Any, rows: list[dict[str, Any]],
               pruning: bool) -> tuple[list[str], list[float]]:
     """Greedy answers (KV cache; with pruning at the calibrated threshold) and, per prompt,
     the fraction of its tokens kept in the pruned layers."""
-    from datalora.data import format_prompt
+    from datalora.data import format_prompt, prompt_inputs
 
     answers, kept = [], []
     for row in rows:
@@ -302,7 +302,7 @@ def _generate(model: DATALORAModel, tokenizer: Any, rows: list[dict[str, Any]],
         answers.append(answer)
         if pruning:
             with torch.no_grad():
-                model(**tokenizer(format_prompt(row), return_tensors="pt"))
+                model(**prompt_inputs(tokenizer, format_prompt(row)))
             kept.append(model.runtime.last.actual_retention())
         shown = f"   (prompt tokens kept: {100 * kept[-1]:.0f}%)" if pruning else ""
         print(f"  [{row.get('task', '?')}] Q: {row['question']}\n     model: "

@@ -169,11 +169,9 @@ def finetune(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *
 def generate_answer(model: nn.Module, tokenizer: Any, row: dict[str, str],
                     max_new_tokens: int = 24) -> str:
     """Greedy answer of ``model`` to an instruction row (prompt per ``format_prompt``)."""
-    from datalora.data import format_prompt
+    from datalora.data import format_prompt, prompt_inputs
 
-    inputs = tokenizer(format_prompt(row), return_tensors="pt")
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = prompt_inputs(tokenizer, format_prompt(row), next(model.parameters()).device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -41,6 +41,7 @@ from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
     format_prompt,
+    prompt_inputs,
     response_start,
     tokenize_example,
 )
@@ -129,8 +130,8 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
             for i in tqdm(range(0, len(jobs), batch_size), desc="synthetic data",
                           disable=not progress, dynamic_ncols=True):
                 chunk = jobs[i:i + batch_size]
-                enc = tokenizer([format_prompt(r) for r in chunk], return_tensors="pt",
-                                padding=True).to(device)
+                enc = prompt_inputs(tokenizer, [format_prompt(r) for r in chunk], device,
+                                    padding=True)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature if do_sample else None,
                                      top_p=top_p if do_sample else None, top_k=None,
@@ -189,7 +190,10 @@ def response_offsets(tokenizer: Any, response: str,
     spans from 0); without, ``tokenizer(response, add_special_tokens=False)`` (the same
     tokens for a byte-level BPE). Plus ``(len, len)`` for EOS."""
     text = response if prompt is None else prompt + response
-    enc = tokenizer(text, add_special_tokens=prompt is not None, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(text, add_special_tokens=prompt is not None, return_offsets_mapping=True)
+    except NotImplementedError:  # a Python (slow) tokenizer on transformers 4.x
+        enc = {}
     if "offset_mapping" not in enc:
         raise ValueError(f"tokenizer: {type(tokenizer).__name__} returns no character offsets "
                          f"(return_offsets_mapping); TITOK aligns tokens by offsets and needs "

@@ -21,6 +21,7 @@ from datalora.data import (
     generate_multitask_dataset,
     load_eval_rows,
     load_instruction_dataset,
+    prompt_inputs,
     shipped_split_rows,
     tokenize_example,
     tokenize_rows,
@@ -465,6 +466,21 @@ def test_format_prompt():
     assert format_prompt({**row, "system_prompt": None}).startswith("### Question:\n")
     # the system prompt is the data's text as it is (it is trained on): not stripped
     assert format_prompt({**row, "system_prompt": " Be brief. "}).startswith(" Be brief. \n\n")
+
+
+def test_prompt_inputs_are_what_a_causal_lm_takes(tokenizer):
+    """Only input_ids / attention_mask: ``generate`` refuses the token_type_ids some
+    tokenizers add (the embedded one on transformers 4.x)."""
+    def with_types(*args, **kwargs):
+        enc = tokenizer(*args, **kwargs)
+        enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+        return enc
+
+    prompts = ["What is 1 + 2?", "Sort: b a"]
+    got = prompt_inputs(with_types, prompts, "cpu", padding=True)
+    want = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert sorted(got) == ["attention_mask", "input_ids"]
+    assert all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_tokenize_example_masks_prompt(tokenizer, train_rows):

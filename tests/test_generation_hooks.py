@@ -134,6 +134,9 @@ def test_reset_cache_can_be_reused():
     with torch.no_grad():
         first = model(input_ids=_ids(1, 6), past_key_values=cache, use_cache=True).logits
         cache.reset()
+        if cache.get_seq_length():
+            pytest.skip("this transformers' DynamicCache.reset() zeroes the keys and values "
+                        "but keeps their length (4.x): not reusable by a plain model either")
         again = model(input_ids=_ids(1, 6), past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(again, first)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from datalora.data import IGNORE_INDEX, format_prompt, tokenize_example
+from datalora.data import IGNORE_INDEX, format_prompt, prompt_inputs, tokenize_example
 from datalora.testing import build_tiny_model, build_tokenizer
 from datalora.titok import (
     ScoredSample,
@@ -319,7 +319,7 @@ def test_generate_synthetic_and_train_masked(tok):
     greedy = generate_synthetic(model, tok, seeds, max_new_tokens=5, do_sample=False,
                                 progress=False)
     for row, seed in zip(greedy, seeds, strict=True):
-        ids = tok(format_prompt(seed), return_tensors="pt")
+        ids = prompt_inputs(tok, format_prompt(seed))
         out = model.generate(**ids, max_new_tokens=5, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -430,6 +430,12 @@ def test_tokenizer_without_offsets_gets_a_clear_error():
 
     with pytest.raises(ValueError, match="offset"):
         response_offsets(ByT5Tokenizer(), "abc")
+
+    def python_tokenizer(text, **kwargs):  # transformers 4.x's slow tokenizers raise instead
+        raise NotImplementedError("return_offset_mapping is not available when using Python "
+                                  "tokenizers")
+    with pytest.raises(ValueError, match="returns no character offsets"):
+        response_offsets(python_tokenizer, "abc")
 
 
 def test_align_is_the_identity_for_the_same_tokenization():
