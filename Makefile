@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.datalora-installed
 
-.PHONY: demo test lint bench wheel clean compile-check-alt
+.PHONY: demo test test-min lint bench wheel clean compile-check-alt
 
 # With an NVIDIA GPU the venv sees the system site-packages, so the CUDA torch the user
 # already has is reused; without one, torch==2.13.0 is installed first. Plain PyPI serves
@@ -47,6 +47,19 @@ compile-check-alt:
 	$(ALT_VENV)/bin/python -m pip install -q torch==2.13.0
 	DATALORA_BUILD_CUDA=0 $(ALT_VENV)/bin/python -m pip install -q -e . triton==$(TRITON_ALT)
 	TRITON_INTERPRET= $(ALT_VENV)/bin/python -m benchmarks.resources --triton-only
+
+# The tests that meet transformers / accelerate / peft / datasets, under the oldest
+# releases pyproject allows, in a side venv (torch stays 2.13.0: the CPU build at hand).
+MIN_PINS ?= transformers==4.56.* accelerate==1.3.* peft==0.15.* datasets==3.0.*
+MIN_VENV := .venv-min
+MIN_TESTS ?= tests/test_architectures.py tests/test_data.py tests/test_demo.py \
+	tests/test_generation_hooks.py tests/test_model.py tests/test_titok.py tests/test_tle.py \
+	tests/test_trainer.py tests/test_user_flows.py
+test-min:
+	@test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q torch==2.13.0 $(TORCH_INDEX_FLAG)
+	DATALORA_BUILD_CUDA=0 $(MIN_VENV)/bin/python -m pip install -q -e ".[dev]" $(MIN_PINS)
+	$(MIN_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q -ra $(MIN_TESTS)
 
 wheel: $(STAMP)
 	$(PY) -m build --wheel --no-isolation
