@@ -173,6 +173,20 @@ def test_output_hidden_states_hold_the_bypass_at_pruned_tokens():
         torch.testing.assert_close(c[0], a[1])
 
 
+def test_a_token_scoring_exactly_the_threshold_is_pruned():
+    """keep_threshold is the score a token must exceed: one scoring exactly it is pruned,
+    in the packed forward and in the masked one with the cache."""
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    ids = _ids(1, 10, seed=4)
+    with torch.no_grad():
+        scores = model.saliency(model.base_model.model.embed_tokens(ids)).token_scores[0]
+        model.saliency.keep_threshold.fill_(scores.median())  # one token's own score
+        for use_cache, mode in ((False, "packed"), (True, "masked")):
+            model(input_ids=ids, use_cache=use_cache)
+            assert model.runtime.last.mode == mode
+            assert torch.equal(model.runtime.last.kept[0], scores > scores.median()), mode
+
+
 def test_uncalibrated_generate_is_the_same_with_and_without_cache():
     """A fresh model (retention 0.5, no threshold) generates dense either way, with a
     warning, instead of top-k without the cache and dense with it."""
