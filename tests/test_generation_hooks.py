@@ -187,6 +187,18 @@ def test_a_token_scoring_exactly_the_threshold_is_pruned():
             assert torch.equal(model.runtime.last.kept[0], scores > scores.median()), mode
 
 
+def test_padding_is_never_kept_packed_or_with_the_cache():
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    ids = _ids(2, 10, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        model.saliency.keep_threshold.fill_(-1e9)  # every real token scores above it
+        for use_cache in (False, True):
+            model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+            assert torch.equal(model.runtime.last.kept, mask.bool()), use_cache
+
+
 def test_uncalibrated_generate_is_the_same_with_and_without_cache():
     """A fresh model (retention 0.5, no threshold) generates dense either way, with a
     warning, instead of top-k without the cache and dense with it."""
