@@ -11,7 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from datalora import DATALORAConfig, get_datalora_model
 from datalora.hf_compat import cache_kwargs, output_cache
-from datalora.pruning import keep_count, packed_attention_mask, select_tokens
+from datalora.pruning import keep_count, packed_attention_mask, resolve_prune_range, select_tokens
 from datalora.saliency import gather_routing
 
 
@@ -326,6 +326,15 @@ def test_a_training_forward_with_use_cache_still_prunes():
 def test_bad_prune_range():
     with pytest.raises(ValueError, match="prune_layers"):
         datalora_model(prune_layers=(2, 9))
+    for empty in ([2, 2], [3, 1]):
+        with pytest.raises(ValueError, match=r"^prune_layers: expected \[start, end\)"):
+            resolve_prune_range(empty, 4)
+
+
+def test_default_prune_range_is_the_second_half():
+    """Odd layer counts give the extra layer to the pruned half (the later layers)."""
+    assert [resolve_prune_range(None, n) for n in (1, 4, 5, 32)] == [
+        (0, 1), (2, 4), (2, 5), (16, 32)]
 
 
 def test_gradient_checkpointing_is_rejected():
