@@ -197,6 +197,11 @@ def test_padding_is_never_kept_packed_or_with_the_cache():
         for use_cache in (False, True):
             model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
             assert torch.equal(model.runtime.last.kept, mask.bool()), use_cache
+        model.set_curriculum_state(retention=1.0)  # dense: every real token, no padding
+        with pytest.warns(UserWarning, match="turns pruning off"):  # once
+            for use_cache in (False, True):
+                model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+                assert torch.equal(model.runtime.last.kept, mask.bool()), ("dense", use_cache)
 
 
 def test_uncalibrated_generate_is_the_same_with_and_without_cache():
