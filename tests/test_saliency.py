@@ -59,6 +59,8 @@ def test_usn_rejects_bad_arguments():
     state = usn(torch.randn(2, 3, 8)).state
     with pytest.raises(ValueError, match=r"state: expected shapes \(\(1, 6\), \(1,\)\)"):
         usn(torch.randn(1, 3, 8), state=state)  # another batch's state
+    with pytest.raises(ValueError, match=r"state: expected shapes .*got \(\(2, 6\), \(2, 1\)\)"):
+        usn(torch.randn(2, 3, 8), state=(state[0], state[1][:, None]))  # count [B, 1]
     with pytest.raises(TypeError, match=r"state: expected a \(feature_sum \[B, h\], count "
                                         r"\[B\]\) pair of tensors, got \(Tensor\)"):
         usn(torch.randn(2, 3, 8), state=state[:1])
@@ -257,6 +259,7 @@ def test_usn_stays_fp32_in_a_bf16_model_and_counts_context_past_256_tokens():
     assert model.to("meta").saliency.score_head.weight.device.type == "meta"
     assert UnifiedSaliencyNetwork(16, 4, 4, 2).double().score_head.weight.dtype == torch.float64
     usn.to_empty(device="cpu").reset_parameters()
+    assert torch.isnan(usn.keep_threshold)  # not calibrated (not to_empty's leftover memory)
     with torch.no_grad():
         usn.score_head.weight.normal_()
     x = torch.randn(1, 300, 16).to(torch.bfloat16)  # the hidden states of a bf16 model
