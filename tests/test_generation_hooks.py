@@ -98,6 +98,27 @@ def test_sliding_window_generation_with_cache(retention):
     assert torch.equal(a, b)
 
 
+def test_sliding_window_cache_past_the_window_equals_the_full_forward():
+    """Past the window a sliding cache holds the last window's keys only (a key offset):
+    the keep flags of exactly those keys mask them, so step-by-step logits with the cache
+    equal the packed forward's over the whole sequence."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 4), sliding_window=4), 0.5)
+    ids = _ids(2, 12, seed=5)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = model.runtime.last.kept
+        assert kept.any() and not kept.all()
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, :6], use_cache=True, **cache_kwargs(model, cache)).logits]
+        for t in range(6, 12):
+            steps.append(model(input_ids=ids[:, t:t + 1], use_cache=True,
+                               **cache_kwargs(model, cache)).logits)
+        assert model.runtime.last.mode == "masked"
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_static_cache_is_rejected_clearly():
     model = _calibrated(_model())
     with pytest.raises(ValueError, match="static"):
