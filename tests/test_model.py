@@ -62,6 +62,21 @@ def test_save_and_reload_is_bit_exact(tmp_path):
     assert not any(p.requires_grad for p in reloaded.parameters())
 
 
+def test_from_pretrained_is_for_inference_unless_trainable(tmp_path):
+    """As PEFT's: a reloaded adapter comes back frozen and in eval mode (no dropout, no
+    routing noise), whatever mode the base was in; ``is_trainable=True`` makes exactly the
+    adapter's tensors trainable again (the base's own weights stay frozen)."""
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    trainable_names = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    loaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0).train(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert not any(p.requires_grad for p in loaded.parameters())
+    again = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path, is_trainable=True)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == trainable_names
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     model, _ = model_and_ids()
     wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
