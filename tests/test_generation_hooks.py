@@ -57,6 +57,21 @@ def _ids(batch, length, seed=0):
     return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _stepwise_logits(model, ids, prefill):
+    """Logits ``[B, L, V]`` of ``ids`` run with a fresh cache: the first ``prefill`` tokens
+    at once, then one token per call (the masked path: asserted)."""
+    from datalora.hf_compat import cache_kwargs
+
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids=ids[:, :prefill], use_cache=True,
+                   **cache_kwargs(model, cache)).logits]
+    for t in range(prefill, ids.shape[1]):
+        steps.append(model(input_ids=ids[:, t:t + 1], use_cache=True,
+                           **cache_kwargs(model, cache)).logits)
+    assert model.runtime.last.mode == "masked"
+    return torch.cat(steps, 1)
+
+
 @pytest.mark.parametrize("retention", [1.0, 0.5])
 def test_beam_search_with_cache_equals_without(retention):
     """The keep flags and the saliency context on the cache follow its reorder_cache."""
@@ -102,21 +117,14 @@ def test_sliding_window_cache_past_the_window_equals_the_full_forward():
     """Past the window a sliding cache holds the last window's keys only (a key offset):
     the keep flags of exactly those keys mask them, so step-by-step logits with the cache
     equal the packed forward's over the whole sequence."""
-    from datalora.hf_compat import cache_kwargs
-
     model = _calibrated(_model(prune_layers=(1, 4), sliding_window=4), 0.5)
     ids = _ids(2, 12, seed=5)
     with torch.no_grad():
         full = model(input_ids=ids).logits
         kept = model.runtime.last.kept
         assert kept.any() and not kept.all()
-        cache = DynamicCache(config=model.config)
-        steps = [model(input_ids=ids[:, :6], use_cache=True, **cache_kwargs(model, cache)).logits]
-        for t in range(6, 12):
-            steps.append(model(input_ids=ids[:, t:t + 1], use_cache=True,
-                               **cache_kwargs(model, cache)).logits)
-        assert model.runtime.last.mode == "masked"
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        steps = _stepwise_logits(model, ids, prefill=6)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
 
 
 def test_static_cache_is_rejected_clearly():
@@ -323,8 +331,6 @@ def test_pruned_range_mixing_full_and_sliding_layers_gets_a_mask_per_layer_type(
     """Past the window, full-attention layers see every key and sliding ones the last
     window: with every token kept, the packed path (no cache) and the cached path (step by
     step) both equal the unpruned model, whose masks HF builds per layer type."""
-    from datalora.hf_compat import cache_kwargs
-
     model = _mixed_attention_model(("full_attention", "sliding_attention", "full_attention",
                                     "sliding_attention"))
     ids = _ids(2, 13, seed=5)
@@ -336,13 +342,8 @@ def test_pruned_range_mixing_full_and_sliding_layers_gets_a_mask_per_layer_type(
         assert model.runtime.last.mode == "packed"
         torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
         model.set_curriculum_state(retention=1.0)
-        cache = DynamicCache(config=model.config)
-        steps = [model(input_ids=ids[:, :9], use_cache=True, **cache_kwargs(model, cache)).logits]
-        for t in range(9, 13):
-            steps.append(model(input_ids=ids[:, t:t + 1], use_cache=True,
-                               **cache_kwargs(model, cache)).logits)
-        assert model.runtime.last.mode == "masked"
-    torch.testing.assert_close(torch.cat(steps, 1), dense, atol=1e-5, rtol=1e-5)
+        steps = _stepwise_logits(model, ids, prefill=9)
+    torch.testing.assert_close(steps, dense, atol=1e-5, rtol=1e-5)
 
 
 def test_prune_range_over_an_unsupported_attention_kind_is_refused():
