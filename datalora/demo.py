@@ -34,7 +34,13 @@ import torch
 from datalora.cli import check_output_folder, fraction, int_at_least, plain_text, positive_float
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES
-from datalora.data import UNKNOWN_TASK, load_eval_rows, load_instruction_dataset
+from datalora.data import (
+    UNKNOWN_TASK,
+    format_prompt,
+    load_eval_rows,
+    load_instruction_dataset,
+    prompt_inputs,
+)
 from datalora.finetune import finetune, generate_answer
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
@@ -294,8 +300,6 @@ def _generate(model: DATALORAModel, tokenizer: Any, rows: list[dict[str, Any]],
               pruning: bool) -> tuple[list[str], list[float]]:
     """Greedy answers (KV cache; with pruning at the calibrated threshold) and, per prompt,
     the fraction of its tokens kept in the pruned layers."""
-    from datalora.data import format_prompt, prompt_inputs
-
     answers, kept = [], []
     for row in rows:
         answer = generate_answer(model, tokenizer, row)
@@ -398,8 +402,7 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(result.output_dir)  # train_datalora saved the adapter there
     reloaded = DATALORAModel.from_pretrained(pristine, out)
-    probe = tokenizer([r["question"] for r in eval_rows[:4]], return_tensors="pt",
-                      padding=True)
+    probe = prompt_inputs(tokenizer, [r["question"] for r in eval_rows[:4]], padding=True)
     same = _check_reload(trained, reloaded, probe, pruning=True)
     print(f"\nreloaded the adapter from {out}/ on a fresh base model: logits "
           f"bit-identical (pruning on and off) = {same}")
@@ -469,7 +472,7 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     wrapped.save_pretrained(out)
     reloaded = DATALORAModel.from_pretrained(pristine, out)
-    probe = tokenizer([r["question"] for r in eval_rows[:4]], return_tensors="pt", padding=True)
+    probe = prompt_inputs(tokenizer, [r["question"] for r in eval_rows[:4]], padding=True)
     same = _check_reload(wrapped, reloaded, probe, pruning=False)
     print(f"saved adapter to {out}/ and reloaded it: logits bit-identical = {same}")
     if not same:
