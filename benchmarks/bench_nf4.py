@@ -22,7 +22,9 @@ On a modelled GPU every row also has ``floor_ms`` (``benchmarks.roofline``) and
 ``fraction_of_floor = floor_ms / ms``.
 
 Timers as ``benchmarks.molora`` (``do_bench`` medians + 20/80 % quantiles on GPU,
-round-robin ``perf_counter`` on CPU). Output: ``<out>/nf4_<preset>.json`` and ``.png``.
+round-robin ``perf_counter`` on CPU); the datalora layers run with ``check_values=False``,
+as model layers do after their shared routing's one check per forward. Output:
+``<out>/nf4_<preset>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def bench_decode(cases, p, device, timer, peak):
         # refuses) nf4_molora_linear dequantizes instead, and the HBM target is not its
         fused = fused_decode_applies(base, x, A, B, gates)
         steps = {"datalora_fused" if fused else "datalora_dequant_fallback": functools.partial(
-            nf4_molora_linear, base, x, x, A, B, ids, gates)}
+            nf4_molora_linear, base, x, x, A, B, ids, gates, check_values=False)}
         if bnb is not None:
             q = base.weight.to_bnb()
 
@@ -181,11 +183,12 @@ def bench_large_t(cases, p, device, timer):
         base = NF4Linear.from_linear(lin, 64, double_quant=True)
         x, A, B, ids, gates = _lora(T, K, N, p["E"], p["r"], p["k"], dtype, device)
         w = base.dequantize(dtype)
-        layer = functools.partial(nf4_molora_linear, base, x, x, A, B, ids, gates)
+        layer = functools.partial(nf4_molora_linear, base, x, x, A, B, ids, gates,
+                                  check_values=False)
         steps = {
             "nf4_molora": layer,
             "bf16_molora_linear": functools.partial(ops.molora_linear, x, w, lin.bias, A, B, ids,
-                                                    gates),
+                                                    gates, check_values=False),
         }
         if device.type == "cuda":
             steps["triton_nf4_fused"] = with_env(NF4_FUSED_ENV, layer)

@@ -23,7 +23,8 @@ a case run round-robin (rep 1 of every method, then rep 2, ...), so load from ot
 processes hits all of them alike and the ratios stay meaningful. On a modelled GPU
 (H100 / A100 / H200) each row also has ``floor_ms`` (the ``benchmarks.roofline`` lower
 bound of its op) and ``fraction_of_floor = floor_ms / median_ms``. The Triton
-interpreter is never timed. Results go to ``<out>/molora_<preset>.json`` and a plot
+interpreter is never timed. datalora's ops run with ``check_values=False`` (see
+:data:`VALUE_CHECKS`). Results go to ``<out>/molora_<preset>.json`` and a plot
 drawn from that file by ``benchmarks.plot``; the issue's targets are checked at the
 end and written to the JSON as PASS/FAIL.
 """
@@ -62,6 +63,11 @@ SKEWS = ("uniform", "one", "distinct")
 # the one-kernel Triton linear (kernels/fused_linear.py), opt-in until these rows show it
 # beating cuBLAS + expand (molora_linear[triton]); timed on CUDA only
 FUSED_METHOD = "molora_linear[triton-fused]"
+# The ops are timed as MoLoRALinear layers call them: a model's routing is validated once
+# per forward (``Routing``: ids in range, finite gates; one host sync) and every layer then
+# calls the ops with ``check_values=False``. Checking per call would time a device sync
+# per layer, which no model pays.
+VALUE_CHECKS = False
 FUSED_ENV = {"DATALORA_FUSED_LINEAR": "1"}
 # max |output - per-expert loop in fp32| / max |loop in fp32| a timed method may reach (its
 # dtype's rounding); above it the method computes another layer and its time means nothing
@@ -184,13 +190,15 @@ def build_methods(case: Case, inp: dict, backends: list[str]) -> dict[str, Calla
     methods = {"linear": lambda: F.linear(x, W, b)}
     for be in backends:
         methods[f"molora_linear[{be}]"] = (
-            lambda be=be: ops.molora_linear(x, W, b, A, B, ids, gates, None, s, backend=be))
+            lambda be=be: ops.molora_linear(x, W, b, A, B, ids, gates, None, s, backend=be,
+                                            check_values=VALUE_CHECKS))
         methods[f"molora_delta[{be}]"] = (
-            lambda be=be: ops.molora_delta(x, A, B, ids, gates, None, s, backend=be))
+            lambda be=be: ops.molora_delta(x, A, B, ids, gates, None, s, backend=be,
+                                           check_values=VALUE_CHECKS))
     if x.device.type == "cuda" and "triton" in backends and fused_applies(case):
         methods[FUSED_METHOD] = with_env(
             FUSED_ENV, lambda: ops.molora_linear(x, W, b, A, B, ids, gates, None, s,
-                                                 backend="triton"))
+                                                 backend="triton", check_values=VALUE_CHECKS))
     methods["loop_linear"] = lambda: loop_linear(x, W, b, A, B, ids, gates, None, s)
     methods["loop_delta"] = lambda: loop_delta(x, A, B, ids, gates, None, s)
     if case.k == 1:
@@ -411,7 +419,10 @@ def metadata(preset_name: str, device: torch.device, backends: list[str]) -> dic
         datalora=package_version("datalora"), python=platform.python_version(),
         cuda=torch.version.cuda if cuda else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=sha, git_dirty=dirty, argv=sys.argv[1:])
+        git_commit=sha, git_dirty=dirty, argv=sys.argv[1:],
+        value_checks=("per call" if VALUE_CHECKS else
+                      "off (check_values=False, as MoLoRALinear layers call the ops after "
+                      "their shared routing's one check per forward)"))
 
 
 # ----------------------------------------------------------------------------- targets
