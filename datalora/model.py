@@ -35,7 +35,7 @@ from datalora.pruning import (
     resolve_prune_range,
 )
 from datalora.saliency import UnifiedSaliencyNetwork
-from datalora.sharding import copy_full_into, full_tensors, sharding_kind
+from datalora.sharding import copy_full_into, full_tensors, sharding_kind, unwrapped_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -412,10 +412,12 @@ class DATALORAModel(nn.Module):
 
     def _base_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         # the MoLoRA layers' own parameters (LoRA experts, per-layer routers), not base
-        # parameters that merely share their names (a MoE base's ``...moe.router.weight``)
+        # parameters that merely share their names (a MoE base's ``...moe.router.weight``);
+        # named without FSDP1 / checkpoint wrappers, as the state dict and the files name them
         own = {id(p) for _, layer in self.molora_layers()
                for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
         for name, p in self.base_model.named_parameters():
+            name = unwrapped_name(name)
             if p.requires_grad or id(p) in own or name in self._saved_base_names:
                 yield name, p
 
@@ -522,7 +524,7 @@ class DATALORAModel(nn.Module):
         self._check_saved_config(Path(path), file, metadata)
         saved = load_tensors(file)
         own = self.adapter_state_dict()
-        base = dict(self.base_model.named_parameters())
+        base = {unwrapped_name(n): p for n, p in self.base_model.named_parameters()}
         # base parameters trained with the adapter (saved because they required grad)
         extra = {name for name in saved if name not in own and name in base}
         own.update({name: base[name] for name in extra})

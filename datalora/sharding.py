@@ -40,6 +40,18 @@ def sharding_kind(module: nn.Module) -> str | None:
     return None
 
 
+# submodules that FSDP1 and activation checkpointing insert between a parent and the module
+# they wrap; their state_dict hooks leave these names out of the keys
+WRAPPER_ATTRIBUTES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` (a dotted parameter path) without FSDP1 / activation-checkpoint wrapper
+    segments: the key the wrapped model's ``state_dict()`` uses, and the name the parameter
+    had before wrapping."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRIBUTES)
+
+
 def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached full copies of ``tensors``: DTensors are all-gathered (collective, so every
     rank must call this with the same names in the same order), others copied as they are."""
@@ -69,4 +81,4 @@ def copy_full_into(targets: Mapping[str, torch.Tensor],
         dst.copy_(src)
 
 
-__all__ = ["copy_full_into", "full_tensors", "sharding_kind"]
+__all__ = ["copy_full_into", "full_tensors", "sharding_kind", "unwrapped_name"]

@@ -62,6 +62,37 @@ def test_save_and_reload_is_bit_exact(tmp_path):
     assert not any(p.requires_grad for p in reloaded.parameters())
 
 
+def test_wrapped_layers_save_and_load_under_their_unwrapped_names(tmp_path):
+    """FSDP1 and activation checkpointing insert ``_fsdp_wrapped_module`` /
+    ``_checkpoint_wrapped_module`` between a layer and its parent; their state_dict hooks
+    drop those names, so the adapter (and the state dict the Trainer gathers) must too."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    perturb(wrapped)
+    names = set(wrapped.adapter_state_dict())
+    apply_activation_checkpointing(
+        wrapped.base_model, check_fn=lambda m: isinstance(m, MistralDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    assert set(wrapped.adapter_state_dict()) == names
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path / "full", state_dict=wrapped.state_dict())
+    wrapped.save_pretrained(tmp_path / "own")
+    for folder in ("full", "own"):
+        reloaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path / folder)
+        assert set(reloaded.adapter_state_dict()) == names
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    fresh = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    apply_activation_checkpointing(
+        fresh.base_model, check_fn=lambda m: isinstance(m, MistralDecoderLayer))
+    fresh.load_adapter(tmp_path / "full")  # into a wrapped model too
+    assert torch.equal(fresh(input_ids=ids).logits, logits)
+
+
 def test_from_pretrained_is_for_inference_unless_trainable(tmp_path):
     """As PEFT's: a reloaded adapter comes back frozen and in eval mode (no dropout, no
     routing noise), whatever mode the base was in; ``is_trainable=True`` makes exactly the
