@@ -89,6 +89,8 @@ def main():
                                                       "triton-fused"])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.profile_gpu needs a CUDA GPU (none is visible)")
     lines = []
 
     def say(s=""):

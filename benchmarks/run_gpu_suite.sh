@@ -11,6 +11,8 @@
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
 #   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every case, so a stopped run keeps its rows)
+#   profile      benchmarks.profile_gpu: one MoLoRA call split into wall, host enqueue and
+#                GPU kernel time, with the kernels it launches (profile_gpu.txt)
 #   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every group)
 #   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
@@ -38,7 +40,7 @@ failed=()
 declare -A STEP_RC=()  # exit status of each step run
 # seconds per step (LIMIT_<step> overrides): the benchmarks first, as a lease is short
 declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [decode_check]=45 [roofline]=30
-                           [molora]=150 [nf4]=75
+                           [molora]=150 [profile]=60 [nf4]=75
                            [gpu_tests]=150 [pruning]=90 [tle]=300 [pytest_bench]=120)
 
 step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time
@@ -162,6 +164,7 @@ esac
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
 report
+step profile "$PY" -m benchmarks.profile_gpu --out "$OUT"
 step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT" --groups "${NF4_GROUPS[@]}"
 report
 step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" "${GPU_TESTS_FILTER[@]}" \

@@ -363,12 +363,16 @@ def _nf4_molora_linear_op(
         bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, expert_ids: torch.Tensor,
         gates: torch.Tensor, rank_scale: torch.Tensor | None,
         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [T, d_out], h [T, k, r])``: the dense shrink of ``lora_x`` writes ``Zd`` (and h),
+    """``(y [T, d_out], h [T, k, r])``: the dense shrink of ``lora_x`` gives ``Zd`` (and h),
     then one Triton GEMM computes ``x @ dequant(W)^T + bias + Zd @ B_all^T``."""
     from datalora.kernels import nf4_fused_linear as _nfl
-    from datalora.kernels import shrink as _sh
-    from datalora.kernels._common import as_f32, as_index
-    from datalora.ops.triton_backend import _rank_scale, launch_device
+    from datalora.kernels._common import as_f32
+    from datalora.ops.triton_backend import (
+        _dense_shrink,
+        _expert_rows,
+        _rank_scale,
+        launch_device,
+    )
 
     T = x.shape[0]
     E, r, _ = A.shape
@@ -378,9 +382,8 @@ def _nf4_molora_linear_op(
         return y, h
     with launch_device(x):
         rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-        zd = x.new_empty(T, E * r)
-        _sh.shrink_dense(lora_x, A, A.stride(), as_index(expert_ids, E), as_f32(gates), rs,
-                         rs_stride, h, zd, E, r, scaling)
+        zd = _dense_shrink(lora_x, _expert_rows(A), expert_ids, as_f32(gates), rs, rs_stride, h,
+                           E, r, scaling)
         t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)
         _nfl.nf4_fused_linear(x, t, nf4.code_table(x.device), bias, zd, B, E, r, y)
     return y, h

@@ -3,9 +3,8 @@
 ``W`` is ``[E, O, R]`` reached through strides, so the forward expands with
 ``B [E, d_out, r]`` and the backward's ``dx`` with ``A^T`` of ``A [E, r, d_in]``.
 
-- ``expand_dense``: ``Y [T, O] (+)= alpha * Zd [T, E*R] @ W_all^T`` where
-  ``W_all[o, e*R + i] = W[e, o, i]``: one GEMM with K = E*R; Y is read (when
-  accumulating) and written once per tile.
+- dense: the caller's cuBLAS GEMM ``Y (+)= alpha * Zd [T, E*R] @ W_all^T`` with
+  ``W_all[o, e*R + i] = W[e, o, i]`` (``datalora.ops.triton_backend``).
 - ``expand_grouped``: over routes sorted by expert, each program one block of one
   expert's segment: ``Yr[route] (+)= alpha * Z[route] @ W[e]^T``. With k = 1 a route
   is its token and Yr is Y itself; otherwise the caller sums the k routes per token.
@@ -28,41 +27,6 @@ from ._common import (
 )
 
 BLOCK_O = 64
-
-
-@triton.jit
-def _expand_dense_kernel(
-    z_ptr, w_ptr, y_ptr,
-    T, O, E, R,
-    stride_we, stride_wo, stride_wr, stride_yt, stride_yo,
-    alpha,
-    ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_t = offs_t < T
-    mask_o = offs_o < O
-    rows = offs_t.to(tl.int64)
-    N = E * R
-    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        zt = tl.load(z_ptr + rows[:, None] * N + offs_n[None, :],
-                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
-        e_n = (offs_n // R).to(tl.int64)
-        i_n = offs_n % R
-        wt = tl.load(w_ptr + e_n[:, None] * stride_we + i_n[:, None] * stride_wr
-                     + offs_o[None, :] * stride_wo,
-                     mask=mask_n[:, None] & mask_o[None, :], other=0.0)
-        acc = tl.dot(zt, wt, acc, input_precision="ieee")
-    acc = acc * alpha
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_o[None, :] * stride_yo
-    mask = mask_t[:, None] & mask_o[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,27 +64,11 @@ def _expand_grouped_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def dense_config(T: int, N: int, fp32: bool = False) -> dict:
-    """Tile of ``_expand_dense_kernel`` for T tokens and K = N = E*R (fp32: K-step 16)."""
-    return dict(BLOCK_T=row_block(T), BLOCK_O=BLOCK_O, BLOCK_N=16 if fp32 else col_block(N),
-                num_warps=warps_for(row_block(T), BLOCK_O))
-
-
 def grouped_config(num_routes: int, R: int, fp32: bool = False) -> dict:
     """Tile of ``_expand_grouped_kernel`` for ``num_routes = T*k`` routes of rank R."""
     return dict(BLOCK_M=row_block(num_routes), BLOCK_O=BLOCK_O,
                 BLOCK_R=16 if fp32 else col_block(R),
                 num_warps=warps_for(row_block(num_routes), BLOCK_O))
-
-
-def expand_dense(z, w, w_strides, y, E, R, alpha, accumulate):
-    """``y [T, O] (+)= alpha * z [T, E*R] @ W_all^T``; ``w_strides = (e, o, r)``."""
-    T, O = y.shape
-    cfg = dense_config(T, E * R, z.dtype == torch.float32)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(O, cfg["BLOCK_O"]))
-    _expand_dense_kernel[grid](
-        z, w, y, T, O, E, R, *w_strides, y.stride(0), y.stride(1), float(alpha),
-        ACCUMULATE=accumulate, **cfg, **LAUNCH_OPTIONS)
 
 
 def expand_grouped(z, w, w_strides, perm, y, E, R, alpha, accumulate):
@@ -139,9 +87,6 @@ def launch_configs() -> dict[str, list[dict]]:
     rows, cols = (16, 64), (16, 64)
     split = ((False, ("fp16", "bf16")), (True, ("fp32",)))
     return {
-        "_expand_dense_kernel": [dict(dense_config(t, n, fp32), ACCUMULATE=a, dtypes=dts)
-                                 for t in rows for n in cols for a in (False, True)
-                                 for fp32, dts in split],
         "_expand_grouped_kernel": [dict(grouped_config(m, r, fp32), ACCUMULATE=a,
                                         E_PAD=e_pad(1), dtypes=dts)
                                    for m in rows for r in cols for a in (False, True)

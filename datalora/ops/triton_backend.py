@@ -158,6 +158,28 @@ def _expand_routes(z, w, w_strides, out_dim, perm, y, E, R, alpha, accumulate, k
             chunk.copy_(total)
 
 
+def _expert_rows(A: torch.Tensor) -> torch.Tensor:
+    """``A [E, r, d_in]`` as ``[E*r, d_in]`` (a view when A is contiguous)."""
+    return A.reshape(-1, A.shape[-1])
+
+
+def _expert_columns(B: torch.Tensor) -> torch.Tensor:
+    """``B [E, d_out, r]`` as ``B_all [d_out, E*r]``, ``B_all[o, e*r + i] = B[e, o, i]``
+    (a copy of B's size, small next to the GEMMs that read it)."""
+    E, d_out, r = B.shape
+    return B.transpose(0, 1).reshape(d_out, E * r)
+
+
+def _dense_shrink(x, w_rows, expert_ids, g, rs, rs_stride, raw, E, r, mult):
+    """Dense strategy's shrink: ``hd = x @ w_rows^T`` over every expert (one cuBLAS GEMM,
+    ``w_rows [E*r, K]``), then ``route_dense`` fills ``raw [T, k, r]`` with the routed
+    slices and returns ``Zd [T, E*r] = mult * gsum * rank_scale * hd``."""
+    hd = torch.mm(x, w_rows.t())
+    zd = torch.empty_like(hd)
+    _sh.route_dense(hd, as_index(expert_ids, E), g, rs, rs_stride, raw, zd, E, r, mult)
+    return zd
+
+
 def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate, strategy):
     """``y (+)= delta`` for T > 0; fills ``h [T, k, r]`` with the per-route ``A[e] @ x``."""
     T = x.shape[0]
@@ -167,10 +189,9 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     g = as_f32(gates)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
-        zd = x.new_empty(T, E * r)
-        _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids, E), g, rs, rs_stride, h, zd,
-                         E, r, 1.0)
-        _ex.expand_dense(zd, B, B.stride(), y, E, r, scaling, accumulate)
+        zd = _dense_shrink(x, _expert_rows(A), expert_ids, g, rs, rs_stride, h, E, r, 1.0)
+        # beta = 0 ignores y's old values (NaN in a fresh buffer included)
+        y.addmm_(zd, _expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
     else:
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         z = x.new_empty(T * k, r)
@@ -229,24 +250,33 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
     perm = None  # the expert sort, once per backward (a routing that cannot be cached)
     if need_x or need_A or need_g or need_rs:
-        wB = _as_eor(B, transpose=True)
-        wA = _as_eor(A, transpose=True)
         if need_x:
             dx = x.new_empty(T, d_in) if dx_out is None else dx_out
         accumulate = dx_out is not None
         if strategy == "dense":
-            dhd = x.new_empty(T, E * r)
-            _sh.shrink_dense(dy, B, wB, as_index(expert_ids, E), g, rs, rs_stride, dz, dhd, E, r,
-                             scaling)
+            # dz = B[e]^T dy for every expert in one GEMM; dhd = its routed, scaled form
+            b_cols = _expert_columns(B)
+            dhd = _dense_shrink(dy, b_cols.t(), expert_ids, g, rs, rs_stride, dz, E, r,
+                                scaling)
             if need_x:
-                _ex.expand_dense(dhd, A, wA, dx, E, r, 1.0, accumulate)
+                dx.addmm_(dhd, _expert_rows(A), beta=1 if accumulate else 0)
+            if need_A:  # dA[e, i, :] = sum_t dhd[t, e*r + i] x[t]: zero where e is not routed
+                dA = torch.mm(dhd.t(), x).view(E, r, d_in)
         else:
             perm = _sorted_routes(expert_ids, gates, rank_scale, E)
             dh = x.new_empty(T * k, r)
-            _sh.shrink_grouped(dy, B, wB, perm, k, g, rs, rs_stride, dz, dh, E, r, scaling)
+            _sh.shrink_grouped(dy, B, _as_eor(B, transpose=True), perm, k, g, rs, rs_stride,
+                               dz, dh, E, r, scaling)
             if need_x:
-                _expand_routes(dh, A, wA, 2, perm, dx, E, r, 1.0, accumulate, k, expert_ids)
-    if need_A or need_B:
+                _expand_routes(dh, A, _as_eor(A, transpose=True), 2, perm, dx, E, r, 1.0,
+                               accumulate, k, expert_ids)
+    if strategy == "dense" and need_B:
+        # dB[e, o, i] = sum_t dy[t, o] Zs[t, e*r + i], Zs the forward's scaled dense shrink
+        # (recomputed: one GEMM; h keeps only the routed slices)
+        zs = _dense_shrink(x, _expert_rows(A), expert_ids, g, rs, rs_stride,
+                           torch.empty_like(h2), E, r, scaling)
+        dB = torch.mm(dy.t(), zs).view(d_out, E, r).transpose(0, 1).contiguous()
+    elif strategy != "dense" and (need_A or need_B):
         if perm is None:
             perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         if need_A:
@@ -319,9 +349,8 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-            zd = x.new_empty(T, E * r)
-            _sh.shrink_dense(x, A, A.stride(), as_index(expert_ids, E), as_f32(gates), rs,
-                             rs_stride, h, zd, E, r, scaling)
+            zd = _dense_shrink(x, _expert_rows(A), expert_ids, as_f32(gates), rs, rs_stride, h,
+                               E, r, scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
         return y, h
     y = F.linear(x, weight, bias).contiguous()
