@@ -719,7 +719,9 @@ def test_molora_nf4_layer_fused_path_on_gpu(T):
     ref = (x.float() @ w.T + layer.bias.float()
            + molora_delta_reference(x.float(), layer.lora_A.float(), layer.lora_B.float(),
                                     ids, routing.gates, routing.rank_scale, layer.scaling))
-    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=2e-2)
+    # bf16 compute: rounding errors scale with the largest terms (|y| reaches ~26 here, where
+    # one bf16 step is 0.125), so the absolute tolerance is relative to them
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=2e-2)
 
 
 @pytest.mark.gpu
