@@ -170,13 +170,14 @@ def _expert_columns(B: torch.Tensor) -> torch.Tensor:
     return B.transpose(0, 1).reshape(d_out, E * r)
 
 
-def _dense_shrink(x, w_rows, expert_ids, g, rs, rs_stride, raw, E, r, mult):
+def _dense_shrink(x, w_rows, ids32, g, rs, rs_stride, raw, E, r, mult):
     """Dense strategy's shrink: ``hd = x @ w_rows^T`` over every expert (one cuBLAS GEMM,
     ``w_rows [E*r, K]``), then ``route_dense`` fills ``raw [T, k, r]`` with the routed
-    slices and returns ``Zd [T, E*r] = mult * gsum * rank_scale * hd``."""
+    slices and returns ``Zd [T, E*r] = mult * gsum * rank_scale * hd``; ``ids32`` is
+    :func:`as_index` of the expert ids."""
     hd = torch.mm(x, w_rows.t())
     zd = torch.empty_like(hd)
-    _sh.route_dense(hd, as_index(expert_ids, E), g, rs, rs_stride, raw, zd, E, r, mult)
+    _sh.route_dense(hd, ids32, g, rs, rs_stride, raw, zd, E, r, mult)
     return zd
 
 
@@ -189,7 +190,8 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     g = as_f32(gates)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
-        zd = _dense_shrink(x, _expert_rows(A), expert_ids, g, rs, rs_stride, h, E, r, 1.0)
+        zd = _dense_shrink(x, _expert_rows(A), as_index(expert_ids, E), g, rs, rs_stride, h, E,
+                           r, 1.0)
         # beta = 0 ignores y's old values (NaN in a fresh buffer included)
         y.addmm_(zd, _expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
     else:
@@ -249,6 +251,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     h2 = h.reshape(T * k, r).contiguous()
     dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
     perm = None  # the expert sort, once per backward (a routing that cannot be cached)
+    ids32 = as_index(expert_ids, E) if strategy == "dense" else None
     if need_x or need_A or need_g or need_rs:
         if need_x:
             dx = x.new_empty(T, d_in) if dx_out is None else dx_out
@@ -256,8 +259,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         if strategy == "dense":
             # dz = B[e]^T dy for every expert in one GEMM; dhd = its routed, scaled form
             b_cols = _expert_columns(B)
-            dhd = _dense_shrink(dy, b_cols.t(), expert_ids, g, rs, rs_stride, dz, E, r,
-                                scaling)
+            dhd = _dense_shrink(dy, b_cols.t(), ids32, g, rs, rs_stride, dz, E, r, scaling)
             if need_x:
                 dx.addmm_(dhd, _expert_rows(A), beta=1 if accumulate else 0)
             if need_A:  # dA[e, i, :] = sum_t dhd[t, e*r + i] x[t]: zero where e is not routed
@@ -273,7 +275,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if strategy == "dense" and need_B:
         # dB[e, o, i] = sum_t dy[t, o] Zs[t, e*r + i], Zs the forward's scaled dense shrink
         # (recomputed: one GEMM; h keeps only the routed slices)
-        zs = _dense_shrink(x, _expert_rows(A), expert_ids, g, rs, rs_stride,
+        zs = _dense_shrink(x, _expert_rows(A), ids32, g, rs, rs_stride,
                            torch.empty_like(h2), E, r, scaling)
         dB = torch.mm(dy.t(), zs).view(d_out, E, r).transpose(0, 1).contiguous()
     elif strategy != "dense" and (need_A or need_B):
@@ -349,8 +351,8 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-            zd = _dense_shrink(x, _expert_rows(A), expert_ids, as_f32(gates), rs, rs_stride, h,
-                               E, r, scaling)
+            zd = _dense_shrink(x, _expert_rows(A), as_index(expert_ids, E), as_f32(gates), rs,
+                               rs_stride, h, E, r, scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
         return y, h
     y = F.linear(x, weight, bias).contiguous()
