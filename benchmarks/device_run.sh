@@ -19,7 +19,7 @@
 # (setuptools >= 77 reads pyproject's SPDX license; the machine's own may be older)
 # then call the device tool's run with command
 #   "DATALORA_GIT_COMMIT=<git rev-parse HEAD> bash benchmarks/device_run.sh"
-# (the machine's copy has no .git: the JSON files record this commit), carry [".whl"] and
+# (the machine's copy has no .git, or the session start's: the JSON files record this commit), carry [".whl"] and
 # timeout_s 590; unpack with
 #   mkdir -p benchmarks/results/gpu_<device> && tar xzf gpu_results.tgz -C benchmarks/results/gpu_<device>
 # SKIP_STEPS (run_gpu_suite.sh) skips steps; default "tle pytest_bench" (tle pretrains the

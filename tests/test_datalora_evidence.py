@@ -200,13 +200,13 @@ def test_git_commit_only_of_a_checkout_root(tmp_path, monkeypatch):
     commit rather than that repository's."""
     from datalora.experiments.run_info import git_commit
 
+    monkeypatch.delenv("DATALORA_GIT_COMMIT", raising=False)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     (tmp_path / "site-packages").mkdir()
     sha, dirty = git_commit(tmp_path)
     assert len(sha) == 40 and dirty is False
-    monkeypatch.delenv("DATALORA_GIT_COMMIT", raising=False)
     assert git_commit(tmp_path / "site-packages") == (None, None)
 
 
@@ -218,6 +218,11 @@ def test_git_commit_of_a_copied_tree_from_the_environment(tmp_path, monkeypatch)
     assert git_commit(tmp_path) == ("a" * 40, None)
     monkeypatch.setenv("DATALORA_GIT_COMMIT", "")
     assert git_commit(tmp_path) == (None, None)
+    # a copy that carries a stale .git (the GPU machine's does) still reports the named one
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path),
+                    "init", "-q"], check=True)
+    monkeypatch.setenv("DATALORA_GIT_COMMIT", "b" * 40)
+    assert git_commit(tmp_path) == ("b" * 40, None)
 
 
 @pytest.mark.parametrize("argv", [["--eval-limit", "0"], ["--steps", "0"], ["--limit", "0"],

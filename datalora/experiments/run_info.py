@@ -21,10 +21,14 @@ def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
     checkout at ``root``; ``(None, None)`` when ``root`` is not one (an installed package:
     never the commit of some repository that happens to enclose site-packages).
 
-    A copy of the tree without ``.git`` (the GPU machine's working copy) reports the commit
-    named by ``DATALORA_GIT_COMMIT``, if set, with dirtiness unknown (None)."""
+    ``DATALORA_GIT_COMMIT``, when set, names the commit instead, dirtiness unknown (None):
+    the GPU machine's working copy is the tree as sent (HEAD's files plus any edits) with,
+    at best, the ``.git`` of an earlier state, so only the caller knows what it holds."""
+    named = os.environ.get(GIT_COMMIT_ENV)
+    if named:
+        return named, None
     if not (Path(root) / ".git").exists():
-        return os.environ.get(GIT_COMMIT_ENV) or None, None
+        return None, None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
