@@ -22,7 +22,10 @@ plus peak memory; on the CPU a ``perf_counter`` median of N calls where the meth
 a case run round-robin (rep 1 of every method, then rep 2, ...), so load from other
 processes hits all of them alike and the ratios stay meaningful. On a modelled GPU
 (H100 / A100 / H200) each row also has ``floor_ms`` (the ``benchmarks.roofline`` lower
-bound of its op) and ``fraction_of_floor = floor_ms / median_ms``. The Triton
+bound of its op) and ``fraction_of_floor = floor_ms / median_ms``. On CUDA the base
+linear and datalora's ops are also timed replayed from a CUDA graph (``graph_ms``,
+``graph_ratio_vs_linear``): their kernels without host time between them, which is what a
+fast host or a graph-capturing stack sees (the targets stay on the plain timings). The Triton
 interpreter is never timed. datalora's ops run with ``check_values=False`` (see
 :data:`VALUE_CHECKS`). Results go to ``<out>/molora_<preset>.json`` and a plot
 drawn from that file by ``benchmarks.plot``; the issue's targets are checked at the
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 
 from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
-from benchmarks.timing import time_interleaved
+from benchmarks.timing import cuda_graph_ms, time_interleaved
 from datalora import ops
 from datalora.cli import int_at_least, non_negative_float, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
@@ -316,6 +319,25 @@ def timed_window_ms(call_ms: float) -> float:
     return max(DO_BENCH_REP_MS, MIN_TIMED_CALLS * call_ms)
 
 
+def graph_safe(method: str) -> bool:
+    """Methods timed from a CUDA graph too: the base linear and datalora's ops (called with
+    ``check_values=False``, they never read the device from the host); the per-expert loop
+    and PEFT select tokens with data-dependent shapes, which a graph cannot capture."""
+    return method == "linear" or method.startswith("molora")
+
+
+def time_cuda_graphs(steps: dict[str, Callable]) -> dict[str, float | None]:
+    """``name -> graph_ms`` (:func:`benchmarks.timing.cuda_graph_ms`) for the
+    :func:`graph_safe` methods, None for the others."""
+    out = {}
+    for name, call in steps.items():
+        out[name] = None
+        if graph_safe(name):
+            with env_set(getattr(call, "env", {})):
+                out[name] = cuda_graph_ms(getattr(call, "inner", call))
+    return out
+
+
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
     """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``.
     A :func:`with_env` step is timed as its ``inner`` with its ``env`` set once around."""
@@ -364,7 +386,11 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
                  if not (mode == "fwd_bwd" and n == "peft_mixed")}
         if device.type == "cuda":
             timed = time_cuda(steps, [inp["x"], inp["A"], inp["B"]])
-            extra = {n: dict(peak_mem_mb=v[3]) for n, v in timed.items()}
+            graphs = time_cuda_graphs(steps)
+            extra = {n: dict(peak_mem_mb=v[3], graph_ms=graphs[n],
+                             graph_ratio_vs_linear=None if graphs[n] is None
+                             else graphs[n] / graphs["linear"])
+                     for n, v in timed.items()}
             gpu_name = torch.cuda.get_device_name(device)
         else:
             timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
@@ -605,6 +631,8 @@ def format_case(case: Case, rows: list[dict]) -> str:
                      f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
                      " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else "")
                      + (f"  {frac:.0%} of roofline" if frac is not None else "")
+                     + (f"  graph {row['graph_ms']:.3f} ms x{row['graph_ratio_vs_linear']:.3f}"
+                        if row.get("graph_ms") is not None else "")
                      + (f"  WRONG OUTPUT (rel err {err:.2g} vs the fp32 loop)" if wrong else ""))
     return "\n".join(lines)
 

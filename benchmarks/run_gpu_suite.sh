@@ -109,10 +109,12 @@ if mol.exists():
         if (r["group"] == "T_sweep" and r["T"] in (1, 4096) and (r["d_in"], r["d_out"])
                 == (4096, 4096) and (r["method"] == "linear"
                                      or r["method"].startswith("molora_linear"))):
-            frac = r.get("fraction_of_floor")
+            frac, graph = r.get("fraction_of_floor"), r.get("graph_ms")
             print(f"  T={r['T']:<5} {r['mode']:8s} {r['method']:22s} {r['median_ms']:.4f} ms"
                   f"  x{r['ratio_vs_linear']:.3f} vs linear"
-                  + (f"  {frac:.0%} of floor" if frac is not None else ""))
+                  + (f"  {frac:.0%} of floor" if frac is not None else "")
+                  + (f"  graph {graph:.4f} ms x{r['graph_ratio_vs_linear']:.3f}"
+                     if graph is not None else ""))
 nf4 = out / "nf4_gpu.json"
 if nf4.exists():
     data = json.loads(nf4.read_text())

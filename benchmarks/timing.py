@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Hashable
 
 import torch
@@ -57,3 +58,34 @@ def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.
             sync(device)
             times[key].append((time.perf_counter() - t) * 1e3)
     return {key: (*quantiles(v), reps, v) for key, v in times.items()}
+
+
+def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 10,
+                  rep_ms: float = 50) -> float | None:
+    """Median time of ``fn`` replayed from a CUDA graph on the current device: its kernels
+    back to back with no host work between them, i.e. the GPU time a fast host (or a
+    serving stack that captures graphs) sees. ``fn`` is warmed up on a side stream (as
+    ``torch.cuda.graph`` requires), captured once and replayed by ``do_bench``. Only for
+    calls that never read the device from the host: when the capture fails this warns and
+    returns None (the plain timings stand alone)."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:  # a host sync or data-dependent shape inside fn
+        warnings.warn(f"no CUDA-graph time: the capture failed ({str(exc)[:300]})",
+                      stacklevel=2)
+        torch.cuda.synchronize()
+        return None
+    ms = do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    del graph
+    torch.cuda.synchronize()
+    return ms

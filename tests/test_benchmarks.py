@@ -352,6 +352,76 @@ def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
     assert windows["slow"] >= molora.MIN_TIMED_CALLS * 20
 
 
+def _fake_cuda_graphs(monkeypatch, capture):
+    """``torch.cuda`` streams and graphs without a GPU: ``capture(graph)`` stands in for
+    ``torch.cuda.graph`` (a context manager); ``do_bench`` of the replay returns 0.5."""
+    import contextlib
+
+    import triton.testing
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", contextlib.contextmanager(capture))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, return_mode: (fn(), 0.5)[1])
+
+
+def test_cuda_graph_time_warms_up_captures_once_and_times_the_replay(monkeypatch):
+    from benchmarks import timing
+
+    def capture(graph):
+        calls.append("capture")
+        yield
+
+    calls = []
+    _fake_cuda_graphs(monkeypatch, capture)
+    assert timing.cuda_graph_ms(lambda: calls.append("call")) == 0.5
+    assert calls == ["call"] * 3 + ["capture", "call"]
+
+
+def test_cuda_graph_time_is_none_with_a_warning_when_the_capture_fails(monkeypatch):
+    from benchmarks import timing
+
+    def refusing(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    _fake_cuda_graphs(monkeypatch, refusing)
+    with pytest.warns(UserWarning, match="no CUDA-graph time: the capture failed"):
+        assert timing.cuda_graph_ms(lambda: None) is None
+
+
+def test_only_graph_safe_methods_are_timed_from_a_graph_with_their_env(monkeypatch):
+    """The loop and PEFT select tokens with data-dependent shapes (no graph); a fused
+    (:func:`with_env`) step is captured with its env set."""
+    monkeypatch.delenv("DATALORA_BENCH_TEST_ENV", raising=False)
+    captured = {}
+    monkeypatch.setattr(molora, "cuda_graph_ms", lambda fn: (fn(), 0.25)[1])
+    steps = {name: (lambda name=name: captured.setdefault(
+        name, os.environ.get("DATALORA_BENCH_TEST_ENV"))) for name in
+        ("linear", "molora_linear[triton]", "molora_delta[torch]", "loop_linear", "loop_delta",
+         "peft_mixed")}
+    steps["molora_linear[triton-fused]"] = molora.with_env(
+        {"DATALORA_BENCH_TEST_ENV": "1"},
+        lambda: captured.setdefault("fused", os.environ.get("DATALORA_BENCH_TEST_ENV")))
+    got = molora.time_cuda_graphs(steps)
+    assert {n for n, ms in got.items() if ms is not None} == {
+        "linear", "molora_linear[triton]", "molora_delta[torch]", "molora_linear[triton-fused]"}
+    assert captured["fused"] == "1" and "loop_linear" not in captured
+    assert "DATALORA_BENCH_TEST_ENV" not in os.environ
+
+
 def test_nf4_cli_prints_a_target_that_did_not_run(tmp_path, monkeypatch, capsys):
     """On a GPU without the CUDA extension the decode target is NOT_RUN with value None:
     the CLI prints it rather than failing to format None."""
