@@ -130,8 +130,8 @@ def route_dense(hd, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
     """Routes the dense per-expert products ``hd [T, E*R]`` (``hd[t, e*R + i] = (A[e] @
     x[t])[i]``, one cuBLAS GEMM over every expert; row stride any, columns contiguous):
     writes raw ``[T*k, R]`` (each route's slice of hd) and dense ``[T, E*R]`` = ``mult *
-    gsum[t, e] * rs[t, i] * hd`` (both contiguous). ids int32 / gates fp32 ``[T, k]``
-    contiguous; rs fp32 ``[T or 1, R]`` with row stride ``rs_stride``."""
+    gsum[t, e] * rs[t, i] * hd`` (both contiguous). ids int64 (clamped here) / gates fp32
+    ``[T, k]`` contiguous; rs fp32 ``[T or 1, R]`` with row stride ``rs_stride``."""
     T = hd.shape[0]
     cfg = route_config(E * R)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))

@@ -27,7 +27,7 @@ from datalora.kernels import expand as _ex
 from datalora.kernels import fused_linear as _fl
 from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
-from datalora.kernels._common import as_f32, as_index
+from datalora.kernels._common import as_f32
 from datalora.ops import torch_backend
 from datalora.ops.eager import RoutingCache, may_cache_routing
 from datalora.routing import ExpertPermutation, sort_routes
@@ -104,10 +104,26 @@ def _sorted_routes(expert_ids, gates, rank_scale, E) -> ExpertPermutation:
     return permutation(expert_ids, E, cache=may_cache_routing(expert_ids, gates, rank_scale))
 
 
+_ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _ones(r: int, device: torch.device) -> torch.Tensor:
+    """fp32 ones ``[r]``, kept per device (the kernels only read them): no fill launch per
+    call. While a CUDA graph is captured a fresh one is made and not kept: its fill runs
+    only when the graph replays."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones(r, dtype=torch.float32, device=device)
+    key = (device, r)
+    if key not in _ONES:
+        with torch.inference_mode(False), torch.no_grad():
+            _ONES[key] = torch.ones(r, dtype=torch.float32, device=device)
+    return _ONES[key]
+
+
 def _rank_scale(rank_scale, r, device):
     """fp32 rank scale and its row stride; ones with stride 0 when there is none."""
     if rank_scale is None:
-        return torch.ones(r, dtype=torch.float32, device=device), 0
+        return _ones(r, device), 0
     rs = as_f32(rank_scale)
     return rs, rs.stride(0)
 
@@ -170,14 +186,20 @@ def _expert_columns(B: torch.Tensor) -> torch.Tensor:
     return B.transpose(0, 1).reshape(d_out, E * r)
 
 
-def _dense_shrink(x, w_rows, ids32, g, rs, rs_stride, raw, E, r, mult):
+def _route_ids(expert_ids: torch.Tensor) -> torch.Tensor:
+    """Expert ids as ``route_dense`` reads them: int64, contiguous (no copy for the ids a
+    router's top-k returns); the kernel clamps them to ``[0, E)``."""
+    return expert_ids.to(torch.int64).contiguous()
+
+
+def _dense_shrink(x, w_rows, ids, g, rs, rs_stride, raw, E, r, mult):
     """Dense strategy's shrink: ``hd = x @ w_rows^T`` over every expert (one cuBLAS GEMM,
     ``w_rows [E*r, K]``), then ``route_dense`` fills ``raw [T, k, r]`` with the routed
-    slices and returns ``Zd [T, E*r] = mult * gsum * rank_scale * hd``; ``ids32`` is
-    :func:`as_index` of the expert ids."""
+    slices and returns ``Zd [T, E*r] = mult * gsum * rank_scale * hd``; ``ids`` is
+    :func:`_route_ids` of the expert ids."""
     hd = torch.mm(x, w_rows.t())
     zd = torch.empty_like(hd)
-    _sh.route_dense(hd, ids32, g, rs, rs_stride, raw, zd, E, r, mult)
+    _sh.route_dense(hd, ids, g, rs, rs_stride, raw, zd, E, r, mult)
     return zd
 
 
@@ -190,8 +212,8 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     g = as_f32(gates)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
-        zd = _dense_shrink(x, _expert_rows(A), as_index(expert_ids, E), g, rs, rs_stride, h, E,
-                           r, 1.0)
+        zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), g, rs, rs_stride, h, E, r,
+                           1.0)
         # beta = 0 ignores y's old values (NaN in a fresh buffer included)
         y.addmm_(zd, _expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
     else:
@@ -251,7 +273,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     h2 = h.reshape(T * k, r).contiguous()
     dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
     perm = None  # the expert sort, once per backward (a routing that cannot be cached)
-    ids32 = as_index(expert_ids, E) if strategy == "dense" else None
+    ids = _route_ids(expert_ids) if strategy == "dense" else None
     if need_x or need_A or need_g or need_rs:
         if need_x:
             dx = x.new_empty(T, d_in) if dx_out is None else dx_out
@@ -259,7 +281,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         if strategy == "dense":
             # dz = B[e]^T dy for every expert in one GEMM; dhd = its routed, scaled form
             b_cols = _expert_columns(B)
-            dhd = _dense_shrink(dy, b_cols.t(), ids32, g, rs, rs_stride, dz, E, r, scaling)
+            dhd = _dense_shrink(dy, b_cols.t(), ids, g, rs, rs_stride, dz, E, r, scaling)
             if need_x:
                 dx.addmm_(dhd, _expert_rows(A), beta=1 if accumulate else 0)
             if need_A:  # dA[e, i, :] = sum_t dhd[t, e*r + i] x[t]: zero where e is not routed
@@ -275,7 +297,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if strategy == "dense" and need_B:
         # dB[e, o, i] = sum_t dy[t, o] Zs[t, e*r + i], Zs the forward's scaled dense shrink
         # (recomputed: one GEMM; h keeps only the routed slices)
-        zs = _dense_shrink(x, _expert_rows(A), ids32, g, rs, rs_stride,
+        zs = _dense_shrink(x, _expert_rows(A), ids, g, rs, rs_stride,
                            torch.empty_like(h2), E, r, scaling)
         dB = torch.mm(dy.t(), zs).view(d_out, E, r).transpose(0, 1).contiguous()
     elif strategy != "dense" and (need_A or need_B):
@@ -351,7 +373,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-            zd = _dense_shrink(x, _expert_rows(A), as_index(expert_ids, E), as_f32(gates), rs,
+            zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), as_f32(gates), rs,
                                rs_stride, h, E, r, scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
         return y, h

@@ -437,3 +437,36 @@ def test_forward_mode_ad_gives_the_reference_tangent(x_requires_grad, device):
                                    backend="triton")
         torch.testing.assert_close(fwAD.unpack_dual(delta).tangent, want)
         torch.testing.assert_close(fwAD.unpack_dual(linear).tangent, tangent @ W.T + want)
+
+
+def test_dense_strategy_issues_no_index_casts_or_fills(device, monkeypatch):
+    """The dense routing pass reads the router's int64 ids as they are (clamped in the
+    kernel) and a missing rank scale is a kept vector of ones: per call no clamp, cast or
+    fill runs beside the GEMMs and the routing kernel (on a GPU each is one more launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
+    x, A, B, ids, g, _ = make_inputs(24, 16, 12, 4, 4, 2, torch.float32, device,
+                                     rank_scale=False)
+    W = torch.randn(12, 16).to(device)
+    gy = torch.randn(24, 12).to(device)
+    x, A, B = (t.requires_grad_(True) for t in (x, A, B))
+    assert ids.dtype == torch.int64 and g.dtype == torch.float32
+
+    def step():
+        ops.molora_linear(x, W, None, A, B, ids, g, None, 1.5, backend="triton",
+                          check_values=False).backward(gy)
+    step()  # the ones vector is made once
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::clamp", "aten::ones", "aten::fill_", "aten::_to_copy"}, names
+    assert "aten::mm" in names  # the profile saw the call's ops
+
+
+def test_kept_ones_are_shared_and_outlive_inference_mode():
+    first = tb._ones(5, torch.device("cpu"))
+    assert tb._ones(5, torch.device("cpu")) is first and torch.equal(first, torch.ones(5))
+    with torch.inference_mode():
+        made_inside = tb._ones(7, torch.device("cpu"))
+    assert not made_inside.is_inference()  # usable by later calls outside inference mode
