@@ -98,6 +98,7 @@ def test_backend_functions_match_torch_backend(strategy, device):
     torch.testing.assert_close(h, h_t, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(delta)
     for needs in [(True, False, False, False, False), (False, True, True, False, False),
+                  (False, True, False, False, False), (False, False, True, False, False),
                   (False, False, False, True, True)]:
         got = tb.delta_backward(gy, x, A, B, ids, g, rs, h, 2.0, needs, strategy=strategy)
         want = torch_backend.delta_backward(gy, x, A, B, ids, g, rs, h_t, 2.0, needs)
@@ -248,8 +249,9 @@ def test_permutation_cache_is_keyed_by_the_expert_count(device):
 
 
 
+@pytest.mark.parametrize("grads", ["all", "A", "B"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_backward_sorts_an_uncached_routing_once(strategy, device, monkeypatch):
+def test_backward_sorts_an_uncached_routing_once(strategy, grads, device, monkeypatch):
     """A routing the backend may not cache (plain user tensors) is sorted by expert at most
     once per backward, whichever gradients it computes (the grouped dx and dA / dB share
     the sort); the dense strategy's GEMMs over every expert need no sort."""
@@ -257,8 +259,10 @@ def test_backward_sorts_an_uncached_routing_once(strategy, device, monkeypatch):
     sorts = []
     monkeypatch.setattr(tb, "sort_routes", lambda *a: (sorts.append(1), sort_routes(*a))[1])
     x, A, B, ids, g, rs = make_inputs(20, 16, 12, 8, 4, 2, torch.float32, device)
-    leaves = [t.requires_grad_(True) for t in (x, A, B, g, rs)]
-    delta = ops.molora_delta(*leaves[:3], ids, *leaves[3:], 1.0, backend="triton")
+    wanted = {"all": (x, A, B, g, rs), "A": (A,), "B": (B,)}[grads]
+    for t in wanted:
+        t.requires_grad_(True)
+    delta = ops.molora_delta(x, A, B, ids, g, rs, 1.0, backend="triton")
     sorts.clear()
     delta.sum().backward()
     assert len(sorts) == (strategy == "grouped")
