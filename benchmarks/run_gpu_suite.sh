@@ -40,7 +40,7 @@ failed=()
 declare -A STEP_RC=()  # exit status of each step run
 # seconds per step (LIMIT_<step> overrides): the benchmarks first, as a lease is short
 declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [decode_check]=45 [roofline]=30
-                           [molora]=150 [profile]=60 [nf4]=75
+                           [molora]=200 [profile]=60 [nf4]=75
                            [gpu_tests]=150 [pruning]=90 [tle]=300 [pytest_bench]=120)
 
 step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time

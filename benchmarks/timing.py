@@ -60,8 +60,8 @@ def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.
     return {key: (*quantiles(v), reps, v) for key, v in times.items()}
 
 
-def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 10,
-                  rep_ms: float = 50) -> float | None:
+def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 5,
+                  rep_ms: float = 25) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph on the current device: its kernels
     back to back with no host work between them, i.e. the GPU time a fast host (or a
     serving stack that captures graphs) sees. ``fn`` is warmed up on a side stream (as
