@@ -70,7 +70,9 @@ def _route_dense_kernel(
         tl.store(raw_ptr + route[:, None] * R + i_n[None, :], hd.to(raw_ptr.dtype.element_ty),
                  mask=mask_tn & match)
     rs = tl.load(rs_ptr + rows[:, None] * stride_rst + i_n[None, :], mask=mask_tn, other=0.0)
-    val = hd.to(tl.float32) * gsum * rs * mult
+    # unrouted columns are 0 even where hd is not finite (a NaN token's Zd then stays out of
+    # the other experts' dB, as in the torch backend)
+    val = tl.where(gsum != 0.0, hd.to(tl.float32) * gsum * rs * mult, 0.0)
     tl.store(dense_ptr + rows[:, None] * (E * R) + offs_n[None, :],
              val.to(dense_ptr.dtype.element_ty), mask=mask_tn)
 

@@ -474,3 +474,24 @@ def test_kept_ones_are_shared_and_outlive_inference_mode():
     with torch.inference_mode():
         made_inside = tb._ones(7, torch.device("cpu"))
     assert not made_inside.is_inference()  # usable by later calls outside inference mode
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_nan_token_spoils_only_its_own_dx_and_its_experts_dB(strategy, device):
+    """Backward with one token's x NaN: the other tokens' dx and every gate gradient but its
+    own stay finite, and dB only for the experts it routes to (both strategies, as the
+    torch backend); dA: its experts' (grouped) or every expert's (dense: one GEMM over all
+    tokens, 0 x NaN)."""
+    x, A, B, ids, g, rs = make_inputs(20, 16, 12, 8, 4, 2, torch.float32, device)
+    x[3, 5] = float("nan")
+    delta, h = tb.delta_forward(x, A, B, ids, g, rs, 1.0, strategy=strategy)
+    dx, dA, dB, dg, _ = tb.delta_backward(torch.randn_like(delta), x, A, B, ids, g, rs, h, 1.0,
+                                          (True,) * 5, strategy=strategy)
+    others = torch.arange(20, device=device) != 3
+    assert torch.isfinite(dx[others]).all() and torch.isfinite(dg[others]).all()
+    routed = torch.zeros(8, dtype=torch.bool, device=device)
+    routed[ids[3]] = True
+    finite = lambda t: torch.isfinite(t).flatten(1).all(1)  # noqa: E731
+    assert torch.equal(finite(dB), ~routed)
+    assert torch.equal(finite(dA), ~routed if strategy == "grouped" else torch.zeros_like(routed))
+
