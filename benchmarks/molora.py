@@ -126,6 +126,8 @@ PRESETS = {
         + [Case("T_sweep", T, 4096, 14336) for T in (1, 4096, 16384)]
         + [Case("T_sweep", T, 14336, 4096) for T in (1, 4096, 16384)]
         + _sweep(4096, 4096, Es=(2, 4, 16, 32, 64), rs=(4, 8, 32, 64, 128), ks=(1, 4, 8))
+        # E*r = 2048: beyond the dense strategy's columns, the grouped kernels' shape
+        + [Case("sweep", 4096, 4096, 4096, E=64, r=32)]
         + _tenant((64, 4096), 4096) + [Case("tenant", 64, 4096, 4096, E=64, k=1,
                                             skew="distinct")],
         target_T=4096, target_d=4096),

@@ -106,7 +106,7 @@ def test_fused_rows_only_where_the_fused_kernel_runs():
     """``DATALORA_FUSED_LINEAR=1`` fuses the dense strategy only: grouped shapes would time
     the unfused path under the fused label."""
     assert molora.fused_applies(molora.Case("T_sweep", 4096, 4096, 4096))
-    assert not molora.fused_applies(molora.Case("sweep", 4096, 4096, 4096, E=64))
+    assert not molora.fused_applies(molora.Case("sweep", 4096, 4096, 4096, E=64, r=32))
     gpu_cases = molora.PRESETS["gpu"]["cases"]
     assert 0 < sum(map(molora.fused_applies, gpu_cases)) < len(gpu_cases)
 

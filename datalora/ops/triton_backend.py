@@ -34,7 +34,11 @@ from datalora.routing import ExpertPermutation, sort_routes
 
 STRATEGIES = ("dense", "grouped")
 # Dense computes every expert: worth it while E*r is this small or the waste E/k <= 2.
-DENSE_MAX_COLUMNS = 256
+# Measured on an H200 (bf16, T = 4096, d = 4096, benchmarks/results/gpu_h200): at E*r =
+# 512 and 1024 (E = 8 with r = 64 / 128, E = 32 / 64 with r = 16, k = 2) the dense cuBLAS
+# GEMMs (the torch backend there) took 1.5-2x less than the grouped Triton kernels, forward
+# and forward + backward; larger E*r is unmeasured and stays grouped.
+DENSE_MAX_COLUMNS = 1024
 
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -63,10 +67,10 @@ def choose_strategy(E: int, r: int, k: int) -> str:
     routes by expert and runs segment GEMMs over the routed experts only (a sort and
     per-expert tile padding, but ``k*r`` instead of ``E*r`` FLOPs per token, and only
     the routed experts' weights are read, which matters for small T). The dense
-    GEMM's extra columns are nearly free while ``E*r <= 256`` (it stays bound by
-    reading x, d >> E*r) or while at most half its work is wasted (``E <= 2k``,
-    dense mixtures included); beyond that grouped wins. ``DATALORA_SHRINK_STRATEGY``
-    (``dense`` / ``grouped``) overrides the choice.
+    GEMMs (cuBLAS) stay cheaper up to ``E*r <= DENSE_MAX_COLUMNS`` (1024, measured: the
+    grouped Triton kernels run far below cuBLAS's efficiency) and while at most half
+    their work is wasted (``E <= 2k``, dense mixtures included); beyond that grouped.
+    ``DATALORA_SHRINK_STRATEGY`` (``dense`` / ``grouped``) overrides the choice.
     """
     forced = os.environ.get("DATALORA_SHRINK_STRATEGY", "")
     if forced:

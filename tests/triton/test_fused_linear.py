@@ -193,8 +193,8 @@ def test_grouped_strategy_keeps_cublas_path(device, monkeypatch, spy):
     """Large E*r (grouped strategy) would make Zd cost E/k times the routed work: the
     fused flag leaves that case on cuBLAS + expand, still correct."""
     monkeypatch.setenv("DATALORA_FUSED_LINEAR", "1")
-    x, A, B, ids, g, rs = make_inputs(30, 24, 20, 40, 8, 2, torch.float32, device)
-    assert tb.choose_strategy(40, 8, 2) == "grouped"
+    x, A, B, ids, g, rs = make_inputs(30, 24, 20, 40, 32, 2, torch.float32, device)
+    assert tb.choose_strategy(40, 32, 2) == "grouped"  # E*r = 1280
     W, b = _weights(24, 20, torch.float32, device, True)
     y, _ = tb.linear_forward(x, W, b, A, B, ids, g, rs, 0.5)
     assert not spy

@@ -287,11 +287,11 @@ def test_dispatch_rules(device, monkeypatch, spy):
     """Off by default; the torch backend and the grouped strategy (large E*r) keep the
     dequantize + delta path; a bad flag value raises."""
     base = _base(32, 16, 32, False, False, device)
-    x, A, B, ids, g, rs = make_inputs(5, 32, 16, 40, 8, 2, torch.float32, device)
+    x, A, B, ids, g, rs = make_inputs(5, 32, 16, 40, 32, 2, torch.float32, device)
     nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")
     assert not spy and not nf4_fused_enabled()
     monkeypatch.setenv("DATALORA_NF4_FUSED", "1")
-    nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")  # E*r = 320: grouped
+    nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")  # E*r = 1280: grouped
     nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "torch")
     assert not spy
     nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "triton")
