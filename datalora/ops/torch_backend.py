@@ -14,9 +14,9 @@ much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs an
 ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs and 11.
 
 Being dense, the ``dA`` GEMM sums over every token for every expert: a token whose x holds
-NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), where the Triton backend
-and a per-expert loop spoil only its routed experts' (outputs, dx and the other tokens'
-gradients stay clean on every backend).
+NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), as the Triton backend's
+dense strategy does, where its grouped strategy and a per-expert loop spoil only its routed
+experts' (outputs, dx and the other tokens' gradients stay clean on every backend).
 Likewise an expert whose A or B holds NaN / inf (a diverged expert) makes every token's
 output non-finite here and on the Triton backend's dense strategy, not only its routed
 tokens' as in the grouped strategy and a per-expert loop.
