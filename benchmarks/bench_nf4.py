@@ -171,8 +171,8 @@ def bench_decode(cases, p, device, timer, peak):
         errors = _errors(steps, _layer_ref(x, base.weight, None, A, B, ids, gates))
         for method, res in timer(steps).items():
             # the one-launch kernel replayed from a CUDA graph: its own time, no host work
-            graph = (cuda_graph_ms(steps[method]) if fused and device.type == "cuda"
-                     and method == "datalora_fused" else None)
+            graph = (cuda_graph_ms(steps[method])
+                     if method == "datalora_fused" and device.type == "cuda" else None)
             rows.append(dict(group="decode", method=method, T=T, d_in=K, d_out=N,
                              weight_gbs=wbytes / res["ms"] / 1e6,
                              hbm_frac=None if peak is None else wbytes / res["ms"] / 1e6 / peak,

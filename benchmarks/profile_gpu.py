@@ -15,26 +15,23 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.molora import Case, env_set, make_inputs
 from datalora import ops
 
 
-def inputs(T, d=4096, E=8, r=16, k=2, dtype=torch.bfloat16):
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to("cuda", dtype)
-
-    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :k].contiguous()
-    gates = torch.rand(T, k, device="cuda") + 0.1
-    gates = (gates / gates.sum(-1, keepdim=True)).to(dtype)
-    return dict(x=randn(T, d).requires_grad_(), W=randn(d, d, std=d ** -0.5),
-                A=randn(E, r, d, std=d ** -0.5).requires_grad_(),
-                B=randn(E, d, r, std=r ** -0.5).requires_grad_(), ids=ids, gates=gates,
-                grad=randn(T, d))
+def inputs(T: int, d: int = 4096) -> dict:
+    """``benchmarks.molora``'s inputs of the 7B case (bf16, E = 8, r = 16, k = 2) at T
+    tokens, x / A / B requiring grad, plus the output gradient."""
+    inp = make_inputs(Case("T_sweep", T, d, d), torch.bfloat16, torch.device("cuda"))
+    for name in ("x", "A", "B"):
+        inp[name].requires_grad_(True)
+    inp["grad"] = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    return inp
 
 
 def calls(inp, backend):
-    x, W, A, B, ids, gates = (inp[k] for k in ("x", "W", "A", "B", "ids", "gates"))
+    x, W, A, B, ids, gates = (inp[k] for k in ("x", "weight", "A", "B", "expert_ids",
+                                                "gates"))
     if backend == "linear":
         fwd = lambda: torch.nn.functional.linear(x, W)  # noqa: E731
     else:
@@ -99,12 +96,13 @@ def main():
     for T in args.T:
         inp = inputs(T)
         for backend in args.backends:
-            os.environ["DATALORA_FUSED_LINEAR"] = "1" if backend == "triton-fused" else "0"
             for checks in ("1", "0") if backend != "linear" else ("1",):
-                os.environ["DATALORA_CHECK_VALUES"] = checks
+                env = {"DATALORA_FUSED_LINEAR": "1" if backend == "triton-fused" else "0",
+                       "DATALORA_CHECK_VALUES": checks}
                 for mode, fn in calls(inp, backend).items():
                     try:
-                        wall, pipe, enq, kernels = measure(fn)
+                        with env_set(env):
+                            wall, pipe, enq, kernels = measure(fn)
                     except Exception as exc:  # noqa: BLE001
                         say(f"T={T} {backend} checks={checks} {mode}: {type(exc).__name__} {exc}")
                         continue
