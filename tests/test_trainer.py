@@ -273,6 +273,20 @@ def test_trainer_rejects_per_layer_routing(tmp_path):
         make_trainer(tmp_path, model)
 
 
+# Ends every multi-process script once all its checks have passed. The modules (FSDP2's
+# DeviceMesh, DDP's reducer) keep the gloo process group alive past destroy_process_group;
+# when interpreter finalization destroys it, its worker threads can still be joinable and
+# std::terminate aborts the rank (seen once in CI, after both ranks had printed their OK).
+CLEAN_EXIT = r'''
+import os as _os, sys as _sys, torch.distributed as _dist
+_dist.barrier()  # no rank closes its connections while the other still uses them
+_dist.destroy_process_group()
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)
+'''
+
+
 DDP_SCRIPT = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
@@ -288,7 +302,7 @@ assert dist.get_world_size() == 2
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 assert len([h for h in trainer.state.log_history if "loss" in h]) >= 1 or dist.get_rank() != 0
 print("DDP-OK", dist.get_rank(), float(model.saliency.keep_threshold))
-'''
+''' + CLEAN_EXIT
 
 
 def run_torchrun(tmp_path, source: str, port: int, processes: int = 2,
@@ -397,8 +411,7 @@ loaded = full_tensors(fresh.adapter_state_dict())
 for name in saved:
     assert same(loaded[name], saved[name]), name
 print("FSDP-OK", rank)
-dist.destroy_process_group()
-'''
+''' + CLEAN_EXIT
 
 
 @pytest.mark.slow
