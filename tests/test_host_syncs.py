@@ -68,10 +68,10 @@ class _Counter(TorchDispatchMode):
 @pytest.fixture
 def count_syncs(monkeypatch):
     """``with count_syncs() as counter:`` -> ``counter.sites`` ({datalora site: reads})."""
-    import datalora.ops.molora as molora
+    import datalora.ops.eager as eager
 
     # the dispatch mode would make the ops take their custom-op (tracing) path
-    monkeypatch.setattr(molora, "_get_current_dispatch_mode", lambda: None)
+    monkeypatch.setattr(eager, "_get_current_dispatch_mode", lambda: None)
     modes = []
 
     def read(name):

@@ -237,7 +237,7 @@ def test_eager_function_equals_custom_op_bitwise(op, monkeypatch):
         monkeypatch.setattr(molora, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
     eager = _values_and_grads(fn, inputs)
     assert called == []  # plain eager tensors: no custom-op dispatch, forward or backward
-    monkeypatch.setattr(molora, "_tracing", lambda *tensors: True)
+    monkeypatch.setattr(molora, "tracing", lambda *tensors: True)
     dispatched = _values_and_grads(fn, inputs)
     assert len(called) == 2  # forward op and backward op
     assert len(eager) == len(dispatched) == (6 if op == "delta" else 8)
@@ -252,12 +252,12 @@ def test_custom_op_used_under_fake_tensors():
 
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(5, 24))
-        assert molora._tracing(x)
+        assert molora.tracing(x)
         out = ops.molora_delta(x, *[mode.from_tensor(t) for t in make_inputs(5)[1:3]],
                                torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2),
                                check_values=False)
     assert out.shape == (5, 20)
-    assert not molora._tracing(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
+    assert not molora.tracing(torch.randn(2), torch.nn.Parameter(torch.randn(2)))
 
 
 def test_backend_env_override(monkeypatch):

@@ -70,6 +70,57 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.datalora.gather_tokens.default, (hidden, keep, "torch"))
 
 
+def _token_ops_values_and_grads(hidden, keep, packed, weight):
+    out = ops.scatter_tokens(hidden, packed, keep, weight)
+    gathered = ops.gather_tokens(out, keep)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() \
+        + (gathered ** 2).sum()
+    grads = torch.autograd.grad(loss, (hidden, packed, weight))
+    return [out.detach(), gathered.detach(), *grads]
+
+
+def test_eager_token_ops_skip_the_dispatcher_and_equal_the_custom_ops_bitwise(monkeypatch):
+    """Eager mode runs gather / scatter through autograd.Functions (no custom-op dispatch,
+    forward or backward); forced through the registered ops, values and gradients are
+    bit-identical."""
+    from datalora.ops import tokens
+
+    hidden, keep, packed, weight = make(L=13, K=6, dtype=torch.float32)
+    called = []
+    for name in ("_gather_op", "_scatter_op"):
+        real = getattr(tokens, name)
+        monkeypatch.setattr(tokens, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    eager = _token_ops_values_and_grads(hidden, keep, packed, weight)
+    assert called == []
+    with torch.no_grad():  # no autograd: the backend's kernel alone
+        assert torch.equal(ops.gather_tokens(hidden, keep), gather_tokens_reference(hidden, keep))
+    assert called == []
+    monkeypatch.setattr(tokens, "tracing", lambda *tensors: True)
+    dispatched = _token_ops_values_and_grads(hidden, keep, packed, weight)
+    # forward: scatter + gather; backward: gather's scatter-add is plain torch, scatter's
+    # backward gathers twice and scatters once
+    assert sorted(called) == ["_gather_op"] * 3 + ["_scatter_op"] * 2
+    for a, b in zip(eager, dispatched, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_token_ops_double_backward():
+    """A backward recorded with create_graph=True (gradient penalties) is differentiable
+    again: the second-order gradients match the reference's."""
+    hidden, keep, packed, weight = make(Bsz=2, L=6, K=3, d=4)
+
+    def penalty(fn):
+        out = fn(hidden, packed, keep, weight)
+        g = torch.autograd.grad((out ** 3).sum(), (hidden, packed, weight), create_graph=True)
+        return torch.autograd.grad(sum((t ** 2).sum() for t in g), (hidden, packed, weight))
+
+    for a, b in zip(penalty(ops.scatter_tokens), penalty(scatter_tokens_reference), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradgradcheck(lambda h, p, w: ops.scatter_tokens(h, p, keep, w),
+                                        (hidden, packed, weight))
+    assert torch.autograd.gradgradcheck(lambda h: ops.gather_tokens(h, keep), (hidden,))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unchecked_out_of_range_positions_are_clamped(dtype):
     # as the triton kernels (fp64 runs this backend under backend="triton" too): positions

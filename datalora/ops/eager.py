@@ -19,6 +19,11 @@ the tensors are real eager tensors:
 
 The eager entry points (``molora_delta`` / ``molora_linear`` outside tracing, with or
 without autograd, and their eager backward) run the backend inside :func:`eager_call`.
+
+The module also holds what every op's eager path is built from: :func:`tracing` (whether
+the registered custom ops must run), :func:`under_torch_func`, :func:`needs_autograd` and
+:func:`eager_function` (an ``autograd.Function`` running an op's backend code without the
+custom-op dispatcher, whose host time dominates small layers).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ import threading
 import weakref
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from datalora.ops.backends import get_backend
+from datalora.ops.validation import PLAIN_TENSORS
 
 _state = threading.local()
 _trusted: dict[int, weakref.ref] = {}  # id -> weak reference of routing tensors we built
@@ -144,5 +153,52 @@ def may_cache_routing(*routing: torch.Tensor | None) -> bool:
     return not (tensors and tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-__all__ = ["RoutingCache", "TensorsState", "eager_call", "may_cache_routing",
-           "trust_routing"]
+def tracing(*tensors: torch.Tensor | None) -> bool:
+    """True under torch.compile / export / make_fx or with tensor subclasses (fake or
+    functional tensors): there the registered custom ops must be used."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or any(t is not None and type(t) not in PLAIN_TENSORS for t in tensors))
+
+
+def under_torch_func() -> bool:
+    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
+    a ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the kernels write into
+    new buffers, which would carry no tangent)."""
+    return (torch._C._functorch.maybe_current_level() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
+def needs_autograd(*inputs) -> bool:
+    """Whether grad mode is on and one of ``inputs`` (tensors or other values) requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def eager_function(name: str, backend_forward: str, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` running a custom op without the dispatcher: the
+    backend's ``backend_forward`` (the op's inputs, the backend name last), then the op's
+    own ``setup_context`` and ``backward``, the backend calls inside :func:`eager_call`
+    (routing caches).
+
+    Old-style ``forward(ctx, ...)``: a ``setup_context`` staticmethod would make every
+    ``apply`` bind its arguments with ``inspect.signature`` (tens of microseconds per call).
+    """
+
+    def forward(ctx, *inputs):
+        with eager_call():
+            output = getattr(get_backend(inputs[-1]), backend_forward)(*inputs[:-1])
+        setup_context(ctx, inputs, output)
+        return output
+
+    def eager_backward(ctx, *grads):
+        with eager_call():
+            return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"``datalora::{backend_forward.removesuffix('_forward')}`` in eager mode.",
+        "backend_forward": backend_forward, "forward": staticmethod(forward),
+        "backward": staticmethod(eager_backward)})
+
+
+__all__ = ["RoutingCache", "TensorsState", "eager_call", "eager_function", "may_cache_routing",
+           "needs_autograd", "tracing", "trust_routing", "under_torch_func"]

@@ -5,11 +5,12 @@ formula, so it traces under ``torch.compile(fullgraph=True)`` and CUDA graphs. T
 concrete backend is resolved before the op is called and passed as a string.
 
 In plain eager mode the same forward, ``setup_context`` and backward run through a
-``torch.autograd.Function`` instead (:func:`_tracing` decides): the custom-op dispatcher
-costs about 0.2-0.3 ms of host time per layer forward + backward, which dominates small
-models (28 MoLoRA layers of the embedded tiny model). Both paths call the same backend
-functions, so they give bit-identical results (tested). Without autograd (no input
-requires grad, or grad mode off) the eager path calls the backend directly.
+``torch.autograd.Function`` instead (:func:`datalora.ops.eager.tracing` decides): the
+custom-op dispatcher costs about 0.2-0.3 ms of host time per layer forward + backward,
+which dominates small models (28 MoLoRA layers of the embedded tiny model). Both paths
+call the same backend functions, so they give bit-identical results (tested). Without
+autograd (no input requires grad, or grad mode off) the eager path calls the backend
+directly.
 
 Inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``: per-sample
 gradients, Jacobians) neither composes (their autograd is a custom one), so the ops run
@@ -27,28 +28,25 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from datalora.checks import check_bool, check_number
 from datalora.ops import torch_backend
 from datalora.ops.backends import get_backend, resolve_backend
-from datalora.ops.eager import eager_call
+from datalora.ops.eager import (
+    eager_call,
+    eager_function,
+    needs_autograd,
+    tracing,
+    under_torch_func,
+)
 from datalora.ops.validation import (
-    PLAIN_TENSORS,
     check_linear_inputs,
     check_molora_inputs,
     check_tensor,
 )
 
 _EMPTY = torch.empty(0)
-
-
-def _tracing(*tensors: torch.Tensor | None) -> bool:
-    """True under torch.compile / export / make_fx or with tensor subclasses (fake or
-    functional tensors): there the registered custom ops must be used."""
-    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or any(t is not None and type(t) not in PLAIN_TENSORS for t in tensors))
 
 
 @torch.library.custom_op("datalora::molora_delta", mutates_args=())
@@ -101,7 +99,7 @@ def _warn_plain_torch(backend: str, where: str, why: str) -> None:
 def _create_graph(grad: torch.Tensor, x: torch.Tensor) -> bool:
     """True when this backward runs with ``create_graph=True`` (autograd keeps grad mode on
     for it) in eager mode: its gradients will be differentiated again."""
-    return torch.is_grad_enabled() and not _tracing(grad, x)
+    return torch.is_grad_enabled() and not tracing(grad, x)
 
 
 def _differentiable_grads(fn, inputs, needs, grad: torch.Tensor) -> list[torch.Tensor | None]:
@@ -134,7 +132,7 @@ def _lora_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, bac
 
     ``dx_out`` ``[T, d_in]`` (optional): dx is added into it, in place in eager mode.
     """
-    if _tracing(grad, x):
+    if tracing(grad, x):
         grads = _molora_delta_backward_op(grad, x, A, B, expert_ids, gates, rank_scale, h,
                                           scaling, backend, needs)
         if dx_out is None or not needs[0]:
@@ -269,48 +267,10 @@ def _delta_backward_flops(grad_shape, x_shape, A_shape, B_shape, ids_shape, gate
     return expand * (need_B + dz) + shrink * (need_x + need_A)
 
 
-def _eager_function(name: str, backend_forward: str, setup_context, backward) -> type:
-    """A ``torch.autograd.Function`` running a custom op without the dispatcher: the
-    backend's ``backend_forward``, then the op's own ``setup_context`` and ``backward``,
-    the backend calls inside :func:`~datalora.ops.eager.eager_call` (routing caches).
-
-    Old-style ``forward(ctx, ...)``: a ``setup_context`` staticmethod would make every
-    ``apply`` bind its arguments with ``inspect.signature`` (tens of microseconds per call).
-    """
-
-    def forward(ctx, *inputs):
-        with eager_call():
-            output = getattr(get_backend(inputs[-1]), backend_forward)(*inputs[:-1])
-        setup_context(ctx, inputs, output)
-        return output
-
-    def eager_backward(ctx, *grads):
-        with eager_call():
-            return backward(ctx, *grads)
-
-    return type(name, (torch.autograd.Function,), {
-        "__doc__": f"``datalora::{backend_forward.removesuffix('_forward')}`` in eager mode.",
-        "backend_forward": backend_forward, "forward": staticmethod(forward),
-        "backward": staticmethod(eager_backward)})
-
-
-_EagerMoLoRADelta = _eager_function("_EagerMoLoRADelta", "delta_forward",
+_EagerMoLoRADelta = eager_function("_EagerMoLoRADelta", "delta_forward",
                                     _delta_setup_context, _delta_backward)
-_EagerMoLoRALinear = _eager_function("_EagerMoLoRALinear", "linear_forward",
+_EagerMoLoRALinear = eager_function("_EagerMoLoRALinear", "linear_forward",
                                      _linear_setup_context, _linear_backward)
-
-
-def _needs_autograd(*inputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
-
-
-def _under_torch_func() -> bool:
-    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or
-    a ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the kernels write into
-    new buffers, which would carry no tangent)."""
-    return (torch._C._functorch.maybe_current_level() is not None
-            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _composite_delta(x, A, B, ids, gates, rank_scale, scaling, backend: str):
@@ -323,10 +283,10 @@ def _composite_delta(x, A, B, ids, gates, rank_scale, scaling, backend: str):
 
 
 def _run_eager(function: type[torch.autograd.Function], *inputs):
-    """Eager call: through ``function`` (from :func:`_eager_function`) when a gradient is
-    needed, else its backend forward directly (no autograd node: inference pays only the
-    backend's host time). Returns the op's first output."""
-    if _needs_autograd(*inputs[:-1]):
+    """Eager call: through ``function`` (from :func:`datalora.ops.eager.eager_function`)
+    when a gradient is needed, else its backend forward directly (no autograd node:
+    inference pays only the backend's host time). Returns the op's first output."""
+    if needs_autograd(*inputs[:-1]):
         return function.apply(*inputs)[0]
     with eager_call():
         forward = getattr(get_backend(inputs[-1]), function.backend_forward)
@@ -405,14 +365,14 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     check_bool("check_values", check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
-    functional = _under_torch_func()  # values unseen there: no host checks (ids clamped)
+    functional = under_torch_func()  # values unseen there: no host checks (ids clamped)
     check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
     name = resolve_backend(backend, x.device)
     inputs = (x2, A, B, ids, g, rs, float(scaling), name)
     if functional:
         delta = _composite_delta(*inputs)
     else:
-        delta = (_molora_delta_op(*inputs)[0] if _tracing(x2, A, B, g, rs)
+        delta = (_molora_delta_op(*inputs)[0] if tracing(x2, A, B, g, rs)
                  else _run_eager(_EagerMoLoRADelta, *inputs))
     return delta.view(*x.shape[:-1], B.shape[1])
 
@@ -431,7 +391,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_bool("check_values", check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
-    functional = _under_torch_func()
+    functional = under_torch_func()
     check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
     check_linear_inputs(x2, weight, bias)
     if weight.shape[0] != B.shape[1]:
@@ -443,6 +403,6 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                                           name)
         return y.view(*x.shape[:-1], weight.shape[0])
     inputs = (x2, weight, bias, A, B, ids, g, rs, float(scaling), name)
-    y = (_molora_linear_op(*inputs)[0] if _tracing(x2, weight, bias, A, B, g, rs)
+    y = (_molora_linear_op(*inputs)[0] if tracing(x2, weight, bias, A, B, g, rs)
          else _run_eager(_EagerMoLoRALinear, *inputs))
     return y.view(*x.shape[:-1], weight.shape[0])
