@@ -69,8 +69,9 @@ FLOAT_SCALARS = {"mult", "alpha"}
 # extra pointer-type variants a launcher uses (grouped expand into fp32 per-route partials
 # when k > 1, see datalora.ops.triton_backend._expand_routes)
 VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}],
-            # the dense routing pass reads the router's int64 ids as they are
-            "_route_dense_kernel": [{"ids_ptr": "*i64"}]}
+            # the dense routing passes read the router's int64 ids as they are
+            "_route_dense_kernel": [{"ids_ptr": "*i64"}],
+            "_dense_from_routes_kernel": [{"ids_ptr": "*i64"}]}
 CUDA_SOURCE = REPO / "csrc" / "nf4_kernels.cu"
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 

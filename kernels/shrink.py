@@ -9,7 +9,9 @@ the forward uses ``A [E, r, d_in]`` and the backward ``B^T`` of ``B [E, d_out, r
   gsum[t, e] * rank_scale[t, i] * hd`` (``gsum`` = sum of the gates routed to e), which
   the dense expand (another GEMM) consumes. Measured on an H200 (bf16, T = 4096, d = 4096,
   E*R = 128): the Triton GEMM with this epilogue fused that this replaced took 98 us,
-  cuBLAS takes 14 us for the product.
+  cuBLAS takes 14 us for the product. The backward's ``dB = dy^T Zs`` needs that dense
+  buffer again: ``dense_from_routes`` rebuilds it from the routed slices the forward kept
+  (``raw``), with no second GEMM over x.
 - ``shrink_grouped``: over routes sorted by expert, each program one ``BLOCK_M``-row
   block of one expert's segment: ``raw[route] = W[e] @ X[token(route)]`` and
   ``scaled[route] = mult * gate * rank_scale * raw``. Only routed experts are read.
@@ -78,6 +80,43 @@ def _route_dense_kernel(
 
 
 @triton.jit
+def _dense_from_routes_kernel(
+    raw_ptr, ids_ptr, gates_ptr, rs_ptr, dense_ptr,
+    T, E, R, k, stride_rst,
+    mult,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_n = offs_n < E * R
+    mask_tn = mask_t[:, None] & mask_n[None, :]
+    e_n = offs_n // R
+    i_n = offs_n % R
+    rows = offs_t.to(tl.int64)
+    # each column's value comes from a route to its expert (a token routed twice to one
+    # expert has the same slice in both); gsum = the gates routed to each column
+    gsum = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    h = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(0, k):
+        route = rows * k + j
+        e_tj = tl.load(ids_ptr + route, mask=mask_t, other=0)
+        e_tj = tl.minimum(tl.maximum(e_tj, 0), E - 1)
+        g = tl.load(gates_ptr + route, mask=mask_t, other=0.0)
+        match = e_tj[:, None] == e_n[None, :]
+        gsum += tl.where(match, g[:, None], 0.0)
+        slice_j = tl.load(raw_ptr + route[:, None] * R + i_n[None, :], mask=mask_tn & match,
+                          other=0.0)
+        h = tl.where(match, slice_j.to(tl.float32), h)
+    rs = tl.load(rs_ptr + rows[:, None] * stride_rst + i_n[None, :], mask=mask_tn, other=0.0)
+    val = tl.where(gsum != 0.0, h * gsum * rs * mult, 0.0)
+    tl.store(dense_ptr + rows[:, None] * (E * R) + offs_n[None, :],
+             val.to(dense_ptr.dtype.element_ty), mask=mask_tn)
+
+
+@triton.jit
 def _shrink_grouped_kernel(
     x_ptr, w_ptr, order_ptr, offsets_ptr, gates_ptr, rs_ptr, raw_ptr, scaled_ptr,
     K, E, R, k,
@@ -116,8 +155,9 @@ def _shrink_grouped_kernel(
 
 
 def route_config(N: int) -> dict:
-    """Tile of ``_route_dense_kernel`` for N = E*R columns: elementwise, so small (16
-    rows; a 64-row tile's int64 pointer tiles spill on sm_80 and sm_90)."""
+    """Tile of ``_route_dense_kernel`` / ``_dense_from_routes_kernel`` for N = E*R columns:
+    elementwise, so small (16 rows; a 64-row tile's int64 pointer tiles spill on sm_80 and
+    sm_90)."""
     return dict(BLOCK_T=16, BLOCK_N=col_block(N), num_warps=4)
 
 
@@ -142,6 +182,19 @@ def route_dense(hd, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
         float(mult), **cfg, **LAUNCH_OPTIONS)
 
 
+def dense_from_routes(raw, ids, gates, rs, rs_stride, dense, E, R, mult):
+    """The dense buffer of :func:`route_dense` rebuilt from its routed slices: ``dense [T,
+    E*R] = mult * gsum[t, e] * rs[t, i] * raw[route to e, i]``, 0 in unrouted columns
+    (contiguous). ``raw [T*k, R]`` contiguous (what ``route_dense`` wrote); ids, gates,
+    rs as there. Bit-identical to ``route_dense``'s dense output for the same hd."""
+    T = dense.shape[0]
+    cfg = route_config(E * R)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
+    _dense_from_routes_kernel[grid](
+        raw, ids, gates, rs, dense, T, E, R, ids.shape[1], rs_stride, float(mult), **cfg,
+        **LAUNCH_OPTIONS)
+
+
 def shrink_grouped(x, w, w_strides, perm, k, gates, rs, rs_stride, raw, scaled, E, R, mult):
     """Grouped shrink over ``perm`` (``ExpertPermutation``); raw/scaled ``[T*k, R]``."""
     x = int32_columns(x)
@@ -160,6 +213,7 @@ def launch_configs() -> dict[str, list[dict]]:
     rows, cols = (16, 64), (16, 64)
     return {
         "_route_dense_kernel": [route_config(n) for n in cols],
+        "_dense_from_routes_kernel": [route_config(n) for n in cols],
         "_shrink_grouped_kernel": [dict(grouped_config(m, r, fp32), E_PAD=e_pad(1), dtypes=dts)
                                    for m in rows for r in cols for fp32, dts in SPLIT],
     }

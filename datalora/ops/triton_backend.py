@@ -299,10 +299,10 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
                 _expand_routes(dh, A, _as_eor(A, transpose=True), 2, perm, dx, E, r, 1.0,
                                accumulate, k, expert_ids)
     if strategy == "dense" and need_B:
-        # dB[e, o, i] = sum_t dy[t, o] Zs[t, e*r + i], Zs the forward's scaled dense shrink
-        # (recomputed: one GEMM; h keeps only the routed slices)
-        zs = _dense_shrink(x, _expert_rows(A), ids, g, rs, rs_stride,
-                           torch.empty_like(h2), E, r, scaling)
+        # dB[e, o, i] = sum_t dy[t, o] Zs[t, e*r + i], Zs the forward's scaled dense shrink,
+        # rebuilt from the routed slices h (no second GEMM over x)
+        zs = x.new_empty(T, E * r)
+        _sh.dense_from_routes(h2, ids, g, rs, rs_stride, zs, E, r, scaling)
         dB = torch.mm(dy.t(), zs).view(d_out, E, r).transpose(0, 1).contiguous()
     elif strategy != "dense" and (need_A or need_B):
         if perm is None:

@@ -496,3 +496,54 @@ def test_a_nan_token_spoils_only_its_own_dx_and_its_experts_dB(strategy, device)
     assert torch.equal(finite(dB), ~routed)
     assert torch.equal(finite(dA), ~routed if strategy == "grouped" else torch.zeros_like(routed))
 
+
+
+@pytest.mark.parametrize("E, R, rank_scale", [(5, 3, True), (8, 12, False), (2, 40, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_from_routes_equals_the_forward_routing_pass(E, R, rank_scale, dtype, device):
+    """``dense_from_routes`` rebuilds ``route_dense``'s scaled dense buffer from the routed
+    slices alone, bit for bit: a token routed twice to one expert (gates summed), a NaN
+    slice routed with gate 0 only and one in an unrouted column (0 there), one in a routed
+    column (NaN), ids out of range (clamped), T and E*R not multiples of the tile."""
+    from datalora.kernels import shrink as sh
+
+    T, k = 37, 3
+    gen = torch.Generator().manual_seed(7)
+    hd = torch.randn(T, E * R, generator=gen).to(device, dtype)
+    ids = torch.randint(0, E, (T, k), generator=gen)
+    ids[0] = torch.tensor([1, 1, 0]) % E          # the same expert twice
+    ids[1, 2] = E + 3                              # clamped to E - 1
+    ids[2] = torch.tensor([1, 0, 0])               # expert 1 routed with gate 0 only
+    ids[3] = 0                                     # expert 1 unrouted: its NaN stays out
+    ids = ids.to(device)
+    gates = torch.rand(T, k, generator=gen).to(device)
+    gates[2, 0] = 0.0
+    hd[2, R] = float("nan")                        # a zero gate's NaN slice gives 0 too
+    hd[3, R] = float("nan")
+    hd[4, int(ids[4, 0].clamp(0, E - 1)) * R + R - 1] = float("nan")
+    if rank_scale:
+        rs, rs_stride = torch.rand(T, R, generator=gen).to(device), R
+    else:
+        rs, rs_stride = torch.ones(R, device=device), 0
+    raw = torch.empty(T * k, R, dtype=dtype, device=device)
+    want = torch.empty(T, E * R, dtype=dtype, device=device)
+    sh.route_dense(hd, ids, gates, rs, rs_stride, raw, want, E, R, 0.75)
+    got = torch.full((T, E * R), 123.0, dtype=dtype, device=device)
+    sh.dense_from_routes(raw, ids, gates, rs, rs_stride, got, E, R, 0.75)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_dense_backward_runs_no_second_gemm_over_x(device, monkeypatch):
+    """The dense strategy's dB takes the forward's scaled dense shrink rebuilt from the
+    routed slices: the backward runs four GEMMs (dZ, dx, dA, dB), none recomputing x A^T."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
+    x, A, B, ids, g, rs = make_inputs(24, 16, 12, 4, 4, 2, torch.float32, device)
+    x, A, B = (t.requires_grad_(True) for t in (x, A, B))
+    delta = ops.molora_delta(x, A, B, ids, g, rs, 1.5, backend="triton", check_values=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        delta.backward(torch.randn_like(delta))
+    gemms = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm_")]
+    assert len(gemms) == 4, gemms
