@@ -43,40 +43,57 @@ SPLIT = ((False, ("fp16", "bf16")), (True, ("fp32",)))
 
 
 @triton.jit
+def _route_tile(T, E, R, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's ``BLOCK_T x BLOCK_N`` tile of a ``[T, E*R]`` dense buffer: int64 rows,
+    columns, each column's expert and rank index, the row mask and the tile mask."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_tn = mask_t[:, None] & (offs_n < E * R)[None, :]
+    return offs_t.to(tl.int64), offs_n, offs_n // R, offs_n % R, mask_t, mask_tn
+
+
+@triton.jit
+def _route_match(ids_ptr, gates_ptr, route, mask_t, e_n, E):
+    """``(match [BLOCK_T, BLOCK_N], gate [BLOCK_T])``: whether each column belongs to the
+    expert of ``route`` (the flat route id of each row; ids clamped to ``[0, E)``)."""
+    e_tj = tl.load(ids_ptr + route, mask=mask_t, other=0)
+    e_tj = tl.minimum(tl.maximum(e_tj, 0), E - 1)
+    g = tl.load(gates_ptr + route, mask=mask_t, other=0.0)
+    return e_tj[:, None] == e_n[None, :], g
+
+
+@triton.jit
+def _store_scaled(dense_ptr, rs_ptr, rows, offs_n, i_n, mask_tn, h, gsum, stride_rst, mult,
+                  E, R):
+    """``dense = mult * gsum * rank_scale * h`` on the tile, 0 where no gate is routed
+    (also where h is not finite: a NaN token's Zd then stays out of the other experts' dB,
+    as in the torch backend)."""
+    rs = tl.load(rs_ptr + rows[:, None] * stride_rst + i_n[None, :], mask=mask_tn, other=0.0)
+    val = tl.where(gsum != 0.0, h * gsum * rs * mult, 0.0)
+    tl.store(dense_ptr + rows[:, None] * (E * R) + offs_n[None, :],
+             val.to(dense_ptr.dtype.element_ty), mask=mask_tn)
+
+
+@triton.jit
 def _route_dense_kernel(
     hd_ptr, ids_ptr, gates_ptr, rs_ptr, dense_ptr, raw_ptr,
     T, E, R, k, stride_ht, stride_rst,
     mult,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_t = offs_t < T
-    mask_n = offs_n < E * R
-    mask_tn = mask_t[:, None] & mask_n[None, :]
-    e_n = offs_n // R
-    i_n = offs_n % R
-    rows = offs_t.to(tl.int64)
+    rows, offs_n, e_n, i_n, mask_t, mask_tn = _route_tile(T, E, R, BLOCK_T, BLOCK_N)
     hd = tl.load(hd_ptr + rows[:, None] * stride_ht + offs_n[None, :], mask=mask_tn, other=0.0)
     # the routed slices of each token go to raw; gsum = the gates routed to each column
     gsum = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for j in range(0, k):
         route = rows * k + j
-        e_tj = tl.load(ids_ptr + route, mask=mask_t, other=0)
-        e_tj = tl.minimum(tl.maximum(e_tj, 0), E - 1)
-        g = tl.load(gates_ptr + route, mask=mask_t, other=0.0)
-        match = e_tj[:, None] == e_n[None, :]
+        match, g = _route_match(ids_ptr, gates_ptr, route, mask_t, e_n, E)
         gsum += tl.where(match, g[:, None], 0.0)
         tl.store(raw_ptr + route[:, None] * R + i_n[None, :], hd.to(raw_ptr.dtype.element_ty),
                  mask=mask_tn & match)
-    rs = tl.load(rs_ptr + rows[:, None] * stride_rst + i_n[None, :], mask=mask_tn, other=0.0)
-    # unrouted columns are 0 even where hd is not finite (a NaN token's Zd then stays out of
-    # the other experts' dB, as in the torch backend)
-    val = tl.where(gsum != 0.0, hd.to(tl.float32) * gsum * rs * mult, 0.0)
-    tl.store(dense_ptr + rows[:, None] * (E * R) + offs_n[None, :],
-             val.to(dense_ptr.dtype.element_ty), mask=mask_tn)
+    _store_scaled(dense_ptr, rs_ptr, rows, offs_n, i_n, mask_tn, hd.to(tl.float32), gsum,
+                  stride_rst, mult, E, R)
 
 
 @triton.jit
@@ -86,34 +103,20 @@ def _dense_from_routes_kernel(
     mult,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_t = offs_t < T
-    mask_n = offs_n < E * R
-    mask_tn = mask_t[:, None] & mask_n[None, :]
-    e_n = offs_n // R
-    i_n = offs_n % R
-    rows = offs_t.to(tl.int64)
+    rows, offs_n, e_n, i_n, mask_t, mask_tn = _route_tile(T, E, R, BLOCK_T, BLOCK_N)
     # each column's value comes from a route to its expert (a token routed twice to one
     # expert has the same slice in both); gsum = the gates routed to each column
     gsum = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     h = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for j in range(0, k):
         route = rows * k + j
-        e_tj = tl.load(ids_ptr + route, mask=mask_t, other=0)
-        e_tj = tl.minimum(tl.maximum(e_tj, 0), E - 1)
-        g = tl.load(gates_ptr + route, mask=mask_t, other=0.0)
-        match = e_tj[:, None] == e_n[None, :]
+        match, g = _route_match(ids_ptr, gates_ptr, route, mask_t, e_n, E)
         gsum += tl.where(match, g[:, None], 0.0)
         slice_j = tl.load(raw_ptr + route[:, None] * R + i_n[None, :], mask=mask_tn & match,
                           other=0.0)
         h = tl.where(match, slice_j.to(tl.float32), h)
-    rs = tl.load(rs_ptr + rows[:, None] * stride_rst + i_n[None, :], mask=mask_tn, other=0.0)
-    val = tl.where(gsum != 0.0, h * gsum * rs * mult, 0.0)
-    tl.store(dense_ptr + rows[:, None] * (E * R) + offs_n[None, :],
-             val.to(dense_ptr.dtype.element_ty), mask=mask_tn)
+    _store_scaled(dense_ptr, rs_ptr, rows, offs_n, i_n, mask_tn, h, gsum, stride_rst, mult,
+                  E, R)
 
 
 @triton.jit
