@@ -9,7 +9,8 @@ plots (``<output-dir>/datalora_demo.png``) the loss, the kept fraction and tau, 
 expert load per task over the three phases; saves the adapter, reloads it on a fresh copy
 of the base model (the logits must be bit-identical, pruning on and off, or the demo
 fails) and generates one answer per task with pruning on (calibrated keep threshold, KV
-cache). One to two minutes on 2 CPU cores (40 s on an idle machine, 85 s on a busy one).
+cache). Under a minute on 2 CPU cores on an idle machine (23 s end to end on 2026-12-04;
+85 s has been seen on a busy one).
 
 ``--method molora``: the quick plain MoLoRA fine-tune (per-layer routers, no pruning,
 :func:`datalora.finetune.finetune`), same save / reload / generate checks and a plot.
@@ -88,7 +89,7 @@ def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train DATALORA (USN + MoLoRA + token pruning + "
                                            "curriculum) on the embedded default and generate "
-                                           "(1-2 minutes on 2 CPU cores)",
+                                           "(under a minute on 2 idle CPU cores)",
                               description=plain_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=("datalora", "molora"), default="datalora",
