@@ -67,11 +67,16 @@ FIXED_POINTERS = {
 }
 FLOAT_SCALARS = {"mult", "alpha"}
 # extra pointer-type variants a launcher uses (grouped expand into fp32 per-route partials
-# when k > 1, see datalora.ops.triton_backend._expand_routes)
+# when k > 1, see datalora.ops.triton_backend._expand_routes); X_DTYPE stands for the
+# launch's dtype
+X_DTYPE = "x"
 VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}],
-            # the dense routing passes read the router's int64 ids as they are
-            "_route_dense_kernel": [{"ids_ptr": "*i64"}],
-            "_dense_from_routes_kernel": [{"ids_ptr": "*i64"}]}
+            # the dense routing passes read the router's int64 ids as they are, and its
+            # gates as they are when in x's dtype (fp32 otherwise)
+            "_route_dense_kernel": [{"ids_ptr": "*i64"}, {"ids_ptr": "*i64", "gates_ptr": X_DTYPE}],
+            "_dense_from_routes_kernel": [{"ids_ptr": "*i64"},
+                                          {"ids_ptr": "*i64", "gates_ptr": X_DTYPE}],
+            "_route_grads_kernel": [{}, {"gates_ptr": X_DTYPE}]}
 CUDA_SOURCE = REPO / "csrc" / "nf4_kernels.cu"
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 
@@ -121,7 +126,11 @@ def expected_triton_rows() -> list[dict]:
                 cfg = {k: v for k, v in launch.items() if k not in ("num_warps", "dtypes")}
                 for dtype in launch.get("dtypes", DTYPES):
                     for overrides in VARIANTS.get(kernel, [{}]):
-                        overrides = {k: v for k, v in overrides.items() if v != DTYPES[dtype]}
+                        # an override equal to the pointer's plain type is no variant
+                        overrides = {
+                            k: v for k, v in ((k, DTYPES[dtype] if v == X_DTYPE else v)
+                                              for k, v in overrides.items())
+                            if v != FIXED_POINTERS.get(k, DTYPES[dtype])}
                         for cc in ARCHS:
                             row = dict(module=mod_name, kernel=kernel, config=cfg,
                                        num_warps=launch.get("num_warps", 4),

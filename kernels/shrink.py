@@ -59,7 +59,7 @@ def _route_match(ids_ptr, gates_ptr, route, mask_t, e_n, E):
     expert of ``route`` (the flat route id of each row; ids clamped to ``[0, E)``)."""
     e_tj = tl.load(ids_ptr + route, mask=mask_t, other=0)
     e_tj = tl.minimum(tl.maximum(e_tj, 0), E - 1)
-    g = tl.load(gates_ptr + route, mask=mask_t, other=0.0)
+    g = tl.load(gates_ptr + route, mask=mask_t, other=0.0).to(tl.float32)
     return e_tj[:, None] == e_n[None, :], g
 
 
@@ -175,8 +175,9 @@ def route_dense(hd, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
     """Routes the dense per-expert products ``hd [T, E*R]`` (``hd[t, e*R + i] = (A[e] @
     x[t])[i]``, one cuBLAS GEMM over every expert; row stride any, columns contiguous):
     writes raw ``[T*k, R]`` (each route's slice of hd) and dense ``[T, E*R]`` = ``mult *
-    gsum[t, e] * rs[t, i] * hd`` (both contiguous). ids int64 (clamped here) / gates fp32
-    ``[T, k]`` contiguous; rs fp32 ``[T or 1, R]`` with row stride ``rs_stride``."""
+    gsum[t, e] * rs[t, i] * hd`` (both contiguous). ids int64 (clamped here) / gates
+    ``[T, k]`` contiguous (fp32 or hd's dtype, summed in fp32); rs fp32 ``[T or 1, R]`` with
+    row stride ``rs_stride``."""
     T = hd.shape[0]
     cfg = route_config(E * R)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))

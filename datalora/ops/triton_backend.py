@@ -124,6 +124,15 @@ def _ones(r: int, device: torch.device) -> torch.Tensor:
     return _ONES[key]
 
 
+def _kernel_gates(gates: torch.Tensor, dtype: torch.dtype, strategy: str) -> torch.Tensor:
+    """Gates as the kernels read them, contiguous: the dense strategy's routing passes take
+    them as they are in x's ``dtype`` (a bf16 model's router gives bf16 gates: no cast
+    launch per call; the kernels sum them in fp32), the grouped kernels in fp32."""
+    if strategy == "dense" and gates.dtype == dtype:
+        return gates.contiguous()
+    return as_f32(gates)
+
+
 def _rank_scale(rank_scale, r, device):
     """fp32 rank scale and its row stride; ones with stride 0 when there is none."""
     if rank_scale is None:
@@ -213,7 +222,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     E, r, _ = A.shape
     k = expert_ids.shape[1]
     strategy = strategy or choose_strategy(E, r, k)
-    g = as_f32(gates)
+    g = _kernel_gates(gates, x.dtype, strategy)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
         zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), g, rs, rs_stride, h, E, r,
@@ -272,7 +281,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
                 torch.empty_like(rank_scale) if need_rs else None)
     strategy = strategy or choose_strategy(E, r, k)
     dy = grad.to(x.dtype)
-    g = as_f32(gates)
+    g = _kernel_gates(gates, x.dtype, strategy)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     h2 = h.reshape(T * k, r).contiguous()
     dz = x.new_empty(T * k, r)  # raw B[e]^T dy per route
@@ -377,8 +386,9 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-            zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), as_f32(gates), rs,
-                               rs_stride, h, E, r, scaling)
+            zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids),
+                               _kernel_gates(gates, x.dtype, "dense"), rs, rs_stride, h, E, r,
+                               scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)
         return y, h
     y = F.linear(x, weight, bias).contiguous()

@@ -444,19 +444,20 @@ def test_forward_mode_ad_gives_the_reference_tangent(x_requires_grad, device):
         torch.testing.assert_close(fwAD.unpack_dual(linear).tangent, tangent @ W.T + want)
 
 
-def test_dense_strategy_issues_no_index_casts_or_fills(device, monkeypatch):
-    """The dense routing pass reads the router's int64 ids as they are (clamped in the
-    kernel) and a missing rank scale is a kept vector of ones: per call no clamp, cast or
-    fill runs beside the GEMMs and the routing kernel (on a GPU each is one more launch)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_strategy_issues_no_index_casts_or_fills(dtype, device, monkeypatch):
+    """The dense routing passes read the router's int64 ids as they are (clamped in the
+    kernel) and its gates in x's dtype as they are (a 16-bit model's router), and a missing
+    rank scale is a kept vector of ones: per call no clamp, cast or fill runs beside the
+    GEMMs and the routing kernels (on a GPU each is one more launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
-    x, A, B, ids, g, _ = make_inputs(24, 16, 12, 4, 4, 2, torch.float32, device,
-                                     rank_scale=False)
-    W = torch.randn(12, 16).to(device)
-    gy = torch.randn(24, 12).to(device)
+    x, A, B, ids, g, _ = make_inputs(24, 16, 12, 4, 4, 2, dtype, device, rank_scale=False)
+    W = torch.randn(12, 16).to(device, dtype)
+    gy = torch.randn(24, 12).to(device, dtype)
     x, A, B = (t.requires_grad_(True) for t in (x, A, B))
-    assert ids.dtype == torch.int64 and g.dtype == torch.float32
+    assert ids.dtype == torch.int64 and g.dtype == dtype
 
     def step():
         ops.molora_linear(x, W, None, A, B, ids, g, None, 1.5, backend="triton",
@@ -547,3 +548,26 @@ def test_dense_backward_runs_no_second_gemm_over_x(device, monkeypatch):
         delta.backward(torch.randn_like(delta))
     gemms = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm_")]
     assert len(gemms) == 4, gemms
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_16bit_gates_read_as_they_are_match_fp32_gates_bitwise(strategy, device):
+    """fp16 gates of fp16 x (the dense passes read them as they are, the grouped kernels
+    from an fp32 copy) give the output and every gradient of the same gates given in fp32,
+    bit for bit (the gate gradient compared in fp16)."""
+    x, A, B, ids, g16, rs = make_inputs(29, 24, 20, 6, 8, 3, torch.float16, device)
+
+    def run(gates):
+        gates = gates.detach().clone().requires_grad_(True)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, rs)]
+        out = ops.molora_delta(leaves[0], leaves[1], leaves[2], ids, gates, leaves[3], 0.5,
+                               backend="triton")
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out))
+        # the gate gradient is summed in fp32 either way, then rounded to the gates' dtype
+        return [out.detach(), gates.grad.half(), *(t.grad for t in leaves)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATALORA_SHRINK_STRATEGY", strategy)
+        native, widened = run(g16), run(g16.float())
+    for a, b in zip(native, widened, strict=True):
+        assert torch.equal(a, b)
