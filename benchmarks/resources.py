@@ -76,7 +76,9 @@ VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}],
             "_route_dense_kernel": [{"ids_ptr": "*i64"}, {"ids_ptr": "*i64", "gates_ptr": X_DTYPE}],
             "_dense_from_routes_kernel": [{"ids_ptr": "*i64"},
                                           {"ids_ptr": "*i64", "gates_ptr": X_DTYPE}],
-            "_route_grads_kernel": [{}, {"gates_ptr": X_DTYPE}]}
+            # the gate gradient is written in the gates' dtype when that is x's
+            "_route_grads_kernel": [{}, {"dg_ptr": X_DTYPE},
+                                    {"gates_ptr": X_DTYPE, "dg_ptr": X_DTYPE}]}
 CUDA_SOURCE = REPO / "csrc" / "nf4_kernels.cu"
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 

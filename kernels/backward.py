@@ -79,7 +79,7 @@ def _route_grads_kernel(
         h = tl.load(h_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         p = dz * h * mult
         g = tl.load(gates_ptr + route, mask=mask_t, other=0.0).to(tl.float32)
-        tl.store(dg_ptr + route, tl.sum(p * rs, 1), mask=mask_t)
+        tl.store(dg_ptr + route, tl.sum(p * rs, 1).to(dg_ptr.dtype.element_ty), mask=mask_t)
         drs += p * g[:, None]
     tl.store(drs_ptr + rows[:, None] * R + offs_r[None, :], drs, mask=mask)
 
@@ -109,8 +109,8 @@ def route_config(R: int) -> dict:
 
 
 def route_grads(dz, h, gates, rs, rs_stride, dg, drs, T, R, k, mult):
-    """Fills dg fp32 ``[T, k]`` and drs fp32 ``[T, R]`` from dz, h ``[T*k, R]`` (contiguous);
-    gates fp32 or in dz's dtype."""
+    """Fills dg ``[T, k]`` (fp32 or dz's dtype: summed in fp32, rounded once) and drs fp32
+    ``[T, R]`` from dz, h ``[T*k, R]`` (contiguous); gates fp32 or in dz's dtype."""
     cfg = route_config(R)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
     _route_grads_kernel[grid](dz, h, gates, rs, dg, drs, T, R, k, rs_stride, float(mult),

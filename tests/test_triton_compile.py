@@ -12,7 +12,7 @@ current and runs the nvcc half).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET``; results are cached under
 ``~/.cache/datalora`` (or ``$DATALORA_CACHE``) keyed by the kernel sources, the compile
-code and the Triton version. Cold (measured at 208 Triton compiles; 296 now, with the fused
+code and the Triton version. Cold (measured at 208 Triton compiles; 312 now, with the fused
 linear kernel's 32, the NF4 fused linear's 64, the two dense routing passes' 40 instead of
 the dense shrink / expand GEMMs' and the gate gradients' 16-bit gate variants, + nvcc for
 both archs, this file and

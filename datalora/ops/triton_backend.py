@@ -324,7 +324,9 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             dB = torch.empty(E, d_out, r, dtype=B.dtype, device=B.device)
             _bw.segment_outer(dy, h2, perm, k, g, rs, rs_stride, dB, dB.stride(), r, scaling)
     if need_g or need_rs:
-        dg = torch.empty(T, k, dtype=torch.float32, device=x.device)
+        # in the gates' dtype when that is x's (the kernel rounds its fp32 sum once)
+        dg = torch.empty(T, k, dtype=gates.dtype if gates.dtype == x.dtype else torch.float32,
+                         device=x.device)
         drs32 = torch.empty(T, r, dtype=torch.float32, device=x.device)
         _bw.route_grads(dz, h2, g, rs, rs_stride, dg, drs32, T, r, k, scaling)
         dgates = dg.to(gates.dtype) if need_g else None

@@ -447,16 +447,17 @@ def test_forward_mode_ad_gives_the_reference_tangent(x_requires_grad, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_strategy_issues_no_index_casts_or_fills(dtype, device, monkeypatch):
     """The dense routing passes read the router's int64 ids as they are (clamped in the
-    kernel) and its gates in x's dtype as they are (a 16-bit model's router), and a missing
-    rank scale is a kept vector of ones: per call no clamp, cast or fill runs beside the
-    GEMMs and the routing kernels (on a GPU each is one more launch)."""
+    kernel) and its gates in x's dtype as they are (a 16-bit model's router; their gradient
+    is written in that dtype too), and a missing rank scale is a kept vector of ones: per
+    call no clamp, cast or fill runs beside the GEMMs and the routing kernels (on a GPU
+    each is one more launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
     x, A, B, ids, g, _ = make_inputs(24, 16, 12, 4, 4, 2, dtype, device, rank_scale=False)
     W = torch.randn(12, 16).to(device, dtype)
     gy = torch.randn(24, 12).to(device, dtype)
-    x, A, B = (t.requires_grad_(True) for t in (x, A, B))
+    x, A, B, g = (t.requires_grad_(True) for t in (x, A, B, g))
     assert ids.dtype == torch.int64 and g.dtype == dtype
 
     def step():
