@@ -366,10 +366,10 @@ def _nf4_molora_linear_op(
     """``(y [T, d_out], h [T, k, r])``: the dense shrink of ``lora_x`` gives ``Zd`` (and h),
     then one Triton GEMM computes ``x @ dequant(W)^T + bias + Zd @ B_all^T``."""
     from datalora.kernels import nf4_fused_linear as _nfl
-    from datalora.kernels._common import as_f32
     from datalora.ops.triton_backend import (
         _dense_shrink,
         _expert_rows,
+        _kernel_gates,
         _rank_scale,
         _route_ids,
         launch_device,
@@ -383,8 +383,9 @@ def _nf4_molora_linear_op(
         return y, h
     with launch_device(x):
         rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-        zd = _dense_shrink(lora_x, _expert_rows(A), _route_ids(expert_ids), as_f32(gates), rs,
-                           rs_stride, h, E, r, scaling)
+        zd = _dense_shrink(lora_x, _expert_rows(A), _route_ids(expert_ids),
+                           _kernel_gates(gates, lora_x.dtype, "dense"), rs, rs_stride, h, E, r,
+                           scaling)
         t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)
         _nfl.nf4_fused_linear(x, t, nf4.code_table(x.device), bias, zd, B, E, r, y)
     return y, h
