@@ -128,11 +128,11 @@ def expected_triton_rows() -> list[dict]:
                 cfg = {k: v for k, v in launch.items() if k not in ("num_warps", "dtypes")}
                 for dtype in launch.get("dtypes", DTYPES):
                     for overrides in VARIANTS.get(kernel, [{}]):
+                        resolved = {k: DTYPES[dtype] if v == X_DTYPE else v
+                                    for k, v in overrides.items()}
                         # an override equal to the pointer's plain type is no variant
-                        overrides = {
-                            k: v for k, v in ((k, DTYPES[dtype] if v == X_DTYPE else v)
-                                              for k, v in overrides.items())
-                            if v != FIXED_POINTERS.get(k, DTYPES[dtype])}
+                        overrides = {k: v for k, v in resolved.items()
+                                     if v != FIXED_POINTERS.get(k, DTYPES[dtype])}
                         for cc in ARCHS:
                             row = dict(module=mod_name, kernel=kernel, config=cfg,
                                        num_warps=launch.get("num_warps", 4),

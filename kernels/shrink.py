@@ -171,6 +171,12 @@ def grouped_config(num_routes: int, R: int, fp32: bool = False) -> dict:
                 num_warps=warps_for(row_block(num_routes), col_block(R)))
 
 
+def _route_launch(T: int, N: int) -> tuple[dict, tuple[int, int]]:
+    """``(config, grid)`` of a dense routing pass over a ``[T, N = E*R]`` buffer."""
+    cfg = route_config(N)
+    return cfg, (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(N, cfg["BLOCK_N"]))
+
+
 def route_dense(hd, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
     """Routes the dense per-expert products ``hd [T, E*R]`` (``hd[t, e*R + i] = (A[e] @
     x[t])[i]``, one cuBLAS GEMM over every expert; row stride any, columns contiguous):
@@ -179,8 +185,7 @@ def route_dense(hd, ids, gates, rs, rs_stride, raw, dense, E, R, mult):
     ``[T, k]`` contiguous (fp32 or hd's dtype, summed in fp32); rs fp32 ``[T or 1, R]`` with
     row stride ``rs_stride``."""
     T = hd.shape[0]
-    cfg = route_config(E * R)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
+    cfg, grid = _route_launch(T, E * R)
     _route_dense_kernel[grid](
         hd, ids, gates, rs, dense, raw, T, E, R, ids.shape[1], hd.stride(0), rs_stride,
         float(mult), **cfg, **LAUNCH_OPTIONS)
@@ -192,8 +197,7 @@ def dense_from_routes(raw, ids, gates, rs, rs_stride, dense, E, R, mult):
     (contiguous). ``raw [T*k, R]`` contiguous (what ``route_dense`` wrote); ids, gates,
     rs as there. Bit-identical to ``route_dense``'s dense output for the same hd."""
     T = dense.shape[0]
-    cfg = route_config(E * R)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(E * R, cfg["BLOCK_N"]))
+    cfg, grid = _route_launch(T, E * R)
     _dense_from_routes_kernel[grid](
         raw, ids, gates, rs, dense, T, E, R, ids.shape[1], rs_stride, float(mult), **cfg,
         **LAUNCH_OPTIONS)
