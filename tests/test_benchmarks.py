@@ -266,6 +266,8 @@ def _cli(name):
     ("bench_pruning", ["--preset", "smoke", "--out", "FILE"], "--out: expected a folder"),
     ("bench_nf4", ["--preset", "smoke", "--out", "FILE"], "--out: expected a folder"),
     ("bench_nf4", ["--preset", "gpu"], "--preset gpu needs a CUDA device"),
+    ("host_time", ["--out", "FILE"], "--out: expected a folder"),
+    ("host_time", ["--budget-s", "0"], "--budget-s: expected > 0, got 0.0"),
 ])
 def test_cli_rejects_bad_arguments_before_running(name, argv, fragment, tmp_path, monkeypatch,
                                                   capsys):
@@ -574,3 +576,25 @@ def test_nf4_run_flags_a_method_that_computes_another_layer(tmp_path, monkeypatc
     assert errors["nf4_molora"] > 0.05 and errors["bf16_molora_linear"] < 1e-4
     [target] = data["targets"]
     assert target["target"].startswith("outputs_match_fp32") and target["status"] == "FAIL"
+
+
+def test_host_time_times_every_method_and_restores_the_kernels(tmp_path, monkeypatch):
+    from benchmarks import host_time
+    from datalora.ops import triton_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = (triton_backend._sh.route_dense, triton_backend._sh.dense_from_routes,
+               triton_backend._bw.route_grads)
+    result = host_time.run(tmp_path, budget_s=0.01)
+    rows = json.loads((tmp_path / "host_time_cpu.json").read_text())["results"]
+    assert rows == result["results"]
+    assert {(r["method"], r["b_layout"], r["mode"]) for r in rows} == {
+        (m, layout, mode) for m, layout in [("linear", "-"), ("triton", "contiguous"),
+                                            ("torch", "contiguous"), ("triton", "expert_minor"),
+                                            ("torch", "expert_minor")]
+        for mode in host_time.MODES}
+    assert all(r["median_us"] > 0 and r["reps"] >= 200 for r in rows)
+    assert (triton_backend._sh.route_dense, triton_backend._sh.dense_from_routes,
+            triton_backend._bw.route_grads) == kernels
+    assert "TRITON_INTERPRET" not in os.environ
+    assert "triton" in host_time.format_rows(rows)

@@ -80,8 +80,11 @@ def _molora_delta_backward_op(
 @_molora_delta_backward_op.register_fake
 def _(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, backend, needs):
     like = (x, A, B, gates, rank_scale)
-    return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
-                 for t, need in zip(like, needs, strict=True))
+    grads = [t.new_empty(t.shape) if need else x.new_empty(0)
+             for t, need in zip(like, needs, strict=True)]
+    if needs[2]:  # dB comes with B's strides (datalora.ops.layout)
+        grads[2] = torch.empty_like(B)
+    return tuple(grads)
 
 
 _warned_plain_torch: set[tuple[str, str]] = set()

@@ -4,14 +4,16 @@ Strategy ("shrink all, then mask"): one GEMM ``H = x @ A_all^T`` with N = E*r co
 every expert's projection while reading x once; multiplying by a dense gate matrix
 ``G [T, E*r]`` (``G[t, e*r+i] = scaling * sum_j [e_tj == e] gates[t,j] * rank_scale[t,i]``,
 zero for unrouted experts, so a token routed twice to one expert adds both gates) gives
-the gated buffer ``Zd = H * G``, expanded with one GEMM against ``B_all [E*r, d_out]``
-(into the base GEMM's output for ``molora_linear``). The backward is dense too:
-``dH = (dy @ B_all^T) * G`` feeds ``dx`` and ``dA``; ``dB = dy^T @ Zd``; only the gate and
-rank-scale gradients gather the ``k*r`` routed columns.
+the gated buffer ``Zd = H * G``, expanded with one GEMM against ``B_all^T`` (``B_all
+[d_out, E*r]``, ``B_all[o, e*r+i] = B[e, o, i]``: a view of an expert-minor B, see
+:mod:`datalora.ops.layout`) into the base GEMM's output for ``molora_linear``. The backward
+is dense too: ``dH = (dy @ B_all) * G`` feeds ``dx`` and ``dA``; ``dB_all = dy^T @ Zd``; only
+the gate and rank-scale gradients gather the ``k*r`` routed columns.
 Scaling is folded into ``G``. At d = 4096 the six LoRA GEMMs (two forward, four backward)
 cost a few percent of the base linear; on small layers (E*r close to d) they cost about as
-much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs and 3 other
-ops (gather ``h``, ``H *= G``, the copy of ``B_all``), a full backward 4 GEMMs and 11.
+much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs and 2 other
+ops (gather ``h``, ``H *= G``), a full backward 4 GEMMs and 9; a B not stored expert-minor
+adds a copy of B to each and one of dB to the backward.
 
 Being dense, the ``dA`` GEMM sums over every token for every expert: a token whose x holds
 NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), as the Triton backend's
@@ -39,6 +41,7 @@ import functools
 import torch
 
 from datalora.ops.eager import RoutingCache, may_cache_routing
+from datalora.ops.layout import expert_columns, expert_columns_grad
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 
@@ -121,11 +124,6 @@ def _flat_A(A: torch.Tensor) -> torch.Tensor:
     return A.reshape(A.shape[0] * A.shape[1], A.shape[2])  # not -1: d_in may be 0
 
 
-def _flat_B(B: torch.Tensor) -> torch.Tensor:
-    """``[E, d_out, r] -> [d_out, E*r]`` (column ``e*r + i`` is ``B[e, :, i]``; a copy)."""
-    return B.permute(1, 0, 2).reshape(B.shape[1], B.shape[0] * B.shape[2])
-
-
 def _gate(H: torch.Tensor, tables: RoutingTables) -> torch.Tensor:
     """``H * G`` in place. In fp16 an unrouted expert's column may overflow to inf (its
     weights are never trained down on those tokens) and ``inf * 0`` is NaN, which the
@@ -161,7 +159,7 @@ def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
     else:  # G in fp32 (see _gate_matrix), unrouted columns masked (see _gate)
         G = G.reshape(*G.shape[:-2], E * r)
         Zd = torch.where(G == 0, 0, H * G).to(x.dtype)
-    return Zd @ _flat_B(B).T
+    return Zd @ expert_columns(B).T
 
 
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
@@ -170,7 +168,7 @@ def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
     E, r, _ = A.shape
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
     h, Zd = _shrink(x, A, expert_ids, tables, need_h)
-    return torch.mm(Zd, _flat_B(B).T), h
+    return torch.mm(Zd, expert_columns(B).T), h
 
 
 def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
@@ -179,7 +177,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
     h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
-    return y.addmm_(Zd, _flat_B(B).T), h
+    return y.addmm_(Zd, expert_columns(B).T), h
 
 
 def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
@@ -221,13 +219,10 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     grad = grad.to(x.dtype)
     dx = dA = dB = dgates = drs = None
     if need_B:
-        # Zd^T @ dy, not dy^T @ Zd: MKL runs this orientation ~15 % faster on the CPU
-        # (d = 2048..14336); the [E, r, d_out] -> [E, d_out, r] copy is E*r*d_out elements
-        dB = torch.mm(_dense_h(h, tables, E).T, grad).view(E, r, B.shape[1])
-        dB = dB.transpose(1, 2).contiguous()
+        dB = expert_columns_grad(grad, _dense_h(h, tables, E), B)
     if not (need_x or need_A or need_g or need_rs):
         return dx, dA, dB, dgates, drs
-    dZ = torch.mm(grad, _flat_B(B))  # [T, E*r], un-gated
+    dZ = torch.mm(grad, expert_columns(B))  # [T, E*r], un-gated
     if need_g or need_rs:
         dgates, drs = _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs)
     if need_x or need_A:

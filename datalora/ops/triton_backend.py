@@ -30,6 +30,7 @@ from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32
 from datalora.ops import torch_backend
 from datalora.ops.eager import RoutingCache, may_cache_routing
+from datalora.ops.layout import expert_columns, expert_columns_grad
 from datalora.routing import ExpertPermutation, sort_routes
 
 STRATEGIES = ("dense", "grouped")
@@ -192,13 +193,6 @@ def _expert_rows(A: torch.Tensor) -> torch.Tensor:
     return A.reshape(-1, A.shape[-1])
 
 
-def _expert_columns(B: torch.Tensor) -> torch.Tensor:
-    """``B [E, d_out, r]`` as ``B_all [d_out, E*r]``, ``B_all[o, e*r + i] = B[e, o, i]``
-    (a copy of B's size, small next to the GEMMs that read it)."""
-    E, d_out, r = B.shape
-    return B.transpose(0, 1).reshape(d_out, E * r)
-
-
 def _route_ids(expert_ids: torch.Tensor) -> torch.Tensor:
     """Expert ids as ``route_dense`` reads them: int64, contiguous (no copy for the ids a
     router's top-k returns); the kernel clamps them to ``[0, E)``."""
@@ -228,7 +222,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), g, rs, rs_stride, h, E, r,
                            1.0)
         # beta = 0 ignores y's old values (NaN in a fresh buffer included)
-        y.addmm_(zd, _expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
+        y.addmm_(zd, expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
     else:
         perm = _sorted_routes(expert_ids, gates, rank_scale, E)
         z = x.new_empty(T * k, r)
@@ -271,7 +265,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     need_x, need_A, need_B, need_g, need_rs = needs
     T, d_in = x.shape
     E, r, _ = A.shape
-    d_out, k = B.shape[1], expert_ids.shape[1]
+    k = expert_ids.shape[1]
     dx = dA = dB = dgates = drs = None
     if T == 0:
         zeros = torch.zeros_like
@@ -293,7 +287,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         accumulate = dx_out is not None
         if strategy == "dense":
             # dz = B[e]^T dy for every expert in one GEMM; dhd = its routed, scaled form
-            b_cols = _expert_columns(B)
+            b_cols = expert_columns(B)
             dhd = _dense_shrink(dy, b_cols.t(), ids, g, rs, rs_stride, dz, E, r, scaling)
             if need_x:
                 dx.addmm_(dhd, _expert_rows(A), beta=1 if accumulate else 0)
@@ -312,7 +306,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
         # rebuilt from the routed slices h (no second GEMM over x)
         zs = x.new_empty(T, E * r)
         _sh.dense_from_routes(h2, ids, g, rs, rs_stride, zs, E, r, scaling)
-        dB = torch.mm(dy.t(), zs).view(d_out, E, r).transpose(0, 1).contiguous()
+        dB = expert_columns_grad(dy, zs, B)
     elif strategy != "dense" and (need_A or need_B):
         if perm is None:
             perm = _sorted_routes(expert_ids, gates, rank_scale, E)
@@ -321,7 +315,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             _bw.segment_outer(x, dz, perm, k, g, rs, rs_stride, dA, _as_eor(dA, True), r,
                               scaling)
         if need_B:
-            dB = torch.empty(E, d_out, r, dtype=B.dtype, device=B.device)
+            dB = torch.empty_like(B)  # B's strides (see datalora.ops.layout)
             _bw.segment_outer(dy, h2, perm, k, g, rs, rs_stride, dB, dB.stride(), r, scaling)
     if need_g or need_rs:
         # in the gates' dtype when that is x's (the kernel rounds its fp32 sum once)

@@ -17,6 +17,7 @@ from conftest import requires_gpu
 from datalora import ops
 from datalora.ops import torch_backend
 from datalora.ops import triton_backend as tb
+from datalora.ops.layout import expert_minor
 from datalora.reference import molora_delta_reference, molora_linear_reference
 from datalora.routing import sort_routes
 
@@ -549,6 +550,49 @@ def test_dense_backward_runs_no_second_gemm_over_x(device, monkeypatch):
         delta.backward(torch.randn_like(delta))
     gemms = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm_")]
     assert len(gemms) == 4, gemms
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_db_has_the_strides_of_b(strategy, device):
+    """dB comes back with B's strides, contiguous or expert-minor (``datalora.ops.layout``),
+    so autograd accumulates it into ``B.grad`` as it is; both layouts give the same values."""
+    x, A, B, ids, g, rs = make_inputs(21, 16, 12, 4, 4, 2, torch.float32, device)
+    minor = expert_minor(B)
+    gy = torch.randn(21, 12).to(device)
+    grads = {}
+    for name, b in (("contiguous", B), ("expert_minor", minor)):
+        delta, h = tb.delta_forward(x, A, b, ids, g, rs, 2.0, strategy=strategy)
+        dB = tb.delta_backward(gy, x, A, b, ids, g, rs, h, 2.0,
+                               (False, False, True, False, False), strategy=strategy)[2]
+        assert dB.stride() == b.stride(), name
+        leaf = b.detach().clone().requires_grad_(True)  # clone keeps the strides
+        ops.molora_delta(x, A, leaf, ids, g, rs, 2.0, backend="triton").backward(gy)
+        assert leaf.grad.stride() == b.stride() and torch.equal(leaf.grad, dB), name
+        grads[name] = dB
+    torch.testing.assert_close(grads["expert_minor"], grads["contiguous"])
+
+
+def test_dense_strategy_copies_no_expert_minor_b(device, monkeypatch):
+    """A contiguous B costs the dense strategy three copies per forward + backward (B_all
+    in each, dB's transpose); an expert-minor B none of them (the calls are otherwise
+    the same, the interpreter's own copies included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
+    x, A, B, ids, g, _ = make_inputs(24, 16, 12, 4, 4, 2, torch.float32, device)
+    x, A = x.requires_grad_(True), A.requires_grad_(True)  # the backward needs B_all
+    W = torch.randn(12, 16).to(device)
+    minor = expert_minor(B)
+
+    def copies(b):
+        b = b.detach().clone().requires_grad_(True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ops.molora_linear(x, W, None, A, b, ids, g, None, 1.5, backend="triton",
+                              check_values=False).sum().backward()
+        return sum(e.name == "aten::copy_" for e in prof.events())
+
+    copies(B)  # warm up
+    assert copies(B) - copies(minor) == 3
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
