@@ -118,7 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
         short = name.rsplit(".", 1)[-1]
         add = getattr(module, "add_parser", None) or getattr(module, f"add_{short}_parser")
         add(subparsers)
+    parser.command_parsers = subparsers.choices  # name -> the command's own parser
     return parser
+
+
+def parse_command_line(parser: argparse.ArgumentParser,
+                       argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that an unknown option after the command is reported
+    against that command's usage (``datalora train: error: unrecognized arguments``), not
+    the top-level one."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        before = argv[:argv.index(args.command)] if args.command in argv else argv
+        owner = parser if any(u in before for u in unknown) \
+            else parser.command_parsers[args.command]
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def quiet_import_noise() -> None:
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
     quiet_import_noise()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         args.func(args)
     except ModuleNotFoundError as exc:

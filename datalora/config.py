@@ -81,6 +81,12 @@ class DATALORAConfig:
                 "None keeps them as they are (bnb Linear4bit bases are used as loaded)."})
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks (and normalises) every field: run on construction and again by every
+        consumer (model wrapping, the trainer), so a field assigned afterwards
+        (``config.routing = "per-layer"``) is refused there with the same message."""
         for name in ("num_lora_experts", "lora_rank", "num_active_experts",
                      "saliency_hidden_size"):
             setattr(self, name, check_int(name, getattr(self, name), low=1))
@@ -140,6 +146,10 @@ class DATALORAConfig:
             raise TypeError(f"config: expected a mapping of DATALORAConfig fields, got "
                             f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
+        if "peft_type" in data and data.get("adapter_type") != "datalora":
+            raise ValueError(f"config: a PEFT adapter config (peft_type {data['peft_type']!r}),"
+                             f" not a datalora one: load it with peft, or mix PEFT LoRA "
+                             f"adapters with datalora.tle.TokenLevelAdapterMixer")
         data = {k: v for k, v in data.items() if k != "adapter_type"}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from datalora.checks import check_number
+from datalora.checks import check_bool, check_number
+from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
@@ -236,6 +237,7 @@ def _check_base(model: object, config: object) -> None:
     checks of every way a base is adapted (get_datalora_model, the constructor,
     from_pretrained)."""
     model = _check_types(model, config)
+    config.validate()  # fields assigned after construction
     if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
                                                for m in model.modules()):
         raise ValueError("model: already holds MoLoRA layers (get_datalora_model and "
@@ -391,6 +393,7 @@ class DATALORAModel(nn.Module):
     def set_adapter_enabled(self, enabled: bool) -> None:
         """Turns every MoLoRA layer's update and the token pruning on or off (off: the exact
         base model)."""
+        check_bool("enabled", enabled)
         for _, layer in self.molora_layers():
             layer.adapter_enabled = enabled
         if self.runtime is not None:
@@ -474,6 +477,7 @@ class DATALORAModel(nn.Module):
         if not safe_serialization:
             raise ValueError("safe_serialization: datalora adapters are saved as safetensors "
                              "only")
+        check_output_folder("save_directory", save_directory)
         if kwargs:
             warnings.warn(f"save_pretrained: ignoring {sorted(kwargs)}", stacklevel=2)
         kind = sharding_kind(self)

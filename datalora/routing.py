@@ -176,6 +176,8 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
         raise TypeError(f"logits: expected a [T, E] torch.Tensor, got {type(logits).__name__}"
                         + (f" of shape {tuple(logits.shape)}"
                            if isinstance(logits, torch.Tensor) else ""))
+    if not logits.is_floating_point():
+        raise TypeError(f"logits: expected a floating tensor, got dtype {logits.dtype}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
             or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "

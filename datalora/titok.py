@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -354,12 +355,33 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
 
 # --------------------------------------------------------------------------- 3. selection
 
+def _as_scores(name: str, scores: object) -> torch.Tensor:
+    """``scores`` (a sequence of numbers or a 1-D tensor) as an fp64 ``[n]`` tensor; a
+    TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(scores, torch.Tensor):
+        values = scores
+    elif isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)) and all(
+            isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+            for v in scores):
+        values = torch.tensor([float(v) for v in scores])
+    else:
+        raise TypeError(f"{name}: expected a sequence of numbers or a 1-D tensor, got "
+                        f"{type(scores).__name__}" + (f" holding {type(scores[0]).__name__}"
+                                                      if isinstance(scores, Sequence)
+                                                      and len(scores) else ""))
+    if values.is_complex():
+        raise TypeError(f"{name}: expected real scores, got dtype {values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"{name}: expected shape [n] (one score per sample), got "
+                         f"{tuple(values.shape)}")
+    return values.to(torch.float64)
+
+
 def select_samples(scores: Sequence[float] | torch.Tensor, keep_fraction: float) -> list[int]:
     """Indices of the ``ceil(keep_fraction * n)`` samples with the largest mean excess,
     best first (ties: lower index first; a NaN score ranks last, like ``-inf``)."""
     _check_fraction("keep_fraction", keep_fraction)
-    values = torch.as_tensor(list(scores) if not isinstance(scores, torch.Tensor) else scores,
-                             dtype=torch.float64)
+    values = _as_scores("scores", scores)
     if values.numel() == 0:
         return []
     k = keep_count(values.numel(), keep_fraction)
@@ -441,6 +463,9 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
     check_tensor("src_scores", src_scores)
+    if src_scores.dim() != 1:
+        raise ValueError(f"src_scores: expected shape [n] (one score per source span), got "
+                         f"{tuple(src_scores.shape)}")
     if len(src_offsets) != src_scores.numel():
         raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
                          f"span), got {src_scores.numel()}")

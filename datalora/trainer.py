@@ -88,6 +88,7 @@ def _check_trainer_config(config: Any, model: DATALORAModel) -> DATALORAConfig:
     if not isinstance(config, DATALORAConfig):
         raise TypeError(f"datalora_config: expected a DATALORAConfig, got "
                         f"{type(config).__name__}")
+    config.validate()  # fields assigned after construction
     own = model.datalora_config
     resolved = (dataclasses.replace(config, routing=own.routing)
                 if config.routing == "auto" else config)  # as the model resolved 'auto'

@@ -514,6 +514,13 @@ def test_delta_is_scaled_by_alpha_over_rank():
         torch.testing.assert_close(layer(x, routing), want)
 
 
+def test_topk_routing_refuses_integer_logits():
+    """They used to give all-zero integer gates."""
+    with pytest.raises(TypeError, match="logits: expected a floating tensor, got dtype "
+                                        "torch.int64"):
+        topk_routing(torch.randint(0, 3, (5, 4)), 2)
+
+
 def test_topk_routing_gates_and_their_router_gradient():
     """Gates are the top-k softmax probabilities renormalised to sum 1 (raw with
     renormalize=False); at k = 1 the gate is exactly 1 and passes d log p to the router."""

@@ -177,6 +177,10 @@ def test_disable_adapter_restores_base():
     assert torch.equal(wrapped(input_ids=ids).logits, adapted)
     wrapped.set_adapter_enabled(False)
     assert torch.equal(wrapped(input_ids=ids).logits, base_logits)
+    for bad in ("False", 0, None):  # "False" used to leave every adapter on
+        with pytest.raises(TypeError, match="enabled: expected a bool"):
+            wrapped.set_adapter_enabled(bad)
+    assert torch.equal(wrapped(input_ids=ids).logits, base_logits)
 
 
 def test_load_mismatch_and_bad_targets(tmp_path):
@@ -287,6 +291,37 @@ def test_training_step_reduces_loss():
 def test_config_validation(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         DATALORAConfig(**kwargs)
+
+
+def test_a_field_assigned_after_construction_is_checked_when_the_model_is_built():
+    """A typo assigned to a field used to build a model without routers or saliency
+    network, failing at the first forward with an error about the layers."""
+    model, _ = model_and_ids()
+    cfg = DATALORAConfig(**CFG)
+    cfg.routing = "per-layer"
+    with pytest.raises(ValueError, match=r"routing: expected one of .*got 'per-layer'"):
+        get_datalora_model(model, cfg, verbose=False)
+    assert not any(isinstance(m, MoLoRALinear) for m in model.modules())
+    cfg = DATALORAConfig(**CFG)
+    cfg.lora_rank = 0
+    with pytest.raises(ValueError, match="lora_rank: expected an int >= 1, got 0"):
+        DATALORAModel(model, cfg)
+
+
+def test_a_peft_adapter_config_is_named_as_such():
+    with pytest.raises(ValueError, match=r"a PEFT adapter config \(peft_type 'LORA'\)"):
+        DATALORAConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                  "target_modules": ["q_proj"]})
+
+
+def test_save_pretrained_to_an_existing_file_names_the_argument(tmp_path):
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=r"save_directory: .*afile is a file"):
+        wrapped.save_pretrained(afile)
+    assert afile.read_text() == ""
 
 
 def test_config_json_and_yaml_round_trip(tmp_path):

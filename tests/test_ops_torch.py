@@ -263,6 +263,8 @@ def test_custom_op_used_under_fake_tensors():
 def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("DATALORA_BACKEND", "torch")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("DATALORA_BACKEND", " TORCH ")  # any case, as DATALORA_CHECK_VALUES
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("DATALORA_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"DATALORA_BACKEND \(environment\): expected one"):
         ops.resolve_backend("auto", torch.device("cpu"))

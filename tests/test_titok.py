@@ -109,6 +109,18 @@ def test_peft_excess_is_zero_for_an_identity_lora(tok):
                                        (1.0, [1, 3, 0, 2])])
 def test_select_samples_fractions(keep, want):
     assert select_samples([0.1, 0.5, -0.2, 0.3], keep) == want
+    assert select_samples(torch.tensor([0.1, 0.5, -0.2, 0.3]), keep) == want
+
+
+@pytest.mark.parametrize("scores,error,match", [
+    (torch.rand(2, 3), ValueError, r"scores: expected shape \[n\].*got \(2, 3\)"),
+    (None, TypeError, "scores: expected a sequence of numbers or a 1-D tensor, got NoneType"),
+    (["a", "b"], TypeError, "scores: .*got list holding str"),
+    ("ab", TypeError, "scores: .*got str"),
+])
+def test_select_samples_names_bad_scores(scores, error, match):
+    with pytest.raises(error, match=match):
+        select_samples(scores, 0.5)
 
 
 def test_select_tokens_fractions():
@@ -138,6 +150,11 @@ def test_scores_that_are_not_tensors_are_refused_by_name():
         select_tokens([1.0, 2.0], 0.5)
     with pytest.raises(TypeError, match="src_scores: expected a torch.Tensor, got list"):
         align_token_scores([(0, 1), (1, 2)], [1.0, 2.0], [(0, 2)])
+
+
+def test_align_refuses_scores_that_are_not_one_per_span():
+    with pytest.raises(ValueError, match=r"src_scores: expected shape \[n\].*got \(1, 2\)"):
+        align_token_scores([(0, 3), (3, 4)], torch.tensor([[1.0, 2.0]]), [(0, 3)])
 
 
 def test_align_hand_case():

@@ -867,6 +867,12 @@ def test_a_row_without_labels_routes_as_it_does_alone(adapter_dirs):
     batched = mixer(x, attention_mask=mask, labels=labels).logits
     alone = mixer(x[1:, :5], attention_mask=mask[1:, :5], labels=labels[1:, :5]).logits
     torch.testing.assert_close(batched[1, :5], alone[0], atol=1e-5, rtol=1e-5)
+    # a float or bool 0 / 1 mask (as Hugging Face models take) routes the same
+    for other in (mask.float(), mask.bool()):
+        torch.testing.assert_close(mixer(x, attention_mask=other, labels=labels).logits,
+                                   batched)
+    with pytest.raises(ValueError, match="attention_mask: expected 0 / 1 values"):
+        mixer(x, attention_mask=mask * 0.5, labels=labels)
 
 
 def test_left_padding_and_bad_prompt_lengths_are_refused(adapter_dirs):
@@ -1150,6 +1156,30 @@ def test_an_unreadable_adapter_config_names_its_file(adapter_dirs, tmp_path):
         (folder / "adapter_config.json").write_text(text)
         with pytest.raises(ValueError, match=rf"path: .*adapter_config.json {match}"):
             load_peft_adapter(folder)
+
+
+def test_a_missing_folder_or_a_datalora_adapter_is_named(tmp_path):
+    from datalora import DATALORAConfig, get_datalora_model
+
+    with pytest.raises(FileNotFoundError, match=r"path: .*nope does not exist"):
+        load_peft_adapter(tmp_path / "nope")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"path: .*afile is not a folder"):
+        load_peft_adapter(tmp_path / "afile")
+    model = get_datalora_model(small_model(), DATALORAConfig(routing="per_layer"),
+                               verbose=False)
+    model.save_pretrained(tmp_path / "molora")
+    with pytest.raises(ValueError, match=r"is a datalora MoLoRA adapter .* not a PEFT LoRA"):
+        load_peft_adapter(tmp_path / "molora")
+
+
+def test_cli_names_a_missing_adapters_folder(tmp_path, capsys):
+    from datalora.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["tle", "--no-progress", "--adapters", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert "datalora tle: error: --adapters: no such folder: " in capsys.readouterr().err
 
 
 def test_a_routed_forward_after_a_filled_cache_is_refused(adapter_dirs):

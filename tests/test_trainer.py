@@ -754,6 +754,10 @@ def test_a_datalora_config_that_does_not_define_the_model_is_refused(tmp_path):
     # 'auto' routing (as the model was built from) and training settings are accepted
     ok = dataclasses.replace(model.datalora_config, routing="auto", lambda_prune=0.5)
     assert make_trainer(tmp_path, model, datalora_config=ok).datalora_config is ok
+    bad = dataclasses.replace(model.datalora_config)
+    bad.target_retention = 2.0  # assigned after construction: checked by the trainer too
+    with pytest.raises(ValueError, match=r"target_retention: expected a value in \(0, 1\]"):
+        make_trainer(tmp_path, model, datalora_config=bad)
 
 
 def test_logged_metrics_are_means_over_the_real_tokens_of_the_step(tmp_path):

@@ -311,6 +311,22 @@ def test_cli_errors_name_the_flag_the_user_typed():
     assert p.returncode == 2 and "error: --top-k (num_active_experts): expected" in p.stderr
 
 
+@pytest.mark.parametrize("argv,usage", [(["train", "--bogus"], "datalora train"),
+                                        (["demo", "--steps", "3", "--bogus"], "datalora demo"),
+                                        (["--bogus", "demo"], "datalora")])
+def test_an_unknown_option_is_reported_against_its_command(argv, usage, capsys):
+    """After a command, argparse's top-level parser used to report it with the top-level
+    usage; the command's own usage and prefix now say which command refused it."""
+    from datalora.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"{usage}: error: unrecognized arguments: --bogus" in err, err
+    assert f"usage: {usage} " in err, err
+
+
 def test_train_names_a_bad_eval_dataset():
     from datalora.train import train_datalora
 
@@ -740,14 +756,14 @@ def test_cli_names_the_extra_of_a_missing_optional_package(monkeypatch, capsys):
         import peft_not_installed_here  # noqa: F401
 
     parser = cli.build_parser()
-    real_parse = parser.parse_args
+    real_parse = parser.parse_known_args
 
     def parse(argv):
-        args = real_parse(argv)
+        args, unknown = real_parse(argv)
         args.func = needs_peft
-        return args
+        return args, unknown
 
-    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(parser, "parse_known_args", parse)
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     monkeypatch.setitem(cli.EXTRAS, "peft_not_installed_here", "peft")
     monkeypatch.delenv("DATALORA_DEBUG", raising=False)

@@ -127,8 +127,9 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def environment_backend() -> str:
-    """What ``DATALORA_BACKEND`` names: ``"auto"`` when it is unset or empty."""
-    return os.environ.get("DATALORA_BACKEND", "auto") or "auto"
+    """What ``DATALORA_BACKEND`` names (any case, e.g. ``TORCH``): ``"auto"`` when it is
+    unset or empty."""
+    return (os.environ.get("DATALORA_BACKEND", "auto") or "auto").strip().lower()
 
 
 @_assume_constant_result

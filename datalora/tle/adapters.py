@@ -130,6 +130,10 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) are not supported (``ValueError``).
     """
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path: {folder} is not a folder (a PEFT LoRA adapter is a "
+                                f"folder with adapter_config.json and its weights)"
+                                if folder.exists() else f"path: {folder} does not exist")
     cfg_file = folder / "adapter_config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"path: {folder} must contain adapter_config.json and "
@@ -142,6 +146,10 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     if not isinstance(config, dict):
         raise ValueError(f"path: {cfg_file} holds a JSON {type(config).__name__}, expected an "
                          f"object (a PEFT adapter_config.json)")
+    if config.get("adapter_type") == "datalora":
+        raise ValueError(f"path: {folder} is a datalora MoLoRA adapter (adapter_type "
+                         f"'datalora', saved by DATALORAModel.save_pretrained), not a PEFT "
+                         f"LoRA adapter; load it with DATALORAModel.from_pretrained")
     _check_plain_lora(config, folder)
     alpha = float(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     alpha_pattern = config.get("alpha_pattern") or {}

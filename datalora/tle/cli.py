@@ -146,13 +146,6 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--adapters: the folder names name the adapters, so they must "
                              f"differ; {twice} appear more than once (rename or link a "
                              f"folder)")
-    centroid_prompts = _centroid_file(args.centroid_file)
-    if args.adapters and centroid_prompts is None:
-        foreign = [Path(a).name for a in args.adapters if Path(a).name not in TASKS]
-        if foreign:
-            raise ValueError(f"--centroid-file: needed for adapters not named after an "
-                             f"embedded task ({', '.join(foreign)}): example prompts per "
-                             f"adapter give their centroids")
     if args.sentence_embedder and args.decay is not None:
         raise ValueError("decay: not available with --sentence-embedder (use --window)")
     if args.model is not None and args.base is not None:
@@ -165,6 +158,16 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.top_k is not None and args.top_k > num_adapters:
         raise ValueError(f"top_k: expected an int in [1, {num_adapters}] (the number of "
                          f"adapters), got {args.top_k}")
+    missing = [a for a in args.adapters or () if not Path(a).is_dir()]
+    if missing:  # after the flag checks, before the centroid file that names them
+        raise FileNotFoundError(f"--adapters: no such folder: {missing[0]}")
+    centroid_prompts = _centroid_file(args.centroid_file)
+    if args.adapters and centroid_prompts is None:
+        foreign = [Path(a).name for a in args.adapters if Path(a).name not in TASKS]
+        if foreign:
+            raise ValueError(f"--centroid-file: needed for adapters not named after an "
+                             f"embedded task ({', '.join(foreign)}): example prompts per "
+                             f"adapter give their centroids")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.model is None:
         model = build_base_model(base, progress=not args.no_progress)

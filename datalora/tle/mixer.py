@@ -50,6 +50,9 @@ def _check_batch(input_ids: Any, attention_mask: Any) -> None:
             or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask: expected 0 / 1 values (any dtype: bool, int or "
+                         "float), got others")
     empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"attention_mask: rows {empty} have no token (all padding)")
@@ -391,7 +394,7 @@ class TokenLevelAdapterMixer(nn.Module):
         if attention_mask is not None:
             _check_right_padding(attention_mask)
         lengths = (torch.full((B,), L, device=input_ids.device) if attention_mask is None
-                   else attention_mask.sum(1).to(input_ids.device))
+                   else attention_mask.bool().sum(1).to(input_ids.device))
         if prompt_lengths is None:
             prompt_lengths = lengths
         prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
