@@ -257,6 +257,16 @@ def _fitted_mixer(adapter_dirs, mode, every_n=2, layer=-1, model=None):
     return mixer
 
 
+def test_mixed_layers_store_b_expert_minor(adapter_dirs):
+    """Inference-only layers: B_all is a view of B (no copy per forward); the values are
+    checked by the merged-weights equivalence tests."""
+    from datalora.ops.layout import expert_columns_is_view
+
+    layers = _fitted_mixer(adapter_dirs, "token")._layers_by_name()
+    assert layers and all(expert_columns_is_view(layer.lora_B) for layer in layers)
+    assert all(not layer.lora_B.requires_grad for layer in layers)
+
+
 @pytest.mark.parametrize("mode,n", [("token", 2), ("every_n", 2),
                                     pytest.param("every_n", 3, marks=pytest.mark.slow),
                                     pytest.param("prompt", 2, marks=pytest.mark.slow)])

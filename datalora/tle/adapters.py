@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from datalora.io import load_tensors
 from datalora.layers import MoLoRALinear
+from datalora.ops.layout import expert_minor
 from datalora.routing import Routing
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
@@ -328,7 +329,9 @@ class AdapterMixLinear(MoLoRALinear):
         self.requires_grad_(False)
         with torch.no_grad():
             self.lora_A.copy_(A)
-            self.lora_B.copy_(B)
+            # inference only (never sharded): expert-minor B, no copy of B per forward
+            # (datalora.ops.layout)
+            self.lora_B.data = expert_minor(B.to(self.lora_B.device, self.lora_B.dtype))
         self._slot = slot
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
