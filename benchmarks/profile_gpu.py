@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.molora import Case, env_set, make_inputs
 from datalora import ops
+from datalora.ops.layout import expert_minor
 
 
 def inputs(T: int, d: int = 4096) -> dict:
@@ -30,12 +31,17 @@ def inputs(T: int, d: int = 4096) -> dict:
 
 
 def calls(inp, backend):
+    """``{"fwd", "fwd_bwd"}`` steps of ``backend``: ``linear``, a backend name, or
+    ``triton-fused`` (the caller sets ``DATALORA_FUSED_LINEAR``); a ``-minor`` suffix
+    stores B expert-minor (:func:`datalora.ops.layout.expert_minor`)."""
     x, W, A, B, ids, gates = (inp[k] for k in ("x", "weight", "A", "B", "expert_ids",
                                                 "gates"))
+    if backend.endswith("-minor"):
+        B = expert_minor(B.detach()).requires_grad_(True)
     if backend == "linear":
         fwd = lambda: torch.nn.functional.linear(x, W)  # noqa: E731
     else:
-        be = "triton" if backend.startswith("triton") else backend
+        be = backend.split("-")[0]  # "triton-fused" / "triton-minor" run "triton"
         fwd = lambda: ops.molora_linear(x, W, None, A, B, ids, gates, None, 2.0,  # noqa: E731
                                         backend=be)
 
@@ -83,7 +89,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[1, 4096])
     ap.add_argument("--backends", nargs="+", default=["linear", "torch", "triton",
-                                                      "triton-fused"])
+                                                      "triton-minor", "triton-fused"])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -598,3 +598,24 @@ def test_host_time_times_every_method_and_restores_the_kernels(tmp_path, monkeyp
             triton_backend._bw.route_grads) == kernels
     assert "TRITON_INTERPRET" not in os.environ
     assert "triton" in host_time.format_rows(rows)
+
+
+def test_profile_gpu_calls_run_the_named_backend_and_b_layout(monkeypatch):
+    from benchmarks import profile_gpu
+
+    inp = molora.make_inputs(molora.Case("T_sweep", 6, 8, 10, E=4, r=2), torch.float32, "cpu")
+    for name in ("x", "A", "B"):
+        inp[name].requires_grad_(True)
+    inp["grad"] = torch.randn(6, 10)
+    seen = []
+    real = molora.ops.molora_linear
+
+    def spy(x, W, b, A, B, *args, backend, **kwargs):
+        seen.append((backend, B.stride()))
+        return real(x, W, b, A, B, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(profile_gpu.ops, "molora_linear", spy)
+    for backend in ("torch", "torch-minor"):
+        profile_gpu.calls(inp, backend)["fwd_bwd"]()
+        assert inp["x"].grad is None and inp["A"].grad is None
+    assert seen == [("torch", (20, 2, 1)), ("torch", (2, 8, 1))]
