@@ -152,3 +152,37 @@ def test_opcheck_with_expert_minor_b():
     args = (grad, x.detach(), A.detach(), B.detach(), ids, gates, None, h.detach(), 2.0,
             "torch", [True, True, True, False, False])
     torch.library.opcheck(torch.ops.datalora.molora_delta_backward.default, args)
+
+
+DDP_EXPERT_MINOR_SCRIPT = r'''
+import sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from datalora import MoLoRALinear
+from datalora.ops.layout import use_expert_minor_b
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+net = torch.nn.Sequential(MoLoRALinear(torch.nn.Linear(8, 8), num_experts=4, rank=2))
+with torch.no_grad():
+    net[0].lora_B.normal_()
+assert use_expert_minor_b(net) == 1
+ddp = DistributedDataParallel(net)
+opt = torch.optim.AdamW(ddp.parameters(), lr=0.1)
+torch.manual_seed(dist.get_rank() + 1)  # different data per rank: the gradients are averaged
+ddp(torch.randn(5, 8)).square().sum().backward()
+opt.step()
+B = net[0].lora_B.detach()
+assert B.stride() == (2, 8, 1), B.stride()
+gathered = [torch.empty(B.shape) for _ in range(2)]
+dist.all_gather(gathered, B.contiguous())
+assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
+print("DDP-MINOR-OK", dist.get_rank())
+'''
+
+
+def test_ddp_trains_an_expert_minor_b_on_two_cpu_processes(tmp_path):
+    """DDP takes the non-contiguous parameter (FSDP2 does not: the layout is opt-in)."""
+    from test_trainer import CLEAN_EXIT, run_torchrun
+
+    out = run_torchrun(tmp_path, DDP_EXPERT_MINOR_SCRIPT + CLEAN_EXIT, 29536)
+    assert out.count("DDP-MINOR-OK") == 2
