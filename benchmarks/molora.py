@@ -621,6 +621,14 @@ def write_result(path: Path, schema: str, meta: dict, rows: list[dict],
     return result
 
 
+def vs_loop(speedup: float) -> str:
+    """``speedup`` (loop time / this method's) as words: ``  1.47x slower than loop`` for
+    0.68, not "0.68x faster"."""
+    if speedup >= 1:
+        return f"  {speedup:.2f}x faster than loop"
+    return f"  {1 / speedup:.2f}x slower than loop"
+
+
 def format_case(case: Case, rows: list[dict]) -> str:
     lines = [case.id]
     for row in rows:
@@ -631,7 +639,7 @@ def format_case(case: Case, rows: list[dict]) -> str:
         wrong = err is not None and err > AGREE_TOL.get(getattr(torch, row["dtype"]), 1e-4)
         lines.append(f"  {row['mode']:8s} {row['method']:22s} {row['median_ms']:10.3f} ms "
                      f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]  x{row['ratio_vs_linear']:.3f}"
-                     " vs linear" + (f"  {loop:.2f}x faster than loop" if loop else "")
+                     " vs linear" + (vs_loop(loop) if loop else "")
                      + (f"  {frac:.0%} of roofline" if frac is not None else "")
                      + (f"  graph {row['graph_ms']:.3f} ms x{row['graph_ratio_vs_linear']:.3f}"
                         if row.get("graph_ms") is not None else "")

@@ -71,6 +71,12 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     return load_file(str(path), device=str(device))
 
 
+def load_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of the tensors in a safetensors file (its header only)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
 def load_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header (no tensor is read)."""
     with safe_open(str(path), framework="pt") as f:

@@ -24,7 +24,13 @@ import torch.nn as nn
 from datalora.checks import check_bool, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
-from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
+from datalora.io import (
+    atomic_write_text,
+    load_metadata,
+    load_shapes,
+    load_tensors,
+    save_tensors,
+)
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.nf4_linear import NF4Linear, is_nf4_base
 from datalora.ops.backends import CUDA_BACKEND_SCOPE
@@ -631,7 +637,9 @@ class DATALORAModel(nn.Module):
         """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights)."""
         _check_path(path)
         _check_base(model, DATALORAConfig())  # before reading the folder
-        wrapped = cls(model, DATALORAConfig.from_pretrained(path))
+        config = DATALORAConfig.from_pretrained(path)
+        _check_adapter_fits(model, Path(path))  # a failed load leaves the model as it was
+        wrapped = cls(model, config)
         wrapped.load_adapter(path)
         if is_trainable:
             for name in wrapped._saved_base_names:
@@ -640,6 +648,35 @@ class DATALORAModel(nn.Module):
             wrapped.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
+
+def _check_adapter_fits(model: nn.Module, folder: Path) -> None:
+    """The modules the saved MoLoRA tensors adapt exist in ``model`` with the features
+    their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``): checked from the
+    weights file's header before :meth:`DATALORAModel.from_pretrained` injects anything, so
+    an adapter of another model size fails with the user's model untouched (the full name
+    and shape check of :meth:`~DATALORAModel.load_adapter` follows the injection)."""
+    file = folder / WEIGHTS_NAME
+    if not file.exists():
+        raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {folder}")
+    modules = {unwrapped_name(name): module for name, module in model.named_modules()}
+    for name, shape in load_shapes(file).items():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf not in ("lora_A", "lora_B"):
+            continue
+        module = modules.get(module_name)
+        if module is None:
+            raise ValueError(f"path: the adapter at {folder} adapts {module_name!r}, which "
+                             f"this model lacks")
+        d_in, d_out = (getattr(module, "in_features", None),
+                       getattr(module, "out_features", None))
+        if len(shape) != 3 or d_in is None or d_out is None:
+            continue  # not a linear layer: load_adapter names the mismatch
+        want = (shape[0], shape[1], d_in) if leaf == "lora_A" else (shape[0], d_out, shape[2])
+        if shape != want:
+            raise ValueError(f"{name}: saved shape {shape}, but {module_name!r} of this model "
+                             f"is {d_in} -> {d_out} (expected {want}): the adapter was "
+                             f"trained on another model size")
 
 
 FUNCTION_FIELDS: tuple[str, ...] = (

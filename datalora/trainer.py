@@ -218,9 +218,28 @@ class DATALORATrainer(Trainer):
             self.curriculum.num_epochs = self._run_epochs(state, "epochs")
         if self._resume_curriculum is not None:
             _warn_schedule_change(self.curriculum.state_dict(), self._resume_curriculum)
+            if self._resume_curriculum.get("total_steps") != self.curriculum.total_steps:
+                self._resync_learning_rate()
             self.curriculum.load_state_dict(self._resume_curriculum)
             self._resume_curriculum = None
         self._advance_curriculum(state)
+
+    def _resync_learning_rate(self) -> None:
+        """A run resumed with another ``max_steps``: Hugging Face's Trainer rebuilds its
+        learning-rate schedule for the new length but restores the optimizer's rate of the
+        checkpoint's last step (0 at the end of a decayed schedule), so the first resumed
+        step trained at that stale rate. Sets the rate the rebuilt schedule gives at the
+        resumed step (``LambdaLR`` schedules: linear, cosine, constant, ...)."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's
+        optimizer = self.optimizer
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+            return
+        step = scheduler.last_epoch
+        rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                      strict=True)]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = rates
 
     def _advance_curriculum(self, state) -> None:
         if self.curriculum is None:

@@ -619,3 +619,9 @@ def test_profile_gpu_calls_run_the_named_backend_and_b_layout(monkeypatch):
         profile_gpu.calls(inp, backend)["fwd_bwd"]()
         assert inp["x"].grad is None and inp["A"].grad is None
     assert seen == [("torch", (20, 2, 1)), ("torch", (2, 8, 1))]
+
+
+def test_loop_ratio_below_one_reads_as_slower():
+    assert molora.vs_loop(0.68) == "  1.47x slower than loop"
+    assert molora.vs_loop(2.0) == "  2.00x faster than loop"
+    assert molora.vs_loop(1.0) == "  1.00x faster than loop"

@@ -308,6 +308,26 @@ def test_a_field_assigned_after_construction_is_checked_when_the_model_is_built(
         DATALORAModel(model, cfg)
 
 
+def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
+    """An adapter of another model size used to be injected before its shapes were
+    checked: the user's model kept MoLoRA layers and a retry said it already held them."""
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    other = build_tiny_model(seed=0, intermediate_size=200)
+    before = {n: (p.clone(), p.requires_grad) for n, p in other.named_parameters()}
+    modules = [type(m) for m in other.modules()]
+    for _ in range(2):  # the same error again: nothing was left half-done
+        with pytest.raises(ValueError, match=r"down_proj.lora_A: saved shape .* trained on "
+                                             r"another model size"):
+            DATALORAModel.from_pretrained(other, tmp_path / "adapter")
+    assert [type(m) for m in other.modules()] == modules
+    assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1]
+               for n, p in other.named_parameters())
+    same = DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path / "adapter")
+    assert sum(1 for _ in same.molora_layers()) == sum(1 for _ in wrapped.molora_layers())
+
+
 def test_a_peft_adapter_config_is_named_as_such():
     with pytest.raises(ValueError, match=r"a PEFT adapter config \(peft_type 'LORA'\)"):
         DATALORAConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 16,

@@ -249,6 +249,34 @@ def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     assert resumed.curriculum.state_dict() == run.curriculum.state_dict()
 
 
+def test_resuming_with_more_steps_trains_the_first_resumed_step_at_the_new_schedules_rate(
+        tmp_path):
+    """Hugging Face rebuilds the learning-rate schedule for the new max_steps but restored
+    the optimizer's last rate: a run resumed from the end of a 2-step cosine trained its
+    third step at rate 0."""
+    import math
+
+    from transformers import TrainingArguments
+
+    def trainer(steps):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+            learning_rate=3e-2, logging_steps=1, save_strategy="steps", save_steps=2,
+            report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+            remove_unused_columns=False, lr_scheduler_type="cosine", dataloader_num_workers=0)
+        return DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=PatternData(),
+                               data_collator=collate, calibrate_batches=0)
+
+    trainer(2).train()
+    resumed = trainer(4)
+    with pytest.warns(UserWarning, match="continuing the checkpoint's curriculum"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    rates = {h["step"]: h["learning_rate"] for h in resumed.state.log_history
+             if "learning_rate" in h}
+    cosine = [3e-2 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert rates[3] == pytest.approx(cosine[2]) and rates[4] == pytest.approx(cosine[3])
+
+
 def test_aux_loss_follows_the_trainers_gradient_accumulation_scaling(tmp_path):
     """The aux losses are divided by the accumulation steps exactly when the Trainer will
     not divide the returned loss itself (its rule; ``loss_is_scaled_for_ga`` only exists

@@ -56,8 +56,10 @@ def use_expert_minor_b(model: torch.nn.Module) -> int:
     """Stores the ``lora_B`` of every :class:`~datalora.MoLoRALinear` in ``model``
     expert-minor, in place (same parameter objects, values and ``requires_grad``); returns
     how many changed. Call it before building the optimizer. Not for models sharded with
-    FSDP2 (``fully_shard`` refuses non-contiguous parameters); ``state_dict`` files are
-    unchanged (saved tensors are contiguous, loading copies into the parameter)."""
+    FSDP2 (``fully_shard`` refuses non-contiguous parameters). ``save_pretrained``,
+    Trainer checkpoints and ``torch.save`` work as before (datalora writes contiguous copies;
+    loading copies into the parameter); a ``state_dict()`` given to safetensors' own
+    ``save_file`` needs ``.contiguous()`` values, as for any non-contiguous tensor."""
     from datalora.layers import MoLoRALinear  # the layers import the ops
 
     changed = 0
