@@ -48,6 +48,8 @@ from datalora.testing import load_model_and_tokenizer
 from datalora.train import REAL_MODEL_DEFAULTS
 
 PLOT_NAME = "datalora_demo.png"
+# what a datalora run writes beside the adapter (train_datalora: the Trainer's save_model)
+DATALORA_RUN_FILES = ("curriculum_state.json", "datalora_history.json", "training_args.bin")
 DEFAULTS = {"datalora": dict(steps=300, batch_size=8, lr=3e-2, retention=0.5, eval_limit=200),
             "molora": dict(steps=120, batch_size=16, lr=5e-3)}
 # the embedded tiny model's rates would wreck a pretrained model: train's rate for one
@@ -123,7 +125,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"datalora: eval rows for the final pruned / dense eval loss "
                         f"(default: {DEFAULTS['datalora']['eval_limit']})")
     p.add_argument("--output-dir", default="demo_output",
-                   help="where the adapter, checkpoints and the plot go (default: demo_output)")
+                   help="where the adapter, checkpoints and the plot go (default: demo_output;"
+                        " an earlier demo run's plot and training records there are replaced "
+                        "or removed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -373,7 +377,8 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
                                "lora_alpha": 2.0 * args.rank, "num_active_experts": args.top_k,
                                "target_retention": args.retention})
     by_epochs = args.epochs is not None
-    run_len = f"{args.epochs:g} epochs" if by_epochs else f"{steps} steps"
+    run_len = (f"{args.epochs:g} epoch{'s' if args.epochs != 1 else ''}" if by_epochs
+               else f"{steps} step{'s' if steps != 1 else ''}")
     print(f"DATALORA demo | model: {args.model or 'embedded tiny Mistral'} | dataset: "
           f"{len(train_rows)} rows | {args.experts} experts x rank {args.rank}, top-"
           f"{args.top_k}, routed by the saliency network | pruned layers "
@@ -414,6 +419,7 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
           f"question per task:")
     shown = _one_per_task(eval_rows)
     answers, kept = _generate(reloaded, tokenizer, shown, pruning=True)
+    _drop_stale(out, [PLOT_NAME] if args.no_plot else [])
     plot = None
     if not args.no_plot:
         plot = plot_history(history, out / PLOT_NAME,
@@ -433,6 +439,17 @@ def _run_datalora(args: argparse.Namespace) -> dict[str, Any]:
             "eval_loss_pruned": result.metrics.get("eval_loss_pruned"),
             "eval_loss_dense": result.metrics.get("eval_loss_dense"),
             "output_dir": str(out), "plot": str(plot) if plot else None, "seconds": elapsed}
+
+
+def _drop_stale(out: Path, names: list[str]) -> None:
+    """Removes the files ``names`` an earlier demo run left in ``out`` and this one does not
+    rewrite (its plot under ``--no-plot``, a datalora run's training records after a
+    MoLoRA run), so the folder describes one run; says which."""
+    stale = [name for name in names if (out / name).is_file()]
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        print(f"removed {', '.join(stale)} of an earlier run from {out}/")
 
 
 def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
@@ -457,10 +474,11 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
 
     records = finetune(wrapped, tokenizer, train_rows, steps=steps, batch_size=batch_size,
                        lr=lr, seed=args.seed, progress=not args.no_progress, on_step=report)
-    n = min(5, len(records))
+    n = min(5, max(1, len(records) // 2))  # windows that do not overlap
     first = sum(r.loss for r in records[:n]) / n
     last = sum(r.loss for r in records[-n:]) / n
-    print(f"loss: {first:.3f} (first {n} steps) -> {last:.3f} (last {n} steps)")
+    unit = "step" if n == 1 else f"{n} steps"
+    print(f"loss: {first:.3f} (first {unit}) -> {last:.3f} (last {unit})")
     print("expert load per task, last step (% of routes per expert):")
     task_load = records[-1].task_expert_load
     if not task_load and records[-1].expert_load is not None:
@@ -482,6 +500,7 @@ def _run_molora(args: argparse.Namespace) -> dict[str, Any]:
     answers, _ = _generate(reloaded, tokenizer, shown, pruning=False)
     history = [{"step": r.step, "phase": "MoLoRA (no curriculum)", "lm_loss": r.loss,
                 "task_expert_load": r.task_expert_load} for r in records]
+    _drop_stale(out, [*DATALORA_RUN_FILES, *([PLOT_NAME] if args.no_plot else [])])
     plot = None
     if not args.no_plot:
         plot = plot_history(history, out / PLOT_NAME, title=f"plain MoLoRA demo: {steps} "

@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datalora.checks import check_int, check_number
-from datalora.cli import check_output_folder, fraction, int_at_least, positive_float
+from datalora.cli import (
+    check_output_file,
+    check_output_folder,
+    fraction,
+    int_at_least,
+    positive_float,
+)
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -836,6 +842,10 @@ def transfer_cli(args: argparse.Namespace) -> dict[str, Any]:
     folder = check_adapter_folder(args.source_adapter)
     prompts = load_seed_prompts(args.seed_file)
     check_output_folder("output_dir", args.output_dir)
+    if Path(args.output_dir).resolve() == Path(folder).resolve():
+        raise ValueError(f"output_dir: {args.output_dir} is the --source-adapter folder; the "
+                         f"transferred adapter would overwrite the source one")
+    check_output_file("out", args.out)
     _check_model_names(args)
     target, target_tok = _load_model("target_model", args.target_model)
     check_target_modules(target, args.adapter, args.target_modules)
@@ -941,7 +951,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "source_adapter": "--source-adapter", "source_model": "--source-model",
         "target_model": "--target-model", "seed_file": "--seed-file",
         "target_modules": "--target-modules", "adapter": "--adapter", "steps": "--steps",
-        "output_dir": "--output-dir",
+        "output_dir": "--output-dir", "out": "--out",
         "seed_prompts": "--seed-prompts", "eval_rows": "--eval-rows"})
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from datalora import demo
 from datalora.cli import build_parser
 from datalora.curriculum import PHASES
 
@@ -43,6 +44,10 @@ def test_demo_datalora_end_to_end(tmp_path, capsys):
 
 def test_demo_molora_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "adapter"
+    out_dir.mkdir()
+    # an earlier datalora run's records in the folder: removed, they describe another run
+    for name in demo.DATALORA_RUN_FILES:
+        (out_dir / name).write_text("earlier run")
     args = build_parser().parse_args(["demo", "--method", "molora", "--steps", "4",
                                       "--batch-size", "4", "--output-dir", str(out_dir),
                                       "--no-progress"])
@@ -53,6 +58,20 @@ def test_demo_molora_end_to_end(tmp_path, capsys):
     assert (out_dir / "adapter_model.safetensors").exists()
     assert (out_dir / "datalora_demo.png").read_bytes()[:8] == PNG_MAGIC
     assert "expert load per task" in out and "bit-identical = True" in out
+    assert not any((out_dir / name).exists() for name in demo.DATALORA_RUN_FILES)
+    assert "of an earlier run from" in out
+    # 4 steps: the loss summary compares the first and the last 2, not 4 and 4
+    assert "(first 2 steps)" in out and "(last 2 steps)" in out
+
+
+def test_drop_stale_removes_only_the_named_files_there(tmp_path, capsys):
+    (tmp_path / demo.PLOT_NAME).write_bytes(b"old")
+    (tmp_path / "mine.txt").write_text("keep")
+    demo._drop_stale(tmp_path, [demo.PLOT_NAME, "absent.json"])
+    assert not (tmp_path / demo.PLOT_NAME).exists() and (tmp_path / "mine.txt").exists()
+    assert f"removed {demo.PLOT_NAME} of an earlier run" in capsys.readouterr().out
+    demo._drop_stale(tmp_path, [demo.PLOT_NAME])
+    assert capsys.readouterr().out == ""
 
 
 def test_compact_logs_rewrites_trainer_dicts_only():

@@ -824,3 +824,15 @@ def test_titok_cli_names_the_model_flag_and_checks_both_before_loading(tmp_path,
                   str(tmp_path / "seeds.txt"), "--no-progress"])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and flag in err, err
+    # an existing folder as --out, and --output-dir = --source-adapter (it would be
+    # overwritten), fail before any model loads (the first only after the whole transfer)
+    (tmp_path / "afolder").mkdir()
+    for extra, flag in ((["--out", str(tmp_path / "afolder")], "--out (out): "),
+                        (["--output-dir", str(tmp_path / "adapter")],
+                         "--output-dir (output_dir): ")):
+        with pytest.raises(SystemExit) as exc:
+            main(["titok", "--source-model", "embedded", "--target-model", "embedded",
+                  "--source-adapter", str(tmp_path / "adapter"), "--seed-file",
+                  str(tmp_path / "seeds.txt"), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and flag in err, err

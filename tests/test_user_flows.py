@@ -793,7 +793,7 @@ def test_demo_model_folder_without_tokenizer_names_no_missing_flag(tmp_path, cap
 def test_molora_demo_shows_the_expert_load_of_rows_without_a_task(tmp_path, capsys):
     """A --dataset without a 'task' column: the MoLoRA demo printed an empty "expert load
     per task" section (the datalora demo lists such rows as "unknown"), and "first 5
-    steps" after 2 steps."""
+    steps" after 2 steps (then the same 2 steps as "first" and "last")."""
     from datalora.cli import build_parser
 
     data = tmp_path / "d.jsonl"
@@ -806,7 +806,7 @@ def test_molora_demo_shows_the_expert_load_of_rows_without_a_task(tmp_path, caps
     out = capsys.readouterr().out
     section = out.split("expert load per task, last step (% of routes per expert):\n")[1]
     assert section.lstrip().startswith("unknown: [")
-    assert "(first 2 steps)" in out and "(last 2 steps)" in out
+    assert "(first step)" in out and "(last step)" in out
 
 
 @pytest.mark.parametrize("module", ["benchmarks.bench_tle", "datalora.experiments.tle_evidence",
