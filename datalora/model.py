@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import warnings
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from datalora.layers import MoLoRALinear, adapters_off
 from datalora.nf4_linear import NF4Linear, is_nf4_base
 from datalora.ops.backends import CUDA_BACKEND_SCOPE
 from datalora.pruning import (
+    GRADIENT_CHECKPOINTING_REFUSED,
     DATALORARuntime,
     check_prunable,
     find_decoder_layers,
@@ -57,11 +57,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@functools.cache
+_AUX_OUTPUT_CLASSES: dict[type, type] = {}  # output class -> its aux-loss subclass
+
+
 def output_with_aux_losses(output_class: type) -> type:
     """``output_class`` (a ``ModelOutput`` dataclass: ``CausalLMOutputWithPast``,
     ``MoeCausalLMOutputWithPast``, ...) with ``retention_loss`` and ``balance_loss`` fields
-    (0-dim tensors); ``DATALORACausalLMOutput`` for ``CausalLMOutputWithPast``."""
+    (0-dim tensors); ``DATALORACausalLMOutput`` for ``CausalLMOutputWithPast``. Made once
+    per class and kept in a plain dict, which ``torch.compile`` reads as a constant (it
+    cannot trace a class being made: :class:`DATALORAModel` makes the usual ones when it is
+    built)."""
+    cls = _AUX_OUTPUT_CLASSES.get(output_class)
+    if cls is None:
+        cls = _AUX_OUTPUT_CLASSES[output_class] = _aux_output_class(output_class)
+    return cls
+
+
+def _aux_output_class(output_class: type) -> type:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     name = ("DATALORACausalLMOutput" if output_class is CausalLMOutputWithPast
@@ -76,6 +88,17 @@ def output_with_aux_losses(output_class: type) -> type:
     cls = dataclass(type(name, (output_class,), namespace))
     globals().setdefault(name, cls)  # picklable by name (this module's attribute)
     return cls
+
+
+def _make_aux_output_classes() -> None:
+    """:func:`output_with_aux_losses` of the causal-LM outputs of transformers' decoder
+    models (dense and MoE)."""
+    from transformers import modeling_outputs
+
+    for name in ("CausalLMOutputWithPast", "MoeCausalLMOutputWithPast"):
+        output_class = getattr(modeling_outputs, name, None)
+        if output_class is not None:
+            output_with_aux_losses(output_class)
 
 
 def _is_target(name: str, targets: list[str]) -> bool:
@@ -292,6 +315,7 @@ class DATALORAModel(nn.Module):
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None
         if config.routing == "shared":
+            _make_aux_output_classes()  # outside any compiled forward
             device = next(model.parameters()).device
             self.saliency = UnifiedSaliencyNetwork(
                 _hidden_size(model), config.num_lora_experts, config.lora_rank,
@@ -312,6 +336,14 @@ class DATALORAModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        """The base model's (per-layer routing); refused at once with shared routing, whose
+        saliency / pruning hooks cannot be recomputed (it used to fail at the first
+        training forward)."""
+        if self.runtime is not None:
+            raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
+        self.base_model.gradient_checkpointing_enable(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         """The base model's forward; with shared routing in training mode the output also

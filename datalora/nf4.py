@@ -198,8 +198,9 @@ class NF4Tensor:
         scaled = (scaled * self.nested_absmax.view(-1, 1)).reshape(-1)[:n]
         return scaled + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """:func:`dequantize`: ``[*self.shape]`` in ``dtype`` (default: ``self.dtype``)."""
+    def dequantize(self, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+        """:func:`dequantize`: ``[*self.shape]`` in ``dtype`` (default bf16; None:
+        ``self.dtype``)."""
         return dequantize(self, dtype)
 
     # ---------------------------------------------------------------- bitsandbytes interop
@@ -363,10 +364,10 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     return out.to(dtype).view(t.shape)
 
 
-def dequantize(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``[*t.shape]`` tensor of ``dtype`` (default None: ``t.dtype``, the dtype of the
-    quantized weight, as bitsandbytes' ``dequantize_4bit`` returns it, bit for bit; not
-    always bf16: pass ``dtype=torch.bfloat16`` for that). Values
+def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """``[*t.shape]`` tensor of ``dtype`` (default bf16, the design's signature; None:
+    ``t.dtype``, the dtype of the quantized weight, as bitsandbytes' ``dequantize_4bit``
+    returns it, bit for bit). Values
     are fp32 ``code * absmax`` rounded to ``dtype`` (float64 holds them exactly: a
     ``.double()`` model computes with the same weights).
     """

@@ -423,6 +423,12 @@ class _Context:
     stepwise: bool = False
 
 
+GRADIENT_CHECKPOINTING_REFUSED = (
+    "gradient_checkpointing: not supported with the DATALORA saliency / pruning hooks "
+    "(recomputation would re-run them, drawing other keep decisions); disable it, or build "
+    "the model with routing='per_layer' (no saliency network or pruning), which supports it")
+
+
 class DATALORARuntime:
     """Installs the shared-routing + pruning hooks on a HF causal LM.
 
@@ -584,8 +590,7 @@ class DATALORARuntime:
         if checkpointing is None:
             checkpointing = getattr(module, "is_gradient_checkpointing", False)
         if module.training and checkpointing:
-            raise ValueError("gradient_checkpointing: not supported with the DATALORA saliency "
-                             "/ pruning hooks (recomputation would re-run them); disable it")
+            raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
         router_logits = kwargs.get("output_router_logits")
         if router_logits is None:
             router_logits = getattr(getattr(module, "config", None), "output_router_logits", False)

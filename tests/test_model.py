@@ -328,6 +328,64 @@ def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
     assert sum(1 for _ in same.molora_layers()) == sum(1 for _ in wrapped.molora_layers())
 
 
+@pytest.mark.parametrize("routing", ["shared", "per_layer"])
+def test_a_training_step_through_the_wrapper_compiles_fullgraph_and_matches_eager(routing):
+    """The README's claim, through ``DATALORAModel.forward`` (whose shared-routing output
+    class with the aux losses used to be made while dynamo traced: "setattr() on unsupported
+    type")."""
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    model = get_datalora_model(build_tiny_model(seed=0),
+                               DATALORAConfig(**CFG, routing=routing, lora_dropout=0.0),
+                               verbose=False).train()
+    perturb(model)
+    if routing == "shared":
+        model.set_curriculum_state(tau=0.5, retention=0.5, hard=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(i, a):
+        out = model(input_ids=i, attention_mask=a, labels=i)
+        return out.loss + (out.retention_loss + out.balance_loss if routing == "shared" else 0)
+
+    def run(fn):
+        torch.manual_seed(1)  # the same Gumbel noise
+        for p in params:
+            p.grad = None
+        loss = fn(ids, mask)
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in params]
+
+    want = run(step)
+    got = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_checkpointing_is_refused_when_enabled_on_shared_routing():
+    """It used to be accepted and fail at the first training forward; per-layer routing
+    supports it (same loss and gradients)."""
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    shared = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                                verbose=False)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing: .*routing='per_layer'"):
+        shared.gradient_checkpointing_enable()
+
+    def step(checkpointing):
+        torch.manual_seed(0)  # the same adapter initialisation
+        model = get_datalora_model(build_tiny_model(seed=0),
+                                   DATALORAConfig(**CFG, routing="per_layer", lora_dropout=0.0),
+                                   verbose=False).train()
+        perturb(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for a, b in zip(step(True), step(False), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_peft_adapter_config_is_named_as_such():
     with pytest.raises(ValueError, match=r"a PEFT adapter config \(peft_type 'LORA'\)"):
         DATALORAConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 16,

@@ -90,7 +90,11 @@ def test_quantize_dequantize_bit_exact(shape, blocksize, double_quant, dtype):
     out = nf4.dequantize(t, dtype=None)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, ref)
-    assert torch.equal(nf4.dequantize(t), ref) and torch.equal(t.dequantize(), ref)  # default
+    # the default is DESIGN.md's dtype=torch.bfloat16 (None: the weight's own dtype, above)
+    bf16 = nf4.dequantize(t, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(nf4.dequantize(t), bf16) and torch.equal(t.dequantize(), bf16)
+    assert torch.equal(t.dequantize(None), ref)
 
 
 @pytest.mark.parametrize("blocksize", [32, 256, 512, 1024, 2048, 4096])
@@ -600,8 +604,8 @@ def test_bnb_linear4bit_with_bf16_quant_storage():
 
     ref, odd = layer(torch.uint8), layer(torch.bfloat16)
     assert odd.weight.dtype == torch.bfloat16
-    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(odd.weight))
-    assert torch.equal(w, nf4.dequantize(nf4.NF4Tensor.from_bnb(ref.weight)))
+    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(odd.weight), None)  # its fp32
+    assert torch.equal(w, nf4.dequantize(nf4.NF4Tensor.from_bnb(ref.weight), None))
     x = torch.randn(3, 64)
     torch.testing.assert_close(MoLoRALinear(odd, 4, 4)(x), x @ w.T + odd.bias)
 
