@@ -344,6 +344,11 @@ class DATALORAModel(nn.Module):
         if self.runtime is not None:
             raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
         self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        # the frozen embeddings' output must require grad, or a reentrant checkpoint (older
+        # transformers' default) returns a loss without a graph (as PEFT does)
+        enable = getattr(self.base_model, "enable_input_require_grads", None)
+        if enable is not None and getattr(self.base_model, "_require_grads_hook", None) is None:
+            enable()
 
     def forward(self, *args, **kwargs):
         """The base model's forward; with shared routing in training mode the output also
