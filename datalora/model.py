@@ -564,9 +564,7 @@ class DATALORAModel(nn.Module):
         Under FSDP2 call it on every rank: each rank keeps its shard of the saved tensors.
         """
         _check_path(path)
-        file = Path(path) / WEIGHTS_NAME
-        if not file.exists():
-            raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {path}")
+        file = _weights_file(Path(path))
         metadata = load_metadata(file)
         self._check_saved_config(Path(path), file, metadata)
         saved = load_tensors(file)
@@ -687,15 +685,21 @@ class DATALORAModel(nn.Module):
         return wrapped
 
 
+def _weights_file(folder: Path) -> Path:
+    """``folder``'s adapter weights file; FileNotFoundError naming ``path`` when missing."""
+    file = folder / WEIGHTS_NAME
+    if not file.exists():
+        raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {folder}")
+    return file
+
+
 def _check_adapter_fits(model: nn.Module, folder: Path) -> None:
     """The modules the saved MoLoRA tensors adapt exist in ``model`` with the features
     their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``): checked from the
     weights file's header before :meth:`DATALORAModel.from_pretrained` injects anything, so
     an adapter of another model size fails with the user's model untouched (the full name
     and shape check of :meth:`~DATALORAModel.load_adapter` follows the injection)."""
-    file = folder / WEIGHTS_NAME
-    if not file.exists():
-        raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {folder}")
+    file = _weights_file(folder)
     modules = {unwrapped_name(name): module for name, module in model.named_modules()}
     for name, shape in load_shapes(file).items():
         module_name, _, leaf = name.rpartition(".")

@@ -41,6 +41,7 @@ from datalora.ops.backends import (
     environment_backend,
     resolve_backend,
 )
+from datalora.ops.layout import expert_rows
 from datalora.ops.molora import (
     _DOUBLE_BACKWARD,
     _autocast,
@@ -368,7 +369,6 @@ def _nf4_molora_linear_op(
     from datalora.kernels import nf4_fused_linear as _nfl
     from datalora.ops.triton_backend import (
         _dense_shrink,
-        _expert_rows,
         _kernel_gates,
         _rank_scale,
         _route_ids,
@@ -383,7 +383,7 @@ def _nf4_molora_linear_op(
         return y, h
     with launch_device(x):
         rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-        zd = _dense_shrink(lora_x, _expert_rows(A), _route_ids(expert_ids),
+        zd = _dense_shrink(lora_x, expert_rows(A), _route_ids(expert_ids),
                            _kernel_gates(gates, lora_x.dtype, "dense"), rs, rs_stride, h, E, r,
                            scaling)
         t = _nf4_of(data, absmax, nested_absmax, nested_code, offset, shape, blocksize, x.dtype)

@@ -19,6 +19,12 @@ from __future__ import annotations
 import torch
 
 
+def expert_rows(A: torch.Tensor) -> torch.Tensor:
+    """``A [E, r, d_in]`` as ``A_all [E*r, d_in]`` (a view for contiguous A), the dense
+    strategy's shrink weight."""
+    return A.reshape(A.shape[0] * A.shape[1], A.shape[2])  # not -1: d_in may be 0
+
+
 def expert_columns_is_view(B: torch.Tensor) -> bool:
     """Whether :func:`expert_columns` of ``B`` is a view (B stored expert-minor)."""
     return B.transpose(0, 1).is_contiguous()
@@ -68,7 +74,6 @@ def use_expert_minor_b(model: torch.nn.Module) -> int:
             B = module.lora_B
             if expert_columns_is_view(B):
                 continue
-            with torch.no_grad():
-                B.data = expert_minor(B.data)
+            B.data = expert_minor(B.data)
             changed += 1
     return changed

@@ -41,7 +41,7 @@ import functools
 import torch
 
 from datalora.ops.eager import RoutingCache, may_cache_routing
-from datalora.ops.layout import expert_columns, expert_columns_grad
+from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 
@@ -119,11 +119,6 @@ def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> Routi
     return tables
 
 
-def _flat_A(A: torch.Tensor) -> torch.Tensor:
-    """``[E, r, d_in] -> [E*r, d_in]`` (a view for contiguous A)."""
-    return A.reshape(A.shape[0] * A.shape[1], A.shape[2])  # not -1: d_in may be 0
-
-
 def _gate(H: torch.Tensor, tables: RoutingTables) -> torch.Tensor:
     """``H * G`` in place. In fp16 an unrouted expert's column may overflow to inf (its
     weights are never trained down on those tokens) and ``inf * 0`` is NaN, which the
@@ -135,7 +130,7 @@ def _gate(H: torch.Tensor, tables: RoutingTables) -> torch.Tensor:
 def _shrink(x, A, expert_ids, tables, need_h):
     """``(h, Zd)``: per-route ``h = A[e] @ x`` ``[T, k, r]`` (None unless ``need_h``) and the
     gated ``Zd = H * G`` ``[T, E*r]``."""
-    H = torch.mm(x, _flat_A(A).T)  # [T, E*r]: every expert at once, reading x once
+    H = torch.mm(x, expert_rows(A).T)  # [T, E*r]: every expert at once, reading x once
     h = (H.gather(1, tables.index).view(expert_ids.shape[0], expert_ids.shape[1], A.shape[1])
          if need_h else None)
     return h, _gate(H, tables)
@@ -153,7 +148,7 @@ def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
     per_expert = (onehot * gates.to(acc)[..., None]).sum(-2) * scaling      # [T, E]
     G = (per_expert[..., None].expand(*per_expert.shape, r) if rank_scale is None
          else per_expert[..., None] * rank_scale.to(acc)[..., None, :])
-    H = x @ _flat_A(A).T                                                    # [T, E*r]
+    H = x @ expert_rows(A).T                                                    # [T, E*r]
     if x.dtype != torch.float16:
         Zd = H * G.reshape(*G.shape[:-2], E * r).to(x.dtype)
     else:  # G in fp32 (see _gate_matrix), unrouted columns masked (see _gate)
@@ -228,8 +223,8 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     if need_x or need_A:
         dH = _gate(dZ, tables)
         if need_x:
-            dx = (torch.mm(dH, _flat_A(A)) if dx_out is None
-                  else dx_out.addmm_(dH, _flat_A(A)))
+            dx = (torch.mm(dH, expert_rows(A)) if dx_out is None
+                  else dx_out.addmm_(dH, expert_rows(A)))
         if need_A:
             dA = torch.mm(dH.T, x).view(E, r, d_in)
     return dx, dA, dB, dgates, drs

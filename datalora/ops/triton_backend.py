@@ -30,7 +30,7 @@ from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32
 from datalora.ops import torch_backend
 from datalora.ops.eager import RoutingCache, may_cache_routing
-from datalora.ops.layout import expert_columns, expert_columns_grad
+from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.routing import ExpertPermutation, sort_routes
 
 STRATEGIES = ("dense", "grouped")
@@ -188,11 +188,6 @@ def _expand_routes(z, w, w_strides, out_dim, perm, y, E, R, alpha, accumulate, k
             chunk.copy_(total)
 
 
-def _expert_rows(A: torch.Tensor) -> torch.Tensor:
-    """``A [E, r, d_in]`` as ``[E*r, d_in]`` (a view when A is contiguous)."""
-    return A.reshape(-1, A.shape[-1])
-
-
 def _route_ids(expert_ids: torch.Tensor) -> torch.Tensor:
     """Expert ids as ``route_dense`` reads them: int64, contiguous (no copy for the ids a
     router's top-k returns); the kernel clamps them to ``[0, E)``."""
@@ -219,7 +214,7 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
     g = _kernel_gates(gates, x.dtype, strategy)
     rs, rs_stride = _rank_scale(rank_scale, r, x.device)
     if strategy == "dense":
-        zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids), g, rs, rs_stride, h, E, r,
+        zd = _dense_shrink(x, expert_rows(A), _route_ids(expert_ids), g, rs, rs_stride, h, E, r,
                            1.0)
         # beta = 0 ignores y's old values (NaN in a fresh buffer included)
         y.addmm_(zd, expert_columns(B).t(), beta=1 if accumulate else 0, alpha=scaling)
@@ -290,7 +285,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
             b_cols = expert_columns(B)
             dhd = _dense_shrink(dy, b_cols.t(), ids, g, rs, rs_stride, dz, E, r, scaling)
             if need_x:
-                dx.addmm_(dhd, _expert_rows(A), beta=1 if accumulate else 0)
+                dx.addmm_(dhd, expert_rows(A), beta=1 if accumulate else 0)
             if need_A:  # dA[e, i, :] = sum_t dhd[t, e*r + i] x[t]: zero where e is not routed
                 dA = torch.mm(dhd.t(), x).view(E, r, d_in)
         else:
@@ -382,7 +377,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)
-            zd = _dense_shrink(x, _expert_rows(A), _route_ids(expert_ids),
+            zd = _dense_shrink(x, expert_rows(A), _route_ids(expert_ids),
                                _kernel_gates(gates, x.dtype, "dense"), rs, rs_stride, h, E, r,
                                scaling)
             _fl.fused_linear(x, weight, bias, zd, B, E, r, y)

@@ -50,10 +50,14 @@ def _check_batch(input_ids: Any, attention_mask: Any) -> None:
             or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    # both facts in one transfer to the host: values other than 0 / 1, rows without a token
+    other_values, *no_token = torch.cat([
+        ((attention_mask != 0) & (attention_mask != 1)).any().view(1),
+        attention_mask.sum(1) == 0]).tolist()
+    if other_values:
         raise ValueError("attention_mask: expected 0 / 1 values (any dtype: bool, int or "
                          "float), got others")
-    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
+    empty = [row for row, none in enumerate(no_token) if none]
     if empty:
         raise ValueError(f"attention_mask: rows {empty} have no token (all padding)")
 
