@@ -24,6 +24,7 @@ import functools
 import numbers
 from dataclasses import dataclass, replace
 from math import prod
+from typing import Any
 
 import torch
 
@@ -260,7 +261,7 @@ class NF4Tensor:
         return cls(data=flat, absmax=absmax, shape=state.shape, dtype=dtype,
                    blocksize=state.blocksize)
 
-    def quant_state(self):
+    def quant_state(self) -> Any:
         """A ``bitsandbytes.functional.QuantState`` over the same tensors."""
         from bitsandbytes.functional import QuantState
 
@@ -273,7 +274,7 @@ class NF4Tensor:
                           blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
                           offset=self.offset, state2=state2)
 
-    def to_bnb(self):
+    def to_bnb(self) -> Any:
         """A ``bnb.nn.Params4bit`` sharing this tensor's storage (no re-quantizing)."""
         import bitsandbytes as bnb
 

@@ -81,7 +81,8 @@ class _NF4LinearFn(torch.autograd.Function):
         return dx, dbias, None
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None):
+def nf4_linear(x: torch.Tensor, weight: NF4Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., d_in] @ dequant(weight)^T + bias`` in x's dtype; weight is ``[d_out, d_in]``."""
     if not isinstance(weight, NF4Tensor):
         raise TypeError(f"weight: expected an NF4Tensor, got {type(weight).__name__}")
