@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -350,7 +351,7 @@ class DATALORAModel(nn.Module):
         if enable is not None and getattr(self.base_model, "_require_grads_hook", None) is None:
             enable()
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; with shared routing in training mode the output also
         carries ``retention_loss`` and ``balance_loss`` (0-dim tensors, see
         :meth:`aux_losses`), so DDP sees the saliency network used in the graph."""
@@ -377,7 +378,7 @@ class DATALORAModel(nn.Module):
                 "balance_loss": balance_loss(routing.router_probs, routing.expert_ids,
                                              record.valid.reshape(-1))}
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search).
 
         Assisted and prompt-lookup decoding are rejected under shared routing: they crop the

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
@@ -495,7 +496,7 @@ class DATALORATrainer(Trainer):
         return value
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
-              **kwargs: Any):
+              **kwargs: Any) -> TrainOutput:
         """``Trainer.train``, then sets the final curriculum state (``temperature_final``,
         ``target_retention``, hard routing) and calibrates the keep threshold.
 
