@@ -142,6 +142,8 @@ class UnifiedSaliencyNetwork(nn.Module):
     one-hot routing). Gumbel noise is added in training mode only.
     """
 
+    keep_threshold: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, hidden_size: int, num_experts: int, rank: int, top_k: int,
                  saliency_hidden_size: int = 64, temperature: float = 1.0):
         super().__init__()

@@ -164,6 +164,8 @@ class TokenLevelAdapterMixer(nn.Module):
             embedding favour recent tokens (e.g. ``HiddenStateEmbedder(0, window=16)``).
     """
 
+    centroids: torch.Tensor | None  # a buffer (registered in __init__)
+
     def __init__(self, model: nn.Module, adapters: Sequence[str | Path | LoRAAdapter]
                  | Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
                  names: Sequence[str] | None = None, centroids: torch.Tensor | None = None,
@@ -605,7 +607,7 @@ class TokenLevelAdapterMixer(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes the padded experts, centroids and settings (self-contained)."""
         directory = Path(directory)
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for module, layer in zip(self.modules_mixed, self._layers_by_name(), strict=True):
             tensors[f"{module}.lora_A"] = layer.lora_A
             tensors[f"{module}.lora_B"] = layer.lora_B
