@@ -32,8 +32,17 @@ def molora_delta_reference(
     return scaling * torch.einsum("tkor,tkr->to", B[ids], z)
 
 
-def molora_linear_reference(x, weight, bias, A, B, expert_ids, gates, rank_scale=None,
-                            scaling=1.0):
+def molora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gates: torch.Tensor,
+    rank_scale: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
     """``y = x @ weight.T + bias + molora_delta(x, ...)``; shapes as in the delta."""
     return F.linear(x, weight, bias) + molora_delta_reference(
         x, A, B, expert_ids, gates, rank_scale, scaling)
@@ -45,7 +54,8 @@ def gather_tokens_reference(hidden: torch.Tensor, keep_idx: torch.Tensor) -> tor
     return torch.gather(hidden, 1, index)
 
 
-def scatter_tokens_reference(hidden, packed, keep_idx, weight=None):
+def scatter_tokens_reference(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tensor,
+                             weight: torch.Tensor | None = None) -> torch.Tensor:
     """Kept rows become ``hidden + weight * (packed - hidden)`` (weight 1 when None).
 
     hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` (distinct per row),
