@@ -37,7 +37,7 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Calls ``write(tmp_path)`` on a temp file beside ``path``, fsyncs it, then renames
     (keeping ``path``'s permissions, or the umask's for a new file)."""
     path = Path(path)
