@@ -45,9 +45,10 @@ from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig, read_config_file
 from datalora.curriculum import MODES, PHASES, check_mode
 
-DEFAULT_TINY_CONFIG = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
-                           num_active_experts=2, routing="shared", prune_layers=[1, 4],
-                           lambda_prune=1.0, alpha_balance=0.1)
+DEFAULT_TINY_CONFIG: dict[str, Any] = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
+                                           num_active_experts=2, routing="shared",
+                                           prune_layers=[1, 4], lambda_prune=1.0,
+                                           alpha_balance=0.1)
 """DATALORA settings of the embedded tiny model (4 layers: layers 1-3 pruned). The aux
 weights are stronger than DATALORAConfig's defaults: with 0.1 / 0.01 the tiny run's
 experts collapsed onto two and the mean keep probability drifted to ~1."""
