@@ -128,7 +128,7 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
                 window: int | None = None, decay: float | None = None,
                 centroid_pooling: str = "context",
-                progress: bool = True) -> tuple[Any, Any, dict[str, list[str]]]:
+                progress: bool = True) -> tuple[Any, Any, dict[str, dict[str, list[str]]]]:
     """Trains (or reuses) the task adapters on ``base`` and mixes them.
 
     Centroids come from the last ``centroid_prompts`` training rows of each task (never
