@@ -142,6 +142,20 @@ def test_arch_list_reaches_nvcc_and_the_build_info(tmp_path, fake_nvcc):
     assert '#define DATALORA_PTX_ARCHS "90"' in header
 
 
+# ----------------------------------------------------------------------------- packaging
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists its packages (kernels/ installs as datalora.kernels), so a new
+    subpackage left off the list would be missing from the wheel: every folder of datalora/
+    with an ``__init__.py`` must be listed."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts)
+             for init in (ROOT / "datalora").rglob("__init__.py")}
+    assert found and found <= listed, sorted(found - listed)
+    assert "datalora.kernels" in listed and (ROOT / "kernels" / "__init__.py").exists()
+
+
 # ----------------------------------------------------------------------------- install docs
 def test_readme_install_table_lists_every_extra_with_its_packages():
     """The README's extras table names each extra of pyproject.toml with what it installs."""

@@ -190,7 +190,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
             "token_fraction_labelled_titok": sel["token_fraction"]})
     if real_data_baseline:
         from datalora.data import tokenize_example as _tok_ex
-        from datalora.titok import _attach_adapter, train_masked
+        from datalora.titok.transfer import _attach_adapter, train_masked
 
         fresh = fresh_target()
         torch.manual_seed(seeds[0])

@@ -1,0 +1,37 @@
+"""Small helpers shared by the TITOK steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from datalora.checks import check_number
+
+
+def check_fraction(name: str, value: float) -> None:
+    check_number(name, value, low=0, low_inclusive=False, high=1)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` (an ``nn.Module``) in eval mode inside the block: no dropout, no training-time
+    noise (DATALORA's Gumbel pruning); every submodule's own mode comes back after."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+

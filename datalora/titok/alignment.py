@@ -1,0 +1,169 @@
+"""TITOK step 4: map token scores across tokenizers by character offsets, and build
+the target's masked training examples."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from datalora.data import (
+    IGNORE_INDEX,
+    format_prompt,
+    tokenize_example,
+)
+from datalora.ops.validation import check_tensor
+from datalora.titok._util import check_fraction
+from datalora.titok.excess import ScoredSample, response_offsets
+from datalora.titok.selection import select_samples, select_tokens
+
+
+def tile_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[n]`` spans widened to cover every character of the text.
+
+    Tokenizers that trim offsets (GPT-2 / RoBERTa byte-level BPE, ``trim_offsets=True``)
+    leave the space of ``Ġword`` outside its span and give a whitespace-only ``Ġ`` a
+    zero-width span. Here a gap before a token belongs to that token (a leading space is
+    part of the word, as ``Ġ`` / ``▁`` mean), trailing gap characters to the last token, and
+    a zero-width token before a wider one takes that token's span. Spans that already tile
+    the text are returned unchanged; zero-width spans at the end (EOS) stay as they are.
+    """
+    spans = [(int(s), int(e)) for s, e in offsets]
+    out, end = list(spans), 0
+    for i, (s, e) in enumerate(spans):
+        if e > s:
+            out[i] = (min(s, end), e)
+            end = max(end, e)
+    text_end = max((e for _, e in spans), default=0)
+    wide = [i for i, (s, e) in enumerate(spans) if e > s]
+    if wide and out[wide[-1]][1] < text_end:
+        out[wide[-1]] = (out[wide[-1]][0], text_end)
+    following = None
+    for i in reversed(range(len(spans))):
+        if spans[i][1] > spans[i][0]:
+            following = out[i]
+        elif following is not None:
+            out[i] = following
+    return out
+
+
+def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch.Tensor,
+                       tgt_offsets: Sequence[tuple[int, int]], reduce: str = "max"
+                       ) -> torch.Tensor:
+    """Maps per-token scores from one tokenization of a text to another by characters.
+
+    A target token ``[s, e)`` takes the scores of the source tokens whose spans overlap it:
+    their max (``reduce="max"``) or their mean weighted by overlapping characters
+    (``"mean"``). Both sides' spans first go through :func:`tile_spans`, so whitespace a
+    tokenizer leaves outside its spans (``trim_offsets``) still scores the target's
+    whitespace tokens. Zero-width spans (EOS at the end) match zero-width source spans at
+    the same position. A target token no source token covers gets NaN.
+
+    Args:
+        src_offsets: ``[n]`` source spans; src_scores: ``[n]``.
+        tgt_offsets: ``[m]`` target spans.
+
+    Returns:
+        ``[m]`` float32 target scores.
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
+    check_tensor("src_scores", src_scores)
+    if src_scores.dim() != 1:
+        raise ValueError(f"src_scores: expected shape [n] (one score per source span), got "
+                         f"{tuple(src_scores.shape)}")
+    if len(src_offsets) != src_scores.numel():
+        raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
+                         f"span), got {src_scores.numel()}")
+    src_spans = [tuple(s) for s in src_offsets]
+    n = len(src_spans)
+    if src_spans == [tuple(t) for t in tgt_offsets]:
+        return src_scores.float().clone()  # same tokenization: token i is token i
+    # the same tokenization with the source cut shorter (score_max_length): token i is
+    # token i on the shared prefix (tokens splitting one character share its span)
+    prefix = n > 0 and src_spans == [tuple(t) for t in tgt_offsets[:n]]
+    src_offsets, tgt_offsets = tile_spans(src_offsets), tile_spans(tgt_offsets)
+    out = torch.full((len(tgt_offsets),), float("nan"))
+    scores = src_scores.float().tolist()
+    for j, (ts, te) in enumerate(tgt_offsets):
+        hits: list[tuple[float, int]] = []
+        for (ss, se), score in zip(src_offsets, scores, strict=True):
+            if te == ts:  # zero-width target token (EOS)
+                if se == ss == ts:
+                    hits.append((score, 1))
+                continue
+            overlap = min(te, se) - max(ts, ss)
+            if overlap > 0:
+                hits.append((score, overlap))
+        if hits:
+            if reduce == "max":
+                out[j] = max(s for s, _ in hits)
+            else:
+                out[j] = sum(s * w for s, w in hits) / sum(w for _, w in hits)
+    if prefix:
+        out[:n] = src_scores.float()
+    return out
+
+
+def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
+                          sample_keep: float = 0.5, token_keep: float = 0.5,
+                          max_length: int = 128, reduce: str = "max", drop_empty: bool = True
+                          ) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """Target-tokenizer training examples whose labels keep only the selected tokens.
+
+    Samples are filtered by mean excess (source tokens); each kept sample's scores are
+    aligned to ``tokenizer`` by character offsets and its top ``token_keep`` tokens keep
+    their label (others ``-100``). With ``sample_keep = token_keep = 1`` every synthetic
+    token is a label (the "all tokens" baseline). With ``drop_empty`` samples whose
+    response is empty (EOS only) are dropped first: their mean excess is the EOS token's
+    alone, which tends to be large, so they would crowd out real answers.
+
+    Tokens are selected among the response tokens that survive the ``max_length`` cut of
+    :func:`~datalora.data.tokenize_example`; a kept sample left without any label (its
+    response cut away, or no token scored) is dropped, with a warning giving the count.
+
+    Returns:
+        ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
+        with the kept sample indices (those with an example), the count dropped for
+        having no label, and the fraction of response tokens kept.
+    """
+    check_fraction("sample_keep", sample_keep)
+    check_fraction("token_keep", token_keep)
+    usable = [i for i, s in enumerate(scored) if s.row["response"].strip() or not drop_empty]
+    ranked = select_samples([scored[i].mean_excess for i in usable], sample_keep)
+    kept = [usable[j] for j in ranked]
+    examples, with_labels, labelled, total = [], [], 0, 0
+    for i in kept:
+        sample = scored[i]
+        ex = tokenize_example(sample.row, tokenizer, max_length)
+        labels = list(ex["labels"])
+        resp = [p for p, v in enumerate(labels) if v != IGNORE_INDEX]  # after truncation
+        tgt_offsets = response_offsets(tokenizer, sample.row["response"],
+                                       format_prompt(sample.row))
+        scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets,
+                                    reduce)[:len(resp)]
+        mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(
+            len(resp), dtype=torch.bool)
+        for pos, keep in zip(resp, mask.tolist(), strict=True):
+            if not keep:
+                labels[pos] = IGNORE_INDEX
+        n_labels = sum(v != IGNORE_INDEX for v in labels)
+        if n_labels == 0:
+            continue
+        labelled += n_labels
+        total += len(resp)
+        examples.append({**ex, "labels": labels})
+        with_labels.append(i)
+    dropped = len(kept) - len(with_labels)
+    if dropped:
+        warnings.warn(f"build_masked_examples: dropped {dropped} of the {len(kept)} kept "
+                      f"samples: no label left (response cut by max_length={max_length}, "
+                      f"or no scored token)", stacklevel=2)
+    stats = {"kept_samples": with_labels, "dropped_no_labels": dropped,
+             "num_samples": len(scored), "num_usable": len(usable),
+             "token_fraction": labelled / max(total, 1)}
+    return examples, stats
+
+
