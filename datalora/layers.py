@@ -24,9 +24,8 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
-from datalora.ops.eager import under_torch_func
 from datalora.ops.molora import _autocast, autocast_enabled
-from datalora.ops.validation import FLOAT_DTYPES, check_float, check_tensor
+from datalora.ops.validation import FLOAT_DTYPES, check_float, check_tensor, under_vmap
 from datalora.routing import Routing, topk_routing
 
 
@@ -243,7 +242,7 @@ class MoLoRALinear(nn.Module):
         # a Routing shared by many layers is validated once (under compile: never, as a
         # flag baked into a graph would check on every call); the layer's own top-k router
         # yields valid ids by construction: no host sync
-        check = not own and not torch.compiler.is_compiling() and not under_torch_func() \
+        check = not own and not torch.compiler.is_compiling() and not under_vmap() \
             and routing.needs_value_check(self.num_experts)
         y = self._adapted(x, plain, routing.expert_ids, A, B, gates, rank_scale, check)
         if check:  # the op validated the values (else it raised)

@@ -7,7 +7,12 @@ import torch
 import torch.nn as nn
 
 from datalora import MoLoRALinear, Routing, ops, sort_routes, topk_routing
-from datalora.reference import molora_delta_reference, molora_linear_reference
+from datalora.reference import (
+    gather_tokens_reference,
+    molora_delta_reference,
+    molora_linear_reference,
+    scatter_tokens_reference,
+)
 
 
 def make_layer(d_in=16, d_out=12, E=4, r=3, k=2, bias=True, dtype=torch.float32):
@@ -744,16 +749,68 @@ def test_setting_a_routing_field_to_none_is_checked_again():
     assert layer(x, routing=routing).shape == (5, 6)
 
 
-def test_a_torch_func_forward_does_not_count_as_a_value_check():
-    from torch.func import functional_call, grad
+def test_torch_func_grad_checks_the_routing_and_vmap_does_not_count_as_a_check():
+    """Under grad the routing's values are read and checked as in eager mode; under vmap
+    they cannot be read, and that unchecked forward must not mark the routing checked."""
+    from torch.func import functional_call, grad, vmap
 
     layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
     x = torch.randn(5, 8)
-    routing = Routing(torch.full((5, 2), 99), torch.rand(5, 2))  # out of range: unchecked
+    routing = Routing(torch.full((5, 2), 99), torch.rand(5, 2))  # out of range
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    grad(lambda p: functional_call(layer, p, (x,), {"routing": routing}).sum())(params)
+    with pytest.raises(ValueError, match="expert_ids: expected values in"):
+        grad(lambda p: functional_call(layer, p, (x,), {"routing": routing}).sum())(params)
+    vmap(lambda x: layer(x, routing=routing))(x[None].expand(3, -1, -1))
     with pytest.raises(ValueError, match="expert_ids: expected values in"):
         layer(x, routing=routing)
+
+
+_BAD_ROUTING = [(torch.tensor([[0], [1], [7]]), torch.ones(3, 1), "expert_ids"),
+                (torch.tensor([[0], [1], [1]]), torch.tensor([[1.0], [float("nan")], [1.0]]),
+                 "gates")]
+
+
+@pytest.mark.parametrize("ids,gates,name", _BAD_ROUTING)
+def test_torch_func_and_forward_ad_check_the_routing_values(ids, gates, name):
+    """grad / jacrev / jvp and forward-mode AD can read values: bad routing is refused as
+    in eager mode (it used to be clamped silently there)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jacrev, jvp
+
+    x, A, B, W = torch.randn(3, 4), torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.randn(5, 4)
+
+    def delta(x):
+        return ops.molora_delta(x, A, B, ids, gates)
+
+    calls = [lambda: grad(lambda x: delta(x).sum())(x),
+             lambda: jacrev(lambda x: ops.molora_linear(x, W, None, A, B, ids, gates))(x),
+             lambda: jvp(delta, (x,), (torch.ones_like(x),))]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"{name}: expected"):
+            call()
+    with fwAD.dual_level(), pytest.raises(ValueError, match=f"{name}: expected"):
+        delta(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def test_vmap_over_the_routing_and_token_positions():
+    """Batched ids / positions cannot be read on the host: vmap over them runs unchecked
+    (the value check used to fail on the batched tensor) and matches a loop."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x, A, B = torch.randn(3, 4), torch.randn(2, 2, 4), torch.randn(2, 5, 2)
+    ids, gates = torch.randint(0, 2, (4, 3, 1)), torch.rand(3, 1)
+    got = vmap(lambda i: ops.molora_delta(x, A, B, i, gates))(ids)
+    torch.testing.assert_close(
+        got, torch.stack([molora_delta_reference(x, A, B, i, gates) for i in ids]))
+    hidden, packed = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 2, 3)
+    keep = torch.stack([torch.randperm(5)[:2] for _ in range(8)]).reshape(4, 2, 2)
+    got = vmap(ops.gather_tokens)(hidden, keep)
+    want = [gather_tokens_reference(h, k) for h, k in zip(hidden, keep, strict=True)]
+    torch.testing.assert_close(got, torch.stack(want))
+    got = vmap(ops.scatter_tokens)(hidden, packed, keep)
+    torch.testing.assert_close(got, torch.stack(
+        [scatter_tokens_reference(h, p, k) for h, p, k in zip(hidden, packed, keep, strict=True)]))
 
 
 def test_flop_formula_of_the_fused_op():

@@ -368,8 +368,8 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
     check_bool("check_values", check_values)
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, A, B = _autocast(x2, A, B)
-    functional = under_torch_func()  # values unseen there: no host checks (ids clamped)
-    check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
+    functional = under_torch_func()  # the composite path (values checked but under vmap)
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
     name = resolve_backend(backend, x.device)
     inputs = (x2, A, B, ids, g, rs, float(scaling), name)
     if functional:
@@ -395,7 +395,7 @@ def molora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     x2, weight, bias, A, B = _autocast(x2, weight, bias, A, B)
     functional = under_torch_func()
-    check_molora_inputs(x2, A, B, ids, g, rs, check_values and not functional)
+    check_molora_inputs(x2, A, B, ids, g, rs, check_values)
     check_linear_inputs(x2, weight, bias)
     if weight.shape[0] != B.shape[1]:
         raise ValueError(f"B: expected shape [E, d_out={weight.shape[0]}, r] (d_out of weight),"

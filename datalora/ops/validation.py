@@ -3,9 +3,11 @@
 Metadata checks (shape, dtype, device) are free and always run. Value checks (expert ids
 and token positions in range, finite gates and weights) read the tensors back to the host,
 so they run eagerly only: they are skipped while ``torch.compile``, ``make_fx`` or
-``torch.export`` traces, under ``FakeTensorMode`` (fake tensors have no values), while a
-CUDA graph is captured (no host sync there), on ``meta`` tensors, or when
-``DATALORA_CHECK_VALUES`` is ``0`` / ``false`` / ``no`` / ``off``.
+``torch.export`` traces, under ``FakeTensorMode`` (fake tensors have no values), inside
+``torch.func.vmap`` (batched tensors' values cannot be read), while a CUDA graph is
+captured (no host sync there), on ``meta`` tensors, or when ``DATALORA_CHECK_VALUES`` is
+``0`` / ``false`` / ``no`` / ``off``. Other ``torch.func`` transforms (``grad``,
+``jacrev``, ``jvp``) and forward-mode AD check as eager calls do.
 Every backend clamps expert ids and token positions, so even unchecked input cannot read
 out of bounds.
 """
@@ -66,14 +68,23 @@ def _traced(tensors: tuple[torch.Tensor | None, ...]) -> bool:
                for t in tensors)
 
 
+def under_vmap() -> bool:
+    """True inside ``torch.func.vmap``, at any depth of nested ``torch.func`` transforms:
+    there a batched tensor's values cannot be read back to the host."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return stack is not None and any(
+        level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
     """True when reading the values of ``tensors`` back to the host is allowed (eager, not
-    tracing, not capturing, not ``meta`` tensors, which have no values)."""
+    tracing, not under ``vmap``, not capturing, not ``meta`` tensors, which have no
+    values)."""
     if not env_flag(CHECK_VALUES_ENV, True):
         return False
     if any(t is not None and t.is_meta for t in tensors):
         return False
-    if torch.compiler.is_compiling() or _traced(tensors):
+    if torch.compiler.is_compiling() or _traced(tensors) or under_vmap():
         return False
     if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return False
