@@ -66,7 +66,10 @@ def _scatter_kernel(
     p = tl.load(packed_ptr + b[:, None] * stride_pb + slot[:, None] * stride_pk
                 + offs_d[None, :] * stride_pd, mask=mask_kept, other=0.0).to(tl.float32)
     w = tl.load(weight_ptr + b * stride_wb + slot * stride_wk, mask=mask_r & kept, other=0.0)
-    out = tl.where(mask_kept, h + w[:, None] * (p - h), h)
+    # hidden + w (packed - hidden) in torch.lerp's form, exact at w = 0 and w = 1
+    w = w[:, None]
+    diff = p - h
+    out = tl.where(mask_kept, tl.where(w < 0.5, h + w * diff, p - diff * (1.0 - w)), h)
     tl.store(out_ptr + rows64[:, None] * D + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -162,6 +162,39 @@ def test_scatter_with_unit_weight_writes_packed_rows_exactly_in_bf16():
     assert torch.equal(ops.gather_tokens(out, keep, backend="torch"), packed)
 
 
+def _far_apart_rows(dtype=torch.float32):
+    """hidden rows ~1e3, packed rows ~1e-3: ``h + 1 * (p - h)`` in fp32 loses p entirely."""
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(2, 12, 8, generator=g) * 1e3).to(dtype)
+    packed = (torch.randn(2, 5, 8, generator=g) * 1e-3).to(dtype)
+    keep = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(2)])
+    return hidden, packed, keep
+
+
+def scatter_is_exact_at_weights_0_and_1(backend):
+    """No weight and weight 1 write the packed rows bit for bit, weight 0 keeps hidden's
+    (fp32: kept rows far from their hidden rows used to come out ~1 % off); the backward's
+    kept-row gradient ``(1 - w) g`` is computed, not rebuilt from ``g``."""
+    hidden, packed, keep = _far_apart_rows()
+    ones, zeros = torch.ones(2, 5), torch.zeros(2, 5)
+    for weight in (None, ones):
+        out = ops.scatter_tokens(hidden, packed, keep, weight, backend=backend)
+        assert torch.equal(ops.gather_tokens(out, keep, backend=backend), packed)
+    out = ops.scatter_tokens(hidden, packed, keep, zeros, backend=backend)
+    assert torch.equal(out, hidden)
+    h = hidden.clone().requires_grad_(True)
+    weight = torch.full((2, 5), 1 - 1e-6)
+    grad = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(2)) * 1e3
+    ops.scatter_tokens(h, packed, keep, weight, backend=backend).backward(grad)
+    kept_grad = ops.gather_tokens(h.grad, keep, backend=backend)
+    want = ops.gather_tokens(grad, keep, backend=backend) * (1 - weight)[..., None]
+    torch.testing.assert_close(kept_grad, want, rtol=1e-6, atol=0)
+
+
+def test_scatter_is_exact_at_weights_0_and_1():
+    scatter_is_exact_at_weights_0_and_1("torch")
+
+
 def test_scatter_fake_kernel_matches_a_non_contiguous_hidden():
     """The real op returns a contiguous tensor; the fake one kept a transposed hidden's
     strides (inductor then asserted on the strides)."""

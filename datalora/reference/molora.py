@@ -56,15 +56,18 @@ def gather_tokens_reference(hidden: torch.Tensor, keep_idx: torch.Tensor) -> tor
 
 def scatter_tokens_reference(hidden: torch.Tensor, packed: torch.Tensor, keep_idx: torch.Tensor,
                              weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Kept rows become ``hidden + weight * (packed - hidden)`` (weight 1 when None).
+    """Kept rows become ``hidden + weight * (packed - hidden)`` (``packed`` when weight is
+    None), computed as ``torch.lerp`` does: exact at weight 0 and 1.
 
     hidden ``[B, L, d]``, packed ``[B, K, d]``, keep_idx ``[B, K]`` (distinct per row),
     weight ``[B, K]`` or None. Rows not in keep_idx pass ``hidden`` through.
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)  # as the Triton kernel: one rounding
-    kept = gather_tokens_reference(hidden, keep_idx).to(acc)
-    update = packed.to(acc) - kept
+    new = packed.to(acc)
     if weight is not None:
-        update = update * weight[..., None].to(acc)
+        kept = gather_tokens_reference(hidden, keep_idx).to(acc)
+        w = weight[..., None].to(acc)
+        diff = new - kept
+        new = torch.where(w < 0.5, kept + w * diff, new - diff * (1 - w))
     index = keep_idx.long()[..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.to(acc).scatter_add(1, index, update).to(hidden.dtype)
+    return hidden.to(acc).scatter(1, index, new).to(hidden.dtype)

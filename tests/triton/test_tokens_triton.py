@@ -172,3 +172,9 @@ def test_double_backward_through_the_kernels(device):
     want = penalty(gather_tokens_reference, scatter_tokens_reference)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_scatter_is_exact_at_weights_0_and_1():
+    from tests.test_tokens_torch import scatter_is_exact_at_weights_0_and_1
+
+    scatter_is_exact_at_weights_0_and_1("triton")
