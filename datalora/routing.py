@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from datalora.checks import check_int
+from datalora.checks import check_bool, check_int
 from datalora.ops.eager import TensorsState, trust_routing
+from datalora.ops.validation import INDEX_DTYPES, check_float, check_tensor
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,28 @@ class ExpertPermutation:
     expert_offsets: torch.Tensor
 
 
-def sort_routes(expert_ids: torch.Tensor, num_experts: int) -> ExpertPermutation:
-    """Groups the ``T*k`` routes of ``expert_ids [T, k]`` by expert (no host sync)."""
+def _check_ids(expert_ids: object) -> torch.Tensor:
+    """Errors worded as the ops word them."""
+    check_tensor("expert_ids", expert_ids)
+    if expert_ids.dtype not in INDEX_DTYPES:  # .long() would truncate 1.7 to expert 1
+        raise ValueError(f"expert_ids: expected dtype int32 or int64, got {expert_ids.dtype}")
+    return expert_ids
+
+
+def sort_routes(expert_ids: torch.Tensor, num_experts: int, *,
+                check_values: bool = True) -> ExpertPermutation:
+    """Groups the ``T*k`` routes of ``expert_ids [T, k]`` by expert (no host sync).
+
+    ``check_values``: ids outside ``[0, num_experts)`` fail an assertion on the device (no
+    host sync; the ops, which validate their ids, pass False). Unchecked, such ids count in
+    the first or last expert's segment.
+    """
     # 0 failed with "index -1 is out of bounds", 2.0 / None inside torch.zeros
     num_experts = check_int("num_experts", num_experts, low=1)
-    flat = expert_ids.reshape(-1).long()
+    flat = _check_ids(expert_ids).reshape(-1).long()
+    if check_bool("check_values", check_values) and flat.numel():
+        torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),
+                            f"sort_routes: expert ids outside [0, {num_experts})")
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat.clamp(0, num_experts - 1), torch.ones_like(flat))
@@ -79,9 +97,20 @@ class Routing:
             if not (isinstance(value, torch.Tensor) or (value is None and name in (
                     "rank_scale", "router_probs"))):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-        if self.expert_ids.dim() < 1:
-            raise ValueError(f"expert_ids: expected shape [T, k], got "
-                             f"{tuple(self.expert_ids.shape)}")
+        ids = _check_ids(self.expert_ids)
+        if ids.dim() < 1:
+            raise ValueError(f"expert_ids: expected shape [T, k], got {tuple(ids.shape)}")
+        if self.gates.shape != ids.shape:
+            raise ValueError(f"gates: expected shape {tuple(ids.shape)} (that of expert_ids), "
+                             f"got {tuple(self.gates.shape)}")
+        for name in ("gates", "rank_scale", "router_probs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_float(name, value)
+            if value.shape[:-1] != ids.shape[:-1] or value.dim() != ids.dim():
+                raise ValueError(f"{name}: expected shape [{', '.join(map(str, ids.shape[:-1]))}"
+                                 f", n] (the tokens of expert_ids), got {tuple(value.shape)}")
         if self._trusted and not torch.compiler.is_compiling():  # compiled graphs: no caches
             trust_routing(self.expert_ids, self.gates, self.rank_scale)
 
@@ -182,6 +211,7 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
             or not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
                          f"got {k!r}")
+    check_bool("renormalize", renormalize)
     probs, gates, expert_ids = softmax_topk(logits, k)
     if renormalize:
         # k = 1: gates / gates.sum() is the constant 1 (no router gradient): keep the forward

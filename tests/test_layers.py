@@ -466,7 +466,8 @@ def test_a_reassigned_field_is_checked_even_when_its_id_is_reused():
             layer(x, routing=routing)
         with pytest.raises(ValueError, match="expert_ids: expected values in"):
             layer(x, routing=routing)  # a failed check is not recorded as passed
-        assert routing.permutation(4).expert_offsets.tolist() == [0, 0, 0, 0, 10]
+        with pytest.raises(RuntimeError, match=r"expert ids outside \[0, 4\)"):
+            routing.permutation(4)  # sorted again, not the cached sort of the old ids
 
 
 def test_routing_copies_leave_their_caches_behind():
@@ -504,6 +505,32 @@ def test_routing_fields_shapes_and_identity():
                      lambda e: sort_routes(a.expert_ids, e)):
             with pytest.raises(ValueError, match=r"^num_experts: expected an int >= 1"):
                 call(num_experts)
+
+
+def test_routing_and_sort_routes_refuse_bad_ids_gates_and_shapes():
+    """Float ids were truncated by .long() (1.7 -> expert 1), out-of-range ids counted in
+    the last expert's segment, and a Routing whose gates had other rows was accepted."""
+    ids = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="expert_ids: expected dtype int32 or int64, got "
+                                         "torch.float32"):
+        Routing(torch.zeros(3, 2), torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"gates: expected shape \(3, 2\)"):
+        Routing(ids, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="gates: expected a floating dtype"):
+        Routing(ids, torch.ones(3, 2, dtype=torch.long))
+    for name in ("rank_scale", "router_probs"):
+        with pytest.raises(ValueError, match=rf"{name}: expected shape \[3, n\]"):
+            Routing(ids, torch.ones(3, 2), **{name: torch.ones(2, 4)})
+        with pytest.raises(ValueError, match=f"{name}: expected a floating dtype"):
+            Routing(ids, torch.ones(3, 2), **{name: torch.ones(3, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="expert_ids: expected dtype int32 or int64"):
+        sort_routes(torch.tensor([[1.7], [0.2]]), 3)
+    with pytest.raises(RuntimeError, match=r"sort_routes: expert ids outside \[0, 3\)"):
+        sort_routes(torch.full((2, 1), 7), 3)
+    perm = sort_routes(torch.full((2, 1), 7), 3, check_values=False)  # counted as expert 2
+    assert perm.expert_offsets.tolist() == [0, 0, 0, 2]
+    with pytest.raises(TypeError, match="renormalize: expected a bool, got 'no'"):
+        topk_routing(torch.randn(3, 4), 2, renormalize="no")
 
 
 def test_delta_is_scaled_by_alpha_over_rank():
@@ -594,7 +621,10 @@ def test_integer_gates_or_rank_scale_are_refused_as_by_the_op(field):
     layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
     values = dict(gates=torch.rand(2, 2), rank_scale=torch.rand(2, 3))
     values[field] = torch.ones_like(values[field], dtype=torch.long)
-    routing = Routing(torch.randint(0, 4, (2, 2)), **values)
+    with pytest.raises(ValueError, match=f"{field}: expected a floating dtype"):
+        Routing(torch.randint(0, 4, (2, 2)), **values)
+    routing = Routing(torch.randint(0, 4, (2, 2)), torch.rand(2, 2), torch.rand(2, 3))
+    setattr(routing, field, values[field])  # a field set later: the layer's op refuses it
     with pytest.raises(ValueError, match=f"{field}: expected a floating dtype"):
         layer(torch.randn(2, 8), routing=routing)
 

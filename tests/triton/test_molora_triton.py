@@ -259,7 +259,8 @@ def test_backward_sorts_an_uncached_routing_once(strategy, grads, device, monkey
     the sort); the dense strategy's GEMMs over every expert need no sort."""
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
     sorts = []
-    monkeypatch.setattr(tb, "sort_routes", lambda *a: (sorts.append(1), sort_routes(*a))[1])
+    monkeypatch.setattr(tb, "sort_routes",
+                        lambda *a, **k: (sorts.append(1), sort_routes(*a, **k))[1])
     x, A, B, ids, g, rs = make_inputs(20, 16, 12, 8, 4, 2, torch.float32, device)
     wanted = {"all": (x, A, B, g, rs), "A": (A,), "B": (B,)}[grads]
     for t in wanted:
