@@ -50,6 +50,7 @@ __all__ = [
     "build_pretrained_tiny_model",
     "build_tiny_model",
     "build_tokenizer",
+    "cast_model",
     "embedded_corpus",
     "check_tokenizer_source",
     "load_model_and_tokenizer",
@@ -203,6 +204,21 @@ def tiny_mistral_config(vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) 
     return MistralConfig(**settings)
 
 
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` as ``from_pretrained(dtype=...)`` would have built it: floating
+    non-persistent buffers (rotary ``inv_freq``, computed in fp32) keep their dtype. Cast
+    to bf16, ``inv_freq`` shifts rotary angles by up to ~1 rad at a few thousand positions,
+    so a model cast whole differs from the same checkpoint loaded in bf16."""
+    kept = [(module, name, buffer) for module in model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None and buffer.is_floating_point()
+            and name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+    return model
+
+
 def build_tiny_model(seed: int = 0, vocab_size: int | None = None,
                      dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
     """A randomly initialised tiny ``MistralForCausalLM`` (see :func:`tiny_mistral_config`).
@@ -229,7 +245,7 @@ def build_tiny_model(seed: int = 0, vocab_size: int | None = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MistralForCausalLM(config)
-    return model.to(dtype).eval()
+    return cast_model(model, dtype).eval()
 
 
 def train_validation_split(rows: list[dict[str, str]] | None = None, *,
@@ -371,7 +387,7 @@ def build_pretrained_tiny_model(seed: int = 0, vocab_size: int | None = None, *,
 
     _build_cached(target, "model.safetensors", pretrain)
     model.load_state_dict(load_file(str(target / "model.safetensors")))
-    return model.to(dtype).eval()
+    return cast_model(model, dtype).eval()
 
 
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json",

@@ -522,8 +522,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
                                                     dtype=torch.bfloat16 if use_bf16 else None)
     position_limit = _position_limit(model)
     max_length = _fit_max_length(max_length, max_length_given, position_limit)
-    if use_bf16:
-        model.to(torch.bfloat16)
+    if use_bf16:  # a model given in another dtype (one loaded here already is bf16)
+        from datalora.testing import cast_model
+
+        cast_model(model, torch.bfloat16)
     torch.manual_seed(seed)
     dl_model = get_datalora_model(model, config, verbose=progress)
     # fp32 master weights for the adapters whatever the frozen base's dtype (--bf16, or a

@@ -15,6 +15,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, TrainingArguments
 
 from datalora import DATALORAConfig, get_datalora_model
+from datalora.data import TASKS
 from datalora.trainer import CURRICULUM_STATE_NAME, HISTORY_NAME, DATALORATrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,31 @@ def make_trainer(tmp_path, model, steps=24, save_steps=None, **kw):
         dataloader_num_workers=0)
     return DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
                            data_collator=collate, task_names=["a", "b", "c", "d"], **kw)
+
+
+def test_the_readme_flow_logs_the_datasets_own_task_names(tmp_path):
+    """The README's trainer snippet (rows with their own ``task``, the collator's default
+    tasks): the per-task expert load is logged under those names; it was all under "-1"
+    (the default lists the embedded tasks only)."""
+    from datalora.data import CausalLMCollator
+
+    rows = [{"input_ids": list(range(4 + i % 3, 14)), "labels": list(range(4 + i % 3, 14)),
+             "task": "math" if i % 2 else "greet"} for i in range(16)]
+    rows[0]["task"] = "arithmetic"  # an embedded name keeps its id
+    collator = CausalLMCollator(pad_token_id=0, return_task_ids=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, logging_steps=1,
+                             per_device_train_batch_size=16, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no",
+                             remove_unused_columns=False)
+    trainer = DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=rows,
+                              data_collator=collator, calibrate_batches=0)
+    assert collator.tasks == (*TASKS, "greet", "math") and trainer.task_names[-2:] == [
+        "greet", "math"]
+    trainer.train()
+    loads = [h["task_expert_load"] for h in trainer.datalora_history if "task_expert_load" in h]
+    assert loads and all(set(load) == {"arithmetic", "greet", "math"} for load in loads)
+    with pytest.warns(UserWarning, match="task 'poetry' is not in tasks"):
+        assert collator([{"input_ids": [5], "task": "poetry"}])["task_ids"].tolist() == [-1]
 
 
 def test_short_run_lowers_loss_and_logs_three_phases(tmp_path):
@@ -728,6 +754,29 @@ def test_train_keeps_fp32_adapters_on_a_bf16_checkpoint(tmp_path):
     assert layers and all(p.dtype == torch.float32 for layer in layers
                           for p in layer.parameters() if p.requires_grad)
     assert all(layer.base_layer.weight.dtype == torch.bfloat16 for layer in layers)
+
+
+def test_bf16_training_casts_the_base_as_a_bf16_load_does(tmp_path):
+    """train_datalora(bf16=True) on an fp32 model (and the embedded model built in bf16)
+    leave the rotary inv_freq in fp32, as from_pretrained(dtype=bf16) does: cast whole, the
+    trained base differed from the bf16 base a user reloads the adapter onto."""
+    from datalora.testing import build_tiny_model, build_tokenizer, load_model_and_tokenizer
+    from datalora.train import train_datalora
+
+    build_tiny_model().save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "m"))
+    result = train_datalora(model=model, tokenizer=tokenizer, bf16=True, max_steps=1, limit=4,
+                            batch_size=4, max_length=32, progress=False,
+                            output_dir=str(tmp_path / "out"))
+    reload, _ = load_model_and_tokenizer(str(tmp_path / "m"), dtype=torch.bfloat16)
+    trained = result.model.base_model
+    assert trained.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert build_tiny_model(dtype=torch.bfloat16).model.rotary_emb.inv_freq.dtype \
+        == torch.float32
+    ids = torch.randint(4, 1000, (1, 300))
+    with torch.no_grad(), result.model.disable_adapter():
+        assert torch.equal(trained(ids).logits, reload(ids).logits)
 
 
 def test_a_loaded_model_gets_the_settings_of_the_name_it_was_loaded_from(tmp_path):
