@@ -24,6 +24,7 @@ import os
 import random
 import re
 import string
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -822,10 +823,12 @@ class CausalLMCollator:
         label_pad_token_id: label value at padded positions (-100).
         pad_to_multiple_of: round the padded length up to a multiple of this.
         return_task_ids: also return ``task_ids [B]`` (int64): a feature's ``task_id`` or the
-            index of its ``task`` in ``tasks`` (-1 when not listed). Under ``Trainer`` keep
-            ``remove_unused_columns=False`` so ``task`` reaches the collator, and pop
-            ``task_ids`` before the model's forward.
-        tasks: task names for ``task_ids`` (default :data:`TASKS`).
+            index of its ``task`` in ``tasks`` (-1 when not listed, with a one-time warning
+            naming the task). Under ``Trainer`` keep ``remove_unused_columns=False`` so
+            ``task`` reaches the collator, and pop ``task_ids`` before the model's forward.
+        tasks: task names for ``task_ids`` (default :data:`TASKS`, the embedded tasks;
+            :class:`~datalora.trainer.DATALORATrainer` appends the other names its datasets'
+            ``task`` column holds).
 
     Returns (from ``__call__``):
         ``input_ids [B, L]`` (int64), ``attention_mask [B, L]`` (int64, 0 on padding),
@@ -841,6 +844,7 @@ class CausalLMCollator:
     pad_to_multiple_of: int | None = None
     return_task_ids: bool = False
     tasks: tuple[str, ...] = field(default=TASKS)
+    _unlisted: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.pad_token_id is None:
@@ -869,7 +873,13 @@ class CausalLMCollator:
             return int(feature["task_id"])
         if "task" in feature:
             task = feature["task"]
-            return self.tasks.index(task) if task in self.tasks else -1
+            if task in self.tasks:
+                return self.tasks.index(task)
+            if task not in self._unlisted:
+                self._unlisted.add(task)
+                warnings.warn(f"CausalLMCollator: task {task!r} is not in tasks {self.tasks}: "
+                              f"its task_id is -1 (pass tasks= listing it)", stacklevel=3)
+            return -1
         raise ValueError(f"features: feature {i} has neither 'task' nor 'task_id' but "
                          f"return_task_ids=True")
 

@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -108,6 +109,34 @@ METRICS: tuple[str, ...] = ("lm_loss", "retention_loss", "balance_loss", "retent
 """Per-step metrics the trainer averages between logs (in this order on the device)."""
 
 
+def _task_column(dataset: Any) -> set[str]:
+    """The ``task`` names of a list of rows, a ``datasets.Dataset`` or a dict of them (eval
+    datasets by name); none for other datasets (nothing to read without iterating)."""
+    if dataset is None:
+        return set()
+    if isinstance(dataset, Mapping):
+        return set().union(*(_task_column(d) for d in dataset.values()))
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list) and hasattr(dataset, "unique"):  # a datasets.Dataset
+        names = dataset.unique("task") if "task" in columns else []
+    elif isinstance(dataset, (list, tuple)):
+        names = [row["task"] for row in dataset if isinstance(row, Mapping) and "task" in row]
+    else:
+        names = []
+    return {name for name in names if isinstance(name, str)}
+
+
+def _complete_collator_tasks(collator: Any, *datasets: Any) -> None:
+    """Appends to a task-id collator's ``tasks`` (sorted) the dataset task names it lacks:
+    its default lists the embedded tasks only, and other names would all get id -1."""
+    tasks = getattr(collator, "tasks", None)
+    if not getattr(collator, "return_task_ids", False) or not isinstance(tasks, tuple):
+        return
+    missing = set().union(*(_task_column(d) for d in datasets)) - set(tasks)
+    if missing:
+        collator.tasks = tasks + tuple(sorted(missing))
+
+
 class DATALORATrainer(Trainer):
     """``transformers.Trainer`` for a :class:`~datalora.model.DATALORAModel` with shared routing.
 
@@ -124,7 +153,9 @@ class DATALORATrainer(Trainer):
             run's epochs, one epoch each with ``num_train_epochs=3`` as the card).
         curriculum_mode: ``"steps"`` or ``"epochs"``.
         task_names: names of the ``task_ids`` values in batches (per-task expert load);
-            default: the data collator's ``tasks`` when it has them.
+            default: the data collator's ``tasks`` when it has them, after appending (sorted)
+            the names of the ``task`` column of the train / eval datasets it lacks (a list of
+            rows or a ``datasets.Dataset``), so every rank numbers the tasks alike.
         calibrate_batches: training batches used to calibrate the keep threshold at the
             end of training (0: skip).
 
@@ -155,6 +186,7 @@ class DATALORATrainer(Trainer):
         self._own_curriculum = curriculum is None  # rebuilt at every fresh train()
         self.curriculum_mode = curriculum_mode
         if task_names is None:
+            _complete_collator_tasks(self.data_collator, self.train_dataset, self.eval_dataset)
             task_names = getattr(self.data_collator, "tasks", None)
         self.task_names = list(task_names) if task_names is not None else None
         # a negative count silently skipped the calibration
