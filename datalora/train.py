@@ -110,6 +110,25 @@ def _tokenized_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
     return items
 
 
+def _check_vocabulary(model: Any, tokenizer: Any, *row_lists: Any) -> None:
+    """Every token id of the tokenized rows, and the padding id, indexes the model's input
+    embeddings (a tokenizer of another model failed at the first step, with an IndexError
+    inside ``torch.embedding``)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") \
+        else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(size, int):
+        return
+    top = max((max(row["input_ids"], default=-1) for rows in row_lists if rows is not None
+               for row in rows), default=-1)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    for what, token in (("gives token id", top), ("pads with token id", pad)):
+        if isinstance(token, int) and token >= size:
+            raise ValueError(f"tokenizer: {what} {token}, but the model's input embeddings "
+                             f"have {size} rows (ids 0..{size - 1}); the tokenizer "
+                             f"({len(tokenizer)} tokens) is not this model's")
+
+
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """``(N, path)`` of the ``checkpoint-N`` folders in ``folder``, by N."""
     return sorted((int(m[1]), child) for child in folder.iterdir()
@@ -541,6 +560,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     eval_items = (_tokenized_rows(eval_rows, tokenizer, max_length, "eval rows", progress,
                                   position_limit)
                   if eval_rows is not None else None)
+    _check_vocabulary(model, tokenizer, train_rows.rows, eval_items)
     tasks = tuple(sorted({r.get("task", "unknown") for r in rows} | set(TASKS)))
     collator = CausalLMCollator(tokenizer=tokenizer, return_task_ids=True, tasks=tasks)
     args = TrainingArguments(**{**dict(

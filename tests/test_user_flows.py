@@ -608,6 +608,26 @@ def test_train_tokenizer_option_for_a_model_folder_without_one(tmp_path, tokeniz
                        output_dir=tmp_path / "o2")
 
 
+def test_train_refuses_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, tokenizer,
+                                                                    capsys):
+    """A tokenizer of another model (more tokens than the model's embeddings) is refused
+    once the rows are tokenized, naming --tokenizer; it failed at the first training step
+    with an IndexError traceback from torch.embedding."""
+    from datalora import cli, testing
+
+    testing.build_tiny_model(vocab_size=256).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "tok")  # 1024 tokens
+    data = tmp_path / "d.jsonl"
+    write_jsonl(load_instruction_dataset(limit=4), data)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"),
+                  "--dataset", str(data), "--max-steps", "1", "--batch-size", "4",
+                  "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "error: --tokenizer (tokenizer): gives token id" in err and "have 256 rows" in err
+
+
 def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     from datalora.train import _check_checkpoint
 
