@@ -38,8 +38,8 @@ from datalora.pruning import (
     GRADIENT_CHECKPOINTING_REFUSED,
     DATALORARuntime,
     check_prunable,
+    check_prune_range,
     find_decoder_layers,
-    layer_window,
     resolve_prune_range,
 )
 from datalora.saliency import UnifiedSaliencyNetwork
@@ -226,8 +226,7 @@ def _check_shared(model: nn.Module, config: DATALORAConfig, strict: bool = True)
         if strict:
             raise
         start = end = 0
-    for index in range(start, end):
-        layer_window(model.config, index)
+    check_prune_range(model.config, layers, start, end)
     return layers
 
 

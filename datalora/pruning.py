@@ -12,9 +12,10 @@ modules or parameter names:
    tokens (highest score, Gumbel noise in training; the last real token is always kept,
    padding never) -- :func:`select_tokens`; kept tokens are packed with
    :func:`datalora.ops.gather_tokens` and run through the range with their original
-   position ids, the gathered RoPE cos/sin and a causal mask over kept positions
-   (:func:`packed_attention_mask`); the MoLoRA layers get the routing rows of the kept
-   tokens (gathered once);
+   position ids, each layer's own RoPE cos/sin (and other per-token inputs,
+   :data:`PER_TOKEN_INPUTS`) gathered to the kept tokens and a causal mask over kept
+   positions (:func:`packed_attention_mask`); the MoLoRA layers get the routing rows of
+   the kept tokens (gathered once);
 3. after the range :func:`datalora.ops.scatter_tokens` writes kept rows back with the keep
    weight ``w = 1 + p - stopgrad(p)`` (``p = sigmoid(score)``): exactly 1 in the
    forward, the Mixture-of-Depths gradient ``dL/dp = g . (f(h) - h)`` in the backward;
@@ -258,6 +259,19 @@ def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
     return fn(query_length, layer_idx)
 
 
+PER_TOKEN_INPUTS = ("position_ids", "position_embeddings", "per_layer_input")
+"""Decoder-layer inputs (keyword or positional) with one row per token, gathered to the
+kept tokens for every packed layer from that layer's own value: Gemma 3 / 4 and OLMo 3
+pass local and global RoPE to different layers, Gemma 4 a per-layer input."""
+
+
+@functools.cache
+def _parameter_names(layer_cls: type) -> tuple[str, ...]:
+    """The names of a decoder layer's ``forward`` parameters after ``self`` (to tell which
+    positional argument is which)."""
+    return tuple(inspect.signature(layer_cls.forward).parameters)[1:]
+
+
 def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """``t [1 or B, L, ...]`` -> ``[B, K, ...]`` rows ``keep_idx``."""
     t = t.expand(keep_idx.shape[0], *t.shape[1:])
@@ -301,8 +315,9 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 def check_prunable(model: nn.Module) -> None:
     """Refuses what token pruning cannot run: ALiBi attention (Bloom, MPT, Falcon with
     ``alibi=True``: the position bias rides in the attention mask, which the pruned layers
-    replace) and MoE router logits (``output_router_logits``: the pruned layers' logits
-    cover the kept tokens only, the base's load-balancing loss needs all of them)."""
+    replace), MoE router logits (``output_router_logits``: the pruned layers' logits
+    cover the kept tokens only, the base's load-balancing loss needs all of them) and
+    Gemma 3n's AltUp (several hidden-state streams per token, not ``[B, L, d]``)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", "")
     attn_config = getattr(config, "attn_config", None)  # MPT
@@ -316,6 +331,32 @@ def check_prunable(model: nn.Module) -> None:
                          f"routing='per_layer'")
     if getattr(config, "output_router_logits", False):
         raise ValueError(_ROUTER_LOGITS_ERROR)
+    if getattr(config, "altup_num_inputs", None):
+        raise ValueError(f"model: token pruning and the saliency network need one [B, L, d] "
+                         f"hidden state per layer; {model_type or type(model).__name__} "
+                         f"carries {config.altup_num_inputs} AltUp streams; use "
+                         f"routing='per_layer'")
+
+
+def check_prune_range(config: Any, layers: nn.ModuleList, start: int, end: int
+                      ) -> dict[int, int | None]:
+    """The sliding window of each pruned layer ``start..end-1`` (:func:`layer_window`);
+    refuses a pruned layer whose keys / values later layers reuse or that reuses an earlier
+    layer's (Gemma 3n / 4 KV sharing: packed keys would meet full-length queries)."""
+    def attention(index: int, flag: str) -> bool:
+        return bool(getattr(getattr(layers[index], "self_attn", None), flag, False))
+
+    sharing = any(attention(i, "is_kv_shared_layer") for i in range(len(layers)))
+    windows = {}
+    for index in range(start, end):
+        windows[index] = layer_window(config, index)
+        if sharing and (attention(index, "is_kv_shared_layer")
+                        or attention(index, "store_full_length_kv")):
+            raise ValueError(f"prune_layers: decoder layer {index} shares its keys / values "
+                             f"with other layers (KV sharing); token pruning needs each "
+                             f"pruned layer's keys to be its own (choose a prune range "
+                             f"without it)")
+    return windows
 
 
 _QUANTILE_MAX = 1 << 24
@@ -415,7 +456,8 @@ class _Context:
     selection: TokenSelection | None = None
     keep_q: torch.Tensor | None = None
     weight: torch.Tensor | None = None
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # id -> (a per-token input of the packed layers, its kept rows): one gather per tensor
+    gathered: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     # attention mask per window of the pruned layers (None: full attention)
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     threshold: float | None = None  # keep_threshold, read once per forward
@@ -462,7 +504,7 @@ class DATALORARuntime:
         self.threshold_calibrated_for(None)
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
-        self.windows = {i: layer_window(config, i) for i in range(self.start, self.end)}
+        self.windows = check_prune_range(config, self.layers, self.start, self.end)
         self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
         self._handles = self._install()
 
@@ -721,8 +763,32 @@ class DATALORARuntime:
                     kwargs = {**kwargs, "hidden_states": hidden}
         if ctx.mode == "dense":
             return None
+        if ctx.mode == "packed":
+            args, kwargs = self._packed_inputs(ctx, layer, args, kwargs)
         window = self.windows[layer_idx]
-        return args, {**kwargs, **ctx.layer_kwargs, "attention_mask": ctx.masks[window]}
+        return args, {**kwargs, "attention_mask": ctx.masks[window]}
+
+    def _packed_inputs(self, ctx: _Context, layer, args, kwargs):
+        """This layer's :data:`PER_TOKEN_INPUTS` gathered to the kept tokens."""
+        names = _parameter_names(type(layer))
+        args = tuple(self._gathered(ctx, value) if 0 < i < len(names)
+                     and names[i] in PER_TOKEN_INPUTS else value for i, value in enumerate(args))
+        kwargs = {name: self._gathered(ctx, value) if name in PER_TOKEN_INPUTS else value
+                  for name, value in kwargs.items()}
+        return args, kwargs
+
+    @staticmethod
+    def _gathered(ctx: _Context, value: Any) -> Any:
+        """``value`` (a ``[1 or B, L, ...]`` tensor, a tuple of them, or None) at the kept
+        tokens; computed once per forward for the layers that share it."""
+        if value is None:
+            return None
+        memo = ctx.gathered.get(id(value))
+        if memo is not None and memo[0] is value:
+            return memo[1]
+        rows = _each_tensor(value, _gather_rows, ctx.selection.keep_idx)
+        ctx.gathered[id(value)] = (value, rows)
+        return rows
 
     def _start_range(self, ctx: _Context, args, kwargs) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -771,18 +837,11 @@ class DATALORARuntime:
         weight = torch.where(sel.valid, 1.0 + (p - p.detach()), torch.zeros_like(p))
         ctx.weight = weight.to(hidden.dtype)
         ctx.selection = sel
-        position_ids = kwargs.get("position_ids")
-        new_kwargs: dict[str, Any] = {}
-        if position_ids is not None:
-            new_kwargs["position_ids"] = _gather_rows(position_ids, idx)
-        emb = kwargs.get("position_embeddings")
-        if emb is not None:
-            new_kwargs["position_embeddings"] = tuple(_gather_rows(t, idx) for t in emb)
+        ctx.gathered = {}
         as_bool = self._mask_as_bool(kwargs)
         ctx.masks = {window: packed_attention_mask(sel.valid, idx, idx, hidden.dtype,
                                                    as_bool=as_bool, sliding_window=window)
                      for window in self._range_windows()}
-        ctx.layer_kwargs = new_kwargs
         ctx.routing = gather_routing(record.routing, idx, seq_len)
         record.kept = sel.keep_mask(seq_len) & record.valid
         record.mode = ctx.mode = "packed"
@@ -845,7 +904,6 @@ class DATALORARuntime:
             ctx.masks[window] = packed_attention_mask(key_ok, query_index, key_index,
                                                       hidden.dtype, as_bool=as_bool,
                                                       sliding_window=window)
-        ctx.layer_kwargs = {}
         ctx.keep_q = keep_new
         record.kept = keep_new
         record.mode = ctx.mode = "masked"
@@ -862,7 +920,7 @@ class DATALORARuntime:
         else:
             full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)
         ctx.mode = "dense"
-        ctx.layer_kwargs, ctx.masks = {}, {}
+        ctx.gathered, ctx.masks = {}, {}
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ threshold

@@ -39,9 +39,13 @@ def _mixtral(router_logits=False):
                                       num_experts_per_tok=2, output_router_logits=router_logits)
 
 
-def _shared(targets, **kwargs):
-    return DATALORAConfig(num_lora_experts=4, lora_rank=4, routing="shared", prune_layers=[1, 3],
-                          target_retention=0.5, target_modules=targets, **kwargs)
+def _shared(targets=None, **kwargs):
+    """Shared routing over layers 1-2 (``targets`` None: the default target modules)."""
+    settings = {**dict(num_lora_experts=4, lora_rank=4, routing="shared", prune_layers=[1, 3],
+                       target_retention=0.5), **kwargs}
+    if targets is not None:
+        settings["target_modules"] = targets
+    return DATALORAConfig(**settings)
 
 
 def _randomise_adapter(model):
@@ -82,6 +86,77 @@ def test_cached_generation_with_pruning_equals_uncached(make, targets):
         cache = model(ids[:, :8], use_cache=True).past_key_values
         chunk = model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(chunk, full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def _config(name, **kwargs):
+    """A tiny config of a family this transformers release may not have (skips if not)."""
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return cls(**{**common, **kwargs})
+
+
+_ALTERNATING = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+def _gemma3():  # local RoPE theta 10k on sliding layers, 1M on full ones
+    return _config("Gemma3TextConfig", query_pre_attn_scalar=8, **_ALTERNATING)
+
+
+def _gemma4(**kwargs):  # a per-layer input per token, positional
+    return _config("Gemma4TextConfig", global_head_dim=8, **_ALTERNATING, **kwargs)
+
+
+def _llama4():  # RoPE as one complex tensor; layer 1 a full-attention NoPE layer
+    return _config("Llama4TextConfig", intermediate_size_mlp=64, num_local_experts=2,
+                   interleave_moe_layer_step=2, attention_chunk_size=64,
+                   no_rope_layers=[1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("make, prune", [(_gemma3, [1, 3]),
+                                         (lambda: _gemma4(num_kv_shared_layers=0), [1, 3]),
+                                         (_llama4, [1, 2])])
+def test_packed_layers_get_their_own_per_token_inputs(make, prune):
+    """Every packed layer gets its own RoPE / per-layer input at the kept tokens: the first
+    pruned layer's were given to all of them (Gemma 3's local and global RoPE), a single
+    complex RoPE tensor (Llama 4) failed and Gemma 4's positional per-layer input was not
+    gathered. All tokens kept, the packed range equals the dense one."""
+    model = get_datalora_model(_build(make()), _shared(prune_layers=prune),
+                               verbose=False)
+    _randomise_adapter(model)
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.set_curriculum_state(tau=1.0, retention=1.0, hard=True)
+        dense = model(ids).logits
+        model.set_curriculum_state(tau=1.0, retention=0.99, hard=True)  # ceil: all 12 kept
+        packed = model(ids).logits
+        assert model.runtime.last.mode == "packed" and model.runtime.last.kept.all()
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-5)
+    model.train()  # a training step runs packed too
+    model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+    model(ids, labels=ids).loss.backward()
+    assert model.runtime.last.mode == "packed"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: _gemma4(hidden_size_per_layer_input=0, num_kv_shared_layers=2),
+     "shares its keys / values"),
+    (lambda: _config("Gemma3nTextConfig", num_kv_shared_layers=0, laurel_rank=4,
+                     hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                     altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+                     **_ALTERNATING), "AltUp"),
+])
+def test_kv_sharing_and_altup_are_refused_up_front(make, fragment):
+    """They built, then the first forward crashed inside the pruned range / the saliency
+    network; routing='auto' now falls back to per-layer routing."""
+    with pytest.raises(ValueError, match=fragment):
+        get_datalora_model(_build(make()), _shared(prune_layers=[1, 3]), verbose=False)
+    auto = DATALORAConfig(num_lora_experts=4, lora_rank=4, prune_layers=[1, 3])
+    with pytest.warns(UserWarning, match=fragment):
+        model = get_datalora_model(_build(make()), auto, verbose=False)
+    assert model.datalora_config.routing == "per_layer"
 
 
 @pytest.mark.parametrize("config, fragment", [
