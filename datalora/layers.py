@@ -25,7 +25,13 @@ from datalora.nf4_linear import (
 )
 from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
 from datalora.ops.molora import _autocast, autocast_enabled
-from datalora.ops.validation import FLOAT_DTYPES, check_float, check_tensor, under_vmap
+from datalora.ops.validation import (
+    FLOAT_DTYPES,
+    check_float,
+    check_tensor,
+    under_vmap,
+    value_checks_enabled,
+)
 from datalora.routing import Routing, topk_routing
 
 
@@ -241,9 +247,11 @@ class MoLoRALinear(nn.Module):
         rank_scale = None if routing.rank_scale is None else _in_dtype(routing.rank_scale, dtype)
         # a Routing shared by many layers is validated once (under compile: never, as a
         # flag baked into a graph would check on every call); the layer's own top-k router
-        # yields valid ids by construction: no host sync
+        # yields valid ids by construction: no host sync. Marked checked only when the
+        # values were read (not with DATALORA_CHECK_VALUES=0 or in a CUDA graph capture)
         check = not own and not torch.compiler.is_compiling() and not under_vmap() \
-            and routing.needs_value_check(self.num_experts)
+            and routing.needs_value_check(self.num_experts) \
+            and value_checks_enabled(x, routing.expert_ids, gates, rank_scale)
         y = self._adapted(x, plain, routing.expert_ids, A, B, gates, rank_scale, check)
         if check:  # the op validated the values (else it raised)
             routing.mark_values_checked(self.num_experts)

@@ -359,16 +359,17 @@ class DATALORAModel(nn.Module):
         outputs = self.base_model(*args, **kwargs)
         if self.runtime is not None and self.training and torch.is_grad_enabled() \
                 and isinstance(outputs, ModelOutput) and dataclasses.is_dataclass(outputs) \
-                and self.runtime.last is not None:
+                and self.runtime.own_last is not None:
             return output_with_aux_losses(type(outputs))(**outputs, **self.aux_losses())
         return outputs
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """``retention_loss`` (mean keep probability vs the current retention) and
-        ``balance_loss`` (Switch ``E * sum f_e P_e``) of the latest forward, unweighted."""
+        ``balance_loss`` (Switch ``E * sum f_e P_e``) of this thread's latest forward (of
+        any thread's when this one ran none), unweighted."""
         from datalora.losses import balance_loss, retention_loss
 
-        record = self.runtime.last if self.runtime is not None else None
+        record = self.runtime.own_last if self.runtime is not None else None
         if record is None:
             raise ValueError("aux_losses: needs routing='shared' and a forward first")
         routing = record.routing

@@ -40,6 +40,7 @@ import inspect
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,20 +206,31 @@ _ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _selec
 class _RowsFollow:
     """``cache.<method>`` (a batch-row operation: beam search's reorder, dropping or
     repeating rows) that applies the same operation to the DATALORA per-row state stored on
-    the cache (keep flags, USN context). A picklable object holding the cache, so
-    ``copy.deepcopy`` / ``pickle`` / ``torch.save`` of the cache carry it over pointing at
-    the copy (the prefix-caching recipe copies a prefilled cache)."""
+    the cache (keep flags, USN context).
+
+    It holds the cache through a weak reference: stored on the cache, a strong one made a
+    reference cycle, so every cache a generate() filled (GPU memory) lived on until Python's
+    cyclic collector ran. Picklable, so ``copy.deepcopy`` / ``pickle`` / ``torch.save`` of
+    the cache carry it over pointing at the copy (the prefix-caching recipe copies a
+    prefilled cache)."""
 
     def __init__(self, cache: Any, method: str):
-        self.cache, self.method = cache, method
+        self._cache, self.method = weakref.ref(cache), method
+
+    @property
+    def cache(self) -> Any:
+        return self._cache()
+
+    def __reduce__(self):
+        return _RowsFollow, (self.cache, self.method)
 
     def __call__(self, rows: Any, *args, **kwargs) -> Any:
-        out = getattr(type(self.cache), self.method)(self.cache, rows, *args, **kwargs)
+        cache = self.cache
+        out = getattr(type(cache), self.method)(cache, rows, *args, **kwargs)
         for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
-            value = getattr(self.cache, attr, None)
+            value = getattr(cache, attr, None)
             if value is not None:
-                setattr(self.cache, attr,
-                        _each_tensor(value, _ROW_OPERATIONS[self.method], rows))
+                setattr(cache, attr, _each_tensor(value, _ROW_OPERATIONS[self.method], rows))
         return out
 
 
@@ -505,7 +517,6 @@ class DATALORARuntime:
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = check_prune_range(config, self.layers, self.start, self.end)
-        self.attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
         self._handles = self._install()
 
     # ------------------------------------------------------------------ state
@@ -520,6 +531,21 @@ class DATALORARuntime:
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+    @property
+    def attn_implementation(self) -> str:
+        """The model's attention implementation now (``set_attn_implementation`` may change
+        it after the model was wrapped)."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "_attn_implementation", None) or "eager"
+
+    @property
+    def own_last(self) -> ForwardRecord | None:
+        """The :class:`ForwardRecord` of this thread's latest forward (:attr:`last` is the
+        latest of any thread), else :attr:`last` (a forward run in other threads, as
+        ``nn.DataParallel``'s replicas run it)."""
+        own = getattr(self._local, "last", None)
+        return own if own is not None else self.last
 
     @property
     def _ctx(self) -> _Context | None:
@@ -673,7 +699,7 @@ class DATALORARuntime:
     def _finish(self, module, args, output):
         ctx = self._ctx
         if ctx is not None:
-            self.last = ctx.record
+            self.last = self._local.last = ctx.record
             hidden_states = getattr(output, "hidden_states", None)
             if hidden_states is not None and ctx.record is not None \
                     and ctx.record.mode != "dense":

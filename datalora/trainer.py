@@ -299,7 +299,7 @@ class DATALORATrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         dl = self.datalora_model
-        record = dl.runtime.last
+        record = dl.runtime.own_last
         if record is None or not model.training:
             return (loss, outputs) if return_outputs else loss
         cfg = self.datalora_config
@@ -511,7 +511,7 @@ class DATALORATrainer(Trainer):
                 batch = self._prepare_inputs(batch)
                 batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
                 dl(**batch)
-                rec = dl.runtime.last
+                rec = dl.runtime.own_last
                 scores.append(rec.saliency.token_scores.reshape(-1))
                 valid.append(rec.valid.reshape(-1))
         finally:

@@ -458,15 +458,61 @@ def test_generate_from_threads_equals_sequential():
         assert torch.equal(g, w)
 
 
+def test_a_filled_cache_is_freed_without_the_cycle_collector():
+    """The row-operation wrappers stored on a cache held it strongly (a reference cycle):
+    every cache generate() filled lived on until Python's cyclic collector ran."""
+    import gc
+    import weakref
+
+    from datalora.hf_compat import cache_kwargs, output_cache
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    refs = []
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for seed in range(3):
+                empty = cache_kwargs(model, DynamicCache(config=model.config))
+                cache = output_cache(model(input_ids=_ids(2, 6, seed=seed), use_cache=True,
+                                           **empty))
+                del empty
+                assert hasattr(cache, "_datalora_keep")
+                refs.append(weakref.ref(cache))
+                del cache
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
+def test_each_thread_gets_the_aux_losses_of_its_own_forward():
+    """A training forward's aux losses came from the runtime's latest forward of any
+    thread: a forward run meanwhile in another thread gave its losses."""
+    import threading
+
+    model = _model(prune_layers=(1, 4)).train()
+    model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+    torch.manual_seed(0)
+    model(input_ids=_ids(2, 8, seed=1))
+    mine = model.aux_losses()
+    other = threading.Thread(target=lambda: model(input_ids=_ids(3, 12, seed=2)))
+    other.start()
+    other.join()
+    assert model.runtime.last is not model.runtime.own_last  # the other thread's is latest
+    for name, value in model.aux_losses().items():
+        assert torch.equal(value, mine[name]), name
+
+
 def test_flex_attention_and_packed_masks_are_refused_by_name():
     """Flex attention adds a tensor mask to the scores, so the pruned layers' bool mask
-    masked nothing: refused like flash attention. A 4-D mask (continuous batching) is
-    refused naming the cause."""
+    masked nothing: refused like flash attention, also when the model switches to it after
+    it was wrapped (the runtime kept the implementation it was built under: the pruned
+    forward then corrupted the heap). A 4-D mask (continuous batching) is refused naming
+    the cause."""
     model = _calibrated(_model(prune_layers=(1, 4)))
-    model.runtime.attn_implementation = "flex_attention"
+    model.base_model.config._attn_implementation = "flex_attention"
     with torch.no_grad(), pytest.raises(ValueError, match="not 'flex_attention'"):
         model(input_ids=_ids(2, 8))
-    model.runtime.attn_implementation = "sdpa"
+    model.base_model.config._attn_implementation = "sdpa"
     with torch.no_grad(), pytest.raises(ValueError, match="continuous batching"):
         model(input_ids=_ids(1, 4), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
 

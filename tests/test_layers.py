@@ -533,6 +533,18 @@ def test_routing_and_sort_routes_refuse_bad_ids_gates_and_shapes():
         topk_routing(torch.randn(3, 4), 2, renormalize="no")
 
 
+def test_a_routing_used_with_value_checks_off_is_checked_once_they_are_on(monkeypatch):
+    """With DATALORA_CHECK_VALUES=0 the op skips the check, but the layer recorded the
+    routing as checked: bad ids passed silently (clamped) after the variable was unset."""
+    layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
+    routing = Routing(torch.tensor([[0, 7]] * 5), torch.rand(5, 2))
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", "0")
+    layer(torch.randn(5, 8), routing=routing)
+    monkeypatch.delenv("DATALORA_CHECK_VALUES")
+    with pytest.raises(ValueError, match="expert_ids: expected values in"):
+        layer(torch.randn(5, 8), routing=routing)
+
+
 def test_delta_is_scaled_by_alpha_over_rank():
     torch.manual_seed(0)
     base = nn.Linear(8, 6)

@@ -1069,6 +1069,27 @@ def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     torch.testing.assert_close(res["logits"][0], want)
 
 
+def test_mixing_weights_are_per_thread(adapter_dirs):
+    """The mixer's weights are set per call on state every layer shares: another thread's
+    call used to see (and reset) them, giving wrong tokens or "no mixing weights are set".
+    A thread's generate equals the same call alone while this thread holds fixed weights;
+    a deep copy of the mixer starts with none."""
+    import copy
+    import threading
+
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    prompt = ids(B=1, L=4)
+    alone = mixer.generate(prompt, 5, eos_token_id=[])
+    got = []
+    with mixer.fixed_weights(torch.tensor([0.0, 0.0, 1.0])):
+        thread = threading.Thread(
+            target=lambda: got.append(mixer.generate(prompt, 5, eos_token_id=[])))
+        thread.start()
+        thread.join()
+        assert torch.equal(copy.deepcopy(mixer).generate(prompt, 5, eos_token_id=[]), alone)
+    assert torch.equal(got[0], alone)
+
+
 def test_sampling_follows_the_temperature(adapter_dirs):
     """A near-zero temperature samples the greedy tokens (this random model's own
     distribution, temperature 1, would not give them six times)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,18 +275,32 @@ def pack_adapters(adapters: Sequence[LoRAAdapter]) -> dict[str, tuple[torch.Tens
 # --------------------------------------------------------------------------- layers
 
 class _RoutingSlot:
-    """Routing shared by every mixer layer for the current forward.
+    """Routing shared by every mixer layer for the current forward, one per thread (threads
+    serving one mixer each set their own weights).
 
     ``weights`` is ``[T, N]`` (per token) or ``[N]`` (every token alike), or None.
     """
 
     def __init__(self, top_k: int):
         self.top_k = top_k
-        self.weights: torch.Tensor | None = None
-        self._cache: tuple[int, Routing] | None = None
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {"top_k": self.top_k}  # a copy starts with no weights set
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["top_k"])
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return getattr(self._local, "weights", None)
+
+    @property
+    def _cache(self) -> tuple[int, Routing] | None:
+        return getattr(self._local, "cache", None)
 
     def set(self, weights: torch.Tensor | None) -> None:
-        self.weights, self._cache = weights, None
+        self._local.weights, self._local.cache = weights, None
 
     def routing(self, num_tokens: int) -> Routing:
         if self.weights is None:
@@ -313,7 +328,7 @@ class _RoutingSlot:
                                  f"them), got sums {total.flatten().tolist()[:8]}")
             gates = gates / total
         routing = Routing(expert_ids=ids.contiguous(), gates=gates.contiguous(), _trusted=True)
-        self._cache = (num_tokens, routing)
+        self._local.cache = (num_tokens, routing)
         return routing
 
 
