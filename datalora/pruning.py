@@ -371,20 +371,20 @@ def check_prune_range(config: Any, layers: nn.ModuleList, start: int, end: int
     return windows
 
 
-_QUANTILE_MAX = 1 << 24
-"""Elements ``torch.quantile`` takes at most ("input tensor is too large" above)."""
-
-
-def _quantile(flat: torch.Tensor, q: float) -> float:
-    """``torch.quantile(flat, q)`` (linear interpolation) for a 1-D tensor of any length:
-    above :data:`_QUANTILE_MAX` elements, which ``torch.quantile`` refuses, from a sort."""
-    if flat.numel() <= _QUANTILE_MAX:
-        return float(torch.quantile(flat, q))
-    ordered = flat.sort().values
-    rank = q * (ordered.numel() - 1)
+def _keep_threshold(flat: torch.Tensor, retention: float) -> float:
+    """The threshold keeping ``retention`` of the scores ``flat [N]`` (those strictly above
+    it): halfway between the two scores that bracket their ``1 - retention`` quantile (the
+    ranks of ``torch.quantile``'s linear interpolation), so it keeps as many of them as the
+    quantile does but no calibration score sits on it. (The quantile often *is* a score:
+    a token scored exactly at the threshold was kept on one path and pruned on the other,
+    whose scores differ by ~1e-7, when generating from the calibration prompts.) Any N
+    (``torch.quantile`` refuses more than 2**24 elements)."""
+    rank = (1.0 - retention) * (flat.numel() - 1)
     lower = math.floor(rank)
-    upper = min(lower + 1, ordered.numel() - 1)
-    return float(torch.lerp(ordered[lower], ordered[upper], rank - lower))
+    upper = min(lower + 1, flat.numel() - 1)
+    low = float(torch.kthvalue(flat, lower + 1).values)  # 1-based
+    high = float(torch.kthvalue(flat, upper + 1).values)
+    return low + (high - low) / 2
 
 
 _ROUTER_LOGITS_ERROR = (
@@ -954,7 +954,8 @@ class DATALORARuntime:
     @torch.no_grad()
     def calibrate(self, scores: torch.Tensor, valid: torch.Tensor | None = None,
                   retention: float | None = None) -> float:
-        """Sets ``keep_threshold`` to the score quantile that keeps ``retention`` of tokens.
+        """Sets ``keep_threshold`` to keep ``retention`` of the tokens (the score quantile,
+        moved halfway to the next score: see :func:`_keep_threshold`).
 
         Args:
             scores: ``[N]`` or ``[B, L]`` token scores collected on representative data.
@@ -968,7 +969,7 @@ class DATALORARuntime:
             flat = flat[valid.reshape(-1).bool()]
         if flat.numel() == 0:
             raise ValueError("scores: no valid token scores to calibrate on")
-        value = _quantile(flat, 1.0 - retention) if retention < 1.0 else -math.inf
+        value = _keep_threshold(flat, retention) if retention < 1.0 else -math.inf
         self.saliency.keep_threshold.fill_(value)
         self.threshold_calibrated_for(retention)
         return value

@@ -250,20 +250,29 @@ def test_threshold_mode_is_causal_and_calibrated():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_calibrate_takes_more_scores_than_torch_quantile_does(monkeypatch):
-    """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
-    of long sequences); calibrate() then takes the quantile from a sort, the same value."""
-    import datalora.pruning as pruning
-
+@pytest.mark.parametrize("n, retention", [(25, 0.5), (24, 0.5), (101, 0.3), (7, 0.99)])
+def test_calibrated_threshold_keeps_the_quantiles_count_halfway_between_scores(n, retention):
+    """As many calibration tokens are kept as with torch.quantile's threshold, but the
+    threshold lies halfway between two scores: the quantile was often a calibration score
+    itself ((n - 1)(1 - retention) an integer), and that token flipped between the cached
+    and uncached paths when generating from the calibration prompts."""
     model = datalora_model()
-    scores = torch.randn(4001, generator=torch.Generator().manual_seed(0))
-    want = model.runtime.calibrate(scores, retention=0.3)
-    monkeypatch.setattr(pruning, "_QUANTILE_MAX", 1000)  # the sort path on a small input
-    assert model.runtime.calibrate(scores, retention=0.3) == pytest.approx(want, abs=1e-6)
-    monkeypatch.undo()
+    scores = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    value = model.runtime.calibrate(scores, retention=retention)
+    assert float(model.saliency.keep_threshold) == pytest.approx(value, abs=1e-6)
+    quantile = torch.quantile(scores, 1 - retention)
+    assert int((scores > value).sum()) == int((scores > quantile).sum())
+    below, above = scores[scores < value].max(), scores[scores > value].min()
+    torch.testing.assert_close(torch.tensor(value), (below + above) / 2)
+
+
+def test_calibrate_takes_more_scores_than_torch_quantile_does():
+    """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
+    of long sequences)."""
+    model = datalora_model()
     big = torch.randn((1 << 24) + 1, generator=torch.Generator().manual_seed(1))
     value = model.runtime.calibrate(big, retention=0.5)
-    assert abs(value) < 1e-3 and float(model.saliency.keep_threshold) == value
+    assert abs(value) < 1e-3 and float(model.saliency.keep_threshold) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("retention", [1.5, 0.0, -0.2, float("nan"), "0.5"])
@@ -430,17 +439,17 @@ def test_noisy_selection_samples_tokens_by_softmax_of_scores_over_tau():
 
 
 def test_calibrate_keeps_the_retention_of_the_valid_scores():
-    """The threshold is the (1 - retention) quantile of the valid scores: retention of
-    them lie above it; padded scores (here huge) take no part."""
+    """The threshold keeps retention of the valid scores (11.2 is their 0.8 quantile, moved
+    halfway to the next score: 11.5); padded scores (here huge) take no part."""
     model = datalora_model()
     scores = torch.arange(20.0).reshape(2, 10)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 5:] = False
     scores[1, 5:] = 1e6
     value = model.runtime.calibrate(scores, valid, retention=0.2)  # valid: 0 .. 14
-    assert value == pytest.approx(11.2)  # 0.8 quantile of 0 .. 14
+    assert value == 11.5
     assert (scores[valid] > value).sum() == 3 == 0.2 * 15
-    assert float(model.saliency.keep_threshold) == pytest.approx(11.2)
+    assert float(model.saliency.keep_threshold) == 11.5
 
 
 def test_training_output_carries_the_aux_losses_of_the_real_tokens():
