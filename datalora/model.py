@@ -670,7 +670,12 @@ class DATALORAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,
                         is_trainable: bool = False) -> DATALORAModel:
-        """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights)."""
+        """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights).
+
+        ``is_trainable``: False (default, as PEFT) freezes every parameter and sets eval
+        mode, for inference; True leaves the adapter, the saliency network and the base
+        parameters the adapter saved trainable, to train further (``DATALORATrainer``
+        refuses a model with nothing to train)."""
         _check_path(path)
         _check_base(model, DATALORAConfig())  # before reading the folder
         config = DATALORAConfig.from_pretrained(path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -214,8 +215,10 @@ class DATALORATrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _reset_metrics(self) -> None:
-        self._sums: torch.Tensor | None = None  # [len(METRICS)] on the device
-        self._count = 0
+        # [len(METRICS) + 1] on the device: each micro-batch's metrics weighted 1 / (its
+        # optimizer step's micro-batches), then the weight of the finite lm_loss values
+        self._sums: torch.Tensor | None = None
+        self._count = 0.0  # optimizer steps since the last record (fractions of a step)
         self._load: torch.Tensor | None = None  # [E] routes per expert, on the device
         # per micro-batch: task ids [B] and routes per expert [B, E] of its sequences
         self._task_routes: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -316,7 +319,7 @@ class DATALORATrainer(Trainer):
         ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         total = loss + (aux / ga if lm_scaled else aux).to(loss.dtype)
         self._accumulate(loss.detach() * (ga if lm_scaled else 1), l_ret, l_bal, record,
-                         task_ids)
+                         task_ids, ga)
         return (total, outputs) if return_outputs else total
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
@@ -332,9 +335,15 @@ class DATALORATrainer(Trainer):
                     or self.compute_loss_func is not None)
 
     @torch.no_grad()
-    def _accumulate(self, lm_loss, l_ret, l_bal, record, task_ids) -> None:
+    def _accumulate(self, lm_loss, l_ret, l_bal, record, task_ids, micro_batches: int) -> None:
         """Adds this micro-batch's metrics to running sums kept on the device: no host
-        sync here (it runs every micro-batch); :meth:`log` reads them once per log."""
+        sync here (it runs every micro-batch); :meth:`log` reads them once per log.
+
+        Each is weighted ``1 / micro_batches`` (the micro-batches of its optimizer step), so
+        a record is the mean over optimizer steps, as the Trainer's ``loss`` is (an epoch's
+        short last step counts as one step, not as fewer micro-batches). A non-finite
+        ``lm_loss`` (a batch without targets: 0 / 0) is left out of its mean when
+        ``logging_nan_inf_filter`` is on, as the Trainer leaves it out of ``loss``."""
         valid = record.valid.reshape(-1)
         routing = record.routing
         device = valid.device
@@ -342,15 +351,20 @@ class DATALORATrainer(Trainer):
         denom = n_valid.clamp_min(1).float()
         kept = (record.kept.reshape(-1) & valid).sum().float()
         rank_scale = routing.rank_scale.float()
-        values = torch.stack([
-            torch.as_tensor(lm_loss, device=device).float(),
+        weight = 1.0 / micro_batches
+        lm = torch.as_tensor(lm_loss, device=device).float()
+        lm_ok = torch.isfinite(lm) if self.args.logging_nan_inf_filter \
+            else torch.ones((), dtype=torch.bool, device=device)
+        values = weight * torch.stack([
+            torch.where(lm_ok, lm, torch.zeros((), device=device)),
             torch.as_tensor(l_ret, device=device).float(),
             torch.as_tensor(l_bal, device=device).float(),
             torch.where(n_valid > 0, kept / denom, torch.ones((), device=device)),
             (record.keep_prob.reshape(-1).float() * valid).sum() / denom,
-            (rank_scale * valid[:, None]).sum() / (denom * rank_scale.shape[-1])])
+            (rank_scale * valid[:, None]).sum() / (denom * rank_scale.shape[-1]),
+            lm_ok.float()])
         self._sums = values if self._sums is None else self._sums + values
-        self._count += 1
+        self._count += weight
         # routes per expert of each sequence [B, E]; their sum is the expert load
         num_experts = self.datalora_config.num_lora_experts
         bsz = record.valid.shape[0]
@@ -388,7 +402,9 @@ class DATALORATrainer(Trainer):
         cur = self._applied  # the schedule of the last step run
         sums = torch.cat([self._sums, self._load]).tolist()  # one read of the device
         means = {k: v / self._count for k, v in zip(METRICS, sums, strict=False)}
-        counts = torch.tensor(sums[len(METRICS):])
+        lm_weight = sums[len(METRICS)]
+        means["lm_loss"] = sums[0] / lm_weight if lm_weight > 0 else math.nan
+        counts = torch.tensor(sums[len(METRICS) + 1:])
         load = (counts / counts.sum().clamp_min(1)).tolist()
         task_load = {}
         for t, c in sorted(self._task_expert_load().items()):
@@ -444,8 +460,11 @@ class DATALORATrainer(Trainer):
         """Continues the sums :meth:`_pending_metrics` saved: the resumed run's next record
         covers the same steps as the uninterrupted run's."""
         device = self.args.device
-        self._count = int(pending["count"])
-        self._sums = torch.tensor(pending["sums"], dtype=torch.float32, device=device)
+        self._count = float(pending["count"])
+        sums = pending["sums"]
+        if len(sums) == len(METRICS):  # a checkpoint of an earlier release: no lm weight
+            sums = [*sums, self._count]
+        self._sums = torch.tensor(sums, dtype=torch.float32, device=device)
         self._load = torch.tensor(pending["load"], dtype=torch.float32, device=device)
         tasks = pending["task_load"]
         self._task_routes = [(torch.tensor([int(t) for t in tasks], device=device),
@@ -537,6 +556,10 @@ class DATALORATrainer(Trainer):
         ``datalora_history`` of the steps before the checkpoint, which the new records
         extend (a checkpoint written before the history was saved resumes with none).
         """
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("model: has no trainable parameters (DATALORAModel.from_pretrained "
+                             "loads an adapter frozen for inference; pass is_trainable=True "
+                             "to train it further)")
         self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
         # every train() is a run of its own: its curriculum, metric sums and history
         if self._own_curriculum:

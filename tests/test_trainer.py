@@ -4,6 +4,7 @@ DDP and FSDP2 on 2 CPU processes (slow)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -946,6 +947,65 @@ def test_logged_lm_loss_under_gradient_accumulation_is_the_trainers_loss(tmp_pat
     assert len(logs) == 3
     for h in logs:
         assert h["lm_loss"] == pytest.approx(h["loss"], rel=1e-3), h
+
+
+def _lm_only_trainer(tmp_path, model, dataset, **kw):
+    """A trainer whose loss is the LM loss alone (aux weights 0), logging every 2 steps."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.datalora_config, lambda_prune=0.0, alpha_balance=0.0)
+    args = TrainingArguments(**{**dict(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=2,
+        learning_rate=3e-2, logging_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False,
+        lr_scheduler_type="constant", dataloader_num_workers=0), **kw})
+    return DATALORATrainer(model=model, args=args, train_dataset=dataset,
+                           data_collator=collate, datalora_config=cfg, calibrate_batches=0)
+
+
+def test_logged_metrics_are_means_over_optimizer_steps(tmp_path):
+    """16 micro-batches with gradient accumulation 3 make steps of 3, 3, 3, 3, 3 and 1: the
+    last log covers steps 5 and 6 (a curriculum phase of its own) and is their mean, as the
+    Trainer's loss (it was the mean over the 4 micro-batches, weighting step 5 thrice)."""
+    trainer = _lm_only_trainer(tmp_path, tiny_datalora(), PatternData(n=32),
+                               gradient_accumulation_steps=3)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4, 6]
+    assert [r["step"] for r in trainer.datalora_history] == [2, 4, 6]  # one log per phase
+    for h in logs:
+        assert h["lm_loss"] == pytest.approx(h["loss"], abs=1e-4), h
+
+
+def test_a_batch_without_targets_leaves_the_logged_lm_loss_finite(tmp_path):
+    """A batch whose labels are all -100 has the LM loss 0 / 0 = NaN; the Trainer leaves it
+    out of its logged loss (logging_nan_inf_filter), and so does lm_loss (it was NaN for
+    the whole window and its history record)."""
+    data = PatternData(n=8)
+    data.rows[1] = {**data.rows[1], "labels": torch.full_like(data.rows[1]["labels"], -100)}
+    trainer = _lm_only_trainer(tmp_path, tiny_datalora(), data,
+                               per_device_train_batch_size=1, max_steps=8)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(math.isfinite(h["lm_loss"]) for h in logs)
+    assert all(math.isfinite(r["lm_loss"]) for r in trainer.datalora_history)
+
+
+def test_a_frozen_reloaded_model_is_refused_before_training(tmp_path):
+    """from_pretrained loads frozen (inference) by default: train() failed inside backward
+    ("element 0 of tensors does not require grad"); it names is_trainable now."""
+    from datalora import DATALORAModel
+
+    model = tiny_datalora()
+    model.save_pretrained(tmp_path / "adapter")
+    cfg = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, sliding_window=None, pad_token_id=0)
+    torch.manual_seed(0)
+    frozen = DATALORAModel.from_pretrained(MistralForCausalLM(cfg), tmp_path / "adapter")
+    trainer = _lm_only_trainer(tmp_path / "run", frozen, PatternData(n=8), max_steps=1)
+    with pytest.raises(ValueError, match="no trainable parameters .* is_trainable=True"):
+        trainer.train()
 
 
 def test_a_train_after_an_interrupted_one_logs_only_its_own_steps(tmp_path):
