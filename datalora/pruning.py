@@ -273,8 +273,14 @@ def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
 
 PER_TOKEN_INPUTS = ("position_ids", "position_embeddings", "per_layer_input")
 """Decoder-layer inputs (keyword or positional) with one row per token, gathered to the
-kept tokens for every packed layer from that layer's own value: Gemma 3 / 4 and OLMo 3
-pass local and global RoPE to different layers, Gemma 4 a per-layer input."""
+kept tokens for every packed layer from that layer's own value (so are inputs named
+``position_embeddings_*``): Gemma 3 / 4 and OLMo 3 pass local and global RoPE to
+different layers (transformers < 5: both, as ``position_embeddings_global`` /
+``_local``), Gemma 4 a per-layer input."""
+
+
+def _per_token(name: str) -> bool:
+    return name in PER_TOKEN_INPUTS or name.startswith("position_embeddings")
 
 
 @functools.cache
@@ -354,7 +360,9 @@ def check_prune_range(config: Any, layers: nn.ModuleList, start: int, end: int
                       ) -> dict[int, int | None]:
     """The sliding window of each pruned layer ``start..end-1`` (:func:`layer_window`);
     refuses a pruned layer whose keys / values later layers reuse or that reuses an earlier
-    layer's (Gemma 3n / 4 KV sharing: packed keys would meet full-length queries)."""
+    layer's (Gemma 3n / 4 KV sharing: packed keys would meet full-length queries), and one
+    that scales its queries by their index in the sequence it is given rather than by
+    their position (Llama 4's attention temperature tuning on NoPE layers)."""
     def attention(index: int, flag: str) -> bool:
         return bool(getattr(getattr(layers[index], "self_attn", None), flag, False))
 
@@ -368,6 +376,11 @@ def check_prune_range(config: Any, layers: nn.ModuleList, start: int, end: int
                              f"with other layers (KV sharing); token pruning needs each "
                              f"pruned layer's keys to be its own (choose a prune range "
                              f"without it)")
+        if attention(index, "attn_temperature_tuning") and not attention(index, "use_rope"):
+            raise ValueError(f"prune_layers: decoder layer {index} scales its queries by their "
+                             f"index in the sequence (attention temperature tuning), which "
+                             f"packed tokens do not keep (choose a prune range without it, or "
+                             f"set config.attn_temperature_tuning=False)")
     return windows
 
 
@@ -797,9 +810,9 @@ class DATALORARuntime:
     def _packed_inputs(self, ctx: _Context, layer, args, kwargs):
         """This layer's :data:`PER_TOKEN_INPUTS` gathered to the kept tokens."""
         names = _parameter_names(type(layer))
-        args = tuple(self._gathered(ctx, value) if 0 < i < len(names)
-                     and names[i] in PER_TOKEN_INPUTS else value for i, value in enumerate(args))
-        kwargs = {name: self._gathered(ctx, value) if name in PER_TOKEN_INPUTS else value
+        args = tuple(self._gathered(ctx, value) if 0 < i < len(names) and _per_token(names[i])
+                     else value for i, value in enumerate(args))
+        kwargs = {name: self._gathered(ctx, value) if _per_token(name) else value
                   for name, value in kwargs.items()}
         return args, kwargs
 

@@ -109,15 +109,16 @@ def _gemma4(**kwargs):  # a per-layer input per token, positional
     return _config("Gemma4TextConfig", global_head_dim=8, **_ALTERNATING, **kwargs)
 
 
-def _llama4():  # RoPE as one complex tensor; layer 1 a full-attention NoPE layer
+def _llama4(**kwargs):  # RoPE as one complex tensor; layer 1 a full-attention NoPE layer
     return _config("Llama4TextConfig", intermediate_size_mlp=64, num_local_experts=2,
                    interleave_moe_layer_step=2, attention_chunk_size=64,
-                   no_rope_layers=[1, 0, 1, 0])
+                   no_rope_layers=[1, 0, 1, 0], **kwargs)
 
 
 @pytest.mark.parametrize("make, prune", [(_gemma3, [1, 3]),
                                          (lambda: _gemma4(num_kv_shared_layers=0), [1, 3]),
-                                         (_llama4, [1, 2])])
+                                         (lambda: _llama4(attn_temperature_tuning=False),
+                                          [1, 2])])
 def test_packed_layers_get_their_own_per_token_inputs(make, prune):
     """Every packed layer gets its own RoPE / per-layer input at the kept tokens: the first
     pruned layer's were given to all of them (Gemma 3's local and global RoPE), a single
@@ -143,6 +144,7 @@ def test_packed_layers_get_their_own_per_token_inputs(make, prune):
 @pytest.mark.parametrize("make, fragment", [
     (lambda: _gemma4(hidden_size_per_layer_input=0, num_kv_shared_layers=2),
      "shares its keys / values"),
+    (_llama4, "attention temperature tuning"),  # queries scaled by their packed index
     (lambda: _config("Gemma3nTextConfig", num_kv_shared_layers=0, laurel_rank=4,
                      hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
                      altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
