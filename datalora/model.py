@@ -575,6 +575,12 @@ class DATALORAModel(nn.Module):
         extra = {name for name in saved if name not in own and name in base}
         own.update({name: base[name] for name in extra})
         missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        replaced = [name for name in missing if name in self._saved_base_names]
+        if replaced and not unexpected and len(replaced) == len(missing):
+            raise ValueError(f"path: the adapter at {path} keeps the base's {replaced[:5]}, "
+                             f"which an adapter loaded earlier replaced with the base weights "
+                             f"it trained; they cannot be restored from this one: load it "
+                             f"onto a fresh base model")
         if missing or unexpected:
             raise ValueError(f"adapter at {path} does not fit this model: missing {missing[:5]}"
                              f", unexpected {unexpected[:5]}")

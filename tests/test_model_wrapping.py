@@ -124,6 +124,21 @@ def test_unfrozen_base_parameter_round_trips(tmp_path):
     DATALORAModel.from_pretrained(_llama(), tmp_path / "again")
 
 
+def test_switching_back_from_an_adapter_that_replaced_a_base_weight_says_why(tmp_path):
+    """Adapter B trained (and saved) the final norm; loading A after B cannot restore the
+    base's norm from A: the error says so (it read "missing ['model.norm.weight']")."""
+    plain = get_datalora_model(_llama(), _cfg(), verbose=False)
+    plain.save_pretrained(tmp_path / "a")
+    trained_norm = get_datalora_model(_llama(), _cfg(), verbose=False)
+    trained_norm.base_model.model.norm.weight.requires_grad_(True)
+    trained_norm.save_pretrained(tmp_path / "b")
+    served = DATALORAModel.from_pretrained(_llama(), tmp_path / "a")
+    served.load_adapter(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"replaced with the base weights it trained.*fresh "
+                                         r"base model"):
+        served.load_adapter(tmp_path / "a")
+
+
 # F6 -------------------------------------------------------------------------------------
 def test_unmatched_target_name_warns():
     with pytest.warns(UserWarning, match="v_prj"):
