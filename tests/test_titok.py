@@ -774,6 +774,15 @@ def test_peft_source_whose_disabled_model_is_not_the_base_needs_base_model(tok, 
     assert "init_lora_weights='pissa'" in disabled_is_not_base(pissa)
     plain = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert disabled_is_not_base(plain) is None
+    # replicated layers still run, and KaSA's truncated base stays, when disabled
+    replicated = peft.get_peft_model(_small(), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], layer_replication=[[0, 1], [0, 1]]))
+    assert "layer_replication" in disabled_is_not_base(replicated)
+    kasa = getattr(peft.tuners.lora.config, "KasaConfig", None)  # peft >= 0.18
+    if kasa is not None:
+        truncated = peft.get_peft_model(_small(), peft.LoraConfig(
+            r=2, target_modules=["q_proj"], kasa_config=kasa()))
+        assert "KaSA" in disabled_is_not_base(truncated)
 
 
 def test_titok_cli_scores_a_bias_adapter_against_a_fresh_base(tmp_path, tok, tok_other):

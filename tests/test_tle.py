@@ -1434,6 +1434,15 @@ def test_embedding_copies_bin_files_and_modules_to_save(adapter_dirs, tmp_path):
     saved.save_pretrained(str(tmp_path / "mts"))
     with pytest.raises(ValueError, match="modules_to_save"):
         load_peft_adapter(tmp_path / "mts")
+    # PEFT matches modules_to_save by plain name suffix and saves a container's children:
+    # both loaded silently, dropping the trained modules
+    for names in (["layernorm"], ["mlp"]):
+        folder = tmp_path / f"mts_{names[0]}"
+        peft.get_peft_model(small_model(), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj"],
+            modules_to_save=names)).save_pretrained(str(folder))
+        with pytest.raises(ValueError, match=rf"modules_to_save=\['{names[0]}'\]"):
+            load_peft_adapter(folder)
 
 
 def test_gpt2_conv1d_adapter_equals_peft(tmp_path):

@@ -128,8 +128,10 @@ def _molora_layers(model: nn.Module) -> list[MoLoRALinear]:
 
 def disabled_is_not_base(model: nn.Module) -> str | None:
     """Why ``model``'s ``disable_adapter()`` would not run its base model, or None: a PEFT
-    adapter with trained biases (``bias='all'`` / ``'lora_only'``: they stay on) or one
-    whose initialisation rewrote the base weights (PiSSA, OLoRA, ...: the residual stays)."""
+    adapter with trained biases (``bias='all'`` / ``'lora_only'``: they stay on), one whose
+    initialisation rewrote the base weights (PiSSA, OLoRA, ...: the residual stays), one
+    replicating decoder layers (``layer_replication``: they still run) or KaSA (its SVD
+    truncation of the base weights stays)."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         return None
@@ -143,6 +145,12 @@ def disabled_is_not_base(model: nn.Module) -> str | None:
         if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
             return (f"adapter {name!r} was initialised with init_lora_weights={init!r}, "
                     f"which rewrote the base weights")
+        if getattr(config, "layer_replication", None):
+            return (f"adapter {name!r} replicates decoder layers (layer_replication), which "
+                    f"still run when it is disabled")
+        if getattr(config, "kasa_config", None) is not None:
+            return (f"adapter {name!r} is a KaSA adapter, whose truncation of the base "
+                    f"weights stays when it is disabled")
     return None
 
 

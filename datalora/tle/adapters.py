@@ -115,8 +115,12 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _modules_to_save(config: Mapping[str, Any], module: str) -> bool:
-    """True when ``module`` is one of the config's ``modules_to_save`` (a name suffix)."""
-    return any(module == name or module.endswith("." + name)
+    """True when ``module`` or a module containing it (``"mlp"`` saves its linears' weights)
+    is one of the config's ``modules_to_save``, matched as PEFT matches them: by plain name
+    suffix (``"layernorm"`` trains every ``input_layernorm``)."""
+    parts = module.split(".")
+    enclosing = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(path.endswith(name) for path in enclosing
                for name in config.get("modules_to_save") or ())
 
 
