@@ -181,7 +181,7 @@ def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):
     with count_syncs() as counter:
         for _ in range(3):
             trainer._accumulate(out.loss.detach(), out.retention_loss, out.balance_loss,
-                                model.runtime.last, torch.tensor([0, 1]))
+                                model.runtime.last, torch.tensor([0, 1]), 1)
     assert not counter.sites, counter.sites
     assert trainer._count == 3
     # the per-task loads equal a direct count of the valid routes of each sequence's task
@@ -196,7 +196,7 @@ def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):
     trainer._reset_metrics()
     record.valid[1] = False
     trainer._accumulate(out.loss.detach(), out.retention_loss, out.balance_loss, record,
-                        torch.tensor([0, 1]))
+                        torch.tensor([0, 1]), 1)
     assert set(trainer._task_expert_load()) == {0}
 
 
