@@ -17,8 +17,9 @@ in two modes: ``fwd`` (inference, under ``torch.no_grad``) and ``fwd_bwd`` (forw
 backward, gradients to x and the LoRA parameters, base weight frozen; PEFT mixed
 batches are eval-only, so PEFT has no ``fwd_bwd`` row).
 
-Timers: on CUDA ``triton.testing.do_bench`` (median and 20/80 % quantiles, L2 flushed)
-plus peak memory; on the CPU a ``perf_counter`` median of N calls where the methods of
+Timers: on CUDA ``triton.testing.do_bench`` in :data:`GPU_ROUNDS` windows per method taken
+round-robin over the methods (median and 20/80 % quantiles of the window medians, L2
+flushed) plus peak memory; on the CPU a ``perf_counter`` median of N calls where the methods of
 a case run round-robin (rep 1 of every method, then rep 2, ...), so load from other
 processes hits all of them alike and the ratios stay meaningful. On a modelled GPU
 (H100 / A100 / H200) each row also has ``floor_ms`` (the ``benchmarks.roofline`` lower
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
-from benchmarks.timing import cuda_graph_ms, time_interleaved
+from benchmarks.timing import cuda_graph_ms, quantiles, time_interleaved
 from datalora import ops
 from datalora.cli import int_at_least, non_negative_float, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
@@ -128,8 +129,9 @@ PRESETS = {
         + _sweep(4096, 4096, Es=(2, 4, 16, 32, 64), rs=(4, 8, 32, 64, 128), ks=(1, 4, 8))
         # E*r = 2048: beyond the dense strategy's columns, the grouped kernels' shape
         + [Case("sweep", 4096, 4096, 4096, E=64, r=32)]
-        + _tenant((64, 4096), 4096) + [Case("tenant", 64, 4096, 4096, E=64, k=1,
-                                            skew="distinct")],
+        # k = 1 with as many adapters as tokens: "distinct" puts every token on its own
+        # adapter (with E = 8, "distinct" spreads 4096 tokens evenly over 8 adapters)
+        + _tenant((64, 4096), 4096) + _tenant((64,), 4096, E=64),
         target_T=4096, target_d=4096),
     # reduced CPU set, fp32; includes the issue's CPU target shape T = d = 2048
     "cpu": dict(
@@ -340,27 +342,57 @@ def time_cuda_graphs(steps: dict[str, Callable]) -> dict[str, float | None]:
     return out
 
 
+GPU_ROUNDS = 5
+"""Round-robin rounds of :func:`time_cuda`: each method's window is split into this many,
+interleaved with the other methods' (as the CPU timer interleaves its calls)."""
+
+
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
-    """``triton.testing.do_bench`` per method + peak memory: ``name -> (med, q20, q80, mem_mb)``.
-    A :func:`with_env` step is timed as its ``inner`` with its ``env`` set once around."""
+    """``triton.testing.do_bench`` + peak memory: ``name -> (med, q20, q80, mem_mb)``.
+
+    Each method's window is split into :data:`GPU_ROUNDS` shorter ``do_bench`` windows
+    taken round-robin with the other methods'; the result is the median (and 20 / 80 %
+    quantiles) of the windows' medians. A host-bound method's time depends on the host
+    while it is timed: timed one after another, identical work differed up to 2x between
+    rows. A :func:`with_env` step is timed as its ``inner`` with its ``env`` set around
+    each of its windows."""
+    from triton.testing import do_bench
+
+    plans = {}
+    for name, call in steps.items():
+        with env_set(getattr(call, "env", {})):
+            fn = getattr(call, "inner", call)
+            plans[name] = (fn, _window_ms(fn) / GPU_ROUNDS)
+    medians: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(GPU_ROUNDS):
+        for name, call in steps.items():
+            fn, rep = plans[name]
+            with env_set(getattr(call, "env", {})):
+                value = do_bench(fn, warmup=DO_BENCH_WARMUP_MS / GPU_ROUNDS, rep=rep,
+                                 quantiles=[0.5], grad_to_none=grad_leaves)
+            medians[name].append(value[0] if isinstance(value, (list, tuple)) else value)
     out = {}
     for name, call in steps.items():
         with env_set(getattr(call, "env", {})):
-            out[name] = _time_cuda_one(getattr(call, "inner", call), grad_leaves)
+            peak = _peak_memory_mb(plans[name][0], grad_leaves)
+        med, q20, q80, _ = quantiles(medians[name])
+        out[name] = (med, q20, q80, peak)
     return out
 
 
-def _time_cuda_one(fn: Callable, grad_leaves: list[torch.Tensor]) -> tuple:
-    from triton.testing import do_bench
-
-    fn()  # first call (allocator, autotuning) outside the estimate
+def _window_ms(fn: Callable) -> float:
+    """The first call (allocator, autotuning) outside any estimate, then one timed call:
+    the ``do_bench`` window for ``fn`` (:func:`timed_window_ms`)."""
+    fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    rep = timed_window_ms((time.perf_counter() - start) * 1e3)
-    med, q20, q80 = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=rep,
-                             quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_leaves)
+    return timed_window_ms((time.perf_counter() - start) * 1e3)
+
+
+def _peak_memory_mb(fn: Callable, grad_leaves: list[torch.Tensor]) -> float:
+    """Memory one call allocates at its peak beyond what is allocated before it."""
     torch.cuda.synchronize()
     for t in grad_leaves:  # the last timed call's gradients are not part of the baseline
         t.grad = None
@@ -368,8 +400,7 @@ def _time_cuda_one(fn: Callable, grad_leaves: list[torch.Tensor]) -> tuple:
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return med, q20, q80, peak
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # ----------------------------------------------------------------------------- run
@@ -440,7 +471,8 @@ def metadata(preset_name: str, device: torch.device, backends: list[str]) -> dic
         cpu_model=cpu_model(), cpu_threads=torch.get_num_threads(),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         dtype=str(PRESETS[preset_name]["dtype"]).removeprefix("torch."), backends=backends,
-        timer=("triton.testing.do_bench (median, 20/80% quantiles)" if cuda else
+        timer=(f"triton.testing.do_bench in {GPU_ROUNDS} windows per method, round-robin over "
+               f"methods (median and 20/80% quantiles of the window medians)" if cuda else
                "perf_counter, round-robin over methods, median of reps (20/80% quantiles)"),
         torch=torch.__version__, triton=package_version("triton"),
         transformers=package_version("transformers"), peft=package_version("peft"),
@@ -511,11 +543,16 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
                 target("gpu_triton-fused_layer_fwd_bwd_vs_linear",
                        "molora_linear (fused kernel) fwd+bwd <= 1.15x base linear",
                        FUSED_METHOD, "linear", "fwd_bwd", "<=", 1.15)
-            tenant = dict(group="tenant", T=T, d_in=d, d_out=d, E=8, k=1)
+            tenant = dict(group="tenant", T=64, d_in=d, d_out=d, E=64, k=1)
             target(f"gpu_{be}_tenant_distinct_vs_one",
-                   "k=1 fwd: every token a different adapter <= 1.2x all on one adapter",
-                   ml, ml, "fwd", "<=", 1.2, shape_num={**tenant, "skew": "distinct"},
-                   shape_den={**tenant, "skew": "one"})
+                   "k=1 fwd, 64 tokens: every token a different adapter (E = 64) <= 1.2x all "
+                   "on one adapter", ml, ml, "fwd", "<=", 1.2,
+                   shape_num={**tenant, "skew": "distinct"}, shape_den={**tenant, "skew": "one"})
+            balanced = dict(group="tenant", T=T, d_in=d, d_out=d, E=8, k=1)
+            target(f"gpu_{be}_tenant_balanced_vs_one",
+                   "k=1 fwd: tokens spread evenly over 8 adapters <= 1.2x all on one adapter",
+                   ml, ml, "fwd", "<=", 1.2, shape_num={**balanced, "skew": "distinct"},
+                   shape_den={**balanced, "skew": "one"})
     elif preset_name == "cpu":
         ml, md = "molora_linear[torch]", "molora_delta[torch]"
         target("cpu_layer_fwd_bwd_speedup_vs_loop",

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,9 +338,12 @@ def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
 
     windows = {}
 
+    order = []
+
     def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
         windows[fn.__name__] = rep
-        return 1.0, 0.9, 1.1
+        order.append(fn.__name__)
+        return {"fast": 1.0, "slow": 20.0}[fn.__name__] + len(order) / 100
 
     _fake_cuda_timer(monkeypatch, fake_do_bench)
 
@@ -349,9 +353,16 @@ def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
     def slow():
         time.sleep(0.02)
 
-    molora.time_cuda({"fast": fast, "slow": slow}, [])
-    assert windows["fast"] == molora.DO_BENCH_REP_MS
-    assert windows["slow"] >= molora.MIN_TIMED_CALLS * 20
+    got = molora.time_cuda({"fast": fast, "slow": slow}, [])
+    rounds = molora.GPU_ROUNDS
+    assert windows["fast"] == molora.DO_BENCH_REP_MS / rounds
+    assert windows["slow"] >= molora.MIN_TIMED_CALLS * 20 / rounds
+    # the methods' windows alternate (a host-bound method's time depends on the host while
+    # it is timed); each result is the median and quantiles of its windows' medians
+    assert order == ["fast", "slow"] * rounds
+    fast_medians = [1.0 + (2 * i + 1) / 100 for i in range(rounds)]
+    assert got["fast"][:3] == pytest.approx(
+        (fast_medians[rounds // 2], *np.quantile(fast_medians, [0.2, 0.8])))
 
 
 def _fake_cuda_graphs(monkeypatch, capture):
@@ -490,15 +501,15 @@ def test_pruning_help_says_where_an_only_run_goes(capsys):
     assert "written to pruning_<preset>_only-SUBSTR.json" in text and "merge" not in text
 
 
-def test_cuda_timer_sets_a_method_env_once_around_its_timed_calls(monkeypatch):
+def test_cuda_timer_sets_a_method_env_around_its_timed_windows(monkeypatch):
     """``molora_linear[triton-fused]`` needs ``DATALORA_FUSED_LINEAR=1``: the timer sets it
-    once around the method's calls; setting and restoring it in every call (microseconds)
-    would be timed against the fused kernel only."""
+    around each of the method's windows; setting and restoring it in every call
+    (microseconds) would be timed against the fused kernel only."""
 
     def fake_do_bench(fn, warmup, rep, quantiles, grad_to_none):
         for _ in range(5):
             fn()
-        return 1.0, 0.9, 1.1
+        return 1.0
 
     _fake_cuda_timer(monkeypatch, fake_do_bench)
     monkeypatch.delenv("DATALORA_BENCH_TEST_ENV", raising=False)
@@ -511,8 +522,9 @@ def test_cuda_timer_sets_a_method_env_once_around_its_timed_calls(monkeypatch):
     monkeypatch.setattr(os, "putenv", lambda k, v: (writes.append(k), real_putenv(k, v)))
     monkeypatch.setattr(os, "unsetenv", lambda k: (writes.append(k), real_unsetenv(k)))
     molora.time_cuda({"fused": step}, [])
-    assert seen == ["1"] * 8  # 2 before do_bench, 5 timed, 1 for the peak memory
-    assert len(writes) == 2  # set once, restored once
+    rounds = molora.GPU_ROUNDS
+    assert seen == ["1"] * (2 + 5 * rounds + 1)  # window estimate, timed, peak memory
+    assert len(writes) == 2 * (1 + rounds + 1)  # set and restored around each, not per call
     assert "DATALORA_BENCH_TEST_ENV" not in os.environ
     step()  # called on its own, the step still runs with its env
     assert seen[-1] == "1" and "DATALORA_BENCH_TEST_ENV" not in os.environ
@@ -625,3 +637,46 @@ def test_loop_ratio_below_one_reads_as_slower():
     assert molora.vs_loop(0.68) == "  1.47x slower than loop"
     assert molora.vs_loop(2.0) == "  2.00x faster than loop"
     assert molora.vs_loop(1.0) == "  1.00x faster than loop"
+
+
+def test_git_dirty_covers_the_benchmark_code_but_not_its_results(tmp_path, monkeypatch):
+    """An edited baseline or timer changes what a run measures: it counts as dirty (only
+    datalora/ kernels/ csrc/ did); the result files the runs write do not."""
+    import subprocess
+
+    from datalora.experiments.run_info import GIT_COMMIT_ENV, git_commit
+
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
+    for path in ("datalora/a.py", "benchmarks/timing.py", "benchmarks/results/x.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "benchmarks/results/x.json").write_text("1\n")
+    assert git_commit(tmp_path)[1] is False
+    (tmp_path / "benchmarks/timing.py").write_text("1\n")
+    assert git_commit(tmp_path)[1] is True
+
+
+def test_the_k1_target_puts_every_token_on_its_own_adapter():
+    """The issue's k = 1 target (every token a different adapter) is computed from the
+    T = 64, E = 64 tenant rows the gpu preset times; with E = 8 "distinct" spreads tokens
+    evenly over 8 adapters, which is reported as its own target."""
+    cases = molora.PRESETS["gpu"]["cases"]
+    for skew in ("one", "distinct"):
+        assert molora.Case("tenant", 64, 4096, 4096, E=64, k=1, skew=skew) in cases
+
+    def row(T, E, skew, ms):
+        return {"group": "tenant", "T": T, "d_in": 4096, "d_out": 4096, "E": E, "r": 16,
+                "k": 1, "skew": skew, "mode": "fwd", "method": "molora_linear[triton]",
+                "median_ms": ms}
+
+    rows = [row(64, 64, "one", 1.0), row(64, 64, "distinct", 1.5),
+            row(4096, 8, "one", 1.0), row(4096, 8, "distinct", 1.1)]
+    got = {t["name"]: t for t in molora.check_targets(rows, "gpu", ["triton"])}
+    assert got["gpu_triton_tenant_distinct_vs_one"]["value"] == 1.5
+    assert got["gpu_triton_tenant_distinct_vs_one"]["status"] == "FAIL"
+    assert got["gpu_triton_tenant_balanced_vs_one"]["value"] == pytest.approx(1.1)

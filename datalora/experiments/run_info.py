@@ -12,12 +12,15 @@ from pathlib import Path
 __all__ = ["cpu_model", "git_commit", "package_version"]
 
 GIT_COMMIT_ENV = "DATALORA_GIT_COMMIT"
+_MEASURED = ("datalora", "kernels", "csrc", "benchmarks", ":(exclude)benchmarks/results")
+"""What ``git_dirty`` covers: the library and the benchmark code (an edited baseline or timer
+changes what a run measures), not the result files the runs write."""
 CHECKOUT = Path(__file__).resolve().parents[2]
 """The source tree's root when datalora runs from a checkout (site-packages when installed)."""
 
 
 def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
-    """``(HEAD sha, whether datalora/ kernels/ csrc/ have uncommitted changes)`` of the git
+    """``(HEAD sha, whether :data:`_MEASURED` has uncommitted changes)`` of the git
     checkout at ``root``; ``(None, None)`` when ``root`` is not one (an installed package:
     never the commit of some repository that happens to enclose site-packages).
 
@@ -32,8 +35,9 @@ def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "datalora", "kernels",
-                                     "csrc"], cwd=root, capture_output=True, text=True,
+        # the library and the benchmark code that measured it (not the results it writes)
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", *_MEASURED],
+                                    cwd=root, capture_output=True, text=True,
                                     check=True).stdout.strip())
         return sha, dirty
     except (OSError, subprocess.CalledProcessError):
