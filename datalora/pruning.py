@@ -876,7 +876,6 @@ class DATALORARuntime:
         weight = torch.where(sel.valid, 1.0 + (p - p.detach()), torch.zeros_like(p))
         ctx.weight = weight.to(hidden.dtype)
         ctx.selection = sel
-        ctx.gathered = {}
         as_bool = self._mask_as_bool(kwargs)
         ctx.masks = {window: packed_attention_mask(sel.valid, idx, idx, hidden.dtype,
                                                    as_bool=as_bool, sliding_window=window)

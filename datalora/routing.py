@@ -100,10 +100,11 @@ class Routing:
         ids = _check_ids(self.expert_ids)
         if ids.dim() < 1:
             raise ValueError(f"expert_ids: expected shape [T, k], got {tuple(ids.shape)}")
+        check_float("gates", self.gates)
         if self.gates.shape != ids.shape:
             raise ValueError(f"gates: expected shape {tuple(ids.shape)} (that of expert_ids), "
                              f"got {tuple(self.gates.shape)}")
-        for name in ("gates", "rank_scale", "router_probs"):
+        for name in ("rank_scale", "router_probs"):
             value = getattr(self, name)
             if value is None:
                 continue
