@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -67,17 +67,44 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
-def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+def _unreadable(path: str | Path, argument: str, exc: SafetensorError) -> ValueError:
+    return ValueError(f"{argument}: {path} is not a readable safetensors file ({exc}); it "
+                      f"may be truncated or corrupt: save it again")
 
 
-def load_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """``name -> shape`` of the tensors in a safetensors file (its header only)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+def load_tensors(path: str | Path, device: str | torch.device = "cpu", *,
+                 argument: str = "path") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a ValueError naming ``argument`` and the file
+    when it is truncated or corrupt (safetensors' own error is neither a ValueError nor
+    an OSError)."""
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as exc:
+        raise _unreadable(path, argument, exc) from None
 
 
-def load_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata in a safetensors file's header (no tensor is read)."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16}
+
+
+def load_header(path: str | Path, *, argument: str = "path"
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """``name -> (shape, dtype)`` of the tensors in a safetensors file, from its header
+    only (dtype None for a non-float dtype); errors as :func:`load_tensors`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: (tuple(f.get_slice(name).get_shape()),
+                           _DTYPES.get(f.get_slice(name).get_dtype()))
+                    for name in f.keys()}
+    except SafetensorError as exc:
+        raise _unreadable(path, argument, exc) from None
+
+
+def load_metadata(path: str | Path, *, argument: str = "path") -> dict[str, str]:
+    """The string metadata in a safetensors file's header (no tensor is read); errors as
+    :func:`load_tensors`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as exc:
+        raise _unreadable(path, argument, exc) from None

@@ -26,8 +26,8 @@ from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import (
     atomic_write_text,
+    load_header,
     load_metadata,
-    load_shapes,
     load_tensors,
     save_tensors,
 )
@@ -599,11 +599,14 @@ class DATALORAModel(nn.Module):
             raise ValueError("path: loading into an FSDP1-sharded model is not supported; "
                              "load the adapter before wrapping, or resume through "
                              "DATALORATrainer (FSDP checkpoint)")
+        curriculum = self._saved_curriculum(metadata, file)  # checked before any copy
         copy_full_into(own, {name: saved[name] for name in own})
         self._saved_base_names |= extra
         if self.runtime is not None:  # the loaded keep_threshold's retention is not known
             self.runtime.threshold_calibrated_for(None)
-        self._restore_curriculum(metadata)
+        if curriculum is not None:
+            self.set_curriculum_state(curriculum["tau"], curriculum["retention"],
+                                      curriculum["hard"])
 
     def _curriculum_metadata(self) -> dict[str, str]:
         """The curriculum state (tau, retention, hard) for the weights file's metadata: with
@@ -611,17 +614,33 @@ class DATALORAModel(nn.Module):
         state = self.curriculum_state()
         return {"curriculum_state": json.dumps(state)} if state else {}
 
-    def _restore_curriculum(self, metadata: dict[str, str]) -> None:
-        """Sets the curriculum state saved in the weights file's ``metadata`` (the inference
+    def _saved_curriculum(self, metadata: dict[str, str], file: Path) -> dict | None:
+        """The curriculum state saved in the weights ``file``'s ``metadata`` (the inference
         state of the curriculum for adapters saved before the state was:
-        ``temperature_final``, ``target_retention``, hard routing)."""
+        ``temperature_final``, ``target_retention``, hard routing), checked as
+        :meth:`set_curriculum_state` checks it; None without a saliency network."""
         if self.saliency is None:
-            return
+            return None
         saved = metadata.get("curriculum_state")
         cfg = self.config_datalora
-        state = (json.loads(saved) if saved else
-                 {"tau": cfg.temperature_final, "retention": cfg.target_retention, "hard": True})
-        self.set_curriculum_state(state["tau"], state["retention"], state["hard"])
+        if not saved:
+            return {"tau": cfg.temperature_final, "retention": cfg.target_retention,
+                    "hard": True}
+        try:
+            state = json.loads(saved)
+            state = {key: state[key] for key in ("tau", "retention", "hard")}
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise ValueError(f"path: the curriculum state in {file} is not readable "
+                             f"({type(exc).__name__}: {exc}); save the adapter again") from None
+        try:
+            check_number("tau", state["tau"], low=0, low_inclusive=False)
+            check_number("retention", state["retention"], low=0, low_inclusive=False, high=1)
+            if not isinstance(state["hard"], bool):
+                raise ValueError(f"hard: expected True or False, got {state['hard']!r}")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"path: the curriculum state in {file} is invalid ({exc}); save "
+                             f"the adapter again") from None
+        return state
 
     def _base_identity(self) -> dict[str, str]:
         """``base_model_type`` / ``base_model_name_or_path`` of the base's HF config (those
@@ -647,7 +666,8 @@ class DATALORAModel(nn.Module):
                           UserWarning, stacklevel=3)
         config_file = folder / CONFIG_NAME
         in_weights = None if embedded is None else _config_of(embedded)
-        on_disk = _config_of(config_file.read_text()) if config_file.exists() else None
+        on_disk = (DATALORAConfig.from_pretrained(config_file) if config_file.exists()
+                   else None)
         if in_weights is not None and on_disk is not None and any(
                 a != b for _, a, b in _function_fields(in_weights, on_disk, self.base_model)):
             raise ValueError(f"path: {config_file} does not match the config stored in "
@@ -673,10 +693,23 @@ class DATALORAModel(nn.Module):
                           f"model's by the quantization error (fine when intended)",
                           UserWarning, stacklevel=3)
 
+    def _adopt_saved_dtypes(self, dtypes: dict[str, torch.dtype | None]) -> None:
+        """Gives the MoLoRA layers' parameters the floating dtypes they were saved in (an
+        adapter trained in fp32 on a bf16 base keeps fp32 weights: the layers compute in
+        the activations' dtype), so that loading them is exact."""
+        own = {id(p) for _, layer in self.molora_layers()
+               for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
+        for name, param in self._base_adapter_parameters():
+            dtype = dtypes.get(name)
+            if id(param) in own and dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path,
                         is_trainable: bool = False) -> DATALORAModel:
-        """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights).
+        """Rebuilds the adapter saved at ``path`` on ``model`` (bit-exact weights: the
+        MoLoRA layers' parameters keep the dtypes they were saved in, e.g. fp32 adapters
+        trained on a bf16 base). A failed load leaves ``model`` as it was.
 
         ``is_trainable``: False (default, as PEFT) freezes every parameter and sets eval
         mode, for inference; True leaves the adapter, the saliency network and the base
@@ -685,9 +718,14 @@ class DATALORAModel(nn.Module):
         _check_path(path)
         _check_base(model, DATALORAConfig())  # before reading the folder
         config = DATALORAConfig.from_pretrained(path)
-        _check_adapter_fits(model, Path(path))  # a failed load leaves the model as it was
-        wrapped = cls(model, config)
-        wrapped.load_adapter(path)
+        # what the adapter adapts is checked before anything is injected; what only the
+        # injected model can check (every name, the saved config, the curriculum) is undone
+        header = _check_adapter_fits(model, Path(path))
+        with _undone_on_failure(model) as built:
+            wrapped = cls(model, config)
+            built.append(wrapped)
+            wrapped._adopt_saved_dtypes({name: dtype for name, (_, dtype) in header.items()})
+            wrapped.load_adapter(path)
         if is_trainable:
             for name in wrapped._saved_base_names:
                 wrapped.base_model.get_parameter(name).requires_grad_(True)
@@ -705,15 +743,18 @@ def _weights_file(folder: Path) -> Path:
     return file
 
 
-def _check_adapter_fits(model: nn.Module, folder: Path) -> None:
+def _check_adapter_fits(model: nn.Module, folder: Path
+                        ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """The modules the saved MoLoRA tensors adapt exist in ``model`` with the features
     their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``): checked from the
     weights file's header before :meth:`DATALORAModel.from_pretrained` injects anything, so
     an adapter of another model size fails with the user's model untouched (the full name
-    and shape check of :meth:`~DATALORAModel.load_adapter` follows the injection)."""
+    and shape check of :meth:`~DATALORAModel.load_adapter` follows the injection). Returns
+    the file's header (``name -> (shape, dtype)``)."""
     file = _weights_file(folder)
     modules = {unwrapped_name(name): module for name, module in model.named_modules()}
-    for name, shape in load_shapes(file).items():
+    header = load_header(file)
+    for name, (shape, _) in header.items():
         module_name, _, leaf = name.rpartition(".")
         if leaf not in ("lora_A", "lora_B"):
             continue
@@ -730,6 +771,34 @@ def _check_adapter_fits(model: nn.Module, folder: Path) -> None:
             raise ValueError(f"{name}: saved shape {shape}, but {module_name!r} of this model "
                              f"is {d_in} -> {d_out} (expected {want}): the adapter was "
                              f"trained on another model size")
+    return header
+
+
+@contextmanager
+def _undone_on_failure(model: nn.Module) -> Iterator[list[DATALORAModel]]:
+    """Puts ``model`` back as it was when the block fails after MoLoRA layers were injected
+    into it: its original modules, ``requires_grad`` flags and train / eval modes, and no
+    pruning hooks of the wrappers the block appended to the yielded list."""
+    modules = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    built: list[DATALORAModel] = []
+    try:
+        yield built
+    except BaseException:
+        for wrapped in built:
+            if wrapped.runtime is not None:
+                wrapped.runtime.remove()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, MoLoRALinear) and name in modules:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, modules[name])
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+        raise
 
 
 FUNCTION_FIELDS: tuple[str, ...] = (

@@ -328,6 +328,152 @@ def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
     assert sum(1 for _ in same.molora_layers()) == sum(1 for _ in wrapped.molora_layers())
 
 
+def _model_state(model):
+    """What a failed load must leave as it was: module types, parameter values and flags,
+    train / eval modes and hook counts."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+    return ([(n, type(m), m.training, [len(getattr(m, h)) for h in hooks])
+             for n, m in model.named_modules()],
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_same_state(model, state):
+    modules, params = _model_state(model)
+    assert modules == state[0]
+    assert params.keys() == state[1].keys()
+    assert all(torch.equal(v, state[1][n][0]) and flag == state[1][n][1]
+               for n, (v, flag) in params.items())
+
+
+def _shallower_adapter(folder):
+    get_datalora_model(build_tiny_model(seed=0, num_hidden_layers=2),
+                       DATALORAConfig(**CFG, prune_layers=[1, 2]),
+                       verbose=False).save_pretrained(folder)
+
+
+def _interrupted_save(folder):
+    """New weights beside the old config: a save cut short between its two files."""
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(folder)
+    stale = (folder / "adapter_config.json").read_text()
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**(CFG | {"lora_alpha": 2.0})),
+                       verbose=False).save_pretrained(folder)
+    (folder / "adapter_config.json").write_text(stale)
+
+
+def _bad_curriculum(folder, text='{"tau": 0.5, "retention": 1.5, "hard": true}'):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    perturb(wrapped)
+    wrapped.save_pretrained(folder)
+    file = str(folder / "adapter_model.safetensors")
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(file), file, metadata={**metadata, "curriculum_state": text})
+
+
+@pytest.mark.parametrize("make, error", [
+    (_shallower_adapter, r"does not fit this model: missing \['model.layers.2"),
+    (_interrupted_save, "does not match the config stored in"),
+    (_bad_curriculum, r"curriculum state in .* is invalid \(retention: .*1.5"),
+    (lambda folder: _bad_curriculum(folder, "{not json"),
+     "curriculum state in .* is not readable"),
+])
+def test_a_load_that_fails_after_the_injection_leaves_the_model_as_it_was(tmp_path, make,
+                                                                          error):
+    """These adapters pass the header check and fail in load_adapter, after the MoLoRA layers
+    were injected: the user's model used to keep them (frozen, with pruning hooks) and a
+    retry said it already held MoLoRA layers."""
+    make(tmp_path / "bad")
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(tmp_path / "good")
+    model = build_tiny_model(seed=0)
+    model.model.layers[1].train(False)  # modes are restored per module
+    state = _model_state(model)
+    for _ in range(2):  # the same error again: nothing was left half-done
+        with pytest.raises(ValueError, match=error):
+            DATALORAModel.from_pretrained(model, tmp_path / "bad")
+        _assert_same_state(model, state)
+    DATALORAModel.from_pretrained(model, tmp_path / "good")
+
+
+def test_load_adapter_checks_the_curriculum_state_before_replacing_any_weight(tmp_path):
+    _bad_curriculum(tmp_path)
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    before = {n: t.clone() for n, t in wrapped.adapter_state_dict().items()}
+    with pytest.raises(ValueError, match="curriculum state in .* is invalid"):
+        wrapped.load_adapter(tmp_path)
+    after = wrapped.adapter_state_dict()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_a_damaged_weights_file_is_a_value_error_naming_it(tmp_path, damage):
+    """safetensors' own SafetensorError is neither a ValueError nor an OSError and names no
+    file."""
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncate": data[:-100], "empty": b"",
+                      "garbage": b"\x10" + data[1:]}[damage])
+    model = build_tiny_model(seed=0)
+    state = _model_state(model)
+    with pytest.raises(ValueError, match=r"path: .*adapter_model.safetensors is not a readable "
+                                         r"safetensors file"):
+        DATALORAModel.from_pretrained(model, tmp_path)
+    _assert_same_state(model, state)
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        wrapped.load_adapter(tmp_path)
+
+
+def test_an_invalid_config_file_is_named_by_load_adapter(tmp_path):
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+        wrapped.load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_fp32_adapters_of_a_bf16_base_reload_exactly(tmp_path, is_trainable):
+    """train_datalora keeps fp32 adapters on a bf16 base; from_pretrained cast them to
+    bf16 (a warning said the load was not bit-exact), so further training ran on 16-bit
+    weights and saving again changed the stored tensors."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    wrapped = get_datalora_model(build_tiny_model(seed=0, dtype=torch.bfloat16),
+                                 DATALORAConfig(**CFG), verbose=False)
+    for _, layer in wrapped.molora_layers():
+        for param in layer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    perturb(wrapped)
+    ids = torch.randint(4, 1000, (2, 11))
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path / "first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0, dtype=torch.bfloat16),
+                                               tmp_path / "first", is_trainable=is_trainable)
+    assert {p.dtype for _, layer in loaded.molora_layers()
+            for n, p in layer.named_parameters() if "lora_" in n} == {torch.float32}
+    assert torch.equal(loaded(input_ids=ids).logits, logits)
+    loaded.save_pretrained(tmp_path / "again")
+    first, again = (load_file(tmp_path / name / "adapter_model.safetensors")
+                    for name in ("first", "again"))
+    assert first.keys() == again.keys()
+    for name in first:
+        assert first[name].dtype == again[name].dtype, name
+        torch.testing.assert_close(first[name], again[name], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("routing", ["shared", "per_layer"])
 def test_a_training_step_through_the_wrapper_compiles_fullgraph_and_matches_eager(routing):
     """The README's claim, through ``DATALORAModel.forward`` (whose shared-routing output

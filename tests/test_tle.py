@@ -505,6 +505,22 @@ def test_a_save_interrupted_between_the_two_files_is_recognised(adapter_dirs, tm
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
 
 
+@pytest.mark.parametrize("damage", ["weights", "config"])
+def test_a_damaged_mixer_file_is_a_value_error_naming_it(adapter_dirs, tmp_path, damage):
+    """A truncated weights file raised safetensors' SafetensorError (neither a ValueError
+    nor an OSError, no file named), an invalid config a bare JSONDecodeError."""
+    _fitted_mixer(adapter_dirs, "every_n", 2).save_pretrained(tmp_path / "mixer")
+    if damage == "weights":
+        file = tmp_path / "mixer" / "tle_mixer.safetensors"
+        file.write_bytes(file.read_bytes()[:-50])
+        error = r"directory: .*tle_mixer.safetensors is not a readable safetensors file"
+    else:
+        (tmp_path / "mixer" / "tle_config.json").write_text("{oops")
+        error = r"directory: .*tle_config.json is not valid JSON"
+    with pytest.raises(ValueError, match=error):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+
+
 def test_fit_centroids_and_routing_prefers_own_prompts(adapter_dirs):
     from datalora.testing import build_tokenizer
 

@@ -643,11 +643,16 @@ class TokenLevelAdapterMixer(nn.Module):
         if not (directory / MIXER_CONFIG).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_CONFIG} in {directory}")
         text = (directory / MIXER_CONFIG).read_text()
-        config = json.loads(text)
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"directory: {directory / MIXER_CONFIG} is not valid JSON: "
+                             f"{exc}") from None
         if not (directory / MIXER_WEIGHTS).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_WEIGHTS} in {directory}")
-        embedded = load_metadata(directory / MIXER_WEIGHTS).get("tle_config")
-        tensors = load_tensors(directory / MIXER_WEIGHTS)
+        embedded = load_metadata(directory / MIXER_WEIGHTS, argument="directory").get(
+            "tle_config")
+        tensors = load_tensors(directory / MIXER_WEIGHTS, argument="directory")
         missing = [f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")
                    if f"{m}.{ab}" not in tensors]
         if (embedded is not None and json.loads(embedded) != config) or missing:
