@@ -81,7 +81,9 @@ def optimisation_steps(model: nn.Module, collate: Callable[[list], dict[str, tor
                        ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
     """AdamW over the trainable parameters of ``model``, one batch per step.
 
-    Batches of ``batch_size`` features cycle through a shuffled order (seeded); each batch
+    Batches of ``batch_size`` features cycle through a shuffled order (``seed``; the model's
+    own randomness -- dropout, DATALORA's Gumbel routing noise -- draws from torch's global
+    RNG: seed it with ``torch.manual_seed`` for a reproducible run); each batch
     goes through ``collate``, its tensors (all but ``task_ids``) move to the model's device.
     ``warmup`` ramps the learning rate linearly over the first tenth of the steps. Yields
     ``(step, batch, loss)`` after every optimizer step (``batch`` keeps ``task_ids`` on the
@@ -139,6 +141,8 @@ def finetune(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, str]], *
         tokenizer: tokenizes rows with :func:`~datalora.data.tokenize_example`.
         rows: instruction rows (``system_prompt, question, response[, task]``).
         steps: optimisation steps; batches cycle through shuffled rows.
+        seed: the batch order; dropout and routing noise draw from torch's global RNG
+            (seed it with ``torch.manual_seed`` for a reproducible run).
         aux_loss: optional extra loss computed from the model after each forward.
         on_step: callback receiving every :class:`StepRecord`.
 

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from datalora.checkpoints import checkpoint_folders, last_complete_checkpoint, saved_trainer_state
 from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig, read_config_file
@@ -129,22 +129,6 @@ def _check_vocabulary(model: Any, tokenizer: Any, *row_lists: Any) -> None:
                              f"({len(tokenizer)} tokens) is not this model's")
 
 
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """``(N, path)`` of the ``checkpoint-N`` folders in ``folder``, by N."""
-    return sorted((int(m[1]), child) for child in folder.iterdir()
-                  if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
-
-
-def _saved_state(folder: Path) -> dict[str, Any] | None:
-    """The ``trainer_state.json`` of checkpoint ``folder``, None when missing or unreadable:
-    the Trainer writes it last (not atomically), so without it the save was cut short."""
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
 def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     """``resume_from_checkpoint`` resolved before the model loads: None, a folder holding
     ``trainer_state.json``, or ``"last"`` / True: the latest complete ``checkpoint-N`` in
@@ -153,18 +137,7 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if path is None or path is False:
         return None
     if path is True or path == "last":
-        run = Path(output_dir).expanduser()
-        found = _checkpoints(run) if run.is_dir() else []
-        complete = [(n, folder) for n, folder in found if _saved_state(folder) is not None]
-        if not complete:
-            raise ValueError(f"resume_from_checkpoint: 'last' found no complete checkpoint-N "
-                             f"folder (with trainer_state.json) in the output folder {run}")
-        skipped = [folder.name for n, folder in found if n > complete[-1][0]]
-        if skipped:
-            warnings.warn(f"resume_from_checkpoint: skipping {', '.join(skipped)} in {run}: no "
-                          f"readable trainer_state.json (a save cut short); resuming "
-                          f"{complete[-1][1].name}", stacklevel=3)
-        return complete[-1][1]
+        return last_complete_checkpoint(output_dir, stacklevel=3)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"resume_from_checkpoint: expected a checkpoint folder, 'last', True "
                         f"or None, got {path!r}")
@@ -172,12 +145,12 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: no such folder: {folder}")
     if (folder / "trainer_state.json").is_file():
-        if _saved_state(folder) is None:
+        if saved_trainer_state(folder) is None:
             raise ValueError(f"resume_from_checkpoint: {folder / 'trainer_state.json'} is "
                              f"not valid JSON (a save cut short): resume an earlier "
                              f"checkpoint")
         return folder
-    steps = _checkpoints(folder)
+    steps = checkpoint_folders(folder)
     hint = (f"; it holds {len(steps)} checkpoint folder(s), the latest is {steps[-1][1]}"
             if steps else "")
     raise ValueError(f"resume_from_checkpoint: {folder} is not a checkpoint folder (no "
@@ -222,7 +195,7 @@ def _check_earlier_checkpoints(folder: Path, resume: Path | None, overwrite: boo
     ``checkpoint-N`` folders to an earlier run's there (``'last'`` would later pick the
     highest N, maybe the earlier run's): refused, or with ``overwrite`` the earlier ones
     are deleted (with a warning)."""
-    found = [path for _, path in _checkpoints(folder)]
+    found = [path for _, path in checkpoint_folders(folder)]
     if not found or (resume is not None and resume.parent.resolve() == folder.resolve()):
         return
     names = ", ".join(path.name for path in found)
@@ -520,7 +493,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         raise ValueError(f"dataset: no training rows (limit={limit!r}){where}")
     resume_from_checkpoint = _check_checkpoint(resume_from_checkpoint, output_dir)
     if resume_from_checkpoint is not None and max_steps is not None:
-        done = _saved_state(resume_from_checkpoint).get("global_step", 0)  # checked above
+        done = saved_trainer_state(resume_from_checkpoint).get("global_step", 0)  # checked above
         if done >= max_steps:  # the Trainer would train one step past max_steps
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is at step "
                              f"{done} and this run stops at max_steps={max_steps}: nothing "

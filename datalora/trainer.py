@@ -39,6 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
+from datalora.checkpoints import last_complete_checkpoint
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
@@ -478,16 +479,12 @@ class DATALORATrainer(Trainer):
             self.datalora_model.load_adapter(resume_from_checkpoint)
 
     def _saved_json(self, checkpoint: str | bool | None, name: str) -> Any:
-        """The JSON file ``name`` saved in ``checkpoint`` (``True``: the last checkpoint in
-        ``output_dir``, as ``Trainer.train`` resolves it), or None when there is none."""
+        """The JSON file ``name`` saved in ``checkpoint`` (``True``: the last complete
+        checkpoint in ``output_dir``), or None when there is none."""
         if checkpoint is None or checkpoint is False:
             return None
         if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                return None  # Trainer.train raises its own error
+            checkpoint = str(last_complete_checkpoint(self.args.output_dir, stacklevel=3))
         path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
             return None
@@ -555,11 +552,16 @@ class DATALORATrainer(Trainer):
         weights are loaded: DeepSpeed resumes without ``_load_from_checkpoint``. So is the
         ``datalora_history`` of the steps before the checkpoint, which the new records
         extend (a checkpoint written before the history was saved resumes with none).
+        ``resume_from_checkpoint=True`` resumes the last *complete* checkpoint in
+        ``output_dir`` (one without a readable ``trainer_state.json``, a save cut short, is
+        skipped with a warning; Hugging Face's own choice would fail on it).
         """
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("model: has no trainable parameters (DATALORAModel.from_pretrained "
                              "loads an adapter frozen for inference; pass is_trainable=True "
                              "to train it further)")
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir))
         self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
         # every train() is a run of its own: its curriculum, metric sums and history
         if self._own_curriculum:

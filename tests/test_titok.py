@@ -328,7 +328,9 @@ def test_generate_synthetic_and_train_masked(tok):
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
     seeds = [ROW, {"system_prompt": "Be short.", "question": "What is 2 + 2?", "task": "x"}]
+    state = torch.random.get_rng_state()
     rows = generate_synthetic(model, tok, seeds, max_new_tokens=5, progress=False, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG not reseeded
     again = generate_synthetic(model, tok, seeds, max_new_tokens=5, progress=False, seed=3)
     assert rows == again and [r["question"] for r in rows] == [s["question"] for s in seeds]
     assert tok.padding_side == "right"                    # restored
@@ -380,7 +382,9 @@ def test_titok_transfer_is_reproducible_from_its_seed(tok, tok_other):
             batch_size=2, seed=5, synthetic=rows, progress=False)
         return [p.detach().clone() for p in target.parameters() if p.requires_grad], report
 
+    state = torch.random.get_rng_state()
     first, report = transfer()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG not reseeded
     torch.rand(7)  # moves the global generator
     second, again = transfer()
     assert report["losses"] == again["losses"]

@@ -276,6 +276,25 @@ def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     assert resumed.curriculum.state_dict() == run.curriculum.state_dict()
 
 
+def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
+    """Hugging Face's get_last_checkpoint picks the newest checkpoint-N folder, complete or
+    not: a run killed while saving checkpoint-6 (no trainer_state.json yet) failed to resume
+    with a FileNotFoundError after loading the model; the command line's 'last' skipped
+    it."""
+    run = make_trainer(tmp_path, tiny_datalora(), steps=6, save_steps=3, calibrate_batches=0)
+    run.train()
+    (tmp_path / "checkpoint-6" / "trainer_state.json").unlink()
+    resumed = make_trainer(tmp_path, tiny_datalora(), steps=6, calibrate_batches=0)
+    with pytest.warns(UserWarning, match="skipping checkpoint-6 .*resuming checkpoint-3"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    assert resumed.curriculum.state_dict() == run.curriculum.state_dict()
+    empty = make_trainer(tmp_path / "none", tiny_datalora(), steps=2, calibrate_batches=0)
+    with pytest.raises(ValueError, match="resume_from_checkpoint: found no complete "
+                                         "checkpoint-N folder"):
+        empty.train(resume_from_checkpoint=True)
+
+
 def test_resuming_with_more_steps_trains_the_first_resumed_step_at_the_new_schedules_rate(
         tmp_path):
     """Hugging Face rebuilds the learning-rate schedule for the new max_steps but restored

@@ -381,7 +381,7 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "eval_dataset": good, "eval_limit": 0}, ValueError,
              r"^eval_limit: expected an int >= 1"),
             ({"dataset": good, "resume_from_checkpoint": "last"}, ValueError,
-             r"'last' found no complete checkpoint-N folder \(with trainer_state.json\) in "
+             r"found no complete checkpoint-N folder \(with trainer_state.json\) in "
              r"the output folder .*o$"),
             # wrong types (a config file's value): TypeErrors naming the key, not a bare
             # "expected str, bytes or os.PathLike object" or an AttributeError

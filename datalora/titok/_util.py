@@ -21,6 +21,18 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's RNG seeded with ``seed`` inside the block (the CPU generator and ``device``'s
+    CUDA one); the caller's RNG state comes back after, so a call taking a ``seed`` does not
+    reseed the caller's random stream."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
     """``model`` (an ``nn.Module``) in eval mode inside the block: no dropout, no training-time
     noise (DATALORA's Gumbel pruning); every submodule's own mode comes back after."""

@@ -15,7 +15,7 @@ from datalora.data import (
     format_prompt,
     prompt_inputs,
 )
-from datalora.titok._util import eval_mode, model_device
+from datalora.titok._util import eval_mode, model_device, seeded
 
 
 @torch.no_grad()
@@ -31,6 +31,8 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
         seed_rows: rows with ``question`` (and optional ``system_prompt``, ``task``); their
             ``response`` is never read.
         samples_per_prompt: responses sampled per seed prompt.
+        seed: seeds the sampling (torch's RNG inside the call; the caller's RNG state is
+            restored after).
 
     Returns:
         Rows ``{id, system_prompt, question, response, task}``; ``response`` is the
@@ -47,9 +49,9 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
     out: list[dict[str, str]] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
-    torch.manual_seed(seed)
     try:
-        with eval_mode(model):  # no dropout / training noise; modes restored after
+        # no dropout / training noise; modes and the caller's RNG state restored after
+        with eval_mode(model), seeded(seed, device):
             for i in tqdm(range(0, len(jobs), batch_size), desc="synthetic data",
                           disable=not progress, dynamic_ncols=True):
                 chunk = jobs[i:i + batch_size]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from datalora.checks import check_int, check_number
@@ -15,7 +14,7 @@ from datalora.data import (
     CausalLMCollator,
 )
 from datalora.finetune import optimisation_steps
-from datalora.titok._util import check_fraction
+from datalora.titok._util import check_fraction, model_device, seeded
 from datalora.titok.alignment import build_masked_examples
 from datalora.titok.excess import (
     ScoredSample,
@@ -137,6 +136,10 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
             must name modules of ``target_model`` (MoLoRA: ``nn.Linear`` only, so GPT-2's
             ``Conv1D`` ``c_attn`` is not supported).
 
+    ``seed`` seeds the generation, the adapter's initialisation and the training's batch
+    order and dropout (torch's RNG inside the call; the caller's RNG state is restored
+    after): the same seed gives the same adapter whatever ran before.
+
     Arguments are checked (keep fractions, adapter, target modules, ``reduce``, lengths,
     training settings, the tokenizers' character offsets) before any generation or
     scoring.
@@ -192,10 +195,11 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
                                             token_keep=token_keep, max_length=max_length,
                                             reduce=reduce, drop_empty=drop_empty)
-    torch.manual_seed(seed)  # before the adapter: its initialisation is part of the seed
-    target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)
-    losses = train_masked(target, target_tokenizer, examples, steps=steps,
-                          batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    # seeded before the adapter: its initialisation is part of the seed
+    with seeded(seed, model_device(target_model)):
+        target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)
+        losses = train_masked(target, target_tokenizer, examples, steps=steps,
+                              batch_size=batch_size, lr=lr, seed=seed, progress=progress)
     return target, {"synthetic": list(synthetic), "scored": list(scored), "selection": stats,
                     "losses": losses}
 

@@ -1,0 +1,52 @@
+"""The ``checkpoint-N`` folders a Hugging Face ``Trainer`` run writes, and which are complete.
+
+The Trainer writes ``trainer_state.json`` last (and not atomically), so a folder without a
+readable one is a save cut short: resuming it fails after the model has loaded. The
+command line's ``--resume-from-checkpoint last`` and ``DATALORATrainer.train(
+resume_from_checkpoint=True)`` both resume the latest *complete* checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def checkpoint_folders(folder: Path) -> list[tuple[int, Path]]:
+    """``(N, path)`` of the ``checkpoint-N`` folders in ``folder``, by N."""
+    return sorted((int(m[1]), child) for child in folder.iterdir()
+                  if child.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", child.name)))
+
+
+def saved_trainer_state(folder: Path) -> dict[str, Any] | None:
+    """The ``trainer_state.json`` of checkpoint ``folder``, None when missing or unreadable
+    (a save cut short)."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def last_complete_checkpoint(run: str | Path, *, stacklevel: int = 2) -> Path:
+    """The latest ``checkpoint-N`` in the output folder ``run`` with a readable
+    ``trainer_state.json``; later ones without it are skipped with a warning. A ValueError
+    (naming ``resume_from_checkpoint``) when there is none."""
+    run = Path(run).expanduser()
+    found = checkpoint_folders(run) if run.is_dir() else []
+    complete = [(n, folder) for n, folder in found if saved_trainer_state(folder) is not None]
+    if not complete:
+        raise ValueError(f"resume_from_checkpoint: found no complete checkpoint-N folder "
+                         f"(with trainer_state.json) in the output folder {run}")
+    skipped = [folder.name for n, folder in found if n > complete[-1][0]]
+    if skipped:
+        warnings.warn(f"resume_from_checkpoint: skipping {', '.join(skipped)} in {run}: no "
+                      f"readable trainer_state.json (a save cut short); resuming "
+                      f"{complete[-1][1].name}", stacklevel=stacklevel + 1)
+    return complete[-1][1]
+
+
+__all__ = ["checkpoint_folders", "last_complete_checkpoint", "saved_trainer_state"]
