@@ -77,7 +77,11 @@ class Routing:
     build a new Routing or write with torch ops instead).
     ``_trusted`` (datalora's own routers) also lets backends cache per-routing tables; a
     routing you build yourself may be changed without a version bump (through a numpy view
-    or ``.data``), so its tables are rebuilt on every call.
+    or ``.data``), so its tables are rebuilt on every call. ``_valid_experts`` (the saliency
+    network's routing): the ids are a top-k over that many experts, in range by
+    construction, so layers with that many experts skip the value check and its host sync;
+    non-finite gates then come from non-finite router inputs or weights and spoil the
+    outputs of their tokens, as a layer's own router's do.
     """
 
     expert_ids: torch.Tensor
@@ -85,6 +89,7 @@ class Routing:
     rank_scale: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
     _trusted: bool = field(default=False, repr=False)
+    _valid_experts: int | None = field(default=None, repr=False)
     # num_experts -> (state of expert_ids, its sort): the latest state only
     _permutations: dict[int, tuple[TensorsState, ExpertPermutation]] = field(
         default_factory=dict, repr=False)
@@ -150,6 +155,8 @@ class Routing:
         """True until a layer with ``num_experts`` experts validated the ids and gates of
         this routing in its current state (:meth:`mark_values_checked`): that layer checks
         them on the host (a sync), the others skip it."""
+        if self._valid_experts == num_experts:
+            return False
         checked = self._values_checked.get(num_experts)
         return checked is None or not checked.same(*self._decision())
 

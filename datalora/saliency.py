@@ -242,7 +242,8 @@ class UnifiedSaliencyNetwork(nn.Module):
                                           noise=self.training, generator=generator)
         routing = Routing(expert_ids=expert_ids, gates=weights.gather(-1, expert_ids),
                           rank_scale=rank_scale.reshape(-1, self.rank),
-                          router_probs=torch.softmax(flat_logits, dim=-1), _trusted=True)
+                          router_probs=torch.softmax(flat_logits, dim=-1), _trusted=True,
+                          _valid_experts=self.num_experts)
         return SaliencyOutput(token_scores=scores, router_logits=logits,
                               rank_scale=rank_scale, routing=routing,
                               state=_end_state(total, count, state))
@@ -302,7 +303,8 @@ def gather_routing(routing: Routing, keep_idx: torch.Tensor, seq_len: int) -> Ro
 
     packed = Routing(expert_ids=take(routing.expert_ids), gates=take(routing.gates),
                      rank_scale=take(routing.rank_scale),
-                     router_probs=take(routing.router_probs), _trusted=routing._trusted)
+                     router_probs=take(routing.router_probs), _trusted=routing._trusted,
+                     _valid_experts=routing._valid_experts)
     packed.inherit_value_checks(routing)  # rows of checked values
     return packed
 

@@ -356,6 +356,47 @@ def test_usn_nan_in_a_padded_token_does_not_reach_the_real_tokens():
     assert all(torch.isfinite(p.grad).all() for p in usn.parameters() if p.grad is not None)
 
 
+def test_a_non_finite_token_spoils_its_row_not_the_shared_routing_forward():
+    """The saliency network's routing was value-checked like a routing a user builds: a
+    NaN in one token's input (an fp16 overflow, a bad embedding row) raised "gates:
+    expected finite values" for the whole batch, where per-layer routing gives that row a
+    NaN loss (which GradScaler / logging_nan_inf_filter skip). Its ids are a top-k, in
+    range by construction: no check, no host sync."""
+    import warnings
+
+    from datalora import DATALORAConfig, get_datalora_model
+    from datalora.testing import build_tiny_model
+
+    for routing in ("per_layer", "shared"):
+        base = build_tiny_model(seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_datalora_model(base, DATALORAConfig(
+                num_lora_experts=4, lora_rank=4, routing=routing), verbose=False).train()
+        with torch.no_grad():
+            base.get_input_embeddings().weight[7] = float("nan")
+        ids = torch.randint(10, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+        ids[0, 3] = 7
+        logits = model(input_ids=ids, labels=ids).logits
+        assert not torch.isfinite(logits[0]).all(), routing
+        assert torch.isfinite(logits[1]).all(), routing
+
+
+def test_the_saliency_routing_is_still_checked_by_a_layer_with_other_experts():
+    """Valid by construction for the saliency network's E only: a layer with fewer experts
+    checks the ids as it checks any routing."""
+    from datalora import MoLoRALinear
+
+    usn = UnifiedSaliencyNetwork(16, 8, 4, 2, saliency_hidden_size=8).eval()
+    routing = usn(torch.randn(1, 6, 16)).routing
+    assert not routing.needs_value_check(8)
+    layer = MoLoRALinear(nn.Linear(16, 16), 4, 4, 8.0, 2, router=False)
+    routing = Routing(torch.full((6, 2), 7), torch.full((6, 2), 0.5), _trusted=True,
+                      _valid_experts=8)
+    with pytest.raises(ValueError, match=r"expert_ids: expected values in \[0, 4\)"):
+        layer(torch.randn(6, 16), routing=routing)
+
+
 def test_losses_ignore_the_values_of_padded_tokens():
     keep = torch.tensor([[0.25, float("nan"), 0.75]])
     valid = torch.tensor([[True, False, True]])
