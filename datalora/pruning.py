@@ -391,13 +391,25 @@ def _keep_threshold(flat: torch.Tensor, retention: float) -> float:
     quantile does but no calibration score sits on it. (The quantile often *is* a score:
     a token scored exactly at the threshold was kept on one path and pruned on the other,
     whose scores differ by ~1e-7, when generating from the calibration prompts.) Any N
-    (``torch.quantile`` refuses more than 2**24 elements)."""
+    (``torch.quantile`` refuses more than 2**24 elements).
+
+    When both bracketing scores are one tied value (an untrained score head scores every
+    token alike), the threshold goes halfway to the nearest other score below or above the
+    tie (below the smallest score: 1 below it), whichever keeps a count nearer the target
+    (ties: below, keeping more)."""
     rank = (1.0 - retention) * (flat.numel() - 1)
     lower = math.floor(rank)
     upper = min(lower + 1, flat.numel() - 1)
     low = float(torch.kthvalue(flat, lower + 1).values)  # 1-based
     high = float(torch.kthvalue(flat, upper + 1).values)
-    return low + (high - low) / 2
+    if low != high:
+        return low + (high - low) / 2
+    target = retention * flat.numel()
+    under, over = flat[flat < low], flat[flat > low]
+    keep_tie, drop_tie = flat.numel() - under.numel(), over.numel()
+    if over.numel() and abs(drop_tie - target) < abs(keep_tie - target):
+        return low + (float(over.min()) - low) / 2
+    return low + (float(under.max()) - low) / 2 if under.numel() else low - 1.0
 
 
 _ROUTER_LOGITS_ERROR = (
@@ -981,7 +993,17 @@ class DATALORARuntime:
             flat = flat[valid.reshape(-1).bool()]
         if flat.numel() == 0:
             raise ValueError("scores: no valid token scores to calibrate on")
+        bad = int((~torch.isfinite(flat)).sum())
+        if bad:  # NaN ranks above every score, -inf + inf is NaN: a wrong threshold
+            raise ValueError(f"scores: expected finite values, got {bad} NaN or inf of "
+                             f"{flat.numel()} valid token scores")
         value = _keep_threshold(flat, retention) if retention < 1.0 else -math.inf
+        kept = float((flat > value).float().mean())
+        if abs(kept - retention) > max(0.05, 1.0 / flat.numel()):
+            warnings.warn(f"scores: many token scores are tied, so the threshold {value:.6g} "
+                          f"keeps {kept:.1%} of the {flat.numel()} calibration tokens for "
+                          f"retention {retention} (an untrained saliency network scores "
+                          f"tokens alike)", UserWarning, stacklevel=2)
         self.saliency.keep_threshold.fill_(value)
         self.threshold_calibrated_for(retention)
         return value

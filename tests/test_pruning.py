@@ -266,6 +266,46 @@ def test_calibrated_threshold_keeps_the_quantiles_count_halfway_between_scores(n
     torch.testing.assert_close(torch.tensor(value), (below + above) / 2)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_calibrate_refuses_non_finite_scores(bad):
+    """NaN ranked above every score (3 of 7 finite scores kept at retention 0.5), -inf in
+    the bracket gave a NaN threshold (read as "not calibrated" right after calibrating),
+    +inf one that keeps nothing."""
+    model = datalora_model()
+    scores = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, bad])
+    with pytest.raises(ValueError, match=r"scores: expected finite values, got 1 NaN or inf "
+                                         r"of 8"):
+        model.runtime.calibrate(scores, retention=0.5)
+    assert math.isnan(float(model.saliency.keep_threshold))
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[-1] = False  # a padded token's score is not read
+    assert model.runtime.calibrate(scores, valid, retention=0.5) == 3.5
+
+
+@pytest.mark.parametrize("scores, retention, kept, warns", [
+    ([1.0, 1, 1, 1], 0.5, 4, True),             # all tied: keep all rather than none
+    ([1.0, 1, 1, 1], 0.25, 4, True),
+    ([0.0, 1, 1, 1, 1, 1, 5], 0.3, 1, True),     # the tie lies below the target count
+    ([0.0, 1, 1, 1, 1, 1, 5], 0.75, 6, False),   # 6 of 7 is within a token of 0.75
+    ([0.0, 1, 2, 2, 3, 4, 5, 6], 0.5, 4, False),  # a tie off the bracket: the quantile's
+])
+def test_tied_scores_calibrate_to_the_count_nearest_the_retention(scores, retention, kept,
+                                                                  warns):
+    """Tied bracketing scores put the threshold on the tie, and the strict comparison
+    pruned every tied token: equal scores (an untrained score head) kept 0 % at retention
+    0.5, silently."""
+    import warnings
+
+    model = datalora_model()
+    scores = torch.tensor(scores)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = model.runtime.calibrate(scores, retention=retention)
+    assert int((scores > value).sum()) == kept
+    assert not (scores == value).any()
+    assert any("scores are tied" in str(w.message) for w in caught) == warns
+
+
 def test_calibrate_takes_more_scores_than_torch_quantile_does():
     """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
     of long sequences)."""
