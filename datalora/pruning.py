@@ -902,9 +902,9 @@ class DATALORARuntime:
         _refuse_capture(scores, "the calibrated-threshold eval forward (it sizes the packed "
                                 "batch from the kept count)")
         width = max(int(counts.max()), 1)  # eval only: one host sync
-        key = torch.where(keep, 1.0, 0.0) - torch.arange(
-            scores.shape[1], device=scores.device) * 1e-6
-        idx = key.topk(width, dim=1).indices
+        # the kept tokens first, in position order (a stable sort; a float key "keep -
+        # position * 1e-6" ranked a pruned token above a kept one 1e6 positions later)
+        idx = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
         slot_valid = keep.gather(1, idx)
         keep_idx, perm = idx.sort(dim=1)
         return TokenSelection(keep_idx=keep_idx, valid=slot_valid.gather(1, perm),

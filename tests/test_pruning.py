@@ -306,6 +306,20 @@ def test_tied_scores_calibrate_to_the_count_nearest_the_retention(scores, retent
     assert any("scores are tied" in str(w.message) for w in caught) == warns
 
 
+def test_threshold_selection_keeps_every_token_above_it_in_million_token_rows():
+    """The kept tokens were ordered by ``keep - position * 1e-6``: past 1e6 positions a
+    pruned token outranked a kept one, which fell out of the packed batch."""
+    model = datalora_model()
+    length = 1_100_000
+    scores = torch.full((1, length), -1.0)
+    scores[0, -2:] = 1.0
+    scores[0, 5] = 1.0
+    selection = model.runtime._threshold_selection(scores, torch.ones(1, length, dtype=torch.bool),
+                                                   0.0)
+    assert selection.keep_idx.tolist() == [[5, length - 2, length - 1]]
+    assert selection.valid.all() and selection.counts.tolist() == [3]
+
+
 def test_calibrate_takes_more_scores_than_torch_quantile_does():
     """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
     of long sequences)."""
