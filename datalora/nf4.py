@@ -342,12 +342,19 @@ def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
     q = torch.bucketize(scaled, _NF4_BOUNDS.to(w.device), out_int32=True).to(torch.uint8)
     data = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     t = NF4Tensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    if absmax.device.type != "meta":  # (a meta tensor has no values: model skeletons)
+        finite, mean_finite = torch.stack([torch.isfinite(absmax).all(),
+                                           torch.isfinite(absmax.mean())]).tolist()
+        if not finite:  # bitsandbytes gives the whole block NaN, silently
+            raise ValueError(f"{name}: has NaN or inf values, which NF4 cannot encode (their "
+                             f"block of {blocksize} values would dequantize to NaN"
+                             + (", and with double_quant=True the 256 blocks sharing a code"
+                                if double_quant else "") + ")")
+        if double_quant and not mean_finite:
+            raise ValueError(f"{name}: its block scales (up to {float(absmax.max()):.3g}) "
+                             f"overflow fp32 when double quantization (double_quant=True) "
+                             f"averages them; quantize without double_quant")
     if double_quant:
-        # (a meta tensor has no values to check: model skeletons built on the meta device)
-        if absmax.device.type != "meta" and not bool(torch.isfinite(absmax).all()):
-            raise ValueError(f"{name}: has NaN or inf values, which double quantization "
-                             "(double_quant=True) cannot encode: every block's scale of "
-                             "the 256 sharing a code would be NaN")
         codes, nested, code, offset = _quantize_absmax(absmax)
         t = replace(t, absmax=codes, nested_absmax=nested, nested_code=code, offset=offset)
     return t

@@ -591,8 +591,18 @@ def test_double_quant_of_tiny_and_non_finite_weights():
     for bad in (float("nan"), float("inf")):
         w2 = w.clone()
         w2[1, 3] = bad
-        with pytest.raises(ValueError, match="w: has NaN or inf values"):
-            nf4.quantize(w2, 64, double_quant=True)
+        for double_quant in (True, False):  # single quant NaN-ed the block, silently
+            with pytest.raises(ValueError, match="w: has NaN or inf values, which NF4 cannot"):
+                nf4.quantize(w2, 64, double_quant=double_quant)
+
+
+def test_double_quant_refuses_block_scales_whose_mean_overflows():
+    """Finite but huge weights: the absmax mean overflowed to inf and the nested codes'
+    index went negative (an IndexError deep inside)."""
+    w = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0)) * 1e35
+    with pytest.raises(ValueError, match=r"w: its block scales \(up to .*\) overflow fp32"):
+        nf4.quantize(w, 64, double_quant=True)
+    assert torch.isfinite(nf4.dequantize(nf4.quantize(w, 64), torch.float32)).all()
 
 
 def test_bnb_linear4bit_with_bf16_quant_storage():
