@@ -171,6 +171,18 @@ def test_align_hand_case():
         align_token_scores(src, scores[:2], tgt)
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_align_leaves_nan_source_scores_out_whatever_their_order(reduce):
+    """Python's max() with a NaN depends on the order: a target token over a NaN and a
+    finite source score got NaN when the NaN came first (never selected), else the
+    finite score."""
+    nan = float("nan")
+    src, tgt = [(0, 2), (2, 4), (4, 4)], [(0, 4), (4, 4)]
+    for scores in ([nan, 1.0, 0.5], [1.0, nan, 0.5]):
+        assert align_token_scores(src, torch.tensor(scores), tgt, reduce).tolist() == [1.0, 0.5]
+    assert torch.isnan(align_token_scores(src, torch.tensor([nan, nan, 0.5]), tgt, reduce)[0])
+
+
 def test_align_across_two_real_tokenizers(tok, tok_other):
     text = "Reverse the letters: quickbrown, 12 + 34 = 46"
     src, tgt = response_offsets(tok, text), response_offsets(tok_other, text)

@@ -3,6 +3,7 @@ the target's masked training examples."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +60,9 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     (``"mean"``). Both sides' spans first go through :func:`tile_spans`, so whitespace a
     tokenizer leaves outside its spans (``trim_offsets``) still scores the target's
     whitespace tokens. Zero-width spans (EOS at the end) match zero-width source spans at
-    the same position. A target token no source token covers gets NaN.
+    the same position. NaN source scores (tokens the scoring could not score) are left out
+    of both reductions, whatever their order; a target token no scored source token covers
+    gets NaN.
 
     Args:
         src_offsets: ``[n]`` source spans; src_scores: ``[n]``.
@@ -97,6 +100,7 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
             overlap = min(te, se) - max(ts, ss)
             if overlap > 0:
                 hits.append((score, overlap))
+        hits = [(s, w) for s, w in hits if not math.isnan(s)]  # max() with NaN: by order
         if hits:
             if reduce == "max":
                 out[j] = max(s for s, _ in hits)
