@@ -87,6 +87,10 @@ def test_routing_weights_hand_case():
         routing_weights(emb, cents, 0.0)
     with pytest.raises(ValueError, match="centroids"):
         routing_weights(emb, cents[:, :1], 1.0)
+    # a tau below fp32's range rounded to 0 in the division: 0 / 0 = NaN weights
+    for tiny in (1e-45, 1e-60, 5e-324):
+        assert torch.equal(routing_weights(emb, cents, tiny),
+                           torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
 
 
 @pytest.mark.parametrize("mode,n,want", [

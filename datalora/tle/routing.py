@@ -32,7 +32,9 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
                          f"{tuple(centroids.shape)}")
     sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
     # shifted by the row max first: the same softmax, but a tiny tau cannot overflow
-    # sim / tau to inf (inf - inf = NaN weights)
+    # sim / tau to inf (inf - inf = NaN weights); a tau below fp32's smallest normal would
+    # round to 0 in the division (0 / 0 = NaN): the argmax limit is the same
+    tau = max(tau, torch.finfo(torch.float32).tiny)
     return torch.softmax((sim - sim.amax(-1, keepdim=True)) / tau, dim=-1)
 
 
