@@ -520,13 +520,18 @@ class DATALORARuntime:
 
     Attributes:
         retention, last (the :class:`ForwardRecord` of the latest forward), start, end.
+
+    The model and its decoder layers hold this runtime through their hooks, so the runtime
+    refers to them weakly (:attr:`model`, :attr:`layers`): a deleted model is freed by
+    reference counting, without waiting for Python's cyclic garbage collector.
     """
 
     def __init__(self, model: nn.Module, saliency: UnifiedSaliencyNetwork,
                  prune_layers: list[int] | None = None, retention: float = 1.0,
                  keep_last: bool = True):
-        self.model, self.saliency = model, saliency
-        self.layers = find_decoder_layers(model)
+        self.saliency = saliency
+        self._model = weakref.ref(model)
+        self._layers = weakref.ref(find_decoder_layers(model))
         check_prunable(model)
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
         self.retention = 1.0
@@ -546,15 +551,28 @@ class DATALORARuntime:
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM the hooks are installed on."""
+        return self._model()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The model's decoder layers."""
+        return self._layers()
+
     def __getstate__(self):
         # ``last`` / the forward context hold non-leaf tensors of the latest forward, which
-        # copy.deepcopy (of the DATALORAModel holding this runtime) refuses
+        # copy.deepcopy (of the DATALORAModel holding this runtime) refuses; the model and
+        # layers go in as objects, so that a copy refers to the copied model
         state = self.__dict__.copy()
         state["last"] = state["_local"] = None
+        state["_model"], state["_layers"] = self.model, self.layers
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
+        self._model, self._layers = weakref.ref(state["_model"]), weakref.ref(state["_layers"])
         self._local = threading.local()
 
     @property

@@ -484,6 +484,39 @@ def test_a_filled_cache_is_freed_without_the_cycle_collector():
         gc.enable()
 
 
+@pytest.mark.parametrize("routing", ["shared", "per_layer"])
+def test_a_deleted_model_is_freed_without_the_cycle_collector(routing):
+    """The pruning runtime held the model and its decoder layers while their hooks held
+    the runtime: a deleted shared-routing model (its GPU memory) lived on until Python's
+    cyclic collector ran; a per-layer one was freed at once."""
+    import gc
+    import weakref
+
+    from datalora import DATALORAConfig, get_datalora_model
+    from datalora.testing import build_tiny_model
+
+    gc.collect()
+    gc.disable()
+    try:
+        base = build_tiny_model(seed=0)
+        model = get_datalora_model(base, DATALORAConfig(
+            num_lora_experts=4, lora_rank=4, routing=routing), verbose=False).train()
+        if routing == "shared":
+            model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+        ids = _ids(2, 8, seed=0)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model.generate(_ids(1, 5, seed=1), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+        refs = [weakref.ref(base), weakref.ref(model.base_model.model.layers[0])]
+        del base, model, out
+        assert [ref() is None for ref in refs] == [True, True]
+    finally:
+        gc.enable()
+
+
 def test_each_thread_gets_the_aux_losses_of_its_own_forward():
     """A training forward's aux losses came from the runtime's latest forward of any
     thread: a forward run meanwhile in another thread gave its losses."""
