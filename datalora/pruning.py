@@ -852,6 +852,9 @@ class DATALORARuntime:
         tokens; computed once per forward for the layers that share it."""
         if value is None:
             return None
+        if torch.compiler.is_compiling():  # a memo by id() makes dynamo guard on the object:
+            # a recompile per forward (each makes new position ids); the graph dedupes
+            return _each_tensor(value, _gather_rows, ctx.selection.keep_idx)
         memo = ctx.gathered.get(id(value))
         if memo is not None and memo[0] is value:
             return memo[1]

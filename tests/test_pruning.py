@@ -237,6 +237,26 @@ def calibrated_model(retention=0.5):
     return model
 
 
+def test_a_compiled_calibrated_forward_does_not_recompile_per_call():
+    """The per-forward memo of gathered per-token inputs was keyed by id(): dynamo guarded
+    on the position_ids object, which every forward makes anew, so each call recompiled
+    (seconds each with Inductor) until the recompile limit sent the frame to eager."""
+    from torch._dynamo.utils import counters
+
+    model = calibrated_model(0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    ids, mask = batch(B=3, L=12, seed=3)
+    graphs = []
+    with torch.no_grad():
+        for _ in range(4):
+            out = compiled(input_ids=ids, attention_mask=mask)
+            graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=mask).logits)
+    torch._dynamo.reset()
+    assert graphs[1:] == [graphs[1]] * 3, graphs
+
+
 def test_threshold_mode_is_causal_and_calibrated():
     model = calibrated_model(0.5)
     ids, mask = batch(B=4, L=16, seed=5)
