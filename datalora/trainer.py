@@ -51,6 +51,10 @@ HISTORY_NAME = "datalora_history.json"
 PENDING_NAME = "datalora_pending_metrics.json"
 
 
+TASK_ROUTES_COMPACTED_AT = 256
+"""Micro-batches of per-task expert routes kept before they are summed per task."""
+
+
 class CurriculumCallback(TrainerCallback):
     """Sets the curriculum state on the model at the start of every optimizer step."""
 
@@ -378,6 +382,18 @@ class DATALORATrainer(Trainer):
         self._load = counts if self._load is None else self._load + counts
         if task_ids is not None:
             self._task_routes.append((task_ids.to(device).reshape(-1), per_sequence))
+            if len(self._task_routes) >= TASK_ROUTES_COMPACTED_AT:
+                self._compact_task_routes()
+
+    def _compact_task_routes(self) -> None:
+        """Sums the pending ``(task ids, routes)`` pairs per task into one pair (one read
+        of the device, for the distinct ids): without logging they would pile up for a
+        whole curriculum phase."""
+        tasks = torch.cat([t for t, _ in self._task_routes])
+        counts = torch.cat([c for _, c in self._task_routes])
+        ids, slot = torch.unique(tasks, return_inverse=True)
+        sums = torch.zeros(ids.numel(), counts.shape[1], device=counts.device)
+        self._task_routes = [(ids, sums.index_add_(0, slot, counts))]
 
     def _task_expert_load(self) -> dict[int, torch.Tensor]:
         """``{task id: [E] routes per expert}`` over the micro-batches since the last log

@@ -200,5 +200,36 @@ def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):
     assert set(trainer._task_expert_load()) == {0}
 
 
+def test_per_task_routes_are_summed_instead_of_piling_up(tmp_path, monkeypatch):
+    """Without logging, a pair of tensors per micro-batch piled up for a whole curriculum
+    phase; every TASK_ROUTES_COMPACTED_AT micro-batches they are summed per task (one
+    device read), to the same loads."""
+    from transformers import TrainingArguments
+
+    import datalora.trainer as trainer_module
+    from datalora import DATALORATrainer
+
+    model = _model().train()
+    model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             per_device_train_batch_size=2)
+    out = model(input_ids=_ids(), labels=_ids())
+
+    def loads(compact_at):
+        monkeypatch.setattr(trainer_module, "TASK_ROUTES_COMPACTED_AT", compact_at)
+        trainer = DATALORATrainer(model=model, args=args, train_dataset=[{"input_ids": [1]}],
+                                  task_names=["a", "b", "c"])
+        for step in range(10):
+            trainer._accumulate(out.loss.detach(), out.retention_loss, out.balance_loss,
+                                model.runtime.last, torch.tensor([step % 3, 2]), 1)
+        return len(trainer._task_routes), trainer._task_expert_load()
+
+    (kept, compacted), (_, direct) = loads(4), loads(1000)
+    assert kept < 4
+    assert compacted.keys() == direct.keys() == {0, 1, 2}
+    for task in direct:
+        assert torch.equal(compacted[task], direct[task])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
