@@ -765,7 +765,9 @@ def run_train(args: argparse.Namespace) -> TrainResult:
     as_json = getattr(args, "json", False)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         result = train_datalora(config, **training)
-    print(json.dumps(summary_dict(result), indent=2) if as_json else format_summary(result))
+    # under torchrun every rank runs this: one summary (one JSON document), the main one's
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary_dict(result), indent=2) if as_json else format_summary(result))
     return result
 
 

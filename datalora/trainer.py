@@ -55,6 +55,20 @@ TASK_ROUTES_COMPACTED_AT = 256
 """Micro-batches of per-task expert routes kept before they are summed per task."""
 
 
+def _gather_varying(t: torch.Tensor, ranks: int) -> torch.Tensor:
+    """The 1-D tensors ``t`` of every rank (their lengths may differ) concatenated, on
+    every rank."""
+    size = torch.tensor([t.numel()], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(ranks)]
+    torch.distributed.all_gather(sizes, size)
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[:t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in range(ranks)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes, strict=True)])
+
+
 class CurriculumCallback(TrainerCallback):
     """Sets the curriculum state on the model at the start of every optimizer step."""
 
@@ -405,6 +419,24 @@ class DATALORATrainer(Trainer):
         loads = {int(t): counts[tasks == t].sum(0) for t in tasks.unique().tolist()}
         return {t: c for t, c in loads.items() if c.sum() > 0}  # tasks seen only as padding
 
+    def _data_parallel_ranks(self) -> int:
+        """Processes training this model together (DDP / FSDP ranks), 1 without them."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return max(int(self.args.world_size), 1) if distributed else 1
+
+    def _ranks_task_expert_load(self, ranks: int) -> dict[int, torch.Tensor]:
+        """:meth:`_task_expert_load` summed over the ``ranks`` (a collective when > 1)."""
+        own = self._task_expert_load()
+        if ranks == 1:
+            return own
+        gathered: list[Any] = [None] * ranks
+        torch.distributed.all_gather_object(gathered, {t: c.tolist() for t, c in own.items()})
+        total: dict[int, torch.Tensor] = {}
+        for loads in gathered:
+            for t, c in loads.items():
+                total[t] = total.get(t, 0) + torch.tensor(c)
+        return total
+
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -417,14 +449,19 @@ class DATALORATrainer(Trainer):
         Trainer's logged loss, None for the steps after the last log) and returns the flat
         metrics for the Trainer's loggers; resets the sums."""
         cur = self._applied  # the schedule of the last step run
-        sums = torch.cat([self._sums, self._load]).tolist()  # one read of the device
+        sums = torch.cat([self._sums, self._load])
+        ranks = self._data_parallel_ranks()
+        if ranks > 1:  # every rank logs (the Trainer's own loss is gathered here too)
+            torch.distributed.all_reduce(sums)
+            sums = sums / ranks  # the same count of steps on every rank
+        sums = sums.tolist()  # one read of the device
         means = {k: v / self._count for k, v in zip(METRICS, sums, strict=False)}
         lm_weight = sums[len(METRICS)]
         means["lm_loss"] = sums[0] / lm_weight if lm_weight > 0 else math.nan
         counts = torch.tensor(sums[len(METRICS) + 1:])
         load = (counts / counts.sum().clamp_min(1)).tolist()
         task_load = {}
-        for t, c in sorted(self._task_expert_load().items()):
+        for t, c in sorted(self._ranks_task_expert_load(ranks).items()):
             name = (self.task_names[t] if self.task_names is not None
                     and 0 <= t < len(self.task_names) else str(t))
             task_load[name] = (c / c.sum().clamp_min(1)).tolist()
@@ -529,7 +566,9 @@ class DATALORATrainer(Trainer):
 
     @torch.no_grad()
     def calibrate_keep_threshold(self, max_batches: int | None = None) -> float:
-        """Sets the generation keep threshold from training batches (averaged over ranks)."""
+        """Sets the generation keep threshold from training batches (the valid token
+        scores of every rank pooled: the same threshold on every rank, the quantile of
+        all their tokens)."""
         dl = self.datalora_model
         if max_batches is None:  # calibrate_batches=0 skips the end-of-training call only
             max_batches = self.calibrate_batches or 4
@@ -550,14 +589,11 @@ class DATALORATrainer(Trainer):
             dl.train(was_training)
         if not scores:
             raise ValueError("train_dataset: no batches to calibrate the keep threshold on")
-        value = dl.runtime.calibrate(torch.cat(scores), torch.cat(valid),
-                                     retention=self._final_state()[1])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = dl.saliency.keep_threshold.detach().clone()
-            torch.distributed.all_reduce(t)
-            dl.saliency.keep_threshold.copy_(t / torch.distributed.get_world_size())
-            value = float(dl.saliency.keep_threshold)
-        return value
+        pooled = torch.cat(scores)[torch.cat(valid).bool()]
+        ranks = self._data_parallel_ranks()
+        if ranks > 1:  # every rank calibrates on every rank's scores: one threshold
+            pooled = _gather_varying(pooled, ranks)
+        return dl.runtime.calibrate(pooled, retention=self._final_state()[1])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> TrainOutput:

@@ -375,6 +375,15 @@ dist.all_gather(gathered, flat)
 assert dist.get_world_size() == 2
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 assert len([h for h in trainer.state.log_history if "loss" in h]) >= 1 or dist.get_rank() != 0
+# the DATALORA metrics are the ranks' mean (they were each rank's own: expert loads of
+# 0.35 and 0.11 at one step), the keep threshold one calibration on all ranks' tokens
+records = [None, None]
+dist.all_gather_object(records, (trainer.datalora_history, float(model.saliency.keep_threshold)))
+assert records[0] == records[1], "ranks logged different metrics or thresholds"
+assert trainer.datalora_history and trainer.datalora_history[0]["task_expert_load"]
+from datalora.trainer import _gather_varying
+mine = torch.arange(3 + 4 * dist.get_rank(), dtype=torch.float32) + 10 * dist.get_rank()
+assert _gather_varying(mine, 2).tolist() == [0, 1, 2, *range(10, 17)]
 print("DDP-OK", dist.get_rank(), float(model.saliency.keep_threshold))
 ''' + CLEAN_EXIT
 

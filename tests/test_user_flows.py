@@ -708,6 +708,25 @@ def test_train_json_is_json_with_eval_metrics_on_every_eval_row(tmp_path, capsys
     assert any("eval_loss" in entry for entry in result.log_history)
 
 
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_train_prints_its_summary_on_the_main_rank_only(tmp_path, monkeypatch, capsys, rank,
+                                                        printed):
+    """Under torchrun every rank ran the command: --json printed one JSON document per
+    rank on stdout (not parseable as one value), with each rank's own phase table."""
+    import datalora.train as train_module
+    from datalora.cli import build_parser
+
+    result = train_module.TrainResult(log_history=[], datalora_history=[], phase_summary={},
+                                      output_dir=str(tmp_path / "out"))
+    monkeypatch.setattr(train_module, "train_datalora", lambda config, **kw: result)
+    monkeypatch.setenv("RANK", rank)
+    args = build_parser().parse_args(["train", "--output-dir", str(tmp_path / "out"),
+                                      "--json"])
+    args.func(args)
+    out = capsys.readouterr().out
+    assert (json.loads(out)["output_dir"] == str(tmp_path / "out")) if printed else out == ""
+
+
 def test_train_warns_how_many_rows_were_truncated(tokenizer):
     from datalora.train import _tokenized_rows
 
