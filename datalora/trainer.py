@@ -608,7 +608,8 @@ class DATALORATrainer(Trainer):
         ``output_dir`` (one without a readable ``trainer_state.json``, a save cut short, is
         skipped with a warning; Hugging Face's own choice would fail on it).
         """
-        if not any(p.requires_grad for p in self.model.parameters()):
+        # (no model between hyperparameter-search trials: the Trainer builds it from model_init)
+        if self.model is not None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("model: has no trainable parameters (DATALORAModel.from_pretrained "
                              "loads an adapter frozen for inference; pass is_trainable=True "
                              "to train it further)")

@@ -256,6 +256,20 @@ def test_training_ends_in_the_trainers_curriculum_end_state(tmp_path):
     assert model.runtime.calibrated_retention == 0.3
 
 
+def test_a_trainer_built_from_model_init_trains_again_after_releasing_its_model(tmp_path):
+    """Trainer.hyperparameter_search sets trainer.model = None after each trial and the next
+    train() rebuilds it from model_init: the trainable-parameter check failed on None
+    ("'NoneType' object has no attribute 'parameters'") from the second trial."""
+    trainer = make_trainer(tmp_path, None, steps=2, calibrate_batches=0,
+                           model_init=lambda trial=None: tiny_datalora())
+    trainer.train()
+    first = trainer.model
+    trainer.model = None  # what the search's objective does after a trial
+    trainer.train()
+    assert trainer.model is not None and trainer.model is not first
+    assert trainer.state.global_step == 2
+
+
 def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     """``resume_from_checkpoint=True`` (the last checkpoint in output_dir): the curriculum
     state is read by ``train`` itself, whatever path loads the weights."""
