@@ -128,9 +128,17 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear))
 
 
+def _class_name(module: nn.Module) -> str:
+    """The class name, with its module path when that is not torch's (PEFT's LoRA layer is
+    also called ``Linear``: ``peft.tuners.lora.layer.Linear``)."""
+    cls = type(module)
+    return cls.__name__ if cls.__module__.startswith("torch.") \
+        else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -> str:
     """``"; matching names that are not nn.Linear: [c_attn (Conv1D), ...]"`` or ``""``."""
-    others = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})" for n, m in modules
+    others = sorted({f"{n.rsplit('.', 1)[-1]} ({_class_name(m)})" for n, m in modules
                      if _is_target(n, targets) and not _adaptable(m)})
     return f"; matching names that are not nn.Linear: {others}" if others else ""
 
@@ -216,6 +224,11 @@ def _check_shared(model: nn.Module, config: DATALORAConfig, strict: bool = True)
     """Raises the ValueError shared routing's build would raise (decoder layers,
     ``hidden_size``, ALiBi / router logits, targets, ``prune_layers`` unless not ``strict``,
     attention kinds), before anything is injected; returns the decoder layers."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise ValueError("model: a PEFT model (PeftModel): its generate() calls the causal LM "
+                         "inside it, past the hooks shared routing installs on the model you "
+                         "pass; merge PEFT's adapter first (merge_and_unload()), adapt the "
+                         "base before get_peft_model, or use routing='per_layer'")
     layers = find_decoder_layers(model)
     _hidden_size(model)
     check_prunable(model)
@@ -330,6 +343,32 @@ class DATALORAModel(nn.Module):
     @property
     def datalora_config(self) -> DATALORAConfig:
         return self.config_datalora
+
+    @property
+    def generation_config(self) -> Any:
+        """The base model's ``generation_config`` (which its ``generate`` reads): assigning
+        one here sets the base's."""
+        return self.base_model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base_model.generation_config = value
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False
+                       ) -> int:
+        """The base model's ``num_parameters`` plus the saliency network's (which lives on
+        this wrapper, not in the base)."""
+        own = [] if self.saliency is None else list(self.saliency.parameters())
+        count = self.base_model.num_parameters(only_trainable=only_trainable,
+                                               exclude_embeddings=exclude_embeddings)
+        return count + sum(p.numel() for p in own if p.requires_grad or not only_trainable)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """The base model's ``get_memory_footprint`` plus the saliency network's bytes."""
+        own = [] if self.saliency is None else [
+            *self.saliency.parameters(), *(self.saliency.buffers() if return_buffers else ())]
+        return (self.base_model.get_memory_footprint(return_buffers=return_buffers)
+                + sum(t.numel() * t.element_size() for t in own))
 
     def __getattr__(self, name: str):
         try:

@@ -328,6 +328,52 @@ def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
     assert sum(1 for _ in same.molora_layers()) == sum(1 for _ in wrapped.molora_layers())
 
 
+def test_a_generation_config_assigned_to_the_wrapper_is_the_one_generate_uses():
+    """The assignment landed on the wrapper while generate() read the base's config:
+    max_new_tokens=3 generated 20 tokens."""
+    from transformers import GenerationConfig
+
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False).eval()
+    wrapped.generation_config = GenerationConfig(max_new_tokens=3, do_sample=False,
+                                                 pad_token_id=0)
+    assert model.generation_config is wrapped.generation_config
+    assert wrapped.generate(input_ids=ids[:1, :5]).shape[1] == 5 + 3
+
+
+def test_parameter_counts_and_footprint_include_the_saliency_network():
+    """num_parameters / get_memory_footprint were the base model's: the saliency network
+    (on the wrapper) was left out."""
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    assert wrapped.num_parameters() == sum(p.numel() for p in wrapped.parameters())
+    assert wrapped.num_parameters(only_trainable=True) == wrapped.get_nb_trainable_parameters()[0]
+    nbytes = sum(t.numel() * t.element_size()
+                 for t in (*wrapped.parameters(), *wrapped.buffers()))
+    assert wrapped.get_memory_footprint() == nbytes
+
+
+def test_shared_routing_refuses_a_peft_model_as_its_base():
+    """PEFT's generate() calls the causal LM inside the PeftModel, past the runtime's hooks
+    on the PeftModel: forward worked, generate failed with "called outside the causal LM's
+    forward". The not-nn.Linear hint named PEFT's layers "(Linear)"."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    def peft_model():
+        return peft.get_peft_model(build_tiny_model(seed=0),
+                                   peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"model: a PEFT model \(PeftModel\).*merge_and_unload"):
+        get_datalora_model(peft_model(), DATALORAConfig(**CFG, routing="shared"),
+                           verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = get_datalora_model(peft_model(), DATALORAConfig(**CFG), verbose=False)
+    assert wrapped.config_datalora.routing == "per_layer"
+    messages = " ".join(str(w.message) for w in caught)
+    assert "chose 'per_layer'" in messages and "q_proj (peft.tuners.lora.layer.Linear)" in messages
+
+
 def _model_state(model):
     """What a failed load must leave as it was: module types, parameter values and flags,
     train / eval modes and hook counts."""
