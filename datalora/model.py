@@ -129,11 +129,12 @@ def _adaptable(module: nn.Module) -> bool:
 
 
 def _class_name(module: nn.Module) -> str:
-    """The class name, with its module path when that is not torch's (PEFT's LoRA layer is
-    also called ``Linear``: ``peft.tuners.lora.layer.Linear``)."""
+    """The class name, with its module path for a class named like one of torch.nn's
+    (PEFT's LoRA layer is also called ``Linear``: ``peft.tuners.lora.layer.Linear``)."""
     cls = type(module)
-    return cls.__name__ if cls.__module__.startswith("torch.") \
-        else f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__.startswith("torch.") or not hasattr(nn, cls.__name__):
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -> str:
