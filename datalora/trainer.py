@@ -634,6 +634,15 @@ class DATALORATrainer(Trainer):
         # the one a reloaded adapter gets (DATALORAModel.__init__)
         # (the trainer's curriculum / config, which may differ from the model's config)
         tau, retention = self._final_state()
+        stopped = self._applied is not None and self.state.global_step < self.state.max_steps
+        if stopped and PHASES[self._applied.phase_index] != "hardening":
+            warnings.warn(f"training stopped at step {self.state.global_step} of "
+                          f"{self.state.max_steps} (a callback, e.g. early stopping), in the "
+                          f"{PHASES[self._applied.phase_index]} phase: the model is set to the "
+                          f"curriculum's final state (tau {tau:g}, retention {retention:g}, "
+                          f"hard routing), which it was never trained in; set max_steps to "
+                          f"the run you expect, or restore the state you want with "
+                          f"set_curriculum_state", UserWarning, stacklevel=2)
         self.datalora_model.set_curriculum_state(tau, retention, True)
         if self.calibrate_batches > 0:
             self.calibrate_keep_threshold()

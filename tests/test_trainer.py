@@ -270,6 +270,29 @@ def test_a_trainer_built_from_model_init_trains_again_after_releasing_its_model(
     assert trainer.state.global_step == 2
 
 
+@pytest.mark.parametrize("stop_at, warns", [(3, True), (22, False)])
+def test_a_run_stopped_before_hardening_warns_about_the_final_state(tmp_path, stop_at,
+                                                                     warns):
+    """An early-stopping callback ended a 24-step run in sparsification; train() then set
+    the final hard, pruned state silently (eval loss 0.33 nats worse right after)."""
+    import warnings
+
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= stop_at:
+                control.should_training_stop = True
+
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=24, calibrate_batches=0,
+                           callbacks=[Stop()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.state.global_step == stop_at
+    assert any("never trained in" in str(w.message) for w in caught) == warns
+
+
 def test_resume_true_restores_the_last_checkpoints_curriculum(tmp_path):
     """``resume_from_checkpoint=True`` (the last checkpoint in output_dir): the curriculum
     state is read by ``train`` itself, whatever path loads the weights."""
