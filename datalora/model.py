@@ -315,6 +315,9 @@ class DATALORAModel(nn.Module):
         self.config_datalora = config
         # base parameters a loaded adapter carried (trained with it): saved again with it
         self._saved_base_names: set[str] = set()
+        # token embeddings at wrapping: resize_token_embeddings after it adds rows the
+        # adapter's new tokens need, so the embeddings are then saved with the adapter
+        self._embedding_rows = _embedding_rows(model)
         # the trainable adapters transformers' Trainer looks for on a quantized base (it
         # refuses an is_quantized model "without adapters" unless this is set, as PEFT does)
         self._hf_peft_config_loaded = True
@@ -503,10 +506,22 @@ class DATALORAModel(nn.Module):
         # named without FSDP1 / checkpoint wrappers, as the state dict and the files name them
         own = {id(p) for _, layer in self.molora_layers()
                for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
+        own |= self._resized_embeddings()
         for name, p in self.base_model.named_parameters():
             name = unwrapped_name(name)
             if p.requires_grad or id(p) in own or name in self._saved_base_names:
                 yield name, p
+
+    def _resized_embeddings(self) -> set[int]:
+        """ids of the input / output embedding weights when ``resize_token_embeddings`` ran
+        after wrapping (their new rows are not in any base checkpoint), else empty."""
+        rows = _embedding_rows(self.base_model)
+        if rows is None or rows == getattr(self, "_embedding_rows", rows):
+            return set()
+        modules = [self.base_model.get_input_embeddings(),
+                   getattr(self.base_model, "get_output_embeddings", lambda: None)()]
+        return {id(m.weight) for m in modules if isinstance(getattr(m, "weight", None),
+                                                            torch.Tensor)}
 
     def _adapter_keys(self) -> dict[str, str]:
         """Adapter tensor name (as saved) -> its name in ``self.state_dict()``."""
@@ -626,8 +641,13 @@ class DATALORAModel(nn.Module):
                              f", unexpected {unexpected[:5]}")
         for name, tensor in saved.items():
             if own[name].shape != tensor.shape:  # a DTensor's shape is the full shape
+                hint = (f": the adapter was saved with {tensor.shape[0]} token embeddings "
+                        f"(resize_token_embeddings after wrapping); call "
+                        f"resize_token_embeddings({tensor.shape[0]}) on the base first"
+                        if name in extra and _is_embedding(self.base_model, own[name])
+                        else "")
                 raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
-                                 f"saved shape {tuple(tensor.shape)}")
+                                 f"saved shape {tuple(tensor.shape)}{hint}")
         cast = sorted({(str(saved[n].dtype), str(own[n].dtype)) for n in saved
                        if saved[n].dtype != own[n].dtype})
         if cast:
@@ -773,6 +793,22 @@ class DATALORAModel(nn.Module):
             wrapped.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
+
+def _embedding_rows(model: nn.Module) -> int | None:
+    """Rows of ``model``'s input embedding weight (None without ``get_input_embeddings``)."""
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _is_embedding(model: nn.Module, param: torch.Tensor) -> bool:
+    """Whether ``param`` is ``model``'s input or output embedding weight."""
+    modules = [getattr(model, name, lambda: None)()
+               for name in ("get_input_embeddings", "get_output_embeddings")]
+    return any(getattr(m, "weight", None) is param for m in modules)
 
 
 def _weights_file(folder: Path) -> Path:

@@ -374,6 +374,29 @@ def test_shared_routing_refuses_a_peft_model_as_its_base():
     assert "chose 'per_layer'" in messages and "q_proj (peft.tuners.lora.layer.Linear)" in messages
 
 
+def test_token_embeddings_resized_after_wrapping_are_saved_with_the_adapter(tmp_path):
+    """The new rows of resize_token_embeddings (random, in no base checkpoint) were not
+    saved, and a reload onto the base loaded silently, then failed with an IndexError on
+    the new token (resizing again drew other rows)."""
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False).eval()
+    rows = model.get_input_embeddings().weight.shape[0]
+    perturb(wrapped)
+    wrapped.resize_token_embeddings(rows + 1)
+    ids = torch.tensor([[5, 9, rows, 7]])  # the new token
+    logits = wrapped(input_ids=ids).logits
+    wrapped.save_pretrained(tmp_path)
+    base = build_tiny_model(seed=0)
+    with pytest.raises(ValueError, match=rf"saved with {rows + 1} token embeddings .*"
+                                         rf"resize_token_embeddings\({rows + 1}\)"):
+        DATALORAModel.from_pretrained(base, tmp_path)
+    base.resize_token_embeddings(rows + 1)  # other new rows: the saved ones replace them
+    reloaded = DATALORAModel.from_pretrained(base, tmp_path)
+    assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    plain = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    assert not any("embed" in name for name in plain.adapter_state_dict())
+
+
 def _model_state(model):
     """What a failed load must leave as it was: module types, parameter values and flags,
     train / eval modes and hook counts."""
