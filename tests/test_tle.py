@@ -1061,6 +1061,22 @@ def test_fit_centroids_refuses_strings_and_bad_batch_size(adapter_dirs):
     assert mixer.fit_centroids(groups, tok, batch_size=1).shape == (3, 64)
 
 
+def test_generate_takes_a_tokenizers_attention_mask(adapter_dirs):
+    """``mixer.generate(**tokenizer(text, return_tensors="pt"))`` failed: no attention_mask
+    keyword. A mask of ones is what a single unpadded prompt has; padding is refused."""
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    prompt = ids(B=1, L=4)
+    want = mixer.generate(prompt, 4, eos_token_id=[])
+    got = mixer.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(got, want)
+    padded = torch.ones_like(prompt)
+    padded[0, 0] = 0
+    for bad in (padded, torch.ones(1, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"attention_mask: expected ones of shape \(1, 4\)"):
+            mixer.generate(prompt, 4, attention_mask=bad)
+
+
 def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     mixer = _fitted_mixer(adapter_dirs, "token")
     prompt = ids(B=1, L=4)

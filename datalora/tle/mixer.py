@@ -475,6 +475,7 @@ class TokenLevelAdapterMixer(nn.Module):
                  eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
                  do_sample: bool = ..., temperature: float = ...,
                  generator: torch.Generator | None = ...,
+                 attention_mask: torch.Tensor | None = ...,
                  return_details: Literal[False] = ...) -> torch.Tensor: ...
 
     @overload
@@ -482,6 +483,7 @@ class TokenLevelAdapterMixer(nn.Module):
                  eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
                  do_sample: bool = ..., temperature: float = ...,
                  generator: torch.Generator | None = ...,
+                 attention_mask: torch.Tensor | None = ...,
                  return_details: Literal[True]) -> dict[str, Any]: ...
 
     @overload
@@ -489,6 +491,7 @@ class TokenLevelAdapterMixer(nn.Module):
                  eos_token_id: int | Sequence[int] | torch.Tensor | None = ...,
                  do_sample: bool = ..., temperature: float = ...,
                  generator: torch.Generator | None = ...,
+                 attention_mask: torch.Tensor | None = ...,
                  return_details: bool) -> torch.Tensor | dict[str, Any]: ...
 
     @torch.no_grad()
@@ -496,6 +499,7 @@ class TokenLevelAdapterMixer(nn.Module):
                  eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
                  do_sample: bool = False, temperature: float = 1.0,
                  generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None,
                  return_details: bool = False) -> torch.Tensor | dict[str, Any]:
         """Greedy / sampled generation with the routing updated per the mode (KV cache).
 
@@ -510,6 +514,9 @@ class TokenLevelAdapterMixer(nn.Module):
                 ``transformers``' ``generate``; ``[]`` never stops early.
             return_details: also return the step logits ``[n, V]``, the weights used at
                 each step ``[n, N]`` and the recompute count.
+            attention_mask: optional ``[1, P]`` mask of ones (what a tokenizer returns with
+                the ids, so ``mixer.generate(**tokenizer(text, return_tensors="pt"))``
+                works); padding is refused.
 
         Returns:
             ``[1, P + n]`` token ids, or a dict with ``sequences``, ``logits``,
@@ -524,6 +531,12 @@ class TokenLevelAdapterMixer(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape [1, P >= 1], got "
                              f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and (
+                not isinstance(attention_mask, torch.Tensor)
+                or tuple(attention_mask.shape) != tuple(input_ids.shape)
+                or not bool((attention_mask == 1).all())):
+            raise ValueError(f"attention_mask: expected ones of shape {tuple(input_ids.shape)} "
+                             f"(generate takes one sequence without padding)")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature: expected > 0, got {temperature!r}")
