@@ -384,9 +384,17 @@ class DATALORAModel(nn.Module):
         """The base model's (per-layer routing); refused at once with shared routing, whose
         saliency / pruning hooks cannot be recomputed (it used to fail at the first
         training forward)."""
+        self._checkpointing_enable("gradient_checkpointing_enable", *args, **kwargs)
+
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """transformers 5.x's name of :meth:`gradient_checkpointing_enable` (its Trainer
+        calls this one), refused at once with shared routing as that is."""
+        self._checkpointing_enable("activation_checkpointing_enable", *args, **kwargs)
+
+    def _checkpointing_enable(self, method: str, *args, **kwargs) -> None:
         if self.runtime is not None:
             raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
-        self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        getattr(self.base_model, method)(*args, **kwargs)
         # the frozen embeddings' output must require grad, or a reentrant checkpoint (older
         # transformers' default) returns a loss without a graph (as PEFT does)
         enable = getattr(self.base_model, "enable_input_require_grads", None)

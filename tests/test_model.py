@@ -585,6 +585,10 @@ def test_gradient_checkpointing_is_refused_when_enabled_on_shared_routing():
                                 verbose=False)
     with pytest.raises(ValueError, match=r"gradient_checkpointing: .*routing='per_layer'"):
         shared.gradient_checkpointing_enable()
+    # transformers 5.x's Trainer calls activation_checkpointing_enable: it reached the base
+    # and the refusal came at the first training forward
+    with pytest.raises(ValueError, match=r"gradient_checkpointing: .*routing='per_layer'"):
+        shared.activation_checkpointing_enable()
 
     def step(checkpointing):
         torch.manual_seed(0)  # the same adapter initialisation
