@@ -54,7 +54,8 @@ def _segment_outer_kernel(
                      other=0.0)
         v = raw.to(tl.float32) * g[:, None] * rs * mult
         acc = tl.dot(mt, v.to(mt.dtype), acc, input_precision="ieee")
-    out = (out_ptr + expert.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op
+    # int64: dB takes B's strides, E*r per row when B is expert-minor (see expand.py)
+    out = (out_ptr + expert.to(tl.int64) * stride_oe + offs_p.to(tl.int64)[:, None] * stride_op
            + offs_r[None, :] * stride_or)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
 

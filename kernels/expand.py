@@ -53,7 +53,10 @@ def _expand_grouped_kernel(
         mask_r = offs_r < R
         zt = tl.load(z_ptr + route[:, None] * R + offs_r[None, :],
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        wt = tl.load(w_base + offs_r[:, None] * stride_wr + offs_o[None, :] * stride_wo,
+        # int64 columns: an expert-minor B's column stride is E*r (d_out * E * r > 2**31
+        # at E*r = 8192 and a 262k-row vocabulary)
+        cols = offs_o.to(tl.int64)[None, :] * stride_wo
+        wt = tl.load(w_base + offs_r[:, None] * stride_wr + cols,
                      mask=mask_r[:, None] & mask_o[None, :], other=0.0)
         acc = tl.dot(zt, wt, acc, input_precision="ieee")
     acc = acc * alpha

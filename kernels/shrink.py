@@ -145,7 +145,8 @@ def _shrink_grouped_kernel(
         mask_k = offs_k < K
         xt = tl.load(x_rows + offs_k[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_cols + offs_k[:, None] * stride_wk,
+        # int64: an expert-minor B's row stride here is E*r (see expand.py)
+        wt = tl.load(w_cols + offs_k.to(tl.int64)[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision="ieee")
     mask = mask_m[:, None] & mask_r[None, :]
