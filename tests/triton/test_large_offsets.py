@@ -12,10 +12,10 @@ sentinel) instead of crashing. Only the touched pages of the storage are allocat
 from __future__ import annotations
 
 import torch
-
 from datalora.kernels import backward as bw
 from datalora.kernels import expand as ex
 from datalora.kernels import shrink as sh
+
 from datalora.routing import sort_routes
 
 R, O, STRIDE, START = 16, 4, 2**30, 2**31
