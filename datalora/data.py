@@ -620,9 +620,36 @@ def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
 
     Only those two: a tokenizer that also returns ``token_type_ids`` (the embedded one on
     transformers 4.x, BERT-style ones) would have ``generate`` refuse them as unused."""
-    enc = tokenizer(prompts, return_tensors="pt", **kwargs)
+    suffix = appended_special_ids(tokenizer)
+    if suffix:  # the prompt as training encodes it: without the EOS the tokenizer appends
+        ids = tokenizer(prompts, **{k: v for k, v in kwargs.items() if k != "padding"})
+        rows = [ids["input_ids"]] if isinstance(prompts, str) else ids["input_ids"]
+        rows = [strip_appended(row, suffix) for row in rows]
+        enc = tokenizer.pad({"input_ids": rows}, padding=kwargs.get("padding", True),
+                            return_tensors="pt")
+    else:
+        enc = tokenizer(prompts, return_tensors="pt", **kwargs)
     return {k: enc[k] if device is None else enc[k].to(device)
             for k in ("input_ids", "attention_mask") if k in enc}
+
+
+def appended_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens ``tokenizer`` appends to every text it encodes (the EOS of a
+    Llama-2 / Mistral tokenizer with ``add_eos_token=True``, a BERT-style ``[SEP]``), found
+    by encoding a probe with and without special tokens; ``[]`` for most causal LMs'."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if list(full[start:start + len(plain)]) == list(plain):
+            return list(full[start + len(plain):])
+    return []
+
+
+def strip_appended(ids: Sequence[int], suffix: Sequence[int]) -> list[int]:
+    """``ids`` without a trailing ``suffix`` (:func:`appended_special_ids`): a prompt's
+    encoding as the prefix of its training example, which continues with the response."""
+    ids = list(ids)
+    return ids[:-len(suffix)] if suffix and ids[-len(suffix):] == list(suffix) else ids
 
 
 def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
@@ -674,12 +701,14 @@ def _encode_examples(examples: Sequence[Mapping[str, Any]],
     if not examples:
         return []
     texts = [format_prompt(e) for e in examples]
-    prompts = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    suffix = appended_special_ids(tokenizer)  # an appended EOS ends the example, not the prompt
+    prompts = [strip_appended(p, suffix)
+               for p in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     joint = tokenizer([t + e["response"] for t, e in zip(texts, examples, strict=True)],
                       add_special_tokens=True)["input_ids"]
     out = []
     for prompt, ids, example in zip(prompts, joint, examples, strict=True):
-        split = response_start(prompt, ids, example["response"])
+        split = response_start(prompt, ids, example["response"], len(suffix))
         response = list(ids[split:])
         if not response or response[-1] != eos:  # a tokenizer may add EOS itself
             response.append(eos)
@@ -687,15 +716,17 @@ def _encode_examples(examples: Sequence[Mapping[str, Any]],
     return out
 
 
-def response_start(prompt_ids: Sequence[int], joint_ids: Sequence[int], response: str) -> int:
+def response_start(prompt_ids: Sequence[int], joint_ids: Sequence[int], response: str,
+                   appended: int = 0) -> int:
     """Index of the first response token in ``joint_ids`` (the encoding of prompt + response
-    as one text): where it stops matching ``prompt_ids`` (the prompt's own encoding), so a
-    token spanning the end of the prompt and the start of the response is a response token;
-    when the response merged into the prompt's last token (same id: e.g. a run of whitespace
-    or unknown characters), that token, since it spans both."""
+    as one text, ending in ``appended`` special tokens the tokenizer adds, which
+    ``prompt_ids`` lacks): where it stops matching ``prompt_ids`` (the prompt's own
+    encoding), so a token spanning the end of the prompt and the start of the response is a
+    response token; when the response merged into the prompt's last token (same id: e.g. a
+    run of whitespace or unknown characters), that token, since it spans both."""
     n = min(len(prompt_ids), len(joint_ids))
     split = next((i for i in range(n) if prompt_ids[i] != joint_ids[i]), n)
-    if split == len(joint_ids) and split > 0 and response:
+    if split == len(joint_ids) - appended and split > 0 and response:
         split -= 1
     return split
 

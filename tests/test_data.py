@@ -473,7 +473,8 @@ def test_prompt_inputs_are_what_a_causal_lm_takes(tokenizer):
     tokenizers add (the embedded one on transformers 4.x)."""
     def with_types(*args, **kwargs):
         enc = tokenizer(*args, **kwargs)
-        enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+        if kwargs.get("return_tensors") == "pt":  # (lists for the appended-EOS probe)
+            enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
         return enc
 
     prompts = ["What is 1 + 2?", "Sort: b a"]
@@ -533,6 +534,53 @@ def test_response_merged_into_the_prompts_last_token_is_still_trained(run_mergin
     plain = tokenize_example({**row, "response": "ok"}, tok, 64)
     assert plain["labels"][-3:] == [ord("o") + 10, ord("k") + 10, 2]
     assert plain["labels"].count(-100) == len(prompt_ids)
+
+
+def _appending_eos(tokenizer):
+    """A copy of the embedded (fast) tokenizer whose post-processor appends EOS to every
+    text, as Llama-2 / Mistral tokenizers with add_eos_token=True do."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id),
+                                                  (eos, tok.eos_token_id)])
+    return tok
+
+
+def test_an_eos_appending_tokenizer_is_queried_with_the_prompt_it_was_trained_on(tokenizer):
+    """Generation encoded the prompt with its appended EOS ("### Answer:\n</s>"), which
+    training never shows before an answer; an empty response was trained as EOS -> EOS."""
+    from datalora.data import appended_special_ids, format_prompt, prompt_inputs
+
+    tok = _appending_eos(tokenizer)
+    assert appended_special_ids(tok) == [tok.eos_token_id]
+    assert appended_special_ids(tokenizer) == []
+    rows = [{"question": "What is 2 + 3?", "response": "5"},
+            {"question": "Sort in ascending order: 3, 1", "response": ""}]
+    for row in rows:
+        item = tokenize_example(row, tok, 64)
+        prompt = item["labels"].count(IGNORE_INDEX)
+        assert item == tokenize_example(row, tokenizer, 64)  # the appended EOS ends it once
+        generation = prompt_inputs(tok, format_prompt(row))
+        assert generation["input_ids"][0].tolist() == item["input_ids"][:prompt]
+    batch = prompt_inputs(tok, [format_prompt(r) for r in rows], padding=True)
+    for i, row in enumerate(rows):
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        assert ids == prompt_inputs(tokenizer, format_prompt(row))["input_ids"][0].tolist()
+
+
+def test_a_merged_response_token_is_trained_with_an_eos_appending_tokenizer(
+        run_merging_tokenizer):
+    """The merged-token check compared the split with the joint length, which the appended
+    EOS made one longer: only the EOS was labelled."""
+    row = {"system_prompt": "", "question": "Indent?", "response": "   "}
+    plain = tokenize_example(row, run_merging_tokenizer(), 64)
+    appending = tokenize_example(row, run_merging_tokenizer(adds_eos=True), 64)
+    assert appending == plain and plain["labels"][-2:] == [1, 2]
 
 
 def test_tokenize_example_truncates_prompt_first(tokenizer, train_rows):

@@ -17,8 +17,10 @@ from datalora.checks import check_int
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
+    appended_special_ids,
     format_prompt,
     response_start,
+    strip_appended,
     tokenize_example,
 )
 from datalora.layers import MoLoRALinear, adapters_off
@@ -75,8 +77,10 @@ def response_offsets(tokenizer: Any, response: str,
                          f"a fast (tokenizers-backed) tokenizer")
     start, shift = 0, 0
     if prompt is not None:
-        start = response_start(tokenizer(prompt, add_special_tokens=True)["input_ids"],
-                               enc["input_ids"], response)
+        suffix = appended_special_ids(tokenizer)
+        start = response_start(
+            strip_appended(tokenizer(prompt, add_special_tokens=True)["input_ids"], suffix),
+            enc["input_ids"], response, len(suffix))
         shift = len(prompt)
     spans = [(max(int(s) - shift, 0), max(int(e) - shift, 0))
              for s, e in enc["offset_mapping"][start:]]

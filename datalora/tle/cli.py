@@ -124,7 +124,7 @@ def _centroid_file(path: str | None) -> dict[str, list[str]] | None:
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from datalora.data import format_prompt, load_instruction_dataset
+    from datalora.data import format_prompt, load_instruction_dataset, prompt_inputs
     from datalora.experiments.task_adapters import build_base_model
     from datalora.experiments.tle_evidence import eval_loss_by_task
     from datalora.testing import load_model_and_tokenizer
@@ -215,7 +215,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     outputs = []
     for question in tqdm(args.prompt, desc="generating", disable=args.no_progress,
                          leave=False):
-        ids = tokenizer(format_prompt({"question": question}), return_tensors="pt")["input_ids"]
+        ids = prompt_inputs(tokenizer, format_prompt({"question": question}))["input_ids"]
         res = mixer.generate(ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              return_details=True)
         text = tokenizer.decode(res["sequences"][0, ids.shape[1]:], skip_special_tokens=True)
