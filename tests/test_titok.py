@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -268,6 +269,27 @@ def test_build_masked_examples_fractions(tok, tok_other):
     ex_all, stats_all = build_masked_examples(scored, tok_other, sample_keep=1, token_keep=1)
     assert len(ex_all) == 4 and stats_all["token_fraction"] == 1.0
     assert ex_all[-1]["labels"] == tokenize_example(rows[0], tok_other, 128)["labels"]
+
+
+def test_a_response_cut_by_max_new_tokens_keeps_no_eos_label(tok):
+    """A synthetic response cut before its EOS was trained as complete: tokenize_example
+    appends an EOS, labelled, so the target learnt to stop where the source was cut."""
+    peft = pytest.importorskip("peft")
+    source = peft.get_peft_model(_small(seed=2), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], init_lora_weights=False))
+    [row] = generate_synthetic(source, tok, [ROW], max_new_tokens=2, do_sample=False,
+                               progress=False)
+    assert row["finished"] is False  # 2 tokens of a random model: no EOS
+    offsets = response_offsets(tok, row["response"], format_prompt(row))
+    sample = ScoredSample(row=row, offsets=offsets, logp_lora=torch.zeros(len(offsets)),
+                          logp_base=torch.zeros(len(offsets)))
+    [ex], stats = build_masked_examples([sample], tok, sample_keep=1, token_keep=1)
+    full = tokenize_example(row, tok, 128)
+    assert full["labels"][-1] == tok.eos_token_id and ex["labels"][-1] == IGNORE_INDEX
+    assert ex["labels"][:-1] == full["labels"][:-1] and stats["unfinished_no_eos_label"] == 1
+    [done], _ = build_masked_examples([replace(sample, row={**row, "finished": True})], tok,
+                                      sample_keep=1, token_keep=1)
+    assert done["labels"] == full["labels"]
 
 
 def test_all_tokens_baseline_and_whitespace_responses(tok):

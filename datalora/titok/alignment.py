@@ -127,18 +127,22 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     Tokens are selected among the response tokens that survive the ``max_length`` cut of
     :func:`~datalora.data.tokenize_example`; a kept sample left without any label (its
     response cut away, or no token scored) is dropped, with a warning giving the count.
+    A row with ``finished`` False (:func:`~datalora.titok.synthetic.generate_synthetic`:
+    ``max_new_tokens`` cut it before an EOS) keeps no label on its final EOS: the target
+    must not learn to stop where the source was cut.
 
     Returns:
         ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
         with the kept sample indices (those with an example), the count dropped for
-        having no label, and the fraction of response tokens kept.
+        having no label, the count of unfinished samples whose EOS label was removed, and
+        the fraction of response tokens kept.
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
     usable = [i for i, s in enumerate(scored) if s.row["response"].strip() or not drop_empty]
     ranked = select_samples([scored[i].mean_excess for i in usable], sample_keep)
     kept = [usable[j] for j in ranked]
-    examples, with_labels, labelled, total = [], [], 0, 0
+    examples, with_labels, labelled, total, unfinished = [], [], 0, 0, 0
     for i in kept:
         sample = scored[i]
         ex = tokenize_example(sample.row, tokenizer, max_length)
@@ -153,6 +157,10 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
         for pos, keep in zip(resp, mask.tolist(), strict=True):
             if not keep:
                 labels[pos] = IGNORE_INDEX
+        if sample.row.get("finished", True) is False and resp \
+                and ex["input_ids"][resp[-1]] == tokenizer.eos_token_id:
+            labels[resp[-1]] = IGNORE_INDEX  # cut by max_new_tokens: not where it stops
+            unfinished += 1
         n_labels = sum(v != IGNORE_INDEX for v in labels)
         if n_labels == 0:
             continue
@@ -166,6 +174,7 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
                       f"samples: no label left (response cut by max_length={max_length}, "
                       f"or no scored token)", stacklevel=2)
     stats = {"kept_samples": with_labels, "dropped_no_labels": dropped,
+             "unfinished_no_eos_label": unfinished,
              "num_samples": len(scored), "num_usable": len(usable),
              "token_fraction": labelled / max(total, 1)}
     return examples, stats

@@ -35,8 +35,10 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
             restored after).
 
     Returns:
-        Rows ``{id, system_prompt, question, response, task}``; ``response`` is the
-        generated text (up to EOS), with ``samples_per_prompt * len(seed_rows)`` rows.
+        Rows ``{id, system_prompt, question, response, task, finished}``; ``response`` is
+        the generated text (up to EOS), ``finished`` False when ``max_new_tokens`` cut it
+        before an EOS (its training example then has no EOS label: the target must not
+        learn to stop there), with ``samples_per_prompt * len(seed_rows)`` rows.
     """
     if not seed_rows:
         raise ValueError("seed_rows: expected at least one seed prompt, got none")
@@ -63,12 +65,13 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
                                      pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id)
                 for j, row in enumerate(chunk):
-                    text = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:],
-                                            skip_special_tokens=True)
+                    new = gen[j, enc["input_ids"].shape[1]:]
+                    text = tokenizer.decode(new, skip_special_tokens=True)
                     out.append({"id": f"synthetic.{len(out)}",
                                 "system_prompt": row.get("system_prompt", "") or "",
                                 "question": row["question"], "response": text.strip(),
-                                "task": row.get("task", "unknown")})
+                                "task": row.get("task", "unknown"),
+                                "finished": bool((new == tokenizer.eos_token_id).any())})
     finally:
         tokenizer.padding_side = side
     return out
