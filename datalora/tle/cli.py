@@ -54,7 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "one per embedded task)")
     p.add_argument("--centroid-file", default=None,
                    help="JSON object {adapter name: [example prompt, ...]}: each adapter's "
-                        "centroid (needed for --adapters not named after embedded tasks)")
+                        "centroid (needed for --adapters not named after embedded tasks); "
+                        "the prompts are embedded as given, so write them as the model sees "
+                        "them (the '### Question: ... ### Answer:' form of --prompt and of "
+                        "training, not bare questions)")
     p.add_argument("--adapter-dir", default=None,
                    help="where the default task adapters are trained / cached (default: "
                         f"{DEFAULT_ADAPTER_DIR}; not with --adapters)")
