@@ -622,11 +622,14 @@ def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
     transformers 4.x, BERT-style ones) would have ``generate`` refuse them as unused."""
     suffix = appended_special_ids(tokenizer)
     if suffix:  # the prompt as training encodes it: without the EOS the tokenizer appends
-        ids = tokenizer(prompts, **{k: v for k, v in kwargs.items() if k != "padding"})
+        padding = ("padding", "padding_side", "pad_to_multiple_of")
+        ids = tokenizer(prompts, **{k: v for k, v in kwargs.items() if k not in padding})
         rows = [ids["input_ids"]] if isinstance(prompts, str) else ids["input_ids"]
         rows = [strip_appended(row, suffix) for row in rows]
         enc = tokenizer.pad({"input_ids": rows}, padding=kwargs.get("padding", True),
-                            return_tensors="pt")
+                            return_tensors="pt",
+                            **{k: kwargs[k] for k in (*padding[1:], "max_length")
+                               if k in kwargs})
     else:
         enc = tokenizer(prompts, return_tensors="pt", **kwargs)
     return {k: enc[k] if device is None else enc[k].to(device)

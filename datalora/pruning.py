@@ -403,13 +403,29 @@ def _keep_threshold(flat: torch.Tensor, retention: float) -> float:
     low = float(torch.kthvalue(flat, lower + 1).values)  # 1-based
     high = float(torch.kthvalue(flat, upper + 1).values)
     if low != high:
-        return low + (high - low) / 2
+        return _between32(low, high)
     target = retention * flat.numel()
     under, over = flat[flat < low], flat[flat > low]
     keep_tie, drop_tie = flat.numel() - under.numel(), over.numel()
     if over.numel() and abs(drop_tie - target) < abs(keep_tie - target):
-        return low + (float(over.min()) - low) / 2
-    return low + (float(under.max()) - low) / 2 if under.numel() else low - 1.0
+        return _between32(low, float(over.min()))
+    if under.numel():
+        return _between32(float(under.max()), low)
+    below = _fp32(low - 1.0)
+    return below if below < low else float(torch.nextafter(
+        torch.tensor(low), torch.tensor(-math.inf)))
+
+
+def _fp32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _between32(a: float, b: float) -> float:
+    """The fp32 threshold (the buffer's dtype) halfway between scores ``a < b``, so that
+    ``score > threshold`` keeps b and drops a: the midpoint rounded to fp32, or ``a``
+    itself when that rounding reaches ``b`` (no fp32 value lies between them)."""
+    mid = _fp32(a + (b - a) / 2)
+    return mid if mid < b else a
 
 
 _ROUTER_LOGITS_ERROR = (
@@ -522,8 +538,9 @@ class DATALORARuntime:
         retention, last (the :class:`ForwardRecord` of the latest forward), start, end.
 
     The model and its decoder layers hold this runtime through their hooks, so the runtime
-    refers to them weakly (:attr:`model`, :attr:`layers`): a deleted model is freed by
-    reference counting, without waiting for Python's cyclic garbage collector.
+    refers to the model weakly (:attr:`model`; :attr:`layers` are found in it): a deleted
+    model is freed by reference counting, without waiting for Python's cyclic garbage
+    collector.
     """
 
     def __init__(self, model: nn.Module, saliency: UnifiedSaliencyNetwork,
@@ -531,7 +548,6 @@ class DATALORARuntime:
                  keep_last: bool = True):
         self.saliency = saliency
         self._model = weakref.ref(model)
-        self._layers = weakref.ref(find_decoder_layers(model))
         check_prunable(model)
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
         self.retention = 1.0
@@ -558,8 +574,9 @@ class DATALORARuntime:
 
     @property
     def layers(self) -> nn.ModuleList:
-        """The model's decoder layers."""
-        return self._layers()
+        """The model's decoder layers (found again on each use: a replaced layer list
+        stays reachable)."""
+        return find_decoder_layers(self.model)
 
     def __getstate__(self):
         # ``last`` / the forward context hold non-leaf tensors of the latest forward, which
@@ -567,12 +584,13 @@ class DATALORARuntime:
         # layers go in as objects, so that a copy refers to the copied model
         state = self.__dict__.copy()
         state["last"] = state["_local"] = None
-        state["_model"], state["_layers"] = self.model, self.layers
+        state["_model"] = self.model
         return state
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        self._model, self._layers = weakref.ref(state["_model"]), weakref.ref(state["_layers"])
+        model = state["_model"]
+        self._model = (lambda: None) if model is None else weakref.ref(model)
         self._local = threading.local()
 
     @property

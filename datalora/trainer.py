@@ -521,6 +521,11 @@ class DATALORATrainer(Trainer):
         self._sums = torch.tensor(sums, dtype=torch.float32, device=device)
         self._load = torch.tensor(pending["load"], dtype=torch.float32, device=device)
         tasks = pending["task_load"]
+        # under DDP every rank restores the main rank's unreduced sums (the only ones
+        # saved): the mean over ranks keeps them once, and the per-task loads, summed over
+        # ranks, are restored on the main rank only
+        if self._data_parallel_ranks() > 1 and torch.distributed.get_rank() != 0:
+            tasks = {}
         self._task_routes = [(torch.tensor([int(t) for t in tasks], device=device),
                               torch.tensor(list(tasks.values()), device=device))] if tasks else []
         self._applied = CurriculumState(**pending["applied"])

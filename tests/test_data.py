@@ -571,6 +571,14 @@ def test_an_eos_appending_tokenizer_is_queried_with_the_prompt_it_was_trained_on
     for i, row in enumerate(rows):
         ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
         assert ids == prompt_inputs(tokenizer, format_prompt(row))["input_ids"][0].tolist()
+    # the padding settings reach the padding (left padding for batched generate)
+    texts = [format_prompt(r) for r in rows]
+    for kwargs in (dict(padding=True, padding_side="left"),
+                   dict(padding="max_length", max_length=40),
+                   dict(padding=True, pad_to_multiple_of=16)):
+        got, want = prompt_inputs(tok, texts, **kwargs), prompt_inputs(tokenizer, texts, **kwargs)
+        assert got["attention_mask"].shape == want["attention_mask"].shape, kwargs
+        assert torch.equal(got["attention_mask"], want["attention_mask"]), kwargs
 
 
 def test_a_merged_response_token_is_trained_with_an_eos_appending_tokenizer(

@@ -517,6 +517,28 @@ def test_a_deleted_model_is_freed_without_the_cycle_collector(routing):
         gc.enable()
 
 
+def test_a_model_whose_layer_list_was_replaced_still_copies_and_pickles():
+    """The runtime held the layer list weakly: a model whose ModuleList was replaced by one
+    holding the same layers (the hooks stay on the layers) failed to deepcopy / pickle
+    ("cannot create weak reference to 'NoneType' object")."""
+    import copy
+    import io
+
+    model = _model(prune_layers=(1, 4))
+    base = model.base_model
+    base.model.layers = torch.nn.ModuleList(list(base.model.layers))
+    ids = _ids(2, 6, seed=0)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, want)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+    assert model.runtime.layers is base.model.layers
+
+
 def test_each_thread_gets_the_aux_losses_of_its_own_forward():
     """A training forward's aux losses came from the runtime's latest forward of any
     thread: a forward run meanwhile in another thread gave its losses."""

@@ -340,6 +340,22 @@ def test_threshold_selection_keeps_every_token_above_it_in_million_token_rows():
     assert selection.valid.all() and selection.counts.tolist() == [3]
 
 
+def test_a_threshold_between_adjacent_fp32_scores_does_not_round_onto_one():
+    """The midpoint was a Python float; stored in the fp32 buffer it could round onto the
+    upper score, which the strict comparison then pruned (0 of 8 kept for 0.75)."""
+    import warnings
+
+    model = datalora_model()
+    below = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    scores = torch.tensor([below] * 2 + [1.0] * 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = model.runtime.calibrate(scores, retention=0.75)
+    stored = model.saliency.keep_threshold
+    assert float(stored) == value
+    assert int((scores > stored).sum()) == 6
+
+
 def test_calibrate_takes_more_scores_than_torch_quantile_does():
     """torch.quantile refuses more than 2**24 elements (16.7 M tokens: a few hundred batches
     of long sequences)."""
