@@ -93,9 +93,9 @@ def load_header(path: str | Path, *, argument: str = "path"
     only (dtype None for a non-float dtype); errors as :func:`load_tensors`."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: (tuple(f.get_slice(name).get_shape()),
-                           _DTYPES.get(f.get_slice(name).get_dtype()))
-                    for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {name: (tuple(t.get_shape()), _DTYPES.get(t.get_dtype()))
+                    for name, t in slices.items()}
     except SafetensorError as exc:
         raise _unreadable(path, argument, exc) from None
 

@@ -512,13 +512,16 @@ class DATALORAModel(nn.Module):
         # the MoLoRA layers' own parameters (LoRA experts, per-layer routers), not base
         # parameters that merely share their names (a MoE base's ``...moe.router.weight``);
         # named without FSDP1 / checkpoint wrappers, as the state dict and the files name them
-        own = {id(p) for _, layer in self.molora_layers()
-               for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
-        own |= self._resized_embeddings()
+        own = self._molora_parameter_ids() | self._resized_embeddings()
         for name, p in self.base_model.named_parameters():
             name = unwrapped_name(name)
             if p.requires_grad or id(p) in own or name in self._saved_base_names:
                 yield name, p
+
+    def _molora_parameter_ids(self) -> set[int]:
+        """ids of the MoLoRA layers' own parameters (not their ``base_layer``'s)."""
+        return {id(p) for _, layer in self.molora_layers()
+                for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
 
     def _resized_embeddings(self) -> set[int]:
         """ids of the input / output embedding weights when ``resize_token_embeddings`` ran
@@ -526,10 +529,7 @@ class DATALORAModel(nn.Module):
         rows = _embedding_rows(self.base_model)
         if rows is None or rows == getattr(self, "_embedding_rows", rows):
             return set()
-        modules = [self.base_model.get_input_embeddings(),
-                   getattr(self.base_model, "get_output_embeddings", lambda: None)()]
-        return {id(m.weight) for m in modules if isinstance(getattr(m, "weight", None),
-                                                            torch.Tensor)}
+        return {id(weight) for weight in _embedding_weights(self.base_model)}
 
     def _adapter_keys(self) -> dict[str, str]:
         """Adapter tensor name (as saved) -> its name in ``self.state_dict()``."""
@@ -765,8 +765,7 @@ class DATALORAModel(nn.Module):
         """Gives the MoLoRA layers' parameters the floating dtypes they were saved in (an
         adapter trained in fp32 on a bf16 base keeps fp32 weights: the layers compute in
         the activations' dtype), so that loading them is exact."""
-        own = {id(p) for _, layer in self.molora_layers()
-               for name, p in layer.named_parameters() if not name.startswith("base_layer.")}
+        own = self._molora_parameter_ids()
         for name, param in self._base_adapter_parameters():
             dtype = dtypes.get(name)
             if id(param) in own and dtype is not None and param.dtype != dtype:
@@ -812,11 +811,16 @@ def _embedding_rows(model: nn.Module) -> int | None:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
-def _is_embedding(model: nn.Module, param: torch.Tensor) -> bool:
-    """Whether ``param`` is ``model``'s input or output embedding weight."""
+def _embedding_weights(model: nn.Module) -> list[torch.Tensor]:
+    """``model``'s input and output embedding weights (those it has)."""
     modules = [getattr(model, name, lambda: None)()
                for name in ("get_input_embeddings", "get_output_embeddings")]
-    return any(getattr(m, "weight", None) is param for m in modules)
+    return [m.weight for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+def _is_embedding(model: nn.Module, param: torch.Tensor) -> bool:
+    """Whether ``param`` is ``model``'s input or output embedding weight."""
+    return any(weight is param for weight in _embedding_weights(model))
 
 
 def _weights_file(folder: Path) -> Path:

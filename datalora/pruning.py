@@ -580,8 +580,8 @@ class DATALORARuntime:
 
     def __getstate__(self):
         # ``last`` / the forward context hold non-leaf tensors of the latest forward, which
-        # copy.deepcopy (of the DATALORAModel holding this runtime) refuses; the model and
-        # layers go in as objects, so that a copy refers to the copied model
+        # copy.deepcopy (of the DATALORAModel holding this runtime) refuses; the model goes
+        # in as an object, so that a copy refers to the copied model
         state = self.__dict__.copy()
         state["last"] = state["_local"] = None
         state["_model"] = self.model

@@ -414,9 +414,9 @@ class DATALORATrainer(Trainer):
         (host tensors; reads the device once)."""
         if not self._task_routes:
             return {}
-        tasks = torch.cat([t for t, _ in self._task_routes]).cpu()
-        counts = torch.cat([c for _, c in self._task_routes]).cpu()
-        loads = {int(t): counts[tasks == t].sum(0) for t in tasks.unique().tolist()}
+        self._compact_task_routes()
+        [(tasks, counts)] = self._task_routes
+        loads = dict(zip(tasks.cpu().tolist(), counts.cpu(), strict=True))
         return {t: c for t, c in loads.items() if c.sum() > 0}  # tasks seen only as padding
 
     def _data_parallel_ranks(self) -> int:
