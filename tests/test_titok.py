@@ -292,6 +292,59 @@ def test_a_response_cut_by_max_new_tokens_keeps_no_eos_label(tok):
     assert done["labels"] == full["labels"]
 
 
+def test_a_response_cut_inside_a_character_ends_at_the_last_whole_one(tok):
+    """A byte-level tokenizer spreads a character over several tokens: a response cut by
+    max_new_tokens inside one decoded to U+FFFD, which was then scored and trained."""
+    ids = tok("日本", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # a character spread over tokens
+
+    class Source(nn.Module):
+        def __init__(self, answer):
+            super().__init__()
+            self.answer, self.w = answer, nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **_):
+            new = torch.tensor([self.answer] * input_ids.shape[0])
+            return torch.cat([input_ids, new], dim=1)
+
+    row = {"question": "Say it"}
+    [cut] = generate_synthetic(Source(ids[:-1]), tok, [row], progress=False)
+    assert cut == {**cut, "response": "日", "finished": False}
+    [whole] = generate_synthetic(Source(ids), tok, [row], progress=False)
+    assert whole["response"] == "日本" and whole["finished"] is False
+    [done] = generate_synthetic(Source(ids[:-1] + [tok.eos_token_id]), tok, [row],
+                                progress=False)
+    assert done["finished"] is True and done["response"].endswith("\ufffd")  # as generated
+
+
+def test_a_cut_responses_eos_is_neither_scored_nor_selected(tok):
+    """The EOS tokenize_example appends to a cut response is not the source's token: it was
+    scored (counted in the sample's mean excess) and could be the selected token, whose
+    label was then removed, dropping the sample as 'no label left'."""
+    row = dict(ROW, finished=False)
+    offsets = response_offsets(tok, row["response"], format_prompt(row))
+    n = len(offsets)
+    excess = torch.full((n,), -3.0)
+    excess[-1] = 5.0  # the appended EOS scores highest
+    sample = ScoredSample(row=row, offsets=offsets, logp_lora=excess,
+                          logp_base=torch.zeros(n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dropped ... no label left"
+        [ex], stats = build_masked_examples([sample], tok, sample_keep=1,
+                                            token_keep=1 / n)
+    labelled = [p for p, v in enumerate(ex["labels"]) if v != IGNORE_INDEX]
+    assert len(labelled) == 1 and ex["input_ids"][labelled[0]] != tok.eos_token_id
+    assert stats["dropped_no_labels"] == 0 and stats["unfinished_no_eos_label"] == 1
+
+    model = _small(seed=3)
+    [cut, done] = contrastive_excess(model, tok, [row, ROW], base_model=_small(seed=4),
+                                     progress=False)
+    assert len(cut.offsets) == n - 1 and cut.offsets == offsets[:-1]
+    assert len(done.offsets) == n and done.offsets[-1] == (len(ROW["response"]),) * 2
+    torch.testing.assert_close(cut.excess, done.excess[:-1])
+    assert cut.mean_excess == pytest.approx(float(done.excess[:-1].mean()))
+
+
 def test_all_tokens_baseline_and_whitespace_responses(tok):
     """token_keep = 1 is the all-tokens baseline: every response token keeps its label, even
     one no source token scored (NaN excess); drop_empty also drops a whitespace-only

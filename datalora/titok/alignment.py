@@ -129,7 +129,8 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     response cut away, or no token scored) is dropped, with a warning giving the count.
     A row with ``finished`` False (:func:`~datalora.titok.synthetic.generate_synthetic`:
     ``max_new_tokens`` cut it before an EOS) keeps no label on its final EOS: the target
-    must not learn to stop where the source was cut.
+    must not learn to stop where the source was cut; its tokens are selected among the
+    others.
 
     Returns:
         ``(examples, stats)``: examples with ``input_ids, attention_mask, labels``; stats
@@ -152,14 +153,17 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
                                        format_prompt(sample.row))
         scores = align_token_scores(sample.offsets, sample.excess, tgt_offsets,
                                     reduce)[:len(resp)]
+        cut_eos = sample.row.get("finished", True) is False and bool(resp) \
+            and ex["input_ids"][resp[-1]] == tokenizer.eos_token_id
+        if cut_eos:  # cut by max_new_tokens: not where it stops, and never a selected token
+            scores[-1] = float("nan")
         mask = select_tokens(scores, token_keep) if token_keep < 1 else torch.ones(
             len(resp), dtype=torch.bool)
         for pos, keep in zip(resp, mask.tolist(), strict=True):
             if not keep:
                 labels[pos] = IGNORE_INDEX
-        if sample.row.get("finished", True) is False and resp \
-                and ex["input_ids"][resp[-1]] == tokenizer.eos_token_id:
-            labels[resp[-1]] = IGNORE_INDEX  # cut by max_new_tokens: not where it stops
+        if cut_eos:
+            labels[resp[-1]] = IGNORE_INDEX
             unfinished += 1
         n_labels = sum(v != IGNORE_INDEX for v in labels)
         if n_labels == 0:

@@ -35,7 +35,10 @@ class ScoredSample:
     Attributes:
         row: the synthetic row.
         offsets: ``[n]`` character spans ``(start, end)`` of the response tokens in
-            ``row["response"]`` (source tokenizer); the final EOS is ``(len, len)``.
+            ``row["response"]`` (source tokenizer); the final EOS is ``(len, len)``. A row
+            with ``finished`` False (cut by ``max_new_tokens``) has no EOS here: the EOS
+            :func:`~datalora.data.tokenize_example` appends is not a token the source
+            produced, so it is neither scored nor trained.
         logp_lora / logp_base: ``[n]`` log-probabilities of each response token.
         excess: ``[n]`` ``logp_lora - logp_base``.
     """
@@ -233,6 +236,8 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
     scored = []
     for row, lp, bp in zip(rows, lora_lp, base_lp, strict=True):
         offsets = response_offsets(tokenizer, row["response"], format_prompt(row))
+        if row.get("finished", True) is False:
+            offsets = offsets[:-1]  # the appended EOS of a cut response: not the source's
         n = min(len(offsets), lp.numel())  # truncation by max_length cuts the tail
         scored.append(ScoredSample(row=dict(row), offsets=offsets[:n], logp_lora=lp[:n],
                                    logp_base=bp[:n]))

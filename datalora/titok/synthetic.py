@@ -18,6 +18,25 @@ from datalora.data import (
 from datalora.titok._util import eval_mode, model_device, seeded
 
 
+def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
+    """``ids`` decoded without a character cut in the middle at the end.
+
+    A byte-level tokenizer spreads a multi-byte character over several tokens, so a
+    generation stopped by ``max_new_tokens`` can end inside one, which decodes to U+FFFD.
+    The last tokens (at most 3: a UTF-8 character has at most 4 bytes) are dropped when
+    that removes the trailing U+FFFD; a U+FFFD that dropping them does not remove is
+    kept.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, min(3, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        shorter = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+        if not shorter.endswith("\ufffd"):
+            return shorter
+    return text
+
+
 @torch.no_grad()
 def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dict[str, str]],
                        *, samples_per_prompt: int = 1, max_new_tokens: int = 24,
@@ -38,7 +57,9 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
         Rows ``{id, system_prompt, question, response, task, finished}``; ``response`` is
         the generated text (up to EOS), ``finished`` False when ``max_new_tokens`` cut it
         before an EOS (its training example then has no EOS label: the target must not
-        learn to stop there), with ``samples_per_prompt * len(seed_rows)`` rows.
+        learn to stop there; a multi-byte character it cut in the middle is left out
+        rather than decoded to U+FFFD), with ``samples_per_prompt * len(seed_rows)``
+        rows.
     """
     if not seed_rows:
         raise ValueError("seed_rows: expected at least one seed prompt, got none")
@@ -66,12 +87,13 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
                                      eos_token_id=tokenizer.eos_token_id)
                 for j, row in enumerate(chunk):
                     new = gen[j, enc["input_ids"].shape[1]:]
-                    text = tokenizer.decode(new, skip_special_tokens=True)
+                    finished = bool((new == tokenizer.eos_token_id).any())
+                    text = (tokenizer.decode(new, skip_special_tokens=True) if finished
+                            else _decode_whole_characters(tokenizer, new.tolist()))
                     out.append({"id": f"synthetic.{len(out)}",
                                 "system_prompt": row.get("system_prompt", "") or "",
                                 "question": row["question"], "response": text.strip(),
-                                "task": row.get("task", "unknown"),
-                                "finished": bool((new == tokenizer.eos_token_id).any())})
+                                "task": row.get("task", "unknown"), "finished": finished})
     finally:
         tokenizer.padding_side = side
     return out
