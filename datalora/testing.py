@@ -56,6 +56,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "tiny_mistral_config",
     "train_validation_split",
+    "with_appended_eos",
 ]
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
@@ -162,6 +163,24 @@ def build_tokenizer(cache_dir: str | os.PathLike[str] | None = None, *,
     _build_cached(target, "tokenizer.json", lambda tmp: _train_tokenizer(
         corpus, vocab_size, min_frequency).save_pretrained(str(tmp)))
     return AutoTokenizer.from_pretrained(str(target))
+
+
+def with_appended_eos(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer (with BOS and EOS tokens) that appends EOS to every text
+    it encodes with special tokens, as Llama-2 / Mistral tokenizers with
+    ``add_eos_token=True`` do: for testing code paths such tokenizers take."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = tok.bos_token, tok.eos_token
+    if bos is None or eos is None or not hasattr(tok, "_tokenizer"):
+        raise ValueError("tokenizer: expected a fast tokenizer with BOS and EOS tokens")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id),
+                                                  (eos, tok.eos_token_id)])
+    return tok
 
 
 def _build_cached(target: Path, marker: str, build: Any) -> None:

@@ -27,7 +27,7 @@ from datalora.data import (
     tokenize_rows,
     write_jsonl,
 )
-from datalora.testing import build_tokenizer
+from datalora.testing import build_tokenizer, with_appended_eos
 
 
 @pytest.fixture(scope="module")
@@ -536,27 +536,12 @@ def test_response_merged_into_the_prompts_last_token_is_still_trained(run_mergin
     assert plain["labels"].count(-100) == len(prompt_ids)
 
 
-def _appending_eos(tokenizer):
-    """A copy of the embedded (fast) tokenizer whose post-processor appends EOS to every
-    text, as Llama-2 / Mistral tokenizers with add_eos_token=True do."""
-    import copy
-
-    from tokenizers import processors
-
-    tok = copy.deepcopy(tokenizer)
-    bos, eos = tok.bos_token, tok.eos_token
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id),
-                                                  (eos, tok.eos_token_id)])
-    return tok
-
-
 def test_an_eos_appending_tokenizer_is_queried_with_the_prompt_it_was_trained_on(tokenizer):
     """Generation encoded the prompt with its appended EOS ("### Answer:\n</s>"), which
     training never shows before an answer; an empty response was trained as EOS -> EOS."""
     from datalora.data import appended_special_ids, format_prompt, prompt_inputs
 
-    tok = _appending_eos(tokenizer)
+    tok = with_appended_eos(tokenizer)
     assert appended_special_ids(tok) == [tok.eos_token_id]
     assert appended_special_ids(tokenizer) == []
     rows = [{"question": "What is 2 + 3?", "response": "5"},

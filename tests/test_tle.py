@@ -415,6 +415,25 @@ def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
     torch.testing.assert_close(last2, torch.nn.functional.normalize(emb, dim=-1))
 
 
+def test_centroids_leave_out_an_eos_the_tokenizer_appends(adapter_dirs):
+    """fit_centroids encoded its examples with the EOS an add_eos_token tokenizer appends,
+    which the routing's context (the prompt, as prompt_inputs encodes it) never holds."""
+    from datalora.data import prompt_inputs
+    from datalora.testing import build_tokenizer, with_appended_eos
+
+    tok = build_tokenizer(vocab_size=300)
+    eos_tok = with_appended_eos(tok)
+    text = "Reverse the letters: abcde"
+    assert eos_tok(text)["input_ids"][-1] == tok.eos_token_id
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs,
+                                   embedder=HiddenStateEmbedder(0, window=2))
+    got = mixer.embed_texts([text, "Sort: 5, 2"], eos_tok)
+    torch.testing.assert_close(got, mixer.embed_texts([text, "Sort: 5, 2"], tok))
+    stream = mixer.embedder.stream(mixer)
+    stream.extend(prompt_inputs(eos_tok, text)["input_ids"][0].tolist())
+    torch.testing.assert_close(got[0], stream.embedding())
+
+
 def test_positions_centroids_average_every_position(adapter_dirs):
     """pooling="positions": the mean of the normalised window embeddings at every token of
     every text (texts of different lengths: padding is dropped, not averaged in)."""

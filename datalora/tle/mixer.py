@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datalora.checks import check_int, check_number
+from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
 from datalora.layers import MoLoRALinear, adapters_off
@@ -375,9 +376,10 @@ class TokenLevelAdapterMixer(nn.Module):
         ``[n_tokens, D]`` at every token of every text (padding dropped)."""
         embedder = self.embedder if embedder is None else embedder
         # right padding: the last token of text i is at mask.sum(1) - 1 (and positions
-        # start at 0), whatever the tokenizer's padding_side
-        batch = tokenizer(texts, return_tensors="pt", padding=True,
-                          padding_side="right").to(self.device)
+        # start at 0), whatever the tokenizer's padding_side; encoded as prompts are for
+        # generation (without an EOS the tokenizer appends to every text)
+        batch = prompt_inputs(tokenizer, texts, self.device, padding=True,
+                              padding_side="right")
         mask = batch["attention_mask"]
         empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
         if empty:  # no BOS added: an empty text has no token, so no context embedding
@@ -515,8 +517,9 @@ class TokenLevelAdapterMixer(nn.Module):
             return_details: also return the step logits ``[n, V]``, the weights used at
                 each step ``[n, N]`` and the recompute count.
             attention_mask: optional ``[1, P]`` mask of ones (what a tokenizer returns with
-                the ids, so ``mixer.generate(**tokenizer(text, return_tensors="pt"))``
-                works); padding is refused.
+                the ids, so ``mixer.generate(**prompt_inputs(tokenizer, text))`` works;
+                :func:`~datalora.data.prompt_inputs` leaves out the EOS some tokenizers
+                append to every text, which would end the prompt); padding is refused.
 
         Returns:
             ``[1, P + n]`` token ids, or a dict with ``sequences``, ``logits``,
