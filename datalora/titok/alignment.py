@@ -28,8 +28,10 @@ def tile_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     leave the space of ``Ġword`` outside its span and give a whitespace-only ``Ġ`` a
     zero-width span. Here a gap before a token belongs to that token (a leading space is
     part of the word, as ``Ġ`` / ``▁`` mean), trailing gap characters to the last token, and
-    a zero-width token before a wider one takes that token's span. Spans that already tile
-    the text are returned unchanged; zero-width spans at the end (EOS) stay as they are.
+    a zero-width token before a wider one takes that token's span, and one after the last
+    wide token (trailing whitespace) that token's span. Spans that already tile the text
+    are returned unchanged; the final span, when zero-width (the EOS of
+    :func:`~datalora.titok.excess.response_offsets`), stays as it is.
     """
     spans = [(int(s), int(e)) for s, e in offsets]
     out, end = list(spans), 0
@@ -47,6 +49,9 @@ def tile_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
             following = out[i]
         elif following is not None:
             out[i] = following
+    if wide:  # trailing whitespace, before the final (EOS) span
+        for i in range(wide[-1] + 1, len(spans) - 1):
+            out[i] = out[wide[-1]]
     return out
 
 
