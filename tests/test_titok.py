@@ -481,6 +481,21 @@ def test_titok_transfer_is_reproducible_from_its_seed(tok, tok_other):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def test_titok_transfer_with_only_empty_responses_says_so(tok):
+    """Every synthetic response empty (dropped by drop_empty) failed in the training step
+    with "examples: expected at least one training example", naming neither cause."""
+    peft = pytest.importorskip("peft")
+    from datalora.titok import titok_transfer
+
+    source = peft.get_peft_model(_small(seed=2), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], init_lora_weights=False))
+    empty = [dict(ROW, response=""), dict(ROW, response="  ")]
+    with pytest.raises(ValueError, match=r"synthetic: no training example left of the 2 "
+                                         r"synthetic samples \(2 with an empty response"):
+        titok_transfer(source, tok, _small(seed=4), tok, [ROW], synthetic=empty, steps=1,
+                       progress=False)
+
+
 @pytest.mark.parametrize("adapter", ["lora", "molora"])
 def test_titok_transfer_takes_one_target_module_as_a_string(tok, adapter):
     """target_modules="q_proj" passed the up-front check, then the adapter was attached to
@@ -819,6 +834,22 @@ def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, t
         assert f"{flag}: not used by" in capsys.readouterr().err
 
 
+def test_seed_file_rows_are_checked_where_they_are_read(tmp_path):
+    """A non-string system_prompt passed the seed file's check and failed after both
+    models had loaded, naming neither the file nor the line."""
+    from datalora.titok.cli import load_seed_prompts
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"question": "q1", "system_prompt": null}\n'
+                     '{"question": "q2", "system_prompt": "Be short."}\n')
+    assert load_seed_prompts(seeds) == [{"question": "q1", "system_prompt": ""},
+                                        {"question": "q2", "system_prompt": "Be short."}]
+    seeds.write_text('{"question": "q1"}\n{"question": "q2", "system_prompt": 5}\n')
+    with pytest.raises(ValueError, match=r"seed_file: .*seeds.jsonl line 2: 'system_prompt' "
+                                         r"must be a string, got int"):
+        load_seed_prompts(seeds)
+
+
 def test_datalora_source_with_pruning_runs_the_plain_base_pass(tok):
     """With shared routing and token pruning the base pass must also run unpruned: the
     adapter off and the pruned layers dense, i.e. the plain base model."""
@@ -885,6 +916,16 @@ def test_peft_source_whose_disabled_model_is_not_the_base_needs_base_model(tok, 
     assert "init_lora_weights='pissa'" in disabled_is_not_base(pissa)
     plain = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert disabled_is_not_base(plain) is None
+    for bias in ("all", "lora_only"):  # a model without biases: disabling gives the base
+        no_biases = peft.get_peft_model(_small(), peft.LoraConfig(
+            r=2, target_modules=["q_proj"], bias=bias))
+        assert disabled_is_not_base(no_biases) is None
+    only_lora = peft.get_peft_model(_qwen_with_biases(), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], bias="lora_only"))   # Qwen2's q_proj has a bias
+    assert "bias='lora_only'" in disabled_is_not_base(only_lora)
+    outside = peft.get_peft_model(_qwen_with_biases(), peft.LoraConfig(
+        r=2, target_modules=["o_proj"], bias="lora_only"))   # o_proj has none
+    assert disabled_is_not_base(outside) is None
     # replicated layers still run, and KaSA's truncated base stays, when disabled
     replicated = peft.get_peft_model(_small(), peft.LoraConfig(
         r=2, target_modules=["q_proj"], layer_replication=[[0, 1], [0, 1]]))

@@ -506,6 +506,12 @@ def test_save_load_round_trip(adapter_dirs, tmp_path):
     assert torch.equal(got, want)
     with pytest.raises(FileNotFoundError):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "nothing")
+    # another base: named as such (was "centroids: expected [3, 32] ...")
+    for other in (dict(hidden_size=32, intermediate_size=48), dict(num_hidden_layers=1)):
+        with pytest.raises(ValueError, match=r"model: not the base model the mixer in .*mixer"
+                                             r" was saved with \(its (centroids|adapters)"):
+            TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=0, **{**SMALL, **other}),
+                                                   tmp_path / "mixer")
 
 
 def test_a_save_interrupted_between_the_two_files_is_recognised(adapter_dirs, tmp_path,

@@ -133,9 +133,18 @@ def _molora_layers(model: nn.Module) -> list[MoLoRALinear]:
     return [m for m in model.modules() if isinstance(m, MoLoRALinear)]
 
 
+def _has_adapter_biases(model: nn.Module, bias: str) -> bool:
+    """Whether a PEFT adapter's ``bias`` setting (``'all'``: every bias of the model,
+    ``'lora_only'``: those of the LoRA-adapted layers) covers any bias parameter."""
+    modules = (model.modules() if bias != "lora_only"
+               else (m for m in model.modules() if hasattr(m, "lora_A")))
+    return any(isinstance(getattr(m, "bias", None), nn.Parameter) for m in modules)
+
+
 def disabled_is_not_base(model: nn.Module) -> str | None:
     """Why ``model``'s ``disable_adapter()`` would not run its base model, or None: a PEFT
-    adapter with trained biases (``bias='all'`` / ``'lora_only'``: they stay on), one whose
+    adapter whose ``bias='all'`` / ``'lora_only'`` covers biases (trained: they stay on;
+    a model without biases is fine), one whose
     initialisation rewrote the base weights (PiSSA, OLoRA, ...: the residual stays), one
     replicating decoder layers (``layer_replication``: they still run) or KaSA (its SVD
     truncation of the base weights stays)."""
@@ -146,7 +155,7 @@ def disabled_is_not_base(model: nn.Module) -> str | None:
     for name in active:
         config = configs.get(name)
         bias = getattr(config, "bias", "none")
-        if bias not in (None, "none"):
+        if bias not in (None, "none") and _has_adapter_biases(model, bias):
             return f"adapter {name!r} has bias={bias!r}, whose biases stay on when disabled"
         init = getattr(config, "init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):

@@ -195,6 +195,12 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     examples, stats = build_masked_examples(scored, target_tokenizer, sample_keep=sample_keep,
                                             token_keep=token_keep, max_length=max_length,
                                             reduce=reduce, drop_empty=drop_empty)
+    if not examples:
+        empty = len(scored) - stats["num_usable"]
+        raise ValueError(f"synthetic: no training example left of the {len(scored)} synthetic "
+                         f"samples ({empty} with an empty response, dropped by drop_empty; "
+                         f"{stats['dropped_no_labels']} without a label after selection): "
+                         f"give the source more max_new_tokens or other seed prompts")
     # seeded before the adapter: its initialisation is part of the seed
     with seeded(seed, model_device(target_model)):
         target = _attach_adapter(target_model, adapter, rank, alpha, target_modules)

@@ -698,8 +698,14 @@ class TokenLevelAdapterMixer(nn.Module):
             raise ValueError(f"{next(iter(recency))}: set it on the embedder you pass")
         settings = {k: config[k] for k in ("tau", "mode", "every_n", "top_k")}
         settings.update(overrides)
-        mixer = cls(model, packed, names=config["names"], centroids=tensors.get("centroids"),
-                    embedder=embedder, **settings)
+        try:
+            mixer = cls(model, packed, names=config["names"],
+                        centroids=tensors.get("centroids"), embedder=embedder, **settings)
+        except ValueError as exc:
+            if not str(exc).startswith(("adapters: module", "centroids: expected [")):
+                raise
+            raise ValueError(f"model: not the base model the mixer in {directory} was saved "
+                             f"with (its {exc}); load it on that base model") from exc
         mixer.adapter_paths = config.get("adapter_paths")
         saved = tensors.get("base_samples")
         if saved is not None:
