@@ -31,6 +31,13 @@ def test_schedule_by_steps(step, phase, tau, retention, hard):
     assert math.isclose(s.retention, retention, rel_tol=1e-12)
 
 
+def test_phase_boundaries_of_a_long_run_are_exact_steps():
+    """The step before a boundary is still in the earlier phase (3000 steps: 1000, 2000)."""
+    s = make(total=3000)
+    assert [s.state_at(i).phase for i in (999, 1000, 1999, 2000)] == [
+        "warmup", "sparsification", "sparsification", "hardening"]
+
+
 def test_schedule_by_epochs_matches_the_card():
     s = CurriculumScheduler.from_config(DATALORAConfig(), num_epochs=3, mode="epochs")
     assert s.state_at(epoch=0.99).phase == "warmup"

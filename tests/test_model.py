@@ -509,30 +509,34 @@ def test_an_invalid_config_file_is_named_by_load_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("is_trainable", [False, True])
-def test_fp32_adapters_of_a_bf16_base_reload_exactly(tmp_path, is_trainable):
+@pytest.mark.parametrize("base_dtype, adapter_dtype", [(torch.bfloat16, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
+def test_adapters_in_another_dtype_than_the_base_reload_exactly(tmp_path, is_trainable,
+                                                                 base_dtype, adapter_dtype):
     """train_datalora keeps fp32 adapters on a bf16 base; from_pretrained cast them to
     bf16 (a warning said the load was not bit-exact), so further training ran on 16-bit
-    weights and saving again changed the stored tensors."""
+    weights and saving again changed the stored tensors. The mirror case (bf16 adapters on
+    an fp32 base) needs the header's BF16 dtype read back."""
     import warnings
 
     from safetensors.torch import load_file
 
-    wrapped = get_datalora_model(build_tiny_model(seed=0, dtype=torch.bfloat16),
+    wrapped = get_datalora_model(build_tiny_model(seed=0, dtype=base_dtype),
                                  DATALORAConfig(**CFG), verbose=False)
     for _, layer in wrapped.molora_layers():
         for param in layer.parameters():
             if param.requires_grad:
-                param.data = param.data.float()
+                param.data = param.data.to(adapter_dtype)
     perturb(wrapped)
     ids = torch.randint(4, 1000, (2, 11))
     logits = wrapped(input_ids=ids).logits
     wrapped.save_pretrained(tmp_path / "first")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0, dtype=torch.bfloat16),
+        loaded = DATALORAModel.from_pretrained(build_tiny_model(seed=0, dtype=base_dtype),
                                                tmp_path / "first", is_trainable=is_trainable)
     assert {p.dtype for _, layer in loaded.molora_layers()
-            for n, p in layer.named_parameters() if "lora_" in n} == {torch.float32}
+            for n, p in layer.named_parameters() if "lora_" in n} == {adapter_dtype}
     assert torch.equal(loaded(input_ids=ids).logits, logits)
     loaded.save_pretrained(tmp_path / "again")
     first, again = (load_file(tmp_path / name / "adapter_model.safetensors")

@@ -79,6 +79,11 @@ def test_select_tokens_counts_padding_last(retention, noise):
 def test_keep_count_no_float_roundup():
     assert keep_count(10, 0.3) == 3 and keep_count(10, 0.7) == 7 and keep_count(7, 0.5) == 4
     assert torch.equal(keep_count(torch.tensor([10, 3, 0]), 0.3), torch.tensor([3, 1, 0]))
+    # 25 * 0.28 is 7.000000000000001 in doubles (10 * 0.3 is exactly 3.0): ceil gave 8
+    assert 25 * 0.28 > 7 and keep_count(25, 0.28) == 7
+    assert torch.equal(keep_count(torch.tensor([25, 50, 75]), 0.28), torch.tensor([7, 14, 21]))
+    sel = select_tokens(torch.zeros(1, 25), 0.28)
+    assert sel.counts.tolist() == [7] and sel.keep_idx.shape == (1, 7)
 
 
 def test_a_tiny_retention_still_keeps_the_last_real_token():
@@ -110,6 +115,10 @@ def test_packed_mask_is_causal_over_original_positions():
     assert torch.equal(m, expected)  # never a later key; a filler key hidden; own row kept
     w = packed_attention_mask(ok, idx, idx, torch.float32, as_bool=True, sliding_window=3)
     assert not w[0, 0, 3, 1] and w[0, 0, 3, 3]  # 6 - 2 >= 3: outside the window
+    run = torch.tensor([[3, 4, 5, 6]])                # the window's edge: 6 sees 4..6, not 3
+    edge = packed_attention_mask(torch.ones(1, 4, dtype=torch.bool), run, run, torch.float32,
+                                 as_bool=True, sliding_window=3)
+    assert edge[0, 0, 3].tolist() == [False, True, True, True]
     add = packed_attention_mask(ok, idx, idx, torch.float16, as_bool=False)
     assert add.dtype == torch.float16 and add[0, 0, 0, 1] == torch.finfo(torch.float16).min
 

@@ -659,6 +659,30 @@ def test_trimmed_source_offsets_still_score_target_whitespace_tokens():
     assert scores[:2].tolist() == [1.0, 1.0] and math.isnan(scores[2])
 
 
+class _MergingTokenizer:
+    """Character-level (id = code point + 10; BOS 1, EOS 2), except that "ZQ" is one token:
+    a prompt ending in Z and a response starting with Q share it."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        ids, offsets, i = [], [], 0
+        while i < len(text):
+            width = 2 if text.startswith("ZQ", i) else 1
+            ids.append(999 if width == 2 else ord(text[i]) + 10)
+            offsets.append((i, i + width))
+            i += width
+        if add_special_tokens:
+            ids, offsets = [1, *ids], [(0, 0), *offsets]
+        return {"input_ids": ids, **({"offset_mapping": offsets} if return_offsets_mapping
+                                     else {})}
+
+
+def test_a_token_straddling_the_prompt_end_spans_the_response_from_0():
+    offsets = response_offsets(_MergingTokenizer(), "Qab", "Say Z")
+    assert offsets == [(0, 1), (1, 2), (2, 3), (3, 3)]   # "ZQ" is (4, 6) in "Say ZQab"
+
+
 def test_trailing_whitespace_tokens_are_scored_with_the_last_word_not_the_eos():
     """Trimmed offsets give trailing whitespace tokens zero-width spans: they were matched
     like the EOS (one took the source EOS's score, another none)."""

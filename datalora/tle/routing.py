@@ -31,11 +31,11 @@ def routing_weights(embeddings: torch.Tensor, centroids: torch.Tensor,
         raise ValueError(f"centroids: expected shape [N, D={embeddings.shape[-1]}], got "
                          f"{tuple(centroids.shape)}")
     sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
-    # shifted by the row max first: the same softmax, but a tiny tau cannot overflow
-    # sim / tau to inf (inf - inf = NaN weights); a tau below fp32's smallest normal would
-    # round to 0 in the division (0 / 0 = NaN): the argmax limit is the same
+    # a tau below fp32's smallest normal would overflow sim / tau to inf (inf - inf = NaN
+    # in the softmax) or round to 0 in the division (0 / 0 = NaN); at that normal
+    # |sim / tau| <= 8.5e37 stays finite (|sim| <= 1), and the argmax limit is the same
     tau = max(tau, torch.finfo(torch.float32).tiny)
-    return torch.softmax((sim - sim.amax(-1, keepdim=True)) / tau, dim=-1)
+    return torch.softmax(sim / tau, dim=-1)
 
 
 def _check_mode(mode: str, every_n: int) -> int:
