@@ -1586,6 +1586,32 @@ def test_task_adapter_cache_survives_an_interrupted_retraining(tmp_path, monkeyp
     assert json.loads(stamp.read_text())["settings"]["steps"] == 1
 
 
+def test_a_task_adapter_does_not_depend_on_the_callers_rng(tmp_path, monkeypatch):
+    """The LoRA was initialised before the seed was set: on the (cached, so RNG-free)
+    pretrained base a task adapter depended on what the process had drawn before."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    import datalora.experiments.task_adapters as task_adapters
+    from datalora.data import load_instruction_dataset
+
+    rows = [r for r in load_instruction_dataset("embedded", "train")
+            if r["task"] == "sort"][:4]
+    base = build_tiny_model(seed=0, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    monkeypatch.setattr(task_adapters, "build_base_model",
+                        lambda *a, **k: copy.deepcopy(base))  # draws nothing, as a cache load
+    saved = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        folder = task_adapters.train_task_adapter("sort", tmp_path / str(caller_seed), steps=1,
+                                                  batch_size=2, rows=rows, progress=False)
+        saved.append(load_file(folder / "adapter_model.safetensors"))
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
 def test_generate_result_type_follows_return_details():
     """``py.typed``: generate() was annotated ``Tensor | dict``, so a type checker rejected
     ``mixer.generate(ids)[0, P:]`` (datalora's own tle CLI tripped on it); overloads give

@@ -111,7 +111,8 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
     if rows is None:
         rows = task_rows(task)
     model = build_base_model(base, model_seed, progress=progress, **(model_kwargs or {}))
-    stamp = {"task": task, "base": base, "base_weights": weights_digest(model),
+    # "recipe": bumped when the training changes (2: the LoRA initialised after seeding)
+    stamp = {"recipe": 2, "task": task, "base": base, "base_weights": weights_digest(model),
              "rows": [r["id"] for r in rows], "steps": steps,
              "lr": lr, "batch_size": batch_size, "seed": seed,
              "model_seed": model_seed, "model_kwargs": model_kwargs or {}, "rank": rank,
@@ -129,8 +130,8 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                         lora_dropout=0.0, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # before the adapter: its initialisation is part of the seed
     peft_model = get_peft_model(model, config)
-    torch.manual_seed(seed)
     start = time.perf_counter()
     records = finetune(peft_model, tokenizer, rows, steps=steps, batch_size=batch_size, lr=lr,
                        seed=seed, progress=progress)
