@@ -44,7 +44,7 @@ TRITON_ALT ?= 3.6.0
 ALT_VENV := .venv-triton-$(TRITON_ALT)
 compile-check-alt:
 	@test -x $(ALT_VENV)/bin/python || $(PYTHON) -m venv $(ALT_VENV)
-	$(ALT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(ALT_VENV)/bin/python -m pip install -q torch==2.13.0 $(TORCH_INDEX_FLAG)
 	DATALORA_BUILD_CUDA=0 $(ALT_VENV)/bin/python -m pip install -q -e . triton==$(TRITON_ALT)
 	TRITON_INTERPRET= $(ALT_VENV)/bin/python -m benchmarks.resources --triton-only
 

@@ -122,6 +122,8 @@ class NF4Tensor:
 
     def __post_init__(self) -> None:
         self.shape = torch.Size(self.shape)
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"shape: expected non-negative sizes, got {tuple(self.shape)}")
         for name in ("data", "absmax", "nested_absmax", "nested_code", "offset"):
             value = getattr(self, name)
             if not (isinstance(value, torch.Tensor)
@@ -335,9 +337,11 @@ def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)
-    if n % blocksize:  # bitsandbytes stores a short last block's absmax clamped to 1e-38
-        absmax[-1:] = absmax[-1:].clamp(min=1e-38)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]
+    if n % blocksize:  # as bitsandbytes: a short last block's absmax clamped to 1e-38 and
+        absmax[-1:] = absmax[-1:].clamp(min=1e-38)  # divided by (not times its reciprocal:
+        scaled[-1] = blocks[-1] / absmax[-1]  # one ulp apart flips a nibble at a boundary)
+    scaled = scaled.clamp(-1.0, 1.0).reshape(-1)
     scaled = scaled[: n + (n % 2)]  # odd n: one zero pad value (nibble 7) fills the last byte
     q = torch.bucketize(scaled, _NF4_BOUNDS.to(w.device), out_int32=True).to(torch.uint8)
     data = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
@@ -387,6 +391,10 @@ def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torc
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {(*FLOAT_DTYPES, torch.float64)}, got "
                          f"{dtype}")
+    for name, value in t.tensors().items():
+        if value.device != t.device:
+            raise ValueError(f"t.{name}: expected device {t.device} (data's), got "
+                             f"{value.device}")
     if t.device.type == "cuda":
         from datalora import _C_loader
 

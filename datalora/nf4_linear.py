@@ -17,10 +17,11 @@
   and one Triton GEMM that decodes the NF4 tiles in registers and adds the LoRA expand as
   extra K-iterations (``kernels/nf4_fused_linear.py``): W is never materialised in 16 bits
   and y is written once. The backward is ``grad @ dequant(W)`` for x (W is frozen) plus the
-  ``datalora::molora_delta_backward`` op. The flag is opt-in because no GPU has timed it yet
-  against dequantize + cuBLAS (``benchmarks.bench_nf4``, method ``triton_nf4_fused``; the
-  target is <= 1.10x the bf16 ``molora_linear`` at T >= 2048), as ``DATALORA_FUSED_LINEAR``
-  is for the bf16 fused linear.
+  ``datalora::molora_delta_backward`` op. The flag is opt-in because on an H200 it was slower
+  than dequantize + cuBLAS (``benchmarks.bench_nf4``, method ``triton_nf4_fused``: 1.17 /
+  2.31 ms vs 0.46 / 0.51 ms at T = 2048 / 4096; the target is <= 1.10x the bf16
+  ``molora_linear`` at T >= 2048), as ``DATALORA_FUSED_LINEAR`` is for the bf16 fused
+  linear.
 """
 
 from __future__ import annotations
@@ -528,12 +529,18 @@ def _lora_backend(backend: str, x: torch.Tensor) -> str:
     return auto_backend(x.device.type)
 
 
+def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the base computes in x's dtype (an ``NF4Linear`` always; a bnb
+    ``Linear4bit`` when x has its ``compute_dtype``): what the paths that dequantize the
+    weight to x's dtype (the fused kernels, ``molora_linear``) compute."""
+    return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base)
+
+
 def _inference_ok(base: nn.Module, x: torch.Tensor, tensors) -> bool:
-    """No gradient needed and the base computes in x's dtype (an ``NF4Linear`` always; a
-    bnb ``Linear4bit`` when x has its ``compute_dtype``)."""
+    """No gradient needed and the base computes in x's dtype."""
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
         return False
-    return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base)
+    return _computes_in_x_dtype(base, x)
 
 
 def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
@@ -555,13 +562,15 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     # routing flattened (and its layout checked) as the ops do: a reshape to [T, -1] would
     # take routing of another layout, e.g. [L, B, k] for x [B, L, d], mixing tokens
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
-    if lora_x is x and _fused_decode_ok(x2, t, (x, A, B, gates, rank_scale, base.bias)):
+    same_dtype = _computes_in_x_dtype(base, x)
+    if lora_x is x and same_dtype and _fused_decode_ok(x2, t, (x, A, B, gates, rank_scale,
+                                                                base.bias)):
         bias = None if base.bias is None else base.bias.to(x.dtype)
         y = _nf4_molora_decode_op(x2, t.data, t.absmax, t.nested_absmax, t.nested_code,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
                                   float(scaling), check_values)
         return y.view(*x.shape[:-1], t.shape[0])
-    if _triton_fused_ok(x, t, A, expert_ids, backend):
+    if same_dtype and _triton_fused_ok(x, t, A, expert_ids, backend):
         return _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,
                              check_values)
     if lora_x is x and _inference_ok(base, x, (x, A, B, gates, rank_scale, base.bias)):

@@ -21,9 +21,10 @@ Any blocksize of ``datalora.nf4.BLOCKSIZES``, any ``d_in`` and odd sizes work.
 Values are ``code * absmax`` in fp32 rounded to X's dtype, as ``nf4.dequantize(W,
 x.dtype)`` produces them (bit for bit: launched without FMA contraction,
 ``_common.LAUNCH_OPTIONS``, the double-quant scale rounds its multiply and add apart).
-Whether this beats dequantize + cuBLAS has not been measured on a GPU
-(``benchmarks.bench_nf4``, method ``triton_nf4_fused``), so ``datalora.nf4_linear`` runs it
-only with ``DATALORA_NF4_FUSED=1``. Tiles come from buckets of T (:func:`config`), programs
+On an H200 it is slower than dequantize + cuBLAS (``benchmarks.bench_nf4``, method
+``triton_nf4_fused``: 1.17 / 2.31 ms vs 0.46 / 0.51 ms at T = 2048 / 4096, 4096 x 4096;
+``benchmarks/results/gpu_h200/nf4_gpu.json``), so ``datalora.nf4_linear`` runs it only
+with ``DATALORA_NF4_FUSED=1``. Tiles come from buckets of T (:func:`config`), programs
 are grouped by ``GROUP_M`` row tiles as in ``fused_linear``.
 """
 

@@ -107,6 +107,19 @@ def test_other_blocksizes_bit_exact(blocksize, double_quant):
     assert torch.equal(nf4.dequantize(t, None), _bnb_dequantize(data, state))
 
 
+@pytest.mark.parametrize("lead", [0, 64])
+def test_a_short_last_block_divides_as_bitsandbytes(lead):
+    """bitsandbytes divides a short last block by its absmax (full blocks: times the
+    reciprocal); multiplying is one ulp off here, on the 14 | 15 boundary (0xff vs 0xfe)."""
+    tail = torch.tensor([7.676315784454346, 6.612980607690417])
+    assert tail[1] / tail[0] != tail[1] * (1.0 / tail[0])  # the ulp that matters
+    w = torch.cat([torch.linspace(-1, 1, lead), tail])
+    data, state = _bnb(w, 64, False)
+    t = nf4.quantize(w, 64, False)
+    _assert_same_as_bnb(t, data, state)
+    assert t.data[-1].item() == 0xFF
+
+
 def test_dequantize_other_dtype_is_fp32_value_rounded():
     w = _weight((40, 72), torch.float32)
     t = nf4.quantize(w, 64, True)
@@ -185,6 +198,13 @@ def test_nf4tensor_validates_fields():
         nf4.dequantize(t, torch.int8)
     with pytest.raises(TypeError, match="t: expected an NF4Tensor"):
         nf4.dequantize(torch.zeros(3))
+    # a negative shape whose product matches passed (then a RuntimeError in dequantize)
+    with pytest.raises(ValueError, match=r"shape: expected non-negative sizes, got \(-10, -64\)"):
+        nf4.NF4Tensor(t.data, t.absmax, (-10, -64), t.dtype, 64)
+    # fields on two devices: a RuntimeError naming none of them
+    split = nf4.NF4Tensor(t.data, t.absmax.to("meta"), t.shape, t.dtype, 64)
+    with pytest.raises(ValueError, match=r"t.absmax: expected device cpu \(data's\), got meta"):
+        nf4.dequantize(split)
 
 
 def test_nf4tensor_validates_double_quant_fields():
@@ -701,6 +721,38 @@ def test_nf4_molora_linear_reads_lora_x_and_the_bnb_compute_dtype():
         got = nf4_molora_linear(q, x, x, A, B, ids, gates, scaling=2.0)
     want = base_out + molora_delta_reference(x, A, B, ids, gates, None, 2.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+def test_the_fused_gpu_paths_keep_a_bnb_bases_compute_dtype(monkeypatch):
+    """The CUDA decode and Triton fused kernels dequantize W to x's dtype: for a bnb base
+    whose compute_dtype is another (fp32 with bf16 activations) they ran the base in bf16,
+    where every other path computes it in fp32 as bitsandbytes does."""
+    import datalora.nf4_linear as nl
+
+    def never(*args, **kwargs):
+        raise AssertionError("a fused kernel took a base of another compute dtype")
+
+    monkeypatch.setattr(nl, "_fused_decode_ok", lambda *args: True)
+    monkeypatch.setattr(nl, "_triton_fused_ok", lambda *args: True)
+    monkeypatch.setattr(nl, "_nf4_molora_decode_op", never)
+    monkeypatch.setattr(nl, "_triton_fused", never)
+    q = bnb.nn.Linear4bit(64, 16, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(_linear(64, 16).state_dict())
+    q = q.to("cpu")
+    x = torch.randn(2, 64).bfloat16()
+    A, B = torch.randn(3, 4, 64).bfloat16() * 0.1, torch.randn(3, 16, 4).bfloat16() * 0.1
+    ids, gates = torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 2).bfloat16()
+    with torch.no_grad():
+        got = nl.nf4_molora_linear(q, x, x, A, B, ids, gates, scaling=2.0)
+    want = nl.nf4_base_forward(q, x) + molora_delta_reference(x, A, B, ids, gates, None, 2.0)
+    torch.testing.assert_close(got, want.to(got.dtype))
+    fused = []  # an NF4Linear computes in x's dtype: the fused path is its own
+    monkeypatch.setattr(nl, "_nf4_molora_decode_op",
+                        lambda *a: fused.append(1) or torch.zeros(2, 16))
+    with torch.no_grad():
+        nl.nf4_molora_linear(NF4Linear.from_linear(_linear(64, 16)).bfloat16(), x, x, A, B,
+                             ids, gates, scaling=2.0)
+    assert fused == [1]
+
 
 def test_quantizing_a_bad_layer_names_the_callers_argument():
     """``NF4Linear.from_linear`` on an fp64 linear said ``w:`` (nf4.quantize's name) and
