@@ -225,10 +225,15 @@ class MoLoRALinear(nn.Module):
             logits = router(x2.to(router.weight.dtype))
         return topk_routing(logits, self.top_k, _trusted=trusted)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer alone, x ``[..., d_in]`` -> ``[..., d_out]`` (an NF4 base as in the
+        adapted path: no bitsandbytes repack)."""
+        return nf4_base_forward(self.base_layer, x) if self._nf4_base else self.base_layer(x)
+
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
-        if not self.adapter_enabled:  # an NF4 base as in the adapted path (no bnb repack)
-            return nf4_base_forward(self.base_layer, x) if self._nf4_base else self.base_layer(x)
+        if not self.adapter_enabled:
+            return self.base_forward(x)
         self._check_inputs(x, routing)
         plain = not self._nf4_base and self._plain_base()
         if plain:  # cast once under autocast: the router and the op save the same copy of x

@@ -1149,6 +1149,19 @@ def test_mixing_weights_are_per_thread(adapter_dirs):
         thread.join()
         assert torch.equal(copy.deepcopy(mixer).generate(prompt, 5, eos_token_id=[]), alone)
     assert torch.equal(got[0], alone)
+    # the base pass of the embedder (layer -1) switched every layer's adapters off for
+    # every thread: another thread's generate then ran on the base model
+    base = mixer(prompt)
+    with mixer.adapters_disabled():
+        thread = threading.Thread(
+            target=lambda: got.append(mixer.generate(prompt, 5, eos_token_id=[])))
+        thread.start()
+        thread.join()
+        with mixer.adapters_disabled():  # nests
+            pass
+        assert torch.equal(mixer.model(prompt).logits, small_model()(prompt).logits)
+    assert torch.equal(got[1], alone)
+    assert torch.equal(mixer(prompt).logits, base.logits)  # mixing again after the block
 
 
 def test_sampling_follows_the_temperature(adapter_dirs):

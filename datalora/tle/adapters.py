@@ -7,7 +7,8 @@ import json
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,23 @@ class _RoutingSlot:
     def _cache(self) -> tuple[int, Routing] | None:
         return getattr(self._local, "cache", None)
 
+    @property
+    def base_only(self) -> bool:
+        """Whether this thread's forwards run the base layers alone
+        (:meth:`~datalora.tle.mixer.TokenLevelAdapterMixer.adapters_disabled`)."""
+        return getattr(self._local, "base_only", False)
+
+    @contextmanager
+    def base_only_block(self) -> Iterator[None]:
+        """This thread's forwards run the base layers alone inside the block (other
+        threads' forwards still mix); nests."""
+        previous = self.base_only
+        self._local.base_only = True
+        try:
+            yield
+        finally:
+            self._local.base_only = previous
+
     def set(self, weights: torch.Tensor | None) -> None:
         self._local.weights, self._local.cache = weights, None
 
@@ -355,6 +373,8 @@ class AdapterMixLinear(MoLoRALinear):
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         """x ``[..., d_in]`` -> ``[..., d_out]``."""
+        if routing is None and self._slot.base_only:
+            return self.base_forward(x)
         if routing is None and self.adapter_enabled:
             routing = self._slot.routing(x[..., 0].numel())
         return super().forward(x, routing)

@@ -19,7 +19,7 @@ from datalora.checks import check_int, check_number
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
 from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
-from datalora.layers import MoLoRALinear, adapters_off
+from datalora.layers import MoLoRALinear
 from datalora.tle.adapters import (
     AdapterMixLinear,
     LoRAAdapter,
@@ -279,9 +279,9 @@ class TokenLevelAdapterMixer(nn.Module):
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """Runs the exact base model inside the block."""
-        # each layer's flag comes back as it was: these blocks nest (the embedder opens one)
-        with adapters_off(list(self.mix_layers())):
+        """Runs the exact base model inside the block, in this thread only (the embedder's
+        base pass opens one while other threads may be mixing); blocks nest."""
+        with self._slot.base_only_block():
             yield
 
     @contextmanager
