@@ -1063,9 +1063,11 @@ def test_adapters_disabled_holds_through_the_embedders_own_block(adapter_dirs):
     want = small_model()(x).logits
     with mixer.adapters_disabled():
         got = mixer(x).logits
-        assert not any(layer.adapter_enabled for layer in mixer.mix_layers())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert all(layer.adapter_enabled for layer in mixer.mix_layers())
+        # still the base after the embedder's block closed
+        torch.testing.assert_close(mixer.model(x).logits, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(mixer(x).logits, want)  # mixing again after the block
+    assert all(layer.adapter_enabled for layer in mixer.mix_layers())  # flags untouched
 
 
 def test_fit_centroids_refuses_strings_and_bad_batch_size(adapter_dirs):
