@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -62,9 +63,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file atomically (tensors are made contiguous CPU copies)."""
+    """Writes a safetensors file atomically (tensors are made contiguous CPU copies); the
+    same tensors and metadata give the same bytes (:func:`_sort_header_metadata`)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        save_file(cpu, tmp, metadata=metadata)
+        _sort_header_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Rewrites a safetensors header's ``__metadata__`` with sorted keys, in place.
+
+    safetensors writes the metadata from a hash map in a random order, so two saves of the
+    same checkpoint differed in their bytes (checksums, caches). The header is compact
+    JSON padded with spaces to its stored length; only the key order changes, so it keeps
+    its length (left as written should an escape make it longer)."""
+    with open(path, "rb+") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 def _unreadable(path: str | Path, argument: str, exc: SafetensorError) -> ValueError:

@@ -125,6 +125,33 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_the_same_checkpoint_saves_to_the_same_bytes(tmp_path):
+    """safetensors writes the metadata in a hash map's random order: two saves of one
+    adapter differed from byte 27 (checksums and caches saw a change)."""
+    from safetensors import safe_open
+
+    from datalora.io import save_tensors
+
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(3, dtype=torch.bfloat16)}
+    metadata = {f"key{i}": f'value "{i}"\n\u00e9' for i in range(6)}
+    saved = []
+    for i in range(6):
+        save_tensors(tensors, tmp_path / f"{i}.safetensors", metadata=metadata)
+        saved.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(set(saved)) == 1
+    size = int.from_bytes(saved[0][:8], "little")
+    assert list(json.loads(saved[0][8:8 + size])["__metadata__"]) == sorted(metadata)
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    model, _ = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    for name in ("first", "again"):
+        wrapped.save_pretrained(tmp_path / name)
+    assert (tmp_path / "first" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "again" / "adapter_model.safetensors").read_bytes()
+
+
 def test_saved_files_get_umask_permissions_and_keep_existing_ones(tmp_path):
     from datalora.io import atomic_write_text
 
