@@ -44,6 +44,7 @@ from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig, read_config_file
 from datalora.curriculum import MODES, PHASES, check_mode
+from datalora.module_modes import eval_mode
 
 DEFAULT_TINY_CONFIG: dict[str, Any] = dict(num_lora_experts=8, lora_rank=8, lora_alpha=16.0,
                                            num_active_experts=2, routing="shared",
@@ -340,31 +341,29 @@ def _evaluate_items(model: Any, items: list[dict[str, Any]], tokenizer: Any, bat
     from datalora.data import CausalLMCollator
 
     collator = CausalLMCollator(tokenizer=tokenizer)
-    was_training = model.training
     previous = model.curriculum_state().get("retention")
-    model.eval()
-    if retention is not None:
-        model.set_curriculum_state(retention=retention)
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    try:
-        for i in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress,
-                      dynamic_ncols=True):
-            batch = collator([{k: v for k, v in x.items() if k != "task"}
-                              for x in items[i:i + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-    finally:
-        if retention is not None and previous is not None:
-            model.set_curriculum_state(retention=previous)
-        model.train(was_training)
+    with eval_mode(model):  # every module's own mode comes back after
+        if retention is not None:
+            model.set_curriculum_state(retention=retention)
+        try:
+            for i in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress,
+                          dynamic_ncols=True):
+                batch = collator([{k: v for k, v in x.items() if k != "task"}
+                                  for x in items[i:i + batch_size]])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits.float()
+                labels = batch["labels"][:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                    ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((labels != -100).sum())
+        finally:
+            if retention is not None and previous is not None:
+                model.set_curriculum_state(retention=previous)
     return total / max(count, 1)
 
 

@@ -45,6 +45,7 @@ from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
+from datalora.module_modes import eval_mode
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
 HISTORY_NAME = "datalora_history.json"
@@ -577,10 +578,8 @@ class DATALORATrainer(Trainer):
         dl = self.datalora_model
         if max_batches is None:  # calibrate_batches=0 skips the end-of-training call only
             max_batches = self.calibrate_batches or 4
-        was_training = dl.training
-        dl.eval()
         scores, valid = [], []
-        try:
+        with eval_mode(dl):  # every module's own mode comes back after
             for i, batch in enumerate(self.get_train_dataloader()):
                 if i >= max_batches:
                     break
@@ -590,8 +589,6 @@ class DATALORATrainer(Trainer):
                 rec = dl.runtime.own_last
                 scores.append(rec.saliency.token_scores.reshape(-1))
                 valid.append(rec.valid.reshape(-1))
-        finally:
-            dl.train(was_training)
         if not scores:
             raise ValueError("train_dataset: no batches to calibrate the keep threshold on")
         pooled = torch.cat(scores)[torch.cat(valid).bool()]

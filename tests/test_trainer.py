@@ -1133,6 +1133,29 @@ def test_calibration_reads_max_batches_batches(tmp_path):
     assert len(calls) == 4
 
 
+def test_evaluation_and_calibration_give_back_each_modules_own_mode(tmp_path):
+    """Both ended with ``model.train(was_training)``, which set every submodule to the top
+    module's mode (a frozen base kept in eval came back in training mode: dropout on)."""
+    from datalora.testing import build_tokenizer
+    from datalora.train import evaluate_loss
+
+    model = tiny_datalora()
+    model.train()
+    model.base_model.model.layers[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert len(set(modes.values())) == 2
+    tok = build_tokenizer(vocab_size=300)
+    model.base_model.resize_token_embeddings(len(tok))
+    evaluate_loss(model, [{"question": "q", "response": "r"}], tok)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=1, calibrate_batches=0)
+    dl = trainer.datalora_model.train()
+    dl.base_model.model.layers[0].eval()
+    modes = {name: m.training for name, m in dl.named_modules()}
+    trainer.calibrate_keep_threshold(max_batches=1)
+    assert {name: m.training for name, m in dl.named_modules()} == modes
+
+
 def test_a_folder_saved_again_keeps_no_stale_pending_metrics(tmp_path):
     """A save with steps since the last log writes their metric sums; saving the same
     folder again after a log must remove them, or a resume from it restores stale sums."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from datalora.checks import check_number
+from datalora.module_modes import eval_mode
+
+__all__ = ["check_fraction", "eval_mode", "model_device", "seeded"]
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -30,20 +32,3 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextmanager
-def eval_mode(model: Any) -> Iterator[None]:
-    """``model`` (an ``nn.Module``) in eval mode inside the block: no dropout, no training-time
-    noise (DATALORA's Gumbel pruning); every submodule's own mode comes back after."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
