@@ -789,7 +789,12 @@ class DATALORAModel(nn.Module):
         # injected model can check (every name, the saved config, the curriculum) is undone
         header = _check_adapter_fits(model, Path(path))
         with _undone_on_failure(model) as built:
-            wrapped = cls(model, config)
+            # the layers start random and get the saved weights: the caller's RNG stream
+            # (seed, load, sample) must not depend on the draws of that initialisation
+            cuda = sorted({p.device.index or 0 for p in model.parameters()
+                           if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=cuda):
+                wrapped = cls(model, config)
             built.append(wrapped)
             wrapped._adopt_saved_dtypes({name: dtype for name, (_, dtype) in header.items()})
             wrapped.load_adapter(path)

@@ -108,6 +108,19 @@ def test_from_pretrained_is_for_inference_unless_trainable(tmp_path):
     assert {n for n, p in again.named_parameters() if p.requires_grad} == trainable_names
 
 
+def test_loading_an_adapter_leaves_the_callers_rng_alone(tmp_path):
+    """from_pretrained initialised the layers (then overwrote them) from the global RNG:
+    seed, load, sample drew other numbers than load, seed, sample."""
+    model, _ = model_and_ids()
+    get_datalora_model(model, DATALORAConfig(**CFG), verbose=False).save_pretrained(tmp_path)
+    fresh = build_tiny_model(seed=0)
+    torch.manual_seed(7)
+    DATALORAModel.from_pretrained(fresh, tmp_path)
+    after_load = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_load, torch.rand(3))
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     model, _ = model_and_ids()
     wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
