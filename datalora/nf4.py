@@ -392,8 +392,8 @@ def dequantize(t: NF4Tensor, dtype: torch.dtype | None = torch.bfloat16) -> torc
         raise ValueError(f"dtype: expected one of {(*FLOAT_DTYPES, torch.float64)}, got "
                          f"{dtype}")
     for name, value in t.tensors().items():
-        if value.device != t.device:
-            raise ValueError(f"t.{name}: expected device {t.device} (data's), got "
+        if value.device != t.data.device:
+            raise ValueError(f"t.{name}: expected device {t.data.device} (data's), got "
                              f"{value.device}")
     if t.device.type == "cuda":
         from datalora import _C_loader
