@@ -22,5 +22,6 @@ def eval_mode(model: Any) -> Iterator[None]:
     try:
         yield
     finally:
+        model.train(modes[0][1])  # train() overrides run (transformers' kernel modes)
         for m, training in modes:
             m.training = training

@@ -338,9 +338,11 @@ def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
     n = flat.numel()
     blocks, absmax = _blockwise_absmax(flat, blocksize)
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]
-    if n % blocksize:  # as bitsandbytes: a short last block's absmax clamped to 1e-38 and
-        absmax[-1:] = absmax[-1:].clamp(min=1e-38)  # divided by (not times its reciprocal:
-        scaled[-1] = blocks[-1] / absmax[-1]  # one ulp apart flips a nibble at a boundary)
+    if n % blocksize:  # as bitsandbytes' portable (CPU) quantizer: a short last block's
+        # absmax clamped to 1e-38 and divided by (not times its reciprocal: one ulp apart
+        # flips a nibble on a boundary; bitsandbytes' CUDA kernel multiplies, README)
+        absmax[-1:] = absmax[-1:].clamp(min=1e-38)
+        scaled[-1] = blocks[-1] / absmax[-1]
     scaled = scaled.clamp(-1.0, 1.0).reshape(-1)
     scaled = scaled[: n + (n % 2)]  # odd n: one zero pad value (nibble 7) fills the last byte
     q = torch.bucketize(scaled, _NF4_BOUNDS.to(w.device), out_int32=True).to(torch.uint8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -507,11 +508,19 @@ def test_save_load_round_trip(adapter_dirs, tmp_path):
     with pytest.raises(FileNotFoundError):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "nothing")
     # another base: named as such (was "centroids: expected [3, 32] ...")
-    for other in (dict(hidden_size=32, intermediate_size=48), dict(num_hidden_layers=1)):
-        with pytest.raises(ValueError, match=r"model: not the base model the mixer in .*mixer"
-                                             r" was saved with \(its (centroids|adapters)"):
-            TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=0, **{**SMALL, **other}),
-                                                   tmp_path / "mixer")
+    narrow = build_tiny_model(seed=0, **{**SMALL, "hidden_size": 32, "intermediate_size": 48})
+    with pytest.raises(ValueError, match=r"model: not the base model the mixer in .*mixer was "
+                                         r"saved with \(its centroids: expected \[3, 32\]"):
+        TokenLevelAdapterMixer.from_pretrained(narrow, tmp_path / "mixer")
+    with pytest.raises(ValueError, match=r"model: not the base model .* \(its adapters: module "
+                                         r"'.*' is \[\d+, 32\] in the model but \[\d+, 64\]"):
+        # (an embedder of unknown width: the centroids pass, the adapters' shapes do not)
+        TokenLevelAdapterMixer.from_pretrained(narrow, tmp_path / "mixer",
+                                               embedder=SimpleNamespace())
+    # a missing module is not blamed on the base (e.g. a wrapped model's prefixed names)
+    with pytest.raises(ValueError, match=r"^adapters: module '.*' is not in the model"):
+        TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=0, **{
+            **SMALL, "num_hidden_layers": 1}), tmp_path / "mixer")
 
 
 def test_a_save_interrupted_between_the_two_files_is_recognised(adapter_dirs, tmp_path,

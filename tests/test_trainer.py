@@ -1133,6 +1133,30 @@ def test_calibration_reads_max_batches_batches(tmp_path):
     assert len(calls) == 4
 
 
+def test_eval_mode_runs_train_overrides_when_it_gives_the_modes_back():
+    """Leaving the block set the flags only: an overridden train() (transformers 5 switches
+    its kernels' mode there) saw eval() but never the way back."""
+    from datalora.module_modes import eval_mode
+
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = Recording().train()
+    model.inner.eval()
+    calls.clear()
+    with eval_mode(model):
+        assert not model.training
+    assert calls == [False, True] and model.training and not model.inner.training
+
+
 def test_evaluation_and_calibration_give_back_each_modules_own_mode(tmp_path):
     """Both ended with ``model.train(was_training)``, which set every submodule to the top
     module's mode (a frozen base kept in eval came back in training mode: dropout on)."""

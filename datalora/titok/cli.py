@@ -56,7 +56,7 @@ def load_seed_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         for row, line in zip(found, lines, strict=True):
             if not isinstance(row, dict) or not isinstance(row.get("question"), str):
                 raise ValueError(f"seed_file: {path} line {line} has no string 'question'")
-            if not isinstance(row.get("system_prompt") or "", str):
+            if not isinstance(row.get("system_prompt", ""), (str, type(None))):
                 raise ValueError(f"seed_file: {path} line {line}: 'system_prompt' must be a "
                                  f"string, got {type(row['system_prompt']).__name__}")
             rows.append({"question": row["question"],

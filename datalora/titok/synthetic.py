@@ -23,9 +23,10 @@ def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
 
     A byte-level tokenizer spreads a multi-byte character over several tokens, so a
     generation stopped by ``max_new_tokens`` can end inside one, which decodes to U+FFFD.
-    The last tokens (at most 3: a UTF-8 character has at most 4 bytes) are dropped when
-    that removes the trailing U+FFFD; a U+FFFD that dropping them does not remove is
-    kept.
+    A trailing U+FFFD is taken for such a cut: the last tokens (at most 3: a UTF-8
+    character has at most 4 bytes) are dropped when that removes it (a U+FFFD the model
+    generated as a whole last token goes too: the text was cut there anyway); one that
+    dropping them does not remove is kept.
     """
     text = tokenizer.decode(ids, skip_special_tokens=True)
     for cut in range(1, min(3, len(ids)) + 1):

@@ -702,7 +702,9 @@ class TokenLevelAdapterMixer(nn.Module):
             mixer = cls(model, packed, names=config["names"],
                         centroids=tensors.get("centroids"), embedder=embedder, **settings)
         except ValueError as exc:
-            if not str(exc).startswith(("adapters: module", "centroids: expected [")):
+            message = str(exc)  # the shapes of another base (not a wrapped / adapted one)
+            if not (message.startswith("centroids: expected [") or (
+                    message.startswith("adapters: module") and " in the model but " in message)):
                 raise
             raise ValueError(f"model: not the base model the mixer in {directory} was saved "
                              f"with (its {exc}); load it on that base model") from exc
