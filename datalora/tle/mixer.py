@@ -321,11 +321,11 @@ class TokenLevelAdapterMixer(nn.Module):
                 recency both are the same); ``"positions"`` averages the context embedding
                 at *every* position of each text, the distribution every-token routing
                 queries while it reads a prompt and writes an answer. On the embedded
-                tasks ``"context"`` scored better than ``"whole"`` on validation in 50 of
+                tasks ``"context"`` scored better than ``"whole"`` on validation in 49 of
                 the grid's 63 settings with recency (much better for short windows, which
-                mostly see the shared ``### Answer:`` cue), at most 0.213 nats worse in
-                the others, and ``"positions"`` trailed it (best selection score 3.214
-                vs 3.159; ``benchmarks/results/tle_eval_cpu.json``).
+                mostly see the shared ``### Answer:`` cue), at most 0.214 nats worse in
+                the others, and ``"positions"`` trailed it (best selection score 3.191
+                vs 3.131; ``benchmarks/results/tle_eval_cpu.json``).
             progress: a progress bar over the batches of all adapters' examples.
         """
         if pooling not in ("whole", "context", "positions"):
