@@ -211,6 +211,10 @@ class MoLoRALinear(nn.Module):
     def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
         """:meth:`route`; ``trusted`` for the forward's own routing, which nobody can
         write to before the layer uses it (its tables are then cached for the backward)."""
+        return topk_routing(self._router_logits(x), self.top_k, _trusted=trusted)
+
+    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` router logits of ``x [..., d_in]`` (tokens flattened)."""
         if self.router is None:
             raise ValueError("routing: this MoLoRALinear has no router (router=False); "
                              "pass routing=Routing(...)")
@@ -220,10 +224,8 @@ class MoLoRALinear(nn.Module):
             # logits in x's dtype (softmax in fp32): an fp32 router over bf16 x would save
             # an fp32 copy of x for its weight gradient, twice the size of x itself
             bias = None if router.bias is None else router.bias.to(x2.dtype)
-            logits = F.linear(x2, router.weight.to(x2.dtype), bias)
-        else:  # as a module: its hooks / parametrizations apply
-            logits = router(x2.to(router.weight.dtype))
-        return topk_routing(logits, self.top_k, _trusted=trusted)
+            return F.linear(x2, router.weight.to(x2.dtype), bias)
+        return router(x2.to(router.weight.dtype))  # as a module: hooks / parametrizations
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone, x ``[..., d_in]`` -> ``[..., d_out]`` (an NF4 base as in the

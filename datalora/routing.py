@@ -199,6 +199,13 @@ def softmax_topk(logits: torch.Tensor, k: int
     return probs, probs.gather(-1, ids), ids
 
 
+def check_topk(k: int, num_experts: int, name: str = "k") -> None:
+    """A ValueError naming ``name`` unless ``k`` is an int in ``[1, num_experts]``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_experts:
+        raise ValueError(f"{name}: expected an int 1 <= {name} <= num_experts={num_experts}, "
+                         f"got {k!r}")
+
+
 def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
                  _trusted: bool = False) -> Routing:
     """Softmax top-k routing: logits ``[T, E]`` -> :class:`Routing` with ``k`` routes per token.
@@ -215,10 +222,7 @@ def topk_routing(logits: torch.Tensor, k: int, renormalize: bool = True, *,
                            if isinstance(logits, torch.Tensor) else ""))
     if not logits.is_floating_point():
         raise TypeError(f"logits: expected a floating tensor, got dtype {logits.dtype}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
-            or not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"k: expected an int 1 <= k <= num_experts={logits.shape[-1]}, "
-                         f"got {k!r}")
+    check_topk(k, logits.shape[-1])
     check_bool("renormalize", renormalize)
     probs, gates, expert_ids = softmax_topk(logits, k)
     if renormalize:

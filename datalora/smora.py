@@ -8,15 +8,13 @@ scaling ``alpha / R``; with all R ranks active and gate 1 it *is* the rank-R LoR
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from datalora.checks import check_int
 from datalora.layers import MoLoRALinear, check_alpha
 from datalora.nf4_linear import NF4Linear
-from datalora.routing import Routing, softmax_topk
+from datalora.routing import Routing, check_topk, softmax_topk
 
 __all__ = ["GATES", "SMoRALinear", "smora_linear"]
 
@@ -34,7 +32,8 @@ class SMoRALinear(MoLoRALinear):
         active_ranks: k, ranks used per token (router top-k).
         alpha: LoRA alpha of the equivalent rank-R LoRA (scaling ``alpha / R``).
         gate: ``"one"``: selected ranks get gate exactly 1 (straight-through: the router
-            still gets the softmax gradient), so all-active equals the LoRA;
+            still gets the softmax gradient), so all-active equals the LoRA, forward and
+            backward (no router gradient then: the output does not depend on it);
             ``"softmax"``: renormalised top-k softmax gates (Mixtral style).
         kwargs: ``dropout``, ``backend``, ``dtype``, ``quantize`` as for :class:`MoLoRALinear`
             (``num_experts``, ``rank``, ``top_k`` and ``router`` are set from ``total_rank``
@@ -64,22 +63,35 @@ class SMoRALinear(MoLoRALinear):
         super().__init__(base_layer, num_experts=total_rank, rank=1,
                          alpha=float(alpha) / total_rank, top_k=active_ranks, router=True,
                          **kwargs)
-        self.total_rank, self.active_ranks, self.gate = total_rank, active_ranks, gate
+        self.total_rank, self.gate = total_rank, gate
         self.lora_alpha = float(alpha)
+
+    @property
+    def active_ranks(self) -> int:
+        """k, the ranks each token uses: the inherited ``top_k`` (setting either sets both)."""
+        return self.top_k
+
+    @active_ranks.setter
+    def active_ranks(self, value: int) -> None:
+        self.top_k = check_int("active_ranks", value, low=1, high=self.total_rank)
 
     def _route(self, x: torch.Tensor, trusted: bool) -> Routing:
         """Top-k ranks of ``x [..., d_in]`` (tokens flattened) with the configured gates
-        (:meth:`route` hands it out untrusted; the forward's own is trusted)."""
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: d_in may be 0
-        probs, top, ids = softmax_topk(self.router(x2.to(self.router.weight.dtype)),
-                                       self.active_ranks)
+        (:meth:`route` hands it out untrusted; the forward's own is trusted). Logits in x's
+        dtype as :class:`MoLoRALinear`'s."""
         if self.gate not in GATES:  # an attribute set after construction
             raise ValueError(f"gate: expected one of {GATES}, got {self.gate!r}")
-        if self.gate == "one":
-            gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
+        if self.gate == "softmax":  # renormalised top-k (k = 1 keeps a router gradient)
+            return super()._route(x, trusted)
+        logits = self._router_logits(x)
+        check_topk(self.top_k, self.total_rank, "active_ranks")
+        probs, top, ids = softmax_topk(logits, self.top_k)
+        if self.top_k == self.total_rank:  # the output does not depend on the router
+            gates = torch.ones_like(top)
         else:
-            gates = top / top.sum(-1, keepdim=True)
-        return Routing(expert_ids=ids, gates=gates, router_probs=probs, _trusted=trusted)
+            gates = 1.0 + (top - top.detach())  # value 1, gradient of the softmax
+        return Routing(expert_ids=ids, gates=gates.to(logits.dtype), router_probs=probs,
+                       _trusted=trusted)
 
     def lora_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent rank-R LoRA: ``A [R, d_in]``, ``B [d_out, R]`` (scaling ``alpha/R``)."""

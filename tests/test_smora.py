@@ -66,6 +66,64 @@ def test_gates_and_gradients():
     assert layer_one.lora_A.grad.abs().sum() > 0
 
 
+def test_softmax_gates_with_one_active_rank_still_train_the_router():
+    """gate="softmax", k = 1: top / top.sum() is the constant 1, so the router got no
+    gradient and never trained (MoLoRALinear's top-1 routing keeps d log p)."""
+    layer = make(R=6, k=1, gate="softmax")
+    twin = MoLoRALinear(layer.base_layer, num_experts=6, rank=1, alpha=12.0 / 6, top_k=1)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(10, 11)
+    layer(x).pow(2).sum().backward()
+    twin(x).pow(2).sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 1e-2
+    torch.testing.assert_close(layer.router.weight.grad, twin.router.weight.grad)
+
+
+def test_all_ranks_active_has_the_loras_input_gradient():
+    """gate="one" with every rank active: the straight-through term sent a surrogate
+    router gradient into x.grad (2 % off the rank-R LoRA's), though the output does not
+    depend on the router."""
+    layer = make(R=4, k=4, d_in=8, d_out=5)
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    A, B = (t.detach() for t in layer.lora_weights())
+    x2 = x.detach().clone().requires_grad_()
+    (layer.base_layer(x2) + (12.0 / 4) * (x2 @ A.T) @ B.T).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert layer.router.weight.grad is None or not layer.router.weight.grad.any()
+
+
+def test_active_ranks_is_top_k_and_is_checked():
+    """Setting top_k after construction was ignored (active_ranks was read), and an
+    active_ranks above the total rank failed in torch.topk."""
+    layer = make(R=6, k=2)
+    layer.top_k = 4
+    layer(torch.randn(3, 11))
+    assert layer.active_ranks == 4 and layer.last_routing.expert_ids.shape == (3, 4)
+    assert "active_ranks=4" in repr(layer)
+    layer.active_ranks = 3
+    assert layer.top_k == 3
+    with pytest.raises(ValueError, match=r"active_ranks: expected an int in \[1, 6\], got 7"):
+        layer.active_ranks = 7
+    layer.top_k = 7
+    with pytest.raises(ValueError, match=r"active_ranks: expected an int 1 <= active_ranks "
+                                         r"<= num_experts=6, got 7"):
+        layer(torch.randn(3, 11))
+
+
+def test_router_logits_in_the_inputs_dtype_as_molora():
+    """A bf16 x over an fp32 router: SMoRA computed the logits on an fp32 copy of x (saved
+    for the router's backward, twice the size of x), unlike MoLoRALinear."""
+    base = nn.Linear(11, 7).bfloat16()
+    torch.manual_seed(0)
+    layer = SMoRALinear(base, total_rank=6, active_ranks=2, alpha=12.0, dtype=torch.float32)
+    twin = MoLoRALinear(base, num_experts=6, rank=1, alpha=2.0, top_k=2, dtype=torch.float32)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 11).bfloat16()
+    torch.testing.assert_close(layer.route(x).router_probs, twin.route(x).router_probs,
+                               rtol=0, atol=0)
+
+
 def test_validation():
     with pytest.raises(ValueError, match="active_ranks"):
         SMoRALinear(nn.Linear(4, 4), total_rank=4, active_ranks=5)
