@@ -24,6 +24,7 @@ from datalora.nf4_linear import (
     quantize_linear,
 )
 from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
+from datalora.ops.eager import cast_routing
 from datalora.ops.molora import _autocast, autocast_enabled
 from datalora.ops.validation import (
     FLOAT_DTYPES,
@@ -250,8 +251,9 @@ class MoLoRALinear(nn.Module):
             None if routing.rank_scale is None else routing.rank_scale.detach())
         dtype = x.dtype
         A, B = _in_dtype(self.lora_A, dtype), _in_dtype(self.lora_B, dtype)
-        gates = _in_dtype(routing.gates, dtype)
-        rank_scale = None if routing.rank_scale is None else _in_dtype(routing.rank_scale, dtype)
+        gates = cast_routing(routing.gates, dtype)
+        rank_scale = None if routing.rank_scale is None else cast_routing(routing.rank_scale,
+                                                                          dtype)
         # a Routing shared by many layers is validated once (under compile: never, as a
         # flag baked into a graph would check on every call); the layer's own top-k router
         # yields valid ids by construction: no host sync. Marked checked only when the

@@ -372,6 +372,42 @@ def test_routing_tables_rebuilt_after_a_change(change, monkeypatch):
     torch.testing.assert_close(out, molora_delta_reference(x, A, B, ids, gates, rs, scaling))
 
 
+def test_layers_casting_one_shared_routing_share_its_tables(monkeypatch):
+    """bf16 layers with fp32 adapters each cast the shared fp32 gates to bf16: every cast
+    is a new tensor, so the tables were rebuilt in every layer (forward and backward). The
+    casts now key the cache by their source; results are bit-identical to no caching."""
+    from datalora.layers import MoLoRALinear
+    from datalora.ops import eager
+    from datalora.routing import topk_routing
+
+    def run():
+        torch.manual_seed(0)
+        layers = [MoLoRALinear(torch.nn.Linear(16, 16).bfloat16(), num_experts=4, rank=2,
+                               top_k=2, router=False, dtype=torch.float32, backend="torch")
+                  for _ in range(3)]
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_B)
+        logits = torch.randn(10, 4, requires_grad=True)
+        routing = topk_routing(logits * 1, 2, _trusted=True)
+        x = torch.randn(10, 16).bfloat16().requires_grad_()
+        h = x
+        for layer in layers:
+            h = layer(h, routing)
+        h.float().square().sum().backward()
+        return [h.detach(), x.grad, logits.grad, *(p.grad for l in layers
+                                                    for p in (l.lora_A, l.lora_B))]
+
+    calls = _count_gate_matrix_builds(monkeypatch)
+    cached = run()
+    assert len(calls) == 1  # three layers, forward and backward: one build
+    monkeypatch.setattr(eager, "_is_trusted", lambda t: False)  # no caching at all
+    calls.clear()
+    plain = run()
+    assert len(calls) == 6
+    for a, b in zip(cached, plain, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_routing_tables_keyed_by_dtype(dtype, monkeypatch):
     calls = _count_gate_matrix_builds(monkeypatch)

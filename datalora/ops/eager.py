@@ -57,7 +57,51 @@ def _forget(key: int, _ref: weakref.ref) -> None:
 
 def _is_trusted(t: torch.Tensor) -> bool:
     ref = _trusted.get(id(t))
-    return ref is not None and ref() is t
+    return (ref is not None and ref() is t) or _cast_source(t) is not None
+
+
+_casts: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id -> (cast, its trusted source)
+
+
+def cast_routing(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (``t`` itself when it already is). A cast of a trusted routing
+    tensor (a layer casting the shared gates to its compute dtype) is trusted too, and the
+    routing caches key it by its source (:func:`cache_sources`): every layer makes its own
+    cast (autograd sums their gradients in the source's dtype) but they share tables."""
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if _is_trusted(t) and not torch.compiler.is_compiling():
+        source = _source_or_self(t)
+        key = id(out)
+        _casts[key] = (weakref.ref(out, functools.partial(_forget_cast, key)),
+                       weakref.ref(source))
+    return out
+
+
+def _forget_cast(key: int, _ref: weakref.ref) -> None:
+    _casts.pop(key, None)
+
+
+def _cast_source(t: torch.Tensor) -> torch.Tensor | None:
+    """The trusted tensor ``t`` was cast from (:func:`cast_routing`), while both live."""
+    entry = _casts.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    source = entry[1]()
+    return source if source is not None and _is_trusted(source) else None
+
+
+def cache_sources(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` with each cast of a routing tensor (:func:`cast_routing`) replaced by its
+    source: the identity a routing cache keys on (with the tensors' dtypes in its key, a
+    cast's values are a function of its source's)."""
+    return tuple(None if t is None else _source_or_self(t) for t in tensors)
+
+
+def _source_or_self(t: torch.Tensor) -> torch.Tensor:
+    source = _cast_source(t)
+    return t if source is None else source
 
 
 class TensorsState:

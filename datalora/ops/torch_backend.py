@@ -40,7 +40,7 @@ import functools
 
 import torch
 
-from datalora.ops.eager import RoutingCache, may_cache_routing
+from datalora.ops.eager import RoutingCache, cache_sources, may_cache_routing
 from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
@@ -104,18 +104,21 @@ def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> Routi
     """:class:`RoutingTables` of a routing, reused while the same unmodified tensors come back.
 
     One entry (:class:`~datalora.ops.eager.RoutingCache`: identity and version of the three
-    tensors plus ``(E, r, scaling, dtype)``), only where
+    tensors, or of the routing a layer cast them from, plus ``(E, r, scaling, dtype)`` and
+    their dtypes), only where
     :func:`~datalora.ops.eager.may_cache_routing` allows: layers sharing a ``Routing`` hit
     it in the forward and again in the backward.
     """
     routing = (expert_ids, gates, rank_scale)
     if not may_cache_routing(*routing):
         return RoutingTables(*routing, E, r, scaling, dtype)
-    key = (E, r, scaling, dtype)
-    tables = _tables_cache.get(routing, key)
+    # keyed by the casts' sources: the layers casting one shared routing to their dtype
+    sources = cache_sources(*routing)
+    key = (E, r, scaling, dtype, gates.dtype, None if rank_scale is None else rank_scale.dtype)
+    tables = _tables_cache.get(sources, key)
     if tables is None:
         tables = RoutingTables(*routing, E, r, scaling, dtype)
-        _tables_cache.put(routing, key, tables)
+        _tables_cache.put(sources, key, tables)
     return tables
 
 
