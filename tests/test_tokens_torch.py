@@ -60,6 +60,41 @@ def test_scatter_and_gather_match_reference(K, with_weight):
                                                    gp)[0])
 
 
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_a_16_bit_scatter_makes_no_fp32_copy_of_the_whole_sequence(with_weight):
+    """The scatter upcast all of hidden [B, L, d] to fp32 and back to change K rows: three
+    full-size tensors per call. Only the kept rows are computed in fp32 now, with the same
+    values (hidden's other rows pass through as they are)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSizeFp32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 \
+                        and t.shape == (2, 40, 24):
+                    self.seen.append(func)
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, 24, generator=g).bfloat16()
+    packed = torch.randn(2, 5, 24, generator=g).bfloat16()
+    idx = torch.tensor([[0, 3, 9, 20, 39], [1, 2, 5, 30, 31]])
+    weight = torch.rand(2, 5, generator=g) if with_weight else None
+    from datalora.ops import torch_backend
+
+    with FullSizeFp32() as mode:  # the backend itself (the op would dispatch as one call)
+        out = torch_backend.scatter_tokens(hidden, packed, idx, weight)
+    assert mode.seen == []
+    # the fp32 result rounded once: kept rows as computed, the others hidden's own values
+    want = scatter_tokens_reference(hidden.float(), packed.float(), idx, weight).bfloat16()
+    assert torch.equal(out, want)
+
+
 def test_gradcheck_and_opcheck():
     hidden, keep, packed, weight = make(Bsz=2, L=5, K=3, d=3)
     assert torch.autograd.gradcheck(lambda h, p, w: ops.scatter_tokens(h, p, keep, w),
