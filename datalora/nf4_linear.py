@@ -330,7 +330,7 @@ def _fused_decode_ok(x2: torch.Tensor, t: NF4Tensor, tensors) -> bool:
         return False  # the dequantize path runs (and warns once why)
     if any(v is not None and v.device != x2.device for v in tensors):
         return False
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
+    if not _no_grad_needed(tensors):
         return False  # the fused kernel is inference-only
     reason = _C_loader.decode_supported(x2, t)
     if reason is not None and 1 <= x2.shape[0] <= _C_loader.MAX_DECODE_TOKENS:
@@ -536,11 +536,10 @@ def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base)
 
 
-def _inference_ok(base: nn.Module, x: torch.Tensor, tensors) -> bool:
-    """No gradient needed and the base computes in x's dtype."""
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in tensors):
-        return False
-    return _computes_in_x_dtype(base, x)
+def _no_grad_needed(tensors) -> bool:
+    """Whether none of ``tensors`` (None allowed) needs a gradient here."""
+    return not (torch.is_grad_enabled()
+                and any(v is not None and v.requires_grad for v in tensors))
 
 
 def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
@@ -563,8 +562,8 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     # take routing of another layout, e.g. [L, B, k] for x [B, L, d], mixing tokens
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     same_dtype = _computes_in_x_dtype(base, x)
-    if lora_x is x and same_dtype and _fused_decode_ok(x2, t, (x, A, B, gates, rank_scale,
-                                                                base.bias)):
+    tensors = (x, A, B, gates, rank_scale, base.bias)
+    if lora_x is x and same_dtype and _fused_decode_ok(x2, t, tensors):
         bias = None if base.bias is None else base.bias.to(x.dtype)
         y = _nf4_molora_decode_op(x2, t.data, t.absmax, t.nested_absmax, t.nested_code,
                                   t.offset, list(t.shape), t.blocksize, bias, A, B, ids, g, rs,
@@ -573,7 +572,7 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     if same_dtype and _triton_fused_ok(x, t, A, expert_ids, backend):
         return _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,
                              check_values)
-    if lora_x is x and _inference_ok(base, x, (x, A, B, gates, rank_scale, base.bias)):
+    if lora_x is x and same_dtype and _no_grad_needed(tensors):
         # no backward, so the dequantized W need not be kept: molora_linear writes y once,
         # the expand accumulating into the base GEMM's output (no separate delta + add)
         bias = None if base.bias is None else base.bias.to(x.dtype)
