@@ -10,8 +10,12 @@ on the CPU: the ``triton`` backend's dense path with its Triton launches replace
 (the outputs are garbage, only the time counts; Triton's own launcher cost comes on top on
 a GPU), the ``torch`` backend, and a plain ``F.linear`` for scale, at T = 1 and d = 64,
 where the arithmetic is negligible. Each with B contiguous (``MoLoRALinear``'s default) and
-expert-minor (:func:`datalora.ops.layout.use_expert_minor_b`). Round-robin timing, medians
-in microseconds, written to ``host_time_cpu.json``.
+expert-minor (:func:`datalora.ops.layout.use_expert_minor_b`), the routing's tables (the
+torch backend's gate matrix, the Triton backend's index tables) built on every call
+(``routing="per_call"``: a caller's own routing tensors, or a model's first layer), and,
+with B contiguous, taken from the cache every later layer sharing a model's routing hits
+(``routing="shared"``, :mod:`datalora.ops.eager`). Round-robin timing, medians in
+microseconds, written to ``host_time_cpu.json``.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from benchmarks.molora import RESULTS_DIR, check_cli_out, write_result
 from benchmarks.timing import time_interleaved
 from datalora import ops
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
+from datalora.ops.eager import trust_routing
 from datalora.ops.layout import expert_minor
 
-SCHEMA = "datalora.benchmarks.host_time/1"
+SCHEMA = "datalora.benchmarks.host_time/2"
 SHAPE = dict(T=1, d=64, E=8, r=16, k=2)
 MODES = ("fwd_no_grad", "fwd_bwd")
 
@@ -61,9 +66,9 @@ def triton_launches_stubbed():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def make_steps() -> dict[tuple[str, str, str], Callable[[], None]]:
-    """``(method, B layout, mode) -> step``; the MoLoRA calls skip the value checks, as
-    layers sharing a checked routing do."""
+def make_steps() -> dict[tuple[str, str, str, str], Callable[[], None]]:
+    """``(method, B layout, routing, mode) -> step``; the MoLoRA calls skip the value
+    checks, as layers sharing a checked routing do."""
     g = torch.Generator().manual_seed(0)
     T, d, E, r, k = (SHAPE[n] for n in ("T", "d", "E", "r", "k"))
     x = torch.randn(T, d, generator=g).requires_grad_(True)
@@ -73,9 +78,12 @@ def make_steps() -> dict[tuple[str, str, str], Callable[[], None]]:
     ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].contiguous()
     gates = torch.rand(T, k, generator=g)
     grad = torch.randn(T, d, generator=g)
+    # the same values as tensors datalora's routers would have built: their tables cached
+    routing_of = {"per_call": (ids, gates), "shared": (ids.clone(), gates.clone())}
+    trust_routing(*routing_of["shared"])
     steps = {}
 
-    def add(method, layout, fwd, leaves):
+    def add(method, layout, routing, fwd, leaves):
         def no_grad():
             with torch.no_grad():
                 fwd()
@@ -84,26 +92,29 @@ def make_steps() -> dict[tuple[str, str, str], Callable[[], None]]:
             fwd().backward(grad)
             for t in leaves:
                 t.grad = None
-        steps[(method, layout, "fwd_no_grad")] = no_grad
-        steps[(method, layout, "fwd_bwd")] = fwd_bwd
+        steps[(method, layout, routing, "fwd_no_grad")] = no_grad
+        steps[(method, layout, routing, "fwd_bwd")] = fwd_bwd
 
-    add("linear", "-", lambda: F.linear(x, W), [x])
-    for layout, B in (("contiguous", B0.clone()), ("expert_minor", expert_minor(B0))):
+    add("linear", "-", "-", lambda: F.linear(x, W), [x])
+    cases = (("contiguous", B0.clone(), ("per_call", "shared")),
+             ("expert_minor", expert_minor(B0), ("per_call",)))
+    for layout, B, routings in cases:
         B.requires_grad_(True)
-        for backend in ("triton", "torch"):
-            add(backend, layout,
-                lambda B=B, backend=backend: ops.molora_linear(
-                    x, W, None, A, B, ids, gates, None, 2.0, backend=backend,
-                    check_values=False), [x, A, B])
+        for routing in routings:
+            for backend in ("triton", "torch"):
+                add(backend, layout, routing,
+                    lambda B=B, backend=backend, route=routing_of[routing]: ops.molora_linear(
+                        x, W, None, A, B, *route, None, 2.0, backend=backend,
+                        check_values=False), [x, A, B])
     return steps
 
 
 def run(out_dir: Path, budget_s: float) -> dict:
     with triton_launches_stubbed():
         timed = time_interleaved(make_steps(), torch.device("cpu"), budget_s, 200, 20000)
-    rows = [dict(method=method, b_layout=layout, mode=mode, **SHAPE,
+    rows = [dict(method=method, b_layout=layout, routing=routing, mode=mode, **SHAPE,
                  median_us=res[0] * 1e3, q20_us=res[1] * 1e3, q80_us=res[2] * 1e3, reps=res[4])
-            for (method, layout, mode), res in timed.items()]
+            for (method, layout, routing, mode), res in timed.items()]
     sha, dirty = git_commit(Path(__file__).resolve().parents[1])
     meta = dict(device="cpu", device_name=cpu_model(), cpu_threads=torch.get_num_threads(),
                 torch=torch.__version__, triton=package_version("triton"),
@@ -113,12 +124,13 @@ def run(out_dir: Path, budget_s: float) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'method':8s} {'B layout':13s} " + " ".join(f"{m:>12s}" for m in MODES)]
-    keys = dict.fromkeys((r["method"], r["b_layout"]) for r in rows)
-    for method, layout in keys:
+    lines = [f"{'method':8s} {'B layout':13s} {'routing':9s} "
+             + " ".join(f"{m:>12s}" for m in MODES)]
+    keys = dict.fromkeys((r["method"], r["b_layout"], r["routing"]) for r in rows)
+    for method, layout, routing in keys:
         cells = {r["mode"]: r["median_us"] for r in rows
-                 if (r["method"], r["b_layout"]) == (method, layout)}
-        lines.append(f"{method:8s} {layout:13s} "
+                 if (r["method"], r["b_layout"], r["routing"]) == (method, layout, routing)}
+        lines.append(f"{method:8s} {layout:13s} {routing:9s} "
                      + " ".join(f"{cells[m]:9.1f} us" for m in MODES))
     return "\n".join(lines)
 

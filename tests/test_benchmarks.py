@@ -600,16 +600,34 @@ def test_host_time_times_every_method_and_restores_the_kernels(tmp_path, monkeyp
     result = host_time.run(tmp_path, budget_s=0.01)
     rows = json.loads((tmp_path / "host_time_cpu.json").read_text())["results"]
     assert rows == result["results"]
-    assert {(r["method"], r["b_layout"], r["mode"]) for r in rows} == {
-        (m, layout, mode) for m, layout in [("linear", "-"), ("triton", "contiguous"),
-                                            ("torch", "contiguous"), ("triton", "expert_minor"),
-                                            ("torch", "expert_minor")]
+    assert {(r["method"], r["b_layout"], r["routing"], r["mode"]) for r in rows} == {
+        (m, layout, routing, mode)
+        for m, layout, routing in [("linear", "-", "-")] + [
+            (backend, layout, routing) for backend in ("triton", "torch")
+            for layout, routing in [("contiguous", "per_call"), ("contiguous", "shared"),
+                                    ("expert_minor", "per_call")]]
         for mode in host_time.MODES}
     assert all(r["median_us"] > 0 and r["reps"] >= 200 for r in rows)
     assert (triton_backend._sh.route_dense, triton_backend._sh.dense_from_routes,
             triton_backend._bw.route_grads) == kernels
     assert "TRITON_INTERPRET" not in os.environ
     assert "triton" in host_time.format_rows(rows)
+
+
+def test_host_time_shared_routing_rows_reuse_the_cached_tables(monkeypatch):
+    from benchmarks import host_time
+    from datalora.ops import torch_backend
+
+    built = []
+    build = torch_backend.RoutingTables.__init__
+    monkeypatch.setattr(torch_backend.RoutingTables, "__init__",
+                        lambda self, *args: built.append(1) or build(self, *args))
+    steps = host_time.make_steps()
+    for routing, tables in (("shared", 1), ("per_call", 6)):  # forward + backward each call
+        built.clear()
+        for _ in range(3):
+            steps["torch", "contiguous", routing, "fwd_bwd"]()
+        assert len(built) == tables, routing
 
 
 def test_profile_gpu_calls_run_the_named_backend_and_b_layout(monkeypatch):
