@@ -2,8 +2,11 @@
 
 A :class:`Routing` carries one decision per token (``expert_ids``, ``gates``, optional
 ``rank_scale``). The saliency network computes it once per forward and every adapted
-layer reuses it, including the expert-sorted permutation that grouped kernels need
-(computed lazily, once, without a host sync).
+layer reuses it; the backends build their per-routing tables (the torch backend's gate
+matrix, the Triton backend's expert sort for its grouped kernels) once per routing and
+reuse them in the other layers and the backward (:mod:`datalora.ops.eager`).
+:meth:`Routing.permutation` gives that expert sort (lazily, once, without a host sync)
+to code of your own.
 """
 
 from __future__ import annotations

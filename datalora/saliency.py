@@ -8,8 +8,8 @@ first adapted / pruned decoder layer) and emits three signals:
   by :func:`gumbel_topk` (top-k of Gumbel-softmax(logits / tau));
 * ``rank_scale [B, L, r]`` in (0, 1): a soft per-token mask over the LoRA rank dims.
 
-The routing is shared by every :class:`~datalora.layers.MoLoRALinear`, so the expert
-sort / permutation is computed once per forward.
+The routing is shared by every :class:`~datalora.layers.MoLoRALinear`, so the backends'
+per-routing tables (expert sort, gate matrix) are built once per forward.
 """
 
 from __future__ import annotations

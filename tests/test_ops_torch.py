@@ -521,8 +521,8 @@ def test_shared_routing_equals_separate_copies(rank_scale, monkeypatch):
     shared = run(copies=False)
     assert len(calls) == 1
     separate = run(copies=True)
-    # one entry: both forwards build, the second layer's backward hits, the first misses
-    assert len(calls) == 1 + 3
+    # two routings kept: both forwards build, both backwards hit
+    assert len(calls) == 1 + 2
     for a, b in zip(shared, separate, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -545,7 +545,7 @@ def test_tables_of_a_callers_routing_are_rebuilt_every_call(monkeypatch):
 
 
 def test_cached_tables_die_with_their_routing(monkeypatch):
-    """The one-entry caches hold tables only while the routing tensors live: a deleted
+    """The routing caches hold tables only while the routing tensors live: a deleted
     model's tables are not kept until the next call (torch tables, triton expert sort)."""
     import gc
 
@@ -557,12 +557,29 @@ def test_cached_tables_die_with_their_routing(monkeypatch):
     with eager_call():
         torch_backend.routing_tables(ids, gates, rs, 6, 4, 1.0, x.dtype)
         triton_backend.permutation(ids, 6)
-    assert torch_backend._tables_cache._entry is not None
-    assert triton_backend._perm_cache._entry is not None
+    assert len(torch_backend._tables_cache) == len(triton_backend._perm_cache) == 1
     del ids, gates, rs
     gc.collect()
-    assert torch_backend._tables_cache._entry is None
-    assert triton_backend._perm_cache._entry is None
+    assert len(torch_backend._tables_cache) == len(triton_backend._perm_cache) == 0
+
+
+def test_routing_cache_keeps_the_two_latest_routings():
+    """A pruned step alternates two routings (full, packed, packed, full): both stay cached;
+    a third evicts the least recently used."""
+    first, second, third = (torch.arange(4.0) + i for i in range(3))
+    cache = RoutingCache()
+    cache.put((first,), ("k",), "first")
+    cache.put((second,), ("k",), "second")
+    assert cache.get((first,), ("k",)) == "first"  # now the most recently used
+    assert cache.get((second,), ("k",)) == "second"
+    assert cache.get((first,), ("other key",)) is None
+    assert cache.get((first,), ("k",)) == "first"
+    cache.put((third,), ("k",), "third")  # evicts second, the least recently used
+    assert len(cache) == 2
+    assert cache.get((second,), ("k",)) is None
+    assert (cache.get((first,), ("k",)), cache.get((third,), ("k",))) == ("first", "third")
+    first.add_(1)  # a version bump: no longer the cached state
+    assert cache.get((first,), ("k",)) is None
 
 
 # ---- randomized review findings ------------------------------------------------------------

@@ -604,3 +604,22 @@ def test_an_eval_forward_selects_without_noise():
             assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, first)
             assert torch.equal(model.runtime.last.kept, kept)
     assert torch.equal(kept, want)
+
+
+@pytest.mark.parametrize("prune_layers", [(1, 4), (1, 3)])
+def test_a_pruned_training_step_builds_each_routings_tables_once(prune_layers, monkeypatch):
+    """Full-length and packed routings alternate over a pruned step (full, packed, [full,]
+    then back in the backward): the routing cache keeps both, one gate matrix build each."""
+    from datalora.ops import torch_backend
+    from datalora.ops.eager import RoutingCache
+
+    builds = []
+    build = torch_backend._gate_matrix
+    monkeypatch.setattr(torch_backend, "_gate_matrix", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(torch_backend, "_tables_cache", RoutingCache())
+    model = datalora_model(prune_layers=prune_layers, backend="torch").train()
+    model.set_curriculum_state(tau=1.0, retention=0.5, hard=False)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert len(builds) == 2

@@ -39,6 +39,7 @@ from datalora.ops.backends import get_backend
 from datalora.ops.validation import PLAIN_TENSORS
 
 _state = threading.local()
+ROUTING_CACHE_ENTRIES = 2  # routings a backend keeps tables of (see RoutingCache)
 _trusted: dict[int, weakref.ref] = {}  # id -> weak reference of routing tensors we built
 
 
@@ -136,34 +137,41 @@ class TensorsState:
 
 
 class RoutingCache:
-    """One cached value keyed by routing tensors (a :class:`TensorsState`) and extra
-    hashable fields. The entry is dropped as soon as one of its tensors is freed: it never
-    outlives the routing (a deleted model's tables do not stay in memory until the next
-    call)."""
+    """A few cached values (:data:`ROUTING_CACHE_ENTRIES`), each keyed by routing tensors (a
+    :class:`TensorsState`) and extra hashable fields; the least recently used one goes first.
+    Two because a pruned model's step alternates two routings (the full-length one outside
+    the pruned layers, the packed one inside: forward full, packed, backward packed, full):
+    one entry would rebuild the full routing's value in the backward. An entry is dropped as
+    soon as one of its tensors is freed: it never outlives the routing (a deleted model's
+    tables do not stay in memory until the next call)."""
 
-    __slots__ = ("_entry",)
+    __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self._entry: tuple | None = None  # (state, key, value, token)
+        self._entries: list[tuple] = []  # (state, key, value, token), most recent last
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, tensors: tuple[torch.Tensor | None, ...], key: tuple):
         """The value stored for these unmodified tensor objects and ``key``, or None."""
-        entry = self._entry
-        if entry is None or entry[1] != key or not entry[0].same(*tensors):
-            return None
-        return entry[2]
+        for i, entry in enumerate(self._entries):
+            if entry[1] == key and entry[0].same(*tensors):
+                if i != len(self._entries) - 1:
+                    self._entries.append(self._entries.pop(i))
+                return entry[2]
+        return None
 
     def put(self, tensors: tuple[torch.Tensor | None, ...], key: tuple, value) -> None:
         """Stores ``value`` for ``tensors`` and ``key`` (not for inference tensors)."""
         token = object()
         state = TensorsState.of(*tensors, on_free=functools.partial(self._drop, token))
         if state is not None:
-            self._entry = (state, key, value, token)
+            kept = self._entries[max(0, len(self._entries) + 1 - ROUTING_CACHE_ENTRIES):]
+            self._entries = [*kept, (state, key, value, token)]
 
     def _drop(self, token: object, _ref: weakref.ref) -> None:
-        entry = self._entry
-        if entry is not None and entry[3] is token:
-            self._entry = None
+        self._entries = [entry for entry in self._entries if entry[3] is not token]
 
 
 class eager_call:  # noqa: N801 -- used like a function: ``with eager_call(): ...``

@@ -27,7 +27,8 @@ tokens' as in the grouped strategy and a per-expert loop.
 ``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
 objects: :func:`routing_tables` builds them once and reuses them while those tensors are
 unmodified (identity + version counters, as ``triton_backend.permutation`` caches its sort;
-one entry, only for calls from eager Python: see :mod:`datalora.ops.eager`).
+two routings, a pruned model's full-length and packed ones, only for calls from eager
+Python: see :mod:`datalora.ops.eager`).
 
 This module doubles as the reference implementation of the backend protocol
 (see ``datalora.ops.backends``): ``delta_forward`` returns the un-scaled per-route
@@ -103,7 +104,7 @@ _tables_cache = RoutingCache()
 def routing_tables(expert_ids, gates, rank_scale, E, r, scaling, dtype) -> RoutingTables:
     """:class:`RoutingTables` of a routing, reused while the same unmodified tensors come back.
 
-    One entry (:class:`~datalora.ops.eager.RoutingCache`: identity and version of the three
+    Two entries (:class:`~datalora.ops.eager.RoutingCache`: identity and version of the three
     tensors, or of the routing a layer cast them from, plus ``(E, r, scaling, dtype)`` and
     their dtypes), only where
     :func:`~datalora.ops.eager.may_cache_routing` allows: layers sharing a ``Routing`` hit

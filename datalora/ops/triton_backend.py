@@ -90,7 +90,9 @@ def permutation(expert_ids: torch.Tensor, num_experts: int, *,
     """``sort_routes`` of ``expert_ids``, reused while the same unmodified tensor comes back.
 
     Layers sharing one ``Routing`` pass the same ``expert_ids`` tensor, so the sort runs
-    once per forward (and once more at most for the backward). The backend caches only
+    once per routing and step, forward and backward (two routings kept: a pruned model's
+    full-length and packed ones, :class:`~datalora.ops.eager.RoutingCache`). The backend
+    caches only
     where :func:`datalora.ops.eager.may_cache_routing` allows (calls from eager Python):
     tensors inside a compiled graph may be buffers Inductor reuses for new values without
     bumping their version.
