@@ -304,7 +304,8 @@ class DATALORAModel(nn.Module):
 
     Attributes:
         base_model: the wrapped model (its targeted linears are now MoLoRALinear).
-        config: the :class:`DATALORAConfig` used to build it.
+        datalora_config: the :class:`DATALORAConfig` used to build it (``config`` is the
+            base model's, e.g. its ``MistralConfig``).
         saliency / runtime: the USN and the pruning hooks (None for per-layer routing).
     """
 

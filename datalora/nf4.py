@@ -183,8 +183,8 @@ class NF4Tensor:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def to(self, device: torch.device | str) -> NF4Tensor:
-        """A copy on ``device`` (the 4-bit data keeps its format: for another float dtype
-        use :meth:`dequantize`)."""
+        """A copy on ``device``, or the same tensors when already there (the 4-bit data
+        keeps its format: for another float dtype use :meth:`dequantize`)."""
         if isinstance(device, torch.dtype):
             raise TypeError(f"device: NF4Tensor.to takes a device, got dtype {device}; "
                             f"dequantize(dtype) gives a float tensor")
@@ -209,9 +209,12 @@ class NF4Tensor:
     # ---------------------------------------------------------------- bitsandbytes interop
     @classmethod
     def from_bnb(cls, param) -> NF4Tensor:
-        """Wraps ``bnb.nn.Params4bit`` or ``(data, QuantState)`` (nf4) without copying.
+        """Wraps ``bnb.nn.Params4bit`` or ``(data, QuantState)`` (nf4) without re-quantizing.
 
-        The returned tensor shares storage with the bitsandbytes one.
+        The returned tensor shares storage with the bitsandbytes one, except for a weight
+        bitsandbytes (>= 0.49) repacked for CPU inference on a ``Linear4bit``'s first CPU
+        forward: its tiling is undone into new tensors (absmax then the bf16 copy
+        bitsandbytes made, without double quant).
         """
         if isinstance(param, tuple | list):
             if len(param) != 2:

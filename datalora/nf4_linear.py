@@ -153,7 +153,9 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> NF4Linear:
-        """Wraps a quantized nf4 ``bnb.nn.Linear4bit`` (shares its tensors, no re-quantizing)."""
+        """Wraps a quantized nf4 ``bnb.nn.Linear4bit`` (shares its tensors, no re-quantizing;
+        see :meth:`NF4Tensor.from_bnb <datalora.nf4.NF4Tensor.from_bnb>` for a weight
+        bitsandbytes repacked for CPU inference, which is copied)."""
         return cls(nf4_weight(layer), layer.bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -229,7 +231,9 @@ def is_nf4_base(layer: nn.Module) -> bool:
 
 
 def nf4_weight(layer: nn.Module) -> NF4Tensor:
-    """The :class:`~datalora.nf4.NF4Tensor` of an NF4 base layer (shares storage)."""
+    """The :class:`~datalora.nf4.NF4Tensor` of an NF4 base layer (shares storage, but for a
+    bitsandbytes weight repacked for CPU inference: :meth:`NF4Tensor.from_bnb
+    <datalora.nf4.NF4Tensor.from_bnb>`)."""
     if isinstance(layer, NF4Linear):
         return layer.weight
     if not _is_bnb_linear4bit(layer):

@@ -357,12 +357,14 @@ def molora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_ids: 
         gates: ``[T, k]`` float gate of each route.
         rank_scale: optional ``[T, r]`` per-token soft mask over rank dimensions.
         scaling: ``lora_alpha / r``.
-        backend: ``"auto" | "torch" | "triton" | "cuda"`` (``DATALORA_BACKEND`` overrides auto).
+        backend: ``"auto" | "torch" | "triton"`` (``DATALORA_BACKEND`` overrides auto);
+            ``"cuda"`` (the ``datalora._C`` extension runs NF4 kernels only) is refused
+            with :class:`~datalora.ops.backends.BackendUnavailableError`.
         check_values: validate expert ids and gates on the host (eager only; a sync). Layers
             sharing one :class:`~datalora.routing.Routing` check it once and pass False.
 
     Returns:
-        ``[..., d_out]`` delta in x's dtype.
+        ``[..., d_out]`` delta in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     scaling = _check_scaling(scaling)
     check_bool("check_values", check_values)

@@ -163,6 +163,7 @@ class TokenLevelAdapterMixer(nn.Module):
         embedder: :class:`HiddenStateEmbedder` (default ``HiddenStateEmbedder(-1)``) or
             :class:`SentenceEmbedder`; its ``window`` / ``decay`` make the context
             embedding favour recent tokens (e.g. ``HiddenStateEmbedder(0, window=16)``).
+        backend: :mod:`datalora.ops` backend of every :class:`AdapterMixLinear`.
     """
 
     centroids: torch.Tensor | None  # a buffer (registered in __init__)
