@@ -9,7 +9,9 @@
 #   3. runs benchmarks/run_gpu_suite.sh (each step under its own limit) under
 #      SUITE_TIMEOUT seconds, by default what is left of DEVICE_LIMIT_S (590, the call's
 #      timeout_s) minus 40 s for packing, so the results always come back,
-#   4. packs every result into $OUT/gpu_results.tgz and copies summary.txt beside it.
+#   4. packs every result into $OUT/gpu_results.tgz and copies summary.txt beside it; also
+#      every 20 s while the suite runs and on exit, so a call killed from outside (its
+#      timeout_s shorter than DEVICE_LIMIT_S) still brings back what had finished.
 #
 # Prepare once on the CPU machine, in the repo root:
 #   echo /.whl/ >> .git/info/exclude
@@ -18,9 +20,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl setuptools==84.2.1
 # (setuptools >= 77 reads pyproject's SPDX license; the machine's own may be older)
 # then call the device tool's run with command
-#   "DATALORA_GIT_COMMIT=<git rev-parse HEAD> bash benchmarks/device_run.sh"
-# (the machine's copy has no .git, or the session start's: the JSON files record this commit), carry [".whl"] and
-# timeout_s 590; unpack with
+#   "DATALORA_GIT_COMMIT=<git rev-parse HEAD> DEVICE_LIMIT_S=<timeout_s> bash benchmarks/device_run.sh"
+# (the machine's copy has no .git, or the session start's: the JSON files record this
+# commit), carry [".whl"] and timeout_s at most 590 (the same as DEVICE_LIMIT_S); unpack with
 #   mkdir -p benchmarks/results/gpu_<device> && tar xzf gpu_results.tgz -C benchmarks/results/gpu_<device>
 # SKIP_STEPS (run_gpu_suite.sh) skips steps; default "tle pytest_bench" (tle pretrains the
 # tiny base on the CPU first: minutes of a 15-minute lease).
@@ -31,6 +33,13 @@ RESULTS=${RESULTS:-/tmp/datalora_gpu_results}
 rm -rf "$RESULTS"  # a warm machine keeps the last call's files: report this call's only
 mkdir -p "$OUT" "$RESULTS"
 PY=${PYTHON:-python3}
+pack() {  # $RESULTS -> $OUT/gpu_results.tgz (+ summary.txt), replaced whole
+  tar czf "$OUT/gpu_results.tgz.part" -C "$RESULTS" . 2> /dev/null &&
+    mv -f "$OUT/gpu_results.tgz.part" "$OUT/gpu_results.tgz"
+  cp "$RESULTS/summary.txt" "$OUT/" 2> /dev/null
+  return 0
+}
+trap pack EXIT
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -52,12 +61,15 @@ if (( SUITE_TIMEOUT < 30 )); then  # too little left: pack what there is, within
   echo "no time left for the suite after the install" | tee -a "$RESULTS/summary.txt"
   rc=1
 else
+  (while sleep 20; do pack; done) &
+  PACKER=$!
   timeout --kill-after=10 "$SUITE_TIMEOUT" bash benchmarks/run_gpu_suite.sh "$RESULTS"
   rc=$?
+  kill "$PACKER" 2> /dev/null
+  wait "$PACKER" 2> /dev/null
 fi
 [ "$rc" -eq 124 ] && echo "run_gpu_suite.sh stopped after ${SUITE_TIMEOUT} s" \
   | tee -a "$RESULTS/summary.txt"
-tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .
-cp "$RESULTS/summary.txt" "$OUT/" 2>/dev/null
+pack
 cat "$RESULTS/summary.txt" 2>/dev/null
 exit "$rc"

@@ -8,6 +8,9 @@
 #   decode_check the gpu tests of the one-launch NF4 decode kernel, alone and briefly: its
 #                CTAs wait on each other, so a bug there hangs rather than fails; when this
 #                step fails, nf4 leaves out its decode group and gpu_tests these tests
+#   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
+#                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial): first, as the
+#                only check of code changed since the last lease (~70 s on the H200)
 #   roofline     benchmarks.roofline floors (roofline.md / .json) next to the measurements
 #   molora       benchmarks.molora --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every case, so a stopped run keeps its rows)
@@ -15,8 +18,6 @@
 #                GPU kernel time, with the kernels it launches (profile_gpu.txt)
 #   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every group)
-#   gpu_tests    pytest -m gpu over tests/ (Triton kernels natively, CUDA extension),
-#                GPU_TEST_WORKERS xdist workers (default 8; 0 = serial)
 #   pruning      benchmarks.bench_pruning --no-bound
 #   tle          benchmarks.bench_tle (pretrains the tiny base and trains the 4 task
 #                adapters first: minutes of CPU on a fresh machine)
@@ -38,7 +39,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 failed=()
 declare -A STEP_RC=()  # exit status of each step run
-# seconds per step (LIMIT_<step> overrides): the benchmarks first, as a lease is short
+# seconds per step (LIMIT_<step> overrides): a lease is short
 declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [decode_check]=45 [roofline]=30
                            [molora]=200 [profile]=60 [nf4]=75
                            [gpu_tests]=150 [pruning]=90 [tle]=300 [pytest_bench]=120)
@@ -163,14 +164,14 @@ case "${STEP_RC[decode_check]:-0}" in
     echo "   the decode kernel failed, hung or crashed in its check: left out of nf4 and" \
       "gpu_tests" | tee -a "$SUMMARY" ;;
 esac
+step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" "${GPU_TESTS_FILTER[@]}" \
+  -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 step roofline "$PY" -m benchmarks.roofline --out "$OUT"
 step molora "$PY" -m benchmarks.molora --preset gpu --out "$OUT"
 report
 step profile "$PY" -m benchmarks.profile_gpu --out "$OUT"
 step nf4 "$PY" -m benchmarks.bench_nf4 --preset gpu --out "$OUT" --groups "${NF4_GROUPS[@]}"
 report
-step gpu_tests "$PY" -m pytest tests -m gpu -q -ra "${XDIST[@]}" "${GPU_TESTS_FILTER[@]}" \
-  -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 # --no-bound: the attainable-speedup rows build four more models per row (minutes at
 # hidden 2048), too long for a 15-minute device lease
 step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound

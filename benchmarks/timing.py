@@ -7,6 +7,7 @@ On a CUDA device each call is bracketed by synchronizations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -83,7 +84,8 @@ def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 5,
     except RuntimeError as exc:  # a host sync or data-dependent shape inside fn
         warnings.warn(f"no CUDA-graph time: the capture failed ({str(exc)[:300]})",
                       stacklevel=2)
-        torch.cuda.synchronize()
+        with contextlib.suppress(RuntimeError):  # an invalidated capture may report again
+            torch.cuda.synchronize()
         return None
     ms = do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     del graph
