@@ -61,7 +61,8 @@ if (( SUITE_TIMEOUT < 30 )); then  # too little left: pack what there is, within
   echo "no time left for the suite after the install" | tee -a "$RESULTS/summary.txt"
   rc=1
 else
-  (while sleep 20; do pack; done) &
+  # short sleeps, no terminal: once killed, it leaves no process holding the call's output
+  (exec > /dev/null 2>&1; n=0; while sleep 1; do (( ++n % 20 )) || pack; done) &
   PACKER=$!
   timeout --kill-after=10 "$SUITE_TIMEOUT" bash benchmarks/run_gpu_suite.sh "$RESULTS"
   rc=$?
