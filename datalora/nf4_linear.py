@@ -245,11 +245,15 @@ def nf4_weight(layer: nn.Module) -> NF4Tensor:
     return NF4Tensor.from_bnb(layer.weight)
 
 
-def nf4_compute_dtype(layer: nn.Module) -> torch.dtype:
-    """The float dtype an NF4 base computes in (bnb ``compute_dtype``, else the weight's)."""
+def nf4_compute_dtype(layer: nn.Module, x_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The float dtype an NF4 base computes in: bnb's ``compute_dtype``; a ``Linear4bit``
+    without one (never called, built with ``compute_dtype=None``) computes in its input's
+    dtype as bitsandbytes does (``x_dtype``; the weight's original dtype when not given)."""
     if isinstance(layer, NF4Linear):
         return layer.compute_dtype
     dtype = getattr(layer, "compute_dtype", None)
+    if dtype is None and x_dtype is not None:
+        return x_dtype
     if dtype is None:
         state = getattr(layer.weight, "quant_state", None)
         dtype = state.dtype if state is not None else torch.float32
@@ -270,7 +274,7 @@ def nf4_base_forward(base: nn.Module, x: torch.Tensor,
     if isinstance(base, NF4Linear):
         return base(x)
     weight = nf4_weight(base) if weight is None else weight
-    out = nf4_linear(x.to(nf4_compute_dtype(base)), weight, base.bias)
+    out = nf4_linear(x.to(nf4_compute_dtype(base, x.dtype)), weight, base.bias)
     return out.to(x.dtype)
 
 
@@ -537,7 +541,7 @@ def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether the base computes in x's dtype (an ``NF4Linear`` always; a bnb
     ``Linear4bit`` when x has its ``compute_dtype``): what the paths that dequantize the
     weight to x's dtype (the fused kernels, ``molora_linear``) compute."""
-    return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base)
+    return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base, x.dtype)
 
 
 def _no_grad_needed(tensors) -> bool:

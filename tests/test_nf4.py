@@ -754,6 +754,25 @@ def test_the_fused_gpu_paths_keep_a_bnb_bases_compute_dtype(monkeypatch):
     assert fused == [1]
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_a_bnb_base_without_compute_dtype_computes_in_x_dtype(x_dtype):
+    """bitsandbytes' Linear4bit(compute_dtype=None) computes in its input's dtype (it adopts
+    that of its first fp32 / bf16 input); datalora computed such a base in the weight's
+    original dtype (fp32 for bf16 activations) and so never took the x-dtype paths."""
+    from datalora.nf4_linear import _computes_in_x_dtype, nf4_base_forward
+
+    q = bnb.nn.Linear4bit(64, 16, bias=True, quant_type="nf4")  # compute_dtype None
+    q.load_state_dict(_linear(64, 16).state_dict())
+    q = q.to("cpu").train()  # quantizes; train(): bnb's own forward keeps its layout
+    x = torch.randn(3, 64, dtype=x_dtype)
+    assert q.compute_dtype is None and _computes_in_x_dtype(q, x)
+    w = nf4.dequantize(nf4.NF4Tensor.from_bnb(q.weight), x_dtype)
+    got = nf4_base_forward(q, x)
+    assert torch.equal(got, torch.nn.functional.linear(x, w, q.bias.to(x_dtype)))
+    assert torch.equal(got, q(x))  # bitsandbytes itself (now compute_dtype = x_dtype)
+    assert q.compute_dtype == x_dtype
+
+
 def test_quantizing_a_bad_layer_names_the_callers_argument():
     """``NF4Linear.from_linear`` on an fp64 linear said ``w:`` (nf4.quantize's name) and
     ``MoLoRALinear(conv, quantize="nf4")`` said ``linear:`` (from_linear's name)."""
