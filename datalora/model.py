@@ -519,6 +519,12 @@ class DATALORAModel(nn.Module):
             if p.requires_grad or id(p) in own or name in self._saved_base_names:
                 yield name, p
 
+    def _trained_base_names(self) -> set[str]:
+        """Names of the base parameters saved with the adapter (trained with it, or token
+        embeddings resized after wrapping): what a load replaces in the base."""
+        molora = self._molora_parameter_ids()
+        return {name for name, p in self._base_adapter_parameters() if id(p) not in molora}
+
     def _molora_parameter_ids(self) -> set[int]:
         """ids of the MoLoRA layers' own parameters (not their ``base_layer``'s)."""
         return {id(p) for _, layer in self.molora_layers()
@@ -615,7 +621,9 @@ class DATALORAModel(nn.Module):
             save_tensors(tensors, save_directory / WEIGHTS_NAME,
                          metadata={"format": "pt", "adapter_type": "datalora",
                                    "datalora_config": config_json, **self._base_identity(),
-                                   **self._curriculum_metadata()})
+                                   **self._curriculum_metadata(),
+                                   BASE_PARAMETERS_KEY: json.dumps(
+                                       sorted(self._trained_base_names()))})
             atomic_write_text(save_directory / CONFIG_NAME, config_json)
         if gathered_here:
             torch.distributed.barrier()  # no rank returns before the files exist
@@ -637,6 +645,7 @@ class DATALORAModel(nn.Module):
         base = {unwrapped_name(n): p for n, p in self.base_model.named_parameters()}
         # base parameters trained with the adapter (saved because they required grad)
         extra = {name for name in saved if name not in own and name in base}
+        _check_declared_base_parameters(extra, metadata, file)
         own.update({name: base[name] for name in extra})
         missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
         replaced = [name for name in missing if name in self._saved_base_names]
@@ -788,7 +797,7 @@ class DATALORAModel(nn.Module):
         config = DATALORAConfig.from_pretrained(path)
         # what the adapter adapts is checked before anything is injected; what only the
         # injected model can check (every name, the saved config, the curriculum) is undone
-        header = _check_adapter_fits(model, Path(path))
+        header = _check_adapter_fits(model, Path(path), config)
         with _undone_on_failure(model) as built:
             # the layers start random and get the saved weights: the caller's RNG stream
             # (seed, load, sample) must not depend on the draws of that initialisation
@@ -837,21 +846,68 @@ def _weights_file(folder: Path) -> Path:
     return file
 
 
-def _check_adapter_fits(model: nn.Module, folder: Path
+BASE_PARAMETERS_KEY = "base_parameters"  # weights-file metadata: the base tensors it holds
+
+
+def _check_declared_base_parameters(extra: set[str], metadata: dict[str, str],
+                                    file: Path) -> None:
+    """Refuses base-model tensors in the weights ``file`` that its metadata does not list
+    (a file edited after saving would replace base weights unannounced); warns for a file
+    saved before datalora listed them."""
+    declared = metadata.get(BASE_PARAMETERS_KEY)
+    if declared is None:
+        if extra:
+            warnings.warn(f"path: {file} replaces base weights {sorted(extra)[:5]} "
+                          f"({len(extra)} in all) without listing them (saved by an older "
+                          f"datalora): they overwrite the base model's", stacklevel=3)
+        return
+    try:
+        names = json.loads(declared)
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"path: the {BASE_PARAMETERS_KEY!r} metadata of {file} is not a "
+                         f"list of names: {declared[:200]!r}") from None
+    undeclared = sorted(extra - set(names))
+    if undeclared:
+        raise ValueError(f"path: {file} holds base weights its metadata does not list "
+                         f"({undeclared[:5]}, {len(undeclared)} in all): a file edited after "
+                         f"saving would replace them in the base model; refusing to load it")
+
+
+def _check_adapter_fits(model: nn.Module, folder: Path, config: DATALORAConfig
                         ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """The modules the saved MoLoRA tensors adapt exist in ``model`` with the features
-    their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``): checked from the
-    weights file's header before :meth:`DATALORAModel.from_pretrained` injects anything, so
-    an adapter of another model size fails with the user's model untouched (the full name
-    and shape check of :meth:`~DATALORAModel.load_adapter` follows the injection). Returns
-    the file's header (``name -> (shape, dtype)``)."""
+    their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``), and the sizes the
+    saved ``config`` allocates (experts, rank, the saliency network's width) are those of
+    the saved tensors: checked from the weights file's header before
+    :meth:`DATALORAModel.from_pretrained` injects anything, so an adapter of another model
+    size fails with the user's model untouched, and an edited ``adapter_config.json``
+    (``num_lora_experts: 10000000``) allocates nothing (the full name and shape check of
+    :meth:`~DATALORAModel.load_adapter` follows the injection). Returns the file's header
+    (``name -> (shape, dtype)``)."""
     file = _weights_file(folder)
     modules = {unwrapped_name(name): module for name, module in model.named_modules()}
     header = load_header(file)
+    sizes = {"lora_A": lambda s: (s[0], s[1]), "lora_B": lambda s: (s[0], s[2])}
+    want_sizes = (config.num_lora_experts, config.lora_rank)
+    # saves write the resolved routing ("shared" / "per_layer"), never "auto"
+    saved = header.get("saliency.backbone.0.weight", (None, None))[0]
+    if config.routing == "shared" or (config.routing == "auto" and saved is not None):
+        if saved is None or saved[:1] != (config.saliency_hidden_size,):
+            raise ValueError(f"path: {folder / CONFIG_NAME} says saliency_hidden_size="
+                             f"{config.saliency_hidden_size} (shared routing), but "
+                             f"{file.name} holds saliency.backbone.0.weight of shape {saved}")
+    if not any(name.endswith(".lora_A") for name in header):
+        raise ValueError(f"path: {file} holds no MoLoRA tensors (no '*.lora_A'); expected a "
+                         f"datalora adapter folder")
     for name, (shape, _) in header.items():
         module_name, _, leaf = name.rpartition(".")
         if leaf not in ("lora_A", "lora_B"):
             continue
+        if len(shape) == 3 and sizes[leaf](shape) != want_sizes:
+            raise ValueError(f"{name}: saved shape {shape}, but {folder / CONFIG_NAME} says "
+                             f"num_lora_experts={want_sizes[0]}, lora_rank={want_sizes[1]}")
         module = modules.get(module_name)
         if module is None:
             raise ValueError(f"path: the adapter at {folder} adapts {module_name!r}, which "

@@ -889,3 +889,59 @@ def test_load_compares_the_resolved_pruned_range(tmp_path):
     other = DATALORAConfig(**CFG, routing="shared", prune_layers=[1, 4])
     with pytest.raises(ValueError, match="prune_layers: saved"):
         get_datalora_model(build_tiny_model(seed=0), other, verbose=False).load_adapter(tmp_path)
+
+
+def _with_base_weight(folder, metadata_change):
+    """A saved adapter whose weights file also holds a base weight (``lm_head.weight``,
+    zeros), its metadata changed by ``metadata_change``: a file edited after saving."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    perturb(wrapped)
+    wrapped.save_pretrained(folder)
+    file = str(folder / "adapter_model.safetensors")
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["base_parameters"]) == []
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = torch.zeros_like(wrapped.base_model.lm_head.weight)
+    save_file(tensors, file, metadata=metadata_change(metadata))
+
+
+def test_an_adapter_cannot_replace_base_weights_its_metadata_does_not_list(tmp_path):
+    """A downloaded adapter holding a base weight it did not declare (a backdoored or broken
+    lm_head) replaced it silently; a file saved before datalora declared them warns."""
+    _with_base_weight(tmp_path / "edited", lambda metadata: metadata)
+    model = build_tiny_model(seed=0)
+    state = _model_state(model)
+    with pytest.raises(ValueError, match=r"base weights its metadata does not list "
+                                         r"\(\['lm_head.weight'\]"):
+        DATALORAModel.from_pretrained(model, tmp_path / "edited")
+    _assert_same_state(model, state)
+    _with_base_weight(tmp_path / "old", lambda metadata: {
+        k: v for k, v in metadata.items() if k != "base_parameters"})
+    with pytest.warns(UserWarning, match=r"replaces base weights \['lm_head.weight'\] .*older"):
+        loaded = DATALORAModel.from_pretrained(model, tmp_path / "old")
+    assert not loaded.base_model.lm_head.weight.any()
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("num_lora_experts", 10_000_000, r"lora_A: saved shape \(4, 4, \d+\), but .* says "
+                                     r"num_lora_experts=10000000"),
+    ("lora_rank", 1_000_000, "lora_rank=1000000"),
+    ("saliency_hidden_size", 10_000_000, "saliency_hidden_size=10000000"),
+])
+def test_an_edited_config_is_refused_before_it_allocates(tmp_path, field, value, error):
+    """The sizes in adapter_config.json were allocated for every targeted layer before the
+    weights file's shapes were compared: ten million experts ran the machine out of
+    memory instead of failing."""
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG),
+                       verbose=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {field: value}))
+    model = build_tiny_model(seed=0)
+    state = _model_state(model)
+    with pytest.raises(ValueError, match=error):
+        DATALORAModel.from_pretrained(model, tmp_path)
+    _assert_same_state(model, state)
