@@ -899,6 +899,89 @@ def test_an_alpha_pattern_key_matches_whole_name_parts_as_in_peft(adapter_dirs, 
         torch.testing.assert_close(patterned.modules[module][1], b)
 
 
+@pytest.mark.parametrize("changes, error", [
+    ({"alpha_pattern": {"(": 4}}, r"pattern key '\(' .* is not a valid regular expression"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern in .* must be an object, got list"),
+    ({"lora_alpha": float("nan")}, "lora_alpha in .* must be a finite number, got nan"),
+    ({"lora_alpha": 1e999}, "lora_alpha in .* must be a finite number, got inf"),
+    ({"alpha_pattern": {"q_proj": "big"}}, r"alpha_pattern\['model.*q_proj'\] .* got 'big'"),
+])
+def test_a_hostile_adapter_config_fails_cleanly(adapter_dirs, tmp_path, changes, error):
+    """An invalid pattern key raised a bare re.error; json reads NaN / 1e999 as alpha."""
+    folder = _with_config(adapter_dirs[0], tmp_path / "hostile", **changes)
+    with pytest.raises(ValueError, match=error):
+        load_peft_adapter(folder)
+
+
+def test_a_backtracking_pattern_key_neither_hangs_nor_runs_unbounded(adapter_dirs, tmp_path,
+                                                                     monkeypatch):
+    """``(.*.*)*X`` took Python's re 20 s on a 16-character name and hung on a real module
+    name (PEFT's matcher too): the regex module fails it at once, and a key that would still
+    run long is stopped by the time limit."""
+    from datalora.tle import adapters
+
+    folder = _with_config(adapter_dirs[0], tmp_path / "slow", rank_pattern={"(.*.*)*X": 4})
+    assert load_peft_adapter(folder).modules  # no match: the config's r applies
+
+    def too_slow(*args, timeout=None, **kwargs):
+        assert timeout == adapters._PATTERN_TIMEOUT_S
+        raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(adapters.regex, "match", too_slow)
+    with pytest.raises(ValueError, match=r"pattern key .* took over 1 s to match 'model"):
+        load_peft_adapter(folder)
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda t, key: t.__setitem__(key, torch.full_like(t[key], float("nan"))),
+     "holds NaN or inf"),
+    (lambda t, key: t.__setitem__(key, t[key].to(torch.int32)), "is torch.int32, expected a "
+                                                                "float tensor"),
+    (lambda t, key: t.__setitem__(key.replace(".weight", ".other.weight"), t[key].clone()),
+     "two lora_B tensors of module"),
+])
+def test_a_hostile_adapter_weights_file_fails_cleanly(adapter_dirs, tmp_path, edit, error):
+    """NaN weights loaded silently (a mixer whose logits stayed finite but wrong: CPU
+    attention turns NaN queries into finite values), integer ones were cast, and a second
+    copy of one matrix silently replaced the first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(adapter_dirs[0], folder)
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(file)
+    edit(tensors, next(k for k in sorted(tensors) if "lora_B" in k))
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=error):
+        load_peft_adapter(folder)
+
+
+def test_a_saved_mixer_with_non_finite_weights_or_missing_settings_fails(adapter_dirs,
+                                                                         tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _fitted_mixer(adapter_dirs, "every_n", 2).save_pretrained(tmp_path / "mixer")
+    file = tmp_path / "mixer" / "tle_mixer.safetensors"
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B"))
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, file,
+              metadata=metadata)
+    with pytest.raises(ValueError, match=f"directory: {key} in .* holds NaN or inf"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+    config_file = tmp_path / "mixer" / "tle_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k != "tau"}))
+    with pytest.raises(ValueError, match=r"tle_config.json lacks \['tau'\]"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+
+
 def test_a_bias_saved_from_a_bf16_copy_is_not_a_trained_bias():
     """A saved bias equal to the model's own up to bf16 rounding is unchanged; one that
     differs by more is trained (non-zero biases: zeros round to themselves)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 import torch.nn as nn
 
@@ -63,11 +64,36 @@ class LoRAAdapter:
         return b.float() @ a.float()
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+# a rank / alpha pattern key is a regex from the file: matched with a time limit, so a
+# catastrophically backtracking key (``(.*.*)*X``) fails instead of hanging the load
+_PATTERN_TIMEOUT_S = 1.0
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any,
+                   cfg_file: Path) -> Any:
     for key, value in patterns.items():  # PEFT's rule: the key (a regex) ends the name
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=_PATTERN_TIMEOUT_S):
+                return value
+        except regex.error as exc:
+            raise ValueError(f"path: pattern key {key!r} in {cfg_file} is not a valid regular "
+                             f"expression ({exc})") from None
+        except TimeoutError:
+            raise ValueError(f"path: pattern key {key!r} in {cfg_file} took over "
+                             f"{_PATTERN_TIMEOUT_S:g} s to match {module!r} (a regular "
+                             f"expression that backtracks without end)") from None
     return default
+
+
+def _finite_number(name: str, value: Any, cfg_file: Path) -> float:
+    """``value`` as a finite float (``json`` reads ``NaN`` / ``Infinity`` / ``1e999``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or isinstance(value, bool):
+        raise ValueError(f"path: {name} in {cfg_file} must be a finite number, got {value!r}")
+    return number
 
 
 # init_lora_weights methods that also rewrite the base weights (the saved A / B only make
@@ -158,17 +184,30 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
                          f"'datalora', saved by DATALORAModel.save_pretrained), not a PEFT "
                          f"LoRA adapter; load it with DATALORAModel.from_pretrained")
     _check_plain_lora(config, folder)
-    alpha = float(config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
+    alpha = _finite_number("lora_alpha", config.get("lora_alpha", _PEFT_DEFAULT_ALPHA), cfg_file)
     alpha_pattern = config.get("alpha_pattern") or {}
     rank_pattern = config.get("rank_pattern") or {}
+    for field_name, patterns in (("alpha_pattern", alpha_pattern), ("rank_pattern", rank_pattern)):
+        if not isinstance(patterns, dict):
+            raise ValueError(f"path: {field_name} in {cfg_file} must be an object, got "
+                             f"{type(patterns).__name__}")
     rslora = bool(config.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, torch.Tensor] = {}
     base_biases: dict[str, torch.Tensor] = {}
     for key, tensor in _read_weights(weights).items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"path: tensor {key!r} in {weights} is {tensor.dtype}, expected a "
+                             f"float tensor")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"path: tensor {key!r} in {weights} holds NaN or inf")
         match = _KEY.match(key)
         if match is not None:
-            parts.setdefault(match["module"], {})[match["ab"]] = tensor
+            module_parts = parts.setdefault(match["module"], {})
+            if match["ab"] in module_parts:
+                raise ValueError(f"path: {weights} holds two lora_{match['ab']} tensors of "
+                                 f"module {match['module']!r} (of two adapters?)")
+            module_parts[match["ab"]] = tensor
             continue
         copy = _MODULE_TENSOR.match(key)
         if copy is None or "lora_" in key:
@@ -191,11 +230,12 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
             raise ValueError(f"path: {module!r} has lora_A {tuple(a.shape)} and lora_B "
                              f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r]")
         r = a.shape[0]
-        expected = _pattern_value(rank_pattern, module, config.get("r"))
+        expected = _pattern_value(rank_pattern, module, config.get("r"), cfg_file)
         if expected is not None and int(expected) != r:
             raise ValueError(f"path: module {module!r} of {folder} has rank {r} in its "
                              f"tensors but r={expected} in adapter_config.json")
-        a_mod = float(_pattern_value(alpha_pattern, module, alpha))
+        a_mod = _finite_number(f"alpha_pattern[{module!r}]",
+                               _pattern_value(alpha_pattern, module, alpha, cfg_file), cfg_file)
         scaling = a_mod / math.sqrt(r) if rslora else a_mod / r
         modules[module] = (a.float(), b.float() * scaling)
     if not modules:

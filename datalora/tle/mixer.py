@@ -34,6 +34,8 @@ from datalora.tle.routing import _check_mode, anchor_positions, routing_weights
 
 MIXER_CONFIG = "tle_config.json"
 MIXER_WEIGHTS = "tle_mixer.safetensors"
+# what from_pretrained reads from MIXER_CONFIG (save_pretrained also writes adapter_paths)
+_SAVED_KEYS = frozenset({"names", "tau", "mode", "every_n", "top_k", "modules", "embedder"})
 
 
 def _check_batch(input_ids: Any, attention_mask: Any) -> None:
@@ -665,6 +667,11 @@ class TokenLevelAdapterMixer(nn.Module):
         except json.JSONDecodeError as exc:
             raise ValueError(f"directory: {directory / MIXER_CONFIG} is not valid JSON: "
                              f"{exc}") from None
+        absent = (sorted(_SAVED_KEYS - set(config)) if isinstance(config, dict)
+                  else [f"a JSON object, not a {type(config).__name__}"])
+        if absent:
+            raise ValueError(f"directory: {directory / MIXER_CONFIG} lacks {absent} (not a "
+                             f"file TokenLevelAdapterMixer.save_pretrained wrote)")
         if not (directory / MIXER_WEIGHTS).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_WEIGHTS} in {directory}")
         embedded = load_metadata(directory / MIXER_WEIGHTS, argument="directory").get(
@@ -679,6 +686,11 @@ class TokenLevelAdapterMixer(nn.Module):
                                "mixer again")
         packed = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
                   for m in config["modules"]}
+        for name in (f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")):
+            if not (tensors[name].is_floating_point()
+                    and bool(torch.isfinite(tensors[name]).all())):
+                raise ValueError(f"directory: {name} in {directory / MIXER_WEIGHTS} holds NaN "
+                                 f"or inf, or is not a float tensor")
         recency = {k: overrides.pop(k) for k in ("window", "decay") if k in overrides}
         if embedder is None:
             spec = config["embedder"]
