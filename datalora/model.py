@@ -666,6 +666,13 @@ class DATALORAModel(nn.Module):
                         else "")
                 raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
                                  f"saved shape {tuple(tensor.shape)}{hint}")
+            if isinstance(own[name], nn.Parameter):  # buffers: keep_threshold is NaN unset
+                if not tensor.is_floating_point():
+                    raise ValueError(f"path: {name} in {file} is {tensor.dtype}, expected a "
+                                     f"float tensor")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"path: {name} in {file} holds NaN or inf (saved from "
+                                     f"a diverged run?)")
         cast = sorted({(str(saved[n].dtype), str(own[n].dtype)) for n in saved
                        if saved[n].dtype != own[n].dtype})
         if cast:

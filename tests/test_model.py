@@ -945,3 +945,27 @@ def test_an_edited_config_is_refused_before_it_allocates(tmp_path, field, value,
     with pytest.raises(ValueError, match=error):
         DATALORAModel.from_pretrained(model, tmp_path)
     _assert_same_state(model, state)
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda t: t.fill_(float("nan")), "holds NaN or inf"),
+    (lambda t: t.to(torch.int32), "is torch.int32, expected a float tensor"),
+])
+def test_non_finite_or_integer_adapter_weights_are_refused(tmp_path, edit, error):
+    """A diverged (NaN) adapter loaded silently and gave NaN logits; integer tensors were
+    cast with a warning about rounding."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    wrapped.save_pretrained(tmp_path)
+    file = str(tmp_path / "adapter_model.safetensors")
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B"))
+    save_file({**tensors, key: edit(tensors[key].clone())}, file, metadata=metadata)
+    with pytest.raises(ValueError, match=f"path: {key} in .* {error}"):
+        DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
+    # the curriculum's unset keep_threshold is a NaN buffer, not a weight: it loads
+    assert "saliency.keep_threshold" in tensors and tensors["saliency.keep_threshold"].isnan()
