@@ -204,7 +204,30 @@ def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config: expected a mapping at the top of {path}, "
                          f"got {type(data).__name__}")
+    if _expanded_size(data, CONFIG_MAX_VALUES) > CONFIG_MAX_VALUES:
+        raise ValueError(f"config: {path} expands to more than {CONFIG_MAX_VALUES:,} values "
+                         f"(YAML aliases repeating nested lists?); a config is far smaller")
     return data
+
+
+# values a config file may expand to: a few hundred KB of YAML aliases (each repeating a
+# nested list) can stand for gigabytes, which error messages and checks would then print
+CONFIG_MAX_VALUES = 100_000
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """The values ``data`` holds, counting a shared (aliased) object each time it appears;
+    stops counting past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return count
 
 
 def load_yaml(text: str):

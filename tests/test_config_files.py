@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from datalora.config import DATALORAConfig
+from datalora.config import DATALORAConfig, read_config_file
 from datalora.train import load_train_config
 
 
@@ -250,3 +250,19 @@ def test_command_line_values_override_the_config_file_even_when_zero(tmp_path, m
     assert _captured_run(monkeypatch, ["--config", str(cfg)])[1]["seed"] == 3
     training = _captured_run(monkeypatch, ["--config", str(cfg), "--seed", "0"])[1]
     assert (training["seed"], training["max_steps"]) == (0, 7)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_anything_expands_it(tmp_path):
+    """A few hundred bytes of nested aliases stood for ~13 GB of strings, which the error
+    message of the invalid ``target_modules`` expanded (a MemoryError after seconds)."""
+    lines = ["target_modules:", '  - &l0 ["xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx"]']
+    lines += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(ValueError, match=r"bomb.yaml expands to more than 100,000 values"):
+        DATALORAConfig.from_file(bomb)
+    shared = tmp_path / "shared.yaml"  # aliases of a modest size stay usable
+    shared.write_text("target_modules: &t [q_proj, v_proj]\nbase_model: x\n"
+                      "training: {note: *t}\n")
+    assert read_config_file(shared)["training"]["note"] == ["q_proj", "v_proj"]
