@@ -194,12 +194,26 @@ class NF4Linear(nn.Module):
                             dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict):  # saved before the extra state was a tensor
-            self._meta = (torch.Size(state["shape"]), getattr(torch, state["dtype"]),
-                          int(state["blocksize"]))
-            return
-        d_out, d_in, blocksize, code = (int(v) for v in state.tolist())
-        self._meta = (torch.Size((d_out, d_in)), nf4.FLOAT_DTYPES[code], blocksize)
+        """Reads :meth:`get_extra_state`'s tensor (or the dict saved before it was one),
+        checked: it comes from a file."""
+        try:
+            if isinstance(state, dict):  # saved before the extra state was a tensor
+                (d_out, d_in), names = state["shape"], [str(d) for d in nf4.FLOAT_DTYPES]
+                dtype = nf4.FLOAT_DTYPES[names.index(f"torch.{state['dtype']}")]
+                blocksize = state["blocksize"]
+            else:
+                d_out, d_in, blocksize, code = state.tolist()
+                if not 0 <= code < len(nf4.FLOAT_DTYPES):
+                    raise ValueError
+                dtype = nf4.FLOAT_DTYPES[code]
+            blocksize = nf4._check_blocksize("blocksize", blocksize)
+            if not (isinstance(d_out, int) and isinstance(d_in, int) and d_out > 0
+                    and d_in > 0):
+                raise ValueError
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"state: not the extra state of an NF4Linear ([d_out, d_in, "
+                             f"blocksize, dtype code]): {state!r}") from None
+        self._meta = (torch.Size((d_out, d_in)), dtype, blocksize)
 
     def extra_repr(self) -> str:
         shape, dtype, blocksize = self._meta

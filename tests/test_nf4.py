@@ -841,6 +841,14 @@ def test_nf4linear_state_dict_saves_as_safetensors(tmp_path):
                                              "blocksize": 32})
     q2.load_state_dict(old)
     assert q2.compute_dtype == torch.float16 and q2.weight.blocksize == 32
+    # a damaged or hostile extra state (it comes from a file) is refused, not read as bf16
+    for bad in (torch.tensor([24, 64, 32, -1]), torch.tensor([24, 64, 32, 3]),
+                torch.tensor([24, 64, 33, 0]), torch.tensor([0, 64, 32, 0]),
+                torch.tensor([24.0, 64.0, 32.0, 0.0]),
+                {"shape": [24, 64], "dtype": "load", "blocksize": 32}):
+        with pytest.raises(ValueError, match="state: not the extra state of an NF4Linear"):
+            q2.set_extra_state(bad)
+    assert q2.compute_dtype == torch.float16
 
 
 def test_double_quant_tensors_own_their_storage(tmp_path):
