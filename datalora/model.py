@@ -645,7 +645,10 @@ class DATALORAModel(nn.Module):
         base = {unwrapped_name(n): p for n, p in self.base_model.named_parameters()}
         # base parameters trained with the adapter (saved because they required grad)
         extra = {name for name in saved if name not in own and name in base}
-        _check_declared_base_parameters(extra, metadata, file)
+        molora = self._molora_parameter_ids()
+        _check_declared_base_parameters(
+            {name for name in saved if name in base and id(base[name]) not in molora},
+            metadata, file)
         own.update({name: base[name] for name in extra})
         missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
         replaced = [name for name in missing if name in self._saved_base_names]
@@ -858,9 +861,10 @@ BASE_PARAMETERS_KEY = "base_parameters"  # weights-file metadata: the base tenso
 
 def _check_declared_base_parameters(extra: set[str], metadata: dict[str, str],
                                     file: Path) -> None:
-    """Refuses base-model tensors in the weights ``file`` that its metadata does not list
-    (a file edited after saving would replace base weights unannounced); warns for a file
-    saved before datalora listed them."""
+    """Refuses base-model tensors (``extra``: those the weights ``file`` holds besides the
+    MoLoRA layers' and the saliency network's) that its metadata does not list (a file
+    edited after saving would replace base weights unannounced); warns for a file saved
+    before datalora listed them."""
     declared = metadata.get(BASE_PARAMETERS_KEY)
     if declared is None:
         if extra:

@@ -969,3 +969,14 @@ def test_non_finite_or_integer_adapter_weights_are_refused(tmp_path, edit, error
         DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
     # the curriculum's unset keep_threshold is a NaN buffer, not a weight: it loads
     assert "saliency.keep_threshold" in tensors and tensors["saliency.keep_threshold"].isnan()
+
+
+def test_an_unlisted_base_weight_is_refused_also_when_this_model_trains_it(tmp_path):
+    """The check covers base weights the loading model already treats as adapter tensors
+    (its lm_head unfrozen before the load), not only the ones it adds for the file."""
+    _with_base_weight(tmp_path / "edited", lambda metadata: metadata)
+    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
+    wrapped.base_model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"does not list \(\['lm_head.weight'\]"):
+        wrapped.load_adapter(tmp_path / "edited")
+    assert wrapped.base_model.lm_head.weight.any()
