@@ -214,6 +214,8 @@ class DATALORATrainer(Trainer):
         self.calibrate_batches = check_int("calibrate_batches", calibrate_batches, low=0)
         self.datalora_history: list[dict[str, Any]] = []
         self._resume_curriculum: dict[str, Any] | None = None
+        self._run_checkpoint: str | None = None  # what train() resumes from
+        self._filled_curriculum_fields: list[str] = []  # of a curriculum the user passed
         self._applied = None
         self._reset_metrics()
         if self.args.label_names is None:
@@ -270,8 +272,10 @@ class DATALORATrainer(Trainer):
                 mode=self.curriculum_mode)
         elif self.curriculum.total_steps is None and self.curriculum.mode == "steps":
             self.curriculum.total_steps = max(int(state.max_steps), 1)
+            self._filled_curriculum_fields.append("total_steps")
         elif self.curriculum.num_epochs is None and self.curriculum.mode == "epochs":
             self.curriculum.num_epochs = self._run_epochs(state, "epochs")
+            self._filled_curriculum_fields.append("num_epochs")
         if self._resume_curriculum is not None:
             _warn_schedule_change(self.curriculum.state_dict(), self._resume_curriculum)
             if self._resume_curriculum.get("total_steps") != self.curriculum.total_steps:
@@ -559,6 +563,29 @@ class DATALORATrainer(Trainer):
             super()._load_best_model()
         else:
             self.datalora_model.load_adapter(self.state.best_model_checkpoint)
+        self._warn_if_best_is_not_hardened()
+
+    def _warn_if_best_is_not_hardened(self) -> None:
+        """``load_best_model_at_end`` may pick a checkpoint saved before the hardening
+        phase (its evaluations ran at that step's retention, dense in warmup); train() then
+        sets the curriculum's final state, in which those weights were never trained."""
+        checkpoint = self.state.best_model_checkpoint
+        saved = self._curriculum_state_at(checkpoint)
+        if not saved:
+            return
+        schedule = CurriculumScheduler()
+        schedule.load_state_dict(saved)
+        phase = PHASES[schedule.state.phase_index]
+        if phase != "hardening":
+            tau, retention = self._final_state()
+            warnings.warn(f"load_best_model_at_end: the best checkpoint {checkpoint} was saved "
+                          f"in the {phase} phase (its eval metrics were taken at that step's "
+                          f"retention); the model is then set to the curriculum's final state "
+                          f"(tau {tau:g}, retention {retention:g}, hard routing), which those "
+                          f"weights were never trained in; compare checkpoints of the "
+                          f"hardening phase (save and evaluate after it starts), or restore "
+                          f"the state you want with set_curriculum_state",
+                          UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ threshold
 
@@ -597,6 +624,45 @@ class DATALORATrainer(Trainer):
             pooled = _gather_varying(pooled, ranks)
         return dl.runtime.calibrate(pooled, retention=self._final_state()[1])
 
+    def _check_resumable(self, checkpoint: str) -> None:
+        """A checkpoint without the optimizer and scheduler states (``save_only_model``)
+        resumed with a fresh optimizer and the learning-rate schedule from its start, while
+        the curriculum and history continued: not the exact resume it looked like.
+        (DeepSpeed and FSDP keep those states in their own files.)"""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not os.path.isdir(checkpoint):
+            return
+        lacking = [name for name, alternatives in (
+            ("optimizer", ("optimizer.pt", "optimizer.bin")), ("scheduler", ("scheduler.pt",)))
+            if not any(os.path.isfile(os.path.join(checkpoint, f)) for f in alternatives)]
+        if lacking:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no "
+                             f"{' or '.join(lacking)} state (saved with save_only_model=True?):"
+                             f" resuming would restart the optimizer and the learning-rate "
+                             f"schedule; to train its weights further, load them with "
+                             f"DATALORAModel.from_pretrained(model, checkpoint, "
+                             f"is_trainable=True) and start a new run")
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """Every run of the training loop starts from train()'s checkpoint (or nothing): its
+        own curriculum, metric sums and history. ``auto_find_batch_size`` runs the loop
+        again after an out-of-memory error, with another step count; the first attempt's
+        curriculum and records must not carry over."""
+        checkpoint = self._run_checkpoint
+        self._resume_curriculum = self._curriculum_state_at(checkpoint)
+        if self._own_curriculum:
+            self.curriculum = None
+        else:  # a curriculum passed in gets this run's length again
+            for name in self._filled_curriculum_fields:
+                setattr(self.curriculum, name, None)
+        self._filled_curriculum_fields = []
+        self._applied = None
+        self._reset_metrics()
+        self.datalora_history = list(self._saved_json(checkpoint, HISTORY_NAME) or [])
+        pending = self._saved_json(checkpoint, PENDING_NAME)
+        if pending:
+            self._restore_pending_metrics(pending)
+        return super()._inner_training_loop(*args, **kwargs)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
               **kwargs: Any) -> TrainOutput:
         """``Trainer.train``, then sets the final curriculum state (``temperature_final``,
@@ -617,16 +683,9 @@ class DATALORATrainer(Trainer):
                              "to train it further)")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir))
-        self._resume_curriculum = self._curriculum_state_at(resume_from_checkpoint)
-        # every train() is a run of its own: its curriculum, metric sums and history
-        if self._own_curriculum:
-            self.curriculum = None
-        self._reset_metrics()
-        self.datalora_history = list(self._saved_json(resume_from_checkpoint, HISTORY_NAME)
-                                     or [])
-        pending = self._saved_json(resume_from_checkpoint, PENDING_NAME)
-        if pending:
-            self._restore_pending_metrics(pending)
+        if resume_from_checkpoint:
+            self._check_resumable(str(resume_from_checkpoint))
+        self._run_checkpoint = resume_from_checkpoint or None
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._count and self._applied is not None:  # steps after the last log
             self._record_history(None)

@@ -16,6 +16,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, TrainingArguments
 
 from datalora import DATALORAConfig, get_datalora_model
+from datalora.curriculum import PHASES, CurriculumScheduler
 from datalora.data import TASKS
 from datalora.trainer import CURRICULUM_STATE_NAME, HISTORY_NAME, DATALORATrainer
 
@@ -1201,3 +1202,61 @@ def test_a_folder_saved_again_keeps_no_stale_pending_metrics(tmp_path):
     assert seen == [1]
     trainer.save_model(str(out))  # after the log of step 4: nothing pending
     assert not (out / PENDING_NAME).exists()
+
+
+def test_auto_find_batch_size_retry_starts_a_fresh_curriculum_and_history(tmp_path):
+    """accelerate's batch-size search runs the training loop again after an out-of-memory
+    error, with more steps: the curriculum kept the first attempt's length (hardening began
+    early) and the history its records (a duplicate step and a false step-0 record)."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+        auto_find_batch_size=True, learning_rate=3e-2, logging_steps=2, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        remove_unused_columns=False, lr_scheduler_type="constant", dataloader_num_workers=0)
+    trainer = DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=PatternData(),
+                              data_collator=collate, calibrate_batches=0)
+    backward, failed = trainer.accelerator.backward, []
+
+    def out_of_memory_once(loss, **kwargs):
+        if not failed and trainer.state.global_step >= 2:
+            failed.append(trainer._train_batch_size)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return backward(loss, **kwargs)
+
+    trainer.accelerator.backward = out_of_memory_once
+    trainer.train()
+    assert failed == [8] and trainer._train_batch_size == 7  # 64 rows: 10 steps, not 8
+    assert trainer.state.max_steps == trainer.curriculum.total_steps == 10
+    steps = [record["step"] for record in trainer.datalora_history]
+    assert steps == sorted(set(steps)) and steps[0] > 0 and steps[-1] == 10
+    schedule = CurriculumScheduler.from_config(trainer.datalora_config, total_steps=10)
+    for record in trainer.datalora_history:
+        assert record["phase"] == PHASES[schedule.state_at(record["step"] - 1).phase_index]
+
+
+def test_resuming_a_weights_only_checkpoint_is_refused(tmp_path):
+    """save_only_model checkpoints resumed with a fresh optimizer and the learning-rate
+    schedule from its start, while the curriculum and history continued as if exact."""
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=6, save_steps=3,
+                           calibrate_batches=0)
+    trainer.args.save_only_model = True
+    trainer.train()
+    again = make_trainer(tmp_path, tiny_datalora(), steps=6, calibrate_batches=0)
+    with pytest.raises(ValueError, match=r"checkpoint-3 holds no optimizer or scheduler state "
+                                         r"\(saved with save_only_model=True\?\)"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_loading_a_best_checkpoint_from_before_hardening_warns(tmp_path):
+    """load_best_model_at_end took a warmup checkpoint (evaluated dense) and train() set it
+    to the final pruned, hard state without a word."""
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=12, save_steps=3,
+                           calibrate_batches=0, eval_dataset=PatternData(n=16, seed=1))
+    trainer.args.eval_strategy = "steps"
+    trainer.args.eval_steps = 3
+    trainer.args.load_best_model_at_end = True
+    trainer.args.metric_for_best_model = "eval_loss"
+    trainer.args.greater_is_better = True  # the worst loss: an early checkpoint
+    with pytest.warns(UserWarning, match=r"best checkpoint .*checkpoint-3 was saved in the "
+                                         r"warmup phase"):
+        trainer.train()
