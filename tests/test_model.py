@@ -470,7 +470,10 @@ def _interrupted_save(folder):
     (folder / "adapter_config.json").write_text(stale)
 
 
-def _bad_curriculum(folder, text='{"tau": 0.5, "retention": 1.5, "hard": true}'):
+def _edited_save(folder, edit):
+    """A (perturbed) adapter saved to ``folder``, its weights file then rewritten with
+    ``edit(tensors, metadata, wrapped) -> (tensors, metadata)``: a file changed after
+    saving."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -480,7 +483,13 @@ def _bad_curriculum(folder, text='{"tau": 0.5, "retention": 1.5, "hard": true}')
     file = str(folder / "adapter_model.safetensors")
     with safe_open(file, "pt") as f:
         metadata = f.metadata()
-    save_file(load_file(file), file, metadata={**metadata, "curriculum_state": text})
+    tensors, metadata = edit(load_file(file), metadata, wrapped)
+    save_file(tensors, file, metadata=metadata)
+
+
+def _bad_curriculum(folder, text='{"tau": 0.5, "retention": 1.5, "hard": true}'):
+    _edited_save(folder, lambda tensors, metadata, _: (tensors,
+                                                       {**metadata, "curriculum_state": text}))
 
 
 @pytest.mark.parametrize("make, error", [
@@ -894,19 +903,11 @@ def test_load_compares_the_resolved_pruned_range(tmp_path):
 def _with_base_weight(folder, metadata_change):
     """A saved adapter whose weights file also holds a base weight (``lm_head.weight``,
     zeros), its metadata changed by ``metadata_change``: a file edited after saving."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
-    perturb(wrapped)
-    wrapped.save_pretrained(folder)
-    file = str(folder / "adapter_model.safetensors")
-    with safe_open(file, "pt") as f:
-        metadata = f.metadata()
-    assert json.loads(metadata["base_parameters"]) == []
-    tensors = load_file(file)
-    tensors["lm_head.weight"] = torch.zeros_like(wrapped.base_model.lm_head.weight)
-    save_file(tensors, file, metadata=metadata_change(metadata))
+    def edit(tensors, metadata, wrapped):
+        assert json.loads(metadata["base_parameters"]) == []
+        head = torch.zeros_like(wrapped.base_model.lm_head.weight)
+        return {**tensors, "lm_head.weight": head}, metadata_change(metadata)
+    _edited_save(folder, edit)
 
 
 def test_an_adapter_cannot_replace_base_weights_its_metadata_does_not_list(tmp_path):
@@ -954,21 +955,17 @@ def test_an_edited_config_is_refused_before_it_allocates(tmp_path, field, value,
 def test_non_finite_or_integer_adapter_weights_are_refused(tmp_path, edit, error):
     """A diverged (NaN) adapter loaded silently and gave NaN logits; integer tensors were
     cast with a warning about rounding."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    key = "model.layers.0.self_attn.q_proj.lora_B"
+    saved = {}
 
-    wrapped = get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=False)
-    wrapped.save_pretrained(tmp_path)
-    file = str(tmp_path / "adapter_model.safetensors")
-    with safe_open(file, "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(file)
-    key = next(k for k in sorted(tensors) if k.endswith("lora_B"))
-    save_file({**tensors, key: edit(tensors[key].clone())}, file, metadata=metadata)
+    def damage(tensors, metadata, _):
+        saved.update(tensors)
+        return {**tensors, key: edit(tensors[key].clone())}, metadata
+    _edited_save(tmp_path, damage)
     with pytest.raises(ValueError, match=f"path: {key} in .* {error}"):
         DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path)
     # the curriculum's unset keep_threshold is a NaN buffer, not a weight: it loads
-    assert "saliency.keep_threshold" in tensors and tensors["saliency.keep_threshold"].isnan()
+    assert saved["saliency.keep_threshold"].isnan()
 
 
 def test_an_unlisted_base_weight_is_refused_also_when_this_model_trains_it(tmp_path):
