@@ -858,8 +858,10 @@ class CausalLMCollator:
         pad_to_multiple_of: round the padded length up to a multiple of this.
         return_task_ids: also return ``task_ids [B]`` (int64): a feature's ``task_id`` or the
             index of its ``task`` in ``tasks`` (-1 when not listed, with a one-time warning
-            naming the task). Under ``Trainer`` keep ``remove_unused_columns=False`` so
-            ``task`` reaches the collator, and pop ``task_ids`` before the model's forward.
+            naming the task). A plain ``Trainer`` needs ``remove_unused_columns=False`` so
+            ``task`` reaches the collator (and ``task_ids`` popped before the model's
+            forward); :class:`~datalora.trainer.DATALORATrainer` keeps the task columns and
+            pops ``task_ids`` itself (raw-text rows, tokenized here, still need False).
         tasks: task names for ``task_ids`` (default :data:`TASKS`, the embedded tasks;
             :class:`~datalora.trainer.DATALORATrainer` appends the other names its datasets'
             ``task`` column holds).

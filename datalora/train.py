@@ -641,9 +641,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
                         eval_dataset: Any = None) -> dict[str, Any]:
-    """``extra`` validated (a mapping of real ``TrainingArguments`` fields, with
-    ``remove_unused_columns`` kept False: the collator passes task ids, and an
-    ``eval_strategy`` only with an ``eval_dataset``), before any model is loaded."""
+    """``extra`` validated (a mapping of real ``TrainingArguments`` fields, and an
+    ``eval_strategy`` only with an ``eval_dataset``), before any model is loaded.
+    ``remove_unused_columns=True`` is fine: DATALORATrainer keeps the task columns."""
     if extra is None:
         return {}
     if not isinstance(extra, dict):
@@ -652,9 +652,6 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
     unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"trainer_args: {unknown} are not TrainingArguments fields")
-    if extra.get("remove_unused_columns"):
-        raise ValueError("trainer_args: remove_unused_columns must stay False (the DATALORA "
-                         "collator passes task ids the model does not take)")
     strategy = extra.get("eval_strategy", "no")
     if str(getattr(strategy, "value", strategy)) != "no" and eval_dataset is None:
         raise ValueError(f"trainer_args: eval_strategy={strategy!r} needs eval rows: set "

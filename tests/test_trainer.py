@@ -650,11 +650,14 @@ def test_train_config_validation(tmp_path):
                    {"save_steps": "2"}, {"epochs": "x"}, {"epochs": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             train_datalora(None, max_steps=1, **kwargs)
-    for extra, match in (({"weight_decy": 0.1}, r"\['weight_decy'\] are not TrainingArguments"),
-                         ({"remove_unused_columns": True}, "remove_unused_columns")):
-        with pytest.raises(ValueError, match=match):
-            train_datalora(None, max_steps=1, limit=8, trainer_args=extra, progress=False,
-                           output_dir=str(tmp_path / "bad_args"))
+    with pytest.raises(ValueError, match=r"\['weight_decy'\] are not TrainingArguments"):
+        train_datalora(None, max_steps=1, limit=8, trainer_args={"weight_decy": 0.1},
+                       progress=False, output_dir=str(tmp_path / "bad_args"))
+    # refused before, though the trainer keeps the task columns: per-task loads still logged
+    result = train_datalora(None, max_steps=1, limit=8, progress=False,
+                            trainer_args={"remove_unused_columns": True},
+                            output_dir=str(tmp_path / "unused_columns"))
+    assert result.datalora_history[-1]["task_expert_load"]
 
 
 @pytest.mark.parametrize("batch_size", [0, -2, 1.5])
