@@ -44,6 +44,8 @@ from benchmarks.molora import (
     AGREE_TOL,
     check_cli_out,
     cli_preset,
+    finish_progress,
+    progress_path,
     rel_max_error,
     time_cuda,
     with_env,
@@ -307,6 +309,7 @@ def run(preset: str, out_dir: Path, device: torch.device | None = None,
                                  if device.type == "cuda" else None),
                 bitsandbytes=getattr(_bnb()[0], "__version__", None), complete=False)
     path = out_dir / f"nf4_{preset}.json"
+    partial = progress_path(path)
     benches = {"dequant": lambda: bench_dequant(p["dequant"], p["dtype"], device, timer),
                "decode": lambda: bench_decode(p["decode"], p, device, timer, _peak_gbs(device)),
                "large_t": lambda: bench_large_t(p["large_t"], p, device, timer)}
@@ -319,8 +322,10 @@ def run(preset: str, out_dir: Path, device: torch.device | None = None,
         rows += new
         # rewritten after every group: a run stopped by a time limit keeps the finished ones
         meta["complete"] = i + 1 == len(set(groups))
-        atomic_write_text(path, json.dumps(dict(meta=meta, rows=rows,
-                                                targets=check_targets(rows, preset)), indent=1))
+        atomic_write_text(path if meta["complete"] else partial,
+                          json.dumps(dict(meta=meta, rows=rows,
+                                          targets=check_targets(rows, preset)), indent=1))
+    finish_progress(path, partial)
     return path
 
 

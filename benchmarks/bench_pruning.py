@@ -49,8 +49,10 @@ from benchmarks.molora import (
     check_cli_only,
     check_cli_out,
     cli_preset,
+    finish_progress,
     format_targets,
     metadata,
+    progress_path,
     result_path,
     wait_quiet,
     write_plot,
@@ -304,6 +306,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     if not cases:
         raise ValueError(f"only: no case of preset {preset_name!r} contains {only!r}")
     path = result_path(out_dir, f"pruning_{preset_name}", only)
+    partial = progress_path(path)
     meta["complete"], meta["only"] = False, only
     for case in cases:
         for prune_range in case.prune_ranges:
@@ -314,7 +317,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
             rows.append(row)
             log(format_row(row) + f"   [{time.perf_counter() - t0:.0f}s, load {load}]")
             # partial results survive a run that is cut short (the GPU suite's step limit)
-            write_result(path, SCHEMA, meta, [_public(r) for r in rows],
+            write_result(partial, SCHEMA, meta, [_public(r) for r in rows],
                          check_targets(rows, preset_name))
     meta["complete"] = only is None
     targets = check_targets(rows, preset_name)
@@ -328,6 +331,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     for row in rows:
         row.pop("_step", None)
     result = write_result(path, SCHEMA, meta, rows, targets)
+    finish_progress(path, partial)
     log(format_targets(targets))
     log(f"wrote {path}")
     if plot:

@@ -614,6 +614,7 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     if not cases:
         raise ValueError(f"only: no case id of preset {preset_name!r} contains {only!r}")
     path = result_path(out_dir, f"molora_{preset_name}", only)
+    partial = progress_path(path)
     meta["complete"], meta["only"] = False, only
     for i, case in enumerate(cases):
         load = wait_quiet(max_load if device.type == "cpu" else None, max_wait_s, log)
@@ -624,10 +625,12 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
         rows += case_rows
         log(format_case(case, case_rows) + f"   [{time.perf_counter() - t0:.1f}s]")
         if i + 1 < len(cases):  # partial results survive a run that is cut short
-            write_result(path, SCHEMA, meta, rows, check_targets(rows, preset_name, backends))
+            write_result(partial, SCHEMA, meta, rows,
+                         check_targets(rows, preset_name, backends))
     targets = check_targets(rows, preset_name, backends)
     meta["complete"] = only is None
     result = write_result(path, SCHEMA, meta, rows, targets)
+    finish_progress(path, partial)
     log(format_targets(targets))
     log(f"wrote {path}")
     if plot:
@@ -644,6 +647,24 @@ def write_plot(plot_file: Callable[[Path], Path], path: Path, log=print) -> None
         log(f"wrote {plot_file(path)}")
     except ImportError as exc:
         log(f"warning: no plot ({exc}; {NO_PLOT_HINT})")
+
+
+def progress_path(path: Path) -> Path:
+    """Where a run writes its rows so far (its result rewritten after every case, so a run
+    cut short keeps them): ``path`` itself, unless ``path`` holds a complete run's result,
+    which a run cut short must not replace; then ``<stem>.partial.json`` beside it (the
+    finished run writes ``path`` and removes it: :func:`finish_progress`)."""
+    try:
+        complete = json.loads(path.read_text())["meta"]["complete"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    return path.with_name(f"{path.stem}.partial.json") if complete else path
+
+
+def finish_progress(path: Path, partial: Path) -> None:
+    """Removes the progress file of a run whose final result is now at ``path``."""
+    if partial != path:
+        partial.unlink(missing_ok=True)
 
 
 def write_result(path: Path, schema: str, meta: dict, rows: list[dict],

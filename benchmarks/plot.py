@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 STYLE = {  # method prefix -> (color, linestyle)
@@ -79,6 +80,9 @@ def plot_file(path: Path | str, out: Path | str | None = None) -> Path:
         raise ValueError(f"json: {path} is not a benchmarks.molora result (schema "
                          f"{data.get('schema')!r}); bench_pruning / bench_nf4 draw their own")
     meta = data["meta"]
+    if meta.get("complete") is False and not meta.get("only"):
+        warnings.warn(f"{path}: an incomplete run (stopped before its last case): the plot "
+                      f"shows the cases it finished", UserWarning, stacklevel=2)
     rows = [r for r in data["results"] if r["group"] == "T_sweep"]
     if not rows:
         raise ValueError(f"{path}: no T_sweep rows to plot")

@@ -101,6 +101,38 @@ def test_run_cut_short_keeps_the_finished_cases(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "molora_smoke.json").read_text())
     assert data["meta"]["complete"] is False
     assert {r["case"] for r in data["results"]} == set(done)
+    from benchmarks.plot import plot_file
+
+    with pytest.warns(UserWarning, match="an incomplete run"):
+        plot_file(tmp_path / "molora_smoke.json")
+
+
+def test_a_run_cut_short_leaves_a_complete_earlier_result_as_it_was(tmp_path, monkeypatch):
+    """A full run stopped half-way replaced the committed complete result with its partial
+    one (targets PASS on a fifth of the rows), which the plot then drew without a word: the
+    partial rows now go beside it and the finished run removes them."""
+    complete = {"schema": molora.SCHEMA, "meta": {"complete": True}, "results": [],
+                "targets": []}
+    (tmp_path / "molora_smoke.json").write_text(json.dumps(complete))
+    real, calls = molora.run_case, []
+
+    def run_case(case, *args):
+        calls.append(case.id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, *args)
+
+    monkeypatch.setattr(molora, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        molora.run("smoke", tmp_path, device=torch.device("cpu"), plot=False,
+                   log=lambda *_: None)
+    assert json.loads((tmp_path / "molora_smoke.json").read_text()) == complete
+    partial = json.loads((tmp_path / "molora_smoke.partial.json").read_text())
+    assert partial["meta"]["complete"] is False and len(partial["results"]) > 0
+    monkeypatch.setattr(molora, "run_case", real)
+    molora.run("smoke", tmp_path, device=torch.device("cpu"), plot=False, log=lambda *_: None)
+    assert json.loads((tmp_path / "molora_smoke.json").read_text())["meta"]["complete"]
+    assert not (tmp_path / "molora_smoke.partial.json").exists()
 
 
 def test_fused_rows_only_where_the_fused_kernel_runs():
