@@ -10,6 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
 COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
@@ -147,9 +149,11 @@ def quiet_import_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a subcommand. Bad input (a missing file, an invalid value or type: ``OSError``
-    / ``ValueError`` / ``TypeError``) and a missing optional package (naming the extra that
-    installs it) print ``datalora <command>: error: ...`` and exit with status 2, like a bad
-    flag; ``DATALORA_DEBUG=1`` shows the traceback instead."""
+    / ``ValueError`` / ``TypeError``; a safetensors file that cannot be written, e.g. by
+    PEFT on a full disk) and a missing optional package (naming the extra that installs it)
+    print ``datalora <command>: error: ...`` and exit with status 2, like a bad flag;
+    Ctrl-C prints ``datalora <command>: interrupted`` and exits with 130;
+    ``DATALORA_DEBUG=1`` shows the traceback instead."""
     quiet_import_noise()
     parser = build_parser()
     args = parse_command_line(parser, argv)
@@ -161,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(2, f"datalora {args.command}: error: this command needs the optional "
                        f"package {package!r}: pip install 'datalora[{EXTRAS[package]}]'\n")
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, SafetensorError) as exc:
         if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
             raise
         parser.exit(2, f"datalora {args.command}: error: "
                        f"{name_the_flag(str(exc), getattr(args, 'flag_names', {}))}\n"
                        f"(DATALORA_DEBUG=1 shows the traceback)\n")
+    except KeyboardInterrupt:
+        if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+            raise
+        parser.exit(130, f"datalora {args.command}: interrupted\n")
     return 0
 
 

@@ -68,7 +68,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def write(tmp: str) -> None:
-        save_file(cpu, tmp, metadata=metadata)
+        try:
+            save_file(cpu, tmp, metadata=metadata)
+        except SafetensorError as exc:  # a full disk: an OSError, as other writes give
+            raise OSError(f"could not write {path}: {exc}") from exc
         _sort_header_metadata(tmp)
 
     atomic_write(path, write)

@@ -1046,6 +1046,59 @@ def test_cli_missing_package_names_the_extra_only_for_optional_packages(monkeypa
         cli.main(["x"])
 
 
+@pytest.mark.parametrize("raised, code, message", [
+    (KeyboardInterrupt(), 130, "datalora x: interrupted"),
+    ("safetensors", 2, "datalora x: error: Error while serializing: I/O error"),
+])
+def test_cli_ctrl_c_and_failed_safetensors_writes_end_without_traceback(
+        monkeypatch, capsys, raised, code, message):
+    """Ctrl-C printed a 14-19 frame traceback; a safetensors write failing on a full disk
+    (PEFT's save_pretrained) raised SafetensorError, which the CLI did not catch."""
+    from safetensors import SafetensorError
+
+    from datalora import cli
+
+    if raised == "safetensors":
+        raised = SafetensorError("Error while serializing: I/O error: File too large")
+
+    def build():
+        parser = argparse.ArgumentParser(prog="datalora")
+        sub = parser.add_subparsers(dest="command")
+
+        def run(args):
+            raise raised
+        sub.add_parser("x").set_defaults(func=run)
+        return parser
+
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "build_parser", build)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["x"])
+    assert exit_info.value.code == code
+    assert message in capsys.readouterr().err
+    monkeypatch.setenv("DATALORA_DEBUG", "1")
+    with pytest.raises(type(raised)):
+        cli.main(["x"])
+
+
+def test_save_tensors_reports_a_failed_write_as_an_os_error(tmp_path, monkeypatch):
+    """A full disk made safetensors raise its own SafetensorError (no OSError), which the
+    commands' error handling did not recognise; the temporary file is removed."""
+    from safetensors import SafetensorError
+
+    import datalora.io as io
+
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*w.safetensors: Error while "
+                                      r"serializing"):
+        io.save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
     """Run from the checkout's root, ``import kernels`` gets PyPI's package (transformers
     >= 5.25 imports it with its activations), never the repo's ``kernels/`` folder (that is
