@@ -47,6 +47,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+from datalora.io import atomic_write_text, cache_root
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 TABLE = RESULTS_DIR / "resource_usage.md"
@@ -81,11 +83,6 @@ VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}],
                                     {"gates_ptr": X_DTYPE, "dg_ptr": X_DTYPE}]}
 CUDA_SOURCE = REPO / "csrc" / "nf4_kernels.cu"
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
-
-
-def cache_root() -> pathlib.Path:
-    root = os.environ.get("DATALORA_CACHE") or pathlib.Path.home() / ".cache" / "datalora"
-    return pathlib.Path(root)
 
 
 def _digest(paths, *extra: str) -> str:
@@ -211,15 +208,19 @@ def triton_results(use_cache: bool = True) -> list[dict]:
     """The Triton matrix, from the cache or compiled in a clean subprocess."""
     cache = triton_cache_file()
     if use_cache and cache.exists():
-        return [json.loads(line) for line in cache.read_text().splitlines()]
+        try:
+            rows = [json.loads(line) for line in cache.read_text().splitlines()]
+        except ValueError:  # damaged (a write cut short before writes were atomic)
+            rows = []
+        if len(rows) == len(expected_triton_rows()):
+            return rows
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.resources", "--triton-worker"],
                           env=env, capture_output=True, text=True, cwd=REPO, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"Triton compile worker failed:\n{proc.stderr[-4000:]}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text("\n".join(lines) + "\n")
+    atomic_write_text(cache, "\n".join(lines) + "\n")
     return [json.loads(line) for line in lines]
 
 
@@ -304,7 +305,10 @@ def cuda_results(use_cache: bool = True) -> list[dict] | None:
         return None
     cache = cuda_cache_file(version)
     if use_cache and cache.exists():
-        return json.loads(cache.read_text())
+        try:
+            return json.loads(cache.read_text())
+        except ValueError:  # damaged: compile again
+            pass
     rows = []
     with ThreadPoolExecutor(len(ARCHS)) as pool:
         for cc, (rc, log, cmd) in zip(ARCHS, pool.map(_nvcc_one, ARCHS), strict=True):
@@ -312,8 +316,7 @@ def cuda_results(use_cache: bool = True) -> list[dict] | None:
                 rows.append(dict(kernel=CUDA_SOURCE.name, cc=cc, error=f"{cmd}\n{log[-3000:]}"))
             else:
                 rows += parse_ptxas(log)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(rows))
+    atomic_write_text(cache, json.dumps(rows))
     return rows
 
 
@@ -471,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             print(f"{args.out} is stale: run python -m benchmarks.resources")
         return 1 if bad or stale else 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
+    atomic_write_text(args.out, md)
     print(f"wrote {args.out}")
     return 1 if bad else 0
 

@@ -57,6 +57,16 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def cache_root() -> Path:
+    """datalora's cache folder: ``$DATALORA_CACHE``, else ``$XDG_CACHE_HOME/datalora``, else
+    ``~/.cache/datalora``."""
+    root = os.environ.get("DATALORA_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "datalora"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -38,6 +38,7 @@ from datalora.data import (
     looks_like_local_path,
     tokenize_example,
 )
+from datalora.io import cache_root
 
 __all__ = [
     "BOS_TOKEN",
@@ -75,14 +76,6 @@ VALIDATION_PER_TASK = 50
 def embedded_corpus() -> list[str]:
     """Texts the embedded tokenizer is trained on: prompt + response of every train row."""
     return [format_prompt(r) + r["response"] for r in load_instruction_dataset("embedded")]
-
-
-def _default_cache_root() -> Path:
-    root = os.environ.get("DATALORA_CACHE")
-    if root:
-        return Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "datalora"
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
@@ -158,7 +151,7 @@ def build_tokenizer(cache_dir: str | os.PathLike[str] | None = None, *,
     for text in corpus:
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     target = root / f"tokenizer-{digest.hexdigest()[:16]}"
     _build_cached(target, "tokenizer.json", lambda tmp: _train_tokenizer(
         corpus, vocab_size, min_frequency).save_pretrained(str(tmp)))
@@ -388,7 +381,7 @@ def build_pretrained_tiny_model(seed: int = 0, vocab_size: int | None = None, *,
                 "with_responses": with_responses,
                 "overrides": overrides, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "max_length": max_length}
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     target = root / f"pretrained-{_pretrain_key(settings, tokenizer, examples)}"
 
     def pretrain(folder: Path) -> None:

@@ -91,3 +91,29 @@ def test_violations_flag_spills_shared_memory_and_errors(change, needle):
     assert len(bad) == 1 and needle in bad[0] and "sm_80" in bad[0]
     # 165 KB fits H100's 228 KB
     assert resources.violations([{**ok, "cc": 90, "SHARED": 165 * 1024}], None) == []
+
+
+@pytest.mark.parametrize("damage", ["cut_mid_line", "cut_at_a_line"])
+def test_a_damaged_compile_cache_is_compiled_again(tmp_path, monkeypatch, damage):
+    """The cache was written in place and trusted when it existed: a write cut mid-line
+    failed every later run with a JSONDecodeError, one cut at a line boundary reported
+    100 builds, 0 violations, for the 312 of the matrix."""
+    import subprocess
+
+    monkeypatch.setenv("DATALORA_CACHE", str(tmp_path))
+    expected = len(resources.expected_triton_rows())
+    fresh = [json.dumps({"row": i}) for i in range(expected)]
+    cache = resources.triton_cache_file()
+    cache.parent.mkdir(parents=True)
+    text = "\n".join(fresh[:100]) + "\n"
+    cache.write_text(text[:-7] if damage == "cut_mid_line" else text)
+    compiled = []
+
+    def worker(*args, **kwargs):
+        compiled.append(args)
+        return subprocess.CompletedProcess(args, 0, stdout="\n".join(fresh) + "\n", stderr="")
+
+    monkeypatch.setattr(resources.subprocess, "run", worker)
+    assert len(resources.triton_results()) == expected and len(compiled) == 1
+    assert len(cache.read_text().splitlines()) == expected
+    assert len(resources.triton_results()) == expected and len(compiled) == 1  # now cached
