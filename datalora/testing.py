@@ -25,6 +25,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -153,9 +155,9 @@ def build_tokenizer(cache_dir: str | os.PathLike[str] | None = None, *,
         digest.update(b"\0")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     target = root / f"tokenizer-{digest.hexdigest()[:16]}"
-    _build_cached(target, "tokenizer.json", lambda tmp: _train_tokenizer(
-        corpus, vocab_size, min_frequency).save_pretrained(str(tmp)))
-    return AutoTokenizer.from_pretrained(str(target))
+    return _cached(target, "tokenizer.json", lambda tmp: _train_tokenizer(
+        corpus, vocab_size, min_frequency).save_pretrained(str(tmp)),
+        lambda folder: AutoTokenizer.from_pretrained(str(folder)))
 
 
 def with_appended_eos(tokenizer: Any) -> Any:
@@ -176,12 +178,51 @@ def with_appended_eos(tokenizer: Any) -> Any:
     return tok
 
 
+# a build folder older than this is left over from a killed process (SIGKILL skips cleanup)
+_STALE_BUILD_S = 3600.0
+
+
+def _cached(target: Path, marker: str, build: Any, load: Any) -> Any:
+    """``load(target)`` of the cache entry ``target`` (:func:`_build_cached` first). An
+    entry that does not load (a file damaged after the build: a full disk, a host crash)
+    is discarded and built again, with a warning naming it."""
+    _build_cached(target, marker, build)
+    try:
+        return load(target)
+    except Exception as exc:  # tokenizers raises bare Exceptions on a damaged file
+        warnings.warn(f"datalora cache: {target} does not load ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); building it again", UserWarning, stacklevel=3)
+        _discard(target)
+        _build_cached(target, marker, build)
+        return load(target)
+
+
+def _discard(folder: Path) -> None:
+    """Removes a cache folder: renamed aside first, so no reader sees it half deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.discarded.", dir=folder.parent))
+    try:
+        os.replace(folder, aside / folder.name)
+    except FileNotFoundError:  # another process discarded it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _build_cached(target: Path, marker: str, build: Any) -> None:
     """Runs ``build(tmp_folder)`` and renames the folder to ``target`` unless ``target /
-    marker`` exists; atomic, so concurrent processes are safe (a lost race is fine)."""
+    marker`` exists; atomic, so concurrent processes are safe (a lost race is fine). A
+    ``target`` without its marker (left by a failure outside this function) is discarded,
+    and build folders of killed processes (older than an hour) are removed."""
     if (target / marker).is_file():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*"):
+        try:
+            if time.time() - stale.stat().st_mtime > _STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    if target.exists():
+        _discard(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
@@ -397,8 +438,8 @@ def build_pretrained_tiny_model(seed: int = 0, vocab_size: int | None = None, *,
             {"settings": settings, "first_loss": losses[0],
              "last_loss": sum(tail) / len(tail)}, indent=1, default=str))
 
-    _build_cached(target, "model.safetensors", pretrain)
-    model.load_state_dict(load_file(str(target / "model.safetensors")))
+    _cached(target, "model.safetensors", pretrain,
+            lambda folder: model.load_state_dict(load_file(str(folder / "model.safetensors"))))
     return cast_model(model, dtype).eval()
 
 

@@ -340,3 +340,30 @@ def test_build_pretrained_validates(tmp_path, tokenizer, kwargs, error, match):
         build_pretrained_tiny_model(tokenizer=tokenizer, cache_dir=tmp_path, progress=False,
                                     **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_damaged_or_half_built_tokenizer_cache_is_built_again(tmp_path):
+    """A 0-byte tokenizer.json failed every run ("Expecting value", no path named); a
+    target folder left without its marker failed every run ("Directory not empty"); build
+    folders of killed processes piled up in the shared cache."""
+    import os
+    import time
+
+    from datalora.testing import build_tokenizer
+
+    reference = build_tokenizer(tmp_path)
+    [folder] = [p for p in tmp_path.iterdir() if p.name.startswith("tokenizer-")]
+    (folder / "tokenizer.json").write_text("")
+    with pytest.warns(UserWarning, match=rf"{folder.name} does not load .*building it again"):
+        again = build_tokenizer(tmp_path)
+    text = embedded_corpus()[5]
+    assert again(text)["input_ids"] == reference(text)["input_ids"]
+    (folder / "tokenizer.json").unlink()  # no marker: a half-built entry
+    stale = tmp_path / f".{folder.name}.killed"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / f".{folder.name}.building"  # another process's build in progress
+    fresh.mkdir()
+    assert build_tokenizer(tmp_path)(text)["input_ids"] == reference(text)["input_ids"]
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, fresh.name])
