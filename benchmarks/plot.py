@@ -10,6 +10,8 @@ import json
 import warnings
 from pathlib import Path
 
+from datalora.io import save_figure
+
 STYLE = {  # method prefix -> (color, linestyle)
     "linear": ("black", "-"),
     "molora_linear": ("tab:blue", "-"),
@@ -30,15 +32,6 @@ def _style(method: str) -> tuple[str, str]:
     if backend:
         color = BACKEND_SHADES.get(backend.rstrip("]"), color)
     return color, ls
-
-
-def save_figure(fig, out: Path, dpi: int) -> Path:
-    """``fig`` as a PNG at the file path ``out``, written atomically
-    (:func:`datalora.io.atomic_write`)."""
-    from datalora.io import atomic_write
-
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    return Path(out)
 
 
 def _shape(row: dict) -> tuple:

@@ -43,6 +43,7 @@ from datalora.data import (
     prompt_inputs,
 )
 from datalora.finetune import finetune, generate_answer
+from datalora.io import save_figure
 from datalora.model import DATALORAModel, get_datalora_model
 from datalora.testing import load_model_and_tokenizer
 from datalora.train import REAL_MODEL_DEFAULTS
@@ -228,11 +229,9 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
         fig.colorbar(im, ax=ax)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, 100)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 class _CompactLogs(io.TextIOBase):

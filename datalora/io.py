@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -65,6 +66,13 @@ def cache_root() -> Path:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "datalora"
+
+
+def save_figure(fig: Any, out: str | Path, dpi: int) -> Path:
+    """The matplotlib figure ``fig`` as a PNG at the file path ``out``, written atomically
+    (a write cut short leaves the previous file, not a truncated image)."""
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    return Path(out)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

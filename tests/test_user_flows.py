@@ -1099,6 +1099,30 @@ def test_save_tensors_reports_a_failed_write_as_an_os_error(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_plot_whose_write_fails_leaves_the_previous_png(tmp_path, monkeypatch):
+    """The demo and datalora_eval wrote their PNG in place: a full disk left a truncated
+    image where the good one was (the benchmarks' plots were already atomic)."""
+    from matplotlib.figure import Figure
+
+    from datalora import demo, io
+    from datalora.experiments import datalora_eval
+
+    assert demo.save_figure is io.save_figure is datalora_eval.save_figure
+    fig = Figure()
+    fig.add_subplot().plot([1, 2, 3])
+    png = io.save_figure(fig, tmp_path / "plot.png", 50)
+    good = png.read_bytes()
+
+    def disk_full(self, fname, **kwargs):
+        open(fname, "wb").write(good[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_figure(fig, png, 50)
+    assert png.read_bytes() == good and sorted(tmp_path.iterdir()) == [png]
+
+
 def test_the_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
     """Run from the checkout's root, ``import kernels`` gets PyPI's package (transformers
     >= 5.25 imports it with its activations), never the repo's ``kernels/`` folder (that is

@@ -37,7 +37,7 @@ import torch
 
 from datalora.cli import check_output_folder, int_at_least, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
-from datalora.io import atomic_write_text
+from datalora.io import atomic_write_text, save_figure
 
 SCHEMA = "datalora.experiments.datalora_eval/1"
 RESULTS_DIR = Path("benchmarks") / "results"
@@ -386,7 +386,7 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"DATALORA vs dense MoLoRA, {meta['steps']} steps, {meta['cpu_model']}, "
                  f"{meta['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, 100)
     plt.close(fig)
     return Path(path)
 
