@@ -1023,3 +1023,20 @@ def test_titok_cli_names_the_model_flag_and_checks_both_before_loading(tmp_path,
                   str(tmp_path / "seeds.txt"), "--no-progress", *extra])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and flag in err, err
+
+
+def test_a_truncated_source_adapter_is_named_before_any_model_loads(tmp_path):
+    """A source adapter whose weights file was cut short (an interrupted save) failed inside
+    PEFT with a SafetensorError traceback naming no file."""
+    from safetensors.torch import save_file
+
+    from datalora.titok.cli import check_adapter_folder
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(64)}, tmp_path / "adapter_model.safetensors")
+    assert check_adapter_folder(tmp_path) == tmp_path
+    data = (tmp_path / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(data[:-40])
+    with pytest.raises(ValueError, match=r"source_adapter: .*adapter_model.safetensors is not "
+                                         r"a readable safetensors file"):
+        check_adapter_folder(tmp_path)

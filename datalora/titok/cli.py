@@ -19,6 +19,7 @@ from datalora.cli import (
     int_at_least,
     positive_float,
 )
+from datalora.io import load_header
 from datalora.titok.excess import disabled_is_not_base
 from datalora.titok.transfer import (
     ADAPTERS,
@@ -29,13 +30,18 @@ from datalora.titok.transfer import (
 
 
 def check_adapter_folder(folder: str | os.PathLike[str]) -> Path:
-    """``folder`` as a path, if it holds a saved adapter (``adapter_config.json``)."""
+    """``folder`` as a path, if it holds a saved adapter (``adapter_config.json``, and a
+    readable ``adapter_model.safetensors`` where it has one: a truncated file failed
+    inside PEFT with a traceback naming no file)."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"source_adapter: no such folder: {folder}")
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"source_adapter: {folder} has no adapter_config.json (expected a "
                          f"folder written by save_pretrained: a PEFT or datalora adapter)")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        load_header(weights, argument="source_adapter")
     return path
 
 
