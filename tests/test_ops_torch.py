@@ -582,6 +582,31 @@ def test_routing_cache_keeps_the_two_latest_routings():
     assert cache.get((first,), ("k",)) is None
 
 
+def test_routing_cache_lookup_survives_an_entry_freed_during_it(monkeypatch):
+    """A routing freed while get() scans the entries (cyclic GC inside the lookup, another
+    thread) drops its entry through a weakref callback: get() moved the hit with an index
+    into the list that callback had just replaced (IndexError)."""
+    import gc
+
+    from datalora.ops.eager import TensorsState
+
+    held = {"a": torch.arange(3.0), "b": torch.arange(4.0)}
+    cache = RoutingCache()
+    cache.put((held["a"],), ("k",), "A")
+    cache.put((held["b"],), ("k",), "B")  # order A, B: the scan checks A first
+    same = TensorsState.same
+
+    def freeing(self, *tensors):
+        if "a" in held:
+            del held["a"]
+            gc.collect()  # A's entry is dropped now, in the middle of the scan
+        return same(self, *tensors)
+
+    monkeypatch.setattr(TensorsState, "same", freeing)
+    assert cache.get((held["b"],), ("k",)) == "B"
+    assert len(cache) == 1
+
+
 # ---- randomized review findings ------------------------------------------------------------
 def test_fp16_large_gates_and_gate_gradients_stay_finite():
     """In fp16 a gate times scaling beyond 65504 overflowed the gate matrix (NaN / inf

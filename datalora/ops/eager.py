@@ -153,12 +153,16 @@ class RoutingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    # The entry list is only ever replaced whole, never changed in place: ``_drop`` runs as
+    # a weakref callback (cyclic GC inside a lookup, another thread) and must not shift a
+    # list another call is iterating.
     def get(self, tensors: tuple[torch.Tensor | None, ...], key: tuple):
         """The value stored for these unmodified tensor objects and ``key``, or None."""
-        for i, entry in enumerate(self._entries):
+        for entry in self._entries:
             if entry[1] == key and entry[0].same(*tensors):
-                if i != len(self._entries) - 1:
-                    self._entries.append(self._entries.pop(i))
+                entries = self._entries
+                if entries and entries[-1] is not entry:  # most recently used last
+                    self._entries = [e for e in entries if e is not entry] + [entry]
                 return entry[2]
         return None
 
@@ -167,7 +171,8 @@ class RoutingCache:
         token = object()
         state = TensorsState.of(*tensors, on_free=functools.partial(self._drop, token))
         if state is not None:
-            kept = self._entries[max(0, len(self._entries) + 1 - ROUTING_CACHE_ENTRIES):]
+            entries = self._entries
+            kept = entries[max(0, len(entries) + 1 - ROUTING_CACHE_ENTRIES):]
             self._entries = [*kept, (state, key, value, token)]
 
     def _drop(self, token: object, _ref: weakref.ref) -> None:
