@@ -27,6 +27,11 @@ import shutil
 import tempfile
 import time
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows: build folders are judged by age
+    fcntl = None
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -178,7 +183,8 @@ def with_appended_eos(tokenizer: Any) -> Any:
     return tok
 
 
-# a build folder older than this is left over from a killed process (SIGKILL skips cleanup)
+# a build folder without a lock (fcntl missing) older than this is taken as left over from
+# a killed process (SIGKILL skips cleanup)
 _STALE_BUILD_S = 3600.0
 
 
@@ -189,6 +195,8 @@ def _cached(target: Path, marker: str, build: Any, load: Any) -> Any:
     _build_cached(target, marker, build)
     try:
         return load(target)
+    except MemoryError:
+        raise
     except Exception as exc:  # tokenizers raises bare Exceptions on a damaged file
         warnings.warn(f"datalora cache: {target} does not load ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); building it again", UserWarning, stacklevel=3)
@@ -207,33 +215,70 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _held_by_a_live_process(lock: Path) -> bool:
+    """Whether another process holds the build lock ``lock`` (an ``fcntl`` lock is released
+    when its process dies, SIGKILL included)."""
+    try:
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:  # the build finished meanwhile
+        return True
+
+
+def _remove_dead_builds(target: Path) -> None:
+    """Removes the build folders of ``target`` that killed processes left: a folder whose
+    lock no live process holds (without ``fcntl``: older than an hour)."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        lock = stale.with_name(stale.name + ".lock")
+        try:
+            if stale.name.endswith(".lock") or not stale.is_dir():
+                if stale.name.endswith(".lock") and not stale.with_suffix("").exists():
+                    stale.unlink(missing_ok=True)  # a lock whose build is gone
+                continue
+            if fcntl is not None and lock.exists():
+                dead = not _held_by_a_live_process(lock)
+            else:
+                dead = time.time() - stale.stat().st_mtime > _STALE_BUILD_S
+            if dead:
+                shutil.rmtree(stale, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
 def _build_cached(target: Path, marker: str, build: Any) -> None:
     """Runs ``build(tmp_folder)`` and renames the folder to ``target`` unless ``target /
     marker`` exists; atomic, so concurrent processes are safe (a lost race is fine). A
     ``target`` without its marker (left by a failure outside this function) is discarded,
-    and build folders of killed processes (older than an hour) are removed."""
+    and the build folders of killed processes are removed (each build holds a lock)."""
     if (target / marker).is_file():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*"):
-        try:
-            if time.time() - stale.stat().st_mtime > _STALE_BUILD_S:
-                shutil.rmtree(stale, ignore_errors=True)
-        except FileNotFoundError:
-            pass
+    _remove_dead_builds(target)
+    if (target / marker).is_file():  # another process finished it meanwhile
+        return
     if target.exists():
         _discard(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
+    lock_path = tmp.with_name(tmp.name + ".lock")
+    with open(lock_path, "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / marker).is_file():  # not a lost race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / marker).is_file():  # not a lost race: a real error
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
 
 
 def tiny_mistral_config(vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) -> Any:

@@ -351,6 +351,8 @@ def test_a_damaged_or_half_built_tokenizer_cache_is_built_again(tmp_path):
 
     from datalora.testing import build_tokenizer
 
+    fcntl = pytest.importorskip("fcntl")
+
     reference = build_tokenizer(tmp_path)
     [folder] = [p for p in tmp_path.iterdir() if p.name.startswith("tokenizer-")]
     (folder / "tokenizer.json").write_text("")
@@ -359,11 +361,39 @@ def test_a_damaged_or_half_built_tokenizer_cache_is_built_again(tmp_path):
     text = embedded_corpus()[5]
     assert again(text)["input_ids"] == reference(text)["input_ids"]
     (folder / "tokenizer.json").unlink()  # no marker: a half-built entry
-    stale = tmp_path / f".{folder.name}.killed"
+    old = time.time() - 7200
+    stale = tmp_path / f".{folder.name}.killed"  # no lock (an older datalora): by age
     stale.mkdir()
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    fresh = tmp_path / f".{folder.name}.building"  # another process's build in progress
+    os.utime(stale, (old, old))
+    fresh = tmp_path / f".{folder.name}.young"
     fresh.mkdir()
-    assert build_tokenizer(tmp_path)(text)["input_ids"] == reference(text)["input_ids"]
-    assert not stale.exists() and fresh.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, fresh.name])
+    dead = tmp_path / f".{folder.name}.dead"  # its lock is held by no process
+    dead.mkdir()
+    (tmp_path / f".{folder.name}.dead.lock").touch()
+    running = tmp_path / f".{folder.name}.running"  # a build running for hours, locked
+    running.mkdir()
+    os.utime(running, (old, old))
+    with open(tmp_path / f".{folder.name}.running.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert build_tokenizer(tmp_path)(text)["input_ids"] == reference(text)["input_ids"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [folder.name, fresh.name, running.name, f"{running.name}.lock"])
+
+
+def test_a_cache_entry_another_process_just_finished_is_kept(tmp_path, monkeypatch):
+    """Between the marker check and the discarding of a half-built entry, another process
+    may rename its finished build into place: it was discarded and built again."""
+    from datalora import testing
+
+    target = tmp_path / "entry"
+
+    def another_process_finishes(entry):
+        entry.mkdir()
+        (entry / "marker").write_text("theirs")
+
+    monkeypatch.setattr(testing, "_remove_dead_builds", another_process_finishes)
+    built = []
+    testing._build_cached(target, "marker", lambda tmp: built.append(tmp) or (
+        tmp / "marker").write_text("ours"))
+    assert (target / "marker").read_text() == "theirs" and not built
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
