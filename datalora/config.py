@@ -204,30 +204,34 @@ def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config: expected a mapping at the top of {path}, "
                          f"got {type(data).__name__}")
-    if _expanded_size(data, CONFIG_MAX_VALUES) > CONFIG_MAX_VALUES:
-        raise ValueError(f"config: {path} expands to more than {CONFIG_MAX_VALUES:,} values "
-                         f"(YAML aliases repeating nested lists?); a config is far smaller")
+    if kind == "YAML" and _alias_expansion(data, CONFIG_MAX_ALIAS_VALUES) > \
+            CONFIG_MAX_ALIAS_VALUES:
+        raise ValueError(f"config: {path} repeats more than {CONFIG_MAX_ALIAS_VALUES:,} values "
+                         f"through YAML aliases (aliases of nested lists: a few hundred bytes "
+                         f"can stand for gigabytes); write the values out")
     return data
 
 
-# values a config file may expand to: a few hundred KB of YAML aliases (each repeating a
-# nested list) can stand for gigabytes, which error messages and checks would then print
-CONFIG_MAX_VALUES = 100_000
+# values YAML aliases may add by repeating lists and mappings: a few hundred bytes of nested
+# aliases stand for gigabytes, which error messages and checks would then print
+CONFIG_MAX_ALIAS_VALUES = 100_000
 
 
-def _expanded_size(data: Any, limit: int) -> int:
-    """The values ``data`` holds, counting a shared (aliased) object each time it appears;
-    stops counting past ``limit``."""
-    count, stack = 0, [data]
-    while stack and count <= limit:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return count
+def _alias_expansion(data: Any, limit: int) -> int:
+    """The values ``data``'s repeated (aliased) lists and mappings add beyond their first
+    occurrence, counted up to just past ``limit`` (a self-referencing alias is endless).
+    Values written out (an inline dataset of any size) add nothing."""
+    seen: set[int] = set()
+    extra, stack = 0, [(data, False)]
+    while stack and extra <= limit:
+        item, repeated = stack.pop()
+        extra += repeated
+        if isinstance(item, dict | list):
+            again = repeated or id(item) in seen
+            seen.add(id(item))
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, again) for child in children)
+    return extra
 
 
 def load_yaml(text: str):

@@ -3,6 +3,8 @@ defaults for a real model vs the embedded tiny one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from datalora.config import DATALORAConfig, read_config_file
@@ -260,9 +262,23 @@ def test_a_yaml_alias_bomb_is_refused_before_anything_expands_it(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")
     assert bomb.stat().st_size < 1000
-    with pytest.raises(ValueError, match=r"bomb.yaml expands to more than 100,000 values"):
+    with pytest.raises(ValueError, match=r"bomb.yaml repeats more than 100,000 values "
+                                         r"through YAML aliases"):
         DATALORAConfig.from_file(bomb)
+    endless = tmp_path / "endless.yaml"
+    endless.write_text("target_modules: &s [q_proj, *s]\n")
+    with pytest.raises(ValueError, match="repeats more than 100,000 values"):
+        read_config_file(endless)
     shared = tmp_path / "shared.yaml"  # aliases of a modest size stay usable
     shared.write_text("target_modules: &t [q_proj, v_proj]\nbase_model: x\n"
                       "training: {note: *t}\n")
     assert read_config_file(shared)["training"]["note"] == ["q_proj", "v_proj"]
+    n = 21_000  # rows of 5 values: past the limit, but written out, not aliased
+    rows = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(n)]
+    for suffix, text in ((".json", json.dumps({"training": {"dataset": rows}})),
+                         (".yaml", "training:\n  dataset:\n" + "".join(
+                             f"  - {{instruction: q{i}, response: a{i}}}\n"
+                             for i in range(n)))):
+        inline = tmp_path / f"inline{suffix}"  # a dataset written into the config: fine
+        inline.write_text(text)
+        assert len(read_config_file(inline)["training"]["dataset"]) == n
