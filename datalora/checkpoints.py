@@ -49,4 +49,20 @@ def last_complete_checkpoint(run: str | Path, *, stacklevel: int = 2) -> Path:
     return complete[-1][1]
 
 
-__all__ = ["checkpoint_folders", "last_complete_checkpoint", "saved_trainer_state"]
+def missing_training_state(folder: str | Path) -> list[str]:
+    """What of the optimizer / learning-rate scheduler state a Trainer checkpoint lacks
+    (``["optimizer", "scheduler"]`` for one saved with ``save_only_model=True``): resuming
+    it would restart both. DeepSpeed (``global_step*``) and FSDP (``optimizer_0``) keep
+    the optimizer in their own files."""
+    names = [p.name for p in Path(folder).iterdir()]
+    deepspeed = any(name.startswith("global_step") for name in names)
+    missing = []
+    if not (deepspeed or any(name.startswith("optimizer") for name in names)):
+        missing.append("optimizer")
+    if not (deepspeed or "scheduler.pt" in names):
+        missing.append("scheduler")
+    return missing
+
+
+__all__ = ["checkpoint_folders", "last_complete_checkpoint", "missing_training_state",
+           "saved_trainer_state"]

@@ -39,7 +39,12 @@ from typing import Any
 
 import torch
 
-from datalora.checkpoints import checkpoint_folders, last_complete_checkpoint, saved_trainer_state
+from datalora.checkpoints import (
+    checkpoint_folders,
+    last_complete_checkpoint,
+    missing_training_state,
+    saved_trainer_state,
+)
 from datalora.checks import check_int, check_number
 from datalora.cli import int_at_least, plain_text
 from datalora.config import DATALORAConfig, read_config_file
@@ -130,6 +135,18 @@ def _check_vocabulary(model: Any, tokenizer: Any, *row_lists: Any) -> None:
                              f"({len(tokenizer)} tokens) is not this model's")
 
 
+def _with_training_state(folder: Path) -> Path:
+    """``folder``, a checkpoint holding its optimizer and scheduler states (refused before
+    the model loads; DATALORATrainer.train refuses it too)."""
+    lacking = missing_training_state(folder)
+    if lacking:
+        raise ValueError(f"resume_from_checkpoint: {folder} holds no {' or '.join(lacking)} "
+                         f"state (saved with save_only_model?): resuming would restart the "
+                         f"optimizer and the learning-rate schedule; train its adapter "
+                         f"further from DATALORAModel.from_pretrained(..., is_trainable=True)")
+    return folder
+
+
 def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     """``resume_from_checkpoint`` resolved before the model loads: None, a folder holding
     ``trainer_state.json``, or ``"last"`` / True: the latest complete ``checkpoint-N`` in
@@ -138,7 +155,7 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
     if path is None or path is False:
         return None
     if path is True or path == "last":
-        return last_complete_checkpoint(output_dir, stacklevel=3)
+        return _with_training_state(last_complete_checkpoint(output_dir, stacklevel=3))
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"resume_from_checkpoint: expected a checkpoint folder, 'last', True "
                         f"or None, got {path!r}")
@@ -150,7 +167,7 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
             raise ValueError(f"resume_from_checkpoint: {folder / 'trainer_state.json'} is "
                              f"not valid JSON (a save cut short): resume an earlier "
                              f"checkpoint")
-        return folder
+        return _with_training_state(folder)
     steps = checkpoint_folders(folder)
     hint = (f"; it holds {len(steps)} checkpoint folder(s), the latest is {steps[-1][1]}"
             if steps else "")

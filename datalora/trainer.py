@@ -39,7 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from datalora.checkpoints import last_complete_checkpoint
+from datalora.checkpoints import last_complete_checkpoint, missing_training_state
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
@@ -631,9 +631,7 @@ class DATALORATrainer(Trainer):
         (DeepSpeed and FSDP keep those states in their own files.)"""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or not os.path.isdir(checkpoint):
             return
-        lacking = [name for name, alternatives in (
-            ("optimizer", ("optimizer.pt", "optimizer.bin")), ("scheduler", ("scheduler.pt",)))
-            if not any(os.path.isfile(os.path.join(checkpoint, f)) for f in alternatives)]
+        lacking = missing_training_state(checkpoint)
         if lacking:
             raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no "
                              f"{' or '.join(lacking)} state (saved with save_only_model=True?):"

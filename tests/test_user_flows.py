@@ -543,6 +543,16 @@ def test_output_folder_is_checked_writable_before_loading(tmp_path, monkeypatch)
     assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
 
 
+def _fake_checkpoint(folder, state=None):
+    """A Trainer checkpoint folder's files (``trainer_state.json``, optimizer and scheduler
+    states: empty stand-ins), without a model."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps(state or {}))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (folder / name).write_bytes(b"")
+    return folder
+
+
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
     """'last' would otherwise resume the earlier run's highest checkpoint-N."""
     from datalora import testing
@@ -554,11 +564,8 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
     run = tmp_path / "run"
     for n in (5, 9):
-        (run / f"checkpoint-{n}").mkdir(parents=True)
-        (run / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
-    other = tmp_path / "other" / "checkpoint-3"
-    other.mkdir(parents=True)
-    (other / "trainer_state.json").write_text("{}")
+        _fake_checkpoint(run / f"checkpoint-{n}")
+    other = _fake_checkpoint(tmp_path / "other" / "checkpoint-3")
     common = dict(dataset=load_instruction_dataset(limit=4), max_steps=1, output_dir=run,
                   progress=False)
     for resume in (None, str(other)):
@@ -632,8 +639,7 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
     from datalora.train import _check_checkpoint
 
     for n in (2, 10, 9):
-        (tmp_path / f"checkpoint-{n}").mkdir()
-        (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+        _fake_checkpoint(tmp_path / f"checkpoint-{n}")
     (tmp_path / "checkpoint-x").mkdir()
     for last in ("last", True):
         assert _check_checkpoint(last, tmp_path) == tmp_path / "checkpoint-10"
@@ -648,6 +654,13 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
         assert _check_checkpoint("last", tmp_path) == tmp_path / "checkpoint-10"
     with pytest.raises(ValueError, match=r"checkpoint-12/trainer_state\.json is not valid JSON"):
         _check_checkpoint(tmp_path / "checkpoint-12", tmp_path)
+    # save_only_model: no optimizer / scheduler state; refused before the model loads
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (tmp_path / "checkpoint-10" / name).unlink()
+    for path in ("last", tmp_path / "checkpoint-10"):
+        with pytest.raises(ValueError, match=r"checkpoint-10 holds no optimizer or scheduler "
+                                             r"state \(saved with save_only_model\?\)"):
+            _check_checkpoint(path, tmp_path)
 
 
 def test_resuming_a_finished_run_trains_no_step_past_max_steps(tmp_path, monkeypatch):
@@ -661,9 +674,7 @@ def test_resuming_a_finished_run_trains_no_step_past_max_steps(tmp_path, monkeyp
         raise AssertionError("loaded the model")
 
     monkeypatch.setattr(testing, "load_model_and_tokenizer", no_loading)
-    ckpt = tmp_path / "checkpoint-4"
-    ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 4}))
+    ckpt = _fake_checkpoint(tmp_path / "checkpoint-4", {"global_step": 4, "max_steps": 4})
     for resume in ("last", str(ckpt)):
         with pytest.raises(ValueError, match=r"checkpoint-4 is at step 4 and this run stops at "
                                              r"max_steps=4: nothing is left to train"):
