@@ -9,6 +9,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from safetensors import SafetensorError
 
@@ -155,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C prints ``datalora <command>: interrupted`` and exits with 130;
     ``DATALORA_DEBUG=1`` shows the traceback instead."""
     quiet_import_noise()
-    parser = build_parser()
-    args = parse_command_line(parser, argv)
+    try:
+        parser = build_parser()  # imports torch / transformers: seconds to Ctrl-C in
+        args = parse_command_line(parser, argv)
+    except KeyboardInterrupt:
+        command = (sys.argv[1:] if argv is None else argv)[:1]
+        _interrupted(f"datalora{' ' + command[0] if command else ''}")
     try:
         args.func(args)
     except ModuleNotFoundError as exc:
@@ -172,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                        f"{name_the_flag(str(exc), getattr(args, 'flag_names', {}))}\n"
                        f"(DATALORA_DEBUG=1 shows the traceback)\n")
     except KeyboardInterrupt:
-        if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
-            raise
-        parser.exit(130, f"datalora {args.command}: interrupted\n")
+        _interrupted(f"datalora {args.command}")
     return 0
+
+
+def _interrupted(prog: str) -> NoReturn:
+    """Ctrl-C: one line and status 130 (the traceback under ``DATALORA_DEBUG=1``)."""
+    if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+        raise
+    print(f"{prog}: interrupted", file=sys.stderr)
+    raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -905,6 +905,8 @@ def test_an_alpha_pattern_key_matches_whole_name_parts_as_in_peft(adapter_dirs, 
     ({"lora_alpha": float("nan")}, "lora_alpha in .* must be a finite number, got nan"),
     ({"lora_alpha": 1e999}, "lora_alpha in .* must be a finite number, got inf"),
     ({"alpha_pattern": {"q_proj": "big"}}, r"alpha_pattern\['model.*q_proj'\] .* got 'big'"),
+    ({"r": float("inf")}, r"the rank of module .* must be an integer, got inf"),
+    ({"rank_pattern": {"q_proj": 2.0}}, r"must be an integer, got 2.0"),
 ])
 def test_a_hostile_adapter_config_fails_cleanly(adapter_dirs, tmp_path, changes, error):
     """An invalid pattern key raised a bare re.error; json reads NaN / 1e999 as alpha."""

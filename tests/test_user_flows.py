@@ -1092,6 +1092,22 @@ def test_cli_ctrl_c_and_failed_safetensors_writes_end_without_traceback(
         cli.main(["x"])
 
 
+def test_cli_ctrl_c_while_the_parser_imports_ends_without_traceback(monkeypatch, capsys):
+    """building the parser imports torch and transformers (seconds): a Ctrl-C there was
+    outside the handled block."""
+    from datalora import cli
+
+    def slow_imports():
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "build_parser", slow_imports)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--max-steps", "1"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "datalora train: interrupted\n"
+
+
 def test_save_tensors_reports_a_failed_write_as_an_os_error(tmp_path, monkeypatch):
     """A full disk made safetensors raise its own SafetensorError (no OSError), which the
     commands' error handling did not recognise; the temporary file is removed."""

@@ -231,7 +231,11 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
                              f"{tuple(b.shape)}; expected [r, d_in] and [d_out, r]")
         r = a.shape[0]
         expected = _pattern_value(rank_pattern, module, config.get("r"), cfg_file)
-        if expected is not None and int(expected) != r:
+        if expected is not None and not (isinstance(expected, int)
+                                         and not isinstance(expected, bool)):
+            raise ValueError(f"path: the rank of module {module!r} in {cfg_file} must be an "
+                             f"integer, got {expected!r}")
+        if expected is not None and expected != r:
             raise ValueError(f"path: module {module!r} of {folder} has rank {r} in its "
                              f"tensors but r={expected} in adapter_config.json")
         a_mod = _finite_number(f"alpha_pattern[{module!r}]",
