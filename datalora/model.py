@@ -43,7 +43,13 @@ from datalora.pruning import (
     resolve_prune_range,
 )
 from datalora.saliency import UnifiedSaliencyNetwork
-from datalora.sharding import copy_full_into, full_tensors, sharding_kind, unwrapped_name
+from datalora.sharding import (
+    WRAPPER_ATTRIBUTES,
+    copy_full_into,
+    full_tensors,
+    sharding_kind,
+    unwrapped_name,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -640,7 +646,7 @@ class DATALORAModel(nn.Module):
         file = _weights_file(Path(path))
         metadata = load_metadata(file)
         self._check_saved_config(Path(path), file, metadata)
-        saved = load_tensors(file)
+        saved = _without_wrapper_names(load_tensors(file), file)
         own = self.adapter_state_dict()
         base = {unwrapped_name(n): p for n, p in self.base_model.named_parameters()}
         # base parameters trained with the adapter (saved because they required grad)
@@ -856,6 +862,18 @@ def _weights_file(folder: Path) -> Path:
     return file
 
 
+def _without_wrapper_names(saved: dict[str, Any], file: Path) -> dict[str, Any]:
+    """``saved`` (tensors or header entries by name) keyed without FSDP1 /
+    activation-checkpoint wrapper segments, as datalora saves them: releases before
+    2026-12-04 kept ``_checkpoint_wrapped_module`` in the names of a wrapped model's
+    adapter."""
+    named = {unwrapped_name(name): value for name, value in saved.items()}
+    if len(named) != len(saved):
+        raise ValueError(f"path: {file} holds tensors whose names differ only by wrapper "
+                         f"segments ({sorted(WRAPPER_ATTRIBUTES)}); save the adapter again")
+    return named
+
+
 BASE_PARAMETERS_KEY = "base_parameters"  # weights-file metadata: the base tensors it holds
 
 
@@ -870,7 +888,8 @@ def _check_declared_base_parameters(extra: set[str], metadata: dict[str, str],
         if extra:
             warnings.warn(f"path: {file} replaces base weights {sorted(extra)[:5]} "
                           f"({len(extra)} in all) without listing them (saved by an older "
-                          f"datalora): they overwrite the base model's", stacklevel=3)
+                          f"datalora): they overwrite the base model's; save the adapter again "
+                          f"to record them", stacklevel=3)
         return
     try:
         names = json.loads(declared)
@@ -899,7 +918,7 @@ def _check_adapter_fits(model: nn.Module, folder: Path, config: DATALORAConfig
     (``name -> (shape, dtype)``)."""
     file = _weights_file(folder)
     modules = {unwrapped_name(name): module for name, module in model.named_modules()}
-    header = load_header(file)
+    header = _without_wrapper_names(load_header(file), file)
     sizes = {"lora_A": lambda s: (s[0], s[1]), "lora_B": lambda s: (s[0], s[2])}
     want_sizes = (config.num_lora_experts, config.lora_rank)
     # saves write the resolved routing ("shared" / "per_layer"), never "auto"

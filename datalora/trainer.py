@@ -33,13 +33,18 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from datalora.checkpoints import last_complete_checkpoint, missing_training_state
+from datalora.checkpoints import (
+    last_complete_checkpoint,
+    missing_training_state,
+    saved_trainer_state,
+)
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
@@ -655,10 +660,13 @@ class DATALORATrainer(Trainer):
         self._filled_curriculum_fields = []
         self._applied = None
         self._reset_metrics()
-        self.datalora_history = list(self._saved_json(checkpoint, HISTORY_NAME) or [])
+        history = self._saved_json(checkpoint, HISTORY_NAME)
+        self.datalora_history = list(history or [])
         pending = self._saved_json(checkpoint, PENDING_NAME)
         if pending:
             self._restore_pending_metrics(pending)
+        if checkpoint:
+            _warn_if_metrics_were_not_saved(checkpoint, history, pending is not None)
         return super()._inner_training_loop(*args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
@@ -706,6 +714,25 @@ class DATALORATrainer(Trainer):
         if self.calibrate_batches > 0:
             self.calibrate_keep_threshold()
         return output
+
+
+def _warn_if_metrics_were_not_saved(checkpoint: str, history: list | None,
+                                    has_pending: bool) -> None:
+    """Checkpoints of releases before the history (2026-11-30) and the pending metric sums
+    (2026-12-02) were saved resume the weights and the curriculum exactly, but not the
+    DATALORA records: say which part of the run's history the resumed one lacks."""
+    state = saved_trainer_state(Path(checkpoint)) or {}
+    step = state.get("global_step")
+    if history is None and step:
+        warnings.warn(f"resume_from_checkpoint: {checkpoint} holds no {HISTORY_NAME} (saved by "
+                      f"an older datalora): the resumed datalora_history starts after step "
+                      f"{step}", UserWarning, stacklevel=4)
+    elif (not has_pending and history and isinstance(step, int)
+          and history[-1].get("step", step) < step):
+        warnings.warn(f"resume_from_checkpoint: {checkpoint} holds no {PENDING_NAME} (saved "
+                      f"by an older datalora): the first DATALORA record after it averages "
+                      f"only the steps after step {step}, not those since the last log "
+                      f"(step {history[-1]['step']})", UserWarning, stacklevel=4)
 
 
 __all__ = ["CURRICULUM_STATE_NAME", "HISTORY_NAME", "PENDING_NAME", "CurriculumCallback",

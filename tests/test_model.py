@@ -977,3 +977,28 @@ def test_an_unlisted_base_weight_is_refused_also_when_this_model_trains_it(tmp_p
     with pytest.raises(ValueError, match=r"does not list \(\['lm_head.weight'\]"):
         wrapped.load_adapter(tmp_path / "edited")
     assert wrapped.base_model.lm_head.weight.any()
+
+
+def test_an_adapter_saved_with_wrapper_segments_in_its_names_loads(tmp_path):
+    """Releases before 2026-12-04 saved a checkpoint-wrapped model's adapter under names
+    with ``_checkpoint_wrapped_module`` in them; those files fitted no model any more."""
+    def wrapped_names(tensors, metadata, _):
+        return {k.replace("layers.0.", "layers.0._checkpoint_wrapped_module."): v
+                for k, v in tensors.items()}, metadata
+
+    for name, edit in (("old", wrapped_names), ("new", lambda t, metadata, _: (t, metadata))):
+        torch.manual_seed(0)  # the same adapter weights
+        _edited_save(tmp_path / name, edit)
+    ids = torch.randint(4, 1000, (2, 9))
+    logits = [DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path / name)(
+        input_ids=ids).logits for name in ("old", "new")]
+    assert torch.equal(*logits)
+
+    def colliding(tensors, metadata, _):
+        key = "model.layers.0.self_attn.q_proj.lora_A"
+        wrapped = key.replace("layers.0.", "layers.0._checkpoint_wrapped_module.")
+        return {**tensors, wrapped: tensors[key].clone()}, metadata
+
+    _edited_save(tmp_path / "both", colliding)
+    with pytest.raises(ValueError, match="names differ only by wrapper segments"):
+        DATALORAModel.from_pretrained(build_tiny_model(seed=0), tmp_path / "both")

@@ -18,7 +18,7 @@ from transformers import MistralConfig, MistralForCausalLM, TrainingArguments
 from datalora import DATALORAConfig, get_datalora_model
 from datalora.curriculum import PHASES, CurriculumScheduler
 from datalora.data import TASKS
-from datalora.trainer import CURRICULUM_STATE_NAME, HISTORY_NAME, DATALORATrainer
+from datalora.trainer import CURRICULUM_STATE_NAME, HISTORY_NAME, PENDING_NAME, DATALORATrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1266,3 +1266,21 @@ def test_loading_a_best_checkpoint_from_before_hardening_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"best checkpoint .*checkpoint-3 was saved in the "
                                          r"warmup phase"):
         trainer.train()
+
+
+@pytest.mark.parametrize("lacking, message", [
+    (PENDING_NAME, r"the first DATALORA record after it averages only the steps after "
+                   r"step 3, not those since the last log \(step 2\)"),
+    (HISTORY_NAME, r"the resumed datalora_history starts after step 3"),
+])
+def test_resuming_a_checkpoint_of_an_older_release_says_what_its_records_lack(
+        tmp_path, lacking, message):
+    """Checkpoints saved before the history / the pending metric sums were resumed with the
+    same weights but silently shorter or partial DATALORA records."""
+    make_trainer(tmp_path, tiny_datalora(), steps=6, save_steps=3,
+                 calibrate_batches=0).train()
+    checkpoint = tmp_path / "checkpoint-3"
+    (checkpoint / lacking).unlink()  # as an older release saved it
+    again = make_trainer(tmp_path, tiny_datalora(), steps=6, calibrate_batches=0)
+    with pytest.warns(UserWarning, match=message):
+        again.train(resume_from_checkpoint=str(checkpoint))
