@@ -3,6 +3,7 @@ the target's masked training examples."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Sequence
@@ -95,9 +96,13 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     src_offsets, tgt_offsets = tile_spans(src_offsets), tile_spans(tgt_offsets)
     out = torch.full((len(tgt_offsets),), float("nan"))
     scores = src_scores.float().tolist()
+    candidates = _overlap_candidates(src_offsets)
     for j, (ts, te) in enumerate(tgt_offsets):
+        if prefix and j < n:  # the shared prefix: token i's own score (below)
+            continue
         hits: list[tuple[float, int]] = []
-        for (ss, se), score in zip(src_offsets, scores, strict=True):
+        for i in candidates(ts, te):
+            (ss, se), score = src_offsets[i], scores[i]
             if te == ts:  # zero-width target token (EOS)
                 if se == ss == ts:
                     hits.append((score, 1))
@@ -114,6 +119,25 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     if prefix:
         out[:n] = src_scores.float()
     return out
+
+
+def _overlap_candidates(spans: Sequence[tuple[int, int]]):
+    """``(ts, te) -> indices`` of the ``spans`` that may overlap ``[ts, te)`` (or, for a
+    zero-width one, start at ``ts``), in order. Tiled spans have non-decreasing starts and
+    ends, so those form one run found by bisection: aligning two tokenizations is
+    O((n + m) log n) instead of comparing every pair (85 ms per 512-token sample); other
+    spans fall back to every index."""
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    if any(a > b for a, b in zip(starts, starts[1:], strict=False)) or any(
+            a > b for a, b in zip(ends, ends[1:], strict=False)):
+        return lambda ts, te: range(len(spans))
+
+    def run(ts: int, te: int) -> range:
+        if te == ts:
+            return range(bisect.bisect_left(starts, ts), bisect.bisect_right(starts, ts))
+        lo = bisect.bisect_right(ends, ts)  # before it, every span ends by ts
+        return range(lo, max(lo, bisect.bisect_left(starts, te)))  # from it, starts >= te
+    return run
 
 
 def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
