@@ -37,16 +37,18 @@ def last_complete_checkpoint(run: str | Path, *, stacklevel: int = 2) -> Path:
     (naming ``resume_from_checkpoint``) when there is none."""
     run = Path(run).expanduser()
     found = checkpoint_folders(run) if run.is_dir() else []
-    complete = [(n, folder) for n, folder in found if saved_trainer_state(folder) is not None]
-    if not complete:
-        raise ValueError(f"resume_from_checkpoint: found no complete checkpoint-N folder "
-                         f"(with trainer_state.json) in the output folder {run}")
-    skipped = [folder.name for n, folder in found if n > complete[-1][0]]
-    if skipped:
-        warnings.warn(f"resume_from_checkpoint: skipping {', '.join(skipped)} in {run}: no "
-                      f"readable trainer_state.json (a save cut short); resuming "
-                      f"{complete[-1][1].name}", stacklevel=stacklevel + 1)
-    return complete[-1][1]
+    skipped = []
+    for _, folder in reversed(found):  # newest first: each state holds the whole log
+        if saved_trainer_state(folder) is None:
+            skipped.append(folder.name)
+            continue
+        if skipped:
+            warnings.warn(f"resume_from_checkpoint: skipping {', '.join(reversed(skipped))} in "
+                          f"{run}: no readable trainer_state.json (a save cut short); "
+                          f"resuming {folder.name}", stacklevel=stacklevel + 1)
+        return folder
+    raise ValueError(f"resume_from_checkpoint: found no complete checkpoint-N folder "
+                     f"(with trainer_state.json) in the output folder {run}")
 
 
 def missing_training_state(folder: str | Path) -> list[str]:

@@ -317,18 +317,24 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
     return data
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a parquet file (the first ``limit``: reading stops there, a few row
+    batches instead of the whole file)."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow comes with `datasets`
         raise ImportError("reading parquet needs pyarrow: pip install 'datalora[data]'") from e
     import pyarrow as pa
 
+    rows: list[dict[str, Any]] = []
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(limit or 65536, 65536)):
+            rows += batch.to_pylist()
+            if limit is not None and len(rows) >= limit:
+                return rows[:limit]
     except pa.ArrowException as e:  # an empty, truncated or non-parquet file
         raise ValueError(f"source: {path} is not a readable parquet file: {e}") from e
-    return table.to_pylist()
+    return rows
 
 
 def _import_datasets() -> Any:
@@ -560,7 +566,7 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         elif suffix == ".json":
             rows = _read_json(path, split)
         elif suffix == ".parquet":
-            rows = _read_parquet(path)
+            rows = _read_parquet(path, limit)
         else:
             raise ValueError(f"source: unsupported file type {suffix!r} for {path}; expected "
                              f".jsonl, .json or .parquet")

@@ -502,8 +502,9 @@ class DATALORATrainer(Trainer):
         if self.curriculum is not None:
             atomic_write_text(os.path.join(output_dir, CURRICULUM_STATE_NAME),
                               json.dumps(self.curriculum.state_dict(), indent=2, sort_keys=True))
+        # compact: rewritten whole at every checkpoint (a record per log, a load per task)
         atomic_write_text(os.path.join(output_dir, HISTORY_NAME),
-                          json.dumps(self.datalora_history, indent=1))
+                          json.dumps(self.datalora_history, separators=(",", ":")))
         pending = os.path.join(output_dir, PENDING_NAME)
         if self._count and self._applied is not None:  # steps since the last log
             atomic_write_text(pending, json.dumps(self._pending_metrics()))

@@ -152,6 +152,29 @@ def test_load_local_jsonl_json_parquet(tmp_path, sample_rows):
         assert load_instruction_dataset(str(tmp_path / name), limit=5) == sample_rows[:5]
 
 
+def test_a_parquet_limit_reads_only_the_row_groups_it_needs(tmp_path, sample_rows,
+                                                             monkeypatch):
+    """limit=100 of an OpenOrca-sized parquet file read every row first (seconds, GBs of
+    Python dicts): now the batches up to the limit only."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    rows = sample_rows * 20
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=7)
+    batches = []
+    real = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            batches.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    assert load_instruction_dataset(tmp_path / "d.parquet", limit=9) == rows[:9]
+    assert 0 < sum(batches) < 20 < len(rows)
+    assert load_instruction_dataset(tmp_path / "d.parquet") == rows
+
+
 def test_load_save_to_disk(tmp_path, sample_rows):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list(sample_rows)
