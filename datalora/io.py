@@ -69,9 +69,11 @@ def cache_root() -> Path:
 
 
 def save_figure(fig: Any, out: str | Path, dpi: int) -> Path:
-    """The matplotlib figure ``fig`` as a PNG at the file path ``out``, written atomically
-    (a write cut short leaves the previous file, not a truncated image)."""
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    """The matplotlib figure ``fig`` at the file path ``out``, in the format its suffix
+    names (PNG without one), written atomically (a write cut short leaves the previous
+    file, not a truncated image)."""
+    kind = Path(out).suffix.lstrip(".").lower() or "png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format=kind))
     return Path(out)
 
 

@@ -1144,10 +1144,12 @@ def test_a_plot_whose_write_fails_leaves_the_previous_png(tmp_path, monkeypatch)
         open(fname, "wb").write(good[:100])
         raise OSError(28, "No space left on device")
 
+    pdf = io.save_figure(fig, tmp_path / "plot.pdf", 50)  # the suffix picks the format
+    assert pdf.read_bytes().startswith(b"%PDF") and good.startswith(b"\x89PNG")
     monkeypatch.setattr(Figure, "savefig", disk_full)
     with pytest.raises(OSError, match="No space left"):
         io.save_figure(fig, png, 50)
-    assert png.read_bytes() == good and sorted(tmp_path.iterdir()) == [png]
+    assert png.read_bytes() == good and sorted(tmp_path.iterdir()) == [pdf, png]
 
 
 def test_the_checkout_root_does_not_shadow_pypi_kernels(tmp_path):
