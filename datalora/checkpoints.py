@@ -66,5 +66,19 @@ def missing_training_state(folder: str | Path) -> list[str]:
     return missing
 
 
-__all__ = ["checkpoint_folders", "last_complete_checkpoint", "missing_training_state",
-           "saved_trainer_state"]
+def check_resumable(folder: str | Path) -> None:
+    """A ValueError naming ``resume_from_checkpoint`` when the checkpoint ``folder`` lacks
+    its optimizer or scheduler state (:func:`missing_training_state`): it would resume with
+    a fresh optimizer and the learning-rate schedule from its start, while the curriculum
+    and history continued, not the exact resume it looked like."""
+    lacking = missing_training_state(folder)
+    if lacking:
+        raise ValueError(f"resume_from_checkpoint: {folder} holds no {' or '.join(lacking)} "
+                         f"state (saved with save_only_model=True?): resuming would restart "
+                         f"the optimizer and the learning-rate schedule; to train its weights "
+                         f"further, load them with DATALORAModel.from_pretrained(model, "
+                         f"checkpoint, is_trainable=True) and start a new run")
+
+
+__all__ = ["check_resumable", "checkpoint_folders", "last_complete_checkpoint",
+           "missing_training_state", "saved_trainer_state"]

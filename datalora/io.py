@@ -116,6 +116,19 @@ def _sort_header_metadata(path: str) -> None:
             f.write(text.ljust(size, b" "))
 
 
+def check_saved_weight(argument: str, name: str, tensor: torch.Tensor,
+                       file: str | Path) -> None:
+    """A ValueError naming ``argument`` unless the weight ``name`` read from ``file`` is a
+    float tensor of finite values (a diverged or hand-edited file would load silently and
+    give NaN, or finite but wrong, outputs)."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{argument}: {name} in {file} is {tensor.dtype}, expected a float "
+                         f"tensor")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{argument}: {name} in {file} holds NaN or inf (saved from a "
+                         f"diverged run?)")
+
+
 def _unreadable(path: str | Path, argument: str, exc: SafetensorError) -> ValueError:
     return ValueError(f"{argument}: {path} is not a readable safetensors file ({exc}); it "
                       f"may be truncated or corrupt: save it again")

@@ -26,6 +26,7 @@ from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import (
     atomic_write_text,
+    check_saved_weight,
     load_header,
     load_metadata,
     load_tensors,
@@ -676,12 +677,7 @@ class DATALORAModel(nn.Module):
                 raise ValueError(f"{name}: expected shape {tuple(own[name].shape)}, "
                                  f"saved shape {tuple(tensor.shape)}{hint}")
             if isinstance(own[name], nn.Parameter):  # buffers: keep_threshold is NaN unset
-                if not tensor.is_floating_point():
-                    raise ValueError(f"path: {name} in {file} is {tensor.dtype}, expected a "
-                                     f"float tensor")
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"path: {name} in {file} holds NaN or inf (saved from "
-                                     f"a diverged run?)")
+                check_saved_weight("path", name, tensor, file)
         cast = sorted({(str(saved[n].dtype), str(own[n].dtype)) for n in saved
                        if saved[n].dtype != own[n].dtype})
         if cast:

@@ -235,9 +235,11 @@ def _remove_dead_builds(target: Path) -> None:
     for stale in target.parent.glob(f".{target.name}.*"):
         lock = stale.with_name(stale.name + ".lock")
         try:
-            if stale.name.endswith(".lock") or not stale.is_dir():
-                if stale.name.endswith(".lock") and not stale.with_suffix("").exists():
+            if stale.name.endswith(".lock"):
+                if not stale.with_suffix("").exists():
                     stale.unlink(missing_ok=True)  # a lock whose build is gone
+                continue
+            if not stale.is_dir():
                 continue
             if fcntl is not None and lock.exists():
                 dead = not _held_by_a_live_process(lock)

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 
 from datalora.checkpoints import (
+    check_resumable,
     checkpoint_folders,
     last_complete_checkpoint,
-    missing_training_state,
     saved_trainer_state,
 )
 from datalora.checks import check_int, check_number
@@ -138,12 +138,7 @@ def _check_vocabulary(model: Any, tokenizer: Any, *row_lists: Any) -> None:
 def _with_training_state(folder: Path) -> Path:
     """``folder``, a checkpoint holding its optimizer and scheduler states (refused before
     the model loads; DATALORATrainer.train refuses it too)."""
-    lacking = missing_training_state(folder)
-    if lacking:
-        raise ValueError(f"resume_from_checkpoint: {folder} holds no {' or '.join(lacking)} "
-                         f"state (saved with save_only_model?): resuming would restart the "
-                         f"optimizer and the learning-rate schedule; train its adapter "
-                         f"further from DATALORAModel.from_pretrained(..., is_trainable=True)")
+    check_resumable(folder)
     return folder
 
 

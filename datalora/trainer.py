@@ -40,11 +40,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from datalora.checkpoints import (
-    last_complete_checkpoint,
-    missing_training_state,
-    saved_trainer_state,
-)
+from datalora.checkpoints import check_resumable, last_complete_checkpoint, saved_trainer_state
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
@@ -631,20 +627,11 @@ class DATALORATrainer(Trainer):
         return dl.runtime.calibrate(pooled, retention=self._final_state()[1])
 
     def _check_resumable(self, checkpoint: str) -> None:
-        """A checkpoint without the optimizer and scheduler states (``save_only_model``)
-        resumed with a fresh optimizer and the learning-rate schedule from its start, while
-        the curriculum and history continued: not the exact resume it looked like.
-        (DeepSpeed and FSDP keep those states in their own files.)"""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not os.path.isdir(checkpoint):
-            return
-        lacking = missing_training_state(checkpoint)
-        if lacking:
-            raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no "
-                             f"{' or '.join(lacking)} state (saved with save_only_model=True?):"
-                             f" resuming would restart the optimizer and the learning-rate "
-                             f"schedule; to train its weights further, load them with "
-                             f"DATALORAModel.from_pretrained(model, checkpoint, "
-                             f"is_trainable=True) and start a new run")
+        """:func:`~datalora.checkpoints.check_resumable` (``save_only_model`` checkpoints;
+        DeepSpeed and FSDP keep the optimizer state in their own files)."""
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled
+                or not os.path.isdir(checkpoint)):
+            check_resumable(checkpoint)
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> TrainOutput:
         """Every run of the training loop starts from train()'s checkpoint (or nothing): its

@@ -659,7 +659,7 @@ def test_resume_last_is_the_latest_checkpoint_of_the_output_folder(tmp_path):
         (tmp_path / "checkpoint-10" / name).unlink()
     for path in ("last", tmp_path / "checkpoint-10"):
         with pytest.raises(ValueError, match=r"checkpoint-10 holds no optimizer or scheduler "
-                                             r"state \(saved with save_only_model\?\)"):
+                                             r"state \(saved with save_only_model=True\?\)"):
             _check_checkpoint(path, tmp_path)
 
 

@@ -9,9 +9,6 @@ import torch
 import torch.nn as nn
 
 from datalora.checks import check_number
-from datalora.module_modes import eval_mode
-
-__all__ = ["check_fraction", "eval_mode", "model_device", "seeded"]
 
 
 def check_fraction(name: str, value: float) -> None:

@@ -24,7 +24,8 @@ from datalora.data import (
     tokenize_example,
 )
 from datalora.layers import MoLoRALinear, adapters_off
-from datalora.titok._util import eval_mode, model_device
+from datalora.module_modes import eval_mode
+from datalora.titok._util import model_device
 from datalora.tle.adapters import BASE_CHANGING_INITS
 
 

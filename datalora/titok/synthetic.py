@@ -15,7 +15,8 @@ from datalora.data import (
     format_prompt,
     prompt_inputs,
 )
-from datalora.titok._util import eval_mode, model_device, seeded
+from datalora.module_modes import eval_mode
+from datalora.titok._util import model_device, seeded
 
 
 def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:

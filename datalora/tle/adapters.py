@@ -17,7 +17,7 @@ import regex
 import torch
 import torch.nn as nn
 
-from datalora.io import load_tensors
+from datalora.io import check_saved_weight, load_tensors
 from datalora.layers import MoLoRALinear
 from datalora.ops.layout import expert_minor
 from datalora.routing import Routing
@@ -196,11 +196,7 @@ def load_peft_adapter(path: str | Path, name: str | None = None) -> LoRAAdapter:
     base_weights: dict[str, torch.Tensor] = {}
     base_biases: dict[str, torch.Tensor] = {}
     for key, tensor in _read_weights(weights).items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"path: tensor {key!r} in {weights} is {tensor.dtype}, expected a "
-                             f"float tensor")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"path: tensor {key!r} in {weights} holds NaN or inf")
+        check_saved_weight("path", key, tensor, weights)
         match = _KEY.match(key)
         if match is not None:
             module_parts = parts.setdefault(match["module"], {})

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from datalora.checks import check_int, check_number
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
-from datalora.io import atomic_write_text, load_metadata, load_tensors, save_tensors
+from datalora.io import (
+    atomic_write_text,
+    check_saved_weight,
+    load_metadata,
+    load_tensors,
+    save_tensors,
+)
 from datalora.layers import MoLoRALinear
 from datalora.tle.adapters import (
     AdapterMixLinear,
@@ -687,10 +693,7 @@ class TokenLevelAdapterMixer(nn.Module):
         packed = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"])
                   for m in config["modules"]}
         for name in (f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")):
-            if not (tensors[name].is_floating_point()
-                    and bool(torch.isfinite(tensors[name]).all())):
-                raise ValueError(f"directory: {name} in {directory / MIXER_WEIGHTS} holds NaN "
-                                 f"or inf, or is not a float tensor")
+            check_saved_weight("directory", name, tensors[name], directory / MIXER_WEIGHTS)
         recency = {k: overrides.pop(k) for k in ("window", "decay") if k in overrides}
         if embedder is None:
             spec = config["embedder"]
