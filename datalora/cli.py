@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except ModuleNotFoundError as exc:
         package = (exc.name or "").split(".")[0]
-        if package not in EXTRAS or os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+        if package not in EXTRAS or _debug():
             raise
         parser.exit(2, f"datalora {args.command}: error: this command needs the optional "
                        f"package {package!r}: pip install 'datalora[{EXTRAS[package]}]'\n")
     except (OSError, ValueError, TypeError, SafetensorError) as exc:
-        if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         parser.exit(2, f"datalora {args.command}: error: "
                        f"{name_the_flag(str(exc), getattr(args, 'flag_names', {}))}\n"
@@ -181,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _debug() -> bool:
+    """``DATALORA_DEBUG`` set: errors show their traceback instead of one line."""
+    return os.environ.get("DATALORA_DEBUG", "") not in ("", "0")
+
+
 def _interrupted(prog: str) -> NoReturn:
     """Ctrl-C: one line and status 130 (the traceback under ``DATALORA_DEBUG=1``)."""
-    if os.environ.get("DATALORA_DEBUG", "") not in ("", "0"):
+    if _debug():
         raise
     print(f"{prog}: interrupted", file=sys.stderr)
     raise SystemExit(130)
