@@ -42,6 +42,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,8 @@ VARIANTS = {"_expand_grouped_kernel": [{}, {"y_ptr": "*fp32"}],
             "_route_grads_kernel": [{}, {"dg_ptr": X_DTYPE},
                                     {"gates_ptr": X_DTYPE, "dg_ptr": X_DTYPE}]}
 CUDA_SOURCE = REPO / "csrc" / "nf4_kernels.cu"
+# process groups of the running compile subprocesses (see run_killable)
+_live_groups: set[int] = set()
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 
 
@@ -190,6 +193,39 @@ def _triton_worker() -> None:
             print(json.dumps(result), flush=True)
 
 
+def run_killable(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own,
+    killed whole (a compile worker's pool processes included) when the wait ends by an
+    exception: a timeout, Ctrl-C, or the SystemExit :func:`main` raises on SIGTERM. A
+    SIGTERM killed this process alone (a CI timeout or ``timeout``) and left the compiles
+    running on every core."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        _live_groups.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            _kill_group(proc.pid)
+            raise
+        finally:
+            _live_groups.discard(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def kill_live_groups() -> None:
+    """Kill every running :func:`run_killable` group (their waits run in pool threads, which
+    an exception in the main thread does not reach)."""
+    for pgid in list(_live_groups):
+        _kill_group(pgid)
+
+
 def _code_key(*objs) -> str:
     """What of this file decides a compile result (not the table layout)."""
     return "".join(inspect.getsource(o) for o in objs)
@@ -215,8 +251,8 @@ def triton_results(use_cache: bool = True) -> list[dict]:
         if len(rows) == len(expected_triton_rows()):
             return rows
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.resources", "--triton-worker"],
-                          env=env, capture_output=True, text=True, cwd=REPO, timeout=1800)
+    proc = run_killable([sys.executable, "-m", "benchmarks.resources", "--triton-worker"],
+                        timeout=1800, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"Triton compile worker failed:\n{proc.stderr[-4000:]}")
@@ -287,7 +323,7 @@ def _nvcc_one(cc: int) -> tuple[int, str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["nvcc", "-c", str(CUDA_SOURCE), "-o", str(pathlib.Path(tmp) / "k.o"),
                *NVCC_FLAGS, "-gencode", f"arch=compute_{cc},code=sm_{cc}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = run_killable(cmd, timeout=900)
     return proc.returncode, proc.stdout + proc.stderr, " ".join(cmd)
 
 
@@ -437,9 +473,18 @@ def generate(use_cache: bool = True) -> tuple[str, list[str], list[dict], list[d
     with ThreadPoolExecutor(2) as pool:
         tri = pool.submit(triton_results, use_cache)
         cu = pool.submit(cuda_results, use_cache)
-        triton_rows, cuda_rows = tri.result(), cu.result()
+        try:
+            triton_rows, cuda_rows = tri.result(), cu.result()
+        except BaseException:  # Ctrl-C / SIGTERM here: stop the compiles the threads wait on
+            kill_live_groups()
+            raise
     md = render_table(triton_rows, cuda_rows, triton.__version__, nvcc_version())
     return md, violations(triton_rows, cuda_rows), triton_rows, cuda_rows
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    """SIGTERM as an exception, so the compile subprocesses are killed on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                          "violations (for checking another Triton release)")
     ap.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.triton_worker:
         _triton_worker()
         return 0

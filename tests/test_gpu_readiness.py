@@ -10,7 +10,13 @@ parallel with the Triton compiles when this module runs first).
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -238,3 +244,42 @@ def test_benchmark_rows_get_fraction_of_floor():
         roofline.nf4_dequant_cost(4096, 14336).floor_s(A100, "bf16") * 1e3)
     assert rows[1]["fraction_of_floor"] == pytest.approx(roofline.molora_linear_cost(
         2048, 4096, 4096, fused=False).floor_s(A100, "bf16") * 1e3)
+
+
+# ----------------------------------------------------------------------------- cleanup
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_sigterm_kills_the_compile_subprocess_and_its_children(tmp_path):
+    """``python -m benchmarks.resources`` turns SIGTERM into SystemExit, and
+    :func:`resources.run_killable` then kills the compile worker's whole process group: a
+    grandchild (the worker's pool) does not outlive it."""
+    pid_file = tmp_path / "grandchild.pid"
+    worker = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '120']); "
+              "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys\n"
+        "from benchmarks import resources\n"
+        "signal.signal(signal.SIGTERM, resources._exit_on_sigterm)\n"
+        f"resources.run_killable([sys.executable, '-c', {worker!r}, {str(pid_file)!r}], 300)\n"
+    )], cwd=resources.REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert parent.poll() is None, parent.stderr.read()
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+
+    def running(pid: int) -> bool:  # a killed, unreaped process is a zombie ("Z")
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if running(grandchild):
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the compile worker's child outlived SIGTERM")

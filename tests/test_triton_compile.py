@@ -113,7 +113,7 @@ def test_a_damaged_compile_cache_is_compiled_again(tmp_path, monkeypatch, damage
         compiled.append(args)
         return subprocess.CompletedProcess(args, 0, stdout="\n".join(fresh) + "\n", stderr="")
 
-    monkeypatch.setattr(resources.subprocess, "run", worker)
+    monkeypatch.setattr(resources, "run_killable", worker)
     assert len(resources.triton_results()) == expected and len(compiled) == 1
     assert len(cache.read_text().splitlines()) == expected
     assert len(resources.triton_results()) == expected and len(compiled) == 1  # now cached
