@@ -51,11 +51,19 @@ _CODE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 def code_table(device: torch.device) -> torch.Tensor:
     """:data:`NF4_CODE` on ``device``, copied once per device (a host-to-device copy on every
-    dequantize would synchronise the stream once per layer call). Read-only."""
+    dequantize would synchronise the stream once per layer call). Read-only.
+
+    Under ``torch.compile`` a table not yet cached is built inside the graph and not kept:
+    cached from inside an ``autograd.Function`` (``NF4Linear``'s training forward), it would
+    escape the function's traced subgraph, which dynamo refuses; a fake tensor from AOT
+    autograd's tracing of the backward would be no table at all.
+    """
     device = torch.device(device)
     table = _CODE_TABLES.get(device)
     if table is None:
-        table = _CODE_TABLES[device] = NF4_CODE.to(device)
+        table = NF4_CODE.to(device)
+        if not torch.compiler.is_compiling() and type(table) is torch.Tensor:
+            _CODE_TABLES[device] = table
     return table
 
 

@@ -563,6 +563,24 @@ def test_dequantize_reuses_one_code_table_per_device(monkeypatch):
     assert moved == []
 
 
+def test_nf4_training_compiles_before_any_eager_call(monkeypatch):
+    """The first dequantize of a process, inside ``NF4Linear``'s autograd.Function under
+    ``torch.compile``, cached its code table from within the traced subgraph: dynamo
+    refused it ("an intermediate tensor ... aliases an input or output")."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # off in this module
+    monkeypatch.setattr(nf4, "_CODE_TABLES", {})
+    q = NF4Linear.from_linear(_linear(64, 32))
+    x = torch.randn(3, 64, requires_grad=True)
+    y = torch.compile(q, backend="aot_eager")(x)
+    y.sum().backward()
+    assert nf4._CODE_TABLES == {}  # built in the graph, not kept
+    w = q.dequantize()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, q.bias))
+    torch.testing.assert_close(x.grad, torch.ones(3, 32) @ w)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_bnb_base_after_an_inference_forward_trains_correctly(bias):
     """bitsandbytes repacks a Linear4bit in place on its first CPU inference forward (0.49+,
