@@ -520,6 +520,37 @@ def test_from_bnb_after_cpu_inference_forward(dq):
         torch.testing.assert_close(NF4Linear.from_bnb(lin)(x), lin(x), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dq", [False, True])
+def test_a_weight_bnb_repacked_for_cpu_is_unpacked_once_per_version(dq):
+    """The repack (bitsandbytes' own ``_convert_weight_packed_for_cpu``, which its CPU
+    inference forward runs where AVX512-BF16 exists) is undone exactly, up to bnb's bf16
+    absmax, and once: a MoLoRA layer over such a base copied it on every forward (7 ms at
+    2048 x 2048), silently; an in-place change of the weight is seen."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    lin = _bnb_cpu_layer(dq)
+    before = nf4_weight(lin)
+    ref = before.dequantize(torch.float32).clone()
+    lin.weight.data, lin.weight.quant_state = _convert_weight_packed_for_cpu(
+        lin.weight.data, lin.weight.quant_state)
+    t = nf4_weight(lin)
+    assert t is nf4_weight(lin)  # kept
+    assert t.shape == before.shape and t.dtype == before.dtype
+    if not dq:
+        assert torch.equal(t.data, before.data.reshape(-1, 1))
+    torch.testing.assert_close(t.dequantize(torch.float32), ref, rtol=1e-2, atol=1e-2)
+    m = MoLoRALinear(lin, num_experts=4, rank=4).eval()
+    x = torch.randn(3, 64)
+    want = torch.nn.functional.linear(x, t.dequantize(torch.float32), lin.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)  # B starts at zero
+    with torch.no_grad():
+        lin.weight.zero_()  # every code 0: -1.0 * absmax (load_state_dict copies in place too)
+    changed = nf4_weight(lin)
+    assert changed is not t
+    assert torch.equal(changed.data, torch.zeros_like(changed.data))
+
+
 @needs_bnb_cpu_repack
 @pytest.mark.parametrize("dq", [False, True])
 def test_molora_over_bnb_base_eval_second_call(dq):
