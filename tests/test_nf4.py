@@ -551,6 +551,29 @@ def test_a_weight_bnb_repacked_for_cpu_is_unpacked_once_per_version(dq):
     assert torch.equal(changed.data, torch.zeros_like(changed.data))
 
 
+def test_a_bnb_base_computing_in_another_dtype_warns_once():
+    """bf16 inputs into a Linear4bit with compute_dtype fp32 (BitsAndBytesConfig's default)
+    skip the NF4 fast paths, which dequantize to x's dtype: said once per dtype pair (bnb's
+    own warning for this never runs, its forward being bypassed); nothing when they agree."""
+    import warnings
+
+    from datalora.nf4_linear import _warn_compute_dtype
+
+    _warn_compute_dtype.cache_clear()
+    m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4)
+    x = torch.randn(3, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)  # fp32 into fp32
+    m.to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="compute_dtype=torch.float32 gets torch.bfloat16.*"
+                                            "bnb_4bit_compute_dtype=torch.bfloat16"):
+        m(x.bfloat16())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x.bfloat16())  # once
+
+
 @needs_bnb_cpu_repack
 @pytest.mark.parametrize("dq", [False, True])
 def test_molora_over_bnb_base_eval_second_call(dq):
@@ -743,6 +766,7 @@ def test_nf4_linear_gradients_match_the_dense_linear():
     with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 64\]"):
         nf4_linear(torch.randn(2, 63), t)
 
+@pytest.mark.filterwarnings("ignore:datalora. a bnb Linear4bit base:RuntimeWarning")
 def test_nf4_molora_linear_reads_lora_x_and_the_bnb_compute_dtype():
     """Without a gradient (the molora_linear path) the LoRA part reads lora_x (x after
     dropout), not x; a bnb Linear4bit base computes in its compute_dtype (x cast in, the
@@ -771,6 +795,8 @@ def test_nf4_molora_linear_reads_lora_x_and_the_bnb_compute_dtype():
     want = base_out + molora_delta_reference(x, A, B, ids, gates, None, 2.0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.filterwarnings("ignore:datalora. a bnb Linear4bit base:RuntimeWarning")
 def test_the_fused_gpu_paths_keep_a_bnb_bases_compute_dtype(monkeypatch):
     """The CUDA decode and Triton fused kernels dequantize W to x's dtype: for a bnb base
     whose compute_dtype is another (fp32 with bf16 activations) they ran the base in bf16,
