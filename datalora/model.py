@@ -152,7 +152,11 @@ def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -
 
 
 def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
-    """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names."""
+    """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names.
+
+    Every MoLoRA layer is built (its base quantized) before any is put in place, so an
+    error (a weight NF4 cannot quantize) names the layer and leaves the model as it was.
+    """
     _check_types(model, config)  # a dict config failed with AttributeError: no 'quantize'
     replaced, kept_16bit = [], []
     modules = list(model.named_modules())  # before replacing: one walk serves both uses
@@ -174,14 +178,20 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
         if not_nf4:
             raise ValueError(f"backend: 'cuda' runs NF4 bases only (quantize='nf4' or a 4-bit "
                              f"model); {not_nf4} are 16-bit layers; {CUDA_BACKEND_SCOPE}")
+    built = []
     for name, module, quantize, backend in plan:
+        try:
+            built.append(MoLoRALinear(
+                module, num_experts=config.num_lora_experts, rank=config.lora_rank,
+                alpha=config.lora_alpha, top_k=config.num_active_experts,
+                dropout=config.lora_dropout, router=config.routing == "per_layer",
+                backend=backend, quantize=quantize))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err}") from err
+    for (name, _, _, _), layer in zip(plan, built, strict=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoLoRALinear(
-            module, num_experts=config.num_lora_experts, rank=config.lora_rank,
-            alpha=config.lora_alpha, top_k=config.num_active_experts,
-            dropout=config.lora_dropout, router=config.routing == "per_layer",
-            backend=backend, quantize=quantize))
+        setattr(parent, child, layer)
         replaced.append(name)
     if kept_16bit:
         note = "; they use backend 'auto', not 'cuda'" if config.backend == "cuda" else ""
@@ -335,22 +345,28 @@ class DATALORAModel(nn.Module):
             self.config_datalora = config
         if config.routing == "shared":  # refused before the model is changed
             _check_shared(model, config)
-        model.requires_grad_(False)
-        self.adapted_modules = inject_molora(model, config)
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None
-        if config.routing == "shared":
-            _make_aux_output_classes()  # outside any compiled forward
-            device = next(model.parameters()).device
-            self.saliency = UnifiedSaliencyNetwork(
-                _hidden_size(model), config.num_lora_experts, config.lora_rank,
-                config.num_active_experts, config.saliency_hidden_size,
-                config.temperature_final).to(device)
-            self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
-            self.set_curriculum_state(config.temperature_final, 1.0, True)
+        with _undone_on_failure(model) as built:  # the caller's model back as it came
+            built.append(self)
+            model.requires_grad_(False)
+            self.adapted_modules = inject_molora(model, config)
+            if config.routing == "shared":
+                self._add_saliency(model, config)
         # the new MoLoRA layers and saliency network (and this wrapper) start in the base
         # model's mode: an eval-mode base (as from_pretrained returns it) stays deterministic
         self.train(model.training)
+
+    def _add_saliency(self, model: nn.Module, config: DATALORAConfig) -> None:
+        """The USN and the pruning hooks of shared routing."""
+        _make_aux_output_classes()  # outside any compiled forward
+        device = next(model.parameters()).device
+        self.saliency = UnifiedSaliencyNetwork(
+            _hidden_size(model), config.num_lora_experts, config.lora_rank,
+            config.num_active_experts, config.saliency_hidden_size,
+            config.temperature_final).to(device)
+        self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
+        self.set_curriculum_state(config.temperature_final, 1.0, True)
 
     @property
     def datalora_config(self) -> DATALORAConfig:
@@ -805,6 +821,7 @@ class DATALORAModel(nn.Module):
         parameters the adapter saved trainable, to train further (``DATALORATrainer``
         refuses a model with nothing to train)."""
         _check_path(path)
+        check_bool("is_trainable", is_trainable)  # "no" left the adapter trainable
         _check_base(model, DATALORAConfig())  # before reading the folder
         config = DATALORAConfig.from_pretrained(path)
         # what the adapter adapts is checked before anything is injected; what only the

@@ -243,6 +243,8 @@ def test_from_pretrained_checks_its_base_and_path(tmp_path):
         DATALORAModel.from_pretrained(_llama(), None)
     with pytest.raises(TypeError, match=r"^path: expected a folder path"):
         wrapped.load_adapter(None)
+    with pytest.raises(TypeError, match=r"^is_trainable: expected a bool"):  # "no" was true
+        DATALORAModel.from_pretrained(_llama(), tmp_path, is_trainable="no")
 
 
 
@@ -260,3 +262,38 @@ def test_inject_molora_names_a_bad_model_or_config():
     assert inject_molora(model, DATALORAConfig(target_modules=["0"], num_lora_experts=2,
                                                lora_rank=2, num_active_experts=1,
                                                routing="per_layer")) == ["0"]
+
+
+def _state(model):
+    return ([type(m).__name__ for m in model.modules()],
+            [p.requires_grad for p in model.parameters()])
+
+
+def test_a_failed_wrap_leaves_the_model_as_it_was(monkeypatch):
+    """A ValueError from get_datalora_model left the caller's model frozen (it was frozen
+    before the layers were built), and a weight NF4 cannot quantize in a later layer left the
+    earlier ones replaced (a second attempt then said the model "already holds MoLoRA
+    layers"), its error not naming the layer."""
+    model = _llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match="target_modules: none of"):
+        get_datalora_model(model, _cfg(target_modules=["nope"]))
+    assert _state(model) == before
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.down_proj: .*NaN"):
+        get_datalora_model(model, _cfg(quantize="nf4", routing="per_layer"))
+    assert _state(model) == before
+    # a failure after the layers and the pruning hooks are in place undoes both
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 0.0
+    monkeypatch.setattr(DATALORAModel, "set_curriculum_state", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        get_datalora_model(model, _cfg(routing="shared"))
+    assert _state(model) == before
+    assert not model._forward_pre_hooks and not model.model.layers[0]._forward_pre_hooks
+    monkeypatch.undo()
+    assert isinstance(get_datalora_model(model, _cfg()), DATALORAModel)
