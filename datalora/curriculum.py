@@ -127,15 +127,18 @@ class CurriculumScheduler:
             if self.total_steps is None:
                 raise ValueError("total_steps: required for mode='steps' (set it or use "
                                  "mode='epochs' with num_epochs)")
-            step = self.step_count if step is None else step
+            # a query may fall between steps or outside the run (clamped); NaN may not
+            step = self.step_count if step is None else check_number("step", step)
             return min(max(step / self.total_steps, 0.0), 1.0)
         if self.num_epochs is None:
             raise ValueError("num_epochs: required for mode='epochs'")
-        epoch = self.epoch if epoch is None else float(epoch)
+        epoch = self.epoch if epoch is None else check_number("epoch", epoch)
         return min(max(epoch / self.num_epochs, 0.0), 1.0)
 
     def state_at_progress(self, progress: float) -> CurriculumState:
         """The schedule at a training fraction ``progress`` in [0, 1]."""
+        # NaN compared False with every boundary: "hardening", silently
+        progress = check_number("progress", progress, low=0, high=1)
         warm, sparse, _ = self.split
         # compare as phase_boundaries() does: 0.1 + 0.2 is 0.30000000000000004, which would
         # keep step 90 of 300 in sparsification although the boundary is 90
@@ -159,10 +162,13 @@ class CurriculumScheduler:
         return self.state_at()
 
     def step(self, step: int | None = None, epoch: float | None = None) -> CurriculumState:
-        """Moves to ``step`` (default: the next step) and ``epoch``; returns the new state."""
-        self.step_count = self.step_count + 1 if step is None else int(step)
+        """Moves to ``step`` (default: the next step) and ``epoch``; returns the new state.
+        ``step``: an int >= 0 (2.7 and "5" were truncated / parsed); ``epoch``: a finite
+        number >= 0."""
+        step_count = self.step_count + 1 if step is None else check_int("step", step, low=0)
         if epoch is not None:
-            self.epoch = float(epoch)
+            self.epoch = check_number("epoch", epoch, low=0)
+        self.step_count = step_count
         return self.state
 
     def phase_boundaries(self) -> list[int]:
@@ -175,6 +181,9 @@ class CurriculumScheduler:
 
     def apply(self, model: Any) -> CurriculumState:
         """Sets the current state on ``model`` (anything with ``set_curriculum_state``)."""
+        if not callable(getattr(model, "set_curriculum_state", None)):
+            raise TypeError(f"model: expected a DATALORAModel (anything with "
+                            f"set_curriculum_state), got {type(model).__name__}")
         state = self.state
         model.set_curriculum_state(tau=state.tau, retention=state.retention, hard=state.hard)
         return state
@@ -197,7 +206,8 @@ class CurriculumScheduler:
             state["temperature_init"], state["temperature_final"], state["target_retention"],
             state["split"], total_steps=state["total_steps"], num_epochs=state["num_epochs"],
             mode=state["mode"])
-        restored.step_count, restored.epoch = int(state["step_count"]), float(state["epoch"])
+        restored.step_count = check_int("state['step_count']", state["step_count"], low=0)
+        restored.epoch = check_number("state['epoch']", state["epoch"], low=0)
         self.__dict__.update(restored.__dict__)
 
     def __repr__(self) -> str:

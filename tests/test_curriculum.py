@@ -189,3 +189,30 @@ def test_temperature_final_may_equal_but_not_exceed_temperature_init():
     assert CurriculumScheduler(1.0, 1.0, total_steps=4).state_at(2).tau == 1.0  # constant tau
     with pytest.raises(ValueError, match="temperature_final: expected <= temperature_init"):
         CurriculumScheduler(1.0, 1.01, total_steps=4)
+
+
+def test_positions_that_are_not_numbers_are_refused():
+    """NaN compared False with every phase boundary, so a NaN step, epoch or progress
+    silently meant "hardening"; step() truncated 2.7 and parsed "5"; a NaN epoch was restored
+    from a state dict; apply(None) raised AttributeError."""
+    s = make(total=10)
+    for call, match in [(lambda: s.state_at(step=float("nan")), "step: expected a finite"),
+                        (lambda: s.state_at_progress(float("nan")), "progress: expected"),
+                        (lambda: s.step(2.7), r"step: expected an int >= 0, got 2\.7"),
+                        (lambda: s.step("5"), "step: expected an int"),
+                        (lambda: s.step(-1), "step: expected an int >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert s.step_count == 0
+    e = CurriculumScheduler(5.0, 0.5, 0.5, num_epochs=3, mode="epochs")
+    with pytest.raises(ValueError, match="epoch: expected a finite number >= 0"):
+        e.step(epoch=float("nan"))
+    with pytest.raises(ValueError, match="epoch: expected a finite"):
+        e.state_at(epoch=float("nan"))
+    state = e.state_dict()
+    state["epoch"] = float("nan")
+    with pytest.raises(ValueError, match=r"state\['epoch'\]: expected a finite"):
+        e.load_state_dict(state)
+    assert e.epoch == 0.0
+    with pytest.raises(TypeError, match="model: expected a DATALORAModel"):
+        s.apply(None)
