@@ -13,6 +13,8 @@ from typing import NoReturn
 
 from safetensors import SafetensorError
 
+from datalora.ops.backends import BackendUnavailableError
+
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
 COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
@@ -153,9 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     / ``ValueError`` / ``TypeError``; a safetensors file that cannot be written, e.g. by
     PEFT on a full disk) and a missing optional package (naming the extra that installs it)
     print ``datalora <command>: error: ...`` and exit with status 2, like a bad flag;
-    Ctrl-C prints ``datalora <command>: interrupted`` and exits with 130;
-    ``DATALORA_DEBUG=1`` shows the traceback instead."""
-    quiet_import_noise()
+    a backend that cannot run here also; Ctrl-C prints ``datalora <command>: interrupted``
+    and exits with 130;
+    ``DATALORA_DEBUG=1`` shows the traceback instead. The caller's warning filters are
+    as they were afterwards (main may run in-process)."""
+    with warnings.catch_warnings():
+        quiet_import_noise()
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # imports torch / transformers: seconds to Ctrl-C in
         args = parse_command_line(parser, argv)
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         parser.exit(2, f"datalora {args.command}: error: this command needs the optional "
                        f"package {package!r}: pip install 'datalora[{EXTRAS[package]}]'\n")
-    except (OSError, ValueError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, TypeError, SafetensorError, BackendUnavailableError) as exc:
         if _debug():
             raise
         parser.exit(2, f"datalora {args.command}: error: "

@@ -170,6 +170,21 @@ def _check_checkpoint(path: Any, output_dir: str | Path) -> Path | None:
                      f"trainer_state.json){hint}")
 
 
+def _check_backend(backend: str) -> None:
+    """An explicit ``backend`` that cannot run on the device training will use is an error
+    now: the first training step raised it, after the model and the data had loaded."""
+    if backend == "auto":
+        return
+    from datalora import _C_loader
+    from datalora.ops.backends import unavailable_reason
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = (_C_loader.unsupported_reason(device) if backend == "cuda"  # the NF4 kernels
+           else unavailable_reason(backend, device))
+    if why is not None:
+        raise ValueError(f"backend: {backend!r} cannot run on this machine: {why}")
+
+
 def _check_tokenizer(base_model: str | None, model: Any, tokenizer: Any) -> None:
     """The tokenizer is there before the model loads: a loaded one with a given ``model``;
     else ``tokenizer`` (a name or path) or the model folder's (see
@@ -492,6 +507,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         if flag is not None and not isinstance(flag, bool):  # bool("false") is True
             raise ValueError(f"{name}: expected true or false, got {flag!r}")
     check_mode("curriculum_mode", curriculum_mode)
+    _check_backend(config.backend)
     trainer_args = _check_trainer_args(TrainingArguments, trainer_args, eval_dataset)
     # read the data before the model: a bad path or row fails now, not after minutes of loading
     eval_rows = _eval_rows(eval_dataset, eval_limit)

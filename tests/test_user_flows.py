@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -885,6 +886,39 @@ def test_train_config_value_of_a_wrong_type_is_a_clean_cli_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "datalora train: error: trainer_args: expected a mapping" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_train_with_a_backend_this_machine_lacks_fails_before_loading(tmp_path, capsys,
+                                                                      monkeypatch):
+    """``backend: cuda`` (the NF4 kernels) on a machine without CUDA loaded the model and
+    the data, then the first step raised BackendUnavailableError (a RuntimeError): a
+    traceback and status 1. Now one line, status 2, before anything loads; an error of
+    that type from elsewhere gets the same line."""
+    from datalora import cli, data, train
+    from datalora.ops.backends import BackendUnavailableError
+
+    monkeypatch.delenv("DATALORA_DEBUG", raising=False)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"quantize": "nf4", "backend": "cuda"}))
+    loaded = []
+    monkeypatch.setattr(data, "load_instruction_dataset", lambda *a, **k: loaded.append(a))
+    filters = list(warnings.filters)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2 and loaded == []
+    assert warnings.filters == filters  # main's own filter no longer outlives it
+    assert ("datalora train: error: backend: 'cuda' cannot run on this machine: the "
+            "datalora._C kernels need a CUDA device" in capsys.readouterr().err)
+
+    def unavailable(*args, **kwargs):
+        raise BackendUnavailableError("backend 'triton' needs a CUDA device")
+
+    monkeypatch.setattr(train, "train_datalora", unavailable)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--output-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "datalora train: error: backend 'triton' needs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["molora", "datalora"])
