@@ -216,9 +216,14 @@ class UnifiedSaliencyNetwork(nn.Module):
         bsz, seq_len, _ = hidden.shape
         if valid is not None and tuple(check_tensor("valid", valid).shape) != (bsz, seq_len):
             raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
+        if valid is not None and valid.dtype != torch.bool:  # 0.5 / 2 weighted the context
+            raise ValueError(f"valid: expected a bool mask, got {valid.dtype}")
         if state is not None:
             self._check_state(state, bsz)
         weight = self.score_head.weight
+        if hidden.device != weight.device:
+            raise ValueError(f"hidden: expected device {weight.device} (that of the saliency "
+                             f"network), got {hidden.device}")
         # the running context is summed in fp32 whatever the compute dtype (autocast): in
         # bf16, 256 + 1 == 256, and the cached count would stop growing
         w = (torch.ones(bsz, seq_len, device=hidden.device) if valid is None

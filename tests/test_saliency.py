@@ -56,6 +56,12 @@ def test_usn_rejects_bad_arguments():
         usn([[0.0] * 8])
     with pytest.raises(TypeError, match="valid: expected a torch.Tensor, got list"):
         usn(torch.randn(1, 2, 8), [[True, True]])
+    # a float mask weighted the context mean (0.5, 2); another device was torch's error
+    with pytest.raises(ValueError, match="valid: expected a bool mask, got torch.float32"):
+        usn(torch.randn(1, 2, 8), torch.tensor([[0.5, 2.0]]))
+    with pytest.raises(ValueError, match=r"hidden: expected device cpu \(that of the "
+                                         r"saliency network\), got meta"):
+        usn(torch.randn(1, 2, 8, device="meta"))
     state = usn(torch.randn(2, 3, 8)).state
     with pytest.raises(ValueError, match=r"state: expected shapes \(\(1, 6\), \(1,\)\)"):
         usn(torch.randn(1, 3, 8), state=state)  # another batch's state
