@@ -43,6 +43,7 @@ from datalora.ops.backends import (
     auto_backend,
     environment_backend,
     resolve_backend,
+    warn_once,
 )
 from datalora.ops.layout import expert_rows
 from datalora.ops.molora import (
@@ -517,11 +518,19 @@ def _triton_fused_ok(x: torch.Tensor, t: NF4Tensor, A: torch.Tensor, expert_ids:
     routed work, as in ``triton_backend.linear_forward``)."""
     if not nf4_fused_enabled() or x.dtype not in nf4.FLOAT_DTYPES or x.device != t.device:
         return False
-    if resolve_backend(backend, x.device) != "triton" or A.dim() != 3 or expert_ids.dim() < 1:
+    if A.dim() != 3 or expert_ids.dim() < 1:
+        return False
+    if resolve_backend(backend, x.device) != "triton":
+        warn_once(f"datalora: {NF4_FUSED_ENV}=1 has no effect off the triton backend: NF4 "
+                  f"layers run dequantize + GEMM + molora_delta")
         return False
     from datalora.ops.triton_backend import choose_strategy
 
-    return choose_strategy(A.shape[0], A.shape[1], expert_ids.shape[-1]) == "dense"
+    if choose_strategy(A.shape[0], A.shape[1], expert_ids.shape[-1]) != "dense":
+        warn_once(f"datalora: {NF4_FUSED_ENV}=1 has no effect on layers of the grouped "
+                  f"strategy (large E*r): they run dequantize + GEMM + molora_delta")
+        return False
+    return True
 
 
 def _triton_fused(base, t, x, lora_x, A, B, expert_ids, gates, rank_scale, scaling,

@@ -13,7 +13,8 @@ Modules, each a set of ``@triton.jit`` kernels plus thin host launchers:
 - ``nf4_fused_linear``: the same with W in NF4 (bitsandbytes layout), its 4-bit tiles
   decoded in registers.
 
-Importing this package imports Triton; ``datalora`` itself never does so eagerly.
+Importing this package compiles nothing until a launch; ``datalora`` imports it only when
+the triton backend first runs.
 """
 
 if __name__ == "kernels":

@@ -15,8 +15,9 @@ A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
     scatter_tokens(hidden, packed, keep_idx, weight) -> out
 
 ``linear_forward`` computes base + LoRA into one output (the backward of
-``molora_linear`` reuses ``delta_backward`` plus the base GEMMs). Backends load lazily, so importing
-datalora never imports Triton or the CUDA extension.
+``molora_linear`` reuses ``delta_backward`` plus the base GEMMs). Backends load lazily: importing datalora
+loads neither the kernels nor the CUDA extension (Triton itself, where installed, comes
+with ``torch.utils.flop_counter``, which datalora registers its FLOP formulas with).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _triton_gpu_reason(device: torch.device) -> str | None:
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why)."""
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -145,8 +147,10 @@ def auto_backend(device_type: str) -> str:
         reason = unavailable_reason(name, device)
         if reason is None:
             if reasons:
-                _warn_once("datalora: falling back to the slower torch backend: "
-                           + "; ".join(reasons))
+                warn_once("datalora: falling back to the slower torch backend: "
+                          + "; ".join(reasons) + " (install the 'triton' extra / a newer "
+                          "GPU for the kernels, or set DATALORA_BACKEND=torch to choose "
+                          "torch and silence this)")
             return name
         reasons.append(reason)
     raise AssertionError("the torch backend runs everywhere")

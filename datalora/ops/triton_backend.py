@@ -29,6 +29,7 @@ from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32
 from datalora.ops import torch_backend
+from datalora.ops.backends import warn_once
 from datalora.ops.eager import RoutingCache, may_cache_routing
 from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.routing import ExpertPermutation, sort_routes
@@ -228,6 +229,15 @@ def _lora_into(y, x, A, B, expert_ids, gates, rank_scale, scaling, h, accumulate
         _expand_routes(z, B, B.stride(), 1, perm, y, E, r, scaling, accumulate, k, expert_ids)
 
 
+def _float64(x: torch.Tensor) -> bool:
+    """float64 x: the kernels have none; the torch backend computes it (warned once)."""
+    if x.dtype != torch.float64:
+        return False
+    warn_once("datalora: backend 'triton' has no float64 kernels; float64 inputs run the "
+              "torch backend's")
+    return True
+
+
 @_on_tensor_device
 def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True, strategy=None):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route.
@@ -237,7 +247,7 @@ def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True, 
     ``"grouped"`` (default: :func:`choose_strategy`). The kernels write ``h`` as they go,
     so ``need_h`` (the protocol's "h may be skipped") changes nothing here.
     """
-    if x.dtype == torch.float64:
+    if _float64(x):
         return torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling,
                                            need_h)
     T = x.shape[0]
@@ -257,7 +267,7 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     grad ``[T, d_out]``, h ``[T, k, r]`` from the forward. ``dx_out`` ``[T, d_in]``: the
     expand accumulates dx into it instead of a new buffer.
     """
-    if x.dtype == torch.float64:
+    if _float64(x):
         return torch_backend.delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h,
                                             scaling, needs, dx_out)
     need_x, need_A, need_B, need_g, need_rs = needs
@@ -368,7 +378,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
     shows it beating cuBLAS on a GPU. Autograd is the ``datalora::molora_linear`` op's
     (``datalora.ops.molora``): the backward is the same for both paths.
     """
-    if x.dtype == torch.float64:
+    if _float64(x):
         delta, h = torch_backend.delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling,
                                                need_h)
         return F.linear(x, weight, bias) + delta, h
@@ -376,7 +386,11 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
     E, r, _ = A.shape
     k = expert_ids.shape[1]
     h = x.new_empty(T, k, r)
-    if fused_linear_enabled() and choose_strategy(E, r, k) == "dense":
+    fused = fused_linear_enabled() and choose_strategy(E, r, k) == "dense"
+    if fused_linear_enabled() and not fused:
+        warn_once(f"datalora: {FUSED_LINEAR_ENV}=1 has no effect on layers of the grouped "
+                  f"strategy (large E*r): they run cuBLAS + the expand")
+    if fused:
         y = x.new_empty(T, weight.shape[0])
         if T > 0:
             rs, rs_stride = _rank_scale(rank_scale, r, x.device)

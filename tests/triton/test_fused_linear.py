@@ -5,6 +5,8 @@ grouping, the dispatch rules (interpreter on the CPU)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _cases import (
@@ -191,12 +193,21 @@ def test_opcheck_fused(device, monkeypatch):
 
 def test_grouped_strategy_keeps_cublas_path(device, monkeypatch, spy):
     """Large E*r (grouped strategy) would make Zd cost E/k times the routed work: the
-    fused flag leaves that case on cuBLAS + expand, still correct."""
+    fused flag leaves that case on cuBLAS + expand, still correct, and says so once (the
+    flag was dropped without a word)."""
+    from datalora.ops.backends import warn_once
+
+    warn_once.cache_clear()
     monkeypatch.setenv("DATALORA_FUSED_LINEAR", "1")
     x, A, B, ids, g, rs = make_inputs(30, 24, 20, 40, 32, 2, torch.float32, device)
     assert tb.choose_strategy(40, 32, 2) == "grouped"  # E*r = 1280
     W, b = _weights(24, 20, torch.float32, device, True)
-    y, _ = tb.linear_forward(x, W, b, A, B, ids, g, rs, 0.5)
+    with pytest.warns(RuntimeWarning, match="DATALORA_FUSED_LINEAR=1 has no effect on layers "
+                                            "of the grouped strategy"):
+        y, _ = tb.linear_forward(x, W, b, A, B, ids, g, rs, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tb.linear_forward(x, W, b, A, B, ids, g, rs, 0.5)  # once
     assert not spy
     ref = molora_linear_reference(*(_up(t) for t in (x, W, b, A, B)), ids, _up(g), _up(rs),
                                   0.5)

@@ -3,6 +3,8 @@ gradient, both strategies, skewed routing, edge shapes (interpreter on the CPU).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _cases import (
@@ -298,6 +300,20 @@ def test_molora_linear(bias, strategy, dtype, eps, device, monkeypatch):
     assert_linear_grads_close(grads, base_grads, ref_grads, eps)
 
 
+def test_float64_runs_the_torch_backend_and_says_so_once(device):
+    """The kernels have no float64 path: the torch backend computes it, which went unsaid."""
+    from datalora.ops.backends import warn_once
+
+    warn_once.cache_clear()
+    x, A, B, ids, g, rs = make_inputs(7, 16, 12, 4, 4, 2, torch.float64, device)
+    with pytest.warns(RuntimeWarning, match="'triton' has no float64 kernels"):
+        got = ops.molora_delta(x, A, B, ids, g, rs, 0.5, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.molora_delta(x, A, B, ids, g, rs, 0.5, backend="triton")
+    assert torch.equal(got, ops.molora_delta(x, A, B, ids, g, rs, 0.5, backend="torch"))
+
+
 def test_molora_linear_opcheck(device):
     x, A, B, ids, g, rs = make_inputs(12, 16, 20, 4, 4, 2, torch.float32, device)
     W = torch.randn(20, 16, device=device)
@@ -313,7 +329,6 @@ def test_molora_linear_opcheck(device):
 def test_double_backward_matches_reference_and_warns_once(fused, device, monkeypatch):
     """``create_graph=True`` through the triton ops: the gradients are recomputed in plain
     torch ops (differentiable), with a one-time warning naming the backend."""
-    import warnings
 
     import datalora.ops.molora as molora_ops
 

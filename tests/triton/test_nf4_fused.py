@@ -5,6 +5,8 @@ double quant, odd sizes and strides; forward and every gradient through
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _cases import (
@@ -285,14 +287,25 @@ def test_lora_input_differs_and_batch_dims(dtype, eps, device, monkeypatch, spy)
 
 def test_dispatch_rules(device, monkeypatch, spy):
     """Off by default; the torch backend and the grouped strategy (large E*r) keep the
-    dequantize + delta path; a bad flag value raises."""
+    dequantize + delta path, each said once (the flag was dropped without a word); a bad
+    flag value raises."""
+    from datalora.ops.backends import warn_once
+
+    warn_once.cache_clear()
     base = _base(32, 16, 32, False, False, device)
     x, A, B, ids, g, rs = make_inputs(5, 32, 16, 40, 32, 2, torch.float32, device)
     nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")
     assert not spy and not nf4_fused_enabled()
     monkeypatch.setenv("DATALORA_NF4_FUSED", "1")
-    nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")  # E*r = 1280: grouped
-    nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "torch")
+    with pytest.warns(RuntimeWarning, match="NF4_FUSED=1 has no effect on layers of the "
+                                            "grouped strategy"):
+        nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")  # E*r = 1280: grouped
+    with pytest.warns(RuntimeWarning, match="NF4_FUSED=1 has no effect off the triton"):
+        nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once each
+        nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")
+        nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "torch")
     assert not spy
     nf4_molora_linear(base, x, x, A[:4], B[:4], ids % 4, g, rs, 1.0, "triton")
     assert len(spy) == 1
