@@ -13,8 +13,8 @@ Modules, each a set of ``@triton.jit`` kernels plus thin host launchers:
 - ``nf4_fused_linear``: the same with W in NF4 (bitsandbytes layout), its 4-bit tiles
   decoded in registers.
 
-Importing this package compiles nothing until a launch; ``datalora`` imports it only when
-the triton backend first runs.
+Importing this package imports Triton (a kernel compiles at its first launch); ``datalora``
+imports it only when the triton backend first runs.
 """
 
 if __name__ == "kernels":
