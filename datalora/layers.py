@@ -300,6 +300,9 @@ class MoLoRALinear(nn.Module):
         Outside autocast, x must have the dtype of an ``nn.Linear`` base's weight (unless
         the base's own forward or a pre-hook may convert it)."""
         self._check_x(x)
+        if x.device != self.lora_A.device:  # the op named A, which the user never passed
+            raise ValueError(f"x: expected device {self.lora_A.device} (that of the layer's "
+                             f"LoRA weights), got {x.device}")
         base = self.base_layer
         if (not self._nf4_base and x.dtype != base.weight.dtype
                 and not autocast_enabled(x.device.type)

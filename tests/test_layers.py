@@ -628,6 +628,16 @@ def test_x_of_the_wrong_dtype_is_named_on_every_path(dropout, hooked):
         assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_x_on_another_device_is_named():
+    """The op's check named A ("A: expected device ... (same as x)"), never passed by the
+    user, for x on another device than the layer."""
+    with pytest.raises(ValueError, match=r"^x: expected device cpu \(that of the layer's LoRA "
+                                         r"weights\), got meta"):
+        MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3)(torch.randn(2, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"^x: expected device meta .*, got cpu"):
+        MoLoRALinear(nn.Linear(8, 6, device="meta"), num_experts=4, rank=3)(torch.randn(2, 8))
+
+
 @pytest.mark.parametrize("field", ["gates", "rank_scale"])
 def test_integer_gates_or_rank_scale_are_refused_as_by_the_op(field):
     layer = MoLoRALinear(nn.Linear(8, 6), num_experts=4, rank=3, alpha=6, router=False)
