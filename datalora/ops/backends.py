@@ -15,9 +15,10 @@ A backend is a module exposing the protocol of ``datalora.ops.torch_backend``:
     scatter_tokens(hidden, packed, keep_idx, weight) -> out
 
 ``linear_forward`` computes base + LoRA into one output (the backward of
-``molora_linear`` reuses ``delta_backward`` plus the base GEMMs). Backends load lazily: importing datalora
-loads neither the kernels nor the CUDA extension (Triton itself, where installed, comes
-with ``torch.utils.flop_counter``, which datalora registers its FLOP formulas with).
+``molora_linear`` reuses ``delta_backward`` plus the base GEMMs). Backends load lazily:
+importing datalora loads neither the kernels nor the CUDA extension (Triton itself, where
+installed, comes with ``torch.utils.flop_counter``, which datalora registers FLOP formulas
+with).
 """
 
 from __future__ import annotations
