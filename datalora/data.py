@@ -45,6 +45,7 @@ __all__ = [
     "format_prompt",
     "SplitNotFoundError",
     "TokenizeStats",
+    "check_task_names",
     "generate_multitask_dataset",
     "load_eval_rows",
     "load_instruction_dataset",
@@ -838,6 +839,21 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_length:
     return out, stats
 
 
+def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
+    """``tasks`` (a list or tuple of strings) as a tuple; otherwise TypeError
+    ``"{name}: expected a sequence of task names, got ..."`` (a string was split into its
+    letters, a number failed as not iterable)."""
+    if isinstance(tasks, str):
+        got = f"the string {tasks!r}"
+    elif not isinstance(tasks, (list, tuple)):
+        got = type(tasks).__name__
+    elif not all(isinstance(t, str) for t in tasks):
+        got = f"{tasks!r:.80}"
+    else:
+        return tuple(tasks)
+    raise TypeError(f"{name}: expected a sequence of task names, got {got}")
+
+
 def _long(value: Any, i: int, key: str) -> torch.Tensor:
     """A feature's ids / mask / labels as a flat int64 tensor; fractional values (a float
     array) are an error, not truncated to other ids."""
@@ -868,9 +884,9 @@ class CausalLMCollator:
             ``task`` reaches the collator (and ``task_ids`` popped before the model's
             forward); :class:`~datalora.trainer.DATALORATrainer` keeps the task columns and
             pops ``task_ids`` itself (raw-text rows, tokenized here, still need False).
-        tasks: task names for ``task_ids`` (default :data:`TASKS`, the embedded tasks;
-            :class:`~datalora.trainer.DATALORATrainer` appends the other names its datasets'
-            ``task`` column holds).
+        tasks: task names (a list or tuple of strings) for ``task_ids`` (default
+            :data:`TASKS`, the embedded tasks; :class:`~datalora.trainer.DATALORATrainer`
+            appends the other names its datasets' ``task`` column holds).
 
     Returns (from ``__call__``):
         ``input_ids [B, L]`` (int64), ``attention_mask [B, L]`` (int64, 0 on padding),
@@ -897,10 +913,13 @@ class CausalLMCollator:
                 raise ValueError("tokenizer: has no pad_token_id; set tokenizer.pad_token "
                                  "(e.g. to its eos_token) or pass pad_token_id")
         self.pad_token_id = check_int("pad_token_id", self.pad_token_id, error=TypeError)
+        # a float was truncated (1.5 labelled padding as token 1), a string failed in torch
+        self.label_pad_token_id = check_int("label_pad_token_id", self.label_pad_token_id,
+                                            error=TypeError)
         if self.pad_to_multiple_of is not None:
             self.pad_to_multiple_of = check_int("pad_to_multiple_of", self.pad_to_multiple_of,
                                                 low=1)
-        self.tasks = tuple(self.tasks)
+        self.tasks = check_task_names("tasks", self.tasks)
 
     def _tokenized(self, feature: Mapping[str, Any], i: int) -> Mapping[str, Any]:
         if "input_ids" in feature:

@@ -735,6 +735,22 @@ def test_collator_errors(tokenizer):
         CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1]}])
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    # 1.5 was truncated to 1: padding was labelled, and trained, as token 1
+    ({"label_pad_token_id": 1.5}, r"^label_pad_token_id: expected an int, got 1\.5$"),
+    # failed inside torch.full at the first batch
+    ({"label_pad_token_id": "x"}, r"^label_pad_token_id: expected an int, got 'x'$"),
+    ({"pad_token_id": 0.5}, r"^pad_token_id: expected an int, got 0\.5$"),
+    # a string was split into its letters: tasks ('a', 'b', 'c')
+    ({"tasks": "abc"}, r"^tasks: expected a sequence of task names, got the string 'abc'$"),
+    ({"tasks": 5}, r"^tasks: expected a sequence of task names, got int$"),  # not iterable
+    ({"tasks": ["a", None]}, r"^tasks: expected a sequence of task names, got \['a', None\]"),
+])
+def test_collator_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        CausalLMCollator(**{"pad_token_id": 0, **kwargs})
+    assert CausalLMCollator(pad_token_id=0, tasks=["a", "b"]).tasks == ("a", "b")
+
 def test_table_errors_name_the_row_index(tmp_path):
     """A table (parquet / ``datasets``) has no lines: the error says which 0-based index."""
     pa = pytest.importorskip("pyarrow")
