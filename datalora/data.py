@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -855,9 +856,17 @@ def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
 
 
 def _long(value: Any, i: int, key: str) -> torch.Tensor:
-    """A feature's ids / mask / labels as a flat int64 tensor; fractional values (a float
-    array) are an error, not truncated to other ids."""
-    t = torch.as_tensor(value)
+    """A feature's ids / mask / labels (one sequence: ``[L]`` or ``[1, L]``) as an ``[L]``
+    int64 tensor; fractional values (a float array) are an error, not truncated to other
+    ids, and so are several sequences (``[2, L]`` was merged into one row of ``2 L``)."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # None, strings, ragged lists
+        raise ValueError(f"features: feature {i} has {key} {value!r:.60}, expected a list "
+                         f"of ints") from e
+    if t.dim() != 1 and not (t.dim() == 2 and len(t) == 1):
+        raise ValueError(f"features: feature {i} has {key} of shape {tuple(t.shape)}, "
+                         f"expected one sequence")
     if t.is_floating_point() and not torch.equal(t, t.round()):
         raise ValueError(f"features: feature {i} has non-integer {key}: {value!r:.60}")
     return t.to(torch.long).reshape(-1)
@@ -868,9 +877,10 @@ class CausalLMCollator:
     """Pad a list of tokenized examples (right padding) into a batch.
 
     Usable as a ``transformers.Trainer`` ``data_collator`` and as a ``DataLoader``
-    ``collate_fn``. Features are dicts with ``input_ids`` (and optional ``attention_mask``,
-    ``labels``); raw rows (with ``question`` / ``response`` but no ``input_ids``) are
-    tokenized with :func:`tokenize_example` when ``tokenizer`` and ``max_length`` are set.
+    ``collate_fn``. Features are dicts with ``input_ids`` (one non-empty sequence of ints,
+    ``[L]`` or ``[1, L]``; optional ``attention_mask``, ``labels`` alike, of its length);
+    raw rows (with ``question`` / ``response`` but no ``input_ids``) are tokenized with
+    :func:`tokenize_example` when ``tokenizer`` and ``max_length`` are set.
 
     Args:
         tokenizer: gives ``pad_token_id`` (and tokenizes raw rows); or pass ``pad_token_id``.
@@ -922,6 +932,9 @@ class CausalLMCollator:
         self.tasks = check_task_names("tasks", self.tasks)
 
     def _tokenized(self, feature: Mapping[str, Any], i: int) -> Mapping[str, Any]:
+        if not isinstance(feature, Mapping):  # a list was said to have no 'input_ids'
+            raise ValueError(f"features: feature {i} is a {type(feature).__name__}, expected "
+                             f"a dict with 'input_ids'")
         if "input_ids" in feature:
             return feature
         if self.tokenizer is None or self.max_length is None:
@@ -930,10 +943,21 @@ class CausalLMCollator:
         return tokenize_example(feature, self.tokenizer, self.max_length)
 
     def _task_id(self, feature: Mapping[str, Any], i: int) -> int:
-        if "task_id" in feature:
-            return int(feature["task_id"])
+        if "task_id" in feature:  # int() truncated 2.7 to 2
+            task_id = feature["task_id"]
+            if isinstance(task_id, torch.Tensor) and task_id.numel() == 1:  # torch format
+                task_id = task_id.item()
+            if isinstance(task_id, float) and task_id.is_integer():
+                task_id = int(task_id)
+            if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):
+                raise ValueError(f"features: feature {i} has a non-integer task_id "
+                                 f"{task_id!r:.60}")
+            return int(task_id)
         if "task" in feature:
             task = feature["task"]
+            if not isinstance(task, str):  # a list failed as unhashable
+                raise ValueError(f"features: feature {i} has task {task!r:.60}, expected a "
+                                 f"task name (str)")
             if task in self.tasks:
                 return self.tasks.index(task)
             if task not in self._unlisted:
@@ -945,10 +969,16 @@ class CausalLMCollator:
                          f"return_task_ids=True")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not isinstance(features, (list, tuple)):  # a dict was indexed as a list
+            raise TypeError(f"features: expected a list of feature dicts, got "
+                            f"{type(features).__name__}")
         if len(features) == 0:
             raise ValueError("features: expected at least one feature, got an empty batch")
         tokenized = [self._tokenized(f, i) for i, f in enumerate(features)]
         ids = [_long(f["input_ids"], i, "input_ids") for i, f in enumerate(tokenized)]
+        for i, x in enumerate(ids):  # trained nothing, or failed deep in the model's forward
+            if len(x) == 0:
+                raise ValueError(f"features: feature {i} has no tokens (empty input_ids)")
         length = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of

@@ -751,6 +751,52 @@ def test_collator_refuses_bad_arguments(kwargs, match):
         CausalLMCollator(**{"pad_token_id": 0, **kwargs})
     assert CausalLMCollator(pad_token_id=0, tasks=["a", "b"]).tasks == ("a", "b")
 
+@pytest.mark.parametrize("features, error, match", [
+    # two rows were merged into one sequence [[1, 2, 3, 4]]
+    ([{"input_ids": [[1, 2], [3, 4]], "task_id": 0}], ValueError,
+     r"^features: feature 0 has input_ids of shape \(2, 2\), expected one sequence$"),
+    ([{"input_ids": [1, 2], "labels": [[1], [2]], "task_id": 0}], ValueError,
+     r"^features: feature 0 has labels of shape \(2, 1\), expected one sequence$"),
+    ([{"input_ids": 5, "task_id": 0}], ValueError, r"of shape \(\), expected one sequence"),
+    # int() truncated it to task 2
+    ([{"input_ids": [1], "task_id": 2.7}], ValueError,
+     r"^features: feature 0 has a non-integer task_id 2\.7$"),
+    # int()'s "invalid literal for int()"
+    ([{"input_ids": [1], "task_id": "abc"}], ValueError, r"non-integer task_id 'abc'$"),
+    # "unhashable type: 'list'"
+    ([{"input_ids": [1], "task": ["x"]}], ValueError,
+     r"^features: feature 0 has task \['x'\], expected a task name \(str\)$"),
+    # torch's "Could not infer dtype of NoneType"
+    ([{"input_ids": None, "task_id": 0}], ValueError,
+     r"^features: feature 0 has input_ids None, expected a list of ints$"),
+    ([{"input_ids": [1], "task_id": 0}, {"input_ids": ["a"], "task_id": 0}], ValueError,
+     r"^features: feature 1 has input_ids \['a'\], expected a list of ints$"),
+    # "string indices must be integers" (a dict was taken as the list of features)
+    ({"input_ids": [1, 2]}, TypeError, r"^features: expected a list of feature dicts, got dict$"),
+    # "object of type 'NoneType' has no len()"
+    (None, TypeError, r"^features: expected a list of feature dicts, got NoneType$"),
+    # said "feature 0 has no 'input_ids'", though it is no row at all
+    ([[1, 2, 3]], ValueError,
+     r"^features: feature 0 is a list, expected a dict with 'input_ids'$"),
+    # collated as an all-padding row; DATALORATrainer.train() then failed deep in the model
+    # ("cannot reshape tensor of 0 elements")
+    ([{"input_ids": [], "task_id": 0}], ValueError,
+     r"^features: feature 0 has no tokens \(empty input_ids\)$"),
+])
+def test_collator_refuses_bad_features(features, error, match):
+    with pytest.raises(error, match=match):
+        CausalLMCollator(pad_token_id=0, return_task_ids=True)(features)
+
+
+def test_collator_takes_one_sequence_in_a_row_and_whole_task_ids():
+    """A ``[1, L]`` sequence (a tokenizer's ``return_tensors="pt"``) is one row; a task id
+    may be a one-element tensor (a torch-formatted dataset) or a whole float."""
+    collate = CausalLMCollator(pad_token_id=0, return_task_ids=True)
+    batch = collate([{"input_ids": torch.tensor([[5, 6, 7]]), "task_id": torch.tensor(1)},
+                     {"input_ids": [[8]], "task_id": 2.0}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["task_ids"].tolist() == [1, 2]
+
 def test_table_errors_name_the_row_index(tmp_path):
     """A table (parquet / ``datasets``) has no lines: the error says which 0-based index."""
     pa = pytest.importorskip("pyarrow")
