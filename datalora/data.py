@@ -878,9 +878,10 @@ class CausalLMCollator:
 
     Usable as a ``transformers.Trainer`` ``data_collator`` and as a ``DataLoader``
     ``collate_fn``. Features are dicts with ``input_ids`` (one non-empty sequence of ints,
-    ``[L]`` or ``[1, L]``; optional ``attention_mask``, ``labels`` alike, of its length);
-    raw rows (with ``question`` / ``response`` but no ``input_ids``) are tokenized with
-    :func:`tokenize_example` when ``tokenizer`` and ``max_length`` are set.
+    ``[L]`` or ``[1, L]``; optional ``attention_mask`` with a 1 somewhere and ``labels``
+    alike, of its length); raw rows (with ``question`` / ``response`` but no
+    ``input_ids``) are tokenized with :func:`tokenize_example` when ``tokenizer`` and
+    ``max_length`` are set.
 
     Args:
         tokenizer: gives ``pad_token_id`` (and tokenizes raw rows); or pass ``pad_token_id``.
@@ -1002,6 +1003,9 @@ class CausalLMCollator:
                 if len(value) != n:
                     raise ValueError(f"features: feature {b} has {n} input_ids but "
                                      f"{len(value)} {key}")
+                if key == "attention_mask" and not value.any():  # nothing to train on
+                    raise ValueError(f"features: feature {b} has no real token "
+                                     f"(attention_mask all 0)")
                 target[b, :n] = value
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.return_task_ids:
