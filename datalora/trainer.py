@@ -44,6 +44,7 @@ from datalora.checkpoints import check_resumable, last_complete_checkpoint, save
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
+from datalora.data import check_task_names
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 from datalora.module_modes import eval_mode
@@ -174,10 +175,11 @@ class DATALORATrainer(Trainer):
             (``curriculum_mode="steps"``) or epochs (``"epochs"``: each phase a third of the
             run's epochs, one epoch each with ``num_train_epochs=3`` as the card).
         curriculum_mode: ``"steps"`` or ``"epochs"``.
-        task_names: names of the ``task_ids`` values in batches (per-task expert load);
-            default: the data collator's ``tasks`` when it has them, after appending (sorted)
-            the names of the ``task`` column of the train / eval datasets it lacks (a list of
-            rows or a ``datasets.Dataset``), so every rank numbers the tasks alike.
+        task_names: names (a list or tuple of strings) of the ``task_ids`` values in
+            batches (per-task expert load); default: the data collator's ``tasks`` when it
+            has them, after appending (sorted) the names of the ``task`` column of the
+            train / eval datasets it lacks (a list of rows or a ``datasets.Dataset``), so
+            every rank numbers the tasks alike.
         calibrate_batches: training batches used to calibrate the keep threshold at the
             end of training (0: skip).
 
@@ -210,6 +212,8 @@ class DATALORATrainer(Trainer):
         if task_names is None:
             _complete_collator_tasks(self.data_collator, self.train_dataset, self.eval_dataset)
             task_names = getattr(self.data_collator, "tasks", None)
+        else:  # "abc" was split into its letters, 5 failed as not iterable
+            task_names = check_task_names("task_names", task_names)
         self.task_names = list(task_names) if task_names is not None else None
         # a negative count silently skipped the calibration
         self.calibrate_batches = check_int("calibrate_batches", calibrate_batches, low=0)

@@ -787,6 +787,23 @@ def test_task_names_default_to_the_collators_tasks(tmp_path):
     assert trainer.task_names == ["a", "b", "c", "d"]
 
 
+@pytest.mark.parametrize("task_names, match", [
+    ("abc", r"^task_names: expected a sequence of task names, got the string 'abc'$"),
+    (5, r"^task_names: expected a sequence of task names, got int$"),
+    (["a", 1], r"^task_names: expected a sequence of task names, got \['a', 1\]$"),
+])
+def test_task_names_must_be_a_list_of_names(tmp_path, task_names, match):
+    """``task_names="abc"`` was taken as ``['a', 'b', 'c']`` (the per-task expert load
+    logged under letters); ``5`` failed with "'int' object is not iterable"."""
+    model = tiny_datalora()
+    args = make_trainer(tmp_path, model, steps=1).args
+    with pytest.raises(TypeError, match=match):
+        DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                        data_collator=collate, task_names=task_names)
+    trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                              data_collator=collate, task_names=("a", "b"))
+    assert trainer.task_names == ["a", "b"]
+
 def test_trainer_trains_a_bitsandbytes_4bit_base(tmp_path):
     """A QLoRA-style load (from_pretrained with BitsAndBytesConfig): transformers' Trainer
     refused the quantized model as one "without adapters"."""
