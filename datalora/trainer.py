@@ -32,7 +32,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -679,6 +679,9 @@ class DATALORATrainer(Trainer):
             raise ValueError("model: has no trainable parameters (DATALORAModel.from_pretrained "
                              "loads an adapter frozen for inference; pass is_trainable=True "
                              "to train it further)")
+        if isinstance(self.train_dataset, Sized) and len(self.train_dataset) == 0:
+            # failed in torch's sampler: "num_samples should be a positive integer value"
+            raise ValueError("train_dataset: empty (0 rows), nothing to train on")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = str(last_complete_checkpoint(self.args.output_dir))
         if resume_from_checkpoint:

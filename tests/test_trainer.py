@@ -804,6 +804,23 @@ def test_task_names_must_be_a_list_of_names(tmp_path, task_names, match):
                               data_collator=collate, task_names=("a", "b"))
     assert trainer.task_names == ["a", "b"]
 
+def test_an_empty_train_dataset_is_refused_by_name(tmp_path):
+    """``train_dataset=[]`` failed in torch's sampler ("num_samples should be a positive
+    integer value, but got num_samples=0"); a dataset without a length still trains."""
+    trainer = make_trainer(tmp_path, tiny_datalora(), steps=1, calibrate_batches=0)
+    trainer.train_dataset = []
+    with pytest.raises(ValueError, match=r"^train_dataset: empty \(0 rows\), nothing to "
+                                         r"train on$"):
+        trainer.train()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(PatternData().rows)
+
+    trainer.train_dataset = Stream()
+    trainer.train()
+    assert trainer.state.global_step == 1
+
 def test_trainer_trains_a_bitsandbytes_4bit_base(tmp_path):
     """A QLoRA-style load (from_pretrained with BitsAndBytesConfig): transformers' Trainer
     refused the quantized model as one "without adapters"."""
