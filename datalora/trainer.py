@@ -220,6 +220,7 @@ class DATALORATrainer(Trainer):
         self.datalora_history: list[dict[str, Any]] = []
         self._resume_curriculum: dict[str, Any] | None = None
         self._run_checkpoint: str | None = None  # what train() resumes from
+        self._mask_checked = False  # the first training batch's attention_mask (compute_loss)
         self._filled_curriculum_fields: list[str] = []  # of a curriculum the user passed
         self._applied = None
         self._reset_metrics()
@@ -328,6 +329,16 @@ class DATALORATrainer(Trainer):
             raise ValueError("inputs: DATALORATrainer needs 'labels' in every training batch "
                              "(datalora.data.CausalLMCollator adds them; with the Trainer's "
                              "default collator pass a 'labels' column)")
+        mask = inputs.get("attention_mask")
+        if model.training and not self._mask_checked and mask is not None and mask.dim() == 2:
+            # once per run, not a host sync per step (CausalLMCollator checks every row):
+            # data whose masks were all 0 trained the run with no token for the saliency
+            # network and failed at its end ("no valid token scores to calibrate on")
+            self._mask_checked = True
+            empty = ~mask.bool().any(-1)  # [B]
+            if empty.any():
+                raise ValueError(f"inputs: row {int(empty.nonzero()[0])} of the first "
+                                 f"training batch has no real token (attention_mask all 0)")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         dl = self.datalora_model
@@ -651,6 +662,7 @@ class DATALORATrainer(Trainer):
                 setattr(self.curriculum, name, None)
         self._filled_curriculum_fields = []
         self._applied = None
+        self._mask_checked = False
         self._reset_metrics()
         history = self._saved_json(checkpoint, HISTORY_NAME)
         self.datalora_history = list(history or [])

@@ -1094,6 +1094,20 @@ def test_a_batch_without_targets_leaves_the_logged_lm_loss_finite(tmp_path):
     assert all(math.isfinite(r["lm_loss"]) for r in trainer.datalora_history)
 
 
+def test_a_first_batch_row_without_a_real_token_is_refused(tmp_path):
+    """Rows whose attention_mask is all 0 (from a collator other than CausalLMCollator,
+    which refuses them) trained the whole run with no token for the saliency network, then
+    failed at the end: "scores: no valid token scores to calibrate on". The first training
+    batch is checked (once per run: no host sync per step)."""
+    data = PatternData(n=8)
+    for row in data.rows:
+        row["attention_mask"] = torch.zeros_like(row["attention_mask"])
+    trainer = _lm_only_trainer(tmp_path, tiny_datalora(), data, max_steps=2)
+    with pytest.raises(ValueError, match=r"^inputs: row 0 of the first training batch has no "
+                                         r"real token \(attention_mask all 0\)$"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
 def test_a_frozen_reloaded_model_is_refused_before_training(tmp_path):
     """from_pretrained loads frozen (inference) by default: train() failed inside backward
     ("element 0 of tensors does not require grad"); it names is_trainable now."""
