@@ -1332,8 +1332,10 @@ def test_forward_names_bad_input_ids_masks_and_weights(adapter_dirs):
     x = ids()
     empty_row = torch.ones_like(x)
     empty_row[1] = 0
-    cases = [(dict(input_ids=x[0]), ValueError, r"input_ids: expected shape \[B, L >= 1\]"),
+    cases = [(dict(input_ids=x[0]), ValueError,
+              r"input_ids: expected shape \[B >= 1, L >= 1\]"),
              (dict(input_ids=x[:, :0]), ValueError, "input_ids: expected shape"),
+             (dict(input_ids=x[:0]), ValueError, "input_ids: expected shape"),  # was reshape
              (dict(input_ids=x.float()), TypeError, "input_ids: expected an integer"),
              (dict(input_ids=x, attention_mask=empty_row), ValueError,
               r"attention_mask: rows \[1\] have no token"),
@@ -1346,6 +1348,32 @@ def test_forward_names_bad_input_ids_masks_and_weights(adapter_dirs):
             mixer(**kwargs)
     with pytest.raises(ValueError, match="attention_mask: rows"):
         mixer.routing_for(x, empty_row)
+
+
+def test_token_ids_the_model_cannot_embed_are_named(adapter_dirs):
+    """Ids outside the model's vocabulary (a tokenizer of a bigger vocabulary, shifted ids)
+    used to fail inside F.embedding as "IndexError: index out of range in self", from
+    fit_centroids, forward and generate alike."""
+    from datalora.testing import build_tokenizer
+
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    with pytest.raises(ValueError, match=r"^tokenizer: produced token id \d+ >= the model's "
+                                         r"vocabulary size 300 \(a tokenizer of another "
+                                         r"model\?\)"):
+        mixer.fit_centroids([["the quick brown fox"], ["zebra"], ["x"]], build_tokenizer())
+    x = ids()
+    negative = x.clone()
+    negative[1, 3] = -1
+    for bad, got in ((x + 1000, f"max {int(x.max()) + 1000}"), (negative, "min -1")):
+        match = rf"^input_ids: expected ids in \[0, 300\), got {got}$"
+        for kwargs in ({}, {"attention_mask": torch.ones_like(x)},
+                       {"weights": torch.tensor([1.0, 0.0, 0.0])}):
+            with pytest.raises(ValueError, match=match):
+                mixer(bad, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            mixer.generate(bad.reshape(1, -1), 2)
+    mixer(x, attention_mask=torch.ones_like(x))  # the largest id, 299, is fine
+    mixer.generate(torch.tensor([[0, 299]]), 2)
 
 
 def test_an_unreadable_adapter_config_names_its_file(adapter_dirs, tmp_path):

@@ -44,31 +44,47 @@ MIXER_WEIGHTS = "tle_mixer.safetensors"
 _SAVED_KEYS = frozenset({"names", "tau", "mode", "every_n", "top_k", "modules", "embedder"})
 
 
-def _check_batch(input_ids: Any, attention_mask: Any) -> None:
-    """``input_ids [B, L >= 1]`` integer, ``attention_mask`` None or ``[B, L]`` with a real
-    token in every row; a ValueError / TypeError naming the argument otherwise."""
+def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> None:
+    """``input_ids [B >= 1, L >= 1]`` integer ids in ``[0, vocab_size)``, ``attention_mask`` None
+    or ``[B, L]`` with a real token in every row; a ValueError / TypeError naming the
+    argument otherwise."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() \
             or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids: expected an integer tensor, got "
                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids: expected shape [B, L >= 1], got {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor) \
-            or attention_mask.shape != input_ids.shape:
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids: expected shape [B >= 1, L >= 1], got "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
-    # both facts in one transfer to the host: values other than 0 / 1, rows without a token
-    other_values, *no_token = torch.cat([
-        ((attention_mask != 0) & (attention_mask != 1)).any().view(1),
-        attention_mask.sum(1) == 0]).tolist()
+    # every value fact in one transfer to the host (one sync per forward on a GPU): the
+    # ids' range, the mask's values other than 0 / 1 and its rows without a token
+    facts = [input_ids.min().view(1), input_ids.max().view(1)]
+    if attention_mask is not None:
+        facts += [((attention_mask != 0) & (attention_mask != 1)).any().view(1),
+                  attention_mask.sum(1) == 0]
+    low, high, *mask_facts = torch.cat([f.to(input_ids.device, torch.long)
+                                        for f in facts]).tolist()
+    _check_id_range(low, high, vocab_size)
+    if attention_mask is None:
+        return
+    other_values, *no_token = mask_facts
     if other_values:
         raise ValueError("attention_mask: expected 0 / 1 values (any dtype: bool, int or "
                          "float), got others")
     empty = [row for row, none in enumerate(no_token) if none]
     if empty:
         raise ValueError(f"attention_mask: rows {empty} have no token (all padding)")
+
+
+def _check_id_range(low: int, high: int, vocab_size: int) -> None:
+    """ValueError unless the smallest / largest id ``low`` / ``high`` are in ``[0,
+    vocab_size)`` (F.embedding would raise "IndexError: index out of range in self")."""
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids: expected ids in [0, {vocab_size}), got "
+                         + (f"min {low}" if low < 0 else f"max {high}"))
 
 
 def _check_right_padding(attention_mask: torch.Tensor) -> None:
@@ -283,6 +299,11 @@ class TokenLevelAdapterMixer(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def _vocab_size(self) -> int:
+        """Token ids the base model embeds (ids from 0 to this - 1)."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def mix_layers(self) -> Iterator[AdapterMixLinear]:
         return (m for m in self.model.modules() if isinstance(m, AdapterMixLinear))
 
@@ -394,6 +415,10 @@ class TokenLevelAdapterMixer(nn.Module):
         if empty:  # no BOS added: an empty text has no token, so no context embedding
             raise ValueError(f"texts: {texts[empty[0]]!r} encodes to no token (the tokenizer "
                              f"adds no BOS); every example text needs at least one token")
+        high = int(batch["input_ids"].max())
+        if high >= self._vocab_size:  # F.embedding: "IndexError: index out of range"
+            raise ValueError(f"tokenizer: produced token id {high} >= the model's vocabulary "
+                             f"size {self._vocab_size} (a tokenizer of another model?)")
         if not every_position:
             last = (mask.sum(1) - 1).reshape(-1, 1)
             return embedder.prefix_embeddings(self, batch["input_ids"], mask, last)[:, 0]
@@ -406,7 +431,7 @@ class TokenLevelAdapterMixer(nn.Module):
                     prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, N]`` weights of every position under the current mode (right padding:
         a row's prompt ends at its last real token at the latest)."""
-        _check_batch(input_ids, attention_mask)
+        _check_batch(input_ids, attention_mask, self._vocab_size)
         B, L = input_ids.shape
         if attention_mask is not None:
             _check_right_padding(attention_mask)
@@ -445,7 +470,7 @@ class TokenLevelAdapterMixer(nn.Module):
         Returns:
             The model's output (``logits [B, L, V]``, ``loss``).
         """
-        _check_batch(input_ids, attention_mask)
+        _check_batch(input_ids, attention_mask, self._vocab_size)
         B, L = input_ids.shape
         if weights is None and self._slot.weights is not None:
             weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
@@ -555,11 +580,13 @@ class TokenLevelAdapterMixer(nn.Module):
         stop = self._stop_ids(eos_token_id)
         ids = input_ids.to(self.device)
         P = ids.shape[1]
+        tokens = ids[0].tolist()  # the prompt's range checked on the host, once per call
+        _check_id_range(min(tokens), max(tokens), self._vocab_size)
         fixed = self._slot.weights  # set by fixed_weights(): no routing
         previous = fixed
         if fixed is None:
             stream = self.embedder.stream(self)
-            stream.extend(ids[0].tolist())
+            stream.extend(tokens)
             w = self.weights_for(stream.embedding())
             recomputes = 1
         else:
@@ -567,7 +594,6 @@ class TokenLevelAdapterMixer(nn.Module):
         cache = DynamicCache()
         self._slot.set(w)
         steps_logits, steps_weights = [], []
-        tokens = ids[0].tolist()
         try:
             out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(self.model, cache))
             for i in range(max_new_tokens):
