@@ -515,8 +515,8 @@ def test_save_load_round_trip(adapter_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"model: not the base model .* \(its adapters: module "
                                          r"'.*' is \[\d+, 32\] in the model but \[\d+, 64\]"):
         # (an embedder of unknown width: the centroids pass, the adapters' shapes do not)
-        TokenLevelAdapterMixer.from_pretrained(narrow, tmp_path / "mixer",
-                                               embedder=SimpleNamespace())
+        unknown = SimpleNamespace(prefix_embeddings=print, stream=print)
+        TokenLevelAdapterMixer.from_pretrained(narrow, tmp_path / "mixer", embedder=unknown)
     # a missing module is not blamed on the base (e.g. a wrapped model's prefixed names)
     with pytest.raises(ValueError, match=r"^adapters: module '.*' is not in the model"):
         TokenLevelAdapterMixer.from_pretrained(build_tiny_model(seed=0, **{
@@ -1445,6 +1445,17 @@ def test_fit_centroids_shows_progress_when_asked(adapter_dirs, capsys):
     loud = mixer.fit_centroids(groups, tok, batch_size=2, progress=True)
     assert "centroids" in capsys.readouterr().err
     assert torch.equal(quiet, loud)
+
+
+def test_an_embedder_that_is_not_one_is_refused_at_construction(adapter_dirs):
+    """``embedder="minilm"`` used to be accepted, and fit_centroids then failed with
+    "AttributeError: 'str' object has no attribute 'prefix_embeddings'"."""
+    for bad in ("minilm", SimpleNamespace(prefix_embeddings=print)):
+        with pytest.raises(TypeError, match=r"^embedder: expected a HiddenStateEmbedder, a "
+                                            r"SentenceEmbedder or an object with their "
+                                            r"prefix_embeddings\(\) and stream\(\) methods, "
+                                            rf"got {type(bad).__name__}$"):
+            TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=bad)
 
 
 def test_names_as_one_string_is_refused(adapter_dirs):

@@ -200,6 +200,11 @@ class TokenLevelAdapterMixer(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if embedder is not None and not all(callable(getattr(embedder, method, None))
+                                            for method in ("prefix_embeddings", "stream")):
+            raise TypeError(f"embedder: expected a HiddenStateEmbedder, a SentenceEmbedder or "
+                            f"an object with their prefix_embeddings() and stream() methods, "
+                            f"got {type(embedder).__name__}")
         if isinstance(names, (str, bytes)):  # list("abc") would name three adapters
             raise TypeError(f"names: expected a sequence of adapter names, got the string "
                             f"{names!r}")
