@@ -1458,6 +1458,37 @@ def test_an_embedder_that_is_not_one_is_refused_at_construction(adapter_dirs):
             TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=bad)
 
 
+def test_malformed_arguments_of_the_mixer_are_named(adapter_dirs, tmp_path):
+    """Each used to fail without naming its argument: adapters=None as "object of type
+    'NoneType' has no len()", names=[1, 2] was accepted, fixed_weights("ab") as torch's
+    "new(): invalid data type 'str'", fit_centroids(..., None) as "'NoneType' object is
+    not callable", labels of another shape as transformers' batch-size mismatch, and
+    save_pretrained onto a file as a bare FileExistsError."""
+    with pytest.raises(TypeError, match=r"^adapters: expected a sequence of adapter "
+                                        r"folders or LoRAAdapter objects, or a packed "
+                                        r"mapping, got NoneType$"):
+        TokenLevelAdapterMixer(small_model(), None)
+    with pytest.raises(TypeError, match=r"^names: expected adapter names \(strings\), got "
+                                        r"\[1, 2, 3\]$"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, names=[1, 2, 3])
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    for bad in ("ab", ["a", "b", "c"], None):
+        with pytest.raises(TypeError, match=r"^weights: expected 3 numbers \(a sequence or a "
+                                            r"tensor\), got "), mixer.fixed_weights(bad):
+            pass
+    with pytest.raises(TypeError, match=r"^tokenizer: expected the model's tokenizer \(a "
+                                        r"callable transformers tokenizer\), got NoneType$"):
+        mixer.fit_centroids([["a"], ["b"], ["c"]], None)
+    x = ids()
+    for labels, got in ((x[:1], r"\(1, 7\)"), (x[:, :3], r"\(2, 3\)"), (x.tolist(), "list")):
+        with pytest.raises(ValueError, match=rf"^labels: expected shape \(2, 7\) \(that of "
+                                             rf"input_ids\), got {got}$"):
+            mixer(x, labels=labels)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"^directory: .*file is a file, expected a folder"):
+        mixer.save_pretrained(tmp_path / "file")
+
+
 def test_names_as_one_string_is_refused(adapter_dirs):
     with pytest.raises(TypeError, match="names: expected a sequence of adapter names"):
         TokenLevelAdapterMixer(small_model(), adapter_dirs, names="abc")

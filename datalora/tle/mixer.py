@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from datalora.checks import check_int, check_number
+from datalora.cli import check_output_folder
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
 from datalora.io import (
@@ -213,6 +214,10 @@ class TokenLevelAdapterMixer(nn.Module):
             if names is None:
                 raise ValueError("names: required when adapters is a packed mapping")
         else:
+            if not isinstance(adapters, (str, Path, Sequence)):
+                raise TypeError(f"adapters: expected a sequence of adapter folders or "
+                                f"LoRAAdapter objects, or a packed mapping, got "
+                                f"{type(adapters).__name__}")
             if isinstance(adapters, (str, Path)) or not len(adapters):
                 raise ValueError("adapters: expected a non-empty sequence of adapter folders")
             loaded = [a if isinstance(a, LoRAAdapter) else load_peft_adapter(a)
@@ -238,6 +243,8 @@ class TokenLevelAdapterMixer(nn.Module):
             packed = pack_adapters(loaded)
             self.adapter_paths = [a.path for a in loaded]
         names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names: expected adapter names (strings), got {names}")
         N = _check_packed(packed)
         if len(names) != N or len(set(names)) != N:
             raise ValueError(f"names: expected {N} distinct names, got {names}")
@@ -322,7 +329,11 @@ class TokenLevelAdapterMixer(nn.Module):
     @contextmanager
     def fixed_weights(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
         """Every token of every forward inside the block mixes with ``weights [N]``."""
-        w = torch.as_tensor(weights, dtype=torch.float32, device=self.device).reshape(-1)
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float32, device=self.device).reshape(-1)
+        except (TypeError, ValueError):  # e.g. a string: "new(): invalid data type 'str'"
+            raise TypeError(f"weights: expected {self.num_adapters} numbers (a sequence or a "
+                            f"tensor), got {weights!r}") from None
         if w.numel() != self.num_adapters or not torch.isfinite(w).all():
             raise ValueError(f"weights: expected {self.num_adapters} finite values, got "
                              f"{w.tolist()}")
@@ -410,6 +421,9 @@ class TokenLevelAdapterMixer(nn.Module):
         recency): ``[n, D]`` at each text's last token, or with ``every_position``
         ``[n_tokens, D]`` at every token of every text (padding dropped)."""
         embedder = self.embedder if embedder is None else embedder
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer: expected the model's tokenizer (a callable "
+                            f"transformers tokenizer), got {type(tokenizer).__name__}")
         # right padding: the last token of text i is at mask.sum(1) - 1 (and positions
         # start at 0), whatever the tokenizer's padding_side; encoded as prompts are for
         # generation (without an EOS the tokenizer appends to every text)
@@ -477,6 +491,12 @@ class TokenLevelAdapterMixer(nn.Module):
         """
         _check_batch(input_ids, attention_mask, self._vocab_size)
         B, L = input_ids.shape
+        if labels is not None and (not isinstance(labels, torch.Tensor)
+                                   or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) \
+                else type(labels).__name__
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of "
+                             f"input_ids), got {got}")
         if weights is None and self._slot.weights is not None:
             weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
         past = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -662,6 +682,7 @@ class TokenLevelAdapterMixer(nn.Module):
     # ---- save / load
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes the padded experts, centroids and settings (self-contained)."""
+        check_output_folder("directory", directory)
         directory = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
         for module, layer in zip(self.modules_mixed, self._layers_by_name(), strict=True):
