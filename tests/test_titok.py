@@ -1089,3 +1089,41 @@ def test_a_truncated_source_adapter_is_named_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match=r"source_adapter: .*adapter_model.safetensors is not "
                                          r"a readable safetensors file"):
         check_adapter_folder(tmp_path)
+
+
+class _NoWork(nn.Module):
+    """A source whose every pass fails: the arguments must be refused before one runs."""
+
+    def disable_adapter(self):
+        raise AssertionError("scored before the arguments were checked")
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("ran before the arguments were checked")
+
+
+def test_malformed_rows_examples_and_scored_samples_are_named(tok):
+    """A row without a response failed as ``KeyError: 'response'`` (contrastive_excess), an
+    example without labels as ``KeyError: 'labels'`` (train_masked), a dict where a
+    ScoredSample belongs as an AttributeError and a sample with one score fewer than its
+    offsets as ``src_scores: expected 4 scores`` (build_masked_examples), naming no row."""
+    with pytest.raises(ValueError, match=r"^rows: row 1 has no 'response' column$"):
+        contrastive_excess(_NoWork(), tok, [ROW, {"question": "a"}])
+    with pytest.raises(TypeError, match=r"^rows: expected a list of rows \(dicts\), got str$"):
+        contrastive_excess(_NoWork(), tok, "abc")
+    with pytest.raises(TypeError, match=r"^rows: row 0 is a str, expected a dict$"):
+        contrastive_excess(_NoWork(), tok, ["abc"])
+    with pytest.raises(ValueError, match=r"^examples: example 0 has no 'labels' column$"):
+        train_masked(_NoWork(), tok, [{"input_ids": [1, 2]}], steps=1)
+    with pytest.raises(TypeError, match=r"^scored: expected ScoredSample objects \(from "
+                                        r"contrastive_excess\), got dict$"):
+        build_masked_examples([{"row": {}}], tok)
+    offsets = response_offsets(tok, ROW["response"], format_prompt(ROW))
+    n = len(offsets)
+    good = ScoredSample(row=ROW, offsets=offsets, logp_lora=torch.zeros(n),
+                        logp_base=torch.zeros(n))
+    short = replace(good, logp_lora=torch.zeros(n - 1), logp_base=torch.zeros(n - 1))
+    with pytest.raises(ValueError, match=rf"^scored\[1\]: expected logp_lora and logp_base of "
+                                         rf"shape \[{n}\] \(one score per offset\), got "
+                                         rf"\({n - 1},\) and \({n - 1},\)$"):
+        build_masked_examples([good, short], tok)
+    assert build_masked_examples([good, good], tok, sample_keep=1.0)[0]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,20 @@ from datalora.checks import check_number
 
 def check_fraction(name: str, value: float) -> None:
     check_number(name, value, low=0, low_inclusive=False, high=1)
+
+
+def check_rows(name: str, rows: Any, *columns: str, item: str = "row") -> None:
+    """TypeError unless ``rows`` is a sequence (not a string) of dicts, ValueError naming the
+    first without one of ``columns``: ``"{name}: {item} {i} has no {column!r} column"``."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise TypeError(f"{name}: expected a list of {item}s (dicts), got "
+                        f"{type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"{name}: {item} {i} is a {type(row).__name__}, expected a dict")
+        for column in columns:
+            if column not in row:
+                raise ValueError(f"{name}: {item} {i} has no {column!r} column")
 
 
 def model_device(model: nn.Module) -> torch.device:

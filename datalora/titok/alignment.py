@@ -169,6 +169,15 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
+    for i, sample in enumerate(scored):
+        if not isinstance(sample, ScoredSample):
+            raise TypeError(f"scored: expected ScoredSample objects (from contrastive_excess), "
+                            f"got {type(sample).__name__}")
+        n = len(sample.offsets)
+        shapes = [tuple(getattr(t, "shape", ())) for t in (sample.logp_lora, sample.logp_base)]
+        if shapes != [(n,), (n,)]:
+            raise ValueError(f"scored[{i}]: expected logp_lora and logp_base of shape [{n}] "
+                             f"(one score per offset), got {shapes[0]} and {shapes[1]}")
     usable = [i for i, s in enumerate(scored) if s.row["response"].strip() or not drop_empty]
     ranked = select_samples([scored[i].mean_excess for i in usable], sample_keep)
     kept = [usable[j] for j in ranked]

@@ -25,7 +25,7 @@ from datalora.data import (
 )
 from datalora.layers import MoLoRALinear, adapters_off
 from datalora.module_modes import eval_mode
-from datalora.titok._util import model_device
+from datalora.titok._util import check_rows, model_device
 from datalora.tle.adapters import BASE_CHANGING_INITS
 
 
@@ -234,6 +234,7 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
         _check_can_disable(lora_model)
     else:
         _check_separate_base(lora_model, base_model)
+    check_rows("rows", rows, "response")
     if rows:
         response_offsets(tokenizer, rows[0]["response"])  # fail before the forward passes
     lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,

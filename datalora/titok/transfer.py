@@ -14,7 +14,7 @@ from datalora.data import (
     CausalLMCollator,
 )
 from datalora.finetune import optimisation_steps
-from datalora.titok._util import check_fraction, model_device, seeded
+from datalora.titok._util import check_fraction, check_rows, model_device, seeded
 from datalora.titok.alignment import build_masked_examples
 from datalora.titok.excess import (
     ScoredSample,
@@ -34,6 +34,7 @@ def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, 
     Returns:
         The loss of every step.
     """
+    check_rows("examples", examples, "input_ids", "labels", item="example")
     if not examples:
         raise ValueError("examples: expected at least one training example, got none")
     unlabelled = [i for i, ex in enumerate(examples)
