@@ -1094,11 +1094,17 @@ def test_a_truncated_source_adapter_is_named_before_any_model_loads(tmp_path):
 class _NoWork(nn.Module):
     """A source whose every pass fails: the arguments must be refused before one runs."""
 
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
     def disable_adapter(self):
         raise AssertionError("scored before the arguments were checked")
 
     def forward(self, *args, **kwargs):
         raise AssertionError("ran before the arguments were checked")
+
+    generate = forward
 
 
 def test_malformed_rows_examples_and_scored_samples_are_named(tok):
@@ -1127,3 +1133,40 @@ def test_malformed_rows_examples_and_scored_samples_are_named(tok):
                                          rf"\({n - 1},\) and \({n - 1},\)$"):
         build_masked_examples([good, short], tok)
     assert build_masked_examples([good, good], tok, sample_keep=1.0)[0]
+
+
+def test_generation_settings_seed_and_drop_empty_are_checked_before_any_work(tok):
+    """top_p=2.0 used to run, temperature="0.7" failed as "'>' not supported between
+    'str' and 'int'", seed_rows="abc" as "example: missing column 'question', found ['a']",
+    seed="x" as "invalid literal for int()", and drop_empty="no" read as True."""
+    from datalora.titok import titok_transfer
+
+    cases = [(dict(top_p=2.0), ValueError, r"top_p: expected a finite number in \(0, 1\], "
+                                           r"got 2.0"),
+             (dict(top_p=0.0), ValueError, "top_p: expected"),
+             (dict(temperature="0.7"), ValueError,
+              "temperature: expected a finite number > 0, got '0.7'"),
+             (dict(temperature=0.0), ValueError, "temperature: expected"),
+             (dict(do_sample="no"), TypeError, "do_sample: expected a bool, got 'no'"),
+             (dict(samples_per_prompt=0), ValueError, "samples_per_prompt: expected"),
+             (dict(max_new_tokens=0), ValueError, "max_new_tokens: expected"),
+             (dict(seed="x"), ValueError, "seed: expected an int, got 'x'"),
+             (dict(seed_rows="abc"), TypeError,
+              r"seed_rows: expected a list of rows \(dicts\), got str"),
+             (dict(seed_rows=[{"q": "a"}]), ValueError,
+              "seed_rows: row 0 has no 'question' column")]
+    for kwargs, error, match in cases:
+        seed_rows = kwargs.pop("seed_rows", [ROW])
+        with pytest.raises(error, match=f"^{match}"):
+            generate_synthetic(_NoWork(), tok, seed_rows, progress=False, **kwargs)
+        with pytest.raises(error, match=f"^{match}"):
+            titok_transfer(_NoWork(), tok, _small(), tok, seed_rows, target_modules=["q_proj"],
+                           progress=False, **kwargs)
+    with pytest.raises(TypeError, match="^drop_empty: expected a bool, got 'no'$"):
+        titok_transfer(_NoWork(), tok, _small(), tok, [ROW], drop_empty="no", progress=False)
+    with pytest.raises(TypeError, match="^drop_empty: expected a bool, got 'no'$"):
+        build_masked_examples([], tok, drop_empty="no")
+    # greedy decoding reads neither: a temperature of 0 is not refused there
+    with pytest.raises(AssertionError, match="ran before"):
+        generate_synthetic(_NoWork(), tok, [ROW], do_sample=False, temperature=0.0,
+                           top_p=2.0, progress=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from datalora.checks import check_bool
 from datalora.data import (
     IGNORE_INDEX,
     format_prompt,
@@ -169,6 +170,7 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
+    check_bool("drop_empty", drop_empty)
     for i, sample in enumerate(scored):
         if not isinstance(sample, ScoredSample):
             raise TypeError(f"scored: expected ScoredSample objects (from contrastive_excess), "

@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from datalora.checks import check_int
+from datalora.checks import check_bool, check_int, check_number
 from datalora.data import (
     format_prompt,
     prompt_inputs,
 )
 from datalora.module_modes import eval_mode
-from datalora.titok._util import model_device, seeded
+from datalora.titok._util import check_rows, model_device, seeded
 
 
 def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
@@ -37,6 +37,20 @@ def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
         if not shorter.endswith("\ufffd"):
             return shorter
     return text
+
+
+def check_generation(seed_rows: Any, samples_per_prompt: Any, max_new_tokens: Any,
+                     do_sample: Any, temperature: Any, top_p: Any) -> None:
+    """The generation arguments of :func:`generate_synthetic` (``temperature`` and ``top_p``
+    only when sampling); a ValueError / TypeError naming the first bad one."""
+    check_rows("seed_rows", seed_rows, "question")
+    if not seed_rows:
+        raise ValueError("seed_rows: expected at least one seed prompt, got none")
+    check_int("samples_per_prompt", samples_per_prompt, low=1)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    if check_bool("do_sample", do_sample):
+        check_number("temperature", temperature, low=0, low_inclusive=False)
+        check_number("top_p", top_p, low=0, low_inclusive=False, high=1)
 
 
 @torch.no_grad()
@@ -63,12 +77,10 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
         rather than decoded to U+FFFD), with ``samples_per_prompt * len(seed_rows)``
         rows.
     """
-    if not seed_rows:
-        raise ValueError("seed_rows: expected at least one seed prompt, got none")
-    samples_per_prompt = check_int("samples_per_prompt", samples_per_prompt, low=1)
+    check_generation(seed_rows, samples_per_prompt, max_new_tokens, do_sample, temperature,
+                     top_p)
     batch_size = check_int("batch_size", batch_size, low=1)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    seed = check_int("seed", seed)
     device = model_device(model)
     jobs = [row for row in seed_rows for _ in range(samples_per_prompt)]
     out: list[dict[str, str]] = []

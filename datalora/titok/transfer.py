@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from datalora.checks import check_int, check_number
+from datalora.checks import check_bool, check_int, check_number
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -23,7 +23,7 @@ from datalora.titok.excess import (
     contrastive_excess,
     response_offsets,
 )
-from datalora.titok.synthetic import generate_synthetic
+from datalora.titok.synthetic import check_generation, generate_synthetic
 
 
 def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], *,
@@ -141,9 +141,10 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     order and dropout (torch's RNG inside the call; the caller's RNG state is restored
     after): the same seed gives the same adapter whatever ran before.
 
-    Arguments are checked (keep fractions, adapter, target modules, ``reduce``, lengths,
-    training settings, the tokenizers' character offsets) before any generation or
-    scoring.
+    Arguments are checked (keep fractions, ``drop_empty``, ``seed``, the seed rows and
+    generation settings unless ``synthetic`` is given, adapter, target modules,
+    ``reduce``, lengths, training settings, the tokenizers' character offsets) before any
+    generation or scoring.
 
     Returns:
         ``(target with the new adapter, report)``; ``report`` holds the synthetic rows,
@@ -153,6 +154,11 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
+    check_bool("drop_empty", drop_empty)
+    check_int("seed", seed)
+    if synthetic is None:
+        check_generation(seed_rows, samples_per_prompt, max_new_tokens, do_sample,
+                         temperature, top_p)
     # one name as a str (list("q_proj") would target the modules "q", "_", "p", ...)
     target_modules = [target_modules] if isinstance(target_modules, str) \
         else list(target_modules)
