@@ -159,6 +159,26 @@ def test_align_refuses_scores_that_are_not_one_per_span():
         align_token_scores([(0, 3), (3, 4)], torch.tensor([[1.0, 2.0]]), [(0, 3)])
 
 
+def test_align_refuses_spans_that_are_not_start_end_pairs():
+    """``[0, 1]`` (ints, not spans) failed as "'int' object is not iterable", and a reversed
+    span ``(5, 2)`` silently scored NaN; both name the argument and the span now."""
+    one = torch.tensor([1.0])
+    cases = [(([0, 1], torch.tensor([1.0, 2.0]), [(0, 1)]), TypeError,
+              r"^src_offsets: span 0 is 0, expected a \(start, end\) pair of ints$"),
+             (([(0, 2.5)], one, [(0, 2)]), TypeError, r"^src_offsets: span 0 is \(0, 2.5\)"),
+             ((None, one, [(0, 2)]), TypeError,
+              r"^src_offsets: expected a sequence of \(start, end\) spans, got NoneType$"),
+             (([(5, 2)], one, [(0, 5)]), ValueError,
+              r"^src_offsets: span 0 is \(5, 2\), expected 0 <= start <= end$"),
+             (([(0, 2)], one, [(0, 1), (-1, 1)]), ValueError, r"^tgt_offsets: span 1 is")]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            align_token_scores(*args)
+    # a [n, 2] tensor of spans is read as the pairs it holds
+    spans = torch.tensor([[0, 2], [2, 4]])
+    assert align_token_scores(spans, torch.tensor([1.0, 2.0]), [(0, 4)]).tolist() == [2.0]
+
+
 def test_align_hand_case():
     src = [(0, 2), (2, 5), (5, 6), (6, 6)]
     scores = torch.tensor([1.0, 3.0, 2.0, -4.0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,27 @@ def tile_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _check_spans(name: str, offsets: Any) -> list[tuple[int, int]]:
+    """``offsets`` as ``(start, end)`` int pairs with ``0 <= start <= end``; a TypeError /
+    ValueError naming ``name`` and the first span that is not one."""
+    try:
+        spans = list(offsets)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of (start, end) spans, got "
+                        f"{type(offsets).__name__}") from None
+    out = []
+    for i, span in enumerate(spans):
+        try:
+            start, end = (operator.index(v) for v in span)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: span {i} is {span!r}, expected a (start, end) pair of "
+                            f"ints") from None
+        if not 0 <= start <= end:
+            raise ValueError(f"{name}: span {i} is {span!r}, expected 0 <= start <= end")
+        out.append((start, end))
+    return out
+
+
 def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch.Tensor,
                        tgt_offsets: Sequence[tuple[int, int]], reduce: str = "max"
                        ) -> torch.Tensor:
@@ -80,21 +102,22 @@ def align_token_scores(src_offsets: Sequence[tuple[int, int]], src_scores: torch
     """
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce: expected 'max' or 'mean', got {reduce!r}")
+    src_spans = _check_spans("src_offsets", src_offsets)
+    tgt_spans = _check_spans("tgt_offsets", tgt_offsets)
     check_tensor("src_scores", src_scores)
     if src_scores.dim() != 1:
         raise ValueError(f"src_scores: expected shape [n] (one score per source span), got "
                          f"{tuple(src_scores.shape)}")
-    if len(src_offsets) != src_scores.numel():
-        raise ValueError(f"src_scores: expected {len(src_offsets)} scores (one per source "
+    if len(src_spans) != src_scores.numel():
+        raise ValueError(f"src_scores: expected {len(src_spans)} scores (one per source "
                          f"span), got {src_scores.numel()}")
-    src_spans = [tuple(s) for s in src_offsets]
     n = len(src_spans)
-    if src_spans == [tuple(t) for t in tgt_offsets]:
+    if src_spans == tgt_spans:
         return src_scores.float().clone()  # same tokenization: token i is token i
     # the same tokenization with the source cut shorter (score_max_length): token i is
     # token i on the shared prefix (tokens splitting one character share its span)
-    prefix = n > 0 and src_spans == [tuple(t) for t in tgt_offsets[:n]]
-    src_offsets, tgt_offsets = tile_spans(src_offsets), tile_spans(tgt_offsets)
+    prefix = n > 0 and src_spans == tgt_spans[:n]
+    src_offsets, tgt_offsets = tile_spans(src_spans), tile_spans(tgt_spans)
     out = torch.full((len(tgt_offsets),), float("nan"))
     scores = src_scores.float().tolist()
     candidates = _overlap_candidates(src_offsets)
