@@ -1489,6 +1489,16 @@ def test_malformed_arguments_of_the_mixer_are_named(adapter_dirs, tmp_path):
         mixer.save_pretrained(tmp_path / "file")
 
 
+def test_a_sampling_temperature_that_is_not_a_number_is_named(adapter_dirs):
+    """generate(..., do_sample=True, temperature="0.7") failed as "'>' not supported
+    between instances of 'str' and 'int'"."""
+    mixer = _fitted_mixer(adapter_dirs, "token")
+    for bad in ("0.7", 0.0, math.nan):
+        with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
+            mixer.generate(ids(B=1), 2, do_sample=True, temperature=bad)
+    assert mixer.generate(ids(B=1), 2, temperature="unused", eos_token_id=[]).shape == (1, 9)
+
+
 def test_names_as_one_string_is_refused(adapter_dirs):
     with pytest.raises(TypeError, match="names: expected a sequence of adapter names"):
         TokenLevelAdapterMixer(small_model(), adapter_dirs, names="abc")

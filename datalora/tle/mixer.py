@@ -600,8 +600,8 @@ class TokenLevelAdapterMixer(nn.Module):
             raise ValueError(f"attention_mask: expected ones of shape {tuple(input_ids.shape)} "
                              f"(generate takes one sequence without padding)")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        if do_sample:
+            check_number("temperature", temperature, low=0, low_inclusive=False)
         stop = self._stop_ids(eos_token_id)
         ids = input_ids.to(self.device)
         P = ids.shape[1]
