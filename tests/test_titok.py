@@ -1190,3 +1190,37 @@ def test_generation_settings_seed_and_drop_empty_are_checked_before_any_work(tok
     with pytest.raises(AssertionError, match="ran before"):
         generate_synthetic(_NoWork(), tok, [ROW], do_sample=False, temperature=0.0,
                            top_p=2.0, progress=False)
+
+
+def test_a_source_adapter_of_another_model_size_is_named_by_the_cli(tmp_path, tok, capsys):
+    """An adapter trained on a model of another width printed PEFT's traceback
+    ("RuntimeError: Error(s) in loading state_dict for PeftModel: size mismatch for ...")
+    and exited 1, in both modes of ``titok``."""
+    peft = pytest.importorskip("peft")
+    from datalora.cli import main
+
+    source = _small(seed=2)  # hidden 32
+    source.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    _small(seed=4).save_pretrained(tmp_path / "tgt")
+    tok.save_pretrained(tmp_path / "tgt")
+    wide = build_tiny_model(vocab_size=V, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    peft.get_peft_model(wide, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "wide")
+    (tmp_path / "seeds.txt").write_text("Reverse the letters: abc\n")
+    transfer = ["--source-model", str(tmp_path / "src"), "--target-model",
+                str(tmp_path / "tgt"), "--seed-file", str(tmp_path / "seeds.txt"),
+                "--target-modules", "q_proj", "--output-dir", str(tmp_path / "out")]
+    embedded = ["--base", "random", "--eval-rows", "2"]  # the embedded tiny model: hidden 128
+    for mode in (transfer, embedded):
+        with pytest.raises(SystemExit) as exc:
+            main(["titok", *mode, "--steps", "1", "--no-progress", "--source-adapter",
+                  str(tmp_path / "wide")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err
+        assert (f"datalora titok: error: --source-adapter (source_adapter): "
+                f"{tmp_path / 'wide'} was trained on another model (size mismatch for "
+                f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight: "
+                f"copying a param with shape ") in err, err
+        assert "Traceback" not in err

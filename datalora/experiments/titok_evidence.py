@@ -97,6 +97,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
         generate_synthetic,
         titok_transfer,
     )
+    from datalora.titok.cli import load_peft_source
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -121,8 +122,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
     folder = source_adapter or str(train_task_adapter(task, adapter_dir, base=base,
                                                       steps=source_steps, tokenizer=src_tok,
                                                       progress=progress))
-    source = peft.PeftModel.from_pretrained(build_base_model(base, progress=progress),
-                                            folder).eval()
+    source = load_peft_source(build_base_model(base, progress=progress), folder)
 
     def fresh_target() -> Any:
         return build_base_model(base, 1, progress=progress, **TARGET_KWARGS)

@@ -45,6 +45,23 @@ def check_adapter_folder(folder: str | os.PathLike[str]) -> Path:
     return path
 
 
+def load_peft_source(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Module:
+    """``model`` with the PEFT adapter in ``folder``, in eval mode; an adapter trained on a
+    model of another size (PEFT's "size mismatch" RuntimeError, a traceback) is a
+    ValueError naming ``source_adapter``, the folder and the first mismatch."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).eval()
+    except RuntimeError as exc:
+        mismatch = next((line.strip().rstrip(".") for line in str(exc).splitlines()
+                         if line.strip().startswith("size mismatch for ")), None)
+        if mismatch is None:
+            raise
+        raise ValueError(f"source_adapter: {folder} was trained on another model "
+                         f"({mismatch})") from exc
+
+
 def load_seed_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Seed prompts from a ``.txt`` file (one prompt per non-empty line) or a ``.jsonl``
     file (rows with a string ``question``, optional ``system_prompt``)."""
@@ -114,9 +131,7 @@ def _load_source(name: str, folder: Path) -> tuple[nn.Module, Any]:
     model, tokenizer = _load_model("source_model", name)
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     if "peft_type" in config:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer
+        return load_peft_source(model, folder), tokenizer
     from datalora.model import DATALORAModel
 
     return DATALORAModel.from_pretrained(model, folder), tokenizer
