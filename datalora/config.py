@@ -198,7 +198,10 @@ def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:
     import yaml
 
     try:
-        data = parse(path.read_text())
+        data = parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # named no file
+        raise ValueError(f"config: {path} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ValueError(f"config: {path} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):

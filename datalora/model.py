@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -614,6 +615,12 @@ class DATALORAModel(nn.Module):
         if not safe_serialization:
             raise ValueError("safe_serialization: datalora adapters are saved as safetensors "
                              "only")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory: expected a folder path (str or Path), got "
+                            f"{type(save_directory).__name__}")
+        if state_dict is not None and not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
+                            f"{type(state_dict).__name__}")
         check_output_folder("save_directory", save_directory)
         if kwargs:
             warnings.warn(f"save_pretrained: ignoring {sorted(kwargs)}", stacklevel=2)

@@ -95,13 +95,17 @@ def test_config_file_for_a_real_model_keeps_datalora_defaults(tmp_path):
     ("c.yaml", "a: [1\n", "is not valid YAML"),
     ("c.json", "{bad", "is not valid JSON"),
     ("c.yaml", "training: 5\n", "expected 'training' to be a mapping"),
+    ("c.json", "\udcff{}", r"c\.json is not UTF-8 text"),  # was a bare UnicodeDecodeError
 ])
 def test_malformed_config_files_raise_value_errors(tmp_path, name, text, fragment):
     """ValueError (the CLI's exit 2 with a message), not a parser's own exception."""
     cfg = tmp_path / name
-    cfg.write_text(text)
+    cfg.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=f"config: .*{fragment}"):
         load_train_config(cfg)
+    if name.endswith(".json"):
+        with pytest.raises(ValueError, match=f"config: .*{fragment}"):
+            DATALORAConfig.from_file(cfg)
 
 
 def _captured_run(monkeypatch, argv):

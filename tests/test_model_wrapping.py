@@ -164,6 +164,12 @@ def test_save_pretrained_accepts_hf_keywords(tmp_path):
     assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
     w.save_pretrained(tmp_path / "b", is_main_process=True, safe_serialization=True)
     assert (tmp_path / "b" / "adapter_model.safetensors").exists()
+    # Path(3) failed unnamed; a list said it "lacks adapter tensors"
+    with pytest.raises(TypeError, match="^save_directory: expected a folder path"):
+        w.save_pretrained(3)
+    with pytest.raises(TypeError, match="^state_dict: expected a mapping of names to tensors, "
+                                        "got list"):
+        w.save_pretrained(tmp_path / "c", state_dict=[1])
 
 
 # F9 -------------------------------------------------------------------------------------
