@@ -23,6 +23,9 @@ ROUTINGS = ("auto", "shared", "per_layer")
 def _check_base_model(base_model: object) -> str | None:
     """None, or a Hub name / local path as a ``str`` (an ``os.PathLike`` is converted, so the
     config stays JSON-serialisable)."""
+    if isinstance(base_model, str) and not base_model.strip():  # would load from the cwd
+        raise ValueError(f"base_model: expected None, a Hub name or a local path, got "
+                         f"{base_model!r}")
     if base_model is None or isinstance(base_model, str):
         return base_model
     if isinstance(base_model, os.PathLike) and isinstance(os.fspath(base_model), str):
@@ -39,7 +42,7 @@ def _check_target_modules(target_modules: object) -> list[str]:
             or not all(isinstance(name, str) and name for name in target_modules):
         raise ValueError(f"target_modules: expected a non-empty list of module names, got "
                          f"{target_modules!r}")
-    return list(target_modules)
+    return list(dict.fromkeys(target_modules))  # a repeat changes nothing: kept once
 
 
 @dataclass

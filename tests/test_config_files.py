@@ -78,6 +78,11 @@ def test_target_modules_and_base_model_forms():
     with pytest.raises(ValueError, match="base_model: expected None, a Hub name or a local "
                                          "path, got 123"):
         DATALORAConfig(base_model=123)
+    # "" loaded from the current folder; a repeated name was kept (and saved) twice
+    with pytest.raises(ValueError, match="base_model: expected None, .*, got ' '"):
+        DATALORAConfig(base_model=" ")
+    assert DATALORAConfig(target_modules=["q_proj", "v_proj", "q_proj"]).target_modules == [
+        "q_proj", "v_proj"]
 
 
 def test_config_file_for_a_real_model_keeps_datalora_defaults(tmp_path):
