@@ -244,6 +244,8 @@ class MoLoRALinear(nn.Module):
         own = routing is None
         if own:
             routing = self._route(x, trusted=True)
+        else:
+            routing.note_layer(self)
         # a plain attribute (skips Module.__setattr__); detached: the record must not keep
         # this forward's graph alive (an eval forward without no_grad, a skipped step)
         self.__dict__["last_routing"] = Routing(

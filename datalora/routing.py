@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from datalora.checks import check_bool, check_int
+from datalora.ops.backends import warn_once
 from datalora.ops.eager import TensorsState, trust_routing
 from datalora.ops.validation import INDEX_DTYPES, check_float, check_tensor
 
@@ -80,8 +81,9 @@ class Routing:
     build a new Routing or write with torch ops instead).
     ``_trusted`` (datalora's own routers) also lets backends cache per-routing tables; a
     routing you build yourself may be changed without a version bump (through a numpy view
-    or ``.data``), so its tables are rebuilt on every call. ``_valid_experts`` (the saliency
-    network's routing): the ids are a top-k over that many experts, in range by
+    or ``.data``), so its tables are rebuilt on every call unless you call
+    :meth:`cache_tables` (a second layer taking it without warns once). ``_valid_experts``
+    (the saliency network's routing): the ids are a top-k over that many experts, in range by
     construction, so layers with that many experts skip the value check and its host sync;
     non-finite gates then come from non-finite router inputs or weights and spoil the
     outputs of their tokens, as a layer's own router's do.
@@ -98,6 +100,7 @@ class Routing:
         default_factory=dict, repr=False)
     # num_experts -> state of (expert_ids, gates, rank_scale) whose values passed the check
     _values_checked: dict[int, TensorsState] = field(default_factory=dict, repr=False)
+    _first_layer: int | None = field(default=None, repr=False)  # id() of the first layer
 
     def __post_init__(self) -> None:
         for name in ("expert_ids", "gates", "rank_scale", "router_probs"):
@@ -135,7 +138,32 @@ class Routing:
     def __getstate__(self) -> dict:
         """Copies and pickles leave the sort / value-check caches behind (they hold weak
         references to this object's tensors, not the copy's)."""
-        return {**self.__dict__, "_permutations": {}, "_values_checked": {}}
+        return {**self.__dict__, "_permutations": {}, "_values_checked": {},
+                "_first_layer": None}
+
+    def cache_tables(self) -> Routing:
+        """Lets the backends cache this routing's tables (the torch backend's gate matrix,
+        the Triton expert sort) across the layers that take it, as for datalora's own
+        routers; returns self. A promise that its tensors change only through torch ops,
+        which bump their version counters: a write through ``.data`` or a numpy view would
+        go unseen and leave the tables stale."""
+        if not torch.compiler.is_compiling():  # compiled graphs keep no caches
+            trust_routing(self.expert_ids, self.gates, self.rank_scale)
+        self._trusted = True
+        return self
+
+    def note_layer(self, layer: object) -> None:
+        """``layer`` took this routing: an untrusted one reaching a second layer warns once
+        (its tables are rebuilt in every layer) and names :meth:`cache_tables`."""
+        if self._trusted or torch.compiler.is_compiling():
+            return
+        if self._first_layer is None:
+            self._first_layer = id(layer)
+        elif self._first_layer != id(layer):
+            warn_once("datalora: a Routing you built reached a second MoLoRA layer: its "
+                      "tables (gate matrix, expert sort) are built again in every layer; "
+                      "call routing.cache_tables() once built (if you change its tensors "
+                      "only with torch ops) to build them once")
 
     def _decision(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.expert_ids, self.gates, self.rank_scale

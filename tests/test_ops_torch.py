@@ -325,6 +325,40 @@ def _count_gate_matrix_builds(monkeypatch):
     return calls
 
 
+def test_a_routing_you_build_shares_its_tables_once_asked_and_else_says_so(monkeypatch):
+    """A Routing built by the user rebuilt its gate matrix in each of the layers sharing it,
+    silently and with no public way to opt in: ``cache_tables()`` is that way; without it
+    a second layer warns once (one layer called twice does not)."""
+    import warnings
+
+    from datalora import MoLoRALinear, Routing
+    from datalora.ops.backends import warn_once
+
+    calls = _count_gate_matrix_builds(monkeypatch)
+    warn_once.cache_clear()
+    layers = [MoLoRALinear(torch.nn.Linear(16, 16), num_experts=4, rank=2, router=False)
+              for _ in range(4)]
+    x = torch.randn(5, 16)
+    ids, gates = torch.randint(0, 4, (5, 2)), torch.full((5, 2), 0.5)
+    mine = Routing(expert_ids=ids, gates=gates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers[0](x, routing=mine)
+        layers[0](x, routing=mine)  # the same layer again: no warning
+    with pytest.warns(RuntimeWarning, match=r"reached a second MoLoRA layer.*cache_tables\(\)"):
+        for layer in layers[1:]:
+            layer(x, routing=mine)
+    assert len(calls) == 5  # one per call
+    calls.clear()
+    shared = Routing(expert_ids=ids.clone(), gates=gates.clone()).cache_tables()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = [layer(x, routing=shared) for layer in layers]
+    assert len(calls) == 1
+    assert all(torch.equal(a, layer(x, routing=Routing(expert_ids=ids, gates=gates)))
+               for a, layer in zip(outs, layers, strict=True))
+
+
 def _routed_inputs(T=19, k=2, dtype=torch.float64):
     """Inputs whose routing is computed (not leaves) and marked as datalora's own, as its
     routers' outputs are."""
