@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from datalora.checks import check_bool, check_number
+from datalora.checks import check_bool, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import (
@@ -462,8 +462,13 @@ class DATALORAModel(nn.Module):
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
         without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
         In training mode (Gumbel-noised routing, noisy token selection, LoRA dropout) the
-        output is random: a warning says to call ``model.eval()`` first.
+        output is random: a warning says to call ``model.eval()`` first. ``input_ids`` must
+        be integer ids the model embeds and ``num_beams`` >= 1 (transformers failed deep
+        inside on float ids, with an IndexError on ids past the vocabulary and a
+        ZeroDivisionError for ``num_beams=0``).
         """
+        self._check_generate_inputs(args[0] if args else kwargs.get("input_ids"),
+                                    kwargs.get("num_beams"))
         if self.training:
             warnings.warn("generate(): the model is in training mode, so routing and token "
                           "selection are noisy (Gumbel noise) and the output is random, and "
@@ -480,6 +485,21 @@ class DATALORAModel(nn.Module):
                                  f"cache, which the shared saliency state cannot follow; "
                                  f"use greedy, sampling or beam search")
         return self.base_model.generate(*args, **kwargs)
+
+    def _check_generate_inputs(self, input_ids: Any, num_beams: Any) -> None:
+        if num_beams is not None:
+            check_int("num_beams", num_beams, low=1)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.numel() == 0:
+            return
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
+        embeddings = self.base_model.get_input_embeddings()
+        vocab = getattr(embeddings, "num_embeddings", None)
+        if vocab is not None:
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # one sync per call
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids: expected ids in [0, {vocab}) (the model's "
+                                 f"vocabulary), got {low if low < 0 else high}")
 
     def set_curriculum_state(self, tau: float | None = None, retention: float | None = None,
                              hard: bool | None = None) -> None:

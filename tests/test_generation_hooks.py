@@ -275,6 +275,22 @@ def test_generate_in_training_mode_warns_to_call_eval():
         model.generate(_ids(1, 5), max_new_tokens=2, **GREEDY)
 
 
+def test_generate_names_ids_it_cannot_embed_and_a_bad_num_beams():
+    """transformers failed deep inside: float ids (embedding's dtype error), ids past the
+    vocabulary (IndexError) and num_beams=0 (ZeroDivisionError)."""
+    model = _calibrated(_model(prune_layers=(1, 4))).eval()
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    ids = _ids(1, 5)
+    for bad, match in [(ids.float(), "input_ids: expected integer token ids"),
+                       (ids + vocab, rf"input_ids: expected ids in \[0, {vocab}\)"),
+                       (ids - 100, rf"expected ids in \[0, {vocab}\) .*, got -")]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(bad, max_new_tokens=1, **GREEDY)
+    with pytest.raises(ValueError, match="num_beams: expected an int >= 1, got 0"):
+        model.generate(input_ids=ids, max_new_tokens=1, num_beams=0)
+    assert model.generate(input_ids=ids, max_new_tokens=1, **GREEDY).shape == (1, 6)
+
+
 def test_threshold_calibrated_for_another_retention_warns():
     model = _calibrated(_model(prune_layers=(1, 4)), 0.5)
     model.set_curriculum_state(retention=0.45)  # any other retention, however close
