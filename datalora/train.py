@@ -502,7 +502,7 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
     if logging_steps is None:
         logging_steps = min(5, max_steps or 5)
     logging_steps = check_int("logging_steps", logging_steps, low=1)
-    seed = check_int("seed", seed)
+    seed = check_int("seed", seed, low=0, high=2**32 - 1)  # numpy.random.seed's range
     for name, flag in (("bf16", bf16), ("overwrite_output_dir", overwrite_output_dir)):
         if flag is not None and not isinstance(flag, bool):  # bool("false") is True
             raise ValueError(f"{name}: expected true or false, got {flag!r}")

@@ -371,6 +371,8 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
             ({"dataset": good, "epochs": 0}, ValueError, r"^epochs: expected"),
             ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
+            ({"dataset": good, "seed": -1}, ValueError,  # numpy's error named no argument
+             r"^seed: expected an int in \[0, 4294967295\], got -1"),
             ({"dataset": good, "curriculum_mode": "linear"}, ValueError,
              r"curriculum_mode: expected 'steps' or 'epochs', got 'linear'"),
             ({"dataset": [{"instruction": "Add", "output": 3}]}, ValueError,
