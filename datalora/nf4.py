@@ -256,8 +256,13 @@ class NF4Tensor:
                                  f"{s2.blocksize}")
             kwargs = dict(nested_absmax=s2.absmax, nested_code=s2.code,
                           offset=torch.as_tensor(state.offset, dtype=torch.float32))
+        absmax = state.absmax
+        if absmax.dim() == 2 and not state.nested:
+            # bnb's undoing of its CPU packing (``state_dict()``, a device move) restores the
+            # nibbles but, without double quant, leaves absmax as packed: bf16 [K / blocksize, N]
+            absmax = absmax.T.reshape(-1).float()
         return cls(data=torch.Tensor(data) if type(data) is not torch.Tensor else data,
-                   absmax=state.absmax, shape=state.shape, dtype=state.dtype,
+                   absmax=absmax, shape=state.shape, dtype=state.dtype,
                    blocksize=state.blocksize, **kwargs)
 
     @classmethod

@@ -26,10 +26,8 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn as nn
@@ -259,8 +257,11 @@ def nf4_weight(layer: nn.Module) -> NF4Tensor:
     if getattr(layer.weight, "quant_state", None) is None:
         raise ValueError("layer: the bnb.nn.Linear4bit weight is not quantized yet (move it to "
                          "its device first, e.g. layer.to('cuda') or layer.to('cpu'))")
-    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
         return _unpacked_cpu_weight(layer.weight)
+    if "_datalora_unpacked" in vars(state) and not torch.compiler.is_compiling():
+        del state._datalora_unpacked  # bnb undid the packing (state_dict(), a move): stale
     return NF4Tensor.from_bnb(layer.weight)
 
 
@@ -268,8 +269,13 @@ def _unpacked_cpu_weight(weight) -> NF4Tensor:
     """:meth:`NF4Tensor.from_bnb <datalora.nf4.NF4Tensor.from_bnb>` of a weight bitsandbytes
     repacked for CPU inference (on a ``Linear4bit``'s first no-grad CPU forward with
     AVX512-BF16): a copy, made once per weight version and kept on its quant state, not on
-    every forward (7 ms at 2048 x 2048, three times the layer's own T = 1 forward)."""
+    every forward (7 ms at 2048 x 2048, three times the layer's own T = 1 forward). A write
+    through ``.data`` keeps the version and goes unseen (as for any cached tensor state).
+    Not cached while compiling (the pointer comparison would break the graph) nor for
+    inference tensors (bnb repacked under ``torch.inference_mode``), which have no version."""
     state = weight.quant_state
+    if torch.compiler.is_compiling() or weight.is_inference() or state.absmax.is_inference():
+        return NF4Tensor.from_bnb(weight)
     key = (weight.data_ptr(), weight._version, state.absmax.data_ptr(), state.absmax._version)
     memo = getattr(state, "_datalora_unpacked", None)
     if memo is None or memo[0] != key:
@@ -585,15 +591,14 @@ def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base, x.dtype)
 
 
-@functools.cache
 def _warn_compute_dtype(compute: torch.dtype, x_dtype: torch.dtype) -> None:
     """Once per dtype pair: a bnb base whose ``compute_dtype`` is not its input's."""
-    warnings.warn(
+    warn_once(
         f"datalora: a bnb Linear4bit base with compute_dtype={compute} gets {x_dtype} inputs: "
         f"its GEMM runs in {compute} with casts in and out (as bitsandbytes computes), and "
         f"the NF4 fast paths (the CUDA decode kernel, the Triton NF4 GEMM, the one-pass "
         f"no-grad forward) need the two equal; set bnb_4bit_compute_dtype={x_dtype} in "
-        f"BitsAndBytesConfig (or the layer's compute_dtype)", RuntimeWarning, stacklevel=4)
+        f"BitsAndBytesConfig (or the layer's compute_dtype)")
 
 
 def _no_grad_needed(tensors) -> bool:

@@ -3,6 +3,8 @@ linear base and NF4 MoLoRALinear vs dequantize + reference."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -549,17 +551,58 @@ def test_a_weight_bnb_repacked_for_cpu_is_unpacked_once_per_version(dq):
     changed = nf4_weight(lin)
     assert changed is not t
     assert torch.equal(changed.data, torch.zeros_like(changed.data))
+    lin.state_dict()  # bnb undoes the packing: the copy is dropped, not kept alive
+    assert not getattr(lin.weight.quant_state, "packing_format_for_cpu", False)
+    # and read back (without double quant bnb leaves absmax packed: bf16 [K / 64, N])
+    unpacked = nf4_weight(lin).dequantize(torch.float32)
+    assert "_datalora_unpacked" not in vars(lin.weight.quant_state)
+    torch.testing.assert_close(unpacked, changed.dequantize(torch.float32), rtol=1e-2,
+                               atol=1e-3)  # with double quant bnb quantizes absmax again
+
+
+def test_a_bnb_base_in_another_dtype_compiles_without_graph_breaks(monkeypatch):
+    """The one-time compute-dtype warning ran inside the traced forward: dynamo cannot trace
+    warnings.warn, so every compiled call of such a layer (QLoRA's default fp32 compute
+    under a bf16 model) broke its graph twice and fullgraph=True failed."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # off in this module
+    m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4).to(torch.bfloat16).eval()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(x)  # eager: warns
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_weight_bnb_repacked_under_inference_mode_is_read_uncached():
+    """Inference tensors have no version counter: keying the cache on it raised
+    "Inference tensors do not track version counter" (bnb repacks in place on a CPU
+    inference forward, e.g. evaluating the base model under torch.inference_mode first)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    lin = _bnb_cpu_layer(False)
+    ref = nf4_weight(lin).dequantize(torch.float32).clone()
+    with torch.inference_mode():
+        lin.weight.data, lin.weight.quant_state = _convert_weight_packed_for_cpu(
+            lin.weight.data, lin.weight.quant_state)
+    m = MoLoRALinear(lin, num_experts=4, rank=4).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, ref, lin.bias), rtol=1e-2,
+                               atol=1e-2)
 
 
 def test_a_bnb_base_computing_in_another_dtype_warns_once():
     """bf16 inputs into a Linear4bit with compute_dtype fp32 (BitsAndBytesConfig's default)
     skip the NF4 fast paths, which dequantize to x's dtype: said once per dtype pair (bnb's
     own warning for this never runs, its forward being bypassed); nothing when they agree."""
-    import warnings
+    from datalora.ops.backends import _warn_once
 
-    from datalora.nf4_linear import _warn_compute_dtype
-
-    _warn_compute_dtype.cache_clear()
+    _warn_once.cache_clear()
     m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4)
     x = torch.randn(3, 64)
     with warnings.catch_warnings():

@@ -299,7 +299,7 @@ def test_triton_refuses_gpus_older_than_ampere_and_auto_falls_back(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: gpu["capability"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
     monkeypatch.delenv("DATALORA_BACKEND", raising=False)
-    backends.warn_once.cache_clear()
+    backends._warn_once.cache_clear()
     cuda = torch.device("cuda")
     sm = f"sm_{capability[0]}{capability[1]}"
     with pytest.raises(ops.BackendUnavailableError,
@@ -311,7 +311,7 @@ def test_triton_refuses_gpus_older_than_ampere_and_auto_falls_back(monkeypatch, 
     assert ops.available_backends(cuda) == ["torch"]
     gpu["capability"] = (8, 0)
     assert ops.resolve_backend("auto", cuda) == "triton"
-    backends.warn_once.cache_clear()
+    backends._warn_once.cache_clear()
 
 
 def _count_gate_matrix_builds(monkeypatch):
@@ -332,10 +332,10 @@ def test_a_routing_you_build_shares_its_tables_once_asked_and_else_says_so(monke
     import warnings
 
     from datalora import MoLoRALinear, Routing
-    from datalora.ops.backends import warn_once
+    from datalora.ops.backends import _warn_once
 
     calls = _count_gate_matrix_builds(monkeypatch)
-    warn_once.cache_clear()
+    _warn_once.cache_clear()
     layers = [MoLoRALinear(torch.nn.Linear(16, 16), num_experts=4, rank=2, router=False)
               for _ in range(4)]
     x = torch.randn(5, 16)

@@ -98,10 +98,17 @@ def _triton_gpu_reason(device: torch.device) -> str | None:
             f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
-@functools.cache
 def warn_once(message: str) -> None:
-    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why)."""
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why);
+    nothing while torch.compile traces (dynamo cannot trace ``warnings.warn``: every call
+    of a compiled layer would break its graph)."""
+    if not torch.compiler.is_compiling():
+        _warn_once(message)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:

@@ -195,9 +195,9 @@ def test_grouped_strategy_keeps_cublas_path(device, monkeypatch, spy):
     """Large E*r (grouped strategy) would make Zd cost E/k times the routed work: the
     fused flag leaves that case on cuBLAS + expand, still correct, and says so once (the
     flag was dropped without a word)."""
-    from datalora.ops.backends import warn_once
+    from datalora.ops.backends import _warn_once
 
-    warn_once.cache_clear()
+    _warn_once.cache_clear()
     monkeypatch.setenv("DATALORA_FUSED_LINEAR", "1")
     x, A, B, ids, g, rs = make_inputs(30, 24, 20, 40, 32, 2, torch.float32, device)
     assert tb.choose_strategy(40, 32, 2) == "grouped"  # E*r = 1280

@@ -302,9 +302,9 @@ def test_molora_linear(bias, strategy, dtype, eps, device, monkeypatch):
 
 def test_float64_runs_the_torch_backend_and_says_so_once(device):
     """The kernels have no float64 path: the torch backend computes it, which went unsaid."""
-    from datalora.ops.backends import warn_once
+    from datalora.ops.backends import _warn_once
 
-    warn_once.cache_clear()
+    _warn_once.cache_clear()
     x, A, B, ids, g, rs = make_inputs(7, 16, 12, 4, 4, 2, torch.float64, device)
     with pytest.warns(RuntimeWarning, match="'triton' has no float64 kernels"):
         got = ops.molora_delta(x, A, B, ids, g, rs, 0.5, backend="triton")

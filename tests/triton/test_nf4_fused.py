@@ -289,9 +289,9 @@ def test_dispatch_rules(device, monkeypatch, spy):
     """Off by default; the torch backend and the grouped strategy (large E*r) keep the
     dequantize + delta path, each said once (the flag was dropped without a word); a bad
     flag value raises."""
-    from datalora.ops.backends import warn_once
+    from datalora.ops.backends import _warn_once
 
-    warn_once.cache_clear()
+    _warn_once.cache_clear()
     base = _base(32, 16, 32, False, False, device)
     x, A, B, ids, g, rs = make_inputs(5, 32, 16, 40, 32, 2, torch.float32, device)
     nf4_molora_linear(base, x, x, A, B, ids, g, rs, 1.0, "triton")
