@@ -560,19 +560,18 @@ def test_a_weight_bnb_repacked_for_cpu_is_unpacked_once_per_version(dq):
                                atol=1e-3)  # with double quant bnb quantizes absmax again
 
 
-def test_a_bnb_base_in_another_dtype_compiles_without_graph_breaks(monkeypatch):
+def test_a_bnb_base_in_another_dtype_compiles_without_graph_breaks():
     """The one-time compute-dtype warning ran inside the traced forward: dynamo cannot trace
     warnings.warn, so every compiled call of such a layer (QLoRA's default fp32 compute
     under a bf16 model) broke its graph twice and fullgraph=True failed."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # off in this module
     m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4).to(torch.bfloat16).eval()
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m(x)  # eager: warns
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(disable=False):  # off in this module
         explained = torch._dynamo.explain(m)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
 
@@ -666,12 +665,12 @@ def test_nf4_training_compiles_before_any_eager_call(monkeypatch):
     refused it ("an intermediate tensor ... aliases an input or output")."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # off in this module
     monkeypatch.setattr(nf4, "_CODE_TABLES", {})
     q = NF4Linear.from_linear(_linear(64, 32))
     x = torch.randn(3, 64, requires_grad=True)
-    y = torch.compile(q, backend="aot_eager")(x)
-    y.sum().backward()
+    with torch._dynamo.config.patch(disable=False):  # off in this module
+        y = torch.compile(q, backend="aot_eager")(x)
+        y.sum().backward()
     assert nf4._CODE_TABLES == {}  # built in the graph, not kept
     w = q.dequantize()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, q.bias))
