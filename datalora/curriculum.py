@@ -20,6 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from datalora.checks import check_fractions, check_int, check_number
 
 if TYPE_CHECKING:  # datalora.config imports this module
@@ -65,6 +67,28 @@ def check_temperature_order(temperature_init: float, temperature_final: float) -
         raise ValueError(f"temperature_final: expected <= temperature_init={temperature_init} "
                          f"(the curriculum anneals tau down from temperature_init to "
                          f"temperature_final), got {temperature_final}")
+
+
+def _scalar(value: Any) -> Any:
+    """A one-value tensor or 0-d numpy array as its Python number (else ``value``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
+def _position(name: str, value: Any, *, integer: bool = False, low: float | None = None):
+    """A step (``integer``: an int, or a float / one-value tensor holding one) or an epoch
+    as a checked Python number; NaN, strings and fractional steps are refused."""
+    if integer and type(value) is int and (low is None or value >= low):  # the Trainer's
+        return value
+    value = _scalar(value)
+    if integer:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return check_int(name, value, low=None if low is None else int(low))
+    return check_number(name, value, low=low)
 
 
 class CurriculumScheduler:
@@ -128,17 +152,18 @@ class CurriculumScheduler:
                 raise ValueError("total_steps: required for mode='steps' (set it or use "
                                  "mode='epochs' with num_epochs)")
             # a query may fall between steps or outside the run (clamped); NaN may not
-            step = self.step_count if step is None else check_number("step", step)
+            step = self.step_count if step is None else _position("step", step)
             return min(max(step / self.total_steps, 0.0), 1.0)
         if self.num_epochs is None:
             raise ValueError("num_epochs: required for mode='epochs'")
-        epoch = self.epoch if epoch is None else check_number("epoch", epoch)
+        epoch = self.epoch if epoch is None else _position("epoch", epoch)
         return min(max(epoch / self.num_epochs, 0.0), 1.0)
 
     def state_at_progress(self, progress: float) -> CurriculumState:
         """The schedule at a training fraction ``progress`` in [0, 1]."""
         # NaN compared False with every boundary: "hardening", silently
-        progress = check_number("progress", progress, low=0, high=1)
+        if type(progress) is not float or not 0.0 <= progress <= 1.0:  # fast path: NaN fails
+            progress = check_number("progress", _scalar(progress), low=0, high=1)
         warm, sparse, _ = self.split
         # compare as phase_boundaries() does: 0.1 + 0.2 is 0.30000000000000004, which would
         # keep step 90 of 300 in sparsification although the boundary is 90
@@ -165,9 +190,10 @@ class CurriculumScheduler:
         """Moves to ``step`` (default: the next step) and ``epoch``; returns the new state.
         ``step``: an int >= 0 (2.7 and "5" were truncated / parsed); ``epoch``: a finite
         number >= 0."""
-        step_count = self.step_count + 1 if step is None else check_int("step", step, low=0)
+        step_count = (self.step_count + 1 if step is None
+                      else _position("step", step, integer=True, low=0))
         if epoch is not None:
-            self.epoch = check_number("epoch", epoch, low=0)
+            self.epoch = _position("epoch", epoch, low=0)
         self.step_count = step_count
         return self.state
 

@@ -204,7 +204,14 @@ def test_positions_that_are_not_numbers_are_refused():
         with pytest.raises(ValueError, match=match):
             call()
     assert s.step_count == 0
+    # a whole float and one-value tensors / numpy values (a Trainer state may hold them) pass
+    import numpy as np
+    import torch
+
+    assert [s.step(v).progress for v in (3.0, torch.tensor(4), np.int64(5))] == [0.3, 0.4, 0.5]
+    assert s.state_at(step=torch.tensor(6.0)).progress == 0.6
     e = CurriculumScheduler(5.0, 0.5, 0.5, num_epochs=3, mode="epochs")
+    assert e.step(epoch=torch.tensor(1.5)).progress == 0.5 and type(e.epoch) is float
     with pytest.raises(ValueError, match="epoch: expected a finite number >= 0"):
         e.step(epoch=float("nan"))
     with pytest.raises(ValueError, match="epoch: expected a finite"):
@@ -213,6 +220,6 @@ def test_positions_that_are_not_numbers_are_refused():
     state["epoch"] = float("nan")
     with pytest.raises(ValueError, match=r"state\['epoch'\]: expected a finite"):
         e.load_state_dict(state)
-    assert e.epoch == 0.0
+    assert e.epoch == 1.5  # unchanged
     with pytest.raises(TypeError, match="model: expected a DATALORAModel"):
         s.apply(None)

@@ -801,6 +801,16 @@ def test_collator_takes_one_sequence_in_a_row_and_whole_task_ids():
                      {"input_ids": [[8]], "task_id": 2.0}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["task_ids"].tolist() == [1, 2]
+    # numpy formats, a tensor pad label and an array of task names pass too
+    import numpy as np
+
+    collate = CausalLMCollator(pad_token_id=0, return_task_ids=True, tasks=np.array(["a", "b"]),
+                               label_pad_token_id=torch.tensor(-100))
+    assert collate.tasks == ("a", "b") and collate.label_pad_token_id == -100
+    batch = collate([{"input_ids": [5], "task_id": np.array(1)},
+                     {"input_ids": [8, 9], "task_id": np.float32(0)}])
+    assert batch["task_ids"].tolist() == [1, 0] and batch["labels"][0, 1] == -100
+
 
 def test_table_errors_name_the_row_index(tmp_path):
     """A table (parquet / ``datasets``) has no lines: the error says which 0-based index."""
