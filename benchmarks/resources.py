@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from datalora.io import atomic_write_text, cache_root
@@ -184,11 +185,25 @@ def compile_triton(row: dict) -> dict:
     return {**row, **usage}
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. The compile processes run in a
+    process group of their own (:func:`run_killable`), which a SIGKILL of the parent (no
+    handler sees it) or of the parent's group would not reach."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _triton_worker() -> None:
     """Subprocess entry: compiles the whole matrix, one JSON line per row on stdout."""
+    _die_with_parent()
     rows = expected_triton_rows()
     workers = int(os.environ.get("DATALORA_COMPILE_JOBS", min(2, os.cpu_count() or 1)))
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
         for result in pool.map(compile_triton, rows, chunksize=2):
             print(json.dumps(result), flush=True)
 
@@ -347,11 +362,14 @@ def cuda_results(use_cache: bool = True) -> list[dict] | None:
             pass
     rows = []
     with ThreadPoolExecutor(len(ARCHS)) as pool:
-        for cc, (rc, log, cmd) in zip(ARCHS, pool.map(_nvcc_one, ARCHS), strict=True):
-            if rc != 0:
-                rows.append(dict(kernel=CUDA_SOURCE.name, cc=cc, error=f"{cmd}\n{log[-3000:]}"))
-            else:
-                rows += parse_ptxas(log)
+        runs = list(pool.map(_nvcc_one, ARCHS))
+    if any(rc < 0 for rc, _, _ in runs):  # killed (kill_live_groups): no result, not an error
+        raise RuntimeError("nvcc was killed before it finished; nothing cached")
+    for cc, (rc, log, cmd) in zip(ARCHS, runs, strict=True):
+        if rc != 0:
+            rows.append(dict(kernel=CUDA_SOURCE.name, cc=cc, error=f"{cmd}\n{log[-3000:]}"))
+        else:
+            rows += parse_ptxas(log)
     atomic_write_text(cache, json.dumps(rows))
     return rows
 
@@ -499,7 +517,16 @@ def main(argv: list[str] | None = None) -> int:
                          "violations (for checking another Triton release)")
     ap.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if threading.current_thread() is not threading.main_thread():  # signal() would raise
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.triton_worker:
         _triton_worker()
         return 0

@@ -283,3 +283,14 @@ def test_sigterm_kills_the_compile_subprocess_and_its_children(tmp_path):
     if running(grandchild):
         os.kill(grandchild, signal.SIGKILL)
         pytest.fail("the compile worker's child outlived SIGTERM")
+
+
+def test_a_killed_nvcc_caches_nothing(tmp_path, monkeypatch):
+    """An interrupted run (Ctrl-C / SIGTERM kill the compiles) cached the killed nvcc runs
+    as compile errors: every later --check failed until --no-cache."""
+    monkeypatch.setenv("DATALORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(resources, "nvcc_version", lambda: "test")
+    monkeypatch.setattr(resources, "_nvcc_one", lambda cc: (-signal.SIGKILL, "", "nvcc ..."))
+    with pytest.raises(RuntimeError, match="nvcc was killed"):
+        resources.cuda_results(use_cache=False)
+    assert not resources.cuda_cache_file("test").exists()
