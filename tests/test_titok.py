@@ -459,6 +459,16 @@ def test_scoring_runs_in_eval_mode_and_restores_the_modes(tok):
     assert model.training and not frozen.training      # each module's own mode is back
 
 
+def test_generate_synthetic_takes_a_dataset_and_the_default_top_p(tok):
+    """The row checks added on 2026-12-05 refused a datasets.Dataset of seed rows (not a
+    Sequence) and top_p=None (transformers' default), both taken before."""
+    datasets = pytest.importorskip("datasets")
+    seeds = datasets.Dataset.from_list([ROW])
+    [row] = generate_synthetic(_small(), tok, seeds, max_new_tokens=2, top_p=None,
+                               progress=False)
+    assert row["question"] == ROW["question"]
+
+
 def test_batch_sizes_below_one_are_refused_by_name(tok):
     model = _small()
     for bad in (0, -1):  # -1 made generate_synthetic return no row at all

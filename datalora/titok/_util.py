@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,9 +17,11 @@ def check_fraction(name: str, value: float) -> None:
 
 
 def check_rows(name: str, rows: Any, *columns: str, item: str = "row") -> None:
-    """TypeError unless ``rows`` is a sequence (not a string) of dicts, ValueError naming the
-    first without one of ``columns``: ``"{name}: {item} {i} has no {column!r} column"``."""
-    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+    """TypeError unless ``rows`` holds dicts (a list, a ``datasets.Dataset``: any sized
+    iterable but a string or a mapping), ValueError naming the first without one of
+    ``columns``: ``"{name}: {item} {i} has no {column!r} column"``."""
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sized) \
+            or not isinstance(rows, Iterable):
         raise TypeError(f"{name}: expected a list of {item}s (dicts), got "
                         f"{type(rows).__name__}")
     for i, row in enumerate(rows):

@@ -50,7 +50,8 @@ def check_generation(seed_rows: Any, samples_per_prompt: Any, max_new_tokens: An
     check_int("max_new_tokens", max_new_tokens, low=1)
     if check_bool("do_sample", do_sample):
         check_number("temperature", temperature, low=0, low_inclusive=False)
-        check_number("top_p", top_p, low=0, low_inclusive=False, high=1)
+        if top_p is not None:  # None: transformers' default
+            check_number("top_p", top_p, low=0, low_inclusive=False, high=1)
 
 
 @torch.no_grad()

@@ -451,6 +451,11 @@ class TokenLevelAdapterMixer(nn.Module):
         """``[B, L, N]`` weights of every position under the current mode (right padding:
         a row's prompt ends at its last real token at the latest)."""
         _check_batch(input_ids, attention_mask, self._vocab_size)
+        return self._routing(input_ids, attention_mask, prompt_lengths)
+
+    def _routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`routing_for` of a batch already checked (one host sync per forward)."""
         B, L = input_ids.shape
         if attention_mask is not None:
             _check_right_padding(attention_mask)
@@ -511,7 +516,7 @@ class TokenLevelAdapterMixer(nn.Module):
                 first = torch.where(valid.any(1), valid.float().argmax(1),
                                     torch.full((B,), L, device=labels.device))
                 prompt_lengths = first.clamp(1, L)
-            weights = self.routing_for(input_ids, attention_mask, prompt_lengths)
+            weights = self._routing(input_ids, attention_mask, prompt_lengths)
         weights = torch.as_tensor(weights, dtype=torch.float32, device=input_ids.device)
         if weights.dim() == 1:
             weights = weights.expand(B, L, -1)
