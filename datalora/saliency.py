@@ -204,7 +204,8 @@ class UnifiedSaliencyNetwork(nn.Module):
 
         Args:
             hidden: ``[B, L, d]``; L = 0 gives empty outputs and passes ``state`` through.
-            valid: ``[B, L]`` bool real tokens (padding is left out of the context mean).
+            valid: ``[B, L]`` bool real tokens (an integer 0 / 1 mask reads as bool;
+                padding is left out of the context mean).
             state: ``(feature_sum [B, h], count [B])`` fp32 of earlier chunks (KV-cached
                 generation), as returned in ``SaliencyOutput.state``.
             generator: RNG for the Gumbel noise.
@@ -216,8 +217,10 @@ class UnifiedSaliencyNetwork(nn.Module):
         bsz, seq_len, _ = hidden.shape
         if valid is not None and tuple(check_tensor("valid", valid).shape) != (bsz, seq_len):
             raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
-        if valid is not None and valid.dtype != torch.bool:  # 0.5 / 2 weighted the context
-            raise ValueError(f"valid: expected a bool mask, got {valid.dtype}")
+        if valid is not None and (valid.is_floating_point() or valid.is_complex()):
+            # 0.5 / 2 weighted the context mean; an integer mask (0 / 1) is read as bool
+            raise ValueError(f"valid: expected a bool (or integer 0 / 1) mask, got "
+                             f"{valid.dtype}")
         if state is not None:
             self._check_state(state, bsz)
         weight = self.score_head.weight
@@ -227,7 +230,7 @@ class UnifiedSaliencyNetwork(nn.Module):
         # the running context is summed in fp32 whatever the compute dtype (autocast): in
         # bf16, 256 + 1 == 256, and the cached count would stop growing
         w = (torch.ones(bsz, seq_len, device=hidden.device) if valid is None
-             else valid.to(device=hidden.device, dtype=torch.float32))
+             else valid.to(device=hidden.device).bool().float())
         if valid is not None:  # padded rows read as zeros: a NaN / inf there (fully masked
             # attention rows) would reach the real tokens' context, and every weight gradient
             hidden = torch.where(w[..., None] > 0, hidden, 0.0)
