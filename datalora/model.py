@@ -34,7 +34,7 @@ from datalora.io import (
     save_tensors,
 )
 from datalora.layers import MoLoRALinear, adapters_off
-from datalora.nf4_linear import NF4Linear, is_nf4_base
+from datalora.nf4_linear import NF4Linear, is_nf4_base, quantize_linear
 from datalora.ops.backends import CUDA_BACKEND_SCOPE
 from datalora.pruning import (
     GRADIENT_CHECKPOINTING_REFUSED,
@@ -181,14 +181,13 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
                              f"model); {not_nf4} are 16-bit layers; {CUDA_BACKEND_SCOPE}")
     built = []
     for name, module, quantize, backend in plan:
-        try:
-            built.append(MoLoRALinear(
-                module, num_experts=config.num_lora_experts, rank=config.lora_rank,
-                alpha=config.lora_alpha, top_k=config.num_active_experts,
-                dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=backend, quantize=quantize))
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{name}: {err}") from err
+        # quantized here so that an error names the model's layer ("model.layers.1.mlp...")
+        base = quantize_linear(module, quantize, name=name) if quantize else module
+        built.append(MoLoRALinear(
+            base, num_experts=config.num_lora_experts, rank=config.lora_rank,
+            alpha=config.lora_alpha, top_k=config.num_active_experts,
+            dropout=config.lora_dropout, router=config.routing == "per_layer",
+            backend=backend, quantize=quantize))
     for (name, _, _, _), layer in zip(plan, built, strict=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
