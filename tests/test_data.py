@@ -782,7 +782,7 @@ def test_collator_refuses_bad_arguments(kwargs, match):
     # ("cannot reshape tensor of 0 elements")
     ([{"input_ids": [], "task_id": 0}], ValueError,
      r"^features: feature 0 has no tokens \(empty input_ids\)$"),
-    # labels all -100: rows of only such features trained the whole run with lm_loss nan,
+    # attention_mask all 0: rows of only such features trained the whole run with lm_loss nan,
     # then failed at the end ("scores: no valid token scores to calibrate on")
     ([{"input_ids": [1, 2], "task_id": 0},
       {"input_ids": [1, 2], "attention_mask": [0, 0], "task_id": 0}], ValueError,
