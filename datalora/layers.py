@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
-from datalora import ops
+from datalora import nf4, ops
 from datalora.checks import check_bool, check_finite, check_int
 from datalora.init_linear import NormalInitLinear
 from datalora.nf4 import NF4Tensor
@@ -119,6 +119,8 @@ class MoLoRALinear(nn.Module):
         if quantize is not None:
             base_layer = quantize_linear(base_layer, quantize, name="base_layer")
         self._nf4_base = is_nf4_base(base_layer)
+        if self._nf4_base:  # a bitsandbytes base has no NF4Linear to do it
+            nf4.warm_code_table(base_layer.weight.device)
         if not (self._nf4_base or isinstance(base_layer, nn.Linear)):
             raise TypeError("base_layer: expected nn.Linear, NF4Linear or nf4 bnb.nn.Linear4bit, "
                             f"got {type(base_layer).__name__}")

@@ -67,6 +67,15 @@ def code_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+def warm_code_table(device: torch.device | str) -> None:
+    """Caches the code table on ``device`` now (an NF4 layer built or moved there): a
+    process that compiles before any eager call would otherwise never cache it, and each
+    compiled call would copy it to the device (a sync on a GPU; no CUDA graph)."""
+    device = torch.device(device)
+    if device.type != "meta" and not torch.compiler.is_compiling():
+        code_table(device)
+
+
 # Decision boundaries: a scaled value goes to the highest level whose lower midpoint it exceeds.
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 

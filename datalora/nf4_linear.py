@@ -131,6 +131,7 @@ class NF4Linear(nn.Module):
         for name in _FIELDS:
             self.register_buffer(f"weight_{name}", getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        nf4.warm_code_table(weight.data.device)
 
     @property
     def weight(self) -> NF4Tensor:
@@ -185,6 +186,7 @@ class NF4Linear(nn.Module):
         if cast_to in nf4.FLOAT_DTYPES:
             shape, _, blocksize = self._meta
             self._meta = (shape, cast_to, blocksize)
+        nf4.warm_code_table(self.weight_data.device)
         return self
 
     def get_extra_state(self) -> torch.Tensor:

@@ -667,6 +667,8 @@ def test_nf4_training_compiles_before_any_eager_call(monkeypatch):
 
     monkeypatch.setattr(nf4, "_CODE_TABLES", {})
     q = NF4Linear.from_linear(_linear(64, 32))
+    assert torch.device("cpu") in nf4._CODE_TABLES  # built with the layer, not in a graph
+    monkeypatch.setattr(nf4, "_CODE_TABLES", {})  # as on a device it was never built on
     x = torch.randn(3, 64, requires_grad=True)
     with torch._dynamo.config.patch(disable=False):  # off in this module
         y = torch.compile(q, backend="aot_eager")(x)
