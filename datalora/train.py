@@ -667,6 +667,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+# TrainingArguments fields whose bad values failed deep in torch or the optimizer
+# ("batch_size should be a positive integer value", "Invalid learning rate: -1")
+_TRAINER_COUNTS = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+                   "gradient_accumulation_steps": 1}
+_TRAINER_NUMBERS = {"learning_rate": (0, True), "weight_decay": (0, True),
+                    "warmup_steps": (0, True), "num_train_epochs": (0, False)}
+
+
 def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
                         eval_dataset: Any = None) -> dict[str, Any]:
     """``extra`` validated (a mapping of real ``TrainingArguments`` fields, and an
@@ -680,6 +688,12 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
     unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"trainer_args: {unknown} are not TrainingArguments fields")
+    for name, low in _TRAINER_COUNTS.items():  # torch / the optimizer named no field
+        if name in extra:
+            check_int(f"trainer_args.{name}", extra[name], low=low)
+    for name, (low, inclusive) in _TRAINER_NUMBERS.items():
+        if name in extra:
+            check_number(f"trainer_args.{name}", extra[name], low=low, low_inclusive=inclusive)
     strategy = extra.get("eval_strategy", "no")
     if str(getattr(strategy, "value", strategy)) != "no" and eval_dataset is None:
         raise ValueError(f"trainer_args: eval_strategy={strategy!r} needs eval rows: set "

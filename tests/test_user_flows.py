@@ -371,6 +371,10 @@ def test_train_checks_data_and_flags_before_loading_the_model(tmp_path, monkeypa
             ({"dataset": good, "logging_steps": 0}, ValueError, r"logging_steps: expected"),
             ({"dataset": good, "epochs": 0}, ValueError, r"^epochs: expected"),
             ({"dataset": good, "seed": "abc"}, ValueError, r"seed: expected"),
+            ({"dataset": good, "trainer_args": {"per_device_train_batch_size": 0}}, ValueError,
+             r"^trainer_args\.per_device_train_batch_size: expected an int >= 1, got 0"),
+            ({"dataset": good, "trainer_args": {"learning_rate": -1}}, ValueError,
+             r"^trainer_args\.learning_rate: expected a finite number >= 0, got -1"),
             ({"dataset": good, "seed": -1}, ValueError,  # numpy's error named no argument
              r"^seed: expected an int in \[0, 4294967295\], got -1"),
             ({"dataset": good, "curriculum_mode": "linear"}, ValueError,
