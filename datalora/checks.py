@@ -45,6 +45,28 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_flag(name: str, value: object) -> bool:
+    """``bool(value)`` for a ``bool``, a numpy bool or the integers 0 / 1 (flags callers
+    pass as numbers); otherwise TypeError ``"{name}: expected a bool, got {value!r}"`` (a
+    string such as ``"no"`` would read as True)."""
+    value = as_scalar(value)
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def as_scalar(value: object) -> object:
+    """A one-value tensor or numpy array / number as its Python number (else ``value``):
+    what a ``datasets`` row in torch / numpy format or a Trainer state may hold."""
+    if getattr(value, "ndim", None) is not None and callable(getattr(value, "item", None)):
+        size = getattr(value, "size", None)
+        count = value.numel() if callable(getattr(value, "numel", None)) else (
+            size if isinstance(size, int) else None)
+        if count == 1:
+            return value.item()
+    return value
+
+
 def check_number(name: str, value: object, *, low: float | None = None,
                  low_inclusive: bool = True, high: float | None = None,
                  high_inclusive: bool = True) -> float:

@@ -20,9 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from datalora.checks import check_fractions, check_int, check_number
+from datalora.checks import as_scalar, check_fractions, check_int, check_number
 
 if TYPE_CHECKING:  # datalora.config imports this module
     from datalora.config import DATALORAConfig
@@ -69,21 +67,12 @@ def check_temperature_order(temperature_init: float, temperature_final: float) -
                          f"temperature_final), got {temperature_final}")
 
 
-def _scalar(value: Any) -> Any:
-    """A one-value tensor or 0-d numpy array as its Python number (else ``value``)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        return value.item()
-    return value
-
-
 def _position(name: str, value: Any, *, integer: bool = False, low: float | None = None):
     """A step (``integer``: an int, or a float / one-value tensor holding one) or an epoch
     as a checked Python number; NaN, strings and fractional steps are refused."""
     if integer and type(value) is int and (low is None or value >= low):  # the Trainer's
         return value
-    value = _scalar(value)
+    value = as_scalar(value)
     if integer:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -163,7 +152,8 @@ class CurriculumScheduler:
         """The schedule at a training fraction ``progress`` in [0, 1]."""
         # NaN compared False with every boundary: "hardening", silently
         if type(progress) is not float or not 0.0 <= progress <= 1.0:  # fast path: NaN fails
-            progress = check_number("progress", _scalar(progress), low=0, high=1)
+            # finite values past an end (a computed step / total may drift) are clamped
+            progress = min(max(check_number("progress", as_scalar(progress)), 0.0), 1.0)
         warm, sparse, _ = self.split
         # compare as phase_boundaries() does: 0.1 + 0.2 is 0.30000000000000004, which would
         # keep step 90 of 300 in sparsification although the boundary is 90
@@ -232,8 +222,9 @@ class CurriculumScheduler:
             state["temperature_init"], state["temperature_final"], state["target_retention"],
             state["split"], total_steps=state["total_steps"], num_epochs=state["num_epochs"],
             mode=state["mode"])
-        restored.step_count = check_int("state['step_count']", state["step_count"], low=0)
-        restored.epoch = check_number("state['epoch']", state["epoch"], low=0)
+        restored.step_count = _position("state['step_count']", state["step_count"],
+                                        integer=True, low=0)  # 4.0 after a JSON round trip
+        restored.epoch = _position("state['epoch']", state["epoch"], low=0)
         self.__dict__.update(restored.__dict__)
 
     def __repr__(self) -> str:

@@ -32,13 +32,13 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sized
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, has_length
 
 from datalora.checkpoints import check_resumable, last_complete_checkpoint, saved_trainer_state
 from datalora.checks import check_int
@@ -691,7 +691,7 @@ class DATALORATrainer(Trainer):
             raise ValueError("model: has no trainable parameters (DATALORAModel.from_pretrained "
                              "loads an adapter frozen for inference; pass is_trainable=True "
                              "to train it further)")
-        if isinstance(self.train_dataset, Sized) and len(self.train_dataset) == 0:
+        if has_length(self.train_dataset) and len(self.train_dataset) == 0:
             # failed in torch's sampler: "num_samples should be a positive integer value"
             raise ValueError("train_dataset: empty (0 rows), nothing to train on")
         if resume_from_checkpoint is True:

@@ -459,14 +459,33 @@ def test_scoring_runs_in_eval_mode_and_restores_the_modes(tok):
     assert model.training and not frozen.training      # each module's own mode is back
 
 
-def test_generate_synthetic_takes_a_dataset_and_the_default_top_p(tok):
-    """The row checks added on 2026-12-05 refused a datasets.Dataset of seed rows (not a
-    Sequence) and top_p=None (transformers' default), both taken before."""
+def test_titok_takes_the_row_and_number_formats_pipelines_give(tok):
+    """The checks added on 2026-12-05 refused what worked before: a datasets.Dataset, a
+    streamed dataset or a generator of seed rows, top_p=None (transformers' default),
+    do_sample / drop_empty as 0 / 1 or numpy bools, offsets in a float array; a numpy
+    temperature passed the check and failed in transformers; contrastive_excess sliced a
+    Dataset into a dict of columns; train_masked failed on [1, L] tensor labels."""
+    import numpy as np
+
     datasets = pytest.importorskip("datasets")
+    peft = pytest.importorskip("peft")
     seeds = datasets.Dataset.from_list([ROW])
-    [row] = generate_synthetic(_small(), tok, seeds, max_new_tokens=2, top_p=None,
-                               progress=False)
-    assert row["question"] == ROW["question"]
+    model = _small()
+    for rows in (seeds, seeds.to_iterable_dataset(), (r for r in [ROW])):
+        [row] = generate_synthetic(model, tok, rows, max_new_tokens=2, top_p=None,
+                                   do_sample=np.True_, temperature=np.float32(0.7),
+                                   progress=False)
+        assert row["question"] == ROW["question"]
+    generate_synthetic(model, tok, [ROW], max_new_tokens=2, do_sample=0, progress=False)
+    lora = peft.get_peft_model(_small(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    [scored] = contrastive_excess(lora, tok, datasets.Dataset.from_list([ROW]))
+    examples, _ = build_masked_examples([scored], tok, drop_empty=1)
+    assert len(examples) == 1
+    spans = np.array([[0.0, 3.0], [3.0, 5.0]])
+    assert align_token_scores(spans, torch.tensor([1.0, 2.0]), spans).tolist() == [1.0, 2.0]
+    example = tokenize_example(ROW, tok, 64)
+    example = {k: torch.tensor([v]) for k, v in example.items()}  # [1, L]
+    assert len(train_masked(_small(), tok, [example], steps=1, progress=False)) == 1
 
 
 def test_batch_sizes_below_one_are_refused_by_name(tok):

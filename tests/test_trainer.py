@@ -820,6 +820,12 @@ def test_an_empty_train_dataset_is_refused_by_name(tmp_path):
     trainer.train_dataset = Stream()
     trainer.train()
     assert trainer.state.global_step == 1
+    # a ChainDataset of streams has __len__, which raises: the Trainer's has_length says so
+    trainer.train_dataset = torch.utils.data.ChainDataset([Stream(), Stream()])
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert trainer.state.global_step == 2
+
 
 def test_trainer_trains_a_bitsandbytes_4bit_base(tmp_path):
     """A QLoRA-style load (from_pretrained with BitsAndBytesConfig): transformers' Trainer

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from datalora.checks import check_bool
+from datalora.checks import as_scalar, check_flag
 from datalora.data import (
     IGNORE_INDEX,
     format_prompt,
@@ -68,8 +68,9 @@ def _check_spans(name: str, offsets: Any) -> list[tuple[int, int]]:
                         f"{type(offsets).__name__}") from None
     out = []
     for i, span in enumerate(spans):
-        try:
-            start, end = (operator.index(v) for v in span)
+        try:  # ints, or floats holding whole numbers (offsets through a float array)
+            start, end = (operator.index(v) if not isinstance(v, float) or not v.is_integer()
+                          else int(v) for v in (as_scalar(v) for v in span))
         except (TypeError, ValueError):
             raise TypeError(f"{name}: span {i} is {span!r}, expected a (start, end) pair of "
                             f"ints") from None
@@ -193,7 +194,7 @@ def build_masked_examples(scored: Sequence[ScoredSample], tokenizer: Any, *,
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
-    check_bool("drop_empty", drop_empty)
+    drop_empty = check_flag("drop_empty", drop_empty)
     for i, sample in enumerate(scored):
         if not isinstance(sample, ScoredSample):
             raise TypeError(f"scored: expected ScoredSample objects (from contrastive_excess), "

@@ -235,6 +235,7 @@ def contrastive_excess(lora_model: nn.Module, tokenizer: Any,
     else:
         _check_separate_base(lora_model, base_model)
     check_rows("rows", rows, "response")
+    rows = list(rows)  # a datasets.Dataset sliced to a dict of columns
     if rows:
         response_offsets(tokenizer, rows[0]["response"])  # fail before the forward passes
     lora_lp = response_log_probs(lora_model, tokenizer, rows, batch_size=batch_size,

@@ -3,14 +3,14 @@ adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from datalora.checks import check_bool, check_int, check_number
+from datalora.checks import as_scalar, check_flag, check_int, check_number
 from datalora.data import (
     format_prompt,
     prompt_inputs,
@@ -40,18 +40,28 @@ def _decode_whole_characters(tokenizer: Any, ids: list[int]) -> str:
 
 
 def check_generation(seed_rows: Any, samples_per_prompt: Any, max_new_tokens: Any,
-                     do_sample: Any, temperature: Any, top_p: Any) -> None:
+                     do_sample: Any, temperature: Any, top_p: Any
+                     ) -> tuple[list[Any], bool, Any, Any]:
     """The generation arguments of :func:`generate_synthetic` (``temperature`` and ``top_p``
-    only when sampling); a ValueError / TypeError naming the first bad one."""
+    only when sampling); a ValueError / TypeError naming the first bad one. Returns
+    ``(seed rows as a list, do_sample, temperature, top_p)`` as Python values (a generator
+    or streamed dataset of rows is read once; numpy numbers, which transformers refuses,
+    become floats)."""
+    if isinstance(seed_rows, Iterable) and not isinstance(seed_rows, (str, bytes, Mapping)):
+        seed_rows = list(seed_rows)
     check_rows("seed_rows", seed_rows, "question")
     if not seed_rows:
         raise ValueError("seed_rows: expected at least one seed prompt, got none")
     check_int("samples_per_prompt", samples_per_prompt, low=1)
     check_int("max_new_tokens", max_new_tokens, low=1)
-    if check_bool("do_sample", do_sample):
-        check_number("temperature", temperature, low=0, low_inclusive=False)
+    do_sample = check_flag("do_sample", do_sample)
+    if do_sample:
+        temperature = check_number("temperature", as_scalar(temperature), low=0,
+                                   low_inclusive=False)
         if top_p is not None:  # None: transformers' default
-            check_number("top_p", top_p, low=0, low_inclusive=False, high=1)
+            top_p = check_number("top_p", as_scalar(top_p), low=0, low_inclusive=False,
+                                 high=1)
+    return seed_rows, do_sample, temperature, top_p
 
 
 @torch.no_grad()
@@ -78,8 +88,8 @@ def generate_synthetic(model: nn.Module, tokenizer: Any, seed_rows: Sequence[dic
         rather than decoded to U+FFFD), with ``samples_per_prompt * len(seed_rows)``
         rows.
     """
-    check_generation(seed_rows, samples_per_prompt, max_new_tokens, do_sample, temperature,
-                     top_p)
+    seed_rows, do_sample, temperature, top_p = check_generation(
+        seed_rows, samples_per_prompt, max_new_tokens, do_sample, temperature, top_p)
     batch_size = check_int("batch_size", batch_size, low=1)
     seed = check_int("seed", seed)
     device = model_device(model)

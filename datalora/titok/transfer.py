@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from datalora.checks import check_bool, check_int, check_number
+from datalora.checks import as_scalar, check_flag, check_int, check_number
 from datalora.data import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -37,8 +38,8 @@ def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, 
     check_rows("examples", examples, "input_ids", "labels", item="example")
     if not examples:
         raise ValueError("examples: expected at least one training example, got none")
-    unlabelled = [i for i, ex in enumerate(examples)
-                  if all(v == IGNORE_INDEX for v in ex["labels"])]
+    unlabelled = [i for i, ex in enumerate(examples)  # labels: a list, [L] or [1, L]
+                  if not torch.as_tensor(ex["labels"]).ne(IGNORE_INDEX).any()]
     if unlabelled:
         raise ValueError(f"examples: {len(unlabelled)} examples have no label (every label "
                          f"{IGNORE_INDEX}; first: index {unlabelled[0]}); a batch of them has "
@@ -154,11 +155,11 @@ def titok_transfer(source_model: nn.Module, source_tokenizer: Any, target_model:
     """
     check_fraction("sample_keep", sample_keep)
     check_fraction("token_keep", token_keep)
-    check_bool("drop_empty", drop_empty)
-    check_int("seed", seed)
+    drop_empty = check_flag("drop_empty", drop_empty)
+    seed = check_int("seed", as_scalar(seed))  # a numpy int failed in random.Random later
     if synthetic is None:
-        check_generation(seed_rows, samples_per_prompt, max_new_tokens, do_sample,
-                         temperature, top_p)
+        seed_rows, do_sample, temperature, top_p = check_generation(
+            seed_rows, samples_per_prompt, max_new_tokens, do_sample, temperature, top_p)
     # one name as a str (list("q_proj") would target the modules "q", "_", "p", ...)
     target_modules = [target_modules] if isinstance(target_modules, str) \
         else list(target_modules)
