@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from datalora.checks import check_int
+from datalora.checks import as_scalar, check_int
 
 __all__ = [
     "COLUMNS",
@@ -849,8 +849,10 @@ def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
     elif isinstance(tasks, Mapping) or not isinstance(tasks, Iterable):
         got = type(tasks).__name__
     else:
-        names = tuple(tasks)  # a list, tuple or numpy array of names
-        if all(isinstance(t, str) for t in names):  # numpy's str_ is one
+        names = tuple(as_scalar(t) for t in tasks)  # a list, tuple, numpy array, range
+        # names are labels: numbers (task ids) read as their text; numpy's str_ is a str
+        if all(isinstance(t, str) or (isinstance(t, numbers.Real) and not isinstance(t, bool))
+               for t in names):
             return tuple(str(t) for t in names)
         got = f"{tasks!r:.80}"
     raise TypeError(f"{name}: expected a sequence of task names, got {got}")
@@ -926,10 +928,8 @@ class CausalLMCollator:
                                  "(e.g. to its eos_token) or pass pad_token_id")
         self.pad_token_id = check_int("pad_token_id", self.pad_token_id, error=TypeError)
         # a float was truncated (1.5 labelled padding as token 1), a string failed in torch
-        label_pad = self.label_pad_token_id
-        if isinstance(label_pad, torch.Tensor) and label_pad.numel() == 1:
-            label_pad = label_pad.item()
-        self.label_pad_token_id = check_int("label_pad_token_id", label_pad, error=TypeError)
+        self.label_pad_token_id = check_int("label_pad_token_id",
+                                            as_scalar(self.label_pad_token_id), error=TypeError)
         if self.pad_to_multiple_of is not None:
             self.pad_to_multiple_of = check_int("pad_to_multiple_of", self.pad_to_multiple_of,
                                                 low=1)
@@ -949,9 +949,7 @@ class CausalLMCollator:
     def _task_id(self, feature: Mapping[str, Any], i: int) -> int:
         if "task_id" in feature:  # int() truncated 2.7 to 2
             task_id = feature["task_id"]
-            if (isinstance(task_id, torch.Tensor) and task_id.numel() == 1) or (
-                    getattr(task_id, "ndim", None) == 0 and hasattr(task_id, "item")):
-                task_id = task_id.item()  # torch / numpy formats of a datasets.Dataset
+            task_id = as_scalar(task_id)  # torch / numpy formats of a datasets.Dataset
             if isinstance(task_id, float) and task_id.is_integer():
                 task_id = int(task_id)
             if isinstance(task_id, bool) or not isinstance(task_id, numbers.Integral):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from datalora.checks import check_bool, check_int, check_number
+from datalora.checks import as_scalar, check_bool, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.io import (
@@ -466,8 +466,8 @@ class DATALORAModel(nn.Module):
         inside on float ids, with an IndexError on ids past the vocabulary and a
         ZeroDivisionError for ``num_beams=0``).
         """
-        self._check_generate_inputs(args[0] if args else kwargs.get("input_ids"),
-                                    kwargs.get("num_beams"))
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        self._check_generate_inputs(ids, kwargs.get("num_beams"))
         if self.training:
             warnings.warn("generate(): the model is in training mode, so routing and token "
                           "selection are noisy (Gumbel noise) and the output is random, and "
@@ -486,8 +486,8 @@ class DATALORAModel(nn.Module):
         return self.base_model.generate(*args, **kwargs)
 
     def _check_generate_inputs(self, input_ids: Any, num_beams: Any) -> None:
-        if num_beams is not None:
-            check_int("num_beams", num_beams, low=1)
+        if num_beams is not None:  # a one-value tensor / numpy number worked: still does
+            check_int("num_beams", as_scalar(num_beams), low=1)
         if not isinstance(input_ids, torch.Tensor) or input_ids.numel() == 0:
             return
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:

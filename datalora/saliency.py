@@ -204,8 +204,8 @@ class UnifiedSaliencyNetwork(nn.Module):
 
         Args:
             hidden: ``[B, L, d]``; L = 0 gives empty outputs and passes ``state`` through.
-            valid: ``[B, L]`` bool real tokens (an integer 0 / 1 mask reads as bool;
-                padding is left out of the context mean).
+            valid: ``[B, L]`` real tokens, any dtype read as bool (nonzero = real: a float
+                mask's 0.5 or 2 weighted the context mean); padding is left out of it.
             state: ``(feature_sum [B, h], count [B])`` fp32 of earlier chunks (KV-cached
                 generation), as returned in ``SaliencyOutput.state``.
             generator: RNG for the Gumbel noise.
@@ -217,10 +217,6 @@ class UnifiedSaliencyNetwork(nn.Module):
         bsz, seq_len, _ = hidden.shape
         if valid is not None and tuple(check_tensor("valid", valid).shape) != (bsz, seq_len):
             raise ValueError(f"valid: expected shape {(bsz, seq_len)}, got {tuple(valid.shape)}")
-        if valid is not None and (valid.is_floating_point() or valid.is_complex()):
-            # 0.5 / 2 weighted the context mean; an integer mask (0 / 1) is read as bool
-            raise ValueError(f"valid: expected a bool (or integer 0 / 1) mask, got "
-                             f"{valid.dtype}")
         if state is not None:
             self._check_state(state, bsz)
         weight = self.score_head.weight

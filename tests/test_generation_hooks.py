@@ -289,6 +289,10 @@ def test_generate_names_ids_it_cannot_embed_and_a_bad_num_beams():
     with pytest.raises(ValueError, match="num_beams: expected an int >= 1, got 0"):
         model.generate(input_ids=ids, max_new_tokens=1, num_beams=0)
     assert model.generate(input_ids=ids, max_new_tokens=1, **GREEDY).shape == (1, 6)
+    with pytest.raises(ValueError, match="input_ids: expected integer token ids"):
+        model.generate(inputs=ids.float(), max_new_tokens=1, **GREEDY)  # transformers' name
+    out = model.generate(ids, max_new_tokens=1, num_beams=torch.tensor(2), **GREEDY)
+    assert out.shape == (1, 6)  # a one-value tensor passed before the check: still does
 
 
 def test_threshold_calibrated_for_another_retention_warns():

@@ -1497,6 +1497,9 @@ def test_a_sampling_temperature_that_is_not_a_number_is_named(adapter_dirs):
         with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
             mixer.generate(ids(B=1), 2, do_sample=True, temperature=bad)
     assert mixer.generate(ids(B=1), 2, temperature="unused", eos_token_id=[]).shape == (1, 9)
+    out = mixer.generate(ids(B=1), 2, do_sample=True, temperature=torch.tensor(0.7),
+                         eos_token_id=[])  # a one-value tensor worked before the check
+    assert out.shape == (1, 9)
 
 
 def test_names_as_one_string_is_refused(adapter_dirs):

@@ -790,7 +790,7 @@ def test_task_names_default_to_the_collators_tasks(tmp_path):
 @pytest.mark.parametrize("task_names, match", [
     ("abc", r"^task_names: expected a sequence of task names, got the string 'abc'$"),
     (5, r"^task_names: expected a sequence of task names, got int$"),
-    (["a", 1], r"^task_names: expected a sequence of task names, got \['a', 1\]$"),
+    (["a", None], r"^task_names: expected a sequence of task names, got \['a', None\]$"),
 ])
 def test_task_names_must_be_a_list_of_names(tmp_path, task_names, match):
     """``task_names="abc"`` was taken as ``['a', 'b', 'c']`` (the per-task expert load
@@ -803,6 +803,9 @@ def test_task_names_must_be_a_list_of_names(tmp_path, task_names, match):
     trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
                               data_collator=collate, task_names=("a", "b"))
     assert trainer.task_names == ["a", "b"]
+    trainer = DATALORATrainer(model=model, args=args, train_dataset=PatternData(),
+                              data_collator=collate, task_names=range(2))  # ids as labels
+    assert trainer.task_names == ["0", "1"]
 
 def test_an_empty_train_dataset_is_refused_by_name(tmp_path):
     """``train_dataset=[]`` failed in torch's sampler ("num_samples should be a positive

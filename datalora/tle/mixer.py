@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datalora.checks import check_int, check_number
+from datalora.checks import as_scalar, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
@@ -56,8 +56,10 @@ def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> None:
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids: expected shape [B >= 1, L >= 1], got "
                          f"{tuple(input_ids.shape)}")
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                       or attention_mask.shape != input_ids.shape):
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor or None, got "
+                        f"{type(attention_mask).__name__}")  # a numpy mask: "got (2, 22)"
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
     # every value fact in one transfer to the host (one sync per forward on a GPU): the
@@ -605,8 +607,9 @@ class TokenLevelAdapterMixer(nn.Module):
             raise ValueError(f"attention_mask: expected ones of shape {tuple(input_ids.shape)} "
                              f"(generate takes one sequence without padding)")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
-        if do_sample:
-            check_number("temperature", temperature, low=0, low_inclusive=False)
+        if do_sample:  # a one-value tensor / numpy number worked before the check: still does
+            temperature = check_number("temperature", as_scalar(temperature), low=0,
+                                       low_inclusive=False)
         stop = self._stop_ids(eos_token_id)
         ids = input_ids.to(self.device)
         P = ids.shape[1]
