@@ -192,10 +192,13 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
+        parent = os.getppid()
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
-            pass
+            return
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal
+            os._exit(1)
 
 
 def _triton_worker() -> None:
@@ -350,7 +353,8 @@ def cuda_cache_file(version: str) -> pathlib.Path:
 
 def cuda_results(use_cache: bool = True) -> list[dict] | None:
     """ptxas rows of every csrc/ kernel for each arch; None without nvcc. A failed compile
-    becomes one ``error`` row for that arch."""
+    becomes one ``error`` row for that arch; a killed one (an interrupted run) raises
+    RuntimeError and caches nothing."""
     version = nvcc_version()
     if version is None:
         return None
@@ -523,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler installed from C, not restorable
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args: argparse.Namespace) -> int:

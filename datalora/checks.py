@@ -12,6 +12,8 @@ import math
 import numbers
 import os
 
+import torch
+
 
 def _bounds(low: float | None, low_inclusive: bool, high: float | None,
             high_inclusive: bool) -> str:
@@ -46,24 +48,26 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_flag(name: str, value: object) -> bool:
-    """``bool(value)`` for a ``bool``, a numpy bool or the integers 0 / 1 (flags callers
-    pass as numbers); otherwise TypeError ``"{name}: expected a bool, got {value!r}"`` (a
-    string such as ``"no"`` would read as True)."""
-    value = as_scalar(value)
-    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return bool(value)
+    """``bool(value)`` for a ``bool`` or the integers 0 / 1, also as a one-value tensor or
+    numpy value (:func:`as_scalar`: flags callers pass as numbers); otherwise TypeError
+    ``"{name}: expected a bool, got {value!r}"`` (a string such as ``"no"`` would read as
+    True)."""
+    number = as_scalar(value)
+    if isinstance(number, bool) or (isinstance(number, numbers.Integral) and number in (0, 1)):
+        return bool(number)
     raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
 def as_scalar(value: object) -> object:
-    """A one-value tensor or numpy array / number as its Python number (else ``value``):
-    what a ``datasets`` row in torch / numpy format or a Trainer state may hold."""
-    if getattr(value, "ndim", None) is not None and callable(getattr(value, "item", None)):
-        size = getattr(value, "size", None)
-        count = value.numel() if callable(getattr(value, "numel", None)) else (
-            size if isinstance(size, int) else None)
-        if count == 1:
-            return value.item()
+    """A one-value bool / integer / float tensor or numpy array / number as its Python
+    number (else ``value`` unchanged): what a ``datasets`` row in torch / numpy format or a
+    Trainer state may hold."""
+    if isinstance(value, torch.Tensor):
+        numeric = not (value.is_complex() or value.is_meta)
+        return value.item() if numeric and value.numel() == 1 else value
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # numpy
+    if kind is not None and kind in "biuf" and getattr(value, "size", None) == 1:
+        return value.item()
     return value
 
 

@@ -17,6 +17,7 @@ settings) restores it exactly.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,8 +153,13 @@ class CurriculumScheduler:
         """The schedule at a training fraction ``progress`` in [0, 1]."""
         # NaN compared False with every boundary: "hardening", silently
         if type(progress) is not float or not 0.0 <= progress <= 1.0:  # fast path: NaN fails
-            # finite values past an end (a computed step / total may drift) are clamped
-            progress = min(max(check_number("progress", as_scalar(progress)), 0.0), 1.0)
+            # a computed step / total drifting past an end by rounding is clamped
+            value = as_scalar(progress)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and -1e-9 <= value <= 1 + 1e-9):  # NaN fails too
+                raise ValueError(f"progress: expected a finite number in [0, 1], got "
+                                 f"{progress!r}")
+            progress = min(max(float(value), 0.0), 1.0)
         warm, sparse, _ = self.split
         # compare as phase_boundaries() does: 0.1 + 0.2 is 0.30000000000000004, which would
         # keep step 90 of 300 in sparsification although the boundary is 90
@@ -178,8 +184,8 @@ class CurriculumScheduler:
 
     def step(self, step: int | None = None, epoch: float | None = None) -> CurriculumState:
         """Moves to ``step`` (default: the next step) and ``epoch``; returns the new state.
-        ``step``: an int >= 0 (2.7 and "5" were truncated / parsed); ``epoch``: a finite
-        number >= 0."""
+        ``step``: an int >= 0, also as a whole float or a one-value tensor / numpy number
+        (2.7 and "5" were truncated / parsed); ``epoch``: a finite number >= 0."""
         step_count = (self.step_count + 1 if step is None
                       else _position("step", step, integer=True, low=0))
         if epoch is not None:

@@ -841,13 +841,14 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_length:
 
 
 def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
-    """``tasks`` (a list or tuple of strings) as a tuple; otherwise TypeError
-    ``"{name}: expected a sequence of task names, got ..."`` (a string was split into its
-    letters, a number failed as not iterable)."""
+    """``tasks`` (an ordered iterable of names: a list, tuple, numpy array or range; numbers
+    read as their text) as a tuple of strings; otherwise TypeError ``"{name}: expected a
+    sequence of task names, got ..."`` (a string was split into its letters, a number
+    failed as not iterable; a set's order, so the ids, differs per process)."""
     if isinstance(tasks, (str, bytes)):
         got = f"the string {tasks!r}"
-    elif isinstance(tasks, Mapping) or not isinstance(tasks, Iterable):
-        got = type(tasks).__name__
+    elif isinstance(tasks, (Mapping, set, frozenset)) or not isinstance(tasks, Iterable):
+        got = type(tasks).__name__  # a set's order differs per process: ids per rank too
     else:
         names = tuple(as_scalar(t) for t in tasks)  # a list, tuple, numpy array, range
         # names are labels: numbers (task ids) read as their text; numpy's str_ is a str
@@ -898,7 +899,7 @@ class CausalLMCollator:
             ``task`` reaches the collator (and ``task_ids`` popped before the model's
             forward); :class:`~datalora.trainer.DATALORATrainer` keeps the task columns and
             pops ``task_ids`` itself (raw-text rows, tokenized here, still need False).
-        tasks: task names (a list or tuple of strings) for ``task_ids`` (default
+        tasks: task names (see :func:`check_task_names`) for ``task_ids`` (default
             :data:`TASKS`, the embedded tasks; :class:`~datalora.trainer.DATALORATrainer`
             appends the other names its datasets' ``task`` column holds).
 
@@ -957,7 +958,9 @@ class CausalLMCollator:
                                  f"{task_id!r:.60}")
             return int(task_id)
         if "task" in feature:
-            task = feature["task"]
+            task = as_scalar(feature["task"])
+            if isinstance(task, numbers.Real) and not isinstance(task, bool):
+                task = str(task)  # numeric names read as their text, as in tasks=
             if not isinstance(task, str):  # a list failed as unhashable
                 raise ValueError(f"features: feature {i} has task {task!r:.60}, expected a "
                                  f"task name (str)")

@@ -183,11 +183,16 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
     for name, module, quantize, backend in plan:
         # quantized here so that an error names the model's layer ("model.layers.1.mlp...")
         base = quantize_linear(module, quantize, name=name) if quantize else module
-        built.append(MoLoRALinear(
-            base, num_experts=config.num_lora_experts, rank=config.lora_rank,
-            alpha=config.lora_alpha, top_k=config.num_active_experts,
-            dropout=config.lora_dropout, router=config.routing == "per_layer",
-            backend=backend, quantize=quantize))
+        try:
+            built.append(MoLoRALinear(
+                base, num_experts=config.num_lora_experts, rank=config.lora_rank,
+                alpha=config.lora_alpha, top_k=config.num_active_experts,
+                dropout=config.lora_dropout, router=config.routing == "per_layer",
+                backend=backend))
+        except (ValueError, TypeError) as err:  # name the model's layer, not base_layer
+            if type(err) not in (ValueError, TypeError):
+                raise
+            raise type(err)(f"{name}: {err}") from err
     for (name, _, _, _), layer in zip(plan, built, strict=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -467,7 +472,9 @@ class DATALORAModel(nn.Module):
         ZeroDivisionError for ``num_beams=0``).
         """
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        self._check_generate_inputs(ids, kwargs.get("num_beams"))
+        self._check_generate_inputs(ids)
+        if kwargs.get("num_beams") is not None:  # a one-value tensor / numpy number as int
+            kwargs["num_beams"] = check_int("num_beams", as_scalar(kwargs["num_beams"]), low=1)
         if self.training:
             warnings.warn("generate(): the model is in training mode, so routing and token "
                           "selection are noisy (Gumbel noise) and the output is random, and "
@@ -485,9 +492,7 @@ class DATALORAModel(nn.Module):
                                  f"use greedy, sampling or beam search")
         return self.base_model.generate(*args, **kwargs)
 
-    def _check_generate_inputs(self, input_ids: Any, num_beams: Any) -> None:
-        if num_beams is not None:  # a one-value tensor / numpy number worked: still does
-            check_int("num_beams", as_scalar(num_beams), low=1)
+    def _check_generate_inputs(self, input_ids: Any) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.numel() == 0:
             return
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -495,7 +500,7 @@ class DATALORAModel(nn.Module):
         embeddings = self.base_model.get_input_embeddings()
         vocab = getattr(embeddings, "num_embeddings", None)
         if vocab is not None:
-            low, high = (int(v) for v in torch.aminmax(input_ids))  # one sync per call
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync per call
             if low < 0 or high >= vocab:
                 raise ValueError(f"input_ids: expected ids in [0, {vocab}) (the model's "
                                  f"vocabulary), got {low if low < 0 else high}")

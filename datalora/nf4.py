@@ -231,7 +231,9 @@ class NF4Tensor:
         The returned tensor shares storage with the bitsandbytes one, except for a weight
         bitsandbytes (>= 0.49) repacked for CPU inference on a ``Linear4bit``'s first CPU
         forward: its tiling is undone into new tensors (absmax then the bf16 copy
-        bitsandbytes made, without double quant).
+        bitsandbytes made, without double quant), and for the absmax bitsandbytes' undoing
+        of that packing leaves packed (bf16 ``[K / blocksize, N]``): read into a new fp32
+        tensor.
         """
         if isinstance(param, tuple | list):
             if len(param) != 2:

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -593,14 +594,16 @@ def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base, x.dtype)
 
 
+@functools.cache  # the message is built once per pair, not per forward
 def _warn_compute_dtype(compute: torch.dtype, x_dtype: torch.dtype) -> None:
-    """Once per dtype pair: a bnb base whose ``compute_dtype`` is not its input's."""
+    """Once per dtype pair: a bnb base whose ``compute_dtype`` is not its input's (reported
+    at the MoLoRALinear forward that took it)."""
     warn_once(
         f"datalora: a bnb Linear4bit base with compute_dtype={compute} gets {x_dtype} inputs: "
         f"its GEMM runs in {compute} with casts in and out (as bitsandbytes computes), and "
         f"the NF4 fast paths (the CUDA decode kernel, the Triton NF4 GEMM, the one-pass "
         f"no-grad forward) need the two equal; set bnb_4bit_compute_dtype={x_dtype} in "
-        f"BitsAndBytesConfig (or the layer's compute_dtype)")
+        f"BitsAndBytesConfig (or the layer's compute_dtype)", stacklevel=4)
 
 
 def _no_grad_needed(tensors) -> bool:
@@ -629,7 +632,7 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     # take routing of another layout, e.g. [L, B, k] for x [B, L, d], mixing tokens
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     same_dtype = _computes_in_x_dtype(base, x)
-    if not same_dtype:
+    if not same_dtype and not torch.compiler.is_compiling():  # (a cached call: not traced)
         _warn_compute_dtype(nf4_compute_dtype(base, x.dtype), x.dtype)
     tensors = (x, A, B, gates, rank_scale, base.bias)
     if lora_x is x and same_dtype and _fused_decode_ok(x2, t, tensors):

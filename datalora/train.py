@@ -692,6 +692,9 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
         if name in extra:
             check_int(f"trainer_args.{name}", extra[name], low=low)
     for name, (low, inclusive) in _TRAINER_NUMBERS.items():
+        steps = extra.get("max_steps")
+        if name == "num_train_epochs" and isinstance(steps, int) and steps > 0:
+            continue  # transformers ignores the epochs when max_steps is set
         if name in extra:
             check_number(f"trainer_args.{name}", extra[name], low=low, low_inclusive=inclusive)
     strategy = extra.get("eval_strategy", "no")

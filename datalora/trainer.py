@@ -175,7 +175,7 @@ class DATALORATrainer(Trainer):
             (``curriculum_mode="steps"``) or epochs (``"epochs"``: each phase a third of the
             run's epochs, one epoch each with ``num_train_epochs=3`` as the card).
         curriculum_mode: ``"steps"`` or ``"epochs"``.
-        task_names: names (a list or tuple of strings) of the ``task_ids`` values in
+        task_names: names (a list or tuple; numbers read as text) of the ``task_ids`` in
             batches (per-task expert load); default: the data collator's ``tasks`` when it
             has them, after appending (sorted) the names of the ``task`` column of the
             train / eval datasets it lacks (a list of rows or a ``datasets.Dataset``), so

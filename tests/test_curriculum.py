@@ -196,7 +196,9 @@ def test_positions_that_are_not_numbers_are_refused():
     silently meant "hardening"; step() truncated 2.7 and parsed "5"; a NaN epoch was restored
     from a state dict; apply(None) raised AttributeError."""
     s = make(total=10)
+    assert s.state_at_progress(1 + 1e-12).phase == "hardening"  # rounding past the end
     for call, match in [(lambda: s.state_at(step=float("nan")), "step: expected a finite"),
+                        (lambda: s.state_at_progress(50), r"progress: expected .* \[0, 1\]"),
                         (lambda: s.state_at_progress(float("nan")), "progress: expected"),
                         (lambda: s.step(2.7), r"step: expected an int >= 0, got 2\.7"),
                         (lambda: s.step("5"), "step: expected an int"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
@@ -291,8 +292,8 @@ def test_generate_names_ids_it_cannot_embed_and_a_bad_num_beams():
     assert model.generate(input_ids=ids, max_new_tokens=1, **GREEDY).shape == (1, 6)
     with pytest.raises(ValueError, match="input_ids: expected integer token ids"):
         model.generate(inputs=ids.float(), max_new_tokens=1, **GREEDY)  # transformers' name
-    out = model.generate(ids, max_new_tokens=1, num_beams=torch.tensor(2), **GREEDY)
-    assert out.shape == (1, 6)  # a one-value tensor passed before the check: still does
+    for beams in (torch.tensor(2), np.array([2])):  # passed on as the int they hold
+        assert model.generate(ids, max_new_tokens=1, num_beams=beams, **GREEDY).shape == (1, 6)
 
 
 def test_threshold_calibrated_for_another_retention_warns():

@@ -293,6 +293,13 @@ def test_a_failed_wrap_leaves_the_model_as_it_was(monkeypatch):
                                          r"down_proj\.weight: .*NaN"):
         get_datalora_model(model, _cfg(quantize="nf4", routing="per_layer"))
     assert _state(model) == before
+    from datalora import inject_molora
+
+    lazy = _llama()  # an error of the layer, not the quantization, names the layer too
+    lazy.model.layers[0].self_attn.q_proj = nn.LazyLinear(32)
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: base_layer: "
+                                         r"an uninitialized nn\.LazyLinear"):
+        inject_molora(lazy, _cfg(routing="per_layer"))
 
     # a failure after the layers and the pruning hooks are in place undoes both
     def broken(*args, **kwargs):

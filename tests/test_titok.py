@@ -486,6 +486,11 @@ def test_titok_takes_the_row_and_number_formats_pipelines_give(tok):
     example = tokenize_example(ROW, tok, 64)
     example = {k: torch.tensor([v]) for k, v in example.items()}  # [1, L]
     assert len(train_masked(_small(), tok, [example], steps=1, progress=False)) == 1
+    assert len(train_masked(_small(), tok, {"a": example}.values(), steps=1,
+                            progress=False)) == 1  # indexed after the check: a list
+    with pytest.raises(ValueError, match=r"^examples: example 0 has labels \['x'\], expected a "
+                                         r"list of ints"):
+        train_masked(_small(), tok, [{"input_ids": [1], "labels": ["x"]}], steps=1)
 
 
 def test_batch_sizes_below_one_are_refused_by_name(tok):

@@ -791,6 +791,7 @@ def test_task_names_default_to_the_collators_tasks(tmp_path):
     ("abc", r"^task_names: expected a sequence of task names, got the string 'abc'$"),
     (5, r"^task_names: expected a sequence of task names, got int$"),
     (["a", None], r"^task_names: expected a sequence of task names, got \['a', None\]$"),
+    ({"a", "b"}, r"^task_names: expected a sequence of task names, got set$"),  # order
 ])
 def test_task_names_must_be_a_list_of_names(tmp_path, task_names, match):
     """``task_names="abc"`` was taken as ``['a', 'b', 'c']`` (the per-task expert load

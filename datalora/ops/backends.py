@@ -98,17 +98,19 @@ def _triton_gpu_reason(device: torch.device) -> str | None:
             f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
-def warn_once(message: str) -> None:
-    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why);
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """A RuntimeWarning the first time ``message`` comes in eager code (a slower path taken,
+    and why), reported ``stacklevel`` frames up from the caller as ``warnings.warn`` counts;
     nothing while torch.compile traces (dynamo cannot trace ``warnings.warn``: every call
-    of a compiled layer would break its graph)."""
+    of a compiled layer would break its graph), so code that only ever runs compiled is
+    not warned."""
     if not torch.compiler.is_compiling():
-        _warn_once(message)
+        _warn_once(message, stacklevel + 2)
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+def _warn_once(message: str, stacklevel: int) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:

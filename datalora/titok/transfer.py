@@ -27,6 +27,14 @@ from datalora.titok.excess import (
 from datalora.titok.synthetic import check_generation, generate_synthetic
 
 
+def _labels(labels: Any, i: int) -> torch.Tensor:
+    try:
+        return torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):  # strings, ragged lists, None
+        raise ValueError(f"examples: example {i} has labels {labels!r:.60}, expected a list "
+                         f"of ints") from None
+
+
 def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], *,
                  steps: int, batch_size: int = 8, lr: float = 2e-2, seed: int = 0,
                  progress: bool = True) -> list[float]:
@@ -36,10 +44,11 @@ def train_masked(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, 
         The loss of every step.
     """
     check_rows("examples", examples, "input_ids", "labels", item="example")
+    examples = list(examples)  # indexed by the batching (a dict_values is not)
     if not examples:
         raise ValueError("examples: expected at least one training example, got none")
     unlabelled = [i for i, ex in enumerate(examples)  # labels: a list, [L] or [1, L]
-                  if not torch.as_tensor(ex["labels"]).ne(IGNORE_INDEX).any()]
+                  if not _labels(ex["labels"], i).ne(IGNORE_INDEX).any()]
     if unlabelled:
         raise ValueError(f"examples: {len(unlabelled)} examples have no label (every label "
                          f"{IGNORE_INDEX}; first: index {unlabelled[0]}); a batch of them has "

@@ -61,7 +61,7 @@ def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> None:
                         f"{type(attention_mask).__name__}")  # a numpy mask: "got (2, 22)"
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
-                         f"input_ids), got {tuple(getattr(attention_mask, 'shape', ()))}")
+                         f"input_ids), got {tuple(attention_mask.shape)}")
     # every value fact in one transfer to the host (one sync per forward on a GPU): the
     # ids' range, the mask's values other than 0 / 1 and its rows without a token
     facts = [input_ids.min().view(1), input_ids.max().view(1)]
@@ -600,9 +600,11 @@ class TokenLevelAdapterMixer(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape [1, P >= 1], got "
                              f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask: expected a torch.Tensor or None, got "
+                            f"{type(attention_mask).__name__}")
         if attention_mask is not None and (
-                not isinstance(attention_mask, torch.Tensor)
-                or tuple(attention_mask.shape) != tuple(input_ids.shape)
+                tuple(attention_mask.shape) != tuple(input_ids.shape)
                 or not bool((attention_mask == 1).all())):
             raise ValueError(f"attention_mask: expected ones of shape {tuple(input_ids.shape)} "
                              f"(generate takes one sequence without padding)")
