@@ -599,9 +599,11 @@ def test_a_bnb_base_computing_in_another_dtype_warns_once():
     """bf16 inputs into a Linear4bit with compute_dtype fp32 (BitsAndBytesConfig's default)
     skip the NF4 fast paths, which dequantize to x's dtype: said once per dtype pair (bnb's
     own warning for this never runs, its forward being bypassed); nothing when they agree."""
+    from datalora.nf4_linear import _warn_compute_dtype
     from datalora.ops.backends import _warn_once
 
     _warn_once.cache_clear()
+    _warn_compute_dtype.cache_clear()  # another test of this process may have warned
     m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4)
     x = torch.randn(3, 64)
     with warnings.catch_warnings():
