@@ -205,6 +205,11 @@ class NF4Tensor:
         if isinstance(device, torch.dtype):
             raise TypeError(f"device: NF4Tensor.to takes a device, got dtype {device}; "
                             f"dequantize(dtype) gives a float tensor")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:  # "gpu0": torch's message named nothing
+            raise ValueError(f"device: expected a torch.device or a device name such as "
+                             f"'cuda:0', got {device!r} ({exc})") from None
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
     def absmax_float(self) -> torch.Tensor:

@@ -767,6 +767,10 @@ def test_nf4_api_errors_name_what_the_user_passed():
     assert t.blocksize == 64 and type(t.blocksize) is int
     with pytest.raises(TypeError, match="NF4Tensor.to takes a device, got dtype"):
         t.to(torch.float16)
+    with pytest.raises(ValueError, match="^device: expected a torch.device or a device name "
+                                         "such as 'cuda:0', got 'gpu0'"):
+        t.to("gpu0")  # torch's "Invalid device string" named no argument
+    assert t.to("cpu").data is t.data
     with pytest.raises(ValueError, match="quantize: expected 'nf4', got None"):
         quantize_linear(torch.nn.Linear(64, 8), None)
     with pytest.raises(ValueError, match="base_layer: cannot be quantized to NF4"):
