@@ -71,6 +71,12 @@ def as_scalar(value: object) -> object:
     return value
 
 
+def as_whole(value: object) -> object:
+    """A float holding a whole number as its int (an id or a step read through a float
+    array or JSON), else ``value`` unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def check_number(name: str, value: object, *, low: float | None = None,
                  low_inclusive: bool = True, high: float | None = None,
                  high_inclusive: bool = True) -> float:

@@ -21,7 +21,7 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from datalora.checks import as_scalar, check_fractions, check_int, check_number
+from datalora.checks import as_scalar, as_whole, check_fractions, check_int, check_number
 
 if TYPE_CHECKING:  # datalora.config imports this module
     from datalora.config import DATALORAConfig
@@ -75,9 +75,7 @@ def _position(name: str, value: Any, *, integer: bool = False, low: float | None
         return value
     value = as_scalar(value)
     if integer:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        return check_int(name, value, low=None if low is None else int(low))
+        return check_int(name, as_whole(value), low=None if low is None else int(low))
     return check_number(name, value, low=low)
 
 

@@ -691,8 +691,8 @@ def _check_trainer_args(cls: type, extra: dict[str, Any] | None,
     for name, low in _TRAINER_COUNTS.items():  # torch / the optimizer named no field
         if name in extra:
             check_int(f"trainer_args.{name}", extra[name], low=low)
+    steps = extra.get("max_steps")
     for name, (low, inclusive) in _TRAINER_NUMBERS.items():
-        steps = extra.get("max_steps")
         if name == "num_train_epochs" and isinstance(steps, int) and steps > 0:
             continue  # transformers ignores the epochs when max_steps is set
         if name in extra:

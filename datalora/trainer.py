@@ -44,7 +44,7 @@ from datalora.checkpoints import check_resumable, last_complete_checkpoint, save
 from datalora.checks import check_int
 from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
-from datalora.data import check_task_names
+from datalora.data import check_task_names, first_row_without_token
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel
 from datalora.module_modes import eval_mode
@@ -335,10 +335,10 @@ class DATALORATrainer(Trainer):
             # data whose masks were all 0 trained the run with no token for the saliency
             # network and failed at its end ("no valid token scores to calibrate on")
             self._mask_checked = True
-            empty = ~mask.bool().any(-1)  # [B]
-            if empty.any():
-                raise ValueError(f"inputs: row {int(empty.nonzero()[0])} of the first "
-                                 f"training batch has no real token (attention_mask all 0)")
+            empty = first_row_without_token(mask)
+            if empty is not None:
+                raise ValueError(f"inputs: row {empty} of the first training batch has no "
+                                 f"real token (attention_mask all 0)")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         dl = self.datalora_model

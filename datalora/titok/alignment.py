@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from datalora.checks import as_scalar, check_flag
+from datalora.checks import as_scalar, as_whole, check_flag
 from datalora.data import (
     IGNORE_INDEX,
     format_prompt,
@@ -69,8 +69,7 @@ def _check_spans(name: str, offsets: Any) -> list[tuple[int, int]]:
     out = []
     for i, span in enumerate(spans):
         try:  # ints, or floats holding whole numbers (offsets through a float array)
-            start, end = (operator.index(v) if not isinstance(v, float) or not v.is_integer()
-                          else int(v) for v in (as_scalar(v) for v in span))
+            start, end = (operator.index(as_whole(as_scalar(v))) for v in span)
         except (TypeError, ValueError):
             raise TypeError(f"{name}: span {i} is {span!r}, expected a (start, end) pair of "
                             f"ints") from None
