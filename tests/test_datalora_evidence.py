@@ -120,6 +120,64 @@ def test_specialisation_scores():
         datalora_eval.specialisation({"a": [0, 0]})
 
 
+def test_load_by_task_sums_rows_per_task_in_sorted_order():
+    counts = torch.tensor([[1.0, 0, 1], [3, 0, 0], [0, 0, 0], [0, 2, 2]])
+    load = datalora_eval.load_by_task(["b", "a", "c", "b"], counts)
+    assert list(load) == ["a", "b"]  # c has no route: left out
+    assert load["a"] == pytest.approx([1, 0, 0])
+    assert load["b"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+
+
+def test_permutation_null_separates_task_routing_from_chance():
+    tasks = ["a"] * 20 + ["b"] * 20
+    apart = torch.zeros(40, 4)
+    apart[:20, 0] = 5  # task a always on expert 0, task b on expert 1
+    apart[20:, 1] = 5
+    res = datalora_eval.permutation_null(tasks, apart, permutations=99)
+    assert res["jsd_mean"] == pytest.approx(1.0)
+    assert res["null_jsd_mean"] < 0.2 and res["null_jsd_q95"] < 0.5
+    assert res["p_value"] == pytest.approx(1 / 100)  # no shuffle reaches the observed split
+    assert res["permutations"] == 99
+    # every row the same: any labelling gives the observed JSD (0), p = 1
+    alike = torch.tensor([[2.0, 1, 1, 0]]).repeat(40, 1)
+    res = datalora_eval.permutation_null(tasks, alike, permutations=20)
+    assert res["jsd_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert res["p_value"] == pytest.approx(1.0)
+    # seeded: the same null every call
+    noisy = torch.randint(0, 4, (40, 4), generator=torch.Generator().manual_seed(1)).float()
+    assert (datalora_eval.permutation_null(tasks, noisy, permutations=30)
+            == datalora_eval.permutation_null(tasks, noisy, permutations=30))
+    with pytest.raises(ValueError, match="counts"):
+        datalora_eval.permutation_null(tasks[:-1], apart)
+    with pytest.raises(ValueError, match="permutations"):
+        datalora_eval.permutation_null(tasks, apart, permutations=0)
+
+
+def test_row_expert_counts_counts_every_route_and_the_answers_apart():
+    from datalora import DATALORAConfig, get_datalora_model
+    from datalora.data import load_instruction_dataset
+    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.train import DEFAULT_TINY_CONFIG
+
+    config = DATALORAConfig(**DEFAULT_TINY_CONFIG)
+    model = get_datalora_model(build_tiny_model(seed=0), config, verbose=False)
+    model.train()
+    tokenizer = build_tokenizer()
+    rows = load_instruction_dataset("embedded", "eval", limit=6)
+    tasks, every, answers = datalora_eval.row_expert_counts(model, rows, tokenizer,
+                                                            batch_size=4)
+    assert model.training  # mode restored
+    assert tasks == [r["task"] for r in rows]
+    k = config.num_active_experts
+    for row, n_all, n_ans in zip(rows, every.sum(1), answers.sum(1), strict=True):
+        question = tokenizer(row["question"])["input_ids"]
+        assert n_all > n_ans > 0 and n_all % k == 0 and n_ans % k == 0
+        assert n_all / k > len(question)  # the template and the answer add tokens
+    assert (answers <= every).all()
+    load = datalora_eval.task_expert_load(model, rows, tokenizer, answers_only=True)
+    assert load == datalora_eval.load_by_task(tasks, answers)
+
+
 def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
     result = datalora_eval.run(steps=3, batch_size=4, limit=24, eval_limit=12, out_dir=tmp_path,
                                tag="smoke", work_dir=tmp_path / "work", progress=False,
@@ -138,13 +196,20 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
                                                         "hardening"]
         for key in ("eval_loss", "eval_loss_topk", "eval_loss_dense"):
             assert math.isfinite(arm[key]) and arm[key] > 0
-        assert set(arm["task_expert_load"]) == {"arithmetic", "lookup", "reverse", "sort"}
-        assert all(abs(sum(v) - 1) < 1e-5 for v in arm["task_expert_load"].values())
+        for suffix in ("", "_answers"):
+            load = arm[f"task_expert_load{suffix}"]
+            assert set(load) == {"arithmetic", "lookup", "reverse", "sort"}
+            assert all(abs(sum(v) - 1) < 1e-5 for v in load.values())
+            scores = arm[f"specialisation{suffix}"]
+            assert {"jsd_mean", "null_jsd_mean", "null_jsd_q95", "p_value"} <= set(scores)
+            assert 0 < scores["p_value"] <= 1
     # dense eval of the dense arm is the same function as its eval loss
     assert dense["eval_loss_dense"] == pytest.approx(dense["eval_loss"])
     assert data["eval_loss_ratio"] == pytest.approx(pruned["eval_loss"] / dense["eval_loss"])
     ratio = next(t for t in data["targets"] if t["name"] == "eval_loss_ratio")
     assert ratio["status"] == ("PASS" if ratio["value"] <= 1.05 else "FAIL")
+    names = [t["name"] for t in data["targets"]]
+    assert names == ["eval_loss_ratio", "specialisation", "specialisation_answers"]
     assert (tmp_path / "datalora_eval_smoke.png").read_bytes()[:8] == PNG_MAGIC
 
 

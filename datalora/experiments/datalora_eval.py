@@ -13,7 +13,10 @@ threshold, and also at per-sequence top-k with retention 0.5, and dense), the ra
 DATALORA / dense (target <= 1.05), and the expert load per task on the eval rows with two
 specialisation scores: the mean over tasks of the largest expert share (uniform = 1/E)
 and the mean pairwise Jensen-Shannon divergence between the tasks' load distributions
-(bits, 0 = identical, 1 = disjoint). Writes ``datalora_eval_<tag>.json`` + ``.png`` into
+(bits, 0 = identical, 1 = disjoint), next to the JSD chance gives (the rows' task labels
+permuted, :func:`permutation_null`). Both over every real token and over the answer tokens
+alone: the tasks share the prompt template, whose tokens route alike whatever the task.
+Writes ``datalora_eval_<tag>.json`` + ``.png`` into
 ``benchmarks/results/`` under the current directory (``--out`` picks another)::
 
     python -m datalora.experiments.datalora_eval            # ~5 min on 2 CPU cores
@@ -93,45 +96,107 @@ def specialisation(task_load: dict[str, Sequence[float]]) -> dict[str, Any]:
             "uniform_share": 1.0 / num_experts}
 
 
+def permutation_null(tasks: Sequence[str], counts: torch.Tensor, permutations: int = 200,
+                     seed: int = 0) -> dict[str, float]:
+    """How much of a mean pairwise JSD chance alone gives: the rows' task labels shuffled.
+
+    A JSD estimated from a few hundred routes per task is above 0 even when every task
+    routes alike, so the observed ``jsd_mean`` of :func:`specialisation` is compared with
+    the same statistic after permuting the task labels across rows (each row keeps its
+    routes; the tasks keep their row counts).
+
+    Args:
+        tasks: ``[N]`` task of each row.
+        counts: ``[N, E]`` routes per expert of each row.
+        permutations: shuffles drawn (seeded: the same null on every run).
+
+    Returns:
+        ``jsd_mean`` (observed), ``null_jsd_mean`` and ``null_jsd_q95`` (mean and 95th
+        percentile over the shuffles), ``p_value`` (one-sided, ``(1 + #null >= observed) /
+        (1 + permutations)``), ``permutations``.
+    """
+    if len(tasks) != counts.shape[0]:
+        raise ValueError(f"counts: expected {len(tasks)} rows like tasks, got {counts.shape[0]}")
+    if permutations < 1:
+        raise ValueError(f"permutations: expected >= 1, got {permutations}")
+    observed = specialisation(load_by_task(tasks, counts))["jsd_mean"]
+    generator = torch.Generator().manual_seed(seed)
+    null = []
+    for _ in range(permutations):
+        order = torch.randperm(len(tasks), generator=generator).tolist()
+        null.append(specialisation(load_by_task([tasks[i] for i in order], counts))["jsd_mean"])
+    null_sorted = sorted(null)
+    return {"jsd_mean": observed, "null_jsd_mean": sum(null) / len(null),
+            "null_jsd_q95": null_sorted[min(len(null) - 1, math.ceil(0.95 * len(null)) - 1)],
+            "p_value": (1 + sum(v >= observed for v in null)) / (1 + permutations),
+            "permutations": permutations}
+
+
+def load_by_task(tasks: Sequence[str], counts: torch.Tensor) -> dict[str, list[float]]:
+    """``{task: share of routes per expert [E]}`` from per-row ``counts [N, E]``, tasks in
+    sorted order (a task none of whose rows has a route is left out)."""
+    totals: dict[str, torch.Tensor] = {}
+    for task, row in zip(tasks, counts, strict=True):
+        totals[task] = totals[task] + row if task in totals else row.clone()
+    return {t: (c / c.sum()).tolist() for t, c in sorted(totals.items()) if c.sum() > 0}
+
+
 @torch.no_grad()
-def task_expert_load(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
-                     max_length: int = 96, batch_size: int = 16) -> dict[str, list[float]]:
-    """Share of routes per expert for each task, from the saliency network's routing.
+def row_expert_counts(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
+                      max_length: int = 96, batch_size: int = 16
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Routes per expert of every row, from the saliency network's routing.
 
     Runs ``model`` (a shared-routing :class:`~datalora.model.DATALORAModel`) in eval mode
     over ``rows`` and counts the ``expert_ids`` of every real token (the USN routes every
-    token; pruned tokens skip the pruned layers but are routed in the others).
+    token; pruned tokens skip the pruned layers but are routed in the others), and
+    separately of the answer tokens alone (those with a label): every task shares the
+    prompt template, so its tokens route alike whatever the task.
+
+    Returns:
+        ``(tasks [N], all_counts [N, E], answer_counts [N, E])``, counts fp32 on the CPU.
     """
-    from datalora.data import CausalLMCollator
+    from datalora.data import IGNORE_INDEX, CausalLMCollator
     from datalora.train import _tokenized_rows
 
     if model.runtime is None:
         raise ValueError("model: expected routing='shared' (a saliency network)")
     num_experts = model.datalora_config.num_lora_experts
     collate = CausalLMCollator(tokenizer=tokenizer)
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        grouped.setdefault(row.get("task", "unknown"), []).append(row)
+    tasks = [row.get("task", "unknown") for row in rows]
+    items = _tokenized_rows(list(rows), tokenizer, max_length)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: dict[str, list[float]] = {}
+    all_counts, answer_counts = [], []
     try:
-        for task in sorted(grouped):
-            counts = torch.zeros(num_experts)
-            items = _tokenized_rows(grouped[task], tokenizer, max_length)
-            for i in range(0, len(items), batch_size):
-                batch = collate([{k: v for k, v in x.items() if k != "task"}
-                                 for x in items[i:i + batch_size]])
-                model(input_ids=batch["input_ids"].to(device),
-                      attention_mask=batch["attention_mask"].to(device))
-                rec = model.runtime.last
-                ids = rec.routing.expert_ids[rec.valid.reshape(-1)]
-                counts += torch.bincount(ids.reshape(-1).cpu(), minlength=num_experts).float()
-            out[task] = (counts / counts.sum().clamp_min(1)).tolist()
+        for i in range(0, len(items), batch_size):
+            batch = collate([{k: v for k, v in x.items() if k != "task"}
+                             for x in items[i:i + batch_size]])
+            model(input_ids=batch["input_ids"].to(device),
+                  attention_mask=batch["attention_mask"].to(device))
+            rec = model.runtime.last
+            ids = rec.routing.expert_ids.view(*batch["input_ids"].shape, -1).cpu()
+            onehot = torch.nn.functional.one_hot(ids, num_experts).sum(-2).float()  # [B, L, E]
+            valid = rec.valid.cpu()
+            answer = (batch["labels"] != IGNORE_INDEX) & valid
+            all_counts.append((onehot * valid[..., None]).sum(1))
+            answer_counts.append((onehot * answer[..., None]).sum(1))
     finally:
         model.train(was_training)
-    return out
+    empty = torch.zeros(0, num_experts)
+    return (tasks, torch.cat(all_counts) if all_counts else empty,
+            torch.cat(answer_counts) if answer_counts else empty)
+
+
+def task_expert_load(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
+                     max_length: int = 96, batch_size: int = 16,
+                     answers_only: bool = False) -> dict[str, list[float]]:
+    """Share of routes per expert for each task (see :func:`row_expert_counts`): over every
+    real token, or over the answer tokens alone."""
+    tasks, all_counts, answer_counts = row_expert_counts(model, rows, tokenizer, max_length,
+                                                         batch_size)
+    return load_by_task(tasks, answer_counts if answers_only else all_counts)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -220,8 +285,11 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
     finally:
         model.saliency.keep_threshold.copy_(threshold)
     record["eval_loss_dense"] = evaluate_loss(model, eval_rows, tok, retention=1.0)
-    record["task_expert_load"] = task_expert_load(model, eval_rows, tok)
-    record["specialisation"] = specialisation(record["task_expert_load"])
+    tasks, all_counts, answer_counts = row_expert_counts(model, eval_rows, tok)
+    for suffix, counts in (("", all_counts), ("_answers", answer_counts)):
+        record[f"task_expert_load{suffix}"] = load = load_by_task(tasks, counts)
+        record[f"specialisation{suffix}"] = {**specialisation(load),
+                                             **permutation_null(tasks, counts)}
     return record
 
 
@@ -283,7 +351,8 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
                     out_dir=work, progress=progress, base=base, alpha_balance=alpha,
                     train_rows=train_rows)
                 tuning.append({"alpha_balance": alpha, "validation_loss": rec["eval_loss"],
-                               "specialisation": rec["specialisation"]})
+                               "specialisation": rec["specialisation"],
+                               "specialisation_answers": rec["specialisation_answers"]})
             alpha_balance = min(tuning, key=lambda t: t["validation_loss"])["alpha_balance"]
             meta["tuning"] = tuning
             log(f"   chose alpha_balance {alpha_balance}")
@@ -306,10 +375,11 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
                {"name": "specialisation", "description": "experts specialise by task: mean "
                 "max share above uniform (1/E) and mean pairwise JSD > 0.05 bits",
                 "value": pruned["specialisation"]["jsd_mean"], "op": ">", "threshold": 0.05,
-                "status": "PASS" if (pruned["specialisation"]["jsd_mean"] > 0.05 and
-                                     pruned["specialisation"]["max_share_mean"]
-                                     > pruned["specialisation"]["uniform_share"])
-                else "FAIL"}]
+                "status": _specialised(pruned["specialisation"])},
+               {"name": "specialisation_answers", "description": "the same over the answer "
+                "tokens alone (the prompt template is shared by every task)",
+                "value": pruned["specialisation_answers"]["jsd_mean"], "op": ">",
+                "threshold": 0.05, "status": _specialised(pruned["specialisation_answers"])}]
     meta["load_average_end"] = list(os.getloadavg())
     result = {"schema": SCHEMA, "meta": meta, "arms": arms,
               "eval_loss_ratio": ratio, "targets": targets}
@@ -324,6 +394,13 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
     return result
 
 
+def _specialised(scores: dict[str, Any]) -> str:
+    """PASS when the mean pairwise JSD is above 0.05 bits and the mean largest share above
+    uniform (the specialisation target)."""
+    return ("PASS" if scores["jsd_mean"] > 0.05
+            and scores["max_share_mean"] > scores["uniform_share"] else "FAIL")
+
+
 def format_load_table(task_load: dict[str, Sequence[float]]) -> str:
     experts = len(next(iter(task_load.values())))
     lines = [f"  {'task':>10} | " + " ".join(f"e{i:<4d}" for i in range(experts))]
@@ -335,15 +412,18 @@ def format_load_table(task_load: dict[str, Sequence[float]]) -> str:
 def format_report(result: dict[str, Any]) -> str:
     lines = []
     for arm in result["arms"]:
-        s = arm["specialisation"]
         lines.append(f"{arm['name']}: eval loss {arm['eval_loss']:.4f} (kept "
                      f"{100 * arm['eval_retention_threshold']:.1f}% of tokens in the pruned "
                      f"layers) | top-k at target {arm['eval_loss_topk']:.4f} | dense "
                      f"{arm['eval_loss_dense']:.4f} | train {arm['train_seconds']:.0f} s")
-        lines.append(f"  expert load per task on eval rows (% of routes); max share mean "
-                     f"{s['max_share_mean']:.3f} (uniform {s['uniform_share']:.3f}), "
-                     f"JSD mean {s['jsd_mean']:.3f} bits")
-        lines.append(format_load_table(arm["task_expert_load"]))
+        for suffix, tokens in (("", "every token"), ("_answers", "answer tokens")):
+            s = arm[f"specialisation{suffix}"]
+            lines.append(f"  expert load per task on eval rows, {tokens} (% of routes); max "
+                         f"share mean {s['max_share_mean']:.3f} (uniform "
+                         f"{s['uniform_share']:.3f}), JSD mean {s['jsd_mean']:.3f} bits "
+                         f"(task labels permuted: {s['null_jsd_mean']:.3f}, 95th percentile "
+                         f"{s['null_jsd_q95']:.3f}; p = {s['p_value']:.3f})")
+            lines.append(format_load_table(arm[f"task_expert_load{suffix}"]))
     lines.append(f"eval loss ratio DATALORA / dense: {result['eval_loss_ratio']:.4f}")
     for t in result["targets"]:
         lines.append(f"  {t['status']:5s} {t['name']}: {t['value']:.4f} {t['op']} "
@@ -352,15 +432,16 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def plot_result(result: dict[str, Any], path: Path) -> Path:
-    """Training loss / retention of both arms, eval losses, and the per-task load heatmaps."""
+    """Training loss / retention of both arms, eval losses, and the per-task load heatmaps
+    (every token; answer tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = result["arms"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    ax_loss, ax_ret, ax_h0, ax_h1 = axes.ravel()
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
+    ax_loss, ax_ret = axes[0]
     for arm in arms:
         steps = [h["step"] for h in arm["history"]]
         ax_loss.plot(steps, [h["lm_loss"] for h in arm["history"]], label=arm["name"])
@@ -372,16 +453,19 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
     ax_ret.set(title="kept fraction in the pruned layers", xlabel="step", ylim=(0, 1.05))
     for ax in (ax_loss, ax_ret):
         ax.legend(fontsize=8)
-    for ax, arm in ((ax_h0, arms[0]), (ax_h1, arms[1])):
-        tasks = list(arm["task_expert_load"])
-        data = [arm["task_expert_load"][t] for t in tasks]
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0)
-        ax.set_yticks(range(len(tasks)), tasks)
-        ax.set_xlabel("expert")
-        s = arm["specialisation"]
-        ax.set_title(f"{arm['name']}: load per task (JSD {s['jsd_mean']:.3f}, max share "
-                     f"{s['max_share_mean']:.2f})", fontsize=9)
-        fig.colorbar(im, ax=ax)
+    for row, (suffix, tokens) in zip(axes[1:], (("", "every token"),
+                                                ("_answers", "answer tokens")), strict=True):
+        for ax, arm in zip(row, arms, strict=True):
+            load = arm[f"task_expert_load{suffix}"]
+            tasks = list(load)
+            im = ax.imshow([load[t] for t in tasks], aspect="auto", cmap="viridis", vmin=0)
+            ax.set_yticks(range(len(tasks)), tasks)
+            ax.set_xlabel("expert")
+            s = arm[f"specialisation{suffix}"]
+            ax.set_title(f"{arm['name']}: load per task, {tokens} (JSD {s['jsd_mean']:.3f}, "
+                         f"chance {s['null_jsd_mean']:.3f}; max share "
+                         f"{s['max_share_mean']:.2f})", fontsize=9)
+            fig.colorbar(im, ax=ax)
     meta = result["meta"]
     fig.suptitle(f"DATALORA vs dense MoLoRA, {meta['steps']} steps, {meta['cpu_model']}, "
                  f"{meta['date']}", fontsize=9)
