@@ -260,6 +260,18 @@ def test_eval_metadata_needs_no_checkout(monkeypatch):
     assert {"git_commit", "git_dirty", "date", "load_average", "dense_arm"} <= set(meta)
 
 
+def test_provenance_names_the_cpu_versions_and_commit(monkeypatch):
+    from datalora.experiments.run_info import provenance
+
+    monkeypatch.setenv("DATALORA_GIT_COMMIT", "c" * 40)
+    info = provenance()
+    assert info["cpu_model"] and info["cpu_threads"] == torch.get_num_threads()
+    assert (info["git_commit"], info["git_dirty"]) == ("c" * 40, None)
+    import transformers
+
+    assert info["transformers"] == transformers.__version__
+
+
 def test_git_commit_only_of_a_checkout_root(tmp_path, monkeypatch):
     """A package installed inside some other repository (a venv in a project) reports no
     commit rather than that repository's."""

@@ -631,6 +631,7 @@ def test_titok_evidence_multi_seed_smoke(tmp_path):
           "--seeds", "0", "1", "--tune-keeps", "1:0.5", "0.5:1", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["config"]["source_steps"] == 3  # its own folder, not the 80-step adapters'
+    assert {"cpu_model", "cpu_threads", "transformers", "git_commit", "git_dirty"} <= set(report)
     trained = json.loads((tmp_path / "adapters" / "steps-3" / "random" / "lookup"
                           / "datalora_train.json").read_text())
     assert trained["settings"]["steps"] == 3

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from datalora.cli import check_output_folder, int_at_least, positive_float
-from datalora.experiments.run_info import cpu_model, git_commit, package_version
+from datalora.experiments.run_info import provenance
 from datalora.io import atomic_write_text, save_figure
 
 SCHEMA = "datalora.experiments.datalora_eval/1"
@@ -296,12 +296,9 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
 def run_metadata(**config: Any) -> dict[str, Any]:
     """The result's ``meta``: device, CPU, versions, date, git commit (None outside a
     checkout), load average, and ``config``."""
-    sha, dirty = git_commit()
     return {"device": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": package_version("transformers"),
-            "datalora": package_version("datalora"),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": sha, "git_dirty": dirty,
+            "torch": torch.__version__, **provenance(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **config,
             "dense_arm": "shared routing (USN + MoLoRA), target_retention 1.0: retention 1.0 "
                          "throughout, same curriculum of tau / hard routing",

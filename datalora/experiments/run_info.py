@@ -9,7 +9,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_model", "git_commit", "package_version"]
+__all__ = ["cpu_model", "git_commit", "package_version", "provenance"]
 
 GIT_COMMIT_ENV = "DATALORA_GIT_COMMIT"
 _MEASURED = ("datalora", "kernels", "csrc", "benchmarks", ":(exclude)benchmarks/results")
@@ -61,3 +61,17 @@ def package_version(module: str) -> str | None:
         return __import__(module).__version__
     except Exception:
         return None
+
+
+def provenance() -> dict[str, object]:
+    """Where and with what a result was computed: ``cpu_model``, ``cpu_threads`` (torch's),
+    the ``transformers`` and ``datalora`` versions, ``git_commit`` and ``git_dirty`` (see
+    :func:`git_commit`). The evidence runs' losses follow the CPU's rounding (the tiny
+    models' training is chaotic enough that another CPU type moves single-seed results),
+    so each result file records it."""
+    import torch
+
+    sha, dirty = git_commit()
+    return {"cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(),
+            "transformers": package_version("transformers"),
+            "datalora": package_version("datalora"), "git_commit": sha, "git_dirty": dirty}

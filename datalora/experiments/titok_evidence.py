@@ -37,6 +37,7 @@ import torch
 from datalora.checks import check_int, check_number
 from datalora.cli import check_output_file
 from datalora.data import TASKS, load_instruction_dataset
+from datalora.experiments.run_info import provenance
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
 
@@ -211,7 +212,7 @@ def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str 
              - per_seed_losses[s]["eval"]["target_all_synthetic_tokens"] for s in seeds]
     result = {
         "device": "cpu", "torch": torch.__version__, "peft": peft.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), **provenance(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"task": task, "base": base,
                    "source": "embedded tiny Mistral (vocab 1024, h128, 4 layers)",

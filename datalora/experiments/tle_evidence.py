@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from datalora.cli import check_output_file
 from datalora.data import TASKS, CausalLMCollator, _encode, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
+from datalora.experiments.run_info import provenance
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
 
@@ -333,7 +334,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
                       key=lambda k: val_results[k]["mean"])
     summary = {
         "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"base": base, "adapter_dir": str(adapter_dir), "train_steps": steps,
                    **chosen, "eval_rows_per_task": per_task,
                    "centroid_prompts_per_task": centroid_prompts,
