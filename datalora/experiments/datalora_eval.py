@@ -163,8 +163,8 @@ def row_expert_counts(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any
         raise ValueError("model: expected routing='shared' (a saliency network)")
     num_experts = model.datalora_config.num_lora_experts
     collate = CausalLMCollator(tokenizer=tokenizer)
-    tasks = [row.get("task", "unknown") for row in rows]
     items = _tokenized_rows(list(rows), tokenizer, max_length)
+    tasks = [x["task"] for x in items]  # one item per row, "unknown" without a task
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
