@@ -168,14 +168,58 @@ def test_row_expert_counts_counts_every_route_and_the_answers_apart():
                                                             batch_size=4)
     assert model.training  # mode restored
     assert tasks == [r["task"] for r in rows]
+    from datalora.data import IGNORE_INDEX, tokenize_rows
+
     k = config.num_active_experts
-    for row, n_all, n_ans in zip(rows, every.sum(1), answers.sum(1), strict=True):
-        question = tokenizer(row["question"])["input_ids"]
-        assert n_all > n_ans > 0 and n_all % k == 0 and n_ans % k == 0
-        assert n_all / k > len(question)  # the template and the answer add tokens
+    items, _ = tokenize_rows(rows, tokenizer, 96)
+    for item, n_all, n_ans in zip(items, every.sum(1), answers.sum(1), strict=True):
+        labelled = sum(t != IGNORE_INDEX for t in item["labels"])
+        assert item["labels"][-1] == tokenizer.eos_token_id
+        assert n_all == k * len(item["input_ids"])  # every real token
+        assert n_ans == k * (labelled - 1) > 0  # the answer's tokens, less its EOS
     assert (answers <= every).all()
     load = datalora_eval.task_expert_load(model, rows, tokenizer, answers_only=True)
     assert load == datalora_eval.load_by_task(tasks, answers)
+
+
+def test_initial_model_is_the_model_train_datalora_starts_from(tmp_path, monkeypatch):
+    """The specialisation reference: the same seeding and wrap as train_datalora's."""
+    import copy
+
+    from datalora import DATALORAConfig
+    from datalora import model as model_module
+    from datalora.testing import build_tiny_model, build_tokenizer
+    from datalora.train import DEFAULT_TINY_CONFIG, train_datalora
+
+    config = DATALORAConfig(**DEFAULT_TINY_CONFIG)
+    base = build_tiny_model(seed=0)
+    initial = datalora_eval.initial_model(copy.deepcopy(base), config, seed=3)
+    started = {}
+    real_wrap = model_module.get_datalora_model
+
+    def wrap(*args, **kwargs):
+        wrapped = real_wrap(*args, **kwargs)
+        started.update({k: v.clone() for k, v in wrapped.state_dict().items()})
+        return wrapped
+
+    monkeypatch.setattr(model_module, "get_datalora_model", wrap)
+    train_datalora(config, output_dir=tmp_path / "out", max_steps=1, batch_size=2, limit=4,
+                   seed=3, progress=False, model=copy.deepcopy(base),
+                   tokenizer=build_tokenizer())
+    want = initial.state_dict()
+    assert started.keys() == want.keys()
+    # bit-exact (the keep threshold is NaN, uncalibrated, in both)
+    torch.testing.assert_close(started, dict(want), rtol=0, atol=0, equal_nan=True)
+    other = datalora_eval.initial_model(copy.deepcopy(base), config, seed=4)
+    assert not torch.equal(other.state_dict()["saliency.router_head.weight"],
+                           want["saliency.router_head.weight"])
+
+
+def test_specialised_needs_more_than_the_initial_router_and_0_05_bits():
+    passes = datalora_eval._specialised
+    assert passes({"jsd_mean": 0.08, "initial_jsd_mean": 0.01}) == "PASS"
+    assert passes({"jsd_mean": 0.08, "initial_jsd_mean": 0.09}) == "FAIL"
+    assert passes({"jsd_mean": 0.04, "initial_jsd_mean": 0.0}) == "FAIL"
 
 
 def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
@@ -201,7 +245,9 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
             assert set(load) == {"arithmetic", "lookup", "reverse", "sort"}
             assert all(abs(sum(v) - 1) < 1e-5 for v in load.values())
             scores = arm[f"specialisation{suffix}"]
-            assert {"jsd_mean", "null_jsd_mean", "null_jsd_q95", "p_value"} <= set(scores)
+            assert {"jsd_mean", "null_jsd_mean", "null_jsd_q95", "p_value",
+                    "initial_jsd_mean"} <= set(scores)
+            assert set(arm[f"task_expert_load{suffix}_initial"]) == set(load)
             assert 0 < scores["p_value"] <= 1
     # dense eval of the dense arm is the same function as its eval loss
     assert dense["eval_loss_dense"] == pytest.approx(dense["eval_loss"])
