@@ -275,14 +275,34 @@ def test_eval_experiment_tunes_alpha_balance_on_validation_rows(tmp_path, monkey
                                tag="tune", work_dir=tmp_path / "work", progress=False,
                                plot=False, log=lambda *_: None, tune_alpha_balance=(0.05, 2.0))
     tuning = result["meta"]["tuning"]
-    assert [t["alpha_balance"] for t in tuning] == [0.05, 2.0]
-    best = min(tuning, key=lambda t: t["validation_loss"])["alpha_balance"]
-    assert result["meta"]["alpha_balance"] == best
-    assert all(arm["alpha_balance"] == best for arm in result["arms"])
+    assert [(t["arm"], t["alpha_balance"]) for t in tuning] == [
+        ("dense_molora", 0.05), ("dense_molora", 2.0), ("datalora_r0.5", 0.05),
+        ("datalora_r0.5", 2.0)]
+    for arm in result["arms"]:  # each arm with its own best weight
+        best = min((t for t in tuning if t["arm"] == arm["name"]),
+                   key=lambda t: t["validation_loss"])["alpha_balance"]
+        assert arm["alpha_balance"] == best
+    dense, pruned = result["arms"]
+    assert result["meta"]["alpha_balance"] == pruned["alpha_balance"]
+    assert result["meta"]["dense_alpha_balance"] == dense["alpha_balance"]
     from datalora.data import load_instruction_dataset
 
     eval_ids = {r["id"] for r in load_instruction_dataset("embedded", "eval")}
     assert seen["val"] and not (seen["val"] & eval_ids)  # tuned on held-out train rows
+
+
+def test_eval_experiment_gives_the_dense_arm_its_own_weight(tmp_path):
+    result = datalora_eval.run(steps=2, batch_size=4, limit=8, eval_limit=4, out_dir=tmp_path,
+                               tag="weights", work_dir=tmp_path / "work", progress=False,
+                               plot=False, log=lambda *_: None, alpha_balance=0.2,
+                               dense_alpha_balance=0.7)
+    dense, pruned = result["arms"]
+    assert (dense["alpha_balance"], pruned["alpha_balance"]) == (0.7, 0.2)
+    assert (result["meta"]["dense_alpha_balance"], result["meta"]["alpha_balance"]) == (0.7, 0.2)
+    same = datalora_eval.run(steps=1, batch_size=4, limit=4, eval_limit=4, out_dir=tmp_path,
+                             tag="same", progress=False, plot=False, log=lambda *_: None,
+                             alpha_balance=0.3)
+    assert [arm["alpha_balance"] for arm in same["arms"]] == [0.3, 0.3]
 
 
 def test_eval_experiment_writes_under_the_current_directory_by_default(tmp_path, monkeypatch):

@@ -332,13 +332,17 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
         out_dir: Path = RESULTS_DIR, tag: str = "cpu", work_dir: Path | None = None,
         plot: bool = True, progress: bool = True, log=print,
         base: str = "random", alpha_balance: float | None = None,
-        tune_alpha_balance: Sequence[float] = ()) -> dict[str, Any]:
+        tune_alpha_balance: Sequence[float] = (),
+        dense_alpha_balance: float | None = None) -> dict[str, Any]:
     """Trains both arms, writes ``datalora_eval_<tag>.json`` (+ ``.png``), returns the dict.
 
-    ``tune_alpha_balance``: candidate load-balance weights; each trains the DATALORA arm on
-    the train split minus its validation rows (``datalora.testing.train_validation_split``)
-    and is scored by the validation eval loss; the best one then trains both arms. The eval
-    split is never used for the choice. Every candidate is recorded under ``"tuning"``.
+    ``alpha_balance``: the load-balance weight of the DATALORA arm (default
+    ``DEFAULT_TINY_CONFIG``'s); ``dense_alpha_balance`` the dense arm's (default: the same).
+    ``tune_alpha_balance``: candidate weights, tried for each arm alike: each candidate
+    trains the arm on the train split minus its validation rows
+    (``datalora.testing.train_validation_split``) and is scored by the validation eval loss;
+    each arm then trains with its best (overriding both weights). The eval split is never
+    used for the choice. Every candidate is recorded under ``"tuning"``.
     """
     import tempfile
 
@@ -355,6 +359,13 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
     eval_rows = load_instruction_dataset("embedded", "eval", limit=eval_limit)
     meta = run_metadata(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                         seed=seed, limit=limit, eval_rows=len(eval_rows), base=base)
+    from datalora.train import DEFAULT_TINY_CONFIG
+
+    if alpha_balance is None:
+        alpha_balance = DEFAULT_TINY_CONFIG["alpha_balance"]
+    chosen = {"dense_molora": alpha_balance if dense_alpha_balance is None
+              else dense_alpha_balance, "datalora_r0.5": alpha_balance}
+    retentions = {"dense_molora": 1.0, "datalora_r0.5": 0.5}
     arms, tuning = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -362,29 +373,33 @@ def run(steps: int = 300, batch_size: int = 8, learning_rate: float = 3e-2, seed
             from datalora.testing import train_validation_split
 
             train_rows, val_rows = train_validation_split()
-            for alpha in tune_alpha_balance:
-                log(f"== tuning: alpha_balance {alpha} on {len(val_rows)} validation rows")
-                rec = train_and_evaluate(
-                    f"tune_{alpha}", 0.5, steps=steps, batch_size=batch_size,
-                    learning_rate=learning_rate, seed=seed, limit=limit, eval_rows=val_rows,
-                    out_dir=work, progress=progress, base=base, alpha_balance=alpha,
-                    train_rows=train_rows)
-                tuning.append({"alpha_balance": alpha, "validation_loss": rec["eval_loss"],
-                               "specialisation": rec["specialisation"],
-                               "specialisation_answers": rec["specialisation_answers"]})
-            alpha_balance = min(tuning, key=lambda t: t["validation_loss"])["alpha_balance"]
+            for name, retention in retentions.items():
+                scores = []
+                for alpha in tune_alpha_balance:
+                    log(f"== tuning {name}: alpha_balance {alpha} on {len(val_rows)} "
+                        f"validation rows")
+                    rec = train_and_evaluate(
+                        f"tune_{name}_{alpha}", retention, steps=steps, batch_size=batch_size,
+                        learning_rate=learning_rate, seed=seed, limit=limit,
+                        eval_rows=val_rows, out_dir=work, progress=progress, base=base,
+                        alpha_balance=alpha, train_rows=train_rows)
+                    scores.append({"arm": name, "alpha_balance": alpha,
+                                   "validation_loss": rec["eval_loss"],
+                                   "specialisation": rec["specialisation"],
+                                   "specialisation_answers": rec["specialisation_answers"]})
+                chosen[name] = min(scores, key=lambda t: t["validation_loss"])["alpha_balance"]
+                tuning += scores
+                log(f"   {name}: chose alpha_balance {chosen[name]}")
             meta["tuning"] = tuning
-            log(f"   chose alpha_balance {alpha_balance}")
-        from datalora.train import DEFAULT_TINY_CONFIG
-
-        meta["alpha_balance"] = (DEFAULT_TINY_CONFIG["alpha_balance"] if alpha_balance is None
-                                 else alpha_balance)
-        for name, retention in (("dense_molora", 1.0), ("datalora_r0.5", 0.5)):
-            log(f"== {name}: target retention {retention}, {steps} steps")
+        meta["alpha_balance"] = chosen["datalora_r0.5"]
+        meta["dense_alpha_balance"] = chosen["dense_molora"]
+        for name, retention in retentions.items():
+            log(f"== {name}: target retention {retention}, alpha_balance {chosen[name]}, "
+                f"{steps} steps")
             arms.append(train_and_evaluate(
                 name, retention, steps=steps, batch_size=batch_size,
                 learning_rate=learning_rate, seed=seed, limit=limit, eval_rows=eval_rows,
-                out_dir=work, progress=progress, base=base, alpha_balance=alpha_balance))
+                out_dir=work, progress=progress, base=base, alpha_balance=chosen[name]))
     dense, pruned = arms
     ratio = pruned["eval_loss"] / dense["eval_loss"]
     targets = [{"name": "eval_loss_ratio", "description": "DATALORA (50% retention, pruning "
@@ -520,13 +535,17 @@ def main(argv: list[str] | None = None) -> int:
                         "pretraining (datalora.testing.build_pretrained_tiny_model)")
     p.add_argument("--alpha-balance", type=float, default=None,
                    help="load-balance loss weight (default: datalora.train.DEFAULT_TINY_CONFIG)")
+    p.add_argument("--dense-alpha-balance", type=float, default=None,
+                   help="the dense arm's load-balance weight (default: --alpha-balance)")
     p.add_argument("--tune-alpha-balance", type=float, nargs="+", default=(), metavar="A",
-                   help="choose alpha_balance among these on validation rows held out of the "
-                        "train split (overrides --alpha-balance)")
+                   help="choose each arm's alpha_balance among these on validation rows held "
+                        "out of the train split (overrides --alpha-balance and "
+                        "--dense-alpha-balance)")
     a = p.parse_args(argv)
     run(a.steps, a.batch_size, a.lr, a.seed, a.limit, a.eval_limit, a.out, a.tag,
         plot=not a.no_plot, progress=not a.no_progress, base=a.base,
-        alpha_balance=a.alpha_balance, tune_alpha_balance=a.tune_alpha_balance)
+        alpha_balance=a.alpha_balance, tune_alpha_balance=a.tune_alpha_balance,
+        dense_alpha_balance=a.dense_alpha_balance)
     return 0
 
 
