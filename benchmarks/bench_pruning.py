@@ -38,8 +38,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +222,24 @@ def attainable_speedup(ms: dict[tuple[int, int], float], case: ModelCase,
             "ms_dense": {f"L{layers}_seq{seq}": v for (layers, seq), v in ms.items()}}
 
 
+def bootstrap_ci(timed: dict[Any, tuple], statistic: Callable[[dict[Any, float]], float],
+                 resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of ``statistic`` (a function of each step's median
+    time, ``{key: ms}``) over the timed rounds: each resample draws rounds with replacement,
+    the same rounds for every step (the steps of one round ran back to back, under the same
+    machine conditions), and takes each step's median over them."""
+    times = {key: value[5] for key, value in timed.items()}
+    rounds = len(next(iter(times.values())))
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        picks = [rng.randrange(rounds) for _ in range(rounds)]
+        values.append(statistic({key: statistics.median(t[i] for i in picks)
+                                 for key, t in times.items()}))
+    values.sort()
+    return [values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]]
+
+
 def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
              device: torch.device, bound: bool = True) -> dict[str, Any]:
     """One row. With ``bound`` the four dense steps run in the same round-robin as the two
@@ -228,8 +249,8 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
     if bound:
         steps.update(dense_steps(case, prune_range, preset["dtype"], device))
     timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
-                             preset["max_reps"])
-    model.set_curriculum_state(retention=0.5)
+                             preset["max_reps"], order_seed=0)
+    steps[0.5]()  # the rounds' order is shuffled: the model's last step may have been 1.0's
     kept = model.runtime.last.actual_retention() if model.runtime.last is not None else None
     dense, pruned = timed[1.0], timed[0.5]
     ideal = ideal_speedup(case.layers, prune_range, 0.5)
@@ -244,11 +265,21 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
            "reps": dense[4], "speedup": speedup,
            # spread: slowest plausible vs fastest plausible ratio from the quantiles
            "speedup_q_range": [dense[1] / pruned[2], dense[2] / pruned[1]],
+           "speedup_ci95": bootstrap_ci(timed, lambda m: m[1.0] / m[0.5]),
+           "speedup_paired_median": statistics.median(
+               d / q for d, q in zip(dense[5], pruned[5], strict=True)),
            "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal}
     if bound:
+        def attainable(medians: dict[Any, float]) -> float:
+            return attainable_speedup({k: v for k, v in medians.items() if isinstance(k, tuple)},
+                                      case, prune_range)["attainable_speedup"]
+
         row.update(attainable_speedup({k: v[0] for k, v in timed.items()
                                        if isinstance(k, tuple)}, case, prune_range))
         row["fraction_of_attainable"] = speedup / row["attainable_speedup"]
+        row["attainable_ci95"] = bootstrap_ci(timed, attainable)
+        row["fraction_of_attainable_ci95"] = bootstrap_ci(
+            timed, lambda m: m[1.0] / m[0.5] / attainable(m))
     row["_step"] = steps[0.5]
     return row
 
@@ -295,8 +326,10 @@ def run(preset_name: str, out_dir: Path, device: torch.device | None = None,
     preset = PRESETS[preset_name]
     meta = metadata("cpu" if preset_name != "gpu" else "gpu", device, [])
     meta.update(preset=preset_name, dtype=str(preset["dtype"]).removeprefix("torch."),
-                timer="perf_counter (+cuda synchronize), retentions interleaved, median of "
-                      "reps with 20/80% quantiles",
+                timer="perf_counter (+cuda synchronize), retentions interleaved in a seeded "
+                      "random order per round, median of reps with 20/80% quantiles; 95% "
+                      "intervals by a bootstrap over the rounds (all steps of a round kept "
+                      "together)",
                 step="forward (USN + shared routing + MoLoRA + pruning) + LM loss + aux "
                      "losses + backward + fused AdamW step; 8 experts x rank 8, top-2, all 7 "
                      "projections; random tokens, no padding")
@@ -349,11 +382,15 @@ def format_row(row: dict) -> str:
     return (f"{row['case']:18s} layers {row['prune_range'][0]}..{row['prune_range'][1] - 1} "
             f"of {row['layers']}: r=1.0 {a['median']:9.2f} ms [{a['q20']:.2f}, {a['q80']:.2f}]"
             f" | r=0.5 {b['median']:9.2f} ms [{b['q20']:.2f}, {b['q80']:.2f}] | speedup "
-            f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x "
-            f"({100 * row['fraction_of_ideal']:.0f}%)"
+            f"{row['speedup']:.3f}x {_ci(row.get('speedup_ci95'))}vs ideal "
+            f"{row['ideal_speedup']:.3f}x ({100 * row['fraction_of_ideal']:.0f}%)"
             + (f", attainable {row['attainable_speedup']:.3f}x "
-               f"({100 * row['fraction_of_attainable']:.0f}%)"
+               f"{_ci(row.get('attainable_ci95'))}({100 * row['fraction_of_attainable']:.0f}%)"
                if "attainable_speedup" in row else ""))
+
+
+def _ci(bounds: list[float] | None) -> str:
+    return "" if bounds is None else f"[95% CI {bounds[0]:.3f}-{bounds[1]:.3f}] "
 
 
 def plot_file(path: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import statistics
 import time
 import warnings
@@ -35,11 +36,14 @@ def quantiles(times_ms: list[float]) -> tuple[float, float, float, float]:
 
 
 def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.device,
-                     budget_s: float, min_reps: int, max_reps: int) -> dict[Hashable, tuple]:
+                     budget_s: float, min_reps: int, max_reps: int,
+                     order_seed: int | None = None) -> dict[Hashable, tuple]:
     """Times ``steps`` round-robin: ``key -> (median, q20, q80, min, reps, times)`` in ms,
     ``times[i]`` being round i's time. Two warm-up calls each first (allocator, first-call
     setup, autotuning); the number of rounds fits ``budget_s`` within
-    ``[min_reps, max_reps]``."""
+    ``[min_reps, max_reps]``. ``order_seed``: each round runs the steps in a fresh seeded
+    random order, so no step always follows the same other one (whose caches and allocator
+    state it would inherit); None keeps the given order."""
     for fn in steps.values():
         fn()
         fn()
@@ -51,8 +55,13 @@ def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.
     round_s = time.perf_counter() - t0
     reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
     times: dict[Hashable, list[float]] = {key: [] for key in steps}
+    order = list(steps)
+    shuffler = None if order_seed is None else random.Random(order_seed)
     for _ in range(reps):
-        for key, fn in steps.items():
+        if shuffler is not None:
+            shuffler.shuffle(order)
+        for key in order:
+            fn = steps[key]
             sync(device)
             t = time.perf_counter()
             fn()

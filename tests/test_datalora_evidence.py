@@ -63,6 +63,11 @@ def test_pruning_benchmark_smoke_writes_json_and_plot(tmp_path):
         assert row["attainable_speedup"] == pytest.approx(total / (total - saved))
         assert row["fraction_of_attainable"] == pytest.approx(
             row["speedup"] / row["attainable_speedup"])
+        for key in ("speedup", "attainable", "fraction_of_attainable"):
+            lo, hi = row[f"{key}_ci95"]
+            point = row[key if key != "attainable" else "attainable_speedup"]
+            assert lo <= hi and lo <= point * 1.5 and hi >= point / 1.5
+        assert row["speedup_paired_median"] > 0
         # the timed pruned step really pruned: about half the tokens kept
         assert abs(row["kept_fraction_last_step"] - 0.5) < 0.1
     names = {t["name"] for t in data["targets"]}
@@ -75,6 +80,33 @@ def test_pruning_benchmark_smoke_writes_json_and_plot(tmp_path):
             assert row["profile_r0.5"] and {"op", "self_ms", "calls", "share"} <= set(
                 row["profile_r0.5"][0])
     assert (tmp_path / "pruning_smoke.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bootstrap_ci_resamples_whole_rounds():
+    # two steps whose times move together round by round: their ratio is 2 in every round,
+    # so every resample that keeps rounds together gives exactly 2
+    base = [10.0, 30.0, 12.0, 50.0, 11.0, 20.0]
+    timed = {"a": (None,) * 5 + ([2 * t for t in base],), "b": (None,) * 5 + (base,)}
+    assert bench_pruning.bootstrap_ci(timed, lambda m: m["a"] / m["b"]) == [2.0, 2.0]
+    # one step's own spread: the interval covers its median and stays inside its range
+    lo, hi = bench_pruning.bootstrap_ci(timed, lambda m: m["b"], resamples=400, seed=1)
+    assert min(base) <= lo <= 15.5 <= hi <= max(base)
+    assert bench_pruning.bootstrap_ci(timed, lambda m: m["b"], resamples=400, seed=1) == [lo, hi]
+
+
+def test_time_interleaved_shuffles_the_order_of_each_round():
+    from benchmarks.timing import time_interleaved
+
+    calls: list[str] = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    timed = time_interleaved(steps, torch.device("cpu"), 0.0, 20, 20, order_seed=0)
+    rounds = [calls[i:i + 4] for i in range(12, len(calls), 4)]  # after 3 warm-up passes
+    assert len(rounds) == 20 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # not one fixed order
+    assert all(len(v[5]) == 20 for v in timed.values())
+    calls.clear()
+    time_interleaved(steps, torch.device("cpu"), 0.0, 5, 5)  # no seed: the given order
+    assert calls[12:] == list("abcd") * 5
 
 
 def test_attainable_speedup_needs_a_layer_outside_the_range():
