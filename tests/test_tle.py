@@ -1879,3 +1879,23 @@ def test_sentence_prefix_embeddings_encode_in_chunks(adapter_dirs, monkeypatch):
     assert batches == [64, 64, 22]
     monkeypatch.setattr(embedders, "ENCODE_BATCH", 1000)
     assert torch.equal(embedder.prefix_embeddings(None, row, None, positions), chunked)
+
+
+def test_tle_evidence_adapter_seed_reaches_every_task_adapter(monkeypatch, tmp_path):
+    """--adapter-seed trains the task adapters from that seed (their initialisation and data
+    order), and the evidence run records it."""
+    import datalora.experiments.task_adapters as task_adapters
+    from datalora.experiments import tle_evidence
+
+    seen = []
+    monkeypatch.setattr(task_adapters, "train_task_adapter",
+                        lambda task, out_dir, **kw: seen.append((task, kw["seed"])) or tmp_path)
+    assert set(task_adapters.train_task_adapters(tmp_path, seed=7)) == set(task_adapters.TASKS)
+    assert seen == [(task, 7) for task in task_adapters.TASKS]
+
+    runs = []
+    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: runs.append(kw) or {
+        "config": dict.fromkeys(("tau", "embed_layer", "window", "decay", "centroid_pooling")),
+        "eval_loss": {}, "mean_routing_weights_on_response": {}})
+    tle_evidence.main(["--adapter-seed", "3", "--no-mixed"])
+    assert runs[0]["adapter_seed"] == 3

@@ -146,11 +146,13 @@ def train_task_adapter(task: str, out_dir: str | Path, *, base: str = "pretraine
 
 
 def train_task_adapters(out_dir: str | Path, *, base: str = "pretrained",
-                        steps: int = ADAPTER_STEPS,
-                        lr: float | None = None, progress: bool = True) -> dict[str, Path]:
-    """One adapter per task of :data:`~datalora.data.TASKS`; returns ``{task: folder}``."""
+                        steps: int = ADAPTER_STEPS, lr: float | None = None, seed: int = 0,
+                        progress: bool = True) -> dict[str, Path]:
+    """One adapter per task of :data:`~datalora.data.TASKS`; returns ``{task: folder}``.
+    ``seed``: each adapter's initialisation and data order (see :func:`train_task_adapter`;
+    a folder holding another seed's adapter is retrained)."""
     tokenizer = build_tokenizer()
-    return {task: train_task_adapter(task, out_dir, base=base, steps=steps, lr=lr,
+    return {task: train_task_adapter(task, out_dir, base=base, steps=steps, lr=lr, seed=seed,
                                      tokenizer=tokenizer, progress=progress) for task in TASKS}
 
 

@@ -128,9 +128,10 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
 def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
                 window: int | None = None, decay: float | None = None,
-                centroid_pooling: str = "context",
+                centroid_pooling: str = "context", adapter_seed: int = 0,
                 progress: bool = True) -> tuple[Any, Any, dict[str, dict[str, list[str]]]]:
-    """Trains (or reuses) the task adapters on ``base`` and mixes them.
+    """Trains (or reuses) the task adapters on ``base`` (initialised and shuffled from
+    ``adapter_seed``) and mixes them.
 
     Centroids come from the last ``centroid_prompts`` training rows of each task (never
     validation or eval rows): their prompts, or for ``"positions"`` pooling the whole
@@ -144,7 +145,8 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
     from datalora.testing import build_tokenizer
     from datalora.tle import HiddenStateEmbedder, TokenLevelAdapterMixer
 
-    folders = train_task_adapters(adapter_dir, base=base, steps=steps, progress=progress)
+    folders = train_task_adapters(adapter_dir, base=base, steps=steps, seed=adapter_seed,
+                                  progress=progress)
     tokenizer = build_tokenizer()
     mixer = TokenLevelAdapterMixer(build_base_model(base, progress=progress),
                                    list(folders.values()), names=list(folders), tau=tau,
@@ -278,8 +280,11 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         centroid_pooling: str = "context", windows: Sequence[int] = (),
         decays: Sequence[float] = (), centroid_poolings: Sequence[str] = (),
         out: str | None = None, mixed: bool = True, mixed_per_pair: int = 12,
-        progress: bool = True) -> dict[str, Any]:
+        adapter_seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluates every setting on the eval split (and the validation split).
+
+    ``adapter_seed``: the task adapters' seed (another seed retrains them in
+    ``adapter_dir``: give each seed its own folder to keep both).
 
     With any tuning grid (``taus``, ``embed_layers``, ``windows`` / ``decays`` -- each
     adds the whole context too --, ``centroid_poolings``), the point with the lowest
@@ -296,7 +301,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
                                           embed_layer=embed_layer, window=window,
                                           decay=decay, centroid_pooling=centroid_pooling,
                                           centroid_prompts=centroid_prompts,
-                                          progress=progress)
+                                          adapter_seed=adapter_seed, progress=progress)
     validation = train_validation_split()[1]
     chosen = {"tau": tau, "embed_layer": embed_layer, "window": window, "decay": decay,
               "centroid_pooling": centroid_pooling}
@@ -336,6 +341,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
         **provenance(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"base": base, "adapter_dir": str(adapter_dir), "train_steps": steps,
+                   "adapter_seed": adapter_seed,
                    **chosen, "eval_rows_per_task": per_task,
                    "centroid_prompts_per_task": centroid_prompts,
                    "selection": "lowest validation selection_score = mean of the every-token "
@@ -647,6 +653,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the mixed-task (two tasks per sequence) evaluation")
     p.add_argument("--mixed-per-pair", type=int, default=12,
                    help="mixed-task sequences per ordered task pair")
+    p.add_argument("--adapter-seed", type=int, default=0,
+                   help="seed of the task adapters' initialisation and data order (another "
+                        "seed retrains the adapters in --adapters: give it its own folder)")
     args = p.parse_args(argv)
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
@@ -655,7 +664,8 @@ def main(argv: list[str] | None = None) -> None:
                   centroid_pooling=args.centroid_pooling, windows=args.tune_windows,
                   decays=args.tune_decays, centroid_poolings=args.tune_centroid_pooling,
                   out=args.out,
-                  mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair)
+                  mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair,
+                  adapter_seed=args.adapter_seed)
     c = summary["config"]
     print("config: " + ", ".join(f"{k}={c[k]}" for k in ("tau", "embed_layer", "window",
                                                           "decay", "centroid_pooling")))
