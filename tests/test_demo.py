@@ -103,12 +103,15 @@ def test_demo_without_matplotlib_skips_the_plot_up_front(monkeypatch):
 
     from datalora import demo
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    args = argparse.Namespace(no_plot=False)
-    with pytest.warns(UserWarning, match="matplotlib is not installed"):
-        demo._check_plotting(args)
-    assert args.no_plot is True
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        args = argparse.Namespace(no_plot=False)
+        with pytest.warns(UserWarning, match="matplotlib is not installed"):
+            demo._check_plotting(args)
+        assert args.no_plot is True
+    # sys.modules as it was: deleting the entry instead made the next import build a second
+    # matplotlib package beside the first one's submodules, and a later test's Figure then
+    # found no matplotlib.colors on it
     args = argparse.Namespace(no_plot=False)
     demo._check_plotting(args)
     assert args.no_plot is False
