@@ -210,6 +210,15 @@ def test_row_expert_counts_counts_every_route_and_the_answers_apart():
         assert n_all == k * len(item["input_ids"])  # every real token
         assert n_ans == k * (labelled - 1) > 0  # the answer's tokens, less its EOS
     assert (answers <= every).all()
+    # the [B, L] layout of the routes: padded batches count each row as it alone would
+    # (a router sharpened so that routes vary from token to token)
+    with torch.no_grad():
+        model.saliency.router_head.weight.mul_(50)
+    _, every, answers = datalora_eval.row_expert_counts(model, rows, tokenizer, batch_size=4)
+    _, every_1, answers_1 = datalora_eval.row_expert_counts(model, rows, tokenizer,
+                                                            batch_size=1)
+    assert torch.equal(every, every_1) and torch.equal(answers, answers_1)
+    assert (every > 0).sum(1).min() > k  # more than one pair of experts per row
     load = datalora_eval.task_expert_load(model, rows, tokenizer, answers_only=True)
     assert load == datalora_eval.load_by_task(tasks, answers)
 
@@ -242,7 +251,9 @@ def test_initial_model_is_the_model_train_datalora_starts_from(tmp_path, monkeyp
     assert started.keys() == want.keys()
     # bit-exact (the keep threshold is NaN, uncalibrated, in both)
     torch.testing.assert_close(started, dict(want), rtol=0, atol=0, equal_nan=True)
+    state = torch.get_rng_state()
     other = datalora_eval.initial_model(copy.deepcopy(base), config, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG left as it was
     assert not torch.equal(other.state_dict()["saliency.router_head.weight"],
                            want["saliency.router_head.weight"])
 
@@ -252,6 +263,8 @@ def test_specialised_needs_more_than_the_initial_router_and_0_05_bits():
     assert passes({"jsd_mean": 0.08, "initial_jsd_mean": 0.01}) == "PASS"
     assert passes({"jsd_mean": 0.08, "initial_jsd_mean": 0.09}) == "FAIL"
     assert passes({"jsd_mean": 0.04, "initial_jsd_mean": 0.0}) == "FAIL"
+    assert datalora_eval._specialisation_bar({"initial_jsd_mean": 0.09}) == 0.09
+    assert datalora_eval._specialisation_bar({"initial_jsd_mean": 0.01}) == 0.05
 
 
 def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
@@ -288,6 +301,12 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
     assert ratio["status"] == ("PASS" if ratio["value"] <= 1.05 else "FAIL")
     names = [t["name"] for t in data["targets"]]
     assert names == ["eval_loss_ratio", "specialisation", "specialisation_answers"]
+    for target, scores in zip(data["targets"][1:], (pruned["specialisation"],
+                                                   pruned["specialisation_answers"]),
+                              strict=True):
+        assert target["threshold"] == max(0.05, scores["initial_jsd_mean"])
+        assert target["status"] == ("PASS" if target["value"] > target["threshold"]
+                                    else "FAIL")
     assert (tmp_path / "datalora_eval_smoke.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -303,6 +322,16 @@ def test_eval_experiment_tunes_alpha_balance_on_validation_rows(tmp_path, monkey
         return train, val[::25]  # 8 validation rows keep the test fast
 
     monkeypatch.setattr(testing, "train_validation_split", split)
+    # scripted validation losses: the two arms prefer different weights
+    real_train = datalora_eval.train_and_evaluate
+    scripted = {"tune_dense_molora_0.05": 5.0, "tune_dense_molora_2.0": 4.0,
+                "tune_datalora_r0.5_0.05": 4.0, "tune_datalora_r0.5_2.0": 5.0}
+
+    def train_and_evaluate(name, *args, **kwargs):
+        record = real_train(name, *args, **kwargs)
+        return {**record, "eval_loss": scripted[name]} if name in scripted else record
+
+    monkeypatch.setattr(datalora_eval, "train_and_evaluate", train_and_evaluate)
     result = datalora_eval.run(steps=2, batch_size=4, limit=16, eval_limit=8, out_dir=tmp_path,
                                tag="tune", work_dir=tmp_path / "work", progress=False,
                                plot=False, log=lambda *_: None, tune_alpha_balance=(0.05, 2.0))
@@ -315,6 +344,7 @@ def test_eval_experiment_tunes_alpha_balance_on_validation_rows(tmp_path, monkey
                    key=lambda t: t["validation_loss"])["alpha_balance"]
         assert arm["alpha_balance"] == best
     dense, pruned = result["arms"]
+    assert (dense["alpha_balance"], pruned["alpha_balance"]) == (2.0, 0.05)
     assert result["meta"]["alpha_balance"] == pruned["alpha_balance"]
     assert result["meta"]["dense_alpha_balance"] == dense["alpha_balance"]
     from datalora.data import load_instruction_dataset

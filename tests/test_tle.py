@@ -1894,8 +1894,14 @@ def test_tle_evidence_adapter_seed_reaches_every_task_adapter(monkeypatch, tmp_p
     assert seen == [(task, 7) for task in task_adapters.TASKS]
 
     runs = []
-    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: runs.append(kw) or {
+    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: runs.append((a, kw)) or {
         "config": dict.fromkeys(("tau", "embed_layer", "window", "decay", "centroid_pooling")),
         "eval_loss": {}, "mean_routing_weights_on_response": {}})
     tle_evidence.main(["--adapter-seed", "3", "--no-mixed"])
-    assert runs[0]["adapter_seed"] == 3
+    (folder,), kw = runs[-1]
+    assert kw["adapter_seed"] == 3  # its own subfolder beside the seed-0 adapters
+    assert folder == f"{tle_evidence.ADAPTERS_DEFAULT}/seed-3"
+    tle_evidence.main(["--adapter-seed", "3", "--no-mixed", "--adapters", str(tmp_path)])
+    assert runs[-1][0] == (str(tmp_path),)  # a folder of the caller's own is used as given
+    tle_evidence.main(["--no-mixed"])
+    assert runs[-1][0] == (tle_evidence.ADAPTERS_DEFAULT,)

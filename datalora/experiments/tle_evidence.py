@@ -62,6 +62,9 @@ from datalora.experiments.run_info import provenance
 from datalora.experiments.task_adapters import BASES
 from datalora.io import atomic_write_text
 
+ADAPTERS_DEFAULT = "/tmp/datalora_work/task_adapters"
+"""Where the task adapters are trained (or reused) by default."""
+
 POOLINGS = ("whole", "context", "positions")
 """Centroid poolings (``TokenLevelAdapterMixer.fit_centroids``)."""
 
@@ -625,7 +628,7 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, rows: Sequence[dict[str, str]]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m datalora.experiments.tle_evidence",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--adapters", default="/tmp/datalora_work/task_adapters")
+    p.add_argument("--adapters", default=ADAPTERS_DEFAULT)
     p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--tau", type=float, default=0.02)
@@ -654,9 +657,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed-per-pair", type=int, default=12,
                    help="mixed-task sequences per ordered task pair")
     p.add_argument("--adapter-seed", type=int, default=0,
-                   help="seed of the task adapters' initialisation and data order (another "
-                        "seed retrains the adapters in --adapters: give it its own folder)")
+                   help="seed of the task adapters' initialisation and data order (a seed "
+                        "other than 0 with the default --adapters trains into its own "
+                        "seed-N subfolder; in a folder of your own another seed retrains)")
     args = p.parse_args(argv)
+    if args.adapter_seed != 0 and args.adapters == ADAPTERS_DEFAULT:
+        # its own folder: the default one holds the seed-0 adapters bench_tle and the tle
+        # CLI reuse (another seed's would retrain them there)
+        args.adapters = f"{ADAPTERS_DEFAULT}/seed-{args.adapter_seed}"
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
                   taus=args.tune_taus, embed_layers=args.tune_embed_layers,
