@@ -1900,8 +1900,8 @@ def test_tle_evidence_adapter_seed_reaches_every_task_adapter(monkeypatch, tmp_p
     tle_evidence.main(["--adapter-seed", "3", "--no-mixed"])
     (folder,), kw = runs[-1]
     assert kw["adapter_seed"] == 3  # its own subfolder beside the seed-0 adapters
-    assert folder == f"{tle_evidence.ADAPTERS_DEFAULT}/seed-3"
+    assert folder == f"{tle_evidence.WORK_DIR}/seed-3"
     tle_evidence.main(["--adapter-seed", "3", "--no-mixed", "--adapters", str(tmp_path)])
     assert runs[-1][0] == (str(tmp_path),)  # a folder of the caller's own is used as given
     tle_evidence.main(["--no-mixed"])
-    assert runs[-1][0] == (tle_evidence.ADAPTERS_DEFAULT,)
+    assert runs[-1][0] == (tle_evidence.WORK_DIR,)

@@ -35,6 +35,9 @@ BASES: tuple[str, ...] = ("pretrained", "random")
 """Base model kinds: pretrained (:func:`build_pretrained_tiny_model`) or random init."""
 ADAPTER_STEPS = 80
 """Default training steps of a task adapter (batch 8)."""
+WORK_DIR = "/tmp/datalora_work/task_adapters"
+"""Where the evidence scripts (LoRA-TLE, TITOK) train or reuse the task adapters by
+default."""
 ADAPTER_LR: dict[str, float] = {"pretrained": 3e-3, "random": 2e-2}
 """Default adapter learning rate per base kind. 2e-2 suits the random base; on the
 pretrained base it undoes the pretraining (validation loss above the base's), 3e-3 was the

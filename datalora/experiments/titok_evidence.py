@@ -38,7 +38,7 @@ from datalora.checks import check_int, check_number
 from datalora.cli import check_output_file
 from datalora.data import TASKS, load_instruction_dataset
 from datalora.experiments.run_info import provenance
-from datalora.experiments.task_adapters import BASES
+from datalora.experiments.task_adapters import BASES, WORK_DIR
 from datalora.io import atomic_write_text
 
 TARGET_KWARGS = dict(vocab_size=512, hidden_size=96, num_hidden_layers=3,
@@ -62,7 +62,7 @@ def _evaluate(model: Any, tokenizer: Any, splits: dict[str, list[dict[str, str]]
 
 
 def run(task: str = "reverse", *, base: str = "pretrained", source_adapter: str | None = None,
-        adapter_dir: str = "/tmp/datalora_work/task_adapters", seed_prompts: int = 96,
+        adapter_dir: str = WORK_DIR, seed_prompts: int = 96,
         sample_keep: float = 0.5, token_keep: float = 0.5, steps: int = 60,
         source_steps: int | None = None,
         lr: float | None = None,
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, default="reverse")
     p.add_argument("--base", choices=BASES, default="pretrained")
-    p.add_argument("--adapter-dir", default="/tmp/datalora_work/task_adapters")
+    p.add_argument("--adapter-dir", default=WORK_DIR)
     p.add_argument("--seed-prompts", type=int, default=96)
     p.add_argument("--sample-keep", type=float, default=0.5)
     p.add_argument("--token-keep", type=float, default=0.5)

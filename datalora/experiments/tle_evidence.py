@@ -59,11 +59,8 @@ from datalora.cli import check_output_file
 from datalora.data import TASKS, CausalLMCollator, _encode, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
 from datalora.experiments.run_info import provenance
-from datalora.experiments.task_adapters import BASES
+from datalora.experiments.task_adapters import BASES, WORK_DIR
 from datalora.io import atomic_write_text
-
-ADAPTERS_DEFAULT = "/tmp/datalora_work/task_adapters"
-"""Where the task adapters are trained (or reused) by default."""
 
 POOLINGS = ("whole", "context", "positions")
 """Centroid poolings (``TokenLevelAdapterMixer.fit_centroids``)."""
@@ -628,7 +625,7 @@ def evaluate_mixed(mixer: Any, tokenizer: Any, *, rows: Sequence[dict[str, str]]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m datalora.experiments.tle_evidence",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--adapters", default=ADAPTERS_DEFAULT)
+    p.add_argument("--adapters", default=WORK_DIR)
     p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--tau", type=float, default=0.02)
@@ -661,10 +658,10 @@ def main(argv: list[str] | None = None) -> None:
                         "other than 0 with the default --adapters trains into its own "
                         "seed-N subfolder; in a folder of your own another seed retrains)")
     args = p.parse_args(argv)
-    if args.adapter_seed != 0 and args.adapters == ADAPTERS_DEFAULT:
+    if args.adapter_seed != 0 and args.adapters == WORK_DIR:
         # its own folder: the default one holds the seed-0 adapters bench_tle and the tle
         # CLI reuse (another seed's would retrain them there)
-        args.adapters = f"{ADAPTERS_DEFAULT}/seed-{args.adapter_seed}"
+        args.adapters = f"{WORK_DIR}/seed-{args.adapter_seed}"
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
                   taus=args.tune_taus, embed_layers=args.tune_embed_layers,
