@@ -185,6 +185,67 @@ def test_permutation_null_separates_task_routing_from_chance():
         datalora_eval.permutation_null(tasks, apart, permutations=0)
 
 
+def _records(tasks, row, token_ids, experts, answer, num_experts=4):
+    return datalora_eval.RouteRecords(
+        tasks, torch.tensor(row), torch.tensor(token_ids), torch.tensor(experts),
+        torch.tensor(answer), num_experts)
+
+
+def test_lexical_jsd_separates_context_routing_from_token_identity():
+    # the same two token ids in both tasks, each task routing them to its own expert: all
+    # of the specialisation is context (lexical JSD 0, observed 1 bit)
+    context = _records(["a", "b"], [0, 0, 1, 1], [7, 8, 7, 8], [[0], [0], [1], [1]],
+                       [True] * 4)
+    observed = datalora_eval.specialisation(
+        datalora_eval.load_by_task(context.tasks, context.row_counts()))["jsd_mean"]
+    assert observed == pytest.approx(1.0)
+    assert datalora_eval.lexical_jsd(context) == pytest.approx(0.0, abs=1e-12)
+    # disjoint token ids: token identity explains everything
+    lexical = _records(["a", "b"], [0, 0, 1, 1], [7, 7, 9, 9], [[0], [0], [1], [1]],
+                       [True] * 4)
+    assert datalora_eval.lexical_jsd(lexical) == pytest.approx(1.0)
+    # a shared token id routed alike plus task-only ids: lexical matches the observed loads
+    mixed = _records(["a", "b"], [0, 0, 1, 1], [5, 7, 5, 9], [[2], [0], [2], [1]],
+                     [True] * 4)
+    want = datalora_eval.specialisation(
+        datalora_eval.load_by_task(mixed.tasks, mixed.row_counts()))["jsd_mean"]
+    assert 0 < want < 1 and datalora_eval.lexical_jsd(mixed) == pytest.approx(want)
+    # answers only: the non-answer tokens (routed by context) are left out, and a token
+    # routed twice to one expert counts twice
+    part = _records(["a", "b"], [0, 0, 1, 1], [7, 8, 7, 8], [[0, 0], [3, 1], [1, 1], [3, 2]],
+                    [False, True, False, True])
+    assert part.route_counts(answers_only=True)[0].sum() == 0
+    assert part.row_counts().tolist() == [[2, 1, 0, 1], [0, 2, 1, 1]]
+    assert part.row_counts(answers_only=True).tolist() == [[0, 1, 0, 1], [0, 0, 1, 1]]
+    # answers: token 8 goes to {3, 1} in a and {3, 2} in b; pooled per id: identical loads
+    assert datalora_eval.lexical_jsd(part, answers_only=True) == pytest.approx(0, abs=1e-12)
+    # every token: each task holds one token 7 and one token 8, so pooled per id the two
+    # loads are the same though the observed ones differ
+    assert datalora_eval.lexical_jsd(part) == pytest.approx(0, abs=1e-12)
+    assert datalora_eval.specialisation(
+        datalora_eval.load_by_task(part.tasks, part.row_counts()))["jsd_mean"] > 0.3
+
+
+def test_shared_tokens_keep_the_ids_two_tasks_use():
+    # token 5 in a and c, 6 only in b, 7 in a and b but as an answer only in a
+    rec = _records(["a", "b", "c"], [0, 0, 1, 1, 2], [5, 7, 6, 7, 5],
+                   [[0], [1], [2], [3], [0]], [True, True, True, False, True])
+    assert rec.selection(shared_tokens=True).tolist() == [True, True, False, True, True]
+    assert rec.selection(answers_only=True, shared_tokens=True).tolist() == [
+        True, False, False, False, True]
+    # over the shared answer tokens only a and c count, routed alike: 0 bits both ways
+    assert datalora_eval.task_jsd(rec, answers_only=True, shared_tokens=True) == 0
+    assert datalora_eval.lexical_jsd(rec, answers_only=True, shared_tokens=True) == 0
+    # token 7: expert 1 in a, 3 in b: context; pooled per id it is the same for both
+    assert datalora_eval.task_jsd(rec, shared_tokens=True) > datalora_eval.lexical_jsd(
+        rec, shared_tokens=True)
+    # nothing counted: no JSD
+    alone = _records(["a", "b"], [0, 1], [5, 6], [[0], [1]], [True, True])
+    assert datalora_eval.task_jsd(alone, shared_tokens=True) is None
+    assert datalora_eval.lexical_jsd(alone, shared_tokens=True) is None
+    assert datalora_eval.task_jsd(alone) == pytest.approx(1.0)
+
+
 def test_row_expert_counts_counts_every_route_and_the_answers_apart():
     from datalora import DATALORAConfig, get_datalora_model
     from datalora.data import load_instruction_dataset
@@ -210,6 +271,14 @@ def test_row_expert_counts_counts_every_route_and_the_answers_apart():
         assert n_all == k * len(item["input_ids"])  # every real token
         assert n_ans == k * (labelled - 1) > 0  # the answer's tokens, less its EOS
     assert (answers <= every).all()
+    records = datalora_eval.route_records(model, rows, tokenizer, batch_size=4)
+    assert torch.equal(records.token_ids,
+                       torch.tensor([t for item in items for t in item["input_ids"]]))
+    assert torch.equal(records.row, torch.repeat_interleave(
+        torch.arange(len(items)), torch.tensor([len(item["input_ids"]) for item in items])))
+    assert records.experts.shape == (len(records.row), k)
+    assert torch.equal(records.row_counts(), every)
+    assert torch.equal(records.row_counts(answers_only=True), answers)
     # the [B, L] layout of the routes: padded batches count each row as it alone would
     # (a router sharpened so that routes vary from token to token)
     with torch.no_grad():
@@ -291,7 +360,11 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
             assert all(abs(sum(v) - 1) < 1e-5 for v in load.values())
             scores = arm[f"specialisation{suffix}"]
             assert {"jsd_mean", "null_jsd_mean", "null_jsd_q95", "p_value",
-                    "initial_jsd_mean"} <= set(scores)
+                    "initial_jsd_mean", "lexical_jsd_mean", "initial_lexical_jsd_mean",
+                    "shared_token_share", "shared_token_jsd_mean",
+                    "shared_token_lexical_jsd_mean"} <= set(scores)
+            assert 0 < scores["shared_token_share"] <= 1
+            assert 0 <= scores["lexical_jsd_mean"] <= 1
             assert set(arm[f"task_expert_load{suffix}_initial"]) == set(load)
             assert 0 < scores["p_value"] <= 1
     # dense eval of the dense arm is the same function as its eval loss

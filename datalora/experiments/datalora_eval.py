@@ -15,7 +15,10 @@ specialisation scores: the mean over tasks of the largest expert share (uniform 
 and the mean pairwise Jensen-Shannon divergence between the tasks' load distributions
 (bits, 0 = identical, 1 = disjoint), next to the same model's JSD at initialisation (its
 routing differs by task already, as the tasks' tokens do: the reference training must beat)
-and the JSD chance gives (the rows' task labels permuted, :func:`permutation_null`). Both
+and the JSD chance gives (the rows' task labels permuted, :func:`permutation_null`). A
+router that looked at the token alone would load the experts differently by task too, as
+the tasks use different tokens: :func:`lexical_jsd` gives the JSD of the same router's
+routes pooled per token id, the part of the specialisation token identity explains. All
 over every real token and over the answer tokens alone: the tasks share the prompt template
 and the EOS that ends each answer, whose tokens route alike whatever the task.
 Writes ``datalora_eval_<tag>.json`` + ``.png`` into
@@ -36,6 +39,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from datalora.cli import check_output_folder, int_at_least, positive_float
 from datalora.experiments.run_info import provenance
 from datalora.io import atomic_write_text, save_figure
 
-SCHEMA = "datalora.experiments.datalora_eval/1"
+SCHEMA = "datalora.experiments.datalora_eval/2"
 RESULTS_DIR = Path("benchmarks") / "results"
 """Default output folder, relative to the current directory (as the TLE and TITOK evidence
 scripts'), so an installed datalora never writes into site-packages."""
@@ -146,21 +150,71 @@ def load_by_task(tasks: Sequence[str], counts: torch.Tensor) -> dict[str, list[f
     return {t: (c / c.sum()).tolist() for t, c in sorted(totals.items()) if c.sum() > 0}
 
 
+@dataclass
+class RouteRecords:
+    """Every real token's routes over some rows (:func:`route_records`), on the CPU.
+
+    Attributes:
+        tasks: ``[N]`` task of each row (``"unknown"`` for a row without one).
+        row: ``[M]`` int64, the row of each token. token_ids: ``[M]`` int64.
+        experts: ``[M, k]`` int64, the token's expert ids.
+        answer: ``[M]`` bool, the token is an answer token (labelled, not the EOS).
+        num_experts: E.
+    """
+
+    tasks: list[str]
+    row: torch.Tensor
+    token_ids: torch.Tensor
+    experts: torch.Tensor
+    answer: torch.Tensor
+    num_experts: int
+
+    def selection(self, answers_only: bool = False, shared_tokens: bool = False
+                  ) -> torch.Tensor:
+        """``[M]`` bool: the tokens counted: every one, or the answer tokens alone; with
+        ``shared_tokens`` only those whose token id occurs (among those counted) in at least
+        two tasks, where a router can tell the tasks apart only by the context."""
+        selected = self.answer.clone() if answers_only else torch.ones_like(self.answer)
+        if shared_tokens and bool(selected.any()):
+            task_ids = {t: i for i, t in enumerate(sorted(set(self.tasks)))}
+            task_of = torch.tensor([task_ids[t] for t in self.tasks])[self.row]
+            ids = self.token_ids[selected]
+            pairs = torch.unique(torch.stack([ids, task_of[selected]]), dim=1)
+            vocab, tasks_per_id = torch.unique(pairs[0], return_counts=True)
+            shared = vocab[tasks_per_id >= 2]
+            selected[selected.clone()] = torch.isin(ids, shared)
+        return selected
+
+    def route_counts(self, answers_only: bool = False, shared_tokens: bool = False
+                     ) -> torch.Tensor:
+        """``[M, E]`` fp32: each token's routes per expert (a token routed twice to one
+        expert counts 2); zero rows for the tokens not counted (:meth:`selection`)."""
+        counts = torch.nn.functional.one_hot(self.experts, self.num_experts).sum(-2).float()
+        if answers_only or shared_tokens:
+            counts *= self.selection(answers_only, shared_tokens)[:, None]
+        return counts
+
+    def row_counts(self, answers_only: bool = False, shared_tokens: bool = False
+                   ) -> torch.Tensor:
+        """``[N, E]`` fp32: routes per expert of each row (:meth:`route_counts` summed)."""
+        return self.per_row(self.route_counts(answers_only, shared_tokens))
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """``[M, E]`` per-token values summed into ``[N, E]`` per row."""
+        return torch.zeros(len(self.tasks), values.shape[1]).index_add_(0, self.row, values)
+
+
 @torch.no_grad()
-def row_expert_counts(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
-                      max_length: int = 96, batch_size: int = 16
-                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Routes per expert of every row, from the saliency network's routing.
+def route_records(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
+                  max_length: int = 96, batch_size: int = 16) -> RouteRecords:
+    """The saliency network's routes of every real token of ``rows``.
 
     Runs ``model`` (a shared-routing :class:`~datalora.model.DATALORAModel`) in eval mode
-    over ``rows`` and counts the ``expert_ids`` of every real token (the USN routes every
-    token; pruned tokens skip the pruned layers but are routed in the others), and
-    separately of the answer tokens alone (labelled, less the EOS every answer ends with):
+    over ``rows`` and records the ``expert_ids`` of every real token (the USN routes every
+    token; pruned tokens skip the pruned layers but are routed in the others), its token id,
+    row, and whether it is an answer token (labelled, less the EOS every answer ends with:
     every task shares the prompt template and that EOS, whose tokens route alike whatever
-    the task.
-
-    Returns:
-        ``(tasks [N], all_counts [N, E], answer_counts [N, E])``, counts fp32 on the CPU.
+    the task).
     """
     from datalora.data import IGNORE_INDEX, CausalLMCollator, _eos_id
     from datalora.train import _tokenized_rows
@@ -175,25 +229,76 @@ def row_expert_counts(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    all_counts, answer_counts = [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
     try:
         for i in range(0, len(items), batch_size):
             batch = collate([{k: v for k, v in x.items() if k != "task"}
                              for x in items[i:i + batch_size]])
-            model(input_ids=batch["input_ids"].to(device),
+            input_ids = batch["input_ids"]
+            model(input_ids=input_ids.to(device),
                   attention_mask=batch["attention_mask"].to(device))
             rec = model.runtime.last
-            ids = rec.routing.expert_ids.view(*batch["input_ids"].shape, -1).cpu()
-            onehot = torch.nn.functional.one_hot(ids, num_experts).sum(-2).float()  # [B, L, E]
-            valid = rec.valid.cpu()
-            answer = (batch["labels"] != IGNORE_INDEX) & (batch["input_ids"] != eos) & valid
-            all_counts.append((onehot * valid[..., None]).sum(1))
-            answer_counts.append((onehot * answer[..., None]).sum(1))
+            valid = rec.valid.cpu().bool()
+            experts = rec.routing.expert_ids.view(*input_ids.shape, -1).cpu().long()
+            answer = (batch["labels"] != IGNORE_INDEX) & (input_ids != eos)
+            rows_of = torch.arange(i, i + input_ids.shape[0])[:, None].expand_as(input_ids)
+            parts.append((rows_of[valid], input_ids[valid], experts[valid], answer[valid]))
     finally:
         model.train(was_training)
-    empty = torch.zeros(0, num_experts)
-    return (tasks, torch.cat(all_counts) if all_counts else empty,
-            torch.cat(answer_counts) if answer_counts else empty)
+    k = model.datalora_config.num_active_experts
+    row, token_ids, experts, answer = (
+        (torch.cat(p) for p in zip(*parts, strict=True)) if parts else
+        (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+         torch.zeros(0, k, dtype=torch.long), torch.zeros(0, dtype=torch.bool)))
+    return RouteRecords(tasks, row, token_ids, experts, answer, num_experts)
+
+
+def row_expert_counts(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
+                      max_length: int = 96, batch_size: int = 16
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Routes per expert of every row (see :func:`route_records`): over every real token,
+    and over the answer tokens alone.
+
+    Returns:
+        ``(tasks [N], all_counts [N, E], answer_counts [N, E])``, counts fp32 on the CPU.
+    """
+    records = route_records(model, rows, tokenizer, max_length, batch_size)
+    return records.tasks, records.row_counts(), records.row_counts(answers_only=True)
+
+
+def task_jsd(records: RouteRecords, answers_only: bool = False,
+             shared_tokens: bool = False) -> float | None:
+    """The tasks' mean pairwise JSD (bits) of the tokens counted (see
+    :meth:`RouteRecords.selection`); None when no token is."""
+    return _jsd_or_none(records.tasks, records.row_counts(answers_only, shared_tokens))
+
+
+def _jsd_or_none(tasks: Sequence[str], counts: torch.Tensor) -> float | None:
+    load = load_by_task(tasks, counts)
+    return specialisation(load)["jsd_mean"] if load else None
+
+
+def lexical_jsd(records: RouteRecords, answers_only: bool = False,
+                shared_tokens: bool = False) -> float | None:
+    """The tasks' mean pairwise JSD (bits) if each token were routed by its token id alone.
+
+    Each token's routes are replaced by the mean routes of its token id over every task's
+    tokens (the best context-free approximation of this router: a token id's routes pooled
+    across contexts), then summed per task as :func:`load_by_task` does. Tasks use different
+    tokens, so a router that never looks past the token still loads the experts differently
+    by task; the observed JSD's excess over this one is the part that depends on the
+    context. A token id seen in one task only keeps its routes (counted as lexical): over
+    ``shared_tokens`` alone (ids that two tasks or more use), the observed JSD's excess is
+    context only. None when no token is counted.
+    """
+    counts = records.route_counts(answers_only, shared_tokens)
+    selected = counts.sum(1) > 0
+    vocab, slot = torch.unique(records.token_ids[selected], return_inverse=True)
+    per_id = torch.zeros(len(vocab), counts.shape[1]).index_add_(0, slot, counts[selected])
+    per_id /= torch.bincount(slot, minlength=len(vocab)).clamp_min(1)[:, None]
+    lexical = torch.zeros_like(counts)
+    lexical[selected] = per_id[slot]
+    return _jsd_or_none(records.tasks, records.per_row(lexical))
 
 
 def initial_model(base: Any, config: Any, seed: int) -> Any:
@@ -214,9 +319,8 @@ def task_expert_load(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
     """Share of routes per expert for each task (see :func:`row_expert_counts`): over every
     real token, or over the answer tokens alone. A task none of whose rows has such a token
     is left out (see :func:`load_by_task`)."""
-    tasks, all_counts, answer_counts = row_expert_counts(model, rows, tokenizer, max_length,
-                                                         batch_size)
-    return load_by_task(tasks, answer_counts if answers_only else all_counts)
+    records = route_records(model, rows, tokenizer, max_length, batch_size)
+    return load_by_task(records.tasks, records.row_counts(answers_only))
 
 
 # ---------------------------------------------------------------------------- runs
@@ -257,8 +361,8 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
     config = DATALORAConfig(**fields)
     model, tokenizer = base_model(base, progress)
     eval_rows = list(eval_rows)
-    _, *initial_counts = row_expert_counts(initial_model(copy.deepcopy(model), config, seed),
-                                           eval_rows, tokenizer)
+    initial = route_records(initial_model(copy.deepcopy(model), config, seed), eval_rows,
+                            tokenizer)
     t0 = time.perf_counter()
     result = train_datalora(config, dataset=train_rows, output_dir=out_dir / name,
                             max_steps=steps, batch_size=batch_size,
@@ -308,14 +412,21 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
     finally:
         model.saliency.keep_threshold.copy_(threshold)
     record["eval_loss_dense"] = evaluate_loss(model, eval_rows, tok, retention=1.0)
-    tasks, all_counts, answer_counts = row_expert_counts(model, eval_rows, tok)
-    for suffix, counts, initial in zip(("", "_answers"), (all_counts, answer_counts),
-                                       initial_counts, strict=True):
-        record[f"task_expert_load{suffix}"] = load = load_by_task(tasks, counts)
-        record[f"task_expert_load{suffix}_initial"] = initial_load = load_by_task(tasks, initial)
+    trained = route_records(model, eval_rows, tok)
+    for suffix, answers_only in (("", False), ("_answers", True)):
+        counts = trained.row_counts(answers_only)
+        record[f"task_expert_load{suffix}"] = load = load_by_task(trained.tasks, counts)
+        record[f"task_expert_load{suffix}_initial"] = initial_load = load_by_task(
+            initial.tasks, initial.row_counts(answers_only))
         record[f"specialisation{suffix}"] = {
-            **specialisation(load), **permutation_null(tasks, counts),
-            "initial_jsd_mean": specialisation(initial_load)["jsd_mean"]}
+            **specialisation(load), **permutation_null(trained.tasks, counts),
+            "initial_jsd_mean": specialisation(initial_load)["jsd_mean"],
+            "lexical_jsd_mean": lexical_jsd(trained, answers_only),
+            "initial_lexical_jsd_mean": lexical_jsd(initial, answers_only),
+            "shared_token_share": float(trained.selection(answers_only, True).sum()
+                                        / trained.selection(answers_only).sum().clamp_min(1)),
+            "shared_token_jsd_mean": task_jsd(trained, answers_only, True),
+            "shared_token_lexical_jsd_mean": lexical_jsd(trained, answers_only, True)}
     return record
 
 
@@ -456,6 +567,10 @@ def format_load_table(task_load: dict[str, Sequence[float]]) -> str:
     return "\n".join(lines)
 
 
+def _bits(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_report(result: dict[str, Any]) -> str:
     lines = []
     for arm in result["arms"]:
@@ -468,7 +583,11 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"  expert load per task on eval rows, {tokens} (% of routes); max "
                          f"share mean {s['max_share_mean']:.3f} (uniform "
                          f"{s['uniform_share']:.3f}), JSD mean {s['jsd_mean']:.3f} bits "
-                         f"(at initialisation {s['initial_jsd_mean']:.3f}; task labels "
+                         f"(at initialisation {s['initial_jsd_mean']:.3f}; routed by token "
+                         f"id alone {_bits(s['lexical_jsd_mean'])}; on the "
+                         f"{100 * s['shared_token_share']:.0f}% of tokens whose id several "
+                         f"tasks use {_bits(s['shared_token_jsd_mean'])}, by token id alone "
+                         f"{_bits(s['shared_token_lexical_jsd_mean'])}; task labels "
                          f"permuted: {s['null_jsd_mean']:.3f}, 95th percentile "
                          f"{s['null_jsd_q95']:.3f}; p = {s['p_value']:.3f})")
             lines.append(format_load_table(arm[f"task_expert_load{suffix}"]))
