@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +60,7 @@ from benchmarks.molora import (
     write_result,
 )
 from benchmarks.plot import save_figure
-from benchmarks.timing import sync, time_interleaved
+from benchmarks.timing import bootstrap_ci, sync, time_interleaved
 from datalora.cli import int_at_least, non_negative_float, positive_float
 
 SCHEMA = "datalora.benchmarks.pruning/1"
@@ -222,24 +220,6 @@ def attainable_speedup(ms: dict[tuple[int, int], float], case: ModelCase,
             "ms_dense": {f"L{layers}_seq{seq}": v for (layers, seq), v in ms.items()}}
 
 
-def bootstrap_ci(timed: dict[Any, tuple], statistic: Callable[[dict[Any, float]], float],
-                 resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95 % percentile-bootstrap interval of ``statistic`` (a function of each step's median
-    time, ``{key: ms}``) over the timed rounds: each resample draws rounds with replacement,
-    the same rounds for every step (the steps of one round ran back to back, under the same
-    machine conditions), and takes each step's median over them."""
-    times = {key: value[5] for key, value in timed.items()}
-    rounds = len(next(iter(times.values())))
-    rng = random.Random(seed)
-    values = []
-    for _ in range(resamples):
-        picks = [rng.randrange(rounds) for _ in range(rounds)]
-        values.append(statistic({key: statistics.median(t[i] for i in picks)
-                                 for key, t in times.items()}))
-    values.sort()
-    return [values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]]
-
-
 def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
              device: torch.device, bound: bool = True) -> dict[str, Any]:
     """One row. With ``bound`` the four dense steps run in the same round-robin as the two
@@ -250,6 +230,7 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
         steps.update(dense_steps(case, prune_range, preset["dtype"], device))
     timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
                              preset["max_reps"], order_seed=0)
+    rounds = {key: value[5] for key, value in timed.items()}
     steps[0.5]()  # the rounds' order is shuffled: the model's last step may have been 1.0's
     kept = model.runtime.last.actual_retention() if model.runtime.last is not None else None
     dense, pruned = timed[1.0], timed[0.5]
@@ -265,7 +246,7 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
            "reps": dense[4], "speedup": speedup,
            # spread: slowest plausible vs fastest plausible ratio from the quantiles
            "speedup_q_range": [dense[1] / pruned[2], dense[2] / pruned[1]],
-           "speedup_ci95": bootstrap_ci(timed, lambda m: m[1.0] / m[0.5]),
+           "speedup_ci95": bootstrap_ci(rounds, lambda m: m[1.0] / m[0.5]),
            "speedup_paired_median": statistics.median(
                d / q for d, q in zip(dense[5], pruned[5], strict=True)),
            "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal}
@@ -277,9 +258,9 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
         row.update(attainable_speedup({k: v[0] for k, v in timed.items()
                                        if isinstance(k, tuple)}, case, prune_range))
         row["fraction_of_attainable"] = speedup / row["attainable_speedup"]
-        row["attainable_ci95"] = bootstrap_ci(timed, attainable)
+        row["attainable_ci95"] = bootstrap_ci(rounds, attainable)
         row["fraction_of_attainable_ci95"] = bootstrap_ci(
-            timed, lambda m: m[1.0] / m[0.5] / attainable(m))
+            rounds, lambda m: m[1.0] / m[0.5] / attainable(m))
     row["_step"] = steps[0.5]
     return row
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
-from benchmarks.timing import cuda_graph_ms, quantiles, time_interleaved
+from benchmarks.timing import bootstrap_ci, cuda_graph_ms, quantiles, time_interleaved
 from datalora import ops
 from datalora.cli import int_at_least, non_negative_float, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
@@ -348,7 +348,8 @@ interleaved with the other methods' (as the CPU timer interleaves its calls)."""
 
 
 def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
-    """``triton.testing.do_bench`` + peak memory: ``name -> (med, q20, q80, mem_mb)``.
+    """``triton.testing.do_bench`` + peak memory: ``name -> (med, q20, q80, mem_mb,
+    round_ms)``, ``round_ms`` the median of each round's window.
 
     Each method's window is split into :data:`GPU_ROUNDS` shorter ``do_bench`` windows
     taken round-robin with the other methods'; the result is the median (and 20 / 80 %
@@ -376,7 +377,7 @@ def time_cuda(steps: dict[str, Callable], grad_leaves: list[torch.Tensor]):
         with env_set(getattr(call, "env", {})):
             peak = _peak_memory_mb(plans[name][0], grad_leaves)
         med, q20, q80, _ = quantiles(medians[name])
-        out[name] = (med, q20, q80, peak)
+        out[name] = (med, q20, q80, peak, medians[name])
     return out
 
 
@@ -420,7 +421,7 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
         if device.type == "cuda":
             timed = time_cuda(steps, [inp["x"], inp["A"], inp["B"]])
             graphs = time_cuda_graphs(steps)
-            extra = {n: dict(peak_mem_mb=v[3], graph_ms=graphs[n],
+            extra = {n: dict(peak_mem_mb=v[3], round_ms=v[4], graph_ms=graphs[n],
                              graph_ratio_vs_linear=None if graphs[n] is None
                              else graphs[n] / graphs["linear"])
                      for n, v in timed.items()}
@@ -428,7 +429,7 @@ def run_case(case: Case, preset: dict, device: torch.device, backends: list[str]
         else:
             timed = time_interleaved(steps, device, preset["budget_s"], preset["min_reps"],
                                      preset["max_reps"])
-            extra = {n: dict(min_ms=v[3], reps=v[4],
+            extra = {n: dict(min_ms=v[3], reps=v[4], round_ms=v[5],
                              paired_ratio_vs_linear=paired_ratio(v[5], timed["linear"][5]))
                      for n, v in timed.items()}
             gpu_name = None
@@ -494,6 +495,16 @@ def _find(rows, method, mode, **shape):
     return None
 
 
+def _ratio_ci95(num: dict | None, den: dict | None) -> list[float] | None:
+    """95 % bootstrap interval of ``num``'s median over ``den``'s, two rows of one case
+    (timed round-robin: whole rounds resampled, see :func:`benchmarks.timing.bootstrap_ci`);
+    None without their per-round times."""
+    if not num or not den or not num.get("round_ms") or not den.get("round_ms"):
+        return None
+    return bootstrap_ci({"num": num["round_ms"], "den": den["round_ms"]},
+                        lambda m: m["num"] / m["den"])
+
+
 def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> list[dict]:
     """The issue's targets, each ``PASS``/``FAIL`` (``NOT_RUN`` when its case is absent)."""
     preset = PRESETS[preset_name]
@@ -513,7 +524,8 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
                   and shape_num == shape_den else None)
         out.append(dict(name=name, description=desc, value=value, op=op, threshold=threshold,
                         status=status, numerator=f"{num} {mode}", denominator=f"{den} {mode}",
-                        shape=shape_num, paired_value=paired))
+                        shape=shape_num, paired_value=paired,
+                        ci95=_ratio_ci95(a, b) if shape_num == shape_den else None))
 
     errors = [r["rel_err_vs_fp32_loop"] for r in rows
               if r.get("rel_err_vs_fp32_loop") is not None]
@@ -523,7 +535,7 @@ def check_targets(rows: list[dict], preset_name: str, backends: list[str]) -> li
                     f"{tol} of the per-expert loop in fp32 (max abs error / max abs value)",
                     value=worst, op="<=", threshold=tol, status=status,
                     numerator="rel_err_vs_fp32_loop", denominator=None, shape=None,
-                    paired_value=None))
+                    paired_value=None, ci95=None))
     if preset_name == "gpu":
         for be in backends:
             ml, md = f"molora_linear[{be}]", f"molora_delta[{be}]"
@@ -711,7 +723,8 @@ def format_targets(targets: list[dict]) -> str:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         paired = ("" if t.get("paired_value") is None
                   else f", paired per round {t['paired_value']:.3f}")
-        lines.append(f"  {t['status']:7s} {t['name']}: {v} {t['op']} {t['threshold']}"
+        ci = "" if t.get("ci95") is None else f" [95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}]"
+        lines.append(f"  {t['status']:7s} {t['name']}: {v}{ci} {t['op']} {t['threshold']}"
                      f"  ({t['description']}{paired})")
     return "\n".join(lines)
 

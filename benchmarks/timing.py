@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -68,6 +68,27 @@ def time_interleaved(steps: dict[Hashable, Callable[[], object]], device: torch.
             sync(device)
             times[key].append((time.perf_counter() - t) * 1e3)
     return {key: (*quantiles(v), reps, v) for key, v in times.items()}
+
+
+def bootstrap_ci(times: Mapping[Hashable, Sequence[float]],
+                 statistic: Callable[[dict[Hashable, float]], float],
+                 resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of ``statistic`` (a function of each step's median
+    time, ``{key: ms}``) over the rounds of one :func:`time_interleaved` run (``times``:
+    ``{key: per-round ms}``): each resample draws rounds with replacement, the same rounds
+    for every step (the steps of one round ran back to back, under the same machine
+    conditions), and takes each step's median over them."""
+    rounds = len(next(iter(times.values())))
+    if any(len(t) != rounds for t in times.values()):
+        raise ValueError("times: expected the same number of rounds for every step")
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        picks = [rng.randrange(rounds) for _ in range(rounds)]
+        values.append(statistic({key: statistics.median(t[i] for i in picks)
+                                 for key, t in times.items()}))
+    values.sort()
+    return [values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]]
 
 
 def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 5,

@@ -54,6 +54,8 @@ def test_smoke_preset_writes_json_and_plot(tmp_path):
     linear = [r for r in rows if r["method"] == "linear"]
     assert all(r["ratio_vs_linear"] == 1.0 and r["paired_ratio_vs_linear"] == 1.0
                for r in linear)
+    for row in rows:  # every round's time, as many as the run had rounds
+        assert len(row["round_ms"]) == row["reps"] and min(row["round_ms"]) == row["min_ms"]
     # the smoke shapes carry no speed target; every timed method computed the loop's layer
     assert [(t["name"], t["status"]) for t in data["targets"]] == [
         ("outputs_match_fp32_loop", "PASS")]
@@ -162,6 +164,23 @@ def test_check_targets_marks_pass_fail_and_not_run():
     assert targets["cpu_layer_fwd_bwd_speedup_vs_loop"]["status"] == "FAIL"  # 1.25 < 1.35
     assert targets["cpu_delta_fwd_bwd_speedup_vs_loop"]["status"] == "FAIL"  # 1.5 < 2
     assert targets["cpu_delta_fwd_speedup_vs_loop"]["status"] == "NOT_RUN"
+    assert all(t["ci95"] is None for t in targets.values())  # no per-round times given
+
+
+def test_check_targets_gives_a_bootstrap_interval_over_the_rounds():
+    case = dict(group="T_sweep", T=2048, d_in=2048, d_out=2048, E=8, r=16, k=2,
+                skew="uniform")
+    load = [10.0, 30.0, 12.0, 50.0, 11.0]  # each round's load hits both methods alike
+    rows = [dict(case, method="linear", mode="fwd_bwd", median_ms=12.0, round_ms=load),
+            dict(case, method="molora_linear[torch]", mode="fwd_bwd", median_ms=14.4,
+                 round_ms=[1.2 * t for t in load])]
+    target = {t["name"]: t for t in molora.check_targets(rows, "cpu", ["torch"])}[
+        "cpu_layer_fwd_bwd_vs_linear"]
+    assert target["ci95"] == pytest.approx([1.2, 1.2])  # paired rounds: no spread at all
+    rows[1]["round_ms"] = [13.0, 15.0, 12.0, 16.0, 14.0]  # not moving with the load
+    lo, hi = {t["name"]: t for t in molora.check_targets(rows, "cpu", ["torch"])}[
+        "cpu_layer_fwd_bwd_vs_linear"]["ci95"]
+    assert lo < 1.2 < hi
 
 
 def test_cpu_preset_contains_issue_target_shape():

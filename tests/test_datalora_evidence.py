@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import bench_pruning
+from benchmarks.timing import bootstrap_ci
 from datalora.experiments import datalora_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -86,12 +87,14 @@ def test_bootstrap_ci_resamples_whole_rounds():
     # two steps whose times move together round by round: their ratio is 2 in every round,
     # so every resample that keeps rounds together gives exactly 2
     base = [10.0, 30.0, 12.0, 50.0, 11.0, 20.0]
-    timed = {"a": (None,) * 5 + ([2 * t for t in base],), "b": (None,) * 5 + (base,)}
-    assert bench_pruning.bootstrap_ci(timed, lambda m: m["a"] / m["b"]) == [2.0, 2.0]
+    rounds = {"a": [2 * t for t in base], "b": base}
+    assert bootstrap_ci(rounds, lambda m: m["a"] / m["b"]) == [2.0, 2.0]
     # one step's own spread: the interval covers its median and stays inside its range
-    lo, hi = bench_pruning.bootstrap_ci(timed, lambda m: m["b"], resamples=400, seed=1)
+    lo, hi = bootstrap_ci(rounds, lambda m: m["b"], resamples=400, seed=1)
     assert min(base) <= lo <= 15.5 <= hi <= max(base)
-    assert bench_pruning.bootstrap_ci(timed, lambda m: m["b"], resamples=400, seed=1) == [lo, hi]
+    assert bootstrap_ci(rounds, lambda m: m["b"], resamples=400, seed=1) == [lo, hi]
+    with pytest.raises(ValueError, match="rounds"):
+        bootstrap_ci({"a": base, "b": base[:-1]}, lambda m: m["a"])
 
 
 def test_time_interleaved_shuffles_the_order_of_each_round():
