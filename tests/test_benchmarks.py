@@ -414,6 +414,7 @@ def test_cuda_timer_widens_the_window_of_slow_calls(monkeypatch):
     fast_medians = [1.0 + (2 * i + 1) / 100 for i in range(rounds)]
     assert got["fast"][:3] == pytest.approx(
         (fast_medians[rounds // 2], *np.quantile(fast_medians, [0.2, 0.8])))
+    assert got["fast"][4] == pytest.approx(fast_medians)  # each round's window median
 
 
 def _fake_cuda_graphs(monkeypatch, capture):

@@ -365,7 +365,8 @@ def test_eval_experiment_smoke_writes_json_and_plot(tmp_path):
             assert {"jsd_mean", "null_jsd_mean", "null_jsd_q95", "p_value",
                     "initial_jsd_mean", "lexical_jsd_mean", "initial_lexical_jsd_mean",
                     "shared_token_share", "shared_token_jsd_mean",
-                    "shared_token_lexical_jsd_mean"} <= set(scores)
+                    "shared_token_lexical_jsd_mean", "initial_shared_token_jsd_mean",
+                    "initial_shared_token_lexical_jsd_mean"} <= set(scores)
             assert 0 < scores["shared_token_share"] <= 1
             assert 0 <= scores["lexical_jsd_mean"] <= 1
             assert set(arm[f"task_expert_load{suffix}_initial"]) == set(load)

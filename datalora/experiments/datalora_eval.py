@@ -280,11 +280,13 @@ def _jsd_or_none(tasks: Sequence[str], counts: torch.Tensor) -> float | None:
 
 def lexical_jsd(records: RouteRecords, answers_only: bool = False,
                 shared_tokens: bool = False) -> float | None:
-    """The tasks' mean pairwise JSD (bits) if each token were routed by its token id alone.
+    """The tasks' mean pairwise JSD (bits) if each token were routed as this router routes
+    its token id on average.
 
-    Each token's routes are replaced by the mean routes of its token id over every task's
-    tokens (the best context-free approximation of this router: a token id's routes pooled
-    across contexts), then summed per task as :func:`load_by_task` does. Tasks use different
+    Each token's routes are replaced by the mean routes of its token id over the tokens
+    counted (:meth:`RouteRecords.selection`) of every task (this router's context-free
+    approximation: a token id's routes pooled across contexts), then summed per task as
+    :func:`load_by_task` does. Tasks use different
     tokens, so a router that never looks past the token still loads the experts differently
     by task; the observed JSD's excess over this one is the part that depends on the
     context. A token id seen in one task only keeps its routes (counted as lexical): over
@@ -426,7 +428,10 @@ def train_and_evaluate(name: str, target_retention: float, *, steps: int, batch_
             "shared_token_share": float(trained.selection(answers_only, True).sum()
                                         / trained.selection(answers_only).sum().clamp_min(1)),
             "shared_token_jsd_mean": task_jsd(trained, answers_only, True),
-            "shared_token_lexical_jsd_mean": lexical_jsd(trained, answers_only, True)}
+            "shared_token_lexical_jsd_mean": lexical_jsd(trained, answers_only, True),
+            "initial_shared_token_jsd_mean": task_jsd(initial, answers_only, True),
+            "initial_shared_token_lexical_jsd_mean": lexical_jsd(initial, answers_only,
+                                                                 True)}
     return record
 
 
@@ -587,7 +592,9 @@ def format_report(result: dict[str, Any]) -> str:
                          f"id alone {_bits(s['lexical_jsd_mean'])}; on the "
                          f"{100 * s['shared_token_share']:.0f}% of tokens whose id several "
                          f"tasks use {_bits(s['shared_token_jsd_mean'])}, by token id alone "
-                         f"{_bits(s['shared_token_lexical_jsd_mean'])}; task labels "
+                         f"{_bits(s['shared_token_lexical_jsd_mean'])}, at initialisation "
+                         f"{_bits(s['initial_shared_token_jsd_mean'])} / "
+                         f"{_bits(s['initial_shared_token_lexical_jsd_mean'])}; task labels "
                          f"permuted: {s['null_jsd_mean']:.3f}, 95th percentile "
                          f"{s['null_jsd_q95']:.3f}; p = {s['p_value']:.3f})")
             lines.append(format_load_table(arm[f"task_expert_load{suffix}"]))
