@@ -750,3 +750,29 @@ def test_the_k1_target_puts_every_token_on_its_own_adapter():
     assert got["gpu_triton_tenant_distinct_vs_one"]["value"] == 1.5
     assert got["gpu_triton_tenant_distinct_vs_one"]["status"] == "FAIL"
     assert got["gpu_triton_tenant_balanced_vs_one"]["value"] == pytest.approx(1.1)
+
+
+def test_results_md_targets_table_matches_the_committed_results():
+    """benchmarks/RESULTS.md's table of every target is what the result JSONs say (run
+    ``python -m benchmarks.targets_table --write`` after committing new results)."""
+    from benchmarks import targets_table
+
+    text = targets_table.RESULTS_MD.read_text()
+    assert targets_table.replace_block(text, targets_table.markdown()) == text
+    rows = targets_table.table_rows()
+    assert {row[0] for row in rows} == {name for name, _ in targets_table.SOURCES}
+    assert all(row[-1] in ("PASS", "FAIL", "NOT_RUN") for row in rows)
+
+
+def test_targets_table_cells():
+    from benchmarks import targets_table
+
+    assert targets_table._target({"name": "t", "op": "<=", "threshold": 1.25}) == (
+        "`t`", "<= 1.25")
+    assert targets_table._target({"target": "fp32: within 0.03"}) == ("`fp32`", "within 0.03")
+    assert targets_table._target({"target": "decode >= 70% HBM"}) == ("", "decode >= 70% HBM")
+    assert targets_table._value({"value": 1.0}) == "1.00"
+    assert targets_table._value({"value": 1.277, "ci95": [1.259, 1.291]}) == "1.28 (1.26-1.29)"
+    assert targets_table._value({"value": None}) == "n/a"
+    with pytest.raises(ValueError, match="markers"):
+        targets_table.replace_block("no table here", "| x |")
