@@ -139,6 +139,11 @@ def test_cpu_targets_include_the_default_range_check():
     assert targets["tiny_layers1-3_cpu_default_range"]["status"] == "PASS"
     assert targets["tiny_layers2-3_vs_ideal"]["status"] == "FAIL"
     assert "tiny_layers2-3_cpu_default_range" not in targets
+    assert targets["tiny_layers1-3_vs_ideal"]["ci95"] is None  # the row has no interval
+    row["speedup_ci95"] = [1.44, 1.6]
+    targets = {t["name"]: t for t in bench_pruning.check_targets([row], "cpu")}
+    assert targets["tiny_layers1-3_cpu_default_range"]["ci95"] == [1.44, 1.6]
+    assert targets["tiny_layers1-3_vs_ideal"]["ci95"] == pytest.approx([0.9, 1.0])
 
 
 def test_specialisation_scores():
