@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from benchmarks.molora import (
     finish_progress,
     format_targets,
     metadata,
+    paired_ratio,
     progress_path,
     result_path,
     wait_quiet,
@@ -247,8 +247,7 @@ def run_case(case: ModelCase, prune_range: tuple[int, int], preset: dict,
            # spread: slowest plausible vs fastest plausible ratio from the quantiles
            "speedup_q_range": [dense[1] / pruned[2], dense[2] / pruned[1]],
            "speedup_ci95": bootstrap_ci(rounds, lambda m: m[1.0] / m[0.5]),
-           "speedup_paired_median": statistics.median(
-               d / q for d, q in zip(dense[5], pruned[5], strict=True)),
+           "speedup_paired_median": paired_ratio(dense[5], pruned[5]),
            "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal}
     if bound:
         def attainable(medians: dict[Any, float]) -> float:

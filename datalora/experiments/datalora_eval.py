@@ -286,12 +286,11 @@ def lexical_jsd(records: RouteRecords, answers_only: bool = False,
     Each token's routes are replaced by the mean routes of its token id over the tokens
     counted (:meth:`RouteRecords.selection`) of every task (this router's context-free
     approximation: a token id's routes pooled across contexts), then summed per task as
-    :func:`load_by_task` does. Tasks use different
-    tokens, so a router that never looks past the token still loads the experts differently
-    by task; the observed JSD's excess over this one is the part that depends on the
-    context. A token id seen in one task only keeps its routes (counted as lexical): over
-    ``shared_tokens`` alone (ids that two tasks or more use), the observed JSD's excess is
-    context only. None when no token is counted.
+    :func:`load_by_task` does. Tasks use different tokens, so a router that never looks past
+    the token still loads the experts differently by task; the observed JSD's excess over
+    this one is the part that depends on the context. A token id seen in one task only
+    keeps its routes (counted as lexical): over ``shared_tokens`` alone (ids that two tasks
+    or more use), the observed JSD's excess is context only. None when no token is counted.
     """
     counts = records.route_counts(answers_only, shared_tokens)
     selected = counts.sum(1) > 0
