@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -594,10 +593,11 @@ def _computes_in_x_dtype(base: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(base, NF4Linear) or x.dtype == nf4_compute_dtype(base, x.dtype)
 
 
-@functools.cache  # the message is built once per pair, not per forward
 def _warn_compute_dtype(compute: torch.dtype, x_dtype: torch.dtype) -> None:
     """Once per dtype pair: a bnb base whose ``compute_dtype`` is not its input's (reported
-    at the MoLoRALinear forward that took it)."""
+    at the MoLoRALinear forward that took it; under torch.compile, while it is traced). Not
+    a cached function, which dynamo would trace through uncached, warning of that: the
+    message costs a few microseconds on a path that already casts the layer's input."""
     warn_once(
         f"datalora: a bnb Linear4bit base with compute_dtype={compute} gets {x_dtype} inputs: "
         f"its GEMM runs in {compute} with casts in and out (as bitsandbytes computes), and "
@@ -632,7 +632,7 @@ def nf4_molora_linear(base: nn.Module, x: torch.Tensor, lora_x: torch.Tensor,
     # take routing of another layout, e.g. [L, B, k] for x [B, L, d], mixing tokens
     x2, ids, g, rs = _flatten(x, expert_ids, gates, rank_scale)
     same_dtype = _computes_in_x_dtype(base, x)
-    if not same_dtype and not torch.compiler.is_compiling():  # (a cached call: not traced)
+    if not same_dtype:
         _warn_compute_dtype(nf4_compute_dtype(base, x.dtype), x.dtype)
     tensors = (x, A, B, gates, rank_scale, base.bias)
     if lora_x is x and same_dtype and _fused_decode_ok(x2, t, tensors):

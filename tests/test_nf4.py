@@ -599,11 +599,9 @@ def test_a_bnb_base_computing_in_another_dtype_warns_once():
     """bf16 inputs into a Linear4bit with compute_dtype fp32 (BitsAndBytesConfig's default)
     skip the NF4 fast paths, which dequantize to x's dtype: said once per dtype pair (bnb's
     own warning for this never runs, its forward being bypassed); nothing when they agree."""
-    from datalora.nf4_linear import _warn_compute_dtype
     from datalora.ops.backends import _warn_once
 
-    _warn_once.cache_clear()
-    _warn_compute_dtype.cache_clear()  # another test of this process may have warned
+    _warn_once.cache_clear()  # another test of this process may have warned
     m = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4)
     x = torch.randn(3, 64)
     with warnings.catch_warnings():
@@ -616,6 +614,28 @@ def test_a_bnb_base_computing_in_another_dtype_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m(x.bfloat16())  # once
+
+
+def test_slow_nf4_paths_warn_under_torch_compile_too(monkeypatch):
+    """The NF4 layers' one-time warnings were skipped while torch.compile traced, so a
+    compiled model was never told: a bnb base computing in another dtype and
+    ``DATALORA_NF4_FUSED=1`` off the triton backend now warn from a fullgraph compile."""
+    import torch._dynamo
+
+    from datalora.ops.backends import _warn_once
+
+    _warn_once.cache_clear()
+    monkeypatch.setenv("DATALORA_NF4_FUSED", "1")
+    bnb_layer = MoLoRALinear(_bnb_cpu_layer(False), num_experts=4, rank=4).bfloat16()
+    nf4_layer = MoLoRALinear(torch.nn.Linear(64, 32), 4, 4, quantize="nf4").eval()
+    with (pytest.warns(RuntimeWarning) as caught, torch.no_grad(),
+          torch._dynamo.config.patch(disable=False)):  # off in this module
+        torch.compile(bnb_layer, backend="eager", fullgraph=True)(torch.randn(3, 64).bfloat16())
+        torch.compile(nf4_layer, backend="eager", fullgraph=True)(torch.randn(3, 64))
+    said = "\n".join(str(w.message) for w in caught)
+    assert "compute_dtype=torch.float32 gets torch.bfloat16" in said
+    assert "DATALORA_NF4_FUSED=1 has no effect off the triton backend" in said
+    _warn_once.cache_clear()
 
 
 @needs_bnb_cpu_repack

@@ -756,6 +756,32 @@ def test_backend_choice_is_marked_constant_as_torch_compiler_marks_it():
     assert all(getattr(backends._resolve, k, None) == v for k, v in vars(probe).items())
 
 
+def test_a_slow_path_warning_reaches_compiled_code_once_with_no_graph_break():
+    """``warn_once`` said nothing under torch.compile, so a model that only ever ran compiled
+    took a slow path silently: it now warns while dynamo traces (fullgraph=True: no graph
+    break), once per message over recompiles, and the compiled graph never warns."""
+    import warnings
+
+    from datalora.ops import backends
+
+    backends._warn_once.cache_clear()
+
+    def forward(x):
+        backends.warn_once(f"datalora: test slow path for {x.dtype}")
+        return x * 2
+
+    compiled = torch.compile(forward, backend="eager", fullgraph=True, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (3, 3, 4, 5):  # two recompiles (new static shapes)
+            torch.testing.assert_close(compiled(torch.ones(n)), torch.full((n,), 2.0))
+    said = [str(w.message) for w in caught if "test slow path" in str(w.message)]
+    assert said == ["datalora: test slow path for torch.float32"]
+    assert all(w.category is RuntimeWarning for w in caught if "test slow path" in
+               str(w.message))
+    backends._warn_once.cache_clear()
+
+
 def test_import_datalora_leaves_dynamo_and_transformers_unimported():
     """``import datalora`` costs about what ``import torch`` does: torch._dynamo (1.5 s) and
     transformers (1 s) load on first use, and the public names still import."""

@@ -98,19 +98,39 @@ def _triton_gpu_reason(device: torch.device) -> str | None:
             f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo`` (about
+    1.5 s at ``import datalora``): the decorator only sets this mark, which dynamo reads when
+    it traces a call (tests/test_ops_torch.py checks that the two agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def warn_once(message: str, stacklevel: int = 2) -> None:
-    """A RuntimeWarning the first time ``message`` comes in eager code (a slower path taken,
-    and why), reported ``stacklevel`` frames up from the caller as ``warnings.warn`` counts;
-    nothing while torch.compile traces (dynamo cannot trace ``warnings.warn``: every call
-    of a compiled layer would break its graph), so code that only ever runs compiled is
-    not warned."""
-    if not torch.compiler.is_compiling():
+    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why),
+    reported ``stacklevel`` frames up from the caller as ``warnings.warn`` counts. Under
+    torch.compile it is given while dynamo traces, from outside the graph (see
+    :func:`_warn_while_tracing`): compiled code is warned as eager code is, with no graph
+    break, and the compiled graph never warns again."""
+    if torch.compiler.is_compiling():
+        _warn_while_tracing(message)
+    else:
         _warn_once(message, stacklevel + 2)
 
 
 @functools.cache
 def _warn_once(message: str, stacklevel: int) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+@_assume_constant_result
+def _warn_while_tracing(message: str) -> bool:
+    """:func:`_warn_once` for traced code. Dynamo cannot trace ``warnings.warn`` (a graph
+    break, an error under ``fullgraph=True``), but it calls a function marked constant once,
+    at trace time, and keeps its result. Reported here, not at the caller: the frames above
+    are dynamo's."""
+    _warn_once(message, 1)
+    return True
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -127,14 +147,6 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if not isinstance(device, torch.device):  # "cuda" read .type off a str
         device = torch.device(device)
     return _resolve(backend, device.type)
-
-
-def _assume_constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo`` (about
-    1.5 s at ``import datalora``): the decorator only sets this mark, which dynamo reads when
-    it traces a call (tests/test_ops_torch.py checks that the two agree)."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 @_assume_constant_result
