@@ -416,6 +416,26 @@ def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
     torch.testing.assert_close(last2, torch.nn.functional.normalize(emb, dim=-1))
 
 
+@pytest.mark.parametrize("layer", [0, -1])
+def test_a_windowed_stream_fed_in_chunks_matches_batch_pooling(adapter_dirs, layer):
+    """The stream keeps its window's sum (it re-summed the window at every token): fed in
+    chunks shorter, as long as and longer than the window, every step's embedding is the
+    batch pooling's at that position."""
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
+    embedder = HiddenStateEmbedder(layer, window=3)
+    x = ids(B=1, L=17, seed=4)
+    want = embedder.prefix_embeddings(mixer, x, None, torch.arange(17)[None])[0]
+    stream = embedder.stream(mixer)
+    start = 0
+    for size in (1, 2, 3, 1, 5, 1, 1, 2, 1):
+        stream.extend(x[0, start:start + size].tolist())
+        start += size
+        torch.testing.assert_close(stream.embedding(), want[start - 1], rtol=1e-5,
+                                   atol=1e-5)
+        assert len(stream.recent) == min(start, 3)
+    assert start == 17
+
+
 def test_centroids_leave_out_an_eos_the_tokenizer_appends(adapter_dirs):
     """fit_centroids encoded its examples with the EOS an add_eos_token tokenizer appends,
     which the routing's context (the prompt, as prompt_inputs encodes it) never holds."""

@@ -139,8 +139,9 @@ class HiddenStateEmbedder:
 class _HiddenStream:
     """Incremental context embedding for generation (own base KV cache; lazy).
 
-    Whole context: a running sum; ``window``: the last ``window`` hidden states;
-    ``decay``: a running decayed sum and weight (O(1) per token)."""
+    Whole context: a running sum; ``window``: the last ``window`` hidden states and their
+    running sum (float64: what leaves the window is subtracted); ``decay``: a running
+    decayed sum and weight. Each is O(D) per token."""
 
     def __init__(self, embedder: HiddenStateEmbedder, mixer: TokenLevelAdapterMixer):
         from transformers import DynamicCache
@@ -162,8 +163,7 @@ class _HiddenStream:
             ids = torch.tensor([self.pending], device=self.mixer.device)
             h = emb._hidden(self.mixer, ids, None, self.cache).float()[0]
             if emb.window is not None:
-                self.recent.extend(h.double())
-                self.total = h  # marks "not empty"
+                self._slide(h.double())
             elif emb.decay is not None:
                 total = (torch.zeros(h.shape[-1], dtype=torch.float64, device=h.device)
                          if self.total is None else self.total)
@@ -178,10 +178,27 @@ class _HiddenStream:
         if self.total is None:
             raise ValueError("input_ids: the context is empty")
         if emb.window is not None:
-            return (torch.stack(list(self.recent)).sum(0) / len(self.recent)).float()
+            return (self.total / len(self.recent)).float()
         if emb.decay is not None:
             return (self.total / self.count).float()
         return self.total / self.count
+
+
+    def _slide(self, h: torch.Tensor) -> None:
+        """Moves the window over the new hidden states ``h [n, D]`` (float64): the last
+        ``window`` states are kept and ``total`` is their sum."""
+        window = self.recent.maxlen
+        if h.shape[0] >= window:
+            self.recent.clear()
+            self.recent.extend(h[-window:])
+            self.total = h[-window:].sum(0)
+            return
+        leaving = max(len(self.recent) + h.shape[0] - window, 0)
+        total = h.sum(0) if self.total is None else self.total + h.sum(0)
+        for _ in range(leaving):
+            total = total - self.recent.popleft()
+        self.recent.extend(h)
+        self.total = total
 
 
 def _find_sentence_model() -> str:
