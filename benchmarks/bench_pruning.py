@@ -60,7 +60,7 @@ from benchmarks.molora import (
     write_result,
 )
 from benchmarks.plot import save_figure
-from benchmarks.timing import bootstrap_ci, sync, time_interleaved
+from benchmarks.timing import bootstrap_ci, format_ci, sync, time_interleaved
 from datalora.cli import int_at_least, non_negative_float, positive_float
 
 SCHEMA = "datalora.benchmarks.pruning/1"
@@ -376,7 +376,7 @@ def format_row(row: dict) -> str:
 
 
 def _ci(bounds: list[float] | None) -> str:
-    return "" if bounds is None else f"[95% CI {bounds[0]:.3f}-{bounds[1]:.3f}] "
+    return format_ci(bounds) + " " if bounds else ""
 
 
 def plot_file(path: Path) -> Path:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from benchmarks import roofline
 from benchmarks.baselines import PeftMixedBatch, loop_delta, loop_linear
-from benchmarks.timing import bootstrap_ci, cuda_graph_ms, quantiles, time_interleaved
+from benchmarks.timing import bootstrap_ci, cuda_graph_ms, format_ci, quantiles, time_interleaved
 from datalora import ops
 from datalora.cli import int_at_least, non_negative_float, positive_float
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
@@ -723,7 +723,7 @@ def format_targets(targets: list[dict]) -> str:
         v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         paired = ("" if t.get("paired_value") is None
                   else f", paired per round {t['paired_value']:.3f}")
-        ci = "" if t.get("ci95") is None else f" [95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}]"
+        ci = "" if t.get("ci95") is None else " " + format_ci(t["ci95"])
         lines.append(f"  {t['status']:7s} {t['name']}: {v}{ci} {t['op']} {t['threshold']}"
                      f"  ({t['description']}{paired})")
     return "\n".join(lines)

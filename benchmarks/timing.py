@@ -91,6 +91,12 @@ def bootstrap_ci(times: Mapping[Hashable, Sequence[float]],
     return [values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]]
 
 
+def format_ci(bounds: Sequence[float] | None) -> str:
+    """``"[95% CI lo-hi]"`` of a :func:`bootstrap_ci` interval (empty for None), as the
+    benchmarks print it."""
+    return "" if bounds is None else f"[95% CI {bounds[0]:.3f}-{bounds[1]:.3f}]"
+
+
 def cuda_graph_ms(fn: Callable[[], object], warmup_ms: float = 5,
                   rep_ms: float = 25) -> float | None:
     """Median time of ``fn`` replayed from a CUDA graph on the current device: its kernels
