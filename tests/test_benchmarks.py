@@ -177,6 +177,7 @@ def test_check_targets_gives_a_bootstrap_interval_over_the_rounds():
     target = {t["name"]: t for t in molora.check_targets(rows, "cpu", ["torch"])}[
         "cpu_layer_fwd_bwd_vs_linear"]
     assert target["ci95"] == pytest.approx([1.2, 1.2])  # paired rounds: no spread at all
+    assert "1.200 [95% CI 1.200-1.200] <= 1.25" in molora.format_targets([target])
     rows[1]["round_ms"] = [13.0, 15.0, 12.0, 16.0, 14.0]  # not moving with the load
     lo, hi = {t["name"]: t for t in molora.check_targets(rows, "cpu", ["torch"])}[
         "cpu_layer_fwd_bwd_vs_linear"]["ci95"]
