@@ -9,7 +9,7 @@
   ``adapter_names=`` (one adapter per row: the k = 1 multi-tenant serving case).
   PEFT allows mixed-adapter batches in eval mode only, so it is timed forward only.
 
-All compute the math of DESIGN.md section 1, so they are checked against
+All compute the MoLoRA math (README, first lines), so they are checked against
 ``datalora.reference`` in ``tests/test_benchmarks.py`` before any timing is trusted.
 """
 

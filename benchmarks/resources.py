@@ -9,7 +9,7 @@ runs ``--triton-only`` under a second release in a side venv (3.6, the GPU machi
 which allocates registers differently, so a tile that fits under one can spill under the
 other.
 
-DESIGN.md section 5. Two halves, one table:
+Two halves, one table:
 
 * **Triton** (``kernels/``): each ``@triton.jit`` kernel is built with
   ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``

@@ -62,26 +62,55 @@ def _value(entry: dict[str, Any]) -> str:
     return text if not ci else f"{text} ({ci[0]:#.3g}-{ci[1]:#.3g})"
 
 
+NOTE_MARK = " †"
+"""Appended to the run cell of a run whose JSON carries a ``git_commit_note`` (e.g. a tree
+sent to a GPU machine with another commit's ``.git``); the notes follow the table."""
+
+
+def _run(meta: dict[str, Any]) -> str:
+    """The run cell: machine, commit (as the run's ``.git`` said), date."""
+    return (f"{_machine(meta)}, {str(meta.get('git_commit') or '?')[:7]}, "
+            f"{str(meta.get('date', '?'))[:10]}")
+
+
+def _sources(root: Path):
+    """``(benchmark, path, meta, targets)`` of each of :data:`SOURCES`."""
+    for benchmark, rel in SOURCES:
+        data = json.loads((root / rel).read_text())
+        yield benchmark, rel, data.get("meta", {}), data.get("targets") or []
+
+
 def table_rows(root: Path = ROOT) -> list[list[str]]:
     """One ``[benchmark, run, target, condition, value, status]`` row per target."""
     rows = []
-    for benchmark, rel in SOURCES:
-        data = json.loads((root / rel).read_text())
-        meta = data.get("meta", {})
-        run = (f"{_machine(meta)}, {str(meta.get('git_commit') or '?')[:7]}, "
-               f"{str(meta.get('date', '?'))[:10]}")
-        for entry in data.get("targets") or []:
+    for benchmark, _, meta, targets in _sources(root):
+        run = _run(meta) + (NOTE_MARK if meta.get("git_commit_note") else "")
+        for entry in targets:
             name, condition = _target(entry)
             rows.append([benchmark, run, name, condition, _value(entry), entry["status"]])
     return rows
 
 
+def run_notes(root: Path = ROOT) -> list[str]:
+    """``"run (folder): note"`` for each distinct run with a ``git_commit_note``, in table
+    order."""
+    notes = {}
+    for _, rel, meta, _ in _sources(root):
+        if meta.get("git_commit_note"):
+            notes.setdefault(_run(meta), f"(`{Path(rel).parent}/`): {meta['git_commit_note']}")
+    return [f"{run} {note}" for run, note in notes.items()]
+
+
 def markdown(root: Path = ROOT) -> str:
-    """The table, its header included."""
+    """The table, its header included, then the runs' notes (see :data:`NOTE_MARK`)."""
     lines = ["| benchmark | run | target | condition | value (95 % CI) | status |",
              "|---|---|---|---|--:|---|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
               for row in table_rows(root)]
+    notes = run_notes(root)
+    if notes:
+        lines += [""] + [f"{NOTE_MARK.strip()} {note}" + ("  " if i < len(notes) - 1 else "")
+                         for i, note in enumerate(notes)]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels of datalora, installed as ``datalora.kernels`` (DESIGN.md section 1).
+"""Triton kernels of datalora, installed as ``datalora.kernels`` (their math, as plain torch:
+``datalora.reference``).
 
 Modules, each a set of ``@triton.jit`` kernels plus thin host launchers:
 

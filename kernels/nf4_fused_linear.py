@@ -1,6 +1,6 @@
 """Fused NF4 MoLoRA linear: ``Y = X @ dequant(W)^T + bias + Zd @ B_all^T`` in one GEMM kernel.
 
-The large-T NF4 path of DESIGN.md section 1. ``kernels/fused_linear.py`` with the base
+The large-T NF4 path (README, "NF4 4-bit base weights"). ``kernels/fused_linear.py`` with the base
 weight read as 4-bit NF4 in the bitsandbytes layout (``datalora.nf4``): every
 ``[BLOCK_K, BLOCK_N]`` tile of ``W^T`` is loaded as packed bytes (value ``i`` of the
 row-major flat weight in the high nibble of byte ``i // 2`` when ``i`` is even, the low

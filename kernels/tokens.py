@@ -1,4 +1,4 @@
-"""Token gather / scatter for pruned sequences (DESIGN.md section 2).
+"""Token gather / scatter for pruned sequences (references: ``datalora.reference``).
 
 - ``gather``: ``packed[b, i] = hidden[b, keep_idx[b, i]]``.
 - ``scatter``: one pass over every row of ``hidden``: kept rows become

@@ -777,3 +777,26 @@ def test_targets_table_cells():
     assert targets_table._value({"value": None}) == "n/a"
     with pytest.raises(ValueError, match="markers"):
         targets_table.replace_block("no table here", "| x |")
+
+
+def test_targets_table_marks_a_run_whose_commit_has_a_note(tmp_path, monkeypatch):
+    """A GPU run sent one commit's tree with another's ``.git`` records the commit that ran
+    in ``git_commit_note``: its rows are marked and the note follows the table, once."""
+    import json
+
+    from benchmarks import targets_table
+
+    target = {"name": "t", "op": "<=", "threshold": 1.1, "value": 1.0, "status": "PASS"}
+    runs = {"a/one.json": {"device_name": "GPU X", "git_commit": "e717fa7aaaa",
+                           "date": "2026-12-04T00:00", "git_commit_note": "ran 5ff28ca"},
+            "a/two.json": {"device_name": "GPU X", "git_commit": "e717fa7aaaa",
+                           "date": "2026-12-04T00:00", "git_commit_note": "ran 5ff28ca"},
+            "b/three.json": {"cpu_model": "CPU Y", "git_commit": "1234567", "date": "x"}}
+    for rel, meta in runs.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps({"meta": meta, "targets": [target]}))
+    monkeypatch.setattr(targets_table, "SOURCES", tuple((rel, rel) for rel in runs))
+    runs_column = [row[1] for row in targets_table.table_rows(tmp_path)]
+    assert runs_column == ["GPU X, e717fa7, 2026-12-04 †"] * 2 + ["CPU Y, 1234567, x"]
+    assert targets_table.markdown(tmp_path).endswith(
+        "\n\n† GPU X, e717fa7, 2026-12-04 (`a/`): ran 5ff28ca")

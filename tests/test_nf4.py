@@ -92,7 +92,7 @@ def test_quantize_dequantize_bit_exact(shape, blocksize, double_quant, dtype):
     out = nf4.dequantize(t, dtype=None)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, ref)
-    # the default is DESIGN.md's dtype=torch.bfloat16 (None: the weight's own dtype, above)
+    # the documented default is dtype=torch.bfloat16 (None: the weight's own dtype, above)
     bf16 = nf4.dequantize(t, torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     assert torch.equal(nf4.dequantize(t), bf16) and torch.equal(t.dequantize(), bf16)

@@ -1,4 +1,4 @@
-"""Compiles every Triton kernel for sm_80 and sm_90 on the CPU (DESIGN.md section 5).
+"""Compiles every Triton kernel for sm_80 and sm_90 on the CPU (README, "Tests").
 
 The interpreter accepts code that real GPU compilation rejects, so each kernel is built
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every

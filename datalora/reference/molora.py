@@ -1,4 +1,5 @@
-"""Literal, loop-free but memory-hungry transcriptions of DESIGN.md section 1.
+"""Literal, loop-free but memory-hungry transcriptions of the MoLoRA math (README, first lines)
+and of the token gather / scatter.
 
 These are the test oracles: written for clarity, not speed (they materialise the
 per-token expert weights ``A[expert_ids]`` of shape ``[T, k, r, d_in]``).

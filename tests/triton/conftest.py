@@ -1,12 +1,12 @@
-"""Runs the Triton kernels under the interpreter on the CPU (DESIGN.md section 5).
+"""Runs the Triton kernels under the interpreter on the CPU (README, "Tests").
 
 ``TRITON_INTERPRET=1`` must be set before Triton is first imported (its standard
 library's ``@jit`` functions are built at import time), so ``tests/conftest.py`` sets it
 for the whole session on a machine without CUDA. With a CUDA GPU the kernels run
 natively on it instead.
 
-bf16 is not covered here: the interpreter computes a ``tl.dot`` of bf16 tiles wrongly
-(DESIGN.md section 5), so the CPU tests use fp32 / fp16 and every bf16 Triton GEMM path
+bf16 is not covered here: the interpreter computes a ``tl.dot`` of bf16 tiles wrongly,
+so the CPU tests use fp32 / fp16 and every bf16 Triton GEMM path
 (grouped strategy, fused linear, NF4 fused) is checked only by the ``gpu``-marked tests
 (``test_bf16_forward_matches_fp32_gpu``, the bf16 cases of ``test_large_shapes_gpu``).
 """
