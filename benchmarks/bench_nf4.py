@@ -12,8 +12,9 @@ Groups (all inference, under ``torch.no_grad``; bf16 on GPU, fp32 on CPU):
   shrink and expand in the same kernel)
   vs ``bnb.matmul_4bit`` + a PEFT-style per-expert LoRA add (``benchmarks.baselines``);
   ``hbm_frac`` = 4-bit weight bytes / time / peak bandwidth (target >= 0.70 of the GPU's HBM
-  peak, H100 / H200 / A100, at 4096 x 14336, T = 1); on CUDA the fused kernel is also timed replayed from a CUDA graph
-  (``graph_ms``, ``hbm_frac_graph``: the kernel without the call's host time).
+  peak, H100 / H200 / A100, at 4096 x 14336, T = 1); on CUDA the fused kernel is also timed
+  replayed from a CUDA graph (``graph_ms``, ``hbm_frac_graph``: the kernel without the
+  call's host time).
 * ``large_t``: NF4 MoLoRA layer, default path (``nf4_molora``: dequant + GEMM + delta) and,
   on CUDA, the one-kernel Triton path (``triton_nf4_fused``: ``DATALORA_NF4_FUSED=1``, NF4
   tiles decoded in the GEMM, LoRA expand fused) vs the bf16 ``molora_linear`` (target
