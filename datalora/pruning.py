@@ -283,10 +283,10 @@ def _per_token(name: str) -> bool:
     return name in PER_TOKEN_INPUTS or name.startswith("position_embeddings")
 
 
-@functools.cache
 def _parameter_names(layer_cls: type) -> tuple[str, ...]:
     """The names of a decoder layer's ``forward`` parameters after ``self`` (to tell which
-    positional argument is which)."""
+    positional argument is which); read once per pruned layer when the hooks are installed
+    (a cached function called in the forward made dynamo warn of a cache it traces through)."""
     return tuple(inspect.signature(layer_cls.forward).parameters)[1:]
 
 
@@ -563,6 +563,8 @@ class DATALORARuntime:
         config = getattr(model, "config", None)
         # sliding window of each pruned layer (None: full attention); its mask is built per window
         self.windows = check_prune_range(config, self.layers, self.start, self.end)
+        self._forward_parameters = {i: _parameter_names(type(self.layers[i]))
+                                    for i in range(self.start, self.end)}
         self._handles = self._install()
 
     # ------------------------------------------------------------------ state
@@ -851,13 +853,13 @@ class DATALORARuntime:
         if ctx.mode == "dense":
             return None
         if ctx.mode == "packed":
-            args, kwargs = self._packed_inputs(ctx, layer, args, kwargs)
+            args, kwargs = self._packed_inputs(ctx, layer_idx, args, kwargs)
         window = self.windows[layer_idx]
         return args, {**kwargs, "attention_mask": ctx.masks[window]}
 
-    def _packed_inputs(self, ctx: _Context, layer, args, kwargs):
-        """This layer's :data:`PER_TOKEN_INPUTS` gathered to the kept tokens."""
-        names = _parameter_names(type(layer))
+    def _packed_inputs(self, ctx: _Context, layer_idx: int, args, kwargs):
+        """Layer ``layer_idx``'s :data:`PER_TOKEN_INPUTS` gathered to the kept tokens."""
+        names = self._forward_parameters[layer_idx]
         args = tuple(self._gathered(ctx, value) if 0 < i < len(names) and _per_token(names[i])
                      else value for i, value in enumerate(args))
         kwargs = {name: self._gathered(ctx, value) if _per_token(name) else value

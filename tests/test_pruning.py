@@ -266,6 +266,28 @@ def test_a_compiled_calibrated_forward_does_not_recompile_per_call():
     assert graphs[1:] == [graphs[1]] * 3, graphs
 
 
+def test_a_compiled_pruned_training_forward_traces_without_warnings():
+    """The decoder layer's parameter names came from a functools.cache'd function called in
+    the forward: dynamo traced through the cache and warned of "silent incorrectness" on
+    every compiled pruned model. They are read when the hooks are installed."""
+    import warnings
+
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.5, tau=0.5, hard=True)
+    ids, mask = batch(B=3, L=12, seed=4)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(lambda i, m: model(input_ids=i, attention_mask=m,
+                                                    labels=i).loss,
+                                 backend="eager", fullgraph=True)
+        compiled(ids, mask)
+    torch._dynamo.reset()
+    assert model.runtime.last.mode == "packed"
+    assert not [str(w.message) for w in caught if "torch" in w.filename], [
+        str(w.message) for w in caught]
+
+
 def test_threshold_mode_is_causal_and_calibrated():
     model = calibrated_model(0.5)
     ids, mask = batch(B=4, L=16, seed=5)
