@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +129,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
     perturb(wrapped)
 
-    def crash(*args, **kwargs):
+    def crash(tensors, path, metadata=None):  # the disk fills halfway through the file
+        Path(path).write_bytes(b"partial write ")
         raise OSError("disk full")
 
     monkeypatch.setattr("datalora.io.save_file", crash)

@@ -459,6 +459,8 @@ def test_routing_tables_not_cached_for_leaves_inference_tensors_or_compiled_call
     Inductor reuses for new values without a version bump."""
     calls = _count_gate_matrix_builds(monkeypatch)
     x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64, requires_grad=True)
+    trust_routing(ids, gates, rs)  # trusted, as Routing.cache_tables() marks them: only the
+    # leaf rule keeps them uncached (untrusted tensors are never cached)
     ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
     gates.data.mul_(0.5)
     out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")

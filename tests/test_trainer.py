@@ -1311,6 +1311,34 @@ def test_resuming_a_weights_only_checkpoint_is_refused(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 
+@pytest.mark.parametrize("layout, missing", [
+    ({"global_step4": None}, []),  # DeepSpeed: optimizer and scheduler in its own folder
+    ({"optimizer_0": None, "scheduler.pt": b""}, []),  # FSDP: sharded optimizer folder
+    ({"optimizer.pt": b"", "scheduler.pt": b""}, []),
+    ({"optimizer.pt": b""}, ["scheduler"]),
+    ({}, ["optimizer", "scheduler"]),  # save_only_model=True
+])
+def test_resumable_checkpoint_layouts(tmp_path, layout, missing):
+    """DeepSpeed and FSDP checkpoints keep their optimizer / scheduler state in their own
+    files: refusing them as weights-only would block an exact resume."""
+    from datalora.checkpoints import check_resumable, missing_training_state
+
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for name, content in layout.items():
+        if content is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(content)
+    assert missing_training_state(tmp_path) == missing
+    if missing:
+        with pytest.raises(ValueError, match="resume_from_checkpoint: .* holds no "
+                                             + " or ".join(missing)):
+            check_resumable(tmp_path)
+    else:
+        check_resumable(tmp_path)
+
+
 def test_loading_a_best_checkpoint_from_before_hardening_warns(tmp_path):
     """load_best_model_at_end took a warmup checkpoint (evaluated dense) and train() set it
     to the final pruned, hard state without a word."""
