@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from datalora.ops.validation import INDEX_DTYPES, check_tensor
+from datalora.routing import at_least_fp32
 
 
 def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -18,8 +19,9 @@ def _valid_mask(reference: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
 
 def retention_loss(keep_prob: torch.Tensor, target: float,
                    valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``(mean keep probability over valid tokens - target)^2`` (a 0-dim fp32 tensor; 0 when
-    no token is valid, as :func:`balance_loss`: nothing was kept or dropped).
+    """``(mean keep probability over valid tokens - target)^2`` (a 0-dim fp32 tensor, fp64 for
+    fp64 inputs; 0 when no token is valid, as :func:`balance_loss`: nothing was kept or
+    dropped).
 
     Args:
         keep_prob: ``[B, L]`` (or any shape) keep probabilities in [0, 1].
@@ -33,7 +35,7 @@ def retention_loss(keep_prob: torch.Tensor, target: float,
     if not ok:
         raise ValueError(f"target: expected a retention in (0, 1], got {target!r}")
     mask = _valid_mask(check_tensor("keep_prob", keep_prob), valid)
-    p = torch.where(mask, keep_prob.float(), 0.0)  # not a multiply: NaN * 0 is NaN
+    p = torch.where(mask, at_least_fp32(keep_prob), 0.0)  # not a multiply: NaN * 0 is NaN
     count = mask.sum()
     mean = p.sum() / count.clamp_min(1)
     return torch.where(count > 0, (mean - float(target)) ** 2, 0.0)  # no host sync
@@ -51,7 +53,8 @@ def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
             probabilities and expert ids are ignored, NaN or out of range included).
 
     Returns:
-        A 0-dim fp32 tensor; ``P_e`` is the mean router probability of expert ``e``.
+        A 0-dim fp32 tensor (fp64 for fp64 probabilities); ``P_e`` is the mean router
+        probability of expert ``e``.
     """
     if check_tensor("router_probs", router_probs).dim() != 2:
         raise ValueError(f"router_probs: expected shape [T, E], got {tuple(router_probs.shape)}")
@@ -71,7 +74,7 @@ def balance_loss(router_probs: torch.Tensor, expert_ids: torch.Tensor,
     counts = torch.zeros(num_experts, device=router_probs.device).scatter_add_(
         0, ids.reshape(-1), w[:, None].expand_as(ids).reshape(-1).contiguous())
     f = counts / (w.sum() * expert_ids.shape[1]).clamp_min(1)
-    p = torch.where(mask[:, None], router_probs.float(), 0.0).sum(0) / w.sum().clamp_min(1)
+    p = torch.where(mask[:, None], at_least_fp32(router_probs), 0.0).sum(0) / w.sum().clamp_min(1)
     return num_experts * (f.detach() * p).sum()
 
 

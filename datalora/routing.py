@@ -218,13 +218,19 @@ class Routing:
         return counts / max(flat.numel(), 1)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or as it is when wider (fp64): the routing math's precision, which an
+    fp64 model keeps (its gradients can then be checked by finite differences)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def softmax_topk(logits: torch.Tensor, k: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(probs [T, E], top [T, k], ids [T, k])``: the softmax of ``logits [T, E]`` (fp32,
     or fp64 for fp64 logits), and the ``k`` largest probabilities with their indices,
     selected on the logits (the same order): probabilities that underflow tie at 0, among
     which ``probs.topk`` would take the lowest indices, not the next-best."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = at_least_fp32(logits)
     probs = torch.softmax(z, dim=-1)
     ids = z.topk(k, dim=-1).indices
     return probs, probs.gather(-1, ids), ids

@@ -23,7 +23,7 @@ import torch.nn as nn
 from datalora.checks import check_int, check_number
 from datalora.init_linear import NormalInitLinear, XavierInitLinear
 from datalora.ops.validation import INDEX_DTYPES, check_tensor
-from datalora.routing import Routing
+from datalora.routing import Routing, at_least_fp32
 
 _EPS = 1e-10
 
@@ -54,7 +54,8 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
     """Top-k of Gumbel-softmax: ``y = softmax((logits + g) / tau)``, keep the k largest.
 
     Args:
-        logits: ``[T, E]`` router logits (any float dtype; computed in fp32).
+        logits: ``[T, E]`` router logits (any float dtype; computed in fp32, fp64 ones in
+            fp64).
         k: routes per token, ``1 <= k <= E``.
         tau: temperature ``> 0``; high = soft / exploratory, low = near-discrete.
         hard: straight-through: the forward weights are exactly ``1/k`` on the top-k
@@ -77,7 +78,7 @@ def gumbel_topk(logits: torch.Tensor, k: int, tau: float, *, hard: bool = False,
         ok = False
     if not ok:
         raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
-    z = logits.float()
+    z = at_least_fp32(logits)
     if noise:
         z = z + sample_gumbel(z.shape, z.device, generator=generator)
     # shifted by the row max before the division: a tiny tau sends every other entry to
@@ -105,7 +106,7 @@ class SaliencyOutput:
     """Everything the USN decides in one forward.
 
     Attributes:
-        token_scores: ``[B, L]`` fp32 keep logits.
+        token_scores: ``[B, L]`` fp32 keep logits (fp64 from an fp64 network, as below).
         router_logits: ``[B, L, E]`` fp32.
         rank_scale: ``[B, L, r]`` fp32 in (0, 1).
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
@@ -231,16 +232,16 @@ class UnifiedSaliencyNetwork(nn.Module):
             # attention rows) would reach the real tokens' context, and every weight gradient
             hidden = torch.where(w[..., None] > 0, hidden, 0.0)
         feats = self.backbone(self.norm(hidden.to(weight.dtype)))
-        total = (feats.float() * w[..., None]).cumsum(1)
+        total = (at_least_fp32(feats) * w[..., None]).cumsum(1)
         count = w.cumsum(1)
         if state is not None:
             total = total + state[0][:, None]
             count = count + state[1][:, None]
         context = total / count.clamp_min(1.0)[..., None]
         z = torch.cat([feats, context.to(feats.dtype)], dim=-1)
-        scores = self.score_head(z).squeeze(-1).float()
-        logits = self.router_head(z).float()
-        rank_scale = torch.sigmoid(self.rank_head(z).float())
+        scores = at_least_fp32(self.score_head(z).squeeze(-1))
+        logits = at_least_fp32(self.router_head(z))
+        rank_scale = torch.sigmoid(at_least_fp32(self.rank_head(z)))
         flat_logits = logits.reshape(-1, self.num_experts)
         weights, expert_ids = gumbel_topk(flat_logits, self.top_k, self.tau, hard=self.hard,
                                           noise=self.training, generator=generator)

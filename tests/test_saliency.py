@@ -552,3 +552,28 @@ def test_balance_loss_counts_the_fraction_of_all_k_routes():
     half = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).repeat(8, 1)
     torch.testing.assert_close(balance_loss(half, torch.tensor([[0, 1]]).repeat(8, 1)),
                                torch.tensor(2.0))
+
+
+def test_an_fp64_saliency_network_computes_in_fp64_so_its_gradients_check():
+    """``.double()`` promised fp64, but the heads, the context sum, the Gumbel top-k and the
+    two losses rounded through fp32: finite differences of an fp64 model were off by O(1)."""
+    torch.manual_seed(0)
+    usn = UnifiedSaliencyNetwork(12, 4, 3, 2, saliency_hidden_size=8).double().eval()
+    for head in (usn.score_head, usn.router_head, usn.rank_head):
+        nn.init.normal_(head.weight)  # the score head starts at 0, the router near uniform
+    hidden = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    out = usn(hidden, valid)
+    assert {out.token_scores.dtype, out.router_logits.dtype, out.rank_scale.dtype,
+            out.routing.gates.dtype, out.state[0].dtype} == {torch.float64}
+
+    def losses(h):
+        out = usn(h, valid)
+        routing = out.routing
+        keep = usn.keep_probability(out.token_scores)
+        return (retention_loss(keep, 0.5, valid)
+                + balance_loss(routing.router_probs, routing.expert_ids, valid.reshape(-1))
+                + (routing.gates * routing.rank_scale[:, :2]).sum())
+
+    assert losses(hidden).dtype == torch.float64
+    assert torch.autograd.gradcheck(losses, (hidden,), eps=1e-6, atol=1e-7, rtol=1e-5)
