@@ -285,8 +285,8 @@ def _per_token(name: str) -> bool:
 
 def _parameter_names(layer_cls: type) -> tuple[str, ...]:
     """The names of a decoder layer's ``forward`` parameters after ``self`` (to tell which
-    positional argument is which); read once per pruned layer when the hooks are installed
-    (a cached function called in the forward made dynamo warn of a cache it traces through)."""
+    positional argument is which); read once per pruned layer when the hooks are installed,
+    not in the forward, which torch.compile traces."""
     return tuple(inspect.signature(layer_cls.forward).parameters)[1:]
 
 

@@ -106,7 +106,7 @@ class SaliencyOutput:
     """Everything the USN decides in one forward.
 
     Attributes:
-        token_scores: ``[B, L]`` fp32 keep logits (fp64 from an fp64 network, as below).
+        token_scores: ``[B, L]`` fp32 keep logits (each of these fp64 from an fp64 network).
         router_logits: ``[B, L, E]`` fp32.
         rank_scale: ``[B, L, r]`` fp32 in (0, 1).
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
