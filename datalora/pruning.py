@@ -53,6 +53,7 @@ from datalora import ops
 from datalora.checks import check_number
 from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
+from datalora.ops.backends import warn_once
 from datalora.ops.validation import check_tensor
 from datalora.routing import Routing
 from datalora.saliency import (
@@ -281,6 +282,16 @@ different layers (transformers < 5: both, as ``position_embeddings_global`` /
 
 def _per_token(name: str) -> bool:
     return name in PER_TOKEN_INPUTS or name.startswith("position_embeddings")
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    """``warnings.warn(message)`` reported ``stacklevel`` frames up from the caller; under
+    torch.compile the trace-time warning of :func:`~datalora.ops.backends.warn_once` (dynamo
+    cannot trace ``warnings.warn``: a graph break, an error under ``fullgraph=True``)."""
+    if torch.compiler.is_compiling():
+        warn_once(message)
+    else:
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def _parameter_names(layer_cls: type) -> tuple[str, ...]:
@@ -646,10 +657,10 @@ class DATALORARuntime:
         if not math.isnan(self._forward_threshold(ctx)):
             return False
         if not self._warned:
-            warnings.warn("keep_threshold is not calibrated: generation (with or without the "
-                          "KV cache) and any forward given use_cache or a cache decide token "
-                          "by token, so they run the pruned layers dense (call "
-                          "runtime.calibrate())", stacklevel=2)
+            _warn("keep_threshold is not calibrated: generation (with or without the KV "
+                  "cache) and any forward given use_cache or a cache decide token by token, "
+                  "so they run the pruned layers dense (call runtime.calibrate())",
+                  stacklevel=2)
             self._warned = True
         return True
 
@@ -660,10 +671,9 @@ class DATALORARuntime:
         calibrated = self.calibrated_retention
         if (calibrated is not None and abs(calibrated - self.retention) > 1e-6
                 and not self._warned_stale):
-            warnings.warn(f"keep_threshold was calibrated for retention {calibrated:g}; eval "
-                          f"and generation keep the tokens above it (about {calibrated:g} of "
-                          f"them), not retention {self.retention:g}: call calibrate() again",
-                          stacklevel=3)
+            _warn(f"keep_threshold was calibrated for retention {calibrated:g}; eval and "
+                  f"generation keep the tokens above it (about {calibrated:g} of them), not "
+                  f"retention {self.retention:g}: call calibrate() again", stacklevel=3)
             self._warned_stale = True
         return threshold
 
@@ -675,9 +685,9 @@ class DATALORARuntime:
         calibrated = self.calibrated_retention
         if ctx.stepwise and calibrated is not None and calibrated < 1.0 \
                 and not self._warned_off:
-            warnings.warn(f"keep_threshold was calibrated for retention {calibrated:g}, but "
-                          f"the runtime's retention is 1.0, which turns pruning off: "
-                          f"set_retention({calibrated:g}) to prune", stacklevel=3)
+            _warn(f"keep_threshold was calibrated for retention {calibrated:g}, but the "
+                  f"runtime's retention is 1.0, which turns pruning off: "
+                  f"set_retention({calibrated:g}) to prune", stacklevel=3)
             self._warned_off = True
         return True
 
@@ -740,9 +750,9 @@ class DATALORARuntime:
             # a training forward keeps each sequence's top-k tokens, which the cache path
             # (a threshold, token by token) cannot: it ran the pruned layers dense
             if not self._warned_train_cache:
-                warnings.warn("use_cache=True in a training forward: token pruning keeps "
-                              "each sequence's top-k, which the KV-cache path cannot, so "
-                              "the forward runs with use_cache=False", stacklevel=2)
+                _warn("use_cache=True in a training forward: token pruning keeps each "
+                      "sequence's top-k, which the KV-cache path cannot, so the forward runs "
+                      "with use_cache=False", stacklevel=2)
                 self._warned_train_cache = True
             kwargs = {**kwargs, "use_cache": False}
         # generate() always passes use_cache, True or False; a plain forward does not

@@ -288,6 +288,27 @@ def test_a_compiled_pruned_training_forward_traces_without_warnings():
         str(w.message) for w in caught]
 
 
+def test_the_runtime_warnings_reach_a_fullgraph_compile():
+    """The runtime warned with warnings.warn, which dynamo cannot trace: a compiled training
+    forward given use_cache=True failed under fullgraph=True instead of saying that pruning
+    runs it without the cache."""
+    from datalora.ops.backends import _warn_once
+
+    _warn_once.cache_clear()
+    model = datalora_model().train()
+    model.set_curriculum_state(retention=0.5, tau=0.5, hard=True)
+    ids, mask = batch(B=3, L=12, seed=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, m: model(input_ids=i, attention_mask=m, labels=i,
+                                                use_cache=True).loss,
+                             backend="eager", fullgraph=True)
+    with pytest.warns(RuntimeWarning, match="use_cache=True in a training forward"):
+        loss = compiled(ids, mask)
+    torch._dynamo.reset()
+    _warn_once.cache_clear()
+    assert torch.isfinite(loss) and model.runtime.last.mode == "packed"
+
+
 def test_threshold_mode_is_causal_and_calibrated():
     model = calibrated_model(0.5)
     ids, mask = batch(B=4, L=16, seed=5)
