@@ -285,11 +285,12 @@ def _per_token(name: str) -> bool:
 
 
 def _warn(message: str, stacklevel: int) -> None:
-    """``warnings.warn(message)`` reported ``stacklevel`` frames up from the caller; under
-    torch.compile the trace-time warning of :func:`~datalora.ops.backends.warn_once` (dynamo
-    cannot trace ``warnings.warn``: a graph break, an error under ``fullgraph=True``)."""
+    """``warnings.warn(message)`` (a UserWarning) reported ``stacklevel`` frames up from the
+    caller; under torch.compile the trace-time warning of
+    :func:`~datalora.ops.backends.warn_once` (dynamo cannot trace ``warnings.warn``: a graph
+    break, an error under ``fullgraph=True``), once per process there, not per runtime."""
     if torch.compiler.is_compiling():
-        warn_once(message)
+        warn_once(message, category=UserWarning)
     else:
         warnings.warn(message, stacklevel=stacklevel + 1)
 

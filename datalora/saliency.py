@@ -106,7 +106,8 @@ class SaliencyOutput:
     """Everything the USN decides in one forward.
 
     Attributes:
-        token_scores: ``[B, L]`` fp32 keep logits (each of these fp64 from an fp64 network).
+        token_scores: ``[B, L]`` fp32 keep logits (fp64 from an fp64 network, as are the
+            next two and the state's feature sum).
         router_logits: ``[B, L, E]`` fp32.
         rank_scale: ``[B, L, r]`` fp32 in (0, 1).
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
@@ -207,8 +208,9 @@ class UnifiedSaliencyNetwork(nn.Module):
             hidden: ``[B, L, d]``; L = 0 gives empty outputs and passes ``state`` through.
             valid: ``[B, L]`` real tokens, any dtype read as bool (nonzero = real: a float
                 mask's 0.5 or 2 weighted the context mean); padding is left out of it.
-            state: ``(feature_sum [B, h], count [B])`` fp32 of earlier chunks (KV-cached
-                generation), as returned in ``SaliencyOutput.state``.
+            state: ``(feature_sum [B, h], count [B])`` of earlier chunks (KV-cached
+                generation), as returned in ``SaliencyOutput.state`` (fp32; an fp64
+                network's feature sum fp64).
             generator: RNG for the Gumbel noise.
         """
         check_tensor("hidden", hidden)
@@ -235,7 +237,7 @@ class UnifiedSaliencyNetwork(nn.Module):
         total = (at_least_fp32(feats) * w[..., None]).cumsum(1)
         count = w.cumsum(1)
         if state is not None:
-            total = total + state[0][:, None]
+            total = total + state[0].to(total.dtype)[:, None]
             count = count + state[1][:, None]
         context = total / count.clamp_min(1.0)[..., None]
         z = torch.cat([feats, context.to(feats.dtype)], dim=-1)
@@ -277,9 +279,10 @@ class UnifiedSaliencyNetwork(nn.Module):
 
 def _end_state(total: torch.Tensor, count: torch.Tensor,
                state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-    """The causal context after a chunk, ``(feature_sum [B, h], count [B])`` fp32 and
-    detached: that at its last position (``total [B, L, h]``, ``count [B, L]``), or for an
-    empty chunk (L = 0) the incoming ``state`` (zeros without one)."""
+    """The causal context after a chunk, ``(feature_sum [B, h], count [B])`` fp32 (an fp64
+    network's feature sum fp64) and detached: that at its last position (``total [B, L, h]``,
+    ``count [B, L]``), or for an empty chunk (L = 0) the incoming ``state`` (zeros without
+    one)."""
     if total.shape[1] > 0:
         return total[:, -1].detach(), count[:, -1].detach()
     if state is not None:

@@ -106,30 +106,31 @@ def _assume_constant_result(fn):
     return fn
 
 
-def warn_once(message: str, stacklevel: int = 2) -> None:
-    """A RuntimeWarning the first time ``message`` comes (a slower path taken, and why),
-    reported ``stacklevel`` frames up from the caller as ``warnings.warn`` counts. Under
-    torch.compile it is given while dynamo traces, from outside the graph (see
-    :func:`_warn_while_tracing`): compiled code is warned as eager code is, with no graph
-    break, and the compiled graph never warns again."""
+def warn_once(message: str, stacklevel: int = 2,
+              category: type[Warning] = RuntimeWarning) -> None:
+    """A warning (RuntimeWarning by default) the first time ``message`` comes in this
+    process (a slower path taken, and why), reported ``stacklevel`` frames up from the
+    caller as ``warnings.warn`` counts. Under torch.compile it is given while dynamo traces,
+    from outside the graph (see :func:`_warn_while_tracing`): compiled code is warned as
+    eager code is, with no graph break, and the compiled graph never warns again."""
     if torch.compiler.is_compiling():
-        _warn_while_tracing(message)
+        _warn_while_tracing(message, category)
     else:
-        _warn_once(message, stacklevel + 2)
+        _warn_once(message, stacklevel + 2, category)
 
 
 @functools.cache
-def _warn_once(message: str, stacklevel: int) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+def _warn_once(message: str, stacklevel: int, category: type[Warning]) -> None:
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 @_assume_constant_result
-def _warn_while_tracing(message: str) -> bool:
+def _warn_while_tracing(message: str, category: type[Warning]) -> bool:
     """:func:`_warn_once` for traced code. Dynamo cannot trace ``warnings.warn`` (a graph
     break, an error under ``fullgraph=True``), but it calls a function marked constant once,
     at trace time, and keeps its result. Reported here, not at the caller: the frames above
     are dynamo's."""
-    _warn_once(message, 1)
+    _warn_once(message, 1, category)
     return True
 
 

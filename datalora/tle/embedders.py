@@ -183,10 +183,11 @@ class _HiddenStream:
             return (self.total / self.count).float()
         return self.total / self.count
 
-
     def _slide(self, h: torch.Tensor) -> None:
         """Moves the window over the new hidden states ``h [n, D]`` (float64): the last
         ``window`` states are kept and ``total`` is their sum."""
+        if h.shape[0] == 0:
+            return
         window = self.recent.maxlen
         if h.shape[0] >= window:
             self.recent.clear()
