@@ -73,17 +73,23 @@ def _run(meta: dict[str, Any]) -> str:
             f"{str(meta.get('date', '?'))[:10]}")
 
 
-def _sources(root: Path):
-    """``(benchmark, path, meta, targets)`` of each of :data:`SOURCES`."""
+def _sources(root: Path) -> list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]:
+    """``(benchmark, path, meta, targets)`` of each of :data:`SOURCES`, each JSON read once."""
+    out = []
     for benchmark, rel in SOURCES:
         data = json.loads((root / rel).read_text())
-        yield benchmark, rel, data.get("meta", {}), data.get("targets") or []
+        out.append((benchmark, rel, data.get("meta", {}), data.get("targets") or []))
+    return out
 
 
 def table_rows(root: Path = ROOT) -> list[list[str]]:
     """One ``[benchmark, run, target, condition, value, status]`` row per target."""
+    return _rows(_sources(root))
+
+
+def _rows(sources) -> list[list[str]]:
     rows = []
-    for benchmark, _, meta, targets in _sources(root):
+    for benchmark, _, meta, targets in sources:
         run = _run(meta) + (NOTE_MARK if meta.get("git_commit_note") else "")
         for entry in targets:
             name, condition = _target(entry)
@@ -91,11 +97,11 @@ def table_rows(root: Path = ROOT) -> list[list[str]]:
     return rows
 
 
-def run_notes(root: Path = ROOT) -> list[str]:
+def _notes(sources) -> list[str]:
     """``"run (folder): note"`` for each distinct run with a ``git_commit_note``, in table
     order."""
     notes = {}
-    for _, rel, meta, _ in _sources(root):
+    for _, rel, meta, _ in sources:
         if meta.get("git_commit_note"):
             notes.setdefault(_run(meta), f"(`{Path(rel).parent}/`): {meta['git_commit_note']}")
     return [f"{run} {note}" for run, note in notes.items()]
@@ -105,9 +111,10 @@ def markdown(root: Path = ROOT) -> str:
     """The table, its header included, then the runs' notes (see :data:`NOTE_MARK`)."""
     lines = ["| benchmark | run | target | condition | value (95 % CI) | status |",
              "|---|---|---|---|--:|---|"]
+    sources = _sources(root)
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
-              for row in table_rows(root)]
-    notes = run_notes(root)
+              for row in _rows(sources)]
+    notes = _notes(sources)
     if notes:
         lines += [""] + [f"{NOTE_MARK.strip()} {note}" + ("  " if i < len(notes) - 1 else "")
                          for i, note in enumerate(notes)]
