@@ -370,7 +370,8 @@ class DATALORAModel(nn.Module):
             _hidden_size(model), config.num_lora_experts, config.lora_rank,
             config.num_active_experts, config.saliency_hidden_size,
             config.temperature_final).to(device)
-        self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers)
+        self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers,
+                                       target_retention=config.target_retention)
         self.set_curriculum_state(config.temperature_final, 1.0, True)
 
     @property

@@ -67,6 +67,11 @@ _CACHE_KEEP_ATTR = "_datalora_keep"
 _CACHE_USN_ATTR = "_datalora_usn_context"
 
 
+COMPILED_WIDTH_STEPS = 4
+"""Grid steps between the target retention and 1 that the packed width takes under
+``torch.compile`` (:func:`compiled_width_fraction`)."""
+
+
 def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor | int:
     """``ceil(retention * n)`` without float round-up (0.3 * 10 keeps 3, not 4); a retention
     > 0 keeps at least 1 of ``n >= 1`` tokens (the round-up guard would keep none below
@@ -76,6 +81,26 @@ def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor
         count = torch.ceil(num_tokens.double() * retention - 1e-9).clamp_min(low).long()
         return torch.minimum(count, num_tokens.long().clamp_min(0))
     return min(max(math.ceil(num_tokens * retention - 1e-9), low), max(num_tokens, 0))
+
+
+def compiled_width_fraction(retention: float, target: float | None,
+                            steps: int = COMPILED_WIDTH_STEPS) -> float:
+    """The fraction of the sequence length the packed batch is wide under ``torch.compile``:
+    ``retention`` rounded up to the grid ``target + (1 - target) * j / steps`` (j = 0 ..
+    steps), or ``retention`` itself below ``target`` or without one.
+
+    The packed width is a tensor shape, so dynamo specializes the float it comes from and
+    recompiles for each new value: a curriculum annealing the retention every step would
+    recompile every step (past ``torch._dynamo.config.recompile_limit`` the rest runs
+    eagerly). Rounded to the grid, the width changes ``steps`` times; each row still keeps
+    exactly ``ceil(retention * n)`` tokens (a tensor computation, no recompile), the extra
+    slots are filler (masked, written back unchanged)."""
+    check_number("retention", retention, low=0, low_inclusive=False, high=1)
+    if target is None or retention <= target or target >= 1.0:
+        return retention
+    step = (1.0 - target) / steps
+    j = math.ceil((retention - target) / step - 1e-9)
+    return min(target + j * step, 1.0)
 
 
 @dataclass
@@ -103,7 +128,8 @@ class TokenSelection:
 def select_tokens(scores: torch.Tensor, retention: float,
                   attention_mask: torch.Tensor | None = None, *, tau: float = 1.0,
                   noise: bool = False, keep_last: bool = True,
-                  generator: torch.Generator | None = None) -> TokenSelection:
+                  generator: torch.Generator | None = None,
+                  width_fraction: float | None = None) -> TokenSelection:
     """Per-sequence top-k of token scores.
 
     Args:
@@ -115,6 +141,10 @@ def select_tokens(scores: torch.Tensor, retention: float,
         tau: Gumbel-top-k temperature: noisy keys are ``scores / tau + Gumbel``.
         noise: add the Gumbel noise (sampling without replacement, training).
         keep_last: always keep each sequence's last real token.
+        generator: RNG for the noise.
+        width_fraction: in ``[retention, 1]``: the packed width is ``ceil(width_fraction *
+            L)`` instead, the slots past each row's count filler
+            (:func:`compiled_width_fraction`); None: ``retention``.
 
     Returns:
         :class:`TokenSelection`.
@@ -123,6 +153,11 @@ def select_tokens(scores: torch.Tensor, retention: float,
         raise ValueError(f"scores: expected shape [B, L], got {tuple(scores.shape)}")
     if not 0.0 < float(retention) <= 1.0:
         raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
+    if width_fraction is None:
+        width_fraction = retention
+    elif not float(retention) <= float(width_fraction) <= 1.0:
+        raise ValueError(f"width_fraction: expected a value in [retention, 1] = "
+                         f"[{retention!r}, 1], got {width_fraction!r}")
     bsz, seq_len = scores.shape
     if attention_mask is None:
         real = torch.ones_like(scores, dtype=torch.bool)
@@ -140,7 +175,7 @@ def select_tokens(scores: torch.Tensor, retention: float,
         last = torch.where(real, pos, -1).amax(1, keepdim=True)
         key = torch.where(pos == last, torch.inf, key)
     key = torch.where(real, key, -torch.inf)
-    width = max(keep_count(seq_len, float(retention)), 1)
+    width = max(keep_count(seq_len, float(width_fraction)), 1)
     counts = keep_count(real.sum(1), float(retention))
     order = key.topk(width, dim=1).indices  # best first
     slot_valid = torch.arange(width, device=scores.device)[None] < counts[:, None]
@@ -545,9 +580,14 @@ class DATALORARuntime:
         prune_layers: ``[start, end)`` (None: second half of the decoder layers).
         retention: initial retention (the curriculum sets it); 1.0 disables pruning.
         keep_last: always keep each sequence's last real token in top-k selection.
+        target_retention: the retention the curriculum anneals to: under ``torch.compile``
+            the packed width follows :func:`compiled_width_fraction` towards it, so the
+            annealing recompiles :data:`COMPILED_WIDTH_STEPS` times, not every step. None:
+            the width follows the retention exactly (eager mode always does).
 
     Attributes:
-        retention, last (the :class:`ForwardRecord` of the latest forward), start, end.
+        retention, target_retention, last (the :class:`ForwardRecord` of the latest
+        forward), start, end.
 
     The model and its decoder layers hold this runtime through their hooks, so the runtime
     refers to the model weakly (:attr:`model`; :attr:`layers` are found in it): a deleted
@@ -557,13 +597,15 @@ class DATALORARuntime:
 
     def __init__(self, model: nn.Module, saliency: UnifiedSaliencyNetwork,
                  prune_layers: list[int] | None = None, retention: float = 1.0,
-                 keep_last: bool = True):
+                 keep_last: bool = True, target_retention: float | None = None):
         self.saliency = saliency
         self._model = weakref.ref(model)
         check_prunable(model)
         self.start, self.end = resolve_prune_range(prune_layers, len(self.layers))
+        self._target_retention = None
         self.retention = 1.0
         self.set_retention(retention)
+        self.target_retention = target_retention
         # False while the model's adapters are off: the pruned layers run dense (the base)
         self.pruning_enabled = True
         self.keep_last = keep_last
@@ -636,6 +678,20 @@ class DATALORARuntime:
         # a number in (0, 1]: float() took the strings "0.5" / "nan" and True
         self.retention = check_number("retention", retention, low=0, low_inclusive=False,
                                       high=1)
+        # computed here, not in the forward: dynamo would specialize the retention on it
+        self._compiled_width = compiled_width_fraction(self.retention, self._target_retention)
+
+    @property
+    def target_retention(self) -> float | None:
+        """The retention the curriculum anneals to (None: not known); sets the packed
+        width's grid under ``torch.compile`` (:func:`compiled_width_fraction`)."""
+        return self._target_retention
+
+    @target_retention.setter
+    def target_retention(self, value: float | None) -> None:
+        self._target_retention = None if value is None else check_number(
+            "target_retention", value, low=0, low_inclusive=False, high=1)
+        self._compiled_width = compiled_width_fraction(self.retention, self._target_retention)
 
     @property
     def threshold(self) -> float:
@@ -927,8 +983,10 @@ class DATALORARuntime:
     def _start_packed(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         scores = record.saliency.token_scores
+        compiling = torch.compiler.is_compiling()
         sel = select_tokens(scores, self.retention, record.valid, tau=self.saliency.tau,
-                            noise=self.saliency.training, keep_last=self.keep_last)
+                            noise=self.saliency.training, keep_last=self.keep_last,
+                            width_fraction=self._compiled_width if compiling else None)
         if not self.saliency.training:
             threshold = self._forward_threshold(ctx)
             # calibrated (not NaN); not ``t == t``: a traced symbolic float (compile with

@@ -11,7 +11,13 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from datalora import DATALORAConfig, get_datalora_model
 from datalora.hf_compat import cache_kwargs, output_cache
-from datalora.pruning import keep_count, packed_attention_mask, resolve_prune_range, select_tokens
+from datalora.pruning import (
+    compiled_width_fraction,
+    keep_count,
+    packed_attention_mask,
+    resolve_prune_range,
+    select_tokens,
+)
 from datalora.saliency import gather_routing
 
 
@@ -264,6 +270,81 @@ def test_a_compiled_calibrated_forward_does_not_recompile_per_call():
         torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=mask).logits)
     torch._dynamo.reset()
     assert graphs[1:] == [graphs[1]] * 3, graphs
+
+
+def test_compiled_width_fraction_rounds_up_to_the_grid_towards_the_target():
+    f = compiled_width_fraction
+    assert [f(r, 0.5) for r in (1.0, 0.99, 0.875, 0.76, 0.75, 0.51, 0.5)] == [
+        1.0, 1.0, 0.875, 0.875, 0.75, 0.625, 0.5]
+    assert f(0.31, 0.3) == pytest.approx(0.475)  # the grid starts at the target
+    assert f(0.4, 0.5) == 0.4 and f(0.9, None) == 0.9 and f(0.7, 1.0) == 0.7
+    with pytest.raises(ValueError, match="retention"):
+        f(0.0, 0.5)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_a_wider_packed_batch_keeps_the_same_tokens(noise):
+    scores = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, :3] = 0
+
+    def select(**kw):
+        return select_tokens(scores, 0.4, mask, noise=noise, tau=0.7,
+                             generator=torch.Generator().manual_seed(1), **kw)
+
+    exact, wide = select(), select(width_fraction=0.75)
+    assert exact.keep_idx.shape == (3, 5) and wide.keep_idx.shape == (3, 9)
+    assert torch.equal(wide.counts, exact.counts)
+    assert torch.equal(wide.valid.sum(1), exact.counts)
+    assert torch.equal(wide.keep_mask(11), exact.keep_mask(11))
+    with pytest.raises(ValueError, match="width_fraction"):
+        select_tokens(scores, 0.5, width_fraction=0.4)
+
+
+def test_the_runtime_takes_the_configs_target_retention():
+    model = datalora_model(target_retention=0.3)
+    assert model.runtime.target_retention == 0.3
+    model.set_curriculum_state(retention=0.5)
+    assert model.runtime._compiled_width == pytest.approx(0.65)  # grid 0.3, 0.475, 0.65
+    model.runtime.target_retention = None
+    assert model.runtime._compiled_width == 0.5
+    with pytest.raises(ValueError, match="target_retention"):
+        model.runtime.target_retention = 1.5
+
+
+def test_annealing_the_retention_recompiles_only_at_the_width_grid():
+    """The packed width is a shape, so dynamo (with AOT autograd, as Inductor) specialized
+    the retention it came from: a curriculum annealing it every step recompiled every step
+    until the recompile limit sent the rest of training to eager. The width now follows
+    the grid towards the target; each row still keeps ceil(retention * n) tokens."""
+    from torch._dynamo.utils import counters
+
+    model = datalora_model(target_retention=0.5).train()
+    ids, mask = batch(B=3, L=12, seed=4)
+    torch._dynamo.reset()
+
+    def forward(i, m):
+        return model(input_ids=i, attention_mask=m, labels=i).loss
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    graphs = []
+    with torch.no_grad():
+        # grid 0.5 / 0.625 / 0.75 / 0.875 / 1: widths 12, 12, 12, 11, 11
+        for retention in (0.95, 0.9, 0.88, 0.8, 0.77):
+            model.set_curriculum_state(tau=4 * retention, retention=retention)
+            torch.manual_seed(0)
+            got = compiled(ids, mask)
+            assert model.runtime.last.mode == "packed"
+            kept = model.runtime.last.kept.sum(1)
+            torch.manual_seed(0)
+            torch.testing.assert_close(got, forward(ids, mask))
+            assert torch.equal(kept, model.runtime.last.kept.sum(1))
+            assert torch.equal(kept, keep_count(mask.sum(1), retention))
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    # the first compile specializes every float; then one graph per grid step
+    assert graphs[2] == graphs[1] and graphs[4] == graphs[3] == graphs[1] + 1, graphs
 
 
 def test_a_compiled_pruned_training_forward_traces_without_warnings(monkeypatch):
