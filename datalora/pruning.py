@@ -155,7 +155,9 @@ def select_tokens(scores: torch.Tensor, retention: float,
         raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
     if width_fraction is None:
         width_fraction = retention
-    elif not float(retention) <= float(width_fraction) <= 1.0:
+    elif not float(retention) <= float(width_fraction) + 1e-9 <= 1.0 + 1e-9:
+        # the slack: a grid point computed as target + j * step may round a hair below the
+        # retention it equals (0.65 -> 0.6499999999999999); keep_count's slack is the same
         raise ValueError(f"width_fraction: expected a value in [retention, 1] = "
                          f"[{retention!r}, 1], got {width_fraction!r}")
     bsz, seq_len = scores.shape
@@ -177,7 +179,9 @@ def select_tokens(scores: torch.Tensor, retention: float,
     key = torch.where(real, key, -torch.inf)
     width = max(keep_count(seq_len, float(width_fraction)), 1)
     counts = keep_count(real.sum(1), float(retention))
-    order = key.topk(width, dim=1).indices  # best first
+    # best first; a stable sort, not topk: among tied keys the earlier position wins, so a
+    # wider packed batch keeps the same tokens (topk may pick any of the tied)
+    order = key.sort(dim=1, descending=True, stable=True).indices[:, :width]
     slot_valid = torch.arange(width, device=scores.device)[None] < counts[:, None]
     keep_idx, perm = order.sort(dim=1)
     return TokenSelection(keep_idx=keep_idx, valid=slot_valid.gather(1, perm), counts=counts)
@@ -644,6 +648,8 @@ class DATALORARuntime:
         return state
 
     def __setstate__(self, state) -> None:
+        state.setdefault("_target_retention", None)  # a runtime pickled before it existed
+        state.setdefault("_compiled_width", state["retention"])
         self.__dict__.update(state)
         model = state["_model"]
         self._model = (lambda: None) if model is None else weakref.ref(model)

@@ -288,6 +288,8 @@ class DATALORATrainer(Trainer):
                 self._resync_learning_rate()
             self.curriculum.load_state_dict(self._resume_curriculum)
             self._resume_curriculum = None
+        # the packed width's grid under torch.compile ends at this run's target
+        self.datalora_model.runtime.target_retention = self.curriculum.target_retention
         self._advance_curriculum(state)
 
     def _resync_learning_rate(self) -> None:

@@ -277,6 +277,12 @@ def test_compiled_width_fraction_rounds_up_to_the_grid_towards_the_target():
     assert [f(r, 0.5) for r in (1.0, 0.99, 0.875, 0.76, 0.75, 0.51, 0.5)] == [
         1.0, 1.0, 0.875, 0.875, 0.75, 0.625, 0.5]
     assert f(0.31, 0.3) == pytest.approx(0.475)  # the grid starts at the target
+    # grid points computed a hair below the retention they equal are accepted as it
+    scores = torch.zeros(2, 20)
+    for retention, target in ((0.65, 0.3), (0.8250000000000001, 0.3)):
+        assert f(retention, target) < retention
+        sel = select_tokens(scores, retention, width_fraction=f(retention, target))
+        assert sel.keep_idx.shape[1] == keep_count(20, retention)
     assert f(0.4, 0.5) == 0.4 and f(0.9, None) == 0.9 and f(0.7, 1.0) == 0.7
     with pytest.raises(ValueError, match="retention"):
         f(0.0, 0.5)
@@ -302,6 +308,53 @@ def test_a_wider_packed_batch_keeps_the_same_tokens(noise):
         select_tokens(scores, 0.5, width_fraction=0.4)
 
 
+def test_tied_scores_keep_the_same_tokens_at_any_width():
+    """topk picks any of tied keys (a wider packed batch kept other tokens): a stable sort
+    keeps the earliest."""
+    scores = torch.randint(0, 3, (6, 13), generator=torch.Generator().manual_seed(2)).float()
+    exact = select_tokens(scores, 0.3)
+    for width in (0.5, 0.7, 1.0):
+        wide = select_tokens(scores, 0.3, width_fraction=width)
+        assert torch.equal(wide.keep_mask(13), exact.keep_mask(13)), width
+    # the earliest of tied tokens: row of equal scores keeps its first tokens (and the last)
+    flat = select_tokens(torch.zeros(1, 10), 0.3)
+    assert flat.keep_idx[0].tolist() == [0, 1, 9]
+
+
+def test_a_wider_packed_batch_gives_the_same_loss_and_gradients(monkeypatch):
+    """Eager mode packs exactly; the compiled path's wider batch (filler slots) computes the
+    same function: forced here in eager mode to compare gradients."""
+    import datalora.pruning as pruning
+
+    model = datalora_model(target_retention=0.5).train()
+    model.set_curriculum_state(retention=0.6, tau=0.7)
+    ids, mask = batch(B=3, L=12, seed=7)
+    widths = []
+    exact_select = pruning.select_tokens
+
+    def run():
+        torch.manual_seed(0)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        (out.loss + out.retention_loss + out.balance_loss).backward()
+        return [out.loss.detach()] + [p.grad.clone() for p in model.parameters()
+                                      if p.grad is not None]
+
+    def spy(*args, **kw):
+        widths.append(kw["width_fraction"])
+        return exact_select(*args, **kw)
+
+    monkeypatch.setattr(pruning, "select_tokens", spy)
+    want = run()
+    assert widths == [None]  # eager: the exact width
+    monkeypatch.setattr(pruning, "select_tokens",
+                        lambda *a, **kw: exact_select(*a, **{**kw, "width_fraction": 1.0}))
+    got = run()
+    assert model.runtime.last.mode == "packed"
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_runtime_takes_the_configs_target_retention():
     model = datalora_model(target_retention=0.3)
     assert model.runtime.target_retention == 0.3
@@ -309,6 +362,12 @@ def test_the_runtime_takes_the_configs_target_retention():
     assert model.runtime._compiled_width == pytest.approx(0.65)  # grid 0.3, 0.475, 0.65
     model.runtime.target_retention = None
     assert model.runtime._compiled_width == 0.5
+    # a runtime pickled before the grid existed
+    state = model.runtime.__getstate__()
+    del state["_target_retention"], state["_compiled_width"]
+    old = type(model.runtime).__new__(type(model.runtime))
+    old.__setstate__(state)
+    assert old.target_retention is None and old._compiled_width == 0.5
     with pytest.raises(ValueError, match="target_retention"):
         model.runtime.target_retention = 1.5
 

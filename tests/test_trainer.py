@@ -250,11 +250,13 @@ def test_training_ends_in_the_trainers_curriculum_end_state(tmp_path):
     make_trainer(tmp_path / "a", model, steps=3, datalora_config=cfg).train()
     assert model.curriculum_state() == {"tau": 0.2, "retention": 0.25, "hard": True}
     assert model.runtime.calibrated_retention == 0.25
+    assert model.runtime.target_retention == 0.25  # the compiled packed width's grid
     model = tiny_datalora()
     make_trainer(tmp_path / "b", model, steps=3,
                  curriculum=CurriculumScheduler(5.0, 1.0, 0.3)).train()
     assert model.curriculum_state() == {"tau": 1.0, "retention": 0.3, "hard": True}
     assert model.runtime.calibrated_retention == 0.3
+    assert model.runtime.target_retention == 0.3  # the scheduler's, not the config's 0.5
 
 
 def test_a_trainer_built_from_model_init_trains_again_after_releasing_its_model(tmp_path):
