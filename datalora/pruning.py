@@ -130,7 +130,7 @@ def select_tokens(scores: torch.Tensor, retention: float,
                   noise: bool = False, keep_last: bool = True,
                   generator: torch.Generator | None = None,
                   width_fraction: float | None = None) -> TokenSelection:
-    """Per-sequence top-k of token scores.
+    """Per-sequence top-k of token scores (ties: the earlier position first).
 
     Args:
         scores: ``[B, L]`` keep logits.
