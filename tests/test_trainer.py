@@ -1372,3 +1372,32 @@ def test_resuming_a_checkpoint_of_an_older_release_says_what_its_records_lack(
     again = make_trainer(tmp_path, tiny_datalora(), steps=6, calibrate_batches=0)
     with pytest.warns(UserWarning, match=message):
         again.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_torch_compile_trains_through_the_curriculum_as_eager(tmp_path):
+    """TrainingArguments(torch_compile=True): the three phases run compiled (AOT autograd,
+    as Inductor; a few graphs, not one per step) and log the eager run's losses."""
+    from torch._dynamo.utils import counters
+
+    def losses(name, **compile_args):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=8,
+            learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+            remove_unused_columns=False, lr_scheduler_type="constant",
+            dataloader_num_workers=0, **compile_args)
+        trainer = DATALORATrainer(model=tiny_datalora(), args=args, train_dataset=PatternData(),
+                                  data_collator=collate, task_names=["a", "b", "c", "d"])
+        trainer.train()
+        rows = [h for h in trainer.datalora_history if "loss" in h]
+        assert [h["phase"] for h in rows] == [p for p in PHASES for _ in range(2)]
+        return torch.tensor([h["loss"] for h in rows])
+
+    want = losses("eager")
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    got = losses("compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    compiled_graphs = counters["stats"]["unique_graphs"] - graphs
+    torch._dynamo.reset()
+    assert 1 <= compiled_graphs <= 4, compiled_graphs
+    torch.testing.assert_close(got, want)
