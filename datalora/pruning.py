@@ -684,7 +684,11 @@ class DATALORARuntime:
         # a number in (0, 1]: float() took the strings "0.5" / "nan" and True
         self.retention = check_number("retention", retention, low=0, low_inclusive=False,
                                       high=1)
-        # computed here, not in the forward: dynamo would specialize the retention on it
+        self._update_compiled_width()
+
+    def _update_compiled_width(self) -> None:
+        # on the host when the retention or its target changes, not in the forward: dynamo
+        # would specialize the retention on it
         self._compiled_width = compiled_width_fraction(self.retention, self._target_retention)
 
     @property
@@ -697,7 +701,7 @@ class DATALORARuntime:
     def target_retention(self, value: float | None) -> None:
         self._target_retention = None if value is None else check_number(
             "target_retention", value, low=0, low_inclusive=False, high=1)
-        self._compiled_width = compiled_width_fraction(self.retention, self._target_retention)
+        self._update_compiled_width()
 
     @property
     def threshold(self) -> float:
