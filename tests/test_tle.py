@@ -348,17 +348,60 @@ def test_recency_embedder_prefix_embeddings(adapter_dirs):
     w = 0.8 ** torch.arange(5, -1, -1.0)
     torch.testing.assert_close(got[2], (w[:, None] * h).sum(0) / w.sum())
     assert HiddenStateEmbedder(0, window=3).spec() == {"type": "hidden", "layer": 0,
-                                                       "window": 3, "decay": None}
+                                                       "window": 3, "decay": None,
+                                                       "whole_weight": None}
+
+
+def test_whole_weight_blends_the_recent_and_the_whole_context():
+    """``blend_whole_context``: unit vectors whose dot product is the whole_weight-weighted
+    mean of the recent and the whole-context cosines."""
+    from datalora.tle import blend_whole_context
+
+    g = torch.Generator().manual_seed(0)
+    r1, w1, r2, w2 = (torch.randn(5, 8, generator=g) for _ in range(4))
+    a, b = blend_whole_context(r1, w1, 0.3), blend_whole_context(r2, w2, 0.3)
+    assert a.shape == (5, 16)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(5))
+    cos = torch.nn.functional.cosine_similarity
+    torch.testing.assert_close((a * b).sum(-1), 0.7 * cos(r1, r2, dim=-1)
+                               + 0.3 * cos(w1, w2, dim=-1))
+
+
+def test_whole_weight_embedder_prefix_embeddings_and_validation(adapter_dirs):
+    from datalora.tle import blend_whole_context
+
+    mixer = _fitted_mixer(adapter_dirs, "token", layer=0)
+    x = ids(B=1, L=6, seed=2)
+    h = mixer.model.get_input_embeddings()(x)[0].float()
+    pos = torch.tensor([[0, 3, 5]])
+    emb = HiddenStateEmbedder(0, window=3, whole_weight=0.25)
+    got = emb.prefix_embeddings(mixer, x, None, pos)[0]
+    recent = torch.stack([h[0], h[1:4].mean(0), h[3:6].mean(0)])
+    whole = torch.stack([h[0], h[:4].mean(0), h.mean(0)])
+    torch.testing.assert_close(got, blend_whole_context(recent, whole, 0.25))
+    assert emb.spec()["whole_weight"] == 0.25 and emb.width_factor == 2
+    # "whole" centroid pooling: the whole context in both halves, the width kept
+    torch.testing.assert_close(emb.whole_context().prefix_embeddings(mixer, x, None, pos)[0],
+                               blend_whole_context(whole, whole, 0.25))
+    for kwargs in ({"whole_weight": 0.5}, {"window": 2, "whole_weight": 0.0},
+                   {"window": 2, "whole_weight": 1.0}, {"decay": 0.5, "whole_weight": -0.1},
+                   {"window": 2, "whole_weight": "0.5"}):
+        with pytest.raises(ValueError, match="whole_weight"):
+            HiddenStateEmbedder(0, **kwargs)
 
 
 @pytest.mark.parametrize("mode,recency", [("token", {"window": 3}), ("token", {"decay": 0.6}),
                                           ("every_n", {"window": 2}),
+                                          ("token", {"window": 3, "whole_weight": 0.3}),
+                                          ("every_n", {"decay": 0.6, "whole_weight": 0.5}),
                                           pytest.param("prompt", {"decay": 0.9},
                                                        marks=pytest.mark.slow)])
 def test_recency_generation_matches_teacher_forcing(adapter_dirs, mode, recency):
     """KV-cached generation with a window / decay == a teacher-forced forward."""
     mixer = _fitted_mixer(adapter_dirs, mode, 2)
     mixer.embedder = HiddenStateEmbedder(-1, **recency)
+    if "whole_weight" in recency:  # centroids as wide as the blended embedding
+        mixer.centroids = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
     prompt = ids(B=1, L=5, seed=1)
     P, new = prompt.shape[1], 7
     res = mixer.generate(prompt, new, return_details=True)
@@ -395,8 +438,38 @@ def test_recency_save_load_round_trip_and_validation(adapter_dirs, tmp_path):
             HiddenStateEmbedder(0, **kwargs)
     with pytest.raises(ValueError, match="decay"):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer", decay=2.0)
+    with pytest.raises(ValueError, match="centroids"):  # D-wide centroids, 2D-wide embedding
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               whole_weight=0.2)
     with pytest.raises(ValueError, match="pooling"):
         mixer.fit_centroids([["a"], ["b"], ["c"]], None, pooling="recent")
+
+
+def test_whole_weight_save_load_round_trip(adapter_dirs, tmp_path):
+    """A mixer routing on a blended embedding saves its whole_weight and reloads to the same
+    logits; its centroids are as wide as the blend (a D-wide set is refused)."""
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    embedder = HiddenStateEmbedder(0, window=2, whole_weight=0.2)
+    with pytest.raises(ValueError, match=r"centroids: expected \[3, 128\]"):
+        TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=embedder,
+                               centroids=torch.randn(3, 64))
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=embedder, tau=0.05)
+    centroids = mixer.fit_centroids([["What is 3 + 4?"], ["Reverse the letters: abcde"],
+                                     ["Sort: 5, 2, 9"]], tok)
+    assert centroids.shape == (3, 128)
+    x = ids()
+    want = mixer(x, prompt_lengths=torch.tensor([3, 4])).logits
+    mixer.save_pretrained(tmp_path / "mixer")
+    loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
+    assert loaded.embedder.spec() == embedder.spec()
+    assert torch.equal(loaded(x, prompt_lengths=torch.tensor([3, 4])).logits, want)
+    other = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                                   whole_weight=0.6)
+    assert other.embedder.whole_weight == 0.6
+    assert not torch.allclose(other.routing_for(x, prompt_lengths=torch.tensor([3, 4])),
+                              mixer.routing_for(x, prompt_lengths=torch.tensor([3, 4])))
 
 
 def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
@@ -731,6 +804,24 @@ def test_validation_mixed_sequences_use_validation_rows_only():
     assert all(set(s["ids"]) <= val_ids and not set(s["ids"]) & held_out for s in seqs)
     assert [recency_label(r) for r in ({}, {"window": 8, "decay": None}, {"decay": 0.9})] == \
         ["whole", "window=8", "decay=0.9"]
+
+
+def test_recency_grid_adds_whole_context_shares_to_each_recency():
+    from datalora.experiments.tle_evidence import recency_grid, recency_label
+
+    labels = [recency_label(r) for r in recency_grid([4], [0.9], [0.1, 0.2])]
+    assert labels == ["whole", "window=4", "window=4, whole_weight=0.1",
+                      "window=4, whole_weight=0.2", "decay=0.9", "decay=0.9, whole_weight=0.1",
+                      "decay=0.9, whole_weight=0.2"]
+    assert [recency_label(r) for r in recency_grid([8], [], [])] == ["whole", "window=8"]
+    assert [recency_label(r) for r in recency_grid([], [], [], window=16,
+                                                   whole_weight=0.2)] == \
+        ["window=16, whole_weight=0.2"]
+    assert [recency_label(r) for r in recency_grid([], [], [0.3], decay=0.9)] == \
+        ["decay=0.9", "decay=0.9, whole_weight=0.3"]
+    assert recency_grid([], [], []) == [{}]
+    with pytest.raises(ValueError, match="whole_weights: need a recency"):
+        recency_grid([], [], [0.1])
 
 
 def test_span_loss_sums_hand_case():
@@ -1128,6 +1219,9 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
                                "--adapter-dir: sets up the default task adapters", False),
                               (["--adapters", "x/sort", "--train-steps", "5"],
                                "--train-steps: sets up the default task adapters", False),
+                              (["--window", "0", "--whole-weight", "0.2"],
+                               "--whole-weight (whole_weight): needs window or decay", False),
+                              (["--whole-weight", "1.5"], "--whole-weight", False),
                               (["--embed-layer", "40"], "--embed-layer", True),
                               (["--embed-layer", "-4"], "--embed-layer", True)):
         loaded.clear()
@@ -1160,6 +1254,8 @@ def test_cli_sentence_embedder_checks_and_missing_extra_before_training(monkeypa
     monkeypatch.setattr(task_adapters, "build_base_model", lambda *a, **k: small_model())
     monkeypatch.setattr(builtins, "__import__", fake_import)
     for argv, message in ((["--decay", "0.9"], "--decay (decay): not available"),
+                          (["--whole-weight", "0.2"], "--whole-weight (whole_weight): not "
+                                                      "available"),
                           ([], "pip install 'datalora[tle]'")):
         with pytest.raises(SystemExit) as exc:
             main(["tle", "--no-progress", "--sentence-embedder", *argv])
@@ -1915,7 +2011,8 @@ def test_tle_evidence_adapter_seed_reaches_every_task_adapter(monkeypatch, tmp_p
 
     runs = []
     monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: runs.append((a, kw)) or {
-        "config": dict.fromkeys(("tau", "embed_layer", "window", "decay", "centroid_pooling")),
+        "config": dict.fromkeys(("tau", "embed_layer", "window", "decay", "whole_weight",
+                                 "centroid_pooling")),
         "eval_loss": {}, "mean_routing_weights_on_response": {}})
     tle_evidence.main(["--adapter-seed", "3", "--no-mixed"])
     (folder,), kw = runs[-1]

@@ -29,7 +29,9 @@ chosen on validation.
 
 Recency (``--tune-windows`` / ``--tune-decays``): the context embedding may pool only the
 last ``window`` tokens or an exponentially decayed mean (:func:`datalora.tle.pool_prefixes`),
-so that every-token routing can follow the switch to block B. With a tuning grid, every
+so that every-token routing can follow the switch to block B, and ``--tune-whole-weights``
+adds, for every recency, points that keep the whole context in view beside it with that
+share of the similarity (:func:`datalora.tle.blend_whole_context`). With a tuning grid, every
 ``(embed layer, recency, centroid pooling, tau)`` point is scored on the validation rows
 only: the single-task validation rows and mixed-task sequences built the same way from
 *validation* rows (:func:`validation_mixed_sequences`); the point with the lowest
@@ -128,6 +130,7 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
 def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
                 window: int | None = None, decay: float | None = None,
+                whole_weight: float | None = None,
                 centroid_pooling: str = "context", adapter_seed: int = 0,
                 progress: bool = True) -> tuple[Any, Any, dict[str, dict[str, list[str]]]]:
     """Trains (or reuses) the task adapters on ``base`` (initialised and shuffled from
@@ -152,7 +155,8 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                                    list(folders.values()), names=list(folders), tau=tau,
                                    mode="token",
                                    embedder=HiddenStateEmbedder(embed_layer, window=window,
-                                                                decay=decay))
+                                                                decay=decay,
+                                                                whole_weight=whole_weight))
     rows = {t: task_rows(t)[-centroid_prompts:] for t in TASKS}
     texts = {"prompts": {t: [format_prompt(r) for r in rows[t]] for t in TASKS},
              "examples": {t: [format_prompt(r) + r["response"] for r in rows[t]]
@@ -201,8 +205,31 @@ def evaluate_settings(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
 
 
 def recency_label(recency: dict[str, Any]) -> str:
-    """``"whole"``, ``"window=8"`` or ``"decay=0.9"``."""
+    """``"whole"``, ``"window=8"``, ``"decay=0.9"`` or ``"window=16, whole_weight=0.2"``."""
     return ", ".join(f"{k}={v}" for k, v in recency.items() if v is not None) or "whole"
+
+
+def recency_grid(windows: Sequence[int], decays: Sequence[float],
+                 whole_weights: Sequence[float], *, window: int | None = None,
+                 decay: float | None = None,
+                 whole_weight: float | None = None) -> list[dict[str, Any]]:
+    """The context embeddings a tuning grid tries (:func:`tune`'s ``recencies``).
+
+    With ``windows`` / ``decays``: the whole context, then each window and decay, each
+    alone and, with ``whole_weights``, with each whole-context share; without: the fixed
+    ``window`` / ``decay`` (with ``whole_weight``, or alone and with each share).
+    """
+    recent = ([{"window": w} for w in windows] + [{"decay": d} for d in decays]
+              if windows or decays else [{"window": window, "decay": decay}])
+    recent = [r for r in recent if any(v is not None for v in r.values())]
+    if whole_weights and not recent:
+        raise ValueError("whole_weights: need a recency (window / decay, or windows / decays "
+                         "to tune) for the whole context to be weighed against")
+    shares = [None, *whole_weights] if whole_weights else [whole_weight]
+    grid: list[dict[str, Any]] = [{**r, "whole_weight": b} for r in recent for b in shares]
+    if windows or decays or not recent:
+        grid.insert(0, {})  # the whole context
+    return grid
 
 
 def validation_mixed_sequences(tokenizer: Any, validation: Sequence[dict[str, str]], *,
@@ -222,12 +249,14 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
 
     Meant for validation rows (and ``mixed_sequences`` built from validation rows).
     Centroids are refitted from ``texts`` (see :func:`build_mixer`) per point.
-    ``recencies``: ``{}`` (whole context), ``{"window": w}`` or ``{"decay": d}``.
+    ``recencies``: ``{}`` (whole context), ``{"window": w}`` or ``{"decay": d}``, either
+    with ``"whole_weight"``.
     ``"context"`` centroid pooling is skipped for the whole context (it equals ``"whole"``
     there).
 
     Returns:
-        One record per point: ``tau, embed_layer, window, decay, centroid_pooling``, the
+        One record per point: ``tau, embed_layer, window, decay, whole_weight,
+        centroid_pooling``, the
         single-task mean losses ``every_token`` and ``prompt_level``, with
         ``mixed_sequences`` also ``mixed_every_token {span1, span2, mean}`` and
         ``selection_score`` = mean of ``every_token`` and ``mixed_every_token["mean"]``
@@ -240,12 +269,14 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
     records = []
     for layer, rec, pool in tqdm(points, desc="tuning", disable=not progress):
         mixer.embedder = HiddenStateEmbedder(layer, window=rec.get("window"),
-                                             decay=rec.get("decay"))
+                                             decay=rec.get("decay"),
+                                             whole_weight=rec.get("whole_weight"))
         fit_centroids(mixer, tokenizer, texts, pool)
         for tau in taus:
             mixer.tau = tau
             record: dict[str, Any] = {"tau": tau, "embed_layer": layer,
                                       "window": rec.get("window"), "decay": rec.get("decay"),
+                                      "whole_weight": rec.get("whole_weight"),
                                       "centroid_pooling": pool}
             for label, mode in (("every_token", "token"), ("prompt_level", "prompt")):
                 mixer.mode = mode
@@ -268,7 +299,8 @@ def _apply_point(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str
     from datalora.tle import HiddenStateEmbedder
 
     mixer.embedder = HiddenStateEmbedder(point["embed_layer"], window=point["window"],
-                                         decay=point["decay"])
+                                         decay=point["decay"],
+                                         whole_weight=point.get("whole_weight"))
     fit_centroids(mixer, tokenizer, texts, point["centroid_pooling"])
     mixer.tau = point["tau"]
 
@@ -277,8 +309,10 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         embed_layer: int = 0, per_task: int = 24, centroid_prompts: int = 32,
         taus: Sequence[float] = (), embed_layers: Sequence[int] = (),
         window: int | None = None, decay: float | None = None,
+        whole_weight: float | None = None,
         centroid_pooling: str = "context", windows: Sequence[int] = (),
-        decays: Sequence[float] = (), centroid_poolings: Sequence[str] = (),
+        decays: Sequence[float] = (), whole_weights: Sequence[float] = (),
+        centroid_poolings: Sequence[str] = (),
         out: str | None = None, mixed: bool = True, mixed_per_pair: int = 12,
         adapter_seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluates every setting on the eval split (and the validation split).
@@ -287,7 +321,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     ``adapter_dir``: give each seed its own folder to keep both).
 
     With any tuning grid (``taus``, ``embed_layers``, ``windows`` / ``decays`` -- each
-    adds the whole context too --, ``centroid_poolings``), the point with the lowest
+    adds the whole context too --, ``whole_weights`` -- each recency also with each of
+    them --, ``centroid_poolings``), the point with the lowest
     validation ``selection_score`` (see :func:`tune`; with ``mixed`` it includes the
     mixed-task sequences built from validation rows) sets tau, the embed layer, the
     recency and the centroid pooling; the eval rows are only reported.
@@ -299,18 +334,19 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     start = time.perf_counter()
     mixer, tokenizer, texts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
                                           embed_layer=embed_layer, window=window,
-                                          decay=decay, centroid_pooling=centroid_pooling,
+                                          decay=decay, whole_weight=whole_weight,
+                                          centroid_pooling=centroid_pooling,
                                           centroid_prompts=centroid_prompts,
                                           adapter_seed=adapter_seed, progress=progress)
     validation = train_validation_split()[1]
     chosen = {"tau": tau, "embed_layer": embed_layer, "window": window, "decay": decay,
-              "centroid_pooling": centroid_pooling}
+              "whole_weight": whole_weight, "centroid_pooling": centroid_pooling}
     grid: list[dict[str, Any]] = []
     tuning_seconds = 0.0
-    if taus or embed_layers or windows or decays or centroid_poolings:
+    if taus or embed_layers or windows or decays or whole_weights or centroid_poolings:
         tune_start = time.perf_counter()
-        recencies = ([{}] + [{"window": w} for w in windows] + [{"decay": d} for d in decays]
-                     if windows or decays else [{"window": window, "decay": decay}])
+        recencies = recency_grid(windows, decays, whole_weights, window=window, decay=decay,
+                                 whole_weight=whole_weight)
         val_mixed = (validation_mixed_sequences(tokenizer, validation, per_pair=mixed_per_pair)
                      if mixed else None)
         grid = tune(mixer, tokenizer, validation, texts, taus=list(taus) or [tau],
@@ -364,7 +400,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     if mixed_result is not None:
         summary["mixed_task"] = mixed_result
         summary["validation_mixed_task"] = val_mixed_result
-    whole = [r for r in grid if r["window"] is None and r["decay"] is None]
+    whole = [r for r in grid if r["window"] is None and r["decay"] is None]  # no whole_weight
     if whole and (chosen["window"] is not None or chosen["decay"] is not None):
         point = min(whole, key=lambda r: r["selection_score"])
         _apply_point(mixer, tokenizer, texts, point)
@@ -638,11 +674,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="context embedding over the last N tokens (untuned default: all)")
     p.add_argument("--decay", type=float, default=None,
                    help="exponentially decayed context embedding (untuned default: none)")
+    p.add_argument("--whole-weight", type=float, default=None,
+                   help="with --window / --decay, the whole context's share of the "
+                        "similarity (untuned default: none)")
     p.add_argument("--centroid-pooling", choices=POOLINGS, default="context")
     p.add_argument("--tune-windows", type=int, nargs="*", default=[],
                    help="add these windows (and the whole context) to the tuning grid")
     p.add_argument("--tune-decays", type=float, nargs="*", default=[],
                    help="add these decays (and the whole context) to the tuning grid")
+    p.add_argument("--tune-whole-weights", type=float, nargs="*", default=[],
+                   help="add every recency point with each of these whole-context shares "
+                        "to the tuning grid")
     p.add_argument("--tune-centroid-pooling", nargs="*", default=[],
                    choices=POOLINGS,
                    help="centroids pooled over whole prompts, like the routing at the "
@@ -665,15 +707,17 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
                   taus=args.tune_taus, embed_layers=args.tune_embed_layers,
-                  window=args.window, decay=args.decay,
+                  window=args.window, decay=args.decay, whole_weight=args.whole_weight,
                   centroid_pooling=args.centroid_pooling, windows=args.tune_windows,
-                  decays=args.tune_decays, centroid_poolings=args.tune_centroid_pooling,
+                  decays=args.tune_decays, whole_weights=args.tune_whole_weights,
+                  centroid_poolings=args.tune_centroid_pooling,
                   out=args.out,
                   mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair,
                   adapter_seed=args.adapter_seed)
     c = summary["config"]
     print("config: " + ", ".join(f"{k}={c[k]}" for k in ("tau", "embed_layer", "window",
-                                                          "decay", "centroid_pooling")))
+                                                          "decay", "whole_weight",
+                                                          "centroid_pooling")))
     print(f"{'setting':>22} " + " ".join(f"{t:>10}" for t in (*TASKS, "mean")))
     for label, losses in summary["eval_loss"].items():
         print(f"{label:>22} " + " ".join(f"{losses[t]:10.3f}" for t in (*TASKS, "mean")))

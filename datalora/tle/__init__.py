@@ -22,9 +22,10 @@ Prompt positions always use the whole prompt's weights (the prompt is known at p
 The context embedding pools the context up to the anchor: by default the mean over the
 whole context; with a recency option of the embedder (``window``: the mean over the last
 ``window`` tokens; ``decay``: an exponentially weighted mean, see :func:`pool_prefixes`)
-it follows a change of task within a sequence. Either way it uses only tokens ``<= a(t)``,
-so the causal rule above holds. Centroids are fitted with the same pooling at the end of
-each example prompt by default (``fit_centroids(..., pooling="context")``).
+it follows a change of task within a sequence, and ``whole_weight`` keeps the whole
+context in view beside it (:func:`blend_whole_context`). Either way it uses only tokens
+``<= a(t)``, so the causal rule above holds. Centroids are fitted with the same pooling at
+the end of each example prompt by default (``fit_centroids(..., pooling="context")``).
 
 Adapters may differ in rank, alpha and target modules: ranks are zero-padded to the
 largest, each adapter's ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA) is folded into
@@ -42,6 +43,7 @@ from datalora.tle.cli import add_parser, run_cli
 from datalora.tle.embedders import (
     HiddenStateEmbedder,
     SentenceEmbedder,
+    blend_whole_context,
     check_recency,
     pool_prefixes,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "TokenLevelAdapterMixer",
     "add_parser",
     "anchor_positions",
+    "blend_whole_context",
     "check_recency",
     "load_peft_adapter",
     "pack_adapters",

