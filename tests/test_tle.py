@@ -1717,8 +1717,14 @@ def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_pat
     out = capsys.readouterr().out
     assert "Q: What is 2 + 2?" in out and "mean weights a=" in out
     loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
-    assert loaded.centroids.shape == (3, 64) and loaded.embedder.window == 16
+    assert loaded.centroids.shape == (3, 128)  # the whole-context share doubles the width
+    assert (loaded.embedder.window, loaded.embedder.whole_weight) == (16, 0.1)
     assert (loaded.tau, loaded.mode) == (0.02, "every_n")
+    assert main(flags + ["--centroid-file", str(tmp_path / "c.json"), "--whole-weight", "0",
+                         "--window", "0", "--save", str(tmp_path / "whole")]) == 0
+    loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "whole")
+    assert loaded.centroids.shape == (3, 64)  # 0: off (and allowed without a window)
+    assert (loaded.embedder.window, loaded.embedder.whole_weight) == (None, None)
 
 
 def test_a_second_mixer_on_a_mixed_model_asks_for_a_fresh_base(adapter_dirs):

