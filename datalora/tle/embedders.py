@@ -127,13 +127,15 @@ class HiddenStateEmbedder:
             At most one of ``window`` / ``decay``; see :func:`pool_prefixes`.
         whole_weight: with ``window`` or ``decay``, also keep the whole context in view:
             the embedding is :func:`blend_whole_context` of the recency pooling and the
-            whole-context mean (width ``2 * D``), whose cosine with a centroid is
+            whole-context mean (width ``2 * D``), whose cosine with a centroid is about
             ``(1 - whole_weight)`` times the recent tokens' similarity plus
-            ``whole_weight`` times the whole context's. The recency lets the routing follow
-            a change of task inside a sequence; the whole context keeps the task the prompt
-            named in view once its tokens have left the window. On the embedded tasks (a
-            window of 16, ``whole_weight`` 0.1-0.2) it lowered the eval loss on single-task
-            rows and on mixed-task sequences (``benchmarks/RESULTS.md``, LoRA-TLE).
+            ``whole_weight`` times the whole context's (exactly so against one blended
+            vector; a centroid, a mean of them, leans towards its more concentrated half).
+            The recency lets the routing follow a change of task inside a sequence; the
+            whole context keeps the task the prompt named in view once its tokens have left
+            the window. On the embedded tasks (a window of 16, ``whole_weight`` 0.1, chosen
+            on validation) it lowered the eval loss on single-task rows and on mixed-task
+            sequences (``benchmarks/RESULTS.md``, LoRA-TLE).
     """
 
     kind = "hidden"

@@ -130,6 +130,31 @@ def _embedding_width(model: nn.Module, embedder: Any) -> int | None:
     return hidden * factor if isinstance(hidden, int) else None
 
 
+def _rebuilt_hidden_embedder(spec: dict[str, Any], overrides: dict[str, Any],
+                             window: int | None, decay: float | None,
+                             whole_weight: float | None,
+                             has_centroids: bool) -> HiddenStateEmbedder:
+    """The saved hidden-state embedder with ``from_pretrained``'s recency overrides, refusing
+    those the saved centroids cannot route: adding or removing a whole-context share
+    changes the embedding's width."""
+    saved = spec.get("whole_weight")
+    if saved is not None and "whole_weight" not in overrides and window is None \
+            and decay is None:
+        raise ValueError(f"{next(iter(overrides), 'window')}: the mixer was saved with "
+                         f"whole_weight={saved}, which needs a window or decay; to route on "
+                         f"the whole context, pass whole_weight=None as well and refit the "
+                         f"centroids (the embedding narrows to the hidden size)")
+    embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
+                                   whole_weight=whole_weight)
+    if has_centroids and (saved is None) != (whole_weight is None):
+        raise ValueError(f"whole_weight: the saved centroids were fitted for whole_weight="
+                         f"{saved}; {'adding' if saved is None else 'removing'} the "
+                         f"whole-context share changes the embedding's width, so they cannot "
+                         f"route it. Load the mixer as saved, then set mixer.embedder and "
+                         f"refit the centroids (mixer.fit_centroids)")
+    return embedder
+
+
 def _warn_mixed_bases(adapters: Sequence[LoRAAdapter]) -> None:
     """Warns when the adapters' configs name different base models (``base_model_name_or_
     path``; adapters that name none are not compared)."""
@@ -765,8 +790,8 @@ class TokenLevelAdapterMixer(nn.Module):
             decay = recency.get("decay", spec.get("decay"))
             whole_weight = recency.get("whole_weight", spec.get("whole_weight"))
             if spec["type"] == "hidden":
-                embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
-                                               whole_weight=whole_weight)
+                embedder = _rebuilt_hidden_embedder(spec, recency, window, decay, whole_weight,
+                                                    "centroids" in tensors)
             elif spec["type"] == "sentence":
                 if lm_tokenizer is None:
                     raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
