@@ -211,7 +211,7 @@ class _HiddenStream:
         self.total: torch.Tensor | None = None
         self.count: float = 0
         self.recent: deque[torch.Tensor] = deque(maxlen=embedder.window or 1)
-        self.whole_total: torch.Tensor | None = None  # with whole_weight and a recency
+        self.whole_total: torch.Tensor | None = None  # with whole_weight
         self.whole_count = 0
 
     def extend(self, token_ids: Sequence[int]) -> None:
@@ -221,13 +221,10 @@ class _HiddenStream:
         """``[D]`` pooled hidden state of the tokens so far (as :func:`pool_prefixes`;
         ``[2 * D]`` with ``whole_weight``, as the embedder's ``prefix_embeddings``)."""
         recent = self._recent()
-        emb = self.embedder
-        if emb.whole_weight is None:
+        if self.embedder.whole_weight is None:
             return recent
-        if emb.window is None and emb.decay is None:  # the whole context in both halves
-            return blend_whole_context(recent, recent, emb.whole_weight)
         whole = (self.whole_total / self.whole_count).float()
-        return blend_whole_context(recent, whole, emb.whole_weight)
+        return blend_whole_context(recent, whole, self.embedder.whole_weight)
 
     def _recent(self) -> torch.Tensor:
         """``[D]`` the recency pooling (the whole-context mean without one)."""
@@ -235,8 +232,7 @@ class _HiddenStream:
         if self.pending:
             ids = torch.tensor([self.pending], device=self.mixer.device)
             h = emb._hidden(self.mixer, ids, None, self.cache).float()[0]
-            if emb.whole_weight is not None and (emb.window is not None
-                                                 or emb.decay is not None):
+            if emb.whole_weight is not None:
                 total = h.double().sum(0)
                 self.whole_total = total if self.whole_total is None \
                     else self.whole_total + total
