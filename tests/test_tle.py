@@ -851,6 +851,27 @@ def test_recency_grid_adds_whole_context_shares_to_each_recency():
     assert recency_grid([], [], []) == [{}]
     with pytest.raises(ValueError, match="whole_weights: need a recency"):
         recency_grid([], [], [0.1])
+    for shares, fixed in (([0.0], None), ([1.0], None), ([0.2, -0.1], None), ([], 1.5)):
+        with pytest.raises(ValueError, match="whole_weight"):
+            recency_grid([4], [], shares, whole_weight=fixed)
+
+
+def test_tle_evidence_checks_whole_weight_before_training(tmp_path, monkeypatch):
+    """A share the embedder would refuse fails at once, not after the task adapters train;
+    ``--whole-weight 0`` means the recent tokens only, as for ``python -m datalora tle``."""
+    from datalora.experiments import tle_evidence
+
+    adapters = tmp_path / "adapters"
+    for kwargs in ({"whole_weight": 0.3}, {"window": 8, "whole_weight": 1.0},
+                   {"whole_weights": [0.2], "taus": [0.05]}):
+        with pytest.raises(ValueError, match="whole_weight"):
+            tle_evidence.run(str(adapters), out=None, progress=False, **kwargs)
+    assert not adapters.exists()
+    seen = {}
+    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: seen.update(kw) or {})
+    with pytest.raises(KeyError):  # the stub's empty summary, after run was called
+        tle_evidence.main(["--window", "16", "--whole-weight", "0", "--out", ""])
+    assert seen["whole_weight"] is None and seen["window"] == 16
 
 
 def test_span_loss_sums_hand_case():

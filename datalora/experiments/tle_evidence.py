@@ -234,13 +234,19 @@ def recency_grid(windows: Sequence[int], decays: Sequence[float],
     With ``windows`` / ``decays``: the whole context, then each window and decay, each
     alone and, with ``whole_weights``, with each whole-context share; without: the fixed
     ``window`` / ``decay`` (with ``whole_weight``, or alone and with each share).
+    Every share is checked (in (0, 1), next to a recency) here, before any training.
     """
+    from datalora.tle.embedders import check_whole_weight
+
     recent = ([{"window": w} for w in windows] + [{"decay": d} for d in decays]
               if windows or decays else [{"window": window, "decay": decay}])
-    recent = [r for r in recent if any(v is not None for v in r.values())]
+    recent = [r for r in recent if not _whole_context(r)]
     if whole_weights and not recent:
         raise ValueError("whole_weights: need a recency (window / decay, or windows / decays "
                          "to tune) for the whole context to be weighed against")
+    anchor = recent[0] if recent else {}
+    for share in (whole_weight, *whole_weights):
+        check_whole_weight(share, anchor.get("window"), anchor.get("decay"))
     shares = [None, *whole_weights] if whole_weights else [whole_weight]
     grid: list[dict[str, Any]] = [{**r, "whole_weight": b} for r in recent for b in shares]
     if windows or decays or not recent:
@@ -281,7 +287,7 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
     from datalora.tle import HiddenStateEmbedder
 
     points = [(layer, rec, pool) for layer in embed_layers for rec in recencies
-              for pool in centroid_poolings if pool != "context" or any(rec.values())]
+              for pool in centroid_poolings if pool != "context" or not _whole_context(rec)]
     records = []
     for layer, rec, pool in tqdm(points, desc="tuning", disable=not progress):
         mixer.embedder = HiddenStateEmbedder(layer, window=rec.get("window"),
@@ -347,6 +353,9 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     from datalora.testing import train_validation_split
 
     check_output_file("out", out or None)  # before the runs, not at the write after them
+    tuning = bool(taus or embed_layers or windows or decays or whole_weights or centroid_poolings)
+    recencies = recency_grid(windows, decays, whole_weights, window=window, decay=decay,
+                             whole_weight=whole_weight)  # checks the shares before training
     start = time.perf_counter()
     mixer, tokenizer, texts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
                                           embed_layer=embed_layer, window=window,
@@ -359,10 +368,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
               "whole_weight": whole_weight, "centroid_pooling": centroid_pooling}
     grid: list[dict[str, Any]] = []
     tuning_seconds = 0.0
-    if taus or embed_layers or windows or decays or whole_weights or centroid_poolings:
+    if tuning:
         tune_start = time.perf_counter()
-        recencies = recency_grid(windows, decays, whole_weights, window=window, decay=decay,
-                                 whole_weight=whole_weight)
         val_mixed = (validation_mixed_sequences(tokenizer, validation, per_pair=mixed_per_pair)
                      if mixed else None)
         grid = tune(mixer, tokenizer, validation, texts, taus=list(taus) or [tau],
@@ -708,7 +715,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="exponentially decayed context embedding (untuned default: none)")
     p.add_argument("--whole-weight", type=float, default=None,
                    help="with --window / --decay, the whole context's share of the "
-                        "similarity (untuned default: none)")
+                        "similarity (untuned default: none; 0: none, as for "
+                        "python -m datalora tle)")
     p.add_argument("--centroid-pooling", choices=POOLINGS, default="context")
     p.add_argument("--tune-windows", type=int, nargs="*", default=[],
                    help="add these windows (and the whole context) to the tuning grid")
@@ -739,7 +747,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(args.adapters, base=args.base, steps=args.steps, tau=args.tau,
                   embed_layer=args.embed_layer, per_task=args.per_task,
                   taus=args.tune_taus, embed_layers=args.tune_embed_layers,
-                  window=args.window, decay=args.decay, whole_weight=args.whole_weight,
+                  window=args.window, decay=args.decay,
+                  whole_weight=args.whole_weight or None,  # 0: the recent tokens only
                   centroid_pooling=args.centroid_pooling, windows=args.tune_windows,
                   decays=args.tune_decays, whole_weights=args.tune_whole_weights,
                   centroid_poolings=args.tune_centroid_pooling,
