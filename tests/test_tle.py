@@ -946,6 +946,47 @@ def test_tle_evidence_checks_whole_weight_before_training(tmp_path, monkeypatch)
     assert seen["whole_weight"] is None and seen["window"] == 16
 
 
+def test_tle_evidence_sentence_embedder_checks_and_encodes_each_text_once(tmp_path,
+                                                                         monkeypatch):
+    """``--embedder sentence``: layer / decay options fail before any training; the grid's
+    encoder encodes each distinct text once and returns every text's row in order."""
+    import datalora.tle as tle
+    from datalora.experiments import tle_evidence
+    from datalora.testing import build_tokenizer
+
+    adapters = tmp_path / "adapters"
+    for kwargs in ({"decay": 0.9}, {"decays": [0.9]}, {"embed_layer": 0},
+                   {"embed_layers": [2]}):
+        with pytest.raises(ValueError, match="not available with the sentence embedder"):
+            tle_evidence.run(str(adapters), out=None, progress=False, embedder="sentence",
+                             **kwargs)
+    with pytest.raises(ValueError, match="embedder: expected one of"):
+        tle_evidence.run(str(adapters), out=None, progress=False, embedder="minilm")
+    assert not adapters.exists()
+
+    batches = []
+
+    class StandIn:
+        def __init__(self, lm_tokenizer):
+            pass
+
+        @staticmethod
+        def encode(texts):
+            batches.append(list(texts))
+            return _char_encoder(texts)
+
+    monkeypatch.setattr(tle, "SentenceEmbedder", StandIn)
+    encode = tle_evidence.sentence_encoder()
+    torch.testing.assert_close(encode(["ab 1", "c", "ab 1"]), _char_encoder(["ab 1", "c", "ab 1"]))
+    torch.testing.assert_close(encode(["c", "12"]), _char_encoder(["c", "12"]))
+    assert batches == [["ab 1", "c"], ["12"]]
+    monkeypatch.undo()
+    embedder = tle_evidence.point_embedder({"embed_layer": None, "window": 8,
+                                            "whole_weight": 0.2}, build_tokenizer(), encode)
+    assert isinstance(embedder, tle.SentenceEmbedder) and embedder.encode is encode
+    assert (embedder.window, embedder.whole_weight) == (8, 0.2)
+
+
 def test_span_loss_sums_hand_case():
     from datalora.experiments.tle_evidence import span_loss_sums
 
