@@ -1892,6 +1892,41 @@ def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_pat
     assert (loaded.embedder.window, loaded.embedder.whole_weight) == (None, None)
 
 
+def test_cli_sentence_embedder_default_whole_context_share(adapter_dirs, tmp_path,
+                                                            monkeypatch):
+    """``--sentence-embedder`` with its default window keeps the whole context in view with
+    the share tuned for it; ``--whole-weight 0`` turns it off."""
+    import json
+
+    from datalora.cli import main
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder, embedders
+    from datalora.tle.cli import DEFAULT_SENTENCE_WHOLE_WEIGHT
+
+    real_init = SentenceEmbedder.__init__
+
+    def stand_in(self, lm_tokenizer, model=None, encode=None, **kwargs):
+        real_init(self, lm_tokenizer, model, encode or _char_encoder, **kwargs)
+        self._custom = False  # saved as the default encoder, rebuilt with the stand-in
+
+    monkeypatch.setattr(embedders.SentenceEmbedder, "__init__", stand_in)
+    small_model().save_pretrained(tmp_path / "base")
+    build_tokenizer(vocab_size=300).save_pretrained(tmp_path / "base")
+    (tmp_path / "c.json").write_text(json.dumps({"a": ["What is 1 + 1?"], "b": ["Reverse: x"],
+                                                 "c": ["Sort: 2, 1"]}))
+    flags = ["tle", "--model", str(tmp_path / "base"), "--adapters", *map(str, adapter_dirs),
+             "--centroid-file", str(tmp_path / "c.json"), "--eval-per-task", "1",
+             "--no-progress", "--sentence-embedder"]
+    for extra, want in (([], (16, DEFAULT_SENTENCE_WHOLE_WEIGHT)),
+                        (["--whole-weight", "0"], (16, None))):
+        assert main(flags + extra + ["--save", str(tmp_path / "m")]) == 0
+        loaded = TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "m",
+                                                        lm_tokenizer=build_tokenizer(vocab_size=300))
+        assert isinstance(loaded.embedder, SentenceEmbedder)
+        assert (loaded.embedder.window, loaded.embedder.whole_weight) == want
+        assert loaded.centroids.shape == (3, 3 * loaded.embedder.width_factor)
+
+
 def test_a_second_mixer_on_a_mixed_model_asks_for_a_fresh_base(adapter_dirs):
     model = small_model()
     TokenLevelAdapterMixer(model, adapter_dirs)

