@@ -54,6 +54,25 @@ def adapter_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.fixture
+def stand_in_sentence_encoder(monkeypatch):
+    """``SentenceEmbedder`` built without ``encode`` (as ``from_pretrained`` and the CLI
+    build it) uses :func:`_char_encoder` instead of loading all-MiniLM-L6-v2, and is saved
+    as the default encoder; yields the list of embedders built that way."""
+    from datalora.tle import embedders
+
+    real_init = embedders.SentenceEmbedder.__init__
+    built = []
+
+    def stand_in(self, lm_tokenizer, model=None, encode=None, **kwargs):
+        real_init(self, lm_tokenizer, model, encode or _char_encoder, **kwargs)
+        self._custom = encode is not None
+        built.append(self)
+
+    monkeypatch.setattr(embedders.SentenceEmbedder, "__init__", stand_in)
+    return built
+
+
 def ids(B=2, L=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, 300, (B, L), generator=g)
@@ -477,9 +496,18 @@ def test_whole_weight_save_load_round_trip(adapter_dirs, tmp_path):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
                                                whole_weight=None)
     with pytest.raises(ValueError, match="window: the mixer was saved with whole_weight=0.2, "
-                                         "which needs a window or decay; .* pass "
-                                         "whole_weight=None as well"):
+                                         "which needs a window or decay; .* load the mixer "
+                                         "as saved, then set mixer.embedder and refit"):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer", window=None)
+    uncentred = tmp_path / "no-centroids"
+    TokenLevelAdapterMixer(small_model(), adapter_dirs, embedder=embedder).save_pretrained(
+        uncentred)
+    with pytest.raises(ValueError, match="which needs a window or decay; to route on the "
+                                         "whole context, pass whole_weight=None as well"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), uncentred, window=None)
+    again = TokenLevelAdapterMixer.from_pretrained(small_model(), uncentred, window=None,
+                                                   whole_weight=None)
+    assert (again.embedder.window, again.embedder.whole_weight) == (None, None)
 
 
 def test_evidence_eval_counts_answer_tokens_routed_to_their_task_adapter(adapter_dirs):
@@ -730,12 +758,13 @@ def _char_encoder(texts):
     return torch.tensor(feats)
 
 
-def test_sentence_embedder_whole_weight_blends_the_window_and_the_whole_text(adapter_dirs):
+def test_sentence_embedder_whole_weight_blends_the_window_and_the_whole_text(adapter_dirs,
+                                                                            monkeypatch):
     """With ``whole_weight`` the sentence embedder encodes the window's text and the whole
     context's and blends them as the hidden-state embedder does; KV-cached generation
     (the stream) routes as teacher forcing (the batch path)."""
     from datalora.testing import build_tokenizer
-    from datalora.tle import SentenceEmbedder, blend_whole_context
+    from datalora.tle import SentenceEmbedder, blend_whole_context, embedders
 
     tok = build_tokenizer(vocab_size=300)
     emb = SentenceEmbedder(tok, encode=_char_encoder, window=3, whole_weight=0.3)
@@ -750,6 +779,22 @@ def test_sentence_embedder_whole_weight_blends_the_window_and_the_whole_text(ada
                            tok.decode(x[0], skip_special_tokens=True)])
     torch.testing.assert_close(got[0], blend_whole_context(recent, whole, 0.3))
     assert got.shape[-1] == 6 and not torch.allclose(got[0, 1, :3].norm(), got[0, 1, 3:].norm())
+    # every position of a longer text, encoded two texts at a time: the whole contexts
+    # (only those the window does not hold) cross the chunks after the recent texts
+    monkeypatch.setattr(embedders, "ENCODE_BATCH", 2)
+    long_x = tok(["Sort the words: pear, fig, apple, kiwi, plum"], return_tensors="pt")[
+        "input_ids"]
+    ends = list(range(long_x.shape[1]))
+    got = emb.prefix_embeddings(mixer, long_x, None, torch.tensor([ends]))[0]
+    text = [tok.decode(long_x[0, :e + 1], skip_special_tokens=True) for e in ends]
+    recent = _char_encoder([tok.decode(long_x[0, max(0, e - 2):e + 1], skip_special_tokens=True)
+                            for e in ends])
+    torch.testing.assert_close(got, blend_whole_context(recent, _char_encoder(text), 0.3))
+    stream = emb.stream(mixer)
+    with pytest.raises(ValueError, match="input_ids: the context is empty"):
+        stream.embedding()
+    stream.extend(long_x[0].tolist())
+    torch.testing.assert_close(stream.embedding(), got[-1])
     both = emb.whole_context().prefix_embeddings(mixer, x, None, torch.tensor([[L - 1]]))
     torch.testing.assert_close(both[0], blend_whole_context(whole[1:], whole[1:], 0.3))
     mixer.fit_centroids([["What is 1 + 1?"], ["Reverse: abc"], ["Sort: c a b"]], tok)
@@ -759,26 +804,22 @@ def test_sentence_embedder_whole_weight_blends_the_window_and_the_whole_text(ada
         tf = mixer(res["sequences"][:, :-1], prompt_lengths=torch.tensor([L]))
     torch.testing.assert_close(res["logits"], tf.logits[0, L - 1:].float(), atol=1e-4,
                                rtol=1e-4)
-    with pytest.raises(ValueError, match="whole_weight: needs window or decay"):
+    with pytest.raises(ValueError, match="whole_weight: needs window \\(got whole_weight=0.3 "
+                                         "without it: the context embedding is the encoding"):
         SentenceEmbedder(tok, encode=_char_encoder, whole_weight=0.3)
     with pytest.raises(ValueError, match="whole_weight"):
         SentenceEmbedder(tok, encode=_char_encoder, window=3, whole_weight=1.0)
 
 
-def test_sentence_embedder_whole_weight_save_load(adapter_dirs, tmp_path, monkeypatch):
+def test_sentence_embedder_whole_weight_save_load(adapter_dirs, tmp_path,
+                                                  stand_in_sentence_encoder):
     """A sentence-embedder mixer saves its whole_weight and rebuilds it; an override that
-    would change the embedding's width is refused against the saved centroids."""
+    would change the embedding's width is refused against the saved centroids, before the
+    encoder loads."""
     from datalora.testing import build_tokenizer
-    from datalora.tle import SentenceEmbedder, embedders
+    from datalora.tle import SentenceEmbedder
 
     tok = build_tokenizer(vocab_size=300)
-    real_init = SentenceEmbedder.__init__
-
-    def stand_in(self, lm_tokenizer, model=None, encode=None, **kwargs):
-        real_init(self, lm_tokenizer, model, encode or _char_encoder, **kwargs)
-        self._custom = False  # saved as the default encoder, rebuilt with the stand-in
-
-    monkeypatch.setattr(embedders.SentenceEmbedder, "__init__", stand_in)
     mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5,
                                    embedder=SentenceEmbedder(tok, window=4, whole_weight=0.2))
     mixer.fit_centroids([["What is 1 + 1?"], ["Reverse: abc"], ["Sort: c a b"]], tok)
@@ -793,13 +834,27 @@ def test_sentence_embedder_whole_weight_save_load(adapter_dirs, tmp_path, monkey
                                                    lm_tokenizer=tok, whole_weight=0.5,
                                                    window=2)
     assert (other.embedder.window, other.embedder.whole_weight) == (2, 0.5)
+    built = len(stand_in_sentence_encoder)
     with pytest.raises(ValueError, match="whole_weight: the saved centroids were fitted for "
                                          "whole_weight=0.2; removing"):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
                                                lm_tokenizer=tok, whole_weight=None)
+    with pytest.raises(ValueError, match="window: the mixer was saved with whole_weight=0.2, "
+                                         "which needs a window; .* load the mixer as saved"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
+                                               lm_tokenizer=tok, window=None)
     with pytest.raises(ValueError, match="decay: not available for a sentence embedder"):
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer",
                                                lm_tokenizer=tok, decay=0.9)
+    assert len(stand_in_sentence_encoder) == built  # refused before building the encoder
+    narrow = SentenceEmbedder(tok, window=4)
+    plain = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5, embedder=narrow)
+    plain.fit_centroids([["What is 1 + 1?"], ["Reverse: abc"], ["Sort: c a b"]], tok)
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="whole_weight: the saved centroids were fitted for "
+                                         "whole_weight=None; adding"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "plain",
+                                               lm_tokenizer=tok, whole_weight=0.3)
 
 
 def test_sentence_embedder_prefixes_and_generation(adapter_dirs):
@@ -934,16 +989,24 @@ def test_tle_evidence_checks_whole_weight_before_training(tmp_path, monkeypatch)
     from datalora.experiments import tle_evidence
 
     adapters = tmp_path / "adapters"
-    for kwargs in ({"whole_weight": 0.3}, {"window": 8, "whole_weight": 1.0},
-                   {"whole_weights": [0.2], "taus": [0.05]}):
-        with pytest.raises(ValueError, match="whole_weight"):
+    for kwargs, name in (({"whole_weight": 0.3}, "whole_weight"),
+                         ({"window": 8, "whole_weight": 1.0}, "whole_weight"),
+                         ({"whole_weights": [0.2], "taus": [0.05]}, "whole_weight"),
+                         ({"windows": [0]}, "window"), ({"decays": [1.5]}, "decay"),
+                         ({"window": 0}, "window"), ({"decay": 2.0}, "decay")):
+        with pytest.raises(ValueError, match=name):
             tle_evidence.run(str(adapters), out=None, progress=False, **kwargs)
     assert not adapters.exists()
     seen = {}
-    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: seen.update(kw) or {})
-    with pytest.raises(KeyError):  # the stub's empty summary, after run was called
-        tle_evidence.main(["--window", "16", "--whole-weight", "0", "--out", ""])
+    summary = {"config": dict.fromkeys(("tau", "embed_layer", "window", "decay",
+                                        "whole_weight", "centroid_pooling")),
+               "eval_loss": {}, "mean_routing_weights_on_response": {}}
+    monkeypatch.setattr(tle_evidence, "run", lambda *a, **kw: seen.update(kw) or summary)
+    tle_evidence.main(["--window", "16", "--whole-weight", "0"])
     assert seen["whole_weight"] is None and seen["window"] == 16
+    assert seen["out"] == "benchmarks/results/tle_eval_cpu.json"
+    tle_evidence.main(["--embedder", "sentence", "--adapter-seed", "2"])
+    assert seen["out"] == "benchmarks/results/tle_eval_cpu_sentence_adapter_seed2.json"
 
 
 def test_tle_evidence_sentence_embedder_checks_and_encodes_each_text_once(tmp_path,
@@ -985,6 +1048,34 @@ def test_tle_evidence_sentence_embedder_checks_and_encodes_each_text_once(tmp_pa
                                             "whole_weight": 0.2}, build_tokenizer(), encode)
     assert isinstance(embedder, tle.SentenceEmbedder) and embedder.encode is encode
     assert (embedder.window, embedder.whole_weight) == (8, 0.2)
+
+
+def test_tle_evidence_tunes_and_applies_sentence_embedder_points(adapter_dirs):
+    """The grid with a sentence encoder: every point routes with a ``SentenceEmbedder`` on
+    that encoder (no layer), blended points fit centroids as wide as the blend."""
+    from datalora.experiments import tle_evidence
+    from datalora.testing import build_tokenizer
+    from datalora.tle import SentenceEmbedder
+
+    tok = build_tokenizer(vocab_size=300)
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, tau=0.5)
+    names = mixer.names
+    texts = {"prompts": {n: [f"Question {n}: what is 1 + {i}?"] for i, n in enumerate(names)},
+             "examples": {n: [f"Question {n}: 1 + 1? 2"] for n in names}}
+    rows = [{"task": n, "question": f"Reverse {n} please", "response": "ok ok"} for n in names]
+    records = tle_evidence.tune(mixer, tok, rows, texts, taus=[0.1, 0.5], embed_layers=[None],
+                                per_task=1, recencies=tle_evidence.recency_grid([3], [], [0.3]),
+                                centroid_poolings=["context"], sentence_encode=_char_encoder,
+                                progress=False)
+    assert [(r["window"], r["whole_weight"], r["tau"]) for r in records] == \
+        [(3, None, 0.1), (3, None, 0.5), (3, 0.3, 0.1), (3, 0.3, 0.5)]
+    assert all(r["embed_layer"] is None and r["every_token"] > 0 for r in records)
+    assert isinstance(mixer.embedder, SentenceEmbedder) and mixer.embedder.encode is _char_encoder
+    tle_evidence._apply_point(mixer, tok, texts, records[-1], _char_encoder)
+    assert (mixer.embedder.window, mixer.embedder.whole_weight, mixer.tau) == (3, 0.3, 0.5)
+    assert mixer.centroids.shape == (3, 6)
+    with pytest.raises(ValueError, match="point: the sentence embedder has no decay or layer"):
+        tle_evidence.point_embedder({"embed_layer": 2}, tok, _char_encoder)
 
 
 def test_span_loss_sums_hand_case():
@@ -1418,7 +1509,7 @@ def test_cli_sentence_embedder_checks_and_missing_extra_before_training(monkeypa
     monkeypatch.setattr(builtins, "__import__", fake_import)
     for argv, message in ((["--decay", "0.9"], "--decay (decay): not available"),
                           (["--window", "0", "--whole-weight", "0.2"],
-                           "--whole-weight (whole_weight): needs window or decay"),
+                           "--whole-weight (whole_weight): needs window (got"),
                           (["--whole-weight", "1.2"], "--whole-weight (whole_weight)"),
                           (["--whole-weight", "0.2"], "pip install 'datalora[tle]'"),
                           ([], "pip install 'datalora[tle]'")):
@@ -1893,23 +1984,16 @@ def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_pat
 
 
 def test_cli_sentence_embedder_default_whole_context_share(adapter_dirs, tmp_path,
-                                                            monkeypatch):
+                                                            stand_in_sentence_encoder):
     """``--sentence-embedder`` with its default window keeps the whole context in view with
     the share tuned for it; ``--whole-weight 0`` turns it off."""
     import json
 
     from datalora.cli import main
     from datalora.testing import build_tokenizer
-    from datalora.tle import SentenceEmbedder, embedders
+    from datalora.tle import SentenceEmbedder
     from datalora.tle.cli import DEFAULT_SENTENCE_WHOLE_WEIGHT
 
-    real_init = SentenceEmbedder.__init__
-
-    def stand_in(self, lm_tokenizer, model=None, encode=None, **kwargs):
-        real_init(self, lm_tokenizer, model, encode or _char_encoder, **kwargs)
-        self._custom = False  # saved as the default encoder, rebuilt with the stand-in
-
-    monkeypatch.setattr(embedders.SentenceEmbedder, "__init__", stand_in)
     small_model().save_pretrained(tmp_path / "base")
     build_tokenizer(vocab_size=300).save_pretrained(tmp_path / "base")
     (tmp_path / "c.json").write_text(json.dumps({"a": ["What is 1 + 1?"], "b": ["Reverse: x"],

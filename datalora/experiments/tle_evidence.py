@@ -9,7 +9,7 @@ random one, ``--base random``), builds a
 - the token-level mix (every token) and every-other-token,
 
 plus the mean routing weights per task, on the eval split and on the validation rows
-carved from the train split (which alone choose tau and the embedding layer).
+carved from the train split (which alone choose every tuned setting).
 
 Mixed-task evaluation (``"mixed_task"``, on by default; ``--no-mixed`` skips it): every
 eval prompt above is single-task, so prompt-level routing already sits at the own-adapter
@@ -39,8 +39,14 @@ only: the single-task validation rows and mixed-task sequences built the same wa
 The best whole-context point (no recency) under the same score is also reported on the
 eval rows (``"whole_context_baseline"``), and so is the best recency-only point when the
 chosen one has a whole-context share (``"recency_only_baseline"``); each with the share of
-response tokens whose largest weight is on their task's adapter. Writes
-``benchmarks/results/tle_eval_cpu.json``::
+response tokens whose largest weight is on their task's adapter.
+
+``--embedder sentence`` routes on all-MiniLM-L6-v2 embeddings of the decoded context
+(:class:`datalora.tle.SentenceEmbedder`, the optional ``tle`` extra) instead of the base's
+hidden states: the grid then has windows and whole-context shares but no layers or decays.
+Writes ``benchmarks/results/tle_eval_cpu.json`` (``tle_eval_cpu_sentence.json`` with the
+sentence embedder; ``_adapter_seed<N>`` added for another adapter seed) unless ``--out``
+says otherwise::
 
     python -m datalora.experiments.tle_evidence --tune-taus 0.01 0.02 0.05 0.1 0.2 \
         --tune-embed-layers 0 2 4 --tune-windows 4 8 16 32 --tune-decays 0.7 0.85 0.9 0.95
@@ -142,7 +148,7 @@ def _prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
 
 
 def build_mixer(adapter_dir: str, *, base: str = "pretrained", steps: int = 80,
-                tau: float = 0.02, embed_layer: int = 0, centroid_prompts: int = 32,
+                tau: float = 0.02, embed_layer: int | None = 0, centroid_prompts: int = 32,
                 window: int | None = None, decay: float | None = None,
                 whole_weight: float | None = None,
                 centroid_pooling: str = "context", adapter_seed: int = 0,
@@ -210,6 +216,10 @@ def point_embedder(point: dict[str, Any], tokenizer: Any,
     from datalora.tle import HiddenStateEmbedder, SentenceEmbedder
 
     if sentence_encode is not None:
+        if point.get("decay") is not None or point.get("embed_layer") is not None:
+            raise ValueError(f"point: the sentence embedder has no decay or layer, got "
+                             f"decay={point.get('decay')}, "
+                             f"embed_layer={point.get('embed_layer')}")
         return SentenceEmbedder(tokenizer, encode=sentence_encode, window=point.get("window"),
                                 whole_weight=point.get("whole_weight"))
     return HiddenStateEmbedder(point["embed_layer"], window=point.get("window"),
@@ -273,13 +283,15 @@ def recency_grid(windows: Sequence[int], decays: Sequence[float],
     With ``windows`` / ``decays``: the whole context, then each window and decay, each
     alone and, with ``whole_weights``, with each whole-context share; without: the fixed
     ``window`` / ``decay`` (with ``whole_weight``, or alone and with each share).
-    Every share is checked (in (0, 1), next to a recency) here, before any training.
+    Every window, decay and share is checked here, before any training.
     """
-    from datalora.tle.embedders import check_whole_weight
+    from datalora.tle.embedders import check_recency, check_whole_weight
 
     recent = ([{"window": w} for w in windows] + [{"decay": d} for d in decays]
               if windows or decays else [{"window": window, "decay": decay}])
     recent = [r for r in recent if not _whole_context(r)]
+    for r in recent:
+        check_recency(r.get("window"), r.get("decay"))
     if whole_weights and not recent:
         raise ValueError("whole_weights: need a recency (window / decay, or windows / decays "
                          "to tune) for the whole context to be weighed against")
@@ -301,7 +313,7 @@ def validation_mixed_sequences(tokenizer: Any, validation: Sequence[dict[str, st
 
 def tune(mixer: Any, tokenizer: Any, rows: Sequence[dict[str, str]],
          texts: dict[str, dict[str, list[str]]], *, taus: Sequence[float],
-         embed_layers: Sequence[int],
+         embed_layers: Sequence[int | None],
          per_task: int, recencies: Sequence[dict[str, Any]] = ({},),
          centroid_poolings: Sequence[str] = ("whole",),
          mixed_sequences: Sequence[dict[str, Any]] | None = None,
@@ -364,7 +376,7 @@ def _apply_point(mixer: Any, tokenizer: Any, texts: dict[str, dict[str, list[str
 
 def run(adapter_dir: str, *, base: str = "pretrained", steps: int = 80, tau: float = 0.02,
         embed_layer: int | None = None, per_task: int = 24, centroid_prompts: int = 32,
-        taus: Sequence[float] = (), embed_layers: Sequence[int] = (),
+        taus: Sequence[float] = (), embed_layers: Sequence[int | None] = (),
         window: int | None = None, decay: float | None = None,
         whole_weight: float | None = None,
         centroid_pooling: str = "context", windows: Sequence[int] = (),
@@ -786,7 +798,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="centroids pooled over whole prompts, like the routing at the "
                         "prompt's end, and/or at every position of whole examples")
     p.add_argument("--per-task", type=int, default=24)
-    p.add_argument("--out", default="benchmarks/results/tle_eval_cpu.json")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default: benchmarks/results/tle_eval_cpu.json, with "
+                        "_sentence for --embedder sentence and _adapter_seed<N> for another "
+                        "adapter seed before the .json)")
     p.add_argument("--no-mixed", action="store_true",
                    help="skip the mixed-task (two tasks per sequence) evaluation")
     p.add_argument("--mixed-per-pair", type=int, default=12,
@@ -800,6 +815,10 @@ def main(argv: list[str] | None = None) -> None:
                         "other than 0 with the default --adapters trains into its own "
                         "seed-N subfolder; in a folder of your own another seed retrains)")
     args = p.parse_args(argv)
+    if args.out is None:  # one file per embedder and seed: a run never replaces another's
+        args.out = "benchmarks/results/tle_eval_cpu" + (
+            "_sentence" if args.embedder == "sentence" else "") + (
+            f"_adapter_seed{args.adapter_seed}" if args.adapter_seed else "") + ".json"
     if args.adapter_seed != 0 and args.adapters == WORK_DIR:
         # its own folder: the default one holds the seed-0 adapters bench_tle and the tle
         # CLI reuse (another seed's would retrain them there)

@@ -149,7 +149,7 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.whole_weight is None and (window or args.decay):
         whole_weight = (DEFAULT_SENTENCE_WHOLE_WEIGHT if args.sentence_embedder
                         else DEFAULT_WHOLE_WEIGHT)
-    check_whole_weight(whole_weight, window, args.decay)
+    check_whole_weight(whole_weight, window, args.decay, sentence=args.sentence_embedder)
     check_output_folder("--save", args.save or None)
     if args.adapters:
         given = [flag for flag, value in (("--adapter-dir", args.adapter_dir),

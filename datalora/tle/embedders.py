@@ -33,16 +33,18 @@ def check_recency(window: int | None, decay: float | None) -> tuple[int | None, 
 
 
 def check_whole_weight(whole_weight: float | None, window: int | None,
-                       decay: float | None) -> float | None:
-    """Validates ``whole_weight``: in (0, 1), and only next to a recency option."""
+                       decay: float | None, *, sentence: bool = False) -> float | None:
+    """Validates ``whole_weight``: in (0, 1), and only next to a recency option (a window
+    for a sentence embedder, which has no decay)."""
     if whole_weight is None:
         return None
     whole_weight = check_number("whole_weight", whole_weight, low=0, low_inclusive=False,
                                 high=1, high_inclusive=False)
     if window is None and decay is None:
-        raise ValueError(f"whole_weight: needs window or decay (got whole_weight="
-                         f"{whole_weight} without either: the context embedding is the "
-                         f"whole-context mean already)")
+        needs, what = (("window", "the encoding of the whole context") if sentence
+                       else ("window or decay", "the whole-context mean"))
+        raise ValueError(f"whole_weight: needs {needs} (got whole_weight={whole_weight} "
+                         f"without it: the context embedding is {what} already)")
     return whole_weight
 
 
@@ -322,7 +324,7 @@ class SentenceEmbedder:
                  encode: Callable[[list[str]], torch.Tensor] | None = None, *,
                  window: int | None = None, whole_weight: float | None = None):
         self.window = check_recency(window, None)[0]
-        self.whole_weight = check_whole_weight(whole_weight, self.window, None)
+        self.whole_weight = check_whole_weight(whole_weight, self.window, None, sentence=True)
         self.lm_tokenizer, self.model_path = lm_tokenizer, model
         self._custom = encode is not None  # a saved mixer cannot rebuild a callable
         # the optional package's weights: saved as None (found again wherever it is
@@ -368,25 +370,30 @@ class SentenceEmbedder:
 
     def _embed(self, ids: list[int], ends: list[int]) -> torch.Tensor:
         """``[len(ends), D]`` (``2 * D`` with ``whole_weight``) embeddings of the decoded
-        prefixes ``ids[:end + 1]``, encoded :data:`ENCODE_BATCH` texts at a time."""
+        prefixes ``ids[:end + 1]``, encoded :data:`ENCODE_BATCH` texts at a time. With
+        ``whole_weight`` the whole context is encoded only where the window does not
+        already hold all of it."""
         def decode(start: int, end: int) -> str:
             return self.lm_tokenizer.decode(ids[start:end + 1], skip_special_tokens=True)
 
         texts = [decode(self._start(e), e) for e in ends]
-        separate_whole = self.whole_weight is not None and self.window is not None
-        if separate_whole:
-            texts += [decode(0, e) for e in ends]  # the whole contexts, after the recent ones
+        longer = ([i for i, e in enumerate(ends) if self._start(e) > 0]
+                  if self.whole_weight is not None else [])
+        texts += [decode(0, ends[i]) for i in longer]  # whole contexts, after the recent ones
         emb = torch.cat([self.encode(texts[i:i + ENCODE_BATCH]).float()
                          for i in range(0, len(texts), ENCODE_BATCH)])
         if self.whole_weight is None:
             return emb
-        recent, whole = (emb[:len(ends)], emb[len(ends):]) if separate_whole else (emb, emb)
+        recent = emb[:len(ends)]
+        whole = recent.clone()
+        whole[longer] = emb[len(ends):]
         return blend_whole_context(recent, whole, self.whole_weight)
 
     def prefix_embeddings(self, mixer: TokenLevelAdapterMixer, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None,
                           positions: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[B, K, D]`` of the decoded prefixes ending at ``positions [B, K]``.
+        """Embeddings ``[B, K, D]`` (``2 * D`` with ``whole_weight``) of the decoded
+        prefixes ending at ``positions [B, K]``.
 
         The prefixes are encoded :data:`ENCODE_BATCH` at a time: every-token routing of a
         long row encodes one text per position, which in one padded batch would not fit
@@ -413,4 +420,6 @@ class _TextStream:
 
     def embedding(self) -> torch.Tensor:
         """``[D]`` (``[2 * D]`` with ``whole_weight``) embedding of the tokens so far."""
+        if not self.ids:
+            raise ValueError("input_ids: the context is empty")
         return self.embedder._embed(self.ids, [len(self.ids) - 1])[0]

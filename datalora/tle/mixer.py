@@ -137,29 +137,30 @@ def _rebuilt_embedder(spec: dict[str, Any], overrides: dict[str, Any], window: i
     overrides, refusing those the saved centroids cannot route: adding or removing a
     whole-context share changes the embedding's width."""
     saved = spec.get("whole_weight")
+    sentence = spec["type"] == "sentence"
+    if sentence and decay is not None:
+        raise ValueError("decay: not available for a sentence embedder")
+    refit = ("load the mixer as saved, then set mixer.embedder and refit the centroids "
+             "(mixer.fit_centroids)")
     if saved is not None and "whole_weight" not in overrides and window is None \
             and decay is None:
         raise ValueError(f"{next(iter(overrides), 'window')}: the mixer was saved with "
-                         f"whole_weight={saved}, which needs a window or decay; to route on "
-                         f"the whole context, pass whole_weight=None as well and refit the "
-                         f"centroids (the embedding narrows by half)")
-    if spec["type"] == "hidden":
-        embedder = HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
-                                       whole_weight=whole_weight)
-    else:
-        if lm_tokenizer is None:
-            raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
-        if decay is not None:
-            raise ValueError("decay: not available for a sentence embedder")
-        embedder = SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window,
-                                    whole_weight=whole_weight)
+                         f"whole_weight={saved}, which needs "
+                         f"{'a window' if sentence else 'a window or decay'}; to route on "
+                         f"the whole context, "
+                         + (refit if has_centroids else "pass whole_weight=None as well"))
     if has_centroids and (saved is None) != (whole_weight is None):
         raise ValueError(f"whole_weight: the saved centroids were fitted for whole_weight="
                          f"{saved}; {'adding' if saved is None else 'removing'} the "
                          f"whole-context share changes the embedding's width, so they cannot "
-                         f"route it. Load the mixer as saved, then set mixer.embedder and "
-                         f"refit the centroids (mixer.fit_centroids)")
-    return embedder
+                         f"route it: {refit}")
+    if not sentence:
+        return HiddenStateEmbedder(spec["layer"], window=window, decay=decay,
+                                   whole_weight=whole_weight)
+    if lm_tokenizer is None:
+        raise ValueError("lm_tokenizer: needed to rebuild the sentence embedder")
+    return SentenceEmbedder(lm_tokenizer, spec.get("model"), window=window,
+                            whole_weight=whole_weight)
 
 
 def _warn_mixed_bases(adapters: Sequence[LoRAAdapter]) -> None:
