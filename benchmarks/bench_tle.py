@@ -103,23 +103,21 @@ def run(adapter_dir: str, *, base: str = "pretrained", adapter_steps: int = 80,
     for t in TASKS[1:]:
         merged.load_adapter(str(folders[t]), adapter_name=t)
     merged.to(device)
-    mixer = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()), names=list(TASKS),
-                                   tau=0.05)
-    mixer.fit_centroids(cents_prompts, tok)
-    # the configuration tle_evidence selects: input embeddings of the last 16 tokens (no
-    # extra base-model pass per recompute), tau 0.02
-    light = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()),
-                                   names=list(TASKS), tau=0.02,
-                                   embedder=HiddenStateEmbedder(0, window=16))
-    light.fit_centroids(cents_prompts, tok)
+    def fitted_mixer(**settings) -> TokenLevelAdapterMixer:
+        """A mixer of the task adapters on a fresh base with ``settings``, centroids fitted."""
+        mixed = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()),
+                                       names=list(TASKS), **settings)
+        mixed.fit_centroids(cents_prompts, tok)
+        return mixed
 
     def cli_default(embedder) -> TokenLevelAdapterMixer:
         """A mixer with the ``tle`` CLI's routing defaults and ``embedder``."""
-        mixed = TokenLevelAdapterMixer(build_tiny_model(), list(folders.values()),
-                                       names=list(TASKS), tau=0.02, mode="every_n",
-                                       every_n=2, embedder=embedder)
-        mixed.fit_centroids(cents_prompts, tok)
-        return mixed
+        return fitted_mixer(tau=0.02, mode="every_n", every_n=2, embedder=embedder)
+
+    mixer = fitted_mixer(tau=0.05)
+    # the configuration tle_evidence selected before the whole-context share: input
+    # embeddings of the last 16 tokens (no extra base-model pass per recompute), tau 0.02
+    light = fitted_mixer(tau=0.02, embedder=HiddenStateEmbedder(0, window=16))
 
     cli_mixers = {"mixer_cli_default": cli_default(HiddenStateEmbedder(
         0, window=16, whole_weight=DEFAULT_WHOLE_WEIGHT))}
