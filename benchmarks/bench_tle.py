@@ -13,8 +13,8 @@ Greedy decoding with a KV cache, the same fixed number of new tokens for every m
   tokens with a whole-context share of 0.1, tau 0.02, every other token);
 - ``mixer_cli_default_sentence``: its defaults with ``--sentence-embedder``
   (all-MiniLM-L6-v2 on the last 16 tokens' text and on the whole context's, share 0.3,
-  every other token: two encodes per recompute); left out, and said so in the JSON, when
-  the optional ``tle`` extra is not installed;
+  every other token: two encodes per recompute once the context outgrows the window);
+  left out, and said so in the JSON, when the optional ``tle`` extra is not installed;
 - ``mixer_fixed_weights``: the mixer with the routing replaced by the same per-step weights
   (only the fused mixing; comparable with the PEFT merge below);
 - ``peft_merge_per_token``: the original method, rebuilding the mixed adapter with PEFT's

@@ -314,7 +314,8 @@ class SentenceEmbedder:
             Decayed pooling is not available for a sentence encoder.
         whole_weight: with ``window``, also encode the whole context and route on
             :func:`blend_whole_context` of the two (width ``2 * D``), as
-            :class:`HiddenStateEmbedder`'s ``whole_weight``; two encodes per routing step.
+            :class:`HiddenStateEmbedder`'s ``whole_weight``; two encodes per routing step
+            once the context is longer than the window.
     """
 
     kind = "sentence"
