@@ -245,6 +245,72 @@ def test_per_token_weights_equal_per_token_merged_weights(adapter_dirs):
         torch.testing.assert_close(got[t], merged @ x[t], atol=1e-5, rtol=1e-5)
 
 
+def _layer_with_weights(adapter_dirs, weights, *, dtype=torch.float32, top_k=None):
+    mixer = TokenLevelAdapterMixer(small_model().to(dtype), adapter_dirs,
+                                   **({} if top_k is None else {"top_k": top_k}))
+    layer = mixer.model.get_submodule("model.layers.1.self_attn.v_proj")
+    mixer._slot.set(weights)
+    return mixer, layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("top_k", [None, 1])
+@pytest.mark.parametrize("shape", [(0, 64), (1, 64), (5, 64), (2, 3, 64), "strided"])
+def test_inference_forward_equals_the_checked_forward(adapter_dirs, dtype, top_k, shape):
+    """An inference forward of a mixed layer skips MoLoRALinear.forward's per-call checks
+    and dispatch; its output is that forward's, bit for bit, for every token count, a
+    batch of rows, strided x, k = 1 and k = N and each dtype."""
+    from datalora.layers import MoLoRALinear
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 128, generator=g)[:, ::2] if shape == "strided"
+         else torch.randn(*shape, generator=g)).to(dtype)
+    T = x[..., 0].numel()
+    w = torch.softmax(torch.randn(T, 3, generator=g), -1)
+    _, layer = _layer_with_weights(adapter_dirs, w, dtype=dtype, top_k=top_k)
+    assert layer._checks_skippable(x)
+    got = layer(x)
+    assert layer.last_routing is layer._slot.routing(T)
+    want = MoLoRALinear.forward(layer, x, layer._slot.routing(T))
+    assert got.shape == want.shape == (*x.shape[:-1], 32) and got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_inference_forward_skips_the_checked_forward_only_where_it_may(adapter_dirs,
+                                                                        monkeypatch):
+    """The checked forward runs where a gradient is needed, under autocast and for x it
+    must name (another dtype or width); the inference path everywhere else."""
+    from datalora.layers import MoLoRALinear
+
+    calls = []
+    checked = MoLoRALinear.forward
+    monkeypatch.setattr(MoLoRALinear, "forward",
+                        lambda self, x, routing=None: calls.append(1) or checked(self, x,
+                                                                                 routing))
+    w = torch.tensor([0.2, 0.5, 0.3])
+    _, layer = _layer_with_weights(adapter_dirs, w)
+    x = torch.randn(4, 64)
+    y = layer(x)
+    assert calls == []
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()  # the checked forward's autograd
+    assert calls == [1]
+    W_eff = layer.base_layer.weight.detach() + sum(
+        w[e] * layer.lora_B[e].float() @ layer.lora_A[e].float() for e in range(3))
+    torch.testing.assert_close(xg.grad, W_eff.sum(0).expand(4, 64), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(xg), y)  # no gradient needed: inference again
+    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="x: expected dtype torch.float32"):
+        layer(x.double())
+    with pytest.raises(ValueError, match="x: expected shape"):
+        layer(torch.randn(4, 63))
+    assert len(calls) == 4
+
+
 def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):
     mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, top_k=1)
     x = ids(B=1)
