@@ -309,6 +309,9 @@ def test_inference_forward_skips_the_checked_forward_only_where_it_may(adapter_d
     with pytest.raises(ValueError, match="x: expected shape"):
         layer(torch.randn(4, 63))
     assert len(calls) == 4
+    layer.lora_B.data = layer.lora_B.data.double()  # the checked forward casts B to x's dtype
+    torch.testing.assert_close(layer(x), y)
+    assert len(calls) == 5
 
 
 def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):

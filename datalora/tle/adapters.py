@@ -434,7 +434,8 @@ class AdapterMixLinear(MoLoRALinear):
         without; the plain linear ~10). Anything else takes that forward, which names a
         bad input."""
         weight = self.base_layer.weight
-        return (not self._nf4_base and x.dtype == weight.dtype == self.lora_A.dtype
+        return (not self._nf4_base
+                and x.dtype == weight.dtype == self.lora_A.dtype == self.lora_B.dtype
                 and x.device == weight.device and x.dim() >= 1
                 and x.shape[-1] == self.in_features and self._plain_base()
                 and not needs_autograd(x, weight, self.base_layer.bias, self.lora_A,
