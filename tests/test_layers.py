@@ -965,3 +965,91 @@ def test_a_replaced_router_keeps_its_bias_when_x_has_another_dtype(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         layer(x)
     assert (layer.last_routing.expert_ids == 2).all()
+
+
+def _count_op_calls(monkeypatch) -> list[int]:
+    """Counts the calls of ``ops.molora_linear`` / ``ops.molora_delta`` (the checked op)."""
+    calls: list[int] = []
+    for name in ("molora_linear", "molora_delta"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, **kw: calls.append(1)
+                            or _real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("routing_kind", ["own", "shared_rank_scale", "shared_k_equals_e"])
+@pytest.mark.parametrize("shape", [(0, 16), (1, 16), (2, 5, 16), "strided"])
+def test_inference_forward_equals_the_checked_op(monkeypatch, dtype, routing_kind, shape):
+    """Without a gradient the layer calls the backend's fused linear directly, skipping the
+    op's argument checks and dispatch: bit for bit the checked op's output, for every token
+    count, leading dims, strided x, its own router or a shared routing (with rank_scale;
+    k = E) and each dtype. A shared routing is value-checked by its first call, through the
+    op; the calls after it skip the op."""
+    torch.manual_seed(0)
+    base, layer = make_layer(dtype=dtype)
+    layer.to(dtype)
+    nn.init.normal_(layer.lora_B)
+    x = (torch.randn(10, 32)[:, ::2] if shape == "strided" else torch.randn(*shape)).to(dtype)
+    T = x[..., 0].numel()
+    routing = None
+    if routing_kind != "own":
+        k = 2 if routing_kind == "shared_rank_scale" else 4
+        routing = Routing(expert_ids=torch.rand(T, 4).argsort(-1)[:, :k], gates=torch.rand(T, k),
+                          rank_scale=(torch.rand(T, 3) if routing_kind == "shared_rank_scale"
+                                      else None))
+    calls = _count_op_calls(monkeypatch)
+    with torch.no_grad():
+        if routing is not None:
+            layer(x, routing=routing)  # the value check
+            assert calls == [1]
+            calls.clear()
+        got = layer(x, routing=routing)
+    assert calls == []
+    used = layer.last_routing
+    want = ops.molora_linear(x, base.weight, base.bias, layer.lora_A, layer.lora_B,
+                             used.expert_ids, used.gates.to(dtype),
+                             None if used.rank_scale is None else used.rank_scale.to(dtype),
+                             layer.scaling)
+    assert got.shape == (*x.shape[:-1], 12) and got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_the_checked_op_runs_where_the_inference_path_may_not(monkeypatch):
+    """A gradient to compute (the LoRA weights', or only the gates'), active dropout,
+    autocast and a routing that does not fit x all take the checked op, which names the
+    bad routing."""
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2))
+    layer(x, routing=routing)  # value-checked once
+    calls = _count_op_calls(monkeypatch)
+    layer(x, routing=routing).sum().backward()  # the LoRA weights need gradients
+    assert calls == [1] and layer.lora_A.grad is not None
+    layer.requires_grad_(False)
+    gates = torch.rand(7, 2, requires_grad=True)
+    with_grad = Routing(routing.expert_ids, gates)
+    layer(x, routing=with_grad)  # its value check
+    layer(x, routing=with_grad).sum().backward()
+    assert len(calls) == 3 and gates.grad is not None
+    with torch.no_grad():
+        y = layer(x, routing=routing)
+        assert len(calls) == 3
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x, routing=routing).dtype == torch.bfloat16
+        assert len(calls) == 4
+        dropped = MoLoRALinear(nn.Linear(16, 12), num_experts=4, rank=3, alpha=6, top_k=2,
+                               dropout=0.5)
+        dropped(x)  # training mode: LoRA dropout
+        assert len(calls) == 5
+        dropped.eval()(x)
+        assert len(calls) == 5
+        short = Routing(expert_ids=routing.expert_ids[:5], gates=routing.gates[:5])
+        with pytest.raises(ValueError, match="expert_ids: expected shape"):
+            layer(x, routing=short)
+        routing.rank_scale = torch.rand(7, 5)  # r = 3
+        with pytest.raises(ValueError, match="rank_scale"):
+            layer(x, routing=routing)
+        routing.rank_scale = None
+        torch.testing.assert_close(layer(x, routing=routing), y)

@@ -257,10 +257,10 @@ def _layer_with_weights(adapter_dirs, weights, *, dtype=torch.float32, top_k=Non
 @pytest.mark.parametrize("top_k", [None, 1])
 @pytest.mark.parametrize("shape", [(0, 64), (1, 64), (5, 64), (2, 3, 64), "strided"])
 def test_inference_forward_equals_the_checked_forward(adapter_dirs, dtype, top_k, shape):
-    """An inference forward of a mixed layer skips MoLoRALinear.forward's per-call checks
-    and dispatch; its output is that forward's, bit for bit, for every token count, a
-    batch of rows, strided x, k = 1 and k = N and each dtype."""
-    from datalora.layers import MoLoRALinear
+    """An inference forward of a mixed layer skips the op's argument checks and dispatch;
+    its output is the checked op's, bit for bit, for every token count, a batch of rows,
+    strided x, k = 1 and k = N and each dtype."""
+    from datalora import ops
 
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(6, 128, generator=g)[:, ::2] if shape == "strided"
@@ -268,25 +268,26 @@ def test_inference_forward_equals_the_checked_forward(adapter_dirs, dtype, top_k
     T = x[..., 0].numel()
     w = torch.softmax(torch.randn(T, 3, generator=g), -1)
     _, layer = _layer_with_weights(adapter_dirs, w, dtype=dtype, top_k=top_k)
-    assert layer._checks_skippable(x)
+    routing = layer._slot.routing(T)
+    assert layer._checks_skippable(x, routing)
     got = layer(x)
-    assert layer.last_routing is layer._slot.routing(T)
-    want = MoLoRALinear.forward(layer, x, layer._slot.routing(T))
+    assert layer.last_routing is routing
+    want = ops.molora_linear(x, layer.base_layer.weight, None, layer.lora_A, layer.lora_B,
+                             routing.expert_ids, routing.gates.to(dtype), None, layer.scaling)
     assert got.shape == want.shape == (*x.shape[:-1], 32) and got.dtype == dtype
     assert torch.equal(got, want)
 
 
-def test_inference_forward_skips_the_checked_forward_only_where_it_may(adapter_dirs,
-                                                                        monkeypatch):
-    """The checked forward runs where a gradient is needed, under autocast and for x it
-    must name (another dtype or width); the inference path everywhere else."""
-    from datalora.layers import MoLoRALinear
+def test_inference_forward_skips_the_checked_op_only_where_it_may(adapter_dirs,
+                                                                    monkeypatch):
+    """The checked op runs where a gradient is needed, under autocast and for x it must
+    name (another dtype or width); the inference path everywhere else."""
+    from datalora import ops
 
     calls = []
-    checked = MoLoRALinear.forward
-    monkeypatch.setattr(MoLoRALinear, "forward",
-                        lambda self, x, routing=None: calls.append(1) or checked(self, x,
-                                                                                 routing))
+    checked = ops.molora_linear
+    monkeypatch.setattr(ops, "molora_linear",
+                        lambda *args, **kwargs: calls.append(1) or checked(*args, **kwargs))
     w = torch.tensor([0.2, 0.5, 0.3])
     _, layer = _layer_with_weights(adapter_dirs, w)
     x = torch.randn(4, 64)
@@ -308,10 +309,10 @@ def test_inference_forward_skips_the_checked_forward_only_where_it_may(adapter_d
         layer(x.double())
     with pytest.raises(ValueError, match="x: expected shape"):
         layer(torch.randn(4, 63))
-    assert len(calls) == 4
-    layer.lora_B.data = layer.lora_B.data.double()  # the checked forward casts B to x's dtype
+    assert calls == [1, 1]  # the layer named x before the op
+    layer.lora_B.data = layer.lora_B.data.double()  # the checked path casts B to x's dtype
     torch.testing.assert_close(layer(x), y)
-    assert len(calls) == 5
+    assert calls == [1, 1, 1]
 
 
 def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):

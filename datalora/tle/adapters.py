@@ -19,10 +19,7 @@ import torch.nn as nn
 
 from datalora.io import check_saved_weight, load_tensors
 from datalora.layers import MoLoRALinear
-from datalora.ops.backends import get_backend, resolve_backend
-from datalora.ops.eager import cast_routing, eager_call, needs_autograd, tracing, under_torch_func
 from datalora.ops.layout import expert_minor
-from datalora.ops.molora import autocast_enabled
 from datalora.routing import Routing
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
@@ -420,39 +417,9 @@ class AdapterMixLinear(MoLoRALinear):
             return self.base_forward(x)
         if routing is None and self.adapter_enabled:
             routing = self._slot.routing(x[..., 0].numel())
-            if self._checks_skippable(x):
-                return self._mix_checked_inputs(x, routing)
+            if self._checks_skippable(x, routing):
+                # the slot's routing is valid by construction: no value check, no record
+                # to detach (no autograd here); MoLoRALinear.forward's own steps skipped
+                self.__dict__["last_routing"] = routing
+                return self._forward_checked_inputs(x, routing.expert_ids, routing.gates, None)
         return super().forward(x, routing)
-
-    def _checks_skippable(self, x: torch.Tensor) -> bool:
-        """Whether this forward may call the backend's fused linear directly (inference on a
-        plain ``nn.Linear`` base, x of the weights' dtype, device and width, no autograd,
-        autocast, tracing or torch.func transform): the slot's routing is valid by
-        construction and the weights were checked when the mixer loaded them, so only the
-        per-call input checks and dispatch of :meth:`MoLoRALinear.forward` are skipped
-        (a decode step's mixed layer took ~100 us of host time on a CPU with them, ~64
-        without; the plain linear ~10). Anything else takes that forward, which names a
-        bad input."""
-        weight = self.base_layer.weight
-        return (not self._nf4_base
-                and x.dtype == weight.dtype == self.lora_A.dtype == self.lora_B.dtype
-                and x.device == weight.device and x.dim() >= 1
-                and x.shape[-1] == self.in_features and self._plain_base()
-                and not needs_autograd(x, weight, self.base_layer.bias, self.lora_A,
-                                       self.lora_B)
-                and not tracing(x, weight, self.base_layer.bias) and not under_torch_func()
-                and not autocast_enabled(x.device.type))
-
-    def _mix_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``y [..., d_out]``: the backend's ``linear_forward`` (what
-        :func:`datalora.ops.molora_linear` runs for an inference call) on inputs
-        :meth:`_checks_skippable` accepted."""
-        self.__dict__["last_routing"] = routing  # no autograd here: nothing to detach
-        gates = cast_routing(routing.gates, x.dtype)
-        x2 = x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        backend = get_backend(resolve_backend(self.backend, x.device))
-        with eager_call():  # layers sharing the routing share its tables
-            y = backend.linear_forward(x2, self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, routing.expert_ids, gates,
-                                       None, self.scaling, need_h=False)[0]
-        return y.view(*x.shape[:-1], self.out_features)
