@@ -54,6 +54,28 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor of ``tensors`` (None skipped) has x's dtype and device."""
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return False
+    return True
+
+
+def _routing_fits(routing: Routing, T: int, E: int, r: int, device: torch.device) -> bool:
+    """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``) and float
+    gates, and the ``[T, r]`` float rank_scale or None, on ``device``, that the op's
+    checks accept (its values aside)."""
+    ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
+    return (ids.dim() == 2 and ids.shape[0] == T and 1 <= ids.shape[1] <= E
+            and ids.dtype in INDEX_DTYPES and ids.device == device
+            and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
+            and gates.device == device
+            and (rank_scale is None or (rank_scale.shape == (T, r)
+                                        and rank_scale.dtype in FLOAT_DTYPES
+                                        and rank_scale.device == device)))
+
+
 def check_alpha(alpha: object) -> None:
     """LoRA ``alpha`` (scaling = alpha / r): a finite number > 0."""
     check_finite("alpha", alpha)
@@ -286,32 +308,32 @@ class MoLoRALinear(nn.Module):
 
     def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
         """Whether this forward may call the backend's fused linear directly, skipping the
-        op's argument checks and dispatch (:meth:`_forward_checked_inputs`): an inference
-        call (no gradient needed, no autocast, tracing or torch.func transform, no active
-        dropout) on a plain ``nn.Linear`` base, x ``[..., in_features]`` in the dtype and on
-        the device of the base weight and both LoRA weights, and a ``routing`` whose
-        ``[T, k]`` ids and gates (and ``[T, r]`` rank_scale) fit x and the layer, on x's
-        device -- what the op's checks would have found. Its values are checked by the
-        caller first (:meth:`forward`'s value check). A decode step's layer took ~100 us of
-        host time on a CPU with the op's checks, ~64 without; the plain linear ~10.
-        Anything else takes the op, which names a bad input."""
+        op's argument checks and dispatch (:meth:`_forward_checked_inputs`), because they
+        would pass: an inference call (no gradient needed, no autocast, tracing or
+        torch.func transform, no active dropout) on a plain ``nn.Linear`` base; x
+        ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias ``[d_out]``, lora_A
+        ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating dtype on one device;
+        a finite float ``scaling``; a routing that fits (:func:`_routing_fits`). The
+        routing's *values* are the caller's to have checked (:meth:`forward`'s value check
+        runs first). Anything else takes the op, which names the bad argument. A decode
+        step's layer took ~100 us of host time on a CPU with the op's checks, ~64 without;
+        the plain linear ~10."""
         base = self.base_layer
-        weight, A, B = base.weight, self.lora_A, self.lora_B
-        ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
-        T = math.prod(x.shape[:-1]) if x.dim() >= 1 else -1  # not x[..., 0]: d_in may be 0
-        return (not self._nf4_base and x.dtype == weight.dtype == A.dtype == B.dtype
-                and x.device == weight.device and T >= 0 and x.shape[-1] == self.in_features
-                and ids.dim() == 2 and ids.shape[0] == T
-                and 1 <= ids.shape[1] <= self.num_experts and ids.dtype in INDEX_DTYPES
-                and gates.shape == ids.shape and gates.is_floating_point()
-                and ids.device == x.device == gates.device
-                and (rank_scale is None or (rank_scale.shape == (T, self.rank)
-                                            and rank_scale.is_floating_point()
-                                            and rank_scale.device == x.device))
+        weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
+        if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
+            return False
+        E, r, d_in = A.shape
+        d_out = weight.shape[0]
+        return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
+                and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
+                and _in_dtype_and_on_device(x, weight, A, B, bias)
+                and _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device)
+                and type(self.scaling) is float and math.isfinite(self.scaling)
                 and (not self.training or isinstance(self.lora_dropout, nn.Identity))
                 and self._plain_base()
-                and not needs_autograd(x, weight, base.bias, A, B, gates, rank_scale)
-                and not tracing(x, weight, base.bias, A, B, gates, rank_scale)
+                and not needs_autograd(x, weight, bias, A, B, routing.gates,
+                                       routing.rank_scale)
+                and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
                 and not under_torch_func() and not autocast_enabled(x.device.type))
 
     def _forward_checked_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor,

@@ -1053,3 +1053,80 @@ def test_the_checked_op_runs_where_the_inference_path_may_not(monkeypatch):
             layer(x, routing=routing)
         routing.rank_scale = None
         torch.testing.assert_close(layer(x, routing=routing), y)
+
+
+def _meta_b(layer):
+    layer.lora_B = nn.Parameter(layer.lora_B.detach().to("meta"))
+
+
+def _wrong_rank_a(layer):
+    layer.lora_A = nn.Parameter(torch.randn(4, 2, 16))
+
+
+def _wrong_d_out_b(layer):
+    layer.lora_B = nn.Parameter(torch.randn(4, 11, 3))
+
+
+def _one_element_bias(layer):
+    layer.base_layer.bias = nn.Parameter(torch.randn(1))
+
+
+def _float64_bias(layer):
+    layer.base_layer.bias = nn.Parameter(layer.base_layer.bias.detach().double())
+
+
+def _nan_scaling(layer):
+    layer.scaling = float("nan")
+
+
+def _tensor_scaling(layer):
+    layer.scaling = torch.tensor(2.0)
+
+
+@pytest.mark.parametrize(("change", "error", "fragment"), [
+    (_meta_b, ValueError, "B: expected device cpu"),
+    (_wrong_rank_a, ValueError, "B: expected shape"),
+    (_wrong_d_out_b, ValueError, "B: expected shape"),
+    (_one_element_bias, ValueError, "bias: expected shape"),
+    (_float64_bias, ValueError, "bias: expected dtype"),
+    (_nan_scaling, ValueError, "scaling"),
+    (_tensor_scaling, ValueError, "scaling: expected a finite number"),
+])
+def test_an_inference_call_on_changed_weights_is_named_by_the_checked_op(change, error,
+                                                                          fragment):
+    """A LoRA weight, bias or scaling changed after construction (another device, shape or
+    dtype, a NaN or tensor scaling) fails the inference path's own checks, so the checked
+    op names it (the backend called directly returned garbage for a meta lora_B, or
+    broadcast a one-element bias)."""
+    _, layer = make_layer()
+    x = torch.randn(7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2))
+    with torch.no_grad():
+        layer(x, routing=routing)  # value-checked: the next call would skip the op
+        change(layer)
+        with pytest.raises(error, match=fragment):
+            layer(x, routing=routing)
+
+
+def test_more_routes_than_experts_are_named_with_value_checks_off(monkeypatch):
+    """With DATALORA_CHECK_VALUES=0 no value check sends a routing through the op first;
+    k > E still reaches the op, which names it."""
+    monkeypatch.setenv("DATALORA_CHECK_VALUES", "0")
+    _, layer = make_layer()
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 5)), gates=torch.rand(7, 5))
+    with torch.no_grad(), pytest.raises(ValueError, match="1 <= k <= num_experts=4"):
+        layer(torch.randn(7, 16), routing=routing)
+
+
+def test_vmap_of_an_inference_call_matches_a_loop():
+    """Under torch.func.vmap (no gradient) the layer takes the op's composite path: the
+    backend's forward called directly would see batched tensors."""
+    _, layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    xs = torch.randn(3, 7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2))
+    with torch.no_grad():
+        layer(xs[0], routing=routing)  # value-checked
+        got = torch.func.vmap(lambda x: layer(x, routing=routing))(xs)
+        want = torch.stack([layer(x, routing=routing) for x in xs])
+    torch.testing.assert_close(got, want)

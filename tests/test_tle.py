@@ -270,6 +270,7 @@ def test_inference_forward_equals_the_checked_forward(adapter_dirs, dtype, top_k
     _, layer = _layer_with_weights(adapter_dirs, w, dtype=dtype, top_k=top_k)
     routing = layer._slot.routing(T)
     assert layer._checks_skippable(x, routing)
+    layer(x)  # the forward's first layer checks the routing's values, through the op
     got = layer(x)
     assert layer.last_routing is routing
     want = ops.molora_linear(x, layer.base_layer.weight, None, layer.lora_A, layer.lora_B,
@@ -291,6 +292,8 @@ def test_inference_forward_skips_the_checked_op_only_where_it_may(adapter_dirs,
     w = torch.tensor([0.2, 0.5, 0.3])
     _, layer = _layer_with_weights(adapter_dirs, w)
     x = torch.randn(4, 64)
+    layer(x)  # the value check of the slot's routing
+    calls.clear()
     y = layer(x)
     assert calls == []
     xg = x.clone().requires_grad_()
@@ -313,6 +316,15 @@ def test_inference_forward_skips_the_checked_op_only_where_it_may(adapter_dirs,
     layer.lora_B.data = layer.lora_B.data.double()  # the checked path casts B to x's dtype
     torch.testing.assert_close(layer(x), y)
     assert calls == [1, 1, 1]
+
+
+def test_the_first_mixed_layer_of_a_forward_checks_the_weights_values(adapter_dirs):
+    """Weights set on the slot reach the layers unchecked (generate's routing weights):
+    the first layer checks the values, as for any shared routing, so non-finite ones raise
+    rather than spreading NaN."""
+    _, layer = _layer_with_weights(adapter_dirs, torch.tensor([0.5, float("inf"), 0.5]))
+    with torch.no_grad(), pytest.raises(ValueError, match="gates: expected finite values"):
+        layer(torch.randn(4, 64))
 
 
 def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):

@@ -417,9 +417,11 @@ class AdapterMixLinear(MoLoRALinear):
             return self.base_forward(x)
         if routing is None and self.adapter_enabled:
             routing = self._slot.routing(x[..., 0].numel())
-            if self._checks_skippable(x, routing):
-                # the slot's routing is valid by construction: no value check, no record
-                # to detach (no autograd here); MoLoRALinear.forward's own steps skipped
+            if not routing.needs_value_check(self.num_experts) \
+                    and self._checks_skippable(x, routing):
+                # the first layer of a forward value-checks the slot's routing (below); the
+                # others skip MoLoRALinear.forward's own steps (no record to detach: no
+                # autograd here)
                 self.__dict__["last_routing"] = routing
                 return self._forward_checked_inputs(x, routing.expert_ids, routing.gates, None)
         return super().forward(x, routing)
