@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -1130,3 +1132,25 @@ def test_vmap_of_an_inference_call_matches_a_loop():
         got = torch.func.vmap(lambda x: layer(x, routing=routing))(xs)
         want = torch.stack([layer(x, routing=routing) for x in xs])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter (no GPU)"))])
+def test_forward_mode_ad_of_an_inference_call_carries_the_tangent(backend):
+    """Forward-mode AD needs no gradient mode, but the Triton kernels called directly would
+    write new buffers without the tangent: the layer takes the op's composite path there,
+    and the tangent is the layer's linear map applied to x's."""
+    import torch.autograd.forward_ad as fwAD
+
+    base = nn.Linear(16, 12)
+    layer = MoLoRALinear(base, num_experts=4, rank=3, alpha=6, top_k=2, backend=backend)
+    nn.init.normal_(layer.lora_B)
+    x, t = torch.randn(7, 16), torch.randn(7, 16)
+    routing = Routing(expert_ids=torch.randint(0, 4, (7, 2)), gates=torch.rand(7, 2))
+    with torch.no_grad():
+        layer(x, routing=routing)  # value-checked
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, t), routing=routing)).tangent
+        want = layer(t, routing=routing) - layer.base_layer.bias  # linear in x, bias aside
+    assert tangent is not None
+    torch.testing.assert_close(tangent, want)
