@@ -318,6 +318,8 @@ class MoLoRALinear(nn.Module):
         runs first). Anything else takes the op, which names the bad argument. A decode
         step's layer took ~100 us of host time on a CPU with the op's checks, ~64 without;
         the plain linear ~10."""
+        if torch.compiler.is_compiling():  # traced: the custom ops (and no eager checks)
+            return False
         base = self.base_layer
         weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
         if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
