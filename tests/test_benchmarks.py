@@ -680,13 +680,14 @@ def test_host_time_times_every_method_and_restores_the_kernels(tmp_path, monkeyp
         for m, layout, routing in [("linear", "-", "-")] + [
             (backend, layout, routing) for backend in ("triton", "torch")
             for layout, routing in [("contiguous", "per_call"), ("contiguous", "shared"),
-                                    ("expert_minor", "per_call")]]
+                                    ("expert_minor", "per_call")]] + [
+            (f"layer_{backend}", "contiguous", "shared") for backend in ("triton", "torch")]
         for mode in host_time.MODES}
     assert all(r["median_us"] > 0 and r["reps"] >= 200 for r in rows)
     assert (triton_backend._sh.route_dense, triton_backend._sh.dense_from_routes,
             triton_backend._bw.route_grads) == kernels
     assert "TRITON_INTERPRET" not in os.environ
-    assert "triton" in host_time.format_rows(rows)
+    assert "triton" in host_time.format_rows(rows) and "layer_torch" in host_time.format_rows(rows)
 
 
 def test_host_time_shared_routing_rows_reuse_the_cached_tables(monkeypatch):
