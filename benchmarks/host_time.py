@@ -17,7 +17,8 @@ with B contiguous, taken from the cache every later layer sharing a model's rout
 (``routing="shared"``, :mod:`datalora.ops.eager`). The ``layer_*`` rows make the shared,
 B-contiguous call through a router-less ``MoLoRALinear`` instead: its inference call (no
 gradient) skips the op's argument checks and dispatch, its forward + backward goes through
-the op. Round-robin timing, medians in microseconds, written to ``host_time_cpu.json``.
+the op; the ``layer_*_checked`` rows take the op for inference too (the layer before that
+shortcut). Round-robin timing, medians in microseconds, written to ``host_time_cpu.json``.
 """
 
 from __future__ import annotations
@@ -113,24 +114,33 @@ def make_steps() -> dict[tuple[str, str, str, str], Callable[[], None]]:
     layer_route = (ids.clone(), gates.clone())
     trust_routing(*layer_route)
     for backend in ("triton", "torch"):
-        layer = _layer(W, A, B0, backend)
-        shared = Routing(*layer_route)
-        with torch.no_grad():
-            layer(x, routing=shared)  # its one value check
-        add(f"layer_{backend}", "contiguous", "shared",
-            lambda layer=layer, shared=shared: layer(x, routing=shared),
-            [x, layer.lora_A, layer.lora_B])
+        for suffix, cls in (("", MoLoRALinear), ("_checked", _CheckedOpLayer)):
+            layer = _layer(cls, W, A, B0, backend)
+            shared = Routing(*layer_route)
+            with torch.no_grad():
+                layer(x, routing=shared)  # its one value check
+            add(f"layer_{backend}{suffix}", "contiguous", "shared",
+                lambda layer=layer, shared=shared: layer(x, routing=shared),
+                [x, layer.lora_A, layer.lora_B])
     return steps
 
 
-def _layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, backend: str) -> MoLoRALinear:
-    """A router-less ``MoLoRALinear`` on a bias-free ``F.linear`` base with weight W and
-    LoRA weights A, B (copies; B contiguous), scaling 2: the op rows' call as a layer's,
-    whose inference call skips the op's argument checks."""
+class _CheckedOpLayer(MoLoRALinear):
+    """A ``MoLoRALinear`` whose inference calls take the checked op too, as every call did
+    before the inference path: the rows' A/B of that path."""
+
+    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
+        return False
+
+
+def _layer(cls: type[MoLoRALinear], W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+           backend: str) -> MoLoRALinear:
+    """A router-less ``cls`` layer on a bias-free ``F.linear`` base with weight W and
+    LoRA weights A, B (copies; B contiguous), scaling 2: the op rows' call as a layer's."""
     E, r, d = A.shape
     base = torch.nn.Linear(d, W.shape[0], bias=False)
-    layer = MoLoRALinear(base, num_experts=E, rank=r, alpha=2.0 * r, top_k=SHAPE["k"],
-                         router=False, backend=backend)
+    layer = cls(base, num_experts=E, rank=r, alpha=2.0 * r, top_k=SHAPE["k"], router=False,
+                backend=backend)
     with torch.no_grad():
         base.weight.copy_(W)
         layer.lora_A.copy_(A)
@@ -153,13 +163,13 @@ def run(out_dir: Path, budget_s: float) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'method':12s} {'B layout':13s} {'routing':9s} "
+    lines = [f"{'method':20s} {'B layout':13s} {'routing':9s} "
              + " ".join(f"{m:>12s}" for m in MODES)]
     keys = dict.fromkeys((r["method"], r["b_layout"], r["routing"]) for r in rows)
     for method, layout, routing in keys:
         cells = {r["mode"]: r["median_us"] for r in rows
                  if (r["method"], r["b_layout"], r["routing"]) == (method, layout, routing)}
-        lines.append(f"{method:12s} {layout:13s} {routing:9s} "
+        lines.append(f"{method:20s} {layout:13s} {routing:9s} "
                      + " ".join(f"{cells[m]:9.1f} us" for m in MODES))
     return "\n".join(lines)
 
