@@ -14,11 +14,8 @@ expert-minor (:func:`datalora.ops.layout.use_expert_minor_b`), the routing's tab
 torch backend's gate matrix, the Triton backend's index tables) built on every call
 (``routing="per_call"``: a caller's own routing tensors, or a model's first layer), and,
 with B contiguous, taken from the cache every later layer sharing a model's routing hits
-(``routing="shared"``, :mod:`datalora.ops.eager`). The ``layer_*`` rows make the shared,
-B-contiguous call through a router-less ``MoLoRALinear`` instead: its inference call (no
-gradient) skips the op's argument checks and dispatch, its forward + backward goes through
-the op; the ``layer_*_checked`` rows take the op for inference too (the layer before that
-shortcut). Round-robin timing, medians in microseconds, written to ``host_time_cpu.json``.
+(``routing="shared"``, :mod:`datalora.ops.eager`). Round-robin timing, medians in
+microseconds, written to ``host_time_cpu.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks.molora import RESULTS_DIR, check_cli_out, write_result
 from benchmarks.timing import time_interleaved
-from datalora import MoLoRALinear, Routing, ops
+from datalora import ops
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
 from datalora.ops.eager import trust_routing
 from datalora.ops.layout import expert_minor
@@ -109,43 +106,7 @@ def make_steps() -> dict[tuple[str, str, str, str], Callable[[], None]]:
                     lambda B=B, backend=backend, route=routing_of[routing]: ops.molora_linear(
                         x, W, None, A, B, *route, None, 2.0, backend=backend,
                         check_values=False), [x, A, B])
-    # the layers' own trusted copy (a model's shared routing), apart from the op rows' one:
-    # the layers' value check below fills the table cache for their copy only
-    layer_route = (ids.clone(), gates.clone())
-    trust_routing(*layer_route)
-    for backend in ("triton", "torch"):
-        for suffix, cls in (("", MoLoRALinear), ("_checked", _CheckedOpLayer)):
-            layer = _layer(cls, W, A, B0, backend)
-            shared = Routing(*layer_route)
-            with torch.no_grad():
-                layer(x, routing=shared)  # its one value check
-            add(f"layer_{backend}{suffix}", "contiguous", "shared",
-                lambda layer=layer, shared=shared: layer(x, routing=shared),
-                [x, layer.lora_A, layer.lora_B])
     return steps
-
-
-class _CheckedOpLayer(MoLoRALinear):
-    """A ``MoLoRALinear`` whose inference calls take the checked op too, as every call did
-    before the inference path: the rows' A/B of that path."""
-
-    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
-        return False
-
-
-def _layer(cls: type[MoLoRALinear], W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-           backend: str) -> MoLoRALinear:
-    """A router-less ``cls`` layer on a bias-free ``F.linear`` base with weight W and
-    LoRA weights A, B (copies; B contiguous), scaling 2: the op rows' call as a layer's."""
-    E, r, d = A.shape
-    base = torch.nn.Linear(d, W.shape[0], bias=False)
-    layer = cls(base, num_experts=E, rank=r, alpha=2.0 * r, top_k=SHAPE["k"], router=False,
-                backend=backend)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        layer.lora_A.copy_(A)
-        layer.lora_B.copy_(B)
-    return layer
 
 
 def run(out_dir: Path, budget_s: float) -> dict:
@@ -163,13 +124,13 @@ def run(out_dir: Path, budget_s: float) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'method':20s} {'B layout':13s} {'routing':9s} "
+    lines = [f"{'method':8s} {'B layout':13s} {'routing':9s} "
              + " ".join(f"{m:>12s}" for m in MODES)]
     keys = dict.fromkeys((r["method"], r["b_layout"], r["routing"]) for r in rows)
     for method, layout, routing in keys:
         cells = {r["mode"]: r["median_us"] for r in rows
                  if (r["method"], r["b_layout"], r["routing"]) == (method, layout, routing)}
-        lines.append(f"{method:20s} {layout:13s} {routing:9s} "
+        lines.append(f"{method:8s} {layout:13s} {routing:9s} "
                      + " ".join(f"{cells[m]:9.1f} us" for m in MODES))
     return "\n".join(lines)
 

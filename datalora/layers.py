@@ -23,23 +23,11 @@ from datalora.nf4_linear import (
     nf4_molora_linear,
     quantize_linear,
 )
-from datalora.ops.backends import (
-    BACKEND_NAMES,
-    CUDA_BACKEND_SCOPE,
-    get_backend,
-    resolve_backend,
-)
-from datalora.ops.eager import (
-    cast_routing,
-    eager_call,
-    needs_autograd,
-    tracing,
-    under_torch_func,
-)
+from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
+from datalora.ops.eager import cast_routing
 from datalora.ops.molora import _autocast, autocast_enabled
 from datalora.ops.validation import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     check_float,
     check_tensor,
     under_vmap,
@@ -52,28 +40,6 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it already is (a no-op ``to`` still costs host
     time, four per layer call)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether every tensor of ``tensors`` (None skipped) has x's dtype and device."""
-    for t in tensors:
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            return False
-    return True
-
-
-def _routing_fits(routing: Routing, T: int, E: int, r: int, device: torch.device) -> bool:
-    """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``) and float
-    gates, and the ``[T, r]`` float rank_scale or None, on ``device``, that the op's
-    checks accept (its values aside)."""
-    ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
-    return (ids.dim() == 2 and ids.shape[0] == T and 1 <= ids.shape[1] <= E
-            and ids.dtype in INDEX_DTYPES and ids.device == device
-            and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
-            and gates.device == device
-            and (rank_scale is None or (rank_scale.shape == (T, r)
-                                        and rank_scale.dtype in FLOAT_DTYPES
-                                        and rank_scale.device == device)))
 
 
 def check_alpha(alpha: object) -> None:
@@ -299,61 +265,10 @@ class MoLoRALinear(nn.Module):
         check = not own and not torch.compiler.is_compiling() and not under_vmap() \
             and routing.needs_value_check(self.num_experts) \
             and value_checks_enabled(x, routing.expert_ids, gates, rank_scale)
-        if not check and self._checks_skippable(x, routing):
-            return self._forward_checked_inputs(x, routing.expert_ids, gates, rank_scale)
         y = self._adapted(x, plain, routing.expert_ids, A, B, gates, rank_scale, check)
         if check:  # the op validated the values (else it raised)
             routing.mark_values_checked(self.num_experts)
         return y
-
-    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
-        """Whether this forward may call the backend's fused linear directly, skipping the
-        op's argument checks and dispatch (:meth:`_forward_checked_inputs`), because they
-        would pass: an inference call (no gradient needed, no autocast, tracing or
-        torch.func transform, no active dropout) on a plain ``nn.Linear`` base; x
-        ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias ``[d_out]``, lora_A
-        ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating dtype on one device;
-        a finite float ``scaling``; a routing that fits (:func:`_routing_fits`). The
-        routing's *values* are the caller's to have checked (:meth:`forward`'s value check
-        runs first). Anything else takes the op, which names the bad argument. A decode
-        step's layer took ~100 us of host time on a CPU with the op's checks, ~64 without;
-        the plain linear ~10."""
-        if torch.compiler.is_compiling():  # traced: the custom ops (and no eager checks)
-            return False
-        base = self.base_layer
-        weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
-        if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
-            return False
-        E, r, d_in = A.shape
-        d_out = weight.shape[0]
-        return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
-                and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
-                and _in_dtype_and_on_device(x, weight, A, B, bias)
-                and _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device)
-                and type(self.scaling) is float and math.isfinite(self.scaling)
-                and (not self.training or isinstance(self.lora_dropout, nn.Identity))
-                and self._plain_base()
-                and not needs_autograd(x, weight, bias, A, B, routing.gates,
-                                       routing.rank_scale)
-                and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
-                and not under_torch_func() and not autocast_enabled(x.device.type))
-
-    def _forward_checked_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                                gates: torch.Tensor, rank_scale: torch.Tensor | None
-                                ) -> torch.Tensor:
-        """``y [..., d_out]``: the backend's ``linear_forward``, what
-        :func:`datalora.ops.molora_linear` runs for an inference call, on inputs
-        :meth:`_checks_skippable` accepted (gates and rank_scale cast to x's dtype)."""
-        gates = cast_routing(gates, x.dtype)
-        if rank_scale is not None:
-            rank_scale = cast_routing(rank_scale, x.dtype)
-        x2 = x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        backend = get_backend(resolve_backend(self.backend, x.device))
-        with eager_call():  # layers sharing a routing share its tables
-            y = backend.linear_forward(x2, self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, expert_ids, gates,
-                                       rank_scale, self.scaling, need_h=False)[0]
-        return y.view(*x.shape[:-1], self.out_features)
 
     def _adapted(self, x, plain: bool, expert_ids, A, B, gates, rank_scale,
                  check: bool) -> torch.Tensor:

@@ -680,15 +680,13 @@ def test_host_time_times_every_method_and_restores_the_kernels(tmp_path, monkeyp
         for m, layout, routing in [("linear", "-", "-")] + [
             (backend, layout, routing) for backend in ("triton", "torch")
             for layout, routing in [("contiguous", "per_call"), ("contiguous", "shared"),
-                                    ("expert_minor", "per_call")]] + [
-            (f"layer_{backend}{suffix}", "contiguous", "shared")
-            for backend in ("triton", "torch") for suffix in ("", "_checked")]
+                                    ("expert_minor", "per_call")]]
         for mode in host_time.MODES}
     assert all(r["median_us"] > 0 and r["reps"] >= 200 for r in rows)
     assert (triton_backend._sh.route_dense, triton_backend._sh.dense_from_routes,
             triton_backend._bw.route_grads) == kernels
     assert "TRITON_INTERPRET" not in os.environ
-    assert "triton" in host_time.format_rows(rows) and "layer_torch" in host_time.format_rows(rows)
+    assert "triton" in host_time.format_rows(rows)
 
 
 def test_host_time_shared_routing_rows_reuse_the_cached_tables(monkeypatch):
@@ -705,22 +703,6 @@ def test_host_time_shared_routing_rows_reuse_the_cached_tables(monkeypatch):
         for _ in range(3):
             steps["torch", "contiguous", routing, "fwd_bwd"]()
         assert len(built) == tables, routing
-
-
-def test_host_time_layer_rows_skip_the_op_for_inference_and_the_checked_rows_do_not(
-        monkeypatch):
-    from benchmarks import host_time
-    from datalora import ops
-
-    steps = host_time.make_steps()
-    calls = []
-    real = ops.molora_linear
-    monkeypatch.setattr(ops, "molora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    steps["layer_torch", "contiguous", "shared", "fwd_no_grad"]()
-    assert calls == []
-    steps["layer_torch_checked", "contiguous", "shared", "fwd_no_grad"]()
-    steps["layer_torch", "contiguous", "shared", "fwd_bwd"]()
-    assert calls == [1, 1]
 
 
 def test_profile_gpu_calls_run_the_named_backend_and_b_layout(monkeypatch):

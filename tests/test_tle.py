@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -325,6 +326,88 @@ def test_the_first_mixed_layer_of_a_forward_checks_the_weights_values(adapter_di
     _, layer = _layer_with_weights(adapter_dirs, torch.tensor([0.5, float("inf"), 0.5]))
     with torch.no_grad(), pytest.raises(ValueError, match="gates: expected finite values"):
         layer(torch.randn(4, 64))
+
+
+def _meta_b(layer):
+    layer.lora_B = torch.nn.Parameter(layer.lora_B.detach().to("meta"))
+
+
+def _wrong_d_out_b(layer):
+    layer.lora_B = torch.nn.Parameter(torch.randn(3, 31, 4))
+
+
+def _one_element_bias(layer):
+    layer.base_layer.bias = torch.nn.Parameter(torch.randn(1))
+
+
+def _float64_bias(layer):
+    layer.base_layer.bias = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
+
+
+def _nan_scaling(layer):
+    layer.scaling = float("nan")
+
+
+def _tensor_scaling(layer):
+    layer.scaling = torch.tensor(1.0)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (_meta_b, "B: expected device cpu"), (_wrong_d_out_b, "B: expected shape"),
+    (_one_element_bias, "bias: expected shape"), (_float64_bias, "bias: expected dtype"),
+    (_nan_scaling, "scaling: expected a finite number"),
+    (_tensor_scaling, "scaling: expected a finite number")])
+def test_a_mixed_layer_with_changed_weights_is_named_by_the_checked_op(adapter_dirs, change,
+                                                                       fragment):
+    """A LoRA weight, bias or scaling changed after the mixer was built fails the inference
+    path's own checks, so the checked op names it (the backend called directly returned
+    garbage for a meta lora_B and broadcast a one-element bias)."""
+    _, layer = _layer_with_weights(adapter_dirs, torch.tensor([0.2, 0.5, 0.3]))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # the value check of the slot's routing
+        change(layer)
+        with pytest.raises(ValueError, match=fragment):
+            layer(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter (no GPU)"))])
+def test_forward_mode_ad_through_a_mixed_layer_carries_the_tangent(adapter_dirs, backend):
+    """Forward-mode AD needs no gradient mode, but the Triton kernels called directly would
+    write new buffers without the tangent: the layer takes the op's composite path there."""
+    import torch.autograd.forward_ad as fwAD
+
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs, backend=backend)
+    layer = mixer.model.get_submodule("model.layers.1.self_attn.v_proj")
+    mixer._slot.set(torch.tensor([0.2, 0.5, 0.3]))
+    x, t = torch.randn(4, 64), torch.randn(4, 64)
+    with torch.no_grad():
+        layer(x)  # the value check
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, t))).tangent
+        want = layer(t)  # linear in x (no bias)
+    assert tangent is not None
+    torch.testing.assert_close(tangent, want)
+
+
+def test_mixing_weights_that_require_grad_get_their_gradient(adapter_dirs):
+    """The inference path is for calls without a gradient: weights that require one (to
+    learn a mix) take the checked op, and their gradient is the one of the same forward
+    with the inference path off."""
+    from datalora.tle.adapters import AdapterMixLinear
+
+    mixer = TokenLevelAdapterMixer(small_model(), adapter_dirs)
+    x = ids()
+    grads = []
+    for skippable in (AdapterMixLinear._checks_skippable, lambda self, x, routing: False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(AdapterMixLinear, "_checks_skippable", skippable)
+            w = torch.tensor([0.2, 0.5, 0.3], requires_grad=True)
+            mixer(x, weights=w).logits.sum().backward()
+            grads.append(w.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_top1_routing_uses_only_the_best_adapter(adapter_dirs):
