@@ -412,18 +412,15 @@ def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> b
     return True
 
 
-def _routing_fits(routing: Routing, T: int, E: int, r: int, device: torch.device) -> bool:
+def _routing_fits(routing: Routing, T: int, E: int, device: torch.device) -> bool:
     """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``) and float
-    gates, and the ``[T, r]`` float rank_scale or None, on ``device``, that the op's
-    checks accept (its values aside)."""
-    ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
-    return (ids.dim() == 2 and ids.shape[0] == T and 1 <= ids.shape[1] <= E
-            and ids.dtype in INDEX_DTYPES and ids.device == device
+    gates on ``device`` that the op's checks accept (their values aside), and no rank_scale
+    (the mixer's routing has none)."""
+    ids, gates = routing.expert_ids, routing.gates
+    return (routing.rank_scale is None and ids.dim() == 2 and ids.shape[0] == T
+            and 1 <= ids.shape[1] <= E and ids.dtype in INDEX_DTYPES and ids.device == device
             and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
-            and gates.device == device
-            and (rank_scale is None or (rank_scale.shape == (T, r)
-                                        and rank_scale.dtype in FLOAT_DTYPES
-                                        and rank_scale.device == device)))
+            and gates.device == device)
 
 
 class AdapterMixLinear(MoLoRALinear):
@@ -455,7 +452,7 @@ class AdapterMixLinear(MoLoRALinear):
                 # others skip MoLoRALinear.forward's own steps (no record to detach: no
                 # autograd here)
                 self.__dict__["last_routing"] = routing
-                return self._forward_checked_inputs(x, routing.expert_ids, routing.gates, None)
+                return self._forward_checked_inputs(x, routing)
         return super().forward(x, routing)
 
     def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
@@ -482,28 +479,23 @@ class AdapterMixLinear(MoLoRALinear):
         return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
                 and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
                 and _in_dtype_and_on_device(x, weight, A, B, bias)
-                and _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device)
+                and _routing_fits(routing, math.prod(x.shape[:-1]), E, x.device)
                 and type(self.scaling) is float and math.isfinite(self.scaling)
                 and (not self.training or isinstance(self.lora_dropout, nn.Identity))
                 and self._plain_base()
-                and not needs_autograd(x, weight, bias, A, B, routing.gates,
-                                       routing.rank_scale)
-                and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
+                and not needs_autograd(x, weight, bias, A, B, routing.gates)
+                and not tracing(x, weight, bias, A, B, routing.gates)
                 and not under_torch_func() and not autocast_enabled(x.device.type))
 
-    def _forward_checked_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                                gates: torch.Tensor, rank_scale: torch.Tensor | None
-                                ) -> torch.Tensor:
+    def _forward_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """``y [..., d_out]``: the backend's ``linear_forward``, what
         :func:`datalora.ops.molora_linear` runs for an inference call, on inputs
-        :meth:`_checks_skippable` accepted (gates and rank_scale cast to x's dtype)."""
-        gates = cast_routing(gates, x.dtype)
-        if rank_scale is not None:
-            rank_scale = cast_routing(rank_scale, x.dtype)
+        :meth:`_checks_skippable` accepted (the gates cast to x's dtype)."""
+        gates = cast_routing(routing.gates, x.dtype)
         x2 = x.reshape(math.prod(x.shape[:-1]), self.in_features)
         backend = get_backend(resolve_backend(self.backend, x.device))
         with eager_call():  # layers sharing a routing share its tables
             y = backend.linear_forward(x2, self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, expert_ids, gates,
-                                       rank_scale, self.scaling, need_h=False)[0]
+                                       self.lora_A, self.lora_B, routing.expert_ids, gates,
+                                       None, self.scaling, need_h=False)[0]
         return y.view(*x.shape[:-1], self.out_features)
