@@ -343,6 +343,8 @@ def _cli(name):
     ("bench_nf4", ["--preset", "gpu"], "--preset gpu needs a CUDA device"),
     ("host_time", ["--out", "FILE"], "--out: expected a folder"),
     ("host_time", ["--budget-s", "0"], "--budget-s: expected > 0, got 0.0"),
+    ("cpu_strategy", ["--out", "FILE"], "--out: expected a folder"),
+    ("cpu_strategy", ["--budget-s", "-1"], "--budget-s: expected > 0, got -1.0"),
 ])
 def test_cli_rejects_bad_arguments_before_running(name, argv, fragment, tmp_path, monkeypatch,
                                                   capsys):
@@ -822,3 +824,27 @@ def test_targets_table_marks_a_run_whose_commit_has_a_note(tmp_path, monkeypatch
     assert runs_column == ["GPU X, e717fa7, 2026-12-04 †"] * 2 + ["CPU Y, 1234567, x"]
     assert targets_table.markdown(tmp_path).endswith(
         "\n\n† GPU X, e717fa7, 2026-12-04 (`a/`): ran 5ff28ca")
+
+
+def test_cpu_strategy_times_both_strategies_and_records_the_pick(tmp_path, monkeypatch, capsys):
+    from benchmarks import cpu_strategy
+    from datalora.ops import torch_backend
+
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")  # the pick ignores a forced one
+    ran = []
+    original = torch_backend.delta_backward
+    monkeypatch.setattr(torch_backend, "delta_backward",
+                        lambda *a, **kw: ran.append(kw["strategy"]) or original(*a, **kw))
+    grid = dict(T=[3], d=[16], experts=[(4, 2, 1)])
+    monkeypatch.setattr(cpu_strategy, "QUICK_GRID", grid)
+    assert cpu_strategy.main(["--quick", "--budget-s", "0.01", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cpu_strategy.json").read_text())
+    rows = result["results"]
+    assert [r["mode"] for r in rows] == ["fwd", "bwd"] and set(ran) == {"dense", "grouped"}
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["grouped_ms"] > 0 and r["reps"] >= 5
+        assert r["picked"] == "dense"  # the cost model's pick at this tiny shape, not the env's
+        assert r["pick_vs_faster"] == r["dense_ms"] / min(r["dense_ms"], r["grouped_ms"])
+    assert result["meta"]["summary"]["fwd"]["shapes"] == 1
+    assert "the pick is the faster strategy in" in capsys.readouterr().out
+

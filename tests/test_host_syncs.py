@@ -72,6 +72,9 @@ def count_syncs(monkeypatch):
 
     # the dispatch mode would make the ops take their custom-op (tracing) path
     monkeypatch.setattr(eager, "_get_current_dispatch_mode", lambda: None)
+    # the torch backend's grouped strategy reads its routes per expert on the host: on the
+    # CPU only; on a GPU it is always dense (test_ops_torch.py checks that)
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "dense")
     modes = []
 
     def read(name):

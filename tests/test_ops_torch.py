@@ -37,11 +37,19 @@ TOLERANCES = [  # (dtype, atol, rtol)
 ]
 
 
+@pytest.fixture(params=["dense", "grouped"])
+def strategy(request, monkeypatch):
+    """Runs a test under each CPU strategy of the torch backend (fp32 / fp64; 16-bit
+    inputs always take the dense one)."""
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("T", [0, 1, 37, 256])  # empty, single token, odd, larger
 @pytest.mark.parametrize("k", [1, 2, 6])  # multi-tenant, top-2, dense k = E
 @pytest.mark.parametrize("rank_scale", [False, True])
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
-def test_delta_matches_reference(T, k, rank_scale, dtype, atol, rtol):
+def test_delta_matches_reference(T, k, rank_scale, dtype, atol, rtol, strategy):
     x, A, B, ids, gates, rs = make_inputs(T, k=k, dtype=dtype, rank_scale=rank_scale)
     out = ops.molora_delta(x, A, B, ids, gates, rs, scaling=2.0, backend="torch")
     assert out.shape == (T, B.shape[1]) and out.dtype == dtype
@@ -73,7 +81,7 @@ def test_hand_computed_case():
 
 
 @pytest.mark.parametrize("T,k,skew", [(1, 1, False), (37, 2, False), (37, 3, True), (16, 6, False)])
-def test_gradients_match_reference_autograd(T, k, skew):
+def test_gradients_match_reference_autograd(T, k, skew, strategy):
     inputs = make_inputs(T, k=k, dtype=torch.float64, skew=skew, requires_grad=True)
     x, A, B, ids, gates, rs = inputs
     grad = torch.randn(T, B.shape[1], dtype=torch.float64)
@@ -86,7 +94,7 @@ def test_gradients_match_reference_autograd(T, k, skew):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10, msg=f"grad of {name}")
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(strategy):
     x, A, B, ids, gates, rs = make_inputs(7, d_in=5, d_out=4, E=3, r=2, k=2,
                                           dtype=torch.float64, requires_grad=True)
     fn = lambda x, A, B, g, rs: ops.molora_delta(x, A, B, ids, g, rs, 1.5, backend="torch")
@@ -95,7 +103,7 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(ref, (x, A, B, gates, rs))
 
 
-def test_repeated_expert_in_a_row():
+def test_repeated_expert_in_a_row(strategy):
     # a token routed twice to the same expert adds both contributions
     x, A, B, _, gates, rs = make_inputs(5, k=2, dtype=torch.float64, requires_grad=True)
     ids = torch.zeros(5, 2, dtype=torch.long)
@@ -108,7 +116,7 @@ def test_repeated_expert_in_a_row():
         torch.testing.assert_close(a, b)
 
 
-def test_non_contiguous_and_batched_input():
+def test_non_contiguous_and_batched_input(strategy):
     x, A, B, ids, gates, rs = make_inputs(24, dtype=torch.float64)
     x_nc = torch.randn(24, 2 * x.shape[1], dtype=torch.float64)[:, ::2]  # strided view
     assert not x_nc.is_contiguous()
@@ -125,14 +133,14 @@ def test_non_contiguous_and_batched_input():
                                    molora_delta_reference(x, A, B, ids, gates, rs))
 
 
-def test_int32_ids():
+def test_int32_ids(strategy):
     x, A, B, ids, gates, rs = make_inputs(9)
     torch.testing.assert_close(ops.molora_delta(x, A, B, ids.int(), gates, rs),
                                molora_delta_reference(x, A, B, ids, gates, rs))
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_molora_linear(bias):
+def test_molora_linear(bias, strategy):
     x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float64, requires_grad=True)
     W = torch.randn(B.shape[1], x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.randn(B.shape[1], dtype=torch.float64, requires_grad=True) if bias else None
@@ -148,7 +156,7 @@ def test_molora_linear(bias):
 
 @pytest.mark.parametrize("env", [False, True])  # check_values=False, DATALORA_CHECK_VALUES=0
 @pytest.mark.parametrize("op", ["delta", "linear"])
-def test_unchecked_out_of_range_ids_are_clamped(env, op, monkeypatch):
+def test_unchecked_out_of_range_ids_are_clamped(env, op, monkeypatch, strategy):
     # as the triton / CUDA kernels (and the README) promise: ids E and -1 act as E-1 and 0
     x, A, B, ids, gates, rs = make_inputs(7, dtype=torch.float64, requires_grad=True)
     E = A.shape[0]
@@ -187,7 +195,7 @@ def test_ops_on_meta(op):
     assert A.grad.is_meta and A.grad.shape == A.shape
 
 
-def test_nan_in_one_token_does_not_leak():
+def test_nan_in_one_token_does_not_leak(strategy):
     x, A, B, ids, gates, rs = make_inputs(8, dtype=torch.float32)
     x[3] = float("nan")
     out = ops.molora_delta(x, A, B, ids, gates, rs)
@@ -495,7 +503,7 @@ def test_routing_tables_cached_for_inference_calls(monkeypatch):
     torch.testing.assert_close(changed, molora_delta_reference(x, A, B, ids, gates, rs, 2.0))
 
 
-def test_inference_path_equals_the_autograd_path():
+def test_inference_path_equals_the_autograd_path(strategy):
     """The no-autograd call gives the same bits as the autograd Function's forward."""
     x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float32, requires_grad=True)
     W = torch.randn(B.shape[1], x.shape[1])
@@ -509,7 +517,7 @@ def test_inference_path_equals_the_autograd_path():
     assert plain.grad_fn is None
 
 
-def test_forward_without_h_skips_it_and_gives_the_same_output():
+def test_forward_without_h_skips_it_and_gives_the_same_output(strategy):
     """``need_h=False`` (the no-autograd call) skips gathering the per-route ``h`` the
     backward needs; the output bits do not change."""
     x, A, B, ids, gates, rs = make_inputs(13, dtype=torch.float32)
@@ -695,7 +703,7 @@ def test_routing_with_other_leading_dims_than_x_and_list_rank_scale_are_refused(
 
 
 @pytest.mark.parametrize("d_in, d_out", [(0, 5), (6, 0)])
-def test_zero_width_features(d_in, d_out):
+def test_zero_width_features(d_in, d_out, strategy):
     x, A, B, ids, gates, rs = make_inputs(3, d_in=d_in, d_out=d_out, requires_grad=True)
     delta = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
     assert delta.shape == (3, d_out) and not delta.any()
@@ -823,3 +831,118 @@ def test_every_public_name_is_listed_and_visible_to_type_checkers():
                 bound |= {alias.asname or alias.name for alias in stmt.names}
     assert set(datalora.__all__) - bound == set()
     assert all(getattr(datalora, name) is not None for name in datalora.__all__)
+
+
+# --- the torch backend's two CPU strategies ---------------------------------------------
+
+def test_forced_strategy_runs_that_strategy(strategy, monkeypatch):
+    """DATALORA_SHRINK_STRATEGY picks the CPU path, forward and backward."""
+    calls = []
+    for name in ("_grouped_lora_into", "_grouped_backward", "_shrink", "_dense_h"):
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name,
+                            lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64, requires_grad=True)
+    ops.molora_delta(x, A, B, ids, gates, rs, backend="torch").sum().backward()
+    grouped = {"_grouped_lora_into", "_grouped_backward"}
+    assert set(calls) == (grouped if strategy == "grouped" else {"_shrink", "_dense_h"})
+
+
+def test_a_bad_strategy_name_is_refused(monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "sparse")
+    x, A, B, ids, gates, rs = make_inputs(4)
+    with pytest.raises(ValueError, match="DATALORA_SHRINK_STRATEGY.*'sparse'"):
+        ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_stay_dense_even_when_grouped_is_forced(dtype, monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")
+    x, A, B, ids, gates, rs = make_inputs(6, dtype=dtype)
+    tables = torch_backend.RoutingTables(ids, gates, rs, 6, 4, 1.0, dtype)
+    assert torch_backend.choose_strategy(x, 20, tables) == "dense"
+
+
+def test_off_the_cpu_the_strategy_is_dense_without_reading_the_routes(monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")
+    x = torch.randn(2048, 64, device="meta")
+    ids = torch.rand(2048, 32).argsort(-1)[:, :1]
+    tables = torch_backend.RoutingTables(ids.to("meta"), torch.rand(2048, 1, device="meta"),
+                                         None, 32, 64, 1.0, x.dtype)
+    assert torch_backend.choose_strategy(x, 64, tables) == "dense"
+    assert "counts" not in vars(tables)  # never read back
+
+
+@pytest.mark.parametrize("shape, want", [
+    # (T, d, E, r, k): a training step of the CPU benchmark's layer, many experts per
+    # route, rank 64: grouped; few experts per route, a small rank, tiny layers: dense
+    ((2048, 2048, 8, 16, 2), "grouped"), ((1024, 1024, 32, 16, 2), "grouped"),
+    ((1024, 1024, 8, 64, 2), "grouped"), ((1024, 1024, 8, 16, 8), "dense"),
+    ((1024, 1024, 4, 16, 2), "dense"), ((1024, 1024, 8, 8, 2), "dense"),
+    ((128, 64, 8, 16, 2), "dense"),
+])
+def test_the_cpu_heuristic_picks_the_measured_faster_strategy(shape, want, monkeypatch):
+    """Shapes whose faster strategy differs by far (benchmarks/results cpu_strategy.json)."""
+    monkeypatch.delenv("DATALORA_SHRINK_STRATEGY", raising=False)
+    T, d, E, r, k = shape
+    x = torch.randn(T, d)
+    ids = torch.rand(T, E).argsort(-1)[:, :k]
+    tables = torch_backend.RoutingTables(ids, torch.rand(T, k), None, E, r, 1.0, x.dtype)
+    assert torch_backend.choose_strategy(x, d, tables) == want
+
+
+def test_grouped_strategy_leaves_experts_without_routes_at_zero_gradient(monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")
+    x, A, B, ids, gates, rs = make_inputs(10, k=2, dtype=torch.float64, skew=True,
+                                          requires_grad=True)
+    out = ops.molora_delta(x, A, B, ids, gates, rs, backend="torch")
+    out.backward(torch.randn_like(out))
+    assert not A.grad[2:].any() and not B.grad[2:].any()
+    assert A.grad[:2].abs().sum(-1).gt(0).all() and B.grad[:2].abs().sum(-2).gt(0).all()
+
+
+def test_grouped_strategy_keeps_a_nan_token_out_of_unrouted_experts_gradients(monkeypatch):
+    """Unlike the dense strategy (module docstring), the grouped one spoils only the
+    experts a non-finite token is routed to."""
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")
+    x, A, B, ids, gates, rs = make_inputs(16, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        x[3] = float("nan")
+    ops.molora_delta(x, A, B, ids, gates, rs, backend="torch").sum().backward()
+    spoiled = set(ids[3].tolist())
+    for e in range(A.shape[0]):
+        assert torch.isfinite(A.grad[e]).all() == (e not in spoiled), e
+    assert torch.isfinite(torch.cat([x.grad[:3], x.grad[4:]])).all()
+
+
+@pytest.mark.parametrize("need", range(5))
+def test_grouped_backward_computes_only_what_is_needed(need):
+    """Each gradient alone equals the dense strategy's."""
+    x, A, B, ids, gates, rs = make_inputs(21, dtype=torch.float64)
+    grad = torch.randn(21, B.shape[1], dtype=torch.float64)
+    _, h = torch_backend.delta_forward(x, A, B, ids, gates, rs, 2.0, strategy="dense")
+    needs = tuple(i == need for i in range(5))
+    got = torch_backend.delta_backward(grad, x, A, B, ids, gates, rs, h, 2.0, needs,
+                                       strategy="grouped")
+    want = torch_backend.delta_backward(grad, x, A, B, ids, gates, rs, h, 2.0, needs,
+                                        strategy="dense")
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert (g is None) == (w is None) == (i != need)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_dx_is_added_into_dx_out():
+    x, A, B, ids, gates, rs = make_inputs(9, dtype=torch.float64)
+    grad = torch.randn(9, B.shape[1], dtype=torch.float64)
+    _, h = torch_backend.delta_forward(x, A, B, ids, gates, rs, 2.0, strategy="grouped")
+    needs = (True, False, False, False, False)
+    base = torch.randn(9, x.shape[1], dtype=torch.float64)
+    out = base.clone()
+    dx = torch_backend.delta_backward(grad, x, A, B, ids, gates, rs, h, 2.0, needs,
+                                      dx_out=out, strategy="grouped")[0]
+    want = torch_backend.delta_backward(grad, x, A, B, ids, gates, rs, h, 2.0, needs,
+                                        strategy="dense")[0]
+    assert dx is out
+    torch.testing.assert_close(out, base + want)
+

@@ -50,6 +50,23 @@ MIN_TRITON_CAPABILITY = (8, 0)
 GPUs (T4, V100) ``auto`` picks the torch backend with a one-time warning."""
 
 
+STRATEGIES = ("dense", "grouped")
+"""The two ways a backend computes the LoRA part: every expert in one GEMM, or per expert
+over its routed tokens (see each backend's ``choose_strategy``)."""
+STRATEGY_ENV = "DATALORA_SHRINK_STRATEGY"
+
+
+def forced_strategy() -> str | None:
+    """The strategy ``DATALORA_SHRINK_STRATEGY`` forces (``dense`` / ``grouped``), or None
+    when it is unset or empty; another value raises a ``ValueError``."""
+    forced = os.environ.get(STRATEGY_ENV, "")
+    if not forced:
+        return None
+    if forced not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV}: expected one of {STRATEGIES}, got {forced!r}")
+    return forced
+
+
 class BackendUnavailableError(RuntimeError):
     """Raised when an explicitly requested backend cannot run here; says why."""
 

@@ -1,6 +1,13 @@
-"""The ``torch`` backend: vectorized MoLoRA forward/backward with no loop over experts.
+"""The ``torch`` backend: MoLoRA forward/backward in torch ops, two strategies.
 
-Strategy ("shrink all, then mask"): one GEMM ``H = x @ A_all^T`` with N = E*r computes
+``grouped`` (CPU, fp32 / fp64, where :func:`choose_strategy` expects it to be faster: many
+experts per route, large ranks, few tokens): the routes sorted by expert once per routing,
+each expert's two GEMMs run on its routed tokens only (rows gathered, outputs added back
+with ``index_add_``), so ``k/E`` of the dense arithmetic; the backward likewise, dA and dB
+per expert. It loops over the experts that have routes, whose counts it reads on the host.
+
+``dense`` (everywhere else; always on a GPU, where reading the counts would be a sync),
+"shrink all, then mask": one GEMM ``H = x @ A_all^T`` with N = E*r computes
 every expert's projection while reading x once; multiplying by a dense gate matrix
 ``G [T, E*r]`` (``G[t, e*r+i] = scaling * sum_j [e_tj == e] gates[t,j] * rank_scale[t,i]``,
 zero for unrouted experts, so a token routed twice to one expert adds both gates) gives
@@ -15,20 +22,20 @@ much as it, and the fixed cost of each extra op matters: a forward is 3 GEMMs an
 ops (gather ``h``, ``H *= G``), a full backward 4 GEMMs and 9; a B not stored expert-minor
 adds a copy of B to each and one of dB to the backward.
 
-Being dense, the ``dA`` GEMM sums over every token for every expert: a token whose x holds
+The dense ``dA`` GEMM sums over every token for every expert: a token whose x holds
 NaN / inf makes every expert's ``dA`` non-finite (``0 * inf``), as the Triton backend's
-dense strategy does, where its grouped strategy and a per-expert loop spoil only its routed
-experts' (outputs, dx and the other tokens' gradients stay clean on every backend).
+dense strategy does, where the grouped strategies and a per-expert loop spoil only its
+routed experts' (outputs, dx and the other tokens' gradients stay clean on every backend).
 Likewise an expert whose A or B holds NaN / inf (a diverged expert) makes every token's
-output non-finite here and on the Triton backend's dense strategy, not only its routed
-tokens' as in the grouped strategy and a per-expert loop.
+output non-finite in the dense strategies, not only its routed tokens' as in the grouped
+ones and a per-expert loop.
 
-``G`` and the route column index depend only on the routing (``expert_ids``, ``gates``,
-``rank_scale``), which every layer sharing one ``Routing`` passes as the same tensor
-objects: :func:`routing_tables` builds them once and reuses them while those tensors are
-unmodified (identity + version counters, as ``triton_backend.permutation`` caches its sort;
-two routings, a pruned model's full-length and packed ones, only for calls from eager
-Python: see :mod:`datalora.ops.eager`).
+``G``, the route column index and the expert sort depend only on the routing
+(``expert_ids``, ``gates``, ``rank_scale``), which every layer sharing one ``Routing``
+passes as the same tensor objects: :func:`routing_tables` builds them once and reuses
+them while those tensors are unmodified (identity + version counters, as
+``triton_backend.permutation`` caches its sort; two routings, a pruned model's full-length
+and packed ones, only for calls from eager Python: see :mod:`datalora.ops.eager`).
 
 This module doubles as the reference implementation of the backend protocol
 (see ``datalora.ops.backends``): ``delta_forward`` returns the un-scaled per-route
@@ -37,13 +44,86 @@ projections ``h [T, k, r]`` that ``delta_backward`` needs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
+from datalora.ops.backends import forced_strategy
 from datalora.ops.eager import RoutingCache, cache_sources, may_cache_routing
 from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
+
+GROUPED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyCosts:
+    """Constants of the CPU cost model of one direction, in microseconds (see
+    :func:`grouped_is_cheaper`). Rates count the forward's FLOPs; the backward's constants
+    absorb its twice as many."""
+
+    op_us: float  # host cost of one torch op
+    dense_flops_per_us: float  # the dense strategy's two wide GEMMs
+    grouped_flops_per_us: float  # the per-expert GEMMs (narrow: r columns)
+    row_us_per_element: float  # gathering a route's row(s) and adding its output row back
+    dense_weight_us_per_element: float  # dense: reading every expert's A and B (and B's copy)
+    grouped_weight_us_per_element: float  # grouped: reading the routed experts' A and B
+    ops_per_expert: int  # grouped: ops per expert that has routes
+
+
+# Fitted to two runs of `python -m benchmarks.cpu_strategy` (Intel Xeon, 2 threads, fp32,
+# 144 shapes: T = 1 .. 2048, d = 64 .. 2048, E = 4 .. 32, r = 8 .. 64, k = 1 .. 8): the
+# constants that lose the least time to wrong picks over both runs, checked on a third
+# (benchmarks/results/cpu_intel_xeon/cpu_strategy.json).
+FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 2.0e-4, 0.0, 9)
+BACKWARD_COSTS = StrategyCosts(10.0, 2.0e5, 1.5e5, 1.8e-4, 2.0e-4, 1.0e-4, 9)
+
+
+def grouped_is_cheaper(T: int, d_in: int, d_out: int, E: int, r: int, k: int,
+                       experts_hit: int, backward: bool = False) -> bool:
+    """Whether the grouped strategy is expected to beat the dense one on the CPU.
+
+    Dense: ``2*T*E*r*(d_in + d_out)`` FLOPs in wide GEMMs, a few ops, and every expert's
+    weights read (B copied too, unless stored expert-minor). Grouped: ``k/E`` of those
+    FLOPs in narrow GEMMs, but each route's row of x gathered and its output row added
+    back, several ops per expert with routes, and only those experts' weights read.
+    """
+    c = BACKWARD_COSTS if backward else FORWARD_COSTS
+    weights = r * (d_in + d_out)  # elements of one expert's A and B
+    dense = (4 * c.op_us + 2 * T * E * weights / c.dense_flops_per_us
+             + c.dense_weight_us_per_element * E * weights)
+    grouped = (c.ops_per_expert * c.op_us * experts_hit
+               + T * k * (d_in + d_out) * (2 * r / c.grouped_flops_per_us
+                                           + c.row_us_per_element)
+               + c.grouped_weight_us_per_element * experts_hit * weights)
+    return grouped < dense
+
+
+def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
+                    backward: bool = False) -> str:
+    """``"dense"`` or ``"grouped"`` for a call on x ``[T, d_in]``.
+
+    ``dense`` computes every expert in one GEMM over all ``E*r`` columns (no sort, few
+    ops; ``E/k`` times the routed arithmetic), ``grouped`` runs each expert's two GEMMs on
+    its routed tokens only (a sort per routing, shared by the layers; a loop over the
+    experts with routes, their counts read on the host). Grouped runs on the CPU only, for
+    fp32 / fp64 (in 16-bit it would round each route's output before adding it), where
+    :func:`grouped_is_cheaper` expects it to be faster (with ``E/k >= 4`` and ``r >= 16``:
+    large calls, and single-token calls to wide layers); ``DATALORA_SHRINK_STRATEGY``
+    (``dense`` / ``grouped``) overrides the choice there. Elsewhere (CUDA, where the
+    counts would cost a host sync) it is always dense.
+    """
+    if x.device.type != "cpu" or x.dtype not in GROUPED_DTYPES:
+        return "dense"
+    forced = forced_strategy()
+    if forced:
+        return forced
+    T, d_in = x.shape
+    counts = tables.counts
+    hit = sum(1 for c in counts if c)
+    return ("grouped" if grouped_is_cheaper(T, d_in, d_out, tables.E, tables.r,
+                                            tables.ids.shape[1], hit, backward) else "dense")
 
 
 def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
@@ -55,37 +135,77 @@ def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
     return (ids[..., None] * r + offsets).reshape(T, k * r)
 
 
-def _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype):
-    """Dense ``G [T, E*r]`` (``ids [T, k]`` int64) in ``dtype``, fp32 for fp16 (a gate times
+def _gate_matrix(ids, gate_scale, rank_scale, E, r, dtype):
+    """Dense ``G [T, E*r]`` (``ids [T, k]`` int64; ``gate_scale [T, k]`` = gates * scaling
+    and ``rank_scale [T, r]`` in at least fp32) in ``dtype``, fp32 for fp16 (a gate times
     ``scaling`` may pass 65504 where ``H * G`` does not; the in-place ``H *= G`` computes in
     fp32 and rounds once), accumulated in at least fp32: repeated experts of one token add
     their gates."""
-    acc = torch.promote_types(dtype, torch.float32)
     T = ids.shape[0]
-    per_expert = torch.zeros(T, E, dtype=acc, device=gates.device)
-    per_expert.scatter_add_(1, ids, gates.to(acc) * scaling)
+    per_expert = torch.zeros(T, E, dtype=gate_scale.dtype, device=gate_scale.device)
+    per_expert.scatter_add_(1, ids, gate_scale)
     if rank_scale is None:
         G = per_expert[:, :, None].expand(T, E, r)
     else:
-        G = per_expert[:, :, None] * rank_scale.to(acc)[:, None, :]
-    return G.reshape(T, E * r).to(acc if dtype == torch.float16 else dtype)
+        G = per_expert[:, :, None] * rank_scale[:, None, :]
+    return G.reshape(T, E * r).to(gate_scale.dtype if dtype == torch.float16 else dtype)
+
+
+class ExpertGroups:
+    """The routes of one routing sorted by expert, for the grouped strategy.
+
+    ``order [T*k]`` int64: the flat route indices ``t*k + j`` sorted by expert (stable);
+    ``tokens [T*k]``: the token of each sorted route; ``scale [T*k, 1]`` (``[T*k, r]`` with
+    a rank scale): ``scaling * gate`` (``* rank_scale[t]``) of each sorted route, in the
+    layers' dtype; ``segments``: ``(e, start, stop)`` of every expert with routes, its
+    slice of the sorted routes.
+    """
+
+    def __init__(self, ids, gate_scale, rank_scale, counts, dtype):
+        self.k = k = ids.shape[1]
+        self.order = torch.argsort(ids.reshape(-1), stable=True)
+        self.tokens = self.order.div(k, rounding_mode="floor")
+        scale = gate_scale.reshape(-1)[self.order][:, None]
+        if rank_scale is not None:
+            scale = scale * rank_scale[self.tokens]
+        self.scale = scale.to(dtype)
+        self.segments = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                self.segments.append((e, start, start + count))
+            start += count
 
 
 class RoutingTables:
     """Per-routing tensors shared by every layer, in the dtype of the layers' x (fp32 for
-    fp16 x: see :func:`_gate_matrix`).
+    fp16 x: see :func:`_gate_matrix`), each built on first use.
 
-    Built eagerly (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of route
-    j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of the
-    module docstring (``scaling`` included). ``routed_gates``, used by the backward only,
-    is built on first use. Expert ids are clamped to ``[0, E)`` as the kernels do, so
-    unchecked ids (``check_values=False``) never index out of bounds.
+    The dense strategy's (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of
+    route j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of
+    the module docstring (``scaling`` included); ``routed_gates`` (backward). The grouped
+    strategy's: ``counts`` (routes per expert, a host list) and ``groups``
+    (:class:`ExpertGroups`). Expert ids are clamped to ``[0, E)`` as the kernels do, so
+    unchecked ids (``check_values=False``) never index out of bounds. The routing's values
+    are copied in (``ids``, ``gate_scale [T, k]`` = gates * scaling in at least fp32, the
+    rank scale), so the tables keep no caller tensor alive.
     """
 
     def __init__(self, expert_ids, gates, rank_scale, E, r, scaling, dtype):
-        ids = expert_ids.long().clamp(0, E - 1)
-        self.index = _route_index(ids, r)
-        self.gate_matrix = _gate_matrix(ids, gates, rank_scale, E, r, scaling, dtype)
+        self.E, self.r, self.dtype = E, r, dtype
+        self.ids = expert_ids.long().clamp(0, E - 1)
+        self.acc = torch.promote_types(dtype, torch.float32)
+        self.gate_scale = gates.to(self.acc) * scaling
+        self.rank_scale = None if rank_scale is None else rank_scale.to(self.acc, copy=True)
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        return _route_index(self.ids, self.r)
+
+    @functools.cached_property
+    def gate_matrix(self) -> torch.Tensor:
+        return _gate_matrix(self.ids, self.gate_scale, self.rank_scale, self.E, self.r,
+                            self.dtype)
 
     @functools.cached_property
     def unrouted(self) -> torch.Tensor:
@@ -96,6 +216,16 @@ class RoutingTables:
     def routed_gates(self) -> torch.Tensor:
         """``[T, k*r]`` the routed columns of ``G`` (``G`` gathered at ``index``)."""
         return self.gate_matrix.gather(1, self.index)
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        """Routes per expert (read back to the host: CPU tensors only)."""
+        return torch.bincount(self.ids.reshape(-1), minlength=self.E).tolist()
+
+    @functools.cached_property
+    def groups(self) -> ExpertGroups:
+        return ExpertGroups(self.ids, self.gate_scale, self.rank_scale, self.counts,
+                            self.dtype)
 
 
 _tables_cache = RoutingCache()
@@ -161,32 +291,50 @@ def delta_composite(x, A, B, expert_ids, gates, rank_scale, scaling):
     return Zd @ expert_columns(B).T
 
 
-def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
+def _grouped_lora_into(y, x, A, B, groups, need_h):
+    """``y += delta`` per expert over its routed tokens (the grouped strategy); returns
+    ``h [T, k, r]`` (None unless ``need_h``)."""
+    T, k, r = x.shape[0], groups.k, A.shape[1]
+    h = x.new_empty(T * k, r) if need_h else None
+    for e, start, stop in groups.segments:
+        tokens = groups.tokens[start:stop]
+        z = torch.mm(x.index_select(0, tokens), A[e].T)  # [n_e, r]
+        if need_h:
+            h.index_copy_(0, groups.order[start:stop], z)
+        y.index_add_(0, tokens, torch.mm(z.mul_(groups.scale[start:stop]), B[e].T))
+    return None if h is None else h.view(T, k, r)
+
+
+def delta_forward(x, A, B, expert_ids, gates, rank_scale, scaling, need_h=True,
+                  strategy=None):
     """Returns ``(delta [T, d_out], h [T, k, r])`` with ``h = A[e] @ x`` per route
-    (``h`` is None when not ``need_h``: a forward without autograd)."""
+    (``h`` is None when not ``need_h``: a forward without autograd). ``strategy`` forces
+    ``"dense"`` or ``"grouped"`` (default: :func:`choose_strategy`)."""
     E, r, _ = A.shape
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
+    if (strategy or choose_strategy(x, B.shape[1], tables)) == "grouped":
+        delta = x.new_zeros(x.shape[0], B.shape[1])
+        return delta, _grouped_lora_into(delta, x, A, B, tables.groups, need_h)
     h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     return torch.mm(Zd, expert_columns(B).T), h
 
 
-def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True):
+def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling, need_h=True,
+                   strategy=None):
     """``(y, h)``: ``y = x W^T + b + delta`` accumulated in one ``[T, d_out]`` buffer."""
     E, r, _ = A.shape
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
-    h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+    if (strategy or choose_strategy(x, B.shape[1], tables)) == "grouped":
+        return y, _grouped_lora_into(y, x, A, B, tables.groups, need_h)
+    h, Zd = _shrink(x, A, expert_ids, tables, need_h)
     return y.addmm_(Zd, expert_columns(B).T), h
 
 
-def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
-    """``(dgates [T, k], drank_scale [T, r])`` (None where not needed) from the un-gated
-    ``dZ = dy @ B_all^T`` ``[T, E*r]`` and ``h [T, k, r]``."""
-    T, k, r = h.shape
-    # dz * h per route, in at least fp32: each product may overflow fp16 where the sum
-    # into the (fp32) gate gradient does not
-    acc = torch.promote_types(h.dtype, torch.float32)
-    q = dZ.gather(1, tables.index).view(T, k, r).to(acc).mul_(h).mul_(scaling)
+def _gate_grads(q, tables, gates, rank_scale, need_g, need_rs):
+    """``(dgates [T, k], drank_scale [T, r])`` (None where not needed) from
+    ``q = scaling * dz * h`` per route ``[T, k, r]`` in at least fp32."""
+    T, k, r = q.shape
     dgates = drs = None
     if need_g:
         dgates = (q.sum(-1) if rank_scale is None
@@ -197,6 +345,17 @@ def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
     return dgates, drs
 
 
+def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
+    """:func:`_gate_grads` from the un-gated ``dZ = dy @ B_all^T`` ``[T, E*r]`` and
+    ``h [T, k, r]``."""
+    T, k, r = h.shape
+    # dz * h per route, in at least fp32: each product may overflow fp16 where the sum
+    # into the (fp32) gate gradient does not
+    acc = torch.promote_types(h.dtype, torch.float32)
+    q = dZ.gather(1, tables.index).view(T, k, r).to(acc).mul_(h).mul_(scaling)
+    return _gate_grads(q, tables, gates, rank_scale, need_g, need_rs)
+
+
 def _dense_h(h, tables, E):
     """``Zd = H * G`` ``[T, E*r]`` rebuilt from the routed ``h [T, k, r]`` (unrouted columns
     are zero; a repeated expert writes the same value twice)."""
@@ -205,8 +364,44 @@ def _dense_h(h, tables, E):
     return h.new_zeros(T, E * r).scatter_(1, tables.index, z)
 
 
+def _grouped_backward(grad, x, A, B, gates, rank_scale, h, scaling, needs, dx_out, tables):
+    """:func:`delta_backward` per expert over its routed tokens (the grouped strategy):
+    each expert's rows of ``dy`` (and of x for dA) are gathered once; dA and dB of an
+    expert without routes are zero."""
+    need_x, need_A, need_B, need_g, need_rs = needs
+    T, k, r = h.shape
+    groups = tables.groups
+    hs = h.reshape(T * k, r).index_select(0, groups.order)  # un-gated, sorted by expert
+    dx = (dx_out if dx_out is not None or not need_x else x.new_zeros(x.shape))
+    dA = A.new_zeros(A.shape) if need_A else None
+    dB = torch.zeros_like(B) if need_B else None
+    q = hs.new_empty(T * k, r) if need_g or need_rs else None
+    for e, start, stop in groups.segments:
+        tokens, scale = groups.tokens[start:stop], groups.scale[start:stop]
+        dy = grad.index_select(0, tokens)  # [n_e, d_out]
+        if need_B:  # [r, n_e] @ [n_e, d_out]: the fast operand order, transposed into dB
+            dB[e].copy_(torch.mm((hs[start:stop] * scale).T, dy).T)
+        if not (need_x or need_A or q is not None):
+            continue
+        dz = torch.mm(dy, B[e])  # [n_e, r], un-gated
+        if q is not None:
+            torch.mul(dz, hs[start:stop], out=q[start:stop])
+        dh = dz.mul_(scale)
+        if need_A:
+            torch.mm(dh.T, x.index_select(0, tokens), out=dA[e])
+        if need_x:
+            dx.index_add_(0, tokens, torch.mm(dh, A[e]))
+    dgates = drs = None
+    if q is not None:
+        acc = torch.promote_types(h.dtype, torch.float32)
+        q = q.new_empty(q.shape).index_copy_(0, groups.order, q).view(T, k, r)
+        dgates, drs = _gate_grads(q.to(acc).mul_(scaling), tables, gates, rank_scale,
+                                  need_g, need_rs)
+    return dx, dA, dB, dgates, drs
+
+
 def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, needs,
-                   dx_out=None):
+                   dx_out=None, strategy=None):
     """Gradients ``(dx, dA, dB, dgates, drank_scale)``; entries not in ``needs`` are None.
 
     ``needs`` is a 5-tuple of bools in that order. ``dx_out`` ``[T, d_in]``: dx is added
@@ -216,6 +411,10 @@ def delta_backward(grad, x, A, B, expert_ids, gates, rank_scale, h, scaling, nee
     need_x, need_A, need_B, need_g, need_rs = needs
     tables = routing_tables(expert_ids, gates, rank_scale, E, r, scaling, x.dtype)
     grad = grad.to(x.dtype)
+    if (strategy or choose_strategy(x, B.shape[1], tables, backward=True)) == "grouped":
+        dx, dA, dB, dgates, drs = _grouped_backward(grad, x, A, B, gates, rank_scale, h,
+                                                    scaling, needs, dx_out, tables)
+        return (dx if need_x else None), dA, dB, dgates, drs
     dx = dA = dB = dgates = drs = None
     if need_B:
         dB = expert_columns_grad(grad, _dense_h(h, tables, E), B)

@@ -29,12 +29,11 @@ from datalora.kernels import shrink as _sh
 from datalora.kernels import tokens as _tok
 from datalora.kernels._common import as_f32
 from datalora.ops import torch_backend
-from datalora.ops.backends import warn_once
+from datalora.ops.backends import forced_strategy, warn_once
 from datalora.ops.eager import RoutingCache, may_cache_routing
 from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.routing import ExpertPermutation, sort_routes
 
-STRATEGIES = ("dense", "grouped")
 # Dense computes every expert: worth it while E*r is this small or the waste E/k <= 2.
 # Measured on an H200 (bf16, T = 4096, d = 4096, benchmarks/results/gpu_h200): at E*r =
 # 512 and 1024 (E = 8 with r = 64 / 128, E = 32 / 64 with r = 16, k = 2) the dense cuBLAS
@@ -74,11 +73,8 @@ def choose_strategy(E: int, r: int, k: int) -> str:
     their work is wasted (``E <= 2k``, dense mixtures included); beyond that grouped.
     ``DATALORA_SHRINK_STRATEGY`` (``dense`` / ``grouped``) overrides the choice.
     """
-    forced = os.environ.get("DATALORA_SHRINK_STRATEGY", "")
+    forced = forced_strategy()
     if forced:
-        if forced not in STRATEGIES:
-            raise ValueError(f"DATALORA_SHRINK_STRATEGY: expected one of {STRATEGIES}, "
-                             f"got {forced!r}")
         return forced
     return "dense" if E * r <= DENSE_MAX_COLUMNS or E <= 2 * k else "grouped"
 
