@@ -373,8 +373,12 @@ def _grouped_backward(grad, x, A, B, gates, rank_scale, h, scaling, needs, dx_ou
     groups = tables.groups
     hs = h.reshape(T * k, r).index_select(0, groups.order)  # un-gated, sorted by expert
     dx = (dx_out if dx_out is not None or not need_x else x.new_zeros(x.shape))
-    dA = A.new_zeros(A.shape) if need_A else None
-    dB = torch.zeros_like(B) if need_B else None
+    dA = A.new_empty(A.shape) if need_A else None
+    dB = torch.empty_like(B) if need_B else None  # B's strides, as expert_columns_grad's
+    idle = sorted(set(range(A.shape[0])) - {e for e, _, _ in groups.segments})
+    for grad_of_weight in (dA, dB):
+        if grad_of_weight is not None and idle:
+            grad_of_weight[idle] = 0
     q = hs.new_empty(T * k, r) if need_g or need_rs else None
     for e, start, stop in groups.segments:
         tokens, scale = groups.tokens[start:stop], groups.scale[start:stop]
