@@ -88,8 +88,11 @@ def test_use_expert_minor_b_switches_a_model_in_place_and_trains_the_same():
     assert all(layer.lora_B.stride() == (3, 12, 1) for layer in fresh)
 
 
+@pytest.mark.parametrize("strategy", ["dense", "grouped"])
 @pytest.mark.parametrize("layout", ["contiguous", "expert_minor", "expanded"])
-def test_torch_backend_values_and_grads_match_the_reference_in_every_layout(layout):
+def test_torch_backend_values_and_grads_match_the_reference_in_every_layout(layout, strategy,
+                                                                            monkeypatch):
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", strategy)
     torch.manual_seed(1)
     T, d_in, d_out, E, r, k = 13, 6, 9, 4, 3, 2
     x = torch.randn(T, d_in, dtype=torch.float64, requires_grad=True)

@@ -1,10 +1,11 @@
 """The ``torch`` backend: MoLoRA forward/backward in torch ops, two strategies.
 
-``grouped`` (CPU, fp32 / fp64, where :func:`choose_strategy` expects it to be faster: many
-experts per route, large ranks, few tokens): the routes sorted by expert once per routing,
-each expert's two GEMMs run on its routed tokens only (rows gathered, outputs added back
-with ``index_add_``), so ``k/E`` of the dense arithmetic; the backward likewise, dA and dB
-per expert. It loops over the experts that have routes, whose counts it reads on the host.
+``grouped`` (CPU, fp32 / fp64, where :func:`choose_strategy` expects it to be faster: large
+calls with many experts per route, single-token calls to wide layers): the routes sorted
+by expert (once per routing where its tables are cached), each expert's two GEMMs run on
+its routed tokens only (rows gathered, outputs added back with ``index_add_``), so ``k/E``
+of the dense arithmetic; the backward likewise, dA and dB per expert. It loops over the
+experts that have routes, whose counts it reads on the host.
 
 ``dense`` (everywhere else; always on a GPU, where reading the counts would be a sync),
 "shrink all, then mask": one GEMM ``H = x @ A_all^T`` with N = E*r computes
@@ -69,15 +70,17 @@ class StrategyCosts:
     row_us_per_element: float  # gathering a route's row(s) and adding its output row back
     dense_weight_us_per_element: float  # dense: reading every expert's A and B (and B's copy)
     grouped_weight_us_per_element: float  # grouped: reading the routed experts' A and B
+    idle_weight_us_per_element: float  # grouped backward: zeroing the idle experts' dA, dB
     ops_per_expert: int  # grouped: ops per expert that has routes
 
 
 # Fitted to two runs of `python -m benchmarks.cpu_strategy` (Intel Xeon, 2 threads, fp32,
 # 144 shapes: T = 1 .. 2048, d = 64 .. 2048, E = 4 .. 32, r = 8 .. 64, k = 1 .. 8): the
-# constants that lose the least time to wrong picks over both runs, checked on a third
-# (benchmarks/results/cpu_intel_xeon/cpu_strategy.json).
-FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 2.0e-4, 0.0, 9)
-BACKWARD_COSTS = StrategyCosts(10.0, 2.0e5, 1.5e5, 1.8e-4, 2.0e-4, 1.0e-4, 9)
+# constants that lose the least time to wrong picks over both runs, checked on two more
+# (the last: benchmarks/results/cpu_intel_xeon/cpu_strategy.json; the backward's idle term
+# set from it, where single-token backwards were picked grouped and ran slower).
+FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 2.0e-4, 0.0, 0.0, 9)
+BACKWARD_COSTS = StrategyCosts(10.0, 2.0e5, 1.5e5, 1.8e-4, 2.0e-4, 1.0e-4, 2.0e-4, 9)
 
 
 def grouped_is_cheaper(T: int, d_in: int, d_out: int, E: int, r: int, k: int,
@@ -87,7 +90,8 @@ def grouped_is_cheaper(T: int, d_in: int, d_out: int, E: int, r: int, k: int,
     Dense: ``2*T*E*r*(d_in + d_out)`` FLOPs in wide GEMMs, a few ops, and every expert's
     weights read (B copied too, unless stored expert-minor). Grouped: ``k/E`` of those
     FLOPs in narrow GEMMs, but each route's row of x gathered and its output row added
-    back, several ops per expert with routes, and only those experts' weights read.
+    back, several ops per expert with routes, and only those experts' weights read (the
+    backward still writes every expert's dA and dB: zeros for the idle ones).
     """
     c = BACKWARD_COSTS if backward else FORWARD_COSTS
     weights = r * (d_in + d_out)  # elements of one expert's A and B
@@ -96,7 +100,8 @@ def grouped_is_cheaper(T: int, d_in: int, d_out: int, E: int, r: int, k: int,
     grouped = (c.ops_per_expert * c.op_us * experts_hit
                + T * k * (d_in + d_out) * (2 * r / c.grouped_flops_per_us
                                            + c.row_us_per_element)
-               + c.grouped_weight_us_per_element * experts_hit * weights)
+               + c.grouped_weight_us_per_element * experts_hit * weights
+               + c.idle_weight_us_per_element * (E - experts_hit) * weights)
     return grouped < dense
 
 
@@ -106,24 +111,30 @@ def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
 
     ``dense`` computes every expert in one GEMM over all ``E*r`` columns (no sort, few
     ops; ``E/k`` times the routed arithmetic), ``grouped`` runs each expert's two GEMMs on
-    its routed tokens only (a sort per routing, shared by the layers; a loop over the
-    experts with routes, their counts read on the host). Grouped runs on the CPU only, for
-    fp32 / fp64 (in 16-bit it would round each route's output before adding it), where
-    :func:`grouped_is_cheaper` expects it to be faster (with ``E/k >= 4`` and ``r >= 16``:
-    large calls, and single-token calls to wide layers); ``DATALORA_SHRINK_STRATEGY``
-    (``dense`` / ``grouped``) overrides the choice there. Elsewhere (CUDA, where the
-    counts would cost a host sync) it is always dense.
+    its routed tokens only (a sort of the routes, once per routing where the routing's
+    tables are cached, see :func:`routing_tables`, else per call; a loop over the experts
+    with routes, their counts read on the host). Grouped runs on the CPU only, for fp32 /
+    fp64 (in 16-bit it would round each route's output before adding it), where
+    :func:`grouped_is_cheaper` expects it to be faster (in the measured grid: ``E/k >= 4``
+    and ``r >= 16`` on large calls, and single-token forwards to wide layers);
+    ``DATALORA_SHRINK_STRATEGY`` (``dense`` / ``grouped``) overrides the choice there.
+    Elsewhere (CUDA, where the counts would cost a host sync) it is always dense. The
+    counts are read only when the pick depends on them (how many experts have routes).
     """
+    forced = forced_strategy()  # a bad value is an error everywhere
     if x.device.type != "cpu" or x.dtype not in GROUPED_DTYPES:
         return "dense"
-    forced = forced_strategy()
     if forced:
         return forced
     T, d_in = x.shape
-    counts = tables.counts
-    hit = sum(1 for c in counts if c)
-    return ("grouped" if grouped_is_cheaper(T, d_in, d_out, tables.E, tables.r,
-                                            tables.ids.shape[1], hit, backward) else "dense")
+    E, r, k = tables.E, tables.r, tables.ids.shape[1]
+    # the costs are linear in the experts hit: compare at its bounds before counting
+    bounds = {min(1, T * k), min(E, T * k)}
+    picks = {grouped_is_cheaper(T, d_in, d_out, E, r, k, hit, backward) for hit in bounds}
+    if len(picks) == 2:
+        hit = sum(1 for c in tables.counts if c)
+        picks = {grouped_is_cheaper(T, d_in, d_out, E, r, k, hit, backward)}
+    return "grouped" if picks.pop() else "dense"
 
 
 def _route_index(ids: torch.Tensor, r: int) -> torch.Tensor:
@@ -178,8 +189,9 @@ class ExpertGroups:
 
 
 class RoutingTables:
-    """Per-routing tensors shared by every layer, in the dtype of the layers' x (fp32 for
-    fp16 x: see :func:`_gate_matrix`), each built on first use.
+    """Per-routing tables shared by every layer, each built on first use; ``gate_matrix``
+    and ``groups.scale`` in the dtype of the layers' x (``gate_matrix`` in fp32 for fp16 x:
+    see :func:`_gate_matrix`).
 
     The dense strategy's (forward): ``index [T, k*r]`` int64, the column ``e_tj*r + i`` of
     route j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of
