@@ -74,12 +74,13 @@ class StrategyCosts:
     ops_per_expert: int  # grouped: ops per expert that has routes
 
 
-# Fitted to two runs of `python -m benchmarks.cpu_strategy` (Intel Xeon, 2 threads, fp32,
-# 144 shapes: T = 1 .. 2048, d = 64 .. 2048, E = 4 .. 32, r = 8 .. 64, k = 1 .. 8): the
-# constants that lose the least time to wrong picks over both runs, checked on two more
-# (the last: benchmarks/results/cpu_intel_xeon/cpu_strategy.json; the backward's idle term
-# set from it, where single-token backwards were picked grouped and ran slower).
-FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 2.0e-4, 0.0, 0.0, 9)
+# Fitted to runs of `python -m benchmarks.cpu_strategy` (Intel Xeon, 2 threads, fp32, 144
+# shapes: T = 1 .. 2048, d = 64 .. 2048, E = 4 .. 32, r = 8 .. 64, k = 1 .. 8): the
+# constants that lose the least time to wrong picks, first over two runs, then adjusted
+# over the five runs of both versions (the backward's idle term, the forward's dense
+# weight term: single-token calls had been picked wrong), checked on a sixth
+# (benchmarks/results/cpu_intel_xeon/cpu_strategy.json).
+FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 3.0e-4, 0.0, 0.0, 9)
 BACKWARD_COSTS = StrategyCosts(10.0, 2.0e5, 1.5e5, 1.8e-4, 2.0e-4, 1.0e-4, 2.0e-4, 9)
 
 
