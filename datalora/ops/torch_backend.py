@@ -1,7 +1,7 @@
 """The ``torch`` backend: MoLoRA forward/backward in torch ops, two strategies.
 
 ``grouped`` (CPU, fp32 / fp64, where :func:`choose_strategy` expects it to be faster: large
-calls with many experts per route, single-token calls to wide layers): the routes sorted
+calls with many experts per route, single-token forwards): the routes sorted
 by expert (once per routing where its tables are cached), each expert's two GEMMs run on
 its routed tokens only (rows gathered, outputs added back with ``index_add_``), so ``k/E``
 of the dense arithmetic; the backward likewise, dA and dB per expert. It loops over the
@@ -117,7 +117,7 @@ def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
     with routes, their counts read on the host). Grouped runs on the CPU only, for fp32 /
     fp64 (in 16-bit it would round each route's output before adding it), where
     :func:`grouped_is_cheaper` expects it to be faster (in the measured grid: ``E/k >= 4``
-    and ``r >= 16`` on large calls, and single-token forwards to wide layers);
+    and ``r >= 16`` on large calls, and single-token forwards);
     ``DATALORA_SHRINK_STRATEGY`` (``dense`` / ``grouped``) overrides the choice there.
     Elsewhere (CUDA, where the counts would cost a host sync) it is always dense. The
     counts are read only when the pick depends on them (how many experts have routes).
