@@ -16,14 +16,13 @@ the pick is the faster strategy or within 10 % of it. Writes ``cpu_strategy.json
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.molora import RESULTS_DIR, check_cli_out, write_result
+from benchmarks.molora import budget_cli, parse_budget_cli, write_result
 from benchmarks.timing import time_interleaved
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
 from datalora.ops import torch_backend
@@ -76,8 +75,9 @@ def picked(T: int, d: int, E: int, r: int, k: int, mode: str) -> str:
     """The strategy the torch backend's cost model
     (:func:`~datalora.ops.torch_backend.grouped_is_cheaper`) picks for a shape, whatever
     ``DATALORA_SHRINK_STRATEGY`` forces."""
-    ids = make_inputs(T, d, E, r, k)[3]
-    hit = int(torch.bincount(ids.reshape(-1), minlength=E).count_nonzero())
+    ids, gates = make_inputs(T, d, E, r, k)[3:5]
+    counts = torch_backend.RoutingTables(ids, gates, None, E, r, 2.0, torch.float32).counts
+    hit = sum(1 for count in counts if count)
     cheaper = torch_backend.grouped_is_cheaper(T, d, d, E, r, k, hit, backward=mode == "bwd")
     return "grouped" if cheaper else "dense"
 
@@ -123,18 +123,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_strategy",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="directory for cpu_strategy.json (default: %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=0.3,
-                        help="seconds of timing rounds per shape (default: %(default)s)")
+    parser = budget_cli("python -m benchmarks.cpu_strategy", __doc__, "cpu_strategy.json", 0.3,
+                        "seconds of timing rounds per shape")
     parser.add_argument("--quick", action="store_true",
                         help="a small grid (a smoke run, seconds)")
-    args = parser.parse_args(argv)
-    check_cli_out(parser, args.out)
-    if not args.budget_s > 0:
-        parser.error(f"--budget-s: expected > 0, got {args.budget_s}")
+    args = parse_budget_cli(parser, argv)
     result = run(args.out, args.budget_s, QUICK_GRID if args.quick else FULL_GRID)
     for mode, s in result["meta"]["summary"].items():
         print(f"{mode}: the pick is the faster strategy in {s['pick_fastest']} of "

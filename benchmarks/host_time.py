@@ -20,7 +20,6 @@ microseconds, written to ``host_time_cpu.json``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.molora import RESULTS_DIR, check_cli_out, write_result
+from benchmarks.molora import budget_cli, parse_budget_cli, write_result
 from benchmarks.timing import time_interleaved
 from datalora import ops
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
@@ -136,16 +135,9 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_time",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="directory for host_time_cpu.json (default: %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=6.0,
-                        help="seconds of timing rounds (default: %(default)s)")
-    args = parser.parse_args(argv)
-    check_cli_out(parser, args.out)
-    if not args.budget_s > 0:
-        parser.error(f"--budget-s: expected > 0, got {args.budget_s}")
+    parser = budget_cli("python -m benchmarks.host_time", __doc__, "host_time_cpu.json", 6.0,
+                        "seconds of timing rounds")
+    args = parse_budget_cli(parser, argv)
     result = run(args.out, args.budget_s)
     print(format_rows(result["results"]))
     print(f"wrote {args.out / 'host_time_cpu.json'}")

@@ -744,6 +744,28 @@ def check_cli_out(parser: argparse.ArgumentParser, out: Path) -> None:
         parser.error(f"--out: expected a folder, got the file {out}")
 
 
+def budget_cli(prog: str, doc: str, filename: str, budget_s: float,
+               budget_help: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with ``--out`` (the folder for ``filename``) and ``--budget-s``
+    (default ``budget_s``); read it with :func:`parse_budget_cli`."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help=f"directory for {filename} (default: %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=budget_s,
+                        help=f"{budget_help} (default: %(default)s)")
+    return parser
+
+
+def parse_budget_cli(parser: argparse.ArgumentParser,
+                     argv: list[str] | None) -> argparse.Namespace:
+    """Arguments of a :func:`budget_cli` parser, ``--out`` and ``--budget-s`` checked."""
+    args = parser.parse_args(argv)
+    check_cli_out(parser, args.out)
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s: expected > 0, got {args.budget_s}")
+    return args
+
+
 def check_cli_only(parser: argparse.ArgumentParser, only: str | None, preset: str,
                    names: list[str]) -> None:
     """``--only SUBSTR`` must match one of the preset's case ``names``."""

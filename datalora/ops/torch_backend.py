@@ -207,9 +207,9 @@ class RoutingTables:
     def __init__(self, expert_ids, gates, rank_scale, E, r, scaling, dtype):
         self.E, self.r, self.dtype = E, r, dtype
         self.ids = expert_ids.long().clamp(0, E - 1)
-        self.acc = torch.promote_types(dtype, torch.float32)
-        self.gate_scale = gates.to(self.acc) * scaling
-        self.rank_scale = None if rank_scale is None else rank_scale.to(self.acc, copy=True)
+        acc = torch.promote_types(dtype, torch.float32)
+        self.gate_scale = gates.to(acc) * scaling
+        self.rank_scale = None if rank_scale is None else rank_scale.to(acc, copy=True)
 
     @functools.cached_property
     def index(self) -> torch.Tensor:
@@ -344,7 +344,7 @@ def linear_forward(x, weight, bias, A, B, expert_ids, gates, rank_scale, scaling
     return y.addmm_(Zd, expert_columns(B).T), h
 
 
-def _gate_grads(q, tables, gates, rank_scale, need_g, need_rs):
+def _gate_grads(q, gates, rank_scale, need_g, need_rs):
     """``(dgates [T, k], drank_scale [T, r])`` (None where not needed) from
     ``q = scaling * dz * h`` per route ``[T, k, r]`` in at least fp32."""
     T, k, r = q.shape
@@ -366,7 +366,7 @@ def _routing_grads(dZ, h, tables, gates, rank_scale, scaling, need_g, need_rs):
     # into the (fp32) gate gradient does not
     acc = torch.promote_types(h.dtype, torch.float32)
     q = dZ.gather(1, tables.index).view(T, k, r).to(acc).mul_(h).mul_(scaling)
-    return _gate_grads(q, tables, gates, rank_scale, need_g, need_rs)
+    return _gate_grads(q, gates, rank_scale, need_g, need_rs)
 
 
 def _dense_h(h, tables, E):
@@ -388,7 +388,7 @@ def _grouped_backward(grad, x, A, B, gates, rank_scale, h, scaling, needs, dx_ou
     dx = (dx_out if dx_out is not None or not need_x else x.new_zeros(x.shape))
     dA = A.new_empty(A.shape) if need_A else None
     dB = torch.empty_like(B) if need_B else None  # B's strides, as expert_columns_grad's
-    idle = sorted(set(range(A.shape[0])) - {e for e, _, _ in groups.segments})
+    idle = [e for e, count in enumerate(tables.counts) if not count]
     for grad_of_weight in (dA, dB):
         if grad_of_weight is not None and idle:
             grad_of_weight[idle] = 0
@@ -412,8 +412,8 @@ def _grouped_backward(grad, x, A, B, gates, rank_scale, h, scaling, needs, dx_ou
     if q is not None:
         acc = torch.promote_types(h.dtype, torch.float32)
         q = q.new_empty(q.shape).index_copy_(0, groups.order, q).view(T, k, r)
-        dgates, drs = _gate_grads(q.to(acc).mul_(scaling), tables, gates, rank_scale,
-                                  need_g, need_rs)
+        dgates, drs = _gate_grads(q.to(acc).mul_(scaling), gates, rank_scale, need_g,
+                                  need_rs)
     return dx, dA, dB, dgates, drs
 
 
