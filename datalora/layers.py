@@ -23,11 +23,18 @@ from datalora.nf4_linear import (
     nf4_molora_linear,
     quantize_linear,
 )
-from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE
-from datalora.ops.eager import cast_routing
+from datalora.ops.backends import BACKEND_NAMES, CUDA_BACKEND_SCOPE, get_backend, resolve_backend
+from datalora.ops.eager import (
+    cast_routing,
+    eager_call,
+    needs_autograd,
+    tracing,
+    under_torch_func,
+)
 from datalora.ops.molora import _autocast, autocast_enabled
 from datalora.ops.validation import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     check_float,
     check_tensor,
     under_vmap,
@@ -82,6 +89,30 @@ def _plain_linear(module: nn.Module) -> bool:
                  or module._backward_pre_hooks or hooks._global_forward_hooks
                  or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
                  or hooks._global_backward_pre_hooks)
+
+
+def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor of ``tensors`` (None skipped) has x's dtype and device."""
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return False
+    return True
+
+
+def _routing_fits(routing: Routing, T: int, E: int, r: int, device: torch.device) -> bool:
+    """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``), float
+    gates and rank scale (``[T, r]`` or None) on ``device`` that the op's checks accept
+    (their values aside), none of them requiring grad (a record of it would keep their
+    graph alive)."""
+    ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
+    if not (ids.dim() == 2 and ids.shape[0] == T and 1 <= ids.shape[1] <= E
+            and ids.dtype in INDEX_DTYPES and ids.device == device
+            and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
+            and gates.device == device and not gates.requires_grad):
+        return False
+    return rank_scale is None or (
+        rank_scale.shape == (T, r) and rank_scale.dtype in FLOAT_DTYPES
+        and rank_scale.device == device and not rank_scale.requires_grad)
 
 
 class MoLoRALinear(nn.Module):
@@ -239,6 +270,11 @@ class MoLoRALinear(nn.Module):
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:
             return self.base_forward(x)
+        if isinstance(routing, Routing) and not routing.needs_value_check(self.num_experts) \
+                and self._checks_skippable(x, routing):
+            routing.note_layer(self)
+            self.__dict__["last_routing"] = routing  # nothing requires grad: no graph held
+            return self._forward_checked_inputs(x, routing)
         self._check_inputs(x, routing)
         plain = not self._nf4_base and self._plain_base()
         if plain:  # cast once under autocast: the router and the op save the same copy of x
@@ -289,6 +325,53 @@ class MoLoRALinear(nn.Module):
         base = (F.linear(x, self.base_layer.weight, self.base_layer.bias) if plain
                 else self.base_layer(x))
         return base + delta
+
+    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
+        """Whether this forward may call the backend's fused linear directly
+        (:meth:`_forward_checked_inputs`), skipping this forward's and the op's argument
+        checks and dispatch because they would pass: an inference call (no gradient needed,
+        no autocast, tracing or torch.func transform, no active dropout) on a plain
+        ``nn.Linear`` base; x ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias
+        ``[d_out]``, lora_A ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating
+        dtype on one device; a finite float ``scaling``; a shared routing that fits
+        (:func:`_routing_fits`) and whose values were checked (the caller asks
+        ``needs_value_check``). Anything else takes the checked path, which names the bad
+        argument. This is the decode step of a model sharing one routing (a DATALORA model's
+        saliency routing, the LoRA-TLE mixer's): at T = 1 its host time was about half the
+        checked path's."""
+        if torch.compiler.is_compiling():  # traced: the custom ops (and no eager checks)
+            return False
+        base = self.base_layer
+        weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
+        if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
+            return False
+        E, r, d_in = A.shape
+        d_out = weight.shape[0]
+        return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
+                and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
+                and _in_dtype_and_on_device(x, weight, A, B, bias)
+                and _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device)
+                and type(self.scaling) is float and math.isfinite(self.scaling)
+                and (not self.training or isinstance(self.lora_dropout, nn.Identity))
+                and self._plain_base()
+                and not needs_autograd(x, weight, bias, A, B)
+                and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
+                and not under_torch_func() and not autocast_enabled(x.device.type))
+
+    def _forward_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``y [..., d_out]``: the backend's ``linear_forward``, what
+        :func:`datalora.ops.molora_linear` runs for an inference call, on inputs
+        :meth:`_checks_skippable` accepted (the gates and rank scale cast to x's dtype)."""
+        gates = cast_routing(routing.gates, x.dtype)
+        rank_scale = (None if routing.rank_scale is None
+                      else cast_routing(routing.rank_scale, x.dtype))
+        x2 = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        backend = get_backend(resolve_backend(self.backend, x.device))
+        with eager_call():  # layers sharing a routing share its tables
+            y = backend.linear_forward(x2, self.base_layer.weight, self.base_layer.bias,
+                                       self.lora_A, self.lora_B, routing.expert_ids, gates,
+                                       rank_scale, self.scaling, need_h=False)[0]
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _check_x(self, x: object) -> None:
         """``x``: a floating tensor ``[..., in_features]``."""

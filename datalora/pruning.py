@@ -575,6 +575,16 @@ GRADIENT_CHECKPOINTING_REFUSED = (
     "the model with routing='per_layer' (no saliency network or pruning), which supports it")
 
 
+def _activation_checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` (a decoder stack) recomputes layers in its backward: transformers'
+    ``is_activation_checkpointing`` (``is_gradient_checkpointing`` before 5.x). It scans
+    every submodule, so it is asked in training forwards only."""
+    checkpointing = getattr(module, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(module, "is_gradient_checkpointing", False)
+    return bool(checkpointing)
+
+
 class DATALORARuntime:
     """Installs the shared-routing + pruning hooks on a HF causal LM.
 
@@ -794,10 +804,7 @@ class DATALORARuntime:
     # ------------------------------------------------------------------ hooks
 
     def _begin(self, module, args, kwargs):
-        checkpointing = getattr(module, "is_activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = getattr(module, "is_gradient_checkpointing", False)
-        if module.training and checkpointing:
+        if module.training and _activation_checkpointing(module):
             raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
         router_logits = kwargs.get("output_router_logits")
         if router_logits is None:

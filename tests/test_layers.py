@@ -397,6 +397,106 @@ def test_shared_routing_is_value_checked_once(monkeypatch):
         layers[0](x, routing=bad)
 
 
+def _trusted_routing(T, E, k, r, rank_scale=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+    return Routing(expert_ids=ids, gates=torch.rand(T, k, generator=g),
+                   rank_scale=torch.rand(T, r, generator=g) if rank_scale else None,
+                   _trusted=True, _valid_experts=E)
+
+
+def _count_checked_calls(monkeypatch):
+    """A list that gets an entry per call of the checked ops (``molora_linear`` and
+    ``molora_delta``, which a layer with active dropout or a non-plain base calls)."""
+    calls = []
+    for name in ("molora_linear", "molora_delta"):
+        checked = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, checked=checked, **kwargs: (
+            calls.append(1) or checked(*args, **kwargs)))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("rank_scale", [False, True])
+@pytest.mark.parametrize("shape", [(0, 16), (1, 16), (5, 16), (2, 3, 16), "strided"])
+def test_shared_routing_inference_forward_equals_the_checked_op(dtype, k, rank_scale, shape,
+                                                                monkeypatch):
+    """An inference call with a shared, value-checked routing (a DATALORA model's decode
+    step) calls the backend directly, skipping the layer's and the op's checks: its output
+    is the checked op's, bit for bit, for every token count, leading dims, strided x, k = 1
+    and k = E, with and without a rank scale, in each dtype; the layer records the routing."""
+    base, layer = make_layer(dtype=dtype)
+    layer.to(dtype).eval()
+    nn.init.normal_(layer.lora_B)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 32, generator=g)[:, ::2] if shape == "strided"
+         else torch.randn(*shape, generator=g)).to(dtype)
+    T = x[..., 0].numel()
+    routing = _trusted_routing(T, 4, k, 3, rank_scale)
+    calls = _count_checked_calls(monkeypatch)
+    with torch.no_grad():
+        got = layer(x, routing)
+    assert calls == [] and layer.last_routing is routing
+    rs = None if routing.rank_scale is None else routing.rank_scale.to(dtype)
+    want = ops.molora_linear(x, base.weight, base.bias, layer.lora_A, layer.lora_B,
+                             routing.expert_ids, routing.gates.to(dtype), rs, layer.scaling)
+    assert got.shape == want.shape == (*x.shape[:-1], 12) and got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_the_checked_path_runs_wherever_the_inference_path_may_not(monkeypatch):
+    """The layer's checks and the op run for a call needing a gradient, in training with
+    dropout, under autocast, for routing tensors requiring grad (the record is detached),
+    for a routing whose values no layer checked yet, for a base with hooks and for LoRA
+    weights or x the op must cast or name; the inference path everywhere else."""
+    base, layer = make_layer()
+    layer.eval()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 16)
+    routing = _trusted_routing(5, 4, 2, 3)
+    calls = _count_checked_calls(monkeypatch)
+    with torch.no_grad():
+        y = layer(x, routing)
+    assert calls == []
+    layer(x.clone().requires_grad_(), routing).sum().backward()  # autograd: checked
+    assert len(calls) == 1 and layer.lora_A.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, routing), y)
+        assert len(calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x, routing).dtype == torch.bfloat16
+        assert len(calls) == 2
+        gates = routing.gates.clone().requires_grad_()
+        layer(x, Routing(routing.expert_ids, gates, routing.rank_scale, _trusted=True,
+                         _valid_experts=4))
+        assert len(calls) == 3 and not layer.last_routing.gates.requires_grad
+        unchecked = Routing(routing.expert_ids.clone(), routing.gates, routing.rank_scale)
+        layer(x, unchecked)  # the first layer checks its values, through the op
+        layer(x, unchecked)
+        assert len(calls) == 4
+        with pytest.raises(ValueError, match="x: expected dtype torch.float32"):
+            layer(x.double(), routing)
+        with pytest.raises(ValueError, match="x: expected shape"):
+            layer(torch.randn(5, 15), routing)
+        assert len(calls) == 4  # the layer named x before the op
+        handle = base.register_forward_hook(lambda *args: None)
+        torch.testing.assert_close(layer(x, routing), y)  # base(x) + the delta op
+        handle.remove()
+        assert len(calls) == 5
+        layer.lora_B.data = layer.lora_B.data.double()  # the checked path casts B
+        torch.testing.assert_close(layer(x, routing), y)
+        assert len(calls) == 6
+    dropout = MoLoRALinear(nn.Linear(16, 12), num_experts=4, rank=3, top_k=2, dropout=0.5)
+    dropout.requires_grad_(False)
+    with torch.no_grad():
+        dropout(x, routing)  # training mode, active dropout: the op on the dropped input
+        assert len(calls) == 7
+        dropout.eval()
+        dropout(x, routing)
+        assert len(calls) == 7
+
+
 def test_numpy_scalars_are_numbers():
     import numpy as np
 

@@ -912,6 +912,30 @@ def test_the_routes_are_counted_only_when_the_pick_depends_on_them(T, d, E, read
     assert ("counts" in vars(tables)) == read
 
 
+def test_the_pick_is_made_once_per_routing_and_layer_shape(monkeypatch):
+    """Layers sharing a routing's tables reuse the cost model's pick for their shape; the
+    environment's override is still read on every call."""
+    monkeypatch.delenv("DATALORA_SHRINK_STRATEGY", raising=False)
+    calls = []
+    model = torch_backend.grouped_is_cheaper
+    monkeypatch.setattr(torch_backend, "grouped_is_cheaper",
+                        lambda *args: calls.append(args) or model(*args))
+    ids = torch.rand(64, 32).argsort(-1)[:, :2]
+    tables = torch_backend.RoutingTables(ids, torch.rand(64, 2), None, 32, 16, 1.0,
+                                         torch.float32)
+    x = torch.randn(64, 512)
+    pick = torch_backend.choose_strategy(x, 512, tables)
+    made = len(calls)
+    assert made >= 2 and torch_backend.choose_strategy(x, 512, tables) == pick
+    assert len(calls) == made  # the same layer shape: no new pick
+    torch_backend.choose_strategy(x, 256, tables)
+    torch_backend.choose_strategy(x, 512, tables, backward=True)
+    assert len(calls) > made + 1  # another d_out, the backward: picked again
+    other = "dense" if pick == "grouped" else "grouped"
+    monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", other)
+    assert torch_backend.choose_strategy(x, 512, tables) == other
+
+
 def test_a_bad_strategy_name_is_refused_off_the_cpu_too(monkeypatch):
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "sparse")
     x = torch.randn(4, 8, device="meta")

@@ -127,7 +127,18 @@ def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
         return "dense"
     if forced:
         return forced
-    T, d_in = x.shape
+    key = (x.shape[1], d_out, backward)  # T, E, r, k: the routing's, fixed per tables
+    pick = tables.picks.get(key)
+    if pick is None:
+        pick = tables.picks[key] = _cheaper_strategy(x.shape[0], x.shape[1], d_out, tables,
+                                                     backward)
+    return pick
+
+
+def _cheaper_strategy(T: int, d_in: int, d_out: int, tables: RoutingTables,
+                      backward: bool) -> str:
+    """:func:`grouped_is_cheaper`'s pick for this routing (its counts read only when the
+    pick depends on them)."""
     E, r, k = tables.E, tables.r, tables.ids.shape[1]
     # the costs are linear in the experts hit: compare at its bounds before counting
     bounds = {min(1, T * k), min(E, T * k)}
@@ -198,7 +209,8 @@ class RoutingTables:
     route j's rank slice in ``[T, E*r]``, and ``gate_matrix [T, E*r]``, the dense ``G`` of
     the module docstring (``scaling`` included); ``routed_gates`` (backward). The grouped
     strategy's: ``counts`` (routes per expert, a host list) and ``groups``
-    (:class:`ExpertGroups`). Expert ids are clamped to ``[0, E)`` as the kernels do, so
+    (:class:`ExpertGroups`). ``picks``: :func:`choose_strategy`'s cost-model picks so far,
+    by ``(d_in, d_out, backward)``. Expert ids are clamped to ``[0, E)`` as the kernels do, so
     unchecked ids (``check_values=False``) never index out of bounds. The routing's values
     are copied in (``ids``, ``gate_scale [T, k]`` = gates * scaling in at least fp32, the
     rank scale), so the tables keep no caller tensor alive.
@@ -206,6 +218,7 @@ class RoutingTables:
 
     def __init__(self, expert_ids, gates, rank_scale, E, r, scaling, dtype):
         self.E, self.r, self.dtype = E, r, dtype
+        self.picks: dict[tuple[int, int, bool], str] = {}  # choose_strategy's, per layer shape
         self.ids = expert_ids.long().clamp(0, E - 1)
         acc = torch.promote_types(dtype, torch.float32)
         self.gate_scale = gates.to(acc) * scaling

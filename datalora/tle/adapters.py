@@ -19,17 +19,7 @@ import torch.nn as nn
 
 from datalora.io import check_saved_weight, load_tensors
 from datalora.layers import MoLoRALinear
-from datalora.ops.backends import get_backend, resolve_backend
-from datalora.ops.eager import (
-    cast_routing,
-    eager_call,
-    needs_autograd,
-    tracing,
-    under_torch_func,
-)
 from datalora.ops.layout import expert_minor
-from datalora.ops.molora import autocast_enabled
-from datalora.ops.validation import FLOAT_DTYPES, INDEX_DTYPES
 from datalora.routing import Routing
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])"
@@ -404,25 +394,6 @@ class _RoutingSlot:
         return routing
 
 
-def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether every tensor of ``tensors`` (None skipped) has x's dtype and device."""
-    for t in tensors:
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            return False
-    return True
-
-
-def _routing_fits(routing: Routing, T: int, E: int, device: torch.device) -> bool:
-    """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``) and float
-    gates on ``device`` that the op's checks accept (their values aside), and no rank_scale
-    (the mixer's routing has none)."""
-    ids, gates = routing.expert_ids, routing.gates
-    return (routing.rank_scale is None and ids.dim() == 2 and ids.shape[0] == T
-            and 1 <= ids.shape[1] <= E and ids.dtype in INDEX_DTYPES and ids.device == device
-            and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
-            and gates.device == device)
-
-
 class AdapterMixLinear(MoLoRALinear):
     """A :class:`MoLoRALinear` whose experts are pretrained adapters and whose routing
     comes from the mixer's shared slot (scaling 1: each expert's B carries its scaling)."""
@@ -441,61 +412,11 @@ class AdapterMixLinear(MoLoRALinear):
         self._slot = slot
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
-        """x ``[..., d_in]`` -> ``[..., d_out]``."""
+        """x ``[..., d_in]`` -> ``[..., d_out]``. The first mixed layer of a forward
+        value-checks the slot's routing; the others take ``MoLoRALinear``'s inference path
+        (:meth:`~datalora.layers.MoLoRALinear._checks_skippable`) when it applies."""
         if routing is None and self._slot.base_only:
             return self.base_forward(x)
         if routing is None and self.adapter_enabled:
             routing = self._slot.routing(x[..., 0].numel())
-            if not routing.needs_value_check(self.num_experts) \
-                    and self._checks_skippable(x, routing):
-                # the first layer of a forward value-checks the slot's routing (below); the
-                # others skip MoLoRALinear.forward's own steps (no record to detach: no
-                # autograd here)
-                self.__dict__["last_routing"] = routing
-                return self._forward_checked_inputs(x, routing)
         return super().forward(x, routing)
-
-    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
-        """Whether this forward may call the backend's fused linear directly, skipping the
-        op's argument checks and dispatch (:meth:`_forward_checked_inputs`), because they
-        would pass: an inference call (no gradient needed, no autocast, tracing or
-        torch.func transform, no active dropout) on a plain ``nn.Linear`` base; x
-        ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias ``[d_out]``, lora_A
-        ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating dtype on one device;
-        a finite float ``scaling``; a routing that fits (:func:`_routing_fits`). The
-        routing's *values* are checked first (:meth:`forward`). Anything else takes
-        ``MoLoRALinear.forward`` and the op, which name the bad argument. Skipping both
-        took a mixed layer at T = 1 from ~100 us of host time on a CPU to ~64 (the plain
-        linear ~10); for a plain ``MoLoRALinear`` call, which still runs its own forward,
-        these checks cost about what the op's they replace do, so it keeps the op."""
-        if torch.compiler.is_compiling():  # traced: the custom ops (and no eager checks)
-            return False
-        base = self.base_layer
-        weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
-        if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
-            return False
-        E, r, d_in = A.shape
-        d_out = weight.shape[0]
-        return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
-                and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
-                and _in_dtype_and_on_device(x, weight, A, B, bias)
-                and _routing_fits(routing, math.prod(x.shape[:-1]), E, x.device)
-                and type(self.scaling) is float and math.isfinite(self.scaling)
-                and (not self.training or isinstance(self.lora_dropout, nn.Identity))
-                and self._plain_base()
-                and not needs_autograd(x, weight, bias, A, B, routing.gates)
-                and not tracing(x, weight, bias, A, B, routing.gates)
-                and not under_torch_func() and not autocast_enabled(x.device.type))
-
-    def _forward_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``y [..., d_out]``: the backend's ``linear_forward``, what
-        :func:`datalora.ops.molora_linear` runs for an inference call, on inputs
-        :meth:`_checks_skippable` accepted (the gates cast to x's dtype)."""
-        gates = cast_routing(routing.gates, x.dtype)
-        x2 = x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        backend = get_backend(resolve_backend(self.backend, x.device))
-        with eager_call():  # layers sharing a routing share its tables
-            y = backend.linear_forward(x2, self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, routing.expert_ids, gates,
-                                       None, self.scaling, need_h=False)[0]
-        return y.view(*x.shape[:-1], self.out_features)
