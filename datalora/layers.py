@@ -339,11 +339,17 @@ class MoLoRALinear(nn.Module):
         argument. This is the decode step of a model sharing one routing (a DATALORA model's
         saliency routing, the LoRA-TLE mixer's): at T = 1 its host time was about half the
         checked path's."""
-        if torch.compiler.is_compiling():  # traced: the custom ops (and no eager checks)
+        if torch.compiler.is_compiling() or self._nf4_base:  # traced: the custom ops
             return False
-        base = self.base_layer
-        weight, bias, A, B = base.weight, base.bias, self.lora_A, self.lora_B
-        if self._nf4_base or x.dim() < 1 or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
+        # the modules' own dicts, not nn.Module.__getattr__ (host time: this runs per call);
+        # a parametrized weight or bias is in neither and takes the checked path
+        base, own = self._modules["base_layer"], self._parameters
+        if "bias" not in base._parameters:
+            return False
+        weight, bias = base._parameters.get("weight"), base._parameters["bias"]
+        A, B = own.get("lora_A"), own.get("lora_B")
+        if weight is None or A is None or B is None or x.dim() < 1 \
+                or x.dtype not in FLOAT_DTYPES or A.dim() != 3:
             return False
         E, r, d_in = A.shape
         d_out = weight.shape[0]

@@ -497,6 +497,33 @@ def test_the_checked_path_runs_wherever_the_inference_path_may_not(monkeypatch):
         assert len(calls) == 7
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "lora_A"])
+def test_a_parametrized_weight_takes_the_checked_path(name, monkeypatch):
+    """The inference path reads the weights from the modules' parameter dicts; a
+    parametrized base weight, bias or LoRA weight (computed on access) is not there, so the
+    call takes the checked path and computes with the parametrized value."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    base, layer = make_layer()
+    layer.eval()
+    nn.init.normal_(layer.lora_B)
+    parametrize.register_parametrization(layer if name == "lora_A" else base, name, Double())
+    x = torch.randn(5, 16)
+    routing = _trusted_routing(5, 4, 2, 3)
+    calls = _count_checked_calls(monkeypatch)
+    with torch.no_grad():
+        got = layer(x, routing)
+        want = molora_linear_reference(x, base.weight, base.bias, layer.lora_A, layer.lora_B,
+                                       routing.expert_ids, routing.gates, routing.rank_scale,
+                                       layer.scaling)
+    assert calls == [1]
+    torch.testing.assert_close(got, want)
+
+
 def test_numpy_scalars_are_numbers():
     import numpy as np
 
