@@ -345,6 +345,9 @@ def _cli(name):
     ("host_time", ["--budget-s", "0"], "--budget-s: expected > 0, got 0.0"),
     ("cpu_strategy", ["--out", "FILE"], "--out: expected a folder"),
     ("cpu_strategy", ["--budget-s", "-1"], "--budget-s: expected > 0, got -1.0"),
+    ("bench_decode", ["--out", "FILE"], "--out: expected a folder"),
+    ("bench_decode", ["--budget-s", "0"], "--budget-s: expected > 0, got 0.0"),
+    ("bench_decode", ["--hidden", "48"], "--hidden: expected a multiple of 32"),
 ])
 def test_cli_rejects_bad_arguments_before_running(name, argv, fragment, tmp_path, monkeypatch,
                                                   capsys):
@@ -848,3 +851,23 @@ def test_cpu_strategy_times_both_strategies_and_records_the_pick(tmp_path, monke
     assert result["meta"]["summary"]["fwd"]["shapes"] == 1
     assert "the pick is the faster strategy in" in capsys.readouterr().out
 
+
+
+def test_decode_benchmark_times_every_method_with_pruning_active(tmp_path, capsys):
+    """One tiny run: every method timed, ratios to the base and PEFT with intervals, and
+    the pruned DATALORA model keeping some of the generated tokens but not all (its keep
+    threshold calibrated for the target retention, which the runtime uses)."""
+    from benchmarks import bench_decode
+
+    assert bench_decode.main(["--out", str(tmp_path), "--budget-s", "0.01", "--hidden", "64",
+                              "--layers", "2", "--new-tokens", "12"]) == 0
+    result = json.loads((tmp_path / "decode_cpu.json").read_text())
+    rows = {row["method"]: row for row in result["results"]}
+    assert list(rows) == list(bench_decode.METHODS)
+    for name, row in rows.items():
+        assert row["ms_per_token"] > 0 and row["rounds"] >= 5
+        if name != "base":
+            low, high = row["vs_base_ci95"]
+            assert 0 < low <= high and row["vs_base"] > 0
+    assert 0 < result["meta"]["datalora_pruned_kept_fraction"] < 1
+    assert "x base" in capsys.readouterr().out
