@@ -102,6 +102,7 @@ def _step(model, prompt: torch.Tensor, new_tokens: int, pruning: bool | None = N
 def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4,
         new_tokens: int = 32) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)  # the adapters' and saliency network's init: the same models per run
     models = build_methods(hidden, layers, device)
     g = torch.Generator().manual_seed(0)
     vocab = models["base"].config.vocab_size

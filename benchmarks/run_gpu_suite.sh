@@ -19,6 +19,7 @@
 #   nf4          benchmarks.bench_nf4 --preset gpu (JSON + PNG, targets, fraction_of_floor;
 #                the JSON is rewritten after every group)
 #   pruning      benchmarks.bench_pruning --no-bound
+#   decode       benchmarks.bench_decode: greedy ms/token of a DATALORA model vs base, PEFT
 #   tle          benchmarks.bench_tle (pretrains the tiny base and trains the 4 task
 #                adapters first: minutes of CPU on a fresh machine)
 #   pytest_bench pytest-benchmark view of the MoLoRA comparison (JSON)
@@ -42,7 +43,8 @@ declare -A STEP_RC=()  # exit status of each step run
 # seconds per step (LIMIT_<step> overrides): a lease is short
 declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [decode_check]=45 [roofline]=30
                            [molora]=200 [profile]=60 [nf4]=75
-                           [gpu_tests]=150 [pruning]=90 [tle]=300 [pytest_bench]=120)
+                           [gpu_tests]=150 [pruning]=90 [decode]=60 [tle]=300
+                           [pytest_bench]=120)
 
 step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time
   local name=$1
@@ -175,6 +177,7 @@ report
 # --no-bound: the attainable-speedup rows build four more models per row (minutes at
 # hidden 2048), too long for a 15-minute device lease
 step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
+step decode "$PY" -m benchmarks.bench_decode --out "$OUT" --budget-s 20
 tle() {
   "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
     "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"
