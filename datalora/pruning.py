@@ -567,6 +567,64 @@ class _Context:
     threshold: float | None = None  # keep_threshold, read once per forward
     # decides token by token (generate() or a cache): no per-sequence top-k in eval
     stepwise: bool = False
+    # the pruned layers may be skipped when every row of a cached step is pruned (not under
+    # compile, nor when attention maps are returned: a skipped layer computes none)
+    may_skip: bool = False
+    # this step skips them: each appends placeholder keys / values to ``skip_cache``
+    skip_cache: Any = None
+
+
+try:  # the cache layers whose placeholder keys / values a skipped layer can append
+    from transformers.cache_utils import DynamicCache as _DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    _DYNAMIC_LAYERS: tuple[type, ...] = (DynamicLayer, DynamicSlidingWindowLayer)
+except ImportError:  # a transformers release without per-layer caches: layers always run
+    _DynamicCache, _DYNAMIC_LAYERS = None, ()
+
+# on a decoder layer of the pruned range: whether its last run returned a plain tensor
+_RETURNS_TENSOR_ATTR = "_datalora_returns_tensor"
+
+
+class _SkippableForward:
+    """The forward :class:`DATALORARuntime` installs on a decoder layer of its pruned range
+    (an instance attribute, called by ``nn.Module.__call__`` between the layer's hooks):
+    :meth:`DATALORARuntime._skip_or_run`. Holds the layer weakly (the layer holds this), so
+    a deleted model is still freed by reference counting; pickles and copies with it."""
+
+    def __init__(self, runtime: DATALORARuntime, layer: nn.Module):
+        self.runtime = runtime
+        self._layer = weakref.ref(layer)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime._skip_or_run(self._layer(), *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {"runtime": self.runtime, "layer": self._layer()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.runtime = state["runtime"]
+        self._layer = weakref.ref(state["layer"])
+
+
+class _LayerForwardHandle:
+    """Removes a :class:`_SkippableForward` from its decoder layer (a hook handle's
+    ``remove``); holds the layer weakly, as the hook handles do."""
+
+    def __init__(self, layer: nn.Module):
+        self._layer = weakref.ref(layer)
+
+    def __getstate__(self) -> dict:
+        return {"layer": self._layer()}
+
+    def __setstate__(self, state: dict) -> None:
+        self._layer = weakref.ref(state["layer"])
+
+    def remove(self) -> None:
+        layer = self._layer()
+        if layer is not None and isinstance(layer.__dict__.get("forward"), _SkippableForward):
+            del layer.__dict__["forward"]
+            layer.__dict__.pop(_RETURNS_TENSOR_ATTR, None)
 
 
 GRADIENT_CHECKPOINTING_REFUSED = (
@@ -783,6 +841,66 @@ class DATALORARuntime:
             h.remove()
         self._handles = []
 
+    # ------------------------------------------------------------------ skipped layers
+
+    def _skippable(self, cache: Any, bsz: int) -> bool:
+        """Whether the pruned layers may append placeholder keys / values to ``cache``
+        instead of running: a ``DynamicCache`` whose layers for the pruned range are filled
+        dynamic (or sliding-window) layers of this batch, decoder layer ``i`` writing cache
+        layer ``i`` (its attention's ``layer_idx``), carrying this runtime's
+        :class:`_SkippableForward` and last returning a plain tensor."""
+        if not _DYNAMIC_LAYERS or type(cache) is not _DynamicCache:
+            return False
+        cached = getattr(cache, "layers", None)
+        if cached is None or len(cached) < self.end:
+            return False
+        layers = self.layers
+        for i in range(self.start, self.end):
+            layer, kv = layers[i], cached[i]
+            forward = layer.__dict__.get("forward")
+            if not (isinstance(forward, _SkippableForward) and forward.runtime is self
+                    and layer.__dict__.get(_RETURNS_TENSOR_ATTR)
+                    and getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i
+                    and type(kv) in _DYNAMIC_LAYERS and kv.is_initialized
+                    and kv.keys.dim() == 4 and kv.keys.shape[0] == bsz
+                    and kv.values.dim() == 4):
+                return False
+        return True
+
+    def _skip_or_run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """A pruned-range decoder layer's forward. In a cached step whose every row is
+        pruned (:meth:`_skippable`), the layer's output would be replaced by the bypass and
+        its keys / values masked from every later query: it appends zeros of their shape to
+        its cache layer instead (the positions stay aligned) and returns its input.
+        Otherwise it runs the layer's own forward."""
+        ctx = self._ctx
+        cache = None if ctx is None else ctx.skip_cache
+        if cache is None:
+            out = type(layer).forward(layer, *args, **kwargs)
+            if not torch.compiler.is_compiling():  # compiled steps never skip
+                layer.__dict__[_RETURNS_TENSOR_ATTR] = isinstance(out, torch.Tensor)
+            return out
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index = layer.self_attn.layer_idx
+        kv = cache.layers[index]
+        seq_len = hidden.shape[1]
+        keys = kv.keys.new_zeros(*kv.keys.shape[:2], seq_len, kv.keys.shape[3])
+        values = kv.values.new_zeros(*kv.values.shape[:2], seq_len, kv.values.shape[3])
+        cache.update(keys, values, index)
+        return hidden
+
+    def _install_layer_forwards(self) -> list[Any]:
+        """:class:`_SkippableForward` on each decoder layer of the pruned range that has no
+        instance ``forward`` of its own (accelerate's hooks set one: those layers always
+        run, and the range is then never skipped)."""
+        handles = []
+        for i in range(self.start, self.end):
+            layer = self.layers[i]
+            if "forward" not in layer.__dict__:
+                layer.forward = _SkippableForward(self, layer)
+                handles.append(_LayerForwardHandle(layer))
+        return handles
+
     def _install(self) -> list[Any]:
         handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
                    self.model.register_forward_hook(self._finish, always_call=True),
@@ -799,7 +917,7 @@ class DATALORARuntime:
             if isinstance(module, MoLoRALinear):
                 handles.append(module.register_forward_pre_hook(self._give_routing,
                                                                 with_kwargs=True))
-        return handles
+        return handles + self._install_layer_forwards()
 
     # ------------------------------------------------------------------ hooks
 
@@ -839,8 +957,12 @@ class DATALORARuntime:
                              f"as generate_batch and transformers serve use, packs requests "
                              f"into one row, which the DATALORA hooks do not support: use "
                              f"generate)")
+        attentions = kwargs.get("output_attentions")
+        if attentions is None:
+            attentions = getattr(getattr(module, "config", None), "output_attentions", False)
         self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
-            "new" if kwargs.get("use_cache") else None), stepwise=stepwise)
+            "new" if kwargs.get("use_cache") else None), stepwise=stepwise,
+            may_skip=not attentions and not torch.compiler.is_compiling())
         return args, kwargs
 
     def _finish(self, module, args, output):
@@ -934,7 +1056,7 @@ class DATALORARuntime:
                     args = (hidden, *args[1:])
                 else:
                     kwargs = {**kwargs, "hidden_states": hidden}
-        if ctx.mode == "dense":
+        if ctx.mode == "dense" or ctx.skip_cache is not None:
             return None
         if ctx.mode == "packed":
             args, kwargs = self._packed_inputs(ctx, layer_idx, args, kwargs)
@@ -1062,6 +1184,12 @@ class DATALORARuntime:
         keep_all = keep_new if past is None else torch.cat([past, keep_new], 1)
         if cache is not None:
             setattr(cache, _CACHE_KEEP_ATTR, keep_all)
+        ctx.keep_q = keep_new
+        record.kept = keep_new
+        record.mode = ctx.mode = "masked"
+        if ctx.may_skip and self._skippable(cache, bsz) and not bool(keep_new.any()):
+            ctx.skip_cache = cache  # every row pruned: the pruned layers need not run
+            return
         total = keep_all.shape[1]
         if ctx.attention_mask is not None:
             keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
@@ -1081,9 +1209,6 @@ class DATALORARuntime:
             ctx.masks[window] = packed_attention_mask(key_ok, query_index, key_index,
                                                       hidden.dtype, as_bool=as_bool,
                                                       sliding_window=window)
-        ctx.keep_q = keep_new
-        record.kept = keep_new
-        record.mode = ctx.mode = "masked"
 
     def _leave_range(self, layer, args, output):
         ctx = self._ctx
@@ -1097,7 +1222,7 @@ class DATALORARuntime:
         else:
             full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)
         ctx.mode = "dense"
-        ctx.gathered, ctx.masks = {}, {}
+        ctx.gathered, ctx.masks, ctx.skip_cache = {}, {}, None
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ threshold

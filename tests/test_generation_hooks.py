@@ -610,3 +610,100 @@ def test_cache_row_selection_by_bool_mask_and_slice():
     assert torch.equal(picked[0], value[0][1:]) and torch.equal(picked[1], value[1][1:])
     assert torch.equal(_each_tensor(value, _select_rows, slice(0, 2))[1], value[1][:2])
     assert torch.equal(_each_tensor(value, _select_rows, [2, 0])[1], torch.tensor([2, 0]))
+
+
+def _count_layer_runs(model, monkeypatch):
+    """``runs[i]``: how often decoder layer ``i``'s own forward ran."""
+    from datalora.pruning import find_decoder_layers
+
+    layers = find_decoder_layers(model.base_model)
+    runs = [0] * len(layers)
+    cls = type(layers[0])
+    original = cls.forward
+
+    def counted(self, *args, **kwargs):
+        runs[next(i for i, layer in enumerate(layers) if layer is self)] += 1
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "forward", counted)
+    return runs
+
+
+def _skipping_off(monkeypatch):
+    from datalora.pruning import DATALORARuntime
+
+    monkeypatch.setattr(DATALORARuntime, "_skippable", lambda self, cache, bsz: False)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_steps_with_every_row_pruned_skip_the_pruned_layers(sliding_window, batch,
+                                                                   monkeypatch):
+    """A cached step whose every row is pruned appends placeholder keys / values to the
+    pruned layers' caches instead of running them (their output is the bypass, their keys
+    masked from every later query): the logits equal those of the layers run, bit for bit,
+    the caches stay aligned, and the pruned layers run fewer times."""
+    model = _calibrated(_model(prune_layers=(1, 3), sliding_window=sliding_window))
+    ids = _ids(batch, 14, seed=3)
+    runs = _count_layer_runs(model, monkeypatch)
+    with torch.no_grad():
+        skipped = _stepwise_logits(model, ids, prefill=4)
+        skipped_runs = list(runs)
+        _skipping_off(monkeypatch)
+        runs[:] = [0] * len(runs)
+        ran = _stepwise_logits(model, ids, prefill=4)
+    assert torch.equal(skipped, ran)
+    steps = ids.shape[1] - 4 + 1
+    assert runs == [steps] * 4  # every layer ran every step without skipping
+    assert skipped_runs[0] == skipped_runs[3] == steps  # outside the range: every step
+    assert skipped_runs[1] == skipped_runs[2] < steps  # some steps skipped the range
+
+
+def test_skipped_steps_keep_generate_and_the_cache_consistent(monkeypatch):
+    """generate() with the skipping equals generate() with the layers run (greedy and beam
+    search), and every layer's cache holds every position."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    kw = dict(max_new_tokens=10, **GREEDY)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        greedy = model.generate(_ids(1, 6), **cache_kwargs(model, cache), **kw)
+        beams = model.generate(_ids(2, 6), num_beams=3, num_return_sequences=3, **kw)
+        assert {cache.get_seq_length(i) for i in range(4)} == {greedy.shape[1] - 1}
+        _skipping_off(monkeypatch)
+        assert torch.equal(greedy, model.generate(_ids(1, 6), **kw))
+        assert torch.equal(beams, model.generate(_ids(2, 6), num_beams=3,
+                                                 num_return_sequences=3, **kw))
+
+
+def test_no_step_skips_when_attention_maps_are_returned(monkeypatch):
+    """A skipped layer computes no attention map: with ``output_attentions`` every pruned
+    layer runs every step."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    model.base_model.config._attn_implementation = "eager"
+    runs = _count_layer_runs(model, monkeypatch)
+    ids = _ids(1, 10, seed=3)
+    for attentions in (False, True):
+        runs[:] = [0] * 4
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache))
+            for t in range(4, 10):
+                out = model(input_ids=ids[:, t:t + 1], use_cache=True,
+                            output_attentions=attentions, **cache_kwargs(model, cache))
+                if attentions:
+                    assert all(a is not None for a in out.attentions)
+        assert (runs == [7] * 4) == attentions  # without the maps, some steps skip
+
+
+def test_removing_the_runtime_restores_the_layers_forward():
+    from datalora.pruning import _SkippableForward, find_decoder_layers
+
+    model = _model(prune_layers=(1, 3))
+    layers = find_decoder_layers(model.base_model)
+    assert [isinstance(layer.__dict__.get("forward"), _SkippableForward)
+            for layer in layers] == [False, True, True, False]
+    model.runtime.remove()
+    assert not any("forward" in layer.__dict__ for layer in layers)
