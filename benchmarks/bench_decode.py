@@ -10,15 +10,18 @@ generation of each method, prompt included), medians reported as ms per new toke
 - ``base``: the base model alone;
 - ``peft_lora``: one PEFT LoRA (rank 16, unmerged) on the same target modules;
 - ``datalora_pruned``: ``get_datalora_model`` with the default config (8 experts, top-2,
-  rank 16, shared saliency routing, token pruning at a keep threshold calibrated for
-  retention 0.5);
+  rank 16, shared saliency routing, token pruning over the second half of the layers) at
+  retention 0.5, its keep threshold calibrated on 8 random sequences: a generated token
+  below it skips the pruned layers;
 - ``datalora_dense``: the same model with token pruning off.
 
 At batch 1 every step is a one-token forward, so these times are host time: the Python
 and op-dispatch cost of each layer, which is what a served model pays per token on a CPU
 and what a GPU waits on unless the step is captured in a CUDA graph. Writes
 ``benchmarks/results/decode_cpu.json`` (``decode_cuda.json`` on a GPU) with each method's
-median, the ratios to ``base`` and ``peft_lora`` and their 95 % bootstrap intervals.
+median, the ratios to ``base`` and ``peft_lora`` (and ``datalora_pruned``'s to
+``datalora_dense``) with their 95 % bootstrap intervals, and the fraction of the generated
+tokens the pruned model kept.
 """
 
 from __future__ import annotations
@@ -119,7 +122,9 @@ def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4
     for name in METHODS:
         row = dict(method=name, ms_per_token=per_token[name],
                    tokens_per_s=1e3 / per_token[name], rounds=timed[name][4])
-        for ref in ("base", "peft_lora"):
+        refs = ("base", "peft_lora", "datalora_dense") if name == "datalora_pruned" else (
+            "base", "peft_lora")
+        for ref in refs:
             if name != ref:
                 row[f"vs_{ref}"] = per_token[name] / per_token[ref]
                 row[f"vs_{ref}_ci95"] = bootstrap_ci(

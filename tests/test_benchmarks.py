@@ -870,4 +870,5 @@ def test_decode_benchmark_times_every_method_with_pruning_active(tmp_path, capsy
             low, high = row["vs_base_ci95"]
             assert 0 < low <= high and row["vs_base"] > 0
     assert 0 < result["meta"]["datalora_pruned_kept_fraction"] < 1
+    assert rows["datalora_pruned"]["vs_datalora_dense_ci95"][0] > 0
     assert "x base" in capsys.readouterr().out
