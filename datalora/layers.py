@@ -102,9 +102,12 @@ def _in_dtype_and_on_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> b
 def _routing_fits(routing: Routing, T: int, E: int, r: int, device: torch.device) -> bool:
     """Whether ``routing`` has the ``[T, k]`` int32 / int64 ids (``1 <= k <= E``), float
     gates and rank scale (``[T, r]`` or None) on ``device`` that the op's checks accept
-    (their values aside), none of them requiring grad (a record of it would keep their
-    graph alive)."""
+    (their values aside), none of them nor its router probabilities requiring grad (the
+    layer records the routing itself: it would keep their graph alive)."""
     ids, gates, rank_scale = routing.expert_ids, routing.gates, routing.rank_scale
+    probs = routing.router_probs
+    if probs is not None and probs.requires_grad:
+        return False
     if not (ids.dim() == 2 and ids.shape[0] == T and 1 <= ids.shape[1] <= E
             and ids.dtype in INDEX_DTYPES and ids.device == device
             and gates.shape == ids.shape and gates.dtype in FLOAT_DTYPES
@@ -270,7 +273,9 @@ class MoLoRALinear(nn.Module):
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:
             return self.base_forward(x)
-        if isinstance(routing, Routing) and not routing.needs_value_check(self.num_experts) \
+        # compile / vmap first: their tensors' version counters are not for reading here
+        if isinstance(routing, Routing) and not torch.compiler.is_compiling() \
+                and not under_vmap() and not routing.needs_value_check(self.num_experts) \
                 and self._checks_skippable(x, routing):
             routing.note_layer(self)
             self.__dict__["last_routing"] = routing  # nothing requires grad: no graph held

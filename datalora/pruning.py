@@ -572,25 +572,33 @@ class _Context:
     may_skip: bool = False
     # this step skips them: each appends placeholder keys / values to ``skip_cache``
     skip_cache: Any = None
+    # the pruned range's layers carrying a _SkippableForward for this forward
+    skippable_layers: list[nn.Module] = field(default_factory=list)
 
 
-try:  # the cache layers whose placeholder keys / values a skipped layer can append
-    from transformers.cache_utils import DynamicCache as _DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    _DYNAMIC_LAYERS: tuple[type, ...] = (DynamicLayer, DynamicSlidingWindowLayer)
-except ImportError:  # a transformers release without per-layer caches: layers always run
-    _DynamicCache, _DYNAMIC_LAYERS = None, ()
-
-# on a decoder layer of the pruned range: whether its last run returned a plain tensor
-_RETURNS_TENSOR_ATTR = "_datalora_returns_tensor"
+@functools.cache
+def _dynamic_cache_types() -> tuple[type | None, tuple[type, ...]]:
+    """``(DynamicCache, its layer classes a skipped layer can append to)``; ``(None, ())``
+    for a transformers release without per-layer caches (the layers then always run).
+    Imported on first use: ``import datalora`` does not import transformers."""
+    try:
+        from transformers.cache_utils import (
+            DynamicCache,
+            DynamicLayer,
+            DynamicSlidingWindowLayer,
+        )
+    except ImportError:
+        return None, ()
+    return DynamicCache, (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class _SkippableForward:
-    """The forward :class:`DATALORARuntime` installs on a decoder layer of its pruned range
-    (an instance attribute, called by ``nn.Module.__call__`` between the layer's hooks):
-    :meth:`DATALORARuntime._skip_or_run`. Holds the layer weakly (the layer holds this), so
-    a deleted model is still freed by reference counting; pickles and copies with it."""
+    """The forward a cached DATALORA forward puts on each decoder layer of the pruned range
+    for its duration (an instance attribute, called by ``nn.Module.__call__`` between the
+    layer's hooks; removed when the forward ends): :meth:`DATALORARuntime._skip_or_run`.
+    Holds the layer weakly (the layer holds this while it is set)."""
+
+    __slots__ = ("runtime", "_layer")
 
     def __init__(self, runtime: DATALORARuntime, layer: nn.Module):
         self.runtime = runtime
@@ -598,33 +606,6 @@ class _SkippableForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.runtime._skip_or_run(self._layer(), *args, **kwargs)
-
-    def __getstate__(self) -> dict:
-        return {"runtime": self.runtime, "layer": self._layer()}
-
-    def __setstate__(self, state: dict) -> None:
-        self.runtime = state["runtime"]
-        self._layer = weakref.ref(state["layer"])
-
-
-class _LayerForwardHandle:
-    """Removes a :class:`_SkippableForward` from its decoder layer (a hook handle's
-    ``remove``); holds the layer weakly, as the hook handles do."""
-
-    def __init__(self, layer: nn.Module):
-        self._layer = weakref.ref(layer)
-
-    def __getstate__(self) -> dict:
-        return {"layer": self._layer()}
-
-    def __setstate__(self, state: dict) -> None:
-        self._layer = weakref.ref(state["layer"])
-
-    def remove(self) -> None:
-        layer = self._layer()
-        if layer is not None and isinstance(layer.__dict__.get("forward"), _SkippableForward):
-            del layer.__dict__["forward"]
-            layer.__dict__.pop(_RETURNS_TENSOR_ATTR, None)
 
 
 GRADIENT_CHECKPOINTING_REFUSED = (
@@ -691,6 +672,9 @@ class DATALORARuntime:
         self.windows = check_prune_range(config, self.layers, self.start, self.end)
         self._forward_parameters = {i: _parameter_names(type(self.layers[i]))
                                     for i in range(self.start, self.end)}
+        # decoder-layer class -> whether its forward returned a plain tensor (a skipped
+        # layer returns one)
+        self._returns_tensor: dict[type, bool] = {}
         self._handles = self._install()
 
     # ------------------------------------------------------------------ state
@@ -718,6 +702,7 @@ class DATALORARuntime:
     def __setstate__(self, state) -> None:
         state.setdefault("_target_retention", None)  # a runtime pickled before it existed
         state.setdefault("_compiled_width", state["retention"])
+        state.setdefault("_returns_tensor", {})
         self.__dict__.update(state)
         model = state["_model"]
         self._model = (lambda: None) if model is None else weakref.ref(model)
@@ -843,42 +828,64 @@ class DATALORARuntime:
 
     # ------------------------------------------------------------------ skipped layers
 
-    def _skippable(self, cache: Any, bsz: int) -> bool:
+    def _put_skippable_forwards(self, ctx: _Context, model: nn.Module) -> None:
+        """Puts a :class:`_SkippableForward` on each decoder layer of ``model`` (the model
+        this forward runs: a ``nn.DataParallel`` replica's own) in the pruned range that
+        has no instance ``forward`` (accelerate's hooks set one: then no layer skips)."""
+        layers = find_decoder_layers(model)
+        if len(layers) < self.end:
+            return
+        for i in range(self.start, self.end):
+            own = layers[i].__dict__.get("forward")
+            if own is not None and not isinstance(own, _SkippableForward):  # left by a
+                return  # forward that failed before it ended: replaced below
+        for i in range(self.start, self.end):
+            layers[i].forward = _SkippableForward(self, layers[i])
+            ctx.skippable_layers.append(layers[i])
+
+    @staticmethod
+    def _remove_skippable_forwards(ctx: _Context) -> None:
+        for layer in ctx.skippable_layers:
+            if isinstance(layer.__dict__.get("forward"), _SkippableForward):
+                del layer.__dict__["forward"]
+        ctx.skippable_layers = []
+
+    def _skippable(self, ctx: _Context, cache: Any, bsz: int) -> bool:
         """Whether the pruned layers may append placeholder keys / values to ``cache``
         instead of running: a ``DynamicCache`` whose layers for the pruned range are filled
-        dynamic (or sliding-window) layers of this batch, decoder layer ``i`` writing cache
-        layer ``i`` (its attention's ``layer_idx``), carrying this runtime's
-        :class:`_SkippableForward` and last returning a plain tensor."""
-        if not _DYNAMIC_LAYERS or type(cache) is not _DynamicCache:
+        dynamic (or sliding-window) layers of this batch, decoder layer ``i`` carrying this
+        forward's :class:`_SkippableForward`, writing cache layer ``i`` (its attention's
+        ``layer_idx``) and, when it last ran, returning a plain tensor."""
+        dynamic_cache, cache_layers = _dynamic_cache_types()
+        if dynamic_cache is None or type(cache) is not dynamic_cache \
+                or len(ctx.skippable_layers) != self.end - self.start:
             return False
         cached = getattr(cache, "layers", None)
         if cached is None or len(cached) < self.end:
             return False
-        layers = self.layers
-        for i in range(self.start, self.end):
-            layer, kv = layers[i], cached[i]
-            forward = layer.__dict__.get("forward")
-            if not (isinstance(forward, _SkippableForward) and forward.runtime is self
-                    and layer.__dict__.get(_RETURNS_TENSOR_ATTR)
+        for i, layer in enumerate(ctx.skippable_layers, start=self.start):
+            kv = cached[i]
+            keys, values = getattr(kv, "keys", None), getattr(kv, "values", None)
+            if not (self._returns_tensor.get(type(layer))
                     and getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i
-                    and type(kv) in _DYNAMIC_LAYERS and kv.is_initialized
-                    and kv.keys.dim() == 4 and kv.keys.shape[0] == bsz
-                    and kv.values.dim() == 4):
+                    and type(kv) in cache_layers
+                    and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+                    and keys.dim() == 4 and values.dim() == 4 and keys.shape[0] == bsz):
                 return False
         return True
 
     def _skip_or_run(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """A pruned-range decoder layer's forward. In a cached step whose every row is
-        pruned (:meth:`_skippable`), the layer's output would be replaced by the bypass and
-        its keys / values masked from every later query: it appends zeros of their shape to
-        its cache layer instead (the positions stay aligned) and returns its input.
-        Otherwise it runs the layer's own forward."""
+        """A pruned-range decoder layer's forward in a cached forward. In a step whose every
+        row is pruned (:meth:`_skippable`), the layer's output would be replaced by the
+        bypass and its keys / values masked from every later query: it appends zeros of
+        their shape to its cache layer instead (the positions stay aligned), clears its
+        MoLoRA layers' ``last_routing`` (they did not run) and returns a copy of its input
+        (a hook may change the output in place). Otherwise it runs the layer's own forward."""
         ctx = self._ctx
         cache = None if ctx is None else ctx.skip_cache
         if cache is None:
             out = type(layer).forward(layer, *args, **kwargs)
-            if not torch.compiler.is_compiling():  # compiled steps never skip
-                layer.__dict__[_RETURNS_TENSOR_ATTR] = isinstance(out, torch.Tensor)
+            self._returns_tensor[type(layer)] = isinstance(out, torch.Tensor)
             return out
         hidden = args[0] if args else kwargs["hidden_states"]
         index = layer.self_attn.layer_idx
@@ -887,19 +894,10 @@ class DATALORARuntime:
         keys = kv.keys.new_zeros(*kv.keys.shape[:2], seq_len, kv.keys.shape[3])
         values = kv.values.new_zeros(*kv.values.shape[:2], seq_len, kv.values.shape[3])
         cache.update(keys, values, index)
-        return hidden
-
-    def _install_layer_forwards(self) -> list[Any]:
-        """:class:`_SkippableForward` on each decoder layer of the pruned range that has no
-        instance ``forward`` of its own (accelerate's hooks set one: those layers always
-        run, and the range is then never skipped)."""
-        handles = []
-        for i in range(self.start, self.end):
-            layer = self.layers[i]
-            if "forward" not in layer.__dict__:
-                layer.forward = _SkippableForward(self, layer)
-                handles.append(_LayerForwardHandle(layer))
-        return handles
+        for module in layer.modules():
+            if isinstance(module, MoLoRALinear):
+                module.__dict__["last_routing"] = None
+        return hidden.clone()
 
     def _install(self) -> list[Any]:
         handles = [self.model.register_forward_pre_hook(self._begin, with_kwargs=True),
@@ -917,7 +915,7 @@ class DATALORARuntime:
             if isinstance(module, MoLoRALinear):
                 handles.append(module.register_forward_pre_hook(self._give_routing,
                                                                 with_kwargs=True))
-        return handles + self._install_layer_forwards()
+        return handles
 
     # ------------------------------------------------------------------ hooks
 
@@ -960,14 +958,18 @@ class DATALORARuntime:
         attentions = kwargs.get("output_attentions")
         if attentions is None:
             attentions = getattr(getattr(module, "config", None), "output_attentions", False)
-        self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
-            "new" if kwargs.get("use_cache") else None), stepwise=stepwise,
+        ctx = self._ctx = _Context(
+            attention_mask=mask, cache=cache if cache is not None else (
+                "new" if kwargs.get("use_cache") else None), stepwise=stepwise,
             may_skip=not attentions and not torch.compiler.is_compiling())
+        if ctx.may_skip and ctx.cache is not None:
+            self._put_skippable_forwards(ctx, module)
         return args, kwargs
 
     def _finish(self, module, args, output):
         ctx = self._ctx
         if ctx is not None:
+            self._remove_skippable_forwards(ctx)
             self.last = self._local.last = ctx.record
             hidden_states = getattr(output, "hidden_states", None)
             if hidden_states is not None and ctx.record is not None \
@@ -1187,7 +1189,7 @@ class DATALORARuntime:
         ctx.keep_q = keep_new
         record.kept = keep_new
         record.mode = ctx.mode = "masked"
-        if ctx.may_skip and self._skippable(cache, bsz) and not bool(keep_new.any()):
+        if ctx.may_skip and self._skippable(ctx, cache, bsz) and not bool(keep_new.any()):
             ctx.skip_cache = cache  # every row pruned: the pruned layers need not run
             return
         total = keep_all.shape[1]

@@ -631,7 +631,7 @@ def _count_layer_runs(model, monkeypatch):
 def _skipping_off(monkeypatch):
     from datalora.pruning import DATALORARuntime
 
-    monkeypatch.setattr(DATALORARuntime, "_skippable", lambda self, cache, bsz: False)
+    monkeypatch.setattr(DATALORARuntime, "_skippable", lambda self, ctx, cache, bsz: False)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 3])
@@ -698,12 +698,62 @@ def test_no_step_skips_when_attention_maps_are_returned(monkeypatch):
         assert (runs == [7] * 4) == attentions  # without the maps, some steps skip
 
 
-def test_removing_the_runtime_restores_the_layers_forward():
+def test_the_skippable_forwards_last_one_cached_forward():
+    """The pruned range's layers carry the skipping forward only during a cached forward
+    (and a DataParallel replica's own layers would get their own)."""
+    from datalora.hf_compat import cache_kwargs
     from datalora.pruning import _SkippableForward, find_decoder_layers
 
-    model = _model(prune_layers=(1, 3))
+    model = _calibrated(_model(prune_layers=(1, 3)))
     layers = find_decoder_layers(model.base_model)
-    assert [isinstance(layer.__dict__.get("forward"), _SkippableForward)
-            for layer in layers] == [False, True, True, False]
-    model.runtime.remove()
+    seen = []
+    hook = layers[2].register_forward_pre_hook(
+        lambda layer, args: seen.append(isinstance(layer.__dict__.get("forward"),
+                                                   _SkippableForward)))
+    with torch.no_grad():
+        model(input_ids=_ids(1, 5), use_cache=True,
+              **cache_kwargs(model, DynamicCache(config=model.config)))
+        model(input_ids=_ids(1, 5))
+    hook.remove()
+    assert seen == [True, False]
     assert not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_a_hook_changing_a_skipped_layers_output_in_place_changes_only_it(monkeypatch):
+    """A skipped layer returns a copy of its input: a forward hook editing a pruned layer's
+    output in place (activation patching) leaves the bypass as it was, as when the layers
+    run."""
+    from datalora.pruning import find_decoder_layers
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    layers = find_decoder_layers(model.base_model)
+    layers[1].register_forward_hook(lambda layer, args, out: out.add_(1.0))
+    ids = _ids(1, 12, seed=3)
+    with torch.no_grad():
+        skipped = _stepwise_logits(model, ids, prefill=4)
+        _skipping_off(monkeypatch)
+        ran = _stepwise_logits(model, ids, prefill=4)
+    assert torch.equal(skipped, ran)
+
+
+def test_a_skipped_layers_molora_layers_record_no_routing(monkeypatch):
+    """The MoLoRA layers of a skipped decoder layer did not run: their ``last_routing`` is
+    None rather than an earlier step's."""
+    from datalora.hf_compat import cache_kwargs
+    from datalora.pruning import find_decoder_layers
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    runs = _count_layer_runs(model, monkeypatch)
+    inner = [m for m in find_decoder_layers(model.base_model)[2].modules()
+             if hasattr(m, "last_routing")]
+    ids = _ids(1, 14, seed=3)
+    cache = DynamicCache(config=model.config)
+    records = []
+    with torch.no_grad():
+        model(input_ids=ids[:, :4], use_cache=True, **cache_kwargs(model, cache))
+        for t in range(4, 14):
+            before = runs[2]
+            model(input_ids=ids[:, t:t + 1], use_cache=True, **cache_kwargs(model, cache))
+            records.append((runs[2] > before, {m.last_routing is None for m in inner}))
+    assert {ran for ran, _ in records} == {True, False}  # some steps skipped, some ran
+    assert all(nones == {not ran} for ran, nones in records)
