@@ -497,6 +497,22 @@ def test_the_checked_path_runs_wherever_the_inference_path_may_not(monkeypatch):
         assert len(calls) == 7
 
 
+def test_a_checked_shared_routing_compiles_fullgraph():
+    """A routing an eager call value-checked, then used inside a fullgraph compile: the
+    inference path is not traced (dynamo could not guard on the routing's version
+    counters) and the compiled output equals the eager one."""
+    _, layer = make_layer()
+    layer.eval()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 16)
+    routing = Routing(torch.rand(5, 4).argsort(-1)[:, :2], torch.rand(5, 2), torch.rand(5, 3))
+    with torch.no_grad():
+        want = layer(x, routing)
+        assert not routing.needs_value_check(4)
+        got = torch.compile(lambda x: layer(x, routing), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("name", ["weight", "bias", "lora_A"])
 def test_a_parametrized_weight_takes_the_checked_path(name, monkeypatch):
     """The inference path reads the weights from the modules' parameter dicts; a
