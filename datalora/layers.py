@@ -273,9 +273,11 @@ class MoLoRALinear(nn.Module):
         """x ``[..., d_in]`` -> ``[..., d_out]``; ``routing`` has ``T = x[..., 0].numel()`` rows."""
         if not self.adapter_enabled:
             return self.base_forward(x)
-        # compile / vmap first: their tensors' version counters are not for reading here
+        # compile / torch.func (vmap) first: their tensors' version counters are not for
+        # reading here, and the inference path is for plain eager calls only
         if isinstance(routing, Routing) and not torch.compiler.is_compiling() \
-                and not under_vmap() and not routing.needs_value_check(self.num_experts) \
+                and not under_torch_func() \
+                and not routing.needs_value_check(self.num_experts) \
                 and self._checks_skippable(x, routing):
             routing.note_layer(self)
             self.__dict__["last_routing"] = routing  # nothing requires grad: no graph held
@@ -339,12 +341,13 @@ class MoLoRALinear(nn.Module):
         ``nn.Linear`` base; x ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias
         ``[d_out]``, lora_A ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating
         dtype on one device; a finite float ``scaling``; a shared routing that fits
-        (:func:`_routing_fits`) and whose values were checked (the caller asks
-        ``needs_value_check``). Anything else takes the checked path, which names the bad
-        argument. This is the decode step of a model sharing one routing (a DATALORA model's
+        (:func:`_routing_fits`) and whose values were checked. The caller (:meth:`forward`)
+        asks first what needs no layer: not compiling, no torch.func transform, the
+        routing's ``needs_value_check``. Anything else takes the checked path, which names
+        the bad argument. This is the decode step of a model sharing one routing (a DATALORA model's
         saliency routing, the LoRA-TLE mixer's): at T = 1 its host time was about half the
         checked path's."""
-        if torch.compiler.is_compiling() or self._nf4_base:  # traced: the custom ops
+        if self._nf4_base:
             return False
         # the modules' own dicts, not nn.Module.__getattr__ (host time: this runs per call);
         # a parametrized weight or bias is in neither and takes the checked path
@@ -367,7 +370,7 @@ class MoLoRALinear(nn.Module):
                 and self._plain_base()
                 and not needs_autograd(x, weight, bias, A, B)
                 and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
-                and not under_torch_func() and not autocast_enabled(x.device.type))
+                and not autocast_enabled(x.device.type))
 
     def _forward_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """``y [..., d_out]``: the backend's ``linear_forward``, what

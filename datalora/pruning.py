@@ -567,13 +567,12 @@ class _Context:
     threshold: float | None = None  # keep_threshold, read once per forward
     # decides token by token (generate() or a cache): no per-sequence top-k in eval
     stepwise: bool = False
-    # the pruned layers may be skipped when every row of a cached step is pruned (not under
-    # compile, nor when attention maps are returned: a skipped layer computes none)
-    may_skip: bool = False
+    # the pruned range's layers carrying a _SkippableForward for this forward (a cached one,
+    # not under compile, no attention maps returned: a skipped layer computes none); they
+    # may be skipped when every row of a step is pruned
+    skippable_layers: list[nn.Module] = field(default_factory=list)
     # this step skips them: each appends placeholder keys / values to ``skip_cache``
     skip_cache: Any = None
-    # the pruned range's layers carrying a _SkippableForward for this forward
-    skippable_layers: list[nn.Module] = field(default_factory=list)
 
 
 @functools.cache
@@ -958,11 +957,9 @@ class DATALORARuntime:
         attentions = kwargs.get("output_attentions")
         if attentions is None:
             attentions = getattr(getattr(module, "config", None), "output_attentions", False)
-        ctx = self._ctx = _Context(
-            attention_mask=mask, cache=cache if cache is not None else (
-                "new" if kwargs.get("use_cache") else None), stepwise=stepwise,
-            may_skip=not attentions and not torch.compiler.is_compiling())
-        if ctx.may_skip and ctx.cache is not None:
+        ctx = self._ctx = _Context(attention_mask=mask, cache=cache if cache is not None else (
+            "new" if kwargs.get("use_cache") else None), stepwise=stepwise)
+        if ctx.cache is not None and not attentions and not torch.compiler.is_compiling():
             self._put_skippable_forwards(ctx, module)
         return args, kwargs
 
@@ -1189,7 +1186,7 @@ class DATALORARuntime:
         ctx.keep_q = keep_new
         record.kept = keep_new
         record.mode = ctx.mode = "masked"
-        if ctx.may_skip and self._skippable(ctx, cache, bsz) and not bool(keep_new.any()):
+        if self._skippable(ctx, cache, bsz) and not bool(keep_new.any()):
             ctx.skip_cache = cache  # every row pruned: the pruned layers need not run
             return
         total = keep_all.shape[1]
