@@ -275,13 +275,18 @@ class MoLoRALinear(nn.Module):
             return self.base_forward(x)
         # compile / torch.func (vmap) first: their tensors' version counters are not for
         # reading here, and the inference path is for plain eager calls only
-        if isinstance(routing, Routing) and not torch.compiler.is_compiling() \
-                and not under_torch_func() \
-                and not routing.needs_value_check(self.num_experts) \
-                and self._checks_skippable(x, routing):
-            routing.note_layer(self)
-            self.__dict__["last_routing"] = routing  # nothing requires grad: no graph held
-            return self._forward_checked_inputs(x, routing)
+        if not torch.compiler.is_compiling() and not under_torch_func():
+            if routing is None:
+                if self._checks_skippable(x, None):  # the router's ids are valid by design
+                    routing = self._route(x, trusted=True)
+                    self.__dict__["last_routing"] = routing  # nothing requires grad
+                    return self._forward_checked_inputs(x, routing)
+            elif isinstance(routing, Routing) \
+                    and not routing.needs_value_check(self.num_experts) \
+                    and self._checks_skippable(x, routing):
+                routing.note_layer(self)
+                self.__dict__["last_routing"] = routing  # nothing requires grad: no graph held
+                return self._forward_checked_inputs(x, routing)
         self._check_inputs(x, routing)
         plain = not self._nf4_base and self._plain_base()
         if plain:  # cast once under autocast: the router and the op save the same copy of x
@@ -333,19 +338,22 @@ class MoLoRALinear(nn.Module):
                 else self.base_layer(x))
         return base + delta
 
-    def _checks_skippable(self, x: torch.Tensor, routing: Routing) -> bool:
+    def _checks_skippable(self, x: torch.Tensor, routing: Routing | None) -> bool:
         """Whether this forward may call the backend's fused linear directly
         (:meth:`_forward_checked_inputs`), skipping this forward's and the op's argument
         checks and dispatch because they would pass: an inference call (no gradient needed,
         no autocast, tracing or torch.func transform, no active dropout) on a plain
         ``nn.Linear`` base; x ``[..., d_in]``, the base weight ``[d_out, d_in]`` and bias
         ``[d_out]``, lora_A ``[E, r, d_in]`` and lora_B ``[E, d_out, r]`` in one floating
-        dtype on one device; a finite float ``scaling``; a shared routing that fits
-        (:func:`_routing_fits`) and whose values were checked. The caller (:meth:`forward`)
-        asks first what needs no layer: not compiling, no torch.func transform, the
-        routing's ``needs_value_check``. Anything else takes the checked path, which names
-        the bad argument. This is the decode step of a model sharing one routing (a DATALORA model's
-        saliency routing, the LoRA-TLE mixer's): at T = 1 its host time was about half the
+        dtype on one device; a finite float ``scaling``; and either a shared routing that
+        fits (:func:`_routing_fits`) and whose values were checked, or (``routing`` None)
+        the layer's own router, a plain ``nn.Linear`` in that dtype on that device
+        (:meth:`_router_fits`), whose top-k ids are in range by construction. The caller
+        (:meth:`forward`) asks first what needs no layer: not compiling, no torch.func
+        transform, the routing's ``needs_value_check``. Anything else takes the checked
+        path, which names the bad argument. This is the decode step of a model sharing one
+        routing (a DATALORA model's saliency routing, the LoRA-TLE mixer's) or of a
+        drop-in layer routing its own tokens: at T = 1 its host time was about half the
         checked path's."""
         if self._nf4_base:
             return False
@@ -364,13 +372,27 @@ class MoLoRALinear(nn.Module):
         return (x.shape[-1] == d_in and weight.shape == (d_out, d_in)
                 and B.shape == (E, d_out, r) and (bias is None or bias.shape == (d_out,))
                 and _in_dtype_and_on_device(x, weight, A, B, bias)
-                and _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device)
+                and (self._router_fits(x) if routing is None
+                     else _routing_fits(routing, math.prod(x.shape[:-1]), E, r, x.device))
                 and type(self.scaling) is float and math.isfinite(self.scaling)
                 and (not self.training or isinstance(self.lora_dropout, nn.Identity))
                 and self._plain_base()
                 and not needs_autograd(x, weight, bias, A, B)
-                and not tracing(x, weight, bias, A, B, routing.gates, routing.rank_scale)
+                and not tracing(x, weight, bias, A, B,
+                                *(() if routing is None else (routing.gates, routing.rank_scale)))
                 and not autocast_enabled(x.device.type))
+
+    def _router_fits(self, x: torch.Tensor) -> bool:
+        """Whether the layer's own router is a plain ``nn.Linear`` (no hooks, no
+        parametrization) ``[E, d_in]`` with x's dtype and device, needing no gradient: its
+        logits are then ``F.linear`` of x, routed without casts."""
+        router = self._modules.get("router")
+        if router is None or not _plain_linear(router) or "bias" not in router._parameters:
+            return False
+        weight, bias = router._parameters.get("weight"), router._parameters["bias"]
+        return (weight is not None and weight.shape == (self.num_experts, x.shape[-1])
+                and _in_dtype_and_on_device(x, weight, bias)
+                and not needs_autograd(weight, bias) and not tracing(weight, bias))
 
     def _forward_checked_inputs(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """``y [..., d_out]``: the backend's ``linear_forward``, what

@@ -497,6 +497,81 @@ def test_the_checked_path_runs_wherever_the_inference_path_may_not(monkeypatch):
         assert len(calls) == 7
 
 
+def _own_router_layer(dtype=torch.float32, k=2):
+    base, layer = make_layer(k=k, dtype=dtype)
+    layer.to(dtype).eval()
+    nn.init.normal_(layer.lora_B)
+    nn.init.normal_(layer.router.weight)
+    return base, layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("shape", [(0, 16), (1, 16), (5, 16), (2, 3, 16), "strided"])
+def test_own_router_inference_forward_equals_the_checked_path(dtype, k, shape, monkeypatch):
+    """An inference call of a layer routing its own tokens (a drop-in layer's decode step)
+    routes with its router and calls the backend directly: the output and the recorded
+    routing are the checked path's, bit for bit, for every token count, leading dims,
+    strided x, k = 1 and k = E, in each dtype."""
+    _, layer = _own_router_layer(dtype, k)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 32, generator=g)[:, ::2] if shape == "strided"
+         else torch.randn(*shape, generator=g)).to(dtype)
+    calls = _count_checked_calls(monkeypatch)
+    with torch.no_grad():
+        got = layer(x)
+        got_routing = layer.last_routing
+        assert calls == []
+        monkeypatch.setattr(MoLoRALinear, "_checks_skippable", lambda *args: False)
+        want = layer(x)
+    assert calls == [1]
+    assert got.shape == want.shape == (*x.shape[:-1], 12) and got.dtype == dtype
+    assert torch.equal(got, want)
+    assert torch.equal(got_routing.expert_ids, layer.last_routing.expert_ids)
+    assert torch.equal(got_routing.gates, layer.last_routing.gates)
+
+
+def test_own_router_takes_the_checked_path_wherever_the_inference_path_may_not(monkeypatch):
+    """A layer routing its own tokens takes the checked path (router as a module, the op)
+    when its router needs a gradient, has hooks, a parametrized weight or another dtype;
+    the outputs agree with the inference path's."""
+    import torch.nn.utils.parametrize as parametrize
+
+    _, layer = _own_router_layer()
+    x = torch.randn(5, 16)
+    calls = _count_checked_calls(monkeypatch)
+    with torch.no_grad():
+        want = layer(x)
+    assert calls == []
+    layer.requires_grad_(False)
+    layer.router.weight.requires_grad_(True)
+    got = layer(x)  # grad mode on, the router needs a gradient: checked
+    assert len(calls) == 1 and got.requires_grad
+    torch.testing.assert_close(got, want)
+    layer.router.weight.requires_grad_(False)
+    assert not layer(x).requires_grad and len(calls) == 1  # nothing needs a gradient
+    seen = []
+    handle = layer.router.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    handle.remove()
+    assert len(calls) == 2 and seen == [1]
+
+    class Identity(nn.Module):
+        def forward(self, t):
+            return t
+
+    parametrize.register_parametrization(layer.router, "weight", Identity())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    assert len(calls) == 3
+    parametrize.remove_parametrizations(layer.router, "weight")
+    layer.router.double()  # logits cast to x's dtype by the checked path
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    assert len(calls) == 4
+
+
 def test_a_checked_shared_routing_compiles_fullgraph():
     """A routing an eager call value-checked, then used inside a fullgraph compile: the
     inference path is not traced (dynamo could not guard on the routing's version
