@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from datalora import DATALORAConfig, get_datalora_model
+from datalora import DATALORAConfig, Routing, get_datalora_model
 from datalora.hf_compat import cache_kwargs, output_cache
 from datalora.pruning import (
     compiled_width_fraction,
@@ -640,6 +640,33 @@ def test_gradient_checkpointing_is_rejected():
     ids, mask = batch()
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_parts_of_a_shared_routing_model_called_on_their_own_are_named():
+    """A shared-routing model's adapted layer or decoder called outside the causal LM's
+    forward has no routing: a RuntimeError saying so; an adapted layer given other tokens
+    than the forward's (a hook calling it on a slice) a ValueError naming the counts; and
+    calibrating on no valid score a ValueError (not a NaN threshold)."""
+    model = datalora_model()
+    ids, mask = batch()
+    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="called outside a DATALORA model forward"):
+        q_proj(torch.randn(2, 5, 64))
+    assert torch.equal(q_proj(torch.zeros(2, 64), Routing(torch.zeros(2, 2, dtype=torch.long),
+                                                           torch.ones(2, 2))),
+                       q_proj.base_layer(torch.zeros(2, 64)))  # its own routing: runs
+    with pytest.raises(RuntimeError, match="decoder was called outside the causal LM"):
+        model.base_model.model(input_ids=ids, attention_mask=mask)
+    handle = model.base_model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda module, args: q_proj(args[0][:, :1]) and None)
+    with pytest.raises(ValueError, match=r"routing: the shared routing covers 33 tokens but "
+                                         r"this layer got 3"):
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    model(input_ids=ids, attention_mask=mask)  # the failed forward left nothing behind
+    with pytest.raises(ValueError, match="scores: no valid token scores to calibrate on"):
+        model.runtime.calibrate(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    assert math.isnan(float(model.saliency.keep_threshold))
 
 
 def test_eval_uses_the_threshold_however_it_was_written():
