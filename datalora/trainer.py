@@ -624,6 +624,7 @@ class DATALORATrainer(Trainer):
         dl = self.datalora_model
         if max_batches is None:  # calibrate_batches=0 skips the end-of-training call only
             max_batches = self.calibrate_batches or 4
+        max_batches = check_int("max_batches", max_batches, low=1)
         scores, valid = [], []
         with eval_mode(dl):  # every module's own mode comes back after
             for i, batch in enumerate(self.get_train_dataloader()):

@@ -660,6 +660,55 @@ def test_gradient_checkpointing_is_refused_when_enabled_on_shared_routing():
         torch.testing.assert_close(a, b)
 
 
+def test_misused_model_calls_are_named(tmp_path):
+    """Calls a user can get wrong, each an error naming the argument (or a warning for an
+    ignored keyword), the model unchanged: aux losses before a forward or without a saliency
+    network, a curriculum state on a per-layer model, pickle serialization, unknown
+    ``save_pretrained`` keywords, and loading a folder without weights, with no MoLoRA
+    tensors, or adapting a module the model lacks."""
+    from safetensors.torch import save_file
+
+    model, ids = model_and_ids()
+    wrapped = get_datalora_model(model, DATALORAConfig(**CFG), verbose=False)
+    with pytest.raises(ValueError, match="aux_losses: needs routing='shared' and a forward"):
+        wrapped.aux_losses()
+    per_layer = get_datalora_model(build_tiny_model(seed=0),
+                                   DATALORAConfig(**CFG, routing="per_layer"), verbose=False)
+    with pytest.raises(ValueError, match="aux_losses: needs routing='shared'"):
+        per_layer.aux_losses()
+    with pytest.raises(ValueError, match="routing: set_curriculum_state needs "
+                                         "routing='shared'"):
+        per_layer.set_curriculum_state(tau=1.0)
+    with pytest.raises(ValueError, match="safe_serialization: datalora adapters are saved as "
+                                         "safetensors only"):
+        wrapped.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
+    with pytest.warns(UserWarning, match=r"save_pretrained: ignoring \['max_shard_size'\]"):
+        wrapped.save_pretrained(tmp_path / "saved", max_shard_size="1GB")
+    assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+
+    def load(folder):
+        return DATALORAModel.from_pretrained(build_tiny_model(seed=0), folder)
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text(
+        (tmp_path / "saved" / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="path: no adapter_model.safetensors found"):
+        load(no_weights)
+    saved = wrapped.adapter_state_dict()
+    no_molora = {k: v.contiguous() for k, v in saved.items() if k.startswith("saliency.")}
+    save_file(no_molora, no_weights / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="holds no MoLoRA tensors"):
+        load(no_weights)
+    elsewhere = {k.replace("layers.0.", "layers.9.") if k.endswith(".lora_A") else k:
+                 v.contiguous() for k, v in saved.items()}
+    save_file(elsewhere, no_weights / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"adapts 'model.layers.9.[a-z_]+.[a-z_]+_proj', "
+                                         r"which this model lacks"):
+        load(no_weights)
+
+
 def test_a_peft_adapter_config_is_named_as_such():
     with pytest.raises(ValueError, match=r"a PEFT adapter config \(peft_type 'LORA'\)"):
         DATALORAConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 16,

@@ -1195,6 +1195,18 @@ def test_calibration_reads_max_batches_batches(tmp_path):
     calls.clear()
     trainer.calibrate_keep_threshold()  # calibrate_batches=0 skips the end of training only
     assert len(calls) == 4
+    calls.clear()
+    for bad in (0, -1, 1.5):  # 0 read no batch and blamed the dataset
+        with pytest.raises(ValueError, match="max_batches"):
+            trainer.calibrate_keep_threshold(max_batches=bad)
+    assert calls == []
+
+
+def test_trainer_refuses_a_model_or_curriculum_of_another_type(tmp_path):
+    with pytest.raises(TypeError, match="model: expected a DATALORAModel"):
+        make_trainer(tmp_path, tiny_datalora().base_model)
+    with pytest.raises(TypeError, match="curriculum: expected a CurriculumScheduler, got dict"):
+        make_trainer(tmp_path, tiny_datalora(), curriculum={"mode": "epochs"})
 
 
 def test_eval_mode_runs_train_overrides_when_it_gives_the_modes_back():
