@@ -146,8 +146,10 @@ def test_load_local_jsonl_json_parquet(tmp_path, sample_rows):
     write_jsonl(sample_rows, tmp_path / "d.jsonl")
     (tmp_path / "d.json").write_text(json.dumps(sample_rows), encoding="utf-8")
     (tmp_path / "split.json").write_text(json.dumps({"train": sample_rows}), encoding="utf-8")
+    (tmp_path / "data.json").write_text(json.dumps({"version": 1, "data": sample_rows}),
+                                        encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(sample_rows), tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.json", "split.json", "d.parquet"):
+    for name in ("d.jsonl", "d.json", "split.json", "data.json", "d.parquet"):
         assert load_instruction_dataset(tmp_path / name) == sample_rows, name
         assert load_instruction_dataset(str(tmp_path / name), limit=5) == sample_rows[:5]
 
@@ -396,6 +398,14 @@ def test_a_json_file_holding_one_row_says_to_wrap_it_in_a_list(tmp_path):
     with pytest.raises(ValueError, match=r"source: columns of .*columns\.json have different "
                                          r"lengths"):
         load_instruction_dataset(path)  # not one row with the second response dropped
+    path.write_text(json.dumps({"version": 1, "rows": 2}))
+    with pytest.raises(ValueError, match=r"columns\.json holds a JSON object without a list "
+                                         r"of rows \(expected a list, \{'train': \[\.\.\.\]\}"):
+        load_instruction_dataset(path)
+    path.write_text("5")
+    with pytest.raises(ValueError, match=r"columns\.json must hold a list of row objects, got "
+                                         r"int"):
+        load_instruction_dataset(path)
 
 
 def test_trained_ids_are_the_documented_texts_tokens_with_a_metaspace_tokenizer(
