@@ -2110,6 +2110,32 @@ def test_adapters_of_different_bases_and_a_mixer_on_another_base_warn(adapter_di
                                                tmp_path / "m")
 
 
+def test_cli_default_flow_trains_task_adapters_and_reports_their_eval_loss(tmp_path, capsys):
+    """``python -m datalora tle`` without ``--adapters``: one adapter per embedded task is
+    trained into ``--adapter-dir`` (a folder per base), centroids come from the embedded
+    train split and the mixer's eval loss is printed per task before the answers."""
+    import json
+
+    from datalora.cli import main
+    from datalora.data import TASKS
+    from datalora.tle.mixer import MIXER_CONFIG
+
+    assert main(["tle", "--base", "random", "--train-steps", "1", "--adapter-dir",
+                 str(tmp_path / "adapters"), "--eval-per-task", "1", "--centroid-prompts", "2",
+                 "--prompt", "What is 2 + 2?", "--max-new-tokens", "2", "--no-progress",
+                 "--save", str(tmp_path / "mixer")]) == 0
+    out = capsys.readouterr().out
+    assert "eval loss per task (weights recomputed every 2 tokens):" in out
+    losses = {line.split(":")[0].strip(): float(line.split(":")[1])
+              for line in out.splitlines() if line.startswith("  ") and ":" in line}
+    assert set(losses) == {*TASKS, "mean"} and all(math.isfinite(v) for v in losses.values())
+    assert "Q: What is 2 + 2?" in out and out.index("eval loss") < out.index("Q: ")
+    trained = sorted(p.name for p in (tmp_path / "adapters" / "random").iterdir())
+    assert trained == sorted(TASKS)
+    saved = json.loads((tmp_path / "mixer" / MIXER_CONFIG).read_text())
+    assert sorted(saved["names"]) == trained
+
+
 def test_cli_routes_your_own_adapters_with_a_centroid_file(adapter_dirs, tmp_path, capsys):
     import json
 
