@@ -962,6 +962,43 @@ def test_titok_cli_transfers_local_models_and_saves_the_adapter(tmp_path, tok, t
         assert f"{flag}: not used by" in capsys.readouterr().err
 
 
+def test_titok_cli_transfers_a_datalora_adapter(tmp_path, tok, tok_other):
+    """``--source-adapter`` may be a datalora adapter folder (a DATALORATrainer's output:
+    MoLoRA layers, the saliency network, token pruning): the CLI loads it with
+    ``DATALORAModel.from_pretrained`` and transfers it like a PEFT one."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from datalora.cli import main
+    from datalora.config import DATALORAConfig
+    from datalora.model import get_datalora_model
+
+    source = _small(seed=2)
+    source.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    adapted = get_datalora_model(source, DATALORAConfig(
+        num_lora_experts=2, lora_rank=2, num_active_experts=1, target_modules=["q_proj"],
+        target_retention=0.5), verbose=False)
+    with torch.no_grad():
+        for _, layer in adapted.molora_layers():
+            layer.lora_B.normal_(std=0.5)
+    adapted.save_pretrained(tmp_path / "adapter")
+    _small(vocab=270, seed=4).save_pretrained(tmp_path / "tgt")
+    tok_other.save_pretrained(tmp_path / "tgt")
+    (tmp_path / "seeds.txt").write_text("Reverse the letters: abc\nSort: 3, 1, 2\n")
+    out = tmp_path / "out"
+    assert main(["titok", "--source-model", str(tmp_path / "src"), "--source-adapter",
+                 str(tmp_path / "adapter"), "--target-model", str(tmp_path / "tgt"),
+                 "--seed-file", str(tmp_path / "seeds.txt"), "--target-modules", "q_proj",
+                 "--steps", "1", "--max-new-tokens", "4", "--sample-keep", "1",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "titok_report.json").read_text())
+    assert report["seed_prompts"] == 2 and len(report["losses"]) == 1
+    assert all(math.isfinite(loss) for loss in report["losses"])
+    loaded = peft.PeftModel.from_pretrained(_small(vocab=270, seed=4), str(out))
+    assert any("lora_B" in n for n, _ in loaded.named_parameters())
+
+
 def test_seed_file_rows_are_checked_where_they_are_read(tmp_path):
     """A non-string system_prompt passed the seed file's check and failed after both
     models had loaded, naming neither the file nor the line."""
