@@ -1924,6 +1924,50 @@ def test_an_unreadable_adapter_config_names_its_file(adapter_dirs, tmp_path):
             load_peft_adapter(folder)
 
 
+def test_adapters_that_are_not_plain_complete_loras_are_named(adapter_dirs, tmp_path):
+    """A folder of another PEFT type, with replicated layers, without weights, with a
+    module missing lora_B, with mismatched A / B ranks or with no LoRA tensor at all: a
+    ValueError (FileNotFoundError for missing files) naming the folder and what is wrong,
+    not a failure later inside the mixer."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def copy_with(name, edit_config=None, edit_tensors=None):
+        folder = tmp_path / name
+        shutil.copytree(adapter_dirs[0], folder)
+        if edit_config is not None:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps(edit_config(config)))
+        if edit_tensors is not None:
+            weights = folder / "adapter_model.safetensors"
+            save_file(edit_tensors(load_file(weights)), weights)
+        return folder
+
+    cases = [
+        (copy_with("ia3", lambda c: {**c, "peft_type": "IA3"}), ValueError,
+         r"ia3 holds a IA3 adapter, expected LORA"),
+        (copy_with("replicated", lambda c: {**c, "layer_replication": [[0, 2], [1, 2]]}),
+         ValueError, r"replicated replicates decoder layers \(layer_replication\)"),
+        (copy_with("no_b", edit_tensors=lambda t: {k: v for k, v in t.items()
+                                                   if "lora_B" not in k}),
+         ValueError, r"module '.*' of .*no_b lacks lora_A or lora_B"),
+        (copy_with("ranks", edit_tensors=lambda t: {
+            k: v[:1] if "lora_A" in k else v for k, v in t.items()}),
+         ValueError, r"has lora_A \(1, \d+\) and lora_B \(\d+, \d+\)"),
+        (copy_with("empty", edit_tensors=lambda t: {"other": torch.zeros(1)}),
+         ValueError, r"unsupported tensor 'other'"),
+    ]
+    no_weights = copy_with("no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    cases.append((no_weights, FileNotFoundError, r"no_weights must contain adapter_config.json "
+                                                 r"and"))
+    for folder, error, match in cases:
+        with pytest.raises(error, match=rf"path: .*{match}"):
+            load_peft_adapter(folder)
+
+
 def test_a_missing_folder_or_a_datalora_adapter_is_named(tmp_path):
     from datalora import DATALORAConfig, get_datalora_model
 
