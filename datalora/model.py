@@ -462,8 +462,9 @@ class DATALORAModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search).
 
-        Assisted and prompt-lookup decoding are rejected under shared routing: they crop the
-        KV cache, and the saliency network's running context cannot be cropped with it. An
+        Assisted and prompt-lookup decoding work (the keep flags and the saliency network's
+        running context follow the cache's rollback); self-speculative decoding
+        (``assistant_early_exit``) is refused under shared routing. An
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
         without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
         In training mode (Gumbel-noised routing, noisy token selection, LoRA dropout) the
@@ -486,11 +487,12 @@ class DATALORAModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         config = kwargs.get("generation_config") or getattr(self.base_model,
                                                             "generation_config", None)
-        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
-            if kwargs.get(name) is not None or getattr(config, name, None) is not None:
-                raise ValueError(f"{name}: assisted / prompt-lookup decoding crops the KV "
-                                 f"cache, which the shared saliency state cannot follow; "
-                                 f"use greedy, sampling or beam search")
+        name = "assistant_early_exit"
+        if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+            raise ValueError(f"{name}: self-speculative decoding drafts with the first "
+                             f"decoder layers alone, which the saliency network and the pruned "
+                             f"layer range do not support; use assistant_model or "
+                             f"prompt_lookup_num_tokens")
         return self.base_model.generate(*args, **kwargs)
 
     def _check_generate_inputs(self, input_ids: Any) -> None:

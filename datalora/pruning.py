@@ -65,6 +65,10 @@ from datalora.saliency import (
 
 _CACHE_KEEP_ATTR = "_datalora_keep"
 _CACHE_USN_ATTR = "_datalora_usn_context"
+# (first position, feature sums [B, L, h], counts [B, L], state before) of the last forward's
+# chunk: the saliency state after any of its positions, for a crop inside it
+_CACHE_CHUNK_ATTR = "_datalora_usn_chunk"
+_CACHE_ATTRS = (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR, _CACHE_CHUNK_ATTR)
 
 
 COMPILED_WIDTH_STEPS = 4
@@ -231,10 +235,11 @@ def _repeat_rows(value: torch.Tensor, repeats: int) -> torch.Tensor:
 
 
 def _each_tensor(value: Any, fn: Any, arg: Any) -> Any:
-    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple."""
+    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple (other
+    entries, such as None or a position, kept as they are)."""
     if isinstance(value, tuple):
         return tuple(_each_tensor(v, fn, arg) for v in value)
-    return fn(value, arg)
+    return fn(value, arg) if isinstance(value, torch.Tensor) else value
 
 
 # the cache's batch-row operations (transformers' Cache API) and the same operation on the
@@ -243,10 +248,36 @@ _ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _selec
                    "batch_repeat_interleave": _repeat_rows}
 
 
+def _crop_state(cache: Any, length: int) -> None:
+    """The DATALORA state on ``cache`` after ``cache.crop`` kept its first ``length``
+    positions: the keep flags cut to ``length`` and the saliency state taken at that
+    position of the last forward's chunk (assisted decoding crops inside it). A crop to
+    before that chunk leaves the flags longer than the cache, so the next forward refuses
+    it (the state there is gone); a crop to 0 empties the cache, which the next forward
+    starts afresh."""
+    keep = getattr(cache, _CACHE_KEEP_ATTR, None)
+    chunk = getattr(cache, _CACHE_CHUNK_ATTR, None)
+    if keep is None or keep.shape[1] <= length:
+        return
+    if chunk is None or length < chunk[0]:
+        if length > 0:
+            return
+        for attr in _CACHE_ATTRS:  # emptied: the next forward starts afresh
+            if hasattr(cache, attr):
+                delattr(cache, attr)
+        return
+    start, sums, counts, before = chunk
+    kept = length - start  # positions of the chunk the crop keeps
+    state = before if kept == 0 else (sums[:, kept - 1].clone(), counts[:, kept - 1].clone())
+    setattr(cache, _CACHE_KEEP_ATTR, keep[:, :length])
+    setattr(cache, _CACHE_USN_ATTR, state)
+    setattr(cache, _CACHE_CHUNK_ATTR, (start, sums[:, :kept], counts[:, :kept], before))
+
+
 class _RowsFollow:
     """``cache.<method>`` (a batch-row operation: beam search's reorder, dropping or
-    repeating rows) that applies the same operation to the DATALORA per-row state stored on
-    the cache (keep flags, USN context).
+    repeating rows; or ``crop``, assisted decoding's rollback) that applies the same
+    operation to the DATALORA state stored on the cache (keep flags, USN context).
 
     It holds the cache through a weak reference: stored on the cache, a strong one made a
     reference cycle, so every cache a generate() filled (GPU memory) lived on until Python's
@@ -266,8 +297,13 @@ class _RowsFollow:
 
     def __call__(self, rows: Any, *args, **kwargs) -> Any:
         cache = self.cache
+        if self.method == "crop":  # its argument's meaning differs between transformers
+            # releases (a length, or minus the positions to drop): read the length it left
+            out = type(cache).crop(cache, rows, *args, **kwargs)
+            _crop_state(cache, cache.get_seq_length())
+            return out
         out = getattr(type(cache), self.method)(cache, rows, *args, **kwargs)
-        for attr in (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR):
+        for attr in _CACHE_ATTRS:
             value = getattr(cache, attr, None)
             if value is not None:
                 setattr(cache, attr, _each_tensor(value, _ROW_OPERATIONS[self.method], rows))
@@ -275,8 +311,8 @@ class _RowsFollow:
 
 
 def _follow_cache_rows(cache: Any) -> None:
-    """Makes the cache's batch-row operations follow with the DATALORA state."""
-    for method in _ROW_OPERATIONS:
+    """Makes the cache's batch-row operations and ``crop`` follow with the DATALORA state."""
+    for method in (*_ROW_OPERATIONS, "crop"):
         if hasattr(type(cache), method) and not isinstance(getattr(cache, method), _RowsFollow):
             setattr(cache, method, _RowsFollow(cache, method))
 
@@ -1008,11 +1044,13 @@ class DATALORARuntime:
                  if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
         cache = cache_of(kwargs)
         state = getattr(cache, _CACHE_USN_ATTR, None) if cache is not None else None
-        if state is not None and cache.get_seq_length(0) == 0:
+        start = cache.get_seq_length(0) if cache is not None else 0  # layer 0: not yet run
+        if state is not None and start == 0:
             state = None  # a reused cache object that was reset
         out = self.saliency(hidden, valid, state)
         if cache is not None:
             setattr(cache, _CACHE_USN_ATTR, out.state)
+            setattr(cache, _CACHE_CHUNK_ATTR, (start, *out.context, state))
             _follow_cache_rows(cache)
         keep_prob = self.saliency.keep_probability(out.token_scores)
         ctx.routing = out.routing

@@ -113,6 +113,9 @@ class SaliencyOutput:
         routing: :class:`Routing` over the ``T = B*L`` tokens (``expert_ids [T, k]``,
             ``gates [T, k]``, ``rank_scale [T, r]``, ``router_probs [T, E]`` noise-free).
         state: ``(feature_sum [B, h], count [B])`` fp32, the causal context after this chunk.
+        context: ``(feature_sum [B, L, h], count [B, L])``, the causal context after each
+            position of this chunk (detached): the ``state`` a KV cache cropped inside the
+            chunk resumes from (assisted decoding).
     """
 
     token_scores: torch.Tensor
@@ -120,6 +123,7 @@ class SaliencyOutput:
     rank_scale: torch.Tensor
     routing: Routing
     state: tuple[torch.Tensor, torch.Tensor] | None = None
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class UnifiedSaliencyNetwork(nn.Module):
@@ -253,7 +257,8 @@ class UnifiedSaliencyNetwork(nn.Module):
                           _valid_experts=self.num_experts)
         return SaliencyOutput(token_scores=scores, router_logits=logits,
                               rank_scale=rank_scale, routing=routing,
-                              state=_end_state(total, count, state))
+                              state=_end_state(total, count, state),
+                              context=(total.detach(), count.detach()))
 
     def _check_state(self, state: object, bsz: int) -> None:
         """``state`` is ``(feature_sum [B, h], count [B])`` for a batch of ``bsz``."""

@@ -1,6 +1,6 @@
 """The DATALORA hooks under Hugging Face ``generate`` and other model-forward options:
 beam search, sliding-window and static caches, reused caches, hidden states, an
-uncalibrated or stale keep threshold, decoding strategies that crop the cache."""
+uncalibrated or stale keep threshold, assisted decoding (which crops the cache)."""
 
 from __future__ import annotations
 
@@ -134,11 +134,87 @@ def test_static_cache_is_rejected_clearly():
         model.generate(_ids(2, 10), cache_implementation="static", max_new_tokens=3, **GREEDY)
 
 
-@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=2)])
-def test_decoding_that_crops_the_cache_is_rejected(option):
+def _count_crops_inside_chunks(monkeypatch):
+    """A list that gets the kept length of every cache crop that cut into the last
+    forward's chunk (the case the saliency state must be rolled back for)."""
+    from datalora import pruning
+
+    cuts, real = [], pruning._crop_state
+
+    def counted(cache, length):
+        chunk = getattr(cache, pruning._CACHE_CHUNK_ATTR, None)
+        if chunk is not None and chunk[0] < length < chunk[0] + chunk[1].shape[1]:
+            cuts.append(length)
+        return real(cache, length)
+
+    monkeypatch.setattr(pruning, "_crop_state", counted)
+    return cuts
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(sliding_window, monkeypatch):
+    """Prompt-lookup decoding and assisted decoding with a small draft model verify several
+    drafted tokens per forward, then crop the cache back to the accepted ones: the keep
+    flags and the saliency network's running context are rolled back with it, so the
+    tokens are greedy decoding's, with pruning active (also past a sliding window)."""
+    model = _calibrated(_model(sliding_window=sliding_window))
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(7)
+    draft = MistralForCausalLM(cfg).eval()
+    cuts = _count_crops_inside_chunks(monkeypatch)
+    options = {**GREEDY, "eos_token_id": 2}  # transformers 4.x's prompt lookup needs one
+    kept = []
+    for seed in range(3):
+        prompt = _ids(1, 12, seed=seed)
+        prompt = torch.cat([prompt, prompt[:, :6]], 1)  # repeats: the lookup finds drafts
+        with torch.no_grad():
+            greedy = model.generate(prompt, max_new_tokens=16, **options)
+            kept.append(model.runtime.last.kept.float().mean())
+            lookup = model.generate(prompt, prompt_lookup_num_tokens=3, max_new_tokens=16,
+                                    **options)
+            assisted = model.generate(prompt, assistant_model=draft, max_new_tokens=16,
+                                      **options)
+        for out in (lookup, assisted):  # transformers 4.x may add a token past the limit
+            assert torch.equal(out[:, :greedy.shape[1]], greedy)
+    assert len(cuts) >= 6  # drafts were rejected inside a verified chunk
+    assert min(kept) < 1  # some generated tokens were pruned
+
+
+def test_a_crop_inside_the_last_chunk_resumes_from_that_position():
+    """Prefill 10 tokens, crop 4 off, and the cache holds what prefilling the first 6
+    holds: keep flags, saliency state and the next step's logits; a crop to before the
+    last forward's chunk is refused at the next forward (the state there is gone)."""
+    from datalora import pruning
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    ids = _ids(1, 11, seed=4)
+    with torch.no_grad():
+        cropped = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :10], **cache_kwargs(model, cropped))
+        cropped.crop(-4)
+        fresh = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :6], **cache_kwargs(model, fresh))
+        assert torch.equal(getattr(cropped, pruning._CACHE_KEEP_ATTR),
+                           getattr(fresh, pruning._CACHE_KEEP_ATTR))
+        for got, want in zip(getattr(cropped, pruning._CACHE_USN_ATTR),
+                             getattr(fresh, pruning._CACHE_USN_ATTR), strict=True):
+            torch.testing.assert_close(got, want)
+        nxt = ids[:, 6:7]
+        torch.testing.assert_close(
+            model(input_ids=nxt, **cache_kwargs(model, cropped)).logits,
+            model(input_ids=nxt, **cache_kwargs(model, fresh)).logits)
+        cropped.crop(-3)  # 7 -> 4: before the one-token chunk just run
+        with pytest.raises(ValueError, match=r"cropped \(crop\(\), assisted decoding\)"):
+            model(input_ids=ids[:, 4:5], **cache_kwargs(model, cropped))
+
+
+def test_self_speculative_decoding_is_refused():
     model = _calibrated(_model())
-    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
-        model.generate(_ids(1, 10), max_new_tokens=3, **option, **GREEDY)
+    with pytest.raises(ValueError, match="assistant_early_exit: self-speculative decoding"):
+        model.generate(_ids(1, 10), max_new_tokens=3, assistant_early_exit=2, **GREEDY)
 
 
 def test_cropped_or_foreign_cache_is_refused_with_cause_and_remedy():
