@@ -1052,6 +1052,7 @@ class DATALORARuntime:
             setattr(cache, _CACHE_USN_ATTR, out.state)
             setattr(cache, _CACHE_CHUNK_ATTR, (start, *out.context, state))
             _follow_cache_rows(cache)
+        out.context = None  # [B, L, h]: on the cache only, not held by the forward's record
         keep_prob = self.saliency.keep_probability(out.token_scores)
         ctx.routing = out.routing
         ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,

@@ -238,6 +238,15 @@ def test_usn_context_is_causal_ignores_padding_and_resumes_from_state():
                                full.router_logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(torch.cat([head.token_scores, tail.token_scores], 1),
                                full.token_scores, atol=1e-6, rtol=1e-6)
+    # the context after each position is the state a chunk ending there returns (what a
+    # cache cropped inside a chunk resumes from)
+    sums, counts = full.context
+    assert sums.shape == (2, 9, 8) and counts.shape == (2, 9) and not sums.requires_grad
+    for end in (1, 5, 9):
+        state = usn(x[:, :end], valid[:, :end]).state
+        torch.testing.assert_close(sums[:, end - 1], state[0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(counts[:, end - 1], state[1])
+    torch.testing.assert_close(tail.context[0][:, -1], full.state[0], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="valid"):
         usn(x, valid[:, :4])
 
