@@ -250,28 +250,34 @@ _ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _selec
 
 def _crop_state(cache: Any, length: int) -> None:
     """The DATALORA state on ``cache`` after ``cache.crop`` kept its first ``length``
-    positions: the keep flags cut to ``length`` and the saliency state taken at that
-    position of the last forward's chunk (assisted decoding crops inside it). A crop to
-    before that chunk leaves the flags longer than the cache, so the next forward refuses
-    it (the state there is gone); a crop to 0 empties the cache, which the next forward
-    starts afresh."""
-    keep = getattr(cache, _CACHE_KEEP_ATTR, None)
+    positions, when that cut into the last forward's chunk (assisted decoding crops the
+    drafted tokens it rejected): the saliency state taken at that position and the keep
+    flags cut to it. A crop to before that chunk leaves the state as it was, so the next
+    forward refuses the cache (:func:`_foreign_cache_error`; the state there is gone), but
+    for a crop to 0, an empty cache, which it starts afresh."""
     chunk = getattr(cache, _CACHE_CHUNK_ATTR, None)
-    if keep is None or keep.shape[1] <= length:
-        return
-    if chunk is None or length < chunk[0]:
-        if length > 0:
-            return
-        for attr in _CACHE_ATTRS:  # emptied: the next forward starts afresh
-            if hasattr(cache, attr):
-                delattr(cache, attr)
+    if chunk is None:
         return
     start, sums, counts, before = chunk
+    if not start <= length < start + sums.shape[1]:
+        return
     kept = length - start  # positions of the chunk the crop keeps
     state = before if kept == 0 else (sums[:, kept - 1].clone(), counts[:, kept - 1].clone())
-    setattr(cache, _CACHE_KEEP_ATTR, keep[:, :length])
     setattr(cache, _CACHE_USN_ATTR, state)
     setattr(cache, _CACHE_CHUNK_ATTR, (start, sums[:, :kept], counts[:, :kept], before))
+    keep = getattr(cache, _CACHE_KEEP_ATTR, None)
+    if keep is not None:
+        setattr(cache, _CACHE_KEEP_ATTR, keep[:, :length])
+
+
+def _foreign_cache_error(cached: int, layer: int, recorded: int, what: str) -> ValueError:
+    """The cache holds ``cached`` positions in decoder layer ``layer`` where the DATALORA
+    state on it covers ``recorded`` (``what``: the keep flags or the saliency context)."""
+    return ValueError(f"cache: the KV cache holds {cached} tokens in layer {layer} but "
+                      f"DATALORA recorded {what} for {recorded}: the cache was cropped to "
+                      f"before this model's last forward, or filled outside this DATALORA "
+                      f"model, and the keep flags and saliency state cannot follow that; "
+                      f"start from an empty cache or prefill it again with this model")
 
 
 class _RowsFollow:
@@ -1047,6 +1053,10 @@ class DATALORARuntime:
         start = cache.get_seq_length(0) if cache is not None else 0  # layer 0: not yet run
         if state is not None and start == 0:
             state = None  # a reused cache object that was reset
+        chunk = getattr(cache, _CACHE_CHUNK_ATTR, None) if start else None
+        if chunk is not None and chunk[0] + chunk[1].shape[1] != start:
+            raise _foreign_cache_error(start, 0, chunk[0] + chunk[1].shape[1],
+                                       "the saliency context")
         out = self.saliency(hidden, valid, state)
         if cache is not None:
             setattr(cache, _CACHE_USN_ATTR, out.state)
@@ -1213,12 +1223,7 @@ class DATALORARuntime:
         past_len = 0 if past is None else past.shape[1]
         if cache is not None:
             if cached != past_len:
-                raise ValueError(f"cache: the KV cache holds {cached} tokens in layer "
-                                 f"{self.start} but DATALORA recorded {past_len} keep flags: "
-                                 f"the cache was cropped (crop(), assisted decoding) or filled "
-                                 f"outside this DATALORA model, and the keep flags and saliency "
-                                 f"state cannot follow that; start from an empty cache or "
-                                 f"prefill it again with this model")
+                raise _foreign_cache_error(cached, self.start, past_len, "keep flags")
         keep_all = keep_new if past is None else torch.cat([past, keep_new], 1)
         if cache is not None:
             setattr(cache, _CACHE_KEEP_ATTR, keep_all)

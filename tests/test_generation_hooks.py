@@ -207,7 +207,7 @@ def test_a_crop_inside_the_last_chunk_resumes_from_that_position():
             model(input_ids=nxt, **cache_kwargs(model, cropped)).logits,
             model(input_ids=nxt, **cache_kwargs(model, fresh)).logits)
         cropped.crop(-3)  # 7 -> 4: before the one-token chunk just run
-        with pytest.raises(ValueError, match=r"cropped \(crop\(\), assisted decoding\)"):
+        with pytest.raises(ValueError, match=r"cropped to before this model's last forward"):
             model(input_ids=ids[:, 4:5], **cache_kwargs(model, cropped))
 
 
@@ -218,20 +218,27 @@ def test_self_speculative_decoding_is_refused():
 
 
 def test_cropped_or_foreign_cache_is_refused_with_cause_and_remedy():
-    """Rolling a cache back with crop() or passing one the plain base model filled is refused:
-    the keep flags and the saliency state cannot follow; the error names both causes."""
+    """Rolling a cache back with crop() to before the last forward, or passing one the plain
+    base model filled, is refused: the keep flags and the saliency state cannot follow; the
+    error names both causes and the remedy."""
     from datalora.hf_compat import cache_kwargs, output_cache
 
     model = _calibrated(_model(prune_layers=(1, 4)))
+    cause = (r"cropped to before this model's last forward, or filled outside this DATALORA "
+             r"model, .* empty cache or prefill")
     with torch.no_grad():
         out = model.generate(_ids(1, 6), max_new_tokens=3, return_dict_in_generate=True,
                              **GREEDY)
         cache = output_cache(out)
         cache.crop(-2)
-        with pytest.raises(ValueError, match=r"cropped \(crop\(\), assisted decoding\) or "
-                                             r"filled outside .* empty cache or prefill"):
+        with pytest.raises(ValueError, match=cause):
             model.generate(out.sequences[:, :7], **cache_kwargs(model, cache), max_new_tokens=2,
                            **GREEDY)
+        foreign = DynamicCache(config=model.config)
+        plain = MistralForCausalLM(model.base_model.config).eval()  # no DATALORA hooks
+        plain(input_ids=_ids(1, 6), **cache_kwargs(plain, foreign))
+        with pytest.raises(ValueError, match=cause):
+            model(input_ids=_ids(1, 1), **cache_kwargs(model, foreign))
 
 
 def test_reset_cache_can_be_reused():
