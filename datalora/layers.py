@@ -278,7 +278,8 @@ class MoLoRALinear(nn.Module):
         if not torch.compiler.is_compiling() and not under_torch_func():
             if routing is None:
                 if self._checks_skippable(x, None):  # the router's ids are valid by design
-                    routing = self._route(x, trusted=True)
+                    # untrusted: one call uses its tables, and the record is yours to change
+                    routing = self._route(x, trusted=False)
                     self.__dict__["last_routing"] = routing  # nothing requires grad
                     return self._forward_checked_inputs(x, routing)
             elif isinstance(routing, Routing) \

@@ -462,9 +462,10 @@ class DATALORAModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search).
 
-        Assisted and prompt-lookup decoding work (the keep flags and the saliency network's
-        running context follow the cache's rollback); self-speculative decoding
-        (``assistant_early_exit``) is refused under shared routing. An
+        Assisted and prompt-lookup decoding work, also with a DATALORA model as the draft
+        (the keep flags and the saliency network's running context follow the cache's
+        ``crop``); self-speculative decoding (``assistant_early_exit``) is refused under
+        shared routing. An
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
         without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
         In training mode (Gumbel-noised routing, noisy token selection, LoRA dropout) the
@@ -485,8 +486,10 @@ class DATALORAModel(nn.Module):
         runtime = self.runtime
         if runtime is None:
             return self.base_model.generate(*args, **kwargs)
-        config = kwargs.get("generation_config") or getattr(self.base_model,
-                                                            "generation_config", None)
+        config = kwargs.get("generation_config")
+        if config is None and len(args) > 1:  # generate(inputs, generation_config, ...)
+            config = args[1]
+        config = config or getattr(self.base_model, "generation_config", None)
         name = "assistant_early_exit"
         if kwargs.get(name) is not None or getattr(config, name, None) is not None:
             raise ValueError(f"{name}: self-speculative decoding drafts with the first "

@@ -63,12 +63,11 @@ from datalora.saliency import (
     uniform_noise,
 )
 
-_CACHE_KEEP_ATTR = "_datalora_keep"
-_CACHE_USN_ATTR = "_datalora_usn_context"
-# (first position, feature sums [B, L, h], counts [B, L], state before) of the last forward's
-# chunk: the saliency state after any of its positions, for a crop inside it
-_CACHE_CHUNK_ATTR = "_datalora_usn_chunk"
-_CACHE_ATTRS = (_CACHE_KEEP_ATTR, _CACHE_USN_ATTR, _CACHE_CHUNK_ATTR)
+_CACHE_KEEP_ATTR = "_datalora_keep"  # [B, positions] bool: kept in the pruned range
+# (feature sums [B, positions, h], counts [B, positions]): the saliency network's running
+# context after each cached position; the last one resumes it, any one after a crop
+_CACHE_CONTEXT_ATTR = "_datalora_usn_context"
+_CACHE_ATTRS = (_CACHE_KEEP_ATTR, _CACHE_CONTEXT_ATTR)
 
 
 COMPILED_WIDTH_STEPS = 4
@@ -250,34 +249,23 @@ _ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _selec
 
 def _crop_state(cache: Any, length: int) -> None:
     """The DATALORA state on ``cache`` after ``cache.crop`` kept its first ``length``
-    positions, when that cut into the last forward's chunk (assisted decoding crops the
-    drafted tokens it rejected): the saliency state taken at that position and the keep
-    flags cut to it. A crop to before that chunk leaves the state as it was, so the next
-    forward refuses the cache (:func:`_foreign_cache_error`; the state there is gone), but
-    for a crop to 0, an empty cache, which it starts afresh."""
-    chunk = getattr(cache, _CACHE_CHUNK_ATTR, None)
-    if chunk is None:
-        return
-    start, sums, counts, before = chunk
-    if not start <= length < start + sums.shape[1]:
-        return
-    kept = length - start  # positions of the chunk the crop keeps
-    state = before if kept == 0 else (sums[:, kept - 1].clone(), counts[:, kept - 1].clone())
-    setattr(cache, _CACHE_USN_ATTR, state)
-    setattr(cache, _CACHE_CHUNK_ATTR, (start, sums[:, :kept], counts[:, :kept], before))
-    keep = getattr(cache, _CACHE_KEEP_ATTR, None)
-    if keep is not None:
-        setattr(cache, _CACHE_KEEP_ATTR, keep[:, :length])
+    positions (assisted decoding drops the drafted tokens it rejected): the keep flags and
+    the saliency context cut to them."""
+    for attr in _CACHE_ATTRS:
+        value = getattr(cache, attr, None)
+        if value is not None:
+            setattr(cache, attr, _each_tensor(value, lambda t, n: t[:, :n], length))
 
 
 def _foreign_cache_error(cached: int, layer: int, recorded: int, what: str) -> ValueError:
     """The cache holds ``cached`` positions in decoder layer ``layer`` where the DATALORA
     state on it covers ``recorded`` (``what``: the keep flags or the saliency context)."""
     return ValueError(f"cache: the KV cache holds {cached} tokens in layer {layer} but "
-                      f"DATALORA recorded {what} for {recorded}: the cache was cropped to "
-                      f"before this model's last forward, or filled outside this DATALORA "
-                      f"model, and the keep flags and saliency state cannot follow that; "
-                      f"start from an empty cache or prefill it again with this model")
+                      f"DATALORA recorded {what} for {recorded}: the cache was filled or "
+                      f"changed outside this DATALORA model (by another model, or by "
+                      f"operations other than crop and the batch-row ones), and the keep "
+                      f"flags and saliency state cannot follow that; start from an empty "
+                      f"cache or prefill it again with this model")
 
 
 class _RowsFollow:
@@ -301,14 +289,14 @@ class _RowsFollow:
     def __reduce__(self):
         return _RowsFollow, (self.cache, self.method)
 
-    def __call__(self, rows: Any, *args, **kwargs) -> Any:
+    def __call__(self, *args, **kwargs) -> Any:
         cache = self.cache
+        out = getattr(type(cache), self.method)(cache, *args, **kwargs)
         if self.method == "crop":  # its argument's meaning differs between transformers
             # releases (a length, or minus the positions to drop): read the length it left
-            out = type(cache).crop(cache, rows, *args, **kwargs)
             _crop_state(cache, cache.get_seq_length())
             return out
-        out = getattr(type(cache), self.method)(cache, rows, *args, **kwargs)
+        rows = args[0] if args else next(iter(kwargs.values()))  # the rows / repeats
         for attr in _CACHE_ATTRS:
             value = getattr(cache, attr, None)
             if value is not None:
@@ -1049,18 +1037,20 @@ class DATALORARuntime:
         valid = (torch.ones(bsz, seq_len, dtype=torch.bool, device=hidden.device)
                  if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
         cache = cache_of(kwargs)
-        state = getattr(cache, _CACHE_USN_ATTR, None) if cache is not None else None
-        start = cache.get_seq_length(0) if cache is not None else 0  # layer 0: not yet run
-        if state is not None and start == 0:
-            state = None  # a reused cache object that was reset
-        chunk = getattr(cache, _CACHE_CHUNK_ATTR, None) if start else None
-        if chunk is not None and chunk[0] + chunk[1].shape[1] != start:
-            raise _foreign_cache_error(start, 0, chunk[0] + chunk[1].shape[1],
-                                       "the saliency context")
+        context = state = None
+        if cache is not None and cache.get_seq_length(0):  # layer 0 has not run yet
+            # (none cached: a new cache, or a reused one that was reset)
+            context = getattr(cache, _CACHE_CONTEXT_ATTR, None)
+            recorded = 0 if context is None else context[1].shape[1]
+            if recorded != cache.get_seq_length(0):
+                raise _foreign_cache_error(cache.get_seq_length(0), 0, recorded,
+                                           "the saliency context")
+            state = (context[0][:, -1], context[1][:, -1])
         out = self.saliency(hidden, valid, state)
         if cache is not None:
-            setattr(cache, _CACHE_USN_ATTR, out.state)
-            setattr(cache, _CACHE_CHUNK_ATTR, (start, *out.context, state))
+            new = out.context
+            setattr(cache, _CACHE_CONTEXT_ATTR, new if context is None else (
+                torch.cat([context[0], new[0]], 1), torch.cat([context[1], new[1]], 1)))
             _follow_cache_rows(cache)
         out.context = None  # [B, L, h]: on the cache only, not held by the forward's record
         keep_prob = self.saliency.keep_probability(out.token_scores)

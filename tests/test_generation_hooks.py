@@ -134,16 +134,16 @@ def test_static_cache_is_rejected_clearly():
         model.generate(_ids(2, 10), cache_implementation="static", max_new_tokens=3, **GREEDY)
 
 
-def _count_crops_inside_chunks(monkeypatch):
-    """A list that gets the kept length of every cache crop that cut into the last
-    forward's chunk (the case the saliency state must be rolled back for)."""
+def _count_crops(monkeypatch):
+    """A list that gets the kept length of every cache crop that dropped positions (the
+    case the DATALORA state must be rolled back for)."""
     from datalora import pruning
 
     cuts, real = [], pruning._crop_state
 
     def counted(cache, length):
-        chunk = getattr(cache, pruning._CACHE_CHUNK_ATTR, None)
-        if chunk is not None and chunk[0] < length < chunk[0] + chunk[1].shape[1]:
+        context = getattr(cache, pruning._CACHE_CONTEXT_ATTR, None)
+        if context is not None and length < context[1].shape[1]:
             cuts.append(length)
         return real(cache, length)
 
@@ -151,19 +151,32 @@ def _count_crops_inside_chunks(monkeypatch):
     return cuts
 
 
-@pytest.mark.parametrize("sliding_window", [None, 8])
-def test_assisted_and_prompt_lookup_decoding_equal_greedy(sliding_window, monkeypatch):
-    """Prompt-lookup decoding and assisted decoding with a small draft model verify several
-    drafted tokens per forward, then crop the cache back to the accepted ones: the keep
-    flags and the saliency network's running context are rolled back with it, so the
-    tokens are greedy decoding's, with pruning active (also past a sliding window)."""
-    model = _calibrated(_model(sliding_window=sliding_window))
+def _draft_models():
+    """Two draft models for assisted decoding on :func:`_model`'s vocabulary: a small plain
+    Mistral and a DATALORA model (pruning its layers 1-2, its head perturbed so it often
+    drafts other tokens than the main model picks)."""
     cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(7)
-    draft = MistralForCausalLM(cfg).eval()
-    cuts = _count_crops_inside_chunks(monkeypatch)
+    plain = MistralForCausalLM(cfg).eval()
+    datalora = _calibrated(_model(prune_layers=(1, 3)))
+    with torch.no_grad():
+        head = datalora.base_model.lm_head.weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(8)) * 0.5)
+    return {"plain": plain, "datalora": datalora}
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(sliding_window, monkeypatch):
+    """Prompt-lookup decoding and assisted decoding (with a plain or a DATALORA draft model)
+    verify several drafted tokens per forward, then crop the caches back to the accepted
+    ones (the draft's by several of its forwards): the keep flags and the saliency
+    network's running context are rolled back with them, so the tokens are greedy
+    decoding's, with pruning active (also past a sliding window)."""
+    model = _calibrated(_model(sliding_window=sliding_window))
+    drafts = _draft_models()
+    cuts = _count_crops(monkeypatch)
     options = {**GREEDY, "eos_token_id": 2}  # transformers 4.x's prompt lookup needs one
     kept = []
     for seed in range(3):
@@ -172,73 +185,77 @@ def test_assisted_and_prompt_lookup_decoding_equal_greedy(sliding_window, monkey
         with torch.no_grad():
             greedy = model.generate(prompt, max_new_tokens=16, **options)
             kept.append(model.runtime.last.kept.float().mean())
-            lookup = model.generate(prompt, prompt_lookup_num_tokens=3, max_new_tokens=16,
-                                    **options)
-            assisted = model.generate(prompt, assistant_model=draft, max_new_tokens=16,
-                                      **options)
-        for out in (lookup, assisted):  # transformers 4.x may add a token past the limit
+            outs = [model.generate(prompt, prompt_lookup_num_tokens=3, max_new_tokens=16,
+                                   **options)]
+            outs += [model.generate(prompt, assistant_model=draft, max_new_tokens=16,
+                                    **options) for draft in drafts.values()]
+        for out in outs:  # transformers 4.x may add a token past the limit
             assert torch.equal(out[:, :greedy.shape[1]], greedy)
-    assert len(cuts) >= 6  # drafts were rejected inside a verified chunk
+    assert len(cuts) >= 6  # drafts were rejected
     assert min(kept) < 1  # some generated tokens were pruned
 
 
-def test_a_crop_inside_the_last_chunk_resumes_from_that_position():
-    """Prefill 10 tokens, crop 4 off, and the cache holds what prefilling the first 6
-    holds: keep flags, saliency state and the next step's logits; a crop to before the
-    last forward's chunk is refused at the next forward (the state there is gone)."""
+def test_a_cropped_cache_resumes_from_the_positions_it_kept():
+    """Prefill 10 tokens and crop 4 off, or run one more token and crop 3 off (to before
+    that forward): the cache holds what prefilling the kept tokens holds (keep flags,
+    saliency context, the next step's logits). ``crop`` by keyword works too."""
+    import inspect
+
     from datalora import pruning
     from datalora.hf_compat import cache_kwargs
 
     model = _calibrated(_model(prune_layers=(1, 4)))
     ids = _ids(1, 11, seed=4)
-    with torch.no_grad():
-        cropped = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :10], **cache_kwargs(model, cropped))
-        cropped.crop(-4)
+
+    def same_as_prefilled(cache, length):
         fresh = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :6], **cache_kwargs(model, fresh))
-        assert torch.equal(getattr(cropped, pruning._CACHE_KEEP_ATTR),
+        model(input_ids=ids[:, :length], **cache_kwargs(model, fresh))
+        assert torch.equal(getattr(cache, pruning._CACHE_KEEP_ATTR),
                            getattr(fresh, pruning._CACHE_KEEP_ATTR))
-        for got, want in zip(getattr(cropped, pruning._CACHE_USN_ATTR),
-                             getattr(fresh, pruning._CACHE_USN_ATTR), strict=True):
+        for got, want in zip(getattr(cache, pruning._CACHE_CONTEXT_ATTR),
+                             getattr(fresh, pruning._CACHE_CONTEXT_ATTR), strict=True):
             torch.testing.assert_close(got, want)
-        nxt = ids[:, 6:7]
-        torch.testing.assert_close(
-            model(input_ids=nxt, **cache_kwargs(model, cropped)).logits,
-            model(input_ids=nxt, **cache_kwargs(model, fresh)).logits)
-        cropped.crop(-3)  # 7 -> 4: before the one-token chunk just run
-        with pytest.raises(ValueError, match=r"cropped to before this model's last forward"):
-            model(input_ids=ids[:, 4:5], **cache_kwargs(model, cropped))
+        nxt = ids[:, length:length + 1]
+        torch.testing.assert_close(model(input_ids=nxt, **cache_kwargs(model, cache)).logits,
+                                   model(input_ids=nxt, **cache_kwargs(model, fresh)).logits)
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :10], **cache_kwargs(model, cache))
+        cache.crop(-4)
+        same_as_prefilled(cache, 6)  # runs token 6 on the cache: 7 cached
+        name = list(inspect.signature(type(cache).crop).parameters)[1]  # after self
+        cache.crop(**{name: -3})  # 7 -> 4, before the last forward: by keyword
+        same_as_prefilled(cache, 4)
 
 
 def test_self_speculative_decoding_is_refused():
+    from transformers import GenerationConfig
+
     model = _calibrated(_model())
     with pytest.raises(ValueError, match="assistant_early_exit: self-speculative decoding"):
         model.generate(_ids(1, 10), max_new_tokens=3, assistant_early_exit=2, **GREEDY)
+    config = GenerationConfig(assistant_early_exit=2, max_new_tokens=3, **GREEDY)
+    with pytest.raises(ValueError, match="assistant_early_exit: self-speculative decoding"):
+        model.generate(_ids(1, 10), config)  # the config as the second positional argument
 
 
-def test_cropped_or_foreign_cache_is_refused_with_cause_and_remedy():
-    """Rolling a cache back with crop() to before the last forward, or passing one the plain
-    base model filled, is refused: the keep flags and the saliency state cannot follow; the
-    error names both causes and the remedy."""
-    from datalora.hf_compat import cache_kwargs, output_cache
+def test_a_cache_filled_outside_the_model_is_refused_with_cause_and_remedy():
+    """A cache a plain base model filled is refused before any layer changes it: the keep
+    flags and the saliency state cannot follow; the error names the cause and the remedy."""
+    from datalora.hf_compat import cache_kwargs
 
-    model = _calibrated(_model(prune_layers=(1, 4)))
-    cause = (r"cropped to before this model's last forward, or filled outside this DATALORA "
-             r"model, .* empty cache or prefill")
+    model = _calibrated(_model(prune_layers=(2, 4)))
     with torch.no_grad():
-        out = model.generate(_ids(1, 6), max_new_tokens=3, return_dict_in_generate=True,
-                             **GREEDY)
-        cache = output_cache(out)
-        cache.crop(-2)
-        with pytest.raises(ValueError, match=cause):
-            model.generate(out.sequences[:, :7], **cache_kwargs(model, cache), max_new_tokens=2,
-                           **GREEDY)
         foreign = DynamicCache(config=model.config)
         plain = MistralForCausalLM(model.base_model.config).eval()  # no DATALORA hooks
         plain(input_ids=_ids(1, 6), **cache_kwargs(plain, foreign))
-        with pytest.raises(ValueError, match=cause):
+        with pytest.raises(ValueError, match=r"holds 6 tokens in layer 0 but DATALORA recorded "
+                                             r"the saliency context for 0: the cache was "
+                                             r"filled or changed outside this DATALORA model"
+                                             r".* empty cache or prefill"):
             model(input_ids=_ids(1, 1), **cache_kwargs(model, foreign))
+    assert [foreign.get_seq_length(i) for i in range(4)] == [6, 6, 6, 6]  # left unchanged
 
 
 def test_reset_cache_can_be_reused():
