@@ -65,8 +65,9 @@ from datalora.saliency import (
 
 _CACHE_KEEP_ATTR = "_datalora_keep"  # [B, positions] bool: kept in the pruned range
 # (feature sums [B, positions, h], counts [B, positions]): the saliency network's running
-# context after each cached position; the last one resumes it, any one after a crop
-_CACHE_CONTEXT_ATTR = "_datalora_usn_context"
+# context after each cached position; the last one resumes it, any one after a crop (a cache
+# pickled by a release that kept only the last, as `_datalora_usn_context`, is refused)
+_CACHE_CONTEXT_ATTR = "_datalora_saliency_context"
 _CACHE_ATTRS = (_CACHE_KEEP_ATTR, _CACHE_CONTEXT_ATTR)
 
 
@@ -234,11 +235,10 @@ def _repeat_rows(value: torch.Tensor, repeats: int) -> torch.Tensor:
 
 
 def _each_tensor(value: Any, fn: Any, arg: Any) -> Any:
-    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple (other
-    entries, such as None or a position, kept as they are)."""
+    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple."""
     if isinstance(value, tuple):
         return tuple(_each_tensor(v, fn, arg) for v in value)
-    return fn(value, arg) if isinstance(value, torch.Tensor) else value
+    return fn(value, arg)
 
 
 # the cache's batch-row operations (transformers' Cache API) and the same operation on the
@@ -1038,8 +1038,9 @@ class DATALORARuntime:
                  if mask is None else mask[:, -seq_len:].to(hidden.device).bool())
         cache = cache_of(kwargs)
         context = state = None
-        if cache is not None and cache.get_seq_length(0):  # layer 0 has not run yet
-            # (none cached: a new cache, or a reused one that was reset)
+        # resume the context of the positions cached before this forward (layer 0 runs after
+        # this hook); none cached: a new cache, or a reused one that was reset
+        if cache is not None and cache.get_seq_length(0):
             context = getattr(cache, _CACHE_CONTEXT_ATTR, None)
             recorded = 0 if context is None else context[1].shape[1]
             if recorded != cache.get_seq_length(0):

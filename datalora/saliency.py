@@ -114,9 +114,9 @@ class SaliencyOutput:
             ``gates [T, k]``, ``rank_scale [T, r]``, ``router_probs [T, E]`` noise-free).
         state: ``(feature_sum [B, h], count [B])`` fp32, the causal context after this chunk.
         context: ``(feature_sum [B, L, h], count [B, L])``, the causal context after each
-            position of this chunk (detached): the ``state`` a KV cache cropped inside the
-            chunk resumes from (assisted decoding). A DATALORA model's runtime keeps it on
-            the cache and drops it from its forward records (None there).
+            position of this chunk (detached): the ``state`` a KV cache cropped to that
+            position resumes from (assisted decoding). A DATALORA model's runtime keeps it
+            on the cache and drops it from its forward records (None there).
     """
 
     token_scores: torch.Tensor
