@@ -814,7 +814,33 @@ def test_nf4_linear_errors_name_the_bad_argument():
         nf4_linear([1.0] * 64, t)
     with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(9,\)"):
         nf4_linear(x, t, torch.zeros(9))
+    with pytest.raises(ValueError, match="x: expected a floating dtype, got torch.int64"):
+        nf4_linear(torch.ones(2, 64, dtype=torch.long), t)
     assert nf4_linear(x, t, torch.zeros(8)).shape == (2, 8)
+
+
+def test_nf4_linear_module_errors_name_the_bad_argument():
+    """``NF4Linear(weight, bias)`` and ``NF4Linear.from_linear`` refuse what they cannot
+    hold, by argument: a plain tensor or 1-D weight, a non-tensor, integer or wrong-shaped
+    bias, a module that is not a float ``nn.Linear``."""
+    from datalora.nf4_linear import NF4Linear
+
+    t = nf4.quantize(torch.randn(8, 64))
+    cases = [((torch.randn(8, 64),), TypeError, "weight: expected an NF4Tensor, got Tensor"),
+             ((nf4.quantize(torch.randn(64)),), ValueError,
+              r"weight: expected shape \[d_out, d_in\], got \(64,\)"),
+             ((t, [0.0] * 8), TypeError, "bias: expected a torch.Tensor or None, got list"),
+             ((t, torch.zeros(8, dtype=torch.long)), ValueError,
+              "bias: expected a floating dtype, got torch.int64"),
+             ((t, torch.zeros(9)), ValueError, r"bias: expected shape \(8,\), got \(9,\)")]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            NF4Linear(*args)
+    with pytest.raises(TypeError, match="linear: expected a float nn.Linear, got Conv1d"):
+        NF4Linear.from_linear(torch.nn.Conv1d(64, 8, 1))
+    layer = NF4Linear(t, torch.zeros(8))
+    assert (layer.in_features, layer.out_features) == (64, 8)
+    assert not layer.bias.requires_grad
 
 
 def test_nf4_linear_gradients_match_the_dense_linear():
