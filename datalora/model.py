@@ -460,7 +460,8 @@ class DATALORAModel(nn.Module):
                                              record.valid.reshape(-1))}
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search).
+        """``base_model.generate`` with the DATALORA hooks (greedy, sampling, beam search,
+        assisted and prompt-lookup decoding).
 
         Assisted and prompt-lookup decoding work, also with a DATALORA model as the draft
         (the keep flags and the saliency network's running context follow the cache's
