@@ -1040,12 +1040,12 @@ class DATALORARuntime:
         context = state = None
         # resume the context of the positions cached before this forward (layer 0 runs after
         # this hook); none cached: a new cache, or a reused one that was reset
-        if cache is not None and cache.get_seq_length(0):
+        cached = 0 if cache is None else cache.get_seq_length(0)
+        if cached:
             context = getattr(cache, _CACHE_CONTEXT_ATTR, None)
             recorded = 0 if context is None else context[1].shape[1]
-            if recorded != cache.get_seq_length(0):
-                raise _foreign_cache_error(cache.get_seq_length(0), 0, recorded,
-                                           "the saliency context")
+            if recorded != cached:
+                raise _foreign_cache_error(cached, 0, recorded, "the saliency context")
             state = (context[0][:, -1], context[1][:, -1])
         out = self.saliency(hidden, valid, state)
         if cache is not None:
