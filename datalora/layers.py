@@ -353,9 +353,9 @@ class MoLoRALinear(nn.Module):
         (:meth:`forward`) asks first what needs no layer: not compiling, no torch.func
         transform, the routing's ``needs_value_check``. Anything else takes the checked
         path, which names the bad argument. This is the decode step of a model sharing one
-        routing (a DATALORA model's saliency routing, the LoRA-TLE mixer's) or of a
-        drop-in layer routing its own tokens: at T = 1 its host time was about half the
-        checked path's."""
+        routing (a DATALORA model's saliency routing, the LoRA-TLE mixer's), at T = 1 about
+        half the checked path's host time, or of a drop-in layer routing its own tokens,
+        12-17 % less."""
         if self._nf4_base:
             return False
         # the modules' own dicts, not nn.Module.__getattr__ (host time: this runs per call);
