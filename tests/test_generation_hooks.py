@@ -137,17 +137,17 @@ def test_static_cache_is_rejected_clearly():
 def _count_crops(monkeypatch):
     """A list that gets the kept length of every cache crop that dropped positions (the
     case the DATALORA state must be rolled back for)."""
-    from datalora import pruning
+    from datalora.pruning import cache_state
 
-    cuts, real = [], pruning._crop_state
+    cuts, real = [], cache_state._crop_state
 
     def counted(cache, length):
-        context = getattr(cache, pruning._CACHE_CONTEXT_ATTR, None)
+        context = getattr(cache, cache_state._CACHE_CONTEXT_ATTR, None)
         if context is not None and length < context[1].shape[1]:
             cuts.append(length)
         return real(cache, length)
 
-    monkeypatch.setattr(pruning, "_crop_state", counted)
+    monkeypatch.setattr(cache_state, "_crop_state", counted)
     return cuts
 
 
@@ -201,8 +201,8 @@ def test_a_cropped_cache_resumes_from_the_positions_it_kept():
     saliency context, the next step's logits). ``crop`` by keyword works too."""
     import inspect
 
-    from datalora import pruning
     from datalora.hf_compat import cache_kwargs
+    from datalora.pruning import cache_state
 
     model = _calibrated(_model(prune_layers=(1, 4)))
     ids = _ids(1, 11, seed=4)
@@ -210,10 +210,10 @@ def test_a_cropped_cache_resumes_from_the_positions_it_kept():
     def same_as_prefilled(cache, length):
         fresh = DynamicCache(config=model.config)
         model(input_ids=ids[:, :length], **cache_kwargs(model, fresh))
-        assert torch.equal(getattr(cache, pruning._CACHE_KEEP_ATTR),
-                           getattr(fresh, pruning._CACHE_KEEP_ATTR))
-        for got, want in zip(getattr(cache, pruning._CACHE_CONTEXT_ATTR),
-                             getattr(fresh, pruning._CACHE_CONTEXT_ATTR), strict=True):
+        assert torch.equal(getattr(cache, cache_state._CACHE_KEEP_ATTR),
+                           getattr(fresh, cache_state._CACHE_KEEP_ATTR))
+        for got, want in zip(getattr(cache, cache_state._CACHE_CONTEXT_ATTR),
+                             getattr(fresh, cache_state._CACHE_CONTEXT_ATTR), strict=True):
             torch.testing.assert_close(got, want)
         nxt = ids[:, length:length + 1]
         torch.testing.assert_close(model(input_ids=nxt, **cache_kwargs(model, cache)).logits,
@@ -414,7 +414,7 @@ def test_mask_sizes_reads_each_cache_class_signature_once(monkeypatch):
     inspected once per cache class, not on every decode step."""
     import inspect
 
-    from datalora import pruning
+    from datalora.pruning import cache_state
 
     class PositionsCache:
         def get_mask_sizes(self, cache_position, layer_idx):
@@ -427,12 +427,12 @@ def test_mask_sizes_reads_each_cache_class_signature_once(monkeypatch):
     calls = []
     real_signature = inspect.signature
     monkeypatch.setattr(inspect, "signature", lambda fn: calls.append(fn) or real_signature(fn))
-    monkeypatch.setattr(pruning, "_TAKES_POSITIONS", {})
+    monkeypatch.setattr(cache_state, "_TAKES_POSITIONS", {})
     cpu = torch.device("cpu")
     for _ in range(3):
-        assert pruning._mask_sizes(PositionsCache(), 2, 0, 7, cpu) == (7, 5)
-        assert pruning._mask_sizes(LengthCache(), 2, 3, 7, cpu) == (102, 3)
-    assert pruning._mask_sizes(object(), 2, 0, 7, cpu) == (7, 0)
+        assert cache_state._mask_sizes(PositionsCache(), 2, 0, 7, cpu) == (7, 5)
+        assert cache_state._mask_sizes(LengthCache(), 2, 3, 7, cpu) == (102, 3)
+    assert cache_state._mask_sizes(object(), 2, 0, 7, cpu) == (7, 0)
     assert len(calls) == 2
 
 
@@ -702,7 +702,7 @@ def test_retention_one_with_a_lower_calibration_warns_that_pruning_is_off():
 
 
 def test_cache_row_selection_by_bool_mask_and_slice():
-    from datalora.pruning import _each_tensor, _select_rows
+    from datalora.pruning.cache_state import _each_tensor, _select_rows
 
     value = (torch.arange(6).view(3, 2), torch.arange(3))
     mask = torch.tensor([False, True, True])
@@ -802,7 +802,8 @@ def test_the_skippable_forwards_last_one_cached_forward():
     """The pruned range's layers carry the skipping forward only during a cached forward
     (and a DataParallel replica's own layers would get their own)."""
     from datalora.hf_compat import cache_kwargs
-    from datalora.pruning import _SkippableForward, find_decoder_layers
+    from datalora.pruning import find_decoder_layers
+    from datalora.pruning.runtime import _SkippableForward
 
     model = _calibrated(_model(prune_layers=(1, 3)))
     layers = find_decoder_layers(model.base_model)

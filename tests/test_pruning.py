@@ -324,13 +324,13 @@ def test_tied_scores_keep_the_same_tokens_at_any_width():
 def test_a_wider_packed_batch_gives_the_same_loss_and_gradients(monkeypatch):
     """Eager mode packs exactly; the compiled path's wider batch (filler slots) computes the
     same function: forced here in eager mode to compare gradients."""
-    import datalora.pruning as pruning
+    from datalora.pruning import runtime
 
     model = datalora_model(target_retention=0.5).train()
     model.set_curriculum_state(retention=0.6, tau=0.7)
     ids, mask = batch(B=3, L=12, seed=7)
     widths = []
-    exact_select = pruning.select_tokens
+    exact_select = runtime.select_tokens
 
     def run():
         torch.manual_seed(0)
@@ -344,10 +344,10 @@ def test_a_wider_packed_batch_gives_the_same_loss_and_gradients(monkeypatch):
         widths.append(kw["width_fraction"])
         return exact_select(*args, **kw)
 
-    monkeypatch.setattr(pruning, "select_tokens", spy)
+    monkeypatch.setattr(runtime, "select_tokens", spy)
     want = run()
     assert widths == [None]  # eager: the exact width
-    monkeypatch.setattr(pruning, "select_tokens",
+    monkeypatch.setattr(runtime, "select_tokens",
                         lambda *a, **kw: exact_select(*a, **{**kw, "width_fraction": 1.0}))
     got = run()
     assert model.runtime.last.mode == "packed"

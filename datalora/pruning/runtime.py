@@ -1,42 +1,9 @@
-"""Token pruning over a decoder-layer range, steered by the saliency network.
-
-:class:`DATALORARuntime` hooks a Hugging Face decoder (Mistral / Llama / Qwen style:
-``model.model.layers[i](hidden, attention_mask=, position_ids=, cache=, use_cache=,
-position_embeddings=)``; ``past_key_values=`` before transformers 5.24) without changing its
-modules or parameter names:
-
-1. before decoder layer 0 the :class:`~datalora.saliency.UnifiedSaliencyNetwork` runs once
-   on the hidden states -> token scores, and one :class:`~datalora.routing.Routing` that
-   every :class:`~datalora.layers.MoLoRALinear` receives through a forward pre-hook;
-2. at the first pruned layer each sequence keeps ``ceil(retention * n)`` of its ``n`` real
-   tokens (highest score, Gumbel noise in training; the last real token is always kept,
-   padding never) -- :func:`select_tokens`; kept tokens are packed with
-   :func:`datalora.ops.gather_tokens` and run through the range with their original
-   position ids, each layer's own RoPE cos/sin (and other per-token inputs,
-   :data:`PER_TOKEN_INPUTS`) gathered to the kept tokens and a causal mask over kept
-   positions (:func:`packed_attention_mask`); the MoLoRA layers get the routing rows of
-   the kept tokens (gathered once);
-3. after the range :func:`datalora.ops.scatter_tokens` writes kept rows back with the keep
-   weight ``w = 1 + p - stopgrad(p)`` (``p = sigmoid(score)``): exactly 1 in the
-   forward, the Mixture-of-Depths gradient ``dL/dp = g . (f(h) - h)`` in the backward;
-   pruned tokens bypass the range on the residual stream.
-
-With a KV cache (``generate``) per-sequence top-k is not causal, so a token is kept when
-its score exceeds the calibrated ``keep_threshold`` (:meth:`DATALORARuntime.calibrate`);
-the pruned layers then run on all new tokens with a mask that hides pruned tokens as keys
-and their outputs are replaced by the bypass, so every cached K/V of a kept token is what
-the packed computation produces and the cache stays exact (the keep flags of cached tokens
-live on the cache object). This is numerically the same function as the uncached
-threshold forward; it saves no compute at decode time. Beam search works: the keep flags
-and the saliency network's running context follow the cache's ``reorder_cache``. An
-uncalibrated threshold runs the range dense in eval forwards that decide token by token
-(``generate`` passes ``use_cache``, with or without a cache), on both paths.
-"""
+"""The hooks that run the saliency network, share its routing and prune tokens in a forward
+(:class:`DATALORARuntime`), and what one forward decided (:class:`ForwardRecord`)."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import threading
 import warnings
@@ -54,261 +21,34 @@ from datalora.checks import check_number
 from datalora.hf_compat import cache_of
 from datalora.layers import MoLoRALinear
 from datalora.ops.backends import warn_once
-from datalora.ops.validation import check_tensor
-from datalora.routing import Routing
-from datalora.saliency import (
-    SaliencyOutput,
-    UnifiedSaliencyNetwork,
-    gather_routing,
-    uniform_noise,
+from datalora.pruning.cache_state import (
+    _CACHE_CONTEXT_ATTR,
+    _CACHE_KEEP_ATTR,
+    _dynamic_cache_types,
+    _each_tensor,
+    _follow_cache_rows,
+    _foreign_cache_error,
+    _mask_sizes,
 )
-
-_CACHE_KEEP_ATTR = "_datalora_keep"  # [B, positions] bool: kept in the pruned range
-# (feature sums [B, positions, h], counts [B, positions]): the saliency network's running
-# context after each cached position; the last one resumes it, any one after a crop (a cache
-# pickled by a release that kept only the last, as `_datalora_usn_context`, is refused)
-_CACHE_CONTEXT_ATTR = "_datalora_saliency_context"
-_CACHE_ATTRS = (_CACHE_KEEP_ATTR, _CACHE_CONTEXT_ATTR)
-
-
-COMPILED_WIDTH_STEPS = 4
-"""Grid steps between the target retention and 1 that the packed width takes under
-``torch.compile`` (:func:`compiled_width_fraction`)."""
-
-
-def keep_count(num_tokens: torch.Tensor | int, retention: float) -> torch.Tensor | int:
-    """``ceil(retention * n)`` without float round-up (0.3 * 10 keeps 3, not 4); a retention
-    > 0 keeps at least 1 of ``n >= 1`` tokens (the round-up guard would keep none below
-    1e-9 / n)."""
-    low = 1 if retention > 0 else 0
-    if isinstance(num_tokens, torch.Tensor):
-        count = torch.ceil(num_tokens.double() * retention - 1e-9).clamp_min(low).long()
-        return torch.minimum(count, num_tokens.long().clamp_min(0))
-    return min(max(math.ceil(num_tokens * retention - 1e-9), low), max(num_tokens, 0))
-
-
-def compiled_width_fraction(retention: float, target: float | None,
-                            steps: int = COMPILED_WIDTH_STEPS) -> float:
-    """The fraction of the sequence length the packed batch is wide under ``torch.compile``:
-    ``retention`` rounded up to the grid ``target + (1 - target) * j / steps`` (j = 0 ..
-    steps), or ``retention`` itself below ``target`` or without one.
-
-    The packed width is a tensor shape, so dynamo specializes the float it comes from and
-    recompiles for each new value: a curriculum annealing the retention every step would
-    recompile every step (past ``torch._dynamo.config.recompile_limit`` the rest runs
-    eagerly). Rounded to the grid, the width changes ``steps`` times; each row still keeps
-    exactly ``ceil(retention * n)`` tokens (a tensor computation, no recompile), the extra
-    slots are filler (masked, written back unchanged)."""
-    check_number("retention", retention, low=0, low_inclusive=False, high=1)
-    if target is None or retention <= target or target >= 1.0:
-        return retention
-    step = (1.0 - target) / steps
-    j = math.ceil((retention - target) / step - 1e-9)
-    return min(target + j * step, 1.0)
-
-
-@dataclass
-class TokenSelection:
-    """Which tokens of each sequence run through the pruned layers.
-
-    Attributes:
-        keep_idx: ``[B, K]`` int64 positions, ascending per row, distinct.
-        valid: ``[B, K]`` bool; False marks filler slots (padding or surplus tokens of
-            shorter rows), which are masked out and written back unchanged.
-        counts: ``[B]`` int64 kept real tokens per sequence.
-    """
-
-    keep_idx: torch.Tensor
-    valid: torch.Tensor
-    counts: torch.Tensor
-
-    def keep_mask(self, seq_len: int) -> torch.Tensor:
-        """``[B, L]`` bool: True at kept real tokens."""
-        mask = torch.zeros(self.keep_idx.shape[0], seq_len, dtype=torch.bool,
-                           device=self.keep_idx.device)
-        return mask.scatter_(1, self.keep_idx, self.valid)
-
-
-def select_tokens(scores: torch.Tensor, retention: float,
-                  attention_mask: torch.Tensor | None = None, *, tau: float = 1.0,
-                  noise: bool = False, keep_last: bool = True,
-                  generator: torch.Generator | None = None,
-                  width_fraction: float | None = None) -> TokenSelection:
-    """Per-sequence top-k of token scores (ties: the earlier position first).
-
-    Args:
-        scores: ``[B, L]`` keep logits.
-        retention: fraction in (0, 1]; sequence b keeps ``ceil(retention * n_b)`` of its
-            ``n_b`` real tokens; the packed width is ``K = ceil(retention * L)`` (no host
-            sync).
-        attention_mask: ``[B, L]`` 1 = real token, 0 = padding (never kept); None = all real.
-        tau: Gumbel-top-k temperature: noisy keys are ``scores / tau + Gumbel``.
-        noise: add the Gumbel noise (sampling without replacement, training).
-        keep_last: always keep each sequence's last real token.
-        generator: RNG for the noise.
-        width_fraction: in ``[retention, 1]``: the packed width is ``ceil(width_fraction *
-            L)`` instead, the slots past each row's count filler
-            (:func:`compiled_width_fraction`); None: ``retention``.
-
-    Returns:
-        :class:`TokenSelection`.
-    """
-    if check_tensor("scores", scores).dim() != 2:
-        raise ValueError(f"scores: expected shape [B, L], got {tuple(scores.shape)}")
-    if not 0.0 < float(retention) <= 1.0:
-        raise ValueError(f"retention: expected a value in (0, 1], got {retention!r}")
-    if width_fraction is None:
-        width_fraction = retention
-    elif not float(retention) <= float(width_fraction) + 1e-9 <= 1.0 + 1e-9:
-        # the slack: a grid point computed as target + j * step may round a hair below the
-        # retention it equals (0.65 -> 0.6499999999999999); keep_count's slack is the same
-        raise ValueError(f"width_fraction: expected a value in [retention, 1] = "
-                         f"[{retention!r}, 1], got {width_fraction!r}")
-    bsz, seq_len = scores.shape
-    if attention_mask is None:
-        real = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        if check_tensor("attention_mask", attention_mask).shape != scores.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(scores.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        real = attention_mask.to(device=scores.device).bool()
-    key = scores.detach().float() / float(tau)
-    if noise:
-        u = uniform_noise(key.shape, key.device, generator=generator)
-        key = key - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
-    if keep_last:
-        pos = torch.arange(seq_len, device=scores.device).expand(bsz, -1)
-        last = torch.where(real, pos, -1).amax(1, keepdim=True)
-        key = torch.where(pos == last, torch.inf, key)
-    key = torch.where(real, key, -torch.inf)
-    width = max(keep_count(seq_len, float(width_fraction)), 1)
-    counts = keep_count(real.sum(1), float(retention))
-    # best first; a stable sort, not topk: among tied keys the earlier position wins, so a
-    # wider packed batch keeps the same tokens (topk may pick any of the tied)
-    order = key.sort(dim=1, descending=True, stable=True).indices[:, :width]
-    slot_valid = torch.arange(width, device=scores.device)[None] < counts[:, None]
-    keep_idx, perm = order.sort(dim=1)
-    return TokenSelection(keep_idx=keep_idx, valid=slot_valid.gather(1, perm), counts=counts)
-
-
-def packed_attention_mask(key_ok: torch.Tensor, query_index: torch.Tensor,
-                          key_index: torch.Tensor, dtype: torch.dtype, *,
-                          as_bool: bool, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention mask over an arbitrary subset of positions.
-
-    Query ``i`` may attend key ``j`` when ``key_ok[b, j]`` and ``key_index[b, j] <=
-    query_index[b, i]`` (and within ``sliding_window`` of it); a query always sees its own
-    position, so no row is empty (rows of filler slots stay finite).
-
-    Args:
-        key_ok: ``[B, S]`` bool. query_index: ``[B, Q]``, key_index: ``[B, S]`` int64
-            indices in the original (cache) order.
-        dtype: dtype of an additive mask. as_bool: return a bool mask (True = attend).
-
-    Returns:
-        ``[B, 1, Q, S]``: bool, or additive (0 / dtype min).
-    """
-    qi, kj = query_index[:, :, None], key_index[:, None, :]
-    allowed = key_ok[:, None, :] & (kj <= qi)
-    if sliding_window is not None:
-        allowed = allowed & (kj > qi - sliding_window)
-    allowed = (allowed | (kj == qi))[:, None]
-    if as_bool:
-        return allowed
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
-def _select_rows(value: torch.Tensor, index: Any) -> torch.Tensor:
-    """``value``'s rows picked as the cache picks its keys / values: by integer indices, a
-    bool mask or a slice."""
-    if isinstance(index, slice):
-        return value[index]
-    index = torch.as_tensor(index, device=value.device)
-    if index.dtype == torch.bool:
-        index = index.nonzero().flatten()
-    return value.index_select(0, index.long())
-
-
-def _repeat_rows(value: torch.Tensor, repeats: int) -> torch.Tensor:
-    return value.repeat_interleave(repeats, dim=0)
-
-
-def _each_tensor(value: Any, fn: Any, arg: Any) -> Any:
-    """``fn(tensor, arg)`` on ``value`` or on each tensor of a (nested) tuple."""
-    if isinstance(value, tuple):
-        return tuple(_each_tensor(v, fn, arg) for v in value)
-    return fn(value, arg)
-
-
-# the cache's batch-row operations (transformers' Cache API) and the same operation on the
-# DATALORA per-row state, from the operation's first argument
-_ROW_OPERATIONS = {"reorder_cache": _select_rows, "batch_select_indices": _select_rows,
-                   "batch_repeat_interleave": _repeat_rows}
-
-
-def _crop_state(cache: Any, length: int) -> None:
-    """The DATALORA state on ``cache`` after ``cache.crop`` kept its first ``length``
-    positions (assisted decoding drops the drafted tokens it rejected): the keep flags and
-    the saliency context cut to them."""
-    for attr in _CACHE_ATTRS:
-        value = getattr(cache, attr, None)
-        if value is not None:
-            setattr(cache, attr, _each_tensor(value, lambda t, n: t[:, :n], length))
-
-
-def _foreign_cache_error(cached: int, layer: int, recorded: int, what: str) -> ValueError:
-    """The cache holds ``cached`` positions in decoder layer ``layer`` where the DATALORA
-    state on it covers ``recorded`` (``what``: the keep flags or the saliency context)."""
-    return ValueError(f"cache: the KV cache holds {cached} tokens in layer {layer} but "
-                      f"DATALORA recorded {what} for {recorded}: the cache was filled or "
-                      f"changed outside this DATALORA model (by another model, or by "
-                      f"operations other than crop and the batch-row ones), and the keep "
-                      f"flags and saliency state cannot follow that; start from an empty "
-                      f"cache or prefill it again with this model")
-
-
-class _RowsFollow:
-    """``cache.<method>`` (a batch-row operation: beam search's reorder, dropping or
-    repeating rows; or ``crop``, assisted decoding's rollback) that applies the same
-    operation to the DATALORA state stored on the cache (keep flags, USN context).
-
-    It holds the cache through a weak reference: stored on the cache, a strong one made a
-    reference cycle, so every cache a generate() filled (GPU memory) lived on until Python's
-    cyclic collector ran. Picklable, so ``copy.deepcopy`` / ``pickle`` / ``torch.save`` of
-    the cache carry it over pointing at the copy (the prefix-caching recipe copies a
-    prefilled cache)."""
-
-    def __init__(self, cache: Any, method: str):
-        self._cache, self.method = weakref.ref(cache), method
-
-    @property
-    def cache(self) -> Any:
-        return self._cache()
-
-    def __reduce__(self):
-        return _RowsFollow, (self.cache, self.method)
-
-    def __call__(self, *args, **kwargs) -> Any:
-        cache = self.cache
-        out = getattr(type(cache), self.method)(cache, *args, **kwargs)
-        if self.method == "crop":  # its argument's meaning differs between transformers
-            # releases (a length, or minus the positions to drop): read the length it left
-            _crop_state(cache, cache.get_seq_length())
-            return out
-        rows = args[0] if args else next(iter(kwargs.values()))  # the rows / repeats
-        for attr in _CACHE_ATTRS:
-            value = getattr(cache, attr, None)
-            if value is not None:
-                setattr(cache, attr, _each_tensor(value, _ROW_OPERATIONS[self.method], rows))
-        return out
-
-
-def _follow_cache_rows(cache: Any) -> None:
-    """Makes the cache's batch-row operations and ``crop`` follow with the DATALORA state."""
-    for method in (*_ROW_OPERATIONS, "crop"):
-        if hasattr(type(cache), method) and not isinstance(getattr(cache, method), _RowsFollow):
-            setattr(cache, method, _RowsFollow(cache, method))
+from datalora.pruning.decoder import (
+    _ROUTER_LOGITS_ERROR,
+    _gather_rows,
+    _parameter_names,
+    _per_token,
+    check_prunable,
+    check_prune_range,
+    find_decoder_layers,
+    resolve_prune_range,
+)
+from datalora.pruning.selection import (
+    TokenSelection,
+    _keep_threshold,
+    compiled_width_fraction,
+    packed_attention_mask,
+    select_tokens,
+)
+from datalora.routing import Routing
+from datalora.saliency import SaliencyOutput, UnifiedSaliencyNetwork, gather_routing
 
 
 def _refuse_capture(tensor: torch.Tensor, what: str) -> None:
@@ -317,40 +57,6 @@ def _refuse_capture(tensor: torch.Tensor, what: str) -> None:
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(f"CUDA graph capture: {what} reads the device on the host, which a "
                          f"capture cannot do; capture a training-mode forward instead")
-
-
-_TAKES_POSITIONS: dict[type, bool] = {}
-"""Per cache class: whether its ``get_mask_sizes`` takes ``cache_position`` (transformers
-< 5.2x) rather than ``query_length`` (read from the signature once, not every decode step)."""
-
-
-def _mask_sizes(cache: Any, query_length: int, layer_idx: int, total: int,
-                device: torch.device) -> tuple[int, int]:
-    """``(kv_length, kv_offset)`` of the keys layer ``layer_idx`` attends to this step
-    (sliding-window caches keep the last window only; static caches have fixed length)."""
-    fn = getattr(cache, "get_mask_sizes", None)
-    if fn is None:
-        return total, 0
-    takes_positions = _TAKES_POSITIONS.get(type(cache))
-    if takes_positions is None:
-        first = next(iter(inspect.signature(fn).parameters))
-        takes_positions = _TAKES_POSITIONS[type(cache)] = first == "cache_position"
-    if takes_positions:
-        start = total - query_length
-        return fn(torch.arange(start, total, device=device), layer_idx)
-    return fn(query_length, layer_idx)
-
-
-PER_TOKEN_INPUTS = ("position_ids", "position_embeddings", "per_layer_input")
-"""Decoder-layer inputs (keyword or positional) with one row per token, gathered to the
-kept tokens for every packed layer from that layer's own value (so are inputs named
-``position_embeddings_*``): Gemma 3 / 4 and OLMo 3 pass local and global RoPE to
-different layers (transformers < 5: both, as ``position_embeddings_global`` /
-``_local``), Gemma 4 a per-layer input."""
-
-
-def _per_token(name: str) -> bool:
-    return name in PER_TOKEN_INPUTS or name.startswith("position_embeddings")
 
 
 def _warn(message: str, stacklevel: int) -> None:
@@ -362,169 +68,6 @@ def _warn(message: str, stacklevel: int) -> None:
         warn_once(message, category=UserWarning)
     else:
         warnings.warn(message, stacklevel=stacklevel + 1)
-
-
-def _parameter_names(layer_cls: type) -> tuple[str, ...]:
-    """The names of a decoder layer's ``forward`` parameters after ``self`` (to tell which
-    positional argument is which); read once per pruned layer when the hooks are installed,
-    not in the forward, which torch.compile traces."""
-    return tuple(inspect.signature(layer_cls.forward).parameters)[1:]
-
-
-def _gather_rows(t: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-    """``t [1 or B, L, ...]`` -> ``[B, K, ...]`` rows ``keep_idx``."""
-    t = t.expand(keep_idx.shape[0], *t.shape[1:])
-    idx = keep_idx.reshape(*keep_idx.shape, *([1] * (t.dim() - 2))).expand(
-        *keep_idx.shape, *t.shape[2:])
-    return t.gather(1, idx)
-
-
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
-                "transformer.h", "layers")
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a HF causal LM: ``model.model.layers`` and similar paths,
-    ``<base_model_prefix>.layers`` (GPT-NeoX's ``gpt_neox.layers``), else the first
-    ``ModuleList`` of ``*DecoderLayer`` modules, else of the model's ``_no_split_modules``
-    blocks."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    paths = (*_LAYER_PATHS, *(f"{prefix}.{p}" for p in ("layers", "h", "decoder.layers")
-                              if prefix))
-    for path in paths:
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    # *DecoderLayer first: a vision-language model's vision blocks are no-split too
-    for matches in (lambda name: name.endswith("DecoderLayer"), lambda name: name in blocks):
-        found = next((m for m in lists if matches(type(m[0]).__name__)), None)
-        if found is not None:
-            return found
-    raise ValueError(f"model: found no decoder-layer ModuleList in {type(model).__name__} "
-                     f"(tried {list(paths)} and lists of *DecoderLayer / _no_split_modules "
-                     f"blocks); shared routing and token pruning need one: use "
-                     f"routing='per_layer'")
-
-
-def check_prunable(model: nn.Module) -> None:
-    """Refuses what token pruning cannot run: ALiBi attention (Bloom, MPT, Falcon with
-    ``alibi=True``: the position bias rides in the attention mask, which the pruned layers
-    replace), MoE router logits (``output_router_logits``: the pruned layers' logits
-    cover the kept tokens only, the base's load-balancing loss needs all of them) and
-    Gemma 3n's AltUp (several hidden-state streams per token, not ``[B, L, d]``)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", "")
-    attn_config = getattr(config, "attn_config", None)  # MPT
-    mpt_alibi = (attn_config.get("alibi", True) if isinstance(attn_config, dict)
-                 else getattr(attn_config, "alibi", model_type == "mpt"))
-    if (getattr(config, "alibi", False) or model_type == "bloom" or mpt_alibi
-            or getattr(config, "position_embedding_type", None) == "alibi"):
-        raise ValueError(f"model: token pruning does not support ALiBi attention "
-                         f"({model_type or type(model).__name__}: the position bias is part "
-                         f"of the attention mask the pruned layers rebuild); use "
-                         f"routing='per_layer'")
-    if getattr(config, "output_router_logits", False):
-        raise ValueError(_ROUTER_LOGITS_ERROR)
-    if getattr(config, "altup_num_inputs", None):
-        raise ValueError(f"model: token pruning and the saliency network need one [B, L, d] "
-                         f"hidden state per layer; {model_type or type(model).__name__} "
-                         f"carries {config.altup_num_inputs} AltUp streams; use "
-                         f"routing='per_layer'")
-
-
-def check_prune_range(config: Any, layers: nn.ModuleList, start: int, end: int
-                      ) -> dict[int, int | None]:
-    """The sliding window of each pruned layer ``start..end-1`` (:func:`layer_window`);
-    refuses a pruned layer whose keys / values later layers reuse or that reuses an earlier
-    layer's (Gemma 3n / 4 KV sharing: packed keys would meet full-length queries), and one
-    that scales its queries by their index in the sequence it is given rather than by
-    their position (Llama 4's attention temperature tuning on NoPE layers)."""
-    def attention(index: int, flag: str) -> bool:
-        return bool(getattr(getattr(layers[index], "self_attn", None), flag, False))
-
-    sharing = any(attention(i, "is_kv_shared_layer") for i in range(len(layers)))
-    windows = {}
-    for index in range(start, end):
-        windows[index] = layer_window(config, index)
-        if sharing and (attention(index, "is_kv_shared_layer")
-                        or attention(index, "store_full_length_kv")):
-            raise ValueError(f"prune_layers: decoder layer {index} shares its keys / values "
-                             f"with other layers (KV sharing); token pruning needs each "
-                             f"pruned layer's keys to be its own (choose a prune range "
-                             f"without it)")
-        if attention(index, "attn_temperature_tuning") and not attention(index, "use_rope"):
-            raise ValueError(f"prune_layers: decoder layer {index} scales its queries by their "
-                             f"index in the sequence (attention temperature tuning), which "
-                             f"packed tokens do not keep (choose a prune range without it, or "
-                             f"set config.attn_temperature_tuning=False)")
-    return windows
-
-
-def _keep_threshold(flat: torch.Tensor, retention: float) -> float:
-    """The threshold keeping ``retention`` of the scores ``flat [N]`` (those strictly above
-    it): halfway between the two scores that bracket their ``1 - retention`` quantile (the
-    ranks of ``torch.quantile``'s linear interpolation), so it keeps as many of them as the
-    quantile does but no calibration score sits on it. (The quantile often *is* a score:
-    a token scored exactly at the threshold was kept on one path and pruned on the other,
-    whose scores differ by ~1e-7, when generating from the calibration prompts.) Any N
-    (``torch.quantile`` refuses more than 2**24 elements).
-
-    When both bracketing scores are one tied value (an untrained score head scores every
-    token alike), the threshold goes halfway to the nearest other score below or above the
-    tie (below the smallest score: 1 below it), whichever keeps a count nearer the target
-    (ties: below, keeping more)."""
-    rank = (1.0 - retention) * (flat.numel() - 1)
-    lower = math.floor(rank)
-    upper = min(lower + 1, flat.numel() - 1)
-    low = float(torch.kthvalue(flat, lower + 1).values)  # 1-based
-    high = float(torch.kthvalue(flat, upper + 1).values)
-    if low != high:
-        return _between32(low, high)
-    target = retention * flat.numel()
-    under, over = flat[flat < low], flat[flat > low]
-    keep_tie, drop_tie = flat.numel() - under.numel(), over.numel()
-    if over.numel() and abs(drop_tie - target) < abs(keep_tie - target):
-        return _between32(low, float(over.min()))
-    if under.numel():
-        return _between32(float(under.max()), low)
-    below = _fp32(low - 1.0)
-    return below if below < low else float(torch.nextafter(
-        torch.tensor(low), torch.tensor(-math.inf)))
-
-
-def _fp32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
-def _between32(a: float, b: float) -> float:
-    """The fp32 threshold (the buffer's dtype) halfway between scores ``a < b``, so that
-    ``score > threshold`` keeps b and drops a: the midpoint rounded to fp32, or ``a``
-    itself when that rounding reaches ``b`` (no fp32 value lies between them)."""
-    mid = _fp32(a + (b - a) / 2)
-    return mid if mid < b else a
-
-
-_ROUTER_LOGITS_ERROR = (
-    "output_router_logits: not supported with token pruning (the pruned layers' router "
-    "logits cover the kept tokens only, and the base's load-balancing loss needs every "
-    "layer's over all tokens); set model.config.output_router_logits = False (DATALORA's "
-    "balance loss balances the LoRA experts)")
-
-
-def resolve_prune_range(prune_layers: list[int] | None, num_layers: int) -> tuple[int, int]:
-    """``[start, end)`` of the pruned layers; None = the second half."""
-    if prune_layers is None:
-        return num_layers // 2, num_layers
-    start, end = prune_layers
-    if not 0 <= start < end <= num_layers:
-        raise ValueError(f"prune_layers: expected [start, end) with 0 <= start < end <= "
-                         f"{num_layers} (decoder layers), got {list(prune_layers)}")
-    return start, end
 
 
 @dataclass
@@ -553,32 +96,6 @@ class ForwardRecord:
         return float(self.kept[self.valid].float().mean()) if self.valid.any() else 1.0
 
 
-_WINDOWED = ("sliding_attention",)
-
-
-def layer_window(config: Any, layer_idx: int) -> int | None:
-    """The sliding window of decoder layer ``layer_idx`` (None: full causal attention).
-
-    ``config.layer_types`` (Qwen2, Gemma 2/3, gpt-oss, ...) names each layer's attention:
-    ``"sliding_attention"`` layers see the last ``config.sliding_window`` keys,
-    ``"full_attention"`` layers all of them. Without ``layer_types`` (Mistral) every layer
-    uses ``config.sliding_window`` when it is set. Other kinds (chunked, linear attention)
-    are refused: the pruning masks cannot reproduce them.
-    """
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        return window
-    kind = types[layer_idx]
-    if kind == "full_attention":
-        return None
-    if kind in _WINDOWED:
-        return window
-    raise ValueError(f"prune_layers: decoder layer {layer_idx} uses {kind!r} attention; token "
-                     f"pruning supports 'full_attention' and 'sliding_attention' layers only "
-                     f"(choose a prune range without it)")
-
-
 @dataclass
 class _Context:
     attention_mask: torch.Tensor | None
@@ -603,22 +120,6 @@ class _Context:
     skippable_layers: list[nn.Module] = field(default_factory=list)
     # this step skips them: each appends placeholder keys / values to ``skip_cache``
     skip_cache: Any = None
-
-
-@functools.cache
-def _dynamic_cache_types() -> tuple[type | None, tuple[type, ...]]:
-    """``(DynamicCache, its layer classes a skipped layer can append to)``; ``(None, ())``
-    for a transformers release without per-layer caches (the layers then always run).
-    Imported on first use: ``import datalora`` does not import transformers."""
-    try:
-        from transformers.cache_utils import (
-            DynamicCache,
-            DynamicLayer,
-            DynamicSlidingWindowLayer,
-        )
-    except ImportError:
-        return None, ()
-    return DynamicCache, (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class _SkippableForward:
