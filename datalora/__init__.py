@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from datalora import nf4, ops
 from datalora.config import DATALORAConfig
 from datalora.curriculum import CurriculumScheduler
+from datalora.injection import inject_molora
 from datalora.layers import MoLoRALinear
-from datalora.model import DATALORAModel, get_datalora_model, inject_molora
+from datalora.model import DATALORAModel, get_datalora_model
 from datalora.routing import ExpertPermutation, Routing, sort_routes, topk_routing
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.smora import SMoRALinear, smora_linear

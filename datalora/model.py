@@ -4,7 +4,9 @@
 :class:`~datalora.layers.MoLoRALinear`, freezes the base and returns a
 :class:`DATALORAModel` wrapper with PEFT-style ``save_pretrained`` /
 ``from_pretrained``. The adapter is written as ``adapter_model.safetensors`` +
-``adapter_config.json``; both writes are atomic and reload is bit-exact.
+``adapter_config.json``; both writes are atomic and reload is bit-exact. Which layers are
+adapted, and what shared routing needs of the model: :mod:`datalora.injection`; the checks
+of a saved folder: :mod:`datalora.adapter_files`.
 """
 
 from __future__ import annotations
@@ -22,38 +24,48 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from datalora.adapter_files import (
+    BASE_PARAMETERS_KEY,
+    WEIGHTS_NAME,
+    check_adapter_fits,
+    check_declared_base_parameters,
+    check_path,
+    config_from_json,
+    function_fields,
+    weights_file,
+    without_wrapper_names,
+)
 from datalora.checks import as_scalar, check_bool, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
+from datalora.injection import (
+    auto_routing,
+    check_shared,
+    check_types,
+    hidden_size_of,
+    inject_molora,
+    parameter_elements,
+)
 from datalora.io import (
     atomic_write_text,
     check_saved_weight,
-    load_header,
     load_metadata,
     load_tensors,
     save_tensors,
 )
 from datalora.layers import MoLoRALinear, adapters_off
-from datalora.nf4_linear import NF4Linear, is_nf4_base, quantize_linear
-from datalora.ops.backends import CUDA_BACKEND_SCOPE
+from datalora.nf4_linear import NF4Linear
 from datalora.pruning import (
     GRADIENT_CHECKPOINTING_REFUSED,
     DATALORARuntime,
-    check_prunable,
-    check_prune_range,
-    find_decoder_layers,
-    resolve_prune_range,
 )
 from datalora.saliency import UnifiedSaliencyNetwork
 from datalora.sharding import (
-    WRAPPER_ATTRIBUTES,
     copy_full_into,
     full_tensors,
     sharding_kind,
     unwrapped_name,
 )
-
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def __getattr__(name: str):
@@ -110,198 +122,13 @@ def _make_aux_output_classes() -> None:
             output_with_aux_losses(output_class)
 
 
-def _is_target(name: str, targets: list[str]) -> bool:
-    return name.rsplit(".", 1)[-1] in targets
-
-
-def _elements(param: torch.Tensor) -> int:
-    """Weights a parameter holds: a bnb ``Params4bit`` its unpacked element count."""
-    state = getattr(param, "quant_state", None)
-    if type(param).__name__ == "Params4bit" and state is not None:
-        return int(torch.Size(state.shape).numel())
-    return param.numel()
-
-
-def _tied_parameters(model: nn.Module) -> set[int]:
-    """ids of parameters registered under more than one name (tied weights)."""
-    counts: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        counts[id(param)] = counts.get(id(param), 0) + 1
-    return {i for i, n in counts.items() if n > 1}
-
-
-def _adaptable(module: nn.Module) -> bool:
-    """A layer MoLoRA can wrap: an ``nn.Linear`` (bnb's ``Linear4bit`` is one) or a
-    datalora :class:`~datalora.nf4_linear.NF4Linear`."""
-    return isinstance(module, (nn.Linear, NF4Linear))
-
-
-def _class_name(module: nn.Module) -> str:
-    """The class name, with its module path for a class named like one of torch.nn's
-    (PEFT's LoRA layer is also called ``Linear``: ``peft.tuners.lora.layer.Linear``)."""
-    cls = type(module)
-    if cls.__module__.startswith("torch.") or not hasattr(nn, cls.__name__):
-        return cls.__name__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -> str:
-    """``"; matching names that are not nn.Linear: [c_attn (Conv1D), ...]"`` or ``""``."""
-    others = sorted({f"{n.rsplit('.', 1)[-1]} ({_class_name(m)})" for n, m in modules
-                     if _is_target(n, targets) and not _adaptable(m)})
-    return f"; matching names that are not nn.Linear: {others}" if others else ""
-
-
-def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
-    """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names.
-
-    Every MoLoRA layer is built (its base quantized) before any is put in place, so an
-    error (a weight NF4 cannot quantize) names the layer and leaves the model as it was.
-    """
-    _check_types(model, config)  # a dict config failed with AttributeError: no 'quantize'
-    replaced, kept_16bit = [], []
-    modules = list(model.named_modules())  # before replacing: one walk serves both uses
-    linear_names = {n.rsplit(".", 1)[-1] for n, m in modules if _adaptable(m)}
-    tied = _tied_parameters(model) if config.quantize else set()
-    plan = []  # (name, module, quantize, backend): checked before the model is modified
-    for name, module in modules:
-        if _adaptable(module) and _is_target(name, config.target_modules):
-            quantize, backend = config.quantize, config.backend
-            if quantize and id(getattr(module, "weight", None)) in tied:
-                quantize = None  # a 4-bit copy would untie it (tie_weights would then fail)
-                kept_16bit.append(name)
-                if backend == "cuda":  # the NF4 kernels: not for a layer left 16-bit
-                    backend = "auto"
-            plan.append((name, module, quantize, backend))
-    if config.backend == "cuda":
-        not_nf4 = [name for name, module, quantize, backend in plan
-                   if backend == "cuda" and not (quantize or is_nf4_base(module))]
-        if not_nf4:
-            raise ValueError(f"backend: 'cuda' runs NF4 bases only (quantize='nf4' or a 4-bit "
-                             f"model); {not_nf4} are 16-bit layers; {CUDA_BACKEND_SCOPE}")
-    built = []
-    for name, module, quantize, backend in plan:
-        # quantized here so that an error names the model's layer ("model.layers.1.mlp...")
-        base = quantize_linear(module, quantize, name=name) if quantize else module
-        try:
-            built.append(MoLoRALinear(
-                base, num_experts=config.num_lora_experts, rank=config.lora_rank,
-                alpha=config.lora_alpha, top_k=config.num_active_experts,
-                dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=backend))
-        except (ValueError, TypeError) as err:  # name the model's layer, not base_layer
-            if type(err) not in (ValueError, TypeError):
-                raise
-            raise type(err)(f"{name}: {err}") from err
-    for (name, _, _, _), layer in zip(plan, built, strict=True):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
-        replaced.append(name)
-    if kept_16bit:
-        note = "; they use backend 'auto', not 'cuda'" if config.backend == "cuda" else ""
-        warnings.warn(f"quantize: {kept_16bit} share their weight with another module (tied "
-                      f"embeddings) and stay 16-bit: quantizing would untie them{note}",
-                      stacklevel=4)
-    if not replaced:
-        linears = sorted(linear_names)
-        hint = _not_linear_hint(modules, config.target_modules)
-        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in modules
-                         if type(m).__name__ == "Conv1D"})
-        if not hint and conv1d:  # GPT-2 style: its projections are not nn.Linear
-            hint = f"; its Conv1D layers {conv1d} are not nn.Linear and cannot be adapted"
-        raise ValueError(f"target_modules: none of {config.target_modules} matched an nn.Linear "
-                         f"of the model; its linear layers are named {linears}{hint}")
-    matched = {n.rsplit(".", 1)[-1] for n in replaced}
-    unmatched = [t for t in config.target_modules if t not in matched]
-    if unmatched:
-        warnings.warn(f"target_modules: {unmatched} matched no nn.Linear of the model (adapted: "
-                      f"{sorted(matched)}; its other linear layers are named "
-                      f"{sorted(linear_names - matched)}"
-                      f"{_not_linear_hint(modules, unmatched)})", stacklevel=4)
-    return replaced
-
-
-def _check_shared_targets(model: nn.Module, targets: list[str]) -> None:
-    """Shared routing covers the tokens of the decoder layers: a target outside them (the LM
-    head) would train, then fail in generate() (``logits_to_keep`` gives it fewer tokens)."""
-    inside = {id(m) for m in find_decoder_layers(model).modules()}
-    outside = [n for n, m in model.named_modules()
-               if _adaptable(m) and _is_target(n, targets) and id(m) not in inside]
-    if outside:
-        raise ValueError(f"target_modules: routing='shared' drives adapted layers inside the "
-                         f"decoder layers only, but {outside[:3]} are outside them; drop "
-                         f"{sorted({n.rsplit('.', 1)[-1] for n in outside})} from "
-                         f"target_modules or use routing='per_layer'")
-
-
-def _hidden_size(model: nn.Module) -> int:
-    """``model.config.hidden_size``, which the saliency network of shared routing needs."""
-    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not isinstance(hidden_size, int):
-        raise ValueError("model: routing='shared' needs model.config.hidden_size")
-    return hidden_size
-
-
-def _check_shared(model: nn.Module, config: DATALORAConfig, strict: bool = True) -> nn.Module:
-    """Raises the ValueError shared routing's build would raise (decoder layers,
-    ``hidden_size``, ALiBi / router logits, targets, ``prune_layers`` unless not ``strict``,
-    attention kinds), before anything is injected; returns the decoder layers."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        raise ValueError("model: a PEFT model (PeftModel): its generate() calls the causal LM "
-                         "inside it, past the hooks shared routing installs on the model you "
-                         "pass; merge PEFT's adapter first (merge_and_unload()), adapt the "
-                         "base before get_peft_model, or use routing='per_layer'")
-    layers = find_decoder_layers(model)
-    _hidden_size(model)
-    check_prunable(model)
-    _check_shared_targets(model, config.target_modules)
-    try:
-        start, end = resolve_prune_range(config.prune_layers, len(layers))
-    except ValueError:
-        if strict:
-            raise
-        start = end = 0
-    check_prune_range(model.config, layers, start, end)
-    return layers
-
-
-def _auto_routing(model: nn.Module, config: DATALORAConfig) -> str:
-    """``routing='auto'`` resolved: ``'shared'`` (the DATALORA method) where the model can run
-    it (decoder layers on one device, ``config.hidden_size``, no ALiBi / MoE router logits,
-    attention kinds the pruning masks reproduce, every target inside the decoder layers),
-    else ``'per_layer'``, warned for a model with a ``config`` (a Hugging Face model, which
-    may have been meant for the method). An invalid ``prune_layers`` is left to the
-    shared-routing build to report."""
-    try:
-        layers = _check_shared(model, config, strict=False)
-        devices = sorted({str(p.device) for p in layers.parameters()})
-        if len(devices) > 1:
-            raise ValueError(f"model: the decoder layers are on {devices}; shared routing "
-                             f"needs them on one device")
-    except ValueError as err:
-        if hasattr(model, "config"):
-            warnings.warn(f"routing='auto' chose 'per_layer' (a router per layer, no saliency "
-                          f"network or token pruning): {err}", stacklevel=4)
-        return "per_layer"
-    return "shared"
-
-
-def _check_types(model: object, config: object) -> nn.Module:
-    """``model`` (returned) a module and ``config`` a :class:`DATALORAConfig` (TypeError
-    naming them)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, DATALORAConfig):
-        raise TypeError(f"config: expected DATALORAConfig, got {type(config).__name__}")
-    return model
 
 
 def _check_base(model: object, config: object) -> None:
     """``model`` a module without MoLoRA layers, ``config`` a :class:`DATALORAConfig`: the
     checks of every way a base is adapted (get_datalora_model, the constructor,
     from_pretrained)."""
-    model = _check_types(model, config)
+    model = check_types(model, config)
     config.validate()  # fields assigned after construction
     if isinstance(model, DATALORAModel) or any(isinstance(m, MoLoRALinear)
                                                for m in model.modules()):
@@ -317,7 +144,8 @@ class DATALORAModel(nn.Module):
     runs once per forward before the first decoder layer; its routing drives every MoLoRA
     layer and its token scores prune tokens over ``config.prune_layers``
     (:class:`~datalora.pruning.DATALORARuntime`, ``self.runtime``); ``routing='auto'`` (the
-    default) is resolved here (see :func:`_auto_routing`) and ``config`` holds the result.
+    default) is resolved here (see :func:`~datalora.injection.auto_routing`) and ``config``
+    holds the result.
     A new model routes hard at ``tau = temperature_final`` and keeps every token (an
     untrained saliency network's scores mean nothing, and with B = 0 the model then equals
     its base); the trainer's curriculum takes over and training ends in the inference state
@@ -346,10 +174,10 @@ class DATALORAModel(nn.Module):
         self._hf_peft_config_loaded = True
         if config.routing == "auto":
             config = dataclasses.replace(
-                config, routing=_auto_routing(model, config))
+                config, routing=auto_routing(model, config))
             self.config_datalora = config
         if config.routing == "shared":  # refused before the model is changed
-            _check_shared(model, config)
+            check_shared(model, config)
         self.saliency: UnifiedSaliencyNetwork | None = None
         self.runtime: DATALORARuntime | None = None
         with _undone_on_failure(model) as built:  # the caller's model back as it came
@@ -367,7 +195,7 @@ class DATALORAModel(nn.Module):
         _make_aux_output_classes()  # outside any compiled forward
         device = next(model.parameters()).device
         self.saliency = UnifiedSaliencyNetwork(
-            _hidden_size(model), config.num_lora_experts, config.lora_rank,
+            hidden_size_of(model), config.num_lora_experts, config.lora_rank,
             config.num_active_experts, config.saliency_hidden_size,
             config.temperature_final).to(device)
         self.runtime = DATALORARuntime(model, self.saliency, config.prune_layers,
@@ -614,7 +442,7 @@ class DATALORAModel(nn.Module):
         :class:`NF4Linear`'s are buffers, a bnb ``Params4bit`` packs two per byte), as
         PEFT counts them."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(_elements(p) for p in self.parameters())
+        total = sum(parameter_elements(p) for p in self.parameters())
         total += sum(m.weight.numel for m in self.modules() if isinstance(m, NF4Linear))
         return trainable, total
 
@@ -691,23 +519,23 @@ class DATALORAModel(nn.Module):
 
     def load_adapter(self, path: str | Path) -> None:
         """Loads saved adapter tensors into this model (names and shapes must match, and the
-        saved config's :data:`FUNCTION_FIELDS` must equal this model's: a different
-        ``lora_alpha``, top-k or pruned range would compute another function with the same
-        tensors).
+        saved config's :data:`~datalora.adapter_files.FUNCTION_FIELDS` must equal this
+        model's: a different ``lora_alpha``, top-k or pruned range would compute another
+        function with the same tensors).
 
         Under FSDP2 call it on every rank: each rank keeps its shard of the saved tensors.
         """
-        _check_path(path)
-        file = _weights_file(Path(path))
+        check_path(path)
+        file = weights_file(Path(path))
         metadata = load_metadata(file)
         self._check_saved_config(Path(path), file, metadata)
-        saved = _without_wrapper_names(load_tensors(file), file)
+        saved = without_wrapper_names(load_tensors(file), file)
         own = self.adapter_state_dict()
         base = {unwrapped_name(n): p for n, p in self.base_model.named_parameters()}
         # base parameters trained with the adapter (saved because they required grad)
         extra = {name for name in saved if name not in own and name in base}
         molora = self._molora_parameter_ids()
-        _check_declared_base_parameters(
+        check_declared_base_parameters(
             {name for name in saved if name in base and id(base[name]) not in molora},
             metadata, file)
         own.update({name: base[name] for name in extra})
@@ -798,8 +626,8 @@ class DATALORAModel(nn.Module):
                             metadata: dict[str, str]) -> None:
         """Raises ValueError when the config saved at ``folder`` (the copy in the ``weights``
         file's ``metadata``, or ``adapter_config.json`` for adapters saved before it carried
-        one) differs from this model's in a :data:`FUNCTION_FIELDS` field, or when the two
-        saved copies disagree."""
+        one) differs from this model's in a :data:`~datalora.adapter_files.FUNCTION_FIELDS`
+        field, or when the two saved copies disagree."""
         embedded = metadata.get("datalora_config")
         saved_type, here = metadata.get("base_model_type"), self._base_identity()
         if saved_type and here.get("base_model_type") not in (None, saved_type):
@@ -809,11 +637,11 @@ class DATALORAModel(nn.Module):
                           f"its tensors fit by name and shape, but the function differs",
                           UserWarning, stacklevel=3)
         config_file = folder / CONFIG_NAME
-        in_weights = None if embedded is None else _config_of(embedded)
+        in_weights = None if embedded is None else config_from_json(embedded)
         on_disk = (DATALORAConfig.from_pretrained(config_file) if config_file.exists()
                    else None)
         if in_weights is not None and on_disk is not None and any(
-                a != b for _, a, b in _function_fields(in_weights, on_disk, self.base_model)):
+                a != b for _, a, b in function_fields(in_weights, on_disk, self.base_model)):
             raise ValueError(f"path: {config_file} does not match the config stored in "
                              f"{weights.name} (a save interrupted between the two files?); "
                              f"save the adapter again")
@@ -821,7 +649,7 @@ class DATALORAModel(nn.Module):
         if saved is None:
             return
         differs = [f"{name}: saved {a!r}, this model {b!r}"
-                   for name, a, b in _function_fields(saved, self.config_datalora,
+                   for name, a, b in function_fields(saved, self.config_datalora,
                                                       self.base_model) if a != b]
         if differs:
             raise ValueError(f"path: the adapter at {folder} was trained with another config "
@@ -858,13 +686,13 @@ class DATALORAModel(nn.Module):
         mode, for inference; True leaves the adapter, the saliency network and the base
         parameters the adapter saved trainable, to train further (``DATALORATrainer``
         refuses a model with nothing to train)."""
-        _check_path(path)
+        check_path(path)
         check_bool("is_trainable", is_trainable)  # "no" left the adapter trainable
         _check_base(model, DATALORAConfig())  # before reading the folder
         config = DATALORAConfig.from_pretrained(path)
         # what the adapter adapts is checked before anything is injected; what only the
         # injected model can check (every name, the saved config, the curriculum) is undone
-        header = _check_adapter_fits(model, Path(path), config)
+        header = check_adapter_fits(model, Path(path), config)
         with _undone_on_failure(model) as built:
             # the layers start random and get the saved weights: the caller's RNG stream
             # (seed, load, sample) must not depend on the draws of that initialisation
@@ -882,6 +710,7 @@ class DATALORAModel(nn.Module):
             wrapped.requires_grad_(False)
             wrapped.eval()
         return wrapped
+
 
 
 def _embedding_rows(model: nn.Module) -> int | None:
@@ -903,106 +732,6 @@ def _embedding_weights(model: nn.Module) -> list[torch.Tensor]:
 def _is_embedding(model: nn.Module, param: torch.Tensor) -> bool:
     """Whether ``param`` is ``model``'s input or output embedding weight."""
     return any(weight is param for weight in _embedding_weights(model))
-
-
-def _weights_file(folder: Path) -> Path:
-    """``folder``'s adapter weights file; FileNotFoundError naming ``path`` when missing."""
-    file = folder / WEIGHTS_NAME
-    if not file.exists():
-        raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {folder}")
-    return file
-
-
-def _without_wrapper_names(saved: dict[str, Any], file: Path) -> dict[str, Any]:
-    """``saved`` (tensors or header entries by name) keyed without FSDP1 /
-    activation-checkpoint wrapper segments, as datalora saves them: releases before
-    2026-12-04 kept ``_checkpoint_wrapped_module`` in the names of a wrapped model's
-    adapter."""
-    named = {unwrapped_name(name): value for name, value in saved.items()}
-    if len(named) != len(saved):
-        raise ValueError(f"path: {file} holds tensors whose names differ only by wrapper "
-                         f"segments ({sorted(WRAPPER_ATTRIBUTES)}); save the adapter again")
-    return named
-
-
-BASE_PARAMETERS_KEY = "base_parameters"  # weights-file metadata: the base tensors it holds
-
-
-def _check_declared_base_parameters(extra: set[str], metadata: dict[str, str],
-                                    file: Path) -> None:
-    """Refuses base-model tensors (``extra``: those the weights ``file`` holds besides the
-    MoLoRA layers' and the saliency network's) that its metadata does not list (a file
-    edited after saving would replace base weights unannounced); warns for a file saved
-    before datalora listed them."""
-    declared = metadata.get(BASE_PARAMETERS_KEY)
-    if declared is None:
-        if extra:
-            warnings.warn(f"path: {file} replaces base weights {sorted(extra)[:5]} "
-                          f"({len(extra)} in all) without listing them (saved by an older "
-                          f"datalora): they overwrite the base model's; save the adapter again "
-                          f"to record them", stacklevel=3)
-        return
-    try:
-        names = json.loads(declared)
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"path: the {BASE_PARAMETERS_KEY!r} metadata of {file} is not a "
-                         f"list of names: {declared[:200]!r}") from None
-    undeclared = sorted(extra - set(names))
-    if undeclared:
-        raise ValueError(f"path: {file} holds base weights its metadata does not list "
-                         f"({undeclared[:5]}, {len(undeclared)} in all): a file edited after "
-                         f"saving would replace them in the base model; refusing to load it")
-
-
-def _check_adapter_fits(model: nn.Module, folder: Path, config: DATALORAConfig
-                        ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """The modules the saved MoLoRA tensors adapt exist in ``model`` with the features
-    their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``), and the sizes the
-    saved ``config`` allocates (experts, rank, the saliency network's width) are those of
-    the saved tensors: checked from the weights file's header before
-    :meth:`DATALORAModel.from_pretrained` injects anything, so an adapter of another model
-    size fails with the user's model untouched, and an edited ``adapter_config.json``
-    (``num_lora_experts: 10000000``) allocates nothing (the full name and shape check of
-    :meth:`~DATALORAModel.load_adapter` follows the injection). Returns the file's header
-    (``name -> (shape, dtype)``)."""
-    file = _weights_file(folder)
-    modules = {unwrapped_name(name): module for name, module in model.named_modules()}
-    header = _without_wrapper_names(load_header(file), file)
-    sizes = {"lora_A": lambda s: (s[0], s[1]), "lora_B": lambda s: (s[0], s[2])}
-    want_sizes = (config.num_lora_experts, config.lora_rank)
-    # saves write the resolved routing ("shared" / "per_layer"), never "auto"
-    saved = header.get("saliency.backbone.0.weight", (None, None))[0]
-    if config.routing == "shared" or (config.routing == "auto" and saved is not None):
-        if saved is None or saved[:1] != (config.saliency_hidden_size,):
-            raise ValueError(f"path: {folder / CONFIG_NAME} says saliency_hidden_size="
-                             f"{config.saliency_hidden_size} (shared routing), but "
-                             f"{file.name} holds saliency.backbone.0.weight of shape {saved}")
-    if not any(name.endswith(".lora_A") for name in header):
-        raise ValueError(f"path: {file} holds no MoLoRA tensors (no '*.lora_A'); expected a "
-                         f"datalora adapter folder")
-    for name, (shape, _) in header.items():
-        module_name, _, leaf = name.rpartition(".")
-        if leaf not in ("lora_A", "lora_B"):
-            continue
-        if len(shape) == 3 and sizes[leaf](shape) != want_sizes:
-            raise ValueError(f"{name}: saved shape {shape}, but {folder / CONFIG_NAME} says "
-                             f"num_lora_experts={want_sizes[0]}, lora_rank={want_sizes[1]}")
-        module = modules.get(module_name)
-        if module is None:
-            raise ValueError(f"path: the adapter at {folder} adapts {module_name!r}, which "
-                             f"this model lacks")
-        d_in, d_out = (getattr(module, "in_features", None),
-                       getattr(module, "out_features", None))
-        if len(shape) != 3 or d_in is None or d_out is None:
-            continue  # not a linear layer: load_adapter names the mismatch
-        want = (shape[0], shape[1], d_in) if leaf == "lora_A" else (shape[0], d_out, shape[2])
-        if shape != want:
-            raise ValueError(f"{name}: saved shape {shape}, but {module_name!r} of this model "
-                             f"is {d_in} -> {d_out} (expected {want}): the adapter was "
-                             f"trained on another model size")
-    return header
 
 
 @contextmanager
@@ -1032,41 +761,6 @@ def _undone_on_failure(model: nn.Module) -> Iterator[list[DATALORAModel]]:
         raise
 
 
-FUNCTION_FIELDS: tuple[str, ...] = (
-    "num_lora_experts", "lora_rank", "lora_alpha", "num_active_experts", "target_modules",
-    "routing", "prune_layers", "saliency_hidden_size")
-"""Config fields that, with the adapter tensors, define the function a DATALORA model
-computes. Training-only settings (losses' weights, curriculum, temperatures, dropout, target
-retention), the backend and the base's quantization may differ between save and load."""
-
-
-def _check_path(path: object) -> None:
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path: expected a folder path (str or Path), got {type(path).__name__}")
-
-
-def _config_of(text: str) -> DATALORAConfig:
-    return DATALORAConfig.from_dict(json.loads(text))
-
-
-def _function_fields(saved: DATALORAConfig, current: DATALORAConfig, base_model: nn.Module):
-    """``(name, saved value, current value)`` for :data:`FUNCTION_FIELDS`, normalised:
-    target modules as a set; the pruned range resolved (None = the second half) and the
-    saliency width compared only with shared routing on both sides (per-layer routing has
-    neither)."""
-    shared = saved.routing == "shared" and current.routing == "shared"
-    for name in FUNCTION_FIELDS:
-        a, b = getattr(saved, name), getattr(current, name)
-        if name == "target_modules":
-            a, b = sorted(set(a)), sorted(set(b))
-        elif name == "saliency_hidden_size" and not shared:
-            continue
-        elif name == "prune_layers":
-            if not shared:
-                continue
-            num_layers = len(find_decoder_layers(base_model))
-            a, b = (resolve_prune_range(v, num_layers) for v in (a, b))
-        yield name, a, b
 
 
 def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,

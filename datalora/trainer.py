@@ -104,9 +104,9 @@ def _warn_schedule_change(current: dict[str, Any], saved: dict[str, Any]) -> Non
 def _check_trainer_config(config: Any, model: DATALORAModel) -> DATALORAConfig:
     """``config`` (default: the model's), checked against the model: its training settings
     (loss weights, temperatures, retention, curriculum split) may differ, but the fields
-    that define the model (:data:`~datalora.model.FUNCTION_FIELDS`) cannot be changed by
+    that define the model (:data:`~datalora.adapter_files.FUNCTION_FIELDS`) cannot be changed by
     the trainer (a different ``num_lora_experts`` silently misreported the expert load)."""
-    from datalora.model import _function_fields
+    from datalora.adapter_files import function_fields
 
     if config is None:
         return model.datalora_config
@@ -118,7 +118,7 @@ def _check_trainer_config(config: Any, model: DATALORAModel) -> DATALORAConfig:
     resolved = (dataclasses.replace(config, routing=own.routing)
                 if config.routing == "auto" else config)  # as the model resolved 'auto'
     differs = [f"{name}: datalora_config {a!r}, model {b!r}"
-               for name, a, b in _function_fields(resolved, own, model.base_model) if a != b]
+               for name, a, b in function_fields(resolved, own, model.base_model) if a != b]
     if differs:
         raise ValueError(f"datalora_config: differs from the model's config in fields that "
                          f"define the model ({'; '.join(differs)}); build the model with "
@@ -168,7 +168,7 @@ class DATALORATrainer(Trainer):
             built with ``routing="shared"``).
         datalora_config: the method's config (default: the model's): its training
             settings may differ from the model's, the fields that define the model
-            (:data:`~datalora.model.FUNCTION_FIELDS`) must not (ValueError).
+            (:data:`~datalora.adapter_files.FUNCTION_FIELDS`) must not (ValueError).
         curriculum: a ready :class:`CurriculumScheduler` (its missing ``total_steps`` /
             ``num_epochs`` are filled in from the run); default: built at every
             ``train()`` from the config over the run's optimizer steps
