@@ -653,7 +653,8 @@ def test_truncation_keeps_half_of_max_length_for_the_prompt_and_counts_only_long
     and its end), the response the rest; a row of exactly max_length tokens is whole."""
     import types
 
-    from datalora.data import _truncate, tokenize_rows
+    from datalora.data import tokenize_rows
+    from datalora.data.tokens import _truncate
 
     prompt, response = [1, *range(100, 139)], list(range(200, 240))
     cut_prompt, cut_response = _truncate(prompt, response, 20, types.SimpleNamespace(
@@ -837,7 +838,7 @@ def test_table_errors_name_the_row_index(tmp_path):
 def test_tokenize_rows_batches_equal_one_text_at_a_time(tokenizer, monkeypatch):
     """Batched encoding in chunks (a chunk boundary inside the rows) gives the ids of
     encoding each text alone."""
-    import datalora.data as data
+    import datalora.data.tokens as data
 
     monkeypatch.setattr(data, "TOKENIZE_CHUNK", 3)
     rows = load_instruction_dataset("embedded", "eval", limit=7)

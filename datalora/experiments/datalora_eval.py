@@ -216,7 +216,8 @@ def route_records(model: Any, rows: Sequence[dict[str, Any]], tokenizer: Any,
     every task shares the prompt template and that EOS, whose tokens route alike whatever
     the task).
     """
-    from datalora.data import IGNORE_INDEX, CausalLMCollator, _eos_id
+    from datalora.data import IGNORE_INDEX, CausalLMCollator
+    from datalora.data.tokens import _eos_id
     from datalora.train import _tokenized_rows
 
     if model.runtime is None:

@@ -67,8 +67,9 @@ import torch
 from tqdm.auto import tqdm
 
 from datalora.cli import check_output_file
-from datalora.data import TASKS, CausalLMCollator, _encode, format_prompt, load_instruction_dataset
+from datalora.data import TASKS, CausalLMCollator, format_prompt, load_instruction_dataset
 from datalora.data import tokenize_example as _tokenize
+from datalora.data.tokens import _encode
 from datalora.experiments.run_info import provenance
 from datalora.experiments.task_adapters import BASES, WORK_DIR
 from datalora.io import atomic_write_text

@@ -65,7 +65,7 @@ def load_peft_source(model: nn.Module, folder: str | os.PathLike[str]) -> nn.Mod
 def load_seed_prompts(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Seed prompts from a ``.txt`` file (one prompt per non-empty line) or a ``.jsonl``
     file (rows with a string ``question``, optional ``system_prompt``)."""
-    from datalora.data import _read_jsonl
+    from datalora.data.loading import _read_jsonl
 
     file = Path(path).expanduser()
     if not file.is_file():
