@@ -31,8 +31,6 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 # name -> (seed, rows per task) of the splits shipped under datalora/shipped-data/.
 SHIPPED_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 500), "eval": (1, 50)}
 _SPLIT_ALIASES = {"train": "train", "eval": "eval", "validation": "eval", "test": "eval"}
-
-
 _DATA_PACKAGE = "datalora"
 _DATA_DIR = "shipped-data"  # not a package name: setuptools treats it as data
 
