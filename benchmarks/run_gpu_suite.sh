@@ -20,6 +20,8 @@
 #                the JSON is rewritten after every group)
 #   pruning      benchmarks.bench_pruning --no-bound
 #   decode       benchmarks.bench_decode: greedy ms/token of a DATALORA model vs base, PEFT
+#   prefill      benchmarks.bench_prefill: a pruned model's cached prefill, packed vs not,
+#                at hidden 1024, 8 layers, 8 x 512 tokens
 #   tle          benchmarks.bench_tle (pretrains the tiny base and trains the 4 task
 #                adapters first: minutes of CPU on a fresh machine)
 #   pytest_bench pytest-benchmark view of the MoLoRA comparison (JSON)
@@ -43,7 +45,7 @@ declare -A STEP_RC=()  # exit status of each step run
 # seconds per step (LIMIT_<step> overrides): a lease is short
 declare -A DEFAULT_LIMITS=([env]=30 [extension]=30 [decode_check]=45 [roofline]=30
                            [molora]=200 [profile]=60 [nf4]=75
-                           [gpu_tests]=150 [pruning]=90 [decode]=60 [tle]=300
+                           [gpu_tests]=150 [pruning]=90 [decode]=60 [prefill]=60 [tle]=300
                            [pytest_bench]=120)
 
 step() {  # step NAME CMD...: runs CMD with output to OUT/NAME.log, records status + time
@@ -178,6 +180,8 @@ report
 # hidden 2048), too long for a 15-minute device lease
 step pruning "$PY" -m benchmarks.bench_pruning --out "$OUT" --no-bound
 step decode "$PY" -m benchmarks.bench_decode --out "$OUT" --budget-s 20
+step prefill "$PY" -m benchmarks.bench_prefill --out "$OUT" --budget-s 15 --hidden 1024 \
+  --layers 8 --batch 8 --prompt-tokens 512
 tle() {
   "$PY" -m datalora.experiments.task_adapters --out "$OUT/task_adapters" --steps 80 &&
     "$PY" -m benchmarks.bench_tle --adapters "$OUT/task_adapters" --out "$OUT/tle_cuda.json"

@@ -348,6 +348,10 @@ def _cli(name):
     ("bench_decode", ["--out", "FILE"], "--out: expected a folder"),
     ("bench_decode", ["--budget-s", "0"], "--budget-s: expected > 0, got 0.0"),
     ("bench_decode", ["--hidden", "48"], "--hidden: expected a multiple of 32"),
+    ("bench_prefill", ["--out", "FILE"], "--out: expected a folder"),
+    ("bench_prefill", ["--hidden", "48"], "--hidden: expected a multiple of 32"),
+    ("bench_prefill", ["--prompt-tokens", "513"], "--prompt-tokens: expected at most 512"),
+    ("bench_prefill", ["--prompt-tokens", "1"], "expected an int >= 2, got 1"),
 ])
 def test_cli_rejects_bad_arguments_before_running(name, argv, fragment, tmp_path, monkeypatch,
                                                   capsys):
@@ -872,3 +876,26 @@ def test_decode_benchmark_times_every_method_with_pruning_active(tmp_path, capsy
     assert 0 < result["meta"]["datalora_pruned_kept_fraction"] < 1
     assert rows["datalora_pruned"]["vs_datalora_dense_ci95"][0] > 0
     assert "x base" in capsys.readouterr().out
+
+
+def test_prefill_benchmark_times_the_packed_prefill_against_the_unpacked(tmp_path, capsys):
+    """One tiny run: every method timed with ratios and intervals; the pruned model keeps
+    some prompt tokens but not all, runs them packed (the run checks it) and reports the
+    ideal speedup at that fraction."""
+    from benchmarks import bench_prefill
+
+    assert bench_prefill.main(["--out", str(tmp_path), "--budget-s", "0.01", "--hidden", "64",
+                               "--layers", "2", "--batch", "2", "--prompt-tokens", "24"]) == 0
+    result = json.loads((tmp_path / "prefill_cpu.json").read_text())
+    rows = {row["method"]: row for row in result["results"]}
+    assert list(rows) == list(bench_prefill.METHODS)
+    for name, row in rows.items():
+        assert row["ms_per_prefill"] > 0 and row["rounds"] >= 5
+        for ref in bench_prefill.REFERENCES[name]:
+            low, high = row[f"vs_{ref}_ci95"]
+            assert 0 < low <= high and row[f"vs_{ref}"] > 0
+    meta = result["meta"]
+    assert 0 < meta["datalora_pruned_kept_fraction"] < 1
+    assert meta["pruned_layers"] == [1, 2]
+    assert 1 < meta["ideal_speedup_at_kept_fraction"] < 2
+    assert "datalora_unpacked" in capsys.readouterr().out

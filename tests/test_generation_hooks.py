@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from datalora import DATALORAConfig, get_datalora_model
@@ -56,6 +57,12 @@ def _calibrated(model, retention=0.5):
 
 def _ids(batch, length, seed=0):
     return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class _UnpackedCache(DynamicCache):
+    """Any cache but a plain ``DynamicCache`` has the pruned layers of a cached forward of
+    several tokens run on every token, masked, not packed (a subclass may write keys
+    another way): the path that compares the packed prefill with."""
 
 
 def _stepwise_logits(model, ids, prefill):
@@ -283,8 +290,11 @@ def test_output_hidden_states_have_full_length_with_pruning():
 
 def test_output_hidden_states_hold_the_bypass_at_pruned_tokens():
     """Inside the pruned range the hidden states hold each layer's output at kept tokens and
-    the bypass (the range's input) at pruned ones: the same with the cache (masked) and
-    without (packed), and for a row alone or beside a row that keeps every token."""
+    the bypass (the range's input) at pruned ones: the same with the cache (packed
+    prefill, or masked) and without (packed), and for a row alone or beside a row that
+    keeps every token."""
+    from datalora.hf_compat import cache_kwargs
+
     model = _calibrated(_model(prune_layers=(1, 4)))
     ids = _ids(2, 10, seed=4)
     with torch.no_grad():
@@ -293,28 +303,39 @@ def test_output_hidden_states_hold_the_bypass_at_pruned_tokens():
         packed = model(input_ids=ids, output_hidden_states=True).hidden_states
         kept = model.runtime.last.kept
         assert model.runtime.last.mode == "packed" and kept[0].all() and not kept[1].all()
-        masked = model(input_ids=ids, use_cache=True, output_hidden_states=True).hidden_states
+        prefill = model(input_ids=ids, use_cache=True, output_hidden_states=True).hidden_states
+        # transformers 4.x records hidden states by replacing the layers' forward for the
+        # call, which leaves the DATALORA hooks the unpacked (masked) layers only
+        major = int(transformers.__version__.split(".")[0])
+        assert model.runtime.last.mode == ("masked" if major < 5 else "packed")
+        masked = model(input_ids=ids, output_hidden_states=True, use_cache=True,
+                       **cache_kwargs(model, _UnpackedCache(config=model.config))).hidden_states
         assert model.runtime.last.mode == "masked"
         alone = model(input_ids=ids[1:], output_hidden_states=True).hidden_states
     for i in (2, 3):  # outputs of layers 1, 2 (layer 3's is the final norm's)
         assert torch.equal(packed[i][~kept], packed[1][~kept])
-    for a, b, c in zip(packed, masked, alone, strict=True):
+    for a, b, c, d in zip(packed, masked, alone, prefill, strict=True):
         torch.testing.assert_close(b, a)
         torch.testing.assert_close(c[0], a[1])
+        torch.testing.assert_close(d, a)
 
 
 def test_a_token_scoring_exactly_the_threshold_is_pruned():
     """keep_threshold is the score a token must exceed: one scoring exactly it is pruned,
-    in the packed forward and in the masked one with the cache."""
+    in the packed forward and with the cache (packed prefill, or masked)."""
+    from datalora.hf_compat import cache_kwargs
+
     model = _calibrated(_model(prune_layers=(1, 4)))
     ids = _ids(1, 10, seed=4)
+    unpacked = cache_kwargs(model, _UnpackedCache(config=model.config))
     with torch.no_grad():
         scores = model.saliency(model.base_model.model.embed_tokens(ids)).token_scores[0]
         model.saliency.keep_threshold.fill_(scores.median())  # one token's own score
-        for use_cache, mode in ((False, "packed"), (True, "masked")):
-            model(input_ids=ids, use_cache=use_cache)
+        for kw, mode in (({}, "packed"), ({"use_cache": True}, "packed"),
+                         ({"use_cache": True, **unpacked}, "masked")):
+            model(input_ids=ids, **kw)
             assert model.runtime.last.mode == mode
-            assert torch.equal(model.runtime.last.kept[0], scores > scores.median()), mode
+            assert torch.equal(model.runtime.last.kept[0], scores > scores.median()), kw
 
 
 def test_padding_is_never_kept_packed_or_with_the_cache():
@@ -858,3 +879,87 @@ def test_a_skipped_layers_molora_layers_record_no_routing(monkeypatch):
             records.append((runs[2] > before, {m.last_routing is None for m in inner}))
     assert {ran for ran, _ in records} == {True, False}  # some steps skipped, some ran
     assert all(nones == {not ran} for ran, nones in records)
+
+
+def _tokens_seen_by(layer):
+    """A list that gets the token count of every forward of ``layer`` (an adapted layer)."""
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0][..., 0].numel()))
+    return seen
+
+
+def _cache_tensors(cache, layers=range(4)):
+    return [(cache.layers[i].keys.clone(), cache.layers[i].values.clone()) for i in layers]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_a_cached_prefill_runs_the_pruned_layers_on_the_kept_tokens(sliding_window):
+    """A cached forward of several tokens (the prompt, a chunk of it) runs the pruned layers
+    on its kept tokens only: their keys / values reach the cache at their positions, zeros
+    at pruned ones (masked from every query); the logits, the keep flags, the cache of the
+    layers outside the range and of the kept positions equal those of the unpacked
+    (masked) forward, a second chunk on the filled cache likewise, and so do the next
+    steps' logits."""
+    from datalora.hf_compat import cache_kwargs
+    from datalora.pruning import cache_state
+
+    model = _calibrated(_model(prune_layers=(1, 3), sliding_window=sliding_window))
+    ids = _ids(2, 14, seed=17)  # rows keep 3 and 5 of the first chunk, 1 and 2 of the second
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    seen = _tokens_seen_by(model.base_model.model.layers[1].self_attn.q_proj)
+    results = {}
+    with torch.no_grad():
+        for name, cache in (("packed", DynamicCache(config=model.config)),
+                            ("masked", _UnpackedCache(config=model.config))):
+            kw = cache_kwargs(model, cache)
+            first = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True, **kw)
+            kept_first = model.runtime.last.kept.clone()
+            assert model.runtime.last.mode == name
+            second = model(input_ids=ids[:, 8:12], attention_mask=mask[:, :12], use_cache=True,
+                           **kw)
+            kept_second = model.runtime.last.kept.clone()
+            step = model(input_ids=ids[:, 12:13], attention_mask=mask[:, :13], use_cache=True,
+                         **kw)
+            step_runs = [2] if model.runtime.last.kept.any() else []  # else skipped
+            results[name] = dict(logits=torch.cat([first.logits, second.logits, step.logits], 1),
+                                 keep=getattr(cache, cache_state._CACHE_KEEP_ATTR).clone(),
+                                 tensors=_cache_tensors(cache), tokens=list(seen))
+            seen.clear()
+    packed, masked = results["packed"], results["masked"]
+    kept = torch.cat([kept_first, kept_second], 1)
+    assert kept_second.any(1).all() and not kept[mask[:, :12].bool()].all()
+    torch.testing.assert_close(packed["logits"], masked["logits"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed["keep"], masked["keep"])
+    # the unpacked forwards run every token; the packed ones as many as a row keeps at most
+    assert masked["tokens"] == [2 * 8, 2 * 4, 2]
+    widths = [int(kept_first.sum(1).max()), int(kept_second.sum(1).max())]
+    assert packed["tokens"] == [2 * widths[0], 2 * widths[1], *step_runs] and widths == [5, 2]
+    for layer in range(4):
+        for got, want in zip(packed["tensors"][layer], masked["tensors"][layer], strict=True):
+            if layer in (1, 2):  # pruned: the kept positions' keys / values, zeros elsewhere
+                positions = got.shape[2] - 1  # the chunks' last ones (a window holds fewer)
+                flags = kept[:, kept.shape[1] - positions:]
+                got, want = got[:, :, :positions], want[:, :, :positions]
+                assert not got.transpose(1, 2)[~flags].any()
+                got, want = got.transpose(1, 2)[flags], want.transpose(1, 2)[flags]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_with_a_packed_prefill_equals_the_unpacked_and_the_uncached():
+    """Greedy and beam search from a pruned prompt: the packed prefill gives the tokens of the
+    unpacked (masked) prefill and of generating without a cache, for a batch with padding."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 4)))
+    ids = _ids(2, 12, seed=8)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        for kw in (dict(max_new_tokens=8, **GREEDY),
+                   dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, **GREEDY)):
+            packed = model.generate(ids, attention_mask=mask, **kw)
+            unpacked = model.generate(ids, attention_mask=mask, **kw, **cache_kwargs(
+                model, _UnpackedCache(config=model.config)))
+            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+            assert torch.equal(packed, unpacked) and torch.equal(packed, uncached), kw

@@ -162,10 +162,11 @@ def test_eval_and_generation_read_the_device_a_constant_few_times(count_syncs, m
             out = cache_model.generate(_ids(6), max_new_tokens=5, do_sample=False,
                                        pad_token_id=0, eos_token_id=None)
     assert out.shape[1] == 11
-    # per forward (prompt + 4 tokens): the threshold; per cached step after the prompt:
-    # whether any token is kept (else the pruned layers are skipped); once per call:
-    # generate()'s input ids' range check (min and max in one read)
-    assert sum(counter.sites.values()) <= 5 + 4 + 1, counter.sites
+    # per forward (prompt + 4 tokens): the threshold; the prompt's: its packed width (the
+    # pruned layers run on its kept tokens); per cached step after the prompt: whether any
+    # token is kept (else the pruned layers are skipped); once per call: generate()'s input
+    # ids' range check (min and max in one read)
+    assert sum(counter.sites.values()) <= 5 + 1 + 4 + 1, counter.sites
 
 
 def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):

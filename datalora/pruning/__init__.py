@@ -23,16 +23,19 @@ modules or parameter names:
 
 With a KV cache (``generate``) per-sequence top-k is not causal, so a token is kept when
 its score exceeds the calibrated ``keep_threshold`` (:meth:`DATALORARuntime.calibrate`);
-the pruned layers then run on all new tokens with a mask that hides pruned tokens as keys
-and their outputs are replaced by the bypass, so every cached K/V of a kept token is what
-the packed computation produces and the cache stays exact (the keep flags of cached tokens
-live on the cache object). This is numerically the same function as the uncached
-threshold forward. A cached step whose every row is pruned (batch-1 decoding, typically)
-skips the pruned layers, appending placeholder keys / values that no query sees. Beam
-search and assisted decoding work: the keep flags and the saliency network's running
-context follow the cache's row operations and ``crop``. An uncalibrated threshold runs the
-range dense in eval forwards that decide token by token (``generate`` passes
-``use_cache``, with or without a cache), on both paths.
+a pruned token's keys are hidden from every later query by a mask over the cached
+positions, so every cached K/V of a kept token is what the uncached threshold forward
+computes and the cache stays exact (the keep flags of cached tokens live on the cache
+object). A cached forward of several tokens (a prompt, a chunk of one, assisted decoding's
+drafts) runs the pruned layers packed on its kept tokens, their keys / values written at
+their positions and zeros at the pruned ones; a cached step whose every row is pruned
+(batch-1 decoding, typically) skips the pruned layers, appending zeros; otherwise (a
+decode step keeping some rows' token, a cache other than a plain ``DynamicCache``,
+attention maps requested) they run on every new token and the bypass replaces their
+output at pruned ones. Beam search and assisted decoding work: the keep flags and the
+saliency network's running context follow the cache's row operations and ``crop``. An
+uncalibrated threshold runs the range dense in eval forwards that decide token by token
+(``generate`` passes ``use_cache``, with or without a cache), on both paths.
 
 Modules: :mod:`~datalora.pruning.selection` (which tokens, the masks, the threshold),
 :mod:`~datalora.pruning.decoder` (the decoder stack and what it must allow),

@@ -79,7 +79,8 @@ class ForwardRecord:
         valid: ``[B, L]`` bool real tokens of this forward.
         keep_prob: ``[B, L]`` ``sigmoid(score)`` (differentiable).
         kept: ``[B, L]`` bool tokens that ran through the pruned range.
-        mode: ``"dense"``, ``"packed"`` or ``"masked"`` (cached generation).
+        mode: ``"dense"``, ``"packed"`` (also a cached forward of several tokens) or
+            ``"masked"`` (the other cached forwards).
     """
 
     saliency: SaliencyOutput
@@ -120,6 +121,44 @@ class _Context:
     skippable_layers: list[nn.Module] = field(default_factory=list)
     # this step skips them: each appends placeholder keys / values to ``skip_cache``
     skip_cache: Any = None
+    # a packed prefill: the pruned layers write the cache through this (and its kwarg name)
+    prefill_cache: tuple[str, _PackedPrefillCache] | None = None
+
+
+class _PackedPrefillCache:
+    """The KV cache a pruned-range decoder layer writes in a packed prefill (a cached forward
+    of several tokens: a prompt, a chunk of one, or assisted decoding's draft): the layer
+    runs on the kept tokens only, and its ``update`` spreads their keys / values ``[B, H,
+    K, D]`` to their positions of the chunk ``[B, H, L, D]``, zeros at the pruned ones
+    (and at filler slots), before the real cache appends them; the pruned positions' keys
+    are masked from every later query, as in the unpacked (masked) forward, whose cache
+    holds the same positions. The layer attends to the keys the cache held before the
+    chunk followed by the chunk's packed ones ``[B, H, P + K, D]``, not the whole chunk.
+    Anything else is read from the real cache."""
+
+    __slots__ = ("cache", "_index", "_valid", "_length")
+
+    def __init__(self, cache: Any, keep_idx: torch.Tensor, valid: torch.Tensor, length: int):
+        self.cache, self._index, self._valid, self._length = cache, keep_idx, valid, length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.update(self._spread(key_states), self._spread(value_states),
+                                         *args, **kwargs)
+        past = keys.shape[2] - self._length  # the keys held before this chunk (a window's)
+        if past == 0:
+            return key_states, value_states
+        return (torch.cat([keys[:, :, :past], key_states], 2),
+                torch.cat([values[:, :, :past], value_states], 2))
+
+    def _spread(self, states: torch.Tensor) -> torch.Tensor:
+        bsz, heads, width, dim = states.shape
+        index = self._index[:, None, :, None].expand(bsz, heads, width, dim)
+        kept = torch.where(self._valid[:, None, :, None], states, 0)
+        return states.new_zeros(bsz, heads, self._length, dim).scatter_(2, index, kept)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
 
 
 class _SkippableForward:
@@ -600,6 +639,9 @@ class DATALORARuntime:
             return None
         if ctx.mode == "packed":
             args, kwargs = self._packed_inputs(ctx, layer_idx, args, kwargs)
+            if ctx.prefill_cache is not None:
+                name, writer = ctx.prefill_cache
+                kwargs = {**kwargs, name: writer}
         window = self.windows[layer_idx]
         return args, {**kwargs, "attention_mask": ctx.masks[window]}
 
@@ -672,24 +714,56 @@ class DATALORARuntime:
             # capture_scalar_outputs) folds that to True and prunes every token
             if not math.isnan(threshold):
                 sel = self._threshold_selection(scores, record.valid, threshold)
-        idx = sel.keep_idx
-        p = record.keep_prob.gather(1, idx)
+        self._pack(ctx, hidden, record, sel)
+        as_bool = self._mask_as_bool(kwargs)
+        ctx.masks = {window: packed_attention_mask(sel.valid, sel.keep_idx, sel.keep_idx,
+                                                   hidden.dtype, as_bool=as_bool,
+                                                   sliding_window=window)
+                     for window in self._range_windows()}
+
+    @staticmethod
+    def _pack(ctx: _Context, hidden: torch.Tensor, record: ForwardRecord,
+              sel: TokenSelection) -> None:
+        """Runs the pruned range on the tokens ``sel`` keeps: their keep weights (the
+        scorer's gradient, see the package docstring), routing rows and record."""
+        seq_len = hidden.shape[1]
+        p = record.keep_prob.gather(1, sel.keep_idx)
         weight = torch.where(sel.valid, 1.0 + (p - p.detach()), torch.zeros_like(p))
         ctx.weight = weight.to(hidden.dtype)
         ctx.selection = sel
-        as_bool = self._mask_as_bool(kwargs)
-        ctx.masks = {window: packed_attention_mask(sel.valid, idx, idx, hidden.dtype,
-                                                   as_bool=as_bool, sliding_window=window)
-                     for window in self._range_windows()}
-        ctx.routing = gather_routing(record.routing, idx, seq_len)
+        ctx.routing = gather_routing(record.routing, sel.keep_idx, seq_len)
         record.kept = sel.keep_mask(seq_len) & record.valid
         record.mode = ctx.mode = "packed"
 
+    def _prefill_cache_name(self, ctx: _Context, kwargs: dict[str, Any], cache: Any,
+                            seq_len: int) -> str | None:
+        """The keyword under which the pruned layers get ``cache``, when a cached forward of
+        ``seq_len`` tokens may run them packed (:class:`_PackedPrefillCache`): several
+        tokens, a ``DynamicCache`` passed by keyword, and decoder layer ``i`` carrying this
+        forward's :class:`_SkippableForward` and writing cache layer ``i`` (its attention's
+        ``layer_idx``); else None (the layers run on every token, masked)."""
+        dynamic_cache, _ = _dynamic_cache_types()
+        if seq_len < 2 or dynamic_cache is None or type(cache) is not dynamic_cache \
+                or len(ctx.skippable_layers) != self.end - self.start:
+            return None
+        if any(getattr(getattr(layer, "self_attn", None), "layer_idx", None) != i
+               for i, layer in enumerate(ctx.skippable_layers, start=self.start)):
+            return None
+        return next((name for name in ("cache", "past_key_values")
+                     if kwargs.get(name) is cache), None)
+
     def _threshold_selection(self, scores, valid, threshold: float) -> TokenSelection:
         keep = (scores > self._threshold_in_use(threshold)) & valid
-        counts = keep.sum(1)
         _refuse_capture(scores, "the calibrated-threshold eval forward (it sizes the packed "
                                 "batch from the kept count)")
+        return self._selection_of(keep)
+
+    @staticmethod
+    def _selection_of(keep: torch.Tensor) -> TokenSelection:
+        """The kept tokens ``keep [B, L]`` (bool) packed: the batch as wide as the most any
+        row keeps (at least 1), each row's kept tokens in position order, the other slots
+        filler."""
+        counts = keep.sum(1)
         width = max(int(counts.max()), 1)  # eval only: one host sync
         # the kept tokens first, in position order (a stable sort; a float key "keep -
         # position * 1e-6" ranked a pruned token above a kept one 1e6 positions later)
@@ -702,7 +776,9 @@ class DATALORARuntime:
     def _start_masked(self, ctx, hidden, kwargs, record) -> None:
         bsz, seq_len, _ = hidden.shape
         cache = cache_of(kwargs)
-        if not self.pruning_enabled or self._retention_disables(ctx) or self._uncalibrated(ctx):
+        thresholded = (self.pruning_enabled and not self._retention_disables(ctx)
+                       and not self._uncalibrated(ctx))
+        if not thresholded:
             keep_new = record.valid.clone()
         else:
             threshold = self._threshold_in_use(self._forward_threshold(ctx))
@@ -728,19 +804,32 @@ class DATALORARuntime:
         total = keep_all.shape[1]
         if ctx.attention_mask is not None:
             keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
-        query_index = torch.arange(total - seq_len, total, device=hidden.device).expand(bsz, -1)
+        writer = self._prefill_cache_name(ctx, kwargs, cache, seq_len) if thresholded else None
+        sel = None
+        if writer is not None:  # several tokens: the pruned layers run on the kept ones
+            sel = self._selection_of(keep_new)
+            self._pack(ctx, hidden, record, sel)
+            ctx.prefill_cache = (writer, _PackedPrefillCache(cache, sel.keep_idx, sel.valid,
+                                                             seq_len))
         as_bool = self._mask_as_bool(kwargs)
         ctx.masks = {}
         for window, layer_idx in self._range_windows().items():
             kv_length, kv_offset = (total, 0) if cache is None else _mask_sizes(
                 cache, seq_len, layer_idx, total, hidden.device)
-            key_index = torch.arange(kv_offset, kv_offset + kv_length,
-                                     device=hidden.device).expand(bsz, -1)
             # keys the cache layer holds: the last window (sliding) or fixed slots (static,
             # unused ones hidden: index >= total fails kj <= qi and is not kept)
             filled = max(min(total, kv_offset + kv_length) - kv_offset, 0)
             key_ok = torch.zeros(bsz, kv_length, dtype=torch.bool, device=hidden.device)
             key_ok[:, :filled] = keep_all[:, kv_offset:kv_offset + filled]
+            key_index = torch.arange(kv_offset, kv_offset + kv_length,
+                                     device=hidden.device).expand(bsz, -1)
+            query_index = torch.arange(total - seq_len, total,
+                                       device=hidden.device).expand(bsz, -1)
+            if sel is not None:  # the keys held before the chunk, then its packed ones
+                past = kv_length - seq_len
+                query_index = sel.keep_idx + (total - seq_len)
+                key_ok = torch.cat([key_ok[:, :past], sel.valid], 1)
+                key_index = torch.cat([key_index[:, :past], query_index], 1)
             ctx.masks[window] = packed_attention_mask(key_ok, query_index, key_index,
                                                       hidden.dtype, as_bool=as_bool,
                                                       sliding_window=window)
@@ -757,7 +846,7 @@ class DATALORARuntime:
         else:
             full = torch.where(ctx.keep_q[..., None], out, ctx.hidden_in)
         ctx.mode = "dense"
-        ctx.gathered, ctx.masks, ctx.skip_cache = {}, {}, None
+        ctx.gathered, ctx.masks, ctx.skip_cache, ctx.prefill_cache = {}, {}, None, None
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ threshold
