@@ -963,3 +963,28 @@ def test_generation_with_a_packed_prefill_equals_the_unpacked_and_the_uncached()
                 model, _UnpackedCache(config=model.config)))
             uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
             assert torch.equal(packed, unpacked) and torch.equal(packed, uncached), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_prefill_on_the_gpu_equals_the_unpacked(dtype):
+    """On the GPU (the Triton backend, sdpa kernels): the packed prefill's logits and the
+    next step's equal the unpacked path's within the dtype's rounding."""
+    from datalora.hf_compat import cache_kwargs
+
+    model = _calibrated(_model(prune_layers=(1, 4))).to("cuda", dtype)
+    ids = _ids(2, 24, seed=17).cuda()
+    logits = {}
+    with torch.no_grad():
+        for name, cache in (("packed", DynamicCache(config=model.config)),
+                            ("masked", _UnpackedCache(config=model.config))):
+            kw = cache_kwargs(model, cache)
+            first = model(input_ids=ids[:, :20], use_cache=True, **kw).logits
+            assert model.runtime.last.mode == name
+            kept = model.runtime.last.kept
+            step = model(input_ids=ids[:, 20:21], use_cache=True, **kw).logits
+            logits[name] = torch.cat([first, step], 1).float()
+    assert kept.any() and not kept.all()
+    scale = float(logits["masked"].abs().max())
+    atol = 1e-4 * scale if dtype == torch.float32 else 3e-2 * scale
+    torch.testing.assert_close(logits["packed"], logits["masked"], atol=atol, rtol=0)
