@@ -45,3 +45,11 @@ def output_cache(output: Any) -> Any:
     """The cache a model forward returned (``output.cache`` or ``output.past_key_values``)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def transformers_major() -> int:
+    """The installed transformers' major version (imported here: ``import datalora`` does
+    not import it)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])

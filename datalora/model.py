@@ -38,6 +38,7 @@ from datalora.adapter_files import (
 from datalora.checks import as_scalar, check_bool, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
+from datalora.hf_compat import transformers_major
 from datalora.injection import (
     auto_routing,
     check_shared,
@@ -294,7 +295,8 @@ class DATALORAModel(nn.Module):
         Assisted and prompt-lookup decoding work, also with a DATALORA model as the draft
         (the keep flags and the saliency network's running context follow the cache's
         ``crop``); self-speculative decoding (``assistant_early_exit``) is refused under
-        shared routing. An
+        shared routing, and so is chunked prefill (``prefill_chunk_size``) on transformers
+        4.x (it calls the model's forward without the hooks). An
         uncalibrated ``keep_threshold`` runs the pruned layers dense (a warning), with and
         without the cache alike: the hooks decide, so ``base_model.generate`` does the same.
         In training mode (Gumbel-noised routing, noisy token selection, LoRA dropout) the
@@ -325,6 +327,13 @@ class DATALORAModel(nn.Module):
                              f"decoder layers alone, which the saliency network and the pruned "
                              f"layer range do not support; use assistant_model or "
                              f"prompt_lookup_num_tokens")
+        name = "prefill_chunk_size"
+        if (kwargs.get(name) is not None or getattr(config, name, None) is not None) \
+                and transformers_major() < 5:
+            raise ValueError(f"{name}: transformers 4.x prefills the chunks by calling the "
+                             f"model's forward without its hooks, which the saliency network "
+                             f"runs from; leave it out, or use transformers >= 5 (where "
+                             f"chunked prefill works)")
         return self.base_model.generate(*args, **kwargs)
 
     def _check_generate_inputs(self, input_ids: Any) -> None:

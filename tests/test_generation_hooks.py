@@ -247,6 +247,25 @@ def test_self_speculative_decoding_is_refused():
         model.generate(_ids(1, 10), config)  # the config as the second positional argument
 
 
+def test_chunked_prefill_equals_one_prefill_or_is_refused_on_transformers_4():
+    """``prefill_chunk_size``: transformers 5 runs each chunk through the model (packed, on a
+    filled cache from the second one on) and gives the tokens of one prefill; 4.x calls
+    the model's forward without its hooks, so it is refused with the cause."""
+    model = _calibrated(_model(prune_layers=(1, 4), sliding_window=5))
+    ids = _ids(2, 17, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, **GREEDY)
+    with torch.no_grad():
+        if int(transformers.__version__.split(".")[0]) < 5:
+            with pytest.raises(ValueError, match="prefill_chunk_size: transformers 4.x"):
+                model.generate(ids, prefill_chunk_size=4, **kw)
+            return
+        want = model.generate(ids, **kw)
+        for chunk in (2, 5):
+            assert torch.equal(model.generate(ids, prefill_chunk_size=chunk, **kw), want), chunk
+
+
 def test_a_cache_filled_outside_the_model_is_refused_with_cause_and_remedy():
     """A cache a plain base model filled is refused before any layer changes it: the keep
     flags and the saliency state cannot follow; the error names the cause and the remedy."""
