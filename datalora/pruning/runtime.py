@@ -158,6 +158,8 @@ class _PackedPrefillCache:
         return states.new_zeros(bsz, heads, self._length, dim).scatter_(2, index, kept)
 
     def __getattr__(self, name: str) -> Any:
+        if name in _PackedPrefillCache.__slots__:  # not set yet (a copy being built)
+            raise AttributeError(name)
         return getattr(self.cache, name)
 
 
