@@ -77,11 +77,11 @@ def check_adapter_fits(model: nn.Module, folder: Path, config: DATALORAConfig
     their shapes need (``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``), and the sizes the
     saved ``config`` allocates (experts, rank, the saliency network's width) are those of
     the saved tensors: checked from the weights file's header before
-    :meth:`DATALORAModel.from_pretrained` injects anything, so an adapter of another model
-    size fails with the user's model untouched, and an edited ``adapter_config.json``
-    (``num_lora_experts: 10000000``) allocates nothing (the full name and shape check of
-    :meth:`~DATALORAModel.load_adapter` follows the injection). Returns the file's header
-    (``name -> (shape, dtype)``)."""
+    :meth:`~datalora.model.DATALORAModel.from_pretrained` injects anything, so an adapter
+    of another model size fails with the user's model untouched, and an edited
+    ``adapter_config.json`` (``num_lora_experts: 10000000``) allocates nothing (the full
+    name and shape check of :meth:`~datalora.model.DATALORAModel.load_adapter` follows the
+    injection). Returns the file's header (``name -> (shape, dtype)``)."""
     file = weights_file(folder)
     modules = {unwrapped_name(name): module for name, module in model.named_modules()}
     header = without_wrapper_names(load_header(file), file)

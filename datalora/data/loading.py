@@ -247,8 +247,9 @@ def _openorca_fields(row: Mapping[str, Any], where: str, arg: str) -> dict[str, 
 
 def _normalize(rows: Iterable[Mapping[str, Any]], source: str, limit: int | None,
                lines: list[int] | None = None, arg: str = "source") -> list[dict[str, str]]:
-    """Rows as :data:`COLUMNS`; errors start with ``arg`` and name the 1-based line of a
-    JSON-lines file (``lines``) or the 0-based row index (``dataset[i]``), said as such."""
+    """Rows as :data:`~datalora.data.multitask.COLUMNS`; errors start with ``arg`` and name
+    the 1-based line of a JSON-lines file (``lines``) or the 0-based row index
+    (``dataset[i]``), said as such."""
     _check_columns(_column_names(rows), source)
     out: list[dict[str, str]] = []
     for i, row in enumerate(rows):
@@ -312,7 +313,7 @@ def looks_like_local_path(name: str | os.PathLike[str]) -> bool:
 
 def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split: str = "train",
                              limit: int | None = None) -> list[dict[str, str]]:
-    """Load instruction rows with the columns :data:`COLUMNS`.
+    """Load instruction rows with the columns :data:`~datalora.data.multitask.COLUMNS`.
 
     Args:
         source: ``None`` or ``"embedded"``: the shipped multi-task data. A local ``.jsonl``,
@@ -332,7 +333,8 @@ def load_instruction_dataset(source: str | os.PathLike[str] | None = None, split
         ``input`` is non-empty; a number is written as text), ``response = output``;
         chat rows with ``messages`` ``[system (optional), user, assistant]`` become
         ``system_prompt`` / ``question`` / ``response`` (the tokenizer's chat template is
-        not applied: every row is trained in the :func:`format_prompt` format).
+        not applied: every row is trained in the
+        :func:`~datalora.data.tokens.format_prompt` format).
 
     Raises:
         ValueError: a required column (``question``, ``response``) is missing or not a

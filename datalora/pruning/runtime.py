@@ -206,8 +206,9 @@ class DATALORARuntime:
         keep_last: always keep each sequence's last real token in top-k selection.
         target_retention: the retention the curriculum anneals to: under ``torch.compile``
             the packed width follows :func:`compiled_width_fraction` towards it, so the
-            annealing recompiles :data:`COMPILED_WIDTH_STEPS` times, not every step. None:
-            the width follows the retention exactly (eager mode always does).
+            annealing recompiles :data:`~datalora.pruning.selection.COMPILED_WIDTH_STEPS`
+            times, not every step. None: the width follows the retention exactly (eager mode
+            always does).
 
     Attributes:
         retention, target_retention, last (the :class:`ForwardRecord` of the latest
@@ -648,7 +649,8 @@ class DATALORARuntime:
         return args, {**kwargs, "attention_mask": ctx.masks[window]}
 
     def _packed_inputs(self, ctx: _Context, layer_idx: int, args, kwargs):
-        """Layer ``layer_idx``'s :data:`PER_TOKEN_INPUTS` gathered to the kept tokens."""
+        """Layer ``layer_idx``'s :data:`~datalora.pruning.decoder.PER_TOKEN_INPUTS`
+        gathered to the kept tokens."""
         names = self._forward_parameters[layer_idx]
         args = tuple(self._gathered(ctx, value) if 0 < i < len(names) and _per_token(names[i])
                      else value for i, value in enumerate(args))
