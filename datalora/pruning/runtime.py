@@ -422,16 +422,25 @@ class DATALORARuntime:
                 del layer.__dict__["forward"]
         ctx.skippable_layers = []
 
+    def _layers_write(self, ctx: _Context, cache: Any) -> bool:
+        """Whether the pruned layers write ``cache`` in a way this runtime may take over:
+        a plain ``DynamicCache``, decoder layer ``i`` carrying this forward's
+        :class:`_SkippableForward` and writing cache layer ``i`` (its attention's
+        ``layer_idx``)."""
+        dynamic_cache, _ = _dynamic_cache_types()
+        return (dynamic_cache is not None and type(cache) is dynamic_cache
+                and len(ctx.skippable_layers) == self.end - self.start
+                and all(getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i
+                        for i, layer in enumerate(ctx.skippable_layers, start=self.start)))
+
     def _skippable(self, ctx: _Context, cache: Any, bsz: int) -> bool:
         """Whether the pruned layers may append placeholder keys / values to ``cache``
-        instead of running: a ``DynamicCache`` whose layers for the pruned range are filled
-        dynamic (or sliding-window) layers of this batch, decoder layer ``i`` carrying this
-        forward's :class:`_SkippableForward`, writing cache layer ``i`` (its attention's
-        ``layer_idx``) and, when it last ran, returning a plain tensor."""
-        dynamic_cache, cache_layers = _dynamic_cache_types()
-        if dynamic_cache is None or type(cache) is not dynamic_cache \
-                or len(ctx.skippable_layers) != self.end - self.start:
+        instead of running: :meth:`_layers_write`, the cache's layers for the pruned range
+        filled dynamic (or sliding-window) layers of this batch, and each decoder layer,
+        when it last ran, returning a plain tensor."""
+        if not self._layers_write(ctx, cache):
             return False
+        _, cache_layers = _dynamic_cache_types()
         cached = getattr(cache, "layers", None)
         if cached is None or len(cached) < self.end:
             return False
@@ -439,7 +448,6 @@ class DATALORARuntime:
             kv = cached[i]
             keys, values = getattr(kv, "keys", None), getattr(kv, "values", None)
             if not (self._returns_tensor.get(type(layer))
-                    and getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i
                     and type(kv) in cache_layers
                     and isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
                     and keys.dim() == 4 and values.dim() == 4 and keys.shape[0] == bsz):
@@ -743,15 +751,9 @@ class DATALORARuntime:
                             seq_len: int) -> str | None:
         """The keyword under which the pruned layers get ``cache``, when a cached forward of
         ``seq_len`` tokens may run them packed (:class:`_PackedPrefillCache`): several
-        tokens, a ``DynamicCache`` passed by keyword, and decoder layer ``i`` carrying this
-        forward's :class:`_SkippableForward` and writing cache layer ``i`` (its attention's
-        ``layer_idx``); else None (the layers run on every token, masked)."""
-        dynamic_cache, _ = _dynamic_cache_types()
-        if seq_len < 2 or dynamic_cache is None or type(cache) is not dynamic_cache \
-                or len(ctx.skippable_layers) != self.end - self.start:
-            return None
-        if any(getattr(getattr(layer, "self_attn", None), "layer_idx", None) != i
-               for i, layer in enumerate(ctx.skippable_layers, start=self.start)):
+        tokens, :meth:`_layers_write`, the cache passed by keyword; else None (the layers
+        run on every token, masked)."""
+        if seq_len < 2 or not self._layers_write(ctx, cache):
             return None
         return next((name for name in ("cache", "past_key_values")
                      if kwargs.get(name) is cache), None)
@@ -815,6 +817,8 @@ class DATALORARuntime:
             self._pack(ctx, hidden, record, sel)
             ctx.prefill_cache = (writer, _PackedPrefillCache(cache, sel.keep_idx, sel.valid,
                                                              seq_len))
+        query_index = (sel.keep_idx + (total - seq_len) if sel is not None else
+                       torch.arange(total - seq_len, total, device=hidden.device).expand(bsz, -1))
         as_bool = self._mask_as_bool(kwargs)
         ctx.masks = {}
         for window, layer_idx in self._range_windows().items():
@@ -827,13 +831,10 @@ class DATALORARuntime:
             key_ok[:, :filled] = keep_all[:, kv_offset:kv_offset + filled]
             key_index = torch.arange(kv_offset, kv_offset + kv_length,
                                      device=hidden.device).expand(bsz, -1)
-            query_index = torch.arange(total - seq_len, total,
-                                       device=hidden.device).expand(bsz, -1)
             if sel is not None:  # the keys held before the chunk, then its packed ones
-                past = kv_length - seq_len
-                query_index = sel.keep_idx + (total - seq_len)
-                key_ok = torch.cat([key_ok[:, :past], sel.valid], 1)
-                key_index = torch.cat([key_index[:, :past], query_index], 1)
+                held = kv_length - seq_len
+                key_ok = torch.cat([key_ok[:, :held], sel.valid], 1)
+                key_index = torch.cat([key_index[:, :held], query_index], 1)
             ctx.masks[window] = packed_attention_mask(key_ok, query_index, key_index,
                                                       hidden.dtype, as_bool=as_bool,
                                                       sliding_window=window)
