@@ -123,8 +123,6 @@ def _make_aux_output_classes() -> None:
             output_with_aux_losses(output_class)
 
 
-
-
 def _check_base(model: object, config: object) -> None:
     """``model`` a module without MoLoRA layers, ``config`` a :class:`DATALORAConfig`: the
     checks of every way a base is adapted (get_datalora_model, the constructor,
@@ -321,15 +319,18 @@ class DATALORAModel(nn.Module):
         if config is None and len(args) > 1:  # generate(inputs, generation_config, ...)
             config = args[1]
         config = config or getattr(self.base_model, "generation_config", None)
+
+        def asked(name: str) -> bool:
+            return kwargs.get(name) is not None or getattr(config, name, None) is not None
+
         name = "assistant_early_exit"
-        if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+        if asked(name):
             raise ValueError(f"{name}: self-speculative decoding drafts with the first "
                              f"decoder layers alone, which the saliency network and the pruned "
                              f"layer range do not support; use assistant_model or "
                              f"prompt_lookup_num_tokens")
         name = "prefill_chunk_size"
-        if (kwargs.get(name) is not None or getattr(config, name, None) is not None) \
-                and transformers_major() < 5:
+        if asked(name) and transformers_major() < 5:
             raise ValueError(f"{name}: transformers 4.x prefills the chunks by calling the "
                              f"model's forward without its hooks, which the saliency network "
                              f"runs from; leave it out, or use transformers >= 5 (where "

@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from datalora import DATALORAConfig, get_datalora_model
+from datalora.hf_compat import transformers_major
 
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -257,7 +257,7 @@ def test_chunked_prefill_equals_one_prefill_or_is_refused_on_transformers_4():
     mask[1, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=8, **GREEDY)
     with torch.no_grad():
-        if int(transformers.__version__.split(".")[0]) < 5:
+        if transformers_major() < 5:
             with pytest.raises(ValueError, match="prefill_chunk_size: transformers 4.x"):
                 model.generate(ids, prefill_chunk_size=4, **kw)
             return
@@ -325,8 +325,7 @@ def test_output_hidden_states_hold_the_bypass_at_pruned_tokens():
         prefill = model(input_ids=ids, use_cache=True, output_hidden_states=True).hidden_states
         # transformers 4.x records hidden states by replacing the layers' forward for the
         # call, which leaves the DATALORA hooks the unpacked (masked) layers only
-        major = int(transformers.__version__.split(".")[0])
-        assert model.runtime.last.mode == ("masked" if major < 5 else "packed")
+        assert model.runtime.last.mode == ("masked" if transformers_major() < 5 else "packed")
         masked = model(input_ids=ids, output_hidden_states=True, use_cache=True,
                        **cache_kwargs(model, _UnpackedCache(config=model.config))).hidden_states
         assert model.runtime.last.mode == "masked"
