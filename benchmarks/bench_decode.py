@@ -26,6 +26,7 @@ tokens the pruned model kept.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -49,6 +50,51 @@ def _model(hidden: int, layers: int, seed: int = 0):
     return build_tiny_model(seed, hidden_size=hidden, intermediate_size=hidden * 344 // 128,
                             num_hidden_layers=layers, num_attention_heads=heads,
                             num_key_value_heads=max(1, heads // 2))
+
+
+def model_size_cli(prog: str, doc: str, filename: str, min_layers: int) -> argparse.ArgumentParser:
+    """A :func:`~benchmarks.molora.budget_cli` parser (20 s default budget) with ``--hidden``
+    and ``--layers`` (at least ``min_layers``) of :func:`_model`; read it with
+    :func:`parse_model_size_cli`."""
+    parser = budget_cli(prog, doc, filename, 20.0, "seconds of timing rounds, at least 5 rounds")
+    parser.add_argument("--hidden", type=int_at_least(32), default=128,
+                        help="hidden size, a multiple of 32 (default: %(default)s)")
+    parser.add_argument("--layers", type=int_at_least(min_layers), default=4,
+                        help="decoder layers (default: %(default)s)")
+    return parser
+
+
+def parse_model_size_cli(parser: argparse.ArgumentParser,
+                         argv: list[str] | None) -> argparse.Namespace:
+    """Arguments of a :func:`model_size_cli` parser, ``--hidden`` a multiple of the head
+    size 32 as :func:`_model` needs."""
+    args = parse_budget_cli(parser, argv)
+    if args.hidden % 32:
+        parser.error(f"--hidden: expected a multiple of 32 (head size 32), got {args.hidden}")
+    return args
+
+
+def run_meta(device: torch.device, hidden: int, layers: int) -> dict:
+    """The ``meta`` a run starts from: device, versions, commit, argv and model size."""
+    sha, dirty = _git_commit()
+    return dict(device=device.type, device_name=(torch.cuda.get_device_name(device)
+                                                 if device.type == "cuda" else cpu_model()),
+                cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=package_version("transformers"),
+                datalora=package_version("datalora"), git_commit=sha, git_dirty=dirty,
+                argv=sys.argv[1:], hidden=hidden, layers=layers)
+
+
+def ratio_columns(name: str, refs: tuple[str, ...], medians: dict[str, float],
+                  times: dict[str, list[float]]) -> dict:
+    """``vs_<ref>`` (median ratio) and ``vs_<ref>_ci95`` (bootstrap interval over the
+    rounds) of method ``name`` against each of ``refs``."""
+    columns = {}
+    for ref in refs:
+        columns[f"vs_{ref}"] = medians[name] / medians[ref]
+        columns[f"vs_{ref}_ci95"] = bootstrap_ci(times,
+                                                 lambda m, ref=ref: m[name] / m[ref])
+    return columns
 
 
 def build_methods(hidden: int, layers: int, device: torch.device) -> dict:
@@ -124,19 +170,10 @@ def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4
                    tokens_per_s=1e3 / per_token[name], rounds=timed[name][4])
         refs = ("base", "peft_lora", "datalora_dense") if name == "datalora_pruned" else (
             "base", "peft_lora")
-        for ref in refs:
-            if name != ref:
-                row[f"vs_{ref}"] = per_token[name] / per_token[ref]
-                row[f"vs_{ref}_ci95"] = bootstrap_ci(
-                    times, lambda m, name=name, ref=ref: m[name] / m[ref])
+        row.update(ratio_columns(name, tuple(ref for ref in refs if ref != name), per_token,
+                                 times))
         rows.append(row)
-    sha, dirty = _git_commit()
-    meta = dict(device=device.type, device_name=(torch.cuda.get_device_name(device)
-                                                 if device.type == "cuda" else cpu_model()),
-                cpu_threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=package_version("transformers"), peft=package_version("peft"),
-                datalora=package_version("datalora"), git_commit=sha, git_dirty=dirty,
-                argv=sys.argv[1:], hidden=hidden, layers=layers, batch=1,
+    meta = dict(run_meta(device, hidden, layers), peft=package_version("peft"), batch=1,
                 prompt_tokens=PROMPT_TOKENS, new_tokens=new_tokens,
                 datalora_pruned_kept_fraction=kept)
     return write_result(out, SCHEMA, meta, rows, [])
@@ -144,17 +181,10 @@ def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4
 
 def main(argv: list[str] | None = None) -> int:
     name = "decode_cuda.json" if torch.cuda.is_available() else "decode_cpu.json"
-    parser = budget_cli("python -m benchmarks.bench_decode", __doc__, name, 20.0,
-                        "seconds of timing rounds, at least 5 rounds")
-    parser.add_argument("--hidden", type=int_at_least(32), default=128,
-                        help="hidden size, a multiple of 32 (default: %(default)s)")
-    parser.add_argument("--layers", type=int_at_least(1), default=4,
-                        help="decoder layers (default: %(default)s)")
+    parser = model_size_cli("python -m benchmarks.bench_decode", __doc__, name, min_layers=1)
     parser.add_argument("--new-tokens", type=int_at_least(1), default=32,
                         help="greedy steps after the prompt (default: %(default)s)")
-    args = parse_budget_cli(parser, argv)
-    if args.hidden % 32:
-        parser.error(f"--hidden: expected a multiple of 32 (head size 32), got {args.hidden}")
+    args = parse_model_size_cli(parser, argv)
     result = run(args.out / name, budget_s=args.budget_s, hidden=args.hidden,
                  layers=args.layers, new_tokens=args.new_tokens)
     for row in result["results"]:

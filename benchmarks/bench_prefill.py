@@ -26,17 +26,21 @@ the pruned model kept, and the ideal speedup of pruning the range at that fracti
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_decode import build_methods
+from benchmarks.bench_decode import (
+    build_methods,
+    model_size_cli,
+    parse_model_size_cli,
+    ratio_columns,
+    run_meta,
+)
 from benchmarks.bench_pruning import ideal_speedup
-from benchmarks.molora import _git_commit, budget_cli, parse_budget_cli, write_result
-from benchmarks.timing import bootstrap_ci, time_interleaved
+from benchmarks.molora import write_result
+from benchmarks.timing import time_interleaved
 from datalora.cli import int_at_least
-from datalora.experiments.run_info import cpu_model, package_version
 from datalora.hf_compat import cache_kwargs
 
 SCHEMA = "datalora.benchmarks.prefill/1"
@@ -93,19 +97,10 @@ def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4
         row = dict(method=name, ms_per_prefill=medians[name],
                    tokens_per_s=batch * prompt_tokens * 1e3 / medians[name],
                    rounds=timed[name][4])
-        for ref in REFERENCES[name]:
-            row[f"vs_{ref}"] = medians[name] / medians[ref]
-            row[f"vs_{ref}_ci95"] = bootstrap_ci(
-                times, lambda m, name=name, ref=ref: m[name] / m[ref])
+        row.update(ratio_columns(name, REFERENCES[name], medians, times))
         rows.append(row)
     start, end = datalora.runtime.start, datalora.runtime.end
-    sha, dirty = _git_commit()
-    meta = dict(device=device.type, device_name=(torch.cuda.get_device_name(device)
-                                                 if device.type == "cuda" else cpu_model()),
-                cpu_threads=torch.get_num_threads(), torch=torch.__version__,
-                transformers=package_version("transformers"),
-                datalora=package_version("datalora"), git_commit=sha, git_dirty=dirty,
-                argv=sys.argv[1:], hidden=hidden, layers=layers, batch=batch,
+    meta = dict(run_meta(device, hidden, layers), batch=batch,
                 prompt_tokens=prompt_tokens, pruned_layers=[start, end],
                 datalora_pruned_kept_fraction=kept,
                 ideal_speedup_at_kept_fraction=ideal_speedup(layers, (start, end), kept))
@@ -114,19 +109,12 @@ def run(out: Path, *, budget_s: float = 20.0, hidden: int = 128, layers: int = 4
 
 def main(argv: list[str] | None = None) -> int:
     name = "prefill_cuda.json" if torch.cuda.is_available() else "prefill_cpu.json"
-    parser = budget_cli("python -m benchmarks.bench_prefill", __doc__, name, 20.0,
-                        "seconds of timing rounds, at least 5 rounds")
-    parser.add_argument("--hidden", type=int_at_least(32), default=128,
-                        help="hidden size, a multiple of 32 (default: %(default)s)")
-    parser.add_argument("--layers", type=int_at_least(2), default=4,
-                        help="decoder layers (default: %(default)s)")
+    parser = model_size_cli("python -m benchmarks.bench_prefill", __doc__, name, min_layers=2)
     parser.add_argument("--batch", type=int_at_least(1), default=4,
                         help="prompts per prefill (default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int_at_least(2), default=512,
                         help="tokens per prompt, at most 512 (default: %(default)s)")
-    args = parse_budget_cli(parser, argv)
-    if args.hidden % 32:
-        parser.error(f"--hidden: expected a multiple of 32 (head size 32), got {args.hidden}")
+    args = parse_model_size_cli(parser, argv)
     if args.prompt_tokens > 512:
         parser.error(f"--prompt-tokens: expected at most 512 (the embedded model's "
                      f"positions), got {args.prompt_tokens}")
