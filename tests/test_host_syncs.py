@@ -7,7 +7,8 @@ and ops with a data-dependent output shape (``nonzero``, boolean-mask indexing, 
 Budgets: a training forward + backward never reads the device (the saliency network's
 routing is valid by construction: no value check); an eval forward with the calibrated
 threshold twice (the threshold and the packed width), a generated token once (the
-threshold); the same with ``DATALORA_CHECK_VALUES=0``.
+threshold) plus, in a cached step, the most tokens any row keeps; the same with
+``DATALORA_CHECK_VALUES=0``.
 """
 
 from __future__ import annotations
@@ -163,10 +164,29 @@ def test_eval_and_generation_read_the_device_a_constant_few_times(count_syncs, m
                                        pad_token_id=0, eos_token_id=None)
     assert out.shape[1] == 11
     # per forward (prompt + 4 tokens): the threshold; the prompt's: its packed width (the
-    # pruned layers run on its kept tokens); per cached step after the prompt: whether any
-    # token is kept (else the pruned layers are skipped); once per call: generate()'s input
+    # pruned layers run on its kept tokens); per cached step after the prompt: the most
+    # tokens a row keeps (none: the pruned layers are skipped); once per call: generate()'s input
     # ids' range check (min and max in one read)
     assert sum(counter.sites.values()) <= 5 + 1 + 4 + 1, counter.sites
+
+
+def test_a_chunk_on_a_filled_cache_reads_the_device_twice(count_syncs):
+    # a prompt's second chunk: the threshold, then the most tokens any row keeps, which
+    # both sizes the packed batch and tells whether the pruned layers may be skipped
+    from transformers import DynamicCache
+
+    model = _model().eval()
+    model.set_curriculum_state(retention=0.5)
+    ids = _ids(10)
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.runtime.calibrate(model.runtime.last.saliency.token_scores)
+        cache = DynamicCache()
+        model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
+        with count_syncs() as counter:
+            model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True)
+    assert model.runtime.last.mode == "packed"  # the pruned layers ran on the kept tokens
+    assert sum(counter.sites.values()) == 2, counter.sites
 
 
 def test_trainer_metrics_stay_on_the_device_between_logs(count_syncs, tmp_path):

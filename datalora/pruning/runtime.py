@@ -765,12 +765,14 @@ class DATALORARuntime:
         return self._selection_of(keep)
 
     @staticmethod
-    def _selection_of(keep: torch.Tensor) -> TokenSelection:
+    def _selection_of(keep: torch.Tensor, counts: torch.Tensor | None = None,
+                      most: int | None = None) -> TokenSelection:
         """The kept tokens ``keep [B, L]`` (bool) packed: the batch as wide as the most any
         row keeps (at least 1), each row's kept tokens in position order, the other slots
-        filler."""
-        counts = keep.sum(1)
-        width = max(int(counts.max()), 1)  # eval only: one host sync
+        filler. ``counts`` (``keep.sum(1)``) and ``most`` (its maximum, read to the host)
+        when the caller has them already."""
+        counts = keep.sum(1) if counts is None else counts
+        width = max(int(counts.max()) if most is None else most, 1)  # eval only: one host sync
         # the kept tokens first, in position order (a stable sort; a float key "keep -
         # position * 1e-6" ranked a pruned token above a kept one 1e6 positions later)
         idx = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
@@ -804,16 +806,21 @@ class DATALORARuntime:
         ctx.keep_q = keep_new
         record.kept = keep_new
         record.mode = ctx.mode = "masked"
-        if self._skippable(ctx, cache, bsz) and not bool(keep_new.any()):
+        skippable = self._skippable(ctx, cache, bsz)
+        writer = self._prefill_cache_name(ctx, kwargs, cache, seq_len) if thresholded else None
+        counts = most = None
+        if skippable or writer is not None:  # this forward's one host read: the most kept
+            counts = keep_new.sum(1)
+            most = int(counts.max()) if bsz else 0
+        if skippable and most == 0:
             ctx.skip_cache = cache  # every row pruned: the pruned layers need not run
             return
         total = keep_all.shape[1]
         if ctx.attention_mask is not None:
             keep_all = keep_all & ctx.attention_mask[:, -total:].to(keep_all.device).bool()
-        writer = self._prefill_cache_name(ctx, kwargs, cache, seq_len) if thresholded else None
         sel = None
         if writer is not None:  # several tokens: the pruned layers run on the kept ones
-            sel = self._selection_of(keep_new)
+            sel = self._selection_of(keep_new, counts, most)
             self._pack(ctx, hidden, record, sel)
             ctx.prefill_cache = (writer, _PackedPrefillCache(cache, sel.keep_idx, sel.valid,
                                                              seq_len))
