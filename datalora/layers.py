@@ -356,7 +356,7 @@ class MoLoRALinear(nn.Module):
         routing (a DATALORA model's saliency routing, the LoRA-TLE mixer's), at T = 1 about
         half the checked path's host time, or of a drop-in layer routing its own tokens,
         12-17 % less."""
-        if self._nf4_base:
+        if self._nf4_base or not isinstance(x, torch.Tensor):
             return False
         # the modules' own dicts, not nn.Module.__getattr__ (host time: this runs per call);
         # a parametrized weight or bias is in neither and takes the checked path

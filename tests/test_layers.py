@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from datalora import MoLoRALinear, Routing, ops, sort_routes, topk_routing
+from datalora import MoLoRALinear, Routing, SMoRALinear, ops, sort_routes, topk_routing
 from datalora.reference import (
     gather_tokens_reference,
     molora_delta_reference,
@@ -701,6 +702,18 @@ def test_routing_copies_leave_their_caches_behind():
         assert not clone._values_checked and not clone._permutations
         assert clone.needs_value_check(4) and not routing.needs_value_check(4)
         torch.testing.assert_close(layer(x, routing=clone), y)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_non_tensor_input_is_a_type_error_naming_x(grad):
+    # the inference fast path looks at x before the checks do
+    layers = (MoLoRALinear(nn.Linear(8, 5), num_experts=4, rank=2),
+              SMoRALinear(nn.Linear(8, 5), total_rank=4, active_ranks=2))
+    with torch.set_grad_enabled(grad):
+        for layer in layers:
+            for bad in (np.zeros((3, 8), dtype=np.float32), [0.0] * 8, None):
+                with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+                    layer(bad)
 
 
 def test_routing_fields_shapes_and_identity():
