@@ -264,7 +264,14 @@ class DATALORAModel(nn.Module):
         :meth:`aux_losses`), so DDP sees the saliency network used in the graph."""
         from transformers.utils import ModelOutput
 
-        outputs = self.base_model(*args, **kwargs)
+        try:
+            outputs = self.base_model(*args, **kwargs)
+        except IndexError as exc:  # an id past the embedding or the LM head: say which
+            problem = out_of_vocabulary(self.base_model, kwargs.get(
+                "input_ids", args[0] if args else None), kwargs.get("labels"))
+            if problem is None:
+                raise
+            raise ValueError(problem) from exc
         if self.runtime is not None and self.training and torch.is_grad_enabled() \
                 and isinstance(outputs, ModelOutput) and dataclasses.is_dataclass(outputs) \
                 and self.runtime.own_last is not None:
@@ -340,15 +347,9 @@ class DATALORAModel(nn.Module):
     def _check_generate_inputs(self, input_ids: Any) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.numel() == 0:
             return
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
-        embeddings = self.base_model.get_input_embeddings()
-        vocab = getattr(embeddings, "num_embeddings", None)
-        if vocab is not None:
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync per call
-            if low < 0 or high >= vocab:
-                raise ValueError(f"input_ids: expected ids in [0, {vocab}) (the model's "
-                                 f"vocabulary), got {low if low < 0 else high}")
+        problem = out_of_vocabulary(self.base_model, input_ids)  # one sync per call
+        if problem is not None:
+            raise ValueError(problem)
 
     def set_curriculum_state(self, tau: float | None = None, retention: float | None = None,
                              hard: bool | None = None) -> None:
@@ -730,6 +731,38 @@ def _embedding_rows(model: nn.Module) -> int | None:
     except (AttributeError, NotImplementedError):
         return None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _output_rows(model: nn.Module) -> int | None:
+    """Classes of ``model``'s LM head (its output embedding's rows; None without one)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def out_of_vocabulary(model: nn.Module, input_ids: Any, labels: Any = None) -> str | None:
+    """Why ``input_ids`` or ``labels`` (``[B, L]`` integer tensors, either may be None) do
+    not fit ``model``'s vocabulary, or None: ids in ``[0, input embedding rows)``, labels
+    in ``[0, LM head classes)`` or -100 (ignored). One host read."""
+    checks = [("input_ids", input_ids, _embedding_rows(model), None),
+              ("labels", labels, _output_rows(model), -100)]
+    bounds = []
+    for name, ids, size, ignored in checks:
+        if not isinstance(ids, torch.Tensor) or size is None or ids.numel() == 0:
+            continue
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            return f"{name}: expected integer token ids, got {ids.dtype}"
+        kept = ids if ignored is None else ids.masked_fill(ids == ignored, 0)
+        bounds.append((name, size, ignored, torch.stack(torch.aminmax(kept))))
+    if not bounds:
+        return None
+    values = torch.stack([b[3].to("cpu", torch.int64) for b in bounds]).tolist()
+    for (name, size, ignored, _), (low, high) in zip(bounds, values, strict=True):
+        if low < 0 or high >= size:
+            also = "" if ignored is None else f" or {ignored} (ignored)"
+            return (f"{name}: expected ids in [0, {size}){also} (the model's vocabulary), "
+                    f"got {low if low < 0 else high}")
+    return None
 
 
 def _embedding_weights(model: nn.Module) -> list[torch.Tensor]:

@@ -46,7 +46,7 @@ from datalora.config import DATALORAConfig
 from datalora.curriculum import PHASES, CurriculumScheduler, CurriculumState, check_mode
 from datalora.data import check_task_names, first_row_without_token
 from datalora.io import atomic_write_text
-from datalora.model import DATALORAModel
+from datalora.model import DATALORAModel, out_of_vocabulary
 from datalora.module_modes import eval_mode
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
@@ -220,7 +220,7 @@ class DATALORATrainer(Trainer):
         self.datalora_history: list[dict[str, Any]] = []
         self._resume_curriculum: dict[str, Any] | None = None
         self._run_checkpoint: str | None = None  # what train() resumes from
-        self._mask_checked = False  # the first training batch's attention_mask (compute_loss)
+        self._first_batch_checked = False  # its mask and token ids (compute_loss)
         self._filled_curriculum_fields: list[str] = []  # of a curriculum the user passed
         self._applied = None
         self._reset_metrics()
@@ -331,16 +331,9 @@ class DATALORATrainer(Trainer):
             raise ValueError("inputs: DATALORATrainer needs 'labels' in every training batch "
                              "(datalora.data.CausalLMCollator adds them; with the Trainer's "
                              "default collator pass a 'labels' column)")
-        mask = inputs.get("attention_mask")
-        if model.training and not self._mask_checked and mask is not None and mask.dim() == 2:
-            # once per run, not a host sync per step (CausalLMCollator checks every row):
-            # data whose masks were all 0 trained the run with no token for the saliency
-            # network and failed at its end ("no valid token scores to calibrate on")
-            self._mask_checked = True
-            empty = first_row_without_token(mask)
-            if empty is not None:
-                raise ValueError(f"inputs: row {empty} of the first training batch has no "
-                                 f"real token (attention_mask all 0)")
+        if model.training and not self._first_batch_checked:
+            self._first_batch_checked = True  # once per run, not a host sync per step
+            self._check_first_batch(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         dl = self.datalora_model
@@ -363,6 +356,23 @@ class DATALORATrainer(Trainer):
         self._accumulate(loss.detach() * (ga if lm_scaled else 1), l_ret, l_bal, record,
                          task_ids, ga)
         return (total, outputs) if return_outputs else total
+
+    def _check_first_batch(self, inputs: dict[str, Any]) -> None:
+        """The first training batch's rows each hold a real token (data whose masks were
+        all 0 trained the run with no token for the saliency network and failed at its end,
+        "no valid token scores to calibrate on") and its ids and labels fit the model's
+        vocabulary (on a GPU an id past it is a device-side assert naming nothing).
+        CausalLMCollator checks every row's mask."""
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            empty = first_row_without_token(mask)
+            if empty is not None:
+                raise ValueError(f"inputs: row {empty} of the first training batch has no "
+                                 f"real token (attention_mask all 0)")
+        problem = out_of_vocabulary(self.datalora_model.base_model, inputs.get("input_ids"),
+                                    inputs.get("labels"))
+        if problem is not None:
+            raise ValueError(f"inputs: the first training batch's {problem}")
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         """True when the Trainer takes ``compute_loss``'s loss as already divided for
@@ -665,7 +675,7 @@ class DATALORATrainer(Trainer):
                 setattr(self.curriculum, name, None)
         self._filled_curriculum_fields = []
         self._applied = None
-        self._mask_checked = False
+        self._first_batch_checked = False
         self._reset_metrics()
         history = self._saved_json(checkpoint, HISTORY_NAME)
         self.datalora_history = list(history or [])

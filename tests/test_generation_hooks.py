@@ -415,6 +415,30 @@ def test_generate_in_training_mode_warns_to_call_eval():
         model.generate(_ids(1, 5), max_new_tokens=2, **GREEDY)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_forward_names_ids_past_the_vocabulary(training):
+    """The embedding's and the loss's IndexError ("index out of range in self", "Target
+    ... is out of bounds") become a ValueError naming input_ids or labels; only a failing
+    forward reads the ids (no host read per step)."""
+    model = _model(prune_layers=(1, 4)).train(training)
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    ids = _ids(2, 6)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
+    with pytest.raises(ValueError, match=rf"^input_ids: expected ids in \[0, {vocab}\) "
+                                         rf"\(the model's vocabulary\), got {vocab + 1}$"):
+        model(ids + vocab + 1 - ids.max())
+    labels[1, 2] = vocab
+    with pytest.raises(ValueError, match=rf"^labels: expected ids in \[0, {vocab}\) or -100 "
+                                         rf"\(ignored\) \(the model's vocabulary\), got "
+                                         rf"{vocab}$"):
+        model(input_ids=ids, labels=labels)
+    labels[1, 2] = -5
+    with pytest.raises(ValueError, match=r"^labels: expected ids .*, got -5$"):
+        model(input_ids=ids, labels=labels)
+
+
 def test_generate_names_ids_it_cannot_embed_and_a_bad_num_beams():
     """transformers failed deep inside: float ids (embedding's dtype error), ids past the
     vocabulary (IndexError) and num_beams=0 (ZeroDivisionError)."""

@@ -175,6 +175,8 @@ def test_a_chunk_on_a_filled_cache_reads_the_device_twice(count_syncs):
     # both sizes the packed batch and tells whether the pruned layers may be skipped
     from transformers import DynamicCache
 
+    from datalora.hf_compat import cache_kwargs
+
     model = _model().eval()
     model.set_curriculum_state(retention=0.5)
     ids = _ids(10)
@@ -182,9 +184,9 @@ def test_a_chunk_on_a_filled_cache_reads_the_device_twice(count_syncs):
         model(input_ids=ids)
         model.runtime.calibrate(model.runtime.last.saliency.token_scores)
         cache = DynamicCache()
-        model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :6], use_cache=True, **cache_kwargs(model, cache))
         with count_syncs() as counter:
-            model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, 6:], use_cache=True, **cache_kwargs(model, cache))
     assert model.runtime.last.mode == "packed"  # the pruned layers ran on the kept tokens
     assert sum(counter.sites.values()) == 2, counter.sites
 

@@ -1741,7 +1741,7 @@ def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     free = mixer.generate(prompt, 6, eos_token_id=[])
     assert free.shape == (1, 10)
     first = int(free[0, 4])
-    for eos in (first, [first], (999, first), torch.tensor(first), torch.tensor([first])):
+    for eos in (first, [first], (299, first), torch.tensor(first), torch.tensor([first])):
         assert mixer.generate(prompt, 6, eos_token_id=eos).shape == (1, 5), eos
     mixer.model.generation_config.eos_token_id = [first]  # the default: the model's eos
     assert mixer.generate(prompt, 6).shape == (1, 5)
@@ -1750,6 +1750,14 @@ def test_generate_stop_ids_and_fixed_weights(adapter_dirs):
     for bad in (1.0, [first, "x"], True, torch.tensor([1.0])):
         with pytest.raises(TypeError, match="eos_token_id"):
             mixer.generate(prompt, 6, eos_token_id=bad)
+    vocab = mixer._vocab_size
+    for bad, got in ((-1, -1), ([first, vocab], vocab)):  # never generated: no stop
+        with pytest.raises(ValueError, match=rf"^eos_token_id: expected ids in \[0, {vocab}\) "
+                                             rf"\(the model's vocabulary\), got {got}$"):
+            mixer.generate(prompt, 6, eos_token_id=bad)
+    for name in ("do_sample", "return_details"):
+        with pytest.raises(TypeError, match=rf"^{name}: expected a bool, got 'no'$"):
+            mixer.generate(prompt, 6, **{name: "no"})
     with pytest.raises(TypeError, match="input_ids: expected an integer tensor"):
         mixer.generate(prompt.float(), 3)
     # inside fixed_weights every step mixes with those weights, and they stay set after
@@ -2065,6 +2073,18 @@ def test_malformed_arguments_of_the_mixer_are_named(adapter_dirs, tmp_path):
         with pytest.raises(ValueError, match=rf"^labels: expected shape \(2, 7\) \(that of "
                                              rf"input_ids\), got {got}$"):
             mixer(x, labels=labels)
+    with pytest.raises(TypeError, match=r"^labels: expected an integer tensor, got "
+                                        r"torch.float32$"):
+        mixer(x, labels=x.float())  # failed in the loss: "expected target dtype to be Long"
+    vocab = mixer._vocab_size
+    for value, got in ((vocab, f"max {vocab}"), (-5, "min -5")):
+        labels = x.clone()
+        labels[1, 3] = value  # failed in the loss: "IndexError: Target ... is out of bounds"
+        with pytest.raises(ValueError, match=rf"^labels: expected ids in \[0, {vocab}\) or "
+                                             rf"-100 \(ignored\), got {got}$"):
+            mixer(x, labels=labels)
+    labels[1, 3] = -100
+    assert torch.isfinite(mixer(x, labels=labels).loss)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"^directory: .*file is a file, expected a folder"):
         mixer.save_pretrained(tmp_path / "file")

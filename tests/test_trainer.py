@@ -1120,6 +1120,27 @@ def test_a_first_batch_row_without_a_real_token_is_refused(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 0
 
+
+@pytest.mark.parametrize("key", ["input_ids", "labels"])
+def test_a_first_batch_id_past_the_vocabulary_is_refused(tmp_path, key):
+    """An id past the vocabulary (a row tokenized for a bigger vocabulary) failed inside
+    the embedding or the loss (on a GPU: a device-side assert naming nothing); the first
+    training batch's ids and labels are checked (-100 labels are ignored)."""
+    model = tiny_datalora()
+    vocab = model.base_model.get_input_embeddings().num_embeddings
+    data = PatternData(n=8)
+    for row in data.rows:
+        row[key] = row[key].clone()
+        row[key][1] = vocab + 3
+    trainer = _lm_only_trainer(tmp_path, model, data, max_steps=2)
+    also = "" if key == "input_ids" else r" or -100 \(ignored\)"
+    with pytest.raises(ValueError, match=rf"^inputs: the first training batch's {key}: "
+                                         rf"expected ids in \[0, {vocab}\){also} \(the "
+                                         rf"model's vocabulary\), got {vocab + 3}$"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_a_frozen_reloaded_model_is_refused_before_training(tmp_path):
     """from_pretrained loads frozen (inference) by default: train() failed inside backward
     ("element 0 of tensors does not require grad"); it names is_trainable now."""

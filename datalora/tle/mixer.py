@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datalora.checks import as_scalar, check_int, check_number
+from datalora.checks import as_scalar, check_flag, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
@@ -45,10 +45,12 @@ MIXER_WEIGHTS = "tle_mixer.safetensors"
 _SAVED_KEYS = frozenset({"names", "tau", "mode", "every_n", "top_k", "modules", "embedder"})
 
 
-def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> None:
+def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int,
+                 labels: Any = None) -> None:
     """``input_ids [B >= 1, L >= 1]`` integer ids in ``[0, vocab_size)``, ``attention_mask`` None
-    or ``[B, L]`` with a real token in every row; a ValueError / TypeError naming the
-    argument otherwise."""
+    or ``[B, L]`` with a real token in every row, ``labels`` None or ``[B, L]`` integer ids
+    in ``[0, vocab_size)`` or -100; a ValueError / TypeError naming the argument
+    otherwise."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() \
             or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids: expected an integer tensor, got "
@@ -62,15 +64,29 @@ def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> None:
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {tuple(attention_mask.shape)}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) \
+                else type(labels).__name__
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of "
+                             f"input_ids), got {got}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
     # every value fact in one transfer to the host (one sync per forward on a GPU): the
-    # ids' range, the mask's values other than 0 / 1 and its rows without a token
-    facts = [input_ids.min().view(1), input_ids.max().view(1)]
+    # ids' and labels' ranges, the mask's values other than 0 / 1 and its rows without a
+    # token
+    targets = input_ids if labels is None else labels.masked_fill(labels == -100, 0)
+    facts = [input_ids.min().view(1), input_ids.max().view(1), targets.min().view(1),
+             targets.max().view(1)]
     if attention_mask is not None:
         facts += [((attention_mask != 0) & (attention_mask != 1)).any().view(1),
                   attention_mask.sum(1) == 0]
-    low, high, *mask_facts = torch.cat([f.to(input_ids.device, torch.long)
-                                        for f in facts]).tolist()
+    low, high, label_low, label_high, *mask_facts = torch.cat(
+        [f.to(input_ids.device, torch.long) for f in facts]).tolist()
     _check_id_range(low, high, vocab_size)
+    if label_low < 0 or label_high >= vocab_size:
+        raise ValueError(f"labels: expected ids in [0, {vocab_size}) or -100 (ignored), got "
+                         + (f"min {label_low}" if label_low < 0 else f"max {label_high}"))
     if attention_mask is None:
         return
     other_values, *no_token = mask_facts
@@ -530,14 +546,8 @@ class TokenLevelAdapterMixer(nn.Module):
         Returns:
             The model's output (``logits [B, L, V]``, ``loss``).
         """
-        _check_batch(input_ids, attention_mask, self._vocab_size)
+        _check_batch(input_ids, attention_mask, self._vocab_size, labels)
         B, L = input_ids.shape
-        if labels is not None and (not isinstance(labels, torch.Tensor)
-                                   or labels.shape != input_ids.shape):
-            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) \
-                else type(labels).__name__
-            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of "
-                             f"input_ids), got {got}")
         if weights is None and self._slot.weights is not None:
             weights = self._slot.weights  # inside fixed_weights(): no routing, as generate
         past = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -643,6 +653,8 @@ class TokenLevelAdapterMixer(nn.Module):
             raise ValueError(f"attention_mask: expected ones of shape {tuple(input_ids.shape)} "
                              f"(generate takes one sequence without padding)")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+        do_sample = check_flag("do_sample", do_sample)  # bool("no") is True
+        return_details = check_flag("return_details", return_details)
         if do_sample:  # a one-value tensor / numpy number worked before the check: still does
             temperature = check_number("temperature", as_scalar(temperature), low=0,
                                        low_inclusive=False)
@@ -697,7 +709,8 @@ class TokenLevelAdapterMixer(nn.Module):
     def _stop_ids(self, eos_token_id: Any) -> frozenset[int]:
         """The ids that end generation: ``eos_token_id`` as an int, a sequence of ints or
         an integer tensor; None: the model's ``generation_config.eos_token_id``."""
-        if eos_token_id is None:
+        given = eos_token_id is not None
+        if not given:
             config = getattr(self.model, "generation_config", None)
             eos_token_id = getattr(config, "eos_token_id", None)
             if eos_token_id is None:
@@ -714,6 +727,10 @@ class TokenLevelAdapterMixer(nn.Module):
             if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"eos_token_id: expected an int or a sequence of ints, got "
                                 f"{eos_token_id!r}")
+        outside = [int(i) for i in ids if given and not 0 <= i < self._vocab_size]
+        if outside:  # never generated (another tokenizer's id?): no stop, silently
+            raise ValueError(f"eos_token_id: expected ids in [0, {self._vocab_size}) (the "
+                             f"model's vocabulary), got {outside[0]}")
         return frozenset(int(i) for i in ids)
 
     def _recompute_at(self, t: int, prompt_length: int) -> bool:
