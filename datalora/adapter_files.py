@@ -133,8 +133,19 @@ def check_path(path: object) -> None:
         raise TypeError(f"path: expected a folder path (str or Path), got {type(path).__name__}")
 
 
-def config_from_json(text: str) -> DATALORAConfig:
-    return DATALORAConfig.from_dict(json.loads(text))
+def config_from_json(text: str, source: Path) -> DATALORAConfig:
+    """The config a weights file ``source`` carries in its metadata: a ValueError naming
+    the file when the text is not a valid config."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"path: the datalora_config stored in {source} is not valid JSON "
+                         f"({exc}); save the adapter again") from None
+    try:
+        return DATALORAConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"path: the datalora_config stored in {source} is not a valid "
+                         f"config: {exc}") from exc
 
 
 def function_fields(saved: DATALORAConfig, current: DATALORAConfig, base_model: nn.Module):

@@ -154,7 +154,7 @@ class DATALORAConfig:
                              f" not a datalora one: load it with peft, or mix PEFT LoRA "
                              f"adapters with datalora.tle.TokenLevelAdapterMixer")
         data = {k: v for k, v in data.items() if k != "adapter_type"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)  # YAML keys may be bools, numbers
         if unknown:
             hint = ("; a 'training' section belongs to datalora train's config files "
                     "(datalora.train.load_train_config reads both parts)"
@@ -168,6 +168,9 @@ class DATALORAConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DATALORAConfig:
         """Reads ``adapter_config.json`` from a folder (or the file itself)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a folder or file path (str or Path), got "
+                            f"{type(path).__name__}")
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.exists():
@@ -207,6 +210,8 @@ def _parse_config(path: Path, parse: Any, kind: str) -> dict[str, Any]:
                          f"{exc.start})") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ValueError(f"config: {path} is not valid {kind}: {exc}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise ValueError(f"config: {path} nests its values too deeply to parse") from None
     if not isinstance(data, dict):
         raise ValueError(f"config: expected a mapping at the top of {path}, "
                          f"got {type(data).__name__}")

@@ -648,7 +648,7 @@ class DATALORAModel(nn.Module):
                           f"its tensors fit by name and shape, but the function differs",
                           UserWarning, stacklevel=3)
         config_file = folder / CONFIG_NAME
-        in_weights = None if embedded is None else config_from_json(embedded)
+        in_weights = None if embedded is None else config_from_json(embedded, weights)
         on_disk = (DATALORAConfig.from_pretrained(config_file) if config_file.exists()
                    else None)
         if in_weights is not None and on_disk is not None and any(

@@ -101,6 +101,8 @@ def test_config_file_for_a_real_model_keeps_datalora_defaults(tmp_path):
     ("c.json", "{bad", "is not valid JSON"),
     ("c.yaml", "training: 5\n", "expected 'training' to be a mapping"),
     ("c.json", "\udcff{}", r"c\.json is not UTF-8 text"),  # was a bare UnicodeDecodeError
+    ("c.json", "[" * 100_000, "nests its values too deeply"),  # was a RecursionError
+    ("c.yaml", "yes: 1\nfoo: 2\n", r"unknown DATALORAConfig fields \['foo', True\]"),
 ])
 def test_malformed_config_files_raise_value_errors(tmp_path, name, text, fragment):
     """ValueError (the CLI's exit 2 with a message), not a parser's own exception."""
@@ -212,6 +214,12 @@ def test_config_from_file_refuses_bad_files_naming_them(tmp_path):
                                         r"fields, got list"):
         DATALORAConfig.from_dict([("num_lora_experts", 4)])
 
+
+
+def test_a_config_path_that_is_not_a_path_is_named():
+    with pytest.raises(TypeError, match=r"^path: expected a folder or file path \(str or "
+                                        r"Path\), got NoneType$"):
+        DATALORAConfig.from_pretrained(None)
 
 
 def test_from_dict_is_annotated_to_take_any_mapping():

@@ -270,6 +270,13 @@ def test_malformed_json_names_the_line_of_the_error(tmp_path):
         load_instruction_dataset(path)
     path.write_text(f"{row}\n{row}\n")
     assert len(load_instruction_dataset(path)) == 2
+    deep = "[" * 100_000  # was a RecursionError
+    path.write_text(deep)
+    with pytest.raises(ValueError, match=r"d\.json nests its values too deeply to parse$"):
+        load_instruction_dataset(path)
+    (tmp_path / "d.jsonl").write_text(f"{row}\n{deep}\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl line 2 nests its values too deeply"):
+        load_instruction_dataset(tmp_path / "d.jsonl")
     path.write_text("\n")
     assert load_instruction_dataset(path) == []
 

@@ -494,8 +494,18 @@ def _bad_curriculum(folder, text='{"tau": 0.5, "retention": 1.5, "hard": true}')
                                                        {**metadata, "curriculum_state": text}))
 
 
+def _bad_stored_config(folder, text):
+    _edited_save(folder, lambda tensors, metadata, _: (tensors,
+                                                       {**metadata, "datalora_config": text}))
+
+
 @pytest.mark.parametrize("make, error", [
     (_shallower_adapter, r"does not fit this model: missing \['model.layers.2"),
+    (lambda folder: _bad_stored_config(folder, "{bad"),
+     r"^path: the datalora_config stored in .*adapter_model.safetensors is not valid JSON"),
+    (lambda folder: _bad_stored_config(folder, "[1]"),
+     r"^path: the datalora_config stored in .*adapter_model.safetensors is not a valid "
+     r"config: config: expected a mapping"),
     (_interrupted_save, "does not match the config stored in"),
     (_bad_curriculum, r"curriculum state in .* is invalid \(retention: .*1.5"),
     (lambda folder: _bad_curriculum(folder, "{not json"),

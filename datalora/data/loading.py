@@ -59,6 +59,9 @@ def _read_jsonl(path: Path, limit: int | None = None) -> tuple[list[dict[str, An
                 except json.JSONDecodeError as e:
                     raise ValueError(f"source: {path} line {lineno} is not valid JSON: "
                                      f"{e}") from e
+                except RecursionError:  # thousands of nested brackets
+                    raise ValueError(f"source: {path} line {lineno} nests its values too "
+                                     f"deeply to parse") from None
                 rows.append(row)
                 lines.append(lineno)
     return rows, lines
@@ -89,6 +92,8 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
             return _read_jsonl(path)[0]
         raise ValueError(f"source: {path} is not valid JSON: {e.msg} at line {e.lineno} "
                          f"column {e.colno}") from e
+    except RecursionError:
+        raise ValueError(f"source: {path} nests its values too deeply to parse") from None
     if isinstance(data, Mapping) and _is_row(data):
         raise ValueError(f"source: {path} holds a single row object, not a list of rows: "
                          f"wrap it in a list ([{{...}}])")
