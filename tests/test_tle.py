@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from types import SimpleNamespace
@@ -874,6 +875,42 @@ def test_a_damaged_mixer_file_is_a_value_error_naming_it(adapter_dirs, tmp_path,
         TokenLevelAdapterMixer.from_pretrained(small_model(), tmp_path / "mixer")
 
 
+def test_a_hand_edited_mixer_config_is_a_value_error_naming_it(adapter_dirs, tmp_path):
+    """Fields of the wrong form failed deep inside: AttributeError 'str' object has no
+    attribute 'get', KeyError 'type', TypeError 'int' object is not iterable; a non-UTF-8
+    file a bare UnicodeDecodeError; a bad copy in the weights file a JSONDecodeError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mixer"
+    _fitted_mixer(adapter_dirs, "every_n", 2).save_pretrained(folder)
+    file = folder / "tle_config.json"
+    good = json.loads(file.read_text())
+    for field, value, match in (("embedder", "hidden", "has embedder 'hidden', expected an "
+                                                        "object with a 'type'"),
+                                ("embedder", {}, "has embedder {}, expected an object"),
+                                ("modules", 5, "has modules 5, expected a list of strings"),
+                                ("names", [1, 2, 3], "has names \\[1, 2, 3\\], expected")):
+        file.write_text(json.dumps({**good, field: value}))
+        with pytest.raises(ValueError, match=rf"^directory: .*tle_config.json {match}"):
+            TokenLevelAdapterMixer.from_pretrained(small_model(), folder)
+    file.write_bytes(b'{"names": "\xff"}')
+    with pytest.raises(ValueError, match=r"^directory: .*tle_config.json is not UTF-8 text"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), folder)
+    file.write_text(json.dumps(good))
+    weights = str(folder / "tle_mixer.safetensors")
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(weights), weights, metadata={**metadata, "tle_config": "{bad"})
+    with pytest.raises(ValueError, match="tle_config.json does not match tle_mixer"):
+        TokenLevelAdapterMixer.from_pretrained(small_model(), folder)
+    for call in (lambda: TokenLevelAdapterMixer.from_pretrained(small_model(), None),
+                 lambda: _fitted_mixer(adapter_dirs, "token").save_pretrained(None)):
+        with pytest.raises(TypeError, match=r"^directory: expected a folder path \(str or "
+                                            r"Path\), got NoneType$"):
+            call()
+
+
 def test_fit_centroids_and_routing_prefers_own_prompts(adapter_dirs):
     from datalora.testing import build_tokenizer
 
@@ -1385,7 +1422,6 @@ def test_centroid_embeddings_do_not_depend_on_padding_side():
 # ---- adapters that are not plain LoRA, padding, validation -------------------------------
 def _with_config(src, dst, **changes):
     """A copy of the adapter folder ``src`` with ``changes`` in its adapter_config.json."""
-    import json
     import shutil
 
     shutil.copytree(src, dst)
@@ -1492,8 +1528,6 @@ def test_a_hostile_adapter_weights_file_fails_cleanly(adapter_dirs, tmp_path, ed
 
 def test_a_saved_mixer_with_non_finite_weights_or_missing_settings_fails(adapter_dirs,
                                                                          tmp_path):
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,49 @@ MIXER_CONFIG = "tle_config.json"
 MIXER_WEIGHTS = "tle_mixer.safetensors"
 # what from_pretrained reads from MIXER_CONFIG (save_pretrained also writes adapter_paths)
 _SAVED_KEYS = frozenset({"names", "tau", "mode", "every_n", "top_k", "modules", "embedder"})
+
+
+def _check_folder_path(directory: object) -> None:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a folder path (str or Path), got "
+                        f"{type(directory).__name__}")
+
+
+def _json_or_none(text: str) -> Any:
+    """``json.loads(text)``, None when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _read_saved_config(file: Path) -> dict[str, Any]:
+    """The settings :meth:`TokenLevelAdapterMixer.save_pretrained` wrote to ``file``: a
+    ValueError naming the file when it is not UTF-8 JSON of that form."""
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"directory: {file} {why} (not a file "
+                          f"TokenLevelAdapterMixer.save_pretrained wrote)")
+
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"directory: {file} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"directory: {file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise damaged(f"holds a {type(config).__name__}, not a JSON object")
+    absent = sorted(_SAVED_KEYS - set(config))
+    if absent:
+        raise damaged(f"lacks {absent}")
+    for key in ("modules", "names"):
+        value = config[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise damaged(f"has {key} {value!r:.60}, expected a list of strings")
+    spec = config["embedder"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise damaged(f"has embedder {spec!r:.60}, expected an object with a 'type'")
+    return config
 
 
 def _check_batch(input_ids: Any, attention_mask: Any, vocab_size: int,
@@ -743,6 +787,7 @@ class TokenLevelAdapterMixer(nn.Module):
     # ---- save / load
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes the padded experts, centroids and settings (self-contained)."""
+        _check_folder_path(directory)
         check_output_folder("directory", directory)
         directory = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
@@ -777,20 +822,11 @@ class TokenLevelAdapterMixer(nn.Module):
         ``overrides`` replace saved settings (``tau``, ``mode``, ``every_n``, ``top_k``,
         and the rebuilt embedder's ``window`` / ``decay`` / ``whole_weight``).
         """
+        _check_folder_path(directory)
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_CONFIG} in {directory}")
-        text = (directory / MIXER_CONFIG).read_text()
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"directory: {directory / MIXER_CONFIG} is not valid JSON: "
-                             f"{exc}") from None
-        absent = (sorted(_SAVED_KEYS - set(config)) if isinstance(config, dict)
-                  else [f"a JSON object, not a {type(config).__name__}"])
-        if absent:
-            raise ValueError(f"directory: {directory / MIXER_CONFIG} lacks {absent} (not a "
-                             f"file TokenLevelAdapterMixer.save_pretrained wrote)")
+        config = _read_saved_config(directory / MIXER_CONFIG)
         if not (directory / MIXER_WEIGHTS).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_WEIGHTS} in {directory}")
         embedded = load_metadata(directory / MIXER_WEIGHTS, argument="directory").get(
@@ -798,7 +834,7 @@ class TokenLevelAdapterMixer(nn.Module):
         tensors = load_tensors(directory / MIXER_WEIGHTS, argument="directory")
         missing = [f"{m}.{ab}" for m in config["modules"] for ab in ("lora_A", "lora_B")
                    if f"{m}.{ab}" not in tensors]
-        if (embedded is not None and json.loads(embedded) != config) or missing:
+        if (embedded is not None and _json_or_none(embedded) != config) or missing:
             raise ValueError(f"directory: {MIXER_CONFIG} does not match {MIXER_WEIGHTS} in "
                              f"{directory}" + (f" (no tensor {missing[0]})" if missing else "")
                              + " (a save interrupted between the two files?); save the "
