@@ -17,6 +17,7 @@ from datalora.tle import (
     HiddenStateEmbedder,
     TokenLevelAdapterMixer,
     anchor_positions,
+    blend_whole_context,
     load_peft_adapter,
     pack_adapters,
     pool_prefixes,
@@ -481,6 +482,28 @@ def test_generation_matches_teacher_forcing_and_recomputes_per_mode(adapter_dirs
 
 
 # ----------------------------------------------------------------------------- recency
+
+def test_pooling_and_blending_check_their_arguments():
+    """blend_whole_context(r, w, 2.0) returned a complex tensor ((1 - 2) ** 0.5); a 2-D h
+    or a mask of another shape failed as a size mismatch, a list h as AttributeError."""
+    r, w = torch.randn(2, 4), torch.randn(2, 4)
+    for bad in (2.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="^whole_weight: expected"):
+            blend_whole_context(r, w, bad)
+    with pytest.raises(ValueError, match=r"^whole: expected the shape of recent \(2, 4\), got "
+                                         r"\(2, 3\)$"):
+        blend_whole_context(r, w[:, :3], 0.5)
+    with pytest.raises(TypeError, match="^recent: expected a float tensor, got list"):
+        blend_whole_context([1.0], w, 0.5)
+    assert blend_whole_context(r, w, 0.0).shape == (2, 8)
+    h = torch.randn(2, 5, 3)
+    for bad in (h[0], h.tolist(), h.long()):
+        with pytest.raises(TypeError, match=r"^h: expected a float tensor \[B, L, D\]"):
+            pool_prefixes(bad)
+    with pytest.raises(ValueError, match=r"^mask: expected None or shape \(2, 5\) \(h's "
+                                         r"\[B, L\]\), got \(2, 4\)$"):
+        pool_prefixes(h, torch.ones(2, 4), window=2)
+
 
 def test_window_and_decay_pooling_hand_case():
     x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [2.0, 2.0]]])
@@ -1607,6 +1630,21 @@ def test_failed_construction_leaves_the_model_untouched(adapter_dirs):
         TokenLevelAdapterMixer(model, packed, names=["a", "b", "c"])
     assert type(model.get_submodule(q)) is torch.nn.Linear
     TokenLevelAdapterMixer(model, adapter_dirs)  # a retry with good adapters works
+
+
+def test_packed_adapter_values_are_checked(adapter_dirs):
+    """from_pretrained refused integer and non-finite tensors; the constructor took them
+    (meta ones failed deep inside as NotImplementedError)."""
+    q = "model.layers.0.self_attn.q_proj"
+    A, B = pack_adapters([load_peft_adapter(d) for d in adapter_dirs])[q]
+    nan = A.clone()
+    nan[0, 0, 0] = float("nan")
+    for bad_A, error, match in ((A.long(), TypeError, "A is torch.int64, expected a float"),
+                                (nan, ValueError, "A holds NaN or inf"),
+                                (A.to("meta"), ValueError, "A is on the meta device")):
+        with pytest.raises(error, match=rf"^adapters: module '{q}': {match}"):
+            TokenLevelAdapterMixer(small_model(), {q: (bad_A, B)}, names=["a", "b", "c"])
+    TokenLevelAdapterMixer(small_model(), {q: (A, B)}, names=["a", "b", "c"])
 
 
 def test_centroid_and_tau_validation(adapter_dirs):

@@ -60,6 +60,14 @@ def blend_whole_context(recent: torch.Tensor, whole: torch.Tensor,
         recent: ``[..., D]`` recency pooling (window / decay); whole: ``[..., D]`` the
             whole-context mean.
     """
+    whole_weight = check_number("whole_weight", whole_weight, low=0, high=1)
+    for name, t in (("recent", recent), ("whole", whole)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a float tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if recent.shape != whole.shape:
+        raise ValueError(f"whole: expected the shape of recent {tuple(recent.shape)}, got "
+                         f"{tuple(whole.shape)}")
     return torch.cat([F.normalize(recent, dim=-1) * (1.0 - whole_weight) ** 0.5,
                       F.normalize(whole, dim=-1) * whole_weight ** 0.5], dim=-1)
 
@@ -82,6 +90,15 @@ def pool_prefixes(h: torch.Tensor, mask: torch.Tensor | None = None, *,
         ``[B, L, D]`` float32.
     """
     window, decay = check_recency(window, decay)
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != 3:
+        got = (f"{h.dtype} of shape {tuple(h.shape)}" if isinstance(h, torch.Tensor)
+               else type(h).__name__)
+        raise TypeError(f"h: expected a float tensor [B, L, D], got {got}")
+    if mask is not None and (not isinstance(mask, torch.Tensor)
+                             or tuple(mask.shape) != tuple(h.shape[:2])):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected None or shape {tuple(h.shape[:2])} (h's [B, L]), "
+                         f"got {got}")
     h = h.float()
     m = (torch.ones(h.shape[:2], device=h.device) if mask is None else mask).to(h.dtype)[..., None]
     if window is None and decay is None:

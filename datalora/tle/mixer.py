@@ -174,6 +174,15 @@ def _check_packed(packed: Mapping[str, Any]) -> int:
                    for t in (pair if isinstance(pair, (tuple, list)) else [pair])]
             raise ValueError(f"adapters: module {module!r} expected (A [N, R, d_in], B [N, "
                              f"d_out, R]), got {got}")
+        for label, t in zip("AB", pair, strict=True):
+            if not t.is_floating_point():
+                raise TypeError(f"adapters: module {module!r}: {label} is {t.dtype}, "
+                                f"expected a float tensor")
+            if t.is_meta:
+                raise ValueError(f"adapters: module {module!r}: {label} is on the meta "
+                                 f"device (no values)")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"adapters: module {module!r}: {label} holds NaN or inf")
         counts.add(pair[0].shape[0])
     if len(counts) > 1:
         raise ValueError(f"adapters: every module must hold the same number of adapters N, "
