@@ -506,6 +506,7 @@ class DATALORAModel(nn.Module):
                                  f"({len(missing)} in all); expected this model's full state "
                                  f"dict (names like {keys[missing[0]]!r})")
             tensors = {name: tensors.get(name, own[name]) for name in own}
+            _check_given_tensors(tensors, own, keys)
         elif kind == "fsdp1":
             raise ValueError("state_dict: this model is sharded by FSDP1; pass its full state "
                              "dict (FSDP.state_dict_type(model, FULL_STATE_DICT)), as "
@@ -731,6 +732,26 @@ def _embedding_rows(model: nn.Module) -> int | None:
     except (AttributeError, NotImplementedError):
         return None
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
+def _check_given_tensors(tensors: dict[str, Any], own: dict[str, torch.Tensor],
+                         keys: dict[str, str]) -> None:
+    """The adapter tensors a ``state_dict`` passed to ``save_pretrained`` holds fit this
+    model's (shape, a floating dtype where it has one) and its parameters are finite: a
+    file that fails only at its load names nothing about the save."""
+    for name, tensor in tensors.items():
+        mine, key = own[name], keys[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict: {key!r} is a {type(tensor).__name__}, expected a "
+                            f"tensor")
+        if tensor.shape != mine.shape:
+            raise ValueError(f"state_dict: {key!r} has shape {tuple(tensor.shape)}, this "
+                             f"model's {tuple(mine.shape)}")
+        if mine.is_floating_point() and not tensor.is_floating_point():
+            raise ValueError(f"state_dict: {key!r} is {tensor.dtype}, expected a float tensor")
+        if isinstance(mine, nn.Parameter) and tensor.is_floating_point() \
+                and not bool(torch.isfinite(tensor).all()):  # buffers: NaN = not calibrated
+            raise ValueError(f"state_dict: {key!r} holds NaN or inf (a diverged run?)")
 
 
 def _output_rows(model: nn.Module) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -476,6 +477,19 @@ def test_save_takes_the_adapter_from_the_gathered_state_dict(tmp_path):
     del gathered[lora]
     with pytest.raises(ValueError, match="state_dict: lacks adapter tensors"):
         model.save_pretrained(tmp_path / "bad", state_dict=gathered)
+    # tensors that would fail only at the load (or deep inside the save) are named here
+    gathered[lora] = model.state_dict()[lora]
+    key = next(k for k in gathered if ".lora_B" in k)
+    good = gathered[key]
+    for value, error, match in ((good[:1], ValueError, "has shape"),
+                                (torch.full_like(good, float("nan")), ValueError,
+                                 "holds NaN or inf"),
+                                (good.long(), ValueError, "is torch.int64"),
+                                (good.tolist(), TypeError, "is a list")):
+        with pytest.raises(error, match=rf"^state_dict: '{re.escape(key)}' {match}"):
+            model.save_pretrained(tmp_path / "bad", state_dict={**gathered, key: value})
+    assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
+    model.save_pretrained(tmp_path / "bad", state_dict=gathered)
 
 
 FSDP_SCRIPT = r'''
