@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +220,9 @@ class CurriculumScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a :meth:`state_dict` (all settings and the position)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping (CurriculumScheduler.state_dict()), "
+                            f"got {type(state).__name__}")
         missing = sorted(set(self.state_dict()) - set(state))
         if missing:
             raise ValueError(f"state: missing keys {missing}")

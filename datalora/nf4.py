@@ -138,7 +138,11 @@ class NF4Tensor:
     offset: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.shape = torch.Size(self.shape)
+        try:
+            self.shape = torch.Size(self.shape)
+        except TypeError:  # None, "abc", (8.0, 64): torch.Size's own message names nothing
+            raise TypeError(f"shape: expected a sequence of ints, got {self.shape!r:.60}") \
+                from None
         if any(d < 0 for d in self.shape):
             raise ValueError(f"shape: expected non-negative sizes, got {tuple(self.shape)}")
         for name in ("data", "absmax", "nested_absmax", "nested_code", "offset"):

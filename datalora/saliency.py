@@ -219,6 +219,8 @@ class UnifiedSaliencyNetwork(nn.Module):
             generator: RNG for the Gumbel noise.
         """
         check_tensor("hidden", hidden)
+        if not hidden.is_floating_point():  # int / bool were cast, complex lost its imaginary
+            raise TypeError(f"hidden: expected a float tensor, got {hidden.dtype}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden: expected shape [B, L, {self.hidden_size}], "
                              f"got {tuple(hidden.shape)}")

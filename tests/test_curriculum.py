@@ -82,6 +82,9 @@ def test_step_and_resume_exact():
         assert a.step() == b.step()
     with pytest.raises(ValueError, match="missing"):
         b.load_state_dict({"step_count": 3})
+    for bad in (None, [("step_count", 3)]):  # was "'NoneType' object is not iterable"
+        with pytest.raises(TypeError, match=r"^state: expected a mapping"):
+            b.load_state_dict(bad)
 
 
 def test_apply_sets_model_state():

@@ -991,6 +991,9 @@ def test_nf4tensor_names_a_field_of_the_wrong_type():
         nf4.NF4Tensor([1], t.absmax, t.shape, t.dtype, 64)  # was AttributeError
     with pytest.raises(TypeError, match="absmax: expected a torch.Tensor, got NoneType"):
         nf4.NF4Tensor(t.data, None, t.shape, t.dtype, 64)
+    for shape in (None, "abc", (10.0, 64)):  # torch.Size's error named no field
+        with pytest.raises(TypeError, match="^shape: expected a sequence of ints, got "):
+            nf4.NF4Tensor(t.data, t.absmax, shape, t.dtype, 64)
     with pytest.raises(ValueError, match="offset: expected one value, got 2"):
         nf4.NF4Tensor(t.data, t.absmax, t.shape, t.dtype, 64, t.nested_absmax, t.nested_code,
                       t.offset.repeat(2))  # was accepted, broadcast in absmax_float

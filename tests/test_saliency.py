@@ -54,6 +54,9 @@ def test_usn_rejects_bad_arguments():
         usn(torch.randn(2, 3, 9))
     with pytest.raises(TypeError, match="hidden: expected a torch.Tensor, got list"):
         usn([[0.0] * 8])
+    for dtype in (torch.int64, torch.bool, torch.complex64):  # were cast silently
+        with pytest.raises(TypeError, match=f"^hidden: expected a float tensor, got {dtype}$"):
+            usn(torch.zeros(1, 2, 8, dtype=dtype))
     with pytest.raises(TypeError, match="valid: expected a torch.Tensor, got list"):
         usn(torch.randn(1, 2, 8), [[True, True]])
     # a float mask weighted the context mean (0.5, 2); another device was torch's error
