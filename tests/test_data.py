@@ -751,6 +751,31 @@ def test_collator_errors(tokenizer):
         CausalLMCollator(pad_token_id=0, return_task_ids=True)([{"input_ids": [1]}])
     with pytest.raises(ValueError, match="2 input_ids but 1 labels"):
         CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1]}])
+    with pytest.raises(ValueError, match=r"^pad_token_id: expected a token id >= 0, got -1$"):
+        CausalLMCollator(pad_token_id=-1)  # failed in the embedding
+    with pytest.raises(TypeError, match=r"^tokenizer: expected a transformers tokenizer, got "
+                                        r"str$"):
+        CausalLMCollator("tok")  # was AttributeError 'str' object has no attribute ...
+
+
+def test_tokenizing_helpers_name_bad_arguments(tokenizer):
+    from datalora.data import prompt_inputs, tokenize_example
+
+    row = {"question": "q", "response": "r"}
+    for call, error, match in (
+            (lambda: prompt_inputs(None, "hi"), TypeError,
+             r"^tokenizer: expected a transformers tokenizer, got NoneType$"),
+            (lambda: prompt_inputs(tokenizer, []), TypeError,
+             r"^prompts: expected a string or a non-empty list of strings, got \[\]$"),
+            (lambda: prompt_inputs(tokenizer, "hi", device="nope"), ValueError,
+             r"^device: not a torch device: 'nope'"),
+            (lambda: tokenize_example(None, tokenizer, 32), TypeError,
+             r"^example: expected a row mapping \(question, response\), got NoneType$"),
+            (lambda: tokenize_example(row, None, 32), TypeError,
+             r"^tokenizer: expected a transformers tokenizer, got NoneType$")):
+        with pytest.raises(error, match=match):
+            call()
+    assert prompt_inputs(tokenizer, ["hi", "there"])["input_ids"].shape[0] == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,7 +12,7 @@ import torch
 
 from datalora.checks import as_scalar, as_whole, check_int
 from datalora.data.multitask import TASKS
-from datalora.data.tokens import IGNORE_INDEX, tokenize_example
+from datalora.data.tokens import IGNORE_INDEX, check_tokenizer, tokenize_example
 
 
 def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
@@ -105,6 +105,8 @@ class CausalLMCollator:
     _unlisted: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.tokenizer is not None:
+            check_tokenizer("tokenizer", self.tokenizer)
         if self.pad_token_id is None:
             if self.tokenizer is None:
                 raise ValueError("pad_token_id: pass pad_token_id or a tokenizer")
@@ -113,6 +115,8 @@ class CausalLMCollator:
                 raise ValueError("tokenizer: has no pad_token_id; set tokenizer.pad_token "
                                  "(e.g. to its eos_token) or pass pad_token_id")
         self.pad_token_id = check_int("pad_token_id", self.pad_token_id, error=TypeError)
+        if self.pad_token_id < 0:  # padding is embedded too: -1 failed there
+            raise ValueError(f"pad_token_id: expected a token id >= 0, got {self.pad_token_id}")
         # a float was truncated (1.5 labelled padding as token 1), a string failed in torch
         self.label_pad_token_id = check_int("label_pad_token_id",
                                             as_scalar(self.label_pad_token_id), error=TypeError)

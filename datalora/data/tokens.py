@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from datalora.checks import check_int
 from datalora.data.loading import UNKNOWN_TASK
 
@@ -36,13 +38,33 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def check_tokenizer(name: str, tokenizer: Any) -> None:
+    """TypeError naming ``name`` unless ``tokenizer`` is callable, as a transformers
+    tokenizer is (None or a folder name failed deep inside as "not callable")."""
+    if not callable(tokenizer):
+        raise TypeError(f"{name}: expected a transformers tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+
+
 def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
                   **kwargs: Any) -> dict[str, Any]:
     """``input_ids`` / ``attention_mask`` tensors of ``prompts`` for a causal LM's forward
-    or ``generate`` (``tokenizer(..., return_tensors="pt", **kwargs)``, on ``device``).
+    or ``generate`` (``tokenizer(..., return_tensors="pt", padding=True, **kwargs)``, on
+    ``device``): several prompts are padded on the tokenizer's ``padding_side`` (set it to
+    ``"left"`` for batched ``generate``).
 
     Only those two: a tokenizer that also returns ``token_type_ids`` (the embedded one on
     transformers 4.x, BERT-style ones) would have ``generate`` refuse them as unused."""
+    check_tokenizer("tokenizer", tokenizer)
+    if not (isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                         and all(isinstance(p, str) for p in prompts))):
+        raise TypeError(f"prompts: expected a string or a non-empty list of strings, got "
+                        f"{prompts!r:.60}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: not a torch device: {device!r} ({exc})") from None
     suffix = appended_special_ids(tokenizer)
     if suffix:  # the prompt as training encodes it: without the EOS the tokenizer appends
         padding = ("padding", "padding_side", "pad_to_multiple_of")
@@ -53,8 +75,8 @@ def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
                             return_tensors="pt",
                             **{k: kwargs[k] for k in (*padding[1:], "max_length")
                                if k in kwargs})
-    else:
-        enc = tokenizer(prompts, return_tensors="pt", **kwargs)
+    else:  # prompts of different lengths padded, as above (the tokenizer's padding side)
+        enc = tokenizer(prompts, return_tensors="pt", **{"padding": True, **kwargs})
     return {k: enc[k] if device is None else enc[k].to(device)
             for k in ("input_ids", "attention_mask") if k in enc}
 
@@ -97,6 +119,10 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Any,
         ``L <= max_length``.
     """
     max_length = check_int("max_length", max_length, low=2)
+    if not isinstance(example, Mapping):
+        raise TypeError(f"example: expected a row mapping (question, response), got "
+                        f"{type(example).__name__}")
+    check_tokenizer("tokenizer", tokenizer)
     [(prompt, response)] = _encode_examples([example], tokenizer)
     return _example(*_truncate(prompt, response, max_length, tokenizer))
 
