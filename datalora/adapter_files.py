@@ -20,8 +20,16 @@ from datalora.sharding import WRAPPER_ATTRIBUTES, unwrapped_name
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+def check_not_a_file(folder: Path) -> None:
+    """ValueError naming ``path`` when ``folder`` is a file (its weights file, say)."""
+    if folder.is_file():
+        raise ValueError(f"path: {folder} is a file; pass the folder holding "
+                         f"{WEIGHTS_NAME} and its config ({folder.parent})")
+
+
 def weights_file(folder: Path) -> Path:
     """``folder``'s adapter weights file; FileNotFoundError naming ``path`` when missing."""
+    check_not_a_file(folder)
     file = folder / WEIGHTS_NAME
     if not file.exists():
         raise FileNotFoundError(f"path: no {WEIGHTS_NAME} found in {folder}")

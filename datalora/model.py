@@ -29,13 +29,14 @@ from datalora.adapter_files import (
     WEIGHTS_NAME,
     check_adapter_fits,
     check_declared_base_parameters,
+    check_not_a_file,
     check_path,
     config_from_json,
     function_fields,
     weights_file,
     without_wrapper_names,
 )
-from datalora.checks import as_scalar, check_bool, check_int, check_number
+from datalora.checks import as_scalar, check_bool, check_flag, check_int, check_number
 from datalora.cli import check_output_folder
 from datalora.config import CONFIG_NAME, DATALORAConfig
 from datalora.hf_compat import transformers_major
@@ -701,6 +702,7 @@ class DATALORAModel(nn.Module):
         check_path(path)
         check_bool("is_trainable", is_trainable)  # "no" left the adapter trainable
         _check_base(model, DATALORAConfig())  # before reading the folder
+        check_not_a_file(Path(path))  # not the weights file: its folder
         config = DATALORAConfig.from_pretrained(path)
         # what the adapter adapts is checked before anything is injected; what only the
         # injected model can check (every name, the saved config, the curriculum) is undone
@@ -839,6 +841,7 @@ def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
         config: the DATALORA configuration (defaults: ``DATALORAConfig()``).
         verbose: print the trainable-parameter report.
     """
+    verbose = check_flag("verbose", verbose)  # bool("no") is True
     wrapped = DATALORAModel(model, DATALORAConfig() if config is None else config)
     if verbose:
         wrapped.print_trainable_parameters()

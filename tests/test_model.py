@@ -706,6 +706,11 @@ def test_misused_model_calls_are_named(tmp_path):
         (tmp_path / "saved" / "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="path: no adapter_model.safetensors found"):
         load(no_weights)
+    file = tmp_path / "saved" / "adapter_model.safetensors"  # was "config: ... not UTF-8"
+    for call in (lambda: load(file), lambda: wrapped.load_adapter(file)):
+        with pytest.raises(ValueError, match=r"^path: .*adapter_model.safetensors is a file; "
+                                             r"pass the folder holding"):
+            call()
     saved = wrapped.adapter_state_dict()
     no_molora = {k: v.contiguous() for k, v in saved.items() if k.startswith("saliency.")}
     save_file(no_molora, no_weights / "adapter_model.safetensors")

@@ -140,6 +140,11 @@ def test_switching_back_from_an_adapter_that_replaced_a_base_weight_says_why(tmp
 
 
 # F6 -------------------------------------------------------------------------------------
+def test_verbose_is_a_bool():
+    with pytest.raises(TypeError, match=r"^verbose: expected a bool, got 'no'$"):
+        get_datalora_model(_llama(), _cfg(), verbose="no")  # printed the report
+
+
 def test_unmatched_target_name_warns():
     with pytest.warns(UserWarning, match="v_prj"):
         get_datalora_model(_llama(), _cfg(target_modules=["q_proj", "v_prj"]), verbose=False)
