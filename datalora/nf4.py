@@ -46,11 +46,14 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
-_CODE_TABLES: dict[torch.device, torch.Tensor] = {}
+# the two levels a packed byte holds, high nibble first: [256, 2]
+NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def code_table(device: torch.device) -> torch.Tensor:
-    """:data:`NF4_CODE` on ``device``, copied once per device (a host-to-device copy on every
+def _table_on(name: str, source: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``source`` on ``device``, copied once per device (a host-to-device copy on every
     dequantize would synchronise the stream once per layer call). Read-only.
 
     Under ``torch.compile`` a table not yet cached is built inside the graph and not kept:
@@ -58,22 +61,33 @@ def code_table(device: torch.device) -> torch.Tensor:
     escape the function's traced subgraph, which dynamo refuses; a fake tensor from AOT
     autograd's tracing of the backward would be no table at all.
     """
-    device = torch.device(device)
-    table = _CODE_TABLES.get(device)
+    key = (name, torch.device(device))
+    table = _TABLES.get(key)
     if table is None:
-        table = NF4_CODE.to(device)
+        table = source.to(key[1])
         if not torch.compiler.is_compiling() and type(table) is torch.Tensor:
-            _CODE_TABLES[device] = table
+            _TABLES[key] = table
     return table
 
 
+def code_table(device: torch.device) -> torch.Tensor:
+    """:data:`NF4_CODE` on ``device`` (cached, read-only: see :func:`_table_on`)."""
+    return _table_on("code", NF4_CODE, device)
+
+
+def pair_table(device: torch.device) -> torch.Tensor:
+    """:data:`NF4_PAIRS` on ``device`` (cached, read-only: see :func:`_table_on`)."""
+    return _table_on("pairs", NF4_PAIRS, device)
+
+
 def warm_code_table(device: torch.device | str) -> None:
-    """Caches the code table on ``device`` now (an NF4 layer built or moved there): a
+    """Caches the code tables on ``device`` now (an NF4 layer built or moved there): a
     process that compiles before any eager call would otherwise never cache it, and each
     compiled call would copy it to the device (a sync on a GPU; no CUDA graph)."""
     device = torch.device(device)
     if device.type != "meta" and not torch.compiler.is_compiling():
         code_table(device)
+        pair_table(device)
 
 
 # Decision boundaries: a scaled value goes to the highest level whose lower midpoint it exceeds.
@@ -405,12 +419,13 @@ def quantize_named(w: torch.Tensor, blocksize: int, double_quant: bool,
 def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The vectorized torch reference of :func:`dequantize` (any device)."""
     dtype = t.dtype if dtype is None else dtype
-    packed = t.data.reshape(-1)
-    nib = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: t.numel].long()
-    vals = code_table(t.device).index_select(0, nib)  # advanced indexing: a thread-pool stall
     n, bs = t.numel, t.blocksize
-    vals = torch.nn.functional.pad(vals, (0, -n % bs)).view(-1, bs)
-    out = (vals * t.absmax_float()[:, None]).reshape(-1)[:n]
+    # each byte's two levels at once (index_select: advanced indexing stalls the thread
+    # pool); an odd count's last byte carries one pad nibble
+    vals = pair_table(t.device).index_select(0, t.data.reshape(-1).int()).reshape(-1)
+    if vals.numel() != n or n % bs:
+        vals = torch.nn.functional.pad(vals[:n], (0, -n % bs))
+    out = vals.view(-1, bs).mul_(t.absmax_float()[:, None]).reshape(-1)[:n]
     return out.to(dtype).view(t.shape)
 
 

@@ -667,12 +667,16 @@ def test_dequantize_reuses_one_code_table_per_device(monkeypatch):
     cpu = torch.device("cpu")
     assert nf4.code_table(cpu) is nf4.code_table(cpu)
     assert torch.equal(nf4.code_table(cpu), nf4.NF4_CODE)
+    assert nf4.pair_table(cpu) is nf4.pair_table(cpu)
+    for byte in (0x00, 0x0F, 0xF0, 0x7A, 0xFF):  # high nibble first
+        assert nf4.pair_table(cpu)[byte].tolist() == [nf4.NF4_CODE[byte >> 4].item(),
+                                                      nf4.NF4_CODE[byte & 0xF].item()]
     t = nf4.quantize(torch.randn(8, 64), 64)
     moved = []
     original = torch.Tensor.to
 
     def to(self, *args, **kwargs):
-        if self is nf4.NF4_CODE:
+        if self is nf4.NF4_CODE or self is nf4.NF4_PAIRS:
             moved.append(args)
         return original(self, *args, **kwargs)
 
@@ -687,15 +691,16 @@ def test_nf4_training_compiles_before_any_eager_call(monkeypatch):
     refused it ("an intermediate tensor ... aliases an input or output")."""
     import torch._dynamo
 
-    monkeypatch.setattr(nf4, "_CODE_TABLES", {})
+    monkeypatch.setattr(nf4, "_TABLES", {})
     q = NF4Linear.from_linear(_linear(64, 32))
-    assert torch.device("cpu") in nf4._CODE_TABLES  # built with the layer, not in a graph
-    monkeypatch.setattr(nf4, "_CODE_TABLES", {})  # as on a device it was never built on
+    cpu = torch.device("cpu")
+    assert set(nf4._TABLES) == {("code", cpu), ("pairs", cpu)}  # built with the layer
+    monkeypatch.setattr(nf4, "_TABLES", {})  # as on a device it was never built on
     x = torch.randn(3, 64, requires_grad=True)
     with torch._dynamo.config.patch(disable=False):  # off in this module
         y = torch.compile(q, backend="aot_eager")(x)
         y.sum().backward()
-    assert nf4._CODE_TABLES == {}  # built in the graph, not kept
+    assert nf4._TABLES == {}  # built in the graph, not kept
     w = q.dequantize()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, q.bias))
     torch.testing.assert_close(x.grad, torch.ones(3, 32) @ w)
