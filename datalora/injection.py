@@ -8,6 +8,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from datalora.config import DATALORAConfig
 from datalora.layers import MoLoRALinear
@@ -63,11 +64,13 @@ def _not_linear_hint(modules: list[tuple[str, nn.Module]], targets: list[str]) -
     return f"; matching names that are not nn.Linear: {others}" if others else ""
 
 
-def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
+def inject_molora(model: nn.Module, config: DATALORAConfig, *,
+                  progress: bool = False) -> list[str]:
     """Replaces targeted ``nn.Linear`` modules of ``model`` in place; returns their names.
 
     Every MoLoRA layer is built (its base quantized) before any is put in place, so an
     error (a weight NF4 cannot quantize) names the layer and leaves the model as it was.
+    ``progress``: a bar over the layers while any is quantized.
     """
     check_types(model, config)  # a dict config failed with AttributeError: no 'quantize'
     replaced, kept_16bit = [], []
@@ -91,19 +94,23 @@ def inject_molora(model: nn.Module, config: DATALORAConfig) -> list[str]:
             raise ValueError(f"backend: 'cuda' runs NF4 bases only (quantize='nf4' or a 4-bit "
                              f"model); {not_nf4} are 16-bit layers; {CUDA_BACKEND_SCOPE}")
     built = []
-    for name, module, quantize, backend in plan:
-        # quantized here so that an error names the model's layer ("model.layers.1.mlp...")
-        base = quantize_linear(module, quantize, name=name) if quantize else module
-        try:
-            built.append(MoLoRALinear(
-                base, num_experts=config.num_lora_experts, rank=config.lora_rank,
-                alpha=config.lora_alpha, top_k=config.num_active_experts,
-                dropout=config.lora_dropout, router=config.routing == "per_layer",
-                backend=backend))
-        except (ValueError, TypeError) as err:  # name the model's layer, not base_layer
-            if type(err) not in (ValueError, TypeError):
-                raise
-            raise type(err)(f"{name}: {err}") from err
+    quantized = sum(1 for *_, quantize, _ in plan if quantize)
+    with tqdm(total=len(plan), desc=f"quantizing {quantized} layers to NF4", unit="layer",
+              disable=not (progress and quantized), dynamic_ncols=True) as bar:
+        for name, module, quantize, backend in plan:
+            # quantized here so that an error names the model's layer ("model.layers.1...")
+            base = quantize_linear(module, quantize, name=name) if quantize else module
+            try:
+                built.append(MoLoRALinear(
+                    base, num_experts=config.num_lora_experts, rank=config.lora_rank,
+                    alpha=config.lora_alpha, top_k=config.num_active_experts,
+                    dropout=config.lora_dropout, router=config.routing == "per_layer",
+                    backend=backend))
+            except (ValueError, TypeError) as err:  # name the model's layer, not base_layer
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                raise type(err)(f"{name}: {err}") from err
+            bar.update()
     for (name, _, _, _), layer in zip(plan, built, strict=True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

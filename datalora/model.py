@@ -159,7 +159,9 @@ class DATALORAModel(nn.Module):
         saliency / runtime: the USN and the pruning hooks (None for per-layer routing).
     """
 
-    def __init__(self, model: nn.Module, config: DATALORAConfig):
+    def __init__(self, model: nn.Module, config: DATALORAConfig, *, progress: bool = False):
+        """``progress``: a bar while the base's layers are quantized (``quantize="nf4"``:
+        minutes for a 7B model on a CPU)."""
         _check_base(model, config)
         super().__init__()
         self.base_model = model
@@ -183,7 +185,7 @@ class DATALORAModel(nn.Module):
         with _undone_on_failure(model) as built:  # the caller's model back as it came
             built.append(self)
             model.requires_grad_(False)
-            self.adapted_modules = inject_molora(model, config)
+            self.adapted_modules = inject_molora(model, config, progress=progress)
             if config.routing == "shared":
                 self._add_saliency(model, config)
         # the new MoLoRA layers and saliency network (and this wrapper) start in the base
@@ -839,10 +841,12 @@ def get_datalora_model(model: nn.Module, config: DATALORAConfig | None = None,
     Args:
         model: a Hugging Face causal LM (or any module with named ``nn.Linear`` children).
         config: the DATALORA configuration (defaults: ``DATALORAConfig()``).
-        verbose: print the trainable-parameter report.
+        verbose: print the trainable-parameter report (and show a bar while the base is
+            quantized).
     """
     verbose = check_flag("verbose", verbose)  # bool("no") is True
-    wrapped = DATALORAModel(model, DATALORAConfig() if config is None else config)
+    wrapped = DATALORAModel(model, DATALORAConfig() if config is None else config,
+                            progress=verbose)
     if verbose:
         wrapped.print_trainable_parameters()
     return wrapped

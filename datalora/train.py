@@ -645,7 +645,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--curriculum-mode", choices=MODES, default=None,
                    help="phase boundaries by epoch (the card) or by step fraction")
     p.add_argument("--bf16", action="store_true", default=None,
-                   help="frozen base in bf16 (adapters are fp32 with or without it)")
+                   help="frozen base in bf16 (adapters are fp32 with or without it; without "
+                        "it the base keeps the checkpoint's dtype)")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="frozen base in 4-bit NF4 (the config's quantize field; default: "
+                        "the --config file's, else 16-bit)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eval-dataset", default=None,
                    help="'embedded' or a file / folder (its eval, validation or test split): "
@@ -803,6 +807,8 @@ def run_train(args: argparse.Namespace) -> TrainResult:
         config, training = load_train_config(args.config, overrides)
     else:
         config, training = train_settings({}, overrides)
+    if getattr(args, "quantize", None) is not None:
+        config = dataclasses.replace(config, quantize=args.quantize)
     as_json = getattr(args, "json", False)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         result = train_datalora(config, **training)

@@ -165,6 +165,18 @@ def test_model_flag_overrides_the_recorded_base_model(tmp_path, monkeypatch):
     assert _train_config(None, None).prune_layers == [1, 4]
 
 
+def test_quantize_flag_sets_the_config_field(tmp_path, monkeypatch):
+    # NF4 needed a config file; the flag overrides the file's field
+    config, _ = _captured_run(monkeypatch, ["--quantize", "nf4"])
+    assert config.quantize == "nf4"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_lora_experts: 4\n")
+    config, _ = _captured_run(monkeypatch, ["--config", str(cfg), "--quantize", "nf4"])
+    assert config.quantize == "nf4" and config.num_lora_experts == 4
+    config, _ = _captured_run(monkeypatch, ["--config", str(cfg)])
+    assert config.quantize is None
+
+
 def test_training_keys_take_the_flag_spellings(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("training:\n  model: org/model\n  output-dir: out\n  max-steps: 2\n")

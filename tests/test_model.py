@@ -755,6 +755,19 @@ def test_config_json_and_yaml_round_trip(tmp_path):
             DATALORAConfig.from_file(tmp_path / name)
 
 
+def test_quantizing_shows_a_bar_when_verbose(capsys):
+    """Quantizing a 7B base on a CPU takes minutes; without a bar nothing said why."""
+    cfg = DATALORAConfig(**CFG, quantize="nf4")
+    get_datalora_model(build_tiny_model(seed=0), cfg, verbose=False)
+    assert "NF4" not in capsys.readouterr().err
+    wrapped = get_datalora_model(build_tiny_model(seed=0), cfg, verbose=True)
+    err = capsys.readouterr().err
+    count = len(wrapped.adapted_modules)
+    assert f"quantizing {count} layers to NF4" in err and f"{count}/{count}" in err
+    get_datalora_model(build_tiny_model(seed=0), DATALORAConfig(**CFG), verbose=True)
+    assert "NF4" not in capsys.readouterr().err  # nothing to quantize: no bar
+
+
 def test_nf4_base_trains_and_reloads_bit_exact(tmp_path):
     model, ids = model_and_ids()
     base_logits = model(input_ids=ids).logits
