@@ -642,8 +642,7 @@ class DATALORATrainer(Trainer):
                     break
                 batch = self._prepare_inputs(batch)
                 batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                dl(**batch)
-                rec = dl.runtime.own_last
+                rec = dl.runtime.score_tokens(lambda batch=batch: dl(**batch))  # no decoder
                 scores.append(rec.saliency.token_scores.reshape(-1))
                 valid.append(rec.valid.reshape(-1))
         if not scores:

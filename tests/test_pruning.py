@@ -465,6 +465,29 @@ def test_threshold_mode_is_causal_and_calibrated():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
+def test_score_tokens_stops_before_the_decoder_and_cleans_up():
+    model = calibrated_model(0.5)
+    ids, mask = batch(B=3, L=12, seed=3)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask)
+        want = model.runtime.last.saliency.token_scores
+        ran = []
+        hook = model.runtime.layers[0].register_forward_hook(lambda *a: ran.append(1))
+        record = model.runtime.score_tokens(lambda: model(input_ids=ids, attention_mask=mask))
+        hook.remove()
+        assert ran == [] and torch.equal(record.saliency.token_scores, want)
+        assert torch.equal(record.valid, mask.bool())
+        # no hook or context left behind: the next forward is whole and the same
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   full.logits, atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match="score_tokens: the forward ended without "
+                                               "reaching decoder layer 0"):
+            model.runtime.score_tokens(lambda: None)
+        with pytest.raises(ValueError, match="attention_mask"):  # the forward's own errors
+            model.runtime.score_tokens(lambda: model(input_ids=ids, attention_mask=mask[:, None]))
+        assert model(input_ids=ids, attention_mask=mask).logits.shape == full.logits.shape
+
+
 @pytest.mark.parametrize("n, retention", [(25, 0.5), (24, 0.5), (101, 0.3), (7, 0.99)])
 def test_calibrated_threshold_keeps_the_quantiles_count_halfway_between_scores(n, retention):
     """As many calibration tokens are kept as with torch.quantile's threshold, but the

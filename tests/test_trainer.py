@@ -1222,12 +1222,28 @@ def test_epochs_curriculum_counts_a_partial_accumulation_as_a_step(tmp_path):
 
 
 def test_calibration_reads_max_batches_batches(tmp_path):
+    from datalora.module_modes import eval_mode
+
     trainer = make_trainer(tmp_path, tiny_datalora(), steps=1, calibrate_batches=0)
-    calls = []
-    trainer.datalora_model.register_forward_hook(lambda *a: calls.append(1))
-    trainer.calibrate_keep_threshold(max_batches=2)
+    calls, layers_run = [], []
+    dl = trainer.datalora_model
+    dl.register_forward_pre_hook(lambda *a: calls.append(1))
+    dl.runtime.layers[0].register_forward_hook(lambda *a: layers_run.append(1))
+    threshold = trainer.calibrate_keep_threshold(max_batches=2)
     assert len(calls) == 2
+    assert layers_run == []  # the scores need the embeddings only: no decoder layer ran
     calls.clear()
+    # the same threshold as from whole forwards
+    scores, valid = [], []
+    with torch.no_grad(), eval_mode(dl):
+        for _, batch in zip(range(2), trainer.get_train_dataloader(), strict=False):
+            dl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            scores.append(dl.runtime.last.saliency.token_scores.reshape(-1))
+            valid.append(dl.runtime.last.valid.reshape(-1))
+    assert layers_run
+    calls.clear()
+    assert dl.runtime.calibrate(torch.cat(scores)[torch.cat(valid)],
+                                retention=trainer._final_state()[1]) == threshold
     trainer.calibrate_keep_threshold()  # calibrate_batches=0 skips the end of training only
     assert len(calls) == 4
     calls.clear()

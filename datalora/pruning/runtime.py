@@ -8,7 +8,7 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +183,14 @@ GRADIENT_CHECKPOINTING_REFUSED = (
     "gradient_checkpointing: not supported with the DATALORA saliency / pruning hooks "
     "(recomputation would re-run them, drawing other keep decisions); disable it, or build "
     "the model with routing='per_layer' (no saliency network or pruning), which supports it")
+
+
+class _Scored(Exception):
+    """Stops a forward of :meth:`DATALORARuntime.score_tokens` once the tokens are scored."""
+
+
+def _stop_after_scoring(module: nn.Module, args: Any) -> None:
+    raise _Scored
 
 
 def _activation_checkpointing(module: nn.Module) -> bool:
@@ -862,6 +870,23 @@ class DATALORARuntime:
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ threshold
+
+    def score_tokens(self, forward: Callable[[], Any]) -> ForwardRecord:
+        """Runs ``forward`` (a call of the model) only until the saliency network has
+        scored its tokens, before decoder layer 0, and returns that forward's record
+        (``saliency.token_scores [B, L]``, ``valid``): what :meth:`calibrate` needs, without
+        the decoder layers' cost (the scores depend on the embeddings only)."""
+        handle = self.layers[0].register_forward_pre_hook(_stop_after_scoring)
+        try:
+            forward()
+        except _Scored:
+            pass
+        else:
+            raise RuntimeError("score_tokens: the forward ended without reaching decoder "
+                               "layer 0; pass a call of the whole model")
+        finally:
+            handle.remove()
+        return self.own_last
 
     @torch.no_grad()
     def calibrate(self, scores: torch.Tensor, valid: torch.Tensor | None = None,
