@@ -618,6 +618,42 @@ def test_trainer_under_fsdp_saves_the_gathered_adapter_and_resumes(tmp_path, ver
     assert "TRAINER-FSDP-OK" in stdout
 
 
+def test_a_base_to_quantize_moves_to_the_gpu_when_it_fits(monkeypatch):
+    """The CLI loads a base on the CPU; NF4-quantizing a 7B one there took minutes before
+    the Trainer moved it to the GPU."""
+    from datalora import train
+    from datalora.testing import build_tiny_model
+
+    model = build_tiny_model(seed=0)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    moved = []
+    monkeypatch.setattr(model, "to", lambda device: moved.append(device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * size, 4 * size))
+    train._to_gpu_for_quantizing(model)
+    assert moved == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size, 4 * size))
+    with pytest.warns(UserWarning, match=r"quantize: the base needs about .* GiB on cuda:1 "
+                                         r"to be quantized there .*quantized on the CPU"):
+        train._to_gpu_for_quantizing(model)
+    assert len(moved) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train._to_gpu_for_quantizing(model)
+    assert len(moved) == 1
+
+
+@pytest.mark.gpu
+def test_train_quantizes_a_cpu_loaded_base_on_the_gpu(tmp_path):
+    from datalora.nf4_linear import NF4Linear
+    from datalora.train import train_datalora
+
+    result = train_datalora(DATALORAConfig(quantize="nf4"), output_dir=tmp_path / "out",
+                            max_steps=1, batch_size=2, limit=4, progress=False)
+    layers = [m for m in result.model.modules() if isinstance(m, NF4Linear)]
+    assert layers and all(m.weight_data.is_cuda for m in layers)
+
+
 def test_train_cli_with_config_file_saves_a_reloadable_adapter(tmp_path, capsys):
     from datalora.cli import main
     from datalora.model import DATALORAModel
