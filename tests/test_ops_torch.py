@@ -948,15 +948,17 @@ def test_a_bad_strategy_name_is_refused_off_the_cpu_too(monkeypatch):
 
 @pytest.mark.parametrize("rank_scale", [False, True])
 def test_grouped_h_equals_dense_h_and_feeds_either_backward(rank_scale):
-    """The per-route ``h`` is strategy-independent: a grouped forward followed by a dense
-    backward (each direction picks on its own) gives the dense step's gradients."""
+    """The per-route ``h`` is strategy-independent (up to the BLAS's summation order: the
+    same dot products, bit for bit on an Intel Xeon's MKL path, 1e-15 apart on an AMD
+    EPYC's): a grouped forward followed by a dense backward (each direction picks on its
+    own) gives the dense step's gradients."""
     x, A, B, ids, gates, rs = make_inputs(23, dtype=torch.float64, rank_scale=rank_scale)
     ids[0] = 1  # a token routed twice to one expert
     grad = torch.randn(23, B.shape[1], dtype=torch.float64)
     outs = {s: torch_backend.delta_forward(x, A, B, ids, gates, rs, 1.5, strategy=s)
             for s in ("dense", "grouped")}
     torch.testing.assert_close(outs["grouped"][0], outs["dense"][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(outs["grouped"][1], outs["dense"][1], rtol=0, atol=0)
+    torch.testing.assert_close(outs["grouped"][1], outs["dense"][1], rtol=1e-13, atol=1e-14)
     needs = (True, True, True, True, rank_scale)
     for backward in ("dense", "grouped"):
         got = torch_backend.delta_backward(grad, x, A, B, ids, gates, rs, outs["grouped"][1],
