@@ -55,36 +55,42 @@ def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = Non
                        tokenizer: str | None = None, bf16: bool = False
                        ) -> tuple[DATALORAModel, Any]:
     """The saved adapter on its base (the config's ``base_model`` unless
-    ``model_name_or_path``), frozen, in eval mode, on the GPU when there is one; and the
-    tokenizer."""
+    ``model_name_or_path``), frozen, in eval mode, on the GPU when there is one it fits
+    (else on the CPU, with a warning); and the tokenizer."""
     from datalora.testing import load_model_and_tokenizer
+    from datalora.train import QUANTIZE_GPU_HEADROOM, to_gpu_if_it_fits
 
     config = DATALORAConfig.from_pretrained(adapter)
     base = model_name_or_path if model_name_or_path is not None else config.base_model
     dtype = torch.bfloat16 if bf16 else None
     model, tok = load_model_and_tokenizer(base, dtype=dtype, tokenizer=tokenizer)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    # an NF4 adapter's base is quantized on the GPU (it holds the 16-bit base first)
+    to_gpu_if_it_fits(model, QUANTIZE_GPU_HEADROOM if config.quantize else 1.1,
+                      "to generate there", "generation runs on the CPU")
     return DATALORAModel.from_pretrained(model, adapter), tok
 
 
 def answer(model: DATALORAModel, tokenizer: Any, prompt: str, max_new_tokens: int,
            sample: bool, temperature: float, top_p: float) -> dict[str, Any]:
     """``{"prompt", "answer", "prompt_tokens_kept"}`` (the share of the prompt's tokens the
-    pruned layers kept in its prefill; None without pruning)."""
+    pruned layers kept in its prefill, as generation decided it: 1 with pruning off or an
+    uncalibrated keep threshold; None for a model without token pruning)."""
     device = next(model.parameters()).device
     inputs = prompt_inputs(tokenizer, format_prompt({"question": prompt}), device)
     options = (dict(do_sample=True, temperature=temperature, top_p=top_p) if sample
                else dict(do_sample=False))
-    kept = None
-    with torch.no_grad():
-        if model.runtime is not None:  # the prompt's keep decisions, as its prefill makes them
-            model(**inputs)
-            record = model.runtime.last
-            kept = None if record.mode == "dense" else record.actual_retention()
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **options)
+    records = []  # each forward's record; the first is the prompt's prefill
+    hook = (None if model.runtime is None else model.base_model.register_forward_hook(
+        lambda *_: records.append(model.runtime.own_last)))  # after the runtime's own hook
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **options)
+    finally:
+        if hook is not None:
+            hook.remove()
+    kept = records[0].actual_retention() if records and records[0] is not None else None
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return {"prompt": prompt, "answer": text.strip(), "prompt_tokens_kept": kept}
 

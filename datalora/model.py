@@ -509,7 +509,7 @@ class DATALORAModel(nn.Module):
                                  f"({len(missing)} in all); expected this model's full state "
                                  f"dict (names like {keys[missing[0]]!r})")
             tensors = {name: tensors.get(name, own[name]) for name in own}
-            _check_given_tensors(tensors, own, keys)
+            _check_given_tensors(tensors, own, keys, shapes=kind is None)
         elif kind == "fsdp1":
             raise ValueError("state_dict: this model is sharded by FSDP1; pass its full state "
                              "dict (FSDP.state_dict_type(model, FULL_STATE_DICT)), as "
@@ -732,23 +732,28 @@ class DATALORAModel(nn.Module):
 def _embedding_rows(model: nn.Module) -> int | None:
     """Rows of ``model``'s input embedding weight (None without ``get_input_embeddings``)."""
     try:
-        weight = model.get_input_embeddings().weight
+        embedding = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
+    rows = getattr(embedding, "num_embeddings", None)  # a sharded weight's shape is a shard's
+    if isinstance(rows, int):
+        return rows
+    weight = getattr(embedding, "weight", None)
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
 def _check_given_tensors(tensors: dict[str, Any], own: dict[str, torch.Tensor],
-                         keys: dict[str, str]) -> None:
+                         keys: dict[str, str], shapes: bool) -> None:
     """The adapter tensors a ``state_dict`` passed to ``save_pretrained`` holds fit this
-    model's (shape, a floating dtype where it has one) and its parameters are finite: a
-    file that fails only at its load names nothing about the save."""
+    model's (its shapes when ``shapes``: not those of a sharded model's flat shards or
+    DeepSpeed's emptied partitions; a floating dtype where it has one) and its parameters
+    are finite: a file that fails only at its load names nothing about the save."""
     for name, tensor in tensors.items():
         mine, key = own[name], keys[name]
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict: {key!r} is a {type(tensor).__name__}, expected a "
                             f"tensor")
-        if tensor.shape != mine.shape:
+        if shapes and not hasattr(mine, "ds_shape") and tensor.shape != mine.shape:
             raise ValueError(f"state_dict: {key!r} has shape {tuple(tensor.shape)}, this "
                              f"model's {tuple(mine.shape)}")
         if mine.is_floating_point() and not tensor.is_floating_point():
@@ -761,6 +766,9 @@ def _check_given_tensors(tensors: dict[str, Any], own: dict[str, torch.Tensor],
 def _output_rows(model: nn.Module) -> int | None:
     """Classes of ``model``'s LM head (its output embedding's rows; None without one)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
+    classes = getattr(head, "out_features", None)  # a sharded weight's shape is a shard's
+    if isinstance(classes, int):
+        return classes
     weight = getattr(head, "weight", None)
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 

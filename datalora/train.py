@@ -545,8 +545,10 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
         from datalora.testing import cast_model
 
         cast_model(model, torch.bfloat16)
-    if config.quantize:
-        _to_gpu_for_quantizing(model)
+    if config.quantize and not (trainer_args or {}).get("use_cpu"):
+        to_gpu_if_it_fits(model, QUANTIZE_GPU_HEADROOM, "to be quantized there",
+                          "its layers are quantized on the CPU (about a minute per billion "
+                          "weights)")
     torch.manual_seed(seed)
     dl_model = get_datalora_model(model, config, verbose=progress)
     # fp32 master weights for the adapters whatever the frozen base's dtype (--bf16, or a
@@ -603,27 +605,28 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
 QUANTIZE_GPU_HEADROOM = 1.35
 
 
-def _to_gpu_for_quantizing(model: torch.nn.Module) -> None:
-    """Moves a CPU-resident base to this process's GPU before it is quantized, when it fits
-    there in 16-bit (the Trainer would move it there next anyway): NF4-quantizing a 7B
-    base's layers takes minutes on a CPU, seconds on a GPU. Otherwise (no GPU, a base
-    already placed, or too big for the GPU's free memory: a warning) nothing moves and the
-    layers are quantized where they are."""
+def to_gpu_if_it_fits(model: torch.nn.Module, headroom: float, purpose: str,
+                      otherwise: str) -> bool:
+    """Moves a CPU-resident ``model`` to this process's GPU (``LOCAL_RANK``) when
+    ``headroom`` times its parameters' bytes fit the GPU's free memory; returns whether it
+    moved. No GPU or a model already placed: nothing moves. Too big: a warning naming
+    ``purpose`` (why it should move) and ``otherwise`` (what happens instead). Training
+    moves a CPU-loaded base before NF4-quantizing it (minutes on a CPU for a 7B base,
+    seconds on a GPU; the Trainer would move it next anyway)."""
     if not torch.cuda.is_available():
-        return
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"cpu"}:
-        return
+        return False
+    if {p.device.type for p in model.parameters()} != {"cpu"}:
+        return False
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    need = QUANTIZE_GPU_HEADROOM * sum(p.numel() * p.element_size() for p in model.parameters())
+    need = headroom * sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info(device)
     if need > free:
-        warnings.warn(f"quantize: the base needs about {need / 2**30:.1f} GiB on {device} "
-                      f"to be quantized there and {free / 2**30:.1f} GiB are free; its layers "
-                      f"are quantized on the CPU (about a minute per billion weights)",
+        warnings.warn(f"model: the base needs about {need / 2**30:.1f} GiB on {device} "
+                      f"{purpose} and {free / 2**30:.1f} GiB are free; {otherwise}",
                       stacklevel=3)
-        return
+        return False
     model.to(device)
+    return True
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -361,7 +361,8 @@ class DATALORATrainer(Trainer):
         """The first training batch's rows each hold a real token (data whose masks were
         all 0 trained the run with no token for the saliency network and failed at its end,
         "no valid token scores to calibrate on") and its ids and labels fit the model's
-        vocabulary (on a GPU an id past it is a device-side assert naming nothing).
+        vocabulary (on a GPU an id past it is a device-side assert naming nothing; labels
+        are left to a ``compute_loss_func`` of the caller's, which may read them otherwise).
         CausalLMCollator checks every row's mask."""
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -370,7 +371,7 @@ class DATALORATrainer(Trainer):
                 raise ValueError(f"inputs: row {empty} of the first training batch has no "
                                  f"real token (attention_mask all 0)")
         problem = out_of_vocabulary(self.datalora_model.base_model, inputs.get("input_ids"),
-                                    inputs.get("labels"))
+                                    None if self.compute_loss_func else inputs.get("labels"))
         if problem is not None:
             raise ValueError(f"inputs: the first training batch's {problem}")
 

@@ -753,9 +753,17 @@ def test_collator_errors(tokenizer):
         CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1]}])
     with pytest.raises(ValueError, match=r"^pad_token_id: expected a token id >= 0, got -1$"):
         CausalLMCollator(pad_token_id=-1)  # failed in the embedding
-    with pytest.raises(TypeError, match=r"^tokenizer: expected a transformers tokenizer, got "
-                                        r"str$"):
+    with pytest.raises(TypeError, match=r"^tokenizer: expected a transformers tokenizer "
+                                        r"\(with a pad_token_id\), got str$"):
         CausalLMCollator("tok")  # was AttributeError 'str' object has no attribute ...
+    # an object that only gives the pad id serves pre-tokenized rows
+    from types import SimpleNamespace
+    batch = CausalLMCollator(SimpleNamespace(pad_token_id=0))([{"input_ids": [5, 6]},
+                                                               {"input_ids": [7]}])
+    assert batch["input_ids"].tolist() == [[5, 6], [7, 0]]
+    with pytest.raises(TypeError, match=r"^tokenizer: expected a transformers tokenizer"):
+        CausalLMCollator(SimpleNamespace(pad_token_id=0), max_length=8)(
+            [{"question": "q", "response": "r"}])
 
 
 def test_tokenizing_helpers_name_bad_arguments(tokenizer):
@@ -776,6 +784,10 @@ def test_tokenizing_helpers_name_bad_arguments(tokenizer):
         with pytest.raises(error, match=match):
             call()
     assert prompt_inputs(tokenizer, ["hi", "there"])["input_ids"].shape[0] == 2
+    import copy
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None  # one prompt needs no padding (raw GPT-2 / Llama tokenizers)
+    assert prompt_inputs(no_pad, "hi")["input_ids"].shape[0] == 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

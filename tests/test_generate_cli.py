@@ -55,11 +55,26 @@ def test_answers_equal_the_python_api(adapter, capsys, tmp_path):
 def test_no_pruning_and_sampling(adapter, capsys):
     dense = _generate(capsys, "--adapter", str(adapter), "--prompt", "What is 4 + 4?",
                       "--no-pruning", "--max-new-tokens", "3")
-    assert dense[0]["prompt_tokens_kept"] is None
+    assert dense[0]["prompt_tokens_kept"] == 1.0
     runs = [_generate(capsys, "--adapter", str(adapter), "--prompt", "What is 4 + 4?",
                       "--sample", "--temperature", "2.0", "--seed", str(seed),
                       "--max-new-tokens", "8") for seed in (0, 0)]
     assert runs[0] == runs[1]  # seeded
+
+
+def test_an_uncalibrated_adapter_keeps_every_prompt_token(adapter, capsys, tmp_path):
+    """Its cached prefill runs the pruned layers dense (a warning); the share said so, not
+    what a plain forward's top-k would keep."""
+    from datalora.model import DATALORAModel
+    from datalora.testing import load_model_and_tokenizer
+
+    model = DATALORAModel.from_pretrained(load_model_and_tokenizer()[0], adapter)
+    model.saliency.keep_threshold.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "uncalibrated")
+    with pytest.warns(UserWarning, match="keep_threshold"):
+        got = _generate(capsys, "--adapter", str(tmp_path / "uncalibrated"), "--prompt",
+                        "What is 4 + 4?", "--max-new-tokens", "2")
+    assert got[0]["prompt_tokens_kept"] == 1.0
 
 
 def test_plain_output_names_each_prompt(adapter, capsys):

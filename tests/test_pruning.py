@@ -4,6 +4,7 @@ scorer gradients, retention 1.0, and cached generation with pruning."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -483,6 +484,18 @@ def test_score_tokens_stops_before_the_decoder_and_cleans_up():
         with pytest.raises(RuntimeError, match="score_tokens: the forward ended without "
                                                "reaching decoder layer 0"):
             model.runtime.score_tokens(lambda: None)
+        # another thread's forward meanwhile runs whole (the stop is this thread's)
+        other = {}
+
+        def scored_while_another_thread_runs():
+            thread = threading.Thread(target=lambda: other.update(
+                out=model(input_ids=ids, attention_mask=mask)))
+            thread.start()
+            thread.join()
+            return model(input_ids=ids, attention_mask=mask)
+
+        model.runtime.score_tokens(scored_while_another_thread_runs)
+        torch.testing.assert_close(other["out"].logits, full.logits, atol=0, rtol=0)
         with pytest.raises(ValueError, match="attention_mask"):  # the forward's own errors
             model.runtime.score_tokens(lambda: model(input_ids=ids, attention_mask=mask[:, None]))
         assert model(input_ids=ids, attention_mask=mask).logits.shape == full.logits.shape

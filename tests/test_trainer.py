@@ -631,16 +631,17 @@ def test_a_base_to_quantize_moves_to_the_gpu_when_it_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * size, 4 * size))
-    train._to_gpu_for_quantizing(model)
-    assert moved == [torch.device("cuda", 1)]
+
+    def move():
+        return train.to_gpu_if_it_fits(model, train.QUANTIZE_GPU_HEADROOM, "to be quantized "
+                                       "there", "its layers are quantized on the CPU")
+    assert move() and moved == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size, 4 * size))
-    with pytest.warns(UserWarning, match=r"quantize: the base needs about .* GiB on cuda:1 "
+    with pytest.warns(UserWarning, match=r"model: the base needs about .* GiB on cuda:1 "
                                          r"to be quantized there .*quantized on the CPU"):
-        train._to_gpu_for_quantizing(model)
-    assert len(moved) == 1
+        assert not move()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    train._to_gpu_for_quantizing(model)
-    assert len(moved) == 1
+    assert not move() and len(moved) == 1
 
 
 @pytest.mark.gpu
@@ -1189,6 +1190,12 @@ def test_a_first_batch_id_past_the_vocabulary_is_refused(tmp_path, key):
                                          rf"model's vocabulary\), got {vocab + 3}$"):
         trainer.train()
     assert trainer.state.global_step == 0
+    if key == "labels":  # a loss of the caller's may read labels otherwise: not checked
+        trainer = _lm_only_trainer(tmp_path / "own", tiny_datalora(), data, max_steps=1)
+        trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: \
+            outputs.logits.float().mean() * 0 + 1.0
+        trainer.train()
+        assert trainer.state.global_step == 1
 
 
 def test_a_frozen_reloaded_model_is_refused_before_training(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from datalora.checks import as_scalar, as_whole, check_int
 from datalora.data.multitask import TASKS
-from datalora.data.tokens import IGNORE_INDEX, check_tokenizer, tokenize_example
+from datalora.data.tokens import IGNORE_INDEX, tokenize_example
 
 
 def check_task_names(name: str, tasks: Any) -> tuple[str, ...]:
@@ -105,11 +105,12 @@ class CausalLMCollator:
     _unlisted: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.tokenizer is not None:
-            check_tokenizer("tokenizer", self.tokenizer)
         if self.pad_token_id is None:
             if self.tokenizer is None:
                 raise ValueError("pad_token_id: pass pad_token_id or a tokenizer")
+            if not hasattr(self.tokenizer, "pad_token_id"):  # "tok": an AttributeError
+                raise TypeError(f"tokenizer: expected a transformers tokenizer (with a "
+                                f"pad_token_id), got {type(self.tokenizer).__name__}")
             self.pad_token_id = self.tokenizer.pad_token_id
             if self.pad_token_id is None:
                 raise ValueError("tokenizer: has no pad_token_id; set tokenizer.pad_token "

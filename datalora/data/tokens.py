@@ -49,9 +49,9 @@ def check_tokenizer(name: str, tokenizer: Any) -> None:
 def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
                   **kwargs: Any) -> dict[str, Any]:
     """``input_ids`` / ``attention_mask`` tensors of ``prompts`` for a causal LM's forward
-    or ``generate`` (``tokenizer(..., return_tensors="pt", padding=True, **kwargs)``, on
-    ``device``): several prompts are padded on the tokenizer's ``padding_side`` (set it to
-    ``"left"`` for batched ``generate``).
+    or ``generate`` (``tokenizer(..., return_tensors="pt", **kwargs)``, on ``device``):
+    several prompts are padded (``padding=True`` unless given) on the tokenizer's
+    ``padding_side`` (set it to ``"left"`` for batched ``generate``).
 
     Only those two: a tokenizer that also returns ``token_type_ids`` (the embedded one on
     transformers 4.x, BERT-style ones) would have ``generate`` refuse them as unused."""
@@ -75,8 +75,10 @@ def prompt_inputs(tokenizer: Any, prompts: str | list[str], device: Any = None,
                             return_tensors="pt",
                             **{k: kwargs[k] for k in (*padding[1:], "max_length")
                                if k in kwargs})
-    else:  # prompts of different lengths padded, as above (the tokenizer's padding side)
-        enc = tokenizer(prompts, return_tensors="pt", **{"padding": True, **kwargs})
+    else:  # several prompts padded, as above (the tokenizer's padding side); one is not
+        # (a tokenizer without a pad token refuses to pad even one)
+        enc = tokenizer(prompts, return_tensors="pt",
+                        **{"padding": not isinstance(prompts, str), **kwargs})
     return {k: enc[k] if device is None else enc[k].to(device)
             for k in ("input_ids", "attention_mask") if k in enc}
 

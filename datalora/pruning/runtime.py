@@ -189,10 +189,6 @@ class _Scored(Exception):
     """Stops a forward of :meth:`DATALORARuntime.score_tokens` once the tokens are scored."""
 
 
-def _stop_after_scoring(module: nn.Module, args: Any) -> None:
-    raise _Scored
-
-
 def _activation_checkpointing(module: nn.Module) -> bool:
     """Whether ``module`` (a decoder stack) recomputes layers in its backward: transformers'
     ``is_activation_checkpointing`` (``is_gradient_checkpointing`` before 5.x). It scans
@@ -617,6 +613,8 @@ class DATALORARuntime:
         ctx.routing = out.routing
         ctx.record = ForwardRecord(saliency=out, valid=valid, keep_prob=keep_prob,
                                    kept=valid.clone(), mode="dense")
+        if getattr(self._local, "stop_after_scoring", False):
+            raise _Scored  # score_tokens: the record is kept (_finish always runs)
         return None
 
     def _give_routing(self, module, args, kwargs):
@@ -876,7 +874,7 @@ class DATALORARuntime:
         scored its tokens, before decoder layer 0, and returns that forward's record
         (``saliency.token_scores [B, L]``, ``valid``): what :meth:`calibrate` needs, without
         the decoder layers' cost (the scores depend on the embeddings only)."""
-        handle = self.layers[0].register_forward_pre_hook(_stop_after_scoring)
+        self._local.stop_after_scoring = True  # this thread's forwards only
         try:
             forward()
         except _Scored:
@@ -885,7 +883,7 @@ class DATALORARuntime:
             raise RuntimeError("score_tokens: the forward ended without reaching decoder "
                                "layer 0; pass a call of the whole model")
         finally:
-            handle.remove()
+            self._local.stop_after_scoring = False
         return self.own_last
 
     @torch.no_grad()
