@@ -48,6 +48,7 @@ from datalora.data import check_task_names, first_row_without_token
 from datalora.io import atomic_write_text
 from datalora.model import DATALORAModel, out_of_vocabulary
 from datalora.module_modes import eval_mode
+from datalora.sharding import sharding_kind
 
 CURRICULUM_STATE_NAME = "curriculum_state.json"
 HISTORY_NAME = "datalora_history.json"
@@ -637,13 +638,20 @@ class DATALORATrainer(Trainer):
             max_batches = self.calibrate_batches or 4
         max_batches = check_int("max_batches", max_batches, low=1)
         scores, valid = [], []
+        # FSDP2 and DeepSpeed gather a module's parameters in its pre-forward hook and free
+        # them in its post-forward one, which a forward stopped after the scores skips
+        early = sharding_kind(dl) != "fsdp2" and not self.is_deepspeed_enabled
         with eval_mode(dl):  # every module's own mode comes back after
             for i, batch in enumerate(self.get_train_dataloader()):
                 if i >= max_batches:
                     break
                 batch = self._prepare_inputs(batch)
                 batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-                rec = dl.runtime.score_tokens(lambda batch=batch: dl(**batch))  # no decoder
+                if early:  # the decoder layers need not run
+                    rec = dl.runtime.score_tokens(lambda batch=batch: dl(**batch))
+                else:
+                    dl(**batch)
+                    rec = dl.runtime.own_last
                 scores.append(rec.saliency.token_scores.reshape(-1))
                 valid.append(rec.valid.reshape(-1))
         if not scores:
