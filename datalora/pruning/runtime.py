@@ -873,7 +873,10 @@ class DATALORARuntime:
         """Runs ``forward`` (a call of the model) only until the saliency network has
         scored its tokens, before decoder layer 0, and returns that forward's record
         (``saliency.token_scores [B, L]``, ``valid``): what :meth:`calibrate` needs, without
-        the decoder layers' cost (the scores depend on the embeddings only)."""
+        the decoder layers' cost (the scores depend on the embeddings only). Only this
+        thread's forwards stop. Under FSDP2 or DeepSpeed ZeRO-3 the stopped forward skips
+        the post-forward hooks that free gathered parameters (they stay gathered until the
+        next forward): ``DATALORATrainer`` runs whole forwards there."""
         self._local.stop_after_scoring = True  # this thread's forwards only
         try:
             forward()
