@@ -73,6 +73,8 @@ def _load_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
     eval rows are training rows: all of them when the source has no eval split (a single
     file: its eval rows begin with the training rows), else those the splits share."""
     train_rows = load_instruction_dataset(args.dataset, split="train", limit=args.limit)
+    if not train_rows:  # was blamed on the eval rows, a step later
+        raise ValueError(f"source: {args.dataset} holds no rows")
     eval_rows = load_eval_rows(args.dataset)
     seen = {(r["system_prompt"], r["question"]) for r in train_rows}
     limit = (getattr(args, "eval_limit", None)

@@ -172,6 +172,17 @@ def test_cli_user_errors_exit_2_without_traceback():
     assert "Traceback" not in p.stderr and "no such file or folder: nope.jsonl" in p.stderr
 
 
+def test_demo_names_an_empty_dataset_file(tmp_path, capsys):
+    from datalora.cli import main
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:  # was "eval_dataset: no rows"
+        main(["demo", "--dataset", str(tmp_path / "empty.jsonl"), "--steps", "1",
+              "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--dataset (source): " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--batch-size", "--steps", "--eval-limit", "--limit"])
 def test_demo_count_flags_are_checked_by_argparse(flag, capsys):
     from datalora.cli import build_parser
