@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for r in results:
             kept = ("" if r["prompt_tokens_kept"] is None
                     else f"   (prompt tokens kept: {100 * r['prompt_tokens_kept']:.0f}%)")
-            print(f"Q: {r['prompt']}\nA: {r['answer']}{kept}\n")
+            print(f"Q: {r['prompt']}\nA: {r['answer'] or '(empty: EOS at once)'}{kept}\n")
     return results
 
 
