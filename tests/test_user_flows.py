@@ -263,6 +263,20 @@ def test_help_texts_have_no_sphinx_markup():
         assert "``" not in text and ":class:" not in text and ":func:" not in text
 
 
+def test_tle_cli_checks_embed_layer_before_building_the_pretrained_base(monkeypatch, capsys):
+    """The check ran after the pretrained base was built: minutes when it is not cached."""
+    from datalora.cli import main
+    from datalora.experiments import task_adapters
+
+    def built(*args, **kwargs):
+        raise AssertionError("the pretrained base was built before --embed-layer's check")
+    monkeypatch.setattr(task_adapters, "build_base_model", built)  # imported when it runs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tle", "--embed-layer", "99", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "--embed-layer" in capsys.readouterr().err
+
+
 def test_tle_embed_layer_out_of_range_is_a_value_error():
     from datalora.tle.embedders import HiddenStateEmbedder
 

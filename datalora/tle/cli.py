@@ -187,11 +187,11 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
                              f"embedded task ({', '.join(foreign)}): example prompts per "
                              f"adapter give their centroids")
     model, tokenizer = load_model_and_tokenizer(args.model)
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not args.sentence_embedder and isinstance(layers, int):  # before any training (the
+        check_hidden_layer(args.embed_layer, layers)  # pretrained base's included)
     if args.model is None:
         model = build_base_model(base, progress=not args.no_progress)
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not args.sentence_embedder and isinstance(layers, int):  # before any adapter trains
-        check_hidden_layer(args.embed_layer, layers)
     if args.sentence_embedder:  # loads the encoder (or names the missing extra) first
         embedder: Any = SentenceEmbedder(tokenizer, window=window, whole_weight=whole_weight)
     else:
