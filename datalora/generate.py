@@ -1,17 +1,18 @@
 """``python -m datalora generate``: answers from a saved DATALORA adapter.
 
     python -m datalora generate --adapter DIR [--model PATH_OR_NAME] [--tokenizer ...]
-        [--prompt TEXT ...] [--prompts-file FILE] [--max-new-tokens 64] [--no-pruning]
-        [--sample [--temperature 0.7] [--top-p 0.95]] [--seed 0] [--bf16] [--json]
+        [--prompt TEXT ...] [--prompts-file FILE] [--batch-size 8] [--max-new-tokens 64]
+        [--no-pruning] [--sample [--temperature 0.7] [--top-p 0.95]] [--seed 0] [--bf16]
+        [--json]
 
 The adapter folder (what ``datalora train`` or ``save_pretrained`` wrote) records its base
 model in its config (``base_model``; none: the embedded tiny model); ``--model`` loads it
 from elsewhere (a local folder or a Hub name). Each prompt is asked as training asked its
 questions (``### Question:`` ... ``### Answer:``), with the calibrated token pruning
-(``--no-pruning``: every token through every layer) and a KV cache; greedy unless
-``--sample``. ``--prompts-file`` reads one prompt per line (blank lines skipped). The
-answers are printed with the share of each prompt's tokens the pruned layers kept, or as
-JSON with ``--json``.
+(``--no-pruning``: every token through every layer) and a KV cache, ``--batch-size``
+prompts at a time (left-padded); greedy unless ``--sample``. ``--prompts-file`` reads one
+prompt per line (blank lines skipped). The answers are printed with the share of each
+prompt's tokens the pruned layers kept, or as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -70,16 +71,23 @@ def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = Non
     return DATALORAModel.from_pretrained(model, adapter), tok
 
 
-def answer(model: DATALORAModel, tokenizer: Any, prompt: str, max_new_tokens: int,
-           sample: bool, temperature: float, top_p: float) -> dict[str, Any]:
-    """``{"prompt", "answer", "prompt_tokens_kept"}`` (the share of the prompt's tokens the
-    pruned layers kept in its prefill, as generation decided it: 1 with pruning off or an
+def answer(model: DATALORAModel, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+           sample: bool, temperature: float, top_p: float) -> list[dict[str, Any]]:
+    """``{"prompt", "answer", "prompt_tokens_kept"}`` per prompt, generated as one batch
+    (left-padded): ``prompt_tokens_kept`` is the share of the prompt's tokens the pruned
+    layers kept in its prefill, as generation decided it (1 with pruning off or an
     uncalibrated keep threshold; None for a model without token pruning)."""
     device = next(model.parameters()).device
-    inputs = prompt_inputs(tokenizer, format_prompt({"question": prompt}), device)
+    texts = [format_prompt({"question": p}) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every row's prompt ends where generation starts
+    try:
+        inputs = prompt_inputs(tokenizer, texts, device, padding=len(texts) > 1)
+    finally:
+        tokenizer.padding_side = side
     options = (dict(do_sample=True, temperature=temperature, top_p=top_p) if sample
                else dict(do_sample=False))
-    records = []  # each forward's record; the first is the prompt's prefill
+    records = []  # each forward's record; the first is the prompts' prefill
     hook = (None if model.runtime is None else model.base_model.register_forward_hook(
         lambda *_: records.append(model.runtime.own_last)))  # after the runtime's own hook
     try:
@@ -90,9 +98,14 @@ def answer(model: DATALORAModel, tokenizer: Any, prompt: str, max_new_tokens: in
     finally:
         if hook is not None:
             hook.remove()
-    kept = records[0].actual_retention() if records and records[0] is not None else None
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"prompt": prompt, "answer": text.strip(), "prompt_tokens_kept": kept}
+    kept: list[float | None] = [None] * len(prompts)
+    if records and records[0] is not None:
+        valid = records[0].valid
+        kept = ((records[0].kept & valid).sum(1) / valid.sum(1).clamp_min(1)).tolist()
+    answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
+                                     skip_special_tokens=True)
+    return [{"prompt": p, "answer": a.strip(), "prompt_tokens_kept": k}
+            for p, a, k in zip(prompts, answers, kept, strict=True)]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -103,10 +116,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.no_pruning and model.runtime is not None:
             model.set_curriculum_state(retention=1.0)
         torch.manual_seed(args.seed)
-        results = [answer(model, tokenizer, p, args.max_new_tokens, args.sample,
-                          args.temperature, args.top_p)
-                   for p in tqdm(prompts, desc="generating", unit="prompt",
-                                 disable=len(prompts) < 2, dynamic_ncols=True)]
+        batches = [prompts[i:i + args.batch_size]
+                   for i in range(0, len(prompts), args.batch_size)]
+        results = [row for batch in tqdm(batches, desc="generating", unit="batch",
+                                         disable=len(batches) < 2, dynamic_ncols=True)
+                   for row in answer(model, tokenizer, batch, args.max_new_tokens,
+                                     args.sample, args.temperature, args.top_p)]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -133,6 +148,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a question to answer (repeat for several)")
     p.add_argument("--prompts-file", default=None,
                    help="a UTF-8 text file, one question per line")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8,
+                   help="prompts generated together, left-padded (default: 8)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64,
                    help="tokens to generate at most per answer (default: 64)")
     p.add_argument("--no-pruning", action="store_true",

@@ -36,7 +36,8 @@ def test_answers_equal_the_python_api(adapter, capsys, tmp_path):
     questions = ["What is 2 + 3?", "Reverse the letters: abcd", "Sort: 3, 1, 2"]
     (tmp_path / "prompts.txt").write_text(f"{questions[1]}\n\n  {questions[2]}  \n")
     got = _generate(capsys, "--adapter", str(adapter), "--prompt", questions[0],
-                    "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6")
+                    "--prompts-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6",
+                    "--batch-size", "1")
     assert [r["prompt"] for r in got] == questions
     base, tok = load_model_and_tokenizer()
     model = DATALORAModel.from_pretrained(base, adapter)
@@ -50,6 +51,31 @@ def test_answers_equal_the_python_api(adapter, capsys, tmp_path):
         want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert row["answer"] == want.strip()
         assert row["prompt_tokens_kept"] == pytest.approx(kept) and 0 < kept < 1
+
+
+def test_batches_are_left_padded_and_keep_each_rows_share(adapter, capsys):
+    from datalora.model import DATALORAModel
+    from datalora.testing import load_model_and_tokenizer
+
+    questions = ["What is 2 + 3?", "Reverse the letters: abcdefgh", "Sort: 3, 1, 2"]
+    argv = ["--adapter", str(adapter), "--max-new-tokens", "5"]
+    for q in questions:
+        argv += ["--prompt", q]
+    single = _generate(capsys, *argv, "--batch-size", "1")
+    batched = _generate(capsys, *argv, "--batch-size", "2")  # rows 0-1 padded, then row 2
+    assert [r["prompt"] for r in batched] == questions
+    for one, many in zip(single, batched, strict=True):  # a row's keep decisions do not
+        assert many["prompt_tokens_kept"] == pytest.approx(one["prompt_tokens_kept"])
+    base, tok = load_model_and_tokenizer()
+    model = DATALORAModel.from_pretrained(base, adapter)
+    tok.padding_side = "left"
+    inputs = prompt_inputs(tok, [format_prompt({"question": q}) for q in questions[:2]])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    want = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [r["answer"] for r in batched[:2]] == [w.strip() for w in want]
+    assert batched[2] == single[2]
 
 
 def test_no_pruning_and_sampling(adapter, capsys):
@@ -92,6 +118,8 @@ def test_plain_output_names_each_prompt(adapter, capsys):
      "--prompts-file (prompts_file): no such file"),
     (["--adapter", "{adapter}", "--prompt", "q", "--top-p", "1.5"],
      "argument --top-p: expected a fraction in (0, 1]"),
+    (["--adapter", "{adapter}", "--prompt", "q", "--batch-size", "0"],
+     "argument --batch-size: expected an int >= 1, got 0"),
 ])
 def test_bad_input_exits_2_naming_the_flag(adapter, tmp_path, capsys, argv, message):
     argv = [a.format(adapter=adapter, missing=tmp_path / "missing") for a in argv]
