@@ -71,8 +71,9 @@ def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = Non
     return DATALORAModel.from_pretrained(model, adapter), tok
 
 
-def answer(model: DATALORAModel, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-           sample: bool, temperature: float, top_p: float) -> list[dict[str, Any]]:
+def answer_prompts(model: DATALORAModel, tokenizer: Any, prompts: list[str],
+                   max_new_tokens: int, sample: bool, temperature: float,
+                   top_p: float) -> list[dict[str, Any]]:
     """``{"prompt", "answer", "prompt_tokens_kept"}`` per prompt, generated as one batch
     (left-padded): ``prompt_tokens_kept`` is the share of the prompt's tokens the pruned
     layers kept in its prefill, as generation decided it (1 with pruning off or an
@@ -120,8 +121,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                    for i in range(0, len(prompts), args.batch_size)]
         results = [row for batch in tqdm(batches, desc="generating", unit="batch",
                                          disable=len(batches) < 2, dynamic_ncols=True)
-                   for row in answer(model, tokenizer, batch, args.max_new_tokens,
-                                     args.sample, args.temperature, args.top_p)]
+                   for row in answer_prompts(model, tokenizer, batch, args.max_new_tokens,
+                                             args.sample, args.temperature, args.top_p)]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
