@@ -1714,7 +1714,7 @@ def test_cli_checks_top_k_model_and_embed_layer_before_training(monkeypatch, cap
                                "--whole-weight (whole_weight): needs window or decay", False),
                               (["--whole-weight", "1.5"], "--whole-weight", False),
                               (["--embed-layer", "40"], "--embed-layer", True),
-                              (["--embed-layer", "-4"], "--embed-layer", True)):
+                              (["--embed-layer", "-6"], "--embed-layer", True)):
         loaded.clear()
         with pytest.raises(SystemExit) as exc:
             main(["tle", "--no-progress", *argv])
