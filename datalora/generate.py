@@ -1,18 +1,19 @@
 """``python -m datalora generate``: answers from a saved DATALORA adapter.
 
     python -m datalora generate --adapter DIR [--model PATH_OR_NAME] [--tokenizer ...]
-        [--prompt TEXT ...] [--prompts-file FILE] [--batch-size 8] [--max-new-tokens 64]
-        [--no-pruning] [--sample [--temperature 0.7] [--top-p 0.95]] [--seed 0] [--bf16]
-        [--json]
+        [--prompt TEXT ...] [--prompts-file FILE] [--system-prompt TEXT] [--batch-size 8]
+        [--max-new-tokens 64] [--no-pruning] [--sample [--temperature 0.7] [--top-p 0.95]]
+        [--seed 0] [--bf16] [--json]
 
 The adapter folder (what ``datalora train`` or ``save_pretrained`` wrote) records its base
 model in its config (``base_model``; none: the embedded tiny model); ``--model`` loads it
 from elsewhere (a local folder or a Hub name). Each prompt is asked as training asked its
-questions (``### Question:`` ... ``### Answer:``), with the calibrated token pruning
-(``--no-pruning``: every token through every layer) and a KV cache, ``--batch-size``
-prompts at a time (left-padded); greedy unless ``--sample``. ``--prompts-file`` reads one
-prompt per line (blank lines skipped). The answers are printed with the share of each
-prompt's tokens the pruned layers kept, or as JSON with ``--json``.
+questions (``### Question:`` ... ``### Answer:``, after ``--system-prompt`` if given),
+with the calibrated token pruning (``--no-pruning``: every token through every layer)
+and a KV cache, ``--batch-size`` prompts at a time (left-padded); greedy unless
+``--sample``. ``--prompts-file`` reads one prompt per line (blank lines skipped). The
+answers are printed with the share of each prompt's tokens the pruned layers kept, or as
+JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -73,13 +74,14 @@ def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = Non
 
 def answer_prompts(model: DATALORAModel, tokenizer: Any, prompts: list[str],
                    max_new_tokens: int, sample: bool, temperature: float,
-                   top_p: float) -> list[dict[str, Any]]:
+                   top_p: float, system_prompt: str = "") -> list[dict[str, Any]]:
     """``{"prompt", "answer", "prompt_tokens_kept"}`` per prompt, generated as one batch
-    (left-padded): ``prompt_tokens_kept`` is the share of the prompt's tokens the pruned
-    layers kept in its prefill, as generation decided it (1 with pruning off or an
-    uncalibrated keep threshold; None for a model without token pruning)."""
+    (left-padded), each prompt after ``system_prompt`` as training formats rows:
+    ``prompt_tokens_kept`` is the share of the prompt's tokens the pruned layers kept in
+    its prefill, as generation decided it (1 with pruning off or an uncalibrated keep
+    threshold; None for a model without token pruning)."""
     device = next(model.parameters()).device
-    texts = [format_prompt({"question": p}) for p in prompts]
+    texts = [format_prompt({"system_prompt": system_prompt, "question": p}) for p in prompts]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's prompt ends where generation starts
     try:
@@ -122,7 +124,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         results = [row for batch in tqdm(batches, desc="generating", unit="batch",
                                          disable=len(batches) < 2, dynamic_ncols=True)
                    for row in answer_prompts(model, tokenizer, batch, args.max_new_tokens,
-                                             args.sample, args.temperature, args.top_p)]
+                                             args.sample, args.temperature, args.top_p,
+                                             args.system_prompt)]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -149,6 +152,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a question to answer (repeat for several)")
     p.add_argument("--prompts-file", default=None,
                    help="a UTF-8 text file, one question per line")
+    p.add_argument("--system-prompt", default="",
+                   help="put before every question, as a row's system_prompt is in "
+                        "training (default: none)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8,
                    help="prompts generated together, left-padded (default: 8)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64,

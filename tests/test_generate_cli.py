@@ -78,6 +78,21 @@ def test_batches_are_left_padded_and_keep_each_rows_share(adapter, capsys):
     assert batched[2] == single[2]
 
 
+def test_a_system_prompt_goes_before_each_question(adapter, capsys, monkeypatch):
+    import datalora.generate as generate
+
+    seen = []
+    real = generate.prompt_inputs
+    monkeypatch.setattr(generate, "prompt_inputs",
+                        lambda tok, texts, *a, **k: seen.extend(texts) or real(tok, texts, *a,
+                                                                                **k))
+    _generate(capsys, "--adapter", str(adapter), "--prompt", "What is 1 + 2?",
+              "--system-prompt", "You add numbers.", "--max-new-tokens", "1")
+    assert seen == [format_prompt({"system_prompt": "You add numbers.",
+                                   "question": "What is 1 + 2?"})]
+    assert seen[0].startswith("You add numbers.\n\n### Question:")
+
+
 def test_no_pruning_and_sampling(adapter, capsys):
     dense = _generate(capsys, "--adapter", str(adapter), "--prompt", "What is 4 + 4?",
                       "--no-pruning", "--max-new-tokens", "3")
