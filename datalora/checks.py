@@ -39,6 +39,13 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
     return int(value)
 
 
+def check_path_like(name: str, value: object, what: str = "a folder path") -> None:
+    """TypeError ``"{name}: expected {what} (str or Path), got {type}"`` unless ``value``
+    is a ``str`` or an ``os.PathLike`` (``Path(None)`` names no argument)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected {what} (str or Path), got {type(value).__name__}")
+
+
 def check_bool(name: str, value: object) -> bool:
     """``value`` if it is a ``bool``; otherwise TypeError ``"{name}: expected a bool, got
     {value!r}"`` (a string such as ``"no"`` would read as True)."""

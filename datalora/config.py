@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from datalora.checks import check_finite, check_fractions, check_int
+from datalora.checks import check_finite, check_fractions, check_int, check_path_like
 from datalora.curriculum import check_temperature_order
 from datalora.ops.backends import BACKEND_NAMES
 
@@ -168,9 +168,7 @@ class DATALORAConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DATALORAConfig:
         """Reads ``adapter_config.json`` from a folder (or the file itself)."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a folder or file path (str or Path), got "
-                            f"{type(path).__name__}")
+        check_path_like("path", path, "a folder or file path")
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.exists():

@@ -729,17 +729,23 @@ class DATALORAModel(nn.Module):
 
 
 
+def _rows(module: object, size_attribute: str) -> int | None:
+    """``module``'s ``size_attribute`` (``num_embeddings``, ``out_features``), else its
+    weight's rows; None without either. The attribute first: a sharded weight's shape is
+    a shard's."""
+    size = getattr(module, size_attribute, None)
+    if isinstance(size, int):
+        return size
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+
+
 def _embedding_rows(model: nn.Module) -> int | None:
-    """Rows of ``model``'s input embedding weight (None without ``get_input_embeddings``)."""
+    """Rows of ``model``'s input embedding (None without ``get_input_embeddings``)."""
     try:
-        embedding = model.get_input_embeddings()
+        return _rows(model.get_input_embeddings(), "num_embeddings")
     except (AttributeError, NotImplementedError):
         return None
-    rows = getattr(embedding, "num_embeddings", None)  # a sharded weight's shape is a shard's
-    if isinstance(rows, int):
-        return rows
-    weight = getattr(embedding, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
 def _check_given_tensors(tensors: dict[str, Any], own: dict[str, torch.Tensor],
@@ -765,12 +771,7 @@ def _check_given_tensors(tensors: dict[str, Any], own: dict[str, torch.Tensor],
 
 def _output_rows(model: nn.Module) -> int | None:
     """Classes of ``model``'s LM head (its output embedding's rows; None without one)."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    classes = getattr(head, "out_features", None)  # a sharded weight's shape is a shard's
-    if isinstance(classes, int):
-        return classes
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+    return _rows(getattr(model, "get_output_embeddings", lambda: None)(), "out_features")
 
 
 def out_of_vocabulary(model: nn.Module, input_ids: Any, labels: Any = None) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datalora.checks import as_scalar, check_flag, check_int, check_number
+from datalora.checks import as_scalar, check_flag, check_int, check_number, check_path_like
 from datalora.cli import check_output_folder
 from datalora.data import prompt_inputs
 from datalora.hf_compat import cache_kwargs
@@ -44,12 +43,6 @@ MIXER_CONFIG = "tle_config.json"
 MIXER_WEIGHTS = "tle_mixer.safetensors"
 # what from_pretrained reads from MIXER_CONFIG (save_pretrained also writes adapter_paths)
 _SAVED_KEYS = frozenset({"names", "tau", "mode", "every_n", "top_k", "modules", "embedder"})
-
-
-def _check_folder_path(directory: object) -> None:
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory: expected a folder path (str or Path), got "
-                        f"{type(directory).__name__}")
 
 
 def _json_or_none(text: str) -> Any:
@@ -796,7 +789,7 @@ class TokenLevelAdapterMixer(nn.Module):
     # ---- save / load
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes the padded experts, centroids and settings (self-contained)."""
-        _check_folder_path(directory)
+        check_path_like("directory", directory)
         check_output_folder("directory", directory)
         directory = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
@@ -831,7 +824,7 @@ class TokenLevelAdapterMixer(nn.Module):
         ``overrides`` replace saved settings (``tau``, ``mode``, ``every_n``, ``top_k``,
         and the rebuilt embedder's ``window`` / ``decay`` / ``whole_weight``).
         """
-        _check_folder_path(directory)
+        check_path_like("directory", directory)
         directory = Path(directory)
         if not (directory / MIXER_CONFIG).is_file():
             raise FileNotFoundError(f"directory: no {MIXER_CONFIG} in {directory}")
