@@ -59,8 +59,7 @@ def load_adapter_model(adapter: str | Path, model_name_or_path: str | None = Non
     """The saved adapter on its base (the config's ``base_model`` unless
     ``model_name_or_path``), frozen, in eval mode, on the GPU when there is one it fits
     (else on the CPU, with a warning); and the tokenizer."""
-    from datalora.testing import load_model_and_tokenizer
-    from datalora.train import QUANTIZE_GPU_HEADROOM, to_gpu_if_it_fits
+    from datalora.testing import QUANTIZE_GPU_HEADROOM, load_model_and_tokenizer, to_gpu_if_it_fits
 
     config = DATALORAConfig.from_pretrained(adapter)
     base = model_name_or_path if model_name_or_path is not None else config.base_model
@@ -90,9 +89,14 @@ def answer_prompts(model: DATALORAModel, tokenizer: Any, prompts: list[str],
         tokenizer.padding_side = side
     options = (dict(do_sample=True, temperature=temperature, top_p=top_p) if sample
                else dict(do_sample=False))
-    records = []  # each forward's record; the first is the prompts' prefill
-    hook = (None if model.runtime is None else model.base_model.register_forward_hook(
-        lambda *_: records.append(model.runtime.own_last)))  # after the runtime's own hook
+    records = []  # the prompts' prefill's record (the first forward's; not every step's)
+
+    def record_prefill(*_: Any) -> None:  # runs after the runtime's own hook
+        if not records:
+            records.append(model.runtime.own_last)
+
+    hook = (None if model.runtime is None
+            else model.base_model.register_forward_hook(record_prefill))
     try:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens,

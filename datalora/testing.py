@@ -5,7 +5,7 @@ tests use a tiny Mistral-architecture model (random init, about 1 M parameters) 
 byte-level BPE tokenizer trained with ``tokenizers`` on the embedded dataset
 (:mod:`datalora.data`). :func:`load_model_and_tokenizer` takes the same code path
 (``AutoModelForCausalLM`` / ``AutoTokenizer``) for a real model given by local path or Hub
-name.
+name; :func:`to_gpu_if_it_fits` then places such a CPU-loaded base on the GPU.
 
 A second, different model + tokenizer pair (for adapter transfer across models) comes from
 the same functions with other settings, e.g.
@@ -596,6 +596,34 @@ def _embedded_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
             raise ValueError(f"dtype: expected a torch dtype or its name, got {dtype!r}")
         return resolved
     return dtype
+
+
+# the 16-bit base plus its NF4 copies (about 0.28 of it) and some working room
+QUANTIZE_GPU_HEADROOM = 1.35
+
+
+def to_gpu_if_it_fits(model: torch.nn.Module, headroom: float, purpose: str,
+                      otherwise: str) -> bool:
+    """Moves a CPU-resident ``model`` to this process's GPU (``LOCAL_RANK``) when
+    ``headroom`` times its parameters' bytes fit the GPU's free memory; returns whether it
+    moved. No GPU or a model already placed: nothing moves. Too big: a warning naming
+    ``purpose`` (why it should move) and ``otherwise`` (what happens instead). Training
+    moves a CPU-loaded base before NF4-quantizing it (minutes on a CPU for a 7B base,
+    seconds on a GPU; the Trainer would move it next anyway)."""
+    if not torch.cuda.is_available():
+        return False
+    if {p.device.type for p in model.parameters()} != {"cpu"}:
+        return False
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    need = headroom * sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        warnings.warn(f"model: the base needs about {need / 2**30:.1f} GiB on {device} "
+                      f"{purpose} and {free / 2**30:.1f} GiB are free; {otherwise}",
+                      stacklevel=3)
+        return False
+    model.to(device)
+    return True
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike[str] | None = None,

@@ -546,6 +546,8 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
 
         cast_model(model, torch.bfloat16)
     if config.quantize and not (trainer_args or {}).get("use_cpu"):
+        from datalora.testing import QUANTIZE_GPU_HEADROOM, to_gpu_if_it_fits
+
         to_gpu_if_it_fits(model, QUANTIZE_GPU_HEADROOM, "to be quantized there",
                           "its layers are quantized on the CPU (about a minute per billion "
                           "weights)")
@@ -600,34 +602,6 @@ def train_datalora(config: DATALORAConfig | dict[str, Any] | None = None,
 
 
 # ---------------------------------------------------------------------------- CLI
-
-# the 16-bit base plus its NF4 copies (about 0.28 of it) and some working room
-QUANTIZE_GPU_HEADROOM = 1.35
-
-
-def to_gpu_if_it_fits(model: torch.nn.Module, headroom: float, purpose: str,
-                      otherwise: str) -> bool:
-    """Moves a CPU-resident ``model`` to this process's GPU (``LOCAL_RANK``) when
-    ``headroom`` times its parameters' bytes fit the GPU's free memory; returns whether it
-    moved. No GPU or a model already placed: nothing moves. Too big: a warning naming
-    ``purpose`` (why it should move) and ``otherwise`` (what happens instead). Training
-    moves a CPU-loaded base before NF4-quantizing it (minutes on a CPU for a 7B base,
-    seconds on a GPU; the Trainer would move it next anyway)."""
-    if not torch.cuda.is_available():
-        return False
-    if {p.device.type for p in model.parameters()} != {"cpu"}:
-        return False
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    need = headroom * sum(p.numel() * p.element_size() for p in model.parameters())
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        warnings.warn(f"model: the base needs about {need / 2**30:.1f} GiB on {device} "
-                      f"{purpose} and {free / 2**30:.1f} GiB are free; {otherwise}",
-                      stacklevel=3)
-        return False
-    model.to(device)
-    return True
-
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Registers ``train`` on an ``argparse`` subparsers object (``func`` = :func:`run_train`)."""

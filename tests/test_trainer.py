@@ -621,10 +621,9 @@ def test_trainer_under_fsdp_saves_the_gathered_adapter_and_resumes(tmp_path, ver
 def test_a_base_to_quantize_moves_to_the_gpu_when_it_fits(monkeypatch):
     """The CLI loads a base on the CPU; NF4-quantizing a 7B one there took minutes before
     the Trainer moved it to the GPU."""
-    from datalora import train
-    from datalora.testing import build_tiny_model
+    from datalora import testing
 
-    model = build_tiny_model(seed=0)
+    model = testing.build_tiny_model(seed=0)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     moved = []
     monkeypatch.setattr(model, "to", lambda device: moved.append(device))
@@ -633,8 +632,9 @@ def test_a_base_to_quantize_moves_to_the_gpu_when_it_fits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * size, 4 * size))
 
     def move():
-        return train.to_gpu_if_it_fits(model, train.QUANTIZE_GPU_HEADROOM, "to be quantized "
-                                       "there", "its layers are quantized on the CPU")
+        return testing.to_gpu_if_it_fits(model, testing.QUANTIZE_GPU_HEADROOM,
+                                         "to be quantized there",
+                                         "its layers are quantized on the CPU")
     assert move() and moved == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (size, 4 * size))
     with pytest.warns(UserWarning, match=r"model: the base needs about .* GiB on cuda:1 "
