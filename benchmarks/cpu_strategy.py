@@ -8,10 +8,12 @@ times the torch backend's two strategies side by side, round-robin: ``fwd`` is
 ``delta_backward`` for every input from the same ``h`` (a training step adds the two; the
 strategy of each direction is picked on its own).
 Each row records both medians, which one the backend's cost model picks
-(:func:`datalora.ops.torch_backend.grouped_is_cheaper`, as ``choose_strategy`` does when
-``DATALORA_SHRINK_STRATEGY`` is unset), and the pick's time over the faster one's
-(``pick_vs_faster``, 1 when it picks the faster). The summary says in how many shapes
-the pick is the faster strategy or within 10 % of it. Writes ``cpu_strategy.json``.
+(:func:`datalora.ops.cpu_costs.grouped_is_cheaper` with this CPU vendor's constants, as
+``choose_strategy`` does when ``DATALORA_SHRINK_STRATEGY`` is unset), and the pick's time
+over the faster one's (``pick_vs_faster``, 1 when it picks the faster). The summary says
+in how many shapes the pick is the faster strategy or within 10 % of it. Writes
+``cpu_strategy.json``; ``python -m benchmarks.fit_cpu_strategy`` fits the cost model's
+constants to such runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from benchmarks.molora import budget_cli, parse_budget_cli, write_result
 from benchmarks.timing import time_interleaved
 from datalora.experiments.run_info import cpu_model, git_commit, package_version
-from datalora.ops import torch_backend
+from datalora.ops import cpu_costs, torch_backend
 
 SCHEMA = "datalora.benchmarks.cpu_strategy/1"
 STRATEGIES = ("dense", "grouped")
@@ -73,12 +75,12 @@ def steps_for(T: int, d: int, E: int, r: int, k: int) -> dict:
 
 def picked(T: int, d: int, E: int, r: int, k: int, mode: str) -> str:
     """The strategy the torch backend's cost model
-    (:func:`~datalora.ops.torch_backend.grouped_is_cheaper`) picks for a shape, whatever
+    (:func:`~datalora.ops.cpu_costs.grouped_is_cheaper`) picks for a shape, whatever
     ``DATALORA_SHRINK_STRATEGY`` forces."""
     ids, gates = make_inputs(T, d, E, r, k)[3:5]
     counts = torch_backend.RoutingTables(ids, gates, None, E, r, 2.0, torch.float32).counts
     hit = sum(1 for count in counts if count)
-    cheaper = torch_backend.grouped_is_cheaper(T, d, d, E, r, k, hit, backward=mode == "bwd")
+    cheaper = cpu_costs.grouped_is_cheaper(T, d, d, E, r, k, hit, backward=mode == "bwd")
     return "grouped" if cheaper else "dense"
 
 
@@ -103,7 +105,8 @@ def run(out_dir: Path, budget_s: float, grid: dict) -> dict:
                           f"{r['grouped_ms']:.3f} ms, picks {r['picked']}" for r in rows[-2:]),
               flush=True)
     sha, dirty = git_commit(Path(__file__).resolve().parents[1])
-    meta = dict(device="cpu", device_name=cpu_model(), cpu_threads=torch.get_num_threads(),
+    meta = dict(device="cpu", device_name=cpu_model(), cpu_vendor=cpu_costs.cpu_vendor(),
+                cpu_threads=torch.get_num_threads(),
                 dtype="float32", torch=torch.__version__,
                 datalora=package_version("datalora"), git_commit=sha, git_dirty=dirty,
                 argv=sys.argv[1:], summary=summarize(rows))

@@ -8,6 +8,7 @@ the comparison is apples to apples.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -835,7 +836,7 @@ def test_targets_table_marks_a_run_whose_commit_has_a_note(tmp_path, monkeypatch
 
 def test_cpu_strategy_times_both_strategies_and_records_the_pick(tmp_path, monkeypatch, capsys):
     from benchmarks import cpu_strategy
-    from datalora.ops import torch_backend
+    from datalora.ops import cpu_costs, torch_backend
 
     monkeypatch.setenv("DATALORA_SHRINK_STRATEGY", "grouped")  # the pick ignores a forced one
     ran = []
@@ -853,8 +854,77 @@ def test_cpu_strategy_times_both_strategies_and_records_the_pick(tmp_path, monke
         assert r["picked"] == "dense"  # the cost model's pick at this tiny shape, not the env's
         assert r["pick_vs_faster"] == r["dense_ms"] / min(r["dense_ms"], r["grouped_ms"])
     assert result["meta"]["summary"]["fwd"]["shapes"] == 1
+    assert result["meta"]["cpu_vendor"] == cpu_costs.cpu_vendor()
     assert "the pick is the faster strategy in" in capsys.readouterr().out
 
+
+
+def _strategy_run(path, truth, device_name="AMD EPYC"):
+    """A ``cpu_strategy.json`` whose times follow the cost model with ``truth``'s constants
+    (per direction): the strategy they call cheaper takes 1 ms, the other 2 ms."""
+    from benchmarks import fit_cpu_strategy
+    from datalora.ops import cpu_costs
+
+    rows = []
+    for T, d, (E, r, k) in itertools.product([1, 8, 128, 512], [64, 512],
+                                             [(8, 16, 2), (4, 16, 2), (32, 16, 2), (8, 64, 1)]):
+        hit = fit_cpu_strategy.experts_hit(T, d, E, r, k)
+        for mode, costs in zip(("fwd", "bwd"), truth, strict=True):
+            grouped = cpu_costs.grouped_is_cheaper(T, d, d, E, r, k, hit, mode == "bwd", costs)
+            rows.append(dict(T=T, d_in=d, d_out=d, E=E, r=r, k=k, mode=mode,
+                             dense_ms=2.0 if grouped else 1.0,
+                             grouped_ms=1.0 if grouped else 2.0))
+    path.write_text(json.dumps({"schema": "datalora.benchmarks.cpu_strategy/1",
+                                "meta": {"device_name": device_name}, "results": rows}))
+    return path
+
+
+def test_fitting_the_cpu_cost_model_recovers_the_picks_of_known_constants(tmp_path, capsys):
+    """Times made by other constants than the vendor's (a 4x slower narrow GEMM, a 2x
+    slower row gather): the vendor's constants pick wrong somewhere, the fitted ones lose
+    less and print in a form to paste."""
+    import dataclasses
+
+    from benchmarks import fit_cpu_strategy
+    from datalora.ops import cpu_costs
+
+    start = cpu_costs.COSTS[cpu_costs.AMD]
+    truth = [dataclasses.replace(c, grouped_flops_per_us=c.grouped_flops_per_us / 4,
+                                 row_us_per_element=c.row_us_per_element * 2) for c in start]
+    path = _strategy_run(tmp_path / "run.json", truth)
+    shapes, vendor = fit_cpu_strategy.load_shapes([path])
+    assert vendor == cpu_costs.AMD and len(shapes) == 64
+    for backward in (False, True):
+        subset = [s for s in shapes if s.backward == backward]
+        before = fit_cpu_strategy.loss(subset, start[backward])
+        fitted = fit_cpu_strategy.fit(subset, start[backward], backward, 6, 5)
+        assert before > 0 and fit_cpu_strategy.loss(subset, fitted) < before / 2
+        assert fitted == fit_cpu_strategy.rounded(fitted)
+        if not backward:
+            assert fitted.idle_weight_us_per_element == 0  # not a forward cost
+    assert fit_cpu_strategy.main([str(path), "--restarts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "vendor AuthenticAMD" in out and "forward fitted: loss" in out
+    assert "StrategyCosts(op_us=" in out
+
+
+def test_fitting_refuses_runs_of_two_vendors_and_bad_arguments(tmp_path, capsys):
+    from benchmarks import fit_cpu_strategy
+    from datalora.ops import cpu_costs
+
+    amd = _strategy_run(tmp_path / "amd.json", cpu_costs.COSTS[cpu_costs.AMD])
+    intel = _strategy_run(tmp_path / "intel.json", cpu_costs.COSTS[cpu_costs.AMD],
+                          device_name="Intel(R) Xeon(R) Processor")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "something/1", "meta": {}, "results": []}))
+    for argv, message in [([str(amd), str(intel)], "fit one vendor at a time"),
+                          ([str(other)], "not a benchmarks.cpu_strategy result"),
+                          ([str(tmp_path / "missing.json")], "no such file"),
+                          ([str(amd), "--rounds", "0"], "--rounds: expected >= 1, got 0"),
+                          ([str(amd), "--restarts", "-1"], "--restarts: expected >= 0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            fit_cpu_strategy.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_decode_benchmark_times_every_method_with_pruning_active(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from datalora import ops
-from datalora.ops import torch_backend
+from datalora.ops import cpu_costs, torch_backend
 from datalora.ops.eager import RoutingCache, eager_call, trust_routing
 from datalora.reference import molora_delta_reference, molora_linear_reference
 
@@ -879,19 +879,35 @@ def test_off_the_cpu_the_strategy_is_dense_without_reading_the_routes(monkeypatc
     assert "counts" not in vars(tables)  # never read back
 
 
-@pytest.mark.parametrize("shape, backward, want", [
-    # (T, d, E, r, k) and the direction, with the faster strategy in each of the four runs
-    # of benchmarks.cpu_strategy behind the cost model (the last committed,
-    # cpu_intel_xeon/cpu_strategy.json), the other 1.2-5x slower: many experts per route
-    # or rank 64 on large calls: grouped; few experts per route, a tiny layer: dense
-    ((2048, 2048, 32, 16, 2), False, "grouped"), ((2048, 2048, 32, 16, 2), True, "grouped"),
-    ((2048, 2048, 8, 64, 2), True, "grouped"), ((512, 2048, 8, 64, 2), True, "grouped"),
-    ((2048, 2048, 8, 16, 8), False, "dense"), ((2048, 2048, 8, 16, 8), True, "dense"),
-    ((2048, 2048, 4, 16, 2), True, "dense"), ((128, 64, 8, 16, 2), False, "dense"),
+@pytest.fixture
+def cpu_vendor(monkeypatch):
+    """Sets the CPU vendor whose cost-model constants ``choose_strategy`` uses."""
+    def set_vendor(vendor):
+        monkeypatch.setattr(cpu_costs, "cpu_vendor", lambda: vendor)
+    return set_vendor
+
+
+@pytest.mark.parametrize("vendor, shape, backward, want", [
+    # (T, d, E, r, k) and the direction, with the faster strategy in each of the runs of
+    # benchmarks.cpu_strategy behind the vendor's constants (four on an Intel Xeon, the
+    # last committed in cpu_intel_xeon/; four on an AMD EPYC, in cpu_amd_epyc/), the other
+    # 1.2-5x slower: many experts per route or rank 64 on large calls: grouped; few experts
+    # per route, a tiny layer: dense
+    *[(cpu_costs.INTEL, *case) for case in [
+        ((2048, 2048, 32, 16, 2), False, "grouped"), ((2048, 2048, 32, 16, 2), True, "grouped"),
+        ((2048, 2048, 8, 64, 2), True, "grouped"), ((512, 2048, 8, 64, 2), True, "grouped"),
+        ((2048, 2048, 8, 16, 8), False, "dense"), ((2048, 2048, 8, 16, 8), True, "dense"),
+        ((2048, 2048, 4, 16, 2), True, "dense"), ((128, 64, 8, 16, 2), False, "dense")]],
+    *[(cpu_costs.AMD, *case) for case in [
+        ((2048, 2048, 32, 16, 2), False, "grouped"), ((2048, 2048, 32, 16, 2), True, "grouped"),
+        ((2048, 2048, 8, 64, 2), True, "grouped"), ((512, 2048, 32, 16, 2), False, "grouped"),
+        ((2048, 2048, 8, 16, 8), True, "dense"), ((2048, 2048, 8, 8, 2), False, "dense"),
+        ((2048, 2048, 4, 16, 2), True, "dense"), ((128, 64, 8, 16, 2), False, "dense")]],
 ])
-def test_the_cpu_heuristic_picks_the_measured_faster_strategy(shape, backward, want,
-                                                              monkeypatch):
+def test_the_cpu_heuristic_picks_the_measured_faster_strategy(vendor, shape, backward, want,
+                                                              cpu_vendor, monkeypatch):
     monkeypatch.delenv("DATALORA_SHRINK_STRATEGY", raising=False)
+    cpu_vendor(vendor)
     T, d, E, r, k = shape
     x = torch.randn(T, d)
     ids = torch.rand(T, E).argsort(-1)[:, :k]
@@ -900,9 +916,11 @@ def test_the_cpu_heuristic_picks_the_measured_faster_strategy(shape, backward, w
 
 
 @pytest.mark.parametrize("T, d, E, read", [(128, 64, 8, False), (64, 512, 32, True)])
-def test_the_routes_are_counted_only_when_the_pick_depends_on_them(T, d, E, read, monkeypatch):
+def test_the_routes_are_counted_only_when_the_pick_depends_on_them(T, d, E, read, cpu_vendor,
+                                                                   monkeypatch):
     """A small layer is dense whatever the experts hit: its routes are not read back."""
     monkeypatch.delenv("DATALORA_SHRINK_STRATEGY", raising=False)
+    cpu_vendor(cpu_costs.INTEL)
     r, k = 16, 2
     picks = {torch_backend.grouped_is_cheaper(T, d, d, E, r, k, hit) for hit in (1, E)}
     assert picks == ({True, False} if read else {False})  # the premise
@@ -910,6 +928,43 @@ def test_the_routes_are_counted_only_when_the_pick_depends_on_them(T, d, E, read
     tables = torch_backend.RoutingTables(ids, torch.rand(T, k), None, E, r, 1.0, torch.float32)
     torch_backend.choose_strategy(torch.randn(T, d), d, tables)
     assert ("counts" in vars(tables)) == read
+
+
+def test_each_cpu_vendor_has_its_cost_model_and_another_gets_intels():
+    assert cpu_costs.strategy_costs(False, cpu_costs.AMD) is cpu_costs.COSTS[cpu_costs.AMD][0]
+    assert cpu_costs.strategy_costs(True, cpu_costs.AMD) is cpu_costs.COSTS[cpu_costs.AMD][1]
+    for vendor in ("HygonGenuine", ""):
+        assert cpu_costs.strategy_costs(True, vendor) is cpu_costs.COSTS[cpu_costs.INTEL][1]
+    # the same shape, picked differently by the two machine types' constants
+    shape = (2048, 2048, 2048, 8, 16, 2, 8)
+    assert cpu_costs.grouped_is_cheaper(*shape, costs=cpu_costs.strategy_costs(
+        False, cpu_costs.INTEL))
+    assert not cpu_costs.grouped_is_cheaper(*shape, costs=cpu_costs.strategy_costs(
+        False, cpu_costs.AMD))
+
+
+@pytest.mark.parametrize("cpuinfo, want", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n", "AuthenticAMD"),
+    ("processor\t: 0\nmodel name\t: something\n", "PROCESSOR"),
+    (OSError("no /proc"), "PROCESSOR"),
+])
+def test_the_cpu_vendor_comes_from_cpuinfo_else_platform(cpuinfo, want, monkeypatch):
+    class FakePath:
+        def __init__(self, path):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self):
+            if isinstance(cpuinfo, Exception):
+                raise cpuinfo
+            return cpuinfo
+
+    monkeypatch.setattr(cpu_costs, "Path", FakePath)
+    monkeypatch.setattr(cpu_costs.platform, "processor", lambda: "PROCESSOR")
+    cpu_costs.cpu_vendor.cache_clear()
+    try:
+        assert cpu_costs.cpu_vendor() == want
+    finally:
+        cpu_costs.cpu_vendor.cache_clear()
 
 
 def test_the_pick_is_made_once_per_routing_and_layer_shape(monkeypatch):

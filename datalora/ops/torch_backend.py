@@ -45,65 +45,17 @@ projections ``h [T, k, r]`` that ``delta_backward`` needs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 
 from datalora.ops.backends import forced_strategy
+from datalora.ops.cpu_costs import grouped_is_cheaper
 from datalora.ops.eager import RoutingCache, cache_sources, may_cache_routing
 from datalora.ops.layout import expert_columns, expert_columns_grad, expert_rows
 from datalora.reference import gather_tokens_reference, scatter_tokens_reference
 
 GROUPED_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class StrategyCosts:
-    """Constants of the CPU cost model of one direction, in microseconds (see
-    :func:`grouped_is_cheaper`). Rates count the forward's FLOPs; the backward's constants
-    absorb its twice as many."""
-
-    op_us: float  # host cost of one torch op
-    dense_flops_per_us: float  # the dense strategy's two wide GEMMs
-    grouped_flops_per_us: float  # the per-expert GEMMs (narrow: r columns)
-    row_us_per_element: float  # gathering a route's row(s) and adding its output row back
-    dense_weight_us_per_element: float  # dense: reading every expert's A and B (and B's copy)
-    grouped_weight_us_per_element: float  # grouped: reading the routed experts' A and B
-    idle_weight_us_per_element: float  # grouped backward: zeroing the idle experts' dA, dB
-    ops_per_expert: int  # grouped: ops per expert that has routes
-
-
-# Fitted to runs of `python -m benchmarks.cpu_strategy` (Intel Xeon, 2 threads, fp32, 144
-# shapes: T = 1 .. 2048, d = 64 .. 2048, E = 4 .. 32, r = 8 .. 64, k = 1 .. 8): the
-# constants that lose the least time to wrong picks, first over two runs, then adjusted
-# over the five runs of both versions (the backward's idle term, the forward's dense
-# weight term: single-token calls had been picked wrong), checked on a sixth
-# (benchmarks/results/cpu_intel_xeon/cpu_strategy.json).
-FORWARD_COSTS = StrategyCosts(8.0, 2.0e5, 1.5e5, 3.5e-4, 3.0e-4, 0.0, 0.0, 9)
-BACKWARD_COSTS = StrategyCosts(10.0, 2.0e5, 1.5e5, 1.8e-4, 2.0e-4, 1.0e-4, 2.0e-4, 9)
-
-
-def grouped_is_cheaper(T: int, d_in: int, d_out: int, E: int, r: int, k: int,
-                       experts_hit: int, backward: bool = False) -> bool:
-    """Whether the grouped strategy is expected to beat the dense one on the CPU.
-
-    Dense: ``2*T*E*r*(d_in + d_out)`` FLOPs in wide GEMMs, a few ops, and every expert's
-    weights read (B copied too, unless stored expert-minor). Grouped: ``k/E`` of those
-    FLOPs in narrow GEMMs, but each route's row of x gathered and its output row added
-    back, several ops per expert with routes, and only those experts' weights read (the
-    backward still writes every expert's dA and dB: zeros for the idle ones).
-    """
-    c = BACKWARD_COSTS if backward else FORWARD_COSTS
-    weights = r * (d_in + d_out)  # elements of one expert's A and B
-    dense = (4 * c.op_us + 2 * T * E * weights / c.dense_flops_per_us
-             + c.dense_weight_us_per_element * E * weights)
-    grouped = (c.ops_per_expert * c.op_us * experts_hit
-               + T * k * (d_in + d_out) * (2 * r / c.grouped_flops_per_us
-                                           + c.row_us_per_element)
-               + c.grouped_weight_us_per_element * experts_hit * weights
-               + c.idle_weight_us_per_element * (E - experts_hit) * weights)
-    return grouped < dense
 
 
 def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
