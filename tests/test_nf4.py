@@ -122,6 +122,39 @@ def test_a_short_last_block_divides_as_bitsandbytes(lead):
     assert t.data[-1].item() == 0xFF
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_the_cpu_decodes_a_large_weight_in_chunks_bit_for_bit(shape, blocksize, double_quant,
+                                                             monkeypatch):
+    """Over ``CPU_CHUNK`` values the CPU decodes whole blocks at a time into the output:
+    the one-pass values in every dtype, a short last chunk and an odd count included."""
+    t = nf4.quantize(_weight(shape, torch.float32), blocksize, double_quant)
+    one_pass = {dtype: nf4.dequantize_torch(t, dtype) for dtype in DTYPES}
+    chunk = 2 * blocksize
+    monkeypatch.setattr(nf4, "CPU_CHUNK", chunk)
+    decoded = []
+    original = nf4._decode
+    monkeypatch.setattr(nf4, "_decode",
+                        lambda t, start, stop, scales: decoded.append((start, stop))
+                        or original(t, start, stop, scales))
+    for dtype in DTYPES:
+        out = nf4.dequantize_torch(t, dtype)
+        assert out.dtype == dtype and out.shape == t.shape
+        assert torch.equal(out, one_pass[dtype])
+    n = t.numel
+    want = ([(a, min(a + chunk, n)) for a in range(0, n, chunk)] if n > chunk else [(0, n)])
+    assert decoded == want * len(DTYPES)
+
+
+def test_a_weight_over_one_chunk_dequantizes_as_bitsandbytes():
+    w = _weight((1031, 1029), torch.bfloat16)  # > CPU_CHUNK values, odd sizes
+    assert w.numel() > nf4.CPU_CHUNK
+    data, state = _bnb(w, 64, True)
+    t = nf4.quantize(w, 64, True)
+    assert torch.equal(nf4.dequantize(t, None), _bnb_dequantize(data, state))
+
+
 def test_dequantize_other_dtype_is_fp32_value_rounded():
     w = _weight((40, 72), torch.float32)
     t = nf4.quantize(w, 64, True)
