@@ -1,16 +1,17 @@
 """Fit the torch backend's CPU cost model to runs of ``benchmarks.cpu_strategy``.
 
-    python -m benchmarks.fit_cpu_strategy RUN.json [RUN.json ...] [--vendor ID]
+    python -m benchmarks.fit_cpu_strategy RUN.json [RUN.json ...] [--start VENDOR_ID]
         [--rounds 6] [--restarts 20]
 
-The runs must come from machines of one CPU vendor (``--vendor``, default the first run's
-``cpu_vendor``, or read from its ``device_name``). Starting from the constants in use for
-that vendor (:data:`datalora.ops.cpu_costs.COSTS`), coordinate descent multiplies one
-constant at a time by each of a few factors and keeps a change when it lowers the loss,
-then starts again from random perturbations of the best (seeded: the same runs give the
-same constants). The loss is the mean over every (run, shape) of ``log(time of the pick
-/ time of the faster strategy)`` (every shape counts alike, so single-token calls weigh as
-much as the largest).
+The runs must come from machines of one CPU vendor (a run's ``cpu_vendor``, or read from
+its ``device_name``). Starting from the constants in use for that vendor
+(:data:`datalora.ops.cpu_costs.COSTS`; ``--start`` names another vendor's), coordinate
+descent multiplies one constant at a time by each of a few factors and keeps a change when
+it lowers the loss, then starts again from random perturbations of the best (seeded: the
+same runs and start give the same constants); every point tried is rounded to two
+significant digits, as pasted. The loss is the mean over every (run, shape) of
+``log(time of the pick / time of the faster strategy)`` (every shape counts alike, so
+single-token calls weigh as much as the largest).
 Prints, per direction, the current and fitted constants with their loss and how many
 shapes each picks the faster strategy in, within 10 % of it in, and the worst pick, for
 pasting into ``COSTS``. Times nothing: seconds.
@@ -65,26 +66,34 @@ def run_vendor(result: dict) -> str | None:
 
 
 def load_shapes(paths: list[Path]) -> tuple[list[Shape], str | None]:
-    """Every timed row of the runs, and the first run's vendor (ValueError when runs of
-    two vendors are mixed)."""
-    shapes, vendors, hits = [], [], {}
+    """Every timed row of the runs, and their vendor (None when no run names one;
+    ValueError when runs of two vendors are mixed, a run is not a ``cpu_strategy`` result,
+    a time is not positive or a direction has no rows)."""
+    shapes, known, hits = [], set(), {}
     for path in paths:
         result = json.loads(path.read_text())
-        if result.get("schema") != "datalora.benchmarks.cpu_strategy/1":
+        if (not isinstance(result, dict)
+                or result.get("schema") != "datalora.benchmarks.cpu_strategy/1"
+                or not isinstance(result.get("results"), list)):
             raise ValueError(f"{path}: not a benchmarks.cpu_strategy result")
-        vendors.append(run_vendor(result))
+        known.add(run_vendor(result))
         for row in result["results"]:
+            if not (row["dense_ms"] > 0 and row["grouped_ms"] > 0):
+                raise ValueError(f"{path}: a row's times are not positive: {row}")
             key = (row["T"], row["d_in"], row["E"], row["r"], row["k"])
             if key not in hits:
                 hits[key] = experts_hit(*key)
             shapes.append(Shape(row["T"], row["d_in"], row["d_out"], row["E"], row["r"],
                                 row["k"], hits[key], row["mode"] == "bwd", row["dense_ms"],
                                 row["grouped_ms"]))
-    known = {vendor for vendor in vendors if vendor}
+    for backward, mode in ((False, "fwd"), (True, "bwd")):
+        if not any(s.backward == backward for s in shapes):
+            raise ValueError(f"the runs have no {mode} rows")
+    known.discard(None)
     if len(known) > 1:
         raise ValueError(f"the runs come from CPUs of {len(known)} vendors "
                          f"({', '.join(sorted(known))}): fit one vendor at a time")
-    return shapes, vendors[0] if vendors else None
+    return shapes, known.pop() if known else None
 
 
 def pick_ratios(shapes: list[Shape], costs: cpu_costs.StrategyCosts) -> list[float]:
@@ -111,7 +120,8 @@ def free_fields(backward: bool) -> list[str]:
 
 def candidates(costs: cpu_costs.StrategyCosts, fields: list[str]):
     """Every constant of ``fields`` changed alone by each factor, or to 0 unless a rate (a
-    zero one tried at small values; ``ops_per_expert`` stays a whole number >= 1)."""
+    zero one tried at small values; ``ops_per_expert`` stays a whole number >= 1), all
+    :func:`rounded`: the search stays on the constants it prints."""
     for name in fields:
         value = getattr(costs, name)
         if name == "ops_per_expert":
@@ -122,7 +132,7 @@ def candidates(costs: cpu_costs.StrategyCosts, fields: list[str]):
         else:  # a rate stays positive, a cost may drop out
             tries = [value * f for f in FACTORS] + ([] if "per_us" in name else [0.0])
         for new in tries:
-            yield dataclasses.replace(costs, **{name: new})
+            yield rounded(dataclasses.replace(costs, **{name: new}))
 
 
 def descend(shapes: list[Shape], start: cpu_costs.StrategyCosts, fields: list[str],
@@ -144,20 +154,21 @@ def descend(shapes: list[Shape], start: cpu_costs.StrategyCosts, fields: list[st
 def fit(shapes: list[Shape], start: cpu_costs.StrategyCosts, backward: bool, rounds: int,
         restarts: int, seed: int = 0) -> cpu_costs.StrategyCosts:
     """:func:`descend` from ``start``, then from ``restarts`` random perturbations of the
-    best so far (every free constant times a random factor; seeded), keeping the best;
-    returned :func:`rounded`.
+    best so far (every free constant times a random factor; seeded), keeping the best. Every
+    point tried is :func:`rounded`, so the result never loses to the (rounded) start.
     The loss is a step function of the constants, so a single descent stops at the first
     plateau it reaches."""
     fields = free_fields(backward)
-    best, best_loss = descend(shapes, start, fields, rounds)
+    best, best_loss = descend(shapes, rounded(start), fields, rounds)
     rng = random.Random(seed)
     for _ in range(restarts):
         moved = {name: getattr(best, name) * rng.choice(FACTORS) for name in fields
                  if name != "ops_per_expert"}
-        costs, value = descend(shapes, dataclasses.replace(best, **moved), fields, rounds)
+        costs, value = descend(shapes, rounded(dataclasses.replace(best, **moved)), fields,
+                               rounds)
         if value < best_loss - 1e-12:
             best, best_loss = costs, value
-    return rounded(best)
+    return best
 
 
 def rounded(costs: cpu_costs.StrategyCosts) -> cpu_costs.StrategyCosts:
@@ -179,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="cpu_strategy.json files")
-    parser.add_argument("--vendor", choices=sorted(VENDORS.values()),
-                        help="whose constants to start from (default: the runs')")
+    parser.add_argument("--start", choices=sorted(VENDORS.values()),
+                        help="the vendor whose constants to start from (default: the "
+                             "runs'; Intel's for runs of another or no known vendor)")
     parser.add_argument("--rounds", type=int, default=6,
                         help="passes of each coordinate descent at most (default 6)")
     parser.add_argument("--restarts", type=int, default=20,
@@ -195,13 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{path}: no such file")
     try:
         shapes, vendor = load_shapes(args.runs)
-    except (ValueError, KeyError, json.JSONDecodeError) as err:
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         parser.error(f"{type(err).__name__}: {err}")
-    vendor = args.vendor or vendor or cpu_costs.INTEL
-    print(f"{len(shapes)} timed shapes from {len(args.runs)} run(s), vendor {vendor}")
+    start_vendor = args.start or vendor or cpu_costs.INTEL
+    print(f"{len(shapes)} timed shapes from {len(args.runs)} run(s) on "
+          f"{vendor or 'an unknown vendor'}'s CPUs, starting from {start_vendor}'s constants")
     for backward in (False, True):
         subset = [s for s in shapes if s.backward == backward]
-        start = cpu_costs.strategy_costs(backward, vendor)
+        start = cpu_costs.strategy_costs(backward, start_vendor)
         fitted = fit(subset, start, backward, args.rounds, args.restarts)
         name = "backward" if backward else "forward"
         print(f"{name} now:    {describe(subset, start)}")

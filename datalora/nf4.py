@@ -432,7 +432,7 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
                and not torch.compiler.is_compiling())
     if not chunked:
         return _decode(t, 0, n, t.absmax_float()).to(dtype).view(t.shape)
-    out = torch.empty(n, dtype=dtype)
+    out = torch.empty(n, dtype=dtype, device=t.data.device)
     scales = t.absmax_float()
     step = CPU_CHUNK // t.blocksize * t.blocksize  # whole blocks (and bytes: blocks are even)
     for start in range(0, n, step):

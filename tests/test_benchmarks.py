@@ -899,13 +899,35 @@ def test_fitting_the_cpu_cost_model_recovers_the_picks_of_known_constants(tmp_pa
         before = fit_cpu_strategy.loss(subset, start[backward])
         fitted = fit_cpu_strategy.fit(subset, start[backward], backward, 6, 5)
         assert before > 0 and fit_cpu_strategy.loss(subset, fitted) < before / 2
-        assert fitted == fit_cpu_strategy.rounded(fitted)
+        assert fitted == fit_cpu_strategy.rounded(fitted)  # what gets printed is what won
         if not backward:
             assert fitted.idle_weight_us_per_element == 0  # not a forward cost
     assert fit_cpu_strategy.main([str(path), "--restarts", "2"]) == 0
     out = capsys.readouterr().out
-    assert "vendor AuthenticAMD" in out and "forward fitted: loss" in out
-    assert "StrategyCosts(op_us=" in out
+    assert "on AuthenticAMD's CPUs, starting from AuthenticAMD's constants" in out
+    assert "forward fitted: loss" in out and "StrategyCosts(op_us=" in out
+    assert fit_cpu_strategy.main([str(path), "--restarts", "0", "--start", "GenuineIntel"]) == 0
+    assert "starting from GenuineIntel's constants" in capsys.readouterr().out
+
+
+def test_a_fit_never_ends_worse_than_its_start(tmp_path):
+    """Every point the search tries is rounded as printed: no rounding after the search
+    can give back what it won (times from a step function of the constants)."""
+    import dataclasses
+
+    from benchmarks import fit_cpu_strategy
+    from datalora.ops import cpu_costs
+
+    start = cpu_costs.COSTS[cpu_costs.INTEL]
+    truth = [dataclasses.replace(c, op_us=c.op_us * 0.37, dense_flops_per_us=1.234e5)
+             for c in start]
+    shapes, _ = fit_cpu_strategy.load_shapes([_strategy_run(tmp_path / "run.json", truth)])
+    for backward in (False, True):
+        subset = [s for s in shapes if s.backward == backward]
+        for seed in range(4):
+            fitted = fit_cpu_strategy.fit(subset, start[backward], backward, 2, 3, seed)
+            assert (fit_cpu_strategy.loss(subset, fitted)
+                    <= fit_cpu_strategy.loss(subset, fit_cpu_strategy.rounded(start[backward])))
 
 
 def test_fitting_refuses_runs_of_two_vendors_and_bad_arguments(tmp_path, capsys):
@@ -917,14 +939,32 @@ def test_fitting_refuses_runs_of_two_vendors_and_bad_arguments(tmp_path, capsys)
                           device_name="Intel(R) Xeon(R) Processor")
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"schema": "something/1", "meta": {}, "results": []}))
+    rows = json.loads(amd.read_text())
+    broken = {}
+    for name, change in [("empty", lambda r: r.update(results=[])),
+                         ("null", lambda r: r.update(results=None)),
+                         ("forward_only", lambda r: r.update(
+                             results=[x for x in r["results"] if x["mode"] == "fwd"])),
+                         ("zero_time", lambda r: r["results"][3].update(dense_ms=0.0))]:
+        run = json.loads(json.dumps(rows))
+        change(run)
+        broken[name] = tmp_path / f"{name}.json"
+        broken[name].write_text(json.dumps(run))
     for argv, message in [([str(amd), str(intel)], "fit one vendor at a time"),
                           ([str(other)], "not a benchmarks.cpu_strategy result"),
+                          ([str(broken["empty"])], "the runs have no fwd rows"),
+                          ([str(broken["null"])], "not a benchmarks.cpu_strategy result"),
+                          ([str(broken["forward_only"])], "the runs have no bwd rows"),
+                          ([str(broken["zero_time"])], "a row's times are not positive"),
                           ([str(tmp_path / "missing.json")], "no such file"),
                           ([str(amd), "--rounds", "0"], "--rounds: expected >= 1, got 0"),
                           ([str(amd), "--restarts", "-1"], "--restarts: expected >= 0")]:
         with pytest.raises(SystemExit) as exit_info:
             fit_cpu_strategy.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    unnamed = _strategy_run(tmp_path / "unnamed.json", cpu_costs.COSTS[cpu_costs.AMD],
+                            device_name="some CPU")
+    assert fit_cpu_strategy.load_shapes([unnamed, amd])[1] == cpu_costs.AMD  # the known one
 
 
 def test_decode_benchmark_times_every_method_with_pruning_active(tmp_path, capsys):

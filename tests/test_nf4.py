@@ -139,8 +139,9 @@ def test_the_cpu_decodes_a_large_weight_in_chunks_bit_for_bit(shape, blocksize, 
                         lambda t, start, stop, scales: decoded.append((start, stop))
                         or original(t, start, stop, scales))
     for dtype in DTYPES:
-        out = nf4.dequantize_torch(t, dtype)
-        assert out.dtype == dtype and out.shape == t.shape
+        with torch.device("meta"):  # the output follows the weight, not the default device
+            out = nf4.dequantize_torch(t, dtype)
+        assert out.dtype == dtype and out.shape == t.shape and out.device == t.device
         assert torch.equal(out, one_pass[dtype])
     n = t.numel
     want = ([(a, min(a + chunk, n)) for a in range(0, n, chunk)] if n > chunk else [(0, n)])

@@ -947,6 +947,7 @@ def test_each_cpu_vendor_has_its_cost_model_and_another_gets_intels():
     ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n", "AuthenticAMD"),
     ("processor\t: 0\nmodel name\t: something\n", "PROCESSOR"),
     (OSError("no /proc"), "PROCESSOR"),
+    (OSError("Windows"), "AuthenticAMD"),
 ])
 def test_the_cpu_vendor_comes_from_cpuinfo_else_platform(cpuinfo, want, monkeypatch):
     class FakePath:
@@ -959,7 +960,9 @@ def test_the_cpu_vendor_comes_from_cpuinfo_else_platform(cpuinfo, want, monkeypa
             return cpuinfo
 
     monkeypatch.setattr(cpu_costs, "Path", FakePath)
-    monkeypatch.setattr(cpu_costs.platform, "processor", lambda: "PROCESSOR")
+    processor = ("AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD" if str(cpuinfo) == "Windows"
+                 else "PROCESSOR")
+    monkeypatch.setattr(cpu_costs.platform, "processor", lambda: processor)
     cpu_costs.cpu_vendor.cache_clear()
     try:
         assert cpu_costs.cpu_vendor() == want

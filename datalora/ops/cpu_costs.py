@@ -3,11 +3,12 @@
 The two strategies (see :mod:`datalora.ops.torch_backend`) trade arithmetic for GEMM shape:
 dense runs ``E/k`` times the routed FLOPs in two wide GEMMs (N or K = ``E*r``), grouped the
 routed FLOPs only, in narrow per-expert GEMMs (N or K = ``r``) plus row gathers and
-``index_add_``. Which wins depends on how fast the CPU's BLAS runs narrow GEMMs next to
-wide ones, and that differs by vendor: torch's x86 builds call MKL, whose rank-16 GEMMs on
-an AMD EPYC ran at 43 GFLOP/s against 175 for the dense strategy's (T = d = 2048, E = 8,
-r = 16, k = 2: grouped 1.44x slower there, on an Intel Xeon 5 % faster). So the constants
-are fitted per vendor (``/proc/cpuinfo``'s ``vendor_id``), each to runs of
+``index_add_``. Which wins depends on how fast the CPU's BLAS (MKL in torch's x86 builds)
+runs narrow GEMMs next to wide ones, and that differs by machine type: on an AMD EPYC the
+rank-16 GEMMs of T = d = 2048, E = 8, r = 16, k = 2 ran at 43-110 GFLOP/s (unsteady between
+processes) against ~175 for the dense strategy's wide ones, and constants fitted on an
+Intel Xeon lost time there, as the AMD ones do on the Xeon (benchmarks/RESULTS.md). So the
+constants are fitted per vendor (``/proc/cpuinfo``'s ``vendor_id``), each to runs of
 ``python -m benchmarks.cpu_strategy`` on that vendor's machine
 (``python -m benchmarks.fit_cpu_strategy`` refits them); another vendor gets Intel's.
 """
@@ -59,14 +60,16 @@ COSTS = {
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...: ``/proc/cpuinfo``),
-    else what ``platform`` knows (``""`` when nothing does)."""
+    else a vendor id ``platform.processor()`` contains (Windows: ``"AMD64 Family 25 ...,
+    AuthenticAMD"``), else that string (``""`` when nothing is known)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    processor = platform.processor()
+    return next((vendor for vendor in COSTS if vendor in processor), processor)
 
 
 def strategy_costs(backward: bool, vendor: str | None = None) -> StrategyCosts:

@@ -68,8 +68,9 @@ def choose_strategy(x: torch.Tensor, d_out: int, tables: RoutingTables,
     tables are cached, see :func:`routing_tables`, else per call; a loop over the experts
     with routes, their counts read on the host). Grouped runs on the CPU only, for fp32 /
     fp64 (in 16-bit it would round each route's output before adding it), where
-    :func:`grouped_is_cheaper` expects it to be faster (in the measured grid: ``E/k >= 4``
-    and ``r >= 16`` on large calls, and single-token forwards);
+    :func:`grouped_is_cheaper` expects it to be faster with this CPU vendor's constants (in
+    the measured grids: many experts per route or a large rank on large calls, most
+    single-token calls);
     ``DATALORA_SHRINK_STRATEGY`` (``dense`` / ``grouped``) overrides the choice there.
     Elsewhere (CUDA, where the counts would cost a host sync) it is always dense. The
     counts are read only when the pick depends on them (how many experts have routes).
