@@ -883,6 +883,83 @@ def test_the_skippable_forwards_last_one_cached_forward():
     assert not any("forward" in layer.__dict__ for layer in layers)
 
 
+def test_overlapping_cached_forwards_keep_the_skippable_forwards_until_the_last_ends():
+    """Two cached forwards in flight at once (two threads): the first to end took the
+    pruned layers' skipping forward from the other, and two ends could race on one
+    ``del`` (KeyError in the always-called finish hook). Each forward is counted in and
+    out; the last one out removes them."""
+    from datalora.pruning import find_decoder_layers
+    from datalora.pruning.runtime import _Context, _SkippableForward
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    runtime = model.runtime
+    layers = find_decoder_layers(model.base_model)
+    first, second = (_Context(attention_mask=None, cache="new") for _ in range(2))
+    runtime._put_skippable_forwards(first, runtime.model)
+    installed = [layers[i].__dict__["forward"] for i in (1, 2)]
+    runtime._put_skippable_forwards(second, runtime.model)
+    assert [layers[i].__dict__["forward"] for i in (1, 2)] == installed  # shared
+    assert second.skippable_layers == [layers[1], layers[2]]
+    runtime._remove_skippable_forwards(first)
+    assert [layers[i].__dict__.get("forward") for i in (1, 2)] == installed
+    runtime._remove_skippable_forwards(second)
+    assert not any("forward" in layer.__dict__ for layer in layers)
+    assert runtime._skippable_users == {}
+    stale = _SkippableForward(runtime, layers[1])  # left by a forward that never ended
+    layers[1].forward = stale
+    runtime._put_skippable_forwards(first, runtime.model)
+    assert layers[1].__dict__["forward"] is not stale
+    runtime._remove_skippable_forwards(first)
+    assert "forward" not in layers[1].__dict__
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_model_copied_while_a_cached_forward_runs_is_bound_to_its_own_layers(how,
+                                                                              monkeypatch):
+    """A copy taken while another thread's cached forward ran: pickling failed on the
+    skipping forward's weak reference, and a deep copy's pruned layers called the original
+    model's layers (a plain forward of the copy then raised). The copy's skipping forwards
+    are bound to its own layers and runtime, run them, and go with its first cached
+    forward."""
+    import copy
+    import io
+
+    from datalora.hf_compat import cache_kwargs
+    from datalora.pruning import find_decoder_layers
+    from datalora.pruning.runtime import DATALORARuntime, _SkippableForward
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    copies = []
+    skip_or_run = DATALORARuntime._skip_or_run
+
+    def copy_first(self, layer, *args, **kwargs):
+        if not copies:  # mid-forward: the skipping forwards are on the layers
+            if how == "deepcopy":
+                copies.append(copy.deepcopy(model))
+            else:
+                buffer = io.BytesIO()
+                torch.save(model, buffer)
+                buffer.seek(0)
+                copies.append(torch.load(buffer, weights_only=False))
+        return skip_or_run(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(DATALORARuntime, "_skip_or_run", copy_first)
+    ids = _ids(2, 7, seed=4)
+    with torch.no_grad():
+        model(input_ids=_ids(1, 5), use_cache=True,
+              **cache_kwargs(model, DynamicCache(config=model.config)))
+        copied = copies[0]
+        layers = find_decoder_layers(copied.base_model)
+        for i in (1, 2):
+            stale = layers[i].__dict__["forward"]
+            assert isinstance(stale, _SkippableForward)
+            assert stale._layer() is layers[i] and stale.runtime is copied.runtime
+        assert torch.equal(copied(input_ids=ids).logits, model(input_ids=ids).logits)
+        copied(input_ids=_ids(1, 5), use_cache=True,
+               **cache_kwargs(copied, DynamicCache(config=copied.config)))
+    assert not any("forward" in layer.__dict__ for layer in layers)
+
+
 def test_a_hook_changing_a_skipped_layers_output_in_place_changes_only_it(monkeypatch):
     """A skipped layer returns a copy of its input: a forward hook editing a pruned layer's
     output in place (activation patching) leaves the bypass as it was, as when the layers

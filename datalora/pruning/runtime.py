@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import threading
@@ -164,10 +165,14 @@ class _PackedPrefillCache:
 
 
 class _SkippableForward:
-    """The forward a cached DATALORA forward puts on each decoder layer of the pruned range
-    for its duration (an instance attribute, called by ``nn.Module.__call__`` between the
-    layer's hooks; removed when the forward ends): :meth:`DATALORARuntime._skip_or_run`.
-    Holds the layer weakly (the layer holds this while it is set)."""
+    """The forward cached DATALORA forwards put on each decoder layer of the pruned range
+    while any of them runs (an instance attribute, called by ``nn.Module.__call__`` between
+    the layer's hooks; removed when the last of them ends, see
+    :meth:`DATALORARuntime._put_skippable_forwards`): :meth:`DATALORARuntime._skip_or_run`,
+    which skips only in the calling thread's forward. Holds the layer weakly (the layer
+    holds this while it is set); a model pickled or deep-copied while another thread runs
+    it gets one bound to its own layer and runtime (it runs the layer's forward until a
+    cached forward of the copy replaces it)."""
 
     __slots__ = ("runtime", "_layer")
 
@@ -177,6 +182,13 @@ class _SkippableForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.runtime._skip_or_run(self._layer(), *args, **kwargs)
+
+    def __reduce__(self):
+        return _SkippableForward, (self.runtime, self._layer())
+
+    def __deepcopy__(self, memo: dict) -> _SkippableForward:
+        return _SkippableForward(copy.deepcopy(self.runtime, memo),
+                                 copy.deepcopy(self._layer(), memo))
 
 
 GRADIENT_CHECKPOINTING_REFUSED = (
@@ -240,6 +252,9 @@ class DATALORARuntime:
         self.keep_last = keep_last
         self.last: ForwardRecord | None = None
         self._local = threading.local()  # the forward in progress, one per thread
+        # decoder layer -> cached forwards (of any thread) running with its skippable forward
+        self._skippable_users: dict[nn.Module, int] = {}
+        self._skippable_lock = threading.Lock()
         self._warned = False
         self._warned_train_cache = False
         self.threshold_calibrated_for(None)
@@ -271,7 +286,8 @@ class DATALORARuntime:
         # copy.deepcopy (of the DATALORAModel holding this runtime) refuses; the model goes
         # in as an object, so that a copy refers to the copied model
         state = self.__dict__.copy()
-        state["last"] = state["_local"] = None
+        state["last"] = state["_local"] = state["_skippable_lock"] = None
+        state["_skippable_users"] = {}  # forwards in progress elsewhere are not the copy's
         state["_model"] = self.model
         return state
 
@@ -279,10 +295,12 @@ class DATALORARuntime:
         state.setdefault("_target_retention", None)  # a runtime pickled before it existed
         state.setdefault("_compiled_width", state["retention"])
         state.setdefault("_returns_tensor", {})
+        state["_skippable_users"] = {}
         self.__dict__.update(state)
         model = state["_model"]
         self._model = (lambda: None) if model is None else weakref.ref(model)
         self._local = threading.local()
+        self._skippable_lock = threading.Lock()
 
     @property
     def attn_implementation(self) -> str:
@@ -407,24 +425,37 @@ class DATALORARuntime:
     def _put_skippable_forwards(self, ctx: _Context, model: nn.Module) -> None:
         """Puts a :class:`_SkippableForward` on each decoder layer of ``model`` (the model
         this forward runs: a ``nn.DataParallel`` replica's own) in the pruned range that
-        has no instance ``forward`` (accelerate's hooks set one: then no layer skips)."""
+        has no instance ``forward`` (accelerate's hooks set one: then no layer skips), or
+        counts this forward in where another thread's forward put one; under a lock, so
+        that one thread's forward ending never takes away what another's still uses."""
         layers = find_decoder_layers(model)
         if len(layers) < self.end:
             return
-        for i in range(self.start, self.end):
-            own = layers[i].__dict__.get("forward")
-            if own is not None and not isinstance(own, _SkippableForward):  # left by a
-                return  # forward that failed before it ended: replaced below
-        for i in range(self.start, self.end):
-            layers[i].forward = _SkippableForward(self, layers[i])
-            ctx.skippable_layers.append(layers[i])
+        pruned = [layers[i] for i in range(self.start, self.end)]
+        with self._skippable_lock:
+            for layer in pruned:
+                own = layer.__dict__.get("forward")
+                if own is not None and not isinstance(own, _SkippableForward):  # one left
+                    return  # by a forward that failed before it ended is replaced below
+            for layer in pruned:
+                users = self._skippable_users.get(layer, 0)
+                if not users:
+                    layer.forward = _SkippableForward(self, layer)
+                self._skippable_users[layer] = users + 1
+                ctx.skippable_layers.append(layer)
 
-    @staticmethod
-    def _remove_skippable_forwards(ctx: _Context) -> None:
-        for layer in ctx.skippable_layers:
-            if isinstance(layer.__dict__.get("forward"), _SkippableForward):
-                del layer.__dict__["forward"]
-        ctx.skippable_layers = []
+    def _remove_skippable_forwards(self, ctx: _Context) -> None:
+        """Counts this forward out; the last one out removes the layers' forwards."""
+        if not ctx.skippable_layers:  # none put (e.g. while compiling: no lock to trace)
+            return
+        with self._skippable_lock:
+            for layer in ctx.skippable_layers:
+                users = self._skippable_users.pop(layer, 1) - 1
+                if users:
+                    self._skippable_users[layer] = users
+                elif isinstance(layer.__dict__.get("forward"), _SkippableForward):
+                    del layer.__dict__["forward"]
+            ctx.skippable_layers = []
 
     def _layers_write(self, ctx: _Context, cache: Any) -> bool:
         """Whether the pruned layers write ``cache`` in a way this runtime may take over:
