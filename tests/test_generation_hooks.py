@@ -913,6 +913,62 @@ def test_overlapping_cached_forwards_keep_the_skippable_forwards_until_the_last_
     assert "forward" not in layers[1].__dict__
 
 
+def test_threads_generating_at_once_get_the_sequential_answers():
+    """Greedy generation (batch-1 steps skip the pruned layers; a padded batch of 2),
+    cached and plain forwards from three threads at once, interleaved often: each result
+    is the one it has alone, no call fails, and no layer keeps a skipping forward."""
+    import sys
+    import threading
+
+    from datalora.pruning import find_decoder_layers
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    jobs = []
+    for i in range(3):
+        prompt, batch = _ids(1, 4 + i, seed=10 + i), _ids(2, 7, seed=20 + i)
+        mask = torch.ones_like(batch)
+        mask[1, :i + 1] = 0  # left padding
+        jobs += [lambda p=prompt: model.generate(p, max_new_tokens=8, **greedy),
+                 lambda b=batch, m=mask: model.generate(b, attention_mask=m, max_new_tokens=5,
+                                                        **greedy),
+                 lambda b=batch: model(input_ids=b, use_cache=True).logits,
+                 lambda b=batch: model(input_ids=b).logits]
+    with torch.no_grad():
+        want = [job() for job in jobs]
+    got, errors = {}, []
+
+    def work(first):
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    for i in range(first, len(jobs), 3):
+                        got.setdefault(i, []).append(jobs[i]())
+        except Exception as exc:  # reported below: a thread's exception is not raised
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    for i, results in got.items():
+        for result in results:
+            if result.dtype == torch.long:
+                assert torch.equal(result, want[i]), i
+            else:
+                torch.testing.assert_close(result, want[i], rtol=1e-5, atol=1e-5)
+    assert sorted(got) == list(range(len(jobs)))
+    assert not any("forward" in layer.__dict__
+                   for layer in find_decoder_layers(model.base_model))
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_model_copied_while_a_cached_forward_runs_is_bound_to_its_own_layers(how,
                                                                               monkeypatch):
