@@ -904,13 +904,86 @@ def test_overlapping_cached_forwards_keep_the_skippable_forwards_until_the_last_
     assert [layers[i].__dict__.get("forward") for i in (1, 2)] == installed
     runtime._remove_skippable_forwards(second)
     assert not any("forward" in layer.__dict__ for layer in layers)
-    assert runtime._skippable_users == {}
+    assert len(runtime._skippable_users) == 0
     stale = _SkippableForward(runtime, layers[1])  # left by a forward that never ended
     layers[1].forward = stale
     runtime._put_skippable_forwards(first, runtime.model)
     assert layers[1].__dict__["forward"] is not stale
     runtime._remove_skippable_forwards(first)
     assert "forward" not in layers[1].__dict__
+
+
+def test_a_cached_forward_interrupted_by_ctrl_c_stops_counting_once_dropped():
+    """torch skips always_call hooks on a KeyboardInterrupt: the interrupted forward never
+    counted itself out, so its skipping forwards stayed on the layers for good and the
+    runtime held the layers (a model deleted later waited for the cyclic collector)."""
+    import gc
+    import weakref
+
+    from datalora.pruning import find_decoder_layers
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    layers = find_decoder_layers(model.base_model)
+    greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    calls = []
+
+    def interrupt(layer, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    hook = layers[0].register_forward_pre_hook(interrupt)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model.generate(_ids(1, 5), max_new_tokens=6, **greedy)
+    hook.remove()
+    assert all("forward" in layers[i].__dict__ for i in (1, 2))  # left by the interrupt
+    with torch.no_grad():
+        model.generate(_ids(1, 5), max_new_tokens=4, **greedy)
+    assert not any("forward" in layer.__dict__ for layer in layers)
+    assert len(model.runtime._skippable_users) == 0
+    gc.collect()
+    gc.disable()
+    try:
+        refs = [weakref.ref(model), weakref.ref(layers[1]), weakref.ref(model.runtime)]
+        del model, layers
+        assert [ref() is None for ref in refs] == [True, True, True]
+    finally:
+        gc.enable()
+
+
+def _replicate(module):
+    """What ``nn.parallel.replicate`` does to each module (a shallow copy of its
+    ``__dict__``), without devices: the replica shares the parameters."""
+    replica = module._replicate_for_data_parallel()
+    replica._parameters = dict(module._parameters)  # replicate sets each device's copies
+    for name, child in module._modules.items():
+        replica._modules[name] = None if child is None else _replicate(child)
+    return replica
+
+
+def test_a_replicas_layers_drop_the_skipping_forward_copied_from_the_original():
+    """A DataParallel replica made while another thread's cached forward runs copies the
+    original layers' skipping forward, bound to the original layers: a plain forward of
+    the replica ran those (on another device in a real replica)."""
+    from datalora.pruning import find_decoder_layers
+    from datalora.pruning.runtime import _Context
+
+    model = _calibrated(_model(prune_layers=(1, 3)))
+    runtime = model.runtime
+    other = _Context(attention_mask=None, cache="new")
+    runtime._put_skippable_forwards(other, runtime.model)  # another thread's forward
+    replica = _replicate(runtime.model)
+    originals = find_decoder_layers(runtime.model)
+    copies = find_decoder_layers(replica)
+    assert all(copies[i].__dict__["forward"]._layer() is originals[i] for i in (1, 2))
+    ids = _ids(2, 6, seed=2)
+    with torch.no_grad():
+        got = replica(input_ids=ids).logits
+    assert not any("forward" in layer.__dict__ for layer in copies)
+    assert all("forward" in originals[i].__dict__ for i in (1, 2))  # the other's stay
+    runtime._remove_skippable_forwards(other)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(input_ids=ids).logits)
 
 
 def test_threads_generating_at_once_get_the_sequential_answers():

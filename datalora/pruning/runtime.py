@@ -98,7 +98,7 @@ class ForwardRecord:
         return float(self.kept[self.valid].float().mean()) if self.valid.any() else 1.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (a WeakSet member)
 class _Context:
     attention_mask: torch.Tensor | None
     cache: Any
@@ -252,8 +252,11 @@ class DATALORARuntime:
         self.keep_last = keep_last
         self.last: ForwardRecord | None = None
         self._local = threading.local()  # the forward in progress, one per thread
-        # decoder layer -> cached forwards (of any thread) running with its skippable forward
-        self._skippable_users: dict[nn.Module, int] = {}
+        # decoder layer -> the contexts of the cached forwards (of any thread) running with
+        # its skipping forward: weak both ways, so that a forward that never ended (Ctrl-C:
+        # torch skips always_call hooks on a KeyboardInterrupt) stops counting once its
+        # thread drops the context, and no layer is kept alive
+        self._skippable_users = weakref.WeakKeyDictionary()
         self._skippable_lock = threading.Lock()
         self._warned = False
         self._warned_train_cache = False
@@ -287,7 +290,7 @@ class DATALORARuntime:
         # in as an object, so that a copy refers to the copied model
         state = self.__dict__.copy()
         state["last"] = state["_local"] = state["_skippable_lock"] = None
-        state["_skippable_users"] = {}  # forwards in progress elsewhere are not the copy's
+        state["_skippable_users"] = None  # forwards in progress elsewhere are not the copy's
         state["_model"] = self.model
         return state
 
@@ -295,7 +298,7 @@ class DATALORARuntime:
         state.setdefault("_target_retention", None)  # a runtime pickled before it existed
         state.setdefault("_compiled_width", state["retention"])
         state.setdefault("_returns_tensor", {})
-        state["_skippable_users"] = {}
+        state["_skippable_users"] = weakref.WeakKeyDictionary()
         self.__dict__.update(state)
         model = state["_model"]
         self._model = (lambda: None) if model is None else weakref.ref(model)
@@ -438,10 +441,11 @@ class DATALORARuntime:
                 if own is not None and not isinstance(own, _SkippableForward):  # one left
                     return  # by a forward that failed before it ended is replaced below
             for layer in pruned:
-                users = self._skippable_users.get(layer, 0)
-                if not users:
+                users = self._skippable_users.get(layer)
+                if not users:  # none, or only forwards that never ended: put a fresh one
+                    users = self._skippable_users[layer] = weakref.WeakSet()
                     layer.forward = _SkippableForward(self, layer)
-                self._skippable_users[layer] = users + 1
+                users.add(ctx)
                 ctx.skippable_layers.append(layer)
 
     def _remove_skippable_forwards(self, ctx: _Context) -> None:
@@ -450,12 +454,26 @@ class DATALORARuntime:
             return
         with self._skippable_lock:
             for layer in ctx.skippable_layers:
-                users = self._skippable_users.pop(layer, 1) - 1
+                users = self._skippable_users.get(layer)
+                if users is not None:
+                    users.discard(ctx)
                 if users:
-                    self._skippable_users[layer] = users
-                elif isinstance(layer.__dict__.get("forward"), _SkippableForward):
+                    continue
+                self._skippable_users.pop(layer, None)
+                if isinstance(layer.__dict__.get("forward"), _SkippableForward):
                     del layer.__dict__["forward"]
             ctx.skippable_layers = []
+
+    def _drop_copied_skippable_forwards(self, model: nn.Module) -> None:
+        """Removes from ``model``'s pruned layers a skipping forward bound to another layer:
+        an ``nn.DataParallel`` replica copies each module's ``__dict__``, so its layers
+        carry the original's while another thread's cached forward runs, and a plain
+        forward of the replica would run the original layers (on another device)."""
+        layers = find_decoder_layers(model)
+        for layer in layers[self.start:self.end]:
+            own = layer.__dict__.get("forward")
+            if isinstance(own, _SkippableForward) and own._layer() is not layer:
+                del layer.__dict__["forward"]
 
     def _layers_write(self, ctx: _Context, cache: Any) -> bool:
         """Whether the pruned layers write ``cache`` in a way this runtime may take over:
@@ -535,6 +553,8 @@ class DATALORARuntime:
     # ------------------------------------------------------------------ hooks
 
     def _begin(self, module, args, kwargs):
+        if not torch.compiler.is_compiling() and module is not self.model:
+            self._drop_copied_skippable_forwards(module)  # a replica's
         if module.training and _activation_checkpointing(module):
             raise ValueError(GRADIENT_CHECKPOINTING_REFUSED)
         router_logits = kwargs.get("output_router_logits")
