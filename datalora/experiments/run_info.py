@@ -9,6 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from datalora.ops.cpu_costs import cpuinfo_field
+
 __all__ = ["cpu_model", "git_commit", "package_version", "provenance"]
 
 GIT_COMMIT_ENV = "DATALORA_GIT_COMMIT"
@@ -46,13 +48,7 @@ def git_commit(root: Path = CHECKOUT) -> tuple[str | None, bool | None]:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def package_version(module: str) -> str | None:

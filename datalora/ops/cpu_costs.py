@@ -57,17 +57,26 @@ COSTS = {
 }
 
 
+def cpuinfo_field(key: str) -> str | None:
+    """The first ``key`` line's value in ``/proc/cpuinfo`` (None without that file or
+    line: not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...: ``/proc/cpuinfo``),
     else a vendor id ``platform.processor()`` contains (Windows: ``"AMD64 Family 25 ...,
     AuthenticAMD"``), else that string (``""`` when nothing is known)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    vendor = cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
     processor = platform.processor()
     return next((vendor for vendor in COSTS if vendor in processor), processor)
 
