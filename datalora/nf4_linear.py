@@ -71,12 +71,23 @@ class _NF4LinearFn(torch.autograd.Function):
     def forward(ctx, x, bias, t):
         ctx.t = t
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, nf4.dequantize(t, x.dtype), None if bias is None else bias.to(x.dtype))
+        bias = None if bias is None else bias.to(x.dtype)
+        rows = nf4.cpu_row_chunk(t, x.dtype)
+        if rows is None:
+            return F.linear(x, nf4.dequantize(t, x.dtype), bias)
+        out = nf4.linear_in_chunks(x.reshape(-1, t.shape[1]), t, rows)
+        out = out.view(*x.shape[:-1], t.shape[0])
+        return out if bias is None else out.add_(bias)
 
     @staticmethod
     def backward(ctx, grad):
         dx = dbias = None
-        if ctx.needs_input_grad[0]:
+        rows = nf4.cpu_row_chunk(ctx.t, grad.dtype)
+        if ctx.needs_input_grad[0] and rows is not None:
+            d_out, d_in = ctx.t.shape
+            dx = nf4.grad_input_in_chunks(grad.reshape(-1, d_out), ctx.t, rows)
+            dx = dx.view(*grad.shape[:-1], d_in)
+        elif ctx.needs_input_grad[0]:
             dx = grad @ nf4.dequantize(ctx.t, grad.dtype)
         if ctx.needs_input_grad[1]:
             dbias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)

@@ -1083,3 +1083,42 @@ def test_double_quant_tensors_own_their_storage(tmp_path):
                        F.create_dynamic_map())
     t.quant_state().code.zero_()
     assert nf4.NF4_CODE[0] == -1.0
+
+
+@pytest.mark.parametrize("shape, blocksize, bias", [((70, 100), 64, True), ((45, 96), 128, False),
+                                                    ((33, 130), 64, True)])
+def test_a_large_fp32_nf4_layer_multiplies_a_chunk_of_rows_at_a_time(shape, blocksize, bias,
+                                                                     monkeypatch):
+    """On the CPU an fp32 weight over ``CPU_CHUNK`` values is decoded and multiplied a
+    block-aligned chunk of rows at a time, forward and backward (a short last chunk
+    included): the whole weight's values, no whole fp32 copy."""
+    d_out, d_in = shape
+    q = NF4Linear.from_linear(_linear(d_in, d_out, bias), blocksize, True)
+    monkeypatch.setattr(nf4, "CPU_CHUNK", 2 * blocksize)
+    with torch.enable_grad():  # recording autograd: the whole-weight path
+        assert nf4.cpu_row_chunk(q.weight, torch.float32) is None
+    with torch.no_grad():
+        rows = nf4.cpu_row_chunk(q.weight, torch.float32)
+        assert rows < d_out and rows * d_in % blocksize == 0
+        assert nf4.cpu_row_chunk(q.weight, torch.bfloat16) is None
+    chunked = []
+    for name in ("linear_in_chunks", "grad_input_in_chunks"):
+        original = getattr(nf4, name)
+        monkeypatch.setattr(nf4, name, lambda *a, _f=original, _n=name: chunked.append(_n)
+                            or _f(*a))
+    x = torch.randn(2, 5, d_in, requires_grad=True)
+    y = q(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert chunked == ["linear_in_chunks", "grad_input_in_chunks"]
+    weight = nf4.dequantize(q.weight, torch.float32)
+    x_ref = x.detach().clone().requires_grad_()
+    want = torch.nn.functional.linear(x_ref, weight, q.bias)
+    want.backward(grad)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    # a differentiable backward (create_graph) records autograd: the whole weight
+    x2 = torch.randn(3, d_in, requires_grad=True)
+    (g,) = torch.autograd.grad(q(x2).pow(2).sum(), x2, create_graph=True)
+    g.sum().backward()
+    assert x2.grad is not None and torch.isfinite(x2.grad).all()
