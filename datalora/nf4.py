@@ -457,15 +457,21 @@ def cpu_row_chunk(t: NF4Tensor, dtype: torch.dtype) -> int | None:
     return max(align, CPU_CHUNK // d_in // align * align)
 
 
-def linear_in_chunks(x: torch.Tensor, t: NF4Tensor, rows: int) -> torch.Tensor:
-    """``x [T, d_in] @ dequantize(t, fp32)^T -> [T, d_out]``, ``rows`` rows of the weight
-    at a time (:func:`cpu_row_chunk`); each output column is the whole GEMM's dot product."""
+def _row_chunks(t: NF4Tensor, rows: int):
+    """``(start, stop, weight rows [start, stop) in fp32)`` of a 2-D weight, ``rows`` at a
+    time (``rows`` from :func:`cpu_row_chunk`)."""
     d_out, d_in = t.shape
-    out = x.new_empty(x.shape[0], d_out)
     scales = t.absmax_float()
     for start in range(0, d_out, rows):
         stop = min(start + rows, d_out)
-        weight = _decode(t, start * d_in, stop * d_in, scales).view(stop - start, d_in)
+        yield start, stop, _decode(t, start * d_in, stop * d_in, scales).view(-1, d_in)
+
+
+def linear_in_chunks(x: torch.Tensor, t: NF4Tensor, rows: int) -> torch.Tensor:
+    """``x [T, d_in] @ dequantize(t, fp32)^T -> [T, d_out]``, ``rows`` rows of the weight
+    at a time (:func:`cpu_row_chunk`); each output column is the whole GEMM's dot product."""
+    out = x.new_empty(x.shape[0], t.shape[0])
+    for start, stop, weight in _row_chunks(t, rows):
         torch.mm(x, weight.T, out=out[:, start:stop])
     return out
 
@@ -473,12 +479,8 @@ def linear_in_chunks(x: torch.Tensor, t: NF4Tensor, rows: int) -> torch.Tensor:
 def grad_input_in_chunks(grad: torch.Tensor, t: NF4Tensor, rows: int) -> torch.Tensor:
     """``grad [T, d_out] @ dequantize(t, fp32) -> [T, d_in]``, ``rows`` rows of the weight
     at a time (:func:`cpu_row_chunk`), accumulated in fp32."""
-    d_out, d_in = t.shape
-    out = grad.new_zeros(grad.shape[0], d_in)
-    scales = t.absmax_float()
-    for start in range(0, d_out, rows):
-        stop = min(start + rows, d_out)
-        weight = _decode(t, start * d_in, stop * d_in, scales).view(stop - start, d_in)
+    out = grad.new_zeros(grad.shape[0], t.shape[1])
+    for start, stop, weight in _row_chunks(t, rows):
         out.addmm_(grad[:, start:stop], weight)
     return out
 
