@@ -427,18 +427,28 @@ def dequantize_torch(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Te
     real tensors) a weight of more than :data:`CPU_CHUNK` values is decoded a chunk at a
     time into the output: the same values, bit for bit."""
     dtype = t.dtype if dtype is None else dtype
-    n = t.numel
-    chunked = (n > CPU_CHUNK and t.data.device.type == "cpu" and type(t.data) is torch.Tensor
-               and not torch.compiler.is_compiling())
-    if not chunked:
-        return _decode(t, 0, n, t.absmax_float()).to(dtype).view(t.shape)
-    out = torch.empty(n, dtype=dtype, device=t.data.device)
-    scales = t.absmax_float()
-    step = CPU_CHUNK // t.blocksize * t.blocksize  # whole blocks (and bytes: blocks are even)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        out[start:stop].copy_(_decode(t, start, stop, scales))
+    if not _decodes_in_chunks(t):
+        return _decode(t, 0, t.numel, t.absmax_float()).to(dtype).view(t.shape)
+    out = torch.empty(t.numel, dtype=dtype, device=t.data.device)
+    for start, stop, values in _chunks(t, CPU_CHUNK // t.blocksize * t.blocksize):
+        out[start:stop].copy_(values)
     return out.view(t.shape)
+
+
+def _decodes_in_chunks(t: NF4Tensor) -> bool:
+    """Whether ``t`` is decoded :data:`CPU_CHUNK` values at a time: more of them, in a real
+    CPU tensor, in eager mode (a traced graph would unroll the loop)."""
+    return (t.numel > CPU_CHUNK and t.data.device.type == "cpu"
+            and type(t.data) is torch.Tensor and not torch.compiler.is_compiling())
+
+
+def _chunks(t: NF4Tensor, step: int):
+    """``(start, stop, fp32 values [start, stop))`` of the flat weight, ``step`` values (a
+    whole number of blocks, so of bytes: blocks are even) at a time."""
+    scales = t.absmax_float()
+    for start in range(0, t.numel, step):
+        stop = min(start + step, t.numel)
+        yield start, stop, _decode(t, start, stop, scales)
 
 
 def cpu_row_chunk(t: NF4Tensor, dtype: torch.dtype) -> int | None:
@@ -448,9 +458,8 @@ def cpu_row_chunk(t: NF4Tensor, dtype: torch.dtype) -> int | None:
     more than :data:`CPU_CHUNK` values, whose whole fp32 copy would be over glibc's 32 MB
     mmap ceiling and page-faulted in on every call (2048 x 5632, 512 tokens: 86 -> 72 ms
     forward). Each chunk starts on a block boundary."""
-    if (dtype != torch.float32 or len(t.shape) != 2 or t.numel <= CPU_CHUNK
-            or t.data.device.type != "cpu" or type(t.data) is not torch.Tensor
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    if (dtype != torch.float32 or len(t.shape) != 2 or torch.is_grad_enabled()
+            or not _decodes_in_chunks(t)):
         return None
     d_in = t.shape[1]
     align = t.blocksize // gcd(d_in, t.blocksize)  # rows per whole number of blocks
@@ -460,11 +469,9 @@ def cpu_row_chunk(t: NF4Tensor, dtype: torch.dtype) -> int | None:
 def _row_chunks(t: NF4Tensor, rows: int):
     """``(start, stop, weight rows [start, stop) in fp32)`` of a 2-D weight, ``rows`` at a
     time (``rows`` from :func:`cpu_row_chunk`)."""
-    d_out, d_in = t.shape
-    scales = t.absmax_float()
-    for start in range(0, d_out, rows):
-        stop = min(start + rows, d_out)
-        yield start, stop, _decode(t, start * d_in, stop * d_in, scales).view(-1, d_in)
+    d_in = t.shape[1]
+    for start, stop, values in _chunks(t, rows * d_in):
+        yield start // d_in, stop // d_in, values.view(-1, d_in)
 
 
 def linear_in_chunks(x: torch.Tensor, t: NF4Tensor, rows: int) -> torch.Tensor:

@@ -82,13 +82,14 @@ class _NF4LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dx = dbias = None
-        rows = nf4.cpu_row_chunk(ctx.t, grad.dtype)
-        if ctx.needs_input_grad[0] and rows is not None:
-            d_out, d_in = ctx.t.shape
-            dx = nf4.grad_input_in_chunks(grad.reshape(-1, d_out), ctx.t, rows)
-            dx = dx.view(*grad.shape[:-1], d_in)
-        elif ctx.needs_input_grad[0]:
-            dx = grad @ nf4.dequantize(ctx.t, grad.dtype)
+        if ctx.needs_input_grad[0]:
+            rows = nf4.cpu_row_chunk(ctx.t, grad.dtype)
+            if rows is None:
+                dx = grad @ nf4.dequantize(ctx.t, grad.dtype)
+            else:
+                d_out, d_in = ctx.t.shape
+                dx = nf4.grad_input_in_chunks(grad.reshape(-1, d_out), ctx.t, rows)
+                dx = dx.view(*grad.shape[:-1], d_in)
         if ctx.needs_input_grad[1]:
             dbias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
         return dx, dbias, None
