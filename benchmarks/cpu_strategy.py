@@ -73,13 +73,17 @@ def steps_for(T: int, d: int, E: int, r: int, k: int) -> dict:
     return steps
 
 
+def experts_hit(T: int, d: int, E: int, r: int, k: int) -> int:
+    """How many experts the seeded routing of a shape (:func:`make_inputs`) gives routes."""
+    ids = make_inputs(T, d, E, r, k)[3]
+    return len(set(ids.reshape(-1).tolist()))
+
+
 def picked(T: int, d: int, E: int, r: int, k: int, mode: str) -> str:
     """The strategy the torch backend's cost model
     (:func:`~datalora.ops.cpu_costs.grouped_is_cheaper`) picks for a shape, whatever
     ``DATALORA_SHRINK_STRATEGY`` forces."""
-    ids, gates = make_inputs(T, d, E, r, k)[3:5]
-    counts = torch_backend.RoutingTables(ids, gates, None, E, r, 2.0, torch.float32).counts
-    hit = sum(1 for count in counts if count)
+    hit = experts_hit(T, d, E, r, k)
     cheaper = cpu_costs.grouped_is_cheaper(T, d, d, E, r, k, hit, backward=mode == "bwd")
     return "grouped" if cheaper else "dense"
 

@@ -26,7 +26,7 @@ import math
 import random
 from pathlib import Path
 
-from benchmarks.cpu_strategy import NEAR, make_inputs
+from benchmarks.cpu_strategy import NEAR, experts_hit
 from datalora.ops import cpu_costs
 
 FACTORS = (0.25, 0.5, 0.7, 0.85, 1.2, 1.4, 2.0, 4.0)
@@ -48,12 +48,6 @@ class Shape:
     backward: bool
     dense_ms: float
     grouped_ms: float
-
-
-def experts_hit(T: int, d: int, E: int, r: int, k: int) -> int:
-    """How many experts the benchmark's seeded routing of this shape gives routes."""
-    ids = make_inputs(T, d, E, r, k)[3]
-    return len(set(ids.reshape(-1).tolist()))
 
 
 def run_vendor(result: dict) -> str | None:

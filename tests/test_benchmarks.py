@@ -862,13 +862,13 @@ def test_cpu_strategy_times_both_strategies_and_records_the_pick(tmp_path, monke
 def _strategy_run(path, truth, device_name="AMD EPYC"):
     """A ``cpu_strategy.json`` whose times follow the cost model with ``truth``'s constants
     (per direction): the strategy they call cheaper takes 1 ms, the other 2 ms."""
-    from benchmarks import fit_cpu_strategy
+    from benchmarks import cpu_strategy
     from datalora.ops import cpu_costs
 
     rows = []
     for T, d, (E, r, k) in itertools.product([1, 8, 128, 512], [64, 512],
                                              [(8, 16, 2), (4, 16, 2), (32, 16, 2), (8, 64, 1)]):
-        hit = fit_cpu_strategy.experts_hit(T, d, E, r, k)
+        hit = cpu_strategy.experts_hit(T, d, E, r, k)
         for mode, costs in zip(("fwd", "bwd"), truth, strict=True):
             grouped = cpu_costs.grouped_is_cheaper(T, d, d, E, r, k, hit, mode == "bwd", costs)
             rows.append(dict(T=T, d_in=d, d_out=d, E=E, r=r, k=k, mode=mode,
